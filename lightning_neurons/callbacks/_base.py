@@ -1,0 +1,136 @@
+"""What every analysis callback shares: scheduling, error policy, and leaving training untouched."""
+
+from __future__ import annotations
+
+import random
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Literal, TypeVar
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from lightning_neurons.errors import NeuronsError
+
+if TYPE_CHECKING:
+    from lightning_neurons.callbacks.tracker import ActivationTracker
+
+T = TypeVar("T")
+OnError = Literal["warn", "raise"]
+
+
+def check_positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise NeuronsError(f"`{name}` must be a positive integer, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise NeuronsError(f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+    return value
+
+
+@contextmanager
+def preserved_rng(device: torch.device | None = None) -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's (CPU and the given CUDA device's) RNG state on exit.
+
+    Analyses draw random numbers from their own ``torch.Generator``; this guards against
+    anything else (a DataLoader iterator draws a seed from the global generator, for example).
+    """
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    cuda = device is not None and device.type == "cuda" and torch.cuda.is_available()
+    devices = [device] if cuda else []
+    with torch.random.fork_rng(devices=devices, enabled=True):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+@contextmanager
+def untouched(model: nn.Module) -> Iterator[None]:
+    """Run analysis code on ``model`` and put back what it may change.
+
+    On exit the ``training`` flag of every module, the ``requires_grad`` flag and ``.grad`` of every
+    parameter and the RNG streams are as they were. Inside, gradients are enabled even when the
+    caller runs under ``torch.no_grad()`` or ``torch.inference_mode()`` (Lightning's validation).
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    device = params[0].device if params else None
+    try:
+        with preserved_rng(device), torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+        for p, flag, grad in zip(params, flags, grads):
+            p.requires_grad_(flag)
+            p.grad = grad
+
+
+def find_tracker(trainer: Trainer, requester: str) -> ActivationTracker:
+    """The :class:`ActivationTracker` among the trainer's callbacks.
+
+    Raises:
+        NeuronsError: If there is none; the message shows how to add one.
+    """
+    from lightning_neurons.callbacks.tracker import ActivationTracker
+
+    trackers = [cb for cb in trainer.callbacks if isinstance(cb, ActivationTracker)]
+    if not trackers:
+        raise NeuronsError(
+            f"{requester} reads the neuron statistics of an ActivationTracker, but none is attached "
+            "to the Trainer. Add one: `Trainer(callbacks=[ActivationTracker(), "
+            f"{requester}(...)])`, or in YAML under `trainer.callbacks` add "
+            "`- class_path: lightning_neurons.ActivationTracker`."
+        )
+    return trackers[0]
+
+
+class AnalysisCallback(Callback):
+    """Base of the analysis callbacks: when to run, and what to do when an analysis fails.
+
+    Args:
+        every_n_epochs: Run after every n-th epoch (epochs are counted from 1).
+        on_error: ``"warn"``: an analysis that fails is reported with a warning and training goes
+            on; ``"raise"``: the error stops training. Mistakes in the callback's own arguments
+            always raise when the callback is set up.
+    """
+
+    def __init__(self, *, every_n_epochs: int = 1, on_error: OnError = "warn") -> None:
+        super().__init__()
+        self.every_n_epochs = check_positive_int("every_n_epochs", every_n_epochs)
+        self.on_error = check_choice("on_error", on_error, ("warn", "raise"))
+        self.failures: list[str] = []
+
+    def _due(self, trainer: Trainer) -> bool:
+        if trainer.sanity_checking:
+            return False
+        if trainer.state.fn != "fit":
+            return True  # validate / test: always analyse
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def _run_safely(self, what: str, fn: Callable[[], T]) -> T | None:
+        """Run an analysis step, applying the ``on_error`` policy."""
+        try:
+            return fn()
+        except Exception as err:
+            if self.on_error == "raise":
+                raise
+            summary = "".join(traceback.format_exception_only(type(err), err)).strip()
+            self.failures.append(f"{what}: {summary}")
+            rank_zero_warn(
+                f"{type(self).__name__}: {what} failed and was skipped ({summary}); training goes "
+                "on. Pass `on_error='raise'` to stop on such errors and see the full traceback."
+            )
+            return None

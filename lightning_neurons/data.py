@@ -1,0 +1,312 @@
+"""Data modules: the embedded digits data (no download) and torchvision data sets by name.
+
+Every data module here yields ``(x, y)`` batches with ``x`` float in [0, 1] (``[B, C, H, W]``)
+and ``y`` int64, and exposes ``num_classes``, ``class_names``, ``image_shape`` and
+``input_transform`` (display image -> model input, ``None`` when they are the same), which the
+analyses use for their defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from lightning_neurons.errors import NeuronsError
+
+
+def _check_fraction(name: str, value: float) -> float:
+    if not 0.0 < value < 1.0:
+        raise NeuronsError(f"`{name}` must lie strictly between 0 and 1, got {value!r}")
+    return value
+
+
+class DigitsDataModule(pl.LightningDataModule):
+    """scikit-learn's handwritten digits (1,797 8x8 grayscale images, 10 classes), shipped with
+    scikit-learn: no download.
+
+    Images are scaled to [0, 1] and resized to ``image_size`` (bilinear). The train/validation
+    split is stratified and deterministic for a ``seed``.
+
+    Args:
+        batch_size: Batch size of every loader.
+        image_size: Side of the square images fed to the model.
+        val_fraction: Share of the images held out for validation (and test).
+        seed: Seed of the split and of the training shuffle.
+        num_workers: DataLoader workers.
+
+    Example:
+        >>> dm = DigitsDataModule(batch_size=32)
+        >>> dm.setup("fit")
+        >>> x, y = next(iter(dm.train_dataloader()))
+        >>> x.shape, y.dtype
+        (torch.Size([32, 1, 32, 32]), torch.int64)
+    """
+
+    num_classes = 10
+    class_names = [str(d) for d in range(10)]
+    input_transform = None
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        image_size: int = 32,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or image_size < 8:
+            raise NeuronsError(
+                f"`batch_size` must be >= 1 and `image_size` >= 8; got {batch_size} and {image_size}"
+            )
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.val_fraction = _check_fraction("val_fraction", val_fraction)
+        self.seed = seed
+        self.num_workers = num_workers
+        self.image_shape = (1, image_size, image_size)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def prepare_data(self) -> None:
+        """Nothing to download: the digits ship with scikit-learn."""
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        if self.image_size != 8:
+            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        images = images.clamp(0.0, 1.0)
+        labels = torch.as_tensor(digits.target, dtype=torch.int64)
+        train_idx, val_idx = train_test_split(
+            range(len(labels)), test_size=self.val_fraction, stratify=digits.target, random_state=self.seed
+        )
+        train_idx, val_idx = torch.as_tensor(train_idx), torch.as_tensor(val_idx)
+        self.train_set = TensorDataset(images[train_idx], labels[train_idx])
+        self.val_set = TensorDataset(images[val_idx], labels[val_idx])
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            self.setup()
+            return self._loader(self.train_set if shuffle else self.val_set, shuffle)
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            generator=generator,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+
+TorchvisionName = Literal["mnist", "fashionmnist", "cifar10", "cifar100", "imagefolder"]
+
+_SPECS: dict[str, dict] = {
+    "mnist": {"cls": "MNIST", "channels": 1, "size": 28, "classes": 10},
+    "fashionmnist": {"cls": "FashionMNIST", "channels": 1, "size": 28, "classes": 10},
+    "cifar10": {"cls": "CIFAR10", "channels": 3, "size": 32, "classes": 10},
+    "cifar100": {"cls": "CIFAR100", "channels": 3, "size": 32, "classes": 100},
+}
+
+
+class Normalize:
+    """``(x - mean) / std`` per channel on ``[B, C, H, W]`` tensors (display -> model input)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x)) / self.std.to(x)
+
+    def __repr__(self) -> str:
+        return f"Normalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+
+
+class TorchvisionDataModule(pl.LightningDataModule):
+    """MNIST, FashionMNIST, CIFAR-10, CIFAR-100 or an ImageFolder, by name.
+
+    Images reach the model as floats in [0, 1]; with ``normalize=True`` the model's first step
+    should be the data module's ``input_transform`` (see :class:`Normalize`); here the transform
+    is applied in the loaders and exposed so visualizations can map images back.
+
+    The official training split is split again into train/validation (``val_fraction``); the
+    official test split is the test set. An ImageFolder ``root`` holds ``train/`` (and optionally
+    ``test/``) with one sub-folder per class.
+
+    Args:
+        name: ``"mnist"``, ``"fashionmnist"``, ``"cifar10"``, ``"cifar100"`` or ``"imagefolder"``.
+        root: Folder the data lives in (or is downloaded to).
+        download: Download when missing (needs network access).
+        batch_size: Batch size.
+        image_size: Resize to this square size (default: the data set's own; 64 for ImageFolder).
+        val_fraction: Share of the training split used for validation.
+        seed: Seed of the split and the shuffle.
+        num_workers: DataLoader workers.
+        augment: Random crop (padding 4) and, for RGB, horizontal flip of training images.
+        normalize: Standardise inputs with the data set's channel means and stds.
+
+    Raises:
+        NeuronsError: When the data is not under ``root`` and ``download`` is false.
+    """
+
+    _STATS = {
+        "mnist": ((0.1307,), (0.3081,)),
+        "fashionmnist": ((0.2860,), (0.3530,)),
+        "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+        "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+        "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    }
+
+    def __init__(
+        self,
+        name: TorchvisionName = "cifar10",
+        root: str = "data",
+        download: bool = False,
+        batch_size: int = 128,
+        image_size: int | None = None,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        num_workers: int = 2,
+        augment: bool = False,
+        normalize: bool = False,
+    ) -> None:
+        super().__init__()
+        name = name.lower().replace("-", "").replace("_", "")  # type: ignore[assignment]
+        if name not in (*_SPECS, "imagefolder"):
+            raise NeuronsError(
+                f"unknown data set {name!r}; choose one of {', '.join([*_SPECS, 'imagefolder'])}"
+            )
+        self.name = name
+        self.root = Path(root).expanduser()
+        self.download = download
+        self.batch_size = batch_size
+        self.val_fraction = _check_fraction("val_fraction", val_fraction)
+        self.seed = seed
+        self.num_workers = num_workers
+        self.augment = augment
+        self.normalize = normalize
+        spec = _SPECS.get(name, {"channels": 3, "size": 64, "classes": None})
+        self.image_size = image_size or spec["size"]
+        self.image_shape = (spec["channels"], self.image_size, self.image_size)
+        self.num_classes = spec["classes"]
+        self.class_names: list[str] | None = None
+        mean, std = self._STATS[name]
+        self.input_transform: Callable[[torch.Tensor], torch.Tensor] | None = (
+            Normalize(mean, std) if normalize else None
+        )
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _transforms(self, train: bool):
+        from torchvision import transforms as T
+
+        steps = []
+        native = _SPECS.get(self.name, {}).get("size")
+        if self.image_size != native:
+            steps += [T.Resize(self.image_size), T.CenterCrop(self.image_size)]
+        if train and self.augment:
+            steps.append(T.RandomCrop(self.image_size, padding=4))
+            if self.image_shape[0] == 3:
+                steps.append(T.RandomHorizontalFlip())
+        steps.append(T.ToTensor())
+        if self.normalize:
+            mean, std = self._STATS[self.name]
+            steps.append(T.Normalize(mean, std))
+        return T.Compose(steps)
+
+    def _missing(self, err: Exception) -> NeuronsError:
+        where = self.root.resolve()
+        if self.name == "imagefolder":
+            return NeuronsError(
+                f"no image folder found at {where / 'train'} ({err}). An ImageFolder root must hold "
+                "train/<class name>/*.png (and optionally test/<class name>/...). Set `root:` to "
+                "that folder."
+            )
+        return NeuronsError(
+            f"{_SPECS[self.name]['cls']} was not found under {where} ({err}). Pass `download=True` "
+            f"(in YAML: `data.init_args.download: true`) to fetch it there, or set `root` to the "
+            "folder that holds it. For a run without any download use DigitsDataModule."
+        )
+
+    def _make(self, train: bool, transform) -> Dataset:
+        import torchvision
+
+        if self.name == "imagefolder":
+            folder = self.root / ("train" if train else "test")
+            if not train and not folder.exists():
+                folder = self.root / "train"
+            try:
+                return torchvision.datasets.ImageFolder(str(folder), transform=transform)
+            except (FileNotFoundError, RuntimeError) as err:
+                raise self._missing(err) from err
+        cls = getattr(torchvision.datasets, _SPECS[self.name]["cls"])
+        try:
+            return cls(str(self.root), train=train, download=self.download, transform=transform)
+        except RuntimeError as err:
+            raise self._missing(err) from err
+
+    def prepare_data(self) -> None:
+        if self.download and self.name != "imagefolder":
+            self._make(True, None)
+            self._make(False, None)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        full_train = self._make(True, self._transforms(train=True))
+        full_eval = self._make(True, self._transforms(train=False))
+        self.test_set = self._make(False, self._transforms(train=False))
+        classes = getattr(full_train, "classes", None)
+        if classes:
+            self.class_names = [str(c) for c in classes]
+            self.num_classes = len(classes)
+        n = len(full_train)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        n_val = max(1, int(round(n * self.val_fraction)))
+        self.val_set = Subset(full_eval, order[:n_val])
+        self.train_set = Subset(full_train, order[n_val:])
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.test_set, shuffle=False)

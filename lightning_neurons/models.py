@@ -1,0 +1,102 @@
+"""Demo models: a small CNN, and a LightningModule that trains any backbone as a classifier."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+import torch
+import torchmetrics
+from torch import nn
+from torch.nn import functional as F
+
+
+class SmallCNN(nn.Module):
+    """Conv -> ReLU -> max-pool blocks, global average pooling and a linear classifier.
+
+    Module names are readable so they can be used as layer names: ``features.conv1``,
+    ``features.relu1``, ..., ``classifier``.
+
+    Args:
+        in_channels: Input channels (1 for grayscale, 3 for RGB).
+        num_classes: Output logits.
+        widths: Channels of each conv block.
+
+    Example:
+        >>> SmallCNN()(torch.rand(2, 1, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, widths: Sequence[int] = (32, 64, 128)) -> None:
+        super().__init__()
+        blocks: OrderedDict[str, nn.Module] = OrderedDict()
+        previous = in_channels
+        for i, width in enumerate(widths, start=1):
+            blocks[f"conv{i}"] = nn.Conv2d(previous, width, kernel_size=3, padding=1)
+            blocks[f"relu{i}"] = nn.ReLU()
+            if i < len(widths):
+                blocks[f"pool{i}"] = nn.MaxPool2d(2)
+            previous = width
+        self.features = nn.Sequential(blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(previous, num_classes)
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.features(x)).flatten(1))
+
+
+class ImageClassifier(pl.LightningModule):
+    """Trains a backbone as an image classifier with cross-entropy and Adam.
+
+    Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc`` (and ``test/...``), with
+    torchmetrics accuracy.
+
+    Args:
+        backbone: Any ``nn.Module`` mapping images to ``num_classes`` logits (in YAML, any class
+            path, e.g. ``torchvision.models.resnet18`` with ``init_args: {num_classes: 10}``).
+            Default: :class:`SmallCNN` for grayscale input.
+        num_classes: Number of classes.
+        lr: Adam's learning rate.
+
+    Example:
+        >>> model = ImageClassifier(SmallCNN(in_channels=3), num_classes=10)
+    """
+
+    def __init__(self, backbone: nn.Module | None = None, num_classes: int = 10, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone"])
+        self.backbone = backbone if backbone is not None else SmallCNN(num_classes=num_classes)
+        self.num_classes = num_classes
+        self.lr = lr
+        metric = torchmetrics.classification.MulticlassAccuracy
+        self.train_acc = metric(num_classes=num_classes, average="micro")
+        self.val_acc = metric(num_classes=num_classes, average="micro")
+        self.test_acc = metric(num_classes=num_classes, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def _step(self, batch, stage: str, acc: torchmetrics.Metric) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        acc(logits, y)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True)
+        self.log(f"{stage}/acc", acc, prog_bar=True, on_step=False, on_epoch=True)
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train", self.train_acc)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val", self.val_acc)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "test", self.test_acc)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)

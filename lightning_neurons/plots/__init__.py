@@ -1,0 +1,1 @@
+"""Matplotlib figures for the analyses (each returns a ``matplotlib.figure.Figure``)."""

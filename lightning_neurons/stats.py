@@ -1,0 +1,244 @@
+"""Streaming per-class neuron statistics (torchmetrics states, DDP sum-reduced) and the maths on them.
+
+Nothing here is stored per image: each batch adds to ``[num_classes, num_neurons]`` sums in float64,
+so memory is fixed whatever the number of batches, and ``compute()`` on every DDP rank gives the
+statistics of the whole data set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torchmetrics import Metric
+
+from lightning_neurons.errors import NeuronsError
+
+
+class ClassNeuronStats(Metric):
+    """Per-class count, sum, sum of squares, maximum and firing count of every neuron.
+
+    Args:
+        num_classes: Number of classes ``C``.
+        num_neurons: Number of neurons ``K`` of the layer.
+
+    Example:
+        >>> stats = ClassNeuronStats(num_classes=3, num_neurons=4)
+        >>> stats.update(torch.rand(8, 4), torch.randint(0, 3, (8,)))
+        >>> stats.compute()["sum"].shape
+        torch.Size([3, 4])
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(self, num_classes: int, num_neurons: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.num_neurons = num_neurons
+        shape = (num_classes, num_neurons)
+        f64 = torch.float64
+        # images per class, and per class and neuron the images whose value was finite
+        self.add_state("images", torch.zeros(num_classes, dtype=f64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(shape, dtype=f64), dist_reduce_fx="sum")
+        self.add_state("sum", torch.zeros(shape, dtype=f64), dist_reduce_fx="sum")
+        self.add_state("sum_sq", torch.zeros(shape, dtype=f64), dist_reduce_fx="sum")
+        self.add_state("fired", torch.zeros(shape, dtype=f64), dist_reduce_fx="sum")
+        self.add_state("nan", torch.zeros(shape, dtype=f64), dist_reduce_fx="sum")
+        self.add_state("max", torch.full(shape, -torch.inf, dtype=f64), dist_reduce_fx="max")
+
+    def update(self, values: torch.Tensor, labels: torch.Tensor, peak: torch.Tensor | None = None) -> None:
+        """Add a batch.
+
+        Args:
+            values: ``[B, K]`` reduced activations (one value per image and neuron).
+            labels: ``[B]`` integer class indices in ``[0, num_classes)``.
+            peak: ``[B, K]`` largest value of each neuron anywhere in the image (for conv
+                channels, the spatial max); a neuron "fires" on an image when its peak is
+                positive. Defaults to ``values``.
+        """
+        values = values.detach().to(torch.float64)
+        peak = values if peak is None else peak.detach().to(torch.float64)
+        finite = torch.isfinite(values)
+        clean = torch.where(finite, values, torch.zeros((), dtype=values.dtype, device=values.device))
+        onehot = torch.nn.functional.one_hot(labels, self.num_classes).to(torch.float64).T  # [C, B]
+        finite_f = finite.to(torch.float64)
+        self.images += onehot.sum(dim=1)
+        self.count += onehot @ finite_f
+        self.sum += onehot @ clean
+        self.sum_sq += onehot @ (clean * clean)
+        self.fired += onehot @ (peak > 0).to(torch.float64)
+        self.nan += onehot @ (1.0 - finite_f)
+        masked = torch.where(finite, values, torch.full_like(values, -torch.inf))
+        index = labels.unsqueeze(1).expand_as(masked)
+        self.max.scatter_reduce_(0, index, masked, reduce="amax", include_self=True)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {
+            "images": self.images,
+            "count": self.count,
+            "sum": self.sum,
+            "sum_sq": self.sum_sq,
+            "fired": self.fired,
+            "nan": self.nan,
+            "max": self.max,
+        }
+
+
+# ---- the maths, as pure functions -------------------------------------------------------------
+
+
+def class_means(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``total / count`` per class and neuron; NaN where a class has no (finite) value."""
+    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, torch.nan))
+
+
+def class_std(total: torch.Tensor, total_sq: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Population standard deviation per class and neuron."""
+    mean = class_means(total, count)
+    var = class_means(total_sq, count) - mean * mean
+    return var.clamp_min(0).sqrt()
+
+
+def selectivity_index(means: torch.Tensor) -> torch.Tensor:
+    """Class selectivity index (Morcos et al. 2018) of every neuron.
+
+    ``SI = (mu_max - mu_rest) / (mu_max + mu_rest)`` with ``mu_max`` the largest class mean and
+    ``mu_rest`` the mean of the other class means; in [0, 1] for non-negative activations.
+
+    Conventions for other activations (pre-ReLU layers):
+      * a neuron with a negative class mean is measured on its means shifted so that the smallest
+        is zero, i.e. relative to its least responsive class (SI = 1 then means: responds to one
+        class only, relative to the baseline of the others);
+      * a neuron whose class means are all equal (an all-zero, dead neuron included) has SI 0;
+      * classes without data (NaN means) are ignored; a neuron with fewer than two classes of
+        data has SI NaN.
+
+    Args:
+        means: ``[C, K]`` class profile.
+
+    Returns:
+        ``[K]`` float tensor.
+    """
+    valid = torch.isfinite(means)
+    n_valid = valid.sum(dim=0)
+    big = torch.where(valid, means, torch.full_like(means, torch.inf))
+    low = big.min(dim=0).values
+    shift = torch.where(low < 0, -low, torch.zeros_like(low))
+    shifted = torch.where(valid, means + shift, torch.zeros_like(means))
+    mu_max = torch.where(valid, shifted, torch.full_like(means, -torch.inf)).max(dim=0).values
+    rest_sum = shifted.sum(dim=0) - mu_max
+    mu_rest = rest_sum / (n_valid - 1).clamp_min(1)
+    denom = mu_max + mu_rest
+    si = torch.where(denom > 0, (mu_max - mu_rest) / denom.clamp_min(1e-300), torch.zeros_like(denom))
+    return torch.where(n_valid >= 2, si, torch.full_like(si, torch.nan))
+
+
+def dead_neurons(fired: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``[K]`` bool: neurons that were never positive on any analysed image."""
+    return (fired.sum(dim=0) == 0) & (count.sum(dim=0) > 0)
+
+
+def dominant_neurons(means: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``top_k`` neurons carrying most of each class's positive activation.
+
+    Args:
+        means: ``[C, K]`` class profile.
+        top_k: Neurons per class (capped at ``K``).
+
+    Returns:
+        ``(dominant, domination)``: ``[C, top_k]`` neuron indices, strongest first, and ``[C]``
+        the share of the class's total positive mean activation that they carry (0 when the class
+        has none).
+    """
+    positive = torch.nan_to_num(means, nan=0.0).clamp_min(0)
+    k = min(top_k, means.shape[1])
+    top = positive.topk(k, dim=1)
+    total = positive.sum(dim=1)
+    share = torch.where(total > 0, top.values.sum(dim=1) / total.clamp_min(1e-300), torch.zeros_like(total))
+    return top.indices, share
+
+
+@dataclass
+class LayerStats:
+    """What the :class:`~lightning_neurons.ActivationTracker` knows about one layer.
+
+    Tensors are on the CPU; ``C`` classes, ``K`` neurons.
+
+    Attributes:
+        layer: Module name.
+        epoch: Epoch the statistics were gathered in.
+        reduction: ``"mean"`` or ``"max"`` spatial reduction of conv channels.
+        counts: ``[C]`` images per class.
+        class_means: ``[C, K]`` the class profile (NaN where a class had no finite value).
+        class_std: ``[C, K]`` standard deviation per class.
+        class_max: ``[C, K]`` largest reduced activation per class.
+        firing_rate: ``[C, K]`` share of a class's images on which the neuron was positive.
+        nan_counts: ``[K]`` non-finite activations seen (excluded from the means).
+        selectivity: ``[K]`` class selectivity index.
+        dead: ``[K]`` bool, never positive.
+        dominant: ``[C, top_k]`` dominant neurons of each class.
+        domination: ``[C]`` share of the class's positive activation its dominant neurons carry.
+        preferred_class: ``[K]`` the class with the largest mean, per neuron.
+    """
+
+    layer: str
+    epoch: int
+    reduction: str
+    counts: torch.Tensor
+    class_means: torch.Tensor
+    class_std: torch.Tensor
+    class_max: torch.Tensor
+    firing_rate: torch.Tensor
+    nan_counts: torch.Tensor
+    selectivity: torch.Tensor
+    dead: torch.Tensor
+    dominant: torch.Tensor
+    domination: torch.Tensor
+    preferred_class: torch.Tensor
+
+    @property
+    def num_classes(self) -> int:
+        return self.class_means.shape[0]
+
+    @property
+    def num_neurons(self) -> int:
+        return self.class_means.shape[1]
+
+    @property
+    def max_activation(self) -> torch.Tensor:
+        """``[K]`` largest reduced activation of each neuron over all analysed images."""
+        return self.class_max.amax(dim=0)
+
+    def as_arrays(self) -> dict[str, torch.Tensor]:
+        """The tensors by name (for ``.npz`` files)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in {"layer", "reduction", "epoch"}}
+
+    @classmethod
+    def from_state(
+        cls, layer: str, state: dict[str, torch.Tensor], *, epoch: int, reduction: str, top_k: int
+    ) -> LayerStats:
+        """Build the results from summed states (``ClassNeuronStats.compute()``)."""
+        s = {k: v.detach().to("cpu", torch.float64) for k, v in state.items()}
+        if s["images"].sum() == 0:
+            raise NeuronsError(f"no images were analysed for layer {layer!r}")
+        means = class_means(s["sum"], s["count"])
+        dominant, domination = dominant_neurons(means, top_k)
+        rate = s["fired"] / s["images"].clamp_min(1).unsqueeze(1)
+        return cls(
+            layer=layer,
+            epoch=epoch,
+            reduction=reduction,
+            counts=s["images"],
+            class_means=means,
+            class_std=class_std(s["sum"], s["sum_sq"], s["count"]),
+            class_max=s["max"],
+            firing_rate=rate,
+            nan_counts=s["nan"].sum(dim=0),
+            selectivity=selectivity_index(means),
+            dead=dead_neurons(s["fired"], s["count"]),
+            dominant=dominant,
+            domination=domination,
+            preferred_class=torch.nan_to_num(means, nan=-torch.inf).argmax(dim=0),
+        )
