@@ -13,27 +13,30 @@ from torch.nn import functional as F
 
 
 class SmallCNN(nn.Module):
-    """Conv -> ReLU -> max-pool blocks, global average pooling and a linear classifier.
+    """Conv -> BatchNorm -> ReLU -> max-pool blocks, global average pooling, a linear classifier.
 
     Module names are readable so they can be used as layer names: ``features.conv1``,
-    ``features.relu1``, ..., ``classifier``.
+    ``features.bn1``, ``features.relu1``, ``features.pool1``, ..., ``classifier``.
 
     Args:
         in_channels: Input channels (1 for grayscale, 3 for RGB).
         num_classes: Output logits.
         widths: Channels of each conv block.
+        batch_norm: Put a BatchNorm2d after each conv (trains much faster).
 
     Example:
         >>> SmallCNN()(torch.rand(2, 1, 32, 32)).shape
         torch.Size([2, 10])
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, widths: Sequence[int] = (32, 64, 128)) -> None:
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, widths: Sequence[int] = (32, 64, 128), batch_norm: bool = True) -> None:
         super().__init__()
         blocks: OrderedDict[str, nn.Module] = OrderedDict()
         previous = in_channels
         for i, width in enumerate(widths, start=1):
             blocks[f"conv{i}"] = nn.Conv2d(previous, width, kernel_size=3, padding=1)
+            if batch_norm:
+                blocks[f"bn{i}"] = nn.BatchNorm2d(width)
             blocks[f"relu{i}"] = nn.ReLU()
             if i < len(widths):
                 blocks[f"pool{i}"] = nn.MaxPool2d(2)
