@@ -1,0 +1,385 @@
+"""A procedurally generated data set whose classes are built from known parts.
+
+Twelve grayscale classes in four groups. Every class is drawn from three parts: the two large
+*base* parts of its group and one small *mark* in a random corner:
+
+====== ======================= ==========================================
+group  base parts              marks (one per class)
+====== ======================= ==========================================
+wheel  ring, hbar              dot, plus, dash
+box    square, vbar            dot, pipe, small_ring
+tent   triangle, diag          plus, pipe, small_x
+star   x, wave                 dash, small_ring, small_x
+====== ======================= ==========================================
+
+So two classes of a group share two of their three parts (the large ones) and differ in one,
+while two classes of different groups share at most one small mark. The marks follow the edges
+of a complete graph on the four groups: every mark is used by exactly two groups and every pair
+of groups shares exactly one mark, so the cross-group overlap is the same for every pair and the
+only coherent grouping is :data:`CLASS_GROUPS`. That is the structure category clustering should
+find (compare with :func:`sklearn.metrics.adjusted_rand_score`).
+
+Every part is drawn with random position, scale, rotation, stroke width and brightness, and the
+image gets Gaussian pixel noise, all from the caller's seed (a private ``torch.Generator``; the
+global random state is never touched).
+
+Example:
+    >>> x, y = make_parts(n_per_class=10, seed=0)
+    >>> x.shape, y.shape, CLASS_NAMES[int(y[0])] in CLASS_NAMES
+    (torch.Size([120, 1, 32, 32]), torch.Size([120]), True)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_neurons.errors import NeuronsError
+
+#: Names of the four groups of classes.
+GROUP_NAMES: list[str] = ["wheel", "box", "tent", "star"]
+
+#: The two large parts shared by every class of a group.
+GROUP_BASE_PARTS: list[tuple[str, str]] = [
+    ("ring", "hbar"),
+    ("square", "vbar"),
+    ("triangle", "diag"),
+    ("x", "wave"),
+]
+
+#: The small mark of each class, per group (marks are the edges of K4 over the groups).
+GROUP_MARKS: list[tuple[str, str, str]] = [
+    ("dot", "plus", "dash"),
+    ("dot", "pipe", "small_ring"),
+    ("plus", "pipe", "small_x"),
+    ("dash", "small_ring", "small_x"),
+]
+
+#: Every part, large ones first.
+PART_NAMES: list[str] = [
+    "ring",
+    "hbar",
+    "square",
+    "vbar",
+    "triangle",
+    "diag",
+    "x",
+    "wave",
+    "dot",
+    "plus",
+    "dash",
+    "pipe",
+    "small_ring",
+    "small_x",
+]
+
+#: The parts each class is made of: ``(base part, base part, mark)``.
+CLASS_PARTS: list[tuple[str, ...]] = [
+    (*base, mark)
+    for base, marks in zip(GROUP_BASE_PARTS, GROUP_MARKS, strict=True)
+    for mark in marks
+]
+
+#: The group of each class (classes of a group share both large parts).
+CLASS_GROUPS: list[int] = [g for g, marks in enumerate(GROUP_MARKS) for _ in marks]
+
+#: ``"<group>-<mark>"`` for each class, e.g. ``"wheel-dot"``.
+CLASS_NAMES: list[str] = [
+    f"{GROUP_NAMES[g]}-{parts[2]}" for g, parts in zip(CLASS_GROUPS, CLASS_PARTS, strict=True)
+]
+
+NUM_CLASSES = len(CLASS_NAMES)
+
+# Geometry, in image coordinates scaled to [-1, 1].
+_BASE_SCALE = 0.52  # radius of the large parts
+_MARK_SCALE = 0.15  # radius of the marks
+_MARK_OFFSET = 0.74  # distance of a mark's centre from the image centre along each axis
+
+
+def _segment(u: Tensor, v: Tensor, a: tuple[float, float], b: tuple[float, float]) -> Tensor:
+    """Distance from points ``(u, v)`` to the segment ``a``-``b``."""
+    bx, by = b[0] - a[0], b[1] - a[1]
+    pu, pv = u - a[0], v - a[1]
+    h = ((pu * bx + pv * by) / (bx * bx + by * by)).clamp(0.0, 1.0)
+    return torch.hypot(pu - h * bx, pv - h * by)
+
+
+def _ring(radius: float) -> Callable[[Tensor, Tensor], Tensor]:
+    return lambda u, v: (torch.hypot(u, v) - radius).abs()
+
+
+def _disk(radius: float) -> Callable[[Tensor, Tensor], Tensor]:
+    return lambda u, v: (torch.hypot(u, v) - radius).clamp_min(0.0)
+
+
+def _square(u: Tensor, v: Tensor) -> Tensor:
+    return (torch.maximum(u.abs(), v.abs()) - 0.85).abs()
+
+
+def _triangle(u: Tensor, v: Tensor) -> Tensor:
+    # Equilateral, circumradius 1, apex up (v grows downwards in images, so the apex is at -v).
+    normals = [
+        (math.cos(a), math.sin(a))
+        for a in (math.pi / 2, math.pi / 2 + 2 * math.pi / 3, math.pi / 2 - 2 * math.pi / 3)
+    ]
+    d = torch.stack([u * nx + v * ny for nx, ny in normals]).amax(dim=0) - 0.5
+    return d.abs()
+
+
+def _cross(arm: float, diagonal: bool) -> Callable[[Tensor, Tensor], Tensor]:
+    if diagonal:
+        a, b, c, d = (-arm, -arm), (arm, arm), (-arm, arm), (arm, -arm)
+    else:
+        a, b, c, d = (-arm, 0.0), (arm, 0.0), (0.0, -arm), (0.0, arm)
+    return lambda u, v: torch.minimum(_segment(u, v, a, b), _segment(u, v, c, d))
+
+
+def _wave(u: Tensor, v: Tensor) -> Tensor:
+    inside = (v - 0.3 * torch.sin(3.0 * u)).abs()
+    beyond = (u.abs() - 1.0).clamp_min(0.0)
+    return torch.hypot(inside, beyond)
+
+
+#: Distance functions of the parts in local units (a part's radius is 1).
+_PARTS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "ring": _ring(1.0),
+    "hbar": lambda u, v: _segment(u, v, (-1.15, 0.0), (1.15, 0.0)),
+    "square": _square,
+    "vbar": lambda u, v: _segment(u, v, (0.0, -1.15), (0.0, 1.15)),
+    "triangle": _triangle,
+    "diag": lambda u, v: _segment(u, v, (-0.95, 0.95), (0.95, -0.95)),
+    "x": _cross(0.8, diagonal=True),
+    "wave": _wave,
+    "dot": _disk(0.55),
+    "plus": _cross(1.0, diagonal=False),
+    "dash": lambda u, v: _segment(u, v, (-1.0, 0.0), (1.0, 0.0)),
+    "pipe": lambda u, v: _segment(u, v, (0.0, -1.0), (0.0, 1.0)),
+    "small_ring": _ring(0.8),
+    "small_x": _cross(0.75, diagonal=True),
+}
+
+
+def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> Tensor:
+    return low + (high - low) * torch.rand(n, generator=gen)
+
+
+def _draw(
+    part: str,
+    grid_u: Tensor,
+    grid_v: Tensor,
+    centre: tuple[Tensor, Tensor],
+    scale: Tensor,
+    angle: Tensor,
+    half_width: Tensor,
+    pixel: float,
+) -> Tensor:
+    """Render one part on ``n`` images at once: ``[n, S, S]`` intensities in [0, 1]."""
+    cu, cv = (c.view(-1, 1, 1) for c in centre)
+    cos, sin = angle.cos().view(-1, 1, 1), angle.sin().view(-1, 1, 1)
+    du, dv = grid_u - cu, grid_v - cv
+    s = scale.view(-1, 1, 1)
+    u = (cos * du + sin * dv) / s
+    v = (-sin * du + cos * dv) / s
+    dist = _PARTS[part](u, v) * s  # back to image units
+    # Anti-aliased stroke: a linear ramp one pixel wide around the stroke's edge.
+    return ((half_width.view(-1, 1, 1) - dist) / pixel + 0.5).clamp(0.0, 1.0)
+
+
+def _draw_class(
+    c: int, n: int, grid_u: Tensor, grid_v: Tensor, pixel: float, gen: torch.Generator
+) -> Tensor:
+    base_a, base_b, mark = CLASS_PARTS[c]
+    centre = (_uniform(n, -0.12, 0.12, gen), _uniform(n, -0.12, 0.12, gen))
+    scale = _BASE_SCALE * _uniform(n, 0.85, 1.15, gen)
+    angle = _uniform(n, -0.2, 0.2, gen)  # about +-11 degrees
+    # A stroke at least about one pixel wide (at 32 pixels, 1.3 to 2 pixels).
+    width = torch.clamp(_uniform(n, 0.04, 0.065, gen), min=0.6 * pixel)
+    images = _draw(base_a, grid_u, grid_v, centre, scale, angle, width, pixel) * _uniform(
+        n, 0.7, 1.0, gen
+    ).view(-1, 1, 1)
+    shifted = (centre[0] + _uniform(n, -0.05, 0.05, gen), centre[1] + _uniform(n, -0.05, 0.05, gen))
+    second = _draw(
+        base_b,
+        grid_u,
+        grid_v,
+        shifted,
+        scale * _uniform(n, 0.9, 1.1, gen),
+        angle + _uniform(n, -0.1, 0.1, gen),
+        width,
+        pixel,
+    )
+    images = torch.maximum(images, second * _uniform(n, 0.7, 1.0, gen).view(-1, 1, 1))
+    corner = torch.randint(0, 4, (n,), generator=gen)
+    sign_u = (corner % 2).float() * 2 - 1
+    sign_v = (corner // 2).float() * 2 - 1
+    mark_centre = (
+        sign_u * _MARK_OFFSET + _uniform(n, -0.07, 0.07, gen),
+        sign_v * _MARK_OFFSET + _uniform(n, -0.07, 0.07, gen),
+    )
+    mark_scale = _MARK_SCALE * _uniform(n, 0.85, 1.2, gen)
+    marked = _draw(
+        mark, grid_u, grid_v, mark_centre, mark_scale, _uniform(n, -0.25, 0.25, gen), width, pixel
+    )
+    return torch.maximum(images, marked * _uniform(n, 0.75, 1.0, gen).view(-1, 1, 1))
+
+
+def make_parts(
+    n_per_class: int = 200, image_size: int = 32, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Generate the parts data set (see the module docstring for its design).
+
+    Args:
+        n_per_class: Images per class.
+        image_size: Side of the square images (at least 16 pixels, so the marks stay readable).
+        seed: Seed of the private random generator; the same seed gives the same images.
+
+    Returns:
+        ``(x, y)``: ``x`` float32 ``[N, 1, image_size, image_size]`` in [0, 1], ``y`` int64
+        ``[N]`` class indices (``N = 12 * n_per_class``), in a random order.
+
+    Raises:
+        NeuronsError: If ``n_per_class < 1`` or ``image_size < 16``.
+
+    Example:
+        >>> x, y = make_parts(n_per_class=5, image_size=24, seed=1)
+        >>> x.shape, float(x.min()) >= 0.0, float(x.max()) <= 1.0
+        (torch.Size([60, 1, 24, 24]), True, True)
+    """
+    if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 1:
+        raise NeuronsError(f"`n_per_class` must be a positive integer, got {n_per_class!r}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
+        raise NeuronsError(
+            f"`image_size` must be an integer >= 16 (smaller images cannot show the marks), got {image_size!r}"
+        )
+    gen = torch.Generator().manual_seed(int(seed))
+    pixel = 2.0 / image_size
+    coords = (torch.arange(image_size, dtype=torch.float32) + 0.5) * pixel - 1.0
+    grid_v, grid_u = torch.meshgrid(coords, coords, indexing="ij")
+    images = torch.cat(
+        [_draw_class(c, n_per_class, grid_u, grid_v, pixel, gen) for c in range(NUM_CLASSES)]
+    )
+    images = images + 0.06 * torch.randn(images.shape, generator=gen)
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(n_per_class)
+    order = torch.randperm(labels.numel(), generator=gen)
+    return images[order].clamp(0.0, 1.0).unsqueeze(1).contiguous(), labels[order].contiguous()
+
+
+class PartsDataModule(pl.LightningDataModule):
+    """The parts data set (:func:`make_parts`) as a LightningDataModule: no download, a few
+    hundred milliseconds to generate.
+
+    Batches are ``(x, y)`` with ``x`` float in [0, 1] ``[B, 1, S, S]`` and ``y`` int64. The
+    train/validation split is stratified and deterministic for a ``seed``; the test loader reuses
+    the validation images.
+
+    Args:
+        batch_size: Batch size of every loader.
+        image_size: Side of the square images (>= 16).
+        n_per_class: Images generated per class (before the split).
+        val_fraction: Share of the images held out for validation (and test).
+        seed: Seed of the images, the split and the training shuffle.
+        num_workers: DataLoader workers.
+
+    Attributes:
+        num_classes: 12.
+        class_names: :data:`CLASS_NAMES`.
+        class_groups: :data:`CLASS_GROUPS`, the known grouping of the classes.
+        class_parts: :data:`CLASS_PARTS`.
+        image_shape: ``(1, image_size, image_size)``.
+        input_transform: ``None`` (images go to the model as they are).
+
+    Raises:
+        NeuronsError: For a non-positive ``batch_size`` or ``n_per_class``, an ``image_size``
+            below 16, or a ``val_fraction`` outside (0, 1).
+
+    Example:
+        >>> dm = PartsDataModule(batch_size=16, n_per_class=20)
+        >>> dm.setup("fit")
+        >>> x, y = next(iter(dm.train_dataloader()))
+        >>> x.shape
+        torch.Size([16, 1, 32, 32])
+    """
+
+    num_classes = NUM_CLASSES
+    class_names = list(CLASS_NAMES)
+    class_groups = list(CLASS_GROUPS)
+    class_parts = list(CLASS_PARTS)
+    input_transform = None
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        image_size: int = 32,
+        n_per_class: int = 200,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise NeuronsError(f"`batch_size` must be a positive integer, got {batch_size!r}")
+        if not 0.0 < val_fraction < 1.0:
+            raise NeuronsError(
+                f"`val_fraction` must lie strictly between 0 and 1, got {val_fraction!r}"
+            )
+        if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 2:
+            raise NeuronsError(
+                f"`n_per_class` must be an integer >= 2 (one image to train, one to validate), got {n_per_class!r}"
+            )
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
+            raise NeuronsError(f"`image_size` must be an integer >= 16, got {image_size!r}")
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.n_per_class = n_per_class
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.num_workers = num_workers
+        self.image_shape = (1, image_size, image_size)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def prepare_data(self) -> None:
+        """Nothing to download: the images are generated."""
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from sklearn.model_selection import train_test_split
+
+        images, labels = make_parts(self.n_per_class, self.image_size, self.seed)
+        train_idx, val_idx = train_test_split(
+            list(range(len(labels))),
+            test_size=self.val_fraction,
+            stratify=labels.numpy(),
+            random_state=self.seed,
+        )
+        train_idx, val_idx = torch.as_tensor(train_idx), torch.as_tensor(val_idx)
+        self.train_set = TensorDataset(images[train_idx], labels[train_idx])
+        self.val_set = TensorDataset(images[val_idx], labels[val_idx])
+
+    def _loader(self, shuffle: bool) -> DataLoader:
+        self.setup()
+        dataset = self.train_set if shuffle else self.val_set
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            generator=generator,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(shuffle=False)
