@@ -7,6 +7,7 @@ context manager that removes them in ``finally``.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,8 +25,24 @@ def _describe(model: nn.Module) -> str:
     return type(model).__name__
 
 
+def _layer_names(model: nn.Module) -> list[str]:
+    """Module names that could be layers (torchmetrics metrics and their children left out)."""
+    from torchmetrics import Metric
+
+    names: list[str] = []
+    skipped: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix + ".") for prefix in skipped):
+            continue
+        if isinstance(module, Metric):
+            skipped.append(name)
+        else:
+            names.append(name)
+    return names
+
+
 def _available(model: nn.Module, limit: int = 40) -> str:
-    names = [name for name, _ in model.named_modules() if name]
+    names = _layer_names(model)
     shown = ", ".join(names[:limit])
     if len(names) > limit:
         shown += f", ... ({len(names) - limit} more)"
@@ -51,7 +68,9 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     modules = dict(model.named_modules())
     if name in modules and name:
         return modules[name]
-    close = [n for n in modules if n and (name in n or n.endswith("." + name))]
+    candidates = _layer_names(model)
+    close = [n for n in candidates if name in n or n.endswith("." + name)]
+    close += [n for n in difflib.get_close_matches(name, candidates, n=3, cutoff=0.75) if n not in close]
     hint = f" Did you mean: {', '.join(close[:5])}?" if close else ""
     raise NeuronsError(
         f"layer {name!r} not found in {_describe(model)}.{hint} "

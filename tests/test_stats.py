@@ -1,0 +1,60 @@
+import math
+
+import pytest
+import torch
+
+from lightning_neurons.stats import (
+    ClassNeuronStats,
+    LayerStats,
+    dead_neurons,
+    dominant_neurons,
+    selectivity_index,
+)
+
+
+def test_streamed_sums_do_not_depend_on_batching():
+    g = torch.Generator().manual_seed(0)
+    values, labels = torch.randn(100, 6, generator=g), torch.randint(0, 4, (100,), generator=g)
+    whole, parts = ClassNeuronStats(4, 6), ClassNeuronStats(4, 6)
+    whole.update(values, labels)
+    for chunk in range(0, 100, 7):
+        parts.update(values[chunk : chunk + 7], labels[chunk : chunk + 7])
+    a, b = whole.compute(), parts.compute()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+    for c in range(4):
+        torch.testing.assert_close(a["sum"][c], values[labels == c].double().sum(0))
+        torch.testing.assert_close(a["max"][c], values[labels == c].double().amax(0))
+        assert a["images"][c] == (labels == c).sum()
+
+
+def test_nan_values_are_counted_and_left_out():
+    stats = ClassNeuronStats(2, 2)
+    values = torch.tensor([[1.0, float("nan")], [3.0, 2.0], [5.0, 4.0]])
+    stats.update(values, torch.tensor([0, 0, 1]))
+    res = LayerStats.from_state("l", stats.compute(), epoch=0, reduction="mean", top_k=1)
+    assert res.nan_counts.tolist() == [0.0, 1.0]
+    assert res.class_means.tolist() == [[2.0, 2.0], [5.0, 4.0]]
+
+
+def test_selectivity_conventions():
+    one_class = torch.tensor([[2.0], [0.0], [0.0]])
+    uniform = torch.tensor([[1.0], [1.0], [1.0]])
+    zero = torch.zeros(3, 1)
+    negative = torch.tensor([[-1.0], [-3.0], [-3.0]])  # shifted: [2, 0, 0] -> SI 1
+    mixed = torch.tensor([[3.0], [1.0], [1.0]])  # (3 - 1) / (3 + 1)
+    missing = torch.tensor([[3.0], [float("nan")], [1.0]])
+    si = selectivity_index(torch.cat([one_class, uniform, zero, negative, mixed, missing], dim=1))
+    assert si[:5].tolist() == pytest.approx([1.0, 0.0, 0.0, 1.0, 0.5])
+    assert si[5].item() == pytest.approx(0.5)
+    assert math.isnan(selectivity_index(torch.tensor([[1.0], [float("nan")]]))[0].item())
+
+
+def test_dead_and_dominant_neurons():
+    fired = torch.tensor([[0.0, 3.0, 0.0], [0.0, 1.0, 2.0]])
+    count = torch.ones(2, 3)
+    assert dead_neurons(fired, count).tolist() == [True, False, False]
+    means = torch.tensor([[4.0, 1.0, -2.0], [0.0, 0.0, 0.0]])
+    dominant, share = dominant_neurons(means, top_k=1)
+    assert dominant[0].tolist() == [0]
+    assert share.tolist() == pytest.approx([0.8, 0.0])

@@ -1,0 +1,296 @@
+"""ActivationTracker: correctness, errors, no side effects, hook hygiene, resume."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import TinyData, TinyNet, fast_trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_neurons import ActivationTracker, NeuronsError
+from lightning_neurons.callbacks.tracker import extract_labels
+from lightning_neurons.hooks import count_forward_hooks
+from lightning_neurons.models import ImageClassifier
+
+
+def _module(seed: int = 0, net: nn.Module | None = None) -> ImageClassifier:
+    pl.seed_everything(seed, verbose=False)
+    return ImageClassifier(net or TinyNet(), num_classes=3, lr=1e-2)
+
+
+def _hand_class_means(model: ImageClassifier, loader, layer: str, reduction: str = "mean") -> torch.Tensor:
+    outputs = []
+    module = dict(model.named_modules())[layer]
+    handle = module.register_forward_hook(lambda m, i, o: outputs.append(o.detach()))
+    model.eval()
+    labels = []
+    with torch.no_grad():
+        for x, y in loader:
+            model(x)
+            labels.append(y)
+    handle.remove()
+    acts = torch.cat(outputs).double()
+    if acts.dim() == 4:
+        acts = acts.mean(dim=(2, 3)) if reduction == "mean" else acts.amax(dim=(2, 3))
+    y = torch.cat(labels)
+    return torch.stack([acts[y == c].mean(0) for c in range(3)])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "max"])
+def test_class_means_equal_a_hand_computation(tmp_path, reduction):
+    model, data = _module(), TinyData()
+    tracker = ActivationTracker(reduction=reduction)
+    fast_trainer(tmp_path, callbacks=[tracker]).fit(model, datamodule=data)
+    assert set(tracker.results) == {"backbone.conv1", "backbone.conv2", "backbone.fc"}
+    for layer in tracker.results:
+        expected = _hand_class_means(model, data.val_dataloader(), layer, reduction)
+        res = tracker.results[layer]
+        torch.testing.assert_close(res.class_means, expected, atol=1e-5, rtol=0)
+        assert res.counts.tolist() == [8.0, 8.0, 8.0]
+        assert res.epoch == 1
+        assert res.dominant.shape == (3, min(5, res.num_neurons))
+        assert res.selectivity.shape == res.dead.shape == (res.num_neurons,)
+
+
+def test_train_stage_piggybacks_on_training_batches(tmp_path):
+    model, data = _module(), TinyData()
+    tracker = ActivationTracker(stage="train", layers=["backbone.conv2"], log=False)
+    fast_trainer(tmp_path, callbacks=[tracker], max_epochs=1).fit(model, datamodule=data)
+    res = tracker.results["backbone.conv2"]
+    assert res.counts.sum() == 48  # every training image once, no validation image
+    assert res.epoch == 0
+
+
+def test_every_n_epochs_and_max_batches(tmp_path):
+    model, data = _module(), TinyData()
+    tracker = ActivationTracker(every_n_epochs=2, max_batches=2, log=False)
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            res = tracker.finalize(trainer)
+            seen.append(None if not res else next(iter(res.values())).epoch)
+
+    fast_trainer(tmp_path, callbacks=[tracker, Spy()], max_epochs=3).fit(model, datamodule=data)
+    assert seen == [None, 1, 1]
+    assert tracker.results["backbone.fc"].counts.sum() == 16  # 2 batches of 8
+
+
+def _final_weights(tmp_path, callbacks, stage_seed=0):
+    model = _module(stage_seed)
+    trainer = fast_trainer(tmp_path, callbacks=callbacks, max_epochs=2)
+    trainer.fit(model, datamodule=TinyData())
+    return {k: v.clone() for k, v in model.state_dict().items()}, model.training
+
+
+@pytest.mark.parametrize("stage", ["validation", "train"])
+def test_no_side_effects_on_training(tmp_path, stage):
+    plain, mode_plain = _final_weights(tmp_path / "a", [])
+    tracked, mode_tracked = _final_weights(tmp_path / "b", [ActivationTracker(stage=stage, reduction="max")])
+    assert plain.keys() == tracked.keys()
+    for key in plain:
+        assert torch.equal(plain[key], tracked[key]), key
+    assert mode_plain == mode_tracked
+
+
+class _Modes(pl.Callback):
+    """Records the model's training flag at every training batch."""
+
+    def __init__(self) -> None:
+        self.modes: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.modes.append(pl_module.training)
+
+
+def test_training_mode_is_untouched(tmp_path):
+    spy_plain, spy_tracked = _Modes(), _Modes()
+    _final_weights(tmp_path / "a", [spy_plain])
+    _final_weights(tmp_path / "b", [ActivationTracker(), spy_tracked])
+    assert spy_plain.modes == spy_tracked.modes and all(spy_plain.modes)
+
+
+def test_hooks_are_removed_after_fit_validate_and_test(tmp_path):
+    model, data = _module(), TinyData()
+    tracker = ActivationTracker(stage="validation")
+    trainer = fast_trainer(tmp_path, callbacks=[tracker], max_epochs=1)
+    trainer.fit(model, datamodule=data)
+    assert count_forward_hooks(model) == 0
+    trainer.validate(model, datamodule=data, verbose=False)
+    assert count_forward_hooks(model) == 0
+    assert tracker.results["backbone.fc"].counts.sum() == 24
+    test_tracker = ActivationTracker(stage="test")
+    fast_trainer(tmp_path, callbacks=[test_tracker]).test(model, datamodule=data, verbose=False)
+    assert count_forward_hooks(model) == 0
+    assert test_tracker.results["backbone.fc"].counts.sum() == 24
+
+
+class _Boom(ImageClassifier):
+    def validation_step(self, batch, batch_idx):
+        assert count_forward_hooks(self) > 0  # the tracker is hooked right now
+        if batch_idx == 1:
+            raise RuntimeError("boom mid-epoch")
+        return super().validation_step(batch, batch_idx)
+
+
+def test_hooks_are_removed_after_an_exception_mid_epoch(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    model = _Boom(TinyNet(), num_classes=3)
+    with pytest.raises(RuntimeError, match="boom mid-epoch"):
+        fast_trainer(tmp_path, callbacks=[ActivationTracker()]).fit(model, datamodule=TinyData())
+    assert count_forward_hooks(model) == 0
+
+
+def test_unknown_layer_fails_at_fit_start_with_available_names(tmp_path):
+    tracker = ActivationTracker(layers=["backbone.conv9"])
+    with pytest.raises(NeuronsError, match=r"'backbone.conv9' not found.*Did you mean: .*backbone.conv1.*Available: backbone, backbone.conv1"):
+        fast_trainer(tmp_path, callbacks=[tracker]).fit(_module(), datamodule=TinyData())
+
+
+def test_layer_with_an_unusable_output_shape(tmp_path):
+    class SeqNet(TinyNet):
+        def __init__(self):
+            super().__init__()
+            self.seq = nn.Conv1d(1, 2, 3)
+
+        def forward(self, x):
+            self.seq(x.flatten(2)[:, :1])
+            return super().forward(x)
+
+    tracker = ActivationTracker(layers=["backbone.seq"])
+    with pytest.raises(NeuronsError, match=r"'backbone.seq' returned a tensor of shape \(8, 2, 62\)"):
+        fast_trainer(tmp_path, callbacks=[tracker]).fit(_module(net=SeqNet()), datamodule=TinyData())
+
+
+def test_batch_without_labels(tmp_path):
+    class NoLabels(TinyData):
+        def val_dataloader(self):
+            return DataLoader(self.vx, batch_size=8)
+
+    class XOnly(ImageClassifier):
+        def validation_step(self, batch, batch_idx):
+            self(batch)
+
+    pl.seed_everything(0, verbose=False)
+    with pytest.raises(NeuronsError, match="carries no labels.*label_fn"):
+        fast_trainer(tmp_path, callbacks=[ActivationTracker()]).fit(
+            XOnly(TinyNet(), num_classes=3), datamodule=NoLabels()
+        )
+
+
+def test_label_layouts():
+    y = torch.tensor([0, 2])
+    assert torch.equal(extract_labels((torch.zeros(2), y, "meta")), y)
+    assert torch.equal(extract_labels({"image": torch.zeros(2), "target": y}), y)
+    assert torch.equal(extract_labels({"img": 0, "lbl": y}, label_fn=lambda b: b["lbl"]), y)
+    with pytest.raises(NeuronsError, match=r"keys \['image'\] but none of label"):
+        extract_labels({"image": torch.zeros(2)})
+    with pytest.raises(NeuronsError, match="1-D tensor of integer class indices"):
+        extract_labels((torch.zeros(2), torch.tensor([[0.3, 0.7], [1.0, 0.0]])))
+
+
+def test_labels_out_of_range(tmp_path):
+    class BigLabels(TinyData):
+        def val_dataloader(self):
+            return DataLoader(TensorDataset(self.vx, self.vy + 5), batch_size=8)
+
+    class NoLoss(ImageClassifier):
+        def validation_step(self, batch, batch_idx):
+            self(batch[0])
+
+    pl.seed_everything(0, verbose=False)
+    with pytest.raises(NeuronsError, match=r"label 7 is outside \[0, 3\)"):
+        fast_trainer(tmp_path, callbacks=[ActivationTracker()]).fit(
+            NoLoss(TinyNet(), num_classes=3), datamodule=BigLabels()
+        )
+
+
+def test_nan_activations_are_counted_and_reported(tmp_path):
+    class NanNet(TinyNet):
+        def forward(self, x):
+            out = super().forward(x)
+            # poison fc's input for the brightest images: NaN reaches backbone.fc only in eval
+            return out
+
+    model = _module()
+    fc = model.backbone.fc
+
+    def poison(module, inputs, output):
+        if not module.training:
+            output = output.clone()
+            output[::4, 0] = float("nan")
+            return output
+
+    fc.register_forward_hook(poison)
+    tracker = ActivationTracker(layers=["backbone.fc"])
+    with pytest.warns(UserWarning, match=r"'backbone.fc' gave 6 non-finite.*1 of 8 neurons"):
+        fast_trainer(tmp_path, callbacks=[tracker], max_epochs=1).fit(model, datamodule=TinyData())
+    res = tracker.results["backbone.fc"]
+    assert res.nan_counts.tolist() == [6.0] + [0.0] * 7
+    assert torch.isfinite(res.class_means).all()
+
+
+def test_logs_figures_and_files_next_to_the_event_files(tmp_path):
+    tracker = ActivationTracker(layers=["backbone.conv2", "backbone.fc"])
+    trainer = fast_trainer(tmp_path, callbacks=[tracker], max_epochs=1)
+    trainer.fit(_module(), datamodule=TinyData())
+    root = tmp_path / "tb" / "version_0" / "lightning_neurons"
+    index = json.loads((root / "index.json").read_text())
+    assert {r["name"] for r in index} == {"backbone.conv2", "backbone.fc"}
+    import numpy as np
+
+    arrays = np.load(root / index[0]["file"])
+    assert arrays["class_means"].shape[0] == 3 and "selectivity" in arrays
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"images": 0}).Reload()
+    tags = events.Tags()
+    assert "activations/backbone.fc/class_profile" in tags["images"]
+    assert "activations/backbone.fc/dead_fraction" in tags["scalars"]
+    assert "activations/backbone.conv2/selectivity" in tags["histograms"]
+
+
+def test_without_tensorboard_warns_once_and_still_writes_files(tmp_path):
+    tracker = ActivationTracker(layers=["backbone.fc"])
+    with pytest.warns(UserWarning, match="no TensorBoardLogger") as record:
+        fast_trainer(tmp_path, callbacks=[tracker], logger=False, max_epochs=2).fit(_module(), datamodule=TinyData())
+    assert sum("no TensorBoardLogger" in str(w.message) for w in record) == 1
+    assert (tmp_path / "lightning_neurons" / "index.json").exists()
+
+
+def test_checkpoint_resume_restores_the_statistics(tmp_path):
+    model, data = _module(), TinyData()
+    tracker = ActivationTracker(layers=["backbone.conv2"])
+    trainer = fast_trainer(tmp_path, callbacks=[tracker], max_epochs=1)
+    trainer.fit(model, datamodule=data)
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    restored = ActivationTracker(layers=["backbone.conv2"])
+    assert not restored.results
+    trainer2 = fast_trainer(tmp_path, callbacks=[restored], max_epochs=1)
+    trainer2.fit(_module(1), datamodule=data, ckpt_path=str(ckpt))
+    before, after = tracker.results["backbone.conv2"], restored.results["backbone.conv2"]
+    torch.testing.assert_close(after.class_means, before.class_means)
+    assert after.epoch == before.epoch == 0
+    # a tracker with other arguments keeps its own state key, so it is not confused with this one
+    assert ActivationTracker(layers=["backbone.fc"]).state_key != restored.state_key
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"reduction": "median"}, "`reduction` must be one of 'mean', 'max'; got 'median'"),
+        ({"stage": "predict"}, "`stage` must be one of"),
+        ({"top_k": 0}, "`top_k` must be a positive integer, got 0"),
+        ({"every_n_epochs": -1}, "`every_n_epochs` must be a positive integer"),
+        ({"on_error": "ignore"}, "`on_error` must be one of 'warn', 'raise'"),
+    ],
+)
+def test_arguments_are_checked(kwargs, message):
+    with pytest.raises(NeuronsError, match=message):
+        ActivationTracker(**kwargs)
