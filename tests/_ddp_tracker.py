@@ -1,0 +1,49 @@
+"""Run by test_tracker_ddp.py: validate a fixed model on digits with 1 or 2 CPU processes.
+
+Usage: python _ddp_tracker.py OUT_DIR DEVICES
+Writes OUT_DIR/means.pt (rank zero) and OUT_DIR/rank<r>.json (how many files each rank wrote).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_neurons import ActivationTracker
+from lightning_neurons.data import DigitsDataModule
+from lightning_neurons.loggers import AnalysisLogger
+from lightning_neurons.models import ImageClassifier, SmallCNN
+
+out, devices = Path(sys.argv[1]), int(sys.argv[2])
+written: list[str] = []
+_save = AnalysisLogger.save_arrays
+
+
+def counting_save(self, *args, **kwargs):
+    path = _save(self, *args, **kwargs)
+    if path is not None:
+        written.append(str(path))
+    return path
+
+
+AnalysisLogger.save_arrays = counting_save
+
+torch.manual_seed(0)
+model = ImageClassifier(SmallCNN(widths=(8, 16)), num_classes=10)
+tracker = ActivationTracker(reduction="max")
+trainer = pl.Trainer(
+    accelerator="cpu",
+    devices=devices,
+    strategy="ddp" if devices > 1 else "auto",
+    logger=TensorBoardLogger(str(out), name="tb"),
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    callbacks=[tracker],
+)
+trainer.validate(model, datamodule=DigitsDataModule(batch_size=64), verbose=False)
+(out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"written": written}))
+if trainer.is_global_zero:
+    torch.save({k: (v.class_means, v.counts, v.dead) for k, v in tracker.results.items()}, out / "means.pt")
