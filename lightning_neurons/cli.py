@@ -31,7 +31,9 @@ class NeuronsCLI(LightningCLI):
         trainer = self.trainer
         if not trainer.is_global_zero:
             return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "acc" in k or "loss" in k}
+        metrics = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if "acc" in k or "loss" in k
+        }
         lines = ["", "lightning-neurons: done."]
         if metrics:
             lines.append("  " + ", ".join(f"{k} = {v:.4f}" for k, v in sorted(metrics.items())))
@@ -42,7 +44,9 @@ class NeuronsCLI(LightningCLI):
             lines.append(f"  Analysis files:   {artifact_root(trainer).resolve()}")
             lines.append(f"  Open them with:   tensorboard --logdir {logdir}")
         else:
-            lines.append(f"  Analysis files: {artifact_root(trainer).resolve()} (no TensorBoard logger)")
+            lines.append(
+                f"  Analysis files: {artifact_root(trainer).resolve()} (no TensorBoard logger)"
+            )
         print("\n".join(lines), flush=True)
 
 

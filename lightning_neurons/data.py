@@ -86,11 +86,19 @@ class DigitsDataModule(pl.LightningDataModule):
         digits = load_digits()
         images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
         if self.image_size != 8:
-            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+            images = F.interpolate(
+                images,
+                size=(self.image_size, self.image_size),
+                mode="bilinear",
+                align_corners=False,
+            )
         images = images.clamp(0.0, 1.0)
         labels = torch.as_tensor(digits.target, dtype=torch.int64)
         train_idx, val_idx = train_test_split(
-            range(len(labels)), test_size=self.val_fraction, stratify=digits.target, random_state=self.seed
+            range(len(labels)),
+            test_size=self.val_fraction,
+            stratify=digits.target,
+            random_state=self.seed,
         )
         train_idx, val_idx = torch.as_tensor(train_idx), torch.as_tensor(val_idx)
         self.train_set = TensorDataset(images[train_idx], labels[train_idx])

@@ -70,11 +70,12 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
         return modules[name]
     candidates = _layer_names(model)
     close = [n for n in candidates if name in n or n.endswith("." + name)]
-    close += [n for n in difflib.get_close_matches(name, candidates, n=3, cutoff=0.75) if n not in close]
+    close += [
+        n for n in difflib.get_close_matches(name, candidates, n=3, cutoff=0.75) if n not in close
+    ]
     hint = f" Did you mean: {', '.join(close[:5])}?" if close else ""
     raise NeuronsError(
-        f"layer {name!r} not found in {_describe(model)}.{hint} "
-        f"Available: {_available(model)}"
+        f"layer {name!r} not found in {_describe(model)}.{hint} Available: {_available(model)}"
     )
 
 
@@ -219,7 +220,9 @@ class HookSet:
         for name in layers:
             module = get_module(model, name)
 
-            def hook(_module: nn.Module, _inputs: object, output: object, _name: str = name) -> None:
+            def hook(
+                _module: nn.Module, _inputs: object, output: object, _name: str = name
+            ) -> None:
                 fn(_name, first_tensor(output, _name))
 
             self._handles.append(module.register_forward_hook(hook))

@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 #: Folder (under the TensorBoard log dir, or the trainer's root dir) holding our files.
-ARTIFACT_DIRNAME = "lightning_neurons"
+ARTIFACT_DIRNAME = "neurons"
 
 _warned_no_tensorboard: set[int] = set()
 
@@ -33,8 +33,8 @@ def find_tensorboard(trainer: Trainer) -> TensorBoardLogger | None:
 
 
 def artifact_root(trainer: Trainer) -> Path:
-    """The folder for our files: ``<tensorboard log_dir>/lightning_neurons`` when a TensorBoard
-    logger is attached, else ``<trainer.default_root_dir>/lightning_neurons``."""
+    """The folder for our files: ``<tensorboard log_dir>/neurons`` when a TensorBoard
+    logger is attached, else ``<trainer.default_root_dir>/neurons``."""
     tb = find_tensorboard(trainer)
     base = tb.log_dir if tb is not None else trainer.default_root_dir
     return Path(base) / ARTIFACT_DIRNAME
@@ -194,7 +194,7 @@ def load_index(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Read the artifact index written by the callbacks.
 
     Args:
-        root: The artifact folder (``<log_dir>/lightning_neurons``) or the log dir above it.
+        root: The artifact folder (``<log_dir>/neurons``) or the log dir above it.
 
     Returns:
         The index records, each with ``kind``, ``name``, ``epoch``, ``step``, ``file``

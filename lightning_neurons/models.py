@@ -29,7 +29,13 @@ class SmallCNN(nn.Module):
         torch.Size([2, 10])
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, widths: Sequence[int] = (32, 64, 128), batch_norm: bool = True) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        widths: Sequence[int] = (32, 64, 128),
+        batch_norm: bool = True,
+    ) -> None:
         super().__init__()
         blocks: OrderedDict[str, nn.Module] = OrderedDict()
         previous = in_channels
@@ -68,7 +74,9 @@ class ImageClassifier(pl.LightningModule):
         >>> model = ImageClassifier(SmallCNN(in_channels=3), num_classes=10)
     """
 
-    def __init__(self, backbone: nn.Module | None = None, num_classes: int = 10, lr: float = 1e-3) -> None:
+    def __init__(
+        self, backbone: nn.Module | None = None, num_classes: int = 10, lr: float = 1e-3
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone if backbone is not None else SmallCNN(num_classes=num_classes)

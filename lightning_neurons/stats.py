@@ -48,7 +48,9 @@ class ClassNeuronStats(Metric):
         self.add_state("nan", torch.zeros(shape, dtype=f64), dist_reduce_fx="sum")
         self.add_state("max", torch.full(shape, -torch.inf, dtype=f64), dist_reduce_fx="max")
 
-    def update(self, values: torch.Tensor, labels: torch.Tensor, peak: torch.Tensor | None = None) -> None:
+    def update(
+        self, values: torch.Tensor, labels: torch.Tensor, peak: torch.Tensor | None = None
+    ) -> None:
         """Add a batch.
 
         Args:
@@ -61,7 +63,9 @@ class ClassNeuronStats(Metric):
         values = values.detach().to(torch.float64)
         peak = values if peak is None else peak.detach().to(torch.float64)
         finite = torch.isfinite(values)
-        clean = torch.where(finite, values, torch.zeros((), dtype=values.dtype, device=values.device))
+        clean = torch.where(
+            finite, values, torch.zeros((), dtype=values.dtype, device=values.device)
+        )
         onehot = torch.nn.functional.one_hot(labels, self.num_classes).to(torch.float64).T  # [C, B]
         finite_f = finite.to(torch.float64)
         self.images += onehot.sum(dim=1)
@@ -131,7 +135,9 @@ def selectivity_index(means: torch.Tensor) -> torch.Tensor:
     rest_sum = shifted.sum(dim=0) - mu_max
     mu_rest = rest_sum / (n_valid - 1).clamp_min(1)
     denom = mu_max + mu_rest
-    si = torch.where(denom > 0, (mu_max - mu_rest) / denom.clamp_min(1e-300), torch.zeros_like(denom))
+    si = torch.where(
+        denom > 0, (mu_max - mu_rest) / denom.clamp_min(1e-300), torch.zeros_like(denom)
+    )
     return torch.where(n_valid >= 2, si, torch.full_like(si, torch.nan))
 
 
@@ -156,7 +162,9 @@ def dominant_neurons(means: torch.Tensor, top_k: int) -> tuple[torch.Tensor, tor
     k = min(top_k, means.shape[1])
     top = positive.topk(k, dim=1)
     total = positive.sum(dim=1)
-    share = torch.where(total > 0, top.values.sum(dim=1) / total.clamp_min(1e-300), torch.zeros_like(total))
+    share = torch.where(
+        total > 0, top.values.sum(dim=1) / total.clamp_min(1e-300), torch.zeros_like(total)
+    )
     return top.indices, share
 
 
@@ -213,7 +221,11 @@ class LayerStats:
 
     def as_arrays(self) -> dict[str, torch.Tensor]:
         """The tensors by name (for ``.npz`` files)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in {"layer", "reduction", "epoch"}}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in {"layer", "reduction", "epoch"}
+        }
 
     @classmethod
     def from_state(

@@ -46,4 +46,6 @@ trainer = pl.Trainer(
 trainer.validate(model, datamodule=DigitsDataModule(batch_size=64), verbose=False)
 (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"written": written}))
 if trainer.is_global_zero:
-    torch.save({k: (v.class_means, v.counts, v.dead) for k, v in tracker.results.items()}, out / "means.pt")
+    torch.save(
+        {k: (v.class_means, v.counts, v.dead) for k, v in tracker.results.items()}, out / "means.pt"
+    )

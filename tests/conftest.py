@@ -35,7 +35,9 @@ class TinyNet(nn.Module):
         return self.head(torch.relu(self.fc(self.pool(x).flatten(1))))
 
 
-def random_images(n: int = 48, num_classes: int = 3, size: int = 8, channels: int = 1, seed: int = 0):
+def random_images(
+    n: int = 48, num_classes: int = 3, size: int = 8, channels: int = 1, seed: int = 0
+):
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % num_classes
     x = torch.rand(n, channels, size, size, generator=g) + y.view(-1, 1, 1, 1) * 0.3
@@ -45,7 +47,9 @@ def random_images(n: int = 48, num_classes: int = 3, size: int = 8, channels: in
 class TinyData(pl.LightningDataModule):
     """Random images whose brightness depends on the class; deterministic."""
 
-    def __init__(self, n: int = 48, num_classes: int = 3, batch_size: int = 8, size: int = 8) -> None:
+    def __init__(
+        self, n: int = 48, num_classes: int = 3, batch_size: int = 8, size: int = 8
+    ) -> None:
         super().__init__()
         self.x, self.y = random_images(n, num_classes, size)
         self.vx, self.vy = random_images(n // 2, num_classes, size, seed=1)
@@ -54,7 +58,9 @@ class TinyData(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         g = torch.Generator().manual_seed(0)
-        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size, shuffle=True, generator=g)
+        return DataLoader(
+            TensorDataset(self.x, self.y), batch_size=self.batch_size, shuffle=True, generator=g
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.vx, self.vy), batch_size=self.batch_size)

@@ -23,7 +23,9 @@ def test_globs_resolve_in_model_order():
 
 
 def test_unknown_layer_lists_available_names_and_suggests():
-    with pytest.raises(NeuronsError, match=r"layer 'conv9' not found in TinyNet.*Available: conv1, relu1"):
+    with pytest.raises(
+        NeuronsError, match=r"layer 'conv9' not found in TinyNet.*Available: conv1, relu1"
+    ):
         resolve_layers(TinyNet(), ["conv9"])
     nested = nn.Sequential(TinyNet())
     with pytest.raises(NeuronsError, match=r"Did you mean: 0\.conv1"):
@@ -36,7 +38,9 @@ def test_pattern_matching_nothing_is_an_error():
 
 
 def test_model_without_layers_to_track():
-    with pytest.raises(NeuronsError, match="no Conv2d or Linear layer besides its final classifier"):
+    with pytest.raises(
+        NeuronsError, match="no Conv2d or Linear layer besides its final classifier"
+    ):
         resolve_layers(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), None)
 
 

@@ -22,7 +22,9 @@ def _module(seed: int = 0, net: nn.Module | None = None) -> ImageClassifier:
     return ImageClassifier(net or TinyNet(), num_classes=3, lr=1e-2)
 
 
-def _hand_class_means(model: ImageClassifier, loader, layer: str, reduction: str = "mean") -> torch.Tensor:
+def _hand_class_means(
+    model: ImageClassifier, loader, layer: str, reduction: str = "mean"
+) -> torch.Tensor:
     outputs = []
     module = dict(model.named_modules())[layer]
     handle = module.register_forward_hook(lambda m, i, o: outputs.append(o.detach()))
@@ -58,7 +60,7 @@ def test_class_means_equal_a_hand_computation(tmp_path, reduction):
 
 def test_train_stage_piggybacks_on_training_batches(tmp_path):
     model, data = _module(), TinyData()
-    tracker = ActivationTracker(stage="train", layers=["backbone.conv2"], log=False)
+    tracker = ActivationTracker(stage="train", layers=["backbone.conv2"], enable_logging=False)
     fast_trainer(tmp_path, callbacks=[tracker], max_epochs=1).fit(model, datamodule=data)
     res = tracker.results["backbone.conv2"]
     assert res.counts.sum() == 48  # every training image once, no validation image
@@ -67,7 +69,7 @@ def test_train_stage_piggybacks_on_training_batches(tmp_path):
 
 def test_every_n_epochs_and_max_batches(tmp_path):
     model, data = _module(), TinyData()
-    tracker = ActivationTracker(every_n_epochs=2, max_batches=2, log=False)
+    tracker = ActivationTracker(every_n_epochs=2, max_batches=2, enable_logging=False)
     seen = []
 
     class Spy(pl.Callback):
@@ -90,7 +92,9 @@ def _final_weights(tmp_path, callbacks, stage_seed=0):
 @pytest.mark.parametrize("stage", ["validation", "train"])
 def test_no_side_effects_on_training(tmp_path, stage):
     plain, mode_plain = _final_weights(tmp_path / "a", [])
-    tracked, mode_tracked = _final_weights(tmp_path / "b", [ActivationTracker(stage=stage, reduction="max")])
+    tracked, mode_tracked = _final_weights(
+        tmp_path / "b", [ActivationTracker(stage=stage, reduction="max")]
+    )
     assert plain.keys() == tracked.keys()
     for key in plain:
         assert torch.equal(plain[key], tracked[key]), key
@@ -147,7 +151,10 @@ def test_hooks_are_removed_after_an_exception_mid_epoch(tmp_path):
 
 def test_unknown_layer_fails_at_fit_start_with_available_names(tmp_path):
     tracker = ActivationTracker(layers=["backbone.conv9"])
-    with pytest.raises(NeuronsError, match=r"'backbone.conv9' not found.*Did you mean: .*backbone.conv1.*Available: backbone, backbone.conv1"):
+    with pytest.raises(
+        NeuronsError,
+        match=r"'backbone.conv9' not found.*Did you mean: .*backbone.conv1.*Available: backbone, backbone.conv1",
+    ):
         fast_trainer(tmp_path, callbacks=[tracker]).fit(_module(), datamodule=TinyData())
 
 
@@ -162,8 +169,12 @@ def test_layer_with_an_unusable_output_shape(tmp_path):
             return super().forward(x)
 
     tracker = ActivationTracker(layers=["backbone.seq"])
-    with pytest.raises(NeuronsError, match=r"'backbone.seq' returned a tensor of shape \(8, 2, 62\)"):
-        fast_trainer(tmp_path, callbacks=[tracker]).fit(_module(net=SeqNet()), datamodule=TinyData())
+    with pytest.raises(
+        NeuronsError, match=r"'backbone.seq' returned a tensor of shape \(8, 2, 62\)"
+    ):
+        fast_trainer(tmp_path, callbacks=[tracker]).fit(
+            _module(net=SeqNet()), datamodule=TinyData()
+        )
 
 
 def test_batch_without_labels(tmp_path):
@@ -238,7 +249,7 @@ def test_logs_figures_and_files_next_to_the_event_files(tmp_path):
     tracker = ActivationTracker(layers=["backbone.conv2", "backbone.fc"])
     trainer = fast_trainer(tmp_path, callbacks=[tracker], max_epochs=1)
     trainer.fit(_module(), datamodule=TinyData())
-    root = tmp_path / "tb" / "version_0" / "lightning_neurons"
+    root = tmp_path / "tb" / "version_0" / "neurons"
     index = json.loads((root / "index.json").read_text())
     assert {r["name"] for r in index} == {"backbone.conv2", "backbone.fc"}
     import numpy as np
@@ -247,7 +258,9 @@ def test_logs_figures_and_files_next_to_the_event_files(tmp_path):
     assert arrays["class_means"].shape[0] == 3 and "selectivity" in arrays
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"images": 0}).Reload()
+    events = EventAccumulator(
+        str(tmp_path / "tb" / "version_0"), size_guidance={"images": 0}
+    ).Reload()
     tags = events.Tags()
     assert "activations/backbone.fc/class_profile" in tags["images"]
     assert "activations/backbone.fc/dead_fraction" in tags["scalars"]
@@ -257,9 +270,11 @@ def test_logs_figures_and_files_next_to_the_event_files(tmp_path):
 def test_without_tensorboard_warns_once_and_still_writes_files(tmp_path):
     tracker = ActivationTracker(layers=["backbone.fc"])
     with pytest.warns(UserWarning, match="no TensorBoardLogger") as record:
-        fast_trainer(tmp_path, callbacks=[tracker], logger=False, max_epochs=2).fit(_module(), datamodule=TinyData())
+        fast_trainer(tmp_path, callbacks=[tracker], logger=False, max_epochs=2).fit(
+            _module(), datamodule=TinyData()
+        )
     assert sum("no TensorBoardLogger" in str(w.message) for w in record) == 1
-    assert (tmp_path / "lightning_neurons" / "index.json").exists()
+    assert (tmp_path / "neurons" / "index.json").exists()
 
 
 def test_checkpoint_resume_restores_the_statistics(tmp_path):

@@ -15,7 +15,10 @@ def _run(out: Path, devices: int) -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, str(SCRIPT), str(out), str(devices)],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -36,5 +39,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     rank0 = json.loads((tmp_path / "two" / "rank0.json").read_text())["written"]
     rank1 = json.loads((tmp_path / "two" / "rank1.json").read_text())["written"]
     assert len(rank0) == 2 and rank1 == []
-    index = json.loads((tmp_path / "two" / "tb" / "version_0" / "lightning_neurons" / "index.json").read_text())
+    index = json.loads(
+        (tmp_path / "two" / "tb" / "version_0" / "neurons" / "index.json").read_text()
+    )
     assert len(index) == 2

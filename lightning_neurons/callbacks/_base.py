@@ -31,7 +31,9 @@ def check_positive_int(name: str, value: int) -> int:
 
 def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
-        raise NeuronsError(f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+        raise NeuronsError(
+            f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {value!r}"
+        )
     return value
 
 
@@ -73,7 +75,7 @@ def untouched(model: nn.Module) -> Iterator[None]:
     finally:
         for module, mode in modes:
             module.training = mode
-        for p, flag, grad in zip(params, flags, grads):
+        for p, flag, grad in zip(params, flags, grads, strict=True):
             p.requires_grad_(flag)
             p.grad = grad
 

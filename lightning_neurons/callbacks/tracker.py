@@ -25,7 +25,9 @@ Stage = Literal["validation", "train", "test"]
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 
 
-def extract_labels(batch: Any, label_fn: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:
+def extract_labels(
+    batch: Any, label_fn: Callable[[Any], torch.Tensor] | None = None
+) -> torch.Tensor:
     """The integer class labels of a batch.
 
     Args:
@@ -75,7 +77,11 @@ def extract_labels(batch: Any, label_fn: Callable[[Any], torch.Tensor] | None = 
 def infer_num_classes(model: nn.Module) -> int | None:
     """The class count from ``num_classes`` (attribute or hparams) or the last Linear's width."""
     for source in (model, getattr(model, "hparams", {})):
-        value = source.get("num_classes") if isinstance(source, Mapping) else getattr(source, "num_classes", None)
+        value = (
+            source.get("num_classes")
+            if isinstance(source, Mapping)
+            else getattr(source, "num_classes", None)
+        )
         if isinstance(value, int) and value > 0:
             return value
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -107,7 +113,7 @@ class ActivationTracker(AnalysisCallback):
         num_classes: Class count; default: the model's ``num_classes`` or its last Linear's width.
         label_fn: Reads the ``[B]`` integer labels from a batch of another layout.
         max_batches: Analyse at most this many batches per epoch (default: all).
-        log: Log figures, histograms and scalars and write the numbers to files.
+        enable_logging: Log figures, histograms and scalars and write the numbers to files.
         on_error: ``"warn"`` or ``"raise"`` when logging fails (see :class:`AnalysisCallback`).
 
     Example:
@@ -127,7 +133,7 @@ class ActivationTracker(AnalysisCallback):
         num_classes: int | None = None,
         label_fn: Callable[[Any], torch.Tensor] | None = None,
         max_batches: int | None = None,
-        log: bool = True,
+        enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:
         super().__init__(every_n_epochs=every_n_epochs, on_error=on_error)
@@ -137,10 +143,14 @@ class ActivationTracker(AnalysisCallback):
         self.reduction = check_choice("reduction", reduction, ("mean", "max"))
         self.stage = check_choice("stage", stage, ("validation", "train", "test"))
         self.top_k = check_positive_int("top_k", top_k)
-        self.num_classes = None if num_classes is None else check_positive_int("num_classes", num_classes)
-        self.max_batches = None if max_batches is None else check_positive_int("max_batches", max_batches)
+        self.num_classes = (
+            None if num_classes is None else check_positive_int("num_classes", num_classes)
+        )
+        self.max_batches = (
+            None if max_batches is None else check_positive_int("max_batches", max_batches)
+        )
         self.label_fn = label_fn
-        self.log = log
+        self.enable_logging = enable_logging
         self.layers: list[str] = []
         self.results: dict[str, LayerStats] = {}
         self._metrics: dict[str, ClassNeuronStats] = {}
@@ -161,15 +171,25 @@ class ActivationTracker(AnalysisCallback):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        states = {name: {k: v.detach().cpu().clone() for k, v in s.items()} for name, s in self._saved_states.items()}
-        return {"layers": list(self.layers), "states": states, "epoch": self._saved_epoch, "num_classes": self.num_classes}
+        states = {
+            name: {k: v.detach().cpu().clone() for k, v in s.items()}
+            for name, s in self._saved_states.items()
+        }
+        return {
+            "layers": list(self.layers),
+            "states": states,
+            "epoch": self._saved_epoch,
+            "num_classes": self.num_classes,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._saved_states = {k: dict(v) for k, v in state_dict.get("states", {}).items()}
         self._saved_epoch = int(state_dict.get("epoch", -1))
         self.num_classes = self.num_classes or state_dict.get("num_classes")
         self.results = {
-            name: LayerStats.from_state(name, s, epoch=self._saved_epoch, reduction=self.reduction, top_k=self.top_k)
+            name: LayerStats.from_state(
+                name, s, epoch=self._saved_epoch, reduction=self.reduction, top_k=self.top_k
+            )
             for name, s in self._saved_states.items()
         }
 
@@ -198,22 +218,40 @@ class ActivationTracker(AnalysisCallback):
         if self.stage == "test":
             self._start(trainer, pl_module)
 
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.stage == "train":
             self._batch_start(batch)
 
-    def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_start(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if self.stage == "validation":
             self._batch_start(batch)
 
-    def on_test_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_start(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if self.stage == "test":
             self._batch_start(batch)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         self._labels = None
 
-    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, *args: Any
+    ) -> None:
         self._labels = None
 
     def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
@@ -231,7 +269,9 @@ class ActivationTracker(AnalysisCallback):
         if self.stage == "test":
             self.finalize(trainer)
 
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
         self._stop()
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -255,15 +295,19 @@ class ActivationTracker(AnalysisCallback):
         self._pending_epoch = None
         self._stop()
         states = {name: metric.compute() for name, metric in self._metrics.items()}
-        self._saved_states = {n: {k: v.detach().cpu().clone() for k, v in s.items()} for n, s in states.items()}
+        self._saved_states = {
+            n: {k: v.detach().cpu().clone() for k, v in s.items()} for n, s in states.items()
+        }
         self._saved_epoch = epoch
         self.results = {
-            name: LayerStats.from_state(name, s, epoch=epoch, reduction=self.reduction, top_k=self.top_k)
+            name: LayerStats.from_state(
+                name, s, epoch=epoch, reduction=self.reduction, top_k=self.top_k
+            )
             for name, s in states.items()
             if s["images"].sum() > 0
         }
         self._warn_nan()
-        if self.log and self.results:
+        if self.enable_logging and self.results:
             self._run_safely("logging activation statistics", lambda: self._log(trainer))
         return self.results
 
@@ -318,13 +362,19 @@ class ActivationTracker(AnalysisCallback):
         with torch.no_grad():
             output = output.detach()
             values = reduce_activation(output, self.reduction, name)
-            peak = output.amax(dim=(2, 3)) if output.dim() == 4 and self.reduction == "mean" else values
+            peak = (
+                output.amax(dim=(2, 3))
+                if output.dim() == 4 and self.reduction == "mean"
+                else values
+            )
             if values.shape[0] != labels.shape[0]:
                 raise NeuronsError(
                     f"layer {name!r} produced {values.shape[0]} rows for a batch of {labels.shape[0]} "
                     "labels; track layers whose first dimension is the batch."
                 )
-            self._metric(name, values.shape[1], values.device).update(values, labels.to(values.device), peak)
+            self._metric(name, values.shape[1], values.device).update(
+                values, labels.to(values.device), peak
+            )
 
     def _warn_nan(self) -> None:
         for name, res in self.results.items():
@@ -357,6 +407,11 @@ class ActivationTracker(AnalysisCallback):
             out.save_arrays(
                 name,
                 res.as_arrays(),
-                meta={"layer": name, "reduction": res.reduction, "stage": self.stage, "epoch": res.epoch},
+                meta={
+                    "layer": name,
+                    "reduction": res.reduction,
+                    "stage": self.stage,
+                    "epoch": res.epoch,
+                },
             )
         out.scalars(scalars)

@@ -44,7 +44,9 @@ def class_profile_heatmap(
     alive = order[~stats.dead[order]]
     order = torch.cat([alive, order[stats.dead[order]]])
     if order.numel() > max_neurons:
-        keep = torch.argsort(torch.nan_to_num(stats.selectivity, nan=0.0), descending=True)[:max_neurons]
+        keep = torch.argsort(torch.nan_to_num(stats.selectivity, nan=0.0), descending=True)[
+            :max_neurons
+        ]
         order = order[torch.isin(order, keep)]
     m = means[:, order].numpy()
     low = np.nanmin(m, axis=0, keepdims=True)
@@ -57,7 +59,9 @@ def class_profile_heatmap(
     names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
     ax.set_yticks(range(num_classes), names)
     ax.set_ylabel("class")
-    ax.set_xlabel(f"neuron (sorted by preferred class, then selectivity; {int(stats.dead.sum())} dead at right)")
+    ax.set_xlabel(
+        f"neuron (sorted by preferred class, then selectivity; {int(stats.dead.sum())} dead at right)"
+    )
     ax.set_title(
         f"{stats.layer}: class profile, epoch {stats.epoch} "
         f"(mean selectivity {float(stats.selectivity.nanmean()):.2f})"
