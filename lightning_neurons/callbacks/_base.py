@@ -58,18 +58,30 @@ def preserved_rng(device: torch.device | None = None) -> Iterator[None]:
 
 @contextmanager
 def untouched(model: nn.Module) -> Iterator[None]:
-    """Run analysis code on ``model`` and put back what it may change.
+    """Run analysis code on ``model`` and put back everything it may change.
 
-    On exit the ``training`` flag of every module, the ``requires_grad`` flag and ``.grad`` of every
-    parameter and the RNG streams are as they were. Inside, gradients are enabled even when the
-    caller runs under ``torch.no_grad()`` or ``torch.inference_mode()`` (Lightning's validation).
+    Inside the block: gradients are enabled (also under Lightning's ``inference_mode``), every
+    parameter has ``requires_grad=False`` and ``.grad=None`` (so analyses take gradients with
+    respect to inputs or activations only, and a ``backward()`` cannot add to the training's
+    gradients). On exit, the ``training`` flag of every module, each parameter's
+    ``requires_grad`` and ``.grad`` (the very same tensor objects), the values of all buffers
+    (BatchNorm running statistics) and the RNG streams are as they were.
+
+    Example:
+        >>> with untouched(pl_module):
+        ...     pl_module.eval()
+        ...     saliency = input_gradient(pl_module, images)  # doctest: +SKIP
     """
     modes = [(m, m.training) for m in model.modules()]
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     device = params[0].device if params else None
     try:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
         with preserved_rng(device), torch.inference_mode(False), torch.enable_grad():
             yield
     finally:
@@ -78,6 +90,10 @@ def untouched(model: nn.Module) -> Iterator[None]:
         for p, flag, grad in zip(params, flags, grads, strict=True):
             p.requires_grad_(flag)
             p.grad = grad
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                if not torch.equal(buffer, saved):
+                    buffer.copy_(saved)
 
 
 def find_tracker(trainer: Trainer, requester: str) -> ActivationTracker:

@@ -1,0 +1,66 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+from conftest import TinyNet
+from torch import nn
+
+from lightning_neurons.callbacks._base import AnalysisCallback, untouched
+
+
+def test_untouched_restores_modes_flags_grads_buffers_and_rng():
+    model = nn.Sequential(TinyNet(), nn.BatchNorm1d(3))
+    model.train()
+    model[0].fc.requires_grad_(False)
+    model(torch.rand(4, 1, 8, 8)).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    grad_values = {n: None if g is None else g.clone() for n, g in grads.items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    running = model[1].running_mean.clone()
+    torch.manual_seed(5)
+    random.seed(5)
+    np.random.seed(5)
+    expected = (torch.rand(1), random.random(), np.random.rand())
+    torch.manual_seed(5)
+    random.seed(5)
+    np.random.seed(5)
+    with torch.inference_mode(), untouched(model):
+        assert torch.is_grad_enabled()
+        assert all(not p.requires_grad and p.grad is None for p in model.parameters())
+        x = torch.rand(4, 1, 8, 8, requires_grad=True)
+        model(x).sum().backward()  # train mode: BatchNorm updates its running stats
+        assert x.grad is not None
+        model.eval()
+        torch.rand(10), random.random(), np.random.rand()
+    assert (torch.rand(1), random.random(), np.random.rand()) == expected
+    assert all(m.training for m in model.modules())
+    for n, p in model.named_parameters():
+        assert p.grad is grads[n]
+        assert p.requires_grad == flags[n]
+        if p.grad is not None:
+            assert torch.equal(p.grad, grad_values[n])
+    assert torch.equal(model[1].running_mean, running)
+
+
+def test_untouched_restores_on_error():
+    model = TinyNet().train()
+    with pytest.raises(KeyError), untouched(model):
+        model.eval()
+        raise KeyError("analysis failed")
+    assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_run_safely_warns_or_raises():
+    cb = AnalysisCallback(on_error="warn")
+
+    def broken():
+        raise ZeroDivisionError("bad maths")
+
+    with pytest.warns(
+        UserWarning, match=r"clustering failed and was skipped \(ZeroDivisionError: bad maths\)"
+    ):
+        assert cb._run_safely("clustering", broken) is None
+    assert cb.failures == ["clustering: ZeroDivisionError: bad maths"]
+    with pytest.raises(ZeroDivisionError):
+        AnalysisCallback(on_error="raise")._run_safely("clustering", broken)
