@@ -7,6 +7,7 @@ Example:
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -17,6 +18,10 @@ from lightning_neurons.loggers import artifact_root, find_tensorboard
 
 class NeuronsCLI(LightningCLI):
     """LightningCLI whose model and data are given by ``class_path`` in the config."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._started = time.perf_counter()
+        super().__init__(*args, **kwargs)
 
     def after_fit(self) -> None:
         self._report()
