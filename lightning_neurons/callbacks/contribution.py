@@ -1,0 +1,565 @@
+"""NeuronContribution: which neurons carry each class's logit, and what zeroing them does."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_neurons.callbacks._base import (
+    AnalysisCallback,
+    OnError,
+    check_positive_int,
+    find_tracker,
+    untouched,
+)
+from lightning_neurons.callbacks.tracker import ActivationTracker, extract_labels
+from lightning_neurons.contribution import (
+    ClassContributions,
+    ContributionStats,
+    ablation_effects,
+    ablation_selectivity,
+    contribution_batch,
+    extract_inputs,
+    neuron_contributions,
+)
+from lightning_neurons.errors import NeuronsError
+from lightning_neurons.hooks import resolve_layers
+from lightning_neurons.loggers import AnalysisLogger
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def _callback_named(trainer: Trainer, class_name: str) -> Any | None:
+    """The first attached callback whose class (or a base class) is called ``class_name``.
+
+    Matching by name keeps this callback independent of the modules that define the others."""
+    for callback in trainer.callbacks:
+        if any(cls.__name__ == class_name for cls in type(callback).__mro__):
+            return callback
+    return None
+
+
+def _layer_entry(callback: Any, layer: str) -> Mapping[str, Any] | None:
+    results = getattr(callback, "results", None)
+    if not isinstance(results, Mapping):
+        return None
+    entry = results.get(layer)
+    return entry if isinstance(entry, Mapping) else None
+
+
+def cluster_sets(labels: Any) -> dict[str, torch.Tensor]:
+    """``{"cluster i": neuron indices}`` from a ``[K]`` array of cluster ids (-1: noise, left out)."""
+    ids = torch.as_tensor(labels).reshape(-1).long()
+    return {
+        f"cluster {int(c)}": torch.nonzero(ids == c)[:, 0]
+        for c in torch.unique(ids).tolist()
+        if c >= 0
+    }
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^\w.\-]+", "_", name).strip("_") or "_"
+
+
+class NeuronContribution(AnalysisCallback):
+    """Which neurons carry each class's logit (activation x gradient), how few of them dominate,
+    and what zeroing them does to each class's accuracy.
+
+    At the end of every ``every_n_epochs``-th validation (and every test) epoch, on rank zero, using
+    the first ``max_batches`` validation batches that Lightning fed to the model (kept on the CPU;
+    no extra data loading), it computes for each layer:
+
+    * the class x neuron contribution matrix: for each class, the mean contribution of each neuron
+      to that class's logit over the images of that class (see
+      :mod:`lightning_neurons.contribution`), its dominant neurons and their domination;
+    * the ablation matrix of ``ablation_layers``: per-class accuracy drop when each class's dominant
+      neurons are zeroed, and when each neuron cluster of an attached ``NeuronClustering`` callback
+      is zeroed (all sets measured in one batched pass);
+    * for ``probe_images`` validation images (the first image of each class), the contribution of
+      every neuron to every logit, and the top neurons behind the prediction with their preferred
+      images: the ``FeatureVisualizer``'s rendering when one is attached and has rendered that
+      neuron, else the validation image (of those kept) that activates the neuron most.
+
+    It reads an :class:`~lightning_neurons.ActivationTracker`'s layers, ``num_classes``, ``top_k`` and
+    ``label_fn``; one must be attached. The gradient work runs in eval mode inside
+    :func:`~lightning_neurons.callbacks._base.untouched`, so training is not changed: modes,
+    ``requires_grad``, gradients and random streams are restored and every hook is removed.
+
+    Put it after ``NeuronClustering`` and ``FeatureVisualizer`` in the callback list to use their
+    results of the same epoch (otherwise those of the previous analysed epoch are used).
+
+    Args:
+        layers: Module names or glob patterns. Default: the tracker's layers.
+        max_batches: Validation batches kept and analysed per epoch.
+        top_k: Dominant neurons per class. Default: the tracker's ``top_k``.
+        ablation_layers: Layers whose neuron sets are ablated (they are analysed too). Default: the
+            last analysed layer (ablating early layers costs about one forward pass of the kept
+            images per neuron set). ``[]``: no ablation.
+        max_ablation_classes: Ablate the dominant neurons of at most this many classes (the first).
+        share_prefix: How ablations are batched, see
+            :func:`~lightning_neurons.contribution.ablation_effects` (``"auto"`` checks the model).
+        probe_images: Probe images (the first validation image of each class, at most this many);
+            0 for none.
+        probe_top: Top contributing neurons shown per probe image.
+        input_fn: Reads the model input from a batch (default: ``batch[0]`` or an ``image``/``x``
+            key).
+        log: Log figures, images, text and scalars and write the numbers to files.
+        every_n_epochs: Analyse every n-th epoch.
+        on_error: ``"warn"`` (report a failed analysis and train on) or ``"raise"``.
+
+    Raises:
+        NeuronsError: For bad arguments; at setup, when no ActivationTracker is attached or a layer
+            does not exist.
+
+    Example:
+        >>> trainer = Trainer(callbacks=[ActivationTracker(), NeuronContribution()])  # doctest: +SKIP
+        >>> trainer.fit(model, datamodule=dm)  # doctest: +SKIP
+        >>> NeuronContribution.results["backbone.features.conv3"]["accuracy_drop"]  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        layers: list[str] | None = None,
+        max_batches: int = 4,
+        top_k: int | None = None,
+        ablation_layers: list[str] | None = None,
+        max_ablation_classes: int = 20,
+        share_prefix: bool | Literal["auto"] = "auto",
+        probe_images: int = 8,
+        probe_top: int = 5,
+        input_fn: Callable[[Any], torch.Tensor] | None = None,
+        log: bool = True,
+        every_n_epochs: int = 1,
+        on_error: OnError = "warn",
+    ) -> None:
+        super().__init__(every_n_epochs=every_n_epochs, on_error=on_error)
+        self.layer_patterns = (
+            [layers] if isinstance(layers, str) else (list(layers) if layers is not None else None)
+        )
+        self.ablation_patterns = (
+            [ablation_layers]
+            if isinstance(ablation_layers, str)
+            else (list(ablation_layers) if ablation_layers is not None else None)
+        )
+        self.max_batches = check_positive_int("max_batches", max_batches)
+        self.top_k = None if top_k is None else check_positive_int("top_k", top_k)
+        self.max_ablation_classes = check_positive_int("max_ablation_classes", max_ablation_classes)
+        if share_prefix not in (True, False, "auto"):
+            raise NeuronsError(
+                f"`share_prefix` must be True, False or 'auto'; got {share_prefix!r}"
+            )
+        self.share_prefix = share_prefix
+        if isinstance(probe_images, bool) or not isinstance(probe_images, int) or probe_images < 0:
+            raise NeuronsError(f"`probe_images` must be an integer >= 0, got {probe_images!r}")
+        self.probe_images = probe_images
+        self.probe_top = check_positive_int("probe_top", probe_top)
+        self.input_fn = input_fn
+        self.log = log
+        self.layers: list[str] = []
+        self.ablation_layers: list[str] = []
+        #: ``{layer: {...}}`` of the latest analysed epoch; see :meth:`_layer_results` for the keys.
+        self.results: dict[str, dict[str, Any]] = {}
+        self._tracker: ActivationTracker | None = None
+        self._batches: list[Batch] = []
+        self._collecting = False
+
+    # ---- Lightning hooks -----------------------------------------------------------------------
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._tracker = find_tracker(trainer, type(self).__name__)
+        patterns = (
+            self.layer_patterns if self.layer_patterns is not None else self._tracker.layer_patterns
+        )
+        layers = resolve_layers(pl_module, patterns)
+        if self.ablation_patterns is None:
+            ablate = layers[-1:]
+        elif not self.ablation_patterns:
+            ablate = []
+        else:
+            ablate = resolve_layers(pl_module, self.ablation_patterns)
+        order = [name for name, _ in pl_module.named_modules()]
+        self.layers = [n for n in order if n in set(layers) | set(ablate)]
+        self.ablation_layers = [n for n in order if n in set(ablate)]
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start(trainer)
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start(trainer)
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._keep(batch)
+
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._keep(batch)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._finish(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._finish(trainer, pl_module)
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        self._reset()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._reset()
+
+    # ---- gathering -----------------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        self._batches = []
+        self._collecting = False
+
+    def _start(self, trainer: Trainer) -> None:
+        self._reset()
+        self._collecting = self._due(trainer) and trainer.is_global_zero
+
+    def _keep(self, batch: Any) -> None:
+        if not self._collecting or len(self._batches) >= self.max_batches:
+            return
+        label_fn = self._tracker.label_fn if self._tracker is not None else None
+        x = extract_inputs(batch, self.input_fn)
+        y = extract_labels(batch, label_fn)
+        with torch.inference_mode(False):  # normal tensors, usable in autograd later
+            self._batches.append((x.detach().to("cpu").clone(), y.detach().to("cpu").clone()))
+
+    def _finish(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        tracker = find_tracker(trainer, type(self).__name__)
+        tracker.finalize(trainer)  # on every rank: it syncs the statistics across processes
+        batches, collecting = self._batches, self._collecting
+        self._reset()
+        if collecting and batches:
+            self._run_safely(
+                "neuron contribution analysis",
+                lambda: self._analyse(trainer, pl_module, tracker, batches),
+            )
+
+    # ---- analysis ------------------------------------------------------------------------------
+
+    def _analyse(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        tracker: ActivationTracker,
+        batches: list[Batch],
+    ) -> None:
+        num_classes = int(tracker.num_classes)
+        top_k = self.top_k or tracker.top_k
+        kept = torch.cat([x for x, _ in batches])
+        results: dict[str, dict[str, Any]] = {}
+        with untouched(pl_module):
+            pl_module.eval()
+            pl_module.requires_grad_(False)
+            stats, top_example = self._contributions(pl_module, batches, num_classes, top_k)
+            for layer in self.layers:
+                results[layer] = {
+                    "epoch": trainer.current_epoch,
+                    "stats": stats[layer],
+                    "class_contribution": stats[layer].class_contribution,
+                    "counts": stats[layer].counts,
+                    "dominant": stats[layer].dominant,
+                    "domination": stats[layer].domination,
+                    "top_example_index": top_example[layer],
+                }
+            for layer in self.ablation_layers:
+                results[layer].update(
+                    self._ablate(trainer, pl_module, layer, stats[layer], batches)
+                )
+            if self.probe_images:
+                for layer, probe in self._probes(trainer, pl_module, batches, num_classes).items():
+                    probe["probe_preferred"], probe["probe_preferred_source"] = self._preferred(
+                        trainer, layer, probe["probe_top_neurons"], top_example[layer], kept
+                    )
+                    results[layer].update(probe)
+        self.results = results
+        if self.log:
+            self._run_safely("logging neuron contribution", lambda: self._log(trainer))
+
+    def _contributions(
+        self, pl_module: LightningModule, batches: list[Batch], num_classes: int, top_k: int
+    ) -> tuple[dict[str, ContributionStats], dict[str, torch.Tensor]]:
+        """Streams the kept batches: class contributions, and per neuron the index of the kept
+        image that activates it most."""
+        device = pl_module.device
+        acc = ClassContributions(num_classes, top_k)
+        best: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        offset = 0
+        for x, y in batches:
+            out = contribution_batch(pl_module, self.layers, x.to(device), y.to(device))
+            acc.update(out, y)
+            for layer, act in out.activations.items():
+                value, row = act.detach().float().cpu().max(dim=0)
+                old_value, old_index = best.get(
+                    layer, (torch.full_like(value, -torch.inf), torch.zeros_like(row))
+                )
+                better = value > old_value
+                best[layer] = (
+                    torch.where(better, value, old_value),
+                    torch.where(better, row + offset, old_index),
+                )
+            offset += x.shape[0]
+        return acc.compute(), {layer: index for layer, (_, index) in best.items()}
+
+    def _probes(
+        self, trainer: Trainer, pl_module: LightningModule, batches: list[Batch], num_classes: int
+    ) -> dict[str, dict[str, Any]]:
+        """Every layer's contribution to every logit for the first kept image of each class."""
+        x = torch.cat([b[0] for b in batches])
+        y = torch.cat([b[1] for b in batches])
+        picked: list[int] = []
+        for c in range(num_classes):
+            hits = torch.nonzero(y == c)[:, 0]
+            if hits.numel():
+                picked.append(int(hits[0]))
+            if len(picked) >= self.probe_images:
+                break
+        if not picked:
+            return {}
+        index = torch.tensor(picked)
+        images = x[index]
+        with torch.no_grad():
+            predictions = pl_module(images.to(pl_module.device)).argmax(dim=1).cpu()
+        contribution = neuron_contributions(pl_module, self.layers, images)  # {layer: [P, C, K]}
+        results = {}
+        for layer, c in contribution.items():
+            behind = c[torch.arange(c.shape[0]), predictions]  # [P, K]: towards the predicted logit
+            top = behind.topk(min(self.probe_top, behind.shape[1]), dim=1)
+            results[layer] = {
+                "probe_index": index,
+                "probe_images": images,
+                "probe_labels": y[index],
+                "probe_predictions": predictions,
+                "probe_contribution": c,
+                "probe_top_neurons": top.indices,
+                "probe_top_contribution": top.values,
+            }
+        return results
+
+    def _ablation_sets(
+        self, trainer: Trainer, layer: str, stats: ContributionStats
+    ) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """The sets to zero: each class's dominant neurons, then each neuron cluster; and the class
+        of each set (-1 for clusters)."""
+        names = self._class_names(trainer, stats.num_classes)
+        sets: dict[str, torch.Tensor] = {}
+        classes: list[int] = []
+        for c in range(min(stats.num_classes, self.max_ablation_classes)):
+            if stats.counts[c] > 0:
+                sets[f"class {names[c]} top{stats.dominant.shape[1]}"] = stats.dominant[c]
+                classes.append(c)
+        for name, neurons in self._clusters(trainer, layer, stats.num_neurons).items():
+            sets[name] = neurons
+            classes.append(-1)
+        return sets, classes
+
+    def _clusters(self, trainer: Trainer, layer: str, num_neurons: int) -> dict[str, torch.Tensor]:
+        """The neuron clusters of an attached NeuronClustering callback for ``layer`` (or none)."""
+        clustering = _callback_named(trainer, "NeuronClustering")
+        entry = _layer_entry(clustering, layer) if clustering is not None else None
+        labels = entry.get("labels") if entry is not None else None
+        if labels is None:
+            return {}
+        try:
+            ids = torch.as_tensor(labels).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            return {}
+        if ids.numel() != num_neurons or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            rank_zero_warn(
+                f"NeuronContribution: NeuronClustering's labels for {layer!r} are {ids.numel()} values "
+                f"of type {ids.dtype}, but the layer has {num_neurons} neurons; its clusters are not "
+                "ablated."
+            )
+            return {}
+        return cluster_sets(ids)
+
+    def _ablate(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        layer: str,
+        stats: ContributionStats,
+        batches: list[Batch],
+    ) -> dict[str, Any]:
+        sets, classes = self._ablation_sets(trainer, layer, stats)
+        if not sets:
+            return {}
+        effects = ablation_effects(
+            pl_module, layer, sets, batches, sets_per_pass=8, share_prefix=self.share_prefix
+        )
+        names = list(effects)
+        drop = torch.stack([effects[n].accuracy_drop for n in names])
+        out: dict[str, Any] = {
+            "ablation": effects,
+            "ablation_sets": names,
+            "ablation_classes": classes,
+            "ablated_neurons": [effects[n].neurons for n in names],
+            "accuracy_drop": drop,
+            "logit_drop": torch.stack([effects[n].logit_drop for n in names]),
+            "baseline_accuracy": effects[names[0]].accuracy,
+        }
+        rows = [i for i, c in enumerate(classes) if c >= 0]
+        if rows and stats.num_classes >= 2:
+            out["ablation_selectivity"] = ablation_selectivity(
+                drop[rows], [classes[i] for i in rows]
+            )
+        return out
+
+    def _preferred(
+        self,
+        trainer: Trainer,
+        layer: str,
+        top_neurons: torch.Tensor,
+        top_example: torch.Tensor,
+        kept: torch.Tensor,
+    ) -> tuple[list[list[torch.Tensor]], list[list[str]]]:
+        """For each probe's top neurons: the FeatureVisualizer's rendering when there is one, else
+        the kept validation image that activates the neuron most."""
+        rendered = self._rendered(trainer, layer)
+        images: list[list[torch.Tensor]] = []
+        sources: list[list[str]] = []
+        for row in top_neurons.tolist():
+            images.append(
+                [rendered[n] if n in rendered else kept[int(top_example[n])] for n in row]
+            )
+            sources.append(["rendered" if n in rendered else "top example" for n in row])
+        return images, sources
+
+    def _rendered(self, trainer: Trainer, layer: str) -> dict[int, torch.Tensor]:
+        """``{channel: image}`` rendered by an attached FeatureVisualizer for ``layer`` (may be empty)."""
+        visualizer = _callback_named(trainer, "FeatureVisualizer")
+        entry = _layer_entry(visualizer, layer) if visualizer is not None else None
+        if entry is None:
+            return {}
+        try:
+            channels = torch.as_tensor(entry.get("channels")).reshape(-1).tolist()
+            images = torch.as_tensor(entry.get("images"))
+        except (TypeError, ValueError, RuntimeError):
+            return {}
+        if images.dim() != 4 or images.shape[0] != len(channels):
+            return {}
+        return {int(c): images[i] for i, c in enumerate(channels)}
+
+    def _class_names(self, trainer: Trainer, num_classes: int) -> list[str]:
+        datamodule = getattr(trainer, "datamodule", None)
+        names = getattr(datamodule, "class_names", None) if datamodule is not None else None
+        if names is not None and len(names) == num_classes:
+            return [str(n) for n in names]
+        return [str(c) for c in range(num_classes)]
+
+    # ---- logging -------------------------------------------------------------------------------
+
+    def _log(self, trainer: Trainer) -> None:
+        from lightning_neurons.plots.contribution import ablation_figure, contribution_figure
+
+        out = AnalysisLogger(trainer, "contribution", owner=self)
+        if not out.is_writer:
+            return
+        scalars: dict[str, float] = {}
+        for layer, res in self.results.items():
+            stats: ContributionStats = res["stats"]
+            names = self._class_names(trainer, stats.num_classes)
+            out.figure(out.tag(layer, "class_contribution"), contribution_figure(stats, names))
+            scalars[out.tag(layer, "mean_domination")] = float(stats.domination.mean())
+            if stats.num_classes <= 20:
+                for c, share in enumerate(stats.domination.tolist()):
+                    scalars[out.tag(layer, "domination", _safe(names[c]))] = share
+            arrays: dict[str, Any] = dict(stats.as_arrays())
+            arrays["top_example_index"] = res["top_example_index"]
+            meta: dict[str, Any] = {"layer": layer, "epoch": res["epoch"], "class_names": names}
+            if "accuracy_drop" in res:
+                self._log_ablation(out, layer, res, names, scalars, ablation_figure)
+                arrays.update(
+                    accuracy_drop=res["accuracy_drop"],
+                    logit_drop=res["logit_drop"],
+                    baseline_accuracy=res["baseline_accuracy"],
+                )
+                for i, neurons in enumerate(res["ablated_neurons"]):
+                    arrays[f"ablated_neurons_{i}"] = neurons
+                meta["ablation_sets"] = res["ablation_sets"]
+                meta["ablation_classes"] = res["ablation_classes"]
+                meta["ablation_selectivity"] = res.get("ablation_selectivity")
+            if "probe_images" in res:
+                self._log_probes(out, layer, res, names)
+                for key in (
+                    "probe_index",
+                    "probe_labels",
+                    "probe_predictions",
+                    "probe_contribution",
+                    "probe_top_neurons",
+                    "probe_top_contribution",
+                ):
+                    arrays[key] = res[key]
+            out.save_arrays(layer, arrays, meta=meta)
+        out.scalars(scalars)
+
+    def _log_ablation(
+        self,
+        out: AnalysisLogger,
+        layer: str,
+        res: dict[str, Any],
+        names: list[str],
+        scalars: dict[str, float],
+        figure: Callable[..., Any],
+    ) -> None:
+        drop = res["accuracy_drop"]
+        baseline = float(res["baseline_accuracy"].nanmean())
+        title = f"{layer}: accuracy drop when zeroed (baseline accuracy {baseline:.2f})"
+        out.figure(out.tag(layer, "ablation"), figure(drop, res["ablation_sets"], names, title))
+        for row, (set_name, c) in enumerate(
+            zip(res["ablation_sets"], res["ablation_classes"], strict=True)
+        ):
+            tag = _safe(set_name)
+            if c >= 0:
+                scalars[out.tag(layer, "ablation", tag, "own_drop")] = float(drop[row, c])
+            scalars[out.tag(layer, "ablation", tag, "mean_drop")] = float(drop[row].nanmean())
+        for key, value in res.get("ablation_selectivity", {}).items():
+            if key != "ratio":  # infinite when the other classes do not drop
+                scalars[out.tag(layer, "ablation_selectivity", key)] = value
+
+    def _log_probes(
+        self, out: AnalysisLogger, layer: str, res: dict[str, Any], names: list[str]
+    ) -> None:
+        from lightning_neurons.plots.contribution import probe_grid
+
+        lines = [
+            "| probe | class | predicted | top neurons (contribution to the predicted logit; image) |",
+            "|---|---|---|---|",
+        ]
+        for p in range(res["probe_images"].shape[0]):
+            cells = [
+                f"{n} ({value:+.3g}; {source})"
+                for n, value, source in zip(
+                    res["probe_top_neurons"][p].tolist(),
+                    res["probe_top_contribution"][p].tolist(),
+                    res["probe_preferred_source"][p],
+                    strict=True,
+                )
+            ]
+            label, pred = int(res["probe_labels"][p]), int(res["probe_predictions"][p])
+            lines.append(f"| {p} | {names[label]} | {names[pred]} | {', '.join(cells)} |")
+        out.image(out.tag(layer, "probes"), probe_grid(res["probe_images"], res["probe_preferred"]))
+        out.text(out.tag(layer, "probes"), "\n".join(lines))
