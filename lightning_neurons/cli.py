@@ -37,9 +37,12 @@ class NeuronsCLI(LightningCLI):
         if not trainer.is_global_zero:
             return
         metrics = {
-            k: float(v) for k, v in trainer.callback_metrics.items() if "acc" in k or "loss" in k
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if ("acc" in k or "loss" in k) and not k.endswith(("_step", "_epoch"))
         }
-        lines = ["", "lightning-neurons: done."]
+        seconds = time.perf_counter() - self._started
+        lines = ["", f"lightning-neurons: {trainer.state.fn.value} done in {seconds:.1f} s."]
         if metrics:
             lines.append("  " + ", ".join(f"{k} = {v:.4f}" for k, v in sorted(metrics.items())))
         tb = find_tensorboard(trainer)
