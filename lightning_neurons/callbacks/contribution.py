@@ -108,7 +108,7 @@ class NeuronContribution(AnalysisCallback):
         probe_top: Top contributing neurons shown per probe image.
         input_fn: Reads the model input from a batch (default: ``batch[0]`` or an ``image``/``x``
             key).
-        log: Log figures, images, text and scalars and write the numbers to files.
+        enable_logging: Log figures, images, text and scalars and write the numbers to files.
         every_n_epochs: Analyse every n-th epoch.
         on_error: ``"warn"`` (report a failed analysis and train on) or ``"raise"``.
 
@@ -133,7 +133,7 @@ class NeuronContribution(AnalysisCallback):
         probe_images: int = 8,
         probe_top: int = 5,
         input_fn: Callable[[Any], torch.Tensor] | None = None,
-        log: bool = True,
+        enable_logging: bool = True,
         every_n_epochs: int = 1,
         on_error: OnError = "warn",
     ) -> None:
@@ -159,7 +159,7 @@ class NeuronContribution(AnalysisCallback):
         self.probe_images = probe_images
         self.probe_top = check_positive_int("probe_top", probe_top)
         self.input_fn = input_fn
-        self.log = log
+        self.enable_logging = enable_logging
         self.layers: list[str] = []
         self.ablation_layers: list[str] = []
         #: ``{layer: {...}}`` of the latest analysed epoch; see :meth:`_layer_results` for the keys.
@@ -296,7 +296,7 @@ class NeuronContribution(AnalysisCallback):
                     )
                     results[layer].update(probe)
         self.results = results
-        if self.log:
+        if self.enable_logging:
             self._run_safely("logging neuron contribution", lambda: self._log(trainer))
 
     def _contributions(
@@ -473,79 +473,69 @@ class NeuronContribution(AnalysisCallback):
     # ---- logging -------------------------------------------------------------------------------
 
     def _log(self, trainer: Trainer) -> None:
-        from lightning_neurons.plots.contribution import ablation_figure, contribution_figure
-
         out = AnalysisLogger(trainer, "contribution", owner=self)
         if not out.is_writer:
             return
         scalars: dict[str, float] = {}
         for layer, res in self.results.items():
-            stats: ContributionStats = res["stats"]
-            names = self._class_names(trainer, stats.num_classes)
-            out.figure(out.tag(layer, "class_contribution"), contribution_figure(stats, names))
-            scalars[out.tag(layer, "mean_domination")] = float(stats.domination.mean())
-            if stats.num_classes <= 20:
-                for c, share in enumerate(stats.domination.tolist()):
-                    scalars[out.tag(layer, "domination", _safe(names[c]))] = share
-            arrays: dict[str, Any] = dict(stats.as_arrays())
-            arrays["top_example_index"] = res["top_example_index"]
-            meta: dict[str, Any] = {"layer": layer, "epoch": res["epoch"], "class_names": names}
-            if "accuracy_drop" in res:
-                self._log_ablation(out, layer, res, names, scalars, ablation_figure)
-                arrays.update(
-                    accuracy_drop=res["accuracy_drop"],
-                    logit_drop=res["logit_drop"],
-                    baseline_accuracy=res["baseline_accuracy"],
-                )
-                for i, neurons in enumerate(res["ablated_neurons"]):
-                    arrays[f"ablated_neurons_{i}"] = neurons
-                meta["ablation_sets"] = res["ablation_sets"]
-                meta["ablation_classes"] = res["ablation_classes"]
-                meta["ablation_selectivity"] = res.get("ablation_selectivity")
-            if "probe_images" in res:
-                self._log_probes(out, layer, res, names)
-                for key in (
-                    "probe_index",
-                    "probe_labels",
-                    "probe_predictions",
-                    "probe_contribution",
-                    "probe_top_neurons",
-                    "probe_top_contribution",
-                ):
-                    arrays[key] = res[key]
+            names = self._class_names(trainer, res["stats"].num_classes)
+            scalars.update(self._scalars(out, layer, res, names))
+            if out.experiment is not None:  # figures take time: draw them only to be shown
+                self._figures(out, layer, res, names)
+            arrays, meta = self._arrays(layer, res, names)
             out.save_arrays(layer, arrays, meta=meta)
         out.scalars(scalars)
 
-    def _log_ablation(
-        self,
-        out: AnalysisLogger,
-        layer: str,
-        res: dict[str, Any],
-        names: list[str],
-        scalars: dict[str, float],
-        figure: Callable[..., Any],
-    ) -> None:
-        drop = res["accuracy_drop"]
-        baseline = float(res["baseline_accuracy"].nanmean())
-        title = f"{layer}: accuracy drop when zeroed (baseline accuracy {baseline:.2f})"
-        out.figure(out.tag(layer, "ablation"), figure(drop, res["ablation_sets"], names, title))
-        for row, (set_name, c) in enumerate(
-            zip(res["ablation_sets"], res["ablation_classes"], strict=True)
-        ):
-            tag = _safe(set_name)
-            if c >= 0:
-                scalars[out.tag(layer, "ablation", tag, "own_drop")] = float(drop[row, c])
-            scalars[out.tag(layer, "ablation", tag, "mean_drop")] = float(drop[row].nanmean())
-        for key, value in res.get("ablation_selectivity", {}).items():
-            if key != "ratio":  # infinite when the other classes do not drop
-                scalars[out.tag(layer, "ablation_selectivity", key)] = value
+    def _scalars(
+        self, out: AnalysisLogger, layer: str, res: dict[str, Any], names: list[str]
+    ) -> dict[str, float]:
+        domination = res["domination"]
+        scalars = {out.tag(layer, "mean_domination"): float(domination.mean())}
+        if domination.numel() <= 20:
+            for c, share in enumerate(domination.tolist()):
+                scalars[out.tag(layer, "domination", _safe(names[c]))] = share
+        if "accuracy_drop" in res:
+            drop = res["accuracy_drop"]
+            for row, (set_name, c) in enumerate(
+                zip(res["ablation_sets"], res["ablation_classes"], strict=True)
+            ):
+                if c >= 0:
+                    scalars[out.tag(layer, "ablation", _safe(set_name), "own_drop")] = float(
+                        drop[row, c]
+                    )
+                scalars[out.tag(layer, "ablation", _safe(set_name), "mean_drop")] = float(
+                    drop[row].nanmean()
+                )
+            for key, value in res.get("ablation_selectivity", {}).items():
+                if key != "ratio":  # infinite when the other classes do not drop
+                    scalars[out.tag(layer, "ablation_selectivity", key)] = value
+        return scalars
 
-    def _log_probes(
+    def _figures(
         self, out: AnalysisLogger, layer: str, res: dict[str, Any], names: list[str]
     ) -> None:
-        from lightning_neurons.plots.contribution import probe_grid
+        from lightning_neurons.plots.contribution import (
+            ablation_figure,
+            contribution_figure,
+            probe_grid,
+        )
 
+        out.figure(out.tag(layer, "class_contribution"), contribution_figure(res["stats"], names))
+        if "accuracy_drop" in res:
+            baseline = float(res["baseline_accuracy"].nanmean())
+            title = f"{layer}: accuracy drop when zeroed (baseline accuracy {baseline:.2f})"
+            figure = ablation_figure(res["accuracy_drop"], res["ablation_sets"], names, title)
+            out.figure(out.tag(layer, "ablation"), figure)
+        if "probe_images" in res:
+            out.image(
+                out.tag(layer, "probes"), probe_grid(res["probe_images"], res["probe_preferred"])
+            )
+            out.text(out.tag(layer, "probes"), self._probe_table(res, names))
+
+    def _probe_table(self, res: dict[str, Any], names: list[str]) -> str:
         lines = [
+            "Rows of the probes image: the probe, then the images its top neurons prefer.",
+            "",
             "| probe | class | predicted | top neurons (contribution to the predicted logit; image) |",
             "|---|---|---|---|",
         ]
@@ -561,5 +551,30 @@ class NeuronContribution(AnalysisCallback):
             ]
             label, pred = int(res["probe_labels"][p]), int(res["probe_predictions"][p])
             lines.append(f"| {p} | {names[label]} | {names[pred]} | {', '.join(cells)} |")
-        out.image(out.tag(layer, "probes"), probe_grid(res["probe_images"], res["probe_preferred"]))
-        out.text(out.tag(layer, "probes"), "\n".join(lines))
+        return "\n".join(lines)
+
+    def _arrays(
+        self, layer: str, res: dict[str, Any], names: list[str]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        arrays: dict[str, Any] = dict(res["stats"].as_arrays())
+        arrays["top_example_index"] = res["top_example_index"]
+        meta: dict[str, Any] = {"layer": layer, "epoch": res["epoch"], "class_names": names}
+        if "accuracy_drop" in res:
+            for key in ("accuracy_drop", "logit_drop", "baseline_accuracy"):
+                arrays[key] = res[key]
+            for i, neurons in enumerate(res["ablated_neurons"]):
+                arrays[f"ablated_neurons_{i}"] = neurons
+            meta["ablation_sets"] = res["ablation_sets"]
+            meta["ablation_classes"] = res["ablation_classes"]
+            meta["ablation_selectivity"] = res.get("ablation_selectivity")
+        if "probe_images" in res:
+            for key in (
+                "probe_index",
+                "probe_labels",
+                "probe_predictions",
+                "probe_contribution",
+                "probe_top_neurons",
+                "probe_top_contribution",
+            ):
+                arrays[key] = res[key]
+        return arrays, meta

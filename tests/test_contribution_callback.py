@@ -1,0 +1,348 @@
+"""NeuronContribution: results equal the library functions, logging and files, other callbacks'
+results used when present, no side effects on training, hooks removed, errors."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from conftest import TinyData, TinyNet, fast_trainer
+from torch import nn
+
+from lightning_neurons import ActivationTracker, NeuronsError
+from lightning_neurons.callbacks.contribution import NeuronContribution, cluster_sets
+from lightning_neurons.contribution import ablation_effects, class_contributions
+from lightning_neurons.hooks import count_forward_hooks
+from lightning_neurons.loggers import ARTIFACT_DIRNAME, load_index
+from lightning_neurons.models import ImageClassifier
+
+LAYERS = ["backbone.conv1", "backbone.conv2", "backbone.fc"]
+
+
+def _module(seed: int = 0, net: type[nn.Module] = TinyNet) -> ImageClassifier:
+    pl.seed_everything(seed, verbose=False)
+    return ImageClassifier(net(), num_classes=3, lr=1e-2)
+
+
+def _val_batches(data: TinyData, n: int) -> list:
+    return [b for _, b in zip(range(n), data.val_dataloader(), strict=False)]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """Two epochs of TinyNet with a tracker and NeuronContribution on every tracked layer."""
+    tmp_path = tmp_path_factory.mktemp("fitted")
+    model, data = _module(), TinyData()
+    contribution = NeuronContribution(
+        max_batches=2, ablation_layers=["backbone.conv2", "backbone.fc"], on_error="raise"
+    )
+    trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(), contribution])
+    trainer.fit(model, datamodule=data)
+    return model, data, contribution, tmp_path
+
+
+def test_results_equal_the_library_functions_on_the_kept_batches(fitted):
+    model, data, contribution, _ = fitted
+    assert contribution.layers == LAYERS  # the tracker's layers
+    assert contribution.ablation_layers == ["backbone.conv2", "backbone.fc"]
+    kept = _val_batches(data, 2)  # max_batches=2 of the 8-image validation batches
+    expected = class_contributions(model, LAYERS, kept, top_k=5)
+    for layer in LAYERS:
+        res = contribution.results[layer]
+        assert res["epoch"] == 1
+        assert res["counts"].sum() == 16
+        torch.testing.assert_close(
+            res["class_contribution"], expected[layer].class_contribution, atol=1e-5, rtol=1e-4
+        )
+        assert torch.equal(res["dominant"], expected[layer].dominant)
+        k = res["class_contribution"].shape[1]
+        assert res["probe_contribution"].shape == (3, 3, k)  # one probe per class, every logit
+        assert res["probe_top_neurons"].shape == (3, min(5, k))
+        assert res["probe_labels"].tolist() == [0, 1, 2]
+        assert res["top_example_index"].shape == (k,) and int(res["top_example_index"].max()) < 16
+        assert all(s == ["top example"] * min(5, k) for s in res["probe_preferred_source"])
+    assert "accuracy_drop" not in contribution.results["backbone.conv1"]
+    fc = contribution.results["backbone.fc"]
+    sets = {
+        name: neurons
+        for name, neurons in zip(fc["ablation_sets"], fc["ablated_neurons"], strict=True)
+    }
+    again = ablation_effects(model, "backbone.fc", sets, kept)
+    for i, name in enumerate(fc["ablation_sets"]):
+        torch.testing.assert_close(fc["accuracy_drop"][i], again[name].accuracy_drop)
+    assert fc["ablation_sets"] == ["class 0 top5", "class 1 top5", "class 2 top5"]
+    assert fc["ablation_classes"] == [0, 1, 2]
+    assert fc["accuracy_drop"].shape == (3, 3)
+    assert set(fc["ablation_selectivity"]) == {"own_drop", "other_drop", "difference", "ratio"}
+
+
+def test_logs_figures_scalars_text_and_files(fitted):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, _, _, tmp_path = fitted
+    log_dir = tmp_path / "tb" / "version_0"
+    events = EventAccumulator(str(log_dir), size_guidance={"images": 0, "tensors": 0}).Reload()
+    tags = events.Tags()
+    for layer in LAYERS:
+        assert f"contribution/{layer}/class_contribution" in tags["images"]
+        assert f"contribution/{layer}/probes" in tags["images"]
+        assert f"contribution/{layer}/mean_domination" in tags["scalars"]
+    assert "contribution/backbone.fc/ablation" in tags["images"]
+    assert "contribution/backbone.fc/ablation_selectivity/difference" in tags["scalars"]
+    assert "contribution/backbone.fc/ablation/class_0_top5/own_drop" in tags["scalars"]
+    assert any(
+        t.startswith("contribution/backbone.fc/probes") for t in tags["tensors"]
+    )  # the text table
+    index = load_index(log_dir)
+    records = [r for r in index if r["kind"] == "contribution"]
+    assert {r["name"] for r in records} == set(LAYERS)
+    assert {r["epoch"] for r in records} == {0, 1}
+    fc = next(r for r in records if r["name"] == "backbone.fc" and r["epoch"] == 1)
+    assert fc["meta"]["ablation_sets"] == ["class 0 top5", "class 1 top5", "class 2 top5"]
+    with np.load(log_dir / ARTIFACT_DIRNAME / fc["file"]) as arrays:
+        assert arrays["accuracy_drop"].shape == (3, 3)
+        assert arrays["class_contribution"].shape == (3, 8)
+        assert arrays["probe_contribution"].shape == (3, 3, 8)
+
+
+def _final_weights(tmp_path, callbacks, net: type[nn.Module] = TinyNet):
+    model = _module(0, net)
+    fast_trainer(tmp_path, callbacks=callbacks, max_epochs=2).fit(model, datamodule=TinyData())
+    return {k: v.clone() for k, v in model.state_dict().items()}, model
+
+
+def test_no_side_effects_on_training(tmp_path):
+    plain, _ = _final_weights(tmp_path / "a", [])
+    contribution = NeuronContribution(ablation_layers=LAYERS, on_error="raise")
+    analysed, model = _final_weights(tmp_path / "b", [ActivationTracker(), contribution])
+    assert contribution.results["backbone.conv1"]["accuracy_drop"].shape == (3, 3)  # it did run
+    assert plain.keys() == analysed.keys()
+    for key in plain:
+        assert torch.equal(plain[key], analysed[key]), key
+    assert count_forward_hooks(model) == 0
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+class Exploder(nn.Module):
+    """Passes its input through, but fails on batches larger than the validation batch (8), as the
+    ablation's repeated batches are: an error in the middle of a hooked forward pass."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 8 and not torch.is_grad_enabled():
+            raise RuntimeError("exploded mid-forward")
+        return x
+
+
+class ExplodingNet(TinyNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.boom = Exploder()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu2(self.conv2(self.relu1(self.conv1(x))))
+        x = self.boom(x)
+        return self.head(torch.relu(self.fc(self.pool(x).flatten(1))))
+
+
+def test_a_failing_analysis_warns_leaves_no_hook_and_does_not_change_training(tmp_path):
+    plain, _ = _final_weights(tmp_path / "a", [], ExplodingNet)
+    contribution = NeuronContribution(ablation_layers=["backbone.conv1"], share_prefix=False)
+    with pytest.warns(
+        UserWarning, match="neuron contribution analysis failed.*exploded mid-forward"
+    ):
+        analysed, model = _final_weights(
+            tmp_path / "b", [ActivationTracker(), contribution], ExplodingNet
+        )
+    assert len(contribution.failures) == 2  # both epochs
+    assert count_forward_hooks(model) == 0
+    for key in plain:
+        assert torch.equal(plain[key], analysed[key]), key
+
+
+def test_a_failing_analysis_raises_with_on_error_raise_and_removes_hooks(tmp_path):
+    model = _module(0, ExplodingNet)
+    contribution = NeuronContribution(
+        ablation_layers=["backbone.conv1"], share_prefix=False, on_error="raise"
+    )
+    trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(), contribution])
+    with pytest.raises(RuntimeError, match="exploded mid-forward"):
+        trainer.fit(model, datamodule=TinyData())
+    assert count_forward_hooks(model) == 0
+    assert all(p.requires_grad for p in model.parameters())
+
+
+class NeuronClustering(pl.Callback):
+    """Stands in for the clustering callback: only its ``results`` are read."""
+
+    def __init__(self, labels) -> None:
+        self.results = {"backbone.fc": {"labels": labels}}
+
+
+class FeatureVisualizer(pl.Callback):
+    """Stands in for the visualizer: renderings of channels 0-7 of backbone.fc."""
+
+    def __init__(self) -> None:
+        self.results = {
+            "backbone.fc": {"channels": torch.arange(8), "images": torch.rand(8, 1, 8, 8)}
+        }
+
+
+def test_uses_neuron_clusters_and_rendered_images_when_attached(tmp_path):
+    model, data = _module(), TinyData()
+    labels = np.array([0, 0, 1, 1, -1, 2, 2, -1])  # two noise neurons
+    contribution = NeuronContribution(layers=["backbone.fc"], on_error="raise")
+    callbacks = [ActivationTracker(), NeuronClustering(labels), FeatureVisualizer(), contribution]
+    fast_trainer(tmp_path, callbacks=callbacks, max_epochs=1).fit(model, datamodule=data)
+    res = contribution.results["backbone.fc"]
+    assert res["ablation_sets"][3:] == ["cluster 0", "cluster 1", "cluster 2"]
+    assert res["ablation_classes"] == [0, 1, 2, -1, -1, -1]
+    assert [n.tolist() for n in res["ablated_neurons"][3:]] == [[0, 1], [2, 3], [5, 6]]
+    assert res["accuracy_drop"].shape == (6, 3)
+    assert all(s == ["rendered"] * 5 for s in res["probe_preferred_source"])
+    assert res["probe_preferred"][0][0].shape == (1, 8, 8)
+
+
+MALFORMED = [
+    None,
+    {},
+    {"backbone.fc": None},
+    {"backbone.fc": {"labels": "nonsense", "channels": "x", "images": 3}},
+    {"backbone.fc": {"other": 1}},
+]
+
+
+def test_missing_or_malformed_results_of_other_callbacks_are_skipped(tmp_path):
+    for i, results in enumerate(MALFORMED):
+        clustering, visualizer = NeuronClustering(None), FeatureVisualizer()
+        clustering.results = visualizer.results = results
+        contribution = NeuronContribution(
+            layers=["backbone.fc"], max_batches=1, probe_images=1, on_error="raise"
+        )
+        callbacks = [ActivationTracker(enable_logging=False), clustering, visualizer, contribution]
+        trainer = fast_trainer(
+            tmp_path / str(i),
+            callbacks=callbacks,
+            max_epochs=1,
+            logger=False,
+            limit_train_batches=1,
+        )
+        trainer.fit(_module(), datamodule=TinyData())
+        res = contribution.results["backbone.fc"]
+        assert res["ablation_sets"] == ["class 0 top5", "class 1 top5", "class 2 top5"], results
+        assert res["probe_preferred_source"] == [["top example"] * 5], results
+
+
+def test_cluster_labels_of_the_wrong_length_warn(tmp_path):
+    contribution = NeuronContribution(
+        layers=["backbone.fc"], max_batches=1, probe_images=0, enable_logging=False
+    )
+    callbacks = [
+        ActivationTracker(enable_logging=False),
+        NeuronClustering(torch.zeros(3, dtype=torch.long)),
+        contribution,
+    ]
+    with pytest.warns(UserWarning, match="are 3 values.*8 neurons"):
+        fast_trainer(
+            tmp_path, callbacks=callbacks, max_epochs=1, logger=False, limit_train_batches=1
+        ).fit(_module(), datamodule=TinyData())
+    assert len(contribution.results["backbone.fc"]["ablation_sets"]) == 3
+    assert "probe_images" not in contribution.results["backbone.fc"]
+
+
+def test_cluster_sets():
+    sets = cluster_sets(torch.tensor([1, -1, 1, 0]))
+    assert list(sets) == ["cluster 0", "cluster 1"]
+    assert sets["cluster 1"].tolist() == [0, 2]
+
+
+def test_every_n_epochs_max_batches_validate_and_test(tmp_path):
+    model, data = _module(), TinyData()
+    contribution = NeuronContribution(every_n_epochs=2, max_batches=1, enable_logging=False)
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            seen.append(contribution.results.get("backbone.fc", {}).get("epoch"))
+
+    trainer = fast_trainer(
+        tmp_path,
+        callbacks=[ActivationTracker(enable_logging=False), contribution, Spy()],
+        max_epochs=3,
+    )
+    trainer.fit(model, datamodule=data)
+    assert seen == [None, 1, 1]
+    assert contribution.results["backbone.fc"]["counts"].sum() == 8  # one batch
+    contribution.results = {}
+    trainer.validate(model, datamodule=data, verbose=False)
+    assert contribution.results["backbone.fc"]["counts"].sum() == 8
+    contribution.results = {}
+    trainer.test(model, datamodule=data, verbose=False)
+    assert contribution.results["backbone.fc"]["counts"].sum() == 8
+    assert count_forward_hooks(model) == 0
+
+
+def test_no_tracker_is_a_clear_error(tmp_path):
+    with pytest.raises(NeuronsError, match="ActivationTracker"):
+        fast_trainer(tmp_path, callbacks=[NeuronContribution()]).fit(
+            _module(), datamodule=TinyData()
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"layers": ["backbone.nope"]}, "not found"),
+        ({"ablation_layers": ["backbone.nope"]}, "not found"),
+    ],
+)
+def test_unknown_layers_fail_at_setup(tmp_path, kwargs, message):
+    with pytest.raises(NeuronsError, match=message):
+        fast_trainer(tmp_path, callbacks=[ActivationTracker(), NeuronContribution(**kwargs)]).fit(
+            _module(), datamodule=TinyData()
+        )
+
+
+def test_no_ablation_when_ablation_layers_is_empty(tmp_path):
+    contribution = NeuronContribution(ablation_layers=[], max_batches=1, enable_logging=False)
+    fast_trainer(
+        tmp_path,
+        callbacks=[ActivationTracker(enable_logging=False), contribution],
+        max_epochs=1,
+        logger=False,
+    ).fit(_module(), datamodule=TinyData())
+    assert all("accuracy_drop" not in res for res in contribution.results.values())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_batches": 0}, "max_batches"),
+        ({"top_k": 0}, "top_k"),
+        ({"max_ablation_classes": 0}, "max_ablation_classes"),
+        ({"share_prefix": "sometimes"}, "share_prefix"),
+        ({"probe_images": -1}, "probe_images"),
+        ({"probe_top": 0}, "probe_top"),
+        ({"every_n_epochs": 0}, "every_n_epochs"),
+        ({"on_error": "ignore"}, "on_error"),
+    ],
+)
+def test_arguments_are_checked(kwargs, message):
+    with pytest.raises(NeuronsError, match=message):
+        NeuronContribution(**kwargs)
+
+
+def test_without_tensorboard_it_still_writes_files(tmp_path):
+    contribution = NeuronContribution(max_batches=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast_trainer(
+            tmp_path,
+            callbacks=[ActivationTracker(enable_logging=False), contribution],
+            max_epochs=1,
+            logger=False,
+        ).fit(_module(), datamodule=TinyData())
+    index = load_index(tmp_path)
+    assert {r["name"] for r in index if r["kind"] == "contribution"} == set(LAYERS)
