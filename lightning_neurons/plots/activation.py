@@ -53,7 +53,7 @@ def class_profile_heatmap(
     high = np.nanmax(m, axis=0, keepdims=True)
     scaled = (m - low) / np.where(high - low > 0, high - low, 1.0)
     num_classes, num_neurons = scaled.shape
-    width = min(14.0, 3.0 + 0.04 * num_neurons)
+    width = min(14.0, max(7.0, 3.0 + 0.04 * num_neurons))
     fig, ax = plt.subplots(figsize=(width, 1.2 + 0.3 * num_classes), constrained_layout=True)
     im = ax.imshow(scaled, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=1)
     names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
