@@ -1,0 +1,398 @@
+"""The render loop: gradient ascent on the pixels, one image per objective, all in one batch.
+
+Rendering 64 channels one after the other costs 64 forward/backward passes of batch 1 per
+step; stacking them into one batch of 64, where row ``i`` is scored by objective ``i``, costs one
+pass of batch 64, which on any hardware is far cheaper. The rows stay independent because the
+loss is the sum of the rows' values, the model runs in eval mode (BatchNorm uses its running
+statistics, so no row sees another) and Adam updates every parameter element on its own.
+
+The forward pass stops as soon as every layer the objectives read has run (unless a class
+logit is asked for), so rendering an early layer's channels does not pay for the rest of the
+model.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from lightning_neurons.callbacks._base import untouched
+from lightning_neurons.errors import NeuronsError
+from lightning_neurons.hooks import first_tensor, get_module, hooked
+from lightning_neurons.visualize.objectives import (
+    IMAGE,
+    LOGITS,
+    BatchScorer,
+    Objective,
+    as_objectives,
+    l2_penalty,
+    total_variation,
+)
+from lightning_neurons.visualize.param import PARAMS, Param, parametrize, row_seed
+from lightning_neurons.visualize.transforms import (
+    TransformsArg,
+    apply_transforms,
+    resolve_transforms,
+)
+
+InputTransform = Callable[[torch.Tensor], torch.Tensor]
+
+
+class _StopForward(Exception):
+    """Raised from a forward hook once every needed layer has run."""
+
+
+def _check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
+    shape = tuple(image_shape) if isinstance(image_shape, (tuple, list, torch.Size)) else None
+    if (
+        shape is None
+        or len(shape) != 3
+        or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in shape)
+    ):
+        raise NeuronsError(
+            f"`image_shape` must be (channels, height, width), e.g. (1, 32, 32) or (3, 224, 224); "
+            f"got {image_shape!r}"
+        )
+    return tuple(int(s) for s in shape)  # type: ignore[return-value]
+
+
+def _check_positive(name: str, value: object, integer: bool) -> None:
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:  # type: ignore[operator]
+        what = "a positive integer" if integer else "a positive number"
+        raise NeuronsError(f"`{name}` must be {what}, got {value!r}")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model without any)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def analysis_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode, frozen parameters, gradients enabled; everything restored on exit.
+
+    Eval mode matters for correctness, not only speed: in training mode BatchNorm would mix the
+    rows of a batch (so one objective's image would depend on the others') and update its
+    running statistics (changing the model), and Dropout would consume the global RNG.
+    Parameters are frozen so that no parameter gradient is computed or left behind.
+    """
+    with untouched(model):
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        yield
+
+
+class _Scoring:
+    """Forward hooks that score each needed layer as it runs, stopping the pass when done.
+
+    Scoring inside the hook (rather than after the forward) reads each layer's output before a
+    later in-place operation (``ReLU(inplace=True)``) could change it.
+    """
+
+    def __init__(self, scorer: BatchScorer, allow_stop: bool = True) -> None:
+        self.scorer = scorer
+        self.stop = allow_stop and not scorer.needs_logits
+        self.total: torch.Tensor | None = None
+        self.seen: set[str] = set()
+
+    def reset(self) -> None:
+        self.total = None
+        self.seen = set()
+
+    def add(self, layer: str, output: torch.Tensor) -> None:
+        part = self.scorer.score(layer, output)
+        self.total = part if self.total is None else self.total + part
+
+    def __call__(self, layer: str, output: torch.Tensor) -> None:
+        if layer in self.seen:
+            return  # a module called twice in one forward: its first call counts
+        self.seen.add(layer)
+        self.add(layer, output)
+        if self.stop and len(self.seen) == len(self.scorer.layers):
+            raise _StopForward
+
+    def forward(self, model: nn.Module, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Run the model on ``x`` and return every row's score ``[R]``."""
+        self.reset()
+        if self.scorer.needs_image:
+            self.add(IMAGE, image)
+        try:
+            output = model(x)
+        except _StopForward:
+            output = None
+        missing = [n for n in self.scorer.layers if n not in self.seen]
+        if missing:
+            raise NeuronsError(
+                f"layers {missing} did not run in {type(model).__name__}'s forward pass, so "
+                "their objectives cannot be scored; choose layers the forward pass uses"
+            )
+        if self.scorer.needs_logits:
+            assert output is not None
+            self.add(LOGITS, first_tensor(output, "model output"))
+        assert self.total is not None
+        return self.total
+
+
+def _resolve(model: nn.Module, objectives: Sequence[Objective]) -> list[str]:
+    layers: list[str] = []
+    for objective in objectives:
+        for name in objective.layers:
+            if name not in layers:
+                get_module(model, name)  # raises with the available names
+                layers.append(name)
+    return layers
+
+
+def check_objectives(
+    model: nn.Module,
+    objectives: Objective | Sequence[Objective],
+    image_shape: Sequence[int],
+    *,
+    input_transform: InputTransform | None = None,
+) -> dict[str, tuple[int, ...]]:
+    """Check objectives against the model with one forward pass of one grey image.
+
+    Args:
+        model: The model.
+        objectives: The objectives.
+        image_shape: ``(C, H, W)`` of the display images.
+        input_transform: Display image -> model input.
+
+    Returns:
+        Output shape (without the batch dimension) of every layer read, and of :data:`LOGITS`.
+
+    Raises:
+        NeuronsError: For an unknown layer, a channel, position or class index outside the
+            layer's real output, or a model that does not accept the images.
+    """
+    objectives = as_objectives(objectives)
+    image_shape = _check_image_shape(image_shape)
+    layers = _resolve(model, objectives)
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str, output: torch.Tensor) -> None:
+        shapes.setdefault(name, tuple(output.shape[1:]))
+
+    with analysis_mode(model), torch.no_grad(), hooked(model, layers, record):
+        x = torch.full((1, *image_shape), 0.5, device=model_device(model))
+        try:
+            output = model(input_transform(x) if input_transform is not None else x)
+        except RuntimeError as err:
+            raise NeuronsError(
+                f"{type(model).__name__} failed on a {tuple(x.shape)} image batch ({err}); check "
+                "`image_shape` and `input_transform`"
+            ) from err
+    shapes[LOGITS] = tuple(first_tensor(output, "model output").shape[1:])
+    for objective in objectives:
+        for _, term in objective.terms():
+            if term.layer == IMAGE:
+                continue
+            if term.layer not in shapes:
+                raise NeuronsError(
+                    f"{term!r}: layer {term.layer!r} did not run in {type(model).__name__}'s "
+                    "forward pass; choose a layer the forward pass uses"
+                )
+            term.check(shapes[term.layer])
+    return shapes
+
+
+def render(
+    model: nn.Module,
+    objectives: Objective | Sequence[Objective],
+    *,
+    image_shape: Sequence[int],
+    steps: int = 256,
+    lr: float = 0.05,
+    param: Param = "fft",
+    transforms: TransformsArg = "standard",
+    input_transform: InputTransform | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    l2: float = 0.0,
+    tv: float = 0.0,
+    decorrelate: bool = True,
+) -> torch.Tensor:
+    """Render one image per objective by gradient ascent, all objectives in one batch.
+
+    Row ``i`` of the batch is optimised for ``objectives[i]``; the loss is the negative sum of
+    the rows' values (minus the optional penalties), so every image gets its own gradient. With
+    ``batch_size`` smaller than the number of objectives they are rendered in chunks, which gives
+    the same images as one batch (each image's initial values come from ``(seed, i)``, and the
+    random transforms of a step are shared by all rows; tiny floating-point differences of
+    batched kernels aside).
+
+    The model is left as found: training mode, ``requires_grad`` and ``.grad`` of parameters,
+    and the RNG states are restored, and the hooks removed, also when an error is raised. It runs
+    in eval mode while rendering (see :func:`analysis_mode`). Nothing is printed.
+
+    Args:
+        model: Any ``nn.Module`` (a ``LightningModule`` too) mapping images to logits.
+        objectives: One :class:`Objective` or a list; one image is rendered per objective.
+        image_shape: ``(C, H, W)`` of the display images.
+        steps: Adam steps.
+        lr: Adam's learning rate.
+        param: ``"fft"`` (Fourier with ``1/f`` scaling; smoother images) or ``"pixel"``.
+        transforms: ``"standard"`` (pad, jitter, scale, rotate, jitter; sized to the image),
+            ``"none"``/``None``, or a list of callables ``(images, generator) -> images``.
+        input_transform: Display image -> model input (e.g. the data's normalisation); applied
+            after the transforms.
+        seed: Seed of the initial images and of the transforms' random parameters.
+        batch_size: Render at most this many objectives at once (default: all).
+        l2: Weight of an L2 penalty (:class:`~lightning_neurons.visualize.L2`) on every image.
+        tv: Weight of a total-variation penalty on every image.
+        decorrelate: Mix RGB channels with the colour-decorrelation matrix.
+
+    Returns:
+        ``[N, C, H, W]`` display images in [0, 1] (detached, on the model's device).
+
+    Raises:
+        NeuronsError: For bad arguments, an unknown layer, or an index outside a layer's real
+            output (checked with one forward pass of one image before rendering).
+
+    Example:
+        >>> from lightning_neurons.visualize import Channel, render
+        >>> images = render(model, [Channel("features.conv2", i) for i in range(64)],
+        ...                 image_shape=(1, 32, 32), steps=128)  # doctest: +SKIP
+        >>> images.shape  # doctest: +SKIP
+        torch.Size([64, 1, 32, 32])
+    """
+    objectives = as_objectives(objectives)
+    image_shape = _check_image_shape(image_shape)
+    _check_positive("steps", steps, integer=True)
+    _check_positive("lr", lr, integer=False)
+    if batch_size is not None:
+        _check_positive("batch_size", batch_size, integer=True)
+    if param not in PARAMS:
+        raise NeuronsError(f"`param` must be one of {', '.join(map(repr, PARAMS))}; got {param!r}")
+    for name, weight in (("l2", l2), ("tv", tv)):
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or weight < 0:
+            raise NeuronsError(f"`{name}` must be a number >= 0, got {weight!r}")
+    chain = resolve_transforms(transforms, image_shape)
+    check_objectives(model, objectives, image_shape, input_transform=input_transform)
+    layers = _resolve(model, objectives)
+    device = model_device(model)
+    size = batch_size or len(objectives)
+    images = []
+    with analysis_mode(model):
+        for start in range(0, len(objectives), size):
+            chunk = objectives[start : start + size]
+            scoring = _Scoring(BatchScorer(chunk))
+            with hooked(model, [n for n in layers if n in scoring.scorer.layers], scoring):
+                images.append(
+                    _optimise(
+                        model,
+                        scoring,
+                        indices=range(start, start + len(chunk)),
+                        image_shape=image_shape,
+                        steps=steps,
+                        lr=lr,
+                        param=param,
+                        transforms=chain,
+                        input_transform=input_transform,
+                        seed=seed,
+                        l2=float(l2),
+                        tv=float(tv),
+                        decorrelate=decorrelate,
+                        device=device,
+                    )
+                )
+    return torch.cat(images)
+
+
+def _optimise(
+    model: nn.Module,
+    scoring: _Scoring,
+    *,
+    indices: range,
+    image_shape: tuple[int, int, int],
+    steps: int,
+    lr: float,
+    param: Param,
+    transforms: Sequence[Callable],
+    input_transform: InputTransform | None,
+    seed: int,
+    l2: float,
+    tv: float,
+    decorrelate: bool,
+    device: torch.device,
+) -> torch.Tensor:
+    seeds = [row_seed(seed, i) for i in indices]
+    params, image_fn = parametrize(
+        param, (len(indices), *image_shape), seeds, decorrelate=decorrelate, device=device
+    )
+    optimizer = torch.optim.Adam(params, lr=lr)
+    # One stream for the transforms, the same for every chunk: rows share a step's transform.
+    generator = torch.Generator().manual_seed(int(seed))
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        image = image_fn()
+        x = apply_transforms(image, transforms, generator)
+        if input_transform is not None:
+            x = input_transform(x)
+        value = scoring.forward(model, x, image)
+        if l2:
+            value = value - l2 * l2_penalty(image)
+        if tv:
+            value = value - tv * total_variation(image)
+        (-value.sum()).backward()
+        optimizer.step()
+    with torch.no_grad():
+        return image_fn().detach()
+
+
+def evaluate(
+    model: nn.Module,
+    objectives: Objective | Sequence[Objective],
+    images: torch.Tensor,
+    *,
+    input_transform: InputTransform | None = None,
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """The value of ``objectives[i]`` on ``images[i]`` (no random transforms).
+
+    Use it to ask how strongly rendered images drive their objectives, e.g. compared with the
+    largest activation on real data. With a single objective, it is scored on every image.
+
+    Args:
+        model: The model.
+        objectives: One objective per image, or one objective for all.
+        images: ``[N, C, H, W]`` display images.
+        input_transform: Display image -> model input.
+        batch_size: Evaluate at most this many images at once.
+
+    Returns:
+        ``[N]`` values (float32, CPU).
+
+    Raises:
+        NeuronsError: If the counts differ, or for an unknown layer or index.
+    """
+    if isinstance(objectives, Objective):
+        objectives = [objectives] * len(images)
+    objectives = as_objectives(objectives)
+    if len(objectives) != len(images):
+        raise NeuronsError(
+            f"need one objective per image: {len(objectives)} objectives, {len(images)} images"
+        )
+    if batch_size is not None:
+        _check_positive("batch_size", batch_size, integer=True)
+    check_objectives(model, objectives, tuple(images.shape[1:]), input_transform=input_transform)
+    layers = _resolve(model, objectives)
+    device = model_device(model)
+    size = batch_size or len(objectives)
+    values = []
+    with analysis_mode(model), torch.no_grad():
+        for start in range(0, len(objectives), size):
+            scoring = _Scoring(BatchScorer(objectives[start : start + size]))
+            image = images[start : start + size].to(device)
+            x = input_transform(image) if input_transform is not None else image
+            with hooked(model, [n for n in layers if n in scoring.scorer.layers], scoring):
+                values.append(scoring.forward(model, x, image).float().cpu())
+    return torch.cat(values)

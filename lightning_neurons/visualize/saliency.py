@@ -1,0 +1,322 @@
+"""Focus: which pixels of a real image drive the model's prediction, batched over images.
+
+- :func:`gradient` (Simonyan et al. 2014): ``|d logit_c / d pixel|``, largest over channels.
+- :func:`smoothgrad` (Smilkov et al. 2017): the gradient averaged over noisy copies of the image
+  (all copies of all images in one batch), which removes most of the gradient's speckle.
+- :func:`grad_cam` (Selvaraju et al. 2017): a layer's feature maps weighted by the spatially
+  averaged gradient of the class logit, rectified and upsampled to the image.
+
+Every function takes display images (``[N, C, H, W]`` in [0, 1]) and an optional
+``input_transform`` (display -> model input), so the gradients are with respect to what a person
+sees. The model runs in eval mode with frozen parameters and is left exactly as found. Maps are
+``[N, H, W]``, non-negative, not normalised (see :func:`normalize_maps`).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lightning_neurons.errors import NeuronsError
+from lightning_neurons.hooks import first_tensor, get_module, hooked
+from lightning_neurons.visualize.render import analysis_mode, model_device
+
+InputTransform = Callable[[torch.Tensor], torch.Tensor]
+Method = Literal["gradient", "smoothgrad", "gradcam"]
+METHODS: tuple[str, ...] = ("gradient", "smoothgrad", "gradcam")
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise NeuronsError(f"`images` must be a [N, C, H, W] tensor, got {shape}")
+
+
+def _logits(
+    model: nn.Module, x: torch.Tensor, input_transform: InputTransform | None
+) -> torch.Tensor:
+    output = first_tensor(
+        model(input_transform(x) if input_transform is not None else x), "model output"
+    )
+    if output.dim() != 2:
+        raise NeuronsError(
+            f"saliency needs a model returning [N, num_classes] logits; got {tuple(output.shape)}"
+        )
+    return output
+
+
+def _targets(
+    model: nn.Module,
+    images: torch.Tensor,
+    target: int | Sequence[int] | torch.Tensor | None,
+    input_transform: InputTransform | None,
+) -> torch.Tensor:
+    """``[N]`` class per image: given, or the model's prediction."""
+    n = images.shape[0]
+    if target is None:
+        with torch.no_grad():
+            return _logits(model, images, input_transform).argmax(dim=1)
+    if isinstance(target, numbers.Integral):
+        target = [int(target)] * n
+    target = torch.as_tensor(target, device=images.device).long().flatten()
+    if target.numel() != n:
+        raise NeuronsError(
+            f"`target` must give one class per image: {n} images, {target.numel()} targets"
+        )
+    with torch.no_grad():
+        width = _logits(model, images[:1], input_transform).shape[1]
+    if int(target.min()) < 0 or int(target.max()) >= width:
+        raise NeuronsError(
+            f"`target` holds class {int(target.max()) if int(target.max()) >= width else int(target.min())}, "
+            f"outside the model's {width} classes (valid: 0 to {width - 1})"
+        )
+    return target
+
+
+def _chunks(n: int, batch_size: int | None) -> list[slice]:
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise NeuronsError(f"`batch_size` must be a positive integer or None, got {batch_size!r}")
+    size = batch_size or max(n, 1)
+    return [slice(i, i + size) for i in range(0, n, size)]
+
+
+def _input_gradient(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, input_transform: InputTransform | None
+) -> torch.Tensor:
+    x = x.detach().clone().requires_grad_(True)
+    logits = _logits(model, x, input_transform)
+    picked = logits.gather(1, target.view(-1, 1)).sum()
+    (grad,) = torch.autograd.grad(picked, x)
+    return grad
+
+
+def gradient(
+    model: nn.Module,
+    images: torch.Tensor,
+    target: int | Sequence[int] | torch.Tensor | None = None,
+    *,
+    input_transform: InputTransform | None = None,
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """Vanilla gradient saliency: ``max_c |d logit_target / d image_c|`` per pixel.
+
+    Args:
+        model: Maps model inputs to ``[N, num_classes]`` logits.
+        images: ``[N, C, H, W]`` display images.
+        target: Class per image (or one for all); default: the predicted class.
+        input_transform: Display image -> model input.
+        batch_size: Images per forward pass (default: all).
+
+    Returns:
+        ``[N, H, W]`` non-negative maps (CPU, float32).
+
+    Raises:
+        NeuronsError: For a bad ``images`` shape or a ``target`` outside the model's classes.
+
+    Example:
+        >>> maps = gradient(model, images)  # doctest: +SKIP
+    """
+    _check_images(images)
+    device = model_device(model)
+    out = []
+    with analysis_mode(model):
+        images = images.detach().clone().to(device)
+        target = _targets(model, images, target, input_transform)
+        for part in _chunks(len(images), batch_size):
+            grad = _input_gradient(model, images[part], target[part], input_transform)
+            out.append(grad.abs().amax(dim=1).float().cpu())
+    return torch.cat(out)
+
+
+def smoothgrad(
+    model: nn.Module,
+    images: torch.Tensor,
+    target: int | Sequence[int] | torch.Tensor | None = None,
+    *,
+    samples: int = 16,
+    noise: float = 0.15,
+    seed: int = 0,
+    input_transform: InputTransform | None = None,
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """SmoothGrad: the input gradient averaged over noisy copies, then ``max_c |.|``.
+
+    All ``samples`` noisy copies of all images go through the model together (in chunks of
+    ``batch_size`` copies). The noise is Gaussian with standard deviation ``noise`` times each
+    image's value range, drawn from a generator seeded with ``seed``.
+
+    Args:
+        model: Maps model inputs to logits.
+        images: ``[N, C, H, W]`` display images.
+        target: Class per image (or one for all); default: the predicted class of the clean image.
+        samples: Noisy copies per image (SmoothGrad's paper: 5 to 50).
+        noise: Noise level as a share of the image's value range (paper: 0.1 to 0.2).
+        seed: Seed of the noise.
+        input_transform: Display image -> model input.
+        batch_size: Noisy copies per forward pass (default: all ``N * samples``).
+
+    Returns:
+        ``[N, H, W]`` non-negative maps (CPU, float32).
+
+    Raises:
+        NeuronsError: For bad arguments or targets.
+    """
+    _check_images(images)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise NeuronsError(f"`samples` must be a positive integer, got {samples!r}")
+    if isinstance(noise, bool) or not isinstance(noise, numbers.Real) or noise < 0:
+        raise NeuronsError(f"`noise` must be a number >= 0, got {noise!r}")
+    device = model_device(model)
+    n = images.shape[0]
+    with analysis_mode(model):
+        images = images.detach().clone().to(device)
+        target = _targets(model, images, target, input_transform)
+        generator = torch.Generator().manual_seed(int(seed))
+        span = (images.flatten(1).amax(dim=1) - images.flatten(1).amin(dim=1)).clamp_min(1e-6)
+        sigma = (noise * span).view(1, n, 1, 1, 1)
+        draws = torch.randn((samples, *images.shape), generator=generator).to(device)
+        noisy = (images.unsqueeze(0) + sigma * draws).flatten(0, 1)  # row s * n + i: image i
+        targets = target.repeat(samples)
+        total = torch.zeros_like(images)
+        for part in _chunks(noisy.shape[0], batch_size):
+            grad = _input_gradient(model, noisy[part], targets[part], input_transform)
+            rows = torch.arange(part.start, part.start + grad.shape[0], device=device) % n
+            total.index_add_(0, rows, grad)
+    return (total / samples).abs().amax(dim=1).float().cpu()
+
+
+def _last_conv(model: nn.Module) -> str:
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not names:
+        raise NeuronsError(
+            f"{type(model).__name__} has no Conv2d layer; pass the Grad-CAM `layer` explicitly"
+        )
+    return names[-1]
+
+
+def grad_cam(
+    model: nn.Module,
+    images: torch.Tensor,
+    layer: str | None = None,
+    target: int | Sequence[int] | torch.Tensor | None = None,
+    *,
+    input_transform: InputTransform | None = None,
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """Grad-CAM: ``ReLU(sum_k w_k A_k)`` with ``w_k`` the mean gradient over ``A_k``'s positions.
+
+    Args:
+        model: Maps model inputs to logits.
+        images: ``[N, C, H, W]`` display images.
+        layer: A layer with ``[N, K, h, w]`` output; default: the model's last ``Conv2d``.
+        target: Class per image (or one for all); default: the predicted class.
+        input_transform: Display image -> model input.
+        batch_size: Images per forward pass (default: all).
+
+    Returns:
+        ``[N, H, W]`` non-negative maps upsampled (bilinear) to the image size (CPU, float32).
+
+    Raises:
+        NeuronsError: For an unknown layer, a layer without spatial output, or bad targets.
+    """
+    _check_images(images)
+    layer = layer or _last_conv(model)
+    get_module(model, layer)
+    device = model_device(model)
+    height, width = images.shape[-2:]
+    out = []
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, output: torch.Tensor) -> None:
+        captured.setdefault(name, output)
+
+    with analysis_mode(model):
+        images = images.detach().clone().to(device)
+        target = _targets(model, images, target, input_transform)
+        with hooked(model, [layer], keep):
+            for part in _chunks(len(images), batch_size):
+                captured.clear()
+                x = images[part].clone().requires_grad_(True)  # parameters are frozen
+                logits = _logits(model, x, input_transform)
+                features = captured.get(layer)
+                if features is None or features.dim() != 4:
+                    shape = None if features is None else tuple(features.shape)
+                    raise NeuronsError(
+                        f"Grad-CAM needs a layer with [N, K, h, w] output that runs in the forward "
+                        f"pass; {layer!r} gave {shape}"
+                    )
+                picked = logits.gather(1, target[part].view(-1, 1)).sum()
+                (grad,) = torch.autograd.grad(picked, features)
+                weights = grad.mean(dim=(2, 3), keepdim=True)
+                cam = F.relu((weights * features).sum(dim=1, keepdim=True))
+                cam = F.interpolate(cam, size=(height, width), mode="bilinear", align_corners=False)
+                out.append(cam[:, 0].detach().float().cpu())
+    return torch.cat(out)
+
+
+def saliency(
+    model: nn.Module,
+    images: torch.Tensor,
+    method: Method = "gradient",
+    target: int | Sequence[int] | torch.Tensor | None = None,
+    *,
+    layer: str | None = None,
+    input_transform: InputTransform | None = None,
+    batch_size: int | None = None,
+    samples: int = 16,
+    noise: float = 0.15,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Saliency maps by ``method``: ``"gradient"``, ``"smoothgrad"`` or ``"gradcam"``.
+
+    Args:
+        model: Maps model inputs to logits.
+        images: ``[N, C, H, W]`` display images.
+        method: Which map.
+        target: Class per image; default: the predicted class.
+        layer: Grad-CAM's layer (default: the last Conv2d).
+        input_transform: Display image -> model input.
+        batch_size: Images (SmoothGrad: noisy copies) per forward pass.
+        samples: SmoothGrad's noisy copies per image.
+        noise: SmoothGrad's noise level.
+        seed: SmoothGrad's seed.
+
+    Returns:
+        ``[N, H, W]`` maps.
+
+    Raises:
+        NeuronsError: For an unknown method (and see the functions).
+    """
+    if method == "gradient":
+        return gradient(
+            model, images, target, input_transform=input_transform, batch_size=batch_size
+        )
+    if method == "smoothgrad":
+        return smoothgrad(
+            model,
+            images,
+            target,
+            samples=samples,
+            noise=noise,
+            seed=seed,
+            input_transform=input_transform,
+            batch_size=batch_size,
+        )
+    if method == "gradcam":
+        return grad_cam(
+            model, images, layer, target, input_transform=input_transform, batch_size=batch_size
+        )
+    raise NeuronsError(f"`method` must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
+
+
+def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Scale each ``[H, W]`` map to [0, 1] by its own maximum (all-zero maps stay zero)."""
+    peak = maps.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, *([1] * (maps.dim() - 1)))
+    return (maps / peak).clamp(0, 1)

@@ -1,0 +1,264 @@
+"""Random transforms applied to the images at every optimisation step (transformation robustness).
+
+An image that drives a neuron only at one exact pixel alignment is mostly high-frequency noise;
+asking it to work under small random shifts, scalings and rotations gives images a person can
+read. Every transform is a plain callable ``transform(images, generator) -> images`` on a
+``[N, C, H, W]`` batch; the random parameters come from the ``torch.Generator`` passed in (never
+from the global generator) and are shared by the whole batch at a step, so a row's image does not
+depend on the batch it was rendered in. The geometry is torchvision's
+(``torchvision.transforms.v2.functional``), which is differentiable on tensors.
+
+Example:
+    >>> chain = standard_transforms((1, 32, 32))
+    >>> out = apply_transforms(torch.rand(4, 1, 32, 32), chain, torch.Generator().manual_seed(0))
+    >>> out.shape
+    torch.Size([4, 1, 32, 32])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from lightning_neurons.errors import NeuronsError
+
+Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+TransformsArg = Literal["standard", "none"] | Sequence[Transform] | None
+
+
+def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand((), generator=generator))
+
+
+def _randint(generator: torch.Generator, low: int, high: int) -> int:
+    """A random integer in ``[low, high]``."""
+    return int(torch.randint(low, high + 1, (), generator=generator))
+
+
+def _filled(
+    images: torch.Tensor, fill: float | None, warp: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``warp`` with pixels from outside the image set to ``fill``.
+
+    torchvision's own ``fill`` is applied in place on the warped tensor, which autograd cannot
+    differentiate; warping ``images - fill`` (outside: 0) and adding ``fill`` back is the same
+    for a linear warp, and differentiable.
+    """
+    if not fill:
+        return warp(images)
+    return warp(images - fill) + fill
+
+
+class Pad:
+    """Pad every side by ``pixels`` (so that shifted, scaled or rotated content has a border).
+
+    Args:
+        pixels: Padding on each side.
+        mode: ``"constant"`` (filled with ``value``), ``"reflect"``, ``"replicate"`` or
+            ``"circular"``.
+        value: Fill value for ``"constant"`` (0.5: mid-grey in display space).
+    """
+
+    def __init__(
+        self,
+        pixels: int,
+        mode: Literal["constant", "reflect", "replicate", "circular"] = "constant",
+        value: float = 0.5,
+    ) -> None:
+        if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 0:
+            raise NeuronsError(f"`pixels` must be a non-negative integer, got {pixels!r}")
+        if mode not in ("constant", "reflect", "replicate", "circular"):
+            raise NeuronsError(
+                f"`mode` must be 'constant', 'reflect', 'replicate' or 'circular'; got {mode!r}"
+            )
+        self.pixels, self.mode, self.value = pixels, mode, float(value)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.pixels == 0:
+            return images
+        mode = "edge" if self.mode == "replicate" else self.mode
+        fill = self.value if mode == "constant" else None
+        return TF.pad(images, [self.pixels], fill=fill, padding_mode=mode)
+
+    def __repr__(self) -> str:
+        return f"Pad({self.pixels}, mode={self.mode!r})"
+
+
+class Jitter:
+    """Shift by a random whole number of pixels in ``[-pixels, pixels]``, as a crop.
+
+    The result is ``pixels`` smaller in height and width (a random ``H - pixels`` window), as in
+    Lucid; pad first, or finish with :class:`CenterCrop` for a fixed size.
+
+    Args:
+        pixels: Largest shift.
+    """
+
+    def __init__(self, pixels: int) -> None:
+        if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 0:
+            raise NeuronsError(f"`pixels` must be a non-negative integer, got {pixels!r}")
+        self.pixels = pixels
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.pixels == 0:
+            return images
+        height, width = images.shape[-2:]
+        if self.pixels >= min(height, width):
+            raise NeuronsError(f"Jitter({self.pixels}) is too large for {height}x{width} images")
+        top = _randint(generator, 0, self.pixels)
+        left = _randint(generator, 0, self.pixels)
+        return TF.crop(images, top, left, height - self.pixels, width - self.pixels)
+
+    def __repr__(self) -> str:
+        return f"Jitter({self.pixels})"
+
+
+class RandomScale:
+    """Zoom about the centre by a random factor in ``[low, high]`` (size unchanged; bilinear).
+
+    Args:
+        low: Smallest factor.
+        high: Largest factor.
+        fill: Value of pixels that come from outside the image (``None``: zero).
+    """
+
+    def __init__(self, low: float = 0.9, high: float = 1.1, fill: float | None = 0.5) -> None:
+        if not 0 < low <= high:
+            raise NeuronsError(
+                f"need 0 < low <= high for RandomScale, got low={low!r}, high={high!r}"
+            )
+        self.low, self.high, self.fill = float(low), float(high), fill
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        factor = _uniform(generator, self.low, self.high)
+        return _filled(
+            images,
+            self.fill,
+            lambda x: TF.affine(
+                x,
+                angle=0.0,
+                translate=[0.0, 0.0],
+                scale=factor,
+                shear=[0.0, 0.0],
+                interpolation=InterpolationMode.BILINEAR,
+            ),
+        )
+
+    def __repr__(self) -> str:
+        return f"RandomScale({self.low:g}, {self.high:g})"
+
+
+class RandomRotate:
+    """Rotate about the centre by a random angle in ``[-degrees, degrees]`` (bilinear).
+
+    Args:
+        degrees: Largest angle.
+        fill: Value of pixels that come from outside the image (``None``: zero).
+    """
+
+    def __init__(self, degrees: float = 10.0, fill: float | None = 0.5) -> None:
+        if degrees < 0:
+            raise NeuronsError(f"`degrees` must be >= 0, got {degrees!r}")
+        self.degrees, self.fill = float(degrees), fill
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        angle = _uniform(generator, -self.degrees, self.degrees)
+        return _filled(
+            images,
+            self.fill,
+            lambda x: TF.rotate(x, angle, interpolation=InterpolationMode.BILINEAR),
+        )
+
+    def __repr__(self) -> str:
+        return f"RandomRotate({self.degrees:g})"
+
+
+class CenterCrop:
+    """Crop the centre ``height x width`` window (pads with zeros if the image is smaller).
+
+    Args:
+        height: Output height.
+        width: Output width.
+    """
+
+    def __init__(self, height: int, width: int) -> None:
+        self.height, self.width = int(height), int(width)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if tuple(images.shape[-2:]) == (self.height, self.width):
+            return images
+        return TF.center_crop(images, [self.height, self.width])
+
+    def __repr__(self) -> str:
+        return f"CenterCrop({self.height}, {self.width})"
+
+
+def standard_transforms(image_shape: Sequence[int], fill: float = 0.5) -> list[Transform]:
+    """Lucid's standard chain (pad, jitter, scale, rotate, jitter), sized for the image, ending
+    with a crop back to the image's size so models with a fixed input size work.
+
+    Lucid's numbers (pad 12, jitter 8, scale 0.9-1.1, rotate +-10 degrees, jitter 4) are meant for
+    images of about 128-224 pixels; the shifts here are scaled to the image (for 32x32: pad 2,
+    jitter 2 and 1).
+
+    Args:
+        image_shape: ``(C, H, W)``.
+        fill: Display-space value used for padding and for pixels rotated or scaled in.
+
+    Returns:
+        The transforms, in order.
+    """
+    height, width = int(image_shape[-2]), int(image_shape[-1])
+    side = min(height, width)
+    shift = max(1, round(side / 16))
+    small = max(1, shift // 2)
+    pad = max(1, (shift + small + 1) // 2)
+    return [
+        Pad(pad, mode="constant", value=fill),
+        Jitter(shift),
+        RandomScale(0.9, 1.1, fill=fill),
+        RandomRotate(10.0, fill=fill),
+        Jitter(small),
+        CenterCrop(height, width),
+    ]
+
+
+def resolve_transforms(transforms: TransformsArg, image_shape: Sequence[int]) -> list[Transform]:
+    """The list of transforms meant by ``transforms``.
+
+    Args:
+        transforms: ``"standard"`` (:func:`standard_transforms`), ``"none"`` or ``None`` (no
+            transforms), or a sequence of callables ``(images, generator) -> images``.
+        image_shape: ``(C, H, W)`` of the rendered images.
+
+    Raises:
+        NeuronsError: For another string or a non-callable item.
+    """
+    if transforms is None or transforms == "none":
+        return []
+    if transforms == "standard":
+        return standard_transforms(image_shape)
+    if isinstance(transforms, str) or not isinstance(transforms, Sequence):
+        raise NeuronsError(
+            "`transforms` must be 'standard', 'none', None or a list of callables "
+            f"(images, generator) -> images; got {transforms!r}"
+        )
+    for t in transforms:
+        if not callable(t):
+            raise NeuronsError(
+                f"every transform must be callable (images, generator) -> images; got {t!r}"
+            )
+    return list(transforms)
+
+
+def apply_transforms(
+    images: torch.Tensor, transforms: Sequence[Transform], generator: torch.Generator
+) -> torch.Tensor:
+    """Apply ``transforms`` in order, drawing their random parameters from ``generator``."""
+    for transform in transforms:
+        images = transform(images, generator)
+    return images
