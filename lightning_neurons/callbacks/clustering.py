@@ -1,0 +1,1057 @@
+"""CategoryClustering and NeuronClustering: the paper's two clusterings, epoch after epoch.
+
+Both read the class profiles that an :class:`~lightning_neurons.ActivationTracker` gathered (one
+set of hooks for every analysis), cluster them on rank zero at the end of the tracker's stage,
+log figures, tables and scalars to TensorBoard, write the numbers next to the event files, and
+keep the latest results in ``callback.results``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+from torch.nn import functional as F
+
+from lightning_neurons.callbacks._base import (
+    AnalysisCallback,
+    OnError,
+    check_positive_int,
+    find_tracker,
+)
+from lightning_neurons.clustering import (
+    ActivationReservoir,
+    CategoryClusterer,
+    CategoryMethod,
+    CategoryNormalize,
+    Linkage,
+    Metric,
+    NeuronClusterer,
+    NeuronMethod,
+    NeuronNormalize,
+    normalize_neurons,
+)
+from lightning_neurons.errors import NeuronsError
+from lightning_neurons.hooks import HookSet, reduce_activation, resolve_layers
+from lightning_neurons.loggers import AnalysisLogger
+from lightning_neurons.stats import LayerStats
+
+#: Name of the category-clustering view that puts all chosen layers side by side.
+COMBINED = "combined"
+
+_STAGES = ("train", "validation", "test")
+
+
+# ---- shared helpers ---------------------------------------------------------------------------
+
+
+def class_names_of(trainer: Trainer, num_classes: int) -> list[str]:
+    """``trainer.datamodule.class_names`` when it has the right length, else ``"0"``, ``"1"``..."""
+    names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
+    if names is not None and len(names) == num_classes:
+        return [str(n) for n in names]
+    return [str(c) for c in range(num_classes)]
+
+
+def _ari(a: np.ndarray, b: np.ndarray) -> float:
+    from sklearn.metrics import adjusted_rand_score
+
+    return float(adjusted_rand_score(a, b))
+
+
+def distance_confusion_agreement(distances: np.ndarray, confusion: np.ndarray) -> float:
+    """How well class distances predict which classes the model confuses.
+
+    Spearman correlation, over the pairs of distinct classes, between the negated class
+    distance and the symmetrised confusion rate ``(P[i, j] + P[j, i]) / 2`` (``P`` the
+    row-normalised confusion matrix). Positive when classes that are close in the representation
+    are the ones mistaken for each other.
+
+    Args:
+        distances: ``[C, C]`` class distances.
+        confusion: ``[C, C]`` counts, rows the true class.
+
+    Returns:
+        The correlation, NaN when undefined (no confusions at all, or constant distances).
+    """
+    from scipy.stats import spearmanr
+
+    rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    similarity = (rates + rates.T) / 2.0
+    upper = np.triu_indices(distances.shape[0], k=1)
+    x, y = -distances[upper], similarity[upper]
+    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+class _ClusteringCallback(AnalysisCallback):
+    """What both clustering callbacks share: finding the tracker and its layers, and the stage."""
+
+    kind = "clustering"
+
+    def __init__(
+        self,
+        layers: list[str] | None,
+        every_n_epochs: int,
+        enable_logging: bool,
+        on_error: OnError,
+    ) -> None:
+        super().__init__(every_n_epochs=every_n_epochs, on_error=on_error)
+        if isinstance(layers, str):
+            layers = [layers]
+        self.layer_patterns = list(layers) if layers is not None else None
+        self.enable_logging = enable_logging
+        self.layers: list[str] = []
+        self._stage = "validation"
+        self._tracker_layers: list[str] = []
+        self._label_fn: Any = None
+        self._reduction = "mean"
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        tracker = find_tracker(trainer, type(self).__name__)
+        self._stage = tracker.stage
+        self._label_fn = tracker.label_fn
+        self._reduction = tracker.reduction
+        self._tracker_layers = resolve_layers(pl_module, tracker.layer_patterns)
+        if self.layer_patterns is None:
+            self.layers = list(self._tracker_layers)
+            return
+        chosen = resolve_layers(pl_module, self.layer_patterns)
+        missing = [name for name in chosen if name not in self._tracker_layers]
+        if missing:
+            raise NeuronsError(
+                f"{type(self).__name__}: layer(s) {', '.join(map(repr, missing))} are not tracked "
+                f"by the ActivationTracker, which tracks {', '.join(self._tracker_layers)}. Add them "
+                "to the tracker's `layers`, or choose among those."
+            )
+        self.layers = chosen
+
+    # Lightning calls these for every stage; only the tracker's stage is analysed.
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._stage == "train":
+            self._stage_end(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._stage == "validation":
+            self._stage_end(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._stage == "test":
+            self._stage_end(trainer, pl_module)
+
+    def _stage_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        raise NotImplementedError
+
+    def _fresh_stats(self, trainer: Trainer) -> dict[str, LayerStats] | None:
+        """The tracker's results for this epoch (computed on every rank), or ``None`` when the
+        tracker did not analyse this epoch or nothing is due."""
+        stats = find_tracker(trainer, type(self).__name__).finalize(trainer)
+        if not self._due(trainer):
+            return None
+        fresh = {
+            n: s for n, s in stats.items() if n in self.layers and s.epoch == trainer.current_epoch
+        }
+        return fresh or None
+
+
+# ---- category clustering ----------------------------------------------------------------------
+
+
+@dataclass
+class CategoryClusteringResult:
+    """Category clustering of one view (a layer, or :data:`COMBINED` for all side by side).
+
+    Attributes:
+        view: Layer name or ``"combined"``.
+        layers: Layers whose profiles were used.
+        epoch: Epoch of the statistics.
+        class_names: Names of the classes.
+        classes: Indices of the classes that were clustered (those with statistics).
+        labels: ``[C]`` cluster of each class (-1: left out, e.g. a class without images).
+        n_clusters: Clusters found.
+        silhouette: Mean silhouette of the labels on the class distances.
+        distances: ``[C, C]`` class distances (NaN rows for classes left out).
+        linkage: SciPy linkage matrix over the classes kept (agglomerative only).
+        leaf_order: Class indices in dendrogram order (or cluster order).
+        confusion: ``[C, C]`` confusion counts of the same epoch (rows: true), if collected.
+        agreement: Spearman agreement of distances and confusions
+            (:func:`distance_confusion_agreement`); NaN when undefined.
+        stability: Adjusted Rand index with the previous analysis's labels (NaN the first time).
+    """
+
+    view: str
+    layers: list[str]
+    epoch: int
+    class_names: list[str]
+    classes: np.ndarray
+    labels: np.ndarray
+    n_clusters: int
+    silhouette: float
+    distances: np.ndarray
+    linkage: np.ndarray | None
+    leaf_order: list[int]
+    confusion: np.ndarray | None = None
+    agreement: float = float("nan")
+    stability: float = float("nan")
+
+    def as_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays by name (for ``.npz`` files)."""
+        out: dict[str, np.ndarray] = {
+            "labels": self.labels,
+            "classes": self.classes,
+            "distances": self.distances,
+            "leaf_order": np.asarray(self.leaf_order),
+            "silhouette": np.asarray(self.silhouette),
+            "agreement": np.asarray(self.agreement),
+            "stability": np.asarray(self.stability),
+        }
+        if self.linkage is not None:
+            out["linkage"] = self.linkage
+        if self.confusion is not None:
+            out["confusion"] = self.confusion
+        return out
+
+
+class CategoryClustering(_ClusteringCallback):
+    """Clusters the image categories by how the neurons respond to them (categories are points).
+
+    At the end of each analysed epoch it takes the ActivationTracker's class profiles of
+    ``layers`` and clusters the classes with :class:`~lightning_neurons.clustering.CategoryClusterer`,
+    for each layer and (``combine_layers``) for all of them side by side, each layer's neurons
+    z-scored then. It also counts the model's predictions against the labels on the same batches
+    (a forward hook on the classifier layer: one ``[C, C]`` confusion matrix, nothing per image)
+    to compare the class distances with the classes the model actually confuses.
+
+    Logged per view under ``category_clustering/<view>/``: the dendrogram with class names, the
+    class-distance matrix next to the confusion matrix, the assignments as a Markdown table,
+    and scalars ``silhouette``, ``n_clusters``, ``distance_confusion_spearman`` and ``stability``
+    (adjusted Rand index with the previous analysis). Arrays go to
+    ``<log_dir>/neurons/category_clustering/epoch=EEE/<view>.npz``.
+
+    The defaults come from ``benchmarks/representation_study.py`` on the parts data set: with the
+    tracker's ``mean`` reduction every layer recovered the known grouping of the classes, while
+    ``max``-reduced activations and first-order contributions did not; see the study's table.
+
+    Args:
+        layers: Tracked layers to cluster on (default: all the tracker's layers).
+        method: ``"agglomerative"``, ``"kmeans"`` or ``"hdbscan"``.
+        metric: ``"correlation"``, ``"cosine"`` or ``"euclidean"`` distance between profiles.
+        linkage: Agglomerative linkage.
+        normalize: ``"none"`` or ``"zscore"`` (each neuron standardised across the classes).
+        n_clusters: Fixed number of clusters, or ``None`` to choose it by silhouette.
+        combine_layers: Also cluster on all ``layers`` together (when there are several).
+        classifier_layer: Module whose output are the logits, for the confusion matrix; default:
+            the model's last ``Linear``. ``None`` and no Linear: no confusion matrix.
+        confusion: Collect the confusion matrix.
+        every_n_epochs: Analyse every n-th epoch.
+        enable_logging: Log to TensorBoard and write files (``results`` is always filled).
+        on_error: ``"warn"`` or ``"raise"`` when an analysis fails.
+
+    Raises:
+        NeuronsError: For bad arguments; at setup, if no ActivationTracker is attached, a layer
+            is not tracked, or ``classifier_layer`` does not exist.
+
+    Example:
+        >>> trainer = Trainer(callbacks=[ActivationTracker(), CategoryClustering()])  # doctest: +SKIP
+        >>> trainer.fit(model, datamodule=dm)  # doctest: +SKIP
+        >>> CategoryClustering.results["combined"].labels  # doctest: +SKIP
+    """
+
+    kind = "category_clustering"
+
+    def __init__(
+        self,
+        layers: list[str] | None = None,
+        method: CategoryMethod = "agglomerative",
+        metric: Metric = "correlation",
+        linkage: Linkage = "average",
+        normalize: CategoryNormalize = "none",
+        n_clusters: int | None = None,
+        combine_layers: bool = True,
+        classifier_layer: str | None = None,
+        confusion: bool = True,
+        every_n_epochs: int = 1,
+        enable_logging: bool = True,
+        on_error: OnError = "warn",
+    ) -> None:
+        super().__init__(layers, every_n_epochs, enable_logging, on_error)
+        # Building one checks every option now rather than at the first epoch's end.
+        self._clusterer_options = {
+            "method": method,
+            "metric": metric,
+            "linkage": linkage,
+            "normalize": normalize,
+            "n_clusters": n_clusters,
+        }
+        CategoryClusterer(**self._clusterer_options)
+        self.method, self.metric, self.linkage = method, metric, linkage
+        self.normalize, self.n_clusters = normalize, n_clusters
+        self.combine_layers = combine_layers
+        self.classifier_layer = classifier_layer
+        self.confusion = confusion
+        self.results: dict[str, CategoryClusteringResult] = {}
+        self._classifier: str | None = None
+        self._hooks = HookSet()
+        self._labels: torch.Tensor | None = None
+        self._counts: torch.Tensor | None = None
+        self._collecting = False
+        self._previous: dict[str, np.ndarray] = {}
+        self._warned_shape = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            layers=self.layer_patterns, method=self.method, metric=self.metric
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"previous": {k: torch.as_tensor(v) for k, v in self._previous.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._previous = {k: np.asarray(v) for k, v in state_dict.get("previous", {}).items()}
+
+    # ---- Lightning hooks ----
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._classifier = None
+        if not self.confusion:
+            return
+        if self.classifier_layer is not None:
+            resolved = resolve_layers(pl_module, [self.classifier_layer])
+            self._classifier = resolved[-1]
+            return
+        linears = [n for n, m in pl_module.named_modules() if n and isinstance(m, nn.Linear)]
+        self._classifier = linears[-1] if linears else None
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start("train", trainer, pl_module)
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start("validation", trainer, pl_module)
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start("test", trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_start("train", batch)
+
+    def on_validation_batch_start(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batch_start("validation", batch)
+
+    def on_test_batch_start(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batch_start("test", batch)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self._labels = None
+
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, *args: Any
+    ) -> None:
+        self._labels = None
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self._labels = None
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        self._stop()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._stop()
+
+    # ---- confusion matrix: streamed from a hook on the classifier ----
+
+    def _start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        if stage != self._stage:
+            return
+        self._stop()
+        self._counts = None
+        if self._classifier is None or not self._due(trainer):
+            return
+        self._collecting = True
+        self._hooks.add(pl_module, [self._classifier], self._on_logits)
+
+    def _stop(self) -> None:
+        self._hooks.remove()
+        self._labels = None
+        self._collecting = False
+
+    def _batch_start(self, stage: str, batch: Any) -> None:
+        if stage != self._stage or not self._collecting:
+            return
+        from lightning_neurons.callbacks.tracker import extract_labels
+
+        self._labels = extract_labels(batch, self._label_fn)
+
+    def _on_logits(self, name: str, output: torch.Tensor) -> None:
+        labels, self._labels = self._labels, None  # one forward per batch counts
+        if labels is None:
+            return
+        with torch.no_grad():
+            if output.dim() != 2 or output.shape[0] != labels.shape[0]:
+                self._shape_problem(name, output, labels)
+                return
+            num_classes = output.shape[1]
+            if self._counts is None:
+                self._counts = torch.zeros(
+                    num_classes, num_classes, dtype=torch.float64, device=output.device
+                )
+            if self._counts.shape[0] != num_classes:
+                self._shape_problem(name, output, labels)
+                return
+            preds = output.detach().argmax(dim=1)
+            labels = labels.to(output.device)
+            ok = (labels >= 0) & (labels < num_classes)
+            index = labels[ok] * num_classes + preds[ok]
+            counts = torch.bincount(index, minlength=num_classes * num_classes)
+            self._counts += counts.view(num_classes, num_classes).to(torch.float64)
+
+    def _shape_problem(self, name: str, output: torch.Tensor, labels: torch.Tensor) -> None:
+        self._collecting = False
+        self._counts = None
+        if not self._warned_shape:
+            self._warned_shape = True
+            rank_zero_warn(
+                f"CategoryClustering: layer {name!r} returned shape {tuple(output.shape)} for "
+                f"{labels.shape[0]} labels, not [batch, num_classes] logits; no confusion matrix "
+                "is collected. Pass `classifier_layer=` naming the layer that outputs the logits."
+            )
+
+    def _confusion_matrix(self, trainer: Trainer) -> np.ndarray | None:
+        """The epoch's confusion counts summed over ranks (called on every rank)."""
+        counts = self._counts
+        self._counts = None
+        if trainer.world_size > 1:
+            flag = torch.tensor(0.0 if counts is None else 1.0, device=trainer.strategy.root_device)
+            if float(trainer.strategy.reduce(flag, reduce_op="min")) < 1.0:
+                return None
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        return None if counts is None else counts.detach().cpu().numpy()
+
+    # ---- the analysis ----
+
+    def _stage_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        collected = self._collecting or self._counts is not None
+        self._stop()
+        confusion = self._confusion_matrix(trainer) if collected else None
+        stats = self._fresh_stats(trainer)
+        if stats is None:
+            return
+        self._run_safely("category clustering", lambda: self._analyse(trainer, stats, confusion))
+
+    def _views(self, stats: dict[str, LayerStats]) -> dict[str, tuple[list[str], np.ndarray]]:
+        views = {
+            name: ([name], stats[name].class_means.numpy()) for name in self.layers if name in stats
+        }
+        if self.combine_layers and len(views) > 1:
+            from lightning_neurons.clustering import standardize_columns
+
+            blocks = [standardize_columns(np.nan_to_num(p)) for _, p in views.values()]
+            # NaN rows (classes without images) stay NaN so that they are left out below.
+            missing = np.any([~np.isfinite(p).all(axis=1) for _, p in views.values()], axis=0)
+            combined = np.concatenate(blocks, axis=1)
+            combined[missing] = np.nan
+            views[COMBINED] = (list(views), combined)
+        return views
+
+    def _analyse(
+        self, trainer: Trainer, stats: dict[str, LayerStats], confusion: np.ndarray | None
+    ) -> None:
+        if not trainer.is_global_zero:
+            return
+        epoch = trainer.current_epoch
+        results: dict[str, CategoryClusteringResult] = {}
+        for view, (layers, profile) in self._views(stats).items():
+            names = class_names_of(trainer, profile.shape[0])
+            results[view] = self._cluster(view, layers, profile, names, epoch, confusion)
+        self.results = results
+        for view, res in results.items():
+            self._previous[view] = res.labels
+        if self.enable_logging:
+            self._log(trainer, results)
+
+    def _cluster(
+        self,
+        view: str,
+        layers: list[str],
+        profile: np.ndarray,
+        names: list[str],
+        epoch: int,
+        confusion: np.ndarray | None,
+    ) -> CategoryClusteringResult:
+        num_classes = profile.shape[0]
+        # Classes without images have NaN rows; neurons with NaN activations NaN entries.
+        finite = np.isfinite(profile)
+        rows = np.flatnonzero(finite.any(axis=1))
+        cols = finite[rows].all(axis=0)
+        if rows.size < 3 or not cols.any():
+            raise NeuronsError(
+                f"layer(s) {', '.join(layers)}: only {rows.size} of {num_classes} classes have "
+                "statistics; category clustering needs at least 3 classes with images"
+            )
+        clusterer = CategoryClusterer(**self._clusterer_options).fit(profile[np.ix_(rows, cols)])
+        labels = np.full(num_classes, -1, dtype=np.int64)
+        labels[rows] = clusterer.labels_
+        distances = np.full((num_classes, num_classes), np.nan)
+        distances[np.ix_(rows, rows)] = clusterer.distances_
+        if clusterer.linkage_ is not None:
+            from scipy.cluster.hierarchy import leaves_list
+
+            order = [int(rows[i]) for i in leaves_list(clusterer.linkage_)]
+        else:
+            order = [int(rows[i]) for i in np.argsort(clusterer.labels_, kind="stable")]
+        agreement = float("nan")
+        if confusion is not None and confusion.shape[0] == num_classes:
+            agreement = distance_confusion_agreement(
+                clusterer.distances_, confusion[np.ix_(rows, rows)]
+            )
+        previous = self._previous.get(view)
+        stability = (
+            _ari(previous, labels)
+            if previous is not None and previous.shape == labels.shape
+            else float("nan")
+        )
+        return CategoryClusteringResult(
+            view=view,
+            layers=layers,
+            epoch=epoch,
+            class_names=names,
+            classes=rows,
+            labels=labels,
+            n_clusters=clusterer.n_clusters_,
+            silhouette=clusterer.silhouette_,
+            distances=distances,
+            linkage=clusterer.linkage_,
+            leaf_order=order,
+            confusion=confusion,
+            agreement=agreement,
+            stability=stability,
+        )
+
+    def _log(self, trainer: Trainer, results: dict[str, CategoryClusteringResult]) -> None:
+        from lightning_neurons.plots.clustering import dendrogram_figure, distance_confusion_figure
+
+        out = AnalysisLogger(trainer, self.kind, owner=self)
+        if not out.is_writer:
+            return
+        scalars: dict[str, float] = {}
+        assignments: dict[str, dict[str, int]] = {}
+        for view, res in results.items():
+            kept = list(res.leaf_order)
+            names = [res.class_names[i] for i in kept]
+            title = f"{view}: epoch {res.epoch}, {res.n_clusters} clusters, silhouette {res.silhouette:.2f}"
+            if out.experiment is not None:
+                if res.linkage is not None:
+                    leaf_names = [res.class_names[i] for i in res.classes]
+                    fig, _ = dendrogram_figure(res.linkage, leaf_names, res.n_clusters, title)
+                    out.figure(out.tag(view, "dendrogram"), fig)
+                sub = np.ix_(kept, kept)
+                fig = distance_confusion_figure(
+                    res.distances[sub],
+                    None if res.confusion is None else res.confusion[sub],
+                    names,
+                    agreement=res.agreement if res.confusion is not None else None,
+                    title=title,
+                )
+                out.figure(out.tag(view, "distance_vs_confusion"), fig)
+                out.text(out.tag(view, "assignments"), self._table(res))
+            scalars[out.tag(view, "silhouette")] = res.silhouette
+            scalars[out.tag(view, "n_clusters")] = float(res.n_clusters)
+            if np.isfinite(res.agreement):
+                scalars[out.tag(view, "distance_confusion_spearman")] = res.agreement
+            if np.isfinite(res.stability):
+                scalars[out.tag(view, "stability")] = res.stability
+            out.save_arrays(
+                view,
+                res.as_arrays(),
+                meta={"view": view, "layers": res.layers, "epoch": res.epoch, **self._meta()},
+            )
+            assignments[view] = {
+                n: int(c) for n, c in zip(res.class_names, res.labels, strict=True)
+            }
+        out.save_json("assignments", assignments)
+        out.scalars({k: v for k, v in scalars.items() if np.isfinite(v)})
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "metric": self.metric,
+            "linkage": self.linkage,
+            "normalize": self.normalize,
+        }
+
+    @staticmethod
+    def _table(res: CategoryClusteringResult) -> str:
+        rows = []
+        for cluster in sorted(set(res.labels.tolist())):
+            members = [res.class_names[i] for i in np.flatnonzero(res.labels == cluster)]
+            label = "left out" if cluster < 0 else str(cluster)
+            rows.append((label, len(members), ", ".join(members)))
+        return _markdown_table(("cluster", "classes", "members"), rows)
+
+
+# ---- neuron clustering ------------------------------------------------------------------------
+
+
+@dataclass
+class NeuronClusteringResult:
+    """Neuron clustering of one layer.
+
+    Attributes:
+        layer: Layer name.
+        epoch: Epoch of the statistics.
+        classes: Indices of the classes with statistics (the columns of ``cluster_profiles``).
+        labels: ``[K]`` cluster of each neuron (-1: unclustered: HDBSCAN noise or constant).
+        n_clusters: Clusters found (noise not counted).
+        cluster_sizes: ``[n_clusters]`` neurons per cluster.
+        noise_fraction: Share of neurons labelled -1.
+        cluster_profiles: ``[n_clusters, len(classes)]`` mean normalised class profile of each
+            cluster.
+        silhouette: Mean silhouette of the clusters (NaN when undefined).
+        preferred_class: ``[K]`` each neuron's class with the largest mean.
+        selectivity: ``[K]`` class selectivity index.
+        stability: Adjusted Rand index with the previous analysis's labels (NaN the first time).
+        source: ``"class_means"`` or ``"reservoir"``.
+        extra: Not saved: ``features``, the ``[K, len(classes)]`` normalised class profile of
+            each neuron (what the embedding projector shows).
+    """
+
+    layer: str
+    epoch: int
+    classes: np.ndarray
+    labels: np.ndarray
+    n_clusters: int
+    cluster_sizes: np.ndarray
+    noise_fraction: float
+    cluster_profiles: np.ndarray
+    silhouette: float
+    preferred_class: np.ndarray
+    selectivity: np.ndarray
+    stability: float = float("nan")
+    source: str = "class_means"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays by name (for ``.npz`` files)."""
+        skip = {"layer", "source", "extra"}
+        return {
+            f.name: np.asarray(getattr(self, f.name)) for f in fields(self) if f.name not in skip
+        }
+
+
+class NeuronClustering(_ClusteringCallback):
+    """Clusters each layer's neurons by how they respond across the classes (neurons are points).
+
+    Uses :class:`~lightning_neurons.clustering.NeuronClusterer` on the tracker's class profile
+    (``source="class_means"``), or on a bounded reservoir of per-image activations gathered by
+    this callback's own forward hooks during the tracker's stage (``source="reservoir"``; memory
+    ``reservoir_size x neurons`` per layer; under DDP each rank samples its own share and rank
+    zero clusters its sample).
+
+    Logged per layer under ``neuron_clustering/<layer>/``: the cluster sizes as a table and
+    scalars (``n_clusters``, ``noise_fraction``, ``silhouette``, ``stability``: adjusted Rand
+    index with the previous analysis), and each cluster's mean class profile as a figure. All
+    layers' neurons go to TensorBoard's embedding projector (tag ``neuron_clustering``) with
+    metadata columns layer, neuron, cluster, preferred class and selectivity; when a
+    ``FeatureVisualizer`` has rendered images of the neurons they become the projector's
+    sprites. Arrays go to ``<log_dir>/neurons/neuron_clustering/epoch=EEE/<layer>.npz``.
+
+    Args:
+        layers: Tracked layers (default: all the tracker's layers).
+        method: ``"hdbscan"``, ``"kmeans"`` or ``"agglomerative"``.
+        n_clusters: For k-means / agglomerative; ``None`` chooses by silhouette.
+        min_cluster_size: HDBSCAN's smallest cluster (default ``max(3, neurons // 50)``).
+        normalize: How each neuron's response is normalised: ``"zscore"``, ``"l2"``, ``"max"``,
+            ``"none"``.
+        source: ``"class_means"`` or ``"reservoir"``.
+        reservoir_size: Per-image rows kept per layer for ``source="reservoir"``.
+        embedding: Write the embedding projector data.
+        max_embedding_neurons: At most this many neurons (the most selective of each layer, in
+            equal shares) go to the projector.
+        seed: Seed of the clusterer and the reservoir.
+        every_n_epochs: Analyse every n-th epoch.
+        enable_logging: Log to TensorBoard and write files (``results`` is always filled).
+        on_error: ``"warn"`` or ``"raise"`` when an analysis fails.
+
+    Raises:
+        NeuronsError: For bad arguments; at setup, if no ActivationTracker is attached or a layer
+            is not tracked.
+
+    Example:
+        >>> trainer = Trainer(callbacks=[ActivationTracker(), NeuronClustering()])  # doctest: +SKIP
+    """
+
+    kind = "neuron_clustering"
+
+    def __init__(
+        self,
+        layers: list[str] | None = None,
+        method: NeuronMethod = "hdbscan",
+        n_clusters: int | None = None,
+        min_cluster_size: int | None = None,
+        normalize: NeuronNormalize = "zscore",
+        source: Literal["class_means", "reservoir"] = "class_means",
+        reservoir_size: int = 1024,
+        embedding: bool = True,
+        max_embedding_neurons: int = 4096,
+        seed: int = 0,
+        every_n_epochs: int = 1,
+        enable_logging: bool = True,
+        on_error: OnError = "warn",
+    ) -> None:
+        super().__init__(layers, every_n_epochs, enable_logging, on_error)
+        self._clusterer_options = {
+            "method": method,
+            "n_clusters": n_clusters,
+            "min_cluster_size": min_cluster_size,
+            "normalize": normalize,
+            "random_state": seed,
+        }
+        NeuronClusterer(**self._clusterer_options)  # checks the options now
+        if source not in ("class_means", "reservoir"):
+            raise NeuronsError(f"`source` must be 'class_means' or 'reservoir'; got {source!r}")
+        self.method, self.n_clusters, self.min_cluster_size = method, n_clusters, min_cluster_size
+        self.normalize, self.source, self.seed = normalize, source, seed
+        self.reservoir_size = check_positive_int("reservoir_size", reservoir_size)
+        self.embedding = embedding
+        self.max_embedding_neurons = check_positive_int(
+            "max_embedding_neurons", max_embedding_neurons
+        )
+        self.results: dict[str, NeuronClusteringResult] = {}
+        self._previous: dict[str, np.ndarray] = {}
+        self._hooks = HookSet()
+        self._reservoirs: dict[str, ActivationReservoir] = {}
+        self._labels: torch.Tensor | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            layers=self.layer_patterns, method=self.method, source=self.source
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"previous": {k: torch.as_tensor(v) for k, v in self._previous.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._previous = {k: np.asarray(v) for k, v in state_dict.get("previous", {}).items()}
+
+    # ---- Lightning hooks ----
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start("train", trainer, pl_module)
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start("validation", trainer, pl_module)
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start("test", trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_start("train", batch)
+
+    def on_validation_batch_start(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batch_start("validation", batch)
+
+    def on_test_batch_start(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batch_start("test", batch)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self._labels = None
+
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, *args: Any
+    ) -> None:
+        self._labels = None
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self._labels = None
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        self._stop()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._stop()
+
+    # ---- the reservoir of per-image activations ----
+
+    def _start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        if stage != self._stage or self.source != "reservoir":
+            return
+        self._stop()
+        self._reservoirs = {}
+        if not self._due(trainer):
+            return
+        self._reservoirs = {
+            n: ActivationReservoir(self.reservoir_size, seed=self.seed) for n in self.layers
+        }
+        self._hooks.add(pl_module, self.layers, self._on_activation)
+
+    def _stop(self) -> None:
+        self._hooks.remove()
+        self._labels = None
+
+    def _batch_start(self, stage: str, batch: Any) -> None:
+        if stage != self._stage or not len(self._hooks):
+            return
+        from lightning_neurons.callbacks.tracker import extract_labels
+
+        self._labels = extract_labels(batch, self._label_fn)
+
+    def _on_activation(self, name: str, output: torch.Tensor) -> None:
+        if self._labels is None:
+            return
+        with torch.no_grad():
+            values = reduce_activation(output.detach(), self._reduction, name)
+            self._reservoirs[name].update(values, self._labels)
+
+    # ---- the analysis ----
+
+    def _stage_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._stop()
+        stats = self._fresh_stats(trainer)
+        if stats is None:
+            return
+        self._run_safely("neuron clustering", lambda: self._analyse(trainer, stats))
+        self._reservoirs = {}
+
+    def _analyse(self, trainer: Trainer, stats: dict[str, LayerStats]) -> None:
+        if not trainer.is_global_zero:
+            return
+        results: dict[str, NeuronClusteringResult] = {}
+        for name in self.layers:
+            if name in stats:
+                results[name] = self._cluster(name, stats[name])
+        self.results = results
+        for name, res in results.items():
+            self._previous[name] = res.labels
+        if self.enable_logging:
+            self._log(trainer, results)
+
+    def _cluster(self, name: str, stats: LayerStats) -> NeuronClusteringResult:
+        means = stats.class_means.numpy()
+        classes = np.flatnonzero(np.isfinite(means).any(axis=1))  # classes with images
+        means = np.nan_to_num(means[classes])
+        if self.source == "reservoir":
+            reservoir = self._reservoirs.get(name)
+            if reservoir is None or len(reservoir) < 2:
+                raise NeuronsError(f"the reservoir of layer {name!r} holds fewer than 2 images")
+            profile = reservoir.values.numpy()
+        else:
+            profile = means
+        clusterer = NeuronClusterer(**self._clusterer_options).fit(profile)
+        labels = clusterer.labels_
+        normalized, _ = normalize_neurons(means.T, self.normalize)
+        found = np.unique(labels[labels >= 0])
+        cluster_profiles = (
+            np.stack([normalized[labels == c].mean(axis=0) for c in found])
+            if found.size
+            else np.zeros((0, means.shape[0]))
+        )
+        previous = self._previous.get(name)
+        stability = (
+            _ari(previous, labels)
+            if previous is not None and previous.shape == labels.shape
+            else float("nan")
+        )
+        return NeuronClusteringResult(
+            layer=name,
+            epoch=stats.epoch,
+            classes=classes,
+            labels=labels,
+            n_clusters=clusterer.n_clusters_,
+            cluster_sizes=clusterer.cluster_sizes_,
+            noise_fraction=float((labels < 0).mean()),
+            cluster_profiles=cluster_profiles,
+            silhouette=clusterer.silhouette_,
+            preferred_class=stats.preferred_class.numpy(),
+            selectivity=stats.selectivity.numpy(),
+            stability=stability,
+            source=self.source,
+            extra={"features": normalized},
+        )
+
+    def _log(self, trainer: Trainer, results: dict[str, NeuronClusteringResult]) -> None:
+        from lightning_neurons.plots.clustering import cluster_profiles_figure
+
+        out = AnalysisLogger(trainer, self.kind, owner=self)
+        if not out.is_writer:
+            return
+        scalars: dict[str, float] = {}
+        for name, res in results.items():
+            all_names = class_names_of(trainer, self._num_classes(res))
+            names = [all_names[i] for i in res.classes]
+            if out.experiment is not None:
+                fig = cluster_profiles_figure(
+                    res.cluster_profiles,
+                    res.cluster_sizes,
+                    names,
+                    noise=int((res.labels < 0).sum()),
+                    title=f"{name}: neuron clusters, epoch {res.epoch}",
+                )
+                out.figure(out.tag(name, "cluster_profiles"), fig)
+                out.text(out.tag(name, "clusters"), self._table(res, names))
+            scalars[out.tag(name, "n_clusters")] = float(res.n_clusters)
+            scalars[out.tag(name, "noise_fraction")] = res.noise_fraction
+            if np.isfinite(res.silhouette):
+                scalars[out.tag(name, "silhouette")] = res.silhouette
+            if np.isfinite(res.stability):
+                scalars[out.tag(name, "stability")] = res.stability
+            out.save_arrays(
+                name,
+                res.as_arrays(),
+                meta={
+                    "layer": name,
+                    "epoch": res.epoch,
+                    "method": self.method,
+                    "source": self.source,
+                },
+            )
+        out.scalars(scalars)
+        if self.embedding and out.experiment is not None and results:
+            self._embedding(trainer, out, results)
+
+    @staticmethod
+    def _num_classes(res: NeuronClusteringResult) -> int:
+        return int(max(res.classes.max(initial=-1), res.preferred_class.max(initial=-1))) + 1
+
+    @staticmethod
+    def _table(res: NeuronClusteringResult, names: list[str]) -> str:
+        rows = []
+        for c, (size, profile) in enumerate(
+            zip(res.cluster_sizes, res.cluster_profiles, strict=True)
+        ):
+            top = np.argsort(-profile)[:3]
+            rows.append((c, int(size), ", ".join(f"{names[i]} ({profile[i]:+.1f})" for i in top)))
+        noise = int((res.labels < 0).sum())
+        if noise:
+            rows.append(("unclustered", noise, ""))
+        return _markdown_table(("cluster", "neurons", "strongest classes (mean z)"), rows)
+
+    def _embedding(
+        self, trainer: Trainer, out: AnalysisLogger, results: dict[str, NeuronClusteringResult]
+    ) -> None:
+        share = max(1, self.max_embedding_neurons // len(results))
+        features, metadata, picks = [], [], []
+        for name, res in results.items():
+            order = np.argsort(-np.nan_to_num(res.selectivity, nan=-1.0), kind="stable")[:share]
+            order = np.sort(order)
+            names = class_names_of(trainer, self._num_classes(res))
+            for k in order.tolist():
+                pref = int(res.preferred_class[k])
+                metadata.append(
+                    [
+                        name,
+                        str(k),
+                        str(int(res.labels[k])),
+                        names[pref] if pref < len(names) else str(pref),
+                        f"{float(res.selectivity[k]):.3f}",
+                    ]
+                )
+            features.append(res.extra["features"][order])
+            picks.append((name, order))
+        widths = {f.shape[1] for f in features}
+        if len(widths) != 1:
+            return
+        mat = torch.as_tensor(np.concatenate(features), dtype=torch.float32)
+        sprites = self._sprites(trainer, picks)
+        out.experiment.add_embedding(
+            mat,
+            metadata=metadata,
+            metadata_header=["layer", "neuron", "cluster", "preferred_class", "selectivity"],
+            label_img=sprites,
+            global_step=trainer.global_step,
+            tag=self.kind,
+        )
+
+    @staticmethod
+    def _sprites(trainer: Trainer, picks: list[tuple[str, np.ndarray]]) -> torch.Tensor | None:
+        """Rendered images of the picked neurons from a FeatureVisualizer, if any (else None)."""
+        found: dict[str, tuple[list[int], torch.Tensor]] = {}
+        for cb in trainer.callbacks:
+            results = getattr(cb, "results", None)
+            if type(cb).__name__ != "FeatureVisualizer" or not isinstance(results, dict):
+                continue
+            for layer, _ in picks:
+                entry = results.get(layer)
+                try:
+                    channels = [int(c) for c in entry["channels"]]
+                    images = torch.as_tensor(entry["images"]).detach().float().cpu()
+                except (TypeError, KeyError, ValueError):
+                    continue
+                if images.dim() == 4 and images.shape[0] == len(channels):
+                    found[layer] = (channels, images)
+        if not found:
+            return None
+        first = next(iter(found.values()))[1]
+        channels_out = 3 if any(img.shape[1] == 3 for _, img in found.values()) else first.shape[1]
+        size = min(32, first.shape[-1])
+        blank = torch.full((channels_out, size, size), 0.5)
+        rows = []
+        for layer, order in picks:
+            channels, images = found.get(layer, ([], torch.zeros(0)))
+            position = {c: i for i, c in enumerate(channels)}
+            for k in order.tolist():
+                if k not in position:
+                    rows.append(blank)
+                    continue
+                img = images[position[k]].clamp(0, 1)
+                img = F.interpolate(
+                    img[None], size=(size, size), mode="bilinear", align_corners=False
+                )[0]
+                if img.shape[0] != channels_out:
+                    img = (
+                        img.expand(channels_out, -1, -1)
+                        if img.shape[0] == 1
+                        else img[:channels_out]
+                    )
+                rows.append(img)
+        return torch.stack(rows)
