@@ -3,7 +3,12 @@ results used when present, no side effects on training, hooks removed, errors.""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import warnings
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import numpy as np
@@ -175,10 +180,12 @@ def test_a_failing_analysis_raises_with_on_error_raise_and_removes_hooks(tmp_pat
 
 
 class NeuronClustering(pl.Callback):
-    """Stands in for the clustering callback: only its ``results`` are read."""
+    """Stands in for the clustering callback: only ``results[layer].labels`` is read (an attribute
+    of a result object, or a mapping key)."""
 
-    def __init__(self, labels) -> None:
-        self.results = {"backbone.fc": {"labels": labels}}
+    def __init__(self, labels, as_mapping: bool = False) -> None:
+        entry = {"labels": labels} if as_mapping else SimpleNamespace(labels=labels)
+        self.results = {"backbone.fc": entry}
 
 
 class FeatureVisualizer(pl.Callback):
@@ -216,7 +223,7 @@ MALFORMED = [
 
 def test_missing_or_malformed_results_of_other_callbacks_are_skipped(tmp_path):
     for i, results in enumerate(MALFORMED):
-        clustering, visualizer = NeuronClustering(None), FeatureVisualizer()
+        clustering, visualizer = NeuronClustering(None, as_mapping=True), FeatureVisualizer()
         clustering.results = visualizer.results = results
         contribution = NeuronContribution(
             layers=["backbone.fc"], max_batches=1, probe_images=1, on_error="raise"
@@ -241,7 +248,7 @@ def test_cluster_labels_of_the_wrong_length_warn(tmp_path):
     )
     callbacks = [
         ActivationTracker(enable_logging=False),
-        NeuronClustering(torch.zeros(3, dtype=torch.long)),
+        NeuronClustering(torch.zeros(3, dtype=torch.long), as_mapping=True),
         contribution,
     ]
     with pytest.warns(UserWarning, match="are 3 values.*8 neurons"):
@@ -346,3 +353,54 @@ def test_without_tensorboard_it_still_writes_files(tmp_path):
         ).fit(_module(), datamodule=TinyData())
     index = load_index(tmp_path)
     assert {r["name"] for r in index if r["kind"] == "contribution"} == set(LAYERS)
+
+
+DDP_SCRIPT = """
+import json, sys
+from pathlib import Path
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning_neurons.callbacks.contribution import NeuronContribution
+from lightning_neurons.callbacks.tracker import ActivationTracker
+from lightning_neurons.data import DigitsDataModule
+from lightning_neurons.models import ImageClassifier, SmallCNN
+
+out = Path(sys.argv[1])
+pl.seed_everything(0, verbose=False)
+model = ImageClassifier(SmallCNN(widths=(4, 8)), num_classes=10)
+contribution = NeuronContribution(max_batches=2, on_error="raise")
+trainer = pl.Trainer(
+    accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=2,
+    logger=TensorBoardLogger(str(out), name="tb"), enable_progress_bar=False,
+    enable_model_summary=False, enable_checkpointing=False,
+    callbacks=[ActivationTracker(), contribution],
+)
+trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+drop = contribution.results.get("backbone.features.conv2", {}).get("accuracy_drop")
+summary = {"layers": sorted(contribution.results), "drop": None if drop is None else list(drop.shape)}
+(out / f"rank{trainer.global_rank}.json").write_text(json.dumps(summary))
+"""
+
+
+def test_two_process_ddp_runs_on_rank_zero_only(tmp_path):
+    script = tmp_path / "ddp_contribution.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert rank0 == {
+        "layers": ["backbone.features.conv1", "backbone.features.conv2"],
+        "drop": [10, 10],
+    }
+    assert rank1 == {"layers": [], "drop": None}
+    records = [r for r in load_index(tmp_path / "tb" / "version_0") if r["kind"] == "contribution"]
+    assert len(records) == 2  # two layers, written once (by rank zero)

@@ -44,12 +44,18 @@ def _callback_named(trainer: Trainer, class_name: str) -> Any | None:
     return None
 
 
-def _layer_entry(callback: Any, layer: str) -> Mapping[str, Any] | None:
+def _field(callback: Any, layer: str, key: str) -> Any | None:
+    """``callback.results[layer][key]`` (a mapping entry) or ``callback.results[layer].key`` (a
+    dataclass entry); ``None`` when any step is missing."""
     results = getattr(callback, "results", None)
     if not isinstance(results, Mapping):
         return None
     entry = results.get(layer)
-    return entry if isinstance(entry, Mapping) else None
+    if entry is None:
+        return None
+    if isinstance(entry, Mapping):
+        return entry.get(key)
+    return getattr(entry, key, None)
 
 
 def cluster_sets(labels: Any) -> dict[str, torch.Tensor]:
@@ -117,9 +123,10 @@ class NeuronContribution(AnalysisCallback):
             does not exist.
 
     Example:
-        >>> trainer = Trainer(callbacks=[ActivationTracker(), NeuronContribution()])  # doctest: +SKIP
+        >>> contribution = NeuronContribution(max_batches=4)
+        >>> trainer = Trainer(callbacks=[ActivationTracker(), contribution])  # doctest: +SKIP
         >>> trainer.fit(model, datamodule=dm)  # doctest: +SKIP
-        >>> NeuronContribution.results["backbone.features.conv3"]["accuracy_drop"]  # doctest: +SKIP
+        >>> contribution.results["backbone.features.conv3"]["accuracy_drop"]  # doctest: +SKIP
     """
 
     def __init__(
@@ -379,8 +386,7 @@ class NeuronContribution(AnalysisCallback):
     def _clusters(self, trainer: Trainer, layer: str, num_neurons: int) -> dict[str, torch.Tensor]:
         """The neuron clusters of an attached NeuronClustering callback for ``layer`` (or none)."""
         clustering = _callback_named(trainer, "NeuronClustering")
-        entry = _layer_entry(clustering, layer) if clustering is not None else None
-        labels = entry.get("labels") if entry is not None else None
+        labels = _field(clustering, layer, "labels") if clustering is not None else None
         if labels is None:
             return {}
         try:
@@ -451,12 +457,14 @@ class NeuronContribution(AnalysisCallback):
     def _rendered(self, trainer: Trainer, layer: str) -> dict[int, torch.Tensor]:
         """``{channel: image}`` rendered by an attached FeatureVisualizer for ``layer`` (may be empty)."""
         visualizer = _callback_named(trainer, "FeatureVisualizer")
-        entry = _layer_entry(visualizer, layer) if visualizer is not None else None
-        if entry is None:
+        if visualizer is None:
+            return {}
+        channels, images = (_field(visualizer, layer, k) for k in ("channels", "images"))
+        if channels is None or images is None:
             return {}
         try:
-            channels = torch.as_tensor(entry.get("channels")).reshape(-1).tolist()
-            images = torch.as_tensor(entry.get("images"))
+            channels = torch.as_tensor(channels).reshape(-1).tolist()
+            images = torch.as_tensor(images)
         except (TypeError, ValueError, RuntimeError):
             return {}
         if images.dim() != 4 or images.shape[0] != len(channels):
