@@ -74,7 +74,7 @@ class FeatureVisualizer(AnalysisCallback):
     - logs labelled image grids to TensorBoard under stable tags (``preference/<layer>``,
       ``preference/classes``, ``focus/<method>``), so TensorBoard's step slider shows the images
       evolving over the epochs, and writes the images to files
-      (``<log_dir>/lightning_neurons/preference/epoch=EEE/<layer>.npz``, ``classes.npz``, and
+      (``<log_dir>/neurons/preference/epoch=EEE/<layer>.npz``, ``classes.npz``, and
       ``focus/epoch=EEE/saliency.npz``);
     - measures how strong each rendered channel image is: the activation it reaches divided by
       the largest activation of that channel on the real validation data, as recorded by an
@@ -128,7 +128,8 @@ class FeatureVisualizer(AnalysisCallback):
         batch_size: Render at most this many images at once (default: a layer at once).
         smoothgrad_samples: Noisy copies per probe image for SmoothGrad.
         every_n_epochs: Visualize after every n-th epoch.
-        log: Log figures and scalars and write files (``False``: only fill :attr:`results`).
+        enable_logging: Log figures and scalars and write files (``False``: only fill
+            :attr:`results`).
         on_error: ``"warn"``: a failing round is reported and training goes on; ``"raise"``.
 
     Raises:
@@ -161,7 +162,7 @@ class FeatureVisualizer(AnalysisCallback):
         batch_size: int | None = None,
         smoothgrad_samples: int = 16,
         every_n_epochs: int = 1,
-        log: bool = True,
+        enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:
         super().__init__(every_n_epochs=every_n_epochs, on_error=on_error)
@@ -194,7 +195,7 @@ class FeatureVisualizer(AnalysisCallback):
             None if batch_size is None else check_positive_int("batch_size", batch_size)
         )
         self.smoothgrad_samples = check_positive_int("smoothgrad_samples", smoothgrad_samples)
-        self.log = log
+        self.enable_logging = enable_logging
         self.layers: list[str] = []
         self.results: dict[str, dict[str, Any]] = {}
         self.saliency_results: dict[str, Any] = {}
@@ -442,7 +443,7 @@ class FeatureVisualizer(AnalysisCallback):
         self.results = results
         if self.saliency_methods and self._probe_images:
             self.saliency_results = self._saliency(pl_module, epoch)
-        if self.log:
+        if self.enable_logging:
             self._log(trainer)
         self.last_seconds = time.perf_counter() - start
 
@@ -513,7 +514,9 @@ class FeatureVisualizer(AnalysisCallback):
             if key == "classes":
                 labels = [
                     f"{names[c] if names and c < len(names) else c}: p={p:.2f}"
-                    for c, p in zip(res["channels"].tolist(), res["probability"].tolist())
+                    for c, p in zip(
+                        res["channels"].tolist(), res["probability"].tolist(), strict=True
+                    )
                 ]
                 title = f"class images (epoch {res['epoch']}); p = softmax probability of the class"
             else:
@@ -521,7 +524,7 @@ class FeatureVisualizer(AnalysisCallback):
                 if strength is not None:
                     labels = [
                         f"{c}: {s:.1f}x"
-                        for c, s in zip(res["channels"].tolist(), strength.tolist())
+                        for c, s in zip(res["channels"].tolist(), strength.tolist(), strict=True)
                     ]
                     title = f"{key} channels (epoch {res['epoch']}); x = activation / max on validation data"
                     above = (res["activation"] > res["reference"]).double().mean()

@@ -204,7 +204,7 @@ def saliency_grid(
     def name(c: int) -> str:
         return class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c)
 
-    labels = [f"pred {name(p)} / true {name(t)}" for p, t in zip(predicted, true)]
-    colors = ["black" if p == t else "red" for p, t in zip(predicted, true)]
+    labels = [f"pred {name(p)} / true {name(t)}" for p, t in zip(predicted, true, strict=True)]
+    colors = ["black" if p == t else "red" for p, t in zip(predicted, true, strict=True)]
     cells = _as_rgb(overlay(images, maps, alpha=alpha))
     return _grid_figure(cells, labels, colors, ncols, title, cell_inches)

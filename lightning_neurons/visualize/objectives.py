@@ -334,8 +334,8 @@ class Neuron(Term):
         y, x = self._position(shape[1], shape[2])
         if y >= shape[1] or x >= shape[2]:
             raise NeuronsError(
-                f"{self!r}: position (y={y}, x={x}) is outside layer {self.layer!r}'s "
-                f"{shape[1]}x{shape[2]} feature map"
+                f"{self!r}: position (y={y}, x={x}) is outside the {shape[1]}x{shape[2]} feature "
+                f"map of layer {self.layer!r}"
             )
 
     @classmethod

@@ -1,0 +1,337 @@
+"""Parametrizations, transforms and the batched render loop: correctness, independence of rows,
+no side effects, and images that really drive a trained CNN's channels and classes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _vis_helpers import (
+    assert_same_rng,
+    assert_unchanged,
+    bn_net,
+    rng_states,
+    snapshot,
+    trained_digits_cnn,
+)
+from conftest import TinyNet
+from torch import nn
+
+from lightning_neurons import NeuronsError
+from lightning_neurons.data import Normalize
+from lightning_neurons.hooks import hooked
+from lightning_neurons.visualize import (
+    CenterCrop,
+    Channel,
+    ChannelGroup,
+    ClassLogit,
+    Jitter,
+    Neuron,
+    Pad,
+    RandomRotate,
+    RandomScale,
+    apply_transforms,
+    evaluate,
+    fft_image,
+    parametrize,
+    pixel_image,
+    render,
+    resolve_transforms,
+    row_seed,
+    standard_transforms,
+)
+
+# ---- parametrizations ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("param", ["pixel", "fft"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_parametrizations_give_display_images_with_independent_rows(param, channels):
+    seeds = [row_seed(0, i) for i in range(3)]
+    params, image_fn = parametrize(param, (3, channels, 12, 10), seeds)
+    image = image_fn()
+    assert image.shape == (3, channels, 12, 10)
+    image_values = image.detach()
+    assert float(image_values.min()) > 0.0 and float(image_values.max()) < 1.0
+    assert all(p.requires_grad and p.is_leaf for p in params)
+    image[1].sum().backward()  # one row's loss reaches only that row's parameters
+    grad = params[0].grad
+    assert grad[1].abs().sum() > 0 and grad[0].abs().sum() == 0 and grad[2].abs().sum() == 0
+    # a row's initial image depends only on its own seed
+    _, alone = parametrize(param, (1, channels, 12, 10), seeds[1:2])
+    assert torch.equal(alone()[0], image[1].detach())
+    assert not torch.equal(image[0], image[1])
+
+
+def test_fft_images_are_smoother_than_pixel_images():
+    seeds = [row_seed(0, i) for i in range(8)]
+    _, pixel = pixel_image((8, 1, 32, 32), seeds, sd=0.5)
+    _, fft = fft_image((8, 1, 32, 32), seeds, sd=0.5)
+
+    def roughness(x: torch.Tensor) -> float:
+        x = x.detach() - x.detach().mean(dim=(2, 3), keepdim=True)
+        return float((x[..., 1:, :] - x[..., :-1, :]).abs().mean() / x.abs().mean())
+
+    assert roughness(fft()) < 0.7 * roughness(pixel())  # 1/f spectrum: about 0.6
+
+
+def test_rgb_colour_decorrelation_mixes_channels():
+    seeds = [row_seed(0, 0)]
+    params, mixed = fft_image((1, 3, 8, 8), seeds, sd=1.0)
+    _, plain = fft_image((1, 3, 8, 8), seeds, sd=1.0, decorrelate=False)
+    assert not torch.allclose(mixed(), plain())
+    with torch.no_grad():
+        params[0][:, 1:] = 0  # only the first decorrelated channel: all colour channels move
+    centred = mixed() - 0.5
+    assert (centred.abs().flatten(2).amax(dim=2) > 1e-3).all()
+
+
+def test_parametrize_errors():
+    with pytest.raises(NeuronsError, match="`param` must be one of 'pixel', 'fft'"):
+        parametrize("cppn", (1, 1, 8, 8), [0])
+    with pytest.raises(NeuronsError, match="one seed per image"):
+        parametrize("fft", (2, 1, 8, 8), [0])
+    with pytest.raises(NeuronsError, match=r"\[N, C, H, W\]"):
+        parametrize("pixel", (1, 8, 8), [0])
+
+
+# ---- transforms ---------------------------------------------------------------------------------
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_pad_and_jitter_shapes_and_shifts():
+    x = torch.rand(2, 3, 10, 10)
+    padded = Pad(3)(x, _gen())
+    assert padded.shape == (2, 3, 16, 16)
+    assert torch.equal(padded[..., 3:13, 3:13], x) and torch.all(padded[..., 0, :] == 0.5)
+    assert Pad(2, mode="reflect")(x, _gen()).shape == (2, 3, 14, 14)
+    jittered = Jitter(4)(x, _gen(1))
+    assert jittered.shape == (2, 3, 6, 6)
+    # a crop: some 6x6 window of the input, the same window for every image of the batch
+    windows = [(t, left) for t in range(5) for left in range(5)]
+    assert any(torch.equal(jittered, x[..., t : t + 6, left : left + 6]) for t, left in windows)
+    # different steps draw different shifts
+    gen = _gen(1)
+    crops = {tuple(Jitter(4)(x, gen)[0, 0, 0, :2].tolist()) for _ in range(20)}
+    assert len(crops) > 3
+    assert CenterCrop(8, 8)(x, _gen()).shape == (2, 3, 8, 8)
+    with pytest.raises(NeuronsError, match="too large"):
+        Jitter(10)(x, _gen())
+    with pytest.raises(NeuronsError, match="non-negative integer"):
+        Pad(-1)
+    with pytest.raises(NeuronsError, match="`mode`"):
+        Pad(1, mode="wrap")
+
+
+@pytest.mark.parametrize("transform", [RandomScale(0.8, 1.2), RandomRotate(20.0)])
+def test_scale_and_rotate_are_differentiable_seeded_and_keep_fill(transform):
+    x = torch.full((2, 1, 16, 16), 0.5)
+    x[:, :, 6:10, 6:10] = 1.0
+    x.requires_grad_(True)
+    before = rng_states()
+    out = transform(x, _gen(3))
+    assert_same_rng(before)
+    assert out.shape == x.shape
+    assert torch.allclose(out[..., 0, 0], torch.tensor(0.5))  # pixels from outside: the fill
+    assert torch.equal(out, transform(x, _gen(3)))  # same generator state: same transform
+    assert not torch.allclose(out, x)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_standard_chain_keeps_image_size_and_resolve():
+    chain = standard_transforms((1, 32, 32))
+    assert [type(t).__name__ for t in chain] == [
+        "Pad", "Jitter", "RandomScale", "RandomRotate", "Jitter", "CenterCrop",
+    ]  # fmt: skip
+    for shape in [(3, 32, 32), (1, 28, 20), (3, 224, 224)]:
+        x = torch.rand(2, *shape)
+        assert apply_transforms(x, resolve_transforms("standard", shape), _gen()).shape == x.shape
+    assert resolve_transforms("none", (1, 8, 8)) == [] and resolve_transforms(None, (1, 8, 8)) == []
+    with pytest.raises(NeuronsError, match="'standard', 'none', None or a list"):
+        resolve_transforms("fancy", (1, 8, 8))
+    with pytest.raises(NeuronsError, match="must be callable"):
+        resolve_transforms([Pad(1), 3], (1, 8, 8))
+
+
+# ---- render -------------------------------------------------------------------------------------
+
+
+def test_render_leaves_model_rng_and_output_untouched(capsys):
+    model = bn_net()
+    model.train()  # BatchNorm and Dropout in training mode; render must use eval mode
+    model.conv1.weight.requires_grad_(False)  # a mixture of flags to restore
+    model.head.bias.grad = torch.ones_like(model.head.bias)  # and a gradient to keep
+    before = snapshot(model)
+    rng = rng_states()
+    objectives = [Channel("conv1", 1), Channel("conv2", 5), ClassLogit(2)]
+    images = render(model, objectives, image_shape=(1, 8, 8), steps=5)
+    assert images.shape == (3, 1, 8, 8) and not images.requires_grad
+    assert_unchanged(model, before)  # weights, BatchNorm statistics, modes, flags, grads, hooks
+    assert_same_rng(rng)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_render_does_not_depend_on_the_global_rng():
+    model = bn_net()
+    torch.manual_seed(1)
+    first = render(model, [Channel("conv2", 0), ClassLogit(1)], image_shape=(1, 8, 8), steps=4)
+    torch.manual_seed(2)
+    second = render(model, [Channel("conv2", 0), ClassLogit(1)], image_shape=(1, 8, 8), steps=4)
+    assert torch.equal(first, second)
+    third = render(
+        model, [Channel("conv2", 0), ClassLogit(1)], image_shape=(1, 8, 8), steps=4, seed=1
+    )
+    assert not torch.equal(first, third)
+
+
+@pytest.mark.parametrize("param", ["pixel", "fft"])
+def test_chunks_give_the_same_images_as_one_batch(param):
+    model = bn_net()
+    objectives = [Channel("conv1", i) for i in range(4)] + [ClassLogit(0), Neuron("conv2", 3)]
+    kwargs = dict(image_shape=(1, 12, 12), steps=12, param=param, seed=3)
+    whole = render(model, objectives, **kwargs)
+    chunked = render(model, objectives, batch_size=4, **kwargs)
+    single = render(model, objectives[4:5], **kwargs)  # alone, at index 0: a different seed
+    assert torch.allclose(whole, chunked, atol=1e-5)
+    assert torch.allclose(render(model, objectives, batch_size=1, **kwargs), whole, atol=1e-5)
+    assert not torch.allclose(single[0], whole[4], atol=1e-3)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_render_increases_objectives_grey_and_rgb(channels):
+    model = bn_net(in_channels=channels)
+    objectives = [
+        Channel("conv2", 0),
+        Neuron("conv1", 2),
+        ChannelGroup("conv2", [1, 4]),
+        ClassLogit(1),
+    ]
+    objectives.append(ClassLogit(0) - ClassLogit(2))
+    shape = (channels, 16, 16)
+    start = render(model, objectives, image_shape=shape, steps=1, lr=1e-9, transforms="none")
+    images = render(model, objectives, image_shape=shape, steps=40)
+    assert images.shape == (5, *shape) and float(images.min()) >= 0 and float(images.max()) <= 1
+    gain = evaluate(model, objectives, images) - evaluate(model, objectives, start)
+    assert (gain > 0).all(), gain
+
+
+def test_pixel_param_no_transforms_penalties_and_steps():
+    model = bn_net()
+    objective = [Channel("conv2", 2)]
+    kwargs = dict(image_shape=(1, 8, 8), steps=30, param="pixel", transforms="none")
+    plain = render(model, objective, **kwargs)
+    smooth = render(model, objective, tv=5.0, **kwargs)
+    grey = render(model, objective, l2=50.0, **kwargs)
+
+    def tv(x: torch.Tensor) -> float:
+        return float(
+            (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., 1:] - x[..., :-1]).abs().mean()
+        )
+
+    assert tv(smooth) < tv(plain)
+    assert float((grey - 0.5).abs().mean()) < float((plain - 0.5).abs().mean())
+
+
+def test_input_transform_is_applied_after_the_transforms():
+    """A model that needs normalised input, rendered with input_transform=Normalize, gives the
+    same images as the same model with the normalisation as its first layer."""
+    net = bn_net(in_channels=3)
+    normalize = Normalize((0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+
+    class Plain(nn.Module):
+        def __init__(self, built_in: bool) -> None:
+            super().__init__()
+            self.net, self.built_in = net, built_in
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(normalize(x) if self.built_in else x)
+
+    objectives = [Channel("net.conv2", 1), ClassLogit(2)]
+    kwargs = dict(image_shape=(3, 16, 16), steps=15)
+    with_transform = render(Plain(False), objectives, input_transform=normalize, **kwargs)
+    built_in = render(Plain(True), objectives, **kwargs)
+    without = render(Plain(False), objectives, **kwargs)
+    assert torch.allclose(with_transform, built_in, atol=1e-5)
+    assert not torch.allclose(with_transform, without, atol=1e-3)
+
+
+def test_forward_stops_after_the_last_needed_layer():
+    model = TinyNet()
+    calls = []
+    model.head.register_forward_hook(lambda *args: calls.append(1))
+    render(model, [Channel("conv1", 0)], image_shape=(1, 8, 8), steps=3)
+    assert calls == [1]  # only check_objectives' probe reached the head
+    calls.clear()
+    render(model, [Channel("conv1", 0) + ClassLogit(0)], image_shape=(1, 8, 8), steps=3)
+    assert len(calls) == 4
+
+
+def test_evaluate_reads_outputs_before_in_place_ops():
+    model = bn_net()  # conv1 -> bn1 -> ReLU(inplace=True)
+    images = torch.rand(6, 1, 8, 8, generator=_gen(0))
+    seen = {}
+    with torch.no_grad(), hooked(model.eval(), ["bn1"], lambda n, t: seen.update({n: t.clone()})):
+        model(images)
+    values = evaluate(model, [Channel("bn1", i % 4) for i in range(6)], images)
+    expected = torch.stack([seen["bn1"][i, i % 4].mean() for i in range(6)])
+    assert torch.allclose(values, expected, atol=1e-6)
+    assert (values < 0).any()  # before the in-place ReLU
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"image_shape": (8, 8)}, "`image_shape` must be"),
+        ({"image_shape": (1, 8, 8), "steps": 0}, "`steps` must be a positive integer"),
+        ({"image_shape": (1, 8, 8), "lr": -1.0}, "`lr` must be a positive number"),
+        ({"image_shape": (1, 8, 8), "param": "cppn"}, "`param` must be one of"),
+        ({"image_shape": (1, 8, 8), "batch_size": 0}, "`batch_size` must be a positive integer"),
+        ({"image_shape": (1, 8, 8), "tv": -1.0}, "`tv` must be a number >= 0"),
+        ({"image_shape": (1, 8, 8), "transforms": "heavy"}, "`transforms` must be"),
+        ({"image_shape": (3, 8, 8)}, "failed on a"),
+    ],
+)
+def test_render_argument_errors(kwargs, match):
+    model = TinyNet()
+    with pytest.raises(NeuronsError, match=match):
+        render(model, [Channel("conv1", 0)], **kwargs)
+    assert snapshot(model).hooks == 0
+
+
+# ---- on a trained CNN ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return trained_digits_cnn()
+
+
+def test_trained_cnn_channel_images_beat_real_data(trained):
+    """For >= 90% of a layer's channels, the rendered image drives the channel above its largest
+    value on any real validation image."""
+    model, val_x, _, accuracy = trained
+    assert accuracy > 0.9
+    layers = ["features.conv2", "features.conv3"]
+    seen = {}
+    with torch.no_grad(), hooked(model, layers, lambda n, t: seen.update({n: t})):
+        model(val_x)
+    for layer in layers:
+        real_max = seen[layer].mean(dim=(2, 3)).amax(dim=0)
+        objectives = [Channel(layer, k) for k in range(real_max.numel())]
+        images = render(model, objectives, image_shape=(1, 32, 32), steps=64, lr=0.1)
+        reached = evaluate(model, objectives, images)
+        above = (reached > real_max).float().mean()
+        assert above >= 0.9, (layer, float(above))
+
+
+def test_trained_cnn_class_images_are_classified_as_their_class(trained):
+    model = trained[0]
+    images = render(
+        model, [ClassLogit(c) for c in range(10)], image_shape=(1, 32, 32), steps=64, lr=0.1
+    )
+    with torch.no_grad():
+        predicted = model(images).argmax(dim=1)
+    assert (predicted == torch.arange(10)).float().mean() >= 0.9, predicted.tolist()

@@ -1,0 +1,145 @@
+"""Saliency (focus): exact values on a linear model, shapes, batching, the model-randomisation
+sanity check, errors, and no side effects."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _vis_helpers import (
+    assert_same_rng,
+    assert_unchanged,
+    bn_net,
+    rng_states,
+    snapshot,
+    trained_digits_cnn,
+)
+from conftest import TinyNet
+from torch import nn
+
+from lightning_neurons import NeuronsError
+from lightning_neurons.data import Normalize
+from lightning_neurons.visualize import grad_cam, gradient, normalize_maps, saliency, smoothgrad
+
+
+def _images(n: int = 4, channels: int = 1, size: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+class Linear(nn.Module):
+    """logits = W x: the gradient of logit c is exactly W[c]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+def test_gradient_is_exact_on_a_linear_model():
+    model = Linear()
+    images = _images(3, channels=2, size=4)
+    target = torch.tensor([2, 0, 1])
+    maps = gradient(model, images, target)
+    expected = model.fc.weight.detach()[target].view(3, 2, 4, 4).abs().amax(dim=1)
+    assert torch.allclose(maps, expected)
+    # the default target is the predicted class
+    with torch.no_grad():
+        predicted = model(images).argmax(dim=1)
+    assert torch.allclose(gradient(model, images), gradient(model, images, predicted))
+    # the gradient is taken with respect to the display image, through input_transform
+    norm = Normalize((0.5, 0.5), (0.5, 0.25))
+    scaled = gradient(model, images, target, input_transform=norm)
+    per_channel = model.fc.weight.detach()[target].view(3, 2, 4, 4) / torch.tensor(
+        [0.5, 0.25]
+    ).view(1, 2, 1, 1)
+    assert torch.allclose(scaled, per_channel.abs().amax(dim=1))
+
+
+def test_smoothgrad_without_noise_is_the_gradient_and_is_seeded():
+    model = bn_net()
+    images = _images()
+    assert torch.allclose(
+        smoothgrad(model, images, samples=3, noise=0.0), gradient(model, images), atol=1e-6
+    )
+    a = smoothgrad(model, images, samples=6, seed=1)
+    assert torch.equal(a, smoothgrad(model, images, samples=6, seed=1))
+    assert not torch.allclose(a, smoothgrad(model, images, samples=6, seed=2))
+    chunked = smoothgrad(model, images, samples=6, seed=1, batch_size=5)  # chunks split copies
+    assert torch.allclose(a, chunked, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_shapes_batching_and_no_side_effects(channels):
+    model = bn_net(in_channels=channels)
+    model.train()
+    before, rng = snapshot(model), rng_states()
+    images = _images(5, channels=channels, size=12)
+    for method in ["gradient", "smoothgrad", "gradcam"]:
+        maps = saliency(model, images, method, samples=4)
+        assert maps.shape == (5, 12, 12) and maps.dtype == torch.float32
+        assert (maps >= 0).all() and maps.sum() > 0
+        again = saliency(model, images, method, samples=4, batch_size=2)
+        assert torch.allclose(maps, again, atol=1e-5)
+    assert_unchanged(model, before)
+    assert_same_rng(rng)
+
+
+def test_grad_cam_layer_default_and_choice():
+    model = TinyNet()
+    images = _images(3)
+    assert torch.equal(grad_cam(model, images), grad_cam(model, images, "conv2"))  # last Conv2d
+    assert grad_cam(model, images, "relu1").shape == (3, 8, 8)
+    with pytest.raises(NeuronsError, match="layer 'conv7' not found"):
+        grad_cam(model, images, "conv7")
+    with pytest.raises(NeuronsError, match=r"Grad-CAM needs a layer with \[N, K, h, w\] output"):
+        grad_cam(model, images, "fc")
+    with pytest.raises(NeuronsError, match="has no Conv2d layer"):
+        grad_cam(Linear(), _images(2, channels=2, size=4))
+    assert snapshot(model).hooks == 0
+
+
+def test_errors():
+    model = TinyNet()
+    images = _images(2)
+    with pytest.raises(NeuronsError, match="outside the model's 3 classes"):
+        gradient(model, images, target=[0, 3])
+    with pytest.raises(NeuronsError, match="one class per image"):
+        grad_cam(model, images, target=[0, 1, 2])
+    with pytest.raises(NeuronsError, match=r"\[N, C, H, W\] tensor"):
+        gradient(model, images[0])
+    with pytest.raises(NeuronsError, match="`samples` must be a positive integer"):
+        smoothgrad(model, images, samples=0)
+    with pytest.raises(NeuronsError, match="`noise` must be a number >= 0"):
+        smoothgrad(model, images, noise=-0.1)
+    with pytest.raises(NeuronsError, match="`method` must be one of"):
+        saliency(model, images, "occlusion")
+    with pytest.raises(NeuronsError, match="`batch_size` must be a positive integer"):
+        gradient(model, images, batch_size=0)
+    assert snapshot(model).hooks == 0
+
+
+def _correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a = a.flatten(1) - a.flatten(1).mean(dim=1, keepdim=True)
+    b = b.flatten(1) - b.flatten(1).mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
+
+
+def test_maps_change_when_the_weights_are_randomised():
+    """Adebayo et al.'s sanity check: maps that survive randomising the model say nothing about it."""
+    model, val_x, val_y, _ = trained_digits_cnn()
+    images = torch.stack([val_x[val_y == c][0] for c in range(10)])
+    random_model, _, _, _ = trained_digits_cnn()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        for module in random_model.modules():
+            if hasattr(module, "reset_parameters") and not isinstance(module, nn.BatchNorm2d):
+                module.reset_parameters()
+    target = torch.arange(10)
+    for method in ["gradient", "smoothgrad", "gradcam"]:
+        trained_maps = normalize_maps(saliency(model, images, method, target, samples=8))
+        random_maps = normalize_maps(saliency(random_model, images, method, target, samples=8))
+        same = _correlation(trained_maps, saliency(model, images, method, target, samples=8))
+        changed = _correlation(trained_maps, random_maps)
+        assert torch.allclose(same, torch.ones(10), atol=1e-4)
+        assert changed.mean() < 0.6, (method, changed)

@@ -1,0 +1,235 @@
+"""FeatureVisualizer: what it renders and logs, its defaults, errors, and that training does not
+notice it (bitwise-identical weights)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from _vis_helpers import BNNet
+from conftest import TinyData, fast_trainer
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_neurons import ActivationTracker, NeuronsError
+from lightning_neurons.callbacks.visualizer import FeatureVisualizer
+from lightning_neurons.hooks import count_forward_hooks
+from lightning_neurons.loggers import artifact_root
+from lightning_neurons.models import ImageClassifier
+
+FAST = dict(steps=3, smoothgrad_samples=2)
+
+
+def _module(seed: int = 0) -> ImageClassifier:
+    pl.seed_everything(seed, verbose=False)
+    return ImageClassifier(BNNet(), num_classes=3, lr=1e-2)
+
+
+class CountingTransform:
+    """An input transform (display -> model input) that counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return (x - 0.5) / 0.25
+
+
+class ShapedData(TinyData):
+    """TinyData that, like the package's data modules, tells its image shape and transform."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image_shape = (1, 8, 8)
+        self.input_transform = CountingTransform()
+        self.class_names = ["dark", "mid", "bright"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_channels": 0}, "`max_channels` must be a positive integer"),
+        ({"steps": 0}, "`steps` must be a positive integer"),
+        ({"lr": 0}, "`lr` must be a number > 0"),
+        ({"tv": -1}, "`tv` must be a number >= 0"),
+        ({"param": "cppn"}, "`param` must be one of 'fft', 'pixel'"),
+        ({"transforms": "heavy"}, "`transforms` must be one of"),
+        ({"saliency": ["gradient", "lime"]}, "`saliency` must be one of"),
+        ({"classes": [0, -1]}, "`classes` must hold non-negative integers"),
+        ({"channels": [0, 1]}, "`channels` must map layer names"),
+        ({"channels": {"conv1": [1, "a"]}}, r"`channels\['conv1'\]` must hold"),
+        ({"image_shape": [8, 8]}, "`image_shape` must be"),
+        ({"max_probes": 0}, "`max_probes` must be a positive integer"),
+        ({"every_n_epochs": 0}, "`every_n_epochs` must be a positive integer"),
+        ({"on_error": "ignore"}, "`on_error` must be one of"),
+    ],
+)
+def test_argument_errors(kwargs, match):
+    with pytest.raises(NeuronsError, match=match):
+        FeatureVisualizer(**kwargs)
+
+
+def test_renders_logs_and_writes_files(tmp_path):
+    tracker = ActivationTracker(layers=["backbone.conv1", "backbone.conv2"])
+    vis = FeatureVisualizer(max_channels=3, on_error="raise", **FAST)
+    module = _module()
+    trainer = fast_trainer(tmp_path, callbacks=[vis, tracker])  # order does not matter
+    trainer.fit(module, datamodule=TinyData())
+
+    # layers default to the tracker's; the first max_channels channels of each
+    assert vis.layers == ["backbone.conv1", "backbone.conv2"]
+    assert set(vis.results) == {"backbone.conv1", "backbone.conv2", "classes"}
+    for layer in vis.layers:
+        res = vis.results[layer]
+        assert res["channels"].tolist() == [0, 1, 2]
+        assert res["images"].shape == (3, 1, 8, 8) and res["epoch"] == 1
+        assert float(res["images"].min()) >= 0 and float(res["images"].max()) <= 1
+        reference = tracker.results[layer].max_activation[:3].float()
+        assert torch.allclose(res["reference"], reference)
+        positive = reference > 0
+        expected = res["activation"][positive] / reference[positive]
+        assert torch.allclose(res["strength"][positive], expected)
+        assert torch.isnan(res["strength"][~positive]).all()
+    classes = vis.results["classes"]
+    assert classes["channels"].tolist() == [0, 1, 2] and classes["images"].shape == (3, 1, 8, 8)
+    assert classes["probability"].shape == (3,) and classes["strength"] is None
+
+    # probes: the first validation image of each class, with saliency maps of every method
+    sal = vis.saliency_results
+    val = TinyData()
+    first = [int(torch.nonzero(val.vy == c)[0]) for c in range(3)]
+    assert sal["labels"].tolist() == [0, 1, 2]
+    assert torch.equal(sal["images"], val.vx[first])
+    assert set(sal["maps"]) == {"gradient", "smoothgrad", "gradcam"}
+    assert all(m.shape == (3, 8, 8) for m in sal["maps"].values())
+
+    # TensorBoard: stable tags, one image per epoch each (the step slider); scalars
+    log_dir = Path(trainer.logger.log_dir)
+    events = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    expected_images = {
+        "preference/backbone.conv1",
+        "preference/backbone.conv2",
+        "preference/classes",
+        "focus/gradient",
+        "focus/smoothgrad",
+        "focus/gradcam",
+    }
+    assert expected_images <= set(tags["images"])
+    for tag in expected_images:
+        assert [e.step for e in events.Images(tag)] == [
+            trainer.global_step // 2,
+            trainer.global_step,
+        ]
+    assert "preference/backbone.conv2/above_max_fraction" in tags["scalars"]
+
+    # files for other analyses
+    root = artifact_root(trainer)
+    assert root.parent == log_dir
+    index = json.loads((root / "index.json").read_text())
+    files = {r["file"] for r in index if r["kind"] in ("preference", "focus")}
+    assert "preference/epoch=001/backbone.conv2.npz" in files
+    assert "preference/epoch=001/classes.npz" in files and "focus/epoch=001/saliency.npz" in files
+    with np.load(root / "preference/epoch=001/backbone.conv2.npz") as data:
+        assert data["images"].shape == (3, 1, 8, 8)
+        assert np.array_equal(data["channels"], [0, 1, 2])
+    assert count_forward_hooks(module) == 0 and not vis.failures
+
+
+def test_defaults_without_tracker_from_data_module(tmp_path):
+    data = ShapedData()
+    vis = FeatureVisualizer(
+        layers=["backbone.conv*"],
+        channels={"backbone.conv2": [5, 1]},
+        max_channels=None,
+        classes=[2],
+        saliency=["gradcam"],
+        gradcam_layer="backbone.conv1",
+        on_error="raise",
+        **FAST,
+    )
+    trainer = fast_trainer(tmp_path, callbacks=[vis], max_epochs=1)
+    trainer.fit(_module(), datamodule=data)
+    assert vis.layers == ["backbone.conv1", "backbone.conv2"]
+    assert vis.results["backbone.conv1"]["channels"].tolist() == [0, 1, 2, 3]  # all 4
+    assert vis.results["backbone.conv2"]["channels"].tolist() == [5, 1]
+    assert vis.results["backbone.conv2"]["strength"] is None  # no tracker: no reference
+    assert vis.results["classes"]["channels"].tolist() == [2]
+    assert list(vis.saliency_results["maps"]) == ["gradcam"]
+    assert data.input_transform.calls > 0  # the data module's transform was used
+    assert vis.last_seconds is not None and vis.last_seconds > 0
+
+
+def test_probes_are_bounded_and_validate_runs_a_round(tmp_path):
+    vis = FeatureVisualizer(max_channels=1, probes_per_class=5, max_probes=4, **FAST)
+    trainer = fast_trainer(tmp_path, callbacks=[vis], logger=False)
+    trainer.validate(_module(), datamodule=TinyData())
+    assert vis.saliency_results["images"].shape == (4, 1, 8, 8)
+    # default layers: every Conv2d and Linear but the classifier (BNNet has no hidden Linear)
+    assert set(vis.results) == {"backbone.conv1", "backbone.conv2", "classes"}
+
+
+def test_seeded_fit_is_bitwise_identical_with_and_without_visualizer(tmp_path):
+    def fit(callbacks):
+        module = _module(seed=3)
+        trainer = fast_trainer(tmp_path, callbacks=callbacks, logger=False, max_epochs=2)
+        trainer.fit(module, datamodule=TinyData())
+        return {k: v.clone() for k, v in module.state_dict().items()}, torch.get_rng_state()
+
+    plain, plain_rng = fit([])
+    vis = FeatureVisualizer(max_channels=2, on_error="raise", **FAST)
+    seen, seen_rng = fit([ActivationTracker(), vis])
+    assert vis.results  # it did run
+    assert plain.keys() == seen.keys()
+    for key in plain:
+        assert torch.equal(plain[key], seen[key]), key
+    assert torch.equal(plain_rng, seen_rng)
+
+
+def test_configuration_errors_raise_even_with_on_error_warn(tmp_path):
+    trainer = fast_trainer(
+        tmp_path, callbacks=[FeatureVisualizer(layers=["backbone.conv9"])], logger=False
+    )
+    with pytest.raises(NeuronsError, match="layer 'backbone.conv9' not found"):
+        trainer.fit(_module(), datamodule=TinyData())
+    vis = FeatureVisualizer(channels={"backbone.conv1": [0, 4]}, on_error="warn", **FAST)
+    module = _module()
+    trainer = fast_trainer(tmp_path, callbacks=[vis], logger=False)
+    with pytest.raises(
+        NeuronsError, match="channel 4 is out of range; layer 'backbone.conv1' has 4"
+    ):
+        trainer.fit(module, datamodule=TinyData())
+    assert count_forward_hooks(module) == 0
+    trainer = fast_trainer(
+        tmp_path, callbacks=[FeatureVisualizer(classes=[3], **FAST)], logger=False
+    )
+    with pytest.raises(NeuronsError, match="class 3 is out of range"):
+        trainer.fit(_module(), datamodule=TinyData())
+    vis = FeatureVisualizer(channels={"backbone.fc": [0]}, layers=["backbone.conv1"])
+    trainer = fast_trainer(tmp_path, callbacks=[vis], logger=False)
+    with pytest.raises(NeuronsError, match="`channels` names layers"):
+        trainer.fit(_module(), datamodule=TinyData())
+
+
+def test_a_failing_round_warns_and_training_goes_on(tmp_path, monkeypatch):
+    import lightning_neurons.callbacks.visualizer as visualizer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(visualizer, "render", broken)
+    vis = FeatureVisualizer(**FAST)
+    module = _module()
+    trainer = fast_trainer(tmp_path, callbacks=[vis], logger=False)
+    with pytest.warns(UserWarning, match="feature visualization failed and was skipped"):
+        trainer.fit(module, datamodule=TinyData())
+    assert trainer.current_epoch == 2 and len(vis.failures) == 2
+    assert count_forward_hooks(module) == 0
+    vis = FeatureVisualizer(on_error="raise", **FAST)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fast_trainer(tmp_path, callbacks=[vis], logger=False).fit(_module(), datamodule=TinyData())
