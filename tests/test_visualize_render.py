@@ -39,6 +39,7 @@ from lightning_neurons.visualize import (
     row_seed,
     standard_transforms,
 )
+from lightning_neurons.visualize.render import CPU_CHUNK_BYTES_PER_THREAD, auto_batch_size
 
 # ---- parametrizations ---------------------------------------------------------------------------
 
@@ -198,6 +199,15 @@ def test_chunks_give_the_same_images_as_one_batch(param):
     assert torch.allclose(whole, chunked, atol=1e-5)
     assert torch.allclose(render(model, objectives, batch_size=1, **kwargs), whole, atol=1e-5)
     assert not torch.allclose(single[0], whole[4], atol=1e-3)
+
+
+def test_automatic_chunks_on_cpu_only():
+    assert auto_batch_size(64, largest_output=32 * 32 * 32, device=torch.device("cpu")) <= 64
+    rows = auto_batch_size(1000, largest_output=32 * 32 * 32, device=torch.device("cpu"))
+    assert rows == CPU_CHUNK_BYTES_PER_THREAD * torch.get_num_threads() // (4 * 32 * 32 * 32)
+    assert auto_batch_size(1000, largest_output=10**8, device=torch.device("cpu")) == 4
+    assert auto_batch_size(3, largest_output=10**8, device=torch.device("cpu")) == 3
+    assert auto_batch_size(1000, largest_output=10**8, device=torch.device("cuda")) == 1000
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -1,0 +1,123 @@
+"""Batched feature visualization: how much faster than one image at a time, and how close to the
+floor of one bare forward + backward pass per step.
+
+Run:  python benchmarks/visualization.py [--steps 32] [--repeats 3] [--device cpu|cuda]
+
+Everything is measured side by side in one run, each timing the best of ``--repeats``
+interleaved runs (the machine may be shared). Printed:
+
+1. batched vs one at a time: rendering all 64 channels of ``features.conv2`` of the demo's
+   SmallCNN in one call vs 64 calls of one channel each, same settings (FFT parametrization,
+   standard transforms, ``--steps`` Adam steps). Goal: >= 5x on CPU. The batched call is shown
+   with its default chunking (on CPU, chunks sized to the caches) and as one batch of 64.
+2. overhead over the floor: the time per step of rendering one batch of 64 divided by the time
+   of one bare forward + backward (to the input, parameters frozen, eval mode) of the same
+   64 x 1 x 32 x 32 batch. Goal: <= 1.3x. ``render`` stops the forward pass after the last
+   layer it needs, so the 64 ``conv2`` channels are compared with the bare pass cut after
+   ``conv2``; 64 class-logit objectives (which need the whole model) with the whole bare pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from lightning_neurons.models import SmallCNN
+from lightning_neurons.visualize import Channel, ClassLogit, render
+
+LAYER = "features.conv2"
+SHAPE = (1, 32, 32)
+
+
+def best_of(
+    fns: dict[str, Callable[[], None]], repeats: int, sync: Callable[[], None]
+) -> dict[str, float]:
+    """Best wall time of each function over ``repeats`` interleaved rounds."""
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def bare_pass(
+    model: nn.Module, batch: torch.Tensor, upto: nn.Module | None, passes: int
+) -> Callable[[], None]:
+    """``passes`` forward + backward passes to the input (parameters frozen, eval mode)."""
+
+    def run() -> None:
+        for _ in range(passes):
+            x = batch.clone().requires_grad_(True)
+            out = upto(x) if upto is not None else model(x)
+            out.float().mean().backward()
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+    )
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    model = SmallCNN().to(device).eval()  # the demo model: widths 32, 64, 128
+    for p in model.parameters():
+        p.requires_grad_(False)
+    channels = [Channel(LAYER, k) for k in range(64)]
+    logits = [ClassLogit(k % 10) for k in range(64)]
+    steps = args.steps
+    kwargs = dict(image_shape=SHAPE, steps=steps, param="fft", transforms="standard", seed=0)
+    batch = torch.rand(64, *SHAPE, generator=torch.Generator().manual_seed(0)).to(device)
+    upto_conv2 = model.features[: list(dict(model.features.named_children())).index("conv2") + 1]
+
+    def one_at_a_time() -> None:
+        for objective in channels:
+            render(model, [objective], **kwargs)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(
+        f"torch {torch.__version__}, device {name}, {torch.get_num_threads()} threads, {steps} steps, best of {args.repeats}"
+    )
+    times = best_of(
+        {
+            "batched, default chunks": lambda: render(model, channels, **kwargs),
+            "batched, one batch of 64": lambda: render(model, channels, batch_size=64, **kwargs),
+            "one at a time": one_at_a_time,
+            "64 class logits, one batch": lambda: render(model, logits, batch_size=64, **kwargs),
+            "bare F+B whole model": bare_pass(model, batch, None, steps),
+            "bare F+B up to conv2": bare_pass(model, batch, upto_conv2, steps),
+        },
+        args.repeats,
+        sync,
+    )
+    for key, value in times.items():
+        print(f"  {key:<27} {value:8.3f} s  ({1000 * value / steps:7.2f} ms per step)")
+    single = times["one at a time"]
+    print(f"batched vs one at a time ({LAYER}, 64 channels; goal >= 5x):")
+    print(f"  default chunks:  {single / times['batched, default chunks']:.1f}x faster")
+    print(f"  one batch of 64: {single / times['batched, one batch of 64']:.1f}x faster")
+    cut = times["batched, one batch of 64"] / times["bare F+B up to conv2"]
+    full = times["64 class logits, one batch"] / times["bare F+B whole model"]
+    print("time per step / bare forward+backward of the same batch of 64 (goal <= 1.3x):")
+    print(f"  {LAYER} channels vs the pass up to {LAYER}: {cut:.2f}x")
+    print(f"  class logits vs the whole-model pass:          {full:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
