@@ -49,13 +49,15 @@ def _scalar_tags(log_dir) -> set[str]:
 
 @pytest.fixture(scope="module")
 def parts_run(tmp_path_factory):
-    """SmallCNN (16-32-64) trained 8 epochs on 100 parts images per class, with both callbacks."""
+    """SmallCNN (16-32-64) trained 8 epochs on 100 parts images per class, with both callbacks
+    analysing every 4th epoch."""
     tmp = tmp_path_factory.mktemp("parts")
     pl.seed_everything(0, verbose=False)
     model = ImageClassifier(SmallCNN(num_classes=12, widths=(16, 32, 64)), num_classes=12, lr=5e-3)
     data = PartsDataModule(batch_size=32, n_per_class=100, seed=0)
-    category = CategoryClustering(on_error="raise")
-    neurons = NeuronClustering(on_error="raise")
+    # Analysed after epochs 4 and 8 (twice, so that stability across analyses is measured).
+    category = CategoryClustering(every_n_epochs=4, on_error="raise")
+    neurons = NeuronClustering(every_n_epochs=4, on_error="raise")
     trainer = fast_trainer(
         tmp,
         max_epochs=PARTS_EPOCHS,
@@ -74,38 +76,38 @@ def parts_run(tmp_path_factory):
     }
 
 
-def _null_ari_quantile(q: float, draws: int = 20_000) -> float:
+def _null_ari_quantile(q: float, draws: int = 2000) -> float:
     """ARI of random assignments of the 12 classes to 4 groups of 3 (the chance level)."""
     rng = np.random.default_rng(0)
     truth = np.array(CLASS_GROUPS)
-    return float(
-        np.quantile([adjusted_rand_score(truth, rng.permutation(truth)) for _ in range(draws)], q)
-    )
+    scores = [adjusted_rand_score(truth, rng.permutation(truth)) for _ in range(draws)]
+    return float(np.quantile(scores, q))
 
 
 def test_category_clustering_groups_classes_that_share_parts(parts_run):
     """Classes sharing their two large parts cluster together far above chance.
 
-    Chance: the ARI of a random grouping is 0 on average and its 99.9th percentile is about 0.43
-    (computed below). We require 0.6 for the trained network's combined view and every layer
-    but allow one layer's cut to mix one class (ARI 0.75-0.89 then); the measured figure for
-    this seed is ARI 1.0 (exact grouping) on both layers and their combination, at about 90-99%
-    validation accuracy (benchmarks/representation_study.py: 1.0 in every seed and layer with
-    mean-reduced activations).
+    Chance: a random grouping of the 12 classes into 4 groups of 3 has ARI 0 on average and
+    0.59 at its 99.9th percentile (one group right, the others shuffled). We require ARI >= 0.9
+    for the combined view and >= 0.75 for each layer (one class misplaced gives 0.75-0.89). The
+    measured figure for this seed is ARI 1.0 (the exact grouping) for conv2, conv3 and their
+    combination, at about 97% validation accuracy (benchmarks/representation_study.py: 1.0 in
+    3 of 3 seeds for conv2, conv3 and their combination with mean-reduced activations).
     """
     results = parts_run["category"].results
     assert set(results) == {*PARTS_LAYERS, COMBINED}
     chance = _null_ari_quantile(0.999)
-    assert chance < 0.5
+    assert chance < 0.75
     aris = {view: adjusted_rand_score(CLASS_GROUPS, res.labels) for view, res in results.items()}
     assert aris[COMBINED] >= 0.9, aris
-    assert min(aris.values()) >= 0.6, aris
+    assert min(aris.values()) >= 0.75, aris
     assert parts_run["accuracy"] > 0.6  # a trained model, not a random one
     combined = results[COMBINED]
     assert combined.n_clusters == 4 and combined.silhouette > 0.2
     assert combined.class_names == CLASS_NAMES and combined.epoch == PARTS_EPOCHS - 1
     # the confusion matrix covers every validation image once
     assert combined.confusion.sum() == len(parts_run["data"].val_set)
+    print(f"parts: ARI {aris}, chance 99.9% {chance:.2f}, accuracy {parts_run['accuracy']:.3f}")
 
 
 def test_confusion_matrix_matches_the_models_predictions(parts_run):
@@ -172,7 +174,7 @@ def test_everything_is_logged_and_written(parts_run):
     import glob
 
     metadata = sorted(glob.glob(f"{log_dir}/*/neuron_clustering/metadata.tsv"))
-    assert len(metadata) == PARTS_EPOCHS
+    assert len(metadata) == 2  # analysed twice
     lines = Path(metadata[-1]).read_text().strip().split("\n")
     assert lines[0].split("\t") == ["layer", "neuron", "cluster", "preferred_class", "selectivity"]
     assert len(lines) == 1 + 32 + 64
@@ -370,3 +372,59 @@ def test_cut_threshold_cuts_into_k_clusters(k):
     z = linkage(points, "average")
     labels = fcluster(z, cut_threshold(z, k), criterion="distance")
     assert len(set(labels)) == k
+
+
+# ---- two CPU processes (DDP, gloo) --------------------------------------------------------------
+
+_DDP_SCRIPT = """
+import json, sys
+from pathlib import Path
+import lightning.pytorch as pl
+import torch
+from lightning_neurons import ActivationTracker
+from lightning_neurons.callbacks.clustering import CategoryClustering, NeuronClustering
+from lightning_neurons.data import DigitsDataModule
+from lightning_neurons.models import ImageClassifier, SmallCNN
+
+out, devices = Path(sys.argv[1]), int(sys.argv[2])
+torch.manual_seed(0)
+model = ImageClassifier(SmallCNN(widths=(8, 16)), num_classes=10)
+category = CategoryClustering(n_clusters=3, on_error="raise")
+neurons = NeuronClustering(method="kmeans", n_clusters=2, on_error="raise")
+trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+                     logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     callbacks=[ActivationTracker(), category, neurons])
+trainer.validate(model, datamodule=DigitsDataModule(batch_size=64), verbose=False)
+result = {
+    "confusion": None if not category.results else category.results["combined"].confusion.tolist(),
+    "labels": {k: v.labels.tolist() for k, v in category.results.items()},
+    "neurons": {k: v.labels.tolist() for k, v in neurons.results.items()},
+}
+(out / f"rank{trainer.global_rank}_{devices}.json").write_text(json.dumps(result))
+"""
+
+
+def test_two_process_ddp_gives_the_single_process_results(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_clustering.py"
+    script.write_text(_DDP_SCRIPT)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    for devices in (1, 2):
+        done = subprocess.run(
+            [sys.executable, str(script), str(tmp_path), str(devices)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    single = json.loads((tmp_path / "rank0_1.json").read_text())
+    rank0 = json.loads((tmp_path / "rank0_2.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1_2.json").read_text())
+    assert np.sum(rank0["confusion"]) == 360  # every validation image, summed over both ranks
+    assert rank0["confusion"] == single["confusion"]
+    assert rank0["labels"] == single["labels"] and rank0["neurons"] == single["neurons"]
+    assert rank1["confusion"] is None  # analyses run on rank zero only

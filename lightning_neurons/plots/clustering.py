@@ -132,11 +132,15 @@ def distance_confusion_figure(
     )
     if confusion is not None:
         rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+        rates = rates[np.ix_(order, order)].astype(float)
+        accuracy = float(np.trace(confusion) / max(confusion.sum(), 1))
+        # The diagonal (correct predictions) would swamp the colour scale of the mistakes.
+        np.fill_diagonal(rates, np.nan)
         _heatmap(
             axes[0, 1],
-            rates[np.ix_(order, order)],
+            rates,
             names,
-            "confusion (row-normalised)",
+            f"confusions (row-normalised, diagonal hidden; accuracy {accuracy:.1%})",
             "magma_r",
             "rate",
             fig,
