@@ -60,6 +60,13 @@ def _check_number(name: str, value: object, low: float = 0.0, strict: bool = Fal
     return float(value)
 
 
+def _strength_label(channel: int, strength: float, activation: float, reference: float) -> str:
+    """``"12: 3.1x"``; where the validation maximum is not positive (no ratio): ``"12: > max"``."""
+    if math.isfinite(strength):
+        return f"{channel}: {strength:.1f}x"
+    return f"{channel}: {'>' if activation > reference else '<='} max"
+
+
 class FeatureVisualizer(AnalysisCallback):
     """Renders what channels and classes prefer, and saliency maps of probe images, every epoch.
 
@@ -501,66 +508,73 @@ class FeatureVisualizer(AnalysisCallback):
     # ---- logging -------------------------------------------------------------------------------
 
     def _log(self, trainer: Trainer) -> None:
-        from lightning_neurons.plots.images import image_grid, saliency_grid
-
-        plan = self._plan
-        assert plan is not None
         out = AnalysisLogger(trainer, "preference", owner=self)
         if not out.is_writer:
             return
-        scalars: dict[str, float] = {}
-        names = plan["class_names"]
-        for key, res in self.results.items():
-            if key == "classes":
-                labels = [
-                    f"{names[c] if names and c < len(names) else c}: p={p:.2f}"
-                    for c, p in zip(
-                        res["channels"].tolist(), res["probability"].tolist(), strict=True
-                    )
-                ]
-                title = f"class images (epoch {res['epoch']}); p = softmax probability of the class"
-            else:
-                strength = res["strength"]
-                if strength is not None:
-                    labels = [
-                        f"{c}: {s:.1f}x"
-                        for c, s in zip(res["channels"].tolist(), strength.tolist(), strict=True)
-                    ]
-                    title = f"{key} channels (epoch {res['epoch']}); x = activation / max on validation data"
-                    above = (res["activation"] > res["reference"]).double().mean()
-                    scalars[out.tag(key, "above_max_fraction")] = float(above)
-                    finite = strength[torch.isfinite(strength)]
-                    if finite.numel():
-                        scalars[out.tag(key, "strength_median")] = float(finite.median())
-                        out.histogram(out.tag(key, "strength"), finite)
-                else:
-                    labels = [f"ch {c}" for c in res["channels"].tolist()]
-                    title = f"{key} channels (epoch {res['epoch']})"
-            out.figure(out.tag(key), image_grid(res["images"], labels, title=title))
-            arrays = {k: v for k, v in res.items() if isinstance(v, torch.Tensor)}
-            out.save_arrays(
-                key, arrays, meta={"layer": key, "epoch": res["epoch"], "steps": self.steps}
-            )
-        out.scalars(scalars)
+        self._log_preference(out)
         if self.saliency_results:
-            focus = AnalysisLogger(trainer, "focus", owner=self)
-            res = self.saliency_results
-            for method, maps in res["maps"].items():
-                fig = saliency_grid(
-                    res["images"],
-                    maps,
-                    res["predicted"],
-                    res["labels"],
-                    class_names=names,
-                    title=f"{method} saliency (epoch {res['epoch']})",
-                )
-                focus.figure(focus.tag(method), fig)
-            arrays = {
-                "images": res["images"],
-                "labels": res["labels"],
-                "predicted": res["predicted"],
-            }
-            arrays.update({f"map_{m}": v for m, v in res["maps"].items()})
-            focus.save_arrays(
-                "saliency", arrays, meta={"methods": list(res["maps"]), "epoch": res["epoch"]}
+            self._log_focus(AnalysisLogger(trainer, "focus", owner=self))
+
+    def _grid_labels(self, key: str, res: dict[str, Any]) -> tuple[list[str], str]:
+        """Per-image labels and a title for one entry of :attr:`results`."""
+        assert self._plan is not None
+        names = self._plan["class_names"]
+        channels = res["channels"].tolist()
+        epoch = res["epoch"]
+        if key == "classes":
+            probability = res["probability"].tolist()
+            labels = [
+                f"{names[c] if names and c < len(names) else c}: p={p:.2f}"
+                for c, p in zip(channels, probability, strict=True)
+            ]
+            return labels, f"classes, epoch {epoch}: class: softmax probability of the image"
+        if res["strength"] is None:
+            return [f"ch {c}" for c in channels], f"{key}, epoch {epoch}: preferred images"
+        values = zip(
+            channels,
+            res["strength"].tolist(),
+            res["activation"].tolist(),
+            res["reference"].tolist(),
+            strict=True,
+        )
+        labels = [_strength_label(*v) for v in values]
+        return labels, f"{key}, epoch {epoch}: channel: activation / its max on the validation data"
+
+    def _log_preference(self, out: AnalysisLogger) -> None:
+        from lightning_neurons.plots.images import image_grid
+
+        scalars: dict[str, float] = {}
+        for key, res in self.results.items():
+            labels, title = self._grid_labels(key, res)
+            out.figure(out.tag(key), image_grid(res["images"], labels, title=title))
+            if res["strength"] is not None:
+                above = (res["activation"] > res["reference"]).double().mean()
+                scalars[out.tag(key, "above_max_fraction")] = float(above)
+                finite = res["strength"][torch.isfinite(res["strength"])]
+                if finite.numel():
+                    scalars[out.tag(key, "strength_median")] = float(finite.median())
+                    out.histogram(out.tag(key, "strength"), finite)
+            arrays = {k: v for k, v in res.items() if isinstance(v, torch.Tensor)}
+            meta = {"layer": key, "epoch": res["epoch"], "steps": self.steps}
+            out.save_arrays(key, arrays, meta=meta)
+        out.scalars(scalars)
+
+    def _log_focus(self, out: AnalysisLogger) -> None:
+        from lightning_neurons.plots.images import saliency_grid
+
+        assert self._plan is not None
+        res = self.saliency_results
+        for method, maps in res["maps"].items():
+            fig = saliency_grid(
+                res["images"],
+                maps,
+                res["predicted"],
+                res["labels"],
+                class_names=self._plan["class_names"],
+                title=f"{method} saliency, epoch {res['epoch']}",
             )
+            out.figure(out.tag(method), fig)
+        arrays = {k: res[k] for k in ("images", "labels", "predicted")}
+        arrays.update({f"map_{m}": v for m, v in res["maps"].items()})
+        meta = {"methods": list(res["maps"]), "epoch": res["epoch"]}
+        out.save_arrays("saliency", arrays, meta=meta)

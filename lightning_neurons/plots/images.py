@@ -7,6 +7,7 @@ The grids are drawn as one mosaic in one axes with text labels, which is much fa
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 
 import matplotlib
@@ -81,7 +82,7 @@ def _grid_figure(
     ax.imshow(_mosaic(cells, ncols), interpolation="nearest", aspect="auto")
     ax.set_axis_off()
     if labels is not None:
-        size = max(5.0, min(9.0, 60.0 * cell_inches / max(6, max(len(s) for s in labels) + 2)))
+        size = max(6.0, min(9.0, 80.0 * cell_inches / max(6, max(len(s) for s in labels) + 2)))
         for i, text in enumerate(labels):
             r, k = divmod(i, ncols)
             x = _PAD + k * (w + _PAD) + w / 2
@@ -89,7 +90,8 @@ def _grid_figure(
             color = colors[i] if colors is not None else "black"
             ax.text(x, y, text, ha="center", va="center", fontsize=size, color=color)
     if title:
-        fig.suptitle(title, fontsize=10, y=1.0 - 0.05 / fig.get_figheight(), va="top")
+        lines = textwrap.wrap(title, width=max(20, int(fig.get_figwidth() * 13)))
+        fig.suptitle("\n".join(lines[:2]), fontsize=9, y=1.0 - 0.03 / fig.get_figheight(), va="top")
     return fig
 
 
@@ -159,7 +161,8 @@ def overlay(
     colored = (
         torch.from_numpy(plt.get_cmap(cmap)(scaled.numpy())[..., :3]).float().permute(0, 3, 1, 2)
     )
-    return ((1 - alpha) * grey + alpha * colored).clamp(0, 1)
+    weight = alpha * scaled.clamp(0, 1).unsqueeze(1)
+    return ((1 - weight) * grey + weight * colored).clamp(0, 1)
 
 
 def saliency_grid(
@@ -171,8 +174,8 @@ def saliency_grid(
     class_names: Sequence[str] | None = None,
     ncols: int | None = None,
     title: str | None = None,
-    alpha: float = 0.5,
-    cell_inches: float = 1.1,
+    alpha: float = 0.7,
+    cell_inches: float = 1.4,
 ) -> Figure:
     """Saliency maps over their images, labelled ``pred X / true Y`` (red where wrong).
 
