@@ -4,6 +4,9 @@ notice it (bitwise-identical weights)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -17,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lightning_neurons import ActivationTracker, NeuronsError
 from lightning_neurons.callbacks.visualizer import FeatureVisualizer
 from lightning_neurons.hooks import count_forward_hooks
-from lightning_neurons.loggers import artifact_root
+from lightning_neurons.loggers import artifact_root, load_index
 from lightning_neurons.models import ImageClassifier
 
 FAST = dict(steps=3, smoothgrad_samples=2)
@@ -233,3 +236,61 @@ def test_a_failing_round_warns_and_training_goes_on(tmp_path, monkeypatch):
     vis = FeatureVisualizer(on_error="raise", **FAST)
     with pytest.raises(RuntimeError, match="out of memory"):
         fast_trainer(tmp_path, callbacks=[vis], logger=False).fit(_module(), datamodule=TinyData())
+
+
+DDP_SCRIPT = """
+import json, sys
+from pathlib import Path
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning_neurons.callbacks.tracker import ActivationTracker
+from lightning_neurons.callbacks.visualizer import FeatureVisualizer
+from lightning_neurons.data import DigitsDataModule
+from lightning_neurons.models import ImageClassifier, SmallCNN
+
+out = Path(sys.argv[1])
+pl.seed_everything(0, verbose=False)
+model = ImageClassifier(SmallCNN(widths=(4, 8)), num_classes=10)
+vis = FeatureVisualizer(max_channels=2, steps=2, smoothgrad_samples=2, on_error="raise")
+trainer = pl.Trainer(
+    accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=2,
+    limit_val_batches=3, logger=TensorBoardLogger(str(out), name="tb"), enable_progress_bar=False,
+    enable_model_summary=False, enable_checkpointing=False,
+    callbacks=[ActivationTracker(), vis],
+)
+trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+summary = {
+    "layers": sorted(vis.results),
+    "strength": [v["strength"] is not None for k, v in sorted(vis.results.items()) if k != "classes"],
+    "probes": len(vis.saliency_results.get("labels", [])),
+}
+(out / f"rank{trainer.global_rank}.json").write_text(json.dumps(summary))
+"""
+
+
+def test_two_process_ddp_renders_on_rank_zero_only(tmp_path):
+    script = tmp_path / "ddp_visualizer.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert rank0 == {
+        "layers": ["backbone.features.conv1", "backbone.features.conv2", "classes"],
+        "strength": [True, True],  # the tracker's statistics, synced over both ranks
+        "probes": 10,
+    }
+    assert rank1 == {"layers": [], "strength": [], "probes": 0}
+    records = [
+        r for r in load_index(tmp_path / "tb" / "version_0") if r["kind"] in ("preference", "focus")
+    ]
+    assert sorted(r["name"] for r in records) == [
+        "backbone.features.conv1", "backbone.features.conv2", "classes", "saliency",
+    ]  # fmt: skip
