@@ -313,6 +313,7 @@ class CategoryClustering(_ClusteringCallback):
         self._labels: torch.Tensor | None = None
         self._counts: torch.Tensor | None = None
         self._collecting = False
+        self._armed = False
         self._previous: dict[str, np.ndarray] = {}
         self._warned_shape = False
 
@@ -402,9 +403,11 @@ class CategoryClustering(_ClusteringCallback):
             return
         self._stop()
         self._counts = None
+        self._armed = False
         if self._classifier is None or not self._due(trainer):
             return
         self._collecting = True
+        self._armed = True  # the same on every rank, unlike `_collecting` (see `_shape_problem`)
         self._hooks.add(pl_module, [self._classifier], self._on_logits)
 
     def _stop(self) -> None:
@@ -467,9 +470,9 @@ class CategoryClustering(_ClusteringCallback):
     # ---- the analysis ----
 
     def _stage_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        collected = self._collecting or self._counts is not None
+        armed, self._armed = self._armed, False
         self._stop()
-        confusion = self._confusion_matrix(trainer) if collected else None
+        confusion = self._confusion_matrix(trainer) if armed else None
         stats = self._fresh_stats(trainer)
         if stats is None:
             return
