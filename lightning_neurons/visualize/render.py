@@ -21,7 +21,6 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from lightning_neurons.callbacks._base import untouched
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import first_tensor, get_module, hooked
 from lightning_neurons.visualize.objectives import (
@@ -84,6 +83,9 @@ def analysis_mode(model: nn.Module) -> Iterator[None]:
     running statistics (changing the model), and Dropout would consume the global RNG.
     Parameters are frozen so that no parameter gradient is computed or left behind.
     """
+    # imported here: lightning_neurons.callbacks imports this module (FeatureVisualizer)
+    from lightning_neurons.callbacks._base import untouched
+
     with untouched(model):
         model.eval()
         for p in model.parameters():
