@@ -177,6 +177,15 @@ def test_probes_are_bounded_and_validate_runs_a_round(tmp_path):
     assert set(vis.results) == {"backbone.conv1", "backbone.conv2", "classes"}
 
 
+def test_image_shape_from_the_batches_without_saliency(tmp_path):
+    vis = FeatureVisualizer(max_channels=1, classes=[], saliency=[], on_error="raise", **FAST)
+    trainer = fast_trainer(tmp_path, callbacks=[vis], logger=False, max_epochs=1)
+    trainer.fit(_module(), datamodule=TinyData())  # no image_shape attribute
+    assert set(vis.results) == {"backbone.conv1", "backbone.conv2"}  # classes=[]: none
+    assert vis.results["backbone.conv1"]["images"].shape == (1, 1, 8, 8)
+    assert vis.saliency_results == {}
+
+
 def test_seeded_fit_is_bitwise_identical_with_and_without_visualizer(tmp_path):
     def fit(callbacks):
         module = _module(seed=3)

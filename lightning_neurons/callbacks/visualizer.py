@@ -211,6 +211,7 @@ class FeatureVisualizer(AnalysisCallback):
         self._probe_images: list[torch.Tensor] = []
         self._probe_labels: list[int] = []
         self._probes_full = False
+        self._seen_shape: tuple[int, ...] | None = None
         self._no_labels_warned = False
         self._plan: dict[str, Any] | None = None
         self._num_classes: int | None = None
@@ -273,6 +274,9 @@ class FeatureVisualizer(AnalysisCallback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        if self._seen_shape is None:
+            images = batch_images(batch)
+            self._seen_shape = None if images is None else tuple(images.shape[1:])
         if self._probes_full or dataloader_idx != 0 or not self.saliency_methods:
             return
         self._collect_probes(trainer, pl_module, batch)
@@ -343,8 +347,8 @@ class FeatureVisualizer(AnalysisCallback):
         if self._plan is not None:
             return
         shape = self.image_shape or self._data_attr(trainer, "image_shape")
-        if shape is None and self._probe_images:
-            shape = tuple(self._probe_images[0].shape)
+        if shape is None:
+            shape = self._seen_shape
         if shape is None:
             raise NeuronsError(
                 "FeatureVisualizer cannot tell the image size: the data module has no `image_shape` "
