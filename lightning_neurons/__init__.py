@@ -2,12 +2,24 @@
 
 Attach the callbacks to any ``Trainer``::
 
-    from lightning_neurons import ActivationTracker
-    trainer = Trainer(callbacks=[ActivationTracker()])
+    from lightning_neurons import ActivationTracker, FeatureVisualizer
+    trainer = Trainer(callbacks=[ActivationTracker(), FeatureVisualizer()])
+
+The analyses read one shared :class:`ActivationTracker`; the libraries under them are
+:mod:`lightning_neurons.visualize`, :mod:`lightning_neurons.clustering` and
+:mod:`lightning_neurons.contribution`.
 """
 
-from lightning_neurons.callbacks import ActivationTracker, AnalysisCallback
+from lightning_neurons.callbacks import (
+    ActivationTracker,
+    AnalysisCallback,
+    CategoryClustering,
+    FeatureVisualizer,
+    NeuronClustering,
+    NeuronContribution,
+)
 from lightning_neurons.errors import NeuronsError
+from lightning_neurons.loggers import load_index
 from lightning_neurons.stats import LayerStats
 
 __version__ = "0.1.0"
@@ -15,7 +27,12 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivationTracker",
     "AnalysisCallback",
+    "CategoryClustering",
+    "FeatureVisualizer",
     "LayerStats",
+    "NeuronClustering",
+    "NeuronContribution",
     "NeuronsError",
     "__version__",
+    "load_index",
 ]

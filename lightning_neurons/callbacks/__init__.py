@@ -1,6 +1,16 @@
 """The Lightning callbacks of lightning-neurons."""
 
 from lightning_neurons.callbacks._base import AnalysisCallback
+from lightning_neurons.callbacks.clustering import CategoryClustering, NeuronClustering
+from lightning_neurons.callbacks.contribution import NeuronContribution
 from lightning_neurons.callbacks.tracker import ActivationTracker
+from lightning_neurons.callbacks.visualizer import FeatureVisualizer
 
-__all__ = ["ActivationTracker", "AnalysisCallback"]
+__all__ = [
+    "ActivationTracker",
+    "AnalysisCallback",
+    "CategoryClustering",
+    "FeatureVisualizer",
+    "NeuronClustering",
+    "NeuronContribution",
+]
