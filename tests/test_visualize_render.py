@@ -39,7 +39,7 @@ from lightning_neurons.visualize import (
     row_seed,
     standard_transforms,
 )
-from lightning_neurons.visualize.render import CPU_CHUNK_BYTES_PER_THREAD, auto_batch_size
+from lightning_neurons.visualize.render import CPU_CHUNK_BYTES, auto_batch_size
 
 # ---- parametrizations ---------------------------------------------------------------------------
 
@@ -204,7 +204,7 @@ def test_chunks_give_the_same_images_as_one_batch(param):
 def test_automatic_chunks_on_cpu_only():
     assert auto_batch_size(64, largest_output=32 * 32 * 32, device=torch.device("cpu")) <= 64
     rows = auto_batch_size(1000, largest_output=32 * 32 * 32, device=torch.device("cpu"))
-    assert rows == CPU_CHUNK_BYTES_PER_THREAD * torch.get_num_threads() // (4 * 32 * 32 * 32)
+    assert rows == CPU_CHUNK_BYTES // (4 * 32 * 32 * 32) == 16
     assert auto_batch_size(1000, largest_output=10**8, device=torch.device("cpu")) == 4
     assert auto_batch_size(3, largest_output=10**8, device=torch.device("cpu")) == 3
     assert auto_batch_size(1000, largest_output=10**8, device=torch.device("cuda")) == 1000
