@@ -27,6 +27,7 @@ from lightning_neurons.visualize import (
     Jitter,
     Neuron,
     Pad,
+    RandomAffine,
     RandomRotate,
     RandomScale,
     apply_transforms,
@@ -126,7 +127,9 @@ def test_pad_and_jitter_shapes_and_shifts():
         Pad(1, mode="wrap")
 
 
-@pytest.mark.parametrize("transform", [RandomScale(0.8, 1.2), RandomRotate(20.0)])
+@pytest.mark.parametrize(
+    "transform", [RandomScale(0.8, 1.2), RandomRotate(20.0), RandomAffine(2, (0.8, 1.2), 20.0)]
+)
 def test_scale_and_rotate_are_differentiable_seeded_and_keep_fill(transform):
     x = torch.full((2, 1, 16, 16), 0.5)
     x[:, :, 6:10, 6:10] = 1.0
@@ -144,17 +147,38 @@ def test_scale_and_rotate_are_differentiable_seeded_and_keep_fill(transform):
 
 def test_standard_chain_keeps_image_size_and_resolve():
     chain = standard_transforms((1, 32, 32))
-    assert [type(t).__name__ for t in chain] == [
-        "Pad", "Jitter", "RandomScale", "RandomRotate", "Jitter", "CenterCrop",
-    ]  # fmt: skip
+    assert len(chain) == 1 and isinstance(chain[0], RandomAffine) and chain[0].shift == 2
+    lucid = [Pad(3), Jitter(4), RandomScale(), RandomRotate(), Jitter(2), CenterCrop(32, 32)]
     for shape in [(3, 32, 32), (1, 28, 20), (3, 224, 224)]:
         x = torch.rand(2, *shape)
         assert apply_transforms(x, resolve_transforms("standard", shape), _gen()).shape == x.shape
+    assert apply_transforms(torch.rand(2, 1, 32, 32), lucid, _gen()).shape == (2, 1, 32, 32)
     assert resolve_transforms("none", (1, 8, 8)) == [] and resolve_transforms(None, (1, 8, 8)) == []
     with pytest.raises(NeuronsError, match="'standard', 'none', None or a list"):
         resolve_transforms("fancy", (1, 8, 8))
     with pytest.raises(NeuronsError, match="must be callable"):
         resolve_transforms([Pad(1), 3], (1, 8, 8))
+    with pytest.raises(NeuronsError, match="`shift` must be a non-negative integer"):
+        RandomAffine(shift=-1)
+    with pytest.raises(NeuronsError, match="`scale` must be"):
+        RandomAffine(scale=(1.2, 0.8))
+
+
+def test_random_affine_is_an_exact_shift_without_scale_and_rotation():
+    x = torch.rand(3, 1, 10, 10)
+    shifted = RandomAffine(shift=3, scale=(1.0, 1.0), degrees=0.0, fill=0.5)(x, _gen(5))
+    moves = [(dy, dx) for dy in range(-3, 4) for dx in range(-3, 4)]
+    # some whole-pixel shift of the input (same for the whole batch), grey where it came from outside
+    found = [
+        (dy, dx)
+        for dy, dx in moves
+        if torch.allclose(
+            shifted[..., max(dy, 0) : 10 + min(dy, 0), max(dx, 0) : 10 + min(dx, 0)],
+            x[..., max(-dy, 0) : 10 + min(-dy, 0), max(-dx, 0) : 10 + min(-dx, 0)],
+            atol=1e-5,
+        )
+    ]
+    assert len(found) == 1
 
 
 # ---- render -------------------------------------------------------------------------------------

@@ -115,8 +115,8 @@ class _Scoring:
         self.total = part if self.total is None else self.total + part
 
     def __call__(self, layer: str, output: torch.Tensor) -> None:
-        if layer in self.seen:
-            return  # a module called twice in one forward: its first call counts
+        if layer in self.seen or layer not in self.scorer.groups:
+            return  # a module called twice in one forward counts once; others' layers not at all
         self.seen.add(layer)
         self.add(layer, output)
         if self.stop and len(self.seen) == len(self.scorer.layers):
@@ -334,72 +334,103 @@ def render(
     _, largest = _probe(model, objectives, image_shape, input_transform)
     device = model_device(model)
     size = batch_size or auto_batch_size(len(objectives), largest, device)
-    images = []
     with analysis_mode(model):
-        for start in range(0, len(objectives), size):
-            chunk = objectives[start : start + size]
-            scoring = _Scoring(BatchScorer(chunk))
-            with scoring.attached(model):
-                images.append(
-                    _optimise(
-                        model,
-                        scoring,
-                        indices=range(start, start + len(chunk)),
-                        image_shape=image_shape,
-                        steps=steps,
-                        lr=lr,
-                        param=param,
-                        transforms=chain,
-                        input_transform=input_transform,
-                        seed=seed,
-                        l2=float(l2),
-                        tv=float(tv),
-                        decorrelate=decorrelate,
-                        device=device,
-                    )
-                )
-    return torch.cat(images)
+        chunks = [
+            _Chunk(
+                objectives[start : start + size],
+                range(start, min(start + size, len(objectives))),
+                param=param,
+                image_shape=image_shape,
+                seed=seed,
+                decorrelate=decorrelate,
+                device=device,
+            )
+            for start in range(0, len(objectives), size)
+        ]
+        _optimise(
+            model,
+            chunks,
+            steps=steps,
+            lr=lr,
+            transforms=chain,
+            input_transform=input_transform,
+            seed=seed,
+            l2=float(l2),
+            tv=float(tv),
+        )
+        with torch.no_grad():
+            return torch.cat([chunk.image_fn().detach() for chunk in chunks])
+
+
+class _Chunk:
+    """Rows ``indices`` of a rendering: their scoring hooks and their parametrization."""
+
+    def __init__(
+        self,
+        objectives: Sequence[Objective],
+        indices: range,
+        *,
+        param: Param,
+        image_shape: tuple[int, int, int],
+        seed: int,
+        decorrelate: bool,
+        device: torch.device,
+    ) -> None:
+        self.scoring = _Scoring(BatchScorer(objectives))
+        seeds = [row_seed(seed, i) for i in indices]
+        self.params, self.image_fn = parametrize(
+            param, (len(indices), *image_shape), seeds, decorrelate=decorrelate, device=device
+        )
+
+
+class _Dispatch:
+    """One forward hook for all chunks, passing outputs to the chunk being run."""
+
+    def __init__(self) -> None:
+        self.current: _Scoring | None = None
+
+    def __call__(self, layer: str, output: torch.Tensor) -> None:
+        assert self.current is not None
+        self.current(layer, output)
 
 
 def _optimise(
     model: nn.Module,
-    scoring: _Scoring,
+    chunks: Sequence[_Chunk],
     *,
-    indices: range,
-    image_shape: tuple[int, int, int],
     steps: int,
     lr: float,
-    param: Param,
     transforms: Sequence[Callable],
     input_transform: InputTransform | None,
     seed: int,
     l2: float,
     tv: float,
-    decorrelate: bool,
-    device: torch.device,
-) -> torch.Tensor:
-    seeds = [row_seed(seed, i) for i in indices]
-    params, image_fn = parametrize(
-        param, (len(indices), *image_shape), seeds, decorrelate=decorrelate, device=device
-    )
-    optimizer = torch.optim.Adam(params, lr=lr)
-    # One stream for the transforms, the same for every chunk: rows share a step's transform.
+) -> None:
+    """Adam steps on every chunk's parameters; at each step the chunks run one after another
+    (so only one chunk's activations are alive) and share one optimiser step."""
+    optimizer = torch.optim.Adam([p for chunk in chunks for p in chunk.params], lr=lr)
+    # One stream for the transforms: every chunk gets the same draw at a step (rows share it).
     generator = torch.Generator().manual_seed(int(seed))
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        image = image_fn()
-        x = apply_transforms(image, transforms, generator)
-        if input_transform is not None:
-            x = input_transform(x)
-        value = scoring.forward(model, x, image)
-        if l2:
-            value = value - l2 * l2_penalty(image)
-        if tv:
-            value = value - tv * total_variation(image)
-        (-value.sum()).backward()
-        optimizer.step()
-    with torch.no_grad():
-        return image_fn().detach()
+    layers = list(dict.fromkeys(n for chunk in chunks for n in chunk.scoring.scorer.layers))
+    dispatch = _Dispatch()
+    with hooked(model, layers, dispatch):
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            state = generator.get_state()
+            for chunk in chunks:
+                generator.set_state(state)
+                dispatch.current = chunk.scoring
+                image = chunk.image_fn()
+                x = apply_transforms(image, transforms, generator)
+                if input_transform is not None:
+                    x = input_transform(x)
+                value = chunk.scoring.forward(model, x, image)
+                if l2:
+                    value = value - l2 * l2_penalty(image)
+                if tv:
+                    value = value - tv * total_variation(image)
+                (-value.sum()).backward()
+            optimizer.step()
 
 
 def evaluate(
