@@ -29,11 +29,12 @@ def test_demo_config_runs_every_analysis_and_says_where_the_logs_are(tmp_path, c
     assert f"tensorboard --logdir {tmp_path.resolve()}" in out
     index = load_index(tmp_path / "digits" / "version_0")
     kinds = {record["kind"] for record in index}
-    assert "activations" in kinds
+    assert {"activations", "category_clustering", "neuron_clustering", "contribution"} <= kinds
+    assert {"preference", "focus"} & kinds
     assert {r["name"] for r in index if r["kind"] == "activations"} == {
-        "backbone.features.conv1",
-        "backbone.features.conv2",
-        "backbone.features.conv3",
+        "backbone.features.relu1",
+        "backbone.features.relu2",
+        "backbone.features.relu3",
     }
 
 
