@@ -17,7 +17,8 @@ interleaved runs (the machine may be shared). Printed:
    ``conv2``; 64 class-logit objectives (which need the whole model) with the whole bare pass.
 3. with ``--quality``: the two quality figures on the demo model (SmallCNN trained like
    ``configs/digits.yaml``: 10 epochs, Adam lr 0.005, seed 0), with FeatureVisualizer's defaults
-   (64 steps, lr 0.1, FFT, standard transforms): the share of each layer's channels (all of them)
+   (64 steps, lr 0.1, FFT, standard transforms): the share of each layer's channels (all of them;
+   the conv layers and the ReLUs after their BatchNorms, which the demo config tracks)
    whose rendered image drives the channel above its maximum over the validation images, and
    the share of classes whose class image the model classifies as that class.
 """
@@ -90,7 +91,7 @@ def quality(device: torch.device) -> None:
     print(
         f"demo model trained in {time.perf_counter() - start:.0f} s, validation accuracy {accuracy:.3f}"
     )
-    layers = ["features.conv1", "features.conv2", "features.conv3"]
+    layers = [f"features.{kind}{i}" for kind in ("conv", "relu") for i in (1, 2, 3)]
     seen: dict[str, torch.Tensor] = {}
 
     def keep(name: str, out: torch.Tensor) -> None:
