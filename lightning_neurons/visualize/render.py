@@ -283,8 +283,9 @@ def render(
     batched kernels aside).
 
     The model is left as found: training mode, ``requires_grad`` and ``.grad`` of parameters,
-    and the RNG states are restored, and the hooks removed, also when an error is raised. It runs
-    in eval mode while rendering (see :func:`analysis_mode`). Nothing is printed.
+    buffers and the RNG states are restored, and the hooks removed, also when an error is
+    raised. It runs in eval mode while rendering (see :func:`analysis_mode`); the forward pass
+    stops after the last layer the objectives read. Nothing is printed.
 
     Args:
         model: Any ``nn.Module`` (a ``LightningModule`` too) mapping images to logits.
@@ -293,7 +294,8 @@ def render(
         steps: Adam steps.
         lr: Adam's learning rate.
         param: ``"fft"`` (Fourier with ``1/f`` scaling; smoother images) or ``"pixel"``.
-        transforms: ``"standard"`` (pad, jitter, scale, rotate, jitter; sized to the image),
+        transforms: ``"standard"`` (random shift, scale and rotation in one warp, sized to the
+            image; see :func:`~lightning_neurons.visualize.standard_transforms`),
             ``"none"``/``None``, or a list of callables ``(images, generator) -> images``.
         input_transform: Display image -> model input (e.g. the data's normalisation); applied
             after the transforms.
