@@ -6,11 +6,11 @@ import random
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 OnError = Literal["warn", "raise"]
+Stage = Literal["train", "validation", "test"]
 
 
 def check_positive_int(name: str, value: int) -> int:
@@ -152,3 +153,89 @@ class AnalysisCallback(Callback):
                 "on. Pass `on_error='raise'` to stop on such errors and see the full traceback."
             )
             return None
+
+
+class StagedCallback(AnalysisCallback):
+    """An analysis that gathers data during one stage's epochs (train, validation or test).
+
+    Lightning has a hook per stage and event (``on_validation_batch_start``, ...); this class
+    routes all of them to five methods that take the stage as an argument, so subclasses write
+    their logic once. Every default does nothing.
+    """
+
+    def _stage_start(self, stage: Stage, trainer: Trainer, pl_module: LightningModule) -> None:
+        """An epoch of ``stage`` begins."""
+
+    def _stage_batch_start(self, stage: Stage, batch: Any) -> None:
+        """A batch of ``stage`` is about to go through the model."""
+
+    def _stage_batch_end(self, stage: Stage) -> None:
+        """The batch has gone through the model."""
+
+    def _stage_end(self, stage: Stage, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The epoch of ``stage`` has ended."""
+
+    def _release(self) -> None:
+        """Remove hooks and drop per-batch state (called on teardown and on exceptions)."""
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._stage_start("train", trainer, pl_module)
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._stage_start("validation", trainer, pl_module)
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._stage_start("test", trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._stage_batch_start("train", batch)
+
+    def on_validation_batch_start(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._stage_batch_start("validation", batch)
+
+    def on_test_batch_start(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._stage_batch_start("test", batch)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self._stage_batch_end("train")
+
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, *args: Any
+    ) -> None:
+        self._stage_batch_end("validation")
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self._stage_batch_end("test")
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._stage_end("train", trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._stage_end("validation", trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._stage_end("test", trainer, pl_module)
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        self._release()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._release()

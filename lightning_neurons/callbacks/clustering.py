@@ -20,8 +20,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_neurons.callbacks._base import (
-    AnalysisCallback,
     OnError,
+    StagedCallback,
     check_positive_int,
     find_tracker,
 )
@@ -97,7 +97,7 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-class _ClusteringCallback(AnalysisCallback):
+class _ClusteringCallback(StagedCallback):
     """What both clustering callbacks share: finding the tracker and its layers, and the stage."""
 
     kind = "clustering"
@@ -139,20 +139,34 @@ class _ClusteringCallback(AnalysisCallback):
             )
         self.layers = chosen
 
-    # Lightning calls these for every stage; only the tracker's stage is analysed.
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._stage == "train":
-            self._stage_end(trainer, pl_module)
+    # Lightning's per-stage hooks arrive here (see StagedCallback); only the tracker's stage counts.
+    def _stage_start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start(stage, trainer, pl_module)
 
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._stage == "validation":
-            self._stage_end(trainer, pl_module)
+    def _stage_batch_start(self, stage: str, batch: Any) -> None:
+        self._batch_start(stage, batch)
 
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._stage == "test":
-            self._stage_end(trainer, pl_module)
+    def _stage_batch_end(self, stage: str) -> None:
+        self._labels = None
 
-    def _stage_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _stage_end(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        if stage == self._stage:
+            self._epoch_analysis(trainer, pl_module)
+
+    def _release(self) -> None:
+        self._stop()
+
+    def _start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Begin gathering data of ``stage`` (no-op by default)."""
+
+    def _batch_start(self, stage: str, batch: Any) -> None:
+        """A batch of ``stage`` begins (no-op by default)."""
+
+    def _stop(self) -> None:
+        """Remove hooks (no-op by default)."""
+
+    def _epoch_analysis(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The analysis at the end of an epoch of the tracker's stage."""
         raise NotImplementedError
 
     def _fresh_stats(self, trainer: Trainer) -> dict[str, LayerStats] | None:
@@ -343,59 +357,6 @@ class CategoryClustering(_ClusteringCallback):
         linears = [n for n, m in pl_module.named_modules() if n and isinstance(m, nn.Linear)]
         self._classifier = linears[-1] if linears else None
 
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start("train", trainer, pl_module)
-
-    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start("validation", trainer, pl_module)
-
-    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start("test", trainer, pl_module)
-
-    def on_train_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._batch_start("train", batch)
-
-    def on_validation_batch_start(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._batch_start("validation", batch)
-
-    def on_test_batch_start(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._batch_start("test", batch)
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        self._labels = None
-
-    def on_validation_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, *args: Any
-    ) -> None:
-        self._labels = None
-
-    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        self._labels = None
-
-    def on_exception(
-        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
-    ) -> None:
-        self._stop()
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._stop()
-
     # ---- confusion matrix: streamed from a hook on the classifier ----
 
     def _start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -469,7 +430,7 @@ class CategoryClustering(_ClusteringCallback):
 
     # ---- the analysis ----
 
-    def _stage_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _epoch_analysis(self, trainer: Trainer, pl_module: LightningModule) -> None:
         armed, self._armed = self._armed, False
         self._stop()
         confusion = self._confusion_matrix(trainer) if armed else None
@@ -776,59 +737,6 @@ class NeuronClustering(_ClusteringCallback):
 
     # ---- Lightning hooks ----
 
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start("train", trainer, pl_module)
-
-    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start("validation", trainer, pl_module)
-
-    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start("test", trainer, pl_module)
-
-    def on_train_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._batch_start("train", batch)
-
-    def on_validation_batch_start(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._batch_start("validation", batch)
-
-    def on_test_batch_start(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._batch_start("test", batch)
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        self._labels = None
-
-    def on_validation_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, *args: Any
-    ) -> None:
-        self._labels = None
-
-    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        self._labels = None
-
-    def on_exception(
-        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
-    ) -> None:
-        self._stop()
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._stop()
-
     # ---- the reservoir of per-image activations ----
 
     def _start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -863,7 +771,7 @@ class NeuronClustering(_ClusteringCallback):
 
     # ---- the analysis ----
 
-    def _stage_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _epoch_analysis(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stop()
         stats = self._fresh_stats(trainer)
         if stats is None:

@@ -11,8 +11,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_neurons.callbacks._base import (
-    AnalysisCallback,
     OnError,
+    StagedCallback,
     check_choice,
     check_positive_int,
 )
@@ -88,7 +88,7 @@ def infer_num_classes(model: nn.Module) -> int | None:
     return linears[-1].out_features if linears else None
 
 
-class ActivationTracker(AnalysisCallback):
+class ActivationTracker(StagedCallback):
     """Streams per-class statistics of the neurons of chosen layers, epoch after epoch.
 
     A neuron is a channel of a conv layer (its feature map reduced over space by ``reduction``) or
@@ -206,75 +206,23 @@ class ActivationTracker(AnalysisCallback):
                 "`num_classes=` to ActivationTracker."
             )
 
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.stage == "train":
+    # Lightning's per-stage hooks arrive here (see StagedCallback); only ``self.stage`` counts.
+    def _stage_start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        if stage == self.stage:
             self._start(trainer, pl_module)
 
-    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.stage == "validation":
-            self._start(trainer, pl_module)
-
-    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.stage == "test":
-            self._start(trainer, pl_module)
-
-    def on_train_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self.stage == "train":
+    def _stage_batch_start(self, stage: str, batch: Any) -> None:
+        if stage == self.stage:
             self._batch_start(batch)
 
-    def on_validation_batch_start(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if self.stage == "validation":
-            self._batch_start(batch)
-
-    def on_test_batch_start(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if self.stage == "test":
-            self._batch_start(batch)
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+    def _stage_batch_end(self, stage: str) -> None:
         self._labels = None
 
-    def on_validation_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, *args: Any
-    ) -> None:
-        self._labels = None
-
-    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        self._labels = None
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.stage == "train":
+    def _stage_end(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        if stage == self.stage:
             self.finalize(trainer)
 
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.stage == "validation":
-            self.finalize(trainer)
-
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.stage == "test":
-            self.finalize(trainer)
-
-    def on_exception(
-        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
-    ) -> None:
-        self._stop()
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def _release(self) -> None:
         self._stop()
 
     # ---- the seam for other analyses ------------------------------------------------------------
