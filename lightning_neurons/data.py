@@ -26,7 +26,79 @@ def _check_fraction(name: str, value: float) -> float:
     return value
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class InMemoryDataModule(pl.LightningDataModule):
+    """A data module over images held in memory, split stratified and deterministically.
+
+    Subclasses implement :meth:`load`, returning all images ``[N, C, H, W]`` in [0, 1] and their
+    int64 labels ``[N]``; this class splits them into train and validation sets (the test
+    loader gives the validation set) and builds the loaders.
+
+    Args:
+        batch_size: Batch size of every loader.
+        val_fraction: Share of the images held out for validation (and test).
+        seed: Seed of the split and of the training shuffle.
+        num_workers: DataLoader workers.
+    """
+
+    input_transform = None
+
+    def __init__(self, batch_size: int, val_fraction: float, seed: int, num_workers: int) -> None:
+        super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise NeuronsError(f"`batch_size` must be a positive integer, got {batch_size!r}")
+        self.batch_size = batch_size
+        self.val_fraction = _check_fraction("val_fraction", val_fraction)
+        self.seed = seed
+        self.num_workers = num_workers
+        self.train_set: TensorDataset | None = None
+        self.val_set: TensorDataset | None = None
+
+    def load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All images and labels of the data set."""
+        raise NotImplementedError(f"{type(self).__name__} must implement load()")
+
+    def prepare_data(self) -> None:
+        """Nothing to download: the data is embedded or generated."""
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from sklearn.model_selection import train_test_split
+
+        images, labels = self.load()
+        train_idx, val_idx = train_test_split(
+            range(len(labels)),
+            test_size=self.val_fraction,
+            stratify=labels.numpy(),
+            random_state=self.seed,
+        )
+        train_idx, val_idx = torch.as_tensor(train_idx), torch.as_tensor(val_idx)
+        self.train_set = TensorDataset(images[train_idx], labels[train_idx])
+        self.val_set = TensorDataset(images[val_idx], labels[val_idx])
+
+    def _loader(self, shuffle: bool) -> DataLoader:
+        self.setup()
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            self.train_set if shuffle else self.val_set,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            generator=generator,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(shuffle=False)
+
+
+class DigitsDataModule(InMemoryDataModule):
     """scikit-learn's handwritten digits (1,797 8x8 grayscale images, 10 classes), shipped with
     scikit-learn: no download.
 
@@ -50,7 +122,6 @@ class DigitsDataModule(pl.LightningDataModule):
 
     num_classes = 10
     class_names = [str(d) for d in range(10)]
-    input_transform = None
 
     def __init__(
         self,
@@ -60,72 +131,21 @@ class DigitsDataModule(pl.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
-        if batch_size < 1 or image_size < 8:
-            raise NeuronsError(
-                f"`batch_size` must be >= 1 and `image_size` >= 8; got {batch_size} and {image_size}"
-            )
-        self.batch_size = batch_size
+        super().__init__(batch_size, val_fraction, seed, num_workers)
+        if image_size < 8:
+            raise NeuronsError(f"`image_size` must be >= 8, got {image_size}")
         self.image_size = image_size
-        self.val_fraction = _check_fraction("val_fraction", val_fraction)
-        self.seed = seed
-        self.num_workers = num_workers
         self.image_shape = (1, image_size, image_size)
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
 
-    def prepare_data(self) -> None:
-        """Nothing to download: the digits ship with scikit-learn."""
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+    def load(self) -> tuple[torch.Tensor, torch.Tensor]:
         from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
 
         digits = load_digits()
         images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
         if self.image_size != 8:
-            images = F.interpolate(
-                images,
-                size=(self.image_size, self.image_size),
-                mode="bilinear",
-                align_corners=False,
-            )
-        images = images.clamp(0.0, 1.0)
-        labels = torch.as_tensor(digits.target, dtype=torch.int64)
-        train_idx, val_idx = train_test_split(
-            range(len(labels)),
-            test_size=self.val_fraction,
-            stratify=digits.target,
-            random_state=self.seed,
-        )
-        train_idx, val_idx = torch.as_tensor(train_idx), torch.as_tensor(val_idx)
-        self.train_set = TensorDataset(images[train_idx], labels[train_idx])
-        self.val_set = TensorDataset(images[val_idx], labels[val_idx])
-
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            self.setup()
-            return self._loader(self.train_set if shuffle else self.val_set, shuffle)
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            generator=generator,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+            size = (self.image_size, self.image_size)
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        return images.clamp(0.0, 1.0), torch.as_tensor(digits.target, dtype=torch.int64)
 
 
 TorchvisionName = Literal["mnist", "fashionmnist", "cifar10", "cifar100", "imagefolder"]

@@ -34,11 +34,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from lightning_neurons.data import InMemoryDataModule
 from lightning_neurons.errors import NeuronsError
 
 #: Names of the four groups of classes.
@@ -269,7 +268,7 @@ def make_parts(
     return images[order].clamp(0.0, 1.0).unsqueeze(1).contiguous(), labels[order].contiguous()
 
 
-class PartsDataModule(pl.LightningDataModule):
+class PartsDataModule(InMemoryDataModule):
     """The parts data set (:func:`make_parts`) as a LightningDataModule: no download, a few
     hundred milliseconds to generate.
 
@@ -320,66 +319,16 @@ class PartsDataModule(pl.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise NeuronsError(f"`batch_size` must be a positive integer, got {batch_size!r}")
-        if not 0.0 < val_fraction < 1.0:
-            raise NeuronsError(
-                f"`val_fraction` must lie strictly between 0 and 1, got {val_fraction!r}"
-            )
+        super().__init__(batch_size, val_fraction, seed, num_workers)
         if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 2:
             raise NeuronsError(
                 f"`n_per_class` must be an integer >= 2 (one image to train, one to validate), got {n_per_class!r}"
             )
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
             raise NeuronsError(f"`image_size` must be an integer >= 16, got {image_size!r}")
-        self.batch_size = batch_size
         self.image_size = image_size
         self.n_per_class = n_per_class
-        self.val_fraction = val_fraction
-        self.seed = seed
-        self.num_workers = num_workers
         self.image_shape = (1, image_size, image_size)
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
 
-    def prepare_data(self) -> None:
-        """Nothing to download: the images are generated."""
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        from sklearn.model_selection import train_test_split
-
-        images, labels = make_parts(self.n_per_class, self.image_size, self.seed)
-        train_idx, val_idx = train_test_split(
-            list(range(len(labels))),
-            test_size=self.val_fraction,
-            stratify=labels.numpy(),
-            random_state=self.seed,
-        )
-        train_idx, val_idx = torch.as_tensor(train_idx), torch.as_tensor(val_idx)
-        self.train_set = TensorDataset(images[train_idx], labels[train_idx])
-        self.val_set = TensorDataset(images[val_idx], labels[val_idx])
-
-    def _loader(self, shuffle: bool) -> DataLoader:
-        self.setup()
-        dataset = self.train_set if shuffle else self.val_set
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            generator=generator,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(shuffle=False)
+    def load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return make_parts(self.n_per_class, self.image_size, self.seed)
