@@ -46,6 +46,7 @@ from torch import nn
 
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import first_tensor, get_module
+from lightning_neurons.state import analysis_mode
 from lightning_neurons.stats import dominant_neurons
 
 INPUT_KEYS = ("image", "images", "input", "inputs", "x")
@@ -126,27 +127,10 @@ def _device(model: nn.Module) -> torch.device:
 
 @contextmanager
 def _analysis_mode(model: nn.Module, *, grad: bool) -> Iterator[None]:
-    """Eval mode and frozen parameters inside; training flags, ``requires_grad``, ``.grad`` and the
-    RNG streams restored on exit."""
-    from lightning_neurons.callbacks._base import preserved_rng  # the callbacks package imports us
-
-    modes = [(m, m.training) for m in model.modules()]
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    grads = [p.grad for p in params]
-    try:
-        with preserved_rng(_device(model)), torch.inference_mode(False):
-            model.eval()
-            for p in params:
-                p.requires_grad_(False)
-            with torch.set_grad_enabled(grad):
-                yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
-        for p, flag, g in zip(params, flags, grads, strict=True):
-            p.requires_grad_(flag)
-            p.grad = g
+    """Eval mode and frozen parameters inside, gradients on or off; everything restored on exit
+    (see :func:`lightning_neurons.state.analysis_mode`)."""
+    with analysis_mode(model), torch.set_grad_enabled(grad):
+        yield
 
 
 def _logits(output: Any) -> torch.Tensor:

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import random
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import numpy as np
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import nn
 
 from lightning_neurons.errors import NeuronsError
+from lightning_neurons.state import analysis_mode, preserved_rng, untouched  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from lightning_neurons.callbacks.tracker import ActivationTracker
@@ -36,65 +32,6 @@ def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
             f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {value!r}"
         )
     return value
-
-
-@contextmanager
-def preserved_rng(device: torch.device | None = None) -> Iterator[None]:
-    """Restore Python's, NumPy's and torch's (CPU and the given CUDA device's) RNG state on exit.
-
-    Analyses draw random numbers from their own ``torch.Generator``; this guards against
-    anything else (a DataLoader iterator draws a seed from the global generator, for example).
-    """
-    py_state = random.getstate()
-    np_state = np.random.get_state()
-    cuda = device is not None and device.type == "cuda" and torch.cuda.is_available()
-    devices = [device] if cuda else []
-    with torch.random.fork_rng(devices=devices, enabled=True):
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
-
-@contextmanager
-def untouched(model: nn.Module) -> Iterator[None]:
-    """Run analysis code on ``model`` and put back everything it may change.
-
-    Inside the block: gradients are enabled (also under Lightning's ``inference_mode``), every
-    parameter has ``requires_grad=False`` and ``.grad=None`` (so analyses take gradients with
-    respect to inputs or activations only, and a ``backward()`` cannot add to the training's
-    gradients). On exit, the ``training`` flag of every module, each parameter's
-    ``requires_grad`` and ``.grad`` (the very same tensor objects), the values of all buffers
-    (BatchNorm running statistics) and the RNG streams are as they were.
-
-    Example:
-        >>> with untouched(pl_module):
-        ...     pl_module.eval()
-        ...     saliency = input_gradient(pl_module, images)  # doctest: +SKIP
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    grads = [p.grad for p in params]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    device = params[0].device if params else None
-    try:
-        for p in params:
-            p.requires_grad_(False)
-            p.grad = None
-        with preserved_rng(device), torch.inference_mode(False), torch.enable_grad():
-            yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
-        for p, flag, grad in zip(params, flags, grads, strict=True):
-            p.requires_grad_(flag)
-            p.grad = grad
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                if not torch.equal(buffer, saved):
-                    buffer.copy_(saved)
 
 
 def find_tracker(trainer: Trainer, requester: str) -> ActivationTracker:

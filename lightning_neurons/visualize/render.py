@@ -23,6 +23,7 @@ from torch import nn
 
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import first_tensor, get_module, hooked
+from lightning_neurons.state import analysis_mode
 from lightning_neurons.visualize.objectives import (
     IMAGE,
     LOGITS,
@@ -72,25 +73,6 @@ def model_device(model: nn.Module) -> torch.device:
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
     return torch.device("cpu")
-
-
-@contextmanager
-def analysis_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode, frozen parameters, gradients enabled; everything restored on exit.
-
-    Eval mode matters for correctness, not only speed: in training mode BatchNorm would mix the
-    rows of a batch (so one objective's image would depend on the others') and update its
-    running statistics (changing the model), and Dropout would consume the global RNG.
-    Parameters are frozen so that no parameter gradient is computed or left behind.
-    """
-    # imported here: lightning_neurons.callbacks imports this module (FeatureVisualizer)
-    from lightning_neurons.callbacks._base import untouched
-
-    with untouched(model):
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        yield
 
 
 class _Scoring:

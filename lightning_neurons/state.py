@@ -1,0 +1,88 @@
+"""Running analysis code on the user's model without changing it.
+
+Every analysis that runs the model outside Lightning's own steps goes through :func:`untouched`
+(or :func:`analysis_mode`, which adds eval mode), so that training is exactly what it would have
+been without the analysis.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@contextmanager
+def preserved_rng(device: torch.device | None = None) -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's (CPU and the given CUDA device's) RNG state on exit.
+
+    Analyses draw random numbers from their own ``torch.Generator``; this guards against
+    anything else (a DataLoader iterator draws a seed from the global generator, for example).
+    """
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    cuda = device is not None and device.type == "cuda" and torch.cuda.is_available()
+    devices = [device] if cuda else []
+    with torch.random.fork_rng(devices=devices, enabled=True):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+@contextmanager
+def untouched(model: nn.Module) -> Iterator[None]:
+    """Run analysis code on ``model`` and put back everything it may change.
+
+    Inside the block: gradients are enabled (also under Lightning's ``inference_mode``), every
+    parameter has ``requires_grad=False`` and ``.grad=None`` (so analyses take gradients with
+    respect to inputs or activations only, and a ``backward()`` cannot add to the training's
+    gradients). On exit, the ``training`` flag of every module, each parameter's
+    ``requires_grad`` and ``.grad`` (the very same tensor objects), the values of all buffers
+    (BatchNorm running statistics) and the RNG streams are as they were.
+
+    Example:
+        >>> with untouched(pl_module):
+        ...     pl_module.eval()
+        ...     saliency = input_gradient(pl_module, images)  # doctest: +SKIP
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    device = params[0].device if params else None
+    try:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+        with preserved_rng(device), torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+        for p, flag, grad in zip(params, flags, grads, strict=True):
+            p.requires_grad_(flag)
+            p.grad = grad
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                if not torch.equal(buffer, saved):
+                    buffer.copy_(saved)
+
+
+@contextmanager
+def analysis_mode(model: nn.Module) -> Iterator[None]:
+    """:func:`untouched`, with the model in eval mode inside.
+
+    Eval mode matters for correctness, not only speed: in training mode BatchNorm would mix the
+    rows of a batch (so one image's result would depend on the others') and update its running
+    statistics, and Dropout would draw random numbers.
+    """
+    with untouched(model):
+        model.eval()
+        yield
