@@ -139,6 +139,13 @@ class _ClusteringCallback(StagedCallback):
             )
         self.layers = chosen
 
+    # The previous epoch's labels (for stability across epochs) survive a checkpoint resume.
+    def state_dict(self) -> dict[str, Any]:
+        return {"previous": {k: torch.as_tensor(v) for k, v in self._previous.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._previous = {k: np.asarray(v) for k, v in state_dict.get("previous", {}).items()}
+
     # Lightning's per-stage hooks arrive here (see StagedCallback); only the tracker's stage counts.
     def _stage_start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start(stage, trainer, pl_module)
@@ -336,12 +343,6 @@ class CategoryClustering(_ClusteringCallback):
         return self._generate_state_key(
             layers=self.layer_patterns, method=self.method, metric=self.metric
         )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"previous": {k: torch.as_tensor(v) for k, v in self._previous.items()}}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._previous = {k: np.asarray(v) for k, v in state_dict.get("previous", {}).items()}
 
     # ---- Lightning hooks ----
 
@@ -728,14 +729,6 @@ class NeuronClustering(_ClusteringCallback):
         return self._generate_state_key(
             layers=self.layer_patterns, method=self.method, source=self.source
         )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"previous": {k: torch.as_tensor(v) for k, v in self._previous.items()}}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._previous = {k: np.asarray(v) for k, v in state_dict.get("previous", {}).items()}
-
-    # ---- Lightning hooks ----
 
     # ---- the reservoir of per-image activations ----
 
