@@ -24,7 +24,17 @@ from lightning_neurons.stats import LayerStats
 
 __version__ = "0.1.0"
 
+#: The Lightning callbacks, in the order their analyses build on each other.
+CALLBACKS = (
+    "ActivationTracker",
+    "FeatureVisualizer",
+    "CategoryClustering",
+    "NeuronClustering",
+    "NeuronContribution",
+)
+
 __all__ = [
+    "CALLBACKS",
     "ActivationTracker",
     "AnalysisCallback",
     "CategoryClustering",

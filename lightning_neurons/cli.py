@@ -6,6 +6,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -16,12 +17,45 @@ from lightning.pytorch.cli import LightningCLI
 from lightning_neurons.loggers import artifact_root, find_tensorboard
 
 
+class _AccuracyHistory(pl.Callback):
+    """Remembers each epoch's validation accuracies (``val*/acc*`` metrics) for the summary.
+
+    It only reads ``trainer.callback_metrics``: nothing about the training changes.
+    """
+
+    def __init__(self) -> None:
+        self.history: dict[str, list[tuple[int, float]]] = {}
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith("val") and key.endswith("acc"):
+                self.history.setdefault(key, []).append((trainer.current_epoch, float(value)))
+
+    def best(self) -> list[str]:
+        """``"val/acc = 0.9861 (epoch 7 of 10)"`` for each validation accuracy seen."""
+        out = []
+        for key, values in sorted(self.history.items()):
+            epoch, value = max(values, key=lambda ev: ev[1])
+            out.append(f"{key} = {value:.4f} (epoch {epoch + 1} of {len(values)})")
+        return out
+
+
 class NeuronsCLI(LightningCLI):
-    """LightningCLI whose model and data are given by ``class_path`` in the config."""
+    """LightningCLI whose model and data are given by ``class_path`` in the config.
+
+    After each run it prints a summary: the time, the final metrics, the best validation
+    accuracy and its epoch, and where the logs and analysis files are.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         self._started = time.perf_counter()
+        self._history = _AccuracyHistory()
         super().__init__(*args, **kwargs)
+
+    def before_fit(self) -> None:
+        self.trainer.callbacks.append(self._history)
 
     def after_fit(self) -> None:
         self._report()
@@ -39,12 +73,15 @@ class NeuronsCLI(LightningCLI):
         metrics = {
             k: float(v)
             for k, v in trainer.callback_metrics.items()
-            if ("acc" in k or "loss" in k) and not k.endswith(("_step", "_epoch"))
+            if ("acc" in k or "loss" in k) and not k.endswith(("_step", "_epoch", "_best"))
         }
         seconds = time.perf_counter() - self._started
         lines = ["", f"lightning-neurons: {trainer.state.fn.value} done in {seconds:.1f} s."]
         if metrics:
-            lines.append("  " + ", ".join(f"{k} = {v:.4f}" for k, v in sorted(metrics.items())))
+            final = ", ".join(f"{k} = {v:.4f}" for k, v in sorted(metrics.items()))
+            lines.append(f"  final: {final}")
+        if trainer.state.fn.value == "fit" and self._history.history:
+            lines.append(f"  best:  {', '.join(self._history.best())}")
         tb = find_tensorboard(trainer)
         if tb is not None:
             logdir = Path(tb.save_dir).resolve()
@@ -58,8 +95,66 @@ class NeuronsCLI(LightningCLI):
         print("\n".join(lines), flush=True)
 
 
+DESCRIPTION = """\
+Train an image classifier with PyTorch Lightning while lightning-neurons' callbacks show what
+its neurons learn: per-class activation statistics, preferred images and saliency, category and
+neuron clusters, and each neuron's contribution, logged to TensorBoard epoch after epoch.
+
+The model, the data and the callbacks come from a LightningCLI YAML config. Example configs (in
+the repository's configs/ folder):
+  configs/digits.yaml    the demo: a small CNN on scikit-learn's digits (no download)
+  configs/cifar10.yaml   a torchvision ResNet-18 on CIFAR-10
+
+  lightning-neurons fit --config configs/digits.yaml
+  lightning-neurons fit --config configs/digits.yaml --seed_everything 1 --trainer.max_epochs 5
+  lightning-neurons fit --help      (every option, and our callbacks' options)
+
+Then open what the run logged:
+  tensorboard --logdir runs
+"""
+
+
+def _callback_options() -> str:
+    """One paragraph per callback: its first docstring line and its options with defaults."""
+    import inspect
+    import textwrap
+
+    import lightning_neurons
+
+    paragraphs = []
+    for name in lightning_neurons.CALLBACKS:
+        cls = getattr(lightning_neurons, name)
+        summary = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
+        options = [
+            f"{p.name}={p.default!r}"
+            for p in inspect.signature(cls).parameters.values()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+        body = textwrap.fill(
+            ", ".join(options), width=96, initial_indent="    ", subsequent_indent="    "
+        )
+        title = textwrap.fill(
+            f"lightning_neurons.{name}: {summary}",
+            width=96,
+            initial_indent="  ",
+            subsequent_indent="      ",
+        )
+        paragraphs.append(f"{title}\n{body}")
+    return (
+        "lightning-neurons callbacks (add them under trainer.callbacks by class_path); the full\n"
+        "help of one: lightning-neurons fit --trainer.callbacks.help ActivationTracker\n\n"
+        + "\n\n".join(paragraphs)
+        + "\n\nOpen the logs with: tensorboard --logdir <the logger's save_dir>"
+    )
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-neurons`` console script."""
+    from jsonargparse import DefaultHelpFormatter
+
+    class Formatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """Keeps the description's and the epilog's line breaks."""
+
     NeuronsCLI(
         pl.LightningModule,
         pl.LightningDataModule,
@@ -67,6 +162,11 @@ def main(args: list[str] | None = None) -> None:
         subclass_mode_data=True,
         args=args,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={
+            "description": DESCRIPTION,
+            "formatter_class": Formatter,
+            "fit": {"epilog": _callback_options(), "formatter_class": Formatter},
+        },
     )
 
 

@@ -26,6 +26,35 @@ def _check_fraction(name: str, value: float) -> float:
     return value
 
 
+class _Augmented(Dataset):
+    """A data set of in-memory ``(image, label)`` pairs whose images pass through ``transform``
+    each time they are read (a new random draw per epoch)."""
+
+    def __init__(self, data: TensorDataset, transform: Callable[[torch.Tensor], torch.Tensor]):
+        self.data = data
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, label = self.data[index]
+        return self.transform(image), label
+
+
+def small_affine(image_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The demo's training augmentation: a random shift of up to 1/16 of the side, rotation of up
+    to 10 degrees and scaling by 0.9-1.1 (torchvision's ``RandomAffine``; the background is 0).
+
+    Digits stay digits under it, and a CNN trained with it generalises more reliably: without it
+    the digits demo's last-epoch validation accuracy varied from 85% to 98% across machines.
+    """
+    from torchvision.transforms import v2
+
+    shift = 1.0 / 16.0 if image_size >= 16 else 0.0
+    return v2.RandomAffine(degrees=10.0, translate=(shift, shift), scale=(0.9, 1.1))
+
+
 class InMemoryDataModule(pl.LightningDataModule):
     """A data module over images held in memory, split stratified and deterministically.
 
@@ -38,11 +67,21 @@ class InMemoryDataModule(pl.LightningDataModule):
         val_fraction: Share of the images held out for validation (and test).
         seed: Seed of the split and of the training shuffle.
         num_workers: DataLoader workers.
+        augment: Pass training images through :func:`small_affine` (validation and test images
+            are never augmented; the augmentation draws from torch's global RNG, as a
+            torchvision transform in a DataLoader does).
     """
 
     input_transform = None
 
-    def __init__(self, batch_size: int, val_fraction: float, seed: int, num_workers: int) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        val_fraction: float,
+        seed: int,
+        num_workers: int,
+        augment: bool = False,
+    ) -> None:
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise NeuronsError(f"`batch_size` must be a positive integer, got {batch_size!r}")
@@ -50,6 +89,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.val_fraction = _check_fraction("val_fraction", val_fraction)
         self.seed = seed
         self.num_workers = num_workers
+        self.augment = augment
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
 
@@ -79,8 +119,11 @@ class InMemoryDataModule(pl.LightningDataModule):
     def _loader(self, shuffle: bool) -> DataLoader:
         self.setup()
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        data: Dataset = self.train_set if shuffle else self.val_set
+        if shuffle and self.augment:
+            data = _Augmented(data, small_affine(int(self.train_set.tensors[0].shape[-1])))
         return DataLoader(
-            self.train_set if shuffle else self.val_set,
+            data,
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
@@ -111,6 +154,8 @@ class DigitsDataModule(InMemoryDataModule):
         val_fraction: Share of the images held out for validation (and test).
         seed: Seed of the split and of the training shuffle.
         num_workers: DataLoader workers.
+        augment: Randomly shift, rotate and scale the training images a little
+            (:func:`small_affine`); the demo config turns it on.
 
     Example:
         >>> dm = DigitsDataModule(batch_size=32)
@@ -130,8 +175,9 @@ class DigitsDataModule(InMemoryDataModule):
         val_fraction: float = 0.2,
         seed: int = 0,
         num_workers: int = 0,
+        augment: bool = False,
     ) -> None:
-        super().__init__(batch_size, val_fraction, seed, num_workers)
+        super().__init__(batch_size, val_fraction, seed, num_workers, augment)
         if image_size < 8:
             raise NeuronsError(f"`image_size` must be >= 8, got {image_size}")
         self.image_size = image_size

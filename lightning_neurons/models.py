@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Literal
 
 import lightning.pytorch as pl
 import torch
 import torchmetrics
 from torch import nn
 from torch.nn import functional as F
+
+from lightning_neurons.errors import NeuronsError
 
 
 class SmallCNN(nn.Module):
@@ -58,34 +61,54 @@ class SmallCNN(nn.Module):
 
 
 class ImageClassifier(pl.LightningModule):
-    """Trains a backbone as an image classifier with cross-entropy and Adam.
+    """Trains a backbone as an image classifier with cross-entropy and Adam(W).
 
     Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc`` (and ``test/...``), with
-    torchmetrics accuracy.
+    torchmetrics accuracy, and ``val/acc_best``: the best epoch's validation accuracy so far
+    (torchmetrics ``MaxMetric``), so a run's summary can report both its last and its best epoch.
 
     Args:
         backbone: Any ``nn.Module`` mapping images to ``num_classes`` logits (in YAML, any class
             path, e.g. ``torchvision.models.resnet18`` with ``init_args: {num_classes: 10}``).
             Default: :class:`SmallCNN` for grayscale input.
         num_classes: Number of classes.
-        lr: Adam's learning rate.
+        lr: The (peak) learning rate of AdamW.
+        weight_decay: AdamW's decoupled weight decay (0: plain Adam).
+        schedule: ``"constant"`` keeps ``lr``; ``"onecycle"`` warms up to ``lr`` over the first
+            30% of the steps and anneals to ``lr / 10^4`` by the last step (``OneCycleLR``), so the
+            last epoch ends on settled weights and BatchNorm statistics.
 
     Example:
         >>> model = ImageClassifier(SmallCNN(in_channels=3), num_classes=10)
     """
 
     def __init__(
-        self, backbone: nn.Module | None = None, num_classes: int = 10, lr: float = 1e-3
+        self,
+        backbone: nn.Module | None = None,
+        num_classes: int = 10,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        schedule: Literal["constant", "onecycle"] = "constant",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
+        if schedule not in ("constant", "onecycle"):
+            raise NeuronsError(f"`schedule` must be 'constant' or 'onecycle', got {schedule!r}")
+        if not lr > 0 or weight_decay < 0:
+            raise NeuronsError(
+                f"`lr` must be > 0 and `weight_decay` >= 0, got lr={lr!r}, "
+                f"weight_decay={weight_decay!r}"
+            )
         self.backbone = backbone if backbone is not None else SmallCNN(num_classes=num_classes)
         self.num_classes = num_classes
         self.lr = lr
+        self.weight_decay = weight_decay
+        self.schedule = schedule
         metric = torchmetrics.classification.MulticlassAccuracy
         self.train_acc = metric(num_classes=num_classes, average="micro")
         self.val_acc = metric(num_classes=num_classes, average="micro")
         self.test_acc = metric(num_classes=num_classes, average="micro")
+        self.val_acc_best = torchmetrics.MaxMetric()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
@@ -106,8 +129,32 @@ class ImageClassifier(pl.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "val", self.val_acc)
 
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        # `val_acc` is computed (and synced across processes) here, before Lightning resets it
+        self.val_acc_best(self.val_acc.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=False)
+
     def test_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "test", self.test_acc)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+    def configure_optimizers(self):
+        if self.weight_decay:
+            optimizer = torch.optim.AdamW(
+                self.parameters(), lr=self.lr, weight_decay=self.weight_decay
+            )
+        else:
+            optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+        if self.schedule == "constant":
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=self.lr,
+            total_steps=int(self.trainer.estimated_stepping_batches),
+            pct_start=0.3,
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

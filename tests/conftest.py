@@ -12,7 +12,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 os.environ.setdefault("MPLBACKEND", "Agg")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Threads: OMP_NUM_THREADS when it is set (the suite must pass with 1 and with 2), else at most 2.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
+# Deterministic algorithms on (default) or off (LN_TEST_DETERMINISTIC=0): the suite must pass
+# both ways. Lightning's `Trainer(deterministic=...)` sets this globally for the process, so every
+# test starts from the same setting (see `_deterministic_setting` below).
+DETERMINISTIC = os.environ.get("LN_TEST_DETERMINISTIC", "1") != "0"
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*isinstance.*LeafSpec.*")
 
@@ -82,11 +87,18 @@ def fast_trainer(tmp_path, **kwargs) -> pl.Trainer:
         enable_checkpointing=False,
         logger=TensorBoardLogger(str(tmp_path), name="tb"),
         num_sanity_val_steps=0,
-        deterministic=True,
+        deterministic=DETERMINISTIC,
         default_root_dir=str(tmp_path),
     )
     options.update(kwargs)
     return pl.Trainer(**options)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_setting():
+    """Every test starts with the suite's setting, whatever an earlier Trainer left behind."""
+    torch.use_deterministic_algorithms(DETERMINISTIC)
+    yield
 
 
 @pytest.fixture

@@ -25,7 +25,8 @@ def test_demo_config_runs_every_analysis_and_says_where_the_logs_are(tmp_path, c
     )
     out = capsys.readouterr().out
     assert "lightning-neurons: fit done in" in out
-    assert "val/acc = " in out
+    assert "final: " in out and "val/acc = " in out
+    assert "best:  val/acc = " in out and "(epoch 1 of 1)" in out
     assert f"tensorboard --logdir {tmp_path.resolve()}" in out
     index = load_index(tmp_path / "digits" / "version_0")
     kinds = {record["kind"] for record in index}
@@ -48,3 +49,28 @@ def test_config_errors_are_reported_before_training(tmp_path):
                 "--trainer.callbacks+=lightning_neurons.NoSuchCallback",
             ]
         )
+
+
+def test_help_introduces_the_tool(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "what\nits neurons learn" in out or "what its neurons learn" in out.replace("\n", " ")
+    for expected in ("fit", "validate", "test", "configs/digits.yaml", "tensorboard --logdir"):
+        assert expected in out, expected
+
+
+def test_fit_help_lists_every_callback_and_its_options(capsys):
+    import inspect
+
+    import lightning_neurons
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    assert "--trainer.callbacks.help" in out
+    for name in lightning_neurons.CALLBACKS:
+        assert f"lightning_neurons.{name}:" in out, name
+        for option in inspect.signature(getattr(lightning_neurons, name)).parameters:
+            assert f"{option}=" in out, (name, option)
