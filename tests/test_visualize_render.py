@@ -62,10 +62,10 @@ def test_parametrizations_give_display_images_with_independent_rows(param, chann
     _, alone = parametrize(param, (1, channels, 12, 10), seeds[1:2])
     # Same seed, same arithmetic, but batched FFT/conv kernels are not bitwise batch-invariant on
     # every CPU: a float32 inverse FFT of 120 points is exact to about eps * log2(120) ~ 1e-6 of
-    # the spectrum's scale, and the sigmoid only shrinks errors. 1e-5 is that with a margin and
-    # still 1,000x below the difference between two rows' images.
+    # the spectrum's scale, and the sigmoid only shrinks errors. 1e-5 is that with a margin, and
+    # 100x below the difference between two rows' (nearly grey, low-variance) initial images.
     torch.testing.assert_close(alone()[0], image[1].detach(), atol=1e-5, rtol=0)
-    assert (image[0] - image[1]).abs().amax() > 1e-2
+    assert (image[0] - image[1]).abs().amax() > 1e-3
 
 
 def test_fft_images_are_smoother_than_pixel_images():
