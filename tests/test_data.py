@@ -77,3 +77,19 @@ def test_models_forward_and_layer_names():
     clf = ImageClassifier(net, num_classes=7)
     assert clf(torch.rand(1, 3, 16, 16)).shape == (1, 7)
     assert clf.hparams.num_classes == 7
+
+
+def test_digits_augmentation_moves_training_images_only():
+    plain = DigitsDataModule(batch_size=32, seed=0)
+    augmented = DigitsDataModule(batch_size=32, seed=0, augment=True)
+    torch.manual_seed(0)
+    x, y = next(iter(plain.train_dataloader()))
+    xa, ya = next(iter(augmented.train_dataloader()))
+    assert torch.equal(y, ya)  # the same shuffle: the augmentation draws from another stream
+    assert xa.shape == x.shape and float(xa.min()) >= 0.0 and float(xa.max()) <= 1.0
+    moved = (xa - x).abs().flatten(1).amax(dim=1) > 0.1
+    assert moved.float().mean() > 0.5  # most digits shifted, rotated or scaled
+    # the ink is kept: an affine map of at most 10 degrees, 1.1x and 2 px keeps the digit inside
+    torch.testing.assert_close(xa.sum(dim=(1, 2, 3)), x.sum(dim=(1, 2, 3)), rtol=0.3, atol=0)
+    for a, b in zip(plain.val_dataloader(), augmented.val_dataloader(), strict=True):
+        assert torch.equal(a[0], b[0])  # validation images are never augmented
