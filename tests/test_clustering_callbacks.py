@@ -53,7 +53,10 @@ def parts_run(tmp_path_factory):
     analysing every 4th epoch."""
     tmp = tmp_path_factory.mktemp("parts")
     pl.seed_everything(0, verbose=False)
-    model = ImageClassifier(SmallCNN(num_classes=12, widths=(16, 32, 64)), num_classes=12, lr=5e-3)
+    # one-cycle: a constant lr ended at 50-93% validation accuracy depending on the CPU kernels
+    model = ImageClassifier(
+        SmallCNN(num_classes=12, widths=(16, 32, 64)), num_classes=12, lr=1e-2, schedule="onecycle"
+    )
     data = PartsDataModule(batch_size=32, n_per_class=100, seed=0)
     # Analysed after epochs 4 and 8 (twice, so that stability across analyses is measured).
     category = CategoryClustering(every_n_epochs=4, on_error="raise")

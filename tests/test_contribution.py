@@ -497,6 +497,7 @@ def test_ablating_a_class_dominant_neurons_hurts_that_class_most(parts_cnn):
     dominant = torch.stack([res[f"class {c}"].accuracy_drop for c in range(12)])
     random_sets = torch.stack([res[f"random {c}"].accuracy_drop for c in range(12)])
     selectivity = ablation_selectivity(dominant)
+    print(f"ablation: accuracy {accuracy:.3f}, {selectivity}")
     # measured (torch 2.14, CPU, 97.5% accuracy): own class drops 0.59, the other classes 0.14 on
     # average (ratio 4.1; same-group siblings 0.33, other groups 0.10); random sets of 5: 0.00
     assert selectivity["own_drop"] > 0.4
