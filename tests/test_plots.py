@@ -108,7 +108,9 @@ def _figures(classes: int, neurons: int) -> dict:
             names,
             "conv2, epoch 4: accuracy drop when zeroed (baseline 0.80)",
         ),
-        "image_grid": lambda: image_grid(images, [f"{c}: 2.5x" for c in range(classes)], title=title),
+        "image_grid": lambda: image_grid(
+            images, [f"{c}: 2.5x" for c in range(classes)], title=title
+        ),
         "saliency_grid": lambda: saliency_grid(
             images, maps, labels, labels.roll(1), class_names=names, title="smoothgrad, epoch 4"
         ),
@@ -244,7 +246,9 @@ def test_a_grid_too_large_for_the_cap_shows_its_first_images_and_says_so(drawn):
     texts = [t.get_text() for t in figure.findobj(Text) if t.get_text()]
     shown = len(texts) - 1  # one label per image shown, and the title
     assert 100 <= shown < 1000
-    assert f"(first {shown} of 1000)" in texts[0] or any(f"first {shown} of 1000" in t for t in texts)
+    assert f"(first {shown} of 1000)" in texts[0] or any(
+        f"first {shown} of 1000" in t for t in texts
+    )
     assert image.shape[0] <= _canvas.MAX_HEIGHT and image.shape[1] <= _canvas.MAX_WIDTH
 
 

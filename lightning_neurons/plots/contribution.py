@@ -171,7 +171,7 @@ def ablation_figure(
     left = _canvas.label_room(sets, 110) + 4
     width = _canvas.MAX_WIDTH - left - 18
     rows_px = int(np.clip(shown_sets * 20, 100, 440))
-    ticks_room = _canvas.label_room(names, 60) if named else 18
+    ticks_room = _canvas.label_room(names, 60) if named else 32
     fig, top = _canvas.titled_figure(
         title or "accuracy drop when zeroed", body=rows_px + ticks_room + 50
     )
@@ -182,6 +182,7 @@ def ablation_figure(
         _canvas.label_ticks(ax, "x", names, room=ticks_room - 8, rotate=num_classes > 8)
     else:
         _canvas.index_ticks(ax, "x", num_classes)
+        ax.set_xlabel("class", fontsize=_canvas.FONT, labelpad=1)
     cell_w, cell_h = width / max(num_classes, 1), rows_px / max(shown_sets, 1)
     if cell_w >= 28 and cell_h >= 15:
         for (r, c), value in np.ndenumerate(drop):
