@@ -242,6 +242,16 @@ def label_room(labels: Sequence[str], cap: float) -> int:
     return int(min(cap, CHAR_WIDTH * longest + 10))
 
 
+def column_labels(labels: Sequence[str], width: float, cap: float) -> tuple[int, bool]:
+    """``(pixels below the axes, rotated)`` for one label per column of an axes ``width`` pixels
+    wide: horizontal where the longest label fits its column, else turned by 90 degrees (and cut
+    to ``cap`` pixels)."""
+    longest = CHAR_WIDTH * max((len(str(s)) for s in labels), default=1) + 4
+    if longest <= width / max(len(labels), 1):
+        return 18, False
+    return label_room(labels, cap), True
+
+
 def label_ticks(
     ax: Axes, axis: str, labels: Sequence[str], room: float, rotate: bool = False
 ) -> None:

@@ -143,7 +143,7 @@ def distance_confusion_figure(
     left, gap = (_canvas.label_room(names, 80) + 4, 28) if named else (40, 28)
     panels = 2 if confusion is not None else 1
     side = min(200, (_canvas.MAX_WIDTH - left - 18 - gap * (panels - 1)) // panels)
-    ticks_room = _canvas.label_room(names, 70) if named else 18
+    ticks_room, rotate = _canvas.column_labels(names, side, 70) if named else (18, False)
     fig, top = _canvas.titled_figure(title, body=20 + side + ticks_room + 44)
     top += 18  # the panel titles
     dist = distances[np.ix_(order, order)].astype(float)
@@ -163,7 +163,7 @@ def distance_confusion_figure(
         bars.append(("magma_r", high or 1.0, "rate, row = true class"))
     for i, ax in enumerate(axes):
         if named:
-            _canvas.label_ticks(ax, "x", names, room=ticks_room - 8, rotate=True)
+            _canvas.label_ticks(ax, "x", names, room=ticks_room - 8, rotate=rotate)
             if i == 0:
                 _canvas.label_ticks(ax, "y", names, room=left - 8)
             else:
@@ -217,9 +217,9 @@ def cluster_profiles_figure(
     named = n <= 30
     left, right = 70, 62
     rows_px = int(np.clip(len(rows) * 18, 90, 440))
-    ticks_room = _canvas.label_room(names, 70) if named else 18
-    fig, top = _canvas.titled_figure(title, body=rows_px + ticks_room + (6 if named else 22))
     width = _canvas.MAX_WIDTH - left - right
+    ticks_room, rotate = _canvas.column_labels(names, width, 70) if named else (18, False)
+    fig, top = _canvas.titled_figure(title, body=rows_px + ticks_room + (6 if named else 22))
     ax = _canvas.axes_at(fig, left, top + 4, width, rows_px)
     shown = cluster_profiles[rows]
     limit = float(np.nanmax(np.abs(shown))) if np.isfinite(shown).any() else 1.0
@@ -228,7 +228,7 @@ def cluster_profiles_figure(
     which = f"{len(rows)} largest of {k} clusters" if len(rows) < k else "cluster"
     ax.set_ylabel(f"{which} (size)", fontsize=_canvas.FONT, labelpad=2)
     if named:
-        _canvas.label_ticks(ax, "x", names, room=ticks_room - 8, rotate=True)
+        _canvas.label_ticks(ax, "x", names, room=ticks_room - 8, rotate=rotate)
     else:
         _canvas.index_ticks(ax, "x", n)
         ax.set_xlabel("class", fontsize=_canvas.FONT, labelpad=1)

@@ -135,7 +135,7 @@ def _domination_panel(ax: Axes, share: np.ndarray, named: bool) -> None:
 
 def _cell_text(value: float) -> str:
     """``0.25`` -> ``.25``, ``-0.10`` -> ``-.10``: short enough for a 28-pixel cell."""
-    return f"{value:.2f}".replace("0.", ".", 1)
+    return f"{value + 0.0:.2f}".replace("0.", ".", 1) if round(value, 2) != 0 else ".00"
 
 
 def ablation_figure(
@@ -171,7 +171,7 @@ def ablation_figure(
     left = _canvas.label_room(sets, 110) + 4
     width = _canvas.MAX_WIDTH - left - 18
     rows_px = int(np.clip(shown_sets * 20, 100, 440))
-    ticks_room = _canvas.label_room(names, 60) if named else 32
+    ticks_room, rotate = _canvas.column_labels(names, width, 60) if named else (32, False)
     fig, top = _canvas.titled_figure(
         title or "accuracy drop when zeroed", body=rows_px + ticks_room + 50
     )
@@ -179,7 +179,7 @@ def ablation_figure(
     _canvas.heatmap(ax, drop, "RdBu_r", -limit, limit)
     _canvas.label_ticks(ax, "y", sets, room=left - 8)
     if named:
-        _canvas.label_ticks(ax, "x", names, room=ticks_room - 8, rotate=num_classes > 8)
+        _canvas.label_ticks(ax, "x", names, room=ticks_room - 8, rotate=rotate)
     else:
         _canvas.index_ticks(ax, "x", num_classes)
         ax.set_xlabel("class", fontsize=_canvas.FONT, labelpad=1)
