@@ -241,14 +241,16 @@ def test_dendrogram_returns_every_leaf_in_drawing_order_above_the_leaf_cap():
 
 
 def test_a_grid_too_large_for_the_cap_shows_its_first_images_and_says_so(drawn):
-    image = image_grid(torch.rand(1000, 1, 8, 8), [str(i) for i in range(1000)], title="classes")
+    long_title = "conv2, epoch 4: " + "a very long description of the images " * 5
+    images = torch.rand(1000, 1, 8, 8)
+    image = image_grid(images, [str(i) for i in range(1000)], title=long_title)
     (figure,) = drawn
     texts = [t.get_text() for t in figure.findobj(Text) if t.get_text()]
     shown = len(texts) - 1  # one label per image shown, and the title
     assert 100 <= shown < 1000
-    assert f"(first {shown} of 1000)" in texts[0] or any(
-        f"first {shown} of 1000" in t for t in texts
-    )
+    assert texts[-1] == str(shown - 1)  # the labels of the first images, in order
+    # the note survives the title's two-line cut
+    assert any(t.endswith(f"(first {shown} of 1000)") and "\n" in t for t in texts)
     assert image.shape[0] <= _canvas.MAX_HEIGHT and image.shape[1] <= _canvas.MAX_WIDTH
 
 

@@ -205,6 +205,16 @@ def wrap_title(text: str, width: float = MAX_WIDTH, lines: int = 2) -> list[str]
     return wrapped
 
 
+def with_note(text: str, note: str, width: float = MAX_WIDTH, lines: int = 2) -> str:
+    """``text`` followed by ``note``, ``text`` cut so that the note stays within ``lines`` title
+    lines of ``width`` pixels."""
+    chars = max(10, int((width - 8) / (CHAR_WIDTH * TITLE_FONT / FONT)))
+    room = lines * chars - len(note) - 2 - 6 * lines  # a few characters lost per line to wrapping
+    if len(text) > room:
+        text = text[: max(0, room - 1)].rstrip() + "\u2026"
+    return f"{text} {note}".strip()
+
+
 def titled_figure(
     text: str, body: int, width: int = MAX_WIDTH, lines: int = 2
 ) -> tuple[Figure, int]:

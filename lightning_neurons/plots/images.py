@@ -92,12 +92,12 @@ def _grid_figure(
     title = title or ""
     title_px = 6 + _canvas.TITLE_LINE * 2 if title else 4
     cols, tile, shown = _layout(n, band, title_px, ncols)
-    if shown < n:
-        title = f"{title} (first {shown} of {n})"
     cols = min(cols, max(shown, 1))
     rows = math.ceil(shown / cols)
     step_x, step_y = tile + _PAD, tile + band + _PAD
     width = cols * step_x + _PAD
+    if shown < n:
+        title = _canvas.with_note(title, f"(first {shown} of {n})", width)
     fig, top = _canvas.titled_figure(title, body=rows * step_y + _PAD, width=width)
     mosaic = np.ones((rows * step_y + _PAD, width, 3), dtype=np.float32)
     for i, cell in enumerate(_resized(cells[:shown], tile)):
