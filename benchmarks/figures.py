@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,7 +45,11 @@ def _pixels(figure: Any) -> np.ndarray:
 
     canvas = FigureCanvasAgg(figure)
     canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    pixels = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:
+        pyplot.close(figure)  # as AnalysisLogger.figure did
+    return pixels
 
 
 def _profile(classes: int, neurons: int, seed: int = 0) -> torch.Tensor:
