@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -264,3 +265,39 @@ def test_as_image_accepts_arrays_tensors_and_figures():
     assert _canvas.as_image(figure).shape == (100, 200, 3)
     with pytest.raises(TypeError, match="expected an"):
         _canvas.as_image(np.zeros((4, 4)))
+
+
+def test_class_profile_heatmap_leaves_classes_without_data_blank(drawn):
+    profile = torch.tensor([[1.0, 0.0], [float("nan")] * 2, [0.0, 2.0]], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "All-NaN slice" or division warnings either
+        image = class_profile_heatmap(_layer_stats(profile))
+    (figure,) = drawn
+    box = figure.axes[0].get_window_extent()
+    x = int(box.x0 + box.width / 2)
+    y = int(figure.bbox.height - box.y1 + 1.5 * box.height / 3)  # the middle row's centre
+    np.testing.assert_array_equal(image[y, x], [255, 255, 255])  # NaN is drawn white
+
+
+def test_the_logger_writes_an_image_of_the_figures_size_and_closes_pyplot_figures(tmp_path):
+    import lightning.pytorch as pl
+    import matplotlib.pyplot as plt
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_neurons.loggers import AnalysisLogger
+
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    trainer = pl.Trainer(logger=tb, default_root_dir=tmp_path, enable_progress_bar=False)
+    out = AnalysisLogger(trainer, "plots")
+    pixels = class_profile_heatmap(_layer_stats(_profile(10, 32)))
+    out.figure(out.tag("profile"), pixels)
+    theirs = plt.figure(figsize=(2, 1), dpi=100)
+    out.figure(out.tag("theirs"), theirs)
+    assert theirs.number not in plt.get_fignums()
+    tb.experiment.flush()
+    events = EventAccumulator(tb.log_dir, size_guidance={"images": 0}).Reload()
+    (profile,) = events.Images("plots/profile")
+    assert (profile.height, profile.width) == pixels.shape[:2]
+    (image,) = events.Images("plots/theirs")
+    assert (image.width, image.height) == (200, 100)

@@ -61,10 +61,13 @@ def class_profile_heatmap(
     order = _shown_neurons(stats, max_neurons)
     m = stats.class_means.double()[:, order].numpy()
     num_classes, num_neurons = m.shape
+    finite = np.isfinite(m)
+    # neurons without data (all NaN) stay NaN, drawn blank
+    low = np.where(finite, m, np.inf).min(axis=0, keepdims=True)
+    high = np.where(finite, m, -np.inf).max(axis=0, keepdims=True)
     with np.errstate(invalid="ignore"):
-        low = np.nanmin(m, axis=0, keepdims=True) if num_classes else m
-        high = np.nanmax(m, axis=0, keepdims=True) if num_classes else m
-    scaled = (m - low) / np.where(high - low > 0, high - low, 1.0)
+        spread = np.where(high - low > 0, high - low, 1.0)
+        scaled = np.where(finite, (m - np.where(finite.any(axis=0), low, 0.0)) / spread, np.nan)
     named = num_classes <= MAX_NAMED_ROWS
     rows_px = int(np.clip(num_classes * 22, 110, 440)) if named else 440
     left, right = 78, 62
