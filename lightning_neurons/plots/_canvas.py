@@ -155,7 +155,7 @@ def heatmap(
     return shown
 
 
-def colorbar(figure: Figure, ax: Axes, cmap: str, vmin: float, vmax: float, label: str) -> None:
+def colorbar(ax: Axes, cmap: str, vmin: float, vmax: float, label: str) -> None:
     """A colour bar for a :func:`heatmap`, drawn in ``ax`` (a thin axes) with three ticks."""
     vertical = ax.get_window_extent().height > ax.get_window_extent().width
     ramp = np.linspace(vmin, vmax, 128)

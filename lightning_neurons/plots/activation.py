@@ -93,5 +93,5 @@ def class_profile_heatmap(
     shown = f"{num_neurons} most selective of {total}" if num_neurons < total else f"{total}"
     ax.set_xlabel(f"{shown} neurons, by preferred class", fontsize=_canvas.FONT, labelpad=3)
     bar = _canvas.axes_at(fig, left + width + 8, top + 4, 10, rows_px)
-    _canvas.colorbar(fig, bar, "viridis", 0.0, 1.0, "scaled per neuron")
+    _canvas.colorbar(bar, "viridis", 0.0, 1.0, "scaled per neuron")
     return _canvas.render(fig)
