@@ -84,13 +84,23 @@ class AnalysisLogger:
         return "/".join([self.kind, *parts])
 
     def figure(self, tag: str, figure: Any) -> None:
-        import matplotlib.pyplot as plt
+        """Log a figure as an image: the ``[H, W, 3]`` uint8 array that the plot functions of
+        :mod:`lightning_neurons.plots` return, or a :class:`matplotlib.figure.Figure` (drawn on an
+        Agg canvas; closed afterwards if pyplot manages it). Never imports pyplot."""
+        import sys
+
+        from matplotlib.figure import Figure
+
+        from lightning_neurons.plots._canvas import as_image
 
         try:
             if self.experiment is not None:
-                self.experiment.add_figure(tag, figure, global_step=self.step, close=False)
+                pixels = as_image(figure)
+                self.experiment.add_image(tag, pixels, global_step=self.step, dataformats="HWC")
         finally:
-            plt.close(figure)
+            pyplot = sys.modules.get("matplotlib.pyplot")
+            if pyplot is not None and isinstance(figure, Figure):
+                pyplot.close(figure)  # a user's pyplot figure; ours are not registered there
 
     def image(self, tag: str, image: torch.Tensor) -> None:
         """Log a ``[C, H, W]`` image with values in [0, 1]."""

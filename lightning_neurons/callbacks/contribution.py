@@ -528,10 +528,11 @@ class NeuronContribution(AnalysisCallback):
             probe_grid,
         )
 
-        out.figure(out.tag(layer, "class_contribution"), contribution_figure(res["stats"], names))
+        figure = contribution_figure(res["stats"], names, epoch=res["epoch"])
+        out.figure(out.tag(layer, "class_contribution"), figure)
         if "accuracy_drop" in res:
             baseline = float(res["baseline_accuracy"].nanmean())
-            title = f"{layer}: accuracy drop when zeroed (baseline accuracy {baseline:.2f})"
+            title = f"{layer}, epoch {res['epoch']}: accuracy drop when zeroed (baseline {baseline:.2f})"
             figure = ablation_figure(res["accuracy_drop"], res["ablation_sets"], names, title)
             out.figure(out.tag(layer, "ablation"), figure)
         if "probe_images" in res:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from lightning_neurons.plots import _canvas
+from lightning_neurons.stats import LayerStats
 
-from lightning_neurons.stats import LayerStats  # noqa: E402
+#: Above this many classes the rows are not named (and above the heatmap's height in pixels,
+#: neighbouring classes share a row: the mean of their profiles).
+MAX_NAMED_ROWS = 30
 
 
 def neuron_order(means: torch.Tensor, selectivity: torch.Tensor) -> torch.Tensor:
@@ -23,13 +23,29 @@ def neuron_order(means: torch.Tensor, selectivity: torch.Tensor) -> torch.Tensor
     return torch.argsort(key, stable=True)
 
 
+def _shown_neurons(stats: LayerStats, max_neurons: int) -> torch.Tensor:
+    """Column order: by preferred class and selectivity, dead neurons last, at most
+    ``max_neurons`` (the most selective)."""
+    order = neuron_order(stats.class_means.double(), stats.selectivity)
+    dead = stats.dead[order]
+    order = torch.cat([order[~dead], order[dead]])
+    if order.numel() > max_neurons:
+        sel = torch.nan_to_num(stats.selectivity, nan=0.0)
+        keep = torch.argsort(sel, descending=True)[:max_neurons]
+        order = order[torch.isin(order, keep)]
+    return order
+
+
 def class_profile_heatmap(
     stats: LayerStats, class_names: Sequence[str] | None = None, max_neurons: int = 512
-) -> Figure:
+) -> np.ndarray:
     """Class x neuron heatmap of a layer's class profile, each neuron scaled to [0, 1].
 
     Neurons are sorted by their preferred class, then by selectivity, so selective neurons form
-    a block diagonal. Dead neurons are drawn last.
+    a block diagonal; dead neurons are drawn last. The image is at most 480 x 720 pixels whatever
+    the number of classes and neurons: above 30 classes the rows are numbered instead of named,
+    and where classes or neurons outnumber the heatmap's pixels, neighbouring ones share a pixel
+    (the mean of their scaled profiles). The full profile is in the tracker's ``.npz``.
 
     Args:
         stats: A layer's :class:`~lightning_neurons.stats.LayerStats`.
@@ -37,34 +53,45 @@ def class_profile_heatmap(
         max_neurons: Show at most this many neurons (the most selective ones).
 
     Returns:
-        The figure (close it after use).
+        The image, ``[H, W, 3]`` uint8, ``W <= 480`` and ``H <= 720``.
+
+    Example:
+        >>> image = class_profile_heatmap(tracker.results["conv2"])
     """
-    means = stats.class_means.double()
-    order = neuron_order(means, stats.selectivity)
-    alive = order[~stats.dead[order]]
-    order = torch.cat([alive, order[stats.dead[order]]])
-    if order.numel() > max_neurons:
-        keep = torch.argsort(torch.nan_to_num(stats.selectivity, nan=0.0), descending=True)[
-            :max_neurons
-        ]
-        order = order[torch.isin(order, keep)]
-    m = means[:, order].numpy()
-    low = np.nanmin(m, axis=0, keepdims=True)
-    high = np.nanmax(m, axis=0, keepdims=True)
-    scaled = (m - low) / np.where(high - low > 0, high - low, 1.0)
-    num_classes, num_neurons = scaled.shape
-    width = min(14.0, max(7.0, 3.0 + 0.04 * num_neurons))
-    fig, ax = plt.subplots(figsize=(width, 1.2 + 0.3 * num_classes), constrained_layout=True)
-    im = ax.imshow(scaled, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=1)
-    names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
-    ax.set_yticks(range(num_classes), names)
-    ax.set_ylabel("class")
-    ax.set_xlabel(
-        f"neuron (sorted by preferred class, then selectivity; {int(stats.dead.sum())} dead at right)"
+    order = _shown_neurons(stats, max_neurons)
+    m = stats.class_means.double()[:, order].numpy()
+    num_classes, num_neurons = m.shape
+    finite = np.isfinite(m)
+    # neurons without data (all NaN) stay NaN, drawn blank
+    low = np.where(finite, m, np.inf).min(axis=0, keepdims=True)
+    high = np.where(finite, m, -np.inf).max(axis=0, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        spread = np.where(high - low > 0, high - low, 1.0)
+        scaled = np.where(finite, (m - np.where(finite.any(axis=0), low, 0.0)) / spread, np.nan)
+    named = num_classes <= MAX_NAMED_ROWS
+    rows_px = int(np.clip(num_classes * 22, 110, 440)) if named else 440
+    left, right = 78, 62
+    fig, top = _canvas.titled_figure(
+        f"{stats.layer}, epoch {stats.epoch}: class profile "
+        f"(mean selectivity {float(stats.selectivity.nanmean()):.2f}, "
+        f"{int(stats.dead.sum())} dead)",
+        body=rows_px + 30,
     )
-    ax.set_title(
-        f"{stats.layer}: class profile, epoch {stats.epoch} "
-        f"(mean selectivity {float(stats.selectivity.nanmean()):.2f})"
-    )
-    fig.colorbar(im, ax=ax, label="activation, scaled per neuron")
-    return fig
+    width = _canvas.MAX_WIDTH - left - right
+    ax = _canvas.axes_at(fig, left, top + 4, width, rows_px)
+    _canvas.heatmap(ax, scaled, "viridis", 0.0, 1.0)
+    if named:
+        names = (
+            list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
+        )
+        _canvas.label_ticks(ax, "y", names[:num_classes], room=left - 22)
+    else:
+        _canvas.index_ticks(ax, "y", num_classes)
+    ax.set_ylabel("class", fontsize=_canvas.FONT, labelpad=2)
+    ax.set_xticks([])
+    total = stats.class_means.shape[1]
+    shown = f"{num_neurons} most selective of {total}" if num_neurons < total else f"{total}"
+    ax.set_xlabel(f"{shown} neurons, by preferred class", fontsize=_canvas.FONT, labelpad=3)
+    bar = _canvas.axes_at(fig, left + width + 8, top + 4, 10, rows_px)
+    _canvas.colorbar(bar, "viridis", 0.0, 1.0, "scaled per neuron")
+    return _canvas.render(fig)

@@ -1,20 +1,22 @@
 """Figures of neuron contribution: the class x neuron heatmap with domination, the ablation matrix,
-and the probe-image grid."""
+and the probe-image grid (each a bounded image)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from torch.nn import functional as F
 
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
+from lightning_neurons.contribution import ContributionStats
+from lightning_neurons.plots import _canvas
 
-from lightning_neurons.contribution import ContributionStats  # noqa: E402
+#: Above this many classes the rows (contribution) or columns (ablation) are numbered, not named.
+MAX_NAMED_CLASSES = 20
+#: Ablated neuron sets shown at most (the first ones).
+MAX_SETS = 30
 
 
 def _names(class_names: Sequence[str] | None, n: int) -> list[str]:
@@ -32,23 +34,31 @@ def contribution_order(class_contribution: torch.Tensor) -> torch.Tensor:
 
 
 def contribution_figure(
-    stats: ContributionStats, class_names: Sequence[str] | None = None, max_neurons: int = 256
-) -> Figure:
+    stats: ContributionStats,
+    class_names: Sequence[str] | None = None,
+    max_neurons: int = 256,
+    *,
+    epoch: int | None = None,
+) -> np.ndarray:
     """Class x neuron heatmap of the mean contribution to each class's logit, and each class's
     domination.
 
     Left: ``class_contribution`` (red: raises the class's logit, blue: lowers it), neurons grouped by
-    the class they contribute most to; the class's dominant neurons are ringed. Right: the share
-    of each class's positive contribution carried by its ``top_k`` dominant neurons.
+    the class they contribute most to; up to 20 classes, the class's dominant neurons are ringed.
+    Right: the share of each class's positive contribution carried by its ``top_k`` dominant
+    neurons. The image is 480 x at most 560 pixels: above 20 classes the rows are numbered, and
+    where classes or neurons outnumber the pixels, neighbouring ones share a pixel (the mean). The
+    full matrices are in the ``.npz``.
 
     Args:
         stats: A layer's :class:`~lightning_neurons.contribution.ContributionStats`.
         class_names: Tick labels for the classes.
         max_neurons: Show at most this many neurons (those with the largest contribution to any
             class; every dominant neuron is kept).
+        epoch: The epoch, for the title.
 
     Returns:
-        The figure (close it after use).
+        The image, ``[H, W, 3]`` uint8 with ``W <= 480`` and ``H <= 720``.
     """
     m = torch.nan_to_num(stats.class_contribution.double(), nan=0.0)
     num_classes, num_neurons = m.shape
@@ -59,44 +69,73 @@ def contribution_figure(
         keep = torch.argsort(strength, descending=True)[:max_neurons]
         order = order[torch.isin(order, keep)]
     shown = m[:, order].numpy()
-    limit = float(np.abs(shown).max()) or 1.0
+    limit = float(np.abs(shown).max()) if shown.size else 0.0
+    limit = limit or 1.0
     names = _names(class_names, num_classes)
-    width = min(16.0, 5.0 + 0.04 * len(order))
-    fig, (ax, bar) = plt.subplots(
-        1,
-        2,
-        figsize=(width, 1.4 + 0.3 * num_classes),
-        gridspec_kw={"width_ratios": [max(4.0, width - 3.0), 2.0]},
-        constrained_layout=True,
+    named = num_classes <= MAX_NAMED_CLASSES
+    top_k = stats.dominant.shape[1]
+    left = (_canvas.label_room(names, 70) if named else 34) + 16
+    share_width, gap = 64, 12
+    width = _canvas.MAX_WIDTH - left - gap - share_width - 8
+    rows_px = int(np.clip(num_classes * 22, 110, 440)) if named else 440
+    when = f", epoch {epoch}" if epoch is not None else ""
+    fig, top = _canvas.titled_figure(
+        f"{stats.layer}{when}: contribution to the class's logit", body=18 + rows_px + 64
     )
-    im = ax.imshow(
-        shown, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest"
-    )
+    top += 18  # the panel titles
+    ax = _canvas.axes_at(fig, left, top, width, rows_px)
+    _canvas.heatmap(ax, shown, "RdBu_r", -limit, limit)
+    if named:
+        _canvas.label_ticks(ax, "y", names, room=left - 22)
+        _ring_dominant(ax, stats, order)
+        ax.set_title(f"rings: top {top_k} per class", fontsize=_canvas.FONT, pad=3)
+    else:
+        _canvas.index_ticks(ax, "y", num_classes)
+        ax.set_title("mean contribution", fontsize=_canvas.FONT, pad=3)
+    ax.set_ylabel("class", fontsize=_canvas.FONT, labelpad=2)
+    ax.set_xticks([])
+    ax.set_xlabel(f"{len(order)} of {num_neurons} neurons, by class", fontsize=_canvas.FONT)
+    bar = _canvas.axes_at(fig, left, top + rows_px + 20, width, 8)
+    _canvas.colorbar(bar, "RdBu_r", -limit, limit, "activation x gradient")
+    share = stats.domination.double().numpy()
+    panel = _canvas.axes_at(fig, left + width + gap, top, share_width, rows_px)
+    _domination_panel(panel, share, named)
+    panel.set_title(f"top-{top_k} share", fontsize=_canvas.FONT, pad=3)
+    panel.set_xlabel(f"mean {np.nanmean(share):.2f}" if share.size else "", fontsize=_canvas.FONT)
+    return _canvas.render(fig)
+
+
+def _ring_dominant(ax: Axes, stats: ContributionStats, order: torch.Tensor) -> None:
     column = {int(n): i for i, n in enumerate(order.tolist())}
     rows, cols = [], []
-    for c in range(num_classes):
+    for c in range(stats.dominant.shape[0]):
         for n in stats.dominant[c].tolist():
             if n in column:
-                rows.append(c)
-                cols.append(column[n])
-    ax.scatter(cols, rows, s=14, facecolors="none", edgecolors="black", linewidths=0.8)
-    ax.set_yticks(range(num_classes), names)
-    ax.set_ylabel("class")
-    ax.set_xlabel(
-        f"neuron (grouped by the class it contributes most to; {len(order)} of {num_neurons})"
-    )
-    ax.set_title(
-        f"{stats.layer}: mean contribution to the class's logit (rings: top {stats.dominant.shape[1]})"
-    )
-    fig.colorbar(im, ax=ax, label="activation x gradient", pad=0.01)
-    share = stats.domination.double().numpy()
-    bar.barh(range(num_classes), share, color="tab:red")
-    bar.set_xlim(0, 1)
-    bar.set_ylim(num_classes - 0.5, -0.5)
-    bar.set_yticks(range(num_classes), names)
-    bar.set_xlabel(f"share carried by top {stats.dominant.shape[1]}")
-    bar.set_title(f"domination (mean {share.mean():.2f})")
-    return fig
+                rows.append(c + 0.5)
+                cols.append(column[n] + 0.5)
+    ax.scatter(cols, rows, s=20, facecolors="none", edgecolors="black", linewidths=0.8)
+
+
+def _domination_panel(ax: Axes, share: np.ndarray, named: bool) -> None:
+    n = share.shape[0]
+    if named:
+        ax.barh(np.arange(n) + 0.5, share, height=0.8, color="tab:red")
+    else:  # one step curve, at most one step per pixel row
+        reduced = _canvas.block_means(share[:, None], int(ax.get_window_extent().height), 1)[:, 0]
+        edges = np.linspace(0, n, reduced.shape[0] + 1)
+        ax.stairs(
+            np.nan_to_num(reduced), edges, orientation="horizontal", fill=True, color="tab:red"
+        )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(n, 0)
+    ax.set_yticks([])
+    ax.set_xticks([0, 1], ["0", "1"], fontsize=_canvas.FONT)
+    ax.tick_params(length=2, pad=1)
+
+
+def _cell_text(value: float) -> str:
+    """``0.25`` -> ``.25``, ``-0.10`` -> ``-.10``: short enough for a 28-pixel cell."""
+    return f"{value + 0.0:.2f}".replace("0.", ".", 1) if round(value, 2) != 0 else ".00"
 
 
 def ablation_figure(
@@ -104,46 +143,64 @@ def ablation_figure(
     set_names: Sequence[str],
     class_names: Sequence[str] | None = None,
     title: str = "",
-) -> Figure:
+) -> np.ndarray:
     """Accuracy drop of every class (columns) when each neuron set (rows) is zeroed.
+
+    Each cell prints its value where it is at least 28 x 15 pixels. The image is 480 x at most
+    560 pixels: the first 30 sets at most; up to 20 classes named, above numbered, and where
+    classes outnumber the pixels, neighbouring classes share one (the mean). The full matrix is in
+    the ``.npz``.
 
     Args:
         accuracy_drop: ``[S, C]`` accuracy without minus with the ablation.
         set_names: Row labels (the ablated sets).
         class_names: Column labels.
-        title: Figure title.
+        title: Figure title (put the epoch in it).
 
     Returns:
-        The figure (close it after use).
+        The image, ``[H, W, 3]`` uint8 with ``W <= 480`` and ``H <= 720``.
     """
     drop = torch.as_tensor(accuracy_drop, dtype=torch.float64).numpy()
     num_sets, num_classes = drop.shape
-    fig, ax = plt.subplots(
-        figsize=(min(16.0, 2.5 + 0.45 * num_classes), min(16.0, 1.2 + 0.3 * num_sets)),
-        constrained_layout=True,
+    shown_sets = min(num_sets, MAX_SETS)
+    drop, sets = drop[:shown_sets], [str(s) for s in list(set_names)[:shown_sets]]
+    names = _names(class_names, num_classes)
+    named = num_classes <= MAX_NAMED_CLASSES
+    finite = drop[np.isfinite(drop)]
+    limit = max(0.05, float(np.abs(finite).max()) if finite.size else 0.0)
+    left = _canvas.label_room(sets, 110) + 4
+    width = _canvas.MAX_WIDTH - left - 18
+    rows_px = int(np.clip(shown_sets * 20, 100, 440))
+    ticks_room, rotate = _canvas.column_labels(names, width, 60) if named else (32, False)
+    fig, top = _canvas.titled_figure(
+        title or "accuracy drop when zeroed", body=rows_px + ticks_room + 50
     )
-    im = ax.imshow(drop, aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
-    ax.set_xticks(
-        range(num_classes), _names(class_names, num_classes), rotation=90 if num_classes > 12 else 0
-    )
-    ax.set_yticks(range(num_sets), list(set_names))
-    ax.set_xlabel("class")
-    ax.set_ylabel("zeroed neurons")
-    if num_sets * num_classes <= 400:
+    ax = _canvas.axes_at(fig, left, top + 4, width, rows_px)
+    _canvas.heatmap(ax, drop, "RdBu_r", -limit, limit)
+    _canvas.label_ticks(ax, "y", sets, room=left - 8)
+    if named:
+        _canvas.label_ticks(ax, "x", names, room=ticks_room - 8, rotate=rotate)
+    else:
+        _canvas.index_ticks(ax, "x", num_classes)
+        ax.set_xlabel("class", fontsize=_canvas.FONT, labelpad=1)
+    cell_w, cell_h = width / max(num_classes, 1), rows_px / max(shown_sets, 1)
+    if cell_w >= 28 and cell_h >= 15:
         for (r, c), value in np.ndenumerate(drop):
             if np.isfinite(value):
+                white = abs(value) > 0.6 * limit
                 ax.text(
-                    c,
-                    r,
-                    f"{value:.2f}",
+                    c + 0.5,
+                    r + 0.5,
+                    _cell_text(value),
                     ha="center",
                     va="center",
-                    fontsize=6,
-                    color="white" if abs(value) > 0.6 else "black",
+                    fontsize=_canvas.FONT,
+                    color="white" if white else "black",
                 )
-    ax.set_title(title or "accuracy drop when zeroed")
-    fig.colorbar(im, ax=ax, label="accuracy drop", pad=0.01)
-    return fig
+    bar = _canvas.axes_at(fig, left, top + 4 + rows_px + ticks_room + 4, min(width, 240), 8)
+    more = f" (first {shown_sets} of {num_sets} sets)" if shown_sets < num_sets else ""
+    _canvas.colorbar(bar, "RdBu_r", -limit, limit, f"accuracy drop{more}")
+    return _canvas.render(fig)
 
 
 def _tile(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -172,18 +229,22 @@ def probe_grid(
     """A grid image: one row per probe image, followed by the preferred images of the neurons that
     contributed most to its prediction (grey where none is available).
 
+    The image is at most 480 x 720 pixels: tiles shrink (down to 16 pixels) to fit the width, and
+    only the first probes that fit the height are shown (the rest are in the ``.npz``).
+
     Args:
         probes: ``[P, C, H, W]`` probe images.
         preferred: For each probe, the images ``[C, H, W]`` (or ``None``) of its top neurons.
-        size: Side of each tile in pixels.
+        size: Side of each tile in pixels (at most; smaller where the row would be too wide).
         pad: White space between tiles.
 
     Returns:
-        ``[3, H, W]`` image in [0, 1].
+        ``[3, H, W]`` image in [0, 1], ``W <= 480`` and ``H <= 720``.
     """
-    num_rows = probes.shape[0]
     num_cols = 1 + max((len(row) for row in preferred), default=0)
+    size = max(16, min(size, (_canvas.MAX_WIDTH - 3 * pad) // num_cols - pad))
     step = size + pad
+    num_rows = min(probes.shape[0], max(1, (_canvas.MAX_HEIGHT - pad) // step))
     grid = torch.ones(3, num_rows * step + pad, num_cols * step + 3 * pad)
     for r in range(num_rows):
         tiles = [

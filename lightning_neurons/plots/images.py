@@ -7,20 +7,21 @@ The grids are drawn as one mosaic in one axes with text labels, which is much fa
 from __future__ import annotations
 
 import math
-import textwrap
 from collections.abc import Sequence
 
 import matplotlib
+import numpy as np
+import torch
+from torch.nn import functional as F
 
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from lightning_neurons.errors import NeuronsError
+from lightning_neurons.plots import _canvas
 
-from lightning_neurons.errors import NeuronsError  # noqa: E402
-
-_PAD = 2  # pixels between cells (in image pixels)
+_PAD = 4  # pixels between tiles
+#: Height (pixels) of the band above each tile that holds its label (one line of 8-pt text).
+LABEL_BAND = 15
+#: Smallest and largest tile side (pixels); below the smallest, the grid shows fewer images.
+MIN_TILE, MAX_TILE = 40, 112
 
 
 def _as_rgb(images: torch.Tensor) -> np.ndarray:
@@ -42,15 +43,40 @@ def stretch(images: torch.Tensor) -> torch.Tensor:
     return (images - low) / (high - low).clamp_min(1e-8)
 
 
-def _mosaic(cells: np.ndarray, ncols: int) -> np.ndarray:
-    n, h, w, c = cells.shape
-    nrows = math.ceil(n / ncols)
-    canvas = np.ones((nrows * (h + _PAD) + _PAD, ncols * (w + _PAD) + _PAD, c), dtype=np.float32)
-    for i in range(n):
-        r, k = divmod(i, ncols)
-        top, left = _PAD + r * (h + _PAD), _PAD + k * (w + _PAD)
-        canvas[top : top + h, left : left + w] = cells[i]
-    return canvas
+def _layout(n: int, band: int, title_px: int, ncols: int | None) -> tuple[int, int, int]:
+    """``(columns, tile side, images shown)``: the largest tiles with which the grid fits in
+    :data:`~lightning_neurons.plots._canvas.MAX_WIDTH` x ``MAX_HEIGHT`` pixels."""
+    width, height = _canvas.MAX_WIDTH, _canvas.MAX_HEIGHT - title_px - _PAD
+
+    def tile_of(cols: int) -> int:
+        return min(MAX_TILE, (width - _PAD) // cols - _PAD)
+
+    def fits(cols: int, tile: int) -> bool:
+        return math.ceil(n / cols) * (tile + band + _PAD) <= height
+
+    choices = [ncols] if ncols else range(1, max(n, 1) + 1)
+    fitting = [(tile_of(c), c) for c in choices if tile_of(c) >= MIN_TILE and fits(c, tile_of(c))]
+    if fitting:  # the largest tiles; of equal tiles, the widest grid (fewer rows)
+        tile, cols = max(fitting)
+        return cols, tile, n
+    cols = ncols or (width - _PAD) // (MIN_TILE + _PAD)
+    tile = max(8, min(MIN_TILE, tile_of(cols)))
+    rows = max(1, height // (tile + band + _PAD))
+    return cols, tile, min(n, rows * cols)
+
+
+def _resized(cells: np.ndarray, tile: int) -> np.ndarray:
+    """``[N, H, W, 3]`` -> ``[N, tile, tile, 3]``: the image fitted in the tile (white around)."""
+    n, h, w, _ = cells.shape
+    scale = tile / max(h, w)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    images = torch.from_numpy(np.ascontiguousarray(cells)).permute(0, 3, 1, 2)
+    mode = "nearest" if scale >= 1 else "area"  # crisp pixels up, no aliasing down
+    images = F.interpolate(images, size=size, mode=mode).permute(0, 2, 3, 1).numpy()
+    out = np.ones((n, tile, tile, 3), dtype=np.float32)
+    top, left = (tile - size[0]) // 2, (tile - size[1]) // 2
+    out[:, top : top + size[0], left : left + size[1]] = images
+    return out
 
 
 def _grid_figure(
@@ -59,40 +85,39 @@ def _grid_figure(
     colors: Sequence[str] | None,
     ncols: int | None,
     title: str | None,
-    cell_inches: float,
-) -> Figure:
-    n, h, w, _ = cells.shape
-    ncols = ncols or min(n, max(1, math.ceil(math.sqrt(n * 1.5))))
-    nrows = math.ceil(n / ncols)
-    label_band = 0.22 if labels is not None else 0.0
-    fig = plt.figure(
-        figsize=(
-            ncols * cell_inches,
-            nrows * cell_inches * (1 + label_band) + (0.35 if title else 0.1),
-        ),
-        dpi=100,
-    )
-    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0 - (0.35 / fig.get_figheight() if title else 0.0)))
-    if labels is not None:
-        # taller cells: each image gets a band above it for its label
-        band = max(1, round(h * label_band))
-        padded = np.ones((n, h + band, w, 3), dtype=np.float32)
-        padded[:, band:] = cells
-        cells, h = padded, h + band
-    ax.imshow(_mosaic(cells, ncols), interpolation="nearest", aspect="auto")
-    ax.set_axis_off()
-    if labels is not None:
-        size = max(6.0, min(9.0, 80.0 * cell_inches / max(6, max(len(s) for s in labels) + 2)))
-        for i, text in enumerate(labels):
-            r, k = divmod(i, ncols)
-            x = _PAD + k * (w + _PAD) + w / 2
-            y = _PAD + r * (h + _PAD) + band / 2
-            color = colors[i] if colors is not None else "black"
-            ax.text(x, y, text, ha="center", va="center", fontsize=size, color=color)
-    if title:
-        lines = textwrap.wrap(title, width=max(20, int(fig.get_figwidth() * 13)))
-        fig.suptitle("\n".join(lines[:2]), fontsize=9, y=1.0 - 0.03 / fig.get_figheight(), va="top")
-    return fig
+) -> np.ndarray:
+    """The tiles in rows, each with its label in a band above it, under the title."""
+    n = cells.shape[0]
+    band = LABEL_BAND if labels is not None else 0
+    title = title or ""
+    title_px = 6 + _canvas.TITLE_LINE * 2 if title else 4
+    cols, tile, shown = _layout(n, band, title_px, ncols)
+    cols = min(cols, max(shown, 1))
+    rows = math.ceil(shown / cols)
+    step_x, step_y = tile + _PAD, tile + band + _PAD
+    width = cols * step_x + _PAD
+    if shown < n:
+        title = _canvas.with_note(title, f"(first {shown} of {n})", width)
+    fig, top = _canvas.titled_figure(title, body=rows * step_y + _PAD, width=width)
+    mosaic = np.ones((rows * step_y + _PAD, width, 3), dtype=np.float32)
+    for i, cell in enumerate(_resized(cells[:shown], tile)):
+        r, k = divmod(i, cols)
+        y, x = _PAD + r * step_y + band, _PAD + k * step_x
+        mosaic[y : y + tile, x : x + tile] = cell
+    fig.figimage(_canvas.as_image(mosaic), xo=0, yo=0, origin="upper")
+    height = fig.bbox.height
+    for i in range(shown if labels is not None else 0):
+        r, k = divmod(i, cols)
+        fig.text(
+            (_PAD + k * step_x + tile / 2) / width,
+            1.0 - (top + _PAD + r * step_y + band / 2) / height,
+            _canvas.shorten(str(labels[i]), tile),
+            ha="center",
+            va="center",
+            fontsize=_canvas.FONT,
+            color=colors[i] if colors is not None else "black",
+        )
+    return _canvas.render(fig)
 
 
 def image_grid(
@@ -102,32 +127,35 @@ def image_grid(
     ncols: int | None = None,
     title: str | None = None,
     normalize: bool = False,
-    cell_inches: float = 1.0,
-) -> Figure:
+) -> np.ndarray:
     """A grid of images, each with its label above it.
+
+    The image is at most 480 x 720 pixels: the tiles are as large as fit (40 to 128 pixels a
+    side, nearest-neighbour enlarged), labels are cut to their tile's width, and when even 40-pixel
+    tiles do not fit, only the first images are shown (the title says how many; all are in the
+    ``.npz``).
 
     Args:
         images: ``[N, C, H, W]`` with ``C`` 1 (grey) or 3 (RGB), values in [0, 1].
-        labels: One label per image (e.g. ``"ch 12 · 2.3x"``).
-        ncols: Images per row (default: about ``sqrt(1.5 N)``).
-        title: Figure title.
+        labels: One short label per image (e.g. ``"12: 2.3x"``).
+        ncols: Images per row (default: as few as give the largest tiles that fit).
+        title: Figure title (two lines of about 60 characters are shown).
         normalize: Stretch each image to span [0, 1] (contrast for display only).
-        cell_inches: Size of one image in the figure.
 
     Returns:
-        The figure (close it after use; :meth:`AnalysisLogger.figure` does).
+        The image, ``[H, W, 3]`` uint8 with ``W <= 480`` and ``H <= 720``.
 
     Raises:
         NeuronsError: For images of another shape, or a label count that differs.
 
     Example:
-        >>> fig = image_grid(torch.rand(8, 1, 32, 32), [f"ch {i}" for i in range(8)])
+        >>> image = image_grid(torch.rand(8, 1, 32, 32), [f"ch {i}" for i in range(8)])
     """
     if labels is not None and len(labels) != len(images):
         raise NeuronsError(f"need one label per image: {len(images)} images, {len(labels)} labels")
     if normalize:
         images = stretch(images.float())
-    return _grid_figure(_as_rgb(images), labels, None, ncols, title, cell_inches)
+    return _grid_figure(_as_rgb(images), labels, None, ncols, title)
 
 
 def overlay(
@@ -159,7 +187,9 @@ def overlay(
     scaled = maps.detach().float().cpu()
     scaled = scaled / scaled.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
     colored = (
-        torch.from_numpy(plt.get_cmap(cmap)(scaled.numpy())[..., :3]).float().permute(0, 3, 1, 2)
+        torch.from_numpy(matplotlib.colormaps[cmap](scaled.numpy())[..., :3])
+        .float()
+        .permute(0, 3, 1, 2)
     )
     weight = alpha * scaled.clamp(0, 1).unsqueeze(1)
     return ((1 - weight) * grey + weight * colored).clamp(0, 1)
@@ -175,9 +205,11 @@ def saliency_grid(
     ncols: int | None = None,
     title: str | None = None,
     alpha: float = 0.7,
-    cell_inches: float = 1.4,
-) -> Figure:
-    """Saliency maps over their images, labelled ``pred X / true Y`` (red where wrong).
+) -> np.ndarray:
+    """Saliency maps over their images, each labelled with its predicted class; where the
+    prediction is wrong, in red and followed by the true class: ``"5 (true 3)"``.
+
+    The image is at most 480 x 720 pixels (see :func:`image_grid`).
 
     Args:
         images: ``[N, C, H, W]`` probe images in [0, 1].
@@ -188,10 +220,9 @@ def saliency_grid(
         ncols: Images per row.
         title: Figure title.
         alpha: Weight of the map's colour.
-        cell_inches: Size of one image in the figure.
 
     Returns:
-        The figure.
+        The image, ``[H, W, 3]`` uint8 with ``W <= 480`` and ``H <= 720``.
 
     Raises:
         NeuronsError: If the counts or shapes do not match.
@@ -207,7 +238,11 @@ def saliency_grid(
     def name(c: int) -> str:
         return class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c)
 
-    labels = [f"pred {name(p)} / true {name(t)}" for p, t in zip(predicted, true, strict=True)]
+    labels = [
+        name(p) if p == t else f"{name(p)} (true {name(t)})"
+        for p, t in zip(predicted, true, strict=True)
+    ]
     colors = ["black" if p == t else "red" for p, t in zip(predicted, true, strict=True)]
     cells = _as_rgb(overlay(images, maps, alpha=alpha))
-    return _grid_figure(cells, labels, colors, ncols, title, cell_inches)
+    title = f"{title}: predicted class, red if wrong" if title else "predicted class, red if wrong"
+    return _grid_figure(cells, labels, colors, ncols, title)

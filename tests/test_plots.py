@@ -1,0 +1,303 @@
+"""Figures: bounded images readable at TensorBoard's card size, built without pyplot."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from matplotlib.text import Text
+from scipy.cluster.hierarchy import leaves_list, linkage
+from scipy.spatial.distance import pdist
+
+from lightning_neurons.contribution import ContributionStats
+from lightning_neurons.plots import _canvas
+from lightning_neurons.plots.activation import class_profile_heatmap
+from lightning_neurons.plots.clustering import (
+    cluster_profiles_figure,
+    dendrogram_figure,
+    distance_confusion_figure,
+)
+from lightning_neurons.plots.contribution import ablation_figure, contribution_figure, probe_grid
+from lightning_neurons.plots.images import image_grid, saliency_grid
+from lightning_neurons.stats import LayerStats, dominant_neurons, selectivity_index
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _profile(classes: int, neurons: int) -> torch.Tensor:
+    """Non-negative profile; neurons tuned to one of 20 contiguous groups of classes."""
+    g = torch.Generator().manual_seed(0)
+    group = torch.arange(classes) * 20 // classes
+    tuned = torch.randint(0, 20, (neurons,), generator=g)
+    noise = torch.rand(classes, neurons, generator=g, dtype=torch.float64) * 0.3
+    return noise + (group[:, None] == tuned[None, :]).double()
+
+
+def _layer_stats(profile: torch.Tensor, epoch: int = 4) -> LayerStats:
+    c, k = profile.shape
+    dominant, domination = dominant_neurons(profile, 5)
+    return LayerStats(
+        layer="conv2",
+        epoch=epoch,
+        reduction="mean",
+        counts=torch.full((c,), 10.0, dtype=torch.float64),
+        class_means=profile,
+        class_std=profile * 0.1,
+        class_max=profile * 2,
+        firing_rate=(profile > 0).double(),
+        nan_counts=torch.zeros(k, dtype=torch.float64),
+        selectivity=selectivity_index(profile),
+        dead=profile.amax(dim=0) <= 0,
+        dominant=dominant,
+        domination=domination,
+        preferred_class=profile.argmax(dim=0),
+    )
+
+
+def _contribution_stats(profile: torch.Tensor) -> ContributionStats:
+    c, _ = profile.shape
+    contribution = profile - profile.mean()
+    dominant, domination = dominant_neurons(contribution, 5)
+    return ContributionStats(
+        layer="conv2",
+        counts=torch.full((c,), 10.0, dtype=torch.float64),
+        class_contribution=contribution,
+        class_std=contribution.abs(),
+        positive_rate=(contribution > 0).double(),
+        class_logit=contribution.sum(dim=1),
+        dominant=dominant,
+        domination=domination,
+    )
+
+
+def _figures(classes: int, neurons: int) -> dict:
+    """Every figure of the package for ``classes`` x ``neurons`` (one image per class)."""
+    profile = _profile(classes, neurons)
+    names = [f"class {c}" for c in range(classes)]
+    distances = np.clip(1.0 - np.corrcoef(profile.numpy()), 0.0, None)
+    np.fill_diagonal(distances, 0.0)
+    tree = linkage(pdist(profile.numpy()), method="average")
+    rng = np.random.default_rng(0)
+    confusion = rng.poisson(1.0, (classes, classes)) + np.diag(np.full(classes, 30))
+    sets = [f"class {c} top5" for c in range(min(classes, 40))]
+    images = torch.rand(classes, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    maps = torch.rand(classes, 16, 16, generator=torch.Generator().manual_seed(2))
+    labels = torch.arange(classes)
+    title = "conv2: epoch 4, 7 clusters, silhouette 0.30"
+    return {
+        "class_profile": lambda: class_profile_heatmap(_layer_stats(profile), names),
+        "dendrogram": lambda: dendrogram_figure(tree, names, 7, title)[0],
+        "distance_vs_confusion": lambda: distance_confusion_figure(
+            distances, confusion, names, agreement=0.5, title=title
+        ),
+        "cluster_profiles": lambda: cluster_profiles_figure(
+            rng.standard_normal((40, classes)), rng.integers(5, 50, 40), names, 3, "conv2, epoch 4"
+        ),
+        "class_contribution": lambda: contribution_figure(
+            _contribution_stats(profile), names, epoch=4
+        ),
+        "ablation": lambda: ablation_figure(
+            torch.as_tensor(rng.uniform(-0.1, 0.9, (len(sets), classes))),
+            sets,
+            names,
+            "conv2, epoch 4: accuracy drop when zeroed (baseline 0.80)",
+        ),
+        "image_grid": lambda: image_grid(
+            images, [f"{c}: 2.5x" for c in range(classes)], title=title
+        ),
+        "saliency_grid": lambda: saliency_grid(
+            images, maps, labels, labels.roll(1), class_names=names, title="smoothgrad, epoch 4"
+        ),
+        "probe_grid": lambda: probe_grid(images, [[images[0]] * 5 for _ in range(classes)]),
+    }
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """Records every Figure the plot functions render (to inspect their text)."""
+    figures: list[Figure] = []
+    render = _canvas.render
+
+    def recording(figure: Figure) -> np.ndarray:
+        figures.append(figure)
+        return render(figure)
+
+    monkeypatch.setattr(_canvas, "render", recording)
+    return figures
+
+
+def test_plots_leave_the_users_backend_and_pyplot_figures_alone():
+    """A notebook's backend and its open figures survive importing and drawing every figure."""
+    code = textwrap.dedent(
+        """
+        import matplotlib
+        matplotlib.use("svg")
+        import matplotlib.pyplot as plt
+        mine = plt.figure()
+        from tests.test_plots import _figures
+        for make in _figures(6, 12).values():
+            make()
+        assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+        assert plt.get_fignums() == [mine.number], plt.get_fignums()
+        print("ok")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("classes", "neurons"), [(3, 5), (10, 32), (1000, 2000)])
+def test_every_figure_is_an_image_within_the_cap(classes, neurons):
+    for name, make in _figures(classes, neurons).items():
+        image = make()
+        if name == "probe_grid":  # a [3, H, W] tensor in [0, 1], logged with add_image
+            assert image.dim() == 3 and image.shape[0] == 3, name
+            image = _canvas.as_image(image)
+        assert isinstance(image, np.ndarray) and image.dtype == np.uint8, name
+        assert image.ndim == 3 and image.shape[2] == 3, name
+        height, width = image.shape[:2]
+        assert width <= _canvas.MAX_WIDTH and height <= _canvas.MAX_HEIGHT, (name, image.shape)
+        assert width >= 250 and height >= 100, (name, image.shape)  # not shrunk to nothing
+        assert image.std() > 10, name  # something is drawn
+
+
+@pytest.mark.parametrize(("classes", "neurons"), [(10, 32), (1000, 2000)])
+def test_every_text_is_readable_and_inside_its_image(drawn, classes, neurons):
+    """Text at 8 pt (11 px) or more, whole (not cut at an edge), and no two texts overlapping."""
+    for name, make in _figures(classes, neurons).items():
+        drawn.clear()
+        make()
+        for figure in drawn:
+            renderer = figure.canvas.get_renderer()
+            boxes = []
+            for text in figure.findobj(Text):
+                if not text.get_visible() or not text.get_text().strip():
+                    continue
+                assert text.get_fontsize() >= _canvas.FONT, (name, text.get_text())
+                box = text.get_window_extent(renderer)
+                inside = box.x0 >= -1 and box.y0 >= -1
+                inside = inside and box.x1 <= figure.bbox.width + 1
+                assert inside and box.y1 <= figure.bbox.height + 1, (name, text.get_text(), box)
+                boxes.append((text.get_text(), box.expanded(1.0, 1.0).shrunk(0.98, 0.9)))
+            for i, (a, box_a) in enumerate(boxes):
+                for b, box_b in boxes[i + 1 :]:
+                    assert not box_a.overlaps(box_b), (name, a, b)
+
+
+def test_every_figure_titles_its_epoch(drawn):
+    for name, make in _figures(10, 32).items():
+        if name == "probe_grid":  # an image without text; its tag and step say when
+            continue
+        drawn.clear()
+        make()
+        texts = " ".join(t.get_text() for f in drawn for t in f.findobj(Text))
+        assert "epoch 4" in texts, name
+
+
+def test_class_profile_heatmap_draws_each_neuron_scaled_in_its_class_row(drawn):
+    """Neuron k fires for class k only: after scaling per neuron, the preferred class's cell is
+    the top of viridis and the others its bottom, with rows in class order."""
+    profile = torch.tensor([[0.0, 0.0, 2.0], [3.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    image = class_profile_heatmap(_layer_stats(profile))
+    (figure,) = drawn
+    ax = figure.axes[0]
+    top, bottom = _canvas.colormapped(np.array([[1.0, 0.0]]), "viridis", 0.0, 1.0)[0]
+    box = ax.get_window_extent()
+    for row in range(3):
+        for col in range(3):  # columns sorted by preferred class: neurons 2, 0, 1
+            x = int(box.x0 + (col + 0.5) * box.width / 3)
+            y = int(figure.bbox.height - box.y1 + (row + 0.5) * box.height / 3)  # row 0 on top
+            # nearest-neighbour resampling copies a cell's colour to its centre pixel exactly
+            expected = top if row == col else bottom
+            np.testing.assert_array_equal(image[y, x], expected, err_msg=f"cell {row}, {col}")
+
+
+def test_block_means_shrink_a_matrix_to_its_pixels_ignoring_nan():
+    matrix = np.arange(24, dtype=float).reshape(4, 6)
+    matrix[0, 0] = np.nan
+    shrunk = _canvas.block_means(matrix, 2, 3)
+    # blocks of 2 x 2: [[nan, 1], [6, 7]] -> mean of 1, 6, 7; the others the mean of four values
+    expected = np.array([[14 / 3, 5.5, 7.5], [15.5, 17.5, 19.5]])
+    np.testing.assert_allclose(shrunk, expected, rtol=1e-12)  # sums of a few small integers
+    assert _canvas.block_means(matrix, 10, 10) is not matrix
+    np.testing.assert_array_equal(_canvas.block_means(matrix, 10, 10), matrix)
+    assert np.isnan(_canvas.block_means(np.full((4, 4), np.nan), 2, 2)).all()
+
+
+def test_dendrogram_returns_every_leaf_in_drawing_order_above_the_leaf_cap():
+    points = np.random.default_rng(0).standard_normal((200, 5))
+    tree = linkage(pdist(points), method="average")
+    image, leaves = dendrogram_figure(tree, None, 5)
+    assert leaves == leaves_list(tree).tolist()  # all 200, though 30 branches are drawn
+    assert image.shape[1] <= _canvas.MAX_WIDTH
+
+
+def test_a_grid_too_large_for_the_cap_shows_its_first_images_and_says_so(drawn):
+    long_title = "conv2, epoch 4: " + "a very long description of the images " * 5
+    images = torch.rand(1000, 1, 8, 8)
+    image = image_grid(images, [str(i) for i in range(1000)], title=long_title)
+    (figure,) = drawn
+    texts = [t.get_text() for t in figure.findobj(Text) if t.get_text()]
+    shown = len(texts) - 1  # one label per image shown, and the title
+    assert 100 <= shown < 1000
+    assert texts[-1] == str(shown - 1)  # the labels of the first images, in order
+    # the note survives the title's two-line cut
+    assert any(t.endswith(f"(first {shown} of 1000)") and "\n" in t for t in texts)
+    assert image.shape[0] <= _canvas.MAX_HEIGHT and image.shape[1] <= _canvas.MAX_WIDTH
+
+
+def test_as_image_accepts_arrays_tensors_and_figures():
+    pixels = np.zeros((5, 7, 3), dtype=np.uint8)
+    assert _canvas.as_image(pixels) is not None and _canvas.as_image(pixels).shape == (5, 7, 3)
+    halves = _canvas.as_image(np.full((2, 3, 3), 0.5))
+    assert halves.dtype == np.uint8 and (halves == 128).all()  # 0.5 * 255 rounds to 128
+    assert _canvas.as_image(torch.ones(3, 4, 6)).shape == (4, 6, 3)
+    figure = _canvas.new_figure(100, 200)
+    assert _canvas.as_image(figure).shape == (100, 200, 3)
+    with pytest.raises(TypeError, match="expected an"):
+        _canvas.as_image(np.zeros((4, 4)))
+
+
+def test_class_profile_heatmap_leaves_classes_without_data_blank(drawn):
+    profile = torch.tensor([[1.0, 0.0], [float("nan")] * 2, [0.0, 2.0]], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "All-NaN slice" or division warnings either
+        image = class_profile_heatmap(_layer_stats(profile))
+    (figure,) = drawn
+    box = figure.axes[0].get_window_extent()
+    x = int(box.x0 + box.width / 2)
+    y = int(figure.bbox.height - box.y1 + 1.5 * box.height / 3)  # the middle row's centre
+    np.testing.assert_array_equal(image[y, x], [255, 255, 255])  # NaN is drawn white
+
+
+def test_the_logger_writes_an_image_of_the_figures_size_and_closes_pyplot_figures(tmp_path):
+    import lightning.pytorch as pl
+    import matplotlib.pyplot as plt
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_neurons.loggers import AnalysisLogger
+
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    trainer = pl.Trainer(logger=tb, default_root_dir=tmp_path, enable_progress_bar=False)
+    out = AnalysisLogger(trainer, "plots")
+    pixels = class_profile_heatmap(_layer_stats(_profile(10, 32)))
+    out.figure(out.tag("profile"), pixels)
+    theirs = plt.figure(figsize=(2, 1), dpi=100)
+    out.figure(out.tag("theirs"), theirs)
+    assert theirs.number not in plt.get_fignums()
+    tb.experiment.flush()
+    events = EventAccumulator(tb.log_dir, size_guidance={"images": 0}).Reload()
+    (profile,) = events.Images("plots/profile")
+    assert (profile.height, profile.width) == pixels.shape[:2]
+    (image,) = events.Images("plots/theirs")
+    assert (image.width, image.height) == (200, 100)
