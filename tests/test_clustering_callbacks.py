@@ -94,7 +94,8 @@ def test_category_clustering_groups_classes_that_share_parts(parts_run):
     0.59 at its 99.9th percentile (one group right, the others shuffled). We require ARI >= 0.9
     for the combined view and >= 0.75 for each layer (one class misplaced gives 0.75-0.89). The
     measured figure for this seed is ARI 1.0 (the exact grouping) for conv2, conv3 and their
-    combination, at about 97% validation accuracy (benchmarks/representation_study.py: 1.0 in
+    combination, at 98.8-99.6% validation accuracy with one thread and the default, AVX2 and
+    AVX-512 kernels (benchmarks/representation_study.py: 1.0 in
     3 of 3 seeds for conv2, conv3 and their combination with mean-reduced activations).
     """
     results = parts_run["category"].results
@@ -104,7 +105,7 @@ def test_category_clustering_groups_classes_that_share_parts(parts_run):
     aris = {view: adjusted_rand_score(CLASS_GROUPS, res.labels) for view, res in results.items()}
     assert aris[COMBINED] >= 0.9, aris
     assert min(aris.values()) >= 0.75, aris
-    assert parts_run["accuracy"] > 0.6  # a trained model, not a random one
+    assert parts_run["accuracy"] > 0.9  # a trained model (measured 0.988-0.996)
     combined = results[COMBINED]
     assert combined.n_clusters == 4 and combined.silhouette > 0.2
     assert combined.class_names == CLASS_NAMES and combined.epoch == PARTS_EPOCHS - 1
