@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from lightning_neurons.loggers import load_index
+
 SCRIPT = Path(__file__).with_name("_ddp_tracker.py")
 
 
@@ -39,7 +41,5 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     rank0 = json.loads((tmp_path / "two" / "rank0.json").read_text())["written"]
     rank1 = json.loads((tmp_path / "two" / "rank1.json").read_text())["written"]
     assert len(rank0) == 2 and rank1 == []
-    index = json.loads(
-        (tmp_path / "two" / "tb" / "version_0" / "neurons" / "index.json").read_text()
-    )
+    index = load_index(tmp_path / "two" / "tb" / "version_0")
     assert len(index) == 2
