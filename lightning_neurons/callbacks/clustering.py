@@ -41,6 +41,7 @@ from lightning_neurons.clustering import (
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import HookSet, reduce_activation, resolve_layers
 from lightning_neurons.loggers import AnalysisLogger
+from lightning_neurons.state import in_analysis
 from lightning_neurons.stats import LayerStats
 
 #: Name of the category-clustering view that puts all chosen layers side by side.
@@ -400,6 +401,8 @@ class CategoryClustering(_ClusteringCallback):
         self._labels = self._batch_labels(batch, batch_idx)
 
     def _on_logits(self, name: str, output: torch.Tensor) -> None:
+        if in_analysis():
+            return  # another analysis running the model
         labels, self._labels = self._labels, None  # one forward per batch counts
         if labels is None:
             return
@@ -778,7 +781,7 @@ class NeuronClustering(_ClusteringCallback):
         self._labels = self._batch_labels(batch, batch_idx)
 
     def _on_activation(self, name: str, output: torch.Tensor) -> None:
-        if self._labels is None:
+        if self._labels is None or in_analysis():
             return
         with torch.no_grad():
             values = reduce_activation(output.detach(), self._reduction, name)

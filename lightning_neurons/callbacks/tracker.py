@@ -26,6 +26,7 @@ from lightning_neurons.callbacks._base import (
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import HookSet, reduce_activation, resolve_layers
 from lightning_neurons.loggers import AnalysisLogger
+from lightning_neurons.state import in_analysis
 from lightning_neurons.stats import ClassNeuronStats, LayerStats
 
 Stage = Literal["validation", "train", "test"]
@@ -382,8 +383,8 @@ class ActivationTracker(StagedCallback):
 
     def _on_activation(self, name: str, output: torch.Tensor) -> None:
         labels = self._labels
-        if labels is None:
-            return  # a forward outside a tracked batch (e.g. another analysis rendering)
+        if labels is None or in_analysis():
+            return  # a forward outside a tracked batch, or another analysis running the model
         with torch.no_grad():
             output = output.detach()
             values = reduce_activation(output, self.reduction, name)
