@@ -305,15 +305,35 @@ class DeadBranchNet(nn.Module):
         return self.head((h + off).mean(dim=(2, 3)))
 
 
-def test_one_dead_layer_does_not_sink_the_others(tmp_path):
-    tracker = ActivationTracker(layers=["backbone.relu", "backbone.dead"])
+def test_a_dead_layer_is_left_unclustered_and_does_not_sink_the_others(tmp_path):
+    tracker = ActivationTracker(layers=["backbone.relu", "backbone.dead"], enable_logging=False)
     neuron = NeuronClustering(method="kmeans", n_clusters=2)
-    trainer = fast_trainer(tmp_path, callbacks=[tracker, neuron], max_epochs=1)
-    with pytest.warns(UserWarning, match="neuron clustering of layer 'backbone.dead' failed"):
+    trainer = fast_trainer(tmp_path, callbacks=[tracker, neuron], max_epochs=2)
+    with pytest.warns(UserWarning, match="8 of the 8 neurons of layer 'backbone.dead'") as record:
         trainer.fit(_module(DeadBranchNet()), datamodule=TinyData())
+    assert sum("respond the same" in str(w.message) for w in record) == 1  # once per layer
     assert bool(tracker.results["backbone.dead"].dead.all())
-    assert list(neuron.results) == ["backbone.relu"]
-    assert len(neuron.failures) == 1 and "backbone.dead" in neuron.failures[0]
+    dead, live = neuron.results["backbone.dead"], neuron.results["backbone.relu"]
+    assert dead.n_clusters == 0 and (dead.labels == -1).all() and dead.epoch == 1
+    assert live.n_clusters == 2 and not neuron.failures
+
+
+def test_a_failing_layer_does_not_sink_the_others(tmp_path, monkeypatch):
+    original = NeuronClustering._cluster
+
+    def broken(self, name, stats):
+        if name == "backbone.conv1":
+            raise RuntimeError("out of memory")
+        return original(self, name, stats)
+
+    monkeypatch.setattr(NeuronClustering, "_cluster", broken)
+    tracker = ActivationTracker(layers=["backbone.conv1", "backbone.fc"], enable_logging=False)
+    neuron = NeuronClustering(method="kmeans", n_clusters=2, enable_logging=False)
+    trainer = fast_trainer(tmp_path, callbacks=[tracker, neuron], max_epochs=1)
+    with pytest.warns(UserWarning, match="clustering of layer 'backbone.conv1' failed"):
+        trainer.fit(_module(), datamodule=TinyData())
+    assert list(neuron.results) == ["backbone.fc"]
+    assert len(neuron.failures) == 1 and "out of memory" in neuron.failures[0]
 
 
 def test_clusters_from_an_older_epoch_say_so(tmp_path):

@@ -750,6 +750,7 @@ class NeuronClustering(_ClusteringCallback):
         self._hooks = HookSet()
         self._reservoirs: dict[str, ActivationReservoir] = {}
         self._labels: torch.Tensor | None = None
+        self._warned_constant: set[str] = set()
 
     @property
     def state_key(self) -> str:
@@ -829,7 +830,11 @@ class NeuronClustering(_ClusteringCallback):
             profile = reservoir.values.numpy()
         else:
             profile = means
-        clusterer = NeuronClusterer(**self._clusterer_options).fit(profile)
+        clusterer = NeuronClusterer(**self._clusterer_options)
+        _, constant = normalize_neurons(np.ascontiguousarray(profile.T), self.normalize)
+        if int((~constant).sum()) < clusterer.needed_neurons:
+            return self._unclustered(name, stats, classes, means, int(constant.sum()))
+        clusterer.fit(profile)
         labels = clusterer.labels_
         normalized, _ = normalize_neurons(means.T, self.normalize)
         found = np.unique(labels[labels >= 0])
@@ -857,6 +862,36 @@ class NeuronClustering(_ClusteringCallback):
             preferred_class=stats.preferred_class.numpy(),
             selectivity=stats.selectivity.numpy(),
             stability=stability,
+            source=self.source,
+            extra={"features": normalized},
+        )
+
+    def _unclustered(
+        self, name: str, stats: LayerStats, classes: np.ndarray, means: np.ndarray, constant: int
+    ) -> NeuronClusteringResult:
+        """A layer whose neurons (nearly) all respond the same to every class (e.g. dead ones):
+        nothing to cluster, every neuron unclustered (-1); said once per layer."""
+        if name not in self._warned_constant:
+            self._warned_constant.add(name)
+            rank_zero_warn(
+                f"NeuronClustering: {constant} of the {means.shape[1]} neurons of layer {name!r} "
+                f"respond the same to every class (dead or constant) in epoch {stats.epoch}; too "
+                "few vary to be clustered, so all are left unclustered (-1)."
+            )
+        normalized, _ = normalize_neurons(means.T, self.normalize)
+        labels = np.full(means.shape[1], -1, dtype=np.int64)
+        return NeuronClusteringResult(
+            layer=name,
+            epoch=stats.epoch,
+            classes=classes,
+            labels=labels,
+            n_clusters=0,
+            cluster_sizes=np.zeros(0, dtype=np.int64),
+            noise_fraction=1.0,
+            cluster_profiles=np.zeros((0, means.shape[0])),
+            silhouette=float("nan"),
+            preferred_class=stats.preferred_class.numpy(),
+            selectivity=stats.selectivity.numpy(),
             source=self.source,
             extra={"features": normalized},
         )
