@@ -3,8 +3,9 @@
 torchvision's classifiers (no weights, 32x32 inputs), a model returning a tuple, one fed dict
 batches, and one whose activation module runs twice per forward pass. ``trainer.validate`` runs
 every analysis once on two tiny batches; each must produce results, count every validation image
-once in every tracked layer, and leave no hook behind. Rendering is cut to one step and one channel
-per layer and figures are off: what is tested is that the analyses work on these models.
+once in every tracked layer, and leave no hook behind. Rendering is cut to one step, one channel
+and the deepest default layer, and figures are off: what is tested is that the analyses work on
+these models.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from lightning_neurons import (
     NeuronClustering,
     NeuronContribution,
 )
-from lightning_neurons.hooks import count_forward_hooks
+from lightning_neurons.hooks import count_forward_hooks, resolve_layers
 from lightning_neurons.models import ImageClassifier
 
 CLASSES, IMAGES, SIZE = 4, 8, 32
@@ -38,6 +39,15 @@ class TupleNet(TinyNet):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = super().forward(x)
         return logits, logits.detach() * 0.5
+
+
+class TupleClassifier(ImageClassifier):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.backbone(x)
+
+    def _step(self, batch, stage: str, acc) -> torch.Tensor:
+        logits, _ = self(batch[0])
+        return torch.nn.functional.cross_entropy(logits, batch[1])
 
 
 class SharedReLUNet(nn.Module):
@@ -84,7 +94,7 @@ MODELS = {
     "efficientnet_b0": lambda: ImageClassifier(_torchvision("efficientnet_b0"), CLASSES),
     "densenet121": lambda: ImageClassifier(_torchvision("densenet121"), CLASSES),
     "convnext_tiny": lambda: ImageClassifier(_torchvision("convnext_tiny"), CLASSES),
-    "tuple_output": lambda: ImageClassifier(TupleNet(3, CLASSES), CLASSES),
+    "tuple_output": lambda: TupleClassifier(TupleNet(3, CLASSES), CLASSES),
     "dict_batches": lambda: DictBatchClassifier(TinyNet(3, CLASSES), CLASSES),
     "shared_activation": lambda: ImageClassifier(SharedReLUNet(), CLASSES),
 }
@@ -98,9 +108,11 @@ def test_every_analysis_works_with_defaults(tmp_path, name):
     reader = dict(input_fn=lambda b: b["pixels"]) if dict_batches else {}
     quiet = dict(on_error="raise", enable_logging=False)
     tracker = ActivationTracker(**quiet, **reader)
+    # rendering every default layer of DenseNet-121 would take minutes: the deepest one here
+    rendered = resolve_layers(module, None)[-1:]
     callbacks = [
         tracker,
-        FeatureVisualizer(steps=1, max_channels=1, smoothgrad_samples=2, **quiet),
+        FeatureVisualizer(rendered, steps=1, max_channels=1, smoothgrad_samples=2, **quiet),
         CategoryClustering(**quiet),
         NeuronClustering(**quiet),
         NeuronContribution(**quiet),
