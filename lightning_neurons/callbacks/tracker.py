@@ -230,7 +230,7 @@ class ActivationTracker(StagedCallback):
 
     def _stage_end(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
         if stage == self.stage:
-            self.finalize(trainer)
+            self.finalize(trainer, stage)
         if stage == "train" and self.stage == "validation":
             self._warn_no_validation(trainer)
 
