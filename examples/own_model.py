@@ -5,7 +5,9 @@
 
 Any LightningModule works: the callbacks only need the names of the layers to analyse (as in
 ``model.named_modules()``) and batches that carry labels (``(x, y)`` tuples, or dicts with a
-``label``/``target``/``y`` key, or pass ``label_fn=`` to the tracker).
+``label``/``target``/``y`` key, or pass ``label_fn=`` / ``input_fn=`` to the tracker; a model
+output other than logits, a tuple with the logits first or a mapping with ``logits`` needs
+``output_fn=``).
 """
 
 import lightning.pytorch as pl

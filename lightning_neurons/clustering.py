@@ -570,6 +570,11 @@ class NeuronClusterer:
             return f"choosing the number of {self.method} clusters"
         return f"{self.method} with n_clusters={self.n_clusters}"
 
+    @property
+    def needed_neurons(self) -> int:
+        """How many neurons must vary across the rows for :meth:`fit` to cluster them."""
+        return self._needed_points()
+
     def _needed_points(self) -> int:
         if self.method == "hdbscan":
             return max(2, self.min_cluster_size or 3)

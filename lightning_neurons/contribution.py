@@ -44,12 +44,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_neurons.batch import BatchFn, BatchReader, as_model_input, read_logits
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import first_tensor, get_module
 from lightning_neurons.state import analysis_mode
 from lightning_neurons.stats import dominant_neurons
-
-INPUT_KEYS = ("image", "images", "input", "inputs", "x")
 
 __all__ = [
     "AblationResult",
@@ -62,59 +61,11 @@ __all__ = [
     "class_contributions",
     "contribution_batch",
     "domination",
-    "extract_inputs",
     "neuron_contributions",
 ]
 
 
 # ---- batches, model state --------------------------------------------------------------------
-
-
-def extract_inputs(
-    batch: Any, input_fn: Callable[[Any], torch.Tensor] | None = None
-) -> torch.Tensor:
-    """The model input of a batch.
-
-    Args:
-        batch: ``(x, y, ...)`` tuple or list, a mapping with an ``image``, ``images``, ``input``,
-            ``inputs`` or ``x`` key, or a bare tensor.
-        input_fn: Takes the batch and returns the input, for other layouts.
-
-    Returns:
-        The input tensor, as stored in the batch.
-
-    Raises:
-        NeuronsError: If no input tensor can be found.
-    """
-    if input_fn is not None:
-        x = input_fn(batch)
-    elif isinstance(batch, torch.Tensor):
-        x = batch
-    elif isinstance(batch, Mapping):
-        key = next((k for k in INPUT_KEYS if k in batch), None)
-        if key is None:
-            raise NeuronsError(
-                f"the batch is a mapping with keys {sorted(map(str, batch))} but none of "
-                f"{', '.join(INPUT_KEYS)}; pass `input_fn=lambda batch: batch['my_key']`."
-            )
-        x = batch[key]
-    elif isinstance(batch, (tuple, list)) and batch:
-        x = batch[0]
-    else:
-        raise NeuronsError(
-            f"cannot find the model input in a batch of type {type(batch).__name__}; batches must be "
-            "`(x, y, ...)` tuples or mappings with an 'image'/'input'/'x' key, or pass `input_fn=`."
-        )
-    if not isinstance(x, torch.Tensor):
-        raise NeuronsError(f"the model input must be a tensor, got {type(x).__name__}")
-    return x
-
-
-def _labels(batch: Any, label_fn: Callable[[Any], torch.Tensor] | None) -> torch.Tensor:
-    # imported here: the callbacks package imports this module
-    from lightning_neurons.callbacks.tracker import extract_labels
-
-    return extract_labels(batch, label_fn)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -131,18 +82,6 @@ def _analysis_mode(model: nn.Module, *, grad: bool) -> Iterator[None]:
     (see :func:`lightning_neurons.state.analysis_mode`)."""
     with analysis_mode(model), torch.set_grad_enabled(grad):
         yield
-
-
-def _logits(output: Any) -> torch.Tensor:
-    logits = (
-        first_tensor(output, "<model output>") if not isinstance(output, torch.Tensor) else output
-    )
-    if logits.dim() != 2:
-        raise NeuronsError(
-            f"the model returned a tensor of shape {tuple(logits.shape)}; contributions and ablations "
-            "need logits shaped [batch, num_classes]."
-        )
-    return logits
 
 
 def _check_targets(
@@ -194,6 +133,8 @@ def contribution_batch(
     layers: str | Sequence[str],
     x: torch.Tensor,
     targets: torch.Tensor | None = None,
+    *,
+    output_fn: BatchFn | None = None,
 ) -> ContributionBatch:
     """Contributions of the layers' neurons to one logit per image, in one forward and one backward.
 
@@ -205,9 +146,12 @@ def contribution_batch(
         layers: Module names; their outputs ``[B, K]`` or ``[B, K, H, W]`` are the neurons.
         x: ``[B, ...]`` input on the model's device.
         targets: ``[B]`` class whose logit is explained, per image; default: the predicted class.
+        output_fn: Reads the logits from the model's output (see
+            :func:`~lightning_neurons.batch.read_logits`).
 
     Returns:
-        A :class:`ContributionBatch` on the model's device, detached.
+        A :class:`ContributionBatch` on the model's device, detached (float32 contributions and
+        activations, also for a bfloat16 or float16 model).
 
     Raises:
         NeuronsError: For unknown layers, bad targets, a layer that is not run, or run more than once
@@ -230,11 +174,11 @@ def contribution_batch(
 
         return hook
 
-    x = x.detach().clone().requires_grad_(True)
+    x = as_model_input(x.detach(), model).clone().requires_grad_(x.is_floating_point())
     try:
         for name in names:
             handles.append(get_module(model, name).register_forward_hook(make_hook(name)))
-        logits = _logits(model(x))
+        logits = read_logits(model(x), output_fn)
     finally:
         for handle in handles:
             handle.remove()
@@ -267,9 +211,8 @@ def contribution_batch(
     grads = torch.autograd.grad(selected, acts, allow_unused=True)
     contributions, activations = {}, {}
     for name, act, grad in zip(names, acts, grads, strict=True):
-        act = act.detach()
-        if grad is None:  # the layer does not reach the logits
-            grad = torch.zeros_like(act)
+        act = act.detach().float()
+        grad = torch.zeros_like(act) if grad is None else grad.float()  # None: not on the path
         product = act * grad
         if act.dim() == 4:
             contributions[name] = product.sum(dim=(2, 3))
@@ -277,7 +220,7 @@ def contribution_batch(
         else:
             contributions[name] = product
             activations[name] = act
-    return ContributionBatch(contributions, activations, logits.detach())
+    return ContributionBatch(contributions, activations, logits.detach().float())
 
 
 def neuron_contributions(
@@ -287,6 +230,7 @@ def neuron_contributions(
     targets: torch.Tensor | None = None,
     *,
     chunk_size: int = 256,
+    output_fn: BatchFn | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-image contributions of the layers' neurons to the logits: which neurons drove *this*
     prediction.
@@ -299,6 +243,7 @@ def neuron_contributions(
             the contribution to **every** logit, ``[B, C, K]`` (costs about ``C`` forward and
             backward passes per image, batched in chunks of ``chunk_size`` image-class pairs).
         chunk_size: Image-class pairs per forward/backward pass when ``targets`` is ``None``.
+        output_fn: Reads the logits from the model's output.
 
     Returns:
         ``{layer: tensor}`` on the CPU, float32.
@@ -316,17 +261,19 @@ def neuron_contributions(
     with _analysis_mode(model, grad=True):
         x = x.to(_device(model))
         if targets is not None:
-            out = contribution_batch(model, names, x, targets)
+            out = contribution_batch(model, names, x, targets, output_fn=output_fn)
             return {n: c.float().cpu() for n, c in out.contributions.items()}
         with torch.no_grad():
-            num_classes = _logits(model(x[:1].clone())).shape[1]
+            num_classes = read_logits(model(as_model_input(x[:1], model)), output_fn).shape[1]
         batch = x.shape[0]
         pairs = torch.arange(batch * num_classes, device=x.device)
         image_of, class_of = pairs // num_classes, pairs % num_classes
         result: dict[str, torch.Tensor] = {}
         for start in range(0, pairs.numel(), chunk_size):
             sl = slice(start, start + chunk_size)
-            out = contribution_batch(model, names, x[image_of[sl]], class_of[sl])
+            out = contribution_batch(
+                model, names, x[image_of[sl]], class_of[sl], output_fn=output_fn
+            )
             for name, c in out.contributions.items():
                 if name not in result:
                     result[name] = torch.zeros(batch * num_classes, c.shape[1])
@@ -503,8 +450,9 @@ def class_contributions(
     num_classes: int | None = None,
     top_k: int = 5,
     max_batches: int | None = None,
-    label_fn: Callable[[Any], torch.Tensor] | None = None,
-    input_fn: Callable[[Any], torch.Tensor] | None = None,
+    label_fn: BatchFn | None = None,
+    input_fn: BatchFn | None = None,
+    output_fn: BatchFn | None = None,
 ) -> dict[str, ContributionStats]:
     """Per class, the mean contribution of each neuron to the true class's logit, streamed.
 
@@ -519,6 +467,7 @@ def class_contributions(
         max_batches: Use at most this many batches (default: all).
         label_fn: Reads the ``[B]`` labels from a batch of another layout.
         input_fn: Reads the model input from a batch of another layout.
+        output_fn: Reads the logits from the model's output.
 
     Returns:
         ``{layer: ContributionStats}``.
@@ -531,13 +480,14 @@ def class_contributions(
         >>> stats["features.relu3"].domination  # doctest: +SKIP
     """
     names = _layer_names(model, layers)
+    reader = BatchReader(input_fn=input_fn, label_fn=label_fn, output_fn=output_fn)
     acc: ClassContributions | None = None
     with _analysis_mode(model, grad=True):
         device = _device(model)
         for batch in _limited(dataloader, max_batches):
-            x = extract_inputs(batch, input_fn).to(device)
-            y = _labels(batch, label_fn).to(device)
-            out = contribution_batch(model, names, x, y)
+            x = reader.inputs(batch).to(device)
+            y = reader.labels(batch).to(device)
+            out = contribution_batch(model, names, x, y, output_fn=output_fn)
             if acc is None:
                 acc = ClassContributions(num_classes or out.logits.shape[1], top_k)
             acc.update(out, y)
@@ -634,8 +584,9 @@ def ablation_effects(
     max_batches: int | None = None,
     sets_per_pass: int = 8,
     share_prefix: bool | Literal["auto"] = "auto",
-    label_fn: Callable[[Any], torch.Tensor] | None = None,
-    input_fn: Callable[[Any], torch.Tensor] | None = None,
+    label_fn: BatchFn | None = None,
+    input_fn: BatchFn | None = None,
+    output_fn: BatchFn | None = None,
 ) -> dict[str, AblationResult]:
     """The effect of zeroing each of several neuron sets, in one pass over the data.
 
@@ -659,6 +610,7 @@ def ablation_effects(
             give the same logits, and share when they do.
         label_fn: Reads the ``[B]`` labels from a batch of another layout.
         input_fn: Reads the model input from a batch of another layout.
+        output_fn: Reads the logits from the model's output.
 
     Returns:
         ``{name: AblationResult}`` in the order of ``neuron_sets``.
@@ -679,6 +631,7 @@ def ablation_effects(
     sets = [_neuron_set(name, neuron_sets[name], width) for name in names]
     if not sets:
         return {}
+    reader = BatchReader(input_fn=input_fn, label_fn=label_fn, output_fn=output_fn)
     state: dict[str, Any] = {"chunk": None, "shared": share_prefix is True}
 
     def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
@@ -723,19 +676,19 @@ def ablation_effects(
         with _analysis_mode(model, grad=False):
             device = _device(model)
             for batch in _limited(dataloader, max_batches):
-                x = extract_inputs(batch, input_fn).to(device)
-                y = _labels(batch, label_fn).to(device)
+                x = as_model_input(reader.inputs(batch), model)
+                y = reader.labels(batch).to(device)
                 batch_size = x.shape[0]
                 if share_prefix == "auto":
                     state["shared"] = share_prefix = _can_share_prefix(
-                        model, x[:2], sets[:sets_per_pass], state
+                        model, x[:2], sets[:sets_per_pass], state, reader
                     )
                 for start in range(0, len(sets), sets_per_pass):
                     chunk = sets[start : start + sets_per_pass]
                     copies = 1 + len(chunk)
                     state["chunk"] = chunk
                     inputs = x if state["shared"] else x.repeat(copies, *([1] * (x.dim() - 1)))
-                    logits = _logits(model(inputs))
+                    logits = reader.logits(model(inputs))
                     state["chunk"] = None
                     if logits.shape[0] != copies * batch_size:
                         raise NeuronsError(
@@ -788,17 +741,21 @@ def ablation_effects(
 
 
 def _can_share_prefix(
-    model: nn.Module, x: torch.Tensor, chunk: list[torch.Tensor], state: dict[str, Any]
+    model: nn.Module,
+    x: torch.Tensor,
+    chunk: list[torch.Tensor],
+    state: dict[str, Any],
+    reader: BatchReader,
 ) -> bool:
     """Whether running the layers before the ablated one once gives the same logits as repeating
     the input (it does unless something bypasses the layer, e.g. a skip connection)."""
     copies = 1 + len(chunk)
     try:
         state.update(chunk=chunk, shared=False)
-        reference = _logits(model(x.repeat(copies, *([1] * (x.dim() - 1)))))
+        reference = reader.logits(model(x.repeat(copies, *([1] * (x.dim() - 1))))).float()
         state["shared"] = True
         try:
-            shared = _logits(model(x))
+            shared = reader.logits(model(x)).float()
         except (RuntimeError, ValueError):  # shapes that do not fit: a bypass of the layer
             return False
     finally:
@@ -829,7 +786,8 @@ def ablation_effect(
         neurons: Neuron (channel or unit) indices.
         dataloader: Any iterable of ``(x, y, ...)`` batches.
         max_batches: Use at most this many batches (default: all).
-        **kwargs: ``share_prefix``, ``label_fn``, ``input_fn`` of :func:`ablation_effects`.
+        **kwargs: ``share_prefix``, ``label_fn``, ``input_fn``, ``output_fn`` of
+            :func:`ablation_effects`.
 
     Returns:
         An :class:`AblationResult`.

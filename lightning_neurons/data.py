@@ -1,9 +1,10 @@
 """Data modules: the embedded digits data (no download) and torchvision data sets by name.
 
-Every data module here yields ``(x, y)`` batches with ``x`` float in [0, 1] (``[B, C, H, W]``)
+Every data module here yields ``(x, y)`` batches with ``x`` float ``[B, C, H, W]`` model inputs
 and ``y`` int64, and exposes ``num_classes``, ``class_names``, ``image_shape`` and
-``input_transform`` (display image -> model input, ``None`` when they are the same), which the
-analyses use for their defaults.
+``input_transform``, which the analyses use for their defaults. What the loaders yield is what
+the model gets; ``input_transform`` maps a display image (values in [0, 1]) to a model input
+(``None`` when they are the same), see :mod:`lightning_neurons.batch`.
 """
 
 from __future__ import annotations
@@ -205,7 +206,13 @@ _SPECS: dict[str, dict] = {
 
 
 class Normalize:
-    """``(x - mean) / std`` per channel on ``[B, C, H, W]`` tensors (display -> model input)."""
+    """``(x - mean) / std`` per channel on ``[B, C, H, W]`` tensors (display -> model input).
+
+    Example:
+        >>> norm = Normalize((0.5,), (0.25,))
+        >>> norm.inverse(norm(torch.ones(1, 1, 2, 2))).flatten().tolist()
+        [1.0, 1.0, 1.0, 1.0]
+    """
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
@@ -214,6 +221,10 @@ class Normalize:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean.to(x)) / self.std.to(x)
 
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        """Model input -> display image: ``x * std + mean``."""
+        return x * self.std.to(x) + self.mean.to(x)
+
     def __repr__(self) -> str:
         return f"Normalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
 
@@ -221,9 +232,11 @@ class Normalize:
 class TorchvisionDataModule(pl.LightningDataModule):
     """MNIST, FashionMNIST, CIFAR-10, CIFAR-100 or an ImageFolder, by name.
 
-    Images reach the model as floats in [0, 1]; with ``normalize=True`` the model's first step
-    should be the data module's ``input_transform`` (see :class:`Normalize`); here the transform
-    is applied in the loaders and exposed so visualizations can map images back.
+    The loaders yield what the model gets: floats in [0, 1], or with ``normalize=True`` images
+    standardised by the data set's channel means and stds. ``input_transform`` is then that
+    :class:`Normalize` (display image -> model input): rendering applies it to its display
+    images, and saliency probes taken from the loaders are shown through its ``inverse``; it
+    is never applied twice.
 
     The official training split is split again into train/validation (``val_fraction``); the
     official test split is the test set. An ImageFolder ``root`` holds ``train/`` (and optionally

@@ -2,6 +2,13 @@
 
 Every callback of the package logs through :class:`AnalysisLogger`, so that all of them agree on
 where artifacts go, warn once when no TensorBoard logger is attached, and write only on rank zero.
+
+Files are kept per run and per stage: ``<run>/neurons/<stage>/<kind>/epoch=EEE/<name>.npz``, where
+``<run>`` is the log folder of the Trainer's first logger that has one (TensorBoard's or CSV's
+``version_N``; a new folder ``<default_root_dir>/neurons/run_N`` per Trainer without a logger) and
+``<stage>`` is what the Trainer is doing (``fit``, ``validate``, ``test``). Every file is listed in
+``<run>/neurons/index.jsonl``, one JSON record per line, appended (the cost of a record does not
+grow with the index); :func:`load_index` reads it.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import numpy as np
 import torch
@@ -20,8 +28,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 #: Folder (under the TensorBoard log dir, or the trainer's root dir) holding our files.
 ARTIFACT_DIRNAME = "neurons"
+#: The index of the files, one JSON record per line.
+INDEX_FILENAME = "index.jsonl"
 
 _warned_no_tensorboard: set[int] = set()
+_run_folders: WeakKeyDictionary[Trainer, Path] = WeakKeyDictionary()
 
 
 def find_tensorboard(trainer: Trainer) -> TensorBoardLogger | None:
@@ -33,11 +44,32 @@ def find_tensorboard(trainer: Trainer) -> TensorBoardLogger | None:
 
 
 def artifact_root(trainer: Trainer) -> Path:
-    """The folder for our files: ``<tensorboard log_dir>/neurons`` when a TensorBoard
-    logger is attached, else ``<trainer.default_root_dir>/neurons``."""
+    """The folder for this run's files: ``<log_dir>/neurons`` of the TensorBoard logger, else of
+    the first logger with a ``log_dir`` (CSV's ``version_N``), else a folder
+    ``<default_root_dir>/neurons/run_N`` of its own for this Trainer (the first free ``N``), so
+    that runs sharing a root never write into each other's files."""
     tb = find_tensorboard(trainer)
-    base = tb.log_dir if tb is not None else trainer.default_root_dir
-    return Path(base) / ARTIFACT_DIRNAME
+    loggers = [tb] if tb is not None else list(trainer.loggers)
+    for logger in loggers:
+        log_dir = getattr(logger, "log_dir", None)
+        if log_dir:
+            return Path(log_dir) / ARTIFACT_DIRNAME
+    folder = _run_folders.get(trainer)
+    if folder is None:
+        base = Path(trainer.default_root_dir) / ARTIFACT_DIRNAME
+        number = 0
+        while (base / f"run_{number}").exists():
+            number += 1
+        folder = base / f"run_{number}"
+        folder.mkdir(parents=True, exist_ok=True)  # claims the number for this Trainer
+        _run_folders[trainer] = folder
+    return folder
+
+
+def stage_folder(trainer: Trainer) -> str:
+    """``"fit"``, ``"validate"``, ``"test"`` (what the Trainer is running), as a folder name."""
+    fn = trainer.state.fn
+    return str(getattr(fn, "value", fn) or "fit")
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -65,7 +97,7 @@ class AnalysisLogger:
         self.is_writer = trainer.is_global_zero
         tb = find_tensorboard(trainer)
         self.experiment = tb.experiment if (tb is not None and self.is_writer) else None
-        self.root = artifact_root(trainer)
+        self.root = artifact_root(trainer) if self.is_writer else Path(ARTIFACT_DIRNAME)
         key = id(owner) if owner is not None else id(self)
         if tb is None and self.is_writer and key not in _warned_no_tensorboard:
             _warned_no_tensorboard.add(key)
@@ -125,69 +157,59 @@ class AnalysisLogger:
         for logger in self.trainer.loggers:
             logger.log_metrics(clean, step=self.step)
 
+    def _path(self, name: str, suffix: str) -> Path:
+        """``<root>/<stage>/<kind>/epoch=EEE/<name><suffix>``, its folder created."""
+        folder = (
+            self.root
+            / stage_folder(self.trainer)
+            / self.kind
+            / f"epoch={self.trainer.current_epoch:03d}"
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{name.replace('/', '_').replace(os.sep, '_')}{suffix}"
+
     def save_arrays(
         self, name: str, arrays: Mapping[str, Any], meta: Mapping[str, Any] | None = None
     ) -> Path | None:
-        """Write ``arrays`` to ``<root>/<kind>/epoch=EEE/<name>.npz`` and index it.
+        """Write ``arrays`` to ``<root>/<stage>/<kind>/epoch=EEE/<name>.npz`` and index it.
 
-        The index, ``<root>/index.json``, lists every file with its kind, epoch, step, name,
-        array names and ``meta``, so results can be analysed without TensorBoard.
+        The index, ``<root>/index.jsonl``, lists every file with its kind, stage, epoch, step,
+        name, array names and ``meta``, so results can be analysed without TensorBoard.
 
         Returns:
             The file written (``None`` off rank zero).
         """
         if not self.is_writer:
             return None
-        epoch = self.trainer.current_epoch
-        folder = self.root / self.kind / f"epoch={epoch:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        safe = name.replace("/", "_").replace(os.sep, "_")
-        path = folder / f"{safe}.npz"
+        path = self._path(name, ".npz")
         np.savez_compressed(path, **{k: _to_numpy(v) for k, v in arrays.items()})
-        self._index(
-            {
-                "kind": self.kind,
-                "name": name,
-                "epoch": epoch,
-                "step": self.step,
-                "file": str(path.relative_to(self.root)),
-                "arrays": sorted(arrays),
-                "meta": dict(meta or {}),
-            }
-        )
+        self._index(name, path, sorted(arrays), dict(meta or {}))
         return path
 
     def save_json(self, name: str, payload: Mapping[str, Any]) -> Path | None:
-        """Write ``payload`` to ``<root>/<kind>/epoch=EEE/<name>.json`` and index it."""
+        """Write ``payload`` to ``<root>/<stage>/<kind>/epoch=EEE/<name>.json`` and index it."""
         if not self.is_writer:
             return None
-        epoch = self.trainer.current_epoch
-        folder = self.root / self.kind / f"epoch={epoch:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{name.replace('/', '_')}.json"
+        path = self._path(name, ".json")
         path.write_text(json.dumps(payload, indent=1, default=_json_default))
-        self._index(
-            {
-                "kind": self.kind,
-                "name": name,
-                "epoch": epoch,
-                "step": self.step,
-                "file": str(path.relative_to(self.root)),
-                "arrays": [],
-                "meta": {},
-            }
-        )
+        self._index(name, path, [], {})
         return path
 
-    def _index(self, record: dict[str, Any]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        index_path = self.root / "index.json"
-        records = json.loads(index_path.read_text()) if index_path.exists() else []
-        records = [r for r in records if r.get("file") != record["file"]]
-        records.append(record)
-        tmp = index_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(records, indent=1, default=_json_default))
-        tmp.replace(index_path)
+    def _index(self, name: str, path: Path, arrays: list[str], meta: dict[str, Any]) -> None:
+        """Append one line to the index: O(1) whatever its length (nothing is re-read)."""
+        record = {
+            "kind": self.kind,
+            "stage": stage_folder(self.trainer),
+            "name": name,
+            "epoch": self.trainer.current_epoch,
+            "step": self.step,
+            "file": path.relative_to(self.root).as_posix(),
+            "arrays": arrays,
+            "meta": meta,
+        }
+        line = json.dumps(record, default=_json_default)
+        with open(self.root / INDEX_FILENAME, "a", encoding="utf-8") as index:
+            index.write(line + "\n")
 
 
 def _json_default(value: Any) -> Any:
@@ -207,10 +229,24 @@ def load_index(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
         root: The artifact folder (``<log_dir>/neurons``) or the log dir above it.
 
     Returns:
-        The index records, each with ``kind``, ``name``, ``epoch``, ``step``, ``file``
-        (relative to the artifact folder), ``arrays`` and ``meta``.
+        The index records in the order the files were first written, each with ``kind``,
+        ``stage``, ``name``, ``epoch``, ``step``, ``file`` (relative to the artifact folder),
+        ``arrays`` and ``meta``; a file written again (a repeated ``validate``) has its latest
+        record. An index of an older version (``index.json``) is read too.
+
+    Raises:
+        FileNotFoundError: If there is no index under ``root``.
     """
     root = Path(root)
-    if (root / ARTIFACT_DIRNAME / "index.json").exists():
+    if not (root / INDEX_FILENAME).exists() and not (root / "index.json").exists():
         root = root / ARTIFACT_DIRNAME
-    return json.loads((root / "index.json").read_text())
+    path = root / INDEX_FILENAME
+    if not path.exists() and (root / "index.json").exists():
+        return json.loads((root / "index.json").read_text())
+    records: dict[str, dict[str, Any]] = {}
+    with open(path, encoding="utf-8") as index:
+        for line in index:
+            if line.strip():
+                record = json.loads(line)
+                records[record["file"]] = record
+    return list(records.values())

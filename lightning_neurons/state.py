@@ -15,6 +15,18 @@ import numpy as np
 import torch
 from torch import nn
 
+#: How many :func:`untouched` blocks are open: forwards inside them are analyses', not training's.
+_open_blocks = 0
+
+
+def in_analysis() -> bool:
+    """Whether an analysis is running the model (inside :func:`untouched`) right now.
+
+    Hooks that gather statistics of Lightning's own batches ignore such forwards, whatever the
+    order in which callbacks run (e.g. a set-up check on the first batch).
+    """
+    return _open_blocks > 0
+
 
 @contextmanager
 def preserved_rng(device: torch.device | None = None) -> Iterator[None]:
@@ -51,12 +63,14 @@ def untouched(model: nn.Module) -> Iterator[None]:
         ...     pl_module.eval()
         ...     saliency = input_gradient(pl_module, images)  # doctest: +SKIP
     """
+    global _open_blocks
     modes = [(m, m.training) for m in model.modules()]
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     device = params[0].device if params else None
+    _open_blocks += 1
     try:
         for p in params:
             p.requires_grad_(False)
@@ -64,6 +78,7 @@ def untouched(model: nn.Module) -> Iterator[None]:
         with preserved_rng(device), torch.inference_mode(False), torch.enable_grad():
             yield
     finally:
+        _open_blocks -= 1
         for module, mode in modes:
             module.training = mode
         for p, flag, grad in zip(params, flags, grads, strict=True):

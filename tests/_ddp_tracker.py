@@ -1,5 +1,7 @@
 """Run by test_tracker_ddp.py: validate a fixed model on digits with 1 or 2 CPU processes.
 
+The validation set has an odd size (359), so under DDP the sampler pads it with a repeat.
+
 Usage: python _ddp_tracker.py OUT_DIR DEVICES
 Writes OUT_DIR/means.pt (rank zero) and OUT_DIR/rank<r>.json (how many files each rank wrote).
 """
@@ -12,7 +14,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_neurons import ActivationTracker
+from lightning_neurons import ActivationTracker, CategoryClustering
 from lightning_neurons.data import DigitsDataModule
 from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.models import ImageClassifier, SmallCNN
@@ -34,6 +36,7 @@ AnalysisLogger.save_arrays = counting_save
 torch.manual_seed(0)
 model = ImageClassifier(SmallCNN(widths=(8, 16)), num_classes=10)
 tracker = ActivationTracker(reduction="max")
+category = CategoryClustering(n_clusters=2, enable_logging=False)
 trainer = pl.Trainer(
     accelerator="cpu",
     devices=devices,
@@ -41,11 +44,13 @@ trainer = pl.Trainer(
     logger=TensorBoardLogger(str(out), name="tb"),
     enable_progress_bar=False,
     enable_model_summary=False,
-    callbacks=[tracker],
+    callbacks=[tracker, category],
 )
-trainer.validate(model, datamodule=DigitsDataModule(batch_size=64), verbose=False)
+# 359 validation images: an odd count, so DistributedSampler repeats one image on rank 1
+data = DigitsDataModule(batch_size=64, val_fraction=0.1997)
+trainer.validate(model, datamodule=data, verbose=False)
 (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"written": written}))
 if trainer.is_global_zero:
-    torch.save(
-        {k: (v.class_means, v.counts, v.dead) for k, v in tracker.results.items()}, out / "means.pt"
-    )
+    stats = {k: (v.class_means, v.counts, v.dead) for k, v in tracker.results.items()}
+    stats["confusion"] = torch.as_tensor(next(iter(category.results.values())).confusion)
+    torch.save(stats, out / "means.pt")

@@ -271,7 +271,7 @@ def test_contribution_errors():
     with pytest.raises(NeuronsError, match="more than once"):
         neuron_contributions(twice, "a", torch.rand(3, 2))
     assert count_forward_hooks(twice) == 0
-    with pytest.raises(NeuronsError, match=r"logits shaped \[batch, num_classes\]"):
+    with pytest.raises(NeuronsError, match=r"need \[batch, num_classes\]"):
         neuron_contributions(nn.Sequential(OrderedDict(conv=nn.Conv2d(1, 2, 1))), "conv", x)
     with pytest.raises(NeuronsError, match="no batch"):
         class_contributions(model, "flat", [])

@@ -351,7 +351,7 @@ def test_without_tensorboard_it_still_writes_files(tmp_path):
             max_epochs=1,
             logger=False,
         ).fit(_module(), datamodule=TinyData())
-    index = load_index(tmp_path)
+    index = load_index(tmp_path / "neurons" / "run_0")  # no logger: a folder of its own
     assert {r["name"] for r in index if r["kind"] == "contribution"} == set(LAYERS)
 
 

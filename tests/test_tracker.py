@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -12,8 +10,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_neurons import ActivationTracker, NeuronsError
-from lightning_neurons.callbacks.tracker import extract_labels
+from lightning_neurons.batch import read_labels as extract_labels
 from lightning_neurons.hooks import count_forward_hooks
+from lightning_neurons.loggers import load_index
 from lightning_neurons.models import ImageClassifier
 
 
@@ -250,7 +249,7 @@ def test_logs_figures_and_files_next_to_the_event_files(tmp_path):
     trainer = fast_trainer(tmp_path, callbacks=[tracker], max_epochs=1)
     trainer.fit(_module(), datamodule=TinyData())
     root = tmp_path / "tb" / "version_0" / "neurons"
-    index = json.loads((root / "index.json").read_text())
+    index = load_index(root)
     assert {r["name"] for r in index} == {"backbone.conv2", "backbone.fc"}
     import numpy as np
 
@@ -274,7 +273,7 @@ def test_without_tensorboard_warns_once_and_still_writes_files(tmp_path):
             _module(), datamodule=TinyData()
         )
     assert sum("no TensorBoardLogger" in str(w.message) for w in record) == 1
-    assert (tmp_path / "neurons" / "index.json").exists()
+    assert [r["name"] for r in load_index(tmp_path / "neurons" / "run_0")] == ["backbone.fc"] * 2
 
 
 def test_checkpoint_resume_restores_the_statistics(tmp_path):

@@ -134,11 +134,12 @@ def test_renders_logs_and_writes_files(tmp_path):
     # files for other analyses
     root = artifact_root(trainer)
     assert root.parent == log_dir
-    index = json.loads((root / "index.json").read_text())
+    index = load_index(root)
     files = {r["file"] for r in index if r["kind"] in ("preference", "focus")}
-    assert "preference/epoch=001/backbone.conv2.npz" in files
-    assert "preference/epoch=001/classes.npz" in files and "focus/epoch=001/saliency.npz" in files
-    with np.load(root / "preference/epoch=001/backbone.conv2.npz") as data:
+    assert "fit/preference/epoch=001/backbone.conv2.npz" in files
+    assert "fit/preference/epoch=001/classes.npz" in files
+    assert "fit/focus/epoch=001/saliency.npz" in files
+    with np.load(root / "fit/preference/epoch=001/backbone.conv2.npz") as data:
         assert data["images"].shape == (3, 1, 8, 8)
         assert np.array_equal(data["channels"], [0, 1, 2])
     assert count_forward_hooks(module) == 0 and not vis.failures

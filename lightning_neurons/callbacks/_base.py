@@ -103,8 +103,11 @@ class StagedCallback(AnalysisCallback):
     def _stage_start(self, stage: Stage, trainer: Trainer, pl_module: LightningModule) -> None:
         """An epoch of ``stage`` begins."""
 
-    def _stage_batch_start(self, stage: Stage, batch: Any) -> None:
-        """A batch of ``stage`` is about to go through the model."""
+    def _stage_batch_start(
+        self, stage: Stage, batch: Any, batch_idx: int, dataloader_idx: int
+    ) -> None:
+        """A batch of ``stage`` (from loader ``dataloader_idx``) is about to go through the model;
+        also called during Lightning's sanity check."""
 
     def _stage_batch_end(self, stage: Stage) -> None:
         """The batch has gone through the model."""
@@ -127,7 +130,7 @@ class StagedCallback(AnalysisCallback):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._stage_batch_start("train", batch)
+        self._stage_batch_start("train", batch, batch_idx, 0)
 
     def on_validation_batch_start(
         self,
@@ -137,7 +140,7 @@ class StagedCallback(AnalysisCallback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._stage_batch_start("validation", batch)
+        self._stage_batch_start("validation", batch, batch_idx, dataloader_idx)
 
     def on_test_batch_start(
         self,
@@ -147,7 +150,7 @@ class StagedCallback(AnalysisCallback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._stage_batch_start("test", batch)
+        self._stage_batch_start("test", batch, batch_idx, dataloader_idx)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         self._stage_batch_end("train")

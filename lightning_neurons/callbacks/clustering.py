@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.nn import functional as F
 
+from lightning_neurons.batch import BatchReader, LoaderRows, analysed_rows
 from lightning_neurons.callbacks._base import (
     OnError,
     StagedCallback,
@@ -40,6 +41,7 @@ from lightning_neurons.clustering import (
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import HookSet, reduce_activation, resolve_layers
 from lightning_neurons.loggers import AnalysisLogger
+from lightning_neurons.state import in_analysis
 from lightning_neurons.stats import LayerStats
 
 #: Name of the category-clustering view that puts all chosen layers side by side.
@@ -117,13 +119,17 @@ class _ClusteringCallback(StagedCallback):
         self.layers: list[str] = []
         self._stage = "validation"
         self._tracker_layers: list[str] = []
-        self._label_fn: Any = None
+        self._reader = BatchReader()
+        self._dataloader_idx = 0
+        self._rows = LoaderRows()
+        self._batch_size = 0
         self._reduction = "mean"
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         tracker = find_tracker(trainer, type(self).__name__)
         self._stage = tracker.stage
-        self._label_fn = tracker.label_fn
+        self._reader = tracker.reader
+        self._dataloader_idx = tracker.dataloader_idx
         self._reduction = tracker.reduction
         self._tracker_layers = resolve_layers(pl_module, tracker.layer_patterns)
         if self.layer_patterns is None:
@@ -148,10 +154,22 @@ class _ClusteringCallback(StagedCallback):
 
     # Lightning's per-stage hooks arrive here (see StagedCallback); only the tracker's stage counts.
     def _stage_start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        if stage == self._stage:
+            self._rows = analysed_rows(trainer, stage, self._dataloader_idx)
         self._start(stage, trainer, pl_module)
 
-    def _stage_batch_start(self, stage: str, batch: Any) -> None:
-        self._batch_start(stage, batch)
+    def _stage_batch_start(
+        self, stage: str, batch: Any, batch_idx: int, dataloader_idx: int
+    ) -> None:
+        if dataloader_idx == self._dataloader_idx:
+            self._batch_start(stage, batch, batch_idx)
+
+    def _batch_labels(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        """The batch's labels, without DistributedSampler's repeated samples (``None``: none)."""
+        labels = self._reader.labels(batch)
+        rows = self._rows.rows(batch_idx, labels.shape[0])
+        self._batch_size = labels.shape[0]
+        return labels[:rows] if rows else None
 
     def _stage_batch_end(self, stage: str) -> None:
         self._labels = None
@@ -166,7 +184,7 @@ class _ClusteringCallback(StagedCallback):
     def _start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
         """Begin gathering data of ``stage`` (no-op by default)."""
 
-    def _batch_start(self, stage: str, batch: Any) -> None:
+    def _batch_start(self, stage: str, batch: Any, batch_idx: int) -> None:
         """A batch of ``stage`` begins (no-op by default)."""
 
     def _stop(self) -> None:
@@ -179,7 +197,7 @@ class _ClusteringCallback(StagedCallback):
     def _fresh_stats(self, trainer: Trainer) -> dict[str, LayerStats] | None:
         """The tracker's results for this epoch (computed on every rank), or ``None`` when the
         tracker did not analyse this epoch or nothing is due."""
-        stats = find_tracker(trainer, type(self).__name__).finalize(trainer)
+        stats = find_tracker(trainer, type(self).__name__).finalize(trainer, self._stage)
         if not self._due(trainer):
             return None
         fresh = {
@@ -377,18 +395,20 @@ class CategoryClustering(_ClusteringCallback):
         self._labels = None
         self._collecting = False
 
-    def _batch_start(self, stage: str, batch: Any) -> None:
+    def _batch_start(self, stage: str, batch: Any, batch_idx: int) -> None:
         if stage != self._stage or not self._collecting:
             return
-        from lightning_neurons.callbacks.tracker import extract_labels
-
-        self._labels = extract_labels(batch, self._label_fn)
+        self._labels = self._batch_labels(batch, batch_idx)
 
     def _on_logits(self, name: str, output: torch.Tensor) -> None:
+        if in_analysis():
+            return  # another analysis running the model
         labels, self._labels = self._labels, None  # one forward per batch counts
         if labels is None:
             return
         with torch.no_grad():
+            if output.dim() == 2 and output.shape[0] == self._batch_size:
+                output = output[: labels.shape[0]]  # DistributedSampler's repeats left out
             if output.dim() != 2 or output.shape[0] != labels.shape[0]:
                 self._shape_problem(name, output, labels)
                 return
@@ -464,7 +484,14 @@ class CategoryClustering(_ClusteringCallback):
         results: dict[str, CategoryClusteringResult] = {}
         for view, (layers, profile) in self._views(stats).items():
             names = class_names_of(trainer, profile.shape[0])
-            results[view] = self._cluster(view, layers, profile, names, epoch, confusion)
+            res = self._run_safely(  # one view that fails must not sink the others
+                f"category clustering of view {view!r}",
+                lambda v=view, ls=layers, p=profile, n=names: self._cluster(  # type: ignore[misc]
+                    v, ls, p, n, epoch, confusion
+                ),
+            )
+            if res is not None:
+                results[view] = res
         self.results = results
         for view, res in results.items():
             self._previous[view] = res.labels
@@ -723,6 +750,7 @@ class NeuronClustering(_ClusteringCallback):
         self._hooks = HookSet()
         self._reservoirs: dict[str, ActivationReservoir] = {}
         self._labels: torch.Tensor | None = None
+        self._warned_constant: set[str] = set()
 
     @property
     def state_key(self) -> str:
@@ -748,18 +776,17 @@ class NeuronClustering(_ClusteringCallback):
         self._hooks.remove()
         self._labels = None
 
-    def _batch_start(self, stage: str, batch: Any) -> None:
+    def _batch_start(self, stage: str, batch: Any, batch_idx: int) -> None:
         if stage != self._stage or not len(self._hooks):
             return
-        from lightning_neurons.callbacks.tracker import extract_labels
-
-        self._labels = extract_labels(batch, self._label_fn)
+        self._labels = self._batch_labels(batch, batch_idx)
 
     def _on_activation(self, name: str, output: torch.Tensor) -> None:
-        if self._labels is None:
+        if self._labels is None or in_analysis():
             return
         with torch.no_grad():
             values = reduce_activation(output.detach(), self._reduction, name)
+            values = values[: self._labels.shape[0]]  # DistributedSampler's repeats left out
             self._reservoirs[name].update(values, self._labels)
 
     # ---- the analysis ----
@@ -777,8 +804,15 @@ class NeuronClustering(_ClusteringCallback):
             return
         results: dict[str, NeuronClusteringResult] = {}
         for name in self.layers:
-            if name in stats:
-                results[name] = self._cluster(name, stats[name])
+            if name not in stats:
+                continue
+            # one layer that cannot be clustered (e.g. all neurons dead) must not sink the others
+            res = self._run_safely(
+                f"neuron clustering of layer {name!r}",
+                lambda name=name: self._cluster(name, stats[name]),  # type: ignore[misc]
+            )
+            if res is not None:
+                results[name] = res
         self.results = results
         for name, res in results.items():
             self._previous[name] = res.labels
@@ -796,7 +830,11 @@ class NeuronClustering(_ClusteringCallback):
             profile = reservoir.values.numpy()
         else:
             profile = means
-        clusterer = NeuronClusterer(**self._clusterer_options).fit(profile)
+        clusterer = NeuronClusterer(**self._clusterer_options)
+        _, constant = normalize_neurons(np.ascontiguousarray(profile.T), self.normalize)
+        if int((~constant).sum()) < clusterer.needed_neurons:
+            return self._unclustered(name, stats, classes, means, int(constant.sum()))
+        clusterer.fit(profile)
         labels = clusterer.labels_
         normalized, _ = normalize_neurons(means.T, self.normalize)
         found = np.unique(labels[labels >= 0])
@@ -824,6 +862,36 @@ class NeuronClustering(_ClusteringCallback):
             preferred_class=stats.preferred_class.numpy(),
             selectivity=stats.selectivity.numpy(),
             stability=stability,
+            source=self.source,
+            extra={"features": normalized},
+        )
+
+    def _unclustered(
+        self, name: str, stats: LayerStats, classes: np.ndarray, means: np.ndarray, constant: int
+    ) -> NeuronClusteringResult:
+        """A layer whose neurons (nearly) all respond the same to every class (e.g. dead ones):
+        nothing to cluster, every neuron unclustered (-1); said once per layer."""
+        if name not in self._warned_constant:
+            self._warned_constant.add(name)
+            rank_zero_warn(
+                f"NeuronClustering: {constant} of the {means.shape[1]} neurons of layer {name!r} "
+                f"respond the same to every class (dead or constant) in epoch {stats.epoch}; too "
+                "few vary to be clustered, so all are left unclustered (-1)."
+            )
+        normalized, _ = normalize_neurons(means.T, self.normalize)
+        labels = np.full(means.shape[1], -1, dtype=np.int64)
+        return NeuronClusteringResult(
+            layer=name,
+            epoch=stats.epoch,
+            classes=classes,
+            labels=labels,
+            n_clusters=0,
+            cluster_sizes=np.zeros(0, dtype=np.int64),
+            noise_fraction=1.0,
+            cluster_profiles=np.zeros((0, means.shape[0])),
+            silhouette=float("nan"),
+            preferred_class=stats.preferred_class.numpy(),
+            selectivity=stats.selectivity.numpy(),
             source=self.source,
             extra={"features": normalized},
         )

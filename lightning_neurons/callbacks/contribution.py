@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_neurons.batch import BatchReader
 from lightning_neurons.callbacks._base import (
     AnalysisCallback,
     OnError,
@@ -17,14 +18,13 @@ from lightning_neurons.callbacks._base import (
     find_tracker,
     untouched,
 )
-from lightning_neurons.callbacks.tracker import ActivationTracker, extract_labels
+from lightning_neurons.callbacks.tracker import ActivationTracker
 from lightning_neurons.contribution import (
     ClassContributions,
     ContributionStats,
     ablation_effects,
     ablation_selectivity,
     contribution_batch,
-    extract_inputs,
     neuron_contributions,
 )
 from lightning_neurons.errors import NeuronsError
@@ -91,13 +91,15 @@ class NeuronContribution(AnalysisCallback):
       images: the ``FeatureVisualizer``'s rendering when one is attached and has rendered that
       neuron, else the validation image (of those kept) that activates the neuron most.
 
-    It reads an :class:`~lightning_neurons.ActivationTracker`'s layers, ``num_classes``, ``top_k`` and
-    ``label_fn``; one must be attached. The gradient work runs in eval mode inside
+    It reads an :class:`~lightning_neurons.ActivationTracker`'s layers, ``num_classes``, ``top_k``,
+    ``dataloader_idx`` and batch reader (``input_fn``, ``label_fn``, ``output_fn``); one must be
+    attached. The gradient work runs in eval mode inside
     :func:`~lightning_neurons.callbacks._base.untouched`, so training is not changed: modes,
     ``requires_grad``, gradients and random streams are restored and every hook is removed.
 
     Put it after ``NeuronClustering`` and ``FeatureVisualizer`` in the callback list to use their
-    results of the same epoch (otherwise those of the previous analysed epoch are used).
+    results of the same epoch (otherwise those of the previous analysed epoch are used, and
+    ``results[layer]["clusters_epoch"]`` says which epoch the ablated clusters are from).
 
     Args:
         layers: Module names or glob patterns. Default: the tracker's layers.
@@ -112,8 +114,6 @@ class NeuronContribution(AnalysisCallback):
         probe_images: Probe images (the first validation image of each class, at most this many);
             0 for none.
         probe_top: Top contributing neurons shown per probe image.
-        input_fn: Reads the model input from a batch (default: ``batch[0]`` or an ``image``/``x``
-            key).
         enable_logging: Log figures, images, text and scalars and write the numbers to files.
         every_n_epochs: Analyse every n-th epoch.
         on_error: ``"warn"`` (report a failed analysis and train on) or ``"raise"``.
@@ -139,7 +139,6 @@ class NeuronContribution(AnalysisCallback):
         share_prefix: bool | Literal["auto"] = "auto",
         probe_images: int = 8,
         probe_top: int = 5,
-        input_fn: Callable[[Any], torch.Tensor] | None = None,
         enable_logging: bool = True,
         every_n_epochs: int = 1,
         on_error: OnError = "warn",
@@ -165,7 +164,6 @@ class NeuronContribution(AnalysisCallback):
             raise NeuronsError(f"`probe_images` must be an integer >= 0, got {probe_images!r}")
         self.probe_images = probe_images
         self.probe_top = check_positive_int("probe_top", probe_top)
-        self.input_fn = input_fn
         self.enable_logging = enable_logging
         self.layers: list[str] = []
         self.ablation_layers: list[str] = []
@@ -174,6 +172,7 @@ class NeuronContribution(AnalysisCallback):
         self._tracker: ActivationTracker | None = None
         self._batches: list[Batch] = []
         self._collecting = False
+        self._clusters_epoch: int | None = None
 
     # ---- Lightning hooks -----------------------------------------------------------------------
 
@@ -208,7 +207,7 @@ class NeuronContribution(AnalysisCallback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._keep(batch)
+        self._keep(batch, dataloader_idx)
 
     def on_test_batch_end(
         self,
@@ -219,13 +218,13 @@ class NeuronContribution(AnalysisCallback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._keep(batch)
+        self._keep(batch, dataloader_idx)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._finish(trainer, pl_module)
+        self._finish(trainer, pl_module, "validation")
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._finish(trainer, pl_module)
+        self._finish(trainer, pl_module, "test")
 
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
@@ -245,18 +244,24 @@ class NeuronContribution(AnalysisCallback):
         self._reset()
         self._collecting = self._due(trainer) and trainer.is_global_zero
 
-    def _keep(self, batch: Any) -> None:
+    @property
+    def _reader(self) -> BatchReader:
+        return self._tracker.reader if self._tracker is not None else BatchReader()
+
+    def _keep(self, batch: Any, dataloader_idx: int) -> None:
         if not self._collecting or len(self._batches) >= self.max_batches:
             return
-        label_fn = self._tracker.label_fn if self._tracker is not None else None
-        x = extract_inputs(batch, self.input_fn)
-        y = extract_labels(batch, label_fn)
+        if self._tracker is not None and dataloader_idx != self._tracker.dataloader_idx:
+            return
+        # Rank zero keeps batches; DistributedSampler never gives it a repeated sample.
+        x = self._reader.inputs(batch)
+        y = self._reader.labels(batch)
         with torch.inference_mode(False):  # normal tensors, usable in autograd later
             self._batches.append((x.detach().to("cpu").clone(), y.detach().to("cpu").clone()))
 
-    def _finish(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _finish(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         tracker = find_tracker(trainer, type(self).__name__)
-        tracker.finalize(trainer)  # on every rank: it syncs the statistics across processes
+        tracker.finalize(trainer, stage)  # on every rank: it syncs the statistics across processes
         batches, collecting = self._batches, self._collecting
         self._reset()
         if collecting and batches:
@@ -316,7 +321,9 @@ class NeuronContribution(AnalysisCallback):
         best: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         offset = 0
         for x, y in batches:
-            out = contribution_batch(pl_module, self.layers, x.to(device), y.to(device))
+            out = contribution_batch(
+                pl_module, self.layers, x.to(device), y.to(device), output_fn=self._reader.output_fn
+            )
             acc.update(out, y)
             for layer, act in out.activations.items():
                 value, row = act.detach().float().cpu().max(dim=0)
@@ -349,8 +356,10 @@ class NeuronContribution(AnalysisCallback):
         index = torch.tensor(picked)
         images = x[index]
         with torch.no_grad():
-            predictions = pl_module(images.to(pl_module.device)).argmax(dim=1).cpu()
-        contribution = neuron_contributions(pl_module, self.layers, images)  # {layer: [P, C, K]}
+            predictions = self._reader.forward(pl_module, images).argmax(dim=1).cpu()
+        contribution = neuron_contributions(  # {layer: [P, C, K]}
+            pl_module, self.layers, images, output_fn=self._reader.output_fn
+        )
         results = {}
         for layer, c in contribution.items():
             behind = c[torch.arange(c.shape[0]), predictions]  # [P, K]: towards the predicted logit
@@ -378,29 +387,42 @@ class NeuronContribution(AnalysisCallback):
             if stats.counts[c] > 0:
                 sets[f"class {names[c]} top{stats.dominant.shape[1]}"] = stats.dominant[c]
                 classes.append(c)
-        for name, neurons in self._clusters(trainer, layer, stats.num_neurons).items():
+        clusters, epoch = self._clusters(trainer, layer, stats.num_neurons)
+        if clusters and epoch is not None and epoch != trainer.current_epoch:
+            rank_zero_warn(
+                f"NeuronContribution: the neuron clusters of {layer!r} ablated in epoch "
+                f"{trainer.current_epoch} are NeuronClustering's of epoch {epoch} (put "
+                "NeuronContribution after NeuronClustering in the callback list to ablate the same "
+                "epoch's clusters); `results[layer]['clusters_epoch']` records it."
+            )
+        for name, neurons in clusters.items():
             sets[name] = neurons
             classes.append(-1)
+        self._clusters_epoch = epoch if clusters else None
         return sets, classes
 
-    def _clusters(self, trainer: Trainer, layer: str, num_neurons: int) -> dict[str, torch.Tensor]:
-        """The neuron clusters of an attached NeuronClustering callback for ``layer`` (or none)."""
+    def _clusters(
+        self, trainer: Trainer, layer: str, num_neurons: int
+    ) -> tuple[dict[str, torch.Tensor], int | None]:
+        """The neuron clusters of an attached NeuronClustering callback for ``layer`` (or none),
+        and the epoch they are from."""
         clustering = _callback_named(trainer, "NeuronClustering")
         labels = _field(clustering, layer, "labels") if clustering is not None else None
         if labels is None:
-            return {}
+            return {}, None
+        epoch = _field(clustering, layer, "epoch")
         try:
             ids = torch.as_tensor(labels).reshape(-1)
         except (TypeError, ValueError, RuntimeError):
-            return {}
+            return {}, None
         if ids.numel() != num_neurons or ids.dtype.is_floating_point or ids.dtype == torch.bool:
             rank_zero_warn(
                 f"NeuronContribution: NeuronClustering's labels for {layer!r} are {ids.numel()} values "
                 f"of type {ids.dtype}, but the layer has {num_neurons} neurons; its clusters are not "
                 "ablated."
             )
-            return {}
-        return cluster_sets(ids)
+            return {}, None
+        return cluster_sets(ids), (int(epoch) if isinstance(epoch, int) else None)
 
     def _ablate(
         self,
@@ -414,7 +436,13 @@ class NeuronContribution(AnalysisCallback):
         if not sets:
             return {}
         effects = ablation_effects(
-            pl_module, layer, sets, batches, sets_per_pass=8, share_prefix=self.share_prefix
+            pl_module,
+            layer,
+            sets,
+            batches,
+            sets_per_pass=8,
+            share_prefix=self.share_prefix,
+            output_fn=self._reader.output_fn,
         )
         names = list(effects)
         drop = torch.stack([effects[n].accuracy_drop for n in names])
@@ -426,6 +454,7 @@ class NeuronContribution(AnalysisCallback):
             "accuracy_drop": drop,
             "logit_drop": torch.stack([effects[n].logit_drop for n in names]),
             "baseline_accuracy": effects[names[0]].accuracy,
+            "clusters_epoch": self._clusters_epoch,
         }
         rows = [i for i, c in enumerate(classes) if c >= 0]
         if rows and stats.num_classes >= 2:
@@ -576,6 +605,7 @@ class NeuronContribution(AnalysisCallback):
             meta["ablation_sets"] = res["ablation_sets"]
             meta["ablation_classes"] = res["ablation_classes"]
             meta["ablation_selectivity"] = res.get("ablation_selectivity")
+            meta["clusters_epoch"] = res.get("clusters_epoch")
         if "probe_images" in res:
             for key in (
                 "probe_index",

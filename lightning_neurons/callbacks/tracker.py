@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -10,6 +10,13 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_neurons.batch import (
+    BatchFn,
+    BatchReader,
+    LoaderRows,
+    analysed_rows,
+    stage_loaders,
+)
 from lightning_neurons.callbacks._base import (
     OnError,
     StagedCallback,
@@ -19,59 +26,10 @@ from lightning_neurons.callbacks._base import (
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import HookSet, reduce_activation, resolve_layers
 from lightning_neurons.loggers import AnalysisLogger
+from lightning_neurons.state import in_analysis
 from lightning_neurons.stats import ClassNeuronStats, LayerStats
 
 Stage = Literal["validation", "train", "test"]
-LABEL_KEYS = ("label", "labels", "target", "targets", "y")
-
-
-def extract_labels(
-    batch: Any, label_fn: Callable[[Any], torch.Tensor] | None = None
-) -> torch.Tensor:
-    """The integer class labels of a batch.
-
-    Args:
-        batch: ``(x, y, ...)`` tuple or list, or a mapping with a ``label``, ``labels``, ``target``,
-            ``targets`` or ``y`` key.
-        label_fn: Takes the batch and returns the labels, for other layouts.
-
-    Returns:
-        ``[B]`` int64 labels.
-
-    Raises:
-        NeuronsError: If the batch has no labels or they are not integer class indices.
-    """
-    if label_fn is not None:
-        labels = label_fn(batch)
-    elif isinstance(batch, Mapping):
-        key = next((k for k in LABEL_KEYS if k in batch), None)
-        if key is None:
-            raise NeuronsError(
-                f"the batch is a mapping with keys {sorted(map(str, batch))} but none of "
-                f"{', '.join(LABEL_KEYS)}; neuron statistics are per class, so they need labels. "
-                "Pass `label_fn=lambda batch: batch['my_key']` to ActivationTracker."
-            )
-        labels = batch[key]
-    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        labels = batch[1]
-    else:
-        kind = type(batch).__name__
-        raise NeuronsError(
-            f"the batch ({kind}) carries no labels; neuron statistics are per class, so batches must "
-            "be `(x, y, ...)` tuples, mappings with a 'label'/'labels'/'target'/'y' key, or you pass "
-            "`label_fn=` to ActivationTracker to read the labels from your batch."
-        )
-    if not isinstance(labels, torch.Tensor):
-        labels = torch.as_tensor(labels)
-    if labels.dim() == 2 and labels.shape[1] == 1:
-        labels = labels[:, 0]
-    if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise NeuronsError(
-            f"labels must be a 1-D tensor of integer class indices; got dtype {labels.dtype} and "
-            f"shape {tuple(labels.shape)}. For one-hot or soft labels pass "
-            "`label_fn=lambda batch: batch[1].argmax(dim=1)`."
-        )
-    return labels.long()
 
 
 def infer_num_classes(model: nn.Module) -> int | None:
@@ -98,7 +56,13 @@ class ActivationTracker(StagedCallback):
     class selectivity, dead neurons and each class's dominant neurons.
 
     Other analyses (:class:`FeatureVisualizer`, clustering, contribution) read these results via
-    :meth:`finalize` rather than hooking the model again.
+    :meth:`finalize` rather than hooking the model again, and read batches and model outputs
+    through the tracker's :attr:`reader` (its ``input_fn``, ``label_fn`` and ``output_fn``).
+
+    Every image is counted once: only the loader ``dataloader_idx`` is analysed, and under DDP the
+    samples that :class:`~torch.utils.data.DistributedSampler` repeats to even out the processes
+    are left out (see :class:`~lightning_neurons.batch.LoaderRows`). The batch layout and labels
+    are checked on the first batch the model sees (the sanity check included).
 
     Args:
         layers: Module names as in ``pl_module.named_modules()``; glob patterns allowed
@@ -112,6 +76,11 @@ class ActivationTracker(StagedCallback):
         top_k: Dominant neurons per class.
         num_classes: Class count; default: the model's ``num_classes`` or its last Linear's width.
         label_fn: Reads the ``[B]`` integer labels from a batch of another layout.
+        input_fn: Reads the model input from a batch of another layout.
+        output_fn: Reads the ``[B, C]`` logits from the model's output when it is not a tensor,
+            a tuple/list with the logits first, or a mapping with a ``"logits"`` entry.
+        dataloader_idx: With several validation (or test) loaders, the one analysed (the others
+            are left out, with one warning).
         max_batches: Analyse at most this many batches per epoch (default: all).
         enable_logging: Log figures, histograms and scalars and write the numbers to files.
         on_error: ``"warn"`` or ``"raise"`` when logging fails (see :class:`AnalysisCallback`).
@@ -131,7 +100,10 @@ class ActivationTracker(StagedCallback):
         every_n_epochs: int = 1,
         top_k: int = 5,
         num_classes: int | None = None,
-        label_fn: Callable[[Any], torch.Tensor] | None = None,
+        label_fn: BatchFn | None = None,
+        input_fn: BatchFn | None = None,
+        output_fn: BatchFn | None = None,
+        dataloader_idx: int = 0,
         max_batches: int | None = None,
         enable_logging: bool = True,
         on_error: OnError = "warn",
@@ -149,13 +121,27 @@ class ActivationTracker(StagedCallback):
         self.max_batches = (
             None if max_batches is None else check_positive_int("max_batches", max_batches)
         )
-        self.label_fn = label_fn
+        if (
+            isinstance(dataloader_idx, bool)
+            or not isinstance(dataloader_idx, int)
+            or dataloader_idx < 0
+        ):
+            raise NeuronsError(f"`dataloader_idx` must be an integer >= 0, got {dataloader_idx!r}")
+        self.dataloader_idx = dataloader_idx
+        #: How every analysis reads inputs, labels and logits (see :mod:`lightning_neurons.batch`).
+        self.reader = BatchReader(input_fn=input_fn, label_fn=label_fn, output_fn=output_fn)
         self.enable_logging = enable_logging
         self.layers: list[str] = []
         self.results: dict[str, LayerStats] = {}
         self._metrics: dict[str, ClassNeuronStats] = {}
         self._hooks = HookSet()
         self._labels: torch.Tensor | None = None
+        self._rows = LoaderRows()
+        self._batch_size = 0
+        self._checked = False
+        self._warned_loaders = False
+        self._saw_validation = False
+        self._warned_no_validation = False
         self._batches = 0
         self._collecting = False
         self._pending_epoch: int | None = None
@@ -195,6 +181,20 @@ class ActivationTracker(StagedCallback):
 
     # ---- Lightning hooks -----------------------------------------------------------------------
 
+    @property
+    def label_fn(self) -> BatchFn | None:
+        return self.reader.label_fn
+
+    @property
+    def input_fn(self) -> BatchFn | None:
+        return self.reader.input_fn
+
+    @property
+    def output_fn(self) -> BatchFn | None:
+        return self.reader.output_fn
+
+    # ---- Lightning hooks -----------------------------------------------------------------------
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.layers = resolve_layers(pl_module, self.layer_patterns)
         if self.num_classes is None:
@@ -205,39 +205,60 @@ class ActivationTracker(StagedCallback):
                 "predicts (no `num_classes` attribute or hyper-parameter, no Linear layer); pass "
                 "`num_classes=` to ActivationTracker."
             )
+        self._checked = self._warned_loaders = False
+        self._saw_validation = self._warned_no_validation = False
 
     # Lightning's per-stage hooks arrive here (see StagedCallback); only ``self.stage`` counts.
     def _stage_start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        if stage == "validation" and not trainer.sanity_checking:
+            self._saw_validation = True
         if stage == self.stage:
+            self._rows = self._loader_rows(trainer, stage)
             self._start(trainer, pl_module)
 
-    def _stage_batch_start(self, stage: str, batch: Any) -> None:
-        if stage == self.stage:
-            self._batch_start(batch)
+    def _stage_batch_start(
+        self, stage: str, batch: Any, batch_idx: int, dataloader_idx: int
+    ) -> None:
+        if not self._checked:  # the first batch the model sees, sanity check included
+            self.check_batch(batch)
+            self._checked = True
+        if stage == self.stage and dataloader_idx == self.dataloader_idx:
+            self._batch_start(batch, batch_idx)
 
     def _stage_batch_end(self, stage: str) -> None:
         self._labels = None
 
     def _stage_end(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
         if stage == self.stage:
-            self.finalize(trainer)
+            self.finalize(trainer, stage)
+        if stage == "train" and self.stage == "validation":
+            self._warn_no_validation(trainer)
 
     def _release(self) -> None:
         self._stop()
 
     # ---- the seam for other analyses ------------------------------------------------------------
 
-    def finalize(self, trainer: Trainer) -> dict[str, LayerStats]:
+    def finalize(self, trainer: Trainer, stage: str | None = None) -> dict[str, LayerStats]:
         """Finish the epoch being gathered (if any) and return the latest results.
 
         Analyses that read the tracker call this from their own epoch-end hooks **on every rank**
         (the statistics are summed over DDP ranks here), so the order of callbacks does not
         matter. Calling it again in the same epoch returns the same results.
 
+        Args:
+            trainer: The trainer.
+            stage: The stage whose epoch just ended (``"train"``, ``"validation"``, ``"test"``).
+                An epoch of the tracker's own stage is finished only at the end of that stage:
+                with ``stage="train"`` and validation in the middle of an epoch, the training
+                epoch goes on being gathered and the previous results are returned. ``None``:
+                finish whatever is being gathered.
+
         Returns:
-            ``{layer_name: LayerStats}``; empty when no epoch has been analysed yet.
+            ``{layer_name: LayerStats}``; empty when no epoch has been analysed yet. Each entry's
+            ``epoch`` says which epoch it is from.
         """
-        if self._pending_epoch is None:
+        if self._pending_epoch is None or (stage is not None and stage != self.stage):
             return self.results
         epoch = self._pending_epoch
         self._pending_epoch = None
@@ -259,7 +280,68 @@ class ActivationTracker(StagedCallback):
             self._run_safely("logging activation statistics", lambda: self._log(trainer))
         return self.results
 
+    def check_batch(self, batch: Any) -> torch.Tensor:
+        """Read a batch's input and labels as the analyses will, and check the labels' range.
+
+        Called on the first batch the model sees (Lightning's sanity check included), so that a
+        wrong batch layout or ``num_classes`` is reported before any training step.
+
+        Returns:
+            The ``[B]`` labels.
+
+        Raises:
+            NeuronsError: If the input or labels cannot be read, or a label is outside
+                ``[0, num_classes)``.
+        """
+        self.reader.inputs(batch)
+        labels = self.reader.labels(batch)
+        if labels.numel():
+            low, high = int(labels.min()), int(labels.max())
+            if self.num_classes is not None and (low < 0 or high >= self.num_classes):
+                raise NeuronsError(
+                    f"label {low if low < 0 else high} is outside [0, {self.num_classes}); the "
+                    f"model predicts {self.num_classes} classes. Pass the right `num_classes=` to "
+                    "ActivationTracker, or check the labels."
+                )
+        return labels
+
     # ---- internals ----------------------------------------------------------------------------
+
+    def _loader_rows(self, trainer: Trainer, stage: str) -> LoaderRows:
+        """Checks ``dataloader_idx`` against the stage's loaders (one note when there are several)
+        and returns which rows of the analysed loader's batches are real images."""
+        loaders = stage_loaders(trainer, stage)
+        if stage == "train" or not loaders:
+            return analysed_rows(trainer, stage)
+        if self.dataloader_idx >= len(loaders):
+            raise NeuronsError(
+                f"ActivationTracker(dataloader_idx={self.dataloader_idx}): the {stage} stage has "
+                f"{len(loaders)} data loader(s); choose an index below {len(loaders)}."
+            )
+        if len(loaders) > 1 and not self._warned_loaders:
+            self._warned_loaders = True
+            rank_zero_warn(
+                f"ActivationTracker: the {stage} stage has {len(loaders)} data loaders; the analyses "
+                f"use loader {self.dataloader_idx} only (the others are not counted). Pass "
+                "`dataloader_idx=` to ActivationTracker to analyse another one."
+            )
+        return analysed_rows(trainer, stage, self.dataloader_idx)
+
+    def _warn_no_validation(self, trainer: Trainer) -> None:
+        """One warning per fit when a training epoch ends without any validation epoch so far
+        (and one was due): the analyses of the validation stage would produce nothing."""
+        if self._saw_validation or self._warned_no_validation:
+            return
+        every = trainer.check_val_every_n_epoch or 1
+        if (trainer.current_epoch + 1) < every:
+            return
+        self._warned_no_validation = True
+        rank_zero_warn(
+            "ActivationTracker(stage='validation') saw no validation batches in this fit (no "
+            "`val_dataloader`, or `limit_val_batches=0`), so none of the lightning-neurons analyses "
+            "produce anything. Give the Trainer validation data, or analyse the training batches "
+            "with `ActivationTracker(stage='train')`."
+        )
 
     def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stop()
@@ -278,22 +360,18 @@ class ActivationTracker(StagedCallback):
         self._labels = None
         self._collecting = False
 
-    def _batch_start(self, batch: Any) -> None:
+    def _batch_start(self, batch: Any, batch_idx: int) -> None:
         if not self._collecting:
             return
         if self.max_batches is not None and self._batches >= self.max_batches:
             self._labels = None
             return
         self._batches += 1
-        labels = extract_labels(batch, self.label_fn)
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high >= self.num_classes:
-            raise NeuronsError(
-                f"label {low if low < 0 else high} is outside [0, {self.num_classes}); the model "
-                f"predicts {self.num_classes} classes. Pass the right `num_classes=` to "
-                "ActivationTracker, or check the labels."
-            )
-        self._labels = labels
+        labels = self.check_batch(batch)
+        rows = self._rows.rows(batch_idx, labels.shape[0])
+        # DistributedSampler's repeated samples (the last rows on some ranks) are left out
+        self._labels = labels[:rows] if rows else None
+        self._batch_size = labels.shape[0]
 
     def _metric(self, name: str, num_neurons: int, device: torch.device) -> ClassNeuronStats:
         metric = self._metrics.get(name)
@@ -305,8 +383,8 @@ class ActivationTracker(StagedCallback):
 
     def _on_activation(self, name: str, output: torch.Tensor) -> None:
         labels = self._labels
-        if labels is None:
-            return  # a forward outside a tracked batch (e.g. another analysis rendering)
+        if labels is None or in_analysis():
+            return  # a forward outside a tracked batch, or another analysis running the model
         with torch.no_grad():
             output = output.detach()
             values = reduce_activation(output, self.reduction, name)
@@ -315,6 +393,8 @@ class ActivationTracker(StagedCallback):
                 if output.dim() == 4 and self.reduction == "mean"
                 else values
             )
+            if values.shape[0] == self._batch_size and labels.shape[0] < values.shape[0]:
+                values, peak = values[: labels.shape[0]], peak[: labels.shape[0]]
             if values.shape[0] != labels.shape[0]:
                 raise NeuronsError(
                     f"layer {name!r} produced {values.shape[0]} rows for a batch of {labels.shape[0]} "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -12,13 +12,20 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_neurons.batch import (
+    BatchReader,
+    InputTransform,
+    as_model_input,
+    to_display,
+    to_model_input,
+)
 from lightning_neurons.callbacks._base import (
     AnalysisCallback,
     OnError,
     check_choice,
     check_positive_int,
 )
-from lightning_neurons.callbacks.tracker import ActivationTracker, extract_labels, infer_num_classes
+from lightning_neurons.callbacks.tracker import ActivationTracker, infer_num_classes
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import get_module, hooked, reduce_activation, resolve_layers
 from lightning_neurons.loggers import AnalysisLogger
@@ -26,22 +33,6 @@ from lightning_neurons.stats import LayerStats
 from lightning_neurons.visualize.objectives import LOGITS, Channel, ClassLogit
 from lightning_neurons.visualize.render import analysis_mode, check_objectives, model_device, render
 from lightning_neurons.visualize.saliency import METHODS, Method, saliency
-
-InputTransform = Callable[[torch.Tensor], torch.Tensor]
-IMAGE_KEYS = ("image", "images", "x", "input", "inputs", "pixel_values")
-
-
-def batch_images(batch: Any) -> torch.Tensor | None:
-    """The ``[B, C, H, W]`` images of a batch (``batch[0]`` or an image key of a mapping), or None."""
-    if isinstance(batch, Mapping):
-        images = next((batch[k] for k in IMAGE_KEYS if k in batch), None)
-    elif isinstance(batch, (tuple, list)) and batch:
-        images = batch[0]
-    else:
-        images = batch
-    if isinstance(images, torch.Tensor) and images.dim() == 4 and images.is_floating_point():
-        return images
-    return None
 
 
 def find_optional_tracker(trainer: Trainer) -> ActivationTracker | None:
@@ -77,7 +68,10 @@ class FeatureVisualizer(AnalysisCallback):
     - computes saliency maps (``saliency`` methods) for a fixed set of probe images taken from
       the validation batches Lightning already runs (by default the first image of each class;
       at most ``max_probes`` images are kept), shown over the image with the predicted and true
-      label;
+      label. The probes are kept as the loader yielded them (model inputs); the predicted label
+      is the model's prediction on exactly that input, and the image shown is the display image
+      (:func:`~lightning_neurons.batch.to_display`; maps are taken with respect to it when the
+      ``input_transform`` can be inverted, else with respect to the model input);
     - logs labelled image grids to TensorBoard under stable tags (``preference/<layer>``,
       ``preference/classes``, ``focus/<method>``), so TensorBoard's step slider shows the images
       evolving over the epochs, and writes the images to files
@@ -103,11 +97,21 @@ class FeatureVisualizer(AnalysisCallback):
     the channel's activation with the tracker's reduction, or the class logit),
     ``"reference": Tensor[N] | None`` (the channel's largest activation on the validation data,
     from the tracker), ``"strength": Tensor[N] | None`` (activation / reference; NaN where the
-    reference is not positive, e.g. a conv layer before its BatchNorm), ``"epoch": int}``; ``results["classes"]`` also has
+    reference is not positive, e.g. a conv layer before its BatchNorm), ``"reference_epoch":
+    int | None`` (the epoch of the tracker's statistics behind ``reference``: an earlier one when
+    the tracker gathers the training stage), ``"epoch": int}``; ``results["classes"]`` also has
     ``"probability"`` (softmax probability of the class for its image) and ``"predicted"``.
 
-    :attr:`saliency_results`: ``{"images": [P, C, H, W], "labels": [P], "predicted": [P],
-    "maps": {method: [P, H, W]}, "epoch": int}``.
+    :attr:`saliency_results`: ``{"images": [P, C, H, W]`` (display images in [0, 1]),
+    ``"inputs": [P, C, H, W]`` (the model inputs, as the loader yielded them), ``"labels": [P],
+    "predicted": [P], "maps": {method: [P, H, W]}, "epoch": int}``.
+
+    Batches and model outputs are read through the attached tracker's
+    :attr:`~lightning_neurons.ActivationTracker.reader` (its ``input_fn``, ``label_fn`` and
+    ``output_fn``), probes only from its ``dataloader_idx``. The set-up (image shape, input
+    transform, layers, channels and classes) is checked with one forward pass on the first batch
+    the model sees, sanity check included (failures follow ``on_error``). Rendering and saliency
+    run in the model's floating-point type (``precision="bf16-true"`` works).
 
     Args:
         layers: Layers whose channels are rendered (names or glob patterns). Default: the
@@ -123,8 +127,9 @@ class FeatureVisualizer(AnalysisCallback):
         max_probes: At most this many probe images in all.
         image_shape: ``(C, H, W)`` of the rendered images; default: the data module's
             ``image_shape``, else the probe images' shape.
-        input_transform: Display image -> model input; default: the data module's
-            ``input_transform`` attribute, else none.
+        input_transform: Display image (values in [0, 1]) -> model input, applied by
+            :func:`~lightning_neurons.batch.to_model_input`; default: the data module's
+            ``input_transform`` attribute, else none (the loaders yield display images).
         steps: Gradient-ascent steps per image.
         lr: Adam's learning rate.
         param: ``"fft"`` or ``"pixel"`` parametrization.
@@ -214,6 +219,8 @@ class FeatureVisualizer(AnalysisCallback):
         self._seen_shape: tuple[int, ...] | None = None
         self._no_labels_warned = False
         self._plan: dict[str, Any] | None = None
+        self._reader = BatchReader()
+        self._dataloader_idx = 0
         self._num_classes: int | None = None
 
     # ---- argument checks -----------------------------------------------------------------------
@@ -251,6 +258,8 @@ class FeatureVisualizer(AnalysisCallback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         tracker = find_optional_tracker(trainer)
+        self._reader = tracker.reader if tracker is not None else BatchReader()
+        self._dataloader_idx = tracker.dataloader_idx if tracker is not None else 0
         patterns = self.layer_patterns
         if patterns is None and tracker is not None:
             patterns = tracker.layer_patterns
@@ -265,6 +274,32 @@ class FeatureVisualizer(AnalysisCallback):
             get_module(pl_module, self.gradcam_layer)
         self._plan = None
 
+    # The set-up is checked on the first batch the model sees (sanity check included).
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._first_batch(trainer, pl_module, batch)
+
+    def on_validation_batch_start(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._first_batch(trainer, pl_module, batch)
+
+    def on_test_batch_start(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._first_batch(trainer, pl_module, batch)
+
     def on_validation_batch_end(
         self,
         trainer: Trainer,
@@ -274,10 +309,9 @@ class FeatureVisualizer(AnalysisCallback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self._seen_shape is None:
-            images = batch_images(batch)
-            self._seen_shape = None if images is None else tuple(images.shape[1:])
-        if self._probes_full or dataloader_idx != 0 or not self.saliency_methods:
+        if trainer.sanity_checking or dataloader_idx != self._dataloader_idx:
+            return
+        if self._probes_full or not self.saliency_methods:
             return
         self._collect_probes(trainer, pl_module, batch)
 
@@ -285,7 +319,8 @@ class FeatureVisualizer(AnalysisCallback):
         if not self._due(trainer):
             return
         tracker = find_optional_tracker(trainer)
-        stats = tracker.finalize(trainer) if tracker is not None else {}  # every rank (DDP sync)
+        # every rank (DDP sync); a tracker of another stage keeps gathering its own epoch
+        stats = tracker.finalize(trainer, "validation") if tracker is not None else {}
         reduction = tracker.reduction if tracker is not None else "mean"
         self._prepare(trainer, pl_module)  # configuration errors raise, on every rank
         if not trainer.is_global_zero:
@@ -297,17 +332,18 @@ class FeatureVisualizer(AnalysisCallback):
     # ---- probes --------------------------------------------------------------------------------
 
     def _collect_probes(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
-        images = batch_images(batch)
         try:
-            labels = extract_labels(batch)
+            images = self._reader.inputs(batch)
+            labels = self._reader.labels(batch)
         except NeuronsError as err:
-            labels = None
+            images = labels = None
             if not self._no_labels_warned:
                 self._no_labels_warned = True
                 rank_zero_warn(
-                    f"FeatureVisualizer: no labels in the validation batches ({err}); saliency probes are skipped."
+                    f"FeatureVisualizer: the validation batches cannot be read ({err}); saliency "
+                    "probes are skipped."
                 )
-        if images is None or labels is None:
+        if images is None or labels is None or images.dim() != 4:
             self._probes_full = True
             return
         counts: dict[int, int] = {}
@@ -342,8 +378,25 @@ class FeatureVisualizer(AnalysisCallback):
     def _data_attr(self, trainer: Trainer, name: str) -> Any:
         return getattr(getattr(trainer, "datamodule", None), name, None)
 
+    def _first_batch(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+        """On the first batch the model sees: note its image shape and check the set-up."""
+        if self._plan is not None:
+            return
+        if self._seen_shape is None:
+            try:
+                images = self._reader.inputs(batch)
+            except NeuronsError:
+                images = None
+            if isinstance(images, torch.Tensor) and images.dim() == 4:
+                self._seen_shape = tuple(images.shape[1:])
+        self._prepare(trainer, pl_module)
+
     def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Resolve image shape, input transform, channels and classes; check them with one probe."""
+        """Resolve image shape, input transform, channels and classes; check them with one probe.
+
+        Mistakes in the set-up raise (every rank). A model output whose logits cannot be read
+        (see ``output_fn``) follows ``on_error``: with ``"warn"`` it is reported once and only
+        the channels are rendered (no class images, no saliency)."""
         if self._plan is not None:
             return
         shape = self.image_shape or self._data_attr(trainer, "image_shape")
@@ -356,16 +409,36 @@ class FeatureVisualizer(AnalysisCallback):
             )
         shape = self._check_shape(list(shape))
         transform = self.input_transform or self._data_attr(trainer, "input_transform")
-        probe = [ClassLogit(c) for c in (self.classes or [])]
+        logits_ok = (
+            self._run_safely(
+                "reading the model's logits (for class images and saliency)",
+                lambda: check_objectives(
+                    pl_module,
+                    [ClassLogit(0)],
+                    shape,
+                    input_transform=transform,
+                    output_fn=self._reader.output_fn,
+                ),
+            )
+            is not None
+        )
+        probe = [ClassLogit(c) for c in (self.classes or [])] if logits_ok else []
         probe += [Channel(layer, i) for layer in self.layers for i in self.channels.get(layer, [])]
         probe += [Channel(layer, 0) for layer in self.layers]
-        shapes = check_objectives(pl_module, probe, shape, input_transform=transform)
+        shapes = check_objectives(
+            pl_module, probe, shape, input_transform=transform, output_fn=self._reader.output_fn
+        )
         channels = {
             layer: self.channels.get(layer)
             or list(range(min(shapes[layer][0], self.max_channels or shapes[layer][0])))
             for layer in self.layers
         }
-        classes = self.classes if self.classes is not None else list(range(shapes[LOGITS][0]))
+        if not logits_ok:
+            classes = []
+        elif self.classes is not None:
+            classes = self.classes
+        else:
+            classes = list(range(shapes[LOGITS][0]))
         names = self._data_attr(trainer, "class_names")
         self._plan = {
             "shape": shape,
@@ -374,6 +447,7 @@ class FeatureVisualizer(AnalysisCallback):
             "classes": classes,
             "class_names": list(names) if names else None,
             "gradcam_layer": self.gradcam_layer,
+            "saliency": logits_ok,
         }
 
     # ---- one round -----------------------------------------------------------------------------
@@ -390,6 +464,7 @@ class FeatureVisualizer(AnalysisCallback):
             param=self.param,  # type: ignore[arg-type]
             transforms=self.transforms,  # type: ignore[arg-type]
             input_transform=plan["transform"],
+            output_fn=self._reader.output_fn,
             seed=self.seed,
             batch_size=self.batch_size,
             l2=self.l2,
@@ -415,8 +490,7 @@ class FeatureVisualizer(AnalysisCallback):
 
         transform = self._plan["transform"]
         with analysis_mode(model), torch.no_grad(), hooked(model, [layer], keep):
-            x = images.to(model_device(model))
-            model(transform(x) if transform is not None else x)
+            model(as_model_input(to_model_input(images, transform), model))
         values = found[layer]
         return values[torch.arange(len(channels)), torch.tensor(channels)]
 
@@ -436,9 +510,10 @@ class FeatureVisualizer(AnalysisCallback):
             channels = plan["channels"][layer]
             images = self._render(pl_module, [Channel(layer, i) for i in channels])
             activation = self._layer_activation(pl_module, layer, images, channels, reduction)
-            strength = reference = None
+            strength = reference = reference_epoch = None
             if layer in stats and stats[layer].num_neurons > max(channels):
                 reference = stats[layer].max_activation[channels].float()
+                reference_epoch = stats[layer].epoch  # older when the tracker's stage is "train"
                 nan = torch.full_like(activation, math.nan)
                 strength = torch.where(reference > 0, activation / reference, nan)
             results[layer] = {
@@ -447,12 +522,13 @@ class FeatureVisualizer(AnalysisCallback):
                 "activation": activation,
                 "reference": reference,
                 "strength": strength,
+                "reference_epoch": reference_epoch,
                 "epoch": epoch,
             }
         if plan["classes"]:
             results["classes"] = self._classes(pl_module, plan["classes"], epoch)
         self.results = results
-        if self.saliency_methods and self._probe_images:
+        if self.saliency_methods and self._probe_images and plan["saliency"]:
             self.saliency_results = self._saliency(pl_module, epoch)
         if self.enable_logging:
             self._log(trainer)
@@ -463,9 +539,8 @@ class FeatureVisualizer(AnalysisCallback):
         assert plan is not None
         images = self._render(model, [ClassLogit(c) for c in classes])
         with analysis_mode(model), torch.no_grad():
-            x = images.to(model_device(model))
-            transform = plan["transform"]
-            logits = model(transform(x) if transform is not None else x).float().cpu()
+            x = to_model_input(images.to(model_device(model)), plan["transform"])
+            logits = self._reader.forward(model, x).float().cpu()
         index = torch.tensor(classes)
         rows = torch.arange(len(classes))
         return {
@@ -482,20 +557,23 @@ class FeatureVisualizer(AnalysisCallback):
     def _saliency(self, model: nn.Module, epoch: int) -> dict[str, Any]:
         plan = self._plan
         assert plan is not None
-        images = torch.stack(self._probe_images)
+        inputs = torch.stack(self._probe_images)  # as the loader yielded them
         labels = torch.tensor(self._probe_labels)
         transform = plan["transform"]
         with analysis_mode(model), torch.no_grad():
-            x = images.to(model_device(model))
-            predicted = model(transform(x) if transform is not None else x).argmax(dim=1).cpu()
+            predicted = self._reader.forward(model, inputs).argmax(dim=1).cpu()
+        images, exact = to_display(inputs, transform)
+        # Maps are taken with respect to what a person sees when the transform can be inverted.
+        source, source_transform = (images, transform) if exact else (inputs, None)
         maps = {
             method: saliency(
                 model,
-                images,
+                source,
                 method,  # type: ignore[arg-type]
                 target=predicted,
                 layer=plan["gradcam_layer"],
-                input_transform=transform,
+                input_transform=source_transform,
+                output_fn=self._reader.output_fn,
                 samples=self.smoothgrad_samples,
                 seed=self.seed,
             )
@@ -503,6 +581,7 @@ class FeatureVisualizer(AnalysisCallback):
         }
         return {
             "images": images,
+            "inputs": inputs,
             "labels": labels,
             "predicted": predicted,
             "maps": maps,

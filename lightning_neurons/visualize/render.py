@@ -21,8 +21,15 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from lightning_neurons.batch import (
+    BatchFn,
+    InputTransform,
+    as_model_input,
+    read_logits,
+    to_model_input,
+)
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.hooks import first_tensor, get_module, hooked
+from lightning_neurons.hooks import get_module, hooked
 from lightning_neurons.state import analysis_mode
 from lightning_neurons.visualize.objectives import (
     IMAGE,
@@ -39,8 +46,6 @@ from lightning_neurons.visualize.transforms import (
     apply_transforms,
     resolve_transforms,
 )
-
-InputTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
 class _StopForward(Exception):
@@ -82,8 +87,11 @@ class _Scoring:
     later in-place operation (``ReLU(inplace=True)``) could change it.
     """
 
-    def __init__(self, scorer: BatchScorer, allow_stop: bool = True) -> None:
+    def __init__(
+        self, scorer: BatchScorer, allow_stop: bool = True, output_fn: BatchFn | None = None
+    ) -> None:
         self.scorer = scorer
+        self.output_fn = output_fn
         self.stop = allow_stop and not scorer.needs_logits
         self.total: torch.Tensor | None = None
         self.seen: set[str] = set()
@@ -111,12 +119,12 @@ class _Scoring:
             yield
 
     def forward(self, model: nn.Module, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """Run the model on ``x`` and return every row's score ``[R]``."""
+        """Run the model on ``x`` (in the model's dtype) and return every row's score ``[R]``."""
         self.reset()
         if self.scorer.needs_image:
             self.add(IMAGE, image)
         try:
-            output = model(x)
+            output = model(as_model_input(x, model))
         except _StopForward:
             output = None
         missing = [n for n in self.scorer.layers if n not in self.seen]
@@ -127,7 +135,7 @@ class _Scoring:
             )
         if self.scorer.needs_logits:
             assert output is not None
-            self.add(LOGITS, first_tensor(output, "model output"))
+            self.add(LOGITS, read_logits(output, self.output_fn))
         assert self.total is not None
         return self.total
 
@@ -159,6 +167,7 @@ def _probe(
     objectives: Sequence[Objective],
     image_shape: tuple[int, int, int],
     input_transform: InputTransform | None,
+    output_fn: BatchFn | None = None,
 ) -> tuple[dict[str, tuple[int, ...]], int]:
     """One forward pass of one grey image: checks the objectives; returns the read layers' output
     shapes and the largest output (elements per image) of any leaf module."""
@@ -173,7 +182,7 @@ def _probe(
         with analysis_mode(model), torch.no_grad(), hooked(model, layers, record):
             x = torch.full((1, *image_shape), 0.5, device=model_device(model))
             try:
-                output = model(input_transform(x) if input_transform is not None else x)
+                output = model(as_model_input(to_model_input(x, input_transform), model))
             except RuntimeError as err:
                 raise NeuronsError(
                     f"{type(model).__name__} failed on a {tuple(x.shape)} image batch ({err}); "
@@ -182,7 +191,12 @@ def _probe(
     finally:
         for handle in handles:
             handle.remove()
-    shapes[LOGITS] = tuple(first_tensor(output, "model output").shape[1:])
+    needs_logits = any(t.layer == LOGITS for o in objectives for _, t in o.terms())
+    try:
+        shapes[LOGITS] = tuple(read_logits(output, output_fn).shape[1:])
+    except NeuronsError:
+        if needs_logits:
+            raise  # objectives on layers only do not need to read the model's output
     for objective in objectives:
         for _, term in objective.terms():
             if term.layer == IMAGE:
@@ -202,6 +216,7 @@ def check_objectives(
     image_shape: Sequence[int],
     *,
     input_transform: InputTransform | None = None,
+    output_fn: BatchFn | None = None,
 ) -> dict[str, tuple[int, ...]]:
     """Check objectives against the model with one forward pass of one grey image.
 
@@ -210,6 +225,8 @@ def check_objectives(
         objectives: The objectives.
         image_shape: ``(C, H, W)`` of the display images.
         input_transform: Display image -> model input.
+        output_fn: Reads the logits from the model's output (see
+            :func:`~lightning_neurons.batch.read_logits`).
 
     Returns:
         Output shape (without the batch dimension) of every layer read, and of :data:`LOGITS`.
@@ -219,7 +236,9 @@ def check_objectives(
             layer's real output, or a model that does not accept the images.
     """
     objectives = as_objectives(objectives)
-    shapes, _ = _probe(model, objectives, _check_image_shape(image_shape), input_transform)
+    shapes, _ = _probe(
+        model, objectives, _check_image_shape(image_shape), input_transform, output_fn
+    )
     return shapes
 
 
@@ -249,6 +268,7 @@ def render(
     param: Param = "fft",
     transforms: TransformsArg = "standard",
     input_transform: InputTransform | None = None,
+    output_fn: BatchFn | None = None,
     seed: int = 0,
     batch_size: int | None = None,
     l2: float = 0.0,
@@ -280,7 +300,9 @@ def render(
             image; see :func:`~lightning_neurons.visualize.standard_transforms`),
             ``"none"``/``None``, or a list of callables ``(images, generator) -> images``.
         input_transform: Display image -> model input (e.g. the data's normalisation); applied
-            after the transforms.
+            after the transforms. The model runs in its own floating-point type (bfloat16 too);
+            the images are optimised in float32.
+        output_fn: Reads the logits from the model's output (class objectives).
         seed: Seed of the initial images and of the transforms' random parameters.
         batch_size: Render at most this many objectives at once. Default: all on a GPU; on CPU,
             chunks sized to the CPU caches (see :func:`auto_batch_size`), which gives the same
@@ -315,7 +337,7 @@ def render(
         if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or weight < 0:
             raise NeuronsError(f"`{name}` must be a number >= 0, got {weight!r}")
     chain = resolve_transforms(transforms, image_shape)
-    _, largest = _probe(model, objectives, image_shape, input_transform)
+    _, largest = _probe(model, objectives, image_shape, input_transform, output_fn)
     device = model_device(model)
     size = batch_size or auto_batch_size(len(objectives), largest, device)
     with analysis_mode(model):
@@ -328,6 +350,7 @@ def render(
                 seed=seed,
                 decorrelate=decorrelate,
                 device=device,
+                output_fn=output_fn,
             )
             for start in range(0, len(objectives), size)
         ]
@@ -359,8 +382,9 @@ class _Chunk:
         seed: int,
         decorrelate: bool,
         device: torch.device,
+        output_fn: BatchFn | None = None,
     ) -> None:
-        self.scoring = _Scoring(BatchScorer(objectives))
+        self.scoring = _Scoring(BatchScorer(objectives), output_fn=output_fn)
         seeds = [row_seed(seed, i) for i in indices]
         self.params, self.image_fn = parametrize(
             param, (len(indices), *image_shape), seeds, decorrelate=decorrelate, device=device
@@ -405,9 +429,7 @@ def _optimise(
                 generator.set_state(state)
                 dispatch.current = chunk.scoring
                 image = chunk.image_fn()
-                x = apply_transforms(image, transforms, generator)
-                if input_transform is not None:
-                    x = input_transform(x)
+                x = to_model_input(apply_transforms(image, transforms, generator), input_transform)
                 value = chunk.scoring.forward(model, x, image)
                 if l2:
                     value = value - l2 * l2_penalty(image)
@@ -424,6 +446,7 @@ def evaluate(
     *,
     input_transform: InputTransform | None = None,
     batch_size: int | None = None,
+    output_fn: BatchFn | None = None,
 ) -> torch.Tensor:
     """The value of ``objectives[i]`` on ``images[i]`` (no random transforms).
 
@@ -436,6 +459,7 @@ def evaluate(
         images: ``[N, C, H, W]`` display images.
         input_transform: Display image -> model input.
         batch_size: Evaluate at most this many images at once.
+        output_fn: Reads the logits from the model's output.
 
     Returns:
         ``[N]`` values (float32, CPU).
@@ -452,15 +476,21 @@ def evaluate(
         )
     if batch_size is not None:
         _check_positive("batch_size", batch_size, integer=True)
-    check_objectives(model, objectives, tuple(images.shape[1:]), input_transform=input_transform)
+    check_objectives(
+        model,
+        objectives,
+        tuple(images.shape[1:]),
+        input_transform=input_transform,
+        output_fn=output_fn,
+    )
     device = model_device(model)
     size = batch_size or len(objectives)
     values = []
     with analysis_mode(model), torch.no_grad():
         for start in range(0, len(objectives), size):
-            scoring = _Scoring(BatchScorer(objectives[start : start + size]))
+            scoring = _Scoring(BatchScorer(objectives[start : start + size]), output_fn=output_fn)
             image = images[start : start + size].to(device)
-            x = input_transform(image) if input_transform is not None else image
+            x = to_model_input(image, input_transform)
             with scoring.attached(model):
                 values.append(scoring.forward(model, x, image).float().cpu())
     return torch.cat(values)

@@ -7,26 +7,34 @@
   averaged gradient of the class logit, rectified and upsampled to the image.
 
 Every function takes display images (``[N, C, H, W]`` in [0, 1]) and an optional
-``input_transform`` (display -> model input), so the gradients are with respect to what a person
-sees. The model runs in eval mode with frozen parameters and is left exactly as found. Maps are
+``input_transform`` (display -> model input, see :func:`~lightning_neurons.batch.to_model_input`),
+so the gradients are with respect to what a person sees. The model runs in its own floating-point
+type (bfloat16 / float16 models too); logits are read with
+:func:`~lightning_neurons.batch.read_logits` (``output_fn`` for other outputs). The model runs in eval mode with frozen parameters and is left exactly as found. Maps are
 ``[N, H, W]``, non-negative, not normalised (see :func:`normalize_maps`).
 """
 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lightning_neurons.batch import (
+    BatchFn,
+    InputTransform,
+    as_model_input,
+    read_logits,
+    to_model_input,
+)
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.hooks import first_tensor, get_module, hooked
+from lightning_neurons.hooks import get_module, hooked
 from lightning_neurons.visualize.render import analysis_mode, model_device
 
-InputTransform = Callable[[torch.Tensor], torch.Tensor]
 Method = Literal["gradient", "smoothgrad", "gradcam"]
 METHODS: tuple[str, ...] = ("gradient", "smoothgrad", "gradcam")
 
@@ -38,16 +46,14 @@ def _check_images(images: torch.Tensor) -> None:
 
 
 def _logits(
-    model: nn.Module, x: torch.Tensor, input_transform: InputTransform | None
+    model: nn.Module,
+    x: torch.Tensor,
+    input_transform: InputTransform | None,
+    output_fn: BatchFn | None = None,
 ) -> torch.Tensor:
-    output = first_tensor(
-        model(input_transform(x) if input_transform is not None else x), "model output"
-    )
-    if output.dim() != 2:
-        raise NeuronsError(
-            f"saliency needs a model returning [N, num_classes] logits; got {tuple(output.shape)}"
-        )
-    return output
+    """Float32 logits of display images ``x``, run in the model's dtype."""
+    x = as_model_input(to_model_input(x, input_transform), model)
+    return read_logits(model(x), output_fn).float()
 
 
 def _targets(
@@ -55,12 +61,13 @@ def _targets(
     images: torch.Tensor,
     target: int | Sequence[int] | torch.Tensor | None,
     input_transform: InputTransform | None,
+    output_fn: BatchFn | None = None,
 ) -> torch.Tensor:
     """``[N]`` class per image: given, or the model's prediction."""
     n = images.shape[0]
     if target is None:
         with torch.no_grad():
-            return _logits(model, images, input_transform).argmax(dim=1)
+            return _logits(model, images, input_transform, output_fn).argmax(dim=1)
     if isinstance(target, numbers.Integral):
         target = [int(target)] * n
     target = torch.as_tensor(target, device=images.device).long().flatten()
@@ -69,7 +76,7 @@ def _targets(
             f"`target` must give one class per image: {n} images, {target.numel()} targets"
         )
     with torch.no_grad():
-        width = _logits(model, images[:1], input_transform).shape[1]
+        width = _logits(model, images[:1], input_transform, output_fn).shape[1]
     if int(target.min()) < 0 or int(target.max()) >= width:
         raise NeuronsError(
             f"`target` holds class {int(target.max()) if int(target.max()) >= width else int(target.min())}, "
@@ -88,10 +95,14 @@ def _chunks(n: int, batch_size: int | None) -> list[slice]:
 
 
 def _input_gradient(
-    model: nn.Module, x: torch.Tensor, target: torch.Tensor, input_transform: InputTransform | None
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    input_transform: InputTransform | None,
+    output_fn: BatchFn | None = None,
 ) -> torch.Tensor:
     x = x.detach().clone().requires_grad_(True)
-    logits = _logits(model, x, input_transform)
+    logits = _logits(model, x, input_transform, output_fn)
     picked = logits.gather(1, target.view(-1, 1)).sum()
     (grad,) = torch.autograd.grad(picked, x)
     return grad
@@ -104,6 +115,7 @@ def gradient(
     *,
     input_transform: InputTransform | None = None,
     batch_size: int | None = None,
+    output_fn: BatchFn | None = None,
 ) -> torch.Tensor:
     """Vanilla gradient saliency: ``max_c |d logit_target / d image_c|`` per pixel.
 
@@ -113,6 +125,8 @@ def gradient(
         target: Class per image (or one for all); default: the predicted class.
         input_transform: Display image -> model input.
         batch_size: Images per forward pass (default: all).
+        output_fn: Reads the logits from the model's output (see
+            :func:`~lightning_neurons.batch.read_logits`).
 
     Returns:
         ``[N, H, W]`` non-negative maps (CPU, float32).
@@ -128,9 +142,9 @@ def gradient(
     out = []
     with analysis_mode(model):
         images = images.detach().clone().to(device)
-        target = _targets(model, images, target, input_transform)
+        target = _targets(model, images, target, input_transform, output_fn)
         for part in _chunks(len(images), batch_size):
-            grad = _input_gradient(model, images[part], target[part], input_transform)
+            grad = _input_gradient(model, images[part], target[part], input_transform, output_fn)
             out.append(grad.abs().amax(dim=1).float().cpu())
     return torch.cat(out)
 
@@ -145,6 +159,7 @@ def smoothgrad(
     seed: int = 0,
     input_transform: InputTransform | None = None,
     batch_size: int | None = None,
+    output_fn: BatchFn | None = None,
 ) -> torch.Tensor:
     """SmoothGrad: the input gradient averaged over noisy copies, then ``max_c |.|``.
 
@@ -161,6 +176,7 @@ def smoothgrad(
         seed: Seed of the noise.
         input_transform: Display image -> model input.
         batch_size: Noisy copies per forward pass (default: all ``N * samples``).
+        output_fn: Reads the logits from the model's output.
 
     Returns:
         ``[N, H, W]`` non-negative maps (CPU, float32).
@@ -177,7 +193,7 @@ def smoothgrad(
     n = images.shape[0]
     with analysis_mode(model):
         images = images.detach().clone().to(device)
-        target = _targets(model, images, target, input_transform)
+        target = _targets(model, images, target, input_transform, output_fn)
         generator = torch.Generator().manual_seed(int(seed))
         span = (images.flatten(1).amax(dim=1) - images.flatten(1).amin(dim=1)).clamp_min(1e-6)
         sigma = (noise * span).view(1, n, 1, 1, 1)
@@ -186,7 +202,7 @@ def smoothgrad(
         targets = target.repeat(samples)
         total = torch.zeros_like(images)
         for part in _chunks(noisy.shape[0], batch_size):
-            grad = _input_gradient(model, noisy[part], targets[part], input_transform)
+            grad = _input_gradient(model, noisy[part], targets[part], input_transform, output_fn)
             rows = torch.arange(part.start, part.start + grad.shape[0], device=device) % n
             total.index_add_(0, rows, grad)
     return (total / samples).abs().amax(dim=1).float().cpu()
@@ -209,6 +225,7 @@ def grad_cam(
     *,
     input_transform: InputTransform | None = None,
     batch_size: int | None = None,
+    output_fn: BatchFn | None = None,
 ) -> torch.Tensor:
     """Grad-CAM: ``ReLU(sum_k w_k A_k)`` with ``w_k`` the mean gradient over ``A_k``'s positions.
 
@@ -219,6 +236,8 @@ def grad_cam(
         target: Class per image (or one for all); default: the predicted class.
         input_transform: Display image -> model input.
         batch_size: Images per forward pass (default: all).
+        output_fn: Reads the logits from the model's output (see
+            :func:`~lightning_neurons.batch.read_logits`).
 
     Returns:
         ``[N, H, W]`` non-negative maps upsampled (bilinear) to the image size (CPU, float32).
@@ -239,12 +258,12 @@ def grad_cam(
 
     with analysis_mode(model):
         images = images.detach().clone().to(device)
-        target = _targets(model, images, target, input_transform)
+        target = _targets(model, images, target, input_transform, output_fn)
         with hooked(model, [layer], keep):
             for part in _chunks(len(images), batch_size):
                 captured.clear()
                 x = images[part].clone().requires_grad_(True)  # parameters are frozen
-                logits = _logits(model, x, input_transform)
+                logits = _logits(model, x, input_transform, output_fn)
                 features = captured.get(layer)
                 if features is None or features.dim() != 4:
                     shape = None if features is None else tuple(features.shape)
@@ -254,8 +273,8 @@ def grad_cam(
                     )
                 picked = logits.gather(1, target[part].view(-1, 1)).sum()
                 (grad,) = torch.autograd.grad(picked, features)
-                weights = grad.mean(dim=(2, 3), keepdim=True)
-                cam = F.relu((weights * features).sum(dim=1, keepdim=True))
+                weights = grad.float().mean(dim=(2, 3), keepdim=True)
+                cam = F.relu((weights * features.detach().float()).sum(dim=1, keepdim=True))
                 cam = F.interpolate(cam, size=(height, width), mode="bilinear", align_corners=False)
                 out.append(cam[:, 0].detach().float().cpu())
     return torch.cat(out)
@@ -273,6 +292,7 @@ def saliency(
     samples: int = 16,
     noise: float = 0.15,
     seed: int = 0,
+    output_fn: BatchFn | None = None,
 ) -> torch.Tensor:
     """Saliency maps by ``method``: ``"gradient"``, ``"smoothgrad"`` or ``"gradcam"``.
 
@@ -287,6 +307,7 @@ def saliency(
         samples: SmoothGrad's noisy copies per image.
         noise: SmoothGrad's noise level.
         seed: SmoothGrad's seed.
+        output_fn: Reads the logits from the model's output.
 
     Returns:
         ``[N, H, W]`` maps.
@@ -296,7 +317,12 @@ def saliency(
     """
     if method == "gradient":
         return gradient(
-            model, images, target, input_transform=input_transform, batch_size=batch_size
+            model,
+            images,
+            target,
+            input_transform=input_transform,
+            batch_size=batch_size,
+            output_fn=output_fn,
         )
     if method == "smoothgrad":
         return smoothgrad(
@@ -308,10 +334,17 @@ def saliency(
             seed=seed,
             input_transform=input_transform,
             batch_size=batch_size,
+            output_fn=output_fn,
         )
     if method == "gradcam":
         return grad_cam(
-            model, images, layer, target, input_transform=input_transform, batch_size=batch_size
+            model,
+            images,
+            layer,
+            target,
+            input_transform=input_transform,
+            batch_size=batch_size,
+            output_fn=output_fn,
         )
     raise NeuronsError(f"`method` must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
 

@@ -1,0 +1,358 @@
+"""Reading batches and model outputs: the one place where analyses meet the user's data.
+
+Every analysis of the package reads the model input and the labels of a batch, and the logits of
+a model output, through a :class:`BatchReader` (the :class:`~lightning_neurons.ActivationTracker`
+owns the one that all callbacks share, configured with its ``input_fn``, ``label_fn`` and
+``output_fn``). The data contract:
+
+- **What the loaders yield is what the model gets.** The input read from a batch is fed to the
+  model as it is (only moved to the model's device and floating-point type).
+- **Display images** are images with values in [0, 1], as shown in figures and produced by
+  rendering. :func:`to_model_input` maps them to model inputs with the data's ``input_transform``
+  (e.g. :class:`~lightning_neurons.data.Normalize`); :func:`to_display` maps model inputs back
+  for showing them.
+- **Model outputs**: a tensor is the logits; of a tuple or list (torchvision's aux-logit models)
+  the first tensor; of a mapping the ``"logits"`` entry. Anything else needs ``output_fn``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils.data import DistributedSampler
+
+from lightning_neurons.errors import NeuronsError
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
+
+#: Keys of a mapping batch that hold the model input, in the order they are tried.
+INPUT_KEYS = ("image", "images", "x", "input", "inputs", "pixel_values")
+#: Keys of a mapping batch that hold the integer class labels, in the order they are tried.
+LABEL_KEYS = ("label", "labels", "target", "targets", "y")
+#: Keys of a mapping model output that hold the logits.
+OUTPUT_KEYS = ("logits",)
+
+BatchFn = Callable[[Any], torch.Tensor]
+InputTransform = Callable[[torch.Tensor], torch.Tensor]
+
+__all__ = [
+    "INPUT_KEYS",
+    "LABEL_KEYS",
+    "OUTPUT_KEYS",
+    "BatchReader",
+    "read_inputs",
+    "read_labels",
+    "read_logits",
+    "model_dtype",
+    "as_model_input",
+    "to_model_input",
+    "to_display",
+    "LoaderRows",
+    "stage_loaders",
+    "analysed_rows",
+]
+
+
+def read_inputs(batch: Any, input_fn: BatchFn | None = None) -> torch.Tensor:
+    """The model input of a batch, as the loader yielded it.
+
+    Args:
+        batch: ``(x, y, ...)`` tuple or list, a mapping with one of :data:`INPUT_KEYS`, or a bare
+            tensor.
+        input_fn: Takes the batch and returns the input, for other layouts.
+
+    Returns:
+        The input tensor.
+
+    Raises:
+        NeuronsError: If no input tensor can be found.
+
+    Example:
+        >>> read_inputs({"image": torch.zeros(2, 1, 4, 4), "label": torch.tensor([0, 1])}).shape
+        torch.Size([2, 1, 4, 4])
+    """
+    if input_fn is not None:
+        x = input_fn(batch)
+    elif isinstance(batch, torch.Tensor):
+        x = batch
+    elif isinstance(batch, Mapping):
+        key = next((k for k in INPUT_KEYS if k in batch), None)
+        if key is None:
+            raise NeuronsError(
+                f"the batch is a mapping with keys {sorted(map(str, batch))} but none of "
+                f"{', '.join(INPUT_KEYS)}; pass `input_fn=lambda batch: batch['my_key']` to "
+                "ActivationTracker."
+            )
+        x = batch[key]
+    elif isinstance(batch, (tuple, list)) and batch:
+        x = batch[0]
+    else:
+        raise NeuronsError(
+            f"cannot find the model input in a batch of type {type(batch).__name__}; batches must be "
+            "`(x, y, ...)` tuples or mappings with an 'image'/'input'/'x' key, or pass `input_fn=` "
+            "to ActivationTracker."
+        )
+    if not isinstance(x, torch.Tensor):
+        raise NeuronsError(
+            f"the model input must be a tensor, got {type(x).__name__}; pass `input_fn=` to "
+            "ActivationTracker to read it from your batch."
+        )
+    return x
+
+
+def read_labels(batch: Any, label_fn: BatchFn | None = None) -> torch.Tensor:
+    """The integer class labels of a batch.
+
+    Args:
+        batch: ``(x, y, ...)`` tuple or list, or a mapping with one of :data:`LABEL_KEYS`.
+        label_fn: Takes the batch and returns the labels, for other layouts.
+
+    Returns:
+        ``[B]`` int64 labels.
+
+    Raises:
+        NeuronsError: If the batch has no labels or they are not integer class indices.
+
+    Example:
+        >>> read_labels((torch.zeros(2, 1, 4, 4), torch.tensor([[3], [1]])))
+        tensor([3, 1])
+    """
+    if label_fn is not None:
+        labels = label_fn(batch)
+    elif isinstance(batch, Mapping):
+        key = next((k for k in LABEL_KEYS if k in batch), None)
+        if key is None:
+            raise NeuronsError(
+                f"the batch is a mapping with keys {sorted(map(str, batch))} but none of "
+                f"{', '.join(LABEL_KEYS)}; neuron statistics are per class, so they need labels. "
+                "Pass `label_fn=lambda batch: batch['my_key']` to ActivationTracker."
+            )
+        labels = batch[key]
+    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        labels = batch[1]
+    else:
+        kind = type(batch).__name__
+        raise NeuronsError(
+            f"the batch ({kind}) carries no labels; neuron statistics are per class, so batches must "
+            "be `(x, y, ...)` tuples, mappings with a 'label'/'labels'/'target'/'y' key, or you pass "
+            "`label_fn=` to ActivationTracker to read the labels from your batch."
+        )
+    if not isinstance(labels, torch.Tensor):
+        labels = torch.as_tensor(labels)
+    if labels.dim() == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise NeuronsError(
+            f"labels must be a 1-D tensor of integer class indices; got dtype {labels.dtype} and "
+            f"shape {tuple(labels.shape)}. For one-hot or soft labels pass "
+            "`label_fn=lambda batch: batch[1].argmax(dim=1)` to ActivationTracker."
+        )
+    return labels.long()
+
+
+def read_logits(output: Any, output_fn: BatchFn | None = None) -> torch.Tensor:
+    """The ``[B, num_classes]`` logits of a model output.
+
+    Args:
+        output: What the model's forward returned: a tensor, a tuple or list whose first tensor
+            is the logits (torchvision's aux-logit models, named tuples), or a mapping with a
+            ``"logits"`` entry.
+        output_fn: Takes the output and returns the logits, for anything else.
+
+    Returns:
+        The logits tensor (not detached, in the model's dtype).
+
+    Raises:
+        NeuronsError: If no logits can be found, or they are not ``[B, C]``.
+
+    Example:
+        >>> read_logits((torch.zeros(2, 5), torch.ones(2, 5))).shape
+        torch.Size([2, 5])
+    """
+    if output_fn is not None:
+        logits = output_fn(output)
+    elif isinstance(output, torch.Tensor):
+        logits = output
+    elif isinstance(output, (tuple, list)):
+        logits = next((t for t in output if isinstance(t, torch.Tensor)), None)
+    elif isinstance(output, Mapping):
+        logits = next((output[k] for k in OUTPUT_KEYS if k in output), None)
+    else:
+        logits = None
+    if not isinstance(logits, torch.Tensor):
+        kind = (
+            f"a mapping with keys {sorted(map(str, output))}"
+            if isinstance(output, Mapping)
+            else type(output).__name__
+        )
+        raise NeuronsError(
+            f"the model returned {kind}, and the logits cannot be read from it (a tensor, the first "
+            "tensor of a tuple or list, or a mapping's 'logits' entry are read). Pass "
+            "`output_fn=lambda out: out['my_logits']` to ActivationTracker."
+        )
+    if logits.dim() != 2:
+        raise NeuronsError(
+            f"the model's logits have shape {tuple(logits.shape)}; the analyses need "
+            "[batch, num_classes]. Pass `output_fn=` to ActivationTracker to read them from the "
+            "model's output."
+        )
+    return logits
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating-point type of the model's first floating parameter or buffer (float32 if none)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def as_model_input(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """``x`` on the model's device, floating inputs in the model's floating type (a model trained
+    with ``precision="bf16-true"`` takes bfloat16 inputs). Gradients flow through the cast."""
+    device = next((t.device for t in (*model.parameters(), *model.buffers())), x.device)
+    dtype = model_dtype(model) if x.is_floating_point() else x.dtype
+    return x.to(device=device, dtype=dtype)
+
+
+def to_model_input(images: torch.Tensor, transform: InputTransform | None) -> torch.Tensor:
+    """Display images (values in [0, 1]) -> model inputs: ``transform(images)``, or the images
+    themselves when there is no transform. The one mapping used by rendering and saliency."""
+    return transform(images) if transform is not None else images
+
+
+def to_display(x: torch.Tensor, transform: InputTransform | None) -> tuple[torch.Tensor, bool]:
+    """Model inputs -> display images in [0, 1], for showing what the loaders yielded.
+
+    Args:
+        x: ``[B, C, H, W]`` model inputs.
+        transform: The display -> input mapping. ``None``: the inputs are display images already
+            (returned as they are).
+            A transform with an ``inverse`` method (:class:`~lightning_neurons.data.Normalize`)
+            is inverted exactly.
+
+    Returns:
+        ``(images, exact)``: the display images (float32; clamped to [0, 1] after an inverse) and
+        whether they are the exact inverse; for a transform without ``inverse`` each image is rescaled to [0, 1]
+        (``exact`` is False).
+    """
+    x = x.detach().float()
+    if transform is None:
+        return x, True
+    inverse = getattr(transform, "inverse", None)
+    if callable(inverse):
+        return inverse(x).float().clamp(0, 1), True
+    flat = x.flatten(1)
+    low = flat.min(dim=1).values.view(-1, 1, 1, 1)
+    high = flat.max(dim=1).values.view(-1, 1, 1, 1)
+    return (x - low) / (high - low).clamp_min(1e-12), False
+
+
+@dataclass(frozen=True)
+class BatchReader:
+    """How every analysis reads batches and model outputs (configured once, on the tracker).
+
+    Args:
+        input_fn: Batch -> model input (default: :func:`read_inputs`' rules).
+        label_fn: Batch -> ``[B]`` integer labels (default: :func:`read_labels`' rules).
+        output_fn: Model output -> ``[B, C]`` logits (default: :func:`read_logits`' rules).
+
+    Example:
+        >>> reader = BatchReader(label_fn=lambda b: b["cls"])
+        >>> reader.labels({"image": torch.zeros(2, 1, 4, 4), "cls": torch.tensor([1, 0])})
+        tensor([1, 0])
+    """
+
+    input_fn: BatchFn | None = None
+    label_fn: BatchFn | None = None
+    output_fn: BatchFn | None = None
+
+    def inputs(self, batch: Any) -> torch.Tensor:
+        """The model input of ``batch``."""
+        return read_inputs(batch, self.input_fn)
+
+    def labels(self, batch: Any) -> torch.Tensor:
+        """The ``[B]`` int64 labels of ``batch``."""
+        return read_labels(batch, self.label_fn)
+
+    def logits(self, output: Any) -> torch.Tensor:
+        """The ``[B, C]`` logits of a model output."""
+        return read_logits(output, self.output_fn)
+
+    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``model``'s logits for the input ``x`` (cast to the model's device and dtype)."""
+        return self.logits(model(as_model_input(x, model)))
+
+
+def stage_loaders(trainer: Trainer, stage: str) -> list[Any]:
+    """The data loaders of ``stage`` (``"train"``, ``"validation"``, ``"test"``) in the order of
+    Lightning's ``dataloader_idx``; empty when Lightning has none (yet)."""
+    if stage == "train":
+        loaders = trainer.train_dataloader
+    elif stage == "validation":
+        loaders = trainer.val_dataloaders
+    else:
+        loaders = trainer.test_dataloaders
+    if loaders is None:
+        return []
+    if isinstance(loaders, Mapping):
+        return list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        return list(loaders)
+    return [loaders]
+
+
+@dataclass(frozen=True)
+class LoaderRows:
+    """Which rows of a loader's batches are real images on this process.
+
+    Under DDP, Lightning's :class:`~torch.utils.data.DistributedSampler` (``drop_last=False``)
+    pads the data set with repeated samples until it divides evenly over the processes; the
+    repeats are the last samples that some processes get. Counting them would count those images
+    twice, so the analyses leave them out: :meth:`rows` tells how many leading rows of a batch
+    are real.
+
+    Attributes:
+        real: Real (not repeated) samples this process gets; ``None``: all are real.
+        padded: Repeated samples this process gets (left out).
+        batch_size: The loader's batch size (``None``: unknown, nothing is left out).
+    """
+
+    real: int | None = None
+    padded: int = 0
+    batch_size: int | None = None
+
+    @classmethod
+    def of(cls, loader: Any) -> LoaderRows:
+        """The rows of ``loader`` (any iterable; only a DataLoader with a DistributedSampler pads)."""
+        sampler = getattr(loader, "sampler", None)
+        if not isinstance(sampler, DistributedSampler):
+            sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+        batch_size = getattr(loader, "batch_size", None)
+        if not isinstance(sampler, DistributedSampler) or sampler.drop_last or not batch_size:
+            return cls()
+        size = len(sampler.dataset)  # type: ignore[arg-type]
+        # torch pads the (shuffled) index list at its end, then deals it out rank by rank
+        positions = range(sampler.rank, sampler.total_size, sampler.num_replicas)
+        padded = sum(1 for p in positions if p >= size)
+        return cls(real=len(positions) - padded, padded=padded, batch_size=int(batch_size))
+
+    def rows(self, batch_idx: int, size: int) -> int:
+        """How many leading rows of batch ``batch_idx`` (of ``size`` rows) are real."""
+        if self.real is None or self.batch_size is None or not self.padded:
+            return size
+        return max(0, min(size, self.real - batch_idx * self.batch_size))
+
+
+def analysed_rows(trainer: Trainer, stage: str, dataloader_idx: int = 0) -> LoaderRows:
+    """The :class:`LoaderRows` of the loader that the analyses read in ``stage`` (loader
+    ``dataloader_idx``; for training, the one training loader)."""
+    loaders = stage_loaders(trainer, stage)
+    if stage == "train":
+        return LoaderRows.of(loaders[0]) if len(loaders) == 1 else LoaderRows()
+    return LoaderRows.of(loaders[dataloader_idx]) if dataloader_idx < len(loaders) else LoaderRows()

@@ -1,0 +1,110 @@
+"""lightning_neurons.batch: reading batches and outputs, display images, DistributedSampler rows."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from lightning_neurons import NeuronsError
+from lightning_neurons.batch import (
+    BatchReader,
+    LoaderRows,
+    as_model_input,
+    read_inputs,
+    read_labels,
+    read_logits,
+    to_display,
+    to_model_input,
+)
+from lightning_neurons.data import Normalize
+
+
+def test_read_logits_of_tensors_tuples_named_tuples_and_mappings():
+    logits, aux = torch.randn(3, 4), torch.randn(3, 4)
+    assert read_logits(logits) is logits
+    assert read_logits((logits, aux)) is logits
+    assert read_logits([None, logits, aux]) is logits  # the first tensor
+    Outputs = namedtuple("Outputs", ["logits", "aux_logits"])  # torchvision's GoogLeNet/Inception
+    assert read_logits(Outputs(logits, aux)) is logits
+    assert read_logits({"logits": logits, "hidden": aux}) is logits
+    assert read_logits({"out": aux, "x": logits}, lambda out: out["x"]) is logits
+
+
+def test_read_logits_errors_name_output_fn():
+    with pytest.raises(NeuronsError, match=r"mapping with keys \['hidden', 'out'\].*output_fn="):
+        read_logits({"out": torch.zeros(2, 3), "hidden": torch.zeros(2, 3)})
+    with pytest.raises(NeuronsError, match="returned str.*output_fn"):
+        read_logits("logits")
+    with pytest.raises(NeuronsError, match=r"shape \(2, 3, 4\).*\[batch, num_classes\]"):
+        read_logits(torch.zeros(2, 3, 4))
+
+
+def test_one_reader_for_inputs_and_labels():
+    x, y = torch.rand(2, 1, 4, 4), torch.tensor([1, 0])
+    for batch in ((x, y), [x, y, "meta"], {"image": x, "label": y}, {"pixel_values": x, "y": y}):
+        assert read_inputs(batch) is x
+        assert torch.equal(read_labels(batch), y)
+    reader = BatchReader(input_fn=lambda b: b["img"], label_fn=lambda b: b["cls"])
+    assert reader.inputs({"img": x, "cls": y}) is x
+    assert torch.equal(reader.labels({"img": x, "cls": y}), y)
+    with pytest.raises(NeuronsError, match="none of image, images.*input_fn="):
+        read_inputs({"img": x})
+    with pytest.raises(NeuronsError, match="none of label, labels.*label_fn="):
+        read_labels({"img": x})
+
+
+class TupleOut(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+        return self.inner(x), "aux"
+
+
+def test_model_inputs_take_the_model_dtype_and_the_reader_reads_the_logits():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).to(torch.bfloat16)
+    x = torch.rand(2, 1, 2, 2)
+    assert as_model_input(x, model).dtype == torch.bfloat16
+    assert as_model_input(torch.tensor([1, 2]), model).dtype == torch.int64  # not floating
+    logits = BatchReader().forward(TupleOut(model), x)
+    assert logits.shape == (2, 3) and logits.dtype == torch.bfloat16
+
+
+def test_display_images_and_model_inputs_map_both_ways():
+    norm = Normalize((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    display = torch.rand(4, 3, 5, 5)
+    x = to_model_input(display, norm)
+    assert x.min() < 0  # a model input, not a display image
+    back, exact = to_display(x, norm)
+    assert exact
+    # (d - m) / s * s + m in float32: a few ulps of values <= 1
+    torch.testing.assert_close(back, display, atol=1e-6, rtol=0)
+    same, exact = to_display(display, None)
+    assert exact and torch.equal(same, display) and to_model_input(display, None) is display
+    rescaled, exact = to_display(x, lambda t: t * 2.0)  # no inverse: each image rescaled
+    assert not exact
+    assert torch.allclose(rescaled.flatten(1).amin(1), torch.zeros(4))
+    assert torch.allclose(rescaled.flatten(1).amax(1), torch.ones(4))
+
+
+@pytest.mark.parametrize(("size", "replicas", "batch_size"), [(9, 2, 2), (10, 4, 3), (8, 2, 3)])
+def test_loader_rows_leave_out_exactly_the_repeated_samples(size, replicas, batch_size):
+    dataset = TensorDataset(torch.arange(size))
+    kept: list[int] = []
+    for rank in range(replicas):
+        sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+        rows = LoaderRows.of(loader)
+        for i, (batch,) in enumerate(loader):
+            kept += batch[: rows.rows(i, batch.shape[0])].tolist()
+    assert sorted(kept) == list(range(size))  # every sample once, the padding left out
+
+
+def test_loader_rows_without_distributed_sampler_keep_everything():
+    loader = DataLoader(TensorDataset(torch.arange(5)), batch_size=2)
+    assert LoaderRows.of(loader).rows(2, 1) == 1 and LoaderRows.of([1, 2]).rows(0, 7) == 7

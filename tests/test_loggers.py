@@ -1,0 +1,98 @@
+"""Artifacts: one folder per run and per stage, and an index whose records are appended."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import lightning.pytorch as pl
+import numpy as np
+from conftest import TinyData, TinyNet, fast_trainer
+from lightning.pytorch.loggers import CSVLogger
+
+import lightning_neurons.loggers as loggers
+from lightning_neurons import ActivationTracker, NeuronContribution
+from lightning_neurons.loggers import AnalysisLogger, artifact_root, load_index
+from lightning_neurons.models import ImageClassifier
+
+
+def _module(seed: int = 0) -> ImageClassifier:
+    pl.seed_everything(seed, verbose=False)
+    return ImageClassifier(TinyNet(), num_classes=3, lr=1e-2)
+
+
+def _fit(tmp_path, seed: int, **kwargs) -> pl.Trainer:
+    tracker = ActivationTracker(layers=["backbone.fc"])
+    trainer = fast_trainer(tmp_path, callbacks=[tracker], max_epochs=1, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(_module(seed), datamodule=TinyData())
+    return trainer
+
+
+def test_two_csv_only_runs_sharing_a_root_keep_their_own_files(tmp_path):
+    first = _fit(tmp_path, 0, logger=CSVLogger(str(tmp_path), name="csv"))
+    second = _fit(tmp_path, 1, logger=CSVLogger(str(tmp_path), name="csv"))
+    roots = [artifact_root(t) for t in (first, second)]
+    assert roots[0] != roots[1] and all(r.parent.parent.name == "csv" for r in roots)
+    for root, trainer in zip(roots, (first, second), strict=True):
+        (record,) = load_index(root)
+        saved = np.load(root / record["file"])["class_means"]
+        tracker = trainer.callbacks[0]
+        np.testing.assert_array_equal(saved, tracker.results["backbone.fc"].class_means.numpy())
+    assert not np.array_equal(
+        np.load(roots[0] / load_index(roots[0])[0]["file"])["class_means"],
+        np.load(roots[1] / load_index(roots[1])[0]["file"])["class_means"],
+    )
+
+
+def test_runs_without_a_logger_get_a_folder_each(tmp_path):
+    roots = [artifact_root(_fit(tmp_path, seed, logger=False)) for seed in (0, 1)]
+    assert [r.name for r in roots] == ["run_0", "run_1"]
+    assert all(len(load_index(r)) == 1 for r in roots)
+
+
+def test_validate_and_test_after_fit_write_their_own_folders(tmp_path):
+    tracker = ActivationTracker(layers=["backbone.fc"], stage="validation")
+    contribution = NeuronContribution(max_batches=1, probe_images=0)
+    trainer = fast_trainer(tmp_path, callbacks=[tracker, contribution], max_epochs=1)
+    module, data = _module(), TinyData()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=data)
+        trainer.validate(module, datamodule=data, verbose=False)
+        trainer.test(module, datamodule=data, verbose=False)
+    files = {(r["stage"], r["kind"]): r["file"] for r in load_index(trainer.log_dir)}
+    assert files[("fit", "contribution")] == "fit/contribution/epoch=000/backbone.fc.npz"
+    after = f"epoch={trainer.current_epoch:03d}"  # 1: fit has ended its only epoch
+    assert files[("validate", "contribution")] == f"validate/contribution/{after}/backbone.fc.npz"
+    assert files[("test", "contribution")] == f"test/contribution/{after}/backbone.fc.npz"
+    assert ("validate", "activations") in files and ("test", "activations") not in files
+    root = artifact_root(trainer)
+    assert all((root / f).exists() for f in files.values())
+
+
+def test_the_index_is_appended_without_being_read(tmp_path, monkeypatch):
+    trainer = fast_trainer(tmp_path, max_epochs=1)
+    out = AnalysisLogger(trainer, "activations")
+    out.save_arrays("a", {"x": np.zeros(2)})
+    index = out.root / loggers.INDEX_FILENAME
+    before = index.read_bytes()
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the index was parsed to append a record")
+
+    monkeypatch.setattr(loggers.json, "loads", no_reading)
+    for i in range(50):
+        out.save_arrays(f"b{i}", {"x": np.zeros(2)}, meta={"i": i})
+    monkeypatch.undo()
+    after = index.read_bytes()
+    assert after.startswith(before)  # earlier records are never rewritten
+    assert after.count(b"\n") == 51
+    records = load_index(out.root)
+    assert [r["name"] for r in records] == ["a"] + [f"b{i}" for i in range(50)]
+    assert records[-1]["meta"] == {"i": 49} and records[-1]["stage"] == "fit"
+    out.save_arrays("a", {"x": np.ones(2)})  # the same file again: its latest record wins
+    records = load_index(out.root)
+    assert len(records) == 51 and records[0]["arrays"] == ["x"]
+    assert json.loads(index.read_text().splitlines()[-1])["name"] == "a"

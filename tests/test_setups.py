@@ -1,0 +1,395 @@
+"""The analyses on the set-ups people really train: normalised data, several validation loaders,
+mid-epoch validation, tuple/dict outputs, custom batches, no validation data, bf16, dead layers
+and set-up errors. Each either gives the right numbers or a clear error at the first batch."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import TinyData, TinyNet, fast_trainer
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_neurons import (
+    ActivationTracker,
+    CategoryClustering,
+    FeatureVisualizer,
+    NeuronClustering,
+    NeuronContribution,
+    NeuronsError,
+)
+from lightning_neurons.data import Normalize, TorchvisionDataModule
+from lightning_neurons.hooks import count_forward_hooks
+from lightning_neurons.models import ImageClassifier, SmallCNN
+
+FAST_VIS = dict(steps=2, smoothgrad_samples=2, max_channels=2)
+
+
+def _all_five(on_error: str = "raise", **tracker_kwargs) -> list[pl.Callback]:
+    """Every callback, small and without figures (what is read matters here, not the logging)."""
+    quiet = dict(on_error=on_error, enable_logging=False)
+    return [
+        ActivationTracker(**quiet, **tracker_kwargs),
+        FeatureVisualizer(**quiet, **FAST_VIS),
+        CategoryClustering(**quiet, n_clusters=2),
+        NeuronClustering(**quiet, method="kmeans", n_clusters=2),
+        NeuronContribution(**quiet, max_batches=1, probe_images=2),
+    ]
+
+
+def _module(net: nn.Module | None = None, cls: type = ImageClassifier) -> ImageClassifier:
+    pl.seed_everything(0, verbose=False)
+    return cls(net if net is not None else TinyNet(), num_classes=3, lr=1e-2)
+
+
+def _quiet_fit(trainer: pl.Trainer, module: pl.LightningModule, **kwargs) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, **kwargs)
+
+
+def _assert_every_analysis_produced(callbacks: list[pl.Callback], module: nn.Module) -> None:
+    tracker, vis, category, neuron, contribution = callbacks
+    assert tracker.results and vis.results and category.results and neuron.results
+    assert contribution.results and vis.saliency_results["maps"]
+    for cb in callbacks:
+        assert not cb.failures, cb.failures
+    assert count_forward_hooks(module) == 0
+
+
+# ---- 4. normalised data --------------------------------------------------------------------------
+
+
+def _image_folder(root, classes: int = 2, per_class: int = 6, size: int = 8) -> None:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c in range(classes):
+        folder = root / "train" / f"class{c}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (torch.rand(size, size, 3, generator=g) * 127 + 128 * c).to(torch.uint8)
+            Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+
+
+def test_normalised_loaders_probes_are_display_images_and_predictions_the_models(tmp_path):
+    _image_folder(tmp_path / "data")
+    data = TorchvisionDataModule(
+        "imagefolder",
+        root=str(tmp_path / "data"),
+        image_size=8,
+        batch_size=4,
+        val_fraction=0.5,
+        num_workers=0,
+        normalize=True,
+    )
+    pl.seed_everything(0, verbose=False)
+    module = ImageClassifier(SmallCNN(in_channels=3, num_classes=2, widths=(4, 8)), 2)
+    vis = FeatureVisualizer(saliency=["gradient"], on_error="raise", **FAST_VIS)
+    trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(), vis], max_epochs=1)
+    _quiet_fit(trainer, module, datamodule=data)
+
+    res = vis.saliency_results
+    data.setup()
+    loader_inputs = torch.cat([x for x, _ in data.val_dataloader()])
+    assert loader_inputs.min() < 0  # the loaders yield normalised model inputs
+    for probe in res["inputs"]:  # kept exactly as the loader yielded them
+        assert (loader_inputs == probe).flatten(1).all(dim=1).any()
+    images = res["images"]  # shown as display images: the inverse of the normalisation
+    assert images.min() >= 0 and images.max() <= 1
+    # Normalize(display) vs the input: float32 rounding of values of a few units
+    torch.testing.assert_close(Normalize(*data._STATS["imagefolder"])(images), res["inputs"])
+    module.eval()
+    with torch.no_grad():
+        assert torch.equal(res["predicted"], module(res["inputs"]).argmax(dim=1))
+
+
+# ---- 5. several validation loaders -----------------------------------------------------------------
+
+
+class MultiLoaderClassifier(ImageClassifier):
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._step(batch, "val", self.val_acc)
+
+
+class TwoValLoaders(TinyData):
+    def val_dataloader(self) -> list[DataLoader]:
+        other = TensorDataset(torch.rand(10, 1, 8, 8), torch.arange(10) % 3)
+        return [super().val_dataloader(), DataLoader(other, batch_size=4)]
+
+
+@pytest.mark.parametrize(("index", "images"), [(0, 24), (1, 10)])
+def test_one_validation_loader_is_analysed_and_the_user_told_once(tmp_path, index, images):
+    tracker = ActivationTracker(layers=["backbone.fc"], dataloader_idx=index, enable_logging=False)
+    contribution = NeuronContribution(max_batches=10, probe_images=0, enable_logging=False)
+    trainer = fast_trainer(tmp_path, callbacks=[tracker, contribution], max_epochs=2)
+    with pytest.warns(UserWarning, match="2 data loaders; the analyses use loader") as record:
+        trainer.fit(_module(cls=MultiLoaderClassifier), datamodule=TwoValLoaders())
+    assert sum("2 data loaders" in str(w.message) for w in record) == 1
+    assert tracker.results["backbone.fc"].counts.sum() == images
+    assert contribution.results["backbone.fc"]["counts"].sum() == images
+
+
+def test_a_dataloader_idx_beyond_the_loaders_is_an_error(tmp_path):
+    tracker = ActivationTracker(layers=["backbone.fc"], dataloader_idx=2)
+    trainer = fast_trainer(tmp_path, callbacks=[tracker], max_epochs=1)
+    with pytest.raises(NeuronsError, match=r"dataloader_idx=2.*has 2 data loader"):
+        _quiet_fit(trainer, _module(cls=MultiLoaderClassifier), datamodule=TwoValLoaders())
+
+
+# ---- 6. training-stage statistics with mid-epoch validation ----------------------------------------
+
+
+def test_train_stage_statistics_cover_the_whole_epoch_despite_mid_epoch_validation(tmp_path):
+    tracker = ActivationTracker(layers=["backbone.fc"], stage="train")
+    callbacks = [
+        tracker,
+        FeatureVisualizer(saliency=[], classes=[], **FAST_VIS),
+        NeuronContribution(max_batches=1, probe_images=0, ablation_layers=[]),
+    ]
+    trainer = fast_trainer(tmp_path, callbacks=callbacks, max_epochs=1, val_check_interval=0.5)
+    _quiet_fit(trainer, _module(), datamodule=TinyData())
+    assert tracker.results["backbone.fc"].counts.sum() == 48  # every training image
+    assert not any(cb.failures for cb in callbacks)
+
+
+# ---- 8. tuple and dict outputs, 9. custom batch layouts ---------------------------------------------
+
+
+class TupleNet(TinyNet):
+    """Returns ``(logits, aux_logits)`` like torchvision's aux-logit models."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = super().forward(x)
+        return logits, 0.5 * logits
+
+
+class DictNet(TinyNet):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"scores": super().forward(x)}
+
+
+class AnyOutputClassifier(ImageClassifier):
+    """Trains on ``read(self(x))`` whatever the backbone returns."""
+
+    def _step(self, batch, stage: str, acc) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        out = self(x)
+        logits = out[0] if isinstance(out, tuple) else out["scores"]
+        loss = F.cross_entropy(logits, y)
+        self.log(f"{stage}/loss", loss)
+        return loss
+
+
+def test_tuple_outputs_are_read_by_every_analysis(tmp_path):
+    callbacks = _all_five()
+    module = _module(TupleNet(), AnyOutputClassifier)
+    _quiet_fit(
+        fast_trainer(tmp_path, callbacks=callbacks, max_epochs=1), module, datamodule=TinyData()
+    )
+    _assert_every_analysis_produced(callbacks, module)
+
+
+def test_dict_outputs_with_output_fn_are_read_by_every_analysis(tmp_path):
+    callbacks = _all_five(output_fn=lambda out: out["scores"])
+    module = _module(DictNet(), AnyOutputClassifier)
+    _quiet_fit(
+        fast_trainer(tmp_path, callbacks=callbacks, max_epochs=1), module, datamodule=TinyData()
+    )
+    _assert_every_analysis_produced(callbacks, module)
+
+
+def test_unreadable_dict_outputs_warn_and_training_goes_on(tmp_path):
+    callbacks = _all_five(on_error="warn")
+    tracker, vis, _, neuron, contribution = callbacks
+    module = _module(DictNet(), AnyOutputClassifier)
+    trainer = fast_trainer(tmp_path, callbacks=callbacks)
+    with pytest.warns(UserWarning, match="output_fn="):
+        trainer.fit(module, datamodule=TinyData())
+    assert trainer.current_epoch == 2  # the fit was not stopped
+    assert tracker.results and neuron.results  # they need no logits
+    assert vis.results and "classes" not in vis.results and not vis.saliency_results
+    assert any("output_fn" in f for f in vis.failures + contribution.failures)
+    assert count_forward_hooks(module) == 0
+
+
+def _as_dict(items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {"img": torch.stack([x for x, _ in items]), "cls": torch.stack([y for _, y in items])}
+
+
+class DictBatches(TinyData):
+    """Batches ``{"img": x, "cls": y}``: keys that no default reads."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=8, collate_fn=_as_dict)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.vx, self.vy), batch_size=8, collate_fn=_as_dict)
+
+
+class DictBatchClassifier(ImageClassifier):
+    def _step(self, batch, stage: str, acc) -> torch.Tensor:
+        return super()._step((batch["img"], batch["cls"]), stage, acc)
+
+
+def test_custom_batches_are_read_by_every_analysis_through_the_trackers_functions(tmp_path):
+    callbacks = _all_five(input_fn=lambda b: b["img"], label_fn=lambda b: b["cls"])
+    module = _module(cls=DictBatchClassifier)
+    trainer = fast_trainer(tmp_path, callbacks=callbacks, max_epochs=1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=DictBatches())
+    assert not [w for w in record if "cannot be read" in str(w.message)]
+    _assert_every_analysis_produced(callbacks, module)
+    probes = callbacks[1].saliency_results
+    assert probes["labels"].tolist() == [0, 1, 2]  # the first image of each class
+
+
+# ---- 10. no validation data ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["limit_val_batches", "no_val_loader"])
+def test_no_validation_data_gives_one_warning_naming_the_fix(tmp_path, how):
+    tracker = ActivationTracker(layers=["backbone.fc"])
+    data = TinyData()
+    if how == "limit_val_batches":
+        trainer = fast_trainer(tmp_path, callbacks=[tracker], max_epochs=3, limit_val_batches=0)
+        kwargs = {"datamodule": data}
+    else:
+        trainer = fast_trainer(tmp_path, callbacks=[tracker], max_epochs=3)
+        kwargs = {"train_dataloaders": data.train_dataloader()}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(_module(), **kwargs)
+    notes = [str(w.message) for w in record if "saw no validation batches" in str(w.message)]
+    assert len(notes) == 1 and "ActivationTracker(stage='train')" in notes[0]
+    assert not tracker.results
+
+
+# ---- 11. bf16-true / 16-true -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("precision", "dtype"), [("bf16-true", torch.bfloat16), ("16-true", torch.float16)]
+)
+def test_half_precision_models_are_rendered_and_explained_in_their_dtype(
+    tmp_path, precision, dtype
+):
+    callbacks = _all_five()
+    module = _module()
+    trainer = fast_trainer(tmp_path, callbacks=callbacks, precision=precision)
+    with warnings.catch_warnings():  # validate: pure float16 training diverges with Adam's eps
+        warnings.simplefilter("ignore")
+        trainer.validate(module, datamodule=TinyData(), verbose=False)
+    assert next(module.parameters()).dtype == dtype
+    _assert_every_analysis_produced(callbacks, module)
+    vis = callbacks[1]
+    assert all(torch.isfinite(m).all() for m in vis.saliency_results["maps"].values())
+    assert vis.results["classes"]["images"].dtype == torch.float32
+
+
+# ---- 12. one failing layer ---------------------------------------------------------------------------
+
+
+class DeadBranchNet(nn.Module):
+    """``dead`` is a ReLU whose input is always far below zero: every neuron constant (dead)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.dead = nn.ReLU()
+        self.head = nn.Linear(8, 3)
+        self.num_classes = 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu(self.conv(x))
+        off = self.dead(h - 1e4)
+        return self.head((h + off).mean(dim=(2, 3)))
+
+
+def test_a_dead_layer_is_left_unclustered_and_does_not_sink_the_others(tmp_path):
+    tracker = ActivationTracker(layers=["backbone.relu", "backbone.dead"], enable_logging=False)
+    neuron = NeuronClustering(method="kmeans", n_clusters=2)
+    trainer = fast_trainer(tmp_path, callbacks=[tracker, neuron], max_epochs=2)
+    with pytest.warns(UserWarning, match="8 of the 8 neurons of layer 'backbone.dead'") as record:
+        trainer.fit(_module(DeadBranchNet()), datamodule=TinyData())
+    assert sum("respond the same" in str(w.message) for w in record) == 1  # once per layer
+    assert bool(tracker.results["backbone.dead"].dead.all())
+    dead, live = neuron.results["backbone.dead"], neuron.results["backbone.relu"]
+    assert dead.n_clusters == 0 and (dead.labels == -1).all() and dead.epoch == 1
+    assert live.n_clusters == 2 and not neuron.failures
+
+
+def test_a_failing_layer_does_not_sink_the_others(tmp_path, monkeypatch):
+    original = NeuronClustering._cluster
+
+    def broken(self, name, stats):
+        if name == "backbone.conv1":
+            raise RuntimeError("out of memory")
+        return original(self, name, stats)
+
+    monkeypatch.setattr(NeuronClustering, "_cluster", broken)
+    tracker = ActivationTracker(layers=["backbone.conv1", "backbone.fc"], enable_logging=False)
+    neuron = NeuronClustering(method="kmeans", n_clusters=2, enable_logging=False)
+    trainer = fast_trainer(tmp_path, callbacks=[tracker, neuron], max_epochs=1)
+    with pytest.warns(UserWarning, match="clustering of layer 'backbone.conv1' failed"):
+        trainer.fit(_module(), datamodule=TinyData())
+    assert list(neuron.results) == ["backbone.fc"]
+    assert len(neuron.failures) == 1 and "out of memory" in neuron.failures[0]
+
+
+def test_clusters_from_an_older_epoch_say_so(tmp_path):
+    # NeuronContribution before NeuronClustering: it ablates the clusters of the previous epoch
+    quiet = dict(enable_logging=False)
+    contribution = NeuronContribution(max_batches=1, probe_images=0, **quiet)
+    neuron = NeuronClustering(method="kmeans", n_clusters=2, **quiet)
+    callbacks = [ActivationTracker(layers=["backbone.fc"], **quiet), contribution, neuron]
+    trainer = fast_trainer(tmp_path, callbacks=callbacks, max_epochs=2)
+    with pytest.warns(UserWarning, match="ablated in epoch 1 are NeuronClustering's of epoch 0"):
+        trainer.fit(_module(), datamodule=TinyData())
+    assert contribution.results["backbone.fc"]["clusters_epoch"] == 0
+    assert neuron.results["backbone.fc"].epoch == 1
+
+
+# ---- 13. set-up errors before any training step -------------------------------------------------------
+
+
+class CountingClassifier(ImageClassifier):
+    steps = 0
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        type(self).steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+class SanityEnd(pl.Callback):
+    ended = False
+
+    def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.ended = True
+
+
+def test_a_label_out_of_range_is_reported_in_the_sanity_check(tmp_path):
+    CountingClassifier.steps = 0
+    data = TinyData(num_classes=4)  # labels 0..3 for a model of 3 classes
+    sanity = SanityEnd()
+    trainer = fast_trainer(
+        tmp_path, callbacks=[ActivationTracker(), sanity], num_sanity_val_steps=1
+    )
+    with pytest.raises(NeuronsError, match=r"label 3 is outside \[0, 3\)"):
+        _quiet_fit(trainer, _module(cls=CountingClassifier), datamodule=data)
+    assert CountingClassifier.steps == 0 and not sanity.ended  # raised inside the sanity check
+
+
+def test_a_wrong_image_shape_is_reported_before_the_first_training_step(tmp_path):
+    CountingClassifier.steps = 0
+    vis = FeatureVisualizer(image_shape=[3, 8, 8], **FAST_VIS)  # the model takes 1 channel
+    trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(), vis])
+    with pytest.raises(NeuronsError, match=r"failed on a \(1, 3, 8, 8\) image batch"):
+        _quiet_fit(trainer, _module(cls=CountingClassifier), datamodule=TinyData())
+    assert CountingClassifier.steps == 0 and trainer.global_step == 0
