@@ -312,8 +312,8 @@ def resolve_transforms(
         return robust_transforms(image_shape, fill)
     if isinstance(transforms, str) or not isinstance(transforms, Sequence):
         raise NeuronsError(
-            "`transforms` must be 'standard', 'robust', 'none', None or a list of callables "
-            f"(images, generator) -> images; got {transforms!r}"
+            "`transforms` must be 'standard', 'none', None or a list of callables "
+            f"(images, generator) -> images, or 'robust'; got {transforms!r}"
         )
     for t in transforms:
         if not callable(t):
