@@ -127,7 +127,7 @@ def test_maco_image_shape_range_and_parameters():
     assert len(params) == 1 and params[0].shape == (3, 1, 16, 9) and params[0].requires_grad
     image = image_fn()
     assert image.shape == (3, 1, 16, 16)
-    assert float(image.min()) > 0 and float(image.max()) < 1  # the soft clip never reaches 0, 1
+    assert float(image.min()) >= 0 and float(image.max()) <= 1
 
 
 def test_maco_image_has_the_priors_mean_and_amplitudes():
@@ -141,11 +141,10 @@ def test_maco_image_has_the_priors_mean_and_amplitudes():
     )
     spectrum = torch.fft.rfft2(image - 0.5, norm="ortho").abs()
     # Columns 1 .. W/2 - 1 hold independent frequencies and keep their amplitude exactly; the
-    # first and the Nyquist column are their own mirror images, where irfft2 keeps only the
-    # Hermitian part, so their amplitudes can only shrink.
+    # first and the Nyquist column are their own mirror images (row k pairs with row H - k),
+    # where irfft2 keeps only the Hermitian part of the two, so they are not compared.
     expected = 2.0 * prior.magnitude.expand(2, -1, -1, -1)
     torch.testing.assert_close(spectrum[..., 1:-1], expected[..., 1:-1], atol=FFT_TOL, rtol=0)
-    assert bool((spectrum[..., [0, -1]] <= expected[..., [0, -1]] + FFT_TOL).all())
 
 
 def test_phase_only_optimisation_keeps_the_amplitudes():
@@ -227,7 +226,9 @@ def test_soft_clip_is_the_identity_inside_and_bounded_outside():
     y = soft_clip(x)
     inside = (x >= 0.1) & (x <= 0.9)
     assert torch.equal(y[inside], x[inside])  # clamp returns the values themselves
-    assert bool((y > 0).all() and (y < 1).all())
+    assert bool((y >= 0).all() and (y <= 1).all())
+    near = (x > -0.5) & (x < 1.5)  # far out, float64 rounds 1 - 1e-28 to 1
+    assert bool((y[near] > 0).all() and (y[near] < 1).all())
     assert bool((y.diff() >= 0).all())  # monotone
     # continuous at the knees (value and slope 1): steps of 0.01 move it by about 0.01
     assert float(y.diff().max()) <= 0.01 + 1e-9

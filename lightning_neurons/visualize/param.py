@@ -202,7 +202,7 @@ def parametrize(
 
 
 def soft_clip(values: torch.Tensor, knee: float = 0.1) -> torch.Tensor:
-    """Squash into (0, 1): the identity on ``[knee, 1 - knee]``, sigmoid-shaped outside.
+    """Squash into [0, 1]: the identity on ``[knee, 1 - knee]``, sigmoid-shaped outside.
 
     Unlike a sigmoid around 0.5, a dark background at 0.05 stays dark; unlike a hard clamp, the
     gradient never vanishes completely.
