@@ -24,6 +24,7 @@ from lightning_neurons.visualize import (
     DataPriorEstimate,
     Neuron,
     amplitude_spectrum,
+    evaluate,
     maco_image,
     render,
     robust_transforms,
@@ -262,6 +263,22 @@ def test_n_images_with_diversity_are_less_alike():
     torch.testing.assert_close(chunked, diverse, atol=1e-3, rtol=0)
 
 
+def test_restarts_keep_the_candidate_the_model_scores_best():
+    model = bn_net(seed=0)
+    objectives = [Channel("conv2", 0), Channel("conv2", 3)]
+    kwargs = dict(image_shape=(1, 16, 16), steps=6, lr=0.1, transforms="none")
+    best = render(model, objectives, restarts=3, **kwargs)
+    candidates = render(model, objectives, n_images=3, **kwargs)  # the same rows and seeds
+    assert best.shape == (2, 1, 16, 16)
+    values = evaluate(model, [o for o in objectives for _ in range(3)], candidates).view(2, 3)
+    for j in range(2):
+        # without transforms the choice is the highest value (ties aside: values differ here)
+        winner = int(values[j].argmax())
+        torch.testing.assert_close(best[j], candidates[3 * j + winner], atol=1e-5, rtol=0)
+    with pytest.raises(NeuronsError, match="cannot be combined with n_images=2"):
+        render(model, objectives, restarts=2, n_images=2, **kwargs)
+
+
 def test_similarity_to_others():
     a = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     same = torch.cat([a, a, 2 * a + 1])  # centred cosine ignores brightness and contrast
@@ -380,6 +397,7 @@ def test_visualizer_uses_a_given_prior_and_checks_arguments(tmp_path):
         ({"judge": "resnet"}, "`judge` must be an nn.Module"),
         ({"n_images": 0}, "`n_images` must be a positive integer"),
         ({"class_views": 0}, "`class_views` must be a positive integer"),
+        ({"class_restarts": 0}, "`class_restarts` must be a positive integer"),
         ({"contrast": 0}, "`contrast` must be a number > 0"),
         ({"param": "cppn"}, "`param` must be one of 'fft', 'pixel', 'maco'"),
     ]:

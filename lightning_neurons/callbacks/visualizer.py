@@ -148,6 +148,8 @@ class FeatureVisualizer(AnalysisCallback):
         views: Randomly transformed copies of every channel image scored at each step.
         class_views: The same for class images (an ensemble of augmentations: class images
             that other models recognise more often, at ``class_views`` times the cost).
+        class_restarts: Class image candidates rendered from different seeds; the one the
+            model scores highest over random views is kept (``class_restarts`` times the cost).
         n_images: Images per channel, made different by a diversity term (Olah et al., 2017);
             TensorBoard shows one row per channel.
         diversity: Weight of the diversity term when ``n_images > 1``.
@@ -194,6 +196,7 @@ class FeatureVisualizer(AnalysisCallback):
         class_contrast: float = 0.8,
         views: int = 1,
         class_views: int = 4,
+        class_restarts: int = 4,
         n_images: int = 1,
         diversity: float = 1.0,
         prior: DataPrior | None = None,
@@ -233,6 +236,7 @@ class FeatureVisualizer(AnalysisCallback):
         self.class_contrast = _check_number("class_contrast", class_contrast, strict=True)
         self.views = check_positive_int("views", views)
         self.class_views = check_positive_int("class_views", class_views)
+        self.class_restarts = check_positive_int("class_restarts", class_restarts)
         self.n_images = check_positive_int("n_images", n_images)
         self.diversity = _check_number("diversity", diversity)
         if prior is not None and not isinstance(prior, DataPrior):
@@ -509,6 +513,7 @@ class FeatureVisualizer(AnalysisCallback):
             views=self.class_views if classes else self.views,
             n_images=1 if classes else self.n_images,
             diversity=self.diversity,
+            restarts=self.class_restarts if classes else 1,
         ).cpu()
 
     def _layer_activation(

@@ -263,6 +263,7 @@ def render(
     views: int = ...,
     n_images: int = ...,
     diversity: float = ...,
+    restarts: int = ...,
     return_mask: Literal[False] = ...,
 ) -> torch.Tensor: ...
 
@@ -288,6 +289,7 @@ def render(
     views: int = ...,
     n_images: int = ...,
     diversity: float = ...,
+    restarts: int = ...,
     return_mask: Literal[True],
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -312,6 +314,7 @@ def render(
     views: int = 1,
     n_images: int = 1,
     diversity: float = 0.0,
+    restarts: int = 1,
     return_mask: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Render images for every objective by gradient ascent, all objectives in one batch.
@@ -365,6 +368,9 @@ def render(
         diversity: Weight of the diversity term (Olah et al., 2017) among the ``n_images`` of
             an objective: each image's mean cosine similarity to the others (centred pixels) is
             subtracted from its value, so a polysemantic channel shows several faces.
+        restarts: Render this many candidates per image (from different seeds) and keep the
+            one whose mean value over 16 randomly transformed views is highest (only the
+            rendered model decides): ``restarts`` times the work. Not with ``n_images > 1``.
         return_mask: Also return MaCo's transparency mask: the absolute gradient of the loss
             with respect to each pixel, summed over the steps and scaled to [0, 1] per image
             (where the image mattered to its objective).
@@ -387,8 +393,14 @@ def render(
     """
     objectives = as_objectives(objectives)
     image_shape = _check_image_shape(image_shape)
-    for name, value in (("steps", steps), ("views", views), ("n_images", n_images)):
+    counts = (("steps", steps), ("views", views), ("n_images", n_images), ("restarts", restarts))
+    for name, value in counts:
         _check_positive(name, value, integer=True)
+    if restarts > 1 and n_images > 1:
+        raise NeuronsError(
+            f"`restarts` ({restarts}) keeps the best of several images of an objective; it "
+            f"cannot be combined with n_images={n_images} (several images that differ)"
+        )
     _check_positive("lr", lr, integer=False)
     if batch_size is not None:
         _check_positive("batch_size", batch_size, integer=True)
@@ -402,12 +414,11 @@ def render(
     fill = 0.5 if prior is None else border_value(prior)
     chain = resolve_transforms(transforms, image_shape, fill)
     _, largest = _probe(model, objectives, image_shape, input_transform)
-    rows = [objective for objective in objectives for _ in range(n_images)]
+    group = n_images * restarts  # rows per objective: its images, or its candidates
+    rows = [objective for objective in objectives for _ in range(group)]
     device = model_device(model)
-    size = (
-        batch_size * n_images if batch_size else auto_batch_size(len(rows), largest * views, device)
-    )
-    size = max(n_images, size - size % n_images)  # an objective's images share a chunk
+    size = batch_size * group if batch_size else auto_batch_size(len(rows), largest * views, device)
+    size = max(group, size - size % group)  # an objective's rows share a chunk
     settings = _Settings(
         param=param,
         image_shape=image_shape,
@@ -417,14 +428,15 @@ def render(
         prior=prior,
         contrast=contrast,
         views=views,
-        n_images=n_images,
+        n_images=group,
     )
     with analysis_mode(model):
         chunks = [
             _Chunk(rows[start : start + size], range(start, min(start + size, len(rows))), settings)
             for start in range(0, len(rows), size)
         ]
-        penalties = _Penalties(l2=float(l2), tv=float(tv), diversity=float(diversity))
+        spread = float(diversity) if restarts == 1 else 0.0  # candidates need not differ
+        penalties = _Penalties(l2=float(l2), tv=float(tv), diversity=spread)
         _optimise(
             model,
             chunks,
@@ -438,9 +450,52 @@ def render(
         )
         with torch.no_grad():
             images = torch.cat([chunk.image_fn().detach() for chunk in chunks])
-    if not return_mask:
+        masks = torch.cat([chunk.normalised_mask() for chunk in chunks]) if return_mask else None
+        if restarts > 1:
+            best = _best_candidates(
+                model, rows, images, restarts, chain, input_transform, seed=seed, size=size
+            )
+            images = images[best]
+            masks = None if masks is None else masks[best]
+    if masks is None:
         return images
-    return images, torch.cat([chunk.normalised_mask() for chunk in chunks])
+    return images, masks
+
+
+#: Random views on which the candidates of ``restarts`` are compared.
+SELECTION_VIEWS = 16
+
+
+def _best_candidates(
+    model: nn.Module,
+    rows: Sequence[Objective],
+    images: torch.Tensor,
+    restarts: int,
+    transforms: Sequence[Callable],
+    input_transform: InputTransform | None,
+    *,
+    seed: int,
+    size: int,
+) -> torch.Tensor:
+    """Index of the best of every ``restarts`` consecutive candidates: the highest mean value of
+    its objective over :data:`SELECTION_VIEWS` random views (one without transforms)."""
+    draws = SELECTION_VIEWS if transforms else 1
+    generator = torch.Generator().manual_seed(int(seed) + 1)
+    total = torch.zeros(len(rows), dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(draws):
+            state = generator.get_state()
+            for start in range(0, len(rows), size):
+                generator.set_state(state)  # every chunk sees the same draw
+                scoring = _Scoring(BatchScorer(rows[start : start + size]))
+                image = images[start : start + size]
+                x = apply_transforms(image, transforms, generator)
+                x = input_transform(x) if input_transform is not None else x
+                with scoring.attached(model):
+                    value = scoring.forward(model, x, image)
+                total[start : start + size] += value.double().cpu()
+    winners = total.view(-1, restarts).argmax(dim=1)
+    return winners + torch.arange(len(winners)) * restarts
 
 
 def border_value(prior: DataPrior) -> float:
