@@ -27,10 +27,16 @@ from lightning_neurons.callbacks._base import (
 )
 from lightning_neurons.callbacks.tracker import ActivationTracker, infer_num_classes
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.hooks import get_module, hooked, reduce_activation, resolve_layers
+from lightning_neurons.hooks import (
+    get_module,
+    hooked,
+    reduce_activation,
+    resolve_layers,
+)
 from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.stats import LayerStats
 from lightning_neurons.visualize.objectives import LOGITS, Channel, ClassLogit
+from lightning_neurons.visualize.prior import DataPrior, DataPriorEstimate
 from lightning_neurons.visualize.render import analysis_mode, check_objectives, model_device, render
 from lightning_neurons.visualize.saliency import METHODS, Method, saliency
 
@@ -132,8 +138,30 @@ class FeatureVisualizer(AnalysisCallback):
             ``input_transform`` attribute, else none (the loaders yield display images).
         steps: Gradient-ascent steps per image.
         lr: Adam's learning rate.
-        param: ``"fft"`` or ``"pixel"`` parametrization.
-        transforms: ``"standard"`` random jitter, scale and rotation, or ``"none"``.
+        param: ``"maco"`` (default: only the spectrum's phase is optimised; amplitudes and pixel
+            statistics are the validation data's, estimated from the first ``prior_images``
+            validation images and cached; see :meth:`reset_prior`), ``"fft"`` or ``"pixel"``.
+            ``"maco"`` needs display images: with an input transform other than
+            :class:`~lightning_neurons.data.Normalize` (which is inverted), pass ``prior=``, or
+            the callback warns and renders with ``"fft"``.
+        transforms: ``"robust"`` (default) or ``"standard"`` random jitter, scale and rotation,
+            or ``"none"``.
+        contrast: ``"maco"``: scale of channel images' patterns relative to the data's spread.
+        class_contrast: ``"maco"``: the same for class images (0.8: a little less than the
+            data's own spread; on the digits demo other models recognised these best).
+        views: Randomly transformed copies of every channel image scored at each step.
+        class_views: The same for class images (an ensemble of augmentations: class images
+            that other models recognise more often, at ``class_views`` times the cost).
+        class_restarts: Class image candidates rendered from different seeds; the one the
+            model scores highest over random views is kept (``class_restarts`` times the cost).
+        n_images: Images per channel, made different by a diversity term (Olah et al., 2017);
+            TensorBoard shows one row per channel.
+        diversity: Weight of the diversity term when ``n_images > 1``.
+        prior: The data's statistics for ``"maco"`` (default: estimated from validation batches).
+        prior_images: Validation images the prior is estimated from.
+        judge: A second model (e.g. the same architecture trained from another seed) that
+            classifies the class images: its verdict is shown under each image and kept in
+            ``results["classes"]["judge_predicted"]``, so a person sees which images transfer.
         l2: Weight of an L2 penalty on the rendered images.
         tv: Weight of a total-variation penalty on the rendered images.
         seed: Seed of the rendering (same seed: same starting images every epoch).
@@ -166,8 +194,18 @@ class FeatureVisualizer(AnalysisCallback):
         input_transform: InputTransform | None = None,
         steps: int = 64,
         lr: float = 0.1,
-        param: Literal["fft", "pixel"] = "fft",
-        transforms: Literal["standard", "none"] = "standard",
+        param: Literal["maco", "fft", "pixel"] = "maco",
+        transforms: Literal["robust", "standard", "none"] = "robust",
+        contrast: float = 2.0,
+        class_contrast: float = 0.8,
+        views: int = 1,
+        class_views: int = 4,
+        class_restarts: int = 4,
+        n_images: int = 1,
+        diversity: float = 1.0,
+        prior: DataPrior | None = None,
+        prior_images: int = 512,
+        judge: nn.Module | None = None,
         l2: float = 0.0,
         tv: float = 0.0,
         seed: int = 0,
@@ -196,8 +234,23 @@ class FeatureVisualizer(AnalysisCallback):
         self.input_transform = input_transform
         self.steps = check_positive_int("steps", steps)
         self.lr = _check_number("lr", lr, strict=True)
-        self.param = check_choice("param", param, ("fft", "pixel"))
-        self.transforms = check_choice("transforms", transforms, ("standard", "none"))
+        self.param = check_choice("param", param, ("fft", "pixel", "maco"))
+        self.transforms = check_choice("transforms", transforms, ("standard", "none", "robust"))
+        self.contrast = _check_number("contrast", contrast, strict=True)
+        self.class_contrast = _check_number("class_contrast", class_contrast, strict=True)
+        self.views = check_positive_int("views", views)
+        self.class_views = check_positive_int("class_views", class_views)
+        self.class_restarts = check_positive_int("class_restarts", class_restarts)
+        self.n_images = check_positive_int("n_images", n_images)
+        self.diversity = _check_number("diversity", diversity)
+        if prior is not None and not isinstance(prior, DataPrior):
+            raise NeuronsError(f"`prior` must be a DataPrior or None, got {type(prior).__name__}")
+        self.prior = prior
+        self._estimate = DataPriorEstimate(check_positive_int("prior_images", prior_images))
+        self._prior_warned = False
+        if judge is not None and not isinstance(judge, nn.Module):
+            raise NeuronsError(f"`judge` must be an nn.Module or None, got {type(judge).__name__}")
+        self.judge = judge
         self.l2 = _check_number("l2", l2)
         self.tv = _check_number("tv", tv)
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -222,6 +275,7 @@ class FeatureVisualizer(AnalysisCallback):
         self._reader = BatchReader()
         self._dataloader_idx = 0
         self._num_classes: int | None = None
+        self._estimated_prior: DataPrior | None = None
 
     # ---- argument checks -----------------------------------------------------------------------
 
@@ -311,6 +365,7 @@ class FeatureVisualizer(AnalysisCallback):
     ) -> None:
         if trainer.sanity_checking or dataloader_idx != self._dataloader_idx:
             return
+        self._update_prior(batch)
         if self._probes_full or not self.saliency_methods:
             return
         self._collect_probes(trainer, pl_module, batch)
@@ -323,11 +378,60 @@ class FeatureVisualizer(AnalysisCallback):
         stats = tracker.finalize(trainer, "validation") if tracker is not None else {}
         reduction = tracker.reduction if tracker is not None else "mean"
         self._prepare(trainer, pl_module)  # configuration errors raise, on every rank
+        self._finish_prior(trainer)  # every rank (DDP sum)
         if not trainer.is_global_zero:
             return
         self._run_safely(
             "feature visualization", lambda: self._visualize(trainer, pl_module, stats, reduction)
         )
+
+    # ---- the data prior ("maco") ---------------------------------------------------------------
+
+    def reset_prior(self) -> None:
+        """Forget the estimated data prior: it is estimated again from the next validation epoch
+        (a ``prior`` given by the user is kept)."""
+        self._estimate.reset()
+        self._estimated_prior = None
+
+    def _update_prior(self, batch: Any) -> None:
+        """Add a validation batch, mapped back to display images, to the data prior's sums."""
+        if self.param != "maco" or self.prior is not None or self._estimated_prior is not None:
+            return
+        if self._estimate.full or self._plan is None:
+            return
+        try:
+            inputs = self._reader.inputs(batch)
+        except NeuronsError:
+            return
+        images, exact = to_display(inputs, self._plan["transform"])
+        if not exact:  # an input transform without an inverse: no faithful display images
+            return
+        with torch.inference_mode(False), torch.no_grad():
+            self._estimate.update(images)
+
+    def _finish_prior(self, trainer: Trainer) -> None:
+        """Turn the streamed sums into the cached prior, summed over every rank."""
+        if self.param != "maco" or self.prior is not None or self._estimated_prior is not None:
+            return
+        seen = torch.tensor(float(self._estimate.count), device=trainer.strategy.root_device)
+        if float(trainer.strategy.reduce(seen, reduce_op="sum")) == 0:
+            return
+        self._estimated_prior = self._estimate.compute(
+            reduce=lambda t: trainer.strategy.reduce(
+                t.to(trainer.strategy.root_device), reduce_op="sum"
+            ).cpu()
+        )
+
+    def _render_prior(self) -> DataPrior | None:
+        prior = self.prior or self._estimated_prior
+        if self.param == "maco" and prior is None and not self._prior_warned:
+            self._prior_warned = True
+            rank_zero_warn(
+                "FeatureVisualizer: param='maco' needs the data's statistics, but no display "
+                "images were seen (no validation images, or an input transform that cannot be "
+                "inverted); rendering with param='fft'. Pass `prior=DataPrior.from_images(...)`."
+            )
+        return prior
 
     # ---- probes --------------------------------------------------------------------------------
 
@@ -452,16 +556,17 @@ class FeatureVisualizer(AnalysisCallback):
 
     # ---- one round -----------------------------------------------------------------------------
 
-    def _render(self, model: nn.Module, objectives: list) -> torch.Tensor:
+    def _render(self, model: nn.Module, objectives: list, classes: bool = False) -> torch.Tensor:
         plan = self._plan
         assert plan is not None
+        prior = self._render_prior()
         return render(
             model,
             objectives,
             image_shape=plan["shape"],
             steps=self.steps,
             lr=self.lr,
-            param=self.param,  # type: ignore[arg-type]
+            param=self.param if prior is not None or self.param != "maco" else "fft",  # type: ignore[arg-type]
             transforms=self.transforms,  # type: ignore[arg-type]
             input_transform=plan["transform"],
             output_fn=self._reader.output_fn,
@@ -469,6 +574,12 @@ class FeatureVisualizer(AnalysisCallback):
             batch_size=self.batch_size,
             l2=self.l2,
             tv=self.tv,
+            prior=prior,
+            contrast=self.class_contrast if classes else self.contrast,
+            views=self.class_views if classes else self.views,
+            n_images=1 if classes else self.n_images,
+            diversity=self.diversity,
+            restarts=self.class_restarts if classes else 1,
         ).cpu()
 
     def _layer_activation(
@@ -507,8 +618,9 @@ class FeatureVisualizer(AnalysisCallback):
         epoch = trainer.current_epoch
         results: dict[str, dict[str, Any]] = {}
         for layer in self.layers:
-            channels = plan["channels"][layer]
-            images = self._render(pl_module, [Channel(layer, i) for i in channels])
+            # with n_images > 1, each channel's images are consecutive rows
+            channels = [c for c in plan["channels"][layer] for _ in range(self.n_images)]
+            images = self._render(pl_module, [Channel(layer, i) for i in plan["channels"][layer]])
             activation = self._layer_activation(pl_module, layer, images, channels, reduction)
             strength = reference = reference_epoch = None
             if layer in stats and stats[layer].num_neurons > max(channels):
@@ -537,13 +649,19 @@ class FeatureVisualizer(AnalysisCallback):
     def _classes(self, model: nn.Module, classes: list[int], epoch: int) -> dict[str, Any]:
         plan = self._plan
         assert plan is not None
-        images = self._render(model, [ClassLogit(c) for c in classes])
-        with analysis_mode(model), torch.no_grad():
-            x = to_model_input(images.to(model_device(model)), plan["transform"])
-            logits = self._reader.forward(model, x).float().cpu()
+        images = self._render(model, [ClassLogit(c) for c in classes], classes=True)
+        logits = self._logits(model, images)
         index = torch.tensor(classes)
         rows = torch.arange(len(classes))
+        judged = {}
+        if self.judge is not None:
+            verdict = self._logits(self.judge, images, BatchReader())
+            judged = {
+                "judge_predicted": verdict.argmax(dim=1),
+                "judge_probability": verdict.softmax(dim=1)[rows, index],
+            }
         return {
+            **judged,
             "channels": index,
             "images": images,
             "activation": logits[rows, index],
@@ -553,6 +671,19 @@ class FeatureVisualizer(AnalysisCallback):
             "predicted": logits.argmax(dim=1),
             "epoch": epoch,
         }
+
+    def _logits(
+        self, model: nn.Module, images: torch.Tensor, reader: BatchReader | None = None
+    ) -> torch.Tensor:
+        """``model``'s logits for display images (eval mode, left as found), on the CPU.
+
+        ``reader`` reads the logits from the output (default: the analysed model's reader; the
+        judge's outputs are read with a plain :class:`BatchReader`: its first tensor)."""
+        assert self._plan is not None
+        reader = reader or self._reader
+        with analysis_mode(model), torch.no_grad():
+            x = to_model_input(images.to(model_device(model)), self._plan["transform"])
+            return reader.forward(model, x).float().cpu()
 
     def _saliency(self, model: nn.Module, epoch: int) -> dict[str, Any]:
         plan = self._plan
@@ -610,7 +741,16 @@ class FeatureVisualizer(AnalysisCallback):
                 f"{names[c] if names and c < len(names) else c}: p={p:.2f}"
                 for c, p in zip(channels, probability, strict=True)
             ]
-            return labels, f"classes, epoch {epoch}: class: softmax probability of the image"
+            title = f"classes, epoch {epoch}: class: softmax probability of the image"
+            if "judge_predicted" in res:
+                verdicts = res["judge_predicted"].tolist()
+                labels = [
+                    f"{label}\njudge: {names[v] if names and v < len(names) else v} "
+                    f"{'ok' if v == c else 'no'}"
+                    for label, v, c in zip(labels, verdicts, channels, strict=True)
+                ]
+                title += "; the judge model's verdict"
+            return labels, title
         if res["strength"] is None:
             return [f"ch {c}" for c in channels], f"{key}, epoch {epoch}: preferred images"
         values = zip(
@@ -629,7 +769,11 @@ class FeatureVisualizer(AnalysisCallback):
         scalars: dict[str, float] = {}
         for key, res in self.results.items():
             labels, title = self._grid_labels(key, res)
-            out.figure(out.tag(key), image_grid(res["images"], labels, title=title))
+            ncols = self.n_images if key != "classes" and self.n_images > 1 else None
+            out.figure(out.tag(key), image_grid(res["images"], labels, ncols=ncols, title=title))
+            if "judge_predicted" in res:
+                agree = (res["judge_predicted"] == res["channels"]).double().mean()
+                scalars[out.tag(key, "judge_recognised")] = float(agree)
             if res["strength"] is not None:
                 above = (res["activation"] > res["reference"]).double().mean()
                 scalars[out.tag(key, "above_max_fraction")] = float(above)

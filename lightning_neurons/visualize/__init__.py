@@ -20,6 +20,7 @@ from lightning_neurons.visualize.objectives import (
     Channel,
     ChannelGroup,
     ClassLogit,
+    ClassLogProb,
     Neuron,
     Objective,
     Term,
@@ -27,7 +28,15 @@ from lightning_neurons.visualize.objectives import (
     l2_penalty,
     total_variation,
 )
-from lightning_neurons.visualize.param import fft_image, parametrize, pixel_image, row_seed
+from lightning_neurons.visualize.param import (
+    fft_image,
+    maco_image,
+    parametrize,
+    pixel_image,
+    row_seed,
+    soft_clip,
+)
+from lightning_neurons.visualize.prior import DataPrior, DataPriorEstimate, amplitude_spectrum
 from lightning_neurons.visualize.render import analysis_mode, check_objectives, evaluate, render
 from lightning_neurons.visualize.saliency import (
     grad_cam,
@@ -45,10 +54,13 @@ from lightning_neurons.visualize.transforms import (
     RandomScale,
     apply_transforms,
     resolve_transforms,
+    robust_transforms,
     standard_transforms,
 )
 
 __all__ = [
+    "DataPrior",
+    "DataPriorEstimate",
     "IMAGE",
     "L2",
     "LOGITS",
@@ -56,6 +68,7 @@ __all__ = [
     "Channel",
     "ChannelGroup",
     "ClassLogit",
+    "ClassLogProb",
     "Jitter",
     "Neuron",
     "Objective",
@@ -65,6 +78,7 @@ __all__ = [
     "RandomScale",
     "Term",
     "TotalVariation",
+    "amplitude_spectrum",
     "analysis_mode",
     "apply_transforms",
     "check_objectives",
@@ -73,14 +87,17 @@ __all__ = [
     "grad_cam",
     "gradient",
     "l2_penalty",
+    "maco_image",
     "normalize_maps",
     "parametrize",
     "pixel_image",
     "render",
     "resolve_transforms",
+    "robust_transforms",
     "row_seed",
     "saliency",
     "smoothgrad",
+    "soft_clip",
     "standard_transforms",
     "total_variation",
 ]

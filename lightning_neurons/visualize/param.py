@@ -9,8 +9,12 @@ not depend on which other rows share its batch.
 - ``"fft"``: the image's 2-D Fourier spectrum, scaled by ``1 / frequency`` so that all
   frequencies learn at a similar pace (natural images have a ``1/f`` spectrum); this gives
   smoother, more natural images than pixels.
+- ``"maco"``: only the phase of the spectrum; its amplitudes, and the image's per-pixel mean
+  and spread, are the training data's (:class:`~lightning_neurons.visualize.DataPrior`), as in
+  MaCo (Fel et al., 2023) but with the data's own statistics: images that other models
+  recognise too.
 
-For RGB images both first mix the channels with a fixed colour-decorrelation matrix (the square
+For RGB images ``"pixel"`` and ``"fft"`` first mix the channels with a fixed colour-decorrelation matrix (the square
 root of natural images' colour covariance, as in Lucid), then squash with a sigmoid into [0, 1].
 """
 
@@ -23,10 +27,11 @@ import numpy as np
 import torch
 
 from lightning_neurons.errors import NeuronsError
+from lightning_neurons.visualize.prior import DataPrior
 
-Param = Literal["pixel", "fft"]
+Param = Literal["pixel", "fft", "maco"]
 ImageFn = Callable[[], torch.Tensor]
-PARAMS: tuple[str, ...] = ("pixel", "fft")
+PARAMS: tuple[str, ...] = ("pixel", "fft", "maco")
 
 # Square root of the colour covariance of natural images (ImageNet), from Lucid's
 # `color_correlation_svd_sqrt`: mixing decorrelated channels with it gives natural colours.
@@ -174,14 +179,118 @@ def parametrize(
     *,
     decorrelate: bool = True,
     device: torch.device | str = "cpu",
+    prior: DataPrior | None = None,
+    contrast: float = 1.0,
 ) -> tuple[list[torch.Tensor], ImageFn]:
-    """Build the parametrization called ``param`` (``"pixel"`` or ``"fft"``).
+    """Build the parametrization called ``param`` (``"pixel"``, ``"fft"`` or ``"maco"``).
 
     Raises:
-        NeuronsError: For another name.
+        NeuronsError: For another name, or ``"maco"`` without a ``prior``.
     """
+    if param == "maco":
+        if prior is None:
+            raise NeuronsError(
+                "param='maco' needs the data's statistics: pass `prior=` (a DataPrior, e.g. "
+                "DataPrior.from_images(display_images) or DataPriorEstimate().compute())"
+            )
+        return maco_image(shape, seeds, prior=prior, contrast=contrast, device=device)
     if param == "pixel":
         return pixel_image(shape, seeds, decorrelate=decorrelate, device=device)
     if param == "fft":
         return fft_image(shape, seeds, decorrelate=decorrelate, device=device)
     raise NeuronsError(f"`param` must be one of {', '.join(map(repr, PARAMS))}; got {param!r}")
+
+
+def soft_clip(values: torch.Tensor, knee: float = 0.1) -> torch.Tensor:
+    """Squash into [0, 1]: the identity on ``[knee, 1 - knee]``, sigmoid-shaped outside.
+
+    Unlike a sigmoid around 0.5, a dark background at 0.05 stays dark; unlike a hard clamp, the
+    gradient never vanishes completely.
+
+    Example:
+        >>> soft_clip(torch.tensor([-5.0, 0.5, 5.0])).tolist()  # doctest: +ELLIPSIS
+        [0.0..., 0.5, 0.99...]
+    """
+    # 2 * knee * sigmoid(2 * x / knee) meets the identity with value and slope 1 at the knee.
+    low = 2 * knee * torch.sigmoid(2 * (values - knee) / knee)
+    high = 1 - 2 * knee * torch.sigmoid(2 * (1 - knee - values) / knee)
+    inside = values.clamp(knee, 1 - knee)
+    return torch.where(values < knee, low, torch.where(values > 1 - knee, high, inside))
+
+
+def _check_prior(prior: object, c: int, h: int, w: int) -> DataPrior:
+    if not isinstance(prior, DataPrior):
+        raise NeuronsError(f"`prior` must be a DataPrior, got {type(prior).__name__}")
+    if prior.image_shape[0] != c:
+        raise NeuronsError(
+            f"the prior comes from images with {prior.image_shape[0]} channels but the rendered "
+            f"images have {c}; estimate it from display images of the rendered kind"
+        )
+    return prior.resized(h, w)
+
+
+def maco_image(
+    shape: Sequence[int],
+    seeds: Sequence[int],
+    *,
+    prior: DataPrior,
+    contrast: float = 1.0,
+    sd: float = 1.0,
+    device: torch.device | str = "cpu",
+) -> tuple[list[torch.Tensor], ImageFn]:
+    """Only the phase of the image's spectrum is optimised; amplitudes and pixel statistics are
+    the data's.
+
+    MaCo (Fel et al., 2023) fixes the amplitude of every frequency to natural images' mean
+    amplitude and optimises the phase only, so the image keeps the power spectrum of real images
+    whatever the objective. Here the amplitudes are the training data's own
+    (``prior.magnitude``), and the result is laid over the data's per-pixel statistics::
+
+        pattern = irfft2(magnitude * exp(i * phase))          (zero frequency removed)
+        image   = soft_clip(mean + contrast * std / rms(std) * pattern)
+
+    so the image has the data's mean brightness at every pixel and varies where the data varies
+    (for centred digits: in the middle, on a dark border). Optimising where the structure lies,
+    not how much of it there is, gives images that other models recognise more often
+    (``benchmarks/visualization.py --quality``); ``contrast`` > 1 lets a channel image drive its
+    channel harder.
+
+    Args:
+        shape: ``[N, C, H, W]``.
+        seeds: One seed per image (see :func:`row_seed`).
+        prior: The data's statistics (resized to ``H x W`` when they come from another size).
+        contrast: Scale of the pattern relative to the data's spread.
+        sd: Standard deviation of the initial phases.
+        device: Where the parameters live.
+
+    Returns:
+        ``(params, image_fn)``: the phases ``[N, C, H, W // 2 + 1]`` and the image builder.
+
+    Raises:
+        NeuronsError: For a prior of another channel count, or a contrast that is not positive.
+
+    Example:
+        >>> prior = DataPrior.from_images(torch.rand(8, 1, 16, 16))
+        >>> params, image_fn = maco_image((2, 1, 16, 16), seeds=[0, 1], prior=prior)
+        >>> image_fn().shape
+        torch.Size([2, 1, 16, 16])
+    """
+    n, c, h, w = _check_shape(shape)
+    _check_seeds(shape, seeds)
+    if isinstance(contrast, bool) or not isinstance(contrast, (int, float)) or contrast <= 0:
+        raise NeuronsError(f"`contrast` must be a positive number, got {contrast!r}")
+    device = torch.device(device)
+    stats = _check_prior(prior, c, h, w).to(device)
+    phase = _rows((c, h, w // 2 + 1), seeds, sd, device).requires_grad_(True)
+    magnitude = stats.magnitude.clone()
+    magnitude[:, 0, 0] = 0.0  # the mean comes from the per-pixel mean below
+    rms = stats.std.pow(2).mean(dim=(1, 2), keepdim=True).sqrt().clamp_min(1e-8)
+    spread = float(contrast) * stats.std / rms
+
+    def image_fn() -> torch.Tensor:
+        pattern = torch.fft.irfft2(
+            torch.polar(magnitude.expand_as(phase), phase), s=(h, w), norm="ortho"
+        )
+        return soft_clip(stats.mean + spread * pattern)
+
+    return [phase], image_fn

@@ -17,6 +17,8 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal, overload
 
 import torch
 from torch import nn
@@ -41,6 +43,7 @@ from lightning_neurons.visualize.objectives import (
     total_variation,
 )
 from lightning_neurons.visualize.param import PARAMS, Param, parametrize, row_seed
+from lightning_neurons.visualize.prior import DataPrior
 from lightning_neurons.visualize.transforms import (
     TransformsArg,
     apply_transforms,
@@ -258,6 +261,58 @@ def auto_batch_size(count: int, largest_output: int, device: torch.device) -> in
     return int(min(count, max(4, rows)))
 
 
+@overload
+def render(
+    model: nn.Module,
+    objectives: Objective | Sequence[Objective],
+    *,
+    image_shape: Sequence[int],
+    steps: int = ...,
+    lr: float = ...,
+    param: Param = ...,
+    transforms: TransformsArg = ...,
+    input_transform: InputTransform | None = ...,
+    seed: int = ...,
+    batch_size: int | None = ...,
+    l2: float = ...,
+    tv: float = ...,
+    decorrelate: bool = ...,
+    prior: DataPrior | None = ...,
+    contrast: float = ...,
+    views: int = ...,
+    n_images: int = ...,
+    diversity: float = ...,
+    restarts: int = ...,
+    return_mask: Literal[False] = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def render(
+    model: nn.Module,
+    objectives: Objective | Sequence[Objective],
+    *,
+    image_shape: Sequence[int],
+    steps: int = ...,
+    lr: float = ...,
+    param: Param = ...,
+    transforms: TransformsArg = ...,
+    input_transform: InputTransform | None = ...,
+    seed: int = ...,
+    batch_size: int | None = ...,
+    l2: float = ...,
+    tv: float = ...,
+    decorrelate: bool = ...,
+    prior: DataPrior | None = ...,
+    contrast: float = ...,
+    views: int = ...,
+    n_images: int = ...,
+    diversity: float = ...,
+    restarts: int = ...,
+    return_mask: Literal[True],
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 def render(
     model: nn.Module,
     objectives: Objective | Sequence[Objective],
@@ -274,8 +329,15 @@ def render(
     l2: float = 0.0,
     tv: float = 0.0,
     decorrelate: bool = True,
-) -> torch.Tensor:
-    """Render one image per objective by gradient ascent, all objectives in one batch.
+    prior: DataPrior | None = None,
+    contrast: float = 1.0,
+    views: int = 1,
+    n_images: int = 1,
+    diversity: float = 0.0,
+    restarts: int = 1,
+    return_mask: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Render images for every objective by gradient ascent, all objectives in one batch.
 
     Row ``i`` of the batch is optimised for ``objectives[i]``; the loss is the negative sum of
     the rows' values (minus the optional penalties), so every image gets its own gradient. With
@@ -291,14 +353,20 @@ def render(
 
     Args:
         model: Any ``nn.Module`` (a ``LightningModule`` too) mapping images to logits.
-        objectives: One :class:`Objective` or a list; one image is rendered per objective.
+        objectives: One :class:`Objective` or a list; ``n_images`` images are rendered per
+            objective.
         image_shape: ``(C, H, W)`` of the display images.
         steps: Adam steps.
         lr: Adam's learning rate.
-        param: ``"fft"`` (Fourier with ``1/f`` scaling; smoother images) or ``"pixel"``.
+        param: ``"fft"`` (Fourier with ``1/f`` scaling; smoother images), ``"pixel"``, or
+            ``"maco"`` (only the spectrum's phase is optimised; amplitudes and pixel statistics
+            come from ``prior``: images other models recognise more often; see
+            :func:`~lightning_neurons.visualize.maco_image`).
         transforms: ``"standard"`` (random shift, scale and rotation in one warp, sized to the
-            image; see :func:`~lightning_neurons.visualize.standard_transforms`),
-            ``"none"``/``None``, or a list of callables ``(images, generator) -> images``.
+            image; see :func:`~lightning_neurons.visualize.standard_transforms`), ``"robust"``
+            (stronger; :func:`~lightning_neurons.visualize.robust_transforms`),
+            ``"none"``/``None``, or a list of callables ``(images, generator) -> images``. With
+            a ``prior``, the named sets fill the border with the data's mean border value.
         input_transform: Display image -> model input (e.g. the data's normalisation); applied
             after the transforms. The model runs in its own floating-point type (bfloat16 too);
             the images are optimised in float32.
@@ -309,14 +377,34 @@ def render(
             images faster.
         l2: Weight of an L2 penalty (:class:`~lightning_neurons.visualize.L2`) on every image.
         tv: Weight of a total-variation penalty on every image.
-        decorrelate: Mix RGB channels with the colour-decorrelation matrix.
+        decorrelate: Mix RGB channels with the colour-decorrelation matrix (``"pixel"`` and
+            ``"fft"``).
+        prior: The data's statistics (:class:`~lightning_neurons.visualize.DataPrior`); needed
+            by ``param="maco"``.
+        contrast: ``"maco"`` only: the pattern's scale relative to the data's spread (> 1 lets
+            channel images drive their channels harder, at some cost in plausibility).
+        views: Randomly transformed copies of every image scored at each step (their mean is
+            the image's value): an ensemble of augmentations, ``views`` times the work per step.
+        n_images: Images per objective (rows ``j * n_images`` to ``(j + 1) * n_images - 1``
+            belong to objective ``j``).
+        diversity: Weight of the diversity term (Olah et al., 2017) among the ``n_images`` of
+            an objective: each image's mean cosine similarity to the others (centred pixels) is
+            subtracted from its value, so a polysemantic channel shows several faces.
+        restarts: Render this many candidates per image (from different seeds) and keep the
+            one whose mean value over 16 randomly transformed views is highest (only the
+            rendered model decides): ``restarts`` times the work. Not with ``n_images > 1``.
+        return_mask: Also return MaCo's transparency mask: the absolute gradient of the loss
+            with respect to each pixel, summed over the steps and scaled to [0, 1] per image
+            (where the image mattered to its objective).
 
     Returns:
-        ``[N, C, H, W]`` display images in [0, 1] (detached, on the model's device).
+        ``[N * n_images, C, H, W]`` display images in [0, 1] (detached, on the model's device);
+        with ``return_mask``, also the ``[N * n_images, 1, H, W]`` masks.
 
     Raises:
-        NeuronsError: For bad arguments, an unknown layer, or an index outside a layer's real
-            output (checked with one forward pass of one image before rendering).
+        NeuronsError: For bad arguments, ``param="maco"`` without a prior, an unknown layer, or
+            an index outside a layer's real output (checked with one forward pass of one image
+            before rendering).
 
     Example:
         >>> from lightning_neurons.visualize import Channel, render
@@ -327,33 +415,51 @@ def render(
     """
     objectives = as_objectives(objectives)
     image_shape = _check_image_shape(image_shape)
-    _check_positive("steps", steps, integer=True)
+    counts = (("steps", steps), ("views", views), ("n_images", n_images), ("restarts", restarts))
+    for name, value in counts:
+        _check_positive(name, value, integer=True)
+    if restarts > 1 and n_images > 1:
+        raise NeuronsError(
+            f"`restarts` ({restarts}) keeps the best of several images of an objective; it "
+            f"cannot be combined with n_images={n_images} (several images that differ)"
+        )
     _check_positive("lr", lr, integer=False)
     if batch_size is not None:
         _check_positive("batch_size", batch_size, integer=True)
     if param not in PARAMS:
         raise NeuronsError(f"`param` must be one of {', '.join(map(repr, PARAMS))}; got {param!r}")
-    for name, weight in (("l2", l2), ("tv", tv)):
+    for name, weight in (("l2", l2), ("tv", tv), ("diversity", diversity)):
         if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or weight < 0:
             raise NeuronsError(f"`{name}` must be a number >= 0, got {weight!r}")
-    chain = resolve_transforms(transforms, image_shape)
+    if prior is not None and not isinstance(prior, DataPrior):
+        raise NeuronsError(f"`prior` must be a DataPrior or None, got {type(prior).__name__}")
+    fill = 0.5 if prior is None else border_value(prior)
+    chain = resolve_transforms(transforms, image_shape, fill)
     _, largest = _probe(model, objectives, image_shape, input_transform, output_fn)
+    group = n_images * restarts  # rows per objective: its images, or its candidates
+    rows = [objective for objective in objectives for _ in range(group)]
     device = model_device(model)
-    size = batch_size or auto_batch_size(len(objectives), largest, device)
+    size = batch_size * group if batch_size else auto_batch_size(len(rows), largest * views, device)
+    size = max(group, size - size % group)  # an objective's rows share a chunk
+    settings = _Settings(
+        param=param,
+        image_shape=image_shape,
+        seed=seed,
+        decorrelate=decorrelate,
+        device=device,
+        prior=prior,
+        contrast=contrast,
+        views=views,
+        n_images=group,
+        output_fn=output_fn,
+    )
     with analysis_mode(model):
         chunks = [
-            _Chunk(
-                objectives[start : start + size],
-                range(start, min(start + size, len(objectives))),
-                param=param,
-                image_shape=image_shape,
-                seed=seed,
-                decorrelate=decorrelate,
-                device=device,
-                output_fn=output_fn,
-            )
-            for start in range(0, len(objectives), size)
+            _Chunk(rows[start : start + size], range(start, min(start + size, len(rows))), settings)
+            for start in range(0, len(rows), size)
         ]
+        spread = float(diversity) if restarts == 1 else 0.0  # candidates need not differ
+        penalties = _Penalties(l2=float(l2), tv=float(tv), diversity=spread)
         _optimise(
             model,
             chunks,
@@ -362,33 +468,156 @@ def render(
             transforms=chain,
             input_transform=input_transform,
             seed=seed,
-            l2=float(l2),
-            tv=float(tv),
+            penalties=penalties,
+            track_mask=return_mask,
         )
         with torch.no_grad():
-            return torch.cat([chunk.image_fn().detach() for chunk in chunks])
+            images = torch.cat([chunk.image_fn().detach() for chunk in chunks])
+        masks = torch.cat([chunk.normalised_mask() for chunk in chunks]) if return_mask else None
+        if restarts > 1:
+            best = _best_candidates(
+                model, rows, images, restarts, chain, input_transform, seed=seed, size=size
+            )
+            images = images[best]
+            masks = None if masks is None else masks[best]
+    if masks is None:
+        return images
+    return images, masks
+
+
+#: Random views on which the candidates of ``restarts`` are compared.
+SELECTION_VIEWS = 16
+
+
+def _best_candidates(
+    model: nn.Module,
+    rows: Sequence[Objective],
+    images: torch.Tensor,
+    restarts: int,
+    transforms: Sequence[Callable],
+    input_transform: InputTransform | None,
+    *,
+    seed: int,
+    size: int,
+) -> torch.Tensor:
+    """Index of the best of every ``restarts`` consecutive candidates: the highest mean value of
+    its objective over :data:`SELECTION_VIEWS` random views (one without transforms)."""
+    draws = SELECTION_VIEWS if transforms else 1
+    generator = torch.Generator().manual_seed(int(seed) + 1)
+    total = torch.zeros(len(rows), dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(draws):
+            state = generator.get_state()
+            for start in range(0, len(rows), size):
+                generator.set_state(state)  # every chunk sees the same draw
+                scoring = _Scoring(BatchScorer(rows[start : start + size]))
+                image = images[start : start + size]
+                x = apply_transforms(image, transforms, generator)
+                x = input_transform(x) if input_transform is not None else x
+                with scoring.attached(model):
+                    value = scoring.forward(model, x, image)
+                total[start : start + size] += value.double().cpu()
+    winners = total.view(-1, restarts).argmax(dim=1)
+    return winners + torch.arange(len(winners)) * restarts
+
+
+def border_value(prior: DataPrior) -> float:
+    """The data's mean value on the one-pixel frame of the image (what lies beyond its border)."""
+    mean = prior.mean
+    frame = torch.cat([mean[:, 0], mean[:, -1], mean[:, :, 0], mean[:, :, -1]], dim=1)
+    return float(frame.mean())
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """How every chunk of one rendering is parametrised."""
+
+    param: Param
+    image_shape: tuple[int, int, int]
+    seed: int
+    decorrelate: bool
+    device: torch.device
+    prior: DataPrior | None
+    contrast: float
+    views: int
+    n_images: int
+    output_fn: BatchFn | None = None
+
+
+@dataclass(frozen=True)
+class _Penalties:
+    """Weights of the terms subtracted from every image's value."""
+
+    l2: float
+    tv: float
+    diversity: float
+
+    def apply(self, value: torch.Tensor, image: torch.Tensor, n_images: int) -> torch.Tensor:
+        if self.l2:
+            value = value - self.l2 * l2_penalty(image)
+        if self.tv:
+            value = value - self.tv * total_variation(image)
+        if self.diversity and n_images > 1:
+            value = value - self.diversity * similarity_to_others(image, n_images)
+        return value
+
+
+def similarity_to_others(images: torch.Tensor, group: int) -> torch.Tensor:
+    """Each image's mean cosine similarity (centred pixels) to the other images of its group.
+
+    Rows ``k * group`` to ``(k + 1) * group - 1`` form group ``k``; ``[R, C, H, W] -> [R]``.
+
+    Example:
+        >>> similarity_to_others(torch.rand(4, 1, 8, 8), group=2).shape
+        torch.Size([4])
+    """
+    flat = images.flatten(1)
+    flat = flat - flat.mean(dim=1, keepdim=True)
+    unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    unit = unit.view(-1, group, unit.shape[1])
+    cosine = unit @ unit.transpose(1, 2)  # [groups, group, group]
+    others = cosine.sum(dim=2) - cosine.diagonal(dim1=1, dim2=2)
+    return (others / (group - 1)).reshape(-1)
 
 
 class _Chunk:
-    """Rows ``indices`` of a rendering: their scoring hooks and their parametrization."""
+    """Rows ``indices`` of a rendering: their scoring hooks, parametrization and mask."""
 
     def __init__(
-        self,
-        objectives: Sequence[Objective],
-        indices: range,
-        *,
-        param: Param,
-        image_shape: tuple[int, int, int],
-        seed: int,
-        decorrelate: bool,
-        device: torch.device,
-        output_fn: BatchFn | None = None,
+        self, objectives: Sequence[Objective], indices: range, settings: _Settings
     ) -> None:
-        self.scoring = _Scoring(BatchScorer(objectives), output_fn=output_fn)
-        seeds = [row_seed(seed, i) for i in indices]
-        self.params, self.image_fn = parametrize(
-            param, (len(indices), *image_shape), seeds, decorrelate=decorrelate, device=device
+        # Every view of the chunk's images is a row of its own, scored by the row's objective.
+        self.views = settings.views
+        self.n_images = settings.n_images
+        self.scoring = _Scoring(
+            BatchScorer(list(objectives) * settings.views), output_fn=settings.output_fn
         )
+        seeds = [row_seed(settings.seed, i) for i in indices]
+        self.params, self.image_fn = parametrize(
+            settings.param,
+            (len(indices), *settings.image_shape),
+            seeds,
+            decorrelate=settings.decorrelate,
+            device=settings.device,
+            prior=settings.prior,
+            contrast=settings.contrast,
+        )
+        self.mask: torch.Tensor | None = None
+
+    def add_to_mask(self, image: torch.Tensor) -> None:
+        """Accumulate ``|d loss / d image|`` (summed over the channels) after a backward pass."""
+        if image.grad is None:
+            return
+        grad = image.grad.detach().abs().sum(dim=1, keepdim=True)
+        self.mask = grad if self.mask is None else self.mask + grad
+
+    def normalised_mask(self) -> torch.Tensor:
+        """The accumulated mask scaled to [0, 1] per image (zeros if nothing was accumulated)."""
+        if self.mask is None:
+            with torch.no_grad():
+                return torch.zeros_like(self.image_fn()[:, :1])
+        peak = self.mask.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        return self.mask / peak
 
 
 class _Dispatch:
@@ -411,8 +640,8 @@ def _optimise(
     transforms: Sequence[Callable],
     input_transform: InputTransform | None,
     seed: int,
-    l2: float,
-    tv: float,
+    penalties: _Penalties,
+    track_mask: bool,
 ) -> None:
     """Adam steps on every chunk's parameters; at each step the chunks run one after another
     (so only one chunk's activations are alive) and share one optimiser step."""
@@ -429,14 +658,30 @@ def _optimise(
                 generator.set_state(state)
                 dispatch.current = chunk.scoring
                 image = chunk.image_fn()
-                x = to_model_input(apply_transforms(image, transforms, generator), input_transform)
-                value = chunk.scoring.forward(model, x, image)
-                if l2:
-                    value = value - l2 * l2_penalty(image)
-                if tv:
-                    value = value - tv * total_variation(image)
+                if track_mask:
+                    image.retain_grad()
+                value = _views_value(model, chunk, image, transforms, input_transform, generator)
+                value = penalties.apply(value, image, chunk.n_images)
                 (-value.sum()).backward()
+                if track_mask:
+                    chunk.add_to_mask(image)
             optimizer.step()
+
+
+def _views_value(
+    model: nn.Module,
+    chunk: _Chunk,
+    image: torch.Tensor,
+    transforms: Sequence[Callable],
+    input_transform: InputTransform | None,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Every row's value, averaged over ``chunk.views`` random views of its image: ``[R]``."""
+    views = [apply_transforms(image, transforms, generator) for _ in range(chunk.views)]
+    x = to_model_input(torch.cat(views) if chunk.views > 1 else views[0], input_transform)
+    repeated = image.repeat(chunk.views, 1, 1, 1) if chunk.views > 1 else image
+    value = chunk.scoring.forward(model, x, repeated)
+    return value.view(chunk.views, -1).mean(dim=0)
 
 
 def evaluate(

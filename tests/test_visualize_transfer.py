@@ -1,0 +1,407 @@
+"""Images that other models recognise: the data prior, the 'maco' parametrization (phase only,
+the data's amplitudes), views, n_images with diversity, the transparency mask, ClassLogProb,
+and the FeatureVisualizer options that use them."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from _vis_helpers import BNNet, bn_net
+from conftest import TinyData, fast_trainer
+from torch import nn
+
+from lightning_neurons import NeuronsError
+from lightning_neurons.callbacks.visualizer import FeatureVisualizer
+from lightning_neurons.data import Normalize
+from lightning_neurons.hooks import count_forward_hooks
+from lightning_neurons.models import ImageClassifier
+from lightning_neurons.visualize import (
+    Channel,
+    ClassLogit,
+    ClassLogProb,
+    DataPrior,
+    DataPriorEstimate,
+    Neuron,
+    amplitude_spectrum,
+    evaluate,
+    maco_image,
+    render,
+    robust_transforms,
+    soft_clip,
+)
+from lightning_neurons.visualize.render import similarity_to_others
+
+# float32 FFTs and convolutions of 8x8-16x16 images: rounding errors are ~1e-7 per value; a few
+# hundred of them accumulate to well below 1e-5. Comparisons of the same computation in other
+# batch sizes use 1e-5 for that reason; after Adam steps (which divide by the gradient's running
+# scale and so can amplify a 1e-7 difference of a tiny gradient to a step of lr) see below.
+FFT_TOL = 1e-5
+
+
+def _uniform_prior(size: int = 16, mean: float = 0.5, std: float = 0.05, seed: int = 0):
+    """A prior with flat pixel statistics and a random amplitude spectrum small enough that the
+    image never reaches the soft clip's knees (|pattern| * spread stays far below 0.4)."""
+    g = torch.Generator().manual_seed(seed)
+    magnitude = torch.rand(1, size, size // 2 + 1, generator=g) * 0.02
+    return DataPrior(
+        magnitude=magnitude,
+        mean=torch.full((1, size, size), mean),
+        std=torch.full((1, size, size), std),
+        count=1,
+    )
+
+
+# ---- the data prior ----------------------------------------------------------------------------
+
+
+def test_streamed_prior_equals_the_prior_of_all_images():
+    images = torch.rand(20, 2, 8, 6, generator=torch.Generator().manual_seed(0))
+    estimate = DataPriorEstimate(max_images=None)
+    for part in images.split(7):
+        estimate.update(part)
+    prior = estimate.compute()
+    # float64 sums of 20 images: differences are rounding of the float32 result only
+    torch.testing.assert_close(prior.mean, images.mean(0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(prior.std, images.std(0, unbiased=False), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        prior.magnitude, amplitude_spectrum(images).float(), atol=1e-6, rtol=0
+    )
+    assert prior.magnitude.shape == (2, 8, 4) and prior.count == 20
+    # the zero frequency of the orthonormal FFT is the mean times sqrt(H * W)
+    dc = prior.magnitude[:, 0, 0] / (8 * 6) ** 0.5
+    torch.testing.assert_close(dc, images.mean(dim=(0, 2, 3)), atol=1e-6, rtol=0)
+
+
+def test_prior_estimate_is_capped_reset_and_summed_over_processes():
+    estimate = DataPriorEstimate(max_images=5)
+    estimate.update(torch.rand(4, 1, 8, 8))
+    estimate.update(torch.ones(4, 1, 8, 8))  # only one of these is used
+    assert estimate.count == 5 and estimate.full
+    # a fake two-process sum: twice every sum and count gives the same statistics
+    alone, doubled = estimate.compute(), estimate.compute(reduce=lambda t: 2 * t)
+    assert doubled.count == 10
+    torch.testing.assert_close(doubled.mean, alone.mean)
+    estimate.reset()
+    assert estimate.count == 0 and not estimate.full
+    with pytest.raises(NeuronsError, match="no images seen yet"):
+        estimate.compute()
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: DataPriorEstimate(max_images=0), "`max_images` must be a positive integer"),
+        (lambda: DataPriorEstimate().update(torch.rand(4, 8, 8)), r"\[N, C, H, W\]"),
+        (lambda: amplitude_spectrum(torch.rand(0, 1, 8, 8)), "non-empty"),
+    ],
+)
+def test_prior_errors(call, match):
+    with pytest.raises(NeuronsError, match=match):
+        call()
+
+
+def test_prior_estimate_rejects_another_image_shape():
+    estimate = DataPriorEstimate()
+    estimate.update(torch.rand(2, 1, 8, 8))
+    with pytest.raises(NeuronsError, match="same image shape"):
+        estimate.update(torch.rand(2, 1, 16, 16))
+
+
+def test_resized_prior_keeps_brightness():
+    prior = DataPrior.from_images(torch.full((3, 1, 8, 8), 0.3))
+    big = prior.resized(32, 32)
+    assert big.mean.shape == (1, 32, 32) and big.magnitude.shape == (1, 32, 17)
+    torch.testing.assert_close(big.mean, torch.full((1, 32, 32), 0.3))
+    torch.testing.assert_close(big.magnitude[0, 0, 0] / 32, torch.tensor(0.3))
+    assert prior.resized(8, 8) is prior
+
+
+# ---- the 'maco' parametrization ----------------------------------------------------------------
+
+
+def test_maco_image_shape_range_and_parameters():
+    prior = DataPrior.from_images(
+        torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    )
+    params, image_fn = maco_image((3, 1, 16, 16), seeds=[0, 1, 2], prior=prior, contrast=3.0)
+    assert len(params) == 1 and params[0].shape == (3, 1, 16, 9) and params[0].requires_grad
+    image = image_fn()
+    assert image.shape == (3, 1, 16, 16)
+    assert float(image.min()) >= 0 and float(image.max()) <= 1
+
+
+def test_maco_image_has_the_priors_mean_and_amplitudes():
+    prior = _uniform_prior()
+    _, image_fn = maco_image((2, 1, 16, 16), seeds=[0, 1], prior=prior, contrast=2.0)
+    image = image_fn().detach()
+    assert float((image - 0.5).abs().max()) < 0.4  # inside the soft clip's identity range
+    # spatial mean: the prior's (the pattern has no zero frequency)
+    torch.testing.assert_close(
+        image.mean(dim=(1, 2, 3)), torch.full((2,), 0.5), atol=FFT_TOL, rtol=0
+    )
+    spectrum = torch.fft.rfft2(image - 0.5, norm="ortho").abs()
+    # Columns 1 .. W/2 - 1 hold independent frequencies and keep their amplitude exactly; the
+    # first and the Nyquist column are their own mirror images (row k pairs with row H - k),
+    # where irfft2 keeps only the Hermitian part of the two, so they are not compared.
+    expected = 2.0 * prior.magnitude.expand(2, -1, -1, -1)
+    torch.testing.assert_close(spectrum[..., 1:-1], expected[..., 1:-1], atol=FFT_TOL, rtol=0)
+
+
+def test_phase_only_optimisation_keeps_the_amplitudes():
+    model = bn_net(seed=0)
+    prior = _uniform_prior()
+    images = render(
+        model,
+        [Channel("conv2", k) for k in range(3)],
+        image_shape=(1, 16, 16),
+        steps=12,
+        lr=0.2,
+        param="maco",
+        prior=prior,
+        transforms="robust",
+    )
+    assert float((images - 0.5).abs().max()) < 0.4
+    spectrum = torch.fft.rfft2(images - images.mean(dim=(2, 3), keepdim=True), norm="ortho").abs()
+    expected = prior.magnitude.expand(3, -1, -1, -1)
+    torch.testing.assert_close(spectrum[..., 1:-1], expected[..., 1:-1], atol=FFT_TOL, rtol=0)
+    # ... while the image did change: the phases moved
+    start = render(
+        model, [Channel("conv2", k) for k in range(3)], image_shape=(1, 16, 16), steps=1,
+        lr=1e-9, param="maco", prior=prior,
+    )  # fmt: skip
+    assert float((images - start).abs().max()) > 1e-3
+
+
+def test_maco_is_deterministic_with_a_seed_and_rows_are_independent():
+    model = bn_net(seed=0)
+    prior = DataPrior.from_images(
+        torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    )
+    objectives = [Channel("conv2", k) for k in range(4)]
+    kwargs = dict(image_shape=(1, 16, 16), steps=8, lr=0.05, param="maco", prior=prior, views=2)
+    first = render(model, objectives, seed=5, **kwargs)
+    again = render(model, objectives, seed=5, **kwargs)
+    other = render(model, objectives, seed=6, **kwargs)
+    # the same computation twice; only threading could reorder float sums (~1e-7)
+    torch.testing.assert_close(first, again, atol=FFT_TOL, rtol=0)
+    assert float((first - other).abs().mean()) > 1e-2
+    # Row 2 rendered alone, in chunks of one, and in the batch of four: its own seed and the same
+    # transforms; other batch sizes change only the kernels' rounding (1e-7), which 8 Adam steps
+    # of lr 0.05 through the soft clip keep far below 1e-3 of a [0, 1] pixel.
+    alone = render(model, [objectives[2]], **{**kwargs, "seed": 5})
+    chunked = render(model, objectives, seed=5, batch_size=1, **kwargs)
+    torch.testing.assert_close(chunked, first, atol=1e-3, rtol=0)
+    index_two = render(model, objectives[:3], seed=5, **kwargs)[2]
+    torch.testing.assert_close(index_two, first[2], atol=1e-3, rtol=0)
+    assert alone.shape == (1, 1, 16, 16)  # row 0 of its own rendering: a different seed
+    assert float((alone[0] - first[2]).abs().mean()) > 1e-2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"param": "maco"}, "param='maco' needs the data's statistics"),
+        ({"param": "maco", "prior": "digits"}, "`prior` must be a DataPrior"),
+        ({"views": 0}, "`views` must be a positive integer"),
+        ({"n_images": 0}, "`n_images` must be a positive integer"),
+        ({"diversity": -1.0}, "`diversity` must be a number >= 0"),
+        ({"transforms": "heavy"}, "or 'robust'"),
+    ],
+)
+def test_render_errors(kwargs, match):
+    with pytest.raises(NeuronsError, match=match):
+        render(bn_net(), [Channel("conv2", 0)], image_shape=(1, 8, 8), steps=1, **kwargs)
+
+
+def test_maco_errors():
+    prior = DataPrior.from_images(torch.rand(4, 3, 8, 8))
+    with pytest.raises(NeuronsError, match="3 channels but the rendered images have 1"):
+        maco_image((1, 1, 8, 8), seeds=[0], prior=prior)
+    with pytest.raises(NeuronsError, match="`contrast` must be a positive number"):
+        maco_image((1, 3, 8, 8), seeds=[0], prior=prior, contrast=0)
+
+
+def test_soft_clip_is_the_identity_inside_and_bounded_outside():
+    x = torch.linspace(-3, 4, 701, dtype=torch.float64)
+    y = soft_clip(x)
+    inside = (x >= 0.1) & (x <= 0.9)
+    assert torch.equal(y[inside], x[inside])  # clamp returns the values themselves
+    assert bool((y >= 0).all() and (y <= 1).all())
+    near = (x > -0.5) & (x < 1.5)  # far out, float64 rounds 1 - 1e-28 to 1
+    assert bool((y[near] > 0).all() and (y[near] < 1).all())
+    assert bool((y.diff() >= 0).all())  # monotone
+    # continuous at the knees (value and slope 1): steps of 0.01 move it by about 0.01
+    assert float(y.diff().max()) <= 0.01 + 1e-9
+
+
+# ---- views, diversity, mask, ClassLogProb --------------------------------------------------------
+
+
+def test_views_and_robust_transforms():
+    model = bn_net(seed=0)
+    one = render(model, [Channel("conv2", 0)], image_shape=(1, 16, 16), steps=4, views=1)
+    four = render(model, [Channel("conv2", 0)], image_shape=(1, 16, 16), steps=4, views=4)
+    assert one.shape == four.shape == (1, 1, 16, 16)
+    assert float((one - four).abs().max()) > 0  # other views, other gradients
+    (warp,) = robust_transforms((1, 32, 32), fill=0.0)
+    assert warp.shift == 4 and warp.scale == (0.8, 1.2) and warp.fill == 0.0
+    assert count_forward_hooks(model) == 0
+
+
+def test_n_images_with_diversity_are_less_alike():
+    model = bn_net(seed=0)
+    kwargs = dict(image_shape=(1, 16, 16), steps=30, lr=0.1, n_images=3, transforms="none")
+    objectives = [Channel("conv2", 0), Channel("conv2", 1)]
+    plain = render(model, objectives, diversity=0.0, **kwargs)
+    diverse = render(model, objectives, diversity=5.0, **kwargs)
+    assert plain.shape == diverse.shape == (6, 1, 16, 16)
+    similarity = float(similarity_to_others(plain, 3).mean())
+    assert float(similarity_to_others(diverse, 3).mean()) < similarity - 0.1
+    # images of one objective stay in one chunk: batch_size counts objectives
+    chunked = render(model, objectives, diversity=5.0, batch_size=1, **kwargs)
+    torch.testing.assert_close(chunked, diverse, atol=1e-3, rtol=0)
+
+
+def test_restarts_keep_the_candidate_the_model_scores_best():
+    model = bn_net(seed=0)
+    objectives = [Channel("conv2", 0), Channel("conv2", 3)]
+    kwargs = dict(image_shape=(1, 16, 16), steps=6, lr=0.1, transforms="none")
+    best = render(model, objectives, restarts=3, **kwargs)
+    candidates = render(model, objectives, n_images=3, **kwargs)  # the same rows and seeds
+    assert best.shape == (2, 1, 16, 16)
+    values = evaluate(model, [o for o in objectives for _ in range(3)], candidates).view(2, 3)
+    for j in range(2):
+        # without transforms the choice is the highest value (ties aside: values differ here)
+        winner = int(values[j].argmax())
+        torch.testing.assert_close(best[j], candidates[3 * j + winner], atol=1e-5, rtol=0)
+    with pytest.raises(NeuronsError, match="cannot be combined with n_images=2"):
+        render(model, objectives, restarts=2, n_images=2, **kwargs)
+
+
+def test_similarity_to_others():
+    a = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    same = torch.cat([a, a, 2 * a + 1])  # centred cosine ignores brightness and contrast
+    torch.testing.assert_close(similarity_to_others(same, 3), torch.ones(3), atol=1e-6, rtol=0)
+    opposite = torch.cat([a, 1 - a])
+    torch.testing.assert_close(similarity_to_others(opposite, 2), -torch.ones(2), atol=1e-6, rtol=0)
+
+
+def test_mask_marks_the_receptive_field_of_a_neuron():
+    model = bn_net(seed=0)
+    # conv1 and conv2 are 3x3 with padding 1: Neuron(conv2, y=2, x=2) sees pixels 0..4 only
+    images, mask = render(
+        model,
+        [Neuron("conv2", 0, y=2, x=2), ClassLogit(1)],
+        image_shape=(1, 16, 16),
+        steps=5,
+        transforms="none",
+        return_mask=True,
+    )
+    assert images.shape == (2, 1, 16, 16) and mask.shape == (2, 1, 16, 16)
+    assert float(mask.min()) >= 0 and torch.allclose(mask.flatten(1).amax(1), torch.ones(2))
+    outside = mask[0].clone()
+    outside[:, :5, :5] = 0
+    assert float(outside.abs().max()) == 0.0  # no gradient outside the receptive field
+    assert float(mask[1, :, 8:, 8:].max()) > 0  # the class logit reads the whole image
+
+
+def test_class_log_prob():
+    logits = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    expected = logits.log_softmax(dim=1)
+    assert torch.allclose(ClassLogProb(2).value(logits), expected[:, 2])
+    batched = ClassLogProb.batched([ClassLogProb(0), ClassLogProb(2)])(logits)
+    assert torch.allclose(batched, torch.stack([expected[0, 0], expected[1, 2]]))
+    with pytest.raises(NeuronsError, match="class 5 is out of range"):
+        ClassLogProb(5).check((3,))
+
+
+# ---- FeatureVisualizer -------------------------------------------------------------------------
+
+
+def _module(seed: int = 0) -> ImageClassifier:
+    pl.seed_everything(seed, verbose=False)
+    return ImageClassifier(BNNet(), num_classes=3, lr=1e-2)
+
+
+FAST = dict(steps=3, saliency=[], max_channels=2, on_error="raise")
+
+
+def test_visualizer_estimates_the_prior_from_validation_and_judges_classes(tmp_path):
+    judge = bn_net(seed=4)
+    vis = FeatureVisualizer(n_images=2, judge=judge, prior_images=10, **FAST)
+    trainer = fast_trainer(tmp_path, callbacks=[vis], max_epochs=1)
+    data = TinyData()
+    trainer.fit(_module(), datamodule=data)
+    prior = vis._estimated_prior
+    assert prior is not None and prior.count == 10  # the first 10 validation images
+    torch.testing.assert_close(prior.mean, data.vx[:10].mean(0), atol=1e-6, rtol=0)
+    res = vis.results["backbone.conv1"]
+    assert res["images"].shape == (4, 1, 8, 8)
+    assert res["channels"].tolist() == [0, 0, 1, 1]  # two images per channel
+    classes = vis.results["classes"]
+    assert classes["judge_predicted"].shape == (3,)
+    assert count_forward_hooks(judge) == 0 and judge.training  # left as found (train mode)
+    with torch.no_grad():
+        expected = judge.eval()(classes["images"]).argmax(dim=1)
+    assert torch.equal(classes["judge_predicted"], expected)
+    vis.reset_prior()
+    assert vis._estimated_prior is None and vis._estimate.count == 0
+
+
+class NormalizedData(TinyData):
+    """Loaders yield normalised model inputs; the transform is a Normalize (invertible)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_transform = Normalize((0.4,), (0.2,))
+        self.display_vx = self.vx.clone()
+        self.x, self.vx = self.input_transform(self.x), self.input_transform(self.vx)
+
+
+def test_visualizer_inverts_normalize_for_the_prior(tmp_path):
+    vis = FeatureVisualizer(prior_images=12, **FAST)
+    data = NormalizedData()
+    fast_trainer(tmp_path, callbacks=[vis], max_epochs=1, logger=False).fit(
+        _module(), datamodule=data
+    )
+    prior = vis._estimated_prior
+    assert prior is not None
+    # x * 0.2 + 0.4 undoes the normalisation up to float32 rounding (~1e-7); display images are
+    # clamped to the display range [0, 1] (TinyData's brightest classes reach 1.6)
+    expected = data.display_vx[:12].clamp(0, 1).mean(0)
+    torch.testing.assert_close(prior.mean, expected, atol=1e-5, rtol=0)
+
+
+class OpaqueTransformData(TinyData):
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_transform = nn.Identity()  # not invertible as far as the callback knows
+
+
+def test_visualizer_falls_back_to_fft_without_display_images(tmp_path):
+    vis = FeatureVisualizer(**FAST)
+    trainer = fast_trainer(tmp_path, callbacks=[vis], max_epochs=1, logger=False)
+    with pytest.warns(UserWarning, match="rendering with param='fft'"):
+        trainer.fit(_module(), datamodule=OpaqueTransformData())
+    assert vis.results["backbone.conv1"]["images"].shape == (2, 1, 8, 8)
+
+
+def test_visualizer_uses_a_given_prior_and_checks_arguments(tmp_path):
+    prior = DataPrior.from_images(torch.rand(6, 1, 8, 8))
+    vis = FeatureVisualizer(prior=prior, **FAST)
+    fast_trainer(tmp_path, callbacks=[vis], max_epochs=1, logger=False).fit(
+        _module(), datamodule=OpaqueTransformData()
+    )
+    assert vis._estimated_prior is None and vis._estimate.count == 0  # nothing estimated
+    for kwargs, match in [
+        ({"prior": torch.rand(1, 8, 8)}, "`prior` must be a DataPrior"),
+        ({"judge": "resnet"}, "`judge` must be an nn.Module"),
+        ({"n_images": 0}, "`n_images` must be a positive integer"),
+        ({"class_views": 0}, "`class_views` must be a positive integer"),
+        ({"class_restarts": 0}, "`class_restarts` must be a positive integer"),
+        ({"contrast": 0}, "`contrast` must be a number > 0"),
+        ({"param": "cppn"}, "`param` must be one of 'fft', 'pixel', 'maco'"),
+    ]:
+        with pytest.raises(NeuronsError, match=match):
+            FeatureVisualizer(**kwargs)
