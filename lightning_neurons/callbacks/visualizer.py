@@ -513,36 +513,38 @@ class FeatureVisualizer(AnalysisCallback):
             )
         shape = self._check_shape(list(shape))
         transform = self.input_transform or self._data_attr(trainer, "input_transform")
-        logits_ok = (
-            self._run_safely(
-                "reading the model's logits (for class images and saliency)",
-                lambda: check_objectives(
-                    pl_module,
-                    [ClassLogit(0)],
-                    shape,
-                    input_transform=transform,
-                    output_fn=self._reader.output_fn,
-                ),
-            )
-            is not None
-        )
-        probe = [ClassLogit(c) for c in (self.classes or [])] if logits_ok else []
-        probe += [Channel(layer, i) for layer in self.layers for i in self.channels.get(layer, [])]
+        output_fn = self._reader.output_fn
+        probe = [Channel(layer, i) for layer in self.layers for i in self.channels.get(layer, [])]
         probe += [Channel(layer, 0) for layer in self.layers]
-        shapes = check_objectives(
-            pl_module, probe, shape, input_transform=transform, output_fn=self._reader.output_fn
+        shapes = check_objectives(  # a wrong image shape, layer or channel raises here
+            pl_module, probe, shape, input_transform=transform, output_fn=output_fn
         )
+        logits = self._run_safely(
+            "reading the model's logits (for class images and saliency)",
+            lambda: check_objectives(
+                pl_module, [ClassLogit(0)], shape, input_transform=transform, output_fn=output_fn
+            )[LOGITS],
+        )
+        logits_ok = logits is not None
+        if logits_ok and self.classes:  # a class outside the logits raises here
+            check_objectives(
+                pl_module,
+                [ClassLogit(c) for c in self.classes],
+                shape,
+                input_transform=transform,
+                output_fn=output_fn,
+            )
         channels = {
             layer: self.channels.get(layer)
             or list(range(min(shapes[layer][0], self.max_channels or shapes[layer][0])))
             for layer in self.layers
         }
-        if not logits_ok:
+        if logits is None:
             classes = []
         elif self.classes is not None:
             classes = self.classes
         else:
-            classes = list(range(shapes[LOGITS][0]))
+            classes = list(range(logits[0]))
         names = self._data_attr(trainer, "class_names")
         self._plan = {
             "shape": shape,
@@ -801,7 +803,7 @@ class FeatureVisualizer(AnalysisCallback):
                 title=f"{method} saliency, epoch {res['epoch']}",
             )
             out.figure(out.tag(method), fig)
-        arrays = {k: res[k] for k in ("images", "labels", "predicted")}
+        arrays = {k: res[k] for k in ("images", "inputs", "labels", "predicted")}
         arrays.update({f"map_{m}": v for m, v in res["maps"].items()})
         meta = {"methods": list(res["maps"]), "epoch": res["epoch"]}
         out.save_arrays("saliency", arrays, meta=meta)
