@@ -44,7 +44,7 @@ def fitted(tmp_path_factory):
     contribution = NeuronContribution(
         max_batches=2, ablation_layers=["backbone.conv2", "backbone.fc"], on_error="raise"
     )
-    trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(), contribution])
+    trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(layers=LAYERS), contribution])
     trainer.fit(model, datamodule=data)
     return model, data, contribution, tmp_path
 
@@ -172,7 +172,7 @@ def test_a_failing_analysis_raises_with_on_error_raise_and_removes_hooks(tmp_pat
     contribution = NeuronContribution(
         ablation_layers=["backbone.conv1"], share_prefix=False, on_error="raise"
     )
-    trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(), contribution])
+    trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(layers=LAYERS), contribution])
     with pytest.raises(RuntimeError, match="exploded mid-forward"):
         trainer.fit(model, datamodule=TinyData())
     assert count_forward_hooks(model) == 0

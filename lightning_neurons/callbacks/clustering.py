@@ -38,7 +38,7 @@ from lightning_neurons.clustering import (
     normalize_neurons,
 )
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.hooks import HookSet, reduce_activation, resolve_layers
+from lightning_neurons.hooks import HookSet, reduce_activation, resolve_layers, selects, split_call
 from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.stats import LayerStats
 
@@ -130,7 +130,8 @@ class _ClusteringCallback(StagedCallback):
             self.layers = list(self._tracker_layers)
             return
         chosen = resolve_layers(pl_module, self.layer_patterns)
-        missing = [name for name in chosen if name not in self._tracker_layers]
+        tracked_modules = {split_call(name)[0] for name in self._tracker_layers}
+        missing = [name for name in chosen if split_call(name)[0] not in tracked_modules]
         if missing:
             raise NeuronsError(
                 f"{type(self).__name__}: layer(s) {', '.join(map(repr, missing))} are not tracked "
@@ -183,7 +184,9 @@ class _ClusteringCallback(StagedCallback):
         if not self._due(trainer):
             return None
         fresh = {
-            n: s for n, s in stats.items() if n in self.layers and s.epoch == trainer.current_epoch
+            n: s
+            for n, s in stats.items()
+            if selects(self.layers, n) and s.epoch == trainer.current_epoch
         }
         return fresh or None
 
@@ -441,9 +444,7 @@ class CategoryClustering(_ClusteringCallback):
         self._run_safely("category clustering", lambda: self._analyse(trainer, stats, confusion))
 
     def _views(self, stats: dict[str, LayerStats]) -> dict[str, tuple[list[str], np.ndarray]]:
-        views = {
-            name: ([name], stats[name].class_means.numpy()) for name in self.layers if name in stats
-        }
+        views = {name: ([name], s.class_means.numpy()) for name, s in stats.items()}
         if self.combine_layers and len(views) > 1:
             from lightning_neurons.clustering import standardize_columns
 
@@ -739,9 +740,7 @@ class NeuronClustering(_ClusteringCallback):
         self._reservoirs = {}
         if not self._due(trainer):
             return
-        self._reservoirs = {
-            n: ActivationReservoir(self.reservoir_size, seed=self.seed) for n in self.layers
-        }
+        self._reservoirs = {}  # one per call site, made at its first batch
         self._hooks.add(pl_module, self.layers, self._on_activation)
 
     def _stop(self) -> None:
@@ -754,12 +753,15 @@ class NeuronClustering(_ClusteringCallback):
         from lightning_neurons.callbacks.tracker import extract_labels
 
         self._labels = extract_labels(batch, self._label_fn)
+        self._hooks.new_pass()
 
     def _on_activation(self, name: str, output: torch.Tensor) -> None:
         if self._labels is None:
             return
         with torch.no_grad():
             values = reduce_activation(output.detach(), self._reduction, name)
+            if name not in self._reservoirs:
+                self._reservoirs[name] = ActivationReservoir(self.reservoir_size, seed=self.seed)
             self._reservoirs[name].update(values, self._labels)
 
     # ---- the analysis ----
@@ -775,10 +777,7 @@ class NeuronClustering(_ClusteringCallback):
     def _analyse(self, trainer: Trainer, stats: dict[str, LayerStats]) -> None:
         if not trainer.is_global_zero:
             return
-        results: dict[str, NeuronClusteringResult] = {}
-        for name in self.layers:
-            if name in stats:
-                results[name] = self._cluster(name, stats[name])
+        results = {name: self._cluster(name, layer_stats) for name, layer_stats in stats.items()}
         self.results = results
         for name, res in results.items():
             self._previous[name] = res.labels

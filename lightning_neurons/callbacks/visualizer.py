@@ -20,7 +20,14 @@ from lightning_neurons.callbacks._base import (
 )
 from lightning_neurons.callbacks.tracker import ActivationTracker, extract_labels, infer_num_classes
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.hooks import get_module, hooked, reduce_activation, resolve_layers
+from lightning_neurons.hooks import (
+    get_module,
+    hooked,
+    reduce_activation,
+    resolve_layers,
+    selects,
+    split_call,
+)
 from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.stats import LayerStats
 from lightning_neurons.visualize.objectives import LOGITS, Channel, ClassLogit
@@ -111,7 +118,7 @@ class FeatureVisualizer(AnalysisCallback):
 
     Args:
         layers: Layers whose channels are rendered (names or glob patterns). Default: the
-            attached tracker's layers, else every Conv2d and Linear layer but the classifier.
+            attached tracker's layers, else the default layers (activations and block outputs).
         channels: Per layer, the channel indices to render (``{"features.conv2": [0, 5, 9]}``);
             layers not listed get their first ``max_channels`` channels.
         max_channels: Render the first ``max_channels`` channels of each layer (``None``: all).
@@ -255,7 +262,7 @@ class FeatureVisualizer(AnalysisCallback):
         if patterns is None and tracker is not None:
             patterns = tracker.layer_patterns
         self.layers = resolve_layers(pl_module, patterns)
-        unknown = [name for name in self.channels if name not in self.layers]
+        unknown = [name for name in self.channels if not selects(self.layers, name)]
         if unknown:
             raise NeuronsError(
                 f"FeatureVisualizer: `channels` names layers {unknown} that are not visualized; "
@@ -358,8 +365,10 @@ class FeatureVisualizer(AnalysisCallback):
         transform = self.input_transform or self._data_attr(trainer, "input_transform")
         probe = [ClassLogit(c) for c in (self.classes or [])]
         probe += [Channel(layer, i) for layer in self.layers for i in self.channels.get(layer, [])]
-        probe += [Channel(layer, 0) for layer in self.layers]
+        probe += [Channel(split_call(layer)[0], 0) for layer in self.layers]
         shapes = check_objectives(pl_module, probe, shape, input_transform=transform)
+        # The layer list becomes the call sites it selects (one per call of a shared module).
+        self.layers = [n for n in shapes if n != LOGITS and selects(self.layers, n)]
         channels = {
             layer: self.channels.get(layer)
             or list(range(min(shapes[layer][0], self.max_channels or shapes[layer][0])))
