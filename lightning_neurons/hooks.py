@@ -178,7 +178,9 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
         return modules[module_name]
     suffix = "" if call is None else f"{CALL_SEPARATOR}{call}"
     candidates = _layer_names(model)
-    close = [n for n in candidates if module_name and (module_name in n or n.endswith("." + module_name))]
+    close = [
+        n for n in candidates if module_name and (module_name in n or n.endswith("." + module_name))
+    ]
     close += [
         n
         for n in difflib.get_close_matches(module_name, candidates, n=3, cutoff=0.75)
@@ -492,9 +494,7 @@ class HookSet:
         self._count.clear()
 
 
-def run_layers(
-    model: nn.Module, layers: Sequence[str], forward: Callable[[], object]
-) -> list[str]:
+def run_layers(model: nn.Module, layers: Sequence[str], forward: Callable[[], object]) -> list[str]:
     """The call sites that the layer list ``layers`` selects in one run of ``forward()``, in the
     order they ran (e.g. to turn module names into the layers ``#1``, ``#2`` of shared modules).
 
@@ -503,7 +503,9 @@ def run_layers(
             often its module ran).
     """
     seen: list[str] = []
-    with hooked(model, layers, lambda name, _t: seen.append(name) if name not in seen else None) as hooks:
+    with hooked(
+        model, layers, lambda name, _t: seen.append(name) if name not in seen else None
+    ) as hooks:
         forward()
     for spec in layers:
         if not any(selects([spec], name) for name in seen):

@@ -272,7 +272,7 @@ def test_every_n_epochs_max_batches_validate_and_test(tmp_path):
 
     class Spy(pl.Callback):
         def on_validation_epoch_end(self, trainer, pl_module):
-            seen.append(contribution.results.get("backbone.fc", {}).get("epoch"))
+            seen.append(contribution.results.get("backbone.relu2", {}).get("epoch"))
 
     trainer = fast_trainer(
         tmp_path,
@@ -281,13 +281,13 @@ def test_every_n_epochs_max_batches_validate_and_test(tmp_path):
     )
     trainer.fit(model, datamodule=data)
     assert seen == [None, 1, 1]
-    assert contribution.results["backbone.fc"]["counts"].sum() == 8  # one batch
+    assert contribution.results["backbone.relu2"]["counts"].sum() == 8  # one batch
     contribution.results = {}
     trainer.validate(model, datamodule=data, verbose=False)
-    assert contribution.results["backbone.fc"]["counts"].sum() == 8
+    assert contribution.results["backbone.relu2"]["counts"].sum() == 8
     contribution.results = {}
     trainer.test(model, datamodule=data, verbose=False)
-    assert contribution.results["backbone.fc"]["counts"].sum() == 8
+    assert contribution.results["backbone.relu2"]["counts"].sum() == 8
     assert count_forward_hooks(model) == 0
 
 
