@@ -32,12 +32,12 @@ tent   triangle         vbar, zigzag, arc
 star   x                hbar, dots, tee
 ====== ================ ======================================
 
-Two classes of a group share one of their two parts, classes of different groups none: no own
-part is another group's shared part, a stroke of it (as a diagonal is of ``x``) or a rotation of
-it (as a diamond is of ``square``), and no own part is made of other classes' own parts (as a
-plus is of ``hbar`` and ``vbar``). The own part alone tells every class from every other: a
-network can classify without ever looking at the shared part, so the groups are visible only in
-what it represents along the way.
+Two classes of a group share one of their two parts, classes of different groups none (no own
+part is another class's part, nor a rotation of a shared part as a diamond is of ``square``, nor
+made of other own parts as a plus is of ``hbar`` and ``vbar``; strokes still resemble each other:
+``hbar`` is as straight as a side of ``square``). The own part alone tells every class from every
+other: a network can classify without ever looking at the shared part, so the groups are visible
+only in what it represents along the way.
 
 Every part is drawn with random position, scale, rotation, stroke width and brightness, and the
 image gets Gaussian pixel noise, all from the caller's seed (a private ``torch.Generator``; the

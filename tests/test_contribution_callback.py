@@ -352,7 +352,11 @@ def test_without_tensorboard_it_still_writes_files(tmp_path):
             logger=False,
         ).fit(_module(), datamodule=TinyData())
     index = load_index(tmp_path)
-    assert {r["name"] for r in index if r["kind"] == "contribution"} == set(LAYERS)
+    # the tracker's default layers: TinyNet's ReLU modules
+    assert {r["name"] for r in index if r["kind"] == "contribution"} == {
+        "backbone.relu1",
+        "backbone.relu2",
+    }
 
 
 DDP_SCRIPT = """
@@ -377,7 +381,7 @@ trainer = pl.Trainer(
     callbacks=[ActivationTracker(), contribution],
 )
 trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
-drop = contribution.results.get("backbone.features.conv2", {}).get("accuracy_drop")
+drop = contribution.results.get("backbone.features.relu2", {}).get("accuracy_drop")
 summary = {"layers": sorted(contribution.results), "drop": None if drop is None else list(drop.shape)}
 (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(summary))
 """
@@ -398,7 +402,7 @@ def test_two_process_ddp_runs_on_rank_zero_only(tmp_path):
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     rank1 = json.loads((tmp_path / "rank1.json").read_text())
     assert rank0 == {
-        "layers": ["backbone.features.conv1", "backbone.features.conv2"],
+        "layers": ["backbone.features.relu1", "backbone.features.relu2"],
         "drop": [10, 10],
     }
     assert rank1 == {"layers": [], "drop": None}

@@ -10,8 +10,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_neurons import ActivationTracker
-from lightning_neurons.hooks import ACTIVATIONS, SIGNED, count_forward_hooks, default_layers
-from lightning_neurons.hooks import get_module, run_layers
+from lightning_neurons.hooks import (
+    ACTIVATIONS,
+    SIGNED,
+    count_forward_hooks,
+    default_layers,
+    get_module,
+    run_layers,
+)
 from lightning_neurons.models import ImageClassifier, SmallCNN
 
 RESNET_BLOCKS = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
