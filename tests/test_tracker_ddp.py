@@ -28,7 +28,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     _run(tmp_path / "two", 2)
     single = torch.load(tmp_path / "one" / "means.pt")
     double = torch.load(tmp_path / "two" / "means.pt")
-    assert single.keys() == double.keys() == {"backbone.features.conv1", "backbone.features.conv2"}
+    assert single.keys() == double.keys() == {"backbone.features.relu1", "backbone.features.relu2"}
     for layer in single:
         means_1, counts_1, dead_1 = single[layer]
         means_2, counts_2, dead_2 = double[layer]
