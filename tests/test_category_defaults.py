@@ -62,5 +62,5 @@ def test_a_view_that_is_no_layer_is_a_clear_error(tmp_path):
     category = CategoryClustering(view="backbone.features.conv9")
     with pytest.raises(NeuronsError, match=r"`view` 'backbone.features.conv9' is not one of"):
         fast_trainer(tmp_path, callbacks=[ActivationTracker(), category]).validate(
-            model, PartsDataModule(n_per_class=2, structure="one_shared"), verbose=False
+            model, PartsDataModule(n_per_class=10, structure="one_shared"), verbose=False
         )
