@@ -7,7 +7,7 @@ then, for every combination of
   contribution (activation x gradient of the true class's logit, summed over space),
 * layers: each conv / ReLU output alone, or several side by side,
 * profile normalisation: ``none`` (raw class means) or ``zscore`` (each neuron standardised
-  across the classes),
+  across the classes; the clusterer runs with ``normalize="none"``, so this is the only one),
 * distance: ``correlation`` or ``cosine`` (average linkage),
 
 builds the class profile on the validation images and clusters the 12 classes with
@@ -205,9 +205,9 @@ def study(structure: str, args: argparse.Namespace) -> None:
             rep, layer_set, normalize, metric = key
             for stage, profiles in zip(stages, by_stage, strict=True):
                 x = features(profiles, rep, LAYER_SETS[layer_set], normalize)
-                fixed = CategoryClusterer(n_clusters=4, metric=metric).fit(x)
+                fixed = CategoryClusterer(n_clusters=4, metric=metric, normalize="none").fit(x)
                 ari[key][stage].append(adjusted_rand_score(groups, fixed.labels_))
-            auto = CategoryClusterer(n_clusters=None, metric=metric).fit(x)
+            auto = CategoryClusterer(n_clusters=None, metric=metric, normalize="none").fit(x)
             ari[key]["auto"].append(adjusted_rand_score(groups, auto.labels_))
             chosen_k[key].append(auto.n_clusters_)
 
