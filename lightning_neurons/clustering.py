@@ -210,9 +210,10 @@ class CategoryClusterer:
         metric: ``"correlation"``, ``"cosine"`` or ``"euclidean"``.
         linkage: ``"average"``, ``"complete"``, ``"single"`` or ``"ward"`` (Ward on the metric's
             Euclidean embedding: unit rows for cosine, centred unit rows for correlation).
-        normalize: ``"none"`` uses the profile as it is; ``"zscore"`` first standardises every
-            neuron (column) across the categories, so that each neuron counts equally whatever
-            its scale.
+        normalize: ``"zscore"`` (default) first standardises every neuron (column) across the
+            categories, so that each neuron counts equally whatever its scale and baseline (a
+            neuron that fires for every category would otherwise make every pair of categories
+            look alike); ``"none"`` uses the profile as it is.
         max_clusters: Largest count tried when ``n_clusters=None`` (default: half the categories).
         min_cluster_size: Smallest cluster HDBSCAN reports.
         random_state: Seed of k-means.
@@ -243,7 +244,7 @@ class CategoryClusterer:
         method: CategoryMethod = "agglomerative",
         metric: Metric = "correlation",
         linkage: Linkage = "average",
-        normalize: CategoryNormalize = "none",
+        normalize: CategoryNormalize = "zscore",
         max_clusters: int | None = None,
         min_cluster_size: int = 2,
         random_state: int = 0,

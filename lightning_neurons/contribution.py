@@ -36,7 +36,7 @@ Every function puts the model in eval mode and gives everything back as it was: 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, Literal
@@ -46,7 +46,12 @@ from torch import nn
 
 from lightning_neurons.batch import BatchFn, BatchReader, as_model_input, read_logits
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.hooks import first_tensor, get_module
+from lightning_neurons.hooks import (
+    HookSet,
+    get_module,
+    parse_call_site,
+    selects,
+)
 from lightning_neurons.state import analysis_mode
 from lightning_neurons.stats import dominant_neurons
 
@@ -102,12 +107,19 @@ def _check_targets(
 
 
 def _layer_names(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
+    """The layer list (names, or ``name#call``; a module name selects each of its calls)."""
     names = [layers] if isinstance(layers, str) else list(layers)
     if not names:
         raise NeuronsError("`layers` is empty; name at least one layer")
     for name in names:
         get_module(model, name)
     return list(dict.fromkeys(names))
+
+
+def _exact(layer: str) -> str:
+    """The layer list entry selecting exactly the call site ``layer`` (``"m"`` is the first call)."""
+    module, index = parse_call_site(layer)
+    return f"{module}#{index}"
 
 
 # ---- first order ----------------------------------------------------------------------------
@@ -143,45 +155,37 @@ def contribution_batch(
 
     Args:
         model: Maps ``x`` to ``[B, C]`` logits.
-        layers: Module names; their outputs ``[B, K]`` or ``[B, K, H, W]`` are the neurons.
+        layers: Module names; their outputs ``[B, K]`` or ``[B, K, H, W]`` are the neurons. A
+            module run several times per forward pass gives one layer per call (``"relu"``,
+            ``"relu#1"``, ...; ``"relu#1"`` selects that call only).
         x: ``[B, ...]`` input on the model's device.
         targets: ``[B]`` class whose logit is explained, per image; default: the predicted class.
         output_fn: Reads the logits from the model's output (see
             :func:`~lightning_neurons.batch.read_logits`).
 
     Returns:
-        A :class:`ContributionBatch` on the model's device, detached (float32 contributions and
-        activations, also for a bfloat16 or float16 model).
+        A :class:`ContributionBatch` on the model's device, detached, keyed by call site
+        (float32 contributions and activations, also for a bfloat16 or float16 model).
 
     Raises:
-        NeuronsError: For unknown layers, bad targets, a layer that is not run, or run more than once
-            per forward, or whose output does not depend on the input or is not batch-first.
+        NeuronsError: For unknown layers, bad targets, a layer that is not run, or whose output
+            does not depend on the input or is not batch-first.
     """
     names = _layer_names(model, layers)
     outputs: dict[str, torch.Tensor] = {}
-    handles = []
 
-    def make_hook(name: str) -> Callable[..., Any]:
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
-            if name in outputs:
-                raise NeuronsError(
-                    f"layer {name!r} runs more than once in one forward pass (a shared module); the "
-                    "contribution of each call is not separable. Choose a layer that runs once."
-                )
-            outputs[name] = first_tensor(output, name)
-            # the model may modify our output in place further on (ReLU(inplace=True)): hand it a copy
-            return output.clone() if isinstance(output, torch.Tensor) else None
-
-        return hook
+    def capture(name: str, output: torch.Tensor) -> torch.Tensor:
+        outputs[name] = output
+        # the model may modify our output in place further on (ReLU(inplace=True)): hand it a copy
+        return output.clone()
 
     x = as_model_input(x.detach(), model).clone().requires_grad_(x.is_floating_point())
+    hooks = HookSet()
     try:
-        for name in names:
-            handles.append(get_module(model, name).register_forward_hook(make_hook(name)))
+        hooks.add(model, names, capture)
         logits = read_logits(model(x), output_fn)
     finally:
-        for handle in handles:
-            handle.remove()
+        hooks.remove()
     batch = x.shape[0]
     if logits.shape[0] != batch:
         raise NeuronsError(
@@ -190,12 +194,14 @@ def contribution_batch(
     if targets is None:
         targets = logits.detach().argmax(dim=1)
     targets = _check_targets(targets.to(logits.device), batch, logits.shape[1]).to(logits.device)
+    for spec in names:
+        if not any(selects([spec], name) for name in outputs):
+            raise NeuronsError(
+                f"layer {spec!r} was not run by the model's forward; choose a layer on the path to the logits"
+            )
+    names = list(outputs)  # the call sites, in the order they ran
     acts = []
     for name in names:
-        if name not in outputs:
-            raise NeuronsError(
-                f"layer {name!r} was not run by the model's forward; choose a layer on the path to the logits"
-            )
         act = outputs[name]
         if act.dim() not in (2, 4) or act.shape[0] != batch:
             raise NeuronsError(
@@ -598,7 +604,8 @@ def ablation_effects(
     Args:
         model: Maps images to ``[B, C]`` logits.
         layer: Module whose output neurons (channels of ``[B, K, H, W]``, units of ``[B, K]``) are
-            zeroed.
+            zeroed; for a module run several times per forward pass, ``"name"`` is its first call
+            and ``"name#i"`` its call ``i`` (only that call is ablated).
         neuron_sets: ``{name: neuron indices}``; an empty set measures nothing (drop 0).
         dataloader: Any iterable of ``(x, y, ...)`` batches.
         max_batches: Use at most this many batches (default: all).
@@ -624,6 +631,7 @@ def ablation_effects(
         >>> res["a"].accuracy_drop  # doctest: +SKIP
     """
     module = get_module(model, layer)
+    site = _exact(layer)
     if isinstance(sets_per_pass, bool) or not isinstance(sets_per_pass, int) or sets_per_pass < 1:
         raise NeuronsError(f"`sets_per_pass` must be a positive integer, got {sets_per_pass!r}")
     width = _width(module) if not isinstance(module, nn.Sequential) else None
@@ -634,11 +642,10 @@ def ablation_effects(
     reader = BatchReader(input_fn=input_fn, label_fn=label_fn, output_fn=output_fn)
     state: dict[str, Any] = {"chunk": None, "shared": share_prefix is True}
 
-    def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+    def hook(_name: str, out: torch.Tensor) -> torch.Tensor | None:
         chunk = state["chunk"]
         if chunk is None:  # a forward outside our passes
             return None
-        out = first_tensor(output, layer)
         if out.dim() not in (2, 4):
             raise NeuronsError(
                 f"layer {layer!r} returned shape {tuple(out.shape)}; ablation needs [B, K] or [B, K, H, W]"
@@ -663,15 +670,13 @@ def ablation_effects(
                 f"layer {layer!r} saw {out.shape[0]} rows, not a multiple of the {copies} copies of the batch"
             )
         mask = keep.view(copies, 1, num_neurons, *([1] * (out.dim() - 2)))
-        ablated = grouped.masked_fill(~mask, 0).reshape(-1, *out.shape[1:])
-        if isinstance(output, torch.Tensor):
-            return ablated
-        return type(output)([ablated, *output[1:]])
+        return grouped.masked_fill(~mask, 0).reshape(-1, *out.shape[1:])
 
     counts: torch.Tensor | None = None
     correct: torch.Tensor | None = None  # [1 + S, C]: row 0 is the baseline
     logit_sum: torch.Tensor | None = None
-    handle = module.register_forward_hook(hook)
+    hooks = HookSet()
+    hooks.add(model, [site], hook)  # that call of the module only
     try:
         with _analysis_mode(model, grad=False):
             device = _device(model)
@@ -718,7 +723,7 @@ def ablation_effects(
                     if start == 0:
                         counts += onehot.sum(dim=0)
     finally:
-        handle.remove()
+        hooks.remove()
         state["chunk"] = None
     if correct is None or counts is None or logit_sum is None:
         raise NeuronsError("the data loader gave no batch; nothing to analyse")

@@ -19,6 +19,26 @@ of groups shares exactly one mark, so the cross-group overlap is the same for ev
 only coherent grouping is :data:`CLASS_GROUPS`. That is the structure category clustering should
 find (compare with :func:`sklearn.metrics.adjusted_rand_score`).
 
+A second, harder structure (``structure="one_shared"``, :data:`ONE_SHARED`) has classes made of
+two equally large parts and no mark: the *shared* part of their group and a part of their own,
+used by no other class:
+
+====== ================ ======================================
+group  shared part      own part of each class
+====== ================ ======================================
+wheel  ring             s_curve, chevron, ell
+box    square           wave, arrow, disk
+tent   triangle         vbar, zigzag, arc
+star   x                hbar, dots, tee
+====== ================ ======================================
+
+Two classes of a group share one of their two parts, classes of different groups none (no own
+part is another class's part, nor a rotation of a shared part as a diamond is of ``square``, nor
+made of other own parts as a plus is of ``hbar`` and ``vbar``; strokes still resemble each other:
+``hbar`` is as straight as a side of ``square``). The own part alone tells every class from every
+other: a network can classify without ever looking at the shared part, so the groups are visible
+only in what it represents along the way.
+
 Every part is drawn with random position, scale, rotation, stroke width and brightness, and the
 image gets Gaussian pixel noise, all from the caller's seed (a private ``torch.Generator``; the
 global random state is never touched).
@@ -33,6 +53,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -57,6 +79,17 @@ GROUP_MARKS: list[tuple[str, str, str]] = [
     ("dot", "pipe", "small_ring"),
     ("plus", "pipe", "small_x"),
     ("dash", "small_ring", "small_x"),
+]
+
+#: The part shared by the classes of each group in the ``"one_shared"`` structure.
+ONE_SHARED_GROUP_PARTS: list[str] = ["ring", "square", "triangle", "x"]
+
+#: The own part of each class, per group, in the ``"one_shared"`` structure.
+ONE_SHARED_OWN_PARTS: list[tuple[str, str, str]] = [
+    ("s_curve", "chevron", "ell"),
+    ("wave", "arrow", "disk"),
+    ("vbar", "zigzag", "arc"),
+    ("hbar", "dots", "tee"),
 ]
 
 #: Every part, large ones first.
@@ -93,6 +126,61 @@ CLASS_NAMES: list[str] = [
 ]
 
 NUM_CLASSES = len(CLASS_NAMES)
+
+
+@dataclass(frozen=True)
+class PartsStructure:
+    """How the classes of a parts data set are built.
+
+    Attributes:
+        name: ``"marks"`` or ``"one_shared"``.
+        class_parts: The parts of each class (large parts first; a third part is a small mark).
+        class_groups: The group of each class: the grouping category clustering should find.
+        class_names: ``"<group>-<distinguishing part>"`` for each class.
+    """
+
+    name: str
+    class_parts: list[tuple[str, ...]]
+    class_groups: list[int]
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_parts)
+
+
+#: The default structure: groups share two large parts of three (see the module docstring).
+MARKS = PartsStructure("marks", list(CLASS_PARTS), list(CLASS_GROUPS), list(CLASS_NAMES))
+
+#: The harder structure: groups share one of two equally large parts (see the module docstring).
+ONE_SHARED = PartsStructure(
+    "one_shared",
+    [
+        (shared, own)
+        for shared, owns in zip(ONE_SHARED_GROUP_PARTS, ONE_SHARED_OWN_PARTS, strict=True)
+        for own in owns
+    ],
+    [g for g, owns in enumerate(ONE_SHARED_OWN_PARTS) for _ in owns],
+    [f"{GROUP_NAMES[g]}-{own}" for g, owns in enumerate(ONE_SHARED_OWN_PARTS) for own in owns],
+)
+
+#: The structures by name.
+STRUCTURES: dict[str, PartsStructure] = {"marks": MARKS, "one_shared": ONE_SHARED}
+Structure = Literal["marks", "one_shared"]
+
+
+def get_structure(structure: str) -> PartsStructure:
+    """The :class:`PartsStructure` called ``structure``.
+
+    Raises:
+        NeuronsError: For an unknown name.
+    """
+    if structure not in STRUCTURES:
+        raise NeuronsError(
+            f"`structure` must be one of {', '.join(map(repr, STRUCTURES))}; got {structure!r}"
+        )
+    return STRUCTURES[structure]
+
 
 # Geometry, in image coordinates scaled to [-1, 1].
 _BASE_SCALE = 0.52  # radius of the large parts
@@ -138,6 +226,21 @@ def _cross(arm: float, diagonal: bool) -> Callable[[Tensor, Tensor], Tensor]:
     return lambda u, v: torch.minimum(_segment(u, v, a, b), _segment(u, v, c, d))
 
 
+def _polyline(*points: tuple[float, float]) -> Callable[[Tensor, Tensor], Tensor]:
+    def dist(u: Tensor, v: Tensor) -> Tensor:
+        parts = [_segment(u, v, a, b) for a, b in zip(points[:-1], points[1:], strict=True)]
+        return torch.stack(parts).amin(dim=0)
+
+    return dist
+
+
+def _arc(u: Tensor, v: Tensor) -> Tensor:
+    # The upper half of a ring of radius 0.9 (v grows downwards), with round ends.
+    on_ring = (torch.hypot(u, v) - 0.9).abs()
+    ends = torch.minimum(torch.hypot(u - 0.9, v), torch.hypot(u + 0.9, v))
+    return torch.where(v <= 0, on_ring, ends)
+
+
 def _wave(u: Tensor, v: Tensor) -> Tensor:
     inside = (v - 0.3 * torch.sin(3.0 * u)).abs()
     beyond = (u.abs() - 1.0).clamp_min(0.0)
@@ -160,6 +263,18 @@ _PARTS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "pipe": lambda u, v: _segment(u, v, (0.0, -1.0), (0.0, 1.0)),
     "small_ring": _ring(0.8),
     "small_x": _cross(0.75, diagonal=True),
+    # large parts of the "one_shared" structure only
+    "chevron": _polyline((-0.95, -0.6), (0.0, 0.6), (0.95, -0.6)),
+    "ell": _polyline((-0.7, -0.95), (-0.7, 0.8), (0.85, 0.8)),
+    "disk": _disk(0.6),
+    "zigzag": _polyline((-1.0, 0.5), (-0.33, -0.5), (0.33, 0.5), (1.0, -0.5)),
+    "arc": _arc,
+    "arrow": _polyline((-0.6, -0.95), (0.6, 0.0), (-0.6, 0.95)),
+    "s_curve": lambda u, v: _wave(v, u),
+    "dots": lambda u, v: torch.minimum(_disk(0.3)(u - 0.55, v), _disk(0.3)(u + 0.55, v)),
+    "tee": lambda u, v: torch.minimum(
+        _segment(u, v, (-0.95, -0.8), (0.95, -0.8)), _segment(u, v, (0.0, -0.8), (0.0, 0.95))
+    ),
 }
 
 
@@ -190,9 +305,14 @@ def _draw(
 
 
 def _draw_class(
-    c: int, n: int, grid_u: Tensor, grid_v: Tensor, pixel: float, gen: torch.Generator
+    parts: tuple[str, ...],
+    n: int,
+    grid_u: Tensor,
+    grid_v: Tensor,
+    pixel: float,
+    gen: torch.Generator,
 ) -> Tensor:
-    base_a, base_b, mark = CLASS_PARTS[c]
+    base_a, base_b, *marks = parts
     centre = (_uniform(n, -0.12, 0.12, gen), _uniform(n, -0.12, 0.12, gen))
     scale = _BASE_SCALE * _uniform(n, 0.85, 1.15, gen)
     angle = _uniform(n, -0.2, 0.2, gen)  # about +-11 degrees
@@ -213,6 +333,9 @@ def _draw_class(
         pixel,
     )
     images = torch.maximum(images, second * _uniform(n, 0.7, 1.0, gen).view(-1, 1, 1))
+    if not marks:
+        return images
+    (mark,) = marks
     corner = torch.randint(0, 4, (n,), generator=gen)
     sign_u = (corner % 2).float() * 2 - 1
     sign_v = (corner // 2).float() * 2 - 1
@@ -228,7 +351,7 @@ def _draw_class(
 
 
 def make_parts(
-    n_per_class: int = 200, image_size: int = 32, seed: int = 0
+    n_per_class: int = 200, image_size: int = 32, seed: int = 0, structure: Structure = "marks"
 ) -> tuple[Tensor, Tensor]:
     """Generate the parts data set (see the module docstring for its design).
 
@@ -236,13 +359,15 @@ def make_parts(
         n_per_class: Images per class.
         image_size: Side of the square images (at least 16 pixels, so the marks stay readable).
         seed: Seed of the private random generator; the same seed gives the same images.
+        structure: ``"marks"`` (groups share two large parts of three) or ``"one_shared"``
+            (groups share one of two equally large parts; harder).
 
     Returns:
         ``(x, y)``: ``x`` float32 ``[N, 1, image_size, image_size]`` in [0, 1], ``y`` int64
         ``[N]`` class indices (``N = 12 * n_per_class``), in a random order.
 
     Raises:
-        NeuronsError: If ``n_per_class < 1`` or ``image_size < 16``.
+        NeuronsError: If ``n_per_class < 1``, ``image_size < 16`` or ``structure`` is unknown.
 
     Example:
         >>> x, y = make_parts(n_per_class=5, image_size=24, seed=1)
@@ -255,15 +380,19 @@ def make_parts(
         raise NeuronsError(
             f"`image_size` must be an integer >= 16 (smaller images cannot show the marks), got {image_size!r}"
         )
+    design = get_structure(structure)
     gen = torch.Generator().manual_seed(int(seed))
     pixel = 2.0 / image_size
     coords = (torch.arange(image_size, dtype=torch.float32) + 0.5) * pixel - 1.0
     grid_v, grid_u = torch.meshgrid(coords, coords, indexing="ij")
     images = torch.cat(
-        [_draw_class(c, n_per_class, grid_u, grid_v, pixel, gen) for c in range(NUM_CLASSES)]
+        [
+            _draw_class(parts, n_per_class, grid_u, grid_v, pixel, gen)
+            for parts in design.class_parts
+        ]
     )
     images = images + 0.06 * torch.randn(images.shape, generator=gen)
-    labels = torch.arange(NUM_CLASSES).repeat_interleave(n_per_class)
+    labels = torch.arange(design.num_classes).repeat_interleave(n_per_class)
     order = torch.randperm(labels.numel(), generator=gen)
     return images[order].clamp(0.0, 1.0).unsqueeze(1).contiguous(), labels[order].contiguous()
 
@@ -283,12 +412,13 @@ class PartsDataModule(InMemoryDataModule):
         val_fraction: Share of the images held out for validation (and test).
         seed: Seed of the images, the split and the training shuffle.
         num_workers: DataLoader workers.
+        structure: ``"marks"`` (default) or ``"one_shared"`` (see :func:`make_parts`).
 
     Attributes:
         num_classes: 12.
-        class_names: :data:`CLASS_NAMES`.
-        class_groups: :data:`CLASS_GROUPS`, the known grouping of the classes.
-        class_parts: :data:`CLASS_PARTS`.
+        class_names: The structure's class names (:data:`CLASS_NAMES` for ``"marks"``).
+        class_groups: The known grouping of the classes (:data:`CLASS_GROUPS` for ``"marks"``).
+        class_parts: The parts of each class (:data:`CLASS_PARTS` for ``"marks"``).
         image_shape: ``(1, image_size, image_size)``.
         input_transform: ``None`` (images go to the model as they are).
 
@@ -318,8 +448,14 @@ class PartsDataModule(InMemoryDataModule):
         val_fraction: float = 0.2,
         seed: int = 0,
         num_workers: int = 0,
+        structure: Structure = "marks",
     ) -> None:
         super().__init__(batch_size, val_fraction, seed, num_workers)
+        design = get_structure(structure)
+        self.structure = structure
+        self.class_names = list(design.class_names)
+        self.class_groups = list(design.class_groups)
+        self.class_parts = list(design.class_parts)
         if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 2:
             raise NeuronsError(
                 f"`n_per_class` must be an integer >= 2 (one image to train, one to validate), got {n_per_class!r}"
@@ -331,4 +467,4 @@ class PartsDataModule(InMemoryDataModule):
         self.image_shape = (1, image_size, image_size)
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return make_parts(self.n_per_class, self.image_size, self.seed)
+        return make_parts(self.n_per_class, self.image_size, self.seed, self.structure)

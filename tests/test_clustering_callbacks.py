@@ -249,7 +249,7 @@ def test_validate_and_test_analyse_and_remove_hooks(tmp_path):
     assert count_forward_hooks(model) == 0
     assert category.results[COMBINED].n_clusters == 2
     assert category.results[COMBINED].confusion.sum() == 48
-    assert set(neurons.results) == {"backbone.conv1", "backbone.conv2", "backbone.fc"}
+    assert set(neurons.results) == {"backbone.relu1", "backbone.relu2"}  # the default layers
     category.results = {}
     trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(stage="test"), category])
     trainer.test(model, data, verbose=False)
@@ -258,14 +258,14 @@ def test_validate_and_test_analyse_and_remove_hooks(tmp_path):
 
 def test_train_stage_tracker_is_followed(tmp_path):
     model = _tiny(num_classes=6)
-    category = CategoryClustering(layers=["backbone.conv2"], n_clusters=2, on_error="raise")
+    category = CategoryClustering(layers=["backbone.relu2"], n_clusters=2, on_error="raise")
     trainer = fast_trainer(
         tmp_path, max_epochs=1, logger=False, callbacks=[ActivationTracker(stage="train"), category]
     )
     trainer.fit(model, TinyData(n=96, num_classes=6))
-    res = category.results["backbone.conv2"]
+    res = category.results["backbone.relu2"]
     assert res.confusion.sum() == 96  # the training images
-    assert set(category.results) == {"backbone.conv2"}  # one layer: no combined view
+    assert set(category.results) == {"backbone.relu2"}  # one layer: no combined view
 
 
 def test_every_n_epochs_and_no_tensorboard(tmp_path):
@@ -337,10 +337,10 @@ def test_argument_errors(cls, kwargs, match):
 
 
 class FeatureVisualizer(pl.Callback):
-    """Stands in for the real FeatureVisualizer: rendered images of two conv2 channels."""
+    """Stands in for the real FeatureVisualizer: rendered images of two relu2 channels."""
 
     def __init__(self) -> None:
-        self.results = {"backbone.conv2": {"channels": [0, 3], "images": torch.rand(2, 1, 12, 12)}}
+        self.results = {"backbone.relu2": {"channels": [0, 3], "images": torch.rand(2, 1, 12, 12)}}
 
 
 def test_rendered_images_become_projector_sprites(tmp_path):

@@ -266,11 +266,6 @@ def test_contribution_errors():
         neuron_contributions(model, [], x)
     with pytest.raises(NeuronsError, match="was not run"):
         neuron_contributions(WithSpare(), "spare", x)
-    shared = nn.Linear(2, 2)
-    twice = nn.Sequential(OrderedDict(a=shared, b=nn.ReLU(), c=shared))
-    with pytest.raises(NeuronsError, match="more than once"):
-        neuron_contributions(twice, "a", torch.rand(3, 2))
-    assert count_forward_hooks(twice) == 0
     with pytest.raises(NeuronsError, match=r"need \[batch, num_classes\]"):
         neuron_contributions(nn.Sequential(OrderedDict(conv=nn.Conv2d(1, 2, 1))), "conv", x)
     with pytest.raises(NeuronsError, match="no batch"):
@@ -505,3 +500,31 @@ def test_ablating_a_class_dominant_neurons_hurts_that_class_most(parts_cnn):
     assert selectivity["own_drop"] > 2.5 * selectivity["other_drop"]
     assert selectivity["own_drop"] > ablation_selectivity(random_sets)["own_drop"] + 0.3
     assert float(stats.domination.mean()) > 5 / 32  # five of 32 neurons carry more than their share
+
+
+def test_each_call_of_a_shared_module_has_its_own_contributions():
+    torch.manual_seed(0)
+    shared = nn.Linear(2, 2)
+    twice = nn.Sequential(OrderedDict(a=shared, b=nn.ReLU(), c=shared))  # "a" runs twice
+    x, targets = torch.rand(3, 2), torch.tensor([0, 1, 1])
+    out = neuron_contributions(twice, "a", x, targets)
+    assert list(out) == ["a", "a#1"]  # one layer per call, never mixed
+    logits = twice(x).detach()
+    # the second call outputs the logits: activation x gradient is the target's logit, alone
+    expected = torch.zeros(3, 2)
+    expected[torch.arange(3), targets] = logits[torch.arange(3), targets]
+    # float32 products of the same numbers: equal up to rounding
+    torch.testing.assert_close(out["a#1"], expected, atol=1e-6, rtol=1e-5)
+    hidden = shared(x).detach().requires_grad_(True)
+    chosen = shared(torch.relu(hidden)).gather(1, targets[:, None]).sum()
+    (grad,) = torch.autograd.grad(chosen, hidden)
+    torch.testing.assert_close(out["a"], (hidden * grad).detach(), atol=1e-6, rtol=1e-5)
+    assert list(neuron_contributions(twice, "a#1", x, targets)) == ["a#1"]
+    assert count_forward_hooks(twice) == 0
+    # ablating the first call only zeroes that call's neurons
+    res = ablation_effect(twice, "a", [0, 1], [(x, targets)], share_prefix=False)
+    zeroed = shared(torch.zeros(3, 2)).detach()
+    torch.testing.assert_close(
+        res.ablated_logit[1], zeroed[1:, 1].double().mean(), atol=1e-6, rtol=1e-5
+    )
+    assert count_forward_hooks(twice) == 0

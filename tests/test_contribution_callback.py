@@ -44,7 +44,7 @@ def fitted(tmp_path_factory):
     contribution = NeuronContribution(
         max_batches=2, ablation_layers=["backbone.conv2", "backbone.fc"], on_error="raise"
     )
-    trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(), contribution])
+    trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(layers=LAYERS), contribution])
     trainer.fit(model, datamodule=data)
     return model, data, contribution, tmp_path
 
@@ -172,7 +172,7 @@ def test_a_failing_analysis_raises_with_on_error_raise_and_removes_hooks(tmp_pat
     contribution = NeuronContribution(
         ablation_layers=["backbone.conv1"], share_prefix=False, on_error="raise"
     )
-    trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(), contribution])
+    trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(layers=LAYERS), contribution])
     with pytest.raises(RuntimeError, match="exploded mid-forward"):
         trainer.fit(model, datamodule=TinyData())
     assert count_forward_hooks(model) == 0
@@ -272,7 +272,7 @@ def test_every_n_epochs_max_batches_validate_and_test(tmp_path):
 
     class Spy(pl.Callback):
         def on_validation_epoch_end(self, trainer, pl_module):
-            seen.append(contribution.results.get("backbone.fc", {}).get("epoch"))
+            seen.append(contribution.results.get("backbone.relu2", {}).get("epoch"))
 
     trainer = fast_trainer(
         tmp_path,
@@ -281,13 +281,13 @@ def test_every_n_epochs_max_batches_validate_and_test(tmp_path):
     )
     trainer.fit(model, datamodule=data)
     assert seen == [None, 1, 1]
-    assert contribution.results["backbone.fc"]["counts"].sum() == 8  # one batch
+    assert contribution.results["backbone.relu2"]["counts"].sum() == 8  # one batch
     contribution.results = {}
     trainer.validate(model, datamodule=data, verbose=False)
-    assert contribution.results["backbone.fc"]["counts"].sum() == 8
+    assert contribution.results["backbone.relu2"]["counts"].sum() == 8
     contribution.results = {}
     trainer.test(model, datamodule=data, verbose=False)
-    assert contribution.results["backbone.fc"]["counts"].sum() == 8
+    assert contribution.results["backbone.relu2"]["counts"].sum() == 8
     assert count_forward_hooks(model) == 0
 
 
@@ -352,7 +352,11 @@ def test_without_tensorboard_it_still_writes_files(tmp_path):
             logger=False,
         ).fit(_module(), datamodule=TinyData())
     index = load_index(tmp_path / "neurons" / "run_0")  # no logger: a folder of its own
-    assert {r["name"] for r in index if r["kind"] == "contribution"} == set(LAYERS)
+    # the tracker's default layers: TinyNet's ReLU modules
+    assert {r["name"] for r in index if r["kind"] == "contribution"} == {
+        "backbone.relu1",
+        "backbone.relu2",
+    }
 
 
 DDP_SCRIPT = """
@@ -377,7 +381,7 @@ trainer = pl.Trainer(
     callbacks=[ActivationTracker(), contribution],
 )
 trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
-drop = contribution.results.get("backbone.features.conv2", {}).get("accuracy_drop")
+drop = contribution.results.get("backbone.features.relu2", {}).get("accuracy_drop")
 summary = {"layers": sorted(contribution.results), "drop": None if drop is None else list(drop.shape)}
 (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(summary))
 """
@@ -398,7 +402,7 @@ def test_two_process_ddp_runs_on_rank_zero_only(tmp_path):
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     rank1 = json.loads((tmp_path / "rank1.json").read_text())
     assert rank0 == {
-        "layers": ["backbone.features.conv1", "backbone.features.conv2"],
+        "layers": ["backbone.features.relu1", "backbone.features.relu2"],
         "drop": [10, 10],
     }
     assert rank1 == {"layers": [], "drop": None}

@@ -11,11 +11,15 @@ from lightning_neurons.hooks import (
     hooked,
     reduce_activation,
     resolve_layers,
+    run_layers,
+    selects,
+    signed_layers,
 )
 
 
-def test_default_layers_skip_the_final_classifier():
-    assert default_layers(TinyNet()) == ["conv1", "conv2", "fc"]
+def test_default_layers_are_the_activation_modules_not_the_signed_convs():
+    # TinyNet's fc is followed by a functional relu: not a module, so not a default layer
+    assert default_layers(TinyNet()) == ["relu1", "relu2"]
 
 
 def test_globs_resolve_in_model_order():
@@ -38,9 +42,7 @@ def test_pattern_matching_nothing_is_an_error():
 
 
 def test_model_without_layers_to_track():
-    with pytest.raises(
-        NeuronsError, match="no Conv2d or Linear layer besides its final classifier"
-    ):
+    with pytest.raises(NeuronsError, match="no activation module.*Name the layers"):
         resolve_layers(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), None)
 
 
@@ -48,7 +50,7 @@ def test_hooks_are_removed_even_when_the_forward_raises():
     model = TinyNet()
     seen = []
     with pytest.raises(RuntimeError), hooked(model, ["conv1", "fc"], lambda n, t: seen.append(n)):
-        assert count_forward_hooks(model) == 2
+        assert count_forward_hooks(model) == 3  # two layers and the pass counter on the model
         model(torch.rand(2, 3, 8, 8))  # wrong channel count
     assert count_forward_hooks(model) == 0
     with hooked(model, ["conv1", "fc"], lambda n, t: seen.append((n, tuple(t.shape)))):
@@ -64,3 +66,60 @@ def test_reduce_activation_shapes_and_errors():
     assert reduce_activation(torch.ones(3, 5), "mean").shape == (3, 5)
     with pytest.raises(NeuronsError, match=r"shape \(2, 3, 4\).*\[B, K\].*\[B, K, H, W\]"):
         reduce_activation(torch.ones(2, 3, 4), "mean", "seq")
+
+
+class SharedReLU(nn.Module):
+    """One ReLU module called twice per forward pass, on outputs of different widths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.conv2(self.relu(self.conv1(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_each_call_of_a_shared_module_is_its_own_layer():
+    model = SharedReLU()
+    seen = []
+    with hooked(model, ["relu"], lambda n, t: seen.append((n, t.shape[1]))):
+        model(torch.rand(2, 1, 8, 8))
+        model(torch.rand(2, 1, 8, 8))  # counting starts again with each forward pass
+    assert seen == [("relu", 4), ("relu#1", 6)] * 2
+    seen.clear()
+    with hooked(model, ["relu#1"], lambda n, t: seen.append((n, t.shape[1]))):
+        model(torch.rand(2, 1, 8, 8))
+    assert seen == [("relu#1", 6)]
+    assert default_layers(model) == ["relu"]  # selects both calls
+
+
+def test_call_site_names_in_lists_globs_and_suggestions():
+    model = SharedReLU()
+    assert resolve_layers(model, ["relu#1", "conv*"]) == ["conv1", "conv2", "relu#1"]
+    assert resolve_layers(model, ["relu#1", "relu"]) == ["relu"]  # the module covers its calls
+    assert selects(["relu"], "relu#1") and selects(resolve_layers(model, ["re*#*"]), "relu#1")
+    assert not selects(["relu#0"], "relu#1") and selects(["relu#0"], "relu")
+    with pytest.raises(NeuronsError, match=r"Did you mean: relu#1\?"):
+        resolve_layers(model, ["rleu#1"])
+    with pytest.raises(NeuronsError, match=r"index of the module's call.*'relu#1'"):
+        resolve_layers(model, ["relu#second"])
+    with pytest.raises(NeuronsError, match=r"'relu#2' did not run.*ran 2 time\(s\).*relu, relu#1"):
+        run_layers(model, ["relu#2"], lambda: model(torch.rand(1, 1, 8, 8)))
+    assert run_layers(model, ["relu"], lambda: model(torch.rand(1, 1, 8, 8))) == ["relu", "relu#1"]
+    assert count_forward_hooks(model) == 0
+
+
+def test_hook_returning_a_tensor_replaces_that_call_only():
+    model = SharedReLU()
+    x = torch.rand(2, 1, 8, 8)
+    with hooked(model, ["relu#1"], lambda n, t: torch.zeros_like(t)):
+        out = model(x)
+    assert torch.allclose(out, model.head.bias.expand(2, 3))  # the pooled features were zeroed
+
+
+def test_signed_layers_are_the_affine_ones():
+    assert signed_layers(TinyNet(), ["conv1", "relu1", "fc", "pool"]) == ["conv1", "fc"]

@@ -104,3 +104,24 @@ def test_data_module_split_and_attributes():
 def test_data_module_errors(kwargs, match):
     with pytest.raises(NeuronsError, match=match):
         PartsDataModule(**kwargs)
+
+
+def test_one_shared_design_groups_share_one_of_two_parts_and_nothing_else():
+    from lightning_neurons.parts import ONE_SHARED, get_structure
+
+    assert get_structure("one_shared") is ONE_SHARED and ONE_SHARED.num_classes == 12
+    parts, groups = ONE_SHARED.class_parts, ONE_SHARED.class_groups
+    assert all(len(p) == 2 for p in parts) and sorted(set(groups)) == [0, 1, 2, 3]
+    own = [p[1] for p in parts]
+    assert len(set(own)) == 12  # the own part alone tells every class apart
+    assert not set(own) & {p[0] for p in parts}  # no own part is a shared part
+    for a, b in itertools.combinations(range(12), 2):
+        shared = set(parts[a]) & set(parts[b])
+        assert len(shared) == (1 if groups[a] == groups[b] else 0), (a, b)
+    x, y = make_parts(n_per_class=3, image_size=24, seed=0, structure="one_shared")
+    assert x.shape == (36, 1, 24, 24) and torch.bincount(y).tolist() == [3] * 12
+    assert bool((x.flatten(1).amax(dim=1) > 0.6).all())
+    dm = PartsDataModule(n_per_class=4, structure="one_shared")
+    assert dm.class_groups == groups and dm.class_names == ONE_SHARED.class_names
+    with pytest.raises(NeuronsError, match="`structure` must be one of 'marks', 'one_shared'"):
+        make_parts(n_per_class=2, structure="three")

@@ -46,7 +46,8 @@ def test_class_means_equal_a_hand_computation(tmp_path, reduction):
     model, data = _module(), TinyData()
     tracker = ActivationTracker(reduction=reduction)
     fast_trainer(tmp_path, callbacks=[tracker]).fit(model, datamodule=data)
-    assert set(tracker.results) == {"backbone.conv1", "backbone.conv2", "backbone.fc"}
+    # the default layers are TinyNet's ReLU modules (responses), not its signed convs
+    assert set(tracker.results) == {"backbone.relu1", "backbone.relu2"}
     for layer in tracker.results:
         expected = _hand_class_means(model, data.val_dataloader(), layer, reduction)
         res = tracker.results[layer]
@@ -78,7 +79,7 @@ def test_every_n_epochs_and_max_batches(tmp_path):
 
     fast_trainer(tmp_path, callbacks=[tracker, Spy()], max_epochs=3).fit(model, datamodule=data)
     assert seen == [None, 1, 1]
-    assert tracker.results["backbone.fc"].counts.sum() == 16  # 2 batches of 8
+    assert tracker.results["backbone.relu2"].counts.sum() == 16  # 2 batches of 8
 
 
 def _final_weights(tmp_path, callbacks, stage_seed=0):
@@ -125,11 +126,11 @@ def test_hooks_are_removed_after_fit_validate_and_test(tmp_path):
     assert count_forward_hooks(model) == 0
     trainer.validate(model, datamodule=data, verbose=False)
     assert count_forward_hooks(model) == 0
-    assert tracker.results["backbone.fc"].counts.sum() == 24
+    assert tracker.results["backbone.relu2"].counts.sum() == 24
     test_tracker = ActivationTracker(stage="test")
     fast_trainer(tmp_path, callbacks=[test_tracker]).test(model, datamodule=data, verbose=False)
     assert count_forward_hooks(model) == 0
-    assert test_tracker.results["backbone.fc"].counts.sum() == 24
+    assert test_tracker.results["backbone.relu2"].counts.sum() == 24
 
 
 class _Boom(ImageClassifier):
@@ -308,3 +309,51 @@ def test_checkpoint_resume_restores_the_statistics(tmp_path):
 def test_arguments_are_checked(kwargs, message):
     with pytest.raises(NeuronsError, match=message):
         ActivationTracker(**kwargs)
+
+
+class _SharedReLUNet(nn.Module):
+    """One ReLU module run twice per forward pass, on 4 and then 6 channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(6, 3)
+        self.num_classes = 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.conv2(self.relu(self.conv1(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_each_call_of_a_shared_module_is_tracked_as_its_own_layer(tmp_path):
+    model, data = _module(net=_SharedReLUNet()), TinyData()
+    tracker = ActivationTracker(enable_logging=False)  # default layers: the ReLU, both calls
+    with pytest.warns(UserWarning, match=r"'backbone.relu' runs 2 times.*backbone.relu#1"):
+        fast_trainer(tmp_path, callbacks=[tracker], max_epochs=1).fit(model, datamodule=data)
+    assert list(tracker.results) == ["backbone.relu", "backbone.relu#1"]
+    first, second = tracker.results["backbone.relu"], tracker.results["backbone.relu#1"]
+    assert first.num_neurons == 4 and second.num_neurons == 6
+    assert first.counts.tolist() == second.counts.tolist() == [8.0, 8.0, 8.0]  # 24 images once
+    net = model.backbone.eval()
+    with torch.no_grad():
+        x, y = data.vx, data.vy
+        a = net.relu(net.conv1(x))
+        b = net.relu(net.conv2(a))
+    for res, act in ((first, a), (second, b)):
+        expected = torch.stack([act[y == c].double().mean(dim=(0, 2, 3)) for c in range(3)])
+        # float64 sums of the same float32 values in another order
+        torch.testing.assert_close(res.class_means, expected, atol=1e-5, rtol=0)
+    only_second = ActivationTracker(layers=["backbone.relu#1"], enable_logging=False)
+    fast_trainer(tmp_path, callbacks=[only_second], max_epochs=1).validate(
+        model, datamodule=data, verbose=False
+    )
+    assert list(only_second.results) == ["backbone.relu#1"]
+    assert count_forward_hooks(model) == 0
+
+
+def test_signed_layers_picked_explicitly_get_a_note(tmp_path):
+    tracker = ActivationTracker(layers=["backbone.conv1", "backbone.relu1"], enable_logging=False)
+    with pytest.warns(UserWarning, match=r"backbone.conv1 output signed values.*shifted"):
+        fast_trainer(tmp_path, callbacks=[tracker], max_epochs=1).fit(_module(), TinyData())

@@ -34,7 +34,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     confusion_1, confusion_2 = single.pop("confusion"), double.pop("confusion")
     assert confusion_1.sum() == confusion_2.sum() == 359  # the repeated image is not counted
     assert torch.equal(confusion_1, confusion_2)
-    assert single.keys() == double.keys() == {"backbone.features.conv1", "backbone.features.conv2"}
+    assert single.keys() == double.keys() == {"backbone.features.relu1", "backbone.features.relu2"}
     for layer in single:
         means_1, counts_1, dead_1 = single[layer]
         means_2, counts_2, dead_2 = double[layer]

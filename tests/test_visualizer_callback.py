@@ -174,16 +174,16 @@ def test_probes_are_bounded_and_validate_runs_a_round(tmp_path):
     trainer = fast_trainer(tmp_path, callbacks=[vis], logger=False)
     trainer.validate(_module(), datamodule=TinyData())
     assert vis.saliency_results["images"].shape == (4, 1, 8, 8)
-    # default layers: every Conv2d and Linear but the classifier (BNNet has no hidden Linear)
-    assert set(vis.results) == {"backbone.conv1", "backbone.conv2", "classes"}
+    # default layers: the activation modules (BNNet's second ReLU is functional: not a module)
+    assert set(vis.results) == {"backbone.relu1", "classes"}
 
 
 def test_image_shape_from_the_batches_without_saliency(tmp_path):
     vis = FeatureVisualizer(max_channels=1, classes=[], saliency=[], on_error="raise", **FAST)
     trainer = fast_trainer(tmp_path, callbacks=[vis], logger=False, max_epochs=1)
     trainer.fit(_module(), datamodule=TinyData())  # no image_shape attribute
-    assert set(vis.results) == {"backbone.conv1", "backbone.conv2"}  # classes=[]: none
-    assert vis.results["backbone.conv1"]["images"].shape == (1, 1, 8, 8)
+    assert set(vis.results) == {"backbone.relu1"}  # classes=[]: none
+    assert vis.results["backbone.relu1"]["images"].shape == (1, 1, 8, 8)
     assert vis.saliency_results == {}
 
 
@@ -210,7 +210,9 @@ def test_configuration_errors_raise_even_with_on_error_warn(tmp_path):
     )
     with pytest.raises(NeuronsError, match="layer 'backbone.conv9' not found"):
         trainer.fit(_module(), datamodule=TinyData())
-    vis = FeatureVisualizer(channels={"backbone.conv1": [0, 4]}, on_error="warn", **FAST)
+    vis = FeatureVisualizer(
+        layers=["backbone.conv*"], channels={"backbone.conv1": [0, 4]}, on_error="warn", **FAST
+    )
     module = _module()
     trainer = fast_trainer(tmp_path, callbacks=[vis], logger=False)
     with pytest.raises(

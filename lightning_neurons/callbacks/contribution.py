@@ -28,7 +28,7 @@ from lightning_neurons.contribution import (
     neuron_contributions,
 )
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.hooks import resolve_layers
+from lightning_neurons.hooks import resolve_layers, selects
 from lightning_neurons.loggers import AnalysisLogger
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -188,9 +188,9 @@ class NeuronContribution(AnalysisCallback):
             ablate = []
         else:
             ablate = resolve_layers(pl_module, self.ablation_patterns)
-        order = [name for name, _ in pl_module.named_modules()]
-        self.layers = [n for n in order if n in set(layers) | set(ablate)]
-        self.ablation_layers = [n for n in order if n in set(ablate)]
+        # Layer lists: a module run several times per pass gives one layer per call site.
+        self.layers = resolve_layers(pl_module, [*layers, *ablate])
+        self.ablation_layers = list(ablate)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start(trainer)
@@ -287,7 +287,7 @@ class NeuronContribution(AnalysisCallback):
             pl_module.eval()
             pl_module.requires_grad_(False)
             stats, top_example = self._contributions(pl_module, batches, num_classes, top_k)
-            for layer in self.layers:
+            for layer in stats:  # call sites of self.layers, in the order they ran
                 results[layer] = {
                     "epoch": trainer.current_epoch,
                     "stats": stats[layer],
@@ -297,7 +297,7 @@ class NeuronContribution(AnalysisCallback):
                     "domination": stats[layer].domination,
                     "top_example_index": top_example[layer],
                 }
-            for layer in self.ablation_layers:
+            for layer in [n for n in stats if selects(self.ablation_layers, n)]:
                 results[layer].update(
                     self._ablate(trainer, pl_module, layer, stats[layer], batches)
                 )

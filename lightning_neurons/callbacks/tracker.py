@@ -24,7 +24,14 @@ from lightning_neurons.callbacks._base import (
     check_positive_int,
 )
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.hooks import HookSet, reduce_activation, resolve_layers
+from lightning_neurons.hooks import (
+    HookSet,
+    call_site,
+    reduce_activation,
+    resolve_layers,
+    selects,
+    signed_layers,
+)
 from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.state import in_analysis
 from lightning_neurons.stats import ClassNeuronStats, LayerStats
@@ -66,8 +73,14 @@ class ActivationTracker(StagedCallback):
 
     Args:
         layers: Module names as in ``pl_module.named_modules()``; glob patterns allowed
-            (``"features.*"``). Default: every ``Conv2d`` and ``Linear`` except the final
-            classifier.
+            (``"features.*"``). A module run several times per forward pass (a shared
+            activation) gives one layer per call: ``"layer1.0.relu"`` (first call) and
+            ``"layer1.0.relu#1"`` (second call); ``"name#i"`` selects call ``i`` only (see
+            :mod:`lightning_neurons.hooks`). Default: the responses of the network, i.e. its
+            activation modules and block outputs (:func:`~lightning_neurons.hooks.default_layers`).
+            Signed layers (Conv, Linear, BatchNorm outputs) picked here are analysed with the
+            conventions of :func:`~lightning_neurons.stats.selectivity_index` (a one-time warning
+            says so).
         reduction: How a conv channel's ``[H, W]`` map becomes one value: ``"mean"`` or ``"max"``.
         stage: ``"validation"`` (default) or ``"test"`` gather statistics on those batches;
             ``"train"`` piggy-backs on the training batches (no extra forward passes; the model is
@@ -147,6 +160,7 @@ class ActivationTracker(StagedCallback):
         self._pending_epoch: int | None = None
         self._saved_states: dict[str, dict[str, torch.Tensor]] = {}
         self._saved_epoch: int = -1
+        self._noted: set[str] = set()
 
     # ---- identity and checkpointing ------------------------------------------------------------
 
@@ -197,6 +211,7 @@ class ActivationTracker(StagedCallback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.layers = resolve_layers(pl_module, self.layer_patterns)
+        self._note_signed(pl_module)
         if self.num_classes is None:
             self.num_classes = infer_num_classes(pl_module)
         if self.num_classes is None:
@@ -263,6 +278,7 @@ class ActivationTracker(StagedCallback):
         epoch = self._pending_epoch
         self._pending_epoch = None
         self._stop()
+        self._note_calls()
         states = {name: metric.compute() for name, metric in self._metrics.items()}
         self._saved_states = {
             n: {k: v.detach().cpu().clone() for k, v in s.items()} for n, s in states.items()
@@ -367,6 +383,7 @@ class ActivationTracker(StagedCallback):
             self._labels = None
             return
         self._batches += 1
+        self._hooks.new_pass()
         labels = self.check_batch(batch)
         rows = self._rows.rows(batch_idx, labels.shape[0])
         # DistributedSampler's repeated samples (the last rows on some ranks) are left out
@@ -403,6 +420,42 @@ class ActivationTracker(StagedCallback):
             self._metric(name, values.shape[1], values.device).update(
                 values, labels.to(values.device), peak
             )
+
+    def _note_signed(self, pl_module: LightningModule) -> None:
+        signed = [n for n in signed_layers(pl_module, self.layers) if n not in self._noted]
+        if signed:
+            self._noted.update(signed)
+            rank_zero_warn(
+                f"ActivationTracker: {', '.join(signed)} output signed values (convolution, Linear or "
+                "normalisation layers, before the nonlinearity). Selectivity is then measured on "
+                "each neuron's class means shifted so that the smallest is 0, 'dead' means never "
+                "positive and dominance counts positive means only; zeroing such a neuron is not a "
+                "knock-out. The default layers (activations and block outputs) are responses."
+            )
+
+    def _note_calls(self) -> None:
+        """Once: modules that ran several times per forward pass (one layer per call), and
+        named calls that never ran."""
+        for module, runs in self._hooks.calls.items():
+            if runs > 1 and module not in self._noted:
+                self._noted.add(module)
+                sites = [call_site(module, i) for i in range(runs)]
+                tracked = [s for s in sites if selects(self.layers, s)]
+                rank_zero_warn(
+                    f"ActivationTracker: module {module!r} runs {runs} times per forward pass; each "
+                    f"call is its own layer ({', '.join(sites)}); tracked: {', '.join(tracked)}."
+                )
+        for spec in self.layers:
+            if spec in self._noted or not self._batches:
+                continue
+            if not any(selects([spec], name) for name in self._metrics):
+                self._noted.add(spec)
+                module = spec.split("#")[0]
+                runs = self._hooks.calls.get(module, 0)
+                rank_zero_warn(
+                    f"ActivationTracker: layer {spec!r} did not run in the forward passes of this "
+                    f"epoch (module {module!r} ran {runs} time(s) per pass); it has no statistics."
+                )
 
     def _warn_nan(self) -> None:
         for name, res in self.results.items():

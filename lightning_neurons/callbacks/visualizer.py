@@ -32,6 +32,8 @@ from lightning_neurons.hooks import (
     hooked,
     reduce_activation,
     resolve_layers,
+    selects,
+    split_call,
 )
 from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.stats import LayerStats
@@ -121,7 +123,7 @@ class FeatureVisualizer(AnalysisCallback):
 
     Args:
         layers: Layers whose channels are rendered (names or glob patterns). Default: the
-            attached tracker's layers, else every Conv2d and Linear layer but the classifier.
+            attached tracker's layers, else the default layers (activations and block outputs).
         channels: Per layer, the channel indices to render (``{"features.conv2": [0, 5, 9]}``);
             layers not listed get their first ``max_channels`` channels.
         max_channels: Render the first ``max_channels`` channels of each layer (``None``: all).
@@ -318,7 +320,7 @@ class FeatureVisualizer(AnalysisCallback):
         if patterns is None and tracker is not None:
             patterns = tracker.layer_patterns
         self.layers = resolve_layers(pl_module, patterns)
-        unknown = [name for name in self.channels if name not in self.layers]
+        unknown = [name for name in self.channels if not selects(self.layers, name)]
         if unknown:
             raise NeuronsError(
                 f"FeatureVisualizer: `channels` names layers {unknown} that are not visualized; "
@@ -515,10 +517,12 @@ class FeatureVisualizer(AnalysisCallback):
         transform = self.input_transform or self._data_attr(trainer, "input_transform")
         output_fn = self._reader.output_fn
         probe = [Channel(layer, i) for layer in self.layers for i in self.channels.get(layer, [])]
-        probe += [Channel(layer, 0) for layer in self.layers]
+        probe += [Channel(split_call(layer)[0], 0) for layer in self.layers]
         shapes = check_objectives(  # a wrong image shape, layer or channel raises here
             pl_module, probe, shape, input_transform=transform, output_fn=output_fn
         )
+        # The layer list becomes the call sites it selects (one per call of a shared module).
+        self.layers = [n for n in shapes if n != LOGITS and selects(self.layers, n)]
         logits = self._run_safely(
             "reading the model's logits (for class images and saliency)",
             lambda: check_objectives(

@@ -238,7 +238,8 @@ class Channel(Term):
     """The mean of one channel's feature map (or one unit of a linear layer).
 
     Args:
-        layer: Module name, as in ``model.named_modules()``.
+        layer: Module name, as in ``model.named_modules()`` (the module's first call;
+            ``"name#1"`` for its second call in one forward pass, see :mod:`lightning_neurons.hooks`).
         index: Channel index.
 
     Raises:
@@ -285,7 +286,7 @@ class Neuron(Term):
     """One spatial position of one channel's feature map.
 
     Args:
-        layer: Module name.
+        layer: Module name (``"name#i"``: its call ``i`` in one forward pass).
         index: Channel index.
         y: Row of the feature map; default: the centre row.
         x: Column of the feature map; default: the centre column.
@@ -359,7 +360,7 @@ class ChannelGroup(Term):
     """The mean of several channels' means: what a group (a cluster) of neurons prefers.
 
     Args:
-        layer: Module name.
+        layer: Module name (``"name#i"``: its call ``i`` in one forward pass).
         indices: Channel indices (at least one).
 
     Raises:

@@ -1,0 +1,127 @@
+"""Default layers are the responses (activation and block outputs) on the models people train."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from conftest import fast_trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_neurons import ActivationTracker
+from lightning_neurons.hooks import (
+    ACTIVATIONS,
+    SIGNED,
+    count_forward_hooks,
+    default_layers,
+    get_module,
+    run_layers,
+)
+from lightning_neurons.models import ImageClassifier, SmallCNN
+
+RESNET_BLOCKS = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+
+
+def _tv(name: str) -> nn.Module:
+    return getattr(torchvision.models, name)(weights=None, num_classes=4).eval()
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("resnet18", ["relu", *RESNET_BLOCKS]),
+        (
+            "vgg11_bn",
+            [f"features.{i}" for i in (2, 6, 10, 13, 17, 20, 24, 27)]
+            + ["classifier.1", "classifier.4"],
+        ),
+        (
+            "mobilenet_v3_small",
+            [
+                "features.0.2",
+                *[f"features.{i}" for i in range(1, 12)],
+                "features.12.2",
+                "classifier.1",
+            ],
+        ),
+        (
+            "efficientnet_b0",
+            [
+                "features.0.2",
+                "features.1.0",
+                "features.2.0",
+                "features.2.1",
+                "features.3.0",
+                "features.3.1",
+                "features.4.0",
+                "features.4.1",
+                "features.4.2",
+                "features.5.0",
+                "features.5.1",
+                "features.5.2",
+                "features.6.0",
+                "features.6.1",
+                "features.6.2",
+                "features.6.3",
+                "features.7.0",
+                "features.8.2",
+            ],
+        ),
+        (
+            "densenet121",
+            [
+                "features.relu0",
+                "features.denseblock1",
+                "features.transition1.relu",
+                "features.denseblock2",
+                "features.transition2.relu",
+                "features.denseblock3",
+                "features.transition3.relu",
+                "features.denseblock4",
+            ],
+        ),
+        (
+            "convnext_tiny",
+            [f"features.{s}.{b}" for s, n in ((1, 3), (3, 3), (5, 9), (7, 3)) for b in range(n)],
+        ),
+    ],
+)
+def test_default_layers_of_torchvision_models(name, expected):
+    model = _tv(name)
+    layers = default_layers(model)
+    assert layers == expected
+    for layer in layers:  # responses: activations or blocks holding one, never a signed layer
+        module = get_module(model, layer)
+        assert not isinstance(module, SIGNED)
+        assert any(isinstance(m, ACTIVATIONS) for m in module.modules())
+    # each runs exactly once per forward pass, and the deepest one is near the output
+    with torch.no_grad():
+        sites = run_layers(model, layers, lambda: model(torch.rand(1, 3, 32, 32)))
+    assert sites == layers
+    assert count_forward_hooks(model) == 0
+
+
+def test_default_layers_of_the_demo_model():
+    model = ImageClassifier(SmallCNN(num_classes=4), num_classes=4)
+    assert default_layers(model) == [f"backbone.features.relu{i}" for i in (1, 2, 3)]
+
+
+def test_a_sequential_head_on_a_backbone_is_walked_into():
+    # the backbone holds the final classifier: it is not a block whose output would be the logits
+    model = nn.Sequential(_tv("resnet18"), nn.Softmax(dim=1))
+    assert default_layers(model) == ["0.relu", *(f"0.{b}" for b in RESNET_BLOCKS)]
+
+
+def test_tracker_defaults_on_resnet18_count_every_image_once(tmp_path):
+    torch.manual_seed(0)
+    x, y = torch.rand(12, 3, 32, 32), torch.arange(12) % 4
+    loader = DataLoader(TensorDataset(x, y), batch_size=6)
+    model = ImageClassifier(_tv("resnet18"), num_classes=4)
+    tracker = ActivationTracker(enable_logging=False, on_error="raise")
+    fast_trainer(tmp_path, callbacks=[tracker]).validate(model, loader, verbose=False)
+    assert list(tracker.results) == [f"backbone.{n}" for n in ["relu", *RESNET_BLOCKS]]
+    for res in tracker.results.values():
+        assert res.counts.tolist() == [3.0] * 4  # 12 images, 3 per class, each once
+        assert bool((res.class_means >= 0).all())  # post-ReLU block outputs
+    assert count_forward_hooks(model) == 0
