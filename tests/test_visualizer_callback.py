@@ -295,7 +295,7 @@ def test_two_process_ddp_renders_on_rank_zero_only(tmp_path):
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     rank1 = json.loads((tmp_path / "rank1.json").read_text())
     assert rank0 == {
-        "layers": ["backbone.features.conv1", "backbone.features.conv2", "classes"],
+        "layers": ["backbone.features.relu1", "backbone.features.relu2", "classes"],
         "strength": [True, True],  # the tracker's statistics, synced over both ranks
         "probes": 10,
     }
@@ -304,5 +304,5 @@ def test_two_process_ddp_renders_on_rank_zero_only(tmp_path):
         r for r in load_index(tmp_path / "tb" / "version_0") if r["kind"] in ("preference", "focus")
     ]
     assert sorted(r["name"] for r in records) == [
-        "backbone.features.conv1", "backbone.features.conv2", "classes", "saliency",
+        "backbone.features.relu1", "backbone.features.relu2", "classes", "saliency",
     ]  # fmt: skip
