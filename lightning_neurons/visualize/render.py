@@ -476,7 +476,15 @@ def render(
         masks = torch.cat([chunk.normalised_mask() for chunk in chunks]) if return_mask else None
         if restarts > 1:
             best = _best_candidates(
-                model, rows, images, restarts, chain, input_transform, seed=seed, size=size
+                model,
+                rows,
+                images,
+                restarts,
+                chain,
+                input_transform,
+                seed=seed,
+                size=size,
+                output_fn=output_fn,
             )
             images = images[best]
             masks = None if masks is None else masks[best]
@@ -499,6 +507,7 @@ def _best_candidates(
     *,
     seed: int,
     size: int,
+    output_fn: BatchFn | None = None,
 ) -> torch.Tensor:
     """Index of the best of every ``restarts`` consecutive candidates: the highest mean value of
     its objective over :data:`SELECTION_VIEWS` random views (one without transforms)."""
@@ -510,10 +519,9 @@ def _best_candidates(
             state = generator.get_state()
             for start in range(0, len(rows), size):
                 generator.set_state(state)  # every chunk sees the same draw
-                scoring = _Scoring(BatchScorer(rows[start : start + size]))
+                scoring = _Scoring(BatchScorer(rows[start : start + size]), output_fn=output_fn)
                 image = images[start : start + size]
-                x = apply_transforms(image, transforms, generator)
-                x = input_transform(x) if input_transform is not None else x
+                x = to_model_input(apply_transforms(image, transforms, generator), input_transform)
                 with scoring.attached(model):
                     value = scoring.forward(model, x, image)
                 total[start : start + size] += value.double().cpu()
