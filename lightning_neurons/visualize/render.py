@@ -283,6 +283,7 @@ def render(
     n_images: int = ...,
     diversity: float = ...,
     restarts: int = ...,
+    output_fn: BatchFn | None = ...,
     return_mask: Literal[False] = ...,
 ) -> torch.Tensor: ...
 
@@ -309,6 +310,7 @@ def render(
     n_images: int = ...,
     diversity: float = ...,
     restarts: int = ...,
+    output_fn: BatchFn | None = ...,
     return_mask: Literal[True],
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
