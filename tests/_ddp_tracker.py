@@ -54,3 +54,7 @@ if trainer.is_global_zero:
     stats = {k: (v.class_means, v.counts, v.dead) for k, v in tracker.results.items()}
     stats["confusion"] = torch.as_tensor(next(iter(category.results.values())).confusion)
     torch.save(stats, out / "means.pt")
+# Close the gloo process group before exit: otherwise its threads may still be joinable when the
+# C++ statics are destroyed (SIGABRT, "terminate called without an active exception").
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()

@@ -406,6 +406,10 @@ result = {
     "neurons": {k: v.labels.tolist() for k, v in neurons.results.items()},
 }
 (out / f"rank{trainer.global_rank}_{devices}.json").write_text(json.dumps(result))
+# Close the gloo process group before exit (see test_visualizer_callback's DDP script).
+import torch.distributed as dist
+if dist.is_initialized():
+    dist.destroy_process_group()
 """
 
 

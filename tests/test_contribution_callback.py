@@ -384,6 +384,10 @@ trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
 drop = contribution.results.get("backbone.features.relu2", {}).get("accuracy_drop")
 summary = {"layers": sorted(contribution.results), "drop": None if drop is None else list(drop.shape)}
 (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(summary))
+# Close the gloo process group before exit (see test_visualizer_callback's DDP script).
+import torch.distributed as dist
+if dist.is_initialized():
+    dist.destroy_process_group()
 """
 
 

@@ -277,6 +277,12 @@ summary = {
     "probes": len(vis.saliency_results.get("labels", [])),
 }
 (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(summary))
+# Close the gloo process group before the interpreter exits: otherwise its worker threads may
+# still be joinable when the C++ statics are destroyed ("terminate called without an active
+# exception", SIGABRT), about one run in three here.
+import torch.distributed as dist
+if dist.is_initialized():
+    dist.destroy_process_group()
 """
 
 
