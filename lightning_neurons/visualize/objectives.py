@@ -469,12 +469,13 @@ class ClassLogit(Term):
         return score
 
 
-class ClassLogProb(Term):
+class ClassLogProb(ClassLogit):
     """The log-probability of one class: its logit minus the log-sum-exp of all logits.
 
     Maximising a logit alone also raises the other classes' logits when they share features;
-    the log-probability asks for evidence of this class *against* the others, which gives class
-    images that other models recognise more often (see ``benchmarks/visualization.py --quality``).
+    the log-probability asks for evidence of this class *against* the others (measured by
+    ``benchmarks/visualization.py --quality``; it did not make class images transfer better, so it
+    is not a default). Index checks are :class:`ClassLogit`'s.
 
     Args:
         index: Class index.
@@ -484,30 +485,18 @@ class ClassLogProb(Term):
         ClassLogProb(3)
     """
 
-    def __init__(self, index: int) -> None:
-        self.layer = LOGITS
-        self.index = _check_index("index", index)
-
-    def _key(self) -> tuple:
-        return (self.index,)
-
     def __repr__(self) -> str:
         return f"ClassLogProb({self.index})"
 
     def value(self, output: torch.Tensor) -> torch.Tensor:
         return output.float().log_softmax(dim=1)[:, self.index].to(output.dtype)
 
-    def check(self, shape: Sequence[int]) -> None:
-        ClassLogit(self.index).check(shape)
-
     @classmethod
     def batched(cls, terms: Sequence[Term]) -> BatchedFn:
-        rows = torch.arange(len(terms))
-        index = torch.tensor([t.index for t in terms])  # type: ignore[attr-defined]
+        pick = ClassLogit.batched(terms)
 
         def score(output: torch.Tensor) -> torch.Tensor:
-            log_p = output.float().log_softmax(dim=1).to(output.dtype)
-            return log_p[rows.to(output.device), index.to(output.device)]
+            return pick(output.float().log_softmax(dim=1).to(output.dtype))
 
         return score
 
