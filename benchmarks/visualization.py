@@ -224,6 +224,43 @@ def quality(device: torch.device, steps: int, epochs: int, seeds: list[int]) -> 
         cells = " | ".join(f"{shares[s][j]:.1f}" for j in judges for s in seeds)
         seconds = time.perf_counter() - start
         print(f"| {param} | {cells} | {' / '.join(share)} | {seconds:.0f} |", flush=True)
+    diversity_table(model, settings("maco", prior, steps)[0], seen, device)
+
+
+def diversity_table(model: nn.Module, channel_kw: dict, seen: dict, device: torch.device) -> None:
+    """4 images per channel of the last layer (FeatureVisualizer's diversity weight 1.0): how
+    alike they are to the layer (mean cosine of its Gram matrices between the images of a
+    channel) and in pixels (centred cosine), and the share above the validation maximum."""
+    from lightning_neurons.hooks import hooked
+    from lightning_neurons.visualize import evaluate
+    from lightning_neurons.visualize.render import gram_matrices, similarity_to_others
+
+    layer, n = LAYERS[-1], 4
+    objectives = [Channel(layer, k) for k in range(seen[layer].numel())]
+    rows = [o for o in objectives for _ in range(n)]
+    print(f"\n{n} images per channel of {layer} ({len(objectives)} channels), maco settings:\n")
+    outputs: list[torch.Tensor] = []
+
+    def keep(_: str, output: torch.Tensor) -> None:
+        outputs.append(output)
+
+    print("| diversity | Gram similarity | pixel similarity | images above val max | seconds |")
+    print("|---|---|---|---|---|")
+    for weight, on in ((0.0, "features"), (1.0, "pixels"), (1.0, "features")):
+        start = time.perf_counter()
+        kw = dict(channel_kw, n_images=n, diversity=weight, diversity_on=on)
+        images = render(model, objectives, **kw)
+        seconds = time.perf_counter() - start
+        outputs.clear()
+        with torch.no_grad(), hooked(model, [layer], keep):
+            model(images.to(device))
+        gram = float(similarity_to_others(gram_matrices(outputs[0]), n, centre=False).mean())
+        pixel = float(similarity_to_others(images, n).mean())
+        reached = evaluate(model, rows, images).to(device)
+        peak = seen[layer].repeat_interleave(n)
+        above = float((reached > peak).float().mean())
+        name = "none" if weight == 0 else f"{weight:g} on {on}"
+        print(f"| {name} | {gram:.3f} | {pixel:.3f} | {above:.3f} | {seconds:.0f} |", flush=True)
 
 
 def main() -> None:

@@ -19,9 +19,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_neurons import ActivationTracker, NeuronsError
 from lightning_neurons.callbacks.visualizer import FeatureVisualizer
+from lightning_neurons.data import DigitsDataModule
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.loggers import artifact_root, load_index
 from lightning_neurons.models import ImageClassifier
+from lightning_neurons.visualize import DataPrior
 
 FAST = dict(steps=3, smoothgrad_samples=2)
 
@@ -263,7 +265,9 @@ from lightning_neurons.models import ImageClassifier, SmallCNN
 out = Path(sys.argv[1])
 pl.seed_everything(0, verbose=False)
 model = ImageClassifier(SmallCNN(widths=(4, 8)), num_classes=10)
-vis = FeatureVisualizer(max_channels=2, steps=2, smoothgrad_samples=2, on_error="raise")
+vis = FeatureVisualizer(
+    max_channels=2, steps=2, smoothgrad_samples=2, prior_images=64, on_error="raise"
+)
 trainer = pl.Trainer(
     accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=2,
     limit_val_batches=3, logger=TensorBoardLogger(str(out), name="tb"), enable_progress_bar=False,
@@ -277,6 +281,12 @@ summary = {
     "probes": len(vis.saliency_results.get("labels", [])),
 }
 (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(summary))
+import torch
+prior = vis._estimated_prior
+torch.save(
+    {"magnitude": prior.magnitude, "mean": prior.mean, "std": prior.std, "count": prior.count},
+    out / f"prior{trainer.global_rank}.pt",
+)
 # Close the gloo process group before the interpreter exits: otherwise its worker threads may
 # still be joinable when the C++ statics are destroyed ("terminate called without an active
 # exception", SIGABRT), about one run in three here.
@@ -306,6 +316,18 @@ def test_two_process_ddp_renders_on_rank_zero_only(tmp_path):
         "probes": 10,
     }
     assert rank1 == {"layers": [], "strength": [], "probes": 0}
+    # the data prior: each rank streamed 32 of its shard's images (3 batches of 32 seen), and the
+    # shards interleave the validation set, so the sum over ranks is the prior of its first 64
+    # images, as one process computes it (sums in float64: equal up to the float32 result's
+    # rounding, ~1e-7 relative)
+    data = DigitsDataModule(batch_size=32)
+    data.setup()
+    expected = DataPrior.from_images(data.val_set.tensors[0][:64])
+    for rank in (0, 1):
+        prior = torch.load(tmp_path / f"prior{rank}.pt")
+        assert prior["count"] == 64
+        for name in ("magnitude", "mean", "std"):
+            torch.testing.assert_close(prior[name], getattr(expected, name), atol=1e-6, rtol=1e-6)
     records = [
         r for r in load_index(tmp_path / "tb" / "version_0") if r["kind"] in ("preference", "focus")
     ]

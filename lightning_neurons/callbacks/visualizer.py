@@ -7,6 +7,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
@@ -37,7 +38,7 @@ from lightning_neurons.hooks import (
 )
 from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.stats import LayerStats
-from lightning_neurons.visualize.objectives import LOGITS, Channel, ClassLogit
+from lightning_neurons.visualize.objectives import LOGITS, Channel, ChannelGroup, ClassLogit
 from lightning_neurons.visualize.prior import DataPrior, DataPriorEstimate
 from lightning_neurons.visualize.render import analysis_mode, check_objectives, model_device, render
 from lightning_neurons.visualize.saliency import METHODS, Method, saliency
@@ -159,11 +160,22 @@ class FeatureVisualizer(AnalysisCallback):
         n_images: Images per channel, made different by a diversity term (Olah et al., 2017);
             TensorBoard shows one row per channel.
         diversity: Weight of the diversity term when ``n_images > 1``.
+        diversity_on: ``"features"`` (Olah et al.: the images of a channel must differ in the
+            Gram matrix of the channel's layer, i.e. in what the layer sees) or ``"pixels"``.
+        clusters: With a :class:`~lightning_neurons.NeuronClustering` attached, also render the
+            preferred image of each neuron cluster of the visualized layers (the mean of its
+            channels, :class:`~lightning_neurons.visualize.ChannelGroup`), labelled with the
+            class the cluster prefers and the class the model (and the ``judge``) sees in it.
+        max_clusters: At most this many clusters per layer (the largest).
         prior: The data's statistics for ``"maco"`` (default: estimated from validation batches).
-        prior_images: Validation images the prior is estimated from.
+        prior_images: Validation images the prior is estimated from (the first ones; under DDP
+            each rank takes its share, so the prior is that of one process). The estimated prior
+            is kept in the callback's ``state_dict`` (a resumed run renders with the same one).
         judge: A second model (e.g. the same architecture trained from another seed) that
-            classifies the class images: its verdict is shown under each image and kept in
-            ``results["classes"]["judge_predicted"]``, so a person sees which images transfer.
+            classifies the class and cluster images: its verdict is shown under each image and
+            kept in ``results["classes"]["judge_predicted"]`` (and
+            ``cluster_results[layer]["judge_predicted"]``), so a person sees which images
+            transfer.
         l2: Weight of an L2 penalty on the rendered images.
         tv: Weight of a total-variation penalty on the rendered images.
         seed: Seed of the rendering (same seed: same starting images every epoch).
@@ -205,6 +217,9 @@ class FeatureVisualizer(AnalysisCallback):
         class_restarts: int = 4,
         n_images: int = 1,
         diversity: float = 1.0,
+        diversity_on: Literal["features", "pixels"] = "features",
+        clusters: bool = True,
+        max_clusters: int = 16,
         prior: DataPrior | None = None,
         prior_images: int = 512,
         judge: nn.Module | None = None,
@@ -245,10 +260,14 @@ class FeatureVisualizer(AnalysisCallback):
         self.class_restarts = check_positive_int("class_restarts", class_restarts)
         self.n_images = check_positive_int("n_images", n_images)
         self.diversity = _check_number("diversity", diversity)
+        self.diversity_on = check_choice("diversity_on", diversity_on, ("features", "pixels"))
+        self.clusters = bool(clusters)
+        self.max_clusters = check_positive_int("max_clusters", max_clusters)
         if prior is not None and not isinstance(prior, DataPrior):
             raise NeuronsError(f"`prior` must be a DataPrior or None, got {type(prior).__name__}")
         self.prior = prior
-        self._estimate = DataPriorEstimate(check_positive_int("prior_images", prior_images))
+        self.prior_images = check_positive_int("prior_images", prior_images)
+        self._estimate = DataPriorEstimate(self.prior_images)
         self._prior_warned = False
         if judge is not None and not isinstance(judge, nn.Module):
             raise NeuronsError(f"`judge` must be an nn.Module or None, got {type(judge).__name__}")
@@ -266,6 +285,8 @@ class FeatureVisualizer(AnalysisCallback):
         self.layers: list[str] = []
         self.results: dict[str, dict[str, Any]] = {}
         self.saliency_results: dict[str, Any] = {}
+        #: Per clustered layer, the preferred images of NeuronClustering's largest clusters.
+        self.cluster_results: dict[str, dict[str, Any]] = {}
         #: Seconds the last round took (rendering, saliency and logging).
         self.last_seconds: float | None = None
         self._probe_images: list[torch.Tensor] = []
@@ -328,6 +349,11 @@ class FeatureVisualizer(AnalysisCallback):
             )
         if "gradcam" in self.saliency_methods and self.gradcam_layer is not None:
             get_module(pl_module, self.gradcam_layer)
+        if self._estimate.count == 0 and self._estimated_prior is None:
+            # under DDP each rank streams the first ceil(n / ranks) images of its shard: the
+            # shards interleave the validation set, so together they are its first n images
+            share = math.ceil(self.prior_images / max(1, trainer.world_size))
+            self._estimate = DataPriorEstimate(share)
         self._plan = None
 
     # The set-up is checked on the first batch the model sees (sanity check included).
@@ -388,6 +414,24 @@ class FeatureVisualizer(AnalysisCallback):
         )
 
     # ---- the data prior ("maco") ---------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The estimated data prior (``"maco"``), so a resumed run renders with the same one."""
+        prior = self._estimated_prior
+        if prior is None:
+            return {}
+        fields = {"magnitude": prior.magnitude, "mean": prior.mean, "std": prior.std}
+        return {"prior": {**fields, "count": prior.count}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("prior")
+        if saved is not None:
+            self._estimated_prior = DataPrior(
+                magnitude=saved["magnitude"],
+                mean=saved["mean"],
+                std=saved["std"],
+                count=int(saved["count"]),
+            )
 
     def reset_prior(self) -> None:
         """Forget the estimated data prior: it is estimated again from the next validation epoch
@@ -585,6 +629,7 @@ class FeatureVisualizer(AnalysisCallback):
             views=self.class_views if classes else self.views,
             n_images=1 if classes else self.n_images,
             diversity=self.diversity,
+            diversity_on=self.diversity_on,  # type: ignore[arg-type]
             restarts=self.class_restarts if classes else 1,
         ).cpu()
 
@@ -646,6 +691,7 @@ class FeatureVisualizer(AnalysisCallback):
         if plan["classes"]:
             results["classes"] = self._classes(pl_module, plan["classes"], epoch)
         self.results = results
+        self.cluster_results = self._clusters(trainer, pl_module, epoch) if self.clusters else {}
         if self.saliency_methods and self._probe_images and plan["saliency"]:
             self.saliency_results = self._saliency(pl_module, epoch)
         if self.enable_logging:
@@ -677,6 +723,66 @@ class FeatureVisualizer(AnalysisCallback):
             "predicted": logits.argmax(dim=1),
             "epoch": epoch,
         }
+
+    def _clusters(
+        self, trainer: Trainer, model: nn.Module, epoch: int
+    ) -> dict[str, dict[str, Any]]:
+        """Preferred images of the largest neuron clusters of every visualized layer that an
+        attached NeuronClustering has clustered (its latest analysis), with the class each
+        cluster prefers and what the model and the judge see in its image."""
+        from lightning_neurons.callbacks.clustering import NeuronClustering
+
+        clustering = next((c for c in trainer.callbacks if isinstance(c, NeuronClustering)), None)
+        if clustering is None:
+            return {}
+        plan = self._plan
+        assert plan is not None
+        found: dict[str, dict[str, Any]] = {}
+        for layer, result in clustering.results.items():
+            if layer not in self.layers:
+                continue
+            labels = torch.as_tensor(np.asarray(result.labels))
+            width = self._layer_width(model, layer)
+            if width != len(labels):  # neurons are not the layer's channels (e.g. positions)
+                continue
+            ids, sizes = labels[labels >= 0].unique(return_counts=True)
+            if not len(ids):
+                continue
+            order = sizes.argsort(descending=True, stable=True)[: self.max_clusters]
+            ids, sizes = ids[order], sizes[order]
+            members = [torch.nonzero(labels == k).flatten().tolist() for k in ids.tolist()]
+            images = self._render(model, [ChannelGroup(layer, m) for m in members], classes=False)[
+                :: self.n_images
+            ]  # one image per cluster
+            profiles = torch.as_tensor(np.asarray(result.cluster_profiles))
+            preferred = profiles[ids].argmax(dim=1)
+            if result.classes is not None and len(result.classes) == profiles.shape[1]:
+                preferred = torch.as_tensor(np.asarray(result.classes))[preferred]
+            logits = self._logits(model, images)
+            rows = torch.arange(len(ids))
+            entry: dict[str, Any] = {
+                "clusters": ids,
+                "sizes": sizes,
+                "images": images,
+                "preferred_class": preferred,
+                "predicted": logits.argmax(dim=1),
+                "clusters_epoch": int(result.epoch),
+                "epoch": epoch,
+            }
+            if self.judge is not None:
+                verdict = self._logits(self.judge, images, BatchReader())
+                entry["judge_predicted"] = verdict.argmax(dim=1)
+                entry["judge_probability"] = verdict.softmax(dim=1)[rows, preferred]
+            found[layer] = entry
+        return found
+
+    def _layer_width(self, model: nn.Module, layer: str) -> int:
+        """The layer's channel count (its output's second dimension), from one forward pass."""
+        assert self._plan is not None
+        shapes = check_objectives(
+            model, [Channel(layer, 0)], self._plan["shape"], input_transform=self._plan["transform"]
+        )
+        return shapes[layer][0]
 
     def _logits(
         self, model: nn.Module, images: torch.Tensor, reader: BatchReader | None = None
@@ -732,6 +838,8 @@ class FeatureVisualizer(AnalysisCallback):
         if not out.is_writer:
             return
         self._log_preference(out)
+        if self.cluster_results:
+            self._log_clusters(out)
         if self.saliency_results:
             self._log_focus(AnalysisLogger(trainer, "focus", owner=self))
 
@@ -790,6 +898,43 @@ class FeatureVisualizer(AnalysisCallback):
             arrays = {k: v for k, v in res.items() if isinstance(v, torch.Tensor)}
             meta = {"layer": key, "epoch": res["epoch"], "steps": self.steps}
             out.save_arrays(key, arrays, meta=meta)
+        out.scalars(scalars)
+
+    def _class_name(self, c: int) -> str:
+        names = self._plan["class_names"] if self._plan else None
+        return str(names[c]) if names and c < len(names) else str(c)
+
+    def _log_clusters(self, out: AnalysisLogger) -> None:
+        """One grid per layer: ``c<id> (<size>): <preferred class>`` and, under it, what the model
+        (and the judge) classify the image as, ``ok`` where it is the cluster's class."""
+        from lightning_neurons.plots.images import image_grid
+
+        scalars: dict[str, float] = {}
+        for layer, res in self.cluster_results.items():
+            preferred = res["preferred_class"].tolist()
+            labels = []
+            for i, (k, size, c) in enumerate(
+                zip(res["clusters"].tolist(), res["sizes"].tolist(), preferred, strict=True)
+            ):
+                seen = int(res["predicted"][i])
+                text = f"c{k} ({size}): {self._class_name(c)}\nmodel: {self._class_name(seen)}"
+                if "judge_predicted" in res:
+                    verdict = int(res["judge_predicted"][i])
+                    text += f" judge: {self._class_name(verdict)} {'ok' if verdict == c else 'no'}"
+                labels.append(text)
+            title = (
+                f"{layer} clusters (of epoch {res['clusters_epoch']}), epoch {res['epoch']}: "
+                "cluster (neurons): preferred class"
+            )
+            out.figure(out.tag("clusters", layer), image_grid(res["images"], labels, title=title))
+            agree = (res["predicted"] == res["preferred_class"]).double().mean()
+            scalars[out.tag("clusters", layer, "model_agrees")] = float(agree)
+            if "judge_predicted" in res:
+                agree = (res["judge_predicted"] == res["preferred_class"]).double().mean()
+                scalars[out.tag("clusters", layer, "judge_agrees")] = float(agree)
+            arrays = {k: v for k, v in res.items() if isinstance(v, torch.Tensor)}
+            meta = {"layer": layer, "epoch": res["epoch"], "clusters_epoch": res["clusters_epoch"]}
+            out.save_arrays(f"clusters_{layer}", arrays, meta=meta)
         out.scalars(scalars)
 
     def _log_focus(self, out: AnalysisLogger) -> None:

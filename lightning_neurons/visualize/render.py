@@ -91,17 +91,25 @@ class _Scoring:
     """
 
     def __init__(
-        self, scorer: BatchScorer, allow_stop: bool = True, output_fn: BatchFn | None = None
+        self,
+        scorer: BatchScorer,
+        allow_stop: bool = True,
+        output_fn: BatchFn | None = None,
+        gram_layers: Sequence[str] = (),
     ) -> None:
         self.scorer = scorer
         self.output_fn = output_fn
         self.stop = allow_stop and not scorer.needs_logits
         self.total: torch.Tensor | None = None
         self.seen: set[str] = set()
+        #: Layers whose Gram matrices the diversity term compares (filled during the forward).
+        self.gram_layers = frozenset(gram_layers)
+        self.grams: dict[str, torch.Tensor] = {}
 
     def reset(self) -> None:
         self.total = None
         self.seen = set()
+        self.grams = {}
 
     def add(self, layer: str, output: torch.Tensor) -> None:
         part = self.scorer.score(layer, output)
@@ -112,6 +120,9 @@ class _Scoring:
             return  # a module called twice in one forward counts once; others' layers not at all
         self.seen.add(layer)
         self.add(layer, output)
+        if layer in self.gram_layers:
+            # computed now: a later in-place op (ReLU(inplace=True)) may change ``output``
+            self.grams[layer] = gram_matrices(output)
         if self.stop and len(self.seen) == len(self.scorer.layers):
             raise _StopForward
 
@@ -282,6 +293,7 @@ def render(
     views: int = ...,
     n_images: int = ...,
     diversity: float = ...,
+    diversity_on: Literal["features", "pixels"] = ...,
     restarts: int = ...,
     output_fn: BatchFn | None = ...,
     return_mask: Literal[False] = ...,
@@ -309,6 +321,7 @@ def render(
     views: int = ...,
     n_images: int = ...,
     diversity: float = ...,
+    diversity_on: Literal["features", "pixels"] = ...,
     restarts: int = ...,
     output_fn: BatchFn | None = ...,
     return_mask: Literal[True],
@@ -336,6 +349,7 @@ def render(
     views: int = 1,
     n_images: int = 1,
     diversity: float = 0.0,
+    diversity_on: Literal["features", "pixels"] = "features",
     restarts: int = 1,
     return_mask: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -390,8 +404,13 @@ def render(
         n_images: Images per objective (rows ``j * n_images`` to ``(j + 1) * n_images - 1``
             belong to objective ``j``).
         diversity: Weight of the diversity term (Olah et al., 2017) among the ``n_images`` of
-            an objective: each image's mean cosine similarity to the others (centred pixels) is
-            subtracted from its value, so a polysemantic channel shows several faces.
+            an objective: each image's mean cosine similarity to the others is subtracted from
+            its value, so a polysemantic channel shows several faces.
+        diversity_on: What the similarity compares. ``"features"`` (Olah et al.): the Gram
+            matrices of the objective's layer (which channels fire together, wherever they
+            fire), so the images must differ in what they make the layer see, not by a shift
+            or a new texture of the same thing; objectives on the logits, the image or a layer
+            without channels fall back to ``"pixels"``: the centred pixels.
         restarts: Render this many candidates per image (from different seeds) and keep the
             one whose mean value over 16 randomly transformed views is highest (only the
             rendered model decides): ``restarts`` times the work. Not with ``n_images > 1``.
@@ -437,7 +456,12 @@ def render(
         raise NeuronsError(f"`prior` must be a DataPrior or None, got {type(prior).__name__}")
     fill = 0.5 if prior is None else border_value(prior)
     chain = resolve_transforms(transforms, image_shape, fill)
-    _, largest = _probe(model, objectives, image_shape, input_transform, output_fn)
+    if diversity_on not in ("features", "pixels"):
+        raise NeuronsError(f"`diversity_on` must be 'features' or 'pixels'; got {diversity_on!r}")
+    shapes, largest = _probe(model, objectives, image_shape, input_transform, output_fn)
+    spatial = frozenset(
+        n for n, shape in shapes.items() if n not in (LOGITS, IMAGE) and len(shape) >= 2
+    )
     group = n_images * restarts  # rows per objective: its images, or its candidates
     rows = [objective for objective in objectives for _ in range(group)]
     device = model_device(model)
@@ -454,6 +478,8 @@ def render(
         views=views,
         n_images=group,
         output_fn=output_fn,
+        diversity_on=diversity_on,
+        spatial=spatial,
     )
     with analysis_mode(model):
         chunks = [
@@ -552,6 +578,16 @@ class _Settings:
     views: int
     n_images: int
     output_fn: BatchFn | None = None
+    diversity_on: str = "features"
+    #: Layers whose outputs have positions (``[B, C, ...]`` with C > 1 and positions >= 1).
+    spatial: frozenset[str] = frozenset()
+
+
+def _diversity_layer(objective: Objective, spatial: frozenset[str]) -> str | None:
+    """The layer whose Gram matrix measures how alike an objective's images are: its first
+    term's layer when that has channels and positions; else ``None`` (the pixels)."""
+    _, term = objective.terms()[0]
+    return term.layer if term.layer in spatial else None
 
 
 @dataclass(frozen=True)
@@ -562,27 +598,40 @@ class _Penalties:
     tv: float
     diversity: float
 
-    def apply(self, value: torch.Tensor, image: torch.Tensor, n_images: int) -> torch.Tensor:
+    def apply(self, value: torch.Tensor, image: torch.Tensor, chunk: _Chunk) -> torch.Tensor:
         if self.l2:
             value = value - self.l2 * l2_penalty(image)
         if self.tv:
             value = value - self.tv * total_variation(image)
-        if self.diversity and n_images > 1:
-            value = value - self.diversity * similarity_to_others(image, n_images)
+        if self.diversity and chunk.n_images > 1:
+            value = value - self.diversity * chunk.similarity(image)
         return value
 
 
-def similarity_to_others(images: torch.Tensor, group: int) -> torch.Tensor:
-    """Each image's mean cosine similarity (centred pixels) to the other images of its group.
+def gram_matrices(output: torch.Tensor) -> torch.Tensor:
+    """Each row's Gram matrix of its channels over the positions, flattened: ``[R, C * C]``.
 
-    Rows ``k * group`` to ``(k + 1) * group - 1`` form group ``k``; ``[R, C, H, W] -> [R]``.
+    ``[R, C, H, W]`` (or ``[R, C, L]``) -> ``G[r, c, d] = mean_p a[r, c, p] * a[r, d, p]``: which
+    channels fire together, wherever they fire (the style of the image, Gatys et al.), in
+    float32 whatever the model's type.
+    """
+    flat = output.float().flatten(2)
+    return (flat @ flat.transpose(1, 2) / flat.shape[2]).flatten(1)
+
+
+def similarity_to_others(images: torch.Tensor, group: int, centre: bool = True) -> torch.Tensor:
+    """Each image's mean cosine similarity to the other images of its group.
+
+    Rows ``k * group`` to ``(k + 1) * group - 1`` form group ``k``; ``[R, ...] -> [R]``. With
+    ``centre`` each row's mean is subtracted first (for pixels: brightness does not count).
 
     Example:
         >>> similarity_to_others(torch.rand(4, 1, 8, 8), group=2).shape
         torch.Size([4])
     """
     flat = images.flatten(1)
-    flat = flat - flat.mean(dim=1, keepdim=True)
+    if centre:
+        flat = flat - flat.mean(dim=1, keepdim=True)
     unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-8)
     unit = unit.view(-1, group, unit.shape[1])
     cosine = unit @ unit.transpose(1, 2)  # [groups, group, group]
@@ -599,8 +648,15 @@ class _Chunk:
         # Every view of the chunk's images is a row of its own, scored by the row's objective.
         self.views = settings.views
         self.n_images = settings.n_images
+        #: Each row's layer for the diversity term (``None``: its pixels), see :func:`render`.
+        self.diversity_layers = [
+            _diversity_layer(o, settings.spatial) if settings.diversity_on == "features" else None
+            for o in objectives
+        ]
         self.scoring = _Scoring(
-            BatchScorer(list(objectives) * settings.views), output_fn=settings.output_fn
+            BatchScorer(list(objectives) * settings.views),
+            output_fn=settings.output_fn,
+            gram_layers=[n for n in self.diversity_layers if n is not None],
         )
         seeds = [row_seed(settings.seed, i) for i in indices]
         self.params, self.image_fn = parametrize(
@@ -613,6 +669,22 @@ class _Chunk:
             contrast=settings.contrast,
         )
         self.mask: torch.Tensor | None = None
+
+    def similarity(self, image: torch.Tensor) -> torch.Tensor:
+        """Each row's mean cosine similarity to the other images of its objective: on the Gram
+        matrix of its diversity layer (averaged over the views), or on its centred pixels."""
+        if not self.scoring.grams:
+            return similarity_to_others(image, self.n_images)
+        rows = len(self.diversity_layers)
+        similarity = torch.zeros(rows, device=image.device)
+        pixels = [i for i, n in enumerate(self.diversity_layers) if n is None]
+        if pixels:
+            similarity[pixels] = similarity_to_others(image, self.n_images)[pixels]
+        for layer, grams in self.scoring.grams.items():
+            grams = grams.view(self.views, rows, -1).mean(dim=0)
+            picked = [i for i, n in enumerate(self.diversity_layers) if n == layer]
+            similarity[picked] = similarity_to_others(grams, self.n_images, centre=False)[picked]
+        return similarity
 
     def add_to_mask(self, image: torch.Tensor) -> None:
         """Accumulate ``|d loss / d image|`` (summed over the channels) after a backward pass."""
@@ -671,7 +743,7 @@ def _optimise(
                 if track_mask:
                     image.retain_grad()
                 value = _views_value(model, chunk, image, transforms, input_transform, generator)
-                value = penalties.apply(value, image, chunk.n_images)
+                value = penalties.apply(value, image, chunk)
                 (-value.sum()).backward()
                 if track_mask:
                     chunk.add_to_mask(image)
