@@ -1,10 +1,13 @@
-"""TensorBoard's embedding projector for neuron clusterings: one embedding per layer, newest first.
+"""TensorBoard's embedding projector for neuron clusterings: one embedding per layer, the latest.
 
 Every point is one neuron, labelled ``relu3/4`` (layer, neuron), with a layer-qualified cluster
 (``relu3 c1``; ``relu3 unclustered``), its preferred class and selectivity, and as its image the
 crop of the validation image that activates it most, centred where it responds most (dead
-neurons get a crossed-out tile). The files are written next to the event files and listed in
-``projector_config.pbtxt`` with the latest epoch first, so that the projector opens on it.
+neurons get a crossed-out tile). The files of every analysed epoch are written next to the
+event files; ``projector_config.pbtxt`` lists the latest epoch of each layer (``relu3, epoch 9``),
+so that its list has one entry per layer and opens on the latest epoch (the projector sorts its
+list by number of points, then by name, whatever the file's order; an older epoch can be opened
+with its folder's files and the "Load" button).
 
 Example:
     >>> crops = top_activating_crops(model, ["features.relu3"], images)  # doctest: +SKIP
@@ -224,10 +227,11 @@ def write_embedding(
     features: np.ndarray,
     metadata: Sequence[Sequence[str]],
     tiles: torch.Tensor | None,
+    replaces: str | None = None,
 ) -> None:
-    """Write one embedding's files under ``log_dir/folder`` and put it first in the projector's
-    config (an entry of the same ``name`` is replaced; other entries, e.g. a user's
-    ``add_embedding``, are kept after it).
+    """Write one embedding's files under ``log_dir/folder`` and list it in the projector's config,
+    in place of the entries named ``name`` or starting with ``replaces`` (other entries, e.g. a
+    user's ``add_embedding``, are kept after it).
 
     Raises:
         ValueError: If the features, metadata and tiles disagree on the number of points.
@@ -247,7 +251,11 @@ def write_embedding(
     lines = ["\t".join(HEADER)] + ["\t".join(_clean(v) for v in row) for row in metadata]
     (path / "metadata.tsv").write_text("\n".join(lines) + "\n")
     config = _read_config(root)
-    kept = [e for e in config.embeddings if e.tensor_name != name]
+    kept = [
+        e
+        for e in config.embeddings
+        if e.tensor_name != name and not (replaces and e.tensor_name.startswith(replaces))
+    ]
     new = ProjectorConfig()
     entry = new.embeddings.add()
     entry.tensor_name = name
@@ -284,8 +292,8 @@ def _write_config(root: Path, config: Any) -> None:
 
 
 def embedding_name(short: str, epoch: int) -> str:
-    """``"epoch 9: relu3"``: the tensor's name in the projector's list."""
-    return f"epoch {epoch}: {short}"
+    """``"relu3, epoch 9"``: the tensor's name in the projector's list."""
+    return f"{short}, epoch {epoch}"
 
 
 def log_neuron_projector(
@@ -334,6 +342,7 @@ def log_neuron_projector(
             np.asarray(res.extra["features"])[order],
             neuron_metadata(shorts[name], res, order.tolist(), class_names),
             None if layer_tiles is None else layer_tiles[torch.as_tensor(order)],
+            replaces=f"{shorts[name]}, epoch ",
         )
 
 

@@ -175,15 +175,16 @@ def test_everything_is_logged_and_written(parts_run):
         Path(f"{root}/fit/category_clustering/epoch={last:03d}/assignments.json").read_text()
     )
     assert set(assignments[COMBINED]) == set(CLASS_NAMES)
-    # the embedding projector: one embedding per layer and analysis, the latest epoch first,
-    # labelled layer/neuron with layer-qualified clusters, every point with an image
+    # the embedding projector: one embedding per layer, its latest epoch, labelled layer/neuron
+    # with layer-qualified clusters, every point with an image
     from lightning_neurons.projector import HEADER, _read_config, short_names
 
     config = _read_config(Path(log_dir))
     shorts = short_names(PARTS_LAYERS)
-    expected = [f"epoch {e}: {shorts[layer]}" for e in (last, 3) for layer in PARTS_LAYERS]
+    expected = [f"{shorts[layer]}, epoch {last}" for layer in PARTS_LAYERS]
     assert [e.tensor_name for e in config.embeddings] == expected
-    for entry, layer in zip(config.embeddings[:2], PARTS_LAYERS, strict=True):
+    assert (Path(log_dir) / "projector/neuron_clustering/epoch=003").is_dir()  # the first analysis
+    for entry, layer in zip(config.embeddings, PARTS_LAYERS, strict=True):
         lines = (Path(log_dir) / entry.metadata_path).read_text().strip().split("\n")
         assert lines[0].split("\t") == list(HEADER)
         rows = [line.split("\t") for line in lines[1:]]

@@ -102,17 +102,22 @@ def test_sprite_is_a_square_grid_row_by_row():
     assert sheet[4, 4, 0] == 0  # the unused tiles
 
 
-def test_newest_embedding_goes_first_and_others_are_kept(tmp_path):
+def test_the_latest_epoch_replaces_the_layer_and_other_entries_are_kept(tmp_path):
     (tmp_path / "projector_config.pbtxt").write_text(
         'embeddings {\n  tensor_name: "mine"\n  tensor_path: "mine.tsv"\n}\n'
     )
     rows = [["relu3/0", "relu3 c0", "1", "0.5"], ["relu3/1", "relu3 c0", "2", "0.1"]]
     tiles = torch.rand(2, 1, 4, 4)
     for epoch in (0, 1):
-        write_embedding(tmp_path, f"epoch {epoch}: relu3", f"p/{epoch}", np.eye(2), rows, tiles)
-    write_embedding(tmp_path, "epoch 1: relu3", "p/1", np.eye(2), rows, tiles)  # replaced
+        for layer in ("relu2", "relu3"):
+            write_embedding(
+                tmp_path, f"{layer}, epoch {epoch}", f"p/{epoch}/{layer}", np.eye(2), rows, tiles,
+                replaces=f"{layer}, epoch ",
+            )  # fmt: skip
     names = [e.tensor_name for e in _read_config(tmp_path).embeddings]
-    assert names == ["epoch 1: relu3", "epoch 0: relu3", "mine"]
-    assert (tmp_path / "p/1/metadata.tsv").read_text().splitlines()[0].split("\t") == list(HEADER)
+    assert names == ["relu3, epoch 1", "relu2, epoch 1", "mine"]
+    assert (tmp_path / "p/0/relu3/tensors.tsv").is_file()  # older epochs stay on disk
+    header = (tmp_path / "p/1/relu3/metadata.tsv").read_text().splitlines()[0]
+    assert header.split("\t") == list(HEADER)
     with pytest.raises(ValueError, match="3 feature rows, 2 metadata rows"):
         write_embedding(tmp_path, "bad", "p/bad", np.eye(3), rows, None)

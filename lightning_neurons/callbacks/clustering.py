@@ -720,8 +720,8 @@ class NeuronClustering(_ClusteringCallback):
     Logged per layer under ``neuron_clustering/<layer>/``: the cluster sizes as a table and
     scalars (``n_clusters``, ``noise_fraction``, ``silhouette``, ``stability``: adjusted Rand
     index with the previous analysis), and each cluster's mean class profile as a figure. Each
-    layer's neurons go to TensorBoard's embedding projector (one embedding per layer and epoch,
-    ``epoch 9: relu3``, the latest first; see :mod:`lightning_neurons.projector`), labelled
+    layer's neurons go to TensorBoard's embedding projector (one embedding per layer, of the
+    latest epoch: ``relu3, epoch 9``; see :mod:`lightning_neurons.projector`), labelled
     ``relu3/4``, with layer-qualified clusters and each neuron's top-activating validation crop
     as its image. Arrays go to ``<log_dir>/neurons/neuron_clustering/epoch=EEE/<layer>.npz``.
 
