@@ -175,15 +175,29 @@ def test_everything_is_logged_and_written(parts_run):
         Path(f"{root}/fit/category_clustering/epoch={last:03d}/assignments.json").read_text()
     )
     assert set(assignments[COMBINED]) == set(CLASS_NAMES)
-    # the embedding projector: one row per neuron of both layers, five metadata columns
-    import glob
+    # the embedding projector: one embedding per layer, its latest epoch, labelled layer/neuron
+    # with layer-qualified clusters, every point with an image
+    from lightning_neurons.projector import HEADER, _read_config, short_names
 
-    metadata = sorted(glob.glob(f"{log_dir}/*/neuron_clustering/metadata.tsv"))
-    assert len(metadata) == 2  # analysed twice
-    lines = Path(metadata[-1]).read_text().strip().split("\n")
-    assert lines[0].split("\t") == ["layer", "neuron", "cluster", "preferred_class", "selectivity"]
-    assert len(lines) == 1 + 32 + 64
-    assert "neuron_clustering" in Path(f"{log_dir}/projector_config.pbtxt").read_text()
+    config = _read_config(Path(log_dir))
+    shorts = short_names(PARTS_LAYERS)
+    expected = [f"{shorts[layer]}, epoch {last}" for layer in PARTS_LAYERS]
+    assert [e.tensor_name for e in config.embeddings] == expected
+    assert (Path(log_dir) / "projector/neuron_clustering/epoch=003").is_dir()  # the first analysis
+    for entry, layer in zip(config.embeddings, PARTS_LAYERS, strict=True):
+        lines = (Path(log_dir) / entry.metadata_path).read_text().strip().split("\n")
+        assert lines[0].split("\t") == list(HEADER)
+        rows = [line.split("\t") for line in lines[1:]]
+        res = parts_run["neurons"].results[layer]
+        assert len(rows) == res.labels.shape[0]
+        assert [r[0] for r in rows] == [f"{shorts[layer]}/{k}" for k in range(len(rows))]
+        assert {r[1] for r in rows} == {
+            f"{shorts[layer]} c{c}" if c >= 0 else f"{shorts[layer]} unclustered"
+            for c in res.labels.tolist()
+        }
+        tensors = np.loadtxt(Path(log_dir) / entry.tensor_path, delimiter="\t", ndmin=2)
+        assert tensors.shape == (len(rows), len(res.classes))
+        assert (Path(log_dir) / entry.sprite.image_path).is_file()
 
 
 def test_hooks_are_gone_after_fit(parts_run):
@@ -336,22 +350,27 @@ def test_argument_errors(cls, kwargs, match):
         cls(**kwargs)
 
 
-class FeatureVisualizer(pl.Callback):
-    """Stands in for the real FeatureVisualizer: rendered images of two relu2 channels."""
+def test_every_projector_point_has_its_own_image(tmp_path):
+    from PIL import Image
 
-    def __init__(self) -> None:
-        self.results = {"backbone.relu2": {"channels": [0, 3], "images": torch.rand(2, 1, 12, 12)}}
-
-
-def test_rendered_images_become_projector_sprites(tmp_path):
-    import glob
+    from lightning_neurons.projector import _read_config
 
     neurons = NeuronClustering(method="kmeans", n_clusters=2, on_error="raise")
-    trainer = fast_trainer(
-        tmp_path, max_epochs=1, callbacks=[ActivationTracker(), FeatureVisualizer(), neurons]
-    )
+    trainer = fast_trainer(tmp_path, max_epochs=1, callbacks=[ActivationTracker(), neurons])
     trainer.fit(_tiny(num_classes=6), TinyData(n=96, num_classes=6))
-    assert glob.glob(f"{trainer.logger.log_dir}/*/neuron_clustering/sprite.png")
+    log_dir = Path(trainer.logger.log_dir)
+    config = _read_config(log_dir)
+    assert len(config.embeddings) == len(neurons.results)  # one per layer
+    for entry in config.embeddings:
+        points = len((log_dir / entry.metadata_path).read_text().strip().split("\n")) - 1
+        size = list(entry.sprite.single_image_dim)
+        sheet = np.asarray(Image.open(log_dir / entry.sprite.image_path))
+        per_row = sheet.shape[1] // size[0]
+        assert per_row == int(np.ceil(np.sqrt(points)))
+        for i in range(points):  # no flat placeholder: each tile shows an image or a cross
+            r, c = divmod(i, per_row)
+            tile = sheet[r * size[1] : (r + 1) * size[1], c * size[0] : (c + 1) * size[0]]
+            assert tile.std() > 0, (entry.tensor_name, i)
 
 
 def test_state_dict_round_trip():

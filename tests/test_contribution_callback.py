@@ -89,7 +89,9 @@ def test_logs_figures_scalars_text_and_files(fitted):
 
     _, _, _, tmp_path = fitted
     log_dir = tmp_path / "tb" / "version_0"
-    events = EventAccumulator(str(log_dir), size_guidance={"images": 0, "tensors": 0}).Reload()
+    events = EventAccumulator(
+        str(log_dir), size_guidance={"images": 0, "tensors": 0, "histograms": 0}
+    ).Reload()
     tags = events.Tags()
     for layer in LAYERS:
         assert f"contribution/{layer}/class_contribution" in tags["images"]
@@ -97,7 +99,12 @@ def test_logs_figures_scalars_text_and_files(fitted):
         assert f"contribution/{layer}/mean_domination" in tags["scalars"]
     assert "contribution/backbone.fc/ablation" in tags["images"]
     assert "contribution/backbone.fc/ablation_selectivity/difference" in tags["scalars"]
-    assert "contribution/backbone.fc/ablation/class_0_top5/own_drop" in tags["scalars"]
+    assert "contribution/backbone.fc/ablation_own_drop_per_class" in tags["histograms"]
+    for layer in LAYERS:
+        assert f"contribution/{layer}/domination_per_class" in tags["histograms"]
+    # a few headline charts, not one per class: mean domination per layer, ablation selectivity
+    contribution_scalars = [t for t in tags["scalars"] if t.startswith("contribution/")]
+    assert len(contribution_scalars) == len(LAYERS) + 3 * 2, contribution_scalars  # 2 ablated
     assert any(
         t.startswith("contribution/backbone.fc/probes") for t in tags["tensors"]
     )  # the text table
@@ -412,3 +419,32 @@ def test_two_process_ddp_runs_on_rank_zero_only(tmp_path):
     assert rank1 == {"layers": [], "drop": None}
     records = [r for r in load_index(tmp_path / "tb" / "version_0") if r["kind"] == "contribution"]
     assert len(records) == 2  # two layers, written once (by rank zero)
+
+
+def test_probes_cover_every_class_and_the_table_has_short_columns(tmp_path):
+    """Ten classes: one probe per class (the former cap of 8 never showed classes 8 and 9), and a
+    table whose headers are short words and whose top neurons have a column each."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pl.seed_everything(0, verbose=False)
+    model = ImageClassifier(TinyNet(num_classes=10), num_classes=10, lr=1e-2)
+    contribution = NeuronContribution(
+        layers=["backbone.fc"], max_batches=8, ablation_layers=[], on_error="raise"
+    )
+    trainer = fast_trainer(
+        tmp_path, max_epochs=1, callbacks=[ActivationTracker(layers=LAYERS), contribution]
+    )
+    trainer.fit(model, datamodule=TinyData(n=160, num_classes=10))
+    res = contribution.results["backbone.fc"]
+    assert res["probe_labels"].tolist() == list(range(10))
+    events = EventAccumulator(str(trainer.logger.log_dir), size_guidance={"tensors": 0}).Reload()
+    tag = next(
+        t for t in events.Tags()["tensors"] if t.startswith("contribution/backbone.fc/probes")
+    )
+    table = events.Tensors(tag)[-1].tensor_proto.string_val[0].decode()
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    assert lines[0] == "| # | true | pred | top 1 | top 2 | top 3 | top 4 | top 5 |"
+    rows = [line.strip("| ").split(" | ") for line in lines[2:]]
+    assert [r[1] for r in rows] == [str(c) for c in range(10)]
+    assert all(len(r) == 8 for r in rows)
+    assert rows[0][3].startswith(f"n{int(res['probe_top_neurons'][0, 0])} ")

@@ -17,7 +17,6 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-from torch.nn import functional as F
 
 from lightning_neurons.batch import BatchReader, LoaderRows, analysed_rows
 from lightning_neurons.callbacks._base import (
@@ -720,11 +719,11 @@ class NeuronClustering(_ClusteringCallback):
 
     Logged per layer under ``neuron_clustering/<layer>/``: the cluster sizes as a table and
     scalars (``n_clusters``, ``noise_fraction``, ``silhouette``, ``stability``: adjusted Rand
-    index with the previous analysis), and each cluster's mean class profile as a figure. All
-    layers' neurons go to TensorBoard's embedding projector (tag ``neuron_clustering``) with
-    metadata columns layer, neuron, cluster, preferred class and selectivity; when a
-    ``FeatureVisualizer`` has rendered images of the neurons they become the projector's
-    sprites. Arrays go to ``<log_dir>/neurons/neuron_clustering/epoch=EEE/<layer>.npz``.
+    index with the previous analysis), and each cluster's mean class profile as a figure. Each
+    layer's neurons go to TensorBoard's embedding projector (one embedding per layer, of the
+    latest epoch: ``relu3, epoch 9``; see :mod:`lightning_neurons.projector`), labelled
+    ``relu3/4``, with layer-qualified clusters and each neuron's top-activating validation crop
+    as its image. Arrays go to ``<log_dir>/neurons/neuron_clustering/epoch=EEE/<layer>.npz``.
 
     Args:
         layers: Tracked layers (default: all the tracker's layers).
@@ -975,7 +974,20 @@ class NeuronClustering(_ClusteringCallback):
             )
         out.scalars(scalars)
         if self.embedding and out.experiment is not None and results:
-            self._embedding(trainer, out, results)
+            from lightning_neurons.projector import log_neuron_projector
+
+            num_classes = max(self._num_classes(r) for r in results.values())
+            log_neuron_projector(
+                trainer,
+                out.experiment.get_logdir(),
+                self.kind,
+                results,
+                class_names_of(trainer, num_classes),
+                self.max_embedding_neurons,
+                self._reader,
+                self._stage,
+                self._dataloader_idx,
+            )
 
     @staticmethod
     def _num_classes(res: NeuronClusteringResult) -> int:
@@ -993,83 +1005,3 @@ class NeuronClustering(_ClusteringCallback):
         if noise:
             rows.append(("unclustered", noise, ""))
         return _markdown_table(("cluster", "neurons", "strongest classes (mean z)"), rows)
-
-    def _embedding(
-        self, trainer: Trainer, out: AnalysisLogger, results: dict[str, NeuronClusteringResult]
-    ) -> None:
-        share = max(1, self.max_embedding_neurons // len(results))
-        features, metadata, picks = [], [], []
-        for name, res in results.items():
-            order = np.argsort(-np.nan_to_num(res.selectivity, nan=-1.0), kind="stable")[:share]
-            order = np.sort(order)
-            names = class_names_of(trainer, self._num_classes(res))
-            for k in order.tolist():
-                pref = int(res.preferred_class[k])
-                metadata.append(
-                    [
-                        name,
-                        str(k),
-                        str(int(res.labels[k])),
-                        names[pref] if pref < len(names) else str(pref),
-                        f"{float(res.selectivity[k]):.3f}",
-                    ]
-                )
-            features.append(res.extra["features"][order])
-            picks.append((name, order))
-        widths = {f.shape[1] for f in features}
-        if len(widths) != 1:
-            return
-        mat = torch.as_tensor(np.concatenate(features), dtype=torch.float32)
-        sprites = self._sprites(trainer, picks)
-        out.experiment.add_embedding(
-            mat,
-            metadata=metadata,
-            metadata_header=["layer", "neuron", "cluster", "preferred_class", "selectivity"],
-            label_img=sprites,
-            global_step=trainer.global_step,
-            tag=self.kind,
-        )
-
-    @staticmethod
-    def _sprites(trainer: Trainer, picks: list[tuple[str, np.ndarray]]) -> torch.Tensor | None:
-        """Rendered images of the picked neurons from a FeatureVisualizer, if any (else None)."""
-        found: dict[str, tuple[list[int], torch.Tensor]] = {}
-        for cb in trainer.callbacks:
-            results = getattr(cb, "results", None)
-            if type(cb).__name__ != "FeatureVisualizer" or not isinstance(results, dict):
-                continue
-            for layer, _ in picks:
-                entry = results.get(layer)
-                try:
-                    channels = [int(c) for c in entry["channels"]]
-                    images = torch.as_tensor(entry["images"]).detach().float().cpu()
-                except (TypeError, KeyError, ValueError):
-                    continue
-                if images.dim() == 4 and images.shape[0] == len(channels):
-                    found[layer] = (channels, images)
-        if not found:
-            return None
-        first = next(iter(found.values()))[1]
-        channels_out = 3 if any(img.shape[1] == 3 for _, img in found.values()) else first.shape[1]
-        size = min(32, first.shape[-1])
-        blank = torch.full((channels_out, size, size), 0.5)
-        rows = []
-        for layer, order in picks:
-            channels, images = found.get(layer, ([], torch.zeros(0)))
-            position = {c: i for i, c in enumerate(channels)}
-            for k in order.tolist():
-                if k not in position:
-                    rows.append(blank)
-                    continue
-                img = images[position[k]].clamp(0, 1)
-                img = F.interpolate(
-                    img[None], size=(size, size), mode="bilinear", align_corners=False
-                )[0]
-                if img.shape[0] != channels_out:
-                    img = (
-                        img.expand(channels_out, -1, -1)
-                        if img.shape[0] == 1
-                        else img[:channels_out]
-                    )
-                rows.append(img)
-        return torch.stack(rows)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -68,10 +67,6 @@ def cluster_sets(labels: Any) -> dict[str, torch.Tensor]:
     }
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^\w.\-]+", "_", name).strip("_") or "_"
-
-
 class NeuronContribution(AnalysisCallback):
     """Which neurons carry each class's logit (activation x gradient), how few of them dominate,
     and what zeroing them does to each class's accuracy.
@@ -111,8 +106,8 @@ class NeuronContribution(AnalysisCallback):
         max_ablation_classes: Ablate the dominant neurons of at most this many classes (the first).
         share_prefix: How ablations are batched, see
             :func:`~lightning_neurons.contribution.ablation_effects` (``"auto"`` checks the model).
-        probe_images: Probe images (the first validation image of each class, at most this many);
-            0 for none.
+        probe_images: Probe images: the first kept validation image of each class, for at most
+            this many classes (the first); 0 for none.
         probe_top: Top contributing neurons shown per probe image.
         enable_logging: Log figures, images, text and scalars and write the numbers to files.
         every_n_epochs: Analyse every n-th epoch.
@@ -137,7 +132,7 @@ class NeuronContribution(AnalysisCallback):
         ablation_layers: list[str] | None = None,
         max_ablation_classes: int = 20,
         share_prefix: bool | Literal["auto"] = "auto",
-        probe_images: int = 8,
+        probe_images: int = 20,
         probe_top: int = 5,
         enable_logging: bool = True,
         every_n_epochs: int = 1,
@@ -526,23 +521,16 @@ class NeuronContribution(AnalysisCallback):
     def _scalars(
         self, out: AnalysisLogger, layer: str, res: dict[str, Any], names: list[str]
     ) -> dict[str, float]:
+        """A few headline scalars per layer; the per-class series go to TensorBoard as one
+        histogram each (a chart per class would bury train/ and val/ under dozens of charts) and,
+        named, to the ``.npz`` file and the figures."""
         domination = res["domination"]
         scalars = {out.tag(layer, "mean_domination"): float(domination.mean())}
-        if domination.numel() <= 20:
-            for c, share in enumerate(domination.tolist()):
-                scalars[out.tag(layer, "domination", _safe(names[c]))] = share
+        out.histogram(out.tag(layer, "domination_per_class"), domination)
         if "accuracy_drop" in res:
             drop = res["accuracy_drop"]
-            for row, (set_name, c) in enumerate(
-                zip(res["ablation_sets"], res["ablation_classes"], strict=True)
-            ):
-                if c >= 0:
-                    scalars[out.tag(layer, "ablation", _safe(set_name), "own_drop")] = float(
-                        drop[row, c]
-                    )
-                scalars[out.tag(layer, "ablation", _safe(set_name), "mean_drop")] = float(
-                    drop[row].nanmean()
-                )
+            own = [float(drop[row, c]) for row, c in enumerate(res["ablation_classes"]) if c >= 0]
+            out.histogram(out.tag(layer, "ablation_own_drop_per_class"), own)
             for key, value in res.get("ablation_selectivity", {}).items():
                 if key != "ratio":  # infinite when the other classes do not drop
                     scalars[out.tag(layer, "ablation_selectivity", key)] = value
@@ -571,24 +559,32 @@ class NeuronContribution(AnalysisCallback):
             out.text(out.tag(layer, "probes"), self._probe_table(res, names))
 
     def _probe_table(self, res: dict[str, Any], names: list[str]) -> str:
+        """One row per probe (the rows of the probes image), short headers, one column per top
+        neuron: ``n12 +0.41 r`` is neuron 12, its contribution to the predicted logit, and its
+        image in the probes image (``r`` rendered, ``v`` the validation image it fires most on)."""
+        top = res["probe_top_neurons"].shape[1]
         lines = [
-            "Rows of the probes image: the probe, then the images its top neurons prefer.",
+            "Top neurons of each probe: contribution to the predicted logit; image in the probes "
+            "image: r = rendered, v = top validation image.",
             "",
-            "| probe | class | predicted | top neurons (contribution to the predicted logit; image) |",
-            "|---|---|---|---|",
+            "| # | true | pred | " + " | ".join(f"top {i + 1}" for i in range(top)) + " |",
+            "|---|---|---|" + "---|" * top,
         ]
         for p in range(res["probe_images"].shape[0]):
             cells = [
-                f"{n} ({value:+.3g}; {source})"
+                f"n{n} {value:+.2g} {source[0]}"
                 for n, value, source in zip(
                     res["probe_top_neurons"][p].tolist(),
                     res["probe_top_contribution"][p].tolist(),
-                    res["probe_preferred_source"][p],
+                    [
+                        ("v" if s == "top example" else "r")
+                        for s in res["probe_preferred_source"][p]
+                    ],
                     strict=True,
                 )
             ]
             label, pred = int(res["probe_labels"][p]), int(res["probe_predictions"][p])
-            lines.append(f"| {p} | {names[label]} | {names[pred]} | {', '.join(cells)} |")
+            lines.append(f"| {p} | {names[label]} | {names[pred]} | {' | '.join(cells)} |")
         return "\n".join(lines)
 
     def _arrays(

@@ -1,0 +1,376 @@
+"""TensorBoard's embedding projector for neuron clusterings: one embedding per layer, the latest.
+
+Every point is one neuron, labelled ``relu3/4`` (layer, neuron), with a layer-qualified cluster
+(``relu3 c1``; ``relu3 unclustered``), its preferred class and selectivity, and as its image the
+crop of the validation image that activates it most, centred where it responds most (dead
+neurons get a crossed-out tile). The files of every analysed epoch are written next to the
+event files; ``projector_config.pbtxt`` lists the latest epoch of each layer (``relu3, epoch 9``),
+so that its list has one entry per layer and opens on the latest epoch (the projector sorts its
+list by number of points, then by name, whatever the file's order; an older epoch can be opened
+with its folder's files and the "Load" button).
+
+Example:
+    >>> crops = top_activating_crops(model, ["features.relu3"], images)  # doctest: +SKIP
+    >>> crops["features.relu3"].shape  # doctest: +SKIP
+    torch.Size([128, 1, 32, 32])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lightning_neurons.batch import (
+    BatchReader,
+    InputTransform,
+    as_model_input,
+    stage_loaders,
+    to_display,
+)
+from lightning_neurons.hooks import first_tensor, hooked
+from lightning_neurons.state import analysis_mode, preserved_rng
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
+
+    from lightning_neurons.callbacks.clustering import NeuronClusteringResult
+
+#: Metadata columns of every embedding; the first is the projector's default label.
+HEADER = ("neuron", "cluster", "preferred class", "selectivity")
+#: Side of a sprite tile in pixels (the projector shows them at about this size).
+TILE = 32
+#: The file the projector reads, in the TensorBoard run directory.
+CONFIG = "projector_config.pbtxt"
+
+
+def short_names(layers: Sequence[str]) -> dict[str, str]:
+    """The shortest dotted suffix of each layer name that tells it from the others.
+
+    Example:
+        >>> short_names(["backbone.features.relu1", "backbone.features.relu2"])
+        {'backbone.features.relu1': 'relu1', 'backbone.features.relu2': 'relu2'}
+        >>> short_names(["layer1.0.relu", "layer2.0.relu"])
+        {'layer1.0.relu': 'layer1.0.relu', 'layer2.0.relu': 'layer2.0.relu'}
+    """
+    parts = {name: name.split(".") for name in layers}
+    out: dict[str, str] = {}
+    for name, split in parts.items():
+        for k in range(1, len(split) + 1):
+            candidate = ".".join(split[-k:])
+            others = [".".join(p[-k:]) for n, p in parts.items() if n != name]
+            if candidate not in others:
+                out[name] = candidate
+                break
+        else:
+            out[name] = name
+    return out
+
+
+def neuron_metadata(
+    short: str, res: NeuronClusteringResult, neurons: Sequence[int], class_names: Sequence[str]
+) -> list[list[str]]:
+    """Rows of :data:`HEADER` for ``neurons`` of one layer: ``relu3/4``, ``relu3 c1``, ...
+
+    Cluster ids are qualified by the layer: cluster 1 of ``relu2`` and of ``relu3`` are unrelated.
+    """
+    rows = []
+    for k in neurons:
+        cluster = int(res.labels[k])
+        pref = int(res.preferred_class[k])
+        rows.append(
+            [
+                f"{short}/{k}",
+                f"{short} c{cluster}" if cluster >= 0 else f"{short} unclustered",
+                class_names[pref] if 0 <= pref < len(class_names) else str(pref),
+                f"{float(res.selectivity[k]):.3f}",
+            ]
+        )
+    return rows
+
+
+def top_activating_crops(
+    model: nn.Module,
+    layers: Sequence[str],
+    batches: Iterable[torch.Tensor],
+    transform: InputTransform | None = None,
+    size: int = TILE,
+) -> dict[str, torch.Tensor]:
+    """For each neuron of each layer: the crop of the input that activates it most.
+
+    One forward pass per batch (eval mode, no gradients, the model left as it was). For a conv
+    layer the crop is a square of half the image's side, but at least three strides of the layer,
+    centred on the position of the strongest response; for a ``[B, K]`` layer it is the whole
+    image. A neuron that is never positive (dead after a ReLU) gets a crossed-out grey tile.
+
+    Args:
+        model: The model.
+        layers: Call sites to look at (as in :func:`~lightning_neurons.hooks.hooked`).
+        batches: Model inputs ``[B, C, H, W]``.
+        transform: The display -> input mapping of the data (see
+            :func:`~lightning_neurons.batch.to_display`); ``None``: the inputs are display images
+            (if they are not within [0, 1], all are rescaled by their common minimum and maximum).
+        size: Side of the returned tiles.
+
+    Returns:
+        ``{layer: [K, C, size, size]}`` display tiles in [0, 1].
+    """
+    best: dict[str, _Best] = {}
+    kept: list[torch.Tensor] = []
+    offset = 0
+
+    def keep(name: str, output: torch.Tensor) -> None:
+        best.setdefault(name, _Best()).update(first_tensor(output, name).detach(), offset)
+
+    with analysis_mode(model), torch.no_grad(), hooked(model, layers, keep):
+        for x in batches:
+            model(as_model_input(x, model))
+            kept.append(x.detach().cpu())
+            offset += x.shape[0]
+    if not kept:
+        return {}
+    images, _ = to_display(torch.cat(kept), transform)
+    low, high = float(images.min()), float(images.max())
+    if low < 0 or high > 1:  # not display images: one rescaling for all, so tiles stay comparable
+        images = (images - low) / max(high - low, 1e-12)
+    return {name: b.crops(images, size) for name, b in best.items()}
+
+
+@dataclass
+class _Best:
+    """Running maximum of each neuron over images: its value, image and position."""
+
+    value: torch.Tensor | None = None
+    image: torch.Tensor | None = None
+    position: torch.Tensor | None = None
+    grid: tuple[int, int] = (1, 1)
+
+    def update(self, out: torch.Tensor, offset: int) -> None:
+        out = out.float().cpu()
+        if out.dim() == 4:
+            self.grid = (out.shape[2], out.shape[3])
+            v, pos = out.flatten(2).max(dim=2)  # [B, K]
+        else:
+            v = out.flatten(1)
+            pos = torch.zeros_like(v, dtype=torch.long)
+        top, image = v.max(dim=0)  # [K]
+        where = pos[image, torch.arange(v.shape[1])]
+        if self.value is None:
+            self.value, self.image, self.position = top, image + offset, where
+            return
+        better = top > self.value
+        self.value = torch.where(better, top, self.value)
+        self.image = torch.where(better, image + offset, self.image)
+        self.position = torch.where(better, where, self.position)
+
+    def crops(self, images: torch.Tensor, size: int) -> torch.Tensor:
+        assert self.value is not None and self.image is not None and self.position is not None
+        n, c, height, width = images.shape
+        h, w = self.grid
+        side_y = min(height, max(height // 2, math.ceil(3 * height / h)))
+        side_x = min(width, max(width // 2, math.ceil(3 * width / w)))
+        if h == w == 1:
+            side_y, side_x = height, width
+        tiles = []
+        for value, image, position in zip(
+            self.value.tolist(), self.image.tolist(), self.position.tolist(), strict=True
+        ):
+            if not value > 0:
+                tiles.append(_crossed(c, size))
+                continue
+            cy = int((position // w + 0.5) * height / h)
+            cx = int((position % w + 0.5) * width / w)
+            top = min(max(cy - side_y // 2, 0), height - side_y)
+            left = min(max(cx - side_x // 2, 0), width - side_x)
+            crop = images[image, :, top : top + side_y, left : left + side_x]
+            tiles.append(
+                F.interpolate(crop[None], size=(size, size), mode="bilinear", align_corners=False)[
+                    0
+                ].clamp(0, 1)
+            )
+        return torch.stack(tiles)
+
+
+def _crossed(channels: int, size: int) -> torch.Tensor:
+    """A grey tile with a dark cross: a neuron that never fired has no image."""
+    tile = torch.full((channels, size, size), 0.6)
+    diagonal = torch.arange(size)
+    for d in (-1, 0, 1):
+        index = (diagonal + d).clamp(0, size - 1)
+        tile[:, diagonal, index] = 0.15
+        tile[:, diagonal, size - 1 - index] = 0.15
+    return tile
+
+
+def sprite(tiles: torch.Tensor) -> np.ndarray:
+    """``[N, C, S, S]`` tiles in [0, 1] -> the projector's sprite: a square grid of tiles, row
+    by row, as an ``[H, W, 3]`` uint8 array."""
+    n, c, s, _ = tiles.shape
+    per_row = max(1, math.ceil(math.sqrt(n)))
+    grid = torch.zeros(per_row * per_row, 3, s, s)
+    grid[:n] = tiles.expand(-1, 3, -1, -1) if c == 1 else tiles[:, :3]
+    grid = grid.view(per_row, per_row, 3, s, s).permute(0, 3, 1, 4, 2)
+    return (grid.reshape(per_row * s, per_row * s, 3) * 255).round().to(torch.uint8).numpy()
+
+
+def write_embedding(
+    log_dir: str | Path,
+    name: str,
+    folder: str,
+    features: np.ndarray,
+    metadata: Sequence[Sequence[str]],
+    tiles: torch.Tensor | None,
+    replaces: str | None = None,
+) -> None:
+    """Write one embedding's files under ``log_dir/folder`` and list it in the projector's config,
+    in place of the entries named ``name`` or starting with ``replaces`` (other entries, e.g. a
+    user's ``add_embedding``, are kept after it).
+
+    Raises:
+        ValueError: If the features, metadata and tiles disagree on the number of points.
+    """
+    from PIL import Image
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
+    if len(metadata) != features.shape[0] or (tiles is not None and len(tiles) != len(metadata)):
+        raise ValueError(
+            f"embedding {name!r}: {features.shape[0]} feature rows, {len(metadata)} metadata "
+            f"rows and {None if tiles is None else len(tiles)} images; they must be equal"
+        )
+    root = Path(log_dir)
+    path = root / folder
+    path.mkdir(parents=True, exist_ok=True)
+    np.savetxt(path / "tensors.tsv", features, delimiter="\t", fmt="%.6g")
+    lines = ["\t".join(HEADER)] + ["\t".join(_clean(v) for v in row) for row in metadata]
+    (path / "metadata.tsv").write_text("\n".join(lines) + "\n")
+    config = _read_config(root)
+    kept = [
+        e
+        for e in config.embeddings
+        if e.tensor_name != name and not (replaces and e.tensor_name.startswith(replaces))
+    ]
+    new = ProjectorConfig()
+    entry = new.embeddings.add()
+    entry.tensor_name = name
+    entry.tensor_path = f"{folder}/tensors.tsv"
+    entry.metadata_path = f"{folder}/metadata.tsv"
+    if tiles is not None:
+        Image.fromarray(sprite(tiles)).save(path / "sprite.png")
+        entry.sprite.image_path = f"{folder}/sprite.png"
+        entry.sprite.single_image_dim.extend([tiles.shape[-1], tiles.shape[-2]])
+    new.embeddings.extend(kept)
+    _write_config(root, new)
+
+
+def _clean(value: str) -> str:
+    return str(value).replace("\t", " ").replace("\n", " ")
+
+
+def _read_config(root: Path) -> Any:
+    from google.protobuf import text_format
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
+    config = ProjectorConfig()
+    if (root / CONFIG).is_file():
+        text_format.Parse((root / CONFIG).read_text(), config)
+    return config
+
+
+def _write_config(root: Path, config: Any) -> None:
+    from google.protobuf import text_format
+
+    tmp = root / (CONFIG + ".tmp")
+    tmp.write_text(text_format.MessageToString(config))
+    tmp.replace(root / CONFIG)
+
+
+def embedding_name(short: str, epoch: int) -> str:
+    """``"relu3, epoch 9"``: the tensor's name in the projector's list."""
+    return f"{short}, epoch {epoch}"
+
+
+def log_neuron_projector(
+    trainer: Trainer,
+    log_dir: str | Path,
+    kind: str,
+    results: Mapping[str, NeuronClusteringResult],
+    class_names: Sequence[str],
+    max_neurons: int,
+    reader: BatchReader | None = None,
+    stage: str = "validation",
+    dataloader_idx: int = 0,
+    max_images: int = 512,
+) -> None:
+    """Write one projector embedding per layer of a NeuronClustering epoch (rank zero only).
+
+    The most selective ``max_neurons // len(results)`` neurons of each layer, their normalised
+    class profiles as coordinates, :func:`neuron_metadata` and, as images, their
+    :func:`top_activating_crops` on the first ``max_images`` rows of the stage's data loader.
+
+    Args:
+        trainer: The running trainer (its model and data loaders are read, not changed).
+        log_dir: The TensorBoard run directory.
+        kind: Folder of the files under ``log_dir/projector``.
+        results: ``{layer: NeuronClusteringResult}`` of one epoch.
+        class_names: Names of the classes.
+        max_neurons: Points over all layers.
+        reader: How batches are read.
+        stage: Whose data loader gives the crops (``"validation"``...).
+        dataloader_idx: Which of the stage's loaders.
+        max_images: Images searched for each neuron's strongest response.
+    """
+    share = max(1, max_neurons // len(results))
+    shorts = short_names(list(results))
+    tiles = _crops(
+        trainer, list(results), reader or BatchReader(), stage, dataloader_idx, max_images
+    )
+    for name, res in reversed(list(results.items())):  # each goes first: the first layer ends first
+        order = np.argsort(-np.nan_to_num(res.selectivity, nan=-1.0), kind="stable")[:share]
+        order = np.sort(order)
+        layer_tiles = tiles.get(name)
+        write_embedding(
+            log_dir,
+            embedding_name(shorts[name], res.epoch),
+            f"projector/{kind}/epoch={res.epoch:03d}/{shorts[name]}",
+            np.asarray(res.extra["features"])[order],
+            neuron_metadata(shorts[name], res, order.tolist(), class_names),
+            None if layer_tiles is None else layer_tiles[torch.as_tensor(order)],
+            replaces=f"{shorts[name]}, epoch ",
+        )
+
+
+def _crops(
+    trainer: Trainer,
+    layers: list[str],
+    reader: BatchReader,
+    stage: str,
+    dataloader_idx: int,
+    max_images: int,
+) -> dict[str, torch.Tensor]:
+    """:func:`top_activating_crops` on the stage's loader, without touching any random state."""
+    loaders = stage_loaders(trainer, stage)
+    model = trainer.lightning_module
+    if not loaders or dataloader_idx >= len(loaders) or model is None:
+        return {}
+    transform = getattr(getattr(trainer, "datamodule", None), "input_transform", None)
+    with preserved_rng(model.device):
+        return top_activating_crops(
+            model, layers, _first_rows(loaders[dataloader_idx], reader, max_images), transform
+        )
+
+
+def _first_rows(loader: Iterable[Any], reader: BatchReader, limit: int) -> Iterable[torch.Tensor]:
+    seen = 0
+    for batch in loader:
+        x = reader.inputs(batch)[: limit - seen]
+        yield x
+        seen += x.shape[0]
+        if seen >= limit:
+            return
