@@ -21,6 +21,7 @@ from lightning_neurons.callbacks.clustering import (
     NeuronClustering,
     distance_confusion_agreement,
 )
+from lightning_neurons.callbacks.visualizer import FeatureVisualizer
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.loggers import load_index
 from lightning_neurons.models import ImageClassifier, SmallCNN
@@ -336,11 +337,16 @@ def test_argument_errors(cls, kwargs, match):
         cls(**kwargs)
 
 
-class FeatureVisualizer(pl.Callback):
-    """Stands in for the real FeatureVisualizer: rendered images of two relu2 channels."""
+class FixedRenders(FeatureVisualizer):
+    """A real FeatureVisualizer that publishes images of two relu2 channels without rendering."""
 
     def __init__(self) -> None:
-        self.results = {"backbone.relu2": {"channels": [0, 3], "images": torch.rand(2, 1, 12, 12)}}
+        super().__init__(layers=["backbone.relu2"], saliency=(), enable_logging=False)
+
+    def _visualize(self, trainer, pl_module, stats, reduction) -> None:
+        self.results = {
+            "backbone.relu2": {"channels": torch.tensor([0, 3]), "images": torch.rand(2, 1, 12, 12)}
+        }
 
 
 def test_rendered_images_become_projector_sprites(tmp_path):
@@ -348,7 +354,7 @@ def test_rendered_images_become_projector_sprites(tmp_path):
 
     neurons = NeuronClustering(method="kmeans", n_clusters=2, on_error="raise")
     trainer = fast_trainer(
-        tmp_path, max_epochs=1, callbacks=[ActivationTracker(), FeatureVisualizer(), neurons]
+        tmp_path, max_epochs=1, callbacks=[ActivationTracker(), FixedRenders(), neurons]
     )
     trainer.fit(_tiny(num_classes=6), TinyData(n=96, num_classes=6))
     assert glob.glob(f"{trainer.logger.log_dir}/*/neuron_clustering/sprite.png")

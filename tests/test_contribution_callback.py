@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import warnings
-from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import numpy as np
@@ -18,7 +17,9 @@ from conftest import TinyData, TinyNet, fast_trainer
 from torch import nn
 
 from lightning_neurons import ActivationTracker, NeuronsError
+from lightning_neurons.callbacks.clustering import NeuronClustering, NeuronClusteringResult
 from lightning_neurons.callbacks.contribution import NeuronContribution, cluster_sets
+from lightning_neurons.callbacks.visualizer import FeatureVisualizer
 from lightning_neurons.contribution import ablation_effects, class_contributions
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.loggers import ARTIFACT_DIRNAME, load_index
@@ -179,19 +180,40 @@ def test_a_failing_analysis_raises_with_on_error_raise_and_removes_hooks(tmp_pat
     assert all(p.requires_grad for p in model.parameters())
 
 
-class NeuronClustering(pl.Callback):
-    """Stands in for the clustering callback: only ``results[layer].labels`` is read (an attribute
-    of a result object, or a mapping key)."""
+class FixedClusters(NeuronClustering):
+    """A real NeuronClustering whose analysis publishes the given labels for ``backbone.fc``."""
 
-    def __init__(self, labels, as_mapping: bool = False) -> None:
-        entry = {"labels": labels} if as_mapping else SimpleNamespace(labels=labels)
-        self.results = {"backbone.fc": entry}
+    def __init__(self, labels) -> None:
+        super().__init__(enable_logging=False)
+        self.fixed = labels
+
+    def _analyse(self, trainer, stats) -> None:
+        k = len(self.fixed)
+        self.results = {
+            "backbone.fc": NeuronClusteringResult(
+                layer="backbone.fc",
+                epoch=trainer.current_epoch,
+                classes=np.arange(3),
+                labels=np.asarray(self.fixed),
+                n_clusters=0,
+                cluster_sizes=np.zeros(0, dtype=np.int64),
+                noise_fraction=0.0,
+                cluster_profiles=np.zeros((0, 3)),
+                silhouette=float("nan"),
+                preferred_class=np.zeros(k, dtype=np.int64),
+                selectivity=np.zeros(k),
+            )
+        }
 
 
-class FeatureVisualizer(pl.Callback):
-    """Stands in for the visualizer: renderings of channels 0-7 of backbone.fc."""
+class FixedRenders(FeatureVisualizer):
+    """A real FeatureVisualizer that publishes renderings of channels 0-7 of ``backbone.fc``
+    without rendering."""
 
     def __init__(self) -> None:
+        super().__init__(layers=["backbone.fc"], saliency=(), enable_logging=False)
+
+    def _visualize(self, trainer, pl_module, stats, reduction) -> None:
         self.results = {
             "backbone.fc": {"channels": torch.arange(8), "images": torch.rand(8, 1, 8, 8)}
         }
@@ -201,7 +223,7 @@ def test_uses_neuron_clusters_and_rendered_images_when_attached(tmp_path):
     model, data = _module(), TinyData()
     labels = np.array([0, 0, 1, 1, -1, 2, 2, -1])  # two noise neurons
     contribution = NeuronContribution(layers=["backbone.fc"], on_error="raise")
-    callbacks = [ActivationTracker(), NeuronClustering(labels), FeatureVisualizer(), contribution]
+    callbacks = [ActivationTracker(), FixedClusters(labels), FixedRenders(), contribution]
     fast_trainer(tmp_path, callbacks=callbacks, max_epochs=1).fit(model, datamodule=data)
     res = contribution.results["backbone.fc"]
     assert res["ablation_sets"][3:] == ["cluster 0", "cluster 1", "cluster 2"]
@@ -212,21 +234,23 @@ def test_uses_neuron_clusters_and_rendered_images_when_attached(tmp_path):
     assert res["probe_preferred"][0][0].shape == (1, 8, 8)
 
 
-MALFORMED = [
-    None,
-    {},
-    {"backbone.fc": None},
-    {"backbone.fc": {"labels": "nonsense", "channels": "x", "images": 3}},
-    {"backbone.fc": {"other": 1}},
-]
+class OtherLayerClusters(FixedClusters):
+    """Publishes nothing for the layer that NeuronContribution ablates."""
+
+    def _analyse(self, trainer, stats) -> None:
+        super()._analyse(trainer, stats)
+        self.results = {"backbone.relu2": self.results["backbone.fc"]}
 
 
-def test_missing_or_malformed_results_of_other_callbacks_are_skipped(tmp_path):
-    for i, results in enumerate(MALFORMED):
-        clustering, visualizer = NeuronClustering(None, as_mapping=True), FeatureVisualizer()
-        clustering.results = visualizer.results = results
+def test_other_callbacks_without_results_for_the_layer_are_skipped(tmp_path):
+    for i, clustering in enumerate(
+        [NeuronClustering(enable_logging=False), OtherLayerClusters([0])]
+    ):
         contribution = NeuronContribution(
             layers=["backbone.fc"], max_batches=1, probe_images=1, on_error="raise"
+        )
+        visualizer = FeatureVisualizer(
+            layers=["backbone.relu2"], saliency=(), steps=1, enable_logging=False
         )
         callbacks = [ActivationTracker(enable_logging=False), clustering, visualizer, contribution]
         trainer = fast_trainer(
@@ -238,8 +262,8 @@ def test_missing_or_malformed_results_of_other_callbacks_are_skipped(tmp_path):
         )
         trainer.fit(_module(), datamodule=TinyData())
         res = contribution.results["backbone.fc"]
-        assert res["ablation_sets"] == ["class 0 top5", "class 1 top5", "class 2 top5"], results
-        assert res["probe_preferred_source"] == [["top example"] * 5], results
+        assert res["ablation_sets"] == ["class 0 top5", "class 1 top5", "class 2 top5"]
+        assert res["probe_preferred_source"] == [["top example"] * 5]
 
 
 def test_cluster_labels_of_the_wrong_length_warn(tmp_path):
@@ -248,7 +272,7 @@ def test_cluster_labels_of_the_wrong_length_warn(tmp_path):
     )
     callbacks = [
         ActivationTracker(enable_logging=False),
-        NeuronClustering(torch.zeros(3, dtype=torch.long), as_mapping=True),
+        FixedClusters(np.zeros(3, dtype=np.int64)),
         contribution,
     ]
     with pytest.warns(UserWarning, match="are 3 values.*8 neurons"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
@@ -12,10 +12,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.state import analysis_mode, preserved_rng, untouched  # noqa: F401 (re-exported)
 
-if TYPE_CHECKING:
-    from lightning_neurons.callbacks.tracker import ActivationTracker
-
 T = TypeVar("T")
+C = TypeVar("C", bound=Callback)
 OnError = Literal["warn", "raise"]
 Stage = Literal["train", "validation", "test"]
 
@@ -34,23 +32,44 @@ def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def find_tracker(trainer: Trainer, requester: str) -> ActivationTracker:
-    """The :class:`ActivationTracker` among the trainer's callbacks.
+@overload
+def find_callback(
+    trainer: Trainer, cls: type[C], *, required: Literal[False] = False
+) -> C | None: ...
+
+
+@overload
+def find_callback(trainer: Trainer, cls: type[C], *, required: str) -> C: ...
+
+
+def find_callback(
+    trainer: Trainer, cls: type[C], *, required: str | Literal[False] = False
+) -> C | None:
+    """The first of the trainer's callbacks that is an instance of ``cls`` (as Lightning finds its
+    checkpoint callbacks): the one way callbacks of this package find each other.
+
+    Args:
+        trainer: The trainer.
+        cls: The callback class looked for; subclasses count.
+        required: The name of the callback that needs one: a missing one then raises.
+            ``False``: a missing one gives ``None``.
+
+    Returns:
+        The callback, or ``None`` when there is none and it is not required.
 
     Raises:
-        NeuronsError: If there is none; the message shows how to add one.
+        NeuronsError: If there is none and ``required`` names who needs it; the message shows how
+            to add one.
     """
-    from lightning_neurons.callbacks.tracker import ActivationTracker
-
-    trackers = [cb for cb in trainer.callbacks if isinstance(cb, ActivationTracker)]
-    if not trackers:
+    found = next((cb for cb in trainer.callbacks if isinstance(cb, cls)), None)
+    if found is None and required:
+        name = cls.__name__
         raise NeuronsError(
-            f"{requester} reads the neuron statistics of an ActivationTracker, but none is attached "
-            "to the Trainer. Add one: `Trainer(callbacks=[ActivationTracker(), "
-            f"{requester}(...)])`, or in YAML under `trainer.callbacks` add "
-            "`- class_path: lightning_neurons.ActivationTracker`."
+            f"{required} reads the results of a {name}, but none is attached to the Trainer. Add "
+            f"one: `Trainer(callbacks=[{name}(), {required}(...)])`, or in YAML under "
+            f"`trainer.callbacks` add `- class_path: lightning_neurons.{name}`."
         )
-    return trackers[0]
+    return found
 
 
 class AnalysisCallback(Callback):

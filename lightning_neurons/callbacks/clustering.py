@@ -24,8 +24,10 @@ from lightning_neurons.callbacks._base import (
     OnError,
     StagedCallback,
     check_positive_int,
-    find_tracker,
+    find_callback,
 )
+from lightning_neurons.callbacks.tracker import ActivationTracker
+from lightning_neurons.callbacks.visualizer import FeatureVisualizer
 from lightning_neurons.clustering import (
     ActivationReservoir,
     CategoryClusterer,
@@ -126,7 +128,7 @@ class _ClusteringCallback(StagedCallback):
         self._reduction = "mean"
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        tracker = find_tracker(trainer, type(self).__name__)
+        tracker = find_callback(trainer, ActivationTracker, required=type(self).__name__)
         self._stage = tracker.stage
         self._reader = tracker.reader
         self._dataloader_idx = tracker.dataloader_idx
@@ -198,7 +200,9 @@ class _ClusteringCallback(StagedCallback):
     def _fresh_stats(self, trainer: Trainer) -> dict[str, LayerStats] | None:
         """The tracker's results for this epoch (computed on every rank), or ``None`` when the
         tracker did not analyse this epoch or nothing is due."""
-        stats = find_tracker(trainer, type(self).__name__).finalize(trainer, self._stage)
+        stats = find_callback(trainer, ActivationTracker, required=type(self).__name__).finalize(
+            trainer, self._stage
+        )
         if not self._due(trainer):
             return None
         fresh = {
@@ -1034,9 +1038,9 @@ class NeuronClustering(_ClusteringCallback):
     def _sprites(trainer: Trainer, picks: list[tuple[str, np.ndarray]]) -> torch.Tensor | None:
         """Rendered images of the picked neurons from a FeatureVisualizer, if any (else None)."""
         found: dict[str, tuple[list[int], torch.Tensor]] = {}
-        for cb in trainer.callbacks:
+        for cb in [find_callback(trainer, FeatureVisualizer)]:
             results = getattr(cb, "results", None)
-            if type(cb).__name__ != "FeatureVisualizer" or not isinstance(results, dict):
+            if not isinstance(results, dict):
                 continue
             for layer, _ in picks:
                 entry = results.get(layer)

@@ -15,10 +15,12 @@ from lightning_neurons.callbacks._base import (
     AnalysisCallback,
     OnError,
     check_positive_int,
-    find_tracker,
+    find_callback,
     untouched,
 )
+from lightning_neurons.callbacks.clustering import NeuronClustering
 from lightning_neurons.callbacks.tracker import ActivationTracker
+from lightning_neurons.callbacks.visualizer import FeatureVisualizer
 from lightning_neurons.contribution import (
     ClassContributions,
     ContributionStats,
@@ -32,16 +34,6 @@ from lightning_neurons.hooks import resolve_layers, selects
 from lightning_neurons.loggers import AnalysisLogger
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def _callback_named(trainer: Trainer, class_name: str) -> Any | None:
-    """The first attached callback whose class (or a base class) is called ``class_name``.
-
-    Matching by name keeps this callback independent of the modules that define the others."""
-    for callback in trainer.callbacks:
-        if any(cls.__name__ == class_name for cls in type(callback).__mro__):
-            return callback
-    return None
 
 
 def _field(callback: Any, layer: str, key: str) -> Any | None:
@@ -177,7 +169,7 @@ class NeuronContribution(AnalysisCallback):
     # ---- Lightning hooks -----------------------------------------------------------------------
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._tracker = find_tracker(trainer, type(self).__name__)
+        self._tracker = find_callback(trainer, ActivationTracker, required=type(self).__name__)
         patterns = (
             self.layer_patterns if self.layer_patterns is not None else self._tracker.layer_patterns
         )
@@ -260,7 +252,7 @@ class NeuronContribution(AnalysisCallback):
             self._batches.append((x.detach().to("cpu").clone(), y.detach().to("cpu").clone()))
 
     def _finish(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        tracker = find_tracker(trainer, type(self).__name__)
+        tracker = find_callback(trainer, ActivationTracker, required=type(self).__name__)
         tracker.finalize(trainer, stage)  # on every rank: it syncs the statistics across processes
         batches, collecting = self._batches, self._collecting
         self._reset()
@@ -406,7 +398,7 @@ class NeuronContribution(AnalysisCallback):
     ) -> tuple[dict[str, torch.Tensor], int | None]:
         """The neuron clusters of an attached NeuronClustering callback for ``layer`` (or none),
         and the epoch they are from."""
-        clustering = _callback_named(trainer, "NeuronClustering")
+        clustering = find_callback(trainer, NeuronClustering)
         labels = _field(clustering, layer, "labels") if clustering is not None else None
         if labels is None:
             return {}, None
@@ -485,7 +477,7 @@ class NeuronContribution(AnalysisCallback):
 
     def _rendered(self, trainer: Trainer, layer: str) -> dict[int, torch.Tensor]:
         """``{channel: image}`` rendered by an attached FeatureVisualizer for ``layer`` (may be empty)."""
-        visualizer = _callback_named(trainer, "FeatureVisualizer")
+        visualizer = find_callback(trainer, FeatureVisualizer)
         if visualizer is None:
             return {}
         channels, images = (_field(visualizer, layer, k) for k in ("channels", "images"))

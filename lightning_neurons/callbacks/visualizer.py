@@ -24,6 +24,7 @@ from lightning_neurons.callbacks._base import (
     OnError,
     check_choice,
     check_positive_int,
+    find_callback,
 )
 from lightning_neurons.callbacks.tracker import ActivationTracker, infer_num_classes
 from lightning_neurons.errors import NeuronsError
@@ -41,11 +42,6 @@ from lightning_neurons.visualize.objectives import LOGITS, Channel, ClassLogit
 from lightning_neurons.visualize.prior import DataPrior, DataPriorEstimate
 from lightning_neurons.visualize.render import analysis_mode, check_objectives, model_device, render
 from lightning_neurons.visualize.saliency import METHODS, Method, saliency
-
-
-def find_optional_tracker(trainer: Trainer) -> ActivationTracker | None:
-    """The trainer's first :class:`ActivationTracker`, or ``None``."""
-    return next((cb for cb in trainer.callbacks if isinstance(cb, ActivationTracker)), None)
 
 
 def _check_number(name: str, value: object, low: float = 0.0, strict: bool = False) -> float:
@@ -313,7 +309,7 @@ class FeatureVisualizer(AnalysisCallback):
     # ---- Lightning hooks -----------------------------------------------------------------------
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        tracker = find_optional_tracker(trainer)
+        tracker = find_callback(trainer, ActivationTracker)
         self._reader = tracker.reader if tracker is not None else BatchReader()
         self._dataloader_idx = tracker.dataloader_idx if tracker is not None else 0
         patterns = self.layer_patterns
@@ -375,7 +371,7 @@ class FeatureVisualizer(AnalysisCallback):
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._due(trainer):
             return
-        tracker = find_optional_tracker(trainer)
+        tracker = find_callback(trainer, ActivationTracker)
         # every rank (DDP sync); a tracker of another stage keeps gathering its own epoch
         stats = tracker.finalize(trainer, "validation") if tracker is not None else {}
         reduction = tracker.reduction if tracker is not None else "mean"
