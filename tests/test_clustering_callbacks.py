@@ -27,6 +27,7 @@ from lightning_neurons.loggers import load_index
 from lightning_neurons.models import ImageClassifier, SmallCNN
 from lightning_neurons.parts import CLASS_GROUPS, CLASS_NAMES, PartsDataModule
 from lightning_neurons.plots.clustering import cut_threshold
+from lightning_neurons.results import Rendering
 
 PARTS_LAYERS = ["backbone.features.conv2", "backbone.features.conv3"]
 PARTS_EPOCHS = 8
@@ -344,8 +345,9 @@ class FixedRenders(FeatureVisualizer):
         super().__init__(layers=["backbone.relu2"], saliency=(), enable_logging=False)
 
     def _visualize(self, trainer, pl_module, stats, reduction) -> None:
+        images = torch.rand(2, 1, 12, 12)
         self.results = {
-            "backbone.relu2": {"channels": torch.tensor([0, 3]), "images": torch.rand(2, 1, 12, 12)}
+            "backbone.relu2": Rendering(torch.tensor([0, 3]), images, torch.zeros(2), 0)
         }
 
 

@@ -55,7 +55,7 @@ def _quiet_fit(trainer: pl.Trainer, module: pl.LightningModule, **kwargs) -> Non
 def _assert_every_analysis_produced(callbacks: list[pl.Callback], module: nn.Module) -> None:
     tracker, vis, category, neuron, contribution = callbacks
     assert tracker.results and vis.results and category.results and neuron.results
-    assert contribution.results and vis.saliency_results["maps"]
+    assert contribution.results and vis.saliency_results.maps
     for cb in callbacks:
         assert not cb.failures, cb.failures
     assert count_forward_hooks(module) == 0
@@ -97,15 +97,15 @@ def test_normalised_loaders_probes_are_display_images_and_predictions_the_models
     data.setup()
     loader_inputs = torch.cat([x for x, _ in data.val_dataloader()])
     assert loader_inputs.min() < 0  # the loaders yield normalised model inputs
-    for probe in res["inputs"]:  # kept exactly as the loader yielded them
+    for probe in res.inputs:  # kept exactly as the loader yielded them
         assert (loader_inputs == probe).flatten(1).all(dim=1).any()
-    images = res["images"]  # shown as display images: the inverse of the normalisation
+    images = res.images  # shown as display images: the inverse of the normalisation
     assert images.min() >= 0 and images.max() <= 1
     # Normalize(display) vs the input: float32 rounding of values of a few units
-    torch.testing.assert_close(Normalize(*data._STATS["imagefolder"])(images), res["inputs"])
+    torch.testing.assert_close(Normalize(*data._STATS["imagefolder"])(images), res.inputs)
     module.eval()
     with torch.no_grad():
-        assert torch.equal(res["predicted"], module(res["inputs"]).argmax(dim=1))
+        assert torch.equal(res.predicted, module(res.inputs).argmax(dim=1))
 
 
 # ---- 5. several validation loaders -----------------------------------------------------------------
@@ -131,7 +131,7 @@ def test_one_validation_loader_is_analysed_and_the_user_told_once(tmp_path, inde
         trainer.fit(_module(cls=MultiLoaderClassifier), datamodule=TwoValLoaders())
     assert sum("2 data loaders" in str(w.message) for w in record) == 1
     assert tracker.results["backbone.fc"].counts.sum() == images
-    assert contribution.results["backbone.fc"]["counts"].sum() == images
+    assert contribution.results["backbone.fc"].counts.sum() == images
 
 
 def test_a_dataloader_idx_beyond_the_loaders_is_an_error(tmp_path):
@@ -212,7 +212,7 @@ def test_unreadable_dict_outputs_warn_and_training_goes_on(tmp_path):
         trainer.fit(module, datamodule=TinyData())
     assert trainer.current_epoch == 2  # the fit was not stopped
     assert tracker.results and neuron.results  # they need no logits
-    assert vis.results and "classes" not in vis.results and not vis.saliency_results
+    assert vis.results and "classes" not in vis.results and vis.saliency_results is None
     assert any("output_fn" in f for f in vis.failures + contribution.failures)
     assert count_forward_hooks(module) == 0
 
@@ -246,7 +246,7 @@ def test_custom_batches_are_read_by_every_analysis_through_the_trackers_function
     assert not [w for w in record if "cannot be read" in str(w.message)]
     _assert_every_analysis_produced(callbacks, module)
     probes = callbacks[1].saliency_results
-    assert probes["labels"].tolist() == [0, 1, 2]  # the first image of each class
+    assert probes.labels.tolist() == [0, 1, 2]  # the first image of each class
 
 
 # ---- 10. no validation data ------------------------------------------------------------------------
@@ -288,8 +288,8 @@ def test_half_precision_models_are_rendered_and_explained_in_their_dtype(
     assert next(module.parameters()).dtype == dtype
     _assert_every_analysis_produced(callbacks, module)
     vis = callbacks[1]
-    assert all(torch.isfinite(m).all() for m in vis.saliency_results["maps"].values())
-    assert vis.results["classes"]["images"].dtype == torch.float32
+    assert all(torch.isfinite(m).all() for m in vis.saliency_results.maps.values())
+    assert vis.results["classes"].images.dtype == torch.float32
 
 
 # ---- 12. one failing layer ---------------------------------------------------------------------------
@@ -352,7 +352,7 @@ def test_clusters_from_an_older_epoch_say_so(tmp_path):
     trainer = fast_trainer(tmp_path, callbacks=callbacks, max_epochs=2)
     with pytest.warns(UserWarning, match="ablated in epoch 1 are NeuronClustering's of epoch 0"):
         trainer.fit(_module(), datamodule=TinyData())
-    assert contribution.results["backbone.fc"]["clusters_epoch"] == 0
+    assert contribution.results["backbone.fc"].ablation.clusters_epoch == 0
     assert neuron.results["backbone.fc"].epoch == 1
 
 

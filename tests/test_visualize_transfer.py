@@ -337,14 +337,14 @@ def test_visualizer_estimates_the_prior_from_validation_and_judges_classes(tmp_p
     assert prior is not None and prior.count == 10  # the first 10 validation images
     torch.testing.assert_close(prior.mean, data.vx[:10].mean(0), atol=1e-6, rtol=0)
     res = vis.results["backbone.relu1"]
-    assert res["images"].shape == (4, 1, 8, 8)
-    assert res["channels"].tolist() == [0, 0, 1, 1]  # two images per channel
+    assert res.images.shape == (4, 1, 8, 8)
+    assert res.channels.tolist() == [0, 0, 1, 1]  # two images per channel
     classes = vis.results["classes"]
-    assert classes["judge_predicted"].shape == (3,)
+    assert classes.judge_predicted.shape == (3,)
     assert count_forward_hooks(judge) == 0 and judge.training  # left as found (train mode)
     with torch.no_grad():
-        expected = judge.eval()(classes["images"]).argmax(dim=1)
-    assert torch.equal(classes["judge_predicted"], expected)
+        expected = judge.eval()(classes.images).argmax(dim=1)
+    assert torch.equal(classes.judge_predicted, expected)
     vis.reset_prior()
     assert vis._estimated_prior is None and vis._estimate.count == 0
 
@@ -384,7 +384,7 @@ def test_visualizer_falls_back_to_fft_without_display_images(tmp_path):
     trainer = fast_trainer(tmp_path, callbacks=[vis], max_epochs=1, logger=False)
     with pytest.warns(UserWarning, match="rendering with param='fft'"):
         trainer.fit(_module(), datamodule=OpaqueTransformData())
-    assert vis.results["backbone.relu1"]["images"].shape == (2, 1, 8, 8)
+    assert vis.results["backbone.relu1"].images.shape == (2, 1, 8, 8)
 
 
 def test_visualizer_uses_a_given_prior_and_checks_arguments(tmp_path):

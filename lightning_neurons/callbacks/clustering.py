@@ -9,7 +9,6 @@ keep the latest results in ``callback.results``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import numpy as np
@@ -43,6 +42,7 @@ from lightning_neurons.clustering import (
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import HookSet, reduce_activation, resolve_layers, selects, split_call
 from lightning_neurons.loggers import AnalysisLogger
+from lightning_neurons.results import CategoryClusteringResult, NeuronClusteringResult
 from lightning_neurons.state import in_analysis
 from lightning_neurons.stats import LayerStats
 
@@ -214,61 +214,6 @@ class _ClusteringCallback(StagedCallback):
 
 
 # ---- category clustering ----------------------------------------------------------------------
-
-
-@dataclass
-class CategoryClusteringResult:
-    """Category clustering of one view (a layer, or :data:`COMBINED` for all side by side).
-
-    Attributes:
-        view: Layer name or ``"combined"``.
-        layers: Layers whose profiles were used.
-        epoch: Epoch of the statistics.
-        class_names: Names of the classes.
-        classes: Indices of the classes that were clustered (those with statistics).
-        labels: ``[C]`` cluster of each class (-1: left out, e.g. a class without images).
-        n_clusters: Clusters found.
-        silhouette: Mean silhouette of the labels on the class distances.
-        distances: ``[C, C]`` class distances (NaN rows for classes left out).
-        linkage: SciPy linkage matrix over the classes kept (agglomerative only).
-        leaf_order: Class indices in dendrogram order (or cluster order).
-        confusion: ``[C, C]`` confusion counts of the same epoch (rows: true), if collected.
-        agreement: Spearman agreement of distances and confusions
-            (:func:`distance_confusion_agreement`); NaN when undefined.
-        stability: Adjusted Rand index with the previous analysis's labels (NaN the first time).
-    """
-
-    view: str
-    layers: list[str]
-    epoch: int
-    class_names: list[str]
-    classes: np.ndarray
-    labels: np.ndarray
-    n_clusters: int
-    silhouette: float
-    distances: np.ndarray
-    linkage: np.ndarray | None
-    leaf_order: list[int]
-    confusion: np.ndarray | None = None
-    agreement: float = float("nan")
-    stability: float = float("nan")
-
-    def as_arrays(self) -> dict[str, np.ndarray]:
-        """The arrays by name (for ``.npz`` files)."""
-        out: dict[str, np.ndarray] = {
-            "labels": self.labels,
-            "classes": self.classes,
-            "distances": self.distances,
-            "leaf_order": np.asarray(self.leaf_order),
-            "silhouette": np.asarray(self.silhouette),
-            "agreement": np.asarray(self.agreement),
-            "stability": np.asarray(self.stability),
-        }
-        if self.linkage is not None:
-            out["linkage"] = self.linkage
-        if self.confusion is not None:
-            out["confusion"] = self.confusion
-        return out
 
 
 class CategoryClustering(_ClusteringCallback):
@@ -667,52 +612,6 @@ class CategoryClustering(_ClusteringCallback):
 # ---- neuron clustering ------------------------------------------------------------------------
 
 
-@dataclass
-class NeuronClusteringResult:
-    """Neuron clustering of one layer.
-
-    Attributes:
-        layer: Layer name.
-        epoch: Epoch of the statistics.
-        classes: Indices of the classes with statistics (the columns of ``cluster_profiles``).
-        labels: ``[K]`` cluster of each neuron (-1: unclustered: HDBSCAN noise or constant).
-        n_clusters: Clusters found (noise not counted).
-        cluster_sizes: ``[n_clusters]`` neurons per cluster.
-        noise_fraction: Share of neurons labelled -1.
-        cluster_profiles: ``[n_clusters, len(classes)]`` mean normalised class profile of each
-            cluster.
-        silhouette: Mean silhouette of the clusters (NaN when undefined).
-        preferred_class: ``[K]`` each neuron's class with the largest mean.
-        selectivity: ``[K]`` class selectivity index.
-        stability: Adjusted Rand index with the previous analysis's labels (NaN the first time).
-        source: ``"class_means"`` or ``"reservoir"``.
-        extra: Not saved: ``features``, the ``[K, len(classes)]`` normalised class profile of
-            each neuron (what the embedding projector shows).
-    """
-
-    layer: str
-    epoch: int
-    classes: np.ndarray
-    labels: np.ndarray
-    n_clusters: int
-    cluster_sizes: np.ndarray
-    noise_fraction: float
-    cluster_profiles: np.ndarray
-    silhouette: float
-    preferred_class: np.ndarray
-    selectivity: np.ndarray
-    stability: float = float("nan")
-    source: str = "class_means"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def as_arrays(self) -> dict[str, np.ndarray]:
-        """The arrays by name (for ``.npz`` files)."""
-        skip = {"layer", "source", "extra"}
-        return {
-            f.name: np.asarray(getattr(self, f.name)) for f in fields(self) if f.name not in skip
-        }
-
-
 class NeuronClustering(_ClusteringCallback):
     """Clusters each layer's neurons by how they respond across the classes (neurons are points).
 
@@ -1038,19 +937,12 @@ class NeuronClustering(_ClusteringCallback):
     def _sprites(trainer: Trainer, picks: list[tuple[str, np.ndarray]]) -> torch.Tensor | None:
         """Rendered images of the picked neurons from a FeatureVisualizer, if any (else None)."""
         found: dict[str, tuple[list[int], torch.Tensor]] = {}
-        for cb in [find_callback(trainer, FeatureVisualizer)]:
-            results = getattr(cb, "results", None)
-            if not isinstance(results, dict):
-                continue
-            for layer, _ in picks:
-                entry = results.get(layer)
-                try:
-                    channels = [int(c) for c in entry["channels"]]
-                    images = torch.as_tensor(entry["images"]).detach().float().cpu()
-                except (TypeError, KeyError, ValueError):
-                    continue
-                if images.dim() == 4 and images.shape[0] == len(channels):
-                    found[layer] = (channels, images)
+        visualizer = find_callback(trainer, FeatureVisualizer)
+        renderings = visualizer.results if visualizer is not None else {}
+        for layer, _ in picks:
+            entry = renderings.get(layer)
+            if entry is not None:
+                found[layer] = (entry.channels.tolist(), entry.images.detach().float().cpu())
         if not found:
             return None
         first = next(iter(found.values()))[1]

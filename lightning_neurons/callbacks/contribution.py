@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -32,22 +31,9 @@ from lightning_neurons.contribution import (
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import resolve_layers, selects
 from lightning_neurons.loggers import AnalysisLogger
+from lightning_neurons.results import ContributionResult, LayerAblation, Probes
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def _field(callback: Any, layer: str, key: str) -> Any | None:
-    """``callback.results[layer][key]`` (a mapping entry) or ``callback.results[layer].key`` (a
-    dataclass entry); ``None`` when any step is missing."""
-    results = getattr(callback, "results", None)
-    if not isinstance(results, Mapping):
-        return None
-    entry = results.get(layer)
-    if entry is None:
-        return None
-    if isinstance(entry, Mapping):
-        return entry.get(key)
-    return getattr(entry, key, None)
 
 
 def cluster_sets(labels: Any) -> dict[str, torch.Tensor]:
@@ -91,7 +77,7 @@ class NeuronContribution(AnalysisCallback):
 
     Put it after ``NeuronClustering`` and ``FeatureVisualizer`` in the callback list to use their
     results of the same epoch (otherwise those of the previous analysed epoch are used, and
-    ``results[layer]["clusters_epoch"]`` says which epoch the ablated clusters are from).
+    ``results[layer].ablation.clusters_epoch`` says which epoch the ablated clusters are from).
 
     Args:
         layers: Module names or glob patterns. Default: the tracker's layers.
@@ -118,7 +104,7 @@ class NeuronContribution(AnalysisCallback):
         >>> contribution = NeuronContribution(max_batches=4)
         >>> trainer = Trainer(callbacks=[ActivationTracker(), contribution])  # doctest: +SKIP
         >>> trainer.fit(model, datamodule=dm)  # doctest: +SKIP
-        >>> contribution.results["backbone.features.conv3"]["accuracy_drop"]  # doctest: +SKIP
+        >>> contribution.results["backbone.features.conv3"].ablation.accuracy_drop  # doctest: +SKIP
     """
 
     def __init__(
@@ -159,8 +145,8 @@ class NeuronContribution(AnalysisCallback):
         self.enable_logging = enable_logging
         self.layers: list[str] = []
         self.ablation_layers: list[str] = []
-        #: ``{layer: {...}}`` of the latest analysed epoch; see :meth:`_layer_results` for the keys.
-        self.results: dict[str, dict[str, Any]] = {}
+        #: ``{layer: ContributionResult}`` of the latest analysed epoch.
+        self.results: dict[str, ContributionResult] = {}
         self._tracker: ActivationTracker | None = None
         self._batches: list[Batch] = []
         self._collecting = False
@@ -274,31 +260,28 @@ class NeuronContribution(AnalysisCallback):
         num_classes = int(tracker.num_classes)
         top_k = self.top_k or tracker.top_k
         kept = torch.cat([x for x, _ in batches])
-        results: dict[str, dict[str, Any]] = {}
+        results: dict[str, ContributionResult] = {}
         with untouched(pl_module):
             pl_module.eval()
             pl_module.requires_grad_(False)
             stats, top_example = self._contributions(pl_module, batches, num_classes, top_k)
             for layer in stats:  # call sites of self.layers, in the order they ran
-                results[layer] = {
-                    "epoch": trainer.current_epoch,
-                    "stats": stats[layer],
-                    "class_contribution": stats[layer].class_contribution,
-                    "counts": stats[layer].counts,
-                    "dominant": stats[layer].dominant,
-                    "domination": stats[layer].domination,
-                    "top_example_index": top_example[layer],
-                }
+                results[layer] = ContributionResult(
+                    layer=layer,
+                    epoch=trainer.current_epoch,
+                    stats=stats[layer],
+                    top_example_index=top_example[layer],
+                )
             for layer in [n for n in stats if selects(self.ablation_layers, n)]:
-                results[layer].update(
-                    self._ablate(trainer, pl_module, layer, stats[layer], batches)
+                results[layer].ablation = self._ablate(
+                    trainer, pl_module, layer, stats[layer], batches
                 )
             if self.probe_images:
                 for layer, probe in self._probes(trainer, pl_module, batches, num_classes).items():
-                    probe["probe_preferred"], probe["probe_preferred_source"] = self._preferred(
-                        trainer, layer, probe["probe_top_neurons"], top_example[layer], kept
+                    probe.preferred, probe.preferred_source = self._preferred(
+                        trainer, layer, probe.top_neurons, top_example[layer], kept
                     )
-                    results[layer].update(probe)
+                    results[layer].probes = probe
         self.results = results
         if self.enable_logging:
             self._run_safely("logging neuron contribution", lambda: self._log(trainer))
@@ -332,7 +315,7 @@ class NeuronContribution(AnalysisCallback):
 
     def _probes(
         self, trainer: Trainer, pl_module: LightningModule, batches: list[Batch], num_classes: int
-    ) -> dict[str, dict[str, Any]]:
+    ) -> dict[str, Probes]:
         """Every layer's contribution to every logit for the first kept image of each class."""
         x = torch.cat([b[0] for b in batches])
         y = torch.cat([b[1] for b in batches])
@@ -356,15 +339,15 @@ class NeuronContribution(AnalysisCallback):
         for layer, c in contribution.items():
             behind = c[torch.arange(c.shape[0]), predictions]  # [P, K]: towards the predicted logit
             top = behind.topk(min(self.probe_top, behind.shape[1]), dim=1)
-            results[layer] = {
-                "probe_index": index,
-                "probe_images": images,
-                "probe_labels": y[index],
-                "probe_predictions": predictions,
-                "probe_contribution": c,
-                "probe_top_neurons": top.indices,
-                "probe_top_contribution": top.values,
-            }
+            results[layer] = Probes(
+                index=index,
+                images=images,
+                labels=y[index],
+                predictions=predictions,
+                contribution=c,
+                top_neurons=top.indices,
+                top_contribution=top.values,
+            )
         return results
 
     def _ablation_sets(
@@ -385,7 +368,7 @@ class NeuronContribution(AnalysisCallback):
                 f"NeuronContribution: the neuron clusters of {layer!r} ablated in epoch "
                 f"{trainer.current_epoch} are NeuronClustering's of epoch {epoch} (put "
                 "NeuronContribution after NeuronClustering in the callback list to ablate the same "
-                "epoch's clusters); `results[layer]['clusters_epoch']` records it."
+                "epoch's clusters); `results[layer].ablation.clusters_epoch` records it."
             )
         for name, neurons in clusters.items():
             sets[name] = neurons
@@ -399,22 +382,18 @@ class NeuronContribution(AnalysisCallback):
         """The neuron clusters of an attached NeuronClustering callback for ``layer`` (or none),
         and the epoch they are from."""
         clustering = find_callback(trainer, NeuronClustering)
-        labels = _field(clustering, layer, "labels") if clustering is not None else None
-        if labels is None:
+        entry = clustering.results.get(layer) if clustering is not None else None
+        if entry is None:
             return {}, None
-        epoch = _field(clustering, layer, "epoch")
-        try:
-            ids = torch.as_tensor(labels).reshape(-1)
-        except (TypeError, ValueError, RuntimeError):
-            return {}, None
-        if ids.numel() != num_neurons or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        ids = torch.as_tensor(entry.labels).reshape(-1)
+        if ids.numel() != num_neurons:
             rank_zero_warn(
                 f"NeuronContribution: NeuronClustering's labels for {layer!r} are {ids.numel()} values "
                 f"of type {ids.dtype}, but the layer has {num_neurons} neurons; its clusters are not "
                 "ablated."
             )
             return {}, None
-        return cluster_sets(ids), (int(epoch) if isinstance(epoch, int) else None)
+        return cluster_sets(ids), entry.epoch
 
     def _ablate(
         self,
@@ -423,10 +402,10 @@ class NeuronContribution(AnalysisCallback):
         layer: str,
         stats: ContributionStats,
         batches: list[Batch],
-    ) -> dict[str, Any]:
+    ) -> LayerAblation | None:
         sets, classes = self._ablation_sets(trainer, layer, stats)
         if not sets:
-            return {}
+            return None
         effects = ablation_effects(
             pl_module,
             layer,
@@ -438,22 +417,22 @@ class NeuronContribution(AnalysisCallback):
         )
         names = list(effects)
         drop = torch.stack([effects[n].accuracy_drop for n in names])
-        out: dict[str, Any] = {
-            "ablation": effects,
-            "ablation_sets": names,
-            "ablation_classes": classes,
-            "ablated_neurons": [effects[n].neurons for n in names],
-            "accuracy_drop": drop,
-            "logit_drop": torch.stack([effects[n].logit_drop for n in names]),
-            "baseline_accuracy": effects[names[0]].accuracy,
-            "clusters_epoch": self._clusters_epoch,
-        }
         rows = [i for i, c in enumerate(classes) if c >= 0]
-        if rows and stats.num_classes >= 2:
-            out["ablation_selectivity"] = ablation_selectivity(
-                drop[rows], [classes[i] for i in rows]
-            )
-        return out
+        return LayerAblation(
+            effects=effects,
+            sets=names,
+            classes=classes,
+            neurons=[effects[n].neurons for n in names],
+            accuracy_drop=drop,
+            logit_drop=torch.stack([effects[n].logit_drop for n in names]),
+            baseline_accuracy=effects[names[0]].accuracy,
+            clusters_epoch=self._clusters_epoch,
+            selectivity=(
+                ablation_selectivity(drop[rows], [classes[i] for i in rows])
+                if rows and stats.num_classes >= 2
+                else None
+            ),
+        )
 
     def _preferred(
         self,
@@ -478,19 +457,10 @@ class NeuronContribution(AnalysisCallback):
     def _rendered(self, trainer: Trainer, layer: str) -> dict[int, torch.Tensor]:
         """``{channel: image}`` rendered by an attached FeatureVisualizer for ``layer`` (may be empty)."""
         visualizer = find_callback(trainer, FeatureVisualizer)
-        if visualizer is None:
+        entry = visualizer.results.get(layer) if visualizer is not None else None
+        if entry is None:
             return {}
-        channels, images = (_field(visualizer, layer, k) for k in ("channels", "images"))
-        if channels is None or images is None:
-            return {}
-        try:
-            channels = torch.as_tensor(channels).reshape(-1).tolist()
-            images = torch.as_tensor(images)
-        except (TypeError, ValueError, RuntimeError):
-            return {}
-        if images.dim() != 4 or images.shape[0] != len(channels):
-            return {}
-        return {int(c): images[i] for i, c in enumerate(channels)}
+        return {int(c): entry.images[i] for i, c in enumerate(entry.channels.tolist())}
 
     def _class_names(self, trainer: Trainer, num_classes: int) -> list[str]:
         datamodule = getattr(trainer, "datamodule", None)
@@ -507,7 +477,7 @@ class NeuronContribution(AnalysisCallback):
             return
         scalars: dict[str, float] = {}
         for layer, res in self.results.items():
-            names = self._class_names(trainer, res["stats"].num_classes)
+            names = self._class_names(trainer, res.stats.num_classes)
             scalars.update(self._scalars(out, layer, res, names))
             if out.experiment is not None:  # figures take time: draw them only to be shown
                 self._figures(out, layer, res, names)
@@ -516,18 +486,17 @@ class NeuronContribution(AnalysisCallback):
         out.scalars(scalars)
 
     def _scalars(
-        self, out: AnalysisLogger, layer: str, res: dict[str, Any], names: list[str]
+        self, out: AnalysisLogger, layer: str, res: ContributionResult, names: list[str]
     ) -> dict[str, float]:
-        domination = res["domination"]
+        domination = res.domination
         scalars = {out.tag(layer, "mean_domination"): float(domination.mean())}
         if domination.numel() <= 20:
             for c, share in enumerate(domination.tolist()):
                 scalars[out.tag(layer, "domination", _safe(names[c]))] = share
-        if "accuracy_drop" in res:
-            drop = res["accuracy_drop"]
-            for row, (set_name, c) in enumerate(
-                zip(res["ablation_sets"], res["ablation_classes"], strict=True)
-            ):
+        ablation = res.ablation
+        if ablation is not None:
+            drop = ablation.accuracy_drop
+            for row, (set_name, c) in enumerate(zip(ablation.sets, ablation.classes, strict=True)):
                 if c >= 0:
                     scalars[out.tag(layer, "ablation", _safe(set_name), "own_drop")] = float(
                         drop[row, c]
@@ -535,13 +504,13 @@ class NeuronContribution(AnalysisCallback):
                 scalars[out.tag(layer, "ablation", _safe(set_name), "mean_drop")] = float(
                     drop[row].nanmean()
                 )
-            for key, value in res.get("ablation_selectivity", {}).items():
+            for key, value in (ablation.selectivity or {}).items():
                 if key != "ratio":  # infinite when the other classes do not drop
                     scalars[out.tag(layer, "ablation_selectivity", key)] = value
         return scalars
 
     def _figures(
-        self, out: AnalysisLogger, layer: str, res: dict[str, Any], names: list[str]
+        self, out: AnalysisLogger, layer: str, res: ContributionResult, names: list[str]
     ) -> None:
         from lightning_neurons.plots.contribution import (
             ablation_figure,
@@ -549,63 +518,61 @@ class NeuronContribution(AnalysisCallback):
             probe_grid,
         )
 
-        figure = contribution_figure(res["stats"], names, epoch=res["epoch"])
+        figure = contribution_figure(res.stats, names, epoch=res.epoch)
         out.figure(out.tag(layer, "class_contribution"), figure)
-        if "accuracy_drop" in res:
-            baseline = float(res["baseline_accuracy"].nanmean())
-            title = f"{layer}, epoch {res['epoch']}: accuracy drop when zeroed (baseline {baseline:.2f})"
-            figure = ablation_figure(res["accuracy_drop"], res["ablation_sets"], names, title)
-            out.figure(out.tag(layer, "ablation"), figure)
-        if "probe_images" in res:
-            out.image(
-                out.tag(layer, "probes"), probe_grid(res["probe_images"], res["probe_preferred"])
+        if res.ablation is not None:
+            baseline = float(res.ablation.baseline_accuracy.nanmean())
+            title = (
+                f"{layer}, epoch {res.epoch}: accuracy drop when zeroed (baseline {baseline:.2f})"
             )
-            out.text(out.tag(layer, "probes"), self._probe_table(res, names))
+            figure = ablation_figure(res.ablation.accuracy_drop, res.ablation.sets, names, title)
+            out.figure(out.tag(layer, "ablation"), figure)
+        if res.probes is not None:
+            out.image(out.tag(layer, "probes"), probe_grid(res.probes.images, res.probes.preferred))
+            out.text(out.tag(layer, "probes"), self._probe_table(res.probes, names))
 
-    def _probe_table(self, res: dict[str, Any], names: list[str]) -> str:
+    def _probe_table(self, probes: Probes, names: list[str]) -> str:
         lines = [
             "Rows of the probes image: the probe, then the images its top neurons prefer.",
             "",
             "| probe | class | predicted | top neurons (contribution to the predicted logit; image) |",
             "|---|---|---|---|",
         ]
-        for p in range(res["probe_images"].shape[0]):
+        for p in range(probes.images.shape[0]):
             cells = [
                 f"{n} ({value:+.3g}; {source})"
                 for n, value, source in zip(
-                    res["probe_top_neurons"][p].tolist(),
-                    res["probe_top_contribution"][p].tolist(),
-                    res["probe_preferred_source"][p],
+                    probes.top_neurons[p].tolist(),
+                    probes.top_contribution[p].tolist(),
+                    probes.preferred_source[p],
                     strict=True,
                 )
             ]
-            label, pred = int(res["probe_labels"][p]), int(res["probe_predictions"][p])
+            label, pred = int(probes.labels[p]), int(probes.predictions[p])
             lines.append(f"| {p} | {names[label]} | {names[pred]} | {', '.join(cells)} |")
         return "\n".join(lines)
 
     def _arrays(
-        self, layer: str, res: dict[str, Any], names: list[str]
+        self, layer: str, res: ContributionResult, names: list[str]
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        arrays: dict[str, Any] = dict(res["stats"].as_arrays())
-        arrays["top_example_index"] = res["top_example_index"]
-        meta: dict[str, Any] = {"layer": layer, "epoch": res["epoch"], "class_names": names}
-        if "accuracy_drop" in res:
-            for key in ("accuracy_drop", "logit_drop", "baseline_accuracy"):
-                arrays[key] = res[key]
-            for i, neurons in enumerate(res["ablated_neurons"]):
+        arrays: dict[str, Any] = dict(res.stats.as_arrays())
+        arrays["top_example_index"] = res.top_example_index
+        meta: dict[str, Any] = {"layer": layer, "epoch": res.epoch, "class_names": names}
+        ablation = res.ablation
+        if ablation is not None:
+            arrays["accuracy_drop"] = ablation.accuracy_drop
+            arrays["logit_drop"] = ablation.logit_drop
+            arrays["baseline_accuracy"] = ablation.baseline_accuracy
+            for i, neurons in enumerate(ablation.neurons):
                 arrays[f"ablated_neurons_{i}"] = neurons
-            meta["ablation_sets"] = res["ablation_sets"]
-            meta["ablation_classes"] = res["ablation_classes"]
-            meta["ablation_selectivity"] = res.get("ablation_selectivity")
-            meta["clusters_epoch"] = res.get("clusters_epoch")
-        if "probe_images" in res:
-            for key in (
-                "probe_index",
-                "probe_labels",
-                "probe_predictions",
-                "probe_contribution",
-                "probe_top_neurons",
-                "probe_top_contribution",
-            ):
-                arrays[key] = res[key]
+            meta["ablation_sets"] = ablation.sets
+            meta["ablation_classes"] = ablation.classes
+            meta["ablation_selectivity"] = ablation.selectivity
+            meta["clusters_epoch"] = ablation.clusters_epoch
+        probes = res.probes
+        if probes is not None:
+            for key in ("index", "labels", "predictions", "contribution"):
+                arrays[f"probe_{key}"] = getattr(probes, key)
+            arrays["probe_top_neurons"] = probes.top_neurons
+            arrays["probe_top_contribution"] = probes.top_contribution
         return arrays, meta

@@ -37,6 +37,7 @@ from lightning_neurons.hooks import (
     split_call,
 )
 from lightning_neurons.loggers import AnalysisLogger
+from lightning_neurons.results import Rendering, SaliencyMaps
 from lightning_neurons.stats import LayerStats
 from lightning_neurons.visualize.objectives import LOGITS, Channel, ClassLogit
 from lightning_neurons.visualize.prior import DataPrior, DataPriorEstimate
@@ -95,20 +96,11 @@ class FeatureVisualizer(AnalysisCallback):
     After each round the results are in :attr:`results` (other analyses, e.g. neuron
     clustering's projector sprites, read them):
 
-    ``results[layer]`` (one entry per layer, and ``results["classes"]`` for the class images):
-    ``{"channels": LongTensor[N]`` (channel or class indices), ``"images": Tensor[N, C, H, W]``
-    (display images in [0, 1], CPU), ``"activation": Tensor[N]`` (the value each image reaches:
-    the channel's activation with the tracker's reduction, or the class logit),
-    ``"reference": Tensor[N] | None`` (the channel's largest activation on the validation data,
-    from the tracker), ``"strength": Tensor[N] | None`` (activation / reference; NaN where the
-    reference is not positive, e.g. a conv layer before its BatchNorm), ``"reference_epoch":
-    int | None`` (the epoch of the tracker's statistics behind ``reference``: an earlier one when
-    the tracker gathers the training stage), ``"epoch": int}``; ``results["classes"]`` also has
-    ``"probability"`` (softmax probability of the class for its image) and ``"predicted"``.
-
-    :attr:`saliency_results`: ``{"images": [P, C, H, W]`` (display images in [0, 1]),
-    ``"inputs": [P, C, H, W]`` (the model inputs, as the loader yielded them), ``"labels": [P],
-    "predicted": [P], "maps": {method: [P, H, W]}, "epoch": int}``.
+    ``results[layer]`` (one entry per layer, and ``results["classes"]`` for the class images) is a
+    :class:`~lightning_neurons.results.Rendering`: the images, each one's channel (or class), the
+    activation it reaches, and its strength relative to the channel's largest activation on the
+    tracker's data; :attr:`saliency_results` is a :class:`~lightning_neurons.results.SaliencyMaps`
+    (``None`` before the first round).
 
     Batches and model outputs are read through the attached tracker's
     :attr:`~lightning_neurons.ActivationTracker.reader` (its ``input_fn``, ``label_fn`` and
@@ -260,8 +252,10 @@ class FeatureVisualizer(AnalysisCallback):
         self.smoothgrad_samples = check_positive_int("smoothgrad_samples", smoothgrad_samples)
         self.enable_logging = enable_logging
         self.layers: list[str] = []
-        self.results: dict[str, dict[str, Any]] = {}
-        self.saliency_results: dict[str, Any] = {}
+        #: ``{layer or "classes": Rendering}`` of the latest round (see :mod:`lightning_neurons.results`).
+        self.results: dict[str, Rendering] = {}
+        #: The probe images' saliency maps of the latest round (``None`` before the first).
+        self.saliency_results: SaliencyMaps | None = None
         #: Seconds the last round took (rendering, saliency and logging).
         self.last_seconds: float | None = None
         self._probe_images: list[torch.Tensor] = []
@@ -618,7 +612,7 @@ class FeatureVisualizer(AnalysisCallback):
         plan = self._plan
         assert plan is not None
         epoch = trainer.current_epoch
-        results: dict[str, dict[str, Any]] = {}
+        results: dict[str, Rendering] = {}
         for layer in self.layers:
             # with n_images > 1, each channel's images are consecutive rows
             channels = [c for c in plan["channels"][layer] for _ in range(self.n_images)]
@@ -630,15 +624,15 @@ class FeatureVisualizer(AnalysisCallback):
                 reference_epoch = stats[layer].epoch  # older when the tracker's stage is "train"
                 nan = torch.full_like(activation, math.nan)
                 strength = torch.where(reference > 0, activation / reference, nan)
-            results[layer] = {
-                "channels": torch.tensor(channels),
-                "images": images,
-                "activation": activation,
-                "reference": reference,
-                "strength": strength,
-                "reference_epoch": reference_epoch,
-                "epoch": epoch,
-            }
+            results[layer] = Rendering(
+                channels=torch.tensor(channels),
+                images=images,
+                activation=activation,
+                reference=reference,
+                strength=strength,
+                reference_epoch=reference_epoch,
+                epoch=epoch,
+            )
         if plan["classes"]:
             results["classes"] = self._classes(pl_module, plan["classes"], epoch)
         self.results = results
@@ -648,7 +642,7 @@ class FeatureVisualizer(AnalysisCallback):
             self._log(trainer)
         self.last_seconds = time.perf_counter() - start
 
-    def _classes(self, model: nn.Module, classes: list[int], epoch: int) -> dict[str, Any]:
+    def _classes(self, model: nn.Module, classes: list[int], epoch: int) -> Rendering:
         plan = self._plan
         assert plan is not None
         images = self._render(model, [ClassLogit(c) for c in classes], classes=True)
@@ -662,17 +656,15 @@ class FeatureVisualizer(AnalysisCallback):
                 "judge_predicted": verdict.argmax(dim=1),
                 "judge_probability": verdict.softmax(dim=1)[rows, index],
             }
-        return {
+        return Rendering(
             **judged,
-            "channels": index,
-            "images": images,
-            "activation": logits[rows, index],
-            "reference": None,
-            "strength": None,
-            "probability": logits.softmax(dim=1)[rows, index],
-            "predicted": logits.argmax(dim=1),
-            "epoch": epoch,
-        }
+            channels=index,
+            images=images,
+            activation=logits[rows, index],
+            probability=logits.softmax(dim=1)[rows, index],
+            predicted=logits.argmax(dim=1),
+            epoch=epoch,
+        )
 
     def _logits(
         self, model: nn.Module, images: torch.Tensor, reader: BatchReader | None = None
@@ -687,7 +679,7 @@ class FeatureVisualizer(AnalysisCallback):
             x = to_model_input(images.to(model_device(model)), self._plan["transform"])
             return reader.forward(model, x).float().cpu()
 
-    def _saliency(self, model: nn.Module, epoch: int) -> dict[str, Any]:
+    def _saliency(self, model: nn.Module, epoch: int) -> SaliencyMaps:
         plan = self._plan
         assert plan is not None
         inputs = torch.stack(self._probe_images)  # as the loader yielded them
@@ -712,14 +704,9 @@ class FeatureVisualizer(AnalysisCallback):
             )
             for method in self.saliency_methods
         }
-        return {
-            "images": images,
-            "inputs": inputs,
-            "labels": labels,
-            "predicted": predicted,
-            "maps": maps,
-            "epoch": epoch,
-        }
+        return SaliencyMaps(
+            images=images, inputs=inputs, labels=labels, predicted=predicted, maps=maps, epoch=epoch
+        )
 
     # ---- logging -------------------------------------------------------------------------------
 
@@ -728,24 +715,25 @@ class FeatureVisualizer(AnalysisCallback):
         if not out.is_writer:
             return
         self._log_preference(out)
-        if self.saliency_results:
+        if self.saliency_results is not None:
             self._log_focus(AnalysisLogger(trainer, "focus", owner=self))
 
-    def _grid_labels(self, key: str, res: dict[str, Any]) -> tuple[list[str], str]:
+    def _grid_labels(self, key: str, res: Rendering) -> tuple[list[str], str]:
         """Per-image labels and a title for one entry of :attr:`results`."""
         assert self._plan is not None
         names = self._plan["class_names"]
-        channels = res["channels"].tolist()
-        epoch = res["epoch"]
+        channels = res.channels.tolist()
+        epoch = res.epoch
         if key == "classes":
-            probability = res["probability"].tolist()
+            assert res.probability is not None
+            probability = res.probability.tolist()
             labels = [
                 f"{names[c] if names and c < len(names) else c}: p={p:.2f}"
                 for c, p in zip(channels, probability, strict=True)
             ]
             title = f"classes, epoch {epoch}: class: softmax probability of the image"
-            if "judge_predicted" in res:
-                verdicts = res["judge_predicted"].tolist()
+            if res.judge_predicted is not None:
+                verdicts = res.judge_predicted.tolist()
                 labels = [
                     f"{label}\njudge: {names[v] if names and v < len(names) else v} "
                     f"{'ok' if v == c else 'no'}"
@@ -753,13 +741,13 @@ class FeatureVisualizer(AnalysisCallback):
                 ]
                 title += "; the judge model's verdict"
             return labels, title
-        if res["strength"] is None:
+        if res.strength is None or res.reference is None:
             return [f"ch {c}" for c in channels], f"{key}, epoch {epoch}: preferred images"
         values = zip(
             channels,
-            res["strength"].tolist(),
-            res["activation"].tolist(),
-            res["reference"].tolist(),
+            res.strength.tolist(),
+            res.activation.tolist(),
+            res.reference.tolist(),
             strict=True,
         )
         labels = [_strength_label(*v) for v in values]
@@ -772,20 +760,19 @@ class FeatureVisualizer(AnalysisCallback):
         for key, res in self.results.items():
             labels, title = self._grid_labels(key, res)
             ncols = self.n_images if key != "classes" and self.n_images > 1 else None
-            out.figure(out.tag(key), image_grid(res["images"], labels, ncols=ncols, title=title))
-            if "judge_predicted" in res:
-                agree = (res["judge_predicted"] == res["channels"]).double().mean()
+            out.figure(out.tag(key), image_grid(res.images, labels, ncols=ncols, title=title))
+            if res.judge_predicted is not None:
+                agree = (res.judge_predicted == res.channels).double().mean()
                 scalars[out.tag(key, "judge_recognised")] = float(agree)
-            if res["strength"] is not None:
-                above = (res["activation"] > res["reference"]).double().mean()
+            if res.strength is not None and res.reference is not None:
+                above = (res.activation > res.reference).double().mean()
                 scalars[out.tag(key, "above_max_fraction")] = float(above)
-                finite = res["strength"][torch.isfinite(res["strength"])]
+                finite = res.strength[torch.isfinite(res.strength)]
                 if finite.numel():
                     scalars[out.tag(key, "strength_median")] = float(finite.median())
                     out.histogram(out.tag(key, "strength"), finite)
-            arrays = {k: v for k, v in res.items() if isinstance(v, torch.Tensor)}
-            meta = {"layer": key, "epoch": res["epoch"], "steps": self.steps}
-            out.save_arrays(key, arrays, meta=meta)
+            meta = {"layer": key, "epoch": res.epoch, "steps": self.steps}
+            out.save_arrays(key, res.as_arrays(), meta=meta)
         out.scalars(scalars)
 
     def _log_focus(self, out: AnalysisLogger) -> None:
@@ -793,17 +780,16 @@ class FeatureVisualizer(AnalysisCallback):
 
         assert self._plan is not None
         res = self.saliency_results
-        for method, maps in res["maps"].items():
+        assert res is not None
+        for method, maps in res.maps.items():
             fig = saliency_grid(
-                res["images"],
+                res.images,
                 maps,
-                res["predicted"],
-                res["labels"],
+                res.predicted,
+                res.labels,
                 class_names=self._plan["class_names"],
-                title=f"{method} saliency, epoch {res['epoch']}",
+                title=f"{method} saliency, epoch {res.epoch}",
             )
             out.figure(out.tag(method), fig)
-        arrays = {k: res[k] for k in ("images", "inputs", "labels", "predicted")}
-        arrays.update({f"map_{m}": v for m, v in res["maps"].items()})
-        meta = {"methods": list(res["maps"]), "epoch": res["epoch"]}
-        out.save_arrays("saliency", arrays, meta=meta)
+        meta = {"methods": list(res.maps), "epoch": res.epoch}
+        out.save_arrays("saliency", res.as_arrays(), meta=meta)
