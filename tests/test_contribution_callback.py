@@ -299,7 +299,7 @@ def test_every_n_epochs_max_batches_validate_and_test(tmp_path):
     seen = []
 
     class Spy(pl.Callback):
-        def on_validation_epoch_end(self, trainer, pl_module):
+        def on_validation_end(self, trainer, pl_module):
             res = contribution.results.get("backbone.relu2")
             seen.append(None if res is None else res.epoch)
 

@@ -344,15 +344,16 @@ def test_a_failing_layer_does_not_sink_the_others(tmp_path, monkeypatch):
 
 
 def test_clusters_from_an_older_epoch_say_so(tmp_path):
-    # NeuronContribution before NeuronClustering: it ablates the clusters of the previous epoch
+    # NeuronClustering analyses every 2nd epoch: in epoch 2 the clusters of epoch 1 are ablated
     quiet = dict(enable_logging=False)
     contribution = NeuronContribution(max_batches=1, probe_images=0, **quiet)
-    neuron = NeuronClustering(method="kmeans", n_clusters=2, **quiet)
+    neuron = NeuronClustering(method="kmeans", n_clusters=2, every_n_epochs=2, **quiet)
     callbacks = [ActivationTracker(layers=["backbone.fc"], **quiet), contribution, neuron]
-    trainer = fast_trainer(tmp_path, callbacks=callbacks, max_epochs=2)
-    with pytest.warns(UserWarning, match="ablated in epoch 1 are NeuronClustering's of epoch 0"):
+    trainer = fast_trainer(tmp_path, callbacks=callbacks, max_epochs=3)
+    with pytest.warns(UserWarning, match="ablated in epoch 2 are NeuronClustering's of epoch 1"):
         trainer.fit(_module(), datamodule=TinyData())
-    assert contribution.results["backbone.fc"].ablation.clusters_epoch == 0
+    assert contribution.results["backbone.fc"].ablation.clusters_epoch == 1
+    assert contribution.results["backbone.fc"].epoch == 2
     assert neuron.results["backbone.fc"].epoch == 1
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, ClassVar, Literal, TypeVar, overload
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.state import analysis_mode, preserved_rng, untouched  # noqa: F401 (re-exported)
@@ -73,7 +74,20 @@ def find_callback(
 
 
 class AnalysisCallback(Callback):
-    """Base of the analysis callbacks: when to run, and what to do when an analysis fails.
+    """Base of the analysis callbacks: when to run, what to do when an analysis fails, and how
+    callbacks read each other's results.
+
+    **How results flow.** A callback *publishes* its ``results`` (typed dataclasses, see
+    :mod:`lightning_neurons.results`) when its own work for a stage is done, and *reads* other
+    callbacks' results in :meth:`_consume`, which runs at the end of the stage: Lightning calls
+    every callback's ``on_validation_epoch_end`` before any ``on_validation_end`` (likewise for
+    test), so the :class:`~lightning_neurons.ActivationTracker` publishes its statistics at its
+    epoch end and the analyses read them at the stage end. Analyses that read other analyses (the
+    callback types in :attr:`reads`, e.g. NeuronContribution reads NeuronClustering's clusters)
+    wait at the stage end until every attached callback of those types has finished the stage,
+    so the order of the callbacks in the Trainer's list does not change any result. The stage
+    ends are ``on_validation_end``, ``on_test_end`` and, for the training stage (which has no
+    later per-epoch hook), ``on_train_epoch_end``.
 
     Args:
         every_n_epochs: Run after every n-th epoch (epochs are counted from 1).
@@ -82,11 +96,78 @@ class AnalysisCallback(Callback):
             always raise when the callback is set up.
     """
 
+    #: The callback types whose results :meth:`_consume` reads (found with :func:`find_callback`).
+    reads: ClassVar[tuple[type[Callback], ...]] = ()
+
     def __init__(self, *, every_n_epochs: int = 1, on_error: OnError = "warn") -> None:
         super().__init__()
         self.every_n_epochs = check_positive_int("every_n_epochs", every_n_epochs)
         self.on_error = check_choice("on_error", on_error, ("warn", "raise"))
         self.failures: list[str] = []
+        self._unfinished: set[str] = set()  # stages begun whose stage end has not run yet
+        self._waiting: dict[str, Callable[[], None]] = {}
+
+    # ---- the stage-end protocol ----------------------------------------------------------------
+
+    def _consume(self, stage: Stage, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The analysis at the end of ``stage``, once every attached callback of the :attr:`reads`
+        types has finished the stage (their results of this epoch are published)."""
+
+    def _begin(self, stage: Stage) -> None:
+        self._unfinished.add(stage)
+
+    def _end(self, stage: Stage, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._waiting[stage] = lambda: self._consume(stage, trainer, pl_module)
+        _run_ready(trainer, stage)
+
+    def _ready(self, trainer: Trainer, stage: Stage) -> bool:
+        return not any(
+            stage in peer._unfinished
+            for peer in trainer.callbacks
+            if peer is not self
+            and isinstance(peer, AnalysisCallback)
+            and isinstance(peer, self.reads)
+        )
+
+    def _forget_stages(self) -> None:
+        self._unfinished.clear()
+        self._waiting.clear()
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._begin("train")
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._begin("validation")
+
+    @override
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._begin("test")
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end("train", trainer, pl_module)
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end("validation", trainer, pl_module)
+
+    @override
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end("test", trainer, pl_module)
+
+    @override
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        self._forget_stages()
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._forget_stages()
+
+    # ---- scheduling and errors -----------------------------------------------------------------
 
     def _due(self, trainer: Trainer) -> bool:
         if trainer.sanity_checking:
@@ -109,6 +190,24 @@ class AnalysisCallback(Callback):
                 "on. Pass `on_error='raise'` to stop on such errors and see the full traceback."
             )
             return None
+
+
+def _run_ready(trainer: Trainer, stage: Stage) -> None:
+    """Run every waiting stage-end analysis whose peers have finished ``stage``, until none is
+    left that can run. The same order on every DDP rank (the callbacks' list order)."""
+    progress = True
+    while progress:
+        progress = False
+        for callback in trainer.callbacks:
+            if not isinstance(callback, AnalysisCallback) or stage not in callback._waiting:
+                continue
+            if callback._ready(trainer, stage):
+                analysis = callback._waiting.pop(stage)
+                try:
+                    analysis()
+                finally:
+                    callback._unfinished.discard(stage)
+                progress = True
 
 
 class StagedCallback(AnalysisCallback):
@@ -137,7 +236,9 @@ class StagedCallback(AnalysisCallback):
     def _release(self) -> None:
         """Remove hooks and drop per-batch state (called on teardown and on exceptions)."""
 
+    @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
         self._stage_start("train", trainer, pl_module)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -182,8 +283,10 @@ class StagedCallback(AnalysisCallback):
     def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         self._stage_batch_end("test")
 
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stage_end("train", trainer, pl_module)
+        super().on_train_epoch_end(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stage_end("validation", trainer, pl_module)
@@ -191,10 +294,14 @@ class StagedCallback(AnalysisCallback):
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stage_end("test", trainer, pl_module)
 
+    @override
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
     ) -> None:
+        super().on_exception(trainer, pl_module, exception)
         self._release()
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         self._release()

@@ -17,6 +17,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.nn import functional as F
+from typing_extensions import override
 
 from lightning_neurons.batch import BatchReader, LoaderRows, analysed_rows
 from lightning_neurons.callbacks._base import (
@@ -105,6 +106,7 @@ class _ClusteringCallback(StagedCallback):
     """What both clustering callbacks share: finding the tracker and its layers, and the stage."""
 
     kind = "clustering"
+    reads = (ActivationTracker,)
 
     def __init__(
         self,
@@ -179,6 +181,11 @@ class _ClusteringCallback(StagedCallback):
 
     def _stage_end(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
         if stage == self._stage:
+            self._stop()  # the epoch's batches are done; the data gathered is kept
+
+    @override
+    def _consume(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        if stage == self._stage:
             self._epoch_analysis(trainer, pl_module)
 
     def _release(self) -> None:
@@ -198,11 +205,9 @@ class _ClusteringCallback(StagedCallback):
         raise NotImplementedError
 
     def _fresh_stats(self, trainer: Trainer) -> dict[str, LayerStats] | None:
-        """The tracker's results for this epoch (computed on every rank), or ``None`` when the
-        tracker did not analyse this epoch or nothing is due."""
-        stats = find_callback(trainer, ActivationTracker, required=type(self).__name__).finalize(
-            trainer, self._stage
-        )
+        """The tracker's results of this epoch, or ``None`` when the tracker did not analyse this
+        epoch or nothing is due."""
+        stats = find_callback(trainer, ActivationTracker, required=type(self).__name__).results
         if not self._due(trainer):
             return None
         fresh = {
@@ -655,6 +660,7 @@ class NeuronClustering(_ClusteringCallback):
     """
 
     kind = "neuron_clustering"
+    reads = (ActivationTracker, FeatureVisualizer)  # the visualizer's renders: projector sprites
 
     def __init__(
         self,

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
 from lightning_neurons.batch import BatchReader
 from lightning_neurons.callbacks._base import (
@@ -75,8 +76,9 @@ class NeuronContribution(AnalysisCallback):
     :func:`~lightning_neurons.callbacks._base.untouched`, so training is not changed: modes,
     ``requires_grad``, gradients and random streams are restored and every hook is removed.
 
-    Put it after ``NeuronClustering`` and ``FeatureVisualizer`` in the callback list to use their
-    results of the same epoch (otherwise those of the previous analysed epoch are used, and
+    It reads ``NeuronClustering``'s and ``FeatureVisualizer``'s results at the end of the stage,
+    after they have analysed the same epoch, wherever they stand in the callback list (when they
+    did not analyse this epoch, their latest results are used, and
     ``results[layer].ablation.clusters_epoch`` says which epoch the ablated clusters are from).
 
     Args:
@@ -106,6 +108,8 @@ class NeuronContribution(AnalysisCallback):
         >>> trainer.fit(model, datamodule=dm)  # doctest: +SKIP
         >>> contribution.results["backbone.features.conv3"].ablation.accuracy_drop  # doctest: +SKIP
     """
+
+    reads = (ActivationTracker, NeuronClustering, FeatureVisualizer)
 
     def __init__(
         self,
@@ -198,18 +202,21 @@ class NeuronContribution(AnalysisCallback):
     ) -> None:
         self._keep(batch, dataloader_idx)
 
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._finish(trainer, pl_module, "validation")
+    @override
+    def _consume(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        if stage in ("validation", "test"):
+            self._finish(trainer, pl_module)
 
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._finish(trainer, pl_module, "test")
-
+    @override
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
     ) -> None:
+        super().on_exception(trainer, pl_module, exception)
         self._reset()
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         self._reset()
 
     # ---- gathering -----------------------------------------------------------------------------
@@ -237,9 +244,8 @@ class NeuronContribution(AnalysisCallback):
         with torch.inference_mode(False):  # normal tensors, usable in autograd later
             self._batches.append((x.detach().to("cpu").clone(), y.detach().to("cpu").clone()))
 
-    def _finish(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def _finish(self, trainer: Trainer, pl_module: LightningModule) -> None:
         tracker = find_callback(trainer, ActivationTracker, required=type(self).__name__)
-        tracker.finalize(trainer, stage)  # on every rank: it syncs the statistics across processes
         batches, collecting = self._batches, self._collecting
         self._reset()
         if collecting and batches:
@@ -366,9 +372,8 @@ class NeuronContribution(AnalysisCallback):
         if clusters and epoch is not None and epoch != trainer.current_epoch:
             rank_zero_warn(
                 f"NeuronContribution: the neuron clusters of {layer!r} ablated in epoch "
-                f"{trainer.current_epoch} are NeuronClustering's of epoch {epoch} (put "
-                "NeuronContribution after NeuronClustering in the callback list to ablate the same "
-                "epoch's clusters); `results[layer].ablation.clusters_epoch` records it."
+                f"{trainer.current_epoch} are NeuronClustering's of epoch {epoch} (it did not "
+                "analyse this epoch); `results[layer].ablation.clusters_epoch` records it."
             )
         for name, neurons in clusters.items():
             sets[name] = neurons

@@ -62,9 +62,11 @@ class ActivationTracker(StagedCallback):
     reduced by sum over DDP ranks; nothing is stored per image) and derives the class profile,
     class selectivity, dead neurons and each class's dominant neurons.
 
-    Other analyses (:class:`FeatureVisualizer`, clustering, contribution) read these results via
-    :meth:`finalize` rather than hooking the model again, and read batches and model outputs
-    through the tracker's :attr:`reader` (its ``input_fn``, ``label_fn`` and ``output_fn``).
+    The statistics are published in :attr:`results` (``{layer: LayerStats}``) at the end of each
+    analysed epoch of ``stage``; the other analyses (:class:`FeatureVisualizer`, clustering,
+    contribution) read them at the end of the stage rather than hooking the model again, and read
+    batches and model outputs through the tracker's :attr:`reader` (its ``input_fn``,
+    ``label_fn`` and ``output_fn``).
 
     Every image is counted once: only the loader ``dataloader_idx`` is analysed, and under DDP the
     samples that :class:`~torch.utils.data.DistributedSampler` repeats to even out the processes
@@ -245,36 +247,21 @@ class ActivationTracker(StagedCallback):
 
     def _stage_end(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
         if stage == self.stage:
-            self.finalize(trainer, stage)
+            self._publish(trainer)
         if stage == "train" and self.stage == "validation":
             self._warn_no_validation(trainer)
 
     def _release(self) -> None:
         self._stop()
 
-    # ---- the seam for other analyses ------------------------------------------------------------
+    # ---- what the analyses read ----------------------------------------------------------------
 
-    def finalize(self, trainer: Trainer, stage: str | None = None) -> dict[str, LayerStats]:
-        """Finish the epoch being gathered (if any) and return the latest results.
-
-        Analyses that read the tracker call this from their own epoch-end hooks **on every rank**
-        (the statistics are summed over DDP ranks here), so the order of callbacks does not
-        matter. Calling it again in the same epoch returns the same results.
-
-        Args:
-            trainer: The trainer.
-            stage: The stage whose epoch just ended (``"train"``, ``"validation"``, ``"test"``).
-                An epoch of the tracker's own stage is finished only at the end of that stage:
-                with ``stage="train"`` and validation in the middle of an epoch, the training
-                epoch goes on being gathered and the previous results are returned. ``None``:
-                finish whatever is being gathered.
-
-        Returns:
-            ``{layer_name: LayerStats}``; empty when no epoch has been analysed yet. Each entry's
-            ``epoch`` says which epoch it is from.
-        """
-        if self._pending_epoch is None or (stage is not None and stage != self.stage):
-            return self.results
+    def _publish(self, trainer: Trainer) -> None:
+        """Finish the epoch being gathered (if any) and publish its statistics in
+        :attr:`results`: at the end of the tracker's own stage's epoch, on every rank (the
+        statistics are summed over DDP ranks here); the analyses read them at the stage end."""
+        if self._pending_epoch is None:
+            return
         epoch = self._pending_epoch
         self._pending_epoch = None
         self._stop()
@@ -294,7 +281,6 @@ class ActivationTracker(StagedCallback):
         self._warn_nan()
         if self.enable_logging and self.results:
             self._run_safely("logging activation statistics", lambda: self._log(trainer))
-        return self.results
 
     def check_batch(self, batch: Any) -> torch.Tensor:
         """Read a batch's input and labels as the analyses will, and check the labels' range.

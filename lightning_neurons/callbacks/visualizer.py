@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 from lightning_neurons.batch import (
     BatchReader,
@@ -169,6 +170,8 @@ class FeatureVisualizer(AnalysisCallback):
     Example:
         >>> trainer = Trainer(callbacks=[ActivationTracker(), FeatureVisualizer(max_channels=16)])  # doctest: +SKIP
     """
+
+    reads = (ActivationTracker,)
 
     def __init__(
         self,
@@ -362,12 +365,12 @@ class FeatureVisualizer(AnalysisCallback):
             return
         self._collect_probes(trainer, pl_module, batch)
 
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._due(trainer):
+    @override
+    def _consume(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        if stage != "validation" or not self._due(trainer):
             return
         tracker = find_callback(trainer, ActivationTracker)
-        # every rank (DDP sync); a tracker of another stage keeps gathering its own epoch
-        stats = tracker.finalize(trainer, "validation") if tracker is not None else {}
+        stats = tracker.results if tracker is not None else {}  # older with stage="train"
         reduction = tracker.reduction if tracker is not None else "mean"
         self._prepare(trainer, pl_module)  # configuration errors raise, on every rank
         self._finish_prior(trainer)  # every rank (DDP sum)
