@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
@@ -79,14 +78,6 @@ def _device(model: nn.Module) -> torch.device:
     for tensor in model.buffers():
         return tensor.device
     return torch.device("cpu")
-
-
-@contextmanager
-def _analysis_mode(model: nn.Module, *, grad: bool) -> Iterator[None]:
-    """Eval mode and frozen parameters inside, gradients on or off; everything restored on exit
-    (see :func:`lightning_neurons.state.analysis_mode`)."""
-    with analysis_mode(model), torch.set_grad_enabled(grad):
-        yield
 
 
 def _check_targets(
@@ -264,7 +255,7 @@ def neuron_contributions(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise NeuronsError(f"`chunk_size` must be a positive integer, got {chunk_size!r}")
     names = _layer_names(model, layers)
-    with _analysis_mode(model, grad=True):
+    with analysis_mode(model):
         x = x.to(_device(model))
         if targets is not None:
             out = contribution_batch(model, names, x, targets, output_fn=output_fn)
@@ -488,7 +479,7 @@ def class_contributions(
     names = _layer_names(model, layers)
     reader = BatchReader(input_fn=input_fn, label_fn=label_fn, output_fn=output_fn)
     acc: ClassContributions | None = None
-    with _analysis_mode(model, grad=True):
+    with analysis_mode(model):
         device = _device(model)
         for batch in _limited(dataloader, max_batches):
             x = reader.inputs(batch).to(device)
@@ -678,7 +669,7 @@ def ablation_effects(
     hooks = HookSet()
     hooks.add(model, [site], hook)  # that call of the module only
     try:
-        with _analysis_mode(model, grad=False):
+        with analysis_mode(model, grad=False):
             device = _device(model)
             for batch in _limited(dataloader, max_batches):
                 x = as_model_input(reader.inputs(batch), model)

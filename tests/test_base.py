@@ -6,7 +6,8 @@ import torch
 from conftest import TinyNet
 from torch import nn
 
-from lightning_neurons.callbacks._base import AnalysisCallback, untouched
+from lightning_neurons.callbacks._base import AnalysisCallback
+from lightning_neurons.state import untouched
 
 
 def test_untouched_restores_modes_flags_grads_buffers_and_rng():

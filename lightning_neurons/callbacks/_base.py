@@ -11,7 +11,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.state import analysis_mode, preserved_rng, untouched  # noqa: F401 (re-exported)
 
 T = TypeVar("T")
 C = TypeVar("C", bound=Callback)

@@ -16,7 +16,6 @@ from lightning_neurons.callbacks._base import (
     OnError,
     check_positive_int,
     find_callback,
-    untouched,
 )
 from lightning_neurons.callbacks.clustering import NeuronClustering
 from lightning_neurons.callbacks.tracker import ActivationTracker
@@ -33,6 +32,7 @@ from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import resolve_layers, selects
 from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.results import ContributionResult, LayerAblation, Probes
+from lightning_neurons.state import analysis_mode
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -73,7 +73,7 @@ class NeuronContribution(AnalysisCallback):
     It reads an :class:`~lightning_neurons.ActivationTracker`'s layers, ``num_classes``, ``top_k``,
     ``dataloader_idx`` and batch reader (``input_fn``, ``label_fn``, ``output_fn``); one must be
     attached. The gradient work runs in eval mode inside
-    :func:`~lightning_neurons.callbacks._base.untouched`, so training is not changed: modes,
+    :func:`~lightning_neurons.state.analysis_mode`, so training is not changed: modes,
     ``requires_grad``, gradients and random streams are restored and every hook is removed.
 
     It reads ``NeuronClustering``'s and ``FeatureVisualizer``'s results at the end of the stage,
@@ -267,9 +267,7 @@ class NeuronContribution(AnalysisCallback):
         top_k = self.top_k or tracker.top_k
         kept = torch.cat([x for x, _ in batches])
         results: dict[str, ContributionResult] = {}
-        with untouched(pl_module):
-            pl_module.eval()
-            pl_module.requires_grad_(False)
+        with analysis_mode(pl_module):
             stats, top_example = self._contributions(pl_module, batches, num_classes, top_k)
             for layer in stats:  # call sites of self.layers, in the order they ran
                 results[layer] = ContributionResult(

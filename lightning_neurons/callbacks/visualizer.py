@@ -39,10 +39,11 @@ from lightning_neurons.hooks import (
 )
 from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.results import Rendering, SaliencyMaps
+from lightning_neurons.state import analysis_mode
 from lightning_neurons.stats import LayerStats
 from lightning_neurons.visualize.objectives import LOGITS, Channel, ClassLogit
 from lightning_neurons.visualize.prior import DataPrior, DataPriorEstimate
-from lightning_neurons.visualize.render import analysis_mode, check_objectives, model_device, render
+from lightning_neurons.visualize.render import check_objectives, model_device, render
 from lightning_neurons.visualize.saliency import METHODS, Method, saliency
 
 
@@ -599,7 +600,7 @@ class FeatureVisualizer(AnalysisCallback):
             )
 
         transform = self._plan["transform"]
-        with analysis_mode(model), torch.no_grad(), hooked(model, [layer], keep):
+        with analysis_mode(model, grad=False), hooked(model, [layer], keep):
             model(as_model_input(to_model_input(images, transform), model))
         values = found[layer]
         return values[torch.arange(len(channels)), torch.tensor(channels)]
@@ -678,7 +679,7 @@ class FeatureVisualizer(AnalysisCallback):
         judge's outputs are read with a plain :class:`BatchReader`: its first tensor)."""
         assert self._plan is not None
         reader = reader or self._reader
-        with analysis_mode(model), torch.no_grad():
+        with analysis_mode(model, grad=False):
             x = to_model_input(images.to(model_device(model)), self._plan["transform"])
             return reader.forward(model, x).float().cpu()
 
@@ -688,7 +689,7 @@ class FeatureVisualizer(AnalysisCallback):
         inputs = torch.stack(self._probe_images)  # as the loader yielded them
         labels = torch.tensor(self._probe_labels)
         transform = plan["transform"]
-        with analysis_mode(model), torch.no_grad():
+        with analysis_mode(model, grad=False):
             predicted = self._reader.forward(model, inputs).argmax(dim=1).cpu()
         images, exact = to_display(inputs, transform)
         # Maps are taken with respect to what a person sees when the transform can be inverted.

@@ -13,6 +13,7 @@ Example:
     >>> maps = grad_cam(model, real_images)  # doctest: +SKIP
 """
 
+from lightning_neurons.state import analysis_mode
 from lightning_neurons.visualize.objectives import (
     IMAGE,
     L2,
@@ -37,7 +38,7 @@ from lightning_neurons.visualize.param import (
     soft_clip,
 )
 from lightning_neurons.visualize.prior import DataPrior, DataPriorEstimate, amplitude_spectrum
-from lightning_neurons.visualize.render import analysis_mode, check_objectives, evaluate, render
+from lightning_neurons.visualize.render import check_objectives, evaluate, render
 from lightning_neurons.visualize.saliency import (
     grad_cam,
     gradient,

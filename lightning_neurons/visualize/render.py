@@ -182,7 +182,7 @@ def _probe(
 
     handles, largest = _largest_output(model)
     try:
-        with analysis_mode(model), torch.no_grad(), hooked(model, layers, record):
+        with analysis_mode(model, grad=False), hooked(model, layers, record):
             x = torch.full((1, *image_shape), 0.5, device=model_device(model))
             try:
                 output = model(as_model_input(to_model_input(x, input_transform), model))
@@ -741,7 +741,7 @@ def evaluate(
     device = model_device(model)
     size = batch_size or len(objectives)
     values = []
-    with analysis_mode(model), torch.no_grad():
+    with analysis_mode(model, grad=False):
         for start in range(0, len(objectives), size):
             scoring = _Scoring(BatchScorer(objectives[start : start + size]), output_fn=output_fn)
             image = images[start : start + size].to(device)
