@@ -291,7 +291,7 @@ class ContributionResult:
             neurons, domination).
         top_example_index: ``[K]`` row of the kept image that activates each neuron most.
         ablation: For ``ablation_layers``: the effect of zeroing neuron sets, else ``None``.
-        probes: With ``probe_images > 0``: the probe images' contributions, else ``None``.
+        probes: With ``max_probes > 0``: the probe images' contributions, else ``None``.
     """
 
     layer: str

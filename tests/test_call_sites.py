@@ -50,7 +50,7 @@ def fitted(tmp_path_factory):
         ),
         CategoryClustering(enable_logging=False, on_error="raise"),
         NeuronClustering(method="kmeans", n_clusters=2, enable_logging=False, on_error="raise"),
-        NeuronContribution(max_batches=2, probe_images=2, enable_logging=False, on_error="raise"),
+        NeuronContribution(max_batches=2, max_probes=2, enable_logging=False, on_error="raise"),
     ]
     trainer = fast_trainer(tmp_path_factory.mktemp("shared"), callbacks=callbacks, max_epochs=1)
     with pytest.warns(UserWarning, match="runs 2 times per forward pass"):

@@ -39,7 +39,7 @@ def _callbacks() -> dict[str, pl.Callback]:
             **quiet,
         ),
         "contribution": NeuronContribution(
-            layers=[LAYER], max_batches=2, probe_images=2, probe_top=2, **quiet
+            layers=[LAYER], max_batches=2, max_probes=2, probe_top=2, **quiet
         ),
     }
 

@@ -251,7 +251,7 @@ def test_other_callbacks_without_results_for_the_layer_are_skipped(tmp_path):
         [NeuronClustering(enable_logging=False), OtherLayerClusters([0])]
     ):
         contribution = NeuronContribution(
-            layers=["backbone.fc"], max_batches=1, probe_images=1, on_error="raise"
+            layers=["backbone.fc"], max_batches=1, max_probes=1, on_error="raise"
         )
         visualizer = FeatureVisualizer(
             layers=["backbone.relu2"], saliency=(), steps=1, enable_logging=False
@@ -272,7 +272,7 @@ def test_other_callbacks_without_results_for_the_layer_are_skipped(tmp_path):
 
 def test_cluster_labels_of_the_wrong_length_warn(tmp_path):
     contribution = NeuronContribution(
-        layers=["backbone.fc"], max_batches=1, probe_images=0, enable_logging=False
+        layers=["backbone.fc"], max_batches=1, max_probes=0, enable_logging=False
     )
     callbacks = [
         ActivationTracker(enable_logging=False),
@@ -359,7 +359,7 @@ def test_no_ablation_when_ablation_layers_is_empty(tmp_path):
         ({"top_k": 0}, "top_k"),
         ({"max_ablation_classes": 0}, "max_ablation_classes"),
         ({"share_prefix": "sometimes"}, "share_prefix"),
-        ({"probe_images": -1}, "probe_images"),
+        ({"max_probes": -1}, "max_probes"),
         ({"probe_top": 0}, "probe_top"),
         ({"every_n_epochs": 0}, "every_n_epochs"),
         ({"on_error": "ignore"}, "on_error"),

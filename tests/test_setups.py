@@ -37,7 +37,7 @@ def _all_five(on_error: str = "raise", **tracker_kwargs) -> list[pl.Callback]:
         FeatureVisualizer(**quiet, **FAST_VIS),
         CategoryClustering(**quiet, n_clusters=2),
         NeuronClustering(**quiet, method="kmeans", n_clusters=2),
-        NeuronContribution(**quiet, max_batches=1, probe_images=2),
+        NeuronContribution(**quiet, max_batches=1, max_probes=2),
     ]
 
 
@@ -125,7 +125,7 @@ class TwoValLoaders(TinyData):
 @pytest.mark.parametrize(("index", "images"), [(0, 24), (1, 10)])
 def test_one_validation_loader_is_analysed_and_the_user_told_once(tmp_path, index, images):
     tracker = ActivationTracker(layers=["backbone.fc"], dataloader_idx=index, enable_logging=False)
-    contribution = NeuronContribution(max_batches=10, probe_images=0, enable_logging=False)
+    contribution = NeuronContribution(max_batches=10, max_probes=0, enable_logging=False)
     trainer = fast_trainer(tmp_path, callbacks=[tracker, contribution], max_epochs=2)
     with pytest.warns(UserWarning, match="2 data loaders; the analyses use loader") as record:
         trainer.fit(_module(cls=MultiLoaderClassifier), datamodule=TwoValLoaders())
@@ -149,7 +149,7 @@ def test_train_stage_statistics_cover_the_whole_epoch_despite_mid_epoch_validati
     callbacks = [
         tracker,
         FeatureVisualizer(saliency=[], classes=[], **FAST_VIS),
-        NeuronContribution(max_batches=1, probe_images=0, ablation_layers=[]),
+        NeuronContribution(max_batches=1, max_probes=0, ablation_layers=[]),
     ]
     trainer = fast_trainer(tmp_path, callbacks=callbacks, max_epochs=1, val_check_interval=0.5)
     _quiet_fit(trainer, _module(), datamodule=TinyData())
@@ -346,7 +346,7 @@ def test_a_failing_layer_does_not_sink_the_others(tmp_path, monkeypatch):
 def test_clusters_from_an_older_epoch_say_so(tmp_path):
     # NeuronClustering analyses every 2nd epoch: in epoch 2 the clusters of epoch 1 are ablated
     quiet = dict(enable_logging=False)
-    contribution = NeuronContribution(max_batches=1, probe_images=0, **quiet)
+    contribution = NeuronContribution(max_batches=1, max_probes=0, **quiet)
     neuron = NeuronClustering(method="kmeans", n_clusters=2, every_n_epochs=2, **quiet)
     callbacks = [ActivationTracker(layers=["backbone.fc"], **quiet), contribution, neuron]
     trainer = fast_trainer(tmp_path, callbacks=callbacks, max_epochs=3)

@@ -10,26 +10,13 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_neurons.checks import check_choice, check_layers, check_positive_int
 from lightning_neurons.errors import NeuronsError
 
 T = TypeVar("T")
 C = TypeVar("C", bound=Callback)
 OnError = Literal["warn", "raise"]
 Stage = Literal["train", "validation", "test"]
-
-
-def check_positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise NeuronsError(f"`{name}` must be a positive integer, got {value!r}")
-    return value
-
-
-def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise NeuronsError(
-            f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {value!r}"
-        )
-    return value
 
 
 @overload
@@ -88,8 +75,14 @@ class AnalysisCallback(Callback):
     ends are ``on_validation_end``, ``on_test_end`` and, for the training stage (which has no
     later per-epoch hook), ``on_train_epoch_end``.
 
+    Every callback takes its ``layers`` first and everything else by keyword; the options they
+    share are handled here.
+
     Args:
+        layers: Module names or glob patterns (one name may be a string); ``None``: the default
+            (each callback says which).
         every_n_epochs: Run after every n-th epoch (epochs are counted from 1).
+        enable_logging: Log to TensorBoard and write files (``results`` is always filled).
         on_error: ``"warn"``: an analysis that fails is reported with a warning and training goes
             on; ``"raise"``: the error stops training. Mistakes in the callback's own arguments
             always raise when the callback is set up.
@@ -98,8 +91,19 @@ class AnalysisCallback(Callback):
     #: The callback types whose results :meth:`_consume` reads (found with :func:`find_callback`).
     reads: ClassVar[tuple[type[Callback], ...]] = ()
 
-    def __init__(self, *, every_n_epochs: int = 1, on_error: OnError = "warn") -> None:
+    def __init__(
+        self,
+        layers: list[str] | None = None,
+        *,
+        every_n_epochs: int = 1,
+        enable_logging: bool = True,
+        on_error: OnError = "warn",
+    ) -> None:
         super().__init__()
+        #: The ``layers`` argument; :attr:`layers` holds the names it resolves to at setup.
+        self.layer_patterns = check_layers("layers", layers)
+        self.layers: list[str] = []
+        self.enable_logging = enable_logging
         self.every_n_epochs = check_positive_int("every_n_epochs", every_n_epochs)
         self.on_error = check_choice("on_error", on_error, ("warn", "raise"))
         self.failures: list[str] = []
@@ -240,17 +244,21 @@ class StagedCallback(AnalysisCallback):
         super().on_train_epoch_start(trainer, pl_module)
         self._stage_start("train", trainer, pl_module)
 
+    @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stage_start("validation", trainer, pl_module)
 
+    @override
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stage_start("test", trainer, pl_module)
 
+    @override
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._stage_batch_start("train", batch, batch_idx, 0)
 
+    @override
     def on_validation_batch_start(
         self,
         trainer: Trainer,
@@ -261,6 +269,7 @@ class StagedCallback(AnalysisCallback):
     ) -> None:
         self._stage_batch_start("validation", batch, batch_idx, dataloader_idx)
 
+    @override
     def on_test_batch_start(
         self,
         trainer: Trainer,
@@ -271,14 +280,17 @@ class StagedCallback(AnalysisCallback):
     ) -> None:
         self._stage_batch_start("test", batch, batch_idx, dataloader_idx)
 
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         self._stage_batch_end("train")
 
+    @override
     def on_validation_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, *args: Any
     ) -> None:
         self._stage_batch_end("validation")
 
+    @override
     def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         self._stage_batch_end("test")
 
@@ -287,9 +299,11 @@ class StagedCallback(AnalysisCallback):
         self._stage_end("train", trainer, pl_module)
         super().on_train_epoch_end(trainer, pl_module)
 
+    @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stage_end("validation", trainer, pl_module)
 
+    @override
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stage_end("test", trainer, pl_module)
 

@@ -20,14 +20,10 @@ from torch.nn import functional as F
 from typing_extensions import override
 
 from lightning_neurons.batch import BatchReader, LoaderRows, analysed_rows
-from lightning_neurons.callbacks._base import (
-    OnError,
-    StagedCallback,
-    check_positive_int,
-    find_callback,
-)
+from lightning_neurons.callbacks._base import OnError, StagedCallback, find_callback
 from lightning_neurons.callbacks.tracker import ActivationTracker
 from lightning_neurons.callbacks.visualizer import FeatureVisualizer
+from lightning_neurons.checks import check_choice, check_positive_int
 from lightning_neurons.clustering import (
     ActivationReservoir,
     CategoryClusterer,
@@ -110,17 +106,15 @@ class _ClusteringCallback(StagedCallback):
 
     def __init__(
         self,
-        layers: list[str] | None,
-        every_n_epochs: int,
-        enable_logging: bool,
-        on_error: OnError,
+        layers: list[str] | None = None,
+        *,
+        every_n_epochs: int = 1,
+        enable_logging: bool = True,
+        on_error: OnError = "warn",
     ) -> None:
-        super().__init__(every_n_epochs=every_n_epochs, on_error=on_error)
-        if isinstance(layers, str):
-            layers = [layers]
-        self.layer_patterns = list(layers) if layers is not None else None
-        self.enable_logging = enable_logging
-        self.layers: list[str] = []
+        super().__init__(
+            layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
+        )
         self._stage = "validation"
         self._tracker_layers: list[str] = []
         self._reader = BatchReader()
@@ -129,6 +123,7 @@ class _ClusteringCallback(StagedCallback):
         self._batch_size = 0
         self._reduction = "mean"
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         tracker = find_callback(trainer, ActivationTracker, required=type(self).__name__)
         self._stage = tracker.stage
@@ -151,9 +146,11 @@ class _ClusteringCallback(StagedCallback):
         self.layers = chosen
 
     # The previous epoch's labels (for stability across epochs) survive a checkpoint resume.
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"previous": {k: torch.as_tensor(v) for k, v in self._previous.items()}}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._previous = {k: np.asarray(v) for k, v in state_dict.get("previous", {}).items()}
 
@@ -286,6 +283,7 @@ class CategoryClustering(_ClusteringCallback):
     def __init__(
         self,
         layers: list[str] | None = None,
+        *,
         method: CategoryMethod = "agglomerative",
         metric: Metric = "correlation",
         linkage: Linkage = "average",
@@ -299,7 +297,9 @@ class CategoryClustering(_ClusteringCallback):
         enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:
-        super().__init__(layers, every_n_epochs, enable_logging, on_error)
+        super().__init__(
+            layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
+        )
         # Building one checks every option now rather than at the first epoch's end.
         self._clusterer_options = {
             "method": method,
@@ -348,6 +348,7 @@ class CategoryClustering(_ClusteringCallback):
         """The headline view's result of the latest analysis (``None`` before the first)."""
         return self.results.get(self.main_view) if self.main_view is not None else None
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if self.view not in ("deepest", COMBINED) and not selects(self.layers, self.view):
@@ -665,6 +666,7 @@ class NeuronClustering(_ClusteringCallback):
     def __init__(
         self,
         layers: list[str] | None = None,
+        *,
         method: NeuronMethod = "hdbscan",
         n_clusters: int | None = None,
         min_cluster_size: int | None = None,
@@ -678,7 +680,9 @@ class NeuronClustering(_ClusteringCallback):
         enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:
-        super().__init__(layers, every_n_epochs, enable_logging, on_error)
+        super().__init__(
+            layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
+        )
         self._clusterer_options = {
             "method": method,
             "n_clusters": n_clusters,
@@ -687,8 +691,7 @@ class NeuronClustering(_ClusteringCallback):
             "random_state": seed,
         }
         NeuronClusterer(**self._clusterer_options)  # checks the options now
-        if source not in ("class_means", "reservoir"):
-            raise NeuronsError(f"`source` must be 'class_means' or 'reservoir'; got {source!r}")
+        check_choice("source", source, ("class_means", "reservoir"))
         self.method, self.n_clusters, self.min_cluster_size = method, n_clusters, min_cluster_size
         self.normalize, self.source, self.seed = normalize, source, seed
         self.reservoir_size = check_positive_int("reservoir_size", reservoir_size)

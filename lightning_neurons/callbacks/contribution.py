@@ -11,15 +11,17 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_neurons.batch import BatchReader
-from lightning_neurons.callbacks._base import (
-    AnalysisCallback,
-    OnError,
-    check_positive_int,
-    find_callback,
-)
+from lightning_neurons.callbacks._base import AnalysisCallback, OnError, find_callback
 from lightning_neurons.callbacks.clustering import NeuronClustering
 from lightning_neurons.callbacks.tracker import ActivationTracker
 from lightning_neurons.callbacks.visualizer import FeatureVisualizer
+from lightning_neurons.checks import (
+    check_choice,
+    check_int,
+    check_layers,
+    check_optional_positive_int,
+    check_positive_int,
+)
 from lightning_neurons.contribution import (
     ClassContributions,
     ContributionStats,
@@ -28,7 +30,6 @@ from lightning_neurons.contribution import (
     contribution_batch,
     neuron_contributions,
 )
-from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import resolve_layers, selects
 from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.results import ContributionResult, LayerAblation, Probes
@@ -65,7 +66,7 @@ class NeuronContribution(AnalysisCallback):
     * the ablation matrix of ``ablation_layers``: per-class accuracy drop when each class's dominant
       neurons are zeroed, and when each neuron cluster of an attached ``NeuronClustering`` callback
       is zeroed (all sets measured in one batched pass);
-    * for ``probe_images`` validation images (the first image of each class), the contribution of
+    * for ``max_probes`` validation images (the first image of each class), the contribution of
       every neuron to every logit, and the top neurons behind the prediction with their preferred
       images: the ``FeatureVisualizer``'s rendering when one is attached and has rendered that
       neuron, else the validation image (of those kept) that activates the neuron most.
@@ -91,7 +92,7 @@ class NeuronContribution(AnalysisCallback):
         max_ablation_classes: Ablate the dominant neurons of at most this many classes (the first).
         share_prefix: How ablations are batched, see
             :func:`~lightning_neurons.contribution.ablation_effects` (``"auto"`` checks the model).
-        probe_images: Probe images (the first validation image of each class, at most this many);
+        max_probes: Probe images (the first validation image of each class, at most this many);
             0 for none.
         probe_top: Top contributing neurons shown per probe image.
         enable_logging: Log figures, images, text and scalars and write the numbers to files.
@@ -114,40 +115,28 @@ class NeuronContribution(AnalysisCallback):
     def __init__(
         self,
         layers: list[str] | None = None,
+        *,
         max_batches: int = 4,
         top_k: int | None = None,
         ablation_layers: list[str] | None = None,
         max_ablation_classes: int = 20,
         share_prefix: bool | Literal["auto"] = "auto",
-        probe_images: int = 8,
+        max_probes: int = 8,
         probe_top: int = 5,
-        enable_logging: bool = True,
         every_n_epochs: int = 1,
+        enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:
-        super().__init__(every_n_epochs=every_n_epochs, on_error=on_error)
-        self.layer_patterns = (
-            [layers] if isinstance(layers, str) else (list(layers) if layers is not None else None)
+        super().__init__(
+            layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
         )
-        self.ablation_patterns = (
-            [ablation_layers]
-            if isinstance(ablation_layers, str)
-            else (list(ablation_layers) if ablation_layers is not None else None)
-        )
+        self.ablation_patterns = check_layers("ablation_layers", ablation_layers)
         self.max_batches = check_positive_int("max_batches", max_batches)
-        self.top_k = None if top_k is None else check_positive_int("top_k", top_k)
+        self.top_k = check_optional_positive_int("top_k", top_k)
         self.max_ablation_classes = check_positive_int("max_ablation_classes", max_ablation_classes)
-        if share_prefix not in (True, False, "auto"):
-            raise NeuronsError(
-                f"`share_prefix` must be True, False or 'auto'; got {share_prefix!r}"
-            )
-        self.share_prefix = share_prefix
-        if isinstance(probe_images, bool) or not isinstance(probe_images, int) or probe_images < 0:
-            raise NeuronsError(f"`probe_images` must be an integer >= 0, got {probe_images!r}")
-        self.probe_images = probe_images
+        self.share_prefix = check_choice("share_prefix", share_prefix, (True, False, "auto"))
+        self.max_probes = check_int("max_probes", max_probes, minimum=0)
         self.probe_top = check_positive_int("probe_top", probe_top)
-        self.enable_logging = enable_logging
-        self.layers: list[str] = []
         self.ablation_layers: list[str] = []
         #: ``{layer: ContributionResult}`` of the latest analysed epoch.
         self.results: dict[str, ContributionResult] = {}
@@ -158,6 +147,7 @@ class NeuronContribution(AnalysisCallback):
 
     # ---- Lightning hooks -----------------------------------------------------------------------
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._tracker = find_callback(trainer, ActivationTracker, required=type(self).__name__)
         patterns = (
@@ -174,12 +164,15 @@ class NeuronContribution(AnalysisCallback):
         self.layers = resolve_layers(pl_module, [*layers, *ablate])
         self.ablation_layers = list(ablate)
 
+    @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start(trainer)
 
+    @override
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start(trainer)
 
+    @override
     def on_validation_batch_end(
         self,
         trainer: Trainer,
@@ -191,6 +184,7 @@ class NeuronContribution(AnalysisCallback):
     ) -> None:
         self._keep(batch, dataloader_idx)
 
+    @override
     def on_test_batch_end(
         self,
         trainer: Trainer,
@@ -280,7 +274,7 @@ class NeuronContribution(AnalysisCallback):
                 results[layer].ablation = self._ablate(
                     trainer, pl_module, layer, stats[layer], batches
                 )
-            if self.probe_images:
+            if self.max_probes:
                 for layer, probe in self._probes(trainer, pl_module, batches, num_classes).items():
                     probe.preferred, probe.preferred_source = self._preferred(
                         trainer, layer, probe.top_neurons, top_example[layer], kept
@@ -328,7 +322,7 @@ class NeuronContribution(AnalysisCallback):
             hits = torch.nonzero(y == c)[:, 0]
             if hits.numel():
                 picked.append(int(hits[0]))
-            if len(picked) >= self.probe_images:
+            if len(picked) >= self.max_probes:
                 break
         if not picked:
             return {}

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 from lightning_neurons.batch import (
     BatchFn,
@@ -17,10 +18,11 @@ from lightning_neurons.batch import (
     analysed_rows,
     stage_loaders,
 )
-from lightning_neurons.callbacks._base import (
-    OnError,
-    StagedCallback,
+from lightning_neurons.callbacks._base import OnError, StagedCallback
+from lightning_neurons.checks import (
     check_choice,
+    check_int,
+    check_optional_positive_int,
     check_positive_int,
 )
 from lightning_neurons.errors import NeuronsError
@@ -110,6 +112,7 @@ class ActivationTracker(StagedCallback):
     def __init__(
         self,
         layers: list[str] | None = None,
+        *,
         reduction: Literal["mean", "max"] = "mean",
         stage: Stage = "validation",
         every_n_epochs: int = 1,
@@ -123,30 +126,17 @@ class ActivationTracker(StagedCallback):
         enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:
-        super().__init__(every_n_epochs=every_n_epochs, on_error=on_error)
-        if layers is not None and (isinstance(layers, str) or not isinstance(layers, Sequence)):
-            layers = [layers] if isinstance(layers, str) else layers
-        self.layer_patterns = list(layers) if layers is not None else None
+        super().__init__(
+            layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
+        )
         self.reduction = check_choice("reduction", reduction, ("mean", "max"))
         self.stage = check_choice("stage", stage, ("validation", "train", "test"))
         self.top_k = check_positive_int("top_k", top_k)
-        self.num_classes = (
-            None if num_classes is None else check_positive_int("num_classes", num_classes)
-        )
-        self.max_batches = (
-            None if max_batches is None else check_positive_int("max_batches", max_batches)
-        )
-        if (
-            isinstance(dataloader_idx, bool)
-            or not isinstance(dataloader_idx, int)
-            or dataloader_idx < 0
-        ):
-            raise NeuronsError(f"`dataloader_idx` must be an integer >= 0, got {dataloader_idx!r}")
-        self.dataloader_idx = dataloader_idx
+        self.num_classes = check_optional_positive_int("num_classes", num_classes)
+        self.max_batches = check_optional_positive_int("max_batches", max_batches)
+        self.dataloader_idx = check_int("dataloader_idx", dataloader_idx, minimum=0)
         #: How every analysis reads inputs, labels and logits (see :mod:`lightning_neurons.batch`).
         self.reader = BatchReader(input_fn=input_fn, label_fn=label_fn, output_fn=output_fn)
-        self.enable_logging = enable_logging
-        self.layers: list[str] = []
         self.results: dict[str, LayerStats] = {}
         self._metrics: dict[str, ClassNeuronStats] = {}
         self._hooks = HookSet()
@@ -172,6 +162,7 @@ class ActivationTracker(StagedCallback):
             layers=self.layer_patterns, reduction=self.reduction, stage=self.stage
         )
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         states = {
             name: {k: v.detach().cpu().clone() for k, v in s.items()}
@@ -184,6 +175,7 @@ class ActivationTracker(StagedCallback):
             "num_classes": self.num_classes,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._saved_states = {k: dict(v) for k, v in state_dict.get("states", {}).items()}
         self._saved_epoch = int(state_dict.get("epoch", -1))
@@ -211,6 +203,7 @@ class ActivationTracker(StagedCallback):
 
     # ---- Lightning hooks -----------------------------------------------------------------------
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.layers = resolve_layers(pl_module, self.layer_patterns)
         self._note_signed(pl_module)

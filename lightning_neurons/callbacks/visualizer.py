@@ -20,14 +20,19 @@ from lightning_neurons.batch import (
     to_display,
     to_model_input,
 )
-from lightning_neurons.callbacks._base import (
-    AnalysisCallback,
-    OnError,
-    check_choice,
-    check_positive_int,
-    find_callback,
-)
+from lightning_neurons.callbacks._base import AnalysisCallback, OnError, find_callback
 from lightning_neurons.callbacks.tracker import ActivationTracker, infer_num_classes
+from lightning_neurons.checks import (
+    check_channels,
+    check_choice,
+    check_image_shape,
+    check_indices,
+    check_instance,
+    check_int,
+    check_number,
+    check_optional_positive_int,
+    check_positive_int,
+)
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import (
     get_module,
@@ -45,17 +50,6 @@ from lightning_neurons.visualize.objectives import LOGITS, Channel, ClassLogit
 from lightning_neurons.visualize.prior import DataPrior, DataPriorEstimate
 from lightning_neurons.visualize.render import check_objectives, model_device, render
 from lightning_neurons.visualize.saliency import METHODS, Method, saliency
-
-
-def _check_number(name: str, value: object, low: float = 0.0, strict: bool = False) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or (value <= low if strict else value < low)
-    ):
-        bound = f"> {low:g}" if strict else f">= {low:g}"
-        raise NeuronsError(f"`{name}` must be a number {bound}, got {value!r}")
-    return float(value)
 
 
 def _strength_label(channel: int, strength: float, activation: float, reference: float) -> str:
@@ -177,6 +171,7 @@ class FeatureVisualizer(AnalysisCallback):
     def __init__(
         self,
         layers: list[str] | None = None,
+        *,
         channels: dict[str, list[int]] | None = None,
         max_channels: int | None = 16,
         classes: list[int] | None = None,
@@ -209,53 +204,40 @@ class FeatureVisualizer(AnalysisCallback):
         enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:
-        super().__init__(every_n_epochs=every_n_epochs, on_error=on_error)
-        if isinstance(layers, str):
-            layers = [layers]
-        self.layer_patterns = None if layers is None else list(layers)
-        self.channels = self._check_channels(channels)
-        self.max_channels = (
-            None if max_channels is None else check_positive_int("max_channels", max_channels)
+        super().__init__(
+            layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
         )
-        self.classes = None if classes is None else self._check_indices("classes", classes)
+        self.channels = check_channels(channels)
+        self.max_channels = check_optional_positive_int("max_channels", max_channels)
+        self.classes = None if classes is None else check_indices("classes", classes)
         if isinstance(saliency, str):
             saliency = [saliency]  # type: ignore[list-item]
         self.saliency_methods = [check_choice("saliency", m, METHODS) for m in saliency]
         self.gradcam_layer = gradcam_layer
         self.probes_per_class = check_positive_int("probes_per_class", probes_per_class)
         self.max_probes = check_positive_int("max_probes", max_probes)
-        self.image_shape = None if image_shape is None else self._check_shape(image_shape)
+        self.image_shape = None if image_shape is None else check_image_shape(image_shape)
         self.input_transform = input_transform
         self.steps = check_positive_int("steps", steps)
-        self.lr = _check_number("lr", lr, strict=True)
+        self.lr = check_number("lr", lr, strict=True)
         self.param = check_choice("param", param, ("fft", "pixel", "maco"))
         self.transforms = check_choice("transforms", transforms, ("standard", "none", "robust"))
-        self.contrast = _check_number("contrast", contrast, strict=True)
-        self.class_contrast = _check_number("class_contrast", class_contrast, strict=True)
+        self.contrast = check_number("contrast", contrast, strict=True)
+        self.class_contrast = check_number("class_contrast", class_contrast, strict=True)
         self.views = check_positive_int("views", views)
         self.class_views = check_positive_int("class_views", class_views)
         self.class_restarts = check_positive_int("class_restarts", class_restarts)
         self.n_images = check_positive_int("n_images", n_images)
-        self.diversity = _check_number("diversity", diversity)
-        if prior is not None and not isinstance(prior, DataPrior):
-            raise NeuronsError(f"`prior` must be a DataPrior or None, got {type(prior).__name__}")
-        self.prior = prior
+        self.diversity = check_number("diversity", diversity)
+        self.prior = check_instance("prior", prior, DataPrior, "a DataPrior")
         self._estimate = DataPriorEstimate(check_positive_int("prior_images", prior_images))
         self._prior_warned = False
-        if judge is not None and not isinstance(judge, nn.Module):
-            raise NeuronsError(f"`judge` must be an nn.Module or None, got {type(judge).__name__}")
-        self.judge = judge
-        self.l2 = _check_number("l2", l2)
-        self.tv = _check_number("tv", tv)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise NeuronsError(f"`seed` must be an integer, got {seed!r}")
-        self.seed = seed
-        self.batch_size = (
-            None if batch_size is None else check_positive_int("batch_size", batch_size)
-        )
+        self.judge = check_instance("judge", judge, nn.Module, "an nn.Module")
+        self.l2 = check_number("l2", l2)
+        self.tv = check_number("tv", tv)
+        self.seed = check_int("seed", seed)
+        self.batch_size = check_optional_positive_int("batch_size", batch_size)
         self.smoothgrad_samples = check_positive_int("smoothgrad_samples", smoothgrad_samples)
-        self.enable_logging = enable_logging
-        self.layers: list[str] = []
         #: ``{layer or "classes": Rendering}`` of the latest round (see :mod:`lightning_neurons.results`).
         self.results: dict[str, Rendering] = {}
         #: The probe images' saliency maps of the latest round (``None`` before the first).
@@ -273,39 +255,9 @@ class FeatureVisualizer(AnalysisCallback):
         self._num_classes: int | None = None
         self._estimated_prior: DataPrior | None = None
 
-    # ---- argument checks -----------------------------------------------------------------------
-
-    @staticmethod
-    def _check_indices(name: str, values: Sequence[int]) -> list[int]:
-        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-            raise NeuronsError(f"`{name}` must be a list of non-negative integers, got {values!r}")
-        for v in values:
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise NeuronsError(
-                    f"`{name}` must hold non-negative integers, got {v!r} in {list(values)!r}"
-                )
-        return list(dict.fromkeys(values))
-
-    def _check_channels(self, channels: Mapping[str, Sequence[int]] | None) -> dict[str, list[int]]:
-        if channels is None:
-            return {}
-        if not isinstance(channels, Mapping):
-            raise NeuronsError(
-                f"`channels` must map layer names to channel lists, e.g. {{'features.conv2': [0, 5]}}; "
-                f"got {channels!r}"
-            )
-        return {str(k): self._check_indices(f"channels[{k!r}]", v) for k, v in channels.items()}
-
-    @staticmethod
-    def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
-        if len(shape) != 3 or any(
-            isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape
-        ):
-            raise NeuronsError(f"`image_shape` must be [channels, height, width], got {shape!r}")
-        return tuple(shape)  # type: ignore[return-value]
-
     # ---- Lightning hooks -----------------------------------------------------------------------
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         tracker = find_callback(trainer, ActivationTracker)
         self._reader = tracker.reader if tracker is not None else BatchReader()
@@ -325,11 +277,13 @@ class FeatureVisualizer(AnalysisCallback):
         self._plan = None
 
     # The set-up is checked on the first batch the model sees (sanity check included).
+    @override
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._first_batch(trainer, pl_module, batch)
 
+    @override
     def on_validation_batch_start(
         self,
         trainer: Trainer,
@@ -340,6 +294,7 @@ class FeatureVisualizer(AnalysisCallback):
     ) -> None:
         self._first_batch(trainer, pl_module, batch)
 
+    @override
     def on_test_batch_start(
         self,
         trainer: Trainer,
@@ -350,6 +305,7 @@ class FeatureVisualizer(AnalysisCallback):
     ) -> None:
         self._first_batch(trainer, pl_module, batch)
 
+    @override
     def on_validation_batch_end(
         self,
         trainer: Trainer,
@@ -507,7 +463,7 @@ class FeatureVisualizer(AnalysisCallback):
                 "FeatureVisualizer cannot tell the image size: the data module has no `image_shape` "
                 "and no validation images were seen. Pass `image_shape=[C, H, W]`."
             )
-        shape = self._check_shape(list(shape))
+        shape = check_image_shape(list(shape))
         transform = self.input_transform or self._data_attr(trainer, "input_transform")
         output_fn = self._reader.output_fn
         probe = [Channel(layer, i) for layer in self.layers for i in self.channels.get(layer, [])]
