@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from lightning_neurons.errors import NeuronsError
 
 
@@ -19,6 +21,15 @@ def check_positive_int(name: str, value: int) -> int:
 def check_optional_positive_int(name: str, value: int | None) -> int | None:
     """``None``, or ``value`` checked by :func:`check_positive_int`."""
     return None if value is None else check_positive_int(name, value)
+
+
+def check_optional_int(name: str, value: Any, minimum: int) -> int | None:
+    """``None``, or ``value`` as an ``int`` if it is an integer (NumPy's too) >= ``minimum``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise NeuronsError(f"`{name}` must be None or an integer >= {minimum}; got {value!r}")
+    return int(value)
 
 
 def check_int(name: str, value: int, *, minimum: int | None = None) -> int:

@@ -88,12 +88,14 @@ def test_shapes_batching_and_no_side_effects(channels):
 def test_grad_cam_layer_default_and_choice():
     model = TinyNet()
     images = _images(3)
-    assert torch.equal(grad_cam(model, images), grad_cam(model, images, "conv2"))  # last Conv2d
-    assert grad_cam(model, images, "relu1").shape == (3, 8, 8)
+    assert torch.equal(
+        grad_cam(model, images), grad_cam(model, images, layer="conv2")
+    )  # last Conv2d
+    assert grad_cam(model, images, layer="relu1").shape == (3, 8, 8)
     with pytest.raises(NeuronsError, match="layer 'conv7' not found"):
-        grad_cam(model, images, "conv7")
+        grad_cam(model, images, layer="conv7")
     with pytest.raises(NeuronsError, match=r"Grad-CAM needs a layer with \[N, K, h, w\] output"):
-        grad_cam(model, images, "fc")
+        grad_cam(model, images, layer="fc")
     with pytest.raises(NeuronsError, match="has no Conv2d layer"):
         grad_cam(Linear(), _images(2, channels=2, size=4))
     assert snapshot(model).hooks == 0

@@ -21,16 +21,14 @@ from lightning_neurons.visualize import (
     ClassLogit,
     ClassLogProb,
     DataPrior,
-    DataPriorEstimate,
     Neuron,
-    amplitude_spectrum,
     evaluate,
-    maco_image,
     render,
-    robust_transforms,
-    soft_clip,
 )
+from lightning_neurons.visualize.param import maco_image, soft_clip
+from lightning_neurons.visualize.prior import DataPriorEstimate, amplitude_spectrum
 from lightning_neurons.visualize.render import similarity_to_others
+from lightning_neurons.visualize.transforms import robust_transforms
 
 # float32 FFTs and convolutions of 8x8-16x16 images: rounding errors are ~1e-7 per value; a few
 # hundred of them accumulate to well below 1e-5. Comparisons of the same computation in other

@@ -308,7 +308,7 @@ class CategoryClustering(_ClusteringCallback):
             "normalize": normalize,
             "n_clusters": n_clusters,
         }
-        CategoryClusterer(**self._clusterer_options)
+        CategoryClusterer(**self._clusterer_options).check_params()
         self.method, self.metric, self.linkage = method, metric, linkage
         self.normalize, self.n_clusters = normalize, n_clusters
         self.combine_layers = combine_layers
@@ -690,7 +690,7 @@ class NeuronClustering(_ClusteringCallback):
             "normalize": normalize,
             "random_state": seed,
         }
-        NeuronClusterer(**self._clusterer_options)  # checks the options now
+        NeuronClusterer(**self._clusterer_options).check_params()  # now, not at the epoch's end
         check_choice("source", source, ("class_means", "reservoir"))
         self.method, self.n_clusters, self.min_cluster_size = method, n_clusters, min_cluster_size
         self.normalize, self.source, self.seed = normalize, source, seed
