@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from lightning_neurons.batch import BatchFn, BatchReader, as_model_input, read_logits
+from lightning_neurons.checks import check_positive_int
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import (
     HookSet,
@@ -52,7 +53,7 @@ from lightning_neurons.hooks import (
     selects,
 )
 from lightning_neurons.state import analysis_mode
-from lightning_neurons.stats import dominant_neurons
+from lightning_neurons.stats import ClassNeuronStats, class_means, class_std, dominant_neurons
 
 __all__ = [
     "AblationResult",
@@ -353,6 +354,10 @@ class ContributionStats:
 class ClassContributions:
     """Streams per-class sums of contributions, batch after batch (memory ``O(C x K)``).
 
+    The sums are :class:`~lightning_neurons.stats.ClassNeuronStats` (the torchmetrics metric of
+    the activation statistics), one per layer and one for the true-class logit; they are not
+    synchronised across processes (an analysis of kept batches runs on one process).
+
     Args:
         num_classes: Number of classes ``C``.
         top_k: Dominant neurons per class in the results.
@@ -364,15 +369,13 @@ class ClassContributions:
     """
 
     def __init__(self, num_classes: int, top_k: int = 5) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise NeuronsError(f"`num_classes` must be a positive integer, got {num_classes!r}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise NeuronsError(f"`top_k` must be a positive integer, got {top_k!r}")
-        self.num_classes = num_classes
-        self.top_k = top_k
-        self.counts = torch.zeros(num_classes, dtype=torch.float64)
-        self.logit_sum = torch.zeros(num_classes, dtype=torch.float64)
-        self._sums: dict[str, list[torch.Tensor]] = {}
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        self.top_k = check_positive_int("top_k", top_k)
+        self._logit = self._metric(1)
+        self._sums: dict[str, ClassNeuronStats] = {}
+
+    def _metric(self, num_neurons: int) -> ClassNeuronStats:
+        return ClassNeuronStats(self.num_classes, num_neurons, sync_on_compute=False)
 
     def update(self, batch: ContributionBatch, labels: torch.Tensor) -> None:
         """Add a batch whose contributions were taken for the true-class logits ``labels``."""
@@ -381,47 +384,29 @@ class ClassContributions:
             raise NeuronsError(
                 f"label {int(labels.max())} is outside [0, {self.num_classes}); pass the right `num_classes`"
             )
-        onehot = torch.nn.functional.one_hot(labels, self.num_classes).to(torch.float64).T  # [C, B]
-        self.counts += onehot.sum(dim=1)
-        true_logit = (
-            batch.logits.detach().to("cpu", torch.float64).gather(1, labels.unsqueeze(1))[:, 0]
-        )
-        self.logit_sum += onehot @ true_logit
+        logits = batch.logits.detach().to("cpu", torch.float64)
+        self._logit.update(logits.gather(1, labels.unsqueeze(1)), labels)
         for name, c in batch.contributions.items():
-            c = c.detach().to("cpu", torch.float64)
             if name not in self._sums:
-                zeros = torch.zeros(self.num_classes, c.shape[1], dtype=torch.float64)
-                self._sums[name] = [zeros, zeros.clone(), zeros.clone()]
-            total, total_sq, positive = self._sums[name]
-            total += onehot @ c
-            total_sq += onehot @ (c * c)
-            positive += onehot @ (c > 0).to(torch.float64)
+                self._sums[name] = self._metric(c.shape[1])
+            self._sums[name].update(c.detach().to("cpu", torch.float64), labels)
 
     def compute(self) -> dict[str, ContributionStats]:
         """The per-class statistics of every layer seen so far."""
-        count = self.counts.unsqueeze(1)
-        has = count > 0
+        logit = self._logit.compute()
+        class_logit = class_means(logit["sum"], logit["count"])[:, 0]
         results = {}
-        for name, (total, total_sq, positive) in self._sums.items():
-            mean = torch.where(has, total / count.clamp_min(1), torch.full_like(total, math.nan))
-            var = (
-                torch.where(has, total_sq / count.clamp_min(1), torch.full_like(total, math.nan))
-                - mean * mean
-            )
+        for name, metric in self._sums.items():
+            s = metric.compute()
+            mean = class_means(s["sum"], s["count"])
             dominant, share = dominant_neurons(mean, self.top_k)
             results[name] = ContributionStats(
                 layer=name,
-                counts=self.counts.clone(),
+                counts=s["images"].clone(),
                 class_contribution=mean,
-                class_std=var.clamp_min(0).sqrt(),
-                positive_rate=torch.where(
-                    has, positive / count.clamp_min(1), torch.full_like(total, math.nan)
-                ),
-                class_logit=torch.where(
-                    has[:, 0],
-                    self.logit_sum / self.counts.clamp_min(1),
-                    torch.full_like(self.logit_sum, math.nan),
-                ),
+                class_std=class_std(s["sum"], s["sum_sq"], s["count"]),
+                positive_rate=class_means(s["fired"], s["images"].unsqueeze(1).expand_as(mean)),
+                class_logit=class_logit.clone(),
                 dominant=dominant,
                 domination=share,
             )

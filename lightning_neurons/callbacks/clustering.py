@@ -17,6 +17,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.nn import functional as F
+from torchmetrics.classification import MulticlassConfusionMatrix
 from typing_extensions import override
 
 from lightning_neurons.batch import BatchReader, LoaderRows, analysed_rows
@@ -325,7 +326,8 @@ class CategoryClustering(_ClusteringCallback):
         self._classifier: str | None = None
         self._hooks = HookSet()
         self._labels: torch.Tensor | None = None
-        self._counts: torch.Tensor | None = None
+        self._confusion: MulticlassConfusionMatrix | None = None
+        self._broken = False  # the classifier's output was not logits in this epoch
         self._collecting = False
         self._armed = False
         self._previous: dict[str, np.ndarray] = {}
@@ -372,10 +374,14 @@ class CategoryClustering(_ClusteringCallback):
         if stage != self._stage:
             return
         self._stop()
-        self._counts = None
+        self._confusion, self._broken = None, False
         self._armed = False
         if self._classifier is None or not self._due(trainer):
             return
+        tracker = find_callback(trainer, ActivationTracker, required="CategoryClustering")
+        self._confusion = MulticlassConfusionMatrix(
+            int(tracker.num_classes), validate_args=False
+        ).to(pl_module.device)
         self._collecting = True
         self._armed = True  # the same on every rank, unlike `_collecting` (see `_shape_problem`)
         self._hooks.add(pl_module, [self._classifier], self._on_logits)
@@ -403,23 +409,17 @@ class CategoryClustering(_ClusteringCallback):
                 self._shape_problem(name, output, labels)
                 return
             num_classes = output.shape[1]
-            if self._counts is None:
-                self._counts = torch.zeros(
-                    num_classes, num_classes, dtype=torch.float64, device=output.device
-                )
-            if self._counts.shape[0] != num_classes:
+            if self._confusion is None or self._confusion.num_classes != num_classes:
                 self._shape_problem(name, output, labels)
                 return
             preds = output.detach().argmax(dim=1)
             labels = labels.to(output.device)
             ok = (labels >= 0) & (labels < num_classes)
-            index = labels[ok] * num_classes + preds[ok]
-            counts = torch.bincount(index, minlength=num_classes * num_classes)
-            self._counts += counts.view(num_classes, num_classes).to(torch.float64)
+            self._confusion.update(preds[ok], labels[ok])
 
     def _shape_problem(self, name: str, output: torch.Tensor, labels: torch.Tensor) -> None:
         self._collecting = False
-        self._counts = None
+        self._broken = True
         if not self._warned_shape:
             self._warned_shape = True
             rank_zero_warn(
@@ -429,15 +429,18 @@ class CategoryClustering(_ClusteringCallback):
             )
 
     def _confusion_matrix(self, trainer: Trainer) -> np.ndarray | None:
-        """The epoch's confusion counts summed over ranks (called on every rank)."""
-        counts = self._counts
-        self._counts = None
+        """The epoch's confusion counts summed over ranks (called on every rank; ``None`` when the
+        classifier's output was not ``[batch, num_classes]`` logits on some rank)."""
+        metric, broken = self._confusion, self._broken
+        self._confusion, self._broken = None, False
+        broken = broken or metric is None or metric.update_count == 0
         if trainer.world_size > 1:
-            flag = torch.tensor(0.0 if counts is None else 1.0, device=trainer.strategy.root_device)
-            if float(trainer.strategy.reduce(flag, reduce_op="min")) < 1.0:
-                return None
-            counts = trainer.strategy.reduce(counts, reduce_op="sum")
-        return None if counts is None else counts.detach().cpu().numpy()
+            flag = torch.tensor(float(broken), device=trainer.strategy.root_device)
+            broken = float(trainer.strategy.reduce(flag, reduce_op="max")) > 0
+        if broken:
+            return None
+        counts = metric.compute()  # torchmetrics sums the counts over the ranks
+        return counts.detach().cpu().numpy().astype(np.float64)
 
     # ---- the analysis ----
 
