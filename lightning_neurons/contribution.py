@@ -557,6 +557,53 @@ def _width(module: nn.Module) -> int | None:
     return None
 
 
+class _ZeroNeurons:
+    """The forward hook of :func:`ablation_effects` on the ablated layer.
+
+    During a pass over ``1 + len(chunk)`` copies of a batch it zeroes, in copy ``i``, the neurons
+    of ``chunk[i - 1]`` (copy 0 is the unablated baseline). With ``shared`` the layers before run
+    once and the layer's output is repeated here; otherwise the input was repeated. Outside the
+    passes (``chunk is None``) it does nothing.
+    """
+
+    def __init__(
+        self, layer: str, names: list[str], sets: list[torch.Tensor], *, shared: bool
+    ) -> None:
+        self.layer, self.names, self.sets = layer, names, sets
+        self.chunk: list[torch.Tensor] | None = None
+        self.shared = shared
+
+    def __call__(self, _name: str, out: torch.Tensor) -> torch.Tensor | None:
+        chunk = self.chunk
+        if chunk is None:  # a forward outside our passes
+            return None
+        if out.dim() not in (2, 4):
+            raise NeuronsError(
+                f"layer {self.layer!r} returned shape {tuple(out.shape)}; ablation needs [B, K] or [B, K, H, W]"
+            )
+        num_neurons = out.shape[1]
+        for name, index in zip(self.names, self.sets, strict=True):
+            if index.numel() and int(index.max()) >= num_neurons:
+                raise NeuronsError(
+                    f"neuron set {name!r} holds index {int(index.max())}, but layer {self.layer!r} has "
+                    f"{num_neurons} neurons (valid: 0 to {num_neurons - 1})"
+                )
+        copies = 1 + len(chunk)
+        keep = torch.ones(copies, num_neurons, dtype=torch.bool, device=out.device)
+        for row, index in enumerate(chunk, start=1):
+            keep[row, index.to(out.device)] = False
+        if self.shared:
+            grouped = out.unsqueeze(0).expand(copies, *out.shape)
+        elif out.shape[0] % copies == 0:
+            grouped = out.view(copies, out.shape[0] // copies, *out.shape[1:])
+        else:
+            raise NeuronsError(
+                f"layer {self.layer!r} saw {out.shape[0]} rows, not a multiple of the {copies} copies of the batch"
+            )
+        mask = keep.view(copies, 1, num_neurons, *([1] * (out.dim() - 2)))
+        return grouped.masked_fill(~mask, 0).reshape(-1, *out.shape[1:])
+
+
 def ablation_effects(
     model: nn.Module,
     layer: str,
@@ -616,43 +663,13 @@ def ablation_effects(
     if not sets:
         return {}
     reader = BatchReader(input_fn=input_fn, label_fn=label_fn, output_fn=output_fn)
-    state: dict[str, Any] = {"chunk": None, "shared": share_prefix is True}
-
-    def hook(_name: str, out: torch.Tensor) -> torch.Tensor | None:
-        chunk = state["chunk"]
-        if chunk is None:  # a forward outside our passes
-            return None
-        if out.dim() not in (2, 4):
-            raise NeuronsError(
-                f"layer {layer!r} returned shape {tuple(out.shape)}; ablation needs [B, K] or [B, K, H, W]"
-            )
-        num_neurons = out.shape[1]
-        for name, index in zip(names, sets, strict=True):
-            if index.numel() and int(index.max()) >= num_neurons:
-                raise NeuronsError(
-                    f"neuron set {name!r} holds index {int(index.max())}, but layer {layer!r} has "
-                    f"{num_neurons} neurons (valid: 0 to {num_neurons - 1})"
-                )
-        copies = 1 + len(chunk)
-        keep = torch.ones(copies, num_neurons, dtype=torch.bool, device=out.device)
-        for row, index in enumerate(chunk, start=1):
-            keep[row, index.to(out.device)] = False
-        if state["shared"]:
-            grouped = out.unsqueeze(0).expand(copies, *out.shape)
-        elif out.shape[0] % copies == 0:
-            grouped = out.view(copies, out.shape[0] // copies, *out.shape[1:])
-        else:
-            raise NeuronsError(
-                f"layer {layer!r} saw {out.shape[0]} rows, not a multiple of the {copies} copies of the batch"
-            )
-        mask = keep.view(copies, 1, num_neurons, *([1] * (out.dim() - 2)))
-        return grouped.masked_fill(~mask, 0).reshape(-1, *out.shape[1:])
+    zero = _ZeroNeurons(layer, names, sets, shared=share_prefix is True)
 
     counts: torch.Tensor | None = None
     correct: torch.Tensor | None = None  # [1 + S, C]: row 0 is the baseline
     logit_sum: torch.Tensor | None = None
     hooks = HookSet()
-    hooks.add(model, [site], hook)  # that call of the module only
+    hooks.add(model, [site], zero)  # that call of the module only
     try:
         with analysis_mode(model, grad=False):
             device = _device(model)
@@ -661,16 +678,16 @@ def ablation_effects(
                 y = reader.labels(batch).to(device)
                 batch_size = x.shape[0]
                 if share_prefix == "auto":
-                    state["shared"] = share_prefix = _can_share_prefix(
-                        model, x[:2], sets[:sets_per_pass], state, reader
+                    zero.shared = share_prefix = _can_share_prefix(
+                        model, x[:2], sets[:sets_per_pass], zero, reader
                     )
                 for start in range(0, len(sets), sets_per_pass):
                     chunk = sets[start : start + sets_per_pass]
                     copies = 1 + len(chunk)
-                    state["chunk"] = chunk
-                    inputs = x if state["shared"] else x.repeat(copies, *([1] * (x.dim() - 1)))
+                    zero.chunk = chunk
+                    inputs = x if zero.shared else x.repeat(copies, *([1] * (x.dim() - 1)))
                     logits = reader.logits(model(inputs))
-                    state["chunk"] = None
+                    zero.chunk = None
                     if logits.shape[0] != copies * batch_size:
                         raise NeuronsError(
                             f"the model returned {logits.shape[0]} rows of logits for {copies * batch_size} "
@@ -700,7 +717,7 @@ def ablation_effects(
                         counts += onehot.sum(dim=0)
     finally:
         hooks.remove()
-        state["chunk"] = None
+        zero.chunk = None
     if correct is None or counts is None or logit_sum is None:
         raise NeuronsError("the data loader gave no batch; nothing to analyse")
     per_class = counts.clamp_min(1)
@@ -725,22 +742,22 @@ def _can_share_prefix(
     model: nn.Module,
     x: torch.Tensor,
     chunk: list[torch.Tensor],
-    state: dict[str, Any],
+    zero: _ZeroNeurons,
     reader: BatchReader,
 ) -> bool:
     """Whether running the layers before the ablated one once gives the same logits as repeating
     the input (it does unless something bypasses the layer, e.g. a skip connection)."""
     copies = 1 + len(chunk)
     try:
-        state.update(chunk=chunk, shared=False)
+        zero.chunk, zero.shared = chunk, False
         reference = reader.logits(model(x.repeat(copies, *([1] * (x.dim() - 1))))).float()
-        state["shared"] = True
+        zero.shared = True
         try:
             shared = reader.logits(model(x)).float()
         except (RuntimeError, ValueError):  # shapes that do not fit: a bypass of the layer
             return False
     finally:
-        state.update(chunk=None, shared=False)
+        zero.chunk, zero.shared = None, False
     if shared.shape != reference.shape:
         return False
     scale = float(reference.abs().max()) if reference.numel() else 0.0
