@@ -17,7 +17,7 @@ from conftest import TinyData, TinyNet, fast_trainer
 from torch import nn
 
 from lightning_neurons import ActivationTracker, NeuronsError
-from lightning_neurons.callbacks.clustering import NeuronClustering
+from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
 from lightning_neurons.callbacks.contribution import NeuronContribution, cluster_sets
 from lightning_neurons.callbacks.visualizer import FeatureVisualizer
 from lightning_neurons.contribution import ablation_effects, class_contributions

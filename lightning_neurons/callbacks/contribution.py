@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from lightning_neurons.batch import BatchReader
 from lightning_neurons.callbacks._base import AnalysisCallback, OnError, find_callback
-from lightning_neurons.callbacks.clustering import NeuronClustering
+from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
 from lightning_neurons.callbacks.tracker import ActivationTracker
 from lightning_neurons.callbacks.visualizer import FeatureVisualizer
 from lightning_neurons.checks import (
