@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_neurons.contribution import AblationResult, ContributionStats
+from lightning_neurons.ablation import AblationResult
+from lightning_neurons.contribution import ContributionStats
 from lightning_neurons.stats import LayerStats
 
 __all__ = [
@@ -237,7 +238,7 @@ class LayerAblation:
         logit_drop: ``[S, C]`` fall of the mean true-class logit.
         baseline_accuracy: ``[C]`` accuracy without ablation.
         clusters_epoch: Epoch of the ablated clusters (``None``: no clusters).
-        selectivity: :func:`~lightning_neurons.contribution.ablation_selectivity` of the class
+        selectivity: :func:`~lightning_neurons.ablation.ablation_selectivity` of the class
             sets (``None`` with fewer than 2 classes or no class sets).
     """
 

@@ -17,10 +17,11 @@ from conftest import TinyData, TinyNet, fast_trainer
 from torch import nn
 
 from lightning_neurons import ActivationTracker, NeuronsError
-from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
+from lightning_neurons.ablation import ablation_effects
 from lightning_neurons.callbacks.contribution import NeuronContribution, cluster_sets
+from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
 from lightning_neurons.callbacks.visualizer import FeatureVisualizer
-from lightning_neurons.contribution import ablation_effects, class_contributions
+from lightning_neurons.contribution import class_contributions
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.loggers import ARTIFACT_DIRNAME, load_index
 from lightning_neurons.models import ImageClassifier

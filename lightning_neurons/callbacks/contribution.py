@@ -10,6 +10,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_neurons.ablation import ablation_effects, ablation_selectivity
 from lightning_neurons.batch import BatchReader
 from lightning_neurons.callbacks._base import AnalysisCallback, OnError, find_callback
 from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
@@ -25,8 +26,6 @@ from lightning_neurons.checks import (
 from lightning_neurons.contribution import (
     ClassContributions,
     ContributionStats,
-    ablation_effects,
-    ablation_selectivity,
     contribution_batch,
     neuron_contributions,
 )
@@ -91,7 +90,7 @@ class NeuronContribution(AnalysisCallback):
             images per neuron set). ``[]``: no ablation.
         max_ablation_classes: Ablate the dominant neurons of at most this many classes (the first).
         share_prefix: How ablations are batched, see
-            :func:`~lightning_neurons.contribution.ablation_effects` (``"auto"`` checks the model).
+            :func:`~lightning_neurons.ablation.ablation_effects` (``"auto"`` checks the model).
         max_probes: Probe images (the first validation image of each class, at most this many);
             0 for none.
         probe_top: Top contributing neurons shown per probe image.
