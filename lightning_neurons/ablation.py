@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 from lightning_neurons.batch import BatchFn, BatchReader, as_model_input
-from lightning_neurons.contribution import _check_targets, _device, _exact, _limited
+from lightning_neurons.contribution import _check_targets, _exact, _limited
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import (
     HookSet,
     get_module,
 )
-from lightning_neurons.state import analysis_mode
+from lightning_neurons.state import analysis_mode, model_device
 
 __all__ = [
     "AblationResult",
@@ -230,7 +230,7 @@ def ablation_effects(
     hooks.add(model, [site], zero)  # that call of the module only
     try:
         with analysis_mode(model, grad=False):
-            device = _device(model)
+            device = model_device(model)
             for batch in _limited(dataloader, max_batches):
                 x = as_model_input(reader.inputs(batch), model)
                 y = reader.labels(batch).to(device)

@@ -49,7 +49,7 @@ from lightning_neurons.hooks import (
     parse_call_site,
     selects,
 )
-from lightning_neurons.state import analysis_mode
+from lightning_neurons.state import analysis_mode, model_device
 from lightning_neurons.stats import ClassNeuronStats, class_means, class_std, dominant_neurons
 
 __all__ = [
@@ -64,14 +64,6 @@ __all__ = [
 
 
 # ---- batches, model state --------------------------------------------------------------------
-
-
-def _device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _check_targets(
@@ -250,7 +242,7 @@ def neuron_contributions(
         raise NeuronsError(f"`chunk_size` must be a positive integer, got {chunk_size!r}")
     names = _layer_names(model, layers)
     with analysis_mode(model):
-        x = x.to(_device(model))
+        x = x.to(model_device(model))
         if targets is not None:
             out = contribution_batch(model, names, x, targets, output_fn=output_fn)
             return {n: c.float().cpu() for n, c in out.contributions.items()}
@@ -458,7 +450,7 @@ def class_contributions(
     reader = BatchReader(input_fn=input_fn, label_fn=label_fn, output_fn=output_fn)
     acc: ClassContributions | None = None
     with analysis_mode(model):
-        device = _device(model)
+        device = model_device(model)
         for batch in _limited(dataloader, max_batches):
             x = reader.inputs(batch).to(device)
             y = reader.labels(batch).to(device)

@@ -28,6 +28,13 @@ def in_analysis() -> bool:
     return _open_blocks > 0
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model without any)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 @contextmanager
 def preserved_rng(device: torch.device | None = None) -> Iterator[None]:
     """Restore Python's, NumPy's and torch's (CPU and the given CUDA device's) RNG state on exit.

@@ -19,6 +19,14 @@ OnError = Literal["warn", "raise"]
 Stage = Literal["train", "validation", "test"]
 
 
+def class_names_of(trainer: Trainer, num_classes: int) -> list[str]:
+    """``trainer.datamodule.class_names`` when it has the right length, else ``"0"``, ``"1"``..."""
+    names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
+    if names is not None and len(names) == num_classes:
+        return [str(n) for n in names]
+    return [str(c) for c in range(num_classes)]
+
+
 @overload
 def find_callback(
     trainer: Trainer, cls: type[C], *, required: Literal[False] = False

@@ -12,30 +12,27 @@ from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
 from lightning_neurons.batch import BatchReader, LoaderRows, analysed_rows
-from lightning_neurons.callbacks._base import OnError, StagedCallback, find_callback
+from lightning_neurons.callbacks._base import (  # noqa: F401 (class_names_of re-exported)
+    OnError,
+    StagedCallback,
+    class_names_of,
+    find_callback,
+)
 from lightning_neurons.callbacks.tracker import ActivationTracker
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import resolve_layers, selects, split_call
 from lightning_neurons.stats import LayerStats
 
-_STAGES = ("train", "validation", "test")
-
-
 # ---- shared helpers ---------------------------------------------------------------------------
 
 
-def class_names_of(trainer: Trainer, num_classes: int) -> list[str]:
-    """``trainer.datamodule.class_names`` when it has the right length, else ``"0"``, ``"1"``..."""
-    names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
-    if names is not None and len(names) == num_classes:
-        return [str(n) for n in names]
-    return [str(c) for c in range(num_classes)]
-
-
-def _ari(a: np.ndarray, b: np.ndarray) -> float:
+def _stability(previous: np.ndarray | None, labels: np.ndarray) -> float:
+    """Adjusted Rand index of the previous analysis's labels with these (NaN without them)."""
+    if previous is None or previous.shape != labels.shape:
+        return float("nan")
     from sklearn.metrics import adjusted_rand_score
 
-    return float(adjusted_rand_score(a, b))
+    return float(adjusted_rand_score(previous, labels))
 
 
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

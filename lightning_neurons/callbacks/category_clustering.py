@@ -20,9 +20,9 @@ from typing_extensions import override
 
 from lightning_neurons.callbacks._base import OnError, find_callback
 from lightning_neurons.callbacks._clustering import (
-    _ari,
     _ClusteringCallback,
     _markdown_table,
+    _stability,
     class_names_of,
 )
 from lightning_neurons.callbacks.tracker import ActivationTracker
@@ -388,11 +388,7 @@ class CategoryClustering(_ClusteringCallback):
                 clusterer.distances_, confusion[np.ix_(rows, rows)]
             )
         previous = self._previous.get(view)
-        stability = (
-            _ari(previous, labels)
-            if previous is not None and previous.shape == labels.shape
-            else float("nan")
-        )
+        stability = _stability(previous, labels)
         return CategoryClusteringResult(
             view=view,
             layers=layers,

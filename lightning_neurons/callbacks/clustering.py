@@ -2,7 +2,7 @@
 :mod:`lightning_neurons.callbacks.category_clustering` and
 :mod:`lightning_neurons.callbacks.neuron_clustering`."""
 
-from lightning_neurons.callbacks._clustering import class_names_of
+from lightning_neurons.callbacks._base import class_names_of
 from lightning_neurons.callbacks.category_clustering import (
     COMBINED,
     CategoryClustering,

@@ -12,7 +12,12 @@ from typing_extensions import override
 
 from lightning_neurons.ablation import ablation_effects, ablation_selectivity
 from lightning_neurons.batch import BatchReader
-from lightning_neurons.callbacks._base import AnalysisCallback, OnError, find_callback
+from lightning_neurons.callbacks._base import (
+    AnalysisCallback,
+    OnError,
+    class_names_of,
+    find_callback,
+)
 from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
 from lightning_neurons.callbacks.tracker import ActivationTracker
 from lightning_neurons.callbacks.visualizer import FeatureVisualizer
@@ -352,7 +357,7 @@ class NeuronContribution(AnalysisCallback):
     ) -> tuple[dict[str, torch.Tensor], list[int]]:
         """The sets to zero: each class's dominant neurons, then each neuron cluster; and the class
         of each set (-1 for clusters)."""
-        names = self._class_names(trainer, stats.num_classes)
+        names = class_names_of(trainer, stats.num_classes)
         sets: dict[str, torch.Tensor] = {}
         classes: list[int] = []
         for c in range(min(stats.num_classes, self.max_ablation_classes)):
@@ -458,13 +463,6 @@ class NeuronContribution(AnalysisCallback):
             return {}
         return {int(c): entry.images[i] for i, c in enumerate(entry.channels.tolist())}
 
-    def _class_names(self, trainer: Trainer, num_classes: int) -> list[str]:
-        datamodule = getattr(trainer, "datamodule", None)
-        names = getattr(datamodule, "class_names", None) if datamodule is not None else None
-        if names is not None and len(names) == num_classes:
-            return [str(n) for n in names]
-        return [str(c) for c in range(num_classes)]
-
     # ---- logging -------------------------------------------------------------------------------
 
     def _log(self, trainer: Trainer) -> None:
@@ -473,7 +471,7 @@ class NeuronContribution(AnalysisCallback):
             return
         scalars: dict[str, float] = {}
         for layer, res in self.results.items():
-            names = self._class_names(trainer, res.stats.num_classes)
+            names = class_names_of(trainer, res.stats.num_classes)
             scalars.update(self._scalars(out, layer, res, names))
             if out.experiment is not None:  # figures take time: draw them only to be shown
                 self._figures(out, layer, res, names)

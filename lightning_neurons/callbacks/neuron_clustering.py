@@ -18,9 +18,9 @@ from torch.nn import functional as F
 
 from lightning_neurons.callbacks._base import OnError, find_callback
 from lightning_neurons.callbacks._clustering import (
-    _ari,
     _ClusteringCallback,
     _markdown_table,
+    _stability,
     class_names_of,
 )
 from lightning_neurons.callbacks.tracker import ActivationTracker
@@ -222,11 +222,7 @@ class NeuronClustering(_ClusteringCallback):
             else np.zeros((0, means.shape[0]))
         )
         previous = self._previous.get(name)
-        stability = (
-            _ari(previous, labels)
-            if previous is not None and previous.shape == labels.shape
-            else float("nan")
-        )
+        stability = _stability(previous, labels)
         return NeuronClusteringResult(
             layer=name,
             epoch=stats.epoch,

@@ -44,11 +44,11 @@ from lightning_neurons.hooks import (
 )
 from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.results import Rendering, SaliencyMaps
-from lightning_neurons.state import analysis_mode
+from lightning_neurons.state import analysis_mode, model_device
 from lightning_neurons.stats import LayerStats
 from lightning_neurons.visualize.objectives import LOGITS, Channel, ClassLogit
 from lightning_neurons.visualize.prior import DataPrior, DataPriorEstimate
-from lightning_neurons.visualize.render import check_objectives, model_device, render
+from lightning_neurons.visualize.render import check_objectives, render
 from lightning_neurons.visualize.saliency import METHODS, Method, saliency
 
 

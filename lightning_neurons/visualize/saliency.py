@@ -33,8 +33,7 @@ from lightning_neurons.batch import (
 )
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import get_module, hooked
-from lightning_neurons.state import analysis_mode
-from lightning_neurons.visualize.render import model_device
+from lightning_neurons.state import analysis_mode, model_device
 
 Method = Literal["gradient", "smoothgrad", "gradcam"]
 METHODS: tuple[str, ...] = ("gradient", "smoothgrad", "gradcam")
