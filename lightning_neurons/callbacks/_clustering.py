@@ -47,17 +47,8 @@ class _ClusteringCallback(StagedCallback):
     kind = "clustering"
     reads = (ActivationTracker,)
 
-    def __init__(
-        self,
-        layers: list[str] | None = None,
-        *,
-        every_n_epochs: int = 1,
-        enable_logging: bool = True,
-        on_error: OnError = "warn",
-    ) -> None:
-        super().__init__(
-            layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
-        )
+    def __init__(self, layers: list[str] | None = None, **options: Any) -> None:
+        super().__init__(layers, **options)  # every_n_epochs, enable_logging, on_error
         self._stage = "validation"
         self._tracker_layers: list[str] = []
         self._reader = BatchReader()
