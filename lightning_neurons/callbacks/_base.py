@@ -59,10 +59,11 @@ def find_callback(
     found = next((cb for cb in trainer.callbacks if isinstance(cb, cls)), None)
     if found is None and required:
         name = cls.__name__
+        article = "an" if name[0] in "AEIOU" else "a"
         raise NeuronsError(
-            f"{required} reads the results of a {name}, but none is attached to the Trainer. Add "
-            f"one: `Trainer(callbacks=[{name}(), {required}(...)])`, or in YAML under "
-            f"`trainer.callbacks` add `- class_path: lightning_neurons.{name}`."
+            f"{required} reads the results of {article} {name}, but none is attached to the "
+            f"Trainer. Add one: `Trainer(callbacks=[{name}(), {required}(...)])`, or in YAML "
+            f"under `trainer.callbacks` add `- class_path: lightning_neurons.{name}`."
         )
     return found
 
