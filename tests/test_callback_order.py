@@ -7,6 +7,7 @@ import random
 
 import lightning.pytorch as pl
 import numpy as np
+import pytest
 import torch
 from conftest import TinyData, TinyNet, fast_trainer
 
@@ -87,3 +88,18 @@ def test_any_order_of_callbacks_gives_the_same_results(tmp_path):
             assert run["visualizer"].results[key].epoch == 1
         tracker = run["tracker"].results[LAYER]
         torch.testing.assert_close(tracker.class_means, first["tracker"].results[LAYER].class_means)
+
+
+def test_an_analysis_that_cannot_run_says_so_at_teardown(tmp_path):
+    class Broken(NeuronClustering):
+        def on_validation_end(self, trainer, pl_module):  # forgets super(): never finishes
+            pass
+
+    contribution = NeuronContribution(max_batches=1, enable_logging=False)
+    callbacks = [ActivationTracker(enable_logging=False), Broken(), contribution]
+    trainer = fast_trainer(tmp_path, callbacks=callbacks, max_epochs=1, logger=False)
+    with pytest.warns(
+        UserWarning, match="NeuronContribution: the analysis at the end of validation"
+    ):
+        trainer.fit(ImageClassifier(TinyNet(), num_classes=3), datamodule=TinyData())
+    assert contribution.results == {}

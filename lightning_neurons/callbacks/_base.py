@@ -177,6 +177,12 @@ class AnalysisCallback(Callback):
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._waiting:  # a peer began a stage and never ended it (a hook overridden, say)
+            rank_zero_warn(
+                f"{type(self).__name__}: the analysis at the end of {', '.join(self._waiting)} did "
+                "not run: a callback it reads never finished that stage (does a subclass override "
+                "`on_validation_end`/`on_test_end`/`on_train_epoch_end` without calling super()?)."
+            )
         self._forget_stages()
 
     # ---- scheduling and errors -----------------------------------------------------------------
