@@ -5,9 +5,10 @@ Attach the callbacks to any ``Trainer``::
     from lightning_neurons import ActivationTracker, FeatureVisualizer
     trainer = Trainer(callbacks=[ActivationTracker(), FeatureVisualizer()])
 
-The analyses read one shared :class:`ActivationTracker`; the libraries under them are
-:mod:`lightning_neurons.visualize`, :mod:`lightning_neurons.clustering` and
-:mod:`lightning_neurons.contribution`.
+The analyses read one shared :class:`ActivationTracker`; each callback's ``results`` are the
+dataclasses of :mod:`lightning_neurons.results`. The libraries under them are
+:mod:`lightning_neurons.visualize`, :mod:`lightning_neurons.clustering`,
+:mod:`lightning_neurons.contribution` and :mod:`lightning_neurons.ablation`.
 """
 
 from lightning_neurons.callbacks import (

@@ -22,7 +22,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator, ClusterMixin
 
+from lightning_neurons.checks import check_choice, check_optional_int
 from lightning_neurons.errors import NeuronsError
 
 CategoryMethod = Literal["agglomerative", "kmeans", "hdbscan"]
@@ -37,22 +39,6 @@ _FLOAT32_ABOVE = 1 << 24
 
 
 # ---- checks ---------------------------------------------------------------------------------
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise NeuronsError(
-            f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {value!r}"
-        )
-    return value
-
-
-def _optional_int(name: str, value: Any, minimum: int) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise NeuronsError(f"`{name}` must be None or an integer >= {minimum}; got {value!r}")
-    return int(value)
 
 
 def _as_matrix(profile: Any, what: str, rows: str, cols: str) -> np.ndarray:
@@ -192,7 +178,7 @@ def _gram_coordinates(gram: np.ndarray) -> np.ndarray:
     return vectors[:, keep] * np.sqrt(values[keep])
 
 
-class CategoryClusterer:
+class CategoryClusterer(ClusterMixin, BaseEstimator):
     """Clusters image categories by their class profiles (categories are the points).
 
     The distance between two categories compares their rows of the class profile: by default
@@ -229,8 +215,8 @@ class CategoryClusterer:
         scores_: ``{count: silhouette}`` of the candidates when the count was chosen.
 
     Raises:
-        NeuronsError: For an unknown option or a bad count (in ``__init__``) and, in :meth:`fit`,
-            a profile that is not 2-D, holds NaN/inf, or has fewer categories than clusters.
+        NeuronsError: In :meth:`fit`: for an unknown option or a bad count, and a profile that is
+            not 2-D, holds NaN/inf, or has fewer categories than clusters.
 
     Example:
         >>> profile = np.array([[1, 0, 0], [0.9, 0.1, 0], [0, 0, 1], [0, 0.1, 0.9]])
@@ -241,6 +227,7 @@ class CategoryClusterer:
     def __init__(
         self,
         n_clusters: int | None = None,
+        *,
         method: CategoryMethod = "agglomerative",
         metric: Metric = "correlation",
         linkage: Linkage = "average",
@@ -249,26 +236,35 @@ class CategoryClusterer:
         min_cluster_size: int = 2,
         random_state: int = 0,
     ) -> None:
-        self.n_clusters = _optional_int("n_clusters", n_clusters, 1)
-        self.method = _choice("method", method, ("agglomerative", "kmeans", "hdbscan"))
-        self.metric = _choice("metric", metric, ("correlation", "cosine", "euclidean"))
-        self.linkage = _choice("linkage", linkage, ("average", "complete", "single", "ward"))
-        self.normalize = _choice("normalize", normalize, ("none", "zscore"))
-        self.max_clusters = _optional_int("max_clusters", max_clusters, 2)
-        self.min_cluster_size = _optional_int("min_cluster_size", min_cluster_size, 2)
+        self.n_clusters = n_clusters
+        self.method = method
+        self.metric = metric
+        self.linkage = linkage
+        self.normalize = normalize
+        self.max_clusters = max_clusters
+        self.min_cluster_size = min_cluster_size
         self.random_state = random_state
+
+    def check_params(self) -> CategoryClusterer:
+        """Check the parameters (:meth:`fit` does; call it to check them before fitting).
+
+        Raises:
+            NeuronsError: For an unknown option or a bad count.
+        """
+        check_optional_int("n_clusters", self.n_clusters, 1)
+        check_choice("method", self.method, ("agglomerative", "kmeans", "hdbscan"))
+        check_choice("metric", self.metric, ("correlation", "cosine", "euclidean"))
+        check_choice("linkage", self.linkage, ("average", "complete", "single", "ward"))
+        check_choice("normalize", self.normalize, ("none", "zscore"))
+        check_optional_int("max_clusters", self.max_clusters, 2)
+        check_optional_int("min_cluster_size", self.min_cluster_size, 2)
         if self.method == "hdbscan" and self.n_clusters is not None:
             raise NeuronsError(
                 "`n_clusters` is not used with method='hdbscan', which finds the number of clusters "
                 "itself; pass n_clusters=None (and tune `min_cluster_size`), or choose "
                 "method='agglomerative' or 'kmeans'."
             )
-
-    def __repr__(self) -> str:
-        return (
-            f"CategoryClusterer(n_clusters={self.n_clusters}, method={self.method!r}, "
-            f"metric={self.metric!r}, linkage={self.linkage!r}, normalize={self.normalize!r})"
-        )
+        return self
 
     def fit(self, profile: Any, y: Any = None) -> CategoryClusterer:
         """Cluster the rows (categories) of ``profile``.
@@ -282,9 +278,11 @@ class CategoryClusterer:
             ``self``, with ``labels_`` and the other attributes set.
 
         Raises:
-            NeuronsError: If ``profile`` is not 2-D, holds NaN/inf, or has fewer categories than
-                ``n_clusters`` (or fewer than 3 when the count is to be chosen).
+            NeuronsError: For bad parameters (see :meth:`check_params`), or if ``profile`` is not
+                2-D, holds NaN/inf, or has fewer categories than ``n_clusters`` (or fewer than 3
+                when the count is to be chosen).
         """
+        self.check_params()
         x = _as_matrix(profile, "profile", "categories", "neurons")
         n = x.shape[0]
         if self.n_clusters is not None and self.n_clusters > n:
@@ -317,10 +315,6 @@ class CategoryClusterer:
         self.n_clusters_ = int(np.unique(self.labels_[self.labels_ >= 0]).size)
         self.silhouette_ = _silhouette(self.distances_, self.labels_)
         return self
-
-    def fit_predict(self, profile: Any, y: Any = None) -> np.ndarray:
-        """:meth:`fit` and return ``labels_``."""
-        return self.fit(profile).labels_
 
     # ---- methods ----
 
@@ -422,7 +416,7 @@ def normalize_neurons(features: np.ndarray, how: str) -> tuple[np.ndarray, np.nd
     return out, constant
 
 
-class NeuronClusterer:
+class NeuronClusterer(ClusterMixin, BaseEstimator):
     """Clusters neurons (the columns of a profile) by their normalised response across the rows.
 
     The rows are usually the categories of a class profile ``[num_classes, num_neurons]``, but
@@ -438,8 +432,8 @@ class NeuronClusterer:
     measured on at most 2,000 neurons.
 
     Args:
-        method: ``"hdbscan"`` (default), ``"kmeans"`` or ``"agglomerative"`` (Ward).
         n_clusters: Number of clusters for k-means / agglomerative; ``None`` to choose.
+        method: ``"hdbscan"`` (default), ``"kmeans"`` or ``"agglomerative"`` (Ward).
         min_cluster_size: Smallest HDBSCAN cluster; default ``max(3, int(sqrt(num_neurons) / 2))``
             (3 for up to 63 neurons, 5 for 128, 11 for 512, 70 for 20,000).
         min_samples: HDBSCAN's density smoothing (larger: more neurons left as noise); default
@@ -463,8 +457,8 @@ class NeuronClusterer:
         scores_: ``{count: silhouette}`` when the count was chosen.
 
     Raises:
-        NeuronsError: For unknown options (in ``__init__``) and, in :meth:`fit`, a profile that is
-            not 2-D, holds NaN/inf, or has fewer varying neurons than clusters.
+        NeuronsError: In :meth:`fit`: for unknown options, and a profile that is not 2-D, holds
+            NaN/inf, or has fewer varying neurons than clusters.
 
     Example:
         >>> profile = np.array([[1.0, 0.9, 0.0, 0.1], [0.0, 0.1, 1.0, 0.8], [0.5, 0.4, 0.5, 0.5]])
@@ -474,40 +468,53 @@ class NeuronClusterer:
 
     def __init__(
         self,
-        method: NeuronMethod = "hdbscan",
         n_clusters: int | None = None,
+        *,
+        method: NeuronMethod = "hdbscan",
+        normalize: NeuronNormalize = "zscore",
+        max_clusters: int = 20,
         min_cluster_size: int | None = None,
         min_samples: int | None = None,
-        normalize: NeuronNormalize = "zscore",
         n_components: int | None = 48,
-        max_clusters: int = 20,
         random_state: int = 0,
     ) -> None:
-        self.method = _choice("method", method, ("hdbscan", "kmeans", "agglomerative"))
-        self.n_clusters = _optional_int("n_clusters", n_clusters, 1)
-        self.min_cluster_size = _optional_int("min_cluster_size", min_cluster_size, 2)
-        self.min_samples = _optional_int("min_samples", min_samples, 1)
-        self.normalize = _choice("normalize", normalize, ("zscore", "l2", "max", "none"))
-        self.n_components = _optional_int("n_components", n_components, 1)
-        self.max_clusters = _optional_int("max_clusters", max_clusters, 2)
+        self.n_clusters = n_clusters
+        self.method = method
+        self.normalize = normalize
+        self.max_clusters = max_clusters
+        self.min_cluster_size = min_cluster_size
+        self.min_samples = min_samples
+        self.n_components = n_components
         self.random_state = random_state
+
+    def check_params(self) -> NeuronClusterer:
+        """Check the parameters (:meth:`fit` does; call it to check them before fitting).
+
+        Raises:
+            NeuronsError: For an unknown option, a bad count, or HDBSCAN settings with another
+                method.
+        """
+        check_optional_int("n_clusters", self.n_clusters, 1)
+        check_choice("method", self.method, ("hdbscan", "kmeans", "agglomerative"))
+        check_choice("normalize", self.normalize, ("zscore", "l2", "max", "none"))
+        check_optional_int("max_clusters", self.max_clusters, 2)
+        check_optional_int("min_cluster_size", self.min_cluster_size, 2)
+        check_optional_int("min_samples", self.min_samples, 1)
+        check_optional_int("n_components", self.n_components, 1)
         if self.method == "hdbscan" and self.n_clusters is not None:
             raise NeuronsError(
                 "`n_clusters` is not used with method='hdbscan', which finds the number of clusters "
                 "itself; pass n_clusters=None (and tune `min_cluster_size`), or choose "
                 "method='kmeans' or 'agglomerative'."
             )
-        if self.method != "hdbscan" and (min_cluster_size is not None or min_samples is not None):
+        if self.method != "hdbscan" and (
+            self.min_cluster_size is not None or self.min_samples is not None
+        ):
             raise NeuronsError(
-                f"`min_cluster_size` and `min_samples` are HDBSCAN settings; method={method!r} "
+                f"`min_cluster_size` and `min_samples` are HDBSCAN settings; method={self.method!r} "
                 "uses `n_clusters` instead"
             )
-
-    def __repr__(self) -> str:
-        return (
-            f"NeuronClusterer(method={self.method!r}, n_clusters={self.n_clusters}, "
-            f"min_cluster_size={self.min_cluster_size}, normalize={self.normalize!r})"
-        )
+        return self
 
     def fit(self, profile: Any, y: Any = None) -> NeuronClusterer:
         """Cluster the columns (neurons) of ``profile``.
@@ -520,9 +527,11 @@ class NeuronClusterer:
             ``self``.
 
         Raises:
-            NeuronsError: If ``profile`` is not 2-D, holds NaN/inf, has fewer than 2 rows, or
-                fewer varying neurons than the clusters asked for.
+            NeuronsError: For bad parameters (see :meth:`check_params`), or if ``profile`` is not
+                2-D, holds NaN/inf, has fewer than 2 rows, or fewer varying neurons than the
+                clusters asked for.
         """
+        self.check_params()
         x = _as_matrix(profile, "profile", "categories", "neurons")
         if x.shape[0] < 2:
             raise NeuronsError(
@@ -555,10 +564,6 @@ class NeuronClusterer:
         )
         self.silhouette_ = self._score(reduced, self.labels_[active])
         return self
-
-    def fit_predict(self, profile: Any, y: Any = None) -> np.ndarray:
-        """:meth:`fit` and return ``labels_``."""
-        return self.fit(profile).labels_
 
     # ---- internals ----
 

@@ -1,4 +1,4 @@
-"""Which neurons drive a prediction: first-order contribution and causal ablation.
+"""Which neurons drive a prediction: first-order contribution (activation x gradient).
 
 **First order.** The contribution of neuron ``k`` of a layer to the logit ``z_c`` of class ``c``
 on image ``x`` is activation x gradient, summed over the neuron's spatial positions::
@@ -19,9 +19,7 @@ and which pushed towards the other classes).
 **Domination.** Per class, the share of its total positive (mean) contribution that its top-k
 neurons carry (:func:`domination`).
 
-**Causal.** :func:`ablation_effect` zeroes a set of neurons (a forward hook that is always removed)
-and measures per-class accuracy and mean true-class logit with and without the ablation;
-:func:`ablation_effects` evaluates many neuron sets in one pass over the data by repeating each batch.
+**Causal.** Zeroing neurons and measuring what it does is in :mod:`lightning_neurons.ablation`.
 
 Efficiency: the gradients of all images come from **one** backward pass per batch (the sum of the
 images' selected logits is differentiated; in eval mode an image's logits depend only on that
@@ -35,16 +33,15 @@ Every function puts the model in eval mode and gives everything back as it was: 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_neurons.batch import BatchFn, BatchReader, as_model_input, read_logits
+from lightning_neurons.checks import check_positive_int
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import (
     HookSet,
@@ -52,17 +49,13 @@ from lightning_neurons.hooks import (
     parse_call_site,
     selects,
 )
-from lightning_neurons.state import analysis_mode
-from lightning_neurons.stats import dominant_neurons
+from lightning_neurons.state import analysis_mode, model_device
+from lightning_neurons.stats import ClassNeuronStats, class_means, class_std, dominant_neurons
 
 __all__ = [
-    "AblationResult",
     "ContributionBatch",
     "ContributionStats",
     "ClassContributions",
-    "ablation_effect",
-    "ablation_effects",
-    "ablation_selectivity",
     "class_contributions",
     "contribution_batch",
     "domination",
@@ -71,22 +64,6 @@ __all__ = [
 
 
 # ---- batches, model state --------------------------------------------------------------------
-
-
-def _device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
-@contextmanager
-def _analysis_mode(model: nn.Module, *, grad: bool) -> Iterator[None]:
-    """Eval mode and frozen parameters inside, gradients on or off; everything restored on exit
-    (see :func:`lightning_neurons.state.analysis_mode`)."""
-    with analysis_mode(model), torch.set_grad_enabled(grad):
-        yield
 
 
 def _check_targets(
@@ -264,8 +241,8 @@ def neuron_contributions(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise NeuronsError(f"`chunk_size` must be a positive integer, got {chunk_size!r}")
     names = _layer_names(model, layers)
-    with _analysis_mode(model, grad=True):
-        x = x.to(_device(model))
+    with analysis_mode(model):
+        x = x.to(model_device(model))
         if targets is not None:
             out = contribution_batch(model, names, x, targets, output_fn=output_fn)
             return {n: c.float().cpu() for n, c in out.contributions.items()}
@@ -362,6 +339,10 @@ class ContributionStats:
 class ClassContributions:
     """Streams per-class sums of contributions, batch after batch (memory ``O(C x K)``).
 
+    The sums are :class:`~lightning_neurons.stats.ClassNeuronStats` (the torchmetrics metric of
+    the activation statistics), one per layer and one for the true-class logit; they are not
+    synchronised across processes (an analysis of kept batches runs on one process).
+
     Args:
         num_classes: Number of classes ``C``.
         top_k: Dominant neurons per class in the results.
@@ -373,15 +354,13 @@ class ClassContributions:
     """
 
     def __init__(self, num_classes: int, top_k: int = 5) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise NeuronsError(f"`num_classes` must be a positive integer, got {num_classes!r}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise NeuronsError(f"`top_k` must be a positive integer, got {top_k!r}")
-        self.num_classes = num_classes
-        self.top_k = top_k
-        self.counts = torch.zeros(num_classes, dtype=torch.float64)
-        self.logit_sum = torch.zeros(num_classes, dtype=torch.float64)
-        self._sums: dict[str, list[torch.Tensor]] = {}
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        self.top_k = check_positive_int("top_k", top_k)
+        self._logit = self._metric(1)
+        self._sums: dict[str, ClassNeuronStats] = {}
+
+    def _metric(self, num_neurons: int) -> ClassNeuronStats:
+        return ClassNeuronStats(self.num_classes, num_neurons, sync_on_compute=False)
 
     def update(self, batch: ContributionBatch, labels: torch.Tensor) -> None:
         """Add a batch whose contributions were taken for the true-class logits ``labels``."""
@@ -390,47 +369,29 @@ class ClassContributions:
             raise NeuronsError(
                 f"label {int(labels.max())} is outside [0, {self.num_classes}); pass the right `num_classes`"
             )
-        onehot = torch.nn.functional.one_hot(labels, self.num_classes).to(torch.float64).T  # [C, B]
-        self.counts += onehot.sum(dim=1)
-        true_logit = (
-            batch.logits.detach().to("cpu", torch.float64).gather(1, labels.unsqueeze(1))[:, 0]
-        )
-        self.logit_sum += onehot @ true_logit
+        logits = batch.logits.detach().to("cpu", torch.float64)
+        self._logit.update(logits.gather(1, labels.unsqueeze(1)), labels)
         for name, c in batch.contributions.items():
-            c = c.detach().to("cpu", torch.float64)
             if name not in self._sums:
-                zeros = torch.zeros(self.num_classes, c.shape[1], dtype=torch.float64)
-                self._sums[name] = [zeros, zeros.clone(), zeros.clone()]
-            total, total_sq, positive = self._sums[name]
-            total += onehot @ c
-            total_sq += onehot @ (c * c)
-            positive += onehot @ (c > 0).to(torch.float64)
+                self._sums[name] = self._metric(c.shape[1])
+            self._sums[name].update(c.detach().to("cpu", torch.float64), labels)
 
     def compute(self) -> dict[str, ContributionStats]:
         """The per-class statistics of every layer seen so far."""
-        count = self.counts.unsqueeze(1)
-        has = count > 0
+        logit = self._logit.compute()
+        class_logit = class_means(logit["sum"], logit["count"])[:, 0]
         results = {}
-        for name, (total, total_sq, positive) in self._sums.items():
-            mean = torch.where(has, total / count.clamp_min(1), torch.full_like(total, math.nan))
-            var = (
-                torch.where(has, total_sq / count.clamp_min(1), torch.full_like(total, math.nan))
-                - mean * mean
-            )
+        for name, metric in self._sums.items():
+            s = metric.compute()
+            mean = class_means(s["sum"], s["count"])
             dominant, share = dominant_neurons(mean, self.top_k)
             results[name] = ContributionStats(
                 layer=name,
-                counts=self.counts.clone(),
+                counts=s["images"].clone(),
                 class_contribution=mean,
-                class_std=var.clamp_min(0).sqrt(),
-                positive_rate=torch.where(
-                    has, positive / count.clamp_min(1), torch.full_like(total, math.nan)
-                ),
-                class_logit=torch.where(
-                    has[:, 0],
-                    self.logit_sum / self.counts.clamp_min(1),
-                    torch.full_like(self.logit_sum, math.nan),
-                ),
+                class_std=class_std(s["sum"], s["sum_sq"], s["count"]),
+                positive_rate=class_means(s["fired"], s["images"].unsqueeze(1).expand_as(mean)),
+                class_logit=class_logit.clone(),
                 dominant=dominant,
                 domination=share,
             )
@@ -488,8 +449,8 @@ def class_contributions(
     names = _layer_names(model, layers)
     reader = BatchReader(input_fn=input_fn, label_fn=label_fn, output_fn=output_fn)
     acc: ClassContributions | None = None
-    with _analysis_mode(model, grad=True):
-        device = _device(model)
+    with analysis_mode(model):
+        device = model_device(model)
         for batch in _limited(dataloader, max_batches):
             x = reader.inputs(batch).to(device)
             y = reader.labels(batch).to(device)
@@ -500,353 +461,3 @@ def class_contributions(
     if acc is None:
         raise NeuronsError("the data loader gave no batch; nothing to analyse")
     return acc.compute()
-
-
-# ---- causal: ablation ------------------------------------------------------------------------
-
-
-@dataclass
-class AblationResult:
-    """Per-class effect of zeroing a set of neurons (see :func:`ablation_effect`).
-
-    Tensors are on the CPU, float64, ``[C]``; classes without images hold NaN.
-
-    Attributes:
-        layer: Module whose output neurons were zeroed.
-        neurons: ``[n]`` the zeroed neurons.
-        counts: Images per class.
-        accuracy: Accuracy per class without the ablation.
-        ablated_accuracy: With the ablation.
-        logit: Mean true-class logit without the ablation.
-        ablated_logit: With the ablation.
-    """
-
-    layer: str
-    neurons: torch.Tensor
-    counts: torch.Tensor
-    accuracy: torch.Tensor
-    ablated_accuracy: torch.Tensor
-    logit: torch.Tensor
-    ablated_logit: torch.Tensor
-
-    @property
-    def accuracy_drop(self) -> torch.Tensor:
-        """``[C]`` accuracy lost per class (negative: the ablation helped)."""
-        return self.accuracy - self.ablated_accuracy
-
-    @property
-    def logit_drop(self) -> torch.Tensor:
-        """``[C]`` fall of the mean true-class logit per class."""
-        return self.logit - self.ablated_logit
-
-    def as_arrays(self) -> dict[str, torch.Tensor]:
-        """The tensors by name (for ``.npz`` files)."""
-        arrays = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "layer"}
-        arrays.update(accuracy_drop=self.accuracy_drop, logit_drop=self.logit_drop)
-        return arrays
-
-
-def _neuron_set(
-    name: str, neurons: Sequence[int] | torch.Tensor, num_neurons: int | None
-) -> torch.Tensor:
-    try:
-        index = torch.as_tensor(neurons if isinstance(neurons, torch.Tensor) else list(neurons))
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise NeuronsError(
-            f"neuron set {name!r} must be a sequence of integer indices; got {neurons!r}"
-        ) from err
-    index = index.reshape(-1)
-    if index.numel() and (index.dtype.is_floating_point or index.dtype == torch.bool):
-        raise NeuronsError(
-            f"neuron set {name!r} must hold integer neuron indices, got dtype {index.dtype}"
-        )
-    index = index.long()
-    if index.numel() and int(index.min()) < 0:
-        raise NeuronsError(
-            f"neuron set {name!r} holds the negative index {int(index.min())}; indices start at 0"
-        )
-    if num_neurons is not None and index.numel() and int(index.max()) >= num_neurons:
-        raise NeuronsError(
-            f"neuron set {name!r} holds index {int(index.max())}, but the layer has {num_neurons} neurons "
-            f"(valid: 0 to {num_neurons - 1})"
-        )
-    return torch.unique(index)
-
-
-def _width(module: nn.Module) -> int | None:
-    for attr in ("out_channels", "out_features", "num_features"):
-        value = getattr(module, attr, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
-def ablation_effects(
-    model: nn.Module,
-    layer: str,
-    neuron_sets: Mapping[str, Sequence[int] | torch.Tensor],
-    dataloader: Iterable[Any],
-    *,
-    max_batches: int | None = None,
-    sets_per_pass: int = 8,
-    share_prefix: bool | Literal["auto"] = "auto",
-    label_fn: BatchFn | None = None,
-    input_fn: BatchFn | None = None,
-    output_fn: BatchFn | None = None,
-) -> dict[str, AblationResult]:
-    """The effect of zeroing each of several neuron sets, in one pass over the data.
-
-    Each batch is repeated ``1 + sets_per_pass`` times and run as one batch: copy 0 is the
-    unablated baseline, copy ``i`` has set ``i``'s neurons zeroed by a forward hook on ``layer``.
-    The data loader is iterated once. Without grad, in eval mode; the model's state, hooks and the
-    random number generators are as before afterwards, also on error.
-
-    Args:
-        model: Maps images to ``[B, C]`` logits.
-        layer: Module whose output neurons (channels of ``[B, K, H, W]``, units of ``[B, K]``) are
-            zeroed; for a module run several times per forward pass, ``"name"`` is its first call
-            and ``"name#i"`` its call ``i`` (only that call is ablated).
-        neuron_sets: ``{name: neuron indices}``; an empty set measures nothing (drop 0).
-        dataloader: Any iterable of ``(x, y, ...)`` batches.
-        max_batches: Use at most this many batches (default: all).
-        sets_per_pass: Sets evaluated per forward pass (memory grows with it).
-        share_prefix: ``True``: run the layers before ``layer`` once per batch and repeat only
-            ``layer``'s output (much faster for late layers); valid only when nothing computed
-            before ``layer`` bypasses it (no skip connection across it). ``False``: repeat the
-            input (always valid). ``"auto"``: check on two images of the first batch that both
-            give the same logits, and share when they do.
-        label_fn: Reads the ``[B]`` labels from a batch of another layout.
-        input_fn: Reads the model input from a batch of another layout.
-        output_fn: Reads the logits from the model's output.
-
-    Returns:
-        ``{name: AblationResult}`` in the order of ``neuron_sets``.
-
-    Raises:
-        NeuronsError: For an unknown layer, indices that are negative or not below the layer's
-            width, bad batches, an empty loader or bad arguments.
-
-    Example:
-        >>> res = ablation_effects(model, "features.relu3", {"a": [0, 4], "b": [7]}, loader)  # doctest: +SKIP
-        >>> res["a"].accuracy_drop  # doctest: +SKIP
-    """
-    module = get_module(model, layer)
-    site = _exact(layer)
-    if isinstance(sets_per_pass, bool) or not isinstance(sets_per_pass, int) or sets_per_pass < 1:
-        raise NeuronsError(f"`sets_per_pass` must be a positive integer, got {sets_per_pass!r}")
-    width = _width(module) if not isinstance(module, nn.Sequential) else None
-    names = list(neuron_sets)
-    sets = [_neuron_set(name, neuron_sets[name], width) for name in names]
-    if not sets:
-        return {}
-    reader = BatchReader(input_fn=input_fn, label_fn=label_fn, output_fn=output_fn)
-    state: dict[str, Any] = {"chunk": None, "shared": share_prefix is True}
-
-    def hook(_name: str, out: torch.Tensor) -> torch.Tensor | None:
-        chunk = state["chunk"]
-        if chunk is None:  # a forward outside our passes
-            return None
-        if out.dim() not in (2, 4):
-            raise NeuronsError(
-                f"layer {layer!r} returned shape {tuple(out.shape)}; ablation needs [B, K] or [B, K, H, W]"
-            )
-        num_neurons = out.shape[1]
-        for name, index in zip(names, sets, strict=True):
-            if index.numel() and int(index.max()) >= num_neurons:
-                raise NeuronsError(
-                    f"neuron set {name!r} holds index {int(index.max())}, but layer {layer!r} has "
-                    f"{num_neurons} neurons (valid: 0 to {num_neurons - 1})"
-                )
-        copies = 1 + len(chunk)
-        keep = torch.ones(copies, num_neurons, dtype=torch.bool, device=out.device)
-        for row, index in enumerate(chunk, start=1):
-            keep[row, index.to(out.device)] = False
-        if state["shared"]:
-            grouped = out.unsqueeze(0).expand(copies, *out.shape)
-        elif out.shape[0] % copies == 0:
-            grouped = out.view(copies, out.shape[0] // copies, *out.shape[1:])
-        else:
-            raise NeuronsError(
-                f"layer {layer!r} saw {out.shape[0]} rows, not a multiple of the {copies} copies of the batch"
-            )
-        mask = keep.view(copies, 1, num_neurons, *([1] * (out.dim() - 2)))
-        return grouped.masked_fill(~mask, 0).reshape(-1, *out.shape[1:])
-
-    counts: torch.Tensor | None = None
-    correct: torch.Tensor | None = None  # [1 + S, C]: row 0 is the baseline
-    logit_sum: torch.Tensor | None = None
-    hooks = HookSet()
-    hooks.add(model, [site], hook)  # that call of the module only
-    try:
-        with _analysis_mode(model, grad=False):
-            device = _device(model)
-            for batch in _limited(dataloader, max_batches):
-                x = as_model_input(reader.inputs(batch), model)
-                y = reader.labels(batch).to(device)
-                batch_size = x.shape[0]
-                if share_prefix == "auto":
-                    state["shared"] = share_prefix = _can_share_prefix(
-                        model, x[:2], sets[:sets_per_pass], state, reader
-                    )
-                for start in range(0, len(sets), sets_per_pass):
-                    chunk = sets[start : start + sets_per_pass]
-                    copies = 1 + len(chunk)
-                    state["chunk"] = chunk
-                    inputs = x if state["shared"] else x.repeat(copies, *([1] * (x.dim() - 1)))
-                    logits = reader.logits(model(inputs))
-                    state["chunk"] = None
-                    if logits.shape[0] != copies * batch_size:
-                        raise NeuronsError(
-                            f"the model returned {logits.shape[0]} rows of logits for {copies * batch_size} "
-                            "images; with `share_prefix=True` the layer must lie on a path that carries "
-                            "the whole batch"
-                        )
-                    logits = logits.view(copies, batch_size, -1).double()
-                    num_classes = logits.shape[2]
-                    labels = _check_targets(y, batch_size, num_classes, "labels")
-                    onehot = torch.nn.functional.one_hot(labels, num_classes).double()  # [B, C]
-                    hit = (logits.argmax(dim=2) == labels.unsqueeze(0)).double()  # [copies, B]
-                    true_logit = logits.gather(2, labels.view(1, -1, 1).expand(copies, -1, 1))[
-                        ..., 0
-                    ]
-                    if correct is None:
-                        correct = torch.zeros(
-                            1 + len(sets), num_classes, dtype=torch.float64, device=device
-                        )
-                        logit_sum = torch.zeros_like(correct)
-                        counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
-                    # copy 0 (the baseline) is counted once per batch, from the first chunk
-                    first = 0 if start == 0 else 1
-                    rows = [0, *range(1 + start, 1 + start + len(chunk))][first:]
-                    correct[rows] += hit[first:] @ onehot
-                    logit_sum[rows] += true_logit[first:] @ onehot
-                    if start == 0:
-                        counts += onehot.sum(dim=0)
-    finally:
-        hooks.remove()
-        state["chunk"] = None
-    if correct is None or counts is None or logit_sum is None:
-        raise NeuronsError("the data loader gave no batch; nothing to analyse")
-    per_class = counts.clamp_min(1)
-    nan = torch.full_like(counts, math.nan)
-    accuracy = torch.where(counts > 0, correct / per_class, nan).cpu()
-    logit = torch.where(counts > 0, logit_sum / per_class, nan).cpu()
-    return {
-        name: AblationResult(
-            layer=layer,
-            neurons=index,
-            counts=counts.cpu(),
-            accuracy=accuracy[0],
-            ablated_accuracy=accuracy[i + 1],
-            logit=logit[0],
-            ablated_logit=logit[i + 1],
-        )
-        for i, (name, index) in enumerate(zip(names, sets, strict=True))
-    }
-
-
-def _can_share_prefix(
-    model: nn.Module,
-    x: torch.Tensor,
-    chunk: list[torch.Tensor],
-    state: dict[str, Any],
-    reader: BatchReader,
-) -> bool:
-    """Whether running the layers before the ablated one once gives the same logits as repeating
-    the input (it does unless something bypasses the layer, e.g. a skip connection)."""
-    copies = 1 + len(chunk)
-    try:
-        state.update(chunk=chunk, shared=False)
-        reference = reader.logits(model(x.repeat(copies, *([1] * (x.dim() - 1))))).float()
-        state["shared"] = True
-        try:
-            shared = reader.logits(model(x)).float()
-        except (RuntimeError, ValueError):  # shapes that do not fit: a bypass of the layer
-            return False
-    finally:
-        state.update(chunk=None, shared=False)
-    if shared.shape != reference.shape:
-        return False
-    scale = float(reference.abs().max()) if reference.numel() else 0.0
-    return bool(torch.allclose(shared, reference, rtol=1e-4, atol=1e-5 * max(scale, 1.0)))
-
-
-def ablation_effect(
-    model: nn.Module,
-    layer: str,
-    neurons: Sequence[int] | torch.Tensor,
-    dataloader: Iterable[Any],
-    max_batches: int | None = None,
-    **kwargs: Any,
-) -> AblationResult:
-    """Per-class accuracy and mean true-class logit with and without zeroing ``neurons`` of ``layer``.
-
-    A forward hook zeroes the neurons; it is removed afterwards, also on error. The model runs in
-    eval mode without grad; its training flags, parameters and the random number generators are
-    untouched. See :func:`ablation_effects` to measure many sets in one pass.
-
-    Args:
-        model: Maps images to ``[B, C]`` logits.
-        layer: Module whose output neurons are zeroed.
-        neurons: Neuron (channel or unit) indices.
-        dataloader: Any iterable of ``(x, y, ...)`` batches.
-        max_batches: Use at most this many batches (default: all).
-        **kwargs: ``share_prefix``, ``label_fn``, ``input_fn``, ``output_fn`` of
-            :func:`ablation_effects`.
-
-    Returns:
-        An :class:`AblationResult`.
-
-    Raises:
-        NeuronsError: For an unknown layer, out-of-range neuron indices, bad batches.
-
-    Example:
-        >>> res = ablation_effect(model, "features.relu3", [3, 17], dm.val_dataloader())  # doctest: +SKIP
-        >>> res.accuracy_drop  # [num_classes]  # doctest: +SKIP
-    """
-    return ablation_effects(
-        model, layer, {"ablated": neurons}, dataloader, max_batches=max_batches, **kwargs
-    )["ablated"]
-
-
-def ablation_selectivity(
-    accuracy_drop: torch.Tensor, classes: Sequence[int] | None = None
-) -> dict[str, float]:
-    """How selective zeroing each class's own (dominant) neurons is.
-
-    Args:
-        accuracy_drop: ``[S, C]``: row ``i`` is the per-class accuracy drop when the dominant neurons
-            of class ``classes[i]`` are zeroed.
-        classes: The class of each row; default ``0, 1, ..., S - 1``.
-
-    Returns:
-        ``own_drop`` (mean over rows of the drop of the row's own class), ``other_drop`` (mean over
-        rows of the mean drop of the other classes), ``difference`` (``own - other``) and ``ratio``
-        (``own / other``; ``inf`` when the other classes do not drop). Classes without data (NaN)
-        are left out.
-
-    Raises:
-        NeuronsError: If the shapes do not fit or a class index is out of range.
-
-    Example:
-        >>> round(ablation_selectivity(torch.tensor([[0.8, 0.0], [0.2, 0.6]]))["difference"], 2)
-        0.6
-    """
-    drop = torch.as_tensor(accuracy_drop, dtype=torch.float64)
-    if drop.dim() != 2 or drop.shape[1] < 2:
-        raise NeuronsError(
-            f"`accuracy_drop` must be [num_sets, num_classes] with at least two classes, got {tuple(drop.shape)}"
-        )
-    rows = list(range(drop.shape[0])) if classes is None else [int(c) for c in classes]
-    if len(rows) != drop.shape[0] or any(c < 0 or c >= drop.shape[1] for c in rows):
-        raise NeuronsError(
-            f"`classes` must give one class in [0, {drop.shape[1]}) per row of `accuracy_drop` "
-            f"({drop.shape[0]} rows); got {rows}"
-        )
-    own_mask = torch.zeros_like(drop, dtype=torch.bool)
-    own_mask[torch.arange(drop.shape[0]), torch.tensor(rows, dtype=torch.long)] = True
-    own = drop[own_mask].nanmean()
-    off = torch.where(own_mask, torch.full_like(drop, math.nan), drop).nanmean(dim=1).nanmean()
-    own_f, off_f = float(own), float(off)
-    ratio = own_f / off_f if off_f > 0 else (math.inf if own_f > 0 else math.nan)
-    return {"own_drop": own_f, "other_drop": off_f, "difference": own_f - off_f, "ratio": ratio}

@@ -1,8 +1,8 @@
 """Running analysis code on the user's model without changing it.
 
-Every analysis that runs the model outside Lightning's own steps goes through :func:`untouched`
-(or :func:`analysis_mode`, which adds eval mode), so that training is exactly what it would have
-been without the analysis.
+Every analysis that runs the model outside Lightning's own steps goes through
+:func:`analysis_mode` (eval mode inside :func:`untouched`), so that training is exactly what it
+would have been without the analysis.
 """
 
 from __future__ import annotations
@@ -26,6 +26,13 @@ def in_analysis() -> bool:
     order in which callbacks run (e.g. a set-up check on the first batch).
     """
     return _open_blocks > 0
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model without any)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 @contextmanager
@@ -60,8 +67,9 @@ def untouched(model: nn.Module) -> Iterator[None]:
 
     Example:
         >>> with untouched(pl_module):
-        ...     pl_module.eval()
         ...     saliency = input_gradient(pl_module, images)  # doctest: +SKIP
+
+    Analyses use :func:`analysis_mode`, which adds eval mode.
     """
     global _open_blocks
     modes = [(m, m.training) for m in model.modules()]
@@ -91,13 +99,18 @@ def untouched(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def analysis_mode(model: nn.Module) -> Iterator[None]:
-    """:func:`untouched`, with the model in eval mode inside.
+def analysis_mode(model: nn.Module, *, grad: bool = True) -> Iterator[None]:
+    """:func:`untouched`, with the model in eval mode inside: how every analysis runs the model.
 
     Eval mode matters for correctness, not only speed: in training mode BatchNorm would mix the
     rows of a batch (so one image's result would depend on the others') and update its running
     statistics, and Dropout would draw random numbers.
+
+    Args:
+        model: The model.
+        grad: Gradients enabled inside (with respect to inputs or activations: the parameters
+            are frozen either way); ``False`` for forward passes only.
     """
-    with untouched(model):
+    with untouched(model), torch.set_grad_enabled(grad):
         model.eval()
         yield

@@ -6,7 +6,8 @@ import torch
 from conftest import TinyNet
 from torch import nn
 
-from lightning_neurons.callbacks._base import AnalysisCallback, untouched
+from lightning_neurons.callbacks._base import AnalysisCallback
+from lightning_neurons.state import untouched
 
 
 def test_untouched_restores_modes_flags_grads_buffers_and_rng():
@@ -64,3 +65,29 @@ def test_run_safely_warns_or_raises():
     assert cb.failures == ["clustering: ZeroDivisionError: bad maths"]
     with pytest.raises(ZeroDivisionError):
         AnalysisCallback(on_error="raise")._run_safely("clustering", broken)
+
+
+def test_find_callback_finds_by_type_and_says_how_to_add_a_missing_one():
+    from types import SimpleNamespace
+
+    from lightning_neurons import ActivationTracker, NeuronsError
+    from lightning_neurons.callbacks._base import find_callback
+
+    class MyTracker(ActivationTracker):
+        pass
+
+    class ActivationTrackerLookalike(AnalysisCallback):  # the same name is not the same type
+        pass
+
+    first, second = MyTracker(), ActivationTracker()
+    trainer = SimpleNamespace(callbacks=[ActivationTrackerLookalike(), first, second])
+    assert find_callback(trainer, ActivationTracker) is first  # subclasses count; the first wins
+    assert find_callback(trainer, MyTracker, required="Someone") is first
+    empty = SimpleNamespace(callbacks=[ActivationTrackerLookalike()])
+    assert find_callback(empty, ActivationTracker) is None
+    with pytest.raises(
+        NeuronsError, match="NeuronClustering reads the results of an ActivationTracker"
+    ):
+        find_callback(empty, ActivationTracker, required="NeuronClustering")
+    with pytest.raises(NeuronsError, match="class_path: lightning_neurons.ActivationTracker"):
+        find_callback(empty, ActivationTracker, required="NeuronClustering")

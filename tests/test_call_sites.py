@@ -50,7 +50,7 @@ def fitted(tmp_path_factory):
         ),
         CategoryClustering(enable_logging=False, on_error="raise"),
         NeuronClustering(method="kmeans", n_clusters=2, enable_logging=False, on_error="raise"),
-        NeuronContribution(max_batches=2, probe_images=2, enable_logging=False, on_error="raise"),
+        NeuronContribution(max_batches=2, max_probes=2, enable_logging=False, on_error="raise"),
     ]
     trainer = fast_trainer(tmp_path_factory.mktemp("shared"), callbacks=callbacks, max_epochs=1)
     with pytest.warns(UserWarning, match="runs 2 times per forward pass"):
@@ -62,16 +62,16 @@ def test_every_analysis_gives_each_call_its_own_results(fitted):
     model, _, (tracker, visualizer, categories, neurons, contribution) = fitted
     assert list(tracker.results) == SITES
     assert list(visualizer.results) == SITES
-    assert visualizer.results["backbone.relu#1"]["images"].shape[0] == 2
+    assert visualizer.results["backbone.relu#1"].images.shape[0] == 2
     assert set(categories.results) == {*SITES, "combined"}
     assert categories.results["combined"].layers == SITES
     assert list(neurons.results) == SITES
     assert neurons.results["backbone.relu#1"].labels.shape == (6,)
     assert list(contribution.results) == SITES
-    widths = [contribution.results[s]["class_contribution"].shape[1] for s in SITES]
+    widths = [contribution.results[s].class_contribution.shape[1] for s in SITES]
     assert widths == [4, 6]
     # the default ablation layer is the last tracked one: both of its calls are ablated
-    assert all("accuracy_drop" in contribution.results[s] for s in SITES)
+    assert all(contribution.results[s].ablation is not None for s in SITES)
     assert count_forward_hooks(model) == 0
 
 
@@ -80,7 +80,7 @@ def test_contributions_per_call_equal_the_library_function(fitted):
     kept = [b for _, b in zip(range(2), data.val_dataloader(), strict=False)]
     expected = class_contributions(model, ["backbone.relu"], kept)
     for site in SITES:
-        got = contribution.results[site]["class_contribution"]
+        got = contribution.results[site].class_contribution
         # the same float32 products summed in float64 in the same order
         torch.testing.assert_close(got, expected[site].class_contribution, atol=1e-9, rtol=0)
 

@@ -169,7 +169,7 @@ def test_category_clusterer_fit_errors(profile, kwargs, match):
 )
 def test_category_clusterer_argument_errors(kwargs, match):
     with pytest.raises(NeuronsError, match=match):
-        CategoryClusterer(**kwargs)
+        CategoryClusterer(**kwargs).fit(np.eye(4))
 
 
 def test_candidate_cluster_counts():
@@ -293,7 +293,7 @@ def test_neuron_clusterer_fit_errors(profile, kwargs, match):
 )
 def test_neuron_clusterer_argument_errors(kwargs, match):
     with pytest.raises(NeuronsError, match=match):
-        NeuronClusterer(**kwargs)
+        NeuronClusterer(**kwargs).fit(np.eye(4))
 
 
 # ---- reservoir ------------------------------------------------------------------------------
@@ -363,3 +363,23 @@ def test_reservoir_errors():
     res.update(torch.zeros(3, 2))
     with pytest.raises(NeuronsError, match="one reservoir per layer"):
         res.update(torch.zeros(3, 5))
+
+
+@pytest.mark.parametrize("cls", [CategoryClusterer, NeuronClusterer])
+def test_estimators_follow_scikit_learn_conventions(cls):
+    import inspect
+
+    from sklearn.base import clone
+
+    model = cls(2, method="kmeans", random_state=3)
+    params = model.get_params()
+    assert (params["n_clusters"], params["method"], params["random_state"]) == (2, "kmeans", 3)
+    copy = clone(model)
+    assert copy is not model and copy.get_params() == params
+    bad = cls(method="nonsense")  # stored as given, checked by fit
+    assert bad.method == "nonsense"
+    with pytest.raises(NeuronsError, match="`method`"):
+        bad.fit(np.eye(4))
+    names = list(inspect.signature(cls).parameters)
+    assert names[:2] == ["n_clusters", "method"] and names[-1] == "random_state"
+    assert model.fit_predict(np.eye(4) + 0.1 * np.arange(4)).shape == (4,)

@@ -14,11 +14,9 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_neurons import NeuronsError
+from lightning_neurons.ablation import ablation_effect, ablation_effects, ablation_selectivity
 from lightning_neurons.contribution import (
     ClassContributions,
-    ablation_effect,
-    ablation_effects,
-    ablation_selectivity,
     class_contributions,
     contribution_batch,
     domination,

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import warnings
-from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import numpy as np
@@ -18,11 +17,15 @@ from conftest import TinyData, TinyNet, fast_trainer
 from torch import nn
 
 from lightning_neurons import ActivationTracker, NeuronsError
+from lightning_neurons.ablation import ablation_effects
 from lightning_neurons.callbacks.contribution import NeuronContribution, cluster_sets
-from lightning_neurons.contribution import ablation_effects, class_contributions
+from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
+from lightning_neurons.callbacks.visualizer import FeatureVisualizer
+from lightning_neurons.contribution import class_contributions
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.loggers import ARTIFACT_DIRNAME, load_index
 from lightning_neurons.models import ImageClassifier
+from lightning_neurons.results import NeuronClusteringResult, Rendering
 
 LAYERS = ["backbone.conv1", "backbone.conv2", "backbone.fc"]
 
@@ -57,31 +60,30 @@ def test_results_equal_the_library_functions_on_the_kept_batches(fitted):
     expected = class_contributions(model, LAYERS, kept, top_k=5)
     for layer in LAYERS:
         res = contribution.results[layer]
-        assert res["epoch"] == 1
-        assert res["counts"].sum() == 16
+        assert res.epoch == 1
+        assert res.counts.sum() == 16
         torch.testing.assert_close(
-            res["class_contribution"], expected[layer].class_contribution, atol=1e-5, rtol=1e-4
+            res.class_contribution, expected[layer].class_contribution, atol=1e-5, rtol=1e-4
         )
-        assert torch.equal(res["dominant"], expected[layer].dominant)
-        k = res["class_contribution"].shape[1]
-        assert res["probe_contribution"].shape == (3, 3, k)  # one probe per class, every logit
-        assert res["probe_top_neurons"].shape == (3, min(5, k))
-        assert res["probe_labels"].tolist() == [0, 1, 2]
-        assert res["top_example_index"].shape == (k,) and int(res["top_example_index"].max()) < 16
-        assert all(s == ["top example"] * min(5, k) for s in res["probe_preferred_source"])
-    assert "accuracy_drop" not in contribution.results["backbone.conv1"]
+        assert torch.equal(res.dominant, expected[layer].dominant)
+        k = res.class_contribution.shape[1]
+        assert res.probes.contribution.shape == (3, 3, k)  # one probe per class, every logit
+        assert res.probes.top_neurons.shape == (3, min(5, k))
+        assert res.probes.labels.tolist() == [0, 1, 2]
+        assert res.top_example_index.shape == (k,) and int(res.top_example_index.max()) < 16
+        assert all(s == ["top example"] * min(5, k) for s in res.probes.preferred_source)
+    assert contribution.results["backbone.conv1"].ablation is None
     fc = contribution.results["backbone.fc"]
     sets = {
-        name: neurons
-        for name, neurons in zip(fc["ablation_sets"], fc["ablated_neurons"], strict=True)
+        name: neurons for name, neurons in zip(fc.ablation.sets, fc.ablation.neurons, strict=True)
     }
     again = ablation_effects(model, "backbone.fc", sets, kept)
-    for i, name in enumerate(fc["ablation_sets"]):
-        torch.testing.assert_close(fc["accuracy_drop"][i], again[name].accuracy_drop)
-    assert fc["ablation_sets"] == ["class 0 top5", "class 1 top5", "class 2 top5"]
-    assert fc["ablation_classes"] == [0, 1, 2]
-    assert fc["accuracy_drop"].shape == (3, 3)
-    assert set(fc["ablation_selectivity"]) == {"own_drop", "other_drop", "difference", "ratio"}
+    for i, name in enumerate(fc.ablation.sets):
+        torch.testing.assert_close(fc.ablation.accuracy_drop[i], again[name].accuracy_drop)
+    assert fc.ablation.sets == ["class 0 top5", "class 1 top5", "class 2 top5"]
+    assert fc.ablation.classes == [0, 1, 2]
+    assert fc.ablation.accuracy_drop.shape == (3, 3)
+    assert set(fc.ablation.selectivity) == {"own_drop", "other_drop", "difference", "ratio"}
 
 
 def test_logs_figures_scalars_text_and_files(fitted):
@@ -130,7 +132,10 @@ def test_no_side_effects_on_training(tmp_path):
     plain, _ = _final_weights(tmp_path / "a", [])
     contribution = NeuronContribution(ablation_layers=LAYERS, on_error="raise")
     analysed, model = _final_weights(tmp_path / "b", [ActivationTracker(), contribution])
-    assert contribution.results["backbone.conv1"]["accuracy_drop"].shape == (3, 3)  # it did run
+    assert contribution.results["backbone.conv1"].ablation.accuracy_drop.shape == (
+        3,
+        3,
+    )  # it did run
     assert plain.keys() == analysed.keys()
     for key in plain:
         assert torch.equal(plain[key], analysed[key]), key
@@ -186,21 +191,43 @@ def test_a_failing_analysis_raises_with_on_error_raise_and_removes_hooks(tmp_pat
     assert all(p.requires_grad for p in model.parameters())
 
 
-class NeuronClustering(pl.Callback):
-    """Stands in for the clustering callback: only ``results[layer].labels`` is read (an attribute
-    of a result object, or a mapping key)."""
+class FixedClusters(NeuronClustering):
+    """A real NeuronClustering whose analysis publishes the given labels for ``backbone.fc``."""
 
-    def __init__(self, labels, as_mapping: bool = False) -> None:
-        entry = {"labels": labels} if as_mapping else SimpleNamespace(labels=labels)
-        self.results = {"backbone.fc": entry}
+    def __init__(self, labels) -> None:
+        super().__init__(enable_logging=False)
+        self.fixed = labels
+
+    def _analyse(self, trainer, stats) -> None:
+        k = len(self.fixed)
+        self.results = {
+            "backbone.fc": NeuronClusteringResult(
+                layer="backbone.fc",
+                epoch=trainer.current_epoch,
+                classes=np.arange(3),
+                labels=np.asarray(self.fixed),
+                n_clusters=0,
+                cluster_sizes=np.zeros(0, dtype=np.int64),
+                noise_fraction=0.0,
+                cluster_profiles=np.zeros((0, 3)),
+                silhouette=float("nan"),
+                preferred_class=np.zeros(k, dtype=np.int64),
+                selectivity=np.zeros(k),
+            )
+        }
 
 
-class FeatureVisualizer(pl.Callback):
-    """Stands in for the visualizer: renderings of channels 0-7 of backbone.fc."""
+class FixedRenders(FeatureVisualizer):
+    """A real FeatureVisualizer that publishes renderings of channels 0-7 of ``backbone.fc``
+    without rendering."""
 
     def __init__(self) -> None:
+        super().__init__(layers=["backbone.fc"], saliency=(), enable_logging=False)
+
+    def _visualize(self, trainer, pl_module, stats, reduction) -> None:
+        images = torch.rand(8, 1, 8, 8)
         self.results = {
-            "backbone.fc": {"channels": torch.arange(8), "images": torch.rand(8, 1, 8, 8)}
+            "backbone.fc": Rendering(torch.arange(8), images, torch.zeros(8), trainer.current_epoch)
         }
 
 
@@ -208,32 +235,34 @@ def test_uses_neuron_clusters_and_rendered_images_when_attached(tmp_path):
     model, data = _module(), TinyData()
     labels = np.array([0, 0, 1, 1, -1, 2, 2, -1])  # two noise neurons
     contribution = NeuronContribution(layers=["backbone.fc"], on_error="raise")
-    callbacks = [ActivationTracker(), NeuronClustering(labels), FeatureVisualizer(), contribution]
+    callbacks = [ActivationTracker(), FixedClusters(labels), FixedRenders(), contribution]
     fast_trainer(tmp_path, callbacks=callbacks, max_epochs=1).fit(model, datamodule=data)
     res = contribution.results["backbone.fc"]
-    assert res["ablation_sets"][3:] == ["cluster 0", "cluster 1", "cluster 2"]
-    assert res["ablation_classes"] == [0, 1, 2, -1, -1, -1]
-    assert [n.tolist() for n in res["ablated_neurons"][3:]] == [[0, 1], [2, 3], [5, 6]]
-    assert res["accuracy_drop"].shape == (6, 3)
-    assert all(s == ["rendered"] * 5 for s in res["probe_preferred_source"])
-    assert res["probe_preferred"][0][0].shape == (1, 8, 8)
+    assert res.ablation.sets[3:] == ["cluster 0", "cluster 1", "cluster 2"]
+    assert res.ablation.classes == [0, 1, 2, -1, -1, -1]
+    assert [n.tolist() for n in res.ablation.neurons[3:]] == [[0, 1], [2, 3], [5, 6]]
+    assert res.ablation.accuracy_drop.shape == (6, 3)
+    assert all(s == ["rendered"] * 5 for s in res.probes.preferred_source)
+    assert res.probes.preferred[0][0].shape == (1, 8, 8)
 
 
-MALFORMED = [
-    None,
-    {},
-    {"backbone.fc": None},
-    {"backbone.fc": {"labels": "nonsense", "channels": "x", "images": 3}},
-    {"backbone.fc": {"other": 1}},
-]
+class OtherLayerClusters(FixedClusters):
+    """Publishes nothing for the layer that NeuronContribution ablates."""
+
+    def _analyse(self, trainer, stats) -> None:
+        super()._analyse(trainer, stats)
+        self.results = {"backbone.relu2": self.results["backbone.fc"]}
 
 
-def test_missing_or_malformed_results_of_other_callbacks_are_skipped(tmp_path):
-    for i, results in enumerate(MALFORMED):
-        clustering, visualizer = NeuronClustering(None, as_mapping=True), FeatureVisualizer()
-        clustering.results = visualizer.results = results
+def test_other_callbacks_without_results_for_the_layer_are_skipped(tmp_path):
+    for i, clustering in enumerate(
+        [NeuronClustering(enable_logging=False), OtherLayerClusters([0])]
+    ):
         contribution = NeuronContribution(
-            layers=["backbone.fc"], max_batches=1, probe_images=1, on_error="raise"
+            layers=["backbone.fc"], max_batches=1, max_probes=1, on_error="raise"
+        )
+        visualizer = FeatureVisualizer(
+            layers=["backbone.relu2"], saliency=(), steps=1, enable_logging=False
         )
         callbacks = [ActivationTracker(enable_logging=False), clustering, visualizer, contribution]
         trainer = fast_trainer(
@@ -245,25 +274,25 @@ def test_missing_or_malformed_results_of_other_callbacks_are_skipped(tmp_path):
         )
         trainer.fit(_module(), datamodule=TinyData())
         res = contribution.results["backbone.fc"]
-        assert res["ablation_sets"] == ["class 0 top5", "class 1 top5", "class 2 top5"], results
-        assert res["probe_preferred_source"] == [["top example"] * 5], results
+        assert res.ablation.sets == ["class 0 top5", "class 1 top5", "class 2 top5"]
+        assert res.probes.preferred_source == [["top example"] * 5]
 
 
 def test_cluster_labels_of_the_wrong_length_warn(tmp_path):
     contribution = NeuronContribution(
-        layers=["backbone.fc"], max_batches=1, probe_images=0, enable_logging=False
+        layers=["backbone.fc"], max_batches=1, max_probes=0, enable_logging=False
     )
     callbacks = [
         ActivationTracker(enable_logging=False),
-        NeuronClustering(torch.zeros(3, dtype=torch.long), as_mapping=True),
+        FixedClusters(np.zeros(3, dtype=np.int64)),
         contribution,
     ]
     with pytest.warns(UserWarning, match="are 3 values.*8 neurons"):
         fast_trainer(
             tmp_path, callbacks=callbacks, max_epochs=1, logger=False, limit_train_batches=1
         ).fit(_module(), datamodule=TinyData())
-    assert len(contribution.results["backbone.fc"]["ablation_sets"]) == 3
-    assert "probe_images" not in contribution.results["backbone.fc"]
+    assert len(contribution.results["backbone.fc"].ablation.sets) == 3
+    assert contribution.results["backbone.fc"].probes is None
 
 
 def test_cluster_sets():
@@ -278,8 +307,9 @@ def test_every_n_epochs_max_batches_validate_and_test(tmp_path):
     seen = []
 
     class Spy(pl.Callback):
-        def on_validation_epoch_end(self, trainer, pl_module):
-            seen.append(contribution.results.get("backbone.relu2", {}).get("epoch"))
+        def on_validation_end(self, trainer, pl_module):
+            res = contribution.results.get("backbone.relu2")
+            seen.append(None if res is None else res.epoch)
 
     trainer = fast_trainer(
         tmp_path,
@@ -288,13 +318,13 @@ def test_every_n_epochs_max_batches_validate_and_test(tmp_path):
     )
     trainer.fit(model, datamodule=data)
     assert seen == [None, 1, 1]
-    assert contribution.results["backbone.relu2"]["counts"].sum() == 8  # one batch
+    assert contribution.results["backbone.relu2"].counts.sum() == 8  # one batch
     contribution.results = {}
     trainer.validate(model, datamodule=data, verbose=False)
-    assert contribution.results["backbone.relu2"]["counts"].sum() == 8
+    assert contribution.results["backbone.relu2"].counts.sum() == 8
     contribution.results = {}
     trainer.test(model, datamodule=data, verbose=False)
-    assert contribution.results["backbone.relu2"]["counts"].sum() == 8
+    assert contribution.results["backbone.relu2"].counts.sum() == 8
     assert count_forward_hooks(model) == 0
 
 
@@ -327,7 +357,7 @@ def test_no_ablation_when_ablation_layers_is_empty(tmp_path):
         max_epochs=1,
         logger=False,
     ).fit(_module(), datamodule=TinyData())
-    assert all("accuracy_drop" not in res for res in contribution.results.values())
+    assert all(res.ablation is None for res in contribution.results.values())
 
 
 @pytest.mark.parametrize(
@@ -337,7 +367,7 @@ def test_no_ablation_when_ablation_layers_is_empty(tmp_path):
         ({"top_k": 0}, "top_k"),
         ({"max_ablation_classes": 0}, "max_ablation_classes"),
         ({"share_prefix": "sometimes"}, "share_prefix"),
-        ({"probe_images": -1}, "probe_images"),
+        ({"max_probes": -1}, "max_probes"),
         ({"probe_top": 0}, "probe_top"),
         ({"every_n_epochs": 0}, "every_n_epochs"),
         ({"on_error": "ignore"}, "on_error"),
@@ -388,7 +418,8 @@ trainer = pl.Trainer(
     callbacks=[ActivationTracker(), contribution],
 )
 trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
-drop = contribution.results.get("backbone.features.relu2", {}).get("accuracy_drop")
+res = contribution.results.get("backbone.features.relu2")
+drop = None if res is None or res.ablation is None else res.ablation.accuracy_drop
 summary = {"layers": sorted(contribution.results), "drop": None if drop is None else list(drop.shape)}
 (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(summary))
 # Close the gloo process group before exit (see test_visualizer_callback's DDP script).
@@ -436,7 +467,7 @@ def test_probes_cover_every_class_and_the_table_has_short_columns(tmp_path):
     )
     trainer.fit(model, datamodule=TinyData(n=160, num_classes=10))
     res = contribution.results["backbone.fc"]
-    assert res["probe_labels"].tolist() == list(range(10))
+    assert res.probes.labels.tolist() == list(range(10))
     events = EventAccumulator(str(trainer.logger.log_dir), size_guidance={"tensors": 0}).Reload()
     tag = next(
         t for t in events.Tags()["tensors"] if t.startswith("contribution/backbone.fc/probes")
@@ -447,4 +478,4 @@ def test_probes_cover_every_class_and_the_table_has_short_columns(tmp_path):
     rows = [line.strip("| ").split(" | ") for line in lines[2:]]
     assert [r[1] for r in rows] == [str(c) for c in range(10)]
     assert all(len(r) == 8 for r in rows)
-    assert rows[0][3].startswith(f"n{int(res['probe_top_neurons'][0, 0])} ")
+    assert rows[0][3].startswith(f"n{int(res.probes.top_neurons[0, 0])} ")

@@ -54,7 +54,7 @@ def test_runs_without_a_logger_get_a_folder_each(tmp_path):
 
 def test_validate_and_test_after_fit_write_their_own_folders(tmp_path):
     tracker = ActivationTracker(layers=["backbone.fc"], stage="validation")
-    contribution = NeuronContribution(max_batches=1, probe_images=0)
+    contribution = NeuronContribution(max_batches=1, max_probes=0)
     trainer = fast_trainer(tmp_path, callbacks=[tracker, contribution], max_epochs=1)
     module, data = _module(), TinyData()
     with warnings.catch_warnings():

@@ -136,10 +136,10 @@ def test_every_analysis_works_with_defaults(tmp_path, name):
         assert stats.counts.tolist() == [IMAGES // CLASSES] * CLASSES, layer
     vis, category, neuron, contribution = callbacks[1:]
     assert set(vis.results) >= set(vis.layers) | {"classes"}
-    assert set(vis.saliency_results["maps"]) == {"gradient", "smoothgrad", "gradcam"}
-    assert vis.saliency_results["labels"].tolist() == list(range(CLASSES))
+    assert set(vis.saliency_results.maps) == {"gradient", "smoothgrad", "gradcam"}
+    assert vis.saliency_results.labels.tolist() == list(range(CLASSES))
     assert category.results and neuron.results
     assert _covers(contribution.layers, contribution.results)
-    assert all(res["counts"].sum() == IMAGES for res in contribution.results.values())
-    assert "accuracy_drop" in contribution.results[contribution.ablation_layers[-1]]
+    assert all(res.counts.sum() == IMAGES for res in contribution.results.values())
+    assert contribution.results[contribution.ablation_layers[-1]].ablation is not None
     assert count_forward_hooks(module) == 0

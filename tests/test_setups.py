@@ -37,7 +37,7 @@ def _all_five(on_error: str = "raise", **tracker_kwargs) -> list[pl.Callback]:
         FeatureVisualizer(**quiet, **FAST_VIS),
         CategoryClustering(**quiet, n_clusters=2),
         NeuronClustering(**quiet, method="kmeans", n_clusters=2),
-        NeuronContribution(**quiet, max_batches=1, probe_images=2),
+        NeuronContribution(**quiet, max_batches=1, max_probes=2),
     ]
 
 
@@ -55,7 +55,7 @@ def _quiet_fit(trainer: pl.Trainer, module: pl.LightningModule, **kwargs) -> Non
 def _assert_every_analysis_produced(callbacks: list[pl.Callback], module: nn.Module) -> None:
     tracker, vis, category, neuron, contribution = callbacks
     assert tracker.results and vis.results and category.results and neuron.results
-    assert contribution.results and vis.saliency_results["maps"]
+    assert contribution.results and vis.saliency_results.maps
     for cb in callbacks:
         assert not cb.failures, cb.failures
     assert count_forward_hooks(module) == 0
@@ -97,15 +97,15 @@ def test_normalised_loaders_probes_are_display_images_and_predictions_the_models
     data.setup()
     loader_inputs = torch.cat([x for x, _ in data.val_dataloader()])
     assert loader_inputs.min() < 0  # the loaders yield normalised model inputs
-    for probe in res["inputs"]:  # kept exactly as the loader yielded them
+    for probe in res.inputs:  # kept exactly as the loader yielded them
         assert (loader_inputs == probe).flatten(1).all(dim=1).any()
-    images = res["images"]  # shown as display images: the inverse of the normalisation
+    images = res.images  # shown as display images: the inverse of the normalisation
     assert images.min() >= 0 and images.max() <= 1
     # Normalize(display) vs the input: float32 rounding of values of a few units
-    torch.testing.assert_close(Normalize(*data._STATS["imagefolder"])(images), res["inputs"])
+    torch.testing.assert_close(Normalize(*data._STATS["imagefolder"])(images), res.inputs)
     module.eval()
     with torch.no_grad():
-        assert torch.equal(res["predicted"], module(res["inputs"]).argmax(dim=1))
+        assert torch.equal(res.predicted, module(res.inputs).argmax(dim=1))
 
 
 # ---- 5. several validation loaders -----------------------------------------------------------------
@@ -125,13 +125,13 @@ class TwoValLoaders(TinyData):
 @pytest.mark.parametrize(("index", "images"), [(0, 24), (1, 10)])
 def test_one_validation_loader_is_analysed_and_the_user_told_once(tmp_path, index, images):
     tracker = ActivationTracker(layers=["backbone.fc"], dataloader_idx=index, enable_logging=False)
-    contribution = NeuronContribution(max_batches=10, probe_images=0, enable_logging=False)
+    contribution = NeuronContribution(max_batches=10, max_probes=0, enable_logging=False)
     trainer = fast_trainer(tmp_path, callbacks=[tracker, contribution], max_epochs=2)
     with pytest.warns(UserWarning, match="2 data loaders; the analyses use loader") as record:
         trainer.fit(_module(cls=MultiLoaderClassifier), datamodule=TwoValLoaders())
     assert sum("2 data loaders" in str(w.message) for w in record) == 1
     assert tracker.results["backbone.fc"].counts.sum() == images
-    assert contribution.results["backbone.fc"]["counts"].sum() == images
+    assert contribution.results["backbone.fc"].counts.sum() == images
 
 
 def test_a_dataloader_idx_beyond_the_loaders_is_an_error(tmp_path):
@@ -149,7 +149,7 @@ def test_train_stage_statistics_cover_the_whole_epoch_despite_mid_epoch_validati
     callbacks = [
         tracker,
         FeatureVisualizer(saliency=[], classes=[], **FAST_VIS),
-        NeuronContribution(max_batches=1, probe_images=0, ablation_layers=[]),
+        NeuronContribution(max_batches=1, max_probes=0, ablation_layers=[]),
     ]
     trainer = fast_trainer(tmp_path, callbacks=callbacks, max_epochs=1, val_check_interval=0.5)
     _quiet_fit(trainer, _module(), datamodule=TinyData())
@@ -212,7 +212,7 @@ def test_unreadable_dict_outputs_warn_and_training_goes_on(tmp_path):
         trainer.fit(module, datamodule=TinyData())
     assert trainer.current_epoch == 2  # the fit was not stopped
     assert tracker.results and neuron.results  # they need no logits
-    assert vis.results and "classes" not in vis.results and not vis.saliency_results
+    assert vis.results and "classes" not in vis.results and vis.saliency_results is None
     assert any("output_fn" in f for f in vis.failures + contribution.failures)
     assert count_forward_hooks(module) == 0
 
@@ -246,7 +246,7 @@ def test_custom_batches_are_read_by_every_analysis_through_the_trackers_function
     assert not [w for w in record if "cannot be read" in str(w.message)]
     _assert_every_analysis_produced(callbacks, module)
     probes = callbacks[1].saliency_results
-    assert probes["labels"].tolist() == [0, 1, 2]  # the first image of each class
+    assert probes.labels.tolist() == [0, 1, 2]  # the first image of each class
 
 
 # ---- 10. no validation data ------------------------------------------------------------------------
@@ -288,8 +288,8 @@ def test_half_precision_models_are_rendered_and_explained_in_their_dtype(
     assert next(module.parameters()).dtype == dtype
     _assert_every_analysis_produced(callbacks, module)
     vis = callbacks[1]
-    assert all(torch.isfinite(m).all() for m in vis.saliency_results["maps"].values())
-    assert vis.results["classes"]["images"].dtype == torch.float32
+    assert all(torch.isfinite(m).all() for m in vis.saliency_results.maps.values())
+    assert vis.results["classes"].images.dtype == torch.float32
 
 
 # ---- 12. one failing layer ---------------------------------------------------------------------------
@@ -344,15 +344,16 @@ def test_a_failing_layer_does_not_sink_the_others(tmp_path, monkeypatch):
 
 
 def test_clusters_from_an_older_epoch_say_so(tmp_path):
-    # NeuronContribution before NeuronClustering: it ablates the clusters of the previous epoch
+    # NeuronClustering analyses every 2nd epoch: in epoch 2 the clusters of epoch 1 are ablated
     quiet = dict(enable_logging=False)
-    contribution = NeuronContribution(max_batches=1, probe_images=0, **quiet)
-    neuron = NeuronClustering(method="kmeans", n_clusters=2, **quiet)
+    contribution = NeuronContribution(max_batches=1, max_probes=0, **quiet)
+    neuron = NeuronClustering(method="kmeans", n_clusters=2, every_n_epochs=2, **quiet)
     callbacks = [ActivationTracker(layers=["backbone.fc"], **quiet), contribution, neuron]
-    trainer = fast_trainer(tmp_path, callbacks=callbacks, max_epochs=2)
-    with pytest.warns(UserWarning, match="ablated in epoch 1 are NeuronClustering's of epoch 0"):
+    trainer = fast_trainer(tmp_path, callbacks=callbacks, max_epochs=3)
+    with pytest.warns(UserWarning, match="ablated in epoch 2 are NeuronClustering's of epoch 1"):
         trainer.fit(_module(), datamodule=TinyData())
-    assert contribution.results["backbone.fc"]["clusters_epoch"] == 0
+    assert contribution.results["backbone.fc"].ablation.clusters_epoch == 1
+    assert contribution.results["backbone.fc"].epoch == 2
     assert neuron.results["backbone.fc"].epoch == 1
 
 

@@ -58,3 +58,35 @@ def test_dead_and_dominant_neurons():
     dominant, share = dominant_neurons(means, top_k=1)
     assert dominant[0].tolist() == [0]
     assert share.tolist() == pytest.approx([0.8, 0.0])
+
+
+def test_layer_stats_equal_numpy_on_all_activations_at_once():
+    """Streamed in uneven chunks, the statistics equal NumPy's on the whole array: std (population,
+    NaN left out), firing rate (share of a class's images whose peak is positive), max, means and
+    NaN counts."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(200, 5))
+    values[rng.random(values.shape) < 0.05] = np.nan
+    peak = values + rng.normal(0.3, 0.5, size=values.shape)  # e.g. a conv channel's spatial max
+    labels = rng.integers(0, 3, size=200)  # class 3 of 4 has no image
+    stats = ClassNeuronStats(4, 5)
+    for start in range(0, 200, 37):
+        part = slice(start, start + 37)
+        stats.update(
+            torch.from_numpy(values[part]),
+            torch.from_numpy(labels[part]),
+            peak=torch.from_numpy(peak[part]),
+        )
+    res = LayerStats.from_state("l", stats.compute(), epoch=0, reduction="max", top_k=2)
+    for c in range(3):
+        rows = values[labels == c]
+        np.testing.assert_allclose(res.class_std[c].numpy(), np.nanstd(rows, axis=0), atol=1e-12)
+        np.testing.assert_allclose(res.class_means[c].numpy(), np.nanmean(rows, axis=0), atol=1e-12)
+        np.testing.assert_array_equal(res.class_max[c].numpy(), np.nanmax(rows, axis=0))
+        fired = np.nan_to_num(peak[labels == c], nan=-1.0) > 0
+        np.testing.assert_allclose(res.firing_rate[c].numpy(), fired.mean(axis=0), atol=1e-15)
+    assert res.counts.tolist() == [*np.bincount(labels, minlength=3).tolist(), 0]
+    assert torch.isnan(res.class_std[3]).all() and torch.isnan(res.class_means[3]).all()
+    np.testing.assert_array_equal(res.nan_counts.numpy(), np.isnan(values).sum(axis=0))

@@ -73,8 +73,8 @@ def test_every_n_epochs_and_max_batches(tmp_path):
     seen = []
 
     class Spy(pl.Callback):
-        def on_validation_epoch_end(self, trainer, pl_module):
-            res = tracker.finalize(trainer)
+        def on_validation_end(self, trainer, pl_module):
+            res = tracker.results
             seen.append(None if not res else next(iter(res.values())).epoch)
 
     fast_trainer(tmp_path, callbacks=[tracker, Spy()], max_epochs=3).fit(model, datamodule=data)

@@ -9,19 +9,17 @@ from conftest import TinyNet
 
 from lightning_neurons import NeuronsError
 from lightning_neurons.visualize import (
-    IMAGE,
     L2,
-    LOGITS,
     Channel,
     ChannelGroup,
     ClassLogit,
     Neuron,
     TotalVariation,
-    check_objectives,
     evaluate,
     render,
 )
-from lightning_neurons.visualize.objectives import BatchScorer, Sum
+from lightning_neurons.visualize.objectives import IMAGE, LOGITS, BatchScorer, Sum
+from lightning_neurons.visualize.render import check_objectives
 
 
 def test_arithmetic_builds_weighted_sums():

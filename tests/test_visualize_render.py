@@ -19,28 +19,20 @@ from torch import nn
 from lightning_neurons import NeuronsError
 from lightning_neurons.data import Normalize
 from lightning_neurons.hooks import hooked
-from lightning_neurons.visualize import (
+from lightning_neurons.visualize import Channel, ChannelGroup, ClassLogit, Neuron, evaluate, render
+from lightning_neurons.visualize.param import fft_image, parametrize, pixel_image, row_seed
+from lightning_neurons.visualize.render import CPU_CHUNK_BYTES, auto_batch_size
+from lightning_neurons.visualize.transforms import (
     CenterCrop,
-    Channel,
-    ChannelGroup,
-    ClassLogit,
     Jitter,
-    Neuron,
     Pad,
     RandomAffine,
     RandomRotate,
     RandomScale,
     apply_transforms,
-    evaluate,
-    fft_image,
-    parametrize,
-    pixel_image,
-    render,
     resolve_transforms,
-    row_seed,
     standard_transforms,
 )
-from lightning_neurons.visualize.render import CPU_CHUNK_BYTES, auto_batch_size
 
 # ---- parametrizations ---------------------------------------------------------------------------
 

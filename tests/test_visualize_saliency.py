@@ -15,6 +15,7 @@ from _vis_helpers import (
 )
 from conftest import TinyNet
 from torch import nn
+from torch.nn import functional as F
 
 from lightning_neurons import NeuronsError
 from lightning_neurons.data import Normalize
@@ -46,7 +47,8 @@ def test_gradient_is_exact_on_a_linear_model():
     # the default target is the predicted class
     with torch.no_grad():
         predicted = model(images).argmax(dim=1)
-    assert torch.allclose(gradient(model, images), gradient(model, images, predicted))
+    expected = model.fc.weight.detach()[predicted].view(3, 2, 4, 4).abs().amax(dim=1)
+    assert torch.allclose(gradient(model, images), expected)
     # the gradient is taken with respect to the display image, through input_transform
     norm = Normalize((0.5, 0.5), (0.5, 0.25))
     scaled = gradient(model, images, target, input_transform=norm)
@@ -85,15 +87,48 @@ def test_shapes_batching_and_no_side_effects(channels):
     assert_same_rng(rng)
 
 
-def test_grad_cam_layer_default_and_choice():
+class ConvPoolLinear(nn.Module):
+    """conv -> global average pool -> linear: logit_c = sum_k W[c, k] mean_ij A_k(i, j) + b_c."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+
+def test_grad_cam_equals_its_closed_form_on_conv_pool_linear():
+    # d logit_c / d A_k(i, j) = W[c, k] / (h w) everywhere, so Grad-CAM's channel weights are
+    # W[c, k] / (h w) and its map ReLU(sum_k W[c, k] A_k / (h w)); the conv keeps the 6 x 6 size,
+    # so the bilinear upsampling to the image size is the identity.
+    torch.manual_seed(0)
+    model = ConvPoolLinear()
+    images = _images(5, channels=2, size=6)
+    with torch.no_grad():  # computed here with torch.nn.functional, not through the model's hooks
+        a = F.conv2d(images, model.conv.weight, model.conv.bias, padding=1)
+        predicted = (a.mean(dim=(2, 3)) @ model.fc.weight.T + model.fc.bias).argmax(dim=1)
+    target = torch.tensor([0, 1, 2, 1, 0])
+    for chosen, maps in [
+        (target, grad_cam(model, images, target)),
+        (predicted, grad_cam(model, images)),  # defaults: the predicted class, the last Conv2d
+        (target, grad_cam(model, images, target, layer="conv", batch_size=2)),
+    ]:
+        weights = model.fc.weight.detach()[chosen] / 36.0  # [N, K]
+        expected = torch.relu(torch.einsum("nk,nkij->nij", weights, a))
+        torch.testing.assert_close(maps, expected, atol=1e-6, rtol=1e-5)
+    assert expected.gt(0).any() and expected.eq(0).any()  # the ReLU matters in this example
+
+
+def test_grad_cam_layer_choice():
     model = TinyNet()
     images = _images(3)
-    assert torch.equal(grad_cam(model, images), grad_cam(model, images, "conv2"))  # last Conv2d
-    assert grad_cam(model, images, "relu1").shape == (3, 8, 8)
+    assert grad_cam(model, images, layer="relu1").shape == (3, 8, 8)
     with pytest.raises(NeuronsError, match="layer 'conv7' not found"):
-        grad_cam(model, images, "conv7")
+        grad_cam(model, images, layer="conv7")
     with pytest.raises(NeuronsError, match=r"Grad-CAM needs a layer with \[N, K, h, w\] output"):
-        grad_cam(model, images, "fc")
+        grad_cam(model, images, layer="fc")
     with pytest.raises(NeuronsError, match="has no Conv2d layer"):
         grad_cam(Linear(), _images(2, channels=2, size=4))
     assert snapshot(model).hooks == 0

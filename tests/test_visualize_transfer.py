@@ -21,16 +21,14 @@ from lightning_neurons.visualize import (
     ClassLogit,
     ClassLogProb,
     DataPrior,
-    DataPriorEstimate,
     Neuron,
-    amplitude_spectrum,
     evaluate,
-    maco_image,
     render,
-    robust_transforms,
-    soft_clip,
 )
+from lightning_neurons.visualize.param import maco_image, soft_clip
+from lightning_neurons.visualize.prior import DataPriorEstimate, amplitude_spectrum
 from lightning_neurons.visualize.render import similarity_to_others
+from lightning_neurons.visualize.transforms import robust_transforms
 
 # float32 FFTs and convolutions of 8x8-16x16 images: rounding errors are ~1e-7 per value; a few
 # hundred of them accumulate to well below 1e-5. Comparisons of the same computation in other
@@ -378,14 +376,14 @@ def test_visualizer_estimates_the_prior_from_validation_and_judges_classes(tmp_p
     assert prior is not None and prior.count == 10  # the first 10 validation images
     torch.testing.assert_close(prior.mean, data.vx[:10].mean(0), atol=1e-6, rtol=0)
     res = vis.results["backbone.relu1"]
-    assert res["images"].shape == (4, 1, 8, 8)
-    assert res["channels"].tolist() == [0, 0, 1, 1]  # two images per channel
+    assert res.images.shape == (4, 1, 8, 8)
+    assert res.channels.tolist() == [0, 0, 1, 1]  # two images per channel
     classes = vis.results["classes"]
-    assert classes["judge_predicted"].shape == (3,)
+    assert classes.judge_predicted.shape == (3,)
     assert count_forward_hooks(judge) == 0 and judge.training  # left as found (train mode)
     with torch.no_grad():
-        expected = judge.eval()(classes["images"]).argmax(dim=1)
-    assert torch.equal(classes["judge_predicted"], expected)
+        expected = judge.eval()(classes.images).argmax(dim=1)
+    assert torch.equal(classes.judge_predicted, expected)
     vis.reset_prior()
     assert vis._estimated_prior is None and vis._estimate.count == 0
 
@@ -425,7 +423,7 @@ def test_visualizer_falls_back_to_fft_without_display_images(tmp_path):
     trainer = fast_trainer(tmp_path, callbacks=[vis], max_epochs=1, logger=False)
     with pytest.warns(UserWarning, match="rendering with param='fft'"):
         trainer.fit(_module(), datamodule=OpaqueTransformData())
-    assert vis.results["backbone.relu1"]["images"].shape == (2, 1, 8, 8)
+    assert vis.results["backbone.relu1"].images.shape == (2, 1, 8, 8)
 
 
 def test_visualizer_uses_a_given_prior_and_checks_arguments(tmp_path):
@@ -466,15 +464,15 @@ def test_visualizer_renders_neuron_clusters_with_the_judges_verdict(tmp_path):
     assert set(vis.cluster_results) == {"backbone.relu1"}
     for layer, res in vis.cluster_results.items():
         labels = torch.as_tensor(clustering.results[layer].labels)
-        assert res["sizes"].tolist() == [int((labels == k).sum()) for k in res["clusters"]]
-        assert res["sizes"].tolist() == sorted(res["sizes"].tolist(), reverse=True)
+        assert res.sizes.tolist() == [int((labels == k).sum()) for k in res.clusters]
+        assert res.sizes.tolist() == sorted(res.sizes.tolist(), reverse=True)
         profiles = torch.as_tensor(clustering.results[layer].cluster_profiles)
-        assert torch.equal(res["preferred_class"], profiles[res["clusters"]].argmax(dim=1))
-        assert res["images"].shape == (len(res["clusters"]), 1, 8, 8)
+        assert torch.equal(res.preferred_class, profiles[res.clusters].argmax(dim=1))
+        assert res.images.shape == (len(res.clusters), 1, 8, 8)
         with torch.no_grad():  # what the model and the judge see, computed apart
-            assert torch.equal(res["predicted"], model.eval()(res["images"]).argmax(dim=1))
-            assert torch.equal(res["judge_predicted"], judge.eval()(res["images"]).argmax(dim=1))
-        assert res["clusters_epoch"] in (0, 1) and res["epoch"] == 1
+            assert torch.equal(res.predicted, model.eval()(res.images).argmax(dim=1))
+            assert torch.equal(res.judge_predicted, judge.eval()(res.images).argmax(dim=1))
+        assert res.clusters_epoch in (0, 1) and res.epoch == 1
     assert count_forward_hooks(judge) == 0 and count_forward_hooks(model) == 0
     names = {r["name"] for r in load_index(tmp_path / "tb" / "version_0") if r["epoch"] == 1}
     assert "clusters_backbone.relu1" in names

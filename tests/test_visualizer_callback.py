@@ -90,27 +90,27 @@ def test_renders_logs_and_writes_files(tmp_path):
     assert set(vis.results) == {"backbone.conv1", "backbone.conv2", "classes"}
     for layer in vis.layers:
         res = vis.results[layer]
-        assert res["channels"].tolist() == [0, 1, 2]
-        assert res["images"].shape == (3, 1, 8, 8) and res["epoch"] == 1
-        assert float(res["images"].min()) >= 0 and float(res["images"].max()) <= 1
+        assert res.channels.tolist() == [0, 1, 2]
+        assert res.images.shape == (3, 1, 8, 8) and res.epoch == 1
+        assert float(res.images.min()) >= 0 and float(res.images.max()) <= 1
         reference = tracker.results[layer].max_activation[:3].float()
-        assert torch.allclose(res["reference"], reference)
+        assert torch.allclose(res.reference, reference)
         positive = reference > 0
-        expected = res["activation"][positive] / reference[positive]
-        assert torch.allclose(res["strength"][positive], expected)
-        assert torch.isnan(res["strength"][~positive]).all()
+        expected = res.activation[positive] / reference[positive]
+        assert torch.allclose(res.strength[positive], expected)
+        assert torch.isnan(res.strength[~positive]).all()
     classes = vis.results["classes"]
-    assert classes["channels"].tolist() == [0, 1, 2] and classes["images"].shape == (3, 1, 8, 8)
-    assert classes["probability"].shape == (3,) and classes["strength"] is None
+    assert classes.channels.tolist() == [0, 1, 2] and classes.images.shape == (3, 1, 8, 8)
+    assert classes.probability.shape == (3,) and classes.strength is None
 
     # probes: the first validation image of each class, with saliency maps of every method
     sal = vis.saliency_results
     val = TinyData()
     first = [int(torch.nonzero(val.vy == c)[0]) for c in range(3)]
-    assert sal["labels"].tolist() == [0, 1, 2]
-    assert torch.equal(sal["images"], val.vx[first])
-    assert set(sal["maps"]) == {"gradient", "smoothgrad", "gradcam"}
-    assert all(m.shape == (3, 8, 8) for m in sal["maps"].values())
+    assert sal.labels.tolist() == [0, 1, 2]
+    assert torch.equal(sal.images, val.vx[first])
+    assert set(sal.maps) == {"gradient", "smoothgrad", "gradcam"}
+    assert all(m.shape == (3, 8, 8) for m in sal.maps.values())
 
     # TensorBoard: stable tags, one image per epoch each (the step slider); scalars
     log_dir = Path(trainer.logger.log_dir)
@@ -162,11 +162,11 @@ def test_defaults_without_tracker_from_data_module(tmp_path):
     trainer = fast_trainer(tmp_path, callbacks=[vis], max_epochs=1)
     trainer.fit(_module(), datamodule=data)
     assert vis.layers == ["backbone.conv1", "backbone.conv2"]
-    assert vis.results["backbone.conv1"]["channels"].tolist() == [0, 1, 2, 3]  # all 4
-    assert vis.results["backbone.conv2"]["channels"].tolist() == [5, 1]
-    assert vis.results["backbone.conv2"]["strength"] is None  # no tracker: no reference
-    assert vis.results["classes"]["channels"].tolist() == [2]
-    assert list(vis.saliency_results["maps"]) == ["gradcam"]
+    assert vis.results["backbone.conv1"].channels.tolist() == [0, 1, 2, 3]  # all 4
+    assert vis.results["backbone.conv2"].channels.tolist() == [5, 1]
+    assert vis.results["backbone.conv2"].strength is None  # no tracker: no reference
+    assert vis.results["classes"].channels.tolist() == [2]
+    assert list(vis.saliency_results.maps) == ["gradcam"]
     assert data.input_transform.calls > 0  # the data module's transform was used
     assert vis.last_seconds is not None and vis.last_seconds > 0
 
@@ -175,7 +175,7 @@ def test_probes_are_bounded_and_validate_runs_a_round(tmp_path):
     vis = FeatureVisualizer(max_channels=1, probes_per_class=5, max_probes=4, **FAST)
     trainer = fast_trainer(tmp_path, callbacks=[vis], logger=False)
     trainer.validate(_module(), datamodule=TinyData())
-    assert vis.saliency_results["images"].shape == (4, 1, 8, 8)
+    assert vis.saliency_results.images.shape == (4, 1, 8, 8)
     # default layers: the activation modules (BNNet's second ReLU is functional: not a module)
     assert set(vis.results) == {"backbone.relu1", "classes"}
 
@@ -185,8 +185,8 @@ def test_image_shape_from_the_batches_without_saliency(tmp_path):
     trainer = fast_trainer(tmp_path, callbacks=[vis], logger=False, max_epochs=1)
     trainer.fit(_module(), datamodule=TinyData())  # no image_shape attribute
     assert set(vis.results) == {"backbone.relu1"}  # classes=[]: none
-    assert vis.results["backbone.relu1"]["images"].shape == (1, 1, 8, 8)
-    assert vis.saliency_results == {}
+    assert vis.results["backbone.relu1"].images.shape == (1, 1, 8, 8)
+    assert vis.saliency_results is None
 
 
 def test_seeded_fit_is_bitwise_identical_with_and_without_visualizer(tmp_path):
@@ -277,8 +277,8 @@ trainer = pl.Trainer(
 trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
 summary = {
     "layers": sorted(vis.results),
-    "strength": [v["strength"] is not None for k, v in sorted(vis.results.items()) if k != "classes"],
-    "probes": len(vis.saliency_results.get("labels", [])),
+    "strength": [v.strength is not None for k, v in sorted(vis.results.items()) if k != "classes"],
+    "probes": 0 if vis.saliency_results is None else len(vis.saliency_results.labels),
 }
 (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(summary))
 import torch

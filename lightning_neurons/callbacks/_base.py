@@ -4,70 +4,188 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar, overload
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
+from lightning_neurons.checks import check_choice, check_layers, check_positive_int
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.state import analysis_mode, preserved_rng, untouched  # noqa: F401 (re-exported)
-
-if TYPE_CHECKING:
-    from lightning_neurons.callbacks.tracker import ActivationTracker
 
 T = TypeVar("T")
+C = TypeVar("C", bound=Callback)
 OnError = Literal["warn", "raise"]
 Stage = Literal["train", "validation", "test"]
 
 
-def check_positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise NeuronsError(f"`{name}` must be a positive integer, got {value!r}")
-    return value
+def class_names_of(trainer: Trainer, num_classes: int) -> list[str]:
+    """``trainer.datamodule.class_names`` when it has the right length, else ``"0"``, ``"1"``..."""
+    names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
+    if names is not None and len(names) == num_classes:
+        return [str(n) for n in names]
+    return [str(c) for c in range(num_classes)]
 
 
-def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise NeuronsError(
-            f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {value!r}"
-        )
-    return value
+@overload
+def find_callback(
+    trainer: Trainer, cls: type[C], *, required: Literal[False] = False
+) -> C | None: ...
 
 
-def find_tracker(trainer: Trainer, requester: str) -> ActivationTracker:
-    """The :class:`ActivationTracker` among the trainer's callbacks.
+@overload
+def find_callback(trainer: Trainer, cls: type[C], *, required: str) -> C: ...
+
+
+def find_callback(
+    trainer: Trainer, cls: type[C], *, required: str | Literal[False] = False
+) -> C | None:
+    """The first of the trainer's callbacks that is an instance of ``cls`` (as Lightning finds its
+    checkpoint callbacks): the one way callbacks of this package find each other.
+
+    Args:
+        trainer: The trainer.
+        cls: The callback class looked for; subclasses count.
+        required: The name of the callback that needs one: a missing one then raises.
+            ``False``: a missing one gives ``None``.
+
+    Returns:
+        The callback, or ``None`` when there is none and it is not required.
 
     Raises:
-        NeuronsError: If there is none; the message shows how to add one.
+        NeuronsError: If there is none and ``required`` names who needs it; the message shows how
+            to add one.
     """
-    from lightning_neurons.callbacks.tracker import ActivationTracker
-
-    trackers = [cb for cb in trainer.callbacks if isinstance(cb, ActivationTracker)]
-    if not trackers:
+    found = next((cb for cb in trainer.callbacks if isinstance(cb, cls)), None)
+    if found is None and required:
+        name = cls.__name__
+        article = "an" if name[0] in "AEIOU" else "a"
         raise NeuronsError(
-            f"{requester} reads the neuron statistics of an ActivationTracker, but none is attached "
-            "to the Trainer. Add one: `Trainer(callbacks=[ActivationTracker(), "
-            f"{requester}(...)])`, or in YAML under `trainer.callbacks` add "
-            "`- class_path: lightning_neurons.ActivationTracker`."
+            f"{required} reads the results of {article} {name}, but none is attached to the "
+            f"Trainer. Add one: `Trainer(callbacks=[{name}(), {required}(...)])`, or in YAML "
+            f"under `trainer.callbacks` add `- class_path: lightning_neurons.{name}`."
         )
-    return trackers[0]
+    return found
 
 
 class AnalysisCallback(Callback):
-    """Base of the analysis callbacks: when to run, and what to do when an analysis fails.
+    """Base of the analysis callbacks: when to run, what to do when an analysis fails, and how
+    callbacks read each other's results.
+
+    **How results flow.** A callback *publishes* its ``results`` (typed dataclasses, see
+    :mod:`lightning_neurons.results`) when its own work for a stage is done, and *reads* other
+    callbacks' results in :meth:`_consume`, which runs at the end of the stage: Lightning calls
+    every callback's ``on_validation_epoch_end`` before any ``on_validation_end`` (likewise for
+    test), so the :class:`~lightning_neurons.ActivationTracker` publishes its statistics at its
+    epoch end and the analyses read them at the stage end. Analyses that read other analyses (the
+    callback types in :attr:`reads`, e.g. NeuronContribution reads NeuronClustering's clusters)
+    wait at the stage end until every attached callback of those types has finished the stage,
+    so the order of the callbacks in the Trainer's list does not change any result. The stage
+    ends are ``on_validation_end``, ``on_test_end`` and, for the training stage (which has no
+    later per-epoch hook), ``on_train_epoch_end``.
+
+    Every callback takes its ``layers`` first and everything else by keyword; the options they
+    share are handled here.
 
     Args:
+        layers: Module names or glob patterns (one name may be a string); ``None``: the default
+            (each callback says which).
         every_n_epochs: Run after every n-th epoch (epochs are counted from 1).
+        enable_logging: Log to TensorBoard and write files (``results`` is always filled).
         on_error: ``"warn"``: an analysis that fails is reported with a warning and training goes
             on; ``"raise"``: the error stops training. Mistakes in the callback's own arguments
             always raise when the callback is set up.
     """
 
-    def __init__(self, *, every_n_epochs: int = 1, on_error: OnError = "warn") -> None:
+    #: The callback types whose results :meth:`_consume` reads (found with :func:`find_callback`).
+    reads: ClassVar[tuple[type[Callback], ...]] = ()
+
+    def __init__(
+        self,
+        layers: list[str] | None = None,
+        *,
+        every_n_epochs: int = 1,
+        enable_logging: bool = True,
+        on_error: OnError = "warn",
+    ) -> None:
         super().__init__()
+        #: The ``layers`` argument; :attr:`layers` holds the names it resolves to at setup.
+        self.layer_patterns = check_layers("layers", layers)
+        self.layers: list[str] = []
+        self.enable_logging = enable_logging
         self.every_n_epochs = check_positive_int("every_n_epochs", every_n_epochs)
         self.on_error = check_choice("on_error", on_error, ("warn", "raise"))
         self.failures: list[str] = []
+        self._unfinished: set[str] = set()  # stages begun whose stage end has not run yet
+        self._waiting: dict[str, Callable[[], None]] = {}
+
+    # ---- the stage-end protocol ----------------------------------------------------------------
+
+    def _consume(self, stage: Stage, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The analysis at the end of ``stage``, once every attached callback of the :attr:`reads`
+        types has finished the stage (their results of this epoch are published)."""
+
+    def _begin(self, stage: Stage) -> None:
+        self._unfinished.add(stage)
+
+    def _end(self, stage: Stage, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._waiting[stage] = lambda: self._consume(stage, trainer, pl_module)
+        _run_ready(trainer, stage)
+
+    def _ready(self, trainer: Trainer, stage: Stage) -> bool:
+        return not any(
+            stage in peer._unfinished
+            for peer in trainer.callbacks
+            if peer is not self
+            and isinstance(peer, AnalysisCallback)
+            and isinstance(peer, self.reads)
+        )
+
+    def _forget_stages(self) -> None:
+        self._unfinished.clear()
+        self._waiting.clear()
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._begin("train")
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._begin("validation")
+
+    @override
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._begin("test")
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end("train", trainer, pl_module)
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end("validation", trainer, pl_module)
+
+    @override
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end("test", trainer, pl_module)
+
+    @override
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        self._forget_stages()
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._waiting:  # a peer began a stage and never ended it (a hook overridden, say)
+            rank_zero_warn(
+                f"{type(self).__name__}: the analysis at the end of {', '.join(self._waiting)} did "
+                "not run: a callback it reads never finished that stage (does a subclass override "
+                "`on_validation_end`/`on_test_end`/`on_train_epoch_end` without calling super()?)."
+            )
+        self._forget_stages()
+
+    # ---- scheduling and errors -----------------------------------------------------------------
 
     def _due(self, trainer: Trainer) -> bool:
         if trainer.sanity_checking:
@@ -90,6 +208,24 @@ class AnalysisCallback(Callback):
                 "on. Pass `on_error='raise'` to stop on such errors and see the full traceback."
             )
             return None
+
+
+def _run_ready(trainer: Trainer, stage: Stage) -> None:
+    """Run every waiting stage-end analysis whose peers have finished ``stage``, until none is
+    left that can run. The same order on every DDP rank (the callbacks' list order)."""
+    progress = True
+    while progress:
+        progress = False
+        for callback in trainer.callbacks:
+            if not isinstance(callback, AnalysisCallback) or stage not in callback._waiting:
+                continue
+            if callback._ready(trainer, stage):
+                analysis = callback._waiting.pop(stage)
+                try:
+                    analysis()
+                finally:
+                    callback._unfinished.discard(stage)
+                progress = True
 
 
 class StagedCallback(AnalysisCallback):
@@ -118,20 +254,26 @@ class StagedCallback(AnalysisCallback):
     def _release(self) -> None:
         """Remove hooks and drop per-batch state (called on teardown and on exceptions)."""
 
+    @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
         self._stage_start("train", trainer, pl_module)
 
+    @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stage_start("validation", trainer, pl_module)
 
+    @override
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stage_start("test", trainer, pl_module)
 
+    @override
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._stage_batch_start("train", batch, batch_idx, 0)
 
+    @override
     def on_validation_batch_start(
         self,
         trainer: Trainer,
@@ -142,6 +284,7 @@ class StagedCallback(AnalysisCallback):
     ) -> None:
         self._stage_batch_start("validation", batch, batch_idx, dataloader_idx)
 
+    @override
     def on_test_batch_start(
         self,
         trainer: Trainer,
@@ -152,30 +295,41 @@ class StagedCallback(AnalysisCallback):
     ) -> None:
         self._stage_batch_start("test", batch, batch_idx, dataloader_idx)
 
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         self._stage_batch_end("train")
 
+    @override
     def on_validation_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, *args: Any
     ) -> None:
         self._stage_batch_end("validation")
 
+    @override
     def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         self._stage_batch_end("test")
 
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stage_end("train", trainer, pl_module)
+        super().on_train_epoch_end(trainer, pl_module)
 
+    @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stage_end("validation", trainer, pl_module)
 
+    @override
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stage_end("test", trainer, pl_module)
 
+    @override
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
     ) -> None:
+        super().on_exception(trainer, pl_module, exception)
         self._release()
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         self._release()

@@ -2,59 +2,43 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
+from lightning_neurons.ablation import ablation_effects, ablation_selectivity
 from lightning_neurons.batch import BatchReader
 from lightning_neurons.callbacks._base import (
     AnalysisCallback,
     OnError,
-    check_positive_int,
-    find_tracker,
-    untouched,
+    class_names_of,
+    find_callback,
 )
+from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
 from lightning_neurons.callbacks.tracker import ActivationTracker
+from lightning_neurons.callbacks.visualizer import FeatureVisualizer
+from lightning_neurons.checks import (
+    check_choice,
+    check_int,
+    check_layers,
+    check_optional_positive_int,
+    check_positive_int,
+)
 from lightning_neurons.contribution import (
     ClassContributions,
     ContributionStats,
-    ablation_effects,
-    ablation_selectivity,
     contribution_batch,
     neuron_contributions,
 )
-from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import resolve_layers, selects
 from lightning_neurons.loggers import AnalysisLogger
+from lightning_neurons.results import ContributionResult, LayerAblation, Probes
+from lightning_neurons.state import analysis_mode
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def _callback_named(trainer: Trainer, class_name: str) -> Any | None:
-    """The first attached callback whose class (or a base class) is called ``class_name``.
-
-    Matching by name keeps this callback independent of the modules that define the others."""
-    for callback in trainer.callbacks:
-        if any(cls.__name__ == class_name for cls in type(callback).__mro__):
-            return callback
-    return None
-
-
-def _field(callback: Any, layer: str, key: str) -> Any | None:
-    """``callback.results[layer][key]`` (a mapping entry) or ``callback.results[layer].key`` (a
-    dataclass entry); ``None`` when any step is missing."""
-    results = getattr(callback, "results", None)
-    if not isinstance(results, Mapping):
-        return None
-    entry = results.get(layer)
-    if entry is None:
-        return None
-    if isinstance(entry, Mapping):
-        return entry.get(key)
-    return getattr(entry, key, None)
 
 
 def cluster_sets(labels: Any) -> dict[str, torch.Tensor]:
@@ -81,7 +65,7 @@ class NeuronContribution(AnalysisCallback):
     * the ablation matrix of ``ablation_layers``: per-class accuracy drop when each class's dominant
       neurons are zeroed, and when each neuron cluster of an attached ``NeuronClustering`` callback
       is zeroed (all sets measured in one batched pass);
-    * for ``probe_images`` validation images (the first image of each class), the contribution of
+    * for ``max_probes`` validation images (the first image of each class), the contribution of
       every neuron to every logit, and the top neurons behind the prediction with their preferred
       images: the ``FeatureVisualizer``'s rendering when one is attached and has rendered that
       neuron, else the validation image (of those kept) that activates the neuron most.
@@ -89,12 +73,13 @@ class NeuronContribution(AnalysisCallback):
     It reads an :class:`~lightning_neurons.ActivationTracker`'s layers, ``num_classes``, ``top_k``,
     ``dataloader_idx`` and batch reader (``input_fn``, ``label_fn``, ``output_fn``); one must be
     attached. The gradient work runs in eval mode inside
-    :func:`~lightning_neurons.callbacks._base.untouched`, so training is not changed: modes,
+    :func:`~lightning_neurons.state.analysis_mode`, so training is not changed: modes,
     ``requires_grad``, gradients and random streams are restored and every hook is removed.
 
-    Put it after ``NeuronClustering`` and ``FeatureVisualizer`` in the callback list to use their
-    results of the same epoch (otherwise those of the previous analysed epoch are used, and
-    ``results[layer]["clusters_epoch"]`` says which epoch the ablated clusters are from).
+    It reads ``NeuronClustering``'s and ``FeatureVisualizer``'s results at the end of the stage,
+    after they have analysed the same epoch, wherever they stand in the callback list (when they
+    did not analyse this epoch, their latest results are used, and
+    ``results[layer].ablation.clusters_epoch`` says which epoch the ablated clusters are from).
 
     Args:
         layers: Module names or glob patterns. Default: the tracker's layers.
@@ -105,8 +90,8 @@ class NeuronContribution(AnalysisCallback):
             images per neuron set). ``[]``: no ablation.
         max_ablation_classes: Ablate the dominant neurons of at most this many classes (the first).
         share_prefix: How ablations are batched, see
-            :func:`~lightning_neurons.contribution.ablation_effects` (``"auto"`` checks the model).
-        probe_images: Probe images: the first kept validation image of each class, for at most
+            :func:`~lightning_neurons.ablation.ablation_effects` (``"auto"`` checks the model).
+        max_probes: Probe images: the first kept validation image of each class, for at most
             this many classes (the first); 0 for none.
         probe_top: Top contributing neurons shown per probe image.
         enable_logging: Log figures, images, text and scalars and write the numbers to files.
@@ -121,49 +106,39 @@ class NeuronContribution(AnalysisCallback):
         >>> contribution = NeuronContribution(max_batches=4)
         >>> trainer = Trainer(callbacks=[ActivationTracker(), contribution])  # doctest: +SKIP
         >>> trainer.fit(model, datamodule=dm)  # doctest: +SKIP
-        >>> contribution.results["backbone.features.conv3"]["accuracy_drop"]  # doctest: +SKIP
+        >>> contribution.results["backbone.features.conv3"].ablation.accuracy_drop  # doctest: +SKIP
     """
+
+    reads = (ActivationTracker, NeuronClustering, FeatureVisualizer)
 
     def __init__(
         self,
         layers: list[str] | None = None,
+        *,
         max_batches: int = 4,
         top_k: int | None = None,
         ablation_layers: list[str] | None = None,
         max_ablation_classes: int = 20,
         share_prefix: bool | Literal["auto"] = "auto",
-        probe_images: int = 20,
+        max_probes: int = 20,
         probe_top: int = 5,
-        enable_logging: bool = True,
         every_n_epochs: int = 1,
+        enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:
-        super().__init__(every_n_epochs=every_n_epochs, on_error=on_error)
-        self.layer_patterns = (
-            [layers] if isinstance(layers, str) else (list(layers) if layers is not None else None)
+        super().__init__(
+            layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
         )
-        self.ablation_patterns = (
-            [ablation_layers]
-            if isinstance(ablation_layers, str)
-            else (list(ablation_layers) if ablation_layers is not None else None)
-        )
+        self.ablation_patterns = check_layers("ablation_layers", ablation_layers)
         self.max_batches = check_positive_int("max_batches", max_batches)
-        self.top_k = None if top_k is None else check_positive_int("top_k", top_k)
+        self.top_k = check_optional_positive_int("top_k", top_k)
         self.max_ablation_classes = check_positive_int("max_ablation_classes", max_ablation_classes)
-        if share_prefix not in (True, False, "auto"):
-            raise NeuronsError(
-                f"`share_prefix` must be True, False or 'auto'; got {share_prefix!r}"
-            )
-        self.share_prefix = share_prefix
-        if isinstance(probe_images, bool) or not isinstance(probe_images, int) or probe_images < 0:
-            raise NeuronsError(f"`probe_images` must be an integer >= 0, got {probe_images!r}")
-        self.probe_images = probe_images
+        self.share_prefix = check_choice("share_prefix", share_prefix, (True, False, "auto"))
+        self.max_probes = check_int("max_probes", max_probes, minimum=0)
         self.probe_top = check_positive_int("probe_top", probe_top)
-        self.enable_logging = enable_logging
-        self.layers: list[str] = []
         self.ablation_layers: list[str] = []
-        #: ``{layer: {...}}`` of the latest analysed epoch; see :meth:`_layer_results` for the keys.
-        self.results: dict[str, dict[str, Any]] = {}
+        #: ``{layer: ContributionResult}`` of the latest analysed epoch.
+        self.results: dict[str, ContributionResult] = {}
         self._tracker: ActivationTracker | None = None
         self._batches: list[Batch] = []
         self._collecting = False
@@ -171,8 +146,9 @@ class NeuronContribution(AnalysisCallback):
 
     # ---- Lightning hooks -----------------------------------------------------------------------
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._tracker = find_tracker(trainer, type(self).__name__)
+        self._tracker = find_callback(trainer, ActivationTracker, required=type(self).__name__)
         patterns = (
             self.layer_patterns if self.layer_patterns is not None else self._tracker.layer_patterns
         )
@@ -187,12 +163,15 @@ class NeuronContribution(AnalysisCallback):
         self.layers = resolve_layers(pl_module, [*layers, *ablate])
         self.ablation_layers = list(ablate)
 
+    @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start(trainer)
 
+    @override
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start(trainer)
 
+    @override
     def on_validation_batch_end(
         self,
         trainer: Trainer,
@@ -204,6 +183,7 @@ class NeuronContribution(AnalysisCallback):
     ) -> None:
         self._keep(batch, dataloader_idx)
 
+    @override
     def on_test_batch_end(
         self,
         trainer: Trainer,
@@ -215,18 +195,21 @@ class NeuronContribution(AnalysisCallback):
     ) -> None:
         self._keep(batch, dataloader_idx)
 
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._finish(trainer, pl_module, "validation")
+    @override
+    def _consume(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        if stage in ("validation", "test"):
+            self._finish(trainer, pl_module)
 
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._finish(trainer, pl_module, "test")
-
+    @override
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
     ) -> None:
+        super().on_exception(trainer, pl_module, exception)
         self._reset()
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         self._reset()
 
     # ---- gathering -----------------------------------------------------------------------------
@@ -254,9 +237,8 @@ class NeuronContribution(AnalysisCallback):
         with torch.inference_mode(False):  # normal tensors, usable in autograd later
             self._batches.append((x.detach().to("cpu").clone(), y.detach().to("cpu").clone()))
 
-    def _finish(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        tracker = find_tracker(trainer, type(self).__name__)
-        tracker.finalize(trainer, stage)  # on every rank: it syncs the statistics across processes
+    def _finish(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        tracker = find_callback(trainer, ActivationTracker, required=type(self).__name__)
         batches, collecting = self._batches, self._collecting
         self._reset()
         if collecting and batches:
@@ -277,31 +259,26 @@ class NeuronContribution(AnalysisCallback):
         num_classes = int(tracker.num_classes)
         top_k = self.top_k or tracker.top_k
         kept = torch.cat([x for x, _ in batches])
-        results: dict[str, dict[str, Any]] = {}
-        with untouched(pl_module):
-            pl_module.eval()
-            pl_module.requires_grad_(False)
+        results: dict[str, ContributionResult] = {}
+        with analysis_mode(pl_module):
             stats, top_example = self._contributions(pl_module, batches, num_classes, top_k)
             for layer in stats:  # call sites of self.layers, in the order they ran
-                results[layer] = {
-                    "epoch": trainer.current_epoch,
-                    "stats": stats[layer],
-                    "class_contribution": stats[layer].class_contribution,
-                    "counts": stats[layer].counts,
-                    "dominant": stats[layer].dominant,
-                    "domination": stats[layer].domination,
-                    "top_example_index": top_example[layer],
-                }
-            for layer in [n for n in stats if selects(self.ablation_layers, n)]:
-                results[layer].update(
-                    self._ablate(trainer, pl_module, layer, stats[layer], batches)
+                results[layer] = ContributionResult(
+                    layer=layer,
+                    epoch=trainer.current_epoch,
+                    stats=stats[layer],
+                    top_example_index=top_example[layer],
                 )
-            if self.probe_images:
+            for layer in [n for n in stats if selects(self.ablation_layers, n)]:
+                results[layer].ablation = self._ablate(
+                    trainer, pl_module, layer, stats[layer], batches
+                )
+            if self.max_probes:
                 for layer, probe in self._probes(trainer, pl_module, batches, num_classes).items():
-                    probe["probe_preferred"], probe["probe_preferred_source"] = self._preferred(
-                        trainer, layer, probe["probe_top_neurons"], top_example[layer], kept
+                    probe.preferred, probe.preferred_source = self._preferred(
+                        trainer, layer, probe.top_neurons, top_example[layer], kept
                     )
-                    results[layer].update(probe)
+                    results[layer].probes = probe
         self.results = results
         if self.enable_logging:
             self._run_safely("logging neuron contribution", lambda: self._log(trainer))
@@ -335,7 +312,7 @@ class NeuronContribution(AnalysisCallback):
 
     def _probes(
         self, trainer: Trainer, pl_module: LightningModule, batches: list[Batch], num_classes: int
-    ) -> dict[str, dict[str, Any]]:
+    ) -> dict[str, Probes]:
         """Every layer's contribution to every logit for the first kept image of each class."""
         x = torch.cat([b[0] for b in batches])
         y = torch.cat([b[1] for b in batches])
@@ -344,7 +321,7 @@ class NeuronContribution(AnalysisCallback):
             hits = torch.nonzero(y == c)[:, 0]
             if hits.numel():
                 picked.append(int(hits[0]))
-            if len(picked) >= self.probe_images:
+            if len(picked) >= self.max_probes:
                 break
         if not picked:
             return {}
@@ -359,15 +336,15 @@ class NeuronContribution(AnalysisCallback):
         for layer, c in contribution.items():
             behind = c[torch.arange(c.shape[0]), predictions]  # [P, K]: towards the predicted logit
             top = behind.topk(min(self.probe_top, behind.shape[1]), dim=1)
-            results[layer] = {
-                "probe_index": index,
-                "probe_images": images,
-                "probe_labels": y[index],
-                "probe_predictions": predictions,
-                "probe_contribution": c,
-                "probe_top_neurons": top.indices,
-                "probe_top_contribution": top.values,
-            }
+            results[layer] = Probes(
+                index=index,
+                images=images,
+                labels=y[index],
+                predictions=predictions,
+                contribution=c,
+                top_neurons=top.indices,
+                top_contribution=top.values,
+            )
         return results
 
     def _ablation_sets(
@@ -375,7 +352,7 @@ class NeuronContribution(AnalysisCallback):
     ) -> tuple[dict[str, torch.Tensor], list[int]]:
         """The sets to zero: each class's dominant neurons, then each neuron cluster; and the class
         of each set (-1 for clusters)."""
-        names = self._class_names(trainer, stats.num_classes)
+        names = class_names_of(trainer, stats.num_classes)
         sets: dict[str, torch.Tensor] = {}
         classes: list[int] = []
         for c in range(min(stats.num_classes, self.max_ablation_classes)):
@@ -386,9 +363,8 @@ class NeuronContribution(AnalysisCallback):
         if clusters and epoch is not None and epoch != trainer.current_epoch:
             rank_zero_warn(
                 f"NeuronContribution: the neuron clusters of {layer!r} ablated in epoch "
-                f"{trainer.current_epoch} are NeuronClustering's of epoch {epoch} (put "
-                "NeuronContribution after NeuronClustering in the callback list to ablate the same "
-                "epoch's clusters); `results[layer]['clusters_epoch']` records it."
+                f"{trainer.current_epoch} are NeuronClustering's of epoch {epoch} (it did not "
+                "analyse this epoch); `results[layer].ablation.clusters_epoch` records it."
             )
         for name, neurons in clusters.items():
             sets[name] = neurons
@@ -401,23 +377,19 @@ class NeuronContribution(AnalysisCallback):
     ) -> tuple[dict[str, torch.Tensor], int | None]:
         """The neuron clusters of an attached NeuronClustering callback for ``layer`` (or none),
         and the epoch they are from."""
-        clustering = _callback_named(trainer, "NeuronClustering")
-        labels = _field(clustering, layer, "labels") if clustering is not None else None
-        if labels is None:
+        clustering = find_callback(trainer, NeuronClustering)
+        entry = clustering.results.get(layer) if clustering is not None else None
+        if entry is None:
             return {}, None
-        epoch = _field(clustering, layer, "epoch")
-        try:
-            ids = torch.as_tensor(labels).reshape(-1)
-        except (TypeError, ValueError, RuntimeError):
-            return {}, None
-        if ids.numel() != num_neurons or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        ids = torch.as_tensor(entry.labels).reshape(-1)
+        if ids.numel() != num_neurons:
             rank_zero_warn(
                 f"NeuronContribution: NeuronClustering's labels for {layer!r} are {ids.numel()} values "
                 f"of type {ids.dtype}, but the layer has {num_neurons} neurons; its clusters are not "
                 "ablated."
             )
             return {}, None
-        return cluster_sets(ids), (int(epoch) if isinstance(epoch, int) else None)
+        return cluster_sets(ids), entry.epoch
 
     def _ablate(
         self,
@@ -426,10 +398,10 @@ class NeuronContribution(AnalysisCallback):
         layer: str,
         stats: ContributionStats,
         batches: list[Batch],
-    ) -> dict[str, Any]:
+    ) -> LayerAblation | None:
         sets, classes = self._ablation_sets(trainer, layer, stats)
         if not sets:
-            return {}
+            return None
         effects = ablation_effects(
             pl_module,
             layer,
@@ -441,22 +413,22 @@ class NeuronContribution(AnalysisCallback):
         )
         names = list(effects)
         drop = torch.stack([effects[n].accuracy_drop for n in names])
-        out: dict[str, Any] = {
-            "ablation": effects,
-            "ablation_sets": names,
-            "ablation_classes": classes,
-            "ablated_neurons": [effects[n].neurons for n in names],
-            "accuracy_drop": drop,
-            "logit_drop": torch.stack([effects[n].logit_drop for n in names]),
-            "baseline_accuracy": effects[names[0]].accuracy,
-            "clusters_epoch": self._clusters_epoch,
-        }
         rows = [i for i, c in enumerate(classes) if c >= 0]
-        if rows and stats.num_classes >= 2:
-            out["ablation_selectivity"] = ablation_selectivity(
-                drop[rows], [classes[i] for i in rows]
-            )
-        return out
+        return LayerAblation(
+            effects=effects,
+            sets=names,
+            classes=classes,
+            neurons=[effects[n].neurons for n in names],
+            accuracy_drop=drop,
+            logit_drop=torch.stack([effects[n].logit_drop for n in names]),
+            baseline_accuracy=effects[names[0]].accuracy,
+            clusters_epoch=self._clusters_epoch,
+            selectivity=(
+                ablation_selectivity(drop[rows], [classes[i] for i in rows])
+                if rows and stats.num_classes >= 2
+                else None
+            ),
+        )
 
     def _preferred(
         self,
@@ -480,27 +452,11 @@ class NeuronContribution(AnalysisCallback):
 
     def _rendered(self, trainer: Trainer, layer: str) -> dict[int, torch.Tensor]:
         """``{channel: image}`` rendered by an attached FeatureVisualizer for ``layer`` (may be empty)."""
-        visualizer = _callback_named(trainer, "FeatureVisualizer")
-        if visualizer is None:
+        visualizer = find_callback(trainer, FeatureVisualizer)
+        entry = visualizer.results.get(layer) if visualizer is not None else None
+        if entry is None:
             return {}
-        channels, images = (_field(visualizer, layer, k) for k in ("channels", "images"))
-        if channels is None or images is None:
-            return {}
-        try:
-            channels = torch.as_tensor(channels).reshape(-1).tolist()
-            images = torch.as_tensor(images)
-        except (TypeError, ValueError, RuntimeError):
-            return {}
-        if images.dim() != 4 or images.shape[0] != len(channels):
-            return {}
-        return {int(c): images[i] for i, c in enumerate(channels)}
-
-    def _class_names(self, trainer: Trainer, num_classes: int) -> list[str]:
-        datamodule = getattr(trainer, "datamodule", None)
-        names = getattr(datamodule, "class_names", None) if datamodule is not None else None
-        if names is not None and len(names) == num_classes:
-            return [str(n) for n in names]
-        return [str(c) for c in range(num_classes)]
+        return {int(c): entry.images[i] for i, c in enumerate(entry.channels.tolist())}
 
     # ---- logging -------------------------------------------------------------------------------
 
@@ -510,7 +466,7 @@ class NeuronContribution(AnalysisCallback):
             return
         scalars: dict[str, float] = {}
         for layer, res in self.results.items():
-            names = self._class_names(trainer, res["stats"].num_classes)
+            names = class_names_of(trainer, res.stats.num_classes)
             scalars.update(self._scalars(out, layer, res, names))
             if out.experiment is not None:  # figures take time: draw them only to be shown
                 self._figures(out, layer, res, names)
@@ -519,25 +475,26 @@ class NeuronContribution(AnalysisCallback):
         out.scalars(scalars)
 
     def _scalars(
-        self, out: AnalysisLogger, layer: str, res: dict[str, Any], names: list[str]
+        self, out: AnalysisLogger, layer: str, res: ContributionResult, names: list[str]
     ) -> dict[str, float]:
         """A few headline scalars per layer; the per-class series go to TensorBoard as one
         histogram each (a chart per class would bury train/ and val/ under dozens of charts) and,
         named, to the ``.npz`` file and the figures."""
-        domination = res["domination"]
+        domination = res.domination
         scalars = {out.tag(layer, "mean_domination"): float(domination.mean())}
         out.histogram(out.tag(layer, "domination_per_class"), domination)
-        if "accuracy_drop" in res:
-            drop = res["accuracy_drop"]
-            own = [float(drop[row, c]) for row, c in enumerate(res["ablation_classes"]) if c >= 0]
+        ablation = res.ablation
+        if ablation is not None:
+            drop = ablation.accuracy_drop
+            own = [float(drop[row, c]) for row, c in enumerate(ablation.classes) if c >= 0]
             out.histogram(out.tag(layer, "ablation_own_drop_per_class"), own)
-            for key, value in res.get("ablation_selectivity", {}).items():
+            for key, value in (ablation.selectivity or {}).items():
                 if key != "ratio":  # infinite when the other classes do not drop
                     scalars[out.tag(layer, "ablation_selectivity", key)] = value
         return scalars
 
     def _figures(
-        self, out: AnalysisLogger, layer: str, res: dict[str, Any], names: list[str]
+        self, out: AnalysisLogger, layer: str, res: ContributionResult, names: list[str]
     ) -> None:
         from lightning_neurons.plots.contribution import (
             ablation_figure,
@@ -545,24 +502,24 @@ class NeuronContribution(AnalysisCallback):
             probe_grid,
         )
 
-        figure = contribution_figure(res["stats"], names, epoch=res["epoch"])
+        figure = contribution_figure(res.stats, names, epoch=res.epoch)
         out.figure(out.tag(layer, "class_contribution"), figure)
-        if "accuracy_drop" in res:
-            baseline = float(res["baseline_accuracy"].nanmean())
-            title = f"{layer}, epoch {res['epoch']}: accuracy drop when zeroed (baseline {baseline:.2f})"
-            figure = ablation_figure(res["accuracy_drop"], res["ablation_sets"], names, title)
-            out.figure(out.tag(layer, "ablation"), figure)
-        if "probe_images" in res:
-            out.image(
-                out.tag(layer, "probes"), probe_grid(res["probe_images"], res["probe_preferred"])
+        if res.ablation is not None:
+            baseline = float(res.ablation.baseline_accuracy.nanmean())
+            title = (
+                f"{layer}, epoch {res.epoch}: accuracy drop when zeroed (baseline {baseline:.2f})"
             )
-            out.text(out.tag(layer, "probes"), self._probe_table(res, names))
+            figure = ablation_figure(res.ablation.accuracy_drop, res.ablation.sets, names, title)
+            out.figure(out.tag(layer, "ablation"), figure)
+        if res.probes is not None:
+            out.image(out.tag(layer, "probes"), probe_grid(res.probes.images, res.probes.preferred))
+            out.text(out.tag(layer, "probes"), self._probe_table(res.probes, names))
 
-    def _probe_table(self, res: dict[str, Any], names: list[str]) -> str:
+    def _probe_table(self, probes: Probes, names: list[str]) -> str:
         """One row per probe (the rows of the probes image), short headers, one column per top
         neuron: ``n12 +0.41 r`` is neuron 12, its contribution to the predicted logit, and its
         image in the probes image (``r`` rendered, ``v`` the validation image it fires most on)."""
-        top = res["probe_top_neurons"].shape[1]
+        top = probes.top_neurons.shape[1]
         lines = [
             "Top neurons of each probe: contribution to the predicted logit; image in the probes "
             "image: r = rendered, v = top validation image.",
@@ -570,46 +527,41 @@ class NeuronContribution(AnalysisCallback):
             "| # | true | pred | " + " | ".join(f"top {i + 1}" for i in range(top)) + " |",
             "|---|---|---|" + "---|" * top,
         ]
-        for p in range(res["probe_images"].shape[0]):
+        for p in range(probes.images.shape[0]):
             cells = [
-                f"n{n} {value:+.2g} {source[0]}"
+                f"n{n} {value:+.2g} {source}"
                 for n, value, source in zip(
-                    res["probe_top_neurons"][p].tolist(),
-                    res["probe_top_contribution"][p].tolist(),
-                    [
-                        ("v" if s == "top example" else "r")
-                        for s in res["probe_preferred_source"][p]
-                    ],
+                    probes.top_neurons[p].tolist(),
+                    probes.top_contribution[p].tolist(),
+                    [("v" if s == "top example" else "r") for s in probes.preferred_source[p]],
                     strict=True,
                 )
             ]
-            label, pred = int(res["probe_labels"][p]), int(res["probe_predictions"][p])
+            label, pred = int(probes.labels[p]), int(probes.predictions[p])
             lines.append(f"| {p} | {names[label]} | {names[pred]} | {' | '.join(cells)} |")
         return "\n".join(lines)
 
     def _arrays(
-        self, layer: str, res: dict[str, Any], names: list[str]
+        self, layer: str, res: ContributionResult, names: list[str]
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        arrays: dict[str, Any] = dict(res["stats"].as_arrays())
-        arrays["top_example_index"] = res["top_example_index"]
-        meta: dict[str, Any] = {"layer": layer, "epoch": res["epoch"], "class_names": names}
-        if "accuracy_drop" in res:
-            for key in ("accuracy_drop", "logit_drop", "baseline_accuracy"):
-                arrays[key] = res[key]
-            for i, neurons in enumerate(res["ablated_neurons"]):
+        arrays: dict[str, Any] = dict(res.stats.as_arrays())
+        arrays["top_example_index"] = res.top_example_index
+        meta: dict[str, Any] = {"layer": layer, "epoch": res.epoch, "class_names": names}
+        ablation = res.ablation
+        if ablation is not None:
+            arrays["accuracy_drop"] = ablation.accuracy_drop
+            arrays["logit_drop"] = ablation.logit_drop
+            arrays["baseline_accuracy"] = ablation.baseline_accuracy
+            for i, neurons in enumerate(ablation.neurons):
                 arrays[f"ablated_neurons_{i}"] = neurons
-            meta["ablation_sets"] = res["ablation_sets"]
-            meta["ablation_classes"] = res["ablation_classes"]
-            meta["ablation_selectivity"] = res.get("ablation_selectivity")
-            meta["clusters_epoch"] = res.get("clusters_epoch")
-        if "probe_images" in res:
-            for key in (
-                "probe_index",
-                "probe_labels",
-                "probe_predictions",
-                "probe_contribution",
-                "probe_top_neurons",
-                "probe_top_contribution",
-            ):
-                arrays[key] = res[key]
+            meta["ablation_sets"] = ablation.sets
+            meta["ablation_classes"] = ablation.classes
+            meta["ablation_selectivity"] = ablation.selectivity
+            meta["clusters_epoch"] = ablation.clusters_epoch
+        probes = res.probes
+        if probes is not None:
+            for key in ("index", "labels", "predictions", "contribution"):
+                arrays[f"probe_{key}"] = getattr(probes, key)
+            arrays["probe_top_neurons"] = probes.top_neurons
+            arrays["probe_top_contribution"] = probes.top_contribution
         return arrays, meta

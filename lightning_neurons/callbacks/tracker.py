@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 from lightning_neurons.batch import (
     BatchFn,
@@ -17,10 +18,11 @@ from lightning_neurons.batch import (
     analysed_rows,
     stage_loaders,
 )
-from lightning_neurons.callbacks._base import (
-    OnError,
-    StagedCallback,
+from lightning_neurons.callbacks._base import OnError, StagedCallback
+from lightning_neurons.checks import (
     check_choice,
+    check_int,
+    check_optional_positive_int,
     check_positive_int,
 )
 from lightning_neurons.errors import NeuronsError
@@ -62,9 +64,11 @@ class ActivationTracker(StagedCallback):
     reduced by sum over DDP ranks; nothing is stored per image) and derives the class profile,
     class selectivity, dead neurons and each class's dominant neurons.
 
-    Other analyses (:class:`FeatureVisualizer`, clustering, contribution) read these results via
-    :meth:`finalize` rather than hooking the model again, and read batches and model outputs
-    through the tracker's :attr:`reader` (its ``input_fn``, ``label_fn`` and ``output_fn``).
+    The statistics are published in :attr:`results` (``{layer: LayerStats}``) at the end of each
+    analysed epoch of ``stage``; the other analyses (:class:`FeatureVisualizer`, clustering,
+    contribution) read them at the end of the stage rather than hooking the model again, and read
+    batches and model outputs through the tracker's :attr:`reader` (its ``input_fn``,
+    ``label_fn`` and ``output_fn``).
 
     Every image is counted once: only the loader ``dataloader_idx`` is analysed, and under DDP the
     samples that :class:`~torch.utils.data.DistributedSampler` repeats to even out the processes
@@ -108,6 +112,7 @@ class ActivationTracker(StagedCallback):
     def __init__(
         self,
         layers: list[str] | None = None,
+        *,
         reduction: Literal["mean", "max"] = "mean",
         stage: Stage = "validation",
         every_n_epochs: int = 1,
@@ -121,30 +126,17 @@ class ActivationTracker(StagedCallback):
         enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:
-        super().__init__(every_n_epochs=every_n_epochs, on_error=on_error)
-        if layers is not None and (isinstance(layers, str) or not isinstance(layers, Sequence)):
-            layers = [layers] if isinstance(layers, str) else layers
-        self.layer_patterns = list(layers) if layers is not None else None
+        super().__init__(
+            layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
+        )
         self.reduction = check_choice("reduction", reduction, ("mean", "max"))
         self.stage = check_choice("stage", stage, ("validation", "train", "test"))
         self.top_k = check_positive_int("top_k", top_k)
-        self.num_classes = (
-            None if num_classes is None else check_positive_int("num_classes", num_classes)
-        )
-        self.max_batches = (
-            None if max_batches is None else check_positive_int("max_batches", max_batches)
-        )
-        if (
-            isinstance(dataloader_idx, bool)
-            or not isinstance(dataloader_idx, int)
-            or dataloader_idx < 0
-        ):
-            raise NeuronsError(f"`dataloader_idx` must be an integer >= 0, got {dataloader_idx!r}")
-        self.dataloader_idx = dataloader_idx
+        self.num_classes = check_optional_positive_int("num_classes", num_classes)
+        self.max_batches = check_optional_positive_int("max_batches", max_batches)
+        self.dataloader_idx = check_int("dataloader_idx", dataloader_idx, minimum=0)
         #: How every analysis reads inputs, labels and logits (see :mod:`lightning_neurons.batch`).
         self.reader = BatchReader(input_fn=input_fn, label_fn=label_fn, output_fn=output_fn)
-        self.enable_logging = enable_logging
-        self.layers: list[str] = []
         self.results: dict[str, LayerStats] = {}
         self._metrics: dict[str, ClassNeuronStats] = {}
         self._hooks = HookSet()
@@ -170,6 +162,7 @@ class ActivationTracker(StagedCallback):
             layers=self.layer_patterns, reduction=self.reduction, stage=self.stage
         )
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         states = {
             name: {k: v.detach().cpu().clone() for k, v in s.items()}
@@ -182,6 +175,7 @@ class ActivationTracker(StagedCallback):
             "num_classes": self.num_classes,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._saved_states = {k: dict(v) for k, v in state_dict.get("states", {}).items()}
         self._saved_epoch = int(state_dict.get("epoch", -1))
@@ -209,6 +203,7 @@ class ActivationTracker(StagedCallback):
 
     # ---- Lightning hooks -----------------------------------------------------------------------
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.layers = resolve_layers(pl_module, self.layer_patterns)
         self._note_signed(pl_module)
@@ -245,36 +240,21 @@ class ActivationTracker(StagedCallback):
 
     def _stage_end(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
         if stage == self.stage:
-            self.finalize(trainer, stage)
+            self._publish(trainer)
         if stage == "train" and self.stage == "validation":
             self._warn_no_validation(trainer)
 
     def _release(self) -> None:
         self._stop()
 
-    # ---- the seam for other analyses ------------------------------------------------------------
+    # ---- what the analyses read ----------------------------------------------------------------
 
-    def finalize(self, trainer: Trainer, stage: str | None = None) -> dict[str, LayerStats]:
-        """Finish the epoch being gathered (if any) and return the latest results.
-
-        Analyses that read the tracker call this from their own epoch-end hooks **on every rank**
-        (the statistics are summed over DDP ranks here), so the order of callbacks does not
-        matter. Calling it again in the same epoch returns the same results.
-
-        Args:
-            trainer: The trainer.
-            stage: The stage whose epoch just ended (``"train"``, ``"validation"``, ``"test"``).
-                An epoch of the tracker's own stage is finished only at the end of that stage:
-                with ``stage="train"`` and validation in the middle of an epoch, the training
-                epoch goes on being gathered and the previous results are returned. ``None``:
-                finish whatever is being gathered.
-
-        Returns:
-            ``{layer_name: LayerStats}``; empty when no epoch has been analysed yet. Each entry's
-            ``epoch`` says which epoch it is from.
-        """
-        if self._pending_epoch is None or (stage is not None and stage != self.stage):
-            return self.results
+    def _publish(self, trainer: Trainer) -> None:
+        """Finish the epoch being gathered (if any) and publish its statistics in
+        :attr:`results`: at the end of the tracker's own stage's epoch, on every rank (the
+        statistics are summed over DDP ranks here); the analyses read them at the stage end."""
+        if self._pending_epoch is None:
+            return
         epoch = self._pending_epoch
         self._pending_epoch = None
         self._stop()
@@ -294,7 +274,6 @@ class ActivationTracker(StagedCallback):
         self._warn_nan()
         if self.enable_logging and self.results:
             self._run_safely("logging activation statistics", lambda: self._log(trainer))
-        return self.results
 
     def check_batch(self, batch: Any) -> torch.Tensor:
         """Read a batch's input and labels as the analyses will, and check the labels' range.

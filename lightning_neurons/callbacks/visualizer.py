@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 from lightning_neurons.batch import (
     BatchReader,
@@ -20,13 +21,20 @@ from lightning_neurons.batch import (
     to_display,
     to_model_input,
 )
-from lightning_neurons.callbacks._base import (
-    AnalysisCallback,
-    OnError,
+from lightning_neurons.callbacks._base import AnalysisCallback, OnError, find_callback
+from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
+from lightning_neurons.callbacks.tracker import ActivationTracker, infer_num_classes
+from lightning_neurons.checks import (
+    check_channels,
     check_choice,
+    check_image_shape,
+    check_indices,
+    check_instance,
+    check_int,
+    check_number,
+    check_optional_positive_int,
     check_positive_int,
 )
-from lightning_neurons.callbacks.tracker import ActivationTracker, infer_num_classes
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import (
     get_module,
@@ -37,27 +45,13 @@ from lightning_neurons.hooks import (
     split_call,
 )
 from lightning_neurons.loggers import AnalysisLogger
+from lightning_neurons.results import ClusterRendering, Rendering, SaliencyMaps
+from lightning_neurons.state import analysis_mode, model_device
 from lightning_neurons.stats import LayerStats
 from lightning_neurons.visualize.objectives import LOGITS, Channel, ChannelGroup, ClassLogit
 from lightning_neurons.visualize.prior import DataPrior, DataPriorEstimate
-from lightning_neurons.visualize.render import analysis_mode, check_objectives, model_device, render
+from lightning_neurons.visualize.render import check_objectives, render
 from lightning_neurons.visualize.saliency import METHODS, Method, saliency
-
-
-def find_optional_tracker(trainer: Trainer) -> ActivationTracker | None:
-    """The trainer's first :class:`ActivationTracker`, or ``None``."""
-    return next((cb for cb in trainer.callbacks if isinstance(cb, ActivationTracker)), None)
-
-
-def _check_number(name: str, value: object, low: float = 0.0, strict: bool = False) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or (value <= low if strict else value < low)
-    ):
-        bound = f"> {low:g}" if strict else f">= {low:g}"
-        raise NeuronsError(f"`{name}` must be a number {bound}, got {value!r}")
-    return float(value)
 
 
 def _strength_label(channel: int, strength: float, activation: float, reference: float) -> str:
@@ -100,20 +94,11 @@ class FeatureVisualizer(AnalysisCallback):
     After each round the results are in :attr:`results` (other analyses, e.g. neuron
     clustering's projector sprites, read them):
 
-    ``results[layer]`` (one entry per layer, and ``results["classes"]`` for the class images):
-    ``{"channels": LongTensor[N]`` (channel or class indices), ``"images": Tensor[N, C, H, W]``
-    (display images in [0, 1], CPU), ``"activation": Tensor[N]`` (the value each image reaches:
-    the channel's activation with the tracker's reduction, or the class logit),
-    ``"reference": Tensor[N] | None`` (the channel's largest activation on the validation data,
-    from the tracker), ``"strength": Tensor[N] | None`` (activation / reference; NaN where the
-    reference is not positive, e.g. a conv layer before its BatchNorm), ``"reference_epoch":
-    int | None`` (the epoch of the tracker's statistics behind ``reference``: an earlier one when
-    the tracker gathers the training stage), ``"epoch": int}``; ``results["classes"]`` also has
-    ``"probability"`` (softmax probability of the class for its image) and ``"predicted"``.
-
-    :attr:`saliency_results`: ``{"images": [P, C, H, W]`` (display images in [0, 1]),
-    ``"inputs": [P, C, H, W]`` (the model inputs, as the loader yielded them), ``"labels": [P],
-    "predicted": [P], "maps": {method: [P, H, W]}, "epoch": int}``.
+    ``results[layer]`` (one entry per layer, and ``results["classes"]`` for the class images) is a
+    :class:`~lightning_neurons.results.Rendering`: the images, each one's channel (or class), the
+    activation it reaches, and its strength relative to the channel's largest activation on the
+    tracker's data; :attr:`saliency_results` is a :class:`~lightning_neurons.results.SaliencyMaps`
+    (``None`` before the first round).
 
     Batches and model outputs are read through the attached tracker's
     :attr:`~lightning_neurons.ActivationTracker.reader` (its ``input_fn``, ``label_fn`` and
@@ -194,9 +179,12 @@ class FeatureVisualizer(AnalysisCallback):
         >>> trainer = Trainer(callbacks=[ActivationTracker(), FeatureVisualizer(max_channels=16)])  # doctest: +SKIP
     """
 
+    reads = (ActivationTracker, NeuronClustering)  # its clusters: cluster images
+
     def __init__(
         self,
         layers: list[str] | None = None,
+        *,
         channels: dict[str, list[int]] | None = None,
         max_channels: int | None = 16,
         classes: list[int] | None = None,
@@ -232,61 +220,50 @@ class FeatureVisualizer(AnalysisCallback):
         enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:
-        super().__init__(every_n_epochs=every_n_epochs, on_error=on_error)
-        if isinstance(layers, str):
-            layers = [layers]
-        self.layer_patterns = None if layers is None else list(layers)
-        self.channels = self._check_channels(channels)
-        self.max_channels = (
-            None if max_channels is None else check_positive_int("max_channels", max_channels)
+        super().__init__(
+            layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
         )
-        self.classes = None if classes is None else self._check_indices("classes", classes)
+        self.channels = check_channels(channels)
+        self.max_channels = check_optional_positive_int("max_channels", max_channels)
+        self.classes = None if classes is None else check_indices("classes", classes)
         if isinstance(saliency, str):
             saliency = [saliency]  # type: ignore[list-item]
         self.saliency_methods = [check_choice("saliency", m, METHODS) for m in saliency]
         self.gradcam_layer = gradcam_layer
         self.probes_per_class = check_positive_int("probes_per_class", probes_per_class)
         self.max_probes = check_positive_int("max_probes", max_probes)
-        self.image_shape = None if image_shape is None else self._check_shape(image_shape)
+        self.image_shape = None if image_shape is None else check_image_shape(image_shape)
         self.input_transform = input_transform
         self.steps = check_positive_int("steps", steps)
-        self.lr = _check_number("lr", lr, strict=True)
+        self.lr = check_number("lr", lr, strict=True)
         self.param = check_choice("param", param, ("fft", "pixel", "maco"))
         self.transforms = check_choice("transforms", transforms, ("standard", "none", "robust"))
-        self.contrast = _check_number("contrast", contrast, strict=True)
-        self.class_contrast = _check_number("class_contrast", class_contrast, strict=True)
+        self.contrast = check_number("contrast", contrast, strict=True)
+        self.class_contrast = check_number("class_contrast", class_contrast, strict=True)
         self.views = check_positive_int("views", views)
         self.class_views = check_positive_int("class_views", class_views)
         self.class_restarts = check_positive_int("class_restarts", class_restarts)
         self.n_images = check_positive_int("n_images", n_images)
-        self.diversity = _check_number("diversity", diversity)
+        self.diversity = check_number("diversity", diversity)
         self.diversity_on = check_choice("diversity_on", diversity_on, ("features", "pixels"))
         self.clusters = bool(clusters)
         self.max_clusters = check_positive_int("max_clusters", max_clusters)
-        if prior is not None and not isinstance(prior, DataPrior):
-            raise NeuronsError(f"`prior` must be a DataPrior or None, got {type(prior).__name__}")
-        self.prior = prior
+        self.prior = check_instance("prior", prior, DataPrior, "a DataPrior")
         self.prior_images = check_positive_int("prior_images", prior_images)
         self._estimate = DataPriorEstimate(self.prior_images)
         self._prior_warned = False
-        if judge is not None and not isinstance(judge, nn.Module):
-            raise NeuronsError(f"`judge` must be an nn.Module or None, got {type(judge).__name__}")
-        self.judge = judge
-        self.l2 = _check_number("l2", l2)
-        self.tv = _check_number("tv", tv)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise NeuronsError(f"`seed` must be an integer, got {seed!r}")
-        self.seed = seed
-        self.batch_size = (
-            None if batch_size is None else check_positive_int("batch_size", batch_size)
-        )
+        self.judge = check_instance("judge", judge, nn.Module, "an nn.Module")
+        self.l2 = check_number("l2", l2)
+        self.tv = check_number("tv", tv)
+        self.seed = check_int("seed", seed)
+        self.batch_size = check_optional_positive_int("batch_size", batch_size)
         self.smoothgrad_samples = check_positive_int("smoothgrad_samples", smoothgrad_samples)
-        self.enable_logging = enable_logging
-        self.layers: list[str] = []
-        self.results: dict[str, dict[str, Any]] = {}
-        self.saliency_results: dict[str, Any] = {}
-        #: Per clustered layer, the preferred images of NeuronClustering's largest clusters.
-        self.cluster_results: dict[str, dict[str, Any]] = {}
+        #: ``{layer or "classes": Rendering}`` of the latest round (see :mod:`lightning_neurons.results`).
+        self.results: dict[str, Rendering] = {}
+        #: The probe images' saliency maps of the latest round (``None`` before the first).
+        self.saliency_results: SaliencyMaps | None = None
+        #: ``{layer: ClusterRendering}``: NeuronClustering's largest clusters' preferred images.
+        self.cluster_results: dict[str, ClusterRendering] = {}
         #: Seconds the last round took (rendering, saliency and logging).
         self.last_seconds: float | None = None
         self._probe_images: list[torch.Tensor] = []
@@ -300,41 +277,11 @@ class FeatureVisualizer(AnalysisCallback):
         self._num_classes: int | None = None
         self._estimated_prior: DataPrior | None = None
 
-    # ---- argument checks -----------------------------------------------------------------------
-
-    @staticmethod
-    def _check_indices(name: str, values: Sequence[int]) -> list[int]:
-        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-            raise NeuronsError(f"`{name}` must be a list of non-negative integers, got {values!r}")
-        for v in values:
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise NeuronsError(
-                    f"`{name}` must hold non-negative integers, got {v!r} in {list(values)!r}"
-                )
-        return list(dict.fromkeys(values))
-
-    def _check_channels(self, channels: Mapping[str, Sequence[int]] | None) -> dict[str, list[int]]:
-        if channels is None:
-            return {}
-        if not isinstance(channels, Mapping):
-            raise NeuronsError(
-                f"`channels` must map layer names to channel lists, e.g. {{'features.conv2': [0, 5]}}; "
-                f"got {channels!r}"
-            )
-        return {str(k): self._check_indices(f"channels[{k!r}]", v) for k, v in channels.items()}
-
-    @staticmethod
-    def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
-        if len(shape) != 3 or any(
-            isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape
-        ):
-            raise NeuronsError(f"`image_shape` must be [channels, height, width], got {shape!r}")
-        return tuple(shape)  # type: ignore[return-value]
-
     # ---- Lightning hooks -----------------------------------------------------------------------
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        tracker = find_optional_tracker(trainer)
+        tracker = find_callback(trainer, ActivationTracker)
         self._reader = tracker.reader if tracker is not None else BatchReader()
         self._dataloader_idx = tracker.dataloader_idx if tracker is not None else 0
         patterns = self.layer_patterns
@@ -357,11 +304,13 @@ class FeatureVisualizer(AnalysisCallback):
         self._plan = None
 
     # The set-up is checked on the first batch the model sees (sanity check included).
+    @override
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._first_batch(trainer, pl_module, batch)
 
+    @override
     def on_validation_batch_start(
         self,
         trainer: Trainer,
@@ -372,6 +321,7 @@ class FeatureVisualizer(AnalysisCallback):
     ) -> None:
         self._first_batch(trainer, pl_module, batch)
 
+    @override
     def on_test_batch_start(
         self,
         trainer: Trainer,
@@ -382,6 +332,7 @@ class FeatureVisualizer(AnalysisCallback):
     ) -> None:
         self._first_batch(trainer, pl_module, batch)
 
+    @override
     def on_validation_batch_end(
         self,
         trainer: Trainer,
@@ -398,12 +349,12 @@ class FeatureVisualizer(AnalysisCallback):
             return
         self._collect_probes(trainer, pl_module, batch)
 
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._due(trainer):
+    @override
+    def _consume(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        if stage != "validation" or not self._due(trainer):
             return
-        tracker = find_optional_tracker(trainer)
-        # every rank (DDP sync); a tracker of another stage keeps gathering its own epoch
-        stats = tracker.finalize(trainer, "validation") if tracker is not None else {}
+        tracker = find_callback(trainer, ActivationTracker)
+        stats = tracker.results if tracker is not None else {}  # older with stage="train"
         reduction = tracker.reduction if tracker is not None else "mean"
         self._prepare(trainer, pl_module)  # configuration errors raise, on every rank
         self._finish_prior(trainer)  # every rank (DDP sum)
@@ -557,7 +508,7 @@ class FeatureVisualizer(AnalysisCallback):
                 "FeatureVisualizer cannot tell the image size: the data module has no `image_shape` "
                 "and no validation images were seen. Pass `image_shape=[C, H, W]`."
             )
-        shape = self._check_shape(list(shape))
+        shape = check_image_shape(list(shape))
         transform = self.input_transform or self._data_attr(trainer, "input_transform")
         output_fn = self._reader.output_fn
         probe = [Channel(layer, i) for layer in self.layers for i in self.channels.get(layer, [])]
@@ -651,7 +602,7 @@ class FeatureVisualizer(AnalysisCallback):
             )
 
         transform = self._plan["transform"]
-        with analysis_mode(model), torch.no_grad(), hooked(model, [layer], keep):
+        with analysis_mode(model, grad=False), hooked(model, [layer], keep):
             model(as_model_input(to_model_input(images, transform), model))
         values = found[layer]
         return values[torch.arange(len(channels)), torch.tensor(channels)]
@@ -667,7 +618,7 @@ class FeatureVisualizer(AnalysisCallback):
         plan = self._plan
         assert plan is not None
         epoch = trainer.current_epoch
-        results: dict[str, dict[str, Any]] = {}
+        results: dict[str, Rendering] = {}
         for layer in self.layers:
             # with n_images > 1, each channel's images are consecutive rows
             channels = [c for c in plan["channels"][layer] for _ in range(self.n_images)]
@@ -679,15 +630,15 @@ class FeatureVisualizer(AnalysisCallback):
                 reference_epoch = stats[layer].epoch  # older when the tracker's stage is "train"
                 nan = torch.full_like(activation, math.nan)
                 strength = torch.where(reference > 0, activation / reference, nan)
-            results[layer] = {
-                "channels": torch.tensor(channels),
-                "images": images,
-                "activation": activation,
-                "reference": reference,
-                "strength": strength,
-                "reference_epoch": reference_epoch,
-                "epoch": epoch,
-            }
+            results[layer] = Rendering(
+                channels=torch.tensor(channels),
+                images=images,
+                activation=activation,
+                reference=reference,
+                strength=strength,
+                reference_epoch=reference_epoch,
+                epoch=epoch,
+            )
         if plan["classes"]:
             results["classes"] = self._classes(pl_module, plan["classes"], epoch)
         self.results = results
@@ -698,7 +649,7 @@ class FeatureVisualizer(AnalysisCallback):
             self._log(trainer)
         self.last_seconds = time.perf_counter() - start
 
-    def _classes(self, model: nn.Module, classes: list[int], epoch: int) -> dict[str, Any]:
+    def _classes(self, model: nn.Module, classes: list[int], epoch: int) -> Rendering:
         plan = self._plan
         assert plan is not None
         images = self._render(model, [ClassLogit(c) for c in classes], classes=True)
@@ -712,32 +663,26 @@ class FeatureVisualizer(AnalysisCallback):
                 "judge_predicted": verdict.argmax(dim=1),
                 "judge_probability": verdict.softmax(dim=1)[rows, index],
             }
-        return {
+        return Rendering(
             **judged,
-            "channels": index,
-            "images": images,
-            "activation": logits[rows, index],
-            "reference": None,
-            "strength": None,
-            "probability": logits.softmax(dim=1)[rows, index],
-            "predicted": logits.argmax(dim=1),
-            "epoch": epoch,
-        }
+            channels=index,
+            images=images,
+            activation=logits[rows, index],
+            probability=logits.softmax(dim=1)[rows, index],
+            predicted=logits.argmax(dim=1),
+            epoch=epoch,
+        )
 
     def _clusters(
         self, trainer: Trainer, model: nn.Module, epoch: int
-    ) -> dict[str, dict[str, Any]]:
+    ) -> dict[str, ClusterRendering]:
         """Preferred images of the largest neuron clusters of every visualized layer that an
         attached NeuronClustering has clustered (its latest analysis), with the class each
         cluster prefers and what the model and the judge see in its image."""
-        from lightning_neurons.callbacks.clustering import NeuronClustering
-
-        clustering = next((c for c in trainer.callbacks if isinstance(c, NeuronClustering)), None)
+        clustering = find_callback(trainer, NeuronClustering)
         if clustering is None:
             return {}
-        plan = self._plan
-        assert plan is not None
-        found: dict[str, dict[str, Any]] = {}
+        found: dict[str, ClusterRendering] = {}
         for layer, result in clustering.results.items():
             if layer not in self.layers:
                 continue
@@ -760,19 +705,19 @@ class FeatureVisualizer(AnalysisCallback):
                 preferred = torch.as_tensor(np.asarray(result.classes))[preferred]
             logits = self._logits(model, images)
             rows = torch.arange(len(ids))
-            entry: dict[str, Any] = {
-                "clusters": ids,
-                "sizes": sizes,
-                "images": images,
-                "preferred_class": preferred,
-                "predicted": logits.argmax(dim=1),
-                "clusters_epoch": int(result.epoch),
-                "epoch": epoch,
-            }
+            entry = ClusterRendering(
+                clusters=ids,
+                sizes=sizes,
+                images=images,
+                preferred_class=preferred,
+                predicted=logits.argmax(dim=1),
+                clusters_epoch=int(result.epoch),
+                epoch=epoch,
+            )
             if self.judge is not None:
                 verdict = self._logits(self.judge, images, BatchReader())
-                entry["judge_predicted"] = verdict.argmax(dim=1)
-                entry["judge_probability"] = verdict.softmax(dim=1)[rows, preferred]
+                entry.judge_predicted = verdict.argmax(dim=1)
+                entry.judge_probability = verdict.softmax(dim=1)[rows, preferred]
             found[layer] = entry
         return found
 
@@ -793,17 +738,17 @@ class FeatureVisualizer(AnalysisCallback):
         judge's outputs are read with a plain :class:`BatchReader`: its first tensor)."""
         assert self._plan is not None
         reader = reader or self._reader
-        with analysis_mode(model), torch.no_grad():
+        with analysis_mode(model, grad=False):
             x = to_model_input(images.to(model_device(model)), self._plan["transform"])
             return reader.forward(model, x).float().cpu()
 
-    def _saliency(self, model: nn.Module, epoch: int) -> dict[str, Any]:
+    def _saliency(self, model: nn.Module, epoch: int) -> SaliencyMaps:
         plan = self._plan
         assert plan is not None
         inputs = torch.stack(self._probe_images)  # as the loader yielded them
         labels = torch.tensor(self._probe_labels)
         transform = plan["transform"]
-        with analysis_mode(model), torch.no_grad():
+        with analysis_mode(model, grad=False):
             predicted = self._reader.forward(model, inputs).argmax(dim=1).cpu()
         images, exact = to_display(inputs, transform)
         # Maps are taken with respect to what a person sees when the transform can be inverted.
@@ -822,14 +767,9 @@ class FeatureVisualizer(AnalysisCallback):
             )
             for method in self.saliency_methods
         }
-        return {
-            "images": images,
-            "inputs": inputs,
-            "labels": labels,
-            "predicted": predicted,
-            "maps": maps,
-            "epoch": epoch,
-        }
+        return SaliencyMaps(
+            images=images, inputs=inputs, labels=labels, predicted=predicted, maps=maps, epoch=epoch
+        )
 
     # ---- logging -------------------------------------------------------------------------------
 
@@ -840,24 +780,25 @@ class FeatureVisualizer(AnalysisCallback):
         self._log_preference(out)
         if self.cluster_results:
             self._log_clusters(out)
-        if self.saliency_results:
+        if self.saliency_results is not None:
             self._log_focus(AnalysisLogger(trainer, "focus", owner=self))
 
-    def _grid_labels(self, key: str, res: dict[str, Any]) -> tuple[list[str], str]:
+    def _grid_labels(self, key: str, res: Rendering) -> tuple[list[str], str]:
         """Per-image labels and a title for one entry of :attr:`results`."""
         assert self._plan is not None
         names = self._plan["class_names"]
-        channels = res["channels"].tolist()
-        epoch = res["epoch"]
+        channels = res.channels.tolist()
+        epoch = res.epoch
         if key == "classes":
-            probability = res["probability"].tolist()
+            assert res.probability is not None
+            probability = res.probability.tolist()
             labels = [
                 f"{names[c] if names and c < len(names) else c}: p={p:.2f}"
                 for c, p in zip(channels, probability, strict=True)
             ]
             title = f"classes, epoch {epoch}: class: softmax probability of the image"
-            if "judge_predicted" in res:
-                verdicts = res["judge_predicted"].tolist()
+            if res.judge_predicted is not None:
+                verdicts = res.judge_predicted.tolist()
                 labels = [
                     f"{label}\njudge: {names[v] if names and v < len(names) else v} "
                     f"{'ok' if v == c else 'no'}"
@@ -865,13 +806,13 @@ class FeatureVisualizer(AnalysisCallback):
                 ]
                 title += "; the judge model's verdict"
             return labels, title
-        if res["strength"] is None:
+        if res.strength is None or res.reference is None:
             return [f"ch {c}" for c in channels], f"{key}, epoch {epoch}: preferred images"
         values = zip(
             channels,
-            res["strength"].tolist(),
-            res["activation"].tolist(),
-            res["reference"].tolist(),
+            res.strength.tolist(),
+            res.activation.tolist(),
+            res.reference.tolist(),
             strict=True,
         )
         labels = [_strength_label(*v) for v in values]
@@ -884,20 +825,19 @@ class FeatureVisualizer(AnalysisCallback):
         for key, res in self.results.items():
             labels, title = self._grid_labels(key, res)
             ncols = self.n_images if key != "classes" and self.n_images > 1 else None
-            out.figure(out.tag(key), image_grid(res["images"], labels, ncols=ncols, title=title))
-            if "judge_predicted" in res:
-                agree = (res["judge_predicted"] == res["channels"]).double().mean()
+            out.figure(out.tag(key), image_grid(res.images, labels, ncols=ncols, title=title))
+            if res.judge_predicted is not None:
+                agree = (res.judge_predicted == res.channels).double().mean()
                 scalars[out.tag(key, "judge_recognised")] = float(agree)
-            if res["strength"] is not None:
-                above = (res["activation"] > res["reference"]).double().mean()
+            if res.strength is not None and res.reference is not None:
+                above = (res.activation > res.reference).double().mean()
                 scalars[out.tag(key, "above_max_fraction")] = float(above)
-                finite = res["strength"][torch.isfinite(res["strength"])]
+                finite = res.strength[torch.isfinite(res.strength)]
                 if finite.numel():
                     scalars[out.tag(key, "strength_median")] = float(finite.median())
                     out.histogram(out.tag(key, "strength"), finite)
-            arrays = {k: v for k, v in res.items() if isinstance(v, torch.Tensor)}
-            meta = {"layer": key, "epoch": res["epoch"], "steps": self.steps}
-            out.save_arrays(key, arrays, meta=meta)
+            meta = {"layer": key, "epoch": res.epoch, "steps": self.steps}
+            out.save_arrays(key, res.as_arrays(), meta=meta)
         out.scalars(scalars)
 
     def _class_name(self, c: int) -> str:
@@ -911,30 +851,33 @@ class FeatureVisualizer(AnalysisCallback):
 
         scalars: dict[str, float] = {}
         for layer, res in self.cluster_results.items():
-            preferred = res["preferred_class"].tolist()
             labels = []
             for i, (k, size, c) in enumerate(
-                zip(res["clusters"].tolist(), res["sizes"].tolist(), preferred, strict=True)
+                zip(
+                    res.clusters.tolist(),
+                    res.sizes.tolist(),
+                    res.preferred_class.tolist(),
+                    strict=True,
+                )
             ):
-                seen = int(res["predicted"][i])
+                seen = int(res.predicted[i])
                 text = f"c{k} ({size}): {self._class_name(c)}\nmodel: {self._class_name(seen)}"
-                if "judge_predicted" in res:
-                    verdict = int(res["judge_predicted"][i])
+                if res.judge_predicted is not None:
+                    verdict = int(res.judge_predicted[i])
                     text += f" judge: {self._class_name(verdict)} {'ok' if verdict == c else 'no'}"
                 labels.append(text)
             title = (
-                f"{layer} clusters (of epoch {res['clusters_epoch']}), epoch {res['epoch']}: "
+                f"{layer} clusters (of epoch {res.clusters_epoch}), epoch {res.epoch}: "
                 "cluster (neurons): preferred class"
             )
-            out.figure(out.tag("clusters", layer), image_grid(res["images"], labels, title=title))
-            agree = (res["predicted"] == res["preferred_class"]).double().mean()
+            out.figure(out.tag("clusters", layer), image_grid(res.images, labels, title=title))
+            agree = (res.predicted == res.preferred_class).double().mean()
             scalars[out.tag("clusters", layer, "model_agrees")] = float(agree)
-            if "judge_predicted" in res:
-                agree = (res["judge_predicted"] == res["preferred_class"]).double().mean()
+            if res.judge_predicted is not None:
+                agree = (res.judge_predicted == res.preferred_class).double().mean()
                 scalars[out.tag("clusters", layer, "judge_agrees")] = float(agree)
-            arrays = {k: v for k, v in res.items() if isinstance(v, torch.Tensor)}
-            meta = {"layer": layer, "epoch": res["epoch"], "clusters_epoch": res["clusters_epoch"]}
-            out.save_arrays(f"clusters_{layer}", arrays, meta=meta)
+            meta = {"layer": layer, "epoch": res.epoch, "clusters_epoch": res.clusters_epoch}
+            out.save_arrays(f"clusters_{layer}", res.as_arrays(), meta=meta)
         out.scalars(scalars)
 
     def _log_focus(self, out: AnalysisLogger) -> None:
@@ -942,17 +885,16 @@ class FeatureVisualizer(AnalysisCallback):
 
         assert self._plan is not None
         res = self.saliency_results
-        for method, maps in res["maps"].items():
+        assert res is not None
+        for method, maps in res.maps.items():
             fig = saliency_grid(
-                res["images"],
+                res.images,
                 maps,
-                res["predicted"],
-                res["labels"],
+                res.predicted,
+                res.labels,
                 class_names=self._plan["class_names"],
-                title=f"{method} saliency, epoch {res['epoch']}",
+                title=f"{method} saliency, epoch {res.epoch}",
             )
             out.figure(out.tag(method), fig)
-        arrays = {k: res[k] for k in ("images", "inputs", "labels", "predicted")}
-        arrays.update({f"map_{m}": v for m, v in res["maps"].items()})
-        meta = {"methods": list(res["maps"]), "epoch": res["epoch"]}
-        out.save_arrays("saliency", arrays, meta=meta)
+        meta = {"methods": list(res.maps), "epoch": res.epoch}
+        out.save_arrays("saliency", res.as_arrays(), meta=meta)

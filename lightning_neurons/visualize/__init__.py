@@ -14,30 +14,17 @@ Example:
 """
 
 from lightning_neurons.visualize.objectives import (
-    IMAGE,
     L2,
-    LOGITS,
     Channel,
     ChannelGroup,
     ClassLogit,
     ClassLogProb,
     Neuron,
     Objective,
-    Term,
     TotalVariation,
-    l2_penalty,
-    total_variation,
 )
-from lightning_neurons.visualize.param import (
-    fft_image,
-    maco_image,
-    parametrize,
-    pixel_image,
-    row_seed,
-    soft_clip,
-)
-from lightning_neurons.visualize.prior import DataPrior, DataPriorEstimate, amplitude_spectrum
-from lightning_neurons.visualize.render import analysis_mode, check_objectives, evaluate, render
+from lightning_neurons.visualize.prior import DataPrior
+from lightning_neurons.visualize.render import evaluate, render
 from lightning_neurons.visualize.saliency import (
     grad_cam,
     gradient,
@@ -45,59 +32,25 @@ from lightning_neurons.visualize.saliency import (
     saliency,
     smoothgrad,
 )
-from lightning_neurons.visualize.transforms import (
-    CenterCrop,
-    Jitter,
-    Pad,
-    RandomAffine,
-    RandomRotate,
-    RandomScale,
-    apply_transforms,
-    resolve_transforms,
-    robust_transforms,
-    standard_transforms,
-)
 
+# The public API: objectives to render, the render loop, the data prior of "maco", and saliency.
+# Parametrizations, transforms and helpers live in their modules (``visualize.param``,
+# ``visualize.transforms``, ``visualize.objectives``, ...).
 __all__ = [
-    "DataPrior",
-    "DataPriorEstimate",
-    "IMAGE",
     "L2",
-    "LOGITS",
-    "CenterCrop",
     "Channel",
     "ChannelGroup",
-    "ClassLogit",
     "ClassLogProb",
-    "Jitter",
+    "ClassLogit",
+    "DataPrior",
     "Neuron",
     "Objective",
-    "Pad",
-    "RandomAffine",
-    "RandomRotate",
-    "RandomScale",
-    "Term",
     "TotalVariation",
-    "amplitude_spectrum",
-    "analysis_mode",
-    "apply_transforms",
-    "check_objectives",
     "evaluate",
-    "fft_image",
     "grad_cam",
     "gradient",
-    "l2_penalty",
-    "maco_image",
     "normalize_maps",
-    "parametrize",
-    "pixel_image",
     "render",
-    "resolve_transforms",
-    "robust_transforms",
-    "row_seed",
     "saliency",
     "smoothgrad",
-    "soft_clip",
-    "standard_transforms",
-    "total_variation",
 ]

@@ -32,7 +32,7 @@ from lightning_neurons.batch import (
 )
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import get_module, hooked
-from lightning_neurons.state import analysis_mode
+from lightning_neurons.state import analysis_mode, model_device
 from lightning_neurons.visualize.objectives import (
     IMAGE,
     LOGITS,
@@ -74,13 +74,6 @@ def _check_positive(name: str, value: object, integer: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:  # type: ignore[operator]
         what = "a positive integer" if integer else "a positive number"
         raise NeuronsError(f"`{name}` must be {what}, got {value!r}")
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU for a model without any)."""
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 class _Scoring:
@@ -193,7 +186,7 @@ def _probe(
 
     handles, largest = _largest_output(model)
     try:
-        with analysis_mode(model), torch.no_grad(), hooked(model, layers, record):
+        with analysis_mode(model, grad=False), hooked(model, layers, record):
             x = torch.full((1, *image_shape), 0.5, device=model_device(model))
             try:
                 output = model(as_model_input(to_model_input(x, input_transform), model))
@@ -813,7 +806,7 @@ def evaluate(
     device = model_device(model)
     size = batch_size or len(objectives)
     values = []
-    with analysis_mode(model), torch.no_grad():
+    with analysis_mode(model, grad=False):
         for start in range(0, len(objectives), size):
             scoring = _Scoring(BatchScorer(objectives[start : start + size]), output_fn=output_fn)
             image = images[start : start + size].to(device)

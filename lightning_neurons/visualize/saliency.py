@@ -33,7 +33,7 @@ from lightning_neurons.batch import (
 )
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import get_module, hooked
-from lightning_neurons.visualize.render import analysis_mode, model_device
+from lightning_neurons.state import analysis_mode, model_device
 
 Method = Literal["gradient", "smoothgrad", "gradcam"]
 METHODS: tuple[str, ...] = ("gradient", "smoothgrad", "gradcam")
@@ -220,9 +220,9 @@ def _last_conv(model: nn.Module) -> str:
 def grad_cam(
     model: nn.Module,
     images: torch.Tensor,
-    layer: str | None = None,
     target: int | Sequence[int] | torch.Tensor | None = None,
     *,
+    layer: str | None = None,
     input_transform: InputTransform | None = None,
     batch_size: int | None = None,
     output_fn: BatchFn | None = None,
@@ -232,8 +232,8 @@ def grad_cam(
     Args:
         model: Maps model inputs to logits.
         images: ``[N, C, H, W]`` display images.
-        layer: A layer with ``[N, K, h, w]`` output; default: the model's last ``Conv2d``.
         target: Class per image (or one for all); default: the predicted class.
+        layer: A layer with ``[N, K, h, w]`` output; default: the model's last ``Conv2d``.
         input_transform: Display image -> model input.
         batch_size: Images per forward pass (default: all).
         output_fn: Reads the logits from the model's output (see
@@ -340,8 +340,8 @@ def saliency(
         return grad_cam(
             model,
             images,
-            layer,
             target,
+            layer=layer,
             input_transform=input_transform,
             batch_size=batch_size,
             output_fn=output_fn,

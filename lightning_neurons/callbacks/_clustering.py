@@ -1,0 +1,149 @@
+"""What CategoryClustering and NeuronClustering share: finding the tracker and its layers, the
+stage, class names and small table helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from typing_extensions import override
+
+from lightning_neurons.batch import BatchReader, LoaderRows, analysed_rows
+from lightning_neurons.callbacks._base import (  # noqa: F401 (class_names_of re-exported)
+    OnError,
+    StagedCallback,
+    class_names_of,
+    find_callback,
+)
+from lightning_neurons.callbacks.tracker import ActivationTracker
+from lightning_neurons.errors import NeuronsError
+from lightning_neurons.hooks import resolve_layers, selects, split_call
+from lightning_neurons.stats import LayerStats
+
+# ---- shared helpers ---------------------------------------------------------------------------
+
+
+def _stability(previous: np.ndarray | None, labels: np.ndarray) -> float:
+    """Adjusted Rand index of the previous analysis's labels with these (NaN without them)."""
+    if previous is None or previous.shape != labels.shape:
+        return float("nan")
+    from sklearn.metrics import adjusted_rand_score
+
+    return float(adjusted_rand_score(previous, labels))
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+class _ClusteringCallback(StagedCallback):
+    """What both clustering callbacks share: finding the tracker and its layers, and the stage."""
+
+    kind = "clustering"
+    reads = (ActivationTracker,)
+
+    def __init__(self, layers: list[str] | None = None, **options: Any) -> None:
+        super().__init__(layers, **options)  # every_n_epochs, enable_logging, on_error
+        self._stage = "validation"
+        self._tracker_layers: list[str] = []
+        self._reader = BatchReader()
+        self._dataloader_idx = 0
+        self._rows = LoaderRows()
+        self._batch_size = 0
+        self._reduction = "mean"
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        tracker = find_callback(trainer, ActivationTracker, required=type(self).__name__)
+        self._stage = tracker.stage
+        self._reader = tracker.reader
+        self._dataloader_idx = tracker.dataloader_idx
+        self._reduction = tracker.reduction
+        self._tracker_layers = resolve_layers(pl_module, tracker.layer_patterns)
+        if self.layer_patterns is None:
+            self.layers = list(self._tracker_layers)
+            return
+        chosen = resolve_layers(pl_module, self.layer_patterns)
+        tracked_modules = {split_call(name)[0] for name in self._tracker_layers}
+        missing = [name for name in chosen if split_call(name)[0] not in tracked_modules]
+        if missing:
+            raise NeuronsError(
+                f"{type(self).__name__}: layer(s) {', '.join(map(repr, missing))} are not tracked "
+                f"by the ActivationTracker, which tracks {', '.join(self._tracker_layers)}. Add them "
+                "to the tracker's `layers`, or choose among those."
+            )
+        self.layers = chosen
+
+    # The previous epoch's labels (for stability across epochs) survive a checkpoint resume.
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"previous": {k: torch.as_tensor(v) for k, v in self._previous.items()}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._previous = {k: np.asarray(v) for k, v in state_dict.get("previous", {}).items()}
+
+    # Lightning's per-stage hooks arrive here (see StagedCallback); only the tracker's stage counts.
+    def _stage_start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        if stage == self._stage:
+            self._rows = analysed_rows(trainer, stage, self._dataloader_idx)
+        self._start(stage, trainer, pl_module)
+
+    def _stage_batch_start(
+        self, stage: str, batch: Any, batch_idx: int, dataloader_idx: int
+    ) -> None:
+        if dataloader_idx == self._dataloader_idx:
+            self._batch_start(stage, batch, batch_idx)
+
+    def _batch_labels(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        """The batch's labels, without DistributedSampler's repeated samples (``None``: none)."""
+        labels = self._reader.labels(batch)
+        rows = self._rows.rows(batch_idx, labels.shape[0])
+        self._batch_size = labels.shape[0]
+        return labels[:rows] if rows else None
+
+    def _stage_batch_end(self, stage: str) -> None:
+        self._labels = None
+
+    def _stage_end(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        if stage == self._stage:
+            self._stop()  # the epoch's batches are done; the data gathered is kept
+
+    @override
+    def _consume(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        if stage == self._stage:
+            self._epoch_analysis(trainer, pl_module)
+
+    def _release(self) -> None:
+        self._stop()
+
+    def _start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Begin gathering data of ``stage`` (no-op by default)."""
+
+    def _batch_start(self, stage: str, batch: Any, batch_idx: int) -> None:
+        """A batch of ``stage`` begins (no-op by default)."""
+
+    def _stop(self) -> None:
+        """Remove hooks (no-op by default)."""
+
+    def _epoch_analysis(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The analysis at the end of an epoch of the tracker's stage."""
+        raise NotImplementedError
+
+    def _fresh_stats(self, trainer: Trainer) -> dict[str, LayerStats] | None:
+        """The tracker's results of this epoch, or ``None`` when the tracker did not analyse this
+        epoch or nothing is due."""
+        stats = find_callback(trainer, ActivationTracker, required=type(self).__name__).results
+        if not self._due(trainer):
+            return None
+        fresh = {
+            n: s
+            for n, s in stats.items()
+            if selects(self.layers, n) and s.epoch == trainer.current_epoch
+        }
+        return fresh or None

@@ -1,0 +1,468 @@
+"""CategoryClustering: the paper's category clustering, epoch after epoch.
+
+It reads the class profiles that an :class:`~lightning_neurons.ActivationTracker` gathered (one
+set of hooks for every analysis), clusters the categories on rank zero at the end of the tracker's
+stage, logs figures, tables and scalars to TensorBoard, writes the numbers next to the event files,
+and keeps the latest results in ``callback.results``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+from torchmetrics.classification import MulticlassConfusionMatrix
+from typing_extensions import override
+
+from lightning_neurons.callbacks._base import OnError, find_callback
+from lightning_neurons.callbacks._clustering import (
+    _ClusteringCallback,
+    _markdown_table,
+    _stability,
+    class_names_of,
+)
+from lightning_neurons.callbacks.tracker import ActivationTracker
+from lightning_neurons.clustering import (
+    CategoryClusterer,
+    CategoryMethod,
+    CategoryNormalize,
+    Linkage,
+    Metric,
+)
+from lightning_neurons.errors import NeuronsError
+from lightning_neurons.hooks import HookSet, resolve_layers, selects
+from lightning_neurons.loggers import AnalysisLogger
+from lightning_neurons.results import CategoryClusteringResult
+from lightning_neurons.state import in_analysis
+from lightning_neurons.stats import LayerStats
+
+#: Name of the category-clustering view that puts all chosen layers side by side.
+COMBINED = "combined"
+
+
+def distance_confusion_agreement(distances: np.ndarray, confusion: np.ndarray) -> float:
+    """How well class distances predict which classes the model confuses.
+
+    Spearman correlation, over the pairs of distinct classes, between the negated class
+    distance and the symmetrised confusion rate ``(P[i, j] + P[j, i]) / 2`` (``P`` the
+    row-normalised confusion matrix). Positive when classes that are close in the representation
+    are the ones mistaken for each other.
+
+    Args:
+        distances: ``[C, C]`` class distances.
+        confusion: ``[C, C]`` counts, rows the true class.
+
+    Returns:
+        The correlation, NaN when undefined (no confusions at all, or constant distances).
+    """
+    from scipy.stats import spearmanr
+
+    rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    similarity = (rates + rates.T) / 2.0
+    upper = np.triu_indices(distances.shape[0], k=1)
+    x, y = -distances[upper], similarity[upper]
+    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
+
+
+# ---- category clustering ----------------------------------------------------------------------
+
+
+class CategoryClustering(_ClusteringCallback):
+    """Clusters the image categories by how the neurons respond to them (categories are points).
+
+    At the end of each analysed epoch it takes the ActivationTracker's class profiles of
+    ``layers`` and clusters the classes with :class:`~lightning_neurons.clustering.CategoryClusterer`,
+    for each layer and (``combine_layers``) for all of them side by side, each layer's neurons
+    z-scored then. It also counts the model's predictions against the labels on the same batches
+    (a forward hook on the classifier layer: one ``[C, C]`` confusion matrix, nothing per image)
+    to compare the class distances with the classes the model actually confuses.
+
+    Logged per view under ``category_clustering/<view>/``: the dendrogram with class names, the
+    class-distance matrix next to the confusion matrix, the assignments as a Markdown table,
+    and scalars ``silhouette``, ``n_clusters``, ``distance_confusion_spearman`` and ``stability``
+    (adjusted Rand index with the previous analysis). Arrays go to
+    ``<log_dir>/neurons/category_clustering/epoch=EEE/<view>.npz``.
+
+    Every view is clustered and logged; :attr:`result` is the *headline* view chosen by ``view``:
+    by default the deepest analysed layer, the network's own representation of the categories.
+
+    The defaults come from ``benchmarks/representation_study.py`` (SmallCNN on the parts data
+    sets, whose 12 classes form 4 known groups). Where a group's classes share two large parts of
+    three (``structure="marks"``), conv2, conv3, their ReLUs and any combination recovered the
+    groups exactly with the tracker's ``mean`` reduction (adjusted Rand index 1.0 in 3 of 3
+    seeds). Where they share only one of two equally large parts and the network can classify
+    without it (``structure="one_shared"``), only the deepest ReLU layer with every neuron
+    z-scored across the classes found the groups in every seed (ARI 1.0, 1.0, 1.0); unnormalised
+    it gave 0.80 on average (worst seed 0.64), the combined view of all ReLU layers 0.75 in each
+    seed (the early layers, which see strokes rather than parts, pull it off) and conv1 0.14. Hence
+    ``normalize="zscore"`` and ``view="deepest"``. ``max``-reduced activations and first-order
+    contributions did worse in the trained network: keep the tracker's ``reduction="mean"``.
+
+    Args:
+        layers: Tracked layers to cluster on (default: all the tracker's layers).
+        method: ``"agglomerative"``, ``"kmeans"`` or ``"hdbscan"``.
+        metric: ``"correlation"``, ``"cosine"`` or ``"euclidean"`` distance between profiles.
+        linkage: Agglomerative linkage.
+        normalize: ``"zscore"`` (each neuron standardised across the classes) or ``"none"``.
+        n_clusters: Fixed number of clusters, or ``None`` to choose it by silhouette.
+        combine_layers: Also cluster on all ``layers`` together (when there are several), each
+            neuron z-scored so that every neuron counts equally.
+        view: The headline view (:attr:`result`, :attr:`main_view`): ``"deepest"`` (the last
+            analysed layer in the forward pass), ``"combined"``, or a layer name.
+        classifier_layer: Module whose output are the logits, for the confusion matrix; default:
+            the model's last ``Linear``. ``None`` and no Linear: no confusion matrix.
+        confusion: Collect the confusion matrix.
+        every_n_epochs: Analyse every n-th epoch.
+        enable_logging: Log to TensorBoard and write files (``results`` is always filled).
+        on_error: ``"warn"`` or ``"raise"`` when an analysis fails.
+
+    Raises:
+        NeuronsError: For bad arguments; at setup, if no ActivationTracker is attached, a layer
+            is not tracked, or ``classifier_layer`` does not exist.
+
+    Example:
+        >>> trainer = Trainer(callbacks=[ActivationTracker(), CategoryClustering()])  # doctest: +SKIP
+        >>> trainer.fit(model, datamodule=dm)  # doctest: +SKIP
+        >>> category.result.labels  # the deepest layer's clustering  # doctest: +SKIP
+        >>> category.results["combined"].labels  # doctest: +SKIP
+    """
+
+    kind = "category_clustering"
+
+    def __init__(
+        self,
+        layers: list[str] | None = None,
+        *,
+        method: CategoryMethod = "agglomerative",
+        metric: Metric = "correlation",
+        linkage: Linkage = "average",
+        normalize: CategoryNormalize = "zscore",
+        n_clusters: int | None = None,
+        combine_layers: bool = True,
+        view: str = "deepest",
+        classifier_layer: str | None = None,
+        confusion: bool = True,
+        every_n_epochs: int = 1,
+        enable_logging: bool = True,
+        on_error: OnError = "warn",
+    ) -> None:
+        super().__init__(
+            layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
+        )
+        # Building one checks every option now rather than at the first epoch's end.
+        self._clusterer_options = {
+            "method": method,
+            "metric": metric,
+            "linkage": linkage,
+            "normalize": normalize,
+            "n_clusters": n_clusters,
+        }
+        CategoryClusterer(**self._clusterer_options).check_params()
+        self.method, self.metric, self.linkage = method, metric, linkage
+        self.normalize, self.n_clusters = normalize, n_clusters
+        self.combine_layers = combine_layers
+        if not isinstance(view, str) or not view:
+            raise NeuronsError(
+                f"`view` must be 'deepest', 'combined' or a layer name; got {view!r}"
+            )
+        self.view = view
+        #: The name of the headline view of the latest analysis (see ``view``).
+        self.main_view: str | None = None
+        self.classifier_layer = classifier_layer
+        self.confusion = confusion
+        self.results: dict[str, CategoryClusteringResult] = {}
+        self._classifier: str | None = None
+        self._hooks = HookSet()
+        self._labels: torch.Tensor | None = None
+        self._confusion: MulticlassConfusionMatrix | None = None
+        self._broken = False  # the classifier's output was not logits in this epoch
+        self._collecting = False
+        self._armed = False
+        self._previous: dict[str, np.ndarray] = {}
+        self._warned_shape = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            layers=self.layer_patterns,
+            method=self.method,
+            metric=self.metric,
+            normalize=self.normalize,
+            view=self.view,
+        )
+
+    # ---- Lightning hooks ----
+
+    @property
+    def result(self) -> CategoryClusteringResult | None:
+        """The headline view's result of the latest analysis (``None`` before the first)."""
+        return self.results.get(self.main_view) if self.main_view is not None else None
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.view not in ("deepest", COMBINED) and not selects(self.layers, self.view):
+            raise NeuronsError(
+                f"CategoryClustering: `view` {self.view!r} is not one of its layers "
+                f"({', '.join(self.layers)}); use 'deepest', 'combined' or one of those"
+            )
+        self._classifier = None
+        if not self.confusion:
+            return
+        if self.classifier_layer is not None:
+            resolved = resolve_layers(pl_module, [self.classifier_layer])
+            self._classifier = resolved[-1]
+            return
+        linears = [n for n, m in pl_module.named_modules() if n and isinstance(m, nn.Linear)]
+        self._classifier = linears[-1] if linears else None
+
+    # ---- confusion matrix: streamed from a hook on the classifier ----
+
+    def _start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        if stage != self._stage:
+            return
+        self._stop()
+        self._confusion, self._broken = None, False
+        self._armed = False
+        if self._classifier is None or not self._due(trainer):
+            return
+        tracker = find_callback(trainer, ActivationTracker, required="CategoryClustering")
+        self._confusion = MulticlassConfusionMatrix(
+            int(tracker.num_classes), validate_args=False
+        ).to(pl_module.device)
+        self._collecting = True
+        self._armed = True  # the same on every rank, unlike `_collecting` (see `_shape_problem`)
+        self._hooks.add(pl_module, [self._classifier], self._on_logits)
+
+    def _stop(self) -> None:
+        self._hooks.remove()
+        self._labels = None
+        self._collecting = False
+
+    def _batch_start(self, stage: str, batch: Any, batch_idx: int) -> None:
+        if stage != self._stage or not self._collecting:
+            return
+        self._labels = self._batch_labels(batch, batch_idx)
+
+    def _on_logits(self, name: str, output: torch.Tensor) -> None:
+        if in_analysis():
+            return  # another analysis running the model
+        labels, self._labels = self._labels, None  # one forward per batch counts
+        if labels is None:
+            return
+        with torch.no_grad():
+            if output.dim() == 2 and output.shape[0] == self._batch_size:
+                output = output[: labels.shape[0]]  # DistributedSampler's repeats left out
+            if output.dim() != 2 or output.shape[0] != labels.shape[0]:
+                self._shape_problem(name, output, labels)
+                return
+            num_classes = output.shape[1]
+            if self._confusion is None or self._confusion.num_classes != num_classes:
+                self._shape_problem(name, output, labels)
+                return
+            preds = output.detach().argmax(dim=1)
+            labels = labels.to(output.device)
+            ok = (labels >= 0) & (labels < num_classes)
+            self._confusion.update(preds[ok], labels[ok])
+
+    def _shape_problem(self, name: str, output: torch.Tensor, labels: torch.Tensor) -> None:
+        self._collecting = False
+        self._broken = True
+        if not self._warned_shape:
+            self._warned_shape = True
+            rank_zero_warn(
+                f"CategoryClustering: layer {name!r} returned shape {tuple(output.shape)} for "
+                f"{labels.shape[0]} labels, not [batch, num_classes] logits; no confusion matrix "
+                "is collected. Pass `classifier_layer=` naming the layer that outputs the logits."
+            )
+
+    def _confusion_matrix(self, trainer: Trainer) -> np.ndarray | None:
+        """The epoch's confusion counts summed over ranks (called on every rank; ``None`` when the
+        classifier's output was not ``[batch, num_classes]`` logits on some rank)."""
+        metric, broken = self._confusion, self._broken
+        self._confusion, self._broken = None, False
+        broken = broken or metric is None or metric.update_count == 0
+        if trainer.world_size > 1:
+            flag = torch.tensor(float(broken), device=trainer.strategy.root_device)
+            broken = float(trainer.strategy.reduce(flag, reduce_op="max")) > 0
+        if broken:
+            return None
+        counts = metric.compute()  # torchmetrics sums the counts over the ranks
+        return counts.detach().cpu().numpy().astype(np.float64)
+
+    # ---- the analysis ----
+
+    def _epoch_analysis(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        armed, self._armed = self._armed, False
+        self._stop()
+        confusion = self._confusion_matrix(trainer) if armed else None
+        stats = self._fresh_stats(trainer)
+        if stats is None:
+            return
+        self._run_safely("category clustering", lambda: self._analyse(trainer, stats, confusion))
+
+    def _views(self, stats: dict[str, LayerStats]) -> dict[str, tuple[list[str], np.ndarray]]:
+        views = {name: ([name], s.class_means.numpy()) for name, s in stats.items()}
+        if self.combine_layers and len(views) > 1:
+            from lightning_neurons.clustering import standardize_columns
+
+            blocks = [standardize_columns(np.nan_to_num(p)) for _, p in views.values()]
+            # NaN rows (classes without images) stay NaN so that they are left out below.
+            missing = np.any([~np.isfinite(p).all(axis=1) for _, p in views.values()], axis=0)
+            combined = np.concatenate(blocks, axis=1)
+            combined[missing] = np.nan
+            views[COMBINED] = (list(views), combined)
+        return views
+
+    def _analyse(
+        self, trainer: Trainer, stats: dict[str, LayerStats], confusion: np.ndarray | None
+    ) -> None:
+        if not trainer.is_global_zero:
+            return
+        epoch = trainer.current_epoch
+        results: dict[str, CategoryClusteringResult] = {}
+        for view, (layers, profile) in self._views(stats).items():
+            names = class_names_of(trainer, profile.shape[0])
+            res = self._run_safely(  # one view that fails must not sink the others
+                f"category clustering of view {view!r}",
+                lambda v=view, ls=layers, p=profile, n=names: self._cluster(  # type: ignore[misc]
+                    v, ls, p, n, epoch, confusion
+                ),
+            )
+            if res is not None:
+                results[view] = res
+        self.results = results
+        self.main_view = self._main_view(results)
+        for view, res in results.items():
+            self._previous[view] = res.labels
+        if self.enable_logging:
+            self._log(trainer, results)
+
+    def _main_view(self, results: dict[str, CategoryClusteringResult]) -> str | None:
+        layers = [v for v in results if v != COMBINED]  # in the order the layers ran
+        if self.view == "deepest":
+            return layers[-1] if layers else None
+        if self.view == COMBINED and COMBINED not in results:
+            return layers[-1] if layers else None  # a single layer: it is the combination
+        return self.view if self.view in results else None
+
+    def _cluster(
+        self,
+        view: str,
+        layers: list[str],
+        profile: np.ndarray,
+        names: list[str],
+        epoch: int,
+        confusion: np.ndarray | None,
+    ) -> CategoryClusteringResult:
+        num_classes = profile.shape[0]
+        # Classes without images have NaN rows; neurons with NaN activations NaN entries.
+        finite = np.isfinite(profile)
+        rows = np.flatnonzero(finite.any(axis=1))
+        cols = finite[rows].all(axis=0)
+        if rows.size < 3 or not cols.any():
+            raise NeuronsError(
+                f"layer(s) {', '.join(layers)}: only {rows.size} of {num_classes} classes have "
+                "statistics; category clustering needs at least 3 classes with images"
+            )
+        clusterer = CategoryClusterer(**self._clusterer_options).fit(profile[np.ix_(rows, cols)])
+        labels = np.full(num_classes, -1, dtype=np.int64)
+        labels[rows] = clusterer.labels_
+        distances = np.full((num_classes, num_classes), np.nan)
+        distances[np.ix_(rows, rows)] = clusterer.distances_
+        if clusterer.linkage_ is not None:
+            from scipy.cluster.hierarchy import leaves_list
+
+            order = [int(rows[i]) for i in leaves_list(clusterer.linkage_)]
+        else:
+            order = [int(rows[i]) for i in np.argsort(clusterer.labels_, kind="stable")]
+        agreement = float("nan")
+        if confusion is not None and confusion.shape[0] == num_classes:
+            agreement = distance_confusion_agreement(
+                clusterer.distances_, confusion[np.ix_(rows, rows)]
+            )
+        previous = self._previous.get(view)
+        stability = _stability(previous, labels)
+        return CategoryClusteringResult(
+            view=view,
+            layers=layers,
+            epoch=epoch,
+            class_names=names,
+            classes=rows,
+            labels=labels,
+            n_clusters=clusterer.n_clusters_,
+            silhouette=clusterer.silhouette_,
+            distances=distances,
+            linkage=clusterer.linkage_,
+            leaf_order=order,
+            confusion=confusion,
+            agreement=agreement,
+            stability=stability,
+        )
+
+    def _log(self, trainer: Trainer, results: dict[str, CategoryClusteringResult]) -> None:
+        from lightning_neurons.plots.clustering import dendrogram_figure, distance_confusion_figure
+
+        out = AnalysisLogger(trainer, self.kind, owner=self)
+        if not out.is_writer:
+            return
+        scalars: dict[str, float] = {}
+        assignments: dict[str, dict[str, int]] = {}
+        for view, res in results.items():
+            kept = list(res.leaf_order)
+            names = [res.class_names[i] for i in kept]
+            title = f"{view}: epoch {res.epoch}, {res.n_clusters} clusters, silhouette {res.silhouette:.2f}"
+            if out.experiment is not None:
+                if res.linkage is not None:
+                    leaf_names = [res.class_names[i] for i in res.classes]
+                    fig, _ = dendrogram_figure(res.linkage, leaf_names, res.n_clusters, title)
+                    out.figure(out.tag(view, "dendrogram"), fig)
+                sub = np.ix_(kept, kept)
+                fig = distance_confusion_figure(
+                    res.distances[sub],
+                    None if res.confusion is None else res.confusion[sub],
+                    names,
+                    agreement=res.agreement if res.confusion is not None else None,
+                    title=title,
+                )
+                out.figure(out.tag(view, "distance_vs_confusion"), fig)
+                out.text(out.tag(view, "assignments"), self._table(res))
+            scalars[out.tag(view, "silhouette")] = res.silhouette
+            scalars[out.tag(view, "n_clusters")] = float(res.n_clusters)
+            if np.isfinite(res.agreement):
+                scalars[out.tag(view, "distance_confusion_spearman")] = res.agreement
+            if np.isfinite(res.stability):
+                scalars[out.tag(view, "stability")] = res.stability
+            out.save_arrays(
+                view,
+                res.as_arrays(),
+                meta={"view": view, "layers": res.layers, "epoch": res.epoch, **self._meta()},
+            )
+            assignments[view] = {
+                n: int(c) for n, c in zip(res.class_names, res.labels, strict=True)
+            }
+        out.save_json("assignments", assignments)
+        out.scalars({k: v for k, v in scalars.items() if np.isfinite(v)})
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "metric": self.metric,
+            "linkage": self.linkage,
+            "normalize": self.normalize,
+        }
+
+    @staticmethod
+    def _table(res: CategoryClusteringResult) -> str:
+        rows = []
+        for cluster in sorted(set(res.labels.tolist())):
+            members = [res.class_names[i] for i in np.flatnonzero(res.labels == cluster)]
+            label = "left out" if cluster < 0 else str(cluster)
+            rows.append((label, len(members), ", ".join(members)))
+        return _markdown_table(("cluster", "classes", "members"), rows)

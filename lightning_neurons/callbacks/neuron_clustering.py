@@ -1,0 +1,339 @@
+"""NeuronClustering: the paper's neuron clustering, epoch after epoch.
+
+It reads the class profiles that an :class:`~lightning_neurons.ActivationTracker` gathered (or a
+reservoir of per-image activations), clusters each layer's neurons on rank zero at the end of the
+tracker's stage, logs figures, tables, scalars and the embedding projector to TensorBoard, writes
+the numbers next to the event files, and keeps the latest results in ``callback.results``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_neurons.callbacks._base import OnError
+from lightning_neurons.callbacks._clustering import (
+    _ClusteringCallback,
+    _markdown_table,
+    _stability,
+    class_names_of,
+)
+from lightning_neurons.callbacks.tracker import ActivationTracker
+from lightning_neurons.checks import check_choice, check_positive_int
+from lightning_neurons.clustering import (
+    ActivationReservoir,
+    NeuronClusterer,
+    NeuronMethod,
+    NeuronNormalize,
+    normalize_neurons,
+)
+from lightning_neurons.errors import NeuronsError
+from lightning_neurons.hooks import HookSet, reduce_activation
+from lightning_neurons.loggers import AnalysisLogger
+from lightning_neurons.results import NeuronClusteringResult
+from lightning_neurons.state import in_analysis
+from lightning_neurons.stats import LayerStats
+
+# ---- neuron clustering ------------------------------------------------------------------------
+
+
+class NeuronClustering(_ClusteringCallback):
+    """Clusters each layer's neurons by how they respond across the classes (neurons are points).
+
+    Uses :class:`~lightning_neurons.clustering.NeuronClusterer` on the tracker's class profile
+    (``source="class_means"``), or on a bounded reservoir of per-image activations gathered by
+    this callback's own forward hooks during the tracker's stage (``source="reservoir"``; memory
+    ``reservoir_size x neurons`` per layer; under DDP each rank samples its own share and rank
+    zero clusters its sample).
+
+    Logged per layer under ``neuron_clustering/<layer>/``: the cluster sizes as a table and
+    scalars (``n_clusters``, ``noise_fraction``, ``silhouette``, ``stability``: adjusted Rand
+    index with the previous analysis), and each cluster's mean class profile as a figure. Each
+    layer's neurons go to TensorBoard's embedding projector (one embedding per layer, of the
+    latest epoch: ``relu3, epoch 9``; see :mod:`lightning_neurons.projector`), labelled
+    ``relu3/4``, with layer-qualified clusters and each neuron's top-activating validation crop
+    as its image. Arrays go to ``<log_dir>/neurons/neuron_clustering/epoch=EEE/<layer>.npz``.
+
+    Args:
+        layers: Tracked layers (default: all the tracker's layers).
+        method: ``"hdbscan"``, ``"kmeans"`` or ``"agglomerative"``.
+        n_clusters: For k-means / agglomerative; ``None`` chooses by silhouette.
+        min_cluster_size: HDBSCAN's smallest cluster (default ``max(3, neurons // 50)``).
+        normalize: How each neuron's response is normalised: ``"zscore"``, ``"l2"``, ``"max"``,
+            ``"none"``.
+        source: ``"class_means"`` or ``"reservoir"``.
+        reservoir_size: Per-image rows kept per layer for ``source="reservoir"``.
+        embedding: Write the embedding projector data.
+        max_embedding_neurons: At most this many neurons (the most selective of each layer, in
+            equal shares) go to the projector.
+        seed: Seed of the clusterer and the reservoir.
+        every_n_epochs: Analyse every n-th epoch.
+        enable_logging: Log to TensorBoard and write files (``results`` is always filled).
+        on_error: ``"warn"`` or ``"raise"`` when an analysis fails.
+
+    Raises:
+        NeuronsError: For bad arguments; at setup, if no ActivationTracker is attached or a layer
+            is not tracked.
+
+    Example:
+        >>> trainer = Trainer(callbacks=[ActivationTracker(), NeuronClustering()])  # doctest: +SKIP
+    """
+
+    kind = "neuron_clustering"
+    reads = (ActivationTracker,)
+
+    def __init__(
+        self,
+        layers: list[str] | None = None,
+        *,
+        method: NeuronMethod = "hdbscan",
+        n_clusters: int | None = None,
+        min_cluster_size: int | None = None,
+        normalize: NeuronNormalize = "zscore",
+        source: Literal["class_means", "reservoir"] = "class_means",
+        reservoir_size: int = 1024,
+        embedding: bool = True,
+        max_embedding_neurons: int = 4096,
+        seed: int = 0,
+        every_n_epochs: int = 1,
+        enable_logging: bool = True,
+        on_error: OnError = "warn",
+    ) -> None:
+        super().__init__(
+            layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
+        )
+        self._clusterer_options = {
+            "method": method,
+            "n_clusters": n_clusters,
+            "min_cluster_size": min_cluster_size,
+            "normalize": normalize,
+            "random_state": seed,
+        }
+        NeuronClusterer(**self._clusterer_options).check_params()  # now, not at the epoch's end
+        check_choice("source", source, ("class_means", "reservoir"))
+        self.method, self.n_clusters, self.min_cluster_size = method, n_clusters, min_cluster_size
+        self.normalize, self.source, self.seed = normalize, source, seed
+        self.reservoir_size = check_positive_int("reservoir_size", reservoir_size)
+        self.embedding = embedding
+        self.max_embedding_neurons = check_positive_int(
+            "max_embedding_neurons", max_embedding_neurons
+        )
+        self.results: dict[str, NeuronClusteringResult] = {}
+        self._previous: dict[str, np.ndarray] = {}
+        self._hooks = HookSet()
+        self._reservoirs: dict[str, ActivationReservoir] = {}
+        self._labels: torch.Tensor | None = None
+        self._warned_constant: set[str] = set()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            layers=self.layer_patterns, method=self.method, source=self.source
+        )
+
+    # ---- the reservoir of per-image activations ----
+
+    def _start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        if stage != self._stage or self.source != "reservoir":
+            return
+        self._stop()
+        self._reservoirs = {}
+        if not self._due(trainer):
+            return
+        self._reservoirs = {}  # one per call site, made at its first batch
+        self._hooks.add(pl_module, self.layers, self._on_activation)
+
+    def _stop(self) -> None:
+        self._hooks.remove()
+        self._labels = None
+
+    def _batch_start(self, stage: str, batch: Any, batch_idx: int) -> None:
+        if stage != self._stage or not len(self._hooks):
+            return
+        self._labels = self._batch_labels(batch, batch_idx)
+        self._hooks.new_pass()
+
+    def _on_activation(self, name: str, output: torch.Tensor) -> None:
+        if self._labels is None or in_analysis():
+            return
+        with torch.no_grad():
+            values = reduce_activation(output.detach(), self._reduction, name)
+            values = values[: self._labels.shape[0]]  # DistributedSampler's repeats left out
+            if name not in self._reservoirs:
+                self._reservoirs[name] = ActivationReservoir(self.reservoir_size, seed=self.seed)
+            self._reservoirs[name].update(values, self._labels)
+
+    # ---- the analysis ----
+
+    def _epoch_analysis(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._stop()
+        stats = self._fresh_stats(trainer)
+        if stats is None:
+            return
+        self._run_safely("neuron clustering", lambda: self._analyse(trainer, stats))
+        self._reservoirs = {}
+
+    def _analyse(self, trainer: Trainer, stats: dict[str, LayerStats]) -> None:
+        if not trainer.is_global_zero:
+            return
+        results: dict[str, NeuronClusteringResult] = {}
+        for name, layer_stats in stats.items():
+            # one layer that cannot be clustered (e.g. all neurons dead) must not sink the others
+            res = self._run_safely(
+                f"neuron clustering of layer {name!r}",
+                lambda name=name, s=layer_stats: self._cluster(name, s),  # type: ignore[misc]
+            )
+            if res is not None:
+                results[name] = res
+        self.results = results
+        for name, res in results.items():
+            self._previous[name] = res.labels
+        if self.enable_logging:
+            self._log(trainer, results)
+
+    def _cluster(self, name: str, stats: LayerStats) -> NeuronClusteringResult:
+        means = stats.class_means.numpy()
+        classes = np.flatnonzero(np.isfinite(means).any(axis=1))  # classes with images
+        means = np.nan_to_num(means[classes])
+        if self.source == "reservoir":
+            reservoir = self._reservoirs.get(name)
+            if reservoir is None or len(reservoir) < 2:
+                raise NeuronsError(f"the reservoir of layer {name!r} holds fewer than 2 images")
+            profile = reservoir.values.numpy()
+        else:
+            profile = means
+        clusterer = NeuronClusterer(**self._clusterer_options)
+        _, constant = normalize_neurons(np.ascontiguousarray(profile.T), self.normalize)
+        if int((~constant).sum()) < clusterer.needed_neurons:
+            return self._unclustered(name, stats, classes, means, int(constant.sum()))
+        clusterer.fit(profile)
+        labels = clusterer.labels_
+        normalized, _ = normalize_neurons(means.T, self.normalize)
+        found = np.unique(labels[labels >= 0])
+        cluster_profiles = (
+            np.stack([normalized[labels == c].mean(axis=0) for c in found])
+            if found.size
+            else np.zeros((0, means.shape[0]))
+        )
+        previous = self._previous.get(name)
+        stability = _stability(previous, labels)
+        return NeuronClusteringResult(
+            layer=name,
+            epoch=stats.epoch,
+            classes=classes,
+            labels=labels,
+            n_clusters=clusterer.n_clusters_,
+            cluster_sizes=clusterer.cluster_sizes_,
+            noise_fraction=float((labels < 0).mean()),
+            cluster_profiles=cluster_profiles,
+            silhouette=clusterer.silhouette_,
+            preferred_class=stats.preferred_class.numpy(),
+            selectivity=stats.selectivity.numpy(),
+            stability=stability,
+            source=self.source,
+            extra={"features": normalized},
+        )
+
+    def _unclustered(
+        self, name: str, stats: LayerStats, classes: np.ndarray, means: np.ndarray, constant: int
+    ) -> NeuronClusteringResult:
+        """A layer whose neurons (nearly) all respond the same to every class (e.g. dead ones):
+        nothing to cluster, every neuron unclustered (-1); said once per layer."""
+        if name not in self._warned_constant:
+            self._warned_constant.add(name)
+            rank_zero_warn(
+                f"NeuronClustering: {constant} of the {means.shape[1]} neurons of layer {name!r} "
+                f"respond the same to every class (dead or constant) in epoch {stats.epoch}; too "
+                "few vary to be clustered, so all are left unclustered (-1)."
+            )
+        normalized, _ = normalize_neurons(means.T, self.normalize)
+        labels = np.full(means.shape[1], -1, dtype=np.int64)
+        return NeuronClusteringResult(
+            layer=name,
+            epoch=stats.epoch,
+            classes=classes,
+            labels=labels,
+            n_clusters=0,
+            cluster_sizes=np.zeros(0, dtype=np.int64),
+            noise_fraction=1.0,
+            cluster_profiles=np.zeros((0, means.shape[0])),
+            silhouette=float("nan"),
+            preferred_class=stats.preferred_class.numpy(),
+            selectivity=stats.selectivity.numpy(),
+            source=self.source,
+            extra={"features": normalized},
+        )
+
+    def _log(self, trainer: Trainer, results: dict[str, NeuronClusteringResult]) -> None:
+        from lightning_neurons.plots.clustering import cluster_profiles_figure
+
+        out = AnalysisLogger(trainer, self.kind, owner=self)
+        if not out.is_writer:
+            return
+        scalars: dict[str, float] = {}
+        for name, res in results.items():
+            all_names = class_names_of(trainer, self._num_classes(res))
+            names = [all_names[i] for i in res.classes]
+            if out.experiment is not None:
+                fig = cluster_profiles_figure(
+                    res.cluster_profiles,
+                    res.cluster_sizes,
+                    names,
+                    noise=int((res.labels < 0).sum()),
+                    title=f"{name}: neuron clusters, epoch {res.epoch}",
+                )
+                out.figure(out.tag(name, "cluster_profiles"), fig)
+                out.text(out.tag(name, "clusters"), self._table(res, names))
+            scalars[out.tag(name, "n_clusters")] = float(res.n_clusters)
+            scalars[out.tag(name, "noise_fraction")] = res.noise_fraction
+            if np.isfinite(res.silhouette):
+                scalars[out.tag(name, "silhouette")] = res.silhouette
+            if np.isfinite(res.stability):
+                scalars[out.tag(name, "stability")] = res.stability
+            out.save_arrays(
+                name,
+                res.as_arrays(),
+                meta={
+                    "layer": name,
+                    "epoch": res.epoch,
+                    "method": self.method,
+                    "source": self.source,
+                },
+            )
+        out.scalars(scalars)
+        if self.embedding and out.experiment is not None and results:
+            from lightning_neurons.projector import log_neuron_projector
+
+            num_classes = max(self._num_classes(r) for r in results.values())
+            log_neuron_projector(
+                trainer,
+                out.experiment.get_logdir(),
+                self.kind,
+                results,
+                class_names_of(trainer, num_classes),
+                self.max_embedding_neurons,
+                self._reader,
+                self._stage,
+                self._dataloader_idx,
+            )
+
+    @staticmethod
+    def _num_classes(res: NeuronClusteringResult) -> int:
+        return int(max(res.classes.max(initial=-1), res.preferred_class.max(initial=-1))) + 1
+
+    @staticmethod
+    def _table(res: NeuronClusteringResult, names: list[str]) -> str:
+        rows = []
+        for c, (size, profile) in enumerate(
+            zip(res.cluster_sizes, res.cluster_profiles, strict=True)
+        ):
+            top = np.argsort(-profile)[:3]
+            rows.append((c, int(size), ", ".join(f"{names[i]} ({profile[i]:+.1f})" for i in top)))
+        noise = int((res.labels < 0).sum())
+        if noise:
+            rows.append(("unclustered", noise, ""))
+        return _markdown_table(("cluster", "neurons", "strongest classes (mean z)"), rows)
