@@ -91,14 +91,18 @@ class FeatureVisualizer(AnalysisCallback):
     The model is left exactly as found (training mode, gradients, ``requires_grad``, hooks, RNG
     states), so a seeded run gives the same weights with or without this callback.
 
-    After each round the results are in :attr:`results` (other analyses, e.g. neuron
-    clustering's projector sprites, read them):
+    After each round the results are in :attr:`results` (other analyses, e.g. NeuronContribution's
+    probe images, read them):
 
     ``results[layer]`` (one entry per layer, and ``results["classes"]`` for the class images) is a
     :class:`~lightning_neurons.results.Rendering`: the images, each one's channel (or class), the
     activation it reaches, and its strength relative to the channel's largest activation on the
     tracker's data; :attr:`saliency_results` is a :class:`~lightning_neurons.results.SaliencyMaps`
-    (``None`` before the first round).
+    (``None`` before the first round); with a NeuronClustering attached (``clusters=True``),
+    :attr:`cluster_results` holds a :class:`~lightning_neurons.results.ClusterRendering` per
+    clustered layer: its largest clusters' preferred images, the class each cluster prefers and
+    the class the model (and the judge) sees in its image, logged under
+    ``preference/clusters/<layer>``.
 
     Batches and model outputs are read through the attached tracker's
     :attr:`~lightning_neurons.ActivationTracker.reader` (its ``input_fn``, ``label_fn`` and
@@ -158,8 +162,8 @@ class FeatureVisualizer(AnalysisCallback):
             is kept in the callback's ``state_dict`` (a resumed run renders with the same one).
         judge: A second model (e.g. the same architecture trained from another seed) that
             classifies the class and cluster images: its verdict is shown under each image and
-            kept in ``results["classes"]["judge_predicted"]`` (and
-            ``cluster_results[layer]["judge_predicted"]``), so a person sees which images
+            kept in ``results["classes"].judge_predicted`` (and
+            ``cluster_results[layer].judge_predicted``), so a person sees which images
             transfer.
         l2: Weight of an L2 penalty on the rendered images.
         tv: Weight of a total-variation penalty on the rendered images.
