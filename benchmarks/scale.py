@@ -109,7 +109,7 @@ def child(args: argparse.Namespace, which: str) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="ln-scale-"))
     logger = TensorBoardLogger(str(workdir), name="scale")
     sizes.attach(logger)
-    profiler = SimpleProfiler()
+    profiler = SimpleProfiler(dirpath=str(workdir), filename="profile")
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         accelerator=args.device,
@@ -148,9 +148,7 @@ def child(args: argparse.Namespace, which: str) -> dict:
     return {
         "variant": which,
         "seconds": seconds,
-        "per_callback": {
-            n: per_callback.get(n, 0.0) / max(1, analysed[n]) for n in analysed
-        },
+        "per_callback": {n: per_callback.get(n, 0.0) / max(1, analysed[n]) for n in analysed},
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_cuda_mb": (
             torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None

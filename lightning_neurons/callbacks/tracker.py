@@ -390,11 +390,15 @@ class ActivationTracker(StagedCallback):
         self._labels = labels[:rows] if rows else None
         self._batch_size = labels.shape[0]
 
-    def _metric(self, name: str, num_neurons: int, device: torch.device) -> ClassNeuronStats:
+    def _metric(self, name: str, values: torch.Tensor) -> ClassNeuronStats:
+        num_neurons = values.shape[1]
         metric = self._metrics.get(name)
         if metric is None or metric.num_neurons != num_neurons:
+            # the maximum in the activations' own type: exact (it is one of them)
+            dtype = values.dtype if values.is_floating_point() else torch.float32
             with torch.inference_mode(False):
-                metric = ClassNeuronStats(self.num_classes, num_neurons).to(device)
+                metric = ClassNeuronStats(self.num_classes, num_neurons, max_dtype=dtype)
+                metric = metric.to(values.device)
             self._metrics[name] = metric
         return metric
 
@@ -417,9 +421,7 @@ class ActivationTracker(StagedCallback):
                     f"layer {name!r} produced {values.shape[0]} rows for a batch of {labels.shape[0]} "
                     "labels; track layers whose first dimension is the batch."
                 )
-            self._metric(name, values.shape[1], values.device).update(
-                values, labels.to(values.device), peak
-            )
+            self._metric(name, values).update(values, labels.to(values.device), peak)
 
     def _note_signed(self, pl_module: LightningModule) -> None:
         signed = [n for n in signed_layers(pl_module, self.layers) if n not in self._noted]
