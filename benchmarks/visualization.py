@@ -277,7 +277,7 @@ def main() -> None:
         f"torch {torch.__version__}, device {name}, {torch.get_num_threads()} threads, {steps} steps, "
         f"param {args.param}, best of {args.repeats}"
     )
-    _, largest = _probe(model, channels, SHAPE, None)
+    _, largest, _ = _probe(model, channels, SHAPE, None)
     chunk = auto_batch_size(64, largest, device)
     print(f"default chunks: {chunk} images")
     times = best_of(

@@ -40,7 +40,7 @@ from lightning_neurons.visualize import (
     row_seed,
     standard_transforms,
 )
-from lightning_neurons.visualize.render import CPU_CHUNK_BYTES, auto_batch_size
+from lightning_neurons.visualize.render import CPU_CHUNK_BYTES, DEVICE_CHUNK_BYTES, auto_batch_size
 
 # ---- parametrizations ---------------------------------------------------------------------------
 
@@ -229,13 +229,18 @@ def test_chunks_give_the_same_images_as_one_batch(param):
     assert not torch.allclose(single[0], whole[4], atol=1e-3)
 
 
-def test_automatic_chunks_on_cpu_only():
+def test_automatic_chunks_fit_the_caches_on_cpu_and_a_memory_budget_elsewhere():
     assert auto_batch_size(64, largest_output=32 * 32 * 32, device=torch.device("cpu")) <= 64
     rows = auto_batch_size(1000, largest_output=32 * 32 * 32, device=torch.device("cpu"))
     assert rows == CPU_CHUNK_BYTES // (4 * 32 * 32 * 32) == 16
     assert auto_batch_size(1000, largest_output=10**8, device=torch.device("cpu")) == 4
     assert auto_batch_size(3, largest_output=10**8, device=torch.device("cpu")) == 3
-    assert auto_batch_size(1000, largest_output=10**8, device=torch.device("cuda")) == 1000
+    cuda = torch.device("cuda")
+    assert auto_batch_size(1000, largest_output=10**5, device=cuda) == 1000  # 0.4 GB of outputs
+    # memory-bounded on an accelerator: all of a row's layer outputs count, float32
+    rows = auto_batch_size(10**5, largest_output=10**6, device=cuda, total_output=10**7)
+    assert rows == DEVICE_CHUNK_BYTES // (4 * 10**7) == 107
+    assert auto_batch_size(1000, largest_output=10**9, device=cuda) == 4
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -381,3 +386,33 @@ def test_trained_cnn_class_images_are_classified_as_their_class(trained):
         predicted = model(images).argmax(dim=1)
     print(f"class images recognised: {predicted.tolist()}")
     assert (predicted == torch.arange(10)).float().mean() >= 0.7, predicted.tolist()
+
+
+@pytest.mark.parametrize("param", ["pixel", "fft"])
+def test_render_continues_from_returned_parameters(param):
+    model = bn_net()
+    objectives = [Channel("conv1", i) for i in range(3)] + [ClassLogit(0)]
+    kwargs = dict(image_shape=(1, 12, 12), param=param, seed=3)
+    images, params = render(model, objectives, steps=8, return_params=True, **kwargs)
+    assert params.shape[0] == 4 and not params.requires_grad and params.device.type == "cpu"
+    # a step of a vanishing size from the returned parameters gives back the same images
+    again = render(model, objectives, steps=1, lr=1e-9, init=params, **kwargs)
+    torch.testing.assert_close(again, images, atol=1e-6, rtol=0)  # float32, one step of 1e-9
+    # continuing (in chunks too) moves on from there, and differs from starting over
+    more, _ = render(model, objectives, steps=4, init=params, return_params=True, **kwargs)
+    chunked = render(model, objectives, steps=4, init=params, batch_size=1, **kwargs)
+    torch.testing.assert_close(chunked, more, atol=1e-5, rtol=0)  # as the chunking test above
+    fresh = render(model, objectives, steps=4, **kwargs)
+    assert not torch.allclose(more, fresh, atol=1e-3)
+    values = evaluate(model, objectives, more)
+    assert (values >= evaluate(model, objectives, fresh) - 1e-4).float().mean() >= 0.5
+
+
+def test_render_init_of_the_wrong_shape_is_refused():
+    model = bn_net()
+    objectives = [Channel("conv1", 0), Channel("conv1", 1)]
+    _, params = render(model, objectives, image_shape=(1, 8, 8), steps=1, return_params=True)
+    with pytest.raises(NeuronsError, match=r"`init` must be the parameters of every row"):
+        render(model, objectives[:1], image_shape=(1, 8, 8), steps=1, init=params)
+    with pytest.raises(NeuronsError, match="cannot both be set"):
+        render(model, objectives, image_shape=(1, 8, 8), return_mask=True, return_params=True)

@@ -145,6 +145,57 @@ def test_renders_logs_and_writes_files(tmp_path):
     assert count_forward_hooks(module) == 0 and not vis.failures
 
 
+def test_later_rounds_continue_the_images_and_a_resumed_run_continues_too(tmp_path, monkeypatch):
+    import lightning_neurons.callbacks.visualizer as visualizer
+
+    calls = []
+    real = visualizer.render
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["steps"], kwargs["init"] is not None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(visualizer, "render", spy)
+    tracker = ActivationTracker(layers=["backbone.conv2"])
+    vis = FeatureVisualizer(
+        max_channels=2, saliency=[], steps=6, continue_steps=2, on_error="raise"
+    )
+    module = _module()
+    trainer = fast_trainer(tmp_path, callbacks=[tracker, vis], max_epochs=2)
+    trainer.fit(module, datamodule=TinyData())
+    # two rounds of (conv2 channels, class images): from noise with `steps`, then continued
+    assert calls == [(6, False), (6, False), (2, True), (2, True)]
+    state = vis.state_dict()
+    assert set(state["params"]) == {"backbone.conv2", "classes"}
+    rows = state["params"]["classes"]["params"].shape[0]
+    assert rows == 3 * vis.class_restarts  # every candidate of every class is continued
+
+    # a new callback loading the state continues at its first round; another seed does not
+    calls.clear()
+    resumed = FeatureVisualizer(
+        max_channels=2, saliency=[], steps=6, continue_steps=2, on_error="raise"
+    )
+    resumed.load_state_dict(state)
+    other_seed = FeatureVisualizer(
+        max_channels=2, saliency=[], steps=6, continue_steps=2, seed=1, on_error="raise"
+    )
+    other_seed.load_state_dict(state)
+    for cb in (resumed, other_seed):
+        t = fast_trainer(tmp_path, callbacks=[ActivationTracker(layers=["backbone.conv2"]), cb])
+        t.validate(module, datamodule=TinyData(), verbose=False)
+    assert calls == [(2, True), (2, True), (6, False), (6, False)]
+
+
+def test_at_many_classes_a_spread_subset_of_classes_is_rendered():
+    from lightning_neurons.callbacks.visualizer import default_classes
+
+    assert default_classes(10, 16) == list(range(10))
+    assert default_classes(1000, 16) == [i * 62 + i // 2 for i in range(16)]
+    assert default_classes(1000, 16)[-1] == 937 and default_classes(1000, None) == list(range(1000))
+    with pytest.raises(NeuronsError, match="`max_classes` must be a positive integer"):
+        FeatureVisualizer(max_classes=0)
+
+
 def test_defaults_without_tracker_from_data_module(tmp_path):
     data = ShapedData()
     vis = FeatureVisualizer(

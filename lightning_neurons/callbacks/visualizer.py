@@ -66,6 +66,18 @@ def _strength_label(channel: int, strength: float, activation: float, reference:
     return f"{channel}: {'>' if activation > reference else '<='} max"
 
 
+def default_classes(num_classes: int, max_classes: int | None) -> list[int]:
+    """All classes, or ``max_classes`` of them spread evenly: ``floor(i * C / max_classes)``.
+
+    Example:
+        >>> default_classes(1000, 4)
+        [0, 250, 500, 750]
+    """
+    if max_classes is None or num_classes <= max_classes:
+        return list(range(num_classes))
+    return [i * num_classes // max_classes for i in range(max_classes)]
+
+
 class FeatureVisualizer(AnalysisCallback):
     """Renders what channels and classes prefer, and saliency maps of probe images, every epoch.
 
@@ -127,7 +139,13 @@ class FeatureVisualizer(AnalysisCallback):
         channels: Per layer, the channel indices to render (``{"features.conv2": [0, 5, 9]}``);
             layers not listed get their first ``max_channels`` channels.
         max_channels: Render the first ``max_channels`` channels of each layer (``None``: all).
-        classes: Classes to render (default: all; ``[]``: none).
+        classes: Classes to render (default: all, or ``max_classes`` of them; ``[]``: none).
+        max_classes: With ``classes`` left at its default and a model of more classes than
+            this, render ``max_classes`` classes spread evenly over the class indices (class
+            ``floor(i * C / max_classes)`` for ``i < max_classes``): the same classes every
+            epoch, so TensorBoard's step slider follows them; at 1,000 classes a round renders
+            16 class images, not 1,000 (each with ``class_views x class_restarts`` rows).
+            ``None``: all classes.
         saliency: Saliency methods for the probe images, from ``"gradient"``, ``"smoothgrad"``
             and ``"gradcam"`` (``[]``: none).
         gradcam_layer: Grad-CAM's layer; default: the model's last Conv2d.
@@ -138,7 +156,15 @@ class FeatureVisualizer(AnalysisCallback):
         input_transform: Display image (values in [0, 1]) -> model input, applied by
             :func:`~lightning_neurons.batch.to_model_input`; default: the data module's
             ``input_transform`` attribute, else none (the loaders yield display images).
-        steps: Gradient-ascent steps per image.
+        steps: Gradient-ascent steps per image from noise (the first round, and every round
+            with ``continue_steps=None``).
+        continue_steps: Steps of the later rounds, which continue every image from its
+            parameters of the previous round instead of starting from noise (kept in the
+            callback's ``state_dict``, so a resumed run continues too). A channel's preferred
+            image changes slowly from epoch to epoch: a few steps follow it, and the step slider
+            shows one image evolving rather than a new random one per epoch. A round whose
+            objectives or settings changed starts from noise with ``steps``. ``None``: always
+            from noise.
         lr: Adam's learning rate.
         param: ``"maco"`` (default: only the spectrum's phase is optimised; amplitudes and pixel
             statistics are the validation data's, estimated from the first ``prior_images``
@@ -188,6 +214,7 @@ class FeatureVisualizer(AnalysisCallback):
         channels: dict[str, list[int]] | None = None,
         max_channels: int | None = 16,
         classes: list[int] | None = None,
+        max_classes: int | None = 16,
         saliency: Sequence[Method] = ("gradient", "smoothgrad", "gradcam"),
         gradcam_layer: str | None = None,
         probes_per_class: int = 1,
@@ -195,6 +222,7 @@ class FeatureVisualizer(AnalysisCallback):
         image_shape: list[int] | None = None,
         input_transform: InputTransform | None = None,
         steps: int = 64,
+        continue_steps: int | None = 16,
         lr: float = 0.1,
         param: Literal["maco", "fft", "pixel"] = "maco",
         transforms: Literal["robust", "standard", "none"] = "robust",
@@ -226,6 +254,9 @@ class FeatureVisualizer(AnalysisCallback):
             None if max_channels is None else check_positive_int("max_channels", max_channels)
         )
         self.classes = None if classes is None else self._check_indices("classes", classes)
+        self.max_classes = (
+            None if max_classes is None else check_positive_int("max_classes", max_classes)
+        )
         if isinstance(saliency, str):
             saliency = [saliency]  # type: ignore[list-item]
         self.saliency_methods = [check_choice("saliency", m, METHODS) for m in saliency]
@@ -235,6 +266,9 @@ class FeatureVisualizer(AnalysisCallback):
         self.image_shape = None if image_shape is None else self._check_shape(image_shape)
         self.input_transform = input_transform
         self.steps = check_positive_int("steps", steps)
+        self.continue_steps = (
+            None if continue_steps is None else check_positive_int("continue_steps", continue_steps)
+        )
         self.lr = _check_number("lr", lr, strict=True)
         self.param = check_choice("param", param, ("fft", "pixel", "maco"))
         self.transforms = check_choice("transforms", transforms, ("standard", "none", "robust"))
@@ -278,6 +312,31 @@ class FeatureVisualizer(AnalysisCallback):
         self._dataloader_idx = 0
         self._num_classes: int | None = None
         self._estimated_prior: DataPrior | None = None
+        # per results key: the render's parameters and what they were rendered for
+        self._params: dict[str, dict[str, Any]] = {}
+
+    # ---- identity and checkpointing ------------------------------------------------------------
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            layers=self.layer_patterns, param=self.param, seed=self.seed
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The parameters of the last round's images (so a resumed run continues them)."""
+        return {
+            "params": {
+                key: {"signature": entry["signature"], "params": entry["params"].clone()}
+                for key, entry in self._params.items()
+            }
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._params = {
+            key: {"signature": tuple(entry["signature"]), "params": entry["params"]}
+            for key, entry in state_dict.get("params", {}).items()
+        }
 
     # ---- argument checks -----------------------------------------------------------------------
 
@@ -548,7 +607,7 @@ class FeatureVisualizer(AnalysisCallback):
         elif self.classes is not None:
             classes = self.classes
         else:
-            classes = list(range(logits[0]))
+            classes = default_classes(logits[0], self.max_classes)
         names = self._data_attr(trainer, "class_names")
         self._plan = {
             "shape": shape,
@@ -562,17 +621,35 @@ class FeatureVisualizer(AnalysisCallback):
 
     # ---- one round -----------------------------------------------------------------------------
 
-    def _render(self, model: nn.Module, objectives: list, classes: bool = False) -> torch.Tensor:
+    def _render(
+        self, model: nn.Module, key: str, objectives: list, classes: bool = False
+    ) -> torch.Tensor:
         plan = self._plan
         assert plan is not None
         prior = self._render_prior()
-        return render(
+        param = self.param if prior is not None or self.param != "maco" else "fft"
+        # what the saved parameters must have been rendered for, to be continued
+        signature = (
+            param,
+            tuple(plan["shape"]),
+            tuple(repr(o) for o in objectives),
+            self.n_images,
+            self.class_restarts if classes else 1,
+            self.seed,
+        )
+        saved = self._params.get(key)
+        init = None
+        if self.continue_steps is not None and saved and tuple(saved["signature"]) == signature:
+            init = saved["params"]
+        images, params = render(
             model,
             objectives,
             image_shape=plan["shape"],
-            steps=self.steps,
+            steps=self.steps if init is None else self.continue_steps,
+            init=init,
+            return_params=True,
             lr=self.lr,
-            param=self.param if prior is not None or self.param != "maco" else "fft",  # type: ignore[arg-type]
+            param=param,  # type: ignore[arg-type]
             transforms=self.transforms,  # type: ignore[arg-type]
             input_transform=plan["transform"],
             output_fn=self._reader.output_fn,
@@ -586,7 +663,10 @@ class FeatureVisualizer(AnalysisCallback):
             n_images=1 if classes else self.n_images,
             diversity=self.diversity,
             restarts=self.class_restarts if classes else 1,
-        ).cpu()
+        )
+        if self.continue_steps is not None:
+            self._params[key] = {"signature": signature, "params": params}
+        return images.cpu()
 
     def _layer_activation(
         self,
@@ -626,7 +706,8 @@ class FeatureVisualizer(AnalysisCallback):
         for layer in self.layers:
             # with n_images > 1, each channel's images are consecutive rows
             channels = [c for c in plan["channels"][layer] for _ in range(self.n_images)]
-            images = self._render(pl_module, [Channel(layer, i) for i in plan["channels"][layer]])
+            objectives = [Channel(layer, i) for i in plan["channels"][layer]]
+            images = self._render(pl_module, layer, objectives)
             activation = self._layer_activation(pl_module, layer, images, channels, reduction)
             strength = reference = reference_epoch = None
             if layer in stats and stats[layer].num_neurons > max(channels):
@@ -655,7 +736,7 @@ class FeatureVisualizer(AnalysisCallback):
     def _classes(self, model: nn.Module, classes: list[int], epoch: int) -> dict[str, Any]:
         plan = self._plan
         assert plan is not None
-        images = self._render(model, [ClassLogit(c) for c in classes], classes=True)
+        images = self._render(model, "classes", [ClassLogit(c) for c in classes], classes=True)
         logits = self._logits(model, images)
         index = torch.tensor(classes)
         rows = torch.arange(len(classes))
