@@ -19,7 +19,11 @@ from torch import nn
 
 from lightning_neurons import ActivationTracker, NeuronsError
 from lightning_neurons.callbacks.contribution import NeuronContribution, cluster_sets
-from lightning_neurons.contribution import ablation_effects, class_contributions
+from lightning_neurons.contribution import (
+    ablation_effects,
+    class_contributions,
+    neuron_contributions,
+)
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.loggers import ARTIFACT_DIRNAME, load_index
 from lightning_neurons.models import ImageClassifier
@@ -47,6 +51,27 @@ def fitted(tmp_path_factory):
     trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(layers=LAYERS), contribution])
     trainer.fit(model, datamodule=data)
     return model, data, contribution, tmp_path
+
+
+def test_probes_explain_only_the_highest_logits_beyond_probe_logits(tmp_path, monkeypatch):
+    import lightning_neurons.callbacks.contribution as module
+
+    monkeypatch.setattr(module, "PROBE_LOGITS", 2)  # as 1,000 classes with the default 10
+    model, data = _module(), TinyData()
+    contribution = NeuronContribution(max_batches=2, ablation_layers=[], on_error="raise")
+    trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(layers=LAYERS), contribution])
+    trainer.fit(model, datamodule=data)
+    res = contribution.results["backbone.fc"]
+    with torch.no_grad():
+        logits = model.eval()(res["probe_images"])
+    assert torch.equal(res["probe_classes"], logits.topk(2, dim=1).indices)
+    assert res["probe_contribution"].shape == (3, 2, res["class_contribution"].shape[1])
+    everything = neuron_contributions(model, ["backbone.fc"], res["probe_images"])["backbone.fc"]
+    expected = everything[torch.arange(3).unsqueeze(1), res["probe_classes"]]
+    # the same float32 passes, batched differently
+    torch.testing.assert_close(res["probe_contribution"], expected, atol=1e-5, rtol=1e-4)
+    top = res["probe_top_contribution"][:, 0]
+    assert torch.equal(top, res["probe_contribution"][:, 0].max(dim=1).values)  # predicted first
 
 
 def test_results_equal_the_library_functions_on_the_kept_batches(fitted):

@@ -72,6 +72,12 @@ def _safe(name: str) -> str:
     return re.sub(r"[^\w.\-]+", "_", name).strip("_") or "_"
 
 
+#: Logits explained per probe image: all of them up to this many classes, else the probe's
+#: highest ones (``[P, C, K]`` per layer would be 1,000 backward passes per probe at ImageNet's
+#: 1,000 classes, and hundreds of MB per epoch in the ``.npz``).
+PROBE_LOGITS = 10
+
+
 class NeuronContribution(AnalysisCallback):
     """Which neurons carry each class's logit (activation x gradient), how few of them dominate,
     and what zeroing them does to each class's accuracy.
@@ -87,7 +93,8 @@ class NeuronContribution(AnalysisCallback):
       neurons are zeroed, and when each neuron cluster of an attached ``NeuronClustering`` callback
       is zeroed (all sets measured in one batched pass);
     * for ``probe_images`` validation images (the first image of each class), the contribution of
-      every neuron to every logit, and the top neurons behind the prediction with their preferred
+      every neuron to every logit (with more than :data:`PROBE_LOGITS` classes, to the probe's
+      :data:`PROBE_LOGITS` highest logits: ``probe_classes`` says which), and the top neurons behind the prediction with their preferred
       images: the ``FeatureVisualizer``'s rendering when one is attached and has rendered that
       neuron, else the validation image (of those kept) that activates the neuron most.
 
@@ -356,13 +363,22 @@ class NeuronContribution(AnalysisCallback):
         index = torch.tensor(picked)
         images = x[index]
         with torch.no_grad():
-            predictions = self._reader.forward(pl_module, images).argmax(dim=1).cpu()
-        contribution = neuron_contributions(  # {layer: [P, C, K]}
-            pl_module, self.layers, images, output_fn=self._reader.output_fn
+            logits = self._reader.forward(pl_module, images).float().cpu()
+        predictions = logits.argmax(dim=1)
+        # all logits, or the highest PROBE_LOGITS (the predicted first): bounded at 1,000 classes
+        if num_classes <= PROBE_LOGITS:
+            classes = torch.arange(num_classes).expand(len(picked), -1)
+        else:
+            classes = logits.topk(PROBE_LOGITS, dim=1).indices
+        contribution = neuron_contributions(  # {layer: [P, L, K]}
+            pl_module, self.layers, images, classes=classes, output_fn=self._reader.output_fn
         )
         results = {}
         for layer, c in contribution.items():
-            behind = c[torch.arange(c.shape[0]), predictions]  # [P, K]: towards the predicted logit
+            predicted_row = (classes == predictions.unsqueeze(1)).float().argmax(dim=1)
+            behind = c[
+                torch.arange(c.shape[0]), predicted_row
+            ]  # [P, K]: towards the predicted logit
             top = behind.topk(min(self.probe_top, behind.shape[1]), dim=1)
             results[layer] = {
                 "probe_index": index,
@@ -370,6 +386,7 @@ class NeuronContribution(AnalysisCallback):
                 "probe_labels": y[index],
                 "probe_predictions": predictions,
                 "probe_contribution": c,
+                "probe_classes": classes.clone(),
                 "probe_top_neurons": top.indices,
                 "probe_top_contribution": top.values,
             }
@@ -612,6 +629,7 @@ class NeuronContribution(AnalysisCallback):
                 "probe_labels",
                 "probe_predictions",
                 "probe_contribution",
+                "probe_classes",
                 "probe_top_neurons",
                 "probe_top_contribution",
             ):
