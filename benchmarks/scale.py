@@ -197,25 +197,31 @@ def main() -> None:
         f"{args.model} (weights None), {args.classes} classes, {args.size} px, "
         f"{args.train_images} training and {args.val_images} validation images, batch "
         f"{args.batch_size}, {args.epochs} epoch(s), {args.device}, {args.threads} thread(s); "
-        "each fit in a fresh process"
+        "each fit in a fresh process",
+        flush=True,
     )
     base = run_child(args, "none")
-    rows = [base] + [run_child(args, which) for which in args.callbacks]
-    for r in rows:
-        cuda = f", peak CUDA {r['peak_cuda_mb']:,.0f} MB" if r["peak_cuda_mb"] is not None else ""
-        w, h, tag = r["largest_image"]
-        print(
-            f"  {r['variant']:8s} fit {r['seconds']:8.1f} s  ratio {r['seconds'] / base['seconds']:7.2f}x"
-            f"  peak RSS {r['peak_rss_mb']:,.0f} MB{cuda}  artifacts "
-            f"{r['artifact_bytes_per_epoch'] / 1e6:,.2f} MB/epoch  images {r['images_logged']}"
-            + (f", largest {w}x{h} px ({tag})" if r["images_logged"] else "")
-        )
-        for name, secs in r["per_callback"].items():
-            print(f"      {name:20s} {secs:8.1f} s per analysed epoch")
-        if r["variant"] == "all" and not r["hdbscan"]:
-            print("      (hdbscan not installed: NeuronClustering ran with method='kmeans')")
-        for failure in r["failures"]:
-            print(f"      FAILED: {failure}")
+    report(base, base)
+    for which in args.callbacks:
+        report(run_child(args, which), base)
+
+
+def report(r: dict, base: dict) -> None:
+    cuda = f", peak CUDA {r['peak_cuda_mb']:,.0f} MB" if r["peak_cuda_mb"] is not None else ""
+    w, h, tag = r["largest_image"]
+    print(
+        f"  {r['variant']:8s} fit {r['seconds']:8.1f} s  ratio {r['seconds'] / base['seconds']:7.2f}x"
+        f"  peak RSS {r['peak_rss_mb']:,.0f} MB{cuda}  artifacts "
+        f"{r['artifact_bytes_per_epoch'] / 1e6:,.2f} MB/epoch  images {r['images_logged']}"
+        + (f", largest {w}x{h} px ({tag})" if r["images_logged"] else ""),
+        flush=True,
+    )
+    for name, secs in r["per_callback"].items():
+        print(f"      {name:20s} {secs:8.1f} s per analysed epoch", flush=True)
+    if r["variant"] == "all" and not r["hdbscan"]:
+        print("      (hdbscan not installed: NeuronClustering ran with method='kmeans')")
+    for failure in r["failures"]:
+        print(f"      FAILED: {failure}", flush=True)
 
 
 if __name__ == "__main__":

@@ -312,7 +312,8 @@ class ActivationTracker(StagedCallback):
         self.reader.inputs(batch)
         labels = self.reader.labels(batch)
         if labels.numel():
-            low, high = int(labels.min()), int(labels.max())
+            low, high = labels.aminmax()  # one device sync per batch, not two
+            low, high = int(low), int(high)
             if self.num_classes is not None and (low < 0 or high >= self.num_classes):
                 raise NeuronsError(
                     f"label {low if low < 0 else high} is outside [0, {self.num_classes}); the "
