@@ -30,6 +30,7 @@ from lightning_neurons.contribution import (
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import resolve_layers, selects
 from lightning_neurons.loggers import AnalysisLogger
+from lightning_neurons.strategies import refuse_sharded
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -184,6 +185,7 @@ class NeuronContribution(AnalysisCallback):
     # ---- Lightning hooks -----------------------------------------------------------------------
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        refuse_sharded(trainer, "NeuronContribution")
         self._tracker = find_tracker(trainer, type(self).__name__)
         patterns = (
             self.layer_patterns if self.layer_patterns is not None else self._tracker.layer_patterns

@@ -37,6 +37,7 @@ from lightning_neurons.hooks import (
 )
 from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.stats import LayerStats
+from lightning_neurons.strategies import refuse_sharded
 from lightning_neurons.visualize.objectives import LOGITS, Channel, ClassLogit
 from lightning_neurons.visualize.prior import DataPrior, DataPriorEstimate
 from lightning_neurons.visualize.render import analysis_mode, check_objectives, model_device, render
@@ -372,6 +373,7 @@ class FeatureVisualizer(AnalysisCallback):
     # ---- Lightning hooks -----------------------------------------------------------------------
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        refuse_sharded(trainer, "FeatureVisualizer")
         tracker = find_optional_tracker(trainer)
         self._reader = tracker.reader if tracker is not None else BatchReader()
         self._dataloader_idx = tracker.dataloader_idx if tracker is not None else 0
