@@ -416,3 +416,14 @@ def test_render_init_of_the_wrong_shape_is_refused():
         render(model, objectives[:1], image_shape=(1, 8, 8), steps=1, init=params)
     with pytest.raises(NeuronsError, match="cannot both be set"):
         render(model, objectives, image_shape=(1, 8, 8), return_mask=True, return_params=True)
+
+
+def test_a_block_of_rows_rendered_alone_gives_its_rows_of_the_whole():
+    model = bn_net()
+    objectives = [Channel("conv1", i) for i in range(3)] + [ClassLogit(0), ClassLogit(2)]
+    kwargs = dict(image_shape=(1, 12, 12), steps=6, param="fft", seed=5, restarts=2)
+    whole = render(model, objectives, **kwargs)
+    block = render(model, objectives[2:4], first_row=2 * 2, **kwargs)  # 2 candidates each
+    torch.testing.assert_close(block, whole[2:4], atol=1e-5, rtol=0)  # as the chunking test
+    with pytest.raises(NeuronsError, match="`first_row` must be an integer >= 0"):
+        render(model, objectives, first_row=-1, **kwargs)

@@ -67,6 +67,28 @@ def _strength_label(channel: int, strength: float, activation: float, reference:
     return f"{channel}: {'>' if activation > reference else '<='} max"
 
 
+def _gather_blocks(
+    mine: tuple[torch.Tensor, torch.Tensor] | str | None, world: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's rendered block, concatenated in rank order, on every rank.
+
+    Raises:
+        NeuronsError: On every rank, when the rendering failed on any rank.
+    """
+    if world == 1:
+        assert isinstance(mine, tuple)
+        return mine
+    import torch.distributed as dist
+
+    blocks: list[Any] = [None] * world
+    dist.all_gather_object(blocks, mine)
+    failed = [f"rank {r}: {b}" for r, b in enumerate(blocks) if isinstance(b, str)]
+    if failed:
+        raise NeuronsError(f"rendering failed on {'; '.join(failed)}")
+    done = [b for b in blocks if b is not None]
+    return torch.cat([b[0] for b in done]), torch.cat([b[1] for b in done])
+
+
 def default_classes(num_classes: int, max_classes: int | None) -> list[int]:
     """All classes, or ``max_classes`` of them spread evenly: ``floor(i * C / max_classes)``.
 
@@ -82,7 +104,7 @@ def default_classes(num_classes: int, max_classes: int | None) -> list[int]:
 class FeatureVisualizer(AnalysisCallback):
     """Renders what channels and classes prefer, and saliency maps of probe images, every epoch.
 
-    Every ``every_n_epochs`` (after validation; on rank zero) the callback
+    Every ``every_n_epochs`` (after validation) the callback
 
     - renders, by batched gradient ascent (:func:`~lightning_neurons.visualize.render`), one image
       for each chosen channel of each chosen layer, and one for each class (its logit);
@@ -105,6 +127,13 @@ class FeatureVisualizer(AnalysisCallback):
       kept): a maximum over a few probe images would overstate it. The scalars
       ``preference/<layer>/strength_median`` and ``preference/<layer>/above_max_fraction`` (share of
       images driving their channel above every validation image) are logged.
+
+    Under DDP every rank renders a contiguous share of each layer's channels and of the classes
+    (row ``i`` of a rendering always starts from the noise seeded by ``(seed, i)``), and the
+    images are gathered on every rank: the images of one process, in a ``1 / world_size`` of the
+    time. Saliency (at most ``max_probes`` images) and logging run on rank zero. Sharded models
+    (FSDP, DeepSpeed ZeRO stage 3) are refused at set-up: they need every rank in every forward
+    pass.
 
     The model is left exactly as found (training mode, gradients, ``requires_grad``, hooks, RNG
     states), so a seeded run gives the same weights with or without this callback.
@@ -315,6 +344,7 @@ class FeatureVisualizer(AnalysisCallback):
         self._estimated_prior: DataPrior | None = None
         # per results key: the render's parameters and what they were rendered for
         self._params: dict[str, dict[str, Any]] = {}
+        self._ranks = (0, 1)  # (this rank, number of ranks) of the round being run
 
     # ---- identity and checkpointing ------------------------------------------------------------
 
@@ -442,8 +472,8 @@ class FeatureVisualizer(AnalysisCallback):
         reduction = tracker.reduction if tracker is not None else "mean"
         self._prepare(trainer, pl_module)  # configuration errors raise, on every rank
         self._finish_prior(trainer)  # every rank (DDP sum)
-        if not trainer.is_global_zero:
-            return
+        # every rank renders its share of the objectives (see _render); rank zero does the rest
+        self._ranks = (trainer.global_rank, trainer.world_size)
         self._run_safely(
             "feature visualization", lambda: self._visualize(trainer, pl_module, stats, reduction)
         )
@@ -643,12 +673,56 @@ class FeatureVisualizer(AnalysisCallback):
         init = None
         if self.continue_steps is not None and saved and tuple(saved["signature"]) == signature:
             init = saved["params"]
+        # Under DDP each rank renders a contiguous block of the objectives, each row from the
+        # noise it has in the whole rendering (first_row): the images of one process.
+        rank, world = self._ranks
+        group = self.n_images * (self.class_restarts if classes else 1)
+        start, stop = len(objectives) * rank // world, len(objectives) * (rank + 1) // world
+        block = None if init is None else init[start * group : stop * group]
+        mine = self._render_block(model, objectives[start:stop], block, start * group, classes)
+        images, params = _gather_blocks(mine, world)
+        if self.continue_steps is not None:
+            self._params[key] = {"signature": signature, "params": params}
+        return images.cpu()
+
+    def _render_block(
+        self,
+        model: nn.Module,
+        objectives: list,
+        init: torch.Tensor | None,
+        first_row: int,
+        classes: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor] | str | None:
+        """This rank's images and parameters; the error message if it failed; ``None`` if it
+        has no objectives."""
+        if not objectives:
+            return None
+        try:
+            return self._render_rows(model, objectives, init, first_row, classes)
+        except Exception as err:  # reported on every rank by _gather_blocks (no rank hangs)
+            if self._ranks[1] == 1:
+                raise
+            return f"{type(err).__name__}: {err}"
+
+    def _render_rows(
+        self,
+        model: nn.Module,
+        objectives: list,
+        init: torch.Tensor | None,
+        first_row: int,
+        classes: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        plan = self._plan
+        assert plan is not None
+        prior = self._render_prior()
+        param = self.param if prior is not None or self.param != "maco" else "fft"
         images, params = render(
             model,
             objectives,
             image_shape=plan["shape"],
             steps=self.steps if init is None else self.continue_steps,
             init=init,
+            first_row=first_row,
             return_params=True,
             lr=self.lr,
             param=param,  # type: ignore[arg-type]
@@ -666,9 +740,7 @@ class FeatureVisualizer(AnalysisCallback):
             diversity=self.diversity,
             restarts=self.class_restarts if classes else 1,
         )
-        if self.continue_steps is not None:
-            self._params[key] = {"signature": signature, "params": params}
-        return images.cpu()
+        return images.cpu(), params
 
     def _layer_activation(
         self,
@@ -729,7 +801,12 @@ class FeatureVisualizer(AnalysisCallback):
         if plan["classes"]:
             results["classes"] = self._classes(pl_module, plan["classes"], epoch)
         self.results = results
-        if self.saliency_methods and self._probe_images and plan["saliency"]:
+        if (
+            trainer.is_global_zero
+            and self.saliency_methods
+            and self._probe_images
+            and plan["saliency"]
+        ):
             self.saliency_results = self._saliency(pl_module, epoch)
         if self.enable_logging:
             self._log(trainer)

@@ -300,6 +300,7 @@ def render(
     restarts: int = ...,
     output_fn: BatchFn | None = ...,
     init: torch.Tensor | None = ...,
+    first_row: int = ...,
     return_mask: Literal[False] = ...,
     return_params: Literal[False] = ...,
 ) -> torch.Tensor: ...
@@ -329,6 +330,7 @@ def render(
     restarts: int = ...,
     output_fn: BatchFn | None = ...,
     init: torch.Tensor | None = ...,
+    first_row: int = ...,
     return_mask: Literal[True],
     return_params: Literal[False] = ...,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -358,6 +360,7 @@ def render(
     restarts: int = ...,
     output_fn: BatchFn | None = ...,
     init: torch.Tensor | None = ...,
+    first_row: int = ...,
     return_mask: Literal[False] = ...,
     return_params: Literal[True],
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -386,6 +389,7 @@ def render(
     diversity: float = 0.0,
     restarts: int = 1,
     init: torch.Tensor | None = None,
+    first_row: int = 0,
     return_mask: bool = False,
     return_params: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -450,6 +454,11 @@ def render(
             settings (``[N * n_images * restarts, ...]``). A preferred image changes little
             between two epochs of training, so a few steps from the previous image reach what
             many steps from noise reach, and TensorBoard's step slider shows one image evolving.
+        first_row: Index of the first row in a larger rendering: row ``i`` starts from the noise
+            of row ``first_row + i``. Rendering objectives ``a`` to ``b`` of a list with
+            ``first_row = a * n_images * restarts`` gives their images of the whole list's
+            rendering (how :class:`~lightning_neurons.FeatureVisualizer` shares a rendering
+            between DDP ranks).
         return_mask: Also return MaCo's transparency mask: the absolute gradient of the loss
             with respect to each pixel, summed over the steps and scaled to [0, 1] per image
             (where the image mattered to its objective).
@@ -478,6 +487,8 @@ def render(
     counts = (("steps", steps), ("views", views), ("n_images", n_images), ("restarts", restarts))
     for name, value in counts:
         _check_positive(name, value, integer=True)
+    if isinstance(first_row, bool) or not isinstance(first_row, int) or first_row < 0:
+        raise NeuronsError(f"`first_row` must be an integer >= 0, got {first_row!r}")
     if return_mask and return_params:
         raise NeuronsError("`return_mask` and `return_params` cannot both be set")
     if restarts > 1 and n_images > 1:
@@ -521,7 +532,11 @@ def render(
     )
     with analysis_mode(model):
         chunks = [
-            _Chunk(rows[start : start + size], range(start, min(start + size, len(rows))), settings)
+            _Chunk(
+                rows[start : start + size],
+                range(first_row + start, first_row + min(start + size, len(rows))),
+                settings,
+            )
             for start in range(0, len(rows), size)
         ]
         if init is not None:
