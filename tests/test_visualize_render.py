@@ -427,3 +427,13 @@ def test_a_block_of_rows_rendered_alone_gives_its_rows_of_the_whole():
     torch.testing.assert_close(block, whole[2:4], atol=1e-5, rtol=0)  # as the chunking test
     with pytest.raises(NeuronsError, match="`first_row` must be an integer >= 0"):
         render(model, objectives, first_row=-1, **kwargs)
+
+
+def test_the_kept_candidates_parameters_continue_alone():
+    model = bn_net()
+    objectives = [ClassLogit(0), ClassLogit(2)]
+    kwargs = dict(image_shape=(1, 12, 12), param="fft", seed=1)
+    images, params = render(model, objectives, steps=6, restarts=3, return_params=True, **kwargs)
+    assert params.shape[0] == 2  # the kept candidate of each objective
+    again = render(model, objectives, steps=1, lr=1e-9, init=params, **kwargs)
+    torch.testing.assert_close(again, images, atol=1e-6, rtol=0)  # float32, one step of 1e-9

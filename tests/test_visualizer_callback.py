@@ -168,7 +168,7 @@ def test_later_rounds_continue_the_images_and_a_resumed_run_continues_too(tmp_pa
     state = vis.state_dict()
     assert set(state["params"]) == {"backbone.conv2", "classes"}
     rows = state["params"]["classes"]["params"].shape[0]
-    assert rows == 3 * vis.class_restarts  # every candidate of every class is continued
+    assert rows == 3  # the kept candidate of each class is continued alone
 
     # a new callback loading the state continues at its first round; another seed does not
     calls.clear()
@@ -382,7 +382,7 @@ def test_two_process_ddp_shares_the_rendering_and_gives_the_images_of_one_proces
         torch.testing.assert_close(images[key], solo, atol=1e-4, rtol=0)
     state = torch.load(tmp_path / "state_ddp.pt")["params"]
     for key, entry in state.items():
-        assert entry["params"].shape[0] == images[key].shape[0] * (1 if key != "classes" else 4)
+        assert entry["params"].shape[0] == images[key].shape[0]  # one per kept image
     assert images["classes"].shape[0] == 10 and images["backbone.features.relu1"].shape[0] == 2
     records = [
         r for r in load_index(tmp_path / "tb" / "version_0") if r["kind"] in ("preference", "focus")

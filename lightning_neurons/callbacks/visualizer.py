@@ -660,13 +660,12 @@ class FeatureVisualizer(AnalysisCallback):
         assert plan is not None
         prior = self._render_prior()
         param = self.param if prior is not None or self.param != "maco" else "fft"
-        # what the saved parameters must have been rendered for, to be continued
+        # what the saved parameters (one per kept image) must have been rendered for
         signature = (
             param,
             tuple(plan["shape"]),
             tuple(repr(o) for o in objectives),
             self.n_images,
-            self.class_restarts if classes else 1,
             self.seed,
         )
         saved = self._params.get(key)
@@ -675,11 +674,16 @@ class FeatureVisualizer(AnalysisCallback):
             init = saved["params"]
         # Under DDP each rank renders a contiguous block of the objectives, each row from the
         # noise it has in the whole rendering (first_row): the images of one process.
+        # The kept candidate of a class image (class_restarts) is continued alone.
         rank, world = self._ranks
-        group = self.n_images * (self.class_restarts if classes else 1)
+        restarts = self.class_restarts if classes and init is None else 1
+        per_objective = 1 if classes else self.n_images  # images kept per objective
         start, stop = len(objectives) * rank // world, len(objectives) * (rank + 1) // world
-        block = None if init is None else init[start * group : stop * group]
-        mine = self._render_block(model, objectives[start:stop], block, start * group, classes)
+        block = None if init is None else init[start * per_objective : stop * per_objective]
+        first_row = start * per_objective * restarts
+        mine = self._render_block(
+            model, objectives[start:stop], block, first_row, classes, restarts
+        )
         images, params = _gather_blocks(mine, world)
         if self.continue_steps is not None:
             self._params[key] = {"signature": signature, "params": params}
@@ -692,13 +696,14 @@ class FeatureVisualizer(AnalysisCallback):
         init: torch.Tensor | None,
         first_row: int,
         classes: bool,
+        restarts: int,
     ) -> tuple[torch.Tensor, torch.Tensor] | str | None:
         """This rank's images and parameters; the error message if it failed; ``None`` if it
         has no objectives."""
         if not objectives:
             return None
         try:
-            return self._render_rows(model, objectives, init, first_row, classes)
+            return self._render_rows(model, objectives, init, first_row, classes, restarts)
         except Exception as err:  # reported on every rank by _gather_blocks (no rank hangs)
             if self._ranks[1] == 1:
                 raise
@@ -711,6 +716,7 @@ class FeatureVisualizer(AnalysisCallback):
         init: torch.Tensor | None,
         first_row: int,
         classes: bool,
+        restarts: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         plan = self._plan
         assert plan is not None
@@ -738,7 +744,7 @@ class FeatureVisualizer(AnalysisCallback):
             views=self.class_views if classes else self.views,
             n_images=1 if classes else self.n_images,
             diversity=self.diversity,
-            restarts=self.class_restarts if classes else 1,
+            restarts=restarts,
         )
         return images.cpu(), params
 

@@ -451,7 +451,8 @@ def render(
             rendered model decides): ``restarts`` times the work. Not with ``n_images > 1``.
         init: Continue from these parameters instead of each row's seeded noise: what an
             earlier call with ``return_params=True`` returned, for the same objectives and
-            settings (``[N * n_images * restarts, ...]``). A preferred image changes little
+            settings (``[N * n_images * restarts, ...]``; pass ``restarts=1`` to continue the
+            images that an earlier call with ``restarts`` kept). A preferred image changes little
             between two epochs of training, so a few steps from the previous image reach what
             many steps from noise reach, and TensorBoard's step slider shows one image evolving.
         first_row: Index of the first row in a larger rendering: row ``i`` starts from the noise
@@ -462,8 +463,9 @@ def render(
         return_mask: Also return MaCo's transparency mask: the absolute gradient of the loss
             with respect to each pixel, summed over the steps and scaled to [0, 1] per image
             (where the image mattered to its objective).
-        return_params: Also return the final parameters of every row (every candidate of
-            ``restarts`` included; detached, on the CPU), to pass as ``init`` later.
+        return_params: Also return the final parameters of every returned image (with
+            ``restarts``, of the kept candidates; detached, on the CPU), to pass as ``init``
+            later (with ``restarts=1``: a kept candidate is continued alone).
 
     Returns:
         ``[N * n_images, C, H, W]`` display images in [0, 1] (detached, on the model's device);
@@ -576,6 +578,7 @@ def render(
             )
             images = images[best]
             masks = None if masks is None else masks[best]
+            params = None if params is None else params[best.cpu()]
     if params is not None:
         return images, params
     if masks is None:
