@@ -437,3 +437,20 @@ def test_the_kept_candidates_parameters_continue_alone():
     assert params.shape[0] == 2  # the kept candidate of each objective
     again = render(model, objectives, steps=1, lr=1e-9, init=params, **kwargs)
     torch.testing.assert_close(again, images, atol=1e-6, rtol=0)  # float32, one step of 1e-9
+
+
+def test_selecting_the_candidate_early_continues_the_kept_one_alone():
+    model = bn_net()
+    objectives = [ClassLogit(0), ClassLogit(1), ClassLogit(2)]
+    kwargs = dict(image_shape=(1, 12, 12), param="fft", seed=4, views=2)
+    early = render(model, objectives, steps=8, restarts=3, select_after=3, **kwargs)
+    # the same by hand: 3 steps of every candidate, then the kept ones alone for 5 more steps
+    _, kept = render(model, objectives, steps=3, restarts=3, return_params=True, **kwargs)
+    by_hand = render(model, objectives, steps=5, init=kept, **kwargs)
+    torch.testing.assert_close(early, by_hand, atol=1e-5, rtol=0)  # as the chunking test
+    late = render(model, objectives, steps=8, restarts=3, **kwargs)
+    assert torch.equal(
+        render(model, objectives, steps=8, restarts=3, select_after=8, **kwargs), late
+    )
+    with pytest.raises(NeuronsError, match="`select_after` must be a positive integer"):
+        render(model, objectives, steps=8, restarts=3, select_after=0, **kwargs)

@@ -67,6 +67,8 @@ class ShapedData(TinyData):
         ({"channels": {"conv1": [1, "a"]}}, r"`channels\['conv1'\]` must hold"),
         ({"image_shape": [8, 8]}, "`image_shape` must be"),
         ({"max_probes": 0}, "`max_probes` must be a positive integer"),
+        ({"class_select_after": 0}, "`class_select_after` must be a positive integer"),
+        ({"continue_steps": 0}, "`continue_steps` must be a positive integer"),
         ({"every_n_epochs": 0}, "`every_n_epochs` must be a positive integer"),
         ({"on_error": "ignore"}, "`on_error` must be one of"),
     ],
@@ -148,23 +150,31 @@ def test_renders_logs_and_writes_files(tmp_path):
 def test_later_rounds_continue_the_images_and_a_resumed_run_continues_too(tmp_path, monkeypatch):
     import lightning_neurons.callbacks.visualizer as visualizer
 
-    calls = []
+    calls, selects = [], []
     real = visualizer.render
 
     def spy(*args, **kwargs):
         calls.append((kwargs["steps"], kwargs["init"] is not None))
+        selects.append((kwargs["restarts"], kwargs["select_after"]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(visualizer, "render", spy)
     tracker = ActivationTracker(layers=["backbone.conv2"])
     vis = FeatureVisualizer(
-        max_channels=2, saliency=[], steps=6, continue_steps=2, on_error="raise"
+        max_channels=2,
+        saliency=[],
+        steps=6,
+        continue_steps=2,
+        class_select_after=3,
+        on_error="raise",
     )
     module = _module()
     trainer = fast_trainer(tmp_path, callbacks=[tracker, vis], max_epochs=2)
     trainer.fit(module, datamodule=TinyData())
     # two rounds of (conv2 channels, class images): from noise with `steps`, then continued
     assert calls == [(6, False), (6, False), (2, True), (2, True)]
+    # the class candidates are selected early in the first round; later the kept one goes on
+    assert selects == [(1, None), (4, 3), (1, None), (1, None)]
     state = vis.state_dict()
     assert set(state["params"]) == {"backbone.conv2", "classes"}
     rows = state["params"]["classes"]["params"].shape[0]

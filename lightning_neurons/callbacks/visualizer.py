@@ -212,6 +212,11 @@ class FeatureVisualizer(AnalysisCallback):
             that other models recognise more often, at ``class_views`` times the cost).
         class_restarts: Class image candidates rendered from different seeds; the one the
             model scores highest over random views is kept (``class_restarts`` times the cost).
+        class_select_after: Keep the best candidate after this many steps of the first round
+            and spend the other steps on it alone (see ``render(select_after=)``): about half
+            the cost of the first round's class images at ``steps // 2``; ``None``: after all
+            steps (on the digits, ``steps=128``: 64 kept the twin and LeNet transfer goals, 32
+            did not; see ``benchmarks/visualization.py --select-after``).
         n_images: Images per channel, made different by a diversity term (Olah et al., 2017);
             TensorBoard shows one row per channel.
         diversity: Weight of the diversity term when ``n_images > 1``.
@@ -261,6 +266,7 @@ class FeatureVisualizer(AnalysisCallback):
         views: int = 1,
         class_views: int = 4,
         class_restarts: int = 4,
+        class_select_after: int | None = None,
         n_images: int = 1,
         diversity: float = 1.0,
         prior: DataPrior | None = None,
@@ -307,6 +313,11 @@ class FeatureVisualizer(AnalysisCallback):
         self.views = check_positive_int("views", views)
         self.class_views = check_positive_int("class_views", class_views)
         self.class_restarts = check_positive_int("class_restarts", class_restarts)
+        self.class_select_after = (
+            None
+            if class_select_after is None
+            else check_positive_int("class_select_after", class_select_after)
+        )
         self.n_images = check_positive_int("n_images", n_images)
         self.diversity = _check_number("diversity", diversity)
         if prior is not None and not isinstance(prior, DataPrior):
@@ -745,6 +756,7 @@ class FeatureVisualizer(AnalysisCallback):
             n_images=1 if classes else self.n_images,
             diversity=self.diversity,
             restarts=restarts,
+            select_after=self.class_select_after if restarts > 1 else None,
         )
         return images.cpu(), params
 

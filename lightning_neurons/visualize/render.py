@@ -17,7 +17,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, overload
 
 import torch
@@ -301,6 +301,7 @@ def render(
     output_fn: BatchFn | None = ...,
     init: torch.Tensor | None = ...,
     first_row: int = ...,
+    select_after: int | None = ...,
     return_mask: Literal[False] = ...,
     return_params: Literal[False] = ...,
 ) -> torch.Tensor: ...
@@ -331,6 +332,7 @@ def render(
     output_fn: BatchFn | None = ...,
     init: torch.Tensor | None = ...,
     first_row: int = ...,
+    select_after: int | None = ...,
     return_mask: Literal[True],
     return_params: Literal[False] = ...,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -361,6 +363,7 @@ def render(
     output_fn: BatchFn | None = ...,
     init: torch.Tensor | None = ...,
     first_row: int = ...,
+    select_after: int | None = ...,
     return_mask: Literal[False] = ...,
     return_params: Literal[True],
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -390,6 +393,7 @@ def render(
     restarts: int = 1,
     init: torch.Tensor | None = None,
     first_row: int = 0,
+    select_after: int | None = None,
     return_mask: bool = False,
     return_params: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -460,6 +464,9 @@ def render(
             ``first_row = a * n_images * restarts`` gives their images of the whole list's
             rendering (how :class:`~lightning_neurons.FeatureVisualizer` shares a rendering
             between DDP ranks).
+        select_after: With ``restarts``, keep the best candidate after this many steps and spend
+            the remaining steps on it alone (``restarts x select_after + steps - select_after``
+            image-steps instead of ``restarts x steps``). ``None``: select after all ``steps``.
         return_mask: Also return MaCo's transparency mask: the absolute gradient of the loss
             with respect to each pixel, summed over the steps and scaled to [0, 1] per image
             (where the image mattered to its objective).
@@ -491,6 +498,10 @@ def render(
         _check_positive(name, value, integer=True)
     if isinstance(first_row, bool) or not isinstance(first_row, int) or first_row < 0:
         raise NeuronsError(f"`first_row` must be an integer >= 0, got {first_row!r}")
+    if select_after is not None:
+        _check_positive("select_after", select_after, integer=True)
+        if return_mask:
+            raise NeuronsError("`select_after` cannot be combined with `return_mask`")
     if return_mask and return_params:
         raise NeuronsError("`return_mask` and `return_params` cannot both be set")
     if restarts > 1 and n_images > 1:
@@ -545,10 +556,11 @@ def render(
             _continue_from(chunks, init, len(rows), param)
         spread = float(diversity) if restarts == 1 else 0.0  # candidates need not differ
         penalties = _Penalties(l2=float(l2), tv=float(tv), diversity=spread)
+        early = restarts > 1 and select_after is not None and select_after < steps
         _optimise(
             model,
             chunks,
-            steps=steps,
+            steps=select_after if early else steps,
             lr=lr,
             transforms=chain,
             input_transform=input_transform,
@@ -579,11 +591,69 @@ def render(
             images = images[best]
             masks = None if masks is None else masks[best]
             params = None if params is None else params[best.cpu()]
+            if early:
+                assert select_after is not None
+                kept = [rows[int(i)] for i in best]
+                images, params = _continue_kept(
+                    model,
+                    kept,
+                    [chunk.params[0].detach() for chunk in chunks],
+                    best,
+                    replace(settings, n_images=1),
+                    size=max(1, size // group),
+                    steps=steps - select_after,
+                    lr=lr,
+                    transforms=chain,
+                    input_transform=input_transform,
+                    seed=seed,
+                    penalties=penalties,
+                    return_params=return_params,
+                )
     if params is not None:
         return images, params
     if masks is None:
         return images
     return images, masks
+
+
+def _continue_kept(
+    model: nn.Module,
+    kept: Sequence[Objective],
+    candidate_params: Sequence[torch.Tensor],
+    best: torch.Tensor,
+    settings: _Settings,
+    *,
+    size: int,
+    steps: int,
+    lr: float,
+    transforms: Sequence[Callable],
+    input_transform: InputTransform | None,
+    seed: int,
+    penalties: _Penalties,
+    return_params: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Optimise the kept candidates alone for ``steps`` more steps (``render(select_after=)``)."""
+    start_params = torch.cat([p.cpu() for p in candidate_params])[best.cpu()]
+    chunks = [
+        _Chunk(kept[i : i + size], range(i, min(i + size, len(kept))), settings)
+        for i in range(0, len(kept), size)
+    ]
+    _continue_from(chunks, start_params, len(kept), settings.param)
+    _optimise(
+        model,
+        chunks,
+        steps=steps,
+        lr=lr,
+        transforms=transforms,
+        input_transform=input_transform,
+        seed=seed,
+        penalties=penalties,
+        track_mask=False,
+    )
+    with torch.no_grad():
+        images = torch.cat([chunk.image_fn().detach() for chunk in chunks])
+        params = torch.cat([c.params[0].detach().cpu() for c in chunks]) if return_params else None
+    return images, params
 
 
 def _continue_from(chunks: Sequence[_Chunk], init: torch.Tensor, rows: int, param: str) -> None:
