@@ -95,11 +95,10 @@ class ClassNeuronStats(Metric):
         )
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """The summed states in their own types, and ``count``: per class and neuron the images
-        whose value was finite."""
+        """The summed states in their own types (per class and neuron, the images whose value was
+        finite are ``images - nan``: see :func:`finite_counts`)."""
         return {
             "images": self.images,
-            "count": self.images.unsqueeze(1) - self.nan,
             "sum": self.sum,
             "sum_sq": self.sum_sq,
             "fired": self.fired,
@@ -109,6 +108,14 @@ class ClassNeuronStats(Metric):
 
 
 # ---- the maths, as pure functions -------------------------------------------------------------
+
+
+def finite_counts(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[C, K]``: per class and neuron, the images whose value was finite (``images - nan``;
+    states saved by earlier versions carry it as ``count``)."""
+    if "count" in state:
+        return state["count"]
+    return state["images"].unsqueeze(1) - state["nan"]
 
 
 def class_means(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -251,6 +258,7 @@ class LayerStats:
     ) -> LayerStats:
         """Build the results from summed states (``ClassNeuronStats.compute()``)."""
         s = {k: v.detach().to("cpu", torch.float64) for k, v in state.items()}
+        s["count"] = finite_counts(s)
         if s["images"].sum() == 0:
             raise NeuronsError(f"no images were analysed for layer {layer!r}")
         means = class_means(s["sum"], s["count"])
