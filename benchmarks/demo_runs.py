@@ -58,6 +58,24 @@ def run(seed: int, analyses: bool, workdir: Path) -> dict[str, float]:
     }
 
 
+def above_max_by_round(runs: Path) -> list[tuple[int, float]]:
+    """Per FeatureVisualizer round (by global step), the share of all channel images that drive their channel
+    above its maximum on the validation images (the ``preference/<layer>/above_max_fraction``
+    scalars, weighted by the layers' image counts: 16 per layer in the demo)."""
+    import numpy as np
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rounds: dict[int, list[float]] = {}
+    for events_dir in {p.parent for p in runs.rglob("events.out.tfevents.*")}:
+        events = EventAccumulator(str(events_dir), size_guidance={"scalars": 0})
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            if tag.startswith("preference/") and tag.endswith("/above_max_fraction"):
+                for e in events.Scalars(tag):
+                    rounds.setdefault(int(e.step), []).append(e.value)
+    return [(step, float(np.mean(values))) for step, values in sorted(rounds.items())]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -76,6 +94,7 @@ def main() -> None:
         workdir = Path(tempfile.mkdtemp(prefix=f"demo{seed}_"))
         try:
             full = run(seed, analyses=True, workdir=workdir)
+            rounds = above_max_by_round(workdir / "runs")
             bare = None if args.no_baseline else run(seed, analyses=False, workdir=workdir)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -88,6 +107,13 @@ def main() -> None:
             f"| {seed} | {full['final']:.4f} | {full['best']:.4f} ({full['best_epoch']}) | "
             f"{full['seconds']:.1f} s | {bare['seconds'] if bare else float('nan'):.1f} s | "
             f"{ratio:.2f}x |",
+            flush=True,
+        )
+        print(
+            "  channel images driven above their validation maximum (all layers), per round: "
+            + ", ".join(
+                f"round {i} (step {step}): {f:.0%}" for i, (step, f) in enumerate(rounds, 1)
+            ),
             flush=True,
         )
     if ratios:

@@ -135,7 +135,7 @@ def trained(kind: str, seed: int, epochs: int, data) -> tuple[nn.Module, float, 
     return net.eval(), accuracy, trainer.current_epoch
 
 
-def settings(param: str, prior, steps: int) -> tuple[dict, dict]:
+def settings(param: str, prior, steps: int, select_after: int | None = None) -> tuple[dict, dict]:
     """Render settings of channel and class images: FeatureVisualizer's defaults for ``param``
     (``"maco"``: robust transforms, contrast 2 for channels; for classes contrast 0.8,
     4 views and the best of 4 restarts; the
@@ -145,10 +145,18 @@ def settings(param: str, prior, steps: int) -> tuple[dict, dict]:
         both = dict(common, transforms="standard")
         return both, both
     common.update(transforms="robust", prior=prior)
-    return dict(common, contrast=2.0), dict(common, contrast=0.8, views=4, restarts=4)
+    classes = dict(common, contrast=0.8, views=4, restarts=4, select_after=select_after)
+    return dict(common, contrast=2.0), classes
 
 
-def quality(device: torch.device, steps: int, epochs: int, seeds: list[int]) -> None:
+def quality(
+    device: torch.device,
+    steps: int,
+    epochs: int,
+    seeds: list[int],
+    select_after: int | None = None,
+    params: tuple[str, ...] = ("pixel", "fft", "maco"),
+) -> None:
     """Train the demo model, a twin and another architecture; print the transfer table."""
     from sklearn.linear_model import LogisticRegression
 
@@ -206,9 +214,9 @@ def quality(device: torch.device, steps: int, epochs: int, seeds: list[int]) -> 
     print("maximum over the validation images:\n")
     print(f"| param | {head} | channels above val max (relu1 / relu2 / relu3 / all) | seconds |")
     print("|---" * (2 + len(judges) * len(seeds)) + "|---|")
-    for param in ("pixel", "fft", "maco"):
+    for param in params:
         start = time.perf_counter()
-        channel_kw, class_kw = settings(param, prior, steps)
+        channel_kw, class_kw = settings(param, prior, steps, select_after)
         shares = {}
         for seed in seeds:
             images = render(model, [ClassLogit(c) for c in range(10)], seed=seed, **class_kw)
@@ -280,6 +288,13 @@ def main() -> None:
         "--epochs", type=int, default=20, help="at most this many epochs to reach 0.95 accuracy"
     )
     parser.add_argument("--seeds", default="0,1", help="render seeds of the class images")
+    parser.add_argument("--quality-params", default="pixel,fft,maco")
+    parser.add_argument(
+        "--select-after",
+        type=int,
+        default=None,
+        help="class images: keep the best of the 4 restarts after this many steps (default: after all)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -314,7 +329,7 @@ def main() -> None:
         f"torch {torch.__version__}, device {name}, {torch.get_num_threads()} threads, {steps} steps, "
         f"param {args.param}, best of {args.repeats}"
     )
-    _, largest = _probe(model, channels, SHAPE, None)
+    _, largest, _ = _probe(model, channels, SHAPE, None)
     chunk = auto_batch_size(64, largest, device)
     print(f"default chunks: {chunk} images")
     times = best_of(
@@ -352,7 +367,8 @@ def main() -> None:
         )
     if args.quality:
         seeds = [int(s) for s in args.seeds.split(",")]
-        quality(device, args.quality_steps, args.epochs, seeds)
+        params = tuple(args.quality_params.split(","))
+        quality(device, args.quality_steps, args.epochs, seeds, args.select_after, params)
 
 
 if __name__ == "__main__":

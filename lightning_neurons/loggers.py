@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,17 @@ def _to_numpy(value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().numpy()
     return np.asarray(value)
+
+
+def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """``np.savez_compressed`` at zlib level 1: the same ``.npz`` (read by ``np.load``), written
+    several times faster than at the default level 6, for files a few percent larger (floats
+    compress little at any level). At 1,000 classes the tracker writes ``[1000, K]`` arrays of
+    every layer every epoch, where level 6 took seconds per epoch."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for name, array in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
 
 
 class AnalysisLogger:
@@ -182,7 +194,7 @@ class AnalysisLogger:
         if not self.is_writer:
             return None
         path = self._path(name, ".npz")
-        np.savez_compressed(path, **{k: _to_numpy(v) for k, v in arrays.items()})
+        write_npz(path, {k: _to_numpy(v) for k, v in arrays.items()})
         self._index(name, path, sorted(arrays), dict(meta or {}))
         return path
 

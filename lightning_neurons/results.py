@@ -298,7 +298,10 @@ class Probes:
         images: ``[P, ...]`` the images (model inputs).
         labels: ``[P]`` labels.
         predictions: ``[P]`` predicted classes.
-        contribution: ``[P, C, K]`` contribution of each neuron to each logit.
+        contribution: ``[P, L, K]`` contribution of each neuron to each explained logit.
+        classes: ``[P, L]`` the logits explained for each probe: every class (``L = C``) up to
+            :data:`~lightning_neurons.callbacks.contribution.PROBE_LOGITS` classes, else the
+            probe's highest ones.
         top_neurons: ``[P, top]`` neurons that contribute most to the predicted logit.
         top_contribution: ``[P, top]`` their contributions.
         preferred: For each probe, an image each top neuron prefers.
@@ -311,6 +314,7 @@ class Probes:
     labels: torch.Tensor
     predictions: torch.Tensor
     contribution: torch.Tensor
+    classes: torch.Tensor
     top_neurons: torch.Tensor
     top_contribution: torch.Tensor
     preferred: list[list[torch.Tensor]] = field(default_factory=list)

@@ -1,6 +1,6 @@
 """Streaming per-class neuron statistics (torchmetrics states, DDP sum-reduced) and the maths on them.
 
-Nothing here is stored per image: each batch adds to ``[num_classes, num_neurons]`` sums in float64,
+Nothing here is stored per image: each batch adds to ``[num_classes, num_neurons]`` sums and counts,
 so memory is fixed whatever the number of batches, and ``compute()`` on every DDP rank gives the
 statistics of the whole data set.
 """
@@ -18,6 +18,21 @@ from lightning_neurons.errors import NeuronsError
 class ClassNeuronStats(Metric):
     """Per-class count, sum, sum of squares, maximum and firing count of every neuron.
 
+    Each batch is added with ``index_add_`` (``O(B K)`` per batch, whatever the number of
+    classes; a one-hot matrix product costs ``O(C B K)``, 1,000 times more at ImageNet's 1,000
+    classes). The states are as small as their exactness allows:
+
+    * ``sum`` and ``sum_sq`` are float64: the variance ``E[x^2] - E[x]^2`` cancels digits, and a
+      float32 sum of ``n`` values is only good to about ``n * 6e-8`` relative;
+    * ``images``, ``fired`` and ``nan`` are integer counts (int64 for ``images``, int32 per neuron:
+      exact up to 2^31 images per class and epoch);
+    * ``max`` keeps the activations' own floating type (float32 in most models; the largest of
+      float32 values is one of them, exactly);
+    * the per-neuron finite count is ``images - nan``, not a state of its own.
+
+    So a ``[C, K]`` entry takes 28 bytes instead of 56 (seven float64 states): ResNet-50's 26,560
+    default neurons at 1,000 classes hold 0.74 GB instead of 1.49 GB.
+
     Args:
         num_classes: Number of classes ``C``.
         num_neurons: Number of neurons ``K`` of the layer.
@@ -33,20 +48,20 @@ class ClassNeuronStats(Metric):
     is_differentiable = False
     higher_is_better = None
 
-    def __init__(self, num_classes: int, num_neurons: int, **kwargs) -> None:
+    def __init__(
+        self, num_classes: int, num_neurons: int, max_dtype: torch.dtype = torch.float32, **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         self.num_classes = num_classes
         self.num_neurons = num_neurons
         shape = (num_classes, num_neurons)
-        f64 = torch.float64
-        # images per class, and per class and neuron the images whose value was finite
-        self.add_state("images", torch.zeros(num_classes, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros(shape, dtype=f64), dist_reduce_fx="sum")
+        f64, i32 = torch.float64, torch.int32
+        self.add_state("images", torch.zeros(num_classes, dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("sum", torch.zeros(shape, dtype=f64), dist_reduce_fx="sum")
         self.add_state("sum_sq", torch.zeros(shape, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("fired", torch.zeros(shape, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("nan", torch.zeros(shape, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("max", torch.full(shape, -torch.inf, dtype=f64), dist_reduce_fx="max")
+        self.add_state("fired", torch.zeros(shape, dtype=i32), dist_reduce_fx="sum")
+        self.add_state("nan", torch.zeros(shape, dtype=i32), dist_reduce_fx="sum")
+        self.add_state("max", torch.full(shape, -torch.inf, dtype=max_dtype), dist_reduce_fx="max")
 
     def update(
         self, values: torch.Tensor, labels: torch.Tensor, peak: torch.Tensor | None = None
@@ -60,28 +75,30 @@ class ClassNeuronStats(Metric):
                 channels, the spatial max); a neuron "fires" on an image when its peak is
                 positive. Defaults to ``values``.
         """
-        values = values.detach().to(torch.float64)
-        peak = values if peak is None else peak.detach().to(torch.float64)
+        values = values.detach()
+        peak = values if peak is None else peak.detach()
+        labels = labels.long()
         finite = torch.isfinite(values)
         clean = torch.where(
             finite, values, torch.zeros((), dtype=values.dtype, device=values.device)
         )
-        onehot = torch.nn.functional.one_hot(labels, self.num_classes).to(torch.float64).T  # [C, B]
-        finite_f = finite.to(torch.float64)
-        self.images += onehot.sum(dim=1)
-        self.count += onehot @ finite_f
-        self.sum += onehot @ clean
-        self.sum_sq += onehot @ (clean * clean)
-        self.fired += onehot @ (peak > 0).to(torch.float64)
-        self.nan += onehot @ (1.0 - finite_f)
+        clean = clean.to(torch.float64)
+        self.images.index_add_(0, labels, torch.ones_like(labels))
+        self.sum.index_add_(0, labels, clean)
+        self.sum_sq.index_add_(0, labels, clean * clean)
+        self.fired.index_add_(0, labels, (peak > 0).to(torch.int32))
+        self.nan.index_add_(0, labels, (~finite).to(torch.int32))
         masked = torch.where(finite, values, torch.full_like(values, -torch.inf))
         index = labels.unsqueeze(1).expand_as(masked)
-        self.max.scatter_reduce_(0, index, masked, reduce="amax", include_self=True)
+        self.max.scatter_reduce_(
+            0, index, masked.to(self.max.dtype), reduce="amax", include_self=True
+        )
 
     def compute(self) -> dict[str, torch.Tensor]:
+        """The summed states in their own types (per class and neuron, the images whose value was
+        finite are ``images - nan``: see :func:`finite_counts`)."""
         return {
             "images": self.images,
-            "count": self.count,
             "sum": self.sum,
             "sum_sq": self.sum_sq,
             "fired": self.fired,
@@ -91,6 +108,14 @@ class ClassNeuronStats(Metric):
 
 
 # ---- the maths, as pure functions -------------------------------------------------------------
+
+
+def finite_counts(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[C, K]``: per class and neuron, the images whose value was finite (``images - nan``;
+    states saved by earlier versions carry it as ``count``)."""
+    if "count" in state:
+        return state["count"]
+    return state["images"].unsqueeze(1) - state["nan"]
 
 
 def class_means(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -233,6 +258,7 @@ class LayerStats:
     ) -> LayerStats:
         """Build the results from summed states (``ClassNeuronStats.compute()``)."""
         s = {k: v.detach().to("cpu", torch.float64) for k, v in state.items()}
+        s["count"] = finite_counts(s)
         if s["images"].sum() == 0:
             raise NeuronsError(f"no images were analysed for layer {layer!r}")
         means = class_means(s["sum"], s["count"])

@@ -143,6 +143,22 @@ def test_all_class_chunks_agree_with_one_pass():
         torch.testing.assert_close(whole[layer][:, 2], per_target[layer], atol=1e-5, rtol=1e-4)
 
 
+def test_contributions_to_chosen_logits_are_the_rows_of_all_logits():
+    model = SmallCNN(widths=(4, 6, 8), num_classes=5)
+    x = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    layers = ["features.conv2", "features.relu3"]
+    classes = torch.tensor([[4, 0], [1, 1], [2, 3]])
+    whole = neuron_contributions(model, layers, x)
+    chosen = neuron_contributions(model, layers, x, classes=classes, chunk_size=4)
+    for layer in layers:
+        assert chosen[layer].shape == (3, 2, whole[layer].shape[2])
+        expected = whole[layer][torch.arange(3).unsqueeze(1), classes]
+        # the same float32 passes, batched differently
+        torch.testing.assert_close(chosen[layer], expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(NeuronsError, match=r"`classes` must be \[images, L\]"):
+        neuron_contributions(model, layers, x, classes=torch.tensor([1, 2, 3]))
+
+
 def test_class_contributions_stream_the_true_class_mean():
     model = linear_head_model()
     x = images(8)

@@ -21,7 +21,7 @@ from lightning_neurons.ablation import ablation_effects
 from lightning_neurons.callbacks.contribution import NeuronContribution, cluster_sets
 from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
 from lightning_neurons.callbacks.visualizer import FeatureVisualizer
-from lightning_neurons.contribution import class_contributions
+from lightning_neurons.contribution import class_contributions, neuron_contributions
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.loggers import ARTIFACT_DIRNAME, load_index
 from lightning_neurons.models import ImageClassifier
@@ -50,6 +50,28 @@ def fitted(tmp_path_factory):
     trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(layers=LAYERS), contribution])
     trainer.fit(model, datamodule=data)
     return model, data, contribution, tmp_path
+
+
+def test_probes_explain_only_the_highest_logits_beyond_probe_logits(tmp_path, monkeypatch):
+    import lightning_neurons.callbacks.contribution as module
+
+    monkeypatch.setattr(module, "PROBE_LOGITS", 2)  # as 1,000 classes with the default 10
+    model, data = _module(), TinyData()
+    contribution = NeuronContribution(max_batches=2, ablation_layers=[], on_error="raise")
+    trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(layers=LAYERS), contribution])
+    trainer.fit(model, datamodule=data)
+    res = contribution.results["backbone.fc"]
+    probes = res.probes
+    with torch.no_grad():
+        logits = model.eval()(probes.images)
+    assert torch.equal(probes.classes, logits.topk(2, dim=1).indices)
+    assert probes.contribution.shape == (3, 2, res.stats.class_contribution.shape[1])
+    everything = neuron_contributions(model, ["backbone.fc"], probes.images)["backbone.fc"]
+    expected = everything[torch.arange(3).unsqueeze(1), probes.classes]
+    # the same float32 passes, batched differently
+    torch.testing.assert_close(probes.contribution, expected, atol=1e-5, rtol=1e-4)
+    top = probes.top_contribution[:, 0]
+    assert torch.equal(top, probes.contribution[:, 0].max(dim=1).values)  # predicted first
 
 
 def test_results_equal_the_library_functions_on_the_kept_batches(fitted):

@@ -8,6 +8,7 @@ from lightning_neurons.stats import (
     LayerStats,
     dead_neurons,
     dominant_neurons,
+    finite_counts,
     selectivity_index,
 )
 
@@ -24,8 +25,30 @@ def test_streamed_sums_do_not_depend_on_batching():
         torch.testing.assert_close(a[key], b[key])
     for c in range(4):
         torch.testing.assert_close(a["sum"][c], values[labels == c].double().sum(0))
-        torch.testing.assert_close(a["max"][c], values[labels == c].double().amax(0))
+        # the largest of float32 values is one of them: kept exactly in float32
+        assert torch.equal(a["max"][c], values[labels == c].amax(0))
         assert a["images"][c] == (labels == c).sum()
+
+
+def test_states_are_counts_float64_sums_and_the_values_own_maximum():
+    stats = ClassNeuronStats(1000, 3)
+    labels = torch.tensor([999, 0, 999])
+    values = torch.tensor([[1.0, -2.0, float("nan")], [0.5, 0.0, 1.0], [3.0, 4.0, 2.0]])
+    stats.update(values, labels)
+    s = stats.compute()
+    assert s["sum"].dtype == s["sum_sq"].dtype == torch.float64
+    assert s["fired"].dtype == s["nan"].dtype == torch.int32 and s["images"].dtype == torch.int64
+    assert s["max"].dtype == torch.float32
+    assert s["images"][[0, 999]].tolist() == [1, 2] and int(s["images"].sum()) == 3
+    assert "count" not in s and s["nan"][999].tolist() == [0, 0, 1]
+    assert finite_counts(s)[999].tolist() == [2, 2, 1]
+    assert s["fired"][999].tolist() == [2, 1, 1] and s["fired"][0].tolist() == [1, 0, 1]
+    assert s["sum"][999].tolist() == [4.0, 2.0, 2.0] and s["sum_sq"][999].tolist() == [
+        10.0,
+        20.0,
+        4.0,
+    ]
+    assert s["max"][999].tolist() == [3.0, 4.0, 2.0] and s["max"][1].tolist() == [-float("inf")] * 3
 
 
 def test_nan_values_are_counted_and_left_out():
@@ -71,7 +94,7 @@ def test_layer_stats_equal_numpy_on_all_activations_at_once():
     values[rng.random(values.shape) < 0.05] = np.nan
     peak = values + rng.normal(0.3, 0.5, size=values.shape)  # e.g. a conv channel's spatial max
     labels = rng.integers(0, 3, size=200)  # class 3 of 4 has no image
-    stats = ClassNeuronStats(4, 5)
+    stats = ClassNeuronStats(4, 5, max_dtype=torch.float64)  # the maximum in the values' type
     for start in range(0, 200, 37):
         part = slice(start, start + 37)
         stats.update(

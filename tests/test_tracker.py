@@ -277,6 +277,23 @@ def test_without_tensorboard_warns_once_and_still_writes_files(tmp_path):
     assert [r["name"] for r in load_index(tmp_path / "neurons" / "run_0")] == ["backbone.fc"] * 2
 
 
+def test_an_epochs_saved_states_are_not_changed_by_later_epochs(tmp_path):
+    tracker = ActivationTracker(layers=["backbone.conv2"], enable_logging=False)
+    seen = []
+
+    class Keep(pl.Callback):
+        def on_validation_end(self, trainer, pl_module):  # after the tracker has published
+            states = tracker._saved_states["backbone.conv2"]
+            seen.append((states, {k: v.clone() for k, v in states.items()}))
+
+    fast_trainer(tmp_path, callbacks=[tracker, Keep()], max_epochs=3).fit(
+        _module(), datamodule=TinyData()
+    )
+    assert len(seen) == 3 and not torch.equal(seen[0][1]["sum"], seen[2][1]["sum"])
+    for states, copy in seen:  # the tensors kept at each epoch's end hold that epoch's sums
+        assert all(torch.equal(states[k], copy[k]) for k in copy)
+
+
 def test_checkpoint_resume_restores_the_statistics(tmp_path):
     model, data = _module(), TinyData()
     tracker = ActivationTracker(layers=["backbone.conv2"])

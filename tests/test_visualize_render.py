@@ -21,7 +21,7 @@ from lightning_neurons.data import Normalize
 from lightning_neurons.hooks import hooked
 from lightning_neurons.visualize import Channel, ChannelGroup, ClassLogit, Neuron, evaluate, render
 from lightning_neurons.visualize.param import fft_image, parametrize, pixel_image, row_seed
-from lightning_neurons.visualize.render import CPU_CHUNK_BYTES, auto_batch_size
+from lightning_neurons.visualize.render import CPU_CHUNK_BYTES, DEVICE_CHUNK_BYTES, auto_batch_size
 from lightning_neurons.visualize.transforms import (
     CenterCrop,
     Jitter,
@@ -221,13 +221,18 @@ def test_chunks_give_the_same_images_as_one_batch(param):
     assert not torch.allclose(single[0], whole[4], atol=1e-3)
 
 
-def test_automatic_chunks_on_cpu_only():
+def test_automatic_chunks_fit_the_caches_on_cpu_and_a_memory_budget_elsewhere():
     assert auto_batch_size(64, largest_output=32 * 32 * 32, device=torch.device("cpu")) <= 64
     rows = auto_batch_size(1000, largest_output=32 * 32 * 32, device=torch.device("cpu"))
     assert rows == CPU_CHUNK_BYTES // (4 * 32 * 32 * 32) == 16
     assert auto_batch_size(1000, largest_output=10**8, device=torch.device("cpu")) == 4
     assert auto_batch_size(3, largest_output=10**8, device=torch.device("cpu")) == 3
-    assert auto_batch_size(1000, largest_output=10**8, device=torch.device("cuda")) == 1000
+    cuda = torch.device("cuda")
+    assert auto_batch_size(1000, largest_output=10**5, device=cuda) == 1000  # 0.4 GB of outputs
+    # memory-bounded on an accelerator: all of a row's layer outputs count, float32
+    rows = auto_batch_size(10**5, largest_output=10**6, device=cuda, total_output=10**7)
+    assert rows == DEVICE_CHUNK_BYTES // (4 * 10**7) == 107
+    assert auto_batch_size(1000, largest_output=10**9, device=cuda) == 4
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -373,3 +378,71 @@ def test_trained_cnn_class_images_are_classified_as_their_class(trained):
         predicted = model(images).argmax(dim=1)
     print(f"class images recognised: {predicted.tolist()}")
     assert (predicted == torch.arange(10)).float().mean() >= 0.7, predicted.tolist()
+
+
+@pytest.mark.parametrize("param", ["pixel", "fft"])
+def test_render_continues_from_returned_parameters(param):
+    model = bn_net()
+    objectives = [Channel("conv1", i) for i in range(3)] + [ClassLogit(0)]
+    kwargs = dict(image_shape=(1, 12, 12), param=param, seed=3)
+    images, params = render(model, objectives, steps=8, return_params=True, **kwargs)
+    assert params.shape[0] == 4 and not params.requires_grad and params.device.type == "cpu"
+    # a step of a vanishing size from the returned parameters gives back the same images
+    again = render(model, objectives, steps=1, lr=1e-9, init=params, **kwargs)
+    torch.testing.assert_close(again, images, atol=1e-6, rtol=0)  # float32, one step of 1e-9
+    # continuing (in chunks too) moves on from there, and differs from starting over
+    more, _ = render(model, objectives, steps=4, init=params, return_params=True, **kwargs)
+    chunked = render(model, objectives, steps=4, init=params, batch_size=1, **kwargs)
+    torch.testing.assert_close(chunked, more, atol=1e-5, rtol=0)  # as the chunking test above
+    fresh = render(model, objectives, steps=4, **kwargs)
+    assert not torch.allclose(more, fresh, atol=1e-3)
+    values = evaluate(model, objectives, more)
+    assert (values >= evaluate(model, objectives, fresh) - 1e-4).float().mean() >= 0.5
+
+
+def test_render_init_of_the_wrong_shape_is_refused():
+    model = bn_net()
+    objectives = [Channel("conv1", 0), Channel("conv1", 1)]
+    _, params = render(model, objectives, image_shape=(1, 8, 8), steps=1, return_params=True)
+    with pytest.raises(NeuronsError, match=r"`init` must be the parameters of every row"):
+        render(model, objectives[:1], image_shape=(1, 8, 8), steps=1, init=params)
+    with pytest.raises(NeuronsError, match="cannot both be set"):
+        render(model, objectives, image_shape=(1, 8, 8), return_mask=True, return_params=True)
+
+
+def test_a_block_of_rows_rendered_alone_gives_its_rows_of_the_whole():
+    model = bn_net()
+    objectives = [Channel("conv1", i) for i in range(3)] + [ClassLogit(0), ClassLogit(2)]
+    kwargs = dict(image_shape=(1, 12, 12), steps=6, param="fft", seed=5, restarts=2)
+    whole = render(model, objectives, **kwargs)
+    block = render(model, objectives[2:4], first_row=2 * 2, **kwargs)  # 2 candidates each
+    torch.testing.assert_close(block, whole[2:4], atol=1e-5, rtol=0)  # as the chunking test
+    with pytest.raises(NeuronsError, match="`first_row` must be an integer >= 0"):
+        render(model, objectives, first_row=-1, **kwargs)
+
+
+def test_the_kept_candidates_parameters_continue_alone():
+    model = bn_net()
+    objectives = [ClassLogit(0), ClassLogit(2)]
+    kwargs = dict(image_shape=(1, 12, 12), param="fft", seed=1)
+    images, params = render(model, objectives, steps=6, restarts=3, return_params=True, **kwargs)
+    assert params.shape[0] == 2  # the kept candidate of each objective
+    again = render(model, objectives, steps=1, lr=1e-9, init=params, **kwargs)
+    torch.testing.assert_close(again, images, atol=1e-6, rtol=0)  # float32, one step of 1e-9
+
+
+def test_selecting_the_candidate_early_continues_the_kept_one_alone():
+    model = bn_net()
+    objectives = [ClassLogit(0), ClassLogit(1), ClassLogit(2)]
+    kwargs = dict(image_shape=(1, 12, 12), param="fft", seed=4, views=2)
+    early = render(model, objectives, steps=8, restarts=3, select_after=3, **kwargs)
+    # the same by hand: 3 steps of every candidate, then the kept ones alone for 5 more steps
+    _, kept = render(model, objectives, steps=3, restarts=3, return_params=True, **kwargs)
+    by_hand = render(model, objectives, steps=5, init=kept, **kwargs)
+    torch.testing.assert_close(early, by_hand, atol=1e-5, rtol=0)  # as the chunking test
+    late = render(model, objectives, steps=8, restarts=3, **kwargs)
+    assert torch.equal(
+        render(model, objectives, steps=8, restarts=3, select_after=8, **kwargs), late
+    )
+    with pytest.raises(NeuronsError, match="`select_after` must be a positive integer"):
+        render(model, objectives, steps=8, restarts=3, select_after=0, **kwargs)

@@ -69,6 +69,8 @@ class ShapedData(TinyData):
         ({"channels": {"conv1": [1, "a"]}}, r"`channels\['conv1'\]` must hold"),
         ({"image_shape": [8, 8]}, "`image_shape` must be"),
         ({"max_probes": 0}, "`max_probes` must be a positive integer"),
+        ({"class_select_after": 0}, "`class_select_after` must be a positive integer"),
+        ({"continue_steps": 0}, "`continue_steps` must be a positive integer"),
         ({"every_n_epochs": 0}, "`every_n_epochs` must be a positive integer"),
         ({"on_error": "ignore"}, "`on_error` must be one of"),
     ],
@@ -145,6 +147,65 @@ def test_renders_logs_and_writes_files(tmp_path):
         assert data["images"].shape == (3, 1, 8, 8)
         assert np.array_equal(data["channels"], [0, 1, 2])
     assert count_forward_hooks(module) == 0 and not vis.failures
+
+
+def test_later_rounds_continue_the_images_and_a_resumed_run_continues_too(tmp_path, monkeypatch):
+    import lightning_neurons.callbacks.visualizer as visualizer
+
+    calls, selects = [], []
+    real = visualizer.render
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["steps"], kwargs["init"] is not None))
+        selects.append((kwargs["restarts"], kwargs["select_after"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(visualizer, "render", spy)
+    tracker = ActivationTracker(layers=["backbone.conv2"])
+    vis = FeatureVisualizer(
+        max_channels=2,
+        saliency=[],
+        steps=6,
+        continue_steps=2,
+        class_select_after=3,
+        on_error="raise",
+    )
+    module = _module()
+    trainer = fast_trainer(tmp_path, callbacks=[tracker, vis], max_epochs=2)
+    trainer.fit(module, datamodule=TinyData())
+    # two rounds of (conv2 channels, class images): from noise with `steps`, then continued
+    assert calls == [(6, False), (6, False), (2, True), (2, True)]
+    # the class candidates are selected early in the first round; later the kept one goes on
+    assert selects == [(1, None), (4, 3), (1, None), (1, None)]
+    state = vis.state_dict()
+    assert set(state["params"]) == {"backbone.conv2", "classes"}
+    rows = state["params"]["classes"]["params"].shape[0]
+    assert rows == 3  # the kept candidate of each class is continued alone
+
+    # a new callback loading the state continues at its first round; another seed does not
+    calls.clear()
+    resumed = FeatureVisualizer(
+        max_channels=2, saliency=[], steps=6, continue_steps=2, on_error="raise"
+    )
+    resumed.load_state_dict(state)
+    other_seed = FeatureVisualizer(
+        max_channels=2, saliency=[], steps=6, continue_steps=2, seed=1, on_error="raise"
+    )
+    other_seed.load_state_dict(state)
+    for cb in (resumed, other_seed):
+        t = fast_trainer(tmp_path, callbacks=[ActivationTracker(layers=["backbone.conv2"]), cb])
+        t.validate(module, datamodule=TinyData(), verbose=False)
+    assert calls == [(2, True), (2, True), (6, False), (6, False)]
+
+
+def test_at_many_classes_a_spread_subset_of_classes_is_rendered():
+    from lightning_neurons.callbacks.visualizer import default_classes
+
+    assert default_classes(10, 16) == list(range(10))
+    assert default_classes(1000, 16) == [i * 62 + i // 2 for i in range(16)]
+    assert default_classes(1000, 16)[-1] == 937 and default_classes(1000, None) == list(range(1000))
+    with pytest.raises(NeuronsError, match="`max_classes` must be a positive integer"):
+        FeatureVisualizer(max_classes=0)
 
 
 def test_defaults_without_tracker_from_data_module(tmp_path):
@@ -275,6 +336,21 @@ trainer = pl.Trainer(
     callbacks=[ActivationTracker(), vis],
 )
 trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+import torch
+from lightning_neurons.visualize import Channel, ClassLogit
+if trainer.global_rank == 0:
+    torch.save({k: v.images for k, v in vis.results.items()}, out / "images_ddp.pt")
+    torch.save(vis.state_dict(), out / "state_ddp.pt")
+    # the same round in one process: a fresh callback with the same plan and prior
+    solo = FeatureVisualizer(max_channels=2, steps=2, smoothgrad_samples=2, on_error="raise")
+    solo._plan, solo._estimated_prior = vis._plan, vis._estimated_prior
+    alone = {
+        layer: solo._render(model, layer, [Channel(layer, i) for i in vis._plan["channels"][layer]])
+        for layer in vis.layers
+    }
+    classes = [ClassLogit(c) for c in vis._plan["classes"]]
+    alone["classes"] = solo._render(model, "classes", classes, classes=True)
+    torch.save(alone, out / "images_solo.pt")
 summary = {
     "layers": sorted(vis.results),
     "strength": [v.strength is not None for k, v in sorted(vis.results.items()) if k != "classes"],
@@ -296,7 +372,7 @@ if dist.is_initialized():
 """
 
 
-def test_two_process_ddp_renders_on_rank_zero_only(tmp_path):
+def test_two_process_ddp_shares_the_rendering_and_gives_the_images_of_one_process(tmp_path):
     script = tmp_path / "ddp_visualizer.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
@@ -315,7 +391,19 @@ def test_two_process_ddp_renders_on_rank_zero_only(tmp_path):
         "strength": [True, True],  # the tracker's statistics, synced over both ranks
         "probes": 10,
     }
-    assert rank1 == {"layers": [], "strength": [], "probes": 0}
+    assert rank1 == {**rank0, "probes": 0}  # every rank has the images; saliency on rank zero
+    # the images of one process: render each rank's share alone, from its rows' own noise
+    images = torch.load(tmp_path / "images_ddp.pt")
+    alone = torch.load(tmp_path / "images_solo.pt")
+    assert set(alone) == set(images)
+    for key, solo in alone.items():
+        # the same rows from the same noise and transforms, in other batches: float32 kernels
+        # batched differently, two Adam steps (each about lr x sign(gradient)); images in [0, 1]
+        torch.testing.assert_close(images[key], solo, atol=1e-4, rtol=0)
+    state = torch.load(tmp_path / "state_ddp.pt")["params"]
+    for key, entry in state.items():
+        assert entry["params"].shape[0] == images[key].shape[0]  # one per kept image
+    assert images["classes"].shape[0] == 10 and images["backbone.features.relu1"].shape[0] == 2
     # the data prior: each rank streamed 32 of its shard's images (3 batches of 32 seen), and the
     # shards interleave the validation set, so the sum over ranks is the prior of its first 64
     # images, as one process computes it (sums in float64: equal up to the float32 result's

@@ -37,6 +37,7 @@ from lightning_neurons.hooks import resolve_layers, selects
 from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.results import ContributionResult, LayerAblation, Probes
 from lightning_neurons.state import analysis_mode
+from lightning_neurons.strategies import refuse_sharded
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -49,6 +50,12 @@ def cluster_sets(labels: Any) -> dict[str, torch.Tensor]:
         for c in torch.unique(ids).tolist()
         if c >= 0
     }
+
+
+#: Logits explained per probe image: all of them up to this many classes, else the probe's
+#: highest ones (``[P, C, K]`` per layer would be 1,000 backward passes per probe at ImageNet's
+#: 1,000 classes, and hundreds of MB per epoch in the ``.npz``).
+PROBE_LOGITS = 10
 
 
 class NeuronContribution(AnalysisCallback):
@@ -66,7 +73,9 @@ class NeuronContribution(AnalysisCallback):
       neurons are zeroed, and when each neuron cluster of an attached ``NeuronClustering`` callback
       is zeroed (all sets measured in one batched pass);
     * for ``max_probes`` validation images (the first image of each class), the contribution of
-      every neuron to every logit, and the top neurons behind the prediction with their preferred
+      every neuron to every logit (with more than :data:`PROBE_LOGITS` classes, to the probe's
+      :data:`PROBE_LOGITS` highest logits: ``Probes.classes`` says which), and the top neurons
+      behind the prediction with their preferred
       images: the ``FeatureVisualizer``'s rendering when one is attached and has rendered that
       neuron, else the validation image (of those kept) that activates the neuron most.
 
@@ -148,6 +157,7 @@ class NeuronContribution(AnalysisCallback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        refuse_sharded(trainer, "NeuronContribution")
         self._tracker = find_callback(trainer, ActivationTracker, required=type(self).__name__)
         patterns = (
             self.layer_patterns if self.layer_patterns is not None else self._tracker.layer_patterns
@@ -328,13 +338,22 @@ class NeuronContribution(AnalysisCallback):
         index = torch.tensor(picked)
         images = x[index]
         with torch.no_grad():
-            predictions = self._reader.forward(pl_module, images).argmax(dim=1).cpu()
-        contribution = neuron_contributions(  # {layer: [P, C, K]}
-            pl_module, self.layers, images, output_fn=self._reader.output_fn
+            logits = self._reader.forward(pl_module, images).float().cpu()
+        predictions = logits.argmax(dim=1)
+        # all logits, or the highest PROBE_LOGITS (the predicted first): bounded at 1,000 classes
+        if num_classes <= PROBE_LOGITS:
+            classes = torch.arange(num_classes).expand(len(picked), -1)
+        else:
+            classes = logits.topk(PROBE_LOGITS, dim=1).indices
+        contribution = neuron_contributions(  # {layer: [P, L, K]}
+            pl_module, self.layers, images, classes=classes, output_fn=self._reader.output_fn
         )
         results = {}
         for layer, c in contribution.items():
-            behind = c[torch.arange(c.shape[0]), predictions]  # [P, K]: towards the predicted logit
+            predicted_row = (classes == predictions.unsqueeze(1)).float().argmax(dim=1)
+            behind = c[
+                torch.arange(c.shape[0]), predicted_row
+            ]  # [P, K]: towards the predicted logit
             top = behind.topk(min(self.probe_top, behind.shape[1]), dim=1)
             results[layer] = Probes(
                 index=index,
@@ -342,6 +361,7 @@ class NeuronContribution(AnalysisCallback):
                 labels=y[index],
                 predictions=predictions,
                 contribution=c,
+                classes=classes.clone(),
                 top_neurons=top.indices,
                 top_contribution=top.values,
             )
@@ -560,7 +580,7 @@ class NeuronContribution(AnalysisCallback):
             meta["clusters_epoch"] = ablation.clusters_epoch
         probes = res.probes
         if probes is not None:
-            for key in ("index", "labels", "predictions", "contribution"):
+            for key in ("index", "labels", "predictions", "contribution", "classes"):
                 arrays[f"probe_{key}"] = getattr(probes, key)
             arrays["probe_top_neurons"] = probes.top_neurons
             arrays["probe_top_contribution"] = probes.top_contribution

@@ -48,6 +48,7 @@ from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.results import ClusterRendering, Rendering, SaliencyMaps
 from lightning_neurons.state import analysis_mode, model_device
 from lightning_neurons.stats import LayerStats
+from lightning_neurons.strategies import refuse_sharded
 from lightning_neurons.visualize.objectives import LOGITS, Channel, ChannelGroup, ClassLogit
 from lightning_neurons.visualize.prior import DataPrior, DataPriorEstimate
 from lightning_neurons.visualize.render import check_objectives, render
@@ -61,10 +62,44 @@ def _strength_label(channel: int, strength: float, activation: float, reference:
     return f"{channel}: {'>' if activation > reference else '<='} max"
 
 
+def _gather_blocks(
+    mine: tuple[torch.Tensor, torch.Tensor] | str | None, world: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's rendered block, concatenated in rank order, on every rank.
+
+    Raises:
+        NeuronsError: On every rank, when the rendering failed on any rank.
+    """
+    if world == 1:
+        assert isinstance(mine, tuple)
+        return mine
+    import torch.distributed as dist
+
+    blocks: list[Any] = [None] * world
+    dist.all_gather_object(blocks, mine)
+    failed = [f"rank {r}: {b}" for r, b in enumerate(blocks) if isinstance(b, str)]
+    if failed:
+        raise NeuronsError(f"rendering failed on {'; '.join(failed)}")
+    done = [b for b in blocks if b is not None]
+    return torch.cat([b[0] for b in done]), torch.cat([b[1] for b in done])
+
+
+def default_classes(num_classes: int, max_classes: int | None) -> list[int]:
+    """All classes, or ``max_classes`` of them spread evenly: ``floor(i * C / max_classes)``.
+
+    Example:
+        >>> default_classes(1000, 4)
+        [0, 250, 500, 750]
+    """
+    if max_classes is None or num_classes <= max_classes:
+        return list(range(num_classes))
+    return [i * num_classes // max_classes for i in range(max_classes)]
+
+
 class FeatureVisualizer(AnalysisCallback):
     """Renders what channels and classes prefer, and saliency maps of probe images, every epoch.
 
-    Every ``every_n_epochs`` (after validation; on rank zero) the callback
+    Every ``every_n_epochs`` (after validation) the callback
 
     - renders, by batched gradient ascent (:func:`~lightning_neurons.visualize.render`), one image
       for each chosen channel of each chosen layer, and one for each class (its logit);
@@ -87,6 +122,13 @@ class FeatureVisualizer(AnalysisCallback):
       kept): a maximum over a few probe images would overstate it. The scalars
       ``preference/<layer>/strength_median`` and ``preference/<layer>/above_max_fraction`` (share of
       images driving their channel above every validation image) are logged.
+
+    Under DDP every rank renders a contiguous share of each layer's channels and of the classes
+    (row ``i`` of a rendering always starts from the noise seeded by ``(seed, i)``), and the
+    images are gathered on every rank: the images of one process, in a ``1 / world_size`` of the
+    time. Saliency (at most ``max_probes`` images) and logging run on rank zero. Sharded models
+    (FSDP, DeepSpeed ZeRO stage 3) are refused at set-up: they need every rank in every forward
+    pass.
 
     The model is left exactly as found (training mode, gradients, ``requires_grad``, hooks, RNG
     states), so a seeded run gives the same weights with or without this callback.
@@ -117,7 +159,13 @@ class FeatureVisualizer(AnalysisCallback):
         channels: Per layer, the channel indices to render (``{"features.conv2": [0, 5, 9]}``);
             layers not listed get their first ``max_channels`` channels.
         max_channels: Render the first ``max_channels`` channels of each layer (``None``: all).
-        classes: Classes to render (default: all; ``[]``: none).
+        classes: Classes to render (default: all, or ``max_classes`` of them; ``[]``: none).
+        max_classes: With ``classes`` left at its default and a model of more classes than
+            this, render ``max_classes`` classes spread evenly over the class indices (class
+            ``floor(i * C / max_classes)`` for ``i < max_classes``): the same classes every
+            epoch, so TensorBoard's step slider follows them; at 1,000 classes a round renders
+            16 class images, not 1,000 (each with ``class_views x class_restarts`` rows).
+            ``None``: all classes.
         saliency: Saliency methods for the probe images, from ``"gradient"``, ``"smoothgrad"``
             and ``"gradcam"`` (``[]``: none).
         gradcam_layer: Grad-CAM's layer; default: the model's last Conv2d.
@@ -128,7 +176,15 @@ class FeatureVisualizer(AnalysisCallback):
         input_transform: Display image (values in [0, 1]) -> model input, applied by
             :func:`~lightning_neurons.batch.to_model_input`; default: the data module's
             ``input_transform`` attribute, else none (the loaders yield display images).
-        steps: Gradient-ascent steps per image.
+        steps: Gradient-ascent steps per image from noise (the first round, and every round
+            with ``continue_steps=None``).
+        continue_steps: Steps of the later rounds, which continue every image from its
+            parameters of the previous round instead of starting from noise (kept in the
+            callback's ``state_dict``, so a resumed run continues too). A channel's preferred
+            image changes slowly from epoch to epoch: a few steps follow it, and the step slider
+            shows one image evolving rather than a new random one per epoch. A round whose
+            objectives or settings changed starts from noise with ``steps``. ``None``: always
+            from noise.
         lr: Adam's learning rate.
         param: ``"maco"`` (default: only the spectrum's phase is optimised; amplitudes and pixel
             statistics are the validation data's, estimated from the first ``prior_images``
@@ -146,6 +202,11 @@ class FeatureVisualizer(AnalysisCallback):
             that other models recognise more often, at ``class_views`` times the cost).
         class_restarts: Class image candidates rendered from different seeds; the one the
             model scores highest over random views is kept (``class_restarts`` times the cost).
+        class_select_after: Keep the best candidate after this many steps of the first round
+            and spend the other steps on it alone (see ``render(select_after=)``): about half
+            the cost of the first round's class images at ``steps // 2``; ``None``: after all
+            steps (on the digits, ``steps=128``: 64 kept the twin and LeNet transfer goals, 32
+            did not; see ``benchmarks/visualization.py --select-after``).
         n_images: Images per channel, made different by a diversity term (Olah et al., 2017);
             TensorBoard shows one row per channel.
         diversity: Weight of the diversity term when ``n_images > 1``.
@@ -192,6 +253,7 @@ class FeatureVisualizer(AnalysisCallback):
         channels: dict[str, list[int]] | None = None,
         max_channels: int | None = 16,
         classes: list[int] | None = None,
+        max_classes: int | None = 16,
         saliency: Sequence[Method] = ("gradient", "smoothgrad", "gradcam"),
         gradcam_layer: str | None = None,
         probes_per_class: int = 1,
@@ -199,6 +261,7 @@ class FeatureVisualizer(AnalysisCallback):
         image_shape: list[int] | None = None,
         input_transform: InputTransform | None = None,
         steps: int = 64,
+        continue_steps: int | None = 16,
         lr: float = 0.1,
         param: Literal["maco", "fft", "pixel"] = "maco",
         transforms: Literal["robust", "standard", "none"] = "robust",
@@ -207,6 +270,7 @@ class FeatureVisualizer(AnalysisCallback):
         views: int = 1,
         class_views: int = 4,
         class_restarts: int = 4,
+        class_select_after: int | None = None,
         n_images: int = 1,
         diversity: float = 1.0,
         diversity_on: Literal["features", "pixels"] = "features",
@@ -230,6 +294,7 @@ class FeatureVisualizer(AnalysisCallback):
         self.channels = check_channels(channels)
         self.max_channels = check_optional_positive_int("max_channels", max_channels)
         self.classes = None if classes is None else check_indices("classes", classes)
+        self.max_classes = check_optional_positive_int("max_classes", max_classes)
         if isinstance(saliency, str):
             saliency = [saliency]  # type: ignore[list-item]
         self.saliency_methods = [check_choice("saliency", m, METHODS) for m in saliency]
@@ -239,6 +304,7 @@ class FeatureVisualizer(AnalysisCallback):
         self.image_shape = None if image_shape is None else check_image_shape(image_shape)
         self.input_transform = input_transform
         self.steps = check_positive_int("steps", steps)
+        self.continue_steps = check_optional_positive_int("continue_steps", continue_steps)
         self.lr = check_number("lr", lr, strict=True)
         self.param = check_choice("param", param, ("fft", "pixel", "maco"))
         self.transforms = check_choice("transforms", transforms, ("standard", "none", "robust"))
@@ -247,6 +313,9 @@ class FeatureVisualizer(AnalysisCallback):
         self.views = check_positive_int("views", views)
         self.class_views = check_positive_int("class_views", class_views)
         self.class_restarts = check_positive_int("class_restarts", class_restarts)
+        self.class_select_after = check_optional_positive_int(
+            "class_select_after", class_select_after
+        )
         self.n_images = check_positive_int("n_images", n_images)
         self.diversity = check_number("diversity", diversity)
         self.diversity_on = check_choice("diversity_on", diversity_on, ("features", "pixels"))
@@ -280,11 +349,52 @@ class FeatureVisualizer(AnalysisCallback):
         self._dataloader_idx = 0
         self._num_classes: int | None = None
         self._estimated_prior: DataPrior | None = None
+        # per results key: the render's parameters and what they were rendered for
+        self._params: dict[str, dict[str, Any]] = {}
+        self._ranks = (0, 1)  # (this rank, number of ranks) of the round being run
+
+    # ---- identity and checkpointing ------------------------------------------------------------
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            layers=self.layer_patterns, param=self.param, seed=self.seed
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The parameters of the last round's images (so a resumed run continues them) and the
+        estimated data prior (``"maco"``: a resumed run renders with the same one)."""
+        state: dict[str, Any] = {
+            "params": {
+                key: {"signature": entry["signature"], "params": entry["params"].clone()}
+                for key, entry in self._params.items()
+            }
+        }
+        prior = self._estimated_prior
+        if prior is not None:
+            fields = {"magnitude": prior.magnitude, "mean": prior.mean, "std": prior.std}
+            state["prior"] = {**fields, "count": prior.count}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._params = {
+            key: {"signature": tuple(entry["signature"]), "params": entry["params"]}
+            for key, entry in state_dict.get("params", {}).items()
+        }
+        saved = state_dict.get("prior")
+        if saved is not None:
+            self._estimated_prior = DataPrior(
+                magnitude=saved["magnitude"],
+                mean=saved["mean"],
+                std=saved["std"],
+                count=int(saved["count"]),
+            )
 
     # ---- Lightning hooks -----------------------------------------------------------------------
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        refuse_sharded(trainer, "FeatureVisualizer")
         tracker = find_callback(trainer, ActivationTracker)
         self._reader = tracker.reader if tracker is not None else BatchReader()
         self._dataloader_idx = tracker.dataloader_idx if tracker is not None else 0
@@ -362,31 +472,13 @@ class FeatureVisualizer(AnalysisCallback):
         reduction = tracker.reduction if tracker is not None else "mean"
         self._prepare(trainer, pl_module)  # configuration errors raise, on every rank
         self._finish_prior(trainer)  # every rank (DDP sum)
-        if not trainer.is_global_zero:
-            return
+        # every rank renders its share of the objectives (see _render); rank zero does the rest
+        self._ranks = (trainer.global_rank, trainer.world_size)
         self._run_safely(
             "feature visualization", lambda: self._visualize(trainer, pl_module, stats, reduction)
         )
 
     # ---- the data prior ("maco") ---------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """The estimated data prior (``"maco"``), so a resumed run renders with the same one."""
-        prior = self._estimated_prior
-        if prior is None:
-            return {}
-        fields = {"magnitude": prior.magnitude, "mean": prior.mean, "std": prior.std}
-        return {"prior": {**fields, "count": prior.count}}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("prior")
-        if saved is not None:
-            self._estimated_prior = DataPrior(
-                magnitude=saved["magnitude"],
-                mean=saved["mean"],
-                std=saved["std"],
-                count=int(saved["count"]),
-            )
 
     def reset_prior(self) -> None:
         """Forget the estimated data prior: it is estimated again from the next validation epoch
@@ -547,7 +639,7 @@ class FeatureVisualizer(AnalysisCallback):
         elif self.classes is not None:
             classes = self.classes
         else:
-            classes = list(range(logits[0]))
+            classes = default_classes(logits[0], self.max_classes)
         names = self._data_attr(trainer, "class_names")
         self._plan = {
             "shape": shape,
@@ -561,17 +653,95 @@ class FeatureVisualizer(AnalysisCallback):
 
     # ---- one round -----------------------------------------------------------------------------
 
-    def _render(self, model: nn.Module, objectives: list, classes: bool = False) -> torch.Tensor:
+    def _render(
+        self,
+        model: nn.Module,
+        key: str,
+        objectives: list,
+        classes: bool = False,
+        local: bool = False,
+    ) -> torch.Tensor:
+        """The images of ``objectives`` (continued from the last round's parameters of ``key``
+        when they were rendered for the same objectives). Under DDP the objectives are split
+        between the ranks and the images gathered on every rank; ``local``: this rank renders
+        them all (called on rank zero only)."""
         plan = self._plan
         assert plan is not None
         prior = self._render_prior()
-        return render(
+        param = self.param if prior is not None or self.param != "maco" else "fft"
+        # what the saved parameters (one per kept image) must have been rendered for
+        signature = (
+            param,
+            tuple(plan["shape"]),
+            tuple(repr(o) for o in objectives),
+            self.n_images,
+            self.seed,
+        )
+        saved = self._params.get(key)
+        init = None
+        if self.continue_steps is not None and saved and tuple(saved["signature"]) == signature:
+            init = saved["params"]
+        # Under DDP each rank renders a contiguous block of the objectives, each row from the
+        # noise it has in the whole rendering (first_row): the images of one process.
+        # The kept candidate of a class image (class_restarts) is continued alone.
+        rank, world = (0, 1) if local else self._ranks
+        restarts = self.class_restarts if classes and init is None else 1
+        per_objective = 1 if classes else self.n_images  # images kept per objective
+        start, stop = len(objectives) * rank // world, len(objectives) * (rank + 1) // world
+        block = None if init is None else init[start * per_objective : stop * per_objective]
+        first_row = start * per_objective * restarts
+        mine = self._render_block(
+            model, objectives[start:stop], block, first_row, classes, restarts, world
+        )
+        images, params = _gather_blocks(mine, world)
+        if self.continue_steps is not None:
+            self._params[key] = {"signature": signature, "params": params}
+        return images.cpu()
+
+    def _render_block(
+        self,
+        model: nn.Module,
+        objectives: list,
+        init: torch.Tensor | None,
+        first_row: int,
+        classes: bool,
+        restarts: int,
+        world: int,
+    ) -> tuple[torch.Tensor, torch.Tensor] | str | None:
+        """This rank's images and parameters; the error message if it failed; ``None`` if it
+        has no objectives."""
+        if not objectives:
+            return None
+        try:
+            return self._render_rows(model, objectives, init, first_row, classes, restarts)
+        except Exception as err:  # reported on every rank by _gather_blocks (no rank hangs)
+            if world == 1:
+                raise
+            return f"{type(err).__name__}: {err}"
+
+    def _render_rows(
+        self,
+        model: nn.Module,
+        objectives: list,
+        init: torch.Tensor | None,
+        first_row: int,
+        classes: bool,
+        restarts: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        plan = self._plan
+        assert plan is not None
+        prior = self._render_prior()
+        param = self.param if prior is not None or self.param != "maco" else "fft"
+        images, params = render(
             model,
             objectives,
             image_shape=plan["shape"],
-            steps=self.steps,
+            steps=self.steps if init is None else self.continue_steps,
+            init=init,
+            first_row=first_row,
+            return_params=True,
             lr=self.lr,
-            param=self.param if prior is not None or self.param != "maco" else "fft",  # type: ignore[arg-type]
+            param=param,  # type: ignore[arg-type]
             transforms=self.transforms,  # type: ignore[arg-type]
             input_transform=plan["transform"],
             output_fn=self._reader.output_fn,
@@ -585,8 +755,10 @@ class FeatureVisualizer(AnalysisCallback):
             n_images=1 if classes else self.n_images,
             diversity=self.diversity,
             diversity_on=self.diversity_on,  # type: ignore[arg-type]
-            restarts=self.class_restarts if classes else 1,
-        ).cpu()
+            restarts=restarts,
+            select_after=self.class_select_after if restarts > 1 else None,
+        )
+        return images.cpu(), params
 
     def _layer_activation(
         self,
@@ -626,7 +798,8 @@ class FeatureVisualizer(AnalysisCallback):
         for layer in self.layers:
             # with n_images > 1, each channel's images are consecutive rows
             channels = [c for c in plan["channels"][layer] for _ in range(self.n_images)]
-            images = self._render(pl_module, [Channel(layer, i) for i in plan["channels"][layer]])
+            objectives = [Channel(layer, i) for i in plan["channels"][layer]]
+            images = self._render(pl_module, layer, objectives)
             activation = self._layer_activation(pl_module, layer, images, channels, reduction)
             strength = reference = reference_epoch = None
             if layer in stats and stats[layer].num_neurons > max(channels):
@@ -646,8 +819,18 @@ class FeatureVisualizer(AnalysisCallback):
         if plan["classes"]:
             results["classes"] = self._classes(pl_module, plan["classes"], epoch)
         self.results = results
-        self.cluster_results = self._clusters(trainer, pl_module, epoch) if self.clusters else {}
-        if self.saliency_methods and self._probe_images and plan["saliency"]:
+        # NeuronClustering's results are on rank zero only: so are the cluster images
+        self.cluster_results = (
+            self._clusters(trainer, pl_module, epoch)
+            if self.clusters and trainer.is_global_zero
+            else {}
+        )
+        if (
+            trainer.is_global_zero
+            and self.saliency_methods
+            and self._probe_images
+            and plan["saliency"]
+        ):
             self.saliency_results = self._saliency(pl_module, epoch)
         if self.enable_logging:
             self._log(trainer)
@@ -656,7 +839,7 @@ class FeatureVisualizer(AnalysisCallback):
     def _classes(self, model: nn.Module, classes: list[int], epoch: int) -> Rendering:
         plan = self._plan
         assert plan is not None
-        images = self._render(model, [ClassLogit(c) for c in classes], classes=True)
+        images = self._render(model, "classes", [ClassLogit(c) for c in classes], classes=True)
         logits = self._logits(model, images)
         index = torch.tensor(classes)
         rows = torch.arange(len(classes))
@@ -700,9 +883,10 @@ class FeatureVisualizer(AnalysisCallback):
             order = sizes.argsort(descending=True, stable=True)[: self.max_clusters]
             ids, sizes = ids[order], sizes[order]
             members = [torch.nonzero(labels == k).flatten().tolist() for k in ids.tolist()]
-            images = self._render(model, [ChannelGroup(layer, m) for m in members], classes=False)[
-                :: self.n_images
-            ]  # one image per cluster
+            objectives = [ChannelGroup(layer, m) for m in members]
+            # one image per cluster; continued while the clusters keep their members
+            images = self._render(model, f"clusters/{layer}", objectives, local=True)
+            images = images[:: self.n_images]
             profiles = torch.as_tensor(np.asarray(result.cluster_profiles))
             preferred = profiles[ids].argmax(dim=1)
             if result.classes is not None and len(result.classes) == profiles.shape[1]:

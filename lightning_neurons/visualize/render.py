@@ -17,7 +17,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, overload
 
 import torch
@@ -158,12 +158,14 @@ def _resolve(model: nn.Module, objectives: Sequence[Objective]) -> list[str]:
 
 
 def _largest_output(model: nn.Module) -> tuple[list, list[int]]:
-    """Forward hooks on every leaf module recording the largest output size (in elements)."""
-    largest = [0]
+    """Forward hooks on every leaf module recording the largest output size and the sum of all
+    output sizes (in elements)."""
+    largest = [0, 0]
 
     def hook(_module: nn.Module, _inputs: object, output: object) -> None:
         if isinstance(output, torch.Tensor):
             largest[0] = max(largest[0], output.numel())
+            largest[1] += output.numel()
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if not any(m.children())]
     return handles, largest
@@ -175,9 +177,10 @@ def _probe(
     image_shape: tuple[int, int, int],
     input_transform: InputTransform | None,
     output_fn: BatchFn | None = None,
-) -> tuple[dict[str, tuple[int, ...]], int]:
+) -> tuple[dict[str, tuple[int, ...]], int, int]:
     """One forward pass of one grey image: checks the objectives; returns the read layers' output
-    shapes and the largest output (elements per image) of any leaf module."""
+    shapes, the largest output (elements per image) of any leaf module and the sum of all leaf
+    modules' outputs (what a backward pass keeps, roughly)."""
     layers = _resolve(model, objectives)
     shapes: dict[str, tuple[int, ...]] = {}
 
@@ -214,7 +217,7 @@ def _probe(
                     "forward pass; choose a layer the forward pass uses"
                 )
             term.check(shapes[term.layer])
-    return shapes, largest[0]
+    return shapes, largest[0], largest[1]
 
 
 def check_objectives(
@@ -243,7 +246,7 @@ def check_objectives(
             layer's real output, or a model that does not accept the images.
     """
     objectives = as_objectives(objectives)
-    shapes, _ = _probe(
+    shapes, _, _ = _probe(
         model, objectives, _check_image_shape(image_shape), input_transform, output_fn
     )
     return shapes
@@ -255,13 +258,25 @@ def check_objectives(
 CPU_CHUNK_BYTES = 2 * 2**20
 
 
-def auto_batch_size(count: int, largest_output: int, device: torch.device) -> int:
-    """Rows rendered at once when ``batch_size`` is None: all on a GPU; on CPU, enough rows for
-    their largest layer output (``largest_output`` elements per image, float32) to fill about
-    :data:`CPU_CHUNK_BYTES`, at least 4."""
-    if device.type != "cpu":
-        return count
-    rows = CPU_CHUNK_BYTES // max(1, 4 * largest_output)
+#: On an accelerator, rows per chunk are chosen so that all the layer outputs of a chunk (what
+#: its backward pass keeps, float32) take about this many bytes: 1,000 class images x 4 views x
+#: 4 restarts in one batch would need tens of GB at ImageNet's resolution.
+DEVICE_CHUNK_BYTES = 4 * 2**30
+
+
+def auto_batch_size(
+    count: int, largest_output: int, device: torch.device, total_output: int | None = None
+) -> int:
+    """Rows rendered at once when ``batch_size`` is None, at least 4 (or ``count``).
+
+    On CPU, enough rows for their largest layer output (``largest_output`` elements per image,
+    float32) to fill about :data:`CPU_CHUNK_BYTES`; on an accelerator, enough for all their layer
+    outputs (``total_output`` elements per image, default ``largest_output``) to fill about
+    :data:`DEVICE_CHUNK_BYTES`: memory bounded whatever the number of objectives."""
+    if device.type == "cpu":
+        rows = CPU_CHUNK_BYTES // max(1, 4 * largest_output)
+    else:
+        rows = DEVICE_CHUNK_BYTES // max(1, 4 * (total_output or largest_output))
     return int(min(count, max(4, rows)))
 
 
@@ -289,7 +304,11 @@ def render(
     diversity_on: Literal["features", "pixels"] = ...,
     restarts: int = ...,
     output_fn: BatchFn | None = ...,
+    init: torch.Tensor | None = ...,
+    first_row: int = ...,
+    select_after: int | None = ...,
     return_mask: Literal[False] = ...,
+    return_params: Literal[False] = ...,
 ) -> torch.Tensor: ...
 
 
@@ -317,7 +336,43 @@ def render(
     diversity_on: Literal["features", "pixels"] = ...,
     restarts: int = ...,
     output_fn: BatchFn | None = ...,
+    init: torch.Tensor | None = ...,
+    first_row: int = ...,
+    select_after: int | None = ...,
     return_mask: Literal[True],
+    return_params: Literal[False] = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def render(
+    model: nn.Module,
+    objectives: Objective | Sequence[Objective],
+    *,
+    image_shape: Sequence[int],
+    steps: int = ...,
+    lr: float = ...,
+    param: Param = ...,
+    transforms: TransformsArg = ...,
+    input_transform: InputTransform | None = ...,
+    seed: int = ...,
+    batch_size: int | None = ...,
+    l2: float = ...,
+    tv: float = ...,
+    decorrelate: bool = ...,
+    prior: DataPrior | None = ...,
+    contrast: float = ...,
+    views: int = ...,
+    n_images: int = ...,
+    diversity: float = ...,
+    diversity_on: Literal["features", "pixels"] = ...,
+    restarts: int = ...,
+    output_fn: BatchFn | None = ...,
+    init: torch.Tensor | None = ...,
+    first_row: int = ...,
+    select_after: int | None = ...,
+    return_mask: Literal[False] = ...,
+    return_params: Literal[True],
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -344,7 +399,11 @@ def render(
     diversity: float = 0.0,
     diversity_on: Literal["features", "pixels"] = "features",
     restarts: int = 1,
+    init: torch.Tensor | None = None,
+    first_row: int = 0,
+    select_after: int | None = None,
     return_mask: bool = False,
+    return_params: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Render images for every objective by gradient ascent, all objectives in one batch.
 
@@ -407,13 +466,31 @@ def render(
         restarts: Render this many candidates per image (from different seeds) and keep the
             one whose mean value over 16 randomly transformed views is highest (only the
             rendered model decides): ``restarts`` times the work. Not with ``n_images > 1``.
+        init: Continue from these parameters instead of each row's seeded noise: what an
+            earlier call with ``return_params=True`` returned, for the same objectives and
+            settings (``[N * n_images * restarts, ...]``; pass ``restarts=1`` to continue the
+            images that an earlier call with ``restarts`` kept). A preferred image changes little
+            between two epochs of training, so a few steps from the previous image reach what
+            many steps from noise reach, and TensorBoard's step slider shows one image evolving.
+        first_row: Index of the first row in a larger rendering: row ``i`` starts from the noise
+            of row ``first_row + i``. Rendering objectives ``a`` to ``b`` of a list with
+            ``first_row = a * n_images * restarts`` gives their images of the whole list's
+            rendering (how :class:`~lightning_neurons.FeatureVisualizer` shares a rendering
+            between DDP ranks).
+        select_after: With ``restarts``, keep the best candidate after this many steps and spend
+            the remaining steps on it alone (``restarts x select_after + steps - select_after``
+            image-steps instead of ``restarts x steps``). ``None``: select after all ``steps``.
         return_mask: Also return MaCo's transparency mask: the absolute gradient of the loss
             with respect to each pixel, summed over the steps and scaled to [0, 1] per image
             (where the image mattered to its objective).
+        return_params: Also return the final parameters of every returned image (with
+            ``restarts``, of the kept candidates; detached, on the CPU), to pass as ``init``
+            later (with ``restarts=1``: a kept candidate is continued alone).
 
     Returns:
         ``[N * n_images, C, H, W]`` display images in [0, 1] (detached, on the model's device);
-        with ``return_mask``, also the ``[N * n_images, 1, H, W]`` masks.
+        with ``return_mask``, also the ``[N * n_images, 1, H, W]`` masks; with
+        ``return_params``, also the parameters.
 
     Raises:
         NeuronsError: For bad arguments, ``param="maco"`` without a prior, an unknown layer, or
@@ -432,6 +509,14 @@ def render(
     counts = (("steps", steps), ("views", views), ("n_images", n_images), ("restarts", restarts))
     for name, value in counts:
         _check_positive(name, value, integer=True)
+    if isinstance(first_row, bool) or not isinstance(first_row, int) or first_row < 0:
+        raise NeuronsError(f"`first_row` must be an integer >= 0, got {first_row!r}")
+    if select_after is not None:
+        _check_positive("select_after", select_after, integer=True)
+        if return_mask:
+            raise NeuronsError("`select_after` cannot be combined with `return_mask`")
+    if return_mask and return_params:
+        raise NeuronsError("`return_mask` and `return_params` cannot both be set")
     if restarts > 1 and n_images > 1:
         raise NeuronsError(
             f"`restarts` ({restarts}) keeps the best of several images of an objective; it "
@@ -451,14 +536,18 @@ def render(
     chain = resolve_transforms(transforms, image_shape, fill)
     if diversity_on not in ("features", "pixels"):
         raise NeuronsError(f"`diversity_on` must be 'features' or 'pixels'; got {diversity_on!r}")
-    shapes, largest = _probe(model, objectives, image_shape, input_transform, output_fn)
+    shapes, largest, total = _probe(model, objectives, image_shape, input_transform, output_fn)
     spatial = frozenset(
         n for n, shape in shapes.items() if n not in (LOGITS, IMAGE) and len(shape) >= 2
     )
     group = n_images * restarts  # rows per objective: its images, or its candidates
     rows = [objective for objective in objectives for _ in range(group)]
     device = model_device(model)
-    size = batch_size * group if batch_size else auto_batch_size(len(rows), largest * views, device)
+    size = (
+        batch_size * group
+        if batch_size
+        else auto_batch_size(len(rows), largest * views, device, total * views)
+    )
     size = max(group, size - size % group)  # an objective's rows share a chunk
     settings = _Settings(
         param=param,
@@ -476,15 +565,22 @@ def render(
     )
     with analysis_mode(model):
         chunks = [
-            _Chunk(rows[start : start + size], range(start, min(start + size, len(rows))), settings)
+            _Chunk(
+                rows[start : start + size],
+                range(first_row + start, first_row + min(start + size, len(rows))),
+                settings,
+            )
             for start in range(0, len(rows), size)
         ]
+        if init is not None:
+            _continue_from(chunks, init, len(rows), param)
         spread = float(diversity) if restarts == 1 else 0.0  # candidates need not differ
         penalties = _Penalties(l2=float(l2), tv=float(tv), diversity=spread)
+        early = restarts > 1 and select_after is not None and select_after < steps
         _optimise(
             model,
             chunks,
-            steps=steps,
+            steps=select_after if early else steps,
             lr=lr,
             transforms=chain,
             input_transform=input_transform,
@@ -494,6 +590,11 @@ def render(
         )
         with torch.no_grad():
             images = torch.cat([chunk.image_fn().detach() for chunk in chunks])
+            params = (
+                torch.cat([chunk.params[0].detach().cpu() for chunk in chunks])
+                if return_params
+                else None
+            )
         masks = torch.cat([chunk.normalised_mask() for chunk in chunks]) if return_mask else None
         if restarts > 1:
             best = _best_candidates(
@@ -509,9 +610,88 @@ def render(
             )
             images = images[best]
             masks = None if masks is None else masks[best]
+            params = None if params is None else params[best.cpu()]
+            if early:
+                assert select_after is not None
+                kept = [rows[int(i)] for i in best]
+                images, params = _continue_kept(
+                    model,
+                    kept,
+                    [chunk.params[0].detach() for chunk in chunks],
+                    best,
+                    replace(settings, n_images=1),
+                    size=max(1, size // group),
+                    steps=steps - select_after,
+                    lr=lr,
+                    transforms=chain,
+                    input_transform=input_transform,
+                    seed=seed,
+                    penalties=penalties,
+                    return_params=return_params,
+                )
+    if params is not None:
+        return images, params
     if masks is None:
         return images
     return images, masks
+
+
+def _continue_kept(
+    model: nn.Module,
+    kept: Sequence[Objective],
+    candidate_params: Sequence[torch.Tensor],
+    best: torch.Tensor,
+    settings: _Settings,
+    *,
+    size: int,
+    steps: int,
+    lr: float,
+    transforms: Sequence[Callable],
+    input_transform: InputTransform | None,
+    seed: int,
+    penalties: _Penalties,
+    return_params: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Optimise the kept candidates alone for ``steps`` more steps (``render(select_after=)``)."""
+    start_params = torch.cat([p.cpu() for p in candidate_params])[best.cpu()]
+    chunks = [
+        _Chunk(kept[i : i + size], range(i, min(i + size, len(kept))), settings)
+        for i in range(0, len(kept), size)
+    ]
+    _continue_from(chunks, start_params, len(kept), settings.param)
+    _optimise(
+        model,
+        chunks,
+        steps=steps,
+        lr=lr,
+        transforms=transforms,
+        input_transform=input_transform,
+        seed=seed,
+        penalties=penalties,
+        track_mask=False,
+    )
+    with torch.no_grad():
+        images = torch.cat([chunk.image_fn().detach() for chunk in chunks])
+        params = torch.cat([c.params[0].detach().cpu() for c in chunks]) if return_params else None
+    return images, params
+
+
+def _continue_from(chunks: Sequence[_Chunk], init: torch.Tensor, rows: int, param: str) -> None:
+    """Copy ``init`` (the parameters of every row) into the chunks' parameters."""
+    expected = (rows, *chunks[0].params[0].shape[1:])
+    if not isinstance(init, torch.Tensor) or tuple(init.shape) != expected:
+        got = tuple(init.shape) if isinstance(init, torch.Tensor) else type(init).__name__
+        raise NeuronsError(
+            f"`init` must be the parameters of every row, shape {expected} for param={param!r} "
+            f"(what render(..., return_params=True) returned for the same objectives and "
+            f"settings); got {got}"
+        )
+    start = 0
+    with torch.no_grad():
+        for chunk in chunks:
+            p = chunk.params[0]
+            p.copy_(init[start : start + len(p)].to(p.device, p.dtype))
+            start += len(p)
 
 
 #: Random views on which the candidates of ``restarts`` are compared.

@@ -34,6 +34,7 @@ from lightning_neurons.batch import (
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import get_module, hooked
 from lightning_neurons.state import analysis_mode, model_device
+from lightning_neurons.visualize.render import _largest_output, auto_batch_size
 
 Method = Literal["gradient", "smoothgrad", "gradcam"]
 METHODS: tuple[str, ...] = ("gradient", "smoothgrad", "gradcam")
@@ -85,13 +86,46 @@ def _targets(
     return target
 
 
-def _chunks(n: int, batch_size: int | None) -> list[slice]:
+def _check_batch_size(batch_size: int | None) -> None:
     if batch_size is not None and (
         isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
     ):
         raise NeuronsError(f"`batch_size` must be a positive integer or None, got {batch_size!r}")
-    size = batch_size or max(n, 1)
+
+
+def _chunks(
+    n: int,
+    batch_size: int | None,
+    model: nn.Module | None = None,
+    images: torch.Tensor | None = None,
+    input_transform: InputTransform | None = None,
+) -> list[slice]:
+    """Slices of ``n`` rows: ``batch_size`` rows, or by default as many as
+    :func:`~lightning_neurons.visualize.render.auto_batch_size` allows for the model's layer
+    outputs on one of ``images`` (measured with one forward pass): memory bounded whatever ``n``
+    (SmoothGrad's ``N x samples`` copies included)."""
+    _check_batch_size(batch_size)
+    size = batch_size or _auto_rows(n, model, images, input_transform)
     return [slice(i, i + size) for i in range(0, n, size)]
+
+
+def _auto_rows(
+    n: int,
+    model: nn.Module | None,
+    images: torch.Tensor | None,
+    input_transform: InputTransform | None,
+) -> int:
+    if model is None or images is None or n <= 4 or len(images) == 0:
+        return max(n, 1)
+    handles, sizes = _largest_output(model)
+    try:
+        with torch.no_grad():
+            model(as_model_input(to_model_input(images[:1], input_transform), model))
+    finally:
+        for handle in handles:
+            handle.remove()
+    largest, total = sizes
+    return auto_batch_size(n, largest, model_device(model), total)
 
 
 def _input_gradient(
@@ -124,7 +158,8 @@ def gradient(
         images: ``[N, C, H, W]`` display images.
         target: Class per image (or one for all); default: the predicted class.
         input_transform: Display image -> model input.
-        batch_size: Images per forward pass (default: all).
+        batch_size: Images per forward pass (default: chunks bounded in memory, see
+            :func:`~lightning_neurons.visualize.render.auto_batch_size`).
         output_fn: Reads the logits from the model's output (see
             :func:`~lightning_neurons.batch.read_logits`).
 
@@ -143,7 +178,7 @@ def gradient(
     with analysis_mode(model):
         images = images.detach().clone().to(device)
         target = _targets(model, images, target, input_transform, output_fn)
-        for part in _chunks(len(images), batch_size):
+        for part in _chunks(len(images), batch_size, model, images, input_transform):
             grad = _input_gradient(model, images[part], target[part], input_transform, output_fn)
             out.append(grad.abs().amax(dim=1).float().cpu())
     return torch.cat(out)
@@ -163,8 +198,8 @@ def smoothgrad(
 ) -> torch.Tensor:
     """SmoothGrad: the input gradient averaged over noisy copies, then ``max_c |.|``.
 
-    All ``samples`` noisy copies of all images go through the model together (in chunks of
-    ``batch_size`` copies). The noise is Gaussian with standard deviation ``noise`` times each
+    The ``samples`` noisy copies of all images go through the model in chunks (of ``batch_size``
+    copies, or bounded in memory by default). The noise is Gaussian with standard deviation ``noise`` times each
     image's value range, drawn from a generator seeded with ``seed``.
 
     Args:
@@ -175,7 +210,8 @@ def smoothgrad(
         noise: Noise level as a share of the image's value range (paper: 0.1 to 0.2).
         seed: Seed of the noise.
         input_transform: Display image -> model input.
-        batch_size: Noisy copies per forward pass (default: all ``N * samples``).
+        batch_size: Noisy copies per forward pass (default: chunks of the ``N * samples``
+            copies bounded in memory, see :func:`~lightning_neurons.visualize.render.auto_batch_size`).
         output_fn: Reads the logits from the model's output.
 
     Returns:
@@ -201,7 +237,7 @@ def smoothgrad(
         noisy = (images.unsqueeze(0) + sigma * draws).flatten(0, 1)  # row s * n + i: image i
         targets = target.repeat(samples)
         total = torch.zeros_like(images)
-        for part in _chunks(noisy.shape[0], batch_size):
+        for part in _chunks(noisy.shape[0], batch_size, model, images, input_transform):
             grad = _input_gradient(model, noisy[part], targets[part], input_transform, output_fn)
             rows = torch.arange(part.start, part.start + grad.shape[0], device=device) % n
             total.index_add_(0, rows, grad)
@@ -235,7 +271,8 @@ def grad_cam(
         target: Class per image (or one for all); default: the predicted class.
         layer: A layer with ``[N, K, h, w]`` output; default: the model's last ``Conv2d``.
         input_transform: Display image -> model input.
-        batch_size: Images per forward pass (default: all).
+        batch_size: Images per forward pass (default: chunks bounded in memory, see
+            :func:`~lightning_neurons.visualize.render.auto_batch_size`).
         output_fn: Reads the logits from the model's output (see
             :func:`~lightning_neurons.batch.read_logits`).
 
@@ -260,7 +297,8 @@ def grad_cam(
         images = images.detach().clone().to(device)
         target = _targets(model, images, target, input_transform, output_fn)
         with hooked(model, [layer], keep):
-            for part in _chunks(len(images), batch_size):
+            parts = _chunks(len(images), batch_size, model, images, input_transform)
+            for part in parts:
                 captured.clear()
                 x = images[part].clone().requires_grad_(True)  # parameters are frozen
                 logits = _logits(model, x, input_transform, output_fn)

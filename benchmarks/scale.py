@@ -1,0 +1,228 @@
+"""What the analyses cost at ImageNet's shape: 1,000 classes, a torchvision ResNet, random data.
+
+Fits ``ImageClassifier(torchvision resnet18|resnet50, weights=None)`` on random images at a small
+resolution, once without callbacks and once per chosen set of callbacks (each fit in a fresh
+process, so that each peak memory is its own), and prints for each:
+
+* the fit time and its ratio to the bare fit measured in the same run;
+* per callback, the seconds its hooks took per analysed epoch (Lightning's ``SimpleProfiler``:
+  every ``[Callback]...`` hook, summed);
+* the peak resident memory of the process (and the peak CUDA memory on ``--device cuda``);
+* the largest image logged to TensorBoard (width x height pixels) and the artifact bytes written
+  per epoch (the TensorBoard event files and the ``.npz``/``.json`` files).
+
+Needs torch, torchvision, lightning, torchmetrics, tensorboard, scikit-learn, SciPy and
+matplotlib; not jsonargparse. Without ``hdbscan`` installed, NeuronClustering runs with
+``method="kmeans"`` (said in the output).
+
+    python benchmarks/scale.py                                   # resnet18, 1,000 classes, CPU
+    python benchmarks/scale.py --model resnet50 --device cuda
+    python benchmarks/scale.py --callbacks tracker --val-images 500   # smaller, while iterating
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+VARIANTS = ("none", "tracker", "all")
+
+
+def make_callbacks(which: str, hdbscan_ok: bool) -> list:
+    from lightning_neurons import (
+        ActivationTracker,
+        CategoryClustering,
+        FeatureVisualizer,
+        NeuronClustering,
+        NeuronContribution,
+    )
+
+    if which == "none":
+        return []
+    if which == "tracker":
+        return [ActivationTracker()]
+    return [
+        ActivationTracker(),
+        FeatureVisualizer(),
+        CategoryClustering(),
+        NeuronClustering() if hdbscan_ok else NeuronClustering(method="kmeans"),
+        NeuronContribution(),
+    ]
+
+
+class ImageSizes:
+    """Records the ``(width, height)`` of every image logged to TensorBoard (a callback that wraps
+    the writer's ``add_image`` at the start of the fit)."""
+
+    def __init__(self) -> None:
+        self.sizes: list[tuple[int, int, str]] = []
+
+    def attach(self, logger) -> None:
+        writer = logger.experiment
+        add_image = writer.add_image
+
+        def recording(tag, img_tensor, *args, dataformats="CHW", **kwargs):
+            shape = tuple(getattr(img_tensor, "shape", ()))
+            if len(shape) == 3:
+                h, w = (shape[0], shape[1]) if dataformats == "HWC" else (shape[1], shape[2])
+                self.sizes.append((int(w), int(h), tag))
+            return add_image(tag, img_tensor, *args, dataformats=dataformats, **kwargs)
+
+        writer.add_image = recording
+
+
+def child(args: argparse.Namespace, which: str) -> dict:
+    """One fit in this (fresh) process; returns its measurements."""
+    import lightning.pytorch as pl
+    import torch
+    import torchvision
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.profilers import SimpleProfiler
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_neurons.models import ImageClassifier
+
+    torch.set_num_threads(args.threads)
+    pl.seed_everything(0, verbose=False)
+    hdbscan_ok = importlib.util.find_spec("hdbscan") is not None
+    g = torch.Generator().manual_seed(0)
+
+    def data(n: int) -> TensorDataset:
+        x = torch.rand(n, 3, args.size, args.size, generator=g)
+        y = torch.arange(n) % args.classes
+        return TensorDataset(x, y)
+
+    train, val = data(args.train_images), data(args.val_images)
+    backbone = getattr(torchvision.models, args.model)(weights=None, num_classes=args.classes)
+    model = ImageClassifier(backbone, num_classes=args.classes, lr=1e-3)
+    callbacks = make_callbacks(which, hdbscan_ok)
+    sizes = ImageSizes()
+    workdir = Path(tempfile.mkdtemp(prefix="ln-scale-"))
+    logger = TensorBoardLogger(str(workdir), name="scale")
+    sizes.attach(logger)
+    profiler = SimpleProfiler(dirpath=str(workdir), filename="profile")
+    trainer = pl.Trainer(
+        max_epochs=args.epochs,
+        accelerator=args.device,
+        devices=1,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        profiler=profiler,
+        callbacks=callbacks,
+    )
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.fit(
+        model,
+        DataLoader(train, batch_size=args.batch_size, shuffle=True),
+        DataLoader(val, batch_size=args.batch_size),
+    )
+    seconds = time.perf_counter() - start
+    per_callback: dict[str, float] = defaultdict(float)
+    for key, durations in profiler.recorded_durations.items():
+        if key.startswith("[Callback]"):
+            name = key[len("[Callback]") :].split("{")[0].split(".")[0]
+            per_callback[name] += sum(durations)
+    analysed = {
+        type(cb).__name__: sum(
+            1 for e in range(args.epochs) if (e + 1) % getattr(cb, "every_n_epochs", 1) == 0
+        )
+        for cb in callbacks
+    }
+    artifact_bytes = sum(p.stat().st_size for p in workdir.rglob("*") if p.is_file())
+    largest = max(sizes.sizes, key=lambda s: s[0] * s[1]) if sizes.sizes else (0, 0, "")
+    failures = [f for cb in callbacks for f in getattr(cb, "failures", [])]
+    return {
+        "variant": which,
+        "seconds": seconds,
+        "per_callback": {n: per_callback.get(n, 0.0) / max(1, analysed[n]) for n in analysed},
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_cuda_mb": (
+            torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
+        ),
+        "largest_image": list(largest),
+        "images_logged": len(sizes.sizes),
+        "artifact_bytes_per_epoch": artifact_bytes / args.epochs,
+        "failures": failures,
+        "hdbscan": hdbscan_ok,
+    }
+
+
+def run_child(args: argparse.Namespace, which: str) -> dict:
+    command = [sys.executable, __file__, "--child", which, *sys.argv[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"the {which!r} fit failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("resnet18", "resnet50"), default="resnet18")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument(
+        "--callbacks",
+        nargs="+",
+        choices=VARIANTS[1:],
+        default=list(VARIANTS[1:]),
+        help="the sets of callbacks to measure, each against a bare fit (default: tracker all)",
+    )
+    parser.add_argument("--train-images", type=int, default=256)
+    parser.add_argument("--val-images", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=32, help="image side in pixels")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)))
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args, args.child)))
+        return
+    print(
+        f"{args.model} (weights None), {args.classes} classes, {args.size} px, "
+        f"{args.train_images} training and {args.val_images} validation images, batch "
+        f"{args.batch_size}, {args.epochs} epoch(s), {args.device}, {args.threads} thread(s); "
+        "each fit in a fresh process",
+        flush=True,
+    )
+    base = run_child(args, "none")
+    report(base, base)
+    for which in args.callbacks:
+        report(run_child(args, which), base)
+
+
+def report(r: dict, base: dict) -> None:
+    cuda = f", peak CUDA {r['peak_cuda_mb']:,.0f} MB" if r["peak_cuda_mb"] is not None else ""
+    w, h, tag = r["largest_image"]
+    print(
+        f"  {r['variant']:8s} fit {r['seconds']:8.1f} s  ratio {r['seconds'] / base['seconds']:7.2f}x"
+        f"  peak RSS {r['peak_rss_mb']:,.0f} MB{cuda}  artifacts "
+        f"{r['artifact_bytes_per_epoch'] / 1e6:,.2f} MB/epoch  images {r['images_logged']}"
+        + (f", largest {w}x{h} px ({tag})" if r["images_logged"] else ""),
+        flush=True,
+    )
+    for name, secs in r["per_callback"].items():
+        print(f"      {name:20s} {secs:8.1f} s per analysed epoch", flush=True)
+    if r["variant"] == "all" and not r["hdbscan"]:
+        print("      (hdbscan not installed: NeuronClustering ran with method='kmeans')")
+    for failure in r["failures"]:
+        print(f"      FAILED: {failure}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Which distributed strategies the analyses that run the model themselves can work under."""
+
+from __future__ import annotations
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+from lightning_neurons.errors import NeuronsError
+
+
+def sharded_strategy(trainer: Trainer) -> str | None:
+    """The name of the trainer's strategy when it shards the model's parameters over the ranks
+    (FSDP, DeepSpeed ZeRO stage 3, model parallel), else ``None``."""
+    strategy = trainer.strategy
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+        return type(strategy).__name__
+    config = getattr(strategy, "config", None)
+    if (
+        isinstance(strategy, DeepSpeedStrategy)
+        and isinstance(config, dict)
+        and strategy.zero_stage_3
+    ):
+        return "DeepSpeedStrategy (ZeRO stage 3)"
+    return None
+
+
+def refuse_sharded(trainer: Trainer, who: str) -> None:
+    """Raise at set-up when the model is sharded: ``who`` runs forward and backward passes of the
+    model on rank zero alone (rendering, saliency, contribution, ablation), and a sharded model
+    needs every rank in every pass (rank zero would wait forever for the others' shards).
+
+    Raises:
+        NeuronsError: Under FSDP, DeepSpeed ZeRO stage 3 or model parallelism.
+    """
+    name = sharded_strategy(trainer)
+    if name is not None:
+        raise NeuronsError(
+            f"{who} runs extra forward and backward passes of the model on rank zero alone, which "
+            f"a sharded model cannot do ({name}: every rank must take part in every forward "
+            f"pass). Train with strategy='ddp' (or DeepSpeed stage 1 or 2) while {who} is "
+            "attached, or leave it out."
+        )
