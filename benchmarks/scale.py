@@ -6,7 +6,8 @@ process, so that each peak memory is its own), and prints for each:
 
 * the fit time and its ratio to the bare fit measured in the same run;
 * per callback, the seconds its hooks took per analysed epoch (Lightning's ``SimpleProfiler``:
-  every ``[Callback]...`` hook, summed);
+  every ``[Callback]...`` hook, summed; an analysis that waits for the callbacks it reads runs in
+  the last one's stage-end hook, and is counted for its own callback);
 * the peak resident memory of the process (and the peak CUDA memory on ``--device cuda``);
 * the largest image logged to TensorBoard (width x height pixels) and the artifact bytes written
   per epoch (the TensorBoard event files and the ``.npz``/``.json`` files).
@@ -136,6 +137,10 @@ def child(args: argparse.Namespace, which: str) -> dict:
         if key.startswith("[Callback]"):
             name = key[len("[Callback]") :].split("{")[0].split(".")[0]
             per_callback[name] += sum(durations)
+    for cb in callbacks:  # an analysis that waits for its peers runs in the last one's hook
+        name = type(cb).__name__
+        per_callback[name] += getattr(cb, "_seconds_elsewhere", 0.0)
+        per_callback[name] -= getattr(cb, "_hosted_seconds", 0.0)
     analysed = {
         type(cb).__name__: sum(
             1 for e in range(args.epochs) if (e + 1) % getattr(cb, "every_n_epochs", 1) == 0

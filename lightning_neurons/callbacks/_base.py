@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal, TypeVar, overload
@@ -118,6 +119,13 @@ class AnalysisCallback(Callback):
         self.failures: list[str] = []
         self._unfinished: set[str] = set()  # stages begun whose stage end has not run yet
         self._waiting: dict[str, Callable[[], None]] = {}
+        #: Seconds this callback's stage-end analyses took, summed over the run (they may run
+        #: inside another callback's hook: the last of the callbacks they read to finish).
+        self.analysis_seconds = 0.0
+        # seconds of other callbacks' analyses run in this callback's hooks, and of this
+        # callback's analyses run in other callbacks' hooks (for profilers' per-hook times)
+        self._hosted_seconds = 0.0
+        self._seconds_elsewhere = 0.0
 
     # ---- the stage-end protocol ----------------------------------------------------------------
 
@@ -130,7 +138,7 @@ class AnalysisCallback(Callback):
 
     def _end(self, stage: Stage, trainer: Trainer, pl_module: LightningModule) -> None:
         self._waiting[stage] = lambda: self._consume(stage, trainer, pl_module)
-        _run_ready(trainer, stage)
+        _run_ready(trainer, stage, self)
 
     def _ready(self, trainer: Trainer, stage: Stage) -> bool:
         return not any(
@@ -210,9 +218,10 @@ class AnalysisCallback(Callback):
             return None
 
 
-def _run_ready(trainer: Trainer, stage: Stage) -> None:
+def _run_ready(trainer: Trainer, stage: Stage, host: AnalysisCallback) -> None:
     """Run every waiting stage-end analysis whose peers have finished ``stage``, until none is
-    left that can run. The same order on every DDP rank (the callbacks' list order)."""
+    left that can run, in ``host``'s stage-end hook. The same order on every DDP rank (the
+    callbacks' list order)."""
     progress = True
     while progress:
         progress = False
@@ -221,10 +230,16 @@ def _run_ready(trainer: Trainer, stage: Stage) -> None:
                 continue
             if callback._ready(trainer, stage):
                 analysis = callback._waiting.pop(stage)
+                start = time.perf_counter()
                 try:
                     analysis()
                 finally:
                     callback._unfinished.discard(stage)
+                    seconds = time.perf_counter() - start
+                    callback.analysis_seconds += seconds
+                    if callback is not host:
+                        host._hosted_seconds += seconds
+                        callback._seconds_elsewhere += seconds
                 progress = True
 
 
