@@ -301,3 +301,13 @@ def test_the_logger_writes_an_image_of_the_figures_size_and_closes_pyplot_figure
     assert (profile.height, profile.width) == pixels.shape[:2]
     (image,) = events.Images("plots/theirs")
     assert (image.width, image.height) == (200, 100)
+
+
+def test_image_grid_gives_two_line_labels_a_band_of_two_lines():
+    from lightning_neurons.plots.images import LABEL_BAND, image_grid
+
+    images = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    one = image_grid(images, ["c0: 7"] * 4, ncols=4)
+    two = image_grid(images, ["c0: 7\nmodel 7 judge 7 ok"] * 4, ncols=4)
+    assert one.shape[1] == two.shape[1]  # same tiles
+    assert two.shape[0] - one.shape[0] == LABEL_BAND  # one row of tiles, one more text line

@@ -1049,14 +1049,14 @@ class FeatureVisualizer(AnalysisCallback):
                 )
             ):
                 seen = int(res.predicted[i])
-                text = f"c{k} ({size}): {self._class_name(c)}\nmodel: {self._class_name(seen)}"
+                text = f"c{k} ({size}): {self._class_name(c)}\nmodel {self._class_name(seen)}"
                 if res.judge_predicted is not None:
                     verdict = int(res.judge_predicted[i])
-                    text += f" judge: {self._class_name(verdict)} {'ok' if verdict == c else 'no'}"
+                    text += f" judge {self._class_name(verdict)} {'ok' if verdict == c else 'no'}"
                 labels.append(text)
             title = (
                 f"{layer} clusters (of epoch {res.clusters_epoch}), epoch {res.epoch}: "
-                "cluster (neurons): preferred class"
+                "cluster (neurons): its class; what the model (judge) sees"
             )
             out.figure(out.tag("clusters", layer), image_grid(res.images, labels, title=title))
             agree = (res.predicted == res.preferred_class).double().mean()

@@ -88,7 +88,9 @@ def _grid_figure(
 ) -> np.ndarray:
     """The tiles in rows, each with its label in a band above it, under the title."""
     n = cells.shape[0]
-    band = LABEL_BAND if labels is not None else 0
+    # a band of one text line per label line ("class\njudge: 3 ok" takes two)
+    lines = max((str(label).count("\n") + 1 for label in labels), default=1) if labels else 1
+    band = LABEL_BAND * lines if labels is not None else 0
     title = title or ""
     title_px = 6 + _canvas.TITLE_LINE * 2 if title else 4
     cols, tile, shown = _layout(n, band, title_px, ncols)
@@ -111,7 +113,7 @@ def _grid_figure(
         fig.text(
             (_PAD + k * step_x + tile / 2) / width,
             1.0 - (top + _PAD + r * step_y + band / 2) / height,
-            _canvas.shorten(str(labels[i]), tile),
+            "\n".join(_canvas.shorten(line, tile) for line in str(labels[i]).split("\n")),
             ha="center",
             va="center",
             fontsize=_canvas.FONT,
