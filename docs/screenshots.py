@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Scalars shot shows the contribution group next to train/ and val/ (the other analyses' groups
 #: sort before them); the Images shot the last layer's figures and the preferred images.
 SHOTS = [
-    ("tensorboard_scalars", "scalars&tagFilter=%5E(contribution%7Ctrain%7Cval)%2F", 1000, 20_000),
+    ("tensorboard_scalars", "scalars&tagFilter=%5E(contribution%7Ctrain%7Cval)%2F", 1900, 20_000),
     ("tensorboard_images", "images&tagFilter=relu3%7Cclasses", 2600, 30_000),
     ("tensorboard_text", "text&tagFilter=relu3%2Fprobes", 1000, 20_000),
     ("tensorboard_projector", "projector", 1000, 60_000),
