@@ -30,10 +30,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 #: (file name, URL fragment, window height, virtual milliseconds to let the page load). The
-#: Scalars shot shows the contribution group next to train/ and val/ (the other analyses' groups
-#: sort before them); the Images shot the last layer's figures and the preferred images.
+#: Scalars shot is unfiltered: Lightning's epoch/hp_metric, the first page of the analyses'
+#: neurons/ group, then train/ and val/; the Images shot the last layer's figures and the
+#: preferred images.
 SHOTS = [
-    ("tensorboard_scalars", "scalars&tagFilter=%5E(contribution%7Ctrain%7Cval)%2F", 1900, 20_000),
+    ("tensorboard_scalars", "scalars", 3400, 20_000),
     ("tensorboard_images", "images&tagFilter=relu3%7Cclasses", 2600, 30_000),
     ("tensorboard_text", "text&tagFilter=relu3%2Fprobes", 1000, 20_000),
     ("tensorboard_projector", "projector", 1000, 60_000),

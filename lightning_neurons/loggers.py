@@ -90,6 +90,10 @@ def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
                 np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
 
 
+#: The first word of every analysis scalar's tag (see :meth:`AnalysisLogger.scalars`).
+SCALAR_GROUP = "neurons"
+
+
 class AnalysisLogger:
     """Writes one analysis' figures, images, histograms, scalars and files.
 
@@ -162,10 +166,14 @@ class AnalysisLogger:
             self.experiment.add_text(tag, text, global_step=self.step)
 
     def scalars(self, metrics: Mapping[str, float]) -> None:
-        """Log scalars to every logger of the trainer (TensorBoard, CSV, W&B...)."""
+        """Log scalars to every logger of the trainer (TensorBoard, CSV, W&B...), each tag under
+        :data:`SCALAR_GROUP` (``neurons/activations/<layer>/dead_fraction``): TensorBoard's
+        Scalars tab groups charts by their first word, in alphabetical order, 12 to a page, so
+        the analyses' charts form one group instead of five that push ``train/`` and ``val/``
+        down the page."""
         if not self.is_writer:
             return
-        clean = {k: float(v) for k, v in metrics.items()}
+        clean = {f"{SCALAR_GROUP}/{k}": float(v) for k, v in metrics.items()}
         for logger in self.trainer.loggers:
             logger.log_metrics(clean, step=self.step)
 

@@ -156,12 +156,12 @@ def test_everything_is_logged_and_written(parts_run):
     for view in (*PARTS_LAYERS, COMBINED):
         assert f"category_clustering/{view}/dendrogram" in tags
         assert f"category_clustering/{view}/distance_vs_confusion" in tags
-        assert f"category_clustering/{view}/silhouette" in tags
-        assert f"category_clustering/{view}/stability" in tags
+        assert f"neurons/category_clustering/{view}/silhouette" in tags
+        assert f"neurons/category_clustering/{view}/stability" in tags
     for layer in PARTS_LAYERS:
         assert f"neuron_clustering/{layer}/cluster_profiles" in tags
-        assert f"neuron_clustering/{layer}/n_clusters" in tags
-        assert f"neuron_clustering/{layer}/stability" in tags
+        assert f"neurons/neuron_clustering/{layer}/n_clusters" in tags
+        assert f"neurons/neuron_clustering/{layer}/stability" in tags
     assert any(t.startswith("category_clustering/combined/assignments") for t in tags)
     root = trainer.logger.log_dir + "/neurons"
     index = load_index(root)

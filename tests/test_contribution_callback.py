@@ -120,14 +120,14 @@ def test_logs_figures_scalars_text_and_files(fitted):
     for layer in LAYERS:
         assert f"contribution/{layer}/class_contribution" in tags["images"]
         assert f"contribution/{layer}/probes" in tags["images"]
-        assert f"contribution/{layer}/mean_domination" in tags["scalars"]
+        assert f"neurons/contribution/{layer}/mean_domination" in tags["scalars"]
     assert "contribution/backbone.fc/ablation" in tags["images"]
-    assert "contribution/backbone.fc/ablation_selectivity/difference" in tags["scalars"]
+    assert "neurons/contribution/backbone.fc/ablation_selectivity/difference" in tags["scalars"]
     assert "contribution/backbone.fc/ablation_own_drop_per_class" in tags["histograms"]
     for layer in LAYERS:
         assert f"contribution/{layer}/domination_per_class" in tags["histograms"]
     # a few headline charts, not one per class: mean domination per layer, ablation selectivity
-    contribution_scalars = [t for t in tags["scalars"] if t.startswith("contribution/")]
+    contribution_scalars = [t for t in tags["scalars"] if t.startswith("neurons/contribution/")]
     assert len(contribution_scalars) == len(LAYERS) + 3 * 2, contribution_scalars  # 2 ablated
     assert any(
         t.startswith("contribution/backbone.fc/probes") for t in tags["tensors"]

@@ -263,7 +263,7 @@ def test_logs_figures_and_files_next_to_the_event_files(tmp_path):
     ).Reload()
     tags = events.Tags()
     assert "activations/backbone.fc/class_profile" in tags["images"]
-    assert "activations/backbone.fc/dead_fraction" in tags["scalars"]
+    assert "neurons/activations/backbone.fc/dead_fraction" in tags["scalars"]
     assert "activations/backbone.conv2/selectivity" in tags["histograms"]
 
 

@@ -133,7 +133,7 @@ def test_renders_logs_and_writes_files(tmp_path):
             trainer.global_step // 2,
             trainer.global_step,
         ]
-    assert "preference/backbone.conv2/above_max_fraction" in tags["scalars"]
+    assert "neurons/preference/backbone.conv2/above_max_fraction" in tags["scalars"]
 
     # files for other analyses
     root = artifact_root(trainer)
