@@ -497,3 +497,39 @@ def test_estimated_prior_is_kept_in_the_checkpoint(tmp_path):
         assert torch.equal(getattr(again._estimated_prior, name), getattr(saved, name))
     assert again._estimated_prior.count == saved.count == 10
     assert set(again.results) == {"backbone.relu1", "classes"}  # and it rendered with it
+
+
+def test_cluster_images_continue_the_best_matching_cluster_of_the_last_round(tmp_path, monkeypatch):
+    import lightning_neurons.callbacks.visualizer as module
+    from lightning_neurons.callbacks.clustering import NeuronClustering
+    from lightning_neurons.callbacks.tracker import ActivationTracker
+
+    clustering = NeuronClustering(method="kmeans", n_clusters=2, on_error="raise")
+    vis = FeatureVisualizer(prior_images=10, continue_steps=2, **FAST)
+    trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(), clustering, vis])
+    model = _module()
+    trainer.fit(model, datamodule=TinyData())
+    saved = vis._params["clusters/backbone.relu1"]
+    members = saved["members"]
+    assert len(members) == len(vis.cluster_results["backbone.relu1"].clusters)
+    calls = []
+    render_rows = vis._render_rows
+
+    def spy(model, objectives, init, *args):
+        calls.append(([o.indices for o in objectives], None if init is None else init.clone()))
+        return render_rows(model, objectives, init, *args)
+
+    monkeypatch.setattr(vis, "_render_rows", spy)
+    n = vis.n_images
+    vis._render_clusters(model, "backbone.relu1", members[::-1])  # the same clusters, other ids
+    ((rendered, init),) = calls  # one call: every cluster continued
+    assert rendered == [tuple(m) for m in members[::-1]]
+    expected = torch.cat(
+        [saved["params"][i * n : (i + 1) * n] for i in reversed(range(len(members)))]
+    )
+    assert torch.equal(init, expected)
+    calls.clear()
+    monkeypatch.setattr(module, "CLUSTER_MATCH", 1.01)  # no cluster matches: all from noise
+    vis._render_clusters(model, "backbone.relu1", members)
+    ((rendered, init),) = calls
+    assert init is None

@@ -84,6 +84,11 @@ def _gather_blocks(
     return torch.cat([b[0] for b in done]), torch.cat([b[1] for b in done])
 
 
+#: A cluster continues the image of the last round's cluster it shares at least this share of
+#: neurons with (Jaccard index); else its image starts from noise.
+CLUSTER_MATCH = 0.5
+
+
 def default_classes(num_classes: int, max_classes: int | None) -> list[int]:
     """All classes, or ``max_classes`` of them spread evenly: ``floor(i * C / max_classes)``.
 
@@ -366,7 +371,7 @@ class FeatureVisualizer(AnalysisCallback):
         estimated data prior (``"maco"``: a resumed run renders with the same one)."""
         state: dict[str, Any] = {
             "params": {
-                key: {"signature": entry["signature"], "params": entry["params"].clone()}
+                key: {**entry, "params": entry["params"].clone()}
                 for key, entry in self._params.items()
             }
         }
@@ -378,7 +383,7 @@ class FeatureVisualizer(AnalysisCallback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._params = {
-            key: {"signature": tuple(entry["signature"]), "params": entry["params"]}
+            key: {**entry, "signature": tuple(entry["signature"])}
             for key, entry in state_dict.get("params", {}).items()
         }
         saved = state_dict.get("prior")
@@ -883,10 +888,7 @@ class FeatureVisualizer(AnalysisCallback):
             order = sizes.argsort(descending=True, stable=True)[: self.max_clusters]
             ids, sizes = ids[order], sizes[order]
             members = [torch.nonzero(labels == k).flatten().tolist() for k in ids.tolist()]
-            objectives = [ChannelGroup(layer, m) for m in members]
-            # one image per cluster; continued while the clusters keep their members
-            images = self._render(model, f"clusters/{layer}", objectives, local=True)
-            images = images[:: self.n_images]
+            images = self._render_clusters(model, layer, members)[:: self.n_images]
             profiles = torch.as_tensor(np.asarray(result.cluster_profiles))
             preferred = profiles[ids].argmax(dim=1)
             if result.classes is not None and len(result.classes) == profiles.shape[1]:
@@ -908,6 +910,55 @@ class FeatureVisualizer(AnalysisCallback):
                 entry.judge_probability = verdict.softmax(dim=1)[rows, preferred]
             found[layer] = entry
         return found
+
+    def _render_clusters(
+        self, model: nn.Module, layer: str, members: list[list[int]]
+    ) -> torch.Tensor:
+        """Images of the clusters ``members`` (channel lists) of ``layer``, on this rank alone.
+
+        Clusters change between analyses (their ids are arbitrary, a few neurons move), so each
+        cluster continues the image of the last round's cluster it shares most neurons with
+        (Jaccard index >= :data:`CLUSTER_MATCH`) for ``continue_steps`` steps; the others start
+        from noise."""
+        plan = self._plan
+        assert plan is not None
+        key, n = f"clusters/{layer}", self.n_images
+        signature = (self.param, tuple(plan["shape"]), n, self.seed)
+        saved = self._params.get(key)
+        match: list[int | None] = [None] * len(members)
+        if (
+            self.continue_steps is not None
+            and saved
+            and tuple(saved["signature"]) == signature
+            and saved.get("members")
+        ):
+            before = [set(m) for m in saved["members"]]
+            for i, m in enumerate(members):
+                overlap = [len(set(m) & b) / len(set(m) | b) for b in before]
+                best = max(range(len(before)), key=overlap.__getitem__)
+                match[i] = best if overlap[best] >= CLUSTER_MATCH else None
+        images: list[torch.Tensor | None] = [None] * len(members)
+        params: list[torch.Tensor | None] = [None] * len(members)
+        for rows in ([i for i in range(len(members)) if match[i] is not None],
+                     [i for i in range(len(members)) if match[i] is None]):  # fmt: skip
+            if not rows:
+                continue
+            init = None
+            if match[rows[0]] is not None:
+                assert saved is not None
+                init = torch.cat([saved["params"][match[i] * n : (match[i] + 1) * n] for i in rows])
+            objectives = [ChannelGroup(layer, members[i]) for i in rows]
+            done, state = self._render_rows(model, objectives, init, 0, False, 1)
+            for j, i in enumerate(rows):
+                images[i] = done[j * n : (j + 1) * n].cpu()
+                params[i] = state[j * n : (j + 1) * n]
+        if self.continue_steps is not None:
+            self._params[key] = {
+                "signature": signature,
+                "members": [list(m) for m in members],
+                "params": torch.cat(params),  # type: ignore[arg-type]
+            }
+        return torch.cat(images)  # type: ignore[arg-type]
 
     def _layer_width(self, model: nn.Module, layer: str) -> int:
         """The layer's channel count (its output's second dimension), from one forward pass."""
