@@ -60,7 +60,7 @@ def run(seed: int, analyses: bool, workdir: Path) -> dict[str, float]:
 
 def above_max_by_round(runs: Path) -> list[tuple[int, float]]:
     """Per FeatureVisualizer round (by global step), the share of all channel images that drive their channel
-    above its maximum on the validation images (the ``preference/<layer>/above_max_fraction``
+    above its maximum on the validation images (the ``neurons/preference/<layer>/above_max_fraction``
     scalars, weighted by the layers' image counts: 16 per layer in the demo)."""
     import numpy as np
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -70,7 +70,7 @@ def above_max_by_round(runs: Path) -> list[tuple[int, float]]:
         events = EventAccumulator(str(events_dir), size_guidance={"scalars": 0})
         events.Reload()
         for tag in events.Tags()["scalars"]:
-            if tag.startswith("preference/") and tag.endswith("/above_max_fraction"):
+            if tag.startswith("neurons/preference/") and tag.endswith("/above_max_fraction"):
                 for e in events.Scalars(tag):
                     rounds.setdefault(int(e.step), []).append(e.value)
     return [(step, float(np.mean(values))) for step, values in sorted(rounds.items())]
