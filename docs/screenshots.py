@@ -30,11 +30,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 #: (file name, URL fragment, window height, virtual milliseconds to let the page load). The
-#: Scalars shot is unfiltered: Lightning's epoch/hp_metric, the first page of the analyses'
-#: neurons/ group, then train/ and val/; the Images shot the last layer's figures and the
-#: preferred images.
+#: Scalars shot is unfiltered, as TensorBoard opens: the first groups open (Lightning's epoch and
+#: hp_metric), then the analyses' one neurons/ group and train/ and val/, a click each; the Images
+#: shot the last layer's figures and the preferred images.
 SHOTS = [
-    ("tensorboard_scalars", "scalars", 3400, 20_000),
+    ("tensorboard_scalars", "scalars", 1000, 20_000),
     ("tensorboard_images", "images&tagFilter=relu3%7Cclasses", 2600, 30_000),
     ("tensorboard_text", "text&tagFilter=relu3%2Fprobes", 1000, 20_000),
     ("tensorboard_projector", "projector", 1000, 60_000),
