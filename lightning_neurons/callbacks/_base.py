@@ -255,13 +255,27 @@ class StagedCallback(AnalysisCallback):
         """An epoch of ``stage`` begins."""
 
     def _stage_batch_start(
-        self, stage: Stage, batch: Any, batch_idx: int, dataloader_idx: int
+        self,
+        stage: Stage,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
     ) -> None:
         """A batch of ``stage`` (from loader ``dataloader_idx``) is about to go through the model;
         also called during Lightning's sanity check."""
 
-    def _stage_batch_end(self, stage: Stage) -> None:
-        """The batch has gone through the model."""
+    def _stage_batch_end(
+        self,
+        stage: Stage,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        """The batch has gone through the model; also called during Lightning's sanity check."""
 
     def _stage_end(self, stage: Stage, trainer: Trainer, pl_module: LightningModule) -> None:
         """The epoch of ``stage`` has ended."""
@@ -286,7 +300,7 @@ class StagedCallback(AnalysisCallback):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._stage_batch_start("train", batch, batch_idx, 0)
+        self._stage_batch_start("train", trainer, pl_module, batch, batch_idx, 0)
 
     @override
     def on_validation_batch_start(
@@ -297,7 +311,7 @@ class StagedCallback(AnalysisCallback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._stage_batch_start("validation", batch, batch_idx, dataloader_idx)
+        self._stage_batch_start("validation", trainer, pl_module, batch, batch_idx, dataloader_idx)
 
     @override
     def on_test_batch_start(
@@ -308,21 +322,42 @@ class StagedCallback(AnalysisCallback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._stage_batch_start("test", batch, batch_idx, dataloader_idx)
+        self._stage_batch_start("test", trainer, pl_module, batch, batch_idx, dataloader_idx)
 
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        self._stage_batch_end("train")
+    def on_train_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._stage_batch_end("train", trainer, pl_module, batch, batch_idx, 0)
 
     @override
     def on_validation_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, *args: Any
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
-        self._stage_batch_end("validation")
+        self._stage_batch_end("validation", trainer, pl_module, batch, batch_idx, dataloader_idx)
 
     @override
-    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        self._stage_batch_end("test")
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._stage_batch_end("test", trainer, pl_module, batch, batch_idx, dataloader_idx)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -95,7 +95,13 @@ class _ClusteringCallback(StagedCallback):
         self._start(stage, trainer, pl_module)
 
     def _stage_batch_start(
-        self, stage: str, batch: Any, batch_idx: int, dataloader_idx: int
+        self,
+        stage: str,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
     ) -> None:
         if dataloader_idx == self._dataloader_idx:
             self._batch_start(stage, batch, batch_idx)
@@ -107,7 +113,7 @@ class _ClusteringCallback(StagedCallback):
         self._batch_size = labels.shape[0]
         return labels[:rows] if rows else None
 
-    def _stage_batch_end(self, stage: str) -> None:
+    def _stage_batch_end(self, stage: str, *args: Any) -> None:
         self._labels = None
 
     def _stage_end(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:

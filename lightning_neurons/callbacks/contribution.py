@@ -12,8 +12,8 @@ from typing_extensions import override
 from lightning_neurons.ablation import ablation_effects, ablation_selectivity
 from lightning_neurons.batch import BatchReader
 from lightning_neurons.callbacks._base import (
-    AnalysisCallback,
     OnError,
+    StagedCallback,
     class_names_of,
     find_callback,
 )
@@ -58,7 +58,7 @@ def cluster_sets(labels: Any) -> dict[str, torch.Tensor]:
 PROBE_LOGITS = 10
 
 
-class NeuronContribution(AnalysisCallback):
+class NeuronContribution(StagedCallback):
     """Which neurons carry each class's logit (activation x gradient), how few of them dominate,
     and what zeroing them does to each class's accuracy.
 
@@ -173,53 +173,29 @@ class NeuronContribution(AnalysisCallback):
         self.layers = resolve_layers(pl_module, [*layers, *ablate])
         self.ablation_layers = list(ablate)
 
-    @override
-    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start(trainer)
+    # Lightning's per-stage hooks arrive here (see StagedCallback): validation and test batches.
+    def _stage_start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        if stage in ("validation", "test"):
+            self._start(trainer)
 
-    @override
-    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start(trainer)
-
-    @override
-    def on_validation_batch_end(
+    def _stage_batch_end(
         self,
+        stage: str,
         trainer: Trainer,
         pl_module: LightningModule,
-        outputs: Any,
         batch: Any,
         batch_idx: int,
-        dataloader_idx: int = 0,
+        dataloader_idx: int,
     ) -> None:
-        self._keep(batch, dataloader_idx)
-
-    @override
-    def on_test_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._keep(batch, dataloader_idx)
+        if stage in ("validation", "test"):
+            self._keep(batch, dataloader_idx)
 
     @override
     def _consume(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
         if stage in ("validation", "test"):
             self._finish(trainer, pl_module)
 
-    @override
-    def on_exception(
-        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
-    ) -> None:
-        super().on_exception(trainer, pl_module, exception)
-        self._reset()
-
-    @override
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        super().teardown(trainer, pl_module, stage)
+    def _release(self) -> None:
         self._reset()
 
     # ---- gathering -----------------------------------------------------------------------------

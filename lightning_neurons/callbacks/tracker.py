@@ -227,7 +227,13 @@ class ActivationTracker(StagedCallback):
             self._start(trainer, pl_module)
 
     def _stage_batch_start(
-        self, stage: str, batch: Any, batch_idx: int, dataloader_idx: int
+        self,
+        stage: str,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
     ) -> None:
         if not self._checked:  # the first batch the model sees, sanity check included
             self.check_batch(batch)
@@ -235,7 +241,7 @@ class ActivationTracker(StagedCallback):
         if stage == self.stage and dataloader_idx == self.dataloader_idx:
             self._batch_start(batch, batch_idx)
 
-    def _stage_batch_end(self, stage: str) -> None:
+    def _stage_batch_end(self, stage: str, *args: Any) -> None:
         self._labels = None
 
     def _stage_end(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -21,7 +21,7 @@ from lightning_neurons.batch import (
     to_display,
     to_model_input,
 )
-from lightning_neurons.callbacks._base import AnalysisCallback, OnError, find_callback
+from lightning_neurons.callbacks._base import OnError, StagedCallback, find_callback
 from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
 from lightning_neurons.callbacks.tracker import ActivationTracker, infer_num_classes
 from lightning_neurons.checks import (
@@ -101,7 +101,7 @@ def default_classes(num_classes: int, max_classes: int | None) -> list[int]:
     return [i * num_classes // max_classes for i in range(max_classes)]
 
 
-class FeatureVisualizer(AnalysisCallback):
+class FeatureVisualizer(StagedCallback):
     """Renders what channels and classes prefer, and saliency maps of probe images, every epoch.
 
     Every ``every_n_epochs`` (after validation) the callback
@@ -422,46 +422,32 @@ class FeatureVisualizer(AnalysisCallback):
             self._estimate = DataPriorEstimate(share)
         self._plan = None
 
-    # The set-up is checked on the first batch the model sees (sanity check included).
-    @override
-    def on_train_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._first_batch(trainer, pl_module, batch)
-
-    @override
-    def on_validation_batch_start(
+    # Lightning's per-stage hooks arrive here (see StagedCallback). The set-up is checked on the
+    # first batch the model sees (sanity check included); validation batches feed the prior and
+    # the probes.
+    def _stage_batch_start(
         self,
+        stage: str,
         trainer: Trainer,
         pl_module: LightningModule,
         batch: Any,
         batch_idx: int,
-        dataloader_idx: int = 0,
+        dataloader_idx: int,
     ) -> None:
         self._first_batch(trainer, pl_module, batch)
 
-    @override
-    def on_test_batch_start(
+    def _stage_batch_end(
         self,
+        stage: str,
         trainer: Trainer,
         pl_module: LightningModule,
         batch: Any,
         batch_idx: int,
-        dataloader_idx: int = 0,
+        dataloader_idx: int,
     ) -> None:
-        self._first_batch(trainer, pl_module, batch)
-
-    @override
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if trainer.sanity_checking or dataloader_idx != self._dataloader_idx:
+        if stage != "validation" or trainer.sanity_checking:
+            return
+        if dataloader_idx != self._dataloader_idx:
             return
         self._update_prior(batch)
         if self._probes_full or not self.saliency_methods:
