@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -90,6 +92,88 @@ def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
                 np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
 
 
+def _write_npz_atomically(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """:func:`write_npz` to a temporary name, then renamed: a reader never sees half a file."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        write_npz(partial, arrays)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+class BackgroundWrites:
+    """The analyses' ``.npz`` files, compressed and written on background threads.
+
+    At 1,000 classes the tracker alone writes hundreds of MB of ``[C, K]`` arrays per analysed
+    epoch, and zlib took most of its epoch-end time. zlib releases the GIL, so files written on
+    ``threads`` threads compress in parallel, with each other and with training. The files of an
+    analysis are complete when its callback's ``teardown`` returns (every callback of the package
+    waits for its own files there, and reports a failed write per its ``on_error``), before
+    Lightning closes the loggers; a ``.npz`` appears under its final name only once written.
+
+    Memory stays bounded: while more than ``max_pending_bytes`` of arrays wait to be written, a
+    new write waits for the oldest. The threads are not daemons: the interpreter finishes the
+    writes before it exits.
+
+    Args:
+        threads: Writer threads (default: the CPUs, at most 8).
+        max_pending_bytes: Bytes of arrays held for writing before a new write waits.
+    """
+
+    def __init__(self, threads: int | None = None, max_pending_bytes: int = 1 << 30) -> None:
+        self.threads = threads or max(1, min(8, os.cpu_count() or 1))
+        self.max_pending_bytes = max_pending_bytes
+        self._pool: ThreadPoolExecutor | None = None
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._pending: list[tuple[Future[None], int, int]] = []  # (future, bytes, owner id)
+        self._errors: dict[int, list[BaseException]] = {}
+
+    def submit(self, owner: object, fn: Callable[[], None], nbytes: int) -> None:
+        """Run ``fn`` on a writer thread; its error is kept for :meth:`wait` of ``owner``."""
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid():
+                # a forked child (ddp_fork, say) inherits the pool object but not its threads
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="neurons-writer")
+                self._pid = os.getpid()
+                self._pending, self._errors = [], {}
+            pool = self._pool
+        while True:
+            with self._lock:
+                held = sum(n for _, n, _ in self._pending)
+                oldest = self._pending[0] if self._pending else None
+            if oldest is None or held + nbytes <= self.max_pending_bytes:
+                break
+            self._settle(oldest)
+        future = pool.submit(fn)
+        with self._lock:
+            self._pending.append((future, nbytes, id(owner)))
+
+    def _settle(self, entry: tuple[Future[None], int, int]) -> None:
+        future, _, key = entry
+        error = future.exception()
+        with self._lock:
+            if entry in self._pending:
+                self._pending.remove(entry)
+                if error is not None:
+                    self._errors.setdefault(key, []).append(error)
+
+    def wait(self, owner: object) -> list[BaseException]:
+        """Wait until every write of ``owner`` is done; the errors they raised (once each)."""
+        key = id(owner)
+        with self._lock:
+            mine = [entry for entry in self._pending if entry[2] == key]
+        for entry in mine:
+            self._settle(entry)
+        with self._lock:
+            return self._errors.pop(key, [])
+
+
+#: The writer of every :class:`AnalysisLogger`'s ``.npz`` files.
+background_writes = BackgroundWrites()
+
+
 #: The first word of every analysis scalar's tag (see :meth:`AnalysisLogger.scalars`).
 SCALAR_GROUP = "neurons"
 
@@ -110,6 +194,7 @@ class AnalysisLogger:
     def __init__(self, trainer: Trainer, kind: str, owner: object | None = None) -> None:
         self.trainer = trainer
         self.kind = kind
+        self.owner = owner if owner is not None else self
         self.is_writer = trainer.is_global_zero
         tb = find_tensorboard(trainer)
         self.experiment = tb.experiment if (tb is not None and self.is_writer) else None
@@ -193,6 +278,11 @@ class AnalysisLogger:
     ) -> Path | None:
         """Write ``arrays`` to ``<root>/<stage>/<kind>/epoch=EEE/<name>.npz`` and index it.
 
+        The file is compressed and written on a background thread (see
+        :class:`BackgroundWrites`): it is complete once ``background_writes.wait(owner)`` has
+        returned (every callback of the package calls it in ``teardown``). The arrays must not be
+        changed after the call.
+
         The index, ``<root>/index.jsonl``, lists every file with its kind, stage, epoch, step,
         name, array names and ``meta``, so results can be analysed without TensorBoard.
 
@@ -202,7 +292,14 @@ class AnalysisLogger:
         if not self.is_writer:
             return None
         path = self._path(name, ".npz")
-        write_npz(path, {k: _to_numpy(v) for k, v in arrays.items()})
+        # on the CPU now (a GPU tensor's copy; a CPU tensor is shared: the package's callbacks
+        # never change an array they have logged), compressed and written in the background
+        ready = {k: _to_numpy(v) for k, v in arrays.items()}
+        background_writes.submit(
+            self.owner,
+            lambda: _write_npz_atomically(path, ready),
+            sum(a.nbytes for a in ready.values()),
+        )
         self._index(name, path, sorted(arrays), dict(meta or {}))
         return path
 

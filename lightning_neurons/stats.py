@@ -204,10 +204,12 @@ class LayerStats:
         epoch: Epoch the statistics were gathered in.
         reduction: ``"mean"`` or ``"max"`` spatial reduction of conv channels.
         counts: ``[C]`` images per class.
-        class_means: ``[C, K]`` the class profile (NaN where a class had no finite value).
-        class_std: ``[C, K]`` standard deviation per class.
-        class_max: ``[C, K]`` largest reduced activation per class.
-        firing_rate: ``[C, K]`` share of a class's images on which the neuron was positive.
+        class_means: ``[C, K]`` float32, the class profile (NaN where a class had no finite
+            value).
+        class_std: ``[C, K]`` float32, standard deviation per class.
+        class_max: ``[C, K]`` largest reduced activation per class (the activations' type).
+        firing_rate: ``[C, K]`` float32, share of a class's images on which the neuron was
+            positive.
         nan_counts: ``[K]`` non-finite activations seen (excluded from the means).
         selectivity: ``[K]`` class selectivity index.
         dead: ``[K]`` bool, never positive.
@@ -256,27 +258,43 @@ class LayerStats:
     def from_state(
         cls, layer: str, state: dict[str, torch.Tensor], *, epoch: int, reduction: str, top_k: int
     ) -> LayerStats:
-        """Build the results from summed states (``ClassNeuronStats.compute()``)."""
-        s = {k: v.detach().to("cpu", torch.float64) for k, v in state.items()}
-        s["count"] = finite_counts(s)
-        if s["images"].sum() == 0:
+        """Build the results from summed states (``ClassNeuronStats.compute()``).
+
+        The maths runs on the states' device (the GPU's, during GPU training: a fraction of the
+        CPU's time at 1,000 classes), and the results are moved to the CPU.
+
+        Means and standard deviations are computed in float64 from the float64 sums (the
+        variance cancels digits), then kept in float32 like the other ``[C, K]`` statistics:
+        7 significant digits, as many as the float32 activations they summarise, at half the
+        memory (ResNet-50's 26,560 default neurons at 1,000 classes: 0.42 GB of results instead
+        of 0.85 GB). Selectivity and domination are computed from the float64 means.
+        """
+        s = {k: v.detach() for k, v in state.items()}
+        if int(s["images"].sum()) == 0:
             raise NeuronsError(f"no images were analysed for layer {layer!r}")
-        means = class_means(s["sum"], s["count"])
+        count = finite_counts(s)
+        total, total_sq = s["sum"].double(), s["sum_sq"].double()
+        means = class_means(total, count)
         dominant, domination = dominant_neurons(means, top_k)
-        rate = s["fired"] / s["images"].clamp_min(1).unsqueeze(1)
+        rate = s["fired"].float() / s["images"].clamp_min(1).unsqueeze(1).float()
+
+        def cpu(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+            return t.to("cpu", dtype)
+
+        f32 = torch.float32
         return cls(
             layer=layer,
             epoch=epoch,
             reduction=reduction,
-            counts=s["images"],
-            class_means=means,
-            class_std=class_std(s["sum"], s["sum_sq"], s["count"]),
-            class_max=s["max"],
-            firing_rate=rate,
-            nan_counts=s["nan"].sum(dim=0),
-            selectivity=selectivity_index(means),
-            dead=dead_neurons(s["fired"], s["count"]),
-            dominant=dominant,
-            domination=domination,
-            preferred_class=torch.nan_to_num(means, nan=-torch.inf).argmax(dim=0),
+            counts=cpu(s["images"]),
+            class_means=cpu(means, f32),
+            class_std=cpu(class_std(total, total_sq, count), f32),
+            class_max=cpu(s["max"]),
+            firing_rate=cpu(rate),
+            nan_counts=cpu(s["nan"].sum(dim=0)),
+            selectivity=cpu(selectivity_index(means)),
+            dead=cpu(dead_neurons(s["fired"], count)),
+            dominant=cpu(dominant),
+            domination=cpu(domination),
+            preferred_class=cpu(torch.nan_to_num(means, nan=-torch.inf).argmax(dim=0)),
         )

@@ -99,3 +99,64 @@ def test_the_index_is_appended_without_being_read(tmp_path, monkeypatch):
     records = load_index(out.root)
     assert len(records) == 51 and records[0]["arrays"] == ["x"]
     assert json.loads(index.read_text().splitlines()[-1])["name"] == "a"
+
+
+def test_files_are_complete_when_fit_returns_and_a_failed_write_follows_on_error(
+    tmp_path, monkeypatch
+):
+    # the .npz are written on background threads; teardown waits for them
+    trainer = _fit(tmp_path / "ok", 0)
+    (record,) = load_index(artifact_root(trainer))
+    path = artifact_root(trainer) / record["file"]
+    assert np.load(path)["class_means"].shape[0] == 3
+    assert not list(path.parent.glob("*.partial"))
+
+    def disk_full(path, arrays):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loggers, "write_npz", disk_full)
+    tracker = ActivationTracker(layers=["backbone.fc"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast_trainer(tmp_path / "warn", callbacks=[tracker], max_epochs=1).fit(
+            _module(), datamodule=TinyData()
+        )
+    assert tracker.failures and "No space left on device" in tracker.failures[0]
+    assert any("writing files failed" in str(w.message) for w in caught)
+    assert tracker.results  # the analysis itself stands
+    strict = ActivationTracker(layers=["backbone.fc"], on_error="raise")
+    try:
+        fast_trainer(tmp_path / "raise", callbacks=[strict], max_epochs=1).fit(
+            _module(), datamodule=TinyData()
+        )
+    except OSError as err:
+        assert "No space left" in str(err)
+    else:
+        raise AssertionError("on_error='raise' should raise the failed write")
+
+
+def test_background_writes_hold_at_most_max_pending_bytes(tmp_path):
+    import threading
+
+    writes = loggers.BackgroundWrites(threads=1, max_pending_bytes=100)
+    gate = threading.Event()
+    done: list[int] = []
+    owner = object()
+
+    def slow() -> None:
+        gate.wait(5)
+        done.append(1)
+
+    writes.submit(owner, slow, 60)
+    # a second 60-byte write would hold 120 > 100: it waits until the first is written
+    releaser = threading.Timer(0.2, gate.set)
+    releaser.start()
+    writes.submit(owner, lambda: done.append(2), 60)
+    assert done[:1] == [1]  # the first was written before the second was accepted
+    assert writes.wait(owner) == []
+    assert done == [1, 2]
+    failing = object()
+    writes.submit(failing, lambda: 1 / 0, 1)
+    (error,) = writes.wait(failing)
+    assert isinstance(error, ZeroDivisionError)
+    assert writes.wait(failing) == []  # reported once

@@ -51,7 +51,7 @@ def test_class_means_equal_a_hand_computation(tmp_path, reduction):
     for layer in tracker.results:
         expected = _hand_class_means(model, data.val_dataloader(), layer, reduction)
         res = tracker.results[layer]
-        torch.testing.assert_close(res.class_means, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(res.class_means.double(), expected, atol=1e-5, rtol=0)
         assert res.counts.tolist() == [8.0, 8.0, 8.0]
         assert res.epoch == 1
         assert res.dominant.shape == (3, min(5, res.num_neurons))
@@ -361,7 +361,7 @@ def test_each_call_of_a_shared_module_is_tracked_as_its_own_layer(tmp_path):
     for res, act in ((first, a), (second, b)):
         expected = torch.stack([act[y == c].double().mean(dim=(0, 2, 3)) for c in range(3)])
         # float64 sums of the same float32 values in another order
-        torch.testing.assert_close(res.class_means, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(res.class_means.double(), expected, atol=1e-5, rtol=0)
     only_second = ActivationTracker(layers=["backbone.relu#1"], enable_logging=False)
     fast_trainer(tmp_path, callbacks=[only_second], max_epochs=1).validate(
         model, datamodule=data, verbose=False

@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from lightning_neurons.checks import check_choice, check_layers, check_positive_int
 from lightning_neurons.errors import NeuronsError
+from lightning_neurons.loggers import background_writes
 
 T = TypeVar("T")
 C = TypeVar("C", bound=Callback)
@@ -182,9 +183,14 @@ class AnalysisCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
     ) -> None:
         self._forget_stages()
+        # the files of the epochs analysed so far are kept (written, errors only warned)
+        for error in background_writes.wait(self):
+            rank_zero_warn(f"{type(self).__name__}: {_writing_failed(error)}")
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for error in background_writes.wait(self):  # every file complete before fit returns
+            self._run_safely("writing files", _raiser(error))
         if self._waiting:  # a peer began a stage and never ended it (a hook overridden, say)
             rank_zero_warn(
                 f"{type(self).__name__}: the analysis at the end of {', '.join(self._waiting)} did "
@@ -216,6 +222,18 @@ class AnalysisCallback(Callback):
                 "on. Pass `on_error='raise'` to stop on such errors and see the full traceback."
             )
             return None
+
+
+def _writing_failed(error: BaseException) -> str:
+    summary = "".join(traceback.format_exception_only(type(error), error)).strip()
+    return f"an analysis file could not be written ({summary})"
+
+
+def _raiser(error: BaseException) -> Callable[[], None]:
+    def fail() -> None:
+        raise error
+
+    return fail
 
 
 def _run_ready(trainer: Trainer, stage: Stage, host: AnalysisCallback) -> None:
