@@ -194,11 +194,13 @@ class CategoryClusteringResult:
     stability: float = float("nan")
 
     def as_arrays(self) -> dict[str, np.ndarray]:
-        """The arrays by name (for ``.npz`` files)."""
+        """The arrays by name (for ``.npz`` files): the ``[C, C]`` distances in float32 (7
+        significant digits; at 1,000 classes a float64 matrix per view was 8 MB of the 73 MB an
+        epoch wrote) and the confusion counts as integers."""
         out: dict[str, np.ndarray] = {
             "labels": self.labels,
             "classes": self.classes,
-            "distances": self.distances,
+            "distances": self.distances.astype(np.float32),
             "leaf_order": np.asarray(self.leaf_order),
             "silhouette": np.asarray(self.silhouette),
             "agreement": np.asarray(self.agreement),
@@ -207,7 +209,7 @@ class CategoryClusteringResult:
         if self.linkage is not None:
             out["linkage"] = self.linkage
         if self.confusion is not None:
-            out["confusion"] = self.confusion
+            out["confusion"] = np.rint(self.confusion).astype(np.int64)
         return out
 
 

@@ -132,7 +132,8 @@ def distance_confusion_figure(
     """
     n = distances.shape[0]
     order = list(order) if order is not None else list(range(n))
-    names = [_names(class_names, n)[i] for i in order]
+    all_names = _names(class_names, n)
+    names = [all_names[i] for i in order]
     named = n <= MAX_TICK_LABELS
     if agreement is not None:
         title = (
