@@ -460,3 +460,61 @@ def test_two_process_ddp_shares_the_rendering_and_gives_the_images_of_one_proces
     assert sorted(r["name"] for r in records) == [
         "backbone.features.relu1", "backbone.features.relu2", "classes", "saliency",
     ]  # fmt: skip
+
+
+FAILING_SALIENCY_SCRIPT = """
+import json, sys
+from pathlib import Path
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+import lightning_neurons.callbacks.visualizer as visualizer
+from lightning_neurons.callbacks.visualizer import FeatureVisualizer
+from lightning_neurons.data import DigitsDataModule
+from lightning_neurons.models import ImageClassifier, SmallCNN
+
+_saliency = visualizer.saliency
+
+
+def failing(*args, **kwargs):
+    if dist.get_rank() == 1:
+        raise RuntimeError("out of memory (simulated)")
+    return _saliency(*args, **kwargs)
+
+
+visualizer.saliency = failing
+out = Path(sys.argv[1])
+pl.seed_everything(0, verbose=False)
+model = ImageClassifier(SmallCNN(widths=(4, 8)), num_classes=10)
+vis = FeatureVisualizer(
+    max_channels=1, classes=[], steps=1, saliency=["gradient"], param="fft", enable_logging=False
+)
+trainer = pl.Trainer(
+    accelerator="cpu", devices=2, strategy="ddp", limit_val_batches=2, logger=False,
+    enable_progress_bar=False, enable_model_summary=False, callbacks=[vis],
+)
+trainer.validate(model, datamodule=DigitsDataModule(batch_size=32), verbose=False)
+summary = {"failures": vis.failures, "saliency": vis.saliency_results is not None}
+(out / f"rank{trainer.global_rank}.json").write_text(json.dumps(summary))
+if dist.is_initialized():
+    dist.destroy_process_group()
+"""
+
+
+def test_two_process_ddp_saliency_failing_on_one_rank_is_reported_on_both(tmp_path):
+    script = tmp_path / "ddp_failing_saliency.py"
+    script.write_text(FAILING_SALIENCY_SCRIPT)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(  # a rank left waiting in a collective would end at the timeout
+        [sys.executable, str(script), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        summary = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        (failure,) = summary["failures"]
+        assert "saliency failed on rank 1: RuntimeError: out of memory (simulated)" in failure
+        assert summary["saliency"] is False  # the round's maps were not kept, on either rank
