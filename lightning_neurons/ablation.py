@@ -32,7 +32,9 @@ __all__ = [
     "AblationResult",
     "ablation_effect",
     "ablation_effects",
+    "ablation_results",
     "ablation_selectivity",
+    "ablation_sums",
 ]
 
 
@@ -211,6 +213,47 @@ def ablation_effects(
         >>> res = ablation_effects(model, "features.relu3", {"a": [0, 4], "b": [7]}, loader)  # doctest: +SKIP
         >>> res["a"].accuracy_drop  # doctest: +SKIP
     """
+    sums = ablation_sums(
+        model,
+        layer,
+        neuron_sets,
+        dataloader,
+        max_batches=max_batches,
+        sets_per_pass=sets_per_pass,
+        share_prefix=share_prefix,
+        label_fn=label_fn,
+        input_fn=input_fn,
+        output_fn=output_fn,
+    )
+    if not neuron_sets:
+        return {}
+    if sums is None:
+        raise NeuronsError("the data loader gave no batch; nothing to analyse")
+    return ablation_results(layer, neuron_sets, sums)
+
+
+def ablation_sums(
+    model: nn.Module,
+    layer: str,
+    neuron_sets: Mapping[str, Sequence[int] | torch.Tensor],
+    dataloader: Iterable[Any],
+    *,
+    max_batches: int | None = None,
+    sets_per_pass: int = 8,
+    share_prefix: bool | Literal["auto"] = "auto",
+    label_fn: BatchFn | None = None,
+    input_fn: BatchFn | None = None,
+    output_fn: BatchFn | None = None,
+) -> dict[str, torch.Tensor] | None:
+    """The sums behind :func:`ablation_effects` (same arguments): float64 ``counts`` ``[C]``
+    (images per class), ``correct`` and ``logit_sum`` ``[1 + S, C]`` (correct predictions and
+    true-class logits summed per class; row 0 without ablation, row ``1 + i`` with set ``i``
+    zeroed). Sums of several processes' data add up (DDP); :func:`ablation_results` turns them
+    into per-class results. ``None`` when the data loader gives no batch.
+
+    Raises:
+        NeuronsError: As :func:`ablation_effects`.
+    """
     module = get_module(model, layer)
     site = _exact(layer)
     if isinstance(sets_per_pass, bool) or not isinstance(sets_per_pass, int) or sets_per_pass < 1:
@@ -219,7 +262,7 @@ def ablation_effects(
     names = list(neuron_sets)
     sets = [_neuron_set(name, neuron_sets[name], width) for name in names]
     if not sets:
-        return {}
+        return None
     reader = BatchReader(input_fn=input_fn, label_fn=label_fn, output_fn=output_fn)
     zero = _ZeroNeurons(layer, names, sets, shared=share_prefix is True)
 
@@ -277,11 +320,33 @@ def ablation_effects(
         hooks.remove()
         zero.chunk = None
     if correct is None or counts is None or logit_sum is None:
-        raise NeuronsError("the data loader gave no batch; nothing to analyse")
+        return None
+    return {"counts": counts.cpu(), "correct": correct.cpu(), "logit_sum": logit_sum.cpu()}
+
+
+def ablation_results(
+    layer: str,
+    neuron_sets: Mapping[str, Sequence[int] | torch.Tensor],
+    sums: Mapping[str, torch.Tensor],
+) -> dict[str, AblationResult]:
+    """``{name: AblationResult}`` from the :func:`ablation_sums` of ``neuron_sets`` (summed over
+    processes or not).
+
+    Raises:
+        NeuronsError: When the sums do not have a row per neuron set (and one for the baseline).
+    """
+    names = list(neuron_sets)
+    sets = [_neuron_set(name, neuron_sets[name], None) for name in names]
+    counts, correct, logit_sum = (sums[k].double() for k in ("counts", "correct", "logit_sum"))
+    if correct.shape[0] != 1 + len(sets):
+        raise NeuronsError(
+            f"the ablation sums have {correct.shape[0]} rows; {len(sets)} neuron sets need "
+            f"{1 + len(sets)} (the first is the baseline)"
+        )
     per_class = counts.clamp_min(1)
     nan = torch.full_like(counts, math.nan)
-    accuracy = torch.where(counts > 0, correct / per_class, nan).cpu()
-    logit = torch.where(counts > 0, logit_sum / per_class, nan).cpu()
+    accuracy = torch.where(counts > 0, correct / per_class, nan)
+    logit = torch.where(counts > 0, logit_sum / per_class, nan)
     return {
         name: AblationResult(
             layer=layer,

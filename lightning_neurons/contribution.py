@@ -359,12 +359,21 @@ class ContributionStats:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "layer"}
 
 
+#: The states of :class:`~lightning_neurons.stats.ClassNeuronStats` that processes add up.
+SUMMED_STATES = ("images", "sum", "sum_sq", "fired", "nan")
+#: The name of the true-class logit's sums in :meth:`ClassContributions.sums`.
+LOGIT_KEY = "<logit>"
+
+
 class ClassContributions:
     """Streams per-class sums of contributions, batch after batch (memory ``O(C x K)``).
 
     The sums are :class:`~lightning_neurons.stats.ClassNeuronStats` (the torchmetrics metric of
-    the activation statistics), one per layer and one for the true-class logit; they are not
-    synchronised across processes (an analysis of kept batches runs on one process).
+    the activation statistics), one per layer and one for the true-class logit. They are not
+    synchronised by torchmetrics (they live on the CPU, which NCCL cannot reduce): processes that
+    each analysed their own batches add up :meth:`sums` (e.g. with
+    :func:`~lightning_neurons.distributed.sum_over_ranks`) and :meth:`load_sums` the totals
+    before :meth:`compute`.
 
     Args:
         num_classes: Number of classes ``C``.
@@ -401,13 +410,39 @@ class ClassContributions:
                 self._sums[name] = self._metric(c.shape[1])
             self._sums[name].update(c.detach().to("cpu", torch.float64), labels)
 
+    def sums(self) -> dict[str, torch.Tensor]:
+        """Every summed state, by ``"<layer>/<state>"`` (``"<logit>/<state>"`` for the true-class
+        logit), layers in the order they were first updated: what processes add up. The maxima
+        are left out (:meth:`compute` does not use them)."""
+        metrics = {LOGIT_KEY: self._logit, **self._sums}
+        return {
+            f"{name}/{state}": getattr(metric, state)
+            for name, metric in metrics.items()
+            for state in SUMMED_STATES
+        }
+
+    def load_sums(self, sums: dict[str, torch.Tensor]) -> None:
+        """Replace the sums by ``sums`` (as :meth:`sums` gives them; e.g. added up over
+        processes); layers not seen here are added, in the order of ``sums``."""
+        names = list(dict.fromkeys(key.rpartition("/")[0] for key in sums))
+        metrics = {}
+        for name in names:
+            width = sums[f"{name}/sum"].shape[1]
+            metric = self._logit if name == LOGIT_KEY else self._metric(width)
+            for state in SUMMED_STATES:
+                current = getattr(metric, state)
+                setattr(metric, state, sums[f"{name}/{state}"].to(current.device, current.dtype))
+            metrics[name] = metric
+        self._logit = metrics.pop(LOGIT_KEY, self._logit)
+        self._sums = metrics
+
     def compute(self) -> dict[str, ContributionStats]:
         """The per-class statistics of every layer seen so far."""
-        logit = self._logit.compute()
+        logit = _summed(self._logit)  # not Metric.compute(): loaded sums have no update
         class_logit = class_means(logit["sum"], finite_counts(logit))[:, 0]
         results = {}
         for name, metric in self._sums.items():
-            s = metric.compute()
+            s = _summed(metric)
             count = finite_counts(s)
             mean = class_means(s["sum"], count)
             dominant, share = dominant_neurons(mean, self.top_k)
@@ -424,6 +459,10 @@ class ClassContributions:
                 domination=share,
             )
         return results
+
+
+def _summed(metric: ClassNeuronStats) -> dict[str, torch.Tensor]:
+    return {state: getattr(metric, state) for state in SUMMED_STATES}
 
 
 def _limited(batches: Iterable[Any], max_batches: int | None) -> Iterator[Any]:

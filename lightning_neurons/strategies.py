@@ -25,9 +25,10 @@ def sharded_strategy(trainer: Trainer) -> str | None:
 
 
 def refuse_sharded(trainer: Trainer, who: str) -> None:
-    """Raise at set-up when the model is sharded: ``who`` runs forward and backward passes of the
-    model on rank zero alone (rendering, saliency, contribution, ablation), and a sharded model
-    needs every rank in every pass (rank zero would wait forever for the others' shards).
+    """Raise at set-up when the model is sharded: ``who`` runs extra forward and backward passes
+    of the model (rendering, saliency, contribution, ablation), each rank on its own share of the
+    work (and rank zero alone for some, such as the cluster images), while a sharded model needs
+    every rank in every pass, on the same inputs (a rank would wait forever for the others).
 
     Raises:
         NeuronsError: Under FSDP, DeepSpeed ZeRO stage 3 or model parallelism.
@@ -35,8 +36,8 @@ def refuse_sharded(trainer: Trainer, who: str) -> None:
     name = sharded_strategy(trainer)
     if name is not None:
         raise NeuronsError(
-            f"{who} runs extra forward and backward passes of the model on rank zero alone, which "
-            f"a sharded model cannot do ({name}: every rank must take part in every forward "
+            f"{who} runs extra forward and backward passes of the model on each rank alone, "
+            f"which a sharded model cannot do ({name}: every rank must take part in every forward "
             f"pass). Train with strategy='ddp' (or DeepSpeed stage 1 or 2) while {who} is "
             "attached, or leave it out."
         )

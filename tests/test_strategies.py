@@ -1,4 +1,4 @@
-"""Analyses that run the model on rank zero alone refuse sharded models at set-up."""
+"""Analyses that run extra passes of the model on each rank alone refuse sharded models at set-up."""
 
 from __future__ import annotations
 

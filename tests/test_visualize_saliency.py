@@ -71,6 +71,31 @@ def test_smoothgrad_without_noise_is_the_gradient_and_is_seeded():
     assert torch.allclose(a, chunked, atol=1e-6)
 
 
+def test_smoothgrad_map_of_an_image_depends_only_on_its_index_not_on_the_other_images():
+    model = bn_net()
+    images, others = _images(4), _images(4, seed=7)
+    whole = smoothgrad(model, images, samples=5, seed=3)
+    # in parts, each part told where it starts (as the ranks of a DDP run are): the same maps
+    parts = [
+        smoothgrad(model, images[:1], samples=5, seed=3),
+        smoothgrad(model, images[1:3], samples=5, seed=3, first_index=1),
+        saliency(model, images[3:], "smoothgrad", samples=5, seed=3, first_index=3),
+    ]
+    # Each image's gradients are its own in eval mode (BatchNorm uses running statistics) and
+    # its noise comes from (seed, index); only the batch the float32 kernels see differs, which
+    # may change the last bits of each gradient (~1e-7 relative), averaged over 5 samples.
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-5, atol=1e-7)
+    # image 2 between other images (other predicted classes, other value ranges)
+    mixed = torch.cat([others[:2], images[2:3], others[2:]])
+    torch.testing.assert_close(
+        smoothgrad(model, mixed, samples=5, seed=3)[2], whole[2], rtol=1e-5, atol=1e-7
+    )
+    # ... while another index draws other noise
+    assert not torch.allclose(smoothgrad(model, images[2:3], samples=5, seed=3)[0], whole[2])
+    with pytest.raises(NeuronsError, match="`first_index` must be an integer >= 0"):
+        smoothgrad(model, images, first_index=-1)
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_shapes_batching_and_no_side_effects(channels):
     model = bn_net(in_channels=channels)

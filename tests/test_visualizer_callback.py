@@ -351,6 +351,22 @@ if trainer.global_rank == 0:
     classes = [ClassLogit(c) for c in vis._plan["classes"]]
     alone["classes"] = solo._render(model, "classes", classes, classes=True)
     torch.save(alone, out / "images_solo.pt")
+    # the probes' maps in one process, by the public function, all probes in one call
+    from lightning_neurons.visualize import saliency
+    res = vis.saliency_results
+    solo_maps = {
+        method: saliency(
+            model, res.images, method, target=res.predicted, samples=2, seed=0,
+            input_transform=vis._plan["transform"],
+        )
+        for method in res.maps
+    }
+    torch.save(solo_maps, out / "saliency_solo.pt")
+res = vis.saliency_results
+torch.save(
+    {"inputs": res.inputs, "labels": res.labels, "predicted": res.predicted, "maps": res.maps},
+    out / f"saliency{trainer.global_rank}.pt",
+)
 summary = {
     "layers": sorted(vis.results),
     "strength": [v.strength is not None for k, v in sorted(vis.results.items()) if k != "classes"],
@@ -391,7 +407,7 @@ def test_two_process_ddp_shares_the_rendering_and_gives_the_images_of_one_proces
         "strength": [True, True],  # the tracker's statistics, synced over both ranks
         "probes": 10,
     }
-    assert rank1 == {**rank0, "probes": 0}  # every rank has the images; saliency on rank zero
+    assert rank1 == rank0  # every rank has the images and the saliency maps
     # the images of one process: render each rank's share alone, from its rows' own noise
     images = torch.load(tmp_path / "images_ddp.pt")
     alone = torch.load(tmp_path / "images_solo.pt")
@@ -400,6 +416,28 @@ def test_two_process_ddp_shares_the_rendering_and_gives_the_images_of_one_proces
         # the same rows from the same noise and transforms, in other batches: float32 kernels
         # batched differently, two Adam steps (each about lr x sign(gradient)); images in [0, 1]
         torch.testing.assert_close(images[key], solo, atol=1e-4, rtol=0)
+    # saliency: the probes are one process's (the first validation image of each class: the
+    # ranks' candidates merged in the validation order), the same on both ranks
+    data = DigitsDataModule(batch_size=32)
+    data.setup()
+    val_x, val_y = data.val_set.tensors[:2]
+    first = [int(torch.nonzero(val_y == c)[0, 0]) for c in range(10)]
+    order = sorted(first)
+    rank_maps = [torch.load(tmp_path / f"saliency{r}.pt") for r in (0, 1)]
+    for got in rank_maps:
+        assert torch.equal(got["inputs"], val_x[order])
+        assert got["labels"].tolist() == val_y[order].tolist()
+    assert torch.equal(rank_maps[0]["predicted"], rank_maps[1]["predicted"])
+    solo_maps = torch.load(tmp_path / "saliency_solo.pt")
+    assert sorted(solo_maps) == ["gradcam", "gradient", "smoothgrad"]
+    for method, solo in solo_maps.items():
+        # each rank mapped 5 of the 10 probes, one process all 10 in one batch: every map is the
+        # image's own gradient (eval mode) and SmoothGrad's noise is drawn per probe index, so
+        # only the batch the float32 kernels see differs (~1e-7 relative per value, a few
+        # layers deep): 1e-5 relative to the maps' scale
+        scale = float(solo.abs().max())
+        for got in rank_maps:
+            torch.testing.assert_close(got["maps"][method], solo, rtol=1e-5, atol=1e-5 * scale)
     state = torch.load(tmp_path / "state_ddp.pt")["params"]
     for key, entry in state.items():
         assert entry["params"].shape[0] == images[key].shape[0]  # one per kept image
@@ -422,3 +460,61 @@ def test_two_process_ddp_shares_the_rendering_and_gives_the_images_of_one_proces
     assert sorted(r["name"] for r in records) == [
         "backbone.features.relu1", "backbone.features.relu2", "classes", "saliency",
     ]  # fmt: skip
+
+
+FAILING_SALIENCY_SCRIPT = """
+import json, sys
+from pathlib import Path
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+import lightning_neurons.callbacks.visualizer as visualizer
+from lightning_neurons.callbacks.visualizer import FeatureVisualizer
+from lightning_neurons.data import DigitsDataModule
+from lightning_neurons.models import ImageClassifier, SmallCNN
+
+_saliency = visualizer.saliency
+
+
+def failing(*args, **kwargs):
+    if dist.get_rank() == 1:
+        raise RuntimeError("out of memory (simulated)")
+    return _saliency(*args, **kwargs)
+
+
+visualizer.saliency = failing
+out = Path(sys.argv[1])
+pl.seed_everything(0, verbose=False)
+model = ImageClassifier(SmallCNN(widths=(4, 8)), num_classes=10)
+vis = FeatureVisualizer(
+    max_channels=1, classes=[], steps=1, saliency=["gradient"], param="fft", enable_logging=False
+)
+trainer = pl.Trainer(
+    accelerator="cpu", devices=2, strategy="ddp", limit_val_batches=2, logger=False,
+    enable_progress_bar=False, enable_model_summary=False, callbacks=[vis],
+)
+trainer.validate(model, datamodule=DigitsDataModule(batch_size=32), verbose=False)
+summary = {"failures": vis.failures, "saliency": vis.saliency_results is not None}
+(out / f"rank{trainer.global_rank}.json").write_text(json.dumps(summary))
+if dist.is_initialized():
+    dist.destroy_process_group()
+"""
+
+
+def test_two_process_ddp_saliency_failing_on_one_rank_is_reported_on_both(tmp_path):
+    script = tmp_path / "ddp_failing_saliency.py"
+    script.write_text(FAILING_SALIENCY_SCRIPT)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(  # a rank left waiting in a collective would end at the timeout
+        [sys.executable, str(script), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        summary = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        (failure,) = summary["failures"]
+        assert "saliency failed on rank 1: RuntimeError: out of memory (simulated)" in failure
+        assert summary["saliency"] is False  # the round's maps were not kept, on either rank

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -9,8 +10,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_neurons.ablation import ablation_effects, ablation_selectivity
-from lightning_neurons.batch import BatchReader
+from lightning_neurons.ablation import ablation_results, ablation_selectivity, ablation_sums
+from lightning_neurons.batch import BatchReader, LoaderRows, analysed_rows
 from lightning_neurons.callbacks._base import (
     OnError,
     StagedCallback,
@@ -33,6 +34,14 @@ from lightning_neurons.contribution import (
     contribution_batch,
     neuron_contributions,
 )
+from lightning_neurons.distributed import (
+    Failed,
+    attempt,
+    broadcast_from_zero,
+    gather,
+    share,
+    sum_over_ranks,
+)
 from lightning_neurons.hooks import resolve_layers, selects
 from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.results import ContributionResult, LayerAblation, Probes
@@ -52,6 +61,36 @@ def cluster_sets(labels: Any) -> dict[str, torch.Tensor]:
     }
 
 
+def _kept_image(batches: list[Batch], row: int) -> torch.Tensor:
+    """Image ``row`` of the kept batches, as if they were concatenated."""
+    for x, _ in batches:
+        if row < x.shape[0]:
+            return x[row]
+        row -= x.shape[0]
+    raise IndexError(f"kept image {row} is beyond the kept batches")
+
+
+def _most_active(
+    every: list[dict[str, tuple[torch.Tensor, torch.Tensor]] | None],
+) -> dict[str, torch.Tensor]:
+    """Per layer and neuron, the index of the image with the largest activation over every
+    rank's ``{layer: (largest activation, its image's index)}``; of equal ones the smallest
+    index, as one process, which keeps the first, finds it."""
+    merged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for part in every:
+        for layer, (value, index) in (part or {}).items():
+            if layer not in merged:
+                merged[layer] = (value, index)
+                continue
+            old_value, old_index = merged[layer]
+            better = (value > old_value) | ((value == old_value) & (index < old_index))
+            merged[layer] = (
+                torch.where(better, value, old_value),
+                torch.where(better, index, old_index),
+            )
+    return {layer: index for layer, (_, index) in merged.items()}
+
+
 #: Logits explained per probe image: all of them up to this many classes, else the probe's
 #: highest ones (``[P, C, K]`` per layer would be 1,000 backward passes per probe at ImageNet's
 #: 1,000 classes, and hundreds of MB per epoch in the ``.npz``).
@@ -62,9 +101,9 @@ class NeuronContribution(StagedCallback):
     """Which neurons carry each class's logit (activation x gradient), how few of them dominate,
     and what zeroing them does to each class's accuracy.
 
-    At the end of every ``every_n_epochs``-th validation (and every test) epoch, on rank zero, using
-    the first ``max_batches`` validation batches that Lightning fed to the model (kept on the CPU;
-    no extra data loading), it computes for each layer:
+    At the end of every ``every_n_epochs``-th validation (and every test) epoch, using the first
+    ``max_batches`` validation batches that Lightning fed to the model (kept on the CPU; no extra
+    data loading), it computes for each layer:
 
     * the class x neuron contribution matrix: for each class, the mean contribution of each neuron
       to that class's logit over the images of that class (see
@@ -79,6 +118,20 @@ class NeuronContribution(StagedCallback):
       images: the ``FeatureVisualizer``'s rendering when one is attached and has rendered that
       neuron, else the validation image (of those kept) that activates the neuron most.
 
+    Under DDP the work is shared: each rank keeps ``ceil(max_batches / world_size)`` batches of
+    its own shard (DistributedSampler deals the unshuffled validation set out rank by rank, so
+    together they are the first ``max_batches`` batches one process keeps when ``world_size``
+    divides ``max_batches``; its repeated samples are left out), computes the contribution sums
+    and the ablation counts on them, and the sums are added up over the ranks (float64 and integer
+    counts): the results of one process, up to the order of float summation. The neuron clusters
+    (NeuronClustering's results are on rank zero) are sent to every rank before the ablation; the
+    probes are chosen from every rank's kept images as one process chooses them and each rank
+    explains a share of them. Every rank holds :attr:`results`; only rank zero logs and writes. A
+    failure on any rank is reported on every rank (no rank is left waiting) and follows
+    ``on_error``. Sharded models (FSDP, DeepSpeed ZeRO stage 3) are refused at set-up.
+    Indices of kept images (``top_example_index``, ``Probes.index``) count the kept images in one
+    process's order: image ``p`` of rank ``r`` of ``W`` is ``p * W + r``.
+
     It reads an :class:`~lightning_neurons.ActivationTracker`'s layers, ``num_classes``, ``top_k``,
     ``dataloader_idx`` and batch reader (``input_fn``, ``label_fn``, ``output_fn``); one must be
     attached. The gradient work runs in eval mode inside
@@ -92,7 +145,8 @@ class NeuronContribution(StagedCallback):
 
     Args:
         layers: Module names or glob patterns. Default: the tracker's layers.
-        max_batches: Validation batches kept and analysed per epoch.
+        max_batches: Validation batches kept and analysed per epoch (under DDP, in all: each
+            rank keeps ``ceil(max_batches / world_size)``).
         top_k: Dominant neurons per class. Default: the tracker's ``top_k``.
         ablation_layers: Layers whose neuron sets are ablated (they are analysed too). Default: the
             last analysed layer (ablating early layers costs about one forward pass of the kept
@@ -152,6 +206,9 @@ class NeuronContribution(StagedCallback):
         self._batches: list[Batch] = []
         self._collecting = False
         self._clusters_epoch: int | None = None
+        self._ranks = (0, 1)  # (this rank, number of ranks) of the stage being analysed
+        self._share = max_batches  # batches this rank keeps
+        self._rows = LoaderRows()
 
     # ---- Lightning hooks -----------------------------------------------------------------------
 
@@ -176,7 +233,7 @@ class NeuronContribution(StagedCallback):
     # Lightning's per-stage hooks arrive here (see StagedCallback): validation and test batches.
     def _stage_start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
         if stage in ("validation", "test"):
-            self._start(trainer)
+            self._start(trainer, stage)
 
     def _stage_batch_end(
         self,
@@ -188,7 +245,7 @@ class NeuronContribution(StagedCallback):
         dataloader_idx: int,
     ) -> None:
         if stage in ("validation", "test"):
-            self._keep(batch, dataloader_idx)
+            self._keep(batch, batch_idx, dataloader_idx)
 
     @override
     def _consume(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -204,30 +261,43 @@ class NeuronContribution(StagedCallback):
         self._batches = []
         self._collecting = False
 
-    def _start(self, trainer: Trainer) -> None:
+    def _start(self, trainer: Trainer, stage: str) -> None:
         self._reset()
-        self._collecting = self._due(trainer) and trainer.is_global_zero
+        self._collecting = self._due(trainer)
+        self._ranks = (trainer.global_rank, trainer.world_size)
+        # Under DDP each rank keeps the first ceil(max_batches / ranks) batches of its shard:
+        # DistributedSampler deals the (unshuffled) data out rank by rank, so together they are
+        # the first max_batches batches that one process keeps (when the ranks divide it).
+        self._share = math.ceil(self.max_batches / trainer.world_size)
+        loader = self._tracker.dataloader_idx if self._tracker is not None else 0
+        self._rows = analysed_rows(trainer, stage, loader)
 
     @property
     def _reader(self) -> BatchReader:
         return self._tracker.reader if self._tracker is not None else BatchReader()
 
-    def _keep(self, batch: Any, dataloader_idx: int) -> None:
-        if not self._collecting or len(self._batches) >= self.max_batches:
+    def _keep(self, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        if not self._collecting or len(self._batches) >= self._share:
             return
         if self._tracker is not None and dataloader_idx != self._tracker.dataloader_idx:
             return
-        # Rank zero keeps batches; DistributedSampler never gives it a repeated sample.
         x = self._reader.inputs(batch)
         y = self._reader.labels(batch)
+        rows = self._rows.rows(batch_idx, y.shape[0])  # DistributedSampler's repeats left out
+        if not rows:
+            return
         with torch.inference_mode(False):  # normal tensors, usable in autograd later
-            self._batches.append((x.detach().to("cpu").clone(), y.detach().to("cpu").clone()))
+            self._batches.append(
+                (x[:rows].detach().to("cpu").clone(), y[:rows].detach().to("cpu").clone())
+            )
 
     def _finish(self, trainer: Trainer, pl_module: LightningModule) -> None:
         tracker = find_callback(trainer, ActivationTracker, required=type(self).__name__)
         batches, collecting = self._batches, self._collecting
         self._reset()
-        if collecting and batches:
+        # under DDP every rank takes part (its share of the work, and the collectives), with or
+        # without batches of its own
+        if collecting and (batches or self._ranks[1] > 1):
             self._run_safely(
                 "neuron contribution analysis",
                 lambda: self._analyse(trainer, pl_module, tracker, batches),
@@ -242,12 +312,17 @@ class NeuronContribution(StagedCallback):
         tracker: ActivationTracker,
         batches: list[Batch],
     ) -> None:
+        """Every rank analyses its own kept batches and the sums are added up over the ranks
+        (one process: its batches), so every rank gets the results of all ranks' batches. A
+        failure on any rank raises on every rank (see :mod:`lightning_neurons.distributed`)."""
         num_classes = int(tracker.num_classes)
         top_k = self.top_k or tracker.top_k
-        kept = torch.cat([x for x, _ in batches])
         results: dict[str, ContributionResult] = {}
         with analysis_mode(pl_module):
-            stats, top_example = self._contributions(pl_module, batches, num_classes, top_k)
+            shared = self._contributions(pl_module, batches, num_classes, top_k)
+            if shared is None:  # no rank kept a batch
+                return
+            stats, top_example = shared
             for layer in stats:  # call sites of self.layers, in the order they ran
                 results[layer] = ContributionResult(
                     layer=layer,
@@ -260,9 +335,18 @@ class NeuronContribution(StagedCallback):
                     trainer, pl_module, layer, stats[layer], batches
                 )
             if self.max_probes:
-                for layer, probe in self._probes(trainer, pl_module, batches, num_classes).items():
+                probes = self._probes(pl_module, batches, num_classes)
+                rendered = {layer: self._rendered(trainer, layer) for layer in probes}
+                wanted = {
+                    int(top_example[layer][n])
+                    for layer, probe in probes.items()
+                    for n in probe.top_neurons.flatten().tolist()
+                    if n not in rendered[layer]
+                }
+                examples = self._kept_images(batches, sorted(wanted))
+                for layer, probe in probes.items():
                     probe.preferred, probe.preferred_source = self._preferred(
-                        trainer, layer, probe.top_neurons, top_example[layer], kept
+                        rendered[layer], probe.top_neurons, top_example[layer], examples
                     )
                     results[layer].probes = probe
         self.results = results
@@ -271,11 +355,37 @@ class NeuronContribution(StagedCallback):
 
     def _contributions(
         self, pl_module: LightningModule, batches: list[Batch], num_classes: int, top_k: int
-    ) -> tuple[dict[str, ContributionStats], dict[str, torch.Tensor]]:
-        """Streams the kept batches: class contributions, and per neuron the index of the kept
-        image that activates it most."""
-        device = pl_module.device
+    ) -> tuple[dict[str, ContributionStats], dict[str, torch.Tensor]] | None:
+        """Class contributions of every rank's kept batches, and per neuron the index of the kept
+        image that activates it most (the ``p``-th kept image of rank ``r`` of ``W`` is image
+        ``p * W + r``: its index among one process's kept images); ``None`` if no rank kept a
+        batch."""
+        rank, world = self._ranks
         acc = ClassContributions(num_classes, top_k)
+        best = attempt(lambda: self._local_contributions(pl_module, batches, acc), world)
+        if world == 1:
+            assert isinstance(best, dict)
+            return acc.compute(), {layer: index for layer, (_, index) in best.items()}
+        mine = best if isinstance(best, Failed) or best is None else acc.sums()
+        summed = sum_over_ranks(mine, world, pl_module.device, "neuron contribution")
+        if summed is None:
+            return None
+        acc.load_sums(summed)
+        every = gather(
+            None if best is None else {k: (v, i * world + rank) for k, (v, i) in best.items()},
+            world,
+            "neuron contribution",
+        )
+        return acc.compute(), _most_active(every)
+
+    def _local_contributions(
+        self, pl_module: LightningModule, batches: list[Batch], acc: ClassContributions
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """Streams this rank's kept batches into ``acc``; per layer, each neuron's largest
+        activation and the index of the kept image it is on (``None`` without batches)."""
+        if not batches:
+            return None
+        device = pl_module.device
         best: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         offset = 0
         for x, y in batches:
@@ -294,47 +404,43 @@ class NeuronContribution(StagedCallback):
                     torch.where(better, row + offset, old_index),
                 )
             offset += x.shape[0]
-        return acc.compute(), {layer: index for layer, (_, index) in best.items()}
+        return best
 
     def _probes(
-        self, trainer: Trainer, pl_module: LightningModule, batches: list[Batch], num_classes: int
+        self, pl_module: LightningModule, batches: list[Batch], num_classes: int
     ) -> dict[str, Probes]:
-        """Every layer's contribution to every logit for the first kept image of each class."""
-        x = torch.cat([b[0] for b in batches])
-        y = torch.cat([b[1] for b in batches])
-        picked: list[int] = []
-        for c in range(num_classes):
-            hits = torch.nonzero(y == c)[:, 0]
-            if hits.numel():
-                picked.append(int(hits[0]))
-            if len(picked) >= self.max_probes:
-                break
+        """Every layer's contribution to every logit for the first kept image of each class
+        (of every rank's kept images, in one process's order). Each rank explains a contiguous
+        share of the probes: ``max_probes`` images x up to :data:`PROBE_LOGITS` logits cost as
+        much as a few kept batches, so they are not left to rank zero alone."""
+        rank, world = self._ranks
+        found = attempt(lambda: self._probe_candidates(batches, num_classes), world)
+        first: dict[int, tuple[int, torch.Tensor]] = {}  # class: (index, image)
+        for candidates in gather(found, world, "choosing the probe images"):
+            for index, label, image in candidates:
+                if label not in first or index < first[label][0]:
+                    first[label] = (index, image)
+        picked = sorted(first)[: self.max_probes]
         if not picked:
             return {}
-        index = torch.tensor(picked)
-        images = x[index]
-        with torch.no_grad():
-            logits = self._reader.forward(pl_module, images).float().cpu()
+        index = torch.tensor([first[c][0] for c in picked])
+        images = torch.stack([first[c][1] for c in picked])
+        part = share(len(picked), rank, world)
+        mine = attempt(lambda: self._explain(pl_module, images[part], num_classes), world)
+        parts = [p for p in gather(mine, world, "probe contributions") if p is not None]
+        logits = torch.cat([p[0] for p in parts])
+        classes = torch.cat([p[1] for p in parts])
         predictions = logits.argmax(dim=1)
-        # all logits, or the highest PROBE_LOGITS (the predicted first): bounded at 1,000 classes
-        if num_classes <= PROBE_LOGITS:
-            classes = torch.arange(num_classes).expand(len(picked), -1)
-        else:
-            classes = logits.topk(PROBE_LOGITS, dim=1).indices
-        contribution = neuron_contributions(  # {layer: [P, L, K]}
-            pl_module, self.layers, images, classes=classes, output_fn=self._reader.output_fn
-        )
+        predicted_row = (classes == predictions.unsqueeze(1)).float().argmax(dim=1)
         results = {}
-        for layer, c in contribution.items():
-            predicted_row = (classes == predictions.unsqueeze(1)).float().argmax(dim=1)
-            behind = c[
-                torch.arange(c.shape[0]), predicted_row
-            ]  # [P, K]: towards the predicted logit
+        for layer in parts[0][2]:
+            c = torch.cat([p[2][layer] for p in parts])  # [P, L, K]
+            behind = c[torch.arange(c.shape[0]), predicted_row]  # [P, K]: to the predicted logit
             top = behind.topk(min(self.probe_top, behind.shape[1]), dim=1)
             results[layer] = Probes(
                 index=index,
                 images=images,
-                labels=y[index],
+                labels=torch.tensor(picked),
                 predictions=predictions,
                 contribution=c,
                 classes=classes.clone(),
@@ -343,11 +449,66 @@ class NeuronContribution(StagedCallback):
             )
         return results
 
+    def _probe_candidates(
+        self, batches: list[Batch], num_classes: int
+    ) -> list[tuple[int, int, torch.Tensor]]:
+        """``(index, class, image)`` of this rank's first kept image of each class, for the first
+        ``max_probes`` classes it has (those one process picks are among every rank's)."""
+        rank, world = self._ranks
+        if not batches:
+            return []
+        y = torch.cat([b[1] for b in batches])
+        found = []
+        for c in range(num_classes):
+            hits = torch.nonzero(y == c)[:, 0]
+            if hits.numel():
+                row = int(hits[0])
+                found.append((row * world + rank, c, _kept_image(batches, row)))
+            if len(found) >= self.max_probes:
+                break
+        return found
+
+    def _explain(
+        self, pl_module: LightningModule, images: torch.Tensor, num_classes: int
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None:
+        """Logits, explained classes and ``{layer: [P, L, K]}`` contributions of ``images``."""
+        if not len(images):
+            return None
+        with torch.no_grad():
+            logits = self._reader.forward(pl_module, images).float().cpu()
+        # all logits, or the highest PROBE_LOGITS (the predicted first): bounded at 1,000 classes
+        if num_classes <= PROBE_LOGITS:
+            classes = torch.arange(num_classes).expand(len(images), -1)
+        else:
+            classes = logits.topk(PROBE_LOGITS, dim=1).indices
+        contribution = neuron_contributions(  # {layer: [P, L, K]}
+            pl_module, self.layers, images, classes=classes, output_fn=self._reader.output_fn
+        )
+        return logits, classes, {layer: c.cpu() for layer, c in contribution.items()}
+
+    def _kept_images(self, batches: list[Batch], indices: list[int]) -> dict[int, torch.Tensor]:
+        """``{index: kept image}`` of every rank's kept images (index as in
+        :meth:`_contributions`), on every rank."""
+        rank, world = self._ranks
+        mine = attempt(
+            lambda: {i: _kept_image(batches, i // world) for i in indices if i % world == rank},
+            world,
+        )
+        found: dict[int, torch.Tensor] = {}
+        for part in gather(mine, world, "gathering the probes' top examples"):
+            found.update(part)
+        return found
+
     def _ablation_sets(
-        self, trainer: Trainer, layer: str, stats: ContributionStats
+        self,
+        trainer: Trainer,
+        layer: str,
+        stats: ContributionStats,
+        clusters: dict[str, torch.Tensor],
+        epoch: int | None,
     ) -> tuple[dict[str, torch.Tensor], list[int]]:
-        """The sets to zero: each class's dominant neurons, then each neuron cluster; and the class
-        of each set (-1 for clusters)."""
+        """The sets to zero: each class's dominant neurons, then each neuron cluster (of the
+        epoch ``epoch``); and the class of each set (-1 for clusters)."""
         names = class_names_of(trainer, stats.num_classes)
         sets: dict[str, torch.Tensor] = {}
         classes: list[int] = []
@@ -355,7 +516,6 @@ class NeuronContribution(StagedCallback):
             if stats.counts[c] > 0:
                 sets[f"class {names[c]} top{stats.dominant.shape[1]}"] = stats.dominant[c]
                 classes.append(c)
-        clusters, epoch = self._clusters(trainer, layer, stats.num_neurons)
         if clusters and epoch is not None and epoch != trainer.current_epoch:
             rank_zero_warn(
                 f"NeuronContribution: the neuron clusters of {layer!r} ablated in epoch "
@@ -395,18 +555,31 @@ class NeuronContribution(StagedCallback):
         stats: ContributionStats,
         batches: list[Batch],
     ) -> LayerAblation | None:
-        sets, classes = self._ablation_sets(trainer, layer, stats)
-        if not sets:
-            return None
-        effects = ablation_effects(
-            pl_module,
-            layer,
-            sets,
-            batches,
-            sets_per_pass=8,
-            share_prefix=self.share_prefix,
-            output_fn=self._reader.output_fn,
+        """Each rank ablates on its own kept batches; the correct counts and logit sums (float64)
+        are added up over the ranks. The neuron clusters exist on rank zero (NeuronClustering
+        clusters there): they are sent to every rank first."""
+        rank, world = self._ranks
+        clusters, epoch = broadcast_from_zero(
+            lambda: self._clusters(trainer, layer, stats.num_neurons),
+            rank,
+            world,
+            "reading NeuronClustering's clusters",
         )
+        plan = attempt(
+            lambda: self._ablation_plan(trainer, pl_module, layer, stats, clusters, epoch, batches),
+            world,
+        )
+        summed = sum_over_ranks(
+            plan if isinstance(plan, Failed) else plan[2],
+            world,
+            pl_module.device,
+            f"ablation of {layer!r}",
+        )
+        assert not isinstance(plan, Failed)  # sum_over_ranks raised
+        sets, classes, _ = plan
+        if not sets or summed is None:
+            return None
+        effects = ablation_results(layer, sets, summed)
         names = list(effects)
         drop = torch.stack([effects[n].accuracy_drop for n in names])
         rows = [i for i, c in enumerate(classes) if c >= 0]
@@ -426,22 +599,46 @@ class NeuronContribution(StagedCallback):
             ),
         )
 
-    def _preferred(
+    def _ablation_plan(
         self,
         trainer: Trainer,
+        pl_module: LightningModule,
         layer: str,
+        stats: ContributionStats,
+        clusters: dict[str, torch.Tensor],
+        epoch: int | None,
+        batches: list[Batch],
+    ) -> tuple[dict[str, torch.Tensor], list[int], dict[str, torch.Tensor] | None]:
+        """The neuron sets, their classes, and this rank's ablation sums (``None``: no sets or
+        no batches)."""
+        sets, classes = self._ablation_sets(trainer, layer, stats, clusters, epoch)
+        if not sets or not batches:
+            return sets, classes, None
+        sums = ablation_sums(
+            pl_module,
+            layer,
+            sets,
+            batches,
+            sets_per_pass=8,
+            share_prefix=self.share_prefix,
+            output_fn=self._reader.output_fn,
+        )
+        return sets, classes, sums
+
+    def _preferred(
+        self,
+        rendered: dict[int, torch.Tensor],
         top_neurons: torch.Tensor,
         top_example: torch.Tensor,
-        kept: torch.Tensor,
+        examples: dict[int, torch.Tensor],
     ) -> tuple[list[list[torch.Tensor]], list[list[str]]]:
         """For each probe's top neurons: the FeatureVisualizer's rendering when there is one, else
-        the kept validation image that activates the neuron most."""
-        rendered = self._rendered(trainer, layer)
+        the kept validation image that activates the neuron most (``examples`` by index)."""
         images: list[list[torch.Tensor]] = []
         sources: list[list[str]] = []
         for row in top_neurons.tolist():
             images.append(
-                [rendered[n] if n in rendered else kept[int(top_example[n])] for n in row]
+                [rendered[n] if n in rendered else examples[int(top_example[n])] for n in row]
             )
             sources.append(["rendered" if n in rendered else "top example" for n in row])
         return images, sources

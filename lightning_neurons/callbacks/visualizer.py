@@ -17,6 +17,8 @@ from typing_extensions import override
 from lightning_neurons.batch import (
     BatchReader,
     InputTransform,
+    LoaderRows,
+    analysed_rows,
     as_model_input,
     to_display,
     to_model_input,
@@ -35,6 +37,7 @@ from lightning_neurons.checks import (
     check_optional_positive_int,
     check_positive_int,
 )
+from lightning_neurons.distributed import attempt, gather, share
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import (
     get_module,
@@ -60,6 +63,29 @@ def _strength_label(channel: int, strength: float, activation: float, reference:
     if math.isfinite(strength):
         return f"{channel}: {strength:.1f}x"
     return f"{channel}: {'>' if activation > reference else '<='} max"
+
+
+def _first_per_class(
+    labels: Sequence[int], kept: Sequence[int], per_class: int, limit: int
+) -> list[int]:
+    """Indices of ``labels`` to keep, in order: each label until ``per_class`` of it are kept
+    (``kept`` are the labels kept before), at most ``limit`` kept in all.
+
+    Example:
+        >>> _first_per_class([3, 3, 1, 3, 2], kept=[2], per_class=1, limit=3)
+        [0, 2]
+    """
+    counts: dict[int, int] = {}
+    for label in kept:
+        counts[label] = counts.get(label, 0) + 1
+    picked: list[int] = []
+    for i, label in enumerate(labels):
+        if len(kept) + len(picked) >= limit:
+            break
+        if counts.get(label, 0) < per_class:
+            counts[label] = counts.get(label, 0) + 1
+            picked.append(i)
+    return picked
 
 
 def _gather_blocks(
@@ -131,9 +157,14 @@ class FeatureVisualizer(StagedCallback):
     Under DDP every rank renders a contiguous share of each layer's channels and of the classes
     (row ``i`` of a rendering always starts from the noise seeded by ``(seed, i)``), and the
     images are gathered on every rank: the images of one process, in a ``1 / world_size`` of the
-    time. Saliency (at most ``max_probes`` images) and logging run on rank zero. Sharded models
-    (FSDP, DeepSpeed ZeRO stage 3) are refused at set-up: they need every rank in every forward
-    pass.
+    time. The saliency probes are chosen from every rank's validation images as one process
+    chooses them (the first of each class in the validation order), every rank maps a contiguous
+    share of them (SmoothGrad's noise is drawn per probe, from ``(seed, probe index)``) and the
+    maps are gathered on every rank: one process's maps. A failure on any rank is reported on
+    every rank (no rank is left waiting) and follows ``on_error``. The cluster images (from
+    NeuronClustering's results, which exist on rank zero) are rendered on rank zero, and only rank
+    zero logs and writes. Sharded models (FSDP, DeepSpeed ZeRO stage 3) are refused at set-up:
+    they need every rank in every forward pass.
 
     The model is left exactly as found (training mode, gradients, ``requires_grad``, hooks, RNG
     states), so a seeded run gives the same weights with or without this callback.
@@ -344,8 +375,13 @@ class FeatureVisualizer(StagedCallback):
         self.cluster_results: dict[str, ClusterRendering] = {}
         #: Seconds the last round took (rendering, saliency and logging).
         self.last_seconds: float | None = None
+        # this rank's probe candidates, with their place in the validation order (see
+        # _collect_probes); the probes of a round are chosen from every rank's (_shared_probes)
         self._probe_images: list[torch.Tensor] = []
         self._probe_labels: list[int] = []
+        self._probe_order: list[int] = []
+        self._probe_seen = 0  # validation images this rank has looked at for probes
+        self._val_rows = LoaderRows()
         self._probes_full = False
         self._seen_shape: tuple[int, ...] | None = None
         self._no_labels_warned = False
@@ -425,6 +461,10 @@ class FeatureVisualizer(StagedCallback):
     # Lightning's per-stage hooks arrive here (see StagedCallback). The set-up is checked on the
     # first batch the model sees (sanity check included); validation batches feed the prior and
     # the probes.
+    def _stage_start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
+        if stage == "validation" and not trainer.sanity_checking:
+            self._val_rows = analysed_rows(trainer, stage, self._dataloader_idx)
+
     def _stage_batch_start(
         self,
         stage: str,
@@ -452,7 +492,7 @@ class FeatureVisualizer(StagedCallback):
         self._update_prior(batch)
         if self._probes_full or not self.saliency_methods:
             return
-        self._collect_probes(trainer, pl_module, batch)
+        self._collect_probes(trainer, pl_module, batch, batch_idx)
 
     @override
     def _consume(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -519,7 +559,13 @@ class FeatureVisualizer(StagedCallback):
 
     # ---- probes --------------------------------------------------------------------------------
 
-    def _collect_probes(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+    def _collect_probes(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Keep the first ``probes_per_class`` images of each class this rank sees (at most
+        ``max_probes``), each with its place in the validation order: the ``p``-th image of rank
+        ``r`` of ``W`` is image ``p * W + r`` (DistributedSampler deals the validation set out
+        rank by rank), so the probes chosen from every rank's candidates are one process's."""
         try:
             images = self._reader.inputs(batch)
             labels = self._reader.labels(batch)
@@ -534,23 +580,42 @@ class FeatureVisualizer(StagedCallback):
         if images is None or labels is None or images.dim() != 4:
             self._probes_full = True
             return
-        counts: dict[int, int] = {}
-        for label in self._probe_labels:
-            counts[label] = counts.get(label, 0) + 1
-        for i, label in enumerate(labels.tolist()):
-            if len(self._probe_labels) >= self.max_probes:
-                break
-            if counts.get(label, 0) < self.probes_per_class:
-                counts[label] = counts.get(label, 0) + 1
-                with torch.inference_mode(False):
-                    self._probe_images.append(images[i].detach().to("cpu", torch.float32).clone())
-                self._probe_labels.append(int(label))
+        rows = self._val_rows.rows(batch_idx, labels.shape[0])  # DistributedSampler's repeats out
+        first, self._probe_seen = self._probe_seen, self._probe_seen + labels.shape[0]
+        picked = _first_per_class(
+            labels[:rows].tolist(), self._probe_labels, self.probes_per_class, self.max_probes
+        )
+        for i in picked:
+            with torch.inference_mode(False):
+                self._probe_images.append(images[i].detach().to("cpu", torch.float32).clone())
+            self._probe_labels.append(int(labels[i]))
+            self._probe_order.append((first + i) * trainer.world_size + trainer.global_rank)
         num_classes = self._classes_count(trainer, pl_module)
         enough = (
             num_classes is not None
             and len(self._probe_labels) >= num_classes * self.probes_per_class
         )
         self._probes_full = len(self._probe_labels) >= self.max_probes or enough
+
+    def _shared_probes(self) -> tuple[list[torch.Tensor], list[int]]:
+        """The probes of this round, the same on every rank: every rank's candidates, in the
+        validation order, picked as one process picks them (first of each class)."""
+        world = self._ranks[1]
+        if world == 1:
+            return self._probe_images, self._probe_labels
+        mine = (self._probe_order, self._probe_labels, self._probe_images)
+        every = gather(mine, world, "gathering the saliency probes")
+        candidates = sorted(
+            (
+                (order, label, image)
+                for orders, labels, images in every
+                for order, label, image in zip(orders, labels, images, strict=True)
+            ),
+            key=lambda candidate: candidate[0],
+        )
+        labels = [label for _, label, _ in candidates]
+        picked = _first_per_class(labels, [], self.probes_per_class, self.max_probes)
+        return [candidates[i][2] for i in picked], [labels[i] for i in picked]
 
     def _classes_count(self, trainer: Trainer, pl_module: LightningModule) -> int | None:
         if self._num_classes is None:
@@ -810,19 +875,15 @@ class FeatureVisualizer(StagedCallback):
         if plan["classes"]:
             results["classes"] = self._classes(pl_module, plan["classes"], epoch)
         self.results = results
-        # NeuronClustering's results are on rank zero only: so are the cluster images
+        if self.saliency_methods and plan["saliency"]:  # every rank: each maps its share
+            self.saliency_results = self._saliency(pl_module, epoch) or self.saliency_results
+        # NeuronClustering's results are on rank zero only: so are the cluster images (after the
+        # last collective of the round, so that a failure here leaves no rank waiting)
         self.cluster_results = (
             self._clusters(trainer, pl_module, epoch)
             if self.clusters and trainer.is_global_zero
             else {}
         )
-        if (
-            trainer.is_global_zero
-            and self.saliency_methods
-            and self._probe_images
-            and plan["saliency"]
-        ):
-            self.saliency_results = self._saliency(pl_module, epoch)
         if self.enable_logging:
             self._log(trainer)
         self.last_seconds = time.perf_counter() - start
@@ -967,11 +1028,35 @@ class FeatureVisualizer(StagedCallback):
             x = to_model_input(images.to(model_device(model)), self._plan["transform"])
             return reader.forward(model, x).float().cpu()
 
-    def _saliency(self, model: nn.Module, epoch: int) -> SaliencyMaps:
+    def _saliency(self, model: nn.Module, epoch: int) -> SaliencyMaps | None:
+        """The probes' saliency maps (``None`` without probes). Under DDP each rank maps a
+        contiguous share of the probes (SmoothGrad's noise is drawn per probe index, so the maps
+        are one process's) and the maps are gathered on every rank."""
+        probes, probe_labels = self._shared_probes()
+        if not probes:
+            return None
+        inputs = torch.stack(probes)  # as the loader yielded them
+        labels = torch.tensor(probe_labels)
+        rank, world = self._ranks
+        part = share(len(inputs), rank, world)
+        mine = attempt(lambda: self._saliency_part(model, inputs, part), world)
+        parts = [p for p in gather(mine, world, "saliency") if p is not None]
+        predicted = torch.cat([p[0] for p in parts])
+        maps = {m: torch.cat([p[1][m] for p in parts]) for m in self.saliency_methods}
+        images, _ = to_display(inputs, self._plan["transform"] if self._plan else None)
+        return SaliencyMaps(
+            images=images, inputs=inputs, labels=labels, predicted=predicted, maps=maps, epoch=epoch
+        )
+
+    def _saliency_part(
+        self, model: nn.Module, inputs: torch.Tensor, part: slice
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """The predictions and maps of the probes ``inputs[part]`` (``None`` for no probes)."""
         plan = self._plan
         assert plan is not None
-        inputs = torch.stack(self._probe_images)  # as the loader yielded them
-        labels = torch.tensor(self._probe_labels)
+        if part.start == part.stop:
+            return None
+        inputs = inputs[part]
         transform = plan["transform"]
         with analysis_mode(model, grad=False):
             predicted = self._reader.forward(model, inputs).argmax(dim=1).cpu()
@@ -989,12 +1074,11 @@ class FeatureVisualizer(StagedCallback):
                 output_fn=self._reader.output_fn,
                 samples=self.smoothgrad_samples,
                 seed=self.seed,
+                first_index=part.start,
             )
             for method in self.saliency_methods
         }
-        return SaliencyMaps(
-            images=images, inputs=inputs, labels=labels, predicted=predicted, maps=maps, epoch=epoch
-        )
+        return predicted, maps
 
     # ---- logging -------------------------------------------------------------------------------
 

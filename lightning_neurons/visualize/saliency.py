@@ -2,7 +2,8 @@
 
 - :func:`gradient` (Simonyan et al. 2014): ``|d logit_c / d pixel|``, largest over channels.
 - :func:`smoothgrad` (Smilkov et al. 2017): the gradient averaged over noisy copies of the image
-  (all copies of all images in one batch), which removes most of the gradient's speckle.
+  (all copies of all images in one batch), which removes most of the gradient's speckle; each
+  image's noise comes from its own seed, so its map does not depend on the other images.
 - :func:`grad_cam` (Selvaraju et al. 2017): a layer's feature maps weighted by the spatially
   averaged gradient of the class logit, rectified and upsampled to the image.
 
@@ -34,6 +35,7 @@ from lightning_neurons.batch import (
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import get_module, hooked
 from lightning_neurons.state import analysis_mode, model_device
+from lightning_neurons.visualize.param import row_seed
 from lightning_neurons.visualize.render import _largest_output, auto_batch_size
 
 Method = Literal["gradient", "smoothgrad", "gradcam"]
@@ -192,6 +194,7 @@ def smoothgrad(
     samples: int = 16,
     noise: float = 0.15,
     seed: int = 0,
+    first_index: int = 0,
     input_transform: InputTransform | None = None,
     batch_size: int | None = None,
     output_fn: BatchFn | None = None,
@@ -199,8 +202,11 @@ def smoothgrad(
     """SmoothGrad: the input gradient averaged over noisy copies, then ``max_c |.|``.
 
     The ``samples`` noisy copies of all images go through the model in chunks (of ``batch_size``
-    copies, or bounded in memory by default). The noise is Gaussian with standard deviation ``noise`` times each
-    image's value range, drawn from a generator seeded with ``seed``.
+    copies, or bounded in memory by default). The noise is Gaussian with standard deviation
+    ``noise`` times each image's value range. Each image draws its own noise, from a generator
+    seeded with :func:`~lightning_neurons.visualize.param.row_seed` of ``(seed, first_index + i)``
+    for image ``i``: an image's map does not depend on the other images passed with it, so maps
+    computed in parts (``first_index`` the part's first image, as under DDP) are those of one call.
 
     Args:
         model: Maps model inputs to logits.
@@ -209,6 +215,8 @@ def smoothgrad(
         samples: Noisy copies per image (SmoothGrad's paper: 5 to 50).
         noise: Noise level as a share of the image's value range (paper: 0.1 to 0.2).
         seed: Seed of the noise.
+        first_index: Index of ``images[0]`` in a larger set of images whose maps are computed in
+            parts: image ``i`` gets the noise of image ``first_index + i`` of the set.
         input_transform: Display image -> model input.
         batch_size: Noisy copies per forward pass (default: chunks of the ``N * samples``
             copies bounded in memory, see :func:`~lightning_neurons.visualize.render.auto_batch_size`).
@@ -225,15 +233,16 @@ def smoothgrad(
         raise NeuronsError(f"`samples` must be a positive integer, got {samples!r}")
     if isinstance(noise, bool) or not isinstance(noise, numbers.Real) or noise < 0:
         raise NeuronsError(f"`noise` must be a number >= 0, got {noise!r}")
+    if isinstance(first_index, bool) or not isinstance(first_index, int) or first_index < 0:
+        raise NeuronsError(f"`first_index` must be an integer >= 0, got {first_index!r}")
     device = model_device(model)
     n = images.shape[0]
     with analysis_mode(model):
         images = images.detach().clone().to(device)
         target = _targets(model, images, target, input_transform, output_fn)
-        generator = torch.Generator().manual_seed(int(seed))
         span = (images.flatten(1).amax(dim=1) - images.flatten(1).amin(dim=1)).clamp_min(1e-6)
         sigma = (noise * span).view(1, n, 1, 1, 1)
-        draws = torch.randn((samples, *images.shape), generator=generator).to(device)
+        draws = _noise(samples, images.shape, int(seed), first_index).to(device)
         noisy = (images.unsqueeze(0) + sigma * draws).flatten(0, 1)  # row s * n + i: image i
         targets = target.repeat(samples)
         total = torch.zeros_like(images)
@@ -242,6 +251,21 @@ def smoothgrad(
             rows = torch.arange(part.start, part.start + grad.shape[0], device=device) % n
             total.index_add_(0, rows, grad)
     return (total / samples).abs().amax(dim=1).float().cpu()
+
+
+def _noise(samples: int, shape: torch.Size, seed: int, first_index: int) -> torch.Tensor:
+    """``[samples, N, C, H, W]`` standard normal draws, image ``i``'s from its own generator
+    seeded with ``row_seed(seed, first_index + i)`` (on the CPU: the same numbers on any device)."""
+    per_image = [
+        torch.randn(
+            (samples, *shape[1:]),
+            generator=torch.Generator().manual_seed(row_seed(seed, first_index + i)),
+        )
+        for i in range(shape[0])
+    ]
+    if not per_image:
+        return torch.zeros((samples, *shape))
+    return torch.stack(per_image, dim=1)
 
 
 def _last_conv(model: nn.Module) -> str:
@@ -330,6 +354,7 @@ def saliency(
     samples: int = 16,
     noise: float = 0.15,
     seed: int = 0,
+    first_index: int = 0,
     output_fn: BatchFn | None = None,
 ) -> torch.Tensor:
     """Saliency maps by ``method``: ``"gradient"``, ``"smoothgrad"`` or ``"gradcam"``.
@@ -344,7 +369,9 @@ def saliency(
         batch_size: Images (SmoothGrad: noisy copies) per forward pass.
         samples: SmoothGrad's noisy copies per image.
         noise: SmoothGrad's noise level.
-        seed: SmoothGrad's seed.
+        seed: SmoothGrad's seed (image ``i`` draws its noise from ``(seed, first_index + i)``).
+        first_index: SmoothGrad: index of ``images[0]`` in a set whose maps are computed in parts
+            (see :func:`smoothgrad`); every map of the set is then that of one call.
         output_fn: Reads the logits from the model's output.
 
     Returns:
@@ -370,6 +397,7 @@ def saliency(
             samples=samples,
             noise=noise,
             seed=seed,
+            first_index=first_index,
             input_transform=input_transform,
             batch_size=batch_size,
             output_fn=output_fn,
