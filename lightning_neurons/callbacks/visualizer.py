@@ -127,7 +127,8 @@ class FeatureVisualizer(StagedCallback):
       or for a layer it does not track, ``strength`` is ``None`` (only the raw activation is
       kept): a maximum over a few probe images would overstate it. The scalars
       ``preference/<layer>/strength_median`` and ``preference/<layer>/above_max_fraction`` (share of
-      images driving their channel above every validation image) are logged.
+      images driving their channel above every validation image) are logged, and
+      ``preference/<layer>/steps``: the mean steps the images ran (see ``converge_tol``).
 
     Under DDP every rank renders a contiguous share of each layer's channels and of the classes
     (row ``i`` of a rendering always starts from the noise seeded by ``(seed, i)``), and the
@@ -197,8 +198,11 @@ class FeatureVisualizer(StagedCallback):
             since the previous check stops (``render(converge_tol=)``). Decided per image, so
             the images do not depend on the DDP split or the chunking. The steps each image ran
             are in ``results[...].steps`` and logged as ``preference/<layer>/steps`` (their
-            mean). On the digits demo (``steps=128``), 0.01 ran about TODO. ``None`` or ``0``:
-            always the full count.
+            mean). On the digits demo (``steps=128``), the default ran channel images 50 to 62
+            steps on average from noise and 6 to 16 of ``continue_steps=16`` later, every
+            layer's images still above their channel's validation maximum for >= 94% of the
+            channels (0.01: 40 to 48 steps from noise, but one layer at 88% in one round).
+            ``None`` or ``0``: always the full count.
         converge_window: Steps between two convergence checks (so at least this many per
             round).
         lr: Adam's learning rate.
@@ -278,7 +282,7 @@ class FeatureVisualizer(StagedCallback):
         input_transform: InputTransform | None = None,
         steps: int = 64,
         continue_steps: int | None = 16,
-        converge_tol: float | None = 0.01,
+        converge_tol: float | None = 0.005,
         converge_window: int = 4,
         lr: float = 0.1,
         param: Literal["maco", "fft", "pixel"] = "maco",
