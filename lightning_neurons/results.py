@@ -73,6 +73,9 @@ class Rendering:
         predicted: Classes only: ``[N]`` the model's predicted class for the image.
         judge_predicted: Classes with a judge model: ``[N]`` the judge's predicted class.
         judge_probability: Classes with a judge model: ``[N]`` its probability of the class.
+        steps: ``[N]`` Adam steps each image was optimised for in this round (fewer than
+            FeatureVisualizer's ``steps`` or ``continue_steps`` where ``converge_tol`` stopped
+            it early).
     """
 
     channels: torch.Tensor
@@ -86,6 +89,7 @@ class Rendering:
     predicted: torch.Tensor | None = None
     judge_predicted: torch.Tensor | None = None
     judge_probability: torch.Tensor | None = None
+    steps: torch.Tensor | None = None
 
     def as_arrays(self) -> dict[str, torch.Tensor]:
         """The tensors by name (for ``.npz`` files)."""
@@ -109,6 +113,8 @@ class ClusterRendering:
         epoch: Epoch of the rendering.
         judge_predicted: With a judge model: ``[K]`` the judge's predicted class.
         judge_probability: With a judge model: ``[K]`` its probability of ``preferred_class``.
+        steps: ``[K]`` Adam steps each image was optimised for in this round (see
+            :attr:`Rendering.steps`).
     """
 
     clusters: torch.Tensor
@@ -120,6 +126,7 @@ class ClusterRendering:
     epoch: int
     judge_predicted: torch.Tensor | None = None
     judge_probability: torch.Tensor | None = None
+    steps: torch.Tensor | None = None
 
     def as_arrays(self) -> dict[str, torch.Tensor]:
         """The tensors by name (for ``.npz`` files)."""

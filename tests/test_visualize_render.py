@@ -446,3 +446,115 @@ def test_selecting_the_candidate_early_continues_the_kept_one_alone():
     )
     with pytest.raises(NeuronsError, match="`select_after` must be a positive integer"):
         render(model, objectives, steps=8, restarts=3, select_after=0, **kwargs)
+
+
+# ---- the convergence test -----------------------------------------------------------------------
+
+
+def _ramp_and_offset_ramp() -> nn.Module:
+    """A 1x1 convolution whose channel 0 is the mean pixel (it rises while the pixels' sigmoid
+    has room) and channel 1 the same plus 100 (the same rise, but relative to 100: converged)."""
+    conv = nn.Conv2d(1, 2, 1)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        conv.bias.copy_(torch.tensor([0.0, 100.0]))
+    return nn.Sequential(conv)
+
+
+def test_convergence_stops_a_converged_objective_and_not_an_improving_one():
+    model = _ramp_and_offset_ramp()
+    objectives = [Channel("0", 0), Channel("0", 1)]
+    kwargs = dict(image_shape=(1, 6, 6), param="pixel", transforms="none", lr=0.05, seed=2)
+    images, ran = render(
+        model, objectives, steps=24, converge_tol=0.01, converge_window=4, return_steps=True,
+        **kwargs,
+    )  # fmt: skip
+    # the mean pixel, ~0.5, rises ~0.05 per 4 steps (sigmoid slope ~0.25, Adam steps ~lr), ~10%:
+    # it never stops; 100 + the mean pixel rises 0.05%: it stops at the second comparison in a
+    # row that found it calm, two windows in
+    assert ran.tolist() == [24, 8]
+    assert ran.dtype == torch.int64 and ran.device.type == "cpu"
+    # the frozen image is the image after 8 steps (Adam's momentum did not move it on), and the
+    # other image is that of 24 steps: each as rendered without the test (float32, 1x1 kernels
+    # over batches of 2 and 1 rows)
+    eight = render(model, objectives, steps=8, **kwargs)
+    full = render(model, objectives, steps=24, **kwargs)
+    torch.testing.assert_close(images[1], eight[1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(images[0], full[0], atol=1e-6, rtol=0)
+    # its gradient is the other's: Adam's momentum would have moved it on (had it not been put
+    # back); by 16 steps of ~lr before the sigmoid, i.e. by far more than 1e-3
+    assert not torch.allclose(eight[1], full[1], atol=1e-3)
+
+
+def test_without_the_convergence_test_every_image_runs_all_steps():
+    model = bn_net()
+    objectives = [Channel("conv1", i) for i in range(4)] + [ClassLogit(0), ClassLogit(1)]
+    kwargs = dict(image_shape=(1, 12, 12), steps=20, param="fft", seed=3)
+    plain = render(model, objectives, **kwargs)
+    for tol in (None, 0, 0.0):
+        images, ran = render(model, objectives, converge_tol=tol, return_steps=True, **kwargs)
+        assert torch.equal(images, plain)
+        assert ran.tolist() == [20] * 6
+    # with the test, the same model stops some images early (see the next test)
+    _, ran = render(model, objectives, converge_tol=0.03, return_steps=True, **kwargs)
+    assert ran.min() < 20
+
+
+def test_convergence_is_deterministic_and_per_image():
+    """An image's steps and result depend on its own objective only: rendered twice, in chunks,
+    or alone (``first_row``), the same."""
+    model = bn_net()
+    objectives = [Channel("conv1", i) for i in range(4)] + [ClassLogit(0), ClassLogit(1)]
+    kwargs = dict(image_shape=(1, 12, 12), steps=40, param="fft", seed=3, converge_tol=0.03)
+    images, ran = render(model, objectives, return_steps=True, **kwargs)
+    again, ran_again = render(model, objectives, return_steps=True, **kwargs)
+    assert torch.equal(images, again) and torch.equal(ran, ran_again)
+    # some images stop as early as they can (two windows), some never: the runs below mix both
+    assert ran.min() == 8 and ran.max() == 40, ran.tolist()
+    chunked, ran_chunked = render(model, objectives, batch_size=2, return_steps=True, **kwargs)
+    assert torch.equal(ran_chunked, ran)
+    torch.testing.assert_close(chunked, images, atol=1e-5, rtol=0)  # as the chunking test
+    alone, ran_alone = render(model, objectives[1:4], first_row=1, return_steps=True, **kwargs)
+    assert torch.equal(ran_alone, ran[1:4])
+    torch.testing.assert_close(alone, images[1:4], atol=1e-5, rtol=0)
+
+
+def test_convergence_with_candidates_masks_and_continued_images():
+    model = bn_net()
+    objectives = [ClassLogit(0), ClassLogit(1), ClassLogit(2)]
+    kwargs = dict(image_shape=(1, 12, 12), param="fft", seed=4, converge_tol=0.03)
+    # with restarts the kept candidate's steps of both phases add up; each phase at least two
+    # windows of 4
+    _, ran = render(
+        model, objectives, steps=32, restarts=2, select_after=16, return_steps=True, **kwargs
+    )
+    assert ((ran >= 16) & (ran <= 32)).all() and ran.min() < 32, ran.tolist()
+    images, masks, ran = render(
+        model, objectives, steps=16, return_mask=True, return_steps=True, **kwargs
+    )
+    assert masks.shape == (3, 1, 12, 12) and float(masks.amax()) == 1.0
+    # a continued image that has converged runs two windows only
+    _, params = render(
+        model,
+        objectives,
+        steps=16,
+        return_params=True,
+        seed=4,
+        image_shape=(1, 12, 12),
+        param="fft",
+    )
+    _, ran = render(model, objectives, steps=16, init=params, return_steps=True, **kwargs)
+    assert ran.min() == 8
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"converge_tol": -0.1}, "`converge_tol` must be a number >= 0"),
+        ({"converge_tol": "fast"}, "`converge_tol` must be a number >= 0"),
+        ({"converge_window": 0}, "`converge_window` must be a positive integer"),
+    ],
+)
+def test_convergence_argument_errors(kwargs, match):
+    with pytest.raises(NeuronsError, match=match):
+        render(TinyNet(), [Channel("conv1", 0)], image_shape=(1, 8, 8), **kwargs)

@@ -71,6 +71,8 @@ class ShapedData(TinyData):
         ({"max_probes": 0}, "`max_probes` must be a positive integer"),
         ({"class_select_after": 0}, "`class_select_after` must be a positive integer"),
         ({"continue_steps": 0}, "`continue_steps` must be a positive integer"),
+        ({"converge_tol": -0.01}, "`converge_tol` must be a number >= 0"),
+        ({"converge_window": 0}, "`converge_window` must be a positive integer"),
         ({"every_n_epochs": 0}, "`every_n_epochs` must be a positive integer"),
         ({"on_error": "ignore"}, "`on_error` must be one of"),
     ],
@@ -104,6 +106,8 @@ def test_renders_logs_and_writes_files(tmp_path):
     classes = vis.results["classes"]
     assert classes.channels.tolist() == [0, 1, 2] and classes.images.shape == (3, 1, 8, 8)
     assert classes.probability.shape == (3,) and classes.strength is None
+    # the second round continued the images: continue_steps=16 at most, two windows (8) at least
+    assert all(((r.steps >= 8) & (r.steps <= 16)).all() for r in vis.results.values())
 
     # probes: the first validation image of each class, with saliency maps of every method
     sal = vis.saliency_results
@@ -134,6 +138,9 @@ def test_renders_logs_and_writes_files(tmp_path):
             trainer.global_step,
         ]
     assert "neurons/preference/backbone.conv2/above_max_fraction" in tags["scalars"]
+    # the first round from noise: FAST's 3 steps, fewer than a window, all run
+    logged = [e.value for e in events.Scalars("neurons/preference/classes/steps")]
+    assert logged == [3.0, pytest.approx(float(classes.steps.double().mean()))]
 
     # files for other analyses
     root = artifact_root(trainer)
@@ -196,6 +203,43 @@ def test_later_rounds_continue_the_images_and_a_resumed_run_continues_too(tmp_pa
         t = fast_trainer(tmp_path, callbacks=[ActivationTracker(layers=["backbone.conv2"]), cb])
         t.validate(module, datamodule=TinyData(), verbose=False)
     assert calls == [(2, True), (2, True), (6, False), (6, False)]
+
+
+@pytest.mark.parametrize(("tol", "first", "later"), [(1e6, 4, 4), (None, 12, 8), (0.0, 12, 8)])
+def test_rounds_stop_at_convergence_and_log_the_steps_they_ran(tmp_path, tol, first, later):
+    """converge_tol=1e6: every value "rises" by less than a million times itself, so every image
+    stops as early as it can, at the second check in a row that found it calm, two windows
+    (4 steps) in; None or 0: the full counts."""
+    vis = FeatureVisualizer(
+        max_channels=2,
+        saliency=[],
+        steps=12,
+        continue_steps=8,
+        converge_tol=tol,
+        converge_window=2,
+        on_error="raise",
+    )
+    tracker = ActivationTracker(layers=["backbone.conv2"])
+    trainer = fast_trainer(tmp_path, callbacks=[tracker, vis], max_epochs=2)
+    seen = []
+
+    class Record(pl.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            seen.append({k: r.steps.tolist() for k, r in vis.results.items()})
+
+    trainer.callbacks.append(Record())
+    trainer.fit(_module(), datamodule=TinyData())
+    # rounds after each of the two epochs (and none at the sanity check): from noise, continued
+    assert seen[-2:] == [
+        {"backbone.conv2": [first] * 2, "classes": [first] * 3},
+        {"backbone.conv2": [later] * 2, "classes": [later] * 3},
+    ]
+    events = EventAccumulator(str(trainer.logger.log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = [e.value for e in events.Scalars("neurons/preference/backbone.conv2/steps")]
+    assert logged == [first, later]
+    with np.load(artifact_root(trainer) / "fit/preference/epoch=001/classes.npz") as data:
+        assert data["steps"].tolist() == [later] * 3
 
 
 def test_at_many_classes_a_spread_subset_of_classes_is_rendered():
@@ -326,8 +370,11 @@ from lightning_neurons.models import ImageClassifier, SmallCNN
 out = Path(sys.argv[1])
 pl.seed_everything(0, verbose=False)
 model = ImageClassifier(SmallCNN(widths=(4, 8)), num_classes=10)
+# with a convergence test that stops some images early and not others (per image: the DDP
+# split does not change an image's steps)
+CONVERGE = dict(steps=8, converge_tol=0.05, converge_window=2)
 vis = FeatureVisualizer(
-    max_channels=2, steps=2, smoothgrad_samples=2, prior_images=64, on_error="raise"
+    max_channels=2, smoothgrad_samples=2, prior_images=64, on_error="raise", **CONVERGE
 )
 trainer = pl.Trainer(
     accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=2,
@@ -340,9 +387,10 @@ import torch
 from lightning_neurons.visualize import Channel, ClassLogit
 if trainer.global_rank == 0:
     torch.save({k: v.images for k, v in vis.results.items()}, out / "images_ddp.pt")
+    torch.save({k: v.steps for k, v in vis.results.items()}, out / "steps_ddp.pt")
     torch.save(vis.state_dict(), out / "state_ddp.pt")
     # the same round in one process: a fresh callback with the same plan and prior
-    solo = FeatureVisualizer(max_channels=2, steps=2, smoothgrad_samples=2, on_error="raise")
+    solo = FeatureVisualizer(max_channels=2, smoothgrad_samples=2, on_error="raise", **CONVERGE)
     solo._plan, solo._estimated_prior = vis._plan, vis._estimated_prior
     alone = {
         layer: solo._render(model, layer, [Channel(layer, i) for i in vis._plan["channels"][layer]])
@@ -350,7 +398,8 @@ if trainer.global_rank == 0:
     }
     classes = [ClassLogit(c) for c in vis._plan["classes"]]
     alone["classes"] = solo._render(model, "classes", classes, classes=True)
-    torch.save(alone, out / "images_solo.pt")
+    torch.save({k: v[0] for k, v in alone.items()}, out / "images_solo.pt")
+    torch.save({k: v[1] for k, v in alone.items()}, out / "steps_solo.pt")
     # the probes' maps in one process, by the public function, all probes in one call
     from lightning_neurons.visualize import saliency
     res = vis.saliency_results
@@ -414,7 +463,7 @@ def test_two_process_ddp_shares_the_rendering_and_gives_the_images_of_one_proces
     assert set(alone) == set(images)
     for key, solo in alone.items():
         # the same rows from the same noise and transforms, in other batches: float32 kernels
-        # batched differently, two Adam steps (each about lr x sign(gradient)); images in [0, 1]
+        # batched differently, at most 8 Adam steps (each about lr x sign(gradient)); images in [0, 1]
         torch.testing.assert_close(images[key], solo, atol=1e-4, rtol=0)
     # saliency: the probes are one process's (the first validation image of each class: the
     # ranks' candidates merged in the validation order), the same on both ranks
@@ -438,6 +487,13 @@ def test_two_process_ddp_shares_the_rendering_and_gives_the_images_of_one_proces
         scale = float(solo.abs().max())
         for got in rank_maps:
             torch.testing.assert_close(got["maps"][method], solo, rtol=1e-5, atol=1e-5 * scale)
+    steps, steps_solo = (
+        torch.load(tmp_path / "steps_ddp.pt"),
+        torch.load(tmp_path / "steps_solo.pt"),
+    )
+    assert all(torch.equal(steps[key], steps_solo[key]) for key in steps)
+    ran = torch.cat(list(steps.values()))
+    assert ran.max() == 8 and ran.min() < 8, ran.tolist()  # both kinds of image were rendered
     state = torch.load(tmp_path / "state_ddp.pt")["params"]
     for key, entry in state.items():
         assert entry["params"].shape[0] == images[key].shape[0]  # one per kept image

@@ -89,9 +89,10 @@ def _first_per_class(
 
 
 def _gather_blocks(
-    mine: tuple[torch.Tensor, torch.Tensor] | str | None, world: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's rendered block, concatenated in rank order, on every rank.
+    mine: tuple[torch.Tensor, ...] | str | None, world: int
+) -> tuple[torch.Tensor, ...]:
+    """Every rank's rendered block (images, parameters, steps), concatenated in rank order, on
+    every rank.
 
     Raises:
         NeuronsError: On every rank, when the rendering failed on any rank.
@@ -107,7 +108,7 @@ def _gather_blocks(
     if failed:
         raise NeuronsError(f"rendering failed on {'; '.join(failed)}")
     done = [b for b in blocks if b is not None]
-    return torch.cat([b[0] for b in done]), torch.cat([b[1] for b in done])
+    return tuple(torch.cat(parts) for parts in zip(*done, strict=True))
 
 
 #: A cluster continues the image of the last round's cluster it shares at least this share of
@@ -152,7 +153,8 @@ class FeatureVisualizer(StagedCallback):
       or for a layer it does not track, ``strength`` is ``None`` (only the raw activation is
       kept): a maximum over a few probe images would overstate it. The scalars
       ``preference/<layer>/strength_median`` and ``preference/<layer>/above_max_fraction`` (share of
-      images driving their channel above every validation image) are logged.
+      images driving their channel above every validation image) are logged, and
+      ``preference/<layer>/steps``: the mean steps the images ran (see ``converge_tol``).
 
     Under DDP every rank renders a contiguous share of each layer's channels and of the classes
     (row ``i`` of a rendering always starts from the noise seeded by ``(seed, i)``), and the
@@ -221,6 +223,20 @@ class FeatureVisualizer(StagedCallback):
             shows one image evolving rather than a new random one per epoch. A round whose
             objectives or settings changed starts from noise with ``steps``. ``None``: always
             from noise.
+        converge_tol: Stop an image before ``steps`` (or ``continue_steps``) once its objective
+            has converged: every ``converge_window`` steps each image is scored without
+            transforms, and one whose value rose by less than ``converge_tol`` times its value
+            from one check to the next, twice in a row, stops (``render(converge_tol=)``).
+            Decided per image, so the images do not depend on the DDP split or the chunking.
+            The steps each image ran are in ``results[...].steps`` and logged as
+            ``preference/<layer>/steps`` (their mean). On the digits demo (``steps: 128``) the
+            first round ran the channel images 55 to 85 steps on average per layer and the class
+            candidates 76 (18.4 s instead of 28.3 s), later rounds 11.5 to 16 of
+            ``continue_steps=16``; >= 94% of every layer's channel images stayed above their
+            channel's validation maximum in every round. ``None`` or ``0``: always the full
+            count.
+        converge_window: Steps between two convergence checks (so at least twice this many
+            per round).
         lr: Adam's learning rate.
         param: ``"maco"`` (default: only the spectrum's phase is optimised; amplitudes and pixel
             statistics are the validation data's, estimated from the first ``prior_images``
@@ -298,6 +314,8 @@ class FeatureVisualizer(StagedCallback):
         input_transform: InputTransform | None = None,
         steps: int = 64,
         continue_steps: int | None = 16,
+        converge_tol: float | None = 0.005,
+        converge_window: int = 4,
         lr: float = 0.1,
         param: Literal["maco", "fft", "pixel"] = "maco",
         transforms: Literal["robust", "standard", "none"] = "robust",
@@ -341,6 +359,10 @@ class FeatureVisualizer(StagedCallback):
         self.input_transform = input_transform
         self.steps = check_positive_int("steps", steps)
         self.continue_steps = check_optional_positive_int("continue_steps", continue_steps)
+        self.converge_tol = (
+            None if converge_tol is None else check_number("converge_tol", converge_tol) or None
+        )
+        self.converge_window = check_positive_int("converge_window", converge_window)
         self.lr = check_number("lr", lr, strict=True)
         self.param = check_choice("param", param, ("fft", "pixel", "maco"))
         self.transforms = check_choice("transforms", transforms, ("standard", "none", "robust"))
@@ -716,11 +738,11 @@ class FeatureVisualizer(StagedCallback):
         objectives: list,
         classes: bool = False,
         local: bool = False,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The images of ``objectives`` (continued from the last round's parameters of ``key``
-        when they were rendered for the same objectives). Under DDP the objectives are split
-        between the ranks and the images gathered on every rank; ``local``: this rank renders
-        them all (called on rank zero only)."""
+        when they were rendered for the same objectives) and the steps each ran. Under DDP the
+        objectives are split between the ranks and the images gathered on every rank;
+        ``local``: this rank renders them all (called on rank zero only)."""
         plan = self._plan
         assert plan is not None
         prior = self._render_prior()
@@ -749,10 +771,10 @@ class FeatureVisualizer(StagedCallback):
         mine = self._render_block(
             model, objectives[start:stop], block, first_row, classes, restarts, world
         )
-        images, params = _gather_blocks(mine, world)
+        images, params, steps = _gather_blocks(mine, world)
         if self.continue_steps is not None:
             self._params[key] = {"signature": signature, "params": params}
-        return images.cpu()
+        return images.cpu(), steps
 
     def _render_block(
         self,
@@ -763,9 +785,9 @@ class FeatureVisualizer(StagedCallback):
         classes: bool,
         restarts: int,
         world: int,
-    ) -> tuple[torch.Tensor, torch.Tensor] | str | None:
-        """This rank's images and parameters; the error message if it failed; ``None`` if it
-        has no objectives."""
+    ) -> tuple[torch.Tensor, ...] | str | None:
+        """This rank's images, parameters and steps; the error message if it failed; ``None``
+        if it has no objectives."""
         if not objectives:
             return None
         try:
@@ -783,19 +805,23 @@ class FeatureVisualizer(StagedCallback):
         first_row: int,
         classes: bool,
         restarts: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images (CPU), parameters and steps run of ``objectives``, rendered on this rank."""
         plan = self._plan
         assert plan is not None
         prior = self._render_prior()
         param = self.param if prior is not None or self.param != "maco" else "fft"
-        images, params = render(
+        images, params, steps = render(
             model,
             objectives,
             image_shape=plan["shape"],
             steps=self.steps if init is None else self.continue_steps,
             init=init,
             first_row=first_row,
+            converge_tol=self.converge_tol,
+            converge_window=self.converge_window,
             return_params=True,
+            return_steps=True,
             lr=self.lr,
             param=param,  # type: ignore[arg-type]
             transforms=self.transforms,  # type: ignore[arg-type]
@@ -814,7 +840,7 @@ class FeatureVisualizer(StagedCallback):
             restarts=restarts,
             select_after=self.class_select_after if restarts > 1 else None,
         )
-        return images.cpu(), params
+        return images.cpu(), params, steps
 
     def _layer_activation(
         self,
@@ -855,7 +881,7 @@ class FeatureVisualizer(StagedCallback):
             # with n_images > 1, each channel's images are consecutive rows
             channels = [c for c in plan["channels"][layer] for _ in range(self.n_images)]
             objectives = [Channel(layer, i) for i in plan["channels"][layer]]
-            images = self._render(pl_module, layer, objectives)
+            images, steps = self._render(pl_module, layer, objectives)
             activation = self._layer_activation(pl_module, layer, images, channels, reduction)
             strength = reference = reference_epoch = None
             if layer in stats and stats[layer].num_neurons > max(channels):
@@ -871,6 +897,7 @@ class FeatureVisualizer(StagedCallback):
                 strength=strength,
                 reference_epoch=reference_epoch,
                 epoch=epoch,
+                steps=steps,
             )
         if plan["classes"]:
             results["classes"] = self._classes(pl_module, plan["classes"], epoch)
@@ -891,7 +918,9 @@ class FeatureVisualizer(StagedCallback):
     def _classes(self, model: nn.Module, classes: list[int], epoch: int) -> Rendering:
         plan = self._plan
         assert plan is not None
-        images = self._render(model, "classes", [ClassLogit(c) for c in classes], classes=True)
+        images, steps = self._render(
+            model, "classes", [ClassLogit(c) for c in classes], classes=True
+        )
         logits = self._logits(model, images)
         index = torch.tensor(classes)
         rows = torch.arange(len(classes))
@@ -910,6 +939,7 @@ class FeatureVisualizer(StagedCallback):
             probability=logits.softmax(dim=1)[rows, index],
             predicted=logits.argmax(dim=1),
             epoch=epoch,
+            steps=steps,
         )
 
     def _clusters(
@@ -935,7 +965,8 @@ class FeatureVisualizer(StagedCallback):
             order = sizes.argsort(descending=True, stable=True)[: self.max_clusters]
             ids, sizes = ids[order], sizes[order]
             members = [torch.nonzero(labels == k).flatten().tolist() for k in ids.tolist()]
-            images = self._render_clusters(model, layer, members)[:: self.n_images]
+            images, steps = self._render_clusters(model, layer, members)
+            images, steps = images[:: self.n_images], steps[:: self.n_images]
             profiles = torch.as_tensor(np.asarray(result.cluster_profiles))
             preferred = profiles[ids].argmax(dim=1)
             if result.classes is not None and len(result.classes) == profiles.shape[1]:
@@ -950,6 +981,7 @@ class FeatureVisualizer(StagedCallback):
                 predicted=logits.argmax(dim=1),
                 clusters_epoch=int(result.epoch),
                 epoch=epoch,
+                steps=steps,
             )
             if self.judge is not None:
                 verdict = self._logits(self.judge, images, BatchReader())
@@ -960,8 +992,9 @@ class FeatureVisualizer(StagedCallback):
 
     def _render_clusters(
         self, model: nn.Module, layer: str, members: list[list[int]]
-    ) -> torch.Tensor:
-        """Images of the clusters ``members`` (channel lists) of ``layer``, on this rank alone.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images of the clusters ``members`` (channel lists) of ``layer``, on this rank alone,
+        and the steps each ran.
 
         Clusters change between analyses (their ids are arbitrary, a few neurons move), so each
         cluster continues the image of the last round's cluster it shares most neurons with
@@ -986,6 +1019,7 @@ class FeatureVisualizer(StagedCallback):
                 match[i] = best if overlap[best] >= CLUSTER_MATCH else None
         images: list[torch.Tensor | None] = [None] * len(members)
         params: list[torch.Tensor | None] = [None] * len(members)
+        ran: list[torch.Tensor | None] = [None] * len(members)
         for rows in ([i for i in range(len(members)) if match[i] is not None],
                      [i for i in range(len(members)) if match[i] is None]):  # fmt: skip
             if not rows:
@@ -995,17 +1029,18 @@ class FeatureVisualizer(StagedCallback):
                 assert saved is not None
                 init = torch.cat([saved["params"][match[i] * n : (match[i] + 1) * n] for i in rows])
             objectives = [ChannelGroup(layer, members[i]) for i in rows]
-            done, state = self._render_rows(model, objectives, init, 0, False, 1)
+            done, state, steps = self._render_rows(model, objectives, init, 0, False, 1)
             for j, i in enumerate(rows):
                 images[i] = done[j * n : (j + 1) * n].cpu()
                 params[i] = state[j * n : (j + 1) * n]
+                ran[i] = steps[j * n : (j + 1) * n]
         if self.continue_steps is not None:
             self._params[key] = {
                 "signature": signature,
                 "members": [list(m) for m in members],
                 "params": torch.cat(params),  # type: ignore[arg-type]
             }
-        return torch.cat(images)  # type: ignore[arg-type]
+        return torch.cat(images), torch.cat(ran)  # type: ignore[arg-type]
 
     def _layer_width(self, model: nn.Module, layer: str) -> int:
         """The layer's channel count (its output's second dimension), from one forward pass."""
@@ -1145,6 +1180,8 @@ class FeatureVisualizer(StagedCallback):
                 if finite.numel():
                     scalars[out.tag(key, "strength_median")] = float(finite.median())
                     out.histogram(out.tag(key, "strength"), finite)
+            if res.steps is not None:
+                scalars[out.tag(key, "steps")] = float(res.steps.double().mean())
             meta = {"layer": key, "epoch": res.epoch, "steps": self.steps}
             out.save_arrays(key, res.as_arrays(), meta=meta)
         out.scalars(scalars)
@@ -1185,6 +1222,8 @@ class FeatureVisualizer(StagedCallback):
             if res.judge_predicted is not None:
                 agree = (res.judge_predicted == res.preferred_class).double().mean()
                 scalars[out.tag("clusters", layer, "judge_agrees")] = float(agree)
+            if res.steps is not None:
+                scalars[out.tag("clusters", layer, "steps")] = float(res.steps.double().mean())
             meta = {"layer": layer, "epoch": res.epoch, "clusters_epoch": res.clusters_epoch}
             out.save_arrays(f"clusters_{layer}", res.as_arrays(), meta=meta)
         out.scalars(scalars)
