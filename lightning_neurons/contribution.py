@@ -322,7 +322,8 @@ def domination(
 class ContributionStats:
     """First-order contributions of one layer's neurons, per class (see :func:`class_contributions`).
 
-    Tensors are on the CPU, float64; ``C`` classes, ``K`` neurons.
+    Tensors are on the CPU; the ``[C, K]`` statistics float32 (computed in float64 from float64
+    sums), the ``[C]`` ones float64; ``C`` classes, ``K`` neurons.
 
     Attributes:
         layer: Module name.
@@ -393,7 +394,7 @@ class ClassContributions:
 
     def _metric(self, num_neurons: int) -> ClassNeuronStats:
         return ClassNeuronStats(
-            self.num_classes, num_neurons, max_dtype=torch.float64, sync_on_compute=False
+            self.num_classes, num_neurons, track_max=False, sync_on_compute=False
         )
 
     def update(self, batch: ContributionBatch, labels: torch.Tensor) -> None:
@@ -436,28 +437,39 @@ class ClassContributions:
         self._logit = metrics.pop(LOGIT_KEY, self._logit)
         self._sums = metrics
 
-    def compute(self) -> dict[str, ContributionStats]:
-        """The per-class statistics of every layer seen so far."""
+    def compute(self, release: bool = False) -> dict[str, ContributionStats]:
+        """The per-class statistics of every layer seen so far.
+
+        The ``[C, K]`` statistics are computed in float64 from the float64 sums and kept in
+        float32 (7 significant digits, as many as the float32 gradients and activations they
+        come from; at ResNet-50's 26,560 neurons and 1,000 classes, 0.32 GB instead of 0.64 GB).
+
+        Args:
+            release: Drop each layer's sums once its statistics are computed (the peak memory is
+                then the results and one layer's sums; no later :meth:`compute` or :meth:`sums`).
+        """
         logit = _summed(self._logit)  # not Metric.compute(): loaded sums have no update
         class_logit = class_means(logit["sum"], finite_counts(logit))[:, 0]
         results = {}
-        for name, metric in self._sums.items():
-            s = _summed(metric)
+        f32 = torch.float32
+        for name in list(self._sums):
+            s = _summed(self._sums.pop(name) if release else self._sums[name])
             count = finite_counts(s)
             mean = class_means(s["sum"], count)
             dominant, share = dominant_neurons(mean, self.top_k)
             results[name] = ContributionStats(
                 layer=name,
                 counts=s["images"].clone(),
-                class_contribution=mean,
-                class_std=class_std(s["sum"], s["sum_sq"], count),
+                class_contribution=mean.to(f32),
+                class_std=class_std(s["sum"], s["sum_sq"], count).to(f32),
                 positive_rate=class_means(
-                    s["fired"].double(), s["images"].unsqueeze(1).expand_as(mean)
+                    s["fired"].float(), s["images"].unsqueeze(1).expand_as(mean).float()
                 ),
                 class_logit=class_logit.clone(),
                 dominant=dominant,
                 domination=share,
             )
+            del s, count, mean
         return results
 
 

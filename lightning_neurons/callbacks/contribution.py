@@ -365,18 +365,20 @@ class NeuronContribution(StagedCallback):
         best = attempt(lambda: self._local_contributions(pl_module, batches, acc), world)
         if world == 1:
             assert isinstance(best, dict)
-            return acc.compute(), {layer: index for layer, (_, index) in best.items()}
+            return acc.compute(release=True), {layer: index for layer, (_, index) in best.items()}
         mine = best if isinstance(best, Failed) or best is None else acc.sums()
         summed = sum_over_ranks(mine, world, pl_module.device, "neuron contribution")
+        del mine  # this rank's sums go with load_sums: one set of [C, K] sums held, not two
         if summed is None:
             return None
         acc.load_sums(summed)
+        del summed
         every = gather(
             None if best is None else {k: (v, i * world + rank) for k, (v, i) in best.items()},
             world,
             "neuron contribution",
         )
-        return acc.compute(), _most_active(every)
+        return acc.compute(release=True), _most_active(every)
 
     def _local_contributions(
         self, pl_module: LightningModule, batches: list[Batch], acc: ClassContributions
