@@ -876,12 +876,25 @@ class FeatureVisualizer(StagedCallback):
         plan = self._plan
         assert plan is not None
         epoch = trainer.current_epoch
+        # Every exchange between the ranks first (the renderings, then the saliency maps), the
+        # work of this rank alone after: a failure there (a rank out of memory, say) leaves no
+        # other rank waiting at a collective it will never join.
+        rendered = {
+            layer: self._render(
+                pl_module, layer, [Channel(layer, i) for i in plan["channels"][layer]]
+            )
+            for layer in self.layers
+        }
+        classes = [ClassLogit(c) for c in plan["classes"]]
+        class_images = (
+            self._render(pl_module, "classes", classes, classes=True) if classes else None
+        )
+        if self.saliency_methods and plan["saliency"]:  # every rank: each maps its share
+            self.saliency_results = self._saliency(pl_module, epoch) or self.saliency_results
         results: dict[str, Rendering] = {}
-        for layer in self.layers:
+        for layer, (images, steps) in rendered.items():
             # with n_images > 1, each channel's images are consecutive rows
             channels = [c for c in plan["channels"][layer] for _ in range(self.n_images)]
-            objectives = [Channel(layer, i) for i in plan["channels"][layer]]
-            images, steps = self._render(pl_module, layer, objectives)
             activation = self._layer_activation(pl_module, layer, images, channels, reduction)
             strength = reference = reference_epoch = None
             if layer in stats and stats[layer].num_neurons > max(channels):
@@ -899,13 +912,11 @@ class FeatureVisualizer(StagedCallback):
                 epoch=epoch,
                 steps=steps,
             )
-        if plan["classes"]:
-            results["classes"] = self._classes(pl_module, plan["classes"], epoch)
+        if class_images is not None:
+            results["classes"] = self._classes(pl_module, plan["classes"], epoch, *class_images)
         self.results = results
-        if self.saliency_methods and plan["saliency"]:  # every rank: each maps its share
-            self.saliency_results = self._saliency(pl_module, epoch) or self.saliency_results
-        # NeuronClustering's results are on rank zero only: so are the cluster images (after the
-        # last collective of the round, so that a failure here leaves no rank waiting)
+        # NeuronClustering's results are on rank zero only: so are the cluster images (rendered
+        # by this rank alone)
         self.cluster_results = (
             self._clusters(trainer, pl_module, epoch)
             if self.clusters and trainer.is_global_zero
@@ -915,12 +926,15 @@ class FeatureVisualizer(StagedCallback):
             self._log(trainer)
         self.last_seconds = time.perf_counter() - start
 
-    def _classes(self, model: nn.Module, classes: list[int], epoch: int) -> Rendering:
-        plan = self._plan
-        assert plan is not None
-        images, steps = self._render(
-            model, "classes", [ClassLogit(c) for c in classes], classes=True
-        )
+    def _classes(
+        self,
+        model: nn.Module,
+        classes: list[int],
+        epoch: int,
+        images: torch.Tensor,
+        steps: torch.Tensor,
+    ) -> Rendering:
+        """The class images' rendering, with what the model (and the judge) see in them."""
         logits = self._logits(model, images)
         index = torch.tensor(classes)
         rows = torch.arange(len(classes))
