@@ -396,7 +396,7 @@ class NeuronContribution(StagedCallback):
             )
             acc.update(out, y)
             for layer, act in out.activations.items():
-                value, row = act.detach().float().cpu().max(dim=0)
+                value, row = (t.cpu() for t in act.detach().float().max(dim=0))
                 old_value, old_index = best.get(
                     layer, (torch.full_like(value, -torch.inf), torch.zeros_like(row))
                 )
