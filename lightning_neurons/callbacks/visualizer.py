@@ -88,29 +88,6 @@ def _first_per_class(
     return picked
 
 
-def _gather_blocks(
-    mine: tuple[torch.Tensor, ...] | str | None, world: int
-) -> tuple[torch.Tensor, ...]:
-    """Every rank's rendered block (images, parameters, steps), concatenated in rank order, on
-    every rank.
-
-    Raises:
-        NeuronsError: On every rank, when the rendering failed on any rank.
-    """
-    if world == 1:
-        assert isinstance(mine, tuple)
-        return mine
-    import torch.distributed as dist
-
-    blocks: list[Any] = [None] * world
-    dist.all_gather_object(blocks, mine)
-    failed = [f"rank {r}: {b}" for r, b in enumerate(blocks) if isinstance(b, str)]
-    if failed:
-        raise NeuronsError(f"rendering failed on {'; '.join(failed)}")
-    done = [b for b in blocks if b is not None]
-    return tuple(torch.cat(parts) for parts in zip(*done, strict=True))
-
-
 #: A cluster continues the image of the last round's cluster it shares at least this share of
 #: neurons with (Jaccard index); else its image starts from noise.
 CLUSTER_MATCH = 0.5
@@ -765,37 +742,23 @@ class FeatureVisualizer(StagedCallback):
         rank, world = (0, 1) if local else self._ranks
         restarts = self.class_restarts if classes and init is None else 1
         per_objective = 1 if classes else self.n_images  # images kept per objective
-        start, stop = len(objectives) * rank // world, len(objectives) * (rank + 1) // world
+        part = share(len(objectives), rank, world)
+        start, stop = part.start, part.stop
         block = None if init is None else init[start * per_objective : stop * per_objective]
         first_row = start * per_objective * restarts
-        mine = self._render_block(
-            model, objectives[start:stop], block, first_row, classes, restarts, world
+        mine = attempt(
+            lambda: (
+                self._render_rows(model, objectives[part], block, first_row, classes, restarts)
+                if stop > start
+                else None
+            ),
+            world,
         )
-        images, params, steps = _gather_blocks(mine, world)
+        done = [b for b in gather(mine, world, "rendering") if b is not None]
+        images, params, steps = (torch.cat(parts) for parts in zip(*done, strict=True))
         if self.continue_steps is not None:
             self._params[key] = {"signature": signature, "params": params}
         return images.cpu(), steps
-
-    def _render_block(
-        self,
-        model: nn.Module,
-        objectives: list,
-        init: torch.Tensor | None,
-        first_row: int,
-        classes: bool,
-        restarts: int,
-        world: int,
-    ) -> tuple[torch.Tensor, ...] | str | None:
-        """This rank's images, parameters and steps; the error message if it failed; ``None``
-        if it has no objectives."""
-        if not objectives:
-            return None
-        try:
-            return self._render_rows(model, objectives, init, first_row, classes, restarts)
-        except Exception as err:  # reported on every rank by _gather_blocks (no rank hangs)
-            if world == 1:
-                raise
-            return f"{type(err).__name__}: {err}"
 
     def _render_rows(
         self,
