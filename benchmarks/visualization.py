@@ -45,7 +45,7 @@ from torch import nn
 
 from lightning_neurons.models import SmallCNN
 from lightning_neurons.visualize import Channel, ClassLogit, render
-from lightning_neurons.visualize.render import _probe, auto_batch_size
+from lightning_neurons.visualize.sizing import auto_batch_size, probe
 
 LAYER = "features.conv2"
 SHAPE = (1, 32, 32)
@@ -219,12 +219,12 @@ def quality(
         channel_kw, class_kw = settings(param, prior, steps, select_after)
         shares = {}
         for seed in seeds:
-            images = render(model, [ClassLogit(c) for c in range(10)], seed=seed, **class_kw)
+            images = render(model, [ClassLogit(c) for c in range(10)], seed=seed, **class_kw).images
             shares[seed] = recognised(images)
         above = []
         for layer in LAYERS:
             objectives = [Channel(layer, k) for k in range(seen[layer].numel())]
-            images = render(model, objectives, **channel_kw)
+            images = render(model, objectives, **channel_kw).images
             reached = evaluate(model, objectives, images).to(device)
             above.append(reached > seen[layer])
         share = [f"{float(a.float().mean()):.3f}" for a in above]
@@ -241,7 +241,8 @@ def diversity_table(model: nn.Module, channel_kw: dict, seen: dict, device: torc
     channel) and in pixels (centred cosine), and the share above the validation maximum."""
     from lightning_neurons.hooks import hooked
     from lightning_neurons.visualize import evaluate
-    from lightning_neurons.visualize.render import gram_matrices, similarity_to_others
+    from lightning_neurons.visualize.penalties import similarity_to_others
+    from lightning_neurons.visualize.scoring import gram_matrices
 
     layer, n = LAYERS[-1], 4
     objectives = [Channel(layer, k) for k in range(seen[layer].numel())]
@@ -257,7 +258,7 @@ def diversity_table(model: nn.Module, channel_kw: dict, seen: dict, device: torc
     for weight, on in ((0.0, "features"), (1.0, "pixels"), (1.0, "features")):
         start = time.perf_counter()
         kw = dict(channel_kw, n_images=n, diversity=weight, diversity_on=on)
-        images = render(model, objectives, **kw)
+        images = render(model, objectives, **kw).images
         seconds = time.perf_counter() - start
         outputs.clear()
         with torch.no_grad(), hooked(model, [layer], keep):
@@ -329,8 +330,7 @@ def main() -> None:
         f"torch {torch.__version__}, device {name}, {torch.get_num_threads()} threads, {steps} steps, "
         f"param {args.param}, best of {args.repeats}"
     )
-    _, largest, _ = _probe(model, channels, SHAPE, None)
-    chunk = auto_batch_size(64, largest, device)
+    chunk = auto_batch_size(64, probe(model, channels, SHAPE, None).largest, device)
     print(f"default chunks: {chunk} images")
     times = best_of(
         {

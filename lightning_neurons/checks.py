@@ -112,3 +112,64 @@ def check_instance(name: str, value: Any, cls: type, what: str) -> Any:
     if value is not None and not isinstance(value, cls):
         raise NeuronsError(f"`{name}` must be {what} or None, got {type(value).__name__}")
     return value
+
+
+def check_display_shape(image_shape: Any) -> tuple[int, int, int]:
+    """``(channels, height, width)`` of a display image: a tuple, list or ``torch.Size`` of three
+    positive integers (NumPy's too), returned as a tuple of ``int``."""
+    import numbers
+
+    shape = tuple(image_shape) if isinstance(image_shape, (tuple, list)) else None
+    if (
+        shape is None
+        or len(shape) != 3
+        or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in shape)
+    ):
+        raise NeuronsError(
+            f"`image_shape` must be (channels, height, width), e.g. (1, 32, 32) or (3, 224, 224); "
+            f"got {image_shape!r}"
+        )
+    return tuple(int(s) for s in shape)  # type: ignore[return-value]
+
+
+def check_positive(name: str, value: Any, *, integer: bool = False) -> None:
+    """Raise unless ``value`` is a positive number (an integer, NumPy's too, with ``integer``)."""
+    import numbers
+
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+        what = "a positive integer" if integer else "a positive number"
+        raise NeuronsError(f"`{name}` must be {what}, got {value!r}")
+
+
+def check_non_negative(name: str, value: Any, note: str = "") -> float:
+    """``value`` as a float if it is a real number >= 0 (``note`` is added to the message)."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0:
+        raise NeuronsError(f"`{name}` must be a number >= 0{note}, got {value!r}")
+    return float(value)
+
+
+def check_render_counts(
+    *, restarts: int, n_images: int, select_after: int | None, mask: bool
+) -> None:
+    """The combinations of ``render()``'s counts that cannot work together."""
+    if select_after is not None:
+        check_positive("select_after", select_after, integer=True)
+        if mask:
+            raise NeuronsError("`select_after` cannot be combined with `mask=True`")
+    if restarts > 1 and n_images > 1:
+        raise NeuronsError(
+            f"`restarts` ({restarts}) keeps the best of several images of an objective; it "
+            f"cannot be combined with n_images={n_images} (several images that differ)"
+        )
+
+
+def check_image_batch(images: Any) -> None:
+    """Raise unless ``images`` is a ``[N, C, H, W]`` tensor."""
+    import torch
+
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise NeuronsError(f"`images` must be a [N, C, H, W] tensor, got {shape}")

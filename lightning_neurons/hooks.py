@@ -523,3 +523,39 @@ def run_layers(model: nn.Module, layers: Sequence[str], forward: Callable[[], ob
 def count_forward_hooks(model: nn.Module) -> int:
     """Number of forward hooks registered on ``model`` and its sub-modules (for tests)."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+class OutputSizes:
+    """The leaf modules' output sizes (elements) in the forward passes run while it is hooked.
+
+    Attributes:
+        largest: The largest output of any leaf module.
+        total: The sum of every leaf module's outputs (roughly what a backward pass keeps).
+    """
+
+    def __init__(self) -> None:
+        self.largest = 0
+        self.total = 0
+
+    def __call__(self, _layer: str, output: torch.Tensor) -> None:
+        self.largest = max(self.largest, output.numel())
+        self.total += output.numel()
+
+
+def leaf_output_sizes(model: nn.Module, forward: Callable[[], object]) -> OutputSizes:
+    """The output sizes of ``model``'s leaf modules in one run of ``forward()``.
+
+    Every call of a leaf module counts (a module run twice counts twice); a model without
+    sub-modules counts its own output.
+
+    Example:
+        >>> sizes = leaf_output_sizes(model, lambda: model(x))  # doctest: +SKIP
+        >>> sizes.largest, sizes.total  # doctest: +SKIP
+    """
+    sizes = OutputSizes()
+    leaves = [name for name, m in model.named_modules() if name and not any(m.children())]
+    with hooked(model, leaves, sizes):
+        output = forward()
+    if not leaves and isinstance(output, torch.Tensor):
+        sizes("", output)
+    return sizes

@@ -89,7 +89,7 @@ def test_rendering_a_call_site_scores_that_call_only():
     torch.manual_seed(0)
     net = SharedReLUNet().eval()
     # channel 5 exists only in the second call (6 channels); the first call has 4
-    images = render(net, [Channel("relu#1", 5)], image_shape=(1, 8, 8), steps=2)
+    images = render(net, [Channel("relu#1", 5)], image_shape=(1, 8, 8), steps=2).images
     assert images.shape == (1, 1, 8, 8)
     with pytest.raises(Exception, match="channel 5"):
         render(net, [Channel("relu", 5)], image_shape=(1, 8, 8), steps=2)

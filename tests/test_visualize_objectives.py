@@ -15,11 +15,11 @@ from lightning_neurons.visualize import (
     ClassLogit,
     Neuron,
     TotalVariation,
+    check_objectives,
     evaluate,
     render,
 )
 from lightning_neurons.visualize.objectives import IMAGE, LOGITS, BatchScorer, Sum
-from lightning_neurons.visualize.render import check_objectives
 
 
 def test_arithmetic_builds_weighted_sums():

@@ -21,7 +21,7 @@ from lightning_neurons.data import Normalize
 from lightning_neurons.hooks import hooked
 from lightning_neurons.visualize import Channel, ChannelGroup, ClassLogit, Neuron, evaluate, render
 from lightning_neurons.visualize.param import fft_image, parametrize, pixel_image, row_seed
-from lightning_neurons.visualize.render import CPU_CHUNK_BYTES, DEVICE_CHUNK_BYTES, auto_batch_size
+from lightning_neurons.visualize.sizing import CPU_CHUNK_BYTES, DEVICE_CHUNK_BYTES, auto_batch_size
 from lightning_neurons.visualize.transforms import (
     CenterCrop,
     Jitter,
@@ -188,7 +188,7 @@ def test_render_leaves_model_rng_and_output_untouched(capsys):
     before = snapshot(model)
     rng = rng_states()
     objectives = [Channel("conv1", 1), Channel("conv2", 5), ClassLogit(2)]
-    images = render(model, objectives, image_shape=(1, 8, 8), steps=5)
+    images = render(model, objectives, image_shape=(1, 8, 8), steps=5).images
     assert images.shape == (3, 1, 8, 8) and not images.requires_grad
     assert_unchanged(model, before)  # weights, BatchNorm statistics, modes, flags, grads, hooks
     assert_same_rng(rng)
@@ -198,13 +198,17 @@ def test_render_leaves_model_rng_and_output_untouched(capsys):
 def test_render_does_not_depend_on_the_global_rng():
     model = bn_net()
     torch.manual_seed(1)
-    first = render(model, [Channel("conv2", 0), ClassLogit(1)], image_shape=(1, 8, 8), steps=4)
+    first = render(
+        model, [Channel("conv2", 0), ClassLogit(1)], image_shape=(1, 8, 8), steps=4
+    ).images
     torch.manual_seed(2)
-    second = render(model, [Channel("conv2", 0), ClassLogit(1)], image_shape=(1, 8, 8), steps=4)
+    second = render(
+        model, [Channel("conv2", 0), ClassLogit(1)], image_shape=(1, 8, 8), steps=4
+    ).images
     assert torch.equal(first, second)
     third = render(
         model, [Channel("conv2", 0), ClassLogit(1)], image_shape=(1, 8, 8), steps=4, seed=1
-    )
+    ).images
     assert not torch.equal(first, third)
 
 
@@ -213,11 +217,13 @@ def test_chunks_give_the_same_images_as_one_batch(param):
     model = bn_net()
     objectives = [Channel("conv1", i) for i in range(4)] + [ClassLogit(0), Neuron("conv2", 3)]
     kwargs = dict(image_shape=(1, 12, 12), steps=12, param=param, seed=3)
-    whole = render(model, objectives, **kwargs)
-    chunked = render(model, objectives, batch_size=4, **kwargs)
-    single = render(model, objectives[4:5], **kwargs)  # alone, at index 0: a different seed
+    whole = render(model, objectives, **kwargs).images
+    chunked = render(model, objectives, batch_size=4, **kwargs).images
+    single = render(model, objectives[4:5], **kwargs).images  # alone, at index 0: a different seed
     assert torch.allclose(whole, chunked, atol=1e-5)
-    assert torch.allclose(render(model, objectives, batch_size=1, **kwargs), whole, atol=1e-5)
+    assert torch.allclose(
+        render(model, objectives, batch_size=1, **kwargs).images, whole, atol=1e-5
+    )
     assert not torch.allclose(single[0], whole[4], atol=1e-3)
 
 
@@ -246,8 +252,8 @@ def test_render_increases_objectives_grey_and_rgb(channels):
     ]
     objectives.append(ClassLogit(0) - ClassLogit(2))
     shape = (channels, 16, 16)
-    start = render(model, objectives, image_shape=shape, steps=1, lr=1e-9, transforms="none")
-    images = render(model, objectives, image_shape=shape, steps=40)
+    start = render(model, objectives, image_shape=shape, steps=1, lr=1e-9, transforms="none").images
+    images = render(model, objectives, image_shape=shape, steps=40).images
     assert images.shape == (5, *shape) and float(images.min()) >= 0 and float(images.max()) <= 1
     gain = evaluate(model, objectives, images) - evaluate(model, objectives, start)
     assert (gain > 0).all(), gain
@@ -257,9 +263,9 @@ def test_pixel_param_no_transforms_penalties_and_steps():
     model = bn_net()
     objective = [Channel("conv2", 2)]
     kwargs = dict(image_shape=(1, 8, 8), steps=30, param="pixel", transforms="none")
-    plain = render(model, objective, **kwargs)
-    smooth = render(model, objective, tv=5.0, **kwargs)
-    grey = render(model, objective, l2=50.0, **kwargs)
+    plain = render(model, objective, **kwargs).images
+    smooth = render(model, objective, tv=5.0, **kwargs).images
+    grey = render(model, objective, l2=50.0, **kwargs).images
 
     def tv(x: torch.Tensor) -> float:
         return float(
@@ -286,9 +292,9 @@ def test_input_transform_is_applied_after_the_transforms():
 
     objectives = [Channel("net.conv2", 1), ClassLogit(2)]
     kwargs = dict(image_shape=(3, 16, 16), steps=15)
-    with_transform = render(Plain(False), objectives, input_transform=normalize, **kwargs)
-    built_in = render(Plain(True), objectives, **kwargs)
-    without = render(Plain(False), objectives, **kwargs)
+    with_transform = render(Plain(False), objectives, input_transform=normalize, **kwargs).images
+    built_in = render(Plain(True), objectives, **kwargs).images
+    without = render(Plain(False), objectives, **kwargs).images
     assert torch.allclose(with_transform, built_in, atol=1e-5)
     assert not torch.allclose(with_transform, without, atol=1e-3)
 
@@ -356,7 +362,7 @@ def test_trained_cnn_channel_images_beat_real_data(trained):
     for layer in layers:
         real_max = seen[layer].mean(dim=(2, 3)).amax(dim=0)
         objectives = [Channel(layer, k) for k in range(real_max.numel())]
-        images = render(model, objectives, image_shape=(1, 32, 32), steps=64, lr=0.1)
+        images = render(model, objectives, image_shape=(1, 32, 32), steps=64, lr=0.1).images
         reached = evaluate(model, objectives, images)
         above = (reached > real_max).float().mean()
         print(f"{layer}: {float(above):.3f} of the channels above their validation maximum")
@@ -373,7 +379,7 @@ def test_trained_cnn_class_images_are_classified_as_their_class(trained):
     model = trained[0]
     images = render(
         model, [ClassLogit(c) for c in range(10)], image_shape=(1, 32, 32), steps=64, lr=0.1
-    )
+    ).images
     with torch.no_grad():
         predicted = model(images).argmax(dim=1)
     print(f"class images recognised: {predicted.tolist()}")
@@ -385,16 +391,17 @@ def test_render_continues_from_returned_parameters(param):
     model = bn_net()
     objectives = [Channel("conv1", i) for i in range(3)] + [ClassLogit(0)]
     kwargs = dict(image_shape=(1, 12, 12), param=param, seed=3)
-    images, params = render(model, objectives, steps=8, return_params=True, **kwargs)
+    result = render(model, objectives, steps=8, **kwargs)
+    images, params = result.images, result.params
     assert params.shape[0] == 4 and not params.requires_grad and params.device.type == "cpu"
     # a step of a vanishing size from the returned parameters gives back the same images
-    again = render(model, objectives, steps=1, lr=1e-9, init=params, **kwargs)
+    again = render(model, objectives, steps=1, lr=1e-9, init=params, **kwargs).images
     torch.testing.assert_close(again, images, atol=1e-6, rtol=0)  # float32, one step of 1e-9
     # continuing (in chunks too) moves on from there, and differs from starting over
-    more, _ = render(model, objectives, steps=4, init=params, return_params=True, **kwargs)
-    chunked = render(model, objectives, steps=4, init=params, batch_size=1, **kwargs)
+    more = render(model, objectives, steps=4, init=params, **kwargs).images
+    chunked = render(model, objectives, steps=4, init=params, batch_size=1, **kwargs).images
     torch.testing.assert_close(chunked, more, atol=1e-5, rtol=0)  # as the chunking test above
-    fresh = render(model, objectives, steps=4, **kwargs)
+    fresh = render(model, objectives, steps=4, **kwargs).images
     assert not torch.allclose(more, fresh, atol=1e-3)
     values = evaluate(model, objectives, more)
     assert (values >= evaluate(model, objectives, fresh) - 1e-4).float().mean() >= 0.5
@@ -403,19 +410,17 @@ def test_render_continues_from_returned_parameters(param):
 def test_render_init_of_the_wrong_shape_is_refused():
     model = bn_net()
     objectives = [Channel("conv1", 0), Channel("conv1", 1)]
-    _, params = render(model, objectives, image_shape=(1, 8, 8), steps=1, return_params=True)
+    params = render(model, objectives, image_shape=(1, 8, 8), steps=1).params
     with pytest.raises(NeuronsError, match=r"`init` must be the parameters of every row"):
         render(model, objectives[:1], image_shape=(1, 8, 8), steps=1, init=params)
-    with pytest.raises(NeuronsError, match="cannot both be set"):
-        render(model, objectives, image_shape=(1, 8, 8), return_mask=True, return_params=True)
 
 
 def test_a_block_of_rows_rendered_alone_gives_its_rows_of_the_whole():
     model = bn_net()
     objectives = [Channel("conv1", i) for i in range(3)] + [ClassLogit(0), ClassLogit(2)]
     kwargs = dict(image_shape=(1, 12, 12), steps=6, param="fft", seed=5, restarts=2)
-    whole = render(model, objectives, **kwargs)
-    block = render(model, objectives[2:4], first_row=2 * 2, **kwargs)  # 2 candidates each
+    whole = render(model, objectives, **kwargs).images
+    block = render(model, objectives[2:4], first_row=2 * 2, **kwargs).images  # 2 candidates each
     torch.testing.assert_close(block, whole[2:4], atol=1e-5, rtol=0)  # as the chunking test
     with pytest.raises(NeuronsError, match="`first_row` must be an integer >= 0"):
         render(model, objectives, first_row=-1, **kwargs)
@@ -425,9 +430,10 @@ def test_the_kept_candidates_parameters_continue_alone():
     model = bn_net()
     objectives = [ClassLogit(0), ClassLogit(2)]
     kwargs = dict(image_shape=(1, 12, 12), param="fft", seed=1)
-    images, params = render(model, objectives, steps=6, restarts=3, return_params=True, **kwargs)
+    result = render(model, objectives, steps=6, restarts=3, **kwargs)
+    images, params = result.images, result.params
     assert params.shape[0] == 2  # the kept candidate of each objective
-    again = render(model, objectives, steps=1, lr=1e-9, init=params, **kwargs)
+    again = render(model, objectives, steps=1, lr=1e-9, init=params, **kwargs).images
     torch.testing.assert_close(again, images, atol=1e-6, rtol=0)  # float32, one step of 1e-9
 
 
@@ -435,14 +441,14 @@ def test_selecting_the_candidate_early_continues_the_kept_one_alone():
     model = bn_net()
     objectives = [ClassLogit(0), ClassLogit(1), ClassLogit(2)]
     kwargs = dict(image_shape=(1, 12, 12), param="fft", seed=4, views=2)
-    early = render(model, objectives, steps=8, restarts=3, select_after=3, **kwargs)
+    early = render(model, objectives, steps=8, restarts=3, select_after=3, **kwargs).images
     # the same by hand: 3 steps of every candidate, then the kept ones alone for 5 more steps
-    _, kept = render(model, objectives, steps=3, restarts=3, return_params=True, **kwargs)
-    by_hand = render(model, objectives, steps=5, init=kept, **kwargs)
+    kept = render(model, objectives, steps=3, restarts=3, **kwargs).params
+    by_hand = render(model, objectives, steps=5, init=kept, **kwargs).images
     torch.testing.assert_close(early, by_hand, atol=1e-5, rtol=0)  # as the chunking test
-    late = render(model, objectives, steps=8, restarts=3, **kwargs)
+    late = render(model, objectives, steps=8, restarts=3, **kwargs).images
     assert torch.equal(
-        render(model, objectives, steps=8, restarts=3, select_after=8, **kwargs), late
+        render(model, objectives, steps=8, restarts=3, select_after=8, **kwargs).images, late
     )
     with pytest.raises(NeuronsError, match="`select_after` must be a positive integer"):
         render(model, objectives, steps=8, restarts=3, select_after=0, **kwargs)
@@ -465,10 +471,8 @@ def test_convergence_stops_a_converged_objective_and_not_an_improving_one():
     model = _ramp_and_offset_ramp()
     objectives = [Channel("0", 0), Channel("0", 1)]
     kwargs = dict(image_shape=(1, 6, 6), param="pixel", transforms="none", lr=0.05, seed=2)
-    images, ran = render(
-        model, objectives, steps=24, converge_tol=0.01, converge_window=4, return_steps=True,
-        **kwargs,
-    )  # fmt: skip
+    result = render(model, objectives, steps=24, converge_tol=0.01, converge_window=4, **kwargs)
+    images, ran = result.images, result.steps
     # the mean pixel, ~0.5, rises ~0.05 per 4 steps (sigmoid slope ~0.25, Adam steps ~lr), ~10%:
     # it never stops; 100 + the mean pixel rises 0.05%: it stops at the second comparison in a
     # row that found it calm, two windows in
@@ -477,8 +481,8 @@ def test_convergence_stops_a_converged_objective_and_not_an_improving_one():
     # the frozen image is the image after 8 steps (Adam's momentum did not move it on), and the
     # other image is that of 24 steps: each as rendered without the test (float32, 1x1 kernels
     # over batches of 2 and 1 rows)
-    eight = render(model, objectives, steps=8, **kwargs)
-    full = render(model, objectives, steps=24, **kwargs)
+    eight = render(model, objectives, steps=8, **kwargs).images
+    full = render(model, objectives, steps=24, **kwargs).images
     torch.testing.assert_close(images[1], eight[1], atol=1e-6, rtol=0)
     torch.testing.assert_close(images[0], full[0], atol=1e-6, rtol=0)
     # its gradient is the other's: Adam's momentum would have moved it on (had it not been put
@@ -490,13 +494,14 @@ def test_without_the_convergence_test_every_image_runs_all_steps():
     model = bn_net()
     objectives = [Channel("conv1", i) for i in range(4)] + [ClassLogit(0), ClassLogit(1)]
     kwargs = dict(image_shape=(1, 12, 12), steps=20, param="fft", seed=3)
-    plain = render(model, objectives, **kwargs)
+    plain = render(model, objectives, **kwargs).images
     for tol in (None, 0, 0.0):
-        images, ran = render(model, objectives, converge_tol=tol, return_steps=True, **kwargs)
+        result = render(model, objectives, converge_tol=tol, **kwargs)
+        images, ran = result.images, result.steps
         assert torch.equal(images, plain)
         assert ran.tolist() == [20] * 6
     # with the test, the same model stops some images early (see the next test)
-    _, ran = render(model, objectives, converge_tol=0.03, return_steps=True, **kwargs)
+    ran = render(model, objectives, converge_tol=0.03, **kwargs).steps
     assert ran.min() < 20
 
 
@@ -506,15 +511,19 @@ def test_convergence_is_deterministic_and_per_image():
     model = bn_net()
     objectives = [Channel("conv1", i) for i in range(4)] + [ClassLogit(0), ClassLogit(1)]
     kwargs = dict(image_shape=(1, 12, 12), steps=40, param="fft", seed=3, converge_tol=0.03)
-    images, ran = render(model, objectives, return_steps=True, **kwargs)
-    again, ran_again = render(model, objectives, return_steps=True, **kwargs)
+    result = render(model, objectives, **kwargs)
+    images, ran = result.images, result.steps
+    result = render(model, objectives, **kwargs)
+    again, ran_again = result.images, result.steps
     assert torch.equal(images, again) and torch.equal(ran, ran_again)
     # some images stop as early as they can (two windows), some never: the runs below mix both
     assert ran.min() == 8 and ran.max() == 40, ran.tolist()
-    chunked, ran_chunked = render(model, objectives, batch_size=2, return_steps=True, **kwargs)
+    result = render(model, objectives, batch_size=2, **kwargs)
+    chunked, ran_chunked = result.images, result.steps
     assert torch.equal(ran_chunked, ran)
     torch.testing.assert_close(chunked, images, atol=1e-5, rtol=0)  # as the chunking test
-    alone, ran_alone = render(model, objectives[1:4], first_row=1, return_steps=True, **kwargs)
+    result = render(model, objectives[1:4], first_row=1, **kwargs)
+    alone, ran_alone = result.images, result.steps
     assert torch.equal(ran_alone, ran[1:4])
     torch.testing.assert_close(alone, images[1:4], atol=1e-5, rtol=0)
 
@@ -525,25 +534,20 @@ def test_convergence_with_candidates_masks_and_continued_images():
     kwargs = dict(image_shape=(1, 12, 12), param="fft", seed=4, converge_tol=0.03)
     # with restarts the kept candidate's steps of both phases add up; each phase at least two
     # windows of 4
-    _, ran = render(
-        model, objectives, steps=32, restarts=2, select_after=16, return_steps=True, **kwargs
-    )
+    ran = render(model, objectives, steps=32, restarts=2, select_after=16, **kwargs).steps
     assert ((ran >= 16) & (ran <= 32)).all() and ran.min() < 32, ran.tolist()
-    images, masks, ran = render(
-        model, objectives, steps=16, return_mask=True, return_steps=True, **kwargs
-    )
+    masks = render(model, objectives, steps=16, mask=True, **kwargs).masks
     assert masks.shape == (3, 1, 12, 12) and float(masks.amax()) == 1.0
     # a continued image that has converged runs two windows only
-    _, params = render(
+    params = render(
         model,
         objectives,
         steps=16,
-        return_params=True,
         seed=4,
         image_shape=(1, 12, 12),
         param="fft",
-    )
-    _, ran = render(model, objectives, steps=16, init=params, return_steps=True, **kwargs)
+    ).params
+    ran = render(model, objectives, steps=16, init=params, **kwargs).steps
     assert ran.min() == 8
 
 

@@ -26,8 +26,8 @@ from lightning_neurons.visualize import (
     render,
 )
 from lightning_neurons.visualize.param import maco_image, soft_clip
+from lightning_neurons.visualize.penalties import similarity_to_others
 from lightning_neurons.visualize.prior import DataPriorEstimate, amplitude_spectrum
-from lightning_neurons.visualize.render import similarity_to_others
 from lightning_neurons.visualize.transforms import robust_transforms
 
 # float32 FFTs and convolutions of 8x8-16x16 images: rounding errors are ~1e-7 per value; a few
@@ -158,7 +158,7 @@ def test_phase_only_optimisation_keeps_the_amplitudes():
         param="maco",
         prior=prior,
         transforms="robust",
-    )
+    ).images
     assert float((images - 0.5).abs().max()) < 0.4
     spectrum = torch.fft.rfft2(images - images.mean(dim=(2, 3), keepdim=True), norm="ortho").abs()
     expected = prior.magnitude.expand(3, -1, -1, -1)
@@ -167,7 +167,7 @@ def test_phase_only_optimisation_keeps_the_amplitudes():
     start = render(
         model, [Channel("conv2", k) for k in range(3)], image_shape=(1, 16, 16), steps=1,
         lr=1e-9, param="maco", prior=prior,
-    )  # fmt: skip
+    ).images  # fmt: skip
     assert float((images - start).abs().max()) > 1e-3
 
 
@@ -178,19 +178,19 @@ def test_maco_is_deterministic_with_a_seed_and_rows_are_independent():
     )
     objectives = [Channel("conv2", k) for k in range(4)]
     kwargs = dict(image_shape=(1, 16, 16), steps=8, lr=0.05, param="maco", prior=prior, views=2)
-    first = render(model, objectives, seed=5, **kwargs)
-    again = render(model, objectives, seed=5, **kwargs)
-    other = render(model, objectives, seed=6, **kwargs)
+    first = render(model, objectives, seed=5, **kwargs).images
+    again = render(model, objectives, seed=5, **kwargs).images
+    other = render(model, objectives, seed=6, **kwargs).images
     # the same computation twice; only threading could reorder float sums (~1e-7)
     torch.testing.assert_close(first, again, atol=FFT_TOL, rtol=0)
     assert float((first - other).abs().mean()) > 1e-2
     # Row 2 rendered alone, in chunks of one, and in the batch of four: its own seed and the same
     # transforms; other batch sizes change only the kernels' rounding (1e-7), which 8 Adam steps
     # of lr 0.05 through the soft clip keep far below 1e-3 of a [0, 1] pixel.
-    alone = render(model, [objectives[2]], **{**kwargs, "seed": 5})
-    chunked = render(model, objectives, seed=5, batch_size=1, **kwargs)
+    alone = render(model, [objectives[2]], **{**kwargs, "seed": 5}).images
+    chunked = render(model, objectives, seed=5, batch_size=1, **kwargs).images
     torch.testing.assert_close(chunked, first, atol=1e-3, rtol=0)
-    index_two = render(model, objectives[:3], seed=5, **kwargs)[2]
+    index_two = render(model, objectives[:3], seed=5, **kwargs).images[2]
     torch.testing.assert_close(index_two, first[2], atol=1e-3, rtol=0)
     assert alone.shape == (1, 1, 16, 16)  # row 0 of its own rendering: a different seed
     assert float((alone[0] - first[2]).abs().mean()) > 1e-2
@@ -238,8 +238,8 @@ def test_soft_clip_is_the_identity_inside_and_bounded_outside():
 
 def test_views_and_robust_transforms():
     model = bn_net(seed=0)
-    one = render(model, [Channel("conv2", 0)], image_shape=(1, 16, 16), steps=4, views=1)
-    four = render(model, [Channel("conv2", 0)], image_shape=(1, 16, 16), steps=4, views=4)
+    one = render(model, [Channel("conv2", 0)], image_shape=(1, 16, 16), steps=4, views=1).images
+    four = render(model, [Channel("conv2", 0)], image_shape=(1, 16, 16), steps=4, views=4).images
     assert one.shape == four.shape == (1, 1, 16, 16)
     assert float((one - four).abs().max()) > 0  # other views, other gradients
     (warp,) = robust_transforms((1, 32, 32), fill=0.0)
@@ -251,15 +251,15 @@ def test_n_images_with_diversity_are_less_alike():
     model = bn_net(seed=0)
     kwargs = dict(image_shape=(1, 16, 16), steps=30, lr=0.1, n_images=3, transforms="none")
     objectives = [Channel("conv2", 0), Channel("conv2", 1)]
-    plain = render(model, objectives, diversity=0.0, **kwargs)
-    diverse = render(model, objectives, diversity=5.0, diversity_on="pixels", **kwargs)
+    plain = render(model, objectives, diversity=0.0, **kwargs).images
+    diverse = render(model, objectives, diversity=5.0, diversity_on="pixels", **kwargs).images
     assert plain.shape == diverse.shape == (6, 1, 16, 16)
     similarity = float(similarity_to_others(plain, 3).mean())
     assert float(similarity_to_others(diverse, 3).mean()) < similarity - 0.1
     # images of one objective stay in one chunk: batch_size counts objectives
     chunked = render(
         model, objectives, diversity=5.0, diversity_on="pixels", batch_size=1, **kwargs
-    )
+    ).images
     torch.testing.assert_close(chunked, diverse, atol=1e-3, rtol=0)
 
 
@@ -291,14 +291,14 @@ def test_diversity_on_features_makes_the_layer_see_different_things():
     settings = {"none": (0.0, "pixels"), "pixels": (5.0, "pixels"), "features": (5.0, "features")}
     similarity = {}
     for name, (weight, on) in settings.items():
-        images = render(model, objectives, diversity=weight, diversity_on=on, **kwargs)
+        images = render(model, objectives, diversity=weight, diversity_on=on, **kwargs).images
         similarity[name] = _gram_similarity(model, images, "conv2", 3)
     # measured: 1.000 without diversity, 0.993 on pixels, 0.849 on features (any CPU: margins
     # of 0.05 are far above float32 rounding of 40 Adam steps on 16x16 images)
     assert similarity["features"] < similarity["pixels"] - 0.05
     assert similarity["features"] < similarity["none"] - 0.05
     assert count_forward_hooks(model) == 0
-    with pytest.raises(NeuronsError, match="`diversity_on` must be 'features' or 'pixels'"):
+    with pytest.raises(NeuronsError, match="`diversity_on` must be one of 'features', 'pixels'"):
         render(model, objectives, diversity_on="gram", **kwargs)
 
 
@@ -306,8 +306,8 @@ def test_restarts_keep_the_candidate_the_model_scores_best():
     model = bn_net(seed=0)
     objectives = [Channel("conv2", 0), Channel("conv2", 3)]
     kwargs = dict(image_shape=(1, 16, 16), steps=6, lr=0.1, transforms="none")
-    best = render(model, objectives, restarts=3, **kwargs)
-    candidates = render(model, objectives, n_images=3, **kwargs)  # the same rows and seeds
+    best = render(model, objectives, restarts=3, **kwargs).images
+    candidates = render(model, objectives, n_images=3, **kwargs).images  # the same rows and seeds
     assert best.shape == (2, 1, 16, 16)
     values = evaluate(model, [o for o in objectives for _ in range(3)], candidates).view(2, 3)
     for j in range(2):
@@ -329,14 +329,15 @@ def test_similarity_to_others():
 def test_mask_marks_the_receptive_field_of_a_neuron():
     model = bn_net(seed=0)
     # conv1 and conv2 are 3x3 with padding 1: Neuron(conv2, y=2, x=2) sees pixels 0..4 only
-    images, mask = render(
+    result = render(
         model,
         [Neuron("conv2", 0, y=2, x=2), ClassLogit(1)],
         image_shape=(1, 16, 16),
         steps=5,
         transforms="none",
-        return_mask=True,
+        mask=True,
     )
+    images, mask = result.images, result.masks
     assert images.shape == (2, 1, 16, 16) and mask.shape == (2, 1, 16, 16)
     assert float(mask.min()) >= 0 and torch.allclose(mask.flatten(1).amax(1), torch.ones(2))
     outside = mask[0].clone()

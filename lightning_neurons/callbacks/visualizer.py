@@ -774,7 +774,7 @@ class FeatureVisualizer(StagedCallback):
         assert plan is not None
         prior = self._render_prior()
         param = self.param if prior is not None or self.param != "maco" else "fft"
-        images, params, steps = render(
+        result = render(
             model,
             objectives,
             image_shape=plan["shape"],
@@ -783,8 +783,6 @@ class FeatureVisualizer(StagedCallback):
             first_row=first_row,
             converge_tol=self.converge_tol,
             converge_window=self.converge_window,
-            return_params=True,
-            return_steps=True,
             lr=self.lr,
             param=param,  # type: ignore[arg-type]
             transforms=self.transforms,  # type: ignore[arg-type]
@@ -803,7 +801,7 @@ class FeatureVisualizer(StagedCallback):
             restarts=restarts,
             select_after=self.class_select_after if restarts > 1 else None,
         )
-        return images.cpu(), params, steps
+        return result.images.cpu(), result.params, result.steps
 
     def _layer_activation(
         self,

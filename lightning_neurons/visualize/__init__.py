@@ -8,8 +8,9 @@ one batch. *Focus* (which pixels of a real image drive a prediction) is shown by
 Example:
     >>> from lightning_neurons.visualize import Channel, ClassLogit, render, grad_cam
     >>> images = render(model, [Channel("features.conv2", i) for i in range(64)],
-    ...                 image_shape=(1, 32, 32), steps=128)  # doctest: +SKIP
+    ...                 image_shape=(1, 32, 32), steps=128).images  # doctest: +SKIP
     >>> classes = render(model, [ClassLogit(c) for c in range(10)], image_shape=(1, 32, 32))  # doctest: +SKIP
+    >>> classes.images.shape, classes.steps  # doctest: +SKIP
     >>> maps = grad_cam(model, real_images)  # doctest: +SKIP
 """
 
@@ -24,7 +25,7 @@ from lightning_neurons.visualize.objectives import (
     TotalVariation,
 )
 from lightning_neurons.visualize.prior import DataPrior
-from lightning_neurons.visualize.render import evaluate, render
+from lightning_neurons.visualize.render import RenderResult, check_objectives, evaluate, render
 from lightning_neurons.visualize.saliency import (
     grad_cam,
     gradient,
@@ -35,7 +36,7 @@ from lightning_neurons.visualize.saliency import (
 
 # The public API: objectives to render, the render loop, the data prior of "maco", and saliency.
 # Parametrizations, transforms and helpers live in their modules (``visualize.param``,
-# ``visualize.transforms``, ``visualize.objectives``, ...).
+# ``visualize.transforms``, ``visualize.objectives``, ``visualize.sizing``, ...).
 __all__ = [
     "L2",
     "Channel",
@@ -45,7 +46,9 @@ __all__ = [
     "DataPrior",
     "Neuron",
     "Objective",
+    "RenderResult",
     "TotalVariation",
+    "check_objectives",
     "evaluate",
     "grad_cam",
     "gradient",

@@ -110,6 +110,13 @@ class DataPrior:
         magnitude[:, 0, 0] = self.magnitude[:, 0, 0] * ((height * width) / (h * w)) ** 0.5
         return DataPrior(magnitude=magnitude, mean=mean, std=std, count=self.count)
 
+    def border_value(self) -> float:
+        """The data's mean value on the one-pixel frame of the image (what lies beyond its
+        border): the fill of the pixels that the random transforms bring in from outside."""
+        mean = self.mean
+        frame = torch.cat([mean[:, 0], mean[:, -1], mean[:, :, 0], mean[:, :, -1]], dim=1)
+        return float(frame.mean())
+
     def to(self, device: torch.device | str) -> DataPrior:
         """The same statistics on ``device`` (float32)."""
         return DataPrior(

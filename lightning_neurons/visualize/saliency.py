@@ -32,20 +32,22 @@ from lightning_neurons.batch import (
     read_logits,
     to_model_input,
 )
+from lightning_neurons.checks import (
+    check_choice,
+    check_image_batch,
+    check_int,
+    check_non_negative,
+    check_optional_positive_int,
+    check_positive_int,
+)
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.hooks import get_module, hooked
+from lightning_neurons.hooks import get_module, hooked, leaf_output_sizes
 from lightning_neurons.state import analysis_mode, model_device
 from lightning_neurons.visualize.param import row_seed
-from lightning_neurons.visualize.render import _largest_output, auto_batch_size
+from lightning_neurons.visualize.sizing import auto_batch_size
 
 Method = Literal["gradient", "smoothgrad", "gradcam"]
 METHODS: tuple[str, ...] = ("gradient", "smoothgrad", "gradcam")
-
-
-def _check_images(images: torch.Tensor) -> None:
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise NeuronsError(f"`images` must be a [N, C, H, W] tensor, got {shape}")
 
 
 def _logits(
@@ -88,13 +90,6 @@ def _targets(
     return target
 
 
-def _check_batch_size(batch_size: int | None) -> None:
-    if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    ):
-        raise NeuronsError(f"`batch_size` must be a positive integer or None, got {batch_size!r}")
-
-
 def _chunks(
     n: int,
     batch_size: int | None,
@@ -103,10 +98,10 @@ def _chunks(
     input_transform: InputTransform | None = None,
 ) -> list[slice]:
     """Slices of ``n`` rows: ``batch_size`` rows, or by default as many as
-    :func:`~lightning_neurons.visualize.render.auto_batch_size` allows for the model's layer
+    :func:`~lightning_neurons.visualize.sizing.auto_batch_size` allows for the model's layer
     outputs on one of ``images`` (measured with one forward pass): memory bounded whatever ``n``
     (SmoothGrad's ``N x samples`` copies included)."""
-    _check_batch_size(batch_size)
+    check_optional_positive_int("batch_size", batch_size)
     size = batch_size or _auto_rows(n, model, images, input_transform)
     return [slice(i, i + size) for i in range(0, n, size)]
 
@@ -119,15 +114,10 @@ def _auto_rows(
 ) -> int:
     if model is None or images is None or n <= 4 or len(images) == 0:
         return max(n, 1)
-    handles, sizes = _largest_output(model)
-    try:
-        with torch.no_grad():
-            model(as_model_input(to_model_input(images[:1], input_transform), model))
-    finally:
-        for handle in handles:
-            handle.remove()
-    largest, total = sizes
-    return auto_batch_size(n, largest, model_device(model), total)
+    x = as_model_input(to_model_input(images[:1], input_transform), model)
+    with torch.no_grad():
+        sizes = leaf_output_sizes(model, lambda: model(x))
+    return auto_batch_size(n, sizes.largest, model_device(model), sizes.total)
 
 
 def _input_gradient(
@@ -161,7 +151,7 @@ def gradient(
         target: Class per image (or one for all); default: the predicted class.
         input_transform: Display image -> model input.
         batch_size: Images per forward pass (default: chunks bounded in memory, see
-            :func:`~lightning_neurons.visualize.render.auto_batch_size`).
+            :func:`~lightning_neurons.visualize.sizing.auto_batch_size`).
         output_fn: Reads the logits from the model's output (see
             :func:`~lightning_neurons.batch.read_logits`).
 
@@ -174,7 +164,7 @@ def gradient(
     Example:
         >>> maps = gradient(model, images)  # doctest: +SKIP
     """
-    _check_images(images)
+    check_image_batch(images)
     device = model_device(model)
     out = []
     with analysis_mode(model):
@@ -219,7 +209,7 @@ def smoothgrad(
             parts: image ``i`` gets the noise of image ``first_index + i`` of the set.
         input_transform: Display image -> model input.
         batch_size: Noisy copies per forward pass (default: chunks of the ``N * samples``
-            copies bounded in memory, see :func:`~lightning_neurons.visualize.render.auto_batch_size`).
+            copies bounded in memory, see :func:`~lightning_neurons.visualize.sizing.auto_batch_size`).
         output_fn: Reads the logits from the model's output.
 
     Returns:
@@ -228,13 +218,10 @@ def smoothgrad(
     Raises:
         NeuronsError: For bad arguments or targets.
     """
-    _check_images(images)
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise NeuronsError(f"`samples` must be a positive integer, got {samples!r}")
-    if isinstance(noise, bool) or not isinstance(noise, numbers.Real) or noise < 0:
-        raise NeuronsError(f"`noise` must be a number >= 0, got {noise!r}")
-    if isinstance(first_index, bool) or not isinstance(first_index, int) or first_index < 0:
-        raise NeuronsError(f"`first_index` must be an integer >= 0, got {first_index!r}")
+    check_image_batch(images)
+    check_positive_int("samples", samples)
+    check_non_negative("noise", noise)
+    check_int("first_index", first_index, minimum=0)
     device = model_device(model)
     n = images.shape[0]
     with analysis_mode(model):
@@ -296,7 +283,7 @@ def grad_cam(
         layer: A layer with ``[N, K, h, w]`` output; default: the model's last ``Conv2d``.
         input_transform: Display image -> model input.
         batch_size: Images per forward pass (default: chunks bounded in memory, see
-            :func:`~lightning_neurons.visualize.render.auto_batch_size`).
+            :func:`~lightning_neurons.visualize.sizing.auto_batch_size`).
         output_fn: Reads the logits from the model's output (see
             :func:`~lightning_neurons.batch.read_logits`).
 
@@ -306,7 +293,7 @@ def grad_cam(
     Raises:
         NeuronsError: For an unknown layer, a layer without spatial output, or bad targets.
     """
-    _check_images(images)
+    check_image_batch(images)
     layer = layer or _last_conv(model)
     get_module(model, layer)
     device = model_device(model)
@@ -380,39 +367,14 @@ def saliency(
     Raises:
         NeuronsError: For an unknown method (and see the functions).
     """
+    check_choice("method", method, METHODS)
+    common = dict(input_transform=input_transform, batch_size=batch_size, output_fn=output_fn)
     if method == "gradient":
-        return gradient(
-            model,
-            images,
-            target,
-            input_transform=input_transform,
-            batch_size=batch_size,
-            output_fn=output_fn,
-        )
+        return gradient(model, images, target, **common)
     if method == "smoothgrad":
-        return smoothgrad(
-            model,
-            images,
-            target,
-            samples=samples,
-            noise=noise,
-            seed=seed,
-            first_index=first_index,
-            input_transform=input_transform,
-            batch_size=batch_size,
-            output_fn=output_fn,
-        )
-    if method == "gradcam":
-        return grad_cam(
-            model,
-            images,
-            target,
-            layer=layer,
-            input_transform=input_transform,
-            batch_size=batch_size,
-            output_fn=output_fn,
-        )
-    raise NeuronsError(f"`method` must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
+        smooth = dict(samples=samples, noise=noise, seed=seed, first_index=first_index)
+        return smoothgrad(model, images, target, **smooth, **common)
+    return grad_cam(model, images, target, layer=layer, **common)
 
 
 def normalize_maps(maps: torch.Tensor) -> torch.Tensor:

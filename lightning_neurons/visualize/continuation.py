@@ -1,0 +1,122 @@
+"""Where a rendering starts and how its candidates are chosen and continued.
+
+- :func:`continue_from`: rows start from given parameters (an earlier rendering's) instead of
+  their seeded noise, so a few steps reach what many steps from noise reach.
+- :func:`best_candidates`: of every ``restarts`` consecutive candidates, the one whose objective
+  is highest on average over :data:`SELECTION_VIEWS` random views.
+- :func:`continue_kept`: the kept candidates optimised alone for the remaining steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lightning_neurons.batch import BatchFn, InputTransform, to_model_input
+from lightning_neurons.errors import NeuronsError
+from lightning_neurons.visualize.objectives import BatchScorer, Objective
+from lightning_neurons.visualize.optimise import Ascent, Chunk, ChunkSettings, optimise
+from lightning_neurons.visualize.scoring import Scoring
+from lightning_neurons.visualize.transforms import apply_transforms
+
+#: Random views on which the candidates of ``restarts`` are compared.
+SELECTION_VIEWS = 16
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """Images (on the model's device), parameters (CPU) and steps run (CPU) of some rows."""
+
+    images: torch.Tensor
+    params: torch.Tensor
+    steps: torch.Tensor
+
+    @classmethod
+    def of(cls, chunks: Sequence[Chunk]) -> Rendered:
+        """The rows of ``chunks``, in order."""
+        with torch.no_grad():
+            images = torch.cat([chunk.image_fn().detach() for chunk in chunks])
+            params = torch.cat([chunk.params[0].detach().cpu() for chunk in chunks])
+        return cls(images, params, torch.cat([chunk.steps for chunk in chunks]))
+
+    def pick(self, index: torch.Tensor) -> Rendered:
+        """The rows ``index``."""
+        return Rendered(self.images[index], self.params[index.cpu()], self.steps[index.cpu()])
+
+
+def continue_from(chunks: Sequence[Chunk], init: torch.Tensor, rows: int, param: str) -> None:
+    """Copy ``init`` (the parameters of every row) into the chunks' parameters.
+
+    Raises:
+        NeuronsError: If ``init`` is not a tensor of the rows' parameter shape.
+    """
+    expected = (rows, *chunks[0].params[0].shape[1:])
+    if not isinstance(init, torch.Tensor) or tuple(init.shape) != expected:
+        got = tuple(init.shape) if isinstance(init, torch.Tensor) else type(init).__name__
+        raise NeuronsError(
+            f"`init` must be the parameters of every row, shape {expected} for param={param!r} "
+            f"(the `params` of render()'s result for the same objectives and settings); "
+            f"got {got}"
+        )
+    start = 0
+    with torch.no_grad():
+        for chunk in chunks:
+            p = chunk.params[0]
+            p.copy_(init[start : start + len(p)].to(p.device, p.dtype))
+            start += len(p)
+
+
+def continue_kept(
+    model: nn.Module,
+    kept: Sequence[Objective],
+    start: torch.Tensor,
+    settings: ChunkSettings,
+    *,
+    size: int,
+    steps: int,
+    ascent: Ascent,
+) -> Rendered:
+    """Optimise the kept candidates (starting from their parameters ``start``) alone for
+    ``steps`` more steps, ``size`` rows at once."""
+    chunks = [
+        Chunk(kept[i : i + size], range(i, min(i + size, len(kept))), settings)
+        for i in range(0, len(kept), size)
+    ]
+    continue_from(chunks, start, len(kept), settings.param)
+    optimise(model, chunks, steps, ascent)
+    return Rendered.of(chunks)
+
+
+def best_candidates(
+    model: nn.Module,
+    rows: Sequence[Objective],
+    images: torch.Tensor,
+    restarts: int,
+    transforms: Sequence[Callable],
+    input_transform: InputTransform | None,
+    *,
+    seed: int,
+    size: int,
+    output_fn: BatchFn | None = None,
+) -> torch.Tensor:
+    """Index of the best of every ``restarts`` consecutive candidates: the highest mean value of
+    its objective over :data:`SELECTION_VIEWS` random views (one without transforms)."""
+    draws = SELECTION_VIEWS if transforms else 1
+    generator = torch.Generator().manual_seed(int(seed) + 1)
+    total = torch.zeros(len(rows), dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(draws):
+            state = generator.get_state()
+            for start in range(0, len(rows), size):
+                generator.set_state(state)  # every chunk sees the same draw
+                scoring = Scoring(BatchScorer(rows[start : start + size]), output_fn=output_fn)
+                image = images[start : start + size]
+                x = to_model_input(apply_transforms(image, transforms, generator), input_transform)
+                with scoring.attached(model):
+                    value = scoring.forward(model, x, image)
+                total[start : start + size] += value.double().cpu()
+    winners = total.view(-1, restarts).argmax(dim=1)
+    return winners + torch.arange(len(winners)) * restarts

@@ -1,0 +1,258 @@
+"""The optimisation loop: Adam steps on the images of every chunk of a rendering.
+
+A rendering's rows (one per image) are cut into chunks (:class:`Chunk`); at each step the chunks
+run one after another, so only one chunk's activations are alive, and share one optimiser step.
+The rows stay independent: the loss is the sum of the rows' values, the model runs in eval mode
+(BatchNorm uses its running statistics) and Adam updates every parameter element on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lightning_neurons.batch import BatchFn, InputTransform, to_model_input
+from lightning_neurons.hooks import hooked
+from lightning_neurons.visualize.objectives import BatchScorer, Objective
+from lightning_neurons.visualize.param import Param, parametrize, row_seed
+from lightning_neurons.visualize.penalties import (
+    Convergence,
+    Penalties,
+    diversity_layer,
+    similarity_to_others,
+)
+from lightning_neurons.visualize.prior import DataPrior
+from lightning_neurons.visualize.scoring import Dispatch, Scoring
+from lightning_neurons.visualize.transforms import apply_transforms
+
+
+@dataclass(frozen=True)
+class ChunkSettings:
+    """How every chunk of one rendering is parametrised and scored."""
+
+    param: Param
+    image_shape: tuple[int, int, int]
+    seed: int
+    decorrelate: bool
+    device: torch.device
+    prior: DataPrior | None
+    contrast: float
+    views: int
+    #: Consecutive rows of one objective (its images, or its candidates).
+    n_images: int
+    output_fn: BatchFn | None = None
+    diversity_on: str = "features"
+    #: Layers whose outputs have positions (``[B, C, ...]`` with C > 1 and positions >= 1).
+    spatial: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Ascent:
+    """How the images climb: the optimiser, the random views and what is subtracted."""
+
+    lr: float
+    transforms: Sequence[Callable]
+    input_transform: InputTransform | None
+    seed: int
+    penalties: Penalties
+    convergence: Convergence | None = None
+    #: Accumulate ``|d loss / d image|`` per pixel (MaCo's transparency mask).
+    track_mask: bool = False
+
+
+class Chunk:
+    """Rows ``indices`` of a rendering: their scoring hooks, parametrization, steps and mask."""
+
+    def __init__(
+        self, objectives: Sequence[Objective], indices: range, settings: ChunkSettings
+    ) -> None:
+        self.views = settings.views
+        self.n_images = settings.n_images
+        self.output_fn = settings.output_fn
+        self.objectives = list(objectives)
+        #: Each row's layer for the diversity term (``None``: its pixels).
+        self._diversity_layers = [
+            diversity_layer(o, settings.spatial) if settings.diversity_on == "features" else None
+            for o in objectives
+        ]
+        self.params, self.image_fn = parametrize(
+            settings.param,
+            (len(indices), *settings.image_shape),
+            [row_seed(settings.seed, i) for i in indices],
+            decorrelate=settings.decorrelate,
+            device=settings.device,
+            prior=settings.prior,
+            contrast=settings.contrast,
+        )
+        self.mask: torch.Tensor | None = None
+        #: Adam steps each row has run.
+        self.steps = torch.zeros(len(indices), dtype=torch.int64)
+        #: Rows still optimised (``None``: all); the others are frozen (see :meth:`freeze`).
+        self.active: torch.Tensor | None = None
+        self._frozen_params: torch.Tensor | None = None
+        self._checked: torch.Tensor | None = None  # the running rows' values at the last check
+        self._calm = torch.zeros(0, dtype=torch.int64)  # checks in a row each rose < tol
+        self._score_rows(range(len(indices)))
+
+    def _score_rows(self, rows: Sequence[int]) -> None:
+        """Score the rows ``rows`` (every view of their images is a batch row of its own)."""
+        self.diversity_layers = [self._diversity_layers[i] for i in rows]
+        self.scoring = Scoring(
+            BatchScorer([self.objectives[i] for i in rows] * self.views),
+            output_fn=self.output_fn,
+            gram_layers=[n for n in self.diversity_layers if n is not None],
+        )
+
+    @property
+    def running(self) -> bool:
+        """Whether any row of the chunk is still optimised."""
+        return self.active is None or len(self.active) > 0
+
+    def rows_image(self) -> torch.Tensor:
+        """The images of the running rows (all rows' parameters go through ``image_fn``: the
+        parametrisation is cheap next to the model)."""
+        image = self.image_fn()
+        return image if self.active is None else image[self.active.to(image.device)]
+
+    def check(
+        self,
+        model: nn.Module,
+        dispatch: Dispatch,
+        input_transform: InputTransform | None,
+        convergence: Convergence,
+    ) -> None:
+        """Score the running rows without transforms; freeze those that have converged."""
+        if not self.running:
+            return
+        rows = self.objectives if self.active is None else [self.objectives[i] for i in self.active]
+        scoring = Scoring(BatchScorer(rows), output_fn=self.output_fn)
+        with torch.no_grad():
+            image = self.rows_image()
+            dispatch.current = scoring
+            value = scoring.forward(model, to_model_input(image, input_transform), image)
+        value = value.detach().float().cpu()
+        if self._checked is None:
+            self._checked = value
+            self._calm = torch.zeros(len(value), dtype=torch.int64)
+            return
+        calm = convergence.calm(value, self._checked)
+        self._calm = torch.where(calm, self._calm + 1, 0)
+        done = self._calm >= convergence.patience
+        self._checked, self._calm = value[~done], self._calm[~done]
+        if done.any():
+            self.freeze(done)
+
+    def freeze(self, done: torch.Tensor) -> None:
+        """Stop optimising the running rows where ``done`` (``[running rows]`` bool): they leave
+        the batch, and their parameters are put back after every optimiser step (Adam's
+        momentum would move them even with a zero gradient)."""
+        active = torch.arange(len(self.steps)) if self.active is None else self.active
+        self.active = active[~done]
+        self._frozen_params = self.params[0].detach().clone()
+        self._score_rows(self.active.tolist())
+
+    def restore_frozen(self) -> None:
+        """Put the frozen rows' parameters back after an optimiser step."""
+        if self.active is None or self._frozen_params is None:
+            return
+        frozen = torch.ones(len(self.steps), dtype=torch.bool)
+        frozen[self.active] = False
+        with torch.no_grad():
+            p = self.params[0]
+            index = frozen.to(p.device)
+            p[index] = self._frozen_params[index]
+
+    def similarity(self, image: torch.Tensor) -> torch.Tensor:
+        """Each row's mean cosine similarity to the other images of its objective: on the Gram
+        matrix of its diversity layer (averaged over the views), or on its centred pixels."""
+        if not self.scoring.grams:
+            return similarity_to_others(image, self.n_images)
+        rows = len(self.diversity_layers)
+        similarity = torch.zeros(rows, device=image.device)
+        pixels = [i for i, n in enumerate(self.diversity_layers) if n is None]
+        if pixels:
+            similarity[pixels] = similarity_to_others(image, self.n_images)[pixels]
+        for layer, grams in self.scoring.grams.items():
+            grams = grams.view(self.views, rows, -1).mean(dim=0)
+            picked = [i for i, n in enumerate(self.diversity_layers) if n == layer]
+            similarity[picked] = similarity_to_others(grams, self.n_images, centre=False)[picked]
+        return similarity
+
+    def add_to_mask(self, image: torch.Tensor) -> None:
+        """Accumulate ``|d loss / d image|`` (summed over the channels) after a backward pass."""
+        if image.grad is None:
+            return
+        grad = image.grad.detach().abs().sum(dim=1, keepdim=True)
+        if self.active is not None:  # only the running rows are in the batch
+            full = grad.new_zeros((len(self.steps), *grad.shape[1:]))
+            grad = full.index_copy(0, self.active.to(grad.device), grad)
+        self.mask = grad if self.mask is None else self.mask + grad
+
+    def normalised_mask(self) -> torch.Tensor:
+        """The accumulated mask scaled to [0, 1] per image (zeros if nothing was accumulated)."""
+        if self.mask is None:
+            with torch.no_grad():
+                return torch.zeros_like(self.image_fn()[:, :1])
+        peak = self.mask.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        return self.mask / peak
+
+
+def optimise(model: nn.Module, chunks: Sequence[Chunk], steps: int, ascent: Ascent) -> None:
+    """Adam steps on every chunk's parameters; at each step the chunks run one after another
+    and share one optimiser step. With ``ascent.convergence``, rows that have converged leave
+    their chunk's batch; the loop ends when none is left."""
+    optimizer = torch.optim.Adam([p for chunk in chunks for p in chunk.params], lr=ascent.lr)
+    # One stream for the transforms: every chunk gets the same draw at a step (rows share it;
+    # the draw does not depend on how many rows a chunk runs).
+    generator = torch.Generator().manual_seed(int(ascent.seed))
+    layers = list(dict.fromkeys(n for chunk in chunks for n in chunk.scoring.scorer.layers))
+    convergence = ascent.convergence
+    dispatch = Dispatch()
+    with hooked(model, layers, dispatch):
+        for step in range(steps):
+            if convergence is not None and step % convergence.window == 0:
+                for chunk in chunks:
+                    chunk.check(model, dispatch, ascent.input_transform, convergence)
+                if not any(chunk.running for chunk in chunks):
+                    break
+            optimizer.zero_grad(set_to_none=True)
+            state = generator.get_state()
+            for chunk in chunks:
+                if chunk.running:  # a frozen chunk has no gradient: Adam leaves it alone
+                    generator.set_state(state)
+                    dispatch.current = chunk.scoring
+                    _step(model, chunk, ascent, generator)
+            optimizer.step()
+            for chunk in chunks:
+                chunk.restore_frozen()
+
+
+def _step(model: nn.Module, chunk: Chunk, ascent: Ascent, generator: torch.Generator) -> None:
+    """The gradient of the chunk's running rows (their negative penalised values)."""
+    image = chunk.rows_image()
+    if ascent.track_mask:
+        image.retain_grad()
+    value = views_value(model, chunk, image, ascent, generator)
+    value = ascent.penalties.apply(value, image, chunk)
+    (-value.sum()).backward()
+    if ascent.track_mask:
+        chunk.add_to_mask(image)
+    chunk.steps[slice(None) if chunk.active is None else chunk.active] += 1
+
+
+def views_value(
+    model: nn.Module,
+    chunk: Chunk,
+    image: torch.Tensor,
+    ascent: Ascent,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Every row's value, averaged over ``chunk.views`` random views of its image: ``[R]``."""
+    views = [apply_transforms(image, ascent.transforms, generator) for _ in range(chunk.views)]
+    x = to_model_input(torch.cat(views) if chunk.views > 1 else views[0], ascent.input_transform)
+    repeated = image.repeat(chunk.views, 1, 1, 1) if chunk.views > 1 else image
+    value = chunk.scoring.forward(model, x, repeated)
+    return value.view(chunk.views, -1).mean(dim=0)

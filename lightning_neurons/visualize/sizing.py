@@ -1,0 +1,160 @@
+"""How many rows are rendered at once, measured with one forward pass of one grey image.
+
+:func:`probe` runs the model once: it checks the objectives against the layers' real outputs
+and measures the leaf modules' outputs (:func:`~lightning_neurons.hooks.leaf_output_sizes`), from
+which :func:`auto_batch_size` sizes the chunks. On CPU the chunks fit the caches, which gives the
+same images faster than one huge batch; on an accelerator they bound the memory a backward pass
+keeps, whatever the number of objectives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lightning_neurons.batch import (
+    BatchFn,
+    InputTransform,
+    as_model_input,
+    read_logits,
+    to_model_input,
+)
+from lightning_neurons.errors import NeuronsError
+from lightning_neurons.hooks import get_module, hooked, leaf_output_sizes
+from lightning_neurons.state import analysis_mode, model_device
+from lightning_neurons.visualize.objectives import IMAGE, LOGITS, Objective
+
+#: On CPU, rows per chunk are chosen so that the largest layer output of a chunk is about this
+#: many bytes: batches far beyond the CPU caches are slower per image.
+CPU_CHUNK_BYTES = 2 * 2**20
+
+#: On an accelerator, rows per chunk are chosen so that all the layer outputs of a chunk (what
+#: its backward pass keeps, float32) take about this many bytes.
+DEVICE_CHUNK_BYTES = 4 * 2**30
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What one forward pass of one image told about the model.
+
+    Attributes:
+        shapes: Output shape (without the batch dimension) of every layer read, and of
+            :data:`~lightning_neurons.visualize.objectives.LOGITS` when the output has logits.
+        largest: The largest output of any leaf module (elements per image).
+        total: The sum of all leaf modules' outputs (elements per image).
+    """
+
+    shapes: dict[str, tuple[int, ...]]
+    largest: int
+    total: int
+
+    def spatial(self) -> frozenset[str]:
+        """The layers read whose outputs have channels and positions (``[C, ...]``)."""
+        return frozenset(
+            n for n, shape in self.shapes.items() if n not in (LOGITS, IMAGE) and len(shape) >= 2
+        )
+
+
+def auto_batch_size(
+    count: int, largest_output: int, device: torch.device, total_output: int | None = None
+) -> int:
+    """Rows rendered at once when ``batch_size`` is None, at least 4 (or ``count``).
+
+    On CPU, enough rows for their largest layer output (``largest_output`` elements per image,
+    float32) to fill about :data:`CPU_CHUNK_BYTES`; on an accelerator, enough for all their layer
+    outputs (``total_output`` elements per image, default ``largest_output``) to fill about
+    :data:`DEVICE_CHUNK_BYTES`: memory bounded whatever the number of objectives.
+
+    Example:
+        >>> auto_batch_size(1000, largest_output=32 * 32 * 32, device=torch.device("cpu"))
+        16
+    """
+    if device.type == "cpu":
+        rows = CPU_CHUNK_BYTES // max(1, 4 * largest_output)
+    else:
+        rows = DEVICE_CHUNK_BYTES // max(1, 4 * (total_output or largest_output))
+    return int(min(count, max(4, rows)))
+
+
+def chunk_rows(
+    probe: Probe,
+    rows: int,
+    group: int,
+    views: int,
+    device: torch.device,
+    batch_size: int | None,
+) -> int:
+    """Rows per chunk of a rendering of ``rows`` rows, ``group`` consecutive rows per objective
+    (an objective's rows share a chunk): ``batch_size`` objectives, or :func:`auto_batch_size`
+    for ``views`` copies of every row."""
+    size = (
+        batch_size * group
+        if batch_size
+        else auto_batch_size(rows, probe.largest * views, device, probe.total * views)
+    )
+    return max(group, size - size % group)
+
+
+def _resolve(model: nn.Module, objectives: Sequence[Objective]) -> list[str]:
+    layers: list[str] = []
+    for objective in objectives:
+        for name in objective.layers:
+            if name not in layers:
+                get_module(model, name)  # raises with the available names
+                layers.append(name)
+    return layers
+
+
+def probe(
+    model: nn.Module,
+    objectives: Sequence[Objective],
+    image_shape: tuple[int, int, int],
+    input_transform: InputTransform | None,
+    output_fn: BatchFn | None = None,
+) -> Probe:
+    """One forward pass of one grey image: checks the objectives against the layers' outputs.
+
+    Raises:
+        NeuronsError: For an unknown layer, an index outside a layer's output, a layer that did
+            not run, or a model that does not accept the images.
+    """
+    layers = _resolve(model, objectives)
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str, output: torch.Tensor) -> None:
+        shapes.setdefault(name, tuple(output.shape[1:]))
+
+    x = torch.full((1, *image_shape), 0.5, device=model_device(model))
+    outputs: list[object] = []
+
+    def forward() -> None:
+        try:
+            outputs.append(model(as_model_input(to_model_input(x, input_transform), model)))
+        except RuntimeError as err:
+            raise NeuronsError(
+                f"{type(model).__name__} failed on a {tuple(x.shape)} image batch ({err}); "
+                "check `image_shape` and `input_transform`"
+            ) from err
+
+    with analysis_mode(model, grad=False), hooked(model, layers, record):
+        sizes = leaf_output_sizes(model, forward)
+    needs_logits = any(t.layer == LOGITS for o in objectives for _, t in o.terms())
+    try:
+        shapes[LOGITS] = tuple(read_logits(outputs[0], output_fn).shape[1:])
+    except NeuronsError:
+        if needs_logits:
+            raise  # objectives on layers only do not need to read the model's output
+    for objective in objectives:
+        for _, term in objective.terms():
+            if term.layer == IMAGE:
+                continue
+            if term.layer not in shapes:
+                raise NeuronsError(
+                    f"{term!r}: layer {term.layer!r} did not run in {type(model).__name__}'s "
+                    "forward pass; choose a layer the forward pass uses"
+                )
+            term.check(shapes[term.layer])
+    return Probe(shapes=shapes, largest=sizes.largest, total=sizes.total)
