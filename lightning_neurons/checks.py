@@ -152,9 +152,25 @@ def check_non_negative(name: str, value: Any, note: str = "") -> float:
 
 
 def check_render_counts(
-    *, restarts: int, n_images: int, select_after: int | None, mask: bool
+    *,
+    steps: int,
+    views: int,
+    n_images: int,
+    restarts: int,
+    first_row: int,
+    select_after: int | None,
+    converge_window: int,
+    batch_size: int | None,
+    mask: bool,
 ) -> None:
-    """The combinations of ``render()``'s counts that cannot work together."""
+    """``render()``'s counts, and the combinations of them that cannot work together."""
+    counts = {"steps": steps, "views": views, "n_images": n_images, "restarts": restarts}
+    for name, value in counts.items():
+        check_positive(name, value, integer=True)
+    check_int("first_row", first_row, minimum=0)
+    check_positive("converge_window", converge_window, integer=True)
+    if batch_size is not None:
+        check_positive("batch_size", batch_size, integer=True)
     if select_after is not None:
         check_positive("select_after", select_after, integer=True)
         if mask:
@@ -173,3 +189,31 @@ def check_image_batch(images: Any) -> None:
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise NeuronsError(f"`images` must be a [N, C, H, W] tensor, got {shape}")
+
+
+def check_index(name: str, value: Any) -> int:
+    """``value`` as an ``int`` if it is a non-negative integer (NumPy's too)."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 0:
+        raise NeuronsError(f"`{name}` must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def check_layer_name(layer: Any) -> str:
+    """``layer`` if it is a non-empty module name."""
+    if not isinstance(layer, str) or not layer:
+        raise NeuronsError(f"`layer` must be a module name such as 'features.conv2', got {layer!r}")
+    return layer
+
+
+def check_weight(value: Any) -> float:
+    """``value`` as a float if it is a real number (a factor of an objective)."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise NeuronsError(
+            f"objectives can be added to objectives and multiplied or divided by numbers; got "
+            f"{type(value).__name__} {value!r}"
+        )
+    return float(value)

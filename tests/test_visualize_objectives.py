@@ -19,7 +19,8 @@ from lightning_neurons.visualize import (
     evaluate,
     render,
 )
-from lightning_neurons.visualize.objectives import IMAGE, LOGITS, BatchScorer, Sum
+from lightning_neurons.visualize.objectives import IMAGE, LOGITS, Sum
+from lightning_neurons.visualize.scoring import BatchScorer
 
 
 def test_arithmetic_builds_weighted_sums():

@@ -15,15 +15,14 @@ Example:
 """
 
 from lightning_neurons.visualize.objectives import (
-    L2,
     Channel,
     ChannelGroup,
     ClassLogit,
     ClassLogProb,
     Neuron,
     Objective,
-    TotalVariation,
 )
+from lightning_neurons.visualize.penalties import L2, TotalVariation
 from lightning_neurons.visualize.prior import DataPrior
 from lightning_neurons.visualize.render import RenderResult, check_objectives, evaluate, render
 from lightning_neurons.visualize.saliency import (

@@ -9,16 +9,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lightning_neurons.batch import BatchFn, InputTransform, to_model_input
+from lightning_neurons.batch import BatchFn, to_model_input
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.visualize.objectives import BatchScorer, Objective
-from lightning_neurons.visualize.optimise import Ascent, Chunk, ChunkSettings, optimise
+from lightning_neurons.visualize.objectives import Objective
+from lightning_neurons.visualize.optimise import Ascent, Chunk, ChunkSettings, chunks_of, optimise
 from lightning_neurons.visualize.scoring import Scoring
 from lightning_neurons.visualize.transforms import apply_transforms
 
@@ -81,10 +81,7 @@ def continue_kept(
 ) -> Rendered:
     """Optimise the kept candidates (starting from their parameters ``start``) alone for
     ``steps`` more steps, ``size`` rows at once."""
-    chunks = [
-        Chunk(kept[i : i + size], range(i, min(i + size, len(kept))), settings)
-        for i in range(0, len(kept), size)
-    ]
+    chunks = chunks_of(kept, size, settings)
     continue_from(chunks, start, len(kept), settings.param)
     optimise(model, chunks, steps, ascent)
     return Rendered.of(chunks)
@@ -95,26 +92,26 @@ def best_candidates(
     rows: Sequence[Objective],
     images: torch.Tensor,
     restarts: int,
-    transforms: Sequence[Callable],
-    input_transform: InputTransform | None,
-    *,
-    seed: int,
+    ascent: Ascent,
     size: int,
     output_fn: BatchFn | None = None,
 ) -> torch.Tensor:
     """Index of the best of every ``restarts`` consecutive candidates: the highest mean value of
-    its objective over :data:`SELECTION_VIEWS` random views (one without transforms)."""
-    draws = SELECTION_VIEWS if transforms else 1
-    generator = torch.Generator().manual_seed(int(seed) + 1)
+    its objective over :data:`SELECTION_VIEWS` random views of ``ascent.transforms`` (drawn from
+    ``ascent.seed + 1``; one view without transforms when there are none), ``size`` rows at
+    once."""
+    draws = SELECTION_VIEWS if ascent.transforms else 1
+    generator = torch.Generator().manual_seed(int(ascent.seed) + 1)
     total = torch.zeros(len(rows), dtype=torch.float64)
     with torch.no_grad():
         for _ in range(draws):
             state = generator.get_state()
             for start in range(0, len(rows), size):
                 generator.set_state(state)  # every chunk sees the same draw
-                scoring = Scoring(BatchScorer(rows[start : start + size]), output_fn=output_fn)
+                scoring = Scoring(rows[start : start + size], output_fn=output_fn)
                 image = images[start : start + size]
-                x = to_model_input(apply_transforms(image, transforms, generator), input_transform)
+                view = apply_transforms(image, ascent.transforms, generator)
+                x = to_model_input(view, ascent.input_transform)
                 with scoring.attached(model):
                     value = scoring.forward(model, x, image)
                 total[start : start + size] += value.double().cpu()

@@ -2,8 +2,9 @@
 
 An :class:`Objective` gives one number per image. The primitives read one layer's output
 (:class:`Channel`, :class:`Neuron`, :class:`ChannelGroup`), the model's logits
-(:class:`ClassLogit`) or the display image itself (the penalties :class:`L2` and
-:class:`TotalVariation`). They combine with ``+``, ``-`` and ``*`` / ``/`` by numbers into
+(:class:`ClassLogit`) or the display image itself (the penalties
+:class:`~lightning_neurons.visualize.penalties.L2` and
+:class:`~lightning_neurons.visualize.penalties.TotalVariation`). They combine with ``+``, ``-`` and ``*`` / ``/`` by numbers into
 weighted sums::
 
     Channel("features.conv2", 3) - 0.5 * Channel("features.conv2", 7)
@@ -11,7 +12,8 @@ weighted sums::
 :func:`~lightning_neurons.visualize.render` optimises one image per objective in one batch: row
 ``i`` of the batch is scored by objective ``i``. To make that cheap, every primitive type knows
 how to score a whole batch of rows, each with its own primitive, in a few tensor operations
-(:meth:`Term.batched`), instead of one Python call per row.
+(:meth:`Term.batched`; :class:`~lightning_neurons.visualize.scoring.BatchScorer`), instead of one
+Python call per row.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from lightning_neurons.checks import check_index, check_layer_name, check_weight
 from lightning_neurons.errors import NeuronsError
 
 #: Pseudo-layer name of the model's output (logits).
@@ -30,27 +33,6 @@ IMAGE = "<image>"
 
 #: Scores row ``r`` of a ``[R, ...]`` tensor with the ``r``-th of a list of terms: ``[R]``.
 BatchedFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _check_index(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 0:
-        raise NeuronsError(f"`{name}` must be a non-negative integer, got {value!r}")
-    return int(value)
-
-
-def _check_layer(layer: object) -> str:
-    if not isinstance(layer, str) or not layer:
-        raise NeuronsError(f"`layer` must be a module name such as 'features.conv2', got {layer!r}")
-    return layer
-
-
-def _check_number(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise NeuronsError(
-            f"objectives can be added to objectives and multiplied or divided by numbers; got "
-            f"{type(value).__name__} {value!r}"
-        )
-    return float(value)
 
 
 class Objective:
@@ -131,14 +113,14 @@ class Objective:
                 "objectives can only be multiplied by numbers (their sum stays linear and "
                 f"each image's gradient independent); got {self!r} * {factor!r}"
             )
-        factor = _check_number(factor)
+        factor = check_weight(factor)
         return Sum(tuple((w * factor, t) for w, t in self.terms()))
 
     def __rmul__(self, factor: object) -> Objective:
         return self.__mul__(factor)
 
     def __truediv__(self, divisor: object) -> Objective:
-        divisor = _check_number(divisor)
+        divisor = check_weight(divisor)
         if divisor == 0:
             raise NeuronsError("cannot divide an objective by zero")
         return self * (1.0 / divisor)
@@ -252,8 +234,8 @@ class Channel(Term):
     """
 
     def __init__(self, layer: str, index: int) -> None:
-        self.layer = _check_layer(layer)
-        self.index = _check_index("index", index)
+        self.layer = check_layer_name(layer)
+        self.index = check_index("index", index)
 
     def _key(self) -> tuple:
         return (self.layer, self.index)
@@ -300,10 +282,10 @@ class Neuron(Term):
     """
 
     def __init__(self, layer: str, index: int, y: int | None = None, x: int | None = None) -> None:
-        self.layer = _check_layer(layer)
-        self.index = _check_index("index", index)
-        self.y = None if y is None else _check_index("y", y)
-        self.x = None if x is None else _check_index("x", x)
+        self.layer = check_layer_name(layer)
+        self.index = check_index("index", index)
+        self.y = None if y is None else check_index("y", y)
+        self.x = None if x is None else check_index("x", x)
 
     def _key(self) -> tuple:
         return (self.layer, self.index, self.y, self.x)
@@ -372,14 +354,14 @@ class ChannelGroup(Term):
     """
 
     def __init__(self, layer: str, indices: Sequence[int]) -> None:
-        self.layer = _check_layer(layer)
+        self.layer = check_layer_name(layer)
         if isinstance(indices, torch.Tensor):
             indices = indices.tolist()
         if isinstance(indices, (str, bytes)) or not isinstance(indices, Sequence) or not indices:
             raise NeuronsError(
                 f"`indices` must be a non-empty list of channel indices, got {indices!r}"
             )
-        self.indices = tuple(_check_index("indices", i) for i in indices)
+        self.indices = tuple(check_index("indices", i) for i in indices)
 
     def _key(self) -> tuple:
         return (self.layer, self.indices)
@@ -435,7 +417,7 @@ class ClassLogit(Term):
 
     def __init__(self, index: int) -> None:
         self.layer = LOGITS
-        self.index = _check_index("index", index)
+        self.index = check_index("index", index)
 
     def _key(self) -> tuple:
         return (self.index,)
@@ -501,76 +483,6 @@ class ClassLogProb(ClassLogit):
         return score
 
 
-class L2(Term):
-    """Penalty: mean squared distance of the display image from ``centre`` (subtract it).
-
-    Args:
-        centre: The value images are pulled towards (0.5: mid-grey).
-
-    Example:
-        >>> objective = Channel("features.conv2", 3) - 0.1 * L2()
-    """
-
-    def __init__(self, centre: float = 0.5) -> None:
-        self.layer = IMAGE
-        self.centre = _check_number(centre)
-
-    def _key(self) -> tuple:
-        return (self.centre,)
-
-    def __repr__(self) -> str:
-        return "L2()" if self.centre == 0.5 else f"L2(centre={self.centre:g})"
-
-    def value(self, output: torch.Tensor) -> torch.Tensor:
-        return l2_penalty(output, self.centre)
-
-    @classmethod
-    def batched(cls, terms: Sequence[Term]) -> BatchedFn:
-        centre = torch.tensor([t.centre for t in terms])  # type: ignore[attr-defined]
-
-        def score(output: torch.Tensor) -> torch.Tensor:
-            c = centre.to(output).view(-1, *([1] * (output.dim() - 1)))
-            return (output - c).pow(2).flatten(1).mean(dim=1)
-
-        return score
-
-
-class TotalVariation(Term):
-    """Penalty: mean absolute difference of neighbouring pixels of the display image (subtract it).
-
-    Example:
-        >>> objective = Channel("features.conv2", 3) - 0.05 * TotalVariation()
-    """
-
-    def __init__(self) -> None:
-        self.layer = IMAGE
-
-    def _key(self) -> tuple:
-        return ()
-
-    def __repr__(self) -> str:
-        return "TotalVariation()"
-
-    def value(self, output: torch.Tensor) -> torch.Tensor:
-        return total_variation(output)
-
-    @classmethod
-    def batched(cls, terms: Sequence[Term]) -> BatchedFn:
-        return total_variation
-
-
-def l2_penalty(images: torch.Tensor, centre: float = 0.5) -> torch.Tensor:
-    """Mean squared distance of each image from ``centre``: ``[B, C, H, W] -> [B]``."""
-    return (images - centre).pow(2).flatten(1).mean(dim=1)
-
-
-def total_variation(images: torch.Tensor) -> torch.Tensor:
-    """Mean absolute difference of vertically and horizontally neighbouring pixels: ``[B]``."""
-    dy = (images[..., 1:, :] - images[..., :-1, :]).abs().flatten(1).mean(dim=1)
-    dx = (images[..., :, 1:] - images[..., :, :-1]).abs().flatten(1).mean(dim=1)
-    return dy + dx
-
-
 def as_objectives(objectives: Objective | Sequence[Objective]) -> list[Objective]:
     """A list of objectives from one objective or a sequence of them.
 
@@ -594,50 +506,3 @@ def as_objectives(objectives: Objective | Sequence[Objective]) -> list[Objective
                 f"ChannelGroup or sums of them); got {type(item).__name__} {item!r}"
             )
     return items
-
-
-class BatchScorer:
-    """Scores row ``i`` of a batch with objective ``i``, in a few tensor operations per layer.
-
-    The terms of all objectives are grouped by (primitive type, layer); each group is scored with
-    the type's :meth:`Term.batched` function and added to its rows with ``index_add``. Because
-    each row's value depends only on that row's image (the model runs in eval mode), the sum of
-    the rows has independent gradients per image.
-
-    Args:
-        objectives: One objective per row.
-    """
-
-    def __init__(self, objectives: Sequence[Objective]) -> None:
-        self.size = len(objectives)
-        grouped: dict[tuple[type, str], list[tuple[int, float, Term]]] = {}
-        for row, objective in enumerate(objectives):
-            for weight, term in objective.terms():
-                grouped.setdefault((type(term), term.layer), []).append((row, weight, term))
-        self.groups: dict[str, list[tuple[BatchedFn, torch.Tensor, torch.Tensor, bool]]] = {}
-        for (kind, layer), items in grouped.items():
-            rows = torch.tensor([r for r, _, _ in items])
-            weights = torch.tensor([w for _, w, _ in items])
-            full = len(items) == self.size and bool((rows == torch.arange(self.size)).all())
-            fn = kind.batched([t for _, _, t in items])
-            self.groups.setdefault(layer, []).append((fn, rows, weights, full))
-        self.layers = tuple(n for n in self.groups if n not in (LOGITS, IMAGE))
-        self.needs_logits = LOGITS in self.groups
-        self.needs_image = IMAGE in self.groups
-
-    def score(self, layer: str, output: torch.Tensor) -> torch.Tensor:
-        """The contribution of ``layer``'s terms to every row: ``[R]``.
-
-        Args:
-            layer: A layer name, :data:`LOGITS` or :data:`IMAGE`.
-            output: That layer's ``[R, ...]`` output for the whole batch.
-        """
-        total = output.new_zeros(self.size)
-        for fn, rows, weights, full in self.groups.get(layer, []):
-            dev = output.device
-            if full:
-                total = total + weights.to(output) * fn(output)
-            else:
-                part = fn(output.index_select(0, rows.to(dev)))
-                total = total.index_add(0, rows.to(dev), weights.to(output) * part)
-        return total

@@ -16,7 +16,7 @@ from torch import nn
 
 from lightning_neurons.batch import BatchFn, InputTransform, to_model_input
 from lightning_neurons.hooks import hooked
-from lightning_neurons.visualize.objectives import BatchScorer, Objective
+from lightning_neurons.visualize.objectives import Objective
 from lightning_neurons.visualize.param import Param, parametrize, row_seed
 from lightning_neurons.visualize.penalties import (
     Convergence,
@@ -101,7 +101,7 @@ class Chunk:
         """Score the rows ``rows`` (every view of their images is a batch row of its own)."""
         self.diversity_layers = [self._diversity_layers[i] for i in rows]
         self.scoring = Scoring(
-            BatchScorer([self.objectives[i] for i in rows] * self.views),
+            [self.objectives[i] for i in rows] * self.views,
             output_fn=self.output_fn,
             gram_layers=[n for n in self.diversity_layers if n is not None],
         )
@@ -128,7 +128,7 @@ class Chunk:
         if not self.running:
             return
         rows = self.objectives if self.active is None else [self.objectives[i] for i in self.active]
-        scoring = Scoring(BatchScorer(rows), output_fn=self.output_fn)
+        scoring = Scoring(rows, output_fn=self.output_fn)
         with torch.no_grad():
             image = self.rows_image()
             dispatch.current = scoring
@@ -198,6 +198,19 @@ class Chunk:
                 return torch.zeros_like(self.image_fn()[:, :1])
         peak = self.mask.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
         return self.mask / peak
+
+
+def chunks_of(
+    rows: Sequence[Objective], size: int, settings: ChunkSettings, first_row: int = 0
+) -> list[Chunk]:
+    """``rows`` (one objective per image) in chunks of ``size``; row ``i`` is row
+    ``first_row + i`` of the rendering (its seed)."""
+    return [
+        Chunk(
+            rows[i : i + size], range(first_row + i, first_row + min(i + size, len(rows))), settings
+        )
+        for i in range(0, len(rows), size)
+    ]
 
 
 def optimise(model: nn.Module, chunks: Sequence[Chunk], steps: int, ascent: Ascent) -> None:

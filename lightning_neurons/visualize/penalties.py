@@ -1,5 +1,7 @@
 """What is subtracted from an image's value, and when an image has converged.
 
+- :class:`L2` and :class:`TotalVariation`: penalty terms on the display image, to subtract from
+  an objective (``Channel(...) - 0.1 * L2()``).
 - :class:`Penalties`: L2 and total variation on every image, and the diversity term (Olah et
   al., 2017) among the images of one objective: each image's mean cosine similarity to the
   others (:func:`similarity_to_others`), on the Gram matrices of the objective's layer or on the
@@ -12,12 +14,85 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from lightning_neurons.visualize.objectives import Objective, l2_penalty, total_variation
+from lightning_neurons.checks import check_weight
+from lightning_neurons.visualize.objectives import IMAGE, BatchedFn, Objective, Term
+
+
+class L2(Term):
+    """Penalty: mean squared distance of the display image from ``centre`` (subtract it).
+
+    Args:
+        centre: The value images are pulled towards (0.5: mid-grey).
+
+    Example:
+        >>> objective = Channel("features.conv2", 3) - 0.1 * L2()
+    """
+
+    def __init__(self, centre: float = 0.5) -> None:
+        self.layer = IMAGE
+        self.centre = check_weight(centre)
+
+    def _key(self) -> tuple:
+        return (self.centre,)
+
+    def __repr__(self) -> str:
+        return "L2()" if self.centre == 0.5 else f"L2(centre={self.centre:g})"
+
+    def value(self, output: torch.Tensor) -> torch.Tensor:
+        return l2_penalty(output, self.centre)
+
+    @classmethod
+    def batched(cls, terms: Sequence[Term]) -> BatchedFn:
+        centre = torch.tensor([t.centre for t in terms])  # type: ignore[attr-defined]
+
+        def score(output: torch.Tensor) -> torch.Tensor:
+            c = centre.to(output).view(-1, *([1] * (output.dim() - 1)))
+            return (output - c).pow(2).flatten(1).mean(dim=1)
+
+        return score
+
+
+class TotalVariation(Term):
+    """Penalty: mean absolute difference of neighbouring pixels of the display image (subtract it).
+
+    Example:
+        >>> objective = Channel("features.conv2", 3) - 0.05 * TotalVariation()
+    """
+
+    def __init__(self) -> None:
+        self.layer = IMAGE
+
+    def _key(self) -> tuple:
+        return ()
+
+    def __repr__(self) -> str:
+        return "TotalVariation()"
+
+    def value(self, output: torch.Tensor) -> torch.Tensor:
+        return total_variation(output)
+
+    @classmethod
+    def batched(cls, terms: Sequence[Term]) -> BatchedFn:
+        return total_variation
+
+
+def l2_penalty(images: torch.Tensor, centre: float = 0.5) -> torch.Tensor:
+    """Mean squared distance of each image from ``centre``: ``[B, C, H, W] -> [B]``."""
+    return (images - centre).pow(2).flatten(1).mean(dim=1)
+
+
+def total_variation(images: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference of vertically and horizontally neighbouring pixels: ``[B]``."""
+    dy = (images[..., 1:, :] - images[..., :-1, :]).abs().flatten(1).mean(dim=1)
+    dx = (images[..., :, 1:] - images[..., :, :-1]).abs().flatten(1).mean(dim=1)
+    return dy + dx
+
 
 #: Checks in a row at which an image's value must have risen by less than ``converge_tol``
 #: before it stops (a single calm window is often a pause).

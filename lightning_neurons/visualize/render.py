@@ -24,7 +24,6 @@ from lightning_neurons.checks import (
     check_choice,
     check_display_shape,
     check_instance,
-    check_int,
     check_non_negative,
     check_positive,
     check_render_counts,
@@ -37,8 +36,8 @@ from lightning_neurons.visualize.continuation import (
     continue_from,
     continue_kept,
 )
-from lightning_neurons.visualize.objectives import BatchScorer, Objective, as_objectives
-from lightning_neurons.visualize.optimise import Ascent, Chunk, ChunkSettings, optimise
+from lightning_neurons.visualize.objectives import Objective, as_objectives
+from lightning_neurons.visualize.optimise import Ascent, ChunkSettings, chunks_of, optimise
 from lightning_neurons.visualize.param import PARAMS, Param
 from lightning_neurons.visualize.penalties import Convergence, Penalties
 from lightning_neurons.visualize.prior import DataPrior
@@ -215,17 +214,20 @@ def render(
     """
     objectives = as_objectives(objectives)
     image_shape = check_display_shape(image_shape)
-    for name, value in (("steps", steps), ("views", views), ("n_images", n_images)):
-        check_positive(name, value, integer=True)
-    check_positive("restarts", restarts, integer=True)
-    check_int("first_row", first_row, minimum=0)
-    check_render_counts(restarts=restarts, n_images=n_images, select_after=select_after, mask=mask)
-    check_positive("converge_window", converge_window, integer=True)
+    check_render_counts(
+        steps=steps,
+        views=views,
+        n_images=n_images,
+        restarts=restarts,
+        first_row=first_row,
+        select_after=select_after,
+        converge_window=converge_window,
+        batch_size=batch_size,
+        mask=mask,
+    )
     if converge_tol is not None:
         check_non_negative("converge_tol", converge_tol, " (0 or None: no convergence test)")
     check_positive("lr", lr)
-    if batch_size is not None:
-        check_positive("batch_size", batch_size, integer=True)
     check_choice("param", param, PARAMS)
     penalties = Penalties(
         l2=check_non_negative("l2", l2),
@@ -257,62 +259,32 @@ def render(
         diversity_on=diversity_on,
         spatial=found.spatial(),
     )
-    ascent = Ascent(
-        lr=lr,
-        transforms=chain,
-        input_transform=input_transform,
-        seed=seed,
-        penalties=penalties,
-        convergence=(
-            Convergence(
-                tol=float(converge_tol),
-                window=converge_window,
-                # images kept apart by the diversity term move together; others alone
-                unit=n_images if penalties.diversity and n_images > 1 else 1,
-            )
-            if converge_tol
-            else None
-        ),
-        track_mask=mask,
-    )
+    # images kept apart by the diversity term converge together; others alone
+    unit = n_images if penalties.diversity and n_images > 1 else 1
+    convergence = Convergence(float(converge_tol), converge_window, unit) if converge_tol else None
+    ascent = Ascent(lr, chain, input_transform, seed, penalties, convergence, track_mask=mask)
     with analysis_mode(model):
-        chunks = [
-            Chunk(
-                rows[start : start + size],
-                range(first_row + start, first_row + min(start + size, len(rows))),
-                settings,
-            )
-            for start in range(0, len(rows), size)
-        ]
+        chunks = chunks_of(rows, size, settings, first_row)
         if init is not None:
             continue_from(chunks, init, len(rows), param)
-        early = restarts > 1 and select_after is not None and select_after < steps
-        optimise(model, chunks, select_after if early else steps, ascent)  # type: ignore[arg-type]
+        # with ``restarts``, the best candidate is kept after ``first`` steps and continued alone
+        first = select_after if restarts > 1 and select_after and select_after < steps else steps
+        optimise(model, chunks, first, ascent)
         rendered = Rendered.of(chunks)
         masks = torch.cat([chunk.normalised_mask() for chunk in chunks]) if mask else None
         if restarts == 1:
             return RenderResult(rendered.images, rendered.steps, rendered.params, masks)
-        best = best_candidates(
-            model,
-            rows,
-            rendered.images,
-            restarts,
-            chain,
-            input_transform,
-            seed=seed,
-            size=size,
-            output_fn=output_fn,
-        )
+        best = best_candidates(model, rows, rendered.images, restarts, ascent, size, output_fn)
         kept = rendered.pick(best)
         masks = None if masks is None else masks[best]
-        if early:
+        if first < steps:
             more = continue_kept(
                 model,
                 [rows[int(i)] for i in best],
                 kept.params,
                 replace(settings, n_images=1),
                 size=max(1, size // group),
-                steps=steps - select_after,  # type: ignore[operator]
+                steps=steps - first,
                 ascent=replace(ascent, track_mask=False),
             )
             kept = Rendered(more.images, more.params, kept.steps + more.steps)
@@ -406,7 +378,7 @@ def evaluate(
     values = []
     with analysis_mode(model, grad=False):
         for start in range(0, len(objectives), size):
-            scoring = Scoring(BatchScorer(objectives[start : start + size]), output_fn=output_fn)
+            scoring = Scoring(objectives[start : start + size], output_fn=output_fn)
             image = images[start : start + size].to(device)
             x = to_model_input(image, input_transform)
             with scoring.attached(model):

@@ -1,6 +1,7 @@
 """Scoring objectives from inside forward hooks, one batch row per objective.
 
-A :class:`Scoring` holds the hook state of one forward pass: it scores every layer an objective
+A :class:`BatchScorer` scores row ``i`` of a batch with objective ``i`` in a few tensor
+operations per layer. A :class:`Scoring` holds the hook state of one forward pass: it scores every layer an objective
 reads as soon as that layer has run (before a later in-place operation such as
 ``ReLU(inplace=True)`` could change its output), keeps the Gram matrices the diversity term
 compares, and stops the pass once every needed layer has run (unless a class logit is asked
@@ -18,7 +19,54 @@ from torch import nn
 from lightning_neurons.batch import BatchFn, as_model_input, read_logits
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import hooked
-from lightning_neurons.visualize.objectives import IMAGE, LOGITS, BatchScorer
+from lightning_neurons.visualize.objectives import IMAGE, LOGITS, BatchedFn, Objective, Term
+
+
+class BatchScorer:
+    """Scores row ``i`` of a batch with objective ``i``, in a few tensor operations per layer.
+
+    The terms of all objectives are grouped by (primitive type, layer); each group is scored with
+    the type's :meth:`Term.batched` function and added to its rows with ``index_add``. Because
+    each row's value depends only on that row's image (the model runs in eval mode), the sum of
+    the rows has independent gradients per image.
+
+    Args:
+        objectives: One objective per row.
+    """
+
+    def __init__(self, objectives: Sequence[Objective]) -> None:
+        self.size = len(objectives)
+        grouped: dict[tuple[type, str], list[tuple[int, float, Term]]] = {}
+        for row, objective in enumerate(objectives):
+            for weight, term in objective.terms():
+                grouped.setdefault((type(term), term.layer), []).append((row, weight, term))
+        self.groups: dict[str, list[tuple[BatchedFn, torch.Tensor, torch.Tensor, bool]]] = {}
+        for (kind, layer), items in grouped.items():
+            rows = torch.tensor([r for r, _, _ in items])
+            weights = torch.tensor([w for _, w, _ in items])
+            full = len(items) == self.size and bool((rows == torch.arange(self.size)).all())
+            fn = kind.batched([t for _, _, t in items])
+            self.groups.setdefault(layer, []).append((fn, rows, weights, full))
+        self.layers = tuple(n for n in self.groups if n not in (LOGITS, IMAGE))
+        self.needs_logits = LOGITS in self.groups
+        self.needs_image = IMAGE in self.groups
+
+    def score(self, layer: str, output: torch.Tensor) -> torch.Tensor:
+        """The contribution of ``layer``'s terms to every row: ``[R]``.
+
+        Args:
+            layer: A layer name, :data:`LOGITS` or :data:`IMAGE`.
+            output: That layer's ``[R, ...]`` output for the whole batch.
+        """
+        total = output.new_zeros(self.size)
+        for fn, rows, weights, full in self.groups.get(layer, []):
+            dev = output.device
+            if full:
+                total = total + weights.to(output) * fn(output)
+            else:
+                part = fn(output.index_select(0, rows.to(dev)))
+                total = total.index_add(0, rows.to(dev), weights.to(output) * part)
+        return total
 
 
 class StopForward(Exception):
@@ -44,7 +92,7 @@ class Scoring:
     """Forward hooks that score each needed layer as it runs, stopping the pass when done.
 
     Args:
-        scorer: The batched objectives, row ``i`` scored by objective ``i``.
+        objectives: One objective per batch row.
         output_fn: Reads the logits from the model's output.
         gram_layers: Layers whose Gram matrices the diversity term compares (kept in
             :attr:`grams` during the forward pass).
@@ -52,11 +100,11 @@ class Scoring:
 
     def __init__(
         self,
-        scorer: BatchScorer,
+        objectives: Sequence[Objective],
         output_fn: BatchFn | None = None,
         gram_layers: Sequence[str] = (),
     ) -> None:
-        self.scorer = scorer
+        self.scorer = scorer = BatchScorer(objectives)
         self.output_fn = output_fn
         self.stop = not scorer.needs_logits
         self.total: torch.Tensor | None = None
