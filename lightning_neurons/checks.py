@@ -217,3 +217,30 @@ def check_weight(value: Any) -> float:
             f"{type(value).__name__} {value!r}"
         )
     return float(value)
+
+
+def check_scale_range(name: str, value: Any) -> tuple[float, float]:
+    """``(low, high)`` as floats if they are numbers with ``0 < low <= high``."""
+    import numbers
+
+    pair = tuple(value) if isinstance(value, (tuple, list)) else ()
+    if (
+        len(pair) != 2
+        or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in pair)
+        or not 0 < pair[0] <= pair[1]
+    ):
+        raise NeuronsError(f"`{name}` must be (low, high) with 0 < low <= high, got {value!r}")
+    return float(pair[0]), float(pair[1])
+
+
+def check_batch_shape(shape: Any, seeds: Any) -> tuple[int, int, int, int]:
+    """``[N, C, H, W]`` of positive integers, with one seed per image."""
+    if len(shape) != 4 or any(
+        isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape
+    ):
+        raise NeuronsError(
+            f"image batch shape must be 4 positive integers [N, C, H, W], got {shape!r}"
+        )
+    if len(seeds) != shape[0]:
+        raise NeuronsError(f"need one seed per image: {shape[0]} images but {len(seeds)} seeds")
+    return tuple(shape)  # type: ignore[return-value]

@@ -26,6 +26,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from lightning_neurons.checks import check_batch_shape, check_choice, check_positive
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.visualize.prior import DataPrior
 
@@ -72,21 +73,6 @@ def to_display(raw: torch.Tensor, decorrelate: bool = True) -> torch.Tensor:
     return torch.sigmoid(decorrelate_colors(raw) if decorrelate else raw)
 
 
-def _check_shape(shape: Sequence[int]) -> tuple[int, int, int, int]:
-    if len(shape) != 4 or any(
-        isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape
-    ):
-        raise NeuronsError(
-            f"image batch shape must be 4 positive integers [N, C, H, W], got {shape!r}"
-        )
-    return tuple(shape)  # type: ignore[return-value]
-
-
-def _check_seeds(shape: Sequence[int], seeds: Sequence[int]) -> None:
-    if len(seeds) != shape[0]:
-        raise NeuronsError(f"need one seed per image: {shape[0]} images but {len(seeds)} seeds")
-
-
 def pixel_image(
     shape: Sequence[int],
     seeds: Sequence[int],
@@ -112,8 +98,7 @@ def pixel_image(
         >>> image_fn().shape
         torch.Size([2, 1, 8, 8])
     """
-    n, c, h, w = _check_shape(shape)
-    _check_seeds(shape, seeds)
+    n, c, h, w = check_batch_shape(shape, seeds)
     raw = _rows((c, h, w), seeds, sd, torch.device(device)).requires_grad_(True)
 
     def image_fn() -> torch.Tensor:
@@ -141,24 +126,16 @@ def fft_image(
 ) -> tuple[list[torch.Tensor], ImageFn]:
     """The image's Fourier spectrum, scaled by ``1/f``, as the parameter.
 
-    Args:
-        shape: ``[N, C, H, W]``.
-        seeds: One seed per image (see :func:`row_seed`).
-        sd: Standard deviation of the initial spectrum coefficients.
-        decay_power: Exponent of the ``1/f`` scaling (1: natural images' spectrum).
-        decorrelate: Mix RGB channels with the colour-decorrelation matrix.
-        device: Where the parameters live.
-
-    Returns:
-        ``(params, image_fn)``; ``image_fn()`` returns ``[N, C, H, W]`` images in (0, 1).
+    Takes the arguments of :func:`pixel_image` (``sd`` the spread of the initial spectrum
+    coefficients) and ``decay_power``, the exponent of the ``1/f`` scaling (1: natural images'
+    spectrum); returns ``(params, image_fn)`` as it does.
 
     Example:
         >>> params, image_fn = fft_image((2, 3, 16, 16), seeds=[0, 1])
         >>> image_fn().shape
         torch.Size([2, 3, 16, 16])
     """
-    n, c, h, w = _check_shape(shape)
-    _check_seeds(shape, seeds)
+    n, c, h, w = check_batch_shape(shape, seeds)
     device = torch.device(device)
     spectrum = _rows((c, h, w // 2 + 1, 2), seeds, sd, device).requires_grad_(True)
     scale = spectrum_scale(h, w, decay_power).to(device)
@@ -194,11 +171,8 @@ def parametrize(
                 "DataPrior.from_images(display_images) or DataPriorEstimate().compute())"
             )
         return maco_image(shape, seeds, prior=prior, contrast=contrast, device=device)
-    if param == "pixel":
-        return pixel_image(shape, seeds, decorrelate=decorrelate, device=device)
-    if param == "fft":
-        return fft_image(shape, seeds, decorrelate=decorrelate, device=device)
-    raise NeuronsError(f"`param` must be one of {', '.join(map(repr, PARAMS))}; got {param!r}")
+    build = {"pixel": pixel_image, "fft": fft_image}[check_choice("param", param, PARAMS)]
+    return build(shape, seeds, decorrelate=decorrelate, device=device)
 
 
 def soft_clip(values: torch.Tensor, knee: float = 0.1) -> torch.Tensor:
@@ -275,10 +249,8 @@ def maco_image(
         >>> image_fn().shape
         torch.Size([2, 1, 16, 16])
     """
-    n, c, h, w = _check_shape(shape)
-    _check_seeds(shape, seeds)
-    if isinstance(contrast, bool) or not isinstance(contrast, (int, float)) or contrast <= 0:
-        raise NeuronsError(f"`contrast` must be a positive number, got {contrast!r}")
+    n, c, h, w = check_batch_shape(shape, seeds)
+    check_positive("contrast", contrast)
     device = torch.device(device)
     stats = _check_prior(prior, c, h, w).to(device)
     phase = _rows((c, h, w // 2 + 1), seeds, sd, device).requires_grad_(True)

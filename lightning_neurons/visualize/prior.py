@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from lightning_neurons.checks import check_optional_positive_int
 from lightning_neurons.errors import NeuronsError
 
 #: ``tensor -> summed tensor`` over processes (``trainer.strategy.reduce`` with ``"sum"``).
@@ -147,13 +148,7 @@ class DataPriorEstimate:
     """
 
     def __init__(self, max_images: int | None = 512) -> None:
-        if max_images is not None and (
-            isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1
-        ):
-            raise NeuronsError(
-                f"`max_images` must be a positive integer or None, got {max_images!r}"
-            )
-        self.max_images = max_images
+        self.max_images = check_optional_positive_int("max_images", max_images)
         self.reset()
 
     def reset(self) -> None:

@@ -24,6 +24,12 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from lightning_neurons.checks import (
+    check_choice,
+    check_index,
+    check_non_negative,
+    check_scale_range,
+)
 from lightning_neurons.errors import NeuronsError
 
 Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -53,6 +59,24 @@ def _filled(
     return warp(images - fill) + fill
 
 
+def _affine(
+    images: torch.Tensor, fill: float | None, angle: float, translate: list, scale: float
+) -> torch.Tensor:
+    """One bilinear affine warp about the centre (no shear), ``fill`` from outside."""
+    return _filled(
+        images,
+        fill,
+        lambda x: TF.affine(
+            x,
+            angle=angle,
+            translate=translate,
+            scale=scale,
+            shear=[0.0, 0.0],
+            interpolation=InterpolationMode.BILINEAR,
+        ),
+    )
+
+
 class Pad:
     """Pad every side by ``pixels`` (so that shifted, scaled or rotated content has a border).
 
@@ -69,13 +93,9 @@ class Pad:
         mode: Literal["constant", "reflect", "replicate", "circular"] = "constant",
         value: float = 0.5,
     ) -> None:
-        if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 0:
-            raise NeuronsError(f"`pixels` must be a non-negative integer, got {pixels!r}")
-        if mode not in ("constant", "reflect", "replicate", "circular"):
-            raise NeuronsError(
-                f"`mode` must be 'constant', 'reflect', 'replicate' or 'circular'; got {mode!r}"
-            )
-        self.pixels, self.mode, self.value = pixels, mode, float(value)
+        self.pixels = check_index("pixels", pixels)
+        self.mode = check_choice("mode", mode, ("constant", "reflect", "replicate", "circular"))
+        self.value = float(value)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.pixels == 0:
@@ -99,9 +119,7 @@ class Jitter:
     """
 
     def __init__(self, pixels: int) -> None:
-        if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 0:
-            raise NeuronsError(f"`pixels` must be a non-negative integer, got {pixels!r}")
-        self.pixels = pixels
+        self.pixels = check_index("pixels", pixels)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.pixels == 0:
@@ -127,26 +145,12 @@ class RandomScale:
     """
 
     def __init__(self, low: float = 0.9, high: float = 1.1, fill: float | None = 0.5) -> None:
-        if not 0 < low <= high:
-            raise NeuronsError(
-                f"need 0 < low <= high for RandomScale, got low={low!r}, high={high!r}"
-            )
-        self.low, self.high, self.fill = float(low), float(high), fill
+        self.low, self.high = check_scale_range("low, high", (low, high))
+        self.fill = fill
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         factor = _uniform(generator, self.low, self.high)
-        return _filled(
-            images,
-            self.fill,
-            lambda x: TF.affine(
-                x,
-                angle=0.0,
-                translate=[0.0, 0.0],
-                scale=factor,
-                shear=[0.0, 0.0],
-                interpolation=InterpolationMode.BILINEAR,
-            ),
-        )
+        return _affine(images, self.fill, angle=0.0, translate=[0.0, 0.0], scale=factor)
 
     def __repr__(self) -> str:
         return f"RandomScale({self.low:g}, {self.high:g})"
@@ -161,9 +165,7 @@ class RandomRotate:
     """
 
     def __init__(self, degrees: float = 10.0, fill: float | None = 0.5) -> None:
-        if degrees < 0:
-            raise NeuronsError(f"`degrees` must be >= 0, got {degrees!r}")
-        self.degrees, self.fill = float(degrees), fill
+        self.degrees, self.fill = check_non_negative("degrees", degrees), fill
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         angle = _uniform(generator, -self.degrees, self.degrees)
@@ -219,31 +221,16 @@ class RandomAffine:
         degrees: float = 10.0,
         fill: float | None = 0.5,
     ) -> None:
-        if isinstance(shift, bool) or not isinstance(shift, int) or shift < 0:
-            raise NeuronsError(f"`shift` must be a non-negative integer, got {shift!r}")
-        if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
-            raise NeuronsError(f"`scale` must be (low, high) with 0 < low <= high, got {scale!r}")
-        if degrees < 0:
-            raise NeuronsError(f"`degrees` must be >= 0, got {degrees!r}")
-        self.shift, self.scale, self.degrees, self.fill = shift, tuple(scale), float(degrees), fill
+        self.shift = check_index("shift", shift)
+        self.scale = check_scale_range("scale", scale)
+        self.degrees, self.fill = check_non_negative("degrees", degrees), fill
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         dx = _randint(generator, -self.shift, self.shift)
         dy = _randint(generator, -self.shift, self.shift)
         factor = _uniform(generator, *self.scale)
         angle = _uniform(generator, -self.degrees, self.degrees)
-        return _filled(
-            images,
-            self.fill,
-            lambda x: TF.affine(
-                x,
-                angle=angle,
-                translate=[dx, dy],
-                scale=factor,
-                shear=[0.0, 0.0],
-                interpolation=InterpolationMode.BILINEAR,
-            ),
-        )
+        return _affine(images, self.fill, angle=angle, translate=[dx, dy], scale=factor)
 
     def __repr__(self) -> str:
         return f"RandomAffine(shift={self.shift}, scale={self.scale}, degrees={self.degrees:g})"
