@@ -282,10 +282,8 @@ def grad_cam(
         target: Class per image (or one for all); default: the predicted class.
         layer: A layer with ``[N, K, h, w]`` output; default: the model's last ``Conv2d``.
         input_transform: Display image -> model input.
-        batch_size: Images per forward pass (default: chunks bounded in memory, see
-            :func:`~lightning_neurons.visualize.sizing.auto_batch_size`).
-        output_fn: Reads the logits from the model's output (see
-            :func:`~lightning_neurons.batch.read_logits`).
+        batch_size: Images per forward pass (as in :func:`gradient`).
+        output_fn: Reads the logits from the model's output.
 
     Returns:
         ``[N, H, W]`` non-negative maps upsampled (bilinear) to the image size (CPU, float32).

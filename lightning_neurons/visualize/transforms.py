@@ -60,7 +60,11 @@ def _filled(
 
 
 def _affine(
-    images: torch.Tensor, fill: float | None, angle: float, translate: list, scale: float
+    images: torch.Tensor,
+    fill: float | None,
+    angle: float = 0.0,
+    translate: Sequence[float] = (0.0, 0.0),
+    scale: float = 1.0,
 ) -> torch.Tensor:
     """One bilinear affine warp about the centre (no shear), ``fill`` from outside."""
     return _filled(
@@ -69,7 +73,7 @@ def _affine(
         lambda x: TF.affine(
             x,
             angle=angle,
-            translate=translate,
+            translate=list(translate),
             scale=scale,
             shear=[0.0, 0.0],
             interpolation=InterpolationMode.BILINEAR,
@@ -149,8 +153,7 @@ class RandomScale:
         self.fill = fill
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        factor = _uniform(generator, self.low, self.high)
-        return _affine(images, self.fill, angle=0.0, translate=[0.0, 0.0], scale=factor)
+        return _affine(images, self.fill, scale=_uniform(generator, self.low, self.high))
 
     def __repr__(self) -> str:
         return f"RandomScale({self.low:g}, {self.high:g})"
