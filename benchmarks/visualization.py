@@ -144,7 +144,9 @@ def settings(param: str, prior, steps: int, select_after: int | None = None) -> 
     if param != "maco":
         both = dict(common, transforms="standard")
         return both, both
-    common.update(transforms="robust", prior=prior)
+    # every setting explicit: with a prior, render()'s own defaults differ (convergence test,
+    # and for class logits 4 views and 4 restarts)
+    common.update(transforms="robust", prior=prior, converge_tol=0.0, views=1, restarts=1)
     classes = dict(common, contrast=0.8, views=4, restarts=4, select_after=select_after)
     return dict(common, contrast=2.0), classes
 

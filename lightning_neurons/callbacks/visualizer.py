@@ -781,7 +781,7 @@ class FeatureVisualizer(StagedCallback):
             steps=self.steps if init is None else self.continue_steps,
             init=init,
             first_row=first_row,
-            converge_tol=self.converge_tol,
+            converge_tol=self.converge_tol or 0.0,
             converge_window=self.converge_window,
             lr=self.lr,
             param=param,  # type: ignore[arg-type]

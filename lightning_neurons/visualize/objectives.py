@@ -4,8 +4,8 @@ An :class:`Objective` gives one number per image. The primitives read one layer'
 (:class:`Channel`, :class:`Neuron`, :class:`ChannelGroup`), the model's logits
 (:class:`ClassLogit`) or the display image itself (the penalties
 :class:`~lightning_neurons.visualize.penalties.L2` and
-:class:`~lightning_neurons.visualize.penalties.TotalVariation`). They combine with ``+``, ``-`` and ``*`` / ``/`` by numbers into
-weighted sums::
+:class:`~lightning_neurons.visualize.penalties.TotalVariation`). They combine with ``+``,
+``-`` and ``*`` / ``/`` by numbers into weighted sums::
 
     Channel("features.conv2", 3) - 0.5 * Channel("features.conv2", 7)
 

@@ -37,10 +37,11 @@ from lightning_neurons.visualize.continuation import (
     continue_kept,
 )
 from lightning_neurons.visualize.objectives import Objective, as_objectives
-from lightning_neurons.visualize.optimise import Ascent, ChunkSettings, chunks_of, optimise
+from lightning_neurons.visualize.optimise import Ascent, Chunk, ChunkSettings, chunks_of, optimise
 from lightning_neurons.visualize.param import PARAMS, Param
 from lightning_neurons.visualize.penalties import Convergence, Penalties
 from lightning_neurons.visualize.prior import DataPrior
+from lightning_neurons.visualize.recipe import AUTO, Recipe, recipe_for
 from lightning_neurons.visualize.scoring import Scoring
 from lightning_neurons.visualize.sizing import chunk_rows, probe
 from lightning_neurons.visualize.transforms import TransformsArg, resolve_transforms
@@ -77,10 +78,11 @@ def render(
     objectives: Objective | Sequence[Objective],
     *,
     image_shape: Sequence[int],
-    steps: int = 256,
-    lr: float = 0.05,
-    param: Param = "fft",
-    transforms: TransformsArg = "standard",
+    prior: DataPrior | None = None,
+    steps: int | None = None,
+    lr: float | None = None,
+    param: Param | Literal["auto"] = "auto",
+    transforms: TransformsArg | Literal["auto"] = "auto",
     input_transform: InputTransform | None = None,
     output_fn: BatchFn | None = None,
     seed: int = 0,
@@ -88,13 +90,12 @@ def render(
     l2: float = 0.0,
     tv: float = 0.0,
     decorrelate: bool = True,
-    prior: DataPrior | None = None,
-    contrast: float = 1.0,
-    views: int = 1,
+    contrast: float | None = None,
+    views: int | None = None,
     n_images: int = 1,
-    diversity: float = 0.0,
+    diversity: float | None = None,
     diversity_on: Literal["features", "pixels"] = "features",
-    restarts: int = 1,
+    restarts: int | None = None,
     init: torch.Tensor | None = None,
     first_row: int = 0,
     select_after: int | None = None,
@@ -116,18 +117,28 @@ def render(
     raised. It runs in eval mode while rendering (see :func:`analysis_mode`); the forward pass
     stops after the last layer the objectives read. Nothing is printed.
 
+    **Defaults.** The settings left at ``None`` or ``"auto"`` come from a recipe
+    (:mod:`~lightning_neurons.visualize.recipe`). Without a ``prior``: Lucid's (256 steps, lr
+    0.05, ``"fft"``, ``"standard"`` transforms, one view, no convergence test). With one, the
+    images :class:`~lightning_neurons.FeatureVisualizer` renders at its defaults: 64 steps, lr
+    0.1, ``"maco"``, ``"robust"`` transforms, ``converge_tol=0.005``, diversity 1.0 and contrast
+    2.0; for class images (every objective reads the logits) contrast 0.8, 4 views and the best of
+    4 restarts (1 with ``n_images > 1``).
+
     Args:
         model: Any ``nn.Module`` (a ``LightningModule`` too) mapping images to logits.
         objectives: One :class:`Objective` or a list; ``n_images`` images are rendered per
             objective.
         image_shape: ``(C, H, W)`` of the display images.
-        steps: Adam steps.
-        lr: Adam's learning rate.
-        param: ``"fft"`` (Fourier with ``1/f`` scaling; smoother images), ``"pixel"``, or
+        prior: The data's statistics (:class:`~lightning_neurons.visualize.DataPrior`): needed
+            by ``param="maco"``, and it chooses the defaults (see above).
+        steps: Adam steps (``None``: the recipe's).
+        lr: Adam's learning rate (``None``: the recipe's).
+        param: ``"auto"`` (the recipe's), ``"fft"`` (Fourier with ``1/f`` scaling; smoother images), ``"pixel"``, or
             ``"maco"`` (only the spectrum's phase is optimised; amplitudes and pixel statistics
             come from ``prior``: images other models recognise more often; see
             :func:`~lightning_neurons.visualize.param.maco_image`).
-        transforms: ``"standard"`` (random shift, scale and rotation in one warp, sized to the
+        transforms: ``"auto"`` (the recipe's), ``"standard"`` (random shift, scale and rotation in one warp, sized to the
             image; see :func:`~lightning_neurons.visualize.transforms.standard_transforms`),
             ``"robust"`` (stronger; :func:`~lightning_neurons.visualize.transforms.robust_transforms`),
             ``"none"``/``None``, or a list of callables ``(images, generator) -> images``. With
@@ -145,17 +156,17 @@ def render(
         tv: Weight of a total-variation penalty on every image.
         decorrelate: Mix RGB channels with the colour-decorrelation matrix (``"pixel"`` and
             ``"fft"``).
-        prior: The data's statistics (:class:`~lightning_neurons.visualize.DataPrior`); needed
-            by ``param="maco"``.
         contrast: ``"maco"`` only: the pattern's scale relative to the data's spread (> 1 lets
-            channel images drive their channels harder, at some cost in plausibility).
+            channel images drive their channels harder, at some cost in plausibility; ``None``:
+            the recipe's).
         views: Randomly transformed copies of every image scored at each step (their mean is
-            the image's value): an ensemble of augmentations, ``views`` times the work per step.
+            the image's value): an ensemble of augmentations, ``views`` times the work per step
+            (``None``: the recipe's).
         n_images: Images per objective (rows ``j * n_images`` to ``(j + 1) * n_images - 1``
             belong to objective ``j``).
         diversity: Weight of the diversity term (Olah et al., 2017) among the ``n_images`` of
             an objective: each image's mean cosine similarity to the others is subtracted from
-            its value, so a polysemantic channel shows several faces.
+            its value, so a polysemantic channel shows several faces (``None``: the recipe's).
         diversity_on: What the similarity compares. ``"features"`` (Olah et al.): the Gram
             matrices of the objective's layer (which channels fire together, wherever they
             fire), so the images must differ in what they make the layer see, not by a shift
@@ -163,7 +174,8 @@ def render(
             without channels fall back to ``"pixels"``: the centred pixels.
         restarts: Render this many candidates per image (from different seeds) and keep the
             one whose mean value over 16 randomly transformed views is highest (only the
-            rendered model decides): ``restarts`` times the work. Not with ``n_images > 1``.
+            rendered model decides): ``restarts`` times the work. Not with ``n_images > 1``
+            (``None``: the recipe's).
         init: Continue from these parameters instead of each row's seeded noise: the
             ``params`` of an earlier result, for the same objectives and settings
             (``[N * n_images * restarts, ...]``; pass ``restarts=1`` to continue the images that
@@ -190,7 +202,7 @@ def render(
             ``select_after``. The decision is per image, so an image's steps and result do not
             depend on the other objectives, the chunking or ``first_row`` (up to a check that
             batched float32 kernels could tip when a rise equals the tolerance to ~1e-7).
-            ``None`` or ``0``: every image runs ``steps``.
+            ``0``: every image runs ``steps``; ``None``: the recipe's.
         converge_window: Steps between two convergence checks (the first is before the first
             step; no image stops before ``PATIENCE x converge_window`` steps).
         mask: Also accumulate MaCo's transparency masks (:attr:`RenderResult.masks`); not with
@@ -214,46 +226,56 @@ def render(
     """
     objectives = as_objectives(objectives)
     image_shape = check_display_shape(image_shape)
-    check_render_counts(
+    check_instance("prior", prior, DataPrior, "a DataPrior")
+    chosen = recipe_for(prior, objectives, n_images).given(
+        param=param,
         steps=steps,
+        lr=lr,
+        converge_tol=converge_tol,
+        contrast=contrast,
         views=views,
-        n_images=n_images,
         restarts=restarts,
+        diversity=diversity,
+    )
+    check_render_counts(
+        steps=chosen.steps,
+        views=chosen.views,
+        n_images=n_images,
+        restarts=chosen.restarts,
         first_row=first_row,
         select_after=select_after,
         converge_window=converge_window,
         batch_size=batch_size,
         mask=mask,
     )
-    if converge_tol is not None:
-        check_non_negative("converge_tol", converge_tol, " (0 or None: no convergence test)")
-    check_positive("lr", lr)
-    check_choice("param", param, PARAMS)
+    check_non_negative("converge_tol", chosen.converge_tol, " (0: no convergence test)")
+    check_positive("lr", chosen.lr)
+    check_choice("param", chosen.param, PARAMS)
     penalties = Penalties(
         l2=check_non_negative("l2", l2),
         tv=check_non_negative("tv", tv),
         # the candidates of ``restarts`` need not differ
-        diversity=check_non_negative("diversity", diversity) if restarts == 1 else 0.0,
+        diversity=check_non_negative("diversity", chosen.diversity) if chosen.restarts == 1 else 0,
     )
-    check_instance("prior", prior, DataPrior, "a DataPrior")
     chain = resolve_transforms(
-        transforms, image_shape, 0.5 if prior is None else prior.border_value()
+        chosen.transforms if isinstance(transforms, str) and transforms == AUTO else transforms,
+        image_shape,
+        0.5 if prior is None else prior.border_value(),
     )
     check_choice("diversity_on", diversity_on, ("features", "pixels"))
     found = probe(model, objectives, image_shape, input_transform, output_fn)
-    group = n_images * restarts  # rows per objective: its images, or its candidates
+    group = n_images * chosen.restarts  # rows per objective: its images, or its candidates
     rows = [objective for objective in objectives for _ in range(group)]
     device = model_device(model)
-    size = chunk_rows(found, len(rows), group, views, device, batch_size)
     settings = ChunkSettings(
-        param=param,
+        param=chosen.param,
         image_shape=image_shape,
         seed=seed,
         decorrelate=decorrelate,
         device=device,
         prior=prior,
-        contrast=contrast,
-        views=views,
+        contrast=chosen.contrast,
+        views=chosen.views,
         n_images=group,
         output_fn=output_fn,
         diversity_on=diversity_on,
@@ -261,33 +283,50 @@ def render(
     )
     # images kept apart by the diversity term converge together; others alone
     unit = n_images if penalties.diversity and n_images > 1 else 1
-    convergence = Convergence(float(converge_tol), converge_window, unit) if converge_tol else None
-    ascent = Ascent(lr, chain, input_transform, seed, penalties, convergence, track_mask=mask)
+    tol, window = chosen.converge_tol, converge_window
+    convergence = Convergence(float(tol), window, unit) if tol else None
+    ascent = Ascent(chosen.lr, chain, input_transform, seed, penalties, convergence, mask)
+    size = chunk_rows(found, len(rows), group, chosen.views, device, batch_size)
     with analysis_mode(model):
         chunks = chunks_of(rows, size, settings, first_row)
         if init is not None:
-            continue_from(chunks, init, len(rows), param)
-        # with ``restarts``, the best candidate is kept after ``first`` steps and continued alone
-        first = select_after if restarts > 1 and select_after and select_after < steps else steps
-        optimise(model, chunks, first, ascent)
-        rendered = Rendered.of(chunks)
-        masks = torch.cat([chunk.normalised_mask() for chunk in chunks]) if mask else None
-        if restarts == 1:
-            return RenderResult(rendered.images, rendered.steps, rendered.params, masks)
-        best = best_candidates(model, rows, rendered.images, restarts, ascent, size, output_fn)
-        kept = rendered.pick(best)
-        masks = None if masks is None else masks[best]
-        if first < steps:
-            more = continue_kept(
-                model,
-                [rows[int(i)] for i in best],
-                kept.params,
-                replace(settings, n_images=1),
-                size=max(1, size // group),
-                steps=steps - first,
-                ascent=replace(ascent, track_mask=False),
-            )
-            kept = Rendered(more.images, more.params, kept.steps + more.steps)
+            continue_from(chunks, init, len(rows), chosen.param)
+        return _optimised(model, rows, chunks, chosen, select_after, ascent, settings, size)
+
+
+def _optimised(
+    model: nn.Module,
+    rows: Sequence[Objective],
+    chunks: Sequence[Chunk],
+    chosen: Recipe,
+    select_after: int | None,
+    ascent: Ascent,
+    settings: ChunkSettings,
+    size: int,
+) -> RenderResult:
+    """Optimise ``chunks``; with ``chosen.restarts`` candidates per objective, keep the best after
+    ``select_after`` steps (default: all) and optimise it alone for the remaining steps."""
+    steps, restarts = chosen.steps, chosen.restarts
+    first = min(select_after or steps, steps) if restarts > 1 else steps
+    optimise(model, chunks, first, ascent)
+    rendered = Rendered.of(chunks)
+    masks = torch.cat([chunk.normalised_mask() for chunk in chunks]) if ascent.track_mask else None
+    if restarts == 1:
+        return RenderResult(rendered.images, rendered.steps, rendered.params, masks)
+    best = best_candidates(model, rows, rendered.images, restarts, ascent, size, settings.output_fn)
+    kept = rendered.pick(best)
+    masks = None if masks is None else masks[best]
+    if first < steps:
+        more = continue_kept(
+            model,
+            [rows[int(i)] for i in best],
+            kept.params,
+            replace(settings, n_images=1),
+            size=max(1, size // restarts),
+            steps=steps - first,
+            ascent=replace(ascent, track_mask=False),
+        )
+        kept = Rendered(more.images, more.params, kept.steps + more.steps)
     return RenderResult(kept.images, kept.steps, kept.params, masks)
 
 

@@ -1,11 +1,12 @@
 """Scoring objectives from inside forward hooks, one batch row per objective.
 
 A :class:`BatchScorer` scores row ``i`` of a batch with objective ``i`` in a few tensor
-operations per layer. A :class:`Scoring` holds the hook state of one forward pass: it scores every layer an objective
-reads as soon as that layer has run (before a later in-place operation such as
-``ReLU(inplace=True)`` could change its output), keeps the Gram matrices the diversity term
-compares, and stops the pass once every needed layer has run (unless a class logit is asked
-for), so rendering an early layer's channels does not pay for the rest of the model.
+operations per layer. A :class:`Scoring` holds the hook state of one forward pass: it scores
+every layer an objective reads as soon as that layer has run (before a later in-place
+operation such as ``ReLU(inplace=True)`` could change its output), keeps the Gram matrices the
+diversity term compares, and stops the pass once every needed layer has run (unless a class
+logit is asked for), so rendering an early layer's channels does not pay for the rest of the
+model.
 """
 
 from __future__ import annotations
