@@ -18,7 +18,7 @@ from torch import nn
 
 from lightning_neurons import NeuronsError
 from lightning_neurons.data import Normalize
-from lightning_neurons.hooks import hooked
+from lightning_neurons.hooks import count_forward_hooks, hooked, leaf_output_sizes
 from lightning_neurons.visualize import Channel, ChannelGroup, ClassLogit, Neuron, evaluate, render
 from lightning_neurons.visualize.param import fft_image, parametrize, pixel_image, row_seed
 from lightning_neurons.visualize.sizing import CPU_CHUNK_BYTES, DEVICE_CHUNK_BYTES, auto_batch_size
@@ -241,6 +241,24 @@ def test_automatic_chunks_fit_the_caches_on_cpu_and_a_memory_budget_elsewhere():
     assert auto_batch_size(1000, largest_output=10**9, device=cuda) == 4
 
 
+def test_leaf_output_sizes_count_every_call_and_remove_their_hooks():
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.relu = nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.relu(self.relu(self.conv(x)))
+
+    net, x = Twice(), torch.rand(2, 1, 8, 8)
+    sizes = leaf_output_sizes(net, lambda: net(x))
+    assert (sizes.largest, sizes.total) == (2 * 4 * 64, 3 * 2 * 4 * 64)  # conv, relu, relu
+    assert count_forward_hooks(net) == 0
+    linear = nn.Linear(3, 5)  # a model without sub-modules counts its own output
+    sizes = leaf_output_sizes(linear, lambda: linear(torch.rand(2, 3)))
+    assert (sizes.largest, sizes.total) == (10, 10) and count_forward_hooks(linear) == 0
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_render_increases_objectives_grey_and_rgb(channels):
     model = bn_net(in_channels=channels)
@@ -333,6 +351,12 @@ def test_evaluate_reads_outputs_before_in_place_ops():
         ({"image_shape": (1, 8, 8), "tv": -1.0}, "`tv` must be a number >= 0"),
         ({"image_shape": (1, 8, 8), "transforms": "heavy"}, "`transforms` must be"),
         ({"image_shape": (3, 8, 8)}, "failed on a"),
+        (
+            {"image_shape": (1, 8, 8), "restarts": 2, "select_after": 1, "mask": True},
+            "`select_after` cannot be combined with `mask=True`",
+        ),
+        ({"image_shape": (1, 8, 8), "restarts": 2, "n_images": 2}, "cannot be combined with"),
+        ({"image_shape": (1, 8, 8), "converge_tol": None, "param": "fancy"}, "`param` must be"),
     ],
 )
 def test_render_argument_errors(kwargs, match):
