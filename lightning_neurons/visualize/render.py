@@ -251,11 +251,11 @@ def render(
     check_non_negative("converge_tol", chosen.converge_tol, " (0: no convergence test)")
     check_positive("lr", chosen.lr)
     check_choice("param", chosen.param, PARAMS)
+    spread = check_non_negative("diversity", chosen.diversity)
     penalties = Penalties(
         l2=check_non_negative("l2", l2),
         tv=check_non_negative("tv", tv),
-        # the candidates of ``restarts`` need not differ
-        diversity=check_non_negative("diversity", chosen.diversity) if chosen.restarts == 1 else 0,
+        diversity=spread if chosen.restarts == 1 else 0.0,  # candidates need not differ
     )
     chain = resolve_transforms(
         chosen.transforms if isinstance(transforms, str) and transforms == AUTO else transforms,
