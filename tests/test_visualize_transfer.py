@@ -4,8 +4,6 @@ and the FeatureVisualizer options that use them."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -19,7 +17,6 @@ from lightning_neurons.data import Normalize
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.models import ImageClassifier
 from lightning_neurons.visualize import (
-    L2,
     Channel,
     ClassLogit,
     ClassLogProb,
@@ -31,7 +28,6 @@ from lightning_neurons.visualize import (
 from lightning_neurons.visualize.param import maco_image, soft_clip
 from lightning_neurons.visualize.penalties import similarity_to_others
 from lightning_neurons.visualize.prior import DataPriorEstimate, amplitude_spectrum
-from lightning_neurons.visualize.recipe import recipe_for
 from lightning_neurons.visualize.transforms import robust_transforms
 
 # float32 FFTs and convolutions of 8x8-16x16 images: rounding errors are ~1e-7 per value; a few
@@ -542,33 +538,6 @@ def test_cluster_images_continue_the_best_matching_cluster_of_the_last_round(tmp
 
 
 # ---- one set of defaults ------------------------------------------------------------------------
-
-
-def test_render_with_a_prior_defaults_to_the_visualizers_defaults():
-    vis = FeatureVisualizer()
-    shared = dict(
-        param=vis.param,
-        transforms=vis.transforms,
-        steps=vis.steps,
-        lr=vis.lr,
-        converge_tol=vis.converge_tol,
-        diversity=vis.diversity,
-    )
-    channels = dict(shared, contrast=vis.contrast, views=vis.views, restarts=1)
-    classes = dict(
-        shared, contrast=vis.class_contrast, views=vis.class_views, restarts=vis.class_restarts
-    )
-    prior = DataPrior.from_images(torch.rand(4, 1, 8, 8))
-    assert asdict(recipe_for(prior, [Channel("conv2", 0), ClassLogit(0)])) == channels
-    assert asdict(recipe_for(prior, [ClassLogit(0), ClassLogit(1) - 0.1 * L2()])) == classes
-    # without a prior, Lucid's recipe, as render() had
-    plain = recipe_for(None, [ClassLogit(0)])
-    assert (plain.param, plain.transforms, plain.steps, plain.converge_tol) == (
-        "fft",
-        "standard",
-        256,
-        0.0,
-    )
 
 
 def test_render_given_a_prior_renders_as_the_visualizer_does(tmp_path):
