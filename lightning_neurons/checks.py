@@ -152,25 +152,13 @@ def check_non_negative(name: str, value: Any, note: str = "") -> float:
 
 
 def check_render_counts(
-    *,
-    steps: int,
-    views: int,
-    n_images: int,
-    restarts: int,
-    first_row: int,
-    select_after: int | None,
-    converge_window: int,
-    batch_size: int | None,
-    mask: bool,
+    counts: Mapping[str, Any], restarts: Any, select_after: Any, mask: bool
 ) -> None:
-    """``render()``'s counts, and the combinations of them that cannot work together."""
-    counts = {"steps": steps, "views": views, "n_images": n_images, "restarts": restarts}
-    for name, value in counts.items():
+    """``render()``'s counts (``{name: value}`` and ``restarts``, all positive integers), and the
+    combinations of them that cannot work together."""
+    for name, value in {**counts, "restarts": restarts}.items():
         check_positive(name, value, integer=True)
-    check_int("first_row", first_row, minimum=0)
-    check_positive("converge_window", converge_window, integer=True)
-    if batch_size is not None:
-        check_positive("batch_size", batch_size, integer=True)
+    n_images = counts.get("n_images", 1)
     if select_after is not None:
         check_positive("select_after", select_after, integer=True)
         if mask:

@@ -55,30 +55,12 @@ class Recipe:
 
 
 #: Without a data prior: Lucid's recipe.
-PLAIN = Recipe(
-    param="fft",
-    transforms="standard",
-    steps=256,
-    lr=0.05,
-    converge_tol=0.0,
-    contrast=1.0,
-    views=1,
-    restarts=1,
-    diversity=0.0,
-)
+PLAIN = Recipe("fft", "standard", steps=256, lr=0.05, converge_tol=0.0, contrast=1.0, views=1,
+               restarts=1, diversity=0.0)  # fmt: skip
 
 #: With a data prior, channel and neuron images: FeatureVisualizer's defaults.
-DATA_CHANNELS = Recipe(
-    param="maco",
-    transforms="robust",
-    steps=64,
-    lr=0.1,
-    converge_tol=0.005,
-    contrast=2.0,
-    views=1,
-    restarts=1,
-    diversity=1.0,
-)
+DATA_CHANNELS = Recipe("maco", "robust", steps=64, lr=0.1, converge_tol=0.005, contrast=2.0,
+                       views=1, restarts=1, diversity=1.0)  # fmt: skip
 
 #: With a data prior, class images: FeatureVisualizer's defaults for its class images.
 DATA_CLASSES = replace(DATA_CHANNELS, contrast=0.8, views=4, restarts=4)

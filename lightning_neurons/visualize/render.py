@@ -24,6 +24,7 @@ from lightning_neurons.checks import (
     check_choice,
     check_display_shape,
     check_instance,
+    check_int,
     check_non_negative,
     check_positive,
     check_render_counts,
@@ -227,27 +228,15 @@ def render(
     objectives = as_objectives(objectives)
     image_shape = check_display_shape(image_shape)
     check_instance("prior", prior, DataPrior, "a DataPrior")
-    chosen = recipe_for(prior, objectives, n_images).given(
-        param=param,
-        steps=steps,
-        lr=lr,
-        converge_tol=converge_tol,
-        contrast=contrast,
-        views=views,
-        restarts=restarts,
-        diversity=diversity,
-    )
-    check_render_counts(
-        steps=chosen.steps,
-        views=chosen.views,
-        n_images=n_images,
-        restarts=chosen.restarts,
-        first_row=first_row,
-        select_after=select_after,
-        converge_window=converge_window,
-        batch_size=batch_size,
-        mask=mask,
-    )
+    chosen = recipe_for(prior, objectives, n_images)
+    chosen = chosen.given(param=param, steps=steps, lr=lr, converge_tol=converge_tol)
+    chosen = chosen.given(contrast=contrast, views=views, restarts=restarts, diversity=diversity)
+    counts = {"steps": chosen.steps, "views": chosen.views, "n_images": n_images}
+    check_render_counts(counts, chosen.restarts, select_after, mask)
+    check_int("first_row", first_row, minimum=0)
+    check_positive("converge_window", converge_window, integer=True)
+    if batch_size is not None:
+        check_positive("batch_size", batch_size, integer=True)
     check_non_negative("converge_tol", chosen.converge_tol, " (0: no convergence test)")
     check_positive("lr", chosen.lr)
     check_choice("param", chosen.param, PARAMS)
@@ -268,19 +257,10 @@ def render(
     rows = [objective for objective in objectives for _ in range(group)]
     device = model_device(model)
     settings = ChunkSettings(
-        param=chosen.param,
-        image_shape=image_shape,
-        seed=seed,
-        decorrelate=decorrelate,
-        device=device,
-        prior=prior,
-        contrast=chosen.contrast,
-        views=chosen.views,
-        n_images=group,
-        output_fn=output_fn,
-        diversity_on=diversity_on,
-        spatial=found.spatial(),
-    )
+        param=chosen.param, image_shape=image_shape, seed=seed, decorrelate=decorrelate,
+        device=device, prior=prior, contrast=chosen.contrast, views=chosen.views,
+        n_images=group, output_fn=output_fn, diversity_on=diversity_on, spatial=found.spatial(),
+    )  # fmt: skip
     # images kept apart by the diversity term converge together; others alone
     unit = n_images if penalties.diversity and n_images > 1 else 1
     tol, window = chosen.converge_tol, converge_window
