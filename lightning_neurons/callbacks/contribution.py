@@ -38,12 +38,15 @@ from lightning_neurons.distributed import (
     Failed,
     attempt,
     broadcast_from_zero,
+    concat,
     gather,
-    share,
+    gather_all,
+    map_shares,
     sum_over_ranks,
 )
 from lightning_neurons.hooks import resolve_layers, selects
 from lightning_neurons.loggers import AnalysisLogger
+from lightning_neurons.probes import ProbeCandidate, ProbeCollector, shared_probes
 from lightning_neurons.results import ContributionResult, LayerAblation, Probes
 from lightning_neurons.state import analysis_mode
 from lightning_neurons.strategies import refuse_sharded
@@ -209,6 +212,8 @@ class NeuronContribution(StagedCallback):
         self._ranks = (0, 1)  # (this rank, number of ranks) of the stage being analysed
         self._share = max_batches  # batches this rank keeps
         self._rows = LoaderRows()
+        # the first kept image of each class: the probe candidates of this rank
+        self._probe_candidates = ProbeCollector(per_class=1, limit=max_probes)
 
     # ---- Lightning hooks -----------------------------------------------------------------------
 
@@ -271,6 +276,7 @@ class NeuronContribution(StagedCallback):
         self._share = math.ceil(self.max_batches / trainer.world_size)
         loader = self._tracker.dataloader_idx if self._tracker is not None else 0
         self._rows = analysed_rows(trainer, stage, loader)
+        self._probe_candidates.reset(trainer.global_rank, trainer.world_size)
 
     @property
     def _reader(self) -> BatchReader:
@@ -287,9 +293,10 @@ class NeuronContribution(StagedCallback):
         if not rows:
             return
         with torch.inference_mode(False):  # normal tensors, usable in autograd later
-            self._batches.append(
-                (x[:rows].detach().to("cpu").clone(), y[:rows].detach().to("cpu").clone())
-            )
+            kept = (x[:rows].detach().to("cpu").clone(), y[:rows].detach().to("cpu").clone())
+        self._batches.append(kept)
+        num_classes = self._tracker.num_classes if self._tracker is not None else None
+        self._probe_candidates.update(*kept, num_classes=num_classes)
 
     def _finish(self, trainer: Trainer, pl_module: LightningModule) -> None:
         tracker = find_callback(trainer, ActivationTracker, required=type(self).__name__)
@@ -335,7 +342,8 @@ class NeuronContribution(StagedCallback):
                     trainer, pl_module, layer, stats[layer], batches
                 )
             if self.max_probes:
-                probes = self._probes(pl_module, batches, num_classes)
+                chosen = shared_probes(self._probe_candidates, "choosing the probe images", True)
+                probes = self._probes(pl_module, chosen, num_classes)
                 rendered = {layer: self._rendered(trainer, layer) for layer in probes}
                 wanted = {
                     int(top_example[layer][n])
@@ -409,40 +417,34 @@ class NeuronContribution(StagedCallback):
         return best
 
     def _probes(
-        self, pl_module: LightningModule, batches: list[Batch], num_classes: int
+        self, pl_module: LightningModule, probes: list[ProbeCandidate], num_classes: int
     ) -> dict[str, Probes]:
-        """Every layer's contribution to every logit for the first kept image of each class
-        (of every rank's kept images, in one process's order). Each rank explains a contiguous
-        share of the probes: ``max_probes`` images x up to :data:`PROBE_LOGITS` logits cost as
-        much as a few kept batches, so they are not left to rank zero alone."""
+        """Every layer's contribution to every logit for the probe images. Each rank explains a
+        contiguous share of them: ``max_probes`` images x up to :data:`PROBE_LOGITS` logits cost
+        as much as a few kept batches, so they are not left to rank zero alone."""
         rank, world = self._ranks
-        found = attempt(lambda: self._probe_candidates(batches, num_classes), world)
-        first: dict[int, tuple[int, torch.Tensor]] = {}  # class: (index, image)
-        for candidates in gather(found, world, "choosing the probe images"):
-            for index, label, image in candidates:
-                if label not in first or index < first[label][0]:
-                    first[label] = (index, image)
-        picked = sorted(first)[: self.max_probes]
-        if not picked:
+        if not probes:
             return {}
-        index = torch.tensor([first[c][0] for c in picked])
-        images = torch.stack([first[c][1] for c in picked])
-        part = share(len(picked), rank, world)
-        mine = attempt(lambda: self._explain(pl_module, images[part], num_classes), world)
-        parts = [p for p in gather(mine, world, "probe contributions") if p is not None]
-        logits = torch.cat([p[0] for p in parts])
-        classes = torch.cat([p[1] for p in parts])
+        index = torch.tensor([p.order for p in probes])
+        images = torch.stack([p.image for p in probes])
+        parts = map_shares(
+            lambda part: self._explain(pl_module, images[part], num_classes),
+            len(probes),
+            rank,
+            world,
+            "probe contributions",
+        )
+        logits, classes, contributions = concat(parts)
         predictions = logits.argmax(dim=1)
         predicted_row = (classes == predictions.unsqueeze(1)).float().argmax(dim=1)
         results = {}
-        for layer in parts[0][2]:
-            c = torch.cat([p[2][layer] for p in parts])  # [P, L, K]
+        for layer, c in contributions.items():  # c: [P, L, K]
             behind = c[torch.arange(c.shape[0]), predicted_row]  # [P, K]: to the predicted logit
             top = behind.topk(min(self.probe_top, behind.shape[1]), dim=1)
             results[layer] = Probes(
                 index=index,
                 images=images,
-                labels=torch.tensor(picked),
+                labels=torch.tensor([p.label for p in probes]),
                 predictions=predictions,
                 contribution=c,
                 classes=classes.clone(),
@@ -451,31 +453,10 @@ class NeuronContribution(StagedCallback):
             )
         return results
 
-    def _probe_candidates(
-        self, batches: list[Batch], num_classes: int
-    ) -> list[tuple[int, int, torch.Tensor]]:
-        """``(index, class, image)`` of this rank's first kept image of each class, for the first
-        ``max_probes`` classes it has (those one process picks are among every rank's)."""
-        rank, world = self._ranks
-        if not batches:
-            return []
-        y = torch.cat([b[1] for b in batches])
-        found = []
-        for c in range(num_classes):
-            hits = torch.nonzero(y == c)[:, 0]
-            if hits.numel():
-                row = int(hits[0])
-                found.append((row * world + rank, c, _kept_image(batches, row)))
-            if len(found) >= self.max_probes:
-                break
-        return found
-
     def _explain(
         self, pl_module: LightningModule, images: torch.Tensor, num_classes: int
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None:
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Logits, explained classes and ``{layer: [P, L, K]}`` contributions of ``images``."""
-        if not len(images):
-            return None
         with torch.no_grad():
             logits = self._reader.forward(pl_module, images).float().cpu()
         # all logits, or the highest PROBE_LOGITS (the predicted first): bounded at 1,000 classes
@@ -492,12 +473,12 @@ class NeuronContribution(StagedCallback):
         """``{index: kept image}`` of every rank's kept images (index as in
         :meth:`_contributions`), on every rank."""
         rank, world = self._ranks
-        mine = attempt(
+        found: dict[int, torch.Tensor] = {}
+        for part in gather_all(
             lambda: {i: _kept_image(batches, i // world) for i in indices if i % world == rank},
             world,
-        )
-        found: dict[int, torch.Tensor] = {}
-        for part in gather(mine, world, "gathering the probes' top examples"):
+            "gathering the probes' top examples",
+        ):
             found.update(part)
         return found
 

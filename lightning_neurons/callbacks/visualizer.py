@@ -37,7 +37,7 @@ from lightning_neurons.checks import (
     check_optional_positive_int,
     check_positive_int,
 )
-from lightning_neurons.distributed import attempt, gather, share
+from lightning_neurons.distributed import concat, map_shares
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import (
     get_module,
@@ -48,6 +48,7 @@ from lightning_neurons.hooks import (
     split_call,
 )
 from lightning_neurons.loggers import AnalysisLogger
+from lightning_neurons.probes import ProbeCollector, shared_probes
 from lightning_neurons.results import ClusterRendering, Rendering, SaliencyMaps
 from lightning_neurons.state import analysis_mode, model_device
 from lightning_neurons.stats import LayerStats
@@ -63,29 +64,6 @@ def _strength_label(channel: int, strength: float, activation: float, reference:
     if math.isfinite(strength):
         return f"{channel}: {strength:.1f}x"
     return f"{channel}: {'>' if activation > reference else '<='} max"
-
-
-def _first_per_class(
-    labels: Sequence[int], kept: Sequence[int], per_class: int, limit: int
-) -> list[int]:
-    """Indices of ``labels`` to keep, in order: each label until ``per_class`` of it are kept
-    (``kept`` are the labels kept before), at most ``limit`` kept in all.
-
-    Example:
-        >>> _first_per_class([3, 3, 1, 3, 2], kept=[2], per_class=1, limit=3)
-        [0, 2]
-    """
-    counts: dict[int, int] = {}
-    for label in kept:
-        counts[label] = counts.get(label, 0) + 1
-    picked: list[int] = []
-    for i, label in enumerate(labels):
-        if len(kept) + len(picked) >= limit:
-            break
-        if counts.get(label, 0) < per_class:
-            counts[label] = counts.get(label, 0) + 1
-            picked.append(i)
-    return picked
 
 
 #: A cluster continues the image of the last round's cluster it shares at least this share of
@@ -374,14 +352,9 @@ class FeatureVisualizer(StagedCallback):
         self.cluster_results: dict[str, ClusterRendering] = {}
         #: Seconds the last round took (rendering, saliency and logging).
         self.last_seconds: float | None = None
-        # this rank's probe candidates, with their place in the validation order (see
-        # _collect_probes); the probes of a round are chosen from every rank's (_shared_probes)
-        self._probe_images: list[torch.Tensor] = []
-        self._probe_labels: list[int] = []
-        self._probe_order: list[int] = []
-        self._probe_seen = 0  # validation images this rank has looked at for probes
+        # this rank's probe candidates; a round's probes are chosen from every rank's
+        self._probes = ProbeCollector(self.probes_per_class, self.max_probes, torch.float32)
         self._val_rows = LoaderRows()
-        self._probes_full = False
         self._seen_shape: tuple[int, ...] | None = None
         self._no_labels_warned = False
         self._plan: dict[str, Any] | None = None
@@ -489,7 +462,7 @@ class FeatureVisualizer(StagedCallback):
         if dataloader_idx != self._dataloader_idx:
             return
         self._update_prior(batch)
-        if self._probes_full or not self.saliency_methods:
+        if self._probes.full or not self.saliency_methods:
             return
         self._collect_probes(trainer, pl_module, batch, batch_idx)
 
@@ -536,13 +509,8 @@ class FeatureVisualizer(StagedCallback):
         """Turn the streamed sums into the cached prior, summed over every rank."""
         if self.param != "maco" or self.prior is not None or self._estimated_prior is not None:
             return
-        seen = torch.tensor(float(self._estimate.count), device=trainer.strategy.root_device)
-        if float(trainer.strategy.reduce(seen, reduce_op="sum")) == 0:
-            return
-        self._estimated_prior = self._estimate.compute(
-            reduce=lambda t: trainer.strategy.reduce(
-                t.to(trainer.strategy.root_device), reduce_op="sum"
-            ).cpu()
+        self._estimated_prior = self._estimate.compute_over_ranks(
+            trainer.world_size, trainer.strategy.root_device
         )
 
     def _render_prior(self) -> DataPrior | None:
@@ -561,10 +529,7 @@ class FeatureVisualizer(StagedCallback):
     def _collect_probes(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        """Keep the first ``probes_per_class`` images of each class this rank sees (at most
-        ``max_probes``), each with its place in the validation order: the ``p``-th image of rank
-        ``r`` of ``W`` is image ``p * W + r`` (DistributedSampler deals the validation set out
-        rank by rank), so the probes chosen from every rank's candidates are one process's."""
+        """Stream this rank's validation batch into the probe candidates (:mod:`lightning_neurons.probes`)."""
         try:
             images = self._reader.inputs(batch)
             labels = self._reader.labels(batch)
@@ -577,44 +542,13 @@ class FeatureVisualizer(StagedCallback):
                     "probes are skipped."
                 )
         if images is None or labels is None or images.dim() != 4:
-            self._probes_full = True
+            self._probes.full = True
             return
+        if not self._probes.seen:
+            self._probes.reset(trainer.global_rank, trainer.world_size)
         rows = self._val_rows.rows(batch_idx, labels.shape[0])  # DistributedSampler's repeats out
-        first, self._probe_seen = self._probe_seen, self._probe_seen + labels.shape[0]
-        picked = _first_per_class(
-            labels[:rows].tolist(), self._probe_labels, self.probes_per_class, self.max_probes
-        )
-        for i in picked:
-            with torch.inference_mode(False):
-                self._probe_images.append(images[i].detach().to("cpu", torch.float32).clone())
-            self._probe_labels.append(int(labels[i]))
-            self._probe_order.append((first + i) * trainer.world_size + trainer.global_rank)
         num_classes = self._classes_count(trainer, pl_module)
-        enough = (
-            num_classes is not None
-            and len(self._probe_labels) >= num_classes * self.probes_per_class
-        )
-        self._probes_full = len(self._probe_labels) >= self.max_probes or enough
-
-    def _shared_probes(self) -> tuple[list[torch.Tensor], list[int]]:
-        """The probes of this round, the same on every rank: every rank's candidates, in the
-        validation order, picked as one process picks them (first of each class)."""
-        world = self._ranks[1]
-        if world == 1:
-            return self._probe_images, self._probe_labels
-        mine = (self._probe_order, self._probe_labels, self._probe_images)
-        every = gather(mine, world, "gathering the saliency probes")
-        candidates = sorted(
-            (
-                (order, label, image)
-                for orders, labels, images in every
-                for order, label, image in zip(orders, labels, images, strict=True)
-            ),
-            key=lambda candidate: candidate[0],
-        )
-        labels = [label for _, label, _ in candidates]
-        picked = _first_per_class(labels, [], self.probes_per_class, self.max_probes)
-        return [candidates[i][2] for i in picked], [labels[i] for i in picked]
+        self._probes.update(images[:rows], labels[:rows], num_classes)
 
     def _classes_count(self, trainer: Trainer, pl_module: LightningModule) -> int | None:
         if self._num_classes is None:
@@ -742,20 +676,18 @@ class FeatureVisualizer(StagedCallback):
         rank, world = (0, 1) if local else self._ranks
         restarts = self.class_restarts if classes and init is None else 1
         per_objective = 1 if classes else self.n_images  # images kept per objective
-        part = share(len(objectives), rank, world)
-        start, stop = part.start, part.stop
-        block = None if init is None else init[start * per_objective : stop * per_objective]
-        first_row = start * per_objective * restarts
-        mine = attempt(
-            lambda: (
-                self._render_rows(model, objectives[part], block, first_row, classes, restarts)
-                if stop > start
-                else None
-            ),
-            world,
-        )
-        done = [b for b in gather(mine, world, "rendering") if b is not None]
-        images, params, steps = (torch.cat(parts) for parts in zip(*done, strict=True))
+
+        def rows(part: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            block = (
+                None
+                if init is None
+                else init[part.start * per_objective : part.stop * per_objective]
+            )
+            first_row = part.start * per_objective * restarts
+            return self._render_rows(model, objectives[part], block, first_row, classes, restarts)
+
+        done = map_shares(rows, len(objectives), rank, world, "rendering")
+        images, params, steps = concat(done)
         if self.continue_steps is not None:
             self._params[key] = {"signature": signature, "params": params}
         return images.cpu(), steps
@@ -1044,17 +976,20 @@ class FeatureVisualizer(StagedCallback):
         """The probes' saliency maps (``None`` without probes). Under DDP each rank maps a
         contiguous share of the probes (SmoothGrad's noise is drawn per probe index, so the maps
         are one process's) and the maps are gathered on every rank."""
-        probes, probe_labels = self._shared_probes()
+        probes = shared_probes(self._probes, "gathering the saliency probes")
         if not probes:
             return None
-        inputs = torch.stack(probes)  # as the loader yielded them
-        labels = torch.tensor(probe_labels)
+        inputs = torch.stack([p.image for p in probes])  # as the loader yielded them
+        labels = torch.tensor([p.label for p in probes])
         rank, world = self._ranks
-        part = share(len(inputs), rank, world)
-        mine = attempt(lambda: self._saliency_part(model, inputs, part), world)
-        parts = [p for p in gather(mine, world, "saliency") if p is not None]
-        predicted = torch.cat([p[0] for p in parts])
-        maps = {m: torch.cat([p[1][m] for p in parts]) for m in self.saliency_methods}
+        parts = map_shares(
+            lambda part: self._saliency_part(model, inputs, part),
+            len(inputs),
+            rank,
+            world,
+            "saliency",
+        )
+        predicted, maps = concat(parts)
         images, _ = to_display(inputs, self._plan["transform"] if self._plan else None)
         return SaliencyMaps(
             images=images, inputs=inputs, labels=labels, predicted=predicted, maps=maps, epoch=epoch
@@ -1062,12 +997,10 @@ class FeatureVisualizer(StagedCallback):
 
     def _saliency_part(
         self, model: nn.Module, inputs: torch.Tensor, part: slice
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
-        """The predictions and maps of the probes ``inputs[part]`` (``None`` for no probes)."""
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The predictions and maps of the probes ``inputs[part]``."""
         plan = self._plan
         assert plan is not None
-        if part.start == part.stop:
-            return None
         inputs = inputs[part]
         transform = plan["transform"]
         with analysis_mode(model, grad=False):
