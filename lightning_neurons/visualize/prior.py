@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,21 @@ class DataPrior:
         estimate = DataPriorEstimate(max_images=None)
         estimate.update(images)
         return estimate.compute()
+
+    @classmethod
+    def from_sums(cls, sums: Mapping[str, torch.Tensor]) -> DataPrior:
+        """The prior of :meth:`DataPriorEstimate.sums` (or their sum over processes)."""
+        n = float(sums["count"])
+        magnitude, total, squares = (
+            sums[name].double().cpu() / n for name in ("magnitude", "total", "squares")
+        )
+        variance = (squares - total.pow(2)).clamp_min(0.0)
+        return cls(
+            magnitude=magnitude.float(),
+            mean=total.float(),
+            std=variance.sqrt().float(),
+            count=int(n),
+        )
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -203,7 +219,7 @@ class DataPriorEstimate:
         sums = self.sums()
         if sums is None:
             raise NeuronsError("no images seen yet: call update() with display images first")
-        return _prior_from_sums(sums)
+        return DataPrior.from_sums(sums)
 
     def compute_over_ranks(self, world: int, device: torch.device) -> DataPrior | None:
         """The prior of every process's images, on every process (DDP: the sums are added up
@@ -216,15 +232,4 @@ class DataPriorEstimate:
         summed = sum_over_ranks(attempt(self.sums, world), world, device, "the data prior")
         if summed is None or float(summed["count"]) == 0:
             return None
-        return _prior_from_sums(summed)
-
-
-def _prior_from_sums(sums: dict[str, torch.Tensor]) -> DataPrior:
-    n = float(sums["count"])
-    magnitude, total, squares = (
-        sums[name].double().cpu() / n for name in ("magnitude", "total", "squares")
-    )
-    variance = (squares - total.pow(2)).clamp_min(0.0)
-    return DataPrior(
-        magnitude=magnitude.float(), mean=total.float(), std=variance.sqrt().float(), count=int(n)
-    )
+        return DataPrior.from_sums(summed)
