@@ -92,9 +92,9 @@ class NeuronContribution(StagedCallback):
     * for ``max_probes`` validation images (the first image of each class), the contribution of
       every neuron to every logit (with more than :data:`PROBE_LOGITS` classes, to the probe's
       :data:`PROBE_LOGITS` highest logits: ``Probes.classes`` says which), and the top neurons
-      behind the prediction with their preferred
-      images: the ``FeatureVisualizer``'s rendering when one is attached and has rendered that
-      neuron, else the validation image (of those kept) that activates the neuron most.
+      behind the prediction with their preferred images: the ``FeatureVisualizer``'s rendering
+      when one is attached and has rendered that neuron, else the validation image (of those
+      kept) that activates the neuron most.
 
     Under DDP the work is shared: each rank keeps ``ceil(max_batches / world_size)`` batches of
     its own shard (DistributedSampler deals the unshuffled validation set out rank by rank, so
@@ -132,8 +132,9 @@ class NeuronContribution(StagedCallback):
         max_ablation_classes: Ablate the dominant neurons of at most this many classes (the first).
         share_prefix: How ablations are batched, see
             :func:`~lightning_neurons.ablation.ablation_effects` (``"auto"`` checks the model).
-        max_probes: Probe images: the first kept validation image of each class, for at most
-            this many classes (the first); 0 for none.
+        max_probes: Probe images: the first kept validation image of each class, in class
+            order (chosen by :mod:`lightning_neurons.probes`; with more classes than this, the
+            classes whose first image comes first in the validation order); 0 for none.
         probe_top: Top contributing neurons shown per probe image.
         enable_logging: Log figures, images, text and scalars and write the numbers to files.
         every_n_epochs: Analyse every n-th epoch.
