@@ -377,7 +377,7 @@ def test_visualizer_estimates_the_prior_from_validation_and_judges_classes(tmp_p
     trainer = fast_trainer(tmp_path, callbacks=[vis], max_epochs=1)
     data = TinyData()
     trainer.fit(_module(), datamodule=data)
-    prior = vis._estimated_prior
+    prior = vis.estimated_prior
     assert prior is not None and prior.count == 10  # the first 10 validation images
     torch.testing.assert_close(prior.mean, data.vx[:10].mean(0), atol=1e-6, rtol=0)
     res = vis.results["backbone.relu1"]
@@ -390,7 +390,7 @@ def test_visualizer_estimates_the_prior_from_validation_and_judges_classes(tmp_p
         expected = judge.eval()(classes.images).argmax(dim=1)
     assert torch.equal(classes.judge_predicted, expected)
     vis.reset_prior()
-    assert vis._estimated_prior is None and vis._estimate.count == 0
+    assert vis.estimated_prior is None
 
 
 class NormalizedData(TinyData):
@@ -409,7 +409,7 @@ def test_visualizer_inverts_normalize_for_the_prior(tmp_path):
     fast_trainer(tmp_path, callbacks=[vis], max_epochs=1, logger=False).fit(
         _module(), datamodule=data
     )
-    prior = vis._estimated_prior
+    prior = vis.estimated_prior
     assert prior is not None
     # x * 0.2 + 0.4 undoes the normalisation up to float32 rounding (~1e-7); display images are
     # clamped to the display range [0, 1] (TinyData's brightest classes reach 1.6)
@@ -437,7 +437,7 @@ def test_visualizer_uses_a_given_prior_and_checks_arguments(tmp_path):
     fast_trainer(tmp_path, callbacks=[vis], max_epochs=1, logger=False).fit(
         _module(), datamodule=OpaqueTransformData()
     )
-    assert vis._estimated_prior is None and vis._estimate.count == 0  # nothing estimated
+    assert vis.estimated_prior is None  # nothing estimated
     for kwargs, match in [
         ({"prior": torch.rand(1, 8, 8)}, "`prior` must be a DataPrior"),
         ({"judge": "resnet"}, "`judge` must be an nn.Module"),
@@ -491,7 +491,7 @@ def test_estimated_prior_is_kept_in_the_checkpoint(tmp_path):
     vis = FeatureVisualizer(prior_images=10, render=FAST_RENDER, **FAST)
     trainer = fast_trainer(tmp_path, callbacks=[vis], max_epochs=1, logger=False)
     trainer.fit(_module(), datamodule=TinyData())
-    saved = vis._estimated_prior
+    saved = vis.estimated_prior
     assert saved is not None
     path = tmp_path / "run.ckpt"
     trainer.save_checkpoint(path)
@@ -501,8 +501,8 @@ def test_estimated_prior_is_kept_in_the_checkpoint(tmp_path):
     other = TinyData()
     other.vx = other.vx.flip(0)  # other validation images: another prior, were it re-estimated
     resumed.fit(_module(), datamodule=other, ckpt_path=path)
-    assert again._estimate.count == 0 and again._estimated_prior is not None
+    assert again.estimated_prior is not None
     for name in ("magnitude", "mean", "std"):
-        assert torch.equal(getattr(again._estimated_prior, name), getattr(saved, name))
-    assert again._estimated_prior.count == saved.count == 10
+        assert torch.equal(getattr(again.estimated_prior, name), getattr(saved, name))
+    assert again.estimated_prior.count == saved.count == 10
     assert set(again.results) == {"backbone.relu1", "classes"}  # and it rendered with it

@@ -421,9 +421,8 @@ trainer = pl.Trainer(
 data = DigitsDataModule(batch_size=32)
 trainer.fit(model, datamodule=data)
 import torch
-from lightning_neurons.visualize import Channel, ClassLogit, DataPrior, render
-saved = vis.state_dict()["prior"]
-prior = DataPrior(saved["magnitude"], saved["mean"], saved["std"], saved["count"])
+from lightning_neurons.visualize import Channel, ClassLogit, render
+prior = vis.estimated_prior
 
 
 def solo(objectives, classes):

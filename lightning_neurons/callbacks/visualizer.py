@@ -21,6 +21,7 @@ from lightning_neurons.batch import (
 from lightning_neurons.callbacks._base import OnError, StagedCallback, find_callback
 from lightning_neurons.callbacks._memory import ContinuationMemory
 from lightning_neurons.callbacks._plan import VisualizerPlan, data_attr, make_plan
+from lightning_neurons.callbacks._prior import PriorStream
 from lightning_neurons.callbacks._rendering import Renderer, RenderOptions
 from lightning_neurons.callbacks._visualizer_figures import log_clusters, log_focus, log_preference
 from lightning_neurons.callbacks._visualizer_results import (
@@ -49,7 +50,7 @@ from lightning_neurons.results import ClusterRendering, Rendering, SaliencyMaps
 from lightning_neurons.stats import LayerStats
 from lightning_neurons.strategies import refuse_sharded
 from lightning_neurons.visualize.objectives import Channel, ClassLogit
-from lightning_neurons.visualize.prior import DataPrior, DataPriorEstimate
+from lightning_neurons.visualize.prior import DataPrior
 from lightning_neurons.visualize.saliency import METHODS, Method
 
 __all__ = ["FeatureVisualizer", "RenderOptions"]
@@ -232,9 +233,7 @@ class FeatureVisualizer(StagedCallback):
         self.saliency_results: SaliencyMaps | None = None
         #: ``{layer: ClusterRendering}``: NeuronClustering's largest clusters' preferred images.
         self.cluster_results: dict[str, ClusterRendering] = {}
-        self._estimate = DataPriorEstimate(self.prior_images)
-        self._estimated_prior: DataPrior | None = None
-        self._prior_warned = False
+        self._prior = PriorStream(self.prior, self.prior_images, self.render.param == "maco")
         # this rank's probe candidates; a round's probes are chosen from every rank's
         self._probes = ProbeCollector(self.probes_per_class, self.max_probes, torch.float32)
         self._val_rows = LoaderRows()
@@ -258,22 +257,16 @@ class FeatureVisualizer(StagedCallback):
         """The parameters of the last round's images (so a resumed run continues them) and the
         estimated data prior (``"maco"``: a resumed run renders with the same one)."""
         state: dict[str, Any] = {"params": self._memory.state_dict()}
-        prior = self._estimated_prior
+        prior = self._prior.state_dict()
         if prior is not None:
-            fields = {"magnitude": prior.magnitude, "mean": prior.mean, "std": prior.std}
-            state["prior"] = {**fields, "count": prior.count}
+            state["prior"] = prior
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._memory.load_state_dict(state_dict.get("params", {}))
         saved = state_dict.get("prior")
         if saved is not None:
-            self._estimated_prior = DataPrior(
-                magnitude=saved["magnitude"],
-                mean=saved["mean"],
-                std=saved["std"],
-                count=int(saved["count"]),
-            )
+            self._prior.load_state_dict(saved)
 
     # ---- Lightning hooks -----------------------------------------------------------------------
 
@@ -295,11 +288,7 @@ class FeatureVisualizer(StagedCallback):
             )
         if "gradcam" in self.saliency_methods and self.gradcam_layer is not None:
             get_module(pl_module, self.gradcam_layer)
-        if self._estimate.count == 0 and self._estimated_prior is None:
-            # under DDP each rank streams the first ceil(n / ranks) images of its shard: the
-            # shards interleave the validation set, so together they are its first n images
-            world = max(1, trainer.world_size)
-            self._estimate = DataPriorEstimate(-(-self.prior_images // world))
+        self._prior.start(trainer.world_size)
         self._plan = None
 
     # Lightning's per-stage hooks arrive here (see StagedCallback). The set-up is checked on the
@@ -346,7 +335,7 @@ class FeatureVisualizer(StagedCallback):
         stats = tracker.results if tracker is not None else {}  # older with stage="train"
         reduction = tracker.reduction if tracker is not None else "mean"
         self._prepare(trainer, pl_module)  # configuration errors raise, on every rank
-        self._finish_prior(trainer)  # every rank (DDP sum)
+        self._prior.finish(trainer.world_size, trainer.strategy.root_device)  # every rank
         # every rank renders its share of the objectives; rank zero does the rest
         self._run_safely(
             "feature visualization", lambda: self._visualize(trainer, pl_module, stats, reduction)
@@ -354,46 +343,28 @@ class FeatureVisualizer(StagedCallback):
 
     # ---- the data prior ("maco") ---------------------------------------------------------------
 
+    @property
+    def estimated_prior(self) -> DataPrior | None:
+        """The data prior estimated from the validation images (``param="maco"`` without a
+        given ``prior``; kept in the ``state_dict``); ``None`` before it is estimated."""
+        return self._prior.estimated
+
     def reset_prior(self) -> None:
         """Forget the estimated data prior: it is estimated again from the next validation epoch
         (a ``prior`` given by the user is kept)."""
-        self._estimate.reset()
-        self._estimated_prior = None
-
-    def _estimating_prior(self) -> bool:
-        return self.render.param == "maco" and self.prior is None and self._estimated_prior is None
+        self._prior.reset()
 
     def _update_prior(self, batch: Any) -> None:
         """Add a validation batch, mapped back to display images, to the data prior's sums."""
-        if not self._estimating_prior() or self._estimate.full or self._plan is None:
+        if not self._prior.wants_images or self._plan is None:
             return
         try:
             inputs = self._reader.inputs(batch)
         except NeuronsError:
             return
         images, exact = to_display(inputs, self._plan.transform)
-        if not exact:  # an input transform without an inverse: no faithful display images
-            return
-        with torch.inference_mode(False), torch.no_grad():
-            self._estimate.update(images)
-
-    def _finish_prior(self, trainer: Trainer) -> None:
-        """Turn the streamed sums into the cached prior, summed over every rank."""
-        if self._estimating_prior():
-            self._estimated_prior = self._estimate.compute_over_ranks(
-                trainer.world_size, trainer.strategy.root_device
-            )
-
-    def _render_prior(self) -> DataPrior | None:
-        prior = self.prior or self._estimated_prior
-        if self.render.param == "maco" and prior is None and not self._prior_warned:
-            self._prior_warned = True
-            rank_zero_warn(
-                "FeatureVisualizer: param='maco' needs the data's statistics, but no display "
-                "images were seen (no validation images, or an input transform that cannot be "
-                "inverted); rendering with param='fft'. Pass `prior=DataPrior.from_images(...)`."
-            )
-        return prior
+        if exact:  # an input transform without an inverse: no faithful display images
+            self._prior.update(images)
 
     # ---- probes --------------------------------------------------------------------------------
 
@@ -484,7 +455,7 @@ class FeatureVisualizer(StagedCallback):
         assert plan is not None
         epoch, n_images = trainer.current_epoch, self.render.n_images
         ranks = (trainer.global_rank, trainer.world_size)
-        prior = self._render_prior()
+        prior = self._prior.prior()
         renderer = Renderer(self.render, plan, self._reader, prior, self._memory, *ranks)
         # Every exchange between the ranks first (the renderings, then the saliency maps), the
         # work of this rank alone after: a failure there (a rank out of memory, say) leaves no
