@@ -12,12 +12,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_neurons.ablation import ablation_results, ablation_selectivity, ablation_sums
 from lightning_neurons.batch import BatchFn
 from lightning_neurons.callbacks._base import class_names_of, find_callback
+from lightning_neurons.callbacks._contribution_probes import Batch
 from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
 from lightning_neurons.contribution import ContributionStats
 from lightning_neurons.distributed import Failed, attempt, broadcast_from_zero, sum_over_ranks
 from lightning_neurons.results import LayerAblation
-
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def cluster_sets(labels: Any) -> dict[str, torch.Tensor]:

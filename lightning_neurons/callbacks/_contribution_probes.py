@@ -14,6 +14,7 @@ from lightning_neurons.distributed import concat, gather_all, map_shares
 from lightning_neurons.probes import ProbeCandidate
 from lightning_neurons.results import Probes, Rendering
 
+#: A kept batch: its images and labels, on the CPU.
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 

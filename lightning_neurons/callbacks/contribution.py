@@ -17,7 +17,7 @@ from lightning_neurons.callbacks._base import (
 )
 from lightning_neurons.callbacks._contribution_ablation import ablate_layer
 from lightning_neurons.callbacks._contribution_log import log_contribution
-from lightning_neurons.callbacks._contribution_probes import add_preferred, explain_probes
+from lightning_neurons.callbacks._contribution_probes import Batch, add_preferred, explain_probes
 from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
 from lightning_neurons.callbacks.tracker import ActivationTracker
 from lightning_neurons.callbacks.visualizer import FeatureVisualizer
@@ -44,8 +44,6 @@ from lightning_neurons.probes import ProbeCollector, shared_probes
 from lightning_neurons.results import ContributionResult, Probes
 from lightning_neurons.state import analysis_mode
 from lightning_neurons.strategies import refuse_sharded
-
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def _most_active(
