@@ -18,6 +18,7 @@ from lightning_neurons.callbacks import (
     FeatureVisualizer,
     NeuronClustering,
     NeuronContribution,
+    RenderOptions,
 )
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.loggers import load_index
@@ -44,6 +45,7 @@ __all__ = [
     "NeuronClustering",
     "NeuronContribution",
     "NeuronsError",
+    "RenderOptions",
     "__version__",
     "load_index",
 ]

@@ -2,10 +2,11 @@
 sure that a failure on one rank is reported on every rank instead of leaving the others waiting in
 a collective.
 
-The pattern of every shared step::
+The pattern of every shared step: each rank does a contiguous share of the items and every rank
+gets every rank's results, in rank order::
 
-    mine = attempt(lambda: compute(items[share(len(items), rank, world)]), world)
-    parts = gather(mine, world, "saliency")  # raises on every rank if any rank failed
+    parts = map_shares(lambda part: compute(items[part]), len(items), rank, world, "saliency")
+    maps = concat(parts)  # one process's result; raises on every rank if any rank failed
 
 Every rank must make the same collective calls in the same order, so a step runs its local work
 inside :func:`attempt` (which turns an exception into a :class:`Failed` value under DDP) and hands
@@ -16,7 +17,7 @@ exceptions propagate unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -26,7 +27,17 @@ from lightning_neurons.errors import NeuronsError
 
 T = TypeVar("T")
 
-__all__ = ["Failed", "attempt", "broadcast_from_zero", "gather", "share", "sum_over_ranks"]
+__all__ = [
+    "Failed",
+    "attempt",
+    "broadcast_from_zero",
+    "concat",
+    "gather",
+    "gather_all",
+    "map_shares",
+    "share",
+    "sum_over_ranks",
+]
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,57 @@ def gather(mine: T | Failed, world: int, what: str) -> list[T]:
     dist.all_gather_object(outcomes, mine)
     _raise_failures(outcomes, what)
     return outcomes
+
+
+def gather_all(fn: Callable[[], T], world: int, what: str) -> list[T]:
+    """Every rank's ``fn()``, in rank order, on every rank: :func:`attempt` then :func:`gather`.
+
+    Raises:
+        NeuronsError: On every rank, when ``fn`` failed on any rank (with one process, ``fn``'s
+            own exception).
+    """
+    return gather(attempt(fn, world), world, what)
+
+
+def map_shares(
+    fn: Callable[[slice], T | None], n: int, rank: int, world: int, what: str
+) -> list[T]:
+    """Each rank runs ``fn`` on its contiguous :func:`share` of ``n`` items, and every rank gets
+    every rank's results in rank order: the results of one process that ran ``fn`` on the
+    shares one after the other (join them with :func:`concat`).
+
+    ``fn`` is not called on an empty share; results that are ``None`` are left out.
+
+    Example:
+        >>> map_shares(lambda part: list(range(5))[part], 5, rank=0, world=1, what="counting")
+        [[0, 1, 2, 3, 4]]
+
+    Raises:
+        NeuronsError: On every rank, when ``fn`` failed on any rank (with one process, ``fn``'s
+            own exception).
+    """
+    part = share(n, rank, world)
+    done = gather_all(lambda: fn(part) if part.stop > part.start else None, world, what)
+    return [result for result in done if result is not None]
+
+
+def concat(parts: Sequence[Any]) -> Any:
+    """``parts`` of one structure joined along the first dimension: tensors are concatenated,
+    tuples and lists element by element, dicts key by key (the first part's keys, in its order).
+
+    Example:
+        >>> concat([(torch.zeros(1), {"a": torch.ones(2)}), (torch.zeros(2), {"a": torch.ones(1)})])
+        (tensor([0., 0., 0.]), {'a': tensor([1., 1., 1.])})
+    """
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(parts))
+    if isinstance(first, Mapping):
+        return {key: concat([p[key] for p in parts]) for key in first}
+    if isinstance(first, (tuple, list)):
+        joined = [concat([p[i] for p in parts]) for i in range(len(first))]
+        return type(first)(joined)
+    raise TypeError(f"concat joins tensors, tuples, lists and dicts of them, not {type(first)}")
 
 
 def broadcast_from_zero(fn: Callable[[], T], rank: int, world: int, what: str) -> T:

@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-import lightning_neurons.callbacks.contribution as contribution_module
+import lightning_neurons.callbacks._contribution_ablation as contribution_module
 from lightning_neurons import ActivationTracker, NeuronClustering, NeuronContribution
 from lightning_neurons.data import DigitsDataModule
 from lightning_neurons.loggers import AnalysisLogger

@@ -14,6 +14,7 @@ from lightning_neurons import (
     FeatureVisualizer,
     NeuronClustering,
     NeuronContribution,
+    RenderOptions,
 )
 from lightning_neurons.contribution import class_contributions
 from lightning_neurons.hooks import count_forward_hooks
@@ -46,7 +47,12 @@ def fitted(tmp_path_factory):
     callbacks = [
         ActivationTracker(enable_logging=False, on_error="raise"),
         FeatureVisualizer(
-            steps=2, max_channels=2, saliency=[], classes=[], enable_logging=False, on_error="raise"
+            render=RenderOptions(steps=2),
+            max_channels=2,
+            saliency=[],
+            classes=[],
+            enable_logging=False,
+            on_error="raise",
         ),
         CategoryClustering(enable_logging=False, on_error="raise"),
         NeuronClustering(method="kmeans", n_clusters=2, enable_logging=False, on_error="raise"),

@@ -17,6 +17,7 @@ from lightning_neurons import (
     FeatureVisualizer,
     NeuronClustering,
     NeuronContribution,
+    RenderOptions,
 )
 from lightning_neurons.models import ImageClassifier
 
@@ -34,9 +35,7 @@ def _callbacks() -> dict[str, pl.Callback]:
             max_channels=6,
             classes=[0],
             saliency=("gradient",),
-            steps=2,
-            class_restarts=1,
-            class_views=1,
+            render=RenderOptions(steps=2, class_restarts=1, class_views=1),
             **quiet,
         ),
         "contribution": NeuronContribution(

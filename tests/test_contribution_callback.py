@@ -16,9 +16,10 @@ import torch
 from conftest import TinyData, TinyNet, fast_trainer
 from torch import nn
 
-from lightning_neurons import ActivationTracker, NeuronsError
+from lightning_neurons import ActivationTracker, NeuronsError, RenderOptions
 from lightning_neurons.ablation import ablation_effects
-from lightning_neurons.callbacks.contribution import NeuronContribution, cluster_sets
+from lightning_neurons.callbacks._contribution_ablation import cluster_sets
+from lightning_neurons.callbacks.contribution import NeuronContribution
 from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
 from lightning_neurons.callbacks.visualizer import FeatureVisualizer
 from lightning_neurons.contribution import class_contributions, neuron_contributions
@@ -284,7 +285,10 @@ def test_other_callbacks_without_results_for_the_layer_are_skipped(tmp_path):
             layers=["backbone.fc"], max_batches=1, max_probes=1, on_error="raise"
         )
         visualizer = FeatureVisualizer(
-            layers=["backbone.relu2"], saliency=(), steps=1, enable_logging=False
+            layers=["backbone.relu2"],
+            saliency=(),
+            render=RenderOptions(steps=1),
+            enable_logging=False,
         )
         callbacks = [ActivationTracker(enable_logging=False), clustering, visualizer, contribution]
         trainer = fast_trainer(

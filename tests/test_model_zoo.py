@@ -26,6 +26,7 @@ from lightning_neurons import (
     FeatureVisualizer,
     NeuronClustering,
     NeuronContribution,
+    RenderOptions,
 )
 from lightning_neurons.hooks import count_forward_hooks, resolve_layers, selects
 from lightning_neurons.models import ImageClassifier
@@ -119,7 +120,9 @@ def test_every_analysis_works_with_defaults(tmp_path, name):
     rendered = resolve_layers(module, None)[-1:]
     callbacks = [
         tracker,
-        FeatureVisualizer(rendered, steps=1, max_channels=1, smoothgrad_samples=2, **quiet),
+        FeatureVisualizer(
+            rendered, render=RenderOptions(steps=1), max_channels=1, smoothgrad_samples=2, **quiet
+        ),
         CategoryClustering(**quiet),
         NeuronClustering(**quiet),
         NeuronContribution(**quiet),

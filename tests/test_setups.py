@@ -21,12 +21,13 @@ from lightning_neurons import (
     NeuronClustering,
     NeuronContribution,
     NeuronsError,
+    RenderOptions,
 )
 from lightning_neurons.data import Normalize, TorchvisionDataModule
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.models import ImageClassifier, SmallCNN
 
-FAST_VIS = dict(steps=2, smoothgrad_samples=2, max_channels=2)
+FAST_VIS = dict(render=RenderOptions(steps=2), smoothgrad_samples=2, max_channels=2)
 
 
 def _all_five(on_error: str = "raise", **tracker_kwargs) -> list[pl.Callback]:

@@ -11,7 +11,7 @@ from _vis_helpers import BNNet, bn_net
 from conftest import TinyData, fast_trainer
 from torch import nn
 
-from lightning_neurons import NeuronsError
+from lightning_neurons import NeuronsError, RenderOptions
 from lightning_neurons.callbacks.visualizer import FeatureVisualizer
 from lightning_neurons.data import Normalize
 from lightning_neurons.hooks import count_forward_hooks
@@ -77,7 +77,9 @@ def test_prior_estimate_is_capped_reset_and_summed_over_processes():
     estimate.update(torch.ones(4, 1, 8, 8))  # only one of these is used
     assert estimate.count == 5 and estimate.full
     # a fake two-process sum: twice every sum and count gives the same statistics
-    alone, doubled = estimate.compute(), estimate.compute(reduce=lambda t: 2 * t)
+    sums = estimate.sums()
+    assert sums is not None
+    alone, doubled = estimate.compute(), DataPrior.from_sums({k: 2 * v for k, v in sums.items()})
     assert doubled.count == 10
     torch.testing.assert_close(doubled.mean, alone.mean)
     estimate.reset()
@@ -365,16 +367,19 @@ def _module(seed: int = 0) -> ImageClassifier:
     return ImageClassifier(BNNet(), num_classes=3, lr=1e-2)
 
 
-FAST = dict(steps=3, saliency=[], max_channels=2, on_error="raise")
+FAST = dict(saliency=[], max_channels=2, on_error="raise")
+FAST_RENDER = RenderOptions(steps=3)
 
 
 def test_visualizer_estimates_the_prior_from_validation_and_judges_classes(tmp_path):
     judge = bn_net(seed=4)
-    vis = FeatureVisualizer(n_images=2, judge=judge, prior_images=10, **FAST)
+    vis = FeatureVisualizer(
+        render=RenderOptions(steps=3, n_images=2), judge=judge, prior_images=10, **FAST
+    )
     trainer = fast_trainer(tmp_path, callbacks=[vis], max_epochs=1)
     data = TinyData()
     trainer.fit(_module(), datamodule=data)
-    prior = vis._estimated_prior
+    prior = vis.estimated_prior
     assert prior is not None and prior.count == 10  # the first 10 validation images
     torch.testing.assert_close(prior.mean, data.vx[:10].mean(0), atol=1e-6, rtol=0)
     res = vis.results["backbone.relu1"]
@@ -387,7 +392,7 @@ def test_visualizer_estimates_the_prior_from_validation_and_judges_classes(tmp_p
         expected = judge.eval()(classes.images).argmax(dim=1)
     assert torch.equal(classes.judge_predicted, expected)
     vis.reset_prior()
-    assert vis._estimated_prior is None and vis._estimate.count == 0
+    assert vis.estimated_prior is None
 
 
 class NormalizedData(TinyData):
@@ -401,12 +406,12 @@ class NormalizedData(TinyData):
 
 
 def test_visualizer_inverts_normalize_for_the_prior(tmp_path):
-    vis = FeatureVisualizer(prior_images=12, **FAST)
+    vis = FeatureVisualizer(prior_images=12, render=FAST_RENDER, **FAST)
     data = NormalizedData()
     fast_trainer(tmp_path, callbacks=[vis], max_epochs=1, logger=False).fit(
         _module(), datamodule=data
     )
-    prior = vis._estimated_prior
+    prior = vis.estimated_prior
     assert prior is not None
     # x * 0.2 + 0.4 undoes the normalisation up to float32 rounding (~1e-7); display images are
     # clamped to the display range [0, 1] (TinyData's brightest classes reach 1.6)
@@ -421,7 +426,7 @@ class OpaqueTransformData(TinyData):
 
 
 def test_visualizer_falls_back_to_fft_without_display_images(tmp_path):
-    vis = FeatureVisualizer(**FAST)
+    vis = FeatureVisualizer(render=FAST_RENDER, **FAST)
     trainer = fast_trainer(tmp_path, callbacks=[vis], max_epochs=1, logger=False)
     with pytest.warns(UserWarning, match="rendering with param='fft'"):
         trainer.fit(_module(), datamodule=OpaqueTransformData())
@@ -430,14 +435,18 @@ def test_visualizer_falls_back_to_fft_without_display_images(tmp_path):
 
 def test_visualizer_uses_a_given_prior_and_checks_arguments(tmp_path):
     prior = DataPrior.from_images(torch.rand(6, 1, 8, 8))
-    vis = FeatureVisualizer(prior=prior, **FAST)
+    vis = FeatureVisualizer(prior=prior, render=FAST_RENDER, **FAST)
     fast_trainer(tmp_path, callbacks=[vis], max_epochs=1, logger=False).fit(
         _module(), datamodule=OpaqueTransformData()
     )
-    assert vis._estimated_prior is None and vis._estimate.count == 0  # nothing estimated
+    assert vis.estimated_prior is None  # nothing estimated
     for kwargs, match in [
         ({"prior": torch.rand(1, 8, 8)}, "`prior` must be a DataPrior"),
         ({"judge": "resnet"}, "`judge` must be an nn.Module"),
+    ]:
+        with pytest.raises(NeuronsError, match=match):
+            FeatureVisualizer(**kwargs)
+    for kwargs, match in [
         ({"n_images": 0}, "`n_images` must be a positive integer"),
         ({"class_views": 0}, "`class_views` must be a positive integer"),
         ({"class_restarts": 0}, "`class_restarts` must be a positive integer"),
@@ -445,7 +454,7 @@ def test_visualizer_uses_a_given_prior_and_checks_arguments(tmp_path):
         ({"param": "cppn"}, "`param` must be one of 'fft', 'pixel', 'maco'"),
     ]:
         with pytest.raises(NeuronsError, match=match):
-            FeatureVisualizer(**kwargs)
+            RenderOptions(**kwargs)
 
 
 # ---- cluster images, the prior in the checkpoint -----------------------------------------------
@@ -458,7 +467,7 @@ def test_visualizer_renders_neuron_clusters_with_the_judges_verdict(tmp_path):
 
     judge = bn_net(seed=4)
     clustering = NeuronClustering(method="kmeans", n_clusters=2, on_error="raise")
-    vis = FeatureVisualizer(judge=judge, prior_images=10, **FAST)
+    vis = FeatureVisualizer(judge=judge, prior_images=10, render=FAST_RENDER, **FAST)
     trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(), clustering, vis])
     model = _module()
     trainer.fit(model, datamodule=TinyData())
@@ -481,60 +490,24 @@ def test_visualizer_renders_neuron_clusters_with_the_judges_verdict(tmp_path):
 
 
 def test_estimated_prior_is_kept_in_the_checkpoint(tmp_path):
-    vis = FeatureVisualizer(prior_images=10, **FAST)
+    vis = FeatureVisualizer(prior_images=10, render=FAST_RENDER, **FAST)
     trainer = fast_trainer(tmp_path, callbacks=[vis], max_epochs=1, logger=False)
     trainer.fit(_module(), datamodule=TinyData())
-    saved = vis._estimated_prior
+    saved = vis.estimated_prior
     assert saved is not None
     path = tmp_path / "run.ckpt"
     trainer.save_checkpoint(path)
     # a resumed run renders with the saved prior: it does not estimate one again
-    again = FeatureVisualizer(prior_images=10, **FAST)
+    again = FeatureVisualizer(prior_images=10, render=FAST_RENDER, **FAST)
     resumed = fast_trainer(tmp_path, callbacks=[again], max_epochs=2, logger=False)
     other = TinyData()
     other.vx = other.vx.flip(0)  # other validation images: another prior, were it re-estimated
     resumed.fit(_module(), datamodule=other, ckpt_path=path)
-    assert again._estimate.count == 0 and again._estimated_prior is not None
+    assert again.estimated_prior is not None
     for name in ("magnitude", "mean", "std"):
-        assert torch.equal(getattr(again._estimated_prior, name), getattr(saved, name))
-    assert again._estimated_prior.count == saved.count == 10
+        assert torch.equal(getattr(again.estimated_prior, name), getattr(saved, name))
+    assert again.estimated_prior.count == saved.count == 10
     assert set(again.results) == {"backbone.relu1", "classes"}  # and it rendered with it
-
-
-def test_cluster_images_continue_the_best_matching_cluster_of_the_last_round(tmp_path, monkeypatch):
-    import lightning_neurons.callbacks.visualizer as module
-    from lightning_neurons.callbacks.clustering import NeuronClustering
-    from lightning_neurons.callbacks.tracker import ActivationTracker
-
-    clustering = NeuronClustering(method="kmeans", n_clusters=2, on_error="raise")
-    vis = FeatureVisualizer(prior_images=10, continue_steps=2, **FAST)
-    trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(), clustering, vis])
-    model = _module()
-    trainer.fit(model, datamodule=TinyData())
-    saved = vis._params["clusters/backbone.relu1"]
-    members = saved["members"]
-    assert len(members) == len(vis.cluster_results["backbone.relu1"].clusters)
-    calls = []
-    render_rows = vis._render_rows
-
-    def spy(model, objectives, init, *args):
-        calls.append(([o.indices for o in objectives], None if init is None else init.clone()))
-        return render_rows(model, objectives, init, *args)
-
-    monkeypatch.setattr(vis, "_render_rows", spy)
-    n = vis.n_images
-    vis._render_clusters(model, "backbone.relu1", members[::-1])  # the same clusters, other ids
-    ((rendered, init),) = calls  # one call: every cluster continued
-    assert rendered == [tuple(m) for m in members[::-1]]
-    expected = torch.cat(
-        [saved["params"][i * n : (i + 1) * n] for i in reversed(range(len(members)))]
-    )
-    assert torch.equal(init, expected)
-    calls.clear()
-    monkeypatch.setattr(module, "CLUSTER_MATCH", 1.01)  # no cluster matches: all from noise
-    vis._render_clusters(model, "backbone.relu1", members)
-    ((rendered, init),) = calls
-    assert init is None
 
 
 # ---- one set of defaults ------------------------------------------------------------------------

@@ -3,6 +3,7 @@ notice it (bitwise-identical weights)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ from _vis_helpers import BNNet
 from conftest import TinyData, fast_trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_neurons import ActivationTracker, NeuronsError
+from lightning_neurons import ActivationTracker, NeuronsError, RenderOptions
 from lightning_neurons.callbacks.visualizer import FeatureVisualizer
 from lightning_neurons.data import DigitsDataModule
 from lightning_neurons.hooks import count_forward_hooks
@@ -25,7 +26,7 @@ from lightning_neurons.loggers import artifact_root, load_index
 from lightning_neurons.models import ImageClassifier
 from lightning_neurons.visualize import DataPrior
 
-FAST = dict(steps=3, smoothgrad_samples=2)
+FAST = dict(render=RenderOptions(steps=3), smoothgrad_samples=2)
 
 
 def _module(seed: int = 0) -> ImageClassifier:
@@ -58,21 +59,12 @@ class ShapedData(TinyData):
     ("kwargs", "match"),
     [
         ({"max_channels": 0}, "`max_channels` must be a positive integer"),
-        ({"steps": 0}, "`steps` must be a positive integer"),
-        ({"lr": 0}, "`lr` must be a number > 0"),
-        ({"tv": -1}, "`tv` must be a number >= 0"),
-        ({"param": "cppn"}, "`param` must be one of 'fft', 'pixel'"),
-        ({"transforms": "heavy"}, "`transforms` must be one of"),
         ({"saliency": ["gradient", "lime"]}, "`saliency` must be one of"),
         ({"classes": [0, -1]}, "`classes` must hold non-negative integers"),
         ({"channels": [0, 1]}, "`channels` must map layer names"),
         ({"channels": {"conv1": [1, "a"]}}, r"`channels\['conv1'\]` must hold"),
         ({"image_shape": [8, 8]}, "`image_shape` must be"),
         ({"max_probes": 0}, "`max_probes` must be a positive integer"),
-        ({"class_select_after": 0}, "`class_select_after` must be a positive integer"),
-        ({"continue_steps": 0}, "`continue_steps` must be a positive integer"),
-        ({"converge_tol": -0.01}, "`converge_tol` must be a number >= 0"),
-        ({"converge_window": 0}, "`converge_window` must be a positive integer"),
         ({"every_n_epochs": 0}, "`every_n_epochs` must be a positive integer"),
         ({"on_error": "ignore"}, "`on_error` must be one of"),
     ],
@@ -80,6 +72,28 @@ class ShapedData(TinyData):
 def test_argument_errors(kwargs, match):
     with pytest.raises(NeuronsError, match=match):
         FeatureVisualizer(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"steps": 0}, "`steps` must be a positive integer"),
+        ({"lr": 0}, "`lr` must be a number > 0"),
+        ({"tv": -1}, "`tv` must be a number >= 0"),
+        ({"param": "cppn"}, "`param` must be one of 'fft', 'pixel'"),
+        ({"transforms": "heavy"}, "`transforms` must be one of"),
+        ({"class_select_after": 0}, "`class_select_after` must be a positive integer"),
+        ({"continue_steps": 0}, "`continue_steps` must be a positive integer"),
+        ({"converge_tol": -0.01}, "`converge_tol` must be a number >= 0"),
+        ({"converge_window": 0}, "`converge_window` must be a positive integer"),
+        ({"batch_size": 0}, "`batch_size` must be a positive integer"),
+    ],
+)
+def test_render_option_errors(kwargs, match):
+    with pytest.raises(NeuronsError, match=match):
+        RenderOptions(**kwargs)
+    with pytest.raises(NeuronsError, match="`render` must be a RenderOptions"):
+        FeatureVisualizer(render=kwargs)  # type: ignore[arg-type]
 
 
 def test_renders_logs_and_writes_files(tmp_path):
@@ -156,53 +170,78 @@ def test_renders_logs_and_writes_files(tmp_path):
     assert count_forward_hooks(module) == 0 and not vis.failures
 
 
-def test_later_rounds_continue_the_images_and_a_resumed_run_continues_too(tmp_path, monkeypatch):
-    import lightning_neurons.callbacks.visualizer as visualizer
+def _steps(vis: FeatureVisualizer) -> dict[str, list[int]]:
+    return {key: res.steps.tolist() for key, res in vis.results.items()}
 
-    calls, selects = [], []
-    real = visualizer.render
 
-    def spy(*args, **kwargs):
-        calls.append((kwargs["steps"], kwargs["init"] is not None))
-        selects.append((kwargs["restarts"], kwargs["select_after"]))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(visualizer, "render", spy)
+def test_later_rounds_continue_the_images_and_a_resumed_run_continues_too(tmp_path):
+    # no convergence test: every image runs all its steps, so the steps say where it started
+    options = RenderOptions(steps=6, continue_steps=2, converge_tol=None, class_select_after=3)
     tracker = ActivationTracker(layers=["backbone.conv2"])
-    vis = FeatureVisualizer(
-        max_channels=2,
-        saliency=[],
-        steps=6,
-        continue_steps=2,
-        class_select_after=3,
-        on_error="raise",
-    )
+    vis = FeatureVisualizer(max_channels=2, saliency=[], render=options, on_error="raise")
     module = _module()
     trainer = fast_trainer(tmp_path, callbacks=[tracker, vis], max_epochs=2)
+    seen = []
+
+    class Record(pl.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            seen.append(_steps(vis))
+
+    trainer.callbacks.append(Record())
     trainer.fit(module, datamodule=TinyData())
     # two rounds of (conv2 channels, class images): from noise with `steps`, then continued
-    assert calls == [(6, False), (6, False), (2, True), (2, True)]
-    # the class candidates are selected early in the first round; later the kept one goes on
-    assert selects == [(1, None), (4, 3), (1, None), (1, None)]
+    assert seen[-2:] == [
+        {"backbone.conv2": [6, 6], "classes": [6, 6, 6]},
+        {"backbone.conv2": [2, 2], "classes": [2, 2, 2]},
+    ]
     state = vis.state_dict()
     assert set(state["params"]) == {"backbone.conv2", "classes"}
-    rows = state["params"]["classes"]["params"].shape[0]
-    assert rows == 3  # the kept candidate of each class is continued alone
+    assert state["params"]["classes"]["params"].shape[0] == 3  # the kept candidate of each class
 
-    # a new callback loading the state continues at its first round; another seed does not
-    calls.clear()
-    resumed = FeatureVisualizer(
-        max_channels=2, saliency=[], steps=6, continue_steps=2, on_error="raise"
-    )
-    resumed.load_state_dict(state)
+    # the state survives a round trip through a checkpoint-like copy
+    copy = FeatureVisualizer(max_channels=2, saliency=[], render=options, on_error="raise")
+    copy.load_state_dict(state)
+    again = copy.state_dict()
+    assert again.keys() == state.keys() and again["params"].keys() == state["params"].keys()
+    for key, entry in state["params"].items():
+        assert tuple(again["params"][key]["signature"]) == tuple(entry["signature"])
+        assert torch.equal(again["params"][key]["params"], entry["params"])
+
+    # a new callback loading the state continues its images exactly as the first one does;
+    # another seed does not continue them (they were rendered for seed 0)
     other_seed = FeatureVisualizer(
-        max_channels=2, saliency=[], steps=6, continue_steps=2, seed=1, on_error="raise"
+        max_channels=2, saliency=[], render=dataclasses.replace(options, seed=1)
     )
     other_seed.load_state_dict(state)
-    for cb in (resumed, other_seed):
+    for cb in (vis, copy, other_seed):
         t = fast_trainer(tmp_path, callbacks=[ActivationTracker(layers=["backbone.conv2"]), cb])
         t.validate(module, datamodule=TinyData(), verbose=False)
-    assert calls == [(2, True), (2, True), (6, False), (6, False)]
+    assert _steps(vis) == _steps(copy) == {"backbone.conv2": [2, 2], "classes": [2, 2, 2]}
+    for key in vis.results:
+        assert torch.equal(copy.results[key].images, vis.results[key].images), key
+    assert _steps(other_seed) == {"backbone.conv2": [6, 6], "classes": [6, 6, 6]}
+
+
+def test_cluster_images_continue_the_best_matching_cluster_of_the_last_round():
+    from lightning_neurons.callbacks._memory import CLUSTER_MATCH, ContinuationMemory
+
+    memory, signature = ContinuationMemory(), ("maco", (1, 8, 8), 2, 0)
+    members = [[0, 1, 2], [3, 4], [5, 6, 7, 8]]
+    params = torch.arange(6.0).reshape(6, 1)  # two images per cluster
+    memory.keep("clusters/a", signature, params, members)
+    # the same clusters under other ids (another order), one neuron moved: each finds its own
+    now = [[5, 6, 7], [0, 1, 2], [3, 4, 8]]
+    found = memory.match_clusters("clusters/a", signature, now, n_images=2)
+    assert [f.flatten().tolist() for f in found] == [[4.0, 5.0], [0.0, 1.0], [2.0, 3.0]]
+    # [3, 4, 9, 10, 11] shares 2 of its 5 neurons with [3, 4]: below CLUSTER_MATCH, from noise
+    assert CLUSTER_MATCH == 0.5
+    assert memory.match_clusters("clusters/a", signature, [[3, 4, 9, 10, 11]], 2) == [None]
+    # other settings (signature), or a memory that keeps nothing: from noise
+    assert memory.match_clusters("clusters/a", ("fft", (1, 8, 8), 2, 0), now, 2) == [None] * 3
+    off = ContinuationMemory(enabled=False)
+    off.keep("clusters/a", signature, params, members)
+    assert off.match_clusters("clusters/a", signature, now, 2) == [None] * 3
+    assert off.state_dict() == {}
 
 
 @pytest.mark.parametrize(("tol", "first", "later"), [(1e6, 4, 4), (None, 12, 8), (0.0, 12, 8)])
@@ -213,10 +252,7 @@ def test_rounds_stop_at_convergence_and_log_the_steps_they_ran(tmp_path, tol, fi
     vis = FeatureVisualizer(
         max_channels=2,
         saliency=[],
-        steps=12,
-        continue_steps=8,
-        converge_tol=tol,
-        converge_window=2,
+        render=RenderOptions(steps=12, continue_steps=8, converge_tol=tol, converge_window=2),
         on_error="raise",
     )
     tracker = ActivationTracker(layers=["backbone.conv2"])
@@ -243,7 +279,7 @@ def test_rounds_stop_at_convergence_and_log_the_steps_they_ran(tmp_path, tol, fi
 
 
 def test_at_many_classes_a_spread_subset_of_classes_is_rendered():
-    from lightning_neurons.callbacks.visualizer import default_classes
+    from lightning_neurons.callbacks._plan import default_classes
 
     assert default_classes(10, 16) == list(range(10))
     assert default_classes(1000, 16) == [i * 62 + i // 2 for i in range(16)]
@@ -273,7 +309,6 @@ def test_defaults_without_tracker_from_data_module(tmp_path):
     assert vis.results["classes"].channels.tolist() == [2]
     assert list(vis.saliency_results.maps) == ["gradcam"]
     assert data.input_transform.calls > 0  # the data module's transform was used
-    assert vis.last_seconds is not None and vis.last_seconds > 0
 
 
 def test_probes_are_bounded_and_validate_runs_a_round(tmp_path):
@@ -338,21 +373,22 @@ def test_configuration_errors_raise_even_with_on_error_warn(tmp_path):
         trainer.fit(_module(), datamodule=TinyData())
 
 
-def test_a_failing_round_warns_and_training_goes_on(tmp_path, monkeypatch):
-    import lightning_neurons.callbacks.visualizer as visualizer
+class BrokenJudge(torch.nn.Module):
+    """A judge whose every forward pass fails (as one out of memory would)."""
 
-    def broken(*args, **kwargs):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(visualizer, "render", broken)
-    vis = FeatureVisualizer(**FAST)
+
+def test_a_failing_round_warns_and_training_goes_on(tmp_path):
+    vis = FeatureVisualizer(judge=BrokenJudge(), **FAST)
     module = _module()
     trainer = fast_trainer(tmp_path, callbacks=[vis], logger=False)
     with pytest.warns(UserWarning, match="feature visualization failed and was skipped"):
         trainer.fit(module, datamodule=TinyData())
     assert trainer.current_epoch == 2 and len(vis.failures) == 2
     assert count_forward_hooks(module) == 0
-    vis = FeatureVisualizer(on_error="raise", **FAST)
+    vis = FeatureVisualizer(judge=BrokenJudge(), on_error="raise", **FAST)
     with pytest.raises(RuntimeError, match="out of memory"):
         fast_trainer(tmp_path, callbacks=[vis], logger=False).fit(_module(), datamodule=TinyData())
 
@@ -363,7 +399,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_neurons.callbacks.tracker import ActivationTracker
-from lightning_neurons.callbacks.visualizer import FeatureVisualizer
+from lightning_neurons.callbacks.visualizer import FeatureVisualizer, RenderOptions
 from lightning_neurons.data import DigitsDataModule
 from lightning_neurons.models import ImageClassifier, SmallCNN
 
@@ -372,9 +408,9 @@ pl.seed_everything(0, verbose=False)
 model = ImageClassifier(SmallCNN(widths=(4, 8)), num_classes=10)
 # with a convergence test that stops some images early and not others (per image: the DDP
 # split does not change an image's steps)
-CONVERGE = dict(steps=8, converge_tol=0.05, converge_window=2)
+CONVERGE = RenderOptions(steps=8, converge_tol=0.05, converge_window=2)
 vis = FeatureVisualizer(
-    max_channels=2, smoothgrad_samples=2, prior_images=64, on_error="raise", **CONVERGE
+    max_channels=2, smoothgrad_samples=2, prior_images=64, on_error="raise", render=CONVERGE
 )
 trainer = pl.Trainer(
     accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=2,
@@ -382,22 +418,38 @@ trainer = pl.Trainer(
     enable_model_summary=False, enable_checkpointing=False,
     callbacks=[ActivationTracker(), vis],
 )
-trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+data = DigitsDataModule(batch_size=32)
+trainer.fit(model, datamodule=data)
 import torch
-from lightning_neurons.visualize import Channel, ClassLogit
+from lightning_neurons.visualize import Channel, ClassLogit, render
+prior = vis.estimated_prior
+
+
+def solo(objectives, classes):
+    # the round's images of `objectives` rendered by one process, in one call
+    o = CONVERGE
+    result = render(
+        model, objectives, image_shape=data.image_shape, steps=o.steps,
+        converge_tol=o.converge_tol or 0.0, converge_window=o.converge_window, lr=o.lr, param=o.param, transforms=o.transforms,
+        input_transform=data.input_transform, seed=o.seed, prior=prior,
+        contrast=o.class_contrast if classes else o.contrast,
+        views=o.class_views if classes else o.views,
+        restarts=o.class_restarts if classes else 1,
+    )
+    return result.images.cpu(), result.steps
+
+
 if trainer.global_rank == 0:
     torch.save({k: v.images for k, v in vis.results.items()}, out / "images_ddp.pt")
     torch.save({k: v.steps for k, v in vis.results.items()}, out / "steps_ddp.pt")
     torch.save(vis.state_dict(), out / "state_ddp.pt")
-    # the same round in one process: a fresh callback with the same plan and prior
-    solo = FeatureVisualizer(max_channels=2, smoothgrad_samples=2, on_error="raise", **CONVERGE)
-    solo._plan, solo._estimated_prior = vis._plan, vis._estimated_prior
+    # the same round in one process, by the public function, with the same prior
     alone = {
-        layer: solo._render(model, layer, [Channel(layer, i) for i in vis._plan["channels"][layer]])
+        layer: solo([Channel(layer, i) for i in vis.results[layer].channels.tolist()], False)
         for layer in vis.layers
     }
-    classes = [ClassLogit(c) for c in vis._plan["classes"]]
-    alone["classes"] = solo._render(model, "classes", classes, classes=True)
+    classes = [ClassLogit(c) for c in vis.results["classes"].channels.tolist()]
+    alone["classes"] = solo(classes, True)
     torch.save({k: v[0] for k, v in alone.items()}, out / "images_solo.pt")
     torch.save({k: v[1] for k, v in alone.items()}, out / "steps_solo.pt")
     # the probes' maps in one process, by the public function, all probes in one call
@@ -406,7 +458,7 @@ if trainer.global_rank == 0:
     solo_maps = {
         method: saliency(
             model, res.images, method, target=res.predicted, samples=2, seed=0,
-            input_transform=vis._plan["transform"],
+            input_transform=data.input_transform,
         )
         for method in res.maps
     }
@@ -422,8 +474,6 @@ summary = {
     "probes": 0 if vis.saliency_results is None else len(vis.saliency_results.labels),
 }
 (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(summary))
-import torch
-prior = vis._estimated_prior
 torch.save(
     {"magnitude": prior.magnitude, "mean": prior.mean, "std": prior.std, "count": prior.count},
     out / f"prior{trainer.global_rank}.pt",
@@ -524,8 +574,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-import lightning_neurons.callbacks.visualizer as visualizer
-from lightning_neurons.callbacks.visualizer import FeatureVisualizer
+import lightning_neurons.callbacks._visualizer_results as visualizer
+from lightning_neurons.callbacks.visualizer import FeatureVisualizer, RenderOptions
 from lightning_neurons.data import DigitsDataModule
 from lightning_neurons.models import ImageClassifier, SmallCNN
 
@@ -543,7 +593,8 @@ out = Path(sys.argv[1])
 pl.seed_everything(0, verbose=False)
 model = ImageClassifier(SmallCNN(widths=(4, 8)), num_classes=10)
 vis = FeatureVisualizer(
-    max_channels=1, classes=[], steps=1, saliency=["gradient"], param="fft", enable_logging=False
+    max_channels=1, classes=[], saliency=["gradient"], enable_logging=False,
+    render=RenderOptions(steps=1, param="fft"),
 )
 trainer = pl.Trainer(
     accelerator="cpu", devices=2, strategy="ddp", limit_val_batches=2, logger=False,
@@ -574,3 +625,135 @@ def test_two_process_ddp_saliency_failing_on_one_rank_is_reported_on_both(tmp_pa
         (failure,) = summary["failures"]
         assert "saliency failed on rank 1: RuntimeError: out of memory (simulated)" in failure
         assert summary["saliency"] is False  # the round's maps were not kept, on either rank
+
+
+#: Every FeatureVisualizer option, set to a value other than its default, in a LightningCLI YAML
+#: callbacks block (``prior`` holds tensors: it is given in Python, not in YAML).
+CLI_CONFIG = """
+trainer:
+  accelerator: cpu
+  logger: false
+  callbacks:
+    - class_path: lightning_neurons.FeatureVisualizer
+      init_args:
+        layers: [backbone.features.relu2]
+        channels: {backbone.features.relu2: [3, 1]}
+        max_channels: 4
+        classes: [1, 7]
+        max_classes: 5
+        saliency: [gradcam]
+        gradcam_layer: backbone.features.conv2
+        probes_per_class: 2
+        max_probes: 6
+        image_shape: [1, 32, 32]
+        input_transform:
+          class_path: lightning_neurons.data.Normalize
+          init_args: {mean: [0.5], std: [0.25]}
+        render:
+          steps: 7
+          continue_steps: 3
+          converge_tol: 0.01
+          converge_window: 5
+          lr: 0.05
+          param: fft
+          transforms: standard
+          contrast: 1.5
+          class_contrast: 0.7
+          views: 2
+          class_views: 3
+          class_restarts: 2
+          class_select_after: 4
+          n_images: 2
+          diversity: 0.5
+          diversity_on: pixels
+          l2: 0.01
+          tv: 0.02
+          seed: 9
+          batch_size: 8
+        clusters: false
+        max_clusters: 3
+        prior_images: 100
+        judge:
+          class_path: lightning_neurons.models.SmallCNN
+          init_args: {widths: [4, 8]}
+        smoothgrad_samples: 5
+        every_n_epochs: 3
+        enable_logging: false
+        on_error: raise
+model:
+  class_path: lightning_neurons.models.ImageClassifier
+  init_args:
+    backbone:
+      class_path: lightning_neurons.models.SmallCNN
+    num_classes: 10
+data:
+  class_path: lightning_neurons.data.DigitsDataModule
+"""
+
+
+def test_lightning_cli_configures_every_option_from_yaml(tmp_path, monkeypatch):
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_neurons.data import Normalize
+    from lightning_neurons.models import SmallCNN
+
+    monkeypatch.setattr(sys, "argv", ["lightning-neurons"])  # pytest's own are not the CLI's
+    config = tmp_path / "config.yaml"
+    config.write_text(CLI_CONFIG)
+    cli = LightningCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=["--config", str(config)],
+        run=False,
+    )
+    (vis,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, FeatureVisualizer)]
+    assert vis.layer_patterns == ["backbone.features.relu2"]
+    assert vis.channels == {"backbone.features.relu2": [3, 1]}
+    assert (vis.max_channels, vis.classes, vis.max_classes) == (4, [1, 7], 5)
+    assert vis.saliency_methods == ["gradcam"] and vis.gradcam_layer == "backbone.features.conv2"
+    assert (vis.probes_per_class, vis.max_probes, vis.image_shape) == (2, 6, (1, 32, 32))
+    assert isinstance(vis.input_transform, Normalize)
+    assert vis.render == RenderOptions(
+        steps=7,
+        continue_steps=3,
+        converge_tol=0.01,
+        converge_window=5,
+        lr=0.05,
+        param="fft",
+        transforms="standard",
+        contrast=1.5,
+        class_contrast=0.7,
+        views=2,
+        class_views=3,
+        class_restarts=2,
+        class_select_after=4,
+        n_images=2,
+        diversity=0.5,
+        diversity_on="pixels",
+        l2=0.01,
+        tv=0.02,
+        seed=9,
+        batch_size=8,
+    )
+    assert (vis.clusters, vis.max_clusters, vis.prior_images) == (False, 3, 100)
+    assert isinstance(vis.judge, SmallCNN) and vis.smoothgrad_samples == 5
+    assert (vis.every_n_epochs, vis.enable_logging, vis.on_error) == (3, False, "raise")
+    # a render block that sets one option keeps the defaults of the others
+    config.write_text(
+        CLI_CONFIG.split("        render:")[0] + "        render: {steps: 5}\n" + MODEL
+    )
+    cli = LightningCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=["--config", str(config)],
+        run=False,
+    )
+    (vis,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, FeatureVisualizer)]
+    assert vis.render == RenderOptions(steps=5)
+
+
+MODEL = CLI_CONFIG[CLI_CONFIG.index("model:") :]

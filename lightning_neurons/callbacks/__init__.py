@@ -5,7 +5,7 @@ from lightning_neurons.callbacks.category_clustering import CategoryClustering
 from lightning_neurons.callbacks.contribution import NeuronContribution
 from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
 from lightning_neurons.callbacks.tracker import ActivationTracker
-from lightning_neurons.callbacks.visualizer import FeatureVisualizer
+from lightning_neurons.callbacks.visualizer import FeatureVisualizer, RenderOptions
 
 __all__ = [
     "ActivationTracker",
@@ -14,4 +14,5 @@ __all__ = [
     "FeatureVisualizer",
     "NeuronClustering",
     "NeuronContribution",
+    "RenderOptions",
 ]

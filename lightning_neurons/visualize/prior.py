@@ -20,17 +20,15 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
 from lightning_neurons.checks import check_optional_positive_int
+from lightning_neurons.distributed import attempt, sum_over_ranks
 from lightning_neurons.errors import NeuronsError
-
-#: ``tensor -> summed tensor`` over processes (``trainer.strategy.reduce`` with ``"sum"``).
-Reducer = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _check_images(images: torch.Tensor) -> None:
@@ -84,6 +82,21 @@ class DataPrior:
         estimate = DataPriorEstimate(max_images=None)
         estimate.update(images)
         return estimate.compute()
+
+    @classmethod
+    def from_sums(cls, sums: Mapping[str, torch.Tensor]) -> DataPrior:
+        """The prior of :meth:`DataPriorEstimate.sums` (or their sum over processes)."""
+        n = float(sums["count"])
+        magnitude, total, squares = (
+            sums[name].double().cpu() / n for name in ("magnitude", "total", "squares")
+        )
+        variance = (squares - total.pow(2)).clamp_min(0.0)
+        return cls(
+            magnitude=magnitude.float(),
+            mean=total.float(),
+            std=variance.sqrt().float(),
+            count=int(n),
+        )
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -190,34 +203,35 @@ class DataPriorEstimate:
         self._sums = sums
         self.count += len(images)
 
-    def compute(self, reduce: Reducer | None = None) -> DataPrior:
-        """The prior of every image seen (float32, CPU).
+    def sums(self) -> dict[str, torch.Tensor] | None:
+        """The streamed sums (float64): ``count``, and the ``magnitude``, ``total`` and
+        ``squares`` sums of the images seen (``None`` before any image)."""
+        if self._sums is None:
+            return None
+        magnitude, total, squares = self._sums
+        count = torch.tensor(float(self.count), dtype=torch.float64)
+        return {"count": count, "magnitude": magnitude, "total": total, "squares": squares}
 
-        Args:
-            reduce: Sums a tensor over processes (DDP: ``lambda t: trainer.strategy.reduce(t,
-                reduce_op="sum")``), so that every process gets the prior of all processes'
-                images. Every process must then call it, having seen images of the same shape.
+    def compute(self) -> DataPrior:
+        """The prior of every image seen (float32, CPU).
 
         Raises:
             NeuronsError: When no image has been seen.
         """
-        if self._sums is None:
-            if reduce is None:
-                raise NeuronsError("no images seen yet: call update() with display images first")
-            raise NeuronsError(
-                "no images seen on this process; the prior needs images on every process"
-            )
-        count = torch.tensor(float(self.count), dtype=torch.float64)
-        sums = self._sums
-        if reduce is not None:
-            count = reduce(count)
-            sums = tuple(reduce(s) for s in sums)  # type: ignore[assignment]
-        n = float(count)
-        magnitude, total, squares = (s.double().cpu() / n for s in sums)
-        variance = (squares - total.pow(2)).clamp_min(0.0)
-        return DataPrior(
-            magnitude=magnitude.float(),
-            mean=total.float(),
-            std=variance.sqrt().float(),
-            count=int(n),
-        )
+        sums = self.sums()
+        if sums is None:
+            raise NeuronsError("no images seen yet: call update() with display images first")
+        return DataPrior.from_sums(sums)
+
+    def compute_over_ranks(self, world: int, device: torch.device) -> DataPrior | None:
+        """The prior of every process's images, on every process (DDP: the sums are added up
+        with :func:`~lightning_neurons.distributed.sum_over_ranks` on ``device``, the process
+        group's device); ``None`` when no process has seen an image. Every process must call it.
+
+        Raises:
+            NeuronsError: On every process, when the processes' image shapes differ.
+        """
+        summed = sum_over_ranks(attempt(self.sums, world), world, device, "the data prior")
+        if summed is None or float(summed["count"]) == 0:
+            return None
+        return DataPrior.from_sums(summed)

@@ -1,0 +1,122 @@
+"""NeuronContribution's figures, scalars, probe table and files."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lightning.pytorch import Callback, Trainer
+
+from lightning_neurons.callbacks._base import class_names_of
+from lightning_neurons.loggers import AnalysisLogger
+from lightning_neurons.results import ContributionResult, Probes
+
+
+def log_contribution(
+    trainer: Trainer, results: Mapping[str, ContributionResult], owner: Callback
+) -> None:
+    """Figures, scalars, the probes' image and table, and one ``.npz`` file per layer."""
+    out = AnalysisLogger(trainer, "contribution", owner=owner)
+    if not out.is_writer:
+        return
+    scalars: dict[str, float] = {}
+    for layer, res in results.items():
+        names = class_names_of(trainer, res.stats.num_classes)
+        scalars.update(_scalars(out, layer, res, names))
+        if out.experiment is not None:  # figures take time: draw them only to be shown
+            _figures(out, layer, res, names)
+        arrays, meta = _arrays(layer, res, names)
+        out.save_arrays(layer, arrays, meta=meta)
+    out.scalars(scalars)
+
+
+def _scalars(
+    out: AnalysisLogger, layer: str, res: ContributionResult, names: list[str]
+) -> dict[str, float]:
+    """A few headline scalars per layer; the per-class series go to TensorBoard as one
+    histogram each (a chart per class would bury train/ and val/ under dozens of charts) and,
+    named, to the ``.npz`` file and the figures."""
+    domination = res.domination
+    scalars = {out.tag(layer, "mean_domination"): float(domination.mean())}
+    out.histogram(out.tag(layer, "domination_per_class"), domination)
+    ablation = res.ablation
+    if ablation is not None:
+        drop = ablation.accuracy_drop
+        own = [float(drop[row, c]) for row, c in enumerate(ablation.classes) if c >= 0]
+        out.histogram(out.tag(layer, "ablation_own_drop_per_class"), own)
+        for key, value in (ablation.selectivity or {}).items():
+            if key != "ratio":  # infinite when the other classes do not drop
+                scalars[out.tag(layer, "ablation_selectivity", key)] = value
+    return scalars
+
+
+def _figures(out: AnalysisLogger, layer: str, res: ContributionResult, names: list[str]) -> None:
+    from lightning_neurons.plots.contribution import (
+        ablation_figure,
+        contribution_figure,
+        probe_grid,
+    )
+
+    figure = contribution_figure(res.stats, names, epoch=res.epoch)
+    out.figure(out.tag(layer, "class_contribution"), figure)
+    if res.ablation is not None:
+        baseline = float(res.ablation.baseline_accuracy.nanmean())
+        title = f"{layer}, epoch {res.epoch}: accuracy drop when zeroed (baseline {baseline:.2f})"
+        figure = ablation_figure(res.ablation.accuracy_drop, res.ablation.sets, names, title)
+        out.figure(out.tag(layer, "ablation"), figure)
+    if res.probes is not None:
+        out.image(out.tag(layer, "probes"), probe_grid(res.probes.images, res.probes.preferred))
+        out.text(out.tag(layer, "probes"), _probe_table(res.probes, names))
+
+
+def _probe_table(probes: Probes, names: list[str]) -> str:
+    """One row per probe (the rows of the probes image), short headers, one column per top
+    neuron: ``n12 +0.41 r`` is neuron 12, its contribution to the predicted logit, and its
+    image in the probes image (``r`` rendered, ``v`` the validation image it fires most on)."""
+    top = probes.top_neurons.shape[1]
+    lines = [
+        "Top neurons of each probe: contribution to the predicted logit; image in the probes "
+        "image: r = rendered, v = top validation image.",
+        "",
+        "| # | true | pred | " + " | ".join(f"top {i + 1}" for i in range(top)) + " |",
+        "|---|---|---|" + "---|" * top,
+    ]
+    for p in range(probes.images.shape[0]):
+        cells = [
+            f"n{n} {value:+.2g} {source}"
+            for n, value, source in zip(
+                probes.top_neurons[p].tolist(),
+                probes.top_contribution[p].tolist(),
+                [("v" if s == "top example" else "r") for s in probes.preferred_source[p]],
+                strict=True,
+            )
+        ]
+        label, pred = int(probes.labels[p]), int(probes.predictions[p])
+        lines.append(f"| {p} | {names[label]} | {names[pred]} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def _arrays(
+    layer: str, res: ContributionResult, names: list[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    arrays: dict[str, Any] = dict(res.stats.as_arrays())
+    arrays["top_example_index"] = res.top_example_index
+    meta: dict[str, Any] = {"layer": layer, "epoch": res.epoch, "class_names": names}
+    ablation = res.ablation
+    if ablation is not None:
+        arrays["accuracy_drop"] = ablation.accuracy_drop
+        arrays["logit_drop"] = ablation.logit_drop
+        arrays["baseline_accuracy"] = ablation.baseline_accuracy
+        for i, neurons in enumerate(ablation.neurons):
+            arrays[f"ablated_neurons_{i}"] = neurons
+        meta["ablation_sets"] = ablation.sets
+        meta["ablation_classes"] = ablation.classes
+        meta["ablation_selectivity"] = ablation.selectivity
+        meta["clusters_epoch"] = ablation.clusters_epoch
+    probes = res.probes
+    if probes is not None:
+        for key in ("index", "labels", "predictions", "contribution", "classes"):
+            arrays[f"probe_{key}"] = getattr(probes, key)
+        arrays["probe_top_neurons"] = probes.top_neurons
+        arrays["probe_top_contribution"] = probes.top_contribution
+    return arrays, meta

@@ -1,0 +1,136 @@
+"""FeatureVisualizer's plan: what a round renders, resolved and checked once on the model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from torch import nn
+
+from lightning_neurons.batch import BatchFn, InputTransform
+from lightning_neurons.checks import check_image_shape
+from lightning_neurons.errors import NeuronsError
+from lightning_neurons.hooks import selects, split_call
+from lightning_neurons.visualize.objectives import LOGITS, Channel, ClassLogit
+from lightning_neurons.visualize.render import check_objectives
+
+
+@dataclass(frozen=True)
+class VisualizerPlan:
+    """What every round of a FeatureVisualizer renders.
+
+    Attributes:
+        shape: ``(C, H, W)`` of the rendered images.
+        transform: Display image -> model input (``None``: the loaders yield display images).
+        layers: The visualized layers' call sites.
+        channels: Per layer, the channels rendered.
+        classes: The classes rendered (empty when the logits cannot be read).
+        class_names: The data module's class names, if it has them.
+        saliency: Whether saliency maps can be taken (the logits can be read).
+    """
+
+    shape: tuple[int, int, int]
+    transform: InputTransform | None
+    layers: list[str]
+    channels: dict[str, list[int]]
+    classes: list[int]
+    class_names: list[str] | None
+    saliency: bool
+
+    def class_name(self, c: int) -> str:
+        """Class ``c``'s name, or its index when the data module names none."""
+        names = self.class_names
+        return str(names[c]) if names and c < len(names) else str(c)
+
+
+def default_classes(num_classes: int, max_classes: int | None) -> list[int]:
+    """All classes, or ``max_classes`` of them spread evenly: ``floor(i * C / max_classes)``.
+
+    Example:
+        >>> default_classes(1000, 4)
+        [0, 250, 500, 750]
+    """
+    if max_classes is None or num_classes <= max_classes:
+        return list(range(num_classes))
+    return [i * num_classes // max_classes for i in range(max_classes)]
+
+
+def data_attr(trainer: Trainer, name: str) -> Any:
+    """Attribute ``name`` of the trainer's data module (``None`` without one or it)."""
+    return getattr(getattr(trainer, "datamodule", None), name, None)
+
+
+def make_plan(
+    trainer: Trainer,
+    pl_module: LightningModule,
+    *,
+    layers: list[str],
+    channels: dict[str, list[int]],
+    max_channels: int | None,
+    classes: list[int] | None,
+    max_classes: int | None,
+    image_shape: Sequence[int] | None,
+    input_transform: InputTransform | None,
+    output_fn: BatchFn | None,
+    read_logits: Callable[[Callable[[], Any]], Any],
+) -> VisualizerPlan:
+    """Resolve image shape, input transform, channels and classes; check them with one forward
+    pass per kind of objective.
+
+    ``read_logits(fn)`` runs ``fn`` (the check of the logits) under the callback's ``on_error``:
+    it returns ``None`` when the logits cannot be read (no class images, no saliency).
+
+    Raises:
+        NeuronsError: For an unknown image size, or a shape, layer, channel or class that does
+            not fit the model.
+    """
+    if image_shape is None:
+        raise NeuronsError(
+            "FeatureVisualizer cannot tell the image size: the data module has no `image_shape` "
+            "and no validation images were seen. Pass `image_shape=[C, H, W]`."
+        )
+    shape = check_image_shape(list(image_shape))
+
+    def check(objectives: list) -> dict[str, Any]:
+        return check_objectives(
+            pl_module, objectives, shape, input_transform=input_transform, output_fn=output_fn
+        )
+
+    probe = [Channel(layer, i) for layer in layers for i in channels.get(layer, [])]
+    probe += [Channel(split_call(layer)[0], 0) for layer in layers]
+    shapes = check(probe)  # a wrong image shape, layer or channel raises here
+    # The layer list becomes the call sites it selects (one per call of a shared module).
+    sites = [n for n in shapes if n != LOGITS and selects(layers, n)]
+    logits = read_logits(lambda: check([ClassLogit(0)])[LOGITS])
+    if logits is not None and classes:  # a class outside the logits raises here
+        check([ClassLogit(c) for c in classes])
+    if logits is None:
+        chosen: list[int] = []
+    elif classes is not None:
+        chosen = classes
+    else:
+        chosen = default_classes(logits[0], max_classes)
+    names = data_attr(trainer, "class_names")
+    return VisualizerPlan(
+        shape=shape,
+        transform=input_transform,
+        layers=sites,
+        channels={
+            layer: channels.get(layer)
+            or list(range(min(shapes[layer][0], max_channels or shapes[layer][0])))
+            for layer in sites
+        },
+        classes=chosen,
+        class_names=list(names) if names else None,
+        saliency=logits is not None,
+    )
+
+
+def layer_width(model: nn.Module, plan: VisualizerPlan, layer: str) -> int:
+    """The layer's channel count (its output's second dimension), from one forward pass."""
+    shapes = check_objectives(
+        model, [Channel(layer, 0)], plan.shape, input_transform=plan.transform
+    )
+    return shapes[layer][0]

@@ -1,0 +1,284 @@
+"""FeatureVisualizer's rendering: the options of its gradient ascent, and the renderer that
+shares the work between DDP ranks and continues the last round's images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
+from torch import nn
+
+from lightning_neurons.batch import BatchReader
+from lightning_neurons.callbacks._memory import ContinuationMemory, Signature
+from lightning_neurons.callbacks._plan import VisualizerPlan
+from lightning_neurons.checks import (
+    check_choice,
+    check_int,
+    check_number,
+    check_optional_positive_int,
+    check_positive_int,
+)
+from lightning_neurons.distributed import concat, map_shares
+from lightning_neurons.visualize.objectives import ChannelGroup, Objective
+from lightning_neurons.visualize.prior import DataPrior
+from lightning_neurons.visualize.render import render
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """How FeatureVisualizer renders its images by gradient ascent
+    (:func:`~lightning_neurons.visualize.render`); in YAML, the mapping under ``render:``.
+
+    Args:
+        steps: Gradient-ascent steps per image from noise (the first round, and every round
+            with ``continue_steps=None``).
+        continue_steps: Steps of the later rounds, which continue every image from its
+            parameters of the previous round instead of starting from noise (kept in the
+            callback's ``state_dict``, so a resumed run continues too). A channel's preferred
+            image changes slowly from epoch to epoch: a few steps follow it, and the step slider
+            shows one image evolving rather than a new random one per epoch. A round whose
+            objectives or settings changed starts from noise with ``steps``. ``None``: always
+            from noise.
+        converge_tol: Stop an image before ``steps`` (or ``continue_steps``) once its objective
+            has converged: every ``converge_window`` steps each image is scored without
+            transforms, and one whose value rose by less than ``converge_tol`` times its value
+            from one check to the next, twice in a row, stops (``render(converge_tol=)``).
+            Decided per image, so the images do not depend on the DDP split or the chunking.
+            The steps each image ran are in ``results[...].steps`` and logged as
+            ``preference/<layer>/steps`` (their mean). ``None`` or ``0``: always the full count.
+        converge_window: Steps between two convergence checks (so at least twice this many
+            per round).
+        lr: Adam's learning rate.
+        param: ``"maco"`` (default: only the spectrum's phase is optimised; amplitudes and pixel
+            statistics are the validation data's, estimated from the first ``prior_images``
+            validation images and cached; see ``FeatureVisualizer.reset_prior``), ``"fft"`` or
+            ``"pixel"``. ``"maco"`` needs display images: with an input transform other than
+            :class:`~lightning_neurons.data.Normalize` (which is inverted), pass ``prior=``, or
+            the callback warns and renders with ``"fft"``.
+        transforms: ``"robust"`` (default) or ``"standard"`` random jitter, scale and rotation,
+            or ``"none"``.
+        contrast: ``"maco"``: scale of channel images' patterns relative to the data's spread.
+        class_contrast: ``"maco"``: the same for class images (0.8: a little less than the
+            data's own spread).
+        views: Randomly transformed copies of every channel image scored at each step.
+        class_views: The same for class images (an ensemble of augmentations: class images
+            that other models recognise more often, at ``class_views`` times the cost).
+        class_restarts: Class image candidates rendered from different seeds; the one the
+            model scores highest over random views is kept (``class_restarts`` times the cost).
+        class_select_after: Keep the best candidate after this many steps of the first round
+            and spend the other steps on it alone (see ``render(select_after=)``); ``None``:
+            after all steps.
+        n_images: Images per channel, made different by a diversity term (Olah et al., 2017);
+            TensorBoard shows one row per channel.
+        diversity: Weight of the diversity term when ``n_images > 1``.
+        diversity_on: ``"features"`` (Olah et al.: the images of a channel must differ in the
+            Gram matrix of the channel's layer, i.e. in what the layer sees) or ``"pixels"``.
+        l2: Weight of an L2 penalty on the rendered images.
+        tv: Weight of a total-variation penalty on the rendered images.
+        seed: Seed of the rendering (same seed: same starting images every epoch).
+        batch_size: Render at most this many images at once (default: a layer at once).
+
+    Raises:
+        NeuronsError: For a value out of its range.
+
+    Example:
+        >>> RenderOptions(steps=128, lr=0.05).continue_steps
+        16
+    """
+
+    steps: int = 64
+    continue_steps: int | None = 16
+    converge_tol: float | None = 0.005
+    converge_window: int = 4
+    lr: float = 0.1
+    param: Literal["maco", "fft", "pixel"] = "maco"
+    transforms: Literal["robust", "standard", "none"] = "robust"
+    contrast: float = 2.0
+    class_contrast: float = 0.8
+    views: int = 1
+    class_views: int = 4
+    class_restarts: int = 4
+    class_select_after: int | None = None
+    n_images: int = 1
+    diversity: float = 1.0
+    diversity_on: Literal["features", "pixels"] = "features"
+    l2: float = 0.0
+    tv: float = 0.0
+    seed: int = 0
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        checked = {
+            "steps": check_positive_int("steps", self.steps),
+            "continue_steps": check_optional_positive_int("continue_steps", self.continue_steps),
+            "converge_tol": None
+            if self.converge_tol is None
+            else check_number("converge_tol", self.converge_tol) or None,
+            "converge_window": check_positive_int("converge_window", self.converge_window),
+            "lr": check_number("lr", self.lr, strict=True),
+            "param": check_choice("param", self.param, ("fft", "pixel", "maco")),
+            "transforms": check_choice(
+                "transforms", self.transforms, ("standard", "none", "robust")
+            ),
+            "contrast": check_number("contrast", self.contrast, strict=True),
+            "class_contrast": check_number("class_contrast", self.class_contrast, strict=True),
+            "views": check_positive_int("views", self.views),
+            "class_views": check_positive_int("class_views", self.class_views),
+            "class_restarts": check_positive_int("class_restarts", self.class_restarts),
+            "class_select_after": check_optional_positive_int(
+                "class_select_after", self.class_select_after
+            ),
+            "n_images": check_positive_int("n_images", self.n_images),
+            "diversity": check_number("diversity", self.diversity),
+            "diversity_on": check_choice("diversity_on", self.diversity_on, ("features", "pixels")),
+            "l2": check_number("l2", self.l2),
+            "tv": check_number("tv", self.tv),
+            "seed": check_int("seed", self.seed),
+            "batch_size": check_optional_positive_int("batch_size", self.batch_size),
+        }
+        assert set(checked) == {f.name for f in fields(self)}
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+
+class Renderer:
+    """Renders a round's images for a FeatureVisualizer.
+
+    Under DDP each rank renders a contiguous share of the objectives, each row from the noise it
+    has in the whole rendering (``first_row``), and every rank gets every image: the images of
+    one process. Every rendering continues the last round's parameters of the same key and
+    signature (:class:`~lightning_neurons.callbacks._memory.ContinuationMemory`).
+
+    Args:
+        options: The render options.
+        plan: What the round renders (image shape, input transform).
+        reader: Reads the model's logits from its output.
+        prior: The data prior for ``param="maco"`` (``None``: rendered with ``"fft"``).
+        memory: The continuation memory (read and updated).
+        rank: This rank.
+        world: The number of ranks.
+    """
+
+    def __init__(
+        self,
+        options: RenderOptions,
+        plan: VisualizerPlan,
+        reader: BatchReader,
+        prior: DataPrior | None,
+        memory: ContinuationMemory,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        self.options, self.plan, self.reader = options, plan, reader
+        self.prior, self.memory = prior, memory
+        self.rank, self.world = rank, world
+        maco = options.param == "maco"
+        self.param = options.param if prior is not None or not maco else "fft"
+
+    def signature(self, *parts: object) -> Signature:
+        """What a rendering's parameters are made for (see :class:`ContinuationMemory`)."""
+        return (
+            self.param,
+            tuple(self.plan.shape),
+            *parts,
+            self.options.n_images,
+            self.options.seed,
+        )
+
+    def images(
+        self, model: nn.Module, key: str, objectives: list[Objective], classes: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images of ``objectives`` (continued from the last round's parameters of ``key``
+        when they were rendered for the same objectives) and the steps each ran, on every rank.
+        The kept candidate of a class image (``class_restarts``) is continued alone."""
+        o = self.options
+        signature = self.signature(tuple(repr(obj) for obj in objectives))
+        init = self.memory.start(key, signature)
+        restarts = o.class_restarts if classes and init is None else 1
+        per_objective = 1 if classes else o.n_images  # images kept per objective
+
+        def rows(part: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            block = (
+                None
+                if init is None
+                else init[part.start * per_objective : part.stop * per_objective]
+            )
+            first_row = part.start * per_objective * restarts
+            return self.rows(model, objectives[part], block, first_row, classes, restarts)
+
+        done = map_shares(rows, len(objectives), self.rank, self.world, "rendering")
+        images, params, steps = concat(done)
+        self.memory.keep(key, signature, params)
+        return images.cpu(), steps
+
+    def rows(
+        self,
+        model: nn.Module,
+        objectives: list[Objective],
+        init: torch.Tensor | None,
+        first_row: int,
+        classes: bool,
+        restarts: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images (CPU), parameters and steps run of ``objectives``, rendered on this rank."""
+        o = self.options
+        result = render(
+            model,
+            objectives,
+            image_shape=self.plan.shape,
+            steps=o.steps if init is None else o.continue_steps,
+            init=init,
+            first_row=first_row,
+            converge_tol=o.converge_tol or 0.0,
+            converge_window=o.converge_window,
+            lr=o.lr,
+            param=self.param,  # type: ignore[arg-type]
+            transforms=o.transforms,
+            input_transform=self.plan.transform,
+            output_fn=self.reader.output_fn,
+            seed=o.seed,
+            batch_size=o.batch_size,
+            l2=o.l2,
+            tv=o.tv,
+            prior=self.prior,
+            contrast=o.class_contrast if classes else o.contrast,
+            views=o.class_views if classes else o.views,
+            n_images=1 if classes else o.n_images,
+            diversity=o.diversity,
+            diversity_on=o.diversity_on,
+            restarts=restarts,
+            select_after=o.class_select_after if restarts > 1 else None,
+        )
+        return result.images.cpu(), result.params, result.steps
+
+    def clusters(
+        self, model: nn.Module, layer: str, members: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images of the clusters ``members`` (channel lists) of ``layer``, on this rank alone,
+        and the steps each ran.
+
+        Clusters change between analyses (their ids are arbitrary, a few neurons move), so each
+        cluster continues the image of the last round's cluster it shares most neurons with
+        (see :meth:`ContinuationMemory.match_clusters`) for ``continue_steps`` steps; the others
+        start from noise."""
+        key, n = f"clusters/{layer}", self.options.n_images
+        signature = self.signature()
+        starts = self.memory.match_clusters(key, signature, members, n)
+        images: list[torch.Tensor] = [torch.empty(0)] * len(members)
+        params: list[torch.Tensor] = [torch.empty(0)] * len(members)
+        ran: list[torch.Tensor] = [torch.empty(0)] * len(members)
+        continued = [i for i, start in enumerate(starts) if start is not None]
+        fresh = [i for i, start in enumerate(starts) if start is None]
+        for rows in (continued, fresh):
+            if not rows:
+                continue
+            init = torch.cat([starts[i] for i in rows]) if rows is continued else None  # type: ignore[misc]
+            objectives: list[Objective] = [ChannelGroup(layer, members[i]) for i in rows]
+            done, state, steps = self.rows(model, objectives, init, 0, False, 1)
+            for j, i in enumerate(rows):
+                images[i] = done[j * n : (j + 1) * n].cpu()
+                params[i] = state[j * n : (j + 1) * n]
+                ran[i] = steps[j * n : (j + 1) * n]
+        self.memory.keep(key, signature, torch.cat(params), members)
+        return torch.cat(images), torch.cat(ran)

@@ -1,0 +1,214 @@
+"""FeatureVisualizer's results: what the model (and a judge) see in the rendered images, and the
+probes' saliency maps."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_neurons.batch import BatchReader, as_model_input, to_display, to_model_input
+from lightning_neurons.callbacks._plan import VisualizerPlan, layer_width
+from lightning_neurons.callbacks._rendering import Renderer
+from lightning_neurons.distributed import concat, map_shares
+from lightning_neurons.hooks import hooked, reduce_activation
+from lightning_neurons.probes import ProbeCandidate
+from lightning_neurons.results import ClusterRendering, Rendering, SaliencyMaps
+from lightning_neurons.state import analysis_mode, model_device
+from lightning_neurons.stats import LayerStats
+from lightning_neurons.visualize.saliency import saliency
+
+
+def logits(
+    model: nn.Module, images: torch.Tensor, plan: VisualizerPlan, reader: BatchReader
+) -> torch.Tensor:
+    """``model``'s logits for display images (eval mode, left as found), on the CPU, read from
+    its output by ``reader``."""
+    with analysis_mode(model, grad=False):
+        x = to_model_input(images.to(model_device(model)), plan.transform)
+        return reader.forward(model, x).float().cpu()
+
+
+def _judged(
+    judge: nn.Module | None, images: torch.Tensor, plan: VisualizerPlan, wanted: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The judge's verdict on ``images`` and its probability of each image's ``wanted`` class
+    (nothing without a judge; its outputs are read as their first tensor)."""
+    if judge is None:
+        return {}
+    verdict = logits(judge, images, plan, BatchReader())
+    rows = torch.arange(len(images))
+    return {
+        "judge_predicted": verdict.argmax(dim=1),
+        "judge_probability": verdict.softmax(dim=1)[rows, wanted],
+    }
+
+
+def channel_rendering(
+    model: nn.Module,
+    plan: VisualizerPlan,
+    layer: str,
+    rendered: tuple[torch.Tensor, torch.Tensor],
+    n_images: int,
+    stats: Mapping[str, LayerStats],
+    reduction: str,
+    epoch: int,
+) -> Rendering:
+    """A layer's channel images with the activation each reaches (reduced like the tracker's
+    statistics) and its strength: that activation over the channel's largest on the tracker's
+    data (``None`` where the tracker does not track the layer)."""
+    images, steps = rendered
+    # with n_images > 1, each channel's images are consecutive rows
+    channels = [c for c in plan.channels[layer] for _ in range(n_images)]
+    found: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, output: torch.Tensor) -> None:
+        found.setdefault(name, reduce_activation(output.detach(), reduction, name).float().cpu())
+
+    with analysis_mode(model, grad=False), hooked(model, [layer], keep):
+        model(as_model_input(to_model_input(images, plan.transform), model))
+    activation = found[layer][torch.arange(len(channels)), torch.tensor(channels)]
+    strength = reference = reference_epoch = None
+    if layer in stats and stats[layer].num_neurons > max(channels):
+        reference = stats[layer].max_activation[channels].float()
+        reference_epoch = stats[layer].epoch  # older when the tracker's stage is "train"
+        nan = torch.full_like(activation, math.nan)
+        strength = torch.where(reference > 0, activation / reference, nan)
+    return Rendering(
+        channels=torch.tensor(channels),
+        images=images,
+        activation=activation,
+        reference=reference,
+        strength=strength,
+        reference_epoch=reference_epoch,
+        epoch=epoch,
+        steps=steps,
+    )
+
+
+def class_rendering(
+    model: nn.Module,
+    plan: VisualizerPlan,
+    reader: BatchReader,
+    judge: nn.Module | None,
+    rendered: tuple[torch.Tensor, torch.Tensor],
+    epoch: int,
+) -> Rendering:
+    """The class images' rendering, with what the model (and the judge) see in them."""
+    images, steps = rendered
+    scores = logits(model, images, plan, reader)
+    index = torch.tensor(plan.classes)
+    rows = torch.arange(len(plan.classes))
+    return Rendering(
+        **_judged(judge, images, plan, index),
+        channels=index,
+        images=images,
+        activation=scores[rows, index],
+        probability=scores.softmax(dim=1)[rows, index],
+        predicted=scores.argmax(dim=1),
+        epoch=epoch,
+        steps=steps,
+    )
+
+
+def cluster_renderings(
+    clustering: Mapping[str, Any],
+    model: nn.Module,
+    renderer: Renderer,
+    judge: nn.Module | None,
+    max_clusters: int,
+    epoch: int,
+) -> dict[str, ClusterRendering]:
+    """Preferred images of the largest ``max_clusters`` neuron clusters of every visualized layer
+    in ``clustering`` (NeuronClustering's results), with the class each cluster prefers and what
+    the model and the judge see in its image; rendered on this rank alone."""
+    plan, n = renderer.plan, renderer.options.n_images
+    found: dict[str, ClusterRendering] = {}
+    for layer, result in clustering.items():
+        if layer not in plan.layers:
+            continue
+        labels = torch.as_tensor(np.asarray(result.labels))
+        if layer_width(model, plan, layer) != len(labels):  # neurons are not channels
+            continue
+        ids, sizes = labels[labels >= 0].unique(return_counts=True)
+        if not len(ids):
+            continue
+        order = sizes.argsort(descending=True, stable=True)[:max_clusters]
+        ids, sizes = ids[order], sizes[order]
+        members = [torch.nonzero(labels == k).flatten().tolist() for k in ids.tolist()]
+        images, steps = renderer.clusters(model, layer, members)
+        images, steps = images[::n], steps[::n]
+        profiles = torch.as_tensor(np.asarray(result.cluster_profiles))
+        preferred = profiles[ids].argmax(dim=1)
+        if result.classes is not None and len(result.classes) == profiles.shape[1]:
+            preferred = torch.as_tensor(np.asarray(result.classes))[preferred]
+        found[layer] = ClusterRendering(
+            **_judged(judge, images, plan, preferred),
+            clusters=ids,
+            sizes=sizes,
+            images=images,
+            preferred_class=preferred,
+            predicted=logits(model, images, plan, renderer.reader).argmax(dim=1),
+            clusters_epoch=int(result.epoch),
+            epoch=epoch,
+            steps=steps,
+        )
+    return found
+
+
+def saliency_maps(
+    model: nn.Module,
+    renderer: Renderer,
+    probes: Sequence[ProbeCandidate],
+    methods: Sequence[str],
+    gradcam_layer: str | None,
+    samples: int,
+    epoch: int,
+) -> SaliencyMaps | None:
+    """The probes' saliency maps (``None`` without probes). Under DDP each rank maps a
+    contiguous share of the probes (SmoothGrad's noise is drawn per probe index, so the maps are
+    one process's) and the maps are gathered on every rank."""
+    if not probes:
+        return None
+    plan, reader = renderer.plan, renderer.reader
+    inputs = torch.stack([p.image for p in probes])  # as the loader yielded them
+
+    def part_maps(part: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = inputs[part]
+        with analysis_mode(model, grad=False):
+            predicted = reader.forward(model, x).argmax(dim=1).cpu()
+        images, exact = to_display(x, plan.transform)
+        # Maps are taken with respect to what a person sees when the transform can be inverted.
+        source, transform = (images, plan.transform) if exact else (x, None)
+        maps = {
+            method: saliency(
+                model,
+                source,
+                method,  # type: ignore[arg-type]
+                target=predicted,
+                layer=gradcam_layer,
+                input_transform=transform,
+                output_fn=reader.output_fn,
+                samples=samples,
+                seed=renderer.options.seed,
+                first_index=part.start,
+            )
+            for method in methods
+        }
+        return predicted, maps
+
+    parts = map_shares(part_maps, len(inputs), renderer.rank, renderer.world, "saliency")
+    predicted, maps = concat(parts)
+    images, _ = to_display(inputs, plan.transform)
+    return SaliencyMaps(
+        images=images,
+        inputs=inputs,
+        labels=torch.tensor([p.label for p in probes]),
+        predicted=predicted,
+        maps=maps,
+        epoch=epoch,
+    )
