@@ -14,13 +14,8 @@ from conftest import TinyData, TinyNet, fast_trainer
 from scipy.cluster.hierarchy import fcluster, linkage
 from sklearn.metrics import adjusted_rand_score
 
-from lightning_neurons import ActivationTracker, NeuronsError
-from lightning_neurons.callbacks.clustering import (
-    COMBINED,
-    CategoryClustering,
-    NeuronClustering,
-    distance_confusion_agreement,
-)
+from lightning_neurons import ActivationTracker, CategoryClustering, NeuronClustering, NeuronsError
+from lightning_neurons.callbacks.category_clustering import COMBINED, distance_confusion_agreement
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.loggers import load_index
 from lightning_neurons.models import ImageClassifier, SmallCNN
@@ -129,7 +124,7 @@ def test_confusion_matrix_matches_the_models_predictions(parts_run):
     with torch.no_grad():
         for x, y in data.val_dataloader():
             np.add.at(expected, (y.numpy(), model(x).argmax(1).numpy()), 1)
-    assert np.array_equal(category.results[PARTS_LAYERS[-1]].confusion, expected)
+    assert np.array_equal(category.results[PARTS_LAYERS[-1]].confusion.numpy(), expected)
     assert count_forward_hooks(model) == parts_run["hooks_before"]
 
 
@@ -144,9 +139,23 @@ def test_neuron_clustering_results(parts_run):
     assert 0.0 <= conv3.noise_fraction < 1.0
     assert np.isfinite(conv3.stability) and -1.0 <= conv3.stability <= 1.0
     # neurons in one cluster share a tuning: their cluster's profile is its members' average
-    features = conv3.extra["features"]
     for c in range(conv3.n_clusters):
-        assert np.allclose(features[conv3.labels == c].mean(axis=0), conv3.cluster_profiles[c])
+        members = conv3.features[conv3.labels == c]
+        torch.testing.assert_close(members.mean(dim=0), conv3.cluster_profiles[c])
+
+
+def test_results_hold_cpu_tensors_as_results_py_documents(parts_run):
+    """Every array field of both result types is a CPU tensor (results.py's contract)."""
+    from dataclasses import fields
+
+    entries = [*parts_run["category"].results.values(), *parts_run["neurons"].results.values()]
+    for res in entries:
+        for f in fields(res):
+            value = getattr(res, f.name)
+            assert not isinstance(value, np.ndarray), (type(res).__name__, f.name)
+            if isinstance(value, torch.Tensor):
+                assert value.device.type == "cpu", f.name
+        assert all(isinstance(v, torch.Tensor) for v in res.as_arrays().values())
 
 
 def test_everything_is_logged_and_written(parts_run):
@@ -373,13 +382,21 @@ def test_every_projector_point_has_its_own_image(tmp_path):
             assert tile.std() > 0, (entry.tensor_name, i)
 
 
-def test_state_dict_round_trip():
-    neurons = NeuronClustering()
-    neurons._previous = {"a": np.array([0, 1, -1])}
-    other = NeuronClustering()
-    other.load_state_dict(neurons.state_dict())
-    assert np.array_equal(other._previous["a"], [0, 1, -1])
-    CategoryClustering().load_state_dict({})  # tolerant of old checkpoints
+def test_stability_survives_a_checkpoint_resume(tmp_path):
+    """The previous labels travel in the checkpoint: the first analysis after a resume has a
+    stability (a fresh callback's first analysis has none)."""
+    data = TinyData(n=96, num_classes=6)
+    first = NeuronClustering(method="kmeans", n_clusters=2, embedding=False, on_error="raise")
+    trainer = fast_trainer(tmp_path, max_epochs=1, callbacks=[ActivationTracker(), first])
+    trainer.fit(_tiny(num_classes=6), data)
+    assert all(not np.isfinite(r.stability) for r in first.results.values())
+    ckpt = tmp_path / "resume.ckpt"
+    trainer.save_checkpoint(ckpt)
+    resumed = NeuronClustering(method="kmeans", n_clusters=2, embedding=False, on_error="raise")
+    trainer = fast_trainer(tmp_path, max_epochs=2, callbacks=[ActivationTracker(), resumed])
+    trainer.fit(_tiny(num_classes=6), data, ckpt_path=str(ckpt))
+    assert resumed.results and all(np.isfinite(r.stability) for r in resumed.results.values())
+    CategoryClustering().load_state_dict({})  # tolerant of a checkpoint without its state
 
 
 def test_distance_confusion_agreement():
@@ -406,7 +423,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning_neurons import ActivationTracker
-from lightning_neurons.callbacks.clustering import CategoryClustering, NeuronClustering
+from lightning_neurons import CategoryClustering, NeuronClustering
 from lightning_neurons.data import DigitsDataModule
 from lightning_neurons.models import ImageClassifier, SmallCNN
 

@@ -450,7 +450,7 @@ def test_visualizer_uses_a_given_prior_and_checks_arguments(tmp_path):
 
 
 def test_visualizer_renders_neuron_clusters_with_the_judges_verdict(tmp_path):
-    from lightning_neurons.callbacks.clustering import NeuronClustering
+    from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
     from lightning_neurons.callbacks.tracker import ActivationTracker
     from lightning_neurons.loggers import load_index
 
@@ -501,7 +501,7 @@ def test_estimated_prior_is_kept_in_the_checkpoint(tmp_path):
 
 def test_cluster_images_continue_the_best_matching_cluster_of_the_last_round(tmp_path, monkeypatch):
     import lightning_neurons.callbacks.visualizer as module
-    from lightning_neurons.callbacks.clustering import NeuronClustering
+    from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
     from lightning_neurons.callbacks.tracker import ActivationTracker
 
     clustering = NeuronClustering(method="kmeans", n_clusters=2, on_error="raise")

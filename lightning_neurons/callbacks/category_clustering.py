@@ -18,14 +18,12 @@ from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 from typing_extensions import override
 
-from lightning_neurons.callbacks._base import OnError, find_callback
+from lightning_neurons.callbacks._base import OnError, class_names_of
 from lightning_neurons.callbacks._clustering import (
     _ClusteringCallback,
     _markdown_table,
     _stability,
-    class_names_of,
 )
-from lightning_neurons.callbacks.tracker import ActivationTracker
 from lightning_neurons.clustering import (
     CategoryClusterer,
     CategoryMethod,
@@ -184,7 +182,7 @@ class CategoryClustering(_ClusteringCallback):
         self._broken = False  # the classifier's output was not logits in this epoch
         self._collecting = False
         self._armed = False
-        self._previous: dict[str, np.ndarray] = {}
+        self._previous: dict[str, torch.Tensor] = {}
         self._warned_shape = False
 
     @property
@@ -225,17 +223,16 @@ class CategoryClustering(_ClusteringCallback):
     # ---- confusion matrix: streamed from a hook on the classifier ----
 
     def _start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
-        if stage != self._stage:
+        if stage != self.spec.stage:
             return
         self._stop()
         self._confusion, self._broken = None, False
         self._armed = False
         if self._classifier is None or not self._due(trainer):
             return
-        tracker = find_callback(trainer, ActivationTracker, required="CategoryClustering")
-        self._confusion = MulticlassConfusionMatrix(
-            int(tracker.num_classes), validate_args=False
-        ).to(pl_module.device)
+        self._confusion = MulticlassConfusionMatrix(self.spec.num_classes, validate_args=False).to(
+            pl_module.device
+        )
         self._collecting = True
         self._armed = True  # the same on every rank, unlike `_collecting` (see `_shape_problem`)
         self._hooks.add(pl_module, [self._classifier], self._on_logits)
@@ -246,7 +243,7 @@ class CategoryClustering(_ClusteringCallback):
         self._collecting = False
 
     def _batch_start(self, stage: str, batch: Any, batch_idx: int) -> None:
-        if stage != self._stage or not self._collecting:
+        if stage != self.spec.stage or not self._collecting:
             return
         self._labels = self._batch_labels(batch, batch_idx)
 
@@ -282,7 +279,7 @@ class CategoryClustering(_ClusteringCallback):
                 "is collected. Pass `classifier_layer=` naming the layer that outputs the logits."
             )
 
-    def _confusion_matrix(self, trainer: Trainer) -> np.ndarray | None:
+    def _confusion_matrix(self, trainer: Trainer) -> torch.Tensor | None:
         """The epoch's confusion counts summed over ranks (called on every rank; ``None`` when the
         classifier's output was not ``[batch, num_classes]`` logits on some rank)."""
         metric, broken = self._confusion, self._broken
@@ -294,7 +291,7 @@ class CategoryClustering(_ClusteringCallback):
         if broken:
             return None
         counts = metric.compute()  # torchmetrics sums the counts over the ranks
-        return counts.detach().cpu().numpy().astype(np.float64)
+        return counts.detach().cpu().double()
 
     # ---- the analysis ----
 
@@ -321,7 +318,7 @@ class CategoryClustering(_ClusteringCallback):
         return views
 
     def _analyse(
-        self, trainer: Trainer, stats: dict[str, LayerStats], confusion: np.ndarray | None
+        self, trainer: Trainer, stats: dict[str, LayerStats], confusion: torch.Tensor | None
     ) -> None:
         if not trainer.is_global_zero:
             return
@@ -359,7 +356,7 @@ class CategoryClustering(_ClusteringCallback):
         profile: np.ndarray,
         names: list[str],
         epoch: int,
-        confusion: np.ndarray | None,
+        confusion: torch.Tensor | None,
     ) -> CategoryClusteringResult:
         num_classes = profile.shape[0]
         # Classes without images have NaN rows; neurons with NaN activations NaN entries.
@@ -385,25 +382,24 @@ class CategoryClustering(_ClusteringCallback):
         agreement = float("nan")
         if confusion is not None and confusion.shape[0] == num_classes:
             agreement = distance_confusion_agreement(
-                clusterer.distances_, confusion[np.ix_(rows, rows)]
+                clusterer.distances_, confusion.numpy()[np.ix_(rows, rows)]
             )
-        previous = self._previous.get(view)
-        stability = _stability(previous, labels)
+        linkage = clusterer.linkage_
         return CategoryClusteringResult(
             view=view,
             layers=layers,
             epoch=epoch,
             class_names=names,
-            classes=rows,
-            labels=labels,
+            classes=torch.as_tensor(rows, dtype=torch.int64),
+            labels=torch.as_tensor(labels, dtype=torch.int64),
             n_clusters=clusterer.n_clusters_,
             silhouette=clusterer.silhouette_,
-            distances=distances,
-            linkage=clusterer.linkage_,
-            leaf_order=order,
+            distances=torch.as_tensor(distances),
+            linkage=None if linkage is None else torch.as_tensor(np.asarray(linkage)),
+            leaf_order=torch.tensor(order, dtype=torch.int64),
             confusion=confusion,
             agreement=agreement,
-            stability=stability,
+            stability=_stability(self._previous.get(view), labels),
         )
 
     def _log(self, trainer: Trainer, results: dict[str, CategoryClusteringResult]) -> None:
@@ -415,18 +411,20 @@ class CategoryClustering(_ClusteringCallback):
         scalars: dict[str, float] = {}
         assignments: dict[str, dict[str, int]] = {}
         for view, res in results.items():
-            kept = list(res.leaf_order)
+            kept = res.leaf_order.tolist()
             names = [res.class_names[i] for i in kept]
             title = f"{view}: epoch {res.epoch}, {res.n_clusters} clusters, silhouette {res.silhouette:.2f}"
             if out.experiment is not None:
                 if res.linkage is not None:
-                    leaf_names = [res.class_names[i] for i in res.classes]
-                    fig, _ = dendrogram_figure(res.linkage, leaf_names, res.n_clusters, title)
+                    leaf_names = [res.class_names[i] for i in res.classes.tolist()]
+                    fig, _ = dendrogram_figure(
+                        res.linkage.numpy(), leaf_names, res.n_clusters, title
+                    )
                     out.figure(out.tag(view, "dendrogram"), fig)
                 sub = np.ix_(kept, kept)
                 fig = distance_confusion_figure(
-                    res.distances[sub],
-                    None if res.confusion is None else res.confusion[sub],
+                    res.distances.numpy()[sub],
+                    None if res.confusion is None else res.confusion.numpy()[sub],
                     names,
                     agreement=res.agreement if res.confusion is not None else None,
                     title=title,
@@ -444,9 +442,7 @@ class CategoryClustering(_ClusteringCallback):
                 res.as_arrays(),
                 meta={"view": view, "layers": res.layers, "epoch": res.epoch, **self._meta()},
             )
-            assignments[view] = {
-                n: int(c) for n, c in zip(res.class_names, res.labels, strict=True)
-            }
+            assignments[view] = dict(zip(res.class_names, res.labels.tolist(), strict=True))
         out.save_json("assignments", assignments)
         out.scalars({k: v for k, v in scalars.items() if np.isfinite(v)})
 
@@ -461,8 +457,9 @@ class CategoryClustering(_ClusteringCallback):
     @staticmethod
     def _table(res: CategoryClusteringResult) -> str:
         rows = []
-        for cluster in sorted(set(res.labels.tolist())):
-            members = [res.class_names[i] for i in np.flatnonzero(res.labels == cluster)]
+        labels = res.labels.tolist()
+        for cluster in sorted(set(labels)):
+            members = [n for n, c in zip(res.class_names, labels, strict=True) if c == cluster]
             label = "left out" if cluster < 0 else str(cluster)
             rows.append((label, len(members), ", ".join(members)))
         return _markdown_table(("cluster", "classes", "members"), rows)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -18,7 +18,7 @@ from lightning_neurons.batch import (
     analysed_rows,
     stage_loaders,
 )
-from lightning_neurons.callbacks._base import OnError, StagedCallback
+from lightning_neurons.callbacks._base import OnError, StagedCallback, find_callback
 from lightning_neurons.checks import (
     check_choice,
     check_int,
@@ -35,6 +35,7 @@ from lightning_neurons.hooks import (
     signed_layers,
 )
 from lightning_neurons.loggers import AnalysisLogger
+from lightning_neurons.results import TrackerSpec
 from lightning_neurons.state import in_analysis
 from lightning_neurons.stats import ClassNeuronStats, LayerStats
 
@@ -66,9 +67,10 @@ class ActivationTracker(StagedCallback):
 
     The statistics are published in :attr:`results` (``{layer: LayerStats}``) at the end of each
     analysed epoch of ``stage``; the other analyses (:class:`FeatureVisualizer`, clustering,
-    contribution) read them at the end of the stage rather than hooking the model again, and read
-    batches and model outputs through the tracker's :attr:`reader` (its ``input_fn``,
-    ``label_fn`` and ``output_fn``).
+    contribution) read them at the end of the stage rather than hooking the model again. What the
+    tracker tracks and how it reads batches (its ``input_fn``, ``label_fn`` and ``output_fn``,
+    layers, stage, loader, reduction, class count) is its :attr:`spec`, a read-only
+    :class:`~lightning_neurons.results.TrackerSpec` that peers look up with :func:`tracker_spec`.
 
     Every image is counted once: only the loader ``dataloader_idx`` is analysed, and under DDP the
     samples that :class:`~torch.utils.data.DistributedSampler` repeats to even out the processes
@@ -137,6 +139,9 @@ class ActivationTracker(StagedCallback):
         self.dataloader_idx = check_int("dataloader_idx", dataloader_idx, minimum=0)
         #: How every analysis reads inputs, labels and logits (see :mod:`lightning_neurons.batch`).
         self.reader = BatchReader(input_fn=input_fn, label_fn=label_fn, output_fn=output_fn)
+        #: What the tracker tracks and how it reads batches, set at setup (``None`` before):
+        #: what its peers read (see :func:`tracker_spec`).
+        self.spec: TrackerSpec | None = None
         self.results: dict[str, LayerStats] = {}
         self._metrics: dict[str, ClassNeuronStats] = {}
         self._hooks = HookSet()
@@ -187,34 +192,41 @@ class ActivationTracker(StagedCallback):
             for name, s in self._saved_states.items()
         }
 
-    # ---- Lightning hooks -----------------------------------------------------------------------
+    # ---- what the peers read ------------------------------------------------------------------
 
-    @property
-    def label_fn(self) -> BatchFn | None:
-        return self.reader.label_fn
+    def describe(self, pl_module: nn.Module) -> TrackerSpec:
+        """What this tracker tracks on ``pl_module`` and how it reads batches (what :attr:`spec`
+        is set to at setup). Peers call :func:`tracker_spec` instead.
 
-    @property
-    def input_fn(self) -> BatchFn | None:
-        return self.reader.input_fn
-
-    @property
-    def output_fn(self) -> BatchFn | None:
-        return self.reader.output_fn
-
-    # ---- Lightning hooks -----------------------------------------------------------------------
-
-    @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.layers = resolve_layers(pl_module, self.layer_patterns)
-        self._note_signed(pl_module)
-        if self.num_classes is None:
-            self.num_classes = infer_num_classes(pl_module)
-        if self.num_classes is None:
+        Raises:
+            NeuronsError: If a layer is not found, or the class count can be neither read from
+                the model nor was given.
+        """
+        num_classes = self.num_classes or infer_num_classes(pl_module)
+        if num_classes is None:
             raise NeuronsError(
                 f"ActivationTracker could not tell how many classes {type(pl_module).__name__} "
                 "predicts (no `num_classes` attribute or hyper-parameter, no Linear layer); pass "
                 "`num_classes=` to ActivationTracker."
             )
+        return TrackerSpec(
+            reader=self.reader,
+            layers=tuple(resolve_layers(pl_module, self.layer_patterns)),
+            stage=self.stage,
+            dataloader_idx=self.dataloader_idx,
+            reduction=self.reduction,
+            num_classes=num_classes,
+            top_k=self.top_k,
+        )
+
+    # ---- Lightning hooks -----------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.spec = self.describe(pl_module)
+        self.layers = list(self.spec.layers)
+        self.num_classes = self.spec.num_classes
+        self._note_signed(pl_module)
         self._checked = self._warned_loaders = False
         self._saw_validation = self._warned_no_validation = False
 
@@ -497,3 +509,40 @@ def _file_arrays(res: LayerStats) -> dict[str, torch.Tensor]:
     return {
         k: v.float() if v.is_floating_point() and v.dim() == 2 else v for k, v in arrays.items()
     }
+
+
+@overload
+def tracker_spec(trainer: Trainer, *, required: Literal[False] = False) -> TrackerSpec | None: ...
+
+
+@overload
+def tracker_spec(trainer: Trainer, *, required: str) -> TrackerSpec: ...
+
+
+def tracker_spec(trainer: Trainer, *, required: str | Literal[False] = False) -> TrackerSpec | None:
+    """The :class:`~lightning_neurons.results.TrackerSpec` of the trainer's ActivationTracker:
+    the one way its peers learn what it tracks and how it reads batches. It can be called in a
+    peer's ``setup``, whether the tracker's own ``setup`` has run or not.
+
+    Args:
+        trainer: The trainer (its ``lightning_module`` is the model the layers are resolved on).
+        required: The name of the callback that needs a tracker: a missing one then raises
+            (see :func:`~lightning_neurons.callbacks._base.find_callback`). ``False``: a
+            missing one gives ``None``.
+
+    Returns:
+        The spec, or ``None`` when no tracker is attached and none is required.
+
+    Raises:
+        NeuronsError: If no tracker is attached and ``required`` names who needs one, or the
+            tracker's layers or class count do not fit the model.
+
+    Example:
+        >>> spec = tracker_spec(trainer, required="CategoryClustering")  # doctest: +SKIP
+        >>> spec.layers, spec.stage  # doctest: +SKIP
+        (('features.relu1', 'features.relu2'), 'validation')
+    """
+    tracker = find_callback(trainer, ActivationTracker, required=required)
+    if tracker is None:
+        return None
+    return tracker.describe(trainer.lightning_module)
