@@ -344,19 +344,45 @@ def test_untracked_layer_and_unknown_classifier_are_clear_errors(tmp_path):
 @pytest.mark.parametrize(
     ("cls", "kwargs", "match"),
     [
-        (CategoryClustering, {"method": "dbscan"}, "`method`"),
-        (CategoryClustering, {"metric": "l1"}, "`metric`"),
-        (CategoryClustering, {"method": "hdbscan", "n_clusters": 3}, "hdbscan"),
-        (CategoryClustering, {"every_n_epochs": 0}, "every_n_epochs"),
-        (NeuronClustering, {"normalize": "rank"}, "`normalize`"),
-        (NeuronClustering, {"source": "images"}, "`source`"),
-        (NeuronClustering, {"reservoir_size": 0}, "reservoir_size"),
-        (NeuronClustering, {"on_error": "ignore"}, "on_error"),
+        (
+            CategoryClustering,
+            {"method": "dbscan"},
+            "`method` must be one of 'agglomerative', 'kmeans', 'hdbscan'; got 'dbscan'",
+        ),
+        (CategoryClustering, {"metric": "l1"}, "`metric` must be one of 'correlation', "),
+        (CategoryClustering, {"linkage": "ward2"}, "`linkage` must be one of 'average', "),
+        (CategoryClustering, {"normalize": "l2"}, "`normalize` must be one of 'none', 'zscore'"),
+        (CategoryClustering, {"n_clusters": 0}, "`n_clusters` must be an integer >= 1 or None"),
+        (CategoryClustering, {"method": "hdbscan", "n_clusters": 3}, "not used with method='hdb"),
+        (CategoryClustering, {"every_n_epochs": 0}, "`every_n_epochs` must be an integer >= 1"),
+        (CategoryClustering, {"combine_layers": None}, "`combine_layers` must be a bool; got None"),
+        (CategoryClustering, {"view": ""}, "`view` must be 'deepest', 'combined' or a layer name"),
+        (CategoryClustering, {"classifier_layer": 3}, "`classifier_layer` must be a str or None"),
+        (CategoryClustering, {"confusion": "yes"}, "`confusion` must be a bool; got 'yes'"),
+        (NeuronClustering, {"method": "dbscan"}, "`method` must be one of 'hdbscan', 'kmeans', "),
+        (NeuronClustering, {"normalize": "rank"}, "`normalize` must be one of 'zscore', 'l2', "),
+        (NeuronClustering, {"source": "images"}, "`source` must be one of 'class_means', "),
+        (NeuronClustering, {"reservoir_size": 0}, "`reservoir_size` must be an integer >= 1"),
+        (NeuronClustering, {"min_cluster_size": 1}, "`min_cluster_size` must be an integer >= 2"),
+        (NeuronClustering, {"method": "kmeans", "min_cluster_size": 5}, "are HDBSCAN settings"),
+        (NeuronClustering, {"max_embedding_neurons": 0}, "`max_embedding_neurons` must be an "),
+        (NeuronClustering, {"seed": -1}, "`seed` must be an integer >= 0; got -1"),
+        (NeuronClustering, {"embedding": 1}, "`embedding` must be a bool; got 1"),
+        (NeuronClustering, {"on_error": "ignore"}, "`on_error` must be one of 'warn', 'raise'"),
     ],
 )
 def test_argument_errors(cls, kwargs, match):
     with pytest.raises(NeuronsError, match=match):
         cls(**kwargs)
+
+
+@pytest.mark.parametrize("cls", [ActivationTracker, CategoryClustering, NeuronClustering])
+def test_every_argument_has_exactly_the_constraints_of_its_table(cls):
+    """The constraint table names every argument of ``__init__`` and nothing else."""
+    import inspect
+
+    params = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    assert set(cls._parameter_constraints) == params
 
 
 def test_every_projector_point_has_its_own_image(tmp_path):

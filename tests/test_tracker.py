@@ -317,14 +317,21 @@ def test_checkpoint_resume_restores_the_statistics(tmp_path):
     ("kwargs", "message"),
     [
         ({"reduction": "median"}, "`reduction` must be one of 'mean', 'max'; got 'median'"),
-        ({"stage": "predict"}, "`stage` must be one of"),
-        ({"top_k": 0}, "`top_k` must be a positive integer, got 0"),
-        ({"every_n_epochs": -1}, "`every_n_epochs` must be a positive integer"),
-        ({"on_error": "ignore"}, "`on_error` must be one of 'warn', 'raise'"),
+        ({"stage": "predict"}, "`stage` must be one of 'validation', 'train', 'test'"),
+        ({"top_k": 0}, "`top_k` must be an integer >= 1; got 0"),
+        ({"top_k": True}, "`top_k` must be an integer >= 1; got True"),
+        ({"num_classes": 0}, r"`num_classes` must be an integer >= 1 or None; got 0"),
+        ({"max_batches": 1.5}, r"`max_batches` must be an integer >= 1 or None; got 1.5"),
+        ({"dataloader_idx": -1}, "`dataloader_idx` must be an integer >= 0; got -1"),
+        ({"label_fn": "label"}, "`label_fn` must be a callable or None; got 'label'"),
+        ({"layers": 3}, "`layers` must be a layer name or a list of layer names or None; got 3"),
+        ({"every_n_epochs": -1}, "`every_n_epochs` must be an integer >= 1; got -1"),
+        ({"enable_logging": "yes"}, "`enable_logging` must be a bool; got 'yes'"),
+        ({"on_error": "ignore"}, "`on_error` must be one of 'warn', 'raise'; got 'ignore'"),
     ],
 )
 def test_arguments_are_checked(kwargs, message):
-    with pytest.raises(NeuronsError, match=message):
+    with pytest.raises(NeuronsError, match="^ActivationTracker: " + message):
         ActivationTracker(**kwargs)
 
 

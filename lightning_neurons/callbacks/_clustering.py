@@ -12,7 +12,7 @@ from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
 from lightning_neurons.batch import LoaderRows, analysed_rows
-from lightning_neurons.callbacks._base import StagedCallback, find_callback
+from lightning_neurons.callbacks._base import StageBatch, StagedCallback, find_callback
 from lightning_neurons.callbacks.tracker import ActivationTracker, tracker_spec
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import resolve_layers, selects, split_call
@@ -48,6 +48,7 @@ class _ClusteringCallback(StagedCallback):
         self._spec: TrackerSpec | None = None  # the tracker's, from setup on
         self._rows = LoaderRows()
         self._batch_size = 0
+        self._labels: torch.Tensor | None = None  # of the batch going through the model
 
     @property
     def spec(self) -> TrackerSpec:
@@ -83,32 +84,20 @@ class _ClusteringCallback(StagedCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._previous = {k: torch.as_tensor(v) for k, v in state_dict.get("previous", {}).items()}
 
-    # Lightning's per-stage hooks arrive here (see StagedCallback); only the tracker's stage counts.
+    # Lightning's per-stage hooks arrive here (see StagedCallback); only the batches the tracker
+    # analyses count.
     def _stage_start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
         if stage == self.spec.stage:
             self._rows = analysed_rows(trainer, stage, self.spec.dataloader_idx)
-        self._start(stage, trainer, pl_module)
+            self._start(trainer, pl_module)
 
-    def _stage_batch_start(
-        self,
-        stage: str,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
+    def _on_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, step: StageBatch
     ) -> None:
-        if dataloader_idx == self.spec.dataloader_idx:
-            self._batch_start(stage, batch, batch_idx)
+        if self.spec.analyses(step.stage, step.dataloader_idx):
+            self._gather(step.batch, step.batch_idx)
 
-    def _batch_labels(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        """The batch's labels, without DistributedSampler's repeated samples (``None``: none)."""
-        labels = self.spec.reader.labels(batch)
-        rows = self._rows.rows(batch_idx, labels.shape[0])
-        self._batch_size = labels.shape[0]
-        return labels[:rows] if rows else None
-
-    def _stage_batch_end(self, stage: str, *args: Any) -> None:
+    def _on_batch_end(self, trainer: Trainer, pl_module: LightningModule, step: StageBatch) -> None:
         self._labels = None
 
     def _stage_end(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -123,11 +112,18 @@ class _ClusteringCallback(StagedCallback):
     def _release(self) -> None:
         self._stop()
 
-    def _start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Begin gathering data of ``stage`` (no-op by default)."""
+    def _batch_labels(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        """The batch's labels, without DistributedSampler's repeated samples (``None``: none)."""
+        labels = self.spec.reader.labels(batch)
+        rows = self._rows.rows(batch_idx, labels.shape[0])
+        self._batch_size = labels.shape[0]
+        return labels[:rows] if rows else None
 
-    def _batch_start(self, stage: str, batch: Any, batch_idx: int) -> None:
-        """A batch of ``stage`` begins (no-op by default)."""
+    def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """An epoch of the tracker's stage begins (no-op by default)."""
+
+    def _gather(self, batch: Any, batch_idx: int) -> None:
+        """An analysed batch is about to go through the model (no-op by default)."""
 
     def _stop(self) -> None:
         """Remove hooks (no-op by default)."""

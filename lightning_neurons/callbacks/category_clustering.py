@@ -8,7 +8,7 @@ and keeps the latest results in ``callback.results``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from lightning_neurons.callbacks._clustering import (
     _markdown_table,
     _stability,
 )
+from lightning_neurons.checks import Constraints, Interval, Options, Satisfies, validate_params
 from lightning_neurons.clustering import (
     CategoryClusterer,
     CategoryMethod,
@@ -40,6 +41,7 @@ from lightning_neurons.stats import LayerStats
 
 #: Name of the category-clustering view that puts all chosen layers side by side.
 COMBINED = "combined"
+_VIEWS = "'deepest', 'combined' or a layer name"
 
 
 def distance_confusion_agreement(distances: np.ndarray, confusion: np.ndarray) -> float:
@@ -132,6 +134,18 @@ class CategoryClustering(_ClusteringCallback):
     """
 
     kind = "category_clustering"
+    _parameter_constraints: ClassVar[Constraints] = {
+        **_ClusteringCallback._parameter_constraints,
+        "method": [Options.of(CategoryMethod)],
+        "metric": [Options.of(Metric)],
+        "linkage": [Options.of(Linkage)],
+        "normalize": [Options.of(CategoryNormalize)],
+        "n_clusters": [Interval(int, 1, None), None],
+        "combine_layers": [bool],
+        "view": [Satisfies(lambda v: isinstance(v, str) and bool(v), _VIEWS)],
+        "classifier_layer": [str, None],
+        "confusion": [bool],
+    }
 
     def __init__(
         self,
@@ -150,10 +164,10 @@ class CategoryClustering(_ClusteringCallback):
         enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:
+        validate_params(self, locals())
         super().__init__(
             layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
         )
-        # Building one checks every option now rather than at the first epoch's end.
         self._clusterer_options = {
             "method": method,
             "metric": metric,
@@ -161,14 +175,11 @@ class CategoryClustering(_ClusteringCallback):
             "normalize": normalize,
             "n_clusters": n_clusters,
         }
+        # the options that depend on each other (n_clusters with HDBSCAN), now, not at the epoch's end
         CategoryClusterer(**self._clusterer_options).check_params()
         self.method, self.metric, self.linkage = method, metric, linkage
         self.normalize, self.n_clusters = normalize, n_clusters
         self.combine_layers = combine_layers
-        if not isinstance(view, str) or not view:
-            raise NeuronsError(
-                f"`view` must be 'deepest', 'combined' or a layer name; got {view!r}"
-            )
         self.view = view
         #: The name of the headline view of the latest analysis (see ``view``).
         self.main_view: str | None = None
@@ -177,7 +188,6 @@ class CategoryClustering(_ClusteringCallback):
         self.results: dict[str, CategoryClusteringResult] = {}
         self._classifier: str | None = None
         self._hooks = HookSet()
-        self._labels: torch.Tensor | None = None
         self._confusion: MulticlassConfusionMatrix | None = None
         self._broken = False  # the classifier's output was not logits in this epoch
         self._collecting = False
@@ -222,9 +232,7 @@ class CategoryClustering(_ClusteringCallback):
 
     # ---- confusion matrix: streamed from a hook on the classifier ----
 
-    def _start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
-        if stage != self.spec.stage:
-            return
+    def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stop()
         self._confusion, self._broken = None, False
         self._armed = False
@@ -242,10 +250,9 @@ class CategoryClustering(_ClusteringCallback):
         self._labels = None
         self._collecting = False
 
-    def _batch_start(self, stage: str, batch: Any, batch_idx: int) -> None:
-        if stage != self.spec.stage or not self._collecting:
-            return
-        self._labels = self._batch_labels(batch, batch_idx)
+    def _gather(self, batch: Any, batch_idx: int) -> None:
+        if self._collecting:
+            self._labels = self._batch_labels(batch, batch_idx)
 
     def _on_logits(self, name: str, output: torch.Tensor) -> None:
         if in_analysis():

@@ -8,7 +8,7 @@ the numbers next to the event files, and keeps the latest results in ``callback.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from lightning_neurons.callbacks._clustering import (
     _markdown_table,
     _stability,
 )
-from lightning_neurons.checks import check_choice, check_positive_int
+from lightning_neurons.checks import Constraints, Interval, Options, validate_params
 from lightning_neurons.clustering import (
     ActivationReservoir,
     NeuronClusterer,
@@ -36,7 +36,7 @@ from lightning_neurons.results import NeuronClusteringResult
 from lightning_neurons.state import in_analysis
 from lightning_neurons.stats import LayerStats
 
-# ---- neuron clustering ------------------------------------------------------------------------
+Source = Literal["class_means", "reservoir"]
 
 
 class NeuronClustering(_ClusteringCallback):
@@ -82,6 +82,18 @@ class NeuronClustering(_ClusteringCallback):
     """
 
     kind = "neuron_clustering"
+    _parameter_constraints: ClassVar[Constraints] = {
+        **_ClusteringCallback._parameter_constraints,
+        "method": [Options.of(NeuronMethod)],
+        "n_clusters": [Interval(int, 1, None), None],
+        "min_cluster_size": [Interval(int, 2, None), None],
+        "normalize": [Options.of(NeuronNormalize)],
+        "source": [Options.of(Source)],
+        "reservoir_size": [Interval(int, 1, None)],
+        "embedding": [bool],
+        "max_embedding_neurons": [Interval(int, 1, None)],
+        "seed": [Interval(int, 0, None)],
+    }
 
     def __init__(
         self,
@@ -91,7 +103,7 @@ class NeuronClustering(_ClusteringCallback):
         n_clusters: int | None = None,
         min_cluster_size: int | None = None,
         normalize: NeuronNormalize = "zscore",
-        source: Literal["class_means", "reservoir"] = "class_means",
+        source: Source = "class_means",
         reservoir_size: int = 1024,
         embedding: bool = True,
         max_embedding_neurons: int = 4096,
@@ -100,6 +112,7 @@ class NeuronClustering(_ClusteringCallback):
         enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:
+        validate_params(self, locals())
         super().__init__(
             layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
         )
@@ -110,20 +123,17 @@ class NeuronClustering(_ClusteringCallback):
             "normalize": normalize,
             "random_state": seed,
         }
-        NeuronClusterer(**self._clusterer_options).check_params()  # now, not at the epoch's end
-        check_choice("source", source, ("class_means", "reservoir"))
+        # the options that depend on each other (HDBSCAN's), now, not at the epoch's end
+        NeuronClusterer(**self._clusterer_options).check_params()
         self.method, self.n_clusters, self.min_cluster_size = method, n_clusters, min_cluster_size
         self.normalize, self.source, self.seed = normalize, source, seed
-        self.reservoir_size = check_positive_int("reservoir_size", reservoir_size)
+        self.reservoir_size = int(reservoir_size)
         self.embedding = embedding
-        self.max_embedding_neurons = check_positive_int(
-            "max_embedding_neurons", max_embedding_neurons
-        )
+        self.max_embedding_neurons = int(max_embedding_neurons)
         self.results: dict[str, NeuronClusteringResult] = {}
         self._previous: dict[str, torch.Tensor] = {}
         self._hooks = HookSet()
         self._reservoirs: dict[str, ActivationReservoir] = {}
-        self._labels: torch.Tensor | None = None
         self._warned_constant: set[str] = set()
 
     @property
@@ -134,25 +144,22 @@ class NeuronClustering(_ClusteringCallback):
 
     # ---- the reservoir of per-image activations ----
 
-    def _start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
-        if stage != self.spec.stage or self.source != "reservoir":
+    def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.source != "reservoir":
             return
         self._stop()
-        self._reservoirs = {}
-        if not self._due(trainer):
-            return
         self._reservoirs = {}  # one per call site, made at its first batch
-        self._hooks.add(pl_module, self.layers, self._on_activation)
+        if self._due(trainer):
+            self._hooks.add(pl_module, self.layers, self._on_activation)
 
     def _stop(self) -> None:
         self._hooks.remove()
         self._labels = None
 
-    def _batch_start(self, stage: str, batch: Any, batch_idx: int) -> None:
-        if stage != self.spec.stage or not len(self._hooks):
-            return
-        self._labels = self._batch_labels(batch, batch_idx)
-        self._hooks.new_pass()
+    def _gather(self, batch: Any, batch_idx: int) -> None:
+        if len(self._hooks):
+            self._labels = self._batch_labels(batch, batch_idx)
+            self._hooks.new_pass()
 
     def _on_activation(self, name: str, output: torch.Tensor) -> None:
         if self._labels is None or in_analysis():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal, overload
+from typing import Any, ClassVar, Literal, overload
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -18,13 +18,13 @@ from lightning_neurons.batch import (
     analysed_rows,
     stage_loaders,
 )
-from lightning_neurons.callbacks._base import OnError, StagedCallback, find_callback
-from lightning_neurons.checks import (
-    check_choice,
-    check_int,
-    check_optional_positive_int,
-    check_positive_int,
+from lightning_neurons.callbacks._base import (
+    OnError,
+    StageBatch,
+    StagedCallback,
+    find_callback,
 )
+from lightning_neurons.checks import Constraints, Interval, Options, validate_params
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import (
     HookSet,
@@ -40,6 +40,7 @@ from lightning_neurons.state import in_analysis
 from lightning_neurons.stats import ClassNeuronStats, LayerStats
 
 Stage = Literal["validation", "train", "test"]
+Reduction = Literal["mean", "max"]
 
 
 def infer_num_classes(model: nn.Module) -> int | None:
@@ -111,11 +112,24 @@ class ActivationTracker(StagedCallback):
         >>> tracker.results["features.conv3"].selectivity  # doctest: +SKIP
     """
 
+    _parameter_constraints: ClassVar[Constraints] = {
+        **StagedCallback._parameter_constraints,
+        "reduction": [Options.of(Reduction)],
+        "stage": [Options.of(Stage)],
+        "top_k": [Interval(int, 1, None)],
+        "num_classes": [Interval(int, 1, None), None],
+        "label_fn": ["callable", None],
+        "input_fn": ["callable", None],
+        "output_fn": ["callable", None],
+        "dataloader_idx": [Interval(int, 0, None)],
+        "max_batches": [Interval(int, 1, None), None],
+    }
+
     def __init__(
         self,
         layers: list[str] | None = None,
         *,
-        reduction: Literal["mean", "max"] = "mean",
+        reduction: Reduction = "mean",
         stage: Stage = "validation",
         every_n_epochs: int = 1,
         top_k: int = 5,
@@ -128,15 +142,16 @@ class ActivationTracker(StagedCallback):
         enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:
+        validate_params(self, locals())
         super().__init__(
             layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
         )
-        self.reduction = check_choice("reduction", reduction, ("mean", "max"))
-        self.stage = check_choice("stage", stage, ("validation", "train", "test"))
-        self.top_k = check_positive_int("top_k", top_k)
-        self.num_classes = check_optional_positive_int("num_classes", num_classes)
-        self.max_batches = check_optional_positive_int("max_batches", max_batches)
-        self.dataloader_idx = check_int("dataloader_idx", dataloader_idx, minimum=0)
+        self.reduction = reduction
+        self.stage = stage
+        self.top_k = int(top_k)
+        self.num_classes = None if num_classes is None else int(num_classes)
+        self.max_batches = None if max_batches is None else int(max_batches)
+        self.dataloader_idx = int(dataloader_idx)
         #: How every analysis reads inputs, labels and logits (see :mod:`lightning_neurons.batch`).
         self.reader = BatchReader(input_fn=input_fn, label_fn=label_fn, output_fn=output_fn)
         #: What the tracker tracks and how it reads batches, set at setup (``None`` before):
@@ -238,22 +253,16 @@ class ActivationTracker(StagedCallback):
             self._rows = self._loader_rows(trainer, stage)
             self._start(trainer, pl_module)
 
-    def _stage_batch_start(
-        self,
-        stage: str,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
+    def _on_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, step: StageBatch
     ) -> None:
         if not self._checked:  # the first batch the model sees, sanity check included
-            self.check_batch(batch)
+            self.check_batch(step.batch)
             self._checked = True
-        if stage == self.stage and dataloader_idx == self.dataloader_idx:
-            self._batch_start(batch, batch_idx)
+        if step.stage == self.stage and step.dataloader_idx == self.dataloader_idx:
+            self._gather(step.batch, step.batch_idx)
 
-    def _stage_batch_end(self, stage: str, *args: Any) -> None:
+    def _on_batch_end(self, trainer: Trainer, pl_module: LightningModule, step: StageBatch) -> None:
         self._labels = None
 
     def _stage_end(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -376,7 +385,8 @@ class ActivationTracker(StagedCallback):
         self._labels = None
         self._collecting = False
 
-    def _batch_start(self, batch: Any, batch_idx: int) -> None:
+    def _gather(self, batch: Any, batch_idx: int) -> None:
+        """Take this batch's labels for the hooks (the batch itself goes through the model next)."""
         if not self._collecting:
             return
         if self.max_batches is not None and self._batches >= self.max_batches:
