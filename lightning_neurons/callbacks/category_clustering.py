@@ -32,6 +32,7 @@ from lightning_neurons.clustering import (
     Linkage,
     Metric,
 )
+from lightning_neurons.distributed import gather
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import HookSet, resolve_layers, selects
 from lightning_neurons.loggers import AnalysisLogger
@@ -292,10 +293,7 @@ class CategoryClustering(_ClusteringCallback):
         metric, broken = self._confusion, self._broken
         self._confusion, self._broken = None, False
         broken = broken or metric is None or metric.update_count == 0
-        if trainer.world_size > 1:
-            flag = torch.tensor(float(broken), device=trainer.strategy.root_device)
-            broken = float(trainer.strategy.reduce(flag, reduce_op="max")) > 0
-        if broken:
+        if any(gather(broken, trainer.world_size, "collecting the confusion matrix")):
             return None
         counts = metric.compute()  # torchmetrics sums the counts over the ranks
         return counts.detach().cpu().double()
