@@ -52,19 +52,32 @@ def test_untouched_restores_on_error():
     assert model.training and all(p.requires_grad for p in model.parameters())
 
 
-def test_run_safely_warns_or_raises():
-    cb = AnalysisCallback(on_error="warn")
+class _Failing(AnalysisCallback):
+    """An analysis that fails at the end of every validation stage."""
 
-    def broken():
-        raise ZeroDivisionError("bad maths")
+    def _consume(self, stage, trainer, pl_module):
+        if stage == "validation" and self._due(trainer):
+            self._run_safely("clustering", lambda: 1 / 0)
 
+
+def test_a_failing_analysis_warns_and_training_goes_on_or_raises(tmp_path):
+    from conftest import TinyData, fast_trainer
+
+    from lightning_neurons.models import ImageClassifier
+
+    model = ImageClassifier(TinyNet(), num_classes=3)
+    warn = _Failing(on_error="warn")
     with pytest.warns(
-        UserWarning, match=r"clustering failed and was skipped \(ZeroDivisionError: bad maths\)"
+        UserWarning, match=r"clustering failed and was skipped \(ZeroDivisionError: division by "
     ):
-        assert cb._run_safely("clustering", broken) is None
-    assert cb.failures == ["clustering: ZeroDivisionError: bad maths"]
+        trainer = fast_trainer(tmp_path, callbacks=[warn], logger=False, max_epochs=2)
+        trainer.fit(model, datamodule=TinyData())
+    assert trainer.current_epoch == 2  # both epochs trained
+    assert warn.failures == ["clustering: ZeroDivisionError: division by zero"] * 2
     with pytest.raises(ZeroDivisionError):
-        AnalysisCallback(on_error="raise")._run_safely("clustering", broken)
+        fast_trainer(tmp_path, callbacks=[_Failing(on_error="raise")], logger=False).fit(
+            model, datamodule=TinyData()
+        )
 
 
 def test_find_callback_finds_by_type_and_says_how_to_add_a_missing_one():

@@ -277,21 +277,30 @@ def test_without_tensorboard_warns_once_and_still_writes_files(tmp_path):
     assert [r["name"] for r in load_index(tmp_path / "neurons" / "run_0")] == ["backbone.fc"] * 2
 
 
-def test_an_epochs_saved_states_are_not_changed_by_later_epochs(tmp_path):
+def test_an_epochs_checkpoint_state_is_not_changed_by_later_epochs(tmp_path):
+    """What a checkpoint saves is the published epoch's sums, also while the next analysed epoch
+    is being counted."""
     tracker = ActivationTracker(layers=["backbone.conv2"], enable_logging=False)
-    seen = []
+    published, during = [], []
 
     class Keep(pl.Callback):
         def on_validation_end(self, trainer, pl_module):  # after the tracker has published
-            states = tracker._saved_states["backbone.conv2"]
-            seen.append((states, {k: v.clone() for k, v in states.items()}))
+            published.append(tracker.state_dict())
+
+        def on_validation_batch_end(self, trainer, pl_module, *args):  # a batch was counted
+            if published:
+                during.append((len(published) - 1, tracker.state_dict()))
 
     fast_trainer(tmp_path, callbacks=[tracker, Keep()], max_epochs=3).fit(
         _module(), datamodule=TinyData()
     )
-    assert len(seen) == 3 and not torch.equal(seen[0][1]["sum"], seen[2][1]["sum"])
-    for states, copy in seen:  # the tensors kept at each epoch's end hold that epoch's sums
-        assert all(torch.equal(states[k], copy[k]) for k in copy)
+    sums = [p["states"]["backbone.conv2"]["sum"] for p in published]
+    assert [p["epoch"] for p in published] == [0, 1, 2] and not torch.equal(sums[0], sums[2])
+    assert {i for i, _ in during} == {0, 1}  # batches of epochs 1 and 2
+    for i, state in during:
+        assert state["epoch"] == i
+        for key, value in published[i]["states"]["backbone.conv2"].items():
+            assert torch.equal(state["states"]["backbone.conv2"][key], value), key
 
 
 def test_checkpoint_resume_restores_the_statistics(tmp_path):
@@ -381,3 +390,64 @@ def test_signed_layers_picked_explicitly_get_a_note(tmp_path):
     tracker = ActivationTracker(layers=["backbone.conv1", "backbone.relu1"], enable_logging=False)
     with pytest.warns(UserWarning, match=r"backbone.conv1 output signed values.*shifted"):
         fast_trainer(tmp_path, callbacks=[tracker], max_epochs=1).fit(_module(), TinyData())
+
+
+def test_the_spec_is_what_the_tracker_tracks_and_peers_see_it_before_its_setup(tmp_path):
+    """``tracker.spec`` is set at setup; :func:`tracker_spec` gives the same description to a
+    peer whose setup runs first (it stands before the tracker in the callbacks' list)."""
+    import dataclasses
+
+    from lightning_neurons.callbacks.tracker import tracker_spec
+    from lightning_neurons.results import TrackerSpec
+
+    def label_fn(batch):
+        return batch[1]
+
+    tracker = ActivationTracker(
+        layers=["backbone.relu*"], reduction="max", top_k=2, label_fn=label_fn, enable_logging=False
+    )
+    seen = []
+
+    class Peer(pl.Callback):
+        def setup(self, trainer, pl_module, stage):
+            seen.append(tracker_spec(trainer, required="Peer"))
+
+    assert tracker.spec is None
+    fast_trainer(tmp_path, callbacks=[Peer(), tracker], max_epochs=1).fit(
+        _module(), datamodule=TinyData()
+    )
+    expected = TrackerSpec(
+        reader=tracker.reader,
+        layers=("backbone.relu1", "backbone.relu2"),
+        stage="validation",
+        dataloader_idx=0,
+        reduction="max",
+        num_classes=3,
+        top_k=2,
+    )
+    assert seen == [expected] and tracker.spec == expected
+    assert tracker.spec.reader.label_fn is label_fn
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        tracker.spec.stage = "train"
+
+
+def test_tracker_spec_without_a_tracker_is_none_or_a_clear_error():
+    from types import SimpleNamespace
+
+    from lightning_neurons.callbacks.tracker import tracker_spec
+
+    trainer = SimpleNamespace(callbacks=[], lightning_module=None)
+    assert tracker_spec(trainer) is None
+    with pytest.raises(NeuronsError, match="Peer reads the results of an ActivationTracker"):
+        tracker_spec(trainer, required="Peer")
+
+
+def test_a_model_without_a_class_count_is_a_clear_error():
+    class NoHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten())
+
+    with pytest.raises(NeuronsError, match="could not tell how many classes NoHead predicts"):
+        ActivationTracker().describe(NoHead())
+    assert ActivationTracker(num_classes=4).describe(NoHead()).num_classes == 4

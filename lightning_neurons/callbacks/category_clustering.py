@@ -93,17 +93,9 @@ class CategoryClustering(_ClusteringCallback):
     Every view is clustered and logged; :attr:`result` is the *headline* view chosen by ``view``:
     by default the deepest analysed layer, the network's own representation of the categories.
 
-    The defaults come from ``benchmarks/representation_study.py`` (SmallCNN on the parts data
-    sets, whose 12 classes form 4 known groups). Where a group's classes share two large parts of
-    three (``structure="marks"``), conv2, conv3, their ReLUs and any combination recovered the
-    groups exactly with the tracker's ``mean`` reduction (adjusted Rand index 1.0 in 3 of 3
-    seeds). Where they share only one of two equally large parts and the network can classify
-    without it (``structure="one_shared"``), only the deepest ReLU layer with every neuron
-    z-scored across the classes found the groups in every seed (ARI 1.0, 1.0, 1.0); unnormalised
-    it gave 0.80 on average (worst seed 0.64), the combined view of all ReLU layers 0.75 in each
-    seed (the early layers, which see strokes rather than parts, pull it off) and conv1 0.14. Hence
-    ``normalize="zscore"`` and ``view="deepest"``. ``max``-reduced activations and first-order
-    contributions did worse in the trained network: keep the tracker's ``reduction="mean"``.
+    The defaults (``normalize="zscore"``, ``view="deepest"``, with the tracker's
+    ``reduction="mean"``) are the choices that recovered known class groups on the parts data
+    sets (:mod:`lightning_neurons.parts`); see ``docs/benchmarks.md``.
 
     Args:
         layers: Tracked layers to cluster on (default: all the tracker's layers).

@@ -287,10 +287,9 @@ class ActivationTracker(StagedCallback):
         self._stop()
         self._note_calls()
         states = {name: metric.compute() for name, metric in self._metrics.items()}
-        # Kept where they are, not copied (0.74 GB for ResNet-50 at 1,000 classes; a copy to the
-        # CPU would add that to every rank's host memory): the metric's reset at the next
-        # analysed epoch replaces its state tensors with new ones (torchmetrics assigns fresh
-        # defaults), and no batch is added before that reset. `state_dict` copies them.
+        # Kept where they are, not copied (a copy would add the whole state to every rank's host
+        # memory): the metric's reset at the next analysed epoch gives it new state tensors, and
+        # no batch is added before that reset. `state_dict` copies them.
         self._saved_states = {n: {k: v.detach() for k, v in s.items()} for n, s in states.items()}
         self._saved_epoch = epoch
         self.results = {
@@ -512,9 +511,7 @@ class ActivationTracker(StagedCallback):
 
 def _file_arrays(res: LayerStats) -> dict[str, torch.Tensor]:
     """The arrays written to the ``.npz``: the ``[C, K]`` floating statistics in float32 (7
-    significant digits; half the bytes, and half the time to compress them, of float64: at
-    1,000 classes these files are most of what the tracker writes every epoch), the rest as
-    they are."""
+    significant digits, half the bytes of float64), the rest as they are."""
     arrays = res.as_arrays()
     return {
         k: v.float() if v.is_floating_point() and v.dim() == 2 else v for k, v in arrays.items()
