@@ -408,21 +408,24 @@ def test_every_projector_point_has_its_own_image(tmp_path):
             assert tile.std() > 0, (entry.tensor_name, i)
 
 
-def test_stability_survives_a_checkpoint_resume(tmp_path):
-    """The previous labels travel in the checkpoint: the first analysis after a resume has a
-    stability (a fresh callback's first analysis has none)."""
-    data = TinyData(n=96, num_classes=6)
-    first = NeuronClustering(method="kmeans", n_clusters=2, embedding=False, on_error="raise")
-    trainer = fast_trainer(tmp_path, max_epochs=1, callbacks=[ActivationTracker(), first])
-    trainer.fit(_tiny(num_classes=6), data)
-    assert all(not np.isfinite(r.stability) for r in first.results.values())
-    ckpt = tmp_path / "resume.ckpt"
-    trainer.save_checkpoint(ckpt)
-    resumed = NeuronClustering(method="kmeans", n_clusters=2, embedding=False, on_error="raise")
-    trainer = fast_trainer(tmp_path, max_epochs=2, callbacks=[ActivationTracker(), resumed])
-    trainer.fit(_tiny(num_classes=6), data, ckpt_path=str(ckpt))
-    assert resumed.results and all(np.isfinite(r.stability) for r in resumed.results.values())
-    CategoryClustering().load_state_dict({})  # tolerant of a checkpoint without its state
+def test_state_dict_round_trip(tmp_path):
+    """A resumed callback compares its first labels with the checkpoint's: the same model
+    validated again gives the same labels, so a stability of 1 (NaN without the checkpoint)."""
+    options = dict(method="kmeans", n_clusters=2, enable_logging=False, on_error="raise")
+    model, data = _tiny(), TinyData()
+    neurons = NeuronClustering(**options)
+    fast_trainer(tmp_path, max_epochs=1, callbacks=[ActivationTracker(), neurons]).fit(model, data)
+    assert neurons.results and not any(np.isfinite(r.stability) for r in neurons.results.values())
+    resumed, fresh = NeuronClustering(**options), NeuronClustering(**options)
+    resumed.load_state_dict(neurons.state_dict())
+    for callback in (resumed, fresh):
+        trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(), callback])
+        trainer.validate(model, data, verbose=False)
+    assert resumed.results.keys() == fresh.results.keys() == neurons.results.keys()
+    for layer, res in resumed.results.items():
+        assert res.stability == pytest.approx(1.0), layer
+        assert not np.isfinite(fresh.results[layer].stability)
+    CategoryClustering().load_state_dict({})  # tolerant of old checkpoints
 
 
 def test_distance_confusion_agreement():

@@ -277,30 +277,34 @@ def test_without_tensorboard_warns_once_and_still_writes_files(tmp_path):
     assert [r["name"] for r in load_index(tmp_path / "neurons" / "run_0")] == ["backbone.fc"] * 2
 
 
-def test_an_epochs_checkpoint_state_is_not_changed_by_later_epochs(tmp_path):
-    """What a checkpoint saves is the published epoch's sums, also while the next analysed epoch
-    is being counted."""
+def test_an_epochs_results_and_checkpoint_are_not_changed_by_later_epochs(tmp_path):
+    """What the tracker published at an epoch's end (its results, a checkpoint taken while the
+    next epoch is being measured) keeps that epoch's numbers."""
     tracker = ActivationTracker(layers=["backbone.conv2"], enable_logging=False)
-    published, during = [], []
+    ends, mid = [], []
 
     class Keep(pl.Callback):
-        def on_validation_end(self, trainer, pl_module):  # after the tracker has published
-            published.append(tracker.state_dict())
+        def on_validation_batch_end(self, trainer, *args, **kwargs):  # after the tracker's
+            if trainer.current_epoch > 0:
+                mid.append((trainer.current_epoch, tracker.state_dict()["states"]))
 
-        def on_validation_batch_end(self, trainer, pl_module, *args):  # a batch was counted
-            if published:
-                during.append((len(published) - 1, tracker.state_dict()))
+        def on_validation_end(self, trainer, pl_module):  # after the tracker has published
+            stats = tracker.results["backbone.conv2"]
+            copies = {k: v.clone() for k, v in stats.as_arrays().items()}
+            ends.append((stats, copies, tracker.state_dict()["states"]))
 
     fast_trainer(tmp_path, callbacks=[tracker, Keep()], max_epochs=3).fit(
         _module(), datamodule=TinyData()
     )
-    sums = [p["states"]["backbone.conv2"]["sum"] for p in published]
-    assert [p["epoch"] for p in published] == [0, 1, 2] and not torch.equal(sums[0], sums[2])
-    assert {i for i, _ in during} == {0, 1}  # batches of epochs 1 and 2
-    for i, state in during:
-        assert state["epoch"] == i
-        for key, value in published[i]["states"]["backbone.conv2"].items():
-            assert torch.equal(state["states"]["backbone.conv2"][key], value), key
+    assert len(ends) == 3 and len(mid) == 2 * 3  # 3 validation batches in epochs 1 and 2
+    assert not torch.equal(ends[0][1]["class_means"], ends[2][1]["class_means"])
+    for stats, copies, _ in ends:
+        arrays = stats.as_arrays()
+        for key, value in copies.items():
+            torch.testing.assert_close(arrays[key], value, rtol=0, atol=0, equal_nan=True)
+    for epoch, states in mid:  # a checkpoint mid-epoch holds the last complete epoch
+        previous = ends[epoch - 1][2]["backbone.conv2"]
+        assert all(torch.equal(states["backbone.conv2"][k], v) for k, v in previous.items())
 
 
 def test_checkpoint_resume_restores_the_statistics(tmp_path):
