@@ -87,8 +87,14 @@ class AnalysisCallback(Callback):
     ends are ``on_validation_end``, ``on_test_end`` and, for the training stage (which has no
     later per-epoch hook), ``on_train_epoch_end``.
 
+    **Under DDP** there are two ways ranks meet, one per kind of data: statistics streamed over
+    batches are torchmetrics ``Metric`` states, summed by their own sync in ``compute()``; every
+    other exchange (flags, shares of work, results made on rank zero) goes through
+    :mod:`lightning_neurons.distributed`.
+
     Every callback takes its ``layers`` first and everything else by keyword; the options they
-    share are handled here.
+    share are handled here, and every argument is checked in ``__init__`` against the class's
+    ``_parameter_constraints`` by :func:`~lightning_neurons.checks.validate_params`.
 
     Args:
         layers: Module names or glob patterns (one name may be a string); ``None``: the default
