@@ -250,7 +250,7 @@ def write_embedding(
     np.savetxt(path / "tensors.tsv", features, delimiter="\t", fmt="%.6g")
     lines = ["\t".join(HEADER)] + ["\t".join(_clean(v) for v in row) for row in metadata]
     (path / "metadata.tsv").write_text("\n".join(lines) + "\n")
-    config = _read_config(root)
+    config = read_config(root)
     kept = [
         e
         for e in config.embeddings
@@ -273,13 +273,15 @@ def _clean(value: str) -> str:
     return str(value).replace("\t", " ").replace("\n", " ")
 
 
-def _read_config(root: Path) -> Any:
+def read_config(root: str | Path) -> Any:
+    """The projector's config (a ``ProjectorConfig``) in the run directory ``root``; empty when
+    there is none."""
     from google.protobuf import text_format
     from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 
-    config = ProjectorConfig()
-    if (root / CONFIG).is_file():
-        text_format.Parse((root / CONFIG).read_text(), config)
+    config, path = ProjectorConfig(), Path(root) / CONFIG
+    if path.is_file():
+        text_format.Parse(path.read_text(), config)
     return config
 
 

@@ -55,6 +55,13 @@ def _tensors(obj: Any) -> dict[str, torch.Tensor]:
     return {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
 
 
+def _scalar(value: float | int | torch.Tensor) -> torch.Tensor:
+    """A number as a 0-d float64 or int64 tensor (a tensor as it is)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.tensor(value, dtype=torch.float64 if isinstance(value, float) else torch.int64)
+
+
 class _Arrays:
     """``as_arrays()``: the tensor fields by name (for ``.npz`` files)."""
 
@@ -253,9 +260,9 @@ class CategoryClusteringResult:
             "classes": self.classes,
             "distances": self.distances.float(),
             "leaf_order": self.leaf_order,
-            "silhouette": torch.tensor(self.silhouette),
-            "agreement": torch.tensor(self.agreement),
-            "stability": torch.tensor(self.stability),
+            "silhouette": _scalar(self.silhouette),
+            "agreement": _scalar(self.agreement),
+            "stability": _scalar(self.stability),
         }
         if self.linkage is not None:
             out["linkage"] = self.linkage
@@ -305,11 +312,7 @@ class NeuronClusteringResult:
     def as_arrays(self) -> dict[str, torch.Tensor]:
         """The arrays by name (for ``.npz`` files); numbers as 0-d tensors."""
         skip = {"layer", "source", "features"}
-        return {
-            f.name: torch.as_tensor(getattr(self, f.name))
-            for f in fields(self)
-            if f.name not in skip
-        }
+        return {f.name: _scalar(getattr(self, f.name)) for f in fields(self) if f.name not in skip}
 
 
 # ---- NeuronContribution -------------------------------------------------------------------

@@ -186,9 +186,9 @@ def test_everything_is_logged_and_written(parts_run):
     assert set(assignments[COMBINED]) == set(CLASS_NAMES)
     # the embedding projector: one embedding per layer, its latest epoch, labelled layer/neuron
     # with layer-qualified clusters, every point with an image
-    from lightning_neurons.projector import HEADER, _read_config, short_names
+    from lightning_neurons.projector import HEADER, read_config, short_names
 
-    config = _read_config(Path(log_dir))
+    config = read_config(Path(log_dir))
     shorts = short_names(PARTS_LAYERS)
     expected = [f"{shorts[layer]}, epoch {last}" for layer in PARTS_LAYERS]
     assert [e.tensor_name for e in config.embeddings] == expected
@@ -388,13 +388,13 @@ def test_every_argument_has_exactly_the_constraints_of_its_table(cls):
 def test_every_projector_point_has_its_own_image(tmp_path):
     from PIL import Image
 
-    from lightning_neurons.projector import _read_config
+    from lightning_neurons.projector import read_config
 
     neurons = NeuronClustering(method="kmeans", n_clusters=2, on_error="raise")
     trainer = fast_trainer(tmp_path, max_epochs=1, callbacks=[ActivationTracker(), neurons])
     trainer.fit(_tiny(num_classes=6), TinyData(n=96, num_classes=6))
     log_dir = Path(trainer.logger.log_dir)
-    config = _read_config(log_dir)
+    config = read_config(log_dir)
     assert len(config.embeddings) == len(neurons.results)  # one per layer
     for entry in config.embeddings:
         points = len((log_dir / entry.metadata_path).read_text().strip().split("\n")) - 1

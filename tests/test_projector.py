@@ -10,8 +10,8 @@ from torch import nn
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.projector import (
     HEADER,
-    _read_config,
     neuron_metadata,
+    read_config,
     short_names,
     sprite,
     top_activating_crops,
@@ -116,7 +116,7 @@ def test_the_latest_epoch_replaces_the_layer_and_other_entries_are_kept(tmp_path
                 tmp_path, f"{layer}, epoch {epoch}", f"p/{epoch}/{layer}", np.eye(2), rows, tiles,
                 replaces=f"{layer}, epoch ",
             )  # fmt: skip
-    names = [e.tensor_name for e in _read_config(tmp_path).embeddings]
+    names = [e.tensor_name for e in read_config(tmp_path).embeddings]
     assert names == ["relu3, epoch 1", "relu2, epoch 1", "mine"]
     assert (tmp_path / "p/0/relu3/tensors.tsv").is_file()  # older epochs stay on disk
     header = (tmp_path / "p/1/relu3/metadata.tsv").read_text().splitlines()[0]
