@@ -76,8 +76,8 @@ def test_no_module_imports_itself_through_others():
     modules = _modules()
     assert f"{PACKAGE}.callbacks.tracker" in modules and f"{PACKAGE}.projector" in modules
     graph = {name: _imports(name, path, modules) for name, path in modules.items()}
-    # the package's __init__ files re-export: they import their modules, which import them back
-    # only through the dotted names of their siblings, never the package itself
+    # an import of `a.b.c` is an edge to `a.b.c` (not to the packages `a` and `a.b` that Python
+    # also runs): a module importing its own package's `__init__` would be a cycle here
     cycle = _cycle(graph)
     assert cycle is None, " -> ".join(cycle or [])
 
