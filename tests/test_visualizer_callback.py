@@ -73,7 +73,7 @@ class ShapedData(TinyData):
         ({"continue_steps": 0}, "`continue_steps` must be a positive integer"),
         ({"converge_tol": -0.01}, "`converge_tol` must be a number >= 0"),
         ({"converge_window": 0}, "`converge_window` must be a positive integer"),
-        ({"every_n_epochs": 0}, "`every_n_epochs` must be a positive integer"),
+        ({"every_n_epochs": 0}, "`every_n_epochs` must be an integer >= 1"),
         ({"on_error": "ignore"}, "`on_error` must be one of"),
     ],
 )
