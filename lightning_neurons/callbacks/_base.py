@@ -303,11 +303,13 @@ def _batch_hook(stage: Stage, *, end: bool) -> Callable[..., None]:
     ``(trainer, pl_module, [outputs,] batch, batch_idx[, dataloader_idx])`` (``outputs`` at the
     end of a batch only; ``dataloader_idx`` in evaluation only, and only with several loaders)."""
 
+    names = ("outputs", "batch", "batch_idx", "dataloader_idx")[0 if end else 1 :]
+
     def hook(
-        self: StagedCallback, trainer: Trainer, pl_module: LightningModule, *args: Any
+        self: StagedCallback, trainer: Trainer, pl_module: LightningModule, *args: Any, **kw: Any
     ) -> None:
-        batch, batch_idx, *loader = args[1:] if end else args
-        step = StageBatch(stage, batch, batch_idx, loader[0] if loader else 0)
+        given = {**dict(zip(names, args, strict=False)), **kw}
+        step = StageBatch(stage, given["batch"], given["batch_idx"], given.get("dataloader_idx", 0))
         (self._on_batch_end if end else self._on_batch_start)(trainer, pl_module, step)
 
     hook.__name__ = f"on_{stage}_batch_{'end' if end else 'start'}"
@@ -319,8 +321,10 @@ class StagedCallback(AnalysisCallback):
     """An analysis that gathers data during one stage's epochs (train, validation or test).
 
     Lightning has a hook per stage and event (``on_validation_batch_start``, ...); this class
-    routes all of them to five methods that take the stage (or a :class:`StageBatch`), so
-    subclasses write their logic once. Every default does nothing.
+    routes all of them to methods that take the stage (:meth:`_stage_start`, :meth:`_stage_end`)
+    or a :class:`StageBatch` (:meth:`_on_batch_start`, :meth:`_on_batch_end`), so subclasses
+    write their logic once; :meth:`_release` runs on teardown and on exceptions. Every default
+    does nothing.
     """
 
     def _stage_start(self, stage: Stage, trainer: Trainer, pl_module: LightningModule) -> None:
