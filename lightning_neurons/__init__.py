@@ -5,8 +5,9 @@ Attach the callbacks to any ``Trainer``::
     from lightning_neurons import ActivationTracker, FeatureVisualizer
     trainer = Trainer(callbacks=[ActivationTracker(), FeatureVisualizer()])
 
-The analyses read one shared :class:`ActivationTracker`; each callback's ``results`` are the
-dataclasses of :mod:`lightning_neurons.results`. The libraries under them are
+The analyses read one shared :class:`ActivationTracker` (what it tracks and how it reads batches
+is its :class:`TrackerSpec`); each callback's ``results`` are the dataclasses of
+:mod:`lightning_neurons.results`. The libraries under them are
 :mod:`lightning_neurons.visualize`, :mod:`lightning_neurons.clustering`,
 :mod:`lightning_neurons.contribution` and :mod:`lightning_neurons.ablation`.
 """
@@ -22,6 +23,7 @@ from lightning_neurons.callbacks import (
 )
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.loggers import load_index
+from lightning_neurons.results import TrackerSpec
 from lightning_neurons.stats import LayerStats
 
 __version__ = "0.1.0"
@@ -46,6 +48,7 @@ __all__ = [
     "NeuronContribution",
     "NeuronsError",
     "RenderOptions",
+    "TrackerSpec",
     "__version__",
     "load_index",
 ]

@@ -1,14 +1,251 @@
-"""Argument checks of the callbacks, in one place: each raises :class:`NeuronsError` with a
-message that names the argument, the value and what is allowed."""
+"""Argument checks, in one place: every error is a :class:`NeuronsError` that names the argument,
+the value and what is allowed.
+
+Callbacks declare their arguments' constraints in a table, as scikit-learn's estimators do
+(``_parameter_constraints``), and their ``__init__`` runs it through :func:`validate_params`::
+
+    class MyCallback(AnalysisCallback):
+        _parameter_constraints: ClassVar[Constraints] = {
+            **AnalysisCallback._parameter_constraints,
+            "top_k": [Interval(int, 1, None)],
+            "reduction": [Options(str, ("mean", "max"))],
+            "num_classes": [Interval(int, 1, None), None],
+        }
+
+        def __init__(self, layers=None, *, top_k=5, reduction="mean", num_classes=None, **kw):
+            validate_params(self, locals())
+            super().__init__(layers, **kw)
+
+A value is accepted when it satisfies any constraint of its list; ``None`` in a list allows
+``None``, a type allows its instances, ``"callable"`` any callable. Checks that one table cannot
+say (one argument against another) stay in plain ``check_*`` functions below.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+import math
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
 from lightning_neurons.errors import NeuronsError
+
+__all__ = [
+    "Constraint",
+    "Constraints",
+    "Interval",
+    "Options",
+    "Satisfies",
+    "StrList",
+    "validate_params",
+]
+
+# ---- declarative constraints ------------------------------------------------------------------
+
+
+class Constraint(Protocol):
+    """What a value must be: ``is_satisfied_by(value)``, and ``str()`` says it in words."""
+
+    def is_satisfied_by(self, value: Any) -> bool: ...
+
+
+#: A callback's table: argument name -> the constraints, any of which the value may satisfy
+#: (``None``, a type and ``"callable"`` are shorthands, see :func:`make_constraint`).
+Constraints = Mapping[str, Sequence[Any]]
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: Any) -> bool:
+    return _is_integer(value) or (isinstance(value, (float, np.floating)) and not math.isnan(value))
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A number in a range: ``Interval(int, 1, None)`` is an integer >= 1 (``bool`` is not an
+    integer here; NumPy's integers are); ``Interval(float, 0, 1, closed="right")`` a real number
+    in (0, 1] (integers count, NaN does not).
+
+    Args:
+        type: ``int`` or ``float``.
+        left: The lower bound, ``None`` for none.
+        right: The upper bound, ``None`` for none.
+        closed: Which bounds belong to the range: ``"both"``, ``"left"``, ``"right"``,
+            ``"neither"``.
+    """
+
+    type: type
+    left: float | None
+    right: float | None
+    closed: Literal["both", "left", "right", "neither"] = "both"
+
+    def is_satisfied_by(self, value: Any) -> bool:
+        if not (_is_integer(value) if self.type is int else _is_real(value)):
+            return False
+        low_ok = self.left is None or (
+            value >= self.left if self.closed in ("both", "left") else value > self.left
+        )
+        high_ok = self.right is None or (
+            value <= self.right if self.closed in ("both", "right") else value < self.right
+        )
+        return low_ok and high_ok
+
+    def __str__(self) -> str:
+        kind = "an integer" if self.type is int else "a number"
+        low = ">=" if self.closed in ("both", "left") else ">"
+        high = "<=" if self.closed in ("both", "right") else "<"
+        if self.left is not None and self.right is not None:
+            return f"{kind} with {self.left:g} {low.replace('>', '<')} x {high} {self.right:g}"
+        if self.left is not None:
+            return f"{kind} {low} {self.left:g}"
+        if self.right is not None:
+            return f"{kind} {high} {self.right:g}"
+        return kind
+
+
+@dataclass(frozen=True)
+class Options:
+    """One of a few values: ``Options(str, ("mean", "max"))``; :meth:`of` reads them from a
+    ``Literal`` type, so that the type hint LightningCLI checks and this check agree."""
+
+    type: type
+    options: tuple[Any, ...]
+
+    @classmethod
+    def of(cls, literal: Any) -> Options:
+        """The options of a ``Literal[...]`` type: ``Options.of(Literal["mean", "max"])``."""
+        values = typing.get_args(literal)
+        return cls(type(values[0]), tuple(values))
+
+    def is_satisfied_by(self, value: Any) -> bool:
+        return isinstance(value, self.type) and value in self.options
+
+    def __str__(self) -> str:
+        return f"one of {', '.join(map(repr, self.options))}"
+
+
+@dataclass(frozen=True)
+class Satisfies:
+    """Any rule in a function: ``Satisfies(lambda v: isinstance(v, str) and bool(v),
+    "a non-empty string")``."""
+
+    predicate: Callable[[Any], bool]
+    description: str
+
+    def is_satisfied_by(self, value: Any) -> bool:
+        return bool(self.predicate(value))
+
+    def __str__(self) -> str:
+        return self.description
+
+
+@dataclass(frozen=True)
+class StrList:
+    """One string or a list (tuple) of strings, e.g. layer names or glob patterns."""
+
+    description: str = "a layer name or a list of layer names"
+
+    def is_satisfied_by(self, value: Any) -> bool:
+        if isinstance(value, str):
+            return True
+        return isinstance(value, Sequence) and all(isinstance(v, str) for v in value)
+
+    def __str__(self) -> str:
+        return self.description
+
+
+@dataclass(frozen=True)
+class _InstanceOf:
+    type: type
+
+    def is_satisfied_by(self, value: Any) -> bool:
+        return isinstance(value, self.type)
+
+    def __str__(self) -> str:
+        name = self.type.__name__
+        return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+class _NoneConstraint:
+    def is_satisfied_by(self, value: Any) -> bool:
+        return value is None
+
+    def __str__(self) -> str:
+        return "None"
+
+
+class _CallableConstraint:
+    def is_satisfied_by(self, value: Any) -> bool:
+        return callable(value)
+
+    def __str__(self) -> str:
+        return "a callable"
+
+
+def make_constraint(spec: Any) -> Constraint:
+    """A constraint object from a table entry: ``None``, a type, ``"callable"`` or a constraint."""
+    if spec is None:
+        return _NoneConstraint()
+    if spec == "callable":
+        return _CallableConstraint()
+    if isinstance(spec, type):
+        return _InstanceOf(spec)
+    if hasattr(spec, "is_satisfied_by"):
+        return spec
+    raise TypeError(f"not a constraint: {spec!r}")
+
+
+def _allowed(constraints: Sequence[Any]) -> str:
+    """The constraints in words, ``None`` last: ``"an integer >= 1 or None"``."""
+    words = [str(make_constraint(c)) for c in constraints if c is not None]
+    words += ["None"] if any(c is None for c in constraints) else []
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def validate_params(
+    owner: object, params: Mapping[str, Any], constraints: Constraints | None = None
+) -> None:
+    """Check arguments against a constraint table.
+
+    Only the arguments that the table names are checked (``locals()`` of an ``__init__`` may be
+    passed as it is).
+
+    Args:
+        owner: Who takes the arguments: its class name starts the message; its class's
+            ``_parameter_constraints`` is the table unless ``constraints`` is given. A string
+            names the owner itself.
+        params: Argument name -> value.
+        constraints: The table; default: ``owner``'s ``_parameter_constraints``.
+
+    Raises:
+        NeuronsError: For the first argument that satisfies none of its constraints, e.g.
+            ``ActivationTracker: `top_k` must be an integer >= 1; got 0``.
+
+    Example:
+        >>> validate_params("f", {"k": 3}, {"k": [Interval(int, 1, None)]})
+        >>> validate_params("f", {"k": 0}, {"k": [Interval(int, 1, None), None]})
+        Traceback (most recent call last):
+        ...
+        lightning_neurons.errors.NeuronsError: f: `k` must be an integer >= 1 or None; got 0
+    """
+    if constraints is None:
+        constraints = getattr(owner, "_parameter_constraints", {})
+    name = owner if isinstance(owner, str) else type(owner).__name__
+    for param, allowed in constraints.items():
+        if param not in params:
+            continue
+        value = params[param]
+        if any(make_constraint(c).is_satisfied_by(value) for c in allowed):
+            continue
+        raise NeuronsError(f"{name}: `{param}` must be {_allowed(allowed)}; got {value!r}")
+
+
+# ---- plain checks -----------------------------------------------------------------------------
 
 
 def check_positive_int(name: str, value: int) -> int:

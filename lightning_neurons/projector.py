@@ -41,7 +41,7 @@ from lightning_neurons.state import analysis_mode, preserved_rng
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
 
-    from lightning_neurons.callbacks.clustering import NeuronClusteringResult
+    from lightning_neurons.results import NeuronClusteringResult, TrackerSpec
 
 #: Metadata columns of every embedding; the first is the projector's default label.
 HEADER = ("neuron", "cluster", "preferred class", "selectivity")
@@ -250,7 +250,7 @@ def write_embedding(
     np.savetxt(path / "tensors.tsv", features, delimiter="\t", fmt="%.6g")
     lines = ["\t".join(HEADER)] + ["\t".join(_clean(v) for v in row) for row in metadata]
     (path / "metadata.tsv").write_text("\n".join(lines) + "\n")
-    config = _read_config(root)
+    config = read_config(root)
     kept = [
         e
         for e in config.embeddings
@@ -273,13 +273,15 @@ def _clean(value: str) -> str:
     return str(value).replace("\t", " ").replace("\n", " ")
 
 
-def _read_config(root: Path) -> Any:
+def read_config(root: str | Path) -> Any:
+    """The projector's config (a ``ProjectorConfig``) in the run directory ``root``; empty when
+    there is none."""
     from google.protobuf import text_format
     from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 
-    config = ProjectorConfig()
-    if (root / CONFIG).is_file():
-        text_format.Parse((root / CONFIG).read_text(), config)
+    config, path = ProjectorConfig(), Path(root) / CONFIG
+    if path.is_file():
+        text_format.Parse(path.read_text(), config)
     return config
 
 
@@ -302,17 +304,16 @@ def log_neuron_projector(
     kind: str,
     results: Mapping[str, NeuronClusteringResult],
     class_names: Sequence[str],
+    *,
+    spec: TrackerSpec,
     max_neurons: int,
-    reader: BatchReader | None = None,
-    stage: str = "validation",
-    dataloader_idx: int = 0,
     max_images: int = 512,
 ) -> None:
     """Write one projector embedding per layer of a NeuronClustering epoch (rank zero only).
 
     The most selective ``max_neurons // len(results)`` neurons of each layer, their normalised
     class profiles as coordinates, :func:`neuron_metadata` and, as images, their
-    :func:`top_activating_crops` on the first ``max_images`` rows of the stage's data loader.
+    :func:`top_activating_crops` on the first ``max_images`` rows of the tracker's analysed loader.
 
     Args:
         trainer: The running trainer (its model and data loaders are read, not changed).
@@ -320,49 +321,46 @@ def log_neuron_projector(
         kind: Folder of the files under ``log_dir/projector``.
         results: ``{layer: NeuronClusteringResult}`` of one epoch.
         class_names: Names of the classes.
+        spec: The tracker's spec: which loader gives the crops and how its batches are read.
         max_neurons: Points over all layers.
-        reader: How batches are read.
-        stage: Whose data loader gives the crops (``"validation"``...).
-        dataloader_idx: Which of the stage's loaders.
         max_images: Images searched for each neuron's strongest response.
     """
     share = max(1, max_neurons // len(results))
     shorts = short_names(list(results))
-    tiles = _crops(
-        trainer, list(results), reader or BatchReader(), stage, dataloader_idx, max_images
-    )
+    tiles = _crops(trainer, list(results), spec, max_images)
     for name, res in reversed(list(results.items())):  # each goes first: the first layer ends first
-        order = np.argsort(-np.nan_to_num(res.selectivity, nan=-1.0), kind="stable")[:share]
-        order = np.sort(order)
+        order = torch.sort(
+            torch.nan_to_num(res.selectivity, nan=-1.0).argsort(descending=True, stable=True)[
+                :share
+            ]
+        ).values
         layer_tiles = tiles.get(name)
         write_embedding(
             log_dir,
             embedding_name(shorts[name], res.epoch),
             f"projector/{kind}/epoch={res.epoch:03d}/{shorts[name]}",
-            np.asarray(res.extra["features"])[order],
+            res.features[order].numpy(),
             neuron_metadata(shorts[name], res, order.tolist(), class_names),
-            None if layer_tiles is None else layer_tiles[torch.as_tensor(order)],
+            None if layer_tiles is None else layer_tiles[order],
             replaces=f"{shorts[name]}, epoch ",
         )
 
 
 def _crops(
-    trainer: Trainer,
-    layers: list[str],
-    reader: BatchReader,
-    stage: str,
-    dataloader_idx: int,
-    max_images: int,
+    trainer: Trainer, layers: list[str], spec: TrackerSpec, max_images: int
 ) -> dict[str, torch.Tensor]:
-    """:func:`top_activating_crops` on the stage's loader, without touching any random state."""
-    loaders = stage_loaders(trainer, stage)
+    """:func:`top_activating_crops` on the analysed loader, without touching any random state."""
+    loaders = stage_loaders(trainer, spec.stage)
     model = trainer.lightning_module
-    if not loaders or dataloader_idx >= len(loaders) or model is None:
+    if not loaders or spec.dataloader_idx >= len(loaders) or model is None:
         return {}
     transform = getattr(getattr(trainer, "datamodule", None), "input_transform", None)
     with preserved_rng(model.device):
         return top_activating_crops(
-            model, layers, _first_rows(loaders[dataloader_idx], reader, max_images), transform
+            model,
+            layers,
+            _first_rows(loaders[spec.dataloader_idx], spec.reader, max_images),
+            transform,
         )
 
 

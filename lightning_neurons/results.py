@@ -4,6 +4,7 @@ documented here.
 ========================  =========================================  ===============================
 callback                  attribute                                  entry
 ========================  =========================================  ===============================
+ActivationTracker         ``spec`` (set at setup)                    :class:`TrackerSpec`
 ActivationTracker         ``results[layer]``                         :class:`LayerStats`
 FeatureVisualizer         ``results[layer]``, ``results["classes"]``  :class:`Rendering`
 FeatureVisualizer         ``saliency_results`` (or ``None``)         :class:`SaliencyMaps`
@@ -15,18 +16,20 @@ NeuronContribution        ``results[layer]``                         :class:`Con
 
 Each callback publishes its results at the end of its own stage's epoch and reads the others' at
 the end of the stage (see :class:`~lightning_neurons.callbacks._base.AnalysisCallback`); every
-entry has the ``epoch`` it is from. Tensors are on the CPU.
+entry has the ``epoch`` it is from. Arrays are :class:`torch.Tensor` on the CPU, in every
+result type. The tracker's :class:`TrackerSpec` says how all of them read the data; peers look it
+up with :func:`~lightning_neurons.callbacks.tracker.tracker_spec`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
-import numpy as np
 import torch
 
 from lightning_neurons.ablation import AblationResult
+from lightning_neurons.batch import BatchReader
 from lightning_neurons.contribution import ContributionStats
 from lightning_neurons.stats import LayerStats
 
@@ -42,6 +45,7 @@ __all__ = [
     "Probes",
     "Rendering",
     "SaliencyMaps",
+    "TrackerSpec",
 ]
 
 
@@ -51,11 +55,65 @@ def _tensors(obj: Any) -> dict[str, torch.Tensor]:
     return {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
 
 
+def _scalar(value: float | int | torch.Tensor) -> torch.Tensor:
+    """A number as a 0-d float64 or int64 tensor (a tensor as it is)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.tensor(value, dtype=torch.float64 if isinstance(value, float) else torch.int64)
+
+
+class _Arrays:
+    """``as_arrays()``: the tensor fields by name (for ``.npz`` files)."""
+
+    def as_arrays(self) -> dict[str, torch.Tensor]:
+        """The tensors by name (for ``.npz`` files)."""
+        return _tensors(self)
+
+
+# ---- ActivationTracker ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrackerSpec:
+    """What an :class:`~lightning_neurons.ActivationTracker` tracks and how it reads batches:
+    what its peers need to analyse the same images the same way. Read-only; the tracker sets it
+    at setup (``tracker.spec``) and peers look it up with
+    :func:`~lightning_neurons.callbacks.tracker.tracker_spec`.
+
+    Attributes:
+        reader: How inputs, labels and logits are read from batches and model outputs.
+        layers: The tracked layers, resolved on the model (module names and ``name#i`` call
+            sites, in the model's order).
+        stage: The stage whose batches are analysed: ``"validation"``, ``"train"`` or ``"test"``.
+        dataloader_idx: The analysed loader of that stage.
+        reduction: How a conv channel's ``[H, W]`` map becomes one value: ``"mean"`` or ``"max"``.
+        num_classes: Classes the model predicts.
+        top_k: Dominant neurons per class.
+
+    Example:
+        >>> spec = TrackerSpec(BatchReader(), ("relu1",), "validation", 0, "mean", 10, 5)
+        >>> spec.analyses("validation", 0), spec.analyses("validation", 1)
+        (True, False)
+    """
+
+    reader: BatchReader
+    layers: tuple[str, ...]
+    stage: Literal["validation", "train", "test"]
+    dataloader_idx: int
+    reduction: Literal["mean", "max"]
+    num_classes: int
+    top_k: int
+
+    def analyses(self, stage: str, dataloader_idx: int = 0) -> bool:
+        """Whether the batches of ``stage``'s loader ``dataloader_idx`` are the analysed ones."""
+        return stage == self.stage and dataloader_idx == self.dataloader_idx
+
+
 # ---- FeatureVisualizer ----------------------------------------------------------------------
 
 
 @dataclass
-class Rendering:
+class Rendering(_Arrays):
     """Images rendered for one layer's channels, or for classes (``results["classes"]``).
 
     ``N`` images; with ``n_images > 1`` each channel's images are consecutive rows.
@@ -91,13 +149,9 @@ class Rendering:
     judge_probability: torch.Tensor | None = None
     steps: torch.Tensor | None = None
 
-    def as_arrays(self) -> dict[str, torch.Tensor]:
-        """The tensors by name (for ``.npz`` files)."""
-        return _tensors(self)
-
 
 @dataclass
-class ClusterRendering:
+class ClusterRendering(_Arrays):
     """Preferred images of one layer's largest neuron clusters (NeuronClustering's labels).
 
     ``K`` clusters, largest first; each image maximises the mean of its cluster's channels.
@@ -127,10 +181,6 @@ class ClusterRendering:
     judge_predicted: torch.Tensor | None = None
     judge_probability: torch.Tensor | None = None
     steps: torch.Tensor | None = None
-
-    def as_arrays(self) -> dict[str, torch.Tensor]:
-        """The tensors by name (for ``.npz`` files)."""
-        return _tensors(self)
 
 
 @dataclass
@@ -165,23 +215,25 @@ class SaliencyMaps:
 
 @dataclass
 class CategoryClusteringResult:
-    """Category clustering of one view (a layer, or :data:`COMBINED` for all side by side).
+    """Category clustering of one view (a layer, or ``"combined"`` for all side by side).
 
     Attributes:
         view: Layer name or ``"combined"``.
         layers: Layers whose profiles were used.
         epoch: Epoch of the statistics.
         class_names: Names of the classes.
-        classes: Indices of the classes that were clustered (those with statistics).
+        classes: ``[C']`` indices of the classes that were clustered (those with statistics).
         labels: ``[C]`` cluster of each class (-1: left out, e.g. a class without images).
         n_clusters: Clusters found.
         silhouette: Mean silhouette of the labels on the class distances.
         distances: ``[C, C]`` class distances (NaN rows for classes left out).
-        linkage: SciPy linkage matrix over the classes kept (agglomerative only).
-        leaf_order: Class indices in dendrogram order (or cluster order).
+        linkage: ``[C' - 1, 4]`` SciPy linkage matrix over the classes kept (agglomerative
+            only, else ``None``).
+        leaf_order: ``[C']`` class indices in dendrogram order (or cluster order).
         confusion: ``[C, C]`` confusion counts of the same epoch (rows: true), if collected.
         agreement: Spearman agreement of distances and confusions
-            (:func:`distance_confusion_agreement`); NaN when undefined.
+            (:func:`~lightning_neurons.callbacks.category_clustering.distance_confusion_agreement`);
+            NaN when undefined.
         stability: Adjusted Rand index with the previous analysis's labels (NaN the first time).
     """
 
@@ -189,34 +241,33 @@ class CategoryClusteringResult:
     layers: list[str]
     epoch: int
     class_names: list[str]
-    classes: np.ndarray
-    labels: np.ndarray
+    classes: torch.Tensor
+    labels: torch.Tensor
     n_clusters: int
     silhouette: float
-    distances: np.ndarray
-    linkage: np.ndarray | None
-    leaf_order: list[int]
-    confusion: np.ndarray | None = None
+    distances: torch.Tensor
+    linkage: torch.Tensor | None
+    leaf_order: torch.Tensor
+    confusion: torch.Tensor | None = None
     agreement: float = float("nan")
     stability: float = float("nan")
 
-    def as_arrays(self) -> dict[str, np.ndarray]:
+    def as_arrays(self) -> dict[str, torch.Tensor]:
         """The arrays by name (for ``.npz`` files): the ``[C, C]`` distances in float32 (7
-        significant digits; at 1,000 classes a float64 matrix per view was 8 MB of the 73 MB an
-        epoch wrote) and the confusion counts as integers."""
-        out: dict[str, np.ndarray] = {
+        significant digits) and the confusion counts as integers."""
+        out = {
             "labels": self.labels,
             "classes": self.classes,
-            "distances": self.distances.astype(np.float32),
-            "leaf_order": np.asarray(self.leaf_order),
-            "silhouette": np.asarray(self.silhouette),
-            "agreement": np.asarray(self.agreement),
-            "stability": np.asarray(self.stability),
+            "distances": self.distances.float(),
+            "leaf_order": self.leaf_order,
+            "silhouette": _scalar(self.silhouette),
+            "agreement": _scalar(self.agreement),
+            "stability": _scalar(self.stability),
         }
         if self.linkage is not None:
             out["linkage"] = self.linkage
         if self.confusion is not None:
-            out["confusion"] = np.rint(self.confusion).astype(np.int64)
+            out["confusion"] = self.confusion.round().long()
         return out
 
 
@@ -227,43 +278,41 @@ class NeuronClusteringResult:
     Attributes:
         layer: Layer name.
         epoch: Epoch of the statistics.
-        classes: Indices of the classes with statistics (the columns of ``cluster_profiles``).
+        classes: ``[C']`` indices of the classes with statistics (the columns of
+            ``cluster_profiles``).
         labels: ``[K]`` cluster of each neuron (-1: unclustered: HDBSCAN noise or constant).
         n_clusters: Clusters found (noise not counted).
         cluster_sizes: ``[n_clusters]`` neurons per cluster.
         noise_fraction: Share of neurons labelled -1.
-        cluster_profiles: ``[n_clusters, len(classes)]`` mean normalised class profile of each
-            cluster.
+        cluster_profiles: ``[n_clusters, C']`` mean normalised class profile of each cluster.
         silhouette: Mean silhouette of the clusters (NaN when undefined).
         preferred_class: ``[K]`` each neuron's class with the largest mean.
         selectivity: ``[K]`` class selectivity index.
+        features: ``[K, C']`` the normalised class profile of each neuron (what the embedding
+            projector shows; not written to the ``.npz`` files).
         stability: Adjusted Rand index with the previous analysis's labels (NaN the first time).
         source: ``"class_means"`` or ``"reservoir"``.
-        extra: Not saved: ``features``, the ``[K, len(classes)]`` normalised class profile of
-            each neuron (what the embedding projector shows).
     """
 
     layer: str
     epoch: int
-    classes: np.ndarray
-    labels: np.ndarray
+    classes: torch.Tensor
+    labels: torch.Tensor
     n_clusters: int
-    cluster_sizes: np.ndarray
+    cluster_sizes: torch.Tensor
     noise_fraction: float
-    cluster_profiles: np.ndarray
+    cluster_profiles: torch.Tensor
     silhouette: float
-    preferred_class: np.ndarray
-    selectivity: np.ndarray
+    preferred_class: torch.Tensor
+    selectivity: torch.Tensor
+    features: torch.Tensor
     stability: float = float("nan")
     source: str = "class_means"
-    extra: dict[str, Any] = field(default_factory=dict)
 
-    def as_arrays(self) -> dict[str, np.ndarray]:
-        """The arrays by name (for ``.npz`` files)."""
-        skip = {"layer", "source", "extra"}
-        return {
-            f.name: np.asarray(getattr(self, f.name)) for f in fields(self) if f.name not in skip
-        }
+    def as_arrays(self) -> dict[str, torch.Tensor]:
+        """The arrays by name (for ``.npz`` files); numbers as 0-d tensors."""
+        skip = {"layer", "source", "features"}
+        return {f.name: _scalar(getattr(self, f.name)) for f in fields(self) if f.name not in skip}
 
 
 # ---- NeuronContribution -------------------------------------------------------------------

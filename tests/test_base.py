@@ -52,19 +52,32 @@ def test_untouched_restores_on_error():
     assert model.training and all(p.requires_grad for p in model.parameters())
 
 
-def test_run_safely_warns_or_raises():
-    cb = AnalysisCallback(on_error="warn")
+class _Failing(AnalysisCallback):
+    """An analysis that fails at the end of every validation stage."""
 
-    def broken():
-        raise ZeroDivisionError("bad maths")
+    def _consume(self, stage, trainer, pl_module):
+        if stage == "validation" and self._due(trainer):
+            self._run_safely("clustering", lambda: 1 / 0)
 
+
+def test_a_failing_analysis_warns_and_training_goes_on_or_raises(tmp_path):
+    from conftest import TinyData, fast_trainer
+
+    from lightning_neurons.models import ImageClassifier
+
+    model = ImageClassifier(TinyNet(), num_classes=3)
+    warn = _Failing(on_error="warn")
     with pytest.warns(
-        UserWarning, match=r"clustering failed and was skipped \(ZeroDivisionError: bad maths\)"
+        UserWarning, match=r"clustering failed and was skipped \(ZeroDivisionError: division by "
     ):
-        assert cb._run_safely("clustering", broken) is None
-    assert cb.failures == ["clustering: ZeroDivisionError: bad maths"]
+        trainer = fast_trainer(tmp_path, callbacks=[warn], logger=False, max_epochs=2)
+        trainer.fit(model, datamodule=TinyData())
+    assert trainer.current_epoch == 2  # both epochs trained
+    assert warn.failures == ["clustering: ZeroDivisionError: division by zero"] * 2
     with pytest.raises(ZeroDivisionError):
-        AnalysisCallback(on_error="raise")._run_safely("clustering", broken)
+        fast_trainer(tmp_path, callbacks=[_Failing(on_error="raise")], logger=False).fit(
+            model, datamodule=TinyData()
+        )
 
 
 def test_find_callback_finds_by_type_and_says_how_to_add_a_missing_one():
@@ -91,3 +104,36 @@ def test_find_callback_finds_by_type_and_says_how_to_add_a_missing_one():
         find_callback(empty, ActivationTracker, required="NeuronClustering")
     with pytest.raises(NeuronsError, match="class_path: lightning_neurons.ActivationTracker"):
         find_callback(empty, ActivationTracker, required="NeuronClustering")
+
+
+def test_every_batch_hook_hands_its_batch_over_as_a_stage_batch():
+    """Lightning's six batch hooks, called positionally (as Lightning does) or by keyword, reach
+    one method each for start and end, with the stage and the loader index."""
+    from lightning_neurons.callbacks._base import StageBatch, StagedCallback
+
+    class Recorder(StagedCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple[str, StageBatch]] = []
+
+        def _on_batch_start(self, trainer, pl_module, step):
+            self.seen.append(("start", step))
+
+        def _on_batch_end(self, trainer, pl_module, step):
+            self.seen.append(("end", step))
+
+    cb = Recorder()
+    cb.on_train_batch_start(None, None, "b0", 3)
+    cb.on_train_batch_end(None, None, {"loss": 1}, "b1", 4)
+    cb.on_validation_batch_start(None, None, "b2", 5)
+    cb.on_validation_batch_end(None, None, None, "b3", 6, 1)
+    cb.on_test_batch_start(None, None, "b4", 7, dataloader_idx=2)
+    cb.on_test_batch_end(None, None, outputs=None, batch="b5", batch_idx=8)
+    assert cb.seen == [
+        ("start", StageBatch("train", "b0", 3, 0)),
+        ("end", StageBatch("train", "b1", 4, 0)),
+        ("start", StageBatch("validation", "b2", 5, 0)),
+        ("end", StageBatch("validation", "b3", 6, 1)),
+        ("start", StageBatch("test", "b4", 7, 2)),
+        ("end", StageBatch("test", "b5", 8, 0)),
+    ]

@@ -14,13 +14,8 @@ from conftest import TinyData, TinyNet, fast_trainer
 from scipy.cluster.hierarchy import fcluster, linkage
 from sklearn.metrics import adjusted_rand_score
 
-from lightning_neurons import ActivationTracker, NeuronsError
-from lightning_neurons.callbacks.clustering import (
-    COMBINED,
-    CategoryClustering,
-    NeuronClustering,
-    distance_confusion_agreement,
-)
+from lightning_neurons import ActivationTracker, CategoryClustering, NeuronClustering, NeuronsError
+from lightning_neurons.callbacks.category_clustering import COMBINED, distance_confusion_agreement
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.loggers import load_index
 from lightning_neurons.models import ImageClassifier, SmallCNN
@@ -129,7 +124,7 @@ def test_confusion_matrix_matches_the_models_predictions(parts_run):
     with torch.no_grad():
         for x, y in data.val_dataloader():
             np.add.at(expected, (y.numpy(), model(x).argmax(1).numpy()), 1)
-    assert np.array_equal(category.results[PARTS_LAYERS[-1]].confusion, expected)
+    assert np.array_equal(category.results[PARTS_LAYERS[-1]].confusion.numpy(), expected)
     assert count_forward_hooks(model) == parts_run["hooks_before"]
 
 
@@ -144,9 +139,23 @@ def test_neuron_clustering_results(parts_run):
     assert 0.0 <= conv3.noise_fraction < 1.0
     assert np.isfinite(conv3.stability) and -1.0 <= conv3.stability <= 1.0
     # neurons in one cluster share a tuning: their cluster's profile is its members' average
-    features = conv3.extra["features"]
     for c in range(conv3.n_clusters):
-        assert np.allclose(features[conv3.labels == c].mean(axis=0), conv3.cluster_profiles[c])
+        members = conv3.features[conv3.labels == c]
+        torch.testing.assert_close(members.mean(dim=0), conv3.cluster_profiles[c])
+
+
+def test_results_hold_cpu_tensors_as_results_py_documents(parts_run):
+    """Every array field of both result types is a CPU tensor (results.py's contract)."""
+    from dataclasses import fields
+
+    entries = [*parts_run["category"].results.values(), *parts_run["neurons"].results.values()]
+    for res in entries:
+        for f in fields(res):
+            value = getattr(res, f.name)
+            assert not isinstance(value, np.ndarray), (type(res).__name__, f.name)
+            if isinstance(value, torch.Tensor):
+                assert value.device.type == "cpu", f.name
+        assert all(isinstance(v, torch.Tensor) for v in res.as_arrays().values())
 
 
 def test_everything_is_logged_and_written(parts_run):
@@ -177,9 +186,9 @@ def test_everything_is_logged_and_written(parts_run):
     assert set(assignments[COMBINED]) == set(CLASS_NAMES)
     # the embedding projector: one embedding per layer, its latest epoch, labelled layer/neuron
     # with layer-qualified clusters, every point with an image
-    from lightning_neurons.projector import HEADER, _read_config, short_names
+    from lightning_neurons.projector import HEADER, read_config, short_names
 
-    config = _read_config(Path(log_dir))
+    config = read_config(Path(log_dir))
     shorts = short_names(PARTS_LAYERS)
     expected = [f"{shorts[layer]}, epoch {last}" for layer in PARTS_LAYERS]
     assert [e.tensor_name for e in config.embeddings] == expected
@@ -335,14 +344,31 @@ def test_untracked_layer_and_unknown_classifier_are_clear_errors(tmp_path):
 @pytest.mark.parametrize(
     ("cls", "kwargs", "match"),
     [
-        (CategoryClustering, {"method": "dbscan"}, "`method`"),
-        (CategoryClustering, {"metric": "l1"}, "`metric`"),
-        (CategoryClustering, {"method": "hdbscan", "n_clusters": 3}, "hdbscan"),
-        (CategoryClustering, {"every_n_epochs": 0}, "every_n_epochs"),
-        (NeuronClustering, {"normalize": "rank"}, "`normalize`"),
-        (NeuronClustering, {"source": "images"}, "`source`"),
-        (NeuronClustering, {"reservoir_size": 0}, "reservoir_size"),
-        (NeuronClustering, {"on_error": "ignore"}, "on_error"),
+        (
+            CategoryClustering,
+            {"method": "dbscan"},
+            "`method` must be one of 'agglomerative', 'kmeans', 'hdbscan'; got 'dbscan'",
+        ),
+        (CategoryClustering, {"metric": "l1"}, "`metric` must be one of 'correlation', "),
+        (CategoryClustering, {"linkage": "ward2"}, "`linkage` must be one of 'average', "),
+        (CategoryClustering, {"normalize": "l2"}, "`normalize` must be one of 'none', 'zscore'"),
+        (CategoryClustering, {"n_clusters": 0}, "`n_clusters` must be an integer >= 1 or None"),
+        (CategoryClustering, {"method": "hdbscan", "n_clusters": 3}, "not used with method='hdb"),
+        (CategoryClustering, {"every_n_epochs": 0}, "`every_n_epochs` must be an integer >= 1"),
+        (CategoryClustering, {"combine_layers": None}, "`combine_layers` must be a bool; got None"),
+        (CategoryClustering, {"view": ""}, "`view` must be 'deepest', 'combined' or a layer name"),
+        (CategoryClustering, {"classifier_layer": 3}, "`classifier_layer` must be a str or None"),
+        (CategoryClustering, {"confusion": "yes"}, "`confusion` must be a bool; got 'yes'"),
+        (NeuronClustering, {"method": "dbscan"}, "`method` must be one of 'hdbscan', 'kmeans', "),
+        (NeuronClustering, {"normalize": "rank"}, "`normalize` must be one of 'zscore', 'l2', "),
+        (NeuronClustering, {"source": "images"}, "`source` must be one of 'class_means', "),
+        (NeuronClustering, {"reservoir_size": 0}, "`reservoir_size` must be an integer >= 1"),
+        (NeuronClustering, {"min_cluster_size": 1}, "`min_cluster_size` must be an integer >= 2"),
+        (NeuronClustering, {"method": "kmeans", "min_cluster_size": 5}, "are HDBSCAN settings"),
+        (NeuronClustering, {"max_embedding_neurons": 0}, "`max_embedding_neurons` must be an "),
+        (NeuronClustering, {"seed": -1}, "`seed` must be an integer >= 0; got -1"),
+        (NeuronClustering, {"embedding": 1}, "`embedding` must be a bool; got 1"),
+        (NeuronClustering, {"on_error": "ignore"}, "`on_error` must be one of 'warn', 'raise'"),
     ],
 )
 def test_argument_errors(cls, kwargs, match):
@@ -350,16 +376,25 @@ def test_argument_errors(cls, kwargs, match):
         cls(**kwargs)
 
 
+@pytest.mark.parametrize("cls", [ActivationTracker, CategoryClustering, NeuronClustering])
+def test_every_argument_has_exactly_the_constraints_of_its_table(cls):
+    """The constraint table names every argument of ``__init__`` and nothing else."""
+    import inspect
+
+    params = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    assert set(cls._parameter_constraints) == params
+
+
 def test_every_projector_point_has_its_own_image(tmp_path):
     from PIL import Image
 
-    from lightning_neurons.projector import _read_config
+    from lightning_neurons.projector import read_config
 
     neurons = NeuronClustering(method="kmeans", n_clusters=2, on_error="raise")
     trainer = fast_trainer(tmp_path, max_epochs=1, callbacks=[ActivationTracker(), neurons])
     trainer.fit(_tiny(num_classes=6), TinyData(n=96, num_classes=6))
     log_dir = Path(trainer.logger.log_dir)
-    config = _read_config(log_dir)
+    config = read_config(log_dir)
     assert len(config.embeddings) == len(neurons.results)  # one per layer
     for entry in config.embeddings:
         points = len((log_dir / entry.metadata_path).read_text().strip().split("\n")) - 1
@@ -373,12 +408,23 @@ def test_every_projector_point_has_its_own_image(tmp_path):
             assert tile.std() > 0, (entry.tensor_name, i)
 
 
-def test_state_dict_round_trip():
-    neurons = NeuronClustering()
-    neurons._previous = {"a": np.array([0, 1, -1])}
-    other = NeuronClustering()
-    other.load_state_dict(neurons.state_dict())
-    assert np.array_equal(other._previous["a"], [0, 1, -1])
+def test_state_dict_round_trip(tmp_path):
+    """A resumed callback compares its first labels with the checkpoint's: the same model
+    validated again gives the same labels, so a stability of 1 (NaN without the checkpoint)."""
+    options = dict(method="kmeans", n_clusters=2, enable_logging=False, on_error="raise")
+    model, data = _tiny(), TinyData()
+    neurons = NeuronClustering(**options)
+    fast_trainer(tmp_path, max_epochs=1, callbacks=[ActivationTracker(), neurons]).fit(model, data)
+    assert neurons.results and not any(np.isfinite(r.stability) for r in neurons.results.values())
+    resumed, fresh = NeuronClustering(**options), NeuronClustering(**options)
+    resumed.load_state_dict(neurons.state_dict())
+    for callback in (resumed, fresh):
+        trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(), callback])
+        trainer.validate(model, data, verbose=False)
+    assert resumed.results.keys() == fresh.results.keys() == neurons.results.keys()
+    for layer, res in resumed.results.items():
+        assert res.stability == pytest.approx(1.0), layer
+        assert not np.isfinite(fresh.results[layer].stability)
     CategoryClustering().load_state_dict({})  # tolerant of old checkpoints
 
 
@@ -406,7 +452,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning_neurons import ActivationTracker
-from lightning_neurons.callbacks.clustering import CategoryClustering, NeuronClustering
+from lightning_neurons import CategoryClustering, NeuronClustering
 from lightning_neurons.data import DigitsDataModule
 from lightning_neurons.models import ImageClassifier, SmallCNN
 

@@ -227,15 +227,16 @@ class FixedClusters(NeuronClustering):
             "backbone.fc": NeuronClusteringResult(
                 layer="backbone.fc",
                 epoch=trainer.current_epoch,
-                classes=np.arange(3),
-                labels=np.asarray(self.fixed),
+                classes=torch.arange(3),
+                labels=torch.tensor(self.fixed),
                 n_clusters=0,
-                cluster_sizes=np.zeros(0, dtype=np.int64),
+                cluster_sizes=torch.zeros(0, dtype=torch.int64),
                 noise_fraction=0.0,
-                cluster_profiles=np.zeros((0, 3)),
+                cluster_profiles=torch.zeros(0, 3),
                 silhouette=float("nan"),
-                preferred_class=np.zeros(k, dtype=np.int64),
-                selectivity=np.zeros(k),
+                preferred_class=torch.zeros(k, dtype=torch.int64),
+                selectivity=torch.zeros(k),
+                features=torch.zeros(k, 3),
             )
         }
 

@@ -7,33 +7,35 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_neurons.callbacks.clustering import NeuronClusteringResult
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.projector import (
     HEADER,
-    _read_config,
     neuron_metadata,
+    read_config,
     short_names,
     sprite,
     top_activating_crops,
     write_embedding,
 )
+from lightning_neurons.results import NeuronClusteringResult
 
 
 def _result(labels: list[int], layer: str = "net.relu3", epoch: int = 2) -> NeuronClusteringResult:
     k = len(labels)
+    ids = torch.tensor(labels)
     return NeuronClusteringResult(
         layer=layer,
         epoch=epoch,
-        classes=np.arange(3),
-        labels=np.array(labels),
+        classes=torch.arange(3),
+        labels=ids,
         n_clusters=max(labels) + 1,
-        cluster_sizes=np.bincount([c for c in labels if c >= 0]),
-        noise_fraction=float(np.mean(np.array(labels) < 0)),
-        cluster_profiles=np.zeros((max(labels) + 1, 3)),
+        cluster_sizes=torch.bincount(ids[ids >= 0]),
+        noise_fraction=float((ids < 0).double().mean()),
+        cluster_profiles=torch.zeros(max(labels) + 1, 3),
         silhouette=float("nan"),
-        preferred_class=np.arange(k) % 3,
-        selectivity=np.linspace(0, 1, k),
+        preferred_class=torch.arange(k) % 3,
+        selectivity=torch.linspace(0, 1, k),
+        features=torch.zeros(k, 3),
     )
 
 
@@ -114,7 +116,7 @@ def test_the_latest_epoch_replaces_the_layer_and_other_entries_are_kept(tmp_path
                 tmp_path, f"{layer}, epoch {epoch}", f"p/{epoch}/{layer}", np.eye(2), rows, tiles,
                 replaces=f"{layer}, epoch ",
             )  # fmt: skip
-    names = [e.tensor_name for e in _read_config(tmp_path).embeddings]
+    names = [e.tensor_name for e in read_config(tmp_path).embeddings]
     assert names == ["relu3, epoch 1", "relu2, epoch 1", "mine"]
     assert (tmp_path / "p/0/relu3/tensors.tsv").is_file()  # older epochs stay on disk
     header = (tmp_path / "p/1/relu3/metadata.tsv").read_text().splitlines()[0]

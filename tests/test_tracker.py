@@ -277,21 +277,34 @@ def test_without_tensorboard_warns_once_and_still_writes_files(tmp_path):
     assert [r["name"] for r in load_index(tmp_path / "neurons" / "run_0")] == ["backbone.fc"] * 2
 
 
-def test_an_epochs_saved_states_are_not_changed_by_later_epochs(tmp_path):
+def test_an_epochs_results_and_checkpoint_are_not_changed_by_later_epochs(tmp_path):
+    """What the tracker published at an epoch's end (its results, a checkpoint taken while the
+    next epoch is being measured) keeps that epoch's numbers."""
     tracker = ActivationTracker(layers=["backbone.conv2"], enable_logging=False)
-    seen = []
+    ends, mid = [], []
 
     class Keep(pl.Callback):
+        def on_validation_batch_end(self, trainer, *args, **kwargs):  # after the tracker's
+            if trainer.current_epoch > 0:
+                mid.append((trainer.current_epoch, tracker.state_dict()["states"]))
+
         def on_validation_end(self, trainer, pl_module):  # after the tracker has published
-            states = tracker._saved_states["backbone.conv2"]
-            seen.append((states, {k: v.clone() for k, v in states.items()}))
+            stats = tracker.results["backbone.conv2"]
+            copies = {k: v.clone() for k, v in stats.as_arrays().items()}
+            ends.append((stats, copies, tracker.state_dict()["states"]))
 
     fast_trainer(tmp_path, callbacks=[tracker, Keep()], max_epochs=3).fit(
         _module(), datamodule=TinyData()
     )
-    assert len(seen) == 3 and not torch.equal(seen[0][1]["sum"], seen[2][1]["sum"])
-    for states, copy in seen:  # the tensors kept at each epoch's end hold that epoch's sums
-        assert all(torch.equal(states[k], copy[k]) for k in copy)
+    assert len(ends) == 3 and len(mid) == 2 * 3  # 3 validation batches in epochs 1 and 2
+    assert not torch.equal(ends[0][1]["class_means"], ends[2][1]["class_means"])
+    for stats, copies, _ in ends:
+        arrays = stats.as_arrays()
+        for key, value in copies.items():
+            torch.testing.assert_close(arrays[key], value, rtol=0, atol=0, equal_nan=True)
+    for epoch, states in mid:  # a checkpoint mid-epoch holds the last complete epoch
+        previous = ends[epoch - 1][2]["backbone.conv2"]
+        assert all(torch.equal(states["backbone.conv2"][k], v) for k, v in previous.items())
 
 
 def test_checkpoint_resume_restores_the_statistics(tmp_path):
@@ -317,14 +330,21 @@ def test_checkpoint_resume_restores_the_statistics(tmp_path):
     ("kwargs", "message"),
     [
         ({"reduction": "median"}, "`reduction` must be one of 'mean', 'max'; got 'median'"),
-        ({"stage": "predict"}, "`stage` must be one of"),
-        ({"top_k": 0}, "`top_k` must be a positive integer, got 0"),
-        ({"every_n_epochs": -1}, "`every_n_epochs` must be a positive integer"),
-        ({"on_error": "ignore"}, "`on_error` must be one of 'warn', 'raise'"),
+        ({"stage": "predict"}, "`stage` must be one of 'validation', 'train', 'test'"),
+        ({"top_k": 0}, "`top_k` must be an integer >= 1; got 0"),
+        ({"top_k": True}, "`top_k` must be an integer >= 1; got True"),
+        ({"num_classes": 0}, r"`num_classes` must be an integer >= 1 or None; got 0"),
+        ({"max_batches": 1.5}, r"`max_batches` must be an integer >= 1 or None; got 1.5"),
+        ({"dataloader_idx": -1}, "`dataloader_idx` must be an integer >= 0; got -1"),
+        ({"label_fn": "label"}, "`label_fn` must be a callable or None; got 'label'"),
+        ({"layers": 3}, "`layers` must be a layer name or a list of layer names or None; got 3"),
+        ({"every_n_epochs": -1}, "`every_n_epochs` must be an integer >= 1; got -1"),
+        ({"enable_logging": "yes"}, "`enable_logging` must be a bool; got 'yes'"),
+        ({"on_error": "ignore"}, "`on_error` must be one of 'warn', 'raise'; got 'ignore'"),
     ],
 )
 def test_arguments_are_checked(kwargs, message):
-    with pytest.raises(NeuronsError, match=message):
+    with pytest.raises(NeuronsError, match="^ActivationTracker: " + message):
         ActivationTracker(**kwargs)
 
 
@@ -374,3 +394,64 @@ def test_signed_layers_picked_explicitly_get_a_note(tmp_path):
     tracker = ActivationTracker(layers=["backbone.conv1", "backbone.relu1"], enable_logging=False)
     with pytest.warns(UserWarning, match=r"backbone.conv1 output signed values.*shifted"):
         fast_trainer(tmp_path, callbacks=[tracker], max_epochs=1).fit(_module(), TinyData())
+
+
+def test_the_spec_is_what_the_tracker_tracks_and_peers_see_it_before_its_setup(tmp_path):
+    """``tracker.spec`` is set at setup; :func:`tracker_spec` gives the same description to a
+    peer whose setup runs first (it stands before the tracker in the callbacks' list)."""
+    import dataclasses
+
+    from lightning_neurons.callbacks.tracker import tracker_spec
+    from lightning_neurons.results import TrackerSpec
+
+    def label_fn(batch):
+        return batch[1]
+
+    tracker = ActivationTracker(
+        layers=["backbone.relu*"], reduction="max", top_k=2, label_fn=label_fn, enable_logging=False
+    )
+    seen = []
+
+    class Peer(pl.Callback):
+        def setup(self, trainer, pl_module, stage):
+            seen.append(tracker_spec(trainer, required="Peer"))
+
+    assert tracker.spec is None
+    fast_trainer(tmp_path, callbacks=[Peer(), tracker], max_epochs=1).fit(
+        _module(), datamodule=TinyData()
+    )
+    expected = TrackerSpec(
+        reader=tracker.reader,
+        layers=("backbone.relu1", "backbone.relu2"),
+        stage="validation",
+        dataloader_idx=0,
+        reduction="max",
+        num_classes=3,
+        top_k=2,
+    )
+    assert seen == [expected] and tracker.spec == expected
+    assert tracker.spec.reader.label_fn is label_fn
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        tracker.spec.stage = "train"
+
+
+def test_tracker_spec_without_a_tracker_is_none_or_a_clear_error():
+    from types import SimpleNamespace
+
+    from lightning_neurons.callbacks.tracker import tracker_spec
+
+    trainer = SimpleNamespace(callbacks=[], lightning_module=None)
+    assert tracker_spec(trainer) is None
+    with pytest.raises(NeuronsError, match="Peer reads the results of an ActivationTracker"):
+        tracker_spec(trainer, required="Peer")
+
+
+def test_a_model_without_a_class_count_is_a_clear_error():
+    class NoHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten())
+
+    with pytest.raises(NeuronsError, match="could not tell how many classes NoHead predicts"):
+        ActivationTracker().describe(NoHead())
+    assert ActivationTracker(num_classes=4).describe(NoHead()).num_classes == 4

@@ -461,7 +461,7 @@ def test_visualizer_uses_a_given_prior_and_checks_arguments(tmp_path):
 
 
 def test_visualizer_renders_neuron_clusters_with_the_judges_verdict(tmp_path):
-    from lightning_neurons.callbacks.clustering import NeuronClustering
+    from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
     from lightning_neurons.callbacks.tracker import ActivationTracker
     from lightning_neurons.loggers import load_index
 

@@ -65,7 +65,7 @@ class ShapedData(TinyData):
         ({"channels": {"conv1": [1, "a"]}}, r"`channels\['conv1'\]` must hold"),
         ({"image_shape": [8, 8]}, "`image_shape` must be"),
         ({"max_probes": 0}, "`max_probes` must be a positive integer"),
-        ({"every_n_epochs": 0}, "`every_n_epochs` must be a positive integer"),
+        ({"every_n_epochs": 0}, "`every_n_epochs` must be an integer >= 1"),
         ({"on_error": "ignore"}, "`on_error` must be one of"),
     ],
 )

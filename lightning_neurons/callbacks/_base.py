@@ -5,13 +5,14 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar, overload
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_neurons.checks import check_choice, check_layers, check_positive_int
+from lightning_neurons.checks import Constraints, Interval, Options, StrList, validate_params
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.loggers import background_writes
 
@@ -86,8 +87,14 @@ class AnalysisCallback(Callback):
     ends are ``on_validation_end``, ``on_test_end`` and, for the training stage (which has no
     later per-epoch hook), ``on_train_epoch_end``.
 
+    **Under DDP** there are two ways ranks meet, one per kind of data: statistics streamed over
+    batches are torchmetrics ``Metric`` states, summed by their own sync in ``compute()``; every
+    other exchange (flags, shares of work, results made on rank zero) goes through
+    :mod:`lightning_neurons.distributed`.
+
     Every callback takes its ``layers`` first and everything else by keyword; the options they
-    share are handled here.
+    share are handled here, and every argument is checked in ``__init__`` against the class's
+    ``_parameter_constraints`` by :func:`~lightning_neurons.checks.validate_params`.
 
     Args:
         layers: Module names or glob patterns (one name may be a string); ``None``: the default
@@ -101,6 +108,14 @@ class AnalysisCallback(Callback):
 
     #: The callback types whose results :meth:`_consume` reads (found with :func:`find_callback`).
     reads: ClassVar[tuple[type[Callback], ...]] = ()
+    #: What each argument of ``__init__`` may be (see :func:`~lightning_neurons.checks.validate_params`);
+    #: subclasses extend it with their own arguments.
+    _parameter_constraints: ClassVar[Constraints] = {
+        "layers": [StrList(), None],
+        "every_n_epochs": [Interval(int, 1, None)],
+        "enable_logging": [bool],
+        "on_error": [Options.of(OnError)],
+    }
 
     def __init__(
         self,
@@ -110,13 +125,17 @@ class AnalysisCallback(Callback):
         enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:
+        validate_params(self, locals())
         super().__init__()
-        #: The ``layers`` argument; :attr:`layers` holds the names it resolves to at setup.
-        self.layer_patterns = check_layers("layers", layers)
+        #: The ``layers`` argument as a list; :attr:`layers` holds the names it resolves to at
+        #: setup.
+        self.layer_patterns: list[str] | None = (
+            None if layers is None else [layers] if isinstance(layers, str) else list(layers)
+        )
         self.layers: list[str] = []
         self.enable_logging = enable_logging
-        self.every_n_epochs = check_positive_int("every_n_epochs", every_n_epochs)
-        self.on_error = check_choice("on_error", on_error, ("warn", "raise"))
+        self.every_n_epochs = int(every_n_epochs)
+        self.on_error = on_error
         self.failures: list[str] = []
         self._unfinished: set[str] = set()  # stages begun whose stage end has not run yet
         self._waiting: dict[str, Callable[[], None]] = {}
@@ -261,45 +280,92 @@ def _run_ready(trainer: Trainer, stage: Stage, host: AnalysisCallback) -> None:
                 progress = True
 
 
+@dataclass(frozen=True)
+class StageBatch:
+    """One batch as :class:`StagedCallback`'s hooks see it, whatever the stage.
+
+    Attributes:
+        stage: ``"train"``, ``"validation"`` or ``"test"``.
+        batch: The batch as the loader yielded it.
+        batch_idx: Its index in the epoch.
+        dataloader_idx: Its loader among the stage's loaders (0 for training).
+    """
+
+    stage: Stage
+    batch: Any
+    batch_idx: int
+    dataloader_idx: int = 0
+
+
+def _batch_hook(stage: Stage, *, end: bool) -> Callable[..., None]:
+    """Lightning's ``on_<stage>_batch_start``/``_end`` hook for ``stage``, handing the batch to
+    :meth:`StagedCallback._on_batch_start`/``_end`` as a :class:`StageBatch`. Lightning passes
+    ``(trainer, pl_module, [outputs,] batch, batch_idx[, dataloader_idx])`` (``outputs`` at the
+    end of a batch only; ``dataloader_idx`` in evaluation only, and only with several loaders)."""
+
+    names = ("outputs", "batch", "batch_idx", "dataloader_idx")[0 if end else 1 :]
+
+    def hook(
+        self: StagedCallback, trainer: Trainer, pl_module: LightningModule, *args: Any, **kw: Any
+    ) -> None:
+        given = {**dict(zip(names, args, strict=False)), **kw}
+        step = StageBatch(stage, given["batch"], given["batch_idx"], given.get("dataloader_idx", 0))
+        (self._on_batch_end if end else self._on_batch_start)(trainer, pl_module, step)
+
+    hook.__name__ = f"on_{stage}_batch_{'end' if end else 'start'}"
+    hook.__doc__ = f"Lightning's hook, handed to ``_on_batch_{'end' if end else 'start'}``."
+    return hook
+
+
 class StagedCallback(AnalysisCallback):
     """An analysis that gathers data during one stage's epochs (train, validation or test).
 
     Lightning has a hook per stage and event (``on_validation_batch_start``, ...); this class
-    routes all of them to five methods that take the stage as an argument, so subclasses write
-    their logic once. Every default does nothing.
+    routes all of them to methods that take the stage (:meth:`_stage_start`, :meth:`_stage_end`)
+    or a :class:`StageBatch` (:meth:`_on_batch_start`, :meth:`_on_batch_end`), so subclasses
+    write their logic once; :meth:`_release` runs on teardown and on exceptions. Every default
+    does nothing.
     """
 
     def _stage_start(self, stage: Stage, trainer: Trainer, pl_module: LightningModule) -> None:
         """An epoch of ``stage`` begins."""
 
-    def _stage_batch_start(
-        self,
-        stage: Stage,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
+    def _on_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, step: StageBatch
     ) -> None:
-        """A batch of ``stage`` (from loader ``dataloader_idx``) is about to go through the model;
-        also called during Lightning's sanity check."""
+        """A batch is about to go through the model; also called during Lightning's sanity
+        check. By default: :meth:`_stage_batch_start`."""
+        self._stage_batch_start(
+            step.stage, trainer, pl_module, step.batch, step.batch_idx, step.dataloader_idx
+        )
 
-    def _stage_batch_end(
-        self,
-        stage: Stage,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
-    ) -> None:
-        """The batch has gone through the model; also called during Lightning's sanity check."""
+    def _on_batch_end(self, trainer: Trainer, pl_module: LightningModule, step: StageBatch) -> None:
+        """The batch has gone through the model; also called during Lightning's sanity check.
+        By default: :meth:`_stage_batch_end`."""
+        self._stage_batch_end(
+            step.stage, trainer, pl_module, step.batch, step.batch_idx, step.dataloader_idx
+        )
+
+    def _stage_batch_start(self, stage: Stage, trainer: Trainer, *args: Any) -> None:
+        """:meth:`_on_batch_start` with the batch's fields as arguments ``(pl_module, batch,
+        batch_idx, dataloader_idx)``."""
+
+    def _stage_batch_end(self, stage: Stage, trainer: Trainer, *args: Any) -> None:
+        """:meth:`_on_batch_end` with the batch's fields as arguments ``(pl_module, batch,
+        batch_idx, dataloader_idx)``."""
 
     def _stage_end(self, stage: Stage, trainer: Trainer, pl_module: LightningModule) -> None:
         """The epoch of ``stage`` has ended."""
 
     def _release(self) -> None:
         """Remove hooks and drop per-batch state (called on teardown and on exceptions)."""
+
+    on_train_batch_start = _batch_hook("train", end=False)
+    on_validation_batch_start = _batch_hook("validation", end=False)
+    on_test_batch_start = _batch_hook("test", end=False)
+    on_train_batch_end = _batch_hook("train", end=True)
+    on_validation_batch_end = _batch_hook("validation", end=True)
+    on_test_batch_end = _batch_hook("test", end=True)
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -313,69 +379,6 @@ class StagedCallback(AnalysisCallback):
     @override
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stage_start("test", trainer, pl_module)
-
-    @override
-    def on_train_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._stage_batch_start("train", trainer, pl_module, batch, batch_idx, 0)
-
-    @override
-    def on_validation_batch_start(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._stage_batch_start("validation", trainer, pl_module, batch, batch_idx, dataloader_idx)
-
-    @override
-    def on_test_batch_start(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._stage_batch_start("test", trainer, pl_module, batch, batch_idx, dataloader_idx)
-
-    @override
-    def on_train_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        self._stage_batch_end("train", trainer, pl_module, batch, batch_idx, 0)
-
-    @override
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._stage_batch_end("validation", trainer, pl_module, batch, batch_idx, dataloader_idx)
-
-    @override
-    def on_test_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._stage_batch_end("test", trainer, pl_module, batch, batch_idx, dataloader_idx)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

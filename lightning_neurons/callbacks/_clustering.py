@@ -11,28 +11,24 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
-from lightning_neurons.batch import BatchReader, LoaderRows, analysed_rows
-from lightning_neurons.callbacks._base import (  # noqa: F401 (class_names_of re-exported)
-    OnError,
-    StagedCallback,
-    class_names_of,
-    find_callback,
-)
-from lightning_neurons.callbacks.tracker import ActivationTracker
+from lightning_neurons.batch import LoaderRows, analysed_rows
+from lightning_neurons.callbacks._base import StageBatch, StagedCallback, find_callback
+from lightning_neurons.callbacks.tracker import ActivationTracker, tracker_spec
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import resolve_layers, selects, split_call
+from lightning_neurons.results import TrackerSpec
 from lightning_neurons.stats import LayerStats
 
 # ---- shared helpers ---------------------------------------------------------------------------
 
 
-def _stability(previous: np.ndarray | None, labels: np.ndarray) -> float:
+def _stability(previous: torch.Tensor | None, labels: torch.Tensor | np.ndarray) -> float:
     """Adjusted Rand index of the previous analysis's labels with these (NaN without them)."""
-    if previous is None or previous.shape != labels.shape:
+    if previous is None or tuple(previous.shape) != tuple(labels.shape):
         return float("nan")
     from sklearn.metrics import adjusted_rand_score
 
-    return float(adjusted_rand_score(previous, labels))
+    return float(adjusted_rand_score(np.asarray(previous), np.asarray(labels)))
 
 
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -49,32 +45,32 @@ class _ClusteringCallback(StagedCallback):
 
     def __init__(self, layers: list[str] | None = None, **options: Any) -> None:
         super().__init__(layers, **options)  # every_n_epochs, enable_logging, on_error
-        self._stage = "validation"
-        self._tracker_layers: list[str] = []
-        self._reader = BatchReader()
-        self._dataloader_idx = 0
+        self._spec: TrackerSpec | None = None  # the tracker's, from setup on
         self._rows = LoaderRows()
         self._batch_size = 0
-        self._reduction = "mean"
+        self._labels: torch.Tensor | None = None  # of the batch going through the model
+
+    @property
+    def spec(self) -> TrackerSpec:
+        """The tracker's :class:`~lightning_neurons.results.TrackerSpec` (read at setup)."""
+        if self._spec is None:
+            raise NeuronsError(f"{type(self).__name__} has not been set up by a Trainer yet")
+        return self._spec
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        tracker = find_callback(trainer, ActivationTracker, required=type(self).__name__)
-        self._stage = tracker.stage
-        self._reader = tracker.reader
-        self._dataloader_idx = tracker.dataloader_idx
-        self._reduction = tracker.reduction
-        self._tracker_layers = resolve_layers(pl_module, tracker.layer_patterns)
+        self._spec = tracker_spec(trainer, required=type(self).__name__)
+        tracked = self._spec.layers
         if self.layer_patterns is None:
-            self.layers = list(self._tracker_layers)
+            self.layers = list(tracked)
             return
         chosen = resolve_layers(pl_module, self.layer_patterns)
-        tracked_modules = {split_call(name)[0] for name in self._tracker_layers}
+        tracked_modules = {split_call(name)[0] for name in tracked}
         missing = [name for name in chosen if split_call(name)[0] not in tracked_modules]
         if missing:
             raise NeuronsError(
                 f"{type(self).__name__}: layer(s) {', '.join(map(repr, missing))} are not tracked "
-                f"by the ActivationTracker, which tracks {', '.join(self._tracker_layers)}. Add them "
+                f"by the ActivationTracker, which tracks {', '.join(tracked)}. Add them "
                 "to the tracker's `layers`, or choose among those."
             )
         self.layers = chosen
@@ -86,53 +82,48 @@ class _ClusteringCallback(StagedCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._previous = {k: np.asarray(v) for k, v in state_dict.get("previous", {}).items()}
+        self._previous = {k: torch.as_tensor(v) for k, v in state_dict.get("previous", {}).items()}
 
-    # Lightning's per-stage hooks arrive here (see StagedCallback); only the tracker's stage counts.
+    # Lightning's per-stage hooks arrive here (see StagedCallback); only the batches the tracker
+    # analyses count.
     def _stage_start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
-        if stage == self._stage:
-            self._rows = analysed_rows(trainer, stage, self._dataloader_idx)
-        self._start(stage, trainer, pl_module)
+        if stage == self.spec.stage:
+            self._rows = analysed_rows(trainer, stage, self.spec.dataloader_idx)
+            self._start(trainer, pl_module)
 
-    def _stage_batch_start(
-        self,
-        stage: str,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
+    def _on_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, step: StageBatch
     ) -> None:
-        if dataloader_idx == self._dataloader_idx:
-            self._batch_start(stage, batch, batch_idx)
+        if self.spec.analyses(step.stage, step.dataloader_idx):
+            self._gather(step.batch, step.batch_idx)
 
-    def _batch_labels(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        """The batch's labels, without DistributedSampler's repeated samples (``None``: none)."""
-        labels = self._reader.labels(batch)
-        rows = self._rows.rows(batch_idx, labels.shape[0])
-        self._batch_size = labels.shape[0]
-        return labels[:rows] if rows else None
-
-    def _stage_batch_end(self, stage: str, *args: Any) -> None:
+    def _on_batch_end(self, trainer: Trainer, pl_module: LightningModule, step: StageBatch) -> None:
         self._labels = None
 
     def _stage_end(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
-        if stage == self._stage:
+        if stage == self.spec.stage:
             self._stop()  # the epoch's batches are done; the data gathered is kept
 
     @override
     def _consume(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
-        if stage == self._stage:
+        if stage == self.spec.stage:
             self._epoch_analysis(trainer, pl_module)
 
     def _release(self) -> None:
         self._stop()
 
-    def _start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Begin gathering data of ``stage`` (no-op by default)."""
+    def _batch_labels(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        """The batch's labels, without DistributedSampler's repeated samples (``None``: none)."""
+        labels = self.spec.reader.labels(batch)
+        rows = self._rows.rows(batch_idx, labels.shape[0])
+        self._batch_size = labels.shape[0]
+        return labels[:rows] if rows else None
 
-    def _batch_start(self, stage: str, batch: Any, batch_idx: int) -> None:
-        """A batch of ``stage`` begins (no-op by default)."""
+    def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """An epoch of the tracker's stage begins (no-op by default)."""
+
+    def _gather(self, batch: Any, batch_idx: int) -> None:
+        """An analysed batch is about to go through the model (no-op by default)."""
 
     def _stop(self) -> None:
         """Remove hooks (no-op by default)."""

@@ -8,7 +8,7 @@ and keeps the latest results in ``callback.results``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -18,14 +18,13 @@ from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 from typing_extensions import override
 
-from lightning_neurons.callbacks._base import OnError, find_callback
+from lightning_neurons.callbacks._base import OnError, class_names_of
 from lightning_neurons.callbacks._clustering import (
     _ClusteringCallback,
     _markdown_table,
     _stability,
-    class_names_of,
 )
-from lightning_neurons.callbacks.tracker import ActivationTracker
+from lightning_neurons.checks import Constraints, Interval, Options, Satisfies, validate_params
 from lightning_neurons.clustering import (
     CategoryClusterer,
     CategoryMethod,
@@ -33,6 +32,7 @@ from lightning_neurons.clustering import (
     Linkage,
     Metric,
 )
+from lightning_neurons.distributed import gather
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import HookSet, resolve_layers, selects
 from lightning_neurons.loggers import AnalysisLogger
@@ -42,6 +42,7 @@ from lightning_neurons.stats import LayerStats
 
 #: Name of the category-clustering view that puts all chosen layers side by side.
 COMBINED = "combined"
+_VIEWS = "'deepest', 'combined' or a layer name"
 
 
 def distance_confusion_agreement(distances: np.ndarray, confusion: np.ndarray) -> float:
@@ -92,17 +93,9 @@ class CategoryClustering(_ClusteringCallback):
     Every view is clustered and logged; :attr:`result` is the *headline* view chosen by ``view``:
     by default the deepest analysed layer, the network's own representation of the categories.
 
-    The defaults come from ``benchmarks/representation_study.py`` (SmallCNN on the parts data
-    sets, whose 12 classes form 4 known groups). Where a group's classes share two large parts of
-    three (``structure="marks"``), conv2, conv3, their ReLUs and any combination recovered the
-    groups exactly with the tracker's ``mean`` reduction (adjusted Rand index 1.0 in 3 of 3
-    seeds). Where they share only one of two equally large parts and the network can classify
-    without it (``structure="one_shared"``), only the deepest ReLU layer with every neuron
-    z-scored across the classes found the groups in every seed (ARI 1.0, 1.0, 1.0); unnormalised
-    it gave 0.80 on average (worst seed 0.64), the combined view of all ReLU layers 0.75 in each
-    seed (the early layers, which see strokes rather than parts, pull it off) and conv1 0.14. Hence
-    ``normalize="zscore"`` and ``view="deepest"``. ``max``-reduced activations and first-order
-    contributions did worse in the trained network: keep the tracker's ``reduction="mean"``.
+    The defaults (``normalize="zscore"``, ``view="deepest"``, with the tracker's
+    ``reduction="mean"``) are the choices that recovered known class groups on the parts data
+    sets (:mod:`lightning_neurons.parts`); see ``docs/benchmarks.md``.
 
     Args:
         layers: Tracked layers to cluster on (default: all the tracker's layers).
@@ -134,6 +127,18 @@ class CategoryClustering(_ClusteringCallback):
     """
 
     kind = "category_clustering"
+    _parameter_constraints: ClassVar[Constraints] = {
+        **_ClusteringCallback._parameter_constraints,
+        "method": [Options.of(CategoryMethod)],
+        "metric": [Options.of(Metric)],
+        "linkage": [Options.of(Linkage)],
+        "normalize": [Options.of(CategoryNormalize)],
+        "n_clusters": [Interval(int, 1, None), None],
+        "combine_layers": [bool],
+        "view": [Satisfies(lambda v: isinstance(v, str) and bool(v), _VIEWS)],
+        "classifier_layer": [str, None],
+        "confusion": [bool],
+    }
 
     def __init__(
         self,
@@ -152,10 +157,10 @@ class CategoryClustering(_ClusteringCallback):
         enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:
+        validate_params(self, locals())
         super().__init__(
             layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
         )
-        # Building one checks every option now rather than at the first epoch's end.
         self._clusterer_options = {
             "method": method,
             "metric": metric,
@@ -163,14 +168,11 @@ class CategoryClustering(_ClusteringCallback):
             "normalize": normalize,
             "n_clusters": n_clusters,
         }
+        # the options that depend on each other (n_clusters with HDBSCAN), now, not at the epoch's end
         CategoryClusterer(**self._clusterer_options).check_params()
         self.method, self.metric, self.linkage = method, metric, linkage
         self.normalize, self.n_clusters = normalize, n_clusters
         self.combine_layers = combine_layers
-        if not isinstance(view, str) or not view:
-            raise NeuronsError(
-                f"`view` must be 'deepest', 'combined' or a layer name; got {view!r}"
-            )
         self.view = view
         #: The name of the headline view of the latest analysis (see ``view``).
         self.main_view: str | None = None
@@ -179,12 +181,11 @@ class CategoryClustering(_ClusteringCallback):
         self.results: dict[str, CategoryClusteringResult] = {}
         self._classifier: str | None = None
         self._hooks = HookSet()
-        self._labels: torch.Tensor | None = None
         self._confusion: MulticlassConfusionMatrix | None = None
         self._broken = False  # the classifier's output was not logits in this epoch
         self._collecting = False
         self._armed = False
-        self._previous: dict[str, np.ndarray] = {}
+        self._previous: dict[str, torch.Tensor] = {}
         self._warned_shape = False
 
     @property
@@ -224,18 +225,15 @@ class CategoryClustering(_ClusteringCallback):
 
     # ---- confusion matrix: streamed from a hook on the classifier ----
 
-    def _start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
-        if stage != self._stage:
-            return
+    def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stop()
         self._confusion, self._broken = None, False
         self._armed = False
         if self._classifier is None or not self._due(trainer):
             return
-        tracker = find_callback(trainer, ActivationTracker, required="CategoryClustering")
-        self._confusion = MulticlassConfusionMatrix(
-            int(tracker.num_classes), validate_args=False
-        ).to(pl_module.device)
+        self._confusion = MulticlassConfusionMatrix(self.spec.num_classes, validate_args=False).to(
+            pl_module.device
+        )
         self._collecting = True
         self._armed = True  # the same on every rank, unlike `_collecting` (see `_shape_problem`)
         self._hooks.add(pl_module, [self._classifier], self._on_logits)
@@ -245,10 +243,9 @@ class CategoryClustering(_ClusteringCallback):
         self._labels = None
         self._collecting = False
 
-    def _batch_start(self, stage: str, batch: Any, batch_idx: int) -> None:
-        if stage != self._stage or not self._collecting:
-            return
-        self._labels = self._batch_labels(batch, batch_idx)
+    def _gather(self, batch: Any, batch_idx: int) -> None:
+        if self._collecting:
+            self._labels = self._batch_labels(batch, batch_idx)
 
     def _on_logits(self, name: str, output: torch.Tensor) -> None:
         if in_analysis():
@@ -282,19 +279,16 @@ class CategoryClustering(_ClusteringCallback):
                 "is collected. Pass `classifier_layer=` naming the layer that outputs the logits."
             )
 
-    def _confusion_matrix(self, trainer: Trainer) -> np.ndarray | None:
+    def _confusion_matrix(self, trainer: Trainer) -> torch.Tensor | None:
         """The epoch's confusion counts summed over ranks (called on every rank; ``None`` when the
         classifier's output was not ``[batch, num_classes]`` logits on some rank)."""
         metric, broken = self._confusion, self._broken
         self._confusion, self._broken = None, False
         broken = broken or metric is None or metric.update_count == 0
-        if trainer.world_size > 1:
-            flag = torch.tensor(float(broken), device=trainer.strategy.root_device)
-            broken = float(trainer.strategy.reduce(flag, reduce_op="max")) > 0
-        if broken:
+        if any(gather(broken, trainer.world_size, "collecting the confusion matrix")):
             return None
         counts = metric.compute()  # torchmetrics sums the counts over the ranks
-        return counts.detach().cpu().numpy().astype(np.float64)
+        return counts.detach().cpu().double()
 
     # ---- the analysis ----
 
@@ -321,7 +315,7 @@ class CategoryClustering(_ClusteringCallback):
         return views
 
     def _analyse(
-        self, trainer: Trainer, stats: dict[str, LayerStats], confusion: np.ndarray | None
+        self, trainer: Trainer, stats: dict[str, LayerStats], confusion: torch.Tensor | None
     ) -> None:
         if not trainer.is_global_zero:
             return
@@ -359,7 +353,7 @@ class CategoryClustering(_ClusteringCallback):
         profile: np.ndarray,
         names: list[str],
         epoch: int,
-        confusion: np.ndarray | None,
+        confusion: torch.Tensor | None,
     ) -> CategoryClusteringResult:
         num_classes = profile.shape[0]
         # Classes without images have NaN rows; neurons with NaN activations NaN entries.
@@ -385,25 +379,24 @@ class CategoryClustering(_ClusteringCallback):
         agreement = float("nan")
         if confusion is not None and confusion.shape[0] == num_classes:
             agreement = distance_confusion_agreement(
-                clusterer.distances_, confusion[np.ix_(rows, rows)]
+                clusterer.distances_, confusion.numpy()[np.ix_(rows, rows)]
             )
-        previous = self._previous.get(view)
-        stability = _stability(previous, labels)
+        linkage = clusterer.linkage_
         return CategoryClusteringResult(
             view=view,
             layers=layers,
             epoch=epoch,
             class_names=names,
-            classes=rows,
-            labels=labels,
+            classes=torch.as_tensor(rows, dtype=torch.int64),
+            labels=torch.as_tensor(labels, dtype=torch.int64),
             n_clusters=clusterer.n_clusters_,
             silhouette=clusterer.silhouette_,
-            distances=distances,
-            linkage=clusterer.linkage_,
-            leaf_order=order,
+            distances=torch.as_tensor(distances),
+            linkage=None if linkage is None else torch.as_tensor(np.asarray(linkage)),
+            leaf_order=torch.tensor(order, dtype=torch.int64),
             confusion=confusion,
             agreement=agreement,
-            stability=stability,
+            stability=_stability(self._previous.get(view), labels),
         )
 
     def _log(self, trainer: Trainer, results: dict[str, CategoryClusteringResult]) -> None:
@@ -415,18 +408,20 @@ class CategoryClustering(_ClusteringCallback):
         scalars: dict[str, float] = {}
         assignments: dict[str, dict[str, int]] = {}
         for view, res in results.items():
-            kept = list(res.leaf_order)
+            kept = res.leaf_order.tolist()
             names = [res.class_names[i] for i in kept]
             title = f"{view}: epoch {res.epoch}, {res.n_clusters} clusters, silhouette {res.silhouette:.2f}"
             if out.experiment is not None:
                 if res.linkage is not None:
-                    leaf_names = [res.class_names[i] for i in res.classes]
-                    fig, _ = dendrogram_figure(res.linkage, leaf_names, res.n_clusters, title)
+                    leaf_names = [res.class_names[i] for i in res.classes.tolist()]
+                    fig, _ = dendrogram_figure(
+                        res.linkage.numpy(), leaf_names, res.n_clusters, title
+                    )
                     out.figure(out.tag(view, "dendrogram"), fig)
                 sub = np.ix_(kept, kept)
                 fig = distance_confusion_figure(
-                    res.distances[sub],
-                    None if res.confusion is None else res.confusion[sub],
+                    res.distances.numpy()[sub],
+                    None if res.confusion is None else res.confusion.numpy()[sub],
                     names,
                     agreement=res.agreement if res.confusion is not None else None,
                     title=title,
@@ -444,9 +439,7 @@ class CategoryClustering(_ClusteringCallback):
                 res.as_arrays(),
                 meta={"view": view, "layers": res.layers, "epoch": res.epoch, **self._meta()},
             )
-            assignments[view] = {
-                n: int(c) for n, c in zip(res.class_names, res.labels, strict=True)
-            }
+            assignments[view] = dict(zip(res.class_names, res.labels.tolist(), strict=True))
         out.save_json("assignments", assignments)
         out.scalars({k: v for k, v in scalars.items() if np.isfinite(v)})
 
@@ -461,8 +454,9 @@ class CategoryClustering(_ClusteringCallback):
     @staticmethod
     def _table(res: CategoryClusteringResult) -> str:
         rows = []
-        for cluster in sorted(set(res.labels.tolist())):
-            members = [res.class_names[i] for i in np.flatnonzero(res.labels == cluster)]
+        labels = res.labels.tolist()
+        for cluster in sorted(set(labels)):
+            members = [n for n, c in zip(res.class_names, labels, strict=True) if c == cluster]
             label = "left out" if cluster < 0 else str(cluster)
             rows.append((label, len(members), ", ".join(members)))
         return _markdown_table(("cluster", "classes", "members"), rows)

@@ -8,22 +8,20 @@ the numbers next to the event files, and keeps the latest results in ``callback.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_neurons.callbacks._base import OnError
+from lightning_neurons.callbacks._base import OnError, class_names_of
 from lightning_neurons.callbacks._clustering import (
     _ClusteringCallback,
     _markdown_table,
     _stability,
-    class_names_of,
 )
-from lightning_neurons.callbacks.tracker import ActivationTracker
-from lightning_neurons.checks import check_choice, check_positive_int
+from lightning_neurons.checks import Constraints, Interval, Options, validate_params
 from lightning_neurons.clustering import (
     ActivationReservoir,
     NeuronClusterer,
@@ -38,7 +36,7 @@ from lightning_neurons.results import NeuronClusteringResult
 from lightning_neurons.state import in_analysis
 from lightning_neurons.stats import LayerStats
 
-# ---- neuron clustering ------------------------------------------------------------------------
+Source = Literal["class_means", "reservoir"]
 
 
 class NeuronClustering(_ClusteringCallback):
@@ -84,7 +82,18 @@ class NeuronClustering(_ClusteringCallback):
     """
 
     kind = "neuron_clustering"
-    reads = (ActivationTracker,)
+    _parameter_constraints: ClassVar[Constraints] = {
+        **_ClusteringCallback._parameter_constraints,
+        "method": [Options.of(NeuronMethod)],
+        "n_clusters": [Interval(int, 1, None), None],
+        "min_cluster_size": [Interval(int, 2, None), None],
+        "normalize": [Options.of(NeuronNormalize)],
+        "source": [Options.of(Source)],
+        "reservoir_size": [Interval(int, 1, None)],
+        "embedding": [bool],
+        "max_embedding_neurons": [Interval(int, 1, None)],
+        "seed": [Interval(int, 0, None)],
+    }
 
     def __init__(
         self,
@@ -94,7 +103,7 @@ class NeuronClustering(_ClusteringCallback):
         n_clusters: int | None = None,
         min_cluster_size: int | None = None,
         normalize: NeuronNormalize = "zscore",
-        source: Literal["class_means", "reservoir"] = "class_means",
+        source: Source = "class_means",
         reservoir_size: int = 1024,
         embedding: bool = True,
         max_embedding_neurons: int = 4096,
@@ -103,6 +112,7 @@ class NeuronClustering(_ClusteringCallback):
         enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:
+        validate_params(self, locals())
         super().__init__(
             layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
         )
@@ -113,20 +123,17 @@ class NeuronClustering(_ClusteringCallback):
             "normalize": normalize,
             "random_state": seed,
         }
-        NeuronClusterer(**self._clusterer_options).check_params()  # now, not at the epoch's end
-        check_choice("source", source, ("class_means", "reservoir"))
+        # the options that depend on each other (HDBSCAN's), now, not at the epoch's end
+        NeuronClusterer(**self._clusterer_options).check_params()
         self.method, self.n_clusters, self.min_cluster_size = method, n_clusters, min_cluster_size
         self.normalize, self.source, self.seed = normalize, source, seed
-        self.reservoir_size = check_positive_int("reservoir_size", reservoir_size)
+        self.reservoir_size = int(reservoir_size)
         self.embedding = embedding
-        self.max_embedding_neurons = check_positive_int(
-            "max_embedding_neurons", max_embedding_neurons
-        )
+        self.max_embedding_neurons = int(max_embedding_neurons)
         self.results: dict[str, NeuronClusteringResult] = {}
-        self._previous: dict[str, np.ndarray] = {}
+        self._previous: dict[str, torch.Tensor] = {}
         self._hooks = HookSet()
         self._reservoirs: dict[str, ActivationReservoir] = {}
-        self._labels: torch.Tensor | None = None
         self._warned_constant: set[str] = set()
 
     @property
@@ -137,31 +144,28 @@ class NeuronClustering(_ClusteringCallback):
 
     # ---- the reservoir of per-image activations ----
 
-    def _start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
-        if stage != self._stage or self.source != "reservoir":
+    def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.source != "reservoir":
             return
         self._stop()
-        self._reservoirs = {}
-        if not self._due(trainer):
-            return
         self._reservoirs = {}  # one per call site, made at its first batch
-        self._hooks.add(pl_module, self.layers, self._on_activation)
+        if self._due(trainer):
+            self._hooks.add(pl_module, self.layers, self._on_activation)
 
     def _stop(self) -> None:
         self._hooks.remove()
         self._labels = None
 
-    def _batch_start(self, stage: str, batch: Any, batch_idx: int) -> None:
-        if stage != self._stage or not len(self._hooks):
-            return
-        self._labels = self._batch_labels(batch, batch_idx)
-        self._hooks.new_pass()
+    def _gather(self, batch: Any, batch_idx: int) -> None:
+        if len(self._hooks):
+            self._labels = self._batch_labels(batch, batch_idx)
+            self._hooks.new_pass()
 
     def _on_activation(self, name: str, output: torch.Tensor) -> None:
         if self._labels is None or in_analysis():
             return
         with torch.no_grad():
-            values = reduce_activation(output.detach(), self._reduction, name)
+            values = reduce_activation(output.detach(), self.spec.reduction, name)
             values = values[: self._labels.shape[0]]  # DistributedSampler's repeats left out
             if name not in self._reservoirs:
                 self._reservoirs[name] = ActivationReservoir(self.reservoir_size, seed=self.seed)
@@ -219,23 +223,21 @@ class NeuronClustering(_ClusteringCallback):
             if found.size
             else np.zeros((0, means.shape[0]))
         )
-        previous = self._previous.get(name)
-        stability = _stability(previous, labels)
         return NeuronClusteringResult(
             layer=name,
             epoch=stats.epoch,
-            classes=classes,
-            labels=labels,
+            classes=torch.as_tensor(classes, dtype=torch.int64),
+            labels=torch.as_tensor(labels, dtype=torch.int64),
             n_clusters=clusterer.n_clusters_,
-            cluster_sizes=clusterer.cluster_sizes_,
+            cluster_sizes=torch.as_tensor(clusterer.cluster_sizes_, dtype=torch.int64),
             noise_fraction=float((labels < 0).mean()),
-            cluster_profiles=cluster_profiles,
+            cluster_profiles=torch.as_tensor(cluster_profiles),
             silhouette=clusterer.silhouette_,
-            preferred_class=stats.preferred_class.numpy(),
-            selectivity=stats.selectivity.numpy(),
-            stability=stability,
+            preferred_class=stats.preferred_class,
+            selectivity=stats.selectivity,
+            features=torch.as_tensor(normalized),
+            stability=_stability(self._previous.get(name), labels),
             source=self.source,
-            extra={"features": normalized},
         )
 
     def _unclustered(
@@ -251,21 +253,20 @@ class NeuronClustering(_ClusteringCallback):
                 "few vary to be clustered, so all are left unclustered (-1)."
             )
         normalized, _ = normalize_neurons(means.T, self.normalize)
-        labels = np.full(means.shape[1], -1, dtype=np.int64)
         return NeuronClusteringResult(
             layer=name,
             epoch=stats.epoch,
-            classes=classes,
-            labels=labels,
+            classes=torch.as_tensor(classes, dtype=torch.int64),
+            labels=torch.full((means.shape[1],), -1, dtype=torch.int64),
             n_clusters=0,
-            cluster_sizes=np.zeros(0, dtype=np.int64),
+            cluster_sizes=torch.zeros(0, dtype=torch.int64),
             noise_fraction=1.0,
-            cluster_profiles=np.zeros((0, means.shape[0])),
+            cluster_profiles=torch.zeros(0, means.shape[0], dtype=torch.float64),
             silhouette=float("nan"),
-            preferred_class=stats.preferred_class.numpy(),
-            selectivity=stats.selectivity.numpy(),
+            preferred_class=stats.preferred_class,
+            selectivity=stats.selectivity,
+            features=torch.as_tensor(normalized),
             source=self.source,
-            extra={"features": normalized},
         )
 
     def _log(self, trainer: Trainer, results: dict[str, NeuronClusteringResult]) -> None:
@@ -277,11 +278,11 @@ class NeuronClustering(_ClusteringCallback):
         scalars: dict[str, float] = {}
         for name, res in results.items():
             all_names = class_names_of(trainer, self._num_classes(res))
-            names = [all_names[i] for i in res.classes]
+            names = [all_names[i] for i in res.classes.tolist()]
             if out.experiment is not None:
                 fig = cluster_profiles_figure(
-                    res.cluster_profiles,
-                    res.cluster_sizes,
+                    res.cluster_profiles.numpy(),
+                    res.cluster_sizes.numpy(),
                     names,
                     noise=int((res.labels < 0).sum()),
                     title=f"{name}: neuron clusters, epoch {res.epoch}",
@@ -315,24 +316,23 @@ class NeuronClustering(_ClusteringCallback):
                 self.kind,
                 results,
                 class_names_of(trainer, num_classes),
-                self.max_embedding_neurons,
-                self._reader,
-                self._stage,
-                self._dataloader_idx,
+                spec=self.spec,
+                max_neurons=self.max_embedding_neurons,
             )
 
     @staticmethod
     def _num_classes(res: NeuronClusteringResult) -> int:
-        return int(max(res.classes.max(initial=-1), res.preferred_class.max(initial=-1))) + 1
+        indices = torch.cat([res.classes.long(), res.preferred_class.long(), torch.tensor([-1])])
+        return int(indices.max()) + 1
 
     @staticmethod
     def _table(res: NeuronClusteringResult, names: list[str]) -> str:
         rows = []
         for c, (size, profile) in enumerate(
-            zip(res.cluster_sizes, res.cluster_profiles, strict=True)
+            zip(res.cluster_sizes.tolist(), res.cluster_profiles.tolist(), strict=True)
         ):
-            top = np.argsort(-profile)[:3]
-            rows.append((c, int(size), ", ".join(f"{names[i]} ({profile[i]:+.1f})" for i in top)))
+            top = np.argsort(-np.asarray(profile), kind="stable")[:3]
+            rows.append((c, size, ", ".join(f"{names[i]} ({profile[i]:+.1f})" for i in top)))
         noise = int((res.labels < 0).sum())
         if noise:
             rows.append(("unclustered", noise, ""))

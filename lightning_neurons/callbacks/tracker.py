@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, overload
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -18,13 +18,13 @@ from lightning_neurons.batch import (
     analysed_rows,
     stage_loaders,
 )
-from lightning_neurons.callbacks._base import OnError, StagedCallback
-from lightning_neurons.checks import (
-    check_choice,
-    check_int,
-    check_optional_positive_int,
-    check_positive_int,
+from lightning_neurons.callbacks._base import (
+    OnError,
+    StageBatch,
+    StagedCallback,
+    find_callback,
 )
+from lightning_neurons.checks import Constraints, Interval, Options, validate_params
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import (
     HookSet,
@@ -35,10 +35,12 @@ from lightning_neurons.hooks import (
     signed_layers,
 )
 from lightning_neurons.loggers import AnalysisLogger
+from lightning_neurons.results import TrackerSpec
 from lightning_neurons.state import in_analysis
 from lightning_neurons.stats import ClassNeuronStats, LayerStats
 
 Stage = Literal["validation", "train", "test"]
+Reduction = Literal["mean", "max"]
 
 
 def infer_num_classes(model: nn.Module) -> int | None:
@@ -66,9 +68,10 @@ class ActivationTracker(StagedCallback):
 
     The statistics are published in :attr:`results` (``{layer: LayerStats}``) at the end of each
     analysed epoch of ``stage``; the other analyses (:class:`FeatureVisualizer`, clustering,
-    contribution) read them at the end of the stage rather than hooking the model again, and read
-    batches and model outputs through the tracker's :attr:`reader` (its ``input_fn``,
-    ``label_fn`` and ``output_fn``).
+    contribution) read them at the end of the stage rather than hooking the model again. What the
+    tracker tracks and how it reads batches (its ``input_fn``, ``label_fn`` and ``output_fn``,
+    layers, stage, loader, reduction, class count) is its :attr:`spec`, a read-only
+    :class:`~lightning_neurons.results.TrackerSpec` that peers look up with :func:`tracker_spec`.
 
     Every image is counted once: only the loader ``dataloader_idx`` is analysed, and under DDP the
     samples that :class:`~torch.utils.data.DistributedSampler` repeats to even out the processes
@@ -109,11 +112,24 @@ class ActivationTracker(StagedCallback):
         >>> tracker.results["features.conv3"].selectivity  # doctest: +SKIP
     """
 
+    _parameter_constraints: ClassVar[Constraints] = {
+        **StagedCallback._parameter_constraints,
+        "reduction": [Options.of(Reduction)],
+        "stage": [Options.of(Stage)],
+        "top_k": [Interval(int, 1, None)],
+        "num_classes": [Interval(int, 1, None), None],
+        "label_fn": ["callable", None],
+        "input_fn": ["callable", None],
+        "output_fn": ["callable", None],
+        "dataloader_idx": [Interval(int, 0, None)],
+        "max_batches": [Interval(int, 1, None), None],
+    }
+
     def __init__(
         self,
         layers: list[str] | None = None,
         *,
-        reduction: Literal["mean", "max"] = "mean",
+        reduction: Reduction = "mean",
         stage: Stage = "validation",
         every_n_epochs: int = 1,
         top_k: int = 5,
@@ -126,17 +142,21 @@ class ActivationTracker(StagedCallback):
         enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:
+        validate_params(self, locals())
         super().__init__(
             layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
         )
-        self.reduction = check_choice("reduction", reduction, ("mean", "max"))
-        self.stage = check_choice("stage", stage, ("validation", "train", "test"))
-        self.top_k = check_positive_int("top_k", top_k)
-        self.num_classes = check_optional_positive_int("num_classes", num_classes)
-        self.max_batches = check_optional_positive_int("max_batches", max_batches)
-        self.dataloader_idx = check_int("dataloader_idx", dataloader_idx, minimum=0)
+        self.reduction = reduction
+        self.stage = stage
+        self.top_k = int(top_k)
+        self.num_classes = None if num_classes is None else int(num_classes)
+        self.max_batches = None if max_batches is None else int(max_batches)
+        self.dataloader_idx = int(dataloader_idx)
         #: How every analysis reads inputs, labels and logits (see :mod:`lightning_neurons.batch`).
         self.reader = BatchReader(input_fn=input_fn, label_fn=label_fn, output_fn=output_fn)
+        #: What the tracker tracks and how it reads batches, set at setup (``None`` before):
+        #: what its peers read (see :func:`tracker_spec`).
+        self.spec: TrackerSpec | None = None
         self.results: dict[str, LayerStats] = {}
         self._metrics: dict[str, ClassNeuronStats] = {}
         self._hooks = HookSet()
@@ -187,34 +207,41 @@ class ActivationTracker(StagedCallback):
             for name, s in self._saved_states.items()
         }
 
-    # ---- Lightning hooks -----------------------------------------------------------------------
+    # ---- what the peers read ------------------------------------------------------------------
 
-    @property
-    def label_fn(self) -> BatchFn | None:
-        return self.reader.label_fn
+    def describe(self, pl_module: nn.Module) -> TrackerSpec:
+        """What this tracker tracks on ``pl_module`` and how it reads batches (what :attr:`spec`
+        is set to at setup). Peers call :func:`tracker_spec` instead.
 
-    @property
-    def input_fn(self) -> BatchFn | None:
-        return self.reader.input_fn
-
-    @property
-    def output_fn(self) -> BatchFn | None:
-        return self.reader.output_fn
-
-    # ---- Lightning hooks -----------------------------------------------------------------------
-
-    @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.layers = resolve_layers(pl_module, self.layer_patterns)
-        self._note_signed(pl_module)
-        if self.num_classes is None:
-            self.num_classes = infer_num_classes(pl_module)
-        if self.num_classes is None:
+        Raises:
+            NeuronsError: If a layer is not found, or the class count can be neither read from
+                the model nor was given.
+        """
+        num_classes = self.num_classes or infer_num_classes(pl_module)
+        if num_classes is None:
             raise NeuronsError(
                 f"ActivationTracker could not tell how many classes {type(pl_module).__name__} "
                 "predicts (no `num_classes` attribute or hyper-parameter, no Linear layer); pass "
                 "`num_classes=` to ActivationTracker."
             )
+        return TrackerSpec(
+            reader=self.reader,
+            layers=tuple(resolve_layers(pl_module, self.layer_patterns)),
+            stage=self.stage,
+            dataloader_idx=self.dataloader_idx,
+            reduction=self.reduction,
+            num_classes=num_classes,
+            top_k=self.top_k,
+        )
+
+    # ---- Lightning hooks -----------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.spec = self.describe(pl_module)
+        self.layers = list(self.spec.layers)
+        self.num_classes = self.spec.num_classes
+        self._note_signed(pl_module)
         self._checked = self._warned_loaders = False
         self._saw_validation = self._warned_no_validation = False
 
@@ -226,22 +253,16 @@ class ActivationTracker(StagedCallback):
             self._rows = self._loader_rows(trainer, stage)
             self._start(trainer, pl_module)
 
-    def _stage_batch_start(
-        self,
-        stage: str,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
+    def _on_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, step: StageBatch
     ) -> None:
         if not self._checked:  # the first batch the model sees, sanity check included
-            self.check_batch(batch)
+            self.check_batch(step.batch)
             self._checked = True
-        if stage == self.stage and dataloader_idx == self.dataloader_idx:
-            self._batch_start(batch, batch_idx)
+        if step.stage == self.stage and step.dataloader_idx == self.dataloader_idx:
+            self._gather(step.batch, step.batch_idx)
 
-    def _stage_batch_end(self, stage: str, *args: Any) -> None:
+    def _on_batch_end(self, trainer: Trainer, pl_module: LightningModule, step: StageBatch) -> None:
         self._labels = None
 
     def _stage_end(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -266,10 +287,9 @@ class ActivationTracker(StagedCallback):
         self._stop()
         self._note_calls()
         states = {name: metric.compute() for name, metric in self._metrics.items()}
-        # Kept where they are, not copied (0.74 GB for ResNet-50 at 1,000 classes; a copy to the
-        # CPU would add that to every rank's host memory): the metric's reset at the next
-        # analysed epoch replaces its state tensors with new ones (torchmetrics assigns fresh
-        # defaults), and no batch is added before that reset. `state_dict` copies them.
+        # Kept where they are, not copied (a copy would add the whole state to every rank's host
+        # memory): the metric's reset at the next analysed epoch gives it new state tensors, and
+        # no batch is added before that reset. `state_dict` copies them.
         self._saved_states = {n: {k: v.detach() for k, v in s.items()} for n, s in states.items()}
         self._saved_epoch = epoch
         self.results = {
@@ -364,7 +384,8 @@ class ActivationTracker(StagedCallback):
         self._labels = None
         self._collecting = False
 
-    def _batch_start(self, batch: Any, batch_idx: int) -> None:
+    def _gather(self, batch: Any, batch_idx: int) -> None:
+        """Take this batch's labels for the hooks (the batch itself goes through the model next)."""
         if not self._collecting:
             return
         if self.max_batches is not None and self._batches >= self.max_batches:
@@ -490,10 +511,45 @@ class ActivationTracker(StagedCallback):
 
 def _file_arrays(res: LayerStats) -> dict[str, torch.Tensor]:
     """The arrays written to the ``.npz``: the ``[C, K]`` floating statistics in float32 (7
-    significant digits; half the bytes, and half the time to compress them, of float64: at
-    1,000 classes these files are most of what the tracker writes every epoch), the rest as
-    they are."""
+    significant digits, half the bytes of float64), the rest as they are."""
     arrays = res.as_arrays()
     return {
         k: v.float() if v.is_floating_point() and v.dim() == 2 else v for k, v in arrays.items()
     }
+
+
+@overload
+def tracker_spec(trainer: Trainer, *, required: Literal[False] = False) -> TrackerSpec | None: ...
+
+
+@overload
+def tracker_spec(trainer: Trainer, *, required: str) -> TrackerSpec: ...
+
+
+def tracker_spec(trainer: Trainer, *, required: str | Literal[False] = False) -> TrackerSpec | None:
+    """The :class:`~lightning_neurons.results.TrackerSpec` of the trainer's ActivationTracker:
+    the one way its peers learn what it tracks and how it reads batches. It can be called in a
+    peer's ``setup``, whether the tracker's own ``setup`` has run or not.
+
+    Args:
+        trainer: The trainer (its ``lightning_module`` is the model the layers are resolved on).
+        required: The name of the callback that needs a tracker: a missing one then raises
+            (see :func:`~lightning_neurons.callbacks._base.find_callback`). ``False``: a
+            missing one gives ``None``.
+
+    Returns:
+        The spec, or ``None`` when no tracker is attached and none is required.
+
+    Raises:
+        NeuronsError: If no tracker is attached and ``required`` names who needs one, or the
+            tracker's layers or class count do not fit the model.
+
+    Example:
+        >>> spec = tracker_spec(trainer, required="CategoryClustering")  # doctest: +SKIP
+        >>> spec.layers, spec.stage  # doctest: +SKIP
+        (('features.relu1', 'features.relu2'), 'validation')
+    """
+    tracker = find_callback(trainer, ActivationTracker, required=required)
+    if tracker is None:
+        return None
+    return tracker.describe(trainer.lightning_module)
