@@ -432,6 +432,7 @@ if dist.is_initialized():
 """
 
 
+@pytest.mark.slow
 def test_two_process_ddp_gives_the_single_process_results(tmp_path):
     import os
     import subprocess

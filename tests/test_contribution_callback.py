@@ -451,6 +451,7 @@ if dist.is_initialized():
 """
 
 
+@pytest.mark.slow
 def test_two_process_ddp_fit_gives_every_rank_the_results_and_rank_zero_writes(tmp_path):
     script = tmp_path / "ddp_contribution.py"
     script.write_text(DDP_SCRIPT)
