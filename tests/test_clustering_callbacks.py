@@ -373,12 +373,23 @@ def test_every_projector_point_has_its_own_image(tmp_path):
             assert tile.std() > 0, (entry.tensor_name, i)
 
 
-def test_state_dict_round_trip():
-    neurons = NeuronClustering()
-    neurons._previous = {"a": np.array([0, 1, -1])}
-    other = NeuronClustering()
-    other.load_state_dict(neurons.state_dict())
-    assert np.array_equal(other._previous["a"], [0, 1, -1])
+def test_state_dict_round_trip(tmp_path):
+    """A resumed callback compares its first labels with the checkpoint's: the same model
+    validated again gives the same labels, so a stability of 1 (NaN without the checkpoint)."""
+    options = dict(method="kmeans", n_clusters=2, enable_logging=False, on_error="raise")
+    model, data = _tiny(), TinyData()
+    neurons = NeuronClustering(**options)
+    fast_trainer(tmp_path, max_epochs=1, callbacks=[ActivationTracker(), neurons]).fit(model, data)
+    assert neurons.results and not any(np.isfinite(r.stability) for r in neurons.results.values())
+    resumed, fresh = NeuronClustering(**options), NeuronClustering(**options)
+    resumed.load_state_dict(neurons.state_dict())
+    for callback in (resumed, fresh):
+        trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(), callback])
+        trainer.validate(model, data, verbose=False)
+    assert resumed.results.keys() == fresh.results.keys() == neurons.results.keys()
+    for layer, res in resumed.results.items():
+        assert res.stability == pytest.approx(1.0), layer
+        assert not np.isfinite(fresh.results[layer].stability)
     CategoryClustering().load_state_dict({})  # tolerant of old checkpoints
 
 

@@ -277,21 +277,34 @@ def test_without_tensorboard_warns_once_and_still_writes_files(tmp_path):
     assert [r["name"] for r in load_index(tmp_path / "neurons" / "run_0")] == ["backbone.fc"] * 2
 
 
-def test_an_epochs_saved_states_are_not_changed_by_later_epochs(tmp_path):
+def test_an_epochs_results_and_checkpoint_are_not_changed_by_later_epochs(tmp_path):
+    """What the tracker published at an epoch's end (its results, a checkpoint taken while the
+    next epoch is being measured) keeps that epoch's numbers."""
     tracker = ActivationTracker(layers=["backbone.conv2"], enable_logging=False)
-    seen = []
+    ends, mid = [], []
 
     class Keep(pl.Callback):
+        def on_validation_batch_end(self, trainer, *args, **kwargs):  # after the tracker's
+            if trainer.current_epoch > 0:
+                mid.append((trainer.current_epoch, tracker.state_dict()["states"]))
+
         def on_validation_end(self, trainer, pl_module):  # after the tracker has published
-            states = tracker._saved_states["backbone.conv2"]
-            seen.append((states, {k: v.clone() for k, v in states.items()}))
+            stats = tracker.results["backbone.conv2"]
+            copies = {k: v.clone() for k, v in stats.as_arrays().items()}
+            ends.append((stats, copies, tracker.state_dict()["states"]))
 
     fast_trainer(tmp_path, callbacks=[tracker, Keep()], max_epochs=3).fit(
         _module(), datamodule=TinyData()
     )
-    assert len(seen) == 3 and not torch.equal(seen[0][1]["sum"], seen[2][1]["sum"])
-    for states, copy in seen:  # the tensors kept at each epoch's end hold that epoch's sums
-        assert all(torch.equal(states[k], copy[k]) for k in copy)
+    assert len(ends) == 3 and len(mid) == 2 * 3  # 3 validation batches in epochs 1 and 2
+    assert not torch.equal(ends[0][1]["class_means"], ends[2][1]["class_means"])
+    for stats, copies, _ in ends:
+        arrays = stats.as_arrays()
+        for key, value in copies.items():
+            torch.testing.assert_close(arrays[key], value, rtol=0, atol=0, equal_nan=True)
+    for epoch, states in mid:  # a checkpoint mid-epoch holds the last complete epoch
+        previous = ends[epoch - 1][2]["backbone.conv2"]
+        assert all(torch.equal(states["backbone.conv2"][k], v) for k, v in previous.items())
 
 
 def test_checkpoint_resume_restores_the_statistics(tmp_path):
