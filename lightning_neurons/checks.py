@@ -469,3 +469,61 @@ def check_batch_shape(shape: Any, seeds: Any) -> tuple[int, int, int, int]:
     if len(seeds) != shape[0]:
         raise NeuronsError(f"need one seed per image: {shape[0]} images but {len(seeds)} seeds")
     return tuple(shape)  # type: ignore[return-value]
+
+
+def check_constraints(params: Mapping[str, Any], constraints: Mapping[str, list[Any]]) -> None:
+    """Check parameters against scikit-learn style declarative constraints.
+
+    Each entry of ``constraints`` lists what a parameter may be, as in scikit-learn's
+    ``_parameter_constraints``: ``None``, ``StrOptions({...})``, ``Interval(Integral, ...)``, a
+    type. ``bool`` does not count as an integer here.
+
+    Args:
+        params: Parameter values by name (``estimator.get_params(deep=False)``).
+        constraints: Allowed values by name.
+
+    Raises:
+        NeuronsError: For the first parameter that none of its constraints allows.
+
+    Example:
+        >>> check_constraints({"k": 0}, {"k": [Interval(Integral, 1, None, closed="left")]})
+        Traceback (most recent call last):
+        NeuronsError: `k` must be an integer >= 1; got 0
+    """
+    from sklearn.utils._param_validation import make_constraint
+
+    for name, allowed in constraints.items():
+        value = params[name]
+        if any(_allows(make_constraint(c), value) for c in allowed):
+            continue
+        described = " or ".join(_describe(make_constraint(c)) for c in allowed)
+        raise NeuronsError(f"`{name}` must be {described}; got {value!r}")
+
+
+def _allows(constraint: Any, value: Any) -> bool:
+    from numbers import Integral
+
+    from sklearn.utils._param_validation import Interval
+
+    if isinstance(value, bool) and isinstance(constraint, Interval):
+        return constraint.type is not Integral and constraint.is_satisfied_by(value)
+    return bool(constraint.is_satisfied_by(value))
+
+
+def _describe(constraint: Any) -> str:
+    from numbers import Integral
+
+    from sklearn.utils._param_validation import Interval, StrOptions, _NoneConstraint
+
+    if isinstance(constraint, _NoneConstraint):
+        return "None"
+    if isinstance(constraint, StrOptions):
+        return "one of " + ", ".join(map(repr, sorted(constraint.options)))
+    if (
+        isinstance(constraint, Interval)
+        and constraint.type is Integral
+        and constraint.right is None
+    ):
+        low = constraint.left if constraint.closed in ("left", "both") else constraint.left + 1
+        return f"an integer >= {low}"
+    return str(constraint)

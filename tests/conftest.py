@@ -1,4 +1,13 @@
-"""Shared fixtures: tiny models and data that make every test fast on 2 CPU cores."""
+"""Shared fixtures: tiny models and data that make every test fast on 2 CPU cores.
+
+Heavy tests (the model zoo, category defaults, DDP runs, scikit-learn's estimator checks, anything
+over about ten seconds) carry ``@pytest.mark.slow``. CI runs every test (plain ``pytest``); the
+quick local run leaves the slow ones out::
+
+    OMP_NUM_THREADS=1 pytest -m "not slow"
+
+DDP tests use one harness, ``tests/ddp.py`` (``run_ranks``): read its docstring.
+"""
 
 from __future__ import annotations
 

@@ -12,6 +12,9 @@ from lightning_neurons import ActivationTracker, CategoryClustering, NeuronsErro
 from lightning_neurons.models import ImageClassifier, SmallCNN
 from lightning_neurons.parts import PartsDataModule
 
+# every test here trains or runs whole models: heavy, `pytest -m "not slow"` leaves them out
+pytestmark = pytest.mark.slow
+
 EPOCHS = 10
 
 

@@ -11,6 +11,7 @@ from lightning_neurons.loggers import load_index
 CONFIG = Path(__file__).parents[1] / "configs" / "digits.yaml"
 
 
+@pytest.mark.slow
 def test_demo_config_runs_every_analysis_and_says_where_the_logs_are(tmp_path, capsys):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

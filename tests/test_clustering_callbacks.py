@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TinyData, TinyNet, fast_trainer
+from ddp import run_ranks
 from scipy.cluster.hierarchy import fcluster, linkage
 from sklearn.metrics import adjusted_rand_score
 
@@ -386,15 +387,17 @@ def test_every_argument_has_exactly_the_constraints_of_its_table(cls):
 
 
 def test_every_projector_point_has_its_own_image(tmp_path):
+    from google.protobuf import text_format
     from PIL import Image
-
-    from lightning_neurons.projector import read_config
+    from tensorboard.plugins.projector import ProjectorConfig
 
     neurons = NeuronClustering(method="kmeans", n_clusters=2, on_error="raise")
     trainer = fast_trainer(tmp_path, max_epochs=1, callbacks=[ActivationTracker(), neurons])
     trainer.fit(_tiny(num_classes=6), TinyData(n=96, num_classes=6))
     log_dir = Path(trainer.logger.log_dir)
-    config = read_config(log_dir)
+    config = text_format.Parse(
+        (log_dir / "projector_config.pbtxt").read_text(), ProjectorConfig()
+    )  # as TensorBoard's projector reads it
     assert len(config.embeddings) == len(neurons.results)  # one per layer
     for entry in config.embeddings:
         points = len((log_dir / entry.metadata_path).read_text().strip().split("\n")) - 1
@@ -446,58 +449,37 @@ def test_cut_threshold_cuts_into_k_clusters(k):
 
 # ---- two CPU processes (DDP, gloo) --------------------------------------------------------------
 
-_DDP_SCRIPT = """
-import json, sys
-from pathlib import Path
-import lightning.pytorch as pl
-import torch
-from lightning_neurons import ActivationTracker
-from lightning_neurons import CategoryClustering, NeuronClustering
-from lightning_neurons.data import DigitsDataModule
-from lightning_neurons.models import ImageClassifier, SmallCNN
 
-out, devices = Path(sys.argv[1]), int(sys.argv[2])
-torch.manual_seed(0)
-model = ImageClassifier(SmallCNN(widths=(8, 16)), num_classes=10)
-category = CategoryClustering(n_clusters=3, on_error="raise")
-neurons = NeuronClustering(method="kmeans", n_clusters=2, on_error="raise")
-trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
-                     logger=False, enable_progress_bar=False, enable_model_summary=False,
-                     callbacks=[ActivationTracker(), category, neurons])
-trainer.validate(model, datamodule=DigitsDataModule(batch_size=64), verbose=False)
-result = {
-    "confusion": None if not category.results else category.results["combined"].confusion.tolist(),
-    "labels": {k: v.labels.tolist() for k, v in category.results.items()},
-    "neurons": {k: v.labels.tolist() for k, v in neurons.results.items()},
-}
-(out / f"rank{trainer.global_rank}_{devices}.json").write_text(json.dumps(result))
-# Close the gloo process group before exit (see test_visualizer_callback's DDP script).
-import torch.distributed as dist
-if dist.is_initialized():
-    dist.destroy_process_group()
-"""
+def _validate_digits(rank: int, world_size: int) -> dict:
+    """Both clusterings after validating a fixed model on digits, as plain lists."""
+    from lightning_neurons.data import DigitsDataModule
+
+    torch.manual_seed(0)
+    model = ImageClassifier(SmallCNN(widths=(8, 16)), num_classes=10)
+    category = CategoryClustering(n_clusters=3, on_error="raise")
+    neurons = NeuronClustering(method="kmeans", n_clusters=2, on_error="raise")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=world_size,
+        strategy="ddp" if world_size > 1 else "auto",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ActivationTracker(), category, neurons],
+    )
+    trainer.validate(model, datamodule=DigitsDataModule(batch_size=64), verbose=False)
+    confusion = category.results[COMBINED].confusion if category.results else None
+    return {
+        "confusion": None if confusion is None else np.asarray(confusion).tolist(),
+        "labels": {k: np.asarray(v.labels).tolist() for k, v in category.results.items()},
+        "neurons": {k: np.asarray(v.labels).tolist() for k, v in neurons.results.items()},
+    }
 
 
-def test_two_process_ddp_gives_the_single_process_results(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    script = tmp_path / "ddp_clustering.py"
-    script.write_text(_DDP_SCRIPT)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    for devices in (1, 2):
-        done = subprocess.run(
-            [sys.executable, str(script), str(tmp_path), str(devices)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-    single = json.loads((tmp_path / "rank0_1.json").read_text())
-    rank0 = json.loads((tmp_path / "rank0_2.json").read_text())
-    rank1 = json.loads((tmp_path / "rank1_2.json").read_text())
+@pytest.mark.slow
+def test_two_process_ddp_gives_the_single_process_results():
+    (single,) = run_ranks(_validate_digits, 1)
+    rank0, rank1 = run_ranks(_validate_digits, 2)
     assert np.sum(rank0["confusion"]) == 360  # every validation image, summed over both ranks
     assert rank0["confusion"] == single["confusion"]
     assert rank0["labels"] == single["labels"] and rank0["neurons"] == single["neurons"]

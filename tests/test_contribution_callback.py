@@ -3,10 +3,6 @@ results used when present, no side effects on training, hooks removed, errors.""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import warnings
 
 import lightning.pytorch as pl
@@ -14,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TinyData, TinyNet, fast_trainer
+from ddp import run_ranks
 from torch import nn
 
 from lightning_neurons import ActivationTracker, NeuronsError, RenderOptions
@@ -423,53 +420,40 @@ def test_without_tensorboard_it_still_writes_files(tmp_path):
     }
 
 
-DDP_SCRIPT = """
-import json, sys
-from pathlib import Path
-import lightning.pytorch as pl
-import torch
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning_neurons.callbacks.contribution import NeuronContribution
-from lightning_neurons.callbacks.tracker import ActivationTracker
-from lightning_neurons.data import DigitsDataModule
-from lightning_neurons.models import ImageClassifier, SmallCNN
+def _fit_digits(rank: int, world_size: int, out) -> dict:
+    """A short fit on digits with NeuronContribution; the layers and the accuracy drops' shape."""
+    from lightning.pytorch.loggers import TensorBoardLogger
 
-out = Path(sys.argv[1])
-pl.seed_everything(0, verbose=False)
-model = ImageClassifier(SmallCNN(widths=(4, 8)), num_classes=10)
-contribution = NeuronContribution(max_batches=2, on_error="raise")
-trainer = pl.Trainer(
-    accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=2,
-    logger=TensorBoardLogger(str(out), name="tb"), enable_progress_bar=False,
-    enable_model_summary=False, enable_checkpointing=False,
-    callbacks=[ActivationTracker(), contribution],
-)
-trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
-res = contribution.results.get("backbone.features.relu2")
-drop = None if res is None or res.ablation is None else res.ablation.accuracy_drop
-summary = {"layers": sorted(contribution.results), "drop": None if drop is None else list(drop.shape)}
-(out / f"rank{trainer.global_rank}.json").write_text(json.dumps(summary))
-# Close the gloo process group before exit (see test_visualizer_callback's DDP script).
-import torch.distributed as dist
-if dist.is_initialized():
-    dist.destroy_process_group()
-"""
+    from lightning_neurons.data import DigitsDataModule
+    from lightning_neurons.models import SmallCNN
 
-
-def test_two_process_ddp_fit_gives_every_rank_the_results_and_rank_zero_writes(tmp_path):
-    script = tmp_path / "ddp_contribution.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    pl.seed_everything(0, verbose=False)
+    model = ImageClassifier(SmallCNN(widths=(4, 8)), num_classes=10)
+    contribution = NeuronContribution(max_batches=2, on_error="raise")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=world_size,
+        strategy="ddp",
+        max_epochs=1,
+        limit_train_batches=2,
+        logger=TensorBoardLogger(str(out), name="tb"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[ActivationTracker(), contribution],
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    rank0 = json.loads((tmp_path / "rank0.json").read_text())
-    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    res = contribution.results.get("backbone.features.relu2")
+    drop = None if res is None or res.ablation is None else res.ablation.accuracy_drop
+    return {
+        "layers": sorted(contribution.results),
+        "drop": None if drop is None else list(drop.shape),
+    }
+
+
+@pytest.mark.slow
+def test_two_process_ddp_fit_gives_every_rank_the_results_and_rank_zero_writes(tmp_path):
+    rank0, rank1 = run_ranks(_fit_digits, 2, tmp_path)
     assert rank0 == {
         "layers": ["backbone.features.relu1", "backbone.features.relu2"],
         "drop": [10, 10],

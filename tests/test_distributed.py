@@ -4,13 +4,9 @@ and a failure on one rank raised on every rank instead of a hang."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from ddp import run_ranks
 
 from lightning_neurons.distributed import (
     Failed,
@@ -31,55 +27,49 @@ def _caught(fn) -> str | None:
     return None
 
 
-def _worker(rank: int, world: int, folder: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"file://{folder}/group", rank=rank, world_size=world
+def _exchanges(rank: int, world: int) -> dict:
+    cpu = torch.device("cpu")
+    found: dict = {}
+    found["gather"] = gather(attempt(lambda: [rank] * (rank + 1), world), world, "lists")
+
+    def fail_on_one() -> int:
+        if rank == 1:
+            raise RuntimeError("out of memory")
+        return rank
+
+    found["gather_failed"] = _caught(lambda: gather(attempt(fail_on_one, world), world, "x"))
+    # rank 1 has nothing to add: zeros of rank 0's shapes and types
+    mine = {"n": torch.tensor([3, 4]), "s": torch.tensor([0.5], dtype=torch.float64)}
+    summed = sum_over_ranks(mine if rank == 0 else None, world, cpu, "sums")
+    found["sum_none"] = {k: (v.tolist(), str(v.dtype)) for k, v in summed.items()}
+    both = sum_over_ranks({"n": torch.tensor([rank + 1])}, world, cpu, "sums")
+    found["sum"] = both["n"].tolist()
+    found["sum_failed"] = _caught(
+        lambda: sum_over_ranks(
+            Failed("boom") if rank == 0 else {"n": torch.ones(1)}, world, cpu, "sums"
+        )
     )
-    try:
-        cpu = torch.device("cpu")
-        found: dict = {}
-        found["gather"] = gather(attempt(lambda: [rank] * (rank + 1), world), world, "lists")
+    found["sum_nobody"] = sum_over_ranks(None, world, cpu, "sums")
+    found["broadcast"] = broadcast_from_zero(lambda: {"from": rank}, rank, world, "clusters")
 
-        def fail_on_one() -> int:
-            if rank == 1:
-                raise RuntimeError("out of memory")
-            return rank
+    def zero_fails() -> int:
+        raise ValueError("no clusters")
 
-        found["gather_failed"] = _caught(lambda: gather(attempt(fail_on_one, world), world, "x"))
-        # rank 1 has nothing to add: zeros of rank 0's shapes and types
-        mine = {"n": torch.tensor([3, 4]), "s": torch.tensor([0.5], dtype=torch.float64)}
-        summed = sum_over_ranks(mine if rank == 0 else None, world, cpu, "sums")
-        found["sum_none"] = {k: (v.tolist(), str(v.dtype)) for k, v in summed.items()}
-        both = sum_over_ranks({"n": torch.tensor([rank + 1])}, world, cpu, "sums")
-        found["sum"] = both["n"].tolist()
-        found["sum_failed"] = _caught(
-            lambda: sum_over_ranks(
-                Failed("boom") if rank == 0 else {"n": torch.ones(1)}, world, cpu, "sums"
-            )
-        )
-        found["sum_nobody"] = sum_over_ranks(None, world, cpu, "sums")
-        found["broadcast"] = broadcast_from_zero(lambda: {"from": rank}, rank, world, "clusters")
-
-        def zero_fails() -> int:
-            raise ValueError("no clusters")
-
-        found["broadcast_failed"] = _caught(
-            lambda: broadcast_from_zero(zero_fails, rank, world, "reading clusters")
-        )
-        found["after"] = gather(rank, world, "still in step")  # no rank was left behind
-        Path(folder, f"rank{rank}.json").write_text(json.dumps(found))
-    finally:
-        dist.destroy_process_group()
+    found["broadcast_failed"] = _caught(
+        lambda: broadcast_from_zero(zero_fails, rank, world, "reading clusters")
+    )
+    found["after"] = gather(rank, world, "still in step")  # no rank was left behind
+    return found
 
 
-def test_two_ranks_share_gather_sum_and_broadcast_and_failures_reach_every_rank(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
-    found = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+@pytest.mark.slow
+def test_two_ranks_share_gather_sum_and_broadcast_and_failures_reach_every_rank():
+    found = run_ranks(_exchanges, 2)
     for rank in (0, 1):
         got = found[rank]
         assert got["gather"] == [[0], [1, 1]]
         assert got["gather_failed"] == "x failed on rank 1: RuntimeError: out of memory"
-        assert got["sum_none"] == {"n": [[3, 4], "torch.int64"], "s": [[0.5], "torch.float64"]}
+        assert got["sum_none"] == {"n": ([3, 4], "torch.int64"), "s": ([0.5], "torch.float64")}
         assert got["sum"] == [3]
         assert got["sum_failed"] == "sums failed on rank 0: boom"
         assert got["sum_nobody"] is None
@@ -102,3 +92,26 @@ def test_share_and_one_process():
         1.0,
     ]
     assert broadcast_from_zero(lambda: "mine", 0, 1, "x") == "mine"
+
+
+def _fail_on_rank_one(rank: int, world: int) -> int:
+    if rank == 1:
+        raise RuntimeError("rank one broke")
+    gather(rank, world, "waiting for rank one")  # rank 0 would wait here forever
+    return rank
+
+
+def _sleep(rank: int, world: int, seconds: float) -> None:
+    import time
+
+    time.sleep(seconds)
+
+
+@pytest.mark.slow
+def test_the_harness_reports_a_failing_rank_and_a_run_past_its_time():
+    import torch.multiprocessing as mp
+
+    with pytest.raises(mp.ProcessRaisedException, match="rank one broke"):
+        run_ranks(_fail_on_rank_one, 2, timeout=120)
+    with pytest.raises(TimeoutError, match="_sleep passed 2 s"):
+        run_ranks(_sleep, 2, 60.0, timeout=2)

@@ -31,6 +31,9 @@ from lightning_neurons import (
 from lightning_neurons.hooks import count_forward_hooks, resolve_layers, selects
 from lightning_neurons.models import ImageClassifier
 
+# every test here trains or runs whole models: heavy, `pytest -m "not slow"` leaves them out
+pytestmark = pytest.mark.slow
+
 CLASSES, IMAGES, SIZE = 4, 8, 32
 
 

@@ -133,6 +133,7 @@ def drawn(monkeypatch):
     return figures
 
 
+@pytest.mark.slow
 def test_plots_leave_the_users_backend_and_pyplot_figures_alone():
     """A notebook's backend and its open figures survive importing and drawing every figure."""
     code = textwrap.dedent(

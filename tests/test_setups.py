@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from conftest import TinyData, TinyNet, fast_trainer
@@ -23,6 +24,7 @@ from lightning_neurons import (
     NeuronsError,
     RenderOptions,
 )
+from lightning_neurons.clustering import NeuronClusterer
 from lightning_neurons.data import Normalize, TorchvisionDataModule
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.models import ImageClassifier, SmallCNN
@@ -327,14 +329,14 @@ def test_a_dead_layer_is_left_unclustered_and_does_not_sink_the_others(tmp_path)
 
 
 def test_a_failing_layer_does_not_sink_the_others(tmp_path, monkeypatch):
-    original = NeuronClustering._cluster
+    original = NeuronClusterer.fit
 
-    def broken(self, name, stats):
-        if name == "backbone.conv1":
+    def broken(self, X, y=None):
+        if np.shape(X)[1] == 4:  # the 4 channels of backbone.conv1 (backbone.fc has 8 units)
             raise RuntimeError("out of memory")
-        return original(self, name, stats)
+        return original(self, X, y)
 
-    monkeypatch.setattr(NeuronClustering, "_cluster", broken)
+    monkeypatch.setattr(NeuronClusterer, "fit", broken)
     tracker = ActivationTracker(layers=["backbone.conv1", "backbone.fc"], enable_logging=False)
     neuron = NeuronClustering(method="kmeans", n_clusters=2, enable_logging=False)
     trainer = fast_trainer(tmp_path, callbacks=[tracker, neuron], max_epochs=1)

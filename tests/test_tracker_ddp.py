@@ -2,44 +2,86 @@
 means, std, maxima, firing rates, NaN counts, selectivity, dominant neurons), every image counted
 once although DistributedSampler pads the odd validation set; only rank zero writes."""
 
-import json
-import os
-import subprocess
-import sys
+from __future__ import annotations
+
 from pathlib import Path
+from unittest import mock
 
+import lightning.pytorch as pl
+import pytest
 import torch
+from ddp import run_ranks
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
 
-from lightning_neurons.loggers import load_index
+from lightning_neurons import ActivationTracker, CategoryClustering
+from lightning_neurons.data import DigitsDataModule
+from lightning_neurons.loggers import AnalysisLogger, load_index
+from lightning_neurons.models import ImageClassifier, SmallCNN
 
-SCRIPT = Path(__file__).with_name("_ddp_tracker.py")
+LAYERS = ["backbone.features.relu1", "backbone.features.relu2", "marker"]
 
 
-def _run(out: Path, devices: int) -> None:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), str(devices)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+class WithNaNBranch(ImageClassifier):
+    """The classifier, plus a tracked side branch (output unused) that is NaN on some images."""
+
+    def __init__(self) -> None:
+        super().__init__(SmallCNN(widths=(8, 16)), num_classes=10)
+        self.marker = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patch = x[:, :, :4, :4].clone()
+        patch[:, :, 0, 0] = torch.where(x[:, :, 16, 16] > x[:, :, 16, 10], torch.nan, 1.0)
+        self.marker(patch)
+        return super().forward(x)
+
+
+def _validate(rank: int, world_size: int, out: Path) -> dict:
+    """Validate a fixed model on digits; every statistic of every layer, the files written."""
+    written: list[str] = []
+    save = AnalysisLogger.save_arrays
+
+    def counting_save(self, *args, **kwargs):
+        path = save(self, *args, **kwargs)
+        if path is not None:
+            written.append(str(path))
+        return path
+
+    torch.manual_seed(0)
+    model = WithNaNBranch()
+    tracker = ActivationTracker(layers=LAYERS, reduction="max")
+    category = CategoryClustering(n_clusters=2, enable_logging=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=world_size,
+        strategy="ddp" if world_size > 1 else "auto",
+        logger=TensorBoardLogger(str(out), name="tb"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[tracker, category],
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    # 359 validation images: an odd count, so DistributedSampler repeats one image on rank 1
+    data = DigitsDataModule(batch_size=64, val_fraction=0.1997)
+    with mock.patch.object(AnalysisLogger, "save_arrays", counting_save):
+        trainer.validate(model, datamodule=data, verbose=False)
+    stats = {k: v.as_arrays() for k, v in tracker.results.items()}
+    if category.results:
+        stats["confusion"] = torch.as_tensor(next(iter(category.results.values())).confusion)
+    return {"stats": stats, "written": written}
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path):
-    _run(tmp_path / "one", 1)
-    _run(tmp_path / "two", 2)
-    single = torch.load(tmp_path / "one" / "stats.pt")
-    double = torch.load(tmp_path / "two" / "stats.pt")
+    (alone,) = run_ranks(_validate, 1, tmp_path / "one")
+    rank0, rank1 = run_ranks(_validate, 2, tmp_path / "two")
+    single, double = alone["stats"], rank0["stats"]
     confusion_1, confusion_2 = single.pop("confusion"), double.pop("confusion")
     assert confusion_1.sum() == confusion_2.sum() == 359  # the repeated image is not counted
     assert torch.equal(confusion_1, confusion_2)
-    layers = {"backbone.features.relu1", "backbone.features.relu2", "marker"}
-    assert single.keys() == double.keys() == layers
+    assert single.keys() == double.keys() == set(LAYERS)
     # some images are NaN in the marker branch, so the NaN counts are compared on real numbers
     assert 0 < int(single["marker"]["nan_counts"][0]) < 359
-    for layer in layers:
+    for layer in LAYERS:
         one, two = single[layer], double[layer]
         assert one.keys() == two.keys() and len(one) == 11, sorted(one)
         assert one["counts"].sum() == 359
@@ -57,8 +99,9 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         )
         for key in ("dominant", "preferred_class"):  # ranks of means that agree to 1e-9
             assert torch.equal(one[key], two[key]), (layer, key)
-    rank0 = json.loads((tmp_path / "two" / "rank0.json").read_text())["written"]
-    rank1 = json.loads((tmp_path / "two" / "rank1.json").read_text())["written"]
-    assert len(rank0) == 3 and rank1 == []
+        # the tracker's statistics are synced: rank 1 holds rank 0's
+        for key, value in rank1["stats"][layer].items():
+            torch.testing.assert_close(value, two[key], atol=0, rtol=0, equal_nan=True)
+    assert len(rank0["written"]) == 3 and rank1["written"] == []  # only rank zero writes
     index = load_index(tmp_path / "two" / "tb" / "version_0")
     assert len(index) == 3
