@@ -4,11 +4,9 @@ notice it (bitwise-identical weights)."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import lightning.pytorch as pl
 import numpy as np
@@ -16,15 +14,17 @@ import pytest
 import torch
 from _vis_helpers import BNNet
 from conftest import TinyData, fast_trainer
+from ddp import run_ranks
+from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import lightning_neurons.callbacks._visualizer_results as results_module
 from lightning_neurons import ActivationTracker, NeuronsError, RenderOptions
 from lightning_neurons.callbacks.visualizer import FeatureVisualizer
 from lightning_neurons.data import DigitsDataModule
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.loggers import artifact_root, load_index
-from lightning_neurons.models import ImageClassifier
-from lightning_neurons.visualize import DataPrior
+from lightning_neurons.models import ImageClassifier, SmallCNN
 
 FAST = dict(render=RenderOptions(steps=3), smoothgrad_samples=2)
 
@@ -393,235 +393,140 @@ def test_a_failing_round_warns_and_training_goes_on(tmp_path):
         fast_trainer(tmp_path, callbacks=[vis], logger=False).fit(_module(), datamodule=TinyData())
 
 
-DDP_SCRIPT = """
-import json, sys
-from pathlib import Path
-import lightning.pytorch as pl
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning_neurons.callbacks.tracker import ActivationTracker
-from lightning_neurons.callbacks.visualizer import FeatureVisualizer, RenderOptions
-from lightning_neurons.data import DigitsDataModule
-from lightning_neurons.models import ImageClassifier, SmallCNN
-
-out = Path(sys.argv[1])
-pl.seed_everything(0, verbose=False)
-model = ImageClassifier(SmallCNN(widths=(4, 8)), num_classes=10)
-# with a convergence test that stops some images early and not others (per image: the DDP
-# split does not change an image's steps)
-CONVERGE = RenderOptions(steps=8, converge_tol=0.05, converge_window=2)
-vis = FeatureVisualizer(
-    max_channels=2, smoothgrad_samples=2, prior_images=64, on_error="raise", render=CONVERGE
-)
-trainer = pl.Trainer(
-    accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=2,
-    limit_val_batches=3, logger=TensorBoardLogger(str(out), name="tb"), enable_progress_bar=False,
-    enable_model_summary=False, enable_checkpointing=False,
-    callbacks=[ActivationTracker(), vis],
-)
-data = DigitsDataModule(batch_size=32)
-trainer.fit(model, datamodule=data)
-import torch
-from lightning_neurons.visualize import Channel, ClassLogit, render
-prior = vis.estimated_prior
-
-
-def solo(objectives, classes):
-    # the round's images of `objectives` rendered by one process, in one call
-    o = CONVERGE
-    result = render(
-        model, objectives, image_shape=data.image_shape, steps=o.steps,
-        converge_tol=o.converge_tol or 0.0, converge_window=o.converge_window, lr=o.lr, param=o.param, transforms=o.transforms,
-        input_transform=data.input_transform, seed=o.seed, prior=prior,
-        contrast=o.class_contrast if classes else o.contrast,
-        views=o.class_views if classes else o.views,
-        restarts=o.class_restarts if classes else 1,
+def _validate_visualizer(rank: int, world_size: int, out: Path) -> dict:
+    """FeatureVisualizer's round after one validation of a fixed, untrained model on digits:
+    one process sees 6 batches of 32, each of two ranks the 3 of its shard (the same 192
+    images), so the two runs must find the same probes, prior and images."""
+    pl.seed_everything(0, verbose=False)
+    model = ImageClassifier(SmallCNN(widths=(4, 8)), num_classes=10)
+    # a convergence test that stops some images early and not others (decided per image: the
+    # DDP split does not change an image's steps)
+    options = RenderOptions(steps=8, converge_tol=0.05, converge_window=2)
+    vis = FeatureVisualizer(
+        max_channels=2, smoothgrad_samples=2, prior_images=64, on_error="raise", render=options
     )
-    return result.images.cpu(), result.steps
-
-
-if trainer.global_rank == 0:
-    torch.save({k: v.images for k, v in vis.results.items()}, out / "images_ddp.pt")
-    torch.save({k: v.steps for k, v in vis.results.items()}, out / "steps_ddp.pt")
-    torch.save(vis.state_dict(), out / "state_ddp.pt")
-    # the same round in one process, by the public function, with the same prior
-    alone = {
-        layer: solo([Channel(layer, i) for i in vis.results[layer].channels.tolist()], False)
-        for layer in vis.layers
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=world_size,
+        strategy="ddp" if world_size > 1 else "auto",
+        limit_val_batches=6 // world_size,
+        logger=TensorBoardLogger(str(out / f"world{world_size}"), name="tb"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ActivationTracker(), vis],
+    )
+    trainer.validate(model, datamodule=DigitsDataModule(batch_size=32), verbose=False)
+    sal = vis.saliency_results
+    prior = vis.estimated_prior
+    return {
+        "images": {k: v.images for k, v in vis.results.items()},
+        "steps": {k: v.steps for k, v in vis.results.items()},
+        "strength": {k: v.strength for k, v in vis.results.items() if k != "classes"},
+        "params": {k: e["params"].shape[0] for k, e in vis.state_dict()["params"].items()},
+        "probes": (sal.inputs, sal.labels, sal.predicted),
+        "maps": sal.maps,
+        "prior": (prior.magnitude, prior.mean, prior.std, prior.count),
     }
-    classes = [ClassLogit(c) for c in vis.results["classes"].channels.tolist()]
-    alone["classes"] = solo(classes, True)
-    torch.save({k: v[0] for k, v in alone.items()}, out / "images_solo.pt")
-    torch.save({k: v[1] for k, v in alone.items()}, out / "steps_solo.pt")
-    # the probes' maps in one process, by the public function, all probes in one call
-    from lightning_neurons.visualize import saliency
-    res = vis.saliency_results
-    solo_maps = {
-        method: saliency(
-            model, res.images, method, target=res.predicted, samples=2, seed=0,
-            input_transform=data.input_transform,
-        )
-        for method in res.maps
-    }
-    torch.save(solo_maps, out / "saliency_solo.pt")
-res = vis.saliency_results
-torch.save(
-    {"inputs": res.inputs, "labels": res.labels, "predicted": res.predicted, "maps": res.maps},
-    out / f"saliency{trainer.global_rank}.pt",
-)
-summary = {
-    "layers": sorted(vis.results),
-    "strength": [v.strength is not None for k, v in sorted(vis.results.items()) if k != "classes"],
-    "probes": 0 if vis.saliency_results is None else len(vis.saliency_results.labels),
-}
-(out / f"rank{trainer.global_rank}.json").write_text(json.dumps(summary))
-torch.save(
-    {"magnitude": prior.magnitude, "mean": prior.mean, "std": prior.std, "count": prior.count},
-    out / f"prior{trainer.global_rank}.pt",
-)
-# Close the gloo process group before the interpreter exits: otherwise its worker threads may
-# still be joinable when the C++ statics are destroyed ("terminate called without an active
-# exception", SIGABRT), about one run in three here.
-import torch.distributed as dist
-if dist.is_initialized():
-    dist.destroy_process_group()
-"""
 
 
+@pytest.mark.slow
 def test_two_process_ddp_shares_the_rendering_and_gives_the_images_of_one_process(tmp_path):
-    script = tmp_path / "ddp_visualizer.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    rank0 = json.loads((tmp_path / "rank0.json").read_text())
-    rank1 = json.loads((tmp_path / "rank1.json").read_text())
-    assert rank0 == {
-        "layers": ["backbone.features.relu1", "backbone.features.relu2", "classes"],
-        "strength": [True, True],  # the tracker's statistics, synced over both ranks
-        "probes": 10,
+    (one,) = run_ranks(_validate_visualizer, 1, tmp_path)
+    two = run_ranks(_validate_visualizer, 2, tmp_path)
+    assert set(one["images"]) == {
+        "backbone.features.relu1",
+        "backbone.features.relu2",
+        "classes",
     }
-    assert rank1 == rank0  # every rank has the images and the saliency maps
-    # the images of one process: render each rank's share alone, from its rows' own noise
-    images = torch.load(tmp_path / "images_ddp.pt")
-    alone = torch.load(tmp_path / "images_solo.pt")
-    assert set(alone) == set(images)
-    for key, solo in alone.items():
-        # the same rows from the same noise and transforms, in other batches: float32 kernels
-        # batched differently, at most 8 Adam steps (each about lr x sign(gradient)); images in [0, 1]
-        torch.testing.assert_close(images[key], solo, atol=1e-4, rtol=0)
-    # saliency: the probes are one process's (the first validation image of each class: the
-    # ranks' candidates merged in the validation order), the same on both ranks
+    for got in two:  # every rank has every image, map and the prior
+        assert got["images"].keys() == one["images"].keys()
+        for key, solo in one["images"].items():
+            # the same rows from the same noise and transforms, in other batches: float32
+            # kernels batched differently, at most 8 Adam steps (each about lr x sign(gradient));
+            # images in [0, 1]
+            torch.testing.assert_close(got["images"][key], solo, atol=1e-4, rtol=0)
+            assert torch.equal(got["steps"][key], one["steps"][key]), key
+        for key, solo in one["strength"].items():  # the tracker's maxima synced over the ranks
+            # (NaN: a channel no validation image activates; images within 1e-4 above)
+            torch.testing.assert_close(
+                got["strength"][key], solo, atol=1e-3, rtol=1e-3, equal_nan=True
+            )
+        assert got["params"] == one["params"]  # one set of parameters per kept image
+        # the probes: the first validation image of each class, in the validation order
+        for mine, solo in zip(got["probes"], one["probes"], strict=True):
+            assert torch.equal(mine, solo)
+        for method, solo in one["maps"].items():
+            # each rank mapped 5 of the 10 probes, one process all 10 in one batch: every map is
+            # the image's own gradient (eval mode) and SmoothGrad's noise is drawn per probe
+            # index, so only the batch the float32 kernels see differs (~1e-7 relative per
+            # value, a few layers deep): 1e-5 relative to the maps' scale
+            scale = float(solo.abs().max())
+            torch.testing.assert_close(got["maps"][method], solo, rtol=1e-5, atol=1e-5 * scale)
+        # the data prior: each rank streamed 32 images of its shard, the shards interleave the
+        # validation set: the first 64 images, summed in float64 (equal up to the float32
+        # result's rounding, ~1e-7 relative)
+        assert got["prior"][3] == one["prior"][3] == 64
+        for mine, solo in zip(got["prior"][:3], one["prior"][:3], strict=True):
+            torch.testing.assert_close(mine, solo, atol=1e-6, rtol=1e-6)
+    ran = torch.cat(list(one["steps"].values()))
+    assert ran.max() == 8 and ran.min() < 8, ran.tolist()  # both kinds of image were rendered
+    # the probes are the first validation image of each class, in the validation order
     data = DigitsDataModule(batch_size=32)
     data.setup()
     val_x, val_y = data.val_set.tensors[:2]
-    first = [int(torch.nonzero(val_y == c)[0, 0]) for c in range(10)]
-    order = sorted(first)
-    rank_maps = [torch.load(tmp_path / f"saliency{r}.pt") for r in (0, 1)]
-    for got in rank_maps:
-        assert torch.equal(got["inputs"], val_x[order])
-        assert got["labels"].tolist() == val_y[order].tolist()
-    assert torch.equal(rank_maps[0]["predicted"], rank_maps[1]["predicted"])
-    solo_maps = torch.load(tmp_path / "saliency_solo.pt")
-    assert sorted(solo_maps) == ["gradcam", "gradient", "smoothgrad"]
-    for method, solo in solo_maps.items():
-        # each rank mapped 5 of the 10 probes, one process all 10 in one batch: every map is the
-        # image's own gradient (eval mode) and SmoothGrad's noise is drawn per probe index, so
-        # only the batch the float32 kernels see differs (~1e-7 relative per value, a few
-        # layers deep): 1e-5 relative to the maps' scale
-        scale = float(solo.abs().max())
-        for got in rank_maps:
-            torch.testing.assert_close(got["maps"][method], solo, rtol=1e-5, atol=1e-5 * scale)
-    steps, steps_solo = (
-        torch.load(tmp_path / "steps_ddp.pt"),
-        torch.load(tmp_path / "steps_solo.pt"),
-    )
-    assert all(torch.equal(steps[key], steps_solo[key]) for key in steps)
-    ran = torch.cat(list(steps.values()))
-    assert ran.max() == 8 and ran.min() < 8, ran.tolist()  # both kinds of image were rendered
-    state = torch.load(tmp_path / "state_ddp.pt")["params"]
-    for key, entry in state.items():
-        assert entry["params"].shape[0] == images[key].shape[0]  # one per kept image
-    assert images["classes"].shape[0] == 10 and images["backbone.features.relu1"].shape[0] == 2
-    # the data prior: each rank streamed 32 of its shard's images (3 batches of 32 seen), and the
-    # shards interleave the validation set, so the sum over ranks is the prior of its first 64
-    # images, as one process computes it (sums in float64: equal up to the float32 result's
-    # rounding, ~1e-7 relative)
-    data = DigitsDataModule(batch_size=32)
-    data.setup()
-    expected = DataPrior.from_images(data.val_set.tensors[0][:64])
-    for rank in (0, 1):
-        prior = torch.load(tmp_path / f"prior{rank}.pt")
-        assert prior["count"] == 64
-        for name in ("magnitude", "mean", "std"):
-            torch.testing.assert_close(prior[name], getattr(expected, name), atol=1e-6, rtol=1e-6)
+    first = sorted(int(torch.nonzero(val_y == c)[0, 0]) for c in range(10))
+    assert torch.equal(one["probes"][0], val_x[first])
+    assert one["probes"][1].tolist() == val_y[first].tolist()
     records = [
-        r for r in load_index(tmp_path / "tb" / "version_0") if r["kind"] in ("preference", "focus")
+        r
+        for r in load_index(tmp_path / "world2" / "tb" / "version_0")
+        if r["kind"] in ("preference", "focus")
     ]
-    assert sorted(r["name"] for r in records) == [
-        "backbone.features.relu1", "backbone.features.relu2", "classes", "saliency",
-    ]  # fmt: skip
+    assert sorted(r["name"] for r in records) == [  # written once, by rank zero
+        "backbone.features.relu1",
+        "backbone.features.relu2",
+        "classes",
+        "saliency",
+    ]
 
 
-FAILING_SALIENCY_SCRIPT = """
-import json, sys
-from pathlib import Path
-import lightning.pytorch as pl
-import torch
-import torch.distributed as dist
-import lightning_neurons.callbacks._visualizer_results as visualizer
-from lightning_neurons.callbacks.visualizer import FeatureVisualizer, RenderOptions
-from lightning_neurons.data import DigitsDataModule
-from lightning_neurons.models import ImageClassifier, SmallCNN
+def _failing_saliency(rank: int, world_size: int) -> dict:
+    """A round whose saliency fails on rank 1 alone (``on_error="warn"``)."""
+    real = results_module.saliency
 
-_saliency = visualizer.saliency
+    def failing(*args, **kwargs):
+        if rank == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*args, **kwargs)
 
-
-def failing(*args, **kwargs):
-    if dist.get_rank() == 1:
-        raise RuntimeError("out of memory (simulated)")
-    return _saliency(*args, **kwargs)
-
-
-visualizer.saliency = failing
-out = Path(sys.argv[1])
-pl.seed_everything(0, verbose=False)
-model = ImageClassifier(SmallCNN(widths=(4, 8)), num_classes=10)
-vis = FeatureVisualizer(
-    max_channels=1, classes=[], saliency=["gradient"], enable_logging=False,
-    render=RenderOptions(steps=1, param="fft"),
-)
-trainer = pl.Trainer(
-    accelerator="cpu", devices=2, strategy="ddp", limit_val_batches=2, logger=False,
-    enable_progress_bar=False, enable_model_summary=False, callbacks=[vis],
-)
-trainer.validate(model, datamodule=DigitsDataModule(batch_size=32), verbose=False)
-summary = {"failures": vis.failures, "saliency": vis.saliency_results is not None}
-(out / f"rank{trainer.global_rank}.json").write_text(json.dumps(summary))
-if dist.is_initialized():
-    dist.destroy_process_group()
-"""
-
-
-def test_two_process_ddp_saliency_failing_on_one_rank_is_reported_on_both(tmp_path):
-    script = tmp_path / "ddp_failing_saliency.py"
-    script.write_text(FAILING_SALIENCY_SCRIPT)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(  # a rank left waiting in a collective would end at the timeout
-        [sys.executable, str(script), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
+    pl.seed_everything(0, verbose=False)
+    model = ImageClassifier(SmallCNN(widths=(4, 8)), num_classes=10)
+    vis = FeatureVisualizer(
+        max_channels=1,
+        classes=[],
+        saliency=["gradient"],
+        enable_logging=False,
+        render=RenderOptions(steps=1, param="fft"),
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    for rank in (0, 1):
-        summary = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=world_size,
+        strategy="ddp",
+        limit_val_batches=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[vis],
+    )
+    with mock.patch.object(results_module, "saliency", failing):
+        trainer.validate(model, datamodule=DigitsDataModule(batch_size=32), verbose=False)
+    return {"failures": vis.failures, "saliency": vis.saliency_results is not None}
+
+
+@pytest.mark.slow
+def test_two_process_ddp_saliency_failing_on_one_rank_is_reported_on_both():
+    # a rank left waiting in a collective would end at the harness's timeout
+    for summary in run_ranks(_failing_saliency, 2, timeout=180):
         (failure,) = summary["failures"]
         assert "saliency failed on rank 1: RuntimeError: out of memory (simulated)" in failure
         assert summary["saliency"] is False  # the round's maps were not kept, on either rank
