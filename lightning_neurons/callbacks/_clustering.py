@@ -20,7 +20,7 @@ from lightning_neurons.callbacks._base import (  # noqa: F401 (class_names_of re
 )
 from lightning_neurons.callbacks.tracker import ActivationTracker
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.hooks import resolve_layers, selects, split_call
+from lightning_neurons.hooks import selects, split_call
 from lightning_neurons.stats import LayerStats
 
 # ---- shared helpers ---------------------------------------------------------------------------
@@ -64,11 +64,11 @@ class _ClusteringCallback(StagedCallback):
         self._reader = tracker.reader
         self._dataloader_idx = tracker.dataloader_idx
         self._reduction = tracker.reduction
-        self._tracker_layers = resolve_layers(pl_module, tracker.layer_patterns)
+        self._tracker_layers = tracker.resolve_layers(pl_module, tracker.layer_patterns)
         if self.layer_patterns is None:
             self.layers = list(self._tracker_layers)
             return
-        chosen = resolve_layers(pl_module, self.layer_patterns)
+        chosen = tracker.resolve_layers(pl_module, self.layer_patterns)
         tracked_modules = {split_call(name)[0] for name in self._tracker_layers}
         missing = [name for name in chosen if split_call(name)[0] not in tracked_modules]
         if missing:

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_neurons.activations import check_activations
 from lightning_neurons.batch import (
     BatchFn,
     BatchReader,
@@ -26,6 +27,7 @@ from lightning_neurons.checks import (
     check_positive_int,
 )
 from lightning_neurons.errors import NeuronsError
+from lightning_neurons.functional import is_function_layer
 from lightning_neurons.hooks import (
     HookSet,
     call_site,
@@ -34,6 +36,7 @@ from lightning_neurons.hooks import (
     selects,
     signed_layers,
 )
+from lightning_neurons.layouts import peak as positions_peak
 from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.state import in_analysis
 from lightning_neurons.stats import ClassNeuronStats, LayerStats
@@ -85,7 +88,11 @@ class ActivationTracker(StagedCallback):
             Signed layers (Conv, Linear, BatchNorm outputs) picked here are analysed with the
             conventions of :func:`~lightning_neurons.stats.selectivity_index` (a one-time warning
             says so).
-        reduction: How a conv channel's ``[H, W]`` map becomes one value: ``"mean"`` or ``"max"``.
+        activations: More activation classes (``"Swish"``, ``"timm.layers.activations.GELU"``)
+            and functional ops (``"sigmoid"``) for the default layers, beyond those recognised
+            (see :mod:`lightning_neurons.activations`); the other callbacks use the tracker's.
+        reduction: How a conv channel's ``[H, W]`` map (a transformer neuron's tokens) becomes
+            one value: ``"mean"`` or ``"max"``.
         stage: ``"validation"`` (default) or ``"test"`` gather statistics on those batches;
             ``"train"`` piggy-backs on the training batches (no extra forward passes; the model is
             in training mode then).
@@ -113,6 +120,7 @@ class ActivationTracker(StagedCallback):
         self,
         layers: list[str] | None = None,
         *,
+        activations: list[str] | None = None,
         reduction: Literal["mean", "max"] = "mean",
         stage: Stage = "validation",
         every_n_epochs: int = 1,
@@ -129,6 +137,8 @@ class ActivationTracker(StagedCallback):
         super().__init__(
             layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
         )
+        #: Extra activation classes and ops for the default layers (see ``activations``).
+        self.activations = list(check_activations(activations))
         self.reduction = check_choice("reduction", reduction, ("mean", "max"))
         self.stage = check_choice("stage", stage, ("validation", "train", "test"))
         self.top_k = check_positive_int("top_k", top_k)
@@ -158,8 +168,9 @@ class ActivationTracker(StagedCallback):
 
     @property
     def state_key(self) -> str:
+        extra = {"activations": self.activations} if self.activations else {}
         return self._generate_state_key(
-            layers=self.layer_patterns, reduction=self.reduction, stage=self.stage
+            layers=self.layer_patterns, reduction=self.reduction, stage=self.stage, **extra
         )
 
     @override
@@ -205,7 +216,7 @@ class ActivationTracker(StagedCallback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.layers = resolve_layers(pl_module, self.layer_patterns)
+        self.layers = self.resolve_layers(pl_module, self.layer_patterns)
         self._note_signed(pl_module)
         if self.num_classes is None:
             self.num_classes = infer_num_classes(pl_module)
@@ -217,6 +228,11 @@ class ActivationTracker(StagedCallback):
             )
         self._checked = self._warned_loaders = False
         self._saw_validation = self._warned_no_validation = False
+
+    def resolve_layers(self, pl_module: nn.Module, patterns: list[str] | None) -> list[str]:
+        """``patterns`` resolved on ``pl_module`` with the tracker's ``activations`` (``None``:
+        the default layers): how every analysis that reads the tracker resolves its layers."""
+        return resolve_layers(pl_module, patterns, self.activations)
 
     # Lightning's per-stage hooks arrive here (see StagedCallback); only ``self.stage`` counts.
     def _stage_start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -397,11 +413,7 @@ class ActivationTracker(StagedCallback):
         with torch.no_grad():
             output = output.detach()
             values = reduce_activation(output, self.reduction, name)
-            peak = (
-                output.amax(dim=(2, 3))
-                if output.dim() == 4 and self.reduction == "mean"
-                else values
-            )
+            peak = positions_peak(output) if self.reduction == "mean" else values
             if values.shape[0] == self._batch_size and labels.shape[0] < values.shape[0]:
                 values, peak = values[: labels.shape[0]], peak[: labels.shape[0]]
             if values.shape[0] != labels.shape[0]:
@@ -427,7 +439,7 @@ class ActivationTracker(StagedCallback):
         """Once: modules that ran several times per forward pass (one layer per call), and
         named calls that never ran."""
         for module, runs in self._hooks.calls.items():
-            if runs > 1 and module not in self._noted:
+            if runs > 1 and module not in self._noted and not is_function_layer(module):
                 self._noted.add(module)
                 sites = [call_site(module, i) for i in range(runs)]
                 tracked = [s for s in sites if selects(self.layers, s)]
