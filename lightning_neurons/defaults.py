@@ -12,6 +12,7 @@ from torch import nn
 
 from lightning_neurons.activations import ActivationRule, check_activations
 from lightning_neurons.functional import OPS, called_ops, function_layer
+from lightning_neurons.layouts import patch_embedding
 from lightning_neurons.state import model_device
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -136,3 +137,28 @@ def layer_order(model: nn.Module, rule: ActivationRule) -> dict[str, float]:
         for op in called_ops(module, OPS):
             order[function_layer(name, op)] = end[name] + 0.5
     return order
+
+
+def default_cam_layer(model: nn.Module) -> str | None:
+    """Grad-CAM's layer for a vision transformer, ``None`` for other models (whose default is
+    their last ``Conv2d``).
+
+    A model is a vision transformer here when its last ``Conv2d`` is its patch embedding (kernel
+    equal to stride, see :func:`~lightning_neurons.layouts.patch_embedding`): its last convolution
+    maps pixels to patches, so Grad-CAM reads a block's tokens on the patch grid instead. The
+    block is the last default layer, or the one before it when the model reads its class token
+    (a ``class_token`` / ``cls_token`` parameter and no average pooling): the last block's patch
+    tokens then reach the logits through nothing (only its class token is read), while its input's
+    do, through the last block's attention.
+    """
+    patch = patch_embedding(model)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if patch is None or convs[-1] != patch:
+        return None
+    layers = default_layers(model)
+    if not layers:
+        return None
+    pools = {str(getattr(m, "global_pool", "token")) for m in model.modules()}
+    tokens = [getattr(m, a, None) for m in model.modules() for a in ("class_token", "cls_token")]
+    reads_class_token = any(isinstance(t, nn.Parameter) for t in tokens) and "avg" not in pools
+    return layers[-2] if reads_class_token and len(layers) > 1 else layers[-1]

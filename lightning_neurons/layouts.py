@@ -147,3 +147,20 @@ def patch_embedding(model: nn.Module) -> str | None:
         ):
             return name
     return None
+
+
+def on_grid(features: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """Channels-first tokens ``[N, K, T]`` on the ``h x w`` patch grid: ``[N, K, h, w]``, the
+    leading tokens that are not patches (class, register tokens) left out; a 4-D map as it is.
+
+    Raises:
+        NeuronsError: If the grid does not fit the tokens.
+
+    Example:
+        >>> on_grid(torch.zeros(2, 8, 1 + 16), (4, 4)).shape
+        torch.Size([2, 8, 4, 4])
+    """
+    if features.dim() == 4:
+        return features
+    prefix, _ = token_grid(features.shape[-1], grid)
+    return features[..., prefix:].reshape(*features.shape[:2], int(grid[0]), int(grid[1]))

@@ -25,8 +25,11 @@ def _hand_class_means(
     model: ImageClassifier, loader, layer: str, reduction: str = "mean"
 ) -> torch.Tensor:
     outputs = []
+    post = torch.relu if layer == "backbone.relu()" else (lambda t: t)
+    if layer == "backbone.relu()":  # the function layer of torch.relu(self.fc(...)) in TinyNet
+        layer = "backbone.fc"
     module = dict(model.named_modules())[layer]
-    handle = module.register_forward_hook(lambda m, i, o: outputs.append(o.detach()))
+    handle = module.register_forward_hook(lambda m, i, o: outputs.append(post(o.detach())))
     model.eval()
     labels = []
     with torch.no_grad():
@@ -46,8 +49,9 @@ def test_class_means_equal_a_hand_computation(tmp_path, reduction):
     model, data = _module(), TinyData()
     tracker = ActivationTracker(reduction=reduction)
     fast_trainer(tmp_path, callbacks=[tracker]).fit(model, datamodule=data)
-    # the default layers are TinyNet's ReLU modules (responses), not its signed convs
-    assert set(tracker.results) == {"backbone.relu1", "backbone.relu2"}
+    # the default layers are TinyNet's ReLU modules and its torch.relu call (responses), not its
+    # signed convs
+    assert set(tracker.results) == {"backbone.relu1", "backbone.relu2", "backbone.relu()"}
     for layer in tracker.results:
         expected = _hand_class_means(model, data.val_dataloader(), layer, reduction)
         res = tracker.results[layer]
