@@ -31,9 +31,8 @@ is the caller's own. Nothing stays on the model when the hooks are removed.
   are still captured) or give the op's name in ``activations=``;
 * a name read in ``forward`` but never called there (a dead branch) gives a default layer that
   never runs; the analyses then say it did not run;
-* under ``torch.compile``, Dynamo traces the mode's enter and exit in the hooks or falls back to
-  eager for that frame; a model compiled with ``fullgraph=True`` cannot graph-break there and
-  fails (name module layers instead for such models).
+* under ``torch.compile``, Dynamo traces the hooks and the mode (a compiled model gives the
+  eager model's statistics; tested with the eager backend); ``fullgraph=True`` is not tested.
 """
 
 from __future__ import annotations
