@@ -267,3 +267,14 @@ def test_grad_cam_reads_tokens_on_the_patch_grid():
     with pytest.raises(NeuronsError, match="cannot hold the 5x5 patch grid"):
         on_grid(tokens, (5, 5))
     assert count_forward_hooks(vit) == 0
+
+
+def test_activations_reach_the_tracker_from_yaml():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(ActivationTracker, "tracker")
+    config = parser.parse_string("tracker:\n  activations: [Gate, sigmoid]\n")
+    tracker = parser.instantiate_classes(config).tracker
+    assert tracker.activations == ["Gate", "sigmoid"]
+    assert tracker.resolve_layers(Net(Gate()), None) == ["act"]

@@ -259,7 +259,7 @@ def test_a_compiled_model_gives_the_eager_statistics(tmp_path):
     backend: the graph capture is what matters for hooks, not the code generation)."""
     pl.seed_everything(0, verbose=False)
     module = ImageClassifier(TinyNet(3, CLASSES), CLASSES)  # ReLU modules and a torch.relu
-    eager = _callbacks(module)
+    eager = [ActivationTracker(enable_logging=False, on_error="raise")]
     _validate(tmp_path / "eager", module, eager, _loader(False))
     compiled = _callbacks(module)
     _validate(
