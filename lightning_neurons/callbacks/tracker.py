@@ -61,8 +61,9 @@ def infer_num_classes(model: nn.Module) -> int | None:
 class ActivationTracker(StagedCallback):
     """Streams per-class statistics of the neurons of chosen layers, epoch after epoch.
 
-    A neuron is a channel of a conv layer (its feature map reduced over space by ``reduction``) or
-    a unit of a linear layer. For every tracked layer the tracker sums, per class and neuron, the
+    A neuron is a channel of a conv layer (its feature map reduced over space by ``reduction``), a
+    unit of a linear layer, or a feature of a transformer's ``[B, N, D]`` tokens (reduced over
+    the tokens; see :mod:`lightning_neurons.layouts`). For every tracked layer the tracker sums, per class and neuron, the
     count, sum, sum of squares, maximum and firing count of the activations (torchmetrics states
     reduced by sum over DDP ranks; nothing is stored per image) and derives the class profile,
     class selectivity, dead neurons and each class's dominant neurons.
