@@ -278,3 +278,34 @@ def test_activations_reach_the_tracker_from_yaml():
     tracker = parser.instantiate_classes(config).tracker
     assert tracker.activations == ["Gate", "sigmoid"]
     assert tracker.resolve_layers(Net(Gate()), None) == ["act"]
+
+
+class ChannelsLast(nn.Module):
+    """Says its outputs are [B, H, W, C], as timm's Swin does; its conv stays channels first."""
+
+    output_fmt = "NHWC"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 5, 4, stride=4)
+        self.norm = nn.LayerNorm(5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.proj(x).permute(0, 2, 3, 1))
+        return self.head(x.mean(dim=(1, 2)))
+
+
+def test_channels_last_outputs_are_handed_over_channels_first():
+    net = ChannelsLast().eval()
+    seen = {}
+    with torch.no_grad(), hooked(net, ["proj", "norm"], lambda n, t: seen.update({n: t})):
+        net(_images(2, size=16))
+    assert seen["proj"].shape == seen["norm"].shape == (2, 5, 4, 4)
+    # LayerNorm over the channels: every position's 5 values have mean 0 in the view's dim 1
+    torch.testing.assert_close(seen["norm"].mean(dim=1), torch.zeros(2, 4, 4), atol=1e-5, rtol=0)
+    x, y = _images(6, size=16), torch.arange(6) % 3
+    res = ablation_effect(net, "norm", list(range(5)), DataLoader(TensorDataset(x, y)))
+    torch.testing.assert_close(
+        res.ablated_logit, net.head.bias.detach().double(), atol=1e-6, rtol=0
+    )
