@@ -460,8 +460,9 @@ def test_visualizer_renders_neuron_clusters_with_the_judges_verdict(tmp_path):
     trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(), clustering, vis])
     model = _module()
     trainer.fit(model, datamodule=TinyData())
-    assert vis.layers == list(clustering.results) == ["backbone.relu1"]  # BNNet's one ReLU module
-    assert set(vis.cluster_results) == {"backbone.relu1"}
+    # BNNet's ReLU module and its torch.relu call
+    assert vis.layers == list(clustering.results) == ["backbone.relu1", "backbone.relu()"]
+    assert set(vis.cluster_results) == {"backbone.relu1", "backbone.relu()"}
     for layer, res in vis.cluster_results.items():
         labels = torch.as_tensor(clustering.results[layer].labels)
         assert res.sizes.tolist() == [int((labels == k).sum()) for k in res.clusters]
@@ -496,7 +497,7 @@ def test_estimated_prior_is_kept_in_the_checkpoint(tmp_path):
     for name in ("magnitude", "mean", "std"):
         assert torch.equal(getattr(again._estimated_prior, name), getattr(saved, name))
     assert again._estimated_prior.count == saved.count == 10
-    assert set(again.results) == {"backbone.relu1", "classes"}  # and it rendered with it
+    assert set(again.results) == {"backbone.relu1", "backbone.relu()", "classes"}  # it rendered
 
 
 def test_cluster_images_continue_the_best_matching_cluster_of_the_last_round(tmp_path, monkeypatch):
