@@ -220,7 +220,8 @@ class FunctionCapture:
                 handles.append(child.register_forward_pre_hook(self._child_starts))
                 handles.append(child.register_forward_hook(self._child_ends, always_call=True))
             handles.append(module.register_forward_pre_hook(self._starter(caller, ops)))
-            handles.append(module.register_forward_hook(self._ends, always_call=True))
+            # prepended: captures added later leave their modes first (modes are a stack)
+            handles.append(module.register_forward_hook(self._ends, always_call=True, prepend=True))
         return handles
 
     def _starter(self, caller: str, ops: frozenset[str]) -> Callable[..., None]:

@@ -309,3 +309,20 @@ def test_channels_last_outputs_are_handed_over_channels_first():
     torch.testing.assert_close(
         res.ablated_logit, net.head.bias.detach().double(), atol=1e-6, rtol=0
     )
+
+
+def test_two_hook_sets_on_one_function_layer_at_once():
+    net = TutorialNet().eval()
+    x = _images(2)
+    outer, inner = [], []
+    with torch.no_grad():
+        with hooked(net, ["relu()#1"], lambda n, t: torch.zeros_like(t)):
+            expected = net(x)
+        with (
+            hooked(net, ["relu()"], lambda n, t: outer.append(n)),
+            hooked(net, ["relu()#1"], lambda n, t: inner.append(n) or torch.zeros_like(t)),
+        ):
+            got = net(x)
+    torch.testing.assert_close(got, expected)  # the inner set's replacement reached the model
+    assert outer == ["relu()", "relu()#1", "relu()#2"] and inner == ["relu()#1"]
+    assert count_forward_hooks(net) == 0 and _no_mode_left()
