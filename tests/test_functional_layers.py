@@ -326,3 +326,19 @@ def test_two_hook_sets_on_one_function_layer_at_once():
     torch.testing.assert_close(got, expected)  # the inner set's replacement reached the model
     assert outer == ["relu()", "relu()#1", "relu()#2"] and inner == ["relu()#1"]
     assert count_forward_hooks(net) == 0 and _no_mode_left()
+
+
+def test_objectives_read_a_neuron_over_the_tokens_or_at_one():
+    from lightning_neurons.visualize import Channel, Neuron
+
+    tokens = torch.arange(2 * 4 * 5.0).view(2, 4, 5)  # channels first: 4 neurons, 5 tokens
+    torch.testing.assert_close(Channel("l", 1).value(tokens), tokens[:, 1].mean(dim=1))
+    torch.testing.assert_close(Neuron("l", 1, x=3).value(tokens), tokens[:, 1, 3])
+    torch.testing.assert_close(Neuron("l", 1).value(tokens), tokens[:, 1, 2])  # the middle token
+    batched = Neuron.batched([Neuron("l", 1, x=3), Neuron("l", 2, x=0)])(tokens)
+    torch.testing.assert_close(batched, torch.stack([tokens[0, 1, 3], tokens[1, 2, 0]]))
+    Channel("l", 3).check((4, 5))
+    with pytest.raises(NeuronsError, match="`x` is the token"):
+        Neuron("l", 1, y=0, x=1).check((4, 5))
+    with pytest.raises(NeuronsError, match="channel 4 is out of range"):
+        Channel("l", 4).check((4, 5))
