@@ -22,6 +22,7 @@ from torch import nn
 from lightning_neurons.batch import BatchFn, BatchReader, as_model_input
 from lightning_neurons.contribution import _check_targets, _exact, _limited
 from lightning_neurons.errors import NeuronsError
+from lightning_neurons.functional import is_function_layer
 from lightning_neurons.hooks import (
     HookSet,
     get_module,
@@ -137,9 +138,10 @@ class _ZeroNeurons:
         chunk = self.chunk
         if chunk is None:  # a forward outside our passes
             return None
-        if out.dim() not in (2, 4):
+        if out.dim() < 2:  # channels first (see lightning_neurons.layouts)
             raise NeuronsError(
-                f"layer {self.layer!r} returned shape {tuple(out.shape)}; ablation needs [B, K] or [B, K, H, W]"
+                f"layer {self.layer!r} returned shape {tuple(out.shape)}; ablation needs [B, K], "
+                "[B, K, H, W] or [B, N, D] (tokens)"
             )
         num_neurons = out.shape[1]
         for name, index in zip(self.names, self.sets, strict=True):
@@ -258,7 +260,10 @@ def ablation_sums(
     site = _exact(layer)
     if isinstance(sets_per_pass, bool) or not isinstance(sets_per_pass, int) or sets_per_pass < 1:
         raise NeuronsError(f"`sets_per_pass` must be a positive integer, got {sets_per_pass!r}")
-    width = _width(module) if not isinstance(module, nn.Sequential) else None
+    own_output = not isinstance(module, nn.Sequential) and not is_function_layer(
+        site[: site.rindex("#")]
+    )
+    width = _width(module) if own_output else None  # a function layer: checked on its output
     names = list(neuron_sets)
     sets = [_neuron_set(name, neuron_sets[name], width) for name in names]
     if not sets:

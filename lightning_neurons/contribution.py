@@ -186,10 +186,10 @@ def contribution_batch(
     acts = []
     for name in names:
         act = outputs[name]
-        if act.dim() not in (2, 4) or act.shape[0] != batch:
+        if act.dim() < 2 or act.shape[0] != batch:
             raise NeuronsError(
                 f"layer {name!r} returned a tensor of shape {tuple(act.shape)}; neurons are read from "
-                f"outputs shaped [B, K] or [B, K, H, W] with B = {batch} images"
+                f"outputs shaped [B, K], [B, K, H, W] or [B, N, D] (tokens) with B = {batch} images"
             )
         if not act.requires_grad:
             raise NeuronsError(
@@ -203,9 +203,9 @@ def contribution_batch(
         act = act.detach().float()
         grad = torch.zeros_like(act) if grad is None else grad.float()  # None: not on the path
         product = act * grad
-        if act.dim() == 4:
-            contributions[name] = product.sum(dim=(2, 3))
-            activations[name] = act.mean(dim=(2, 3))
+        if act.dim() > 2:  # channels first (see lightning_neurons.layouts): sum over positions
+            contributions[name] = product.flatten(2).sum(dim=2)
+            activations[name] = act.flatten(2).mean(dim=2)
         else:
             contributions[name] = product
             activations[name] = act

@@ -16,6 +16,11 @@ In a *list* of layers (``layers=`` of every callback, :func:`resolve_layers`,
 (``"layer*.relu#1"``, ``"relu#*"``) selects the matching calls of the matching modules. Calls are
 counted from the start of each forward pass of the hooked model (and from
 :meth:`HookSet.new_pass`).
+
+Calls of activation *functions* (``F.relu(x)`` in a module's ``forward``) are layers too, named
+``"<module>.relu()"`` (see :mod:`lightning_neurons.functional`), and every output is handed to the
+analyses channels first, transformer tokens ``[B, N, D]`` as ``[B, D, N]`` (see
+:mod:`lightning_neurons.layouts`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,23 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from lightning_neurons.activations import ActivationRule
+from lightning_neurons.defaults import activation_rule, default_layers, layer_order
 from lightning_neurons.errors import NeuronsError
+from lightning_neurons.functional import (
+    OPS,
+    FunctionCapture,
+    is_function_layer,
+    split_function_layer,
+)
+from lightning_neurons.layouts import (
+    check_neurons,
+    from_channels_first,
+    layout_of,
+    module_layouts,
+    reduce_positions,
+    to_channels_first,
+)
 
 #: A function called with ``(layer_name, output_tensor)`` from inside a forward hook. When it
 #: returns a tensor, that tensor replaces the module's output (its first element, for tuples).
@@ -37,26 +58,6 @@ ActivationFn = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 #: Separates a module's name from the index of its call: ``"layer1.0.relu#1"``.
 CALL_SEPARATOR = "#"
 
-#: Activation modules whose outputs are responses (the nonlinearities of CNNs). Gates such as
-#: ``Sigmoid`` / ``Hardsigmoid`` and ``Tanh`` are left out: inside blocks they scale other
-#: responses rather than being one.
-ACTIVATIONS: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.RReLU,
-    nn.ELU,
-    nn.CELU,
-    nn.SELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Hardswish,
-    nn.Softplus,
-)
-
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _GLOB = "*?["
 
 
@@ -173,6 +174,8 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     module_name, call = split_call(name)
     if call is not None and not call.isdigit():
         parse_call_site(name)  # raises with the explanation
+    if is_function_layer(module_name):
+        return _caller(model, name, module_name)
     modules = dict(model.named_modules())
     if module_name in modules and module_name:
         return modules[module_name]
@@ -192,83 +195,15 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     )
 
 
-# ---- the default layers ----------------------------------------------------------------------
-
-
-def _is_container(module: nn.Module) -> bool:
-    """A Sequential / ModuleList / ModuleDict that runs its children as they are (its class does
-    not define its own ``forward``)."""
-    if not isinstance(module, _CONTAINERS):
-        return False
-    return not any(
-        "forward" in vars(cls)
-        for cls in type(module).__mro__
-        if cls not in _CONTAINERS and issubclass(cls, nn.Module) and cls is not nn.Module
-    )
-
-
-def _has_activation(module: nn.Module) -> bool:
-    return any(isinstance(m, ACTIVATIONS) for m in module.modules())
-
-
-def default_layers(model: nn.Module) -> list[str]:
-    """The layers whose outputs are *responses*: the outputs of nonlinearities and of blocks.
-
-    The rule, on any ``nn.Module``, walking the module tree from the model down:
-
-    1. an activation module (:data:`ACTIVATIONS`: ReLU, GELU, SiLU, Hardswish, ...) is a layer,
-       with every one of its calls (a shared activation module gives one layer per call);
-    2. a *block* is a layer and is not walked into: a module that is a direct child of a
-       *container* (``nn.Sequential`` / ``ModuleList`` / ``ModuleDict`` running its children as
-       they are), has its own ``forward``, contains an activation module and does not contain the
-       final classifier (the model's last ``Linear``). Its output is the block's response: the
-       post-ReLU output of a ResNet ``BasicBlock`` / ``Bottleneck``, an ``InvertedResidual`` /
-       ``MBConv`` / ``CNBlock`` output, a DenseNet dense block's output;
-    3. everything else is walked into (the model, a backbone attribute, containers, blocks that
-       are not children of a container); ``Conv2d``, ``BatchNorm``, ``Linear`` and other leaves
-       are never default layers, so the final classifier's logits are not either.
-
-    So a ResNet gives its stem ReLU and every residual block's output, a VGG its ReLUs (in
-    ``features`` and ``classifier``), MobileNet / EfficientNet the stem and head activations and
-    every block in between, ConvNeXt its ``CNBlock`` outputs, DenseNet ``relu0``, each dense block
-    and each transition's ReLU, :class:`~lightning_neurons.models.SmallCNN` its ReLUs.
-
-    Args:
-        model: The model.
-
-    Returns:
-        Module names in definition order (each selects all its calls, see the module docstring).
-        Empty when the model has no activation module (functional ``F.relu`` only).
-    """
-    from torchmetrics import Metric
-
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    classifier = linears[-1] if linears else None
-    found: list[str] = []
-
-    def walk(module: nn.Module, prefix: str, in_container: bool) -> None:
-        for name, child in module.named_children():
-            full = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, Metric):
-                continue
-            if isinstance(child, ACTIVATIONS):
-                found.append(full)
-            elif _is_container(child):
-                walk(child, full, in_container=True)
-            elif (
-                in_container
-                and any(True for _ in child.children())
-                and _has_activation(child)
-                and not any(m is classifier for m in child.modules())
-            ):
-                found.append(full)
-            else:
-                walk(child, full, in_container=False)
-
-    if isinstance(model, ACTIVATIONS):
-        return []
-    walk(model, "", in_container=_is_container(model))
-    return found
+def _caller(model: nn.Module, name: str, module_name: str) -> nn.Module:
+    """The module whose ``forward`` makes the calls of the function layer ``module_name``."""
+    caller, op = split_function_layer(module_name)
+    if op not in OPS:
+        raise NeuronsError(
+            f"layer {name!r}: {op!r} is not an activation function that can be a layer; "
+            f"'<module>.<op>()' takes one of {', '.join(OPS)}"
+        )
+    return model if not caller else get_module(model, caller)
 
 
 #: Layers whose outputs are signed values (no nonlinearity after the affine map).
@@ -296,43 +231,51 @@ def signed_layers(model: nn.Module, layers: Sequence[str]) -> list[str]:
 # ---- resolving names and patterns -----------------------------------------------------------
 
 
-def _order_key(order: dict[str, int], spec: str) -> tuple[int, int, str]:
+def _order_key(order: dict[str, float], spec: str) -> tuple[float, int, str]:
     module, call = split_call(spec)
     rank = -1 if call is None else (int(call) if call.isdigit() else 10**9)
-    return order[module], rank, call or ""
+    return order.get(module, float(len(order))), rank, call or ""
 
 
-def resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
+def resolve_layers(
+    model: nn.Module,
+    layers: Sequence[str] | None,
+    activations: Sequence[str] | ActivationRule | None = None,
+) -> list[str]:
     """Resolve layer names and glob patterns to a list of layers, in the model's order.
 
     Args:
         model: The model whose layers are meant.
-        layers: Names as in ``model.named_modules()`` or glob patterns (``"features.*"``,
-            ``"layer?.0.conv1"``), each optionally with a call part (``"layer1.0.relu#1"``,
-            ``"layer*.relu#*"``; see the module docstring); ``None`` means :func:`default_layers`.
+        layers: Names as in ``model.named_modules()``, function layers (``"backbone.relu()"``) or
+            glob patterns (``"features.*"``, ``"layer?.0.conv1"``, ``"*.relu()"``), each
+            optionally with a call part (``"layer1.0.relu#1"``, ``"layer*.relu#*"``; see the
+            module docstring); ``None`` means :func:`default_layers`.
+        activations: More activation classes and ops for :func:`default_layers`.
 
     Returns:
-        Module names (each selecting every call of the module) and ``module#call`` entries,
-        without duplicates, in the model's order. Use :func:`selects` to test a call site.
+        Layer names (each selecting every call of the module or function) and ``name#call``
+        entries, without duplicates, in the model's order. Use :func:`selects` to test a call
+        site.
 
     Raises:
         NeuronsError: If a name or pattern matches nothing, a call part is malformed, or nothing
             is left to track.
     """
+    rule = activation_rule(activations)
     if layers is None:
-        names = default_layers(model)
+        names = default_layers(model, rule)
         if not names:
             raise NeuronsError(
-                f"{_describe(model)} has no activation module (ReLU, GELU, ...) and no block "
-                "containing one, so there is no default layer: its nonlinearities are functional "
-                "(F.relu). Name the layers to analyse with `layers=[...]`. Available: "
-                f"{_available(model)}"
+                f"{_describe(model)} has no activation (a module such as ReLU or GELU, a "
+                "parameter-free elementwise rectifier, or a call of F.relu, F.gelu, ... in a "
+                "forward) and no block containing one, so there is no default layer. Name the "
+                "layers to analyse with `layers=[...]`, or the activation classes with "
+                f"`activations=[...]`. Available: {_available(model)}"
             )
         return names
     if isinstance(layers, str):
         layers = [layers]
-    all_names = [n for n, _ in model.named_modules() if n]
-    order = {n: i for i, n in enumerate(all_names)}
+    order = layer_order(model, rule)
     chosen: list[str] = []
     for pattern in layers:
         module_pattern, call = split_call(pattern)
@@ -341,7 +284,7 @@ def resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
         if call is not None and call.isdigit():
             call = str(int(call))
         if any(ch in module_pattern for ch in _GLOB):
-            hits = fnmatch.filter(all_names, module_pattern)
+            hits = fnmatch.filter(order, module_pattern)
             if not hits:
                 raise NeuronsError(
                     f"layer pattern {pattern!r} matches no module of {_describe(model)}. "
@@ -360,30 +303,23 @@ def resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
 
 
 def reduce_activation(output: torch.Tensor, reduction: str, layer: str = "") -> torch.Tensor:
-    """Reduce a layer output to one value per neuron: ``[B, K, H, W] -> [B, K]``.
+    """Reduce a channels-first layer output to one value per neuron: ``[B, K, *positions] ->
+    [B, K]`` (the hooks hand outputs over channels first, see :mod:`lightning_neurons.layouts`).
 
     Args:
-        output: ``[B, K]`` (linear units) or ``[B, K, H, W]`` (conv channels).
-        reduction: ``"mean"`` or ``"max"`` over the spatial positions.
+        output: ``[B, K]`` (linear units), ``[B, K, H, W]`` (conv channels) or ``[B, D, N]``
+            (transformer tokens).
+        reduction: ``"mean"`` or ``"max"`` over the positions.
         layer: The layer's name, for the error message.
 
     Returns:
         A ``[B, K]`` tensor.
 
     Raises:
-        NeuronsError: For any other shape.
+        NeuronsError: For a tensor without a neuron axis.
     """
-    if output.dim() == 2:
-        return output
-    if output.dim() == 4:
-        if reduction == "mean":
-            return output.mean(dim=(2, 3))
-        return output.amax(dim=(2, 3))
-    raise NeuronsError(
-        f"layer {layer!r} returned a tensor of shape {tuple(output.shape)}; neurons are read from "
-        "outputs shaped [B, K] (linear units) or [B, K, H, W] (conv channels). Choose a Conv2d, "
-        "Linear or activation layer instead."
-    )
+    check_neurons(output, layer)
+    return reduce_positions(output, reduction)
 
 
 def first_tensor(output: object, layer: str = "") -> torch.Tensor:
@@ -433,15 +369,16 @@ class HookSet:
 
     Used by callbacks whose hooks live across several Lightning hook calls (registered at
     epoch start, removed at epoch end, and again in ``teardown`` / ``on_exception``). It counts
-    each hooked module's calls per forward pass (reset by a pre-hook on the model and by
-    :meth:`new_pass`), so that every call site is its own layer, and remembers the most calls
-    seen per pass (:attr:`calls`).
+    each hooked module's (and function layer's) calls per forward pass (reset by a pre-hook on
+    the model and by :meth:`new_pass`), so that every call site is its own layer, and remembers
+    the most calls seen per pass (:attr:`calls`). Outputs reach ``fn`` channels first.
     """
 
     def __init__(self) -> None:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._captures: list[FunctionCapture] = []
         self._count: dict[str, int] = {}
-        #: ``{module name: most calls seen in one forward pass}`` of the hooked modules.
+        #: ``{module or function layer name: most calls seen in one forward pass}``.
         self.calls: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -452,7 +389,8 @@ class HookSet:
         self._count.clear()
 
     def add(self, model: nn.Module, layers: Sequence[str], fn: ActivationFn) -> None:
-        """Register ``fn`` as a forward hook on the modules of the layer list ``layers``."""
+        """Register ``fn`` as a forward hook on the modules of the layer list ``layers`` (and
+        capture the calls of its function layers)."""
         wanted: dict[str, list[str | None]] = {}
         for spec in layers:
             get_module(model, spec)
@@ -461,36 +399,65 @@ class HookSet:
         if not wanted:
             return
         self._handles.append(model.register_forward_pre_hook(lambda *_: self.new_pass()))
-        for module_name, calls in wanted.items():
+        last = module_layouts(model)
+        functions: dict[str, set[str]] = {}
+        matchers = {name: _call_matcher(calls) for name, calls in wanted.items()}
+        for module_name in wanted:
+            if is_function_layer(module_name):
+                caller, op = split_function_layer(module_name)
+                functions.setdefault(caller, set()).add(op)
+                continue
             module = get_module(model, module_name)
-            matcher = _call_matcher(calls)
 
             def hook(
-                _module: nn.Module,
-                _inputs: object,
-                output: object,
-                _name: str = module_name,
-                _matcher: Callable[[int], bool] = matcher,
+                _module: nn.Module, _inputs: object, output: object, _name: str = module_name
             ) -> object:
-                index = self._count.get(_name, 0)
-                self._count[_name] = index + 1
-                self.calls[_name] = max(self.calls.get(_name, 0), index + 1)
-                if not _matcher(index):
-                    return None
-                name = call_site(_name, index)
-                replaced = fn(name, first_tensor(output, name))
-                if replaced is None:
-                    return None
-                if isinstance(output, torch.Tensor):
+                tensor = first_tensor(output, _name)
+                replaced = self._seen(_name, matchers[_name], tensor, _module, last[_name], fn)
+                if replaced is None or isinstance(output, torch.Tensor):
                     return replaced
                 return type(output)([replaced, *output[1:]])
 
             self._handles.append(module.register_forward_hook(hook))
+        if functions:
+
+            def on_call(name: str, result: torch.Tensor) -> torch.Tensor | None:
+                caller = split_function_layer(name)[0]
+                return self._seen(name, matchers[name], result, None, last[caller], fn)
+
+            capture = FunctionCapture({c: frozenset(o) for c, o in functions.items()}, on_call)
+            self._captures.append(capture)
+            self._handles += capture.attach(model)
+
+    def _seen(
+        self,
+        name: str,
+        matcher: Callable[[int], bool],
+        output: torch.Tensor,
+        module: nn.Module | None,
+        channels_last: bool,
+        fn: ActivationFn,
+    ) -> torch.Tensor | None:
+        """Count a call of layer ``name``; hand a selected one to ``fn`` channels first."""
+        index = self._count.get(name, 0)
+        self._count[name] = index + 1
+        self.calls[name] = max(self.calls.get(name, 0), index + 1)
+        if not matcher(index):
+            return None
+        layout = layout_of(output, module, channels_last)
+        view = to_channels_first(output, layout)
+        replaced = fn(call_site(name, index), view)
+        if replaced is None and view is output:
+            return None
+        # a moved axis: the model goes on from the view, so gradients reach what `fn` saw
+        return from_channels_first(view if replaced is None else replaced, layout)
 
     def remove(self) -> None:
         """Remove every hook; safe to call more than once."""
         while self._handles:
             self._handles.pop().remove()
+        while self._captures:
+            self._captures.pop().leave()
         self._count.clear()
 
 

@@ -157,8 +157,8 @@ class _Best:
         if out.dim() == 4:
             self.grid = (out.shape[2], out.shape[3])
             v, pos = out.flatten(2).max(dim=2)  # [B, K]
-        else:
-            v = out.flatten(1)
+        else:  # [B, K]; tokens [B, D, N] (channels first) give whole-image tiles
+            v = out.amax(dim=2) if out.dim() == 3 else out.flatten(1)
             pos = torch.zeros_like(v, dtype=torch.long)
         top, image = v.max(dim=0)  # [K]
         where = pos[image, torch.arange(v.shape[1])]

@@ -23,10 +23,12 @@ up with :func:`~lightning_neurons.callbacks.tracker.tracker_spec`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from lightning_neurons.ablation import AblationResult
 from lightning_neurons.batch import BatchReader
@@ -89,6 +91,7 @@ class TrackerSpec:
         reduction: How a conv channel's ``[H, W]`` map becomes one value: ``"mean"`` or ``"max"``.
         num_classes: Classes the model predicts.
         top_k: Dominant neurons per class.
+        activations: Extra activation classes and ops counted as default layers.
 
     Example:
         >>> spec = TrackerSpec(BatchReader(), ("relu1",), "validation", 0, "mean", 10, 5)
@@ -103,6 +106,14 @@ class TrackerSpec:
     reduction: Literal["mean", "max"]
     num_classes: int
     top_k: int
+    activations: tuple[str, ...] = ()
+
+    def resolve(self, model: nn.Module, patterns: Sequence[str] | None) -> list[str]:
+        """``patterns`` resolved on ``model`` as the tracker resolves its own (with its
+        ``activations``; ``None``: the default layers)."""
+        from lightning_neurons.hooks import resolve_layers
+
+        return resolve_layers(model, patterns, self.activations)
 
     def analyses(self, stage: str, dataloader_idx: int = 0) -> bool:
         """Whether the batches of ``stage``'s loader ``dataloader_idx`` are the analysed ones."""

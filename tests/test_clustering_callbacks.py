@@ -273,7 +273,8 @@ def test_validate_and_test_analyse_and_remove_hooks(tmp_path):
     assert count_forward_hooks(model) == 0
     assert category.results[COMBINED].n_clusters == 2
     assert category.results[COMBINED].confusion.sum() == 48
-    assert set(neurons.results) == {"backbone.relu1", "backbone.relu2"}  # the default layers
+    # the default layers: TinyNet's ReLU modules and its torch.relu call
+    assert set(neurons.results) == {"backbone.relu1", "backbone.relu2", "backbone.relu()"}
     category.results = {}
     trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(stage="test"), category])
     trainer.test(model, data, verbose=False)

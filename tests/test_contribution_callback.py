@@ -413,10 +413,11 @@ def test_without_tensorboard_it_still_writes_files(tmp_path):
             logger=False,
         ).fit(_module(), datamodule=TinyData())
     index = load_index(tmp_path / "neurons" / "run_0")  # no logger: a folder of its own
-    # the tracker's default layers: TinyNet's ReLU modules
+    # the tracker's default layers: TinyNet's ReLU modules and its torch.relu call
     assert {r["name"] for r in index if r["kind"] == "contribution"} == {
         "backbone.relu1",
         "backbone.relu2",
+        "backbone.relu()",
     }
 
 

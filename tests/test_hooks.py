@@ -17,9 +17,9 @@ from lightning_neurons.hooks import (
 )
 
 
-def test_default_layers_are_the_activation_modules_not_the_signed_convs():
-    # TinyNet's fc is followed by a functional relu: not a module, so not a default layer
-    assert default_layers(TinyNet()) == ["relu1", "relu2"]
+def test_default_layers_are_the_activations_not_the_signed_convs():
+    # TinyNet's fc is followed by torch.relu in its forward: the function layer "relu()"
+    assert default_layers(TinyNet()) == ["relu1", "relu2", "relu()"]
 
 
 def test_globs_resolve_in_model_order():
@@ -42,7 +42,7 @@ def test_pattern_matching_nothing_is_an_error():
 
 
 def test_model_without_layers_to_track():
-    with pytest.raises(NeuronsError, match="no activation module.*Name the layers"):
+    with pytest.raises(NeuronsError, match="no activation.*Name the layers"):
         resolve_layers(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), None)
 
 
@@ -64,8 +64,10 @@ def test_reduce_activation_shapes_and_errors():
     assert reduce_activation(x, "mean").item() == pytest.approx(7.5)
     assert reduce_activation(x, "max").item() == 15.0
     assert reduce_activation(torch.ones(3, 5), "mean").shape == (3, 5)
-    with pytest.raises(NeuronsError, match=r"shape \(2, 3, 4\).*\[B, K\].*\[B, K, H, W\]"):
-        reduce_activation(torch.ones(2, 3, 4), "mean", "seq")
+    # channels first, as the hooks hand outputs over: [B, D, N] tokens reduce over the tokens
+    assert reduce_activation(torch.arange(6.0).view(1, 2, 3), "max").tolist() == [[2.0, 5.0]]
+    with pytest.raises(NeuronsError, match=r"shape \(3,\).*\[B, K\].*\[B, K, H, W\]"):
+        reduce_activation(torch.ones(3), "mean", "seq")
 
 
 class SharedReLU(nn.Module):

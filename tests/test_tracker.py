@@ -25,8 +25,11 @@ def _hand_class_means(
     model: ImageClassifier, loader, layer: str, reduction: str = "mean"
 ) -> torch.Tensor:
     outputs = []
+    post = torch.relu if layer == "backbone.relu()" else (lambda t: t)
+    if layer == "backbone.relu()":  # the function layer of torch.relu(self.fc(...)) in TinyNet
+        layer = "backbone.fc"
     module = dict(model.named_modules())[layer]
-    handle = module.register_forward_hook(lambda m, i, o: outputs.append(o.detach()))
+    handle = module.register_forward_hook(lambda m, i, o: outputs.append(post(o.detach())))
     model.eval()
     labels = []
     with torch.no_grad():
@@ -46,8 +49,9 @@ def test_class_means_equal_a_hand_computation(tmp_path, reduction):
     model, data = _module(), TinyData()
     tracker = ActivationTracker(reduction=reduction)
     fast_trainer(tmp_path, callbacks=[tracker]).fit(model, datamodule=data)
-    # the default layers are TinyNet's ReLU modules (responses), not its signed convs
-    assert set(tracker.results) == {"backbone.relu1", "backbone.relu2"}
+    # the default layers are TinyNet's ReLU modules and its torch.relu call (responses), not its
+    # signed convs
+    assert set(tracker.results) == {"backbone.relu1", "backbone.relu2", "backbone.relu()"}
     for layer in tracker.results:
         expected = _hand_class_means(model, data.val_dataloader(), layer, reduction)
         res = tracker.results[layer]
@@ -162,16 +166,14 @@ def test_layer_with_an_unusable_output_shape(tmp_path):
     class SeqNet(TinyNet):
         def __init__(self):
             super().__init__()
-            self.seq = nn.Conv1d(1, 2, 3)
+            self.seq = nn.Flatten(0)  # the whole batch in one vector: no neuron axis
 
         def forward(self, x):
-            self.seq(x.flatten(2)[:, :1])
+            self.seq(x)
             return super().forward(x)
 
     tracker = ActivationTracker(layers=["backbone.seq"])
-    with pytest.raises(
-        NeuronsError, match=r"'backbone.seq' returned a tensor of shape \(8, 2, 62\)"
-    ):
+    with pytest.raises(NeuronsError, match=r"'backbone.seq' returned a tensor of shape \(512,\)"):
         fast_trainer(tmp_path, callbacks=[tracker]).fit(
             _module(net=SeqNet()), datamodule=TinyData()
         )

@@ -471,8 +471,9 @@ def test_visualizer_renders_neuron_clusters_with_the_judges_verdict(tmp_path):
     trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(), clustering, vis])
     model = _module()
     trainer.fit(model, datamodule=TinyData())
-    assert vis.layers == list(clustering.results) == ["backbone.relu1"]  # BNNet's one ReLU module
-    assert set(vis.cluster_results) == {"backbone.relu1"}
+    # BNNet's ReLU module and its torch.relu call
+    assert vis.layers == list(clustering.results) == ["backbone.relu1", "backbone.relu()"]
+    assert set(vis.cluster_results) == {"backbone.relu1", "backbone.relu()"}
     for layer, res in vis.cluster_results.items():
         labels = torch.as_tensor(clustering.results[layer].labels)
         assert res.sizes.tolist() == [int((labels == k).sum()) for k in res.clusters]
@@ -507,7 +508,7 @@ def test_estimated_prior_is_kept_in_the_checkpoint(tmp_path):
     for name in ("magnitude", "mean", "std"):
         assert torch.equal(getattr(again.estimated_prior, name), getattr(saved, name))
     assert again.estimated_prior.count == saved.count == 10
-    assert set(again.results) == {"backbone.relu1", "classes"}  # and it rendered with it
+    assert set(again.results) == {"backbone.relu1", "backbone.relu()", "classes"}  # it rendered
 
 
 # ---- one set of defaults ------------------------------------------------------------------------
@@ -523,9 +524,13 @@ def test_render_given_a_prior_renders_as_the_visualizer_does(tmp_path):
     fast_trainer(tmp_path, callbacks=[vis], max_epochs=1, logger=False).fit(
         module, datamodule=TinyData()
     )
-    (layer,) = [key for key in vis.results if key != "classes"]
+    layers = [key for key in vis.results if key != "classes"]
+    assert layers
     for key, objectives in (
-        (layer, [Channel(layer, int(c)) for c in vis.results[layer].channels]),
+        *(
+            (layer, [Channel(layer, int(c)) for c in vis.results[layer].channels])
+            for layer in layers
+        ),
         ("classes", [ClassLogit(c) for c in range(3)]),
     ):
         result = render(module, objectives, image_shape=(1, 8, 8), prior=prior)

@@ -316,15 +316,15 @@ def test_probes_are_bounded_and_validate_runs_a_round(tmp_path):
     trainer = fast_trainer(tmp_path, callbacks=[vis], logger=False)
     trainer.validate(_module(), datamodule=TinyData())
     assert vis.saliency_results.images.shape == (4, 1, 8, 8)
-    # default layers: the activation modules (BNNet's second ReLU is functional: not a module)
-    assert set(vis.results) == {"backbone.relu1", "classes"}
+    # default layers: BNNet's ReLU module and its torch.relu call
+    assert set(vis.results) == {"backbone.relu1", "backbone.relu()", "classes"}
 
 
 def test_image_shape_from_the_batches_without_saliency(tmp_path):
     vis = FeatureVisualizer(max_channels=1, classes=[], saliency=[], on_error="raise", **FAST)
     trainer = fast_trainer(tmp_path, callbacks=[vis], logger=False, max_epochs=1)
     trainer.fit(_module(), datamodule=TinyData())  # no image_shape attribute
-    assert set(vis.results) == {"backbone.relu1"}  # classes=[]: none
+    assert set(vis.results) == {"backbone.relu1", "backbone.relu()"}  # classes=[]: none
     assert vis.results["backbone.relu1"].images.shape == (1, 1, 8, 8)
     assert vis.saliency_results is None
 

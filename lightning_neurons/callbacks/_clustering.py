@@ -15,7 +15,7 @@ from lightning_neurons.batch import LoaderRows, analysed_rows
 from lightning_neurons.callbacks._base import StageBatch, StagedCallback, find_callback
 from lightning_neurons.callbacks.tracker import ActivationTracker, tracker_spec
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.hooks import resolve_layers, selects, split_call
+from lightning_neurons.hooks import selects, split_call
 from lightning_neurons.results import TrackerSpec
 from lightning_neurons.stats import LayerStats
 
@@ -64,7 +64,7 @@ class _ClusteringCallback(StagedCallback):
         if self.layer_patterns is None:
             self.layers = list(tracked)
             return
-        chosen = resolve_layers(pl_module, self.layer_patterns)
+        chosen = self._spec.resolve(pl_module, self.layer_patterns)
         tracked_modules = {split_call(name)[0] for name in tracked}
         missing = [name for name in chosen if split_call(name)[0] not in tracked_modules]
         if missing:

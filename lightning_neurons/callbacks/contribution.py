@@ -197,7 +197,7 @@ class NeuronContribution(StagedCallback):
         patterns = (
             self.layer_patterns if self.layer_patterns is not None else self._tracker.layer_patterns
         )
-        layers = resolve_layers(pl_module, patterns)
+        layers = self._tracker.resolve_layers(pl_module, patterns)
         if self.ablation_patterns is None:
             ablate = layers[-1:]
         elif not self.ablation_patterns:

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_neurons.activations import check_activations
 from lightning_neurons.batch import (
     BatchFn,
     BatchReader,
@@ -26,6 +27,7 @@ from lightning_neurons.callbacks._base import (
 )
 from lightning_neurons.checks import Constraints, Interval, Options, validate_params
 from lightning_neurons.errors import NeuronsError
+from lightning_neurons.functional import is_function_layer
 from lightning_neurons.hooks import (
     HookSet,
     call_site,
@@ -34,6 +36,7 @@ from lightning_neurons.hooks import (
     selects,
     signed_layers,
 )
+from lightning_neurons.layouts import peak as positions_peak
 from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.results import TrackerSpec
 from lightning_neurons.state import in_analysis
@@ -60,8 +63,9 @@ def infer_num_classes(model: nn.Module) -> int | None:
 class ActivationTracker(StagedCallback):
     """Streams per-class statistics of the neurons of chosen layers, epoch after epoch.
 
-    A neuron is a channel of a conv layer (its feature map reduced over space by ``reduction``) or
-    a unit of a linear layer. For every tracked layer the tracker sums, per class and neuron, the
+    A neuron is a channel of a conv layer (its feature map reduced over space by ``reduction``), a
+    unit of a linear layer, or a feature of a transformer's ``[B, N, D]`` tokens (reduced over
+    the tokens; see :mod:`lightning_neurons.layouts`). For every tracked layer the tracker sums, per class and neuron, the
     count, sum, sum of squares, maximum and firing count of the activations (torchmetrics states
     reduced by sum over DDP ranks; nothing is stored per image) and derives the class profile,
     class selectivity, dead neurons and each class's dominant neurons.
@@ -88,7 +92,11 @@ class ActivationTracker(StagedCallback):
             Signed layers (Conv, Linear, BatchNorm outputs) picked here are analysed with the
             conventions of :func:`~lightning_neurons.stats.selectivity_index` (a one-time warning
             says so).
-        reduction: How a conv channel's ``[H, W]`` map becomes one value: ``"mean"`` or ``"max"``.
+        activations: More activation classes (``"Swish"``, ``"timm.layers.activations.GELU"``)
+            and functional ops (``"sigmoid"``) for the default layers, beyond those recognised
+            (see :mod:`lightning_neurons.activations`); the other callbacks use the tracker's.
+        reduction: How a conv channel's ``[H, W]`` map (a transformer neuron's tokens) becomes
+            one value: ``"mean"`` or ``"max"``.
         stage: ``"validation"`` (default) or ``"test"`` gather statistics on those batches;
             ``"train"`` piggy-backs on the training batches (no extra forward passes; the model is
             in training mode then).
@@ -123,12 +131,14 @@ class ActivationTracker(StagedCallback):
         "output_fn": ["callable", None],
         "dataloader_idx": [Interval(int, 0, None)],
         "max_batches": [Interval(int, 1, None), None],
+        "activations": [list, tuple, None],
     }
 
     def __init__(
         self,
         layers: list[str] | None = None,
         *,
+        activations: list[str] | None = None,
         reduction: Reduction = "mean",
         stage: Stage = "validation",
         every_n_epochs: int = 1,
@@ -146,6 +156,8 @@ class ActivationTracker(StagedCallback):
         super().__init__(
             layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
         )
+        #: Extra activation classes and ops for the default layers (see ``activations``).
+        self.activations = list(check_activations(activations))
         self.reduction = reduction
         self.stage = stage
         self.top_k = int(top_k)
@@ -178,8 +190,9 @@ class ActivationTracker(StagedCallback):
 
     @property
     def state_key(self) -> str:
+        extra = {"activations": self.activations} if self.activations else {}
         return self._generate_state_key(
-            layers=self.layer_patterns, reduction=self.reduction, stage=self.stage
+            layers=self.layer_patterns, reduction=self.reduction, stage=self.stage, **extra
         )
 
     @override
@@ -226,12 +239,13 @@ class ActivationTracker(StagedCallback):
             )
         return TrackerSpec(
             reader=self.reader,
-            layers=tuple(resolve_layers(pl_module, self.layer_patterns)),
+            layers=tuple(self.resolve_layers(pl_module, self.layer_patterns)),
             stage=self.stage,
             dataloader_idx=self.dataloader_idx,
             reduction=self.reduction,
             num_classes=num_classes,
             top_k=self.top_k,
+            activations=tuple(self.activations),
         )
 
     # ---- Lightning hooks -----------------------------------------------------------------------
@@ -244,6 +258,11 @@ class ActivationTracker(StagedCallback):
         self._note_signed(pl_module)
         self._checked = self._warned_loaders = False
         self._saw_validation = self._warned_no_validation = False
+
+    def resolve_layers(self, pl_module: nn.Module, patterns: list[str] | None) -> list[str]:
+        """``patterns`` resolved on ``pl_module`` with the tracker's ``activations`` (``None``:
+        the default layers): how every analysis that reads the tracker resolves its layers."""
+        return resolve_layers(pl_module, patterns, self.activations)
 
     # Lightning's per-stage hooks arrive here (see StagedCallback); only ``self.stage`` counts.
     def _stage_start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -418,11 +437,7 @@ class ActivationTracker(StagedCallback):
         with torch.no_grad():
             output = output.detach()
             values = reduce_activation(output, self.reduction, name)
-            peak = (
-                output.amax(dim=(2, 3))
-                if output.dim() == 4 and self.reduction == "mean"
-                else values
-            )
+            peak = positions_peak(output) if self.reduction == "mean" else values
             if values.shape[0] == self._batch_size and labels.shape[0] < values.shape[0]:
                 values, peak = values[: labels.shape[0]], peak[: labels.shape[0]]
             if values.shape[0] != labels.shape[0]:
@@ -448,7 +463,7 @@ class ActivationTracker(StagedCallback):
         """Once: modules that ran several times per forward pass (one layer per call), and
         named calls that never ran."""
         for module, runs in self._hooks.calls.items():
-            if runs > 1 and module not in self._noted:
+            if runs > 1 and module not in self._noted and not is_function_layer(module):
                 self._noted.add(module)
                 sites = [call_site(module, i) for i in range(runs)]
                 tracked = [s for s in sites if selects(self.layers, s)]

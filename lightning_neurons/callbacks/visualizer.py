@@ -279,7 +279,8 @@ class FeatureVisualizer(StagedCallback):
         patterns = self.layer_patterns
         if patterns is None and tracker is not None:
             patterns = tracker.layer_patterns
-        self.layers = resolve_layers(pl_module, patterns)
+        activations = tracker.activations if tracker is not None else None
+        self.layers = resolve_layers(pl_module, patterns, activations)
         unknown = [name for name in self.channels if not selects(self.layers, name)]
         if unknown:
             raise NeuronsError(

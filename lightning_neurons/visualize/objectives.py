@@ -209,10 +209,12 @@ def _width_error(term: Term, what: str, index: int, width: int, unit: str) -> Ne
 
 
 def _check_neuron_shape(term: Term, shape: Sequence[int]) -> None:
-    if len(shape) not in (1, 3):
+    # shapes are channels first (lightning_neurons.layouts): [B, N, D] tokens arrive as [B, D, N]
+    if len(shape) not in (1, 2, 3):
         raise NeuronsError(
             f"{term!r}: layer {term.layer!r} outputs [B, {', '.join(map(str, shape))}]; channels "
-            "are read from [B, K] (linear units) or [B, K, H, W] (conv feature maps) outputs"
+            "are read from [B, K] (linear units), [B, K, H, W] (conv feature maps) or [B, N, D] "
+            "(transformer tokens) outputs"
         )
 
 
@@ -300,6 +302,8 @@ class Neuron(Term):
     def value(self, output: torch.Tensor) -> torch.Tensor:
         if output.dim() == 2:
             return output[:, self.index]
+        if output.dim() == 3:  # tokens: x is the token
+            return output[:, self.index, self._position(1, output.shape[-1])[1]]
         y, x = self._position(output.shape[-2], output.shape[-1])
         return output[:, self.index, y, x]
 
@@ -312,6 +316,13 @@ class Neuron(Term):
                 raise NeuronsError(
                     f"{self!r}: layer {self.layer!r} is a linear layer ([B, {shape[0]}]) with no "
                     "spatial positions; leave y and x as None"
+                )
+            return
+        if len(shape) == 2:
+            if self.y is not None or self._position(1, shape[1])[1] >= shape[1]:
+                raise NeuronsError(
+                    f"{self!r}: layer {self.layer!r} outputs {shape[1]} tokens of {shape[0]} "
+                    f"neurons; `x` is the token (0 to {shape[1] - 1}) and `y` stays None"
                 )
             return
         y, x = self._position(shape[1], shape[2])
@@ -330,6 +341,9 @@ class Neuron(Term):
             dev = output.device
             if output.dim() == 2:
                 return output[rows.to(dev), index.to(dev)]
+            if output.dim() == 3:
+                xs = [t._position(1, output.shape[-1])[1] for t in terms]  # type: ignore[attr-defined]
+                return output[rows.to(dev), index.to(dev), torch.tensor(xs, device=dev)]
             pos = [t._position(output.shape[-2], output.shape[-1]) for t in terms]  # type: ignore[attr-defined]
             ys = torch.tensor([p[0] for p in pos], device=dev)
             xs = torch.tensor([p[1] for p in pos], device=dev)

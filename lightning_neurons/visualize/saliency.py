@@ -40,8 +40,10 @@ from lightning_neurons.checks import (
     check_optional_positive_int,
     check_positive_int,
 )
+from lightning_neurons.defaults import default_cam_layer
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import get_module, hooked, leaf_output_sizes
+from lightning_neurons.layouts import on_grid, patch_embedding
 from lightning_neurons.state import analysis_mode, model_device
 from lightning_neurons.visualize.param import row_seed
 from lightning_neurons.visualize.sizing import auto_batch_size
@@ -280,7 +282,10 @@ def grad_cam(
         model: Maps model inputs to logits.
         images: ``[N, C, H, W]`` display images.
         target: Class per image (or one for all); default: the predicted class.
-        layer: A layer with ``[N, K, h, w]`` output; default: the model's last ``Conv2d``.
+        layer: A layer with ``[N, K, h, w]`` output, or a transformer's ``[N, T, D]`` tokens
+            (read on the patch grid of its patch embedding, the leading class and register
+            tokens left out); default: the model's last ``Conv2d``, or for a vision
+            transformer a block (see :func:`~lightning_neurons.defaults.default_cam_layer`).
         input_transform: Display image -> model input.
         batch_size: Images per forward pass (as in :func:`gradient`).
         output_fn: Reads the logits from the model's output.
@@ -292,8 +297,10 @@ def grad_cam(
         NeuronsError: For an unknown layer, a layer without spatial output, or bad targets.
     """
     check_image_batch(images)
-    layer = layer or _last_conv(model)
+    layer = layer or default_cam_layer(model) or _last_conv(model)
     get_module(model, layer)
+    patch = patch_embedding(model)  # a token layer's grid is the patch embedding's output's
+    watched = [layer] if patch is None or patch == layer else [layer, patch]
     device = model_device(model)
     height, width = images.shape[-2:]
     out = []
@@ -305,21 +312,26 @@ def grad_cam(
     with analysis_mode(model):
         images = images.detach().clone().to(device)
         target = _targets(model, images, target, input_transform, output_fn)
-        with hooked(model, [layer], keep):
+        with hooked(model, watched, keep):
             parts = _chunks(len(images), batch_size, model, images, input_transform)
             for part in parts:
                 captured.clear()
                 x = images[part].clone().requires_grad_(True)  # parameters are frozen
                 logits = _logits(model, x, input_transform, output_fn)
                 features = captured.get(layer)
-                if features is None or features.dim() != 4:
+                tokens = features is not None and features.dim() == 3 and patch in captured
+                if features is None or not (features.dim() == 4 or tokens):
                     shape = None if features is None else tuple(features.shape)
                     raise NeuronsError(
-                        f"Grad-CAM needs a layer with [N, K, h, w] output that runs in the forward "
-                        f"pass; {layer!r} gave {shape}"
+                        f"Grad-CAM needs a layer with [N, K, h, w] output (or transformer tokens "
+                        f"after a patch embedding) that runs in the forward pass; {layer!r} gave "
+                        f"{shape}"
                     )
                 picked = logits.gather(1, target[part].view(-1, 1)).sum()
                 (grad,) = torch.autograd.grad(picked, features)
+                if tokens:  # [N, K, T] channels-first tokens -> the patch grid
+                    grid = captured[patch].shape[-2:]
+                    features, grad = on_grid(features, grid), on_grid(grad, grid)
                 weights = grad.float().mean(dim=(2, 3), keepdim=True)
                 cam = F.relu((weights * features.detach().float()).sum(dim=1, keepdim=True))
                 cam = F.interpolate(cam, size=(height, width), mode="bilinear", align_corners=False)

@@ -1,0 +1,164 @@
+"""The default layers of a model: the outputs of its nonlinearities and blocks (its responses).
+
+See :func:`default_layers` for the rule; :mod:`lightning_neurons.activations` tells activation
+modules, :mod:`lightning_neurons.functional` the calls of activation functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from lightning_neurons.activations import ActivationRule, check_activations
+from lightning_neurons.functional import OPS, called_ops, function_layer
+from lightning_neurons.layouts import patch_embedding
+from lightning_neurons.state import model_device
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _is_container(module: nn.Module) -> bool:
+    """A Sequential / ModuleList / ModuleDict that runs its children as they are (its class does
+    not define its own ``forward``)."""
+    if not isinstance(module, _CONTAINERS):
+        return False
+    return not any(
+        "forward" in vars(cls)
+        for cls in type(module).__mro__
+        if cls not in _CONTAINERS and issubclass(cls, nn.Module) and cls is not nn.Module
+    )
+
+
+def activation_rule(activations: Sequence[str] | ActivationRule | None) -> ActivationRule:
+    """An :class:`~lightning_neurons.activations.ActivationRule` from ``activations=`` (names, a
+    rule, or ``None``)."""
+    if isinstance(activations, ActivationRule):
+        return activations
+    return ActivationRule(check_activations(activations))
+
+
+def default_layers(
+    model: nn.Module, activations: Sequence[str] | ActivationRule | None = None
+) -> list[str]:
+    """The layers whose outputs are *responses*: the outputs of nonlinearities and of blocks.
+
+    The rule, on any ``nn.Module``, walking the module tree from the model down:
+
+    1. an activation module is a layer, with every one of its calls (a shared activation module
+       gives one layer per call): torch's ReLU, GELU, SiLU, Hardswish, ..., the classes named in
+       ``activations``, and parameter-free elementwise rectifiers of any library (timm's ``GELU``,
+       a user's ``Swish``; see :mod:`lightning_neurons.activations`);
+    2. the calls of activation functions (``F.relu``, ``torch.gelu``, ``x.relu()``) that a
+       walked module's own ``forward`` makes are a layer ``"<module>.relu()"`` (see
+       :mod:`lightning_neurons.functional`), after the module's children;
+    3. a *block* is a layer and is not walked into: a module that is a direct child of a
+       *container* (``nn.Sequential`` / ``ModuleList`` / ``ModuleDict`` running its children as
+       they are), has its own ``forward``, contains an activation (module or function call) and
+       does not contain the final classifier (the model's last ``Linear``). Its output is the
+       block's response: the post-ReLU output of a ResNet ``BasicBlock``, an ``MBConv`` /
+       ``CNBlock`` output, a DenseNet dense block's, a transformer block's tokens;
+    4. everything else is walked into (the model, a backbone attribute, containers, blocks that
+       are not children of a container); ``Conv2d``, ``BatchNorm``, ``Linear`` and other leaves
+       are never default layers, so the final classifier's logits are not either.
+
+    So a ResNet gives its stem ReLU and every residual block's output, a VGG its ReLUs, ConvNeXt
+    and vision transformers their blocks, a tutorial CNN with ``F.relu`` in ``forward`` its
+    ``relu()`` calls. docs/layers_models.md has a table for timm's models.
+
+    Args:
+        model: The model.
+        activations: More activation classes (names) and functional ops (``"sigmoid"``), see
+            :class:`~lightning_neurons.activations.ActivationRule`.
+
+    Returns:
+        Layer names in the model's order (each selects all its calls, see the module docstring).
+        Empty when the model has no activation at all.
+
+    Raises:
+        NeuronsError: If an entry of ``activations`` names neither an op nor a class of the model.
+    """
+    from torchmetrics import Metric
+
+    rule = activation_rule(activations)
+    rule.check(model)
+    device = model_device(model)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    classifier = linears[-1] if linears else None
+    found: list[str] = []
+
+    def own_calls(module: nn.Module) -> list[str]:
+        return [] if rule(module, device) else called_ops(module, rule.ops)
+
+    def is_block(child: nn.Module) -> bool:
+        return (
+            any(True for _ in child.children())
+            and any(rule(m, device) or own_calls(m) for m in child.modules())
+            and not any(m is classifier for m in child.modules())
+        )
+
+    def walk(module: nn.Module, prefix: str, in_container: bool) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, Metric):
+                continue
+            if rule(child, device):
+                found.append(full)
+            elif _is_container(child):
+                walk(child, full, in_container=True)
+            elif in_container and is_block(child):
+                found.append(full)
+            else:
+                walk(child, full, in_container=False)
+        if not _is_container(module):
+            found.extend(function_layer(prefix, op) for op in own_calls(module))
+
+    if rule(model, device):
+        return []
+    walk(model, "", in_container=_is_container(model))
+    return found
+
+
+def layer_order(model: nn.Module, rule: ActivationRule) -> dict[str, float]:
+    """``{layer name: position}`` of every module and every function layer a module's code
+    names (:data:`~lightning_neurons.functional.OPS`); a function layer comes after its module's
+    descendants (the calls a module makes between its children's are not ordered statically)."""
+    names = [n for n, _ in model.named_modules()]
+    order: dict[str, float] = {n: float(i) for i, n in enumerate(names) if n}
+    end = {n: i for i, n in enumerate(names)}
+    for i, name in enumerate(names):
+        parts = name.split(".") if name else []
+        for depth in range(len(parts)):
+            end[".".join(parts[:depth])] = i
+    device = model_device(model)
+    for name, module in model.named_modules():
+        if _is_container(module) or rule(module, device):
+            continue
+        for op in called_ops(module, OPS):
+            order[function_layer(name, op)] = end[name] + 0.5
+    return order
+
+
+def default_cam_layer(model: nn.Module) -> str | None:
+    """Grad-CAM's layer for a vision transformer, ``None`` for other models (whose default is
+    their last ``Conv2d``).
+
+    A model is a vision transformer here when its last ``Conv2d`` is its patch embedding (kernel
+    equal to stride, see :func:`~lightning_neurons.layouts.patch_embedding`): its last convolution
+    maps pixels to patches, so Grad-CAM reads a block's tokens on the patch grid instead. The
+    block is the last default layer, or the one before it when the model reads its class token
+    (a ``class_token`` / ``cls_token`` parameter and no average pooling): the last block's patch
+    tokens then reach the logits through nothing (only its class token is read), while its input's
+    do, through the last block's attention.
+    """
+    patch = patch_embedding(model)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if patch is None or convs[-1] != patch:
+        return None
+    layers = default_layers(model)
+    if not layers:
+        return None
+    pools = {str(getattr(m, "global_pool", "token")) for m in model.modules()}
+    tokens = [getattr(m, a, None) for m in model.modules() for a in ("class_token", "cls_token")]
+    reads_class_token = any(isinstance(t, nn.Parameter) for t in tokens) and "avg" not in pools
+    return layers[-2] if reads_class_token and len(layers) > 1 else layers[-1]

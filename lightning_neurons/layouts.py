@@ -1,0 +1,166 @@
+"""Where the neurons of a layer output are: channels first, tokens, or channels last.
+
+Every analysis reads a layer's output in one layout, **channels first**: ``[B, K]`` (units of a
+linear layer) or ``[B, K, *positions]`` (``[B, K, H, W]``: the channels of a conv layer over the
+feature map). The hooks of :mod:`lightning_neurons.hooks` hand every output over in that layout,
+as a view (no copy; gradients flow through it):
+
+* ``[B, N, D]`` **token** outputs of transformers (ViT blocks) are ``D`` neurons over ``N``
+  positions: handed over as ``[B, D, N]``. The positions are all the tokens, the class and
+  register tokens included: a neuron's value is reduced over every token the model computes it
+  for (the class token is what a class-token head reads), zeroing a neuron zeroes it on every
+  token, and its contribution is summed over them. Only maps on the image (Grad-CAM) drop the
+  leading tokens that have no place on the patch grid (see :func:`token_grid`);
+* ``[B, H, W, C]`` **channels-last** maps (timm's Swin stages) are handed over as
+  ``[B, C, H, W]``. A 4-D output is channels last when the module, or the nearest module above
+  it with an ``output_fmt`` attribute (timm's convention), says ``"NHWC"``, and the module is not
+  a convolution, batch norm or pooling layer (always channels first);
+* 3-D outputs of ``Conv1d``, ``BatchNorm1d``, ``InstanceNorm1d`` and 1-D pooling are ``[B, C, L]``
+  channels first; every other 3-D output is tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import Enum
+
+import torch
+from torch import nn
+
+from lightning_neurons.errors import NeuronsError
+
+_CHANNELS_FIRST: tuple[type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._NormBase,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+)
+
+
+class Layout(Enum):
+    """How a layer's output holds its neurons."""
+
+    FIRST = "channels_first"  # [B, K] / [B, K, *positions]
+    TOKENS = "tokens"  # [B, N, D]
+    LAST = "channels_last"  # [B, H, W, C]
+
+
+def _says_nhwc(module: nn.Module) -> bool | None:
+    fmt = getattr(module, "output_fmt", None)
+    if fmt is None:
+        return None
+    return str(getattr(fmt, "value", fmt)) == "NHWC"
+
+
+def module_layouts(model: nn.Module) -> dict[str, bool]:
+    """``{module name: whether its 4-D outputs are channels last}`` for every module."""
+    found: dict[str, bool] = {}
+
+    def walk(module: nn.Module, prefix: str, inherited: bool) -> None:
+        own = _says_nhwc(module)
+        last = inherited if own is None else own
+        found[prefix] = last and not isinstance(module, _CHANNELS_FIRST)
+        for name, child in module.named_children():
+            walk(child, f"{prefix}.{name}" if prefix else name, last)
+
+    walk(model, "", False)
+    return found
+
+
+def layout_of(output: torch.Tensor, module: nn.Module | None, channels_last: bool) -> Layout:
+    """The layout of ``output`` of ``module`` (``None``: a function call of a module whose 4-D
+    outputs are ``channels_last``)."""
+    if output.dim() == 3 and not isinstance(module, _CHANNELS_FIRST):
+        return Layout.TOKENS
+    if output.dim() == 4 and channels_last:
+        return Layout.LAST
+    return Layout.FIRST
+
+
+def to_channels_first(output: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """A channels-first view of ``output``."""
+    if layout is Layout.TOKENS:
+        return output.transpose(1, 2)
+    if layout is Layout.LAST:
+        return output.permute(0, 3, 1, 2)
+    return output
+
+
+def from_channels_first(output: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """The inverse of :func:`to_channels_first` (contiguous when it moved an axis)."""
+    if layout is Layout.TOKENS:
+        return output.transpose(1, 2).contiguous()
+    if layout is Layout.LAST:
+        return output.permute(0, 2, 3, 1).contiguous()
+    return output
+
+
+def reduce_positions(output: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``[B, K, *positions] -> [B, K]`` by ``"mean"`` or ``"max"`` (``[B, K]`` as it is)."""
+    if output.dim() == 2:
+        return output
+    flat = output.flatten(2)
+    return flat.mean(dim=2) if reduction == "mean" else flat.amax(dim=2)
+
+
+def peak(output: torch.Tensor) -> torch.Tensor:
+    """``[B, K]``: each neuron's largest value over its positions."""
+    return output if output.dim() == 2 else output.flatten(2).amax(dim=2)
+
+
+def check_neurons(output: torch.Tensor, layer: str) -> None:
+    """Raise when a channels-first output has no neuron axis (a 0-D or 1-D tensor)."""
+    if output.dim() < 2:
+        raise NeuronsError(
+            f"layer {layer!r} returned a tensor of shape {tuple(output.shape)}; neurons are read "
+            "from outputs shaped [B, K] (linear units), [B, K, H, W] (conv channels) or [B, N, D] "
+            "(transformer tokens). Choose another layer."
+        )
+
+
+def token_grid(tokens: int, grid: Sequence[int]) -> tuple[int, int]:
+    """``(prefix, grid tokens)``: the leading tokens that are not on the patch grid (class,
+    register, distillation tokens) and the ``h * w`` patch tokens after them.
+
+    Raises:
+        NeuronsError: If the ``h x w`` grid does not fit in ``tokens``.
+    """
+    cells = int(grid[0]) * int(grid[1])
+    if cells > tokens or cells == 0:
+        raise NeuronsError(
+            f"a token output of {tokens} tokens cannot hold the {grid[0]}x{grid[1]} patch grid of "
+            "the model's patch embedding"
+        )
+    return tokens - cells, cells
+
+
+def patch_embedding(model: nn.Module) -> str | None:
+    """The name of the model's patch embedding: the first ``Conv2d`` whose kernel equals its
+    stride (non-overlapping patches), or ``None``."""
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, nn.Conv2d)
+            and tuple(module.kernel_size) == tuple(module.stride)
+            and max(module.stride) > 1
+        ):
+            return name
+    return None
+
+
+def on_grid(features: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """Channels-first tokens ``[N, K, T]`` on the ``h x w`` patch grid: ``[N, K, h, w]``, the
+    leading tokens that are not patches (class, register tokens) left out; a 4-D map as it is.
+
+    Raises:
+        NeuronsError: If the grid does not fit the tokens.
+
+    Example:
+        >>> on_grid(torch.zeros(2, 8, 1 + 16), (4, 4)).shape
+        torch.Size([2, 8, 4, 4])
+    """
+    if features.dim() == 4:
+        return features
+    prefix, _ = token_grid(features.shape[-1], grid)
+    return features[..., prefix:].reshape(*features.shape[:2], int(grid[0]), int(grid[1]))
