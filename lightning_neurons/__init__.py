@@ -21,6 +21,7 @@ from lightning_neurons.callbacks import (
 )
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.loggers import load_index
+from lightning_neurons.runs import Run, load_run
 from lightning_neurons.stats import LayerStats
 
 __version__ = "0.1.0"
@@ -44,6 +45,8 @@ __all__ = [
     "NeuronClustering",
     "NeuronContribution",
     "NeuronsError",
+    "Run",
     "__version__",
     "load_index",
+    "load_run",
 ]

@@ -92,8 +92,11 @@ class Rendering:
     steps: torch.Tensor | None = None
 
     def as_arrays(self) -> dict[str, torch.Tensor]:
-        """The tensors by name (for ``.npz`` files)."""
-        return _tensors(self)
+        """The tensors by name, and ``reference_epoch`` when known (for ``.npz`` files)."""
+        arrays = _tensors(self)
+        if self.reference_epoch is not None:
+            arrays["reference_epoch"] = torch.tensor(self.reference_epoch)
+        return arrays
 
 
 @dataclass
@@ -203,7 +206,7 @@ class CategoryClusteringResult:
     def as_arrays(self) -> dict[str, np.ndarray]:
         """The arrays by name (for ``.npz`` files): the ``[C, C]`` distances in float32 (7
         significant digits; at 1,000 classes a float64 matrix per view was 8 MB of the 73 MB an
-        epoch wrote) and the confusion counts as integers."""
+        epoch wrote), the confusion counts as integers, and the class names as strings."""
         out: dict[str, np.ndarray] = {
             "labels": self.labels,
             "classes": self.classes,
@@ -212,6 +215,8 @@ class CategoryClusteringResult:
             "silhouette": np.asarray(self.silhouette),
             "agreement": np.asarray(self.agreement),
             "stability": np.asarray(self.stability),
+            "n_clusters": np.asarray(self.n_clusters),
+            "class_names": np.asarray([str(n) for n in self.class_names], dtype=str),
         }
         if self.linkage is not None:
             out["linkage"] = self.linkage
