@@ -18,7 +18,7 @@ from lightning_neurons.batch import (
     analysed_rows,
     stage_loaders,
 )
-from lightning_neurons.callbacks._base import OnError, StagedCallback
+from lightning_neurons.callbacks._base import OnError, StagedCallback, class_names_of
 from lightning_neurons.checks import (
     check_choice,
     check_int,
@@ -26,6 +26,7 @@ from lightning_neurons.checks import (
     check_positive_int,
 )
 from lightning_neurons.errors import NeuronsError
+from lightning_neurons.evolution import NeuronHistory
 from lightning_neurons.hooks import (
     HookSet,
     call_site,
@@ -153,6 +154,7 @@ class ActivationTracker(StagedCallback):
         self._saved_states: dict[str, dict[str, torch.Tensor]] = {}
         self._saved_epoch: int = -1
         self._noted: set[str] = set()
+        self._evolution = NeuronHistory()  # for the neuron x epoch figures
 
     # ---- identity and checkpointing ------------------------------------------------------------
 
@@ -486,6 +488,8 @@ class ActivationTracker(StagedCallback):
                 },
             )
         out.scalars(scalars)
+        names = class_names_of(trainer, int(self.num_classes or 0))
+        self._evolution.log(out, self.results, names)
 
 
 def _file_arrays(res: LayerStats) -> dict[str, torch.Tensor]:
