@@ -30,6 +30,12 @@ def _figure(figure: Figure | None, height: int, width: int = _canvas.MAX_WIDTH) 
     return figure if figure is not None else _canvas.new_figure(height, width)
 
 
+def _title(fig: Figure, text: str) -> None:
+    """``text`` above the figure, wrapped to its width (two lines at most)."""
+    lines = _canvas.wrap_title(text, fig.bbox.width, lines=2)
+    fig.suptitle("\n".join(lines), fontsize=_canvas.TITLE_FONT)
+
+
 def class_colours(num_classes: int) -> ListedColormap:
     """One distinct colour per class (tab10, tab20, else evenly spaced hues)."""
     import matplotlib
@@ -93,11 +99,10 @@ def neuron_evolution_figure(
     cmap = class_colours(num_classes)
     changed = float(evolution.changed_fraction[-1]) if len(evolution.epochs) > 1 else 0.0
     fig = _figure(figure, 420)
-    fig.suptitle(
+    _title(
+        fig,
         f"{evolution.layer}: preferred class and selectivity per neuron over epochs "
         f"({changed:.0%} changed class at epoch {int(evolution.epochs[-1])})",
-        fontsize=_canvas.TITLE_FONT,
-        wrap=True,
     )
     grid = fig.add_gridspec(
         1, 4, width_ratios=[10, 1, 10, 0.6], left=0.1, right=0.9, top=0.84, bottom=0.12, wspace=0.35
@@ -180,6 +185,7 @@ def clustering_evolution_figure(
     ax_lines.plot(later, evolution.adjusted_rand, "o-", label="adjusted Rand (labels)")
     ax_lines.plot(later, evolution.distance_correlation, "s--", label="distance correlation")
     ax_lines.set_ylim(-0.1, 1.05)
+    ax_lines.set_xticks(later, [str(int(e)) for e in later] if len(later) <= 10 else None)
     ax_lines.set_xlabel("epoch (vs the previous analysed one)", fontsize=_canvas.FONT)
     ax_lines.tick_params(labelsize=_canvas.FONT)
     ax_lines.legend(fontsize=_canvas.FONT - 1, loc="lower right")
@@ -238,10 +244,10 @@ def comparison_figure(
     category = cats.get(view) if view is not None else None
     a, b = comparison.label_a, comparison.label_b
     fig = _figure(figure, 620 if category is not None else 330)
-    fig.suptitle(
+    _title(
+        fig,
         f"{layer}: {a} vs {b}; {change.changed.size} of {change.preferred_a.size} neurons "
         "changed class",
-        fontsize=_canvas.TITLE_FONT,
     )
     rows = 2 if category is not None else 1
     grid = fig.add_gridspec(
@@ -270,7 +276,8 @@ def _transitions(
         n = max(n, len(names))
     counts = np.zeros((n, n), dtype=np.int64)
     np.add.at(counts, (pa, pb), 1)
-    ax.imshow(np.log1p(counts), cmap="Blues", aspect="auto", interpolation="nearest")
+    shade = np.log1p(counts) / max(np.log1p(counts.max()), 1e-9)
+    ax.imshow(shade, cmap="Blues", vmin=0.0, vmax=1.6, aspect="auto", interpolation="nearest")
     if n <= 12:
         for i, j in zip(*np.nonzero(counts), strict=True):
             ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=_canvas.FONT - 1)
@@ -309,8 +316,9 @@ def _company(ax: Axes, category: CategoryChange) -> None:
     ax.tick_params(labelsize=_canvas.FONT)
     ax.set_ylabel("cluster-mates kept", fontsize=_canvas.FONT)
     ax.set_title(
-        f"category clustering ({category.view}): {category.moved.size} classes moved; adjusted "
-        f"Rand {category.adjusted_rand:.2f}, distance correlation "
+        f"category clustering of {_canvas.shorten(category.view, 200)}: "
+        f"{category.moved.size} of {overlap.size} classes moved\n"
+        f"adjusted Rand {category.adjusted_rand:.2f}, distance correlation "
         f"{category.distance_correlation:.2f}",
         fontsize=_canvas.FONT,
     )
