@@ -255,7 +255,7 @@ def comparison_figure(
         2,
         left=0.12,
         right=0.96,
-        top=0.9 if rows == 2 else 0.82,
+        top=0.87 if rows == 2 else 0.76,
         bottom=0.1 if rows == 2 else 0.16,
         wspace=0.35,
         hspace=0.55,
