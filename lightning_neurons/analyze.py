@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import glob
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,6 +289,18 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _build_cli(cls: type, args: list[str]) -> Any:
+    return cls(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        run=False,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
 def main(args: Sequence[str]) -> list[CheckpointInfo]:
     """``lightning-neurons analyze ...`` (``args`` without the word ``analyze``)."""
     from lightning_neurons.cli import NeuronsCLI
@@ -300,15 +313,10 @@ def main(args: Sequence[str]) -> list[CheckpointInfo]:
     if not any(a.startswith("--trainer.enable_progress_bar") for a in rest):
         rest.append("--trainer.enable_progress_bar=false")  # ours goes over the checkpoints
     started = time.perf_counter()
-    cli = NeuronsCLI(
-        pl.LightningModule,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=rest,
-        run=False,
-        save_config_kwargs={"overwrite": True},
-    )
+    with warnings.catch_warnings():
+        # the arguments are the command line's, less `analyze` and its own options
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = _build_cli(NeuronsCLI, rest)
     trainer = cli.trainer
     infos = analyze_checkpoints(
         trainer,

@@ -166,3 +166,24 @@ def test_errors_say_what_is_there(live_run, tmp_path):
         load_run(live_run[0], stage="test")
     with pytest.raises(NeuronsError, match="holds no lightning-neurons files"):
         load_run(tmp_path)
+
+
+def test_the_read_run_example_draws_the_figures_of_a_run(live_run, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, str(root / "examples/read_run.py"), live_run[0], "--save", tmp_path],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "epochs=[0, 1]" in done.stdout and "neurons that changed class" in done.stdout
+    for name in ("neurons", "categories", "comparison"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000, name
