@@ -302,6 +302,20 @@ class LayerAblation:
     clusters_epoch: int | None = None
     selectivity: dict[str, float] | None = None
 
+    def effect_arrays(self) -> dict[str, torch.Tensor]:
+        """What rebuilds each set's :class:`AblationResult` from a file, by name: the ablated
+        ``[S, C]`` accuracies and logits, and the baseline logit and counts that the sets share
+        (they are measured on the same images)."""
+        effects = [self.effects[name] for name in self.sets]
+        if not effects:
+            return {}
+        return {
+            "ablated_accuracy": torch.stack([e.ablated_accuracy for e in effects]),
+            "ablated_logit": torch.stack([e.ablated_logit for e in effects]),
+            "baseline_logit": effects[0].logit,
+            "ablation_counts": effects[0].counts,
+        }
+
 
 @dataclass
 class Probes:

@@ -747,7 +747,7 @@ class NeuronContribution(StagedCallback):
             arrays["accuracy_drop"] = ablation.accuracy_drop
             arrays["logit_drop"] = ablation.logit_drop
             arrays["baseline_accuracy"] = ablation.baseline_accuracy
-            arrays.update(_effect_arrays(ablation))
+            arrays.update(ablation.effect_arrays())
             for i, neurons in enumerate(ablation.neurons):
                 arrays[f"ablated_neurons_{i}"] = neurons
             meta["ablation_sets"] = ablation.sets
@@ -765,17 +765,3 @@ class NeuronContribution(StagedCallback):
                 arrays.update({f"probe_preferred_{p}_{j}": image for j, image in enumerate(row)})
             meta["probe_preferred_source"] = probes.preferred_source
         return arrays, meta
-
-
-def _effect_arrays(ablation: LayerAblation) -> dict[str, torch.Tensor]:
-    """What :func:`lightning_neurons.load_run` needs to rebuild each set's ``AblationResult``
-    (the counts and baselines are shared by the sets: the same kept images)."""
-    effects = [ablation.effects[name] for name in ablation.sets]
-    if not effects:
-        return {}
-    return {
-        "ablated_accuracy": torch.stack([e.ablated_accuracy for e in effects]),
-        "ablated_logit": torch.stack([e.ablated_logit for e in effects]),
-        "baseline_logit": effects[0].logit,
-        "ablation_counts": effects[0].counts,
-    }
