@@ -17,6 +17,7 @@ category distances come back from the file's float32 (7 significant digits) as f
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
@@ -274,9 +275,18 @@ def _category(files: list[RunFile], names: list[str] | None) -> dict[str, Catego
             distances=arrays["distances"].astype(np.float64),
             confusion=None if confusion is None else confusion.astype(np.float64),
             linkage=arrays.get("linkage"),
-            class_names=[str(n) for n in arrays.get("class_names", names or [])],
+            class_names=[str(n) for n in arrays.get("class_names", _assigned(files, view))],
         )
     return out
+
+
+def _assigned(files: list[RunFile], view: str) -> list[str]:
+    """The class names of ``view`` from the epoch's ``assignments.json`` (files written before
+    the ``.npz`` held them), in the order the callback wrote them."""
+    for f in files:
+        if f.path.suffix == ".json" and f.path.exists():
+            return list(json.loads(f.path.read_text()).get(view, {}))
+    return []
 
 
 def _neurons(files: list[RunFile], names: list[str] | None) -> dict[str, NeuronClusteringResult]:

@@ -3,6 +3,7 @@ checkpoint, logged at each checkpoint's epoch and step and read back with load_r
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -254,16 +255,20 @@ def test_the_demo_config_as_is(checkpoints, tmp_path):
         callbacks=[ModelCheckpoint(dirpath=folder, save_top_k=-1)],
     ).fit(model, datamodule=DigitsDataModule())
     demo = Path(__file__).parents[1] / "configs" / "digits.yaml"
-    main(
-        [
-            "analyze",
-            "--config",
-            str(demo),
-            "--ckpt_path",
-            str(folder),
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-        ]
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(
+            [
+                "analyze",
+                "--config",
+                str(demo),
+                "--ckpt_path",
+                str(folder),
+                f"--trainer.logger.init_args.save_dir={tmp_path}",
+            ]
+        )
+    # the demo's on_error="warn" would hide a broken analysis from the asserts below
+    assert not [str(w.message) for w in caught if "failed and was skipped" in str(w.message)]
     run = load_run(tmp_path / "digits" / "version_0")
     assert run.epochs == [0, 1]
     assert set(run.callbacks()) == {
