@@ -103,12 +103,16 @@ def load_checkpoint(path: Path, weights_only: bool = True) -> dict[str, Any]:
             else ""
         )
         raise NeuronsError(f"cannot read checkpoint {str(path)!r}: {err}.{hint}") from err
+    _require_lightning(checkpoint, path)
+    return dict(checkpoint)
+
+
+def _require_lightning(checkpoint: Any, path: Path) -> None:
     if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
         raise NeuronsError(
             f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict'); save checkpoints "
             "with `ModelCheckpoint` or `trainer.save_checkpoint`"
         )
-    return dict(checkpoint)
 
 
 def _keys(names: Sequence[str]) -> str:
@@ -154,10 +158,9 @@ def checkpoint_infos(paths: Sequence[Path], weights_only: bool = True) -> list[C
     for path in paths:
         try:
             head = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
-        except Exception:
-            head = load_checkpoint(path, weights_only)  # raises the explained error
-        if not isinstance(head, Mapping) or "state_dict" not in head:
-            load_checkpoint(path, weights_only)
+        except Exception:  # not memory-mappable (the legacy format), or unreadable
+            head = load_checkpoint(path, weights_only)  # which explains what is wrong
+        _require_lightning(head, path)
         infos.append(
             CheckpointInfo(path, int(head.get("epoch", 0)), int(head.get("global_step", 0)))
         )
@@ -229,9 +232,10 @@ def _run_one(
     run(model, datamodule=datamodule, verbose=False)
     batches = trainer.num_val_batches if stage == "validation" else trainer.num_test_batches
     if not sum(batches):
+        limit = "limit_val_batches" if stage == "validation" else "limit_test_batches"
         raise NeuronsError(
-            f"the {stage} data is empty (0 batches; is `limit_val_batches` 0, or the data set "
-            "empty?), so there is nothing to analyse"
+            f"the {stage} data is empty (0 batches; is the Trainer's `{limit}` 0, or the data "
+            "set empty?), so there is nothing to analyse"
         )
 
 

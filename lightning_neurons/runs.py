@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -198,7 +198,7 @@ class Run:
         kind = KINDS[name][0]
         read = _READERS[name]
         files = self._files(kind, epoch)
-        return read(files, _class_names(files))
+        return read(files)
 
 
 # ---- reading each callback's files ---------------------------------------------------------------
@@ -236,15 +236,7 @@ def _typed(cls: type, arrays: Mapping[str, np.ndarray], **given: Any) -> Any:
     return cls(**values)
 
 
-def _class_names(files: Iterable[RunFile]) -> list[str] | None:
-    for f in files:
-        names = f.meta.get("class_names")
-        if names is not None:
-            return list(names)
-    return None
-
-
-def _tracker(files: list[RunFile], names: list[str] | None) -> dict[str, LayerStats]:
+def _tracker(files: list[RunFile]) -> dict[str, LayerStats]:
     out = {}
     for f in files:
         layer = f.meta.get("layer", f.name)
@@ -258,7 +250,7 @@ def _tracker(files: list[RunFile], names: list[str] | None) -> dict[str, LayerSt
     return out
 
 
-def _category(files: list[RunFile], names: list[str] | None) -> dict[str, CategoryClusteringResult]:
+def _category(files: list[RunFile]) -> dict[str, CategoryClusteringResult]:
     out = {}
     for f in files:
         if f.path.suffix != ".npz":
@@ -289,7 +281,7 @@ def _assigned(files: list[RunFile], view: str) -> list[str]:
     return []
 
 
-def _neurons(files: list[RunFile], names: list[str] | None) -> dict[str, NeuronClusteringResult]:
+def _neurons(files: list[RunFile]) -> dict[str, NeuronClusteringResult]:
     out = {}
     for f in files:
         layer = f.meta.get("layer", f.name)
@@ -355,7 +347,7 @@ def _probes(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Probes
     return Probes(**probes, preferred=preferred, preferred_source=sources)
 
 
-def _contribution(files: list[RunFile], names: list[str] | None) -> dict[str, ContributionResult]:
+def _contribution(files: list[RunFile]) -> dict[str, ContributionResult]:
     out = {}
     for f in files:
         layer = f.meta.get("layer", f.name)
