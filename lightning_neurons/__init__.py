@@ -24,6 +24,7 @@ from lightning_neurons.callbacks import (
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.loggers import load_index
 from lightning_neurons.results import TrackerSpec
+from lightning_neurons.runs import Run, load_run
 from lightning_neurons.stats import LayerStats
 
 __version__ = "0.1.0"
@@ -49,6 +50,8 @@ __all__ = [
     "NeuronsError",
     "RenderOptions",
     "TrackerSpec",
+    "Run",
     "__version__",
     "load_index",
+    "load_run",
 ]

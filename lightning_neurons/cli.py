@@ -111,6 +111,9 @@ the repository's configs/ folder):
 
 Then open what the run logged:
   tensorboard --logdir runs
+
+Analyse checkpoints saved by any run (with or without these callbacks), epoch by epoch:
+  lightning-neurons analyze --config configs/digits.yaml --ckpt_path "checkpoints/*.ckpt"
 """
 
 
@@ -150,6 +153,12 @@ def _callback_options() -> str:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-neurons`` console script."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["analyze"]:
+        from lightning_neurons.analyze import main as analyze
+
+        analyze(argv[1:])
+        return
     from jsonargparse import DefaultHelpFormatter
 
     class Formatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):

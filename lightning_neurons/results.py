@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -160,6 +161,13 @@ class Rendering(_Arrays):
     judge_probability: torch.Tensor | None = None
     steps: torch.Tensor | None = None
 
+    def as_arrays(self) -> dict[str, torch.Tensor]:
+        """The tensors by name, and ``reference_epoch`` when known (for ``.npz`` files)."""
+        arrays = _tensors(self)
+        if self.reference_epoch is not None:
+            arrays["reference_epoch"] = torch.tensor(self.reference_epoch)
+        return arrays
+
 
 @dataclass
 class ClusterRendering(_Arrays):
@@ -265,8 +273,8 @@ class CategoryClusteringResult:
 
     def as_arrays(self) -> dict[str, torch.Tensor]:
         """The arrays by name (for ``.npz`` files): the ``[C, C]`` distances in float32 (7
-        significant digits) and the confusion counts as integers."""
-        out = {
+        significant digits), the confusion counts as integers, and the class names as strings."""
+        out: dict[str, Any] = {
             "labels": self.labels,
             "classes": self.classes,
             "distances": self.distances.float(),
@@ -274,6 +282,8 @@ class CategoryClusteringResult:
             "silhouette": _scalar(self.silhouette),
             "agreement": _scalar(self.agreement),
             "stability": _scalar(self.stability),
+            "n_clusters": torch.tensor(self.n_clusters),
+            "class_names": np.asarray([str(n) for n in self.class_names], dtype=str),
         }
         if self.linkage is not None:
             out["linkage"] = self.linkage
@@ -356,6 +366,20 @@ class LayerAblation:
     baseline_accuracy: torch.Tensor
     clusters_epoch: int | None = None
     selectivity: dict[str, float] | None = None
+
+    def effect_arrays(self) -> dict[str, torch.Tensor]:
+        """What rebuilds each set's :class:`AblationResult` from a file, by name: the ablated
+        ``[S, C]`` accuracies and logits, and the baseline logit and counts that the sets share
+        (they are measured on the same images)."""
+        effects = [self.effects[name] for name in self.sets]
+        if not effects:
+            return {}
+        return {
+            "ablated_accuracy": torch.stack([e.ablated_accuracy for e in effects]),
+            "ablated_logit": torch.stack([e.ablated_logit for e in effects]),
+            "baseline_logit": effects[0].logit,
+            "ablation_counts": effects[0].counts,
+        }
 
 
 @dataclass

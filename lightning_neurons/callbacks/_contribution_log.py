@@ -107,6 +107,7 @@ def _arrays(
         arrays["accuracy_drop"] = ablation.accuracy_drop
         arrays["logit_drop"] = ablation.logit_drop
         arrays["baseline_accuracy"] = ablation.baseline_accuracy
+        arrays.update(ablation.effect_arrays())
         for i, neurons in enumerate(ablation.neurons):
             arrays[f"ablated_neurons_{i}"] = neurons
         meta["ablation_sets"] = ablation.sets
@@ -119,4 +120,8 @@ def _arrays(
             arrays[f"probe_{key}"] = getattr(probes, key)
         arrays["probe_top_neurons"] = probes.top_neurons
         arrays["probe_top_contribution"] = probes.top_contribution
+        arrays["probe_images"] = probes.images
+        for p, row in enumerate(probes.preferred):
+            arrays.update({f"probe_preferred_{p}_{j}": image for j, image in enumerate(row)})
+        meta["probe_preferred_source"] = probes.preferred_source
     return arrays, meta

@@ -34,6 +34,7 @@ from lightning_neurons.clustering import (
 )
 from lightning_neurons.distributed import gather
 from lightning_neurons.errors import NeuronsError
+from lightning_neurons.evolution import ClusteringHistory
 from lightning_neurons.hooks import HookSet, resolve_layers, selects
 from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.results import CategoryClusteringResult
@@ -187,6 +188,7 @@ class CategoryClustering(_ClusteringCallback):
         self._armed = False
         self._previous: dict[str, torch.Tensor] = {}
         self._warned_shape = False
+        self._evolution = ClusteringHistory()  # for the across-epochs figures
 
     @property
     def state_key(self) -> str:
@@ -442,6 +444,7 @@ class CategoryClustering(_ClusteringCallback):
             assignments[view] = dict(zip(res.class_names, res.labels.tolist(), strict=True))
         out.save_json("assignments", assignments)
         out.scalars({k: v for k, v in scalars.items() if np.isfinite(v)})
+        self._evolution.log(out, results)
 
     def _meta(self) -> dict[str, Any]:
         return {

@@ -23,10 +23,12 @@ from lightning_neurons.callbacks._base import (
     OnError,
     StageBatch,
     StagedCallback,
+    class_names_of,
     find_callback,
 )
 from lightning_neurons.checks import Constraints, Interval, Options, validate_params
 from lightning_neurons.errors import NeuronsError
+from lightning_neurons.evolution import NeuronHistory
 from lightning_neurons.functional import is_function_layer
 from lightning_neurons.hooks import (
     HookSet,
@@ -185,6 +187,7 @@ class ActivationTracker(StagedCallback):
         self._saved_states: dict[str, dict[str, torch.Tensor]] = {}
         self._saved_epoch: int = -1
         self._noted: set[str] = set()
+        self._evolution = NeuronHistory()  # for the neuron x epoch figures
 
     # ---- identity and checkpointing ------------------------------------------------------------
 
@@ -522,6 +525,8 @@ class ActivationTracker(StagedCallback):
                 },
             )
         out.scalars(scalars)
+        names = class_names_of(trainer, int(self.num_classes or 0))
+        self._evolution.log(out, self.results, names)
 
 
 def _file_arrays(res: LayerStats) -> dict[str, torch.Tensor]:

@@ -1,0 +1,324 @@
+"""Figures of change: neurons over epochs, the category clustering over epochs, and two analyses
+compared (see :mod:`lightning_neurons.evolution`).
+
+Each function returns a :class:`~matplotlib.figure.Figure` on an Agg canvas (TensorBoard-sized),
+or draws into the ``figure`` it is given (a notebook's ``plt.figure()``, say); none calls pyplot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+
+from lightning_neurons.evolution import (
+    CategoryChange,
+    ClusteringEvolution,
+    LayerChange,
+    NeuronEvolution,
+    RunComparison,
+)
+from lightning_neurons.plots import _canvas
+
+__all__ = ["clustering_evolution_figure", "comparison_figure", "neuron_evolution_figure"]
+
+
+def _figure(figure: Figure | None, height: int, width: int = _canvas.MAX_WIDTH) -> Figure:
+    return figure if figure is not None else _canvas.new_figure(height, width)
+
+
+def _title(fig: Figure, text: str) -> None:
+    """``text`` above the figure, wrapped to its width (two lines at most)."""
+    lines = _canvas.wrap_title(text, fig.bbox.width, lines=2)
+    fig.suptitle("\n".join(lines), fontsize=_canvas.TITLE_FONT)
+
+
+def class_colours(num_classes: int) -> ListedColormap:
+    """One distinct colour per class (tab10, tab20, else evenly spaced hues)."""
+    import matplotlib
+
+    if num_classes <= 10:
+        colours = matplotlib.colormaps["tab10"].colors[:num_classes]
+    elif num_classes <= 20:
+        colours = matplotlib.colormaps["tab20"].colors[:num_classes]
+    else:
+        colours = matplotlib.colormaps["hsv"](np.linspace(0, 1, num_classes, endpoint=False))
+    return ListedColormap(colours)
+
+
+def _epoch_ticks(ax: Axes, epochs: np.ndarray) -> None:
+    shown = np.arange(len(epochs))
+    if len(epochs) > 10:
+        shown = np.unique(np.linspace(0, len(epochs) - 1, 6).round().astype(int))
+    ax.set_xticks(shown, [str(int(epochs[i])) for i in shown], fontsize=_canvas.FONT)
+    ax.set_xlabel("epoch", fontsize=_canvas.FONT, labelpad=2)
+
+
+def _class_legend(ax: Axes, names: Sequence[str], cmap: ListedColormap) -> None:
+    """A colour strip naming the classes (their indices above 20 classes)."""
+    n = len(names)
+    ax.imshow(np.arange(n)[:, None], cmap=cmap, vmin=-0.5, vmax=n - 0.5, aspect="auto")
+    ax.set_xticks([])
+    ax.yaxis.tick_right()
+    if n <= 20:
+        ax.set_yticks(np.arange(n), [_canvas.shorten(str(s), 40) for s in names])
+    else:
+        ax.set_yticks(np.unique(np.linspace(0, n - 1, 5).round().astype(int)))
+    ax.tick_params(axis="y", labelsize=_canvas.FONT, length=2, pad=1)
+
+
+def neuron_evolution_figure(
+    evolution: NeuronEvolution,
+    class_names: Sequence[str] | None = None,
+    *,
+    figure: Figure | None = None,
+) -> Figure:
+    """Neuron x epoch pictures of one layer: each neuron's preferred class (left, one colour per
+    class) and its class selectivity (right), neurons sorted by their latest preferred class,
+    then selectivity. A neuron that keeps its class draws a straight band; one that switches
+    changes colour where it switched.
+
+    Args:
+        evolution: A :class:`~lightning_neurons.evolution.NeuronEvolution`.
+        class_names: Names for the class legend (default: the class indices).
+        figure: Draw into this figure instead of a new one.
+
+    Returns:
+        The figure.
+    """
+    preferred, selectivity = evolution.preferred_class, evolution.selectivity
+    last_sel = np.nan_to_num(selectivity[-1], nan=0.0)
+    order = np.lexsort((-last_sel, preferred[-1]))
+    num_classes = int(preferred.max(initial=0)) + 1
+    if class_names is not None:
+        num_classes = max(num_classes, len(class_names))
+    names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
+    cmap = class_colours(num_classes)
+    changed = float(evolution.changed_fraction[-1]) if len(evolution.epochs) > 1 else 0.0
+    fig = _figure(figure, 420)
+    _title(
+        fig,
+        f"{evolution.layer}: preferred class and selectivity per neuron over epochs "
+        f"({changed:.0%} changed class at epoch {int(evolution.epochs[-1])})",
+    )
+    grid = fig.add_gridspec(
+        1, 4, width_ratios=[10, 1, 10, 0.6], left=0.1, right=0.9, top=0.84, bottom=0.12, wspace=0.35
+    )
+    ax_class, ax_legend = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
+    ax_sel, ax_bar = fig.add_subplot(grid[2]), fig.add_subplot(grid[3])
+    ax_class.imshow(
+        preferred.T[order],
+        cmap=cmap,
+        vmin=-0.5,
+        vmax=num_classes - 0.5,
+        aspect="auto",
+        interpolation="nearest",
+    )
+    ax_class.set_title("preferred class", fontsize=_canvas.FONT)
+    ax_class.set_ylabel(f"{preferred.shape[1]} neurons (by latest class)", fontsize=_canvas.FONT)
+    ax_class.set_yticks([])
+    _class_legend(ax_legend, names[:num_classes], cmap)
+    image = ax_sel.imshow(
+        selectivity.T[order],
+        cmap="viridis",
+        vmin=0.0,
+        vmax=1.0,
+        aspect="auto",
+        interpolation="nearest",
+    )
+    ax_sel.set_title("selectivity", fontsize=_canvas.FONT)
+    ax_sel.set_yticks([])
+    for ax in (ax_class, ax_sel):
+        _epoch_ticks(ax, evolution.epochs)
+    bar = fig.colorbar(image, cax=ax_bar)
+    bar.ax.tick_params(labelsize=_canvas.FONT)
+    return fig
+
+
+def _matched(labels: np.ndarray) -> np.ndarray:
+    """``[E, C]`` labels renumbered, epoch by epoch, to agree best with the latest epoch's (the
+    Hungarian matching of their contingency table), so a stable cluster keeps its colour."""
+    from scipy.optimize import linear_sum_assignment
+
+    out = labels.copy()
+    ref = labels[-1]
+    for e in range(labels.shape[0] - 1):
+        row = labels[e]
+        ids, ref_ids = np.unique(row[row >= 0]), np.unique(ref[ref >= 0])
+        if not ids.size or not ref_ids.size:
+            continue
+        table = np.array([[np.sum((row == i) & (ref == j)) for j in ref_ids] for i in ids])
+        r, c = linear_sum_assignment(-table)
+        mapping = {int(ids[i]): int(ref_ids[j]) for i, j in zip(r, c, strict=True)}
+        unmatched = [int(i) for i in ids if int(i) not in mapping]
+        first = int(ref_ids.max()) + 1  # clusters without a match get colours of their own
+        mapping.update({i: first + k for k, i in enumerate(unmatched)})
+        out[e] = [mapping[int(v)] if v >= 0 else -1 for v in row]
+    return out
+
+
+def clustering_evolution_figure(
+    evolution: ClusteringEvolution, *, figure: Figure | None = None
+) -> Figure:
+    """How far one view's category clustering moved over epochs: the adjusted Rand index of
+    consecutive epochs' labels and the correlation of their class distances (left), and each
+    class's cluster per epoch (right; clusters renumbered to match the latest epoch's, so a
+    stable cluster keeps its colour; white: left out).
+
+    Args:
+        evolution: A :class:`~lightning_neurons.evolution.ClusteringEvolution`.
+        figure: Draw into this figure instead of a new one.
+
+    Returns:
+        The figure.
+    """
+    fig = _figure(figure, 360)
+    fig.suptitle(f"{evolution.view}: category clustering over epochs", fontsize=_canvas.TITLE_FONT)
+    grid = fig.add_gridspec(
+        1, 2, width_ratios=[1.2, 1], left=0.1, right=0.86, top=0.86, bottom=0.14, wspace=0.3
+    )
+    ax_lines, ax_labels = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
+    later = evolution.epochs[1:]
+    ax_lines.plot(later, evolution.adjusted_rand, "o-", label="adjusted Rand (labels)")
+    ax_lines.plot(later, evolution.distance_correlation, "s--", label="distance correlation")
+    ax_lines.set_ylim(-0.1, 1.05)
+    ax_lines.set_xticks(later, [str(int(e)) for e in later] if len(later) <= 10 else None)
+    ax_lines.set_xlabel("epoch (vs the previous analysed one)", fontsize=_canvas.FONT)
+    ax_lines.tick_params(labelsize=_canvas.FONT)
+    ax_lines.legend(fontsize=_canvas.FONT - 1, loc="lower right")
+    ax_lines.grid(alpha=0.3)
+    labels = _matched(evolution.labels).astype(np.float64)
+    labels[labels < 0] = np.nan
+    top = int(np.nanmax(labels)) + 1 if np.isfinite(labels).any() else 1
+    cmap = class_colours(top).with_extremes(bad="white")
+    ax_labels.imshow(
+        np.ma.masked_invalid(labels.T),
+        cmap=cmap,
+        vmin=-0.5,
+        vmax=top - 0.5,
+        aspect="auto",
+        interpolation="nearest",
+    )
+    names = evolution.class_names or [str(c) for c in range(labels.shape[1])]
+    if len(names) <= 30:
+        ax_labels.yaxis.tick_right()
+        ax_labels.set_yticks(np.arange(len(names)), [_canvas.shorten(n, 50) for n in names])
+    ax_labels.tick_params(axis="y", labelsize=_canvas.FONT, length=2, pad=1)
+    ax_labels.set_title("cluster of each class", fontsize=_canvas.FONT)
+    _epoch_ticks(ax_labels, evolution.epochs)
+    return fig
+
+
+def comparison_figure(
+    comparison: RunComparison,
+    layer: str | None = None,
+    view: str | None = None,
+    *,
+    figure: Figure | None = None,
+) -> Figure:
+    """What changed between two analyses: for one layer, how the neurons' preferred classes moved
+    (a class x class count: off the diagonal, the neurons that changed class) and their
+    selectivity before and after (neurons that changed class in orange); for one view of the
+    category clustering, how much of each class's cluster company it kept (Jaccard overlap of its
+    cluster-mates; below 1: the class moved).
+
+    Args:
+        comparison: From :func:`~lightning_neurons.evolution.compare_runs` or
+            :func:`~lightning_neurons.evolution.compare_results`.
+        layer: The layer shown (default: the deepest compared).
+        view: The clustering view shown (default: the same as ``layer`` when clustered, else the
+            last view).
+        figure: Draw into this figure instead of a new one.
+
+    Returns:
+        The figure.
+    """
+    layer = layer if layer is not None else list(comparison.layers)[-1]
+    change = comparison.layers[layer]
+    cats = comparison.categories
+    if view is None and cats:
+        view = layer if layer in cats else list(cats)[-1]
+    category = cats.get(view) if view is not None else None
+    a, b = comparison.label_a, comparison.label_b
+    fig = _figure(figure, 620 if category is not None else 330)
+    _title(
+        fig,
+        f"{layer}: {a} vs {b}; {change.changed.size} of {change.preferred_a.size} neurons "
+        "changed class",
+    )
+    rows = 2 if category is not None else 1
+    grid = fig.add_gridspec(
+        rows,
+        2,
+        left=0.12,
+        right=0.96,
+        top=0.87 if rows == 2 else 0.76,
+        bottom=0.1 if rows == 2 else 0.16,
+        wspace=0.35,
+        hspace=0.55,
+    )
+    names = category.class_names if category is not None else None
+    _transitions(fig.add_subplot(grid[0, 0]), change.preferred_a, change.preferred_b, names, a, b)
+    _selectivity(fig.add_subplot(grid[0, 1]), change, a, b)
+    if category is not None:
+        _company(fig.add_subplot(grid[1, :]), category)
+    return fig
+
+
+def _transitions(
+    ax: Axes, pa: np.ndarray, pb: np.ndarray, names: Sequence[str] | None, a: str, b: str
+) -> None:
+    n = max(int(pa.max(initial=0)), int(pb.max(initial=0))) + 1
+    if names is not None:
+        n = max(n, len(names))
+    counts = np.zeros((n, n), dtype=np.int64)
+    np.add.at(counts, (pa, pb), 1)
+    shade = np.log1p(counts) / max(np.log1p(counts.max()), 1e-9)
+    ax.imshow(shade, cmap="Blues", vmin=0.0, vmax=1.6, aspect="auto", interpolation="nearest")
+    if n <= 12:
+        for i, j in zip(*np.nonzero(counts), strict=True):
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=_canvas.FONT - 1)
+        labels = list(names)[:n] if names is not None else [str(c) for c in range(n)]
+        ax.set_xticks(np.arange(n), labels)
+        ax.set_yticks(np.arange(n), labels)
+    ax.tick_params(labelsize=_canvas.FONT, length=2, pad=1)
+    ax.set_xlabel(f"preferred class, {b}", fontsize=_canvas.FONT)
+    ax.set_ylabel(f"preferred class, {a}", fontsize=_canvas.FONT)
+    ax.set_title("neurons per class change", fontsize=_canvas.FONT)
+
+
+def _selectivity(ax: Axes, change: LayerChange, a: str, b: str) -> None:
+    moved = np.zeros(change.preferred_a.size, dtype=bool)
+    moved[change.changed] = True
+    sa, sb = change.selectivity_a, change.selectivity_b
+    ax.scatter(sa[~moved], sb[~moved], s=8, color="0.55", label="kept class")
+    ax.scatter(sa[moved], sb[moved], s=10, color="tab:orange", label="changed class")
+    ax.plot([0, 1], [0, 1], color="0.3", lw=0.8, ls=":")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(f"selectivity, {a}", fontsize=_canvas.FONT)
+    ax.set_ylabel(f"selectivity, {b}", fontsize=_canvas.FONT)
+    ax.tick_params(labelsize=_canvas.FONT)
+    ax.legend(fontsize=_canvas.FONT - 1, loc="upper left")
+
+
+def _company(ax: Axes, category: CategoryChange) -> None:
+    overlap = np.nan_to_num(category.mates_overlap, nan=1.0)
+    colours = np.where(overlap < 1.0, "tab:orange", "tab:blue")
+    x = np.arange(overlap.size)
+    ax.bar(x, overlap, color=colours)
+    if overlap.size <= 30:
+        ax.set_xticks(x, [_canvas.shorten(n, 40) for n in category.class_names], rotation=90)
+    ax.set_ylim(0, 1.05)
+    ax.tick_params(labelsize=_canvas.FONT)
+    ax.set_ylabel("cluster-mates kept", fontsize=_canvas.FONT)
+    ax.set_title(
+        f"category clustering of {_canvas.shorten(category.view, 200)}: "
+        f"{category.moved.size} of {overlap.size} classes moved\n"
+        f"adjusted Rand {category.adjusted_rand:.2f}, distance correlation "
+        f"{category.distance_correlation:.2f}",
+        fontsize=_canvas.FONT,
+    )
