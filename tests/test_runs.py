@@ -17,6 +17,7 @@ from lightning_neurons import (
     NeuronClustering,
     NeuronContribution,
     NeuronsError,
+    RenderOptions,
     load_run,
 )
 from lightning_neurons.models import ImageClassifier
@@ -59,8 +60,7 @@ def live_run(tmp_path_factory):
         ActivationTracker(on_error="raise"),
         FeatureVisualizer(
             max_channels=2,
-            steps=3,
-            continue_steps=2,
+            render=RenderOptions(steps=3, continue_steps=2),
             saliency=["gradient"],
             max_probes=3,
             max_clusters=2,
