@@ -18,6 +18,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 from typing_extensions import override
 
+from lightning_neurons import progress
 from lightning_neurons.callbacks._base import OnError, find_callback
 from lightning_neurons.callbacks._clustering import (
     _ClusteringCallback,
@@ -329,6 +330,7 @@ class CategoryClustering(_ClusteringCallback):
         results: dict[str, CategoryClusteringResult] = {}
         for view, (layers, profile) in self._views(stats).items():
             names = class_names_of(trainer, profile.shape[0])
+            progress.phase(f"clustering view {view}")
             res = self._run_safely(  # one view that fails must not sink the others
                 f"category clustering of view {view!r}",
                 lambda v=view, ls=layers, p=profile, n=names: self._cluster(  # type: ignore[misc]
@@ -412,9 +414,11 @@ class CategoryClustering(_ClusteringCallback):
         out = AnalysisLogger(trainer, self.kind, owner=self)
         if not out.is_writer:
             return
+        progress.phase("figures and files")
         scalars: dict[str, float] = {}
         assignments: dict[str, dict[str, int]] = {}
         for view, res in results.items():
+            progress.advance("view", len(results))
             kept = list(res.leaf_order)
             names = [res.class_names[i] for i in kept]
             title = f"{view}: epoch {res.epoch}, {res.n_clusters} clusters, silhouette {res.silhouette:.2f}"

@@ -10,6 +10,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_neurons import progress
 from lightning_neurons.ablation import ablation_results, ablation_selectivity, ablation_sums
 from lightning_neurons.batch import BatchReader, LoaderRows, analysed_rows
 from lightning_neurons.callbacks._base import (
@@ -319,6 +320,7 @@ class NeuronContribution(StagedCallback):
         top_k = self.top_k or tracker.top_k
         results: dict[str, ContributionResult] = {}
         with analysis_mode(pl_module):
+            progress.phase("contributions of the kept images")
             shared = self._contributions(pl_module, batches, num_classes, top_k)
             if shared is None:  # no rank kept a batch
                 return
@@ -335,6 +337,7 @@ class NeuronContribution(StagedCallback):
                     trainer, pl_module, layer, stats[layer], batches
                 )
             if self.max_probes:
+                progress.phase("probe images")
                 probes = self._probes(pl_module, batches, num_classes)
                 rendered = {layer: self._rendered(trainer, layer) for layer in probes}
                 wanted = {
@@ -391,6 +394,7 @@ class NeuronContribution(StagedCallback):
         best: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         offset = 0
         for x, y in batches:
+            progress.advance("batch", len(batches))
             out = contribution_batch(
                 pl_module, self.layers, x.to(device), y.to(device), output_fn=self._reader.output_fn
             )
@@ -561,6 +565,7 @@ class NeuronContribution(StagedCallback):
         are added up over the ranks. The neuron clusters exist on rank zero (NeuronClustering
         clusters there): they are sent to every rank first."""
         rank, world = self._ranks
+        progress.phase(f"ablation of {layer}")
         clusters, epoch = broadcast_from_zero(
             lambda: self._clusters(trainer, layer, stats.num_neurons),
             rank,
@@ -659,8 +664,10 @@ class NeuronContribution(StagedCallback):
         out = AnalysisLogger(trainer, "contribution", owner=self)
         if not out.is_writer:
             return
+        progress.phase("figures and files")
         scalars: dict[str, float] = {}
         for layer, res in self.results.items():
+            progress.advance("layer", len(self.results))
             names = class_names_of(trainer, res.stats.num_classes)
             scalars.update(self._scalars(out, layer, res, names))
             if out.experiment is not None:  # figures take time: draw them only to be shown

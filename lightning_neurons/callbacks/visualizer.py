@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_neurons import progress
 from lightning_neurons.batch import (
     BatchReader,
     InputTransform,
@@ -722,6 +723,7 @@ class FeatureVisualizer(StagedCallback):
         ``local``: this rank renders them all (called on rank zero only)."""
         plan = self._plan
         assert plan is not None
+        progress.phase(f"rendering {key} ({len(objectives)} objectives)")
         prior = self._render_prior()
         param = self.param if prior is not None or self.param != "maco" else "fft"
         # what the saved parameters (one per kept image) must have been rendered for
@@ -1006,6 +1008,7 @@ class FeatureVisualizer(StagedCallback):
                 assert saved is not None
                 init = torch.cat([saved["params"][match[i] * n : (match[i] + 1) * n] for i in rows])
             objectives = [ChannelGroup(layer, members[i]) for i in rows]
+            progress.phase(f"rendering clusters of {layer} ({len(rows)} clusters)")
             done, state, steps = self._render_rows(model, objectives, init, 0, False, 1)
             for j, i in enumerate(rows):
                 images[i] = done[j * n : (j + 1) * n].cpu()
@@ -1051,6 +1054,7 @@ class FeatureVisualizer(StagedCallback):
         labels = torch.tensor(probe_labels)
         rank, world = self._ranks
         part = share(len(inputs), rank, world)
+        progress.phase(f"saliency ({len(inputs)} images)")
         mine = attempt(lambda: self._saliency_part(model, inputs, part), world)
         parts = [p for p in gather(mine, world, "saliency") if p is not None]
         predicted = torch.cat([p[0] for p in parts])
@@ -1098,6 +1102,7 @@ class FeatureVisualizer(StagedCallback):
         out = AnalysisLogger(trainer, "preference", owner=self)
         if not out.is_writer:
             return
+        progress.phase("figures and files")
         self._log_preference(out)
         if self.cluster_results:
             self._log_clusters(out)
