@@ -127,6 +127,7 @@ class _TqdmLine:
             self._bar = Tqdm(
                 desc=label,
                 total=total,
+                initial=done,
                 position=self._position(),
                 leave=False,
                 dynamic_ncols=True,
@@ -251,24 +252,17 @@ class Reporter:
 _current: ContextVar[Reporter | None] = ContextVar("lightning_neurons_progress", default=None)
 
 
-def _on_terminal(bar: Callback) -> bool:
-    if isinstance(bar, TQDMProgressBar):
-        return bool(getattr(sys.stdout, "isatty", lambda: False)())
-    if isinstance(bar, RichProgressBar):
-        return bar.progress is not None and bool(bar.progress.console.is_terminal)
-    return False
-
-
 def _reporter(trainer: Trainer, name: str, stage: str) -> Reporter:
     status = Status(name)
     bar = trainer.progress_bar_callback
     if not trainer.is_global_zero or bar is None or not getattr(bar, "is_enabled", True):
         return Reporter(status)
     where = f"epoch {trainer.current_epoch}" if trainer.state.fn == "fit" else stage
-    if not _on_terminal(bar):
-        return Reporter(status, logged=True, where=where)
-    line: _Line = _TqdmLine(bar) if isinstance(bar, TQDMProgressBar) else _RichLine(bar)  # type: ignore[arg-type]
-    return Reporter(status, line=line, where=where)
+    if isinstance(bar, TQDMProgressBar) and getattr(sys.stdout, "isatty", lambda: False)():
+        return Reporter(status, line=_TqdmLine(bar), where=where)
+    if isinstance(bar, RichProgressBar) and bar.progress and bar.progress.console.is_terminal:
+        return Reporter(status, line=_RichLine(bar), where=where)
+    return Reporter(status, logged=True, where=where)  # no terminal: a line in the log
 
 
 @contextmanager
