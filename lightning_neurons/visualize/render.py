@@ -30,6 +30,7 @@ from typing import Literal, overload
 import torch
 from torch import nn
 
+from lightning_neurons import progress
 from lightning_neurons.batch import (
     BatchFn,
     InputTransform,
@@ -830,6 +831,7 @@ def _best_candidates(
     total = torch.zeros(len(rows), dtype=torch.float64)
     with torch.no_grad():
         for _ in range(draws):
+            progress.advance("comparing the candidates on view", draws)
             state = generator.get_state()
             for start in range(0, len(rows), size):
                 generator.set_state(state)  # every chunk sees the same draw
@@ -1141,6 +1143,7 @@ def _optimise(
             optimizer.zero_grad(set_to_none=True)
             state = generator.get_state()
             for chunk in chunks:
+                progress.update("step", step + 1, steps)
                 if not chunk.running:
                     continue  # no gradient: Adam leaves its parameters alone
                 generator.set_state(state)
