@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_neurons import progress
 from lightning_neurons.batch import BatchFn, BatchReader, as_model_input, read_logits
 from lightning_neurons.checks import check_positive_int
 from lightning_neurons.errors import NeuronsError
@@ -276,6 +277,7 @@ def neuron_contributions(
             pairs = image_of
         result: dict[str, torch.Tensor] = {}
         for start in range(0, pairs.numel(), chunk_size):
+            progress.update("pairs", min(start + chunk_size, pairs.numel()), pairs.numel())
             sl = slice(start, start + chunk_size)
             out = contribution_batch(
                 model, names, x[image_of[sl]], class_of[sl], output_fn=output_fn

@@ -69,6 +69,18 @@ def artifact_root(trainer: Trainer) -> Path:
     return folder
 
 
+def written_artifact_root(trainer: Trainer) -> Path | None:
+    """The folder :func:`artifact_root` gives when it exists (an analysis wrote there), else
+    ``None``; never makes one."""
+    if find_tensorboard(trainer) is not None or any(
+        getattr(logger, "log_dir", None) for logger in trainer.loggers
+    ):
+        folder: Path | None = artifact_root(trainer)
+    else:
+        folder = _run_folders.get(trainer)
+    return folder if folder is not None and folder.is_dir() else None
+
+
 def stage_folder(trainer: Trainer) -> str:
     """``"fit"``, ``"validate"``, ``"test"`` (what the Trainer is running), as a folder name."""
     fn = trainer.state.fn
