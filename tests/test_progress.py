@@ -18,7 +18,7 @@ import pytest
 from conftest import TinyData, TinyNet, fast_trainer
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
-import lightning_neurons.callbacks.contribution as contribution_module
+import lightning_neurons.callbacks._contribution_ablation as contribution_module
 import lightning_neurons.plots.activation as activation_plots
 from lightning_neurons import (
     ActivationTracker,
@@ -26,6 +26,7 @@ from lightning_neurons import (
     FeatureVisualizer,
     NeuronClustering,
     NeuronContribution,
+    RenderOptions,
     progress,
 )
 from lightning_neurons.cli import main
@@ -91,7 +92,7 @@ def records():
 def _analyses() -> list[Callback]:
     return [
         ActivationTracker(on_error="raise"),
-        FeatureVisualizer(steps=3, smoothgrad_samples=2, on_error="raise"),
+        FeatureVisualizer(render=RenderOptions(steps=3), smoothgrad_samples=2, on_error="raise"),
         CategoryClustering(on_error="raise"),
         NeuronClustering(on_error="raise"),
         NeuronContribution(on_error="raise"),
@@ -144,7 +145,7 @@ def test_tqdm_bar_shows_what_each_analysis_does_while_it_runs(tmp_path, screen, 
     assert shown(smoothgrad, "FeatureVisualizer: saliency (3 images)")
     assert shown(categories, "CategoryClustering: clustering view backbone.relu1")
     assert shown(neurons, "NeuronClustering: clustering the neurons of backbone.relu1")
-    assert shown(ablation, "NeuronContribution: ablation of backbone.relu2")
+    assert shown(ablation, "NeuronContribution: ablation of backbone.relu")
     # the render loop's and the contribution's counters, drawn as Lightning draws its bars
     assert any(
         re.search(
@@ -174,7 +175,7 @@ def test_rich_bar_shows_what_each_analysis_does_and_removes_it(tmp_path, monkeyp
     finally:
         rich.reconfigure()  # the global console back on the real terminal
     assert "NeuronClustering: clustering the neurons of backbone.relu1" in neurons[0]
-    assert "NeuronContribution: ablation of backbone.relu2" in ablation[0]
+    assert "NeuronContribution: ablation of backbone.relu" in ablation[0]
     for name in NAMES:
         assert terminal.showed(f"{name}: "), name
     # the statuses leave with their analyses: only Lightning's own tasks are left
