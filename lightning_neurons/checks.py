@@ -299,42 +299,6 @@ def check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> Any:
     return value
 
 
-def check_layers(name: str, layers: str | Sequence[str] | None) -> list[str] | None:
-    """Layer names or glob patterns as a list (one name may be given as a string); ``None``
-    stays ``None`` (the default layers)."""
-    if layers is None:
-        return None
-    if isinstance(layers, str):
-        return [layers]
-    if not isinstance(layers, Sequence) or not all(isinstance(n, str) for n in layers):
-        raise NeuronsError(f"`{name}` must be a list of layer names, got {layers!r}")
-    return list(layers)
-
-
-def check_indices(name: str, values: Sequence[int]) -> list[int]:
-    """Non-negative integers without repeats, in their first order."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise NeuronsError(f"`{name}` must be a list of non-negative integers, got {values!r}")
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise NeuronsError(
-                f"`{name}` must hold non-negative integers, got {v!r} in {list(values)!r}"
-            )
-    return list(dict.fromkeys(values))
-
-
-def check_channels(channels: Mapping[str, Sequence[int]] | None) -> dict[str, list[int]]:
-    """``{layer: channel indices}``; ``None`` gives ``{}``."""
-    if channels is None:
-        return {}
-    if not isinstance(channels, Mapping):
-        raise NeuronsError(
-            f"`channels` must map layer names to channel lists, e.g. {{'features.conv2': [0, 5]}}; "
-            f"got {channels!r}"
-        )
-    return {str(k): check_indices(f"channels[{k!r}]", v) for k, v in channels.items()}
-
-
 def check_image_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     """``[channels, height, width]`` of positive integers."""
     if len(shape) != 3 or any(

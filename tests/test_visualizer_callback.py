@@ -58,13 +58,13 @@ class ShapedData(TinyData):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"max_channels": 0}, "`max_channels` must be a positive integer"),
+        ({"max_channels": 0}, "`max_channels` must be an integer >= 1"),
         ({"saliency": ["gradient", "lime"]}, "`saliency` must be one of"),
-        ({"classes": [0, -1]}, "`classes` must hold non-negative integers"),
-        ({"channels": [0, 1]}, "`channels` must map layer names"),
-        ({"channels": {"conv1": [1, "a"]}}, r"`channels\['conv1'\]` must hold"),
+        ({"classes": [0, -1]}, "`classes` must be a list of non-negative integers"),
+        ({"channels": [0, 1]}, "`channels` must be a mapping of layer names"),
+        ({"channels": {"conv1": [1, "a"]}}, r"`channels` must be a mapping.*'a'"),
         ({"image_shape": [8, 8]}, "`image_shape` must be"),
-        ({"max_probes": 0}, "`max_probes` must be a positive integer"),
+        ({"max_probes": 0}, "`max_probes` must be an integer >= 1"),
         ({"every_n_epochs": 0}, "`every_n_epochs` must be an integer >= 1"),
         ({"on_error": "ignore"}, "`on_error` must be one of"),
     ],
@@ -284,7 +284,7 @@ def test_at_many_classes_a_spread_subset_of_classes_is_rendered():
     assert default_classes(10, 16) == list(range(10))
     assert default_classes(1000, 16) == [i * 62 + i // 2 for i in range(16)]
     assert default_classes(1000, 16)[-1] == 937 and default_classes(1000, None) == list(range(1000))
-    with pytest.raises(NeuronsError, match="`max_classes` must be a positive integer"):
+    with pytest.raises(NeuronsError, match="`max_classes` must be an integer >= 1"):
         FeatureVisualizer(max_classes=0)
 
 

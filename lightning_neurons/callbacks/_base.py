@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar, overload
 
@@ -29,6 +29,12 @@ def class_names_of(trainer: Trainer, num_classes: int) -> list[str]:
     if names is not None and len(names) == num_classes:
         return [str(n) for n in names]
     return [str(c) for c in range(num_classes)]
+
+
+def as_patterns(layers: str | Sequence[str] | None) -> list[str] | None:
+    """Layer names or glob patterns as a list (one may be given as a string); ``None`` stays
+    ``None`` (the default layers)."""
+    return None if layers is None else [layers] if isinstance(layers, str) else list(layers)
 
 
 @overload
@@ -130,9 +136,7 @@ class AnalysisCallback(Callback):
         super().__init__()
         #: The ``layers`` argument as a list; :attr:`layers` holds the names it resolves to at
         #: setup.
-        self.layer_patterns: list[str] | None = (
-            None if layers is None else [layers] if isinstance(layers, str) else list(layers)
-        )
+        self.layer_patterns = as_patterns(layers)
         self.layers: list[str] = []
         self.enable_logging = enable_logging
         self.every_n_epochs = int(every_n_epochs)
@@ -337,25 +341,10 @@ class StagedCallback(AnalysisCallback):
         self, trainer: Trainer, pl_module: LightningModule, step: StageBatch
     ) -> None:
         """A batch is about to go through the model; also called during Lightning's sanity
-        check. By default: :meth:`_stage_batch_start`."""
-        self._stage_batch_start(
-            step.stage, trainer, pl_module, step.batch, step.batch_idx, step.dataloader_idx
-        )
+        check."""
 
     def _on_batch_end(self, trainer: Trainer, pl_module: LightningModule, step: StageBatch) -> None:
-        """The batch has gone through the model; also called during Lightning's sanity check.
-        By default: :meth:`_stage_batch_end`."""
-        self._stage_batch_end(
-            step.stage, trainer, pl_module, step.batch, step.batch_idx, step.dataloader_idx
-        )
-
-    def _stage_batch_start(self, stage: Stage, trainer: Trainer, *args: Any) -> None:
-        """:meth:`_on_batch_start` with the batch's fields as arguments ``(pl_module, batch,
-        batch_idx, dataloader_idx)``."""
-
-    def _stage_batch_end(self, stage: Stage, trainer: Trainer, *args: Any) -> None:
-        """:meth:`_on_batch_end` with the batch's fields as arguments ``(pl_module, batch,
-        batch_idx, dataloader_idx)``."""
+        """The batch has gone through the model; also called during Lightning's sanity check."""
 
     def _stage_end(self, stage: Stage, trainer: Trainer, pl_module: LightningModule) -> None:
         """The epoch of ``stage`` has ended."""

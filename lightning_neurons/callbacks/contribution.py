@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -13,22 +13,18 @@ from lightning_neurons import progress
 from lightning_neurons.batch import BatchReader, LoaderRows, analysed_rows
 from lightning_neurons.callbacks._base import (
     OnError,
+    StageBatch,
     StagedCallback,
+    as_patterns,
     find_callback,
 )
 from lightning_neurons.callbacks._contribution_ablation import ablate_layer
 from lightning_neurons.callbacks._contribution_log import log_contribution
 from lightning_neurons.callbacks._contribution_probes import Batch, add_preferred, explain_probes
 from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
-from lightning_neurons.callbacks.tracker import ActivationTracker
+from lightning_neurons.callbacks.tracker import ActivationTracker, tracker_spec
 from lightning_neurons.callbacks.visualizer import FeatureVisualizer
-from lightning_neurons.checks import (
-    check_choice,
-    check_int,
-    check_layers,
-    check_optional_positive_int,
-    check_positive_int,
-)
+from lightning_neurons.checks import Constraints, Interval, Options, StrList, validate_params
 from lightning_neurons.contribution import (
     ClassContributions,
     ContributionStats,
@@ -42,7 +38,7 @@ from lightning_neurons.distributed import (
 )
 from lightning_neurons.hooks import resolve_layers, selects
 from lightning_neurons.probes import ProbeCollector, shared_probes
-from lightning_neurons.results import ContributionResult, Probes
+from lightning_neurons.results import ContributionResult, Probes, TrackerSpec
 from lightning_neurons.state import analysis_mode
 from lightning_neurons.strategies import refuse_sharded
 
@@ -151,6 +147,16 @@ class NeuronContribution(StagedCallback):
     """
 
     reads = (ActivationTracker, NeuronClustering, FeatureVisualizer)
+    _parameter_constraints: ClassVar[Constraints] = {
+        **StagedCallback._parameter_constraints,
+        "max_batches": [Interval(int, 1, None)],
+        "top_k": [Interval(int, 1, None), None],
+        "ablation_layers": [StrList(), None],
+        "max_ablation_classes": [Interval(int, 1, None)],
+        "share_prefix": [Options(object, (True, False, "auto"))],
+        "max_probes": [Interval(int, 0, None)],
+        "probe_top": [Interval(int, 1, None)],
+    }
 
     def __init__(
         self,
@@ -167,20 +173,21 @@ class NeuronContribution(StagedCallback):
         enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:
+        validate_params(self, locals())
         super().__init__(
             layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
         )
-        self.ablation_patterns = check_layers("ablation_layers", ablation_layers)
-        self.max_batches = check_positive_int("max_batches", max_batches)
-        self.top_k = check_optional_positive_int("top_k", top_k)
-        self.max_ablation_classes = check_positive_int("max_ablation_classes", max_ablation_classes)
-        self.share_prefix = check_choice("share_prefix", share_prefix, (True, False, "auto"))
-        self.max_probes = check_int("max_probes", max_probes, minimum=0)
-        self.probe_top = check_positive_int("probe_top", probe_top)
+        self.ablation_patterns = as_patterns(ablation_layers)
+        self.max_batches = max_batches
+        self.top_k = top_k
+        self.max_ablation_classes = max_ablation_classes
+        self.share_prefix = share_prefix
+        self.max_probes = max_probes
+        self.probe_top = probe_top
         self.ablation_layers: list[str] = []
         #: ``{layer: ContributionResult}`` of the latest analysed epoch.
         self.results: dict[str, ContributionResult] = {}
-        self._tracker: ActivationTracker | None = None
+        self._spec: TrackerSpec | None = None
         self._batches: list[Batch] = []
         self._collecting = False
         self._ranks = (0, 1)  # (this rank, number of ranks) of the stage being analysed
@@ -194,11 +201,12 @@ class NeuronContribution(StagedCallback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         refuse_sharded(trainer, "NeuronContribution")
-        self._tracker = find_callback(trainer, ActivationTracker, required=type(self).__name__)
-        patterns = (
-            self.layer_patterns if self.layer_patterns is not None else self._tracker.layer_patterns
+        spec = self._spec = tracker_spec(trainer, required=type(self).__name__)
+        layers = (
+            list(spec.layers)
+            if self.layer_patterns is None
+            else spec.resolve(pl_module, self.layer_patterns)
         )
-        layers = self._tracker.resolve_layers(pl_module, patterns)
         if self.ablation_patterns is None:
             ablate = layers[-1:]
         elif not self.ablation_patterns:
@@ -214,17 +222,9 @@ class NeuronContribution(StagedCallback):
         if stage in ("validation", "test"):
             self._start(trainer, stage)
 
-    def _stage_batch_end(
-        self,
-        stage: str,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
-    ) -> None:
-        if stage in ("validation", "test"):
-            self._keep(batch, batch_idx, dataloader_idx)
+    def _on_batch_end(self, trainer: Trainer, pl_module: LightningModule, step: StageBatch) -> None:
+        if step.stage in ("validation", "test"):
+            self._keep(step.batch, step.batch_idx, step.dataloader_idx)
 
     @override
     def _consume(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -248,18 +248,18 @@ class NeuronContribution(StagedCallback):
         # DistributedSampler deals the (unshuffled) data out rank by rank, so together they are
         # the first max_batches batches that one process keeps (when the ranks divide it).
         self._share = math.ceil(self.max_batches / trainer.world_size)
-        loader = self._tracker.dataloader_idx if self._tracker is not None else 0
+        loader = self._spec.dataloader_idx if self._spec is not None else 0
         self._rows = analysed_rows(trainer, stage, loader)
         self._probe_candidates.reset(trainer.global_rank, trainer.world_size)
 
     @property
     def _reader(self) -> BatchReader:
-        return self._tracker.reader if self._tracker is not None else BatchReader()
+        return self._spec.reader if self._spec is not None else BatchReader()
 
     def _keep(self, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
         if not self._collecting or len(self._batches) >= self._share:
             return
-        if self._tracker is not None and dataloader_idx != self._tracker.dataloader_idx:
+        if self._spec is not None and dataloader_idx != self._spec.dataloader_idx:
             return
         x = self._reader.inputs(batch)
         y = self._reader.labels(batch)
@@ -269,11 +269,11 @@ class NeuronContribution(StagedCallback):
         with torch.inference_mode(False):  # normal tensors, usable in autograd later
             kept = (x[:rows].detach().to("cpu").clone(), y[:rows].detach().to("cpu").clone())
         self._batches.append(kept)
-        num_classes = self._tracker.num_classes if self._tracker is not None else None
+        num_classes = self._spec.num_classes if self._spec is not None else None
         self._probe_candidates.update(*kept, num_classes=num_classes)
 
     def _finish(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        tracker = find_callback(trainer, ActivationTracker, required=type(self).__name__)
+        spec = self._spec or tracker_spec(trainer, required=type(self).__name__)
         batches, collecting = self._batches, self._collecting
         self._reset()
         # under DDP every rank takes part (its share of the work, and the collectives), with or
@@ -281,7 +281,7 @@ class NeuronContribution(StagedCallback):
         if collecting and (batches or self._ranks[1] > 1):
             self._run_safely(
                 "neuron contribution analysis",
-                lambda: self._analyse(trainer, pl_module, tracker, batches),
+                lambda: self._analyse(trainer, pl_module, spec, batches),
             )
 
     # ---- analysis ------------------------------------------------------------------------------
@@ -290,14 +290,14 @@ class NeuronContribution(StagedCallback):
         self,
         trainer: Trainer,
         pl_module: LightningModule,
-        tracker: ActivationTracker,
+        spec: TrackerSpec,
         batches: list[Batch],
     ) -> None:
         """Every rank analyses its own kept batches and the sums are added up over the ranks
         (one process: its batches), so every rank gets the results of all ranks' batches. A
         failure on any rank raises on every rank (see :mod:`lightning_neurons.distributed`)."""
-        num_classes = int(tracker.num_classes)
-        top_k = self.top_k or tracker.top_k
+        num_classes = spec.num_classes
+        top_k = self.top_k or spec.top_k
         results: dict[str, ContributionResult] = {}
         with analysis_mode(pl_module):
             progress.phase("contributions of the kept images")
@@ -402,8 +402,8 @@ class NeuronContribution(StagedCallback):
         images), explained, with their top neurons' preferred images: the FeatureVisualizer's
         renderings when one is attached, else the kept images that activate them most."""
         rank, world = self._ranks
-        tracker = self._tracker
-        assert tracker is not None
+        spec = self._spec
+        assert spec is not None
         progress.phase("probe images")
         chosen = shared_probes(self._probe_candidates, "choosing the probe images", by_class=True)
         probes = explain_probes(
@@ -411,7 +411,7 @@ class NeuronContribution(StagedCallback):
             self.layers,
             self._reader,
             chosen,
-            int(tracker.num_classes),
+            spec.num_classes,
             top=self.probe_top,
             max_logits=PROBE_LOGITS,
             rank=rank,

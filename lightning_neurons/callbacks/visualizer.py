@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -18,7 +18,7 @@ from lightning_neurons.batch import (
     analysed_rows,
     to_display,
 )
-from lightning_neurons.callbacks._base import OnError, StagedCallback, find_callback
+from lightning_neurons.callbacks._base import OnError, StageBatch, StagedCallback, find_callback
 from lightning_neurons.callbacks._memory import ContinuationMemory
 from lightning_neurons.callbacks._plan import VisualizerPlan, data_attr, make_plan
 from lightning_neurons.callbacks._prior import PriorStream
@@ -31,16 +31,12 @@ from lightning_neurons.callbacks._visualizer_results import (
     saliency_maps,
 )
 from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
-from lightning_neurons.callbacks.tracker import ActivationTracker, infer_num_classes
-from lightning_neurons.checks import (
-    check_channels,
-    check_choice,
-    check_image_shape,
-    check_indices,
-    check_instance,
-    check_optional_positive_int,
-    check_positive_int,
+from lightning_neurons.callbacks.tracker import (
+    ActivationTracker,
+    infer_num_classes,
+    tracker_spec,
 )
+from lightning_neurons.checks import Constraints, Interval, Satisfies, validate_params
 from lightning_neurons.data import Normalize
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import get_module, resolve_layers, selects
@@ -54,6 +50,35 @@ from lightning_neurons.visualize.prior import DataPrior
 from lightning_neurons.visualize.saliency import METHODS, Method
 
 __all__ = ["FeatureVisualizer", "RenderOptions"]
+
+
+def _is_indices(values: Any) -> bool:
+    return (
+        isinstance(values, Sequence)
+        and not isinstance(values, (str, bytes))
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+    )
+
+
+def _is_channel_map(channels: Any) -> bool:
+    return isinstance(channels, Mapping) and all(_is_indices(v) for v in channels.values())
+
+
+def _is_image_shape(shape: Any) -> bool:
+    return (
+        isinstance(shape, Sequence)
+        and len(shape) == 3
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
+    )
+
+
+def _is_methods(methods: Any) -> bool:
+    if isinstance(methods, str):
+        return methods in METHODS
+    return isinstance(methods, Sequence) and all(m in METHODS for m in methods)
+
+
+_POSITIVE = [Interval(int, 1, None)]
 
 
 class FeatureVisualizer(StagedCallback):
@@ -178,6 +203,33 @@ class FeatureVisualizer(StagedCallback):
     """
 
     reads = (ActivationTracker, NeuronClustering)  # its clusters: cluster images
+    _parameter_constraints: ClassVar[Constraints] = {
+        **StagedCallback._parameter_constraints,
+        "channels": [
+            Satisfies(
+                _is_channel_map,
+                "a mapping of layer names to lists of non-negative channel indices, e.g. "
+                "{'features.conv2': [0, 5]}",
+            ),
+            None,
+        ],
+        "max_channels": [*_POSITIVE, None],
+        "classes": [Satisfies(_is_indices, "a list of non-negative integers"), None],
+        "max_classes": [*_POSITIVE, None],
+        "saliency": [
+            Satisfies(_is_methods, f"one of {', '.join(map(repr, METHODS))}, or a list of them")
+        ],
+        "gradcam_layer": [str, None],
+        "probes_per_class": _POSITIVE,
+        "max_probes": _POSITIVE,
+        "image_shape": [Satisfies(_is_image_shape, "[channels, height, width], each >= 1"), None],
+        "render": [RenderOptions, None],
+        "max_clusters": _POSITIVE,
+        "prior": [DataPrior, None],
+        "prior_images": _POSITIVE,
+        "judge": [nn.Module, None],
+        "smoothgrad_samples": _POSITIVE,
+    }
 
     def __init__(
         self,
@@ -204,29 +256,29 @@ class FeatureVisualizer(StagedCallback):
         enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:
+        validate_params(self, locals())
         super().__init__(
             layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
         )
-        self.channels = check_channels(channels)
-        self.max_channels = check_optional_positive_int("max_channels", max_channels)
-        self.classes = None if classes is None else check_indices("classes", classes)
-        self.max_classes = check_optional_positive_int("max_classes", max_classes)
+        self.channels = {str(k): list(dict.fromkeys(v)) for k, v in (channels or {}).items()}
+        self.max_channels = max_channels
+        self.classes = None if classes is None else list(dict.fromkeys(classes))
+        self.max_classes = max_classes
         if isinstance(saliency, str):
             saliency = [saliency]  # type: ignore[list-item]
-        self.saliency_methods = [check_choice("saliency", m, METHODS) for m in saliency]
+        self.saliency_methods = list(saliency)
         self.gradcam_layer = gradcam_layer
-        self.probes_per_class = check_positive_int("probes_per_class", probes_per_class)
-        self.max_probes = check_positive_int("max_probes", max_probes)
-        self.image_shape = None if image_shape is None else check_image_shape(image_shape)
+        self.probes_per_class = probes_per_class
+        self.max_probes = max_probes
+        self.image_shape = None if image_shape is None else tuple(image_shape)
         self.input_transform = input_transform
-        self.render = check_instance("render", render, RenderOptions, "a RenderOptions")
-        self.render = self.render or RenderOptions()
+        self.render = render or RenderOptions()
         self.clusters = bool(clusters)
-        self.max_clusters = check_positive_int("max_clusters", max_clusters)
-        self.prior = check_instance("prior", prior, DataPrior, "a DataPrior")
-        self.prior_images = check_positive_int("prior_images", prior_images)
-        self.judge = check_instance("judge", judge, nn.Module, "an nn.Module")
-        self.smoothgrad_samples = check_positive_int("smoothgrad_samples", smoothgrad_samples)
+        self.max_clusters = max_clusters
+        self.prior = prior
+        self.prior_images = prior_images
+        self.judge = judge
+        self.smoothgrad_samples = smoothgrad_samples
         #: ``{layer or "classes": Rendering}`` of the latest round (see :mod:`lightning_neurons.results`).
         self.results: dict[str, Rendering] = {}
         #: The probe images' saliency maps of the latest round (``None`` before the first).
@@ -242,6 +294,7 @@ class FeatureVisualizer(StagedCallback):
         self._plan: VisualizerPlan | None = None
         self._reader = BatchReader()
         self._dataloader_idx = 0
+        self._reduction = "mean"
         self._num_classes: int | None = None
         self._memory = ContinuationMemory(enabled=self.render.continue_steps is not None)
 
@@ -273,14 +326,16 @@ class FeatureVisualizer(StagedCallback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         refuse_sharded(trainer, "FeatureVisualizer")
-        tracker = find_callback(trainer, ActivationTracker)
-        self._reader = tracker.reader if tracker is not None else BatchReader()
-        self._dataloader_idx = tracker.dataloader_idx if tracker is not None else 0
-        patterns = self.layer_patterns
-        if patterns is None and tracker is not None:
-            patterns = tracker.layer_patterns
-        activations = tracker.activations if tracker is not None else None
-        self.layers = resolve_layers(pl_module, patterns, activations)
+        spec = tracker_spec(trainer)
+        self._reader = spec.reader if spec is not None else BatchReader()
+        self._dataloader_idx = spec.dataloader_idx if spec is not None else 0
+        self._reduction = spec.reduction if spec is not None else "mean"
+        if spec is None:
+            self.layers = resolve_layers(pl_module, self.layer_patterns)
+        elif self.layer_patterns is None:
+            self.layers = list(spec.layers)
+        else:
+            self.layers = spec.resolve(pl_module, self.layer_patterns)
         unknown = [name for name in self.channels if not selects(self.layers, name)]
         if unknown:
             raise NeuronsError(
@@ -299,34 +354,20 @@ class FeatureVisualizer(StagedCallback):
         if stage == "validation" and not trainer.sanity_checking:
             self._val_rows = analysed_rows(trainer, stage, self._dataloader_idx)
 
-    def _stage_batch_start(
-        self,
-        stage: str,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
+    def _on_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, step: StageBatch
     ) -> None:
-        self._first_batch(trainer, pl_module, batch)
+        self._first_batch(trainer, pl_module, step.batch)
 
-    def _stage_batch_end(
-        self,
-        stage: str,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
-    ) -> None:
-        if stage != "validation" or trainer.sanity_checking:
+    def _on_batch_end(self, trainer: Trainer, pl_module: LightningModule, step: StageBatch) -> None:
+        if step.stage != "validation" or trainer.sanity_checking:
             return
-        if dataloader_idx != self._dataloader_idx:
+        if step.dataloader_idx != self._dataloader_idx:
             return
-        self._update_prior(batch)
+        self._update_prior(step.batch)
         if self._probes.full or not self.saliency_methods:
             return
-        self._collect_probes(trainer, pl_module, batch, batch_idx)
+        self._collect_probes(trainer, pl_module, step.batch, step.batch_idx)
 
     @override
     def _consume(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -334,7 +375,7 @@ class FeatureVisualizer(StagedCallback):
             return
         tracker = find_callback(trainer, ActivationTracker)
         stats = tracker.results if tracker is not None else {}  # older with stage="train"
-        reduction = tracker.reduction if tracker is not None else "mean"
+        reduction = self._reduction
         self._prepare(trainer, pl_module)  # configuration errors raise, on every rank
         self._prior.finish(trainer.world_size, trainer.strategy.root_device)  # every rank
         # every rank renders its share of the objectives; rank zero does the rest
