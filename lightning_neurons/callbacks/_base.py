@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar, overload
 
@@ -21,6 +21,8 @@ T = TypeVar("T")
 C = TypeVar("C", bound=Callback)
 OnError = Literal["warn", "raise"]
 Stage = Literal["train", "validation", "test"]
+#: The ``__init__`` arguments every analysis callback takes (see :class:`AnalysisCallback`).
+_SHARED_OPTIONS = ("layers", "every_n_epochs", "enable_logging", "on_error")
 
 
 def class_names_of(trainer: Trainer, num_classes: int) -> list[str]:
@@ -29,6 +31,15 @@ def class_names_of(trainer: Trainer, num_classes: int) -> list[str]:
     if names is not None and len(names) == num_classes:
         return [str(n) for n in names]
     return [str(c) for c in range(num_classes)]
+
+
+def checked_options(owner: Callback, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a callback's ``__init__`` arguments (its ``locals()``) against its class's
+    ``_parameter_constraints`` (:func:`~lightning_neurons.checks.validate_params`) and return
+    those that :class:`AnalysisCallback` takes: ``super().__init__(**checked_options(self,
+    locals()))``."""
+    validate_params(owner, params)
+    return {name: params[name] for name in _SHARED_OPTIONS}
 
 
 def as_patterns(layers: str | Sequence[str] | None) -> list[str] | None:

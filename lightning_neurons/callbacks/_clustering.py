@@ -3,7 +3,8 @@ stage, class names and small table helpers."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,22 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def clusterer_options(clusterer: Callable[..., Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments of a clustering callback's ``__init__`` (its ``locals()``) that ``clusterer``
+    takes, by name (``seed`` as its ``random_state``): what every analysis builds its clusterer
+    with. The options that depend on each other (``n_clusters`` with HDBSCAN, say) are checked
+    here, when the callback is made, not at an epoch's end.
+
+    Raises:
+        NeuronsError: If the options do not fit together (see the clusterer's ``check_params``).
+    """
+    given = {**params, "random_state": params["seed"]} if "seed" in params else dict(params)
+    names = inspect.signature(clusterer).parameters
+    options = {name: given[name] for name in names if name in given}
+    clusterer(**options).check_params()
+    return options
 
 
 class _ClusteringCallback(StagedCallback):

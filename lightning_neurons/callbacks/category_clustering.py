@@ -19,13 +19,14 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from typing_extensions import override
 
 from lightning_neurons import progress
-from lightning_neurons.callbacks._base import OnError, class_names_of
+from lightning_neurons.callbacks._base import OnError, checked_options, class_names_of
 from lightning_neurons.callbacks._clustering import (
     _ClusteringCallback,
     _markdown_table,
     _stability,
+    clusterer_options,
 )
-from lightning_neurons.checks import Constraints, Interval, Options, Satisfies, validate_params
+from lightning_neurons.checks import Constraints, Interval, Options, Satisfies
 from lightning_neurons.clustering import (
     CategoryClusterer,
     CategoryMethod,
@@ -159,19 +160,8 @@ class CategoryClustering(_ClusteringCallback):
         enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:
-        validate_params(self, locals())
-        super().__init__(
-            layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
-        )
-        self._clusterer_options = {
-            "method": method,
-            "metric": metric,
-            "linkage": linkage,
-            "normalize": normalize,
-            "n_clusters": n_clusters,
-        }
-        # the options that depend on each other (n_clusters with HDBSCAN), now, not at the epoch's end
-        CategoryClusterer(**self._clusterer_options).check_params()
+        super().__init__(**checked_options(self, locals()))
+        self._clusterer_options = clusterer_options(CategoryClusterer, locals())
         self.method, self.metric, self.linkage = method, metric, linkage
         self.normalize, self.n_clusters = normalize, n_clusters
         self.combine_layers = combine_layers

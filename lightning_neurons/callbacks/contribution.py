@@ -16,6 +16,7 @@ from lightning_neurons.callbacks._base import (
     StageBatch,
     StagedCallback,
     as_patterns,
+    checked_options,
     find_callback,
 )
 from lightning_neurons.callbacks._contribution_ablation import ablate_layer
@@ -24,7 +25,7 @@ from lightning_neurons.callbacks._contribution_probes import Batch, add_preferre
 from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
 from lightning_neurons.callbacks.tracker import ActivationTracker, tracker_spec
 from lightning_neurons.callbacks.visualizer import FeatureVisualizer
-from lightning_neurons.checks import Constraints, Interval, Options, StrList, validate_params
+from lightning_neurons.checks import Constraints, Interval, Options, StrList
 from lightning_neurons.contribution import (
     ClassContributions,
     ContributionStats,
@@ -173,10 +174,7 @@ class NeuronContribution(StagedCallback):
         enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:
-        validate_params(self, locals())
-        super().__init__(
-            layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
-        )
+        super().__init__(**checked_options(self, locals()))
         self.ablation_patterns = as_patterns(ablation_layers)
         self.max_batches = max_batches
         self.top_k = top_k

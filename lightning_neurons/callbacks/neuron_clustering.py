@@ -16,13 +16,14 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_neurons import progress
-from lightning_neurons.callbacks._base import OnError, class_names_of
+from lightning_neurons.callbacks._base import OnError, checked_options, class_names_of
 from lightning_neurons.callbacks._clustering import (
     _ClusteringCallback,
     _markdown_table,
     _stability,
+    clusterer_options,
 )
-from lightning_neurons.checks import Constraints, Interval, Options, validate_params
+from lightning_neurons.checks import Constraints, Interval, Options
 from lightning_neurons.clustering import (
     ActivationReservoir,
     NeuronClusterer,
@@ -113,19 +114,8 @@ class NeuronClustering(_ClusteringCallback):
         enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:
-        validate_params(self, locals())
-        super().__init__(
-            layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
-        )
-        self._clusterer_options = {
-            "method": method,
-            "n_clusters": n_clusters,
-            "min_cluster_size": min_cluster_size,
-            "normalize": normalize,
-            "random_state": seed,
-        }
-        # the options that depend on each other (HDBSCAN's), now, not at the epoch's end
-        NeuronClusterer(**self._clusterer_options).check_params()
+        super().__init__(**checked_options(self, locals()))
+        self._clusterer_options = clusterer_options(NeuronClusterer, locals())
         self.method, self.n_clusters, self.min_cluster_size = method, n_clusters, min_cluster_size
         self.normalize, self.source, self.seed = normalize, source, seed
         self.reservoir_size = int(reservoir_size)

@@ -24,10 +24,11 @@ from lightning_neurons.callbacks._base import (
     OnError,
     StageBatch,
     StagedCallback,
+    checked_options,
     class_names_of,
     find_callback,
 )
-from lightning_neurons.checks import Constraints, Interval, Options, validate_params
+from lightning_neurons.checks import Constraints, Interval, Options
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.evolution import NeuronHistory
 from lightning_neurons.functional import is_function_layer
@@ -155,10 +156,7 @@ class ActivationTracker(StagedCallback):
         enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:
-        validate_params(self, locals())
-        super().__init__(
-            layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
-        )
+        super().__init__(**checked_options(self, locals()))
         #: Extra activation classes and ops for the default layers (see ``activations``).
         self.activations = list(check_activations(activations))
         self.reduction = reduction

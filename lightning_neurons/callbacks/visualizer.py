@@ -18,7 +18,13 @@ from lightning_neurons.batch import (
     analysed_rows,
     to_display,
 )
-from lightning_neurons.callbacks._base import OnError, StageBatch, StagedCallback, find_callback
+from lightning_neurons.callbacks._base import (
+    OnError,
+    StageBatch,
+    StagedCallback,
+    checked_options,
+    find_callback,
+)
 from lightning_neurons.callbacks._memory import ContinuationMemory
 from lightning_neurons.callbacks._plan import VisualizerPlan, data_attr, make_plan
 from lightning_neurons.callbacks._prior import PriorStream
@@ -36,7 +42,7 @@ from lightning_neurons.callbacks.tracker import (
     infer_num_classes,
     tracker_spec,
 )
-from lightning_neurons.checks import Constraints, Interval, Satisfies, validate_params
+from lightning_neurons.checks import Constraints, Interval, Satisfies
 from lightning_neurons.data import Normalize
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import get_module, resolve_layers, selects
@@ -256,10 +262,7 @@ class FeatureVisualizer(StagedCallback):
         enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:
-        validate_params(self, locals())
-        super().__init__(
-            layers, every_n_epochs=every_n_epochs, enable_logging=enable_logging, on_error=on_error
-        )
+        super().__init__(**checked_options(self, locals()))
         self.channels = {str(k): list(dict.fromkeys(v)) for k, v in (channels or {}).items()}
         self.max_channels = max_channels
         self.classes = None if classes is None else list(dict.fromkeys(classes))
