@@ -58,6 +58,18 @@ __all__ = [
 ]
 
 
+def _by_key(batch: Mapping[Any, Any], keys: tuple[str, ...], hint: str) -> Any:
+    """The entry of a mapping batch under the first of ``keys`` it has; ``hint`` says in the
+    error what to pass to ActivationTracker when it has none."""
+    key = next((k for k in keys if k in batch), None)
+    if key is None:
+        raise NeuronsError(
+            f"the batch is a mapping with keys {sorted(map(str, batch))} but none of "
+            f"{', '.join(keys)}; {hint} to ActivationTracker."
+        )
+    return batch[key]
+
+
 def read_inputs(batch: Any, input_fn: BatchFn | None = None) -> torch.Tensor:
     """The model input of a batch, as the loader yielded it.
 
@@ -81,14 +93,7 @@ def read_inputs(batch: Any, input_fn: BatchFn | None = None) -> torch.Tensor:
     elif isinstance(batch, torch.Tensor):
         x = batch
     elif isinstance(batch, Mapping):
-        key = next((k for k in INPUT_KEYS if k in batch), None)
-        if key is None:
-            raise NeuronsError(
-                f"the batch is a mapping with keys {sorted(map(str, batch))} but none of "
-                f"{', '.join(INPUT_KEYS)}; pass `input_fn=lambda batch: batch['my_key']` to "
-                "ActivationTracker."
-            )
-        x = batch[key]
+        x = _by_key(batch, INPUT_KEYS, "pass `input_fn=lambda batch: batch['my_key']`")
     elif isinstance(batch, (tuple, list)) and batch:
         x = batch[0]
     else:
@@ -125,14 +130,12 @@ def read_labels(batch: Any, label_fn: BatchFn | None = None) -> torch.Tensor:
     if label_fn is not None:
         labels = label_fn(batch)
     elif isinstance(batch, Mapping):
-        key = next((k for k in LABEL_KEYS if k in batch), None)
-        if key is None:
-            raise NeuronsError(
-                f"the batch is a mapping with keys {sorted(map(str, batch))} but none of "
-                f"{', '.join(LABEL_KEYS)}; neuron statistics are per class, so they need labels. "
-                "Pass `label_fn=lambda batch: batch['my_key']` to ActivationTracker."
-            )
-        labels = batch[key]
+        labels = _by_key(
+            batch,
+            LABEL_KEYS,
+            "neuron statistics are per class, so they need labels. "
+            "Pass `label_fn=lambda batch: batch['my_key']`",
+        )
     elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
         labels = batch[1]
     else:
