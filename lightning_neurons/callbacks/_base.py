@@ -12,9 +12,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_neurons import progress
 from lightning_neurons.checks import Constraints, Interval, Options, StrList, validate_params
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.loggers import background_writes
+from lightning_neurons.loggers import AnalysisLogger, background_writes
 from lightning_neurons.progress import reporting
 
 T = TypeVar("T")
@@ -87,6 +88,18 @@ def find_callback(
             f"under `trainer.callbacks` add `- class_path: lightning_neurons.{name}`."
         )
     return found
+
+
+def _stage_hook(name: str, method: str, stage: Stage) -> Callable[..., None]:
+    """Lightning's hook ``name``, handing ``stage`` to the callback's ``method(stage, trainer,
+    pl_module)`` (looked up on the callback, so subclasses' overrides count)."""
+
+    def hook(self: Callback, trainer: Trainer, pl_module: LightningModule) -> None:
+        getattr(self, method)(stage, trainer, pl_module)
+
+    hook.__name__ = name
+    hook.__doc__ = f"Lightning's hook, handed to ``{method}`` with the stage {stage!r}."
+    return hook
 
 
 class AnalysisCallback(Callback):
@@ -170,7 +183,7 @@ class AnalysisCallback(Callback):
         """The analysis at the end of ``stage``, once every attached callback of the :attr:`reads`
         types has finished the stage (their results of this epoch are published)."""
 
-    def _begin(self, stage: Stage) -> None:
+    def _begin(self, stage: Stage, trainer: Trainer, pl_module: LightningModule) -> None:
         self._unfinished.add(stage)
 
     def _end(self, stage: Stage, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -190,29 +203,12 @@ class AnalysisCallback(Callback):
         self._unfinished.clear()
         self._waiting.clear()
 
-    @override
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._begin("train")
-
-    @override
-    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._begin("validation")
-
-    @override
-    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._begin("test")
-
-    @override
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._end("train", trainer, pl_module)
-
-    @override
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._end("validation", trainer, pl_module)
-
-    @override
-    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._end("test", trainer, pl_module)
+    on_train_epoch_start = _stage_hook("on_train_epoch_start", "_begin", "train")
+    on_validation_start = _stage_hook("on_validation_start", "_begin", "validation")
+    on_test_start = _stage_hook("on_test_start", "_begin", "test")
+    on_train_epoch_end = _stage_hook("on_train_epoch_end", "_end", "train")
+    on_validation_end = _stage_hook("on_validation_end", "_end", "validation")
+    on_test_end = _stage_hook("on_test_end", "_end", "test")
 
     @override
     def on_exception(
@@ -235,7 +231,16 @@ class AnalysisCallback(Callback):
             )
         self._forget_stages()
 
-    # ---- scheduling and errors -----------------------------------------------------------------
+    # ---- scheduling, errors and files ----------------------------------------------------------
+
+    def _file_writer(self, trainer: Trainer, kind: str) -> AnalysisLogger | None:
+        """This rank's logger of figures and files under ``kind``, with the progress phase
+        "figures and files" shown; ``None`` on a rank that does not write."""
+        out = AnalysisLogger(trainer, kind, owner=self)
+        if not out.is_writer:
+            return None
+        progress.phase("figures and files")
+        return out
 
     def _due(self, trainer: Trainer) -> bool:
         if trainer.sanity_checking:
@@ -384,26 +389,18 @@ class StagedCallback(AnalysisCallback):
         super().on_train_epoch_start(trainer, pl_module)
         self._stage_start("train", trainer, pl_module)
 
-    @override
-    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._stage_start("validation", trainer, pl_module)
-
-    @override
-    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._stage_start("test", trainer, pl_module)
+    on_validation_epoch_start = _stage_hook(
+        "on_validation_epoch_start", "_stage_start", "validation"
+    )
+    on_test_epoch_start = _stage_hook("on_test_epoch_start", "_stage_start", "test")
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch_end("train", trainer, pl_module)
         super().on_train_epoch_end(trainer, pl_module)
 
-    @override
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._epoch_end("validation", trainer, pl_module)
-
-    @override
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._epoch_end("test", trainer, pl_module)
+    on_validation_epoch_end = _stage_hook("on_validation_epoch_end", "_epoch_end", "validation")
+    on_test_epoch_end = _stage_hook("on_test_epoch_end", "_epoch_end", "test")
 
     @override
     def on_exception(

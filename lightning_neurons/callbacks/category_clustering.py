@@ -38,7 +38,6 @@ from lightning_neurons.distributed import gather
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.evolution import ClusteringHistory
 from lightning_neurons.hooks import HookSet, resolve_layers, selects
-from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.results import CategoryClusteringResult
 from lightning_neurons.state import in_analysis
 from lightning_neurons.stats import LayerStats
@@ -396,10 +395,9 @@ class CategoryClustering(_ClusteringCallback):
     def _log(self, trainer: Trainer, results: dict[str, CategoryClusteringResult]) -> None:
         from lightning_neurons.plots.clustering import dendrogram_figure, distance_confusion_figure
 
-        out = AnalysisLogger(trainer, self.kind, owner=self)
-        if not out.is_writer:
+        out = self._file_writer(trainer, self.kind)
+        if out is None:
             return
-        progress.phase("figures and files")
         scalars: dict[str, float] = {}
         assignments: dict[str, dict[str, int]] = {}
         for view, res in results.items():

@@ -33,7 +33,6 @@ from lightning_neurons.clustering import (
 )
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import HookSet, reduce_activation
-from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.results import NeuronClusteringResult
 from lightning_neurons.state import in_analysis
 from lightning_neurons.stats import LayerStats
@@ -264,10 +263,9 @@ class NeuronClustering(_ClusteringCallback):
     def _log(self, trainer: Trainer, results: dict[str, NeuronClusteringResult]) -> None:
         from lightning_neurons.plots.clustering import cluster_profiles_figure
 
-        out = AnalysisLogger(trainer, self.kind, owner=self)
-        if not out.is_writer:
+        out = self._file_writer(trainer, self.kind)
+        if out is None:
             return
-        progress.phase("figures and files")
         scalars: dict[str, float] = {}
         for name, res in results.items():
             progress.advance("layer", len(results))

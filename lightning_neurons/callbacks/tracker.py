@@ -41,7 +41,6 @@ from lightning_neurons.hooks import (
     signed_layers,
 )
 from lightning_neurons.layouts import peak as positions_peak
-from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.results import TrackerSpec
 from lightning_neurons.state import in_analysis
 from lightning_neurons.stats import ClassNeuronStats, LayerStats
@@ -500,10 +499,9 @@ class ActivationTracker(StagedCallback):
     def _log(self, trainer: Trainer) -> None:
         from lightning_neurons.plots.activation import class_profile_heatmap
 
-        out = AnalysisLogger(trainer, "activations", owner=self)
-        if not out.is_writer:
+        out = self._file_writer(trainer, "activations")
+        if out is None:
             return
-        progress.phase("figures and files")
         scalars: dict[str, float] = {}
         for name, res in self.results.items():
             progress.advance("layer", len(self.results))
