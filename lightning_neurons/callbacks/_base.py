@@ -218,6 +218,7 @@ class AnalysisCallback(Callback):
         # the files of the epochs analysed so far are kept (written, errors only warned)
         for error in background_writes.wait(self):
             rank_zero_warn(f"{type(self).__name__}: {_writing_failed(error)}")
+        self._release()
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -230,6 +231,10 @@ class AnalysisCallback(Callback):
                 "`on_validation_end`/`on_test_end`/`on_train_epoch_end` without calling super()?)."
             )
         self._forget_stages()
+        self._release()
+
+    def _release(self) -> None:
+        """Remove hooks and drop per-batch state (called on teardown and on exceptions)."""
 
     # ---- scheduling, errors and files ----------------------------------------------------------
 
@@ -365,9 +370,6 @@ class StagedCallback(AnalysisCallback):
     def _stage_end(self, stage: Stage, trainer: Trainer, pl_module: LightningModule) -> None:
         """The epoch of ``stage`` has ended."""
 
-    def _release(self) -> None:
-        """Remove hooks and drop per-batch state (called on teardown and on exceptions)."""
-
     on_train_batch_start = _batch_hook("train", end=False)
     on_validation_batch_start = _batch_hook("validation", end=False)
     on_test_batch_start = _batch_hook("test", end=False)
@@ -401,15 +403,3 @@ class StagedCallback(AnalysisCallback):
 
     on_validation_epoch_end = _stage_hook("on_validation_epoch_end", "_epoch_end", "validation")
     on_test_epoch_end = _stage_hook("on_test_epoch_end", "_epoch_end", "test")
-
-    @override
-    def on_exception(
-        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
-    ) -> None:
-        super().on_exception(trainer, pl_module, exception)
-        self._release()
-
-    @override
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        super().teardown(trainer, pl_module, stage)
-        self._release()
