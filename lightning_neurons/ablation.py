@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_neurons import progress
 from lightning_neurons.batch import BatchFn, BatchReader, as_model_input
 from lightning_neurons.contribution import _check_targets, _exact, _limited
 from lightning_neurons.errors import NeuronsError
@@ -288,6 +289,7 @@ def ablation_sums(
                         model, x[:2], sets[:sets_per_pass], zero, reader
                     )
                 for start in range(0, len(sets), sets_per_pass):
+                    progress.advance("forward pass")
                     chunk = sets[start : start + sets_per_pass]
                     copies = 1 + len(chunk)
                     zero.chunk = chunk

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_neurons import progress
 from lightning_neurons.batch import BatchFn, BatchReader, as_model_input, read_logits
 from lightning_neurons.checks import check_positive_int
 from lightning_neurons.errors import NeuronsError
@@ -276,6 +277,7 @@ def neuron_contributions(
             pairs = image_of
         result: dict[str, torch.Tensor] = {}
         for start in range(0, pairs.numel(), chunk_size):
+            progress.update("pairs", min(start + chunk_size, pairs.numel()), pairs.numel())
             sl = slice(start, start + chunk_size)
             out = contribution_batch(
                 model, names, x[image_of[sl]], class_of[sl], output_fn=output_fn
@@ -400,9 +402,8 @@ class ClassContributions:
 
     def update(self, batch: ContributionBatch, labels: torch.Tensor) -> None:
         """Add a batch whose contributions were taken for the true-class logits ``labels``."""
-        # the sums live where the contributions are computed (the model's device: on a GPU,
-        # ResNet-50's 26,560 neurons at 1,000 classes hold 0.64 GB of sums there, not in host
-        # memory; under DDP the totals come back to the host, see sum_over_ranks)
+        # the sums live where the contributions are computed (the model's device), not in host
+        # memory; under DDP the totals come back to the host (see sum_over_ranks)
         device = batch.logits.device
         labels = labels.detach().to(device, torch.long)
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
@@ -448,7 +449,7 @@ class ClassContributions:
 
         The ``[C, K]`` statistics are computed in float64 from the float64 sums and kept in
         float32 (7 significant digits, as many as the float32 gradients and activations they
-        come from; at ResNet-50's 26,560 neurons and 1,000 classes, 0.32 GB instead of 0.64 GB).
+        come from), at half the memory of float64.
 
         Args:
             release: Drop each layer's sums once its statistics are computed (the peak memory is

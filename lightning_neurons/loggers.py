@@ -69,6 +69,18 @@ def artifact_root(trainer: Trainer) -> Path:
     return folder
 
 
+def written_artifact_root(trainer: Trainer) -> Path | None:
+    """The folder :func:`artifact_root` gives when it exists (an analysis wrote there), else
+    ``None``; never makes one."""
+    if find_tensorboard(trainer) is not None or any(
+        getattr(logger, "log_dir", None) for logger in trainer.loggers
+    ):
+        folder: Path | None = artifact_root(trainer)
+    else:
+        folder = _run_folders.get(trainer)
+    return folder if folder is not None and folder.is_dir() else None
+
+
 def stage_folder(trainer: Trainer) -> str:
     """``"fit"``, ``"validate"``, ``"test"`` (what the Trainer is running), as a folder name."""
     fn = trainer.state.fn
@@ -82,10 +94,9 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    """``np.savez_compressed`` at zlib level 1: the same ``.npz`` (read by ``np.load``), written
-    several times faster than at the default level 6, for files a few percent larger (floats
-    compress little at any level). At 1,000 classes the tracker writes ``[1000, K]`` arrays of
-    every layer every epoch, where level 6 took seconds per epoch."""
+    """``np.savez_compressed`` at zlib level 1: the same ``.npz`` (read by ``np.load``), faster
+    to write than at the default level 6 for files a little larger (floats compress little at any
+    level)."""
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         for name, array in arrays.items():
             with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
@@ -105,9 +116,9 @@ def _write_npz_atomically(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
 class BackgroundWrites:
     """The analyses' ``.npz`` files, compressed and written on background threads.
 
-    At 1,000 classes the tracker alone writes hundreds of MB of ``[C, K]`` arrays per analysed
-    epoch, and zlib took most of its epoch-end time. zlib releases the GIL, so files written on
-    ``threads`` threads compress in parallel, with each other and with training. The files of an
+    At many classes the ``[C, K]`` arrays of every layer take a while to compress. zlib releases
+    the GIL, so files written on ``threads`` threads compress in parallel, with each other and
+    with training. The files of an
     analysis are complete when its callback's ``teardown`` returns (every callback of the package
     waits for its own files there, and reports a failed write per its ``on_error``), before
     Lightning closes the loggers; a ``.npz`` appears under its final name only once written.
@@ -254,8 +265,7 @@ class AnalysisLogger:
         """Log scalars to every logger of the trainer (TensorBoard, CSV, W&B...), each tag under
         :data:`SCALAR_GROUP` (``neurons/activations/<layer>/dead_fraction``): TensorBoard's
         Scalars tab groups charts by their first word, in alphabetical order, 12 to a page, so
-        the analyses' charts form one group instead of five that push ``train/`` and ``val/``
-        down the page."""
+        the analyses' charts form one group beside ``train/`` and ``val/``."""
         if not self.is_writer:
             return
         clean = {f"{SCALAR_GROUP}/{k}": float(v) for k, v in metrics.items()}
@@ -349,7 +359,7 @@ def load_index(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
         The index records in the order the files were first written, each with ``kind``,
         ``stage``, ``name``, ``epoch``, ``step``, ``file`` (relative to the artifact folder),
         ``arrays`` and ``meta``; a file written again (a repeated ``validate``) has its latest
-        record. An index of an older version (``index.json``) is read too.
+        record. An index written as one JSON list (``index.json``) is read too.
 
     Raises:
         FileNotFoundError: If there is no index under ``root``.

@@ -398,8 +398,8 @@ def make_parts(
 
 
 class PartsDataModule(InMemoryDataModule):
-    """The parts data set (:func:`make_parts`) as a LightningDataModule: no download, a few
-    hundred milliseconds to generate.
+    """The parts data set (:func:`make_parts`) as a LightningDataModule, generated in memory (no
+    download).
 
     Batches are ``(x, y)`` with ``x`` float in [0, 1] ``[B, 1, S, S]`` and ``y`` int64. The
     train/validation split is stratified and deterministic for a ``seed``; the test loader reuses

@@ -424,7 +424,7 @@ def test_the_spec_is_what_the_tracker_tracks_and_peers_see_it_before_its_setup(t
     )
     expected = TrackerSpec(
         reader=tracker.reader,
-        layers=("backbone.relu1", "backbone.relu2"),
+        layers=("backbone.relu1", "backbone.relu2", "backbone.relu()"),
         stage="validation",
         dataloader_idx=0,
         reduction="max",

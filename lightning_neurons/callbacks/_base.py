@@ -15,6 +15,7 @@ from typing_extensions import override
 from lightning_neurons.checks import Constraints, Interval, Options, StrList, validate_params
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.loggers import background_writes
+from lightning_neurons.progress import reporting
 
 T = TypeVar("T")
 C = TypeVar("C", bound=Callback)
@@ -139,8 +140,9 @@ class AnalysisCallback(Callback):
         self.failures: list[str] = []
         self._unfinished: set[str] = set()  # stages begun whose stage end has not run yet
         self._waiting: dict[str, Callable[[], None]] = {}
-        #: Seconds this callback's stage-end analyses took, summed over the run (they may run
-        #: inside another callback's hook: the last of the callbacks they read to finish).
+        #: Seconds this callback's epoch-end and stage-end analyses took, summed over the run
+        #: (a stage-end one may run inside another callback's hook: the last of the callbacks
+        #: it reads to finish).
         self.analysis_seconds = 0.0
         # seconds of other callbacks' analyses run in this callback's hooks, and of this
         # callback's analyses run in other callbacks' hooks (for profilers' per-hook times)
@@ -269,7 +271,8 @@ def _run_ready(trainer: Trainer, stage: Stage, host: AnalysisCallback) -> None:
                 analysis = callback._waiting.pop(stage)
                 start = time.perf_counter()
                 try:
-                    analysis()
+                    with reporting(trainer, callback, stage):
+                        analysis()
                 finally:
                     callback._unfinished.discard(stage)
                     seconds = time.perf_counter() - start
@@ -367,6 +370,15 @@ class StagedCallback(AnalysisCallback):
     on_validation_batch_end = _batch_hook("validation", end=True)
     on_test_batch_end = _batch_hook("test", end=True)
 
+    def _epoch_end(self, stage: Stage, trainer: Trainer, pl_module: LightningModule) -> None:
+        """:meth:`_stage_end`, timed in :attr:`analysis_seconds` and shown while it runs."""
+        start = time.perf_counter()
+        try:
+            with reporting(trainer, self, stage):
+                self._stage_end(stage, trainer, pl_module)
+        finally:
+            self.analysis_seconds += time.perf_counter() - start
+
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
@@ -382,16 +394,16 @@ class StagedCallback(AnalysisCallback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._stage_end("train", trainer, pl_module)
+        self._epoch_end("train", trainer, pl_module)
         super().on_train_epoch_end(trainer, pl_module)
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._stage_end("validation", trainer, pl_module)
+        self._epoch_end("validation", trainer, pl_module)
 
     @override
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._stage_end("test", trainer, pl_module)
+        self._epoch_end("test", trainer, pl_module)
 
     @override
     def on_exception(

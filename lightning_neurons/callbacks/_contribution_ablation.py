@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_neurons import progress
 from lightning_neurons.ablation import ablation_results, ablation_selectivity, ablation_sums
 from lightning_neurons.batch import BatchFn
 from lightning_neurons.callbacks._base import class_names_of, find_callback
@@ -113,6 +114,7 @@ def ablate_layer(
     are added up over the ranks. The neuron clusters exist on rank zero (NeuronClustering
     clusters there): they are sent to every rank first. ``None`` when there is nothing to
     ablate."""
+    progress.phase(f"ablation of {layer}")
     rank, world = trainer.global_rank, trainer.world_size
     clusters, epoch = broadcast_from_zero(
         lambda: neuron_clusters(trainer, layer, stats.num_neurons),

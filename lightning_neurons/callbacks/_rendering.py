@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lightning_neurons import progress
 from lightning_neurons.batch import BatchReader
 from lightning_neurons.callbacks._memory import ContinuationMemory, Signature
 from lightning_neurons.callbacks._plan import VisualizerPlan
@@ -194,6 +195,7 @@ class Renderer:
         The kept candidate of a class image (``class_restarts``) is continued alone."""
         o = self.options
         signature = self.signature(tuple(repr(obj) for obj in objectives))
+        progress.phase(f"rendering {key} ({len(objectives)} objectives)")
         init = self.memory.start(key, signature)
         restarts = o.class_restarts if classes and init is None else 1
         per_objective = 1 if classes else o.n_images  # images kept per objective
@@ -263,6 +265,7 @@ class Renderer:
         (see :meth:`ContinuationMemory.match_clusters`) for ``continue_steps`` steps; the others
         start from noise."""
         key, n = f"clusters/{layer}", self.options.n_images
+        progress.phase(f"rendering clusters of {layer} ({len(members)} clusters)")
         signature = self.signature()
         starts = self.memory.match_clusters(key, signature, members, n)
         images: list[torch.Tensor] = [torch.empty(0)] * len(members)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_neurons import progress
 from lightning_neurons.batch import BatchReader, as_model_input, to_display, to_model_input
 from lightning_neurons.callbacks._plan import VisualizerPlan, layer_width
 from lightning_neurons.callbacks._rendering import Renderer
@@ -176,6 +177,7 @@ def saliency_maps(
         return None
     plan, reader = renderer.plan, renderer.reader
     inputs = torch.stack([p.image for p in probes])  # as the loader yielded them
+    progress.phase(f"saliency ({len(inputs)} images)")
 
     def part_maps(part: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = inputs[part]

@@ -18,6 +18,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 from typing_extensions import override
 
+from lightning_neurons import progress
 from lightning_neurons.callbacks._base import OnError, class_names_of
 from lightning_neurons.callbacks._clustering import (
     _ClusteringCallback,
@@ -325,6 +326,7 @@ class CategoryClustering(_ClusteringCallback):
         results: dict[str, CategoryClusteringResult] = {}
         for view, (layers, profile) in self._views(stats).items():
             names = class_names_of(trainer, profile.shape[0])
+            progress.phase(f"clustering view {view}")
             res = self._run_safely(  # one view that fails must not sink the others
                 f"category clustering of view {view!r}",
                 lambda v=view, ls=layers, p=profile, n=names: self._cluster(  # type: ignore[misc]
@@ -407,6 +409,7 @@ class CategoryClustering(_ClusteringCallback):
         out = AnalysisLogger(trainer, self.kind, owner=self)
         if not out.is_writer:
             return
+        progress.phase("figures and files")
         scalars: dict[str, float] = {}
         assignments: dict[str, dict[str, int]] = {}
         for view, res in results.items():

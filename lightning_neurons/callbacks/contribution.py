@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
+from lightning_neurons import progress
 from lightning_neurons.batch import BatchReader, LoaderRows, analysed_rows
 from lightning_neurons.callbacks._base import (
     OnError,
@@ -299,6 +300,7 @@ class NeuronContribution(StagedCallback):
         top_k = self.top_k or tracker.top_k
         results: dict[str, ContributionResult] = {}
         with analysis_mode(pl_module):
+            progress.phase("contributions of the kept images")
             shared = self._contributions(pl_module, batches, num_classes, top_k)
             if shared is None:  # no rank kept a batch
                 return
@@ -341,6 +343,7 @@ class NeuronContribution(StagedCallback):
         batch."""
         rank, world = self._ranks
         acc = ClassContributions(num_classes, top_k)
+        progress.phase("contributions of the kept images")
         best = attempt(lambda: self._local_contributions(pl_module, batches, acc), world)
         if world == 1:
             assert isinstance(best, dict)
@@ -370,6 +373,7 @@ class NeuronContribution(StagedCallback):
         best: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         offset = 0
         for x, y in batches:
+            progress.advance("batch", len(batches))
             out = contribution_batch(
                 pl_module, self.layers, x.to(device), y.to(device), output_fn=self._reader.output_fn
             )
@@ -400,6 +404,7 @@ class NeuronContribution(StagedCallback):
         rank, world = self._ranks
         tracker = self._tracker
         assert tracker is not None
+        progress.phase("probe images")
         chosen = shared_probes(self._probe_candidates, "choosing the probe images", by_class=True)
         probes = explain_probes(
             pl_module,

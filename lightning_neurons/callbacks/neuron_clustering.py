@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_neurons import progress
 from lightning_neurons.callbacks._base import OnError, class_names_of
 from lightning_neurons.callbacks._clustering import (
     _ClusteringCallback,
@@ -187,6 +188,7 @@ class NeuronClustering(_ClusteringCallback):
         results: dict[str, NeuronClusteringResult] = {}
         for name, layer_stats in stats.items():
             # one layer that cannot be clustered (e.g. all neurons dead) must not sink the others
+            progress.phase(f"clustering the neurons of {name}")
             res = self._run_safely(
                 f"neuron clustering of layer {name!r}",
                 lambda name=name, s=layer_stats: self._cluster(name, s),  # type: ignore[misc]
@@ -275,8 +277,10 @@ class NeuronClustering(_ClusteringCallback):
         out = AnalysisLogger(trainer, self.kind, owner=self)
         if not out.is_writer:
             return
+        progress.phase("figures and files")
         scalars: dict[str, float] = {}
         for name, res in results.items():
+            progress.advance("layer", len(results))
             all_names = class_names_of(trainer, self._num_classes(res))
             names = [all_names[i] for i in res.classes.tolist()]
             if out.experiment is not None:
@@ -308,6 +312,8 @@ class NeuronClustering(_ClusteringCallback):
         out.scalars(scalars)
         if self.embedding and out.experiment is not None and results:
             from lightning_neurons.projector import log_neuron_projector
+
+            progress.phase("embedding projector")
 
             num_classes = max(self._num_classes(r) for r in results.values())
             log_neuron_projector(

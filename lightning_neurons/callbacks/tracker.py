@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_neurons import progress
 from lightning_neurons.activations import check_activations
 from lightning_neurons.batch import (
     BatchFn,
@@ -504,8 +505,10 @@ class ActivationTracker(StagedCallback):
         out = AnalysisLogger(trainer, "activations", owner=self)
         if not out.is_writer:
             return
+        progress.phase("figures and files")
         scalars: dict[str, float] = {}
         for name, res in self.results.items():
+            progress.advance("layer", len(self.results))
             out.figure(out.tag(name, "class_profile"), class_profile_heatmap(res))
             out.histogram(out.tag(name, "selectivity"), res.selectivity)
             overall = (res.class_means * res.counts.unsqueeze(1)).nansum(dim=0) / res.counts.sum()

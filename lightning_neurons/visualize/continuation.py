@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lightning_neurons import progress
 from lightning_neurons.batch import BatchFn, to_model_input
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.visualize.objectives import Objective
@@ -105,6 +106,7 @@ def best_candidates(
     total = torch.zeros(len(rows), dtype=torch.float64)
     with torch.no_grad():
         for _ in range(draws):
+            progress.advance("comparing the candidates on view", draws)
             state = generator.get_state()
             for start in range(0, len(rows), size):
                 generator.set_state(state)  # every chunk sees the same draw

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lightning_neurons import progress
 from lightning_neurons.batch import BatchFn, InputTransform, to_model_input
 from lightning_neurons.hooks import hooked
 from lightning_neurons.visualize.objectives import Objective
@@ -234,6 +235,7 @@ def optimise(model: nn.Module, chunks: Sequence[Chunk], steps: int, ascent: Asce
             optimizer.zero_grad(set_to_none=True)
             state = generator.get_state()
             for chunk in chunks:
+                progress.update("step", step + 1, steps)
                 if chunk.running:  # a frozen chunk has no gradient: Adam leaves it alone
                     generator.set_state(state)
                     dispatch.current = chunk.scoring

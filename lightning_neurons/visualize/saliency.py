@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lightning_neurons import progress
 from lightning_neurons.batch import (
     BatchFn,
     InputTransform,
@@ -173,6 +174,7 @@ def gradient(
         images = images.detach().clone().to(device)
         target = _targets(model, images, target, input_transform, output_fn)
         for part in _chunks(len(images), batch_size, model, images, input_transform):
+            progress.update("gradient", min(part.stop, len(images)), len(images))
             grad = _input_gradient(model, images[part], target[part], input_transform, output_fn)
             out.append(grad.abs().amax(dim=1).float().cpu())
     return torch.cat(out)
@@ -236,6 +238,7 @@ def smoothgrad(
         targets = target.repeat(samples)
         total = torch.zeros_like(images)
         for part in _chunks(noisy.shape[0], batch_size, model, images, input_transform):
+            progress.update("smoothgrad", min(part.stop, noisy.shape[0]), noisy.shape[0])
             grad = _input_gradient(model, noisy[part], targets[part], input_transform, output_fn)
             rows = torch.arange(part.start, part.start + grad.shape[0], device=device) % n
             total.index_add_(0, rows, grad)
@@ -315,6 +318,7 @@ def grad_cam(
         with hooked(model, watched, keep):
             parts = _chunks(len(images), batch_size, model, images, input_transform)
             for part in parts:
+                progress.update("grad-cam", min(part.stop, len(images)), len(images))
                 captured.clear()
                 x = images[part].clone().requires_grad_(True)  # parameters are frozen
                 logits = _logits(model, x, input_transform, output_fn)
