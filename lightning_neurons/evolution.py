@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.results import CategoryClusteringResult
@@ -50,6 +51,13 @@ __all__ = [
 
 
 # ---- across epochs ---------------------------------------------------------------------------
+
+
+def _numpy(values: torch.Tensor | np.ndarray, dtype: type | None = None) -> np.ndarray:
+    """A results tensor (or an array) as a NumPy array of ``dtype`` (default: its own)."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype)
 
 
 @dataclass
@@ -102,12 +110,12 @@ def neuron_evolution(stats: Sequence[LayerStats]) -> NeuronEvolution:
     )
 
 
-def distance_correlation(a: np.ndarray, b: np.ndarray) -> float:
+def distance_correlation(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
     """Pearson correlation of two ``[C, C]`` class-distance matrices over the pairs of distinct
     classes that both hold (a Mantel statistic without the test): 1 when the categories keep
     their relative distances. NaN when fewer than 3 pairs are finite or one side is constant."""
     upper = np.triu_indices(a.shape[0], k=1)
-    x, y = np.asarray(a, np.float64)[upper], np.asarray(b, np.float64)[upper]
+    x, y = _numpy(a, np.float64)[upper], _numpy(b, np.float64)[upper]
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
     if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
@@ -115,10 +123,11 @@ def distance_correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
-def _adjusted_rand(a: np.ndarray, b: np.ndarray) -> float:
+def _adjusted_rand(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
     """Adjusted Rand index of two labellings over the classes both kept (label -1: left out)."""
     from sklearn.metrics import adjusted_rand_score
 
+    a, b = _numpy(a), _numpy(b)
     keep = (a >= 0) & (b >= 0)
     if keep.sum() < 2:
         return float("nan")
@@ -163,7 +172,7 @@ def clustering_evolution(results: Sequence[CategoryClusteringResult]) -> Cluster
     return ClusteringEvolution(
         view=ordered[0].view,
         epochs=np.array([r.epoch for r in ordered]),
-        labels=np.stack([np.asarray(r.labels) for r in ordered]),
+        labels=np.stack([_numpy(r.labels) for r in ordered]),
         adjusted_rand=np.array([_adjusted_rand(a.labels, b.labels) for a, b in pairs]),
         distance_correlation=np.array(
             [distance_correlation(a.distances, b.distances) for a, b in pairs]
@@ -267,8 +276,8 @@ class ClusteringHistory:
                 assert h.distances is not None
                 h.distance_correlation.append(distance_correlation(h.distances, res.distances))
             h.epochs.append(res.epoch)
-            h.labels.append(np.asarray(res.labels).copy())
-            h.distances = np.asarray(res.distances, np.float32)
+            h.labels.append(_numpy(res.labels).copy())
+            h.distances = _numpy(res.distances, np.float32)
             if len(h.epochs) >= 2:
                 out[view] = ClusteringEvolution(
                     view=view,
@@ -414,13 +423,14 @@ def _layer_change(layer: str, a: LayerStats, b: LayerStats) -> LayerChange:
 def _category_change(
     view: str, a: CategoryClusteringResult, b: CategoryClusteringResult
 ) -> CategoryChange:
-    overlap = _mates_overlap(np.asarray(a.labels), np.asarray(b.labels))
+    labels_a, labels_b = _numpy(a.labels), _numpy(b.labels)
+    overlap = _mates_overlap(labels_a, labels_b)
     return CategoryChange(
         view=view,
         class_names=list(b.class_names),
-        labels_a=np.asarray(a.labels),
-        labels_b=np.asarray(b.labels),
-        adjusted_rand=_adjusted_rand(np.asarray(a.labels), np.asarray(b.labels)),
+        labels_a=labels_a,
+        labels_b=labels_b,
+        adjusted_rand=_adjusted_rand(labels_a, labels_b),
         distance_correlation=distance_correlation(a.distances, b.distances),
         mates_overlap=overlap,
         moved=np.flatnonzero(np.nan_to_num(overlap, nan=1.0) < 1.0),

@@ -11,8 +11,9 @@ A live callback holds only its latest epoch in ``results``; the run's folder hol
     [1, 3, 5, 7, 9]
     >>> run.results("ActivationTracker")["backbone.features.relu3"].class_means  # doctest: +SKIP
 
-What the files do not hold is not restored: ``NeuronClusteringResult.extra`` is empty, and the
-category distances come back from the file's float32 (7 significant digits) as float64.
+What the files do not hold is not restored: ``NeuronClusteringResult.features`` comes back as
+an empty ``[K, 0]`` tensor, and the category distances come back from the file's float32 (7
+significant digits) as float64.
 """
 
 from __future__ import annotations
@@ -210,8 +211,8 @@ def _tensor(value: np.ndarray) -> torch.Tensor:
 
 def _typed(cls: type, arrays: Mapping[str, np.ndarray], **given: Any) -> Any:
     """An instance of the results dataclass ``cls`` from a file's arrays: each field from the
-    array of its name (as a tensor or an array, as its annotation says; a missing optional field
-    ``None``), unless ``given``."""
+    array of its name (a tensor, a number or a list, as its annotation says; a missing optional
+    field its default), unless ``given``."""
     values: dict[str, Any] = {}
     for f in fields(cls):
         if f.name in given:
@@ -223,8 +224,6 @@ def _typed(cls: type, arrays: Mapping[str, np.ndarray], **given: Any) -> Any:
         value = arrays[f.name]
         if "torch.Tensor" in kind:
             values[f.name] = _tensor(value)
-        elif "np.ndarray" in kind:
-            values[f.name] = np.array(value)
         elif kind.startswith("int"):
             values[f.name] = int(value)
         elif kind.startswith("float"):
@@ -257,16 +256,16 @@ def _category(files: list[RunFile]) -> dict[str, CategoryClusteringResult]:
             continue  # the assignments' JSON
         arrays = f.arrays()
         view = f.meta.get("view", f.name)
-        confusion = arrays.get("confusion")
+        confusion, linkage = arrays.get("confusion"), arrays.get("linkage")
         out[view] = _typed(
             CategoryClusteringResult,
             arrays,
             view=view,
             layers=list(f.meta.get("layers", [view])),
             epoch=int(f.meta.get("epoch", f.epoch)),
-            distances=arrays["distances"].astype(np.float64),
-            confusion=None if confusion is None else confusion.astype(np.float64),
-            linkage=arrays.get("linkage"),
+            distances=_tensor(arrays["distances"]).double(),
+            confusion=None if confusion is None else _tensor(confusion).double(),
+            linkage=None if linkage is None else _tensor(linkage),
             class_names=[str(n) for n in arrays.get("class_names", _assigned(files, view))],
         )
     return out
@@ -285,12 +284,15 @@ def _neurons(files: list[RunFile]) -> dict[str, NeuronClusteringResult]:
     out = {}
     for f in files:
         layer = f.meta.get("layer", f.name)
+        arrays = f.arrays()
         out[layer] = _typed(
             NeuronClusteringResult,
-            f.arrays(),
+            arrays,
             layer=layer,
             epoch=int(f.meta.get("epoch", f.epoch)),
             source=f.meta.get("source", "class_means"),
+            # not in the file; float32 like the tracker's class means it is computed from
+            features=torch.empty(arrays["labels"].shape[0], 0, dtype=torch.float32),
         )
     return out
 

@@ -48,19 +48,20 @@ def stats(epoch: int, means: list[list[float]], layer: str = "conv") -> LayerSta
 
 
 def clustering(epoch: int, labels: list[int], distances: np.ndarray) -> CategoryClusteringResult:
+    """A category clustering with the tensors CategoryClustering holds."""
     n = len(labels)
     return CategoryClusteringResult(
         view="conv",
         layers=["conv"],
         epoch=epoch,
         class_names=[f"c{i}" for i in range(n)],
-        classes=np.arange(n),
-        labels=np.array(labels),
+        classes=torch.arange(n),
+        labels=torch.tensor(labels, dtype=torch.int64),
         n_clusters=len(set(labels)),
         silhouette=0.5,
-        distances=distances,
+        distances=torch.as_tensor(distances, dtype=torch.float64),
         linkage=None,
-        leaf_order=list(range(n)),
+        leaf_order=torch.arange(n),
     )
 
 

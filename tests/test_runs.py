@@ -81,13 +81,16 @@ def assert_same(live, loaded, where: str = "") -> None:
     if dataclasses.is_dataclass(live):
         assert type(loaded) is type(live), where
         for f in dataclasses.fields(live):
-            if f.name == "extra":  # documented: not saved (NeuronClusteringResult.extra)
-                continue
             a, b = getattr(live, f.name), getattr(loaded, f.name)
-            if f.name == "distances" and isinstance(a, np.ndarray):
+            if f.name == "features":  # documented: not saved (NeuronClusteringResult.features)
+                assert b.dtype == a.dtype and b.shape == (a.shape[0], 0), where
+                continue
+            if f.name == "distances":
                 # CategoryClusteringResult writes its distances in float32 (documented)
-                assert b.dtype == a.dtype
-                np.testing.assert_array_equal(a.astype(np.float32), b.astype(np.float32))
+                assert b.dtype == a.dtype and b.shape == a.shape, where
+                torch.testing.assert_close(
+                    b.float(), a.float(), rtol=0, atol=0, equal_nan=True, msg=where
+                )
                 continue
             assert_same(a, b, f"{where}.{f.name}")
     elif isinstance(live, torch.Tensor):
