@@ -233,7 +233,7 @@ class FeatureVisualizer(StagedCallback):
         "max_clusters": _POSITIVE,
         "prior": [DataPrior, None],
         "prior_images": _POSITIVE,
-        "judge": [nn.Module, None],
+        "judge": [Satisfies(lambda v: isinstance(v, nn.Module), "an nn.Module"), None],
         "smoothgrad_samples": _POSITIVE,
     }
 
