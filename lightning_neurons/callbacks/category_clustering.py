@@ -25,6 +25,7 @@ from lightning_neurons.callbacks._clustering import (
     _markdown_table,
     _stability,
 )
+from lightning_neurons.callbacks._evolution_log import log_clustering_evolution
 from lightning_neurons.checks import Constraints, Interval, Options, Satisfies, validate_params
 from lightning_neurons.clustering import (
     CategoryClusterer,
@@ -447,7 +448,7 @@ class CategoryClustering(_ClusteringCallback):
             assignments[view] = dict(zip(res.class_names, res.labels.tolist(), strict=True))
         out.save_json("assignments", assignments)
         out.scalars({k: v for k, v in scalars.items() if np.isfinite(v)})
-        self._evolution.log(out, results)
+        log_clustering_evolution(self._evolution, out, results)
 
     def _meta(self) -> dict[str, Any]:
         return {
