@@ -305,9 +305,9 @@ def _build_cli(cls: type, args: list[str]) -> Any:
     )
 
 
-def main(args: Sequence[str]) -> list[CheckpointInfo]:
-    """``lightning-neurons analyze ...`` (``args`` without the word ``analyze``)."""
-    from lightning_neurons.cli import NeuronsCLI
+def main(args: Sequence[str], cli_class: type) -> list[CheckpointInfo]:
+    """``lightning-neurons analyze ...`` (``args`` without the word ``analyze``), the config read
+    by ``cli_class`` (the command's LightningCLI, :class:`~lightning_neurons.cli.NeuronsCLI`)."""
     from lightning_neurons.loggers import artifact_root, find_tensorboard
 
     parser = argparse.ArgumentParser(prog="lightning-neurons analyze", usage=USAGE, add_help=True)
@@ -320,7 +320,7 @@ def main(args: Sequence[str]) -> list[CheckpointInfo]:
     with warnings.catch_warnings():
         # the arguments are the command line's, less `analyze` and its own options
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = _build_cli(NeuronsCLI, rest)
+        cli = _build_cli(cli_class, rest)
     trainer = cli.trainer
     infos = analyze_checkpoints(
         trainer,

@@ -177,7 +177,7 @@ def main(args: list[str] | None = None) -> None:
     if argv[:1] == ["analyze"]:
         from lightning_neurons.analyze import main as analyze
 
-        analyze(argv[1:])
+        analyze(argv[1:], NeuronsCLI)
         return
     from jsonargparse import DefaultHelpFormatter
 

@@ -29,7 +29,6 @@ from lightning_neurons.results import CategoryClusteringResult
 from lightning_neurons.stats import LayerStats
 
 if TYPE_CHECKING:
-    from lightning_neurons.loggers import AnalysisLogger
     from lightning_neurons.runs import Run
 
 __all__ = [
@@ -222,25 +221,6 @@ class NeuronHistory:
                 )
         return out
 
-    def log(
-        self,
-        out: AnalysisLogger,
-        results: Mapping[str, LayerStats],
-        class_names: Sequence[str] | None = None,
-    ) -> None:
-        """:meth:`update`, then log ``<layer>/evolution`` (figure) and
-        ``<layer>/preference_changed`` (scalar: share of the neurons whose preferred class
-        changed since the previous analysed epoch)."""
-        from lightning_neurons.plots.evolution import neuron_evolution_figure
-
-        scalars = {}
-        for layer, evolution in self.update(results).items():
-            if out.experiment is not None:
-                figure = neuron_evolution_figure(evolution, class_names)
-                out.figure(out.tag(layer, "evolution"), figure)
-            scalars[out.tag(layer, "preference_changed")] = float(evolution.changed_fraction[-1])
-        out.scalars(scalars)
-
 
 @dataclass
 class _ViewHistory:
@@ -288,21 +268,6 @@ class ClusteringHistory:
                     class_names=list(res.class_names),
                 )
         return out
-
-    def log(self, out: AnalysisLogger, results: Mapping[str, CategoryClusteringResult]) -> None:
-        """:meth:`update`, then log ``<view>/evolution`` (figure) and
-        ``<view>/distance_correlation`` (scalar; the adjusted Rand index with the previous epoch
-        is CategoryClustering's ``stability``)."""
-        from lightning_neurons.plots.evolution import clustering_evolution_figure
-
-        scalars = {}
-        for view, evolution in self.update(results).items():
-            if out.experiment is not None:
-                out.figure(out.tag(view, "evolution"), clustering_evolution_figure(evolution))
-            value = float(evolution.distance_correlation[-1])
-            if np.isfinite(value):
-                scalars[out.tag(view, "distance_correlation")] = value
-        out.scalars(scalars)
 
 
 # ---- two runs, epochs or checkpoints -----------------------------------------------------------

@@ -310,7 +310,7 @@ class NeuronClusteringResult:
         preferred_class: ``[K]`` each neuron's class with the largest mean.
         selectivity: ``[K]`` class selectivity index.
         features: ``[K, C']`` the normalised class profile of each neuron (what the embedding
-            projector shows; not written to the ``.npz`` files).
+            projector shows).
         stability: Adjusted Rand index with the previous analysis's labels (NaN the first time).
         source: ``"class_means"`` or ``"reservoir"``.
     """
@@ -332,7 +332,7 @@ class NeuronClusteringResult:
 
     def as_arrays(self) -> dict[str, torch.Tensor]:
         """The arrays by name (for ``.npz`` files); numbers as 0-d tensors."""
-        skip = {"layer", "source", "features"}
+        skip = {"layer", "source"}
         return {f.name: _scalar(getattr(self, f.name)) for f in fields(self) if f.name not in skip}
 
 

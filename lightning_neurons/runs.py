@@ -11,9 +11,7 @@ A live callback holds only its latest epoch in ``results``; the run's folder hol
     [1, 3, 5, 7, 9]
     >>> run.results("ActivationTracker")["backbone.features.relu3"].class_means  # doctest: +SKIP
 
-What the files do not hold is not restored: ``NeuronClusteringResult.features`` comes back as
-an empty ``[K, 0]`` tensor, and the category distances come back from the file's float32 (7
-significant digits) as float64.
+The category distances come back from the file's float32 (7 significant digits) as float64.
 """
 
 from __future__ import annotations
@@ -291,8 +289,6 @@ def _neurons(files: list[RunFile]) -> dict[str, NeuronClusteringResult]:
             layer=layer,
             epoch=int(f.meta.get("epoch", f.epoch)),
             source=f.meta.get("source", "class_means"),
-            # not in the file; float32 like the tracker's class means it is computed from
-            features=torch.empty(arrays["labels"].shape[0], 0, dtype=torch.float32),
         )
     return out
 

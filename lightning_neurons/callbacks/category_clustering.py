@@ -26,6 +26,7 @@ from lightning_neurons.callbacks._clustering import (
     _stability,
     clusterer_options,
 )
+from lightning_neurons.callbacks._evolution_log import log_clustering_evolution
 from lightning_neurons.checks import Constraints, Interval, Options, Satisfies
 from lightning_neurons.clustering import (
     CategoryClusterer,
@@ -435,7 +436,7 @@ class CategoryClustering(_ClusteringCallback):
             assignments[view] = dict(zip(res.class_names, res.labels.tolist(), strict=True))
         out.save_json("assignments", assignments)
         out.scalars({k: v for k, v in scalars.items() if np.isfinite(v)})
-        self._evolution.log(out, results)
+        log_clustering_evolution(self._evolution, out, results)
 
     def _meta(self) -> dict[str, Any]:
         return {

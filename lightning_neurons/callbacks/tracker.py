@@ -28,6 +28,7 @@ from lightning_neurons.callbacks._base import (
     class_names_of,
     find_callback,
 )
+from lightning_neurons.callbacks._evolution_log import log_neuron_evolution
 from lightning_neurons.checks import Constraints, Interval, Options
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.evolution import NeuronHistory
@@ -525,7 +526,7 @@ class ActivationTracker(StagedCallback):
             )
         out.scalars(scalars)
         names = class_names_of(trainer, int(self.num_classes or 0))
-        self._evolution.log(out, self.results, names)
+        log_neuron_evolution(self._evolution, out, self.results, names)
 
 
 def _file_arrays(res: LayerStats) -> dict[str, torch.Tensor]:
