@@ -271,16 +271,16 @@ class NeuronClustering(_ClusteringCallback):
             progress.advance("layer", len(results))
             all_names = class_names_of(trainer, self._num_classes(res))
             names = [all_names[i] for i in res.classes.tolist()]
-            if out.experiment is not None:
-                fig = cluster_profiles_figure(
-                    res.cluster_profiles.numpy(),
-                    res.cluster_sizes.numpy(),
-                    names,
-                    noise=int((res.labels < 0).sum()),
-                    title=f"{name}: neuron clusters, epoch {res.epoch}",
-                )
-                out.figure(out.tag(name, "cluster_profiles"), fig)
-                out.text(out.tag(name, "clusters"), self._table(res, names))
+            out.figure(
+                out.tag(name, "cluster_profiles"),
+                cluster_profiles_figure,
+                res.cluster_profiles.numpy(),
+                res.cluster_sizes.numpy(),
+                names,
+                noise=int((res.labels < 0).sum()),
+                title=f"{name}: neuron clusters, epoch {res.epoch}",
+            )
+            out.text(out.tag(name, "clusters"), self._table(res, names))
             scalars[out.tag(name, "n_clusters")] = float(res.n_clusters)
             scalars[out.tag(name, "noise_fraction")] = res.noise_fraction
             if np.isfinite(res.silhouette):

@@ -506,7 +506,7 @@ class ActivationTracker(StagedCallback):
         scalars: dict[str, float] = {}
         for name, res in self.results.items():
             progress.advance("layer", len(self.results))
-            out.figure(out.tag(name, "class_profile"), class_profile_heatmap(res))
+            out.figure(out.tag(name, "class_profile"), class_profile_heatmap, res)
             out.histogram(out.tag(name, "selectivity"), res.selectivity)
             overall = (res.class_means * res.counts.unsqueeze(1)).nansum(dim=0) / res.counts.sum()
             out.histogram(out.tag(name, "mean_activation"), overall)
