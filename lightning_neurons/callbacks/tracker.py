@@ -573,3 +573,22 @@ def tracker_spec(trainer: Trainer, *, required: str | Literal[False] = False) ->
     if tracker is None:
         return None
     return tracker.describe(trainer.lightning_module)
+
+
+def tracker_results(
+    trainer: Trainer, *, required: str | Literal[False] = False
+) -> dict[str, LayerStats]:
+    """The statistics the trainer's ActivationTracker published (``{layer: LayerStats}``, each
+    with the ``epoch`` it is from): with :func:`tracker_spec`, all that peers read of the
+    tracker. Empty before its first analysis.
+
+    Args:
+        trainer: The trainer.
+        required: As in :func:`tracker_spec`: the name of the callback that needs a tracker (a
+            missing one raises), or ``False`` (a missing one gives ``{}``).
+
+    Raises:
+        NeuronsError: If no tracker is attached and ``required`` names who needs one.
+    """
+    tracker = find_callback(trainer, ActivationTracker, required=required)
+    return dict(tracker.results) if tracker is not None else {}
