@@ -105,8 +105,8 @@ class FeatureVisualizer(StagedCallback):
     - logs labelled image grids to TensorBoard under stable tags (``preference/<layer>``,
       ``preference/classes``, ``focus/<method>``), so TensorBoard's step slider shows the images
       evolving over the epochs, and writes the images to files
-      (``<log_dir>/neurons/preference/epoch=EEE/<layer>.npz``, ``classes.npz``, and
-      ``focus/epoch=EEE/saliency.npz``);
+      (``<log_dir>/neurons/<stage>/preference/epoch=EEE/<layer>.npz``, ``classes.npz``, and
+      ``<log_dir>/neurons/<stage>/focus/epoch=EEE/saliency.npz``);
     - measures how strong each rendered channel image is: the activation it reaches divided by
       the largest activation of that channel on the real validation data, as recorded by an
       attached :class:`ActivationTracker` (same layer, same ``reduction``). Without a tracker,

@@ -78,8 +78,9 @@ class NeuronClusterer(ClusterMixin, BaseEstimator):
     Args:
         n_clusters: Number of clusters for k-means / agglomerative; ``None`` to choose.
         method: ``"hdbscan"`` (default), ``"kmeans"`` or ``"agglomerative"`` (Ward).
-        min_cluster_size: Smallest HDBSCAN cluster; default ``max(3, int(sqrt(num_neurons) / 2))``
-            (3 for up to 63 neurons, 5 for 128, 11 for 512, 70 for 20,000).
+        min_cluster_size: Smallest HDBSCAN cluster; default ``max(3, int(sqrt(n) / 2))`` for the
+            ``n`` neurons whose response varies (3 for up to 63 of them, 5 for 128, 11 for 512,
+            70 for 20,000; :func:`default_min_cluster_size`).
         min_samples: HDBSCAN's density smoothing (larger: more neurons left as noise); default
             ``min(min_cluster_size, 10)``.
         normalize: ``"zscore"``, ``"l2"``, ``"max"`` or ``"none"`` (see :func:`normalize_neurons`).
@@ -285,7 +286,9 @@ class NeuronClusterer(ClusterMixin, BaseEstimator):
 
 
 def default_min_cluster_size(num_neurons: int) -> int:
-    """HDBSCAN's smallest neuron cluster when none is given: ``max(3, int(sqrt(n) / 2))``.
+    """HDBSCAN's smallest neuron cluster when none is given: ``max(3, int(sqrt(n) / 2))`` for
+    ``n = num_neurons``, the neurons clustered (:class:`NeuronClusterer` counts those whose
+    response varies).
 
     Grows slower than the layer, so that a wide layer can still show many small groups.
     """
