@@ -244,16 +244,11 @@ def ablation_sums(
     sets_per_pass: int = 8,
     share_prefix: bool | Literal["auto"] = "auto",
 ) -> dict[str, torch.Tensor] | None:
-    """The sums behind :func:`ablation_effects`: float64 ``counts`` ``[C]`` (images per class),
-    ``correct`` and ``logit_sum`` ``[1 + S, C]`` (correct predictions and true-class logits summed
-    per class; row 0 without ablation, row ``1 + i`` with set ``i`` zeroed). Sums of several
-    processes' data add up (DDP); :func:`ablation_results` turns them into per-class results.
-    ``None`` when ``batches`` is empty.
-
-    Args:
-        model, layer, neuron_sets, sets_per_pass, share_prefix: As in :func:`ablation_effects`.
-        batches: The batches to measure on (all of them are used).
-        reader: Reads the inputs and labels of a batch and the logits of the model's output.
+    """The sums behind :func:`ablation_effects` (same other arguments) over all of ``batches``,
+    read by ``reader``: float64 ``counts`` ``[C]`` (images per class), ``correct`` and
+    ``logit_sum`` ``[1 + S, C]`` (correct predictions and true-class logits per class; row 0
+    without ablation, row ``1 + i`` with set ``i`` zeroed). Sums of several processes' data add
+    up (DDP); :func:`ablation_results` turns them into results. ``None`` for no batch.
 
     Raises:
         NeuronsError: As :func:`ablation_effects`.
