@@ -91,7 +91,7 @@ class CategoryClustering(_ClusteringCallback):
     class-distance matrix next to the confusion matrix, the assignments as a Markdown table,
     and scalars ``silhouette``, ``n_clusters``, ``distance_confusion_spearman`` and ``stability``
     (adjusted Rand index with the previous analysis). Arrays go to
-    ``<log_dir>/neurons/category_clustering/epoch=EEE/<view>.npz``.
+    ``<log_dir>/neurons/<stage>/category_clustering/epoch=EEE/<view>.npz``.
 
     Every view is clustered and logged; :attr:`result` is the *headline* view chosen by ``view``:
     by default the deepest analysed layer, the network's own representation of the categories.
