@@ -96,8 +96,9 @@ class CategoryClusterer(ClusterMixin, BaseEstimator):
     The distance between two categories compares their rows of the class profile: by default
     ``1 - Pearson correlation`` (which ignores the overall activation level of a class), with
     average linkage. With ``n_clusters=None`` the number of clusters is the candidate count (see
-    :func:`candidate_cluster_counts`) with the largest mean silhouette on those distances; HDBSCAN
-    chooses its own number.
+    :func:`candidate_cluster_counts`) with the largest mean silhouette on those distances (the
+    agglomerative cuts are scored together from per-cluster sums of distances); HDBSCAN chooses
+    its own number. Profiles of more than :data:`FLOAT32_ABOVE` entries are computed in float32.
 
     Args:
         n_clusters: Number of clusters, or ``None`` to choose it by silhouette. Not used by
