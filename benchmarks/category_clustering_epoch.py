@@ -125,10 +125,7 @@ STEPS = [
     ("lightning_neurons.clustering.category", "CategoryClusterer", "fit", "fit"),
     ("lightning_neurons.callbacks.category_clustering", "", "_confusion_ranks", "agreement"),
     ("lightning_neurons.callbacks.category_clustering", "", "_agreement", "agreement"),
-    # Figures drawn on the training thread (those drawn by figure workers are not timed apart).
-    ("lightning_neurons.plots.clustering", "", "dendrogram_figure", "dendrogram"),
-    ("lightning_neurons.plots.clustering", "", "distance_confusion_figure", "dist/conf"),
-    ("lightning_neurons.callbacks._evolution_log", "", "clustering_evolution_figure", "evolution"),
+    # Not the plot functions: wrapped, they could not be pickled for the figure workers.
 ]
 
 
