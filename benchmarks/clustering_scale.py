@@ -38,11 +38,14 @@ GROUPS = 40
 
 
 def synthetic_profile(
-    categories: int, neurons: int, seed: int = 0
+    categories: int, neurons: int, seed: int = 0, groups: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``[categories, neurons]`` float32 class profile and each category's planted group."""
+    """``[categories, neurons]`` float32 class profile and each category's planted group
+    (``groups`` when given: several layers' profiles of the same categories)."""
     rng = np.random.default_rng(seed)
     category_group = rng.integers(0, GROUPS, size=categories)
+    if groups is not None:
+        category_group = groups
     neuron_group = rng.integers(0, GROUPS, size=neurons)
     gain = rng.gamma(2.0, 0.5, size=neurons).astype(np.float32)
     profile = rng.gamma(1.0, 0.3, size=(categories, neurons)).astype(np.float32)

@@ -54,7 +54,7 @@ def fitted(tmp_path_factory):
             enable_logging=False,
             on_error="raise",
         ),
-        CategoryClustering(enable_logging=False, on_error="raise"),
+        CategoryClustering(views="all", enable_logging=False, on_error="raise"),
         NeuronClustering(method="kmeans", n_clusters=2, enable_logging=False, on_error="raise"),
         NeuronContribution(max_batches=2, max_probes=2, enable_logging=False, on_error="raise"),
     ]

@@ -181,6 +181,96 @@ def test_candidate_cluster_counts():
     assert max(candidate_cluster_counts(1000, max_clusters=50)) == 50
 
 
+def _random_labelings(rng: np.random.Generator, n: int) -> list[np.ndarray]:
+    """Labels with singletons, with few and many clusters, and with noise (-1)."""
+    out = [rng.integers(0, k, size=n) for k in (2, 3, 7, n // 2)]
+    singletons = rng.integers(0, 3, size=n)
+    singletons[:4] = [10, 11, 12, 13]
+    noisy = rng.integers(0, 4, size=n)
+    noisy[rng.random(n) < 0.2] = -1
+    return [*out, singletons, noisy, np.arange(n) % 2]
+
+
+def test_silhouette_scores_are_scikit_learns():
+    """One silhouette per labelling, nested or not, equal to scikit-learn's within rounding
+    (1e-12: sums of 60 distances of order 1 in float64)."""
+    from scipy.cluster.hierarchy import linkage
+    from scipy.spatial.distance import pdist, squareform
+    from sklearn.metrics import silhouette_score
+
+    from lightning_neurons.clustering._common import silhouette_scores, tree_cuts
+
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(60, 5)) + np.repeat(rng.normal(size=(4, 5)) * 3, 15, axis=0)
+    d = squareform(pdist(points))
+    counts = [59, 30, 12, 5, 4, 3, 2]  # nested cuts, finest first
+    cuts = tree_cuts(linkage(pdist(points), "average"), counts)
+    labelings = [cuts[k] for k in counts] + _random_labelings(rng, 60)
+    for labels, value in zip(labelings, silhouette_scores(d, labelings), strict=True):
+        keep = labels >= 0
+        expected = silhouette_score(d[np.ix_(keep, keep)], labels[keep], metric="precomputed")
+        assert value == pytest.approx(expected, abs=1e-12)
+    # undefined: one cluster, or as many clusters as points
+    assert np.isnan(silhouette_scores(d, [np.zeros(60, int), np.arange(60)])).all()
+
+
+@pytest.mark.parametrize("method", ["average", "single", "complete", "ward"])
+def test_tree_cuts_are_scipys_cut_tree(method):
+    from scipy.cluster.hierarchy import cut_tree, linkage
+
+    from lightning_neurons.clustering._common import relabel, tree_cuts
+
+    rng = np.random.default_rng(1)
+    points = np.round(rng.normal(size=(80, 3)), 1)  # rounded: tied merge heights
+    points[10:14] = points[9]  # duplicates: zero heights
+    tree = linkage(points, method)
+    counts = [1, 2, 3, 9, 40, 79, 80]
+    cuts = tree_cuts(tree, counts)
+    for k in counts:  # one count at a time: cut_tree mixes up its columns when given k = n
+        expected = cut_tree(tree, n_clusters=[k])[:, 0].astype(np.int64)
+        assert np.array_equal(relabel(cuts[k]), relabel(expected)), k
+        assert np.unique(cuts[k]).size == k
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_count_choice_is_the_previous_one(seed):
+    """The count and labels chosen are those of scoring every cut with scikit-learn's
+    ``silhouette_score`` and taking the first best (as before the scores came from sums)."""
+    from scipy.cluster.hierarchy import cut_tree
+    from sklearn.metrics import silhouette_score
+
+    from lightning_neurons.clustering._common import relabel
+
+    profile, _ = planted_categories(seed, groups=3 + seed, per_group=2 + seed % 3, neurons=40)
+    profile = profile + np.random.default_rng(seed).normal(scale=0.8, size=profile.shape)
+    model = CategoryClusterer().fit(profile)
+    counts = candidate_cluster_counts(profile.shape[0])
+    cuts = cut_tree(model.linkage_, n_clusters=counts)
+    scores = [
+        silhouette_score(model.distances_, cuts[:, i], metric="precomputed")
+        for i in range(len(counts))
+    ]
+    best = int(np.argmax(scores))  # the first of equal maxima
+    assert model.n_clusters_ == counts[best]
+    assert np.array_equal(model.labels_, relabel(cuts[:, best].astype(np.int64)))
+    assert [model.scores_[k] for k in counts] == pytest.approx(scores, abs=1e-12)
+    assert model.silhouette_ == pytest.approx(scores[best], abs=1e-12)
+
+
+def test_large_profiles_are_multiplied_in_float32_to_float32_precision():
+    """Above 4M entries the profile is float32: the distances agree with float64 ones to 1e-5
+    (float32 keeps 7 digits; the products sum 14,000 terms) and the planted groups are found."""
+    from lightning_neurons.clustering import category
+
+    profile, truth = planted_categories(groups=6, per_group=50, neurons=14_000)
+    assert profile.size > category.FLOAT32_ABOVE
+    model = CategoryClusterer(n_clusters=6).fit(profile)
+    exact, _ = category_distances(category.standardize_columns(profile), "correlation")
+    assert np.abs(model.distances_ - exact).max() < 1e-5
+    assert model.distances_.dtype == np.float64
+    assert same_partition(model.labels_, truth)
+
+
 # ---- neuron clustering ----------------------------------------------------------------------
 
 

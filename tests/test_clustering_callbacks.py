@@ -56,7 +56,7 @@ def parts_run(tmp_path_factory):
     )
     data = PartsDataModule(batch_size=32, n_per_class=100, seed=0)
     # Analysed after epochs 4 and 8 (twice, so that stability across analyses is measured).
-    category = CategoryClustering(every_n_epochs=4, on_error="raise")
+    category = CategoryClustering(every_n_epochs=4, views="all", on_error="raise")
     neurons = NeuronClustering(every_n_epochs=4, on_error="raise")
     trainer = fast_trainer(
         tmp,

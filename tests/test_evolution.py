@@ -183,7 +183,10 @@ def two_epochs(tmp_path_factory):
 
     pl.seed_everything(0, verbose=False)
     model = ImageClassifier(TinyNet(), num_classes=3, lr=1e-2)
-    callbacks = [ActivationTracker(on_error="raise"), CategoryClustering(on_error="raise")]
+    callbacks = [
+        ActivationTracker(on_error="raise"),
+        CategoryClustering(views="all", on_error="raise"),  # relu2 too, not only the deepest
+    ]
     trainer = fast_trainer(tmp_path, max_epochs=2, callbacks=callbacks)
     trainer.fit(model, datamodule=TinyData())
     return trainer.logger.log_dir, trainer.global_step

@@ -143,7 +143,7 @@ def test_tqdm_bar_shows_what_each_analysis_does_while_it_runs(tmp_path, screen, 
     # each status is on the screen while the work it names runs
     assert shown(tracker, "ActivationTracker: figures and files, layer")
     assert shown(smoothgrad, "FeatureVisualizer: saliency (3 images)")
-    assert shown(categories, "CategoryClustering: clustering view backbone.relu1")
+    assert shown(categories, "CategoryClustering: clustering view backbone.relu()")  # the deepest
     assert shown(neurons, "NeuronClustering: clustering the neurons of backbone.relu1")
     assert shown(ablation, "NeuronContribution: ablation of backbone.relu")
     # the render loop's and the contribution's counters, drawn as Lightning draws its bars

@@ -8,7 +8,7 @@ and keeps the latest results in ``callback.results``.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -46,6 +46,26 @@ from lightning_neurons.stats import LayerStats
 #: Name of the category-clustering view that puts all chosen layers side by side.
 COMBINED = "combined"
 _VIEWS = "'deepest', 'combined' or a layer name"
+#: How many of the deepest layers are views by default (with the combined view): the work of an
+#: epoch does not grow with the number of tracked layers.
+DEEPEST_VIEWS = 1
+_VIEW_CHOICE = (
+    "an integer >= 1 (the deepest layers), 'all', or a list of layer names and 'combined'"
+)
+
+
+def _is_view_choice(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value >= 1
+    if isinstance(value, str):
+        return value == "all"
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) > 0
+        and all(isinstance(v, str) and v for v in value)
+    )
 
 
 def distance_confusion_agreement(distances: np.ndarray, confusion: np.ndarray) -> float:
@@ -63,15 +83,28 @@ def distance_confusion_agreement(distances: np.ndarray, confusion: np.ndarray) -
     Returns:
         The correlation, NaN when undefined (no confusions at all, or constant distances).
     """
-    from scipy.stats import spearmanr
+    return _agreement(distances, _confusion_ranks(confusion))
+
+
+def _confusion_ranks(confusion: np.ndarray) -> np.ndarray | None:
+    """The ranks of the symmetrised confusion rates over the pairs of distinct classes (the
+    same for every view of an epoch); ``None`` when they are constant."""
+    from scipy.stats import rankdata
 
     rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
     similarity = (rates + rates.T) / 2.0
-    upper = np.triu_indices(distances.shape[0], k=1)
-    x, y = -distances[upper], similarity[upper]
-    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    y = similarity[np.triu_indices(confusion.shape[0], k=1)]
+    return rankdata(y) if y.size >= 2 and np.ptp(y) > 0 else None
+
+
+def _agreement(distances: np.ndarray, confusion_ranks: np.ndarray | None) -> float:
+    """Spearman's correlation: Pearson's of the ranks (ties share their mean rank)."""
+    from scipy.stats import rankdata
+
+    x = -distances[np.triu_indices(distances.shape[0], k=1)]
+    if confusion_ranks is None or x.size < 2 or np.ptp(x) == 0:
         return float("nan")
-    return float(spearmanr(x, y).statistic)
+    return float(np.corrcoef(rankdata(x), confusion_ranks)[0, 1])
 
 
 # ---- category clustering ----------------------------------------------------------------------
@@ -82,10 +115,10 @@ class CategoryClustering(_ClusteringCallback):
 
     At the end of each analysed epoch it takes the ActivationTracker's class profiles of
     ``layers`` and clusters the classes with :class:`~lightning_neurons.clustering.CategoryClusterer`,
-    for each layer and (``combine_layers``) for all of them side by side, each layer's neurons
-    z-scored then. It also counts the model's predictions against the labels on the same batches
-    (a forward hook on the classifier layer: one ``[C, C]`` confusion matrix, nothing per image)
-    to compare the class distances with the classes the model actually confuses.
+    for the layers ``views`` chooses and (``combine_layers``) for all of them side by side, each
+    layer's neurons z-scored then. It also counts the model's predictions against the labels on
+    the same batches (a forward hook on the classifier layer: one ``[C, C]`` confusion matrix,
+    nothing per image) to compare the class distances with the classes the model confuses.
 
     Logged per view under ``category_clustering/<view>/``: the dendrogram with class names, the
     class-distance matrix next to the confusion matrix, the assignments as a Markdown table,
@@ -93,8 +126,11 @@ class CategoryClustering(_ClusteringCallback):
     (adjusted Rand index with the previous analysis). Arrays go to
     ``<log_dir>/neurons/<stage>/category_clustering/epoch=EEE/<view>.npz``.
 
-    Every view is clustered and logged; :attr:`result` is the *headline* view chosen by ``view``:
-    by default the deepest analysed layer, the network's own representation of the categories.
+    The views clustered and logged are chosen by ``views``: by default the deepest layer and the
+    combined view, so that the work of an epoch does not grow with the number of tracked layers
+    (``views="all"``: every layer). :attr:`result` is the *headline* view chosen by ``view``
+    (always among the views): by default the deepest analysed layer, the network's own
+    representation of the categories.
 
     The defaults (``normalize="zscore"``, ``view="deepest"``, with the tracker's
     ``reduction="mean"``) are the choices that recovered known class groups on the parts data
@@ -109,6 +145,10 @@ class CategoryClustering(_ClusteringCallback):
         n_clusters: Fixed number of clusters, or ``None`` to choose it by silhouette.
         combine_layers: Also cluster on all ``layers`` together (when there are several), each
             neuron z-scored so that every neuron counts equally.
+        views: The views clustered and logged: an integer ``n``, the ``n`` deepest layers (and the
+            combined view, with ``combine_layers``); ``"all"``, every layer (and the combined
+            view); or a list of layer names and ``"combined"``. The headline view ``view`` is
+            always added.
         view: The headline view (:attr:`result`, :attr:`main_view`): ``"deepest"`` (the last
             analysed layer in the forward pass), ``"combined"``, or a layer name.
         classifier_layer: Module whose output are the logits, for the confusion matrix; default:
@@ -120,7 +160,8 @@ class CategoryClustering(_ClusteringCallback):
 
     Raises:
         NeuronsError: For bad arguments; at setup, if no ActivationTracker is attached, a layer
-            is not tracked, or ``classifier_layer`` does not exist.
+            is not tracked, ``views`` or ``view`` names a layer that is not among ``layers``, or
+            ``classifier_layer`` does not exist.
 
     Example:
         >>> trainer = Trainer(callbacks=[ActivationTracker(), CategoryClustering()])  # doctest: +SKIP
@@ -138,6 +179,7 @@ class CategoryClustering(_ClusteringCallback):
         "normalize": [Options.of(CategoryNormalize)],
         "n_clusters": [Interval(int, 1, None), None],
         "combine_layers": [bool],
+        "views": [Satisfies(_is_view_choice, _VIEW_CHOICE)],
         "view": [Satisfies(lambda v: isinstance(v, str) and bool(v), _VIEWS)],
         "classifier_layer": [str, None],
         "confusion": [bool],
@@ -153,6 +195,7 @@ class CategoryClustering(_ClusteringCallback):
         normalize: CategoryNormalize = "zscore",
         n_clusters: int | None = None,
         combine_layers: bool = True,
+        views: int | Literal["all"] | list[str] = DEEPEST_VIEWS,
         view: str = "deepest",
         classifier_layer: str | None = None,
         confusion: bool = True,
@@ -165,6 +208,14 @@ class CategoryClustering(_ClusteringCallback):
         self.method, self.metric, self.linkage = method, metric, linkage
         self.normalize, self.n_clusters = normalize, n_clusters
         self.combine_layers = combine_layers
+        if not isinstance(views, (int, str)):
+            views = list(views)
+            if COMBINED in views and not combine_layers:
+                raise NeuronsError(
+                    "CategoryClustering: `views` names 'combined' but combine_layers=False; "
+                    "pass combine_layers=True, or leave 'combined' out of `views`"
+                )
+        self.views = views
         self.view = view
         #: The name of the headline view of the latest analysis (see ``view``).
         self.main_view: str | None = None
@@ -180,6 +231,7 @@ class CategoryClustering(_ClusteringCallback):
         self._previous: dict[str, torch.Tensor] = {}
         self._warned_shape = False
         self._evolution = ClusteringHistory()  # for the across-epochs figures
+        self._ranked: tuple[bytes, np.ndarray | None] | None = None  # this epoch's confusions
 
     @property
     def state_key(self) -> str:
@@ -206,6 +258,14 @@ class CategoryClustering(_ClusteringCallback):
                 f"CategoryClustering: `view` {self.view!r} is not one of its layers "
                 f"({', '.join(self.layers)}); use 'deepest', 'combined' or one of those"
             )
+        if isinstance(self.views, list):
+            unknown = [v for v in self.views if v != COMBINED and not selects(self.layers, v)]
+            if unknown:
+                raise NeuronsError(
+                    f"CategoryClustering: `views` names {', '.join(map(repr, unknown))}, not "
+                    f"among its layers ({', '.join(self.layers)}); use 'combined' or those "
+                    "layer names (or views=N for the N deepest, views='all' for every layer)"
+                )
         self._classifier = None
         if not self.confusion:
             return
@@ -294,17 +354,41 @@ class CategoryClustering(_ClusteringCallback):
             return
         self._run_safely("category clustering", lambda: self._analyse(trainer, stats, confusion))
 
+    def _chosen_views(self, layers: list[str]) -> list[str]:
+        """The views clustered for these analysed layers (in the forward pass's order), as
+        ``views`` and ``view`` choose them: layer names in that order, then ``"combined"``."""
+        combined = self.combine_layers and len(layers) > 1
+        if self.views == "all":
+            chosen = set(layers) | ({COMBINED} if combined else set())
+        elif isinstance(self.views, int):
+            chosen = set(layers[-self.views :]) | ({COMBINED} if combined else set())
+        else:
+            chosen = {n for n in layers if any(selects([v], n) for v in self.views)}
+            chosen |= {COMBINED} if combined and COMBINED in self.views else set()
+        if self.view == "deepest" and layers:
+            chosen.add(layers[-1])
+        elif self.view == COMBINED:
+            chosen.add(COMBINED if combined else layers[-1])
+        else:
+            chosen |= {n for n in layers if selects([self.view], n)}
+        return [n for n in [*layers, COMBINED] if n in chosen]
+
     def _views(self, stats: dict[str, LayerStats]) -> dict[str, tuple[list[str], np.ndarray]]:
-        views = {name: ([name], s.class_means.numpy()) for name, s in stats.items()}
-        if self.combine_layers and len(views) > 1:
+        layers = list(stats)
+        chosen = self._chosen_views(layers)
+        views = {
+            name: ([name], stats[name].class_means.numpy()) for name in chosen if name != COMBINED
+        }
+        if COMBINED in chosen:
             from lightning_neurons.clustering import standardize_columns
 
-            blocks = [standardize_columns(np.nan_to_num(p)) for _, p in views.values()]
+            profiles = [s.class_means.numpy() for s in stats.values()]
+            blocks = [standardize_columns(np.nan_to_num(p)) for p in profiles]
             # NaN rows (classes without images) stay NaN so that they are left out below.
-            missing = np.any([~np.isfinite(p).all(axis=1) for _, p in views.values()], axis=0)
+            missing = np.any([~np.isfinite(p).all(axis=1) for p in profiles], axis=0)
             combined = np.concatenate(blocks, axis=1)
             combined[missing] = np.nan
-            views[COMBINED] = (list(views), combined)
+            views[COMBINED] = (layers, combined)
         return views
 
     def _analyse(
@@ -313,6 +397,7 @@ class CategoryClustering(_ClusteringCallback):
         if not trainer.is_global_zero:
             return
         epoch = trainer.current_epoch
+        self._ranked = None
         results: dict[str, CategoryClusteringResult] = {}
         for view, (layers, profile) in self._views(stats).items():
             names = class_names_of(trainer, profile.shape[0])
@@ -359,7 +444,14 @@ class CategoryClustering(_ClusteringCallback):
                 f"layer(s) {', '.join(layers)}: only {rows.size} of {num_classes} classes have "
                 "statistics; category clustering needs at least 3 classes with images"
             )
-        clusterer = CategoryClusterer(**self._clusterer_options).fit(profile[np.ix_(rows, cols)])
+        options = self._clusterer_options
+        whole = rows.size == num_classes and bool(cols.all())
+        if view == COMBINED and whole:
+            # Its blocks are z-scored already (see `_views`): again would change only the rounding.
+            options = {**options, "normalize": "none"}
+        clusterer = CategoryClusterer(**options).fit(
+            profile if whole else profile[np.ix_(rows, cols)]
+        )
         labels = np.full(num_classes, -1, dtype=np.int64)
         labels[rows] = clusterer.labels_
         distances = np.full((num_classes, num_classes), np.nan)
@@ -372,9 +464,10 @@ class CategoryClustering(_ClusteringCallback):
             order = [int(rows[i]) for i in np.argsort(clusterer.labels_, kind="stable")]
         agreement = float("nan")
         if confusion is not None and confusion.shape[0] == num_classes:
-            agreement = distance_confusion_agreement(
-                clusterer.distances_, confusion.numpy()[np.ix_(rows, rows)]
-            )
+            key = rows.tobytes()  # the classes clustered: the same in most views
+            if self._ranked is None or self._ranked[0] != key:
+                self._ranked = (key, _confusion_ranks(confusion.numpy()[np.ix_(rows, rows)]))
+            agreement = _agreement(clusterer.distances_, self._ranked[1])
         linkage = clusterer.linkage_
         return CategoryClusteringResult(
             view=view,

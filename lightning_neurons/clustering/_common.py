@@ -55,7 +55,13 @@ def validate_params(estimator: BaseEstimator, others: str) -> None:
 
 
 def validate_profile(
-    estimator: BaseEstimator, profile: Any, rows: str, cols: str, *, min_rows: int = 1
+    estimator: BaseEstimator,
+    profile: Any,
+    rows: str,
+    cols: str,
+    *,
+    min_rows: int = 1,
+    float32_above: int = FLOAT32_ABOVE,
 ) -> np.ndarray:
     """The profile as a finite 2-D float array (float32 when large), or a clear error.
 
@@ -68,6 +74,7 @@ def validate_profile(
         rows: What a row is, for messages (``"categories"``).
         cols: What a column is, for messages (``"neurons"``).
         min_rows: Fewest rows accepted.
+        float32_above: Above this many entries the array is float32, else float64.
 
     Raises:
         NeuronsError: For a profile that is not 2-D, not numbers, empty, too short, or holds
@@ -84,7 +91,7 @@ def validate_profile(
     if not sparse.issparse(profile):
         profile = _dense(profile, rows, cols)
     size = int(np.prod(profile.shape))
-    dtype = np.float32 if size > FLOAT32_ABOVE else np.float64
+    dtype = np.float32 if size > float32_above else np.float64
     try:
         array = validate_data(
             estimator, profile, dtype=dtype, ensure_all_finite=False, ensure_min_samples=min_rows
@@ -182,22 +189,117 @@ def best_by_silhouette(
     Returns:
         The best labels; the first candidate's when every silhouette is undefined.
     """
-    best_score, best_labels = -np.inf, None
     for k in candidates:
-        labels = labels_for(k)
-        scores[k] = value = score(labels)
-        if np.isfinite(value) and value > best_score + 1e-12:
-            best_score, best_labels = value, labels
-    return best_labels if best_labels is not None else labels_for(candidates[0])
+        scores[k] = score(labels_for(k))
+    return labels_for(best_count(candidates, [scores[k] for k in candidates]))
+
+
+def best_count(candidates: list[int], values: list[float]) -> int:
+    """The candidate with the largest finite value (the first on ties within 1e-12); the first
+    candidate when no value is finite."""
+    best_value, best = -np.inf, candidates[0]
+    for k, value in zip(candidates, values, strict=True):
+        if np.isfinite(value) and value > best_value + 1e-12:
+            best_value, best = value, k
+    return best
+
+
+def tree_cuts(linkage: np.ndarray, counts: list[int]) -> dict[int, np.ndarray]:
+    """The flat clusterings of a SciPy linkage matrix into each of ``counts`` clusters.
+
+    The same partitions as :func:`scipy.cluster.hierarchy.cut_tree` (the state after the first
+    ``n - k`` merges), in one pass over the merges; cluster numbers are arbitrary (see
+    :func:`relabel`).
+
+    Args:
+        linkage: ``[n - 1, 4]`` linkage matrix.
+        counts: Numbers of clusters, each in ``[1, n]``.
+
+    Returns:
+        ``{count: [n] int64 labels}``.
+    """
+    n = linkage.shape[0] + 1
+    labels = np.arange(n, dtype=np.int64)
+    members: dict[int, list[int]] = {i: [i] for i in range(n)}
+    wanted = {n - k: k for k in counts}
+    cuts = {n: labels.copy()} if 0 in wanted else {}
+    for step, (a, b) in enumerate(linkage[:, :2].astype(np.int64).tolist(), start=1):
+        big, small = members.pop(a), members.pop(b)
+        if len(big) < len(small):
+            big, small = small, big
+        labels[small] = labels[big[0]]
+        big.extend(small)
+        members[n + step - 1] = big
+        if step in wanted:
+            cuts[wanted[step]] = labels.copy()
+    return {k: cuts[k] for k in counts}
+
+
+def silhouette_scores(distances: np.ndarray, labelings: list[np.ndarray]) -> list[float]:
+    """Mean silhouette of each labelling on precomputed distances: the values of scikit-learn's
+    ``silhouette_score(distances, labels, metric="precomputed")`` (noise, -1, left out; NaN when
+    undefined), computed from per-cluster sums of distances.
+
+    A labelling that merges the clusters of the one before it (the next coarser cut of a tree)
+    gets its sums from that one's, without reading the distances again: pass nested cuts from
+    the finest to the coarsest.
+
+    Args:
+        distances: ``[n, n]`` symmetric distances, zero diagonal.
+        labelings: ``[n]`` integer labels each.
+
+    Returns:
+        One silhouette per labelling.
+    """
+    from scipy import sparse
+
+    out: list[float] = []
+    previous: tuple[np.ndarray, np.ndarray] | None = None  # (cluster index, sums)
+    for labels in labelings:
+        labels = np.asarray(labels)
+        if (labels < 0).any():
+            out.append(silhouette_precomputed(distances, labels))
+            previous = None
+            continue
+        _, cluster, sizes = np.unique(labels, return_inverse=True, return_counts=True)
+        cluster = cluster.reshape(-1)
+        if previous is not None:
+            merged = np.full(previous[1].shape[1], -1, dtype=np.int64)
+            merged[previous[0]] = cluster
+            nested = np.array_equal(merged[previous[0]], cluster)
+        if previous is not None and nested:
+            source, index = previous[1], merged
+        else:
+            source, index = distances, cluster
+        onehot = sparse.csr_array(
+            (np.ones(index.size), (np.arange(index.size), index)), shape=(index.size, sizes.size)
+        )
+        sums = np.asarray(source @ onehot)
+        previous = (cluster, sums)
+        out.append(_silhouette_from_sums(sums, cluster, sizes))
+    return out
+
+
+def _silhouette_from_sums(sums: np.ndarray, cluster: np.ndarray, sizes: np.ndarray) -> float:
+    """Mean silhouette from ``sums[i, c]``, point ``i``'s summed distance to cluster ``c``."""
+    n = cluster.size
+    if sizes.size < 2 or sizes.size >= n:
+        return float("nan")
+    rows = np.arange(n)
+    size = sizes[cluster]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        within = sums[rows, cluster] / (size - 1)
+        means = sums / sizes
+        means[rows, cluster] = np.inf
+        nearest = means.min(axis=1)
+        values = (nearest - within) / np.maximum(within, nearest)
+    values[size == 1] = 0.0  # scikit-learn's convention for a cluster of one
+    return float(np.nan_to_num(values).mean())
 
 
 def silhouette_precomputed(distances: np.ndarray, labels: np.ndarray) -> float:
     """Mean silhouette on precomputed distances, noise (-1) left out; NaN when undefined."""
-    from sklearn.metrics import silhouette_score
-
     keep = labels >= 0
-    found = np.unique(labels[keep])
-    if found.size < 2 or found.size >= keep.sum():
-        return float("nan")
-    sub = distances[np.ix_(keep, keep)]
-    return float(silhouette_score(sub, labels[keep], metric="precomputed"))
+    if not keep.all():
+        distances, labels = distances[np.ix_(keep, keep)], labels[keep]
+    return silhouette_scores(distances, [labels])[0] if labels.size else float("nan")

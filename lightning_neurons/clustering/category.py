@@ -14,10 +14,13 @@ from lightning_neurons.checks import Constraints, Interval, Options
 from lightning_neurons.clustering._common import (
     SHARED_CONSTRAINTS,
     best_by_silhouette,
+    best_count,
     candidate_cluster_counts,
     relabel,
     silhouette_precomputed,
+    silhouette_scores,
     store_params,
+    tree_cuts,
     validate_params,
     validate_profile,
 )
@@ -27,6 +30,11 @@ CategoryMethod = Literal["agglomerative", "kmeans", "hdbscan"]
 Metric = Literal["correlation", "cosine", "euclidean"]
 Linkage = Literal["average", "complete", "single", "ward"]
 CategoryNormalize = Literal["none", "zscore"]
+
+#: Above this many profile entries (1,000 categories x 4,096 neurons) the profile is standardised
+#: and multiplied in float32: the class means are float32 already, and the products of long rows
+#: take half the time.
+FLOAT32_ABOVE = 1 << 22
 
 
 def standardize_columns(matrix: np.ndarray) -> np.ndarray:
@@ -57,10 +65,12 @@ def category_distances(features: np.ndarray, metric: str) -> tuple[np.ndarray, n
     rows = features
     if metric == "correlation":
         rows = rows - rows.mean(axis=1, keepdims=True)
-    if metric in ("correlation", "cosine"):
-        norms = np.linalg.norm(rows, axis=1, keepdims=True)
-        rows = np.divide(rows, norms, out=np.zeros_like(rows), where=norms > 0)
     gram = (rows @ rows.T).astype(np.float64)
+    if metric in ("correlation", "cosine"):  # the rows scaled to unit length, in the product
+        norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
+        scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+        gram *= scale[:, None]
+        gram *= scale[None, :]
     if metric == "euclidean":
         sq = np.diag(gram)
         distances = np.sqrt(np.clip(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0, None))
@@ -86,8 +96,9 @@ class CategoryClusterer(ClusterMixin, BaseEstimator):
     The distance between two categories compares their rows of the class profile: by default
     ``1 - Pearson correlation`` (which ignores the overall activation level of a class), with
     average linkage. With ``n_clusters=None`` the number of clusters is the candidate count (see
-    :func:`candidate_cluster_counts`) with the largest mean silhouette on those distances; HDBSCAN
-    chooses its own number.
+    :func:`candidate_cluster_counts`) with the largest mean silhouette on those distances (the
+    agglomerative cuts are scored together from per-cluster sums of distances); HDBSCAN chooses
+    its own number. Profiles of more than :data:`FLOAT32_ABOVE` entries are computed in float32.
 
     Args:
         n_clusters: Number of clusters, or ``None`` to choose it by silhouette. Not used by
@@ -175,7 +186,9 @@ class CategoryClusterer(ClusterMixin, BaseEstimator):
                 when the count is to be chosen).
         """
         self.check_params()
-        x = validate_profile(self, profile, "categories", "neurons", min_rows=2)
+        x = validate_profile(
+            self, profile, "categories", "neurons", min_rows=2, float32_above=FLOAT32_ABOVE
+        )
         n = x.shape[0]
         if self.n_clusters is not None and self.n_clusters > n:
             raise NeuronsError(
@@ -228,18 +241,22 @@ class CategoryClusterer(ClusterMixin, BaseEstimator):
         return candidate_cluster_counts(self.distances_.shape[0], self.max_clusters)
 
     def _agglomerative(self) -> np.ndarray:
-        from scipy.cluster.hierarchy import cut_tree, linkage
+        from scipy.cluster.hierarchy import linkage
         from scipy.spatial.distance import squareform
 
         d = self._ward_distances() if self.linkage == "ward" else self.distances_
         condensed = squareform(d, checks=False)
         self.linkage_ = linkage(condensed, method=self.linkage)
         counts = self._counts()
-        cuts = cut_tree(self.linkage_, n_clusters=counts)
-        by_count = {k: cuts[:, i].astype(np.int64) for i, k in enumerate(counts)}
+        by_count = tree_cuts(self.linkage_, counts)
         if self.n_clusters is not None:
             return by_count[self.n_clusters]
-        return self._choose(counts, by_count.__getitem__)
+        # The cuts of one tree are nested: scored from the finest to the coarsest, each one's
+        # silhouette comes from the sums of the one before (see `silhouette_scores`).
+        finest_first = sorted(counts, reverse=True)
+        values = silhouette_scores(self.distances_, [by_count[k] for k in finest_first])
+        self.scores_.update(zip(finest_first, values, strict=True))
+        return by_count[best_count(counts, [self.scores_[k] for k in counts])]
 
     def _kmeans(self, gram: np.ndarray) -> np.ndarray:
         from sklearn.cluster import KMeans

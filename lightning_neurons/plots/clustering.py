@@ -64,7 +64,7 @@ def dendrogram_figure(
         ``(image, leaf_order)``: the image, ``[H, W, 3]`` uint8 with ``W <= 480`` and
         ``H <= 720``, and all the category indices from left to right, to order other plots alike.
     """
-    from scipy.cluster.hierarchy import dendrogram
+    from scipy.cluster.hierarchy import dendrogram, leaves_list
 
     n = linkage.shape[0] + 1
     names = [_canvas.shorten(name, 64) for name in _names(class_names, n)]
@@ -91,7 +91,7 @@ def dendrogram_figure(
     ax.tick_params(axis="x", length=0, pad=2)
     if truncated:
         ax.set_xlabel(f"top {MAX_LEAVES} branches of {n} classes, (size)", fontsize=_canvas.FONT)
-        tree = dendrogram(linkage, no_plot=True)
+        return _canvas.render(fig), [int(i) for i in leaves_list(linkage)]  # the same order
     return _canvas.render(fig), [int(i) for i in tree["leaves"]]
 
 
