@@ -2,7 +2,7 @@
 floor of one bare forward + backward pass per step.
 
 Run:  python benchmarks/visualization.py [--steps 32] [--repeats 3] [--device cpu|cuda]
-          [--param maco|fft|pixel] [--quality [--quality-steps 128] [--seeds 0,1,2]]
+          [--param maco|fft|pixel] [--quality [--only-quality] [--quality-steps 128] [--seeds 0,1,2]]
 
 Everything is measured side by side in one run, each timing the best of ``--repeats``
 interleaved runs (the machine may be shared). Printed:
@@ -372,6 +372,9 @@ def main() -> None:
     )
     parser.add_argument("--no-diversity", action="store_true", help="skip the diversity table")
     parser.add_argument(
+        "--only-quality", action="store_true", help="with --quality: skip the speed figures"
+    )
+    parser.add_argument(
         "--select-after",
         type=int,
         default=None,
@@ -381,6 +384,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.quality and args.only_quality:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        params = tuple(p for p in args.quality_params.split(",") if p)
+        quality(device, args.quality_steps, seeds, args.select_after, params, not args.no_diversity)
+        return
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     model = SmallCNN().to(device).eval()  # the demo model: widths 32, 64, 128
