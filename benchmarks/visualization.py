@@ -261,14 +261,16 @@ def goal_table(judge: Judge, steps: int, seeds: list[int], select_after: int | N
           f"{GOALS['LeNet']}, linear >= {GOALS['linear']}):\n")  # fmt: skip
     print("| seed | settings | self | twin | LeNet | linear | goals met | seconds |")
     print("|---|---|---|---|---|---|---|---|")
-    met = []
+    met, spent = [], {}
     for seed in seeds:
         for name, kw in (
             ("defaults", class_kw),
             ("old (contrast 0.8, by logit)", dict(class_kw, **OLD_CLASSES)),
         ):
             shares, seconds = judge.classes(kw, seed)
-            ok = all(shares[j] >= GOALS[j] - 1e-9 for j in ("twin", "LeNet", "linear"))
+            # shares are float32 means of 10 images (0.9 reads 0.8999999762)
+            ok = all(shares[j] >= GOALS[j] - 1e-6 for j in ("twin", "LeNet", "linear"))
+            spent[name] = spent.get(name, 0.0) + seconds
             if name == "defaults":
                 met.append(ok)
             cells = " | ".join(f"{shares[j]:.1f}" for j in ("self", "twin", "LeNet", "linear"))
@@ -283,6 +285,10 @@ def goal_table(judge: Judge, steps: int, seeds: list[int], select_after: int | N
     print(
         f"\nchannel images above their validation maximum (relu1 / relu2 / relu3): {layers}; "
         f"all {share:.3f} (goal >= {GOALS['channels']}; {time.perf_counter() - start:.0f} s)"
+    )
+    print(
+        "class images, seconds over the seeds: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in spent.items())
     )
     print(
         f"class-image goals met by the defaults for {sum(met)} of {len(met)} seeds; "
