@@ -1,13 +1,16 @@
-"""The digits demo, run exactly as the README's main command, for several seeds: accuracy and time.
+"""The digits demo, run exactly as the README's main command: accuracy, and the cost of the analyses.
 
 For each seed it runs ``lightning-neurons fit --config configs/digits.yaml --seed_everything S``
-(every analysis attached) and, interleaved with it, the same command without any callback, then
-prints each run's final and best validation accuracy, its fit time, and the cost of the analyses
-(fit with every analysis / fit without), measured side by side.
+three ways, interleaved, ``--repeats`` times: with every analysis attached (the config as it is),
+with the ActivationTracker alone (the config's tracker, with its figures and files), and without
+any callback. It prints each run's final and best validation accuracy and fit time, then the
+medians side by side with the goals: every analysis at most 2.0x the bare fit, the tracker alone
+at most 1.05x.
 
 Usage:
-    python benchmarks/demo_runs.py                  # seeds 0 1 2, with and without analyses
-    python benchmarks/demo_runs.py --seeds 0 --no-baseline
+    python benchmarks/demo_runs.py                       # seed 0, 3 repeats of each setup
+    python benchmarks/demo_runs.py --seeds 0 1 2 --repeats 1
+    python benchmarks/demo_runs.py --setups all          # only the run with every analysis
 """
 
 from __future__ import annotations
@@ -26,21 +29,40 @@ CONFIG = ROOT / "configs" / "digits.yaml"
 CLI = Path(sys.executable).parent / "lightning-neurons"
 
 
-def run(seed: int, analyses: bool, workdir: Path) -> dict[str, float]:
+#: What each setup keeps of the config's callbacks, and its goal (fit time / the bare fit).
+SETUPS = {"all": (None, 2.0), "tracker": ("ActivationTracker", 1.05), "none": ("", None)}
+
+
+def config_for(setup: str, workdir: Path) -> Path:
+    """The demo config, with only the callbacks of ``setup``."""
+    import yaml
+
+    keep = SETUPS[setup][0]
+    if keep is None:
+        return CONFIG
+    config = yaml.safe_load(CONFIG.read_text())
+    callbacks = config["trainer"]["callbacks"]
+    config["trainer"]["callbacks"] = [
+        c for c in callbacks if keep and c["class_path"].endswith(keep)
+    ]
+    path = workdir / f"digits_{setup}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run(seed: int, setup: str, workdir: Path) -> dict[str, float]:
     """One fit through the console script; returns its time and accuracies from the summary."""
     command = [
         str(CLI),
         "fit",
         "--config",
-        str(CONFIG),
+        str(config_for(setup, workdir)),
         "--seed_everything",
         str(seed),
         "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={workdir / 'runs'}",
         f"--trainer.default_root_dir={workdir}",
     ]
-    if not analyses:
-        command += ["--trainer.callbacks", "[]"]
     out = subprocess.run(command, cwd=workdir, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
@@ -78,46 +100,51 @@ def above_max_by_round(runs: Path) -> list[tuple[int, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--no-baseline", action="store_true", help="skip the runs without analyses")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each setup, interleaved")
+    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     args = parser.parse_args()
     print(
         f"command: lightning-neurons fit --config configs/digits.yaml --seed_everything S ({CLI})"
     )
-    print(
-        "| seed | final val/acc | best val/acc (epoch) | fit time, every analysis | "
-        "fit time, no callback | ratio |"
-    )
-    print("|---|---|---|---|---|---|")
-    ratios = []
+    print("setups: all = every analysis (the config), tracker = its ActivationTracker alone, none")
+    print("| seed | setup | repeat | final val/acc | best val/acc (epoch) | fit time | failures |")
+    print("|---|---|---|---|---|---|---|")
+    times: dict[tuple[int, str], list[float]] = {}
     for seed in args.seeds:
-        workdir = Path(tempfile.mkdtemp(prefix=f"demo{seed}_"))
-        try:
-            full = run(seed, analyses=True, workdir=workdir)
-            rounds = above_max_by_round(workdir / "runs")
-            bare = None if args.no_baseline else run(seed, analyses=False, workdir=workdir)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-        if full["failures"]:
-            print(f"seed {seed}: {full['failures']} analysis failures were reported", flush=True)
-        ratio = full["seconds"] / bare["seconds"] if bare else float("nan")
-        if bare:
-            ratios.append(ratio)
-        print(
-            f"| {seed} | {full['final']:.4f} | {full['best']:.4f} ({full['best_epoch']}) | "
-            f"{full['seconds']:.1f} s | {bare['seconds'] if bare else float('nan'):.1f} s | "
-            f"{ratio:.2f}x |",
-            flush=True,
-        )
-        print(
-            "  channel images driven above their validation maximum (all layers), per round: "
-            + ", ".join(
-                f"round {i} (step {step}): {f:.0%}" for i, (step, f) in enumerate(rounds, 1)
-            ),
-            flush=True,
-        )
-    if ratios:
-        print(f"median cost of the analyses: {statistics.median(ratios):.2f}x the bare fit")
+        for repeat in range(args.repeats):
+            for setup in args.setups:
+                workdir = Path(tempfile.mkdtemp(prefix=f"demo{seed}_{setup}_"))
+                try:
+                    out = run(seed, setup, workdir)
+                    rounds = above_max_by_round(workdir / "runs") if setup == "all" else []
+                finally:
+                    shutil.rmtree(workdir, ignore_errors=True)
+                times.setdefault((seed, setup), []).append(out["seconds"])
+                print(
+                    f"| {seed} | {setup} | {repeat + 1} | {out['final']:.4f} | {out['best']:.4f} "
+                    f"({out['best_epoch']}) | {out['seconds']:.1f} s | {out['failures']} |",
+                    flush=True,
+                )
+                if rounds:
+                    shares = ", ".join(f"{f:.0%}" for _, f in rounds)
+                    print(f"  channel images above their validation maximum, per round: {shares}")
+    summarise(times, args.seeds, args.setups, args.repeats)
+
+
+def summarise(times: dict, seeds: list[int], setups: list[str], repeats: int) -> None:
+    print(f"\nmedian fit time of {repeats} interleaved runs, and its ratio to the bare fit:")
+    print("| seed | setup | median fit time | ratio to none | goal | met |")
+    print("|---|---|---|---|---|---|")
+    for seed in seeds:
+        bare = statistics.median(times[(seed, "none")]) if "none" in setups else None
+        for setup in setups:
+            median = statistics.median(times[(seed, setup)])
+            goal = SETUPS[setup][1]
+            ratio = median / bare if bare else float("nan")
+            met = "" if goal is None or bare is None else ("yes" if ratio <= goal else "no")
+            goal_text = f"<= {goal:.2f}x" if goal else ""
+            print(f"| {seed} | {setup} | {median:.1f} s | {ratio:.3f}x | {goal_text} | {met} |")
 
 
 if __name__ == "__main__":

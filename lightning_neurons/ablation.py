@@ -216,17 +216,16 @@ def ablation_effects(
         >>> res = ablation_effects(model, "features.relu3", {"a": [0, 4], "b": [7]}, loader)  # doctest: +SKIP
         >>> res["a"].accuracy_drop  # doctest: +SKIP
     """
+    reader = BatchReader(input_fn=input_fn, label_fn=label_fn, output_fn=output_fn)
+    batches = _limited(dataloader, max_batches)
     sums = ablation_sums(
         model,
         layer,
         neuron_sets,
-        dataloader,
-        max_batches=max_batches,
+        batches,
+        reader,
         sets_per_pass=sets_per_pass,
         share_prefix=share_prefix,
-        label_fn=label_fn,
-        input_fn=input_fn,
-        output_fn=output_fn,
     )
     if not neuron_sets:
         return {}
@@ -239,20 +238,17 @@ def ablation_sums(
     model: nn.Module,
     layer: str,
     neuron_sets: Mapping[str, Sequence[int] | torch.Tensor],
-    dataloader: Iterable[Any],
+    batches: Iterable[Any],
+    reader: BatchReader,
     *,
-    max_batches: int | None = None,
     sets_per_pass: int = 8,
     share_prefix: bool | Literal["auto"] = "auto",
-    label_fn: BatchFn | None = None,
-    input_fn: BatchFn | None = None,
-    output_fn: BatchFn | None = None,
 ) -> dict[str, torch.Tensor] | None:
-    """The sums behind :func:`ablation_effects` (same arguments): float64 ``counts`` ``[C]``
-    (images per class), ``correct`` and ``logit_sum`` ``[1 + S, C]`` (correct predictions and
-    true-class logits summed per class; row 0 without ablation, row ``1 + i`` with set ``i``
-    zeroed). Sums of several processes' data add up (DDP); :func:`ablation_results` turns them
-    into per-class results. ``None`` when the data loader gives no batch.
+    """The sums behind :func:`ablation_effects` (same other arguments) over all of ``batches``,
+    read by ``reader``: float64 ``counts`` ``[C]`` (images per class), ``correct`` and
+    ``logit_sum`` ``[1 + S, C]`` (correct predictions and true-class logits per class; row 0
+    without ablation, row ``1 + i`` with set ``i`` zeroed). Sums of several processes' data add
+    up (DDP); :func:`ablation_results` turns them into results. ``None`` for no batch.
 
     Raises:
         NeuronsError: As :func:`ablation_effects`.
@@ -269,7 +265,6 @@ def ablation_sums(
     sets = [_neuron_set(name, neuron_sets[name], width) for name in names]
     if not sets:
         return None
-    reader = BatchReader(input_fn=input_fn, label_fn=label_fn, output_fn=output_fn)
     zero = _ZeroNeurons(layer, names, sets, shared=share_prefix is True)
 
     counts: torch.Tensor | None = None
@@ -280,7 +275,7 @@ def ablation_sums(
     try:
         with analysis_mode(model, grad=False):
             device = model_device(model)
-            for batch in _limited(dataloader, max_batches):
+            for batch in batches:
                 x = as_model_input(reader.inputs(batch), model)
                 y = reader.labels(batch).to(device)
                 batch_size = x.shape[0]

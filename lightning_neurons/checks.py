@@ -1,8 +1,10 @@
 """Argument checks, in one place: every error is a :class:`NeuronsError` that names the argument,
 the value and what is allowed.
 
-Callbacks declare their arguments' constraints in a table, as scikit-learn's estimators do
-(``_parameter_constraints``), and their ``__init__`` runs it through :func:`validate_params`::
+Callbacks and the clustering estimators declare their arguments' constraints in one kind of
+table, as scikit-learn's estimators do (``_parameter_constraints``), and :func:`validate_params`
+checks values against it: a callback's ``__init__`` its ``locals()``, an estimator's ``fit`` its
+``get_params()`` (scikit-learn asks estimators to check in ``fit``, not in ``__init__``)::
 
     class MyCallback(AnalysisCallback):
         _parameter_constraints: ClassVar[Constraints] = {
@@ -34,6 +36,7 @@ import numpy as np
 from lightning_neurons.errors import NeuronsError
 
 __all__ = [
+    "RANDOM_STATE",
     "Constraint",
     "Constraints",
     "Interval",
@@ -99,13 +102,21 @@ class Interval:
         kind = "an integer" if self.type is int else "a number"
         low = ">=" if self.closed in ("both", "left") else ">"
         high = "<=" if self.closed in ("both", "right") else "<"
+        left, right = _bound(self.left), _bound(self.right)
         if self.left is not None and self.right is not None:
-            return f"{kind} with {self.left:g} {low.replace('>', '<')} x {high} {self.right:g}"
+            return f"{kind} with {left} {low.replace('>', '<')} x {high} {right}"
         if self.left is not None:
-            return f"{kind} {low} {self.left:g}"
+            return f"{kind} {low} {left}"
         if self.right is not None:
-            return f"{kind} {high} {self.right:g}"
+            return f"{kind} {high} {right}"
         return kind
+
+
+def _bound(value: float | None) -> str:
+    """A bound in words: integers in full (``4294967295``), other numbers short (``0.5``)."""
+    if value is None:
+        return ""
+    return str(int(value)) if _is_integer(value) else f"{value:g}"
 
 
 @dataclass(frozen=True)
@@ -169,6 +180,10 @@ class _InstanceOf:
     def __str__(self) -> str:
         name = self.type.__name__
         return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+#: What a ``random_state`` may be, as in scikit-learn: a seed, a ``RandomState`` or ``None``.
+RANDOM_STATE: tuple[Any, ...] = (Interval(int, 0, 2**32 - 1), np.random.RandomState, None)
 
 
 class _NoneConstraint:
@@ -433,61 +448,3 @@ def check_batch_shape(shape: Any, seeds: Any) -> tuple[int, int, int, int]:
     if len(seeds) != shape[0]:
         raise NeuronsError(f"need one seed per image: {shape[0]} images but {len(seeds)} seeds")
     return tuple(shape)  # type: ignore[return-value]
-
-
-def check_constraints(params: Mapping[str, Any], constraints: Mapping[str, list[Any]]) -> None:
-    """Check parameters against scikit-learn style declarative constraints.
-
-    Each entry of ``constraints`` lists what a parameter may be, as in scikit-learn's
-    ``_parameter_constraints``: ``None``, ``StrOptions({...})``, ``Interval(Integral, ...)``, a
-    type. ``bool`` does not count as an integer here.
-
-    Args:
-        params: Parameter values by name (``estimator.get_params(deep=False)``).
-        constraints: Allowed values by name.
-
-    Raises:
-        NeuronsError: For the first parameter that none of its constraints allows.
-
-    Example:
-        >>> check_constraints({"k": 0}, {"k": [Interval(Integral, 1, None, closed="left")]})
-        Traceback (most recent call last):
-        NeuronsError: `k` must be an integer >= 1; got 0
-    """
-    from sklearn.utils._param_validation import make_constraint
-
-    for name, allowed in constraints.items():
-        value = params[name]
-        if any(_allows(make_constraint(c), value) for c in allowed):
-            continue
-        described = " or ".join(_describe(make_constraint(c)) for c in allowed)
-        raise NeuronsError(f"`{name}` must be {described}; got {value!r}")
-
-
-def _allows(constraint: Any, value: Any) -> bool:
-    from numbers import Integral
-
-    from sklearn.utils._param_validation import Interval
-
-    if isinstance(value, bool) and isinstance(constraint, Interval):
-        return constraint.type is not Integral and constraint.is_satisfied_by(value)
-    return bool(constraint.is_satisfied_by(value))
-
-
-def _describe(constraint: Any) -> str:
-    from numbers import Integral
-
-    from sklearn.utils._param_validation import Interval, StrOptions, _NoneConstraint
-
-    if isinstance(constraint, _NoneConstraint):
-        return "None"
-    if isinstance(constraint, StrOptions):
-        return "one of " + ", ".join(map(repr, sorted(constraint.options)))
-    if (
-        isinstance(constraint, Interval)
-        and constraint.type is Integral
-        and constraint.right is None
-    ):
-        low = constraint.left if constraint.closed in ("left", "both") else constraint.left + 1
-        return f"an integer >= {low}"
-    return str(constraint)

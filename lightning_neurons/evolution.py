@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -505,24 +505,42 @@ def _clustering_at(run: Run, epoch: int) -> dict[str, CategoryClusteringResult] 
 def run_neuron_evolution(
     run: Run, layers: Sequence[str] | None = None
 ) -> dict[str, NeuronEvolution]:
-    """Each tracked layer's :class:`NeuronEvolution` over every epoch of a run read back with
-    :func:`~lightning_neurons.load_run`."""
-    by_layer: dict[str, list[LayerStats]] = {}
-    for epoch in run.epochs_of("ActivationTracker"):
-        for layer, stats in run.results("ActivationTracker", epoch).items():
-            if layers is None or layer in layers:
-                by_layer.setdefault(layer, []).append(stats)
+    """Each tracked layer's :class:`NeuronEvolution` over every epoch of a run.
+
+    Args:
+        run: A run read back with :func:`~lightning_neurons.load_run`.
+        layers: Only these layers (default: every layer of the ActivationTracker's files).
+
+    Example:
+        >>> run_neuron_evolution(run)["features.relu3"].preferred_class  # [E, K]  # doctest: +SKIP
+    """
+    by_layer = _per_key(run, "ActivationTracker", layers)
     return {layer: neuron_evolution(stats) for layer, stats in by_layer.items()}
 
 
 def run_clustering_evolution(
     run: Run, views: Sequence[str] | None = None
 ) -> dict[str, ClusteringEvolution]:
-    """Each view's :class:`ClusteringEvolution` over every epoch of a run read back with
-    :func:`~lightning_neurons.load_run`."""
-    by_view: dict[str, list[CategoryClusteringResult]] = {}
-    for epoch in run.epochs_of("CategoryClustering"):
-        for view, res in run.results("CategoryClustering", epoch).items():
-            if views is None or view in views:
-                by_view.setdefault(view, []).append(res)
+    """Each view's :class:`ClusteringEvolution` over every epoch of a run in which
+    CategoryClustering ran.
+
+    Args:
+        run: A run read back with :func:`~lightning_neurons.load_run`.
+        views: Only these views (layer names or ``"combined"``; default: all).
+
+    Example:
+        >>> run_clustering_evolution(run)["combined"].adjusted_rand  # [E - 1]  # doctest: +SKIP
+    """
+    by_view = _per_key(run, "CategoryClustering", views)
     return {view: clustering_evolution(results) for view, results in by_view.items()}
+
+
+def _per_key(run: Run, callback: str, keys: Sequence[str] | None) -> dict[str, list[Any]]:
+    """``callback``'s results over every epoch it analysed, by key (layer or view; ``keys``:
+    only those), each key's in epoch order."""
+    by_key: dict[str, list[Any]] = {}
+    for epoch in run.epochs_of(callback):
+        for key, res in run.results(callback, epoch).items():
+            if keys is None or key in keys:
+                by_key.setdefault(key, []).append(res)
+    return by_key

@@ -330,7 +330,7 @@ def first_tensor(output: object, layer: str = "") -> torch.Tensor:
         return output[0]
     raise NeuronsError(
         f"layer {layer!r} returned {type(output).__name__}, not a tensor; choose a layer whose "
-        "output is a tensor shaped [B, K] or [B, K, H, W]"
+        "output is a tensor shaped [B, K], [B, K, H, W] or [B, N, D]"
     )
 
 

@@ -13,6 +13,7 @@ grow with the index); :func:`load_index` reads it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -185,6 +186,13 @@ class BackgroundWrites:
 background_writes = BackgroundWrites()
 
 
+def wait_for_output(owner: object) -> list[BaseException]:
+    """Wait until every file and figure that ``owner`` asked for is written; their errors."""
+    from lightning_neurons.figure_worker import background_figures
+
+    return [*background_figures.wait(owner), *background_writes.wait(owner)]
+
+
 #: The first word of every analysis scalar's tag (see :meth:`AnalysisLogger.scalars`).
 SCALAR_GROUP = "neurons"
 
@@ -227,24 +235,31 @@ class AnalysisLogger:
     def tag(self, *parts: str) -> str:
         return "/".join([self.kind, *parts])
 
-    def figure(self, tag: str, figure: Any) -> None:
-        """Log a figure as an image: the ``[H, W, 3]`` uint8 array that the plot functions of
-        :mod:`lightning_neurons.plots` return, or a :class:`matplotlib.figure.Figure` (drawn on an
-        Agg canvas; closed afterwards if pyplot manages it). Never imports pyplot."""
-        import sys
+    def figure(self, tag: str, figure: Any, *args: Any, **kwargs: Any) -> None:
+        """Log a figure as an image.
 
+        ``figure`` is either what to log (an ``[H, W, 3]`` uint8 array, or a
+        :class:`matplotlib.figure.Figure`, drawn on an Agg canvas and closed afterwards if pyplot
+        manages it) or a plot function, called as ``figure(*args, **kwargs)``: then the figure is
+        drawn off the training thread (see :mod:`lightning_neurons.figure_worker`) and only when
+        a TensorBoard logger will show it; it is logged with the current ``global_step`` once
+        drawn, and :func:`wait_for_output` waits for it. Never imports pyplot."""
         from matplotlib.figure import Figure
 
-        from lightning_neurons.plots._canvas import as_image
+        from lightning_neurons.figure_worker import background_figures, draw
 
-        try:
+        if callable(figure) and not isinstance(figure, Figure):
             if self.experiment is not None:
-                pixels = as_image(figure)
-                self.experiment.add_image(tag, pixels, global_step=self.step, dataformats="HWC")
-        finally:
-            pyplot = sys.modules.get("matplotlib.pyplot")
-            if pyplot is not None and isinstance(figure, Figure):
-                pyplot.close(figure)  # a user's pyplot figure; ours are not registered there
+                log = functools.partial(self._add_image, self.experiment, tag, self.step)
+                background_figures.submit(self.owner, log, figure, args, kwargs)
+            return
+        pixels = draw(lambda: figure)  # an image or a figure: closed whether logged or not
+        if self.experiment is not None:
+            self._add_image(self.experiment, tag, self.step, pixels)
+
+    @staticmethod
+    def _add_image(experiment: Any, tag: str, step: int, pixels: np.ndarray) -> None:
+        experiment.add_image(tag, pixels, global_step=step, dataformats="HWC")
 
     def image(self, tag: str, image: torch.Tensor) -> None:
         """Log a ``[C, H, W]`` image with values in [0, 1]."""

@@ -97,6 +97,7 @@ class ProbeCollector:
         per_class: Candidates kept per class.
         limit: Candidates kept in all.
         dtype: Type the kept images are converted to (``None``: kept as they are).
+        rank, world: This process's rank and the number of processes (see :meth:`reset`).
 
     Example:
         >>> collector = ProbeCollector(per_class=1, limit=16, rank=1, world=2)

@@ -18,7 +18,9 @@ Each callback publishes its results at the end of its own stage's epoch and read
 the end of the stage (see :class:`~lightning_neurons.callbacks._base.AnalysisCallback`); every
 entry has the ``epoch`` it is from. Arrays are :class:`torch.Tensor` on the CPU, in every
 result type. The tracker's :class:`TrackerSpec` says how all of them read the data; peers look it
-up with :func:`~lightning_neurons.callbacks.tracker.tracker_spec`.
+up with :func:`~lightning_neurons.callbacks.tracker.tracker_spec` and read the tracker's
+statistics with :func:`~lightning_neurons.callbacks.tracker.tracker_results`, never through the
+tracker object itself.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""checks.validate_params and its constraints: what passes, what fails, and what the message
-says (the argument, the value and what is allowed)."""
+"""checks.validate_params and its constraints, the one mechanism of the callbacks and the
+clusterers: what passes, what fails, and what the message says (the argument, the value and
+what is allowed)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ import numpy as np
 import pytest
 
 from lightning_neurons import NeuronsError
-from lightning_neurons.checks import Interval, Options, Satisfies, StrList, validate_params
+from lightning_neurons.checks import (
+    RANDOM_STATE,
+    Interval,
+    Options,
+    Satisfies,
+    StrList,
+    validate_params,
+)
+from lightning_neurons.clustering import CategoryClusterer, NeuronClusterer
 
 TABLE = {
     "count": [Interval(int, 1, None)],
@@ -81,3 +90,29 @@ def test_the_owners_class_table_is_used_by_default():
 def test_a_table_entry_that_is_no_constraint_is_a_programming_error():
     with pytest.raises(TypeError, match="not a constraint: 3"):
         validate_params("Owner", {"x": 1}, {"x": [3]})
+
+
+def test_integer_bounds_are_written_in_full_and_a_random_state_is_a_seed_a_generator_or_none():
+    table = {"random_state": list(RANDOM_STATE)}
+    for value in (0, 2**32 - 1, np.random.RandomState(0), None):
+        validate_params("Owner", {"random_state": value}, table)
+    with pytest.raises(NeuronsError) as err:
+        validate_params("Owner", {"random_state": -1}, table)
+    assert str(err.value) == (
+        "Owner: `random_state` must be an integer with 0 <= x <= 4294967295, a RandomState or "
+        "None; got -1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("estimator", "message"),
+    [
+        (CategoryClusterer(method="spectral"), "^CategoryClusterer: `method` must be one of 'agg"),
+        (CategoryClusterer(min_cluster_size=1), "^CategoryClusterer: `min_cluster_size` must be"),
+        (NeuronClusterer(n_components=0), "^NeuronClusterer: `n_components` must be an integer"),
+        (NeuronClusterer(random_state=1.5), "^NeuronClusterer: `random_state` must be an integer"),
+    ],
+)
+def test_the_clusterers_check_their_parameters_with_the_same_tables(estimator, message):
+    with pytest.raises(NeuronsError, match=message):
+        estimator.check_params()

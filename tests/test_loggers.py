@@ -122,7 +122,7 @@ def test_files_are_complete_when_fit_returns_and_a_failed_write_follows_on_error
             _module(), datamodule=TinyData()
         )
     assert tracker.failures and "No space left on device" in tracker.failures[0]
-    assert any("writing files failed" in str(w.message) for w in caught)
+    assert any("writing files and figures failed" in str(w.message) for w in caught)
     assert tracker.results  # the analysis itself stands
     strict = ActivationTracker(layers=["backbone.fc"], on_error="raise")
     try:

@@ -437,15 +437,30 @@ def test_the_spec_is_what_the_tracker_tracks_and_peers_see_it_before_its_setup(t
         tracker.spec.stage = "train"
 
 
-def test_tracker_spec_without_a_tracker_is_none_or_a_clear_error():
+def test_tracker_spec_and_results_without_a_tracker_are_empty_or_a_clear_error():
     from types import SimpleNamespace
 
-    from lightning_neurons.callbacks.tracker import tracker_spec
+    from lightning_neurons.callbacks.tracker import tracker_results, tracker_spec
 
     trainer = SimpleNamespace(callbacks=[], lightning_module=None)
     assert tracker_spec(trainer) is None
-    with pytest.raises(NeuronsError, match="Peer reads the results of an ActivationTracker"):
-        tracker_spec(trainer, required="Peer")
+    assert tracker_results(trainer) == {}
+    for seam in (tracker_spec, tracker_results):
+        with pytest.raises(NeuronsError, match="Peer reads the results of an ActivationTracker"):
+            seam(trainer, required="Peer")
+
+
+def test_tracker_results_are_what_the_tracker_published_in_a_copy_peers_cannot_change(tmp_path):
+    from lightning_neurons.callbacks.tracker import tracker_results
+
+    tracker = ActivationTracker(layers=["backbone.relu1"], enable_logging=False)
+    trainer = fast_trainer(tmp_path, callbacks=[tracker], max_epochs=1)
+    trainer.fit(_module(), datamodule=TinyData())
+    published = tracker_results(trainer, required="Peer")
+    assert list(published) == ["backbone.relu1"]
+    assert published["backbone.relu1"] is tracker.results["backbone.relu1"]
+    published.clear()
+    assert list(tracker.results) == ["backbone.relu1"]
 
 
 def test_a_model_without_a_class_count_is_a_clear_error():

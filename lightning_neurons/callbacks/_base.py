@@ -15,7 +15,7 @@ from typing_extensions import override
 from lightning_neurons import progress
 from lightning_neurons.checks import Constraints, Interval, Options, StrList, validate_params
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.loggers import AnalysisLogger, background_writes
+from lightning_neurons.loggers import AnalysisLogger, wait_for_output
 from lightning_neurons.progress import reporting
 
 T = TypeVar("T")
@@ -216,14 +216,14 @@ class AnalysisCallback(Callback):
     ) -> None:
         self._forget_stages()
         # the files of the epochs analysed so far are kept (written, errors only warned)
-        for error in background_writes.wait(self):
+        for error in wait_for_output(self):
             rank_zero_warn(f"{type(self).__name__}: {_writing_failed(error)}")
         self._release()
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        for error in background_writes.wait(self):  # every file complete before fit returns
-            self._run_safely("writing files", _raiser(error))
+        for error in wait_for_output(self):  # every file complete before fit returns
+            self._run_safely("writing files and figures", _raiser(error))
         if self._waiting:  # a peer began a stage and never ended it (a hook overridden, say)
             rank_zero_warn(
                 f"{type(self).__name__}: the analysis at the end of {', '.join(self._waiting)} did "
@@ -272,7 +272,7 @@ class AnalysisCallback(Callback):
 
 def _writing_failed(error: BaseException) -> str:
     summary = "".join(traceback.format_exception_only(type(error), error)).strip()
-    return f"an analysis file could not be written ({summary})"
+    return f"an analysis file or figure could not be written ({summary})"
 
 
 def _raiser(error: BaseException) -> Callable[[], None]:

@@ -13,8 +13,8 @@ from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
 from lightning_neurons.batch import LoaderRows, analysed_rows
-from lightning_neurons.callbacks._base import StageBatch, StagedCallback, find_callback
-from lightning_neurons.callbacks.tracker import ActivationTracker, tracker_spec
+from lightning_neurons.callbacks._base import StageBatch, StagedCallback
+from lightning_neurons.callbacks.tracker import ActivationTracker, tracker_results, tracker_spec
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import selects, split_call
 from lightning_neurons.results import TrackerSpec
@@ -152,7 +152,7 @@ class _ClusteringCallback(StagedCallback):
     def _fresh_stats(self, trainer: Trainer) -> dict[str, LayerStats] | None:
         """The tracker's results of this epoch, or ``None`` when the tracker did not analyse this
         epoch or nothing is due."""
-        stats = find_callback(trainer, ActivationTracker, required=type(self).__name__).results
+        stats = tracker_results(trainer, required=type(self).__name__)
         if not self._due(trainer):
             return None
         fresh = {

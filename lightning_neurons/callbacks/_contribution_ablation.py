@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_neurons import progress
 from lightning_neurons.ablation import ablation_results, ablation_selectivity, ablation_sums
-from lightning_neurons.batch import BatchFn
+from lightning_neurons.batch import BatchFn, BatchReader
 from lightning_neurons.callbacks._base import class_names_of, find_callback
 from lightning_neurons.callbacks._contribution_probes import Batch
 from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
@@ -127,14 +127,15 @@ def ablate_layer(
         chosen = ablation_sets(trainer, layer, stats, clusters, epoch, max_classes)
         if not chosen.sets or not batches:
             return chosen, None
+        reader = BatchReader(output_fn=output_fn)  # the kept batches are (inputs, labels)
         sums = ablation_sums(
             pl_module,
             layer,
             chosen.sets,
             batches,
+            reader,
             sets_per_pass=8,
             share_prefix=share_prefix,
-            output_fn=output_fn,
         )
         return chosen, sums
 

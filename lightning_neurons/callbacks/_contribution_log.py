@@ -57,13 +57,14 @@ def _figures(out: AnalysisLogger, layer: str, res: ContributionResult, names: li
         probe_grid,
     )
 
-    figure = contribution_figure(res.stats, names, epoch=res.epoch)
-    out.figure(out.tag(layer, "class_contribution"), figure)
+    out.figure(
+        out.tag(layer, "class_contribution"), contribution_figure, res.stats, names, epoch=res.epoch
+    )
     if res.ablation is not None:
         baseline = float(res.ablation.baseline_accuracy.nanmean())
         title = f"{layer}, epoch {res.epoch}: accuracy drop when zeroed (baseline {baseline:.2f})"
-        figure = ablation_figure(res.ablation.accuracy_drop, res.ablation.sets, names, title)
-        out.figure(out.tag(layer, "ablation"), figure)
+        drop, sets = res.ablation.accuracy_drop, res.ablation.sets
+        out.figure(out.tag(layer, "ablation"), ablation_figure, drop, sets, names, title)
     if res.probes is not None:
         out.image(out.tag(layer, "probes"), probe_grid(res.probes.images, res.probes.preferred))
         out.text(out.tag(layer, "probes"), _probe_table(res.probes, names))

@@ -26,9 +26,7 @@ def log_neuron_evolution(
     since the previous analysed epoch)."""
     scalars = {}
     for layer, evolution in history.update(results).items():
-        if out.experiment is not None:
-            figure = neuron_evolution_figure(evolution, class_names)
-            out.figure(out.tag(layer, "evolution"), figure)
+        out.figure(out.tag(layer, "evolution"), neuron_evolution_figure, evolution, class_names)
         scalars[out.tag(layer, "preference_changed")] = float(evolution.changed_fraction[-1])
     out.scalars(scalars)
 
@@ -43,8 +41,7 @@ def log_clustering_evolution(
     CategoryClustering's ``stability``)."""
     scalars = {}
     for view, evolution in history.update(results).items():
-        if out.experiment is not None:
-            out.figure(out.tag(view, "evolution"), clustering_evolution_figure(evolution))
+        out.figure(out.tag(view, "evolution"), clustering_evolution_figure, evolution)
         value = float(evolution.distance_correlation[-1])
         if np.isfinite(value):
             scalars[out.tag(view, "distance_correlation")] = value

@@ -71,7 +71,7 @@ def log_preference(
     for key, res in results.items():
         labels, title = grid_labels(key, res, plan)
         ncols = n_images if key != "classes" and n_images > 1 else None
-        out.figure(out.tag(key), image_grid(res.images, labels, ncols=ncols, title=title))
+        out.figure(out.tag(key), image_grid, res.images, labels, ncols=ncols, title=title)
         if res.judge_predicted is not None:
             agree = (res.judge_predicted == res.channels).double().mean()
             scalars[out.tag(key, "judge_recognised")] = float(agree)
@@ -115,8 +115,8 @@ def log_clusters(
             f"{layer} clusters (of epoch {res.clusters_epoch}), epoch {res.epoch}: "
             "cluster (neurons): its class; what the model (judge) sees"
         )
-        grid = image_grid(res.images, _cluster_labels(res, plan), title=title)
-        out.figure(out.tag("clusters", layer), grid)
+        labels = _cluster_labels(res, plan)
+        out.figure(out.tag("clusters", layer), image_grid, res.images, labels, title=title)
         agree = (res.predicted == res.preferred_class).double().mean()
         scalars[out.tag("clusters", layer, "model_agrees")] = float(agree)
         if res.judge_predicted is not None:
@@ -134,7 +134,9 @@ def log_focus(out: AnalysisLogger, res: SaliencyMaps, plan: VisualizerPlan) -> N
     from lightning_neurons.plots.images import saliency_grid
 
     for method, maps in res.maps.items():
-        fig = saliency_grid(
+        out.figure(
+            out.tag(method),
+            saliency_grid,
             res.images,
             maps,
             res.predicted,
@@ -142,6 +144,5 @@ def log_focus(out: AnalysisLogger, res: SaliencyMaps, plan: VisualizerPlan) -> N
             class_names=plan.class_names,
             title=f"{method} saliency, epoch {res.epoch}",
         )
-        out.figure(out.tag(method), fig)
     meta = {"methods": list(res.maps), "epoch": res.epoch}
     out.save_arrays("saliency", res.as_arrays(), meta=meta)

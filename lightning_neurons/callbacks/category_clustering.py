@@ -91,7 +91,7 @@ class CategoryClustering(_ClusteringCallback):
     class-distance matrix next to the confusion matrix, the assignments as a Markdown table,
     and scalars ``silhouette``, ``n_clusters``, ``distance_confusion_spearman`` and ``stability``
     (adjusted Rand index with the previous analysis). Arrays go to
-    ``<log_dir>/neurons/category_clustering/epoch=EEE/<view>.npz``.
+    ``<log_dir>/neurons/<stage>/category_clustering/epoch=EEE/<view>.npz``.
 
     Every view is clustered and logged; :attr:`result` is the *headline* view chosen by ``view``:
     by default the deepest analysed layer, the network's own representation of the categories.
@@ -394,7 +394,7 @@ class CategoryClustering(_ClusteringCallback):
         )
 
     def _log(self, trainer: Trainer, results: dict[str, CategoryClusteringResult]) -> None:
-        from lightning_neurons.plots.clustering import dendrogram_figure, distance_confusion_figure
+        from lightning_neurons.plots.clustering import distance_confusion_figure
 
         out = self._file_writer(trainer, self.kind)
         if out is None:
@@ -405,23 +405,21 @@ class CategoryClustering(_ClusteringCallback):
             kept = res.leaf_order.tolist()
             names = [res.class_names[i] for i in kept]
             title = f"{view}: epoch {res.epoch}, {res.n_clusters} clusters, silhouette {res.silhouette:.2f}"
-            if out.experiment is not None:
-                if res.linkage is not None:
-                    leaf_names = [res.class_names[i] for i in res.classes.tolist()]
-                    fig, _ = dendrogram_figure(
-                        res.linkage.numpy(), leaf_names, res.n_clusters, title
-                    )
-                    out.figure(out.tag(view, "dendrogram"), fig)
-                sub = np.ix_(kept, kept)
-                fig = distance_confusion_figure(
-                    res.distances.numpy()[sub],
-                    None if res.confusion is None else res.confusion.numpy()[sub],
-                    names,
-                    agreement=res.agreement if res.confusion is not None else None,
-                    title=title,
-                )
-                out.figure(out.tag(view, "distance_vs_confusion"), fig)
-                out.text(out.tag(view, "assignments"), self._table(res))
+            if res.linkage is not None:
+                leaf_names = [res.class_names[i] for i in res.classes.tolist()]
+                args = (res.linkage.numpy(), leaf_names, res.n_clusters, title)
+                out.figure(out.tag(view, "dendrogram"), _dendrogram, *args)
+            sub = np.ix_(kept, kept)
+            out.figure(
+                out.tag(view, "distance_vs_confusion"),
+                distance_confusion_figure,
+                res.distances.numpy()[sub],
+                None if res.confusion is None else res.confusion.numpy()[sub],
+                names,
+                agreement=res.agreement if res.confusion is not None else None,
+                title=title,
+            )
+            out.text(out.tag(view, "assignments"), self._table(res))
             scalars[out.tag(view, "silhouette")] = res.silhouette
             scalars[out.tag(view, "n_clusters")] = float(res.n_clusters)
             if np.isfinite(res.agreement):
@@ -455,3 +453,10 @@ class CategoryClustering(_ClusteringCallback):
             label = "left out" if cluster < 0 else str(cluster)
             rows.append((label, len(members), ", ".join(members)))
         return _markdown_table(("cluster", "classes", "members"), rows)
+
+
+def _dendrogram(*args: Any) -> np.ndarray:
+    """The image of :func:`~lightning_neurons.plots.clustering.dendrogram_figure`."""
+    from lightning_neurons.plots.clustering import dendrogram_figure
+
+    return dendrogram_figure(*args)[0]

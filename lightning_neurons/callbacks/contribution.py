@@ -125,7 +125,8 @@ class NeuronContribution(StagedCallback):
         ablation_layers: Layers whose neuron sets are ablated (they are analysed too). Default: the
             last analysed layer (ablating early layers costs about one forward pass of the kept
             images per neuron set). ``[]``: no ablation.
-        max_ablation_classes: Ablate the dominant neurons of at most this many classes (the first).
+        max_ablation_classes: Ablate the dominant neurons of the classes 0 to
+            ``max_ablation_classes - 1`` (those with images).
         share_prefix: How ablations are batched, see
             :func:`~lightning_neurons.ablation.ablation_effects` (``"auto"`` checks the model).
         max_probes: Probe images: the first kept validation image of each class, in class

@@ -54,14 +54,17 @@ class NeuronClustering(_ClusteringCallback):
     index with the previous analysis), and each cluster's mean class profile as a figure. Each
     layer's neurons go to TensorBoard's embedding projector (one embedding per layer, of the
     latest epoch: ``relu3, epoch 9``; see :mod:`lightning_neurons.projector`), labelled
-    ``relu3/4``, with layer-qualified clusters and each neuron's top-activating validation crop
-    as its image. Arrays go to ``<log_dir>/neurons/neuron_clustering/epoch=EEE/<layer>.npz``.
+    ``relu3/4``, with layer-qualified clusters and as its image the crop of the tracker's analysed
+    data that activates it most. Arrays go to
+    ``<log_dir>/neurons/<stage>/neuron_clustering/epoch=EEE/<layer>.npz``.
 
     Args:
         layers: Tracked layers (default: all the tracker's layers).
         method: ``"hdbscan"``, ``"kmeans"`` or ``"agglomerative"``.
         n_clusters: For k-means / agglomerative; ``None`` chooses by silhouette.
-        min_cluster_size: HDBSCAN's smallest cluster (default ``max(3, neurons // 50)``).
+        min_cluster_size: HDBSCAN's smallest cluster; default ``max(3, int(sqrt(n) / 2))`` for
+            the ``n`` neurons whose response varies (see
+            :func:`~lightning_neurons.clustering.default_min_cluster_size`).
         normalize: How each neuron's response is normalised: ``"zscore"``, ``"l2"``, ``"max"``,
             ``"none"``.
         source: ``"class_means"`` or ``"reservoir"``.
@@ -271,16 +274,16 @@ class NeuronClustering(_ClusteringCallback):
             progress.advance("layer", len(results))
             all_names = class_names_of(trainer, self._num_classes(res))
             names = [all_names[i] for i in res.classes.tolist()]
-            if out.experiment is not None:
-                fig = cluster_profiles_figure(
-                    res.cluster_profiles.numpy(),
-                    res.cluster_sizes.numpy(),
-                    names,
-                    noise=int((res.labels < 0).sum()),
-                    title=f"{name}: neuron clusters, epoch {res.epoch}",
-                )
-                out.figure(out.tag(name, "cluster_profiles"), fig)
-                out.text(out.tag(name, "clusters"), self._table(res, names))
+            out.figure(
+                out.tag(name, "cluster_profiles"),
+                cluster_profiles_figure,
+                res.cluster_profiles.numpy(),
+                res.cluster_sizes.numpy(),
+                names,
+                noise=int((res.labels < 0).sum()),
+                title=f"{name}: neuron clusters, epoch {res.epoch}",
+            )
+            out.text(out.tag(name, "clusters"), self._table(res, names))
             scalars[out.tag(name, "n_clusters")] = float(res.n_clusters)
             scalars[out.tag(name, "noise_fraction")] = res.noise_fraction
             if np.isfinite(res.silhouette):

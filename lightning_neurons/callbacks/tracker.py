@@ -69,17 +69,19 @@ class ActivationTracker(StagedCallback):
 
     A neuron is a channel of a conv layer (its feature map reduced over space by ``reduction``), a
     unit of a linear layer, or a feature of a transformer's ``[B, N, D]`` tokens (reduced over
-    the tokens; see :mod:`lightning_neurons.layouts`). For every tracked layer the tracker sums, per class and neuron, the
-    count, sum, sum of squares, maximum and firing count of the activations (torchmetrics states
-    reduced by sum over DDP ranks; nothing is stored per image) and derives the class profile,
-    class selectivity, dead neurons and each class's dominant neurons.
+    the tokens; see :mod:`lightning_neurons.layouts`). For every tracked layer the tracker sums,
+    per class and neuron, the count, sum, sum of squares, maximum and firing count of the
+    activations (torchmetrics states reduced by sum over DDP ranks; nothing is stored per image)
+    and derives the class profile, class selectivity, dead neurons and each class's dominant
+    neurons.
 
     The statistics are published in :attr:`results` (``{layer: LayerStats}``) at the end of each
     analysed epoch of ``stage``; the other analyses (:class:`FeatureVisualizer`, clustering,
     contribution) read them at the end of the stage rather than hooking the model again. What the
     tracker tracks and how it reads batches (its ``input_fn``, ``label_fn`` and ``output_fn``,
     layers, stage, loader, reduction, class count) is its :attr:`spec`, a read-only
-    :class:`~lightning_neurons.results.TrackerSpec` that peers look up with :func:`tracker_spec`.
+    :class:`~lightning_neurons.results.TrackerSpec` that peers look up with :func:`tracker_spec`;
+    they read the statistics with :func:`tracker_results`.
 
     Every image is counted once: only the loader ``dataloader_idx`` is analysed, and under DDP the
     samples that :class:`~torch.utils.data.DistributedSampler` repeats to even out the processes
@@ -506,7 +508,7 @@ class ActivationTracker(StagedCallback):
         scalars: dict[str, float] = {}
         for name, res in self.results.items():
             progress.advance("layer", len(self.results))
-            out.figure(out.tag(name, "class_profile"), class_profile_heatmap(res))
+            out.figure(out.tag(name, "class_profile"), class_profile_heatmap, res)
             out.histogram(out.tag(name, "selectivity"), res.selectivity)
             overall = (res.class_means * res.counts.unsqueeze(1)).nansum(dim=0) / res.counts.sum()
             out.histogram(out.tag(name, "mean_activation"), overall)
@@ -573,3 +575,22 @@ def tracker_spec(trainer: Trainer, *, required: str | Literal[False] = False) ->
     if tracker is None:
         return None
     return tracker.describe(trainer.lightning_module)
+
+
+def tracker_results(
+    trainer: Trainer, *, required: str | Literal[False] = False
+) -> dict[str, LayerStats]:
+    """The statistics the trainer's ActivationTracker published (``{layer: LayerStats}``, each
+    with the ``epoch`` it is from): with :func:`tracker_spec`, all that peers read of the
+    tracker. Empty before its first analysis.
+
+    Args:
+        trainer: The trainer.
+        required: As in :func:`tracker_spec`: the name of the callback that needs a tracker (a
+            missing one raises), or ``False`` (a missing one gives ``{}``).
+
+    Raises:
+        NeuronsError: If no tracker is attached and ``required`` names who needs one.
+    """
+    tracker = find_callback(trainer, ActivationTracker, required=required)
+    return dict(tracker.results) if tracker is not None else {}

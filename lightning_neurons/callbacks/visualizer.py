@@ -40,6 +40,7 @@ from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
 from lightning_neurons.callbacks.tracker import (
     ActivationTracker,
     infer_num_classes,
+    tracker_results,
     tracker_spec,
 )
 from lightning_neurons.checks import Constraints, Interval, Satisfies
@@ -48,7 +49,7 @@ from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import get_module, resolve_layers, selects
 from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.probes import ProbeCollector, shared_probes
-from lightning_neurons.results import ClusterRendering, Rendering, SaliencyMaps
+from lightning_neurons.results import ClusterRendering, Rendering, SaliencyMaps, TrackerSpec
 from lightning_neurons.stats import LayerStats
 from lightning_neurons.strategies import refuse_sharded
 from lightning_neurons.visualize.objectives import Channel, ClassLogit
@@ -104,8 +105,8 @@ class FeatureVisualizer(StagedCallback):
     - logs labelled image grids to TensorBoard under stable tags (``preference/<layer>``,
       ``preference/classes``, ``focus/<method>``), so TensorBoard's step slider shows the images
       evolving over the epochs, and writes the images to files
-      (``<log_dir>/neurons/preference/epoch=EEE/<layer>.npz``, ``classes.npz``, and
-      ``focus/epoch=EEE/saliency.npz``);
+      (``<log_dir>/neurons/<stage>/preference/epoch=EEE/<layer>.npz``, ``classes.npz``, and
+      ``<log_dir>/neurons/<stage>/focus/epoch=EEE/saliency.npz``);
     - measures how strong each rendered channel image is: the activation it reaches divided by
       the largest activation of that channel on the real validation data, as recorded by an
       attached :class:`ActivationTracker` (same layer, same ``reduction``). Without a tracker,
@@ -295,9 +296,7 @@ class FeatureVisualizer(StagedCallback):
         self._seen_shape: tuple[int, ...] | None = None
         self._no_labels_warned = False
         self._plan: VisualizerPlan | None = None
-        self._reader = BatchReader()
-        self._dataloader_idx = 0
-        self._reduction = "mean"
+        self._spec: TrackerSpec | None = None  # the tracker's, from setup on (None: no tracker)
         self._num_classes: int | None = None
         self._memory = ContinuationMemory(enabled=self.render.continue_steps is not None)
 
@@ -324,15 +323,22 @@ class FeatureVisualizer(StagedCallback):
         if saved is not None:
             self._prior.load_state_dict(saved)
 
+    @property
+    def _reader(self) -> BatchReader:
+        """How batches are read: the tracker's reader, or the default rules without a tracker."""
+        return self._spec.reader if self._spec is not None else BatchReader()
+
+    @property
+    def _dataloader_idx(self) -> int:
+        """The validation loader whose images feed the prior and the probes."""
+        return self._spec.dataloader_idx if self._spec is not None else 0
+
     # ---- Lightning hooks -----------------------------------------------------------------------
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         refuse_sharded(trainer, "FeatureVisualizer")
-        spec = tracker_spec(trainer)
-        self._reader = spec.reader if spec is not None else BatchReader()
-        self._dataloader_idx = spec.dataloader_idx if spec is not None else 0
-        self._reduction = spec.reduction if spec is not None else "mean"
+        spec = self._spec = tracker_spec(trainer)
         if spec is None:
             self.layers = resolve_layers(pl_module, self.layer_patterns)
         elif self.layer_patterns is None:
@@ -376,9 +382,8 @@ class FeatureVisualizer(StagedCallback):
     def _consume(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
         if stage != "validation" or not self._due(trainer):
             return
-        tracker = find_callback(trainer, ActivationTracker)
-        stats = tracker.results if tracker is not None else {}  # older with stage="train"
-        reduction = self._reduction
+        stats = tracker_results(trainer)  # older with stage="train"
+        reduction = self._spec.reduction if self._spec is not None else "mean"
         self._prepare(trainer, pl_module)  # configuration errors raise, on every rank
         self._prior.finish(trainer.world_size, trainer.strategy.root_device)  # every rank
         # every rank renders its share of the objectives; rank zero does the rest

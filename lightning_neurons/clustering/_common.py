@@ -10,7 +10,8 @@ import torch
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import validate_data
 
-from lightning_neurons.checks import check_constraints
+from lightning_neurons.checks import RANDOM_STATE, Constraints, Interval
+from lightning_neurons.checks import validate_params as check_table
 from lightning_neurons.errors import NeuronsError
 
 #: Above this many matrix entries the estimators compute in float32 (half the memory).
@@ -23,13 +24,34 @@ def store_params(estimator: BaseEstimator, values: dict[str, Any]) -> None:
         setattr(estimator, name, values[name])
 
 
-def validate_params(estimator: Any) -> None:
-    """Check an estimator's parameters against its ``_parameter_constraints``.
+#: The constraints of the parameters both clusterers take (each adds its own).
+SHARED_CONSTRAINTS: Constraints = {
+    "n_clusters": [Interval(int, 1, None), None],
+    "max_clusters": [Interval(int, 2, None), None],
+    "random_state": list(RANDOM_STATE),
+}
+
+
+def validate_params(estimator: BaseEstimator, others: str) -> None:
+    """Check an estimator's parameters against its ``_parameter_constraints``
+    (:func:`~lightning_neurons.checks.validate_params`), and that HDBSCAN is not given a cluster
+    count.
+
+    Args:
+        estimator: The clusterer.
+        others: The other methods, for the message (``"'kmeans' or 'agglomerative'"``).
 
     Raises:
-        NeuronsError: For the first parameter out of its constraints.
+        NeuronsError: For the first parameter out of its constraints, or ``n_clusters`` with
+            ``method="hdbscan"``.
     """
-    check_constraints(estimator.get_params(deep=False), estimator._parameter_constraints)
+    check_table(estimator, estimator.get_params(deep=False))
+    if estimator.method == "hdbscan" and estimator.n_clusters is not None:
+        raise NeuronsError(
+            "`n_clusters` is not used with method='hdbscan', which finds the number of clusters "
+            "itself; pass n_clusters=None (and tune `min_cluster_size`), or choose "
+            f"method={others}."
+        )
 
 
 def validate_profile(

@@ -5,14 +5,14 @@ Classes that the network represents alike end up together (the paper's first clu
 
 from __future__ import annotations
 
-from numbers import Integral
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin
-from sklearn.utils._param_validation import Interval, StrOptions
 
+from lightning_neurons.checks import Constraints, Interval, Options
 from lightning_neurons.clustering._common import (
+    SHARED_CONSTRAINTS,
     best_by_silhouette,
     candidate_cluster_counts,
     relabel,
@@ -126,15 +126,13 @@ class CategoryClusterer(ClusterMixin, BaseEstimator):
         array([0, 0, 1, 1])
     """
 
-    _parameter_constraints: dict[str, list[Any]] = {
-        "n_clusters": [Interval(Integral, 1, None, closed="left"), None],
-        "method": [StrOptions({"agglomerative", "kmeans", "hdbscan"})],
-        "metric": [StrOptions({"correlation", "cosine", "euclidean"})],
-        "linkage": [StrOptions({"average", "complete", "single", "ward"})],
-        "normalize": [StrOptions({"none", "zscore"})],
-        "max_clusters": [Interval(Integral, 2, None, closed="left"), None],
-        "min_cluster_size": [Interval(Integral, 2, None, closed="left"), None],
-        "random_state": ["random_state"],
+    _parameter_constraints: ClassVar[Constraints] = {
+        **SHARED_CONSTRAINTS,
+        "method": [Options.of(CategoryMethod)],
+        "metric": [Options.of(Metric)],
+        "linkage": [Options.of(Linkage)],
+        "normalize": [Options.of(CategoryNormalize)],
+        "min_cluster_size": [Interval(int, 2, None)],
     }
 
     def __init__(
@@ -157,13 +155,7 @@ class CategoryClusterer(ClusterMixin, BaseEstimator):
         Raises:
             NeuronsError: For an unknown option or a bad count.
         """
-        validate_params(self)
-        if self.method == "hdbscan" and self.n_clusters is not None:
-            raise NeuronsError(
-                "`n_clusters` is not used with method='hdbscan', which finds the number of clusters "
-                "itself; pass n_clusters=None (and tune `min_cluster_size`), or choose "
-                "method='agglomerative' or 'kmeans'."
-            )
+        validate_params(self, "'agglomerative' or 'kmeans'")
         return self
 
     def fit(self, profile: Any, y: Any = None) -> CategoryClusterer:

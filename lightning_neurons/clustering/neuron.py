@@ -8,14 +8,14 @@ noise, label ``-1`` (the paper's second clustering).
 from __future__ import annotations
 
 import math
-from numbers import Integral
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin
-from sklearn.utils._param_validation import Interval, StrOptions
 
+from lightning_neurons.checks import Constraints, Interval, Options
 from lightning_neurons.clustering._common import (
+    SHARED_CONSTRAINTS,
     best_by_silhouette,
     candidate_cluster_counts,
     relabel,
@@ -78,8 +78,9 @@ class NeuronClusterer(ClusterMixin, BaseEstimator):
     Args:
         n_clusters: Number of clusters for k-means / agglomerative; ``None`` to choose.
         method: ``"hdbscan"`` (default), ``"kmeans"`` or ``"agglomerative"`` (Ward).
-        min_cluster_size: Smallest HDBSCAN cluster; default ``max(3, int(sqrt(num_neurons) / 2))``
-            (3 for up to 63 neurons, 5 for 128, 11 for 512, 70 for 20,000).
+        min_cluster_size: Smallest HDBSCAN cluster; default ``max(3, int(sqrt(n) / 2))`` for the
+            ``n`` neurons whose response varies (3 for up to 63 of them, 5 for 128, 11 for 512,
+            70 for 20,000; :func:`default_min_cluster_size`).
         min_samples: HDBSCAN's density smoothing (larger: more neurons left as noise); default
             ``min(min_cluster_size, 10)``.
         normalize: ``"zscore"``, ``"l2"``, ``"max"`` or ``"none"`` (see :func:`normalize_neurons`).
@@ -110,15 +111,13 @@ class NeuronClusterer(ClusterMixin, BaseEstimator):
         array([0, 0, 1, 1])
     """
 
-    _parameter_constraints: dict[str, list[Any]] = {
-        "n_clusters": [Interval(Integral, 1, None, closed="left"), None],
-        "method": [StrOptions({"hdbscan", "kmeans", "agglomerative"})],
-        "normalize": [StrOptions({"zscore", "l2", "max", "none"})],
-        "max_clusters": [Interval(Integral, 2, None, closed="left"), None],
-        "min_cluster_size": [Interval(Integral, 2, None, closed="left"), None],
-        "min_samples": [Interval(Integral, 1, None, closed="left"), None],
-        "n_components": [Interval(Integral, 1, None, closed="left"), None],
-        "random_state": ["random_state"],
+    _parameter_constraints: ClassVar[Constraints] = {
+        **SHARED_CONSTRAINTS,
+        "method": [Options.of(NeuronMethod)],
+        "normalize": [Options.of(NeuronNormalize)],
+        "min_cluster_size": [Interval(int, 2, None), None],
+        "min_samples": [Interval(int, 1, None), None],
+        "n_components": [Interval(int, 1, None), None],
     }
 
     def __init__(
@@ -142,13 +141,7 @@ class NeuronClusterer(ClusterMixin, BaseEstimator):
             NeuronsError: For an unknown option, a bad count, or HDBSCAN settings with another
                 method.
         """
-        validate_params(self)
-        if self.method == "hdbscan" and self.n_clusters is not None:
-            raise NeuronsError(
-                "`n_clusters` is not used with method='hdbscan', which finds the number of clusters "
-                "itself; pass n_clusters=None (and tune `min_cluster_size`), or choose "
-                "method='kmeans' or 'agglomerative'."
-            )
+        validate_params(self, "'kmeans' or 'agglomerative'")
         if self.method != "hdbscan" and (
             self.min_cluster_size is not None or self.min_samples is not None
         ):
@@ -293,7 +286,9 @@ class NeuronClusterer(ClusterMixin, BaseEstimator):
 
 
 def default_min_cluster_size(num_neurons: int) -> int:
-    """HDBSCAN's smallest neuron cluster when none is given: ``max(3, int(sqrt(n) / 2))``.
+    """HDBSCAN's smallest neuron cluster when none is given: ``max(3, int(sqrt(n) / 2))`` for
+    ``n = num_neurons``, the neurons clustered (:class:`NeuronClusterer` counts those whose
+    response varies).
 
     Grows slower than the layer, so that a wide layer can still show many small groups.
     """

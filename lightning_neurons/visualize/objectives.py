@@ -201,6 +201,19 @@ class Term(Objective):
         return score
 
 
+class _RowIndex:
+    """The gather behind the primitives' :meth:`Term.batched`: row ``r`` of a ``[R, K, ...]``
+    tensor at ``terms[r].index`` (and at the given positions along the next dimensions)."""
+
+    def __init__(self, terms: Sequence[Term]) -> None:
+        self.rows = torch.arange(len(terms))
+        self.index = torch.tensor([t.index for t in terms])  # type: ignore[attr-defined]
+
+    def __call__(self, output: torch.Tensor, *positions: torch.Tensor) -> torch.Tensor:
+        dev = output.device
+        return output[(self.rows.to(dev), self.index.to(dev), *positions)]
+
+
 def _width_error(term: Term, what: str, index: int, width: int, unit: str) -> NeuronsError:
     return NeuronsError(
         f"{term!r}: {what} {index} is out of range; layer {term.layer!r} has {width} {unit} "
@@ -256,11 +269,10 @@ class Channel(Term):
 
     @classmethod
     def batched(cls, terms: Sequence[Term]) -> BatchedFn:
-        index = torch.tensor([t.index for t in terms])  # type: ignore[attr-defined]
-        rows = torch.arange(len(terms))
+        pick = _RowIndex(terms)
 
         def score(output: torch.Tensor) -> torch.Tensor:
-            picked = output[rows.to(output.device), index.to(output.device)]
+            picked = pick(output)
             return picked.flatten(1).mean(dim=1) if picked.dim() > 1 else picked
 
         return score
@@ -334,20 +346,19 @@ class Neuron(Term):
 
     @classmethod
     def batched(cls, terms: Sequence[Term]) -> BatchedFn:
-        rows = torch.arange(len(terms))
-        index = torch.tensor([t.index for t in terms])  # type: ignore[attr-defined]
+        pick = _RowIndex(terms)
 
         def score(output: torch.Tensor) -> torch.Tensor:
             dev = output.device
             if output.dim() == 2:
-                return output[rows.to(dev), index.to(dev)]
+                return pick(output)
             if output.dim() == 3:
                 xs = [t._position(1, output.shape[-1])[1] for t in terms]  # type: ignore[attr-defined]
-                return output[rows.to(dev), index.to(dev), torch.tensor(xs, device=dev)]
+                return pick(output, torch.tensor(xs, device=dev))
             pos = [t._position(output.shape[-2], output.shape[-1]) for t in terms]  # type: ignore[attr-defined]
             ys = torch.tensor([p[0] for p in pos], device=dev)
             xs = torch.tensor([p[1] for p in pos], device=dev)
-            return output[rows.to(dev), index.to(dev), ys, xs]
+            return pick(output, ys, xs)
 
         return score
 
@@ -456,13 +467,7 @@ class ClassLogit(Term):
 
     @classmethod
     def batched(cls, terms: Sequence[Term]) -> BatchedFn:
-        rows = torch.arange(len(terms))
-        index = torch.tensor([t.index for t in terms])  # type: ignore[attr-defined]
-
-        def score(output: torch.Tensor) -> torch.Tensor:
-            return output[rows.to(output.device), index.to(output.device)]
-
-        return score
+        return _RowIndex(terms)
 
 
 class ClassLogProb(ClassLogit):

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -81,6 +82,7 @@ def _affine(
     )
 
 
+@dataclass
 class Pad:
     """Pad every side by ``pixels`` (so that shifted, scaled or rotated content has a border).
 
@@ -91,15 +93,16 @@ class Pad:
         value: Fill value for ``"constant"`` (0.5: mid-grey in display space).
     """
 
-    def __init__(
-        self,
-        pixels: int,
-        mode: Literal["constant", "reflect", "replicate", "circular"] = "constant",
-        value: float = 0.5,
-    ) -> None:
-        self.pixels = check_index("pixels", pixels)
-        self.mode = check_choice("mode", mode, ("constant", "reflect", "replicate", "circular"))
-        self.value = float(value)
+    pixels: int
+    mode: Literal["constant", "reflect", "replicate", "circular"] = "constant"
+    value: float = 0.5
+
+    def __post_init__(self) -> None:
+        self.pixels = check_index("pixels", self.pixels)
+        self.mode = check_choice(
+            "mode", self.mode, ("constant", "reflect", "replicate", "circular")
+        )
+        self.value = float(self.value)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.pixels == 0:
@@ -108,10 +111,8 @@ class Pad:
         fill = self.value if mode == "constant" else None
         return TF.pad(images, [self.pixels], fill=fill, padding_mode=mode)
 
-    def __repr__(self) -> str:
-        return f"Pad({self.pixels}, mode={self.mode!r})"
 
-
+@dataclass
 class Jitter:
     """Shift by a random whole number of pixels in ``[-pixels, pixels]``, as a crop.
 
@@ -122,8 +123,10 @@ class Jitter:
         pixels: Largest shift.
     """
 
-    def __init__(self, pixels: int) -> None:
-        self.pixels = check_index("pixels", pixels)
+    pixels: int
+
+    def __post_init__(self) -> None:
+        self.pixels = check_index("pixels", self.pixels)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.pixels == 0:
@@ -135,10 +138,8 @@ class Jitter:
         left = _randint(generator, 0, self.pixels)
         return TF.crop(images, top, left, height - self.pixels, width - self.pixels)
 
-    def __repr__(self) -> str:
-        return f"Jitter({self.pixels})"
 
-
+@dataclass
 class RandomScale:
     """Zoom about the centre by a random factor in ``[low, high]`` (size unchanged; bilinear).
 
@@ -148,17 +149,18 @@ class RandomScale:
         fill: Value of pixels that come from outside the image (``None``: zero).
     """
 
-    def __init__(self, low: float = 0.9, high: float = 1.1, fill: float | None = 0.5) -> None:
-        self.low, self.high = check_scale_range("low, high", (low, high))
-        self.fill = fill
+    low: float = 0.9
+    high: float = 1.1
+    fill: float | None = 0.5
+
+    def __post_init__(self) -> None:
+        self.low, self.high = check_scale_range("low, high", (self.low, self.high))
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return _affine(images, self.fill, scale=_uniform(generator, self.low, self.high))
 
-    def __repr__(self) -> str:
-        return f"RandomScale({self.low:g}, {self.high:g})"
 
-
+@dataclass
 class RandomRotate:
     """Rotate about the centre by a random angle in ``[-degrees, degrees]`` (bilinear).
 
@@ -167,8 +169,11 @@ class RandomRotate:
         fill: Value of pixels that come from outside the image (``None``: zero).
     """
 
-    def __init__(self, degrees: float = 10.0, fill: float | None = 0.5) -> None:
-        self.degrees, self.fill = check_non_negative("degrees", degrees), fill
+    degrees: float = 10.0
+    fill: float | None = 0.5
+
+    def __post_init__(self) -> None:
+        self.degrees = check_non_negative("degrees", self.degrees)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         angle = _uniform(generator, -self.degrees, self.degrees)
@@ -178,10 +183,8 @@ class RandomRotate:
             lambda x: TF.rotate(x, angle, interpolation=InterpolationMode.BILINEAR),
         )
 
-    def __repr__(self) -> str:
-        return f"RandomRotate({self.degrees:g})"
 
-
+@dataclass
 class CenterCrop:
     """Crop the centre ``height x width`` window (pads with zeros if the image is smaller).
 
@@ -190,18 +193,19 @@ class CenterCrop:
         width: Output width.
     """
 
-    def __init__(self, height: int, width: int) -> None:
-        self.height, self.width = int(height), int(width)
+    height: int
+    width: int
+
+    def __post_init__(self) -> None:
+        self.height, self.width = int(self.height), int(self.width)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if tuple(images.shape[-2:]) == (self.height, self.width):
             return images
         return TF.center_crop(images, [self.height, self.width])
 
-    def __repr__(self) -> str:
-        return f"CenterCrop({self.height}, {self.width})"
 
-
+@dataclass
 class RandomAffine:
     """Jitter, random scale and random rotation in one warp (one ``grid_sample``), size unchanged.
 
@@ -217,16 +221,15 @@ class RandomAffine:
         fill: Value of pixels that come from outside the image (``None``: zero).
     """
 
-    def __init__(
-        self,
-        shift: int = 2,
-        scale: tuple[float, float] = (0.9, 1.1),
-        degrees: float = 10.0,
-        fill: float | None = 0.5,
-    ) -> None:
-        self.shift = check_index("shift", shift)
-        self.scale = check_scale_range("scale", scale)
-        self.degrees, self.fill = check_non_negative("degrees", degrees), fill
+    shift: int = 2
+    scale: tuple[float, float] = (0.9, 1.1)
+    degrees: float = 10.0
+    fill: float | None = 0.5
+
+    def __post_init__(self) -> None:
+        self.shift = check_index("shift", self.shift)
+        self.scale = check_scale_range("scale", self.scale)
+        self.degrees = check_non_negative("degrees", self.degrees)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         dx = _randint(generator, -self.shift, self.shift)
@@ -234,9 +237,6 @@ class RandomAffine:
         factor = _uniform(generator, *self.scale)
         angle = _uniform(generator, -self.degrees, self.degrees)
         return _affine(images, self.fill, angle=angle, translate=[dx, dy], scale=factor)
-
-    def __repr__(self) -> str:
-        return f"RandomAffine(shift={self.shift}, scale={self.scale}, degrees={self.degrees:g})"
 
 
 def standard_transforms(image_shape: Sequence[int], fill: float = 0.5) -> list[Transform]:

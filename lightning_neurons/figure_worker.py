@@ -1,0 +1,195 @@
+"""Figures drawn off the training thread: worker processes render them, training goes on.
+
+A matplotlib figure costs a tenth of a second or more to lay out and draw, in Python code that
+holds the GIL, so a thread would still slow the training loop. :class:`BackgroundFigures` hands
+each figure (the plot function and its arguments, pickled) to worker processes forked from the
+training process, and logs the pixels they send back with the ``global_step`` of the moment the
+figure was asked for (TensorBoard orders images by step, not by arrival).
+
+The workers are forked when the first figure is asked for and end once every callback that asked
+for figures has waited for them (each callback of the package waits in ``teardown``, before
+Lightning closes the loggers), so no process outlives a fit. Where ``fork`` is not available
+(Windows, macOS) or a figure's arguments cannot be pickled, the figure is drawn on the spot
+instead, as it would be without this module; so are all figures while
+``background_figures.enabled`` is ``False``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import multiprocessing
+import os
+import pickle
+import signal
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+import numpy as np
+import torch
+
+#: Seconds :meth:`BackgroundFigures.wait` waits for one figure before reporting it lost.
+FIGURE_TIMEOUT = 600.0
+
+
+def _cpu_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+class _CPUPickler(pickle.Pickler):
+    """Pickles tensors as detached CPU tensors: the worker never touches CUDA or autograd."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor) and (obj.requires_grad or obj.device.type != "cpu"):
+            return _cpu_tensor, (obj.detach().cpu(),)
+        return NotImplemented
+
+
+def _dumps(payload: Any) -> bytes:
+    buffer = io.BytesIO()
+    _CPUPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(payload)
+    return buffer.getvalue()
+
+
+def draw(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> np.ndarray:
+    """``fn(*args, **kwargs)`` as ``[H, W, 3]`` uint8 pixels (the figure closed)."""
+    from matplotlib.figure import Figure
+
+    from lightning_neurons.plots._canvas import as_image
+
+    figure = fn(*args, **kwargs)
+    try:
+        return as_image(figure)
+    finally:
+        pyplot = sys.modules.get("matplotlib.pyplot")
+        if pyplot is not None and isinstance(figure, Figure):
+            pyplot.close(figure)  # a user's pyplot figure; ours are not registered there
+
+
+def _draw_pickled(payload: bytes) -> np.ndarray:
+    fn, args, kwargs = pickle.loads(payload)
+    return draw(fn, *args, **kwargs)
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)  # the figures take no more than a core each from training
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the fit, not us mid-figure
+    # what every figure needs, loaded once per worker rather than in the first figure's time
+    import matplotlib.font_manager  # noqa: F401  (builds or reads the font cache)
+
+    for module in ("activation", "clustering", "contribution", "evolution", "images"):
+        importlib.import_module(f"lightning_neurons.plots.{module}")
+
+
+class BackgroundFigures:
+    """Worker processes that draw figures and hands their pixels to a TensorBoard writer.
+
+    Args:
+        enabled: Draw figures in the workers (``False``: on the calling thread).
+        workers: Worker processes (default: 2, or 1 on a single CPU): the figures of an epoch
+            are drawn while the next one trains, and those of the last epoch, which ``fit``
+            waits for, in parallel.
+    """
+
+    def __init__(self, enabled: bool = True, workers: int | None = None) -> None:
+        self.enabled = enabled
+        self.workers = workers or min(2, os.cpu_count() or 1)
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._pending: dict[int, list[Future[None]]] = {}  # owner id -> logged-when-done futures
+        self._errors: dict[int, list[BaseException]] = {}
+
+    @staticmethod
+    def available() -> bool:
+        return (
+            sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+        )
+
+    def submit(
+        self,
+        owner: object,
+        log: Callable[[np.ndarray], None],
+        fn: Callable[..., Any],
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Draw ``fn(*args, **kwargs)`` in the worker and call ``log(pixels)`` with the result.
+
+        ``log`` runs on a thread of this process once the pixels are back (or at once, when the
+        figure is drawn on the spot); its errors, and the figure's, are kept for :meth:`wait`.
+        """
+        kwargs = dict(kwargs or {})
+        payload = self._payload(fn, args, kwargs)
+        if payload is None:
+            log(draw(fn, *args, **kwargs))  # on the spot: errors reach the caller now
+            return
+        with self._lock:
+            try:
+                future = self._start().submit(_draw_pickled, payload)
+            except (BrokenProcessPool, RuntimeError):  # the worker died: a new one next time
+                self._pool = None
+                future = None
+            logged: Future[None] = Future()
+            if future is not None:
+                self._pending.setdefault(id(owner), []).append(logged)
+        if future is None:
+            log(draw(fn, *args, **kwargs))
+            return
+        future.add_done_callback(lambda done: self._log(done, log, logged))
+
+    def _payload(self, fn: Callable[..., Any], args: Sequence[Any], kwargs: dict) -> bytes | None:
+        if not (self.enabled and self.available()):
+            return None
+        try:
+            return _dumps((fn, tuple(args), kwargs))
+        except Exception:  # a lambda, a local function, an open file...: drawn on the spot
+            return None
+
+    def _start(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            with warnings.catch_warnings():  # Python >= 3.12 warns of fork in threaded processes
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self._pool = ProcessPoolExecutor(
+                    max_workers=self.workers,
+                    mp_context=multiprocessing.get_context("fork"),
+                    initializer=_init_worker,
+                )
+        return self._pool
+
+    @staticmethod
+    def _log(done: Future[np.ndarray], log: Callable[[np.ndarray], None], logged: Future) -> None:
+        try:
+            log(done.result())
+        except BaseException as err:  # noqa: BLE001 - kept for the owner's wait()
+            logged.set_exception(err)
+        else:
+            logged.set_result(None)
+
+    def wait(self, owner: object) -> list[BaseException]:
+        """Wait until every figure of ``owner`` is logged; the errors they raised (once each).
+
+        The worker ends once no figure of any owner is pending."""
+        with self._lock:
+            mine = self._pending.pop(id(owner), [])
+        errors = []
+        for logged in mine:
+            try:
+                logged.result(timeout=FIGURE_TIMEOUT)
+            except TimeoutError:
+                errors.append(TimeoutError(f"a figure was not drawn within {FIGURE_TIMEOUT:.0f} s"))
+            except BaseException as err:  # noqa: BLE001 - reported by the owner
+                errors.append(err)
+        with self._lock:
+            if not any(self._pending.values()) and self._pool is not None:
+                self._pool.shutdown(wait=False)
+                self._pool = None
+        return errors
+
+
+#: The figure worker of every :class:`~lightning_neurons.loggers.AnalysisLogger`.
+background_figures = BackgroundFigures()

@@ -1,0 +1,128 @@
+"""Figures drawn off the training thread: in another process, logged at the step they were asked
+for, errors reported by the callback that asked, nothing left running after the fit."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from conftest import TinyData, TinyNet, fast_trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_neurons import ActivationTracker
+from lightning_neurons.figure_worker import BackgroundFigures, background_figures
+from lightning_neurons.models import ImageClassifier
+
+needs_fork = pytest.mark.skipif(
+    not BackgroundFigures.available(), reason="figures are drawn in forked workers on Linux only"
+)
+
+
+def pid_image(path: str, value: float = 0.5) -> np.ndarray:
+    """A plot function: writes the pid of the process that draws, returns a 4 x 6 image."""
+    Path(path).write_text(str(os.getpid()))
+    return np.full((4, 6, 3), value, dtype=np.float32)
+
+
+def grad_image(tensor: torch.Tensor) -> np.ndarray:
+    assert not tensor.requires_grad, "the worker must get a detached tensor"
+    return np.zeros((2, 2, 3), dtype=np.uint8) + int(tensor.sum())
+
+
+def broken_figure(*_args: object) -> np.ndarray:
+    raise ValueError("no such colour map")
+
+
+def _no_children(timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not multiprocessing.active_children()
+
+
+@needs_fork
+def test_a_figure_is_drawn_in_another_process_and_logged_with_its_pixels(tmp_path):
+    figures, logged, owner = BackgroundFigures(), [], object()
+    figures.submit(owner, logged.append, pid_image, (str(tmp_path / "pid"),), {"value": 1.0})
+    assert figures.wait(owner) == []
+    assert int((tmp_path / "pid").read_text()) != os.getpid()
+    (pixels,) = logged
+    assert pixels.shape == (4, 6, 3) and pixels.dtype == np.uint8 and (pixels == 255).all()
+    assert _no_children(), "the workers end once nothing is pending"
+
+
+@needs_fork
+def test_tensors_reach_the_worker_detached():
+    figures, logged, owner = BackgroundFigures(), [], object()
+    leaf = torch.full((3,), 2.0, requires_grad=True)
+    figures.submit(owner, logged.append, grad_image, (leaf * 1,))
+    assert figures.wait(owner) == []
+    assert int(logged[0][0, 0, 0]) == 6
+    assert leaf.grad is None
+
+
+@needs_fork
+def test_errors_are_kept_for_the_owner_that_asked():
+    figures, logged, mine, other = BackgroundFigures(), [], object(), object()
+    figures.submit(mine, logged.append, broken_figure)
+    figures.submit(other, logged.append, grad_image, (torch.ones(2),))
+    assert figures.wait(other) == []
+    (error,) = figures.wait(mine)
+    assert isinstance(error, ValueError) and "colour map" in str(error)
+    assert figures.wait(mine) == [], "each error is reported once"
+
+
+def test_a_lambda_or_a_disabled_worker_draws_on_the_spot(tmp_path):
+    logged: list[np.ndarray] = []
+    path = str(tmp_path / "pid")
+    BackgroundFigures().submit(object(), logged.append, lambda: pid_image(path))
+    assert int(Path(path).read_text()) == os.getpid() and len(logged) == 1
+    BackgroundFigures(enabled=False).submit(object(), logged.append, pid_image, (path,))
+    assert int(Path(path).read_text()) == os.getpid() and len(logged) == 2
+    with pytest.raises(ValueError, match="colour map"):  # on the spot: raised to the caller
+        BackgroundFigures(enabled=False).submit(object(), logged.append, broken_figure)
+
+
+def _fit(tmp_path, epochs: int, **tracker_kw) -> tuple[pl.Trainer, ActivationTracker]:
+    pl.seed_everything(0, verbose=False)
+    tracker = ActivationTracker(layers=["backbone.fc"], **tracker_kw)
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = fast_trainer(tmp_path, callbacks=[tracker], max_epochs=epochs, logger=logger)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(ImageClassifier(TinyNet(), num_classes=3, lr=1e-2), datamodule=TinyData())
+    return trainer, tracker
+
+
+def test_a_fit_logs_every_epoch_figure_at_its_step_before_it_returns(tmp_path):
+    trainer, _ = _fit(tmp_path, epochs=3)
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    steps = [e.step for e in events.Images("activations/backbone.fc/class_profile")]
+    per_epoch = trainer.global_step // 3
+    assert steps == [per_epoch, 2 * per_epoch, 3 * per_epoch]
+    assert [e.step for e in events.Images("activations/backbone.fc/evolution")] == steps[1:]
+    assert _no_children(), "no worker outlives the fit"
+
+
+@needs_fork
+def test_a_figure_that_fails_in_the_worker_is_reported_and_training_goes_on(
+    tmp_path, monkeypatch
+):
+    import lightning_neurons.plots.activation as activation
+
+    monkeypatch.setattr(activation, "class_profile_heatmap", broken_figure)
+    trainer, tracker = _fit(tmp_path, epochs=2)  # the default on_error: warn and go on
+    assert trainer.current_epoch == 2 and tracker.results
+    assert tracker.failures == ["writing files and figures: ValueError: no such colour map"] * 2
+    with pytest.raises(ValueError, match="colour map"):
+        _fit(tmp_path / "raise", epochs=1, on_error="raise")
+    assert background_figures.wait(tracker) == []
