@@ -321,6 +321,43 @@ def test_restarts_keep_the_candidate_the_model_scores_best():
         render(model, objectives, restarts=2, n_images=2, **kwargs)
 
 
+def test_restarts_by_agreement_keep_the_candidate_the_model_names_most_surely():
+    """``select_by="agreement"``: among the candidates whose top class is theirs on the most
+    views, the highest log-probability; ``"value"`` the highest logit. Without transforms there
+    is one view, so the choice can be recomputed from the candidates' logits."""
+    model = bn_net(seed=0, num_classes=3)
+    objectives = [ClassLogit(c) for c in range(3)]
+    kwargs = dict(image_shape=(1, 16, 16), steps=6, lr=0.1, transforms="none")
+    candidates = render(model, objectives, n_images=6, **kwargs).images  # the same rows and seeds
+    with torch.no_grad():
+        logits = model.eval()(candidates).view(3, 6, 3)
+    kept = {}
+    for select_by in ("agreement", "value"):
+        best = kept[select_by] = render(
+            model, objectives, restarts=6, select_by=select_by, **kwargs
+        ).images
+        for c in range(3):
+            top = logits[c].argmax(dim=1) == c
+            log_prob = logits[c].log_softmax(dim=1)[:, c]
+            if select_by == "agreement" and top.any():
+                winner = int(log_prob.masked_fill(~top, -torch.inf).argmax())
+            elif select_by == "agreement":
+                winner = int(log_prob.argmax())
+            else:
+                winner = int(logits[c, :, c].argmax())
+            torch.testing.assert_close(best[c], candidates[6 * c + winner], atol=1e-5, rtol=0)
+    # measured: the rules keep different candidates of class 1 here (its highest logit is not
+    # its highest log-probability), so the test tells them apart
+    assert not torch.equal(kept["agreement"], kept["value"])
+    # a channel objective has no class: "agreement" compares it by its value
+    channels = [Channel("conv2", 0), Channel("conv2", 3)]
+    by_value = render(model, channels, restarts=3, select_by="value", **kwargs).images
+    by_agreement = render(model, channels, restarts=3, select_by="agreement", **kwargs).images
+    torch.testing.assert_close(by_agreement, by_value, atol=0, rtol=0)
+    with pytest.raises(NeuronsError, match="`select_by` must be one of 'value', 'agreement'"):
+        render(model, objectives, restarts=2, select_by="logit", **kwargs)
+
+
 def test_similarity_to_others():
     a = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     same = torch.cat([a, a, 2 * a + 1])  # centred cosine ignores brightness and contrast

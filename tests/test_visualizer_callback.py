@@ -568,6 +568,7 @@ trainer:
           class_views: 3
           class_restarts: 2
           class_select_after: 4
+          class_select_by: value
           n_images: 2
           diversity: 0.5
           diversity_on: pixels
@@ -634,6 +635,7 @@ def test_lightning_cli_configures_every_option_from_yaml(tmp_path, monkeypatch):
         class_views=3,
         class_restarts=2,
         class_select_after=4,
+        class_select_by="value",
         n_images=2,
         diversity=0.5,
         diversity_on="pixels",

@@ -60,13 +60,17 @@ class RenderOptions:
         transforms: ``"robust"`` (default) or ``"standard"`` random jitter, scale and rotation,
             or ``"none"``.
         contrast: ``"maco"``: scale of channel images' patterns relative to the data's spread.
-        class_contrast: ``"maco"``: the same for class images (0.8: a little less than the
-            data's own spread).
+        class_contrast: ``"maco"``: the same for class images (1.0: the data's own spread).
         views: Randomly transformed copies of every channel image scored at each step.
         class_views: The same for class images (an ensemble of augmentations: class images
             that other models recognise more often, at ``class_views`` times the cost).
         class_restarts: Class image candidates rendered from different seeds; the one the
-            model scores highest over random views is kept (``class_restarts`` times the cost).
+            model scores best over random views is kept (``class_select_by``; ``class_restarts``
+            times the cost).
+        class_select_by: How the candidates are compared over 16 random views:
+            ``"agreement"`` (the most views on which the model's top class is the image's class,
+            ties broken by the class's mean log-probability) or ``"value"`` (the highest mean
+            logit); see ``render(select_by=)``.
         class_select_after: Keep the best candidate after this many steps of the first round
             and spend the other steps on it alone (see ``render(select_after=)``); ``None``:
             after all steps.
@@ -96,11 +100,12 @@ class RenderOptions:
     param: Literal["maco", "fft", "pixel"] = "maco"
     transforms: Literal["robust", "standard", "none"] = "robust"
     contrast: float = 2.0
-    class_contrast: float = 0.8
+    class_contrast: float = 1.0
     views: int = 1
     class_views: int = 4
     class_restarts: int = 4
     class_select_after: int | None = None
+    class_select_by: Literal["agreement", "value"] = "agreement"
     n_images: int = 1
     diversity: float = 1.0
     diversity_on: Literal["features", "pixels"] = "features"
@@ -129,6 +134,9 @@ class RenderOptions:
             "class_restarts": check_positive_int("class_restarts", self.class_restarts),
             "class_select_after": check_optional_positive_int(
                 "class_select_after", self.class_select_after
+            ),
+            "class_select_by": check_choice(
+                "class_select_by", self.class_select_by, ("agreement", "value")
             ),
             "n_images": check_positive_int("n_images", self.n_images),
             "diversity": check_number("diversity", self.diversity),
@@ -251,6 +259,7 @@ class Renderer:
             diversity_on=o.diversity_on,
             restarts=restarts,
             select_after=o.class_select_after if restarts > 1 else None,
+            select_by=o.class_select_by if classes else "value",
         )
         return result.images.cpu(), result.params, result.steps
 

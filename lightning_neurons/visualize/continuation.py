@@ -2,8 +2,8 @@
 
 - :func:`continue_from`: rows start from given parameters (an earlier rendering's) instead of
   their seeded noise, so a few steps reach what many steps from noise reach.
-- :func:`best_candidates`: of every ``restarts`` consecutive candidates, the one whose objective
-  is highest on average over :data:`SELECTION_VIEWS` random views.
+- :func:`best_candidates`: of every ``restarts`` consecutive candidates, the one the model scores
+  best over :data:`SELECTION_VIEWS` random views (``select_by``).
 - :func:`continue_kept`: the kept candidates optimised alone for the remaining steps.
 """
 
@@ -11,20 +11,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
 from lightning_neurons import progress
-from lightning_neurons.batch import BatchFn, to_model_input
+from lightning_neurons.batch import BatchFn, as_model_input, read_logits, to_model_input
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.visualize.objectives import Objective
+from lightning_neurons.visualize.objectives import ClassLogit, ClassLogProb, Objective
 from lightning_neurons.visualize.optimise import Ascent, Chunk, ChunkSettings, chunks_of, optimise
 from lightning_neurons.visualize.scoring import Scoring
 from lightning_neurons.visualize.transforms import apply_transforms
 
 #: Random views on which the candidates of ``restarts`` are compared.
 SELECTION_VIEWS = 16
+
+#: How the candidates of ``restarts`` are compared (see :func:`best_candidates`).
+SelectBy = Literal["value", "agreement"]
+SELECT_BY: tuple[str, ...] = ("value", "agreement")
 
 
 @dataclass(frozen=True)
@@ -96,26 +101,50 @@ def best_candidates(
     ascent: Ascent,
     size: int,
     output_fn: BatchFn | None = None,
+    select_by: SelectBy = "value",
 ) -> torch.Tensor:
-    """Index of the best of every ``restarts`` consecutive candidates: the highest mean value of
-    its objective over :data:`SELECTION_VIEWS` random views of ``ascent.transforms`` (drawn from
-    ``ascent.seed + 1``; one view without transforms when there are none), ``size`` rows at
-    once."""
+    """Index of the best of every ``restarts`` consecutive candidates over
+    :data:`SELECTION_VIEWS` random views of ``ascent.transforms`` (drawn from ``ascent.seed + 1``;
+    one view without transforms when there are none), ``size`` rows at once.
+
+    ``select_by="value"``: the highest mean value of the row's objective. ``"agreement"``, when
+    every row is a :class:`ClassLogit` or :class:`ClassLogProb`: the most views on which the
+    model's top class is the row's class, ties broken by the mean log-probability of that class
+    (else as ``"value"``)."""
+    by_class = select_by == "agreement" and all(type(o) in (ClassLogit, ClassLogProb) for o in rows)
     draws = SELECTION_VIEWS if ascent.transforms else 1
     generator = torch.Generator().manual_seed(int(ascent.seed) + 1)
-    total = torch.zeros(len(rows), dtype=torch.float64)
+    total = torch.zeros(len(rows), 2, dtype=torch.float64)  # (views agreeing, summed value)
     with torch.no_grad():
         for _ in range(draws):
             progress.advance("comparing the candidates on view", draws)
             state = generator.get_state()
             for start in range(0, len(rows), size):
                 generator.set_state(state)  # every chunk sees the same draw
-                scoring = Scoring(rows[start : start + size], output_fn=output_fn)
+                part = rows[start : start + size]
                 image = images[start : start + size]
                 view = apply_transforms(image, ascent.transforms, generator)
                 x = to_model_input(view, ascent.input_transform)
+                if by_class:
+                    total[start : start + size] += _class_scores(model, part, x, output_fn)
+                    continue
+                scoring = Scoring(part, output_fn=output_fn)
                 with scoring.attached(model):
                     value = scoring.forward(model, x, image)
-                total[start : start + size] += value.double().cpu()
-    winners = total.view(-1, restarts).argmax(dim=1)
+                total[start : start + size, 1] += value.double().cpu()
+    scores = total.view(-1, restarts, 2)
+    most = scores[..., 0].amax(dim=1, keepdim=True)
+    winners = scores[..., 1].masked_fill(scores[..., 0] < most, -torch.inf).argmax(dim=1)
     return winners + torch.arange(len(winners)) * restarts
+
+
+def _class_scores(
+    model: nn.Module, rows: Sequence[Objective], x: torch.Tensor, output_fn: BatchFn | None
+) -> torch.Tensor:
+    """``[R, 2]``: whether the model's top class on ``x`` is each row's class, and the row
+    class's log-probability (float64, CPU)."""
+    logits = read_logits(model(as_model_input(x, model)), output_fn).float()
+    index = torch.tensor([o.index for o in rows], device=logits.device)  # type: ignore[attr-defined]
+    top = logits.argmax(dim=1) == index
+    log_prob = logits.log_softmax(dim=1).gather(1, index[:, None])[:, 0]
+    return torch.stack([top.double(), log_prob.double()], dim=1).cpu()

@@ -4,7 +4,8 @@ Without a data prior, :func:`render` follows Lucid's recipe (:data:`PLAIN`: Four
 standard transforms). Given one, it renders as :class:`~lightning_neurons.FeatureVisualizer`
 does at its defaults: the phase-only ``"maco"`` images with robust transforms and the
 convergence test (:data:`DATA_CHANNELS`), and for class images (objectives that all read the
-logits) a softer pattern, four views and the best of four candidates (:data:`DATA_CLASSES`).
+logits) the data's own contrast, four views and the best of four candidates, chosen by how often
+the model's top class is theirs over random views (:data:`DATA_CLASSES`).
 Every setting given to :func:`render` overrides its recipe's.
 """
 
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from lightning_neurons.visualize.continuation import SelectBy
 from lightning_neurons.visualize.objectives import Objective
 from lightning_neurons.visualize.param import Param
 from lightning_neurons.visualize.prior import DataPrior
@@ -36,6 +38,8 @@ class Recipe:
         views: Random views per image and step.
         restarts: Candidates per image (the best one is kept).
         diversity: Weight of the diversity term among the images of one objective.
+        select_by: How the candidates of ``restarts`` are compared (``"value"`` or
+            ``"agreement"``; see :func:`~lightning_neurons.visualize.continuation.best_candidates`).
     """
 
     param: Param
@@ -47,6 +51,7 @@ class Recipe:
     views: int
     restarts: int
     diversity: float
+    select_by: SelectBy = "value"
 
     def given(self, **settings: object) -> Recipe:
         """This recipe with the ``settings`` that are given (not ``None`` or ``"auto"``)."""
@@ -63,7 +68,7 @@ DATA_CHANNELS = Recipe("maco", "robust", steps=64, lr=0.1, converge_tol=0.005, c
                        views=1, restarts=1, diversity=1.0)  # fmt: skip
 
 #: With a data prior, class images: FeatureVisualizer's defaults for its class images.
-DATA_CLASSES = replace(DATA_CHANNELS, contrast=0.8, views=4, restarts=4)
+DATA_CLASSES = replace(DATA_CHANNELS, contrast=1.0, views=4, restarts=4, select_by="agreement")
 
 
 def recipe_for(

@@ -32,7 +32,9 @@ from lightning_neurons.checks import (
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.state import analysis_mode, model_device
 from lightning_neurons.visualize.continuation import (
+    SELECT_BY,
     Rendered,
+    SelectBy,
     best_candidates,
     continue_from,
     continue_kept,
@@ -100,6 +102,7 @@ def render(
     init: torch.Tensor | None = None,
     first_row: int = 0,
     select_after: int | None = None,
+    select_by: SelectBy | Literal["auto"] = "auto",
     converge_tol: float | None = None,
     converge_window: int = 4,
     mask: bool = False,
@@ -123,8 +126,8 @@ def render(
     0.05, ``"fft"``, ``"standard"`` transforms, one view, no convergence test). With one, the
     images :class:`~lightning_neurons.FeatureVisualizer` renders at its defaults: 64 steps, lr
     0.1, ``"maco"``, ``"robust"`` transforms, ``converge_tol=0.005``, diversity 1.0 and contrast
-    2.0; for class images (every objective reads the logits) contrast 0.8, 4 views and the best of
-    4 restarts (1 with ``n_images > 1``).
+    2.0; for class images (every objective reads the logits) contrast 1.0, 4 views and the best of
+    4 restarts (1 with ``n_images > 1``) by ``select_by="agreement"``.
 
     Args:
         model: Any ``nn.Module`` (a ``LightningModule`` too) mapping images to logits.
@@ -174,8 +177,8 @@ def render(
             or a new texture of the same thing; objectives on the logits, the image or a layer
             without channels fall back to ``"pixels"``: the centred pixels.
         restarts: Render this many candidates per image (from different seeds) and keep the
-            one whose mean value over 16 randomly transformed views is highest (only the
-            rendered model decides): ``restarts`` times the work. Not with ``n_images > 1``
+            one the model scores best over 16 randomly transformed views (``select_by``; only
+            the rendered model decides): ``restarts`` times the work. Not with ``n_images > 1``
             (``None``: the recipe's).
         init: Continue from these parameters instead of each row's seeded noise: the
             ``params`` of an earlier result, for the same objectives and settings
@@ -191,6 +194,12 @@ def render(
         select_after: With ``restarts``, keep the best candidate after this many steps and spend
             the remaining steps on it alone (``restarts x select_after + steps - select_after``
             image-steps instead of ``restarts x steps``). ``None``: select after all ``steps``.
+        select_by: How ``restarts`` candidates are compared over the 16 random views:
+            ``"value"`` (the highest mean value of the objective) or ``"agreement"`` (for
+            :class:`ClassLogit` objectives: the most views on which the model's top class is the
+            objective's class, ties broken by the class's mean log-probability; other objectives
+            by their value). ``"auto"``: the recipe's (``"agreement"`` for class images with a
+            prior, else ``"value"``).
         converge_tol: Stop an image early once its objective has converged, ``steps`` being
             the most: every ``converge_window`` steps each objective is scored on its image
             without transforms (one forward pass of the images still running), and an image
@@ -231,6 +240,7 @@ def render(
     chosen = recipe_for(prior, objectives, n_images)
     chosen = chosen.given(param=param, steps=steps, lr=lr, converge_tol=converge_tol)
     chosen = chosen.given(contrast=contrast, views=views, restarts=restarts, diversity=diversity)
+    chosen = chosen.given(select_by=select_by)
     counts = {"steps": chosen.steps, "views": chosen.views, "n_images": n_images}
     check_render_counts(counts, chosen.restarts, select_after, mask)
     check_int("first_row", first_row, minimum=0)
@@ -240,6 +250,7 @@ def render(
     check_non_negative("converge_tol", chosen.converge_tol, " (0: no convergence test)")
     check_positive("lr", chosen.lr)
     check_choice("param", chosen.param, PARAMS)
+    check_choice("select_by", chosen.select_by, SELECT_BY)
     spread = check_non_negative("diversity", chosen.diversity)
     penalties = Penalties(
         l2=check_non_negative("l2", l2),
@@ -293,7 +304,9 @@ def _optimised(
     masks = torch.cat([chunk.normalised_mask() for chunk in chunks]) if ascent.track_mask else None
     if restarts == 1:
         return RenderResult(rendered.images, rendered.steps, rendered.params, masks)
-    best = best_candidates(model, rows, rendered.images, restarts, ascent, size, settings.output_fn)
+    best = best_candidates(
+        model, rows, rendered.images, restarts, ascent, size, settings.output_fn, chosen.select_by
+    )
     kept = rendered.pick(best)
     masks = None if masks is None else masks[best]
     if first < steps:
