@@ -114,9 +114,7 @@ def test_a_fit_logs_every_epoch_figure_at_its_step_before_it_returns(tmp_path):
 
 
 @needs_fork
-def test_a_figure_that_fails_in_the_worker_is_reported_and_training_goes_on(
-    tmp_path, monkeypatch
-):
+def test_a_figure_that_fails_in_the_worker_is_reported_and_training_goes_on(tmp_path, monkeypatch):
     import lightning_neurons.plots.activation as activation
 
     monkeypatch.setattr(activation, "class_profile_heatmap", broken_figure)
