@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import warnings
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -102,6 +103,10 @@ class BackgroundFigures:
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
         self._pending: dict[int, list[Future[None]]] = {}  # owner id -> logged-when-done futures
+        self._order: deque[tuple[Future[np.ndarray], Callable[[np.ndarray], None], Future]] = (
+            deque()
+        )
+        self._log_lock = threading.Lock()
         self._errors: dict[int, list[BaseException]] = {}
 
     @staticmethod
@@ -137,10 +142,11 @@ class BackgroundFigures:
             logged: Future[None] = Future()
             if future is not None:
                 self._pending.setdefault(id(owner), []).append(logged)
+                self._order.append((future, log, logged))
         if future is None:
             log(draw(fn, *args, **kwargs))
             return
-        future.add_done_callback(lambda done: self._log(done, log, logged))
+        future.add_done_callback(lambda _: self._log_in_order())
 
     def _payload(self, fn: Callable[..., Any], args: Sequence[Any], kwargs: dict) -> bytes | None:
         if not (self.enabled and self.available()):
@@ -160,6 +166,17 @@ class BackgroundFigures:
                     initializer=_init_worker,
                 )
         return self._pool
+
+    def _log_in_order(self) -> None:
+        """Log the figures drawn so far, in the order they were asked for (TensorBoard's slider
+        shows a tag's images in the order they reach the event file)."""
+        with self._log_lock:
+            while True:
+                with self._lock:
+                    if not (self._order and self._order[0][0].done()):
+                        return
+                    done, log, logged = self._order.popleft()
+                self._log(done, log, logged)
 
     @staticmethod
     def _log(done: Future[np.ndarray], log: Callable[[np.ndarray], None], logged: Future) -> None:

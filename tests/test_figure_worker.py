@@ -109,8 +109,23 @@ def test_a_fit_logs_every_epoch_figure_at_its_step_before_it_returns(tmp_path):
     steps = [e.step for e in events.Images("activations/backbone.fc/class_profile")]
     per_epoch = trainer.global_step // 3
     assert steps == [per_epoch, 2 * per_epoch, 3 * per_epoch]
-    assert [e.step for e in events.Images("activations/backbone.fc/evolution")] == steps[1:]
+    # the evolution figure holds every epoch so far: drawn for the last one, at the end
+    assert [e.step for e in events.Images("activations/backbone.fc/evolution")] == steps[-1:]
     assert _no_children(), "no worker outlives the fit"
+
+
+def test_the_evolution_figure_is_drawn_every_few_epochs_and_at_the_end(tmp_path, monkeypatch):
+    import lightning_neurons.callbacks._evolution_log as evolution_log
+
+    monkeypatch.setattr(evolution_log, "EVOLUTION_EVERY", 2)
+    trainer, _ = _fit(tmp_path, epochs=5)
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    per_epoch = trainer.global_step // 5
+    evolution = [e.step for e in events.Images("activations/backbone.fc/evolution")]
+    assert evolution == [2 * per_epoch, 4 * per_epoch, 5 * per_epoch]
+    changed = events.Scalars("neurons/activations/backbone.fc/preference_changed")
+    assert [e.step for e in changed] == [k * per_epoch for k in range(2, 6)]
 
 
 @needs_fork

@@ -124,6 +124,7 @@ def drawn(monkeypatch):
     """Records every Figure the plot functions render (to inspect their text)."""
     figures: list[Figure] = []
     render = _canvas.render
+    _canvas._frames.clear()  # every figure's frame drawn afresh (and recorded)
 
     def recording(figure: Figure) -> np.ndarray:
         figures.append(figure)
@@ -209,8 +210,11 @@ def test_class_profile_heatmap_draws_each_neuron_scaled_in_its_class_row(drawn):
     the top of viridis and the others its bottom, with rows in class order."""
     profile = torch.tensor([[0.0, 0.0, 2.0], [3.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
     image = class_profile_heatmap(_layer_stats(profile))
-    (figure,) = drawn
+    figure = drawn[0]
     ax = figure.axes[0]
+    again = class_profile_heatmap(_layer_stats(profile))
+    assert len(drawn) == 3, "the frame once, then the title each time"
+    np.testing.assert_array_equal(again, image)
     top, bottom = _canvas.colormapped(np.array([[1.0, 0.0]]), "viridis", 0.0, 1.0)[0]
     box = ax.get_window_extent()
     for row in range(3):
@@ -273,7 +277,7 @@ def test_class_profile_heatmap_leaves_classes_without_data_blank(drawn):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "All-NaN slice" or division warnings either
         image = class_profile_heatmap(_layer_stats(profile))
-    (figure,) = drawn
+    figure = drawn[0]  # the frame; the title is drawn apart
     box = figure.axes[0].get_window_extent()
     x = int(box.x0 + box.width / 2)
     y = int(figure.bbox.height - box.y1 + 1.5 * box.height / 3)  # the middle row's centre

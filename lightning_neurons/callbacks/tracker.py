@@ -28,10 +28,9 @@ from lightning_neurons.callbacks._base import (
     class_names_of,
     find_callback,
 )
-from lightning_neurons.callbacks._evolution_log import log_neuron_evolution
+from lightning_neurons.callbacks._evolution_log import NeuronEvolutionLog
 from lightning_neurons.checks import Constraints, Interval, Options
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.evolution import NeuronHistory
 from lightning_neurons.functional import is_function_layer
 from lightning_neurons.hooks import (
     HookSet,
@@ -178,17 +177,15 @@ class ActivationTracker(StagedCallback):
         self._labels: torch.Tensor | None = None
         self._rows = LoaderRows()
         self._batch_size = 0
-        self._checked = False
-        self._warned_loaders = False
-        self._saw_validation = False
-        self._warned_no_validation = False
+        self._checked = self._warned_loaders = False
+        self._saw_validation = self._warned_no_validation = False
         self._batches = 0
         self._collecting = False
         self._pending_epoch: int | None = None
         self._saved_states: dict[str, dict[str, torch.Tensor]] = {}
         self._saved_epoch: int = -1
         self._noted: set[str] = set()
-        self._evolution = NeuronHistory()  # for the neuron x epoch figures
+        self._evolution = NeuronEvolutionLog()  # the neuron x epoch figures
 
     # ---- identity and checkpointing ------------------------------------------------------------
 
@@ -253,6 +250,12 @@ class ActivationTracker(StagedCallback):
         )
 
     # ---- Lightning hooks -----------------------------------------------------------------------
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._evolution.pending and (out := self._file_writer(trainer, "activations")):
+            self._run_safely("logging the evolution figures", lambda: self._evolution.flush(out))
+        super().teardown(trainer, pl_module, stage)
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -528,7 +531,7 @@ class ActivationTracker(StagedCallback):
             )
         out.scalars(scalars)
         names = class_names_of(trainer, int(self.num_classes or 0))
-        log_neuron_evolution(self._evolution, out, self.results, names)
+        self._evolution.log(out, self.results, names)
 
 
 def _file_arrays(res: LayerStats) -> dict[str, torch.Tensor]:

@@ -14,7 +14,8 @@ notebook's backend and leave figures open.
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import matplotlib
@@ -230,7 +231,7 @@ def titled_figure(
         ``(figure, top)``: the figure and the pixels its title takes from the top.
     """
     wrapped = wrap_title(text, width, lines)
-    top = 6 + TITLE_LINE * len(wrapped) if wrapped else 4
+    top = title_height(text, width, lines)
     figure = new_figure(top + body, width)
     if wrapped:
         figure.text(
@@ -243,6 +244,12 @@ def titled_figure(
             linespacing=1.3,
         )
     return figure, top
+
+
+def title_height(text: str, width: float = MAX_WIDTH, lines: int = 2) -> int:
+    """Pixels that :func:`titled_figure` gives the title ``text``."""
+    wrapped = wrap_title(text, width, lines)
+    return 6 + TITLE_LINE * len(wrapped) if wrapped else 4
 
 
 def label_room(labels: Sequence[str], cap: float) -> int:
@@ -284,3 +291,55 @@ def index_ticks(ax: Axes, axis: str, n: int) -> None:
     else:
         ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=FONT)
     ax.tick_params(axis=axis, length=2, pad=1)
+
+
+#: Frames kept by :func:`cached_frame` (each at most 480 x 720 x 3 bytes, 1 MB).
+MAX_FRAMES = 32
+_frames: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+
+
+def cached_frame(key: Hashable, draw: Callable[[], Figure]) -> np.ndarray:
+    """A copy of the pixels of ``draw()``, drawn only the first time ``key`` is asked for.
+
+    A figure redrawn every epoch mostly redraws what did not change (axes, tick labels, colour
+    bar): such a figure draws its frame once, keyed by what the frame depends on, then pastes
+    what changed into a copy (:func:`paste`, :func:`paste_title`)."""
+    frame = _frames.get(key)
+    if frame is None:
+        frame = render(draw())
+        _frames[key] = frame
+        while len(_frames) > MAX_FRAMES:
+            _frames.popitem(last=False)
+    _frames.move_to_end(key)
+    return frame.copy()
+
+
+def paste(image: np.ndarray, box: tuple[int, int, int, int], pixels: np.ndarray) -> None:
+    """Fill the inside of the axes ``box`` (``left, top, width, height`` in pixels, as given to
+    :func:`axes_at`; its one-pixel frame is kept) with ``pixels`` ``[h, w, 3]``, each stretched
+    to the box by the nearest pixel, as ``imshow(..., interpolation="nearest")`` draws it."""
+    left, top, width, height = (int(round(v)) for v in box)
+    h, w = pixels.shape[:2]
+    y0, y1 = top + 1, top + height - 1
+    x0, x1 = left + 1, left + width - 1
+    rows = ((np.arange(y0, y1) - top + 0.5) * h / height).astype(int).clip(0, h - 1)
+    cols = ((np.arange(x0, x1) - left + 0.5) * w / width).astype(int).clip(0, w - 1)
+    image[y0:y1, x0:x1] = pixels[rows[:, None], cols[None, :]]
+
+
+def paste_title(image: np.ndarray, text: str, top: int, lines: int = 2) -> None:
+    """Draw ``text`` as :func:`titled_figure` does into the ``top`` rows of ``image`` (a frame
+    drawn with an empty title)."""
+    width = image.shape[1]
+    strip = new_figure(top, width)
+    wrapped = wrap_title(text, width, lines)
+    strip.text(
+        0.5,
+        1.0 - 4 / strip.bbox.height,
+        "\n".join(wrapped),
+        ha="center",
+        va="top",
+        fontsize=TITLE_FONT,
+        linespacing=1.3,
+    )
+    image[:top] = render(strip)
