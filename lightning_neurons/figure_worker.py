@@ -16,6 +16,7 @@ instead, as it would be without this module; so are all figures while
 
 from __future__ import annotations
 
+import gc
 import importlib
 import io
 import multiprocessing
@@ -134,11 +135,14 @@ class BackgroundFigures:
             log(draw(fn, *args, **kwargs))  # on the spot: errors reach the caller now
             return
         with self._lock:
+            gc.freeze()  # a forked worker's collector leaves the parent's objects (and pages) alone
             try:
                 future = self._start().submit(_draw_pickled, payload)
             except (BrokenProcessPool, RuntimeError):  # the worker died: a new one next time
                 self._pool = None
                 future = None
+            finally:
+                gc.unfreeze()
             logged: Future[None] = Future()
             if future is not None:
                 self._pending.setdefault(id(owner), []).append(logged)

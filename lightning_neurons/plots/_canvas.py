@@ -233,6 +233,12 @@ def titled_figure(
     wrapped = wrap_title(text, width, lines)
     top = title_height(text, width, lines)
     figure = new_figure(top + body, width)
+    _title_text(figure, wrapped)
+    return figure, top
+
+
+def _title_text(figure: Figure, wrapped: list[str]) -> None:
+    """The lines of a title, centred, 4 pixels below the figure's top."""
     if wrapped:
         figure.text(
             0.5,
@@ -243,7 +249,6 @@ def titled_figure(
             fontsize=TITLE_FONT,
             linespacing=1.3,
         )
-    return figure, top
 
 
 def title_height(text: str, width: float = MAX_WIDTH, lines: int = 2) -> int:
@@ -332,14 +337,5 @@ def paste_title(image: np.ndarray, text: str, top: int, lines: int = 2) -> None:
     drawn with an empty title)."""
     width = image.shape[1]
     strip = new_figure(top, width)
-    wrapped = wrap_title(text, width, lines)
-    strip.text(
-        0.5,
-        1.0 - 4 / strip.bbox.height,
-        "\n".join(wrapped),
-        ha="center",
-        va="top",
-        fontsize=TITLE_FONT,
-        linespacing=1.3,
-    )
+    _title_text(strip, wrap_title(text, width, lines))
     image[:top] = render(strip)
