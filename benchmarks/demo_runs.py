@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -63,7 +64,10 @@ def run(seed: int, setup: str, workdir: Path) -> dict[str, float]:
         f"--trainer.logger.init_args.save_dir={workdir / 'runs'}",
         f"--trainer.default_root_dir={workdir}",
     ]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(command, cwd=workdir, capture_output=True, text=True, check=False)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     text = out.stdout
@@ -73,6 +77,7 @@ def run(seed: int, setup: str, workdir: Path) -> dict[str, float]:
     failures = (text + out.stderr).count("failed and was skipped")
     return {
         "seconds": seconds,
+        "cpu": cpu,
         "final": final,
         "best": float(best.group(1)),
         "best_epoch": int(best.group(2)),
@@ -108,9 +113,13 @@ def main() -> None:
         f"command: lightning-neurons fit --config configs/digits.yaml --seed_everything S ({CLI})"
     )
     print("setups: all = every analysis (the config), tracker = its ActivationTracker alone, none")
-    print("| seed | setup | repeat | final val/acc | best val/acc (epoch) | fit time | failures |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| seed | setup | repeat | final val/acc | best val/acc (epoch) | fit time | "
+        "CPU time, whole command | failures |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     times: dict[tuple[int, str], list[float]] = {}
+    cpu: dict[tuple[int, str], list[float]] = {}
     for seed in args.seeds:
         for repeat in range(args.repeats):
             for setup in args.setups:
@@ -121,20 +130,25 @@ def main() -> None:
                 finally:
                     shutil.rmtree(workdir, ignore_errors=True)
                 times.setdefault((seed, setup), []).append(out["seconds"])
+                cpu.setdefault((seed, setup), []).append(out["cpu"])
                 print(
                     f"| {seed} | {setup} | {repeat + 1} | {out['final']:.4f} | {out['best']:.4f} "
-                    f"({out['best_epoch']}) | {out['seconds']:.1f} s | {out['failures']} |",
+                    f"({out['best_epoch']}) | {out['seconds']:.1f} s | {out['cpu']:.1f} s | "
+                    f"{out['failures']} |",
                     flush=True,
                 )
                 if rounds:
                     shares = ", ".join(f"{f:.0%}" for _, f in rounds)
                     print(f"  channel images above their validation maximum, per round: {shares}")
     summarise(times, args.seeds, args.setups, args.repeats)
+    print("\nthe same with the CPU seconds of the whole command (start-up, training, every thread")
+    print("and process, the figure workers included): steadier than wall time on a shared machine")
+    summarise(cpu, args.seeds, args.setups, args.repeats)
 
 
 def summarise(times: dict, seeds: list[int], setups: list[str], repeats: int) -> None:
-    print(f"\nmedian fit time of {repeats} interleaved runs, and its ratio to the bare fit:")
-    print("| seed | setup | median fit time | ratio to none | goal | met |")
+    print(f"\nmedians of {repeats} interleaved runs, and their ratio to the bare fit:")
+    print("| seed | setup | median | ratio to none | goal | met |")
     print("|---|---|---|---|---|---|")
     for seed in seeds:
         bare = statistics.median(times[(seed, "none")]) if "none" in setups else None
