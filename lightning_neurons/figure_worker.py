@@ -60,17 +60,23 @@ def _dumps(payload: Any) -> bytes:
 
 def draw(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> np.ndarray:
     """``fn(*args, **kwargs)`` as ``[H, W, 3]`` uint8 pixels (the figure closed)."""
-    from matplotlib.figure import Figure
-
     from lightning_neurons.plots._canvas import as_image
 
     figure = fn(*args, **kwargs)
     try:
         return as_image(figure)
     finally:
-        pyplot = sys.modules.get("matplotlib.pyplot")
-        if pyplot is not None and isinstance(figure, Figure):
-            pyplot.close(figure)  # a user's pyplot figure; ours are not registered there
+        close(figure)
+
+
+def close(figure: Any) -> None:
+    """Close ``figure`` if it is a figure that pyplot manages (a user's; the package's figures
+    are not registered there). Never imports pyplot."""
+    from matplotlib.figure import Figure
+
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None and isinstance(figure, Figure):
+        pyplot.close(figure)
 
 
 def _draw_pickled(payload: bytes) -> np.ndarray:

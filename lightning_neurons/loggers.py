@@ -30,6 +30,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_neurons.figure_worker import background_figures, close, draw
+
 #: Folder (under the TensorBoard log dir, or the trainer's root dir) holding our files.
 ARTIFACT_DIRNAME = "neurons"
 #: The index of the files, one JSON record per line.
@@ -188,8 +190,6 @@ background_writes = BackgroundWrites()
 
 def wait_for_output(owner: object) -> list[BaseException]:
     """Wait until every file and figure that ``owner`` asked for is written; their errors."""
-    from lightning_neurons.figure_worker import background_figures
-
     return [*background_figures.wait(owner), *background_writes.wait(owner)]
 
 
@@ -246,16 +246,14 @@ class AnalysisLogger:
         drawn, and :func:`wait_for_output` waits for it. Never imports pyplot."""
         from matplotlib.figure import Figure
 
-        from lightning_neurons.figure_worker import background_figures, draw
-
         if callable(figure) and not isinstance(figure, Figure):
             if self.experiment is not None:
                 log = functools.partial(self._add_image, self.experiment, tag, self.step)
                 background_figures.submit(self.owner, log, figure, args, kwargs)
-            return
-        pixels = draw(lambda: figure)  # an image or a figure: closed whether logged or not
-        if self.experiment is not None:
-            self._add_image(self.experiment, tag, self.step, pixels)
+        elif self.experiment is not None:  # an image or a figure: closed whether logged or not
+            self._add_image(self.experiment, tag, self.step, draw(lambda: figure))
+        else:
+            close(figure)
 
     @staticmethod
     def _add_image(experiment: Any, tag: str, step: int, pixels: np.ndarray) -> None:
