@@ -45,7 +45,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from clustering_scale import GROUPS, synthetic_profile  # noqa: E402
+from clustering_scale import GROUPS, in_fresh_process, synthetic_profile  # noqa: E402
 
 #: ResNet-50's default tracked layers: the stem's ReLU and the 16 bottleneck blocks.
 RESNET50_LAYERS = [("relu", 64)] + [
@@ -210,13 +210,7 @@ def _run(options: dict, old_choice: bool, classes: int, queue: mp.Queue) -> None
 def measure(
     options: dict, old_choice: bool, classes: int
 ) -> tuple[list[float], str, dict[str, float]]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_run, args=(options, old_choice, classes, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    return in_fresh_process(_run, options, old_choice, classes)
 
 
 def main() -> None:

@@ -88,16 +88,21 @@ def _run(task: str, categories: int, neurons: int, queue: mp.Queue) -> None:
     queue.put((seconds, _peak_mb(), before, allocated, profile.nbytes / 2**20, summary))
 
 
-def measure(
-    task: str, categories: int, neurons: int
-) -> tuple[float, float, float, float, float, str]:
+def in_fresh_process(target, *args):
+    """``target(*args, queue)`` in a spawned process; what it puts on the queue."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_run, args=(task, categories, neurons, queue))
+    proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
     result = queue.get()
     proc.join()
     return result
+
+
+def measure(
+    task: str, categories: int, neurons: int
+) -> tuple[float, float, float, float, float, str]:
+    return in_fresh_process(_run, task, categories, neurons)
 
 
 def main() -> None:
