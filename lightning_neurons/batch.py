@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -209,16 +210,14 @@ def read_logits(output: Any, output_fn: BatchFn | None = None) -> torch.Tensor:
 
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The floating-point type of the model's first floating parameter or buffer (float32 if none)."""
-    for tensor in (*model.parameters(), *model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.float32
+    floating = (t for t in chain(model.parameters(), model.buffers()) if t.is_floating_point())
+    return next((t.dtype for t in floating), torch.float32)
 
 
 def as_model_input(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
     """``x`` on the model's device, floating inputs in the model's floating type (a model trained
     with ``precision="bf16-true"`` takes bfloat16 inputs). Gradients flow through the cast."""
-    device = next((t.device for t in (*model.parameters(), *model.buffers())), x.device)
+    device = next((t.device for t in chain(model.parameters(), model.buffers())), x.device)
     dtype = model_dtype(model) if x.is_floating_point() else x.dtype
     return x.to(device=device, dtype=dtype)
 
