@@ -17,7 +17,7 @@ from conftest import TinyData, TinyNet, fast_trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_neurons import ActivationTracker
+from lightning_neurons import ActivationTracker, CategoryClustering
 from lightning_neurons.figure_worker import BackgroundFigures, background_figures
 from lightning_neurons.models import ImageClassifier
 
@@ -91,11 +91,14 @@ def test_a_lambda_or_a_disabled_worker_draws_on_the_spot(tmp_path):
         BackgroundFigures(enabled=False).submit(object(), logged.append, broken_figure)
 
 
-def _fit(tmp_path, epochs: int, **tracker_kw) -> tuple[pl.Trainer, ActivationTracker]:
+def _fit(
+    tmp_path, epochs: int, others: tuple = (), **tracker_kw
+) -> tuple[pl.Trainer, ActivationTracker]:
     pl.seed_everything(0, verbose=False)
     tracker = ActivationTracker(layers=["backbone.fc"], **tracker_kw)
     logger = TensorBoardLogger(str(tmp_path), name="tb")
-    trainer = fast_trainer(tmp_path, callbacks=[tracker], max_epochs=epochs, logger=logger)
+    callbacks = [tracker, *others]
+    trainer = fast_trainer(tmp_path, callbacks=callbacks, max_epochs=epochs, logger=logger)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(ImageClassifier(TinyNet(), num_classes=3, lr=1e-2), datamodule=TinyData())
@@ -118,14 +121,18 @@ def test_the_evolution_figure_is_drawn_every_few_epochs_and_at_the_end(tmp_path,
     import lightning_neurons.callbacks._evolution_log as evolution_log
 
     monkeypatch.setattr(evolution_log, "EVOLUTION_EVERY", 2)
-    trainer, _ = _fit(tmp_path, epochs=5)
+    trainer, _ = _fit(tmp_path, epochs=5, others=(CategoryClustering(on_error="raise"),))
     events = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     per_epoch = trainer.global_step // 5
-    evolution = [e.step for e in events.Images("activations/backbone.fc/evolution")]
-    assert evolution == [2 * per_epoch, 4 * per_epoch, 5 * per_epoch]
-    changed = events.Scalars("neurons/activations/backbone.fc/preference_changed")
-    assert [e.step for e in changed] == [k * per_epoch for k in range(2, 6)]
+    for kind, scalar in (
+        ("activations", "preference_changed"),
+        ("category_clustering", "distance_correlation"),
+    ):
+        evolution = [e.step for e in events.Images(f"{kind}/backbone.fc/evolution")]
+        assert evolution == [2 * per_epoch, 4 * per_epoch, 5 * per_epoch], kind
+        changed = events.Scalars(f"neurons/{kind}/backbone.fc/{scalar}")
+        assert [e.step for e in changed] == [k * per_epoch for k in range(2, 6)], kind
 
 
 @needs_fork

@@ -26,7 +26,7 @@ from lightning_neurons.callbacks._clustering import (
     _stability,
     clusterer_options,
 )
-from lightning_neurons.callbacks._evolution_log import log_clustering_evolution
+from lightning_neurons.callbacks._evolution_log import ClusteringEvolutionLog
 from lightning_neurons.checks import Constraints, Interval, Options, Satisfies
 from lightning_neurons.clustering import (
     CategoryClusterer,
@@ -37,7 +37,6 @@ from lightning_neurons.clustering import (
 )
 from lightning_neurons.distributed import gather
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.evolution import ClusteringHistory
 from lightning_neurons.hooks import HookSet, resolve_layers, selects
 from lightning_neurons.results import CategoryClusteringResult
 from lightning_neurons.state import in_analysis
@@ -230,7 +229,7 @@ class CategoryClustering(_ClusteringCallback):
         self._armed = False
         self._previous: dict[str, torch.Tensor] = {}
         self._warned_shape = False
-        self._evolution = ClusteringHistory()  # for the across-epochs figures
+        self._evolution = ClusteringEvolutionLog()  # the across-epochs figures
         self._ranked: tuple[bytes, np.ndarray | None] | None = None  # this epoch's confusions
 
     @property
@@ -249,6 +248,12 @@ class CategoryClustering(_ClusteringCallback):
     def result(self) -> CategoryClusteringResult | None:
         """The headline view's result of the latest analysis (``None`` before the first)."""
         return self.results.get(self.main_view) if self.main_view is not None else None
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._evolution.pending and (out := self._file_writer(trainer, self.kind)):
+            self._run_safely("logging the evolution figures", lambda: self._evolution.flush(out))
+        super().teardown(trainer, pl_module, stage)
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -527,7 +532,7 @@ class CategoryClustering(_ClusteringCallback):
             assignments[view] = dict(zip(res.class_names, res.labels.tolist(), strict=True))
         out.save_json("assignments", assignments)
         out.scalars({k: v for k, v in scalars.items() if np.isfinite(v)})
-        log_clustering_evolution(self._evolution, out, results)
+        self._evolution.log(out, results)
 
     def _meta(self) -> dict[str, Any]:
         return {
