@@ -11,6 +11,13 @@ Usage:
     python benchmarks/demo_runs.py                       # seed 0, 3 repeats of each setup
     python benchmarks/demo_runs.py --seeds 0 1 2 --repeats 1
     python benchmarks/demo_runs.py --setups all          # only the run with every analysis
+    python benchmarks/demo_runs.py --setups all --judge-classes  # and the class images it logged
+
+``--judge-classes``: the class images the run logged at every FeatureVisualizer round (what
+TensorBoard shows, each round continuing the last), classified by the judges of
+``benchmarks/visualization.py --quality`` (a twin SmallCNN trained by the demo recipe with seed 1,
+a LeNet, a logistic regression on the raw training pixels; trained once and cached): how many of
+the 10 each recognises; that benchmark's goals are 10 (0.95), 9 and 8 of 10.
 """
 
 from __future__ import annotations
@@ -103,12 +110,56 @@ def above_max_by_round(runs: Path) -> list[tuple[int, float]]:
     return [(step, float(np.mean(values))) for step, values in sorted(rounds.items())]
 
 
+class ClassJudges:
+    """The judges of ``benchmarks/visualization.py``: the twin, LeNet and the pixel regression."""
+
+    def __init__(self) -> None:
+        import torch
+        from sklearn.linear_model import LogisticRegression
+        from visualization import trained
+
+        from lightning_neurons.data import DigitsDataModule
+
+        data = DigitsDataModule(batch_size=64, image_size=32, val_fraction=0.2, seed=0)
+        data.setup()
+        x, y = data.train_set.tensors
+        self.nets = {"twin": trained("smallcnn", 1)[0], "LeNet": trained("lenet", 0)[0]}
+        self.linear = LogisticRegression(max_iter=2000).fit(x.flatten(1).numpy(), y.numpy())
+        self.torch = torch
+
+    def __call__(self, images, classes) -> str:
+        """``twin/LeNet/linear``: how many of the images each classifies as their class."""
+        torch = self.torch
+        x, target = torch.as_tensor(images), torch.as_tensor(classes)
+        with torch.no_grad():
+            counts = [int((net(x).argmax(1) == target).sum()) for net in self.nets.values()]
+        guess = torch.as_tensor(self.linear.predict(x.flatten(1).numpy()))
+        return "/".join(str(c) for c in [*counts, int((guess == target).sum())])
+
+
+def class_images_by_round(runs: Path, judges: ClassJudges) -> str:
+    """``e1 10/8/6, e3 ...``: the judges' counts of every round's class images."""
+    import numpy as np
+
+    found = sorted(runs.rglob("preference/epoch=*/classes.npz"))
+    rounds = []
+    for path in found:
+        with np.load(path) as saved:
+            epoch = int(path.parent.name.split("=")[1])
+            rounds.append(f"e{epoch} {judges(saved['images'], saved['channels'])}")
+    return ", ".join(rounds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--repeats", type=int, default=3, help="runs of each setup, interleaved")
     parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument(
+        "--judge-classes", action="store_true", help="judge the class images of every round"
+    )
     args = parser.parse_args()
+    judges = ClassJudges() if args.judge_classes and "all" in args.setups else None
     print(
         f"command: lightning-neurons fit --config configs/digits.yaml --seed_everything S ({CLI})"
     )
@@ -127,6 +178,11 @@ def main() -> None:
                 try:
                     out = run(seed, setup, workdir)
                     rounds = above_max_by_round(workdir / "runs") if setup == "all" else []
+                    judged = (
+                        class_images_by_round(workdir / "runs", judges)
+                        if setup == "all" and judges
+                        else ""
+                    )
                 finally:
                     shutil.rmtree(workdir, ignore_errors=True)
                 times.setdefault((seed, setup), []).append(out["seconds"])
@@ -140,6 +196,10 @@ def main() -> None:
                 if rounds:
                     shares = ", ".join(f"{f:.0%}" for _, f in rounds)
                     print(f"  channel images above their validation maximum, per round: {shares}")
+                if judged:
+                    print(
+                        f"  class images recognised (twin/LeNet/linear of 10), per round: {judged}"
+                    )
     summarise(times, args.seeds, args.setups, args.repeats)
     print("\nthe same with the CPU seconds of the whole command (start-up, training, every thread")
     print("and process, the figure workers included): steadier than wall time on a shared machine")

@@ -1,0 +1,130 @@
+"""The class images the demo shows, round after round: FeatureVisualizer's schedule replayed.
+
+FeatureVisualizer renders its class images from noise in its first round (``steps``, the best of
+``class_restarts`` candidates) and continues them in every later round (``continue_steps``) on
+the model of that epoch. This script trains the demo model by the demo recipe once
+(``configs/digits.yaml``, seed 0), keeping its weights at the epochs the demo analyses (1, 3, 5,
+7, 9; cached in ``$LIGHTNING_NEURONS_CACHE``), replays the schedule with the callback's render
+settings, and prints per round how many of the 10 class images the judges of
+``benchmarks/visualization.py --quality`` recognise (a twin trained with seed 1, a LeNet, a
+logistic regression on the raw pixels; goals there: 10 (0.95), 9 and 8 of 10) and the seconds.
+
+Each ``--variants`` entry is a name and the first round's render settings, as JSON; the later
+rounds are the callback's. Default: the demo's first round (32 steps) and the 128 steps it used
+before.
+
+Run:  python benchmarks/class_image_schedule.py [--seeds 0,1,2] [--threads 2]
+          [--variants '{"steps 32": {"steps": 32}, "steps 128": {"steps": 128}}']
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from visualization import CACHE, trained
+
+from lightning_neurons import RenderOptions
+from lightning_neurons.models import SmallCNN
+from lightning_neurons.visualize import ClassLogit, DataPrior, render
+
+#: The epochs the demo analyses (every_n_epochs: 2 of 10).
+EPOCHS = (1, 3, 5, 7, 9)
+
+
+def demo_weights() -> dict[int, dict]:
+    """The demo model's weights at the end of each analysed epoch (trained once, cached)."""
+    path = CACHE / "smallcnn_seed0_demo_recipe_epochs.pt"
+    if path.exists():
+        return torch.load(path)
+    import lightning.pytorch as pl
+
+    from lightning_neurons.data import DigitsDataModule
+    from lightning_neurons.models import ImageClassifier
+
+    pl.seed_everything(0, verbose=False)
+    net = SmallCNN(widths=(32, 64, 128), batch_norm=True)
+    kept: dict[int, dict] = {}
+
+    class Keep(pl.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module) -> None:
+            if not trainer.sanity_checking and trainer.current_epoch in EPOCHS:
+                kept[trainer.current_epoch] = {k: v.clone() for k, v in net.state_dict().items()}
+
+    module = ImageClassifier(net, num_classes=10, lr=0.01, weight_decay=5e-4, schedule="onecycle")
+    data = DigitsDataModule(batch_size=64, image_size=32, val_fraction=0.2, seed=0, augment=True)
+    trainer = pl.Trainer(
+        max_epochs=10, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, callbacks=[Keep()],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    torch.save(kept, path)
+    return kept
+
+
+def class_settings(options: RenderOptions, prior: DataPrior) -> dict:
+    """``render()`` arguments of FeatureVisualizer's class images (as its Renderer passes them)."""
+    return dict(
+        image_shape=(1, 32, 32), lr=options.lr, param=options.param, prior=prior,
+        transforms=options.transforms, contrast=options.class_contrast, views=options.class_views,
+        converge_tol=options.converge_tol or 0.0, converge_window=options.converge_window,
+        select_by=options.class_select_by, seed=options.seed,
+    )  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", default="0,1,2", help="render seeds")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--variants", default='{"steps 32": {"steps": 32}, "steps 128": {"steps": 128}}'
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from sklearn.linear_model import LogisticRegression
+
+    from lightning_neurons.data import DigitsDataModule
+
+    data = DigitsDataModule(batch_size=64, image_size=32, val_fraction=0.2, seed=0)
+    data.setup()
+    train_x, train_y = data.train_set.tensors
+    prior = DataPrior.from_images(data.val_set.tensors[0][:512])  # as the callback estimates it
+    judges = {"twin": trained("smallcnn", 1)[0], "LeNet": trained("lenet", 0)[0]}
+    linear = LogisticRegression(max_iter=2000).fit(train_x.flatten(1).numpy(), train_y.numpy())
+    weights = demo_weights()
+    target = torch.arange(10)
+
+    def judged(images: torch.Tensor) -> str:
+        with torch.no_grad():
+            counts = [int((net(images).argmax(1) == target).sum()) for net in judges.values()]
+        guess = torch.as_tensor(linear.predict(images.flatten(1).numpy()))
+        return "/".join(str(c) for c in [*counts, int((guess == target).sum())])
+
+    print("class images recognised (twin/LeNet/linear of 10) and seconds, per analysed epoch")
+    for name, first in json.loads(args.variants).items():
+        for seed in (int(s) for s in args.seeds.split(",")):
+            options = RenderOptions(seed=seed)
+            settings = class_settings(options, prior)
+            params, cells, total = None, [], 0.0
+            for epoch in EPOCHS:
+                model = SmallCNN(widths=(32, 64, 128), batch_norm=True).eval()
+                model.load_state_dict(weights[epoch])
+                model.requires_grad_(False)
+                if params is None:  # the first round: from noise, the best of the candidates
+                    kw = dict(settings, steps=options.steps, restarts=options.class_restarts)
+                    kw.update(first)
+                else:  # the callback's later rounds: the kept candidate, continued
+                    kw = dict(settings, steps=options.continue_steps, init=params, restarts=1)
+                start = time.perf_counter()
+                result = render(model, [ClassLogit(c) for c in range(10)], **kw)
+                seconds = time.perf_counter() - start
+                total, params = total + seconds, result.params
+                cells.append(f"e{epoch} {judged(result.images)} {seconds:.1f} s")
+            print(f"{name}, seed {seed}: {', '.join(cells)}; {total:.1f} s in all", flush=True)
+
+
+if __name__ == "__main__":
+    main()
