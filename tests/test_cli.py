@@ -43,10 +43,8 @@ def test_demo_config_runs_every_analysis_and_says_where_the_logs_are(tmp_path, c
         "backbone.features.relu2",
         "backbone.features.relu3",
     }
-    # the demo's `views: all`: every layer and the combined view
+    # the demo's `views: 1`: the deepest layer and the combined view
     assert {r["name"] for r in index if r["kind"] == "category_clustering"} == {
-        "backbone.features.relu1",
-        "backbone.features.relu2",
         "backbone.features.relu3",
         "combined",
         "assignments",
