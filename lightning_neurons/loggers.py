@@ -13,6 +13,7 @@ grow with the index); :func:`load_index` reads it.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -218,6 +219,7 @@ class AnalysisLogger:
         tb = find_tensorboard(trainer)
         self.experiment = tb.experiment if (tb is not None and self.is_writer) else None
         self.root = artifact_root(trainer) if self.is_writer else Path(ARTIFACT_DIRNAME)
+        self._step: int | None = None
         key = id(owner) if owner is not None else id(self)
         if tb is None and self.is_writer and key not in _warned_no_tensorboard:
             _warned_no_tensorboard.add(key)
@@ -230,7 +232,15 @@ class AnalysisLogger:
 
     @property
     def step(self) -> int:
-        return self.trainer.global_step
+        """The step everything is logged at: the trainer's ``global_step``, or the one given to
+        :meth:`at_step`."""
+        return self.trainer.global_step if self._step is None else self._step
+
+    def at_step(self, step: int) -> AnalysisLogger:
+        """This logger, logging at ``step`` (what was held back from an earlier epoch)."""
+        held = copy.copy(self)
+        held._step = step
+        return held
 
     def tag(self, *parts: str) -> str:
         return "/".join([self.kind, *parts])

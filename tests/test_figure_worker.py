@@ -135,6 +135,18 @@ def test_the_evolution_figure_is_drawn_every_few_epochs_and_at_the_end(tmp_path,
         assert [e.step for e in changed] == [k * per_epoch for k in range(2, 6)], kind
 
 
+def test_an_evolution_figure_held_to_the_end_is_logged_at_the_step_of_its_epoch(tmp_path):
+    # analysed epochs 2 and 4 of 5: the figures drawn at the end show epoch 4, at its step
+    others = (CategoryClustering(every_n_epochs=2, on_error="raise"),)
+    trainer, _ = _fit(tmp_path, epochs=5, others=others, every_n_epochs=2)
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    per_epoch = trainer.global_step // 5
+    for kind in ("activations", "category_clustering"):
+        steps = [e.step for e in events.Images(f"{kind}/backbone.fc/evolution")]
+        assert steps == [4 * per_epoch], kind
+
+
 @needs_fork
 def test_a_figure_that_fails_in_the_worker_is_reported_and_training_goes_on(tmp_path, monkeypatch):
     import lightning_neurons.plots.activation as activation

@@ -31,11 +31,12 @@ class _LatestFigures:
 
     def __init__(self) -> None:
         self._undrawn: list[Figure] = []
+        self._step = 0  # the global step of the epoch they show
 
     def hold(self, out: AnalysisLogger, figures: list[Figure], epochs: int) -> None:
         """Keep ``figures`` (of the ``epochs``-th analysed epoch) instead of the undrawn ones;
         draw them if they are due."""
-        self._undrawn = figures
+        self._undrawn, self._step = figures, out.step
         if epochs and epochs % EVOLUTION_EVERY == 0:
             self.flush(out)
 
@@ -45,10 +46,12 @@ class _LatestFigures:
         return bool(self._undrawn)
 
     def flush(self, out: AnalysisLogger) -> None:
-        """Draw the figures of the latest epoch, unless they are drawn already."""
+        """Draw the figures of the latest epoch, unless they are drawn already; logged at that
+        epoch's step, not at the step of the call (the end of the fit, say)."""
         figures, self._undrawn = self._undrawn, []
+        held = out.at_step(self._step)
         for tag, plot, args in figures:
-            out.figure(tag, plot, *args)
+            held.figure(tag, plot, *args)
 
 
 class NeuronEvolutionLog(_LatestFigures):
