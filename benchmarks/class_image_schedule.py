@@ -11,9 +11,12 @@ logistic regression on the raw pixels; goals there: 10 (0.95), 9 and 8 of 10) an
 
 Each ``--variants`` entry is a name and the first round's render settings, as JSON; the later
 rounds are the callback's. Default: the demo's first round (32 steps) and the 128 steps it used
-before.
+before. ``--alive`` tries another schedule at the same work: every candidate is kept and
+continued (with ``class_views / class_restarts`` views each instead of ``class_views`` for the
+kept one), and each round shows the best candidate of every class on that round's model (by
+agreement, as the first round chooses).
 
-Run:  python benchmarks/class_image_schedule.py [--seeds 0,1,2] [--threads 2]
+Run:  python benchmarks/class_image_schedule.py [--seeds 0,1,2] [--threads 2] [--alive]
           [--variants '{"steps 32": {"steps": 32}, "steps 128": {"steps": 128}}']
 """
 
@@ -75,12 +78,57 @@ def class_settings(options: RenderOptions, prior: DataPrior) -> dict:
     )  # fmt: skip
 
 
+def one_round(
+    model: torch.nn.Module,
+    options: RenderOptions,
+    settings: dict,
+    params: torch.Tensor | None,
+    first: dict,
+    alive: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One round's 10 class images and the parameters the next round continues: the
+    callback's schedule, or with ``alive`` every candidate continued and the best shown."""
+    classes = [ClassLogit(c) for c in range(10)]
+    if not alive:
+        if params is None:  # the first round: from noise, the best of the candidates
+            kw = {**settings, "steps": options.steps, "restarts": options.class_restarts, **first}
+        else:  # the callback's later rounds: the kept candidate, continued
+            kw = dict(settings, steps=options.continue_steps, init=params, restarts=1)
+        result = render(model, classes, **kw)
+        return result.images, result.params
+    from lightning_neurons.visualize.continuation import best_candidates
+    from lightning_neurons.visualize.optimise import Ascent
+    from lightning_neurons.visualize.penalties import Penalties
+    from lightning_neurons.visualize.transforms import resolve_transforms
+
+    restarts = options.class_restarts
+    rows = [c for c in classes for _ in range(restarts)]
+    if params is None:
+        kw = {**settings, "steps": options.steps, "restarts": 1, **first}
+    else:
+        views = max(1, options.class_views // restarts)
+        kw = dict(settings, steps=options.continue_steps, init=params, restarts=1, views=views)
+    result = render(model, rows, **kw)
+    chain = resolve_transforms(options.transforms, (1, 32, 32), settings["prior"].border_value())
+    ascent = Ascent(options.lr, chain, None, options.seed, Penalties(0.0, 0.0, 0.0))
+    best = best_candidates(
+        model, rows, result.images, restarts, ascent, len(rows), None, "agreement"
+    )
+    return result.images[best], result.params
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2", help="render seeds")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument(
         "--variants", default='{"steps 32": {"steps": 32}, "steps 128": {"steps": 128}}'
+    )
+    parser.add_argument(
+        "--alive",
+        action="store_true",
+        help="keep every candidate: continue them all (class_views / class_restarts views each, "
+        "the same work) and show the best of each class every round",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -113,16 +161,11 @@ def main() -> None:
                 model = SmallCNN(widths=(32, 64, 128), batch_norm=True).eval()
                 model.load_state_dict(weights[epoch])
                 model.requires_grad_(False)
-                if params is None:  # the first round: from noise, the best of the candidates
-                    kw = dict(settings, steps=options.steps, restarts=options.class_restarts)
-                    kw.update(first)
-                else:  # the callback's later rounds: the kept candidate, continued
-                    kw = dict(settings, steps=options.continue_steps, init=params, restarts=1)
                 start = time.perf_counter()
-                result = render(model, [ClassLogit(c) for c in range(10)], **kw)
+                images, params = one_round(model, options, settings, params, first, args.alive)
                 seconds = time.perf_counter() - start
-                total, params = total + seconds, result.params
-                cells.append(f"e{epoch} {judged(result.images)} {seconds:.1f} s")
+                total += seconds
+                cells.append(f"e{epoch} {judged(images)} {seconds:.1f} s")
             print(f"{name}, seed {seed}: {', '.join(cells)}; {total:.1f} s in all", flush=True)
 
 
