@@ -222,6 +222,48 @@ def test_later_rounds_continue_the_images_and_a_resumed_run_continues_too(tmp_pa
     assert _steps(other_seed) == {"backbone.conv2": [6, 6], "classes": [6, 6, 6]}
 
 
+def test_every_class_candidate_is_continued_and_the_best_of_each_round_shown(tmp_path):
+    options = RenderOptions(steps=6, continue_steps=2, converge_tol=None, class_restarts=2)
+    module = _module()
+
+    def visualizer(render: RenderOptions = options) -> FeatureVisualizer:
+        return FeatureVisualizer(max_channels=1, saliency=[], render=render, on_error="raise")
+
+    vis = visualizer()
+    tracker = ActivationTracker(layers=["backbone.conv2"])
+    trainer = fast_trainer(tmp_path, callbacks=[tracker, vis], max_epochs=2)
+    trainer.fit(module, datamodule=TinyData())
+    assert _steps(vis)["classes"] == [2, 2, 2]  # continued in the second round
+    kept = vis.state_dict()["params"]["classes"]
+    assert kept["params"].shape[0] == 6  # both candidates of each of the 3 classes
+    shown = vis.results["classes"].images
+    assert shown.shape[0] == 3
+
+    # the shown image of each class is the best of its candidates on the model: a callback that
+    # loads the state renders the same candidates and shows the same images
+    again = visualizer()
+    again.load_state_dict(vis.state_dict())
+    twin = visualizer()
+    twin.load_state_dict(vis.state_dict())
+    for cb in (again, twin):
+        t = fast_trainer(tmp_path, callbacks=[ActivationTracker(layers=["backbone.conv2"]), cb])
+        t.validate(module, datamodule=TinyData(), verbose=False)
+    assert _steps(again)["classes"] == [2, 2, 2]
+    assert torch.equal(again.results["classes"].images, twin.results["classes"].images)
+
+    # the state of a run that kept one candidate per class is not continued as if it held both
+    one = dataclasses.replace(options, class_select_after=3)
+    single = visualizer(one)
+    t = fast_trainer(tmp_path, callbacks=[ActivationTracker(layers=["backbone.conv2"]), single])
+    t.validate(module, datamodule=TinyData(), verbose=False)
+    assert single.state_dict()["params"]["classes"]["params"].shape[0] == 3
+    mixed = visualizer()
+    mixed.load_state_dict(single.state_dict())
+    t = fast_trainer(tmp_path, callbacks=[ActivationTracker(layers=["backbone.conv2"]), mixed])
+    t.validate(module, datamodule=TinyData(), verbose=False)
+    assert _steps(mixed)["classes"] == [6, 6, 6]  # from noise
+
+
 def test_cluster_images_continue_the_best_matching_cluster_of_the_last_round():
     from lightning_neurons.callbacks._memory import CLUSTER_MATCH, ContinuationMemory
 

@@ -21,9 +21,11 @@ from lightning_neurons.checks import (
     check_positive_int,
 )
 from lightning_neurons.distributed import concat, map_shares
+from lightning_neurons.visualize.continuation import choose_candidates
 from lightning_neurons.visualize.objectives import ChannelGroup, Objective
 from lightning_neurons.visualize.prior import DataPrior
 from lightning_neurons.visualize.render import render
+from lightning_neurons.visualize.transforms import resolve_transforms
 
 
 @dataclass(frozen=True)
@@ -64,16 +66,20 @@ class RenderOptions:
         views: Randomly transformed copies of every channel image scored at each step.
         class_views: The same for class images (an ensemble of augmentations: class images
             that other models recognise more often, at ``class_views`` times the cost).
-        class_restarts: Class image candidates rendered from different seeds; the one the
-            model scores best over random views is kept (``class_select_by``; ``class_restarts``
-            times the cost).
+        class_restarts: Class image candidates rendered from different seeds (``class_restarts``
+            times the cost of the first round). Each round shows the one the model of that epoch
+            scores best over random views (``class_select_by``), and the later rounds continue
+            every candidate, each with ``class_views // class_restarts`` views (the work of one
+            candidate with every view): a candidate that was not the best on an early epoch's
+            model can be on a later one.
         class_select_by: How the candidates are compared over 16 random views:
             ``"agreement"`` (the most views on which the model's top class is the image's class,
             ties broken by the class's mean log-probability) or ``"value"`` (the highest mean
             logit); see ``render(select_by=)``.
         class_select_after: Keep the best candidate after this many steps of the first round
-            and spend the other steps on it alone (see ``render(select_after=)``); ``None``:
-            after all steps.
+            and spend the other steps on it alone (see ``render(select_after=)``); the later
+            rounds then continue that candidate alone, with every view. ``None``: every
+            candidate is kept.
         n_images: Images per channel, made different by a diversity term (Olah et al., 2017);
             TensorBoard shows one row per channel.
         diversity: Weight of the diversity term when ``n_images > 1``.
@@ -200,13 +206,19 @@ class Renderer:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The images of ``objectives`` (continued from the last round's parameters of ``key``
         when they were rendered for the same objectives) and the steps each ran, on every rank.
-        The kept candidate of a class image (``class_restarts``) is continued alone."""
+
+        Class images keep every candidate (``class_restarts``) from round to round and show
+        the best of each class on the round's model (see :meth:`candidates`); with
+        ``class_select_after``, the candidate kept in the first round is continued alone."""
         o = self.options
-        signature = self.signature(tuple(repr(obj) for obj in objectives))
+        alive = classes and o.class_restarts > 1 and o.class_select_after is None
+        kept = ("candidates", o.class_restarts) if alive else ()
+        signature = self.signature(tuple(repr(obj) for obj in objectives), *kept)
         progress.phase(f"rendering {key} ({len(objectives)} objectives)")
         init = self.memory.start(key, signature)
-        restarts = o.class_restarts if classes and init is None else 1
-        per_objective = 1 if classes else o.n_images  # images kept per objective
+        restarts = o.class_restarts if classes and init is None and not alive else 1
+        # parameters kept per objective: its candidates, its kept candidate, or its images
+        per_objective = o.class_restarts if alive else 1 if classes else o.n_images
 
         def rows(part: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             block = (
@@ -214,6 +226,9 @@ class Renderer:
                 if init is None
                 else init[part.start * per_objective : part.stop * per_objective]
             )
+            if alive:
+                first = part.start * per_objective
+                return self.candidates(model, objectives[part], block, first)
             first_row = part.start * per_objective * restarts
             return self.rows(model, objectives[part], block, first_row, classes, restarts)
 
@@ -221,6 +236,35 @@ class Renderer:
         images, params, steps = concat(done)
         self.memory.keep(key, signature, params)
         return images.cpu(), steps
+
+    def candidates(
+        self, model: nn.Module, objectives: list[Objective], init: torch.Tensor | None, first: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Class images of ``objectives`` on this rank, every candidate kept: ``class_restarts``
+        rows per class, from noise with ``class_views`` views each (the first round, as
+        ``render(restarts=)``), or continued with ``class_views // class_restarts`` (the work
+        of one candidate with every view). Returns the best candidate of each class on this
+        model (``class_select_by``) and its steps, and the parameters of every candidate: a
+        candidate that was not the best in an early epoch can be in a later one."""
+        o = self.options
+        count = o.class_restarts
+        rows = [objective for objective in objectives for _ in range(count)]
+        views = None if init is None else max(1, o.class_views // count)
+        images, params, steps = self.rows(model, rows, init, first, True, 1, views)
+        border = 0.5 if self.prior is None else self.prior.border_value()
+        best = choose_candidates(
+            model,
+            rows,
+            images,
+            count,
+            transforms=resolve_transforms(o.transforms, self.plan.shape, border),
+            input_transform=self.plan.transform,
+            seed=o.seed,
+            size=o.batch_size or 64,
+            output_fn=self.reader.output_fn,
+            select_by=o.class_select_by,
+        )
+        return images[best], params, steps[best]
 
     def rows(
         self,
@@ -230,8 +274,10 @@ class Renderer:
         first_row: int,
         classes: bool,
         restarts: int,
+        views: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Images (CPU), parameters and steps run of ``objectives``, rendered on this rank."""
+        """Images (CPU), parameters and steps run of ``objectives``, rendered on this rank
+        (``views``: instead of ``views`` or ``class_views``)."""
         o = self.options
         result = render(
             model,
@@ -253,7 +299,7 @@ class Renderer:
             tv=o.tv,
             prior=self.prior,
             contrast=o.class_contrast if classes else o.contrast,
-            views=o.class_views if classes else o.views,
+            views=views or (o.class_views if classes else o.views),
             n_images=1 if classes else o.n_images,
             diversity=o.diversity,
             diversity_on=o.diversity_on,

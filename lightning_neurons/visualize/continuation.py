@@ -3,7 +3,8 @@
 - :func:`continue_from`: rows start from given parameters (an earlier rendering's) instead of
   their seeded noise, so a few steps reach what many steps from noise reach.
 - :func:`best_candidates`: of every ``restarts`` consecutive candidates, the one the model scores
-  best over :data:`SELECTION_VIEWS` random views (``select_by``).
+  best over :data:`SELECTION_VIEWS` random views (``select_by``); :func:`choose_candidates`, the
+  same for candidates rendered as rows of their own (and kept: FeatureVisualizer's class images).
 - :func:`continue_kept`: the kept candidates optimised alone for the remaining steps.
 """
 
@@ -17,12 +18,20 @@ import torch
 from torch import nn
 
 from lightning_neurons import progress
-from lightning_neurons.batch import BatchFn, as_model_input, read_logits, to_model_input
+from lightning_neurons.batch import (
+    BatchFn,
+    InputTransform,
+    as_model_input,
+    read_logits,
+    to_model_input,
+)
 from lightning_neurons.errors import NeuronsError
+from lightning_neurons.state import analysis_mode
 from lightning_neurons.visualize.objectives import ClassLogit, ClassLogProb, Objective
 from lightning_neurons.visualize.optimise import Ascent, Chunk, ChunkSettings, chunks_of, optimise
+from lightning_neurons.visualize.penalties import Penalties
 from lightning_neurons.visualize.scoring import Scoring
-from lightning_neurons.visualize.transforms import apply_transforms
+from lightning_neurons.visualize.transforms import Transform, apply_transforms
 
 #: Random views on which the candidates of ``restarts`` are compared.
 SELECTION_VIEWS = 16
@@ -136,6 +145,32 @@ def best_candidates(
     most = scores[..., 0].amax(dim=1, keepdim=True)
     winners = scores[..., 1].masked_fill(scores[..., 0] < most, -torch.inf).argmax(dim=1)
     return winners + torch.arange(len(winners)) * restarts
+
+
+def choose_candidates(
+    model: nn.Module,
+    rows: Sequence[Objective],
+    images: torch.Tensor,
+    restarts: int,
+    *,
+    transforms: Sequence[Transform],
+    input_transform: InputTransform | None = None,
+    seed: int = 0,
+    size: int = 64,
+    output_fn: BatchFn | None = None,
+    select_by: SelectBy = "value",
+) -> torch.Tensor:
+    """:func:`best_candidates` of rows rendered as rows of their own (each objective repeated
+    ``restarts`` times in a row, ``render(restarts=1)``), compared as ``render(restarts=)``
+    compares its candidates: the same random views of ``transforms`` (drawn from ``seed + 1``),
+    ``size`` rows at once, the model in eval mode and left as it was.
+
+    Returns:
+        ``[len(rows) // restarts]`` indices into ``rows``: the best row of every objective.
+    """
+    ascent = Ascent(0.0, transforms, input_transform, seed, Penalties(0.0, 0.0, 0.0))
+    with analysis_mode(model):
+        return best_candidates(model, rows, images, restarts, ascent, size, output_fn, select_by)
 
 
 def _class_scores(
