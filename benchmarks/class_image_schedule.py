@@ -1,8 +1,9 @@
 """The class images the demo shows, round after round: FeatureVisualizer's schedule replayed.
 
-FeatureVisualizer renders its class images from noise in its first round (``steps``, the best of
-``class_restarts`` candidates) and continues them in every later round (``continue_steps``) on
-the model of that epoch. This script trains the demo model by the demo recipe once
+FeatureVisualizer renders ``class_restarts`` candidates of each class image from noise in its
+first round (``steps``) and continues every candidate in every later round (``continue_steps``,
+``class_views // class_restarts`` views each) on the model of that epoch; each round shows the
+best candidate of each class on that model. This script trains the demo model by the demo recipe once
 (``configs/digits.yaml``, seed 0), keeping its weights at the epochs the demo analyses (1, 3, 5,
 7, 9; cached in ``$LIGHTNING_NEURONS_CACHE``), replays the schedule with the callback's render
 settings, and prints per round how many of the 10 class images the judges of
@@ -11,12 +12,10 @@ logistic regression on the raw pixels; goals there: 10 (0.95), 9 and 8 of 10) an
 
 Each ``--variants`` entry is a name and the first round's render settings, as JSON; the later
 rounds are the callback's. Default: the demo's first round (32 steps) and the 128 steps it used
-before. ``--alive`` tries another schedule at the same work: every candidate is kept and
-continued (with ``class_views / class_restarts`` views each instead of ``class_views`` for the
-kept one), and each round shows the best candidate of every class on that round's model (by
-agreement, as the first round chooses).
+before. ``--single`` replays the schedule before (and with ``class_select_after``): the best
+candidate of the first round kept, and continued alone with every view.
 
-Run:  python benchmarks/class_image_schedule.py [--seeds 0,1,2] [--threads 2] [--alive]
+Run:  python benchmarks/class_image_schedule.py [--seeds 0,1,2] [--threads 2] [--single]
           [--variants '{"steps 32": {"steps": 32}, "steps 128": {"steps": 128}}']
 """
 
@@ -86,13 +85,14 @@ def one_round(
     first: dict,
     alive: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One round's 10 class images and the parameters the next round continues: the
-    callback's schedule, or with ``alive`` every candidate continued and the best shown."""
+    """One round's 10 class images and the parameters the next round continues: with ``alive``
+    (FeatureVisualizer's schedule) every candidate continued and the best shown, else the first
+    round's best continued alone."""
     classes = [ClassLogit(c) for c in range(10)]
     if not alive:
         if params is None:  # the first round: from noise, the best of the candidates
             kw = {**settings, "steps": options.steps, "restarts": options.class_restarts, **first}
-        else:  # the callback's later rounds: the kept candidate, continued
+        else:  # the kept candidate, continued alone
             kw = dict(settings, steps=options.continue_steps, init=params, restarts=1)
         result = render(model, classes, **kw)
         return result.images, result.params
@@ -125,10 +125,9 @@ def main() -> None:
         "--variants", default='{"steps 32": {"steps": 32}, "steps 128": {"steps": 128}}'
     )
     parser.add_argument(
-        "--alive",
+        "--single",
         action="store_true",
-        help="keep every candidate: continue them all (class_views / class_restarts views each, "
-        "the same work) and show the best of each class every round",
+        help="the schedule before: the first round's best candidate continued alone",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -162,7 +161,7 @@ def main() -> None:
                 model.load_state_dict(weights[epoch])
                 model.requires_grad_(False)
                 start = time.perf_counter()
-                images, params = one_round(model, options, settings, params, first, args.alive)
+                images, params = one_round(model, options, settings, params, first, not args.single)
                 seconds = time.perf_counter() - start
                 total += seconds
                 cells.append(f"e{epoch} {judged(images)} {seconds:.1f} s")
