@@ -24,8 +24,7 @@ from lightning_neurons.distributed import concat, map_shares
 from lightning_neurons.visualize.continuation import choose_candidates
 from lightning_neurons.visualize.objectives import ChannelGroup, Objective
 from lightning_neurons.visualize.prior import DataPrior
-from lightning_neurons.visualize.render import render
-from lightning_neurons.visualize.transforms import resolve_transforms
+from lightning_neurons.visualize.render import render, view_transforms
 
 
 @dataclass(frozen=True)
@@ -251,13 +250,12 @@ class Renderer:
         rows = [objective for objective in objectives for _ in range(count)]
         views = None if init is None else max(1, o.class_views // count)
         images, params, steps = self.rows(model, rows, init, first, True, 1, views)
-        border = 0.5 if self.prior is None else self.prior.border_value()
         best = choose_candidates(
             model,
             rows,
             images,
             count,
-            transforms=resolve_transforms(o.transforms, self.plan.shape, border),
+            transforms=view_transforms(o.transforms, self.plan.shape, self.prior),
             input_transform=self.plan.transform,
             seed=o.seed,
             size=o.batch_size or 64,

@@ -47,7 +47,7 @@ from lightning_neurons.visualize.prior import DataPrior
 from lightning_neurons.visualize.recipe import AUTO, Recipe, recipe_for
 from lightning_neurons.visualize.scoring import Scoring
 from lightning_neurons.visualize.sizing import chunk_rows, probe
-from lightning_neurons.visualize.transforms import TransformsArg, resolve_transforms
+from lightning_neurons.visualize.transforms import Transform, TransformsArg, resolve_transforms
 
 
 @dataclass(frozen=True)
@@ -257,10 +257,10 @@ def render(
         tv=check_non_negative("tv", tv),
         diversity=spread if chosen.restarts == 1 else 0.0,  # candidates need not differ
     )
-    chain = resolve_transforms(
+    chain = view_transforms(
         chosen.transforms if isinstance(transforms, str) and transforms == AUTO else transforms,
         image_shape,
-        0.5 if prior is None else prior.border_value(),
+        prior,
     )
     check_choice("diversity_on", diversity_on, ("features", "pixels"))
     found = probe(model, objectives, image_shape, input_transform, output_fn)
@@ -283,6 +283,15 @@ def render(
         if init is not None:
             continue_from(chunks, init, len(rows), chosen.param)
         return _optimised(model, rows, chunks, chosen, select_after, ascent, settings, size)
+
+
+def view_transforms(
+    transforms: TransformsArg, image_shape: Sequence[int], prior: DataPrior | None
+) -> list[Transform]:
+    """The random transforms of a rendering: ``transforms`` resolved for ``image_shape``, with
+    the prior's border value (mid-grey without a prior) where content comes from outside."""
+    fill = 0.5 if prior is None else prior.border_value()
+    return resolve_transforms(transforms, image_shape, fill)
 
 
 def _optimised(
