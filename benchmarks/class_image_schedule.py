@@ -11,12 +11,14 @@ settings, and prints per round how many of the 10 class images the judges of
 logistic regression on the raw pixels; goals there: 10 (0.95), 9 and 8 of 10) and the seconds.
 
 Each ``--variants`` entry is a name and the first round's render settings, as JSON; the later
-rounds are the callback's. Default: the demo's first round (32 steps) and the 128 steps it used
+rounds are the callback's. ``--options`` changes :class:`~lightning_neurons.RenderOptions` for
+every round (for example ``'{"continue_steps": 24}'``). Default: the demo's first round (32 steps) and the 128 steps it used
 before. ``--single`` replays the schedule before (and with ``class_select_after``): the best
 candidate of the first round kept, and continued alone with every view.
 
 Run:  python benchmarks/class_image_schedule.py [--seeds 0,1,2] [--threads 2] [--single]
           [--variants '{"steps 32": {"steps": 32}, "steps 128": {"steps": 128}}']
+          [--options '{"continue_steps": 24}']
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ def main() -> None:
     parser.add_argument(
         "--variants", default='{"steps 32": {"steps": 32}, "steps 128": {"steps": 128}}'
     )
+    parser.add_argument("--options", default="{}", help="RenderOptions of every round, as JSON")
     parser.add_argument(
         "--single",
         action="store_true",
@@ -153,7 +156,7 @@ def main() -> None:
     print("class images recognised (twin/LeNet/linear of 10) and seconds, per analysed epoch")
     for name, first in json.loads(args.variants).items():
         for seed in (int(s) for s in args.seeds.split(",")):
-            options = RenderOptions(seed=seed)
+            options = RenderOptions(**{**json.loads(args.options), "seed": seed})
             settings = class_settings(options, prior)
             params, cells, total = None, [], 0.0
             for epoch in EPOCHS:

@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 HEADER = ("neuron", "cluster", "preferred class", "selectivity")
 #: Side of a sprite tile in pixels (the projector shows them at about this size).
 TILE = 32
+#: Images searched for each neuron's strongest response (the first rows of the analysed loader).
+MAX_IMAGES = 512
 #: The file the projector reads, in the TensorBoard run directory.
 CONFIG = "projector_config.pbtxt"
 
@@ -122,25 +124,73 @@ def top_activating_crops(
     Returns:
         ``{layer: [K, C, size, size]}`` display tiles in [0, 1].
     """
-    best: dict[str, _Best] = {}
-    kept: list[torch.Tensor] = []
-    offset = 0
-
-    def keep(name: str, output: torch.Tensor) -> None:
-        best.setdefault(name, _Best()).update(first_tensor(output, name).detach(), offset)
-
-    with analysis_mode(model), torch.no_grad(), hooked(model, layers, keep):
+    search = CropSearch()
+    with analysis_mode(model), torch.no_grad(), hooked(model, layers, search.update):
         for x in batches:
+            search.add_batch(x)
             model(as_model_input(x, model))
-            kept.append(x.detach().cpu())
-            offset += x.shape[0]
-    if not kept:
-        return {}
-    images, _ = to_display(torch.cat(kept), transform)
-    low, high = float(images.min()), float(images.max())
-    if low < 0 or high > 1:  # not display images: one rescaling for all, so tiles stay comparable
-        images = (images - low) / max(high - low, 1e-12)
-    return {name: b.crops(images, size) for name, b in best.items()}
+    return search.tiles(transform, size)
+
+
+class CropSearch:
+    """Each neuron's strongest response over a stream of batches, for :func:`top_activating_crops`
+    and for NeuronClustering, which searches the batches the tracker's stage already runs through
+    the model instead of running them again.
+
+    Call :meth:`add_batch` with a batch's model inputs before it goes through the model and
+    :meth:`update` with each layer's output (``[B, K, ...]``, channels first) as it comes; the
+    first ``max_images`` rows are searched, and their inputs kept (on the CPU) for the crops;
+    outputs that come when no batch is open (:meth:`end_batch`) are ignored.
+
+    Args:
+        max_images: Rows searched (the first ones given).
+    """
+
+    def __init__(self, max_images: int | None = None) -> None:
+        self.max_images = max_images
+        self.rows = 0  # images kept
+        self._best: dict[str, _Best] = {}
+        self._images: list[torch.Tensor] = []
+        self._open = 0  # rows of the batch going through the model (0: none)
+
+    @property
+    def full(self) -> bool:
+        """Whether ``max_images`` rows have been searched."""
+        return self.max_images is not None and self.rows >= self.max_images
+
+    def add_batch(self, inputs: torch.Tensor) -> None:
+        """The batch about to go through the model: its rows that fit are kept and searched."""
+        room = inputs.shape[0] if self.max_images is None else self.max_images - self.rows
+        kept = inputs[: max(room, 0)].detach().cpu()
+        self._open = kept.shape[0]
+        if self._open:
+            self._images.append(kept)
+            self.rows += self._open
+
+    def update(self, name: str, output: torch.Tensor) -> None:
+        """Layer ``name``'s output for the open batch."""
+        if self._open:
+            rows = first_tensor(output, name).detach()[: self._open]
+            self._best.setdefault(name, _Best()).update(rows, self.rows - self._open)
+
+    def end_batch(self) -> None:
+        """Outputs from now on belong to no searched batch."""
+        self._open = 0
+
+    def tiles(
+        self, transform: InputTransform | None = None, size: int = TILE
+    ) -> dict[str, torch.Tensor]:
+        """``{layer: [K, C, size, size]}`` display tiles in [0, 1] (see
+        :func:`top_activating_crops`); ``{}`` before any batch."""
+        if not self._images:
+            return {}
+        images, _ = to_display(torch.cat(self._images), transform)
+        low, high = float(images.min()), float(images.max())
+        if (
+            low < 0 or high > 1
+        ):  # not display images: one rescaling for all, so tiles stay comparable
+            images = (images - low) / max(high - low, 1e-12)
+        return {name: b.crops(images, size) for name, b in self._best.items()}
 
 
 @dataclass
@@ -153,13 +203,13 @@ class _Best:
     grid: tuple[int, int] = (1, 1)
 
     def update(self, out: torch.Tensor, offset: int) -> None:
-        out = out.float().cpu()
         if out.dim() == 4:
             self.grid = (out.shape[2], out.shape[3])
-            v, pos = out.flatten(2).max(dim=2)  # [B, K]
+            v, pos = out.flatten(2).max(dim=2)  # [B, K], on the output's device
         else:  # [B, K]; tokens [B, D, N] (channels first) give whole-image tiles
             v = out.amax(dim=2) if out.dim() == 3 else out.flatten(1)
             pos = torch.zeros_like(v, dtype=torch.long)
+        v, pos = v.float().cpu(), pos.cpu()
         top, image = v.max(dim=0)  # [K]
         where = pos[image, torch.arange(v.shape[1])]
         if self.value is None:
@@ -307,7 +357,8 @@ def log_neuron_projector(
     *,
     spec: TrackerSpec,
     max_neurons: int,
-    max_images: int = 512,
+    max_images: int = MAX_IMAGES,
+    tiles: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """Write one projector embedding per layer of a NeuronClustering epoch (rank zero only).
 
@@ -324,10 +375,14 @@ def log_neuron_projector(
         spec: The tracker's spec: which loader gives the crops and how its batches are read.
         max_neurons: Points over all layers.
         max_images: Images searched for each neuron's strongest response.
+        tiles: The crops already found (``CropSearch.tiles``, keyed by layer) while the tracker's
+            stage ran; ``None``: search the loader's first ``max_images`` rows now (one more
+            forward pass over them).
     """
     share = max(1, max_neurons // len(results))
     shorts = short_names(list(results))
-    tiles = _crops(trainer, list(results), spec, max_images)
+    if tiles is None:
+        tiles = _crops(trainer, list(results), spec, max_images)
     for name, res in reversed(list(results.items())):  # each goes first: the first layer ends first
         order = torch.sort(
             torch.nan_to_num(res.selectivity, nan=-1.0).argsort(descending=True, stable=True)[

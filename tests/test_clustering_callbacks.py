@@ -486,3 +486,32 @@ def test_two_process_ddp_gives_the_single_process_results():
     assert rank0["confusion"] == single["confusion"]
     assert rank0["labels"] == single["labels"] and rank0["neurons"] == single["neurons"]
     assert rank1["confusion"] is None  # analyses run on rank zero only
+
+
+def test_projector_images_are_found_in_the_batches_validation_already_runs(tmp_path, monkeypatch):
+    """The projector's crops come from the analysed stage's own forward passes (the loader is not
+    run a second time) and equal what a fresh pass over the same first rows finds; the search
+    stops after ``MAX_IMAGES`` rows (20 here: two batches of 8 and half of the third)."""
+    import lightning_neurons.callbacks.neuron_clustering as nc_module
+    import lightning_neurons.projector as projector
+
+    monkeypatch.setattr(nc_module, "MAX_IMAGES", 20)
+    monkeypatch.setattr(projector, "_crops", lambda *a, **k: pytest.fail("a second pass"))
+    logged: dict[int, dict[str, torch.Tensor]] = {}
+    real = projector.log_neuron_projector
+
+    def spy(trainer, *args, **kwargs):
+        logged[trainer.current_epoch] = kwargs["tiles"]
+        return real(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(projector, "log_neuron_projector", spy)
+    neurons = NeuronClustering(method="kmeans", n_clusters=2, on_error="raise")
+    model, data = _tiny(num_classes=3), TinyData(n=96, num_classes=3)
+    trainer = fast_trainer(tmp_path, max_epochs=2, callbacks=[ActivationTracker(), neurons])
+    trainer.fit(model, data)
+    assert sorted(logged) == [0, 1] and not neurons.failures
+    fresh = projector.top_activating_crops(model, neurons.layers, [data.vx[:8], data.vx[8:20]])
+    assert set(logged[1]) == set(fresh) == set(neurons.layers)
+    for layer, tiles in fresh.items():  # same weights, inputs and kernels: the same arithmetic
+        torch.testing.assert_close(logged[1][layer], tiles)
+    assert count_forward_hooks(model) == 0

@@ -16,7 +16,12 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_neurons import progress
-from lightning_neurons.callbacks._base import OnError, checked_options, class_names_of
+from lightning_neurons.callbacks._base import (
+    OnError,
+    StageBatch,
+    checked_options,
+    class_names_of,
+)
 from lightning_neurons.callbacks._clustering import (
     _ClusteringCallback,
     _markdown_table,
@@ -33,6 +38,8 @@ from lightning_neurons.clustering import (
 )
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import HookSet, reduce_activation
+from lightning_neurons.loggers import find_tensorboard
+from lightning_neurons.projector import MAX_IMAGES, CropSearch
 from lightning_neurons.results import NeuronClusteringResult
 from lightning_neurons.state import in_analysis
 from lightning_neurons.stats import LayerStats
@@ -55,7 +62,8 @@ class NeuronClustering(_ClusteringCallback):
     layer's neurons go to TensorBoard's embedding projector (one embedding per layer, of the
     latest epoch: ``relu3, epoch 9``; see :mod:`lightning_neurons.projector`), labelled
     ``relu3/4``, with layer-qualified clusters and as its image the crop of the tracker's analysed
-    data that activates it most. Arrays go to
+    data that activates it most (among the first 512 images of the epoch, searched by this
+    callback's hooks as they go through the model: no second pass over the data). Arrays go to
     ``<log_dir>/neurons/<stage>/neuron_clustering/epoch=EEE/<layer>.npz``.
 
     Args:
@@ -127,6 +135,7 @@ class NeuronClustering(_ClusteringCallback):
         self._previous: dict[str, torch.Tensor] = {}
         self._hooks = HookSet()
         self._reservoirs: dict[str, ActivationReservoir] = {}
+        self._crops: CropSearch | None = None  # the projector's images, searched as batches pass
         self._warned_constant: set[str] = set()
 
     @property
@@ -135,27 +144,60 @@ class NeuronClustering(_ClusteringCallback):
             layers=self.layer_patterns, method=self.method, source=self.source
         )
 
-    # ---- the reservoir of per-image activations ----
+    # ---- what the hooks gather during the tracker's stage: reservoir, projector images ----
 
     def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.source != "reservoir":
-            return
         self._stop()
         self._reservoirs = {}  # one per call site, made at its first batch
-        if self._due(trainer):
+        self._crops = None
+        if not self._due(trainer):
+            return
+        if (
+            self.embedding
+            and self.enable_logging
+            and trainer.is_global_zero
+            and find_tensorboard(trainer)
+        ):
+            self._crops = CropSearch(MAX_IMAGES)  # the batches the model runs anyway
+        if self.source == "reservoir" or self._crops is not None:
             self._hooks.add(pl_module, self.layers, self._on_activation)
 
     def _stop(self) -> None:
         self._hooks.remove()
         self._labels = None
+        if self._crops is not None:
+            self._crops.end_batch()
 
     def _gather(self, batch: Any, batch_idx: int) -> None:
-        if len(self._hooks):
+        if not len(self._hooks):
+            return
+        if self.source == "reservoir":
             self._labels = self._batch_labels(batch, batch_idx)
-            self._hooks.new_pass()
+        if self._crops is not None and not self._crops.full:
+            crops = self._crops
+            self._run_safely(
+                "embedding projector images",
+                lambda: crops.add_batch(self.spec.reader.inputs(batch)),
+            )
+        self._hooks.new_pass()
+
+    def _release(self) -> None:
+        super()._release()
+        self._crops = None
+
+    def _on_batch_end(self, trainer: Trainer, pl_module: LightningModule, step: StageBatch) -> None:
+        super()._on_batch_end(trainer, pl_module, step)
+        if self._crops is not None:
+            self._crops.end_batch()
+            if self._crops.full and self.source != "reservoir":
+                self._hooks.remove()  # the rest of the epoch runs without our hooks
 
     def _on_activation(self, name: str, output: torch.Tensor) -> None:
-        if self._labels is None or in_analysis():
+        if in_analysis():
+            return
+        if self._crops is not None:
+            self._crops.update(name, output)
+        if self._labels is None:
             return
         with torch.no_grad():
             values = reduce_activation(output.detach(), self.spec.reduction, name)
@@ -173,6 +215,7 @@ class NeuronClustering(_ClusteringCallback):
             return
         self._run_safely("neuron clustering", lambda: self._analyse(trainer, stats))
         self._reservoirs = {}
+        self._crops = None
 
     def _analyse(self, trainer: Trainer, stats: dict[str, LayerStats]) -> None:
         if not trainer.is_global_zero:
@@ -307,6 +350,8 @@ class NeuronClustering(_ClusteringCallback):
             progress.phase("embedding projector")
 
             num_classes = max(self._num_classes(r) for r in results.values())
+            transform = getattr(getattr(trainer, "datamodule", None), "input_transform", None)
+            searched = self._crops is not None and self._crops.rows > 0
             log_neuron_projector(
                 trainer,
                 out.experiment.get_logdir(),
@@ -315,6 +360,7 @@ class NeuronClustering(_ClusteringCallback):
                 class_names_of(trainer, num_classes),
                 spec=self.spec,
                 max_neurons=self.max_embedding_neurons,
+                tiles=self._crops.tiles(transform) if searched else None,
             )
 
     @staticmethod
