@@ -28,7 +28,7 @@ import json
 import time
 
 import torch
-from visualization import CACHE, trained
+from visualization import CACHE, GOALS, trained
 
 from lightning_neurons import RenderOptions
 from lightning_neurons.models import SmallCNN
@@ -147,18 +147,21 @@ def main() -> None:
     weights = demo_weights()
     target = torch.arange(10)
 
-    def judged(images: torch.Tensor) -> str:
+    def judged(images: torch.Tensor) -> list[int]:
         with torch.no_grad():
             counts = [int((net(images).argmax(1) == target).sum()) for net in judges.values()]
         guess = torch.as_tensor(linear.predict(images.flatten(1).numpy()))
-        return "/".join(str(c) for c in [*counts, int((guess == target).sum())])
+        return [*counts, int((guess == target).sum())]
+
+    goals = [GOALS[name] * 10 for name in ("twin", "LeNet", "linear")]  # of 10 images
+    goal_text = "/".join(f"{g:g}" for g in goals)
 
     print("class images recognised (twin/LeNet/linear of 10) and seconds, per analysed epoch")
     for name, first in json.loads(args.variants).items():
         for seed in (int(s) for s in args.seeds.split(",")):
             options = RenderOptions(**{**json.loads(args.options), "seed": seed})
             settings = class_settings(options, prior)
-            params, cells, total = None, [], 0.0
+            params, cells, total, last = None, [], 0.0, []
             for epoch in EPOCHS:
                 model = SmallCNN(widths=(32, 64, 128), batch_norm=True).eval()
                 model.load_state_dict(weights[epoch])
@@ -167,8 +170,14 @@ def main() -> None:
                 images, params = one_round(model, options, settings, params, first, not args.single)
                 seconds = time.perf_counter() - start
                 total += seconds
-                cells.append(f"e{epoch} {judged(images)} {seconds:.1f} s")
-            print(f"{name}, seed {seed}: {', '.join(cells)}; {total:.1f} s in all", flush=True)
+                last = judged(images)
+                cells.append(f"e{epoch} {'/'.join(map(str, last))} {seconds:.1f} s")
+            met = all(c >= g for c, g in zip(last, goals, strict=True))
+            print(
+                f"{name}, seed {seed}: {', '.join(cells)}; {total:.1f} s in all; last round vs "
+                f"the goals ({goal_text}): {'met' if met else 'NOT met'}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
