@@ -207,18 +207,32 @@ def main() -> None:
 
 
 def summarise(times: dict, seeds: list[int], setups: list[str], repeats: int) -> None:
+    """Per setup: the median, its ratio to the bare fit's median, and the paired ratios (each run
+    over the bare fit of the same round of runs, which ran minutes apart on the same machine, so
+    a machine that drifts over the command moves both)."""
     print(f"\nmedians of {repeats} interleaved runs, and their ratio to the bare fit:")
-    print("| seed | setup | median | ratio to none | goal | met |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| seed | setup | median | ratio to none | paired ratios: median (min-max) | goal | met |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for seed in seeds:
-        bare = statistics.median(times[(seed, "none")]) if "none" in setups else None
+        bare = times.get((seed, "none"))
         for setup in setups:
             median = statistics.median(times[(seed, setup)])
             goal = SETUPS[setup][1]
-            ratio = median / bare if bare else float("nan")
-            met = "" if goal is None or bare is None else ("yes" if ratio <= goal else "no")
+            ratio = median / statistics.median(bare) if bare else float("nan")
+            paired = [a / b for a, b in zip(times[(seed, setup)], bare or [], strict=False)]
+            pairs = (
+                f"{statistics.median(paired):.3f}x ({min(paired):.3f}-{max(paired):.3f}x)"
+                if paired
+                else ""
+            )
+            met = "" if goal is None or not bare else ("yes" if ratio <= goal else "no")
             goal_text = f"<= {goal:.2f}x" if goal else ""
-            print(f"| {seed} | {setup} | {median:.1f} s | {ratio:.3f}x | {goal_text} | {met} |")
+            print(
+                f"| {seed} | {setup} | {median:.1f} s | {ratio:.3f}x | {pairs} | {goal_text} | "
+                f"{met} |"
+            )
 
 
 if __name__ == "__main__":
