@@ -452,19 +452,22 @@ def test_cut_threshold_cuts_into_k_clusters(k):
 # ---- two CPU processes (DDP, gloo) --------------------------------------------------------------
 
 
-def _validate_digits(rank: int, world_size: int) -> dict:
-    """Both clusterings after validating a fixed model on digits, as plain lists."""
+def _validate_digits(rank: int, world_size: int, folder: Path) -> dict:
+    """Both clusterings after validating a fixed model on digits, as plain lists, and the
+    projector sprites written (NeuronClustering logs to TensorBoard; CategoryClustering not)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
     from lightning_neurons.data import DigitsDataModule
 
     torch.manual_seed(0)
     model = ImageClassifier(SmallCNN(widths=(8, 16)), num_classes=10)
-    category = CategoryClustering(n_clusters=3, on_error="raise")
+    category = CategoryClustering(n_clusters=3, enable_logging=False, on_error="raise")
     neurons = NeuronClustering(method="kmeans", n_clusters=2, on_error="raise")
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=world_size,
         strategy="ddp" if world_size > 1 else "auto",
-        logger=False,
+        logger=TensorBoardLogger(str(folder), name=f"world{world_size}"),
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[ActivationTracker(), category, neurons],
@@ -475,17 +478,28 @@ def _validate_digits(rank: int, world_size: int) -> dict:
         "confusion": None if confusion is None else np.asarray(confusion).tolist(),
         "labels": {k: np.asarray(v.labels).tolist() for k, v in category.results.items()},
         "neurons": {k: np.asarray(v.labels).tolist() for k, v in neurons.results.items()},
+        "failures": list(neurons.failures),
+        "sprites": sorted(
+            p.parent.name for p in folder.glob(f"world{world_size}/*/projector/*/*/*/sprite.png")
+        ),
     }
 
 
 @pytest.mark.slow
-def test_two_process_ddp_gives_the_single_process_results():
-    (single,) = run_ranks(_validate_digits, 1)
-    rank0, rank1 = run_ranks(_validate_digits, 2)
+def test_two_process_ddp_gives_the_single_process_results(tmp_path):
+    (single,) = run_ranks(_validate_digits, 1, tmp_path)
+    rank0, rank1 = run_ranks(_validate_digits, 2, tmp_path)
     assert np.sum(rank0["confusion"]) == 360  # every validation image, summed over both ranks
     assert rank0["confusion"] == single["confusion"]
     assert rank0["labels"] == single["labels"] and rank0["neurons"] == single["neurons"]
     assert rank1["confusion"] is None  # analyses run on rank zero only
+    # the projector's crops are searched on rank zero's batches (no collective, no second pass)
+    # and written once per layer, as by one process
+    assert not single["failures"] and not rank0["failures"] and not rank1["failures"]
+    from lightning_neurons.projector import short_names
+
+    layers = sorted(short_names(list(single["neurons"])).values())
+    assert rank0["sprites"] == single["sprites"] == layers
 
 
 def test_projector_images_are_found_in_the_batches_validation_already_runs(tmp_path, monkeypatch):
