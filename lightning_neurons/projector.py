@@ -186,9 +186,8 @@ class CropSearch:
             return {}
         images, _ = to_display(torch.cat(self._images), transform)
         low, high = float(images.min()), float(images.max())
-        if (
-            low < 0 or high > 1
-        ):  # not display images: one rescaling for all, so tiles stay comparable
+        # not display images: one rescaling for all, so that the tiles stay comparable
+        if low < 0 or high > 1:
             images = (images - low) / max(high - low, 1e-12)
         return {name: b.crops(images, size) for name, b in self._best.items()}
 
