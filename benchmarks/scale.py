@@ -10,7 +10,10 @@ process, so that each peak memory is its own), and prints for each:
   the last one's stage-end hook, and is counted for its own callback);
 * the peak resident memory of the process (and the peak CUDA memory on ``--device cuda``);
 * the largest image logged to TensorBoard (width x height pixels) and the artifact bytes written
-  per epoch (the TensorBoard event files and the ``.npz``/``.json`` files).
+  per epoch (the TensorBoard event files and the ``.npz``/``.json`` files);
+* a line against the goals (:data:`GOALS`, set for ResNet-50 on a GPU): every analysis per
+  analysed epoch, the tracker's overhead (and whether the epoch had the 20,000 images it is
+  measured on), the peak host memory.
 
 Needs torch, torchvision, lightning, torchmetrics, tensorboard, scikit-learn, SciPy and
 matplotlib; not jsonargparse. Without ``hdbscan`` installed, NeuronClustering runs with
@@ -36,6 +39,10 @@ from collections import defaultdict
 from pathlib import Path
 
 VARIANTS = ("none", "tracker", "all")
+#: The goals at this shape (issue 20; for ``--model resnet50 --device cuda``): every analysis at
+#: most 20 s per analysed epoch, the tracker's overhead at most 5% of the fit on epochs of at
+#: least 20,000 images, peak host memory at most 4 GB.
+GOALS = {"analyses_s": 20.0, "tracker_overhead": 0.05, "epoch_images": 20_000, "rss_mb": 4096}
 
 
 def make_callbacks(which: str, hdbscan_ok: bool) -> list:
@@ -208,7 +215,41 @@ def main() -> None:
     base = run_child(args, "none")
     report(base, base)
     for which in args.callbacks:
-        report(run_child(args, which), base)
+        result = run_child(args, which)
+        report(result, base)
+        print(against_goals(result, base, args), flush=True)
+
+
+def against_goals(r: dict, base: dict, args: argparse.Namespace) -> str:
+    """The run next to the goals of :data:`GOALS` (which are set for ResNet-50 on a GPU)."""
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    shape = (
+        "" if (args.model, args.device) == ("resnet50", "cuda") else " (set for resnet50 on cuda)"
+    )
+    rss = f"peak RSS {r['peak_rss_mb']:,.0f} MB vs <= {GOALS['rss_mb']:,} MB: "
+    rss += verdict(r["peak_rss_mb"] <= GOALS["rss_mb"])
+    if r["variant"] == "tracker":
+        images = args.train_images + args.val_images
+        overhead = r["seconds"] / base["seconds"] - 1
+        size = (
+            ""
+            if images >= GOALS["epoch_images"]
+            else f"; an epoch of {images:,} images is "
+            f"under the {GOALS['epoch_images']:,} the goal is measured on"
+        )
+        return (
+            f"    goals{shape}: tracker overhead {overhead:+.1%} vs <= "
+            f"{GOALS['tracker_overhead']:.0%}: {verdict(overhead <= GOALS['tracker_overhead'])}"
+            f"{size}; {rss}"
+        )
+    analyses = sum(r["per_callback"].values())
+    return (
+        f"    goals{shape}: every analysis {analyses:.1f} s per analysed epoch vs <= "
+        f"{GOALS['analyses_s']:.0f} s: {verdict(analyses <= GOALS['analyses_s'])}; {rss}"
+    )
 
 
 def report(r: dict, base: dict) -> None:
