@@ -195,7 +195,10 @@ def main() -> None:
                 )
                 if rounds:
                     shares = ", ".join(f"{f:.0%}" for _, f in rounds)
-                    print(f"  channel images above their validation maximum, per round: {shares}")
+                    print(
+                        f"  channel images above their validation maximum, per round: {shares} "
+                        "(the goal for images rendered on the trained model: 95%)"
+                    )
                 if judged:
                     print(
                         f"  class images recognised (twin/LeNet/linear of 10), per round: {judged}"
