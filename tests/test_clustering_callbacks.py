@@ -22,6 +22,7 @@ from lightning_neurons.loggers import load_index
 from lightning_neurons.models import ImageClassifier, SmallCNN
 from lightning_neurons.parts import CLASS_GROUPS, CLASS_NAMES, PartsDataModule
 from lightning_neurons.plots.clustering import cut_threshold
+from lightning_neurons.projector import short_names
 
 PARTS_LAYERS = ["backbone.features.conv2", "backbone.features.conv3"]
 PARTS_EPOCHS = 8
@@ -188,7 +189,7 @@ def test_everything_is_logged_and_written(parts_run):
     assert set(assignments[COMBINED]) == set(CLASS_NAMES)
     # the embedding projector: one embedding per layer, its latest epoch, labelled layer/neuron
     # with layer-qualified clusters, every point with an image
-    from lightning_neurons.projector import HEADER, read_config, short_names
+    from lightning_neurons.projector import HEADER, read_config
 
     config = read_config(Path(log_dir))
     shorts = short_names(PARTS_LAYERS)
@@ -496,8 +497,6 @@ def test_two_process_ddp_gives_the_single_process_results(tmp_path):
     # the projector's crops are searched on rank zero's batches (no collective, no second pass)
     # and written once per layer, as by one process
     assert not single["failures"] and not rank0["failures"] and not rank1["failures"]
-    from lightning_neurons.projector import short_names
-
     layers = sorted(short_names(list(single["neurons"])).values())
     assert rank0["sprites"] == single["sprites"] == layers
 
