@@ -98,10 +98,8 @@ def one_round(
             kw = dict(settings, steps=options.continue_steps, init=params, restarts=1)
         result = render(model, classes, **kw)
         return result.images, result.params
-    from lightning_neurons.visualize.continuation import best_candidates
-    from lightning_neurons.visualize.optimise import Ascent
-    from lightning_neurons.visualize.penalties import Penalties
-    from lightning_neurons.visualize.transforms import resolve_transforms
+    from lightning_neurons.visualize.continuation import choose_candidates
+    from lightning_neurons.visualize.render import view_transforms
 
     restarts = options.class_restarts
     rows = [c for c in classes for _ in range(restarts)]
@@ -111,11 +109,11 @@ def one_round(
         views = max(1, options.class_views // restarts)
         kw = dict(settings, steps=options.continue_steps, init=params, restarts=1, views=views)
     result = render(model, rows, **kw)
-    chain = resolve_transforms(options.transforms, (1, 32, 32), settings["prior"].border_value())
-    ascent = Ascent(options.lr, chain, None, options.seed, Penalties(0.0, 0.0, 0.0))
-    best = best_candidates(
-        model, rows, result.images, restarts, ascent, len(rows), None, "agreement"
-    )
+    transforms = view_transforms(options.transforms, (1, 32, 32), settings["prior"])
+    best = choose_candidates(
+        model, rows, result.images, restarts, transforms=transforms, seed=options.seed,
+        size=len(rows), select_by=options.class_select_by,
+    )  # fmt: skip
     return result.images[best], result.params
 
 
