@@ -286,6 +286,48 @@ def test_cluster_images_continue_the_best_matching_cluster_of_the_last_round():
     assert off.state_dict() == {}
 
 
+def test_cluster_images_of_every_layer_are_rendered_together_and_continued_per_layer():
+    from lightning_neurons.batch import BatchReader
+    from lightning_neurons.callbacks._memory import ContinuationMemory
+    from lightning_neurons.callbacks._plan import VisualizerPlan
+    from lightning_neurons.callbacks._rendering import Renderer
+    from lightning_neurons.visualize import render
+    from lightning_neurons.visualize.objectives import ChannelGroup
+
+    model = _module().eval()
+    layers = ["backbone.relu1", "backbone.conv2"]
+    plan = VisualizerPlan((1, 12, 12), None, layers, {}, [], None, False)
+    options = RenderOptions(steps=6, continue_steps=2, converge_tol=None, param="fft")
+    memory = ContinuationMemory()
+    renderer = Renderer(options, plan, BatchReader(), None, memory)
+    first = {layers[0]: [[0, 1], [2, 3]], layers[1]: [[3, 4, 5]]}
+    with mock.patch("lightning_neurons.callbacks._rendering.render", wraps=render) as spy:
+        done = renderer.clusters(model, first)
+        assert spy.call_count == 1  # every layer's clusters in one batch
+        # the next round: layer 0's clusters moved a neuron (each still shares at least half of
+        # its neurons with one of the last round); layer 1's cluster has another id, next to a
+        # new one
+        second = {layers[0]: [[0, 1, 3], [2]], layers[1]: [[0], [3, 4, 5]]}
+        again = renderer.clusters(model, second)
+        assert spy.call_count == 3  # the continued clusters in one batch, the new ones in another
+    # the rows of the one batch went back to their layers and clusters: the images are those of
+    # one rendering of the same objectives in the same order
+    objectives = [ChannelGroup(layer, group) for layer, groups in first.items() for group in groups]
+    alone = render(
+        model, objectives, image_shape=(1, 12, 12), steps=6, lr=options.lr, param="fft",
+        transforms=options.transforms, seed=0, contrast=options.contrast, views=1,
+        converge_tol=0.0, select_by="value",
+    )  # fmt: skip
+    assert torch.equal(torch.cat([done[layers[0]][0], done[layers[1]][0]]), alone.images)
+    assert [v[1].tolist() for v in done.values()] == [[6, 6], [6]]
+    assert [v[1].tolist() for v in again.values()] == [[2, 2], [6, 2]]  # continued: 2 steps
+    assert [v[0].shape[0] for v in again.values()] == [2, 2]
+    # the memory keeps each layer's clusters apart, for the next round to match
+    state = memory.state_dict()
+    assert state["clusters/" + layers[1]]["members"] == [[0], [3, 4, 5]]
+    assert state["clusters/" + layers[0]]["params"].shape[0] == 2
+
+
 @pytest.mark.parametrize(("tol", "first", "later"), [(1e6, 4, 4), (None, 12, 8), (0.0, 12, 8)])
 def test_rounds_stop_at_convergence_and_log_the_steps_they_ran(tmp_path, tol, first, later):
     """converge_tol=1e6: every value "rises" by less than a million times itself, so every image

@@ -308,33 +308,42 @@ class Renderer:
         return result.images.cpu(), result.params, result.steps
 
     def clusters(
-        self, model: nn.Module, layer: str, members: list[list[int]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images of the clusters ``members`` (channel lists) of ``layer``, on this rank alone,
-        and the steps each ran.
+        self, model: nn.Module, members: dict[str, list[list[int]]]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Images of the clusters of every layer (``{layer: channel lists}``), on this rank
+        alone, and the steps each ran: ``{layer: (images, steps)}``.
 
         Clusters change between analyses (their ids are arbitrary, a few neurons move), so each
-        cluster continues the image of the last round's cluster it shares most neurons with
-        (see :meth:`ContinuationMemory.match_clusters`) for ``continue_steps`` steps; the others
-        start from noise."""
-        key, n = f"clusters/{layer}", self.options.n_images
-        progress.phase(f"rendering clusters of {layer} ({len(members)} clusters)")
-        signature = self.signature()
-        starts = self.memory.match_clusters(key, signature, members, n)
-        images: list[torch.Tensor] = [torch.empty(0)] * len(members)
-        params: list[torch.Tensor] = [torch.empty(0)] * len(members)
-        ran: list[torch.Tensor] = [torch.empty(0)] * len(members)
-        continued = [i for i, start in enumerate(starts) if start is not None]
-        fresh = [i for i, start in enumerate(starts) if start is None]
-        for rows in (continued, fresh):
-            if not rows:
+        cluster continues the image of the last round's cluster of its layer it shares most
+        neurons with (see :meth:`ContinuationMemory.match_clusters`) for ``continue_steps``
+        steps; the others start from noise. The clusters of all layers are rendered together,
+        the continued ones in one batch and the new ones in another: a layer has a few clusters,
+        and a rendering of a few images costs nearly what one of a few dozen does."""
+        n, signature = self.options.n_images, self.signature()
+        rows = [(layer, i) for layer, groups in members.items() for i in range(len(groups))]
+        progress.phase(f"rendering clusters ({len(rows)} clusters of {len(members)} layers)")
+        starts = {
+            layer: self.memory.match_clusters(f"clusters/{layer}", signature, groups, n)
+            for layer, groups in members.items()
+        }
+        done: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        continued = [row for row in rows if starts[row[0]][row[1]] is not None]
+        fresh = [row for row in rows if starts[row[0]][row[1]] is None]
+        for batch in (continued, fresh):
+            if not batch:
                 continue
-            init = torch.cat([starts[i] for i in rows]) if rows is continued else None  # type: ignore[misc]
-            objectives: list[Objective] = [ChannelGroup(layer, members[i]) for i in rows]
-            done, state, steps = self.rows(model, objectives, init, 0, False, 1)
-            for j, i in enumerate(rows):
-                images[i] = done[j * n : (j + 1) * n].cpu()
-                params[i] = state[j * n : (j + 1) * n]
-                ran[i] = steps[j * n : (j + 1) * n]
-        self.memory.keep(key, signature, torch.cat(params), members)
-        return torch.cat(images), torch.cat(ran)
+            init = torch.cat([starts[lr][i] for lr, i in batch]) if batch is continued else None  # type: ignore[misc]
+            objectives: list[Objective] = [ChannelGroup(lr, members[lr][i]) for lr, i in batch]
+            images, params, steps = self.rows(model, objectives, init, 0, False, 1)
+            for j, row in enumerate(batch):
+                part = slice(j * n, (j + 1) * n)
+                done[row] = (images[part].cpu(), params[part], steps[part])
+        found = {}
+        for layer, groups in members.items():
+            images, params, steps = (
+                torch.cat(parts)
+                for parts in zip(*(done[(layer, i)] for i in range(len(groups))), strict=True)
+            )
+            self.memory.keep(f"clusters/{layer}", signature, params, groups)
+            found[layer] = (images, steps)
+        return found

@@ -128,7 +128,8 @@ def cluster_renderings(
     in ``clustering`` (NeuronClustering's results), with the class each cluster prefers and what
     the model and the judge see in its image; rendered on this rank alone."""
     plan, n = renderer.plan, renderer.options.n_images
-    found: dict[str, ClusterRendering] = {}
+    chosen: dict[str, tuple[Any, torch.Tensor, torch.Tensor]] = {}  # layer: (result, ids, sizes)
+    members: dict[str, list[list[int]]] = {}
     for layer, result in clustering.items():
         if layer not in plan.layers:
             continue
@@ -139,10 +140,14 @@ def cluster_renderings(
         if not len(ids):
             continue
         order = sizes.argsort(descending=True, stable=True)[:max_clusters]
-        ids, sizes = ids[order], sizes[order]
-        members = [torch.nonzero(labels == k).flatten().tolist() for k in ids.tolist()]
-        images, steps = renderer.clusters(model, layer, members)
-        images, steps = images[::n], steps[::n]
+        chosen[layer] = (result, ids[order], sizes[order])
+        members[layer] = [
+            torch.nonzero(labels == k).flatten().tolist() for k in ids[order].tolist()
+        ]
+    rendered = renderer.clusters(model, members) if members else {}
+    found: dict[str, ClusterRendering] = {}
+    for layer, (result, ids, sizes) in chosen.items():
+        images, steps = (t[::n] for t in rendered[layer])
         profiles = torch.as_tensor(np.asarray(result.cluster_profiles))
         preferred = profiles[ids].argmax(dim=1)
         if result.classes is not None and len(result.classes) == profiles.shape[1]:
