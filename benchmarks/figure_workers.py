@@ -12,7 +12,6 @@ each run's seconds and, per setup, the median over training alone.
 Run: ``python benchmarks/figure_workers.py [--epochs 10] [--steps 23] [--figures 3]
 [--repeats 3] [--niceness 19]`` (the demo's tracker asks for 3 figures per epoch; with every
 analysis the demo asks for about 140 in its 10 epochs).
-(the demo's tracker asks for 33 figures per fit, every analysis for about 140).
 """
 
 from __future__ import annotations
