@@ -2,12 +2,14 @@
 
 Trains the demo model (SmallCNN 32/64/128 with batch norm, batches of 64 one-channel 32x32
 images, AdamW) for ``--epochs`` epochs of ``--steps`` steps (the demo: 10 of 23), interleaved
-``--repeats`` times, three ways: alone; while the figure workers
+``--repeats`` times, four ways: alone; while the figure workers
 (:class:`~lightning_neurons.figure_worker.BackgroundFigures`, 2 workers) draw ``--figures``
 class-profile heatmaps (the tracker's figure, 10 classes x 128 neurons) asked for at the end of
-every epoch, as the library runs them; and the same with the workers at ``--niceness`` (a lower
-priority). Each run ends when the last figure is logged, as a fit waits for its figures. Prints
-each run's seconds and, per setup, the median over training alone.
+every epoch, as the library runs them; the same with the workers at ``--niceness`` (a lower
+priority); and the figures drawn on the training thread (``BackgroundFigures(enabled=False)``).
+Each run ends when the last figure is logged, as a fit waits for its figures. Prints each run's
+seconds and, per setup, the median over training alone. Run it alone on the machine: a second
+process with two torch threads on two cores slows both many times over.
 
 Run: ``python benchmarks/figure_workers.py [--epochs 10] [--steps 23] [--figures 3]
 [--repeats 3] [--niceness 19]`` (the demo's tracker asks for 3 figures per epoch; with every
@@ -51,7 +53,7 @@ def run(setup: str, args: argparse.Namespace) -> float:
     x, y = torch.randn(64, 1, 32, 32), torch.randint(0, 10, (64,))
     niced = functools.partial(niced_init, args.niceness)
     figure_worker._init_worker = LIBRARY_INIT if setup == "figures" else niced  # type: ignore[assignment]
-    workers, owner = BackgroundFigures(workers=2), object()
+    workers, owner = BackgroundFigures(enabled=setup != "inline", workers=2), object()
     stats = _layer_stats(_profile(10, 128))
     start = time.perf_counter()
     for _ in range(args.epochs):
@@ -78,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     if not BackgroundFigures.available():
         sys.exit("the figure workers need fork (Linux): figures are drawn on the spot here")
-    setups = ("alone", "figures", f"niceness {args.niceness}")
+    setups = ("alone", "figures", f"niceness {args.niceness}", "inline")
     run("alone", args)  # warm-up
     times: dict[str, list[float]] = {s: [] for s in setups}
     for repeat in range(args.repeats):
