@@ -320,24 +320,27 @@ class Renderer:
         the continued ones in one batch and the new ones in another: a layer has a few clusters,
         and a rendering of a few images costs nearly what one of a few dozen does."""
         n, signature = self.options.n_images, self.signature()
-        rows = [(layer, i) for layer, groups in members.items() for i in range(len(groups))]
-        progress.phase(f"rendering clusters ({len(rows)} clusters of {len(members)} layers)")
-        starts = {
-            layer: self.memory.match_clusters(f"clusters/{layer}", signature, groups, n)
+        start: dict[tuple[str, int], torch.Tensor | None] = {
+            (layer, i): init
             for layer, groups in members.items()
+            for i, init in enumerate(
+                self.memory.match_clusters(f"clusters/{layer}", signature, groups, n)
+            )
         }
+        progress.phase(f"rendering clusters ({len(start)} clusters of {len(members)} layers)")
         done: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        continued = [row for row in rows if starts[row[0]][row[1]] is not None]
-        fresh = [row for row in rows if starts[row[0]][row[1]] is None]
+        continued = [row for row, init in start.items() if init is not None]
+        fresh = [row for row, init in start.items() if init is None]
         for batch in (continued, fresh):
             if not batch:
                 continue
-            init = torch.cat([starts[lr][i] for lr, i in batch]) if batch is continued else None  # type: ignore[misc]
             objectives: list[Objective] = [ChannelGroup(lr, members[lr][i]) for lr, i in batch]
-            images, params, steps = self.rows(model, objectives, init, 0, False, 1)
+            inits = [init for init in (start[row] for row in batch) if init is not None]
+            first = torch.cat(inits) if inits else None  # the continued batch, or from noise
+            images, params, steps = self.rows(model, objectives, first, 0, False, 1)
             for j, row in enumerate(batch):
                 part = slice(j * n, (j + 1) * n)
-                done[row] = (images[part].cpu(), params[part], steps[part])
+                done[row] = (images[part], params[part], steps[part])
         found = {}
         for layer, groups in members.items():
             images, params, steps = (
