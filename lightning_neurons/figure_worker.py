@@ -158,6 +158,13 @@ class BackgroundFigures:
             return
         future.add_done_callback(lambda _: self._log_in_order())
 
+    def busy(self) -> int:
+        """How many workers draw now: the figures asked for and not yet drawn, at most
+        :attr:`workers` (the analyses give them their cores: :mod:`lightning_neurons.cores`)."""
+        with self._lock:
+            waiting = sum(1 for drawn, _, _ in self._order if not drawn.done())
+        return min(waiting, self.workers)
+
     def _payload(self, fn: Callable[..., Any], args: Sequence[Any], kwargs: dict) -> bytes | None:
         if not (self.enabled and self.available()):
             return None

@@ -9,7 +9,9 @@ doing with one call, without passing anything around:
 - :func:`update`: how far the current phase's loop is (``update("step", 96, 128)``);
 - :func:`advance`: the same for a loop without an index: each call counts one more.
 
-Outside :func:`reporting` the three do nothing, so library functions call them freely.
+Outside :func:`reporting` the three do nothing, so library functions call them freely. Inside,
+each call is also where the analysis lends its torch threads to the figure workers that draw at
+that moment, and takes them back once they are done (:mod:`lightning_neurons.cores`).
 
 Where the status goes depends on the trainer:
 
@@ -45,6 +47,9 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities.rank_zero import rank_zero_debug
+
+from lightning_neurons.cores import CoreShare
+from lightning_neurons.figure_worker import background_figures
 
 #: The logger of the one line per analysis and epoch written when there is no terminal.
 log = logging.getLogger("lightning.pytorch").getChild("lightning_neurons")
@@ -207,6 +212,7 @@ class Reporter:
     logged: bool = False
     where: str = ""
     reported: bool = False
+    cores: CoreShare | None = None
     _drawn: float = field(default=-math.inf, repr=False)
 
     def phase(self, what: str, done: int | None, total: int | None) -> None:
@@ -236,6 +242,8 @@ class Reporter:
 
     def _changed(self) -> None:
         self.reported = True
+        if self.cores is not None:
+            self.cores.check()
         if self.line is None:
             return
         now = time.monotonic()
@@ -278,12 +286,15 @@ def reporting(trainer: Trainer, callback: Callback, stage: str) -> Iterator[Repo
         The reporter that :func:`phase`, :func:`update` and :func:`advance` talk to.
     """
     reporter = _reporter(trainer, type(callback).__name__, stage)
+    reporter.cores = CoreShare(background_figures.busy)
+    reporter.cores.check()
     token = _current.set(reporter)
     start = time.perf_counter()
     try:
         yield reporter
     finally:
         _current.reset(token)
+        reporter.cores.restore()
         reporter.finish(time.perf_counter() - start)
 
 

@@ -158,3 +158,22 @@ def test_a_figure_that_fails_in_the_worker_is_reported_and_training_goes_on(tmp_
     with pytest.raises(ValueError, match="colour map"):
         _fit(tmp_path / "raise", epochs=1, on_error="raise")
     assert background_figures.wait(tracker) == []
+
+
+def slow_image(seconds: float) -> np.ndarray:
+    time.sleep(seconds)
+    return np.zeros((2, 2, 3), dtype=np.uint8)
+
+
+@needs_fork
+def test_busy_counts_the_workers_drawing_now():
+    figures, logged, owner = BackgroundFigures(workers=2), [], object()
+    assert figures.busy() == 0
+    figures.submit(owner, logged.append, slow_image, (1.0,))
+    assert figures.busy() == 1, "one figure asked for and not drawn: one worker busy"
+    for _ in range(3):
+        figures.submit(owner, logged.append, slow_image, (0.2,))
+    assert figures.busy() == 2, "never more than the workers"
+    assert figures.wait(owner) == [] and len(logged) == 4
+    assert figures.busy() == 0
+    assert BackgroundFigures(enabled=False).busy() == 0
