@@ -286,15 +286,15 @@ def reporting(trainer: Trainer, callback: Callback, stage: str) -> Iterator[Repo
         The reporter that :func:`phase`, :func:`update` and :func:`advance` talk to.
     """
     reporter = _reporter(trainer, type(callback).__name__, stage)
-    reporter.cores = CoreShare(background_figures.busy)
-    reporter.cores.check()
+    cores = reporter.cores = CoreShare(background_figures.busy)
     token = _current.set(reporter)
     start = time.perf_counter()
     try:
+        cores.check()
         yield reporter
     finally:
         _current.reset(token)
-        reporter.cores.restore()
+        cores.restore()
         reporter.finish(time.perf_counter() - start)
 
 
