@@ -26,13 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 
 import torch
 from visualization import CACHE, GOALS, trained
 
 from lightning_neurons import RenderOptions
 from lightning_neurons.models import SmallCNN
-from lightning_neurons.visualize import ClassLogit, DataPrior, render
+from lightning_neurons.visualize import ClassLogit, DataPrior, Objective, render
 
 #: The epochs the demo analyses (every_n_epochs: 2 of 10).
 EPOCHS = (1, 3, 5, 7, 9)
@@ -86,11 +87,13 @@ def one_round(
     params: torch.Tensor | None,
     first: dict,
     alive: bool,
+    objective: Callable[[int], Objective] = ClassLogit,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One round's 10 class images and the parameters the next round continues: with ``alive``
     (FeatureVisualizer's schedule) every candidate continued and the best shown, else the first
-    round's best continued alone."""
-    classes = [ClassLogit(c) for c in range(10)]
+    round's best continued alone. ``objective(c)``: what class ``c``'s image maximises; the
+    candidates are compared by ``ClassLogit(c)`` whatever it is."""
+    classes = [objective(c) for c in range(10)]
     if not alive:
         if params is None:  # the first round: from noise, the best of the candidates
             kw = {**settings, "steps": options.steps, "restarts": options.class_restarts, **first}
@@ -110,11 +113,75 @@ def one_round(
         kw = dict(settings, steps=options.continue_steps, init=params, restarts=1, views=views)
     result = render(model, rows, **kw)
     transforms = view_transforms(options.transforms, (1, 32, 32), settings["prior"])
+    logits = [ClassLogit(c) for c in range(10) for _ in range(restarts)]  # chosen as by default
     best = choose_candidates(
-        model, rows, result.images, restarts, transforms=transforms, seed=options.seed,
+        model, logits, result.images, restarts, transforms=transforms, seed=options.seed,
         size=len(rows), select_by=options.class_select_by,
     )  # fmt: skip
     return result.images[best], result.params
+
+
+Judged = Callable[[torch.Tensor], list[int]]
+#: What each class's image maximises on a round's model: ``objectives(model)(c)``.
+Objectives = Callable[[torch.nn.Module], Callable[[int], Objective]]
+
+
+def digits_setup() -> tuple[DataPrior, Judged, torch.Tensor]:
+    """The prior the callback would estimate, the judges (twin, LeNet, pixel logistic
+    regression: how many of the 10 class images each recognises) and the validation images."""
+    from sklearn.linear_model import LogisticRegression
+
+    from lightning_neurons.data import DigitsDataModule
+
+    data = DigitsDataModule(batch_size=64, image_size=32, val_fraction=0.2, seed=0)
+    data.setup()
+    train_x, train_y = data.train_set.tensors
+    val = data.val_set.tensors[0][:512]
+    prior = DataPrior.from_images(val)  # as the callback estimates it
+    judges = {"twin": trained("smallcnn", 1)[0], "LeNet": trained("lenet", 0)[0]}
+    linear = LogisticRegression(max_iter=2000).fit(train_x.flatten(1).numpy(), train_y.numpy())
+    target = torch.arange(10)
+
+    def judged(images: torch.Tensor) -> list[int]:
+        with torch.no_grad():
+            counts = [int((net(images).argmax(1) == target).sum()) for net in judges.values()]
+        guess = torch.as_tensor(linear.predict(images.flatten(1).numpy()))
+        return [*counts, int((guess == target).sum())]
+
+    return prior, judged, val
+
+
+def replay(
+    name: str,
+    options: RenderOptions,
+    prior: DataPrior,
+    judged: Judged,
+    first: dict,
+    alive: bool = True,
+    objectives: Objectives | None = None,
+) -> None:
+    """Replay the schedule over the demo's analysed epochs and print each round's counts."""
+    weights = demo_weights()
+    settings = class_settings(options, prior)
+    goals = [GOALS[judge] * 10 for judge in ("twin", "LeNet", "linear")]  # of 10 images
+    params, cells, total, last = None, [], 0.0, []
+    for epoch in EPOCHS:
+        model = SmallCNN(widths=(32, 64, 128), batch_norm=True).eval()
+        model.load_state_dict(weights[epoch])
+        model.requires_grad_(False)
+        objective = ClassLogit if objectives is None else objectives(model)
+        start = time.perf_counter()
+        images, params = one_round(model, options, settings, params, first, alive, objective)
+        seconds = time.perf_counter() - start
+        total += seconds
+        last = judged(images)
+        cells.append(f"e{epoch} {'/'.join(map(str, last))} {seconds:.1f} s")
+    met = all(c >= g for c, g in zip(last, goals, strict=True))
+    print(
+        f"{name}, seed {options.seed}: {', '.join(cells)}; {total:.1f} s in all; last round vs "
+        f"the goals ({'/'.join(f'{g:g}' for g in goals)}): {'met' if met else 'NOT met'}",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -132,50 +199,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from sklearn.linear_model import LogisticRegression
-
-    from lightning_neurons.data import DigitsDataModule
-
-    data = DigitsDataModule(batch_size=64, image_size=32, val_fraction=0.2, seed=0)
-    data.setup()
-    train_x, train_y = data.train_set.tensors
-    prior = DataPrior.from_images(data.val_set.tensors[0][:512])  # as the callback estimates it
-    judges = {"twin": trained("smallcnn", 1)[0], "LeNet": trained("lenet", 0)[0]}
-    linear = LogisticRegression(max_iter=2000).fit(train_x.flatten(1).numpy(), train_y.numpy())
-    weights = demo_weights()
-    target = torch.arange(10)
-
-    def judged(images: torch.Tensor) -> list[int]:
-        with torch.no_grad():
-            counts = [int((net(images).argmax(1) == target).sum()) for net in judges.values()]
-        guess = torch.as_tensor(linear.predict(images.flatten(1).numpy()))
-        return [*counts, int((guess == target).sum())]
-
-    goals = [GOALS[name] * 10 for name in ("twin", "LeNet", "linear")]  # of 10 images
-    goal_text = "/".join(f"{g:g}" for g in goals)
-
+    prior, judged, _ = digits_setup()
     print("class images recognised (twin/LeNet/linear of 10) and seconds, per analysed epoch")
     for name, first in json.loads(args.variants).items():
         for seed in (int(s) for s in args.seeds.split(",")):
             options = RenderOptions(**{**json.loads(args.options), "seed": seed})
-            settings = class_settings(options, prior)
-            params, cells, total, last = None, [], 0.0, []
-            for epoch in EPOCHS:
-                model = SmallCNN(widths=(32, 64, 128), batch_norm=True).eval()
-                model.load_state_dict(weights[epoch])
-                model.requires_grad_(False)
-                start = time.perf_counter()
-                images, params = one_round(model, options, settings, params, first, not args.single)
-                seconds = time.perf_counter() - start
-                total += seconds
-                last = judged(images)
-                cells.append(f"e{epoch} {'/'.join(map(str, last))} {seconds:.1f} s")
-            met = all(c >= g for c, g in zip(last, goals, strict=True))
-            print(
-                f"{name}, seed {seed}: {', '.join(cells)}; {total:.1f} s in all; last round vs "
-                f"the goals ({goal_text}): {'met' if met else 'NOT met'}",
-                flush=True,
-            )
+            replay(name, options, prior, judged, first, alive=not args.single)
 
 
 if __name__ == "__main__":
