@@ -19,8 +19,9 @@ from lightning_neurons.errors import NeuronsError
 class ClassNeuronStats(Metric):
     """Per-class count, sum, sum of squares, maximum and firing count of every neuron.
 
-    Each batch is added with ``index_add_`` (``O(B K)`` per batch, whatever the number of
-    classes). The states are as small as their exactness allows:
+    Each batch is added with ``index_add_`` and ``index_put_(accumulate=True)`` (``O(B K)`` per
+    batch, whatever the number of classes; a batch without NaN or inf skips the masking). The
+    states are as small as their exactness allows:
 
     * ``sum`` and ``sum_sq`` are float64: the variance ``E[x^2] - E[x]^2`` cancels digits, and a
       float32 sum of ``n`` values is only good to about ``n * 6e-8`` relative;
@@ -88,19 +89,26 @@ class ClassNeuronStats(Metric):
         values = values.detach()
         peak = values if peak is None else peak.detach()
         labels = labels.long()
-        finite = torch.isfinite(values)
-        clean = torch.where(
-            finite, values, torch.zeros((), dtype=values.dtype, device=values.device)
-        )
+        finite = None if _all_finite(values) else torch.isfinite(values)
+        clean = values
+        if finite is not None:
+            clean = torch.where(
+                finite, values, torch.zeros((), dtype=values.dtype, device=values.device)
+            )
         clean = clean.to(torch.float64)
-        self.images.index_add_(0, labels, torch.ones_like(labels))
+        # counts with index_put_(accumulate=True): exact, and on the CPU 3x faster than
+        # index_add_ for integers
+        self.images.index_put_((labels,), torch.ones_like(labels), accumulate=True)
         self.sum.index_add_(0, labels, clean)
         self.sum_sq.index_add_(0, labels, clean * clean)
-        self.fired.index_add_(0, labels, (peak > 0).to(torch.int32))
-        self.nan.index_add_(0, labels, (~finite).to(torch.int32))
+        self.fired.index_put_((labels,), (peak > 0).to(torch.int32), accumulate=True)
+        if finite is not None:
+            self.nan.index_put_((labels,), (~finite).to(torch.int32), accumulate=True)
         if not self.track_max:
             return
-        masked = torch.where(finite, values, torch.full_like(values, -torch.inf))
+        masked = values
+        if finite is not None:
+            masked = torch.where(finite, values, torch.full_like(values, -torch.inf))
         index = labels.unsqueeze(1).expand_as(masked)
         self.max.scatter_reduce_(
             0, index, masked.to(self.max.dtype), reduce="amax", include_self=True
@@ -119,6 +127,13 @@ class ClassNeuronStats(Metric):
         if self.track_max:
             states["max"] = self.max
         return states
+
+
+def _all_finite(values: torch.Tensor) -> bool:
+    """Whether ``values`` are all finite, known cheaply: on the CPU, by their sum (finite only
+    when every value is; a sum that overflows only sends a batch down the masking path); on an
+    accelerator ``False``, so that no batch waits for the device to answer."""
+    return values.device.type == "cpu" and bool(values.sum().isfinite())
 
 
 # ---- the maths, as pure functions -------------------------------------------------------------

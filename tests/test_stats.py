@@ -60,6 +60,43 @@ def test_nan_values_are_counted_and_left_out():
     assert res.class_means.tolist() == [[2.0, 2.0], [5.0, 4.0]]
 
 
+def test_the_finite_fast_path_gives_the_states_of_the_masking_path(monkeypatch):
+    """A batch without NaN or inf skips the masking (on the CPU, known from its sum); its states
+    are exactly those of the masking path."""
+    import lightning_neurons.stats as stats_module
+
+    g = torch.Generator().manual_seed(0)
+    values, labels = torch.randn(64, 5, generator=g), torch.randint(0, 3, (64,), generator=g)
+    fast, masked = ClassNeuronStats(3, 5), ClassNeuronStats(3, 5)
+    fast.update(values, labels, peak=values + 0.2)
+    monkeypatch.setattr(stats_module, "_all_finite", lambda values: False)
+    masked.update(values, labels, peak=values + 0.2)
+    a, b = fast.compute(), masked.compute()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert int(a["nan"].sum()) == 0 and int(a["images"].sum()) == 64
+
+
+def test_infinities_and_a_sum_that_overflows():
+    """+inf and -inf are counted with NaN and left out of the sums; float16 values whose sum
+    overflows are all finite and all counted."""
+    stats = ClassNeuronStats(2, 2)
+    values = torch.tensor([[1.0, float("inf")], [2.0, -float("inf")], [4.0, 8.0]])
+    stats.update(values, torch.tensor([0, 0, 1]))
+    s = stats.compute()
+    assert s["nan"].tolist() == [[0, 2], [0, 0]]
+    assert s["sum"].tolist() == [[3.0, 0.0], [4.0, 8.0]] and s["max"][0].tolist() == [
+        2.0,
+        -float("inf"),
+    ]
+    big = ClassNeuronStats(2, 3, max_dtype=torch.float16)
+    values = torch.full((4, 3), 60000.0, dtype=torch.float16)  # the sum, 720000, is inf in float16
+    assert not values.sum().isfinite()
+    big.update(values, torch.tensor([0, 1, 1, 1]))
+    s = big.compute()
+    assert int(s["nan"].sum()) == 0 and s["images"].tolist() == [1, 3]
+    assert s["sum"].tolist() == [[60000.0] * 3, [180000.0] * 3] and s["max"].min() == 60000.0
+
+
 def test_selectivity_conventions():
     one_class = torch.tensor([[2.0], [0.0], [0.0]])
     uniform = torch.tensor([[1.0], [1.0], [1.0]])
