@@ -7,6 +7,7 @@ statistics of the whole data set.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -127,6 +128,74 @@ class ClassNeuronStats(Metric):
         if self.track_max:
             states["max"] = self.max
         return states
+
+
+#: A layer's held batches are added to its statistics once they hold this many values...
+FLUSH_VALUES = 2**18
+#: ... or this many rows (images).
+FLUSH_ROWS = 1024
+
+
+class HeldBatches:
+    """Batches held per layer and added to its :class:`ClassNeuronStats` together.
+
+    On a layer of a few hundred neurons an update is a dozen operations on a ``[B, K]`` tensor,
+    each costing more in fixed overhead (or, on a GPU, in kernel launches) than in work; a
+    layer's batches are held until they hold :data:`FLUSH_VALUES` values or :data:`FLUSH_ROWS`
+    rows, then added as one. The states are those of batch-by-batch updates (counts, maxima and
+    float64 sums of the same values; only the order of the float64 additions differs). Memory
+    is bounded by that size per layer, whatever the number of batches. Call :meth:`flush` before
+    reading the statistics.
+
+    Example:
+        >>> held, stats = HeldBatches(), ClassNeuronStats(3, 4)
+        >>> held.add("fc", stats, torch.rand(8, 4), torch.randint(0, 3, (8,)))
+        >>> int(stats.compute()["images"].sum())  # held, not yet added
+        0
+        >>> held.flush({"fc": stats})
+        >>> int(stats.compute()["images"].sum())
+        8
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+
+    def add(
+        self,
+        name: str,
+        stats: ClassNeuronStats,
+        values: torch.Tensor,
+        labels: torch.Tensor,
+        peak: torch.Tensor | None = None,
+    ) -> None:
+        """Hold a batch of layer ``name`` (the arguments of :meth:`ClassNeuronStats.update`);
+        add the layer's held batches to ``stats`` once they are large enough. The tensors are
+        kept as they are: pass none that a later in-place operation changes."""
+        held = self._held.setdefault(name, [])
+        held.append((values, labels, values if peak is None else peak))
+        rows = sum(v.shape[0] for v, _, _ in held)
+        if rows >= FLUSH_ROWS or rows * values.shape[1] >= FLUSH_VALUES:
+            self._add(stats, self._held.pop(name))
+
+    def flush(self, stats: Mapping[str, ClassNeuronStats]) -> None:
+        """Add every held batch to its layer's statistics in ``stats``."""
+        for name in list(self._held):
+            self._add(stats[name], self._held.pop(name))
+
+    def drop(self, name: str | None = None) -> None:
+        """Forget the held batches of layer ``name`` (``None``: of every layer)."""
+        if name is None:
+            self._held.clear()
+        else:
+            self._held.pop(name, None)
+
+    @staticmethod
+    def _add(stats: ClassNeuronStats, held: list) -> None:
+        if len(held) == 1:
+            stats.update(*held[0])
+            return
+        values, labels, peak = (torch.cat(parts) for parts in zip(*held, strict=True))
+        stats.update(values, labels, peak)
 
 
 def _all_finite(values: torch.Tensor) -> bool:

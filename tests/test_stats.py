@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from lightning_neurons.stats import (
+    FLUSH_ROWS,
     ClassNeuronStats,
+    HeldBatches,
     LayerStats,
     dead_neurons,
     dominant_neurons,
@@ -95,6 +97,44 @@ def test_infinities_and_a_sum_that_overflows():
     s = big.compute()
     assert int(s["nan"].sum()) == 0 and s["images"].tolist() == [1, 3]
     assert s["sum"].tolist() == [[60000.0] * 3, [180000.0] * 3] and s["max"].min() == 60000.0
+
+
+def test_held_batches_give_the_states_of_batch_by_batch_updates():
+    """Batches held and added together: the same counts and maxima, the same float64 sums up to
+    the order of their additions (float32 values, so each term is exact in float64; 2^-52
+    relative per addition); nothing is added before the flush or the size that forces one."""
+    g = torch.Generator().manual_seed(0)
+    one, held_stats, held = ClassNeuronStats(4, 6), ClassNeuronStats(4, 6), HeldBatches()
+    for _ in range(5):
+        values, labels = torch.randn(16, 6, generator=g), torch.randint(0, 4, (16,), generator=g)
+        peak = values + torch.rand(16, 6, generator=g)
+        one.update(values, labels, peak)
+        held.add("layer", held_stats, values, labels, peak)
+    assert int(held_stats.compute()["images"].sum()) == 0  # 80 rows: held
+    held.flush({"layer": held_stats})
+    a, b = one.compute(), held_stats.compute()
+    for key in ("images", "fired", "nan", "max"):
+        assert torch.equal(a[key], b[key]), key
+    for key in ("sum", "sum_sq"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-14, atol=1e-14)
+    held.flush({"layer": held_stats})  # nothing held: nothing added twice
+    assert int(held_stats.compute()["images"].sum()) == 80
+
+
+def test_held_batches_are_bounded():
+    """A layer's batches are added by themselves once they hold FLUSH_ROWS rows, so memory does
+    not grow with the number of batches; a dropped layer's batches are never added."""
+    stats, held = ClassNeuronStats(2, 3), HeldBatches()
+    batch = (torch.rand(64, 3), torch.arange(64) % 2)
+    for _ in range(FLUSH_ROWS // 64 - 1):
+        held.add("a", stats, *batch)
+    assert int(stats.compute()["images"].sum()) == 0
+    held.add("a", stats, *batch)
+    assert int(stats.compute()["images"].sum()) == FLUSH_ROWS
+    held.add("a", stats, *batch)
+    held.drop("a")
+    held.flush({"a": stats})
+    assert int(stats.compute()["images"].sum()) == FLUSH_ROWS
 
 
 def test_selectivity_conventions():

@@ -472,3 +472,40 @@ def test_a_model_without_a_class_count_is_a_clear_error():
     with pytest.raises(NeuronsError, match="could not tell how many classes NoHead predicts"):
         ActivationTracker().describe(NoHead())
     assert ActivationTracker(num_classes=4).describe(NoHead()).num_classes == 4
+
+
+class _InPlaceAfterLinear(nn.Module):
+    """A tracked Linear whose output the next module changes in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(64, 8)
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.fc(self.flat(x))))
+
+
+def test_a_layer_changed_in_place_later_is_tracked_as_it_was(tmp_path):
+    """The tracker holds a few batches before adding them up; a [B, K] output is copied, so a
+    later ReLU(inplace=True) does not change what was tracked: the signed means of the Linear."""
+    model, data = _module(net=_InPlaceAfterLinear()), TinyData()
+    tracker = ActivationTracker(layers=["backbone.fc"])
+    fast_trainer(tmp_path, callbacks=[tracker]).fit(model, datamodule=data)
+    outputs, labels = [], []
+    handle = model.backbone.fc.register_forward_hook(
+        lambda m, i, o: outputs.append(o.detach().clone())
+    )
+    model.eval()
+    with torch.no_grad():
+        for x, y in data.val_dataloader():
+            model(x)
+            labels.append(y)
+    handle.remove()
+    acts, y = torch.cat(outputs).double(), torch.cat(labels)
+    expected = torch.stack([acts[y == c].mean(0) for c in range(3)])
+    means = tracker.results["backbone.fc"].class_means.double()
+    assert (expected < 0).any()  # what the in-place ReLU would have zeroed
+    torch.testing.assert_close(means, expected, atol=1e-5, rtol=0)

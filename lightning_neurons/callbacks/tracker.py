@@ -43,7 +43,7 @@ from lightning_neurons.hooks import (
 from lightning_neurons.layouts import peak as positions_peak
 from lightning_neurons.results import TrackerSpec
 from lightning_neurons.state import in_analysis
-from lightning_neurons.stats import ClassNeuronStats, LayerStats
+from lightning_neurons.stats import ClassNeuronStats, HeldBatches, LayerStats
 
 Stage = Literal["validation", "train", "test"]
 Reduction = Literal["mean", "max"]
@@ -173,6 +173,7 @@ class ActivationTracker(StagedCallback):
         self.spec: TrackerSpec | None = None
         self.results: dict[str, LayerStats] = {}
         self._metrics: dict[str, ClassNeuronStats] = {}
+        self._held = HeldBatches()  # batches not yet added to the metrics
         self._hooks = HookSet()
         self._labels: torch.Tensor | None = None
         self._rows = LoaderRows()
@@ -312,6 +313,7 @@ class ActivationTracker(StagedCallback):
         self._pending_epoch = None
         self._stop()
         self._note_calls()
+        self._held.flush(self._metrics)
         states = {name: metric.compute() for name, metric in self._metrics.items()}
         # Kept where they are, not copied (a copy would add the whole state to every rank's host
         # memory): the metric's reset at the next analysed epoch gives it new state tensors, and
@@ -397,6 +399,7 @@ class ActivationTracker(StagedCallback):
         self._stop()
         if not self._due(trainer):
             return
+        self._held.drop()
         with torch.inference_mode(False):
             for metric in self._metrics.values():
                 metric.reset()
@@ -422,7 +425,7 @@ class ActivationTracker(StagedCallback):
         labels = self.check_batch(batch)
         rows = self._rows.rows(batch_idx, labels.shape[0])
         # DistributedSampler's repeated samples (the last rows on some ranks) are left out
-        self._labels = labels[:rows] if rows else None
+        self._labels = labels[:rows].clone() if rows else None  # held with the batch's values
         self._batch_size = labels.shape[0]
 
     def _metric(self, name: str, values: torch.Tensor) -> ClassNeuronStats:
@@ -435,6 +438,7 @@ class ActivationTracker(StagedCallback):
                 metric = ClassNeuronStats(self.num_classes, num_neurons, max_dtype=dtype)
                 metric = metric.to(values.device)
             self._metrics[name] = metric
+            self._held.drop(name)  # batches of the layer's former width
         return metric
 
     def _on_activation(self, name: str, output: torch.Tensor) -> None:
@@ -452,7 +456,10 @@ class ActivationTracker(StagedCallback):
                     f"layer {name!r} produced {values.shape[0]} rows for a batch of {labels.shape[0]} "
                     "labels; track layers whose first dimension is the batch."
                 )
-            self._metric(name, values).update(values, labels.to(values.device), peak)
+            if output.dim() == 2:  # its own values: held, so copied before an in-place op
+                values = peak = values.clone()
+            metric = self._metric(name, values)
+            self._held.add(name, metric, values, labels.to(values.device), peak)
 
     def _note_signed(self, pl_module: LightningModule) -> None:
         signed = [n for n in signed_layers(pl_module, self.layers) if n not in self._noted]
