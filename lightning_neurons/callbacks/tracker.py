@@ -526,16 +526,8 @@ class ActivationTracker(StagedCallback):
             scalars[out.tag(name, "mean_selectivity")] = float(res.selectivity.nanmean())
             scalars[out.tag(name, "mean_domination")] = float(res.domination.mean())
             scalars[out.tag(name, "nan_count")] = float(res.nan_counts.sum())
-            out.save_arrays(
-                name,
-                _file_arrays(res),
-                meta={
-                    "layer": name,
-                    "reduction": res.reduction,
-                    "stage": self.stage,
-                    "epoch": res.epoch,
-                },
-            )
+            meta = {"layer": name, "reduction": res.reduction, "stage": self.stage}
+            out.save_arrays(name, _file_arrays(res), meta={**meta, "epoch": res.epoch})
         out.scalars(scalars)
         names = class_names_of(trainer, int(self.num_classes or 0))
         self._evolution.log(out, self.results, names)
