@@ -3,11 +3,11 @@
 torch runs an operation on ``torch.get_num_threads()`` OpenMP threads that wait for each other at
 the end of every parallel loop. When a figure worker (:mod:`lightning_neurons.figure_worker`)
 takes a core those threads need, every loop waits for the thread that lost its core: on a 2-core
-machine, 20 contribution batches of the demo took 2.5-2.8 s beside one busy process and 3.0-7.5 s
-beside two, against 0.7-1.1 s alone; 40 batches beside the workers drawing 8 figures took 1.68 s
-on both threads and 1.48 s lending them, 1.40 s alone (``docs/benchmarks.md``). So while an analysis runs at an epoch's end, :class:`CoreShare` runs
-torch on the cores that the busy workers leave (at least one thread) and takes the threads back
-as the workers finish, checking at each progress report (:mod:`lightning_neurons.progress`).
+machine, 40 contribution batches of the demo took 1.40 s alone, 1.68 s on both threads beside
+the workers drawing 8 figures, and 1.48 s lending them (``docs/benchmarks.md``). So while an
+analysis runs at an epoch's end, :class:`CoreShare` runs torch on the cores that the busy
+workers leave (at least one thread) and takes the threads back as the workers finish,
+checking at each progress report (:mod:`lightning_neurons.progress`).
 
 Only the analyses' threads change: the thread count the analysis started with is restored when it
 ends, so the training loop runs as it would without us (results of the analyses may differ in

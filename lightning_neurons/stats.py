@@ -91,12 +91,8 @@ class ClassNeuronStats(Metric):
         peak = values if peak is None else peak.detach()
         labels = labels.long()
         finite = None if _all_finite(values) else torch.isfinite(values)
-        clean = values
-        if finite is not None:
-            clean = torch.where(
-                finite, values, torch.zeros((), dtype=values.dtype, device=values.device)
-            )
-        clean = clean.to(torch.float64)
+        zero = torch.zeros((), dtype=values.dtype, device=values.device)
+        clean = (values if finite is None else torch.where(finite, values, zero)).double()
         # counts with index_put_(accumulate=True): exact, and on the CPU 3x faster than
         # index_add_ for integers
         self.images.index_put_((labels,), torch.ones_like(labels), accumulate=True)
@@ -107,9 +103,7 @@ class ClassNeuronStats(Metric):
             self.nan.index_put_((labels,), (~finite).to(torch.int32), accumulate=True)
         if not self.track_max:
             return
-        masked = values
-        if finite is not None:
-            masked = torch.where(finite, values, torch.full_like(values, -torch.inf))
+        masked = values if finite is None else torch.where(finite, values, -torch.inf)
         index = labels.unsqueeze(1).expand_as(masked)
         self.max.scatter_reduce_(
             0, index, masked.to(self.max.dtype), reduce="amax", include_self=True
