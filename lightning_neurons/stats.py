@@ -91,8 +91,7 @@ class ClassNeuronStats(Metric):
         peak = values if peak is None else peak.detach()
         labels = labels.long()
         finite = None if _all_finite(values) else torch.isfinite(values)
-        zero = torch.zeros((), dtype=values.dtype, device=values.device)
-        clean = (values if finite is None else torch.where(finite, values, zero)).double()
+        clean = (values if finite is None else torch.where(finite, values, 0.0)).double()
         # counts with index_put_(accumulate=True): exact, and on the CPU 3x faster than
         # index_add_ for integers
         self.images.index_put_((labels,), torch.ones_like(labels), accumulate=True)
