@@ -23,11 +23,15 @@ from lightning_neurons.evolution import (
     run_clustering_evolution,
     run_neuron_evolution,
 )
+from lightning_neurons.plots import _canvas
 from lightning_neurons.plots._canvas import render
 from lightning_neurons.plots.evolution import (
+    _NeuronLayout,
+    class_colours,
     clustering_evolution_figure,
     comparison_figure,
     neuron_evolution_figure,
+    neuron_evolution_image,
 )
 from lightning_neurons.results import CategoryClusteringResult
 from lightning_neurons.stats import LayerStats
@@ -171,6 +175,35 @@ def test_figures_are_agg_figures_without_pyplot_and_draw_into_a_given_figure():
     own = Figure(figsize=(8, 4))
     assert neuron_evolution_figure(evolution, figure=own) is own and own.axes
     assert ("matplotlib.pyplot" in sys.modules) == pyplot_before
+
+
+def test_the_evolution_image_is_the_figure_with_one_frame_for_every_layer(monkeypatch):
+    import lightning_neurons.plots.evolution as plots
+
+    real, frames = plots._neuron_frame, []
+
+    def counted(layout: _NeuronLayout) -> Figure:
+        frames.append(layout)
+        return real(layout)
+
+    monkeypatch.setattr(plots, "_neuron_frame", counted)
+    _canvas._frames.clear()
+    names = ["zero", "one", "two"]
+    conv = neuron_evolution([stats(0, EPOCH0), stats(1, EPOCH1)])
+    other = neuron_evolution([stats(0, EPOCH1, "fc"), stats(1, EPOCH0, "fc")])
+    image = neuron_evolution_image(conv, names)
+    assert neuron_evolution_image(other, names).shape == image.shape
+    assert len(frames) == 1, "the same epochs and classes: one frame drawn for both layers"
+    drawn = render(neuron_evolution_figure(conv, names))
+    assert drawn.shape == image.shape and image.shape[1] == 480
+    # the same pixels but where the heatmaps' cells are cut into pixels a little differently
+    assert (drawn == image).all(axis=-1).mean() > 0.95
+    # latest classes [0, 2, 2]: neuron 0 (class 0) on top, then neurons 1 and 2 (class 2)
+    left, top, width, height = _NeuronLayout.of(conv, names).boxes()[0]
+    x = left + 3 * width // 4  # the latest epoch's column
+    colours = class_colours(3)([0, 2], bytes=True)[:, :3]
+    assert (image[top + height // 6, x] == colours[0]).all()
+    assert (image[top + 5 * height // 6, x] == colours[1]).all()
 
 
 @pytest.fixture(scope="module")

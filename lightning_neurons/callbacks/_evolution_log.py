@@ -12,7 +12,7 @@ import numpy as np
 
 from lightning_neurons.evolution import ClusteringHistory, NeuronHistory
 from lightning_neurons.loggers import AnalysisLogger
-from lightning_neurons.plots.evolution import clustering_evolution_figure, neuron_evolution_figure
+from lightning_neurons.plots.evolution import clustering_evolution_figure, neuron_evolution_image
 from lightning_neurons.results import CategoryClusteringResult
 from lightning_neurons.stats import LayerStats
 
@@ -79,7 +79,7 @@ class NeuronEvolutionLog(_LatestFigures):
         out.scalars(scalars)
         names = list(class_names) if class_names is not None else None
         figures: list[Figure] = [
-            (out.tag(layer, "evolution"), neuron_evolution_figure, (evolution, names))
+            (out.tag(layer, "evolution"), neuron_evolution_image, (evolution, names))
             for layer, evolution in evolutions.items()
         ]
         self.hold(out, figures, max((len(e.epochs) for e in evolutions.values()), default=0))

@@ -8,6 +8,7 @@ or draws into the ``figure`` it is given (a notebook's ``plt.figure()``, say); n
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -23,7 +24,12 @@ from lightning_neurons.evolution import (
 )
 from lightning_neurons.plots import _canvas
 
-__all__ = ["clustering_evolution_figure", "comparison_figure", "neuron_evolution_figure"]
+__all__ = [
+    "clustering_evolution_figure",
+    "comparison_figure",
+    "neuron_evolution_figure",
+    "neuron_evolution_image",
+]
 
 
 def _figure(figure: Figure | None, height: int, width: int = _canvas.MAX_WIDTH) -> Figure:
@@ -79,62 +85,155 @@ def neuron_evolution_figure(
     """Neuron x epoch pictures of one layer: each neuron's preferred class (left, one colour per
     class) and its class selectivity (right), neurons sorted by their latest preferred class,
     then selectivity. A neuron that keeps its class draws a straight band; one that switches
-    changes colour where it switched.
+    changes colour where it switched. :func:`neuron_evolution_image` draws the same as pixels
+    (what the tracker logs).
 
     Args:
         evolution: A :class:`~lightning_neurons.evolution.NeuronEvolution`.
         class_names: Names for the class legend (default: the class indices).
-        figure: Draw into this figure instead of a new one.
+        figure: Draw into this figure instead of a new one (placed in proportion to its size).
 
     Returns:
         The figure.
     """
-    preferred, selectivity = evolution.preferred_class, evolution.selectivity
-    last_sel = np.nan_to_num(selectivity[-1], nan=0.0)
-    order = np.lexsort((-last_sel, preferred[-1]))
-    num_classes = int(preferred.max(initial=0)) + 1
-    if class_names is not None:
-        num_classes = max(num_classes, len(class_names))
-    names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
-    cmap = class_colours(num_classes)
-    changed = float(evolution.changed_fraction[-1]) if len(evolution.epochs) > 1 else 0.0
-    fig = _figure(figure, 420)
-    _title(
-        fig,
-        f"{evolution.layer}: preferred class and selectivity per neuron over epochs "
-        f"({changed:.0%} changed class at epoch {int(evolution.epochs[-1])})",
-    )
-    grid = fig.add_gridspec(
-        1, 4, width_ratios=[10, 1, 10, 0.6], left=0.1, right=0.9, top=0.84, bottom=0.12, wspace=0.35
-    )
-    ax_class, ax_legend = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
-    ax_sel, ax_bar = fig.add_subplot(grid[2]), fig.add_subplot(grid[3])
-    ax_class.imshow(
-        preferred.T[order],
-        cmap=cmap,
-        vmin=-0.5,
-        vmax=num_classes - 0.5,
-        aspect="auto",
-        interpolation="nearest",
-    )
-    ax_class.set_title("preferred class", fontsize=_canvas.FONT)
-    ax_class.set_ylabel(f"{preferred.shape[1]} neurons (by latest class)", fontsize=_canvas.FONT)
-    ax_class.set_yticks([])
-    _class_legend(ax_legend, names[:num_classes], cmap)
-    image = ax_sel.imshow(
-        selectivity.T[order],
-        cmap="viridis",
-        vmin=0.0,
-        vmax=1.0,
-        aspect="auto",
-        interpolation="nearest",
-    )
-    ax_sel.set_title("selectivity", fontsize=_canvas.FONT)
-    ax_sel.set_yticks([])
-    for ax in (ax_class, ax_sel):
-        _epoch_ticks(ax, evolution.epochs)
-    bar = fig.colorbar(image, cax=ax_bar)
-    bar.ax.tick_params(labelsize=_canvas.FONT)
+    layout = _NeuronLayout.of(evolution, class_names)
+    title = layout.title(evolution)
+    if figure is None:
+        fig, _ = _canvas.titled_figure(title, layout.height - layout.top)
+    else:
+        fig = figure
+        _title(fig, title)
+    for ax, pixels in zip(_neuron_axes(fig, layout), layout.pixels(evolution), strict=True):
+        rows = pixels.shape[0]
+        ax.imshow(pixels, aspect="auto", interpolation="nearest", extent=layout.extent(rows))
+    return fig
+
+
+def neuron_evolution_image(
+    evolution: NeuronEvolution, class_names: Sequence[str] | None = None
+) -> np.ndarray:
+    """:func:`neuron_evolution_figure` as ``[H, W, 3]`` uint8 pixels, its frame (axes, legend,
+    colour bar, epoch ticks) drawn once for every layer of the same epochs and classes.
+
+    Example:
+        >>> image = neuron_evolution_image(run_neuron_evolution(run)["conv2"])
+    """
+    layout = _NeuronLayout.of(evolution, class_names)
+    image = _canvas.cached_frame(layout.key, lambda: _neuron_frame(layout))
+    for box, pixels in zip(layout.boxes()[:2], layout.pixels(evolution), strict=True):
+        _canvas.paste(image, box, pixels)
+    _canvas.paste_title(image, layout.title(evolution), layout.top)
+    return image
+
+
+#: The neuron evolution figure in pixels: the heatmaps' height, the room for the y label on the
+#: left and for the colour bar's ticks on the right.
+_EVOLUTION_BODY, _EVOLUTION_LEFT, _EVOLUTION_RIGHT = 300, 26, 28
+
+
+@dataclass(frozen=True)
+class _NeuronLayout:
+    """Where :func:`neuron_evolution_figure` draws what, in pixels of a
+    :data:`~lightning_neurons.plots._canvas.MAX_WIDTH` wide figure."""
+
+    top: int  # rows of the title
+    names: tuple[str, ...]  # the legend's classes
+    epochs: tuple[int, ...]
+    room: int  # the legend's labels
+
+    @classmethod
+    def of(cls, evolution: NeuronEvolution, class_names: Sequence[str] | None) -> _NeuronLayout:
+        num_classes = int(evolution.preferred_class.max(initial=0)) + 1
+        if class_names is not None:
+            num_classes = max(num_classes, len(class_names))
+        given = list(class_names) if class_names is not None else []
+        names = tuple(str(c) for c in given[:num_classes])
+        names += tuple(str(c) for c in range(len(names), num_classes))
+        shown = [_canvas.shorten(n, 40) for n in names] if len(names) <= 20 else ["00"]
+        probe = cls(0, names, tuple(int(e) for e in evolution.epochs), 0)
+        top = _canvas.title_height(probe.title(evolution), _canvas.MAX_WIDTH)
+        return cls(top, names, probe.epochs, _canvas.label_room(shown, 60))
+
+    def title(self, evolution: NeuronEvolution) -> str:
+        changed = float(evolution.changed_fraction[-1]) if len(evolution.epochs) > 1 else 0.0
+        return (
+            f"{evolution.layer} ({evolution.preferred_class.shape[1]} neurons): preferred class "
+            f"and selectivity over epochs ({changed:.0%} changed class at epoch "
+            f"{int(evolution.epochs[-1])})"
+        )
+
+    @property
+    def key(self) -> tuple:
+        return ("neuron_evolution", self.top, self.names, self.epochs, self.room)
+
+    @property
+    def height(self) -> int:
+        return self.top + 18 + _EVOLUTION_BODY + 34
+
+    @property
+    def heatmap_width(self) -> int:
+        fixed = _EVOLUTION_LEFT + 8 + 12 + self.room + 10 + 8 + 10 + _EVOLUTION_RIGHT
+        return (_canvas.MAX_WIDTH - fixed) // 2
+
+    def boxes(self) -> tuple[Box, Box, Box, Box]:
+        """The class map, the selectivity map, the legend and the colour bar."""
+        y, w, h = self.top + 18, self.heatmap_width, _EVOLUTION_BODY
+        legend = _EVOLUTION_LEFT + w + 8
+        right = legend + 12 + self.room + 10
+        return (
+            (_EVOLUTION_LEFT, y, w, h),
+            (right, y, w, h),
+            (legend, y, 12, h),
+            (right + w + 8, y, 10, h),
+        )
+
+    def extent(self, rows: int) -> tuple[float, float, float, float]:
+        return (-0.5, len(self.epochs) - 0.5, rows - 0.5, -0.5)
+
+    def pixels(self, evolution: NeuronEvolution) -> tuple[np.ndarray, np.ndarray]:
+        """The two heatmaps' colours: ``[K, E, 3]`` classes (rows subsampled by the paste) and
+        ``[rows, E, 3]`` selectivity (neighbouring neurons averaged where they outnumber the
+        rows)."""
+        preferred, selectivity = evolution.preferred_class, evolution.selectivity
+        last_sel = np.nan_to_num(selectivity[-1], nan=0.0)
+        order = np.lexsort((-last_sel, preferred[-1]))
+        classes = class_colours(len(self.names))(preferred.T[order], bytes=True)[..., :3]
+        shown = _canvas.block_means(selectivity.T[order], _EVOLUTION_BODY, len(self.epochs))
+        return classes, _canvas.colormapped(shown, "viridis", 0.0, 1.0)
+
+
+#: An axes' place in pixels: left, top, width, height (as :func:`_canvas.axes_at` takes it).
+Box = tuple[int, int, int, int]
+
+
+def _neuron_axes(fig: Figure, layout: _NeuronLayout) -> tuple[Axes, Axes]:
+    """Everything of the neuron evolution figure but its title and heatmaps' colours: returns
+    the class map's and the selectivity map's axes (placed in proportion to ``fig``'s size)."""
+    width, height = float(_canvas.MAX_WIDTH), float(layout.height)
+
+    def place(box: Box) -> Axes:
+        left, top, w, h = box
+        return fig.add_axes((left / width, 1.0 - (top + h) / height, w / width, h / height))
+
+    class_box, sel_box, legend_box, bar_box = layout.boxes()
+    ax_class, ax_sel = place(class_box), place(sel_box)
+    for ax, title in ((ax_class, "preferred class"), (ax_sel, "selectivity")):
+        ax.set_xlim(-0.5, len(layout.epochs) - 0.5)
+        ax.set_title(title, fontsize=_canvas.FONT, pad=3)
+        ax.set_yticks([])
+        _epoch_ticks(ax, np.asarray(layout.epochs))
+    ax_class.set_ylabel("neurons, by latest class", fontsize=_canvas.FONT, labelpad=2)
+    _class_legend(place(legend_box), list(layout.names), class_colours(len(layout.names)))
+    _canvas.colorbar(place(bar_box), "viridis", 0.0, 1.0, "")
+    return ax_class, ax_sel
+
+
+def _neuron_frame(layout: _NeuronLayout) -> Figure:
+    """The neuron evolution figure without its title and with blank heatmaps."""
+    fig = _canvas.new_figure(layout.height)
+    blank = np.full((1, len(layout.epochs), 3), 255, dtype=np.uint8)
+    for ax in _neuron_axes(fig, layout):
+        ax.imshow(blank, aspect="auto", interpolation="nearest", extent=layout.extent(1))
     return fig
 
 
