@@ -30,6 +30,7 @@ from scipy.cluster.hierarchy import linkage
 from scipy.spatial.distance import squareform
 
 from lightning_neurons.contribution import ContributionStats
+from lightning_neurons.evolution import NeuronEvolution
 from lightning_neurons.stats import LayerStats, dominant_neurons, selectivity_index
 
 
@@ -112,6 +113,7 @@ def figure_makers(classes: int, neurons: int, images: int, probes: int) -> dict[
         contribution_figure,
         probe_grid,
     )
+    from lightning_neurons.plots.evolution import neuron_evolution_figure, neuron_evolution_image
     from lightning_neurons.plots.images import image_grid, saliency_grid
 
     profile = _profile(classes, neurons)
@@ -134,6 +136,12 @@ def figure_makers(classes: int, neurons: int, images: int, probes: int) -> dict[
     preferred = [[rendered[(p + j) % images] for j in range(5)] for p in range(probes)]
     title = "layer4.1.relu: epoch 9, 12 clusters, silhouette 0.31"
     layer_stats, contribution_stats = _layer_stats(profile), _contribution_stats(profile)
+    evolution = NeuronEvolution(
+        layer="layer4.1.relu",
+        epochs=np.arange(10),
+        preferred_class=rng.integers(0, classes, (10, neurons)),
+        selectivity=rng.random((10, neurons)),
+    )
     # the epoch keyword is new; without it, this script also measures the figures before it
     epoch = {"epoch": 9} if "epoch" in inspect.signature(contribution_figure).parameters else {}
     return {
@@ -154,6 +162,9 @@ def figure_makers(classes: int, neurons: int, images: int, probes: int) -> dict[
             drop, sets, names, "layer4.1.relu: accuracy drop when zeroed (baseline 0.71)"
         ),
         "probe_grid": lambda: probe_grid(saliency_images, preferred),
+        "neuron_evolution": lambda: neuron_evolution_figure(evolution, names),
+        # the same as pixels on a cached frame (drawn at the first of the repeats)
+        "neuron_evolution_image": lambda: neuron_evolution_image(evolution, names),
         "image_grid": lambda: image_grid(
             rendered,
             [f"{c}: {2.5:.1f}x" for c in range(images)],
