@@ -78,6 +78,7 @@ def child(config: str, workdir: str) -> None:
 
 
 def run(setup: str, workdir: Path) -> dict[str, float]:
+    workdir.mkdir(parents=True)
     config = str(config_for(setup, workdir))
     out = subprocess.run(
         [sys.executable, __file__, "--child", config, str(workdir)],
