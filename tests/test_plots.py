@@ -215,6 +215,8 @@ def test_class_profile_heatmap_draws_each_neuron_scaled_in_its_class_row(drawn):
     again = class_profile_heatmap(_layer_stats(profile))
     assert len(drawn) == 3, "the frame once, then the title each time"
     np.testing.assert_array_equal(again, image)
+    wider = class_profile_heatmap(_layer_stats(torch.cat([profile, profile], dim=1)))
+    assert len(drawn) == 4 and wider.shape == image.shape, "another layer's width: the same frame"
     top, bottom = _canvas.colormapped(np.array([[1.0, 0.0]]), "viridis", 0.0, 1.0)[0]
     box = ax.get_window_extent()
     for row in range(3):

@@ -70,8 +70,10 @@ def class_profile_heatmap(
         scaled = np.where(finite, (m - np.where(finite.any(axis=0), low, 0.0)) / spread, np.nan)
     named = num_classes <= MAX_NAMED_ROWS
     rows_px = int(np.clip(num_classes * 22, 110, 440)) if named else 440
+    total = stats.class_means.shape[1]
+    shown = f"the {num_neurons} most selective of {total}" if num_neurons < total else f"{total}"
     title = (
-        f"{stats.layer}, epoch {stats.epoch}: class profile "
+        f"{stats.layer}, epoch {stats.epoch}: class profile of {shown} neurons "
         f"(mean selectivity {float(stats.selectivity.nanmean()):.2f}, "
         f"{int(stats.dead.sum())} dead)"
     )
@@ -80,11 +82,9 @@ def class_profile_heatmap(
     if named:
         given = class_names if class_names is not None else range(num_classes)
         names = tuple(str(c) for c in given)[:num_classes]
-    total = stats.class_means.shape[1]
-    key = ("class_profile", num_classes, num_neurons, total, names, top)
-    image = _canvas.cached_frame(
-        key, lambda: _profile_frame(num_classes, num_neurons, total, names, top, rows_px)
-    )
+    # the frame is the same for every layer of the same classes (and title lines)
+    key = ("class_profile", num_classes, names, top)
+    image = _canvas.cached_frame(key, lambda: _profile_frame(num_classes, names, top, rows_px))
     width = _canvas.MAX_WIDTH - _LEFT - _RIGHT
     shown = _canvas.block_means(scaled, rows_px, width)
     _canvas.paste(
@@ -98,27 +98,19 @@ def class_profile_heatmap(
 _LEFT, _RIGHT = 78, 62
 
 
-def _profile_frame(
-    num_classes: int,
-    num_neurons: int,
-    total: int,
-    names: tuple[str, ...] | None,
-    top: int,
-    rows_px: int,
-):
+def _profile_frame(num_classes: int, names: tuple[str, ...] | None, top: int, rows_px: int):
     """The class profile figure without its title and with a blank heatmap."""
     fig = _canvas.new_figure(top + rows_px + 30)
     width = _canvas.MAX_WIDTH - _LEFT - _RIGHT
     ax = _canvas.axes_at(fig, _LEFT, top + 4, width, rows_px)
-    _canvas.heatmap(ax, np.full((num_classes, num_neurons), np.nan), "viridis", 0.0, 1.0)
+    _canvas.heatmap(ax, np.full((num_classes, 1), np.nan), "viridis", 0.0, 1.0)
     if names is not None:
         _canvas.label_ticks(ax, "y", names, room=_LEFT - 22)
     else:
         _canvas.index_ticks(ax, "y", num_classes)
     ax.set_ylabel("class", fontsize=_canvas.FONT, labelpad=2)
     ax.set_xticks([])
-    shown = f"{num_neurons} most selective of {total}" if num_neurons < total else f"{total}"
-    ax.set_xlabel(f"{shown} neurons, by preferred class", fontsize=_canvas.FONT, labelpad=3)
+    ax.set_xlabel("neurons, by preferred class", fontsize=_canvas.FONT, labelpad=3)
     bar = _canvas.axes_at(fig, _LEFT + width + 8, top + 4, 10, rows_px)
     _canvas.colorbar(bar, "viridis", 0.0, 1.0, "scaled per neuron")
     return fig
