@@ -6,11 +6,6 @@ each figure (the plot function and its arguments, pickled) to worker processes f
 training process, and logs the pixels they send back with the ``global_step`` of the moment the
 figure was asked for (TensorBoard orders images by step, not by arrival).
 
-Each figure's tag keeps to one worker (unless that worker lags two figures behind another): a
-plot caches the parts of its frame that do not change from epoch to epoch (axes, labels, colour
-bar; :func:`lightning_neurons.plots._canvas.cached_frame`), so a tag drawn by one worker draws
-its frame once, not once per worker.
-
 The workers are forked when the first figure is asked for and end once every callback that asked
 for figures has waited for them (each callback of the package waits in ``teardown``, before
 Lightning closes the loggers), so no process outlives a fit. Where ``fork`` is not available
@@ -112,9 +107,7 @@ class BackgroundFigures:
     def __init__(self, enabled: bool = True, workers: int | None = None) -> None:
         self.enabled = enabled
         self.workers = workers or min(2, os.cpu_count() or 1)
-        self._pools: list[ProcessPoolExecutor | None] = [None] * self.workers  # a process each
-        self._queued = [0] * self.workers  # figures asked of each worker and not yet drawn
-        self._home: dict[str, int] = {}  # a figure's tag -> the worker that draws it
+        self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
         self._pending: dict[int, list[Future[None]]] = {}  # owner id -> logged-when-done futures
         self._order: deque[tuple[Future[np.ndarray], Callable[[np.ndarray], None], Future]] = (
@@ -136,14 +129,11 @@ class BackgroundFigures:
         fn: Callable[..., Any],
         args: Sequence[Any] = (),
         kwargs: Mapping[str, Any] | None = None,
-        tag: str | None = None,
     ) -> None:
-        """Draw ``fn(*args, **kwargs)`` in a worker and call ``log(pixels)`` with the result.
+        """Draw ``fn(*args, **kwargs)`` in the worker and call ``log(pixels)`` with the result.
 
         ``log`` runs on a thread of this process once the pixels are back (or at once, when the
         figure is drawn on the spot); its errors, and the figure's, are kept for :meth:`wait`.
-        Figures of one ``tag`` go to one worker (see the module's description); without a tag,
-        to the least busy.
         """
         kwargs = dict(kwargs or {})
         payload = self._payload(fn, args, kwargs)
@@ -151,44 +141,29 @@ class BackgroundFigures:
             log(draw(fn, *args, **kwargs))  # on the spot: errors reach the caller now
             return
         with self._lock:
-            worker = self._worker_for(tag)
             gc.freeze()  # a forked worker's collector leaves the parent's objects (and pages) alone
             try:
-                future = self._start(worker).submit(_draw_pickled, payload)
+                future = self._start().submit(_draw_pickled, payload)
             except (BrokenProcessPool, RuntimeError):  # the worker died: a new one next time
-                self._pools[worker] = None
+                self._pool = None
                 future = None
             finally:
                 gc.unfreeze()
             logged: Future[None] = Future()
             if future is not None:
-                self._queued[worker] += 1
                 self._pending.setdefault(id(owner), []).append(logged)
                 self._order.append((future, log, logged))
         if future is None:
             log(draw(fn, *args, **kwargs))
             return
-        future.add_done_callback(lambda _: self._drawn(worker))
-
-    def _worker_for(self, tag: str | None) -> int:
-        """The worker for a figure of ``tag``: the one its tag was first given to (new tags go
-        round the workers), unless that one has two figures more to draw than the least busy."""
-        idle = min(range(self.workers), key=self._queued.__getitem__)
-        if tag is None:
-            return idle
-        home = self._home.setdefault(tag, len(self._home) % self.workers)
-        return home if self._queued[home] < self._queued[idle] + 2 else idle
-
-    def _drawn(self, worker: int) -> None:
-        with self._lock:
-            self._queued[worker] -= 1
-        self._log_in_order()
+        future.add_done_callback(lambda _: self._log_in_order())
 
     def busy(self) -> int:
         """How many workers draw now: the figures asked for and not yet drawn, at most
         :attr:`workers` (the analyses give them their cores: :mod:`lightning_neurons.cores`)."""
         with self._lock:
-            return sum(1 for queued in self._queued if queued > 0)
+            waiting = sum(1 for drawn, _, _ in self._order if not drawn.done())
+        return min(waiting, self.workers)
 
     def _payload(self, fn: Callable[..., Any], args: Sequence[Any], kwargs: dict) -> bytes | None:
         if not (self.enabled and self.available()):
@@ -198,17 +173,16 @@ class BackgroundFigures:
         except Exception:  # a lambda, a local function, an open file...: drawn on the spot
             return None
 
-    def _start(self, worker: int) -> ProcessPoolExecutor:
-        pool = self._pools[worker]
-        if pool is None:
+    def _start(self) -> ProcessPoolExecutor:
+        if self._pool is None:
             with warnings.catch_warnings():  # Python >= 3.12 warns of fork in threaded processes
                 warnings.simplefilter("ignore", DeprecationWarning)
-                pool = self._pools[worker] = ProcessPoolExecutor(
-                    max_workers=1,
+                self._pool = ProcessPoolExecutor(
+                    max_workers=self.workers,
                     mp_context=multiprocessing.get_context("fork"),
                     initializer=_init_worker,
                 )
-        return pool
+        return self._pool
 
     def _log_in_order(self) -> None:
         """Log the figures drawn so far, in the order they were asked for (TensorBoard's slider
@@ -245,12 +219,9 @@ class BackgroundFigures:
             except BaseException as err:  # noqa: BLE001 - reported by the owner
                 errors.append(err)
         with self._lock:
-            if not any(self._pending.values()):
-                for pool in self._pools:
-                    if pool is not None:
-                        pool.shutdown(wait=False)
-                self._pools = [None] * self.workers
-                self._home.clear()
+            if not any(self._pending.values()) and self._pool is not None:
+                self._pool.shutdown(wait=False)
+                self._pool = None
         return errors
 
 

@@ -259,7 +259,7 @@ class AnalysisLogger:
         if callable(figure) and not isinstance(figure, Figure):
             if self.experiment is not None:
                 log = functools.partial(self._add_image, self.experiment, tag, self.step)
-                background_figures.submit(self.owner, log, figure, args, kwargs, tag=tag)
+                background_figures.submit(self.owner, log, figure, args, kwargs)
         elif self.experiment is not None:  # an image or a figure: closed whether logged or not
             self._add_image(self.experiment, tag, self.step, draw(lambda: figure))
         else:

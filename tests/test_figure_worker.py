@@ -165,33 +165,6 @@ def slow_image(seconds: float) -> np.ndarray:
     return np.zeros((2, 2, 3), dtype=np.uint8)
 
 
-def pid_image_after(path: str, seconds: float) -> np.ndarray:
-    time.sleep(seconds)
-    return pid_image(path)
-
-
-@needs_fork
-def test_a_tags_figures_keep_to_one_worker_unless_it_lags(tmp_path):
-    figures, logged, mine, other = BackgroundFigures(workers=2), [], object(), object()
-    busy = str(tmp_path / "busy")
-    figures.submit(other, logged.append, pid_image_after, (busy, 1.5), tag="b")  # keeps a worker
-    for i in range(3):  # one at a time: each finds its tag's worker idle
-        figures.submit(mine, logged.append, pid_image, (str(tmp_path / f"a{i}"),), tag="a")
-        assert figures.wait(mine) == []
-    pids = {(tmp_path / f"a{i}").read_text() for i in range(3)}
-    assert len(pids) == 1, "a tag drawn by one worker draws its cached frame once"
-    assert figures.wait(other) == [] and pids != {Path(busy).read_text()}
-    # four at once: the tag's worker lags two figures behind the idle one, which takes the third
-    for i in range(4):
-        figures.submit(
-            mine, logged.append, pid_image_after, (str(tmp_path / f"c{i}"), 0.3), tag="c"
-        )
-    assert figures.wait(mine) == [] and len(logged) == 8
-    pids = [(tmp_path / f"c{i}").read_text() for i in range(4)]
-    assert pids[0] == pids[1] == pids[3] != pids[2]
-    assert _no_children()
-
-
 @needs_fork
 def test_busy_counts_the_workers_drawing_now():
     figures, logged, owner = BackgroundFigures(workers=2), [], object()
