@@ -97,7 +97,7 @@ def neuron_evolution_figure(
         The figure.
     """
     layout = _NeuronLayout.of(evolution, class_names)
-    title = layout.title(evolution)
+    title = _evolution_title(evolution)
     if figure is None:
         fig, _ = _canvas.titled_figure(title, layout.height - layout.top)
     else:
@@ -122,7 +122,7 @@ def neuron_evolution_image(
     image = _canvas.cached_frame(layout.key, lambda: _neuron_frame(layout))
     for box, pixels in zip(layout.boxes()[:2], layout.pixels(evolution), strict=True):
         _canvas.paste(image, box, pixels)
-    _canvas.paste_title(image, layout.title(evolution), layout.top)
+    _canvas.paste_title(image, _evolution_title(evolution), layout.top)
     return image
 
 
@@ -149,18 +149,13 @@ class _NeuronLayout:
         given = list(class_names) if class_names is not None else []
         names = tuple(str(c) for c in given[:num_classes])
         names += tuple(str(c) for c in range(len(names), num_classes))
-        shown = [_canvas.shorten(n, 40) for n in names] if len(names) <= 20 else ["00"]
-        probe = cls(0, names, tuple(int(e) for e in evolution.epochs), 0)
-        top = _canvas.title_height(probe.title(evolution), _canvas.MAX_WIDTH)
-        return cls(top, names, probe.epochs, _canvas.label_room(shown, 60))
-
-    def title(self, evolution: NeuronEvolution) -> str:
-        changed = float(evolution.changed_fraction[-1]) if len(evolution.epochs) > 1 else 0.0
-        return (
-            f"{evolution.layer} ({evolution.preferred_class.shape[1]} neurons): preferred class "
-            f"and selectivity over epochs ({changed:.0%} changed class at epoch "
-            f"{int(evolution.epochs[-1])})"
+        # the legend names up to 20 classes, else shows a few indices (see _class_legend)
+        labels = (
+            [_canvas.shorten(n, 40) for n in names] if num_classes <= 20 else [str(num_classes)]
         )
+        top = _canvas.title_height(_evolution_title(evolution), _canvas.MAX_WIDTH)
+        epochs = tuple(int(e) for e in evolution.epochs)
+        return cls(top, names, epochs, _canvas.label_room(labels, 60))
 
     @property
     def key(self) -> tuple:
@@ -200,6 +195,15 @@ class _NeuronLayout:
         classes = class_colours(len(self.names))(preferred.T[order], bytes=True)[..., :3]
         shown = _canvas.block_means(selectivity.T[order], _EVOLUTION_BODY, len(self.epochs))
         return classes, _canvas.colormapped(shown, "viridis", 0.0, 1.0)
+
+
+def _evolution_title(evolution: NeuronEvolution) -> str:
+    changed = float(evolution.changed_fraction[-1]) if len(evolution.epochs) > 1 else 0.0
+    return (
+        f"{evolution.layer} ({evolution.preferred_class.shape[1]} neurons): preferred class "
+        f"and selectivity over epochs ({changed:.0%} changed class at epoch "
+        f"{int(evolution.epochs[-1])})"
+    )
 
 
 #: An axes' place in pixels: left, top, width, height (as :func:`_canvas.axes_at` takes it).
