@@ -7,6 +7,7 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from scipy.cluster.hierarchy import leaves_list, linkage
 from scipy.spatial.distance import pdist
 
 from lightning_neurons.contribution import ContributionStats
-from lightning_neurons.plots import _canvas
+from lightning_neurons.plots import _canvas, _text
 from lightning_neurons.plots.activation import class_profile_heatmap
 from lightning_neurons.plots.clustering import (
     cluster_profiles_figure,
@@ -134,6 +135,49 @@ def drawn(monkeypatch):
     return figures
 
 
+class _Drawn(NamedTuple):
+    """A text as it lands in an image: its string, points and box (pixels, y down)."""
+
+    text: str
+    size: float
+    box: tuple[float, float, float, float]
+    image: tuple[int, int]  # (width, height) of the image it is drawn in
+
+
+@pytest.fixture
+def texts(monkeypatch, drawn):
+    """Records every text the plot functions draw, as matplotlib artists (in the figures that
+    ``drawn`` records, collected by :func:`_texts`) or straight into pixels (here)."""
+    pixel_texts: list[_Drawn] = []
+    draw_text = _text.draw_text
+
+    def recording(image: np.ndarray, x: float, y: float, text: str, **options) -> tuple:
+        box = draw_text(image, x, y, text, **options)
+        if text.strip():
+            size = options.get("size", 8.0)
+            pixel_texts.append(_Drawn(text, size, box, (image.shape[1], image.shape[0])))
+        return box
+
+    monkeypatch.setattr(_text, "draw_text", recording)
+    return pixel_texts
+
+
+def _texts(figures: list[Figure], pixel_texts: list[_Drawn]) -> list[_Drawn]:
+    """Every visible non-empty text of ``figures`` (their artists) and ``pixel_texts``."""
+    found = []
+    for figure in figures:
+        renderer = figure.canvas.get_renderer()
+        width, height = figure.bbox.width, figure.bbox.height
+        for text in figure.findobj(Text):
+            if text.get_visible() and text.get_text().strip():
+                box = text.get_window_extent(renderer)
+                top_down = (box.x0, height - box.y1, box.x1, height - box.y0)
+                found.append(
+                    _Drawn(text.get_text(), text.get_fontsize(), top_down, (width, height))
+                )
+    return found + list(pixel_texts)
+
+
 @pytest.mark.slow
 def test_plots_leave_the_users_backend_and_pyplot_figures_alone():
     """A notebook's backend and its open figures survive importing and drawing every figure."""
@@ -173,39 +217,40 @@ def test_every_figure_is_an_image_within_the_cap(classes, neurons):
 
 
 @pytest.mark.parametrize(("classes", "neurons"), [(10, 32), (1000, 2000)])
-def test_every_text_is_readable_and_inside_its_image(drawn, classes, neurons):
-    """Text at 8 pt (11 px) or more, whole (not cut at an edge), and no two texts overlapping."""
+def test_every_text_is_readable_and_inside_its_image(drawn, texts, classes, neurons):
+    """Text at 8 pt (11 px) or more, whole (not cut at an edge), and no two texts overlapping:
+    matplotlib's artists and the text drawn straight into pixels alike."""
     for name, make in _figures(classes, neurons).items():
         drawn.clear()
+        texts.clear()
         make()
-        for figure in drawn:
-            renderer = figure.canvas.get_renderer()
-            boxes = []
-            for text in figure.findobj(Text):
-                if not text.get_visible() or not text.get_text().strip():
-                    continue
-                assert text.get_fontsize() >= _canvas.FONT, (name, text.get_text())
-                box = text.get_window_extent(renderer)
-                inside = box.x0 >= -1 and box.y0 >= -1
-                inside = inside and box.x1 <= figure.bbox.width + 1
-                assert inside and box.y1 <= figure.bbox.height + 1, (name, text.get_text(), box)
-                boxes.append((text.get_text(), box.expanded(1.0, 1.0).shrunk(0.98, 0.9)))
-            for i, (a, box_a) in enumerate(boxes):
-                for b, box_b in boxes[i + 1 :]:
-                    assert not box_a.overlaps(box_b), (name, a, b)
+        boxes = []
+        for found in _texts(drawn, texts):
+            assert found.size >= _canvas.FONT, (name, found.text)
+            x0, y0, x1, y1 = found.box
+            width, height = found.image
+            inside = x0 >= -1 and y0 >= -1 and x1 <= width + 1 and y1 <= height + 1
+            assert inside, (name, found.text, found.box, found.image)
+            # boxes shrunk a little: line boxes of neighbouring rows may touch
+            dx, dy = 0.01 * (x1 - x0), 0.05 * (y1 - y0)
+            boxes.append((found.text, (x0 + dx, y0 + dy, x1 - dx, y1 - dy)))
+        for i, (a, (ax0, ay0, ax1, ay1)) in enumerate(boxes):
+            for b, (bx0, by0, bx1, by1) in boxes[i + 1 :]:
+                overlap = ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1
+                assert not overlap, (name, a, b)
 
 
-def test_every_figure_titles_its_epoch(drawn):
+def test_every_figure_titles_its_epoch(drawn, texts):
     for name, make in _figures(10, 32).items():
         if name == "probe_grid":  # an image without text; its tag and step say when
             continue
         drawn.clear()
+        texts.clear()
         make()
-        texts = " ".join(t.get_text() for f in drawn for t in f.findobj(Text))
-        assert "epoch 4" in texts, name
+        assert "epoch 4" in " ".join(found.text for found in _texts(drawn, texts)), name
 
 
-def test_class_profile_heatmap_draws_each_neuron_scaled_in_its_class_row(drawn):
+def test_class_profile_heatmap_draws_each_neuron_scaled_in_its_class_row(drawn, texts):
     """Neuron k fires for class k only: after scaling per neuron, the preferred class's cell is
     the top of viridis and the others its bottom, with rows in class order."""
     profile = torch.tensor([[0.0, 0.0, 2.0], [3.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
@@ -213,10 +258,12 @@ def test_class_profile_heatmap_draws_each_neuron_scaled_in_its_class_row(drawn):
     figure = drawn[0]
     ax = figure.axes[0]
     again = class_profile_heatmap(_layer_stats(profile))
-    assert len(drawn) == 3, "the frame once, then the title each time"
+    assert len(drawn) == 1, "the frame once"
     np.testing.assert_array_equal(again, image)
     wider = class_profile_heatmap(_layer_stats(torch.cat([profile, profile], dim=1)))
-    assert len(drawn) == 4 and wider.shape == image.shape, "another layer's width: the same frame"
+    assert len(drawn) == 1 and wider.shape == image.shape, "another layer's width: the same frame"
+    titles = [found.text for found in texts]
+    assert len(titles) == 3 and "of 6 neurons" in titles[-1], "the title drawn each time"
     top, bottom = _canvas.colormapped(np.array([[1.0, 0.0]]), "viridis", 0.0, 1.0)[0]
     box = ax.get_window_extent()
     for row in range(3):
@@ -248,17 +295,16 @@ def test_dendrogram_returns_every_leaf_in_drawing_order_above_the_leaf_cap():
     assert image.shape[1] <= _canvas.MAX_WIDTH
 
 
-def test_a_grid_too_large_for_the_cap_shows_its_first_images_and_says_so(drawn):
+def test_a_grid_too_large_for_the_cap_shows_its_first_images_and_says_so(texts):
     long_title = "conv2, epoch 4: " + "a very long description of the images " * 5
     images = torch.rand(1000, 1, 8, 8)
     image = image_grid(images, [str(i) for i in range(1000)], title=long_title)
-    (figure,) = drawn
-    texts = [t.get_text() for t in figure.findobj(Text) if t.get_text()]
-    shown = len(texts) - 1  # one label per image shown, and the title
+    drawn = [found.text for found in texts]
+    shown = len(drawn) - 1  # the title, and one label per image shown
     assert 100 <= shown < 1000
-    assert texts[-1] == str(shown - 1)  # the labels of the first images, in order
+    assert drawn[1:] == [str(i) for i in range(shown)]  # the labels of the first images, in order
     # the note survives the title's two-line cut
-    assert any(t.endswith(f"(first {shown} of 1000)") and "\n" in t for t in texts)
+    assert drawn[0].endswith(f"(first {shown} of 1000)") and "\n" in drawn[0]
     assert image.shape[0] <= _canvas.MAX_HEIGHT and image.shape[1] <= _canvas.MAX_WIDTH
 
 

@@ -187,15 +187,13 @@ def ablation_figure(
     if cell_w >= 28 and cell_h >= 15:
         for (r, c), value in np.ndenumerate(drop):
             if np.isfinite(value):
-                white = abs(value) > 0.6 * limit
-                ax.text(
-                    c + 0.5,
-                    r + 0.5,
+                _canvas.pixel_text(
+                    fig,
+                    left + (c + 0.5) * cell_w,
+                    top + 4 + (r + 0.5) * cell_h,
                     _cell_text(value),
-                    ha="center",
-                    va="center",
-                    fontsize=_canvas.FONT,
-                    color="white" if white else "black",
+                    size=_canvas.FONT,
+                    color="white" if abs(value) > 0.6 * limit else "black",
                 )
     bar = _canvas.axes_at(fig, left, top + 4 + rows_px + ticks_room + 4, min(width, 240), 8)
     more = f" (first {shown_sets} of {num_sets} sets)" if shown_sets < num_sets else ""

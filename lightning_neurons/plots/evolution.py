@@ -98,8 +98,9 @@ def neuron_evolution_figure(
     """
     layout = _NeuronLayout.of(evolution, class_names)
     title = _evolution_title(evolution)
-    if figure is None:
-        fig, _ = _canvas.titled_figure(title, layout.height - layout.top)
+    if figure is None:  # the title an artist: a notebook draws the figure itself
+        fig = _canvas.new_figure(layout.height)
+        _canvas.title_artist(fig, title)
     else:
         fig = figure
         _title(fig, title)

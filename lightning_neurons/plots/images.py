@@ -1,7 +1,8 @@
 """Labelled image grids: rendered images (preference) and saliency overlays (focus).
 
-The grids are drawn as one mosaic in one axes with text labels, which is much faster to draw
-(and to log every epoch) than one matplotlib axes per image.
+The grids are drawn straight into pixels: the tiles pasted into one image, the title and the
+labels drawn by :mod:`~lightning_neurons.plots._text` (matplotlib's fonts without its artists),
+which is much faster to draw (and to log every epoch) than matplotlib axes or text artists.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.plots import _canvas
+from lightning_neurons.plots import _canvas, _text
 
 _PAD = 4  # pixels between tiles
 #: Height (pixels) of the band above each tile that holds its label (one line of 8-pt text).
@@ -100,26 +101,25 @@ def _grid_figure(
     width = cols * step_x + _PAD
     if shown < n:
         title = _canvas.with_note(title, f"(first {shown} of {n})", width)
-    fig, top = _canvas.titled_figure(title, body=rows * step_y + _PAD, width=width)
-    mosaic = np.ones((rows * step_y + _PAD, width, 3), dtype=np.float32)
-    for i, cell in enumerate(_resized(cells[:shown], tile)):
+    top = _canvas.title_height(title, width)
+    image = np.full((min(top + rows * step_y + _PAD, _canvas.MAX_HEIGHT), width, 3), 255, np.uint8)
+    _canvas.paste_title(image, title, top)
+    tiles = (np.clip(_resized(cells[:shown], tile), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    for i, cell in enumerate(tiles):
         r, k = divmod(i, cols)
-        y, x = _PAD + r * step_y + band, _PAD + k * step_x
-        mosaic[y : y + tile, x : x + tile] = cell
-    fig.figimage(_canvas.as_image(mosaic), xo=0, yo=0, origin="upper")
-    height = fig.bbox.height
+        y, x = top + _PAD + r * step_y + band, _PAD + k * step_x
+        image[y : y + tile, x : x + tile] = cell
     for i in range(shown if labels is not None else 0):
         r, k = divmod(i, cols)
-        fig.text(
-            (_PAD + k * step_x + tile / 2) / width,
-            1.0 - (top + _PAD + r * step_y + band / 2) / height,
+        _text.draw_text(
+            image,
+            _PAD + k * step_x + tile / 2,
+            top + _PAD + r * step_y + band / 2,
             "\n".join(_canvas.shorten(line, tile) for line in str(labels[i]).split("\n")),
-            ha="center",
-            va="center",
-            fontsize=_canvas.FONT,
+            size=_canvas.FONT,
             color=colors[i] if colors is not None else "black",
         )
-    return _canvas.render(fig)
+    return image
 
 
 def image_grid(
