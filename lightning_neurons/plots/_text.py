@@ -79,7 +79,7 @@ class _Placed(NamedTuple):
     baseline: float  # pixels from the image's top edge
 
 
-def _line_box(size: float, weight: Weight) -> tuple[float, float]:
+def line_box(size: float = 8.0, weight: Weight = "normal") -> tuple[float, float]:
     """``(ascent, descent)`` of a line, in pixels: the font's own (its ``hhea`` table)."""
     return _font_box(_font_files(size, weight), size)
 
@@ -103,7 +103,7 @@ def _layout(
 ) -> list[_Placed]:
     """Where each line goes (y down): lines ``linespacing`` line heights apart, each aligned by
     ``ha`` in the box of the widest, the box aligned to ``(x, y)`` by ``ha`` and ``va``."""
-    ascent, descent = _line_box(float(size), weight)
+    ascent, descent = line_box(float(size), weight)
     step = linespacing * (ascent + descent)
     baselines = [ascent + i * step for i in range(len(lines))]
     bottom = baselines[-1] + descent
@@ -130,6 +130,7 @@ def draw_text(
     va: Literal["top", "center", "bottom", "baseline"] = "center",
     weight: Weight = "normal",
     linespacing: float = 1.2,
+    rotation: Literal[0, 90] = 0,
 ) -> tuple[float, float, float, float]:
     """Draw ``text`` into ``image`` in place, as ``figure.text`` would at these pixels.
 
@@ -144,6 +145,8 @@ def draw_text(
         va: Vertical alignment of the text's box to ``y`` (``"baseline"``: the first line's).
         weight: Font weight.
         linespacing: Line spacing in multiples of the line height (the font's ascent + descent).
+        rotation: 90 to turn the text anticlockwise (read upwards; one line only), its box
+            aligned by ``ha`` and ``va`` as turned.
 
     Returns:
         The text's box ``(left, top, right, bottom)`` in pixels (its lines' ascent to descent,
@@ -156,16 +159,43 @@ def draw_text(
     if not text:
         return (x, y, x, y)
     rgb = np.asarray(to_rgb(color), dtype=np.float32) * 255.0
+    if rotation == 90:
+        return _draw_turned(image, x, y, text.replace("\n", " "), size, weight, ha, va, rgb)
     placed = _layout(text.split("\n"), x, y, size, weight, ha, va, linespacing)
     for line in placed:
         mask = line.glyphs.mask
         # the bitmap's last row is the descent's, one row under it as Agg places it
         top = int(round(line.baseline + line.glyphs.descent)) + 1 - mask.shape[0]
         _blend(image, mask, top, int(round(line.left)), rgb)
-    ascent, descent = _line_box(float(size), weight)
+    ascent, descent = line_box(float(size), weight)
     left = min(line.left for line in placed)
     right = max(line.left + line.glyphs.width for line in placed)
     return (left, placed[0].baseline - ascent, right, placed[-1].baseline + descent)
+
+
+def _draw_turned(
+    image: np.ndarray,
+    x: float,
+    y: float,
+    text: str,
+    size: float,
+    weight: Weight,
+    ha: str,
+    va: str,
+    rgb: np.ndarray,
+) -> tuple[float, float, float, float]:
+    """One line turned 90 degrees anticlockwise: its start at the bottom of its box, the line's
+    top (ascent) on the box's left."""
+    glyphs = _line(text, size, weight)
+    ascent, descent = line_box(float(size), weight)
+    mask = np.rot90(glyphs.mask)
+    width, height = ascent + descent, glyphs.width
+    left = x - {"left": 0.0, "center": 0.5, "right": 1.0}[ha] * width
+    top = y - {"top": 0.0, "center": 0.5, "bottom": 1.0}.get(va, 0.0) * height
+    # as unturned, the bitmap's first row this far below the line's top
+    below = int(round(ascent + glyphs.descent)) + 1 - mask.shape[1]
+    _blend(image, mask, int(round(top + height)) - mask.shape[0], int(round(left)) + below, rgb)
+    return (left, top, left + width, top + height)
 
 
 def _blend(image: np.ndarray, mask: np.ndarray, top: int, left: int, rgb: np.ndarray) -> None:
