@@ -313,39 +313,46 @@ def column_labels(labels: Sequence[str], width: float, cap: float) -> tuple[int,
 def label_ticks(
     ax: Axes, axis: str, labels: Sequence[str], room: float, rotate: bool = False
 ) -> None:
-    """One label per row (``axis="y"``) or column (``"x"``) at cell centres, shortened to
-    ``room`` pixels, drawn into the pixels by :func:`render` (a matplotlib tick costs as much as
-    a text artist); the axis label, if any, is placed beyond the longest of them.
+    """One label per row (``axis="y"``) or column (``"x"``) at cell centres (data coordinates
+    0.5, 1.5, ...), shortened to ``room`` pixels: :func:`pixel_ticks`."""
+    short = [shorten(str(s), room) for s in labels]
+    pixel_ticks(ax, axis, np.arange(len(labels)) + 0.5, short, rotate)
+
+
+def pixel_ticks(
+    ax: Axes, axis: str, positions: Sequence[float], labels: Sequence[str], rotate: bool = False
+) -> None:
+    """Tick labels drawn into the pixels by :func:`render` instead of matplotlib's ticks (a tick
+    costs as much as a text artist; no tick marks are drawn), and the axis label, if any,
+    placed beyond the longest of them.
 
     Args:
-        ax: Axes of a figure that only :func:`render` draws, with its data limits set (a
-            :func:`heatmap`).
+        ax: Axes of a figure that only :func:`render` draws, with its data limits set.
         axis: ``"y"`` (labels on the left) or ``"x"`` (below).
-        labels: One label per row or column, first row at the top, first column on the left.
-        room: Pixels each label may take.
-        rotate: Turn the column labels by 90 degrees (read upwards).
+        positions: Where the labels go, in data coordinates.
+        labels: One label per position.
+        rotate: Turn the ``"x"`` labels by 90 degrees (read upwards).
     """
     figure = ax.figure
-    short = [shorten(str(s), room) for s in labels]
     box, height = ax.get_window_extent(), figure.bbox.height
-    positions = np.arange(len(labels)) + 0.5
+    positions = np.asarray(positions, dtype=np.float64)
     if axis == "y":
         ax.set_yticks([])
         low, high = ax.get_ylim()
         rows = height - (box.y0 + (positions - low) / (high - low) * box.height)
-        for label, y in zip(short, rows, strict=True):
+        for label, y in zip(labels, rows, strict=True):
             pixel_text(figure, box.x0 - 3, y, label, size=FONT, ha="right", va="center")
-        widest = max((_text.text_width(label, FONT) for label in short), default=0.0)
+        widest = max((_text.text_width(label, FONT) for label in labels), default=0.0)
         ax.yaxis.set_label_coords(-(widest + 6) / box.width, 0.5)
         return
     ax.set_xticks([])
     low, high = ax.get_xlim()
     columns = box.x0 + (positions - low) / (high - low) * box.width
     turn = 90 if rotate else 0
-    for label, x in zip(short, columns, strict=True):
+    for label, x in zip(labels, columns, strict=True):
         pixel_text(figure, x, height - box.y0 + 3, label, size=FONT, va="top", rotation=turn)
     if rotate:
-        tallest = max((_text.text_width(label, FONT) for label in short), default=0.0)
+        tallest = max((_text.text_width(label, FONT) for label in labels), default=0.0)
     else:
         tallest = sum(_text.line_box(FONT))
     ax.xaxis.set_label_coords(0.5, -(tallest + 5) / box.height)

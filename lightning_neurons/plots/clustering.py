@@ -86,9 +86,9 @@ def dendrogram_figure(
     )
     if threshold is not None:
         ax.axhline(threshold, color="0.3", linestyle="--", linewidth=0.8)
+    _canvas.pixel_ticks(ax, "x", ax.get_xticks(), tree["ivl"], rotate=True)  # leaves, in order
     ax.set_ylabel("distance", fontsize=_canvas.FONT, labelpad=2)
     ax.tick_params(axis="y", labelsize=_canvas.FONT, length=2, pad=1)
-    ax.tick_params(axis="x", length=0, pad=2)
     if truncated:
         ax.set_xlabel(f"top {MAX_LEAVES} branches of {n} classes, (size)", fontsize=_canvas.FONT)
         return _canvas.render(fig), [int(i) for i in leaves_list(linkage)]  # the same order
@@ -209,7 +209,9 @@ def cluster_profiles_figure(
     title = f"{title} [{int(noise)} unclustered]" if noise else title
     if k == 0:
         fig, top = _canvas.titled_figure(title, body=60)
-        fig.text(0.5, 30 / fig.bbox.height, "no clusters found", ha="center", fontsize=_canvas.FONT)
+        _canvas.pixel_text(
+            fig, fig.bbox.width / 2, top + 30, "no clusters found", size=_canvas.FONT
+        )
         return _canvas.render(fig)
     sizes = np.asarray(cluster_sizes)
     rows = np.arange(k)
