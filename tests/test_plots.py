@@ -262,10 +262,9 @@ def test_class_profile_heatmap_draws_each_neuron_scaled_in_its_class_row(drawn, 
     np.testing.assert_array_equal(again, image)
     wider = class_profile_heatmap(_layer_stats(torch.cat([profile, profile], dim=1)))
     assert len(drawn) == 1 and wider.shape == image.shape, "another layer's width: the same frame"
-    drawn_texts = [found.text for found in texts]
-    assert drawn_texts[:3] == ["0", "1", "2"], "the class labels drawn once, in the frame"
-    titles = drawn_texts[3:]
-    assert len(titles) == 3 and "of 6 neurons" in titles[-1], "the title drawn each time"
+    frame, titles = [t.text for t in texts[:-3]], [t.text for t in texts[-3:]]
+    assert frame[:3] == ["0", "1", "2"] and "scaled per neuron" in frame, "the frame drawn once"
+    assert all("class profile" in t for t in titles) and "of 6 neurons" in titles[-1]
     top, bottom = _canvas.colormapped(np.array([[1.0, 0.0]]), "viridis", 0.0, 1.0)[0]
     box = ax.get_window_extent()
     for row in range(3):

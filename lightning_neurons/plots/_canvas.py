@@ -51,9 +51,10 @@ def new_figure(height: int, width: int = MAX_WIDTH) -> Figure:
     return figure
 
 
-#: Text that :func:`render` draws into a figure's pixels after matplotlib has drawn the figure.
-_pixel_texts: weakref.WeakKeyDictionary[Figure, list[tuple[float, float, str, dict[str, Any]]]]
-_pixel_texts = weakref.WeakKeyDictionary()
+#: What :func:`render` draws into a figure's pixels after matplotlib has drawn the figure, in
+#: order: text (:func:`pixel_text`) and colour bars (:func:`pixel_colorbar`).
+_overlays: weakref.WeakKeyDictionary[Figure, list[Callable[[np.ndarray], Any]]]
+_overlays = weakref.WeakKeyDictionary()
 
 
 def pixel_text(figure: Figure, x: float, y: float, text: str, **options: Any) -> None:
@@ -67,9 +68,11 @@ def pixel_text(figure: Figure, x: float, y: float, text: str, **options: Any) ->
         y: Pixels from the figure's top edge.
         text: The text.
         **options: Keyword arguments of :func:`_text.draw_text` (``size``, ``color``, ``ha``,
-            ``va``, ``weight``, ``linespacing``).
+            ``va``, ``weight``, ``linespacing``, ``rotation``).
     """
-    _pixel_texts.setdefault(figure, []).append((x, y, text, options))
+    _overlays.setdefault(figure, []).append(
+        lambda pixels: _text.draw_text(pixels, x, y, text, **options)
+    )
 
 
 def render(figure: Figure) -> np.ndarray:
@@ -79,8 +82,8 @@ def render(figure: Figure) -> np.ndarray:
     )
     canvas.draw()
     pixels = np.asarray(canvas.buffer_rgba())[..., :3].copy()
-    for x, y, text, options in _pixel_texts.get(figure, ()):
-        _text.draw_text(pixels, x, y, text, **options)
+    for draw in _overlays.get(figure, ()):
+        draw(pixels)
     return pixels
 
 
@@ -207,6 +210,50 @@ def colorbar(ax: Axes, cmap: str, vmin: float, vmax: float, label: str) -> None:
         ax.get_xticklabels()[0].set_horizontalalignment("left")
         ax.get_xticklabels()[-1].set_horizontalalignment("right")
     ax.tick_params(length=2, pad=1)
+
+
+def pixel_colorbar(
+    figure: Figure,
+    box: tuple[float, float, float, float],
+    cmap: str,
+    vmin: float,
+    vmax: float,
+    label: str,
+) -> None:
+    """:func:`colorbar` drawn into the pixels by :func:`render`, without an axes (an axes costs
+    about 20 ms to make): the ramp framed in ``box``, its ends' and middle values beside it.
+
+    Args:
+        figure: A figure that only :func:`render` draws.
+        box: ``(left, top, width, height)`` in pixels; taller than wide: a vertical bar (values
+            on its right), else horizontal (values below).
+        cmap: The heatmap's colour map.
+        vmin: Its lowest value.
+        vmax: Its highest value.
+        label: What the colours are.
+    """
+    left, top, width, height = (int(round(v)) for v in box)
+    vertical = height > width
+    ramp = np.linspace(vmin, vmax, 128)
+    colours = colormapped(ramp[::-1, None] if vertical else ramp[None, :], cmap, vmin, vmax)
+
+    def draw(pixels: np.ndarray) -> None:
+        pixels[top : top + height, left : left + width] = 0  # its frame, black as the axes'
+        paste(pixels, (left, top, width, height), colours)
+
+    _overlays.setdefault(figure, []).append(draw)
+    values = [_number(v) for v in (vmin, (vmin + vmax) / 2.0, vmax)]
+    if vertical:
+        x, ends = left + width + 3, (top + height, top + height / 2, top)
+        for value, y, va in zip(values, ends, ("bottom", "center", "top"), strict=True):
+            pixel_text(figure, x, y, value, size=FONT, ha="left", va=va)
+        x += max(_text.text_width(value, FONT) for value in values) + 3
+        pixel_text(figure, x, top + height / 2, label, size=FONT, ha="left", rotation=90)
+        return
+    y, ends = top + height + 3, (left, left + width / 2, left + width)
+    for value, x, ha in zip(values, ends, ("left", "center", "right"), strict=True):
+        pixel_text(figure, x, y, value, size=FONT, ha=ha, va="top")
+    pixel_text(figure, left + width / 2, y + sum(_text.line_box(FONT)), label, size=FONT, va="top")
 
 
 def _number(value: float) -> str:

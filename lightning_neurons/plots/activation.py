@@ -111,6 +111,7 @@ def _profile_frame(num_classes: int, names: tuple[str, ...] | None, top: int, ro
     ax.set_ylabel("class", fontsize=_canvas.FONT, labelpad=2)
     ax.set_xticks([])
     ax.set_xlabel("neurons, by preferred class", fontsize=_canvas.FONT, labelpad=3)
-    bar = _canvas.axes_at(fig, _LEFT + width + 8, top + 4, 10, rows_px)
-    _canvas.colorbar(bar, "viridis", 0.0, 1.0, "scaled per neuron")
+    _canvas.pixel_colorbar(
+        fig, (_LEFT + width + 8, top + 4, 10, rows_px), "viridis", 0.0, 1.0, "scaled per neuron"
+    )
     return fig

@@ -176,8 +176,14 @@ def distance_confusion_figure(
             else:
                 ax.set_yticks([])
         cmap, high, label = bars[i]
-        bar = _canvas.axes_at(fig, left + i * (side + gap), top + side + ticks_room + 2, side, 8)
-        _canvas.colorbar(bar, cmap, 0.0, high, label)
+        _canvas.pixel_colorbar(
+            fig,
+            (left + i * (side + gap), top + side + ticks_room + 2, side, 8),
+            cmap,
+            0.0,
+            high,
+            label,
+        )
     return _canvas.render(fig)
 
 
@@ -235,6 +241,12 @@ def cluster_profiles_figure(
     else:
         _canvas.index_ticks(ax, "x", n)
         ax.set_xlabel("class", fontsize=_canvas.FONT, labelpad=1)
-    bar = _canvas.axes_at(fig, left + width + 8, top + 4, 10, rows_px)
-    _canvas.colorbar(bar, "RdBu_r", -(limit or 1.0), limit or 1.0, "mean response")
+    _canvas.pixel_colorbar(
+        fig,
+        (left + width + 8, top + 4, 10, rows_px),
+        "RdBu_r",
+        -(limit or 1.0),
+        limit or 1.0,
+        "mean response",
+    )
     return _canvas.render(fig)

@@ -95,8 +95,9 @@ def contribution_figure(
     ax.set_ylabel("class", fontsize=_canvas.FONT, labelpad=2)
     ax.set_xticks([])
     ax.set_xlabel(f"{len(order)} of {num_neurons} neurons, by class", fontsize=_canvas.FONT)
-    bar = _canvas.axes_at(fig, left, top + rows_px + 20, width, 8)
-    _canvas.colorbar(bar, "RdBu_r", -limit, limit, "activation x gradient")
+    _canvas.pixel_colorbar(
+        fig, (left, top + rows_px + 20, width, 8), "RdBu_r", -limit, limit, "activation x gradient"
+    )
     share = stats.domination.double().numpy()
     panel = _canvas.axes_at(fig, left + width + gap, top, share_width, rows_px)
     _domination_panel(panel, share, named)
@@ -195,9 +196,9 @@ def ablation_figure(
                     size=_canvas.FONT,
                     color="white" if abs(value) > 0.6 * limit else "black",
                 )
-    bar = _canvas.axes_at(fig, left, top + 4 + rows_px + ticks_room + 4, min(width, 240), 8)
+    bar = (left, top + 4 + rows_px + ticks_room + 4, min(width, 240), 8)
     more = f" (first {shown_sets} of {num_sets} sets)" if shown_sets < num_sets else ""
-    _canvas.colorbar(bar, "RdBu_r", -limit, limit, f"accuracy drop{more}")
+    _canvas.pixel_colorbar(fig, bar, "RdBu_r", -limit, limit, f"accuracy drop{more}")
     return _canvas.render(fig)
 
 
