@@ -387,10 +387,10 @@ def pixel_ticks(
         ax.set_yticks([])
         low, high = ax.get_ylim()
         rows = height - (box.y0 + (positions - low) / (high - low) * box.height)
-        for label, y in zip(labels, rows, strict=True):
-            pixel_text(figure, box.x0 - 3, y, label, size=FONT, ha="right", va="center")
+        for label, y in zip(labels, rows, strict=True):  # clear of a column label "0" below
+            pixel_text(figure, box.x0 - 4, y, label, size=FONT, ha="right", va="center")
         widest = max((_text.text_width(label, FONT) for label in labels), default=0.0)
-        ax.yaxis.set_label_coords(-(widest + 6) / box.width, 0.5)
+        ax.yaxis.set_label_coords(-(widest + 7) / box.width, 0.5)
         return
     ax.set_xticks([])
     low, high = ax.get_xlim()
@@ -406,13 +406,10 @@ def pixel_ticks(
 
 
 def index_ticks(ax: Axes, axis: str, n: int) -> None:
-    """A few integer ticks (0 to ``n``) for an axis whose rows or columns are too many to name."""
+    """A few integer ticks (0 to ``n``) for an axis whose rows or columns are too many to name,
+    drawn as :func:`pixel_ticks`."""
     ticks = np.unique(np.linspace(0, n, 5).round().astype(int))
-    if axis == "y":
-        ax.set_yticks(ticks, [str(t) for t in ticks], fontsize=FONT)
-    else:
-        ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=FONT)
-    ax.tick_params(axis=axis, length=2, pad=1)
+    pixel_ticks(ax, axis, ticks, [str(t) for t in ticks])
 
 
 #: Frames kept by :func:`cached_frame` (each at most 480 x 720 x 3 bytes, 1 MB).
