@@ -9,6 +9,9 @@ by block means to the pixels they get, so a figure costs the same at 10 and at 1
 Figures are built through matplotlib's object API (a :class:`~matplotlib.figure.Figure` with an
 Agg canvas): a library must never call ``matplotlib.use`` or ``pyplot``, which would switch a
 notebook's backend and leave figures open.
+Text, tick labels and colour bars of the figures that only :func:`render` draws are drawn
+straight into the pixels after matplotlib has drawn the rest (:func:`pixel_text`,
+:func:`pixel_ticks`, :func:`pixel_colorbar`): a text artist costs 2-3 ms and an axes about 20 ms.
 """
 
 from __future__ import annotations
@@ -386,7 +389,7 @@ def pixel_ticks(
     if axis == "y":
         ax.set_yticks([])
         low, high = ax.get_ylim()
-        rows = height - (box.y0 + (positions - low) / (high - low) * box.height)
+        rows = height - (box.y0 + (positions - low) / ((high - low) or 1.0) * box.height)
         for label, y in zip(labels, rows, strict=True):  # clear of a column label "0" below
             pixel_text(figure, box.x0 - 4, y, label, size=FONT, ha="right", va="center")
         widest = max((_text.text_width(label, FONT) for label in labels), default=0.0)
@@ -394,7 +397,7 @@ def pixel_ticks(
         return
     ax.set_xticks([])
     low, high = ax.get_xlim()
-    columns = box.x0 + (positions - low) / (high - low) * box.width
+    columns = box.x0 + (positions - low) / ((high - low) or 1.0) * box.width
     turn = 90 if rotate else 0
     for label, x in zip(labels, columns, strict=True):
         pixel_text(figure, x, height - box.y0 + 3, label, size=FONT, va="top", rotation=turn)

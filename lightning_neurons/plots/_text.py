@@ -4,9 +4,10 @@ A matplotlib text artist costs 2-3 ms to lay out and draw, most of it in Python;
 labelled images, a matrix of printed values or a title redrawn every epoch spends most of its
 time there. :func:`draw_text` renders a string with the same FreeType font object, size, hinting
 and anti-aliasing that :class:`~matplotlib.backends.backend_agg.RendererAgg` uses (the font that
-``rcParams`` selects, with its fallbacks), lays the lines out as :class:`matplotlib.text.Text`
-does, and blends the glyphs into an ``[H, W, 3]`` uint8 image in about a tenth of the time. Each
-distinct string is rendered once per process (:data:`MAX_STRINGS` are kept).
+``rcParams`` selects, with its fallbacks), spaces the lines by the font's own line height,
+aligns them as ``ha`` and ``va`` do for a text artist, and blends the glyphs into an
+``[H, W, 3]`` uint8 image in about a tenth of the time (within 2 pixels of where matplotlib puts
+the same text). Each distinct string is rendered once per process (:data:`MAX_STRINGS` kept).
 """
 
 from __future__ import annotations
