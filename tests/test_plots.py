@@ -365,3 +365,16 @@ def test_image_grid_gives_two_line_labels_a_band_of_two_lines():
     two = image_grid(images, ["c0: 7\nmodel 7 judge 7 ok"] * 4, ncols=4)
     assert one.shape[1] == two.shape[1]  # same tiles
     assert two.shape[0] - one.shape[0] == LABEL_BAND  # one row of tiles, one more text line
+
+
+def test_the_domination_bars_fill_each_class_row_to_its_share():
+    from lightning_neurons.plots.contribution import _share_bars
+
+    bars = _share_bars(np.array([0.5, 1.0, 0.0, np.nan]), named=True, height=40, width=20)
+    red = (bars[..., 0] > 150) & (bars[..., 1] < 100)
+    centres = [5, 15, 25, 35]  # the middle pixel row of each class's 10
+    assert [int(red[r].sum()) for r in centres] == [10, 20, 0, 0]  # NaN: no bar
+    assert not red[0].any() and not red[9].any(), "bars 0.8 of their row high: gaps between"
+    steps = _share_bars(np.linspace(0.0, 1.0, 1000), named=False, height=50, width=20)
+    filled = ((steps[..., 0] > 150) & (steps[..., 1] < 100)).sum(axis=1)
+    assert (np.diff(filled) >= 0).all() and filled[0] <= 1 and filled[-1] == 20

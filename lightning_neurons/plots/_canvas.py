@@ -215,6 +215,18 @@ def colorbar(ax: Axes, cmap: str, vmin: float, vmax: float, label: str) -> None:
     ax.tick_params(length=2, pad=1)
 
 
+def pixel_image(figure: Figure, box: tuple[float, float, float, float], pixels: np.ndarray) -> None:
+    """``pixels`` ``[h, w, 3]`` (uint8) that :func:`render` pastes into ``box`` (``left, top,
+    width, height``), framed in black as an axes is: a panel without an axes."""
+    left, top, width, height = (int(round(v)) for v in box)
+
+    def draw(image: np.ndarray) -> None:
+        image[top : top + height, left : left + width] = 0  # the frame
+        paste(image, (left, top, width, height), pixels)
+
+    _overlays.setdefault(figure, []).append(draw)
+
+
 def pixel_colorbar(
     figure: Figure,
     box: tuple[float, float, float, float],
@@ -240,11 +252,7 @@ def pixel_colorbar(
     ramp = np.linspace(vmin, vmax, 128)
     colours = colormapped(ramp[::-1, None] if vertical else ramp[None, :], cmap, vmin, vmax)
 
-    def draw(pixels: np.ndarray) -> None:
-        pixels[top : top + height, left : left + width] = 0  # its frame, black as the axes'
-        paste(pixels, (left, top, width, height), colours)
-
-    _overlays.setdefault(figure, []).append(draw)
+    pixel_image(figure, (left, top, width, height), colours)
     values = [_number(v) for v in (vmin, (vmin + vmax) / 2.0, vmax)]
     if vertical:
         x, ends = left + width + 3, (top + height, top + height / 2, top)

@@ -8,10 +8,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from matplotlib.axes import Axes
+from matplotlib.colors import to_rgb
+from matplotlib.figure import Figure
 from torch.nn import functional as F
 
 from lightning_neurons.contribution import ContributionStats
-from lightning_neurons.plots import _canvas
+from lightning_neurons.plots import _canvas, _text
 
 #: Above this many classes the rows (contribution) or columns (ablation) are numbered, not named.
 MAX_NAMED_CLASSES = 20
@@ -88,21 +90,18 @@ def contribution_figure(
     if named:
         _canvas.label_ticks(ax, "y", names, room=left - 22)
         _ring_dominant(ax, stats, order)
-        ax.set_title(f"rings: top {top_k} per class", fontsize=_canvas.FONT, pad=3)
+        heading = f"rings: top {top_k} per class"
     else:
         _canvas.index_ticks(ax, "y", num_classes)
-        ax.set_title("mean contribution", fontsize=_canvas.FONT, pad=3)
+        heading = "mean contribution"
+    _canvas.pixel_text(fig, left + width / 2, top - 4, heading, size=_canvas.FONT, va="bottom")
     ax.set_ylabel("class", fontsize=_canvas.FONT, labelpad=2)
     ax.set_xticks([])
     ax.set_xlabel(f"{len(order)} of {num_neurons} neurons, by class", fontsize=_canvas.FONT)
     _canvas.pixel_colorbar(
         fig, (left, top + rows_px + 20, width, 8), "RdBu_r", -limit, limit, "activation x gradient"
     )
-    share = stats.domination.double().numpy()
-    panel = _canvas.axes_at(fig, left + width + gap, top, share_width, rows_px)
-    _domination_panel(panel, share, named)
-    panel.set_title(f"top-{top_k} share", fontsize=_canvas.FONT, pad=3)
-    panel.set_xlabel(f"mean {np.nanmean(share):.2f}" if share.size else "", fontsize=_canvas.FONT)
+    _domination_panel(fig, (left + width + gap, top, share_width, rows_px), stats, named)
     return _canvas.render(fig)
 
 
@@ -117,21 +116,45 @@ def _ring_dominant(ax: Axes, stats: ContributionStats, order: torch.Tensor) -> N
     ax.scatter(cols, rows, s=20, facecolors="none", edgecolors="black", linewidths=0.8)
 
 
-def _domination_panel(ax: Axes, share: np.ndarray, named: bool) -> None:
-    n = share.shape[0]
-    if named:
-        ax.barh(np.arange(n) + 0.5, share, height=0.8, color="tab:red")
-    else:  # one step curve, at most one step per pixel row
-        reduced = _canvas.block_means(share[:, None], int(ax.get_window_extent().height), 1)[:, 0]
-        edges = np.linspace(0, n, reduced.shape[0] + 1)
-        ax.stairs(
-            np.nan_to_num(reduced), edges, orientation="horizontal", fill=True, color="tab:red"
-        )
-    ax.set_xlim(0, 1)
-    ax.set_ylim(n, 0)
-    ax.set_yticks([])
-    ax.set_xticks([0, 1], ["0", "1"], fontsize=_canvas.FONT)
-    ax.tick_params(length=2, pad=1)
+def _domination_panel(
+    fig: Figure, box: tuple[int, int, int, int], stats: ContributionStats, named: bool
+) -> None:
+    """Each class's top-k share as a red bar (0 at the left edge, 1 at the right), drawn into the
+    pixels: its title above, "0" and "1" and the mean below."""
+    left, top, width, height = box
+    share = stats.domination.double().numpy()
+    _canvas.pixel_image(fig, box, _share_bars(share, named, height - 2, width - 2))
+    text = {"size": _canvas.FONT, "va": "top"}
+    below = top + height + 3
+    _canvas.pixel_text(
+        fig,
+        left + width / 2,
+        top - 4,
+        f"top-{stats.dominant.shape[1]} share",
+        size=_canvas.FONT,
+        va="bottom",
+    )
+    _canvas.pixel_text(fig, left, below, "0", **text)
+    _canvas.pixel_text(fig, left + width, below, "1", **text)
+    if share.size:
+        mean = f"mean {np.nanmean(share):.2f}"
+        _canvas.pixel_text(fig, left + width / 2, below + sum(_text.line_box()) + 1, mean, **text)
+
+
+def _share_bars(share: np.ndarray, named: bool, height: int, width: int) -> np.ndarray:
+    """``[height, width, 3]`` pixels: each class a row (top first), its share of ``width`` in red;
+    named classes as bars 0.8 of their row high, else one step per pixel row (block means)."""
+    values = share if named else _canvas.block_means(share[:, None], height, 1)[:, 0]
+    values = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float64)), 0.0, 1.0)
+    pixels = np.full((height, width, 3), 255, dtype=np.uint8)
+    if values.size == 0:
+        return pixels
+    position = (np.arange(height) + 0.5) * values.size / height
+    row = np.minimum(position.astype(int), values.size - 1)
+    inside = np.abs(position - row - 0.5) < 0.4 if named else np.ones(height, dtype=bool)
+    filled = (np.arange(width)[None, :] + 0.5 < values[row, None] * width) & inside[:, None]
+    pixels[filled] = np.round(np.asarray(to_rgb("tab:red")) * 255).astype(np.uint8)
+    return pixels
 
 
 def _cell_text(value: float) -> str:
