@@ -358,3 +358,83 @@ def analysed_rows(trainer: Trainer, stage: str, dataloader_idx: int = 0) -> Load
     if stage == "train":
         return LoaderRows.of(loaders[0]) if len(loaders) == 1 else LoaderRows()
     return LoaderRows.of(loaders[dataloader_idx]) if dataloader_idx < len(loaders) else LoaderRows()
+
+
+class LabelRange:
+    """Checks that batches of labels lie in ``[0, num_classes)``, without making a GPU wait.
+
+    Reading a CUDA tensor's range on the host waits for everything the device was given before
+    (the previous batches' forward passes too), and a training loop that waits at every batch
+    runs host and device one after the other. So on CUDA (or when ``defer`` is set) a batch's
+    range is copied to host memory in the background, after an event, and read at the next
+    :meth:`check` or at :meth:`settle`: an error comes one batch late. Until then the labels
+    that :meth:`check` returns are clamped into range, so that no index operation meets an
+    out-of-range label (on CUDA a device-side assert, which ends the process's use of the GPU).
+    On other devices each batch is read at once.
+
+    Example:
+        >>> labels = LabelRange(defer=True)
+        >>> labels.check(torch.tensor([0, 4, 9]), 5)  # clamped; the error waits
+        tensor([0, 4, 4])
+        >>> labels.settle()
+        Traceback (most recent call last):
+        ...
+        lightning_neurons.errors.NeuronsError: label 9 is outside [0, 5); ...
+    """
+
+    def __init__(self, defer: bool | None = None) -> None:
+        self.defer = defer
+        self._pending: tuple[torch.Tensor, Any, int] | None = None
+
+    def check(self, labels: torch.Tensor, num_classes: int | None) -> torch.Tensor:
+        """Check ``labels`` (and the batch before, if its range is still to be read); return
+        them, clamped into range where the check is deferred.
+
+        Raises:
+            NeuronsError: If a label of this batch (of the batch before, when deferred) is
+                outside ``[0, num_classes)``.
+        """
+        self.settle()
+        if not labels.numel() or num_classes is None:
+            return labels
+        defer = labels.is_cuda if self.defer is None else self.defer
+        low, high = labels.aminmax()
+        if not defer:
+            _check_range(int(low), int(high), num_classes)
+            return labels
+        host = torch.empty(2, dtype=labels.dtype, pin_memory=labels.is_cuda)
+        host[0].copy_(low, non_blocking=True)
+        host[1].copy_(high, non_blocking=True)
+        event = None
+        if labels.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self._pending = (host, event, num_classes)
+        return labels.clamp(0, num_classes - 1)
+
+    def settle(self) -> None:
+        """Read the range of the deferred batch, if any (waiting only for its copy).
+
+        Raises:
+            NeuronsError: If one of its labels is outside ``[0, num_classes)``.
+        """
+        if self._pending is None:
+            return
+        host, event, num_classes = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        _check_range(int(host[0]), int(host[1]), num_classes)
+
+    def drop(self) -> None:
+        """Forget the deferred batch (its epoch was abandoned)."""
+        self._pending = None
+
+
+def _check_range(low: int, high: int, num_classes: int) -> None:
+    if low < 0 or high >= num_classes:
+        raise NeuronsError(
+            f"label {low if low < 0 else high} is outside [0, {num_classes}); the model predicts "
+            f"{num_classes} classes. Pass the right `num_classes=` to ActivationTracker, or check "
+            "the labels."
+        )

@@ -208,9 +208,9 @@ class _Best:
         else:  # [B, K]; tokens [B, D, N] (channels first) give whole-image tiles
             v = out.amax(dim=2) if out.dim() == 3 else out.flatten(1)
             pos = torch.zeros_like(v, dtype=torch.long)
-        v, pos = v.float().cpu(), pos.cpu()
-        top, image = v.max(dim=0)  # [K]
-        where = pos[image, torch.arange(v.shape[1])]
+        # kept on the output's device: a copy to the host would wait for the device every batch
+        top, image = v.float().max(dim=0)  # [K]
+        where = pos[image, torch.arange(v.shape[1], device=pos.device)]
         if self.value is None:
             self.value, self.image, self.position = top, image + offset, where
             return

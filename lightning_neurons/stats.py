@@ -123,8 +123,48 @@ class ClassNeuronStats(Metric):
         return states
 
 
-#: A layer's held batches are added to its statistics once they hold this many values...
+class ConfusionCounts(Metric):
+    """A ``[C, C]`` confusion matrix (rows: true class, columns: predicted class) that a batch
+    updates without the device waiting: one ``index_put_(accumulate=True)``, where labels
+    outside ``[0, C)`` add 0 (torchmetrics' confusion matrices count with ``bincount`` and
+    drop such labels by boolean indexing; on a GPU each makes the host wait for the device at
+    every batch). Summed over DDP ranks by ``compute()``.
+
+    Example:
+        >>> counts = ConfusionCounts(3)
+        >>> counts.update(torch.tensor([[2.0, 1, 0], [0, 0, 1]]), torch.tensor([0, 7]))
+        >>> counts.compute().tolist()
+        [[1, 0, 0], [0, 0, 0], [0, 0, 0]]
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(self, num_classes: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        counts = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        self.add_state("counts", counts, dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add a batch: ``[B, C]`` logits (or scores) and ``[B]`` integer labels."""
+        preds = logits.detach().argmax(dim=1)
+        labels = labels.to(preds.device).long()
+        inside = (labels >= 0) & (labels < self.num_classes)
+        rows = labels.clamp(0, self.num_classes - 1)
+        self.counts.index_put_((rows, preds), inside.long(), accumulate=True)
+
+    def compute(self) -> torch.Tensor:
+        return self.counts
+
+
+#: A layer's held batches are added to its statistics once they hold this many values (on the
+#: CPU, where the update's work on them outweighs its fixed costs beyond this)...
 FLUSH_VALUES = 2**18
+#: ... on an accelerator (where each of the update's operations is a kernel launch: ResNet-50's
+#: widest layers are then added every 8 batches of 64, not every 2; at most 8 MB held a layer)...
+FLUSH_VALUES_DEVICE = 2**20
 #: ... or this many rows (images).
 FLUSH_ROWS = 1024
 
@@ -134,11 +174,12 @@ class HeldBatches:
 
     On a layer of a few hundred neurons an update is a dozen operations on a ``[B, K]`` tensor,
     each costing more in fixed overhead (or, on a GPU, in kernel launches) than in work; a
-    layer's batches are held until they hold :data:`FLUSH_VALUES` values or :data:`FLUSH_ROWS`
-    rows, then added as one. The states are those of batch-by-batch updates (counts, maxima and
-    float64 sums of the same values; only the order of the float64 additions differs). Memory
-    is bounded by that size per layer, whatever the number of batches. Call :meth:`flush` before
-    reading the statistics.
+    layer's batches are held until they hold :data:`FLUSH_VALUES` values
+    (:data:`FLUSH_VALUES_DEVICE` on an accelerator) or :data:`FLUSH_ROWS` rows, then added as
+    one. The states are those of batch-by-batch updates (counts, maxima and float64 sums of the
+    same values; only the order of the float64 additions differs). Memory is bounded by that
+    size per layer, whatever the number of batches. Call :meth:`flush` before reading the
+    statistics.
 
     Example:
         >>> held, stats = HeldBatches(), ClassNeuronStats(3, 4)
@@ -167,7 +208,8 @@ class HeldBatches:
         held = self._held.setdefault(name, [])
         held.append((values, labels, values if peak is None else peak))
         rows = sum(v.shape[0] for v, _, _ in held)
-        if rows >= FLUSH_ROWS or rows * values.shape[1] >= FLUSH_VALUES:
+        most = FLUSH_VALUES if values.device.type == "cpu" else FLUSH_VALUES_DEVICE
+        if rows >= FLUSH_ROWS or rows * values.shape[1] >= most:
             self._add(stats, self._held.pop(name))
 
     def flush(self, stats: Mapping[str, ClassNeuronStats]) -> None:

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from lightning_neurons import NeuronsError
 from lightning_neurons.batch import (
     BatchReader,
+    LabelRange,
     LoaderRows,
     as_model_input,
     read_inputs,
@@ -108,3 +109,34 @@ def test_loader_rows_leave_out_exactly_the_repeated_samples(size, replicas, batc
 def test_loader_rows_without_distributed_sampler_keep_everything():
     loader = DataLoader(TensorDataset(torch.arange(5)), batch_size=2)
     assert LoaderRows.of(loader).rows(2, 1) == 1 and LoaderRows.of([1, 2]).rows(0, 7) == 7
+
+
+def test_label_range_checks_each_batch_at_once_where_not_deferred():
+    labels = LabelRange(defer=False)
+    ok = torch.tensor([0, 2, 1])
+    assert labels.check(ok, 3) is ok  # nothing copied or clamped
+    with pytest.raises(NeuronsError, match=r"label 3 is outside \[0, 3\)"):
+        labels.check(torch.tensor([0, 3]), 3)
+    with pytest.raises(NeuronsError, match=r"label -1 is outside \[0, 3\)"):
+        labels.check(torch.tensor([-1, 2]), 3)
+    assert labels.check(torch.tensor([7]), None).tolist() == [7]  # no class count: no check
+    assert labels.check(torch.zeros(0, dtype=torch.long), 3).numel() == 0
+
+
+def test_label_range_deferred_clamps_now_and_raises_one_batch_late():
+    """Deferred (as on a GPU, where reading the range at once would make the host wait for the
+    device): a bad batch's labels come back clamped into range, and the error comes at the next
+    check, or at settle() after the last batch; drop() forgets a pending batch."""
+    labels = LabelRange(defer=True)
+    assert labels.check(torch.tensor([0, 4, 9]), 5).tolist() == [0, 4, 4]
+    with pytest.raises(NeuronsError, match=r"label 9 is outside \[0, 5\)"):
+        labels.check(torch.tensor([1, 2]), 5)  # the error is the batch before's
+    assert labels.check(torch.tensor([1, 2]), 5).tolist() == [1, 2]
+    labels.settle()  # that batch was fine
+    assert labels.check(torch.tensor([-3, 1]), 5).tolist() == [0, 1]
+    with pytest.raises(NeuronsError, match=r"label -3 is outside \[0, 5\)"):
+        labels.settle()
+    labels.settle()  # read once only
+    labels.check(torch.tensor([8]), 5)
+    labels.drop()
+    labels.settle()  # forgotten: nothing raised

@@ -5,7 +5,10 @@ import torch
 
 from lightning_neurons.stats import (
     FLUSH_ROWS,
+    FLUSH_VALUES,
+    FLUSH_VALUES_DEVICE,
     ClassNeuronStats,
+    ConfusionCounts,
     HeldBatches,
     LayerStats,
     dead_neurons,
@@ -135,6 +138,36 @@ def test_held_batches_are_bounded():
     held.drop("a")
     held.flush({"a": stats})
     assert int(stats.compute()["images"].sum()) == FLUSH_ROWS
+
+
+def test_held_batches_hold_more_values_on_an_accelerator():
+    """On the CPU a layer of 2,048 neurons is added every FLUSH_VALUES values; elsewhere (each
+    of the update's operations a kernel launch) every FLUSH_VALUES_DEVICE values. The "meta"
+    device stands in for an accelerator: it runs the operations without data."""
+    width, rows = 2048, 64
+    for device, most in (("cpu", FLUSH_VALUES), ("meta", FLUSH_VALUES_DEVICE)):
+        stats, held = ClassNeuronStats(10, width).to(device), HeldBatches()
+        batches = 0
+        while stats.update_count == 0:
+            values = torch.rand(rows, width, device=device)
+            held.add("a", stats, values, torch.zeros(rows, dtype=torch.long, device=device))
+            batches += 1
+        assert batches * rows == max(1, min(FLUSH_ROWS, most // width)), device
+
+
+def test_confusion_counts_match_a_plain_count_and_skip_labels_out_of_range():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 7, generator=g)
+    labels = torch.randint(-2, 9, (200,), generator=g)  # some outside [0, 7)
+    counts = ConfusionCounts(7)
+    for part in range(0, 200, 64):  # batch by batch
+        counts.update(logits[part : part + 64], labels[part : part + 64])
+    expected = torch.zeros(7, 7, dtype=torch.int64)
+    for true, pred in zip(labels.tolist(), logits.argmax(1).tolist(), strict=True):
+        if 0 <= true < 7:
+            expected[true, pred] += 1
+    assert torch.equal(counts.compute(), expected)
+    assert int(expected.sum()) < 200  # the test did drop some labels
 
 
 def test_selectivity_conventions():

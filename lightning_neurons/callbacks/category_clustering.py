@@ -15,7 +15,6 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-from torchmetrics.classification import MulticlassConfusionMatrix
 from typing_extensions import override
 
 from lightning_neurons import progress
@@ -40,7 +39,7 @@ from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import HookSet, resolve_layers, selects
 from lightning_neurons.results import CategoryClusteringResult
 from lightning_neurons.state import in_analysis
-from lightning_neurons.stats import LayerStats
+from lightning_neurons.stats import ConfusionCounts, LayerStats
 
 #: Name of the category-clustering view that puts all chosen layers side by side.
 COMBINED = "combined"
@@ -223,7 +222,7 @@ class CategoryClustering(_ClusteringCallback):
         self.results: dict[str, CategoryClusteringResult] = {}
         self._classifier: str | None = None
         self._hooks = HookSet()
-        self._confusion: MulticlassConfusionMatrix | None = None
+        self._confusion: ConfusionCounts | None = None
         self._broken = False  # the classifier's output was not logits in this epoch
         self._collecting = False
         self._armed = False
@@ -289,9 +288,7 @@ class CategoryClustering(_ClusteringCallback):
         self._armed = False
         if self._classifier is None or not self._due(trainer):
             return
-        self._confusion = MulticlassConfusionMatrix(self.spec.num_classes, validate_args=False).to(
-            pl_module.device
-        )
+        self._confusion = ConfusionCounts(self.spec.num_classes).to(pl_module.device)
         self._collecting = True
         self._armed = True  # the same on every rank, unlike `_collecting` (see `_shape_problem`)
         self._hooks.add(pl_module, [self._classifier], self._on_logits)
@@ -321,10 +318,7 @@ class CategoryClustering(_ClusteringCallback):
             if self._confusion is None or self._confusion.num_classes != num_classes:
                 self._shape_problem(name, output, labels)
                 return
-            preds = output.detach().argmax(dim=1)
-            labels = labels.to(output.device)
-            ok = (labels >= 0) & (labels < num_classes)
-            self._confusion.update(preds[ok], labels[ok])
+            self._confusion.update(output, labels)
 
     def _shape_problem(self, name: str, output: torch.Tensor, labels: torch.Tensor) -> None:
         self._collecting = False

@@ -16,6 +16,7 @@ from lightning_neurons.activations import check_activations
 from lightning_neurons.batch import (
     BatchFn,
     BatchReader,
+    LabelRange,
     LoaderRows,
     analysed_rows,
     stage_loaders,
@@ -176,6 +177,7 @@ class ActivationTracker(StagedCallback):
         self._held = HeldBatches()  # batches not yet added to the metrics
         self._hooks = HookSet()
         self._labels: torch.Tensor | None = None
+        self._label_range = LabelRange()  # the labels' range, read without waiting for a GPU
         self._rows = LoaderRows()
         self._batch_size = 0
         self._checked = self._warned_loaders = False
@@ -313,6 +315,7 @@ class ActivationTracker(StagedCallback):
         self._pending_epoch = None
         self._stop()
         self._note_calls()
+        self._label_range.settle()
         self._held.flush(self._metrics)
         states = {name: metric.compute() for name, metric in self._metrics.items()}
         # Kept where they are, not copied (a copy would add the whole state to every rank's host
@@ -346,15 +349,7 @@ class ActivationTracker(StagedCallback):
         """
         self.reader.inputs(batch)
         labels = self.reader.labels(batch)
-        if labels.numel():
-            low, high = labels.aminmax()  # one device sync per batch, not two
-            low, high = int(low), int(high)
-            if self.num_classes is not None and (low < 0 or high >= self.num_classes):
-                raise NeuronsError(
-                    f"label {low if low < 0 else high} is outside [0, {self.num_classes}); the "
-                    f"model predicts {self.num_classes} classes. Pass the right `num_classes=` to "
-                    "ActivationTracker, or check the labels."
-                )
+        LabelRange(defer=False).check(labels, self.num_classes)
         return labels
 
     # ---- internals ----------------------------------------------------------------------------
@@ -400,6 +395,7 @@ class ActivationTracker(StagedCallback):
         if not self._due(trainer):
             return
         self._held.drop()
+        self._label_range.drop()
         with torch.inference_mode(False):
             for metric in self._metrics.values():
                 metric.reset()
@@ -422,10 +418,14 @@ class ActivationTracker(StagedCallback):
             return
         self._batches += 1
         self._hooks.new_pass()
-        labels = self.check_batch(batch)
+        self.reader.inputs(batch)
+        read = self.reader.labels(batch)
+        labels = self._label_range.check(read, self.num_classes)  # on a GPU, one batch late
         rows = self._rows.rows(batch_idx, labels.shape[0])
-        # DistributedSampler's repeated samples (the last rows on some ranks) are left out
-        self._labels = labels[:rows].clone() if rows else None  # held with the batch's values
+        # DistributedSampler's repeated samples (the last rows on some ranks) are left out; the
+        # labels are held with the batch's values (a copy, unless clamping made one)
+        held = labels[:rows] if labels is not read else labels[:rows].clone()
+        self._labels = held if rows else None
         self._batch_size = labels.shape[0]
 
     def _metric(self, name: str, values: torch.Tensor) -> ClassNeuronStats:
