@@ -227,24 +227,24 @@ class _Best:
         side_x = min(width, max(width // 2, math.ceil(3 * width / w)))
         if h == w == 1:
             side_y, side_x = height, width
-        tiles = []
-        for value, image, position in zip(
-            self.value.tolist(), self.image.tolist(), self.position.tolist(), strict=True
-        ):
-            if not value > 0:
-                tiles.append(_crossed(c, size))
-                continue
-            cy = int((position // w + 0.5) * height / h)
-            cx = int((position % w + 0.5) * width / w)
-            top = min(max(cy - side_y // 2, 0), height - side_y)
-            left = min(max(cx - side_x // 2, 0), width - side_x)
-            crop = images[image, :, top : top + side_y, left : left + side_x]
-            tiles.append(
-                F.interpolate(crop[None], size=(size, size), mode="bilinear", align_corners=False)[
-                    0
-                ].clamp(0, 1)
-            )
-        return torch.stack(tiles)
+        value, image, position = (t.cpu() for t in (self.value, self.image, self.position))
+        tiles = _crossed(c, size).expand(value.shape[0], -1, -1, -1).clone()
+        fired = torch.nonzero(value > 0).flatten()  # the others keep the crossed tile
+        # each crop centred on the strongest position's cell (float64: Python's arithmetic)
+        cy = ((position[fired] // w).double() + 0.5) * height / h
+        cx = ((position[fired] % w).double() + 0.5) * width / w
+        top = (cy.long() - side_y // 2).clamp(0, height - side_y)
+        left = (cx.long() - side_x // 2).clamp(0, width - side_x)
+        rows = top[:, None] + torch.arange(side_y)  # [F, side_y]
+        cols = left[:, None] + torch.arange(side_x)
+        for part in torch.split(torch.arange(fired.numel()), 1024):  # bounded memory
+            crops = images[
+                image[fired[part]][:, None, None], :, rows[part, :, None], cols[part, None]
+            ]
+            crops = crops.permute(0, 3, 1, 2)  # [F, side_y, side_x, C] -> [F, C, side_y, side_x]
+            scaled = F.interpolate(crops, size=(size, size), mode="bilinear", align_corners=False)
+            tiles[fired[part]] = scaled.clamp(0, 1)
+        return tiles
 
 
 def _crossed(channels: int, size: int) -> torch.Tensor:
