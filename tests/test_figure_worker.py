@@ -151,7 +151,7 @@ def test_an_evolution_figure_held_to_the_end_is_logged_at_the_step_of_its_epoch(
 def test_a_figure_that_fails_in_the_worker_is_reported_and_training_goes_on(tmp_path, monkeypatch):
     import lightning_neurons.plots.activation as activation
 
-    monkeypatch.setattr(activation, "class_profile_heatmap", broken_figure)
+    monkeypatch.setattr(activation, "class_profile_image", broken_figure)
     trainer, tracker = _fit(tmp_path, epochs=2)  # the default on_error: warn and go on
     assert trainer.current_epoch == 2 and tracker.results
     assert tracker.failures == ["writing files and figures: ValueError: no such colour map"] * 2

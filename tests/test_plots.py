@@ -19,7 +19,7 @@ from scipy.spatial.distance import pdist
 
 from lightning_neurons.contribution import ContributionStats
 from lightning_neurons.plots import _canvas, _text
-from lightning_neurons.plots.activation import class_profile_heatmap
+from lightning_neurons.plots.activation import class_profile, class_profile_heatmap
 from lightning_neurons.plots.clustering import (
     cluster_profiles_figure,
     dendrogram_figure,
@@ -319,6 +319,20 @@ def test_as_image_accepts_arrays_tensors_and_figures():
     assert _canvas.as_image(figure).shape == (100, 200, 3)
     with pytest.raises(TypeError, match="expected an"):
         _canvas.as_image(np.zeros((4, 4)))
+
+
+def test_the_class_profile_sent_to_a_figure_worker_holds_only_what_is_drawn():
+    """The tracker sends its figure workers the shown neurons' class means and the title's facts,
+    not the layer's statistics: at 100 classes and 2,048 neurons, about a quarter of the bytes
+    (the 512 shown of 2,048 neurons' means, without the std, max and firing rates)."""
+    import pickle
+
+    stats = _layer_stats(_profile(100, 2048))
+    profile = class_profile(stats, max_neurons=512)
+    assert profile.means.shape == (100, 512) and profile.total == 2048
+    assert len(pickle.dumps(profile)) < len(pickle.dumps(stats)) / 4
+    assert profile.selectivity == pytest.approx(float(stats.selectivity.nanmean()))
+    assert profile.dead == int(stats.dead.sum())
 
 
 def test_class_profile_heatmap_leaves_classes_without_data_blank(drawn):

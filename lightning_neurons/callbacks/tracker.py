@@ -510,7 +510,7 @@ class ActivationTracker(StagedCallback):
                 )
 
     def _log(self, trainer: Trainer) -> None:
-        from lightning_neurons.plots.activation import class_profile_heatmap
+        from lightning_neurons.plots.activation import class_profile, class_profile_image
 
         out = self._file_writer(trainer, "activations")
         if out is None:
@@ -518,7 +518,8 @@ class ActivationTracker(StagedCallback):
         scalars: dict[str, float] = {}
         for name, res in self.results.items():
             progress.advance("layer", len(self.results))
-            out.figure(out.tag(name, "class_profile"), class_profile_heatmap, res)
+            # what the figure draws, not the layer's statistics: far less to send to a worker
+            out.figure(out.tag(name, "class_profile"), class_profile_image, class_profile(res))
             out.histogram(out.tag(name, "selectivity"), res.selectivity)
             overall = (res.class_means * res.counts.unsqueeze(1)).nansum(dim=0) / res.counts.sum()
             out.histogram(out.tag(name, "mean_activation"), overall)

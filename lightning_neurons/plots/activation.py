@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -17,7 +18,10 @@ MAX_NAMED_ROWS = 30
 
 def neuron_order(means: torch.Tensor, selectivity: torch.Tensor) -> torch.Tensor:
     """Order neurons by preferred class, then by falling selectivity, so blocks show."""
-    preferred = torch.nan_to_num(means, nan=-torch.inf).argmax(dim=0)
+    return _order(torch.nan_to_num(means, nan=-torch.inf).argmax(dim=0), selectivity)
+
+
+def _order(preferred: torch.Tensor, selectivity: torch.Tensor) -> torch.Tensor:
     sel = torch.nan_to_num(selectivity, nan=0.0)
     key = preferred.double() * 10.0 - sel.double()  # sel in [0, 1]
     return torch.argsort(key, stable=True)
@@ -26,7 +30,7 @@ def neuron_order(means: torch.Tensor, selectivity: torch.Tensor) -> torch.Tensor
 def _shown_neurons(stats: LayerStats, max_neurons: int) -> torch.Tensor:
     """Column order: by preferred class and selectivity, dead neurons last, at most
     ``max_neurons`` (the most selective)."""
-    order = neuron_order(stats.class_means.double(), stats.selectivity)
+    order = _order(stats.preferred_class, stats.selectivity)  # neuron_order's, computed once
     dead = stats.dead[order]
     order = torch.cat([order[~dead], order[dead]])
     if order.numel() > max_neurons:
@@ -34,6 +38,33 @@ def _shown_neurons(stats: LayerStats, max_neurons: int) -> torch.Tensor:
         keep = torch.argsort(sel, descending=True)[:max_neurons]
         order = order[torch.isin(order, keep)]
     return order
+
+
+class ClassProfile(NamedTuple):
+    """What the class profile figure draws of a layer's statistics: the class means of the
+    neurons shown, in their order, and the facts of its title. Small to send to a figure worker
+    (a ``LayerStats`` of 2,048 neurons at 1,000 classes pickles to 33 MB; this, to 4 MB)."""
+
+    means: np.ndarray  # [C, shown] float64, the columns in drawing order
+    layer: str
+    epoch: int
+    total: int  # the layer's neurons
+    selectivity: float  # the layer's mean selectivity
+    dead: int  # the layer's dead neurons
+
+
+def class_profile(stats: LayerStats, max_neurons: int = 512) -> ClassProfile:
+    """The :class:`ClassProfile` of ``stats``: at most ``max_neurons`` neurons (the most
+    selective), sorted by preferred class and selectivity, dead neurons last."""
+    order = _shown_neurons(stats, max_neurons)
+    return ClassProfile(
+        means=np.take(stats.class_means.numpy(), order.numpy(), axis=1).astype(np.float64),
+        layer=stats.layer,
+        epoch=stats.epoch,
+        total=stats.class_means.shape[1],
+        selectivity=float(stats.selectivity.nanmean()),
+        dead=int(stats.dead.sum()),
+    )
 
 
 def class_profile_heatmap(
@@ -58,8 +89,14 @@ def class_profile_heatmap(
     Example:
         >>> image = class_profile_heatmap(tracker.results["conv2"])
     """
-    order = _shown_neurons(stats, max_neurons)
-    m = stats.class_means.double()[:, order].numpy()
+    return class_profile_image(class_profile(stats, max_neurons), class_names)
+
+
+def class_profile_image(
+    profile: ClassProfile, class_names: Sequence[str] | None = None
+) -> np.ndarray:
+    """The class profile figure of a :class:`ClassProfile` (see :func:`class_profile_heatmap`)."""
+    m = profile.means
     num_classes, num_neurons = m.shape
     finite = np.isfinite(m)
     # neurons without data (all NaN) stay NaN, drawn blank
@@ -70,12 +107,11 @@ def class_profile_heatmap(
         scaled = np.where(finite, (m - np.where(finite.any(axis=0), low, 0.0)) / spread, np.nan)
     named = num_classes <= MAX_NAMED_ROWS
     rows_px = int(np.clip(num_classes * 22, 110, 440)) if named else 440
-    total = stats.class_means.shape[1]
+    total = profile.total
     shown = f"the {num_neurons} most selective of {total}" if num_neurons < total else f"{total}"
     title = (
-        f"{stats.layer}, epoch {stats.epoch}: class profile of {shown} neurons "
-        f"(mean selectivity {float(stats.selectivity.nanmean()):.2f}, "
-        f"{int(stats.dead.sum())} dead)"
+        f"{profile.layer}, epoch {profile.epoch}: class profile of {shown} neurons "
+        f"(mean selectivity {profile.selectivity:.2f}, {profile.dead} dead)"
     )
     top = _canvas.title_height(title)
     names = None
