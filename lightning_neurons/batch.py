@@ -408,7 +408,7 @@ class LabelRange:
         event = None
         if labels.is_cuda:
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(labels.device))
         self._pending = (host, event, num_classes)
         return labels.clamp(0, num_classes - 1)
 
