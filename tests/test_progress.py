@@ -129,7 +129,7 @@ def _lines(shown: str) -> list[str]:
 
 
 def test_tqdm_bar_shows_what_each_analysis_does_while_it_runs(tmp_path, screen, monkeypatch):
-    tracker = _watch(monkeypatch, activation_plots, "class_profile_heatmap", screen)
+    tracker = _watch(monkeypatch, activation_plots, "class_profile", screen)
     smoothgrad = _watch(monkeypatch, saliency_module, "smoothgrad", screen)
     categories = _watch(monkeypatch, CategoryClusterer, "fit", screen)
     neurons = _watch(monkeypatch, NeuronClusterer, "fit", screen)
