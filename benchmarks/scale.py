@@ -276,31 +276,13 @@ def child(args: argparse.Namespace, which: str) -> dict:
             DataLoader(val, batch_size=args.batch_size),
         )
         seconds = time.perf_counter() - start
-    totals = callback_seconds(profiler, callbacks)
-    marks = [dict.fromkeys(totals, 0.0), *clock.marks[:-1], totals]  # the fit's end in the last
-    per_epoch = {
-        name: [marks[e + 1][name] - marks[e][name] for e in range(len(marks) - 1)]
-        for name in totals
-    }
-    analysed = {
-        type(cb).__name__: [
-            e for e in range(args.epochs) if (e + 1) % getattr(cb, "every_n_epochs", 1) == 0
-        ]
-        for cb in callbacks
-    }
-    steps = {}  # the model's steps (the tracker's hooks run inside them): total and median
-    for stage in ("training_step", "validation_step"):
-        durations = profiler.recorded_durations.get(f"[Strategy]SingleDeviceStrategy.{stage}", [])
-        if durations:
-            steps[stage] = [sum(durations), statistics.median(durations), len(durations)]
     artifact_bytes = sum(p.stat().st_size for p in workdir.rglob("*") if p.is_file())
     largest = max(sizes.sizes, key=lambda s: s[0] * s[1]) if sizes.sizes else (0, 0, "")
     failures = [f for cb in callbacks for f in getattr(cb, "failures", [])]
     return {
         "variant": which,
         "seconds": seconds,
-        "per_callback": {n: totals[n] / max(1, len(analysed[n])) for n in analysed},
-        "per_epoch": {n: [per_epoch[n][e] for e in analysed[n]] for n in analysed},
+        **analysis_seconds(profiler, callbacks, clock.marks, args.epochs),
         "phases": sorted(phases.seconds.items(), key=lambda kv: -kv[1]),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_tree_mb": tree.peak_mb,
@@ -313,8 +295,40 @@ def child(args: argparse.Namespace, which: str) -> dict:
         "artifact_bytes_per_epoch": artifact_bytes / args.epochs,
         "failures": failures,
         "hdbscan": hdbscan_ok,
-        "steps": steps,
+        "steps": model_steps(profiler),
     }
+
+
+def analysis_seconds(profiler, callbacks: list, marks: list[dict], epochs: int) -> dict:
+    """Per callback, the seconds per analysed epoch and those of each analysed epoch (from the
+    :func:`epoch_clock`'s marks; what runs after the last epoch's end counts in that epoch)."""
+    totals = callback_seconds(profiler, callbacks)
+    marks = [dict.fromkeys(totals, 0.0), *marks[:-1], totals]
+    per_epoch = {
+        name: [marks[e + 1][name] - marks[e][name] for e in range(len(marks) - 1)]
+        for name in totals
+    }
+    analysed = {
+        type(cb).__name__: [
+            e for e in range(epochs) if (e + 1) % getattr(cb, "every_n_epochs", 1) == 0
+        ]
+        for cb in callbacks
+    }
+    return {
+        "per_callback": {n: totals[n] / max(1, len(analysed[n])) for n in analysed},
+        "per_epoch": {n: [per_epoch[n][e] for e in analysed[n]] for n in analysed},
+    }
+
+
+def model_steps(profiler) -> dict[str, list[float]]:
+    """The model's training and validation steps (the tracker's hooks run inside them):
+    ``[total seconds, median seconds, count]`` of each."""
+    steps = {}
+    for stage in ("training_step", "validation_step"):
+        durations = profiler.recorded_durations.get(f"[Strategy]SingleDeviceStrategy.{stage}", [])
+        if durations:
+            steps[stage] = [sum(durations), statistics.median(durations), len(durations)]
+    return steps
 
 
 def run_child(args: argparse.Namespace, which: str) -> dict:
