@@ -165,8 +165,11 @@ FLUSH_VALUES = 2**18
 #: ... on an accelerator (where each of the update's operations is a kernel launch: ResNet-50's
 #: widest layers are then added every 8 batches of 64, not every 2; at most 8 MB held a layer)...
 FLUSH_VALUES_DEVICE = 2**20
-#: ... or this many rows (images).
+#: ... or this many rows (images)...
 FLUSH_ROWS = 1024
+#: ... on an accelerator (a narrow layer's rows are few bytes: 16,384 rows of 64 neurons are
+#: 4 MB, and the values bound above caps the wide ones).
+FLUSH_ROWS_DEVICE = 16384
 
 
 class HeldBatches:
@@ -174,9 +177,9 @@ class HeldBatches:
 
     On a layer of a few hundred neurons an update is a dozen operations on a ``[B, K]`` tensor,
     each costing more in fixed overhead (or, on a GPU, in kernel launches) than in work; a
-    layer's batches are held until they hold :data:`FLUSH_VALUES` values
-    (:data:`FLUSH_VALUES_DEVICE` on an accelerator) or :data:`FLUSH_ROWS` rows, then added as
-    one. The states are those of batch-by-batch updates (counts, maxima and float64 sums of the
+    layer's batches are held until they hold :data:`FLUSH_VALUES` values or :data:`FLUSH_ROWS`
+    rows (:data:`FLUSH_VALUES_DEVICE` and :data:`FLUSH_ROWS_DEVICE` on an accelerator), then
+    added as one. The states are those of batch-by-batch updates (counts, maxima and float64 sums of the
     same values; only the order of the float64 additions differs). Memory is bounded by that
     size per layer, whatever the number of batches. Call :meth:`flush` before reading the
     statistics.
@@ -208,8 +211,11 @@ class HeldBatches:
         held = self._held.setdefault(name, [])
         held.append((values, labels, values if peak is None else peak))
         rows = sum(v.shape[0] for v, _, _ in held)
-        most = FLUSH_VALUES if values.device.type == "cpu" else FLUSH_VALUES_DEVICE
-        if rows >= FLUSH_ROWS or rows * values.shape[1] >= most:
+        cpu = values.device.type == "cpu"
+        most, most_rows = (
+            (FLUSH_VALUES, FLUSH_ROWS) if cpu else (FLUSH_VALUES_DEVICE, FLUSH_ROWS_DEVICE)
+        )
+        if rows >= most_rows or rows * values.shape[1] >= most:
             self._add(stats, self._held.pop(name))
 
     def flush(self, stats: Mapping[str, ClassNeuronStats]) -> None:

@@ -5,6 +5,7 @@ import torch
 
 from lightning_neurons.stats import (
     FLUSH_ROWS,
+    FLUSH_ROWS_DEVICE,
     FLUSH_VALUES,
     FLUSH_VALUES_DEVICE,
     ClassNeuronStats,
@@ -141,18 +142,23 @@ def test_held_batches_are_bounded():
 
 
 def test_held_batches_hold_more_values_on_an_accelerator():
-    """On the CPU a layer of 2,048 neurons is added every FLUSH_VALUES values; elsewhere (each
-    of the update's operations a kernel launch) every FLUSH_VALUES_DEVICE values. The "meta"
-    device stands in for an accelerator: it runs the operations without data."""
-    width, rows = 2048, 64
-    for device, most in (("cpu", FLUSH_VALUES), ("meta", FLUSH_VALUES_DEVICE)):
-        stats, held = ClassNeuronStats(10, width).to(device), HeldBatches()
-        batches = 0
-        while stats.update_count == 0:
-            values = torch.rand(rows, width, device=device)
-            held.add("a", stats, values, torch.zeros(rows, dtype=torch.long, device=device))
-            batches += 1
-        assert batches * rows == max(1, min(FLUSH_ROWS, most // width)), device
+    """On the CPU a layer is added every FLUSH_VALUES values or FLUSH_ROWS rows; elsewhere (each
+    of the update's operations a kernel launch) every FLUSH_VALUES_DEVICE values or
+    FLUSH_ROWS_DEVICE rows. The "meta" device stands in for an accelerator: it runs the
+    operations without data."""
+    rows = 64
+    for device, most, most_rows in (
+        ("cpu", FLUSH_VALUES, FLUSH_ROWS),
+        ("meta", FLUSH_VALUES_DEVICE, FLUSH_ROWS_DEVICE),
+    ):
+        for width in (2048, 64):
+            stats, held = ClassNeuronStats(10, width).to(device), HeldBatches()
+            batches = 0
+            while stats.update_count == 0:
+                values = torch.rand(rows, width, device=device)
+                held.add("a", stats, values, torch.zeros(rows, dtype=torch.long, device=device))
+                batches += 1
+            assert batches * rows == min(most_rows, most // width), (device, width)
 
 
 def test_confusion_counts_match_a_plain_count_and_skip_labels_out_of_range():
