@@ -450,6 +450,48 @@ def test_a_block_of_rows_rendered_alone_gives_its_rows_of_the_whole():
         render(model, objectives, first_row=-1, **kwargs)
 
 
+def test_renderings_of_several_lists_in_one_batch_give_each_lists_images():
+    """``first_row`` as a list (each objective's first row): two renderings in one batch, each
+    row from the noise of its own rendering, and the same images and steps."""
+    model = bn_net()
+    shallow = [Channel("conv1", i) for i in range(3)]
+    deep = [Channel("conv2", i) for i in range(2)] + [ClassLogit(1)]
+    kwargs = dict(image_shape=(1, 12, 12), steps=12, param="fft", seed=2, n_images=2)
+    kwargs |= dict(converge_tol=0.03, converge_window=2, diversity=0.5)
+    apart = [render(model, objectives, **kwargs) for objectives in (shallow, deep)]
+    firsts = [2 * j for j in range(3)] + [2 * j for j in range(3)]
+    together = render(model, shallow + deep, first_row=firsts, **kwargs)
+    assert torch.equal(together.steps, torch.cat([r.steps for r in apart]))
+    images = torch.cat([r.images for r in apart])
+    torch.testing.assert_close(together.images, images, atol=1e-5, rtol=0)  # as the chunking test
+    with pytest.raises(NeuronsError, match="`first_row` lists 2 first rows for 6 objectives"):
+        render(model, shallow + deep, first_row=[0, 2], **kwargs)
+    with pytest.raises(NeuronsError, match="`first_row` must be an integer >= 0"):
+        render(model, shallow, first_row=[0, -2, 4], **kwargs)
+
+
+def test_on_cpu_a_chunk_holds_rows_of_one_depth():
+    """On CPU the forward pass of a chunk stops after its deepest layer: rows of other layers
+    are not mixed into one chunk (on an accelerator they are, one batch for all)."""
+    from lightning_neurons.visualize.optimise import ChunkSettings, chunks_of
+
+    rows = [Channel("conv1", 0)] * 3 + [Channel("conv2", 1)] * 2 + [ClassLogit(0)] * 4
+    rows += [Channel("conv1", 2)]
+    settings = ChunkSettings(
+        param="fft", image_shape=(1, 8, 8), seed=0, decorrelate=True,
+        device=torch.device("cpu"), prior=None, contrast=1.0, views=1, n_images=1,
+        output_fn=None, diversity_on="pixels", spatial=frozenset({"conv1", "conv2"}),
+    )  # fmt: skip
+    chunks = chunks_of(rows, 2, settings, first_row=[10 + i for i in range(len(rows))])
+    assert [[repr(o) for o in c.objectives] for c in chunks] == [
+        [repr(rows[0])] * 2, [repr(rows[0])], [repr(rows[3])] * 2, [repr(rows[5])] * 2,
+        [repr(rows[5])] * 2, [repr(rows[9])],
+    ]  # fmt: skip
+    # each row keeps its own noise whatever chunk it lands in
+    alone = chunks_of(rows[3:5], 8, settings, first_row=[13, 14])
+    torch.testing.assert_close(chunks[2].image_fn(), alone[0].image_fn(), atol=0, rtol=0)
+
+
 def test_the_kept_candidates_parameters_continue_alone():
     model = bn_net()
     objectives = [ClassLogit(0), ClassLogit(2)]

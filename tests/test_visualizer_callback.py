@@ -286,6 +286,42 @@ def test_cluster_images_continue_the_best_matching_cluster_of_the_last_round():
     assert off.state_dict() == {}
 
 
+def test_channel_images_of_every_layer_are_rendered_together_as_layer_by_layer():
+    from lightning_neurons.batch import BatchReader
+    from lightning_neurons.callbacks._memory import ContinuationMemory
+    from lightning_neurons.callbacks._plan import VisualizerPlan
+    from lightning_neurons.callbacks._rendering import Renderer
+    from lightning_neurons.visualize import Channel, render
+
+    model = _module().eval()
+    layers = ["backbone.relu1", "backbone.conv2"]
+    plan = VisualizerPlan((1, 12, 12), None, layers, {}, [], None, False)
+    options = RenderOptions(steps=6, continue_steps=2, converge_tol=None, param="fft", n_images=2)
+    memory, apart_memory = ContinuationMemory(), ContinuationMemory()
+    renderer = Renderer(options, plan, BatchReader(), None, memory)
+    apart = Renderer(options, plan, BatchReader(), None, apart_memory)
+    wanted = {
+        layers[0]: [Channel(layers[0], i) for i in (0, 2)],
+        layers[1]: [Channel(layers[1], 5)],
+    }
+    with mock.patch("lightning_neurons.callbacks._rendering.render", wraps=render) as spy:
+        done = renderer.channels(model, wanted)
+        assert spy.call_count == 1  # every layer in one rendering
+        # the next round: layer 1 asks for other channels, so it starts from noise
+        wanted[layers[1]] = [Channel(layers[1], 1), Channel(layers[1], 3)]
+        again = renderer.channels(model, wanted)
+        assert spy.call_count == 3  # the continued layer in one rendering, the new one in another
+    for layer, objectives in {**wanted, layers[1]: [Channel(layers[1], 5)]}.items():
+        images, steps = apart.images(model, layer, objectives)  # each layer alone, from its noise
+        torch.testing.assert_close(done[layer][0], images, atol=1e-5, rtol=0)
+        assert torch.equal(done[layer][1], steps)
+    assert [v[1].tolist() for v in again.values()] == [[2] * 4, [6] * 4]  # continued: 2 steps
+    assert [v[0].shape[0] for v in again.values()] == [4, 4]
+    state = memory.state_dict()  # each layer's parameters kept apart, as layer by layer
+    assert state[layers[1]]["params"].shape[0] == 4
+    assert state.keys() == apart_memory.state_dict().keys()
+
+
 def test_cluster_images_of_every_layer_are_rendered_together_and_continued_per_layer():
     from lightning_neurons.batch import BatchReader
     from lightning_neurons.callbacks._memory import ContinuationMemory

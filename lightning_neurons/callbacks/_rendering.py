@@ -3,6 +3,7 @@ shares the work between DDP ranks and continues the last round's images."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -236,6 +237,57 @@ class Renderer:
         self.memory.keep(key, signature, params)
         return images.cpu(), steps
 
+    def channels(
+        self, model: nn.Module, objectives: dict[str, list[Objective]]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's images of its ``objectives`` (``{layer: objectives}``) and the steps
+        each ran, on every rank: ``{layer: (images, steps)}``, as :meth:`images` renders them
+        layer by layer (each row from its own layer's noise, continued from the last round's
+        parameters of its layer when they were rendered for the same objectives).
+
+        The layers are rendered together, the continued ones in one rendering and those from
+        noise in another: on an accelerator a rendering of 16 images costs about what one of a
+        few hundred does, so one rendering instead of one per layer."""
+        n = self.options.n_images
+        keys = {layer: self.signature(tuple(map(repr, o))) for layer, o in objectives.items()}
+        start = {layer: self.memory.start(layer, keys[layer]) for layer in objectives}
+        total = sum(map(len, objectives.values()))
+        progress.phase(f"rendering channels ({total} objectives of {len(objectives)} layers)")
+        found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for continued in (True, False):
+            group = [layer for layer in objectives if (start[layer] is not None) == continued]
+            if not group:
+                continue
+            rows = [o for layer in group for o in objectives[layer]]
+            firsts = [j * n for layer in group for j in range(len(objectives[layer]))]
+            inits = [params for layer in group if (params := start[layer]) is not None]
+            init = torch.cat(inits) if inits else None
+            images, params, steps = self.shared(model, rows, init, firsts)
+            at = 0
+            for layer in group:
+                rows_of = slice(at, at + len(objectives[layer]) * n)
+                self.memory.keep(layer, keys[layer], params[rows_of].clone())
+                found[layer] = images[rows_of], steps[rows_of]
+                at = rows_of.stop
+        return {layer: found[layer] for layer in objectives}
+
+    def shared(
+        self,
+        model: nn.Module,
+        objectives: list[Objective],
+        init: torch.Tensor | None,
+        firsts: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images, parameters and steps of the channel ``objectives``, objective ``j`` from the
+        noise of row ``firsts[j]``: each rank renders its share, every rank gets all."""
+        n = self.options.n_images
+
+        def share(part: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            block = None if init is None else init[part.start * n : part.stop * n]
+            return self.rows(model, objectives[part], block, firsts[part], False, 1)
+
+        return concat(map_shares(share, len(objectives), self.rank, self.world, "rendering"))
+
     def candidates(
         self, model: nn.Module, objectives: list[Objective], init: torch.Tensor | None, first: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -269,7 +321,7 @@ class Renderer:
         model: nn.Module,
         objectives: list[Objective],
         init: torch.Tensor | None,
-        first_row: int,
+        first_row: int | Sequence[int],
         classes: bool,
         restarts: int,
         views: int | None = None,

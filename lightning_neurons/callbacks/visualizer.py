@@ -510,12 +510,10 @@ class FeatureVisualizer(StagedCallback):
         # Every exchange between the ranks first (the renderings, then the saliency maps), the
         # work of this rank alone after: a failure there (a rank out of memory, say) leaves no
         # other rank waiting at a collective it will never join.
-        rendered = {
-            layer: renderer.images(
-                pl_module, layer, [Channel(layer, i) for i in plan.channels[layer]]
-            )
-            for layer in plan.layers
-        }
+        rendered = renderer.channels(
+            pl_module,
+            {layer: [Channel(layer, i) for i in plan.channels[layer]] for layer in plan.layers},
+        )
         classes = [ClassLogit(c) for c in plan.classes]
         class_images = renderer.images(pl_module, "classes", classes, True) if classes else None
         if self.saliency_methods and plan.saliency:  # every rank: each maps its share

@@ -68,7 +68,7 @@ class Chunk:
     """Rows ``indices`` of a rendering: their scoring hooks, parametrization, steps and mask."""
 
     def __init__(
-        self, objectives: Sequence[Objective], indices: range, settings: ChunkSettings
+        self, objectives: Sequence[Objective], indices: Sequence[int], settings: ChunkSettings
     ) -> None:
         self.views = settings.views
         self.n_images = settings.n_images
@@ -202,16 +202,34 @@ class Chunk:
 
 
 def chunks_of(
-    rows: Sequence[Objective], size: int, settings: ChunkSettings, first_row: int = 0
+    rows: Sequence[Objective],
+    size: int,
+    settings: ChunkSettings,
+    first_row: int | Sequence[int] = 0,
 ) -> list[Chunk]:
-    """``rows`` (one objective per image) in chunks of ``size``; row ``i`` is row
-    ``first_row + i`` of the rendering (its seed)."""
+    """``rows`` (one objective per image) in chunks of at most ``size``; row ``i`` is row
+    ``first_row + i`` of the rendering, or row ``first_row[i]`` (its seed).
+
+    On CPU a chunk holds only consecutive rows that read the same layers: its forward pass stops
+    after the deepest layer its rows read, so a shallow layer's rows do not pay for a deeper
+    one's. On an accelerator, where a small batch costs what its kernel launches cost, rows of
+    every layer share a chunk."""
+    seeds = range(first_row, first_row + len(rows)) if isinstance(first_row, int) else first_row
+    if len(seeds) != len(rows):
+        raise ValueError(f"{len(seeds)} row seeds for {len(rows)} rows")
+    bounds = _same_layers(rows) if settings.device.type == "cpu" else [(0, len(rows))]
     return [
-        Chunk(
-            rows[i : i + size], range(first_row + i, first_row + min(i + size, len(rows))), settings
-        )
-        for i in range(0, len(rows), size)
+        Chunk(rows[i : min(i + size, stop)], seeds[i : min(i + size, stop)], settings)
+        for start, stop in bounds
+        for i in range(start, stop, size)
     ]
+
+
+def _same_layers(rows: Sequence[Objective]) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each run of consecutive rows that read the same layers."""
+    keys = [(row.layers, row.needs_logits) for row in rows]
+    starts = [i for i in range(len(rows)) if i == 0 or keys[i] != keys[i - 1]]
+    return list(zip(starts, [*starts[1:], len(rows)], strict=True))
 
 
 def optimise(model: nn.Module, chunks: Sequence[Chunk], steps: int, ascent: Ascent) -> None:

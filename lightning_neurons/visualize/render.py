@@ -100,7 +100,7 @@ def render(
     diversity_on: Literal["features", "pixels"] = "features",
     restarts: int | None = None,
     init: torch.Tensor | None = None,
-    first_row: int = 0,
+    first_row: int | Sequence[int] = 0,
     select_after: int | None = None,
     select_by: SelectBy | Literal["auto"] = "auto",
     converge_tol: float | None = None,
@@ -190,7 +190,9 @@ def render(
             of row ``first_row + i``. Rendering objectives ``a`` to ``b`` of a list with
             ``first_row = a * n_images * restarts`` gives their images of the whole list's
             rendering (how :class:`~lightning_neurons.FeatureVisualizer` shares a rendering
-            between DDP ranks).
+            between DDP ranks). A list gives each objective's first row: renderings of several
+            lists in one batch (how it renders every layer's channels at once), each with the
+            noise of its own rendering.
         select_after: With ``restarts``, keep the best candidate after this many steps and spend
             the remaining steps on it alone (``restarts x select_after + steps - select_after``
             image-steps instead of ``restarts x steps``). ``None``: select after all ``steps``.
@@ -243,7 +245,14 @@ def render(
     chosen = chosen.given(select_by=select_by)
     counts = {"steps": chosen.steps, "views": chosen.views, "n_images": n_images}
     check_render_counts(counts, chosen.restarts, select_after, mask)
-    check_int("first_row", first_row, minimum=0)
+    starts = [first_row] if isinstance(first_row, int) else list(first_row)
+    for start in starts:
+        check_int("first_row", start, minimum=0)
+    if not isinstance(first_row, int) and len(starts) != len(objectives):
+        raise NeuronsError(
+            f"`first_row` lists {len(starts)} first rows for {len(objectives)} objectives: "
+            "give one per objective, or one integer"
+        )
     check_positive("converge_window", converge_window, integer=True)
     if batch_size is not None:
         check_positive("batch_size", batch_size, integer=True)
@@ -279,10 +288,17 @@ def render(
     ascent = Ascent(chosen.lr, chain, input_transform, seed, penalties, convergence, mask)
     size = chunk_rows(found, len(rows), group, chosen.views, device, batch_size)
     with analysis_mode(model):
-        chunks = chunks_of(rows, size, settings, first_row)
+        seeds = first_row if isinstance(first_row, int) else row_seeds(starts, group)
+        chunks = chunks_of(rows, size, settings, seeds)
         if init is not None:
             continue_from(chunks, init, len(rows), chosen.param)
         return _optimised(model, rows, chunks, chosen, select_after, ascent, settings, size)
+
+
+def row_seeds(starts: Sequence[int], group: int) -> list[int]:
+    """The noise index of every row when objective ``j``'s ``group`` rows start at
+    ``starts[j]``."""
+    return [start + k for start in starts for k in range(group)]
 
 
 def view_transforms(
