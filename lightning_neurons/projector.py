@@ -17,8 +17,10 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -178,10 +180,15 @@ class CropSearch:
         self._open = 0
 
     def tiles(
-        self, transform: InputTransform | None = None, size: int = TILE
+        self,
+        transform: InputTransform | None = None,
+        size: int = TILE,
+        neurons: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """``{layer: [K, C, size, size]}`` display tiles in [0, 1] (see
-        :func:`top_activating_crops`); ``{}`` before any batch."""
+        :func:`top_activating_crops`); ``{}`` before any batch. With ``neurons`` (``{layer:
+        indices}``), the tiles of those neurons only, in their order (the layers not named: all
+        neurons)."""
         if not self._images:
             return {}
         images, _ = to_display(torch.cat(self._images), transform)
@@ -189,7 +196,8 @@ class CropSearch:
         # not display images: one rescaling for all, so that the tiles stay comparable
         if low < 0 or high > 1:
             images = (images - low) / max(high - low, 1e-12)
-        return {name: b.crops(images, size) for name, b in self._best.items()}
+        chosen = neurons or {}
+        return {name: b.crops(images, size, chosen.get(name)) for name, b in self._best.items()}
 
 
 @dataclass
@@ -219,7 +227,10 @@ class _Best:
         self.image = torch.where(better, image + offset, self.image)
         self.position = torch.where(better, where, self.position)
 
-    def crops(self, images: torch.Tensor, size: int) -> torch.Tensor:
+    def crops(
+        self, images: torch.Tensor, size: int, neurons: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The tiles of every neuron, or of ``neurons`` (indices) in their order."""
         assert self.value is not None and self.image is not None and self.position is not None
         n, c, height, width = images.shape
         h, w = self.grid
@@ -228,6 +239,8 @@ class _Best:
         if h == w == 1:
             side_y, side_x = height, width
         value, image, position = (t.cpu() for t in (self.value, self.image, self.position))
+        if neurons is not None:
+            value, image, position = (t[neurons] for t in (value, image, position))
         tiles = _crossed(c, size).expand(value.shape[0], -1, -1, -1).clone()
         fired = torch.nonzero(value > 0).flatten()  # the others keep the crossed tile
         # each crop centred on the strongest position's cell (float64: Python's arithmetic)
@@ -286,7 +299,6 @@ def write_embedding(
         ValueError: If the features, metadata and tiles disagree on the number of points.
     """
     from PIL import Image
-    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 
     if len(metadata) != features.shape[0] or (tiles is not None and len(tiles) != len(metadata)):
         raise ValueError(
@@ -299,6 +311,16 @@ def write_embedding(
     np.savetxt(path / "tensors.tsv", features, delimiter="\t", fmt="%.6g")
     lines = ["\t".join(HEADER)] + ["\t".join(_clean(v) for v in row) for row in metadata]
     (path / "metadata.tsv").write_text("\n".join(lines) + "\n")
+    if tiles is not None:
+        Image.fromarray(sprite(tiles)).save(path / "sprite.png")
+    _update_config(root, name, folder, tiles, replaces)
+
+
+def _update_config(
+    root: Path, name: str, folder: str, tiles: torch.Tensor | None, replaces: str | None
+) -> None:
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
     config = read_config(root)
     kept = [
         e
@@ -311,7 +333,6 @@ def write_embedding(
     entry.tensor_path = f"{folder}/tensors.tsv"
     entry.metadata_path = f"{folder}/metadata.tsv"
     if tiles is not None:
-        Image.fromarray(sprite(tiles)).save(path / "sprite.png")
         entry.sprite.image_path = f"{folder}/sprite.png"
         entry.sprite.single_image_dim.extend([tiles.shape[-1], tiles.shape[-2]])
     new.embeddings.extend(kept)
@@ -357,7 +378,8 @@ def log_neuron_projector(
     spec: TrackerSpec,
     max_neurons: int,
     max_images: int = MAX_IMAGES,
-    tiles: Mapping[str, torch.Tensor] | None = None,
+    tiles: Mapping[str, torch.Tensor] | CropSearch | None = None,
+    owner: object | None = None,
 ) -> None:
     """Write one projector embedding per layer of a NeuronClustering epoch (rank zero only).
 
@@ -374,30 +396,80 @@ def log_neuron_projector(
         spec: The tracker's spec: which loader gives the crops and how its batches are read.
         max_neurons: Points over all layers.
         max_images: Images searched for each neuron's strongest response.
-        tiles: The crops already found (``CropSearch.tiles``, keyed by layer) while the tracker's
-            stage ran; ``None``: search the loader's first ``max_images`` rows now (one more
-            forward pass over them).
+        tiles: The crops already found while the tracker's stage ran (``{layer: tiles}``, or the
+            :class:`CropSearch` itself, which then crops only the neurons written); ``None``:
+            search the loader's first ``max_images`` rows now (one more forward pass over them).
+        owner: Write the files on a writer thread
+            (:data:`~lightning_neurons.loggers.background_writes`), waited for with this owner's
+            files; ``None``: now.
     """
     share = max(1, max_neurons // len(results))
     shorts = short_names(list(results))
-    if tiles is None:
-        tiles = _crops(trainer, list(results), spec, max_images)
-    for name, res in reversed(list(results.items())):  # each goes first: the first layer ends first
-        order = torch.sort(
+    orders = {
+        name: torch.sort(
             torch.nan_to_num(res.selectivity, nan=-1.0).argsort(descending=True, stable=True)[
                 :share
             ]
         ).values
-        layer_tiles = tiles.get(name)
-        write_embedding(
+        for name, res in results.items()
+    }
+    if tiles is None:
+        found = _crops(trainer, list(results), spec, max_images)
+        tiles = {name: found[name][order] for name, order in orders.items() if name in found}
+    elif isinstance(tiles, CropSearch):
+        transform = getattr(getattr(trainer, "datamodule", None), "input_transform", None)
+        tiles = tiles.tiles(transform, neurons=orders)
+    else:
+        tiles = {name: tiles[name][order] for name, order in orders.items() if name in tiles}
+    writes = [
+        functools.partial(
+            write_embedding,
             log_dir,
             embedding_name(shorts[name], res.epoch),
             f"projector/{kind}/epoch={res.epoch:03d}/{shorts[name]}",
-            res.features[order].numpy(),
-            neuron_metadata(shorts[name], res, order.tolist(), class_names),
-            None if layer_tiles is None else layer_tiles[order],
+            res.features[orders[name]].numpy(),
+            neuron_metadata(shorts[name], res, orders[name].tolist(), class_names),
+            tiles.get(name),
             replaces=f"{shorts[name]}, epoch ",
         )
+        for name, res in reversed(list(results.items()))  # each goes first: the first ends first
+    ]
+    if owner is None:
+        for write in writes:
+            write()
+        return
+    from lightning_neurons.loggers import background_writes
+
+    nbytes = sum(w.args[3].nbytes + (0 if w.args[5] is None else w.args[5].nbytes) for w in writes)
+    turn = _IN_TURN.ticket()
+    background_writes.submit(owner, lambda: _IN_TURN.run(turn, writes), nbytes)
+
+
+class _InTurn:
+    """Runs the writes of one epoch after those of the epochs before (the config lists the
+    latest epoch of each layer), whichever writer thread gets them."""
+
+    def __init__(self) -> None:
+        self._turn = threading.Condition()
+        self._issued = self._done = 0
+
+    def ticket(self) -> int:
+        with self._turn:
+            self._issued += 1
+            return self._issued - 1
+
+    def run(self, ticket: int, writes: Sequence[Callable[[], None]]) -> None:
+        with self._turn:
+            self._turn.wait_for(lambda: self._done >= ticket)
+            try:
+                for write in writes:
+                    write()
+            finally:
+                self._done = max(self._done, ticket + 1)
+                self._turn.notify_all()
+
+
+_IN_TURN = _InTurn()
 
 
 def _crops(

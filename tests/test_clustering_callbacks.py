@@ -514,7 +514,12 @@ def test_projector_images_are_found_in_the_batches_validation_already_runs(tmp_p
     real = projector.log_neuron_projector
 
     def spy(trainer, *args, **kwargs):
-        logged[trainer.current_epoch] = kwargs["tiles"]
+        search = kwargs["tiles"]  # the CropSearch: it crops the neurons written only
+        everyone = search.tiles()
+        chosen = {layer: torch.tensor([2, 0]) for layer in everyone}
+        for layer, tiles in search.tiles(neurons=chosen).items():
+            assert torch.equal(tiles, everyone[layer][chosen[layer]])
+        logged[trainer.current_epoch] = everyone
         return real(trainer, *args, **kwargs)
 
     monkeypatch.setattr(projector, "log_neuron_projector", spy)

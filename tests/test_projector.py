@@ -123,3 +123,21 @@ def test_the_latest_epoch_replaces_the_layer_and_other_entries_are_kept(tmp_path
     assert header.split("\t") == list(HEADER)
     with pytest.raises(ValueError, match="3 feature rows, 2 metadata rows"):
         write_embedding(tmp_path, "bad", "p/bad", np.eye(3), rows, None)
+
+
+def test_the_writes_of_an_epoch_wait_for_those_of_the_epochs_before():
+    """Writer threads may start the epochs' writes in any order: each waits for its turn, so
+    the config ends listing the latest epoch of each layer."""
+    import threading
+
+    from lightning_neurons.projector import _InTurn
+
+    turns, done = _InTurn(), []
+    first, second = turns.ticket(), turns.ticket()
+    late = threading.Thread(target=turns.run, args=(second, [lambda: done.append("second")]))
+    late.start()
+    late.join(timeout=0.2)
+    assert late.is_alive() and done == []  # waiting for the first epoch's writes
+    turns.run(first, [lambda: done.append("first")])
+    late.join(timeout=10)
+    assert done == ["first", "second"] and not late.is_alive()

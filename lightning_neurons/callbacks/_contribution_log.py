@@ -66,7 +66,8 @@ def _figures(out: AnalysisLogger, layer: str, res: ContributionResult, names: li
         drop, sets = res.ablation.accuracy_drop, res.ablation.sets
         out.figure(out.tag(layer, "ablation"), ablation_figure, drop, sets, names, title)
     if res.probes is not None:
-        out.image(out.tag(layer, "probes"), probe_grid(res.probes.images, res.probes.preferred))
+        probes = res.probes  # the grid is built and encoded off the training thread too
+        out.figure(out.tag(layer, "probes"), probe_grid, probes.images, probes.preferred)
         out.text(out.tag(layer, "probes"), _probe_table(res.probes, names))
 
 

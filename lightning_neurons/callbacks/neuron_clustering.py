@@ -350,7 +350,6 @@ class NeuronClustering(_ClusteringCallback):
             progress.phase("embedding projector")
 
             num_classes = max(self._num_classes(r) for r in results.values())
-            transform = getattr(getattr(trainer, "datamodule", None), "input_transform", None)
             searched = self._crops is not None and self._crops.rows > 0
             log_neuron_projector(
                 trainer,
@@ -360,7 +359,8 @@ class NeuronClustering(_ClusteringCallback):
                 class_names_of(trainer, num_classes),
                 spec=self.spec,
                 max_neurons=self.max_embedding_neurons,
-                tiles=self._crops.tiles(transform) if searched else None,
+                tiles=self._crops if searched else None,
+                owner=self,
             )
 
     @staticmethod
