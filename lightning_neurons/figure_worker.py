@@ -158,6 +158,25 @@ class BackgroundFigures:
             return
         future.add_done_callback(lambda _: self._log_in_order())
 
+    def warm(self) -> None:
+        """Fork the workers now, while the training process is small (before the analyses'
+        statistics and held batches exist): a page the training process rewrites after the fork
+        stays in every worker as it was, so a worker forked late holds a copy of what training
+        has rewritten since. Nothing happens where figures are drawn on the spot or while the
+        workers run."""
+        if not (self.enabled and self.available()):
+            return
+        with self._lock:
+            if self._pool is not None:
+                return
+            gc.freeze()
+            try:
+                self._start().submit(os.getpid)  # with fork, every worker starts with the first
+            except (BrokenProcessPool, RuntimeError):
+                self._pool = None
+            finally:
+                gc.unfreeze()
+
     def busy(self) -> int:
         """How many workers draw now: the figures asked for and not yet drawn, at most
         :attr:`workers` (the analyses give them their cores: :mod:`lightning_neurons.cores`)."""

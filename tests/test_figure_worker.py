@@ -177,3 +177,21 @@ def test_busy_counts_the_workers_drawing_now():
     assert figures.wait(owner) == [] and len(logged) == 4
     assert figures.busy() == 0
     assert BackgroundFigures(enabled=False).busy() == 0
+
+
+@needs_fork
+def test_the_workers_are_forked_at_fit_start_and_end_with_the_fit(tmp_path, monkeypatch):
+    """Forked before the analyses allocate anything (a page the training process rewrites
+    after the fork stays in the worker as it was), and gone when fit returns."""
+    forked_at: list[bool] = []
+    real = BackgroundFigures.warm
+
+    def spy(self):
+        forked_at.append(self._pool is None)
+        real(self)
+        assert self._pool is not None and len(multiprocessing.active_children()) == self.workers
+
+    monkeypatch.setattr(BackgroundFigures, "warm", spy)
+    _fit(tmp_path, epochs=1)
+    assert forked_at and forked_at[0], "warmed at fit start, before any figure"
+    assert _no_children(), "the workers end with the fit"

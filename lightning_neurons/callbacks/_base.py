@@ -15,7 +15,8 @@ from typing_extensions import override
 from lightning_neurons import progress
 from lightning_neurons.checks import Constraints, Interval, Options, StrList, validate_params
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.loggers import AnalysisLogger, wait_for_output
+from lightning_neurons.figure_worker import background_figures
+from lightning_neurons.loggers import AnalysisLogger, find_tensorboard, wait_for_output
 from lightning_neurons.progress import reporting
 
 T = TypeVar("T")
@@ -209,6 +210,11 @@ class AnalysisCallback(Callback):
     on_train_epoch_end = _stage_hook("on_train_epoch_end", "_end", "train")
     on_validation_end = _stage_hook("on_validation_end", "_end", "validation")
     on_test_end = _stage_hook("on_test_end", "_end", "test")
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.enable_logging and trainer.is_global_zero and find_tensorboard(trainer):
+            background_figures.warm()
 
     @override
     def on_exception(
