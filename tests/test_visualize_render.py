@@ -21,7 +21,12 @@ from lightning_neurons.data import Normalize
 from lightning_neurons.hooks import count_forward_hooks, hooked, leaf_output_sizes
 from lightning_neurons.visualize import Channel, ChannelGroup, ClassLogit, Neuron, evaluate, render
 from lightning_neurons.visualize.param import fft_image, parametrize, pixel_image, row_seed
-from lightning_neurons.visualize.sizing import CPU_CHUNK_BYTES, DEVICE_CHUNK_BYTES, auto_batch_size
+from lightning_neurons.visualize.sizing import (
+    CPU_CHUNK_BYTES,
+    DEVICE_CHUNK_BYTES,
+    DEVICE_CHUNK_ROWS,
+    auto_batch_size,
+)
 from lightning_neurons.visualize.transforms import (
     CenterCrop,
     Jitter,
@@ -234,10 +239,12 @@ def test_automatic_chunks_fit_the_caches_on_cpu_and_a_memory_budget_elsewhere():
     assert auto_batch_size(1000, largest_output=10**8, device=torch.device("cpu")) == 4
     assert auto_batch_size(3, largest_output=10**8, device=torch.device("cpu")) == 3
     cuda = torch.device("cuda")
-    assert auto_batch_size(1000, largest_output=10**5, device=cuda) == 1000  # 0.4 GB of outputs
+    # small rows: at most DEVICE_CHUNK_ROWS (the convolutions' workspaces grow with the batch)
+    assert auto_batch_size(1000, largest_output=10**5, device=cuda) == DEVICE_CHUNK_ROWS == 64
+    assert auto_batch_size(40, largest_output=10**5, device=cuda) == 40
     # memory-bounded on an accelerator: all of a row's layer outputs count, float32
-    rows = auto_batch_size(10**5, largest_output=10**6, device=cuda, total_output=10**7)
-    assert rows == DEVICE_CHUNK_BYTES // (4 * 10**7) == 107
+    rows = auto_batch_size(10**5, largest_output=10**6, device=cuda, total_output=10**8)
+    assert rows == DEVICE_CHUNK_BYTES // (4 * 10**8) == 10
     assert auto_batch_size(1000, largest_output=10**9, device=cuda) == 4
 
 

@@ -152,8 +152,9 @@ def render(
             the images are optimised in float32.
         output_fn: Reads the logits from the model's output (class objectives).
         seed: Seed of the initial images and of the transforms' random parameters.
-        batch_size: Render at most this many objectives at once. Default: all on a GPU; on CPU,
-            chunks sized to the CPU caches (see
+        batch_size: Render at most this many objectives at once. Default: on an accelerator,
+            chunks bounded by memory and at most 64 rows; on CPU, chunks sized to the CPU caches,
+            each of rows that read the same layers (see
             :func:`~lightning_neurons.visualize.sizing.auto_batch_size`), which gives the same
             images faster.
         l2: Weight of an L2 penalty (:class:`~lightning_neurons.visualize.L2`) on every image.
