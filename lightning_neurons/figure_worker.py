@@ -6,7 +6,8 @@ each figure (the plot function and its arguments, pickled) to worker processes f
 training process, and logs the pixels they send back with the ``global_step`` of the moment the
 figure was asked for (TensorBoard orders images by step, not by arrival).
 
-The workers are forked when the first figure is asked for and end once every callback that asked
+The workers are forked at fit start (:meth:`BackgroundFigures.warm`, while the training process is
+small), or else when the first figure is asked for, and end once every callback that asked
 for figures has waited for them (each callback of the package waits in ``teardown``, before
 Lightning closes the loggers), so no process outlives a fit. Where ``fork`` is not available
 (Windows, macOS) or a figure's arguments cannot be pickled, the figure is drawn on the spot
