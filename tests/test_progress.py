@@ -149,7 +149,8 @@ def test_tqdm_bar_shows_what_each_analysis_does_while_it_runs(tmp_path, screen, 
     # the render loop's and the contribution's counters, drawn as Lightning draws its bars
     assert any(
         re.search(
-            r"FeatureVisualizer: rendering backbone.relu1 \(4 objectives\), step: .*\| 3/3 ", line
+            r"FeatureVisualizer: rendering channels \(\d+ objectives of \d+ layers\), step: .*\| 3/3 ",
+            line,
         )
         for line in screen.lines()
     )
