@@ -1,4 +1,6 @@
+import platform
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -137,3 +139,31 @@ def test_every_batch_hook_hands_its_batch_over_as_a_stage_batch():
         ("start", StageBatch("test", "b4", 7, 2)),
         ("end", StageBatch("test", "b5", 8, 0)),
     ]
+
+
+def test_the_heap_is_trimmed_after_every_analysis_and_per_epoch_state_stays_bounded(
+    tmp_path, monkeypatch
+):
+    """What an analysis freed goes back to the system after each one (glibc keeps it otherwise,
+    per thread), and the clusterings keep one previous labelling per layer whatever the epochs."""
+    from conftest import TinyData, fast_trainer
+
+    from lightning_neurons import ActivationTracker, NeuronClustering
+    from lightning_neurons.callbacks import _base
+    from lightning_neurons.heap import release_freed_memory
+    from lightning_neurons.models import ImageClassifier
+
+    if sys.platform.startswith("linux") and "glibc" in platform.libc_ver()[0]:
+        assert release_freed_memory()
+    trims = []
+    monkeypatch.setattr(_base, "release_freed_memory", lambda: trims.append(1) or True)
+    clustering = NeuronClustering(method="kmeans", enable_logging=False)
+    trainer = fast_trainer(
+        tmp_path,
+        callbacks=[ActivationTracker(enable_logging=False), clustering],
+        logger=False,
+        max_epochs=3,
+    )
+    trainer.fit(ImageClassifier(TinyNet(), num_classes=3), datamodule=TinyData())
+    assert len(trims) >= 3 and len(trims) % 3 == 0  # after each analysis, the same each epoch
+    assert len(clustering._previous) == len(clustering.results) > 0

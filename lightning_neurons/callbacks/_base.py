@@ -16,6 +16,7 @@ from lightning_neurons import progress
 from lightning_neurons.checks import Constraints, Interval, Options, StrList, validate_params
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.figure_worker import background_figures
+from lightning_neurons.heap import release_freed_memory
 from lightning_neurons.loggers import AnalysisLogger, find_tensorboard, wait_for_output
 from lightning_neurons.progress import reporting
 
@@ -311,6 +312,7 @@ def _run_ready(trainer: Trainer, stage: Stage, host: AnalysisCallback) -> None:
                     if callback is not host:
                         host._hosted_seconds += seconds
                         callback._seconds_elsewhere += seconds
+                    release_freed_memory()  # its intermediates, before the next one allocates
                 progress = True
 
 
