@@ -417,8 +417,7 @@ def log_neuron_projector(
         found = _crops(trainer, list(results), spec, max_images)
         tiles = {name: found[name][order] for name, order in orders.items() if name in found}
     elif isinstance(tiles, CropSearch):
-        transform = getattr(getattr(trainer, "datamodule", None), "input_transform", None)
-        tiles = tiles.tiles(transform, neurons=orders)
+        tiles = tiles.tiles(_input_transform(trainer), neurons=orders)
     else:
         tiles = {name: tiles[name][order] for name, order in orders.items() if name in tiles}
     writes = [
@@ -472,6 +471,11 @@ class _InTurn:
 _IN_TURN = _InTurn()
 
 
+def _input_transform(trainer: Trainer) -> InputTransform | None:
+    """The data's display -> input mapping, where its data module says one."""
+    return getattr(getattr(trainer, "datamodule", None), "input_transform", None)
+
+
 def _crops(
     trainer: Trainer, layers: list[str], spec: TrackerSpec, max_images: int
 ) -> dict[str, torch.Tensor]:
@@ -480,7 +484,7 @@ def _crops(
     model = trainer.lightning_module
     if not loaders or spec.dataloader_idx >= len(loaders) or model is None:
         return {}
-    transform = getattr(getattr(trainer, "datamodule", None), "input_transform", None)
+    transform = _input_transform(trainer)
     with preserved_rng(model.device):
         return top_activating_crops(
             model,

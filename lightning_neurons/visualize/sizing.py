@@ -36,7 +36,7 @@ CPU_CHUNK_BYTES = 2 * 2**20
 DEVICE_CHUNK_BYTES = 4 * 2**30
 #: On an accelerator, at most this many rows per chunk: a chunk of 272 rows of ResNet-50 at
 #: 32 px peaked at 27.8 GB of CUDA memory on an H200, far above what its layer outputs predict
-#: (the convolutions' workspaces grow with the batch).
+#: (the cause not traced; 64 rows: 7.4 GB).
 DEVICE_CHUNK_ROWS = 64
 
 
