@@ -32,8 +32,10 @@ class ClassNeuronStats(Metric):
       float32 values is one of them, exactly);
     * the per-neuron finite count is ``images - nan``, not a state of its own.
 
-    So a ``[C, K]`` entry takes 28 bytes (ResNet-50's 26,560 default neurons at 1,000 classes:
-    0.74 GB).
+    So a ``[C, K]`` entry takes 28 bytes (ResNet-50's 15,168 default neurons at 1,000 classes:
+    0.42 GB), and only once: a torchmetrics ``Metric`` also keeps a copy of every state's
+    initial value for ``reset()``, which here is a constant broadcast over the shape (no
+    memory), and :meth:`summed` gives the states without the copy ``compute()`` makes.
 
     Args:
         num_classes: Number of classes ``C``.
@@ -74,6 +76,21 @@ class ClassNeuronStats(Metric):
         if track_max:
             full = torch.full(shape, -torch.inf, dtype=max_dtype)
             self.add_state("max", full, dist_reduce_fx="max")
+        self._lean_defaults()
+
+    def _lean_defaults(self) -> None:
+        """Each state's initial value as one element broadcast over its shape: ``reset()``
+        clones it into a full tensor; the metric keeps no full-size copy in between."""
+        for name, default in self._defaults.items():
+            if isinstance(default, torch.Tensor) and default.numel() > 1:
+                one = default.reshape(-1)[:1].clone().reshape(())
+                self._defaults[name] = one.expand(default.shape)
+
+    def _apply(self, fn: Any, exclude_state: Any = "") -> ClassNeuronStats:
+        # moving the metric (``.to(device)``) makes full-size copies of the initial values
+        this = super()._apply(fn, exclude_state)
+        this._lean_defaults()
+        return this
 
     def update(
         self, values: torch.Tensor, labels: torch.Tensor, peak: torch.Tensor | None = None
@@ -108,9 +125,20 @@ class ClassNeuronStats(Metric):
             0, index, masked.to(self.max.dtype), reduce="amax", include_self=True
         )
 
+    def summed(self) -> dict[str, torch.Tensor]:
+        """As :meth:`compute` (the states summed over DDP ranks when the metric synchronises),
+        but the tensors themselves: on one process the metric's own states, which the next
+        ``update`` changes and the next ``reset`` replaces; no copy of the whole state (which
+        ``compute()`` makes, and caches until ``reset``)."""
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self.sync_on_compute):
+            return self._states()
+
     def compute(self) -> dict[str, torch.Tensor]:
         """The summed states in their own types (per class and neuron, the images whose value was
         finite are ``images - nan``: see :func:`finite_counts`)."""
+        return self._states()
+
+    def _states(self) -> dict[str, torch.Tensor]:
         states = {
             "images": self.images,
             "sum": self.sum,

@@ -309,6 +309,32 @@ def test_an_epochs_results_and_checkpoint_are_not_changed_by_later_epochs(tmp_pa
         assert all(torch.equal(states["backbone.conv2"][k], v) for k, v in previous.items())
 
 
+def test_the_tracker_holds_its_statistics_once_between_epochs(tmp_path):
+    """After an epoch's end the tracker holds the summed states once (its checkpoint state and
+    the metric's own), not a copy per torchmetrics ``compute()`` and ``reset()``."""
+    tracker = ActivationTracker(layers=["backbone.conv2"], enable_logging=False)
+    held = []
+
+    class Measure(pl.Callback):
+        def on_validation_end(self, trainer, pl_module):  # after the tracker has published
+            metric = tracker._metrics["backbone.conv2"]
+            tensors = [*metric._defaults.values(), *metric.summed().values()]
+            tensors += [t for s in tracker._saved_states.values() for t in s.values()]
+            tensors += [getattr(metric, name) for name in metric._defaults]
+            storages = {
+                t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors
+            }
+            states = sum(getattr(metric, name).nbytes for name in metric._defaults)
+            held.append((sum(storages.values()), states))
+
+    fast_trainer(tmp_path, callbacks=[tracker, Measure()], max_epochs=2).fit(
+        _module(), datamodule=TinyData()
+    )
+    assert len(held) == 2
+    for total, states in held:  # the defaults' one element each: under 64 bytes
+        assert states <= total < states + 64
+
+
 def test_checkpoint_resume_restores_the_statistics(tmp_path):
     model, data = _module(), TinyData()
     tracker = ActivationTracker(layers=["backbone.conv2"])

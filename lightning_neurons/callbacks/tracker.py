@@ -317,10 +317,10 @@ class ActivationTracker(StagedCallback):
         self._note_calls()
         self._label_range.settle()
         self._held.flush(self._metrics)
-        states = {name: metric.compute() for name, metric in self._metrics.items()}
-        # Kept where they are, not copied (a copy would add the whole state to every rank's host
-        # memory): the metric's reset at the next analysed epoch gives it new state tensors, and
-        # no batch is added before that reset. `state_dict` copies them.
+        states = {name: metric.summed() for name, metric in self._metrics.items()}
+        # Kept where they are, not copied (`compute()` would copy the whole state): the metric's
+        # reset at the next analysed epoch gives it new state tensors, and no batch is added
+        # before that reset. `state_dict` copies them.
         self._saved_states = {n: {k: v.detach() for k, v in s.items()} for n, s in states.items()}
         self._saved_epoch = epoch
         self.results = {
