@@ -46,6 +46,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 VARIANTS = ("none", "tracker", "all")
@@ -83,9 +84,13 @@ class TreeMemory:
     ``/proc/<pid>/smaps_rollup``, so that the pages a forked worker shares with this process
     count once), or of their resident sizes where the kernel gives no ``smaps_rollup``."""
 
-    def __init__(self, interval: float = 0.5) -> None:
+    def __init__(self, interval: float = 0.5, label: Callable[[], str] | None = None) -> None:
         self.interval = interval
+        self.label = label or (lambda: "")
         self.peak_mb = 0.0
+        self.peak_label = ""
+        #: The peak during each label (what ``label()`` said when the sample was taken).
+        self.by_label: dict[str, float] = defaultdict(float)
         self.processes = 0
         self.field = "Pss"
         self._stop = threading.Event()
@@ -105,10 +110,12 @@ class TreeMemory:
             self.sample()
 
     def sample(self) -> None:
+        label = self.label()
         pids = _tree(os.getpid())
         total = sum(self._kb(pid) for pid in pids) / 1024
+        self.by_label[label] = max(self.by_label[label], total)
         if total > self.peak_mb:
-            self.peak_mb, self.processes = total, len(pids)
+            self.peak_mb, self.processes, self.peak_label = total, len(pids), label
 
     def _kb(self, pid: int) -> float:
         for path, field in (
@@ -182,6 +189,10 @@ class PhaseClock:
             return finish(reporter, seconds)
 
         progress.Reporter.phase, progress.Reporter.finish = timed_phase, timed_finish
+
+    def current(self) -> str:
+        """The phases open now (``"; "``-joined), or ``"no analysis"``."""
+        return "; ".join(sorted(what for what, _ in list(self._open.values()))) or "no analysis"
 
     def _mark(self, reporter, what: str | None) -> None:
         now = time.perf_counter()
@@ -270,7 +281,7 @@ def child(args: argparse.Namespace, which: str) -> dict:
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    with TreeMemory() as tree:
+    with TreeMemory(label=phases.current) as tree:
         trainer.fit(
             model,
             DataLoader(train, batch_size=args.batch_size, shuffle=True),
@@ -287,6 +298,8 @@ def child(args: argparse.Namespace, which: str) -> dict:
         "phases": sorted(phases.seconds.items(), key=lambda kv: -kv[1]),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_tree_mb": tree.peak_mb,
+        "peak_tree_during": tree.peak_label,
+        "tree_by_phase": sorted(tree.by_label.items(), key=lambda kv: -kv[1]),
         "tree": [tree.processes, tree.field],
         "peak_cuda_mb": (
             torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
@@ -473,7 +486,8 @@ def report(r: dict, base: dict, args: argparse.Namespace) -> None:
     print(
         f"  {r['variant']:8s} fit {r['seconds']:8.1f} s  ratio {r['seconds'] / base['seconds']:7.2f}x"
         f"  peak RSS {r['peak_rss_mb']:,.0f} MB (with the figure workers {r['peak_tree_mb']:,.0f} MB"
-        f" {r['tree'][1]}, {r['tree'][0]} processes){cuda}  artifacts "
+        f" {r['tree'][1]}, {r['tree'][0]} processes, during: {r['peak_tree_during']}){cuda}"
+        "  artifacts "
         f"{r['artifact_bytes_per_epoch'] / 1e6:,.2f} MB/epoch  images {r['images_logged']}"
         + (f", largest {w}x{h} px ({tag})" if r["images_logged"] else ""),
         flush=True,
@@ -498,6 +512,9 @@ def report(r: dict, base: dict, args: argparse.Namespace) -> None:
         print(f"      the analyses' longest phases (seconds, the whole fit; top {args.phases}):")
         for what, secs in r["phases"][: args.phases]:
             print(f"        {secs:8.2f}  {what}", flush=True)
+        print(f"      peak host memory (MB, {r['tree'][1]} of the tree) while, top {args.phases}:")
+        for what, mb in r["tree_by_phase"][: args.phases]:
+            print(f"        {mb:8,.0f}  {what}", flush=True)
     if r["variant"] == "all" and not r["hdbscan"]:
         print("      (hdbscan not installed: NeuronClustering ran with method='kmeans')")
     for failure in r["failures"]:
