@@ -18,7 +18,7 @@ candidate of the first round kept, and continued alone with every view.
 
 Run:  python benchmarks/class_image_schedule.py [--seeds 0,1,2] [--threads 2] [--single]
           [--variants '{"steps 32": {"steps": 32}, "steps 128": {"steps": 128}}']
-          [--options '{"continue_steps": 24}']
+          [--options '{"continue_steps": 24}'] [--candidates]
 """
 
 from __future__ import annotations
@@ -88,11 +88,12 @@ def one_round(
     first: dict,
     alive: bool,
     objective: Callable[[int], Objective] = ClassLogit,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One round's 10 class images and the parameters the next round continues: with ``alive``
-    (FeatureVisualizer's schedule) every candidate continued and the best shown, else the first
-    round's best continued alone. ``objective(c)``: what class ``c``'s image maximises; the
-    candidates are compared by ``ClassLogit(c)`` whatever it is."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One round's 10 class images, the parameters the next round continues and every candidate
+    (class after class): with ``alive`` (FeatureVisualizer's schedule) every candidate continued
+    and the best shown, else the first round's best continued alone (the only candidate).
+    ``objective(c)``: what class ``c``'s image maximises; the candidates are compared by
+    ``ClassLogit(c)`` whatever it is."""
     classes = [objective(c) for c in range(10)]
     if not alive:
         if params is None:  # the first round: from noise, the best of the candidates
@@ -100,7 +101,7 @@ def one_round(
         else:  # the kept candidate, continued alone
             kw = dict(settings, steps=options.continue_steps, init=params, restarts=1)
         result = render(model, classes, **kw)
-        return result.images, result.params
+        return result.images, result.params, result.images
     from lightning_neurons.visualize.continuation import choose_candidates
     from lightning_neurons.visualize.render import view_transforms
 
@@ -118,17 +119,33 @@ def one_round(
         model, logits, result.images, restarts, transforms=transforms, seed=options.seed,
         size=len(rows), select_by=options.class_select_by,
     )  # fmt: skip
-    return result.images[best], result.params
+    return result.images[best], result.params, result.images
 
 
-Judged = Callable[[torch.Tensor], list[int]]
 #: What each class's image maximises on a round's model: ``objectives(model)(c)``.
 Objectives = Callable[[torch.nn.Module], Callable[[int], Objective]]
 
 
+class Judged:
+    """The judges (a twin, a LeNet, a logistic regression on the raw pixels): called on the 10
+    class images, how many of them each recognises; :meth:`verdicts` on any images."""
+
+    def __init__(self, nets: dict[str, torch.nn.Module], linear) -> None:
+        self.nets, self.linear = nets, linear
+
+    def verdicts(self, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``[3, N]``: whether each judge names each image's class ``target``."""
+        with torch.no_grad():
+            named = [net(images).argmax(1) for net in self.nets.values()]
+        named.append(torch.as_tensor(self.linear.predict(images.flatten(1).numpy())))
+        return torch.stack([guess == target for guess in named])
+
+    def __call__(self, images: torch.Tensor) -> list[int]:
+        return self.verdicts(images, torch.arange(len(images))).sum(dim=1).tolist()
+
+
 def digits_setup() -> tuple[DataPrior, Judged, torch.Tensor]:
-    """The prior the callback would estimate, the judges (twin, LeNet, pixel logistic
-    regression: how many of the 10 class images each recognises) and the validation images."""
+    """The prior the callback would estimate, the judges and the validation images."""
     from sklearn.linear_model import LogisticRegression
 
     from lightning_neurons.data import DigitsDataModule
@@ -138,17 +155,23 @@ def digits_setup() -> tuple[DataPrior, Judged, torch.Tensor]:
     train_x, train_y = data.train_set.tensors
     val = data.val_set.tensors[0][:512]
     prior = DataPrior.from_images(val)  # as the callback estimates it
-    judges = {"twin": trained("smallcnn", 1)[0], "LeNet": trained("lenet", 0)[0]}
+    nets = {"twin": trained("smallcnn", 1)[0], "LeNet": trained("lenet", 0)[0]}
     linear = LogisticRegression(max_iter=2000).fit(train_x.flatten(1).numpy(), train_y.numpy())
-    target = torch.arange(10)
+    return prior, Judged(nets, linear), val
 
-    def judged(images: torch.Tensor) -> list[int]:
-        with torch.no_grad():
-            counts = [int((net(images).argmax(1) == target).sum()) for net in judges.values()]
-        guess = torch.as_tensor(linear.predict(images.flatten(1).numpy()))
-        return [*counts, int((guess == target).sum())]
 
-    return prior, judged, val
+def candidates_line(candidates: torch.Tensor, judged: Judged) -> str:
+    """What the judges make of every candidate of the last round: the share each recognises,
+    and the counts of the best choice a selection could make (the candidate of each class most
+    judges recognise; the judges' own view, so a bound on any selection rule, not one)."""
+    per_class = len(candidates) // 10
+    target = torch.arange(10).repeat_interleave(per_class)
+    verdicts = judged.verdicts(candidates, target).view(3, 10, per_class)
+    share = "/".join(f"{v:.2f}" for v in verdicts.float().mean(dim=(1, 2)).tolist())
+    best = verdicts.sum(dim=0).argmax(dim=1)  # [10]: the candidate most judges recognise
+    bound = verdicts[:, torch.arange(10), best].sum(dim=1).tolist()
+    counts = "/".join(map(str, bound))
+    return f"its {len(candidates)} candidates: recognised {share}, the best choice {counts}"
 
 
 def replay(
@@ -159,8 +182,10 @@ def replay(
     first: dict,
     alive: bool = True,
     objectives: Objectives | None = None,
+    candidates: bool = False,
 ) -> None:
-    """Replay the schedule over the demo's analysed epochs and print each round's counts."""
+    """Replay the schedule over the demo's analysed epochs and print each round's counts (with
+    ``candidates``, the last round's candidates judged too: :func:`candidates_line`)."""
     weights = demo_weights()
     settings = class_settings(options, prior)
     goals = [GOALS[judge] * 10 for judge in ("twin", "LeNet", "linear")]  # of 10 images
@@ -171,7 +196,7 @@ def replay(
         model.requires_grad_(False)
         objective = ClassLogit if objectives is None else objectives(model)
         start = time.perf_counter()
-        images, params = one_round(model, options, settings, params, first, alive, objective)
+        images, params, every = one_round(model, options, settings, params, first, alive, objective)
         seconds = time.perf_counter() - start
         total += seconds
         last = judged(images)
@@ -179,7 +204,8 @@ def replay(
     met = all(c >= g for c, g in zip(last, goals, strict=True))
     print(
         f"{name}, seed {options.seed}: {', '.join(cells)}; {total:.1f} s in all; last round vs "
-        f"the goals ({'/'.join(f'{g:g}' for g in goals)}): {'met' if met else 'NOT met'}",
+        f"the goals ({'/'.join(f'{g:g}' for g in goals)}): {'met' if met else 'NOT met'}"
+        + (f"; {candidates_line(every, judged)}" if candidates else ""),
         flush=True,
     )
 
@@ -197,6 +223,12 @@ def main() -> None:
         action="store_true",
         help="the schedule before: the first round's best candidate continued alone",
     )
+    parser.add_argument(
+        "--candidates",
+        action="store_true",
+        help="judge every candidate of the last round too: the share each judge recognises, and "
+        "what the best selection among them would give (a bound on any selection rule)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     prior, judged, _ = digits_setup()
@@ -204,7 +236,7 @@ def main() -> None:
     for name, first in json.loads(args.variants).items():
         for seed in (int(s) for s in args.seeds.split(",")):
             options = RenderOptions(**{**json.loads(args.options), "seed": seed})
-            replay(name, options, prior, judged, first, alive=not args.single)
+            replay(name, options, prior, judged, first, not args.single, None, args.candidates)
 
 
 if __name__ == "__main__":
