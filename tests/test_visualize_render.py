@@ -499,6 +499,67 @@ def test_on_cpu_a_chunk_holds_rows_of_one_depth():
     torch.testing.assert_close(chunks[2].image_fn(), alone[0].image_fn(), atol=0, rtol=0)
 
 
+def _chunk(rows, views: int, n_images: int):
+    from lightning_neurons.visualize.optimise import Chunk, ChunkSettings
+
+    settings = ChunkSettings(
+        param="fft", image_shape=(1, 8, 8), seed=0, decorrelate=True,
+        device=torch.device("cpu"), prior=None, contrast=1.0, views=views, n_images=n_images,
+        output_fn=None, diversity_on="features", spatial=frozenset({"conv1", "conv2"}),
+    )  # fmt: skip
+    return Chunk(rows, range(len(rows)), settings)
+
+
+def test_the_diversity_term_compares_each_rows_gram_matrices_of_its_own_layer(monkeypatch):
+    """In a chunk of rows of several layers (as on an accelerator), each row's Gram matrices
+    are those of its own layer, taken for its rows only: a Gram matrix is channels squared per
+    row (16 MB at 2,048 channels), and taking every layer's for every row of a chunk of 272
+    rows of ResNet-50 took tens of GB."""
+    from lightning_neurons.visualize import scoring
+    from lightning_neurons.visualize.penalties import similarity_to_others
+
+    model = bn_net().eval()
+    rows = [Channel("conv1", 0)] * 2 + [Channel("conv2", 1)] * 2 + [Channel("conv1", 2)] * 2
+    chunk = _chunk(rows, views=2, n_images=2)
+    taken, gram = [], scoring.gram_matrices
+    monkeypatch.setattr(scoring, "gram_matrices", lambda out: taken.append(len(out)) or gram(out))
+    outputs = {}
+    hooks = [
+        dict(model.named_modules())[n].register_forward_hook(
+            lambda m, i, o, n=n: outputs.setdefault(n, o.detach().clone())
+        )
+        for n in ("conv1", "conv2")
+    ]
+    with torch.no_grad():
+        image = chunk.rows_image()
+        with chunk.scoring.attached(model):
+            chunk.scoring.forward(model, image.repeat(2, 1, 1, 1), image.repeat(2, 1, 1, 1))
+        similarity = chunk.similarity(image)
+    for hook in hooks:
+        hook.remove()
+    assert sorted(taken) == [4, 8]  # conv2: 2 rows x 2 views; conv1: 4 rows x 2 views
+    expected = torch.zeros(6)
+    for layer, picked in (("conv1", [0, 1, 4, 5]), ("conv2", [2, 3])):
+        both = torch.tensor(picked + [6 + i for i in picked])  # the rows of both views
+        grams = gram(outputs[layer][both]).view(2, len(picked), -1).mean(dim=0)
+        expected[picked] = similarity_to_others(grams, 2, centre=False)
+    torch.testing.assert_close(similarity, expected, atol=1e-6, rtol=0)
+    assert bool((expected.abs() > 1e-3).all())  # the images of an objective differ, not alike
+
+
+def test_without_several_images_an_objective_takes_no_gram_matrix(monkeypatch):
+    from lightning_neurons.visualize import scoring
+
+    calls = []
+    monkeypatch.setattr(scoring, "gram_matrices", lambda out: calls.append(out) or out)
+    model = bn_net()
+    objectives = [Channel("conv1", 0), Channel("conv2", 1)]
+    render(model, objectives, image_shape=(1, 8, 8), steps=2, diversity=1.0, n_images=1)
+    assert calls == [] and _chunk(objectives, views=1, n_images=1).scoring.gram_rows == {}
+    render(model, objectives, image_shape=(1, 8, 8), steps=2, diversity=1.0, n_images=2)
+    assert len(calls) > 0
+
+
 def test_the_kept_candidates_parameters_continue_alone():
     model = bn_net()
     objectives = [ClassLogit(0), ClassLogit(2)]

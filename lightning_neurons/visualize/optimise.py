@@ -99,12 +99,20 @@ class Chunk:
         self._score_rows(range(len(indices)))
 
     def _score_rows(self, rows: Sequence[int]) -> None:
-        """Score the rows ``rows`` (every view of their images is a batch row of its own)."""
-        self.diversity_layers = [self._diversity_layers[i] for i in rows]
+        """Score the rows ``rows`` (every view of their images is a batch row of its own); the
+        Gram matrices of the diversity term only where an objective has several images (one
+        row's, at 2,048 channels, is 16 MB)."""
+        self.diversity_layers = layers = [self._diversity_layers[i] for i in rows]
+        grams: dict[str, list[int]] = {}
+        if self.n_images > 1:  # every view of each row that compares the layer, view by view
+            for view in range(self.views):
+                for i, layer in enumerate(layers):
+                    if layer is not None:
+                        grams.setdefault(layer, []).append(view * len(layers) + i)
         self.scoring = Scoring(
             [self.objectives[i] for i in rows] * self.views,
             output_fn=self.output_fn,
-            gram_layers=[n for n in self.diversity_layers if n is not None],
+            gram_layers=grams,
         )
 
     @property
@@ -177,9 +185,10 @@ class Chunk:
         if pixels:
             similarity[pixels] = similarity_to_others(image, self.n_images)[pixels]
         for layer, grams in self.scoring.grams.items():
-            grams = grams.view(self.views, rows, -1).mean(dim=0)
             picked = [i for i, n in enumerate(self.diversity_layers) if n == layer]
-            similarity[picked] = similarity_to_others(grams, self.n_images, centre=False)[picked]
+            grams = grams.view(self.views, len(picked), -1).mean(dim=0)
+            # an objective's images are consecutive rows of one layer: groups stay whole
+            similarity[picked] = similarity_to_others(grams, self.n_images, centre=False)
         return similarity
 
     def add_to_mask(self, image: torch.Tensor) -> None:

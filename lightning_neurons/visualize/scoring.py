@@ -11,7 +11,7 @@ model.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -95,22 +95,25 @@ class Scoring:
     Args:
         objectives: One objective per batch row.
         output_fn: Reads the logits from the model's output.
-        gram_layers: Layers whose Gram matrices the diversity term compares (kept in
-            :attr:`grams` during the forward pass).
+        gram_layers: Layers whose Gram matrices the diversity term compares, each with the
+            batch rows that compare them (kept in :attr:`grams` during the forward pass, those
+            rows' only, in that order).
     """
 
     def __init__(
         self,
         objectives: Sequence[Objective],
         output_fn: BatchFn | None = None,
-        gram_layers: Sequence[str] = (),
+        gram_layers: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         self.scorer = scorer = BatchScorer(objectives)
         self.output_fn = output_fn
         self.stop = not scorer.needs_logits
         self.total: torch.Tensor | None = None
         self.seen: set[str] = set()
-        self.gram_layers = frozenset(gram_layers)
+        self.gram_rows = {
+            n: torch.as_tensor(r, dtype=torch.long) for n, r in (gram_layers or {}).items()
+        }
         self.grams: dict[str, torch.Tensor] = {}
 
     def reset(self) -> None:
@@ -129,9 +132,10 @@ class Scoring:
             return  # a module called twice in one forward counts once; others' layers not at all
         self.seen.add(layer)
         self.add(layer, output)
-        if layer in self.gram_layers:
+        rows = self.gram_rows.get(layer)
+        if rows is not None:
             # computed now: a later in-place op (ReLU(inplace=True)) may change ``output``
-            self.grams[layer] = gram_matrices(output)
+            self.grams[layer] = gram_matrices(output.index_select(0, rows.to(output.device)))
         if self.stop and len(self.seen) == len(self.scorer.layers):
             raise StopForward
 

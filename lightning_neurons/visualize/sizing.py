@@ -35,8 +35,11 @@ CPU_CHUNK_BYTES = 2 * 2**20
 #: its backward pass keeps, float32) take about this many bytes.
 DEVICE_CHUNK_BYTES = 4 * 2**30
 #: On an accelerator, at most this many rows per chunk: a chunk of 272 rows of ResNet-50 at
-#: 32 px peaked at 27.8 GB of CUDA memory on an H200, far above what its layer outputs predict
-#: (the cause not traced; 64 rows: 7.4 GB).
+#: 32 px peaked at 27.8 GB of CUDA memory on an H200 (64 rows: 7.4 GB). Most of it was the
+#: diversity term's Gram matrices, then taken at every layer for every row whether or not an
+#: objective had several images (80 MB a row at ResNet-50's 17 block outputs: 21.9 GB for 272
+#: rows); since, only the rows of objectives with several images take them, of their own
+#: layer. The cap has not been measured again on a GPU.
 DEVICE_CHUNK_ROWS = 64
 
 
