@@ -135,7 +135,9 @@ class Scoring:
         rows = self.gram_rows.get(layer)
         if rows is not None:
             # computed now: a later in-place op (ReLU(inplace=True)) may change ``output``
-            self.grams[layer] = gram_matrices(output.index_select(0, rows.to(output.device)))
+            every = len(rows) == len(output)  # the rows are ascending: every row, in order
+            picked = output if every else output.index_select(0, rows.to(output.device))
+            self.grams[layer] = gram_matrices(picked)
         if self.stop and len(self.seen) == len(self.scorer.layers):
             raise StopForward
 
