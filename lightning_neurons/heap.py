@@ -2,8 +2,8 @@
 
 An analysis allocates and frees hundreds of megabytes of intermediates (statistics gathered on
 the host, clusterings, images), on the training thread and on helper threads. glibc's ``malloc``
-keeps freed memory in the arena of the thread that freed it and returns little of it by itself,
-so the resident memory of the process stays near its highest point, and memory freed in one
+keeps freed memory in the arena it came from and returns little of it by itself, so the
+resident memory of the process stays near its highest point, and memory freed in one thread's
 arena is not reused by a thread allocating in another. ``malloc_trim(0)`` gives the free pages
 of every arena back. Measured on the CPU (ResNet-18, 1,000 classes, every analysis): 280-410 MB
 given back after each epoch's analyses, with the live tensors and objects the same each epoch.

@@ -83,7 +83,7 @@ class ClassNeuronStats(Metric):
         clones it into a full tensor; the metric keeps no full-size copy in between."""
         for name, default in self._defaults.items():
             if isinstance(default, torch.Tensor) and default.numel() > 1:
-                one = default.reshape(-1)[:1].clone().reshape(())
+                one = default[(0,) * default.dim()].clone()  # a view's element, no full copy
                 self._defaults[name] = one.expand(default.shape)
 
     def _apply(self, fn: Any, exclude_state: Any = "") -> ClassNeuronStats:
