@@ -81,6 +81,45 @@ class NormStats(Term):
         return terms[0].value
 
 
+class ClassMap(Term):
+    """A layer's activation map against the mean map of the class's validation images, in units
+    of each channel's standard deviation over the images: the mean squared difference."""
+
+    def __init__(self, layer: str, target: torch.Tensor, sd: torch.Tensor, pooled: bool) -> None:
+        self.layer, self.target, self.sd, self.pooled = layer, target, sd, pooled
+
+    def _key(self) -> tuple:
+        return (self.layer, id(self.target), self.pooled)
+
+    def value(self, output: torch.Tensor) -> torch.Tensor:
+        return type(self).batched([self] * len(output))(output)
+
+    @classmethod
+    def batched(cls, terms: Sequence[Term]) -> BatchedFn:
+        target = torch.stack([t.target for t in terms])  # type: ignore[attr-defined]
+        sd, pooled = terms[0].sd, terms[0].pooled  # type: ignore[attr-defined]
+
+        def score(output: torch.Tensor) -> torch.Tensor:
+            out = output.mean(dim=(2, 3), keepdim=True) if pooled else output
+            return ((out - target.to(out)) / sd.to(out)).pow(2).flatten(1).mean(dim=1)
+
+        return score
+
+
+def class_maps(
+    model: torch.nn.Module, layer: str, images: torch.Tensor, labels: torch.Tensor, pooled: bool
+) -> list[ClassMap]:
+    """Each class's :class:`ClassMap` at ``layer`` of ``model``, from the validation images."""
+    seen: list[torch.Tensor] = []
+    handle = model.get_submodule(layer).register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        model(images)
+    handle.remove()
+    maps = seen[0].mean(dim=(2, 3), keepdim=True) if pooled else seen[0]
+    sd = seen[0].transpose(0, 1).flatten(1).std(dim=1).view(-1, 1, 1).clamp_min(1e-6)
+    return [ClassMap(layer, maps[labels == c].mean(dim=0), sd, pooled) for c in range(10)]
+
+
 def subspace(images: torch.Tensor, components: int, coefficients: float) -> Subspace:
     """The :class:`Subspace` penalty of ``images`` ``[N, C, H, W]``."""
     flat = images.flatten(1).double()
@@ -92,22 +131,32 @@ def subspace(images: torch.Tensor, components: int, coefficients: float) -> Subs
     return Subspace(mean.float(), vh[:components].T.float().contiguous(), sd.float(), coefficients)
 
 
-def penalised(prior: str, weight: float, images: torch.Tensor, components: int) -> Callable:
+def penalised(
+    prior: str,
+    weight: float,
+    images: torch.Tensor,
+    components: int,
+    labels: torch.Tensor,
+    layer: str,
+) -> Callable:
     """``objectives(model)(c)``: class ``c``'s logit minus ``weight`` times the penalty."""
     fixed = None
-    if prior != "batchnorm":
+    if prior in ("subspace", "gaussian"):
         fixed = subspace(images, components, 0.01 if prior == "gaussian" else 0.0)
 
     def objectives(model: torch.nn.Module) -> Callable[[int], Objective]:
+        per_class = None
         if fixed is not None:
             terms = [fixed]
+        elif prior in ("classmap", "classmean"):
+            terms, per_class = [], class_maps(model, layer, images, labels, prior == "classmean")
         else:
             feats = model.features
             terms = [NormStats(f"features.conv{i}", getattr(feats, f"bn{i}")) for i in (1, 2, 3)]
 
         def objective(c: int) -> Objective:
             out: Objective = ClassLogit(c)
-            for term in terms:
+            for term in terms + ([per_class[c]] if per_class else []):
                 out = out - weight * term
             return out
 
@@ -118,17 +167,28 @@ def penalised(prior: str, weight: float, images: torch.Tensor, components: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prior", choices=("subspace", "gaussian", "batchnorm"), required=True)
+    parser.add_argument(
+        "--prior",
+        choices=("subspace", "gaussian", "batchnorm", "classmap", "classmean"),
+        required=True,
+    )
     parser.add_argument("--weights", default="10,30,100", help="penalty weights, comma-separated")
     parser.add_argument("--components", type=int, default=32)
+    parser.add_argument("--layer", default="features.relu3", help="the class priors' layer")
+    parser.add_argument(
+        "--per-class", type=int, default=None, help="the class priors' images per class (first)"
+    )
     parser.add_argument("--seeds", default="0,1,2", help="render seeds")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    prior, judged, images = digits_setup()
+    prior, judged, images, labels = digits_setup()
+    if args.per_class is not None:
+        keep = torch.cat([(labels == c).nonzero()[: args.per_class, 0] for c in range(10)])
+        images, labels = images[keep.sort().values], labels[keep.sort().values]
     print("class images recognised (twin/LeNet/linear of 10) and seconds, per analysed epoch")
     for weight in (float(w) for w in args.weights.split(",")):
-        objectives = penalised(args.prior, weight, images, args.components)
+        objectives = penalised(args.prior, weight, images, args.components, labels, args.layer)
         for seed in (int(s) for s in args.seeds.split(",")):
             name = f"{args.prior} x {weight:g}"
             replay(name, RenderOptions(seed=seed), prior, judged, {"steps": 32}, True, objectives)

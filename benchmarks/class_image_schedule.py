@@ -34,6 +34,7 @@ from visualization import CACHE, GOALS, trained
 from lightning_neurons import RenderOptions
 from lightning_neurons.models import SmallCNN
 from lightning_neurons.visualize import ClassLogit, DataPrior, Objective, render
+from lightning_neurons.visualize.anchors import ClassAnchors
 
 #: The epochs the demo analyses (every_n_epochs: 2 of 10).
 EPOCHS = (1, 3, 5, 7, 9)
@@ -144,8 +145,8 @@ class Judged:
         return self.verdicts(images, torch.arange(len(images))).sum(dim=1).tolist()
 
 
-def digits_setup() -> tuple[DataPrior, Judged, torch.Tensor]:
-    """The prior the callback would estimate, the judges and the validation images."""
+def digits_setup() -> tuple[DataPrior, Judged, torch.Tensor, torch.Tensor]:
+    """The prior the callback would estimate, the judges, the validation images and labels."""
     from sklearn.linear_model import LogisticRegression
 
     from lightning_neurons.data import DigitsDataModule
@@ -153,11 +154,11 @@ def digits_setup() -> tuple[DataPrior, Judged, torch.Tensor]:
     data = DigitsDataModule(batch_size=64, image_size=32, val_fraction=0.2, seed=0)
     data.setup()
     train_x, train_y = data.train_set.tensors
-    val = data.val_set.tensors[0][:512]
+    val, val_labels = (t[:512] for t in data.val_set.tensors)
     prior = DataPrior.from_images(val)  # as the callback estimates it
     nets = {"twin": trained("smallcnn", 1)[0], "LeNet": trained("lenet", 0)[0]}
     linear = LogisticRegression(max_iter=2000).fit(train_x.flatten(1).numpy(), train_y.numpy())
-    return prior, Judged(nets, linear), val
+    return prior, Judged(nets, linear), val, val_labels
 
 
 def candidates_line(candidates: torch.Tensor, judged: Judged) -> str:
@@ -174,6 +175,21 @@ def candidates_line(candidates: torch.Tensor, judged: Judged) -> str:
     return f"its {len(candidates)} candidates: recognised {share}, the best choice {counts}"
 
 
+def anchored(options: RenderOptions, images: torch.Tensor, labels: torch.Tensor) -> Objectives:
+    """The callback's class objectives: each class's logit minus ``class_anchor`` times its
+    anchor at ``features.relu3`` (the deepest visualized layer), taken on the round's model from
+    the first ``class_anchor_images`` validation images of each class."""
+    keep = torch.cat([(labels == c).nonzero()[: options.class_anchor_images, 0] for c in range(10)])
+    keep = keep.sort().values
+    layer = options.class_anchor_layer or "features.relu3"
+
+    def objectives(model: torch.nn.Module) -> Callable[[int], Objective]:
+        anchors = ClassAnchors.from_images(model, layer, images[keep], labels[keep])
+        return lambda c: anchors.objective(c, options.class_anchor)
+
+    return objectives
+
+
 def replay(
     name: str,
     options: RenderOptions,
@@ -185,7 +201,9 @@ def replay(
     candidates: bool = False,
 ) -> None:
     """Replay the schedule over the demo's analysed epochs and print each round's counts (with
-    ``candidates``, the last round's candidates judged too: :func:`candidates_line`)."""
+    ``candidates``, the last round's candidates judged too: :func:`candidates_line`).
+    ``objectives``: default :func:`anchored` (the callback's), or the logit alone with
+    ``class_anchor=0``."""
     weights = demo_weights()
     settings = class_settings(options, prior)
     goals = [GOALS[judge] * 10 for judge in ("twin", "LeNet", "linear")]  # of 10 images
@@ -194,7 +212,7 @@ def replay(
         model = SmallCNN(widths=(32, 64, 128), batch_norm=True).eval()
         model.load_state_dict(weights[epoch])
         model.requires_grad_(False)
-        objective = ClassLogit if objectives is None else objectives(model)
+        objective = objectives(model) if objectives is not None else ClassLogit
         start = time.perf_counter()
         images, params, every = one_round(model, options, settings, params, first, alive, objective)
         seconds = time.perf_counter() - start
@@ -231,12 +249,14 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    prior, judged, _ = digits_setup()
+    prior, judged, images, labels = digits_setup()
     print("class images recognised (twin/LeNet/linear of 10) and seconds, per analysed epoch")
     for name, first in json.loads(args.variants).items():
         for seed in (int(s) for s in args.seeds.split(",")):
             options = RenderOptions(**{**json.loads(args.options), "seed": seed})
-            replay(name, options, prior, judged, first, not args.single, None, args.candidates)
+            objectives = anchored(options, images, labels) if options.class_anchor > 0 else None
+            alive = not args.single
+            replay(name, options, prior, judged, first, alive, objectives, args.candidates)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from lightning_neurons.batch import (
     analysed_rows,
     to_display,
 )
+from lightning_neurons.callbacks._anchors import AnchorImages
 from lightning_neurons.callbacks._base import (
     OnError,
     StageBatch,
@@ -52,7 +53,7 @@ from lightning_neurons.probes import ProbeCollector, shared_probes
 from lightning_neurons.results import ClusterRendering, Rendering, SaliencyMaps, TrackerSpec
 from lightning_neurons.stats import LayerStats
 from lightning_neurons.strategies import refuse_sharded
-from lightning_neurons.visualize.objectives import Channel, ClassLogit
+from lightning_neurons.visualize.objectives import Channel
 from lightning_neurons.visualize.prior import DataPrior
 from lightning_neurons.visualize.saliency import METHODS, Method
 
@@ -296,6 +297,7 @@ class FeatureVisualizer(StagedCallback):
         self._seen_shape: tuple[int, ...] | None = None
         self._no_labels_warned = False
         self._plan: VisualizerPlan | None = None
+        self._anchors: AnchorImages | None = None  # with the plan
         self._spec: TrackerSpec | None = None  # the tracker's, from setup on (None: no tracker)
         self._num_classes: int | None = None
         self._memory = ContinuationMemory(enabled=self.render.continue_steps is not None)
@@ -374,9 +376,9 @@ class FeatureVisualizer(StagedCallback):
         if step.dataloader_idx != self._dataloader_idx:
             return
         self._update_prior(step.batch)
-        if self._probes.full or not self.saliency_methods:
-            return
-        self._collect_probes(trainer, pl_module, step.batch, step.batch_idx)
+        probes = not self._probes.full and bool(self.saliency_methods)
+        if probes or (self._anchors is not None and not self._anchors.full):
+            self._collect_probes(trainer, pl_module, step.batch, step.batch_idx)
 
     @override
     def _consume(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -422,7 +424,7 @@ class FeatureVisualizer(StagedCallback):
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         """Stream a validation batch into this rank's probe candidates
-        (:mod:`lightning_neurons.probes`)."""
+        (:mod:`lightning_neurons.probes`) and class anchor images."""
         try:
             images = self._reader.inputs(batch)
             labels = self._reader.labels(batch)
@@ -432,14 +434,21 @@ class FeatureVisualizer(StagedCallback):
                 self._no_labels_warned = True
                 rank_zero_warn(
                     f"FeatureVisualizer: the validation batches cannot be read ({err}); saliency "
-                    "probes are skipped."
+                    "probes and class anchors are skipped."
                 )
         if images is None or labels is None or images.dim() != 4:
             self._probes.full = True
+            if self._anchors is not None:
+                self._anchors.collector.full = True
+            return
+        rank, world = trainer.global_rank, trainer.world_size
+        rows = self._val_rows.rows(batch_idx, labels.shape[0])  # DistributedSampler's repeats out
+        if self._anchors is not None and not self._anchors.full:
+            self._anchors.update(images[:rows], labels[:rows], rank, world)
+        if self._probes.full or not self.saliency_methods:
             return
         if not self._probes.seen:
-            self._probes.reset(trainer.global_rank, trainer.world_size)
-        rows = self._val_rows.rows(batch_idx, labels.shape[0])  # DistributedSampler's repeats out
+            self._probes.reset(rank, world)
         num_classes = self._classes_count(trainer, pl_module)
         self._probes.update(images[:rows], labels[:rows], num_classes)
 
@@ -491,6 +500,7 @@ class FeatureVisualizer(StagedCallback):
             ),
         )
         self.layers = self._plan.layers
+        self._anchors = AnchorImages(self.render, self._plan.classes, self._plan.layers)
 
     # ---- one round -----------------------------------------------------------------------------
 
@@ -514,7 +524,7 @@ class FeatureVisualizer(StagedCallback):
             pl_module,
             {layer: [Channel(layer, i) for i in plan.channels[layer]] for layer in plan.layers},
         )
-        classes = [ClassLogit(c) for c in plan.classes]
+        classes = self._anchors.objectives(pl_module, plan.classes) if self._anchors else []
         class_images = renderer.images(pl_module, "classes", classes, True) if classes else None
         if self.saliency_methods and plan.saliency:  # every rank: each maps its share
             probes = shared_probes(self._probes, "gathering the saliency probes")

@@ -117,10 +117,12 @@ def best_candidates(
     one view without transforms when there are none), ``size`` rows at once.
 
     ``select_by="value"``: the highest mean value of the row's objective. ``"agreement"``, when
-    every row is a :class:`ClassLogit` or :class:`ClassLogProb`: the most views on which the
-    model's top class is the row's class, ties broken by the mean log-probability of that class
-    (else as ``"value"``)."""
-    by_class = select_by == "agreement" and all(type(o) in (ClassLogit, ClassLogProb) for o in rows)
+    every row asks for a class (:func:`asked_class`: a :class:`ClassLogit` or
+    :class:`ClassLogProb`, penalties such as a class anchor subtracted or not): the most views on
+    which the model's top class is the row's class, ties broken by the mean log-probability of
+    that class (else as ``"value"``)."""
+    asked = [asked_class(o) for o in rows]
+    by_class = select_by == "agreement" and None not in asked
     draws = SELECTION_VIEWS if ascent.transforms else 1
     generator = torch.Generator().manual_seed(int(ascent.seed) + 1)
     total = torch.zeros(len(rows), 2, dtype=torch.float64)  # (views agreeing, summed value)
@@ -135,7 +137,8 @@ def best_candidates(
                 view = apply_transforms(image, ascent.transforms, generator)
                 x = to_model_input(view, ascent.input_transform)
                 if by_class:
-                    total[start : start + size] += _class_scores(model, part, x, output_fn)
+                    index = asked[start : start + size]
+                    total[start : start + size] += _class_scores(model, index, x, output_fn)
                     continue
                 scoring = Scoring(part, output_fn=output_fn)
                 with scoring.attached(model):
@@ -173,13 +176,28 @@ def choose_candidates(
         return best_candidates(model, rows, images, restarts, ascent, size, output_fn, select_by)
 
 
+def asked_class(objective: Objective) -> int | None:
+    """The class ``objective`` asks for: the index of its one positively weighted term when that
+    is a :class:`ClassLogit` (or :class:`ClassLogProb`) and every other term is subtracted
+    (``ClassLogit(3) - 10 * anchors[3]``); ``None`` otherwise.
+
+    Example:
+        >>> asked_class(ClassLogit(3)), asked_class(ClassLogit(3) + ClassLogit(4))
+        (3, None)
+    """
+    raised = [term for weight, term in objective.terms() if weight > 0]
+    if len(raised) == 1 and isinstance(raised[0], (ClassLogit, ClassLogProb)):
+        return raised[0].index
+    return None
+
+
 def _class_scores(
-    model: nn.Module, rows: Sequence[Objective], x: torch.Tensor, output_fn: BatchFn | None
+    model: nn.Module, classes: Sequence[int | None], x: torch.Tensor, output_fn: BatchFn | None
 ) -> torch.Tensor:
     """``[R, 2]``: whether the model's top class on ``x`` is each row's class, and the row
     class's log-probability (float64, CPU)."""
     logits = read_logits(model(as_model_input(x, model)), output_fn).float()
-    index = torch.tensor([o.index for o in rows], device=logits.device)  # type: ignore[attr-defined]
+    index = torch.tensor(classes, device=logits.device)
     top = logits.argmax(dim=1) == index
     log_prob = logits.log_softmax(dim=1).gather(1, index[:, None])[:, 0]
     return torch.stack([top.double(), log_prob.double()], dim=1).cpu()
