@@ -87,6 +87,9 @@ def test_argument_errors(kwargs, match):
         ({"converge_tol": -0.01}, "`converge_tol` must be a number >= 0"),
         ({"converge_window": 0}, "`converge_window` must be a positive integer"),
         ({"batch_size": 0}, "`batch_size` must be a positive integer"),
+        ({"class_anchor": -1}, "`class_anchor` must be a number >= 0"),
+        ({"class_anchor_images": 0}, "`class_anchor_images` must be a positive integer"),
+        ({"class_anchor_layer": ""}, "`class_anchor_layer` must be a layer name or None"),
     ],
 )
 def test_render_option_errors(kwargs, match):
@@ -262,6 +265,41 @@ def test_every_class_candidate_is_continued_and_the_best_of_each_round_shown(tmp
     t = fast_trainer(tmp_path, callbacks=[ActivationTracker(layers=["backbone.conv2"]), mixed])
     t.validate(module, datamodule=TinyData(), verbose=False)
     assert _steps(mixed)["classes"] == [6, 6, 6]  # from noise
+
+
+@pytest.mark.parametrize("weight", [10.0, 0.0])
+def test_class_images_are_anchored_on_the_first_validation_images_of_each_class(tmp_path, weight):
+    from lightning_neurons.callbacks._rendering import Renderer
+    from lightning_neurons.probes import first_per_class
+
+    rendered: list[list[str]] = []
+    real = Renderer.images
+
+    def spy(self, model, key, objectives, classes=False):
+        if classes:
+            rendered.append([repr(o) for o in objectives])
+        return real(self, model, key, objectives, classes)
+
+    options = RenderOptions(steps=3, converge_tol=None, class_anchor=weight, class_anchor_images=2)
+    vis = FeatureVisualizer(max_channels=1, saliency=[], render=options, on_error="raise")
+    tracker = ActivationTracker(layers=["backbone.conv1", "backbone.conv2"])
+    data = TinyData()
+    trainer = fast_trainer(tmp_path, callbacks=[tracker, vis], max_epochs=2)
+    with mock.patch.object(Renderer, "images", spy):
+        trainer.fit(_module(), datamodule=data)
+    kept = vis._anchors.collector.candidates
+    if weight == 0:  # the logit alone, and no image kept for it
+        assert rendered == [[f"ClassLogit({c})" for c in range(3)]] * 2
+        assert kept == []
+        return
+    # the deepest visualized layer with positions; the same objectives every round (continued)
+    anchor = "ClassAnchor('backbone.conv2', {})"
+    assert rendered == [[f"ClassLogit({c}) - 10 * {anchor.format(c)}" for c in range(3)]] * 2
+    assert _steps(vis)["classes"] == [16] * 3  # the second round continued the images
+    # the first 2 validation images of each class, in the validation order, kept once
+    first = first_per_class(data.vy.tolist(), [], 2, 6)
+    assert [c.order for c in kept] == first
+    assert torch.equal(torch.stack([c.image for c in kept]), data.vx[first])
 
 
 def test_cluster_images_continue_the_best_matching_cluster_of_the_last_round():
@@ -546,6 +584,7 @@ def _validate_visualizer(rank: int, world_size: int, out: Path) -> dict:
         "probes": (sal.inputs, sal.labels, sal.predicted),
         "maps": sal.maps,
         "prior": (prior.magnitude, prior.mean, prior.std, prior.count),
+        "anchors": vis._anchors.collector.candidates,
     }
 
 
@@ -588,6 +627,13 @@ def test_two_process_ddp_shares_the_rendering_and_gives_the_images_of_one_proces
         assert got["prior"][3] == one["prior"][3] == 64
         for mine, solo in zip(got["prior"][:3], one["prior"][:3], strict=True):
             torch.testing.assert_close(mine, solo, atol=1e-6, rtol=1e-6)
+    # the class anchors' images: those one process keeps (the first 8 of each class) from the
+    # ranks' candidates
+    from lightning_neurons.probes import choose_probes
+
+    both = choose_probes([c for got in two for c in got["anchors"]], 8, 80, classes=range(10))
+    assert [(c.order, c.label) for c in both] == [(c.order, c.label) for c in one["anchors"]]
+    assert len(one["anchors"]) == 80
     ran = torch.cat(list(one["steps"].values()))
     assert ran.max() == 8 and ran.min() < 8, ran.tolist()  # both kinds of image were rendered
     # the probes are the first validation image of each class, in the validation order
