@@ -14,12 +14,18 @@ penalties that pull the image towards the data without any judge:
 - ``batchnorm``: as in DeepInversion (Yin et al., 2020), each image's per-channel mean and
   variance at ``conv1``-``conv3`` (the view the model sees) against the BatchNorm layers'
   running statistics of that epoch, both normalised by them: ``|mean| / sqrt(C) + |var - 1| /
-  sqrt(C)`` summed over the layers.
+  sqrt(C)`` summed over the layers;
+- ``classmap``: the mean squared distance of ``--layer``'s output from the mean output of the
+  class's validation images (the first ``--per-class`` of each class; default all 512 images'),
+  each channel in units of its spread over them: FeatureVisualizer's class anchor
+  (:class:`~lightning_neurons.visualize.ClassAnchors`), which came from here;
+- ``classmean``: the same on the channels' spatial means (the tracker's class profile).
 
 Prints the counts per analysed epoch as ``class_image_schedule.py`` does, for every weight.
 
-Run:  python benchmarks/class_image_priors.py --prior subspace|gaussian|batchnorm
-          [--weights 10,30,100] [--components 32] [--seeds 0,1,2] [--threads 2]
+Run:  python benchmarks/class_image_priors.py --prior subspace|gaussian|batchnorm|classmap|classmean
+          [--weights 10,30,100] [--components 32] [--layer features.relu3] [--per-class N]
+          [--seeds 0,1,2] [--threads 2]
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import torch
 from class_image_schedule import digits_setup, replay
 
 from lightning_neurons import RenderOptions
-from lightning_neurons.visualize import ClassLogit, Objective
+from lightning_neurons.visualize import ClassAnchors, ClassLogit, Objective
 from lightning_neurons.visualize.objectives import IMAGE, BatchedFn, Term
 
 
@@ -81,15 +87,15 @@ class NormStats(Term):
         return terms[0].value
 
 
-class ClassMap(Term):
-    """A layer's activation map against the mean map of the class's validation images, in units
-    of each channel's standard deviation over the images: the mean squared difference."""
+class ClassMean(Term):
+    """A layer's channel means against their mean over the class's validation images, in units
+    of each channel's spread over the images: the mean squared difference."""
 
-    def __init__(self, layer: str, target: torch.Tensor, sd: torch.Tensor, pooled: bool) -> None:
-        self.layer, self.target, self.sd, self.pooled = layer, target, sd, pooled
+    def __init__(self, layer: str, target: torch.Tensor, sd: torch.Tensor) -> None:
+        self.layer, self.target, self.sd = layer, target, sd
 
     def _key(self) -> tuple:
-        return (self.layer, id(self.target), self.pooled)
+        return (self.layer, id(self.target))
 
     def value(self, output: torch.Tensor) -> torch.Tensor:
         return type(self).batched([self] * len(output))(output)
@@ -97,27 +103,31 @@ class ClassMap(Term):
     @classmethod
     def batched(cls, terms: Sequence[Term]) -> BatchedFn:
         target = torch.stack([t.target for t in terms])  # type: ignore[attr-defined]
-        sd, pooled = terms[0].sd, terms[0].pooled  # type: ignore[attr-defined]
+        sd = terms[0].sd  # type: ignore[attr-defined]
 
         def score(output: torch.Tensor) -> torch.Tensor:
-            out = output.mean(dim=(2, 3), keepdim=True) if pooled else output
-            return ((out - target.to(out)) / sd.to(out)).pow(2).flatten(1).mean(dim=1)
+            out = output.mean(dim=(2, 3))
+            return ((out - target.to(out)) / sd.to(out)).pow(2).mean(dim=1)
 
         return score
 
 
-def class_maps(
+def class_terms(
     model: torch.nn.Module, layer: str, images: torch.Tensor, labels: torch.Tensor, pooled: bool
-) -> list[ClassMap]:
-    """Each class's :class:`ClassMap` at ``layer`` of ``model``, from the validation images."""
+) -> list[Term]:
+    """Each class's penalty at ``layer`` of ``model`` from the validation images: its
+    :class:`~lightning_neurons.visualize.ClassAnchor` (``classmap``), or :class:`ClassMean`."""
+    if not pooled:
+        anchors = ClassAnchors.from_images(model, layer, images, labels)
+        return [anchors[c] for c in range(10)]
     seen: list[torch.Tensor] = []
     handle = model.get_submodule(layer).register_forward_hook(lambda m, i, o: seen.append(o))
     with torch.no_grad():
         model(images)
     handle.remove()
-    maps = seen[0].mean(dim=(2, 3), keepdim=True) if pooled else seen[0]
-    sd = seen[0].transpose(0, 1).flatten(1).std(dim=1).view(-1, 1, 1).clamp_min(1e-6)
-    return [ClassMap(layer, maps[labels == c].mean(dim=0), sd, pooled) for c in range(10)]
+    means = seen[0].mean(dim=(2, 3))
+    sd = seen[0].transpose(0, 1).flatten(1).std(dim=1).clamp_min(1e-6)
+    return [ClassMean(layer, means[labels == c].mean(dim=0), sd) for c in range(10)]
 
 
 def subspace(images: torch.Tensor, components: int, coefficients: float) -> Subspace:
@@ -149,7 +159,7 @@ def penalised(
         if fixed is not None:
             terms = [fixed]
         elif prior in ("classmap", "classmean"):
-            terms, per_class = [], class_maps(model, layer, images, labels, prior == "classmean")
+            terms, per_class = [], class_terms(model, layer, images, labels, prior == "classmean")
         else:
             feats = model.features
             terms = [NormStats(f"features.conv{i}", getattr(feats, f"bn{i}")) for i in (1, 2, 3)]

@@ -23,7 +23,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,15 +50,10 @@ class ProbeCandidate:
 
 
 def first_per_class(
-    labels: Sequence[int],
-    kept: Sequence[int],
-    per_class: int,
-    limit: int,
-    classes: Collection[int] | None = None,
+    labels: Sequence[int], kept: Sequence[int], per_class: int, limit: int
 ) -> list[int]:
     """Indices of ``labels`` to keep, in order: each label until ``per_class`` of it are kept
-    (``kept`` are the labels kept before), at most ``limit`` kept in all, only labels among
-    ``classes`` (``None``: any).
+    (``kept`` are the labels kept before), at most ``limit`` kept in all.
 
     Example:
         >>> first_per_class([3, 3, 1, 3, 2], kept=[2], per_class=1, limit=3)
@@ -71,18 +66,14 @@ def first_per_class(
     for i, label in enumerate(labels):
         if len(kept) + len(picked) >= limit:
             break
-        if counts.get(label, 0) < per_class and (classes is None or label in classes):
+        if counts.get(label, 0) < per_class:
             counts[label] = counts.get(label, 0) + 1
             picked.append(i)
     return picked
 
 
 def choose_probes(
-    candidates: Iterable[ProbeCandidate],
-    per_class: int,
-    limit: int,
-    by_class: bool = False,
-    classes: Collection[int] | None = None,
+    candidates: Iterable[ProbeCandidate], per_class: int, limit: int, by_class: bool = False
 ) -> list[ProbeCandidate]:
     """The probes among ``candidates``: in the validation order, the first ``per_class`` of each
     class until ``limit`` are chosen.
@@ -93,11 +84,9 @@ def choose_probes(
         limit: Probes in all.
         by_class: Return them sorted by class (stably: within a class, in the validation order)
             instead of in the validation order.
-        classes: Only candidates of these classes (``None``: any).
     """
     ordered = sorted(candidates, key=lambda c: c.order)
-    labels = [c.label for c in ordered]
-    picked = [ordered[i] for i in first_per_class(labels, [], per_class, limit, classes)]
+    picked = [ordered[i] for i in first_per_class([c.label for c in ordered], [], per_class, limit)]
     return sorted(picked, key=lambda c: c.label) if by_class else picked
 
 
@@ -109,7 +98,6 @@ class ProbeCollector:
         limit: Candidates kept in all.
         dtype: Type the kept images are converted to (``None``: kept as they are).
         rank, world: This process's rank and the number of processes (see :meth:`reset`).
-        classes: Keep images of these classes only (``None``: of any class).
 
     Example:
         >>> collector = ProbeCollector(per_class=1, limit=16, rank=1, world=2)
@@ -125,12 +113,10 @@ class ProbeCollector:
         dtype: torch.dtype | None = None,
         rank: int = 0,
         world: int = 1,
-        classes: Collection[int] | None = None,
     ) -> None:
         self.per_class = per_class
         self.limit = limit
         self.dtype = dtype
-        self.classes = None if classes is None else frozenset(classes)
         self.reset(rank, world)
 
     def reset(self, rank: int = 0, world: int = 1) -> None:
@@ -154,13 +140,12 @@ class ProbeCollector:
             return
         values = labels.tolist()
         kept = [c.label for c in self.candidates]
-        for i in first_per_class(values, kept, self.per_class, self.limit, self.classes):
+        for i in first_per_class(values, kept, self.per_class, self.limit):
             with torch.inference_mode(False):  # normal tensors, usable in autograd later
                 image = images[i].detach().to(device="cpu", dtype=self.dtype).clone()
             order = (first + i) * self.world + self.rank
             self.candidates.append(ProbeCandidate(order, int(values[i]), image))
-        wanted = num_classes if self.classes is None else len(self.classes)
-        enough = wanted is not None and len(self.candidates) >= wanted * self.per_class
+        enough = num_classes is not None and len(self.candidates) >= num_classes * self.per_class
         self.full = len(self.candidates) >= self.limit or enough
 
 
@@ -174,10 +159,4 @@ def shared_probes(
     """
     every = gather_all(lambda: collector.candidates, collector.world, what)
     candidates = [c for part in every for c in part]
-    return choose_probes(
-        candidates,
-        collector.per_class,
-        collector.limit,
-        by_class=by_class,
-        classes=collector.classes,
-    )
+    return choose_probes(candidates, collector.per_class, collector.limit, by_class=by_class)

@@ -57,15 +57,6 @@ def test_limit_below_the_classes_keeps_the_classes_seen_first_and_by_class_sorts
     assert [(c.label, c.order) for c in chosen] == [(1, 2), (3, 0)]
 
 
-def test_a_collector_of_some_classes_keeps_only_theirs_and_is_full_once_they_have_theirs():
-    collector = ProbeCollector(per_class=2, limit=4, classes=[1, 3])
-    _stream(collector, [0, 3, 2, 1, 3, 0, 3, 1, 2], batch=2, num_classes=4)
-    assert [(c.order, c.label) for c in collector.candidates] == [(1, 3), (3, 1), (4, 3), (7, 1)]
-    assert collector.full
-    chosen = choose_probes(collector.candidates, 1, 4, classes=[3])
-    assert [(c.order, c.label) for c in chosen] == [(1, 3)]
-
-
 def test_a_collector_is_full_once_every_class_has_its_probes():
     collector = ProbeCollector(per_class=2, limit=100)
     _stream(collector, [0, 1, 0, 1, 1, 0], batch=2, num_classes=2)

@@ -185,3 +185,49 @@ def test_anchored_class_images_are_nearer_the_class_features_on_a_trained_model(
     assert distances[1].mean() < 0.5 * distances[0].mean(), distances
     with torch.no_grad():  # and the model still names them (measured: all 10)
         assert (model(pulled).argmax(dim=1) == torch.arange(10)).float().mean() >= 0.8
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_the_kept_class_images_are_the_first_of_each_class_that_one_process_sees(world):
+    from lightning_neurons.callbacks._anchors import ClassImages
+    from lightning_neurons.probes import choose_probes, first_per_class
+
+    gen = torch.Generator().manual_seed(world)
+    labels = torch.randint(-1, 7, (90,), generator=gen)  # -1 and 6: labels nobody renders
+    labels[:3] = torch.tensor([99, -5, 4])  # out of any range
+    images = torch.arange(90.0).view(90, 1, 1, 1)  # image i holds i
+    classes, k = [4, 0, 2, 5], 3
+    candidates = []
+    for rank in range(world):
+        kept = ClassImages(classes, k, rank, world)
+        mine_x, mine_y = images[rank::world], labels[rank::world]
+        # batches of varying size: the scratch rows grow with the largest batch
+        for start, stop in ((0, 2), (2, 9), (9, 12), (12, len(mine_y))):
+            kept.update(mine_x[start:stop], mine_y[start:stop])
+        got = kept.candidates()
+        assert all(int(c.image) == c.order for c in got)  # each image with its place
+        assert [c.label for c in got] == sorted((c.label for c in got), key=classes.index)
+        candidates += got
+    chosen = choose_probes(candidates, k, k * len(classes), by_class=True)
+    wanted = [i for i in first_per_class(labels.tolist(), [], k, 90) if int(labels[i]) in classes]
+    expected = sorted(wanted, key=lambda i: int(labels[i]))  # the first k of each, by class
+    assert [c.order for c in chosen] == expected
+    assert len(chosen) == k * len(classes)  # 90 random labels hold 3 of each class
+
+
+def test_kept_class_images_stop_once_every_class_has_its_own():
+    from lightning_neurons.callbacks._anchors import ClassImages
+
+    kept = ClassImages([1], per_class=2)
+    kept.update(torch.ones(3, 1, 2, 2), torch.tensor([1, 0, 1]))
+    assert not kept.full  # known at the next read, not per batch
+    assert [c.order for c in kept.candidates()] == [0, 2] and kept.full
+    kept.update(torch.zeros(2, 1, 2, 2), torch.tensor([1, 1]))
+    assert [c.order for c in kept.candidates()] == [0, 2]
+    other = ClassImages([1], per_class=2)
+    other.update(torch.ones(1, 1, 2, 2), torch.tensor([1]))
+    other.update(torch.zeros(2, 1, 4, 4), torch.tensor([1, 1]))  # another shape: ignored
+    assert [c.order for c in other.candidates()] == [0] and not other.full
+    nothing = ClassImages([], per_class=2)
+    nothing.update(torch.ones(3, 1, 2, 2), torch.tensor([1, 0, 1]))
+    assert nothing.full and nothing.candidates() == []

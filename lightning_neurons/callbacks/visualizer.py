@@ -377,7 +377,7 @@ class FeatureVisualizer(StagedCallback):
             return
         self._update_prior(step.batch)
         probes = not self._probes.full and bool(self.saliency_methods)
-        if probes or (self._anchors is not None and not self._anchors.full):
+        if probes or (self._anchors is not None and not self._anchors.kept.full):
             self._collect_probes(trainer, pl_module, step.batch, step.batch_idx)
 
     @override
@@ -439,12 +439,12 @@ class FeatureVisualizer(StagedCallback):
         if images is None or labels is None or images.dim() != 4:
             self._probes.full = True
             if self._anchors is not None:
-                self._anchors.collector.full = True
+                self._anchors.kept.full = True
             return
         rank, world = trainer.global_rank, trainer.world_size
         rows = self._val_rows.rows(batch_idx, labels.shape[0])  # DistributedSampler's repeats out
-        if self._anchors is not None and not self._anchors.full:
-            self._anchors.update(images[:rows], labels[:rows], rank, world)
+        if self._anchors is not None and not self._anchors.kept.full:
+            self._anchors.kept.update(images[:rows], labels[:rows])
         if self._probes.full or not self.saliency_methods:
             return
         if not self._probes.seen:
@@ -500,7 +500,8 @@ class FeatureVisualizer(StagedCallback):
             ),
         )
         self.layers = self._plan.layers
-        self._anchors = AnchorImages(self.render, self._plan.classes, self._plan.layers)
+        plan, ranks = self._plan, (trainer.global_rank, trainer.world_size)
+        self._anchors = AnchorImages(self.render, plan.classes, plan.layers, *ranks)
 
     # ---- one round -----------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ Example:
     >>> maps = grad_cam(model, real_images)  # doctest: +SKIP
 """
 
+from lightning_neurons.visualize.anchors import ClassAnchor, ClassAnchors
 from lightning_neurons.visualize.objectives import (
     Channel,
     ChannelGroup,
@@ -40,6 +41,8 @@ __all__ = [
     "L2",
     "Channel",
     "ChannelGroup",
+    "ClassAnchor",
+    "ClassAnchors",
     "ClassLogProb",
     "ClassLogit",
     "DataPrior",

@@ -127,7 +127,9 @@ def render(
     images :class:`~lightning_neurons.FeatureVisualizer` renders at its defaults: 64 steps, lr
     0.1, ``"maco"``, ``"robust"`` transforms, ``converge_tol=0.005``, diversity 1.0 and contrast
     2.0; for class images (every objective reads the logits) contrast 1.0, 4 views and the best of
-    4 restarts (1 with ``n_images > 1``) by ``select_by="agreement"``.
+    4 restarts (1 with ``n_images > 1``) by ``select_by="agreement"``. FeatureVisualizer's class
+    objectives are anchored (:meth:`~lightning_neurons.visualize.anchors.ClassAnchors.objective`):
+    render those to get its class images.
 
     Args:
         model: Any ``nn.Module`` (a ``LightningModule`` too) mapping images to logits.
@@ -199,9 +201,10 @@ def render(
             image-steps instead of ``restarts x steps``). ``None``: select after all ``steps``.
         select_by: How ``restarts`` candidates are compared over the 16 random views:
             ``"value"`` (the highest mean value of the objective) or ``"agreement"`` (for
-            :class:`ClassLogit` objectives: the most views on which the model's top class is the
-            objective's class, ties broken by the class's mean log-probability; other objectives
-            by their value). ``"auto"``: the recipe's (``"agreement"`` for class images with a
+            objectives that ask for a class, a :class:`ClassLogit` alone or minus penalties such
+            as a :class:`~lightning_neurons.visualize.anchors.ClassAnchor`: the most views on
+            which the model's top class is the objective's class, ties broken by the class's
+            mean log-probability; other objectives by their value). ``"auto"``: the recipe's (``"agreement"`` for class images with a
             prior, else ``"value"``).
         converge_tol: Stop an image early once its objective has converged, ``steps`` being
             the most: every ``converge_window`` steps each objective is scored on its image
