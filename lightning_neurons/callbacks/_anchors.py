@@ -53,11 +53,11 @@ class ClassImages:
         first, self.seen = self.seen, self.seen + len(labels)
         if self.full or not len(labels):
             return
+        if self.images is not None and tuple(images.shape[1:]) != tuple(self.images.shape[1:]):
+            return  # images of another shape are no anchor of the rendered images
         self._allocate(images)
         assert self.images is not None and self.orders is not None
         assert self.counts is not None and self.slot_of is not None
-        if tuple(images.shape[1:]) != tuple(self.images.shape[1:]):
-            return  # images of another shape are no anchor of the rendered images
         device, k, size = self.images.device, self.per_class, len(labels)
         labels = labels.to(device).long().reshape(-1)
         top = len(self.slot_of) - 1  # its last entry (-1) stands for any label out of range
