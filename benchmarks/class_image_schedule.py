@@ -18,7 +18,7 @@ candidate of the first round kept, and continued alone with every view.
 
 Run:  python benchmarks/class_image_schedule.py [--seeds 0,1,2] [--threads 2] [--single]
           [--variants '{"steps 32": {"steps": 32}, "steps 128": {"steps": 128}}']
-          [--options '{"continue_steps": 24}'] [--candidates]
+          [--options '{"continue_steps": 24}'] [--candidates] [--grid images.png]
 """
 
 from __future__ import annotations
@@ -199,9 +199,10 @@ def replay(
     alive: bool = True,
     objectives: Objectives | None = None,
     candidates: bool = False,
-) -> None:
-    """Replay the schedule over the demo's analysed epochs and print each round's counts (with
-    ``candidates``, the last round's candidates judged too: :func:`candidates_line`).
+) -> torch.Tensor:
+    """Replay the schedule over the demo's analysed epochs, print each round's counts (with
+    ``candidates``, the last round's candidates judged too: :func:`candidates_line`) and return
+    the last round's images.
     ``objectives``: default :func:`anchored` (the callback's), or the logit alone with
     ``class_anchor=0``."""
     weights = demo_weights()
@@ -226,6 +227,26 @@ def replay(
         + (f"; {candidates_line(every, judged)}" if candidates else ""),
         flush=True,
     )
+    return images
+
+
+def save_grid(rows: dict[str, torch.Tensor], path: str) -> None:
+    """The last round's 10 class images of each replay, one row each, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), 10, figsize=(10, 1.15 * len(rows)), squeeze=False)
+    for row, (name, images) in zip(axes, rows.items(), strict=True):
+        for c, ax in enumerate(row):
+            ax.imshow(images[c, 0], cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    print(f"the last round's images: {path}")
 
 
 def main() -> None:
@@ -247,16 +268,21 @@ def main() -> None:
         help="judge every candidate of the last round too: the share each judge recognises, and "
         "what the best selection among them would give (a bound on any selection rule)",
     )
+    parser.add_argument("--grid", help="save the last round's images of every replay to this PNG")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     prior, judged, images, labels = digits_setup()
+    shown: dict[str, torch.Tensor] = {}
     print("class images recognised (twin/LeNet/linear of 10) and seconds, per analysed epoch")
     for name, first in json.loads(args.variants).items():
         for seed in (int(s) for s in args.seeds.split(",")):
             options = RenderOptions(**{**json.loads(args.options), "seed": seed})
             objectives = anchored(options, images, labels) if options.class_anchor > 0 else None
             alive = not args.single
-            replay(name, options, prior, judged, first, alive, objectives, args.candidates)
+            last = replay(name, options, prior, judged, first, alive, objectives, args.candidates)
+            shown[f"{name}, seed {seed}"] = last
+    if args.grid:
+        save_grid(shown, args.grid)
 
 
 if __name__ == "__main__":

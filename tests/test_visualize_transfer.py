@@ -16,6 +16,7 @@ from lightning_neurons.callbacks.visualizer import FeatureVisualizer
 from lightning_neurons.data import Normalize
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.models import ImageClassifier
+from lightning_neurons.state import analysis_mode
 from lightning_neurons.visualize import (
     Channel,
     ClassLogit,
@@ -25,6 +26,7 @@ from lightning_neurons.visualize import (
     evaluate,
     render,
 )
+from lightning_neurons.visualize.anchors import ClassAnchors, deepest_with_positions
 from lightning_neurons.visualize.param import maco_image, soft_clip
 from lightning_neurons.visualize.penalties import similarity_to_others
 from lightning_neurons.visualize.prior import DataPriorEstimate, amplitude_spectrum
@@ -554,8 +556,10 @@ def test_estimated_prior_is_kept_in_the_checkpoint(tmp_path):
 def test_render_given_a_prior_renders_as_the_visualizer_does(tmp_path):
     """The images of a FeatureVisualizer round at its defaults are those of render() called with
     the same model, objectives and prior and nothing else: the same code with the same settings,
-    so equal to the last bit."""
-    prior = DataPrior.from_images(TinyData().vx.clamp(0, 1))
+    so equal to the last bit. Its class objectives are anchored on the first 8 validation images
+    of each class (class by class) at the deepest visualized layer with positions."""
+    data = TinyData()
+    prior = DataPrior.from_images(data.vx.clamp(0, 1))
     vis = FeatureVisualizer(prior=prior, max_channels=3, saliency=[], on_error="raise")
     module = _module()
     fast_trainer(tmp_path, callbacks=[vis], max_epochs=1, logger=False).fit(
@@ -563,12 +567,16 @@ def test_render_given_a_prior_renders_as_the_visualizer_does(tmp_path):
     )
     layers = [key for key in vis.results if key != "classes"]
     assert layers
+    first = torch.cat([(data.vy == c).nonzero()[:8, 0] for c in range(3)])
+    with analysis_mode(module, grad=False):  # (a forward in training mode would move BatchNorm)
+        deepest = deepest_with_positions(module, vis.layers, lambda: module(data.vx[:1]))
+    anchors = ClassAnchors.from_images(module, deepest, data.vx[first], data.vy[first])
     for key, objectives in (
         *(
             (layer, [Channel(layer, int(c)) for c in vis.results[layer].channels])
             for layer in layers
         ),
-        ("classes", [ClassLogit(c) for c in range(3)]),
+        ("classes", [anchors.objective(c) for c in range(3)]),
     ):
         result = render(module, objectives, image_shape=(1, 8, 8), prior=prior)
         assert torch.equal(result.images.cpu(), vis.results[key].images), key
