@@ -89,8 +89,9 @@ class RenderOptions:
             that other models recognise it too (on the demo: every judge, every render seed
             measured, at the same cost; ``docs/benchmarks.md``). ``0``: the logit alone.
         class_anchor_images: Validation images kept per rendered class for the anchors (the
-            first ones, as the saliency probes are chosen; ``class_anchor_images x`` the
-            rendered classes in all, on the CPU).
+            first ones in the validation order, the same on every DDP rank;
+            ``class_anchor_images x`` the rendered classes in all, kept where the batches are,
+            without making a batch wait for the GPU).
         class_anchor_layer: The anchored layer; default: the deepest visualized layer whose
             output has positions (a feature map, or tokens).
         n_images: Images per channel, made different by a diversity term (Olah et al., 2017);
