@@ -122,7 +122,7 @@ class RenderOptions:
     contrast: float = 2.0
     class_contrast: float = 1.0
     views: int = 1
-    class_views: int = 4
+    class_views: int = 2
     class_restarts: int = 4
     class_select_after: int | None = None
     class_select_by: Literal["agreement", "value"] = "agreement"

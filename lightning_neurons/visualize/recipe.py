@@ -4,7 +4,7 @@ Without a data prior, :func:`render` follows Lucid's recipe (:data:`PLAIN`: Four
 standard transforms). Given one, it renders as :class:`~lightning_neurons.FeatureVisualizer`
 does at its defaults: the phase-only ``"maco"`` images with robust transforms and the
 convergence test (:data:`DATA_CHANNELS`), and for class images (objectives that all read the
-logits) the data's own contrast, four views and the best of four candidates, chosen by how often
+logits) the data's own contrast, two views and the best of four candidates, chosen by how often
 the model's top class is theirs over random views (:data:`DATA_CLASSES`).
 Every setting given to :func:`render` overrides its recipe's.
 """
@@ -68,7 +68,7 @@ DATA_CHANNELS = Recipe("maco", "robust", steps=64, lr=0.1, converge_tol=0.005, c
                        views=1, restarts=1, diversity=1.0)  # fmt: skip
 
 #: With a data prior, class images: FeatureVisualizer's defaults for its class images.
-DATA_CLASSES = replace(DATA_CHANNELS, contrast=1.0, views=4, restarts=4, select_by="agreement")
+DATA_CLASSES = replace(DATA_CHANNELS, contrast=1.0, views=2, restarts=4, select_by="agreement")
 
 
 def recipe_for(

@@ -126,7 +126,7 @@ def render(
     0.05, ``"fft"``, ``"standard"`` transforms, one view, no convergence test). With one, the
     images :class:`~lightning_neurons.FeatureVisualizer` renders at its defaults: 64 steps, lr
     0.1, ``"maco"``, ``"robust"`` transforms, ``converge_tol=0.005``, diversity 1.0 and contrast
-    2.0; for class images (every objective reads the logits) contrast 1.0, 4 views and the best of
+    2.0; for class images (every objective reads the logits) contrast 1.0, 2 views and the best of
     4 restarts (1 with ``n_images > 1``) by ``select_by="agreement"``. FeatureVisualizer's class
     objectives are anchored (:meth:`~lightning_neurons.visualize.anchors.ClassAnchors.objective`):
     render those to get its class images.
