@@ -201,7 +201,7 @@ def test_the_kept_class_images_are_the_first_of_each_class_that_one_process_sees
     for rank in range(world):
         kept = ClassImages(classes, k, rank, world)
         mine_x, mine_y = images[rank::world], labels[rank::world]
-        # batches of varying size: the scratch rows grow with the largest batch
+        # batches of varying size (the rows not kept all go to one scratch row)
         for start, stop in ((0, 2), (2, 9), (9, 12), (12, len(mine_y))):
             kept.update(mine_x[start:stop], mine_y[start:stop])
         got = kept.candidates()

@@ -24,8 +24,9 @@ class ClassImages:
 
     Nothing is read back on the host while batches stream in (on a GPU that would make every
     validation batch wait for the device): each batch's rows are copied into their slots with
-    tensor operations, those not kept into scratch rows after the slots. The counts are read at
-    :meth:`candidates` (once a round); once every class has its images, batches are ignored.
+    tensor operations, those not kept into one scratch row after the slots (which of them lands
+    there does not matter). The counts are read at :meth:`candidates` (once a round); once every
+    class has its images, batches are ignored.
 
     Example:
         >>> kept = ClassImages([2, 0], per_class=1)
@@ -39,8 +40,8 @@ class ClassImages:
         self.rank, self.world = rank, world
         self.seen = 0  # images seen on this rank
         self.full = per_class == 0 or not self.classes
-        self.images: torch.Tensor | None = None  # [slots + scratch rows, C, H, W]
-        self.orders: torch.Tensor | None = None  # [slots + scratch rows]
+        self.images: torch.Tensor | None = None  # [slots + 1 scratch row, C, H, W]
+        self.orders: torch.Tensor | None = None  # [slots + 1]
         self.counts: torch.Tensor | None = None  # [classes]: images of each seen so far
         self.slot_of: torch.Tensor | None = None  # class -> its index in `classes`, else -1
 
@@ -68,30 +69,23 @@ class ClassImages:
         earlier = ((one_hot.cumsum(0) - one_hot) * one_hot).sum(1)  # same class, this batch
         place = self.counts[index.clamp_min(0)] + earlier
         keep = valid & (place < k)
-        scratch = self.slots + torch.arange(size, device=device)
-        dest = torch.where(keep, index.clamp_min(0) * k + place, scratch)  # all different
+        dest = torch.where(keep, index.clamp_min(0) * k + place, self.slots)
         self.images.index_copy_(0, dest, images.to(self.images))
         order = (first + torch.arange(size, device=device)) * self.world + self.rank
         self.orders.index_copy_(0, dest, order)
         self.counts += one_hot.sum(0)
 
     def _allocate(self, images: torch.Tensor) -> None:
-        """The slots on the batches' device, and scratch rows for a batch of this size."""
-        rows = self.slots + len(images)
-        if self.images is not None and len(self.images) >= rows:
+        """The slots (and the scratch row) on the batches' device, at the first batch."""
+        if self.images is not None:
             return
-        device = images.device
-        grown = torch.zeros(rows, *images.shape[1:], dtype=images.dtype, device=device)
-        orders = torch.full((rows,), -1, dtype=torch.long, device=device)
-        if self.images is not None and self.orders is not None:  # a larger batch: keep the slots
-            grown[: self.slots] = self.images[: self.slots]
-            orders[: self.slots] = self.orders[: self.slots]
-        else:
-            self.counts = torch.zeros(len(self.classes), dtype=torch.long, device=device)
-            slot_of = torch.full((max(self.classes) + 2,), -1, dtype=torch.long)
-            slot_of[torch.tensor(self.classes)] = torch.arange(len(self.classes))
-            self.slot_of = slot_of.to(device)
-        self.images, self.orders = grown, orders
+        device, rows = images.device, self.slots + 1
+        self.images = torch.zeros(rows, *images.shape[1:], dtype=images.dtype, device=device)
+        self.orders = torch.full((rows,), -1, dtype=torch.long, device=device)
+        self.counts = torch.zeros(len(self.classes), dtype=torch.long, device=device)
+        slot_of = torch.full((max(self.classes) + 2,), -1, dtype=torch.long)
+        slot_of[torch.tensor(self.classes)] = torch.arange(len(self.classes))
+        self.slot_of = slot_of.to(device)
 
     def candidates(self) -> list[ProbeCandidate]:
         """This rank's kept images (on the CPU), class by class (reads the device once)."""
