@@ -287,11 +287,12 @@ def test_class_images_are_anchored_on_the_first_validation_images_of_each_class(
     trainer = fast_trainer(tmp_path, callbacks=[tracker, vis], max_epochs=2)
     with mock.patch.object(Renderer, "images", spy):
         trainer.fit(_module(), datamodule=data)
-    kept = vis._anchors.kept.candidates()
+    kept = vis._anchors.chosen
     if weight == 0:  # the logit alone, and no image kept for it
         assert rendered == [[f"ClassLogit({c})" for c in range(3)]] * 2
-        assert kept == [] and vis._anchors.kept.images is None
+        assert kept is None and vis._anchors.kept.images is None
         return
+    assert kept is not None and vis._anchors.kept.images is None  # chosen once, buffers freed
     # the deepest visualized layer with positions; the same objectives every round (continued)
     anchor = "ClassAnchor('backbone.conv2', {})"
     assert rendered == [[f"ClassLogit({c}) - 10 * {anchor.format(c)}" for c in range(3)]] * 2
@@ -584,7 +585,7 @@ def _validate_visualizer(rank: int, world_size: int, out: Path) -> dict:
         "probes": (sal.inputs, sal.labels, sal.predicted),
         "maps": sal.maps,
         "prior": (prior.magnitude, prior.mean, prior.std, prior.count),
-        "anchors": vis._anchors.kept.candidates(),
+        "anchors": vis._anchors.chosen,
     }
 
 
@@ -629,13 +630,13 @@ def test_two_process_ddp_shares_the_rendering_and_gives_the_images_of_one_proces
             torch.testing.assert_close(mine, solo, atol=1e-6, rtol=1e-6)
     # the class anchors' images: those one process keeps (the first 8 of each class) from the
     # ranks' candidates
-    from lightning_neurons.probes import choose_probes
 
-    both = choose_probes([c for got in two for c in got["anchors"]], 8, 80, by_class=True)
-    assert [(c.order, c.label) for c in both] == [(c.order, c.label) for c in one["anchors"]]
     assert len(one["anchors"]) == 80
-    for mine, solo in zip(both, one["anchors"], strict=True):
-        assert torch.equal(mine.image, solo.image)
+    for got in two:  # every rank chose, from both ranks' images, those one process keeps
+        both = got["anchors"]
+        assert [(c.order, c.label) for c in both] == [(c.order, c.label) for c in one["anchors"]]
+        for mine, solo in zip(both, one["anchors"], strict=True):
+            assert torch.equal(mine.image, solo.image)
     ran = torch.cat(list(one["steps"].values()))
     assert ran.max() == 8 and ran.min() < 8, ran.tolist()  # both kinds of image were rendered
     # the probes are the first validation image of each class, in the validation order

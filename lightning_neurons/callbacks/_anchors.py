@@ -123,6 +123,8 @@ class AnchorImages:
         self.searched = self.layer is not None  # the deepest layer with positions looked for
         per_class = options.class_anchor_images if self.weight > 0 else 0
         self.kept = ClassImages(classes, per_class, rank, world)
+        #: The images chosen, once every class has its own (they do not change after).
+        self.chosen: list[ProbeCandidate] | None = None
 
     def objectives(self, model: nn.Module, classes: list[int]) -> list[Objective]:
         """Each class's objective on this round's model: ``ClassLogit(c) - class_anchor *
@@ -130,9 +132,7 @@ class AnchorImages:
         images are gathered from every rank)."""
         if self.weight <= 0:
             return [ClassLogit(c) for c in classes]
-        every = gather_all(self.kept.candidates, self.kept.world, "gathering the anchor images")
-        k = self.kept.per_class
-        picked = choose_probes([c for part in every for c in part], k, k * len(classes), True)
+        picked = self.chosen or self._gathered(len(classes))
         if not picked:
             return [ClassLogit(c) for c in classes]
         progress.phase(f"class anchors ({len(picked)} images)")
@@ -147,3 +147,15 @@ class AnchorImages:
             return [ClassLogit(c) for c in classes]
         anchors = ClassAnchors.from_images(model, self.layer, images, labels)
         return [anchors.objective(c, self.weight) for c in classes]
+
+    def _gathered(self, count: int) -> list[ProbeCandidate]:
+        """The images one process would keep, from every rank's (on every rank), class by class;
+        kept, and the ranks' buffers freed, once every class has its own: later images come
+        later in the validation order, so they would not change the choice."""
+        every = gather_all(self.kept.candidates, self.kept.world, "gathering the anchor images")
+        k = self.kept.per_class
+        picked = choose_probes([c for part in every for c in part], k, k * count, by_class=True)
+        if len(picked) == k * count:  # the same on every rank: the picks are gathered
+            self.chosen = picked
+            self.kept = ClassImages([], 0)  # full, and holding nothing
+        return picked

@@ -68,7 +68,7 @@ class ClassAnchor(Term):
         return f"ClassAnchor({self.layer!r}, {self.index})"
 
     def value(self, output: torch.Tensor) -> torch.Tensor:
-        return type(self).batched([self] * len(output))(output)
+        return type(self).batched([self])(output)  # one target, broadcast over the rows
 
     def check(self, shape: Sequence[int]) -> None:
         if tuple(shape) != tuple(self.target.shape):
