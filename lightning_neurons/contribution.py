@@ -24,8 +24,9 @@ neurons carry (:func:`domination`).
 Efficiency: the gradients of all images come from **one** backward pass per batch (the sum of the
 images' selected logits is differentiated; in eval mode an image's logits depend only on that
 image, so each image receives exactly its own gradient). All-class contributions for probe images
-repeat the images once per class and use the same trick, in chunks. All analysed layers share the
-forward and the backward pass.
+use the same trick: each image repeated a few times in one forward pass, then one backward pass
+per as many explained logits, through the kept graph (:func:`neuron_contributions`). All analysed
+layers share the forward and the backward passes.
 
 Every function puts the model in eval mode and gives everything back as it was: module
 ``training`` flags, parameters' ``requires_grad`` and ``.grad``, and the random number generators.
@@ -155,6 +156,21 @@ def contribution_batch(
         NeuronsError: For unknown layers, bad targets, a layer that is not run, or whose output
             does not depend on the input or is not batch-first.
     """
+    logits, names, acts = _capture(model, layers, x, output_fn)
+    if targets is None:
+        targets = logits.detach().argmax(dim=1)
+    targets = _check_targets(targets.to(logits.device), x.shape[0], logits.shape[1])
+    selected = logits.gather(1, targets.to(logits.device).unsqueeze(1)).sum()
+    grads = torch.autograd.grad(selected, acts, allow_unused=True)
+    contributions, activations = _products(names, acts, grads)
+    return ContributionBatch(contributions, activations, logits.detach().float())
+
+
+def _capture(
+    model: nn.Module, layers: str | Sequence[str], x: torch.Tensor, output_fn: BatchFn | None
+) -> tuple[torch.Tensor, list[str], list[torch.Tensor]]:
+    """One forward pass of ``x`` with the layers' outputs kept on the graph: the logits, the
+    call sites in the order they ran, and their outputs."""
     names = _layer_names(model, layers)
     outputs: dict[str, torch.Tensor] = {}
 
@@ -175,18 +191,13 @@ def contribution_batch(
         raise NeuronsError(
             f"the model returned {logits.shape[0]} rows of logits for {batch} images"
         )
-    if targets is None:
-        targets = logits.detach().argmax(dim=1)
-    targets = _check_targets(targets.to(logits.device), batch, logits.shape[1]).to(logits.device)
     for spec in names:
         if not any(selects([spec], name) for name in outputs):
             raise NeuronsError(
                 f"layer {spec!r} was not run by the model's forward; choose a layer on the path to the logits"
             )
-    names = list(outputs)  # the call sites, in the order they ran
     acts = []
-    for name in names:
-        act = outputs[name]
+    for name, act in outputs.items():
         if act.dim() < 2 or act.shape[0] != batch:
             raise NeuronsError(
                 f"layer {name!r} returned a tensor of shape {tuple(act.shape)}; neurons are read from "
@@ -197,8 +208,14 @@ def contribution_batch(
                 f"the output of layer {name!r} does not depend on the input; nothing flows through it"
             )
         acts.append(act)
-    selected = logits.gather(1, targets.unsqueeze(1)).sum()
-    grads = torch.autograd.grad(selected, acts, allow_unused=True)
+    return logits, list(outputs), acts
+
+
+def _products(
+    names: Sequence[str], acts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per layer, activation x gradient summed over positions (float32), and the activations
+    averaged over positions."""
     contributions, activations = {}, {}
     for name, act, grad in zip(names, acts, grads, strict=True):
         act = act.detach().float()
@@ -210,7 +227,7 @@ def contribution_batch(
         else:
             contributions[name] = product
             activations[name] = act
-    return ContributionBatch(contributions, activations, logits.detach().float())
+    return contributions, activations
 
 
 def neuron_contributions(
@@ -232,12 +249,14 @@ def neuron_contributions(
         x: ``[B, ...]`` images (any device; moved to the model's).
         targets: ``[B]`` class per image: the contribution to that class's logit, ``[B, K]``. ``None``:
             the contribution to **every** logit, ``[B, C, K]`` (costs about ``C`` forward and
-            backward passes per image, batched in chunks of ``chunk_size`` image-class pairs).
+            backward passes per image, batched in passes of ``chunk_size`` image-class pairs).
         classes: ``[B, L]``: with ``targets`` ``None``, the contributions to these ``L`` logits of
             each image only, ``[B, L, K]`` (row ``j`` of image ``i`` explains logit
             ``classes[i, j]``): ``L`` instead of ``C`` passes per image (at 1,000 classes, e.g.
             the top 10 logits).
-        chunk_size: Image-class pairs per forward/backward pass when ``targets`` is ``None``.
+        chunk_size: Image-class pairs per pass when ``targets`` is ``None``: what bounds the memory.
+            As many images as fit go forward once (each repeated ``chunk_size // images`` times,
+            at most ``L``); the graph is kept for the ``ceil(L / repeats)`` backward passes.
         output_fn: Reads the logits from the model's output.
 
     Returns:
@@ -262,8 +281,7 @@ def neuron_contributions(
         if classes is None:
             with torch.no_grad():
                 num_classes = read_logits(model(as_model_input(x[:1], model)), output_fn).shape[1]
-            pairs = torch.arange(batch * num_classes, device=x.device)
-            image_of, class_of = pairs // num_classes, pairs % num_classes
+            classes = torch.arange(num_classes).expand(batch, -1)
         else:
             classes = torch.as_tensor(classes, dtype=torch.long)
             if classes.dim() != 2 or classes.shape[0] != batch:
@@ -271,22 +289,58 @@ def neuron_contributions(
                     f"`classes` must be [images, L] = [{batch}, L] class indices, got shape "
                     f"{tuple(classes.shape)}"
                 )
-            num_classes = classes.shape[1]
-            image_of = torch.arange(batch, device=x.device).repeat_interleave(num_classes)
-            class_of = classes.to(x.device).flatten()
-            pairs = image_of
-        result: dict[str, torch.Tensor] = {}
-        for start in range(0, pairs.numel(), chunk_size):
-            progress.update("pairs", min(start + chunk_size, pairs.numel()), pairs.numel())
-            sl = slice(start, start + chunk_size)
-            out = contribution_batch(
-                model, names, x[image_of[sl]], class_of[sl], output_fn=output_fn
+        images, logits = _pass_shape(batch, classes.shape[1], chunk_size)
+        parts = []
+        for start in range(0, batch, images):
+            progress.update("images", min(start + images, batch), batch)
+            rows = slice(start, start + images)
+            parts.append(
+                _logit_contributions(model, names, x[rows], classes[rows], logits, output_fn)
             )
-            for name, c in out.contributions.items():
-                if name not in result:
-                    result[name] = torch.zeros(batch * num_classes, c.shape[1])
-                result[name][sl] = c.float().cpu()
-        return {n: r.view(batch, num_classes, -1) for n, r in result.items()}
+        return {n: torch.cat([part[n] for part in parts]) for n in parts[0]} if parts else {}
+
+
+def _pass_shape(images: int, logits: int, chunk_size: int) -> tuple[int, int]:
+    """Images per forward pass and logits per backward pass for ``images x logits`` pairs in
+    passes of ``chunk_size`` rows (each image repeated once per logit of a backward pass): as
+    many images as fit, so that the fewest rows go forward, each forward pass serving
+    ``ceil(logits / per_backward)`` backward passes."""
+    per_forward = min(images, chunk_size)
+    return per_forward, max(1, min(logits, chunk_size // per_forward))
+
+
+def _logit_contributions(
+    model: nn.Module,
+    names: list[str],
+    x: torch.Tensor,
+    classes: torch.Tensor,
+    per_backward: int,
+    output_fn: BatchFn | None,
+) -> dict[str, torch.Tensor]:
+    """``{layer: [B, L, K]}`` on the CPU: the contributions to logit ``classes[i, j]`` of each
+    image ``i``. One forward pass of the images, each repeated ``per_backward`` times, then one
+    backward pass per ``per_backward`` columns of ``classes`` through the kept graph: repeat
+    ``s`` of image ``i`` explains column ``g * per_backward + s`` in pass ``g`` (in eval mode each
+    row gets its own gradient)."""
+    batch, count = classes.shape
+    logits, sites, acts = _capture(model, names, x.repeat_interleave(per_backward, 0), output_fn)
+    picked = _check_targets(classes.flatten(), classes.numel(), logits.shape[1], "classes")
+    picked = picked.view(batch, count).to(logits.device)
+    result: dict[str, torch.Tensor] = {}
+    for first in range(0, count, per_backward):
+        columns = picked[:, first : first + per_backward]  # [B, r'] with r' <= per_backward
+        used = columns.shape[1]
+        rows = (torch.arange(batch, device=logits.device) * per_backward).unsqueeze(1)
+        rows = (rows + torch.arange(used, device=logits.device)).flatten()
+        selected = logits[rows, columns.flatten()].sum()
+        last = first + per_backward >= count
+        grads = torch.autograd.grad(selected, acts, allow_unused=True, retain_graph=not last)
+        for name, c in _products(sites, acts, grads)[0].items():  # c: [B * per_backward, K]
+            if name not in result:
+                result[name] = torch.zeros(batch, count, c.shape[1])
+            part = c.view(batch, per_backward, -1)[:, :used]
+            result[name][:, first : first + used] = part.float().cpu()
+    return result
 
 
 def domination(

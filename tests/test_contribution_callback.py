@@ -72,6 +72,24 @@ def test_probes_explain_only_the_highest_logits_beyond_probe_logits(tmp_path, mo
     assert torch.equal(top, probes.contribution[:, 0].max(dim=1).values)  # predicted first
 
 
+def test_probes_go_through_the_model_no_more_rows_at_once_than_a_validation_batch(tmp_path):
+    """3 probes x 3 logits are 9 image-logit pairs; with batches of 4 no pass holds more than 4
+    rows (the memory of explaining a kept batch), and the probes' contributions are those of
+    one pass."""
+    model, data = _module(), TinyData(batch_size=4)
+    contribution = NeuronContribution(max_batches=2, ablation_layers=[], on_error="raise")
+    rows: list[int] = []
+    model.backbone.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(layers=LAYERS), contribution])
+    trainer.fit(model, datamodule=data)
+    probes = contribution.results["backbone.fc"].probes
+    assert probes.contribution.shape[:2] == (3, 3)
+    assert max(rows) == 4
+    whole = neuron_contributions(model, ["backbone.fc"], probes.images, chunk_size=9)
+    # the same float32 rows, batched differently
+    torch.testing.assert_close(probes.contribution, whole["backbone.fc"], atol=1e-5, rtol=1e-4)
+
+
 def test_results_equal_the_library_functions_on_the_kept_batches(fitted):
     model, data, contribution, _ = fitted
     assert contribution.layers == LAYERS  # the tracker's layers

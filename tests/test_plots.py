@@ -25,7 +25,13 @@ from lightning_neurons.plots.clustering import (
     dendrogram_figure,
     distance_confusion_figure,
 )
-from lightning_neurons.plots.contribution import ablation_figure, contribution_figure, probe_grid
+from lightning_neurons.plots.contribution import (
+    ablation_figure,
+    contribution_figure,
+    contribution_view,
+    probe_grid,
+    probe_tiles,
+)
 from lightning_neurons.plots.images import image_grid, saliency_grid
 from lightning_neurons.stats import LayerStats, dominant_neurons, selectivity_index
 
@@ -333,6 +339,41 @@ def test_the_class_profile_sent_to_a_figure_worker_holds_only_what_is_drawn():
     assert len(pickle.dumps(profile)) < len(pickle.dumps(stats)) / 4
     assert profile.selectivity == pytest.approx(float(stats.selectivity.nanmean()))
     assert profile.dead == int(stats.dead.sum())
+
+
+@pytest.mark.parametrize("classes", [8, 100])
+def test_the_contribution_figure_from_its_view_is_the_figure_from_the_statistics(classes):
+    """NeuronContribution sends the workers the view: the same pixels (rings up to 20 classes,
+    numbered rows above), from the 256 shown neurons' columns and the shares (at 2,048 neurons
+    under a quarter of the statistics' bytes)."""
+    import pickle
+
+    stats = _contribution_stats(_profile(classes, 2048))
+    view = contribution_view(stats)
+    assert view.shown.shape == (classes, 256) and view.num_neurons == 2048
+    assert len(view.rings[0]) == (classes * 5 if classes <= 20 else 0)
+    names = [f"class {c}" for c in range(classes)]
+    assert np.array_equal(
+        contribution_figure(view, names, epoch=3), contribution_figure(stats, names, epoch=3)
+    )
+    assert len(pickle.dumps(view)) < len(pickle.dumps(stats)) / 4
+
+
+def test_the_probe_grid_from_its_tiles_is_the_grid_from_the_images():
+    """NeuronContribution sends the workers the tiles: the same grid (grey for a missing image,
+    the probes beyond the height left out) from 48-pixel tiles instead of 128-pixel renderings."""
+    import pickle
+
+    g = torch.Generator().manual_seed(0)
+    probes = torch.rand(20, 3, 32, 32, generator=g)
+    preferred = [
+        [torch.randn(3, 128, 128, generator=g) if (r + c) % 4 else None for c in range(5)]
+        for r in range(20)
+    ]
+    shown, tiles = probe_tiles(probes, preferred)
+    assert shown.shape == (14, 3, 48, 48) and len(tiles) == 14  # (720 - 2) // 50 rows fit
+    assert torch.equal(probe_grid(shown, tiles), probe_grid(probes, preferred))
+    assert len(pickle.dumps((shown, tiles))) < len(pickle.dumps((probes, preferred))) / 4
 
 
 def test_class_profile_heatmap_leaves_classes_without_data_blank(drawn):

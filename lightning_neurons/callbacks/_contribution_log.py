@@ -54,11 +54,16 @@ def _figures(out: AnalysisLogger, layer: str, res: ContributionResult, names: li
     from lightning_neurons.plots.contribution import (
         ablation_figure,
         contribution_figure,
+        contribution_view,
         probe_grid,
+        probe_tiles,
     )
 
+    # the workers get what they draw (a few MB a layer at 1,000 classes), not the statistics
+    # and full-size images: the payloads wait in this process until a worker is free
+    view = contribution_view(res.stats)
     out.figure(
-        out.tag(layer, "class_contribution"), contribution_figure, res.stats, names, epoch=res.epoch
+        out.tag(layer, "class_contribution"), contribution_figure, view, names, epoch=res.epoch
     )
     if res.ablation is not None:
         baseline = float(res.ablation.baseline_accuracy.nanmean())
@@ -67,7 +72,9 @@ def _figures(out: AnalysisLogger, layer: str, res: ContributionResult, names: li
         out.figure(out.tag(layer, "ablation"), ablation_figure, drop, sets, names, title)
     if res.probes is not None:
         probes = res.probes  # the grid is built and encoded off the training thread too
-        out.figure(out.tag(layer, "probes"), probe_grid, probes.images, probes.preferred)
+        out.figure(
+            out.tag(layer, "probes"), probe_grid, *probe_tiles(probes.images, probes.preferred)
+        )
         out.text(out.tag(layer, "probes"), _probe_table(res.probes, names))
 
 

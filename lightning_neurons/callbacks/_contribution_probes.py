@@ -49,9 +49,11 @@ def explain(
     images: torch.Tensor,
     num_classes: int,
     max_logits: int,
+    rows: int,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Logits, explained classes and ``{layer: [P, L, K]}`` contributions of ``images``: all
-    logits up to ``max_logits`` classes, else each image's ``max_logits`` highest."""
+    logits up to ``max_logits`` classes, else each image's ``max_logits`` highest; at most
+    ``rows`` image-logit pairs go through the model at once."""
     with torch.no_grad():
         logits = reader.forward(pl_module, images).float().cpu()
     if num_classes <= max_logits:
@@ -59,7 +61,7 @@ def explain(
     else:
         classes = logits.topk(max_logits, dim=1).indices
     contribution = neuron_contributions(  # {layer: [P, L, K]}
-        pl_module, layers, images, classes=classes, output_fn=reader.output_fn
+        pl_module, layers, images, classes=classes, chunk_size=rows, output_fn=reader.output_fn
     )
     return logits, classes, {layer: c.cpu() for layer, c in contribution.items()}
 
@@ -73,17 +75,22 @@ def explain_probes(
     *,
     top: int,
     max_logits: int,
+    rows: int,
     rank: int,
     world: int,
 ) -> dict[str, Probes]:
     """Every layer's contribution to the logits of the probe images and their ``top`` neurons
-    behind the prediction. Each rank explains a contiguous share of the probes: probes x logits
-    cost as much as a few kept batches, so they are not left to rank zero alone."""
+    behind the prediction, ``rows`` image-logit pairs at a time (a validation batch's size: no
+    more memory than explaining a kept batch). Each rank explains a contiguous share of the
+    probes: probes x logits cost as much as a few kept batches, so they are not left to rank
+    zero alone."""
     if not probes:
         return {}
     images = torch.stack([p.image for p in probes])
     parts = map_shares(
-        lambda part: explain(pl_module, layers, reader, images[part], num_classes, max_logits),
+        lambda part: explain(
+            pl_module, layers, reader, images[part], num_classes, max_logits, rows
+        ),
         len(probes),
         rank,
         world,

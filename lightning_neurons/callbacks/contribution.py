@@ -69,6 +69,8 @@ def _most_active(
 #: highest ones (``[P, C, K]`` per layer would be 1,000 backward passes per probe at ImageNet's
 #: 1,000 classes, and hundreds of MB per epoch in the ``.npz``).
 PROBE_LOGITS = 10
+#: Image-logit pairs explained at once on a rank that kept no batch (else a kept batch's size).
+PROBE_ROWS = 64
 
 
 class NeuronContribution(StagedCallback):
@@ -413,6 +415,7 @@ class NeuronContribution(StagedCallback):
             spec.num_classes,
             top=self.probe_top,
             max_logits=PROBE_LOGITS,
+            rows=max((len(x) for x, _ in batches), default=PROBE_ROWS),
             rank=rank,
             world=world,
         )

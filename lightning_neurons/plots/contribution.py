@@ -4,10 +4,10 @@ and the probe-image grid (each a bounded image)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from matplotlib.axes import Axes
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from torch.nn import functional as F
@@ -35,8 +35,63 @@ def contribution_order(class_contribution: torch.Tensor) -> torch.Tensor:
     return torch.argsort(key, stable=True)
 
 
+@dataclass
+class ContributionView:
+    """What :func:`contribution_figure` draws of a layer's
+    :class:`~lightning_neurons.contribution.ContributionStats`: the shown neurons' columns, the
+    rings and the shares (a few MB at 1,000 classes, where the statistics are tens of MB: the
+    payload sent to the figure workers).
+
+    Attributes:
+        layer: Module name.
+        shown: ``[C, N]`` mean contribution of the shown neurons, in their order (NaN as 0).
+        num_neurons: The layer's neurons ``K``.
+        rings: ``(columns, rows)`` of the dominant neurons among the shown ones (up to
+            :data:`MAX_NAMED_CLASSES` classes; empty above).
+        domination: ``[C]`` each class's top-k share.
+        top_k: Dominant neurons per class.
+    """
+
+    layer: str
+    shown: np.ndarray
+    num_neurons: int
+    rings: tuple[list[float], list[float]]
+    domination: np.ndarray
+    top_k: int
+
+
+def contribution_view(stats: ContributionStats, max_neurons: int = 256) -> ContributionView:
+    """The part of ``stats`` that :func:`contribution_figure` shows: at most ``max_neurons``
+    neurons (those with the largest contribution to any class; every dominant neuron is kept),
+    grouped by the class they contribute most to."""
+    m = torch.nan_to_num(stats.class_contribution.double(), nan=0.0)
+    num_classes, num_neurons = m.shape
+    order = contribution_order(m)
+    if num_neurons > max_neurons:
+        strength = m.abs().amax(dim=0)
+        strength[stats.dominant.flatten()] = torch.inf
+        keep = torch.argsort(strength, descending=True)[:max_neurons]
+        order = order[torch.isin(order, keep)]
+    rings: tuple[list[float], list[float]] = ([], [])
+    if num_classes <= MAX_NAMED_CLASSES:
+        column = {int(n): i for i, n in enumerate(order.tolist())}
+        for c, row in enumerate(stats.dominant.tolist()):
+            for n in row:
+                if n in column:
+                    rings[0].append(column[n] + 0.5)
+                    rings[1].append(c + 0.5)
+    return ContributionView(
+        layer=stats.layer,
+        shown=m[:, order].numpy(),
+        num_neurons=num_neurons,
+        rings=rings,
+        domination=stats.domination.double().numpy(),
+        top_k=stats.dominant.shape[1],
+    )
+
+
 def contribution_figure(
-    stats: ContributionStats,
+    stats: ContributionStats | ContributionView,
     class_names: Sequence[str] | None = None,
     max_neurons: int = 256,
     *,
@@ -53,7 +108,8 @@ def contribution_figure(
     full matrices are in the ``.npz``.
 
     Args:
-        stats: A layer's :class:`~lightning_neurons.contribution.ContributionStats`.
+        stats: A layer's :class:`~lightning_neurons.contribution.ContributionStats`, or its
+            :func:`contribution_view` (then ``max_neurons`` is the view's).
         class_names: Tick labels for the classes.
         max_neurons: Show at most this many neurons (those with the largest contribution to any
             class; every dominant neuron is kept).
@@ -62,77 +118,55 @@ def contribution_figure(
     Returns:
         The image, ``[H, W, 3]`` uint8 with ``W <= 480`` and ``H <= 720``.
     """
-    m = torch.nan_to_num(stats.class_contribution.double(), nan=0.0)
-    num_classes, num_neurons = m.shape
-    order = contribution_order(m)
-    if num_neurons > max_neurons:
-        strength = m.abs().amax(dim=0)
-        strength[stats.dominant.flatten()] = torch.inf
-        keep = torch.argsort(strength, descending=True)[:max_neurons]
-        order = order[torch.isin(order, keep)]
-    shown = m[:, order].numpy()
-    limit = float(np.abs(shown).max()) if shown.size else 0.0
-    limit = limit or 1.0
+    view = stats if isinstance(stats, ContributionView) else contribution_view(stats, max_neurons)
+    shown = view.shown
+    num_classes = shown.shape[0]
+    limit = (float(np.abs(shown).max()) if shown.size else 0.0) or 1.0
     names = _names(class_names, num_classes)
     named = num_classes <= MAX_NAMED_CLASSES
-    top_k = stats.dominant.shape[1]
     left = (_canvas.label_room(names, 70) if named else 34) + 16
     share_width, gap = 64, 12
     width = _canvas.MAX_WIDTH - left - gap - share_width - 8
     rows_px = int(np.clip(num_classes * 22, 110, 440)) if named else 440
     when = f", epoch {epoch}" if epoch is not None else ""
     fig, top = _canvas.titled_figure(
-        f"{stats.layer}{when}: contribution to the class's logit", body=18 + rows_px + 64
+        f"{view.layer}{when}: contribution to the class's logit", body=18 + rows_px + 64
     )
     top += 18  # the panel titles
     ax = _canvas.axes_at(fig, left, top, width, rows_px)
     _canvas.heatmap(ax, shown, "RdBu_r", -limit, limit)
     if named:
         _canvas.label_ticks(ax, "y", names, room=left - 22)
-        _ring_dominant(ax, stats, order)
-        heading = f"rings: top {top_k} per class"
+        ax.scatter(*view.rings, s=20, facecolors="none", edgecolors="black", linewidths=0.8)
+        heading = f"rings: top {view.top_k} per class"
     else:
         _canvas.index_ticks(ax, "y", num_classes)
         heading = "mean contribution"
     _canvas.pixel_text(fig, left + width / 2, top - 4, heading, size=_canvas.FONT, va="bottom")
     ax.set_ylabel("class", fontsize=_canvas.FONT, labelpad=2)
     ax.set_xticks([])
-    ax.set_xlabel(f"{len(order)} of {num_neurons} neurons, by class", fontsize=_canvas.FONT)
+    ax.set_xlabel(
+        f"{shown.shape[1]} of {view.num_neurons} neurons, by class", fontsize=_canvas.FONT
+    )
     _canvas.pixel_colorbar(
         fig, (left, top + rows_px + 20, width, 8), "RdBu_r", -limit, limit, "activation x gradient"
     )
-    _domination_panel(fig, (left + width + gap, top, share_width, rows_px), stats, named)
+    _domination_panel(fig, (left + width + gap, top, share_width, rows_px), view, named)
     return _canvas.render(fig)
 
 
-def _ring_dominant(ax: Axes, stats: ContributionStats, order: torch.Tensor) -> None:
-    column = {int(n): i for i, n in enumerate(order.tolist())}
-    rows, cols = [], []
-    for c in range(stats.dominant.shape[0]):
-        for n in stats.dominant[c].tolist():
-            if n in column:
-                rows.append(c + 0.5)
-                cols.append(column[n] + 0.5)
-    ax.scatter(cols, rows, s=20, facecolors="none", edgecolors="black", linewidths=0.8)
-
-
 def _domination_panel(
-    fig: Figure, box: tuple[int, int, int, int], stats: ContributionStats, named: bool
+    fig: Figure, box: tuple[int, int, int, int], view: ContributionView, named: bool
 ) -> None:
     """Each class's top-k share as a red bar (0 at the left edge, 1 at the right), drawn into the
     pixels: its title above, "0" and "1" and the mean below."""
     left, top, width, height = box
-    share = stats.domination.double().numpy()
+    share = view.domination
     _canvas.pixel_image(fig, box, _share_bars(share, named, height - 2, width - 2))
     text = {"size": _canvas.FONT, "va": "top"}
     below = top + height + 3
     _canvas.pixel_text(
-        fig,
-        left + width / 2,
-        top - 4,
-        f"top-{stats.dominant.shape[1]} share",
-        size=_canvas.FONT,
-        va="bottom",
+        fig, left + width / 2, top - 4, f"top-{view.top_k} share", size=_canvas.FONT, va="bottom"
     )
     _canvas.pixel_text(fig, left, below, "0", **text)
     _canvas.pixel_text(fig, left + width, below, "1", **text)
@@ -242,6 +276,23 @@ def _tile(image: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(image.unsqueeze(0), size=(size, size), mode="nearest")[0]
 
 
+def probe_tiles(
+    probes: torch.Tensor,
+    preferred: Sequence[Sequence[torch.Tensor | None]],
+    size: int = 48,
+    pad: int = 2,
+) -> tuple[torch.Tensor, list[list[torch.Tensor | None]]]:
+    """The probes and preferred images that :func:`probe_grid` shows, as its tiles (``[3, s,
+    s]`` in [0, 1]): the grid drawn from them is the grid drawn from the originals, from a
+    payload of a few MB (the figure workers get this, not the rendered images at full size)."""
+    num_cols = 1 + max((len(row) for row in preferred), default=0)
+    size = max(16, min(size, (_canvas.MAX_WIDTH - 3 * pad) // num_cols - pad))
+    num_rows = min(probes.shape[0], max(1, (_canvas.MAX_HEIGHT - pad) // (size + pad)))
+    shown = torch.stack([_tile(probes[r], size) for r in range(num_rows)])
+    tiles = [[None if p is None else _tile(p, size) for p in row] for row in preferred[:num_rows]]
+    return shown, tiles
+
+
 def probe_grid(
     probes: torch.Tensor,
     preferred: Sequence[Sequence[torch.Tensor | None]],
@@ -263,20 +314,14 @@ def probe_grid(
     Returns:
         ``[3, H, W]`` image in [0, 1], ``W <= 480`` and ``H <= 720``.
     """
+    shown, tiles = probe_tiles(probes, preferred, size, pad)
+    num_rows, size = shown.shape[0], shown.shape[-1]
     num_cols = 1 + max((len(row) for row in preferred), default=0)
-    size = max(16, min(size, (_canvas.MAX_WIDTH - 3 * pad) // num_cols - pad))
     step = size + pad
-    num_rows = min(probes.shape[0], max(1, (_canvas.MAX_HEIGHT - pad) // step))
     grid = torch.ones(3, num_rows * step + pad, num_cols * step + 3 * pad)
     for r in range(num_rows):
-        tiles = [
-            _tile(probes[r], size),
-            *[
-                _tile(p, size) if p is not None else torch.full((3, size, size), 0.5)
-                for p in preferred[r]
-            ],
-        ]
-        for c, tile in enumerate(tiles):
+        row = [shown[r], *[torch.full((3, size, size), 0.5) if p is None else p for p in tiles[r]]]
+        for c, tile in enumerate(row):
             left = pad + c * step + (2 * pad if c > 0 else 0)  # a gap after the probe column
             top = pad + r * step
             grid[:, top : top + size, left : left + size] = tile
