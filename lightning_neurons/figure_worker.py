@@ -30,6 +30,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -98,16 +99,27 @@ def _init_worker() -> None:
 class BackgroundFigures:
     """Worker processes that draw figures and hands their pixels to a TensorBoard writer.
 
+    Memory stays bounded: a figure's pickled arguments stay in this process until its pixels
+    are back, so while more than ``max_pending_bytes`` of them wait, a new figure waits for the
+    oldest to be drawn (an analysis that asks for many figures at once, with the figures of
+    every layer at 1,000 classes, would otherwise hold them all).
+
     Args:
         enabled: Draw figures in the workers (``False``: on the calling thread).
         workers: Worker processes (default: 2, or 1 on a single CPU): the figures of an epoch
             are drawn while the next one trains, and those of the last epoch, which ``fit``
             waits for, in parallel.
+        max_pending_bytes: Bytes of pickled arguments of figures not yet drawn before a new
+            figure waits.
     """
 
-    def __init__(self, enabled: bool = True, workers: int | None = None) -> None:
+    def __init__(
+        self, enabled: bool = True, workers: int | None = None, max_pending_bytes: int = 256 << 20
+    ) -> None:
         self.enabled = enabled
         self.workers = workers or min(2, os.cpu_count() or 1)
+        self.max_pending_bytes = max_pending_bytes
+        self._queued: deque[tuple[Future[np.ndarray], int]] = deque()  # not yet drawn, bytes
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
         self._pending: dict[int, list[Future[None]]] = {}  # owner id -> logged-when-done futures
@@ -141,6 +153,7 @@ class BackgroundFigures:
         if payload is None:
             log(draw(fn, *args, **kwargs))  # on the spot: errors reach the caller now
             return
+        self._make_room(len(payload))
         with self._lock:
             gc.freeze()  # a forked worker's collector leaves the parent's objects (and pages) alone
             try:
@@ -154,10 +167,26 @@ class BackgroundFigures:
             if future is not None:
                 self._pending.setdefault(id(owner), []).append(logged)
                 self._order.append((future, log, logged))
+                self._queued.append((future, len(payload)))
         if future is None:
             log(draw(fn, *args, **kwargs))
             return
         future.add_done_callback(lambda _: self._log_in_order())
+
+    def _make_room(self, nbytes: int) -> None:
+        """Wait until ``nbytes`` more of pickled arguments fit under ``max_pending_bytes`` (or
+        nothing else waits)."""
+        while True:
+            with self._lock:
+                while self._queued and self._queued[0][0].done():
+                    self._queued.popleft()
+                held = sum(n for drawn, n in self._queued if not drawn.done())
+                oldest = self._queued[0][0] if self._queued else None
+            if oldest is None or held + nbytes <= self.max_pending_bytes:
+                return
+            wait_for_futures([oldest], timeout=FIGURE_TIMEOUT)
+            if not oldest.done():  # a stuck worker: wait() reports it, the figure goes on
+                return
 
     def warm(self) -> None:
         """Fork the workers now, while the training process is small (before the analyses'

@@ -179,6 +179,31 @@ def test_busy_counts_the_workers_drawing_now():
     assert BackgroundFigures(enabled=False).busy() == 0
 
 
+def slow_sum(seconds: float, payload: np.ndarray) -> np.ndarray:
+    time.sleep(seconds)
+    return np.zeros((2, 2, 3), dtype=np.uint8) + int(payload.sum() > 0)
+
+
+@needs_fork
+def test_figures_not_yet_drawn_hold_at_most_max_pending_bytes_of_arguments():
+    """Three figures of 1 MB each, 2.5 MB allowed: the third waits until the first is drawn (with
+    two workers and one-second figures, none would be drawn yet); a figure larger than the
+    bound alone goes on."""
+    figures, logged, owner = BackgroundFigures(workers=2, max_pending_bytes=5 << 19), [], object()
+    megabyte = np.ones(1 << 17)  # float64: 1 MB pickled
+    for _ in range(3):
+        figures.submit(owner, logged.append, slow_sum, (1.0, megabyte))
+    drawn = [f.done() for f, _, _ in figures._order] + [True] * len(logged)
+    assert drawn.count(False) <= 2, "the third figure waited for the first"
+    figures.submit(owner, logged.append, slow_sum, (0.0, np.ones(1 << 20)))  # 8 MB, nothing else
+    assert figures.wait(owner) == [] and len(logged) == 4
+    unbounded = BackgroundFigures(workers=2)
+    for _ in range(3):
+        unbounded.submit(owner, logged.append, slow_sum, (1.0, megabyte))
+    assert [f.done() for f, _, _ in unbounded._order].count(False) == 3
+    assert unbounded.wait(owner) == []
+
+
 @needs_fork
 def test_the_workers_are_forked_at_fit_start_and_end_with_the_fit(tmp_path, monkeypatch):
     """Forked before the analyses allocate anything (a page the training process rewrites
