@@ -323,6 +323,7 @@ class ActivationTracker(StagedCallback):
         # before that reset. `state_dict` copies them.
         self._saved_states = {n: {k: v.detach() for k, v in s.items()} for n, s in states.items()}
         self._saved_epoch = epoch
+        self.results = {}  # the last epoch's go before this one's are made (host memory, x C x K)
         self.results = {
             name: LayerStats.from_state(
                 name, s, epoch=epoch, reduction=self.reduction, top_k=self.top_k
