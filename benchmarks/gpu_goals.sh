@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Issue 20's GPU goals in one run, sized for a lent GPU machine (about 6 minutes on an H200):
+# ResNet-50 (weights None) at 1,000 classes, 3 epochs of 2,560 training and 20,000 validation
+# images at 32 px, with scale.py:
+#   1. the tracker's per-batch overhead: 3 rounds of a bare and a tracked fit, interleaved,
+#      each tracked fit paired with its round's bare fit (goal: <= 5%);
+#   2. every analysis: seconds per analysed epoch, first and later (goal: <= 20 s), and peak
+#      host memory of the process and its figure workers (goal: <= 4 GB), with the 12 longest
+#      phases and the peak during each.
+# Usage, from the repository root: bash benchmarks/gpu_goals.sh [OUT_DIR] (default: $OUT, else
+# ./gpu_goals). hdbscan wheels in .whl/ are installed into /tmp/site first (a machine without
+# network access); each step has its own time limit, so the first step's figures survive a slow
+# second step.
+set -u
+out=${1:-${OUT:-gpu_goals}}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+{
+    date -u
+    git rev-parse HEAD 2>/dev/null || echo "commit: not a git checkout"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    nproc
+    python3 -c "import torch, lightning; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'lightning', lightning.__version__)"
+} >"$out/machine.txt" 2>&1
+common=(--model resnet50 --device cuda --classes 1000 --val-images 20000 --train-images 2560
+    --epochs 3 --threads 8)
+timeout 300 python3 benchmarks/scale.py "${common[@]}" --callbacks tracker --repeats 3 \
+    2>&1 | tee "$out/tracker.txt"
+timeout 240 python3 benchmarks/scale.py "${common[@]}" --callbacks all --phases 12 \
+    2>&1 | tee "$out/all.txt"
