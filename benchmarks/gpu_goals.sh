@@ -8,10 +8,9 @@
 #      host memory of the process and its figure workers (goal: <= 4 GB), with the 12 longest
 #      phases and the peak during each.
 # Usage, from the repository root: bash benchmarks/gpu_goals.sh [OUT_DIR] (default: $OUT, else
-# ./gpu_goals). hdbscan wheels in .whl/ (untracked: carry it to the machine) are installed into
-# /tmp/site first (a machine without
-# network access); each step has its own time limit, so the first step's figures survive a slow
-# second step.
+# ./gpu_goals). hdbscan wheels in .whl/ (untracked: carry the folder to the machine) are
+# installed into /tmp/site first (a machine without network access); each step has its own time
+# limit, so the first step's figures survive a slow second step.
 set -u
 out=${1:-${OUT:-gpu_goals}}
 mkdir -p "$out"
