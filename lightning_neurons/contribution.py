@@ -289,13 +289,13 @@ def neuron_contributions(
                     f"`classes` must be [images, L] = [{batch}, L] class indices, got shape "
                     f"{tuple(classes.shape)}"
                 )
-        images, logits = _pass_shape(batch, classes.shape[1], chunk_size)
+        per_forward, per_backward = _pass_shape(batch, classes.shape[1], chunk_size)
         parts = []
-        for start in range(0, batch, images):
-            progress.update("images", min(start + images, batch), batch)
-            rows = slice(start, start + images)
+        for start in range(0, batch, per_forward):
+            progress.update("images", min(start + per_forward, batch), batch)
+            part = slice(start, start + per_forward)
             parts.append(
-                _logit_contributions(model, names, x[rows], classes[rows], logits, output_fn)
+                _logit_contributions(model, names, x[part], classes[part], per_backward, output_fn)
             )
         return {n: torch.cat([part[n] for part in parts]) for n in parts[0]} if parts else {}
 
