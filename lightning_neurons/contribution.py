@@ -289,7 +289,10 @@ def neuron_contributions(
                     f"`classes` must be [images, L] = [{batch}, L] class indices, got shape "
                     f"{tuple(classes.shape)}"
                 )
-        per_forward, per_backward = _pass_shape(batch, classes.shape[1], chunk_size)
+        # as many images as fit go forward once (the fewest rows forward), each repeated for as
+        # many logits as fit; that graph serves ceil(L / per_backward) backward passes
+        per_forward = max(1, min(batch, chunk_size))
+        per_backward = max(1, min(classes.shape[1], chunk_size // per_forward))
         parts = []
         for start in range(0, batch, per_forward):
             progress.update("images", min(start + per_forward, batch), batch)
@@ -298,15 +301,6 @@ def neuron_contributions(
                 _logit_contributions(model, names, x[part], classes[part], per_backward, output_fn)
             )
         return {n: torch.cat([part[n] for part in parts]) for n in parts[0]} if parts else {}
-
-
-def _pass_shape(images: int, logits: int, chunk_size: int) -> tuple[int, int]:
-    """Images per forward pass and logits per backward pass for ``images x logits`` pairs in
-    passes of ``chunk_size`` rows (each image repeated once per logit of a backward pass): as
-    many images as fit, so that the fewest rows go forward, each forward pass serving
-    ``ceil(logits / per_backward)`` backward passes."""
-    per_forward = min(images, chunk_size)
-    return per_forward, max(1, min(logits, chunk_size // per_forward))
 
 
 def _logit_contributions(
