@@ -202,6 +202,7 @@ def test_figures_not_yet_drawn_hold_at_most_max_pending_bytes_of_arguments():
         unbounded.submit(owner, logged.append, slow_sum, (1.0, megabyte))
     assert [f.done() for f, _, _ in unbounded._order].count(False) == 3
     assert unbounded.wait(owner) == []
+    assert _no_children(), "the workers end once nothing is pending"
 
 
 @needs_fork
