@@ -39,6 +39,7 @@ import importlib.util
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -289,6 +290,8 @@ def child(args: argparse.Namespace, which: str) -> dict:
         )
         seconds = time.perf_counter() - start
     artifact_bytes = sum(p.stat().st_size for p in workdir.rglob("*") if p.is_file())
+    if not args.keep_logs:  # hundreds of MB a fit at 1,000 classes
+        shutil.rmtree(workdir, ignore_errors=True)
     largest = max(sizes.sizes, key=lambda s: s[0] * s[1]) if sizes.sizes else (0, 0, "")
     failures = [f for cb in callbacks for f in getattr(cb, "failures", [])]
     return {
@@ -310,6 +313,7 @@ def child(args: argparse.Namespace, which: str) -> dict:
         "failures": failures,
         "hdbscan": hdbscan_ok,
         "steps": model_steps(profiler),
+        "logs": str(workdir) if args.keep_logs else None,
     }
 
 
@@ -381,6 +385,11 @@ def main() -> None:
         default=1,
         help="rounds of fits, each a bare fit and then every set (interleaved); with more than "
         "one, a summary of the ratios each set paired with its round's bare fit (default 1)",
+    )
+    parser.add_argument(
+        "--keep-logs",
+        action="store_true",
+        help="keep each fit's TensorBoard logs and files (default: deleted after the fit)",
     )
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -489,7 +498,8 @@ def report(r: dict, base: dict, args: argparse.Namespace) -> None:
         f" {r['tree'][1]}, {r['tree'][0]} processes, during: {r['peak_tree_during']}){cuda}"
         "  artifacts "
         f"{r['artifact_bytes_per_epoch'] / 1e6:,.2f} MB/epoch  images {r['images_logged']}"
-        + (f", largest {w}x{h} px ({tag})" if r["images_logged"] else ""),
+        + (f", largest {w}x{h} px ({tag})" if r["images_logged"] else "")
+        + (f"  logs {r['logs']}" if r.get("logs") else ""),
         flush=True,
     )
     for stage, (total, median, count) in r["steps"].items():
