@@ -204,8 +204,8 @@ def render(
             objectives that ask for a class, a :class:`ClassLogit` alone or minus penalties such
             as a :class:`~lightning_neurons.visualize.anchors.ClassAnchor`: the most views on
             which the model's top class is the objective's class, ties broken by the class's
-            mean log-probability; other objectives by their value). ``"auto"``: the recipe's (``"agreement"`` for class images with a
-            prior, else ``"value"``).
+            mean log-probability; other objectives by their value). ``"auto"``: the recipe's
+            (``"agreement"`` for class images with a prior, else ``"value"``).
         converge_tol: Stop an image early once its objective has converged, ``steps`` being
             the most: every ``converge_window`` steps each objective is scored on its image
             without transforms (one forward pass of the images still running), and an image
