@@ -25,7 +25,11 @@ from lightning_neurons.visualize.sizing import (
     CPU_CHUNK_BYTES,
     DEVICE_CHUNK_BYTES,
     DEVICE_CHUNK_ROWS,
+    DEVICE_FREE_SHARE,
+    Probe,
     auto_batch_size,
+    chunk_rows,
+    device_free_bytes,
 )
 from lightning_neurons.visualize.transforms import (
     CenterCrop,
@@ -238,14 +242,39 @@ def test_automatic_chunks_fit_the_caches_on_cpu_and_a_memory_budget_elsewhere():
     assert rows == CPU_CHUNK_BYTES // (4 * 32 * 32 * 32) == 16
     assert auto_batch_size(1000, largest_output=10**8, device=torch.device("cpu")) == 4
     assert auto_batch_size(3, largest_output=10**8, device=torch.device("cpu")) == 3
-    cuda = torch.device("cuda")
-    # small rows: at most DEVICE_CHUNK_ROWS (the convolutions' workspaces grow with the batch)
-    assert auto_batch_size(1000, largest_output=10**5, device=cuda) == DEVICE_CHUNK_ROWS == 64
-    assert auto_batch_size(40, largest_output=10**5, device=cuda) == 40
+    cuda, plenty = torch.device("cuda"), 10**12  # free bytes, given: no GPU needed
+    # small rows: at most DEVICE_CHUNK_ROWS, one chunk for ResNet-50's 272 channel rows at 32 px
+    # (2.6 MB of layer outputs a row): a small batch costs what its kernel launches cost
+    rows = auto_batch_size(1000, largest_output=10**5, device=cuda, free_bytes=plenty)
+    assert rows == DEVICE_CHUNK_ROWS == 512
+    assert auto_batch_size(272, 16384, cuda, total_output=656872, free_bytes=plenty) == 272
+    assert auto_batch_size(40, largest_output=10**5, device=cuda, free_bytes=plenty) == 40
     # memory-bounded on an accelerator: all of a row's layer outputs count, float32
-    rows = auto_batch_size(10**5, largest_output=10**6, device=cuda, total_output=10**8)
+    rows = auto_batch_size(10**5, 10**6, cuda, total_output=10**8, free_bytes=plenty)
     assert rows == DEVICE_CHUNK_BYTES // (4 * 10**8) == 10
-    assert auto_batch_size(1000, largest_output=10**9, device=cuda) == 4
+    assert auto_batch_size(1000, largest_output=10**9, device=cuda, free_bytes=plenty) == 4
+    # ... and by the share of the device's free memory when that is less
+    free = 2**30
+    rows = auto_batch_size(10**5, 10**6, cuda, total_output=10**6, free_bytes=free)
+    assert rows == int(free * DEVICE_FREE_SHARE) // (4 * 10**6) == 134
+    assert auto_batch_size(10**5, 10**6, cuda, total_output=10**6, free_bytes=0) == 4
+    # no free-memory figure for a CPU, nor without CUDA: the byte budget alone then
+    assert device_free_bytes(torch.device("cpu")) is None
+    if not torch.cuda.is_available():
+        assert device_free_bytes(cuda) is None
+        assert auto_batch_size(10**5, 10**6, cuda, total_output=10**8) == 10
+
+
+def test_a_chunk_counts_the_gram_matrices_its_rows_keep():
+    """Rows compared on their Gram matrices keep channels squared elements each (16 MB at
+    2,048 channels): a chunk of them holds fewer rows on an accelerator."""
+    found = Probe(shapes={"deep": (2048, 1, 1)}, largest=10**5, total=4 * 10**6)
+    cuda = torch.device("cuda")
+    alone = chunk_rows(found, 10**4, 2, 1, cuda, None)
+    kept = chunk_rows(found, 10**4, 2, 1, cuda, None, gram=2048**2)
+    assert alone == DEVICE_CHUNK_BYTES // (4 * 4 * 10**6) == 268
+    assert kept == DEVICE_CHUNK_BYTES // (4 * (4 * 10**6 + 2048**2)) - 1 == 130  # even: 2 a row
+    assert chunk_rows(found, 10**4, 2, 3, cuda, None, gram=2048**2) == 42  # 3 views: a third
 
 
 def test_leaf_output_sizes_count_every_call_and_remove_their_hooks():
@@ -556,6 +585,10 @@ def test_without_several_images_an_objective_takes_no_gram_matrix(monkeypatch):
     objectives = [Channel("conv1", 0), Channel("conv2", 1)]
     render(model, objectives, image_shape=(1, 8, 8), steps=2, diversity=1.0, n_images=1)
     assert calls == [] and _chunk(objectives, views=1, n_images=1).scoring.gram_rows == {}
+    # candidates are not compared (the diversity term is off for restarts): no Gram matrices
+    render(model, objectives, image_shape=(1, 8, 8), steps=2, diversity=1.0, restarts=2)
+    render(model, objectives, image_shape=(1, 8, 8), steps=2, diversity=0.0, n_images=2)
+    assert calls == []
     render(model, objectives, image_shape=(1, 8, 8), steps=2, diversity=1.0, n_images=2)
     assert len(calls) > 0
 

@@ -45,7 +45,9 @@ class ChunkSettings:
     #: Consecutive rows of one objective (its images, or its candidates).
     n_images: int
     output_fn: BatchFn | None = None
-    diversity_on: str = "features"
+    #: What the diversity term compares: ``"features"`` (Gram matrices), ``"pixels"``, or
+    #: ``None`` when no term compares the images (no Gram matrix is taken).
+    diversity_on: str | None = "features"
     #: Layers whose outputs have positions (``[B, C, ...]`` with C > 1 and positions >= 1).
     spatial: frozenset[str] = frozenset()
 

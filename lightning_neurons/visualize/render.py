@@ -46,7 +46,7 @@ from lightning_neurons.visualize.penalties import Convergence, Penalties
 from lightning_neurons.visualize.prior import DataPrior
 from lightning_neurons.visualize.recipe import AUTO, Recipe, recipe_for
 from lightning_neurons.visualize.scoring import Scoring
-from lightning_neurons.visualize.sizing import chunk_rows, probe
+from lightning_neurons.visualize.sizing import chunk_rows, gram_elements, probe
 from lightning_neurons.visualize.transforms import Transform, TransformsArg, resolve_transforms
 
 
@@ -155,8 +155,8 @@ def render(
         output_fn: Reads the logits from the model's output (class objectives).
         seed: Seed of the initial images and of the transforms' random parameters.
         batch_size: Render at most this many objectives at once. Default: on an accelerator,
-            chunks bounded by memory and at most 64 rows; on CPU, chunks sized to the CPU caches,
-            each of rows that read the same layers (see
+            chunks bounded by memory (the device's free memory included) and at most 512 rows;
+            on CPU, chunks sized to the CPU caches, each of rows that read the same layers (see
             :func:`~lightning_neurons.visualize.sizing.auto_batch_size`), which gives the same
             images faster.
         l2: Weight of an L2 penalty (:class:`~lightning_neurons.visualize.L2`) on every image.
@@ -283,14 +283,16 @@ def render(
     settings = ChunkSettings(
         param=chosen.param, image_shape=image_shape, seed=seed, decorrelate=decorrelate,
         device=device, prior=prior, contrast=chosen.contrast, views=chosen.views,
-        n_images=group, output_fn=output_fn, diversity_on=diversity_on, spatial=found.spatial(),
+        n_images=group, output_fn=output_fn, spatial=found.spatial(),
+        diversity_on=diversity_on if penalties.diversity and group > 1 else None,
     )  # fmt: skip
     # images kept apart by the diversity term converge together; others alone
     unit = n_images if penalties.diversity and n_images > 1 else 1
     tol, window = chosen.converge_tol, converge_window
     convergence = Convergence(float(tol), window, unit) if tol else None
     ascent = Ascent(chosen.lr, chain, input_transform, seed, penalties, convergence, mask)
-    size = chunk_rows(found, len(rows), group, chosen.views, device, batch_size)
+    gram = gram_elements(found, objectives, group) if settings.diversity_on == "features" else 0
+    size = chunk_rows(found, len(rows), group, chosen.views, device, batch_size, gram)
     with analysis_mode(model):
         seeds = first_row if isinstance(first_row, int) else row_seeds(starts, group)
         chunks = chunks_of(rows, size, settings, seeds)

@@ -26,21 +26,27 @@ from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import get_module, hooked, leaf_output_sizes
 from lightning_neurons.state import analysis_mode, model_device
 from lightning_neurons.visualize.objectives import IMAGE, LOGITS, Objective
+from lightning_neurons.visualize.penalties import diversity_layer
 
 #: On CPU, rows per chunk are chosen so that the largest layer output of a chunk is about this
 #: many bytes: batches far beyond the CPU caches are slower per image.
 CPU_CHUNK_BYTES = 2 * 2**20
 
 #: On an accelerator, rows per chunk are chosen so that all the layer outputs of a chunk (what
-#: its backward pass keeps, float32) take about this many bytes.
+#: its backward pass keeps, float32) take about this many bytes, and at most
+#: :data:`DEVICE_FREE_SHARE` of the device memory free when the chunk is sized.
 DEVICE_CHUNK_BYTES = 4 * 2**30
-#: On an accelerator, at most this many rows per chunk: a chunk of 272 rows of ResNet-50 at
-#: 32 px peaked at 27.8 GB of CUDA memory on an H200 (64 rows: 7.4 GB). Most of it was the
-#: diversity term's Gram matrices, then taken at every layer for every row whether or not an
-#: objective had several images (80 MB a row at ResNet-50's 17 block outputs: 21.9 GB for 272
-#: rows); since, only the rows of objectives with several images take them, of their own
-#: layer. The cap has not been measured again on a GPU.
-DEVICE_CHUNK_ROWS = 64
+#: The share of the device's free memory (the driver's free memory and what PyTorch's caching
+#: allocator holds unused) a chunk's layer outputs may take: the rest is left to what the
+#: count does not see (the convolutions' workspaces, the optimiser's and the transforms' buffers).
+DEVICE_FREE_SHARE = 0.5
+#: On an accelerator, at most this many rows per chunk. A small batch there costs what its
+#: kernel launches cost, so the fewer chunks the faster. History: 272 rows of ResNet-50 at 32 px
+#: peaked at 27.8 GB of CUDA memory on an H200, 21.9 GB of it the diversity term's Gram
+#: matrices, then taken for every row (80 MB a row at its 17 block outputs), and the cap was 64
+#: rows; since 6c8001d only the rows of objectives with several images take them, of their own
+#: layer, and :func:`chunk_rows` counts them.
+DEVICE_CHUNK_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -65,16 +71,32 @@ class Probe:
         )
 
 
+def device_free_bytes(device: torch.device) -> int | None:
+    """Bytes a new allocation on ``device`` can take: the driver's free memory and what
+    PyTorch's caching allocator holds unused (``None`` for a CPU, or a device PyTorch does not
+    report on)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(free + max(0, unused))
+
+
 def auto_batch_size(
-    count: int, largest_output: int, device: torch.device, total_output: int | None = None
+    count: int,
+    largest_output: int,
+    device: torch.device,
+    total_output: int | None = None,
+    free_bytes: int | None = None,
 ) -> int:
     """Rows rendered at once when ``batch_size`` is None, at least 4 (or ``count``).
 
     On CPU, enough rows for their largest layer output (``largest_output`` elements per image,
     float32) to fill about :data:`CPU_CHUNK_BYTES`; on an accelerator, enough for all their layer
     outputs (``total_output`` elements per image, default ``largest_output``) to fill about
-    :data:`DEVICE_CHUNK_BYTES`, at most :data:`DEVICE_CHUNK_ROWS`: memory bounded whatever the
-    number of objectives.
+    :data:`DEVICE_CHUNK_BYTES`, or :data:`DEVICE_FREE_SHARE` of ``free_bytes`` (default: what
+    :func:`device_free_bytes` reports) if that is less, at most :data:`DEVICE_CHUNK_ROWS`:
+    memory bounded whatever the number of objectives.
 
     Example:
         >>> auto_batch_size(1000, largest_output=32 * 32 * 32, device=torch.device("cpu"))
@@ -83,7 +105,11 @@ def auto_batch_size(
     if device.type == "cpu":
         rows = CPU_CHUNK_BYTES // max(1, 4 * largest_output)
     else:
-        rows = DEVICE_CHUNK_BYTES // max(1, 4 * (total_output or largest_output))
+        free = device_free_bytes(device) if free_bytes is None else free_bytes
+        budget = DEVICE_CHUNK_BYTES
+        if free is not None:
+            budget = min(budget, int(free * DEVICE_FREE_SHARE))
+        rows = budget // max(1, 4 * (total_output or largest_output))
         rows = min(rows, DEVICE_CHUNK_ROWS)
     return int(min(count, max(4, rows)))
 
@@ -95,16 +121,29 @@ def chunk_rows(
     views: int,
     device: torch.device,
     batch_size: int | None,
+    gram: int = 0,
 ) -> int:
     """Rows per chunk of a rendering of ``rows`` rows, ``group`` consecutive rows per objective
     (an objective's rows share a chunk): ``batch_size`` objectives, or :func:`auto_batch_size`
-    for ``views`` copies of every row."""
+    for ``views`` copies of every row, each also keeping ``gram`` elements of Gram matrices
+    (:func:`gram_elements`)."""
     size = (
         batch_size * group
         if batch_size
-        else auto_batch_size(rows, probe.largest * views, device, probe.total * views)
+        else auto_batch_size(rows, probe.largest * views, device, (probe.total + gram) * views)
     )
     return max(group, size - size % group)
+
+
+def gram_elements(probe: Probe, objectives: Sequence[Objective], group: int) -> int:
+    """Elements of the Gram matrix a row of ``objectives`` keeps for the diversity term when
+    each objective has ``group`` images compared on their features: the largest ``C x C`` of the
+    layers that compare them (0 for a single image per objective)."""
+    if group < 2:
+        return 0
+    spatial = probe.spatial()
+    layers = {diversity_layer(o, spatial) for o in objectives} - {None}
+    return max((probe.shapes[name][0] ** 2 for name in layers if name), default=0)
 
 
 def _resolve(model: nn.Module, objectives: Sequence[Objective]) -> list[str]:
