@@ -85,16 +85,16 @@ def neuron_metadata(
 
     Cluster ids are qualified by the layer: cluster 1 of ``relu2`` and of ``relu3`` are unrelated.
     """
+    index = torch.as_tensor(list(neurons), dtype=torch.long)
+    columns = (res.labels[index], res.preferred_class[index], res.selectivity[index].float())
     rows = []
-    for k in neurons:
-        cluster = int(res.labels[k])
-        pref = int(res.preferred_class[k])
+    for k, cluster, pref, selectivity in zip(neurons, *(c.tolist() for c in columns), strict=True):
         rows.append(
             [
                 f"{short}/{k}",
                 f"{short} c{cluster}" if cluster >= 0 else f"{short} unclustered",
                 class_names[pref] if 0 <= pref < len(class_names) else str(pref),
-                f"{float(res.selectivity[k]):.3f}",
+                f"{selectivity:.3f}",
             ]
         )
     return rows

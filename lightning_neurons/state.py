@@ -18,6 +18,10 @@ from torch import nn
 
 #: How many :func:`untouched` blocks are open: forwards inside them are analyses', not training's.
 _open_blocks = 0
+#: :func:`untouched` copies the buffers in groups of at most this many bytes (one device, one
+#: type): one copy and one comparison a group, not one each per buffer (ResNet-50's 159 BatchNorm
+#: buffers cost 318 kernels and 159 waits for a GPU at every analysis before).
+BUFFER_GROUP_BYTES = 64 * 2**20
 
 
 def in_analysis() -> bool:
@@ -75,7 +79,7 @@ def untouched(model: nn.Module) -> Iterator[None]:
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    buffers = _SavedBuffers(model)
     device = params[0].device if params else None
     _open_blocks += 1
     try:
@@ -91,10 +95,63 @@ def untouched(model: nn.Module) -> Iterator[None]:
         for p, flag, grad in zip(params, flags, grads, strict=True):
             p.requires_grad_(flag)
             p.grad = grad
+        buffers.restore()
+
+
+class _SavedBuffers:
+    """A copy of a model's buffers, taken in groups (:data:`BUFFER_GROUP_BYTES`): each group is
+    one flat tensor, compared with the buffers as they are in one operation and one wait for the
+    device; only a group that changed is restored, buffer by buffer, each one only if changed
+    (an unchanged buffer is never written)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.groups: list[tuple[list[torch.Tensor], list[torch.Size], torch.Tensor]] = []
+        by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for b in model.buffers():
+            if b.layout != torch.strided:  # sparse: alone, copied as it is
+                self.groups.append(([b], [b.shape], b.detach().clone()))
+            else:
+                by_kind.setdefault((b.device, b.dtype), []).append(b)
+        for tensors in by_kind.values():
+            for part in _bounded(tensors, BUFFER_GROUP_BYTES):
+                self.groups.append((part, [t.shape for t in part], _flat(part)))
+
+    def restore(self) -> None:
+        """Write back every buffer that differs from its copy."""
         with torch.no_grad():
-            for buffer, saved in buffers:
-                if not torch.equal(buffer, saved):
-                    buffer.copy_(saved)
+            for tensors, shapes, saved in self.groups:
+                if saved.layout != torch.strided:  # a sparse buffer, copied whole
+                    olds = [saved]
+                elif torch.equal(_flat(tensors), saved):
+                    continue
+                else:
+                    sizes = [shape.numel() for shape in shapes]
+                    olds = [
+                        p.view(shape) for p, shape in zip(saved.split(sizes), shapes, strict=True)
+                    ]
+                for buffer, old in zip(tensors, olds, strict=True):
+                    if not torch.equal(buffer, old):
+                        buffer.copy_(old)
+
+
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors' values in one new flat tensor."""
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def _bounded(tensors: list[torch.Tensor], limit: int) -> Iterator[list[torch.Tensor]]:
+    """``tensors`` in consecutive groups of at most ``limit`` bytes (a larger one alone)."""
+    group: list[torch.Tensor] = []
+    size = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if group and size + nbytes > limit:
+            yield group
+            group, size = [], 0
+        group.append(t)
+        size += nbytes
+    if group:
+        yield group
 
 
 @contextmanager

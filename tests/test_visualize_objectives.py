@@ -92,10 +92,10 @@ def test_values_on_known_outputs():
 def test_batch_scorer_matches_row_by_row():
     gen = torch.Generator().manual_seed(0)
     outputs = {
-        "a": torch.randn(5, 4, 3, 3, generator=gen),
-        "b": torch.randn(5, 6, generator=gen),
-        LOGITS: torch.randn(5, 3, generator=gen),
-        IMAGE: torch.rand(5, 1, 6, 6, generator=gen),
+        "a": torch.randn(6, 4, 3, 3, generator=gen),
+        "b": torch.randn(6, 6, generator=gen),
+        LOGITS: torch.randn(6, 3, generator=gen),
+        IMAGE: torch.rand(6, 1, 6, 6, generator=gen),
     }
     objectives = [
         Channel("a", 3),
@@ -103,6 +103,7 @@ def test_batch_scorer_matches_row_by_row():
         ChannelGroup("a", [0, 1, 3]) + 2 * Channel("b", 5),
         ClassLogit(0) - 0.1 * TotalVariation() - 0.2 * L2(),
         Neuron("b", 4) + Channel("a", 0),
+        ChannelGroup("a", [2, 2, 0]),  # a channel twice counts twice, as in value()
     ]
     scorer = BatchScorer(objectives)
     batched = sum(scorer.score(name, out) for name, out in outputs.items())
