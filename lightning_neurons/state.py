@@ -102,14 +102,17 @@ class _SavedBuffers:
     """A copy of a model's buffers, taken in groups (:data:`BUFFER_GROUP_BYTES`): each group is
     one flat tensor, compared with the buffers as they are in one operation and one wait for the
     device; only a group that changed is restored, buffer by buffer, each one only if changed
-    (an unchanged buffer is never written)."""
+    (an unchanged buffer is never written). A sparse buffer or a tensor subclass (a DTensor, say)
+    is copied and compared alone, as it is."""
 
     def __init__(self, model: nn.Module) -> None:
+        #: ``(buffers, their shapes, the flat copy)``, and the buffers copied alone
         self.groups: list[tuple[list[torch.Tensor], list[torch.Size], torch.Tensor]] = []
+        self.alone: list[tuple[torch.Tensor, torch.Tensor]] = []
         by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for b in model.buffers():
-            if b.layout != torch.strided:  # sparse: alone, copied as it is
-                self.groups.append(([b], [b.shape], b.detach().clone()))
+            if b.layout != torch.strided or type(b) is not torch.Tensor:
+                self.alone.append((b, b.detach().clone()))
             else:
                 by_kind.setdefault((b.device, b.dtype), []).append(b)
         for tensors in by_kind.values():
@@ -119,19 +122,22 @@ class _SavedBuffers:
     def restore(self) -> None:
         """Write back every buffer that differs from its copy."""
         with torch.no_grad():
+            changed = list(self.alone)
             for tensors, shapes, saved in self.groups:
-                if saved.layout != torch.strided:  # a sparse buffer, copied whole
-                    olds = [saved]
-                elif torch.equal(_flat(tensors), saved):
-                    continue
-                else:
-                    sizes = [shape.numel() for shape in shapes]
-                    olds = [
-                        p.view(shape) for p, shape in zip(saved.split(sizes), shapes, strict=True)
-                    ]
-                for buffer, old in zip(tensors, olds, strict=True):
-                    if not torch.equal(buffer, old):
-                        buffer.copy_(old)
+                if not torch.equal(_flat(tensors), saved):
+                    parts = saved.split([shape.numel() for shape in shapes])
+                    olds = [p.view(shape) for p, shape in zip(parts, shapes, strict=True)]
+                    changed += zip(tensors, olds, strict=True)
+            for buffer, old in changed:
+                if not _equal(buffer, old):
+                    buffer.copy_(old)
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``torch.equal``, for sparse tensors too (compared dense)."""
+    if a.layout != torch.strided or b.layout != torch.strided:
+        return a.shape == b.shape and torch.equal(a.to_dense(), b.to_dense())
+    return torch.equal(a, b)
 
 
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:

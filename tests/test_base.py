@@ -89,6 +89,22 @@ def test_untouched_copies_and_compares_the_buffers_in_groups_not_one_by_one(monk
     assert {names[i]: c for i, c in enumerate(changed) if c} == {"7.running_mean": 2}
 
 
+class _Marked(torch.Tensor):
+    """A tensor subclass (as a DTensor is one): copied and compared alone, as it is."""
+
+
+def test_untouched_restores_subclass_and_sparse_buffers_alone():
+    model = nn.BatchNorm1d(3)
+    model.register_buffer("marked", torch.zeros(3).as_subclass(_Marked))
+    model.register_buffer("sparse", torch.eye(3).to_sparse())
+    with _Counted() as counted, untouched(model):
+        model.marked.add_(1.0)
+        model.sparse.mul_(2.0)
+    assert type(model.marked) is _Marked and torch.equal(model.marked, torch.zeros(3))
+    assert torch.equal(model.sparse.to_dense(), torch.eye(3))
+    assert counted.ops["equal"] == 2 + 2  # the two groups (float, int64), the two alone
+
+
 def test_untouched_restores_on_error():
     model = TinyNet().train()
     with pytest.raises(KeyError), untouched(model):
