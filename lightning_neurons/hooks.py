@@ -176,9 +176,11 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
         parse_call_site(name)  # raises with the explanation
     if is_function_layer(module_name):
         return _caller(model, name, module_name)
-    modules = dict(model.named_modules())
-    if module_name in modules and module_name:
-        return modules[module_name]
+    if module_name:
+        try:  # the attribute path: no walk over every module (hooks are placed at every step)
+            return model.get_submodule(module_name)
+        except AttributeError:
+            pass
     suffix = "" if call is None else f"{CALL_SEPARATOR}{call}"
     candidates = _layer_names(model)
     close = [
