@@ -30,6 +30,28 @@ def _is_container(module: nn.Module) -> bool:
     )
 
 
+def _is_auxiliary(name: str, module: nn.Module, classifier: nn.Linear | None) -> bool:
+    """Whether ``module`` (called ``name`` in its parent) is an auxiliary classifier: its name
+    contains ``aux`` and its last ``Linear`` has as many outputs as the model's ``classifier``
+    (GoogLeNet's ``aux1``, Inception v3's ``AuxLogits``). Such a head runs in training mode only,
+    so no analysis (eval mode) sees it run."""
+    if "aux" not in name.lower() or classifier is None:
+        return False
+    heads = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    return bool(heads) and heads[-1].out_features == classifier.out_features
+
+
+def auxiliary_classifiers(model: nn.Module) -> list[str]:
+    """The names of ``model``'s auxiliary classifiers (see :func:`default_layers`, rule 5)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    classifier = linears[-1] if linears else None
+    return [
+        name
+        for name, m in model.named_modules()
+        if name and _is_auxiliary(name.rpartition(".")[2], m, classifier)
+    ]
+
+
 def activation_rule(activations: Sequence[str] | ActivationRule | None) -> ActivationRule:
     """An :class:`~lightning_neurons.activations.ActivationRule` from ``activations=`` (names, a
     rule, or ``None``)."""
@@ -60,7 +82,11 @@ def default_layers(
        ``CNBlock`` output, a DenseNet dense block's, a transformer block's tokens;
     4. everything else is walked into (the model, a backbone attribute, containers, blocks that
        are not children of a container); ``Conv2d``, ``BatchNorm``, ``Linear`` and other leaves
-       are never default layers, so the final classifier's logits are not either.
+       are never default layers, so the final classifier's logits are not either;
+    5. an auxiliary classifier is skipped: a module whose name contains ``aux`` and whose last
+       ``Linear`` has as many outputs as the final classifier (GoogLeNet's ``aux1`` and
+       ``aux2``, Inception v3's ``AuxLogits``). It runs in training mode only, and the analyses
+       run the model in eval mode.
 
     So a ResNet gives its stem ReLU and every residual block's output, a VGG its ReLUs, ConvNeXt
     and vision transformers their blocks, a tutorial CNN with ``F.relu`` in ``forward`` its
@@ -100,7 +126,7 @@ def default_layers(
     def walk(module: nn.Module, prefix: str, in_container: bool) -> None:
         for name, child in module.named_children():
             full = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, Metric):
+            if isinstance(child, Metric) or _is_auxiliary(name, child, classifier):
                 continue
             if rule(child, device):
                 found.append(full)

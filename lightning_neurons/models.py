@@ -12,6 +12,7 @@ import torchmetrics
 from torch import nn
 from torch.nn import functional as F
 
+from lightning_neurons.batch import read_logits
 from lightning_neurons.errors import NeuronsError
 
 
@@ -70,7 +71,10 @@ class ImageClassifier(pl.LightningModule):
     Args:
         backbone: Any ``nn.Module`` mapping images to ``num_classes`` logits (in YAML, any class
             path, e.g. ``torchvision.models.resnet18`` with ``init_args: {num_classes: 10}``).
-            Default: :class:`SmallCNN` for grayscale input.
+            Default: :class:`SmallCNN` for grayscale input. Of a backbone that returns several
+            outputs (torchvision's GoogLeNet and Inception v3 in training mode), the main logits
+            are trained (read as :func:`~lightning_neurons.batch.read_logits` reads them); the
+            auxiliary classifiers are not.
         num_classes: Number of classes.
         lr: The (peak) learning rate of AdamW.
         weight_decay: AdamW's decoupled weight decay (0: plain Adam).
@@ -115,7 +119,7 @@ class ImageClassifier(pl.LightningModule):
 
     def _step(self, batch, stage: str, acc: torchmetrics.Metric) -> torch.Tensor:
         x, y = batch[0], batch[1]
-        logits = self(x)
+        logits = read_logits(self(x))  # the first output of aux-logit models (GoogLeNet's, say)
         loss = F.cross_entropy(logits, y)
         acc(logits, y)
         on_step = stage == "train"

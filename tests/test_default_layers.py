@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_neurons import ActivationTracker
 from lightning_neurons.activations import ActivationRule
+from lightning_neurons.defaults import auxiliary_classifiers
 from lightning_neurons.functional import is_function_layer
 from lightning_neurons.hooks import (
     SIGNED,
@@ -20,6 +21,7 @@ from lightning_neurons.hooks import (
     run_layers,
 )
 from lightning_neurons.models import ImageClassifier, SmallCNN
+from lightning_neurons.visualize.saliency import _last_conv
 
 RESNET_BLOCKS = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
 
@@ -106,6 +108,44 @@ def test_default_layers_of_torchvision_models(name, expected):
         sites = run_layers(model, layers, lambda: model(torch.rand(1, 3, 32, 32)))
     assert sites == layers
     assert count_forward_hooks(model) == 0
+
+
+def test_auxiliary_classifiers_are_not_default_layers_and_the_main_logits_are_trained(tmp_path):
+    """GoogLeNet's ``aux1``/``aux2`` (and Inception v3's ``AuxLogits``) run in training mode
+    only: as default layers, every analysis (eval mode) found them not run, and the
+    FeatureVisualizer's set-up stopped the fit. ImageClassifier trains the main logits of the
+    namedtuple such models return in training mode."""
+    with_aux = torchvision.models.googlenet(weights=None, num_classes=4, init_weights=False)
+    without = torchvision.models.googlenet(
+        weights=None, num_classes=4, aux_logits=False, init_weights=False
+    )
+    layers = default_layers(with_aux)
+    assert layers == default_layers(without) and len(layers) == 57
+    assert auxiliary_classifiers(with_aux) == ["aux1", "aux2"]
+    assert _last_conv(with_aux) == "inception5b.branch4.1.conv"  # Grad-CAM's default layer
+    inception = torchvision.models.inception_v3(weights=None, num_classes=4, init_weights=False)
+    assert auxiliary_classifiers(inception) == ["AuxLogits"]
+    assert not any("AuxLogits" in layer for layer in default_layers(inception))
+    # a module named aux that is not a classifier head stays a default layer's source
+    net = nn.ModuleDict({"aux": nn.Sequential(nn.Linear(2, 8), nn.ReLU()), "fc": nn.Linear(8, 2)})
+    assert auxiliary_classifiers(net) == [] and default_layers(net) == ["aux.1"]
+
+    class TwoHeads(nn.Module):  # as GoogLeNet: (logits, aux logits) in training mode only
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.ReLU())
+            self.aux, self.fc = nn.Linear(16, 4), nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = self.body(x)
+            return (self.fc(h), self.aux(h)) if self.training else self.fc(h)
+
+    model = ImageClassifier(TwoHeads(), num_classes=4)
+    head = model.backbone.fc.weight.detach().clone()
+    data = DataLoader(TensorDataset(torch.rand(8, 3, 8, 8), torch.arange(8) % 4), batch_size=4)
+    fast_trainer(tmp_path, max_epochs=1).fit(model, data, data)
+    assert not torch.equal(model.backbone.fc.weight, head)  # trained on the main logits
+    assert model.backbone.aux.weight.grad is None  # the auxiliary head is not
 
 
 def test_default_layers_of_the_demo_model():

@@ -41,7 +41,7 @@ from lightning_neurons.checks import (
     check_optional_positive_int,
     check_positive_int,
 )
-from lightning_neurons.defaults import default_cam_layer
+from lightning_neurons.defaults import auxiliary_classifiers, default_cam_layer
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import get_module, hooked, leaf_output_sizes
 from lightning_neurons.layouts import on_grid, patch_embedding
@@ -261,7 +261,13 @@ def _noise(samples: int, shape: torch.Size, seed: int, first_index: int) -> torc
 
 
 def _last_conv(model: nn.Module) -> str:
-    names = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    """The last ``Conv2d`` outside the auxiliary classifiers (they run in training mode only)."""
+    aux = tuple(f"{name}." for name in auxiliary_classifiers(model))
+    names = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and not (aux and name.startswith(aux))
+    ]
     if not names:
         raise NeuronsError(
             f"{type(model).__name__} has no Conv2d layer; pass the Grad-CAM `layer` explicitly"
