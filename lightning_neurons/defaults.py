@@ -41,10 +41,15 @@ def _is_auxiliary(name: str, module: nn.Module, classifier: nn.Linear | None) ->
     return bool(heads) and heads[-1].out_features == classifier.out_features
 
 
+def _final_classifier(model: nn.Module) -> nn.Linear | None:
+    """The model's last ``Linear`` (its final classifier), or ``None``."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
 def auxiliary_classifiers(model: nn.Module) -> list[str]:
     """The names of ``model``'s auxiliary classifiers (see :func:`default_layers`, rule 5)."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    classifier = linears[-1] if linears else None
+    classifier = _final_classifier(model)
     return [
         name
         for name, m in model.named_modules()
@@ -109,8 +114,7 @@ def default_layers(
     rule = activation_rule(activations)
     rule.check(model)
     device = model_device(model)
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    classifier = linears[-1] if linears else None
+    classifier = _final_classifier(model)
     found: list[str] = []
 
     def own_calls(module: nn.Module) -> list[str]:

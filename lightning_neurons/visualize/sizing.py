@@ -142,8 +142,8 @@ def gram_elements(probe: Probe, objectives: Sequence[Objective], group: int) -> 
     if group < 2:
         return 0
     spatial = probe.spatial()
-    layers = {diversity_layer(o, spatial) for o in objectives} - {None}
-    return max((probe.shapes[name][0] ** 2 for name in layers if name), default=0)
+    layers = {name for o in objectives if (name := diversity_layer(o, spatial)) is not None}
+    return max((probe.shapes[name][0] ** 2 for name in layers), default=0)
 
 
 def _resolve(model: nn.Module, objectives: Sequence[Objective]) -> list[str]:
