@@ -385,6 +385,9 @@ class LabelRange:
     def __init__(self, defer: bool | None = None) -> None:
         self.defer = defer
         self._pending: tuple[torch.Tensor, Any, int] | None = None
+        # a deferred range: computed on the labels' device, copied to the host; both buffers are
+        # reused from batch to batch (the copy has been read before the next is queued)
+        self._span: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def check(self, labels: torch.Tensor, num_classes: int | None) -> torch.Tensor:
         """Check ``labels`` (and the batch before, if its range is still to be read); return
@@ -398,19 +401,31 @@ class LabelRange:
         if not labels.numel() or num_classes is None:
             return labels
         defer = labels.is_cuda if self.defer is None else self.defer
-        low, high = labels.aminmax()
         if not defer:
+            low, high = labels.aminmax()
             _check_range(int(low), int(high), num_classes)
             return labels
-        host = torch.empty(2, dtype=labels.dtype, pin_memory=labels.is_cuda)
-        host[0].copy_(low, non_blocking=True)
-        host[1].copy_(high, non_blocking=True)
+        span, host = self._buffers(labels)
+        torch.aminmax(labels, out=(span[0], span[1]))
+        host.copy_(span, non_blocking=True)
         event = None
         if labels.is_cuda:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(labels.device))
         self._pending = (host, event, num_classes)
         return labels.clamp(0, num_classes - 1)
+
+    def _buffers(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if (
+            self._span is None
+            or self._span[0].dtype != labels.dtype
+            or (self._span[0].device != labels.device)
+        ):
+            self._span = (
+                torch.empty(2, dtype=labels.dtype, device=labels.device),
+                torch.empty(2, dtype=labels.dtype, pin_memory=labels.is_cuda),
+            )
+        return self._span
 
     def settle(self) -> None:
         """Read the range of the deferred batch, if any (waiting only for its copy).

@@ -6,7 +6,7 @@ modules, :mod:`lightning_neurons.functional` the calls of activation functions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
@@ -192,3 +192,17 @@ def default_cam_layer(model: nn.Module) -> str | None:
     tokens = [getattr(m, a, None) for m in model.modules() for a in ("class_token", "cls_token")]
     reads_class_token = any(isinstance(t, nn.Parameter) for t in tokens) and "avg" not in pools
     return layers[-2] if reads_class_token and len(layers) > 1 else layers[-1]
+
+
+def infer_num_classes(model: nn.Module) -> int | None:
+    """The class count from ``num_classes`` (attribute or hparams) or the last Linear's width."""
+    for source in (model, getattr(model, "hparams", {})):
+        value = (
+            source.get("num_classes")
+            if isinstance(source, Mapping)
+            else getattr(source, "num_classes", None)
+        )
+        if isinstance(value, int) and value > 0:
+            return value
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None

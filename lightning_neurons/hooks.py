@@ -179,8 +179,10 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     if module_name:
         try:  # the attribute path: no walk over every module (hooks are placed at every step)
             return model.get_submodule(module_name)
-        except AttributeError:
-            pass
+        except AttributeError:  # not found, or a name that is also a method ("half", "float")
+            found = dict(model.named_modules()).get(module_name)
+            if found is not None:
+                return found
     suffix = "" if call is None else f"{CALL_SEPARATOR}{call}"
     candidates = _layer_names(model)
     close = [

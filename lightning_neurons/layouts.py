@@ -21,6 +21,7 @@ as a view (no copy; gradients flow through it):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from enum import Enum
 
@@ -98,16 +99,41 @@ def from_channels_first(output: torch.Tensor, layout: Layout) -> torch.Tensor:
 
 
 def reduce_positions(output: torch.Tensor, reduction: str) -> torch.Tensor:
-    """``[B, K, *positions] -> [B, K]`` by ``"mean"`` or ``"max"`` (``[B, K]`` as it is)."""
+    """``[B, K, *positions] -> [B, K]`` by ``"mean"`` or ``"max"`` (``[B, K]`` as it is).
+
+    The positions are reduced where they lie (a channels-last or permuted output is not copied
+    into a flat one first)."""
     if output.dim() == 2:
         return output
-    flat = output.flatten(2)
-    return flat.mean(dim=2) if reduction == "mean" else flat.amax(dim=2)
+    positions = tuple(range(2, output.dim()))
+    return output.mean(dim=positions) if reduction == "mean" else output.amax(dim=positions)
 
 
 def peak(output: torch.Tensor) -> torch.Tensor:
     """``[B, K]``: each neuron's largest value over its positions."""
-    return output if output.dim() == 2 else output.flatten(2).amax(dim=2)
+    return output if output.dim() == 2 else output.amax(dim=tuple(range(2, output.dim())))
+
+
+def held_values(
+    output: torch.Tensor, reduction: str, layer: str = "", peaks: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([B, K] values, [B, K] peaks)`` of a channels-first output, for statistics kept past the
+    forward pass: tensors of their own, never views of ``output`` (a later in-place operation
+    may change it). One position (ResNet's last blocks at 32 px) is its own mean and peak: one
+    copy then, not two reductions. ``reduction="max"`` gives the values as the peaks, and so
+    does ``peaks=False`` (for outputs whose mean is positive exactly when their peak is).
+
+    Raises:
+        NeuronsError: For a tensor without a neuron axis.
+    """
+    check_neurons(output, layer)
+    if output.dim() > 2 and math.prod(output.shape[2:]) == 1:
+        output = output.reshape(output.shape[:2])
+    if output.dim() == 2:
+        values = output.clone()
+        return values, values
+    values = reduce_positions(output, reduction)
+    return values, (peak(output) if reduction == "mean" and peaks else values)
 
 
 def check_neurons(output: torch.Tensor, layer: str) -> None:

@@ -191,13 +191,14 @@ class ConfusionCounts(Metric):
 #: CPU, where the update's work on them outweighs its fixed costs beyond this)...
 FLUSH_VALUES = 2**18
 #: ... on an accelerator (where each of the update's operations is a kernel launch: ResNet-50's
-#: widest layers are then added every 8 batches of 64, not every 2; at most 8 MB held a layer)...
-FLUSH_VALUES_DEVICE = 2**20
+#: widest layers are then added every 32 batches of 64, not every 2; at most 32 MB held a layer,
+#: its values and peaks in float32)...
+FLUSH_VALUES_DEVICE = 2**22
 #: ... or this many rows (images)...
 FLUSH_ROWS = 1024
-#: ... on an accelerator (a narrow layer's rows are few bytes: 16,384 rows of 64 neurons are
-#: 4 MB, and the values bound above caps the wide ones).
-FLUSH_ROWS_DEVICE = 16384
+#: ... on an accelerator (a narrow layer's rows are few bytes: 65,536 rows of 64 neurons are
+#: 32 MB, and the values bound above caps the wide ones).
+FLUSH_ROWS_DEVICE = 65536
 
 
 class HeldBatches:
@@ -224,6 +225,7 @@ class HeldBatches:
 
     def __init__(self) -> None:
         self._held: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self._rows: dict[str, int] = {}  # rows held per layer
 
     def add(
         self,
@@ -236,27 +238,28 @@ class HeldBatches:
         """Hold a batch of layer ``name`` (the arguments of :meth:`ClassNeuronStats.update`);
         add the layer's held batches to ``stats`` once they are large enough. The tensors are
         kept as they are: pass none that a later in-place operation changes."""
-        held = self._held.setdefault(name, [])
-        held.append((values, labels, values if peak is None else peak))
-        rows = sum(v.shape[0] for v, _, _ in held)
+        self._held.setdefault(name, []).append((values, labels, values if peak is None else peak))
+        rows = self._rows[name] = self._rows.get(name, 0) + values.shape[0]
         cpu = values.device.type == "cpu"
         most, most_rows = (
             (FLUSH_VALUES, FLUSH_ROWS) if cpu else (FLUSH_VALUES_DEVICE, FLUSH_ROWS_DEVICE)
         )
         if rows >= most_rows or rows * values.shape[1] >= most:
-            self._add(stats, self._held.pop(name))
+            self._add(stats, self._take(name))
 
     def flush(self, stats: Mapping[str, ClassNeuronStats]) -> None:
         """Add every held batch to its layer's statistics in ``stats``."""
         for name in list(self._held):
-            self._add(stats[name], self._held.pop(name))
+            self._add(stats[name], self._take(name))
 
     def drop(self, name: str | None = None) -> None:
         """Forget the held batches of layer ``name`` (``None``: of every layer)."""
-        if name is None:
-            self._held.clear()
-        else:
-            self._held.pop(name, None)
+        for layer in list(self._held) if name is None else [name]:
+            self._take(layer)
+
+    def _take(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        self._rows.pop(name, None)
+        return self._held.pop(name, [])
 
     @staticmethod
     def _add(stats: ClassNeuronStats, held: list) -> None:

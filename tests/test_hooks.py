@@ -15,6 +15,8 @@ from lightning_neurons.hooks import (
     selects,
     signed_layers,
 )
+from lightning_neurons.layouts import held_values
+from lightning_neurons.signs import never_negative
 
 
 def test_default_layers_are_the_activations_not_the_signed_convs():
@@ -68,6 +70,54 @@ def test_reduce_activation_shapes_and_errors():
     assert reduce_activation(torch.arange(6.0).view(1, 2, 3), "max").tolist() == [[2.0, 5.0]]
     with pytest.raises(NeuronsError, match=r"shape \(3,\).*\[B, K\].*\[B, K, H, W\]"):
         reduce_activation(torch.ones(3), "mean", "seq")
+
+
+def test_a_module_named_like_a_module_method_is_found():
+    """``self.half = nn.ReLU()`` registers a module that ``model.get_submodule("half")`` does not
+    find (it finds ``Module.half``, a method)."""
+
+    class Named(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.half = nn.ReLU()
+
+    model = nn.Sequential(Named())
+    assert get_module(model, "0.half") is model[0]._modules["half"]
+
+
+def test_held_values_reduce_where_the_values_lie_and_never_alias_the_output():
+    """Means and peaks over the positions, equal for a channels-last output (reduced in place,
+    not copied flat first); one position is its own mean and peak (one copy, no reduction);
+    ``peaks=False`` gives the means as the peaks. None of them is a view of the output."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 5, 3, generator=g)
+    values, peaks = held_values(x, "mean")
+    torch.testing.assert_close(values, x.mean(dim=(2, 3)), rtol=0, atol=0)
+    assert torch.equal(peaks, x.flatten(2).amax(2))
+    last = x.contiguous(memory_format=torch.channels_last)
+    # float32 sums of 15 values of |x| < 5 in another order: a few ulps of 15 * 5
+    torch.testing.assert_close(held_values(last, "mean")[0], values, rtol=0, atol=1e-5)
+    assert torch.equal(held_values(last, "max")[0], peaks)
+    one = torch.randn(4, 6, 1, 1, generator=g)
+    for out in (one, torch.randn(4, 6, generator=g), torch.randn(4, 6, 1, generator=g)):
+        v, p = held_values(out, "mean")
+        assert p is v and torch.equal(v, out.reshape(4, 6))
+        assert v.untyped_storage().data_ptr() != out.untyped_storage().data_ptr()
+    v, p = held_values(x.relu(), "mean", peaks=False)
+    assert p is v and torch.equal(v > 0, x.relu().flatten(2).amax(2) > 0)
+
+
+def test_never_negative_layers_are_torchs_rectifiers_and_their_ops_only():
+    class Shifted(nn.ReLU):  # a subclass may compute anything
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) - 1
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.GELU(), Shifted(), nn.Sigmoid())
+    assert [never_negative(model, n) for n in ("0", "1", "1#1", "2", "3", "4")] == [
+        False, True, True, False, False, True,
+    ]  # fmt: skip
+    assert never_negative(model, "relu()") and never_negative(model, "0.relu6()#2")
+    assert not never_negative(model, "gelu()") and not never_negative(model, "silu()")
 
 
 class SharedReLU(nn.Module):

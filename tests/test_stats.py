@@ -172,6 +172,26 @@ def test_held_batches_are_bounded():
     assert int(stats.compute()["images"].sum()) == FLUSH_ROWS
 
 
+def test_held_batches_count_rows_afresh_after_a_flush_or_a_drop():
+    """The rows held per layer are counted as batches come, and the count starts again once the
+    layer's batches are added or dropped: the next addition comes a whole FLUSH_ROWS later."""
+    stats, held = ClassNeuronStats(2, 3), HeldBatches()
+    batch = (torch.rand(64, 3), torch.arange(64) % 2)
+    for _ in range(FLUSH_ROWS // 64 - 1):
+        held.add("a", stats, *batch)
+    held.drop("a")  # FLUSH_ROWS - 64 rows forgotten, and their count
+    held.add("b", stats, *batch)  # another layer's rows count for it alone
+    for _ in range(FLUSH_ROWS // 64 - 1):
+        held.add("a", stats, *batch)
+    assert stats.update_count == 0
+    held.add("a", stats, *batch)
+    assert int(stats.compute()["images"].sum()) == FLUSH_ROWS
+    held.drop()
+    for _ in range(FLUSH_ROWS // 64 - 1):
+        held.add("a", stats, *batch)
+    assert int(stats.compute()["images"].sum()) == FLUSH_ROWS
+
+
 def test_held_batches_hold_more_values_on_an_accelerator():
     """On the CPU a layer is added every FLUSH_VALUES values or FLUSH_ROWS rows; elsewhere (each
     of the update's operations a kernel launch) every FLUSH_VALUES_DEVICE values or

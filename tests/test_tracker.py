@@ -535,3 +535,81 @@ def test_a_layer_changed_in_place_later_is_tracked_as_it_was(tmp_path):
     means = tracker.results["backbone.fc"].class_means.double()
     assert (expected < 0).any()  # what the in-place ReLU would have zeroed
     torch.testing.assert_close(means, expected, atol=1e-5, rtol=0)
+
+
+class _Mixed(nn.Module):
+    """A signed conv, a ReLU module, a block ending in a ReLU whose result it then shifts in
+    place (negative means, positive peaks), a one-position pool, and float16 maps that are zero
+    but for one small value, whose float16 mean is zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.block = _ShiftedAfterReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.small = nn.ReLU()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = torch.zeros(x.shape[0], 2, 56, 56, dtype=torch.float16)
+        maps[:, 0, 0, 0] = 1e-5  # its mean over 3,136 positions rounds to 0 in float16
+        self.small(maps)
+        return self.head(self.pool(self.block(self.relu(self.conv(x)))).flatten(1))
+
+
+class _ShiftedAfterReLU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(x)
+        out -= 0.5  # in place, after the ReLU: this block's outputs can be negative
+        return out
+
+
+def test_firing_rates_equal_a_hand_count_whether_the_peak_or_the_mean_says_it(tmp_path):
+    """A neuron fires on an image when its peak is positive. ReLU modules' outputs are never
+    negative, so their means say it and their peaks are not reduced; every other layer's are
+    (and a layer's one position is its own peak); float16 outputs keep their peaks."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model, data = _module(net=_Mixed()), TinyData()
+    layers = ["backbone.conv", "backbone.relu", "backbone.block", "backbone.pool", "backbone.small"]
+    tracker = ActivationTracker(layers=layers, max_batches=2)
+    amax = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "amax":
+                amax.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fast_trainer(tmp_path, max_epochs=1, callbacks=[tracker]).validate(model, datamodule=data)
+    # two batches: peaks of the conv, of the block and of the float16 maps only
+    assert sorted(amax) == sorted([(8, 4, 8, 8)] * 4 + [(8, 2, 56, 56)] * 2)
+    outputs: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    handles = [
+        model.get_submodule(n).register_forward_hook(
+            lambda m, i, o, n=n: outputs[n].append(o.detach().float().flatten(2).amax(2))
+        )
+        for n in layers
+    ]
+    labels = []
+    with torch.no_grad():
+        for x, y in list(data.val_dataloader())[:2]:
+            model(x)
+            labels.append(y)
+    for h in handles:
+        h.remove()
+    y = torch.cat(labels)
+    for name in layers:
+        fired = (torch.cat(outputs[name]) > 0).float()
+        expected = torch.stack([fired[y == c].mean(0) for c in range(3)])
+        assert torch.equal(tracker.results[name].firing_rate, expected), name
+    assert (tracker.results["backbone.block"].class_means < 0).any()
+    assert tracker.results["backbone.block"].firing_rate.sum() > 0
+    small = tracker.results["backbone.small"]
+    assert small.firing_rate[:, 0].tolist() == [1.0] * 3 and small.class_means[:, 0].eq(0).all()

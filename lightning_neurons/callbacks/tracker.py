@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, overload
 
 import torch
@@ -31,37 +30,25 @@ from lightning_neurons.callbacks._base import (
 )
 from lightning_neurons.callbacks._evolution_log import NeuronEvolutionLog
 from lightning_neurons.checks import Constraints, Interval, Options
+from lightning_neurons.defaults import infer_num_classes
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.functional import is_function_layer
 from lightning_neurons.hooks import (
     HookSet,
     call_site,
-    reduce_activation,
     resolve_layers,
     selects,
     signed_layers,
+    split_call,
 )
-from lightning_neurons.layouts import peak as positions_peak
+from lightning_neurons.layouts import held_values
 from lightning_neurons.results import TrackerSpec
+from lightning_neurons.signs import never_negative
 from lightning_neurons.state import in_analysis
 from lightning_neurons.stats import ClassNeuronStats, HeldBatches, LayerStats
 
 Stage = Literal["validation", "train", "test"]
 Reduction = Literal["mean", "max"]
-
-
-def infer_num_classes(model: nn.Module) -> int | None:
-    """The class count from ``num_classes`` (attribute or hparams) or the last Linear's width."""
-    for source in (model, getattr(model, "hparams", {})):
-        value = (
-            source.get("num_classes")
-            if isinstance(source, Mapping)
-            else getattr(source, "num_classes", None)
-        )
-        if isinstance(value, int) and value > 0:
-            return value
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1].out_features if linears else None
 
 
 class ActivationTracker(StagedCallback):
@@ -188,6 +175,9 @@ class ActivationTracker(StagedCallback):
         self._saved_states: dict[str, dict[str, torch.Tensor]] = {}
         self._saved_epoch: int = -1
         self._noted: set[str] = set()
+        self._never_negative: set[str] = (
+            set()
+        )  # modules and function layers (lightning_neurons.signs)
         self._evolution = NeuronEvolutionLog()  # the neuron x epoch figures
 
     # ---- identity and checkpointing ------------------------------------------------------------
@@ -404,6 +394,10 @@ class ActivationTracker(StagedCallback):
         self._collecting = True
         self._pending_epoch = trainer.current_epoch
         self._hooks.add(pl_module, self.layers, self._on_activation)
+        # fired from the mean where the peak says the same (see lightning_neurons.signs)
+        self._never_negative = {
+            split_call(n)[0] for n in self.layers if never_negative(pl_module, n)
+        }
 
     def _stop(self) -> None:
         self._hooks.remove()
@@ -446,21 +440,21 @@ class ActivationTracker(StagedCallback):
         labels = self._labels
         if labels is None or in_analysis():
             return  # a forward outside a tracked batch, or another analysis running the model
-        with torch.no_grad():
-            output = output.detach()
-            values = reduce_activation(output, self.reduction, name)
-            peak = positions_peak(output) if self.reduction == "mean" else values
-            if values.shape[0] == self._batch_size and labels.shape[0] < values.shape[0]:
-                values, peak = values[: labels.shape[0]], peak[: labels.shape[0]]
-            if values.shape[0] != labels.shape[0]:
-                raise NeuronsError(
-                    f"layer {name!r} produced {values.shape[0]} rows for a batch of {labels.shape[0]} "
-                    "labels; track layers whose first dimension is the batch."
-                )
-            if output.dim() == 2:  # its own values: held, so copied before an in-place op
-                values = peak = values.clone()
-            metric = self._metric(name, values)
-            self._held.add(name, metric, values, labels.to(values.device), peak)
+        # detached: no graph, without the cost of entering no_grad at every call
+        output = output.detach()
+        peaks = output.dtype == torch.float16 or split_call(name)[0] not in self._never_negative
+        values, peak = held_values(output, self.reduction, name, peaks=peaks)
+        if values.shape[0] == self._batch_size and labels.shape[0] < values.shape[0]:
+            values, peak = values[: labels.shape[0]], peak[: labels.shape[0]]
+        if values.shape[0] != labels.shape[0]:
+            raise NeuronsError(
+                f"layer {name!r} produced {values.shape[0]} rows for a batch of {labels.shape[0]} "
+                "labels; track layers whose first dimension is the batch."
+            )
+        metric = self._metric(name, values)
+        if labels.device != values.device:  # a layer on another device (model parallel)
+            labels = labels.to(values.device)
+        self._held.add(name, metric, values, labels, peak)
 
     def _note_signed(self, pl_module: LightningModule) -> None:
         signed = [n for n in signed_layers(pl_module, self.layers) if n not in self._noted]

@@ -38,14 +38,10 @@ from lightning_neurons.callbacks._visualizer_results import (
     saliency_maps,
 )
 from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
-from lightning_neurons.callbacks.tracker import (
-    ActivationTracker,
-    infer_num_classes,
-    tracker_results,
-    tracker_spec,
-)
+from lightning_neurons.callbacks.tracker import ActivationTracker, tracker_results, tracker_spec
 from lightning_neurons.checks import Constraints, Interval, Satisfies
 from lightning_neurons.data import Normalize
+from lightning_neurons.defaults import infer_num_classes
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import get_module, resolve_layers, selects
 from lightning_neurons.loggers import AnalysisLogger
