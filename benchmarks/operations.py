@@ -16,7 +16,8 @@ many would do, and a phase's share of the launches. The GPU figures themselves c
     python benchmarks/operations.py                                 # ResNet-50, 2 epochs
     python benchmarks/operations.py --max-rows 64          # the chunks before 68be840
 
-(It runs on earlier commits too: copy it into their ``benchmarks/``.)
+(It runs on earlier commits too: copy it into their ``benchmarks/``; it counts the library of
+the worktree it lies in.)
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from inspect import signature
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the library of the worktree this script lies in (copied into an older one, that one's)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import scale  # noqa: E402
 
 #: Operations that only make a new view or alias of a tensor: no kernel on a GPU.
