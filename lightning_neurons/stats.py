@@ -190,10 +190,15 @@ class ConfusionCounts(Metric):
 #: A layer's held batches are added to its statistics once they hold this many values (on the
 #: CPU, where the update's work on them outweighs its fixed costs beyond this)...
 FLUSH_VALUES = 2**18
-#: ... on an accelerator (where each of the update's operations is a kernel launch: ResNet-50's
-#: widest layers are then added every 32 batches of 64, not every 2; at most 32 MB held a layer,
-#: its values and peaks in float32)...
+#: ... on an accelerator, where each of the update's operations is a kernel launch: a layer's
+#: share of :data:`HELD_VALUES_DEVICE`, at least this many values...
+FLUSH_VALUES_DEVICE_MIN = 2**20
+#: ... and at most this many (32 MB a layer, its values and peaks in float32: ResNet-50's widest
+#: layers are added every 31 batches of 64, not every 2 as on the CPU)...
 FLUSH_VALUES_DEVICE = 2**22
+#: Values held on an accelerator over all the layers of a :class:`HeldBatches` (512 MB as float32
+#: values and peaks; a model tracked at more than 64 layers holds 8 MB a layer, more in all).
+HELD_VALUES_DEVICE = 2**26
 #: ... or this many rows (images)...
 FLUSH_ROWS = 1024
 #: ... on an accelerator (a narrow layer's rows are few bytes: 65,536 rows of 64 neurons are
@@ -207,8 +212,9 @@ class HeldBatches:
     On a layer of a few hundred neurons an update is a dozen operations on a ``[B, K]`` tensor,
     each costing more in fixed overhead (or, on a GPU, in kernel launches) than in work; a
     layer's batches are held until they hold :data:`FLUSH_VALUES` values or :data:`FLUSH_ROWS`
-    rows (:data:`FLUSH_VALUES_DEVICE` and :data:`FLUSH_ROWS_DEVICE` on an accelerator), then
-    added as one. The states are those of batch-by-batch updates (counts, maxima and float64 sums of the
+    rows (on an accelerator, the layer's share of :data:`HELD_VALUES_DEVICE` among ``layers``
+    layers, within :data:`FLUSH_VALUES_DEVICE_MIN` and :data:`FLUSH_VALUES_DEVICE`, or
+    :data:`FLUSH_ROWS_DEVICE` rows), then added as one. The states are those of batch-by-batch updates (counts, maxima and float64 sums of the
     same values; only the order of the float64 additions differs). Memory is bounded by that
     size per layer, whatever the number of batches. Call :meth:`flush` before reading the
     statistics.
@@ -223,7 +229,9 @@ class HeldBatches:
         8
     """
 
-    def __init__(self) -> None:
+    def __init__(self, layers: int = 1) -> None:
+        #: The layers held, for each one's share of :data:`HELD_VALUES_DEVICE`.
+        self.layers = layers
         self._held: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self._rows: dict[str, int] = {}  # rows held per layer
 
@@ -240,12 +248,16 @@ class HeldBatches:
         kept as they are: pass none that a later in-place operation changes."""
         self._held.setdefault(name, []).append((values, labels, values if peak is None else peak))
         rows = self._rows[name] = self._rows.get(name, 0) + values.shape[0]
-        cpu = values.device.type == "cpu"
-        most, most_rows = (
-            (FLUSH_VALUES, FLUSH_ROWS) if cpu else (FLUSH_VALUES_DEVICE, FLUSH_ROWS_DEVICE)
-        )
+        most, most_rows = self.limits(values.device)
         if rows >= most_rows or rows * values.shape[1] >= most:
             self._add(stats, self._take(name))
+
+    def limits(self, device: torch.device) -> tuple[int, int]:
+        """``(values, rows)``: a layer's held batches on ``device`` are added at either."""
+        if device.type == "cpu":
+            return FLUSH_VALUES, FLUSH_ROWS
+        share = HELD_VALUES_DEVICE // max(self.layers, 1)
+        return min(FLUSH_VALUES_DEVICE, max(FLUSH_VALUES_DEVICE_MIN, share)), FLUSH_ROWS_DEVICE
 
     def flush(self, stats: Mapping[str, ClassNeuronStats]) -> None:
         """Add every held batch to its layer's statistics in ``stats``."""

@@ -8,6 +8,8 @@ from lightning_neurons.stats import (
     FLUSH_ROWS_DEVICE,
     FLUSH_VALUES,
     FLUSH_VALUES_DEVICE,
+    FLUSH_VALUES_DEVICE_MIN,
+    HELD_VALUES_DEVICE,
     ClassNeuronStats,
     ConfusionCounts,
     HeldBatches,
@@ -210,6 +212,23 @@ def test_held_batches_hold_more_values_on_an_accelerator():
                 held.add("a", stats, values, torch.zeros(rows, dtype=torch.long, device=device))
                 batches += 1
             assert batches * rows == min(most_rows, most // width), (device, width)
+
+
+def test_held_batches_on_an_accelerator_share_a_bound_among_the_layers():
+    """On an accelerator the layers together hold HELD_VALUES_DEVICE values (a layer's share
+    within FLUSH_VALUES_DEVICE_MIN and FLUSH_VALUES_DEVICE); the CPU's bound is per layer."""
+    meta, cpu = torch.device("meta"), torch.device("cpu")
+    assert HeldBatches(1).limits(meta) == (FLUSH_VALUES_DEVICE, FLUSH_ROWS_DEVICE)
+    assert HeldBatches(17).limits(meta)[0] == HELD_VALUES_DEVICE // 17  # ResNet-50's layers
+    assert HeldBatches(17).limits(meta)[0] * 17 <= HELD_VALUES_DEVICE
+    assert HeldBatches(94).limits(meta)[0] == FLUSH_VALUES_DEVICE_MIN  # Inception v3's
+    assert HeldBatches(94).limits(cpu) == (FLUSH_VALUES, FLUSH_ROWS)
+    stats, held = ClassNeuronStats(10, 2048).to("meta"), HeldBatches(17)
+    batches = 0
+    while stats.update_count == 0:
+        held.add("a", stats, torch.rand(64, 2048, device="meta"), torch.zeros(64, device="meta"))
+        batches += 1
+    assert batches == -(-(HELD_VALUES_DEVICE // 17) // (64 * 2048))  # 31 batches of 64
 
 
 def test_confusion_counts_match_a_plain_count_and_skip_labels_out_of_range():

@@ -393,6 +393,7 @@ class ActivationTracker(StagedCallback):
         self._batches = 0
         self._collecting = True
         self._pending_epoch = trainer.current_epoch
+        self._held.layers = len(self.layers)
         self._hooks.add(pl_module, self.layers, self._on_activation)
         # fired from the mean where the peak says the same (see lightning_neurons.signs)
         self._never_negative = {
