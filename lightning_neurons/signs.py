@@ -10,18 +10,26 @@ never negative when its module is one of :data:`NON_NEGATIVE` (``nn.ReLU``, ``nn
 ``nn.Sigmoid``, ...) or it is a function layer of one of :data:`NON_NEGATIVE_OPS`
 (``"backbone.relu()"``, the ``F.relu`` calls of a tutorial model).
 
-Not known: a block that ends in a ReLU (a ResNet block), whose forward could change the ReLU's
-result in place before returning it; under ``inference_mode`` (Lightning's validation) no version
-counter tells. Float16 outputs keep their peaks: a mean of small values can round to zero in
-float16 (in float32 and bfloat16 only a mean below about 1e-38 would).
+A module that contains such modules is known never negative when, in one forward pass of two
+images of the first tracked batch (once per fit, without gradients, the model left as it was:
+:func:`~lightning_neurons.state.untouched`), every call of it returned the very tensor that such
+a module inside it returned last, unchanged since (its version counter): the last
+``self.relu(out)`` of a ResNet block, a stage of such blocks. A block that changes that tensor in
+place before returning it, or returns anything else, keeps its peaks; so does every layer when
+that forward pass fails. Float16 outputs keep their peaks: a mean of small values can round to
+zero in float16 (in float32 and bfloat16 only a mean below about 1e-38 would).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
+import torch
 from torch import nn
 
 from lightning_neurons.functional import is_function_layer, split_function_layer
-from lightning_neurons.hooks import get_module, split_call
+from lightning_neurons.hooks import first_tensor, get_module, split_call
+from lightning_neurons.state import untouched
 
 #: torch's modules whose outputs are never negative (these classes exactly: a subclass may
 #: compute something else).
@@ -52,3 +60,54 @@ def never_negative(model: nn.Module, layer: str) -> bool:
     if is_function_layer(name):
         return split_function_layer(name)[1] in NON_NEGATIVE_OPS
     return type(get_module(model, name)) in NON_NEGATIVE  # a subclass may change the forward
+
+
+def never_negative_layers(
+    model: nn.Module, layers: Sequence[str], forward: Callable[[], object]
+) -> set[str]:
+    """The module names of the entries of ``layers`` known never negative, by type
+    (:func:`never_negative`) or seen in one run of ``forward()`` (:func:`_returned`)."""
+    typed = {split_call(n)[0] for n in layers if never_negative(model, n)}
+    return typed | _returned(model, layers, forward)
+
+
+def _returned(model: nn.Module, layers: Sequence[str], forward: Callable[[], object]) -> set[str]:
+    """The module names of ``layers`` that, in one run of ``forward()`` (run here without
+    gradients, inside :func:`~lightning_neurons.state.untouched`), returned in every call the
+    unchanged output of the last never-negative module that ran inside them. Empty when
+    ``forward()`` raises: nothing is known then."""
+    last: list[tuple[torch.Tensor, int]] = []
+    returned: dict[str, bool] = {}
+
+    def witness(_module: nn.Module, _inputs: object, output: object) -> None:
+        if isinstance(output, torch.Tensor):
+            last[:] = [(output, output._version)]
+
+    def returns(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+            tensor = first_tensor(output, name)
+            same = bool(last) and tensor is last[0][0] and tensor._version == last[0][1]
+            returned[name] = returned.get(name, True) and same
+
+        return hook
+
+    names = {split_call(n)[0] for n in layers}
+    handles = []
+    try:
+        for name in sorted(n for n in names if not is_function_layer(n)):
+            module = get_module(model, name)
+            inner = [m for m in module.modules() if m is not module and type(m) in NON_NEGATIVE]
+            if inner:
+                handles += [m.register_forward_hook(witness) for m in inner]
+                handles.append(module.register_forward_hook(returns(name)))
+        if not handles:
+            return set()  # no module around a never-negative one: nothing to see
+        with untouched(model), torch.no_grad():
+            forward()
+    except Exception:  # noqa: BLE001 - a failed probe tells nothing: every layer keeps its peaks
+        return set()
+    finally:
+        for handle in handles:
+            handle.remove()
+        last.clear()
+    return {name for name, same in returned.items() if same}

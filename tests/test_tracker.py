@@ -539,14 +539,16 @@ def test_a_layer_changed_in_place_later_is_tracked_as_it_was(tmp_path):
 
 class _Mixed(nn.Module):
     """A signed conv, a ReLU module, a block ending in a ReLU whose result it then shifts in
-    place (negative means, positive peaks), a one-position pool, and float16 maps that are zero
-    but for one small value, whose float16 mean is zero."""
+    place (negative means, positive peaks), a residual block that returns its ReLU's result, a
+    one-position pool, and float16 maps that are zero but for one small value, whose float16
+    mean is zero."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(1, 4, 3, padding=1)
         self.relu = nn.ReLU()
         self.block = _ShiftedAfterReLU()
+        self.ends = _EndsInReLU()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.small = nn.ReLU()
         self.head = nn.Linear(4, 3)
@@ -555,7 +557,7 @@ class _Mixed(nn.Module):
         maps = torch.zeros(x.shape[0], 2, 56, 56, dtype=torch.float16)
         maps[:, 0, 0, 0] = 1e-5  # its mean over 3,136 positions rounds to 0 in float16
         self.small(maps)
-        return self.head(self.pool(self.block(self.relu(self.conv(x)))).flatten(1))
+        return self.head(self.pool(self.ends(self.block(self.relu(self.conv(x))))).flatten(1))
 
 
 class _ShiftedAfterReLU(nn.Module):
@@ -569,14 +571,28 @@ class _ShiftedAfterReLU(nn.Module):
         return out
 
 
+class _EndsInReLU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        out += x
+        return self.relu(out)
+
+
 def test_firing_rates_equal_a_hand_count_whether_the_peak_or_the_mean_says_it(tmp_path):
-    """A neuron fires on an image when its peak is positive. ReLU modules' outputs are never
-    negative, so their means say it and their peaks are not reduced; every other layer's are
-    (and a layer's one position is its own peak); float16 outputs keep their peaks."""
+    """A neuron fires on an image when its peak is positive. ReLU modules' outputs, and a block's
+    that returns its ReLU's result unchanged, are never negative, so their means say it and
+    their peaks are not reduced; every other layer's are (and a layer's one position is its own
+    peak); float16 outputs keep their peaks."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     model, data = _module(net=_Mixed()), TinyData()
-    layers = ["backbone.conv", "backbone.relu", "backbone.block", "backbone.pool", "backbone.small"]
+    layers = ["backbone.conv", "backbone.relu", "backbone.block", "backbone.ends", "backbone.pool"]
+    layers.append("backbone.small")
     tracker = ActivationTracker(layers=layers, max_batches=2)
     amax = []
 

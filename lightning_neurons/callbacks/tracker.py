@@ -18,6 +18,7 @@ from lightning_neurons.batch import (
     LabelRange,
     LoaderRows,
     analysed_rows,
+    as_model_input,
     stage_loaders,
 )
 from lightning_neurons.callbacks._base import (
@@ -43,7 +44,7 @@ from lightning_neurons.hooks import (
 )
 from lightning_neurons.layouts import held_values
 from lightning_neurons.results import TrackerSpec
-from lightning_neurons.signs import never_negative
+from lightning_neurons.signs import never_negative_layers
 from lightning_neurons.state import in_analysis
 from lightning_neurons.stats import ClassNeuronStats, HeldBatches, LayerStats
 
@@ -175,9 +176,9 @@ class ActivationTracker(StagedCallback):
         self._saved_states: dict[str, dict[str, torch.Tensor]] = {}
         self._saved_epoch: int = -1
         self._noted: set[str] = set()
-        self._never_negative: set[str] = (
-            set()
-        )  # modules and function layers (lightning_neurons.signs)
+        # the layers whose means say whether they fired (lightning_neurons.signs), known once a fit
+        self._never_negative: set[str] = set()
+        self._signs_known = False
         self._evolution = NeuronEvolutionLog()  # the neuron x epoch figures
 
     # ---- identity and checkpointing ------------------------------------------------------------
@@ -256,7 +257,7 @@ class ActivationTracker(StagedCallback):
         self.layers = list(self.spec.layers)
         self.num_classes = self.spec.num_classes
         self._note_signed(pl_module)
-        self._checked = self._warned_loaders = False
+        self._checked = self._warned_loaders = self._signs_known = False
         self._saw_validation = self._warned_no_validation = False
 
     def resolve_layers(self, pl_module: nn.Module, patterns: list[str] | None) -> list[str]:
@@ -280,6 +281,10 @@ class ActivationTracker(StagedCallback):
             self._checked = True
         if step.stage == self.stage and step.dataloader_idx == self.dataloader_idx:
             self._gather(step.batch, step.batch_idx)
+            if self._labels is not None and not self._signs_known:  # on two of its images
+                self._signs_known, inputs = True, self.reader.inputs(step.batch)
+                run = lambda: pl_module(as_model_input(inputs, pl_module)[:2])  # noqa: E731
+                self._never_negative = never_negative_layers(pl_module, self.layers, run)
 
     def _on_batch_end(self, trainer: Trainer, pl_module: LightningModule, step: StageBatch) -> None:
         self._labels = None
@@ -395,10 +400,6 @@ class ActivationTracker(StagedCallback):
         self._pending_epoch = trainer.current_epoch
         self._held.layers = len(self.layers)
         self._hooks.add(pl_module, self.layers, self._on_activation)
-        # fired from the mean where the peak says the same (see lightning_neurons.signs)
-        self._never_negative = {
-            split_call(n)[0] for n in self.layers if never_negative(pl_module, n)
-        }
 
     def _stop(self) -> None:
         self._hooks.remove()
