@@ -629,3 +629,32 @@ def test_firing_rates_equal_a_hand_count_whether_the_peak_or_the_mean_says_it(tm
     assert tracker.results["backbone.block"].firing_rate.sum() > 0
     small = tracker.results["backbone.small"]
     assert small.firing_rate[:, 0].tolist() == [1.0] * 3 and small.class_means[:, 0].eq(0).all()
+
+
+def test_resnet_blocks_count_firing_from_their_means_as_their_peaks_would(tmp_path, monkeypatch):
+    """torchvision's ResNet-18 (random weights): every default layer (the stem's ReLU, the
+    blocks, which return their ReLU's result) is known never negative, and the firing counts are
+    those that the peaks give."""
+    import torchvision
+
+    from lightning_neurons.callbacks import tracker as tracker_module
+
+    x, y = (
+        torch.rand(48, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+        torch.arange(48) % 3,
+    )
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    fired = []
+    for shortcut in (True, False):
+        if not shortcut:
+            monkeypatch.setattr(tracker_module, "never_negative_layers", lambda *args: set())
+        torch.manual_seed(0)  # the same weights both times
+        model = _module(net=torchvision.models.resnet18(num_classes=3))
+        tracker = ActivationTracker(enable_logging=False, on_error="raise")
+        fast_trainer(tmp_path, callbacks=[tracker]).validate(model, loader, verbose=False)
+        assert tracker._never_negative == (set(tracker.layers) if shortcut else set())
+        fired.append({n: s["fired"] for n, s in tracker._saved_states.items()})
+    assert fired[0].keys() == fired[1].keys() and len(fired[0]) == 9
+    for name, counts in fired[0].items():
+        assert torch.equal(counts, fired[1][name]), name
+        assert 0 < counts.sum() < 48 * counts.shape[1]  # fired on some images, not on all
