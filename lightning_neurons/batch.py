@@ -416,11 +416,8 @@ class LabelRange:
         return labels.clamp(0, num_classes - 1)
 
     def _buffers(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if (
-            self._span is None
-            or self._span[0].dtype != labels.dtype
-            or (self._span[0].device != labels.device)
-        ):
+        span = self._span
+        if span is None or (span[0].dtype, span[0].device) != (labels.dtype, labels.device):
             self._span = (
                 torch.empty(2, dtype=labels.dtype, device=labels.device),
                 torch.empty(2, dtype=labels.dtype, pin_memory=labels.is_cuda),

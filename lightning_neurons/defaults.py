@@ -204,5 +204,5 @@ def infer_num_classes(model: nn.Module) -> int | None:
         )
         if isinstance(value, int) and value > 0:
             return value
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1].out_features if linears else None
+    classifier = _final_classifier(model)
+    return classifier.out_features if classifier is not None else None

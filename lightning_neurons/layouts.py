@@ -109,11 +109,6 @@ def reduce_positions(output: torch.Tensor, reduction: str) -> torch.Tensor:
     return output.mean(dim=positions) if reduction == "mean" else output.amax(dim=positions)
 
 
-def peak(output: torch.Tensor) -> torch.Tensor:
-    """``[B, K]``: each neuron's largest value over its positions."""
-    return output if output.dim() == 2 else output.amax(dim=tuple(range(2, output.dim())))
-
-
 def held_values(
     output: torch.Tensor, reduction: str, layer: str = "", peaks: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +128,8 @@ def held_values(
         values = output.clone()
         return values, values
     values = reduce_positions(output, reduction)
-    return values, (peak(output) if reduction == "mean" and peaks else values)
+    peak = reduce_positions(output, "max") if reduction == "mean" and peaks else values
+    return values, peak
 
 
 def check_neurons(output: torch.Tensor, layer: str) -> None:
