@@ -93,6 +93,10 @@ class TreeMemory:
         #: The peak during each label (what ``label()`` said when the sample was taken).
         self.by_label: dict[str, float] = defaultdict(float)
         self.processes = 0
+        #: At the peak, per process (this one first, then the figure workers): ``[Pss, Pss_Anon,
+        #: Private]`` in MB. A worker's Pss counts a share of the pages it still shares with
+        #: this process; its private memory is what the worker alone adds.
+        self.peak_split: list[list[float]] = []
         self.field = "Pss"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="tree-memory")
@@ -113,10 +117,14 @@ class TreeMemory:
     def sample(self) -> None:
         label = self.label()
         pids = _tree(os.getpid())
-        total = sum(self._kb(pid) for pid in pids) / 1024
+        sizes = [self._kb(pid) / 1024 for pid in pids]
+        total = sum(sizes)
         self.by_label[label] = max(self.by_label[label], total)
         if total > self.peak_mb:
             self.peak_mb, self.processes, self.peak_label = total, len(pids), label
+            self.peak_split = [
+                [size, *_rollup_mb(pid)] for pid, size in zip(pids, sizes, strict=True)
+            ]
 
     def _kb(self, pid: int) -> float:
         for path, field in (
@@ -132,6 +140,18 @@ class TreeMemory:
             except OSError:
                 continue
         return 0.0
+
+
+def _rollup_mb(pid: int) -> tuple[float, float]:
+    """``Pss_Anon`` (heap, stacks and tensors, not libraries) and private memory (``Private_Clean``
+    + ``Private_Dirty``) of ``pid`` in MB; 0 where the kernel does not say."""
+    try:
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+    except OSError:
+        return 0.0, 0.0
+    kb = {k: float(v.split()[0]) for k, v in (x.split(":", 1) for x in lines[1:] if ":" in x)}
+    private = kb.get("Private_Clean", 0.0) + kb.get("Private_Dirty", 0.0)
+    return kb.get("Pss_Anon", 0.0) / 1024, private / 1024
 
 
 def _tree(pid: int) -> list[int]:
@@ -304,6 +324,7 @@ def child(args: argparse.Namespace, which: str) -> dict:
         "peak_tree_during": tree.peak_label,
         "tree_by_phase": sorted(tree.by_label.items(), key=lambda kv: -kv[1]),
         "tree": [tree.processes, tree.field],
+        "peak_split": tree.peak_split,
         "peak_cuda_mb": (
             torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
         ),
@@ -518,6 +539,14 @@ def report(r: dict, base: dict, args: argparse.Namespace) -> None:
             else ""
         )
         print(f"      {name:20s} {secs:8.1f} s per analysed epoch{later}", flush=True)
+    if r.get("peak_split"):
+        (pss, anon, _), *workers = r["peak_split"]
+        shown = "; ".join(f"{w[0]:,.0f} MB ({w[2]:,.0f} MB its own)" for w in workers) or "none"
+        print(
+            f"      at the peak ({r['tree'][1]}): the training process {pss:,.0f} MB ({anon:,.0f} MB"
+            f" anonymous: heap and tensors), the figure workers {shown}",
+            flush=True,
+        )
     if r["phases"] and args.phases:
         print(f"      the analyses' longest phases (seconds, the whole fit; top {args.phases}):")
         for what, secs in r["phases"][: args.phases]:

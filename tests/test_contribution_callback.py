@@ -3,7 +3,9 @@ results used when present, no side effects on training, hooks removed, errors.""
 
 from __future__ import annotations
 
+import gc
 import warnings
+import weakref
 
 import lightning.pytorch as pl
 import numpy as np
@@ -509,3 +511,31 @@ def test_probes_cover_every_class_and_the_table_has_short_columns(tmp_path):
     assert [r[1] for r in rows] == [str(c) for c in range(10)]
     assert all(len(r) == 8 for r in rows)
     assert rows[0][3].startswith(f"n{int(res.probes.top_neurons[0, 0])} ")
+
+
+def test_the_last_epochs_results_are_released_before_the_next_analysis(tmp_path, monkeypatch):
+    """Three [C, K] float32 tables a layer stay on the host for the whole fit: the last epoch's
+    are let go when the next analysis starts, so that two epochs' never coexist."""
+    model, data = _module(), TinyData()
+    contribution = NeuronContribution(max_batches=1, enable_logging=False, on_error="raise")
+    earlier: list[weakref.ref] = []
+    alive_at_start: list[bool] = []
+    contributions = NeuronContribution._contributions
+
+    def spied(self, *args, **kwargs):
+        gc.collect()
+        alive_at_start.append(any(ref() is not None for ref in earlier))
+        shared = contributions(self, *args, **kwargs)
+        if shared is not None:
+            earlier.extend(weakref.ref(s.class_contribution) for s in shared[0].values())
+        return shared
+
+    monkeypatch.setattr(NeuronContribution, "_contributions", spied)
+    trainer = fast_trainer(
+        tmp_path, callbacks=[ActivationTracker(enable_logging=False), contribution], max_epochs=3
+    )
+    trainer.fit(model, datamodule=data)
+    assert alive_at_start == [False, False, False]
+    assert len(earlier) == 3 * len(contribution.results) > 0
+    last = contribution.results[list(contribution.results)[-1]]
+    assert earlier[-1]() is last.stats.class_contribution

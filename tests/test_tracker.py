@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -658,3 +661,29 @@ def test_resnet_blocks_count_firing_from_their_means_as_their_peaks_would(tmp_pa
     for name, counts in fired[0].items():
         assert torch.equal(counts, fired[1][name]), name
         assert 0 < counts.sum() < 48 * counts.shape[1]  # fired on some images, not on all
+
+
+def test_the_last_epochs_statistics_are_released_before_the_next_are_made(tmp_path, monkeypatch):
+    """The published ``[C, K]`` tables live on the host for the whole fit: the last epoch's go
+    before this epoch's are computed, so that two epochs' never coexist."""
+    from lightning_neurons.stats import LayerStats
+
+    earlier: list[weakref.ref] = []
+    alive_when_made: list[bool] = []
+    from_state = LayerStats.from_state.__func__
+
+    def spied(cls, *args, **kwargs):
+        gc.collect()
+        alive_when_made.append(any(ref() is not None for ref in earlier))
+        stats = from_state(cls, *args, **kwargs)
+        earlier.append(weakref.ref(stats.class_means))
+        return stats
+
+    monkeypatch.setattr(LayerStats, "from_state", classmethod(spied))
+    tracker = ActivationTracker(layers=["backbone.relu1", "backbone.relu2"], enable_logging=False)
+    pl.seed_everything(0, verbose=False)
+    model = ImageClassifier(TinyNet(), num_classes=3, lr=1e-2)
+    fast_trainer(tmp_path, callbacks=[tracker], max_epochs=3).fit(model, datamodule=TinyData())
+    # an epoch's two layers are made one after the other: at each epoch's first, none is alive
+    assert alive_when_made[0::2] == [False, False, False]
+    assert earlier[-1]() is tracker.results["backbone.relu2"].class_means
