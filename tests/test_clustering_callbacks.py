@@ -3,7 +3,9 @@ no side effects on training, and hook hygiene."""
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -533,3 +535,26 @@ def test_projector_images_are_found_in_the_batches_validation_already_runs(tmp_p
     for layer, tiles in fresh.items():  # same weights, inputs and kernels: the same arithmetic
         torch.testing.assert_close(logged[1][layer], tiles)
     assert count_forward_hooks(model) == 0
+
+
+def test_neuron_clustering_lets_the_last_results_go_before_clustering_again(tmp_path, monkeypatch):
+    """Each layer's ``[K, C]`` features are held in the results for the whole fit: the last
+    analysis's go before the next clusters, so that two analyses' never coexist."""
+    earlier: list[weakref.ref] = []
+    alive_at_start: list[bool] = []
+    cluster = NeuronClustering._cluster
+
+    def spied(self, name, stats):
+        gc.collect()
+        alive_at_start.append(any(ref() is not None for ref in earlier))
+        res = cluster(self, name, stats)
+        earlier.append(weakref.ref(res.features))
+        return res
+
+    monkeypatch.setattr(NeuronClustering, "_cluster", spied)
+    neurons = NeuronClustering(method="kmeans", enable_logging=False, on_error="raise")
+    tracker = ActivationTracker(layers=["backbone.relu2"], enable_logging=False)
+    trainer = fast_trainer(tmp_path, max_epochs=3, logger=False, callbacks=[tracker, neurons])
+    trainer.fit(_tiny(num_classes=6), TinyData(n=96, num_classes=6))
+    assert alive_at_start == [False, False, False]
+    assert earlier[-1]() is neurons.results["backbone.relu2"].features
