@@ -4,13 +4,17 @@ clear errors for bad choices."""
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 from conftest import TinyData, fast_trainer
 from test_clustering_callbacks import _scalar_tags, _tiny
 
 from lightning_neurons import ActivationTracker, CategoryClustering, NeuronsError
 from lightning_neurons.callbacks.category_clustering import COMBINED
+from lightning_neurons.clustering import standardize_columns
 from lightning_neurons.loggers import load_index
 
 #: ResNet-50's 17 default layers, in the forward pass's order.
@@ -119,3 +123,19 @@ def test_views_from_yaml(text, expected):
     config = parser.parse_string(f"category:\n  views: {text}\n")
     category = parser.instantiate_classes(config).category
     assert category.views == expected
+
+
+def test_the_combined_view_is_each_layers_standardised_block_side_by_side():
+    """Every layer's class profile z-scored per neuron, in the layers' order; the rows of classes
+    without images (NaN in any layer) NaN across the view."""
+    g = torch.Generator().manual_seed(0)
+    means = {"a": torch.randn(5, 3, generator=g), "b": torch.randn(5, 7, generator=g) * 40}
+    means["b"][2] = float("nan")  # a class that layer b saw no image of
+    stats = {name: SimpleNamespace(class_means=m) for name, m in means.items()}
+    layers, combined = CategoryClustering(views="all")._views(stats)[COMBINED]
+    assert layers == ["a", "b"] and combined.dtype == np.float32
+    blocks = [standardize_columns(np.nan_to_num(m.numpy())) for m in means.values()]
+    expected = np.concatenate(blocks, axis=1)
+    expected[2] = np.nan
+    np.testing.assert_array_equal(combined, expected)  # the same operations: bit for bit
+    assert np.isfinite(np.delete(combined, 2, axis=0)).all()
