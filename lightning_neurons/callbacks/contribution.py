@@ -301,7 +301,7 @@ class NeuronContribution(StagedCallback):
         num_classes = spec.num_classes
         top_k = self.top_k or spec.top_k
         # the last epoch's results go before this one's are made: three [C, K] float32 tables a
-        # layer (319 MB for ResNet-50's 17 layers at 1,000 classes), on the host on a GPU too
+        # layer (194 MB for ResNet-50's 17 layers at 1,000 classes), host memory on a GPU too
         self.results = {}
         results: dict[str, ContributionResult] = {}
         with analysis_mode(pl_module):
