@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from lightning_neurons.checks import check_index, check_layer_name, check_weight
+from lightning_neurons.device_copies import DeviceCopies
 from lightning_neurons.errors import NeuronsError
 
 #: Pseudo-layer name of the model's output (logits).
@@ -206,12 +207,12 @@ class _RowIndex:
     tensor at ``terms[r].index`` (and at the given positions along the next dimensions)."""
 
     def __init__(self, terms: Sequence[Term]) -> None:
-        self.rows = torch.arange(len(terms))
-        self.index = torch.tensor([t.index for t in terms])  # type: ignore[attr-defined]
+        self.rows = DeviceCopies(torch.arange(len(terms)))
+        self.index = DeviceCopies(torch.tensor([t.index for t in terms]))  # type: ignore[attr-defined]
 
     def __call__(self, output: torch.Tensor, *positions: torch.Tensor) -> torch.Tensor:
         dev = output.device
-        return output[(self.rows.to(dev), self.index.to(dev), *positions)]
+        return output[(self.rows.on(dev), self.index.on(dev), *positions)]
 
 
 def _width_error(term: Term, what: str, index: int, width: int, unit: str) -> NeuronsError:
@@ -347,18 +348,23 @@ class Neuron(Term):
     @classmethod
     def batched(cls, terms: Sequence[Term]) -> BatchedFn:
         pick = _RowIndex(terms)
+        cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+        def positions(shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+            """The terms' positions in an output of ``shape``, on ``device`` (copied once)."""
+            key = (shape, device)
+            if key not in cache:
+                if len(shape) == 1:  # tokens: the position is the token
+                    pos = [(t._position(1, shape[0])[1],) for t in terms]  # type: ignore[attr-defined]
+                else:
+                    pos = [t._position(*shape) for t in terms]  # type: ignore[attr-defined]
+                cache[key] = tuple(torch.tensor(p, device=device) for p in zip(*pos, strict=True))
+            return cache[key]
 
         def score(output: torch.Tensor) -> torch.Tensor:
-            dev = output.device
             if output.dim() == 2:
                 return pick(output)
-            if output.dim() == 3:
-                xs = [t._position(1, output.shape[-1])[1] for t in terms]  # type: ignore[attr-defined]
-                return pick(output, torch.tensor(xs, device=dev))
-            pos = [t._position(output.shape[-2], output.shape[-1]) for t in terms]  # type: ignore[attr-defined]
-            ys = torch.tensor([p[0] for p in pos], device=dev)
-            xs = torch.tensor([p[1] for p in pos], device=dev)
-            return pick(output, ys, xs)
+            return pick(output, *positions(tuple(output.shape[2:]), output.device))
 
         return score
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from lightning_neurons import progress
 from lightning_neurons.batch import BatchFn, InputTransform, to_model_input
+from lightning_neurons.device_copies import DeviceCopies
 from lightning_neurons.hooks import hooked
 from lightning_neurons.visualize.objectives import Objective
 from lightning_neurons.visualize.param import Param, parametrize, row_seed
@@ -95,6 +96,9 @@ class Chunk:
         self.steps = torch.zeros(len(indices), dtype=torch.int64)
         #: Rows still optimised (``None``: all); the others are frozen (see :meth:`freeze`).
         self.active: torch.Tensor | None = None
+        # the running and the frozen rows' indices on the images' device, copied at each freeze
+        # rather than at every step (a copy to a GPU waits for it)
+        self._active = self._frozen = DeviceCopies(torch.zeros(0, dtype=torch.int64))
         self._frozen_params: torch.Tensor | None = None
         self._checked: torch.Tensor | None = None  # the running rows' values at the last check
         self._calm = torch.zeros(0, dtype=torch.int64)  # checks in a row each rose < tol
@@ -126,7 +130,7 @@ class Chunk:
         """The images of the running rows (all rows' parameters go through ``image_fn``: the
         parametrisation is cheap next to the model)."""
         image = self.image_fn()
-        return image if self.active is None else image[self.active.to(image.device)]
+        return image if self.active is None else image[self._active.on(image.device)]
 
     def check(
         self,
@@ -138,7 +142,10 @@ class Chunk:
         """Score the running rows without transforms; freeze those that have converged."""
         if not self.running:
             return
-        rows = self.objectives if self.active is None else [self.objectives[i] for i in self.active]
+        running = self.active
+        rows = (
+            self.objectives if running is None else [self.objectives[i] for i in running.tolist()]
+        )
         scoring = Scoring(rows, output_fn=self.output_fn)
         with torch.no_grad():
             image = self.rows_image()
@@ -162,6 +169,10 @@ class Chunk:
         momentum would move them even with a zero gradient)."""
         active = torch.arange(len(self.steps)) if self.active is None else self.active
         self.active = active[~done]
+        self._active = DeviceCopies(self.active)
+        frozen = torch.ones(len(self.steps), dtype=torch.bool)
+        frozen[self.active] = False
+        self._frozen = DeviceCopies(frozen.nonzero().flatten())
         self._frozen_params = self.params[0].detach().clone()
         self._score_rows(self.active.tolist())
 
@@ -169,11 +180,9 @@ class Chunk:
         """Put the frozen rows' parameters back after an optimiser step."""
         if self.active is None or self._frozen_params is None:
             return
-        frozen = torch.ones(len(self.steps), dtype=torch.bool)
-        frozen[self.active] = False
         with torch.no_grad():
             p = self.params[0]
-            index = frozen.to(p.device)
+            index = self._frozen.on(p.device)  # indices, not a mask: a mask's count would wait
             p[index] = self._frozen_params[index]
 
     def similarity(self, image: torch.Tensor) -> torch.Tensor:
@@ -200,7 +209,7 @@ class Chunk:
         grad = image.grad.detach().abs().sum(dim=1, keepdim=True)
         if self.active is not None:  # only the running rows are in the batch
             full = grad.new_zeros((len(self.steps), *grad.shape[1:]))
-            grad = full.index_copy(0, self.active.to(grad.device), grad)
+            grad = full.index_copy(0, self._active.on(grad.device), grad)
         self.mask = grad if self.mask is None else self.mask + grad
 
     def normalised_mask(self) -> torch.Tensor:

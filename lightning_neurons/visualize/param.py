@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from lightning_neurons.checks import check_batch_shape, check_choice, check_positive
+from lightning_neurons.device_copies import DeviceCopies
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.visualize.prior import DataPrior
 
@@ -39,7 +40,7 @@ PARAMS: tuple[str, ...] = ("pixel", "fft", "maco")
 _COLOR_SQRT = torch.tensor(
     [[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]], dtype=torch.float32
 )
-_COLOR_MIX = _COLOR_SQRT / _COLOR_SQRT.norm(dim=0).max()
+_COLOR_MIX = DeviceCopies(_COLOR_SQRT / _COLOR_SQRT.norm(dim=0).max())
 
 
 def row_seed(seed: int, index: int) -> int:
@@ -65,7 +66,7 @@ def decorrelate_colors(images: torch.Tensor) -> torch.Tensor:
     """
     if images.shape[1] != 3:
         return images
-    return torch.einsum("ij,njhw->nihw", _COLOR_MIX.to(images), images)
+    return torch.einsum("ij,njhw->nihw", _COLOR_MIX.like(images), images)
 
 
 def to_display(raw: torch.Tensor, decorrelate: bool = True) -> torch.Tensor:

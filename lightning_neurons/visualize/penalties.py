@@ -21,6 +21,7 @@ from typing import Protocol
 import torch
 
 from lightning_neurons.checks import check_weight
+from lightning_neurons.device_copies import DeviceCopies
 from lightning_neurons.visualize.objectives import IMAGE, BatchedFn, Objective, Term
 
 
@@ -49,10 +50,10 @@ class L2(Term):
 
     @classmethod
     def batched(cls, terms: Sequence[Term]) -> BatchedFn:
-        centre = torch.tensor([t.centre for t in terms])  # type: ignore[attr-defined]
+        centre = DeviceCopies(torch.tensor([t.centre for t in terms]))  # type: ignore[attr-defined]
 
         def score(output: torch.Tensor) -> torch.Tensor:
-            c = centre.to(output).view(-1, *([1] * (output.dim() - 1)))
+            c = centre.like(output).view(-1, *([1] * (output.dim() - 1)))
             return (output - c).pow(2).flatten(1).mean(dim=1)
 
         return score

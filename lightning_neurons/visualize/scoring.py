@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lightning_neurons.batch import BatchFn, as_model_input, read_logits
+from lightning_neurons.device_copies import DeviceCopies
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import hooked
 from lightning_neurons.visualize.objectives import IMAGE, LOGITS, BatchedFn, Objective, Term
@@ -41,13 +42,15 @@ class BatchScorer:
         for row, objective in enumerate(objectives):
             for weight, term in objective.terms():
                 grouped.setdefault((type(term), term.layer), []).append((row, weight, term))
-        self.groups: dict[str, list[tuple[BatchedFn, torch.Tensor, torch.Tensor, bool]]] = {}
+        self.groups: dict[str, list[tuple[BatchedFn, DeviceCopies, DeviceCopies, bool]]] = {}
         for (kind, layer), items in grouped.items():
             rows = torch.tensor([r for r, _, _ in items])
             weights = torch.tensor([w for _, w, _ in items])
             full = len(items) == self.size and bool((rows == torch.arange(self.size)).all())
             fn = kind.batched([t for _, _, t in items])
-            self.groups.setdefault(layer, []).append((fn, rows, weights, full))
+            # copied to the model's device once, not at every step (a copy to a GPU waits)
+            group = (fn, DeviceCopies(rows), DeviceCopies(weights), full)
+            self.groups.setdefault(layer, []).append(group)
         self.layers = tuple(n for n in self.groups if n not in (LOGITS, IMAGE))
         self.needs_logits = LOGITS in self.groups
         self.needs_image = IMAGE in self.groups
@@ -61,12 +64,12 @@ class BatchScorer:
         """
         total = output.new_zeros(self.size)
         for fn, rows, weights, full in self.groups.get(layer, []):
-            dev = output.device
             if full:
-                total = total + weights.to(output) * fn(output)
+                total = total + weights.like(output) * fn(output)
             else:
-                part = fn(output.index_select(0, rows.to(dev)))
-                total = total.index_add(0, rows.to(dev), weights.to(output) * part)
+                index = rows.on(output.device)
+                part = fn(output.index_select(0, index))
+                total = total.index_add(0, index, weights.like(output) * part)
         return total
 
 
@@ -112,7 +115,8 @@ class Scoring:
         self.total: torch.Tensor | None = None
         self.seen: set[str] = set()
         self.gram_rows = {
-            n: torch.as_tensor(r, dtype=torch.long) for n, r in (gram_layers or {}).items()
+            n: DeviceCopies(torch.as_tensor(r, dtype=torch.long))
+            for n, r in (gram_layers or {}).items()
         }
         self.grams: dict[str, torch.Tensor] = {}
 
@@ -135,8 +139,8 @@ class Scoring:
         rows = self.gram_rows.get(layer)
         if rows is not None:
             # computed now: a later in-place op (ReLU(inplace=True)) may change ``output``
-            every = len(rows) == len(output)  # the rows are ascending: every row, in order
-            picked = output if every else output.index_select(0, rows.to(output.device))
+            every = len(rows.tensor) == len(output)  # the rows ascend: every row, in order
+            picked = output if every else output.index_select(0, rows.on(output.device))
             self.grams[layer] = gram_matrices(picked)
         if self.stop and len(self.seen) == len(self.scorer.layers):
             raise StopForward
