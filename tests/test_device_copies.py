@@ -4,7 +4,7 @@ On a GPU a copy from ordinary host memory (``t.to(device)``) waits for everythin
 device, so a small index moved at every step and layer serialises the host and the device. On the
 CPU such a copy returns its input and cannot be seen; on the ``meta`` device it is an operation
 (``aten._to_copy`` from a CPU tensor), and nothing is computed. These tests score batches of meta
-outputs as a rendering step does, and count the copies of the first call and of the later ones.
+outputs and warp meta images as a rendering step does, and count the copies.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from lightning_neurons.visualize import (
 from lightning_neurons.visualize.objectives import IMAGE, LOGITS
 from lightning_neurons.visualize.param import decorrelate_colors
 from lightning_neurons.visualize.scoring import Scoring
+from lightning_neurons.visualize.transforms import RandomAffine, RandomRotate, RandomScale
 
 META = torch.device("meta")
 
@@ -105,3 +106,27 @@ def test_device_copies_are_the_tensor_on_the_device_and_in_the_type_asked_for():
     assert copies.like(like) is copies.like(like)  # kept, not made again
     assert copies.on(torch.device("cpu")) is copies.tensor  # on its own device: itself
     assert copies.on(META).device == META and copies.on(META).dtype == torch.float32
+
+
+def test_the_standard_warp_builds_its_grid_on_the_device(monkeypatch):
+    """torchvision's ``affine`` makes its matrix with ``torch.tensor(..., device=)`` (a copy to a
+    GPU at every step); the rendering's warp computes its grid on the images' device."""
+    made_on_device = []
+    tensor = torch.tensor
+
+    def spied(*args, **kwargs):
+        out = tensor(*args, **kwargs)
+        if out.device.type != "cpu":
+            made_on_device.append(out.shape)
+        return out
+
+    monkeypatch.setattr(torch, "tensor", spied)
+    images = torch.empty(4, 3, 16, 16, device=META)
+    generator = torch.Generator().manual_seed(0)
+    warps = [RandomAffine(shift=2), RandomRotate(10.0), RandomScale(0.9, 1.1)]
+    for warp in warps:
+        with HostToDevice() as mode:
+            out = warp(images, generator)
+        assert out.shape == images.shape and out.device == META
+        assert mode.copies == 0
+    assert made_on_device == []

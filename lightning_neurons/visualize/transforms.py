@@ -17,12 +17,13 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torchvision.transforms.v2 import InterpolationMode
+import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from lightning_neurons.checks import (
@@ -68,18 +69,32 @@ def _affine(
     scale: float = 1.0,
 ) -> torch.Tensor:
     """One bilinear affine warp about the centre (no shear), ``fill`` from outside."""
-    return _filled(
-        images,
-        fill,
-        lambda x: TF.affine(
-            x,
-            angle=angle,
-            translate=list(translate),
-            scale=scale,
-            shear=[0.0, 0.0],
-            interpolation=InterpolationMode.BILINEAR,
-        ),
+    return _filled(images, fill, lambda x: _warp(x, angle, translate, scale))
+
+
+def _warp(
+    images: torch.Tensor, angle: float, translate: Sequence[float], scale: float
+) -> torch.Tensor:
+    """torchvision's bilinear ``affine`` of ``[N, C, H, W]`` images (no shear, about the centre,
+    zeros from outside), its sampling grid computed on the images' device from Python numbers.
+    torchvision makes its matrix with ``torch.tensor(..., device=)``: a copy from host memory,
+    which on a GPU waits for everything queued there, at every rendering step."""
+    h, w = images.shape[-2:]
+    rot = math.radians(angle)
+    cos, sin = math.cos(rot) / scale, math.sin(rot) / scale
+    tx, ty = float(translate[0]), float(translate[1])
+    # the inverse map, output pixel -> input pixel, about the centre: (x, y) -> m @ (x, y, 1)
+    m = (cos, sin, -cos * tx - sin * ty, -sin, cos, sin * tx - cos * ty)
+    dtype = images.dtype if images.is_floating_point() else torch.float32
+    xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=images.device, dtype=dtype)
+    ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, h, device=images.device, dtype=dtype)
+    xs, ys = xs.unsqueeze(0), ys.unsqueeze(1)
+    grid = torch.stack(
+        [(xs * m[0] + ys * m[1] + m[2]) / (0.5 * w), (xs * m[3] + ys * m[4] + m[5]) / (0.5 * h)],
+        dim=-1,
     )
+    grid = grid.unsqueeze(0).expand(images.shape[0], -1, -1, -1)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 @dataclass
@@ -177,11 +192,7 @@ class RandomRotate:
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         angle = _uniform(generator, -self.degrees, self.degrees)
-        return _filled(
-            images,
-            self.fill,
-            lambda x: TF.rotate(x, angle, interpolation=InterpolationMode.BILINEAR),
-        )
+        return _affine(images, self.fill, angle=-angle)  # TF.rotate(angle) is TF.affine(-angle)
 
 
 @dataclass
