@@ -130,3 +130,28 @@ def test_the_standard_warp_builds_its_grid_on_the_device(monkeypatch):
         assert out.shape == images.shape and out.device == META
         assert mode.copies == 0
     assert made_on_device == []
+
+
+def test_the_convergence_checks_reuse_their_scoring_until_a_row_freezes(monkeypatch):
+    """Each check (every 4 steps) scores the running rows; its scoring, and so its indices'
+    copies on the device, is made again only when the running rows change."""
+    from conftest import TinyNet
+
+    from lightning_neurons.visualize import optimise, render
+
+    made: list[int] = []
+
+    class Counted(Scoring):
+        def __init__(self, objectives, *args, **kwargs):
+            made.append(len(objectives))
+            super().__init__(objectives, *args, **kwargs)
+
+    monkeypatch.setattr(optimise, "Scoring", Counted)
+    objectives = [Channel("conv1", 1), Channel("conv2", 2)]
+    counts = []
+    for steps in (24, 48):  # 6 and 12 checks; a tolerance of 1e-9: no row converges
+        made.clear()
+        render(TinyNet().eval(), objectives, image_shape=(1, 8, 8), steps=steps, converge_tol=1e-9)
+        counts.append(len(made))
+    # each chunk's scoring for the steps and one for its checks, however many checks
+    assert counts[0] == counts[1] and sum(made) == 2 * len(objectives)

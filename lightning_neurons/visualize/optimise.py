@@ -100,6 +100,7 @@ class Chunk:
         # rather than at every step (a copy to a GPU waits for it)
         self._active = self._frozen = DeviceCopies(torch.zeros(0, dtype=torch.int64))
         self._frozen_params: torch.Tensor | None = None
+        self._check_scoring: Scoring | None = None  # the running rows' (until a freeze)
         self._checked: torch.Tensor | None = None  # the running rows' values at the last check
         self._calm = torch.zeros(0, dtype=torch.int64)  # checks in a row each rose < tol
         self._score_rows(range(len(indices)))
@@ -142,11 +143,11 @@ class Chunk:
         """Score the running rows without transforms; freeze those that have converged."""
         if not self.running:
             return
-        running = self.active
-        rows = (
-            self.objectives if running is None else [self.objectives[i] for i in running.tolist()]
-        )
-        scoring = Scoring(rows, output_fn=self.output_fn)
+        if self._check_scoring is None:  # kept until a freeze: its indices go to the device once
+            rows = range(len(self.objectives)) if self.active is None else self.active.tolist()
+            objectives = [self.objectives[i] for i in rows]
+            self._check_scoring = Scoring(objectives, output_fn=self.output_fn)
+        scoring = self._check_scoring
         with torch.no_grad():
             image = self.rows_image()
             dispatch.current = scoring
@@ -170,6 +171,7 @@ class Chunk:
         active = torch.arange(len(self.steps)) if self.active is None else self.active
         self.active = active[~done]
         self._active = DeviceCopies(self.active)
+        self._check_scoring = None
         frozen = torch.ones(len(self.steps), dtype=torch.bool)
         frozen[self.active] = False
         self._frozen = DeviceCopies(frozen.nonzero().flatten())
