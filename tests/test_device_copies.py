@@ -130,6 +130,7 @@ def test_the_standard_warp_builds_its_grid_on_the_device(monkeypatch):
         assert out.shape == images.shape and out.device == META
         assert mode.copies == 0
     assert made_on_device == []
+    assert RandomAffine()(images[0], generator).shape == images.shape[1:]  # one [C, H, W] image
 
 
 def test_the_convergence_checks_reuse_their_scoring_until_a_row_freezes(monkeypatch):

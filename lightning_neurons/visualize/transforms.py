@@ -79,6 +79,8 @@ def _warp(
     zeros from outside), its sampling grid computed on the images' device from Python numbers.
     torchvision makes its matrix with ``torch.tensor(..., device=)``: a copy from host memory,
     which on a GPU waits for everything queued there, at every rendering step."""
+    if images.dim() == 3:  # one [C, H, W] image, as torchvision takes it too
+        return _warp(images.unsqueeze(0), angle, translate, scale)[0]
     h, w = images.shape[-2:]
     rot = math.radians(angle)
     cos, sin = math.cos(rot) / scale, math.sin(rot) / scale
