@@ -539,3 +539,21 @@ def test_the_last_epochs_results_are_released_before_the_next_analysis(tmp_path,
     assert len(earlier) == 3 * len(contribution.results) > 0
     last = contribution.results[list(contribution.results)[-1]]
     assert earlier[-1]() is last.stats.class_contribution
+
+
+def test_each_neurons_top_example_is_the_kept_image_it_is_largest_on(fitted):
+    """``top_example_index``: per neuron, the first kept image with its largest activation."""
+    from lightning_neurons.contribution import contribution_batch
+
+    model, data, contribution, _ = fitted
+    kept = _val_batches(data, 2)
+    training = model.training
+    model.eval()  # as the analysis runs it
+    acts = [contribution_batch(model, LAYERS, x, y).activations for x, y in kept]
+    model.train(training)
+    for layer in LAYERS:
+        every = torch.cat([a[layer].detach().float() for a in acts])  # [16 images, K]
+        expected = every.argmax(dim=0)
+        got = contribution.results[layer].top_example_index
+        # the same neuron's value at both indices (a tie may be broken either way)
+        assert torch.equal(every.gather(0, got.unsqueeze(0)), every.gather(0, expected[None]))

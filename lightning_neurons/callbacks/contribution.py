@@ -384,7 +384,7 @@ class NeuronContribution(StagedCallback):
             )
             acc.update(out, y)
             for layer, act in out.activations.items():
-                value, row = (t.cpu() for t in act.detach().float().max(dim=0))
+                value, row = act.detach().float().max(dim=0)  # kept where it is: read back once
                 old_value, old_index = best.get(
                     layer, (torch.full_like(value, -torch.inf), torch.zeros_like(row))
                 )
@@ -394,7 +394,7 @@ class NeuronContribution(StagedCallback):
                     torch.where(better, row + offset, old_index),
                 )
             offset += x.shape[0]
-        return best
+        return {layer: (value.cpu(), index.cpu()) for layer, (value, index) in best.items()}
 
     def _explain_probes(
         self,
