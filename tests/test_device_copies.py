@@ -47,7 +47,7 @@ class HostToDevice(TorchDispatchMode):
 
 
 def _outputs() -> dict[str, torch.Tensor]:
-    """A batch of 6 rows of two layers, the logits and the image, on the meta device."""
+    """A batch of 6 rows of three layers, the logits and the image, on the meta device."""
     return {
         "a": torch.empty(6, 4, 3, 3, device=META),
         "b": torch.empty(6, 6, 5, device=META),  # tokens, channels first
