@@ -7,8 +7,8 @@ and at ImageNet's shape they are hundreds of MB of host memory. This script fits
 ``ImageClassifier(torchvision <model>, weights=None)`` on random images with every callback at
 its defaults and, whenever an analysis announces a phase, adds up the bytes of the CPU tensors in
 the results: the published ones (``callback.results``) and those being made (result objects in
-the analyses' frames). It prints the largest sum, the phase it was reached in, and what each
-callback's results hold at the end.
+the analyses' frames), and once more when the fit ends. It prints the largest sum, when it was
+reached, and what each callback's results hold at the end.
 
     python benchmarks/held_results.py                    # ResNet-50, 1,000 classes, 2 epochs
 
@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the library of the worktree this script lies in (copied into an older one, that one's)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import operations  # noqa: E402
 import scale  # noqa: E402
 
 #: Modules whose dataclasses are results (found in the analyses' frames too).
@@ -77,65 +77,39 @@ def held_mb(callbacks: list, frame: Any) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="resnet50")
-    parser.add_argument("--classes", type=int, default=1000)
-    parser.add_argument("--size", type=int, default=32, help="image side in pixels")
-    parser.add_argument("--train-images", type=int, default=128)
-    parser.add_argument("--val-images", type=int, default=640)
-    parser.add_argument("--epochs", type=int, default=2)
+    operations.add_fit_arguments(parser)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
     import lightning.pytorch as pl
     import torch
-    import torchvision
-    from lightning.pytorch.loggers import TensorBoardLogger
-    from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_neurons import progress
-    from lightning_neurons.models import ImageClassifier
 
     torch.set_num_threads(args.threads)
     pl.seed_everything(0, verbose=False)
     callbacks = scale.make_callbacks("all", hdbscan_ok=False)  # k-means: the same every run
+    trainer, fit = operations.fit_with(args, callbacks, "ln-held-", accelerator=args.device)
     peak = {"mb": 0.0, "at": ""}
     phase = progress.Reporter.phase
 
     def counted(reporter, what, done=None, total=None):
         mb = held_mb(callbacks, sys._getframe(1))
         if mb > peak["mb"]:
-            peak.update(mb=mb, at=f"{reporter.status.name}: {what} (epoch {trainer.current_epoch})")
+            peak.update(
+                mb=mb,
+                at=f"the start of {reporter.status.name}: {what} (epoch {trainer.current_epoch})",
+            )
         return phase(reporter, what, done, total)
 
     progress.Reporter.phase = counted
-    g = torch.Generator().manual_seed(0)
-
-    def data(n: int) -> TensorDataset:
-        x = torch.rand(n, 3, args.size, args.size, generator=g)
-        return TensorDataset(x, torch.arange(n) % args.classes)
-
-    backbone = getattr(torchvision.models, args.model)(weights=None, num_classes=args.classes)
-    model = ImageClassifier(backbone, num_classes=args.classes, lr=1e-3)
-    trainer = pl.Trainer(
-        max_epochs=args.epochs,
-        accelerator=args.device,
-        devices=1,
-        logger=TensorBoardLogger(tempfile.mkdtemp(prefix="ln-held-")),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-    )
-    trainer.fit(
-        model,
-        DataLoader(data(args.train_images), batch_size=64, shuffle=True),
-        DataLoader(data(args.val_images), batch_size=64),
-    )
+    fit()
+    end = held_mb(callbacks, None)  # the last analyses' results, made after their last phase
+    if end > peak["mb"]:
+        peak.update(mb=end, at=f"the fit's end (epoch {trainer.current_epoch - 1})")
     print(
         f"{args.model}, {args.classes} classes, {args.size} px, {args.epochs} epoch(s), "
-        f"{args.device}: the results held at most {peak['mb']:,.1f} MB, at the start of {peak['at']}"
+        f"{args.device}: the results held at most {peak['mb']:,.1f} MB, at {peak['at']}"
     )
     for callback in callbacks:
         print(f"  {type(callback).__name__:20s} {held_mb([callback], None):8,.1f} MB at the end")

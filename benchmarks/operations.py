@@ -63,25 +63,15 @@ def as_on_an_accelerator(max_rows: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="resnet50")
-    parser.add_argument("--classes", type=int, default=1000)
-    parser.add_argument("--size", type=int, default=32, help="image side in pixels")
-    parser.add_argument("--train-images", type=int, default=128)
-    parser.add_argument("--val-images", type=int, default=640)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
+    add_fit_arguments(parser)
     parser.add_argument("--max-rows", type=int, default=None, help="rows a chunk (the library's)")
     parser.add_argument("--top", type=int, default=20, help="phases printed (default 20)")
     args = parser.parse_args()
 
     import lightning.pytorch as pl
     import torch
-    import torchvision
-    from lightning.pytorch.loggers import TensorBoardLogger
     from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils.data import DataLoader, TensorDataset
 
-    from lightning_neurons.models import ImageClassifier
     from lightning_neurons.visualize import sizing
 
     as_on_an_accelerator(args.max_rows or sizing.DEVICE_CHUNK_ROWS)
@@ -97,6 +87,36 @@ def main() -> None:
                 counts[phases.current()][name] += 1
             return func(*args, **(kwargs or {}))
 
+    callbacks = scale.make_callbacks("all", hdbscan_ok=False)  # k-means: the same every run
+    _, fit = fit_with(args, callbacks, "ln-operations-")
+    start = time.perf_counter()
+    with Count():
+        fit()
+    report(counts, phases.seconds, args, time.perf_counter() - start)
+
+
+def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The fit's shape: a torchvision model (``weights=None``), classes, images, epochs."""
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--size", type=int, default=32, help="image side in pixels")
+    parser.add_argument("--train-images", type=int, default=128)
+    parser.add_argument("--val-images", type=int, default=640)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def fit_with(args: argparse.Namespace, callbacks: list, prefix: str, accelerator: str = "cpu"):
+    """``(trainer, fit)``: ``fit()`` fits ``ImageClassifier(torchvision <model>)`` on random
+    images with ``callbacks``, logging to a new folder."""
+    import lightning.pytorch as pl
+    import torch
+    import torchvision
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_neurons.models import ImageClassifier
+
     g = torch.Generator().manual_seed(0)
 
     def data(n: int) -> TensorDataset:
@@ -105,24 +125,26 @@ def main() -> None:
 
     backbone = getattr(torchvision.models, args.model)(weights=None, num_classes=args.classes)
     model = ImageClassifier(backbone, num_classes=args.classes, lr=1e-3)
-    callbacks = scale.make_callbacks("all", hdbscan_ok=False)  # k-means: the same every run
     trainer = pl.Trainer(
         max_epochs=args.epochs,
-        logger=TensorBoardLogger(tempfile.mkdtemp(prefix="ln-operations-")),
+        accelerator=accelerator,
+        devices=1,
+        logger=TensorBoardLogger(tempfile.mkdtemp(prefix=prefix)),
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         callbacks=callbacks,
     )
-    start = time.perf_counter()
-    with Count():
+
+    def fit() -> None:
         trainer.fit(
             model,
             DataLoader(data(args.train_images), batch_size=64, shuffle=True),
             DataLoader(data(args.val_images), batch_size=64),
         )
-    report(counts, phases.seconds, args, time.perf_counter() - start)
+
+    return trainer, fit
 
 
 def report(counts: dict, seconds: dict, args: argparse.Namespace, fit: float) -> None:
