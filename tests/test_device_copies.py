@@ -4,11 +4,13 @@ On a GPU a copy from ordinary host memory (``t.to(device)``) waits for everythin
 device, so a small index moved at every step and layer serialises the host and the device. On the
 CPU such a copy returns its input and cannot be seen; on the ``meta`` device it is an operation
 (``aten._to_copy`` from a CPU tensor), and nothing is computed. These tests score batches of meta
-outputs and warp meta images as a rendering step does, and count the copies.
+outputs, warp meta images and run whole rendering steps of a model moved to the meta device, and
+count the copies, those that Python makes inside an indexing with a list too.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -30,7 +32,9 @@ META = torch.device("meta")
 
 
 class HostToDevice(TorchDispatchMode):
-    """Counts the copies of CPU tensors to another device."""
+    """Counts the copies of CPU tensors to another device: ``.to()`` and ``copy_``, and CPU
+    tensors (not 0-dim ones, which go as numbers) given to an operation on another device, which
+    copies them itself (``t[[0, 2]]`` indexes ``t`` with a CPU tensor made from the list)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -38,12 +42,52 @@ class HostToDevice(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        name = func.overloadpacket.__name__
-        source = args[0] if name == "_to_copy" else args[1] if name == "copy_" else None
-        moved = isinstance(out, torch.Tensor) and out.device.type != "cpu"
-        if moved and isinstance(source, torch.Tensor) and source.device.type == "cpu":
-            self.copies += 1
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        if any(isinstance(o, torch.Tensor) and o.device.type != "cpu" for o in outs):
+            self.copies += sum(1 for t in _tensors((args, kwargs)) if _on_host(t))
         return out
+
+
+class UnmadeIndices(TorchDispatchMode):
+    """Counts integer tensors on the device that no operation made, each the first time it is
+    used: Python turns a list index (``t[[0, 2]]``) into a new tensor on ``t``'s device by a copy
+    from the host inside the indexing, which no dispatched operation shows (as
+    ``torch.tensor(..., device=)`` does: kept and used again, such a tensor counts once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []  # kept alive, so that their ids stay theirs
+        self.known: set[int] = set()
+        self.unmade = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in _tensors((args, kwargs)):
+            if t.device.type != "cpu" and not t.is_floating_point() and id(t) not in self.known:
+                self.unmade += 1
+                self._know(t)
+        out = func(*args, **(kwargs or {}))
+        for t in _tensors(out):
+            self._know(t)
+        return out
+
+    def _know(self, t: torch.Tensor) -> None:
+        self.seen.append(t)
+        self.known.add(id(t))
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+
+
+def _on_host(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dim() > 0
 
 
 def _outputs() -> dict[str, torch.Tensor]:
@@ -58,11 +102,15 @@ def _outputs() -> dict[str, torch.Tensor]:
 
 
 def _copies_per_call(calls: int, fn) -> list[int]:
+    """The copies to the device at each of ``calls`` calls of ``fn``, those made inside the
+    indexing too (:class:`UnmadeIndices`)."""
     counts = []
-    for _ in range(calls):
-        with HostToDevice() as mode:
-            fn()
-        counts.append(mode.copies)
+    with UnmadeIndices() as made:
+        for _ in range(calls):
+            before = made.unmade
+            with HostToDevice() as mode:
+                fn()
+            counts.append(mode.copies + made.unmade - before)
     return counts
 
 
@@ -156,3 +204,38 @@ def test_the_convergence_checks_reuse_their_scoring_until_a_row_freezes(monkeypa
         counts.append(len(made))
     # each chunk's scoring for the steps and one for its checks, however many checks
     assert counts[0] == counts[1] and sum(made) == 2 * len(objectives)
+
+
+@pytest.mark.parametrize("param", ["pixel", "fft", "maco"])
+def test_a_renderings_later_steps_copy_nothing_to_the_device(param):
+    """Whole steps of a rendering on the meta device (TinyNet moved there): two views, two images
+    an objective kept apart on Gram matrices or on pixels, the L2 and TV penalties and the
+    transparency mask. Everything a step copies is copied at the first step (the convergence
+    checks, which read values back by design, are off)."""
+    from conftest import TinyNet
+
+    from lightning_neurons.visualize.optimise import Ascent, ChunkSettings, chunks_of, optimise
+    from lightning_neurons.visualize.penalties import Penalties
+    from lightning_neurons.visualize.prior import DataPrior
+    from lightning_neurons.visualize.transforms import resolve_transforms
+
+    model = TinyNet().to(META).eval()
+    objectives = [Channel("conv1", 1), Neuron("conv2", 0, y=1, x=1), ClassLogit(2)]
+    objectives += [ChannelGroup("conv2", [0, 3]) - 0.5 * Channel("fc", 2)]
+    rows = [objective for objective in objectives for _ in range(2)]  # two images each
+    prior = DataPrior.from_images(torch.rand(16, 1, 8, 8)) if param == "maco" else None
+    settings = ChunkSettings(
+        param=param, image_shape=(1, 8, 8), seed=0, decorrelate=False, device=META, prior=prior,
+        contrast=1.0, views=2, n_images=2, spatial=frozenset({"conv1", "conv2"}),
+    )  # fmt: skip
+    penalties = Penalties(l2=0.1, tv=0.1, diversity=1.0)
+    chain = resolve_transforms("standard", (1, 8, 8))
+    ascent = Ascent(0.05, chain, None, 0, penalties, convergence=None, track_mask=True)
+    copies = {}
+    for steps in (1, 4):
+        chunks = chunks_of(rows, 8, settings)
+        copies[steps] = _copies_per_call(
+            1, lambda c=chunks, n=steps: optimise(model, c, n, ascent)
+        )[0]
+        assert all(chunk.scoring.gram_rows for chunk in chunks)  # the diversity term's Gram rows
+    assert copies[1] > 0 and copies[4] == copies[1], copies

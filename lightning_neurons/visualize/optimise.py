@@ -110,6 +110,13 @@ class Chunk:
         Gram matrices of the diversity term only where an objective has several images (one
         row's, at 2,048 channels, is 16 MB)."""
         self.diversity_layers = layers = [self._diversity_layers[i] for i in rows]
+        # the rows each layer's Gram matrices (None: the pixels) compare, on the device once
+        picked: dict[str | None, list[int]] = {}
+        for i, layer in enumerate(layers):
+            picked.setdefault(layer, []).append(i)
+        self._compared: dict[str | None, DeviceCopies] = {
+            layer: DeviceCopies(torch.tensor(found)) for layer, found in picked.items()
+        }
         grams: dict[str, list[int]] = {}
         if self.n_images > 1:  # every view of each row that compares the layer, view by view
             for view in range(self.views):
@@ -192,16 +199,18 @@ class Chunk:
         matrix of its diversity layer (averaged over the views), or on its centred pixels."""
         if not self.scoring.grams:
             return similarity_to_others(image, self.n_images)
-        rows = len(self.diversity_layers)
-        similarity = torch.zeros(rows, device=image.device)
-        pixels = [i for i, n in enumerate(self.diversity_layers) if n is None]
-        if pixels:
-            similarity[pixels] = similarity_to_others(image, self.n_images)[pixels]
-        for layer, grams in self.scoring.grams.items():
-            picked = [i for i, n in enumerate(self.diversity_layers) if n == layer]
-            grams = grams.view(self.views, len(picked), -1).mean(dim=0)
-            # an objective's images are consecutive rows of one layer: groups stay whole
-            similarity[picked] = similarity_to_others(grams, self.n_images, centre=False)
+        similarity = torch.zeros(len(self.diversity_layers), device=image.device)
+        for layer, rows in self._compared.items():
+            index = rows.on(image.device)  # a Python list as an index is a copy at every step
+            if layer is None:
+                values = similarity_to_others(image, self.n_images).index_select(0, index)
+            elif (grams := self.scoring.grams.get(layer)) is not None:
+                grams = grams.view(self.views, len(rows.tensor), -1)
+                # an objective's images are consecutive rows of one layer: groups stay whole
+                values = similarity_to_others(grams.mean(dim=0), self.n_images, centre=False)
+            else:
+                continue
+            similarity = similarity.index_copy(0, index, values)
         return similarity
 
     def add_to_mask(self, image: torch.Tensor) -> None:
