@@ -27,12 +27,15 @@ def _names(class_names: Sequence[str] | None, n: int) -> list[str]:
 
 def contribution_order(class_contribution: torch.Tensor) -> torch.Tensor:
     """Neurons ordered by the class they contribute most to, then by falling contribution, so
-    each class's neurons form a block."""
-    m = torch.nan_to_num(class_contribution.double(), nan=0.0)
-    best, cls = m.max(dim=0)
-    scale = float(best.abs().max()) or 1.0
-    key = cls.double() * 4.0 - best / scale  # best / scale in [-1, 1]
-    return torch.argsort(key, stable=True)
+    each class's neurons form a block (NaN counts as 0; ties keep the neurons' order)."""
+    best, cls = torch.nan_to_num(class_contribution, nan=0.0).max(dim=0)
+    return _by_class(best, cls)
+
+
+def _by_class(best: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """The neurons sorted by ``cls``, then by falling ``best``: two stable sorts of ``[K]``."""
+    falling = torch.argsort(-best, stable=True)
+    return falling[torch.argsort(cls[falling], stable=True)]
 
 
 @dataclass
@@ -64,13 +67,15 @@ def contribution_view(stats: ContributionStats, max_neurons: int = 256) -> Contr
     """The part of ``stats`` that :func:`contribution_figure` shows: at most ``max_neurons``
     neurons (those with the largest contribution to any class; every dominant neuron is kept),
     grouped by the class they contribute most to."""
-    m = torch.nan_to_num(stats.class_contribution.double(), nan=0.0)
+    # [C, K] (2M values a layer at 1,000 classes): float32, two passes over it
+    m = torch.nan_to_num(stats.class_contribution.float(), nan=0.0)
     num_classes, num_neurons = m.shape
-    order = contribution_order(m)
+    best, cls = m.max(dim=0)
+    order = _by_class(best, cls)
     if num_neurons > max_neurons:
-        strength = m.abs().amax(dim=0)
+        strength = torch.maximum(best, -m.amin(dim=0))  # the largest |contribution|
         strength[stats.dominant.flatten()] = torch.inf
-        keep = torch.argsort(strength, descending=True)[:max_neurons]
+        keep = torch.argsort(strength, descending=True, stable=True)[:max_neurons]
         order = order[torch.isin(order, keep)]
     rings: tuple[list[float], list[float]] = ([], [])
     if num_classes <= MAX_NAMED_CLASSES:
@@ -259,21 +264,30 @@ def ablation_figure(
     return _canvas.render(fig)
 
 
-def _tile(image: torch.Tensor, size: int) -> torch.Tensor:
-    """One image ``[C, H, W]`` (or ``[H, W]``) as ``[3, size, size]`` scaled to [0, 1]."""
-    image = image.detach().float().cpu()
-    if image.dim() == 2:
-        image = image.unsqueeze(0)
-    if image.shape[0] == 1:
-        image = image.expand(3, -1, -1)
-    elif image.shape[0] != 3:
-        image = (
-            image[:3] if image.shape[0] > 3 else image.mean(dim=0, keepdim=True).expand(3, -1, -1)
-        )
-    low, high = float(image.min()), float(image.max())
-    if low < 0 or high > 1:
-        image = (image - low) / (high - low if high > low else 1.0)
-    return F.interpolate(image.unsqueeze(0), size=(size, size), mode="nearest")[0]
+def _tiles(images: Sequence[torch.Tensor], size: int) -> list[torch.Tensor]:
+    """Each image ``[C, H, W]`` (or ``[H, W]``) as ``[3, size, size]``, scaled to [0, 1] where it
+    leaves that range; the images of one shape and type in one batch (a probe grid has
+    hundreds)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault((image.shape, image.dtype, image.device), []).append(i)
+    tiles: list[torch.Tensor] = [torch.empty(0)] * len(images)
+    for found in groups.values():
+        batch = torch.stack([images[i].detach() for i in found]).float().cpu()
+        if batch.dim() == 3:
+            batch = batch.unsqueeze(1)
+        if batch.shape[1] > 3:
+            batch = batch[:, :3]
+        elif batch.shape[1] != 3:
+            batch = batch.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+        low = batch.amin(dim=(1, 2, 3), keepdim=True)
+        high = batch.amax(dim=(1, 2, 3), keepdim=True)
+        span = torch.where(high > low, high - low, 1.0)
+        batch = torch.where((low < 0) | (high > 1), (batch - low) / span, batch)
+        resized = F.interpolate(batch, size=(size, size), mode="nearest")
+        for k, i in enumerate(found):
+            tiles[i] = resized[k].clone()  # its own storage: pickled, a view takes its base
+    return tiles
 
 
 def probe_tiles(
@@ -288,8 +302,11 @@ def probe_tiles(
     num_cols = 1 + max((len(row) for row in preferred), default=0)
     size = max(16, min(size, (_canvas.MAX_WIDTH - 3 * pad) // num_cols - pad))
     num_rows = min(probes.shape[0], max(1, (_canvas.MAX_HEIGHT - pad) // (size + pad)))
-    shown = torch.stack([_tile(probes[r], size) for r in range(num_rows)])
-    tiles = [[None if p is None else _tile(p, size) for p in row] for row in preferred[:num_rows]]
+    rows = [list(row) for row in preferred[:num_rows]]
+    given = [p for row in rows for p in row if p is not None]
+    made = iter(_tiles([*probes[:num_rows], *given], size))
+    shown = torch.stack([next(made) for _ in range(num_rows)])
+    tiles = [[None if p is None else next(made) for p in row] for row in rows]
     return shown, tiles
 
 
