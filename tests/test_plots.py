@@ -28,6 +28,7 @@ from lightning_neurons.plots.clustering import (
 from lightning_neurons.plots.contribution import (
     ablation_figure,
     contribution_figure,
+    contribution_order,
     contribution_view,
     probe_grid,
     probe_tiles,
@@ -339,6 +340,19 @@ def test_the_class_profile_sent_to_a_figure_worker_holds_only_what_is_drawn():
     assert len(pickle.dumps(profile)) < len(pickle.dumps(stats)) / 4
     assert profile.selectivity == pytest.approx(float(stats.selectivity.nanmean()))
     assert profile.dead == int(stats.dead.sum())
+
+
+def test_the_contribution_order_groups_neurons_by_class_then_by_falling_contribution():
+    nan = float("nan")
+    class_contribution = torch.tensor(
+        [  # neurons 0-5; class 2 had no examples (NaN: counts as 0)
+            [0.5, 0.2, 0.3, 0.1, -1.0, 0.2],
+            [0.1, 0.7, nan, 0.7, -2.0, 0.3],
+            [nan, nan, nan, nan, nan, nan],
+        ]
+    )
+    # class 0: 0 (0.5), 2 (0.3); class 1: 1 and 3 (0.7, in their order), 5 (0.3); class 2: 4
+    assert contribution_order(class_contribution).tolist() == [0, 2, 1, 3, 5, 4]
 
 
 @pytest.mark.parametrize("classes", [8, 100])
