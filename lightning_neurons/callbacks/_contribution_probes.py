@@ -135,8 +135,9 @@ def add_preferred(
     when there is one, else the kept validation image that activates the neuron most (gathered
     from the rank that kept it)."""
     rendered = {layer: rendered_images(renderings.get(layer)) for layer in probes}
+    top = {layer: top_example[layer].tolist() for layer in probes}  # not a read a neuron
     wanted = {
-        int(top_example[layer][n])
+        top[layer][n]
         for layer, probe in probes.items()
         for n in probe.top_neurons.flatten().tolist()
         if n not in rendered[layer]
@@ -148,9 +149,7 @@ def add_preferred(
         for row in probe.top_neurons.tolist():
             images.append(
                 [
-                    rendered[layer][n]
-                    if n in rendered[layer]
-                    else examples[int(top_example[layer][n])]
+                    rendered[layer][n] if n in rendered[layer] else examples[top[layer][n]]
                     for n in row
                 ]
             )
