@@ -23,6 +23,7 @@ from lightning_neurons.visualize import (
     Neuron,
     TotalVariation,
 )
+from lightning_neurons.visualize.anchors import ClassAnchor
 from lightning_neurons.visualize.objectives import IMAGE, LOGITS
 from lightning_neurons.visualize.param import decorrelate_colors
 from lightning_neurons.visualize.scoring import Scoring
@@ -121,7 +122,7 @@ def test_scoring_a_step_copies_its_indices_to_the_device_once():
         ChannelGroup("a", [0, 1, 3]) + 2 * Channel("c", 5),
         ClassLogit(0) - 0.1 * TotalVariation() - 0.2 * L2(),
         Neuron("b", 4, x=3) + Channel("a", 0),
-        Neuron("c", 7) - L2(centre=0.4),
+        Neuron("c", 7) - L2(centre=0.4) - ClassAnchor("a", 1, torch.rand(4, 3, 3), torch.ones(4)),
     ]
     scoring = Scoring(objectives, gram_layers={"a": [0, 2]})
     outputs = _outputs()

@@ -30,6 +30,7 @@ from torch import nn
 
 from lightning_neurons.batch import as_model_input
 from lightning_neurons.checks import check_non_negative, check_positive
+from lightning_neurons.device_copies import DeviceCopies
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import hooked
 from lightning_neurons.state import analysis_mode
@@ -81,17 +82,14 @@ class ClassAnchor(Term):
     @classmethod
     def batched(cls, terms: Sequence[Term]) -> BatchedFn:
         rows: list[ClassAnchor] = list(terms)  # type: ignore[arg-type]
-        target = torch.stack([t.target for t in rows])
-        scale = torch.stack([t.scale for t in rows])
-        moved: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        target = torch.stack([t.target for t in rows])  # [R, K, *positions]
+        scale = torch.stack([t.scale for t in rows])  # [R, K]
+        mean = DeviceCopies(target)  # once per device, not every step
+        spread = DeviceCopies(scale.view(*scale.shape, *[1] * (target.dim() - 2)))
 
         def score(output: torch.Tensor) -> torch.Tensor:
             out = output.float()
-            if out.device not in moved:  # once per device, not every step
-                spread = scale.view(*scale.shape, *[1] * (out.dim() - 2))
-                moved[out.device] = (target.to(out.device), spread.to(out.device))
-            mean, spread = moved[out.device]
-            return ((out - mean) / spread).pow(2).flatten(1).mean(dim=1)
+            return ((out - mean.on(out.device)) / spread.on(out.device)).pow(2).flatten(1).mean(1)
 
         return score
 

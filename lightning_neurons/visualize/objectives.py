@@ -412,23 +412,22 @@ class ChannelGroup(Term):
 
     @classmethod
     def batched(cls, terms: Sequence[Term]) -> BatchedFn:
-        cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+        cache: dict[int, DeviceCopies] = {}  # by the layer's width
 
-        def weights(width: int, device: torch.device) -> torch.Tensor:
-            key = (width, device)
-            if key not in cache:  # one operation, not one per channel (clusters of hundreds)
+        def weights(width: int) -> DeviceCopies:
+            if width not in cache:  # one operation, not one per channel (clusters of hundreds)
                 groups = [t.indices for t in terms]  # type: ignore[attr-defined]
                 rows = torch.repeat_interleave(torch.tensor([len(g) for g in groups]))
                 columns = torch.tensor([i for g in groups for i in g])
                 share = 1.0 / torch.tensor([len(g) for g in groups], dtype=torch.float32)
                 w = torch.zeros(len(terms), width)
                 w.index_put_((rows, columns), share[rows], accumulate=True)
-                cache[key] = w.to(device)
-            return cache[key]
+                cache[width] = DeviceCopies(w)
+            return cache[width]
 
         def score(output: torch.Tensor) -> torch.Tensor:
             means = output.flatten(2).mean(dim=2) if output.dim() > 2 else output
-            return (means * weights(means.shape[1], means.device).to(means.dtype)).sum(dim=1)
+            return (means * weights(means.shape[1]).like(means)).sum(dim=1)
 
         return score
 
