@@ -453,11 +453,15 @@ class ClassContributions:
         # the sums live where the contributions are computed (the model's device), not in host
         # memory; under DDP the totals come back to the host (see sum_over_ranks)
         device = batch.logits.device
-        labels = labels.detach().to(device, torch.long)
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise NeuronsError(
-                f"label {int(labels.max())} is outside [0, {self.num_classes}); pass the right `num_classes`"
-            )
+        labels = labels.detach().long()
+        if labels.numel():  # checked where the labels are (NeuronContribution's: on the host)
+            low, high = (int(v) for v in labels.aminmax())
+            if low < 0 or high >= self.num_classes:
+                bad = low if low < 0 else high
+                raise NeuronsError(
+                    f"label {bad} is outside [0, {self.num_classes}); pass the right `num_classes`"
+                )
+        labels = labels.to(device)
         self._logit = self._logit.to(device)
         logits = batch.logits.detach().to(torch.float64)
         self._logit.update(logits.gather(1, labels.unsqueeze(1)), labels)

@@ -302,10 +302,11 @@ def test_contribution_errors():
         class_contributions(model, "flat", [])
     with pytest.raises(NeuronsError, match="max_batches"):
         class_contributions(model, "flat", [(x, torch.tensor([0, 1]))], max_batches=0)
-    with pytest.raises(NeuronsError, match="outside"):
-        ClassContributions(num_classes=2).update(
-            contribution_batch(model, "flat", x, torch.tensor([0, 1])), torch.tensor([0, 2])
-        )
+    for labels, bad in (([0, 2], 2), ([-1, 1], -1)):  # the label named is a wrong one
+        with pytest.raises(NeuronsError, match=rf"label {bad} is outside \[0, 2\)"):
+            ClassContributions(num_classes=2).update(
+                contribution_batch(model, "flat", x, torch.tensor([0, 1])), torch.tensor(labels)
+            )
     with pytest.raises(NeuronsError, match="top_k"):
         domination(torch.ones(2, 3), top_k=0)
     with pytest.raises(NeuronsError, match="num_classes, num_neurons"):
