@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import TinyData, TinyNet, fast_trainer
 from lightning.pytorch.callbacks import Callback
+from threadpoolctl import ThreadpoolController
 
 import lightning_neurons.callbacks.contribution as contribution_callback
 from lightning_neurons import ActivationTracker, NeuronContribution, cores, progress
@@ -79,6 +80,30 @@ def test_an_analysis_gives_up_threads_while_workers_draw_and_takes_them_back(two
     ):
         raise RuntimeError("analysis broke")
     assert torch.get_num_threads() == 2, "and when it fails"
+
+
+def _blas_threads() -> set[int]:
+    return {lib["num_threads"] for lib in ThreadpoolController().select(user_api="blas").info()}
+
+
+def test_the_blas_libraries_lend_their_threads_too_and_get_them_back(two_threads, busy):
+    """NumPy's and SciPy's BLAS (scikit-learn's PCA, the clusterings) run on as many threads as
+    torch while workers draw; their own count, and torch's, come back."""
+    two = ThreadpoolController().select(user_api="blas").limit(limits=2)  # wherever this runs
+    try:
+        assert _blas_threads() == {2}
+        busy[0] = 1
+        with progress.reporting(_trainer(), ActivationTracker(), "validation"):
+            assert _blas_threads() == {1} and torch.get_num_threads() == 1
+            busy[0] = 0
+            progress.update("step", 1, 3)
+            assert _blas_threads() == {2} and torch.get_num_threads() == 2
+            busy[0] = 2
+            progress.advance("batch")
+            assert _blas_threads() == {1} and torch.get_num_threads() == 1
+        assert _blas_threads() == {2} and torch.get_num_threads() == 2
+    finally:
+        two.restore_original_limits()
 
 
 class ThreadsSeen(Callback):

@@ -1,17 +1,19 @@
-"""What each callback's logging costs the training thread: seconds of wall clock and of the
+"""What the analyses' host-only work costs the training thread: seconds of wall clock and of the
 thread's own CPU per analysed epoch, at ImageNet's class count.
 
-The logging (figures' payloads, histograms, scalars, ``.npz`` arrays) works on CPU tensors, so what
-it costs the training thread here it costs on a GPU machine too, where it is part of the
-analyses' seconds per epoch (issue 20's goal: <= 20 s with every analysis, ResNet-50 at 1,000
-classes). This script fits ``ImageClassifier(torchvision <model>, weights=None)`` on random images
-(``operations.py``'s fit) with every callback attached and times each callback's logging call:
-``ActivationTracker``, ``FeatureVisualizer``, ``CategoryClustering`` and ``NeuronClustering``'s
-``_log``, ``NeuronContribution``'s ``log_contribution``. The figures are drawn in the workers
-meanwhile, as in any fit; on a 2-core machine they compete with the training thread for the
-cores, so its wall clock runs above its CPU seconds.
+Each callback's logging (figures' payloads, histograms, scalars, ``.npz`` arrays) works on CPU
+tensors, and NeuronClustering clusters each layer's neurons with scikit-learn and HDBSCAN on the
+CPU: on a GPU machine too, this is host time, part of the analyses' seconds per epoch (issue
+20's goal: <= 20 s with every analysis, ResNet-50 at 1,000 classes). This script fits
+``ImageClassifier(torchvision <model>, weights=None)`` on random images (``operations.py``'s fit)
+with every callback attached and times each callback's logging call (``ActivationTracker``,
+``FeatureVisualizer``, ``CategoryClustering`` and ``NeuronClustering``'s ``_log``,
+``NeuronContribution``'s ``log_contribution``) and NeuronClustering's clustering
+(``_analyse``, its logging included). The figures are drawn in the workers meanwhile, as in any
+fit; on a 2-core machine they compete with the training thread for the cores, so its wall clock
+runs above its CPU seconds.
 
-    python benchmarks/logging_costs.py                      # ResNet-50, 1,000 classes, 2 epochs
+    python benchmarks/host_costs.py                         # ResNet-50, 1,000 classes, 2 epochs
 
 (It runs on earlier commits too: copy it and ``operations.py`` into their ``benchmarks/``.)
 """
@@ -65,6 +67,7 @@ def main() -> None:
     for cls in (ActivationTracker, FeatureVisualizer, CategoryClustering, NeuronClustering):
         cls._log = timed(cls.__name__, cls._log)
     contribution.log_contribution = timed("NeuronContribution", contribution.log_contribution)
+    NeuronClustering._analyse = timed("NeuronClustering (all)", NeuronClustering._analyse)
     torch.set_num_threads(args.threads)
     pl.seed_everything(0, verbose=False)
     callbacks = [
@@ -74,7 +77,7 @@ def main() -> None:
         NeuronClustering(),
         NeuronContribution(),
     ]
-    _, fit = fit_with(args, callbacks, "logging-costs-")
+    _, fit = fit_with(args, callbacks, "host-costs-")
     start = time.perf_counter()
     fit()
     print(
@@ -82,14 +85,15 @@ def main() -> None:
         f"images, {args.epochs} epoch(s), {args.threads} thread(s); fit "
         f"{time.perf_counter() - start:.1f} s on the CPU"
     )
-    print("the training thread in each callback's logging, per analysed epoch (s):")
-    print(f"  {'callback':<20} {'wall':>22} {'thread CPU':>22}  median wall / CPU")
+    print("the training thread in each callback's logging (and NeuronClustering's whole")
+    print("clustering), per analysed epoch (s):")
+    print(f"  {'callback':<22} {'wall':>22} {'thread CPU':>22}  median wall / CPU")
     for name, pairs in TIMES.items():
         walls = " ".join(f"{w:.3f}" for w, _ in pairs)
         cpus = " ".join(f"{c:.3f}" for _, c in pairs)
         wall = statistics.median(w for w, _ in pairs)
         cpu = statistics.median(c for _, c in pairs)
-        print(f"  {name:<20} {walls:>22} {cpus:>22}  {wall:.3f} / {cpu:.3f}")
+        print(f"  {name:<22} {walls:>22} {cpus:>22}  {wall:.3f} / {cpu:.3f}")
 
 
 if __name__ == "__main__":
