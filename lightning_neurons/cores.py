@@ -10,8 +10,8 @@ workers leave (at least one thread) and takes the threads back as the workers fi
 checking at each progress report (:mod:`lightning_neurons.progress`). The BLAS libraries that
 NumPy and SciPy load (scikit-learn's PCA, the clusterings' linear algebra) get as many threads
 meanwhile, through ``threadpoolctl``: on the same 2 cores, with the workers drawing,
-NeuronClustering's PCA and HDBSCAN of ResNet-50's 17 layers at 1,000 classes took 6.6 and 5.8 s
-of wall clock on the BLAS's own 2 threads, 4.1 and 3.9 s on one (``docs/benchmarks.md``).
+NeuronClustering's PCA and HDBSCAN of ResNet-50's 17 layers at 1,000 classes took 6.4 and 5.8 s
+of wall clock on the BLAS's own 2 threads, 4.7 and 4.5 s lending them (``docs/benchmarks.md``).
 
 Only the analyses' threads change: the thread count the analysis started with is restored when it
 ends, so the training loop runs as it would without us (results of the analyses may differ in
