@@ -14,6 +14,7 @@ fit; on a 2-core machine they compete with the training thread for the cores, so
 runs above its CPU seconds.
 
     python benchmarks/host_costs.py                         # ResNet-50, 1,000 classes, 2 epochs
+    python benchmarks/host_costs.py --device cuda --threads 8      # a GPU machine's host
 
 (It runs on earlier commits too: copy it and ``operations.py`` into their ``benchmarks/``.)
 """
@@ -50,6 +51,7 @@ def timed(name: str, fn):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_fit_arguments(parser)
+    parser.add_argument("--device", default="cpu", help="Lightning's accelerator (e.g. cuda)")
     args = parser.parse_args()
 
     import lightning.pytorch as pl
@@ -77,13 +79,13 @@ def main() -> None:
         NeuronClustering(),
         NeuronContribution(),
     ]
-    _, fit = fit_with(args, callbacks, "host-costs-")
+    _, fit = fit_with(args, callbacks, "host-costs-", accelerator=args.device)
     start = time.perf_counter()
     fit()
     print(
         f"{args.model}, {args.classes} classes, {args.size} px, {args.val_images} validation "
         f"images, {args.epochs} epoch(s), {args.threads} thread(s); fit "
-        f"{time.perf_counter() - start:.1f} s on the CPU"
+        f"{time.perf_counter() - start:.1f} s on {args.device}"
     )
     print("the training thread in each callback's logging (and NeuronClustering's whole")
     print("clustering), per analysed epoch (s):")
