@@ -833,3 +833,40 @@ def test_lightning_cli_configures_every_option_from_yaml(tmp_path, monkeypatch):
 
 
 MODEL = CLI_CONFIG[CLI_CONFIG.index("model:") :]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "max"])
+def test_the_layers_channel_images_go_through_the_model_together_on_an_accelerator(
+    reduction, monkeypatch
+):
+    """The activations each layer's channel images reach: one forward per layer (the CPU's
+    way) or the layers' images together (an accelerator's), in chunks that may split a layer's
+    rows; the same values either way (float32 sums over a few hundred terms: 1e-5)."""
+    from types import SimpleNamespace
+
+    from conftest import TinyNet
+
+    model = TinyNet().eval()
+    g = torch.Generator().manual_seed(0)
+    counts = {"conv1": 8, "relu1": 3, "conv2": 12, "fc": 5}
+    rendered = {
+        layer: (torch.rand(n, 1, 8, 8, generator=g), torch.zeros(n)) for layer, n in counts.items()
+    }
+    plan = SimpleNamespace(transform=None)
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(len(args[0])))
+    apart = results_module.channel_activations(model, plan, rendered, reduction, together=False)
+    assert forwards == list(counts.values())
+    forwards.clear()
+    together = results_module.channel_activations(model, plan, rendered, reduction, together=True)
+    assert forwards == [1, sum(counts.values())]  # the sizing's probe of one image, then all
+    forwards.clear()
+    monkeypatch.setattr(results_module, "auto_batch_size", lambda *args, **kwargs: 5)
+    chunked = results_module.channel_activations(model, plan, rendered, reduction, together=True)
+    assert forwards == [1, 5, 5, 5, 5, 5, 3]  # the chunks cut across the layers' rows
+    for layer, n in counts.items():
+        width = {"conv1": 4, "relu1": 4, "conv2": 6, "fc": 8}[layer]
+        assert apart[layer].shape == (n, width)
+        torch.testing.assert_close(together[layer], apart[layer], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(chunked[layer], apart[layer], atol=1e-5, rtol=1e-5)
+    assert not torch.equal(apart["conv1"][0], apart["conv1"][1])  # rows are the images' own

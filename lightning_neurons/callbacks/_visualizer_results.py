@@ -21,7 +21,9 @@ from lightning_neurons.probes import ProbeCandidate
 from lightning_neurons.results import ClusterRendering, Rendering, SaliencyMaps
 from lightning_neurons.state import analysis_mode, model_device
 from lightning_neurons.stats import LayerStats
+from lightning_neurons.visualize.objectives import Channel
 from lightning_neurons.visualize.saliency import saliency
+from lightning_neurons.visualize.sizing import auto_batch_size, probe
 
 
 def logits(
@@ -49,30 +51,76 @@ def _judged(
     }
 
 
-def channel_rendering(
+def channel_activations(
     model: nn.Module,
     plan: VisualizerPlan,
-    layer: str,
-    rendered: tuple[torch.Tensor, torch.Tensor],
-    n_images: int,
-    stats: Mapping[str, LayerStats],
+    rendered: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     reduction: str,
-    epoch: int,
-) -> Rendering:
-    """A layer's channel images with the activation each reaches (reduced like the tracker's
-    statistics) and its strength: that activation over the channel's largest on the tracker's
-    data (``None`` where the tracker does not track the layer)."""
-    images, steps = rendered
-    # with n_images > 1, each channel's images are consecutive rows
-    channels = [c for c in plan.channels[layer] for _ in range(n_images)]
+    together: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """``{layer: [rows, channels]}``: each layer's output on its own channel images, reduced like
+    the tracker's statistics. On the CPU, where a forward costs its arithmetic, one forward per
+    layer; on an accelerator, where 17 forwards of 16 images cost what their kernel launches
+    cost, the layers' images go through the model together, as many at once as
+    :func:`~lightning_neurons.visualize.sizing.auto_batch_size` gives for the model's outputs
+    (``together``: either way, whatever the device)."""
+    layers = list(rendered)
+    images = torch.cat([rendered[layer][0] for layer in layers])
+    ends = np.cumsum([len(rendered[layer][0]) for layer in layers]).tolist()
+    starts = [0, *ends[:-1]]
+    device = model_device(model)
+    with analysis_mode(model, grad=False):
+        if not (device.type != "cpu" if together is None else together):
+            bounds = list(zip(starts, ends, strict=True))
+        else:
+            channels = [Channel(layer, 0) for layer in layers]
+            found = probe(model, channels, tuple(images.shape[1:]), plan.transform)
+            size = auto_batch_size(len(images), found.largest, device, found.total)
+            bounds = [(a, min(a + size, len(images))) for a in range(0, len(images), size)]
+        parts: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
+        for a, b in bounds:  # the rows [a, b) of the layers' images, in layer order
+            rows = {
+                layer: slice(max(s, a) - a, min(e, b) - a)
+                for layer, s, e in zip(layers, starts, ends, strict=True)
+                if s < b and e > a
+            }
+            x = as_model_input(to_model_input(images[a:b], plan.transform), model)
+            for layer, reduced in _reduced_outputs(model, x, rows, reduction).items():
+                parts[layer].append(reduced)
+    return {layer: torch.cat(parts[layer]) for layer in layers}
+
+
+def _reduced_outputs(
+    model: nn.Module, x: torch.Tensor, rows: Mapping[str, slice], reduction: str
+) -> dict[str, torch.Tensor]:
+    """``{layer: reduced output}`` of one forward of ``x``, each layer's on its rows only."""
     found: dict[str, torch.Tensor] = {}
 
     def keep(name: str, output: torch.Tensor) -> None:
-        found.setdefault(name, reduce_activation(output.detach(), reduction, name).float().cpu())
+        found.setdefault(name, reduce_activation(output[rows[name]].detach(), reduction, name))
 
-    with analysis_mode(model, grad=False), hooked(model, [layer], keep):
-        model(as_model_input(to_model_input(images, plan.transform), model))
-    activation = found[layer][torch.arange(len(channels)), torch.tensor(channels)]
+    with hooked(model, list(rows), keep):
+        model(x)
+    return {layer: found[layer].float().cpu() for layer in rows}
+
+
+def channel_rendering(
+    plan: VisualizerPlan,
+    layer: str,
+    rendered: tuple[torch.Tensor, torch.Tensor],
+    activations: torch.Tensor,
+    n_images: int,
+    stats: Mapping[str, LayerStats],
+    epoch: int,
+) -> Rendering:
+    """A layer's channel images with the activation each reaches (``activations``: the layer's
+    reduced outputs on its images, :func:`channel_activations`) and its strength: that activation
+    over the channel's largest on the tracker's data (``None`` where the tracker does not track
+    the layer)."""
+    images, steps = rendered
+    # with n_images > 1, each channel's images are consecutive rows
+    channels = [c for c in plan.channels[layer] for _ in range(n_images)]
+    activation = activations[torch.arange(len(channels)), torch.tensor(channels)]
     strength = reference = reference_epoch = None
     if layer in stats and stats[layer].num_neurons > max(channels):
         reference = stats[layer].max_activation[channels].float()

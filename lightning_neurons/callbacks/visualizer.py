@@ -32,6 +32,7 @@ from lightning_neurons.callbacks._prior import PriorStream
 from lightning_neurons.callbacks._rendering import Renderer, RenderOptions
 from lightning_neurons.callbacks._visualizer_figures import log_clusters, log_focus, log_preference
 from lightning_neurons.callbacks._visualizer_results import (
+    channel_activations,
     channel_rendering,
     class_rendering,
     cluster_renderings,
@@ -535,8 +536,9 @@ class FeatureVisualizer(StagedCallback):
                 epoch,
             )
             self.saliency_results = maps or self.saliency_results
+        activations = channel_activations(pl_module, plan, rendered, reduction)
         results = {
-            layer: channel_rendering(pl_module, plan, layer, r, n_images, stats, reduction, epoch)
+            layer: channel_rendering(plan, layer, r, activations[layer], n_images, stats, epoch)
             for layer, r in rendered.items()
         }
         if class_images is not None:
