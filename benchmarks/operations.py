@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from functools import partial
 from inspect import signature
 from pathlib import Path
 
@@ -59,6 +60,12 @@ def as_on_an_accelerator(max_rows: int) -> None:
 
     sizing.auto_batch_size = saliency.auto_batch_size = device_sizes
     optimise._same_layers = lambda rows: [(0, len(rows))]
+    from lightning_neurons.callbacks import _visualizer_results as results
+    from lightning_neurons.callbacks import visualizer
+
+    if hasattr(results, "channel_activations"):  # since a6aa1be: the layers' images together
+        results.auto_batch_size = device_sizes
+        visualizer.channel_activations = partial(results.channel_activations, together=True)
 
 
 def main() -> None:
