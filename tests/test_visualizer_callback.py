@@ -870,3 +870,24 @@ def test_the_layers_channel_images_go_through_the_model_together_on_an_accelerat
         torch.testing.assert_close(together[layer], apart[layer], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(chunked[layer], apart[layer], atol=1e-5, rtol=1e-5)
     assert not torch.equal(apart["conv1"][0], apart["conv1"][1])  # rows are the images' own
+
+
+def test_channel_activations_of_a_shared_modules_calls_are_each_calls_own(monkeypatch):
+    """One ReLU module called twice: each call site reads its own images' outputs, whether the
+    layers' images go through the model one layer at a time or together (the hook names every
+    call, those not asked for in a forward too)."""
+    from types import SimpleNamespace
+
+    from test_call_sites import SharedReLUNet
+
+    model = SharedReLUNet().eval()
+    g = torch.Generator().manual_seed(1)
+    rendered = {name: (torch.rand(n, 1, 6, 6, generator=g), torch.zeros(n)) for name, n in
+                (("relu", 4), ("relu#1", 6))}  # fmt: skip
+    plan = SimpleNamespace(transform=None)
+    apart = results_module.channel_activations(model, plan, rendered, "mean", together=False)
+    monkeypatch.setattr(results_module, "auto_batch_size", lambda *args, **kwargs: 3)
+    chunked = results_module.channel_activations(model, plan, rendered, "mean", together=True)
+    assert apart["relu"].shape == (4, 4) and apart["relu#1"].shape == (6, 6)
+    for name in rendered:
+        torch.testing.assert_close(chunked[name], apart[name], atol=1e-5, rtol=1e-5)

@@ -97,7 +97,9 @@ def _reduced_outputs(
     found: dict[str, torch.Tensor] = {}
 
     def keep(name: str, output: torch.Tensor) -> None:
-        found.setdefault(name, reduce_activation(output[rows[name]].detach(), reduction, name))
+        # a shared module's hook names each of its calls, the ones not asked for too
+        if name in rows and name not in found:
+            found[name] = reduce_activation(output[rows[name]].detach(), reduction, name)
 
     with hooked(model, list(rows), keep):
         model(x)
