@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from lightning_neurons import progress
-from lightning_neurons.batch import BatchFn, BatchReader, as_model_input
-from lightning_neurons.contribution import _check_targets, _exact, _limited
+from lightning_neurons.batch import BatchFn, BatchReader, as_model_input, check_targets
+from lightning_neurons.contribution import _exact, _limited
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.functional import is_function_layer
 from lightning_neurons.hooks import (
@@ -299,7 +299,7 @@ def ablation_sums(
                         )
                     logits = logits.view(copies, batch_size, -1).double()
                     num_classes = logits.shape[2]
-                    labels = _check_targets(y, batch_size, num_classes, "labels")
+                    labels = check_targets(y, batch_size, num_classes, "labels")
                     onehot = torch.nn.functional.one_hot(labels, num_classes).double()  # [B, C]
                     hit = (logits.argmax(dim=2) == labels.unsqueeze(0)).double()  # [copies, B]
                     true_logit = logits.gather(2, labels.view(1, -1, 1).expand(copies, -1, 1))[

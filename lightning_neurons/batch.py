@@ -402,8 +402,7 @@ class LabelRange:
             return labels
         defer = labels.is_cuda if self.defer is None else self.defer
         if not defer:
-            low, high = labels.aminmax()
-            _check_range(int(low), int(high), num_classes)
+            check_label_range(labels, num_classes)
             return labels
         span, host = self._buffers(labels)
         torch.aminmax(labels, out=(span[0], span[1]))
@@ -443,10 +442,39 @@ class LabelRange:
         self._pending = None
 
 
-def _check_range(low: int, high: int, num_classes: int) -> None:
+def check_label_range(
+    labels: torch.Tensor, num_classes: int, owner: str = "ActivationTracker"
+) -> None:
+    """Raise if a label is outside ``[0, num_classes)`` (``owner``: whose ``num_classes=`` the
+    message names). It reads the labels where they are: on a GPU, a wait for the device."""
+    if labels.numel():
+        low, high = labels.aminmax()
+        _check_range(int(low), int(high), num_classes, owner)
+
+
+def _check_range(low: int, high: int, num_classes: int, owner: str = "ActivationTracker") -> None:
     if low < 0 or high >= num_classes:
         raise NeuronsError(
             f"label {low if low < 0 else high} is outside [0, {num_classes}); the model predicts "
-            f"{num_classes} classes. Pass the right `num_classes=` to ActivationTracker, or check "
-            "the labels."
+            f"{num_classes} classes. Pass the right `num_classes=` to {owner}, or check the "
+            "labels."
         )
+
+
+def check_targets(
+    targets: torch.Tensor, batch: int, num_classes: int, what: str = "targets"
+) -> torch.Tensor:
+    """``targets`` as a 1-D long tensor of ``batch`` class indices in ``[0, num_classes)``
+    (``what``: the argument's name in the message)."""
+    targets = torch.as_tensor(targets)
+    if targets.dim() != 1 or targets.shape[0] != batch or targets.dtype.is_floating_point:
+        raise NeuronsError(
+            f"`{what}` must be a 1-D integer tensor with one class index per image ({batch}); got "
+            f"dtype {targets.dtype} and shape {tuple(targets.shape)}"
+        )
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
+        bad = int(targets.min()) if int(targets.min()) < 0 else int(targets.max())
+        raise NeuronsError(
+            f"`{what}` holds class {bad}, outside [0, {num_classes}) (the model's logits)"
+        )
+    return targets.long()

@@ -42,7 +42,14 @@ import torch
 from torch import nn
 
 from lightning_neurons import progress
-from lightning_neurons.batch import BatchFn, BatchReader, as_model_input, read_logits
+from lightning_neurons.batch import (
+    BatchFn,
+    BatchReader,
+    as_model_input,
+    check_label_range,
+    check_targets,
+    read_logits,
+)
 from lightning_neurons.checks import check_positive_int
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import (
@@ -72,23 +79,6 @@ __all__ = [
 
 
 # ---- batches, model state --------------------------------------------------------------------
-
-
-def _check_targets(
-    targets: torch.Tensor, batch: int, num_classes: int, what: str = "targets"
-) -> torch.Tensor:
-    targets = torch.as_tensor(targets)
-    if targets.dim() != 1 or targets.shape[0] != batch or targets.dtype.is_floating_point:
-        raise NeuronsError(
-            f"`{what}` must be a 1-D integer tensor with one class index per image ({batch}); got "
-            f"dtype {targets.dtype} and shape {tuple(targets.shape)}"
-        )
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
-        bad = int(targets.min()) if int(targets.min()) < 0 else int(targets.max())
-        raise NeuronsError(
-            f"`{what}` holds class {bad}, outside [0, {num_classes}) (the model's logits)"
-        )
-    return targets.long()
 
 
 def _layer_names(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
@@ -159,7 +149,7 @@ def contribution_batch(
     logits, names, acts = _capture(model, layers, x, output_fn)
     if targets is None:
         targets = logits.detach().argmax(dim=1)
-    targets = _check_targets(targets.to(logits.device), x.shape[0], logits.shape[1])
+    targets = check_targets(targets.to(logits.device), x.shape[0], logits.shape[1])
     selected = logits.gather(1, targets.to(logits.device).unsqueeze(1)).sum()
     grads = torch.autograd.grad(selected, acts, allow_unused=True)
     contributions, activations = _products(names, acts, grads)
@@ -318,7 +308,7 @@ def _logit_contributions(
     row gets its own gradient)."""
     batch, count = classes.shape
     logits, sites, acts = _capture(model, names, x.repeat_interleave(per_backward, 0), output_fn)
-    picked = _check_targets(classes.flatten(), classes.numel(), logits.shape[1], "classes")
+    picked = check_targets(classes.flatten(), classes.numel(), logits.shape[1], "classes")
     picked = picked.view(batch, count).to(logits.device)
     result: dict[str, torch.Tensor] = {}
     for first in range(0, count, per_backward):
@@ -454,13 +444,8 @@ class ClassContributions:
         # memory; under DDP the totals come back to the host (see sum_over_ranks)
         device = batch.logits.device
         labels = labels.detach().long()
-        if labels.numel():  # checked where the labels are (NeuronContribution's: on the host)
-            low, high = (int(v) for v in labels.aminmax())
-            if low < 0 or high >= self.num_classes:
-                bad = low if low < 0 else high
-                raise NeuronsError(
-                    f"label {bad} is outside [0, {self.num_classes}); pass the right `num_classes`"
-                )
+        # checked where the labels are (NeuronContribution's kept labels: on the host)
+        check_label_range(labels, self.num_classes, "ClassContributions")
         labels = labels.to(device)
         self._logit = self._logit.to(device)
         logits = batch.logits.detach().to(torch.float64)
