@@ -8,10 +8,10 @@ the workers drawing 8 figures, and 1.48 s lending them (``docs/benchmarks.md``).
 analysis runs at an epoch's end, :class:`CoreShare` runs torch on the cores that the busy
 workers leave (at least one thread) and takes the threads back as the workers finish,
 checking at each progress report (:mod:`lightning_neurons.progress`). The BLAS libraries that
-NumPy and SciPy load (scikit-learn's PCA, the clusterings' linear algebra) get as many threads
-meanwhile, through ``threadpoolctl``: on the same 2 cores, with the workers drawing,
-NeuronClustering's PCA and HDBSCAN of ResNet-50's 17 layers at 1,000 classes took 6.4 and 5.8 s
-of wall clock on the BLAS's own 2 threads, 4.7 and 4.5 s lending them (``docs/benchmarks.md``).
+NumPy and SciPy load (the clusterings' linear algebra) get as many threads meanwhile, through
+``threadpoolctl``: on the same 2 cores, with the workers drawing, NeuronClustering's PCA (then
+scikit-learn's) and HDBSCAN of ResNet-50's 17 layers at 1,000 classes took 6.4 and 5.8 s of
+wall clock on the BLAS's own 2 threads, 4.7 and 4.5 s lending them (``docs/benchmarks.md``).
 
 Only the analyses' threads change: the thread count the analysis started with is restored when it
 ends, so the training loop runs as it would without us (results of the analyses may differ in

@@ -243,20 +243,20 @@ class NeuronClustering(_ClusteringCallback):
         means = stats.class_means.numpy()
         classes = np.flatnonzero(np.isfinite(means).any(axis=1))  # classes with images
         means = np.nan_to_num(means[classes])
+        # [K, C]: the features shown, and (class means clustered) those clustered
+        normalized, constant = normalize_neurons(np.ascontiguousarray(means.T), self.normalize)
+        profile = means
         if self.source == "reservoir":
             reservoir = self._reservoirs.get(name)
             if reservoir is None or len(reservoir) < 2:
                 raise NeuronsError(f"the reservoir of layer {name!r} holds fewer than 2 images")
             profile = reservoir.values.numpy()
-        else:
-            profile = means
+            _, constant = normalize_neurons(np.ascontiguousarray(profile.T), self.normalize)
         clusterer = NeuronClusterer(**self._clusterer_options)
-        _, constant = normalize_neurons(np.ascontiguousarray(profile.T), self.normalize)
         if int((~constant).sum()) < clusterer.needed_neurons:
-            return self._unclustered(name, stats, classes, means, int(constant.sum()))
+            return self._unclustered(name, stats, classes, normalized, int(constant.sum()))
         clusterer.fit(profile)
         labels = clusterer.labels_
-        normalized, _ = normalize_neurons(means.T, self.normalize)
         found = np.unique(labels[labels >= 0])
         cluster_profiles = (
             np.stack([normalized[labels == c].mean(axis=0) for c in found])
@@ -281,27 +281,33 @@ class NeuronClustering(_ClusteringCallback):
         )
 
     def _unclustered(
-        self, name: str, stats: LayerStats, classes: np.ndarray, means: np.ndarray, constant: int
+        self,
+        name: str,
+        stats: LayerStats,
+        classes: np.ndarray,
+        normalized: np.ndarray,
+        constant: int,
     ) -> NeuronClusteringResult:
         """A layer whose neurons (nearly) all respond the same to every class (e.g. dead ones):
-        nothing to cluster, every neuron unclustered (-1); said once per layer."""
+        nothing to cluster, every neuron unclustered (-1); said once per layer. ``normalized``:
+        the ``[K, C]`` normalised class means."""
+        neurons, num_classes = normalized.shape
         if name not in self._warned_constant:
             self._warned_constant.add(name)
             rank_zero_warn(
-                f"NeuronClustering: {constant} of the {means.shape[1]} neurons of layer {name!r} "
+                f"NeuronClustering: {constant} of the {neurons} neurons of layer {name!r} "
                 f"respond the same to every class (dead or constant) in epoch {stats.epoch}; too "
                 "few vary to be clustered, so all are left unclustered (-1)."
             )
-        normalized, _ = normalize_neurons(means.T, self.normalize)
         return NeuronClusteringResult(
             layer=name,
             epoch=stats.epoch,
             classes=torch.as_tensor(classes, dtype=torch.int64),
-            labels=torch.full((means.shape[1],), -1, dtype=torch.int64),
+            labels=torch.full((neurons,), -1, dtype=torch.int64),
             n_clusters=0,
             cluster_sizes=torch.zeros(0, dtype=torch.int64),
             noise_fraction=1.0,
-            cluster_profiles=torch.zeros(0, means.shape[0], dtype=torch.float64),
+            cluster_profiles=torch.zeros(0, num_classes, dtype=torch.float64),
             silhouette=float("nan"),
             preferred_class=stats.preferred_class,
             selectivity=stats.selectivity,
