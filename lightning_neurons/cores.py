@@ -1,12 +1,13 @@
-"""The analyses' torch threads, given up to the figure workers while they draw.
+"""The analyses' torch threads, given up to the figure workers and writer threads while they work.
 
 torch runs an operation on ``torch.get_num_threads()`` OpenMP threads that wait for each other at
-the end of every parallel loop. When a figure worker (:mod:`lightning_neurons.figure_worker`)
+the end of every parallel loop. When a figure worker (:mod:`lightning_neurons.figure_worker`),
+or a writer thread compressing an analysis's ``.npz`` files (:mod:`lightning_neurons.loggers`),
 takes a core those threads need, every loop waits for the thread that lost its core: on a 2-core
 machine, 40 contribution batches of the demo took 1.40 s alone, 1.68 s on both threads beside
 the workers drawing 8 figures, and 1.48 s lending them (``docs/benchmarks.md``). So while an
 analysis runs at an epoch's end, :class:`CoreShare` runs torch on the cores that the busy
-workers leave (at least one thread) and takes the threads back as the workers finish,
+workers and writers leave (at least one thread) and takes the threads back as they finish,
 checking at each progress report (:mod:`lightning_neurons.progress`). The BLAS libraries that
 NumPy and SciPy load (the clusterings' linear algebra) get as many threads meanwhile, through
 ``threadpoolctl``: on the same 2 cores, with the workers drawing, NeuronClustering's PCA (then
@@ -41,7 +42,8 @@ class CoreShare:
     threads the analysis started with, at least one; restored by :meth:`restore`.
 
     Args:
-        busy: How many processes of ours draw at this moment (the figure workers).
+        busy: How many of our processes and threads take a core at this moment (figure
+            workers drawing, writer threads compressing).
         cores: The cores to share (default: :func:`usable_cores`).
     """
 

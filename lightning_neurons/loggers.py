@@ -174,6 +174,12 @@ class BackgroundWrites:
                 if error is not None:
                     self._errors.setdefault(key, []).append(error)
 
+    def busy(self) -> int:
+        """How many writes run now, each compressing on a core of its own (the analyses give
+        them their cores, as to the figure workers: :mod:`lightning_neurons.cores`)."""
+        with self._lock:
+            return sum(1 for future, _, _ in self._pending if future.running())
+
     def wait(self, owner: object) -> list[BaseException]:
         """Wait until every write of ``owner`` is done; the errors they raised (once each)."""
         key = id(owner)

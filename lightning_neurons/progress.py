@@ -10,8 +10,9 @@ doing with one call, without passing anything around:
 - :func:`advance`: the same for a loop without an index: each call counts one more.
 
 Outside :func:`reporting` the three do nothing, so library functions call them freely. Inside,
-each call is also where the analysis lends its torch threads to the figure workers that draw at
-that moment, and takes them back once they are done (:mod:`lightning_neurons.cores`).
+each call is also where the analysis lends its torch threads to the figure workers that draw and
+the writer threads that compress at that moment, and takes them back once they are done
+(:mod:`lightning_neurons.cores`).
 
 Where the status goes depends on the trainer:
 
@@ -50,6 +51,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_debug
 
 from lightning_neurons.cores import CoreShare
 from lightning_neurons.figure_worker import background_figures
+from lightning_neurons.loggers import background_writes
 
 #: The logger of the one line per analysis and epoch written when there is no terminal.
 log = logging.getLogger("lightning.pytorch").getChild("lightning_neurons")
@@ -273,6 +275,11 @@ def _reporter(trainer: Trainer, name: str, stage: str) -> Reporter:
     return Reporter(status, logged=True, where=where)  # no terminal: a line in the log
 
 
+def _busy() -> int:
+    """What of ours takes a core now: figure workers drawing, writer threads compressing."""
+    return background_figures.busy() + background_writes.busy()
+
+
 @contextmanager
 def reporting(trainer: Trainer, callback: Callback, stage: str) -> Iterator[Reporter]:
     """Show what ``callback``'s analysis at the end of ``stage`` does while the block runs.
@@ -286,7 +293,7 @@ def reporting(trainer: Trainer, callback: Callback, stage: str) -> Iterator[Repo
         The reporter that :func:`phase`, :func:`update` and :func:`advance` talk to.
     """
     reporter = _reporter(trainer, type(callback).__name__, stage)
-    cores = reporter.cores = CoreShare(background_figures.busy)
+    cores = reporter.cores = CoreShare(_busy)
     token = _current.set(reporter)
     start = time.perf_counter()
     try:

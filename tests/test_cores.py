@@ -3,6 +3,7 @@ back; the training loop always runs on the threads it started with."""
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -16,6 +17,7 @@ import lightning_neurons.callbacks.contribution as contribution_callback
 from lightning_neurons import ActivationTracker, NeuronContribution, cores, progress
 from lightning_neurons.cores import CoreShare
 from lightning_neurons.figure_worker import background_figures
+from lightning_neurons.loggers import background_writes
 from lightning_neurons.models import ImageClassifier
 
 
@@ -104,6 +106,28 @@ def test_the_blas_libraries_lend_their_threads_too_and_get_them_back(two_threads
         assert _blas_threads() == {2} and torch.get_num_threads() == 2
     finally:
         two.restore_original_limits()
+
+
+def test_a_writer_thread_compressing_takes_a_core_too(two_threads, busy):
+    """No figure worker draws, but a writer thread compresses an analysis's ``.npz``: the
+    analysis runs on the other core, and takes both once the write is done."""
+    gate, started, owner = threading.Event(), threading.Event(), object()
+
+    def write() -> None:
+        started.set()
+        gate.wait(10)
+
+    with progress.reporting(_trainer(), ActivationTracker(), "validation"):
+        assert torch.get_num_threads() == 2
+        background_writes.submit(owner, write, 1)
+        assert started.wait(10)
+        progress.update("step", 1, 2)
+        assert torch.get_num_threads() == 1 and _blas_threads() == {1}
+        gate.set()
+        assert background_writes.wait(owner) == []
+        progress.update("step", 2, 2)
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == 2
 
 
 class ThreadsSeen(Callback):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import warnings
 
 import lightning.pytorch as pl
@@ -136,8 +137,6 @@ def test_files_are_complete_when_fit_returns_and_a_failed_write_follows_on_error
 
 
 def test_background_writes_hold_at_most_max_pending_bytes(tmp_path):
-    import threading
-
     writes = loggers.BackgroundWrites(threads=1, max_pending_bytes=100)
     gate = threading.Event()
     done: list[int] = []
@@ -160,3 +159,23 @@ def test_background_writes_hold_at_most_max_pending_bytes(tmp_path):
     (error,) = writes.wait(failing)
     assert isinstance(error, ZeroDivisionError)
     assert writes.wait(failing) == []  # reported once
+
+
+def test_background_writes_count_the_writes_running_now():
+    # what an analysis leaves its cores to (lightning_neurons.cores): running writes, not queued
+    writes = loggers.BackgroundWrites(threads=2)
+    gate, owner = threading.Event(), object()
+    started: list[threading.Event] = [threading.Event() for _ in range(3)]
+
+    def held(i: int) -> None:
+        started[i].set()
+        gate.wait(10)
+
+    assert writes.busy() == 0
+    for i in range(3):
+        writes.submit(owner, lambda i=i: held(i), 1)
+    assert started[0].wait(10) and started[1].wait(10)
+    assert writes.busy() == 2, "two threads: the third write waits, and takes no core"
+    gate.set()
+    assert writes.wait(owner) == []
+    assert writes.busy() == 0
