@@ -271,15 +271,21 @@ def _crossed(channels: int, size: int) -> torch.Tensor:
     return tile
 
 
-def sprite(tiles: torch.Tensor) -> np.ndarray:
+def sprite(tiles: torch.Tensor | np.ndarray) -> np.ndarray:
     """``[N, C, S, S]`` tiles in [0, 1] -> the projector's sprite: a square grid of tiles, row
-    by row, as an ``[H, W, 3]`` uint8 array."""
+    by row, as an ``[H, W, 3]`` uint8 array.
+
+    NumPy only: it runs on a writer thread, where a torch operation would start an OpenMP team
+    of that thread's own, and two teams on the cores slow every later torch operation of the
+    process (FeatureVisualizer's channel renderings took twice as long after one; see
+    ``docs/benchmarks.md``)."""
+    tiles = np.asarray(tiles, dtype=np.float32)
     n, c, s, _ = tiles.shape
     per_row = max(1, math.ceil(math.sqrt(n)))
-    grid = torch.zeros(per_row * per_row, 3, s, s)
-    grid[:n] = tiles.expand(-1, 3, -1, -1) if c == 1 else tiles[:, :3]
-    grid = grid.view(per_row, per_row, 3, s, s).permute(0, 3, 1, 4, 2)
-    return (grid.reshape(per_row * s, per_row * s, 3) * 255).round().to(torch.uint8).numpy()
+    grid = np.zeros((per_row * per_row, 3, s, s), dtype=np.float32)
+    grid[:n] = tiles if c == 1 else tiles[:, :3]  # one channel: broadcast to grey
+    grid = grid.reshape(per_row, per_row, 3, s, s).transpose(0, 3, 1, 4, 2)
+    return (grid.reshape(per_row * s, per_row * s, 3) * 255).round().astype(np.uint8)
 
 
 def write_embedding(
@@ -288,7 +294,7 @@ def write_embedding(
     folder: str,
     features: np.ndarray,
     metadata: Sequence[Sequence[str]],
-    tiles: torch.Tensor | None,
+    tiles: torch.Tensor | np.ndarray | None,
     replaces: str | None = None,
 ) -> None:
     """Write one embedding's files under ``log_dir/folder`` and list it in the projector's config,
@@ -317,7 +323,11 @@ def write_embedding(
 
 
 def _update_config(
-    root: Path, name: str, folder: str, tiles: torch.Tensor | None, replaces: str | None
+    root: Path,
+    name: str,
+    folder: str,
+    tiles: torch.Tensor | np.ndarray | None,
+    replaces: str | None,
 ) -> None:
     from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 
@@ -420,6 +430,8 @@ def log_neuron_projector(
         tiles = tiles.tiles(_input_transform(trainer), neurons=orders)
     else:
         tiles = {name: tiles[name][order] for name, order in orders.items() if name in tiles}
+    # arrays for the writer thread, which must run no torch operation (see `sprite`)
+    sheets = {name: t.detach().to("cpu", torch.float32).numpy() for name, t in tiles.items()}
     writes = [
         functools.partial(
             write_embedding,
@@ -428,7 +440,7 @@ def log_neuron_projector(
             f"projector/{kind}/epoch={res.epoch:03d}/{shorts[name]}",
             res.features[orders[name]].numpy(),
             neuron_metadata(shorts[name], res, orders[name].tolist(), class_names),
-            tiles.get(name),
+            sheets.get(name),
             replaces=f"{shorts[name]}, epoch ",
         )
         for name, res in reversed(list(results.items()))  # each goes first: the first ends first

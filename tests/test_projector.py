@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.projector import (
@@ -102,6 +103,41 @@ def test_sprite_is_a_square_grid_row_by_row():
     assert sheet.shape == (6, 6, 3)  # 3 x 3 tiles for 5 images
     assert sheet[0, 2, 0] == round(255 / 5) and sheet[2, 0, 0] == round(3 * 255 / 5)
     assert sheet[4, 4, 0] == 0  # the unused tiles
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_sprite_draws_the_pixels_torch_drew(channels):
+    # the sprite was drawn with torch operations (on a writer thread: see sprite's docstring)
+    tiles = torch.rand(7, channels, 5, 5, generator=torch.Generator().manual_seed(channels))
+    grid = torch.zeros(9, 3, 5, 5)
+    grid[:7] = tiles.expand(-1, 3, -1, -1) if channels == 1 else tiles[:, :3]
+    grid = grid.view(3, 3, 3, 5, 5).permute(0, 3, 1, 4, 2).reshape(15, 15, 3)
+    expected = (grid * 255).round().to(torch.uint8).numpy()
+    assert np.array_equal(sprite(tiles), expected)
+    assert np.array_equal(sprite(tiles.numpy()), expected)
+
+
+class TorchOperations(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_projector_files_are_written_without_torch_operations(tmp_path):
+    """They are written on a writer thread: a torch operation there starts an OpenMP team of
+    that thread's own, which slows every later torch operation of the process."""
+    # the arrays log_neuron_projector hands them, large enough for torch to split its loops
+    tiles = torch.rand(300, 3, 8, 8).numpy()
+    rows = [[f"relu3/{i}", "relu3 c0", "1", "0.5"] for i in range(300)]
+    features = np.random.default_rng(0).normal(size=(300, 4))
+    with TorchOperations() as ops:
+        write_embedding(tmp_path, "relu3, epoch 0", "projector/relu3", features, rows, tiles)
+    assert ops.seen == []
+    assert (tmp_path / "projector/relu3/sprite.png").exists()
 
 
 def test_the_latest_epoch_replaces_the_layer_and_other_entries_are_kept(tmp_path):
