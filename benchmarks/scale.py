@@ -50,6 +50,10 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+# the library of the worktree this script lies in (copied into an older one, that one's), in
+# each fit's child process too
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 VARIANTS = ("none", "tracker", "all")
 #: The goals at this shape (issue 20; for ``--model resnet50 --device cuda``): every analysis at
 #: most 20 s per analysed epoch, the tracker's per-batch overhead at most 5% of the steps it
