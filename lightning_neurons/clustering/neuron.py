@@ -295,8 +295,7 @@ def principal_components(features: np.ndarray, n_components: int, seed: int) -> 
     directions than kept and :data:`PCA_ITERATIONS` power iterations, in float32. On ResNet-50's
     17 layers at 1,000 classes the kept components held at least 99.74% of the variance of the
     exact ones (scikit-learn's randomized PCA: 99.71%) in 0.33 s against scikit-learn's 1.56 s
-    (2 cores).
-    Its random start is drawn from torch's CPU generator seeded with ``seed`` inside
+    (2 cores). Its random start is drawn from torch's CPU generator seeded with ``seed`` inside
     ``torch.random.fork_rng``, so the same call gives the same axes and training's random
     stream is left as it was.
 
