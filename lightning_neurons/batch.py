@@ -472,9 +472,11 @@ def check_targets(
             f"`{what}` must be a 1-D integer tensor with one class index per image ({batch}); got "
             f"dtype {targets.dtype} and shape {tuple(targets.shape)}"
         )
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
-        bad = int(targets.min()) if int(targets.min()) < 0 else int(targets.max())
-        raise NeuronsError(
-            f"`{what}` holds class {bad}, outside [0, {num_classes}) (the model's logits)"
-        )
+    if targets.numel():
+        low, high = (int(v) for v in targets.aminmax())  # one read (a wait on a GPU), not four
+        if low < 0 or high >= num_classes:
+            raise NeuronsError(
+                f"`{what}` holds class {low if low < 0 else high}, outside [0, {num_classes}) "
+                "(the model's logits)"
+            )
     return targets.long()

@@ -16,6 +16,7 @@ from lightning_neurons.batch import (
     LabelRange,
     LoaderRows,
     as_model_input,
+    check_targets,
     read_inputs,
     read_labels,
     read_logits,
@@ -164,3 +165,17 @@ def test_label_range_deferred_takes_three_operations_a_batch_into_reused_buffers
     with pytest.raises(NeuronsError, match=r"label 7 is outside \[0, 5\)"):
         labels.check(torch.tensor([7], dtype=torch.int32), 5)  # a new type: new buffers
         labels.settle()
+
+
+@pytest.mark.parametrize(("targets", "bad"), [([0, -1, 2], -1), ([0, 3, 1], 3), ([-2, 5, 1], -2)])
+def test_check_targets_names_the_class_outside_the_logits(targets, bad):
+    with pytest.raises(NeuronsError, match=rf"holds class {bad}, outside \[0, 3\)"):
+        check_targets(torch.tensor(targets), 3, 3)
+
+
+def test_check_targets_returns_long_class_indices():
+    out = check_targets(torch.tensor([2, 0, 1], dtype=torch.int32), 3, 3)
+    assert out.dtype == torch.int64 and out.tolist() == [2, 0, 1]
+    assert check_targets(torch.zeros(0, dtype=torch.long), 0, 3).numel() == 0
+    with pytest.raises(NeuronsError, match="1-D integer tensor"):
+        check_targets(torch.tensor([0.0, 1.0, 2.0]), 3, 3)
