@@ -12,7 +12,8 @@ doing with one call, without passing anything around:
 Outside :func:`reporting` the three do nothing, so library functions call them freely. Inside,
 each call is also where the analysis lends its torch threads to the figure workers that draw and
 the writer threads that compress at that moment, and takes them back once they are done
-(:mod:`lightning_neurons.cores`).
+(:mod:`lightning_neurons.cores`); and each :func:`phase` gives the heap memory that the phase
+before it freed back to the system (:mod:`lightning_neurons.heap`).
 
 Where the status goes depends on the trainer:
 
@@ -51,6 +52,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_debug
 
 from lightning_neurons.cores import CoreShare
 from lightning_neurons.figure_worker import background_figures
+from lightning_neurons.heap import release_freed_memory
 from lightning_neurons.loggers import background_writes
 
 #: The logger of the one line per analysis and epoch written when there is no terminal.
@@ -218,6 +220,9 @@ class Reporter:
     _drawn: float = field(default=-math.inf, repr=False)
 
     def phase(self, what: str, done: int | None, total: int | None) -> None:
+        # what the last phase freed goes back to the system before this one allocates (a few
+        # ms; glibc would keep it, and a phase whose blocks do not fit the holes grows the heap)
+        release_freed_memory()
         self.status.phase = Count(what, done, total)
         self.status.step = None
         self._changed()
