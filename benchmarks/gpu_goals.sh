@@ -9,14 +9,20 @@
 #      phases and the peak during each.
 # Usage, from the repository root: bash benchmarks/gpu_goals.sh [OUT_DIR] (default: $OUT, else
 # ./gpu_goals). hdbscan wheels in .whl/ (untracked: carry the folder to the machine) are
-# installed into /tmp/site first (a machine without network access); each step has its own time
-# limit, so the first step's figures survive a slow second step.
+# installed into /tmp/site first (a machine without network access; the one whose Python
+# matches). Make them where pip reaches a registry, one per Python the machine may have:
+#   for v in 3.10 3.11 3.12 3.13; do pip download hdbscan==0.8.44 --no-deps --only-binary=:all: \
+#       --python-version $v --platform manylinux2014_x86_64 -d .whl; done
+# machine.txt says whether hdbscan could be imported (without it NeuronClustering's default
+# fails, and the run measures less). Each step has its own time limit, so the first step's
+# figures survive a slow second step.
 set -u
 out=${1:-${OUT:-gpu_goals}}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+    python3 -m pip install -q --no-index --find-links .whl --no-deps --no-compile --no-cache-dir \
+        --target /tmp/site hdbscan
     export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 {
@@ -24,7 +30,10 @@ fi
     git rev-parse HEAD 2>/dev/null || echo "commit: not a git checkout"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     nproc
+    python3 --version
     python3 -c "import torch, lightning; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'lightning', lightning.__version__)"
+    python3 -c "import hdbscan, importlib.metadata as m; print('hdbscan', m.version('hdbscan'))" \
+        || echo "hdbscan: NOT importable"
 } >"$out/machine.txt" 2>&1
 common=(--model resnet50 --device cuda --classes 1000 --val-images 20000 --train-images 2560
     --epochs 3 --threads 8)
