@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_neurons.heap import release_freed_memory
+
 #: Seconds :meth:`BackgroundFigures.wait` waits for one figure before reporting it lost.
 FIGURE_TIMEOUT = 600.0
 
@@ -102,7 +104,11 @@ def close(figure: Any) -> None:
 
 def _draw_pickled(payload: bytes) -> np.ndarray:
     fn, args, kwargs = pickle.loads(payload)
-    return draw(fn, *args, **kwargs)
+    try:
+        return draw(fn, *args, **kwargs)
+    finally:
+        del fn, args, kwargs  # the figure's arguments, then the heap memory they and it freed
+        release_freed_memory()  # (workers' own memory at the peak: 50-62 -> 35-39 MB each)
 
 
 def _init_worker() -> None:

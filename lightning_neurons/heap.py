@@ -8,7 +8,8 @@ arena is not reused by a thread allocating in another. ``malloc_trim(0)`` gives 
 of every arena back. Measured on the CPU (ResNet-18, 1,000 classes, every analysis): 280-410 MB
 given back after each epoch's analyses, with the live tensors and objects the same each epoch.
 It runs after each analysis and at each of its phases (:func:`lightning_neurons.progress.phase`):
-a phase whose blocks do not fit the holes the last one left grows the heap instead. At every
+a phase whose blocks do not fit the holes the last one left grows the heap instead; and in the
+figure workers after each figure (:mod:`lightning_neurons.figure_worker`). At every
 phase (ResNet-50, 1,000 classes, 2 epochs, every analysis): 64 calls, 0.31 s in all, and the
 peak memory of the tree 130-170 MB lower (``benchmarks/scale.py``; ``docs/benchmarks.md``).
 """

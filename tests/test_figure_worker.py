@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import time
 import warnings
+import weakref
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -231,6 +232,54 @@ def test_figures_not_yet_drawn_hold_at_most_max_pending_bytes_of_arguments():
         unbounded.submit(owner, logged.append, slow_sum, (1.0, megabyte))
     assert [f.done() for f, _, _ in unbounded._order].count(False) == 3
     assert unbounded.wait(owner) == []
+    assert _no_children(), "the workers end once nothing is pending"
+
+
+_DRAWN: list[weakref.ref] = []
+
+
+def remembered_image(values: np.ndarray) -> np.ndarray:
+    """A plot function that keeps a weak reference to its argument."""
+    _DRAWN.append(weakref.ref(values))
+    return np.zeros((2, 2, 3), dtype=np.uint8)
+
+
+def test_a_worker_gives_a_figures_memory_back_once_its_arguments_are_gone(monkeypatch):
+    """After each figure the worker gives the heap memory it freed back to the system (a worker
+    keeps only what the next figure needs); the figure's arguments are freed before that."""
+    from lightning_neurons import figure_worker
+
+    alive_at_trim: list[bool] = []
+    monkeypatch.setattr(
+        figure_worker,
+        "release_freed_memory",
+        lambda: alive_at_trim.append(_DRAWN[-1]() is not None) or True,
+    )
+    payload = figure_worker._dumps((remembered_image, (np.ones(1 << 16),), {}))
+    for _ in range(2):
+        assert figure_worker._draw_pickled(payload).shape == (2, 2, 3)
+    assert alive_at_trim == [False, False]
+
+
+def _count_trim(path: str) -> bool:
+    with open(path, "a") as marks:
+        marks.write(f"{os.getpid()}\n")
+    return True
+
+
+@needs_fork
+def test_the_workers_give_memory_back_after_every_figure(tmp_path, monkeypatch):
+    from lightning_neurons import figure_worker
+
+    marks = tmp_path / "trims"
+    # the workers are forked after this: they inherit the counting stand-in
+    monkeypatch.setattr(figure_worker, "release_freed_memory", lambda: _count_trim(str(marks)))
+    figures, logged, owner = BackgroundFigures(workers=1), [], object()
+    for _ in range(3):
+        figures.submit(owner, logged.append, slow_sum, (0.0, np.ones(8)))
+    assert figures.wait(owner) == [] and len(logged) == 3
+    pids = marks.read_text().split()
+    assert len(pids) == 3 and all(int(pid) != os.getpid() for pid in pids)
     assert _no_children(), "the workers end once nothing is pending"
 
 
