@@ -21,6 +21,7 @@ from conftest import TinyData, TinyNet, fast_trainer
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
 import lightning_neurons.callbacks._contribution_ablation as contribution_module
+import lightning_neurons.callbacks._contribution_log as contribution_log
 import lightning_neurons.plots.activation as activation_plots
 from lightning_neurons import (
     ActivationTracker,
@@ -136,6 +137,7 @@ def test_tqdm_bar_shows_what_each_analysis_does_while_it_runs(tmp_path, screen, 
     categories = _watch(monkeypatch, CategoryClusterer, "fit", screen)
     neurons = _watch(monkeypatch, NeuronClusterer, "fit", screen)
     ablation = _watch(monkeypatch, contribution_module, "ablation_sums", screen)
+    contribution_figures = _watch(monkeypatch, contribution_log, "_figures", screen)
     with drawing_on(screen):
         _fit(tmp_path, [*_analyses(), TQDMProgressBar()], enable_progress_bar=True)
 
@@ -148,6 +150,8 @@ def test_tqdm_bar_shows_what_each_analysis_does_while_it_runs(tmp_path, screen, 
     assert shown(categories, "CategoryClustering: clustering view backbone.relu()")  # the deepest
     assert shown(neurons, "NeuronClustering: clustering the neurons of backbone.relu1")
     assert shown(ablation, "NeuronContribution: ablation of backbone.relu")
+    # (a count at each layer also lends the threads to the workers drawing its figures)
+    assert shown(contribution_figures, "NeuronContribution: figures and files, layer")
     # the render loop's and the contribution's counters, drawn as Lightning draws its bars
     assert any(
         re.search(

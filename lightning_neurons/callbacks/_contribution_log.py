@@ -7,6 +7,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, Trainer
 
+from lightning_neurons import progress
 from lightning_neurons.callbacks._base import class_names_of
 from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.results import ContributionResult, Probes
@@ -15,12 +16,16 @@ from lightning_neurons.results import ContributionResult, Probes
 def log_contribution(
     trainer: Trainer, results: Mapping[str, ContributionResult], owner: Callback
 ) -> None:
-    """Figures, scalars, the probes' image and table, and one ``.npz`` file per layer."""
+    """Figures, scalars, the probes' image and table, and one ``.npz`` file per layer, in the
+    progress phase "figures and files", counted by layer (each count also lends the analysis's
+    threads to the figure workers that its figures keep busy: :mod:`lightning_neurons.cores`)."""
     out = AnalysisLogger(trainer, "contribution", owner=owner)
     if not out.is_writer:
         return
+    progress.phase("figures and files")
     scalars: dict[str, float] = {}
     for layer, res in results.items():
+        progress.advance("layer", len(results))
         names = class_names_of(trainer, res.stats.num_classes)
         scalars.update(_scalars(out, layer, res, names))
         if out.experiment is not None:  # figures take time: draw them only to be shown
