@@ -11,7 +11,7 @@ It runs after each analysis and at each of its phases (:func:`lightning_neurons.
 a phase whose blocks do not fit the holes the last one left grows the heap instead; and in the
 figure workers after each figure (:mod:`lightning_neurons.figure_worker`). At every
 phase (ResNet-50, 1,000 classes, 2 epochs, every analysis): 64 calls, 0.31 s in all, and the
-peak memory of the tree 130-170 MB lower (``benchmarks/scale.py``; ``docs/benchmarks.md``).
+peak memory of the tree 80-170 MB lower (``benchmarks/scale.py``; ``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
