@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -12,7 +12,7 @@ import torchmetrics
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_neurons.batch import read_logits
+from lightning_neurons.batch import INPUT_KEYS, LABEL_KEYS, read_logits
 from lightning_neurons.errors import NeuronsError
 
 
@@ -67,6 +67,9 @@ class ImageClassifier(pl.LightningModule):
     Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc`` (and ``test/...``), with
     torchmetrics accuracy, and ``val/acc_best``: the best epoch's validation accuracy so far
     (torchmetrics ``MaxMetric``), so a run's summary can report both its last and its best epoch.
+    Batches are read as the callbacks read them (:func:`images_and_targets`): ``(images, targets)``
+    tuples or mappings such as ``{"pixel_values": ..., "labels": ...}``; the targets are class
+    indices, or class probabilities (mixup, cutmix), whose top class the accuracy scores.
 
     Args:
         backbone: Any ``nn.Module`` mapping images to ``num_classes`` logits (in YAML, any class
@@ -118,10 +121,10 @@ class ImageClassifier(pl.LightningModule):
         return self.backbone(x)
 
     def _step(self, batch, stage: str, acc: torchmetrics.Metric) -> torch.Tensor:
-        x, y = batch[0], batch[1]
+        x, y = images_and_targets(batch, self.num_classes)
         logits = read_logits(self(x))  # the first output of aux-logit models (GoogLeNet's, say)
-        loss = F.cross_entropy(logits, y)
-        acc(logits, y)
+        loss = F.cross_entropy(logits, y)  # class indices, or class probabilities (mixup)
+        acc(logits, y if y.dim() == 1 else y.argmax(dim=1))
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True)
         self.log(f"{stage}/acc", acc, prog_bar=True, on_step=False, on_epoch=True)
@@ -162,3 +165,55 @@ class ImageClassifier(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+
+def images_and_targets(batch: Any, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and targets :class:`ImageClassifier` trains on, from a batch as the loader yields it.
+
+    Args:
+        batch: ``(images, targets, ...)``, or a mapping with one of
+            :data:`~lightning_neurons.batch.INPUT_KEYS` and one of
+            :data:`~lightning_neurons.batch.LABEL_KEYS` (Hugging Face datasets' layout).
+        num_classes: The classifier's classes.
+
+    Returns:
+        The images, and the targets: ``[B]`` class indices (a ``[B, 1]`` column is flattened), or
+        ``[B, num_classes]`` class probabilities, as mixup and cutmix make them.
+
+    Raises:
+        NeuronsError: If the batch has no images or targets, or the targets are neither.
+
+    Example:
+        >>> x, y = images_and_targets({"image": torch.zeros(2, 1, 4, 4), "label": [[3], [1]]}, 10)
+        >>> y
+        tensor([3, 1])
+    """
+    if isinstance(batch, Mapping):
+        x = next((batch[k] for k in INPUT_KEYS if k in batch), None)
+        y = next((batch[k] for k in LABEL_KEYS if k in batch), None)
+    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        x, y = batch[0], batch[1]
+    else:
+        x = y = None
+    if not isinstance(x, torch.Tensor) or y is None:
+        keys = f" with keys {sorted(map(str, batch))}" if isinstance(batch, Mapping) else ""
+        raise NeuronsError(
+            f"ImageClassifier cannot find images and targets in a batch of type "
+            f"{type(batch).__name__}{keys}; it trains on `(images, targets, ...)` tuples or on "
+            f"mappings with an image key ({', '.join(INPUT_KEYS)}) and a label key "
+            f"({', '.join(LABEL_KEYS)}). Rename your dataset's keys, or subclass ImageClassifier "
+            "and override `_step`."
+        )
+    y = torch.as_tensor(y, device=x.device)
+    if y.dim() == 2 and y.shape[1] == 1 and not y.dtype.is_floating_point:
+        y = y[:, 0]
+    indices = y.dim() == 1 and not (y.dtype.is_floating_point or y.dtype == torch.bool)
+    soft = y.dim() == 2 and y.dtype.is_floating_point and y.shape[1] == num_classes
+    if not (indices or soft) or y.shape[0] != x.shape[0]:
+        raise NeuronsError(
+            f"ImageClassifier's targets must be {x.shape[0]} integer class indices (shape [B]) or "
+            f"class probabilities of shape [B, {num_classes}] (mixup, cutmix); got dtype "
+            f"{y.dtype} and shape {tuple(y.shape)}. Check `num_classes={num_classes}` and the "
+            "dataset's labels."
+        )
+    return x, y.long() if indices else y

@@ -52,3 +52,80 @@ def test_constant_schedule_keeps_plain_adam(tmp_path, tiny_data):
     optimizer = trainer.optimizers[0]
     assert type(optimizer) is torch.optim.Adam and trainer.lr_scheduler_configs == []
     assert optimizer.param_groups[0]["lr"] == 0.01
+
+
+class _AsMappings(torch.utils.data.Dataset):
+    """A dataset of ``(image, label)`` pairs yielding Hugging Face's ``pixel_values``/``labels``."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+def _loader(x, y, **kwargs):
+    return torch.utils.data.DataLoader(list(zip(x, y, strict=True)), batch_size=8, **kwargs)
+
+
+def test_mapping_batches_train_as_tuples_do(tmp_path, tiny_data):
+    weights = []
+    for mappings in (False, True):
+        torch.manual_seed(0)
+        model = ImageClassifier(TinyNet(), num_classes=3, lr=0.01)
+        x, y = tiny_data.x, tiny_data.y
+        data = _AsMappings(x, y) if mappings else torch.utils.data.TensorDataset(x, y)
+        train = torch.utils.data.DataLoader(data, batch_size=8)  # no shuffle: the same batches
+        fast_trainer(tmp_path / str(mappings), max_epochs=1).fit(model, train)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    # the same batches through the same arithmetic in one process: the same weights, bit for bit
+    assert torch.equal(weights[0], weights[1])
+    assert not torch.equal(weights[0], torch.cat([p.flatten() for p in TinyNet().parameters()]))
+
+
+def test_class_probabilities_are_targets_and_their_top_class_is_scored(tmp_path, tiny_data):
+    torch.manual_seed(0)
+    model = ImageClassifier(TinyNet(), num_classes=3)
+    x, y = tiny_data.vx, tiny_data.vy
+    one_hot = torch.nn.functional.one_hot(y, 3).float()
+    mixed = 0.6 * one_hot + 0.4 * one_hot.roll(1, dims=0)  # mixup of each image with the next
+    metrics = {}
+    for name, targets in {"indices": y, "one-hot": one_hot, "mixup": mixed}.items():
+        trainer = fast_trainer(tmp_path / name, logger=False)
+        metrics[name] = trainer.validate(model, _loader(x, targets), verbose=False)[0]
+    # one-hot probabilities are the same targets as the indices: the loss differs only by the
+    # rounding of two float32 formulas of one log-softmax (~1e-7 relative), the accuracy not at all
+    assert metrics["one-hot"]["val/loss"] == pytest.approx(metrics["indices"]["val/loss"], rel=1e-5)
+    assert metrics["one-hot"]["val/acc"] == metrics["indices"]["val/acc"]
+    assert metrics["mixup"]["val/acc"] == metrics["indices"]["val/acc"]  # 0.6 > 0.4: same class
+    expected = -(mixed * model(x).log_softmax(dim=1)).sum(dim=1).mean().item()
+    assert metrics["mixup"]["val/loss"] == pytest.approx(expected, rel=1e-5)
+
+    before = [p.detach().clone() for p in model.parameters()]
+    fast_trainer(tmp_path / "fit", max_epochs=1, logger=False).fit(model, _loader(x, mixed))
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("batch", "match"),
+    [
+        (
+            {"img": torch.zeros(2, 1, 8, 8), "label": torch.tensor([0, 1])},
+            r"keys \['img', 'label'\]",
+        ),
+        ((torch.zeros(2, 1, 8, 8),), "`\\(images, targets, ...\\)` tuples"),
+        ((torch.zeros(2, 1, 8, 8), torch.rand(2, 4)), r"shape \[B, 3\].*shape \(2, 4\)"),
+        (
+            (torch.zeros(2, 1, 8, 8), torch.tensor([0.0, 1.0])),
+            r"dtype torch.float32 and shape \(2,\)",
+        ),
+        ((torch.zeros(2, 1, 8, 8), torch.tensor([0, 1, 2])), "must be 2 integer class indices"),
+    ],
+)
+def test_batches_without_images_or_targets_are_named(batch, match):
+    model = ImageClassifier(TinyNet(), num_classes=3)
+    with pytest.raises(NeuronsError, match=match):
+        model._step(batch, "train", model.train_acc)
