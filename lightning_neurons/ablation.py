@@ -20,12 +20,18 @@ import torch
 from torch import nn
 
 from lightning_neurons import progress
-from lightning_neurons.batch import BatchFn, BatchReader, as_model_input, check_targets
-from lightning_neurons.contribution import _exact, _limited
+from lightning_neurons.batch import (
+    BatchFn,
+    BatchReader,
+    as_model_input,
+    check_targets,
+    limited_batches,
+)
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.functional import is_function_layer
 from lightning_neurons.hooks import (
     HookSet,
+    exact_call_site,
     get_module,
 )
 from lightning_neurons.state import analysis_mode, model_device
@@ -217,7 +223,7 @@ def ablation_effects(
         >>> res["a"].accuracy_drop  # doctest: +SKIP
     """
     reader = BatchReader(input_fn=input_fn, label_fn=label_fn, output_fn=output_fn)
-    batches = _limited(dataloader, max_batches)
+    batches = limited_batches(dataloader, max_batches)
     sums = ablation_sums(
         model,
         layer,
@@ -254,7 +260,7 @@ def ablation_sums(
         NeuronsError: As :func:`ablation_effects`.
     """
     module = get_module(model, layer)
-    site = _exact(layer)
+    site = exact_call_site(layer)
     if isinstance(sets_per_pass, bool) or not isinstance(sets_per_pass, int) or sets_per_pass < 1:
         raise NeuronsError(f"`sets_per_pass` must be a positive integer, got {sets_per_pass!r}")
     own_output = not isinstance(module, nn.Sequential) and not is_function_layer(

@@ -17,7 +17,7 @@ owns the one that all callbacks share, configured with its ``input_fn``, ``label
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import chain
 from typing import TYPE_CHECKING, Any
@@ -206,6 +206,22 @@ def read_logits(output: Any, output_fn: BatchFn | None = None) -> torch.Tensor:
             "model's output."
         )
     return logits
+
+
+def limited_batches(batches: Iterable[Any], max_batches: int | None) -> Iterator[Any]:
+    """The first ``max_batches`` of ``batches`` (all of them for ``None``).
+
+    Raises:
+        NeuronsError: If ``max_batches`` is neither a positive integer nor ``None``.
+    """
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    ):
+        raise NeuronsError(f"`max_batches` must be a positive integer or None, got {max_batches!r}")
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            return
+        yield batch
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

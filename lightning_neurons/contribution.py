@@ -34,7 +34,7 @@ Every function puts the model in eval mode and gives everything back as it was: 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -48,6 +48,7 @@ from lightning_neurons.batch import (
     as_model_input,
     check_label_range,
     check_targets,
+    limited_batches,
     read_logits,
 )
 from lightning_neurons.checks import check_positive_int
@@ -55,7 +56,6 @@ from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import (
     HookSet,
     get_module,
-    parse_call_site,
     selects,
 )
 from lightning_neurons.state import analysis_mode, model_device
@@ -89,12 +89,6 @@ def _layer_names(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
     for name in names:
         get_module(model, name)
     return list(dict.fromkeys(names))
-
-
-def _exact(layer: str) -> str:
-    """The layer list entry selecting exactly the call site ``layer`` (``"m"`` is the first call)."""
-    module, index = parse_call_site(layer)
-    return f"{module}#{index}"
 
 
 # ---- first order ----------------------------------------------------------------------------
@@ -521,17 +515,6 @@ def _summed(metric: ClassNeuronStats) -> dict[str, torch.Tensor]:
     return {state: getattr(metric, state) for state in SUMMED_STATES}
 
 
-def _limited(batches: Iterable[Any], max_batches: int | None) -> Iterator[Any]:
-    if max_batches is not None and (
-        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
-    ):
-        raise NeuronsError(f"`max_batches` must be a positive integer or None, got {max_batches!r}")
-    for i, batch in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            return
-        yield batch
-
-
 def class_contributions(
     model: nn.Module,
     layers: str | Sequence[str],
@@ -574,7 +557,7 @@ def class_contributions(
     acc: ClassContributions | None = None
     with analysis_mode(model):
         device = model_device(model)
-        for batch in _limited(dataloader, max_batches):
+        for batch in limited_batches(dataloader, max_batches):
             x = reader.inputs(batch).to(device)
             y = reader.labels(batch).to(device)
             out = contribution_batch(model, names, x, y, output_fn=output_fn)

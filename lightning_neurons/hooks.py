@@ -101,6 +101,17 @@ def parse_call_site(name: str) -> tuple[str, int]:
     return module, int(call)
 
 
+def exact_call_site(layer: str) -> str:
+    """The layer list entry selecting exactly the call site ``layer`` (``"m"`` is the first call).
+
+    Example:
+        >>> exact_call_site("layer1.0.relu"), exact_call_site("layer1.0.relu#1")
+        ('layer1.0.relu#0', 'layer1.0.relu#1')
+    """
+    module, index = parse_call_site(layer)
+    return f"{module}{CALL_SEPARATOR}{index}"
+
+
 def selects(layers: Sequence[str], name: str) -> bool:
     """Whether the layer list ``layers`` (as returned by :func:`resolve_layers`) selects the call
     site ``name``: a module name selects all its calls, ``m#i`` / ``m#<glob>`` the matching ones.
