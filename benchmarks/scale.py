@@ -158,6 +158,27 @@ def _rollup_mb(pid: int) -> tuple[float, float]:
     return kb.get("Pss_Anon", 0.0) / 1024, private / 1024
 
 
+def libraries_mb(pid: int, top: int = 8) -> tuple[float, list[tuple[str, float]]]:
+    """The ``Pss`` of the files ``pid`` maps (its shared libraries, chiefly), in MB: the total and
+    the ``top`` largest by file name. On a GPU the CUDA libraries the analyses load (cuFFT for the
+    rendered images' Fourier parameters, say) are host memory the bare fit does not have."""
+    by_file: dict[str, float] = defaultdict(float)
+    name = None
+    try:
+        lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
+    except OSError:
+        return 0.0, []
+    for line in lines:
+        head = line.split(maxsplit=5)
+        if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
+            path = head[5] if len(head) == 6 else ""
+            name = Path(path).name if path.startswith("/") else None
+        elif name and line.startswith("Pss:"):
+            by_file[name] += float(line.split()[1]) / 1024
+    largest = sorted(by_file.items(), key=lambda kv: -kv[1])[:top]
+    return sum(by_file.values()), largest
+
+
 def _tree(pid: int) -> list[int]:
     """``pid`` and its descendants (``/proc/<pid>/task/<tid>/children``)."""
     found, todo = [], [pid]
@@ -313,6 +334,7 @@ def child(args: argparse.Namespace, which: str) -> dict:
             DataLoader(val, batch_size=args.batch_size),
         )
         seconds = time.perf_counter() - start
+        libraries = libraries_mb(os.getpid())
     artifact_bytes = sum(p.stat().st_size for p in workdir.rglob("*") if p.is_file())
     if not args.keep_logs:  # hundreds of MB a fit at 1,000 classes
         shutil.rmtree(workdir, ignore_errors=True)
@@ -329,6 +351,7 @@ def child(args: argparse.Namespace, which: str) -> dict:
         "tree_by_phase": sorted(tree.by_label.items(), key=lambda kv: -kv[1]),
         "tree": [tree.processes, tree.field],
         "peak_split": tree.peak_split,
+        "libraries": libraries,
         "peak_cuda_mb": (
             torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
         ),
@@ -551,6 +574,10 @@ def report(r: dict, base: dict, args: argparse.Namespace) -> None:
             f" anonymous: heap and tensors), the figure workers {shown}",
             flush=True,
         )
+    if r.get("libraries") and r["libraries"][1]:
+        total, largest = r["libraries"]
+        shown = ", ".join(f"{name} {mb:,.0f}" for name, mb in largest)
+        print(f"      files mapped at the fit's end: {total:,.0f} MB Pss (MB: {shown})", flush=True)
     if r["phases"] and args.phases:
         print(f"      the analyses' longest phases (seconds, the whole fit; top {args.phases}):")
         for what, secs in r["phases"][: args.phases]:
