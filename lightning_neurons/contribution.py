@@ -497,7 +497,7 @@ class ClassContributions:
             dominant, share = dominant_neurons(mean, self.top_k)
             results[name] = ContributionStats(
                 layer=name,
-                counts=s["images"].cpu().clone(),
+                counts=s["images"].to("cpu", copy=True),
                 class_contribution=mean.to("cpu", f32),
                 class_std=class_std(s["sum"], s["sum_sq"], count).to("cpu", f32),
                 positive_rate=class_means(

@@ -269,7 +269,7 @@ class NeuronContribution(StagedCallback):
         if not rows:
             return
         with torch.inference_mode(False):  # normal tensors, usable in autograd later
-            kept = (x[:rows].detach().to("cpu").clone(), y[:rows].detach().to("cpu").clone())
+            kept = (x[:rows].detach().to("cpu", copy=True), y[:rows].detach().to("cpu", copy=True))
         self._batches.append(kept)
         num_classes = self._spec.num_classes if self._spec is not None else None
         self._probe_candidates.update(*kept, num_classes=num_classes)

@@ -193,7 +193,7 @@ class ActivationTracker(StagedCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         states = {
-            name: {k: v.detach().cpu().clone() for k, v in s.items()}
+            name: {k: v.detach().to("cpu", copy=True) for k, v in s.items()}
             for name, s in self._saved_states.items()
         }
         return {
