@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 #: Keys of a mapping batch that hold the model input, in the order they are tried.
 INPUT_KEYS = ("image", "images", "x", "input", "inputs", "pixel_values")
-#: Keys of a mapping batch that hold the integer class labels, in the order they are tried.
+#: Keys of a mapping batch that hold the class labels, in the order they are tried.
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 #: Keys of a mapping model output that hold the logits.
 OUTPUT_KEYS = ("logits",)
@@ -48,6 +48,7 @@ __all__ = [
     "BatchReader",
     "read_inputs",
     "read_labels",
+    "check_probabilities",
     "read_logits",
     "model_dtype",
     "as_model_input",
@@ -111,22 +112,36 @@ def read_inputs(batch: Any, input_fn: BatchFn | None = None) -> torch.Tensor:
     return x
 
 
-def read_labels(batch: Any, label_fn: BatchFn | None = None) -> torch.Tensor:
+def read_labels(
+    batch: Any, label_fn: BatchFn | None = None, *, check_rows: bool | None = None
+) -> torch.Tensor:
     """The integer class labels of a batch.
+
+    Labels are ``[B]`` class indices (a ``[B, 1]`` column is flattened), or ``[B, C]`` class
+    probabilities (one-hot, mixup, cutmix, label smoothing, a teacher's softmax), which are read
+    as their top class: each image counts for the class it mostly is. Probability rows must be
+    non-negative and sum to 1 (within 0.01: the rounding of bf16 labels, far from the row sums
+    0 or >= 2 of multi-label targets).
 
     Args:
         batch: ``(x, y, ...)`` tuple or list, or a mapping with one of :data:`LABEL_KEYS`.
         label_fn: Takes the batch and returns the labels, for other layouts.
+        check_rows: Check that probability rows are probabilities. Default: only on the CPU,
+            where the check does not make an accelerator wait (the tracker checks the first
+            batch wherever it lies).
 
     Returns:
         ``[B]`` int64 labels.
 
     Raises:
-        NeuronsError: If the batch has no labels or they are not integer class indices.
+        NeuronsError: If the batch has no labels, or they are neither class indices nor class
+            probabilities.
 
     Example:
         >>> read_labels((torch.zeros(2, 1, 4, 4), torch.tensor([[3], [1]])))
         tensor([3, 1])
+        >>> read_labels((torch.zeros(2, 1, 4, 4), torch.tensor([[0.3, 0.7], [0.6, 0.4]])))
+        tensor([1, 0])
     """
     if label_fn is not None:
         labels = label_fn(batch)
@@ -150,13 +165,45 @@ def read_labels(batch: Any, label_fn: BatchFn | None = None) -> torch.Tensor:
         labels = torch.as_tensor(labels)
     if labels.dim() == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
+    if labels.dim() == 2 and labels.dtype.is_floating_point and labels.shape[1] > 1:
+        if check_rows or (check_rows is None and labels.device.type == "cpu"):
+            check_probabilities(labels)
+        return labels.argmax(dim=1)
     if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise NeuronsError(
-            f"labels must be a 1-D tensor of integer class indices; got dtype {labels.dtype} and "
-            f"shape {tuple(labels.shape)}. For one-hot or soft labels pass "
-            "`label_fn=lambda batch: batch[1].argmax(dim=1)` to ActivationTracker."
+            f"labels must be [B] integer class indices or [B, num_classes] class probabilities; "
+            f"got dtype {labels.dtype} and shape {tuple(labels.shape)}. For other targets pass "
+            "`label_fn=` to ActivationTracker, returning each image's class index."
         )
     return labels.long()
+
+
+def check_probabilities(labels: torch.Tensor) -> None:
+    """Check that ``[B, C]`` floating labels are class probabilities: rows non-negative, each
+    summing to 1 within 0.01.
+
+    Raises:
+        NeuronsError: Naming the first row that is not, e.g. multi-label targets or logits.
+
+    Example:
+        >>> check_probabilities(torch.tensor([[1.0, 1.0, 0.0]]))
+        Traceback (most recent call last):
+        ...
+        lightning_neurons.errors.NeuronsError: [B, 3] labels are read as class probabilities ...
+    """
+    rows = labels.detach().double()
+    bad = (rows.min(dim=1).values < 0) | ((rows.sum(dim=1) - 1).abs() > 0.01)
+    if not bool(bad.any()):
+        return
+    i = int(bad.nonzero()[0, 0])
+    values = [round(v, 4) for v in rows[i].tolist()[:6]]
+    raise NeuronsError(
+        f"[B, {labels.shape[1]}] labels are read as class probabilities (one-hot, mixup, "
+        "cutmix), whose rows are non-negative and sum to 1; row "
+        f"{i} sums to {float(rows[i].sum()):.4g} (values {values}"
+        f"{', ...' if labels.shape[1] > 6 else ''}). Multi-label targets and logits have no one "
+        "class per image: pass `label_fn=` to ActivationTracker, returning [B] class indices."
+    )
 
 
 def read_logits(output: Any, output_fn: BatchFn | None = None) -> torch.Tensor:
@@ -277,7 +324,7 @@ class BatchReader:
 
     Args:
         input_fn: Batch -> model input (default: :func:`read_inputs`' rules).
-        label_fn: Batch -> ``[B]`` integer labels (default: :func:`read_labels`' rules).
+        label_fn: Batch -> labels (default: :func:`read_labels`' rules).
         output_fn: Model output -> ``[B, C]`` logits (default: :func:`read_logits`' rules).
 
     Example:
@@ -294,9 +341,9 @@ class BatchReader:
         """The model input of ``batch``."""
         return read_inputs(batch, self.input_fn)
 
-    def labels(self, batch: Any) -> torch.Tensor:
-        """The ``[B]`` int64 labels of ``batch``."""
-        return read_labels(batch, self.label_fn)
+    def labels(self, batch: Any, check_rows: bool | None = None) -> torch.Tensor:
+        """The ``[B]`` int64 labels of ``batch`` (see :func:`read_labels`)."""
+        return read_labels(batch, self.label_fn, check_rows=check_rows)
 
     def logits(self, output: Any) -> torch.Tensor:
         """The ``[B, C]`` logits of a model output."""

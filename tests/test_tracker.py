@@ -205,8 +205,59 @@ def test_label_layouts():
     assert torch.equal(extract_labels({"img": 0, "lbl": y}, label_fn=lambda b: b["lbl"]), y)
     with pytest.raises(NeuronsError, match=r"keys \['image'\] but none of label"):
         extract_labels({"image": torch.zeros(2)})
-    with pytest.raises(NeuronsError, match="1-D tensor of integer class indices"):
-        extract_labels((torch.zeros(2), torch.tensor([[0.3, 0.7], [1.0, 0.0]])))
+    # class probabilities (one-hot, mixup, label smoothing) are read as their top class
+    soft = torch.tensor([[0.3, 0.7, 0.0], [1.0, 0.0, 0.0], [0.05, 0.05, 0.9]])
+    assert extract_labels((torch.zeros(3), soft)).tolist() == [1, 0, 2]
+    assert extract_labels((torch.zeros(3), soft.bfloat16())).tolist() == [1, 0, 2]
+    with pytest.raises(NeuronsError, match=r"row 1 sums to 2 .*Multi-label targets and logits"):
+        extract_labels((torch.zeros(2), torch.tensor([[0.0, 1.0], [1.0, 1.0]])))  # multi-hot
+    with pytest.raises(NeuronsError, match=r"row 0 sums to 0.5 .*label_fn="):
+        extract_labels((torch.zeros(1), torch.tensor([[-1.5, 2.0]])))  # logits
+    with pytest.raises(NeuronsError, match=r"\[B\] integer class indices or \[B, num_classes\]"):
+        extract_labels((torch.zeros(2), torch.tensor([0.0, 2.0])))
+    with pytest.raises(NeuronsError, match=r"dtype torch.bool"):
+        extract_labels((torch.zeros(2), torch.tensor([True, False])))
+
+
+def _soft_validation(data: TinyData, share: float) -> DataLoader:
+    """``data``'s validation images with mixup-like targets: ``share`` of each image's class, the
+    rest the next class's (so the top class is the label whenever ``share > 0.5``)."""
+    one_hot = nn.functional.one_hot(data.vy, data.num_classes).float()
+    targets = share * one_hot + (1 - share) * one_hot.roll(1, dims=1)
+    return DataLoader(TensorDataset(data.vx, targets), batch_size=data.batch_size)
+
+
+def test_class_probability_labels_give_the_statistics_of_their_top_class(tmp_path):
+    class SoftVal(TinyData):
+        def val_dataloader(self):
+            return _soft_validation(self, 0.7)
+
+    results = {}
+    for name, data in {"indices": TinyData(), "probabilities": SoftVal()}.items():
+        tracker = ActivationTracker()
+        fast_trainer(tmp_path / name, callbacks=[tracker]).fit(_module(), datamodule=data)
+        results[name] = tracker.results
+    assert set(results["indices"]) == set(results["probabilities"])
+    for layer, res in results["indices"].items():
+        soft = results["probabilities"][layer]
+        # the same images through the same weights, counted for the same classes: the same
+        # arithmetic in the same order, so equal to the bit
+        assert torch.equal(soft.counts, res.counts)
+        assert torch.equal(soft.class_means, res.class_means)
+        assert torch.equal(soft.selectivity.nan_to_num(), res.selectivity.nan_to_num())
+
+
+def test_labels_that_are_not_probabilities_are_reported_at_the_first_batch(tmp_path):
+    class MultiHot(TinyData):
+        def val_dataloader(self):
+            targets = _soft_validation(self, 0.5).dataset.tensors[1] * 2  # two classes each
+            return DataLoader(TensorDataset(self.vx, targets), batch_size=self.batch_size)
+
+    pl.seed_everything(0, verbose=False)
+    trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker()], num_sanity_val_steps=1)
+    with pytest.raises(NeuronsError, match=r"row 0 sums to 2 .*pass `label_fn=`"):
+        trainer.fit(_module(), datamodule=MultiHot())
+    assert trainer.global_step == 0  # reported by the sanity check, before any training step
 
 
 def test_labels_out_of_range(tmp_path):

@@ -97,7 +97,8 @@ class ActivationTracker(StagedCallback):
         every_n_epochs: Analyse every n-th epoch.
         top_k: Dominant neurons per class.
         num_classes: Class count; default: the model's ``num_classes`` or its last Linear's width.
-        label_fn: Reads the ``[B]`` integer labels from a batch of another layout.
+        label_fn: Reads the labels (``[B]`` class indices or ``[B, C]`` class probabilities,
+            read as their top class) from a batch of another layout.
         input_fn: Reads the model input from a batch of another layout.
         output_fn: Reads the ``[B, C]`` logits from the model's output when it is not a tensor,
             a tuple/list with the logits first, or a mapping with a ``"logits"`` entry.
@@ -344,7 +345,7 @@ class ActivationTracker(StagedCallback):
                 ``[0, num_classes)``.
         """
         self.reader.inputs(batch)
-        labels = self.reader.labels(batch)
+        labels = self.reader.labels(batch, check_rows=True)
         LabelRange(defer=False).check(labels, self.num_classes)
         return labels
 
