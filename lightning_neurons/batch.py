@@ -313,8 +313,9 @@ def to_display(x: torch.Tensor, transform: InputTransform | None) -> tuple[torch
     if callable(inverse):
         return inverse(x).float().clamp(0, 1), True
     flat = x.flatten(1)
-    low = flat.min(dim=1).values.view(-1, 1, 1, 1)
-    high = flat.max(dim=1).values.view(-1, 1, 1, 1)
+    shape = (-1,) + (1,) * (x.dim() - 1)  # per row, whatever the input's layout
+    low = flat.min(dim=1).values.view(shape)
+    high = flat.max(dim=1).values.view(shape)
     return (x - low) / (high - low).clamp_min(1e-12), False
 
 

@@ -186,12 +186,15 @@ class CropSearch:
         neurons: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """``{layer: [K, C, size, size]}`` display tiles in [0, 1] (see
-        :func:`top_activating_crops`); ``{}`` before any batch. With ``neurons`` (``{layer:
+        :func:`top_activating_crops`); ``{}`` before any batch and for inputs that are not
+        ``[B, C, H, W]`` images. With ``neurons`` (``{layer:
         indices}``), the tiles of those neurons only, in their order (the layers not named: all
         neurons)."""
         if not self._images:
             return {}
         images, _ = to_display(torch.cat(self._images), transform)
+        if images.dim() != 4:  # not images (a model on flat vectors, tokens): no tiles to show
+            return {}
         low, high = float(images.min()), float(images.max())
         # not display images: one rescaling for all, so that the tiles stay comparable
         if low < 0 or high > 1:

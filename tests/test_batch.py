@@ -93,6 +93,9 @@ def test_display_images_and_model_inputs_map_both_ways():
     assert not exact
     assert torch.allclose(rescaled.flatten(1).amin(1), torch.zeros(4))
     assert torch.allclose(rescaled.flatten(1).amax(1), torch.ones(4))
+    flat, exact = to_display(x.flatten(1), lambda t: t * 2.0)  # vectors keep their shape
+    assert not exact and flat.shape == (4, 75)
+    torch.testing.assert_close(flat, rescaled.flatten(1))
 
 
 @pytest.mark.parametrize(("size", "replicas", "batch_size"), [(9, 2, 2), (10, 4, 3), (8, 2, 3)])

@@ -397,3 +397,59 @@ def test_a_wrong_image_shape_is_reported_before_the_first_training_step(tmp_path
     with pytest.raises(NeuronsError, match=r"failed on a \(1, 3, 8, 8\) image batch"):
         _quiet_fit(trainer, _module(cls=CountingClassifier), datamodule=TinyData())
     assert CountingClassifier.steps == 0 and trainer.global_step == 0
+
+
+# ---- models on flattened images ------------------------------------------------------------------
+
+
+class FlatData(TinyData):
+    """TinyData's images flattened to ``[B, 64]`` vectors, as an MLP tutorial feeds them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.x, self.vx = self.x.flatten(1), self.vx.flatten(1)
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_a_model_on_flattened_images_gets_every_analysis_but_the_image_ones(tmp_path):
+    vis = FeatureVisualizer(
+        on_error="raise",
+        image_shape=[1, 8, 8],
+        input_transform=lambda im: im.flatten(1),
+        **FAST_VIS,
+    )
+    callbacks = [
+        ActivationTracker(on_error="raise"),
+        vis,
+        CategoryClustering(on_error="raise", n_clusters=2),
+        NeuronClustering(on_error="raise", method="kmeans", n_clusters=2),
+        NeuronContribution(on_error="raise", max_batches=1, max_probes=2),
+    ]
+    module = _module(_mlp())
+    trainer = fast_trainer(tmp_path, callbacks=callbacks, max_epochs=1)
+    with pytest.warns(UserWarning, match=r"inputs are \[8, 64\] batches.*saliency maps"):
+        trainer.fit(module, datamodule=FlatData())
+    tracker, _, category, neuron, contribution = callbacks
+    assert tracker.results and category.results and neuron.results and contribution.results
+    assert vis.results["classes"].images.shape[1:] == (1, 8, 8)  # rendered through the transform
+    assert vis.saliency_results is None  # no images to take maps of
+    probes = next(iter(contribution.results.values())).probes
+    assert probes is not None and probes.images.shape[1:] == (64,)
+    for cb in callbacks:
+        assert not cb.failures, cb.failures
+    # the projector's points are written without a sprite; the probes get their table alone
+    configs = list(tmp_path.rglob("projector_config.pbtxt"))
+    assert configs and all("sprite" not in c.read_text() for c in configs)
+    assert "tensor_path" in configs[0].read_text()
+    assert not list(tmp_path.rglob("sprite.png"))
+    assert count_forward_hooks(module) == 0
+
+
+def test_flattened_images_without_an_image_shape_are_a_clear_error(tmp_path):
+    trainer = fast_trainer(tmp_path, callbacks=[FeatureVisualizer(**FAST_VIS)], max_epochs=1)
+    with pytest.raises(NeuronsError, match=r"model input is \[8, 64\].*image_shape=\[C, H, W\]"):
+        _quiet_fit(trainer, _module(_mlp()), datamodule=FlatData())
+    assert trainer.global_step == 0

@@ -77,9 +77,9 @@ def _figures(out: AnalysisLogger, layer: str, res: ContributionResult, names: li
         out.figure(out.tag(layer, "ablation"), ablation_figure, drop, sets, names, title)
     if res.probes is not None:
         probes = res.probes  # the grid is built and encoded off the training thread too
-        out.figure(
-            out.tag(layer, "probes"), probe_grid, *probe_tiles(probes.images, probes.preferred)
-        )
+        if probes.images.dim() == 4:  # inputs that are not images get the table alone
+            tiles = probe_tiles(probes.images, probes.preferred)
+            out.figure(out.tag(layer, "probes"), probe_grid, *tiles)
         out.text(out.tag(layer, "probes"), _probe_table(res.probes, names))
 
 

@@ -292,6 +292,7 @@ class FeatureVisualizer(StagedCallback):
         self._probes = ProbeCollector(self.probes_per_class, self.max_probes, torch.float32)
         self._val_rows = LoaderRows()
         self._seen_shape: tuple[int, ...] | None = None
+        self._input_shape: tuple[int, ...] | None = None  # a first input that is not images
         self._no_labels_warned = False
         self._plan: VisualizerPlan | None = None
         self._anchors: AnchorImages | None = None  # with the plan
@@ -433,6 +434,13 @@ class FeatureVisualizer(StagedCallback):
                     f"FeatureVisualizer: the validation batches cannot be read ({err}); saliency "
                     "probes and class anchors are skipped."
                 )
+        if images is not None and images.dim() != 4 and not self._no_labels_warned:
+            self._no_labels_warned = True
+            rank_zero_warn(
+                f"FeatureVisualizer: the validation inputs are {list(images.shape)} batches, not "
+                "images [B, C, H, W]; saliency maps and class anchors need images and are left "
+                "out (the preferred images are rendered through `input_transform`)."
+            )
         if images is None or labels is None or images.dim() != 4:
             self._probes.full = True
             if self._anchors is not None:
@@ -470,6 +478,8 @@ class FeatureVisualizer(StagedCallback):
                 images = None
             if isinstance(images, torch.Tensor) and images.dim() == 4:
                 self._seen_shape = tuple(images.shape[1:])
+            elif isinstance(images, torch.Tensor):
+                self._input_shape = tuple(images.shape)
         self._prepare(trainer, pl_module)
 
     def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -481,6 +491,14 @@ class FeatureVisualizer(StagedCallback):
         if self._plan is not None:
             return
         shape = self.image_shape or data_attr(trainer, "image_shape")
+        if shape is None and self._seen_shape is None and self._input_shape is not None:
+            raise NeuronsError(
+                f"FeatureVisualizer renders images, but the model input is {list(self._input_shape)}"
+                " a batch, not [B, C, H, W] images. Pass `image_shape=[C, H, W]` and an "
+                "`input_transform` that makes the model input from display images (for a model "
+                "on flattened images: `lambda images: images.flatten(1)`), or leave "
+                "FeatureVisualizer out for this model."
+            )
         self._plan = make_plan(
             trainer,
             pl_module,
