@@ -54,6 +54,7 @@ __all__ = [
     "as_model_input",
     "to_model_input",
     "to_display",
+    "input_transform_of",
     "LoaderRows",
     "stage_loaders",
     "analysed_rows",
@@ -317,6 +318,18 @@ def to_display(x: torch.Tensor, transform: InputTransform | None) -> tuple[torch
     low = flat.min(dim=1).values.view(shape)
     high = flat.max(dim=1).values.view(shape)
     return (x - low) / (high - low).clamp_min(1e-12), False
+
+
+def input_transform_of(trainer: Trainer) -> InputTransform | None:
+    """The display image -> model input mapping that every analysis shows and renders images
+    through: a callback's own ``input_transform`` when one is given (FeatureVisualizer's), else
+    the data module's ``input_transform`` attribute, else ``None`` (the loaders yield display
+    images)."""
+    for callback in getattr(trainer, "callbacks", None) or []:
+        transform = getattr(callback, "input_transform", None)
+        if transform is not None:
+            return transform
+    return getattr(getattr(trainer, "datamodule", None), "input_transform", None)
 
 
 @dataclass(frozen=True)

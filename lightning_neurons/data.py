@@ -9,7 +9,7 @@ the model gets; ``input_transform`` maps a display image (values in [0, 1]) to a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -226,6 +226,46 @@ class Normalize:
 
     def __repr__(self) -> str:
         return f"Normalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+
+
+class Flatten:
+    """Display images ``[B, C, H, W]`` -> the ``[B, C*H*W]`` vectors of a model on flattened
+    images (an MLP on MNIST), normalised first with ``normalize``; :meth:`inverse` gives the images
+    back, so every analysis shows and renders images for such a model.
+
+    Pass it as FeatureVisualizer's ``input_transform`` (or as the data module's
+    ``input_transform`` attribute); the image shape is then read from it.
+
+    Args:
+        image_shape: ``(C, H, W)`` of the images.
+        normalize: Applied to the images before flattening (for example
+            ``Normalize((0.1307,), (0.3081,))``, the MNIST tutorial's).
+
+    Example:
+        >>> flat = Flatten((1, 2, 2), Normalize((0.5,), (0.5,)))
+        >>> flat(torch.ones(1, 1, 2, 2)).tolist()
+        [[1.0, 1.0, 1.0, 1.0]]
+        >>> flat.inverse(torch.ones(1, 4)).shape
+        torch.Size([1, 1, 2, 2])
+    """
+
+    def __init__(self, image_shape: Sequence[int], normalize: Normalize | None = None) -> None:
+        shape = tuple(int(s) for s in image_shape)
+        if len(shape) != 3 or min(shape) < 1:
+            raise NeuronsError(f"`image_shape` must be [C, H, W], each >= 1; got {image_shape!r}")
+        self.image_shape = shape
+        self.normalize = normalize
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return (images if self.normalize is None else self.normalize(images)).flatten(1)
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        """Model input -> display images ``[B, C, H, W]``."""
+        images = x.reshape(x.shape[0], *self.image_shape)
+        return images if self.normalize is None else self.normalize.inverse(images)
+
+    def __repr__(self) -> str:
+        return f"Flatten(image_shape={list(self.image_shape)}, normalize={self.normalize!r})"
 
 
 class TorchvisionDataModule(pl.LightningDataModule):

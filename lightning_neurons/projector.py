@@ -34,6 +34,7 @@ from lightning_neurons.batch import (
     BatchReader,
     InputTransform,
     as_model_input,
+    input_transform_of,
     stage_loaders,
     to_display,
 )
@@ -430,7 +431,7 @@ def log_neuron_projector(
         found = _crops(trainer, list(results), spec, max_images)
         tiles = {name: found[name][order] for name, order in orders.items() if name in found}
     elif isinstance(tiles, CropSearch):
-        tiles = tiles.tiles(_input_transform(trainer), neurons=orders)
+        tiles = tiles.tiles(input_transform_of(trainer), neurons=orders)
     else:
         tiles = {name: tiles[name][order] for name, order in orders.items() if name in tiles}
     # arrays for the writer thread, which must run no torch operation (see `sprite`)
@@ -486,11 +487,6 @@ class _InTurn:
 _IN_TURN = _InTurn()
 
 
-def _input_transform(trainer: Trainer) -> InputTransform | None:
-    """The data's display -> input mapping, where its data module says one."""
-    return getattr(getattr(trainer, "datamodule", None), "input_transform", None)
-
-
 def _crops(
     trainer: Trainer, layers: list[str], spec: TrackerSpec, max_images: int
 ) -> dict[str, torch.Tensor]:
@@ -499,7 +495,7 @@ def _crops(
     model = trainer.lightning_module
     if not loaders or spec.dataloader_idx >= len(loaders) or model is None:
         return {}
-    transform = _input_transform(trainer)
+    transform = input_transform_of(trainer)
     with preserved_rng(model.device):
         return top_activating_crops(
             model,

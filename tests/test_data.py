@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lightning_neurons import NeuronsError
-from lightning_neurons.data import DigitsDataModule, Normalize, TorchvisionDataModule
+from lightning_neurons.data import DigitsDataModule, Flatten, Normalize, TorchvisionDataModule
 from lightning_neurons.models import ImageClassifier, SmallCNN
 
 
@@ -93,3 +93,18 @@ def test_digits_augmentation_moves_training_images_only():
     torch.testing.assert_close(xa.sum(dim=(1, 2, 3)), x.sum(dim=(1, 2, 3)), rtol=0.3, atol=0)
     for a, b in zip(plain.val_dataloader(), augmented.val_dataloader(), strict=True):
         assert torch.equal(a[0], b[0])  # validation images are never augmented
+
+
+def test_flatten_maps_images_to_vectors_and_back():
+    norm = Normalize((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    images = torch.rand(5, 3, 4, 6)
+    flat = Flatten((3, 4, 6), norm)
+    x = flat(images)
+    assert x.shape == (5, 72)
+    # the normalised image's values in the order `flatten` reads them (C, then H, then W)
+    torch.testing.assert_close(x, norm(images).reshape(5, -1), rtol=0, atol=0)
+    # (d - m) / s * s + m in float32: a few ulps of values <= 1
+    torch.testing.assert_close(flat.inverse(x), images, atol=1e-6, rtol=0)
+    assert torch.equal(Flatten((3, 4, 6)).inverse(images.flatten(1)), images)
+    with pytest.raises(NeuronsError, match=r"`image_shape` must be \[C, H, W\]"):
+        Flatten((28, 28))

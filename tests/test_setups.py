@@ -25,7 +25,7 @@ from lightning_neurons import (
     RenderOptions,
 )
 from lightning_neurons.clustering import NeuronClusterer
-from lightning_neurons.data import Normalize, TorchvisionDataModule
+from lightning_neurons.data import Flatten, Normalize, TorchvisionDataModule
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.models import ImageClassifier, SmallCNN
 
@@ -445,6 +445,50 @@ def test_a_model_on_flattened_images_gets_every_analysis_but_the_image_ones(tmp_
     assert configs and all("sprite" not in c.read_text() for c in configs)
     assert "tensor_path" in configs[0].read_text()
     assert not list(tmp_path.rglob("sprite.png"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log_dir = tmp_path / "tb" / "version_0"
+    images = EventAccumulator(str(log_dir), size_guidance={"images": 0}).Reload().Tags()["images"]
+    assert "contribution/backbone.1/class_contribution" in images
+    assert not [tag for tag in images if tag.endswith("/probes") or tag.startswith("focus/")]
+    assert count_forward_hooks(module) == 0
+
+
+def test_a_model_on_flattened_images_gets_every_analysis_through_flatten(tmp_path):
+    vis = FeatureVisualizer(on_error="raise", input_transform=Flatten((1, 8, 8)), **FAST_VIS)
+    callbacks = [
+        ActivationTracker(on_error="raise"),
+        vis,
+        CategoryClustering(on_error="raise", n_clusters=2),
+        NeuronClustering(on_error="raise", method="kmeans", n_clusters=2),
+        NeuronContribution(on_error="raise", max_batches=1, max_probes=2),
+    ]
+    module = _module(_mlp())
+    trainer = fast_trainer(tmp_path, callbacks=callbacks, max_epochs=1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=FlatData())
+    said = [str(w.message) for w in record]
+    assert any("no Conv2d layer for Grad-CAM" in m for m in said)  # the one method left out
+    assert not any("not images" in m or "param='maco'" in m for m in said), said
+    for cb in callbacks:
+        assert not cb.failures, cb.failures
+    # the image shape is Flatten's; the prior is estimated from the images it gives back
+    assert vis.results["classes"].images.shape[1:] == (1, 8, 8)
+    assert vis.estimated_prior is not None
+    maps = vis.saliency_results
+    assert set(maps.maps) == {"gradient", "smoothgrad"}
+    assert maps.images.shape[1:] == (1, 8, 8) and maps.inputs.shape[1:] == (64,)
+    # probe images are the data's images: the flat inputs folded back (display images are
+    # clamped to [0, 1]; TinyData's reach 1.6), exactly
+    folded = maps.inputs.view(-1, 1, 8, 8).clamp(0, 1)
+    torch.testing.assert_close(maps.images, folded, rtol=0, atol=0)
+    assert list(tmp_path.rglob("sprite.png"))  # the projector shows the neurons' top crops
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log_dir = tmp_path / "tb" / "version_0"
+    images = EventAccumulator(str(log_dir), size_guidance={"images": 0}).Reload().Tags()["images"]
+    assert {"contribution/backbone.1/probes", "focus/gradient", "focus/smoothgrad"} <= set(images)
     assert count_forward_hooks(module) == 0
 
 

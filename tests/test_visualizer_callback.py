@@ -769,7 +769,7 @@ data:
 def test_lightning_cli_configures_every_option_from_yaml(tmp_path, monkeypatch):
     from lightning.pytorch.cli import LightningCLI
 
-    from lightning_neurons.data import Normalize
+    from lightning_neurons.data import Flatten, Normalize
     from lightning_neurons.models import SmallCNN
 
     monkeypatch.setattr(sys, "argv", ["lightning-neurons"])  # pytest's own are not the CLI's
@@ -830,6 +830,28 @@ def test_lightning_cli_configures_every_option_from_yaml(tmp_path, monkeypatch):
     )
     (vis,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, FeatureVisualizer)]
     assert vis.render == RenderOptions(steps=5)
+    # a model on flattened images: Flatten, with its own Normalize, from YAML
+    flatten = """        input_transform:
+          class_path: lightning_neurons.data.Flatten
+          init_args:
+            image_shape: [1, 32, 32]
+            normalize: {class_path: lightning_neurons.data.Normalize, init_args: {mean: [0.5], std: [0.25]}}
+"""
+    head = CLI_CONFIG.split("        input_transform:")[0]
+    config.write_text(head + flatten + MODEL)
+    cli = LightningCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=["--config", str(config)],
+        run=False,
+    )
+    (vis,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, FeatureVisualizer)]
+    transform = vis.input_transform
+    assert isinstance(transform, Flatten) and transform.image_shape == (1, 32, 32)
+    assert isinstance(transform.normalize, Normalize)
+    assert transform(torch.full((1, 1, 32, 32), 0.75)).tolist() == [[1.0] * 1024]
 
 
 MODEL = CLI_CONFIG[CLI_CONFIG.index("model:") :]

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, Trainer
 
 from lightning_neurons import progress
+from lightning_neurons.batch import InputTransform, input_transform_of, to_display
 from lightning_neurons.callbacks._base import class_names_of
 from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.results import ContributionResult, Probes
@@ -23,13 +25,14 @@ def log_contribution(
     if not out.is_writer:
         return
     progress.phase("figures and files")
+    transform = input_transform_of(trainer)
     scalars: dict[str, float] = {}
     for layer, res in results.items():
         progress.advance("layer", len(results))
         names = class_names_of(trainer, res.stats.num_classes)
         scalars.update(_scalars(out, layer, res, names))
         if out.experiment is not None:  # figures take time: draw them only to be shown
-            _figures(out, layer, res, names)
+            _figures(out, layer, res, names, transform)
         arrays, meta = _arrays(layer, res, names)
         out.save_arrays(layer, arrays, meta=meta)
     out.scalars(scalars)
@@ -55,7 +58,13 @@ def _scalars(
     return scalars
 
 
-def _figures(out: AnalysisLogger, layer: str, res: ContributionResult, names: list[str]) -> None:
+def _figures(
+    out: AnalysisLogger,
+    layer: str,
+    res: ContributionResult,
+    names: list[str],
+    transform: InputTransform | None,
+) -> None:
     from lightning_neurons.plots.contribution import (
         ablation_figure,
         contribution_figure,
@@ -77,10 +86,27 @@ def _figures(out: AnalysisLogger, layer: str, res: ContributionResult, names: li
         out.figure(out.tag(layer, "ablation"), ablation_figure, drop, sets, names, title)
     if res.probes is not None:
         probes = res.probes  # the grid is built and encoded off the training thread too
-        if probes.images.dim() == 4:  # inputs that are not images get the table alone
-            tiles = probe_tiles(probes.images, probes.preferred)
-            out.figure(out.tag(layer, "probes"), probe_grid, *tiles)
+        shown, preferred = _display(probes, transform)
+        if shown.dim() == 4:  # inputs that are not images get the table alone
+            out.figure(out.tag(layer, "probes"), probe_grid, *probe_tiles(shown, preferred))
         out.text(out.tag(layer, "probes"), _probe_table(res.probes, names))
+
+
+def _display(
+    probes: Probes, transform: InputTransform | None
+) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+    """The probes and their top examples (model inputs) as display images, through the data's
+    input transform (:func:`~lightning_neurons.batch.to_display`); rendered images are display
+    images already."""
+    shown, _ = to_display(probes.images, transform)
+    preferred = [
+        [
+            image if source == "rendered" else to_display(image.unsqueeze(0), transform)[0][0]
+            for image, source in zip(row, sources, strict=True)
+        ]
+        for row, sources in zip(probes.preferred, probes.preferred_source, strict=True)
+    ]
+    return shown, preferred
 
 
 def _probe_table(probes: Probes, names: list[str]) -> str:

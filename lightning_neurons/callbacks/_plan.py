@@ -2,19 +2,73 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_neurons.batch import BatchFn, InputTransform
 from lightning_neurons.checks import check_image_shape
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.hooks import selects, split_call
+from lightning_neurons.hooks import get_module, selects, split_call
 from lightning_neurons.visualize.objectives import LOGITS, Channel, ClassLogit
 from lightning_neurons.visualize.render import check_objectives
+from lightning_neurons.visualize.saliency import METHODS
+
+
+def is_indices(values: Any) -> bool:
+    """A list of non-negative integers (channels, classes)."""
+    return (
+        isinstance(values, Sequence)
+        and not isinstance(values, (str, bytes))
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+    )
+
+
+def is_channel_map(channels: Any) -> bool:
+    """``{layer: [channel, ...]}``."""
+    return isinstance(channels, Mapping) and all(is_indices(v) for v in channels.values())
+
+
+def is_image_shape(shape: Any) -> bool:
+    """``[C, H, W]``, each >= 1."""
+    return (
+        isinstance(shape, Sequence)
+        and len(shape) == 3
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
+    )
+
+
+def is_methods(methods: Any) -> bool:
+    """A saliency method, or a list of them."""
+    if isinstance(methods, str):
+        return methods in METHODS
+    return isinstance(methods, Sequence) and all(m in METHODS for m in methods)
+
+
+def saliency_methods(
+    pl_module: LightningModule, methods: Sequence[str], gradcam_layer: str | None
+) -> list[str]:
+    """The saliency methods of a fit: Grad-CAM left out, with one warning, for a model without a
+    layer it can take by default (no ``Conv2d``: an MLP) unless ``gradcam_layer`` names one.
+
+    Raises:
+        NeuronsError: If ``gradcam_layer`` is not a module of the model.
+    """
+    chosen = list(methods)
+    if "gradcam" in chosen and gradcam_layer is not None:
+        get_module(pl_module, gradcam_layer)
+    elif "gradcam" in chosen and not any(isinstance(m, nn.Conv2d) for m in pl_module.modules()):
+        chosen.remove("gradcam")
+        rank_zero_warn(
+            f"FeatureVisualizer: {type(pl_module).__name__} has no Conv2d layer for Grad-CAM's "
+            "default; its maps are left out (the other saliency methods are made). Pass "
+            "`gradcam_layer=` to choose a layer with a spatial output."
+        )
+    return chosen
 
 
 @dataclass(frozen=True)

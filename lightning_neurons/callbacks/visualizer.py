@@ -27,7 +27,16 @@ from lightning_neurons.callbacks._base import (
     find_callback,
 )
 from lightning_neurons.callbacks._memory import ContinuationMemory
-from lightning_neurons.callbacks._plan import VisualizerPlan, data_attr, make_plan
+from lightning_neurons.callbacks._plan import (
+    VisualizerPlan,
+    data_attr,
+    is_channel_map,
+    is_image_shape,
+    is_indices,
+    is_methods,
+    make_plan,
+    saliency_methods,
+)
 from lightning_neurons.callbacks._prior import PriorStream
 from lightning_neurons.callbacks._rendering import Renderer, RenderOptions
 from lightning_neurons.callbacks._visualizer_figures import log_clusters, log_focus, log_preference
@@ -41,10 +50,10 @@ from lightning_neurons.callbacks._visualizer_results import (
 from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
 from lightning_neurons.callbacks.tracker import ActivationTracker, tracker_results, tracker_spec
 from lightning_neurons.checks import Constraints, Interval, Satisfies
-from lightning_neurons.data import Normalize
+from lightning_neurons.data import Flatten, Normalize
 from lightning_neurons.defaults import infer_num_classes
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.hooks import get_module, resolve_layers, selects
+from lightning_neurons.hooks import resolve_layers, selects
 from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.probes import ProbeCollector, shared_probes
 from lightning_neurons.results import ClusterRendering, Rendering, SaliencyMaps, TrackerSpec
@@ -55,32 +64,6 @@ from lightning_neurons.visualize.prior import DataPrior
 from lightning_neurons.visualize.saliency import METHODS, Method
 
 __all__ = ["FeatureVisualizer", "RenderOptions"]
-
-
-def _is_indices(values: Any) -> bool:
-    return (
-        isinstance(values, Sequence)
-        and not isinstance(values, (str, bytes))
-        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
-    )
-
-
-def _is_channel_map(channels: Any) -> bool:
-    return isinstance(channels, Mapping) and all(_is_indices(v) for v in channels.values())
-
-
-def _is_image_shape(shape: Any) -> bool:
-    return (
-        isinstance(shape, Sequence)
-        and len(shape) == 3
-        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
-    )
-
-
-def _is_methods(methods: Any) -> bool:
-    if isinstance(methods, str):
-        return methods in METHODS
-    return isinstance(methods, Sequence) and all(m in METHODS for m in methods)
 
 
 _POSITIVE = [Interval(int, 1, None)]
@@ -212,22 +195,22 @@ class FeatureVisualizer(StagedCallback):
         **StagedCallback._parameter_constraints,
         "channels": [
             Satisfies(
-                _is_channel_map,
+                is_channel_map,
                 "a mapping of layer names to lists of non-negative channel indices, e.g. "
                 "{'features.conv2': [0, 5]}",
             ),
             None,
         ],
         "max_channels": [*_POSITIVE, None],
-        "classes": [Satisfies(_is_indices, "a list of non-negative integers"), None],
+        "classes": [Satisfies(is_indices, "a list of non-negative integers"), None],
         "max_classes": [*_POSITIVE, None],
         "saliency": [
-            Satisfies(_is_methods, f"one of {', '.join(map(repr, METHODS))}, or a list of them")
+            Satisfies(is_methods, f"one of {', '.join(map(repr, METHODS))}, or a list of them")
         ],
         "gradcam_layer": [str, None],
         "probes_per_class": _POSITIVE,
         "max_probes": _POSITIVE,
-        "image_shape": [Satisfies(_is_image_shape, "[channels, height, width], each >= 1"), None],
+        "image_shape": [Satisfies(is_image_shape, "[channels, height, width], each >= 1"), None],
         "render": [RenderOptions, None],
         "max_clusters": _POSITIVE,
         "prior": [DataPrior, None],
@@ -249,7 +232,7 @@ class FeatureVisualizer(StagedCallback):
         probes_per_class: int = 1,
         max_probes: int = 16,
         image_shape: list[int] | None = None,
-        input_transform: Normalize | InputTransform | None = None,
+        input_transform: Normalize | Flatten | InputTransform | None = None,
         render: RenderOptions = RenderOptions(),  # noqa: B008 - frozen: one shared default
         clusters: bool = True,
         max_clusters: int = 16,
@@ -269,6 +252,7 @@ class FeatureVisualizer(StagedCallback):
         if isinstance(saliency, str):
             saliency = [saliency]  # type: ignore[list-item]
         self.saliency_methods = list(saliency)
+        self._methods = self.saliency_methods  # this fit's (see `_saliency_methods`)
         self.gradcam_layer = gradcam_layer
         self.probes_per_class = probes_per_class
         self.max_probes = max_probes
@@ -351,14 +335,10 @@ class FeatureVisualizer(StagedCallback):
                 f"FeatureVisualizer: `channels` names layers {unknown} that are not visualized; "
                 f"the visualized layers are {self.layers} (set `layers=` to include them)"
             )
-        if "gradcam" in self.saliency_methods and self.gradcam_layer is not None:
-            get_module(pl_module, self.gradcam_layer)
+        self._methods = saliency_methods(pl_module, self.saliency_methods, self.gradcam_layer)
         self._prior.start(trainer.world_size)
         self._plan = None
 
-    # Lightning's per-stage hooks arrive here (see StagedCallback). The set-up is checked on the
-    # first batch the model sees (sanity check included); validation batches feed the prior and
-    # the probes.
     def _stage_start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
         if stage == "validation" and not trainer.sanity_checking:
             self._val_rows = analysed_rows(trainer, stage, self._dataloader_idx)
@@ -374,7 +354,7 @@ class FeatureVisualizer(StagedCallback):
         if step.dataloader_idx != self._dataloader_idx:
             return
         self._update_prior(step.batch)
-        probes = not self._probes.full and bool(self.saliency_methods)
+        probes = not self._probes.full and bool(self._methods)
         if probes or (self._anchors is not None and not self._anchors.kept.full):
             self._collect_probes(trainer, pl_module, step.batch, step.batch_idx)
 
@@ -434,14 +414,16 @@ class FeatureVisualizer(StagedCallback):
                     f"FeatureVisualizer: the validation batches cannot be read ({err}); saliency "
                     "probes and class anchors are skipped."
                 )
-        if images is not None and images.dim() != 4 and not self._no_labels_warned:
+        shown = images is not None and self._shows_images(images)
+        if images is not None and not shown and not self._no_labels_warned:
             self._no_labels_warned = True
             rank_zero_warn(
                 f"FeatureVisualizer: the validation inputs are {list(images.shape)} batches, not "
                 "images [B, C, H, W]; saliency maps and class anchors need images and are left "
-                "out (the preferred images are rendered through `input_transform`)."
+                "out (the preferred images are rendered through `input_transform`; one with an "
+                "`inverse`, such as `lightning_neurons.data.Flatten`, gives them back)."
             )
-        if images is None or labels is None or images.dim() != 4:
+        if images is None or labels is None or not shown:
             self._probes.full = True
             if self._anchors is not None:
                 self._anchors.kept.full = True
@@ -450,12 +432,22 @@ class FeatureVisualizer(StagedCallback):
         rows = self._val_rows.rows(batch_idx, labels.shape[0])  # DistributedSampler's repeats out
         if self._anchors is not None and not self._anchors.kept.full:
             self._anchors.kept.update(images[:rows], labels[:rows])
-        if self._probes.full or not self.saliency_methods:
+        if self._probes.full or not self._methods:
             return
         if not self._probes.seen:
             self._probes.reset(rank, world)
         num_classes = self._classes_count(trainer, pl_module)
         self._probes.update(images[:rows], labels[:rows], num_classes)
+
+    def _shows_images(self, inputs: torch.Tensor) -> bool:
+        """Whether model inputs are images: ``[B, C, H, W]``, or mapped back to images exactly by
+        the input transform's ``inverse`` (:class:`~lightning_neurons.data.Flatten`)."""
+        if inputs.dim() == 4:
+            return True
+        if self._plan is None or not len(inputs):
+            return False
+        images, exact = to_display(inputs[:1], self._plan.transform)
+        return exact and images.dim() == 4
 
     def _classes_count(self, trainer: Trainer, pl_module: LightningModule) -> int | None:
         if self._num_classes is None:
@@ -476,10 +468,13 @@ class FeatureVisualizer(StagedCallback):
                 images = self._reader.inputs(batch)
             except NeuronsError:
                 images = None
+            if isinstance(images, torch.Tensor) and images.dim() != 4 and len(images):
+                transform = self.input_transform or data_attr(trainer, "input_transform")
+                shown, exact = to_display(images[:1], transform)  # Flatten's images
+                self._input_shape = tuple(images.shape)
+                images = shown if exact else images
             if isinstance(images, torch.Tensor) and images.dim() == 4:
                 self._seen_shape = tuple(images.shape[1:])
-            elif isinstance(images, torch.Tensor):
-                self._input_shape = tuple(images.shape)
         self._prepare(trainer, pl_module)
 
     def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -496,8 +491,8 @@ class FeatureVisualizer(StagedCallback):
                 f"FeatureVisualizer renders images, but the model input is {list(self._input_shape)}"
                 " a batch, not [B, C, H, W] images. Pass `image_shape=[C, H, W]` and an "
                 "`input_transform` that makes the model input from display images (for a model "
-                "on flattened images: `lambda images: images.flatten(1)`), or leave "
-                "FeatureVisualizer out for this model."
+                "on flattened images: `input_transform=lightning_neurons.data.Flatten([C, H, W])`, "
+                "which gives both), or leave FeatureVisualizer out for this model."
             )
         self._plan = make_plan(
             trainer,
@@ -542,13 +537,13 @@ class FeatureVisualizer(StagedCallback):
         )
         classes = self._anchors.objectives(pl_module, plan.classes) if self._anchors else []
         class_images = renderer.images(pl_module, "classes", classes, True) if classes else None
-        if self.saliency_methods and plan.saliency:  # every rank: each maps its share
+        if self._methods and plan.saliency:  # every rank: each maps its share
             probes = shared_probes(self._probes, "gathering the saliency probes")
             maps = saliency_maps(
                 pl_module,
                 renderer,
                 probes,
-                self.saliency_methods,
+                self._methods,
                 self.gradcam_layer,
                 self.smoothgrad_samples,
                 epoch,
