@@ -322,11 +322,12 @@ def to_display(x: torch.Tensor, transform: InputTransform | None) -> tuple[torch
 
 def input_transform_of(trainer: Trainer) -> InputTransform | None:
     """The display image -> model input mapping that every analysis shows and renders images
-    through: a callback's own ``input_transform`` when one is given (FeatureVisualizer's), else
-    the data module's ``input_transform`` attribute, else ``None`` (the loaders yield display
+    through: one of our callbacks' own ``input_transform`` when one is given (FeatureVisualizer's),
+    else the data module's ``input_transform`` attribute, else ``None`` (the loaders yield display
     images)."""
     for callback in getattr(trainer, "callbacks", None) or []:
-        transform = getattr(callback, "input_transform", None)
+        ours = type(callback).__module__.startswith("lightning_neurons.")
+        transform = getattr(callback, "input_transform", None) if ours else None
         if transform is not None:
             return transform
     return getattr(getattr(trainer, "datamodule", None), "input_transform", None)
