@@ -557,3 +557,36 @@ def test_each_neurons_top_example_is_the_kept_image_it_is_largest_on(fitted):
         got = contribution.results[layer].top_example_index
         # the same neuron's value at both indices (a tie may be broken either way)
         assert torch.equal(every.gather(0, got.unsqueeze(0)), every.gather(0, expected[None]))
+
+
+def test_probe_images_are_shown_as_the_data_shows_them():
+    """The probes and their top examples are model inputs: the grid shows them through the data's
+    input transform (normalised inputs through Normalize's inverse); rendered images are shown as
+    they are."""
+    from lightning_neurons.callbacks._contribution_log import _display
+    from lightning_neurons.data import Normalize
+    from lightning_neurons.results import Probes
+
+    norm = Normalize((0.5,), (0.25,))
+    display = torch.rand(2, 1, 4, 4)
+    rendered = torch.rand(1, 4, 4)
+    zeros = torch.zeros(2, 1)
+    probes = Probes(
+        index=torch.arange(2),
+        images=norm(display),
+        labels=torch.tensor([0, 1]),
+        predictions=torch.tensor([0, 1]),
+        contribution=zeros,
+        classes=zeros,
+        top_neurons=torch.zeros(2, 1, dtype=torch.long),
+        top_contribution=zeros,
+        preferred=[[rendered], [norm(display)[0]]],
+        preferred_source=[["rendered"], ["top example"]],
+    )
+    shown, preferred = _display(probes, norm)
+    # (d - m) / s * s + m in float32: a few ulps of values <= 1
+    torch.testing.assert_close(shown, display, atol=1e-6, rtol=0)
+    assert preferred[0][0] is rendered
+    torch.testing.assert_close(preferred[1][0], display[0], atol=1e-6, rtol=0)
+    shown, _ = _display(probes, None)  # no transform: the inputs are display images
+    assert torch.equal(shown, probes.images)
