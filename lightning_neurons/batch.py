@@ -119,8 +119,8 @@ def read_labels(
     """The integer class labels of a batch.
 
     Labels are ``[B]`` class indices (a ``[B, 1]`` column is flattened), or ``[B, C]`` class
-    probabilities (one-hot, mixup, cutmix, label smoothing, a teacher's softmax), which are read
-    as their top class: each image counts for the class it mostly is. Probability rows must be
+    probabilities (one-hot of any dtype, mixup, cutmix, label smoothing, a teacher's softmax),
+    which are read as their top class: each image counts for the class it mostly is. Probability rows must be
     non-negative and sum to 1 (within 0.01: the rounding of bf16 labels, far from the row sums
     0 or >= 2 of multi-label targets).
 
@@ -166,7 +166,7 @@ def read_labels(
         labels = torch.as_tensor(labels)
     if labels.dim() == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
-    if labels.dim() == 2 and labels.dtype.is_floating_point and labels.shape[1] > 1:
+    if labels.dim() == 2 and labels.shape[1] > 1:  # probabilities, or one-hot of any dtype
         if check_rows or (check_rows is None and labels.device.type == "cpu"):
             check_probabilities(labels)
         return labels.argmax(dim=1)
@@ -180,8 +180,8 @@ def read_labels(
 
 
 def check_probabilities(labels: torch.Tensor) -> None:
-    """Check that ``[B, C]`` floating labels are class probabilities: rows non-negative, each
-    summing to 1 within 0.01.
+    """Check that ``[B, C]`` labels are class probabilities: rows non-negative, each summing to 1
+    within 0.01.
 
     Raises:
         NeuronsError: Naming the first row that is not, e.g. multi-label targets or logits.

@@ -208,7 +208,7 @@ def images_and_targets(batch: Any, num_classes: int) -> tuple[torch.Tensor, torc
     if y.dim() == 2 and y.shape[1] == 1 and not y.dtype.is_floating_point:
         y = y[:, 0]
     indices = y.dim() == 1 and not (y.dtype.is_floating_point or y.dtype == torch.bool)
-    soft = y.dim() == 2 and y.dtype.is_floating_point and y.shape[1] == num_classes
+    soft = y.dim() == 2 and y.shape[1] == num_classes  # probabilities, or one-hot of any dtype
     if not (indices or soft) or y.shape[0] != x.shape[0]:
         raise NeuronsError(
             f"ImageClassifier's targets must be {x.shape[0]} integer class indices (shape [B]) or "
@@ -216,4 +216,6 @@ def images_and_targets(batch: Any, num_classes: int) -> tuple[torch.Tensor, torc
             f"{y.dtype} and shape {tuple(y.shape)}. Check `num_classes={num_classes}` and the "
             "dataset's labels."
         )
+    if soft and not y.dtype.is_floating_point:
+        y = y.float()  # cross-entropy takes probabilities as floats
     return x, y.long() if indices else y

@@ -93,13 +93,15 @@ def test_class_probabilities_are_targets_and_their_top_class_is_scored(tmp_path,
     one_hot = torch.nn.functional.one_hot(y, 3).float()
     mixed = 0.6 * one_hot + 0.4 * one_hot.roll(1, dims=0)  # mixup of each image with the next
     metrics = {}
-    for name, targets in {"indices": y, "one-hot": one_hot, "mixup": mixed}.items():
+    targets_of = {"indices": y, "one-hot": one_hot, "mixup": mixed, "int one-hot": one_hot.long()}
+    for name, targets in targets_of.items():
         trainer = fast_trainer(tmp_path / name, logger=False)
         metrics[name] = trainer.validate(model, _loader(x, targets), verbose=False)[0]
     # one-hot probabilities are the same targets as the indices: the loss differs only by the
     # rounding of two float32 formulas of one log-softmax (~1e-7 relative), the accuracy not at all
     assert metrics["one-hot"]["val/loss"] == pytest.approx(metrics["indices"]["val/loss"], rel=1e-5)
     assert metrics["one-hot"]["val/acc"] == metrics["indices"]["val/acc"]
+    assert metrics["int one-hot"] == metrics["one-hot"]  # F.one_hot's int64, read as floats
     assert metrics["mixup"]["val/acc"] == metrics["indices"]["val/acc"]  # 0.6 > 0.4: same class
     expected = -(mixed * model(x).log_softmax(dim=1)).sum(dim=1).mean().item()
     assert metrics["mixup"]["val/loss"] == pytest.approx(expected, rel=1e-5)

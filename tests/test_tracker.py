@@ -209,6 +209,10 @@ def test_label_layouts():
     soft = torch.tensor([[0.3, 0.7, 0.0], [1.0, 0.0, 0.0], [0.05, 0.05, 0.9]])
     assert extract_labels((torch.zeros(3), soft)).tolist() == [1, 0, 2]
     assert extract_labels((torch.zeros(3), soft.bfloat16())).tolist() == [1, 0, 2]
+    one_hot = nn.functional.one_hot(torch.tensor([2, 0, 1]), 3)  # int64, as F.one_hot makes it
+    assert extract_labels((torch.zeros(3), one_hot)).tolist() == [2, 0, 1]
+    with pytest.raises(NeuronsError, match=r"row 0 sums to 2 "):
+        extract_labels((torch.zeros(1), torch.tensor([[1, 0, 1]])))  # multi-hot integers
     with pytest.raises(NeuronsError, match=r"row 1 sums to 2 .*Multi-label targets and logits"):
         extract_labels((torch.zeros(2), torch.tensor([[0.0, 1.0], [1.0, 1.0]])))  # multi-hot
     with pytest.raises(NeuronsError, match=r"row 0 sums to 0.5 .*label_fn="):
