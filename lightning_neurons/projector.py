@@ -188,9 +188,8 @@ class CropSearch:
     ) -> dict[str, torch.Tensor]:
         """``{layer: [K, C, size, size]}`` display tiles in [0, 1] (see
         :func:`top_activating_crops`); ``{}`` before any batch and for inputs that are not
-        ``[B, C, H, W]`` images. With ``neurons`` (``{layer:
-        indices}``), the tiles of those neurons only, in their order (the layers not named: all
-        neurons)."""
+        ``[B, C, H, W]`` images. With ``neurons`` (``{layer: indices}``), the tiles of those
+        neurons only, in their order (the layers not named: all neurons)."""
         if not self._images:
             return {}
         images, _ = to_display(torch.cat(self._images), transform)
