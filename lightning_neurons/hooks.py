@@ -50,6 +50,7 @@ from lightning_neurons.layouts import (
     reduce_positions,
     to_channels_first,
 )
+from lightning_neurons.state import in_analysis
 
 #: A function called with ``(layer_name, output_tensor)`` from inside a forward hook. When it
 #: returns a tensor, that tensor replaces the module's output (its first element, for tuples).
@@ -387,9 +388,17 @@ class HookSet:
     each hooked module's (and function layer's) calls per forward pass (reset by a pre-hook on
     the model and by :meth:`new_pass`), so that every call site is its own layer, and remembers
     the most calls seen per pass (:attr:`calls`). Outputs reach ``fn`` channels first.
+
+    Args:
+        lightning_batches: The hooks watch Lightning's own batches: the forwards an analysis
+            makes (inside :func:`~lightning_neurons.state.untouched`, e.g. a check on the
+            first batch) are neither counted nor handed on. A batch whose step calls a submodule
+            (``self.net(x)``) passes no pre-hook of the model, so an analysis's forward just
+            before it would otherwise shift its calls to call sites ``#1``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, lightning_batches: bool = False) -> None:
+        self.lightning_batches = lightning_batches
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._captures: list[FunctionCapture] = []
         self._count: dict[str, int] = {}
@@ -454,6 +463,8 @@ class HookSet:
         fn: ActivationFn,
     ) -> torch.Tensor | None:
         """Count a call of layer ``name``; hand a selected one to ``fn`` channels first."""
+        if self.lightning_batches and in_analysis():
+            return None
         index = self._count.get(name, 0)
         self._count[name] = index + 1
         self.calls[name] = max(self.calls.get(name, 0), index + 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
 
 import lightning.pytorch as pl
@@ -742,3 +743,66 @@ def test_the_last_epochs_statistics_are_released_before_the_next_are_made(tmp_pa
     # an epoch's two layers are made one after the other: at each epoch's first, none is alive
     assert alive_when_made[0::2] == [False, False, False]
     assert earlier[-1]() is tracker.results["backbone.relu2"].class_means
+
+
+class _Block(nn.Module):
+    """A block around a ReLU module: the tracker's sign probe runs the model once to see that it
+    returns its ReLU's output."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv, self.relu = nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.conv(x))
+
+
+class _CallsItsNet(pl.LightningModule):
+    """A module whose steps call ``self.net(x)``, not ``self(x)``, as many tutorials do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        pl.seed_everything(0, verbose=False)
+        self.net = nn.Sequential(
+            _Block(1, 4), _Block(4, 6), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", nn.functional.cross_entropy(self.net(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_analyses_running_the_model_in_a_batch_do_not_shift_its_call_sites(tmp_path):
+    """The sign probe (and any analysis's forward in a tracked batch) runs through the module's
+    forward; the batch's own forward here does not, so nothing resets the calls counted between
+    them. They are not counted: every call is call 0, and the first batch is in the statistics."""
+    model, data = _CallsItsNet(), TinyData()
+    tracker = ActivationTracker()
+    trainer = fast_trainer(tmp_path, callbacks=[tracker], max_epochs=1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(model, datamodule=data)
+    assert not [w for w in record if "times per forward pass" in str(w.message)]
+    assert set(tracker.results) == {"net.0", "net.1"}
+    outputs, labels = [], []
+    handle = model.net[1].register_forward_hook(lambda m, i, o: outputs.append(o.mean(dim=(2, 3))))
+    with torch.no_grad():
+        for x, y in data.val_dataloader():
+            model.eval()(x)
+            labels.append(y)
+    handle.remove()
+    acts, y = torch.cat(outputs).double(), torch.cat(labels)
+    expected = torch.stack([acts[y == c].mean(0) for c in range(3)])
+    # the same float32 outputs, summed in float64 by the tracker and here: within a few ulps
+    torch.testing.assert_close(
+        tracker.results["net.1"].class_means.double(), expected, rtol=1e-6, atol=1e-7
+    )
+    assert tracker.results["net.1"].counts.sum() == len(data.vy)

@@ -221,7 +221,7 @@ class CategoryClustering(_ClusteringCallback):
         self.confusion = confusion
         self.results: dict[str, CategoryClusteringResult] = {}
         self._classifier: str | None = None
-        self._hooks = HookSet()
+        self._hooks = HookSet(lightning_batches=True)
         self._confusion: ConfusionCounts | None = None
         self._broken = False  # the classifier's output was not logits in this epoch
         self._collecting = False

@@ -133,7 +133,7 @@ class NeuronClustering(_ClusteringCallback):
         self.max_embedding_neurons = int(max_embedding_neurons)
         self.results: dict[str, NeuronClusteringResult] = {}
         self._previous: dict[str, torch.Tensor] = {}
-        self._hooks = HookSet()
+        self._hooks = HookSet(lightning_batches=True)
         self._reservoirs: dict[str, ActivationReservoir] = {}
         self._crops: CropSearch | None = None  # the projector's images, searched as batches pass
         self._warned_constant: set[str] = set()

@@ -164,7 +164,7 @@ class ActivationTracker(StagedCallback):
         self.results: dict[str, LayerStats] = {}
         self._metrics: dict[str, ClassNeuronStats] = {}
         self._held = HeldBatches()  # batches not yet added to the metrics
-        self._hooks = HookSet()
+        self._hooks = HookSet(lightning_batches=True)
         self._labels: torch.Tensor | None = None
         self._label_range = LabelRange()  # the labels' range, read without waiting for a GPU
         self._rows = LoaderRows()
