@@ -1,9 +1,11 @@
-"""Which distributed strategies the analyses that run the model themselves can work under."""
+"""What the analyses that run the model themselves need: a strategy that does not shard it, and a
+LightningModule with a ``forward``."""
 
 from __future__ import annotations
 
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from torch import nn
 
 from lightning_neurons.errors import NeuronsError
 
@@ -41,3 +43,25 @@ def refuse_sharded(trainer: Trainer, who: str) -> None:
             f"pass). Train with strategy='ddp' (or DeepSpeed stage 1 or 2) while {who} is "
             "attached, or leave it out."
         )
+
+
+def require_forward(pl_module: LightningModule, who: str) -> None:
+    """Raise at set-up when the LightningModule defines no ``forward`` (its steps call a
+    submodule, ``self.model(x)``): ``who`` runs the model on images of its own.
+
+    Raises:
+        NeuronsError: Naming the submodule whose call would make a ``forward``.
+    """
+    if type(pl_module).forward not in (LightningModule.forward, nn.Module.forward):
+        return
+    sizes = {
+        name: sum(p.numel() for p in child.parameters())
+        for name, child in pl_module.named_children()
+    }
+    name = max(sizes, key=lambda n: sizes[n]) if sizes else "model"
+    raise NeuronsError(
+        f"{who} runs the model on images of its own, but {type(pl_module).__name__} defines no "
+        "`forward` (its steps call a submodule). Add one that maps an input batch to the logits, "
+        f"for example `def forward(self, x): return self.{name}(x)`; the steps may go on calling "
+        f"`self.{name}`."
+    )

@@ -497,3 +497,47 @@ def test_flattened_images_without_an_image_shape_are_a_clear_error(tmp_path):
     with pytest.raises(NeuronsError, match=r"model input is \[8, 64\].*image_shape=\[C, H, W\]"):
         _quiet_fit(trainer, _module(_mlp()), datamodule=FlatData())
     assert trainer.global_step == 0
+
+
+# ---- a LightningModule without forward ------------------------------------------------------------
+
+
+class NoForward(pl.LightningModule):
+    """Steps call ``self.model(x)``; no ``forward`` (Lightning does not require one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        pl.seed_everything(0, verbose=False)
+        self.model = TinyNet()
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.model(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", F.cross_entropy(self.model(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("who", [FeatureVisualizer, NeuronContribution])
+def test_a_module_without_forward_is_told_to_add_one_by_the_analyses_that_run_it(tmp_path, who):
+    trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(), who()], max_epochs=1)
+    with pytest.raises(NeuronsError, match=r"defines no `forward`.*return self\.model\(x\)"):
+        _quiet_fit(trainer, NoForward(), datamodule=TinyData())
+    assert trainer.global_step == 0
+
+
+def test_a_module_without_forward_gets_the_analyses_of_its_own_batches(tmp_path):
+    callbacks = [
+        ActivationTracker(on_error="raise"),
+        CategoryClustering(on_error="raise", n_clusters=2),
+        NeuronClustering(on_error="raise", method="kmeans", n_clusters=2),
+    ]
+    _quiet_fit(
+        fast_trainer(tmp_path, callbacks=callbacks, max_epochs=1),
+        NoForward(),
+        datamodule=TinyData(),
+    )
+    assert all(cb.results and not cb.failures for cb in callbacks)
+    assert list(tmp_path.rglob("sprite.png"))  # crops of the batches the steps ran

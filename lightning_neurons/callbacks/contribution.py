@@ -41,7 +41,7 @@ from lightning_neurons.hooks import resolve_layers, selects
 from lightning_neurons.probes import ProbeCollector, shared_probes
 from lightning_neurons.results import ContributionResult, Probes, TrackerSpec
 from lightning_neurons.state import analysis_mode
-from lightning_neurons.strategies import refuse_sharded
+from lightning_neurons.strategies import refuse_sharded, require_forward
 
 
 def _most_active(
@@ -203,6 +203,7 @@ class NeuronContribution(StagedCallback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         refuse_sharded(trainer, "NeuronContribution")
+        require_forward(pl_module, "NeuronContribution")
         spec = self._spec = tracker_spec(trainer, required=type(self).__name__)
         layers = (
             list(spec.layers)

@@ -58,7 +58,7 @@ from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.probes import ProbeCollector, shared_probes
 from lightning_neurons.results import ClusterRendering, Rendering, SaliencyMaps, TrackerSpec
 from lightning_neurons.stats import LayerStats
-from lightning_neurons.strategies import refuse_sharded
+from lightning_neurons.strategies import refuse_sharded, require_forward
 from lightning_neurons.visualize.objectives import Channel
 from lightning_neurons.visualize.prior import DataPrior
 from lightning_neurons.visualize.saliency import METHODS, Method
@@ -322,6 +322,7 @@ class FeatureVisualizer(StagedCallback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         refuse_sharded(trainer, "FeatureVisualizer")
+        require_forward(pl_module, "FeatureVisualizer")
         spec = self._spec = tracker_spec(trainer)
         if spec is None:
             self.layers = resolve_layers(pl_module, self.layer_patterns)
