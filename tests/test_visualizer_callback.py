@@ -177,6 +177,23 @@ def _steps(vis: FeatureVisualizer) -> dict[str, list[int]]:
     return {key: res.steps.tolist() for key, res in vis.results.items()}
 
 
+def test_a_test_run_renders_and_maps_its_test_images(tmp_path):
+    """``trainer.test`` with the tracker on the test set (as ``analyze`` runs it): the round runs
+    at the test stage's end, its probes are the test set's, its files under ``neurons/test``."""
+    tracker = ActivationTracker(layers=["backbone.conv2"], stage="test")
+    vis = FeatureVisualizer(max_channels=2, on_error="raise", **FAST)
+    data = TinyData()
+    trainer = fast_trainer(tmp_path, callbacks=[tracker, vis])
+    trainer.test(_module(), datamodule=data)
+    assert set(vis.results) == {"backbone.conv2", "classes"}
+    sal = vis.saliency_results
+    assert sal is not None and sal.labels.tolist() == [0, 1, 2]
+    # TinyData's test loader is its validation loader: the first image of each class in it
+    first = [int((data.vy == c).nonzero()[0, 0]) for c in range(3)]
+    torch.testing.assert_close(sal.inputs, data.vx[first], rtol=0, atol=0)
+    assert list((artifact_root(trainer) / "test").rglob("classes.npz"))
+
+
 def test_later_rounds_continue_the_images_and_a_resumed_run_continues_too(tmp_path):
     # no convergence test: every image runs all its steps, so the steps say where it started
     options = RenderOptions(steps=6, continue_steps=2, converge_tol=None, class_select_after=3)

@@ -72,7 +72,8 @@ _POSITIVE = [Interval(int, 1, None)]
 class FeatureVisualizer(StagedCallback):
     """Renders what channels and classes prefer, and saliency maps of probe images, every epoch.
 
-    Every ``every_n_epochs`` (after validation) the callback
+    Every ``every_n_epochs`` (after validation; and at the end of ``trainer.validate`` and
+    ``trainer.test``, on their images) the callback
 
     - renders, by batched gradient ascent (:func:`~lightning_neurons.visualize.render`), one image
       for each chosen channel of each chosen layer, and one for each class (its logit);
@@ -314,7 +315,7 @@ class FeatureVisualizer(StagedCallback):
 
     @property
     def _dataloader_idx(self) -> int:
-        """The validation loader whose images feed the prior and the probes."""
+        """The validation (or test) loader whose images feed the prior and the probes."""
         return self._spec.dataloader_idx if self._spec is not None else 0
 
     # ---- Lightning hooks -----------------------------------------------------------------------
@@ -340,8 +341,10 @@ class FeatureVisualizer(StagedCallback):
         self._prior.start(trainer.world_size)
         self._plan = None
 
+    # Validation and test stages (``trainer.test``, and ``analyze`` with a tracker on the test
+    # set): their batches feed the prior and the probes, and a round runs at their end.
     def _stage_start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
-        if stage == "validation" and not trainer.sanity_checking:
+        if stage in ("validation", "test") and not trainer.sanity_checking:
             self._val_rows = analysed_rows(trainer, stage, self._dataloader_idx)
 
     def _on_batch_start(
@@ -350,7 +353,7 @@ class FeatureVisualizer(StagedCallback):
         self._first_batch(trainer, pl_module, step.batch)
 
     def _on_batch_end(self, trainer: Trainer, pl_module: LightningModule, step: StageBatch) -> None:
-        if step.stage != "validation" or trainer.sanity_checking:
+        if step.stage not in ("validation", "test") or trainer.sanity_checking:
             return
         if step.dataloader_idx != self._dataloader_idx:
             return
@@ -361,7 +364,7 @@ class FeatureVisualizer(StagedCallback):
 
     @override
     def _consume(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
-        if stage != "validation" or not self._due(trainer):
+        if stage not in ("validation", "test") or not self._due(trainer):
             return
         stats = tracker_results(trainer)  # older with stage="train"
         reduction = self._spec.reduction if self._spec is not None else "mean"
