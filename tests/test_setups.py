@@ -410,6 +410,26 @@ class FlatData(TinyData):
         self.x, self.vx = self.x.flatten(1), self.vx.flatten(1)
 
 
+def _five_around(vis: FeatureVisualizer) -> list[pl.Callback]:
+    """Every callback, raising on errors, with logging (what is logged matters here), around
+    ``vis``."""
+    return [
+        ActivationTracker(on_error="raise"),
+        vis,
+        CategoryClustering(on_error="raise", n_clusters=2),
+        NeuronClustering(on_error="raise", method="kmeans", n_clusters=2),
+        NeuronContribution(on_error="raise", max_batches=1, max_probes=2),
+    ]
+
+
+def _image_tags(tmp_path) -> list[str]:
+    """The image tags of ``fast_trainer``'s TensorBoard run under ``tmp_path``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log_dir = tmp_path / "tb" / "version_0"
+    return EventAccumulator(str(log_dir), size_guidance={"images": 0}).Reload().Tags()["images"]
+
+
 def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
 
@@ -421,13 +441,7 @@ def test_a_model_on_flattened_images_gets_every_analysis_but_the_image_ones(tmp_
         input_transform=lambda im: im.flatten(1),
         **FAST_VIS,
     )
-    callbacks = [
-        ActivationTracker(on_error="raise"),
-        vis,
-        CategoryClustering(on_error="raise", n_clusters=2),
-        NeuronClustering(on_error="raise", method="kmeans", n_clusters=2),
-        NeuronContribution(on_error="raise", max_batches=1, max_probes=2),
-    ]
+    callbacks = _five_around(vis)
     module = _module(_mlp())
     trainer = fast_trainer(tmp_path, callbacks=callbacks, max_epochs=1)
     with pytest.warns(UserWarning, match=r"inputs are \[8, 64\] batches.*saliency maps"):
@@ -445,10 +459,7 @@ def test_a_model_on_flattened_images_gets_every_analysis_but_the_image_ones(tmp_
     assert configs and all("sprite" not in c.read_text() for c in configs)
     assert "tensor_path" in configs[0].read_text()
     assert not list(tmp_path.rglob("sprite.png"))
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    log_dir = tmp_path / "tb" / "version_0"
-    images = EventAccumulator(str(log_dir), size_guidance={"images": 0}).Reload().Tags()["images"]
+    images = _image_tags(tmp_path)
     assert "contribution/backbone.1/class_contribution" in images
     assert not [tag for tag in images if tag.endswith("/probes") or tag.startswith("focus/")]
     assert count_forward_hooks(module) == 0
@@ -456,13 +467,7 @@ def test_a_model_on_flattened_images_gets_every_analysis_but_the_image_ones(tmp_
 
 def test_a_model_on_flattened_images_gets_every_analysis_through_flatten(tmp_path):
     vis = FeatureVisualizer(on_error="raise", input_transform=Flatten((1, 8, 8)), **FAST_VIS)
-    callbacks = [
-        ActivationTracker(on_error="raise"),
-        vis,
-        CategoryClustering(on_error="raise", n_clusters=2),
-        NeuronClustering(on_error="raise", method="kmeans", n_clusters=2),
-        NeuronContribution(on_error="raise", max_batches=1, max_probes=2),
-    ]
+    callbacks = _five_around(vis)
     module = _module(_mlp())
     trainer = fast_trainer(tmp_path, callbacks=callbacks, max_epochs=1)
     with warnings.catch_warnings(record=True) as record:
@@ -484,10 +489,7 @@ def test_a_model_on_flattened_images_gets_every_analysis_through_flatten(tmp_pat
     folded = maps.inputs.view(-1, 1, 8, 8).clamp(0, 1)
     torch.testing.assert_close(maps.images, folded, rtol=0, atol=0)
     assert list(tmp_path.rglob("sprite.png"))  # the projector shows the neurons' top crops
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    log_dir = tmp_path / "tb" / "version_0"
-    images = EventAccumulator(str(log_dir), size_guidance={"images": 0}).Reload().Tags()["images"]
+    images = _image_tags(tmp_path)
     assert {"contribution/backbone.1/probes", "focus/gradient", "focus/smoothgrad"} <= set(images)
     assert count_forward_hooks(module) == 0
 

@@ -783,15 +783,10 @@ data:
 """
 
 
-def test_lightning_cli_configures_every_option_from_yaml(tmp_path, monkeypatch):
+def _visualizer_from_yaml(config: Path) -> FeatureVisualizer:
+    """The FeatureVisualizer a LightningCLI makes of the config file ``config``."""
     from lightning.pytorch.cli import LightningCLI
 
-    from lightning_neurons.data import Flatten, Normalize
-    from lightning_neurons.models import SmallCNN
-
-    monkeypatch.setattr(sys, "argv", ["lightning-neurons"])  # pytest's own are not the CLI's
-    config = tmp_path / "config.yaml"
-    config.write_text(CLI_CONFIG)
     cli = LightningCLI(
         pl.LightningModule,
         pl.LightningDataModule,
@@ -801,6 +796,17 @@ def test_lightning_cli_configures_every_option_from_yaml(tmp_path, monkeypatch):
         run=False,
     )
     (vis,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, FeatureVisualizer)]
+    return vis
+
+
+def test_lightning_cli_configures_every_option_from_yaml(tmp_path, monkeypatch):
+    from lightning_neurons.data import Flatten, Normalize
+    from lightning_neurons.models import SmallCNN
+
+    monkeypatch.setattr(sys, "argv", ["lightning-neurons"])  # pytest's own are not the CLI's
+    config = tmp_path / "config.yaml"
+    config.write_text(CLI_CONFIG)
+    vis = _visualizer_from_yaml(config)
     assert vis.layer_patterns == ["backbone.features.relu2"]
     assert vis.channels == {"backbone.features.relu2": [3, 1]}
     assert (vis.max_channels, vis.classes, vis.max_classes) == (4, [1, 7], 5)
@@ -837,15 +843,7 @@ def test_lightning_cli_configures_every_option_from_yaml(tmp_path, monkeypatch):
     config.write_text(
         CLI_CONFIG.split("        render:")[0] + "        render: {steps: 5}\n" + MODEL
     )
-    cli = LightningCLI(
-        pl.LightningModule,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=["--config", str(config)],
-        run=False,
-    )
-    (vis,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, FeatureVisualizer)]
+    vis = _visualizer_from_yaml(config)
     assert vis.render == RenderOptions(steps=5)
     # a model on flattened images: Flatten, with its own Normalize, from YAML
     flatten = """        input_transform:
@@ -856,15 +854,7 @@ def test_lightning_cli_configures_every_option_from_yaml(tmp_path, monkeypatch):
 """
     head = CLI_CONFIG.split("        input_transform:")[0]
     config.write_text(head + flatten + MODEL)
-    cli = LightningCLI(
-        pl.LightningModule,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=["--config", str(config)],
-        run=False,
-    )
-    (vis,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, FeatureVisualizer)]
+    vis = _visualizer_from_yaml(config)
     transform = vis.input_transform
     assert isinstance(transform, Flatten) and transform.image_shape == (1, 32, 32)
     assert isinstance(transform.normalize, Normalize)
