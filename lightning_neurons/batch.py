@@ -120,9 +120,9 @@ def read_labels(
 
     Labels are ``[B]`` class indices (a ``[B, 1]`` column is flattened), or ``[B, C]`` class
     probabilities (one-hot of any dtype, mixup, cutmix, label smoothing, a teacher's softmax),
-    which are read as their top class: each image counts for the class it mostly is. Probability rows must be
-    non-negative and sum to 1 (within 0.01: the rounding of bf16 labels, far from the row sums
-    0 or >= 2 of multi-label targets).
+    which are read as their top class: each image counts for the class it mostly is.
+    Probability rows must be non-negative and sum to 1 (within 0.01: the rounding of bf16
+    labels, far from the row sums 0 or >= 2 of multi-label targets).
 
     Args:
         batch: ``(x, y, ...)`` tuple or list, or a mapping with one of :data:`LABEL_KEYS`.
