@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import tempfile
@@ -58,10 +59,26 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+#: Seconds before the deadline at which a rank still running writes every thread's stack.
+_STACKS_BEFORE = 10.0
+
+
 def _entry(
-    rank: int, fn: Callable[..., Any], world_size: int, args: tuple, folder: str, port: int
+    rank: int,
+    fn: Callable[..., Any],
+    world_size: int,
+    args: tuple,
+    folder: str,
+    port: int,
+    timeout: float,
 ) -> None:
-    """The body of one spawned process: the group, ``fn``, its result saved for the parent."""
+    """The body of one spawned process: the group, ``fn``, its result saved for the parent.
+
+    A rank still running shortly before the deadline writes its threads' stacks to
+    ``rank<N>.stacks`` (shown in the parent's ``TimeoutError``), at the moment and in the place
+    where it waits: a hang in CI explains itself."""
+    stacks = open(Path(folder) / f"rank{rank}.stacks", "w")  # noqa: SIM115 - open until exit
+    faulthandler.dump_traceback_later(max(1.0, timeout - _STACKS_BEFORE), file=stacks)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -84,6 +101,12 @@ def _entry(
         # joinable when the C++ statics are destroyed (SIGABRT at exit).
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _stacks(folder: str, rank: int) -> str:
+    path = Path(folder) / f"rank{rank}.stacks"
+    text = path.read_text() if path.exists() else ""
+    return f"\n\nrank {rank}'s threads {_STACKS_BEFORE:.0f} s before the deadline:\n{text or '(none written)'}"
 
 
 def run_ranks(
@@ -110,7 +133,7 @@ def run_ranks(
     with tempfile.TemporaryDirectory(prefix="ddp-") as folder:
         context = mp.start_processes(
             _entry,
-            args=(fn, world_size, args, folder, _free_port()),
+            args=(fn, world_size, args, folder, _free_port(), timeout),
             nprocs=world_size,
             join=False,
             start_method="spawn",
@@ -125,6 +148,7 @@ def run_ranks(
                 running = [r for r, p in enumerate(context.processes) if p.exitcode != 0]
                 raise TimeoutError(
                     f"DDP run of {fn.__name__} passed {timeout:.0f} s; ranks {running}"
+                    + "".join(_stacks(folder, r) for r in running)
                 )
         return [
             torch.load(Path(folder) / f"rank{r}.pt", weights_only=False) for r in range(world_size)
