@@ -9,7 +9,9 @@ figure was asked for (TensorBoard orders images by step, not by arrival).
 The workers are forked at fit start (:meth:`BackgroundFigures.warm`, while the training process is
 small), or else when the first figure is asked for, and end once every callback that asked
 for figures has waited for them (each callback of the package waits in ``teardown``, before
-Lightning closes the loggers), so no process outlives a fit. Where ``fork`` is not available
+Lightning closes the loggers), so no process outlives a fit: a worker not gone a few seconds
+later (stuck since the fork: forking a process with threads is never quite safe) is killed, as
+are workers that draw nothing for :data:`FIGURE_TIMEOUT` seconds. Where ``fork`` is not available
 (Windows, macOS) or a figure's arguments cannot be pickled, the figure is drawn on the spot
 instead, as it would be without this module; so are all figures while
 ``background_figures.enabled`` is ``False``.
@@ -26,6 +28,7 @@ import pickle
 import signal
 import sys
 import threading
+import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -39,8 +42,12 @@ import torch
 
 from lightning_neurons.heap import release_freed_memory
 
-#: Seconds :meth:`BackgroundFigures.wait` waits for one figure before reporting it lost.
+#: Seconds :meth:`BackgroundFigures.wait` waits for the workers to draw the next figure before
+#: it reports the figures not yet drawn as lost and ends the workers.
 FIGURE_TIMEOUT = 600.0
+
+#: Seconds an idle worker has to exit once its pool is shut down before it is killed.
+EXIT_GRACE = 5.0
 
 
 #: Tensor types that go to the workers as NumPy arrays (the others as torch pickles them).
@@ -281,22 +288,52 @@ class BackgroundFigures:
     def wait(self, owner: object) -> list[BaseException]:
         """Wait until every figure of ``owner`` is logged; the errors they raised (once each).
 
-        The worker ends once no figure of any owner is pending."""
+        The workers end once no figure of any owner is pending. If they draw nothing for
+        :data:`FIGURE_TIMEOUT` seconds, the figures not yet drawn are reported lost (one error)
+        and the workers are ended; a figure asked for later starts new ones."""
         with self._lock:
             mine = self._pending.pop(id(owner), [])
-        errors = []
+        errors: list[BaseException] = []
+        deadline, lost = time.monotonic() + FIGURE_TIMEOUT, 0
         for logged in mine:
             try:
-                logged.result(timeout=FIGURE_TIMEOUT)
+                logged.result(timeout=max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                errors.append(TimeoutError(f"a figure was not drawn within {FIGURE_TIMEOUT:.0f} s"))
+                lost += 1
+                continue
             except BaseException as err:  # noqa: BLE001 - reported by the owner
                 errors.append(err)
+            deadline = time.monotonic() + FIGURE_TIMEOUT  # the workers go on: a full wait again
+        if lost:
+            errors.append(
+                TimeoutError(
+                    f"{lost} figure(s) were not drawn: the figure workers drew nothing for "
+                    f"{FIGURE_TIMEOUT:.0f} s and were ended"
+                )
+            )
         with self._lock:
-            if not any(self._pending.values()) and self._pool is not None:
-                self._pool.shutdown(wait=False)
-                self._pool = None
+            pool = None
+            if lost or not any(self._pending.values()):
+                pool, self._pool = self._pool, None
+        if pool is not None:
+            _end(pool, grace=0.0 if lost else EXIT_GRACE)
         return errors
+
+
+def _end(pool: ProcessPoolExecutor, grace: float) -> None:
+    """Shut ``pool`` down and see its workers gone: one still alive ``grace`` seconds later
+    (stuck since it was forked, say) is killed. The interpreter joins every worker of a
+    pool at exit, so a worker that never ends would keep the training process from ever
+    exiting, its fit done."""
+    workers = list((pool._processes or {}).values())  # noqa: SLF001 - public from Python 3.14 only
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + grace
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 #: The figure worker of every :class:`~lightning_neurons.loggers.AnalysisLogger`.

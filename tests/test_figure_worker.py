@@ -299,3 +299,64 @@ def test_the_workers_are_forked_at_fit_start_and_end_with_the_fit(tmp_path, monk
     _fit(tmp_path, epochs=1)
     assert forked_at and forked_at[0], "warmed at fit start, before any figure"
     assert _no_children(), "the workers end with the fit"
+
+
+_STUCK_WORKER = """
+import os, sys, time
+import numpy as np
+from lightning_neurons import figure_worker
+
+def stuck_or_ready():  # the first worker to start never does (as if it hung since the fork)
+    try:
+        os.close(os.open(sys.argv[1], os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return
+    time.sleep(3600)
+
+figure_worker._init_worker = stuck_or_ready
+figures, logged = figure_worker.BackgroundFigures(workers=2), []
+for _ in range(4):
+    figures.submit(figures, logged.append, np.full, ((2, 2, 3), 7, np.uint8))
+print(len(figures.wait(figures)), "errors", len(logged), "logged", flush=True)
+"""
+
+
+@needs_fork
+def test_a_worker_stuck_since_its_fork_does_not_keep_the_process_from_exiting(tmp_path):
+    """The other worker draws every figure; at the end the stuck one is killed. Before, the
+    interpreter joined it at exit for ever: a DDP fit in CI hung that way after `fit` ended."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _STUCK_WORKER, str(tmp_path / "first")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0 errors 4 logged"
+
+
+def _never_ready() -> None:
+    time.sleep(3600)
+
+
+@needs_fork
+def test_workers_that_draw_nothing_are_ended_and_their_figures_reported(tmp_path, monkeypatch):
+    from lightning_neurons import figure_worker
+
+    monkeypatch.setattr(figure_worker, "FIGURE_TIMEOUT", 2.0)
+    monkeypatch.setattr(figure_worker, "_init_worker", _never_ready)
+    figures, logged, owner = BackgroundFigures(), [], object()
+    for i in range(3):
+        figures.submit(owner, logged.append, pid_image, (str(tmp_path / f"pid{i}"),))
+    started = time.monotonic()
+    (error,) = figures.wait(owner)
+    waited = time.monotonic() - started
+    assert isinstance(error, TimeoutError) and str(error).startswith("3 figure(s) were not drawn")
+    assert waited < 2.0 * 2, "one wait for the workers (not one per figure), then killed"
+    assert logged == [] and _no_children(timeout=1.0), "the stuck workers are killed"
+    monkeypatch.undo()  # workers that start: a later figure is drawn by new ones
+    figures.submit(owner, logged.append, pid_image, (str(tmp_path / "pid"),))
+    assert figures.wait(owner) == [] and len(logged) == 1
