@@ -118,7 +118,20 @@ def _draw_pickled(payload: bytes) -> np.ndarray:
         release_freed_memory()  # (workers' own memory at the peak: 50-62 -> 35-39 MB each)
 
 
+def _fresh_std_streams() -> None:
+    """New ``sys.stdout``/``sys.stderr`` on the same file descriptors. A thread of the training
+    process that was writing to one of them at the fork held its lock, which stays held in the
+    worker for ever: the worker's first warning, or its flush at exit, would wait on it."""
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        try:
+            stream = open(fd, "w", buffering=1, errors="backslashreplace", closefd=False)  # noqa: SIM115
+        except OSError:  # the descriptor is closed: the stream stays as it was
+            continue
+        setattr(sys, name, stream)
+
+
 def _init_worker() -> None:
+    _fresh_std_streams()
     torch.set_num_threads(1)  # the figures take no more than a core each from training
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the fit, not us mid-figure
     # what every figure needs, loaded once per worker rather than in the first figure's time

@@ -360,3 +360,44 @@ def test_workers_that_draw_nothing_are_ended_and_their_figures_reported(tmp_path
     monkeypatch.undo()  # workers that start: a later figure is drawn by new ones
     figures.submit(owner, logged.append, pid_image, (str(tmp_path / "pid"),))
     assert figures.wait(owner) == [] and len(logged) == 1
+
+
+_LOCKED_STDERR = """
+import io, multiprocessing.util, os, sys, threading, time, warnings
+import numpy as np
+from lightning_neurons import figure_worker
+
+def warn_and_draw():
+    warnings.warn("a figure's warning")
+    return np.zeros((2, 2, 3), np.uint8)
+
+figure_worker.FIGURE_TIMEOUT = 20.0
+# the parent flushes its streams just before the fork (waiting for a thread that writes): the
+# thread can take the lock again in between; without that flush it surely holds it at the fork
+multiprocessing.util._flush_std_streams = lambda: None
+_, w = os.pipe()  # nobody reads: a write of more than the pipe holds blocks, holding the lock
+sys.stderr = io.TextIOWrapper(io.BufferedWriter(io.FileIO(w, "w")), write_through=True)
+threading.Thread(target=sys.stderr.write, args=("x" * (1 << 20),), daemon=True).start()
+time.sleep(0.5)
+figures, logged = figure_worker.BackgroundFigures(workers=1), []
+figures.submit(figures, logged.append, warn_and_draw)
+errors = figures.wait(figures)
+print(len(errors), "errors", len(logged), "logged", file=sys.__stdout__, flush=True)
+os._exit(0)  # the writing thread never ends
+"""
+
+
+@needs_fork
+def test_a_worker_writes_its_warnings_though_a_thread_held_stderr_at_the_fork():
+    """The worker's streams are its own: the inherited stderr's lock, held by a thread of the
+    training process that was writing at the fork, stays held in the worker, and its first
+    warning waited on it for ever (the figure lost after FIGURE_TIMEOUT)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _LOCKED_STDERR], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0 errors 1 logged"
+    assert "a figure's warning" in done.stderr  # written to the process's stderr (fd 2)
