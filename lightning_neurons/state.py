@@ -14,6 +14,7 @@ from itertools import chain
 
 import numpy as np
 import torch
+from lightning.pytorch import LightningModule
 from torch import nn
 
 #: How many :func:`untouched` blocks are open: forwards inside them are analyses', not training's.
@@ -57,6 +58,23 @@ def preserved_rng(device: torch.device | None = None) -> Iterator[None]:
             np.random.set_state(np_state)
 
 
+def defines_forward(model: nn.Module) -> bool:
+    """Whether ``model``'s class defines a ``forward`` (a LightningModule need not: its steps may
+    call a submodule, ``self.model(x)``)."""
+    return type(model).forward not in (LightningModule.forward, nn.Module.forward)
+
+
+def forward_submodule(model: nn.Module) -> nn.Module | None:
+    """The submodule that runs a model whose class defines no ``forward``: its only child with
+    parameters (``self.model = resnet18()`` beside a loss and metrics). ``None`` when the class
+    defines one, when the instance has one already, or when no child or several (a backbone and a
+    head) hold parameters."""
+    if defines_forward(model) or "forward" in vars(model):
+        return None
+    holders = [c for c in model.children() if next(c.parameters(), None) is not None]
+    return holders[0] if len(holders) == 1 else None
+
+
 @contextmanager
 def untouched(model: nn.Module) -> Iterator[None]:
     """Run analysis code on ``model`` and put back everything it may change.
@@ -66,7 +84,8 @@ def untouched(model: nn.Module) -> Iterator[None]:
     respect to inputs or activations only, and a ``backward()`` cannot add to the training's
     gradients). On exit, the ``training`` flag of every module, each parameter's
     ``requires_grad`` and ``.grad`` (the very same tensor objects), the values of all buffers
-    (BatchNorm running statistics) and the RNG streams are as they were.
+    (BatchNorm running statistics) and the RNG streams are as they were. A model whose class
+    defines no ``forward`` runs its :func:`forward_submodule` when called inside the block.
 
     Example:
         >>> with untouched(pl_module):
@@ -75,6 +94,9 @@ def untouched(model: nn.Module) -> Iterator[None]:
     Analyses use :func:`analysis_mode`, which adds eval mode.
     """
     global _open_blocks
+    borrowed = forward_submodule(model)
+    if borrowed is not None:  # an instance attribute: found before the class's, then deleted
+        model.forward = borrowed.__call__
     modes = [(m, m.training) for m in model.modules()]
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
@@ -90,6 +112,8 @@ def untouched(model: nn.Module) -> Iterator[None]:
             yield
     finally:
         _open_blocks -= 1
+        if borrowed is not None:
+            del model.forward
         for module, mode in modes:
             module.training = mode
         for p, flag, grad in zip(params, flags, grads, strict=True):

@@ -1,13 +1,13 @@
 """What the analyses that run the model themselves need: a strategy that does not shard it, and a
-LightningModule with a ``forward``."""
+model to call (the LightningModule's ``forward``, or its only child with parameters)."""
 
 from __future__ import annotations
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-from torch import nn
 
 from lightning_neurons.errors import NeuronsError
+from lightning_neurons.state import defines_forward, forward_submodule
 
 
 def sharded_strategy(trainer: Trainer) -> str | None:
@@ -46,22 +46,26 @@ def refuse_sharded(trainer: Trainer, who: str) -> None:
 
 
 def require_forward(pl_module: LightningModule, who: str) -> None:
-    """Raise at set-up when the LightningModule defines no ``forward`` (its steps call a
-    submodule, ``self.model(x)``): ``who`` runs the model on images of its own.
+    """Raise at set-up when ``who``, which runs the model on images of its own, cannot call it:
+    the LightningModule defines no ``forward`` and its steps' model is not its only child with
+    parameters (:func:`~lightning_neurons.state.forward_submodule`, which the analyses call
+    otherwise).
 
     Raises:
-        NeuronsError: Naming the submodule whose call would make a ``forward``.
+        NeuronsError: Naming the children with parameters and the ``forward`` to add.
     """
-    if type(pl_module).forward not in (LightningModule.forward, nn.Module.forward):
+    if defines_forward(pl_module) or forward_submodule(pl_module) is not None:
         return
     sizes = {
         name: sum(p.numel() for p in child.parameters())
         for name, child in pl_module.named_children()
     }
+    holders = [name for name, size in sizes.items() if size]
     name = max(sizes, key=lambda n: sizes[n]) if sizes else "model"
     raise NeuronsError(
         f"{who} runs the model on images of its own, but {type(pl_module).__name__} defines no "
-        "`forward` (its steps call a submodule). Add one that maps an input batch to the logits, "
-        f"for example `def forward(self, x): return self.{name}(x)`; the steps may go on calling "
-        f"`self.{name}`."
+        f"`forward` and its parameters are in {len(holders)} submodules "
+        f"({', '.join(holders) or 'none'}), so which one maps images to logits is not known. Add "
+        "a `forward` that maps an input batch to the logits, for example "
+        f"`def forward(self, x): return self.{name}(x)`; the steps may go on as they are."
     )

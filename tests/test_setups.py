@@ -522,11 +522,46 @@ class NoForward(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class WithForward(NoForward):
+    def forward(self, x):
+        return self.model(x)
+
+
+def test_a_module_without_forward_is_run_through_its_only_child_with_parameters(tmp_path):
+    """Every analysis runs ``self.model`` (its only child with parameters), as a ``forward``
+    calling it would: FeatureVisualizer and NeuronContribution stopped at set-up before."""
+    results = []
+    for cls in (NoForward, WithForward):
+        callbacks = _all_five()
+        module = cls()
+        trainer = fast_trainer(tmp_path / cls.__name__, callbacks=callbacks, max_epochs=1)
+        _quiet_fit(trainer, module, datamodule=TinyData())
+        _assert_every_analysis_produced(callbacks, module)
+        assert "forward" not in vars(module)  # borrowed only while an analysis runs
+        results.append(callbacks[-1].results)
+    borrowed, own = results
+    assert borrowed.keys() == own.keys()
+    for layer in own:  # the same float32 operations in the same order, in the same process
+        assert torch.equal(borrowed[layer].class_contribution, own[layer].class_contribution), layer
+
+
+class TwoParts(NoForward):
+    """A backbone and a head, both with parameters, called one after the other by the steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 4)
+
+
 @pytest.mark.parametrize("who", [FeatureVisualizer, NeuronContribution])
-def test_a_module_without_forward_is_told_to_add_one_by_the_analyses_that_run_it(tmp_path, who):
+def test_a_module_without_forward_and_two_children_with_parameters_is_told_to_add_one(
+    tmp_path, who
+):
     trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(), who()], max_epochs=1)
-    with pytest.raises(NeuronsError, match=r"defines no `forward`.*return self\.model\(x\)"):
-        _quiet_fit(trainer, NoForward(), datamodule=TinyData())
+    with pytest.raises(
+        NeuronsError, match=r"no `forward` and its parameters are in 2 submodules \(model, head\)"
+    ):
+        _quiet_fit(trainer, TwoParts(), datamodule=TinyData())
     assert trainer.global_step == 0
 
 
