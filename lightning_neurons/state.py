@@ -95,8 +95,6 @@ def untouched(model: nn.Module) -> Iterator[None]:
     """
     global _open_blocks
     borrowed = forward_submodule(model)
-    if borrowed is not None:  # an instance attribute: found before the class's, then deleted
-        model.forward = borrowed.__call__
     modes = [(m, m.training) for m in model.modules()]
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
@@ -105,6 +103,8 @@ def untouched(model: nn.Module) -> Iterator[None]:
     device = params[0].device if params else None
     _open_blocks += 1
     try:
+        if borrowed is not None:  # an instance attribute: found before the class's, then deleted
+            model.forward = borrowed.__call__
         for p in params:
             p.requires_grad_(False)
             p.grad = None
@@ -112,7 +112,7 @@ def untouched(model: nn.Module) -> Iterator[None]:
             yield
     finally:
         _open_blocks -= 1
-        if borrowed is not None:
+        if borrowed is not None and "forward" in vars(model):
             del model.forward
         for module, mode in modes:
             module.training = mode

@@ -3,6 +3,7 @@ import random
 import sys
 from collections import Counter
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -111,6 +112,35 @@ def test_untouched_restores_on_error():
         model.eval()
         raise KeyError("analysis failed")
     assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+class _StepsCallANet(pl.LightningModule):
+    """No ``forward``: the steps call ``self.net``; a loss module without parameters beside it."""
+
+    def __init__(self, parts: int = 1) -> None:
+        super().__init__()
+        self.net = TinyNet()
+        self.loss = nn.CrossEntropyLoss()
+        if parts == 2:
+            self.head = nn.Linear(3, 3)
+
+
+def test_untouched_calls_the_only_child_with_parameters_of_a_module_without_forward():
+    module, x = _StepsCallANet(), torch.rand(2, 1, 8, 8)
+    with pytest.raises(NotImplementedError):
+        module(x)
+    with untouched(module):
+        assert torch.equal(module(x), module.net(x))
+    assert "forward" not in vars(module) and list(module._modules) == ["net", "loss"]
+    with pytest.raises(KeyError), untouched(module):
+        raise KeyError("analysis failed")
+    assert "forward" not in vars(module)
+    with pytest.raises(NotImplementedError):
+        module(x)
+    two = _StepsCallANet(parts=2)  # a backbone and a head: which runs first is not known
+    assert state.forward_submodule(two) is None
+    with untouched(two), pytest.raises(NotImplementedError):
+        two(x)
 
 
 class _Failing(AnalysisCallback):
