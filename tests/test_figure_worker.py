@@ -314,6 +314,7 @@ def stuck_or_ready():  # the first worker to start never does (as if it hung sin
     time.sleep(3600)
 
 figure_worker._init_worker = stuck_or_ready
+figure_worker.EXIT_GRACE = 1.0  # the stuck worker is killed 1 s after the figures are logged
 figures, logged = figure_worker.BackgroundFigures(workers=2), []
 for _ in range(4):
     figures.submit(figures, logged.append, np.full, ((2, 2, 3), 7, np.uint8))
