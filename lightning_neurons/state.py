@@ -67,9 +67,12 @@ def defines_forward(model: nn.Module) -> bool:
 def forward_submodule(model: nn.Module) -> nn.Module | None:
     """The submodule that runs a model whose class defines no ``forward``: its only child with
     parameters (``self.model = resnet18()`` beside a loss and metrics). ``None`` when the class
-    defines one, when the instance has one already, or when no child or several (a backbone and a
-    head) hold parameters."""
+    defines one, when the instance has one already, when no child or several (a backbone and a
+    head) hold parameters, or when the model holds parameters of its own (a temperature the steps
+    divide the logits by, say)."""
     if defines_forward(model) or "forward" in vars(model):
+        return None
+    if next(model.parameters(recurse=False), None) is not None:
         return None
     holders = [c for c in model.children() if next(c.parameters(), None) is not None]
     return holders[0] if len(holders) == 1 else None

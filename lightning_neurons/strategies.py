@@ -61,11 +61,13 @@ def require_forward(pl_module: LightningModule, who: str) -> None:
         for name, child in pl_module.named_children()
     }
     holders = [name for name, size in sizes.items() if size]
+    if next(pl_module.parameters(recurse=False), None) is not None:
+        holders.append(f"{type(pl_module).__name__} itself")
     name = max(sizes, key=lambda n: sizes[n]) if sizes else "model"
     raise NeuronsError(
         f"{who} runs the model on images of its own, but {type(pl_module).__name__} defines no "
-        f"`forward` and its parameters are in {len(holders)} submodules "
-        f"({', '.join(holders) or 'none'}), so which one maps images to logits is not known. Add "
-        "a `forward` that maps an input batch to the logits, for example "
-        f"`def forward(self, x): return self.{name}(x)`; the steps may go on as they are."
+        f"`forward` and its parameters are not in one submodule ({', '.join(holders) or 'none'}), "
+        "so what maps images to logits is not known. Add a `forward` that maps an input batch "
+        f"to the logits, for example `def forward(self, x): return self.{name}(x)`; the steps "
+        "may go on as they are."
     )

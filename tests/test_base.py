@@ -139,6 +139,8 @@ def test_untouched_calls_the_only_child_with_parameters_of_a_module_without_forw
         module(x)
     two = _StepsCallANet(parts=2)  # a backbone and a head: which runs first is not known
     assert state.forward_submodule(two) is None
+    module.temperature = nn.Parameter(torch.ones(()))  # the steps use more than the child
+    assert state.forward_submodule(module) is None
     with untouched(two), pytest.raises(NotImplementedError):
         two(x)
 

@@ -559,7 +559,8 @@ def test_a_module_without_forward_and_two_children_with_parameters_is_told_to_ad
 ):
     trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(), who()], max_epochs=1)
     with pytest.raises(
-        NeuronsError, match=r"no `forward` and its parameters are in 2 submodules \(model, head\)"
+        NeuronsError,
+        match=r"no `forward` and its parameters are not in one submodule \(model, head\)",
     ):
         _quiet_fit(trainer, TwoParts(), datamodule=TinyData())
     assert trainer.global_step == 0
