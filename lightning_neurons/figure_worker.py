@@ -10,8 +10,11 @@ The workers are forked at fit start (:meth:`BackgroundFigures.warm`, while the t
 small), or else when the first figure is asked for, and end once every callback that asked
 for figures has waited for them (each callback of the package waits in ``teardown``, before
 Lightning closes the loggers), so no process outlives a fit: a worker not gone a few seconds
-later (stuck since the fork: forking a process with threads is never quite safe) is killed, as
-are workers that draw nothing for :data:`FIGURE_TIMEOUT` seconds. Where ``fork`` is not available
+later (stuck since the fork: forking a process with threads is never quite safe) is killed.
+Workers that use no CPU at all for :data:`STALL_TIMEOUT` seconds while figures wait are stuck:
+they are ended and their figures drawn on the spot by the callback that waits for them, so none
+is lost. Workers that draw nothing for :data:`FIGURE_TIMEOUT` seconds, busy or not, are ended and
+their figures reported lost. Where ``fork`` is not available
 (Windows, macOS) or a figure's arguments cannot be pickled, the figure is drawn on the spot
 instead, as it would be without this module; so are all figures while
 ``background_figures.enabled`` is ``False``.
@@ -19,6 +22,7 @@ instead, as it would be without this module; so are all figures while
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib
 import io
@@ -32,7 +36,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures import wait as wait_for_futures
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -46,8 +50,16 @@ from lightning_neurons.heap import release_freed_memory
 #: it reports the figures not yet drawn as lost and ends the workers.
 FIGURE_TIMEOUT = 600.0
 
+#: Seconds the workers may use no CPU at all while figures wait for them before they are taken
+#: as stuck (a worker that draws always uses some): they are ended and the figures they did not
+#: draw are drawn on the spot when their callback waits for them.
+STALL_TIMEOUT = 30.0
+
 #: Seconds an idle worker has to exit once its pool is shut down before it is killed.
 EXIT_GRACE = 5.0
+
+#: Seconds between two looks at the workers while a figure is waited for.
+_POLL = 0.5
 
 
 #: Tensor types that go to the workers as NumPy arrays (the others as torch pickles them).
@@ -141,12 +153,51 @@ def _init_worker() -> None:
         importlib.import_module(f"lightning_neurons.plots.{module}")
 
 
+@dataclasses.dataclass(eq=False)
+class _Figure:
+    """A figure asked for: its pickled arguments (kept until its pixels are logged, to draw it
+    again if its worker is lost), how its pixels are logged, and its two futures."""
+
+    payload: bytes | None
+    log: Callable[[np.ndarray], None]
+    drawn: Future[np.ndarray]
+    logged: Future[None] = dataclasses.field(default_factory=Future)
+    #: ``False`` once reported lost to :data:`FIGURE_TIMEOUT`: never drawn again.
+    redraw: bool = True
+
+
+#: How a figure fails when its worker is lost (killed, or ended as stuck): it is drawn again.
+_WORKER_LOST = (BrokenProcessPool, CancelledError)
+
+
+@dataclasses.dataclass
+class _Watch:
+    """What the workers of ``pool`` have done (their CPU time, the figures drawn and logged),
+    and since when it has not changed."""
+
+    pool: ProcessPoolExecutor
+    seen: tuple[int, int] | None = None
+    since: float = 0.0
+
+    def stalled(self, progress: int) -> bool:
+        """Whether nothing changed for :data:`STALL_TIMEOUT` seconds (never where the workers'
+        CPU time cannot be read)."""
+        ticks = _cpu_ticks(self.pool)
+        if ticks is None:
+            return False
+        now = time.monotonic()
+        if (ticks, progress) != self.seen:
+            self.seen, self.since = (ticks, progress), now
+            return False
+        return now - self.since >= STALL_TIMEOUT
+
+
 class BackgroundFigures:
     """Worker processes that draw figures and hands their pixels to a TensorBoard writer.
 
     Memory stays bounded: a figure's pickled arguments stay in this process until its pixels
-    are back, so while more than ``max_pending_bytes`` of them wait, a new figure waits for the
-    oldest to be drawn (an analysis that asks for many figures at once, with the figures of
+    are logged, so while more than ``max_pending_bytes`` of them wait to be drawn, a new figure
+    waits for the oldest (an analysis that asks for many figures at once, with the figures of
     every layer at 1,000 classes, would otherwise hold them all).
 
     Args:
@@ -164,15 +215,13 @@ class BackgroundFigures:
         self.enabled = enabled
         self.workers = workers or min(2, os.cpu_count() or 1)
         self.max_pending_bytes = max_pending_bytes
-        self._queued: deque[tuple[Future[np.ndarray], int]] = deque()  # not yet drawn, bytes
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
-        self._pending: dict[int, list[Future[None]]] = {}  # owner id -> logged-when-done futures
-        self._order: deque[tuple[Future[np.ndarray], Callable[[np.ndarray], None], Future]] = (
-            deque()
-        )
+        self._order: deque[_Figure] = deque()  # not yet logged, in the order asked for
+        self._pending: dict[int, list[_Figure]] = {}  # owner id -> figures not yet waited for
         self._log_lock = threading.Lock()
-        self._errors: dict[int, list[BaseException]] = {}
+        self._progress = 0  # figures drawn or logged so far (what the stall watch sees)
+        self._watch: _Watch | None = None
 
     @staticmethod
     def available() -> bool:
@@ -202,36 +251,70 @@ class BackgroundFigures:
         with self._lock:
             gc.freeze()  # a forked worker's collector leaves the parent's objects (and pages) alone
             try:
-                future = self._start().submit(_draw_pickled, payload)
+                drawn = self._start().submit(_draw_pickled, payload)
             except (BrokenProcessPool, RuntimeError):  # the worker died: a new one next time
                 self._pool = None
-                future = None
+                drawn = None
             finally:
                 gc.unfreeze()
-            logged: Future[None] = Future()
-            if future is not None:
-                self._pending.setdefault(id(owner), []).append(logged)
-                self._order.append((future, log, logged))
-                self._queued.append((future, len(payload)))
-        if future is None:
+            if drawn is not None:
+                figure = _Figure(payload, log, drawn)
+                self._pending.setdefault(id(owner), []).append(figure)
+                self._order.append(figure)
+        if drawn is None:
             log(draw(fn, *args, **kwargs))
             return
-        future.add_done_callback(lambda _: self._log_in_order())
+        drawn.add_done_callback(lambda _: self._log_in_order())
+
+    def _undrawn(self) -> list[_Figure]:
+        with self._lock:
+            return [figure for figure in self._order if not figure.drawn.done()]
 
     def _make_room(self, nbytes: int) -> None:
         """Wait until ``nbytes`` more of pickled arguments fit under ``max_pending_bytes`` (or
         nothing else waits)."""
         while True:
-            with self._lock:
-                while self._queued and self._queued[0][0].done():
-                    self._queued.popleft()
-                held = sum(n for drawn, n in self._queued if not drawn.done())
-                oldest = self._queued[0][0] if self._queued else None
-            if oldest is None or held + nbytes <= self.max_pending_bytes:
+            undrawn = self._undrawn()
+            held = sum(len(figure.payload or b"") for figure in undrawn)
+            if not undrawn or held + nbytes <= self.max_pending_bytes:
                 return
-            wait_for_futures([oldest], timeout=FIGURE_TIMEOUT)
-            if not oldest.done():  # a stuck worker: wait() reports it, the figure goes on
+            if not self._await(undrawn[0].drawn, time.monotonic() + FIGURE_TIMEOUT):
+                return  # the workers draw nothing: wait() reports it, the figure goes on
+
+    def _await(self, future: Future, deadline: float) -> bool:
+        """Wait for ``future`` until ``deadline`` (``False`` if it is not done by then), ending
+        the workers if they are stuck meanwhile (their figures then fail, and :meth:`wait`
+        draws them again)."""
+        while not future.done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            wait_for_futures([future], timeout=min(_POLL, left))
+            self._end_if_stalled()
+        return True
+
+    def _end_if_stalled(self) -> None:
+        """End the workers if figures wait and the workers have used no CPU, drawn nothing and
+        logged nothing for :data:`STALL_TIMEOUT` seconds."""
+        with self._lock:
+            pool = self._pool
+            if pool is None or all(figure.drawn.done() for figure in self._order):
+                self._watch = None
                 return
+            if self._watch is None or self._watch.pool is not pool:
+                self._watch = _Watch(pool)
+            if not self._watch.stalled(self._progress):
+                return
+            self._pool = self._watch = None
+            waiting = sum(1 for figure in self._order if not figure.drawn.done())
+        warnings.warn(
+            f"lightning-neurons: the figure workers used no CPU for {STALL_TIMEOUT:g} s with "
+            f"{waiting} figure(s) to draw, so they were ended; those figures are drawn in the "
+            "training process instead, when their callback waits for them",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        _end(pool, grace=0.0)
 
     def warm(self) -> None:
         """Fork the workers now, while the training process is small (before the analyses'
@@ -254,10 +337,10 @@ class BackgroundFigures:
 
     def busy(self) -> int:
         """How many workers draw now: the figures asked for and not yet drawn, at most
-        :attr:`workers` (the analyses give them their cores: :mod:`lightning_neurons.cores`)."""
-        with self._lock:
-            waiting = sum(1 for drawn, _, _ in self._order if not drawn.done())
-        return min(waiting, self.workers)
+        :attr:`workers` (the analyses give them their cores: :mod:`lightning_neurons.cores`).
+        Stuck workers are ended first (see :data:`STALL_TIMEOUT`)."""
+        self._end_if_stalled()
+        return min(len(self._undrawn()), self.workers)
 
     def _payload(self, fn: Callable[..., Any], args: Sequence[Any], kwargs: dict) -> bytes | None:
         if not (self.enabled and self.available()):
@@ -281,41 +364,48 @@ class BackgroundFigures:
     def _log_in_order(self) -> None:
         """Log the figures drawn so far, in the order they were asked for (TensorBoard's slider
         shows a tag's images in the order they reach the event file)."""
+        self._progress += 1
         with self._log_lock:
             while True:
                 with self._lock:
-                    if not (self._order and self._order[0][0].done()):
+                    if not (self._order and self._order[0].drawn.done()):
                         return
-                    done, log, logged = self._order.popleft()
-                self._log(done, log, logged)
+                    figure = self._order.popleft()
+                self._log(figure)
+                self._progress += 1
 
     @staticmethod
-    def _log(done: Future[np.ndarray], log: Callable[[np.ndarray], None], logged: Future) -> None:
+    def _log(figure: _Figure) -> None:
         try:
-            log(done.result())
+            figure.log(figure.drawn.result())
         except BaseException as err:  # noqa: BLE001 - kept for the owner's wait()
-            logged.set_exception(err)
+            if not isinstance(err, _WORKER_LOST):
+                figure.payload = None
+            figure.logged.set_exception(err)
         else:
-            logged.set_result(None)
+            figure.payload = None
+            figure.logged.set_result(None)
 
     def wait(self, owner: object) -> list[BaseException]:
         """Wait until every figure of ``owner`` is logged; the errors they raised (once each).
 
-        The workers end once no figure of any owner is pending. If they draw nothing for
+        A figure whose worker was lost (killed, or ended as stuck) is drawn here. The workers
+        end once no figure of any owner is pending. If they draw nothing for
         :data:`FIGURE_TIMEOUT` seconds, the figures not yet drawn are reported lost (one error)
         and the workers are ended; a figure asked for later starts new ones."""
         with self._lock:
             mine = self._pending.pop(id(owner), [])
         errors: list[BaseException] = []
         deadline, lost = time.monotonic() + FIGURE_TIMEOUT, 0
-        for logged in mine:
-            try:
-                logged.result(timeout=max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                lost += 1
+        for figure in mine:
+            if not self._await(figure.logged, deadline):
+                figure.redraw, lost = False, lost + 1
                 continue
-            except BaseException as err:  # noqa: BLE001 - reported by the owner
-                errors.append(err)
+            error = figure.logged.exception()
+            if isinstance(error, _WORKER_LOST) and figure.redraw:
+                error = _redraw(figure)
+            if error is not None:
+                errors.append(error)
             deadline = time.monotonic() + FIGURE_TIMEOUT  # the workers go on: a full wait again
         if lost:
             errors.append(
@@ -328,9 +418,37 @@ class BackgroundFigures:
             pool = None
             if lost or not any(self._pending.values()):
                 pool, self._pool = self._pool, None
+            if lost:  # what those workers did not draw may never end: not drawn again
+                for figure in self._order:
+                    figure.redraw = False
         if pool is not None:
             _end(pool, grace=0.0 if lost else EXIT_GRACE)
         return errors
+
+
+def _redraw(figure: _Figure) -> Exception | None:
+    """Draw ``figure`` here (its worker was lost) and log it; the error it raised, if any."""
+    try:
+        figure.log(_draw_pickled(figure.payload))
+    except Exception as err:  # noqa: BLE001 - reported by the owner
+        return err
+    finally:
+        figure.payload = None
+    return None
+
+
+def _cpu_ticks(pool: ProcessPoolExecutor) -> int | None:
+    """The CPU time, in clock ticks, that the workers of ``pool`` have used (``/proc``); ``None``
+    where it cannot be read."""
+    total = 0
+    for worker in list((pool._processes or {}).values()):  # noqa: SLF001 - see _end
+        try:
+            with open(f"/proc/{worker.pid}/stat", "rb") as stat:
+                fields = stat.read().rpartition(b")")[2].split()
+            total += int(fields[11]) + int(fields[12])  # utime and stime (fields 14 and 15)
+        except (OSError, IndexError, ValueError):
+            return None
+    return total
 
 
 def _end(pool: ProcessPoolExecutor, grace: float) -> None:

@@ -223,14 +223,14 @@ def test_figures_not_yet_drawn_hold_at_most_max_pending_bytes_of_arguments():
     megabyte = np.ones(1 << 17)  # float64: 1 MB pickled
     for _ in range(3):
         figures.submit(owner, logged.append, slow_sum, (1.0, megabyte))
-    drawn = [f.done() for f, _, _ in figures._order] + [True] * len(logged)
+    drawn = [f.drawn.done() for f in figures._order] + [True] * len(logged)
     assert drawn.count(False) <= 2, "the third figure waited for the first"
     figures.submit(owner, logged.append, slow_sum, (0.0, np.ones(1 << 20)))  # 8 MB, nothing else
     assert figures.wait(owner) == [] and len(logged) == 4
     unbounded = BackgroundFigures(workers=2)
     for _ in range(3):
         unbounded.submit(owner, logged.append, slow_sum, (1.0, megabyte))
-    assert [f.done() for f, _, _ in unbounded._order].count(False) == 3
+    assert [f.drawn.done() for f in unbounded._order].count(False) == 3
     assert unbounded.wait(owner) == []
     assert _no_children(), "the workers end once nothing is pending"
 
@@ -402,3 +402,84 @@ def test_a_worker_writes_its_warnings_though_a_thread_held_stderr_at_the_fork():
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "0 errors 1 logged"
     assert "a figure's warning" in done.stderr  # written to the process's stderr (fd 2)
+
+
+def _parent_image(path: str, parent: int) -> np.ndarray:
+    """A plot function that records where it was drawn; killed in a worker on its first try."""
+    Path(path).write_text(str(os.getpid()))
+    if os.getpid() != parent:
+        os.kill(os.getpid(), 9)
+    return np.full((4, 6, 3), 1.0, dtype=np.float32)
+
+
+@needs_fork
+def test_workers_that_use_no_cpu_are_ended_and_their_figures_drawn_here(tmp_path, monkeypatch):
+    """Workers stuck since the fork (asleep: no CPU) with figures to draw are ended after
+    STALL_TIMEOUT, not FIGURE_TIMEOUT, and nothing is lost: wait() draws the figures here."""
+    from lightning_neurons import figure_worker
+
+    monkeypatch.setattr(figure_worker, "STALL_TIMEOUT", 1.0)
+    monkeypatch.setattr(figure_worker, "_init_worker", _never_ready)
+    figures, logged, owner = BackgroundFigures(), [], object()
+    for i in range(3):
+        figures.submit(owner, logged.append, pid_image, (str(tmp_path / f"pid{i}"), 1.0))
+    started = time.monotonic()
+    with pytest.warns(RuntimeWarning, match=r"used no CPU for 1 s with 3 figure\(s\)"):
+        assert figures.wait(owner) == []
+    assert time.monotonic() - started < 30.0, "STALL_TIMEOUT, not FIGURE_TIMEOUT (600 s)"
+    assert len(logged) == 3 and all((pixels == 255).all() for pixels in logged)
+    assert {int((tmp_path / f"pid{i}").read_text()) for i in range(3)} == {os.getpid()}
+    assert _no_children(timeout=1.0), "the stuck workers are killed"
+    assert all(figure.payload is None for figure in figures._order), "no payload kept"
+
+
+@needs_fork
+def test_busy_ends_stuck_workers_while_training_goes_on(tmp_path, monkeypatch):
+    """The analyses ask busy() at each progress report: stuck workers do not keep the analyses
+    on fewer threads for the rest of the fit."""
+    from lightning_neurons import figure_worker
+
+    monkeypatch.setattr(figure_worker, "STALL_TIMEOUT", 1.0)
+    monkeypatch.setattr(figure_worker, "_init_worker", _never_ready)
+    figures, logged, owner = BackgroundFigures(workers=2), [], object()
+    figures.submit(owner, logged.append, pid_image, (str(tmp_path / "pid"),))
+    assert figures.busy() == 1
+    deadline = time.monotonic() + 20.0
+    with pytest.warns(RuntimeWarning, match="used no CPU"):
+        while figures.busy() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert figures.busy() == 0 and _no_children(timeout=1.0)
+    assert logged == [], "drawn when its callback waits for it"
+    assert figures.wait(owner) == [] and len(logged) == 1
+
+
+def spin_image(seconds: float) -> np.ndarray:
+    """A plot function that keeps its CPU busy for ``seconds``."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+    return np.zeros((2, 2, 3), dtype=np.uint8)
+
+
+@needs_fork
+def test_a_worker_drawing_a_long_figure_is_not_taken_as_stuck(monkeypatch, recwarn):
+    from lightning_neurons import figure_worker
+
+    monkeypatch.setattr(figure_worker, "STALL_TIMEOUT", 0.5)
+    figures, logged, owner = BackgroundFigures(workers=1), [], object()
+    figures.submit(owner, logged.append, spin_image, (3.0,))
+    assert figures.wait(owner) == [] and len(logged) == 1
+    assert not [w for w in recwarn if "used no CPU" in str(w.message)]
+
+
+@needs_fork
+def test_a_figure_whose_worker_was_killed_is_drawn_here(tmp_path):
+    """A worker that dies mid-figure (the kernel's out-of-memory killer, say) breaks the pool:
+    its figures are drawn in this process, the others are drawn by new workers."""
+    figures, logged, owner = BackgroundFigures(workers=1), [], object()
+    figures.submit(owner, logged.append, _parent_image, (str(tmp_path / "pid"), os.getpid()))
+    assert figures.wait(owner) == [] and len(logged) == 1
+    assert int((tmp_path / "pid").read_text()) == os.getpid()
+    figures.submit(owner, logged.append, pid_image, (str(tmp_path / "next"),))
+    assert figures.wait(owner) == [] and len(logged) == 2
+    assert int((tmp_path / "next").read_text()) != os.getpid(), "new workers draw the next"
