@@ -483,3 +483,22 @@ def test_a_figure_whose_worker_was_killed_is_drawn_here(tmp_path):
     figures.submit(owner, logged.append, pid_image, (str(tmp_path / "next"),))
     assert figures.wait(owner) == [] and len(logged) == 2
     assert int((tmp_path / "next").read_text()) != os.getpid(), "new workers draw the next"
+
+
+@needs_fork
+def test_a_fit_whose_figure_workers_hang_logs_every_figure(tmp_path, monkeypatch):
+    """The CI hang's shape (workers that never start), in a whole fit: every epoch's figures are
+    logged at their steps all the same (drawn here: these workers draw nothing), and no worker
+    is left."""
+    from lightning_neurons import figure_worker
+
+    monkeypatch.setattr(figure_worker, "STALL_TIMEOUT", 1.0)
+    monkeypatch.setattr(figure_worker, "_init_worker", _never_ready)
+    trainer, tracker = _fit(tmp_path, epochs=2)  # (its warnings silenced)
+    assert tracker.failures == []
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    per_epoch = trainer.global_step // 2
+    steps = [e.step for e in events.Images("activations/backbone.fc/class_profile")]
+    assert steps == [per_epoch, 2 * per_epoch]
+    assert _no_children(timeout=1.0)
