@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from weakref import WeakKeyDictionary
+from weakref import WeakKeyDictionary, WeakSet
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ ARTIFACT_DIRNAME = "neurons"
 #: The index of the files, one JSON record per line.
 INDEX_FILENAME = "index.jsonl"
 
-_warned_no_tensorboard: set[int] = set()
+_warned_no_tensorboard: WeakSet[Trainer] = WeakSet()
 _run_folders: WeakKeyDictionary[Trainer, Path] = WeakKeyDictionary()
 
 
@@ -207,33 +207,35 @@ SCALAR_GROUP = "neurons"
 class AnalysisLogger:
     """Writes one analysis' figures, images, histograms, scalars and files.
 
-    All methods do nothing off rank zero. Figures are closed after logging.
+    All methods do nothing off rank zero, and nothing under ``fast_dev_run`` (Lightning turns
+    logging off there; the analyses still run, to show that they work). Figures are closed after
+    logging.
 
     Args:
         trainer: The running trainer.
         kind: The analysis' name (``"activations"``, ``"clustering"``...), used as the first part of
             TensorBoard tags and as the artifact sub-folder.
-        owner: The object asking (a callback); the "no TensorBoard logger" warning is given once
-            per owner.
+        owner: The object asking (a callback), whose figures and files
+            :func:`wait_for_output` waits for.
     """
 
     def __init__(self, trainer: Trainer, kind: str, owner: object | None = None) -> None:
         self.trainer = trainer
         self.kind = kind
         self.owner = owner if owner is not None else self
-        self.is_writer = trainer.is_global_zero
+        self.is_writer = trainer.is_global_zero and not trainer.fast_dev_run
         tb = find_tensorboard(trainer)
         self.experiment = tb.experiment if (tb is not None and self.is_writer) else None
         self.root = artifact_root(trainer) if self.is_writer else Path(ARTIFACT_DIRNAME)
         self._step: int | None = None
-        key = id(owner) if owner is not None else id(self)
-        if tb is None and self.is_writer and key not in _warned_no_tensorboard:
-            _warned_no_tensorboard.add(key)
+        if tb is None and self.is_writer and trainer not in _warned_no_tensorboard:
+            _warned_no_tensorboard.add(trainer)  # once per Trainer, whatever the callbacks
             rank_zero_warn(
-                f"lightning-neurons ({kind}): no TensorBoardLogger is attached to the Trainer, so "
-                f"figures and images are not logged; the numbers are still written as files under "
-                f"{self.root}. Add `logger=lightning.pytorch.loggers.TensorBoardLogger(...)` (or "
-                "`trainer.logger: TensorBoardLogger` in YAML) to see them in TensorBoard."
+                "lightning-neurons: no TensorBoardLogger is attached to the Trainer, so the "
+                "analyses' figures and images are not logged; their numbers are still written as "
+                f"files under {self.root}. Add `logger=lightning.pytorch.loggers."
+                "TensorBoardLogger(...)` (or `trainer.logger: TensorBoardLogger` in YAML) to see "
+                "them in TensorBoard."
             )
 
     @property

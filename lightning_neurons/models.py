@@ -133,7 +133,7 @@ class ImageClassifier(pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train", self.train_acc)
 
-    def validation_step(self, batch, batch_idx: int) -> None:
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._step(batch, "val", self.val_acc)
 
     def on_validation_epoch_end(self) -> None:
@@ -143,7 +143,7 @@ class ImageClassifier(pl.LightningModule):
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=False)
 
-    def test_step(self, batch, batch_idx: int) -> None:
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._step(batch, "test", self.test_acc)
 
     def configure_optimizers(self):

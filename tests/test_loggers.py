@@ -179,3 +179,36 @@ def test_background_writes_count_the_writes_running_now():
     gate.set()
     assert writes.wait(owner) == []
     assert writes.busy() == 0
+
+
+def test_several_analyses_without_tensorboard_warn_once(tmp_path):
+    from lightning_neurons import CategoryClustering, NeuronClustering
+
+    callbacks = [
+        ActivationTracker(layers=["backbone.fc"]),
+        CategoryClustering(),
+        NeuronClustering(method="kmeans"),
+    ]
+    trainer = fast_trainer(tmp_path, callbacks=callbacks, max_epochs=1, logger=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(_module(), datamodule=TinyData())
+    said = [str(w.message) for w in caught if "no TensorBoardLogger" in str(w.message)]
+    assert len(said) == 1 and "written as files under" in said[0]
+    assert {r["kind"] for r in load_index(artifact_root(trainer))} >= {"activations"}
+
+
+def test_fast_dev_run_runs_the_analyses_and_writes_nothing(tmp_path):
+    """Lightning turns logging off under fast_dev_run (a DummyLogger in place of the user's):
+    the analyses run, to show that they work, and nothing is written or warned about."""
+    from lightning_neurons import CategoryClustering
+
+    tracker = ActivationTracker(layers=["backbone.fc"], on_error="raise")
+    clustering = CategoryClustering(on_error="raise")
+    trainer = fast_trainer(tmp_path, callbacks=[tracker, clustering], fast_dev_run=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(_module(), datamodule=TinyData())
+    assert tracker.results and clustering.results, "the analyses ran"
+    assert not [w for w in caught if "lightning-neurons" in str(w.message)]
+    assert not list(tmp_path.rglob("neurons")) and not list(tmp_path.rglob("*.npz"))

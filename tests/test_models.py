@@ -131,3 +131,16 @@ def test_batches_without_images_or_targets_are_named(batch, match):
     model = ImageClassifier(TinyNet(), num_classes=3)
     with pytest.raises(NeuronsError, match=match):
         model._step(batch, "train", model.train_acc)
+
+
+def test_several_validation_loaders_are_validated(tmp_path, tiny_data):
+    """Lightning passes ``dataloader_idx`` to the steps when there are several loaders."""
+    model = ImageClassifier(TinyNet(), num_classes=3, lr=0.01)
+    loader = _loader(tiny_data.x, tiny_data.y)
+    trainer = fast_trainer(tmp_path, max_epochs=1)
+    trainer.fit(model, loader, val_dataloaders=[loader, loader])
+    metrics = trainer.callback_metrics
+    assert {"val/acc/dataloader_idx_0", "val/acc/dataloader_idx_1"} <= set(metrics)
+    assert float(metrics["val/acc/dataloader_idx_0"]) == float(metrics["val/acc/dataloader_idx_1"])
+    results = trainer.test(model, [loader, loader], verbose=False)
+    assert len(results) == 2 and "test/acc/dataloader_idx_1" in results[1]
