@@ -806,3 +806,46 @@ def test_analyses_running_the_model_in_a_batch_do_not_shift_its_call_sites(tmp_p
         tracker.results["net.1"].class_means.double(), expected, rtol=1e-6, atol=1e-7
     )
     assert tracker.results["net.1"].counts.sum() == len(data.vy)
+
+
+class _ValidatesNothing(ImageClassifier):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        return None  # a step that never runs the model
+
+
+class _Skips(nn.Module):
+    """TinyNet with a branch its forward never takes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net, self.unused = TinyNet(), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _tracker_warnings(tmp_path, model: pl.LightningModule) -> list[str]:
+    tracker = ActivationTracker(layers=["backbone.*relu*", "backbone.unused"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast_trainer(tmp_path, callbacks=[tracker], max_epochs=2, logger=False).fit(
+            model, datamodule=TinyData()
+        )
+    return [str(w.message) for w in caught if "ran" in str(w.message)]
+
+
+def test_a_step_that_never_runs_the_model_is_told_once(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    said = _tracker_warnings(tmp_path, _ValidatesNothing(_Skips(), num_classes=3))
+    assert len(said) == 1, said  # one warning, not one per layer and epoch
+    assert "none of its layers ran in the 3 validation batch(es)" in said[0]
+    assert "`validation_step` run the model" in said[0]
+
+
+def test_a_layer_that_never_runs_is_told_once_by_name(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    said = _tracker_warnings(tmp_path, ImageClassifier(_Skips(), num_classes=3))
+    assert said == [
+        "ActivationTracker: layer 'backbone.unused' did not run in the forward passes of this "
+        "epoch (module 'backbone.unused' ran 0 time(s) per pass); it has no statistics."
+    ]

@@ -30,15 +30,13 @@ from lightning_neurons.callbacks._base import (
     find_callback,
 )
 from lightning_neurons.callbacks._evolution_log import NeuronEvolutionLog
+from lightning_neurons.callbacks._tracker_notes import TrackerNotes
 from lightning_neurons.checks import Constraints, Interval, Options
 from lightning_neurons.defaults import infer_num_classes
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.functional import is_function_layer
 from lightning_neurons.hooks import (
     HookSet,
-    call_site,
     resolve_layers,
-    selects,
     signed_layers,
     split_call,
 )
@@ -176,7 +174,7 @@ class ActivationTracker(StagedCallback):
         self._pending_epoch: int | None = None
         self._saved_states: dict[str, dict[str, torch.Tensor]] = {}
         self._saved_epoch: int = -1
-        self._noted: set[str] = set()
+        self._notes = TrackerNotes()  # what it tells the user once
         # the layers whose means say whether they fired (lightning_neurons.signs), known once a fit
         self._never_negative: set[str] = set()
         self._signs_known = False
@@ -257,7 +255,7 @@ class ActivationTracker(StagedCallback):
         self.spec = self.describe(pl_module)
         self.layers = list(self.spec.layers)
         self.num_classes = self.spec.num_classes
-        self._note_signed(pl_module)
+        self._notes.signed(signed_layers(pl_module, self.layers))
         self._checked = self._warned_loaders = self._signs_known = False
         self._saw_validation = self._warned_no_validation = False
 
@@ -310,7 +308,7 @@ class ActivationTracker(StagedCallback):
         epoch = self._pending_epoch
         self._pending_epoch = None
         self._stop()
-        self._note_calls()
+        self._notes.calls(self._hooks.calls, self.layers, self._metrics, self._batches, self.stage)
         self._label_range.settle()
         self._held.flush(self._metrics)
         states = {name: metric.summed() for name, metric in self._metrics.items()}
@@ -327,7 +325,7 @@ class ActivationTracker(StagedCallback):
             for name, s in states.items()
             if s["images"].sum() > 0
         }
-        self._warn_nan()
+        self._notes.non_finite(self.results)
         if self.enable_logging and self.results:
             self._run_safely("logging activation statistics", lambda: self._log(trainer))
 
@@ -458,54 +456,6 @@ class ActivationTracker(StagedCallback):
         if labels.device != values.device:  # a layer on another device (model parallel)
             labels = labels.to(values.device)
         self._held.add(name, metric, values, labels, peak)
-
-    def _note_signed(self, pl_module: LightningModule) -> None:
-        signed = [n for n in signed_layers(pl_module, self.layers) if n not in self._noted]
-        if signed:
-            self._noted.update(signed)
-            rank_zero_warn(
-                f"ActivationTracker: {', '.join(signed)} output signed values (convolution, Linear or "
-                "normalisation layers, before the nonlinearity). Selectivity is then measured on "
-                "each neuron's class means shifted so that the smallest is 0, 'dead' means never "
-                "positive and dominance counts positive means only; zeroing such a neuron is not a "
-                "knock-out. The default layers (activations and block outputs) are responses."
-            )
-
-    def _note_calls(self) -> None:
-        """Once: modules that ran several times per forward pass (one layer per call), and
-        named calls that never ran."""
-        for module, runs in self._hooks.calls.items():
-            if runs > 1 and module not in self._noted and not is_function_layer(module):
-                self._noted.add(module)
-                sites = [call_site(module, i) for i in range(runs)]
-                tracked = [s for s in sites if selects(self.layers, s)]
-                rank_zero_warn(
-                    f"ActivationTracker: module {module!r} runs {runs} times per forward pass; each "
-                    f"call is its own layer ({', '.join(sites)}); tracked: {', '.join(tracked)}."
-                )
-        for spec in self.layers:
-            if spec in self._noted or not self._batches:
-                continue
-            if not any(selects([spec], name) for name in self._metrics):
-                self._noted.add(spec)
-                module = spec.split("#")[0]
-                runs = self._hooks.calls.get(module, 0)
-                rank_zero_warn(
-                    f"ActivationTracker: layer {spec!r} did not run in the forward passes of this "
-                    f"epoch (module {module!r} ran {runs} time(s) per pass); it has no statistics."
-                )
-
-    def _warn_nan(self) -> None:
-        for name, res in self.results.items():
-            bad = int(res.nan_counts.sum())
-            if bad:
-                neurons = int((res.nan_counts > 0).sum())
-                rank_zero_warn(
-                    f"ActivationTracker: layer {name!r} gave {bad} non-finite (NaN/inf) activations in "
-                    f"{neurons} of {res.num_neurons} neurons in epoch {res.epoch}; they were left out "
-                    "of the statistics (see `results[...].nan_counts`). Check the learning rate and "
-                    "the input data."
-                )
 
     def _log(self, trainer: Trainer) -> None:
         from lightning_neurons.plots.activation import class_profile, class_profile_image
