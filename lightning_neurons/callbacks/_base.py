@@ -213,6 +213,17 @@ class AnalysisCallback(Callback):
     on_test_end = _stage_hook("on_test_end", "_end", "test")
 
     @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._start_fit()
+
+    def _start_fit(self) -> None:
+        """Forget what the epochs of an earlier fit left for the next ones (histories, the last
+        epoch's clusters, images to continue): a callback given to a new fit (a notebook's cell
+        run again) starts afresh. A resumed fit gets it back from its checkpoint, which Lightning
+        loads after ``setup``."""
+
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.enable_logging and trainer.is_global_zero and find_tensorboard(trainer):
             background_figures.warm()

@@ -75,7 +75,13 @@ class _ClusteringCallback(StagedCallback):
         return self._spec
 
     @override
+    def _start_fit(self) -> None:
+        self.results = {}
+        self._previous = {}  # the last analysed epoch's labels, for the stability
+
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         self._spec = tracker_spec(trainer, required=type(self).__name__)
         tracked = self._spec.layers
         if self.layer_patterns is None:

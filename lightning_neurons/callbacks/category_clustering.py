@@ -255,6 +255,11 @@ class CategoryClustering(_ClusteringCallback):
         super().teardown(trainer, pl_module, stage)
 
     @override
+    def _start_fit(self) -> None:
+        super()._start_fit()
+        self._evolution = ClusteringEvolutionLog()
+
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if self.view not in ("deepest", COMBINED) and not selects(self.layers, self.view):

@@ -202,6 +202,7 @@ class NeuronContribution(StagedCallback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         refuse_sharded(trainer, "NeuronContribution")
         require_forward(pl_module, "NeuronContribution")
         spec = self._spec = tracker_spec(trainer, required=type(self).__name__)
@@ -219,6 +220,10 @@ class NeuronContribution(StagedCallback):
         # Layer lists: a module run several times per pass gives one layer per call site.
         self.layers = resolve_layers(pl_module, [*layers, *ablate])
         self.ablation_layers = list(ablate)
+
+    @override
+    def _start_fit(self) -> None:
+        self.results = {}
 
     # Lightning's per-stage hooks arrive here (see StagedCallback): validation and test batches.
     def _stage_start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -252,12 +252,18 @@ class ActivationTracker(StagedCallback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         self.spec = self.describe(pl_module)
         self.layers = list(self.spec.layers)
         self.num_classes = self.spec.num_classes
         self._notes.signed(signed_layers(pl_module, self.layers))
         self._checked = self._warned_loaders = self._signs_known = False
         self._saw_validation = self._warned_no_validation = False
+
+    @override
+    def _start_fit(self) -> None:
+        self.results, self._saved_states, self._saved_epoch = {}, {}, -1
+        self._evolution, self._notes = NeuronEvolutionLog(), TrackerNotes()
 
     def resolve_layers(self, pl_module: nn.Module, patterns: list[str] | None) -> list[str]:
         """``patterns`` resolved on ``pl_module`` with the tracker's ``activations`` (``None``:

@@ -322,6 +322,7 @@ class FeatureVisualizer(StagedCallback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         refuse_sharded(trainer, "FeatureVisualizer")
         require_forward(pl_module, "FeatureVisualizer")
         spec = self._spec = tracker_spec(trainer)
@@ -340,6 +341,13 @@ class FeatureVisualizer(StagedCallback):
         self._methods = saliency_methods(pl_module, self.saliency_methods, self.gradcam_layer)
         self._prior.start(trainer.world_size)
         self._plan = None
+
+    @override
+    def _start_fit(self) -> None:
+        self.results, self.saliency_results, self.cluster_results = {}, None, {}
+        self._memory = ContinuationMemory(enabled=self.render.continue_steps is not None)
+        self._prior.reset()  # estimated again from this fit's images (a given prior is kept)
+        self._probes.reset()
 
     # Validation and test stages (``trainer.test``, and ``analyze`` with a tracker on the test
     # set): their batches feed the prior and the probes, and a round runs at their end.
