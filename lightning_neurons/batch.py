@@ -17,6 +17,7 @@ owns the one that all callbacks share, configured with its ``input_fn``, ``label
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import chain
@@ -118,8 +119,9 @@ def read_labels(
 ) -> torch.Tensor:
     """The integer class labels of a batch.
 
-    Labels are ``[B]`` class indices (a ``[B, 1]`` column is flattened), or ``[B, C]`` class
-    probabilities (one-hot of any dtype, mixup, cutmix, label smoothing, a teacher's softmax),
+    Labels are ``[B]`` class indices (a ``[B, 1]`` column is flattened; floating-point ones such
+    as a binary classifier's 0.0 / 1.0 targets must be whole numbers, and booleans are 0 and 1),
+    or ``[B, C]`` class probabilities (one-hot of any dtype, mixup, cutmix, label smoothing, a teacher's softmax),
     which are read as their top class: each image counts for the class it mostly is.
     Probability rows must be non-negative and sum to 1 (within 0.01: the rounding of bf16
     labels, far from the row sums 0 or >= 2 of multi-label targets).
@@ -127,7 +129,8 @@ def read_labels(
     Args:
         batch: ``(x, y, ...)`` tuple or list, or a mapping with one of :data:`LABEL_KEYS`.
         label_fn: Takes the batch and returns the labels, for other layouts.
-        check_rows: Check that probability rows are probabilities. Default: only on the CPU,
+        check_rows: Check that probability rows are probabilities (and floating-point class
+            indices whole numbers). Default: only on the CPU,
             where the check does not make an accelerator wait (the tracker checks the first
             batch wherever it lies).
 
@@ -170,13 +173,29 @@ def read_labels(
         if check_rows or (check_rows is None and labels.device.type == "cpu"):
             check_probabilities(labels)
         return labels.argmax(dim=1)
-    if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+    if labels.dim() == 1 and labels.dtype.is_floating_point:  # 0.0 / 1.0 targets of BCE
+        if check_rows or (check_rows is None and labels.device.type == "cpu"):
+            _check_whole(labels)
+        return labels.long()
+    if labels.dim() != 1 or labels.dtype.is_complex:
         raise NeuronsError(
             f"labels must be [B] integer class indices or [B, num_classes] class probabilities; "
             f"got dtype {labels.dtype} and shape {tuple(labels.shape)}. For other targets pass "
             "`label_fn=` to ActivationTracker, returning each image's class index."
         )
     return labels.long()
+
+
+def _check_whole(labels: torch.Tensor) -> None:
+    """Check that ``[B]`` floating-point labels are class indices: whole numbers."""
+    bad = ~(labels.isfinite() & (labels == labels.round()))
+    if bool(bad.any()):
+        value = float(labels[bad.nonzero()[0, 0]])
+        raise NeuronsError(
+            f"[B] floating-point labels are read as class indices (0.0 and 1.0, say), whole "
+            f"numbers; one is {value:.4g}. Class probabilities are [B, num_classes]; for other "
+            "targets pass `label_fn=` to ActivationTracker, returning [B] class indices."
+        )
 
 
 def check_probabilities(labels: torch.Tensor) -> None:
@@ -216,6 +235,10 @@ def read_logits(output: Any, output_fn: BatchFn | None = None) -> torch.Tensor:
             ``"logits"`` entry.
         output_fn: Takes the output and returns the logits, for anything else.
 
+    A binary classifier's one logit ``z`` per image (``[B, 1]`` or ``[B]``, trained with a sigmoid)
+    is read as two classes' logits ``[-z / 2, z / 2]``, whose softmax is ``(1 - sigmoid(z),
+    sigmoid(z))``; a convolutional head's ``[B, C, 1, 1]`` as ``[B, C]``.
+
     Returns:
         The logits tensor (not detached, in the model's dtype).
 
@@ -247,12 +270,19 @@ def read_logits(output: Any, output_fn: BatchFn | None = None) -> torch.Tensor:
             "tensor of a tuple or list, or a mapping's 'logits' entry are read). Pass "
             "`output_fn=lambda out: out['my_logits']` to ActivationTracker."
         )
+    if logits.dim() > 2 and math.prod(logits.shape[2:]) == 1:  # [B, C, 1, 1]: a conv head
+        logits = logits.flatten(1)
+    if logits.dim() == 1:  # one logit per image, squeezed
+        logits = logits[:, None]
     if logits.dim() != 2:
         raise NeuronsError(
             f"the model's logits have shape {tuple(logits.shape)}; the analyses need "
             "[batch, num_classes]. Pass `output_fn=` to ActivationTracker to read them from the "
             "model's output."
         )
+    if logits.shape[1] == 1:  # a binary classifier's logit z: P(class 1) = sigmoid(z)
+        half = logits / 2  # the two classes' logits, whose softmax is (1 - sigmoid z, sigmoid z)
+        logits = torch.cat([-half, half], dim=1)
     return logits
 
 

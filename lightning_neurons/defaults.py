@@ -195,7 +195,8 @@ def default_cam_layer(model: nn.Module) -> str | None:
 
 
 def infer_num_classes(model: nn.Module) -> int | None:
-    """The class count from ``num_classes`` (attribute or hparams) or the last Linear's width."""
+    """The class count from ``num_classes`` (attribute or hparams) or the last Linear's width;
+    2 for a binary classifier's one logit (see :func:`~lightning_neurons.batch.read_logits`)."""
     for source in (model, getattr(model, "hparams", {})):
         value = (
             source.get("num_classes")
@@ -203,6 +204,6 @@ def infer_num_classes(model: nn.Module) -> int | None:
             else getattr(source, "num_classes", None)
         )
         if isinstance(value, int) and value > 0:
-            return value
+            return max(value, 2)
     classifier = _final_classifier(model)
-    return classifier.out_features if classifier is not None else None
+    return max(classifier.out_features, 2) if classifier is not None else None

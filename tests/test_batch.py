@@ -37,6 +37,21 @@ def test_read_logits_of_tensors_tuples_named_tuples_and_mappings():
     assert read_logits({"out": aux, "x": logits}, lambda out: out["x"]) is logits
 
 
+def test_a_binary_classifiers_one_logit_reads_as_two_classes():
+    """``[B, 1]`` or ``[B]`` (sigmoid, BCE): two logits whose softmax is the sigmoid's
+    probabilities, differentiable; a convolutional head's ``[B, C, 1, 1]`` is ``[B, C]``."""
+    z = torch.tensor([[-2.0], [0.0], [3.0]], requires_grad=True)
+    for output in (z, z[:, 0]):
+        logits = read_logits(output)
+        assert logits.shape == (3, 2)
+        # softmax of [-z/2, z/2] is (1 - sigmoid z, sigmoid z): a few float32 ulps apart
+        torch.testing.assert_close(logits.softmax(1)[:, 1], torch.sigmoid(z[:, 0]))
+    logits[:, 1].sum().backward()
+    torch.testing.assert_close(z.grad, torch.full((3, 1), 0.5))
+    head = torch.randn(2, 5, 1, 1)
+    assert torch.equal(read_logits(head), head[:, :, 0, 0])
+
+
 def test_read_logits_errors_name_output_fn():
     with pytest.raises(NeuronsError, match=r"mapping with keys \['hidden', 'out'\].*output_fn="):
         read_logits({"out": torch.zeros(2, 3), "hidden": torch.zeros(2, 3)})

@@ -579,3 +579,60 @@ def test_a_module_without_forward_gets_the_analyses_of_its_own_batches(tmp_path)
     )
     assert all(cb.results and not cb.failures for cb in callbacks)
     assert list(tmp_path.rglob("sprite.png"))  # crops of the batches the steps ran
+
+
+# ---- a binary classifier: one logit, a sigmoid, 0.0 / 1.0 targets ---------------------------------
+
+
+class OneLogit(pl.LightningModule):
+    """A binary classifier as people write one: one logit, BCE on float targets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+            nn.Linear(16, 1),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.binary_cross_entropy_with_logits(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/loss", F.binary_cross_entropy_with_logits(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def _binary_loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    y = (torch.arange(32) % 2).float()[:, None]  # [B, 1] float targets, as BCE takes them
+    x = torch.rand(32, 1, 8, 8, generator=g) + 0.5 * y[:, :, None, None]
+    return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+def test_a_binary_classifier_with_one_logit_gets_every_analysis_but_category_clustering(tmp_path):
+    callbacks = [cb for cb in _all_five() if not isinstance(cb, CategoryClustering)]
+    tracker, vis, neurons, contribution = callbacks
+    module = OneLogit()
+    trainer = fast_trainer(tmp_path, callbacks=callbacks, max_epochs=1)
+    _quiet_fit(
+        trainer, module, train_dataloaders=_binary_loader(), val_dataloaders=_binary_loader()
+    )
+    assert tracker.num_classes == 2 and not any(cb.failures for cb in callbacks)
+    stats = tracker.results["net.1"]
+    assert stats.counts.tolist() == [16, 16], "the 0.0 and 1.0 targets are the two classes"
+    assert vis.results["classes"].channels.tolist() == [0, 1]
+    probability = vis.results["classes"].probability
+    assert torch.all((probability > 0) & (probability < 1))
+    assert neurons.results and contribution.results["net.1"].class_contribution.shape == (2, 4)
+    assert count_forward_hooks(module) == 0
+    with pytest.raises(NeuronsError, match="needs 3 classes or more, and the model predicts 2"):
+        fast_trainer(tmp_path, callbacks=_all_five()).fit(
+            OneLogit(), _binary_loader(), _binary_loader()
+        )

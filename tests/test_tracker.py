@@ -218,10 +218,17 @@ def test_label_layouts():
         extract_labels((torch.zeros(2), torch.tensor([[0.0, 1.0], [1.0, 1.0]])))  # multi-hot
     with pytest.raises(NeuronsError, match=r"row 0 sums to 0.5 .*label_fn="):
         extract_labels((torch.zeros(1), torch.tensor([[-1.5, 2.0]])))  # logits
+    # a binary classifier's targets: 0.0 / 1.0 (BCE's, a [B, 1] column too), or booleans
+    for targets in (torch.tensor([0.0, 2.0, 1.0]), torch.tensor([[0.0], [2.0], [1.0]])):
+        read = extract_labels((torch.zeros(3), targets))
+        assert read.dtype == torch.int64 and read.tolist() == [0, 2, 1]
+    assert extract_labels((torch.zeros(2), torch.tensor([True, False]))).tolist() == [1, 0]
+    with pytest.raises(NeuronsError, match=r"whole numbers; one is 0.7\b.*label_fn="):
+        extract_labels((torch.zeros(2), torch.tensor([1.0, 0.7])))
+    with pytest.raises(NeuronsError, match=r"whole numbers; one is nan"):
+        extract_labels((torch.zeros(2), torch.tensor([1.0, float("nan")])))
     with pytest.raises(NeuronsError, match=r"\[B\] integer class indices or \[B, num_classes\]"):
-        extract_labels((torch.zeros(2), torch.tensor([0.0, 2.0])))
-    with pytest.raises(NeuronsError, match=r"dtype torch.bool"):
-        extract_labels((torch.zeros(2), torch.tensor([True, False])))
+        extract_labels((torch.zeros(2), torch.zeros(2, 1, 3)))
 
 
 def _soft_validation(data: TinyData, share: float) -> DataLoader:

@@ -262,6 +262,12 @@ class CategoryClustering(_ClusteringCallback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if self.spec.num_classes < 3:
+            raise NeuronsError(
+                f"CategoryClustering groups the categories by how the neurons respond to them: it "
+                f"needs 3 classes or more, and the model predicts {self.spec.num_classes}. Leave "
+                "it out of the callbacks (the other analyses work with 2 classes)."
+            )
         if self.view not in ("deepest", COMBINED) and not selects(self.layers, self.view):
             raise NeuronsError(
                 f"CategoryClustering: `view` {self.view!r} is not one of its layers "

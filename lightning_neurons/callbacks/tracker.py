@@ -94,7 +94,9 @@ class ActivationTracker(StagedCallback):
             in training mode then).
         every_n_epochs: Analyse every n-th epoch.
         top_k: Dominant neurons per class.
-        num_classes: Class count; default: the model's ``num_classes`` or its last Linear's width.
+        num_classes: Class count; default: the model's ``num_classes`` or its last Linear's width
+            (2 for a binary classifier's one logit, read as two classes: see
+            :func:`~lightning_neurons.batch.read_logits`).
         label_fn: Reads the labels (``[B]`` class indices or ``[B, C]`` class probabilities,
             read as their top class) from a batch of another layout.
         input_fn: Reads the model input from a batch of another layout.
@@ -225,6 +227,8 @@ class ActivationTracker(StagedCallback):
                 the model nor was given.
         """
         num_classes = self.num_classes or infer_num_classes(pl_module)
+        if num_classes == 1:  # a binary classifier's one logit reads as two classes
+            num_classes = 2
         if num_classes is None:
             raise NeuronsError(
                 f"ActivationTracker could not tell how many classes {type(pl_module).__name__} "
