@@ -26,6 +26,7 @@ import dataclasses
 import gc
 import importlib
 import io
+import math
 import multiprocessing
 import os
 import pickle
@@ -178,14 +179,18 @@ class _Watch:
     pool: ProcessPoolExecutor
     seen: tuple[int, int] | None = None
     since: float = 0.0
+    looked: float = -math.inf  # when the workers' CPU time was last read
 
     def stalled(self, progress: int) -> bool:
         """Whether nothing changed for :data:`STALL_TIMEOUT` seconds (never where the workers'
-        CPU time cannot be read)."""
+        CPU time cannot be read). Reads it at most every :data:`_POLL` seconds."""
+        now = time.monotonic()
+        if now - self.looked < _POLL:
+            return False
+        self.looked = now
         ticks = _cpu_ticks(self.pool)
         if ticks is None:
             return False
-        now = time.monotonic()
         if (ticks, progress) != self.seen:
             self.seen, self.since = (ticks, progress), now
             return False
