@@ -113,3 +113,22 @@ def test_a_fit_resumed_in_the_same_process_continues(tmp_path):
     epoch, steps, category, neurons = seen
     assert (epoch, steps) == (2, [2, 2]), "the images of epoch 1 continued"
     assert math.isfinite(category) and math.isfinite(neurons), "compared with epoch 1"
+
+
+def test_a_new_fit_on_other_images_renders_and_probes_them(tmp_path):
+    """A notebook's next cell: the same callbacks, new images of another size. The images are
+    rendered at the new size, the data prior and the probes come from the new data."""
+    callbacks = _callbacks()
+    vis = callbacks[1]
+    vis.saliency_methods = ["gradient"]  # probes, so that they are chosen from the data
+    for run, size in enumerate((8, 12)):
+        trainer = fast_trainer(tmp_path / str(run), callbacks=list(callbacks), max_epochs=1)
+        pl.seed_everything(0, verbose=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            data = TinyData(size=size)
+            trainer.fit(ImageClassifier(TinyNet(), num_classes=3), datamodule=data)
+        assert vis.results["classes"].images.shape[-2:] == (size, size)
+        assert vis.saliency_results.inputs.shape[-2:] == (size, size)
+        first = [int((data.vy == c).nonzero()[0, 0]) for c in range(3)]
+        assert vis.saliency_results.inputs.equal(data.vx[first]), "this fit's probe images"

@@ -348,6 +348,8 @@ class FeatureVisualizer(StagedCallback):
         self._memory = ContinuationMemory(enabled=self.render.continue_steps is not None)
         self._prior.reset()  # estimated again from this fit's images (a given prior is kept)
         self._probes.reset()
+        self._seen_shape = self._input_shape = self._num_classes = None  # this fit's data's
+        self._no_labels_warned = False
 
     # Validation and test stages (``trainer.test``, and ``analyze`` with a tracker on the test
     # set): their batches feed the prior and the probes, and a round runs at their end.
