@@ -309,18 +309,25 @@ def test_every_n_epochs_and_no_tensorboard(tmp_path):
 
 
 def test_a_failing_analysis_warns_and_training_goes_on(tmp_path):
-    # Two classes cannot be grouped with a chosen count: the analysis fails, training goes on.
-    model = _tiny(num_classes=2)
+    # Images of two of the three classes cannot be grouped: the analysis fails, training goes on.
+    model = _tiny(num_classes=3)
     category = CategoryClustering()
     trainer = fast_trainer(tmp_path, max_epochs=1, callbacks=[ActivationTracker(), category])
     with pytest.warns(UserWarning, match="category clustering of view .* failed"):
         trainer.fit(model, TinyData(num_classes=2))
     assert trainer.current_epoch == 1 and category.failures
-    assert "at least 3 classes" in category.failures[0]
+    assert "only 2 of 3 classes have statistics" in category.failures[0]
     strict = CategoryClustering(on_error="raise")
     trainer = fast_trainer(tmp_path, max_epochs=1, callbacks=[ActivationTracker(), strict])
     with pytest.raises(NeuronsError, match="at least 3 classes"):
+        trainer.fit(_tiny(num_classes=3), TinyData(num_classes=2))
+
+
+def test_a_model_of_two_classes_is_told_at_set_up_that_categories_need_three(tmp_path):
+    trainer = fast_trainer(tmp_path, callbacks=[ActivationTracker(), CategoryClustering()])
+    with pytest.raises(NeuronsError, match="needs 3 classes or more, and the model predicts 2"):
         trainer.fit(_tiny(num_classes=2), TinyData(num_classes=2))
+    assert trainer.global_step == 0
 
 
 @pytest.mark.parametrize("callback_cls", [CategoryClustering, NeuronClustering])
