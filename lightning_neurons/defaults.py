@@ -17,6 +17,14 @@ from lightning_neurons.state import model_device
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
+#: The ops that join branches (an Inception module's ``torch.cat``).
+_JOINS = ("cat", "concat", "concatenate")
+
+#: At most this many convolutions and linear layers in each branch of a *branching block*: an
+#: Inception module's branches hold 1 to 3 (torchvision's GoogLeNet and Inception v3, timm's);
+#: the streams of a two-stream backbone hold many more, and are walked into.
+BRANCH_DEPTH = 3
+
 
 def _is_container(module: nn.Module) -> bool:
     """A Sequential / ModuleList / ModuleDict that runs its children as they are (its class does
@@ -27,6 +35,19 @@ def _is_container(module: nn.Module) -> bool:
         "forward" in vars(cls)
         for cls in type(module).__mro__
         if cls not in _CONTAINERS and issubclass(cls, nn.Module) and cls is not nn.Module
+    )
+
+
+def _is_branching(module: nn.Module) -> bool:
+    """Whether ``module`` joins shallow branches into one output, as an Inception module does:
+    its ``forward`` concatenates (``torch.cat``) and it has two children or more, each holding at
+    most :data:`BRANCH_DEPTH` convolutions and linear layers."""
+    children = list(module.children())
+    if len(children) < 2 or not called_ops(module, _JOINS):
+        return False
+    weighted = (nn.modules.conv._ConvNd, nn.Linear)
+    return all(
+        sum(isinstance(m, weighted) for m in child.modules()) <= BRANCH_DEPTH for child in children
     )
 
 
@@ -84,7 +105,10 @@ def default_layers(
        they are), has its own ``forward``, contains an activation (module or function call) and
        does not contain the final classifier (the model's last ``Linear``). Its output is the
        block's response: the post-ReLU output of a ResNet ``BasicBlock``, an ``MBConv`` /
-       ``CNBlock`` output, a DenseNet dense block's, a transformer block's tokens;
+       ``CNBlock`` output, a DenseNet dense block's, a transformer block's tokens. So is a
+       *branching block* wherever it lies: a module whose ``forward`` concatenates the outputs
+       of shallow branches (each at most :data:`BRANCH_DEPTH` convolutions or linear layers), an
+       Inception module (GoogLeNet's ``inception4a``, Lucid's ``mixed4a``);
     4. everything else is walked into (the model, a backbone attribute, containers, blocks that
        are not children of a container); ``Conv2d``, ``BatchNorm``, ``Linear`` and other leaves
        are never default layers, so the final classifier's logits are not either;
@@ -94,8 +118,8 @@ def default_layers(
        run the model in eval mode.
 
     So a ResNet gives its stem ReLU and every residual block's output, a VGG its ReLUs, ConvNeXt
-    and vision transformers their blocks, a tutorial CNN with ``F.relu`` in ``forward`` its
-    ``relu()`` calls. docs/layers_models.md has a table for timm's models.
+    and vision transformers their blocks, GoogLeNet and Inception v3 their stem's activations and
+    Inception modules, a tutorial CNN with ``F.relu`` in ``forward`` its ``relu()`` calls. docs/layers_models.md has a table for timm's models.
 
     Args:
         model: The model.
@@ -136,7 +160,7 @@ def default_layers(
                 found.append(full)
             elif _is_container(child):
                 walk(child, full, in_container=True)
-            elif in_container and is_block(child):
+            elif (in_container or _is_branching(child)) and is_block(child):
                 found.append(full)
             else:
                 walk(child, full, in_container=False)

@@ -120,7 +120,7 @@ def test_auxiliary_classifiers_are_not_default_layers_and_the_main_logits_are_tr
         weights=None, num_classes=4, aux_logits=False, init_weights=False
     )
     layers = default_layers(with_aux)
-    assert layers == default_layers(without) and len(layers) == 57
+    assert layers == default_layers(without) and len(layers) == 12
     assert auxiliary_classifiers(with_aux) == ["aux1", "aux2"]
     assert _last_conv(with_aux) == "inception5b.branch4.1.conv"  # Grad-CAM's default layer
     inception = torchvision.models.inception_v3(weights=None, num_classes=4, init_weights=False)
@@ -146,6 +146,77 @@ def test_auxiliary_classifiers_are_not_default_layers_and_the_main_logits_are_tr
     fast_trainer(tmp_path, max_epochs=1).fit(model, data, data)
     assert not torch.equal(model.backbone.fc.weight, head)  # trained on the main logits
     assert model.backbone.aux.weight.grad is None  # the auxiliary head is not
+
+
+INCEPTIONS = {
+    # the stem's activations, then the Inception modules (Lucid's mixed3a ... mixed5b)
+    "googlenet": (
+        [f"conv{i}.relu()" for i in (1, 2, 3)]
+        + [f"inception{b}" for b in ("3a", "3b", "4a", "4b", "4c", "4d", "4e", "5a", "5b")],
+        64,
+    ),
+    "inception_v3": (
+        [f"{c}.relu()" for c in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3")]
+        + [f"{c}.relu()" for c in ("Conv2d_3b_1x1", "Conv2d_4a_3x3")]
+        + [
+            f"Mixed_{b}" for b in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c")
+        ],
+        80,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INCEPTIONS))
+def test_an_inception_module_is_one_layer(name):
+    """A module that concatenates shallow branches is a block, wherever it lies: GoogLeNet gave
+    57 default layers before (each branch's convolutions), Inception v3 94."""
+    expected, size = INCEPTIONS[name]
+    model = getattr(torchvision.models, name)(weights=None, num_classes=4, init_weights=False)
+    model.eval()
+    layers = default_layers(model)
+    assert layers == expected
+    with torch.no_grad():
+        sites = run_layers(model, layers, lambda: model(torch.rand(1, 3, size, size)))
+    assert sites == layers
+
+
+class _Branches(nn.Module):
+    """Two branches concatenated, each ``depth`` conv + ReLU layers."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+
+        def branch() -> nn.Sequential:
+            layers = [m for _ in range(depth) for m in (nn.Conv2d(3, 3, 3, padding=1), nn.ReLU())]
+            return nn.Sequential(*layers)
+
+        self.left, self.right = branch(), branch()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.left(x), self.right(x)], dim=1)
+
+
+class _TwoPaths(nn.Module):
+    """``_Branches`` then a classifier, in a ``forward`` of its own (no container around them)."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.body, self.fc = _Branches(depth), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).mean(dim=(2, 3)))
+
+
+def test_shallow_branches_are_one_block_and_deep_streams_are_walked_into():
+    for depth, expected in (
+        (3, ["body"]),  # an Inception-like module: its joined output
+        (4, [f"body.{side}.{i}" for side in ("left", "right") for i in (1, 3, 5, 7)]),  # streams
+    ):
+        model = _TwoPaths(depth).eval()
+        layers = default_layers(model)
+        assert layers == expected, depth
+        with torch.no_grad():
+            assert run_layers(model, layers, lambda m=model: m(torch.rand(1, 3, 8, 8))) == layers
 
 
 def test_default_layers_of_the_demo_model():
