@@ -28,9 +28,10 @@ BRANCH_DEPTH = 3
 
 def _is_container(module: nn.Module) -> bool:
     """A Sequential / ModuleList / ModuleDict that runs its children as they are (its class does
-    not define its own ``forward``)."""
+    not define its own ``forward``), or a module whose ``forward`` runs ``self.children()`` (timm's
+    RegNet stages: ``for block in self.children(): x = block(x)``)."""
     if not isinstance(module, _CONTAINERS):
-        return False
+        return bool(called_ops(module, ("children",)))
     return not any(
         "forward" in vars(cls)
         for cls in type(module).__mro__
@@ -102,7 +103,7 @@ def default_layers(
        :mod:`lightning_neurons.functional`), after the module's children;
     3. a *block* is a layer and is not walked into: a module that is a direct child of a
        *container* (``nn.Sequential`` / ``ModuleList`` / ``ModuleDict`` running its children as
-       they are), has its own ``forward``, contains an activation (module or function call) and
+       they are, or a module whose ``forward`` runs ``self.children()``), has its own ``forward``, contains an activation (module or function call) and
        does not contain the final classifier (the model's last ``Linear``). Its output is the
        block's response: the post-ReLU output of a ResNet ``BasicBlock``, an ``MBConv`` /
        ``CNBlock`` output, a DenseNet dense block's, a transformer block's tokens. So is a

@@ -219,6 +219,46 @@ def test_shallow_branches_are_one_block_and_deep_streams_are_walked_into():
             assert run_layers(model, layers, lambda m=model: m(torch.rand(1, 3, 8, 8))) == layers
 
 
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.relu = nn.Conv2d(3, 3, 1), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.conv(x)) + x
+
+
+class _Stage(nn.Module):
+    """Runs its blocks from its own ``forward``, as timm's RegNet stages do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b1, self.b2 = _Block(), _Block()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.children():
+            x = block(x)
+        return x
+
+
+class _StagedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage, self.fc = _Stage(), nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.stage(x).mean(dim=(2, 3)))
+
+
+def test_a_module_running_its_children_in_turn_is_a_container():
+    """Its children are blocks, as a Sequential's are (their inner ReLUs were the layers)."""
+    model = _StagedNet().eval()
+    layers = default_layers(model)
+    assert layers == ["stage.b1", "stage.b2"]
+    with torch.no_grad():
+        assert run_layers(model, layers, lambda: model(torch.rand(1, 3, 4, 4))) == layers
+
+
 def test_default_layers_of_the_demo_model():
     model = ImageClassifier(SmallCNN(num_classes=4), num_classes=4)
     assert default_layers(model) == [f"backbone.features.relu{i}" for i in (1, 2, 3)]
