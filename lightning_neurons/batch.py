@@ -121,10 +121,10 @@ def read_labels(
 
     Labels are ``[B]`` class indices (a ``[B, 1]`` column is flattened; floating-point ones such
     as a binary classifier's 0.0 / 1.0 targets must be whole numbers, and booleans are 0 and 1),
-    or ``[B, C]`` class probabilities (one-hot of any dtype, mixup, cutmix, label smoothing, a teacher's softmax),
-    which are read as their top class: each image counts for the class it mostly is.
-    Probability rows must be non-negative and sum to 1 (within 0.01: the rounding of bf16
-    labels, far from the row sums 0 or >= 2 of multi-label targets).
+    or ``[B, C]`` class probabilities (one-hot of any dtype, mixup, cutmix, label smoothing, a
+    teacher's softmax), which are read as their top class: each image counts for the class it
+    mostly is. Probability rows must be non-negative and sum to 1 (within 0.01: the rounding of
+    bf16 labels, far from the row sums 0 or >= 2 of multi-label targets).
 
     Args:
         batch: ``(x, y, ...)`` tuple or list, or a mapping with one of :data:`LABEL_KEYS`.
