@@ -297,15 +297,13 @@ class FeatureVisualizer(StagedCallback):
         """The parameters of the last round's images (so a resumed run continues them) and the
         estimated data prior (``"maco"``: a resumed run renders with the same one)."""
         state: dict[str, Any] = {"params": self._memory.state_dict()}
-        prior = self._prior.state_dict()
-        if prior is not None:
+        if (prior := self._prior.state_dict()) is not None:
             state["prior"] = prior
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._memory.load_state_dict(state_dict.get("params", {}))
-        saved = state_dict.get("prior")
-        if saved is not None:
+        if (saved := state_dict.get("prior")) is not None:
             self._prior.load_state_dict(saved)
 
     @property
