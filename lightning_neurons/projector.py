@@ -39,6 +39,7 @@ from lightning_neurons.batch import (
     to_display,
 )
 from lightning_neurons.hooks import first_tensor, hooked
+from lightning_neurons.plots.images import rgb_channels
 from lightning_neurons.state import analysis_mode, preserved_rng
 
 if TYPE_CHECKING:
@@ -286,7 +287,7 @@ def sprite(tiles: torch.Tensor | np.ndarray) -> np.ndarray:
     n, c, s, _ = tiles.shape
     per_row = max(1, math.ceil(math.sqrt(n)))
     grid = np.zeros((per_row * per_row, 3, s, s), dtype=np.float32)
-    grid[:n] = tiles if c == 1 else tiles[:, :3]  # one channel: broadcast to grey
+    grid[:n] = tiles[:, rgb_channels(c)]
     grid = grid.reshape(per_row, per_row, 3, s, s).transpose(0, 3, 1, 4, 2)
     return (grid.reshape(per_row * s, per_row * s, 3) * 255).round().astype(np.uint8)
 

@@ -447,3 +447,35 @@ def test_the_domination_bars_fill_each_class_row_to_its_share():
     steps = _share_bars(np.linspace(0.0, 1.0, 1000), named=False, height=50, width=20)
     filled = ((steps[..., 0] > 150) & (steps[..., 1] < 100)).sum(axis=1)
     assert (np.diff(filled) >= 0).all() and filled[0] <= 1 and filled[-1] == 20
+
+
+@pytest.mark.parametrize(
+    ("values", "rgb"),
+    [
+        ([0.8], (204, 204, 204)),  # grey
+        ([1.0, 0.0], (255, 0, 255)),  # two channels: magenta and green
+        ([0.0, 1.0], (0, 255, 0)),
+        ([0.2, 0.6, 1.0], (51, 153, 255)),
+        ([0.0, 0.0, 1.0, 1.0], (0, 0, 255)),  # RGBA, RGB-D: the first three
+        ([1.0, 0.6, 0.0] + [0.3] * 10, (255, 153, 0)),  # multispectral bands
+    ],
+)
+def test_images_of_any_channel_count_are_drawn_in_one_colour_rule(values, rgb):
+    """The class and channel grids, the probe tiles and the projector's sprite show an image of
+    any channel count by one rule (:func:`~lightning_neurons.plots.images.rgb_channels`)."""
+    from lightning_neurons.plots.contribution import _tiles
+    from lightning_neurons.plots.images import MIN_TILE
+
+    image = torch.tensor(values).view(1, -1, 1, 1).expand(1, -1, 16, 16)
+    grid = image_grid(image, ["x"], ncols=1)
+    assert (grid == np.array(rgb, dtype=np.uint8)).all(axis=-1).sum() >= MIN_TILE**2
+    (tile,) = _tiles([image[0]], 4)
+    torch.testing.assert_close(tile, torch.tensor(rgb).view(3, 1, 1).expand(3, 4, 4) / 255)
+
+
+def test_an_image_without_channels_is_a_clear_error():
+    from lightning_neurons.errors import NeuronsError
+    from lightning_neurons.plots.images import rgb_channels
+
+    with pytest.raises(NeuronsError, match="at least one channel, got 0"):
+        rgb_channels(0)

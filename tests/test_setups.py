@@ -494,6 +494,40 @@ def test_a_model_on_flattened_images_gets_every_analysis_through_flatten(tmp_pat
     assert count_forward_hooks(module) == 0
 
 
+class ChannelData(TinyData):
+    """TinyData with ``channels`` channels (two-channel microscopy, RGB-D, multispectral)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.x = self.x.expand(-1, channels, -1, -1) * torch.linspace(0.5, 1, channels).view(
+            1, -1, 1, 1
+        )
+        self.vx = self.vx.expand(-1, channels, -1, -1).clone()
+
+
+@pytest.mark.parametrize("channels", [2, 4])
+def test_images_of_two_or_four_channels_get_every_analysis_and_figure(tmp_path, channels):
+    callbacks = _five_around(FeatureVisualizer(on_error="raise", **FAST_VIS))
+    module = _module(TinyNet(in_channels=channels))
+    _quiet_fit(
+        fast_trainer(tmp_path, callbacks=callbacks, max_epochs=1),
+        module,
+        datamodule=ChannelData(channels),
+    )
+    _assert_every_analysis_produced(callbacks, module)
+    vis = callbacks[1]
+    assert vis.results["classes"].images.shape[1] == channels  # every channel kept
+    assert vis.saliency_results.images.shape[1] == channels
+    assert list(tmp_path.rglob("sprite.png"))
+    images = set(_image_tags(tmp_path))
+    grids = {
+        "preference/classes",
+        "preference/backbone.relu1",
+        "preference/clusters/backbone.relu1",
+    }
+    assert grids | {"focus/gradient", "contribution/backbone.relu1/probes"} <= images
+
+
 def test_flattened_images_without_an_image_shape_are_a_clear_error(tmp_path):
     trainer = fast_trainer(tmp_path, callbacks=[FeatureVisualizer(**FAST_VIS)], max_epochs=1)
     with pytest.raises(NeuronsError, match=r"model input is \[8, 64\].*image_shape=\[C, H, W\]"):

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from lightning_neurons.contribution import ContributionStats
 from lightning_neurons.plots import _canvas, _text
+from lightning_neurons.plots.images import rgb_channels
 
 #: Above this many classes the rows (contribution) or columns (ablation) are numbered, not named.
 MAX_NAMED_CLASSES = 20
@@ -276,10 +277,7 @@ def _tiles(images: Sequence[torch.Tensor], size: int) -> list[torch.Tensor]:
         batch = torch.stack([images[i].detach() for i in found]).float().cpu()
         if batch.dim() == 3:
             batch = batch.unsqueeze(1)
-        if batch.shape[1] > 3:
-            batch = batch[:, :3]
-        elif batch.shape[1] != 3:
-            batch = batch.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+        batch = batch[:, rgb_channels(batch.shape[1])]
         low = batch.amin(dim=(1, 2, 3), keepdim=True)
         high = batch.amax(dim=(1, 2, 3), keepdim=True)
         span = torch.where(high > low, high - low, 1.0)

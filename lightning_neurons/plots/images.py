@@ -25,14 +25,22 @@ LABEL_BAND = 15
 MIN_TILE, MAX_TILE = 40, 112
 
 
+def rgb_channels(channels: int) -> list[int]:
+    """Which of an image's ``channels`` are drawn as red, green and blue: one channel as grey, two
+    as magenta and green (``[0, 1, 0]``, as two-channel microscopy is shown), three as RGB, more
+    (RGBA, RGB-D, multispectral bands) as their first three. The results and files keep every
+    channel; only the figures are drawn this way."""
+    if channels < 1:
+        raise NeuronsError(f"images need at least one channel, got {channels}")
+    return [[0, 0, 0], [0, 1, 0]][channels - 1] if channels < 3 else [0, 1, 2]
+
+
 def _as_rgb(images: torch.Tensor) -> np.ndarray:
-    """``[N, C, H, W]`` (C = 1 or 3) in [0, 1] -> ``[N, H, W, 3]`` float numpy."""
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3):
+    """``[N, C, H, W]`` in [0, 1] -> ``[N, H, W, 3]`` float numpy (:func:`rgb_channels`)."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise NeuronsError(f"images must be [N, 1 or 3, H, W] tensors, got {shape}")
-    array = images.detach().float().cpu().clamp(0, 1)
-    if array.shape[1] == 1:
-        array = array.expand(-1, 3, -1, -1)
+        raise NeuronsError(f"images must be [N, C, H, W] tensors, got {shape}")
+    array = images.detach().float().cpu().clamp(0, 1)[:, rgb_channels(images.shape[1])]
     return array.permute(0, 2, 3, 1).numpy()
 
 
