@@ -328,7 +328,7 @@ def to_display(x: torch.Tensor, transform: InputTransform | None) -> tuple[torch
     Args:
         x: ``[B, C, H, W]`` model inputs.
         transform: The display -> input mapping. ``None``: the inputs are display images already
-            (returned as they are).
+            (returned as they are; ``uint8`` images divided by 255).
             A transform with an ``inverse`` method (:class:`~lightning_neurons.data.Normalize`)
             is inverted exactly.
 
@@ -337,9 +337,10 @@ def to_display(x: torch.Tensor, transform: InputTransform | None) -> tuple[torch
         whether they are the exact inverse; for a transform without ``inverse`` each image is rescaled to [0, 1]
         (``exact`` is False).
     """
-    x = x.detach().float()
-    if transform is None:
-        return x, True
+    shown = x.detach().float()
+    if transform is None:  # uint8 images are 0-255 by every convention
+        return (shown / 255 if x.dtype == torch.uint8 else shown), True
+    x = shown
     inverse = getattr(transform, "inverse", None)
     if callable(inverse):
         return inverse(x).float().clamp(0, 1), True

@@ -159,6 +159,8 @@ def _capture(
     outputs: dict[str, torch.Tensor] = {}
 
     def capture(name: str, output: torch.Tensor) -> torch.Tensor:
+        if not (x.requires_grad or output.requires_grad) and output.is_floating_point():
+            output = output.detach().requires_grad_(True)  # uint8 images: the graph starts here
         outputs[name] = output
         # the model may modify our output in place further on (ReLU(inplace=True)): hand it a copy
         return output.clone()

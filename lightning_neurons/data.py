@@ -228,6 +228,31 @@ class Normalize:
         return f"Normalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
 
 
+class ByteImages:
+    """Display images in [0, 1] -> the 0-255 values of a model fed ``uint8`` images that scales
+    them itself (``x.float() / 255`` in its ``forward``); :meth:`inverse` maps inputs back.
+
+    FeatureVisualizer takes it on its own when the validation inputs are ``uint8`` and the model
+    reads float inputs as 0-255 values; pass it as ``input_transform`` to say so.
+
+    Example:
+        >>> ByteImages()(torch.ones(1, 1, 1, 1)).item()
+        255.0
+        >>> round(ByteImages().inverse(torch.full((1,), 51, dtype=torch.uint8)).item(), 6)
+        0.2
+    """
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images * 255
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        """Model input (``uint8``, or float 0-255) -> display image: ``x / 255``."""
+        return x.float() / 255
+
+    def __repr__(self) -> str:
+        return "ByteImages()"
+
+
 class Flatten:
     """Display images ``[B, C, H, W]`` -> the ``[B, C*H*W]`` vectors of a model on flattened
     images (an MLP on MNIST), normalised first with ``normalize``; :meth:`inverse` gives the images

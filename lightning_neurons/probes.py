@@ -96,7 +96,8 @@ class ProbeCollector:
     Args:
         per_class: Candidates kept per class.
         limit: Candidates kept in all.
-        dtype: Type the kept images are converted to (``None``: kept as they are).
+        dtype: Type floating images are converted to (``None``, and integer images such as
+            ``uint8``: kept as they are).
         rank, world: This process's rank and the number of processes (see :meth:`reset`).
 
     Example:
@@ -142,7 +143,8 @@ class ProbeCollector:
         kept = [c.label for c in self.candidates]
         for i in first_per_class(values, kept, self.per_class, self.limit):
             with torch.inference_mode(False):  # normal tensors, usable in autograd later
-                image = images[i].detach().to(device="cpu", dtype=self.dtype).clone()
+                dtype = self.dtype if images.is_floating_point() else None
+                image = images[i].detach().to(device="cpu", dtype=dtype).clone()
             order = (first + i) * self.world + self.rank
             self.candidates.append(ProbeCandidate(order, int(values[i]), image))
         enough = num_classes is not None and len(self.candidates) >= num_classes * self.per_class

@@ -95,7 +95,8 @@ class ClassImages:
         self.full = all(n >= self.per_class for n in counts)
         rows = [j * self.per_class + p for j, n in enumerate(counts) for p in range(n)]
         index = torch.tensor(rows, dtype=torch.long, device=self.images.device)
-        images = self.images.index_select(0, index).float().cpu()
+        images = self.images.index_select(0, index).cpu()
+        images = images.float() if images.is_floating_point() else images  # uint8 stays uint8
         orders = self.orders.index_select(0, index).tolist()
         labels = [self.classes[j] for j, n in enumerate(counts) for _ in range(n)]
         return [ProbeCandidate(o, c, im) for o, c, im in zip(orders, labels, images, strict=True)]

@@ -6,14 +6,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_neurons.batch import BatchFn, InputTransform
+from lightning_neurons.batch import BatchFn, InputTransform, as_model_input
+from lightning_neurons.batch import read_logits as logits_of
 from lightning_neurons.checks import check_image_shape
+from lightning_neurons.data import ByteImages
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import get_module, selects, split_call
+from lightning_neurons.state import analysis_mode
 from lightning_neurons.visualize.objectives import LOGITS, Channel, ClassLogit
 from lightning_neurons.visualize.render import check_objectives
 from lightning_neurons.visualize.saliency import METHODS
@@ -116,6 +120,35 @@ def data_attr(trainer: Trainer, name: str) -> Any:
     return getattr(getattr(trainer, "datamodule", None), name, None)
 
 
+def byte_images_transform(
+    model: nn.Module, inputs: torch.Tensor, output_fn: BatchFn | None
+) -> InputTransform | None:
+    """How a model fed ``uint8`` images reads float ones, the renderings' input: as 0-255
+    values (its ``forward`` scales them, ``x.float() / 255``: :class:`ByteImages`) or as [0, 1]
+    values (torchvision's ``ConvertImageDtype``: ``None``): whichever gives the logits closest to
+    those of 4 of the ``uint8`` images. The right one runs the model's own cast, so it matches to
+    rounding; more than 1% of the logits' size off (a half-precision input's rounding is 0.2%),
+    neither does, and the user is told."""
+    x = inputs[:4]
+    try:
+        with analysis_mode(model, grad=False):
+            logits = [
+                logits_of(model(as_model_input(v, model)), output_fn).float()
+                for v in (x, x.float(), x.float() / 255)
+            ]
+    except Exception:  # noqa: BLE001 - the set-up check that follows reports the model's error
+        return None
+    byte_gap, unit_gap = (float((v - logits[0]).abs().max()) for v in logits[1:])
+    if min(byte_gap, unit_gap) > 0.01 * float(logits[0].abs().max()) + 1e-6:
+        rank_zero_warn(
+            "FeatureVisualizer: the validation images are uint8, and the model's logits on them "
+            "match neither float images in [0, 1] nor float 0-255 values; images are rendered "
+            "as [0, 1] floats. Pass `input_transform` (display image in [0, 1] -> model input) "
+            "if the model reads floats otherwise."
+        )
+    return ByteImages() if byte_gap < unit_gap else None
+
+
 def make_plan(
     trainer: Trainer,
     pl_module: LightningModule,
@@ -129,12 +162,14 @@ def make_plan(
     input_transform: InputTransform | None,
     output_fn: BatchFn | None,
     read_logits: Callable[[Callable[[], Any]], Any],
+    inputs: torch.Tensor | None = None,
 ) -> VisualizerPlan:
     """Resolve image shape, input transform, channels and classes; check them with one forward
     pass per kind of objective.
 
     ``read_logits(fn)`` runs ``fn`` (the check of the logits) under the callback's ``on_error``:
-    it returns ``None`` when the logits cannot be read (no class images, no saliency).
+    it returns ``None`` when the logits cannot be read (no class images, no saliency). Without an
+    ``input_transform``, ``uint8`` validation ``inputs`` pick one (:func:`byte_images_transform`).
 
     Raises:
         NeuronsError: For an unknown image size, or a shape, layer, channel or class that does
@@ -146,6 +181,8 @@ def make_plan(
             "and no validation images were seen. Pass `image_shape=[C, H, W]`."
         )
     shape = check_image_shape(list(image_shape))
+    if input_transform is None and inputs is not None and inputs.dtype == torch.uint8:
+        input_transform = byte_images_transform(pl_module, inputs, output_fn)
 
     def check(objectives: list) -> dict[str, Any]:
         return check_objectives(

@@ -156,9 +156,10 @@ class FeatureVisualizer(StagedCallback):
             ``image_shape``, else the probe images' shape.
         input_transform: Display image (values in [0, 1]) -> model input, applied by
             :func:`~lightning_neurons.batch.to_model_input`; default: the data module's
-            ``input_transform`` attribute, else none (the loaders yield display images). In
-            YAML: a :class:`~lightning_neurons.data.Normalize` by ``class_path``, or a
-            function's import path.
+            ``input_transform`` attribute, else none (the loaders yield display images; for
+            ``uint8`` images, :class:`~lightning_neurons.data.ByteImages` when the model reads
+            floats as 0-255). In YAML: a :class:`~lightning_neurons.data.Normalize` by
+            ``class_path``, or a function's import path.
         render: How the images are rendered by gradient ascent: steps, continuation of the
             previous round's images, convergence, learning rate, parameterization, transforms,
             contrast, views, class restarts, diversity, penalties, seed and batch size (see
@@ -475,26 +476,24 @@ class FeatureVisualizer(StagedCallback):
         """On the first batch the model sees: note its image shape and check the set-up."""
         if self._plan is not None:
             return
-        if self._seen_shape is None:
-            try:
-                images = self._reader.inputs(batch)
-            except NeuronsError:
-                images = None
-            if isinstance(images, torch.Tensor) and images.dim() != 4 and len(images):
-                transform = self.input_transform or data_attr(trainer, "input_transform")
-                shown, exact = to_display(images[:1], transform)  # Flatten's images
-                self._input_shape = tuple(images.shape)
-                images = shown if exact else images
-            if isinstance(images, torch.Tensor) and images.dim() == 4:
-                self._seen_shape = tuple(images.shape[1:])
-        self._prepare(trainer, pl_module)
+        try:
+            images = self._reader.inputs(batch) if self._seen_shape is None else None
+        except NeuronsError:
+            images = None
+        if isinstance(images, torch.Tensor) and images.dim() != 4 and len(images):
+            transform = self.input_transform or data_attr(trainer, "input_transform")
+            shown, exact = to_display(images[:1], transform)  # Flatten's images
+            self._input_shape = tuple(images.shape)
+            images = shown if exact else images
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
+            self._seen_shape = tuple(images.shape[1:])
+        self._prepare(trainer, pl_module, images if isinstance(images, torch.Tensor) else None)
 
-    def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Resolve and check the plan (see :func:`~lightning_neurons.callbacks._plan.make_plan`).
-
-        Mistakes in the set-up raise (every rank). A model output whose logits cannot be read
-        (see ``output_fn``) follows ``on_error``: with ``"warn"`` it is reported once and only
-        the channels are rendered (no class images, no saliency)."""
+    def _prepare(self, trainer: Trainer, pl_module: LightningModule, inputs: Any = None) -> None:
+        """Resolve and check the plan (:func:`~lightning_neurons.callbacks._plan.make_plan`; the
+        first batch's ``inputs`` tell how ``uint8`` images are read). Mistakes in the set-up raise
+        (every rank). A model output whose logits cannot be read (see ``output_fn``) follows
+        ``on_error``: with ``"warn"`` it is reported once and only the channels are rendered."""
         if self._plan is not None:
             return
         shape = self.image_shape or data_attr(trainer, "image_shape")
@@ -517,6 +516,7 @@ class FeatureVisualizer(StagedCallback):
             image_shape=shape if shape is not None else self._seen_shape,
             input_transform=self.input_transform or data_attr(trainer, "input_transform"),
             output_fn=self._reader.output_fn,
+            inputs=inputs,
             read_logits=lambda fn: self._run_safely(
                 "reading the model's logits (for class images and saliency)", fn
             ),
