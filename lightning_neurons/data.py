@@ -204,6 +204,47 @@ _SPECS: dict[str, dict] = {
 }
 
 
+#: The normalisations people use: ``(mean, std)`` per channel (one value: every channel).
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "[-1, 1]": ((0.5,), (0.5,)),
+    "0-255": ((0.0,), (1 / 255,)),
+    "ImageNet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "CIFAR-10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "CIFAR-10 (std 0.2023)": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "CIFAR-100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "MNIST": ((0.1307,), (0.3081,)),
+    "Fashion-MNIST": ((0.2860,), (0.3530,)),
+}
+
+
+def known_normalization(images: torch.Tensor) -> tuple[str, Normalize] | None:
+    """Which of :data:`NORMALIZATIONS` made the ``[B, C, H, W]`` ``images`` from display images,
+    judged by their range: the narrowest whose image of [0, 1] holds every channel's values (to
+    0.1% of its width) and of which they span 95% or more; ``None`` when none does.
+
+    Example:
+        >>> images = torch.linspace(0, 1, 16).view(1, 1, 4, 4)
+        >>> known_normalization((images - 0.5) / 0.5)
+        ('[-1, 1]', Normalize(mean=[0.5], std=[0.5]))
+    """
+    channels = images.shape[1]
+    low, high = images.amin(dim=(0, 2, 3)).float().cpu(), images.amax(dim=(0, 2, 3)).float().cpu()
+    found: list[tuple[float, str]] = []
+    for name, (mean, std) in NORMALIZATIONS.items():
+        if len(mean) not in (1, channels):
+            continue
+        m, s = torch.tensor(mean).expand(channels), torch.tensor(std).expand(channels)
+        bottom, top = -m / s, (1 - m) / s
+        slack = 1e-3 * (top - bottom)
+        inside = (low >= bottom - slack) & (high <= top + slack)
+        if bool((inside & (high - low >= 0.95 * (top - bottom))).all()):
+            found.append((float((top - bottom).sum()), name))
+    if not found:
+        return None
+    name = min(found)[1]
+    return name, Normalize(*NORMALIZATIONS[name])
+
+
 class Normalize:
     """``(x - mean) / std`` per channel on ``[B, C, H, W]`` tensors (display -> model input).
 
@@ -225,7 +266,8 @@ class Normalize:
         return x * self.std.to(x) + self.mean.to(x)
 
     def __repr__(self) -> str:
-        return f"Normalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+        mean, std = ([round(v, 6) for v in t.flatten().tolist()] for t in (self.mean, self.std))
+        return f"Normalize(mean={mean}, std={std})"  # float32 noise rounded off
 
 
 class ByteImages:
@@ -323,11 +365,11 @@ class TorchvisionDataModule(pl.LightningDataModule):
     """
 
     _STATS = {
-        "mnist": ((0.1307,), (0.3081,)),
-        "fashionmnist": ((0.2860,), (0.3530,)),
-        "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-        "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-        "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        "mnist": NORMALIZATIONS["MNIST"],
+        "fashionmnist": NORMALIZATIONS["Fashion-MNIST"],
+        "cifar10": NORMALIZATIONS["CIFAR-10"],
+        "cifar100": NORMALIZATIONS["CIFAR-100"],
+        "imagefolder": NORMALIZATIONS["ImageNet"],
     }
 
     def __init__(

@@ -14,7 +14,7 @@ from torch import nn
 from lightning_neurons.batch import BatchFn, InputTransform, as_model_input
 from lightning_neurons.batch import read_logits as logits_of
 from lightning_neurons.checks import check_image_shape
-from lightning_neurons.data import ByteImages
+from lightning_neurons.data import ByteImages, known_normalization
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import get_module, selects, split_call
 from lightning_neurons.state import analysis_mode
@@ -149,6 +149,33 @@ def byte_images_transform(
     return ByteImages() if byte_gap < unit_gap else None
 
 
+def guessed_normalization(inputs: torch.Tensor) -> InputTransform | None:
+    """For float images outside [0, 1] and no ``input_transform``: the normalisation that made
+    them, when their range fits one people use (see
+    :func:`~lightning_neurons.data.known_normalization`); a warning either way, since the
+    renderings and figures depend on it."""
+    low, high = float(inputs.min()), float(inputs.max())
+    if inputs.dim() != 4 or (low >= -0.01 and high <= 1.01):
+        return None  # display images
+    found = known_normalization(inputs)
+    seen = f"the images are not display images in [0, 1] (values in [{low:.3g}, {high:.3g}])"
+    if found is None:
+        rank_zero_warn(
+            f"FeatureVisualizer: {seen}, and no normalisation people use fits their range: "
+            "images are rendered in [0, 1], and the data's are shown clipped to it. Pass "
+            "`input_transform=lightning_neurons.data.Normalize(mean, std)` with the data's "
+            "normalisation (or give the data module an `input_transform`)."
+        )
+        return None
+    name, normalize = found
+    rank_zero_warn(
+        f"FeatureVisualizer: {seen}; their range fits {name}'s normalisation, {normalize!r}, "
+        "through which images are rendered and shown. Pass `input_transform` (or give the data "
+        "module an `input_transform`) to say so, or to name the right one."
+    )
+    return normalize
+
+
 def make_plan(
     trainer: Trainer,
     pl_module: LightningModule,
@@ -169,7 +196,8 @@ def make_plan(
 
     ``read_logits(fn)`` runs ``fn`` (the check of the logits) under the callback's ``on_error``:
     it returns ``None`` when the logits cannot be read (no class images, no saliency). Without an
-    ``input_transform``, ``uint8`` validation ``inputs`` pick one (:func:`byte_images_transform`).
+    ``input_transform``, the first batch's ``inputs`` pick one: ``uint8`` images
+    (:func:`byte_images_transform`), normalised ones (:func:`guessed_normalization`).
 
     Raises:
         NeuronsError: For an unknown image size, or a shape, layer, channel or class that does
@@ -183,6 +211,8 @@ def make_plan(
     shape = check_image_shape(list(image_shape))
     if input_transform is None and inputs is not None and inputs.dtype == torch.uint8:
         input_transform = byte_images_transform(pl_module, inputs, output_fn)
+    elif input_transform is None and inputs is not None and inputs.is_floating_point():
+        input_transform = guessed_normalization(inputs)
 
     def check(objectives: list) -> dict[str, Any]:
         return check_objectives(

@@ -1,6 +1,7 @@
-"""Models fed ``uint8`` images (0-255) that make them floats in their own ``forward``: every
-analysis gives what it gives for the same network fed the float images, whichever way the model
-scales (``x.float() / 255``, or torchvision's ``to_dtype(..., scale=True)``)."""
+"""Inputs that are not display images and no ``input_transform`` saying so: ``uint8`` images
+(0-255) made floats in the model's own ``forward`` (``x.float() / 255``, or torchvision's
+``to_dtype(..., scale=True)``), and images normalised in the data pipeline. Every analysis gives
+what it gives for the same network fed the display images, or given the transform."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from lightning_neurons import (
 )
 from lightning_neurons.batch import to_display
 from lightning_neurons.callbacks._plan import byte_images_transform
-from lightning_neurons.data import ByteImages
+from lightning_neurons.data import NORMALIZATIONS, ByteImages, Normalize, known_normalization
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.models import ImageClassifier
 
@@ -44,6 +45,15 @@ class Converts(Scales):
         return self.net(TF.to_dtype(x, torch.float32, scale=True))
 
 
+class ThreeChannels(Scales):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TinyNet(in_channels=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 class Floats(Scales):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -59,7 +69,8 @@ class ByteData(TinyData):
             self.x, self.vx = self.x.float() / 255, self.vx.float() / 255
 
 
-def _fit(tmp_path, net: type, data: TinyData) -> tuple[list[pl.Callback], nn.Module]:
+def _fit(tmp_path, net: type, data: TinyData) -> tuple[list[pl.Callback], list[str]]:
+    """The callbacks after one epoch, and the warnings given."""
     pl.seed_everything(0, verbose=False)
     module = ImageClassifier(net(), num_classes=3, lr=1e-2)
     quiet = dict(on_error="raise", enable_logging=False)
@@ -68,10 +79,11 @@ def _fit(tmp_path, net: type, data: TinyData) -> tuple[list[pl.Callback], nn.Mod
         FeatureVisualizer(**quiet, render=RenderOptions(steps=2), smoothgrad_samples=2),
         NeuronContribution(**quiet, max_batches=1, max_probes=2),
     ]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
         fast_trainer(tmp_path, callbacks=callbacks, max_epochs=1).fit(module, datamodule=data)
-    return callbacks, module
+    assert count_forward_hooks(module) == 0
+    return callbacks, [str(w.message) for w in said]
 
 
 @pytest.mark.parametrize(("net", "transform"), [(Scales, ByteImages), (Converts, type(None))])
@@ -79,7 +91,8 @@ def test_uint8_images_are_analysed_as_the_same_network_fed_floats(tmp_path, net,
     # Trained alike to the bit: the model's first operation makes the float images the float
     # model is fed. The renderings differ only by the rounding of (v * 255) / 255 (one ulp of
     # v < 1, 6e-8) carried through 2 Adam steps (measured: 6e-8); 1e-4 leaves room for kernels.
-    (_, vis, contribution), module = _fit(tmp_path / "bytes", net, ByteData())
+    (_, vis, contribution), said = _fit(tmp_path / "bytes", net, ByteData())
+    assert not [m for m in said if "FeatureVisualizer: the images" in m]
     (_, ref, ref_contribution), _ = _fit(tmp_path / "floats", Floats, ByteData(as_float=True))
     assert isinstance(vis._plan.transform, transform)
     for key, rendering in ref.results.items():
@@ -94,7 +107,6 @@ def test_uint8_images_are_analysed_as_the_same_network_fed_floats(tmp_path, net,
         torch.testing.assert_close(ours, result.stats.class_contribution, atol=1e-6, rtol=1e-4)
     for cb in (vis, contribution):
         assert not cb.failures, cb.failures
-    assert count_forward_hooks(module) == 0
 
 
 def test_uint8_images_are_shown_divided_by_255():
@@ -122,3 +134,51 @@ def test_a_model_reading_floats_neither_way_gets_a_warning_naming_the_fix():
         warnings.simplefilter("error")
         assert isinstance(byte_images_transform(Scales(), x, None), ByteImages)
         assert byte_images_transform(Converts(), x, None) is None
+
+
+def _display_images(n: int = 24, channels: int = 3, seed: int = 0) -> torch.Tensor:
+    """Images in [0, 1] whose every channel spans it (as natural images' do)."""
+    x = torch.rand(n, channels, 8, 8, generator=torch.Generator().manual_seed(seed))
+    x[0, :, 0, 0], x[0, :, 0, 1] = 0.0, 1.0
+    return x
+
+
+@pytest.mark.parametrize("name", list(NORMALIZATIONS))
+def test_the_normalisations_people_use_are_told_apart_by_their_range(name):
+    mean, std = NORMALIZATIONS[name]
+    images = _display_images(channels=len(mean) if len(mean) == 3 else 1)
+    found, normalize = known_normalization(Normalize(mean, std)(images))
+    assert found == name
+    torch.testing.assert_close(normalize.inverse(Normalize(mean, std)(images)), images)
+
+
+def test_a_range_no_normalisation_fits_is_not_guessed():
+    assert known_normalization(Normalize((0.3,), (0.4,))(_display_images(channels=1))) is None
+    assert known_normalization(_display_images()[:, :, :4] * 0.5) is None  # spans too little
+
+
+class NormalisedData(TinyData):
+    """Display images with a class signal, normalised as ImageNet's (``given``: and saying so)."""
+
+    def __init__(self, given: bool) -> None:
+        super().__init__()
+        imagenet = Normalize(*NORMALIZATIONS["ImageNet"])
+        for attr, seed in (("x", 0), ("vx", 1)):
+            labels = self.y if attr == "x" else self.vy
+            shown = (_display_images(len(labels), seed=seed) + labels.view(-1, 1, 1, 1) * 0.3) / 1.6
+            setattr(self, attr, imagenet(shown))
+        self.input_transform = imagenet if given else None
+
+
+def test_normalised_images_without_a_transform_are_analysed_as_with_it(tmp_path):
+    (_, vis, _), said = _fit(tmp_path / "guessed", ThreeChannels, NormalisedData(given=False))
+    (_, ref, _), given_said = _fit(tmp_path / "given", ThreeChannels, NormalisedData(given=True))
+    told = [m for m in said if "FeatureVisualizer: the images are not display images" in m]
+    assert len(told) == 1 and "fits ImageNet's normalisation, Normalize(mean=[0.485" in told[0]
+    assert not [m for m in given_said if "FeatureVisualizer: the images" in m]
+    for key, rendering in ref.results.items():
+        torch.testing.assert_close(vis.results[key].images, rendering.images, atol=0, rtol=0)
+    shown = vis.saliency_results.images  # display images, not the normalised inputs
+    torch.testing.assert_close(shown, ref.saliency_results.images)
+    assert float(shown.min()) >= 0 and float(shown.max()) <= 1 and float(shown.std()) > 0.1
+    assert not vis.failures
