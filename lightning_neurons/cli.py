@@ -35,11 +35,14 @@ class _AccuracyHistory(pl.Callback):
                 self.history.setdefault(key, []).append((trainer.current_epoch, float(value)))
 
     def best(self) -> list[str]:
-        """``"val/acc = 0.9861 (epoch 7 of 10)"`` for each validation accuracy seen."""
+        """``"val/acc = 0.9861 at epoch=6 (10 validations, epochs from 0)"`` for each validation
+        accuracy seen: the epoch as Lightning counts it (checkpoint names, the figures' titles)."""
         out = []
         for key, values in sorted(self.history.items()):
             epoch, value = max(values, key=lambda ev: ev[1])
-            out.append(f"{key} = {value:.4f} (epoch {epoch + 1} of {len(values)})")
+            out.append(
+                f"{key} = {value:.4f} at epoch={epoch} ({len(values)} validations, epochs from 0)"
+            )
         return out
 
 

@@ -32,7 +32,7 @@ def test_demo_config_runs_every_analysis_and_says_where_the_logs_are(tmp_path, c
     out = capsys.readouterr().out
     assert "lightning-neurons: fit done in" in out
     assert "final: " in out and "val/acc = " in out
-    assert "best:  val/acc = " in out and " of 2)" in out
+    assert "best:  val/acc = " in out and " (2 validations, epochs from 0)" in out
     assert f"tensorboard --logdir {tmp_path.resolve()}" in out
     index = load_index(tmp_path / "digits" / "version_0")
     kinds = {record["kind"] for record in index}
@@ -86,3 +86,11 @@ def test_fit_help_lists_every_callback_and_its_options(capsys):
         assert f"lightning_neurons.{name}:" in out, name
         for option in inspect.signature(getattr(lightning_neurons, name)).parameters:
             assert f"{option}=" in out, (name, option)
+
+
+def test_the_best_accuracy_is_named_by_the_epoch_lightning_counts():
+    from lightning_neurons.cli import _AccuracyHistory
+
+    history = _AccuracyHistory()  # check_val_every_n_epoch=2: epochs 1, 3, 5 validated
+    history.history["val/acc"] = [(1, 0.5), (3, 0.9), (5, 0.8)]
+    assert history.best() == ["val/acc = 0.9000 at epoch=3 (3 validations, epochs from 0)"]
