@@ -141,8 +141,8 @@ def byte_images_transform(
     byte_gap, unit_gap = (float((v - logits[0]).abs().max()) for v in logits[1:])
     if min(byte_gap, unit_gap) > 0.01 * float(logits[0].abs().max()) + 1e-6:
         rank_zero_warn(
-            "FeatureVisualizer: the validation images are uint8, and the model's logits on them "
-            "match neither float images in [0, 1] nor float 0-255 values; images are rendered "
+            "FeatureVisualizer: the images are uint8, and the model's logits on them match "
+            "neither float images in [0, 1] nor float 0-255 values; images are rendered "
             "as [0, 1] floats. Pass `input_transform` (display image in [0, 1] -> model input) "
             "if the model reads floats otherwise."
         )

@@ -491,7 +491,7 @@ class FeatureVisualizer(StagedCallback):
 
     def _prepare(self, trainer: Trainer, pl_module: LightningModule, inputs: Any = None) -> None:
         """Resolve and check the plan (:func:`~lightning_neurons.callbacks._plan.make_plan`; the
-        first batch's ``inputs`` tell how ``uint8`` images are read). Mistakes in the set-up raise
+        first batch's ``inputs``: how uint8 or normalised images are read). Set-up mistakes raise
         (every rank). A model output whose logits cannot be read (see ``output_fn``) follows
         ``on_error``: with ``"warn"`` it is reported once and only the channels are rendered."""
         if self._plan is not None:
