@@ -12,7 +12,7 @@ import torchmetrics
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_neurons.batch import INPUT_KEYS, LABEL_KEYS, read_logits
+from lightning_neurons.batch import INPUT_KEYS, LABEL_KEYS, read_inputs, read_logits
 from lightning_neurons.errors import NeuronsError
 
 
@@ -145,6 +145,11 @@ class ImageClassifier(pl.LightningModule):
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._step(batch, "test", self.test_acc)
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """``[B, num_classes]`` class probabilities of a batch: images alone, or with labels
+        (``trainer.predict`` on the validation loader)."""
+        return read_logits(self(read_inputs(batch))).softmax(dim=1)
 
     def configure_optimizers(self):
         if self.weight_decay:

@@ -144,3 +144,19 @@ def test_several_validation_loaders_are_validated(tmp_path, tiny_data):
     assert float(metrics["val/acc/dataloader_idx_0"]) == float(metrics["val/acc/dataloader_idx_1"])
     results = trainer.test(model, [loader, loader], verbose=False)
     assert len(results) == 2 and "test/acc/dataloader_idx_1" in results[1]
+
+
+def test_predict_gives_class_probabilities_with_or_without_labels(tmp_path, tiny_data):
+    model = ImageClassifier(TinyNet(), num_classes=3, lr=0.01)
+    trainer = fast_trainer(tmp_path, max_epochs=1)
+    labelled = trainer.predict(model, _loader(tiny_data.x, tiny_data.y))
+    images_only = trainer.predict(model, torch.utils.data.DataLoader(tiny_data.x, batch_size=8))
+    probabilities = torch.cat(labelled)
+    assert probabilities.shape == (len(tiny_data.y), 3)
+    torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(len(tiny_data.y)))
+    model.eval()
+    with torch.no_grad():
+        expected = model(tiny_data.x).softmax(dim=1)
+    # the same images in batches of 8 and in one batch: kernels may differ by rounding
+    torch.testing.assert_close(probabilities, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(images_only), probabilities, atol=0, rtol=0)
