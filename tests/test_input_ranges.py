@@ -182,3 +182,14 @@ def test_normalised_images_without_a_transform_are_analysed_as_with_it(tmp_path)
     torch.testing.assert_close(shown, ref.saliency_results.images)
     assert float(shown.min()) >= 0 and float(shown.max()) <= 1 and float(shown.std()) > 0.1
     assert not vis.failures
+
+
+def test_under_ddp_the_normalisation_is_named_not_guessed():
+    """Each process would guess from its own batch; the processes must render alike."""
+    from lightning_neurons.callbacks._plan import guessed_normalization
+
+    images = Normalize(*NORMALIZATIONS["[-1, 1]"])(_display_images())
+    with pytest.warns(UserWarning, match=r"not taken on a guess.*data\.Normalize\(mean=\[0.5\]"):
+        assert guessed_normalization(images, world_size=2) is None
+    with pytest.warns(UserWarning, match="through which images are rendered"):
+        assert isinstance(guessed_normalization(images, world_size=1), Normalize)

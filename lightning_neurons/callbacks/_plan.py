@@ -149,11 +149,12 @@ def byte_images_transform(
     return ByteImages() if byte_gap < unit_gap else None
 
 
-def guessed_normalization(inputs: torch.Tensor) -> InputTransform | None:
+def guessed_normalization(inputs: torch.Tensor, world_size: int = 1) -> InputTransform | None:
     """For float images outside [0, 1] and no ``input_transform``: the normalisation that made
     them, when their range fits one people use (see
     :func:`~lightning_neurons.data.known_normalization`); a warning either way, since the
-    renderings and figures depend on it."""
+    renderings and figures depend on it. Under DDP (``world_size > 1``) it is only named: each
+    process guesses from its own batch, and the processes must render alike."""
     low, high = float(inputs.min()), float(inputs.max())
     if inputs.dim() != 4 or (low >= -0.01 and high <= 1.01):
         return None  # display images
@@ -168,6 +169,14 @@ def guessed_normalization(inputs: torch.Tensor) -> InputTransform | None:
         )
         return None
     name, normalize = found
+    if world_size > 1:
+        rank_zero_warn(
+            f"FeatureVisualizer: {seen}; their range fits {name}'s normalisation, but under DDP "
+            "it is not taken on a guess (each process sees other images): images are rendered "
+            f"in [0, 1]. Pass `input_transform=lightning_neurons.data.{normalize!r}` if it is the "
+            "data's (or give the data module an `input_transform`)."
+        )
+        return None
     rank_zero_warn(
         f"FeatureVisualizer: {seen}; their range fits {name}'s normalisation, {normalize!r}, "
         "through which images are rendered and shown. Pass `input_transform` (or give the data "
@@ -212,7 +221,7 @@ def make_plan(
     if input_transform is None and inputs is not None and inputs.dtype == torch.uint8:
         input_transform = byte_images_transform(pl_module, inputs, output_fn)
     elif input_transform is None and inputs is not None and inputs.is_floating_point():
-        input_transform = guessed_normalization(inputs)
+        input_transform = guessed_normalization(inputs, trainer.world_size)
 
     def check(objectives: list) -> dict[str, Any]:
         return check_objectives(
