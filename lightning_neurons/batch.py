@@ -328,7 +328,8 @@ def to_display(x: torch.Tensor, transform: InputTransform | None) -> tuple[torch
     Args:
         x: ``[B, C, H, W]`` model inputs.
         transform: The display -> input mapping. ``None``: the inputs are display images already
-            (returned as they are; ``uint8`` images divided by 255).
+            (returned as they are; ``uint8`` images divided by 255, ``[B, H, W, C]`` ones
+            permuted to ``[B, C, H, W]``).
             A transform with an ``inverse`` method (:class:`~lightning_neurons.data.Normalize`)
             is inverted exactly.
 
@@ -339,6 +340,7 @@ def to_display(x: torch.Tensor, transform: InputTransform | None) -> tuple[torch
     """
     shown = x.detach().float()
     if transform is None:  # uint8 images are 0-255 by every convention
+        shown = shown.permute(0, 3, 1, 2) if is_channels_last(x) else shown
         return (shown / 255 if x.dtype == torch.uint8 else shown), True
     x = shown
     inverse = getattr(transform, "inverse", None)
@@ -349,6 +351,11 @@ def to_display(x: torch.Tensor, transform: InputTransform | None) -> tuple[torch
     low = flat.min(dim=1).values.view(shape)
     high = flat.max(dim=1).values.view(shape)
     return (x - low) / (high - low).clamp_min(1e-12), False
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a ``[B, H, W, C]`` image batch (1, 3 or 4 channels last, more than 4 rows)."""
+    return x.dim() == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] > 4
 
 
 def input_transform_of(trainer: Trainer) -> InputTransform | None:

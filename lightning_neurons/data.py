@@ -296,6 +296,32 @@ class ByteImages:
         return "ByteImages()"
 
 
+class ChannelsLast:
+    """Display images ``[B, C, H, W]`` -> the ``[B, H, W, C]`` inputs of a model fed channels-last
+    images (it permutes them itself), through ``inner`` first (a :class:`Normalize`, say);
+    :meth:`inverse` gives the images back. FeatureVisualizer takes it on its own for inputs with
+    1, 3 or 4 channels last and more than 4 rows.
+
+    Example:
+        >>> ChannelsLast()(torch.zeros(2, 3, 8, 6)).shape
+        torch.Size([2, 8, 6, 3])
+    """
+
+    def __init__(self, inner: Normalize | ByteImages | None = None) -> None:
+        self.inner = inner
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return (images if self.inner is None else self.inner(images)).permute(0, 2, 3, 1)
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        """Model input ``[B, H, W, C]`` -> display images ``[B, C, H, W]``."""
+        images = x.permute(0, 3, 1, 2)
+        return images if self.inner is None else self.inner.inverse(images)
+
+    def __repr__(self) -> str:
+        return f"ChannelsLast(inner={self.inner!r})"
+
+
 class Flatten:
     """Display images ``[B, C, H, W]`` -> the ``[B, C*H*W]`` vectors of a model on flattened
     images (an MLP on MNIST), normalised first with ``normalize``; :meth:`inverse` gives the images

@@ -22,7 +22,13 @@ from lightning_neurons import (
 )
 from lightning_neurons.batch import to_display
 from lightning_neurons.callbacks._plan import byte_images_transform
-from lightning_neurons.data import NORMALIZATIONS, ByteImages, Normalize, known_normalization
+from lightning_neurons.data import (
+    NORMALIZATIONS,
+    ByteImages,
+    ChannelsLast,
+    Normalize,
+    known_normalization,
+)
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.models import ImageClassifier
 
@@ -193,3 +199,49 @@ def test_under_ddp_the_normalisation_is_named_not_guessed():
         assert guessed_normalization(images, world_size=2) is None
     with pytest.warns(UserWarning, match="through which images are rendered"):
         assert isinstance(guessed_normalization(images, world_size=1), Normalize)
+
+
+class Permutes(ThreeChannels):
+    """Fed channels-last images ``[B, H, W, C]``, as from NumPy or Keras-style loaders."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.permute(0, 3, 1, 2))
+
+
+class ImageData(TinyData):
+    """Display images with a class signal, 3 channels; ``channels_last``: as ``[B, H, W, C]``."""
+
+    def __init__(self, channels_last: bool) -> None:
+        super().__init__()
+        for attr, labels, seed in (("x", self.y, 0), ("vx", self.vy, 1)):
+            shown = (_display_images(len(labels), seed=seed) + labels.view(-1, 1, 1, 1) * 0.3) / 1.6
+            setattr(self, attr, shown.permute(0, 2, 3, 1).contiguous() if channels_last else shown)
+
+
+def test_channels_last_images_are_analysed_as_the_same_network_fed_channels_first(tmp_path):
+    (_, vis, contribution), said = _fit(tmp_path / "last", Permutes, ImageData(channels_last=True))
+    (_, ref, ref_contribution), _ = _fit(tmp_path / "first", ThreeChannels, ImageData(False))
+    told = [m for m in said if "FeatureVisualizer: the images are [8, 8, 8, 3] batches" in m]
+    assert len(told) == 1 and "read as channels last" in told[0]
+    assert isinstance(vis._plan.transform, ChannelsLast)
+    # the same arithmetic but for the permutation, which may pick other convolution kernels
+    for key, rendering in ref.results.items():
+        assert vis.results[key].images.shape[1:] == (3, 8, 8)
+        torch.testing.assert_close(vis.results[key].images, rendering.images, atol=1e-4, rtol=0)
+    maps, ref_maps = vis.saliency_results, ref.saliency_results
+    torch.testing.assert_close(maps.images, ref_maps.images, atol=0, rtol=0)
+    for method, values in ref_maps.maps.items():
+        torch.testing.assert_close(maps.maps[method], values, atol=1e-6, rtol=1e-4)
+    for layer, result in ref_contribution.results.items():
+        ours = contribution.results[layer].stats.class_contribution
+        torch.testing.assert_close(ours, result.stats.class_contribution, atol=1e-6, rtol=1e-4)
+    for cb in (vis, contribution):
+        assert not cb.failures, cb.failures
+
+
+def test_channels_last_uint8_images_are_shown_channels_first():
+    x = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 1, 1, 3).expand(1, 5, 2, 3)
+    shown, exact = to_display(x, None)
+    assert exact and shown.shape == (1, 3, 5, 2)
+    assert shown[0, :, 0, 0].tolist() == pytest.approx([0.0, 0.2, 1.0], abs=1e-7)
+    torch.testing.assert_close(to_display(x, ChannelsLast(ByteImages()))[0], shown)

@@ -11,10 +11,10 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_neurons.batch import BatchFn, InputTransform, as_model_input
+from lightning_neurons.batch import BatchFn, InputTransform, as_model_input, is_channels_last
 from lightning_neurons.batch import read_logits as logits_of
 from lightning_neurons.checks import check_image_shape
-from lightning_neurons.data import ByteImages, known_normalization
+from lightning_neurons.data import ByteImages, ChannelsLast, known_normalization
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import get_module, selects, split_call
 from lightning_neurons.state import analysis_mode
@@ -121,19 +121,23 @@ def data_attr(trainer: Trainer, name: str) -> Any:
 
 
 def byte_images_transform(
-    model: nn.Module, inputs: torch.Tensor, output_fn: BatchFn | None
+    model: Callable[[torch.Tensor], Any],
+    inputs: torch.Tensor,
+    output_fn: BatchFn | None,
+    module: nn.Module | None = None,
 ) -> InputTransform | None:
     """How a model fed ``uint8`` images reads float ones, the renderings' input: as 0-255
     values (its ``forward`` scales them, ``x.float() / 255``: :class:`ByteImages`) or as [0, 1]
     values (torchvision's ``ConvertImageDtype``: ``None``): whichever gives the logits closest to
     those of 4 of the ``uint8`` images. The right one runs the model's own cast, so it matches to
     rounding; more than 1% of the logits' size off (a half-precision input's rounding is 0.2%),
-    neither does, and the user is told."""
-    x = inputs[:4]
+    neither does, and the user is told. ``model`` runs the images: ``module`` itself, or a
+    function calling it (``module``, then, to be run in analysis mode)."""
+    x, module = inputs[:4], module if module is not None else model
     try:
-        with analysis_mode(model, grad=False):
+        with analysis_mode(module, grad=False):
             logits = [
-                logits_of(model(as_model_input(v, model)), output_fn).float()
+                logits_of(model(as_model_input(v, module)), output_fn).float()
                 for v in (x, x.float(), x.float() / 255)
             ]
     except Exception:  # noqa: BLE001 - the set-up check that follows reports the model's error
@@ -185,6 +189,34 @@ def guessed_normalization(inputs: torch.Tensor, world_size: int = 1) -> InputTra
     return normalize
 
 
+def _read_inputs(
+    trainer: Trainer,
+    pl_module: LightningModule,
+    inputs: torch.Tensor,
+    image_shape: Sequence[int],
+    output_fn: BatchFn | None,
+) -> tuple[InputTransform | None, Sequence[int]]:
+    """The input transform (and image shape) that the first batch's ``inputs`` call for, when
+    none is given: channels last (:class:`~lightning_neurons.data.ChannelsLast`), ``uint8``
+    (:func:`byte_images_transform`) or normalised (:func:`guessed_normalization`) images."""
+    last = is_channels_last(inputs)
+    images = inputs.permute(0, 3, 1, 2) if last else inputs
+    if last:
+        rank_zero_warn(
+            f"FeatureVisualizer: the images are {list(inputs.shape)} batches, read as channels "
+            "last [B, H, W, C]: images are rendered [C, H, W] and fed the model permuted. Pass "
+            "`input_transform` (display image [B, C, H, W] in [0, 1] -> model input) if not."
+        )
+        if tuple(image_shape) == tuple(inputs.shape[1:]):
+            image_shape = images.shape[1:]
+    if images.dtype == torch.uint8:
+        model = (lambda x: pl_module(x.permute(0, 2, 3, 1))) if last else pl_module
+        transform = byte_images_transform(model, images, output_fn, pl_module)
+    else:
+        transform = guessed_normalization(images, trainer.world_size)
+    return (ChannelsLast(transform) if last else transform), image_shape
+
+
 def make_plan(
     trainer: Trainer,
     pl_module: LightningModule,
@@ -205,8 +237,8 @@ def make_plan(
 
     ``read_logits(fn)`` runs ``fn`` (the check of the logits) under the callback's ``on_error``:
     it returns ``None`` when the logits cannot be read (no class images, no saliency). Without an
-    ``input_transform``, the first batch's ``inputs`` pick one: ``uint8`` images
-    (:func:`byte_images_transform`), normalised ones (:func:`guessed_normalization`).
+    ``input_transform``, the first batch's ``inputs`` pick one (:func:`_read_inputs`): channels
+    last, ``uint8`` or normalised images.
 
     Raises:
         NeuronsError: For an unknown image size, or a shape, layer, channel or class that does
@@ -217,11 +249,11 @@ def make_plan(
             "FeatureVisualizer cannot tell the image size: the data module has no `image_shape` "
             "and no validation images were seen. Pass `image_shape=[C, H, W]`."
         )
+    if input_transform is None and inputs is not None:
+        input_transform, image_shape = _read_inputs(
+            trainer, pl_module, inputs, image_shape, output_fn
+        )
     shape = check_image_shape(list(image_shape))
-    if input_transform is None and inputs is not None and inputs.dtype == torch.uint8:
-        input_transform = byte_images_transform(pl_module, inputs, output_fn)
-    elif input_transform is None and inputs is not None and inputs.is_floating_point():
-        input_transform = guessed_normalization(inputs, trainer.world_size)
 
     def check(objectives: list) -> dict[str, Any]:
         return check_objectives(
