@@ -180,7 +180,7 @@ def test_normalised_images_without_a_transform_are_analysed_as_with_it(tmp_path)
     (_, vis, _), said = _fit(tmp_path / "guessed", ThreeChannels, NormalisedData(given=False))
     (_, ref, _), given_said = _fit(tmp_path / "given", ThreeChannels, NormalisedData(given=True))
     told = [m for m in said if "FeatureVisualizer: the images are not display images" in m]
-    assert len(told) == 1 and "fits ImageNet's normalisation, Normalize(mean=[0.485" in told[0]
+    assert len(told) == 1 and "fits the ImageNet normalisation, Normalize(mean=[0.485" in told[0]
     assert not [m for m in given_said if "FeatureVisualizer: the images" in m]
     for key, rendering in ref.results.items():
         torch.testing.assert_close(vis.results[key].images, rendering.images, atol=0, rtol=0)

@@ -175,14 +175,14 @@ def guessed_normalization(inputs: torch.Tensor, world_size: int = 1) -> InputTra
     name, normalize = found
     if world_size > 1:
         rank_zero_warn(
-            f"FeatureVisualizer: {seen}; their range fits {name}'s normalisation, but under DDP "
+            f"FeatureVisualizer: {seen}; their range fits the {name} normalisation, but under DDP "
             "it is not taken on a guess (each process sees other images): images are rendered "
             f"in [0, 1]. Pass `input_transform=lightning_neurons.data.{normalize!r}` if it is the "
             "data's (or give the data module an `input_transform`)."
         )
         return None
     rank_zero_warn(
-        f"FeatureVisualizer: {seen}; their range fits {name}'s normalisation, {normalize!r}, "
+        f"FeatureVisualizer: {seen}; their range fits the {name} normalisation, {normalize!r}, "
         "through which images are rendered and shown. Pass `input_transform` (or give the data "
         "module an `input_transform`) to say so, or to name the right one."
     )
