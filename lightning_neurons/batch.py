@@ -360,12 +360,13 @@ def is_channels_last(x: torch.Tensor) -> bool:
 
 def input_transform_of(trainer: Trainer) -> InputTransform | None:
     """The display image -> model input mapping that every analysis shows and renders images
-    through: one of our callbacks' own ``input_transform`` when one is given (FeatureVisualizer's),
-    else the data module's ``input_transform`` attribute, else ``None`` (the loaders yield display
-    images)."""
+    through: one of our callbacks' own (FeatureVisualizer's, the one the first batch called for
+    included), else the data module's ``input_transform`` attribute, else ``None`` (the loaders
+    yield display images)."""
     for callback in getattr(trainer, "callbacks", None) or []:
         ours = type(callback).__module__.startswith("lightning_neurons.")
-        transform = getattr(callback, "input_transform", None) if ours else None
+        names = ("resolved_input_transform", "input_transform") if ours else ()
+        transform = next((t for n in names if (t := getattr(callback, n, None)) is not None), None)
         if transform is not None:
             return transform
     return getattr(getattr(trainer, "datamodule", None), "input_transform", None)

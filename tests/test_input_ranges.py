@@ -6,6 +6,7 @@ what it gives for the same network fed the display images, or given the transfor
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -20,7 +21,7 @@ from lightning_neurons import (
     NeuronContribution,
     RenderOptions,
 )
-from lightning_neurons.batch import to_display
+from lightning_neurons.batch import input_transform_of, to_display
 from lightning_neurons.callbacks._plan import byte_images_transform
 from lightning_neurons.data import (
     NORMALIZATIONS,
@@ -177,7 +178,8 @@ class NormalisedData(TinyData):
 
 
 def test_normalised_images_without_a_transform_are_analysed_as_with_it(tmp_path):
-    (_, vis, _), said = _fit(tmp_path / "guessed", ThreeChannels, NormalisedData(given=False))
+    data = NormalisedData(given=False)
+    (_, vis, contribution), said = _fit(tmp_path / "guessed", ThreeChannels, data)
     (_, ref, _), given_said = _fit(tmp_path / "given", ThreeChannels, NormalisedData(given=True))
     told = [m for m in said if "FeatureVisualizer: the images are not display images" in m]
     assert len(told) == 1 and "fits the ImageNet normalisation, Normalize(mean=[0.485" in told[0]
@@ -188,6 +190,12 @@ def test_normalised_images_without_a_transform_are_analysed_as_with_it(tmp_path)
     torch.testing.assert_close(shown, ref.saliency_results.images)
     assert float(shown.min()) >= 0 and float(shown.max()) <= 1 and float(shown.std()) > 0.1
     assert not vis.failures
+    # the other analyses show images through it too (NeuronContribution's probes, the sprites)
+    trainer = SimpleNamespace(callbacks=[contribution, vis], datamodule=data)
+    assert input_transform_of(trainer) is vis.resolved_input_transform
+    probes = next(iter(contribution.results.values())).probes.images  # normalised inputs
+    displayed = Normalize(*NORMALIZATIONS["ImageNet"]).inverse(probes)
+    torch.testing.assert_close(to_display(probes, input_transform_of(trainer))[0], displayed)
 
 
 def test_under_ddp_the_normalisation_is_named_not_guessed():

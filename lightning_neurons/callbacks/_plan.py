@@ -11,7 +11,13 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_neurons.batch import BatchFn, InputTransform, as_model_input, is_channels_last
+from lightning_neurons.batch import (
+    BatchFn,
+    InputTransform,
+    as_model_input,
+    is_channels_last,
+    to_display,
+)
 from lightning_neurons.batch import read_logits as logits_of
 from lightning_neurons.checks import check_image_shape
 from lightning_neurons.data import ByteImages, ChannelsLast, known_normalization
@@ -296,3 +302,14 @@ def layer_width(model: nn.Module, plan: VisualizerPlan, layer: str) -> int:
         model, [Channel(layer, 0)], plan.shape, input_transform=plan.transform
     )
     return shapes[layer][0]
+
+
+def shows_images(inputs: torch.Tensor, plan: VisualizerPlan | None) -> bool:
+    """Whether model inputs are images: ``[B, C, H, W]``, or mapped back to images exactly by
+    the input transform's ``inverse`` (:class:`~lightning_neurons.data.Flatten`)."""
+    if inputs.dim() == 4:
+        return True
+    if plan is None or not len(inputs):
+        return False
+    images, exact = to_display(inputs[:1], plan.transform)
+    return exact and images.dim() == 4

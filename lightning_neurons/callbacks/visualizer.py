@@ -36,6 +36,7 @@ from lightning_neurons.callbacks._plan import (
     is_methods,
     make_plan,
     saliency_methods,
+    shows_images,
 )
 from lightning_neurons.callbacks._prior import PriorStream
 from lightning_neurons.callbacks._rendering import Renderer, RenderOptions
@@ -392,6 +393,13 @@ class FeatureVisualizer(StagedCallback):
         given ``prior``; kept in the ``state_dict``); ``None`` before it is estimated."""
         return self._prior.estimated
 
+    @property
+    def resolved_input_transform(self) -> InputTransform | None:
+        """The input transform in use: the given one, else the one the first batch called for
+        (``uint8``, normalised or channels-last images: see the docs' Inputs); the analyses
+        that show images (:func:`~lightning_neurons.batch.input_transform_of`) use it too."""
+        return self._plan.transform if self._plan is not None else self.input_transform
+
     def reset_prior(self) -> None:
         """Forget the estimated data prior: it is estimated again from the next validation epoch
         (a ``prior`` given by the user is kept)."""
@@ -427,7 +435,7 @@ class FeatureVisualizer(StagedCallback):
                     f"FeatureVisualizer: the validation batches cannot be read ({err}); saliency "
                     "probes and class anchors are skipped."
                 )
-        shown = images is not None and self._shows_images(images)
+        shown = images is not None and shows_images(images, self._plan)
         if images is not None and not shown and not self._no_labels_warned:
             self._no_labels_warned = True
             rank_zero_warn(
@@ -451,16 +459,6 @@ class FeatureVisualizer(StagedCallback):
             self._probes.reset(rank, world)
         num_classes = self._classes_count(trainer, pl_module)
         self._probes.update(images[:rows], labels[:rows], num_classes)
-
-    def _shows_images(self, inputs: torch.Tensor) -> bool:
-        """Whether model inputs are images: ``[B, C, H, W]``, or mapped back to images exactly by
-        the input transform's ``inverse`` (:class:`~lightning_neurons.data.Flatten`)."""
-        if inputs.dim() == 4:
-            return True
-        if self._plan is None or not len(inputs):
-            return False
-        images, exact = to_display(inputs[:1], self._plan.transform)
-        return exact and images.dim() == 4
 
     def _classes_count(self, trainer: Trainer, pl_module: LightningModule) -> int | None:
         if self._num_classes is None:
