@@ -93,6 +93,24 @@ def _fit(tmp_path, net: type, data: TinyData) -> tuple[list[pl.Callback], list[s
     return callbacks, [str(w.message) for w in said]
 
 
+def _assert_same_analyses(ours: tuple, reference: tuple) -> None:
+    """FeatureVisualizer's and NeuronContribution's results equal the reference fit's: renderings
+    within 1e-4 (see the uint8 test for the arithmetic), the same saliency images to the bit,
+    maps and contributions within 1e-6 (+1e-4 relative); no failures."""
+    (vis, contribution), (ref, ref_contribution) = ours, reference
+    for key, rendering in ref.results.items():
+        torch.testing.assert_close(vis.results[key].images, rendering.images, atol=1e-4, rtol=0)
+    maps, ref_maps = vis.saliency_results, ref.saliency_results
+    torch.testing.assert_close(maps.images, ref_maps.images, atol=0, rtol=0)  # the same bytes
+    for method, values in ref_maps.maps.items():
+        torch.testing.assert_close(maps.maps[method], values, atol=1e-6, rtol=1e-4)
+    for layer, result in ref_contribution.results.items():
+        mine = contribution.results[layer].stats.class_contribution
+        torch.testing.assert_close(mine, result.stats.class_contribution, atol=1e-6, rtol=1e-4)
+    for cb in (vis, contribution):
+        assert not cb.failures, cb.failures
+
+
 @pytest.mark.parametrize(("net", "transform"), [(Scales, ByteImages), (Converts, type(None))])
 def test_uint8_images_are_analysed_as_the_same_network_fed_floats(tmp_path, net, transform):
     # Trained alike to the bit: the model's first operation makes the float images the float
@@ -102,18 +120,8 @@ def test_uint8_images_are_analysed_as_the_same_network_fed_floats(tmp_path, net,
     assert not [m for m in said if "FeatureVisualizer: the images" in m]
     (_, ref, ref_contribution), _ = _fit(tmp_path / "floats", Floats, ByteData(as_float=True))
     assert isinstance(vis._plan.transform, transform)
-    for key, rendering in ref.results.items():
-        torch.testing.assert_close(vis.results[key].images, rendering.images, atol=1e-4, rtol=0)
-    maps, ref_maps = vis.saliency_results, ref.saliency_results
-    torch.testing.assert_close(maps.images, ref_maps.images, atol=0, rtol=0)  # the same bytes
-    assert maps.inputs.dtype == torch.uint8  # the probes kept as the loader gave them
-    for method, values in ref_maps.maps.items():
-        torch.testing.assert_close(maps.maps[method], values, atol=1e-6, rtol=1e-4)
-    for layer, result in ref_contribution.results.items():
-        ours = contribution.results[layer].stats.class_contribution
-        torch.testing.assert_close(ours, result.stats.class_contribution, atol=1e-6, rtol=1e-4)
-    for cb in (vis, contribution):
-        assert not cb.failures, cb.failures
+    _assert_same_analyses((vis, contribution), (ref, ref_contribution))
+    assert vis.saliency_results.inputs.dtype == torch.uint8  # the probes kept as the loader gave
 
 
 def test_uint8_images_are_shown_divided_by_255():
@@ -233,18 +241,8 @@ def test_channels_last_images_are_analysed_as_the_same_network_fed_channels_firs
     assert len(told) == 1 and "read as channels last" in told[0]
     assert isinstance(vis._plan.transform, ChannelsLast)
     # the same arithmetic but for the permutation, which may pick other convolution kernels
-    for key, rendering in ref.results.items():
-        assert vis.results[key].images.shape[1:] == (3, 8, 8)
-        torch.testing.assert_close(vis.results[key].images, rendering.images, atol=1e-4, rtol=0)
-    maps, ref_maps = vis.saliency_results, ref.saliency_results
-    torch.testing.assert_close(maps.images, ref_maps.images, atol=0, rtol=0)
-    for method, values in ref_maps.maps.items():
-        torch.testing.assert_close(maps.maps[method], values, atol=1e-6, rtol=1e-4)
-    for layer, result in ref_contribution.results.items():
-        ours = contribution.results[layer].stats.class_contribution
-        torch.testing.assert_close(ours, result.stats.class_contribution, atol=1e-6, rtol=1e-4)
-    for cb in (vis, contribution):
-        assert not cb.failures, cb.failures
+    assert all(r.images.shape[1:] == (3, 8, 8) for r in vis.results.values())
+    _assert_same_analyses((vis, contribution), (ref, ref_contribution))
 
 
 def test_channels_last_uint8_images_are_shown_channels_first():
