@@ -354,7 +354,7 @@ def to_display(x: torch.Tensor, transform: InputTransform | None) -> tuple[torch
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
-    """Whether ``x`` is a ``[B, H, W, C]`` image batch (1, 3 or 4 channels last, more than 4 rows)."""
+    """Whether ``x`` is a ``[B, H, W, C]`` batch: 1, 3 or 4 channels last, over 4 rows."""
     return x.dim() == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] > 4
 
 

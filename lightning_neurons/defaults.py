@@ -103,8 +103,9 @@ def default_layers(
        :mod:`lightning_neurons.functional`), after the module's children;
     3. a *block* is a layer and is not walked into: a module that is a direct child of a
        *container* (``nn.Sequential`` / ``ModuleList`` / ``ModuleDict`` running its children as
-       they are, or a module whose ``forward`` runs ``self.children()``), has its own ``forward``, contains an activation (module or function call) and
-       does not contain the final classifier (the model's last ``Linear``). Its output is the
+       they are, or a module whose ``forward`` runs ``self.children()``), has its own
+       ``forward``, contains an activation (module or function call) and does not contain the
+       final classifier (the model's last ``Linear``). Its output is the
        block's response: the post-ReLU output of a ResNet ``BasicBlock``, an ``MBConv`` /
        ``CNBlock`` output, a DenseNet dense block's, a transformer block's tokens. So is a
        *branching block* wherever it lies: a module whose ``forward`` concatenates the outputs
@@ -120,7 +121,8 @@ def default_layers(
 
     So a ResNet gives its stem ReLU and every residual block's output, a VGG its ReLUs, ConvNeXt
     and vision transformers their blocks, GoogLeNet and Inception v3 their stem's activations and
-    Inception modules, a tutorial CNN with ``F.relu`` in ``forward`` its ``relu()`` calls. docs/layers_models.md has a table for timm's models.
+    Inception modules, a tutorial CNN with ``F.relu`` in ``forward`` its ``relu()`` calls.
+    docs/layers_models.md has a table for timm's models.
 
     Args:
         model: The model.
