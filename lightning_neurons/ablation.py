@@ -20,13 +20,7 @@ import torch
 from torch import nn
 
 from lightning_neurons import progress
-from lightning_neurons.batch import (
-    BatchFn,
-    BatchReader,
-    as_model_input,
-    check_targets,
-    limited_batches,
-)
+from lightning_neurons.batch import BatchFn, BatchReader, as_model_input, check_targets
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.functional import is_function_layer
 from lightning_neurons.hooks import (
@@ -34,6 +28,7 @@ from lightning_neurons.hooks import (
     exact_call_site,
     get_module,
 )
+from lightning_neurons.loaders import limited_batches
 from lightning_neurons.state import analysis_mode, model_device
 
 __all__ = [

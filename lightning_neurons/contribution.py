@@ -48,7 +48,6 @@ from lightning_neurons.batch import (
     as_model_input,
     check_label_range,
     check_targets,
-    limited_batches,
     read_logits,
 )
 from lightning_neurons.checks import check_positive_int
@@ -58,6 +57,7 @@ from lightning_neurons.hooks import (
     get_module,
     selects,
 )
+from lightning_neurons.loaders import limited_batches
 from lightning_neurons.state import analysis_mode, model_device
 from lightning_neurons.stats import (
     ClassNeuronStats,

@@ -35,10 +35,10 @@ from lightning_neurons.batch import (
     InputTransform,
     as_model_input,
     input_transform_of,
-    stage_loaders,
     to_display,
 )
 from lightning_neurons.hooks import first_tensor, hooked
+from lightning_neurons.loaders import stage_loaders
 from lightning_neurons.plots.images import rgb_channels
 from lightning_neurons.state import analysis_mode, preserved_rng
 

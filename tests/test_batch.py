@@ -14,7 +14,6 @@ from lightning_neurons import NeuronsError
 from lightning_neurons.batch import (
     BatchReader,
     LabelRange,
-    LoaderRows,
     as_model_input,
     check_targets,
     read_inputs,
@@ -24,6 +23,7 @@ from lightning_neurons.batch import (
     to_model_input,
 )
 from lightning_neurons.data import Normalize
+from lightning_neurons.loaders import LoaderRows
 
 
 def test_read_logits_of_tensors_tuples_named_tuples_and_mappings():

@@ -12,11 +12,11 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
-from lightning_neurons.batch import LoaderRows, analysed_rows
 from lightning_neurons.callbacks._base import StageBatch, StagedCallback
 from lightning_neurons.callbacks.tracker import ActivationTracker, tracker_results, tracker_spec
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import selects, split_call
+from lightning_neurons.loaders import LoaderRows, analysed_rows
 from lightning_neurons.results import TrackerSpec
 from lightning_neurons.stats import LayerStats
 

@@ -10,7 +10,7 @@ from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
 from lightning_neurons import progress
-from lightning_neurons.batch import BatchReader, LoaderRows, analysed_rows
+from lightning_neurons.batch import BatchReader
 from lightning_neurons.callbacks._base import (
     OnError,
     StageBatch,
@@ -38,6 +38,7 @@ from lightning_neurons.distributed import (
     sum_over_ranks,
 )
 from lightning_neurons.hooks import resolve_layers, selects
+from lightning_neurons.loaders import LoaderRows, analysed_rows
 from lightning_neurons.probes import ProbeCollector, shared_probes
 from lightning_neurons.results import ContributionResult, Probes, TrackerSpec
 from lightning_neurons.state import analysis_mode

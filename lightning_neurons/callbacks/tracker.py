@@ -12,15 +12,7 @@ from typing_extensions import override
 
 from lightning_neurons import progress
 from lightning_neurons.activations import check_activations
-from lightning_neurons.batch import (
-    BatchFn,
-    BatchReader,
-    LabelRange,
-    LoaderRows,
-    analysed_rows,
-    as_model_input,
-    stage_loaders,
-)
+from lightning_neurons.batch import BatchFn, BatchReader, LabelRange, as_model_input
 from lightning_neurons.callbacks._base import (
     OnError,
     StageBatch,
@@ -41,6 +33,7 @@ from lightning_neurons.hooks import (
     split_call,
 )
 from lightning_neurons.layouts import held_values
+from lightning_neurons.loaders import LoaderRows, analysed_rows, stage_loaders
 from lightning_neurons.results import TrackerSpec
 from lightning_neurons.signs import never_negative_layers
 from lightning_neurons.state import in_analysis
@@ -71,7 +64,7 @@ class ActivationTracker(StagedCallback):
 
     Every image is counted once: only the loader ``dataloader_idx`` is analysed, and under DDP the
     samples that :class:`~torch.utils.data.DistributedSampler` repeats to even out the processes
-    are left out (see :class:`~lightning_neurons.batch.LoaderRows`). The batch layout and labels
+    are left out (see :class:`~lightning_neurons.loaders.LoaderRows`). The batch layout and labels
     are checked on the first batch the model sees (the sanity check included).
 
     Args:

@@ -11,13 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_neurons.batch import (
-    BatchReader,
-    InputTransform,
-    LoaderRows,
-    analysed_rows,
-    to_display,
-)
+from lightning_neurons.batch import BatchReader, InputTransform, to_display
 from lightning_neurons.callbacks._anchors import AnchorImages
 from lightning_neurons.callbacks._base import (
     OnError,
@@ -55,6 +49,7 @@ from lightning_neurons.data import Flatten, Normalize
 from lightning_neurons.defaults import infer_num_classes
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import resolve_layers, selects
+from lightning_neurons.loaders import LoaderRows, analysed_rows
 from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.probes import ProbeCollector, shared_probes
 from lightning_neurons.results import ClusterRendering, Rendering, SaliencyMaps, TrackerSpec
