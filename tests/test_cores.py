@@ -3,8 +3,9 @@ back; the training loop always runs on the threads it started with."""
 
 from __future__ import annotations
 
+import sys
 import threading
-from types import SimpleNamespace
+import types
 
 import lightning.pytorch as pl
 import pytest
@@ -58,8 +59,8 @@ def test_the_threads_are_the_cores_the_busy_workers_leave(threads, cores_, busy_
         torch.set_num_threads(before)
 
 
-def _trainer() -> SimpleNamespace:
-    return SimpleNamespace(
+def _trainer() -> types.SimpleNamespace:
+    return types.SimpleNamespace(
         is_global_zero=True, progress_bar_callback=None, current_epoch=0, state="fit"
     )
 
@@ -158,3 +159,17 @@ def test_training_runs_on_its_own_threads_and_the_analysis_on_what_workers_leave
     assert analysed and set(analysed) == {1}
     assert len(seen.training) == 12 and set(seen.training) == {2}
     assert torch.get_num_threads() == 2
+
+
+def test_the_blas_search_is_redone_only_after_an_import(monkeypatch):
+    """threadpoolctl's search of the loaded libraries (about 5 ms) is kept until a module is
+    imported: a library that an import loads is found then."""
+    first = cores.loaded_blas()
+    assert cores.loaded_blas() is first
+    monkeypatch.setitem(sys.modules, "lightning_neurons_test_just_imported", types.ModuleType("m"))
+    again = cores.loaded_blas()
+    assert again is not first
+    assert [c.filepath for c in again.lib_controllers] == [
+        c.filepath for c in first.lib_controllers
+    ]
+    assert cores.loaded_blas() is again
