@@ -162,7 +162,7 @@ def test_training_runs_on_its_own_threads_and_the_analysis_on_what_workers_leave
 
 
 def test_the_blas_search_is_redone_only_after_an_import(monkeypatch):
-    """threadpoolctl's search of the loaded libraries (about 5 ms) is kept until a module is
+    """threadpoolctl's search of the loaded libraries (1.5 ms) is kept until a module is
     imported: a library that an import loads is found then."""
     first = cores.loaded_blas()
     assert cores.loaded_blas() is first
