@@ -32,6 +32,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_neurons.figure_worker import background_figures, close, draw
+from lightning_neurons.scalar_layout import update_layout
 
 #: Folder (under the TensorBoard log dir, or the trainer's root dir) holding our files.
 ARTIFACT_DIRNAME = "neurons"
@@ -296,12 +297,16 @@ class AnalysisLogger:
         """Log scalars to every logger of the trainer (TensorBoard, CSV, W&B...), each tag under
         :data:`SCALAR_GROUP` (``neurons/activations/<layer>/dead_fraction``): TensorBoard's
         Scalars tab groups charts by their first word, in alphabetical order, 12 to a page, so
-        the analyses' charts form one group beside ``train/`` and ``val/``."""
+        the analyses' charts form one group beside ``train/`` and ``val/``. TensorBoard's Custom
+        Scalars tab shows every layer of a metric on one chart
+        (:mod:`lightning_neurons.scalar_layout`)."""
         if not self.is_writer:
             return
         clean = {f"{SCALAR_GROUP}/{k}": float(v) for k, v in metrics.items()}
         for logger in self.trainer.loggers:
             logger.log_metrics(clean, step=self.step)
+        if self.experiment is not None:  # every layer of a metric on one Custom Scalars chart
+            update_layout(self.experiment, clean)
 
     def _path(self, name: str, suffix: str) -> Path:
         """``<root>/<stage>/<kind>/epoch=EEE/<name><suffix>``, its folder created."""
