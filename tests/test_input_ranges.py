@@ -206,6 +206,30 @@ def test_normalised_images_without_a_transform_are_analysed_as_with_it(tmp_path)
     torch.testing.assert_close(to_display(probes, input_transform_of(trainer))[0], displayed)
 
 
+class ErasedData(NormalisedData):
+    """NormalisedData whose training images are augmented after the normalisation, as
+    RandomErasing with random values is: pixels at 4, beyond every normalisation's range."""
+
+    def __init__(self, given: bool) -> None:
+        super().__init__(given)
+        self.x = self.x.clone()
+        self.x[::2, :, :2, :2] = 4.0
+
+
+def test_the_normalisation_is_read_from_validation_images_not_augmented_training_ones(tmp_path):
+    """The first batch is a training batch (no sanity check): its range fits no normalisation,
+    the validation images' does; the analyses are those of the fit given the normalisation."""
+    (_, vis, _), said = _fit(tmp_path / "guessed", ThreeChannels, ErasedData(given=False))
+    (_, ref, _), _ = _fit(tmp_path / "given", ThreeChannels, ErasedData(given=True))
+    told = [m for m in said if "FeatureVisualizer: the images are not display images" in m]
+    assert len(told) == 1 and "fits the ImageNet normalisation" in told[0]
+    assert repr(vis.resolved_input_transform) == repr(ref.resolved_input_transform)
+    for key, rendering in ref.results.items():
+        torch.testing.assert_close(vis.results[key].images, rendering.images, atol=0, rtol=0)
+    torch.testing.assert_close(vis.saliency_results.images, ref.saliency_results.images)
+    assert not vis.failures
+
+
 def test_under_ddp_the_normalisation_is_named_not_guessed():
     """Each process would guess from its own batch; the processes must render alike."""
     from lightning_neurons.callbacks._plan import guessed_normalization

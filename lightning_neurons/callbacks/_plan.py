@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -201,10 +201,12 @@ def _read_inputs(
     inputs: torch.Tensor,
     image_shape: Sequence[int],
     output_fn: BatchFn | None,
+    guess: bool = True,
 ) -> tuple[InputTransform | None, Sequence[int]]:
     """The input transform (and image shape) that the first batch's ``inputs`` call for, when
     none is given: channels last (:class:`~lightning_neurons.data.ChannelsLast`), ``uint8``
-    (:func:`byte_images_transform`) or normalised (:func:`guessed_normalization`) images."""
+    (:func:`byte_images_transform`) or normalised (:func:`guessed_normalization`; not with
+    ``guess`` False: see :func:`later_normalization`) images."""
     last = is_channels_last(inputs)
     images = inputs.permute(0, 3, 1, 2) if last else inputs
     if last:
@@ -219,8 +221,24 @@ def _read_inputs(
         model = (lambda x: pl_module(x.permute(0, 2, 3, 1))) if last else pl_module
         transform = byte_images_transform(model, images, output_fn, pl_module)
     else:
-        transform = guessed_normalization(images, trainer.world_size)
+        transform = guessed_normalization(images, trainer.world_size) if guess else None
     return (ChannelsLast(transform) if last else transform), image_shape
+
+
+def later_normalization(
+    plan: VisualizerPlan, inputs: torch.Tensor, world_size: int = 1
+) -> VisualizerPlan:
+    """``plan`` with the normalisation that a validation batch's float ``inputs`` call for
+    (:func:`guessed_normalization`), when its transform came from a training batch: an
+    augmentation such as RandomErasing's random values (after the normalisation) gives a range
+    that no normalisation fits, which the validation images do not."""
+    last = isinstance(plan.transform, ChannelsLast) and plan.transform.inner is None
+    if not (plan.transform is None or last) or not inputs.is_floating_point():
+        return plan
+    guess = guessed_normalization(inputs.permute(0, 3, 1, 2) if last else inputs, world_size)
+    if guess is None:
+        return plan
+    return replace(plan, transform=ChannelsLast(guess) if last else guess)
 
 
 def make_plan(
@@ -237,6 +255,7 @@ def make_plan(
     output_fn: BatchFn | None,
     read_logits: Callable[[Callable[[], Any]], Any],
     inputs: torch.Tensor | None = None,
+    guess: bool = True,
 ) -> VisualizerPlan:
     """Resolve image shape, input transform, channels and classes; check them with one forward
     pass per kind of objective.
@@ -244,7 +263,8 @@ def make_plan(
     ``read_logits(fn)`` runs ``fn`` (the check of the logits) under the callback's ``on_error``:
     it returns ``None`` when the logits cannot be read (no class images, no saliency). Without an
     ``input_transform``, the first batch's ``inputs`` pick one (:func:`_read_inputs`): channels
-    last, ``uint8`` or normalised images.
+    last, ``uint8`` or normalised images (normalised ones only with ``guess``: the first batch
+    may be an augmented training batch, and :func:`later_normalization` reads a validation one).
 
     Raises:
         NeuronsError: For an unknown image size, or a shape, layer, channel or class that does
@@ -257,7 +277,7 @@ def make_plan(
         )
     if input_transform is None and inputs is not None:
         input_transform, image_shape = _read_inputs(
-            trainer, pl_module, inputs, image_shape, output_fn
+            trainer, pl_module, inputs, image_shape, output_fn, guess
         )
     shape = check_image_shape(list(image_shape))
 

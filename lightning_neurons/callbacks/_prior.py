@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_neurons.batch import InputTransform, to_display
 from lightning_neurons.visualize.prior import DataPrior, DataPriorEstimate
 
 
@@ -52,6 +53,14 @@ class PriorStream:
         if self.wants_images:
             with torch.inference_mode(False), torch.no_grad():
                 self.estimate.update(images)
+
+    def add_inputs(self, inputs: torch.Tensor, transform: InputTransform | None) -> None:
+        """Add model inputs, mapped back to display images (only an exact inverse: a transform
+        without one gives no faithful display images)."""
+        if self.wants_images:
+            images, exact = to_display(inputs, transform)
+            if exact:
+                self.update(images)
 
     def finish(self, world: int, device: torch.device) -> None:
         """Turn the streamed sums of every rank into the kept prior (every rank must call it)."""

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lightning_neurons.callbacks._plan import VisualizerPlan
 from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.results import ClusterRendering, Rendering, SaliencyMaps
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
+
+    from lightning_neurons.callbacks._rendering import RenderOptions
 
 
 def strength_label(channel: int, strength: float, activation: float, reference: float) -> str:
@@ -146,3 +152,24 @@ def log_focus(out: AnalysisLogger, res: SaliencyMaps, plan: VisualizerPlan) -> N
         )
     meta = {"methods": list(res.maps), "epoch": res.epoch}
     out.save_arrays("saliency", res.as_arrays(), meta=meta)
+
+
+def log_round(
+    trainer: Trainer,
+    owner: Any,
+    plan: VisualizerPlan,
+    results: Mapping[str, Rendering],
+    clusters: Mapping[str, ClusterRendering],
+    saliency: SaliencyMaps | None,
+    render: RenderOptions,
+) -> None:
+    """Log a FeatureVisualizer round (``owner``): the preferred images of the channels and
+    classes, of the clusters, and the saliency maps (rank zero only)."""
+    out = AnalysisLogger(trainer, "preference", owner=owner)
+    if not out.is_writer:
+        return
+    log_preference(out, results, plan, render.n_images, render.steps)
+    if clusters:
+        log_clusters(out, clusters, plan)
+    if saliency is not None:
+        log_focus(AnalysisLogger(trainer, "focus", owner=owner), saliency, plan)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -28,13 +29,14 @@ from lightning_neurons.callbacks._plan import (
     is_image_shape,
     is_indices,
     is_methods,
+    later_normalization,
     make_plan,
     saliency_methods,
     shows_images,
 )
 from lightning_neurons.callbacks._prior import PriorStream
 from lightning_neurons.callbacks._rendering import Renderer, RenderOptions
-from lightning_neurons.callbacks._visualizer_figures import log_clusters, log_focus, log_preference
+from lightning_neurons.callbacks._visualizer_figures import log_round
 from lightning_neurons.callbacks._visualizer_results import (
     channel_activations,
     channel_rendering,
@@ -50,7 +52,6 @@ from lightning_neurons.defaults import infer_num_classes
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import resolve_layers, selects
 from lightning_neurons.loaders import LoaderRows, analysed_rows
-from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.probes import ProbeCollector, shared_probes
 from lightning_neurons.results import ClusterRendering, Rendering, SaliencyMaps, TrackerSpec
 from lightning_neurons.stats import LayerStats
@@ -277,6 +278,7 @@ class FeatureVisualizer(StagedCallback):
         self._input_shape: tuple[int, ...] | None = None  # a first input that is not images
         self._no_labels_warned = False
         self._plan: VisualizerPlan | None = None
+        self._guess_later = False  # the normalisation is read from the first validation batch
         self._anchors: AnchorImages | None = None  # with the plan
         self._spec: TrackerSpec | None = None  # the tracker's, from setup on (None: no tracker)
         self._num_classes: int | None = None
@@ -355,7 +357,12 @@ class FeatureVisualizer(StagedCallback):
     def _on_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, step: StageBatch
     ) -> None:
-        self._first_batch(trainer, pl_module, step.batch)
+        self._first_batch(trainer, pl_module, step.batch, guess=step.stage != "train")
+        if self._guess_later and step.stage != "train" and self._plan is not None:
+            self._guess_later = False  # the first batch was a training batch: read this one
+            with contextlib.suppress(NeuronsError):
+                inputs = self._reader.inputs(step.batch)
+                self._plan = later_normalization(self._plan, inputs, trainer.world_size)
 
     def _on_batch_end(self, trainer: Trainer, pl_module: LightningModule, step: StageBatch) -> None:
         if step.stage not in ("validation", "test") or trainer.sanity_checking:
@@ -402,15 +409,9 @@ class FeatureVisualizer(StagedCallback):
 
     def _update_prior(self, batch: Any) -> None:
         """Add a validation batch, mapped back to display images, to the data prior's sums."""
-        if not self._prior.wants_images or self._plan is None:
-            return
-        try:
-            inputs = self._reader.inputs(batch)
-        except NeuronsError:
-            return
-        images, exact = to_display(inputs, self._plan.transform)
-        if exact:  # an input transform without an inverse: no faithful display images
-            self._prior.update(images)
+        if self._prior.wants_images and self._plan is not None:
+            with contextlib.suppress(NeuronsError):  # no input: nothing to add
+                self._prior.add_inputs(self._reader.inputs(batch), self._plan.transform)
 
     # ---- probes --------------------------------------------------------------------------------
 
@@ -465,8 +466,11 @@ class FeatureVisualizer(StagedCallback):
 
     # ---- planning (first round) ----------------------------------------------------------------
 
-    def _first_batch(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
-        """On the first batch the model sees: note its image shape and check the set-up."""
+    def _first_batch(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, guess: bool
+    ) -> None:
+        """On the first batch the model sees: note its image shape and check the set-up (a
+        normalisation is guessed from it unless it is a training batch: see ``_plan``)."""
         if self._plan is not None:
             return
         try:
@@ -480,9 +484,13 @@ class FeatureVisualizer(StagedCallback):
             images = shown if exact else images
         if isinstance(images, torch.Tensor) and images.dim() == 4:
             self._seen_shape = tuple(images.shape[1:])
-        self._prepare(trainer, pl_module, images if isinstance(images, torch.Tensor) else None)
+        self._prepare(
+            trainer, pl_module, images if isinstance(images, torch.Tensor) else None, guess
+        )
 
-    def _prepare(self, trainer: Trainer, pl_module: LightningModule, inputs: Any = None) -> None:
+    def _prepare(
+        self, trainer: Trainer, pl_module: LightningModule, inputs: Any = None, guess: bool = True
+    ) -> None:
         """Resolve and check the plan (:func:`~lightning_neurons.callbacks._plan.make_plan`; the
         first batch's ``inputs``: how uint8 or normalised images are read). Set-up mistakes raise
         (every rank). A model output whose logits cannot be read (see ``output_fn``) follows
@@ -510,11 +518,13 @@ class FeatureVisualizer(StagedCallback):
             input_transform=self.input_transform or data_attr(trainer, "input_transform"),
             output_fn=self._reader.output_fn,
             inputs=inputs,
+            guess=guess,
             read_logits=lambda fn: self._run_safely(
                 "reading the model's logits (for class images and saliency)", fn
             ),
         )
         self.layers = self._plan.layers
+        self._guess_later = not guess
         plan, ranks = self._plan, (trainer.global_rank, trainer.world_size)
         self._anchors = AnchorImages(self.render, plan.classes, plan.layers, *ranks)
 
@@ -574,19 +584,5 @@ class FeatureVisualizer(StagedCallback):
                 clustering.results, pl_module, alone, self.judge, self.max_clusters, epoch
             )
         if self.enable_logging:
-            self._log(trainer)
-
-    # ---- logging -------------------------------------------------------------------------------
-
-    def _log(self, trainer: Trainer) -> None:
-        out = AnalysisLogger(trainer, "preference", owner=self)
-        if not out.is_writer:
-            return
-        assert self._plan is not None
-        log_preference(out, self.results, self._plan, self.render.n_images, self.render.steps)
-        if self.cluster_results:
-            log_clusters(out, self.cluster_results, self._plan)
-        if self.saliency_results is not None:
-            log_focus(
-                AnalysisLogger(trainer, "focus", owner=self), self.saliency_results, self._plan
-            )
+            saliency, clusters = self.saliency_results, self.cluster_results
+            log_round(trainer, self, plan, results, clusters, saliency, self.render)
