@@ -149,6 +149,10 @@ def test_no_callback_waits_for_the_device_in_a_batch(tmp_path, tiny_module, monk
     late = {batch: waits for batch, waits in mode.found.items() if batch >= 2}
     assert not late, late
     # what the first batches do wait for is only the bounded collectors (and the first batch's
-    # label check, made at once so that a wrong `num_classes` stops the fit before it trains)
+    # label check, made at once so that a wrong `num_classes` stops the fit before it trains;
+    # and, once per fit, the first validation batch's range, which tells FeatureVisualizer how
+    # the images are normalised when the first batch was a training batch)
     early = {w.split(" (")[-1] for waits in mode.found.values() for w in waits}
-    assert early <= {"add_batch)", "_keep)", "update)", "check)"}, early
+    once = {"guessed_normalization)", "known_normalization)"}
+    assert early <= {"add_batch)", "_keep)", "update)", "check)", *once}, early
+    assert not [w for w in mode.found.get(1, []) if w.split(" (")[-1] in once]
