@@ -6,7 +6,7 @@ and a real headless Chromium.
     python docs/screenshots.py --epochs 4 --out /tmp/shots       # quicker, elsewhere
 
 It trains ``configs/digits.yaml`` into a temporary folder (unless ``--run-dir`` is given),
-starts TensorBoard on a free local port, opens the Scalars, Images, Text and Projector tabs in
+starts TensorBoard on a free local port, opens the Scalars, Images, Text, Projector and Custom Scalars tabs in
 headless Chromium (``chromium``, ``chromium-browser`` or ``google-chrome`` on the PATH; Debian:
 ``apt-get install chromium``), writes ``tensorboard_<tab>.png`` (256-colour PNGs, a few hundred KB)
 and stops everything it started, also on error or Ctrl-C. Not part of the tests: it needs a
@@ -38,6 +38,7 @@ SHOTS = [
     ("tensorboard_images", "images&tagFilter=relu3%7Cclasses", 2600, 30_000),
     ("tensorboard_text", "text&tagFilter=relu3%2Fprobes", 1000, 20_000),
     ("tensorboard_projector", "projector", 1000, 60_000),
+    ("tensorboard_custom_scalars", "custom_scalars", 1000, 20_000),
 ]
 WIDTH = 1400
 
