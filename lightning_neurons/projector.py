@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lightning_neurons.bands import display_channels_of, shown_channels
 from lightning_neurons.batch import (
     BatchReader,
     InputTransform,
@@ -434,6 +435,8 @@ def log_neuron_projector(
         tiles = tiles.tiles(input_transform_of(trainer), neurons=orders)
     else:
         tiles = {name: tiles[name][order] for name, order in orders.items() if name in tiles}
+    bands = display_channels_of(trainer)  # the channels the sprites show
+    tiles = {name: shown_channels(t, bands) for name, t in tiles.items()}
     # arrays for the writer thread, which must run no torch operation (see `sprite`)
     sheets = {name: t.detach().to("cpu", torch.float32).numpy() for name, t in tiles.items()}
     writes = [

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 
 from lightning_neurons import progress
+from lightning_neurons.bands import display_channels_of, shown_channels
 from lightning_neurons.batch import InputTransform, input_transform_of, to_display
 from lightning_neurons.callbacks._base import class_names_of
 from lightning_neurons.loggers import AnalysisLogger
@@ -25,14 +26,14 @@ def log_contribution(
     if not out.is_writer:
         return
     progress.phase("figures and files")
-    transform = input_transform_of(trainer)
+    transform, bands = input_transform_of(trainer), display_channels_of(trainer)
     scalars: dict[str, float] = {}
     for layer, res in results.items():
         progress.advance("layer", len(results))
         names = class_names_of(trainer, res.stats.num_classes)
         scalars.update(_scalars(out, layer, res, names))
         if out.experiment is not None:  # figures take time: draw them only to be shown
-            _figures(out, layer, res, names, transform)
+            _figures(out, layer, res, names, transform, bands)
         arrays, meta = _arrays(layer, res, names)
         out.save_arrays(layer, arrays, meta=meta)
     out.scalars(scalars)
@@ -64,6 +65,7 @@ def _figures(
     res: ContributionResult,
     names: list[str],
     transform: InputTransform | None,
+    bands: tuple[int, ...] | None = None,
 ) -> None:
     from lightning_neurons.plots.contribution import (
         ablation_figure,
@@ -87,6 +89,9 @@ def _figures(
     if res.probes is not None:
         probes = res.probes  # the grid is built and encoded off the training thread too
         shown, preferred = _display(probes, transform)
+        if shown.dim() == 4:  # the channels `display_channels` names
+            shown = shown_channels(shown, bands)
+            preferred = [[shown_channels(p[None], bands)[0] for p in row] for row in preferred]
         if shown.dim() == 4:  # inputs that are not images get the table alone
             out.figure(out.tag(layer, "probes"), probe_grid, *probe_tiles(shown, preferred))
         out.text(out.tag(layer, "probes"), _probe_table(res.probes, names))

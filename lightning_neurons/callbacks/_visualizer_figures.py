@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lightning_neurons.bands import Bands, display_channels_of, shown_channels
 from lightning_neurons.callbacks._plan import VisualizerPlan
 from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.results import ClusterRendering, Rendering, SaliencyMaps
@@ -68,16 +69,18 @@ def log_preference(
     plan: VisualizerPlan,
     n_images: int,
     steps: int,
+    bands: Bands | None = None,
 ) -> None:
-    """One grid per rendering (``preference/<layer>``, ``preference/classes``), its scalars
-    (strength, judge, steps) and its ``.npz`` file."""
+    """One grid per rendering (``preference/<layer>``, ``preference/classes``; the channels
+    ``bands``), its scalars (strength, judge, steps) and its ``.npz`` file."""
     from lightning_neurons.plots.images import image_grid
 
     scalars: dict[str, float] = {}
     for key, res in results.items():
         labels, title = grid_labels(key, res, plan)
         ncols = n_images if key != "classes" and n_images > 1 else None
-        out.figure(out.tag(key), image_grid, res.images, labels, ncols=ncols, title=title)
+        shown = shown_channels(res.images, bands)
+        out.figure(out.tag(key), image_grid, shown, labels, ncols=ncols, title=title)
         if res.judge_predicted is not None:
             agree = (res.judge_predicted == res.channels).double().mean()
             scalars[out.tag(key, "judge_recognised")] = float(agree)
@@ -109,7 +112,10 @@ def _cluster_labels(res: ClusterRendering, plan: VisualizerPlan) -> list[str]:
 
 
 def log_clusters(
-    out: AnalysisLogger, results: Mapping[str, ClusterRendering], plan: VisualizerPlan
+    out: AnalysisLogger,
+    results: Mapping[str, ClusterRendering],
+    plan: VisualizerPlan,
+    bands: Bands | None = None,
 ) -> None:
     """One grid per layer: ``c<id> (<size>): <preferred class>`` and, under it, what the model
     (and the judge) classify the image as, ``ok`` where it is the cluster's class."""
@@ -122,7 +128,8 @@ def log_clusters(
             "cluster (neurons): its class; what the model (judge) sees"
         )
         labels = _cluster_labels(res, plan)
-        out.figure(out.tag("clusters", layer), image_grid, res.images, labels, title=title)
+        shown = shown_channels(res.images, bands)
+        out.figure(out.tag("clusters", layer), image_grid, shown, labels, title=title)
         agree = (res.predicted == res.preferred_class).double().mean()
         scalars[out.tag("clusters", layer, "model_agrees")] = float(agree)
         if res.judge_predicted is not None:
@@ -135,15 +142,18 @@ def log_clusters(
     out.scalars(scalars)
 
 
-def log_focus(out: AnalysisLogger, res: SaliencyMaps, plan: VisualizerPlan) -> None:
+def log_focus(
+    out: AnalysisLogger, res: SaliencyMaps, plan: VisualizerPlan, bands: Bands | None = None
+) -> None:
     """One grid per saliency method (``focus/<method>``) and the maps' ``.npz`` file."""
     from lightning_neurons.plots.images import saliency_grid
 
+    shown = shown_channels(res.images, bands)
     for method, maps in res.maps.items():
         out.figure(
             out.tag(method),
             saliency_grid,
-            res.images,
+            shown,
             maps,
             res.predicted,
             res.labels,
@@ -164,12 +174,14 @@ def log_round(
     render: RenderOptions,
 ) -> None:
     """Log a FeatureVisualizer round (``owner``): the preferred images of the channels and
-    classes, of the clusters, and the saliency maps (rank zero only)."""
+    classes, of the clusters, and the saliency maps (rank zero only), in the channels
+    :func:`~lightning_neurons.bands.display_channels_of` names."""
     out = AnalysisLogger(trainer, "preference", owner=owner)
     if not out.is_writer:
         return
-    log_preference(out, results, plan, render.n_images, render.steps)
+    bands = display_channels_of(trainer)
+    log_preference(out, results, plan, render.n_images, render.steps, bands)
     if clusters:
-        log_clusters(out, clusters, plan)
+        log_clusters(out, clusters, plan, bands)
     if saliency is not None:
-        log_focus(AnalysisLogger(trainer, "focus", owner=owner), saliency, plan)
+        log_focus(AnalysisLogger(trainer, "focus", owner=owner), saliency, plan, bands)

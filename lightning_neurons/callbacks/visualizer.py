@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_neurons.bands import check_display_channels, display_channels_of, is_bands
 from lightning_neurons.batch import BatchReader, InputTransform, to_display
 from lightning_neurons.callbacks._anchors import AnchorImages
 from lightning_neurons.callbacks._base import (
@@ -157,6 +158,10 @@ class FeatureVisualizer(StagedCallback):
             ``uint8`` images, :class:`~lightning_neurons.data.ByteImages` when the model reads
             floats as 0-255). In YAML: a :class:`~lightning_neurons.data.Normalize` by
             ``class_path``, or a function's import path.
+        display_channels: The channels every figure of images draws as red, green and blue
+            (3 indices) or grey (1), e.g. ``[3, 2, 1]`` for Sentinel-2's natural colours;
+            default: the data module's ``display_channels`` attribute, else the first three
+            (see :mod:`lightning_neurons.bands`). Results and files keep every channel.
         render: How the images are rendered by gradient ascent: steps, continuation of the
             previous round's images, convergence, learning rate, parameterization, transforms,
             contrast, views, class restarts, diversity, penalties, seed and batch size (see
@@ -210,6 +215,7 @@ class FeatureVisualizer(StagedCallback):
         "probes_per_class": _POSITIVE,
         "max_probes": _POSITIVE,
         "image_shape": [Satisfies(is_image_shape, "[channels, height, width], each >= 1"), None],
+        "display_channels": [Satisfies(is_bands, "3 channel indices (RGB) or 1 (grey)"), None],
         "render": [RenderOptions, None],
         "max_clusters": _POSITIVE,
         "prior": [DataPrior, None],
@@ -232,6 +238,7 @@ class FeatureVisualizer(StagedCallback):
         max_probes: int = 16,
         image_shape: list[int] | None = None,
         input_transform: Normalize | Flatten | InputTransform | None = None,
+        display_channels: list[int] | None = None,
         render: RenderOptions = RenderOptions(),  # noqa: B008 - frozen: one shared default
         clusters: bool = True,
         max_clusters: int = 16,
@@ -257,6 +264,7 @@ class FeatureVisualizer(StagedCallback):
         self.max_probes = max_probes
         self.image_shape = None if image_shape is None else tuple(image_shape)
         self.input_transform = input_transform
+        self.display_channels = None if display_channels is None else list(display_channels)
         self.render = render or RenderOptions()
         self.clusters = bool(clusters)
         self.max_clusters = max_clusters
@@ -525,6 +533,7 @@ class FeatureVisualizer(StagedCallback):
         )
         self.layers = self._plan.layers
         self._guess_later = not guess
+        check_display_channels(display_channels_of(trainer), self._plan.shape[0])
         plan, ranks = self._plan, (trainer.global_rank, trainer.world_size)
         self._anchors = AnchorImages(self.render, plan.classes, plan.layers, *ranks)
 
