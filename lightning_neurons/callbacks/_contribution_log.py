@@ -89,10 +89,9 @@ def _figures(
     if res.probes is not None:
         probes = res.probes  # the grid is built and encoded off the training thread too
         shown, preferred = _display(probes, transform)
-        if shown.dim() == 4:  # the channels `display_channels` names
-            shown = shown_channels(shown, bands)
-            preferred = [[shown_channels(p[None], bands)[0] for p in row] for row in preferred]
         if shown.dim() == 4:  # inputs that are not images get the table alone
+            shown = shown_channels(shown, bands)  # the channels `display_channels` names
+            preferred = [[shown_channels(p[None], bands)[0] for p in row] for row in preferred]
             out.figure(out.tag(layer, "probes"), probe_grid, *probe_tiles(shown, preferred))
         out.text(out.tag(layer, "probes"), _probe_table(res.probes, names))
 
