@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -33,10 +33,10 @@ from lightning_neurons.callbacks._plan import (
     later_normalization,
     make_plan,
     saliency_methods,
-    shows_images,
 )
 from lightning_neurons.callbacks._prior import PriorStream
 from lightning_neurons.callbacks._rendering import Renderer, RenderOptions
+from lightning_neurons.callbacks._val_images import ValidationImages
 from lightning_neurons.callbacks._visualizer_figures import log_round
 from lightning_neurons.callbacks._visualizer_results import (
     channel_activations,
@@ -52,8 +52,8 @@ from lightning_neurons.data import Flatten, Normalize
 from lightning_neurons.defaults import infer_num_classes
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import resolve_layers, selects
-from lightning_neurons.loaders import LoaderRows, analysed_rows
-from lightning_neurons.probes import ProbeCollector, shared_probes
+from lightning_neurons.loaders import analysed_rows
+from lightning_neurons.probes import shared_probes
 from lightning_neurons.results import ClusterRendering, Rendering, SaliencyMaps, TrackerSpec
 from lightning_neurons.stats import LayerStats
 from lightning_neurons.strategies import refuse_sharded, require_forward
@@ -279,12 +279,9 @@ class FeatureVisualizer(StagedCallback):
         #: ``{layer: ClusterRendering}``: NeuronClustering's largest clusters' preferred images.
         self.cluster_results: dict[str, ClusterRendering] = {}
         self._prior = PriorStream(self.prior, self.prior_images, self.render.param == "maco")
-        # this rank's probe candidates; a round's probes are chosen from every rank's
-        self._probes = ProbeCollector(self.probes_per_class, self.max_probes, torch.float32)
-        self._val_rows = LoaderRows()
+        self._val_images = ValidationImages(self.probes_per_class, self.max_probes)
         self._seen_shape: tuple[int, ...] | None = None
         self._input_shape: tuple[int, ...] | None = None  # a first input that is not images
-        self._no_labels_warned = False
         self._plan: VisualizerPlan | None = None
         self._guess_later = False  # the normalisation is read from the first validation batch
         self._anchors: AnchorImages | None = None  # with the plan
@@ -352,15 +349,14 @@ class FeatureVisualizer(StagedCallback):
         self.results, self.saliency_results, self.cluster_results = {}, None, {}
         self._memory = ContinuationMemory(enabled=self.render.continue_steps is not None)
         self._prior.reset()  # estimated again from this fit's images (a given prior is kept)
-        self._probes.reset()
+        self._val_images.reset()
         self._seen_shape = self._input_shape = self._num_classes = None  # this fit's data's
-        self._no_labels_warned = False
 
     # Validation and test stages (``trainer.test``, and ``analyze`` with a tracker on the test
     # set): their batches feed the prior and the probes, and a round runs at their end.
     def _stage_start(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
         if stage in ("validation", "test") and not trainer.sanity_checking:
-            self._val_rows = analysed_rows(trainer, stage, self._dataloader_idx)
+            self._val_images.rows = analysed_rows(trainer, stage, self._dataloader_idx)
 
     def _on_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, step: StageBatch
@@ -378,9 +374,12 @@ class FeatureVisualizer(StagedCallback):
         if step.dataloader_idx != self._dataloader_idx:
             return
         self._update_prior(step.batch)
-        probes = not self._probes.full and bool(self._methods)
-        if probes or (self._anchors is not None and not self._anchors.kept.full):
-            self._collect_probes(trainer, pl_module, step.batch, step.batch_idx)
+        saliency, images = bool(self._methods), self._val_images
+        if images.wanted(saliency, self._anchors):
+            ranks = (trainer.global_rank, trainer.world_size)
+            count = functools.partial(self._classes_count, trainer, pl_module)
+            args = (self._reader, self._plan, self._anchors, saliency, ranks, count)
+            images.add(step.batch, step.batch_idx, *args)
 
     @override
     def _consume(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -420,49 +419,6 @@ class FeatureVisualizer(StagedCallback):
         if self._prior.wants_images and self._plan is not None:
             with contextlib.suppress(NeuronsError):  # no input: nothing to add
                 self._prior.add_inputs(self._reader.inputs(batch), self._plan.transform)
-
-    # ---- probes --------------------------------------------------------------------------------
-
-    def _collect_probes(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        """Stream a validation batch into this rank's probe candidates
-        (:mod:`lightning_neurons.probes`) and class anchor images."""
-        try:
-            images = self._reader.inputs(batch)
-            labels = self._reader.labels(batch)
-        except NeuronsError as err:
-            images = labels = None
-            if not self._no_labels_warned:
-                self._no_labels_warned = True
-                rank_zero_warn(
-                    f"FeatureVisualizer: the validation batches cannot be read ({err}); saliency "
-                    "probes and class anchors are skipped."
-                )
-        shown = images is not None and shows_images(images, self._plan)
-        if images is not None and not shown and not self._no_labels_warned:
-            self._no_labels_warned = True
-            rank_zero_warn(
-                f"FeatureVisualizer: the validation inputs are {list(images.shape)} batches, not "
-                "images [B, C, H, W]; saliency maps and class anchors need images and are left "
-                "out (the preferred images are rendered through `input_transform`; one with an "
-                "`inverse`, such as `lightning_neurons.data.Flatten`, gives them back)."
-            )
-        if images is None or labels is None or not shown:
-            self._probes.full = True
-            if self._anchors is not None:
-                self._anchors.kept.full = True
-            return
-        rank, world = trainer.global_rank, trainer.world_size
-        rows = self._val_rows.rows(batch_idx, labels.shape[0])  # DistributedSampler's repeats out
-        if self._anchors is not None and not self._anchors.kept.full:
-            self._anchors.kept.update(images[:rows], labels[:rows])
-        if self._probes.full or not self._methods:
-            return
-        if not self._probes.seen:
-            self._probes.reset(rank, world)
-        num_classes = self._classes_count(trainer, pl_module)
-        self._probes.update(images[:rows], labels[:rows], num_classes)
 
     def _classes_count(self, trainer: Trainer, pl_module: LightningModule) -> int | None:
         if self._num_classes is None:
@@ -562,7 +518,7 @@ class FeatureVisualizer(StagedCallback):
         classes = self._anchors.objectives(pl_module, plan.classes) if self._anchors else []
         class_images = renderer.images(pl_module, "classes", classes, True) if classes else None
         if self._methods and plan.saliency:  # every rank: each maps its share
-            probes = shared_probes(self._probes, "gathering the saliency probes")
+            probes = shared_probes(self._val_images.probes, "gathering the saliency probes")
             maps = saliency_maps(
                 pl_module,
                 renderer,
