@@ -1,10 +1,10 @@
 """Data modules: the embedded digits data (no download) and torchvision data sets by name.
 
 Every data module here yields ``(x, y)`` batches with ``x`` float ``[B, C, H, W]`` model inputs
-and ``y`` int64, and exposes ``num_classes``, ``class_names``, ``image_shape`` and
-``input_transform``, which the analyses use for their defaults. What the loaders yield is what
-the model gets; ``input_transform`` maps a display image (values in [0, 1]) to a model input
-(``None`` when they are the same), see :mod:`lightning_neurons.batch`.
+and ``y`` int64, and exposes ``num_classes``, ``class_names``, ``image_shape``,
+``input_transform`` and ``display_channels``, which the analyses use for their defaults. What
+the loaders yield is what the model gets; ``input_transform`` maps a display image (values in
+[0, 1]) to a model input (``None`` when they are the same), see :mod:`lightning_neurons.batch`.
 """
 
 from __future__ import annotations
@@ -70,9 +70,14 @@ class InMemoryDataModule(pl.LightningDataModule):
         augment: Pass training images through :func:`small_affine` (validation and test images
             are never augmented; the augmentation draws from torch's global RNG, as a
             torchvision transform in a DataLoader does).
+
+    A subclass may set, as class or instance attributes, ``input_transform`` (display image ->
+    model input) and ``display_channels`` (which channels of multispectral images the figures
+    draw: 3 as RGB or 1 as grey, see :mod:`lightning_neurons.bands`); both default to ``None``.
     """
 
     input_transform = None
+    display_channels: list[int] | None = None
 
     def __init__(
         self,
@@ -390,6 +395,8 @@ class TorchvisionDataModule(pl.LightningDataModule):
     Raises:
         NeuronsError: When the data is not under ``root`` and ``download`` is false.
     """
+
+    display_channels: list[int] | None = None  # 1 or 3 channels: the default colours
 
     _STATS = {
         "mnist": NORMALIZATIONS["MNIST"],
