@@ -71,6 +71,11 @@ class ImageClassifier(pl.LightningModule):
     tuples or mappings such as ``{"pixel_values": ..., "labels": ...}``; the targets are class
     indices, or class probabilities (mixup, cutmix), whose top class the accuracy scores.
 
+    A binary classifier may have one logit (``num_classes=1``): it is read as the two classes'
+    logits ``[-z/2, z/2]`` (:func:`~lightning_neurons.batch.read_logits`), whose softmax is the
+    sigmoid's ``[1 - p, p]``, so the cross-entropy is BCE with logits. Its targets may then also be
+    floats or booleans (``[B]`` or ``[B, 1]``; 0.0 and 1.0, or the probability of class 1).
+
     Args:
         backbone: Any ``nn.Module`` mapping images to ``num_classes`` logits (in YAML, any class
             path, e.g. ``torchvision.models.resnet18`` with ``init_args: {num_classes: 10}``).
@@ -78,7 +83,7 @@ class ImageClassifier(pl.LightningModule):
             outputs (torchvision's GoogLeNet and Inception v3 in training mode), the main logits
             are trained (read as :func:`~lightning_neurons.batch.read_logits` reads them); the
             auxiliary classifiers are not.
-        num_classes: Number of classes.
+        num_classes: Number of classes (1: a binary classifier's one logit).
         lr: The (peak) learning rate of AdamW.
         weight_decay: AdamW's decoupled weight decay (0: plain Adam).
         schedule: ``"constant"`` keeps ``lr``; ``"onecycle"`` warms up to ``lr`` over the first
@@ -106,15 +111,21 @@ class ImageClassifier(pl.LightningModule):
                 f"`lr` must be > 0 and `weight_decay` >= 0, got lr={lr!r}, "
                 f"weight_decay={weight_decay!r}"
             )
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise NeuronsError(
+                f"`num_classes` must be a positive integer (1: a binary classifier's one logit), "
+                f"got {num_classes!r}"
+            )
         self.backbone = backbone if backbone is not None else SmallCNN(num_classes=num_classes)
         self.num_classes = num_classes
         self.lr = lr
         self.weight_decay = weight_decay
         self.schedule = schedule
         metric = torchmetrics.classification.MulticlassAccuracy
-        self.train_acc = metric(num_classes=num_classes, average="micro")
-        self.val_acc = metric(num_classes=num_classes, average="micro")
-        self.test_acc = metric(num_classes=num_classes, average="micro")
+        classes = max(num_classes, 2)  # one logit: read as two classes
+        self.train_acc = metric(num_classes=classes, average="micro")
+        self.val_acc = metric(num_classes=classes, average="micro")
+        self.test_acc = metric(num_classes=classes, average="micro")
         self.val_acc_best = torchmetrics.MaxMetric()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +159,7 @@ class ImageClassifier(pl.LightningModule):
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """``[B, num_classes]`` class probabilities of a batch: images alone, or with labels
-        (``trainer.predict`` on the validation loader)."""
+        (``trainer.predict`` on the validation loader); ``[B, 2]`` for one logit (``1 - p, p``)."""
         return read_logits(self(read_inputs(batch))).softmax(dim=1)
 
     def configure_optimizers(self):
@@ -179,11 +190,13 @@ def images_and_targets(batch: Any, num_classes: int) -> tuple[torch.Tensor, torc
         batch: ``(images, targets, ...)``, or a mapping with one of
             :data:`~lightning_neurons.batch.INPUT_KEYS` and one of
             :data:`~lightning_neurons.batch.LABEL_KEYS` (Hugging Face datasets' layout).
-        num_classes: The classifier's classes.
+        num_classes: The classifier's classes (1: one logit, read as two classes).
 
     Returns:
         The images, and the targets: ``[B]`` class indices (a ``[B, 1]`` column is flattened), or
-        ``[B, num_classes]`` class probabilities, as mixup and cutmix make them.
+        ``[B, num_classes]`` class probabilities, as mixup and cutmix make them. Of a binary
+        classifier (``num_classes`` 1 or 2), boolean targets are class indices and float ones
+        (``[B]`` or ``[B, 1]``: class 1's probability ``p``) the probabilities ``[1 - p, p]``.
 
     Raises:
         NeuronsError: If the batch has no images or targets, or the targets are neither.
@@ -210,8 +223,13 @@ def images_and_targets(batch: Any, num_classes: int) -> tuple[torch.Tensor, torc
             "and override `_step`."
         )
     y = torch.as_tensor(y, device=x.device)
-    if y.dim() == 2 and y.shape[1] == 1 and not y.dtype.is_floating_point:
+    if y.dim() == 2 and y.shape[1] == 1 and (num_classes <= 2 or not y.dtype.is_floating_point):
         y = y[:, 0]
+    if num_classes <= 2 and y.dim() == 1 and y.dtype.is_floating_point:
+        y = _binary_probabilities(y)
+    elif num_classes <= 2 and y.dtype == torch.bool:
+        y = y.long()
+    num_classes = max(num_classes, 2)
     indices = y.dim() == 1 and not (y.dtype.is_floating_point or y.dtype == torch.bool)
     soft = y.dim() == 2 and y.shape[1] == num_classes  # probabilities, or one-hot of any dtype
     if not (indices or soft) or y.shape[0] != x.shape[0]:
@@ -224,3 +242,14 @@ def images_and_targets(batch: Any, num_classes: int) -> tuple[torch.Tensor, torc
     if soft and not y.dtype.is_floating_point:
         y = y.float()  # cross-entropy takes probabilities as floats
     return x, y.long() if indices else y
+
+
+def _binary_probabilities(p: torch.Tensor) -> torch.Tensor:
+    """``[B, 2]`` class probabilities ``[1 - p, p]`` of a binary classifier's float targets."""
+    if p.device.type == "cpu" and len(p) and not bool(((p >= 0) & (p <= 1)).all()):
+        bad = p[~((p >= 0) & (p <= 1))][0].item()
+        raise NeuronsError(
+            f"ImageClassifier's float targets of a binary classifier are class 1's probability, "
+            f"in [0, 1]; got {bad!r}. Pass 0/1 labels (or probabilities) as targets."
+        )
+    return torch.stack([1 - p, p], dim=1)

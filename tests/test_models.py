@@ -160,3 +160,77 @@ def test_predict_gives_class_probabilities_with_or_without_labels(tmp_path, tiny
     # the same images in batches of 8 and in one batch: kernels may differ by rounding
     torch.testing.assert_close(probabilities, expected, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(torch.cat(images_only), probabilities, atol=0, rtol=0)
+
+
+# ---- a binary classifier: one logit, num_classes=1 ------------------------------------------------
+
+
+def _binary_batch(n: int = 16):
+    """Images whose brightness gives the class, and the class as 0/1."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % 2
+    return torch.rand(n, 1, 8, 8, generator=g) * 0.5 + y.view(-1, 1, 1, 1) * 0.5, y
+
+
+@pytest.mark.parametrize(
+    "layout", ["int [B]", "float [B, 1]", "float [B]", "bool [B]", "smoothed float [B, 1]"]
+)
+def test_one_logit_trains_with_bce_on_any_target_layout(layout):
+    torch.manual_seed(0)
+    model = ImageClassifier(TinyNet(num_classes=1), num_classes=1)
+    x, y = _binary_batch()
+    p = y.float() * 0.8 + 0.1 if layout.startswith("smoothed") else y.float()
+    targets = {
+        "int [B]": y,
+        "float [B, 1]": p[:, None],
+        "float [B]": p,
+        "bool [B]": y.bool(),
+        "smoothed float [B, 1]": p[:, None],
+    }[layout]
+    loss = model._step((x, targets), "train", model.train_acc)
+    loss.backward()
+    got = [q.grad.clone() for q in model.parameters()]
+    model.zero_grad()
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(model(x)[:, 0], p)
+    expected.backward()
+    # cross-entropy over [-z/2, z/2] is BCE with logits over z: the same value and gradients up
+    # to float32 rounding of two formulas (a log-softmax against a log-sigmoid, ~1e-7 relative)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    for a, q in zip(got, model.parameters(), strict=True):
+        torch.testing.assert_close(a, q.grad, rtol=1e-4, atol=1e-6)
+    predicted = (model(x)[:, 0] > 0).long()
+    assert model.train_acc.compute().item() == pytest.approx((predicted == y).float().mean().item())
+
+
+def test_one_logit_fits_predicts_and_the_tracker_counts_two_classes(tmp_path):
+    from lightning_neurons import ActivationTracker
+
+    torch.manual_seed(0)
+    model = ImageClassifier(TinyNet(num_classes=1), num_classes=1, lr=0.05)
+    x, y = _binary_batch(64)
+    tracker = ActivationTracker(on_error="raise")
+    trainer = fast_trainer(tmp_path, max_epochs=8, callbacks=[tracker])
+    trainer.fit(model, _loader(x, y.float()[:, None], shuffle=True), _loader(x, y))
+    assert float(trainer.callback_metrics["val/acc"]) > 0.9  # brightness splits the classes
+    assert all(s.counts.tolist() == [32, 32] for s in tracker.results.values())
+    probabilities = torch.cat(trainer.predict(model, _loader(x, y)))
+    model.eval()
+    with torch.no_grad():
+        expected = torch.sigmoid(model(x)[:, 0])
+    assert probabilities.shape == (64, 2)
+    torch.testing.assert_close(probabilities[:, 1], expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(64))
+
+
+@pytest.mark.parametrize(
+    ("num_classes", "targets", "match"),
+    [
+        (0, None, "`num_classes` must be a positive integer"),
+        (1, torch.tensor([0.0, 1.5]), "class 1's probability, in \\[0, 1\\]; got 1.5"),
+        (1, torch.rand(2, 3), r"class probabilities of shape \[B, 2\]"),
+    ],
+)
+def test_binary_mistakes_are_named(num_classes, targets, match):
+    with pytest.raises(NeuronsError, match=match):
+        model = ImageClassifier(TinyNet(num_classes=1), num_classes=num_classes)
+        model._step((torch.zeros(2, 1, 8, 8), targets), "train", model.train_acc)
