@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: shot the last layer's figures and the preferred images.
 SHOTS = [
     ("tensorboard_scalars", "scalars", 1000, 20_000),
-    ("tensorboard_images", "images&tagFilter=relu3%7Cclasses", 2600, 30_000),
+    ("tensorboard_images", "images&tagFilter=relu3%7Cclasses", 3150, 30_000),
     ("tensorboard_text", "text&tagFilter=relu3%2Fprobes", 1000, 20_000),
     ("tensorboard_projector", "projector", 1000, 60_000),
     ("tensorboard_custom_scalars", "custom_scalars", 1000, 20_000),
