@@ -4,7 +4,9 @@ A matplotlib figure costs a tenth of a second or more to lay out and draw, in Py
 holds the GIL, so a thread would still slow the training loop. :class:`BackgroundFigures` hands
 each figure (the plot function and its arguments, pickled) to worker processes forked from the
 training process, and logs the pixels they send back with the ``global_step`` of the moment the
-figure was asked for (TensorBoard orders images by step, not by arrival).
+figure was asked for, in the order the figures were asked for: TensorBoard keeps a tag's images
+in the order they arrive, and its data server drops every image of a tag at or after the step of
+one that arrives late.
 
 The workers are forked at fit start (:meth:`BackgroundFigures.warm`, while the training process is
 small), or else when the first figure is asked for, and end once every callback that asked
@@ -12,8 +14,9 @@ for figures has waited for them (each callback of the package waits in ``teardow
 Lightning closes the loggers), so no process outlives a fit: a worker not gone a few seconds
 later (stuck since the fork: forking a process with threads is never quite safe) is killed.
 Workers that use no CPU at all for :data:`STALL_TIMEOUT` seconds while figures wait are stuck:
-they are ended and their figures drawn on the spot by the callback that waits for them, so none
-is lost. Workers that draw nothing for :data:`FIGURE_TIMEOUT` seconds, busy or not, are ended and
+they are ended, and their figures (as those of a worker that was killed) are drawn in the training
+process, in their turn, the next time an analysis asks for a figure, reports its progress or waits
+for its figures; none is lost. Workers that draw nothing for :data:`FIGURE_TIMEOUT` seconds, busy or not, are ended and
 their figures reported lost. Where ``fork`` is not available
 (Windows, macOS) or a figure's arguments cannot be pickled, the figure is drawn on the spot
 instead, as it would be without this module; so are all figures while
@@ -23,6 +26,7 @@ instead, as it would be without this module; so are all figures while
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import importlib
 import io
@@ -244,32 +248,53 @@ class BackgroundFigures:
     ) -> None:
         """Draw ``fn(*args, **kwargs)`` in the worker and call ``log(pixels)`` with the result.
 
-        ``log`` runs on a thread of this process once the pixels are back (or at once, when the
-        figure is drawn on the spot); its errors, and the figure's, are kept for :meth:`wait`.
+        ``log`` runs on a thread of this process once the pixels are back, after the figures
+        asked for before (or at once, when the figure is drawn on the spot: workers disabled, or
+        arguments that cannot be pickled); its errors, and the figure's, are kept for
+        :meth:`wait`.
         """
         kwargs = dict(kwargs or {})
         payload = self._payload(fn, args, kwargs)
         if payload is None:
             log(draw(fn, *args, **kwargs))  # on the spot: errors reach the caller now
             return
+        self._redraw_lost()
         self._make_room(len(payload))
         with self._lock:
+            drawn = self._to_workers(payload)
+            figure = _Figure(payload, log, drawn or Future())
+            self._pending.setdefault(id(owner), []).append(figure)
+            self._order.append(figure)
+        if drawn is None:  # no worker starts: drawn here, and logged in its turn
+            _set_drawn(figure.drawn, functools.partial(draw, fn, *args, **kwargs))
+        figure.drawn.add_done_callback(lambda _: self._log_in_order())
+
+    def _to_workers(self, payload: bytes) -> Future[np.ndarray] | None:
+        """``payload`` sent to the workers (new ones if the last have died); ``None`` if no
+        worker can start. Called holding the lock."""
+        for _ in range(2):
             gc.freeze()  # a forked worker's collector leaves the parent's objects (and pages) alone
             try:
-                drawn = self._start().submit(_draw_pickled, payload)
-            except (BrokenProcessPool, RuntimeError):  # the worker died: a new one next time
+                return self._start().submit(_draw_pickled, payload)
+            except (BrokenProcessPool, RuntimeError):  # the workers died: new ones
                 self._pool = None
-                drawn = None
             finally:
                 gc.unfreeze()
-            if drawn is not None:
-                figure = _Figure(payload, log, drawn)
-                self._pending.setdefault(id(owner), []).append(figure)
-                self._order.append(figure)
-        if drawn is None:
-            log(draw(fn, *args, **kwargs))
-            return
-        drawn.add_done_callback(lambda _: self._log_in_order())
+        return None
+
+    def _redraw_lost(self) -> None:
+        """Draw here the figures whose workers were lost (killed, or ended as stuck), then log
+        what can be logged: they hold back the figures asked for after them (see
+        :meth:`_log_in_order`). Called on the thread that asks for figures and waits for them,
+        never on a pool's own thread (forking while another thread draws could fork its locks)."""
+        with self._lock:
+            lost = [f for f in self._order if f.redraw and f.payload is not None and _lost(f)]
+        for figure in lost:
+            redrawn: Future[np.ndarray] = Future()
+            _set_drawn(redrawn, functools.partial(_draw_pickled, figure.payload))
+            figure.drawn = redrawn
+        if lost:
+            self._log_in_order()
 
     def _undrawn(self) -> list[_Figure]:
         with self._lock:
@@ -296,6 +321,7 @@ class BackgroundFigures:
                 return False
             wait_for_futures([future], timeout=min(_POLL, left))
             self._end_if_stalled()
+            self._redraw_lost()
         return True
 
     def _end_if_stalled(self) -> None:
@@ -343,8 +369,9 @@ class BackgroundFigures:
     def busy(self) -> int:
         """How many workers draw now: the figures asked for and not yet drawn, at most
         :attr:`workers` (the analyses give them their cores: :mod:`lightning_neurons.cores`).
-        Stuck workers are ended first (see :data:`STALL_TIMEOUT`)."""
+        Stuck workers are ended first (see :data:`STALL_TIMEOUT`), and their figures drawn here."""
         self._end_if_stalled()
+        self._redraw_lost()
         return min(len(self._undrawn()), self.workers)
 
     def _payload(self, fn: Callable[..., Any], args: Sequence[Any], kwargs: dict) -> bytes | None:
@@ -367,13 +394,16 @@ class BackgroundFigures:
         return self._pool
 
     def _log_in_order(self) -> None:
-        """Log the figures drawn so far, in the order they were asked for (TensorBoard's slider
-        shows a tag's images in the order they reach the event file)."""
+        """Log the figures drawn so far, in the order they were asked for, up to the first one
+        not drawn yet or whose worker was lost (it is drawn again by :meth:`_redraw_lost`).
+        TensorBoard shows a tag's images in the order they reach the event file, and its data
+        server drops every image of a tag at or after the step of one that arrives late."""
         self._progress += 1
         with self._log_lock:
             while True:
                 with self._lock:
-                    if not (self._order and self._order[0].drawn.done()):
+                    head = self._order[0] if self._order else None
+                    if head is None or not head.drawn.done() or _to_redraw(head):
                         return
                     figure = self._order.popleft()
                 self._log(figure)
@@ -384,20 +414,20 @@ class BackgroundFigures:
         try:
             figure.log(figure.drawn.result())
         except BaseException as err:  # noqa: BLE001 - kept for the owner's wait()
-            if not isinstance(err, _WORKER_LOST):
-                figure.payload = None
             figure.logged.set_exception(err)
         else:
-            figure.payload = None
             figure.logged.set_result(None)
+        finally:
+            figure.payload = None
 
     def wait(self, owner: object) -> list[BaseException]:
         """Wait until every figure of ``owner`` is logged; the errors they raised (once each).
 
-        A figure whose worker was lost (killed, or ended as stuck) is drawn here. The workers
-        end once no figure of any owner is pending. If they draw nothing for
+        A figure whose worker was lost (killed, or ended as stuck) is drawn here, in its turn.
+        The workers end once no figure of any owner is pending. If they draw nothing for
         :data:`FIGURE_TIMEOUT` seconds, the figures not yet drawn are reported lost (one error)
         and the workers are ended; a figure asked for later starts new ones."""
+        self._redraw_lost()
         with self._lock:
             mine = self._pending.pop(id(owner), [])
         errors: list[BaseException] = []
@@ -406,10 +436,7 @@ class BackgroundFigures:
             if not self._await(figure.logged, deadline):
                 figure.redraw, lost = False, lost + 1
                 continue
-            error = figure.logged.exception()
-            if isinstance(error, _WORKER_LOST) and figure.redraw:
-                error = _redraw(figure)
-            if error is not None:
+            if (error := figure.logged.exception()) is not None:
                 errors.append(error)
             deadline = time.monotonic() + FIGURE_TIMEOUT  # the workers go on: a full wait again
         if lost:
@@ -428,18 +455,30 @@ class BackgroundFigures:
                     figure.redraw = False
         if pool is not None:
             _end(pool, grace=0.0 if lost else EXIT_GRACE)
+        if lost:
+            self._log_in_order()  # the figures not drawn again are reported, not held
         return errors
 
 
-def _redraw(figure: _Figure) -> Exception | None:
-    """Draw ``figure`` here (its worker was lost) and log it; the error it raised, if any."""
+def _lost(figure: _Figure) -> bool:
+    """Whether ``figure``'s drawing failed because its worker was lost (killed, or ended)."""
+    drawn = figure.drawn
+    return drawn.done() and (drawn.cancelled() or isinstance(drawn.exception(), _WORKER_LOST))
+
+
+def _to_redraw(figure: _Figure) -> bool:
+    """Whether ``figure`` waits to be drawn again (its worker lost, and it may be redrawn)."""
+    return figure.redraw and figure.payload is not None and _lost(figure)
+
+
+def _set_drawn(future: Future, make: Callable[[], np.ndarray]) -> None:
+    """Draw a figure here: ``make()``'s pixels, or its error, as ``future``'s outcome."""
     try:
-        figure.log(_draw_pickled(figure.payload))
-    except Exception as err:  # noqa: BLE001 - reported by the owner
-        return err
-    finally:
-        figure.payload = None
-    return None
+        pixels = make()
+    except Exception as err:  # noqa: BLE001 - reported by the owner's wait()
+        future.set_exception(err)
+    else:
+        future.set_result(pixels)
 
 
 def _cpu_ticks(pool: ProcessPoolExecutor) -> int | None:

@@ -21,6 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lightning_neurons import ActivationTracker, CategoryClustering
 from lightning_neurons.figure_worker import BackgroundFigures, background_figures
 from lightning_neurons.models import ImageClassifier
+from lightning_neurons.plots import activation as activation_plots
 
 needs_fork = pytest.mark.skipif(
     not BackgroundFigures.available(), reason="figures are drawn in forked workers on Linux only"
@@ -449,8 +450,8 @@ def test_busy_ends_stuck_workers_while_training_goes_on(tmp_path, monkeypatch):
         while figures.busy() and time.monotonic() < deadline:
             time.sleep(0.1)
     assert figures.busy() == 0 and _no_children(timeout=1.0)
-    assert logged == [], "drawn when its callback waits for it"
     assert figures.wait(owner) == [] and len(logged) == 1
+    assert int((tmp_path / "pid").read_text()) == os.getpid(), "drawn here, once they were ended"
 
 
 def spin_image(seconds: float) -> np.ndarray:
@@ -483,6 +484,60 @@ def test_a_figure_whose_worker_was_killed_is_drawn_here(tmp_path):
     figures.submit(owner, logged.append, pid_image, (str(tmp_path / "next"),))
     assert figures.wait(owner) == [] and len(logged) == 2
     assert int((tmp_path / "next").read_text()) != os.getpid(), "new workers draw the next"
+
+
+def _until(done, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@needs_fork
+def test_a_figure_drawn_again_is_logged_before_the_figures_asked_for_after_it(tmp_path):
+    """TensorBoard's data server drops every image of a tag at or after the step of an image
+    that arrives late: a figure whose worker was lost is drawn again and logged in its turn, not
+    after the figures asked for once new workers had started."""
+    figures, logged, owner = BackgroundFigures(workers=1), [], object()
+    first = (str(tmp_path / "pid"), os.getpid())
+    figures.submit(owner, lambda _: logged.append("first"), _parent_image, first)
+    lost = figures._order[-1]
+    _until(lost.drawn.done)  # its worker killed itself
+    figures.submit(owner, lambda _: logged.append("second"), pid_image, (str(tmp_path / "next"),))
+    second = figures._order[-1]
+    _until(second.logged.done)
+    assert figures.wait(owner) == []
+    assert logged == ["first", "second"]
+    assert int((tmp_path / "pid").read_text()) == os.getpid()
+    assert int((tmp_path / "next").read_text()) != os.getpid(), "new workers draw the next"
+
+
+_PROFILE = activation_plots.class_profile_image
+
+
+def _profile_killing_its_worker_once(*args: object, **kwargs: object) -> np.ndarray:
+    """The class profile figure, whose first drawing kills its worker (an out-of-memory kill)."""
+    flag = Path(os.environ["LN_KILLED_FLAG"])
+    if not flag.exists():
+        flag.write_text(str(os.getpid()))
+        os.kill(os.getpid(), 9)
+    return _PROFILE(*args, **kwargs)
+
+
+@needs_fork
+def test_a_fit_whose_worker_is_killed_logs_each_tags_images_in_step_order(tmp_path, monkeypatch):
+    """The figure whose worker was killed at the first epoch reaches the event file before the
+    later epochs' figures of its tag (TensorBoard's data server would drop those otherwise)."""
+    monkeypatch.setenv("LN_KILLED_FLAG", str(tmp_path / "killed"))
+    monkeypatch.setattr(activation_plots, "class_profile_image", _profile_killing_its_worker_once)
+    trainer, tracker = _fit(tmp_path, epochs=3)
+    assert tracker.failures == [] and (tmp_path / "killed").exists()
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    per_epoch = trainer.global_step // 3
+    steps = [e.step for e in events.Images("activations/backbone.fc/class_profile")]
+    assert steps == [per_epoch, 2 * per_epoch, 3 * per_epoch]  # in the order they arrived
+    assert _no_children(timeout=5.0)
 
 
 @needs_fork
