@@ -374,12 +374,18 @@ class FeatureVisualizer(StagedCallback):
         if step.dataloader_idx != self._dataloader_idx:
             return
         self._update_prior(step.batch)
-        saliency, images = bool(self._methods), self._val_images
-        if images.wanted(saliency, self._anchors):
-            ranks = (trainer.global_rank, trainer.world_size)
-            count = functools.partial(self._classes_count, trainer, pl_module)
-            args = (self._reader, self._plan, self._anchors, saliency, ranks, count)
-            images.add(step.batch, step.batch_idx, *args)
+        saliency = bool(self._methods)
+        if self._val_images.wanted(saliency, self._anchors):
+            self._val_images.add(
+                step.batch,
+                step.batch_idx,
+                self._reader,
+                self._plan,
+                self._anchors,
+                saliency,
+                ranks=(trainer.global_rank, trainer.world_size),
+                num_classes=functools.partial(self._classes_count, trainer, pl_module),
+            )
 
     @override
     def _consume(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
