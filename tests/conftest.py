@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_neurons import RenderOptions
+
 os.environ.setdefault("MPLBACKEND", "Agg")
 # Threads: OMP_NUM_THREADS when it is set (the suite must pass with 1 and with 2), else at most 2.
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
@@ -81,6 +83,10 @@ class TinyData(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+
+#: FeatureVisualizer options that render in a blink (2 steps, 2 channels, 2 SmoothGrad samples).
+FAST_VIS = dict(render=RenderOptions(steps=2), smoothgrad_samples=2, max_channels=2)
 
 
 def fast_trainer(tmp_path, **kwargs) -> pl.Trainer:

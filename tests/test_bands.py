@@ -7,7 +7,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TinyData, TinyNet, fast_trainer
+from conftest import FAST_VIS, TinyData, TinyNet, fast_trainer
 
 import lightning_neurons.projector as projector
 from lightning_neurons import (
@@ -17,13 +17,11 @@ from lightning_neurons import (
     NeuronClustering,
     NeuronContribution,
     NeuronsError,
-    RenderOptions,
 )
 from lightning_neurons.bands import check_display_channels, shown_channels
 from lightning_neurons.loggers import AnalysisLogger
 from lightning_neurons.models import ImageClassifier
 
-FAST_VIS = dict(render=RenderOptions(steps=2), smoothgrad_samples=2, max_channels=2)
 BANDS = [3, 1, 0]
 
 

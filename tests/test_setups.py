@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import TinyData, TinyNet, fast_trainer
+from conftest import FAST_VIS, TinyData, TinyNet, fast_trainer
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -22,14 +22,11 @@ from lightning_neurons import (
     NeuronClustering,
     NeuronContribution,
     NeuronsError,
-    RenderOptions,
 )
 from lightning_neurons.clustering import NeuronClusterer
 from lightning_neurons.data import Flatten, Normalize, TorchvisionDataModule
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.models import ImageClassifier, SmallCNN
-
-FAST_VIS = dict(render=RenderOptions(steps=2), smoothgrad_samples=2, max_channels=2)
 
 
 def _all_five(on_error: str = "raise", **tracker_kwargs) -> list[pl.Callback]:
