@@ -1,22 +1,23 @@
 """The class images the demo shows, round after round: FeatureVisualizer's schedule replayed.
 
 FeatureVisualizer renders ``class_restarts`` candidates of each class image from noise in its
-first round (``steps``) and continues every candidate in every later round (``continue_steps``,
-``class_views // class_restarts`` views each) on the model of that epoch; each round shows the
-best candidate of each class on that model. This script trains the demo model by the demo recipe once
-(``configs/digits.yaml``, seed 0), keeping its weights at the epochs the demo analyses (1, 3, 5,
-7, 9; cached in ``$LIGHTNING_NEURONS_CACHE``), replays the schedule with the callback's render
-settings, and prints per round how many of the 10 class images the judges of
+first round (``steps``) and shows the best of each class on that epoch's model; the later rounds
+(``continue_steps``, on the model of their epoch) continue that candidate alone with every view
+(``class_continue="best"``, the default) or every candidate with ``class_views //
+class_restarts`` views each, showing the best of each round (``class_continue="all"``).
+This script trains the demo model by the demo recipe once (``configs/digits.yaml``, seed 0),
+keeping its weights at the epochs the demo analyses (1, 3, 5, 7, 9; cached in
+``$LIGHTNING_NEURONS_CACHE``), replays the schedule with the callback's render settings, and
+prints per round how many of the 10 class images the judges of
 ``benchmarks/visualization.py --quality`` recognise (a twin trained with seed 1, a LeNet, a
 logistic regression on the raw pixels; goals there: 10 (0.95), 9 and 8 of 10) and the seconds.
 
 Each ``--variants`` entry is a name and the first round's render settings, as JSON; the later
 rounds are the callback's. ``--options`` changes :class:`~lightning_neurons.RenderOptions` for
-every round (for example ``'{"continue_steps": 24}'``). Default: the demo's first round (32 steps) and the 128 steps it used
-before. ``--single`` replays the schedule before (and with ``class_select_after``): the best
-candidate of the first round kept, and continued alone with every view.
+every round (for example ``'{"continue_steps": 24}'``, or ``'{"class_continue": "all"}'``).
+Default: the demo's first round (32 steps) and the 128 steps it used before.
 
-Run:  python benchmarks/class_image_schedule.py [--seeds 0,1,2] [--threads 2] [--single]
+Run:  python benchmarks/class_image_schedule.py [--seeds 0,1,2] [--threads 2]
           [--variants '{"steps 32": {"steps": 32}, "steps 128": {"steps": 128}}']
           [--options '{"continue_steps": 24}'] [--candidates] [--grid images.png]
 """
@@ -91,7 +92,7 @@ def one_round(
     objective: Callable[[int], Objective] = ClassLogit,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One round's 10 class images, the parameters the next round continues and every candidate
-    (class after class): with ``alive`` (FeatureVisualizer's schedule) every candidate continued
+    (class after class): with ``alive`` (``class_continue="all"``) every candidate continued
     and the best shown, else the first round's best continued alone (the only candidate).
     ``objective(c)``: what class ``c``'s image maximises; the candidates are compared by
     ``ClassLogit(c)`` whatever it is."""
@@ -258,11 +259,6 @@ def main() -> None:
     )
     parser.add_argument("--options", default="{}", help="RenderOptions of every round, as JSON")
     parser.add_argument(
-        "--single",
-        action="store_true",
-        help="the schedule before: the first round's best candidate continued alone",
-    )
-    parser.add_argument(
         "--candidates",
         action="store_true",
         help="judge every candidate of the last round too: the share each judge recognises, and "
@@ -278,7 +274,7 @@ def main() -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             options = RenderOptions(**{**json.loads(args.options), "seed": seed})
             objectives = anchored(options, images, labels) if options.class_anchor > 0 else None
-            alive = not args.single
+            alive = options.class_continue == "all"
             last = replay(name, options, prior, judged, first, alive, objectives, args.candidates)
             shown[f"{name}, seed {seed}"] = last
     if args.grid:

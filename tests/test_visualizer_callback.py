@@ -83,6 +83,11 @@ def test_argument_errors(kwargs, match):
         ({"param": "cppn"}, "`param` must be one of 'fft', 'pixel'"),
         ({"transforms": "heavy"}, "`transforms` must be one of"),
         ({"class_select_after": 0}, "`class_select_after` must be a positive integer"),
+        ({"class_continue": "last"}, "`class_continue` must be one of 'best', 'all'"),
+        (
+            {"class_continue": "all", "class_select_after": 4},
+            "`class_continue='all'` continues every candidate: leave `class_select_after` unset",
+        ),
         ({"continue_steps": 0}, "`continue_steps` must be a positive integer"),
         ({"converge_tol": -0.01}, "`converge_tol` must be a number >= 0"),
         ({"converge_window": 0}, "`converge_window` must be a positive integer"),
@@ -242,8 +247,36 @@ def test_later_rounds_continue_the_images_and_a_resumed_run_continues_too(tmp_pa
     assert _steps(other_seed) == {"backbone.conv2": [6, 6], "classes": [6, 6, 6]}
 
 
-def test_every_class_candidate_is_continued_and_the_best_of_each_round_shown(tmp_path):
+def test_by_default_the_first_rounds_best_class_candidate_is_continued_alone(tmp_path):
+    from lightning_neurons.callbacks import _rendering
+
+    calls: list[tuple[int, int, int]] = []  # class renderings: (rows, restarts, views)
+    real = _rendering.render
+
+    def spy(model, objectives, **kwargs):
+        if type(objectives[0]).__name__ != "Channel":
+            calls.append((len(objectives), kwargs["restarts"], kwargs["views"]))
+        return real(model, objectives, **kwargs)
+
     options = RenderOptions(steps=6, continue_steps=2, converge_tol=None, class_restarts=2)
+    assert options.class_continue == "best" and options.class_views == 2
+    vis = FeatureVisualizer(max_channels=1, saliency=[], render=options, on_error="raise")
+    trainer = fast_trainer(
+        tmp_path, callbacks=[ActivationTracker(layers=["backbone.conv2"]), vis], max_epochs=2
+    )
+    with mock.patch.object(_rendering, "render", spy):
+        trainer.fit(_module(), datamodule=TinyData())
+    # the first round: 2 candidates of each of the 3 classes, 2 views each; the later round:
+    # the kept candidate of each class alone, with both views
+    assert calls[-2:] == [(3, 2, 2), (3, 1, 2)]
+    assert _steps(vis)["classes"] == [2, 2, 2]  # continued
+    assert vis.state_dict()["params"]["classes"]["params"].shape[0] == 3  # one per class
+
+
+def test_every_class_candidate_is_continued_and_the_best_of_each_round_shown(tmp_path):
+    options = RenderOptions(
+        steps=6, continue_steps=2, converge_tol=None, class_restarts=2, class_continue="all"
+    )
     module = _module()
 
     def visualizer(render: RenderOptions = options) -> FeatureVisualizer:
@@ -272,7 +305,7 @@ def test_every_class_candidate_is_continued_and_the_best_of_each_round_shown(tmp
     assert torch.equal(again.results["classes"].images, twin.results["classes"].images)
 
     # the state of a run that kept one candidate per class is not continued as if it held both
-    one = dataclasses.replace(options, class_select_after=3)
+    one = dataclasses.replace(options, class_continue="best")
     single = visualizer(one)
     t = fast_trainer(tmp_path, callbacks=[ActivationTracker(layers=["backbone.conv2"]), single])
     t.validate(module, datamodule=TinyData(), verbose=False)

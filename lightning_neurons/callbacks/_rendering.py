@@ -67,20 +67,22 @@ class RenderOptions:
         views: Randomly transformed copies of every channel image scored at each step.
         class_views: The same for class images (an ensemble of augmentations: class images
             that other models recognise more often, at ``class_views`` times the cost).
-        class_restarts: Class image candidates rendered from different seeds (``class_restarts``
-            times the cost of the first round). Each round shows the one the model of that epoch
-            scores best over random views (``class_select_by``), and the later rounds continue
-            every candidate, each with ``class_views // class_restarts`` views (the work of one
-            candidate with every view): a candidate that was not the best on an early epoch's
-            model can be on a later one.
+        class_restarts: Class image candidates rendered from different seeds in the first
+            round (``class_restarts`` times its cost); the model of that epoch picks the best
+            over random views (``class_select_by``).
+        class_continue: What the later rounds continue: ``"best"`` (default), the first round's
+            best candidate of each class, alone with every view; ``"all"``, every candidate,
+            each with ``class_views // class_restarts`` views (at least 1), and each round shows
+            the best on its model, so a candidate that lost on an early epoch's model can win on
+            a later one. On the demo ``"best"`` is recognised by other models as often or more,
+            at half the work of a later round (``docs/benchmarks.md``).
         class_select_by: How the candidates are compared over 16 random views:
             ``"agreement"`` (the most views on which the model's top class is the image's class,
             ties broken by the class's mean log-probability) or ``"value"`` (the highest mean
             logit); see ``render(select_by=)``.
         class_select_after: Keep the best candidate after this many steps of the first round
-            and spend the other steps on it alone (see ``render(select_after=)``); the later
-            rounds then continue that candidate alone, with every view. ``None``: every
-            candidate is kept.
+            and spend the other steps on it alone (see ``render(select_after=)``), as
+            ``class_continue="best"`` does. ``None``: after all of them.
         class_anchor: Weight of each class image's anchor (:mod:`~lightning_neurons.visualize.anchors`):
             the image maximises ``ClassLogit(c) - class_anchor * ClassAnchor(c)``, the
             standardised squared distance of ``class_anchor_layer``'s output from its mean over
@@ -124,6 +126,7 @@ class RenderOptions:
     views: int = 1
     class_views: int = 2
     class_restarts: int = 4
+    class_continue: Literal["best", "all"] = "best"
     class_select_after: int | None = None
     class_select_by: Literal["agreement", "value"] = "agreement"
     class_anchor: float = 10.0
@@ -155,9 +158,8 @@ class RenderOptions:
             "views": check_positive_int("views", self.views),
             "class_views": check_positive_int("class_views", self.class_views),
             "class_restarts": check_positive_int("class_restarts", self.class_restarts),
-            "class_select_after": check_optional_positive_int(
-                "class_select_after", self.class_select_after
-            ),
+            "class_continue": check_choice("class_continue", self.class_continue, ("best", "all")),
+            "class_select_after": self._select_after(),
             "class_select_by": check_choice(
                 "class_select_by", self.class_select_by, ("agreement", "value")
             ),
@@ -177,6 +179,16 @@ class RenderOptions:
         assert set(checked) == {f.name for f in fields(self)}
         for name, value in checked.items():
             object.__setattr__(self, name, value)
+
+    def _select_after(self) -> int | None:
+        after = check_optional_positive_int("class_select_after", self.class_select_after)
+        if after is not None and self.class_continue == "all":
+            raise NeuronsError(
+                f"`class_select_after={after}` keeps one candidate per class in the first round, "
+                "but `class_continue='all'` continues every candidate: leave `class_select_after` "
+                "unset, or use `class_continue='best'`"
+            )
+        return after
 
     def _anchor_layer(self) -> str | None:
         layer = self.class_anchor_layer
@@ -235,11 +247,11 @@ class Renderer:
         """The images of ``objectives`` (continued from the last round's parameters of ``key``
         when they were rendered for the same objectives) and the steps each ran, on every rank.
 
-        Class images keep every candidate (``class_restarts``) from round to round and show
-        the best of each class on the round's model (see :meth:`candidates`); with
-        ``class_select_after``, the candidate kept in the first round is continued alone."""
+        Class images continue the first round's best candidate of each class alone, or, with
+        ``class_continue="all"``, keep every candidate (``class_restarts``) from round to round
+        and show the best of each class on the round's model (see :meth:`candidates`)."""
         o = self.options
-        alive = classes and o.class_restarts > 1 and o.class_select_after is None
+        alive = classes and o.class_restarts > 1 and o.class_continue == "all"
         kept = ("candidates", o.class_restarts) if alive else ()
         signature = self.signature(tuple(repr(obj) for obj in objectives), *kept)
         progress.phase(f"rendering {key} ({len(objectives)} objectives)")
@@ -319,10 +331,10 @@ class Renderer:
     def candidates(
         self, model: nn.Module, objectives: list[Objective], init: torch.Tensor | None, first: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Class images of ``objectives`` on this rank, every candidate kept: ``class_restarts``
-        rows per class, from noise with ``class_views`` views each (the first round, as
-        ``render(restarts=)``), or continued with ``class_views // class_restarts`` (the work
-        of one candidate with every view). Returns the best candidate of each class on this
+        """Class images of ``objectives`` on this rank, every candidate kept
+        (``class_continue="all"``): ``class_restarts`` rows per class, from noise with
+        ``class_views`` views each (the first round, as ``render(restarts=)``), or continued
+        with ``class_views // class_restarts`` (at least 1). Returns the best candidate of each class on this
         model (``class_select_by``) and its steps, and the parameters of every candidate: a
         candidate that was not the best in an early epoch can be in a later one."""
         o = self.options
