@@ -334,9 +334,9 @@ class Renderer:
         """Class images of ``objectives`` on this rank, every candidate kept
         (``class_continue="all"``): ``class_restarts`` rows per class, from noise with
         ``class_views`` views each (the first round, as ``render(restarts=)``), or continued
-        with ``class_views // class_restarts`` (at least 1). Returns the best candidate of each class on this
-        model (``class_select_by``) and its steps, and the parameters of every candidate: a
-        candidate that was not the best in an early epoch can be in a later one."""
+        with ``class_views // class_restarts`` (at least 1). Returns the best candidate of each
+        class on this model (``class_select_by``) and its steps, and the parameters of every
+        candidate: a candidate that was not the best in an early epoch can be in a later one."""
         o = self.options
         count = o.class_restarts
         rows = [objective for objective in objectives for _ in range(count)]
