@@ -163,8 +163,13 @@ class BackgroundWrites:
                 break
             self._settle(oldest)
         future = pool.submit(fn)
+        entry = (future, nbytes, id(owner))
         with self._lock:
-            self._pending.append((future, nbytes, id(owner)))
+            self._pending.append(entry)
+        # a finished write leaves the list at once (its error kept for its owner), so the list
+        # holds the writes not yet done, not every write of the fit: busy() and the count of
+        # held bytes, called at every progress report and write, stay short
+        future.add_done_callback(lambda _: self._settle(entry))
 
     def _settle(self, entry: tuple[Future[None], int, int]) -> None:
         future, _, key = entry

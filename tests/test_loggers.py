@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import warnings
 
 import lightning.pytorch as pl
@@ -159,6 +160,23 @@ def test_background_writes_hold_at_most_max_pending_bytes(tmp_path):
     (error,) = writes.wait(failing)
     assert isinstance(error, ZeroDivisionError)
     assert writes.wait(failing) == []  # reported once
+
+
+def test_a_finished_write_leaves_the_pending_list_and_its_error_is_kept():
+    # busy() and submit() go through the pending writes at every progress report and write: the
+    # list must hold the writes not yet done, not every write of the fit
+    writes = loggers.BackgroundWrites(threads=2)
+    ok, failing = object(), object()
+    for _ in range(50):
+        writes.submit(ok, lambda: None, 1)
+    writes.submit(failing, lambda: 1 / 0, 1)
+    deadline = time.monotonic() + 10
+    while writes._pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert writes._pending == []  # no wait() called: each left when it was written
+    (error,) = writes.wait(failing)
+    assert isinstance(error, ZeroDivisionError)
+    assert writes.wait(failing) == [] and writes.wait(ok) == []
 
 
 def test_background_writes_count_the_writes_running_now():
