@@ -16,8 +16,8 @@ later (stuck since the fork: forking a process with threads is never quite safe)
 Workers that use no CPU at all for :data:`STALL_TIMEOUT` seconds while figures wait are stuck:
 they are ended, and their figures (as those of a worker that was killed) are drawn in the training
 process, in their turn, the next time an analysis asks for a figure, reports its progress or waits
-for its figures; none is lost. Workers that draw nothing for :data:`FIGURE_TIMEOUT` seconds, busy or not, are ended and
-their figures reported lost. Where ``fork`` is not available
+for its figures; none is lost. Workers that draw nothing for :data:`FIGURE_TIMEOUT` seconds,
+busy or not, are ended and their figures reported lost. Where ``fork`` is not available
 (Windows, macOS) or a figure's arguments cannot be pickled, the figure is drawn on the spot
 instead, as it would be without this module; so are all figures while
 ``background_figures.enabled`` is ``False``.

@@ -246,8 +246,9 @@ def images_and_targets(batch: Any, num_classes: int) -> tuple[torch.Tensor, torc
 
 def _binary_probabilities(p: torch.Tensor) -> torch.Tensor:
     """``[B, 2]`` class probabilities ``[1 - p, p]`` of a binary classifier's float targets."""
-    if p.device.type == "cpu" and len(p) and not bool(((p >= 0) & (p <= 1)).all()):
-        bad = p[~((p >= 0) & (p <= 1))][0].item()
+    inside = (p >= 0) & (p <= 1) if p.device.type == "cpu" else None  # no wait for a GPU
+    if inside is not None and not bool(inside.all()):
+        bad = p[~inside][0].item()
         raise NeuronsError(
             f"ImageClassifier's float targets of a binary classifier are class 1's probability, "
             f"in [0, 1]; got {bad!r}. Pass 0/1 labels (or probabilities) as targets."
