@@ -127,17 +127,20 @@ def test_scoring_a_step_copies_its_indices_to_the_device_once():
     scoring = Scoring(objectives, gram_layers={"a": [0, 2]})
     outputs = _outputs()
 
+    totals = []
+
     def step() -> None:
         scoring.reset()
         for name, out in outputs.items():
             scoring.add(name, out)
             if name == "a":
                 scoring("a", out)  # the hook: with the Gram matrices of rows 0 and 2
+        totals.append(scoring.scorer.total(scoring.found))  # the rows' values put together
 
     counts = _copies_per_call(4, step)
     assert counts[0] > 0  # the indices, weights and positions went to the device
     assert counts[1:] == [0, 0, 0]
-    assert scoring.total.device == META and scoring.total.shape == (6,)
+    assert totals[-1].device == META and totals[-1].shape == (6,)
 
 
 def test_the_colour_mix_goes_to_each_device_and_type_once():

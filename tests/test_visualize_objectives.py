@@ -6,6 +6,7 @@ import pytest
 import torch
 from _vis_helpers import assert_unchanged, bn_net, snapshot
 from conftest import TinyNet
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_neurons import NeuronsError
 from lightning_neurons.visualize import (
@@ -106,12 +107,77 @@ def test_batch_scorer_matches_row_by_row():
         ChannelGroup("a", [2, 2, 0]),  # a channel twice counts twice, as in value()
     ]
     scorer = BatchScorer(objectives)
-    batched = sum(scorer.score(name, out) for name, out in outputs.items())
+    batched = scorer.score_all(outputs)
     expected = torch.stack(
         [obj({k: v[i : i + 1] for k, v in outputs.items()})[0] for i, obj in enumerate(objectives)]
     )
     assert torch.allclose(batched, expected, atol=1e-6)
     assert set(scorer.layers) == {"a", "b"} and scorer.needs_logits and scorer.needs_image
+    # one term a row, each type's rows consecutive (a cluster rendering): the rows picked as a
+    # view of the layer's output, the values side by side
+    objectives = [
+        ChannelGroup("a", [0, 1]),
+        ChannelGroup("a", [2]),
+        Channel("b", 1),
+        -Neuron("b", 0),
+    ]
+    outputs = {"a": outputs["a"][:4], "b": outputs["b"][:4]}
+    expected = torch.stack(
+        [obj({k: v[i : i + 1] for k, v in outputs.items()})[0] for i, obj in enumerate(objectives)]
+    )
+    assert torch.allclose(BatchScorer(objectives).score_all(outputs), expected, atol=1e-6)
+
+
+class _Operations(TorchDispatchMode):
+    """Counts the operations dispatched (each a kernel launch on a GPU), views left out."""
+
+    VIEWS = frozenset(
+        {"view", "narrow", "slice", "expand", "unsqueeze", "detach", "alias", "as_strided"}
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in self.VIEWS:
+            self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_channel_rows_cost_a_gather_and_a_mean_per_layer(views):
+    # A channel rendering scores each layer's rows at every step: the operations it dispatches
+    # per layer are kernel launches on a GPU, where a rendering step of a deep model at a small
+    # image size costs what the host spends queuing them. Picking the rows, weighting them by
+    # 1 and adding each layer's values into a running total cost 7 operations a layer forward
+    # and 8 backward; a gather and a mean cost 2 and 3 (the mean's division, the gather's zeros
+    # and scatter), plus putting the layers' values together.
+    layers, per_layer = ["a", "b", "c"], 4
+    objectives = [Channel(n, k) for n in layers for k in range(per_layer)] * views
+    gen = torch.Generator().manual_seed(0)
+    rows = len(objectives)
+    outputs = {n: torch.randn(rows, 8, 3, 3, generator=gen, requires_grad=True) for n in layers}
+    scorer = BatchScorer(objectives)
+    with _Operations() as forward:
+        total = scorer.score_all(outputs)
+    with _Operations() as backward:
+        total.sum().backward()
+    cat_or_scatter = 1 if views == 1 else 3  # views: the rows of a layer are not consecutive
+    assert len(forward.names) == 2 * len(layers) + cat_or_scatter, forward.names
+    assert len(backward.names) <= 3 * len(layers) + 3, backward.names
+    expected = torch.stack(
+        [o({n: v[i : i + 1] for n, v in outputs.items()})[0] for i, o in enumerate(objectives)]
+    )
+    assert torch.allclose(total.detach(), expected.detach(), rtol=0, atol=1e-6)  # means of 9
+    grads = [outputs[n].grad for n in layers]
+    for row, objective in enumerate(objectives):  # d total / d output: 1/9 at its channel only
+        term = objective.terms()[0][1]
+        for n, grad in zip(layers, grads, strict=True):
+            want = torch.zeros(8, 3, 3)
+            if n == term.layer:
+                want[term.index] = 1 / 9
+            assert torch.allclose(grad[row], want, rtol=0, atol=1e-7)
 
 
 def test_range_checks_against_real_widths():

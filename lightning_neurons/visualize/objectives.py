@@ -12,8 +12,8 @@ An :class:`Objective` gives one number per image. The primitives read one layer'
 :func:`~lightning_neurons.visualize.render` optimises one image per objective in one batch: row
 ``i`` of the batch is scored by objective ``i``. To make that cheap, every primitive type knows
 how to score a whole batch of rows, each with its own primitive, in a few tensor operations
-(:meth:`Term.batched`; :class:`~lightning_neurons.visualize.scoring.BatchScorer`), instead of one
-Python call per row.
+(:meth:`Term.batched`, :meth:`Term.batched_rows`;
+:class:`~lightning_neurons.visualize.scoring.BatchScorer`), instead of one Python call per row.
 """
 
 from __future__ import annotations
@@ -201,13 +201,44 @@ class Term(Objective):
 
         return score
 
+    @classmethod
+    def batched_rows(cls, terms: Sequence[Term], rows: Sequence[int]) -> BatchedFn:
+        """A function scoring rows ``rows`` of a whole batch's ``[B, ...]`` output, row
+        ``rows[i]`` with ``terms[i]``: ``[len(rows)]``.
+
+        The default picks those rows (a view where they are consecutive) and scores them with
+        :meth:`batched`. The primitives that gather index the whole output at once instead: one
+        operation, and one in the backward pass, where picking the rows first costs two and
+        three (each a kernel launch on a GPU, at every rendering step and layer). A subclass of
+        a primitive that overrides :meth:`batched` overrides this too.
+        """
+        score, pick = cls.batched(terms), _rows_of(rows)
+        return lambda output: score(pick(output))
+
+
+def _rows_of(rows: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Picks rows ``rows`` of a ``[B, ...]`` tensor: the tensor itself when they are all of its
+    rows in order, a view when they are consecutive, else one ``index_select``."""
+    rows = list(rows)
+    start, count = (rows[0], len(rows)) if rows else (0, 0)
+    if rows == list(range(start, start + count)):
+
+        def consecutive(output: torch.Tensor) -> torch.Tensor:
+            return output if count == len(output) else output.narrow(0, start, count)
+
+        return consecutive
+    index = DeviceCopies(torch.tensor(rows, dtype=torch.long))
+    return lambda output: output.index_select(0, index.on(output.device))
+
 
 class _RowIndex:
-    """The gather behind the primitives' :meth:`Term.batched`: row ``r`` of a ``[R, K, ...]``
-    tensor at ``terms[r].index`` (and at the given positions along the next dimensions)."""
+    """The gather behind the primitives' :meth:`Term.batched_rows`: row ``rows[i]`` of a
+    ``[B, K, ...]`` tensor at ``terms[i].index`` (and at the given positions along the next
+    dimensions); ``rows`` defaults to ``0, 1, ...``."""
 
-    def __init__(self, terms: Sequence[Term]) -> None:
-        self.rows = DeviceCopies(torch.arange(len(terms)))
+    def __init__(self, terms: Sequence[Term], rows: Sequence[int] | None = None) -> None:
+        found = torch.arange(len(terms)) if rows is None else torch.tensor(list(rows))
+        self.rows = DeviceCopies(found.long())
         self.index = DeviceCopies(torch.tensor([t.index for t in terms]))  # type: ignore[attr-defined]
 
     def __call__(self, output: torch.Tensor, *positions: torch.Tensor) -> torch.Tensor:
@@ -270,7 +301,11 @@ class Channel(Term):
 
     @classmethod
     def batched(cls, terms: Sequence[Term]) -> BatchedFn:
-        pick = _RowIndex(terms)
+        return cls.batched_rows(terms, range(len(terms)))
+
+    @classmethod
+    def batched_rows(cls, terms: Sequence[Term], rows: Sequence[int]) -> BatchedFn:
+        pick = _RowIndex(terms, rows)
 
         def score(output: torch.Tensor) -> torch.Tensor:
             picked = pick(output)
@@ -347,7 +382,11 @@ class Neuron(Term):
 
     @classmethod
     def batched(cls, terms: Sequence[Term]) -> BatchedFn:
-        pick = _RowIndex(terms)
+        return cls.batched_rows(terms, range(len(terms)))
+
+    @classmethod
+    def batched_rows(cls, terms: Sequence[Term], rows: Sequence[int]) -> BatchedFn:
+        pick = _RowIndex(terms, rows)
         cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
         def positions(shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -476,6 +515,10 @@ class ClassLogit(Term):
     def batched(cls, terms: Sequence[Term]) -> BatchedFn:
         return _RowIndex(terms)
 
+    @classmethod
+    def batched_rows(cls, terms: Sequence[Term], rows: Sequence[int]) -> BatchedFn:
+        return _RowIndex(terms, rows)
+
 
 class ClassLogProb(ClassLogit):
     """The log-probability of one class: its logit minus the log-sum-exp of all logits.
@@ -501,7 +544,11 @@ class ClassLogProb(ClassLogit):
 
     @classmethod
     def batched(cls, terms: Sequence[Term]) -> BatchedFn:
-        pick = ClassLogit.batched(terms)
+        return cls.batched_rows(terms, range(len(terms)))
+
+    @classmethod
+    def batched_rows(cls, terms: Sequence[Term], rows: Sequence[int]) -> BatchedFn:
+        pick = ClassLogit.batched_rows(terms, rows)
 
         def score(output: torch.Tensor) -> torch.Tensor:
             return pick(output.float().log_softmax(dim=1).to(output.dtype))

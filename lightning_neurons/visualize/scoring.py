@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,13 +25,27 @@ from lightning_neurons.hooks import hooked
 from lightning_neurons.visualize.objectives import IMAGE, LOGITS, BatchedFn, Objective, Term
 
 
+@dataclass(frozen=True)
+class _Group:
+    """The terms of one primitive type on one layer: ``score(output)`` is their rows' values."""
+
+    score: BatchedFn
+    #: The terms' weights (``None``: all 1, no multiplication).
+    weights: DeviceCopies | None
+    #: Whether the group scores every row of the batch, in order.
+    full: bool
+
+
 class BatchScorer:
     """Scores row ``i`` of a batch with objective ``i``, in a few tensor operations per layer.
 
-    The terms of all objectives are grouped by (primitive type, layer); each group is scored with
-    the type's :meth:`Term.batched` function and added to its rows with ``index_add``. Because
-    each row's value depends only on that row's image (the model runs in eval mode), the sum of
-    the rows has independent gradients per image.
+    The terms of all objectives are grouped by (primitive type, layer); each group scores its rows
+    of the layer's whole output with the type's :meth:`Term.batched_rows` function (one gather for
+    the primitives). :meth:`total` puts the groups' values together: side by side when every row
+    has one term and the groups' rows follow each other (a channel rendering: each layer's rows in
+    turn), else added to their rows with one ``index_add``. Because each row's value depends only
+    on that row's image (the model runs in eval mode), the sum of the rows has independent
+    gradients per image.
 
     Args:
         objectives: One objective per row.
@@ -42,35 +57,61 @@ class BatchScorer:
         for row, objective in enumerate(objectives):
             for weight, term in objective.terms():
                 grouped.setdefault((type(term), term.layer), []).append((row, weight, term))
-        self.groups: dict[str, list[tuple[BatchedFn, DeviceCopies, DeviceCopies, bool]]] = {}
+        #: Each layer's groups, as ``(position in the groups' order, group)``.
+        self.groups: dict[str, list[tuple[int, _Group]]] = {}
+        partial: list[int] = []  # the rows of the groups that score some rows, in group order
+        self._full: list[bool] = []
         for (kind, layer), items in grouped.items():
-            rows = torch.tensor([r for r, _, _ in items])
-            weights = torch.tensor([w for _, w, _ in items])
-            full = len(items) == self.size and bool((rows == torch.arange(self.size)).all())
-            fn = kind.batched([t for _, _, t in items])
-            # copied to the model's device once, not at every step (a copy to a GPU waits)
-            group = (fn, DeviceCopies(rows), DeviceCopies(weights), full)
-            self.groups.setdefault(layer, []).append(group)
+            rows = [r for r, _, _ in items]
+            weights = [w for _, w, _ in items]
+            full = rows == list(range(self.size))
+            group = _Group(
+                kind.batched_rows([t for _, _, t in items], rows),
+                None if all(w == 1.0 for w in weights) else DeviceCopies(torch.tensor(weights)),
+                full,
+            )
+            self.groups.setdefault(layer, []).append((len(self._full), group))
+            self._full.append(full)
+            partial.extend([] if full else rows)
+        self._side_by_side = partial == list(range(self.size))
+        # copied to the model's device once, not at every step (a copy to a GPU waits)
+        self._partial_rows = DeviceCopies(torch.tensor(partial, dtype=torch.long))
         self.layers = tuple(n for n in self.groups if n not in (LOGITS, IMAGE))
         self.needs_logits = LOGITS in self.groups
         self.needs_image = IMAGE in self.groups
 
-    def score(self, layer: str, output: torch.Tensor) -> torch.Tensor:
-        """The contribution of ``layer``'s terms to every row: ``[R]``.
+    def parts(self, layer: str, output: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The values of ``layer``'s groups on its ``[R, ...]`` output for the whole batch, by
+        the groups' positions (``layer``: a layer name, :data:`LOGITS` or :data:`IMAGE`)."""
+        found = {}
+        for position, group in self.groups.get(layer, []):
+            value = group.score(output)
+            found[position] = value if group.weights is None else group.weights.like(value) * value
+        return found
 
-        Args:
-            layer: A layer name, :data:`LOGITS` or :data:`IMAGE`.
-            output: That layer's ``[R, ...]`` output for the whole batch.
-        """
-        total = output.new_zeros(self.size)
-        for fn, rows, weights, full in self.groups.get(layer, []):
+    def total(self, parts: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        """Every row's value, ``[R]``, from the values of every group (:meth:`parts`)."""
+        ordered = [parts[i] for i in range(len(self._full))]
+        rest = [value for value, full in zip(ordered, self._full, strict=True) if not full]
+        total = None
+        if rest:
+            values = rest[0] if len(rest) == 1 else torch.cat(rest)
+            if not self._side_by_side:
+                index = self._partial_rows.on(values.device)
+                values = values.new_zeros(self.size).index_add(0, index, values)
+            total = values
+        for value, full in zip(ordered, self._full, strict=True):
             if full:
-                total = total + weights.like(output) * fn(output)
-            else:
-                index = rows.on(output.device)
-                part = fn(output.index_select(0, index))
-                total = total.index_add(0, index, weights.like(output) * part)
+                total = value if total is None else total + value
+        assert total is not None  # an objective has at least one term
         return total
+
+    def score_all(self, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Every row's value on ``outputs`` (``{layer: [R, ...] output}``, every layer read)."""
+        parts: dict[int, torch.Tensor] = {}
+        for layer, output in outputs.items():
+            parts.update(self.parts(layer, output))
+        return self.total(parts)
 
 
 class StopForward(Exception):
@@ -112,7 +153,7 @@ class Scoring:
         self.scorer = scorer = BatchScorer(objectives)
         self.output_fn = output_fn
         self.stop = not scorer.needs_logits
-        self.total: torch.Tensor | None = None
+        self.found: dict[int, torch.Tensor] = {}  # the groups' values in this forward pass
         self.seen: set[str] = set()
         self.gram_rows = {
             n: DeviceCopies(torch.as_tensor(r, dtype=torch.long))
@@ -122,14 +163,14 @@ class Scoring:
 
     def reset(self) -> None:
         """Forget the last forward pass."""
-        self.total = None
+        self.found = {}
         self.seen = set()
         self.grams = {}
 
     def add(self, layer: str, output: torch.Tensor) -> None:
-        """Add every row's score on ``layer``'s output to the running total."""
-        part = self.scorer.score(layer, output)
-        self.total = part if self.total is None else self.total + part
+        """Score ``layer``'s groups on its output (now: a later in-place operation may change
+        it)."""
+        self.found.update(self.scorer.parts(layer, output))
 
     def __call__(self, layer: str, output: torch.Tensor) -> None:
         if layer in self.seen or layer not in self.scorer.groups:
@@ -169,8 +210,7 @@ class Scoring:
         if self.scorer.needs_logits:
             assert output is not None
             self.add(LOGITS, read_logits(output, self.output_fn))
-        assert self.total is not None
-        return self.total
+        return self.scorer.total(self.found)
 
 
 class Dispatch:
