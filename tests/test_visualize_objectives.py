@@ -151,7 +151,7 @@ def test_channel_rows_cost_a_gather_and_a_mean_per_layer(views):
     # per layer are kernel launches on a GPU, where a rendering step of a deep model at a small
     # image size costs what the host spends queuing them. Picking the rows, weighting them by
     # 1 and adding each layer's values into a running total cost 7 operations a layer forward
-    # and 8 backward; a gather and a mean cost 2 and 3 (the mean's division, the gather's zeros
+    # and 7 backward; a gather and a mean cost 2 and 3 (the mean's division, the gather's zeros
     # and scatter), plus putting the layers' values together.
     layers, per_layer = ["a", "b", "c"], 4
     objectives = [Channel(n, k) for n in layers for k in range(per_layer)] * views
