@@ -207,10 +207,10 @@ class Term(Objective):
         ``rows[i]`` with ``terms[i]``: ``[len(rows)]``.
 
         The default picks those rows (a view where they are consecutive) and scores them with
-        :meth:`batched`. The primitives that gather index the whole output at once instead: one
-        operation, and one in the backward pass, where picking the rows first costs two and
-        three (each a kernel launch on a GPU, at every rendering step and layer). A subclass of
-        a primitive that overrides :meth:`batched` overrides this too.
+        :meth:`batched`. The primitives that gather index the whole output at their rows
+        instead: one operation where picking the rows first makes two, and two instead of four
+        in the backward pass (each a kernel launch on a GPU, at every rendering step and layer).
+        A subclass of a primitive that overrides :meth:`batched` overrides this too.
         """
         score, pick = cls.batched(terms), _rows_of(rows)
         return lambda output: score(pick(output))
