@@ -1,15 +1,14 @@
 import platform
 import random
 import sys
-from collections import Counter
 
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from _operations import Operations
 from conftest import TinyNet
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_neurons import state
 from lightning_neurons.callbacks._base import AnalysisCallback
@@ -50,28 +49,16 @@ def test_untouched_restores_modes_flags_grads_buffers_and_rng():
     assert torch.equal(model[1].running_mean, running)
 
 
-class _Counted(TorchDispatchMode):
-    """Counts the operations of each kind that run inside it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_untouched_copies_and_compares_the_buffers_in_groups_not_one_by_one(monkeypatch):
     """On a GPU each copy is a kernel and each comparison waits for the device: ResNet-50's 159
     BatchNorm buffers took 318 kernels and 159 waits at every analysis, one copy and one
     comparison each. Now a group of one device and type takes one of each; a changed buffer is
     still restored, and an unchanged one is never written."""
     model = nn.Sequential(*[nn.BatchNorm2d(4) for _ in range(20)])  # 40 float, 20 int64 buffers
-    with _Counted() as counted, untouched(model):
+    with Operations() as counted, untouched(model):
         pass
-    assert counted.ops["equal"] == 2 and counted.ops["cat"] == 4  # float32 and int64
-    assert counted.ops["copy_"] == 0
+    assert counted.counts["equal"] == 2 and counted.counts["cat"] == 4  # float32 and int64
+    assert counted.counts["copy_"] == 0
     before = [b.clone() for b in model.buffers()]
     with untouched(model):
         model.train()
@@ -80,10 +67,10 @@ def test_untouched_copies_and_compares_the_buffers_in_groups_not_one_by_one(monk
     assert all(torch.equal(b, old) for b, old in zip(model.buffers(), before, strict=True))
     monkeypatch.setattr(state, "BUFFER_GROUP_BYTES", 40)  # one BatchNorm's 2 float buffers a group
     versions = [b._version for b in model.buffers()]
-    with _Counted() as counted, untouched(model):
+    with Operations() as counted, untouched(model):
         model[7].running_mean.add_(1.0)
     # 20 float groups, 4 of 5 int64 counters (8 bytes each), 2 buffers of the changed group
-    assert counted.ops["equal"] == 20 + 4 + 2
+    assert counted.counts["equal"] == 20 + 4 + 2
     names = [name for name, _ in model.named_buffers()]
     assert torch.equal(model[7].running_mean, before[names.index("7.running_mean")])
     changed = [b._version - v for b, v in zip(model.buffers(), versions, strict=True)]
@@ -98,12 +85,12 @@ def test_untouched_restores_subclass_and_sparse_buffers_alone():
     model = nn.BatchNorm1d(3)
     model.register_buffer("marked", torch.zeros(3).as_subclass(_Marked))
     model.register_buffer("sparse", torch.eye(3).to_sparse())
-    with _Counted() as counted, untouched(model):
+    with Operations() as counted, untouched(model):
         model.marked.add_(1.0)
         model.sparse.mul_(2.0)
     assert type(model.marked) is _Marked and torch.equal(model.marked, torch.zeros(3))
     assert torch.equal(model.sparse.to_dense(), torch.eye(3))
-    assert counted.ops["equal"] == 2 + 2  # the two groups (float, int64), the two alone
+    assert counted.counts["equal"] == 2 + 2  # the two groups (float, int64), the two alone
 
 
 def test_untouched_restores_on_error():

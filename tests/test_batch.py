@@ -6,8 +6,8 @@ from collections import Counter, namedtuple
 
 import pytest
 import torch
+from _operations import Operations
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_neurons import NeuronsError
@@ -165,20 +165,15 @@ def test_label_range_deferred_clamps_now_and_raises_one_batch_late():
 def test_label_range_deferred_takes_three_operations_a_batch_into_reused_buffers():
     """Deferred, a batch costs the device one range, one copy of it to the host and one clamp
     (each a kernel launch on a GPU); the range's buffers are made once per labels' type."""
-    seen: list[str] = []
-
-    class Ops(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
     labels = LabelRange(defer=True)
     labels.check(torch.tensor([0, 1]), 5)
-    with Ops():
+    with Operations() as ops:
         for batch in ([2, 1, 0], [4, 3], [1]):
             labels.check(torch.tensor(batch), 5)
     # besides views, and the reads of the host copy (`_local_scalar_dense` on host memory)
-    kernels = Counter(s for s in seen if s not in ("select", "lift_fresh", "_local_scalar_dense"))
+    kernels = Counter(
+        s for s in ops.names if s not in ("select", "lift_fresh", "_local_scalar_dense")
+    )
     assert kernels == {"aminmax": 3, "copy_": 3, "clamp": 3}
     with pytest.raises(NeuronsError, match=r"label 7 is outside \[0, 5\)"):
         labels.check(torch.tensor([7], dtype=torch.int32), 5)  # a new type: new buffers

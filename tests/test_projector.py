@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _operations import Operations
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.projector import (
@@ -119,16 +119,6 @@ def test_sprite_draws_the_pixels_torch_drew(channels):
     assert np.array_equal(sprite(tiles.numpy()), expected)
 
 
-class TorchOperations(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_the_projector_files_are_written_without_torch_operations(tmp_path):
     """They are written on a writer thread: a torch operation there starts an OpenMP team of
     that thread's own, which slows every later torch operation of the process."""
@@ -136,9 +126,9 @@ def test_the_projector_files_are_written_without_torch_operations(tmp_path):
     tiles = torch.rand(300, 3, 8, 8).numpy()
     rows = [[f"relu3/{i}", "relu3 c0", "1", "0.5"] for i in range(300)]
     features = np.random.default_rng(0).normal(size=(300, 4))
-    with TorchOperations() as ops:
+    with Operations() as ops:
         write_embedding(tmp_path, "relu3, epoch 0", "projector/relu3", features, rows, tiles)
-    assert ops.seen == []
+    assert ops.names == []
     assert (tmp_path / "projector/relu3/sprite.png").exists()
 
 
