@@ -59,8 +59,8 @@ class BatchScorer:
                 grouped.setdefault((type(term), term.layer), []).append((row, weight, term))
         #: Each layer's groups, as ``(position in the groups' order, group)``.
         self.groups: dict[str, list[tuple[int, _Group]]] = {}
+        self._ordered: list[_Group] = []  # every group, in that order
         partial: list[int] = []  # the rows of the groups that score some rows, in group order
-        self._full: list[bool] = []
         for (kind, layer), items in grouped.items():
             rows = [r for r, _, _ in items]
             weights = [w for _, w, _ in items]
@@ -70,8 +70,8 @@ class BatchScorer:
                 None if all(w == 1.0 for w in weights) else DeviceCopies(torch.tensor(weights)),
                 full,
             )
-            self.groups.setdefault(layer, []).append((len(self._full), group))
-            self._full.append(full)
+            self.groups.setdefault(layer, []).append((len(self._ordered), group))
+            self._ordered.append(group)
             partial.extend([] if full else rows)
         self._side_by_side = partial == list(range(self.size))
         # copied to the model's device once, not at every step (a copy to a GPU waits)
@@ -91,8 +91,8 @@ class BatchScorer:
 
     def total(self, parts: Mapping[int, torch.Tensor]) -> torch.Tensor:
         """Every row's value, ``[R]``, from the values of every group (:meth:`parts`)."""
-        ordered = [parts[i] for i in range(len(self._full))]
-        rest = [value for value, full in zip(ordered, self._full, strict=True) if not full]
+        full = [parts[i] for i, group in enumerate(self._ordered) if group.full]
+        rest = [parts[i] for i, group in enumerate(self._ordered) if not group.full]
         total = None
         if rest:
             values = rest[0] if len(rest) == 1 else torch.cat(rest)
@@ -100,9 +100,8 @@ class BatchScorer:
                 index = self._partial_rows.on(values.device)
                 values = values.new_zeros(self.size).index_add(0, index, values)
             total = values
-        for value, full in zip(ordered, self._full, strict=True):
-            if full:
-                total = value if total is None else total + value
+        for value in full:
+            total = value if total is None else total + value
         assert total is not None  # an objective has at least one term
         return total
 
