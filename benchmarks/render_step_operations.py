@@ -2,14 +2,16 @@
 
 A rendering step of ResNet-50 at 32 px on a GPU costs what the host spends queuing its kernels
 (``operations.py`` counts them per analysis phase). This script renders FeatureVisualizer's
-three kinds of objectives on ``torchvision.models.<model>(weights=None)`` at its default layers,
-in one chunk as on an accelerator, for ``--steps`` and twice as many steps (convergence checks
-off), and prints the difference per step, split into the parts of a step: the image from its
+kinds of objectives (``together``: a round's channels and clusters in one rendering, as it
+renders them) on ``torchvision.models.<model>(weights=None)`` at its default layers, in one
+chunk as on an accelerator, for ``--steps`` and twice as many steps (convergence checks off),
+and prints the difference per step, split into the parts of a step: the image from its
 parameters, the random views, the model's forward pass, the objectives' scoring in the forward
 hooks, the backward pass and Adam's update. Views and other metadata-only operations are not
 counted. The counts are deterministic.
 
     python benchmarks/render_step_operations.py                  # channels, clusters, classes
+    python benchmarks/render_step_operations.py --kinds together # channels and clusters at once
     python benchmarks/render_step_operations.py --kinds channels --model resnet18
 
 (It runs on earlier commits too: copy it, with ``operations.py``, into their ``benchmarks/``.)
@@ -44,6 +46,13 @@ def objectives_of(
         return [Channel(n, c) for n in layers for c in range(width)], {}
     if kind == "clusters":  # two clusters a layer
         return [ChannelGroup(n, list(range(k, 64, 3))) for n in layers for k in range(2)], {}
+    if kind == "together":  # both, layer by layer, in one rendering (as a round renders them)
+        return [
+            o
+            for n in layers
+            for o in [Channel(n, c) for c in range(width)]
+            + [ChannelGroup(n, list(range(k, 64, 3))) for k in range(2)]
+        ], {}
     last, anchors = layers[-1], []
     shape = check_objectives(model, [Channel(last, 0)], (3, size, size))[last]
     for c in range(min(16, classes)):  # the anchored class images, 4 candidates of 2 views

@@ -29,8 +29,9 @@ def sharded_strategy(trainer: Trainer) -> str | None:
 def refuse_sharded(trainer: Trainer, who: str) -> None:
     """Raise at set-up when the model is sharded: ``who`` runs extra forward and backward passes
     of the model (rendering, saliency, contribution, ablation), each rank on its own share of the
-    work (and rank zero alone for some, such as the cluster images), while a sharded model needs
-    every rank in every pass, on the same inputs (a rank would wait forever for the others).
+    work (and rank zero alone for some, such as the model's classes of the cluster images), while
+    a sharded model needs every rank in every pass, on the same inputs (a rank would wait forever
+    for the others).
 
     Raises:
         NeuronsError: Under FSDP, DeepSpeed ZeRO stage 3 or model parallelism.

@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import lightning_neurons.callbacks._visualizer_results as results_module
-from lightning_neurons import ActivationTracker, NeuronsError, RenderOptions
+from lightning_neurons import ActivationTracker, NeuronClustering, NeuronsError, RenderOptions
 from lightning_neurons.callbacks.visualizer import FeatureVisualizer
 from lightning_neurons.data import DigitsDataModule
 from lightning_neurons.hooks import count_forward_hooks
@@ -394,11 +394,11 @@ def test_channel_images_of_every_layer_are_rendered_together_as_layer_by_layer()
         layers[1]: [Channel(layers[1], 5)],
     }
     with mock.patch("lightning_neurons.callbacks._rendering.render", wraps=render) as spy:
-        done = renderer.channels(model, wanted)
+        done = renderer.round(model, wanted).channels
         assert spy.call_count == 1  # every layer in one rendering
         # the next round: layer 1 asks for other channels, so it starts from noise
         wanted[layers[1]] = [Channel(layers[1], 1), Channel(layers[1], 3)]
-        again = renderer.channels(model, wanted)
+        again = renderer.round(model, wanted).channels
         assert spy.call_count == 3  # the continued layer in one rendering, the new one in another
     for layer, objectives in {**wanted, layers[1]: [Channel(layers[1], 5)]}.items():
         images, steps = apart.images(model, layer, objectives)  # each layer alone, from its noise
@@ -427,13 +427,13 @@ def test_cluster_images_of_every_layer_are_rendered_together_and_continued_per_l
     renderer = Renderer(options, plan, BatchReader(), None, memory)
     first = {layers[0]: [[0, 1], [2, 3]], layers[1]: [[3, 4, 5]]}
     with mock.patch("lightning_neurons.callbacks._rendering.render", wraps=render) as spy:
-        done = renderer.clusters(model, first)
+        done = renderer.round(model, {}, first).clusters
         assert spy.call_count == 1  # every layer's clusters in one batch
         # the next round: layer 0's clusters moved a neuron (each still shares at least half of
         # its neurons with one of the last round); layer 1's cluster has another id, next to a
         # new one
         second = {layers[0]: [[0, 1, 3], [2]], layers[1]: [[0], [3, 4, 5]]}
-        again = renderer.clusters(model, second)
+        again = renderer.round(model, {}, second).clusters
         assert spy.call_count == 3  # the continued clusters in one batch, the new ones in another
     # the rows of the one batch went back to their layers and clusters: the images are those of
     # one rendering of the same objectives in the same order
@@ -451,6 +451,68 @@ def test_cluster_images_of_every_layer_are_rendered_together_and_continued_per_l
     state = memory.state_dict()
     assert state["clusters/" + layers[1]]["members"] == [[0], [3, 4, 5]]
     assert state["clusters/" + layers[0]]["params"].shape[0] == 2
+
+
+def test_channels_and_clusters_of_a_round_render_together_as_apart():
+    from lightning_neurons.batch import BatchReader
+    from lightning_neurons.callbacks._memory import ContinuationMemory
+    from lightning_neurons.callbacks._plan import VisualizerPlan
+    from lightning_neurons.callbacks._rendering import Renderer
+    from lightning_neurons.visualize import Channel, render
+    from lightning_neurons.visualize.objectives import ChannelGroup
+
+    model = _module().eval()
+    layers = ["backbone.relu1", "backbone.conv2"]
+    plan = VisualizerPlan((1, 12, 12), None, layers, {}, [], None, False)
+    # a convergence test that stops some images before others: each image's steps are its own
+    options = RenderOptions(
+        steps=8, continue_steps=4, converge_tol=0.05, converge_window=2, param="fft", n_images=2
+    )
+    memory, apart_memory = ContinuationMemory(), ContinuationMemory()
+    together = Renderer(options, plan, BatchReader(), None, memory)
+    apart = Renderer(options, plan, BatchReader(), None, apart_memory)
+    wanted = {
+        layers[0]: [Channel(layers[0], i) for i in (0, 2)],
+        layers[1]: [Channel(layers[1], 5)],
+    }
+    first = {layers[0]: [[0, 1], [2, 3]], layers[1]: [[3, 4, 5]]}
+    second = {layers[0]: [[0, 1, 3], [2]], layers[1]: [[0], [3, 4, 5]]}  # one new cluster
+    rounds = []
+    with mock.patch("lightning_neurons.callbacks._rendering.render", wraps=render) as spy:
+        for members, calls in ((first, 1), (second, 2)):  # from noise; continued + the new one
+            before = spy.call_count
+            rounds.append(together.round(model, wanted, members))
+            assert spy.call_count - before == calls
+    for (channels, clusters), members in zip(rounds, (first, second), strict=True):
+        alone = apart.round(model, wanted).channels, apart.round(model, {}, members).clusters
+        for done, solo in zip((channels, clusters), alone, strict=True):
+            assert done.keys() == solo.keys()
+            for layer, (images, steps) in solo.items():
+                # the same rows from the same noise and transforms, batched with other rows:
+                # float32 kernels see other batches (~1e-7 relative per value), at most 8 Adam
+                # steps of about lr each; images in [0, 1]
+                torch.testing.assert_close(done[layer][0], images, atol=1e-4, rtol=0)
+                assert torch.equal(done[layer][1], steps), layer
+    # and the first round is what renderings of each layer's channels, and of every cluster
+    # from its own place in the list, give
+    noise = Renderer(options, plan, BatchReader(), None, ContinuationMemory())
+    fresh = [ChannelGroup(layer, group) for layer, groups in first.items() for group in groups]
+    images, _, steps = noise.rows(model, fresh, None, 0, False, 1)
+    clustered = [torch.cat(found) for found in zip(*rounds[0].clusters.values(), strict=True)]
+    torch.testing.assert_close(clustered[0], images, atol=1e-4, rtol=0)
+    assert torch.equal(clustered[1], steps)
+    for layer, objectives in wanted.items():
+        images, steps = noise.images(model, layer, objectives)
+        torch.testing.assert_close(rounds[0].channels[layer][0], images, atol=1e-4, rtol=0)
+        assert torch.equal(rounds[0].channels[layer][1], steps)
+    ran = torch.cat([steps for part in rounds[0] for _, steps in part.values()])
+    assert ran.max() == 8 and ran.min() < 8, ran.tolist()  # both kinds of image were rendered
+    assert max(max(s.tolist()) for _, s in rounds[1].channels.values()) <= 4  # continued
+    kept, solo = memory.state_dict(), apart_memory.state_dict()
+    assert kept.keys() == solo.keys() == {*layers, *(f"clusters/{layer}" for layer in layers)}
+    for key, entry in solo.items():  # each layer's channels and clusters kept apart
+        assert kept[key]["params"].shape == entry["params"].shape
+        assert kept[key].get("members") == entry.get("members")
 
 
 @pytest.mark.parametrize(("tol", "first", "later"), [(1e6, 4, 4), (None, 12, 8), (0.0, 12, 8)])
@@ -622,7 +684,7 @@ def _validate_visualizer(rank: int, world_size: int, out: Path) -> dict:
         logger=TensorBoardLogger(str(out / f"world{world_size}"), name="tb"),
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[ActivationTracker(), vis],
+        callbacks=[ActivationTracker(), NeuronClustering(method="kmeans", n_clusters=2), vis],
     )
     trainer.validate(model, datamodule=DigitsDataModule(batch_size=32), verbose=False)
     sal = vis.saliency_results
@@ -632,6 +694,7 @@ def _validate_visualizer(rank: int, world_size: int, out: Path) -> dict:
         "steps": {k: v.steps for k, v in vis.results.items()},
         "strength": {k: v.strength for k, v in vis.results.items() if k != "classes"},
         "params": {k: e["params"].shape[0] for k, e in vis.state_dict()["params"].items()},
+        "clusters": {k: (v.images, v.steps) for k, v in vis.cluster_results.items()},
         "probes": (sal.inputs, sal.labels, sal.predicted),
         "maps": sal.maps,
         "prior": (prior.magnitude, prior.mean, prior.std, prior.count),
@@ -661,7 +724,9 @@ def test_two_process_ddp_shares_the_rendering_and_gives_the_images_of_one_proces
             torch.testing.assert_close(
                 got["strength"][key], solo, atol=1e-3, rtol=1e-3, equal_nan=True
             )
-        assert got["params"] == one["params"]  # one set of parameters per kept image
+        # one set of parameters per kept image, the clusters' on every rank (they share the
+        # rendering)
+        assert got["params"] == one["params"]
         # the probes: the first validation image of each class, in the validation order
         for mine, solo in zip(got["probes"], one["probes"], strict=True):
             assert torch.equal(mine, solo)
@@ -689,6 +754,16 @@ def test_two_process_ddp_shares_the_rendering_and_gives_the_images_of_one_proces
             assert torch.equal(mine.image, solo.image)
     ran = torch.cat(list(one["steps"].values()))
     assert ran.max() == 8 and ran.min() < 8, ran.tolist()  # both kinds of image were rendered
+    # NeuronClustering's clusters are on rank zero: it chose them, the ranks rendered them
+    # together with the channels, and it shows those of one process (tolerance as above)
+    layers = {"backbone.features.relu1", "backbone.features.relu2"}
+    assert one["clusters"].keys() == two[0]["clusters"].keys() == layers
+    assert two[1]["clusters"] == {}
+    assert {f"clusters/{layer}" for layer in layers} <= one["params"].keys()
+    for layer, (images, steps) in one["clusters"].items():
+        assert images.shape[0] == 2  # n_clusters
+        torch.testing.assert_close(two[0]["clusters"][layer][0], images, atol=1e-4, rtol=0)
+        assert torch.equal(two[0]["clusters"][layer][1], steps)
     # the probes are the first validation image of each class, in the validation order
     data = DigitsDataModule(batch_size=32)
     data.setup()
@@ -705,6 +780,8 @@ def test_two_process_ddp_shares_the_rendering_and_gives_the_images_of_one_proces
         "backbone.features.relu1",
         "backbone.features.relu2",
         "classes",
+        "clusters_backbone.features.relu1",
+        "clusters_backbone.features.relu2",
         "saliency",
     ]
 

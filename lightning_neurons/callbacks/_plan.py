@@ -316,12 +316,13 @@ def make_plan(
     )
 
 
-def layer_width(model: nn.Module, plan: VisualizerPlan, layer: str) -> int:
-    """The layer's channel count (its output's second dimension), from one forward pass."""
-    shapes = check_objectives(
-        model, [Channel(layer, 0)], plan.shape, input_transform=plan.transform
-    )
-    return shapes[layer][0]
+def layer_widths(model: nn.Module, plan: VisualizerPlan, layers: Sequence[str]) -> dict[str, int]:
+    """Each layer's channel count (its output's second dimension), from one forward pass."""
+    if not layers:
+        return {}
+    wanted = [Channel(layer, 0) for layer in layers]
+    shapes = check_objectives(model, wanted, plan.shape, input_transform=plan.transform)
+    return {layer: shapes[layer][0] for layer in layers}
 
 
 def shows_images(inputs: torch.Tensor, plan: VisualizerPlan | None) -> bool:

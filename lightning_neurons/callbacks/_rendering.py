@@ -3,9 +3,9 @@ shares the work between DDP ranks and continues the last round's images."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -197,6 +197,24 @@ class RenderOptions:
         return layer
 
 
+@dataclass(frozen=True)
+class Part:
+    """Objectives rendered in one batch with others: the parameters they continue (``None``:
+    from noise) and each objective's first noise row (``render(first_row=)``)."""
+
+    objectives: list[Objective]
+    init: torch.Tensor | None
+    firsts: list[int]
+
+
+class RoundImages(NamedTuple):
+    """A round's images and the steps each ran: ``{layer: (images, steps)}`` of its channels and
+    of its clusters."""
+
+    channels: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    clusters: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
 class Renderer:
     """Renders a round's images for a FeatureVisualizer.
 
@@ -277,39 +295,97 @@ class Renderer:
         self.memory.keep(key, signature, params)
         return images.cpu(), steps
 
-    def channels(
-        self, model: nn.Module, objectives: dict[str, list[Objective]]
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Every layer's images of its ``objectives`` (``{layer: objectives}``) and the steps
-        each ran, on every rank: ``{layer: (images, steps)}``, as :meth:`images` renders them
-        layer by layer (each row from its own layer's noise, continued from the last round's
-        parameters of its layer when they were rendered for the same objectives).
+    def round(
+        self,
+        model: nn.Module,
+        objectives: dict[str, list[Objective]],
+        members: Mapping[str, list[list[int]]] | None = None,
+    ) -> RoundImages:
+        """A round's channel images (``{layer: objectives}``) and cluster images (``{layer:
+        channel lists}``, the same on every rank), and the steps each ran, on every rank.
 
-        The layers are rendered together, the continued ones in one rendering and those from
-        noise in another: on an accelerator a rendering of 16 images costs about what one of a
-        few hundred does, so one rendering instead of one per layer."""
-        n = self.options.n_images
+        Each image is the one a rendering of its layer's objectives alone gives (each row from
+        its own layer's noise; a layer's clusters each from the noise of its place among the
+        round's new clusters), continued from the last round's parameters when they were
+        rendered for the same objectives. Clusters change between analyses (their ids are
+        arbitrary, a few neurons move), so each cluster continues the image of the last round's
+        cluster of its layer it shares most neurons with
+        (:meth:`ContinuationMemory.match_clusters`); the others start from noise.
+
+        Everything continued is rendered in one rendering, everything from noise in another
+        (:meth:`parts`): on an accelerator a rendering of 16 images costs about what one of a
+        few hundred does, so one rendering instead of one per layer and kind."""
+        members = members or {}
         keys = {layer: self.signature(tuple(map(repr, o))) for layer, o in objectives.items()}
-        start = {layer: self.memory.start(layer, keys[layer]) for layer in objectives}
-        total = sum(map(len, objectives.values()))
-        progress.phase(f"rendering channels ({total} objectives of {len(objectives)} layers)")
-        found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        parts = self._round_parts(objectives, members, keys)
+        total, layers = sum(map(len, objectives.values())), len(objectives)
+        what = []
+        if objectives:
+            what.append(f"channels ({total} objectives of {layers} layers)")
+        if members:
+            what.append(f"clusters ({len(parts) - layers} clusters of {len(members)} layers)")
+        progress.phase(f"rendering {' and '.join(what)}")
+        done = dict(zip(parts, self.parts(model, list(parts.values())), strict=True))
+        channels: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer in objectives:
+            images, params, steps = done[(layer, -1)]
+            self.memory.keep(layer, keys[layer], params.clone())
+            channels[layer] = images, steps
+        clusters: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer, groups in members.items():
+            images, params, steps = concat([done[(layer, i)] for i in range(len(groups))])
+            self.memory.keep(f"clusters/{layer}", self.signature(), params, groups)
+            clusters[layer] = images, steps
+        return RoundImages(channels, clusters)
+
+    def _round_parts(
+        self,
+        objectives: dict[str, list[Objective]],
+        members: Mapping[str, list[list[int]]],
+        keys: dict[str, Signature],
+    ) -> dict[tuple[str, int], Part]:
+        """The parts of a round, layer by layer: ``(layer, -1)`` its channels, ``(layer, i)`` its
+        ``i``-th cluster (the ``k``-th cluster from noise starts from the noise of row
+        ``k x n_images``, as in a rendering of the new clusters alone)."""
+        n = self.options.n_images
+        counted = {True: 0, False: 0}  # clusters continued and from noise so far
+        parts: dict[tuple[str, int], Part] = {}
+        for layer in dict.fromkeys([*objectives, *members]):
+            if layer in objectives:
+                firsts = [j * n for j in range(len(objectives[layer]))]
+                init = self.memory.start(layer, keys[layer])
+                parts[(layer, -1)] = Part(objectives[layer], init, firsts)
+            groups = members.get(layer, [])
+            matched = self.memory.match_clusters(f"clusters/{layer}", self.signature(), groups, n)
+            for i, (group, init) in enumerate(zip(groups, matched, strict=True)):
+                k = counted[init is not None]
+                counted[init is not None] += 1
+                parts[(layer, i)] = Part([ChannelGroup(layer, group)], init, [k * n])
+        return parts
+
+    def parts(
+        self, model: nn.Module, parts: Sequence[Part]
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Each part's images, parameters and steps: the continued parts in one rendering
+        (:meth:`shared`), those from noise in another."""
+        n = self.options.n_images
+        found: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for continued in (True, False):
-            group = [layer for layer in objectives if (start[layer] is not None) == continued]
-            if not group:
+            chosen = [j for j, part in enumerate(parts) if (part.init is not None) == continued]
+            if not chosen:
                 continue
-            rows = [o for layer in group for o in objectives[layer]]
-            firsts = [j * n for layer in group for j in range(len(objectives[layer]))]
-            inits = [params for layer in group if (params := start[layer]) is not None]
-            init = torch.cat(inits) if inits else None
-            images, params, steps = self.shared(model, rows, init, firsts)
+            objectives = [o for j in chosen for o in parts[j].objectives]
+            firsts = [first for j in chosen for first in parts[j].firsts]
+            inits = [init for j in chosen if (init := parts[j].init) is not None]
+            images, params, steps = self.shared(
+                model, objectives, torch.cat(inits) if inits else None, firsts
+            )
             at = 0
-            for layer in group:
-                rows_of = slice(at, at + len(objectives[layer]) * n)
-                self.memory.keep(layer, keys[layer], params[rows_of].clone())
-                found[layer] = images[rows_of], steps[rows_of]
-                at = rows_of.stop
-        return {layer: found[layer] for layer in objectives}
+            for j in chosen:
+                rows = slice(at, at + len(parts[j].objectives) * n)
+                found[j] = images[rows], params[rows], steps[rows]
+                at = rows.stop
+        return [found[j] for j in range(len(parts))]
 
     def shared(
         self,
@@ -398,47 +474,3 @@ class Renderer:
             select_by=o.class_select_by if classes else "value",
         )
         return result.images.cpu(), result.params, result.steps
-
-    def clusters(
-        self, model: nn.Module, members: dict[str, list[list[int]]]
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Images of the clusters of every layer (``{layer: channel lists}``), on this rank
-        alone, and the steps each ran: ``{layer: (images, steps)}``.
-
-        Clusters change between analyses (their ids are arbitrary, a few neurons move), so each
-        cluster continues the image of the last round's cluster of its layer it shares most
-        neurons with (see :meth:`ContinuationMemory.match_clusters`) for ``continue_steps``
-        steps; the others start from noise. The clusters of all layers are rendered together,
-        the continued ones in one batch and the new ones in another: a layer has a few clusters,
-        and a rendering of a few images costs nearly what one of a few dozen does."""
-        n, signature = self.options.n_images, self.signature()
-        start: dict[tuple[str, int], torch.Tensor | None] = {
-            (layer, i): init
-            for layer, groups in members.items()
-            for i, init in enumerate(
-                self.memory.match_clusters(f"clusters/{layer}", signature, groups, n)
-            )
-        }
-        progress.phase(f"rendering clusters ({len(start)} clusters of {len(members)} layers)")
-        done: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        continued = [row for row, init in start.items() if init is not None]
-        fresh = [row for row, init in start.items() if init is None]
-        for batch in (continued, fresh):
-            if not batch:
-                continue
-            objectives: list[Objective] = [ChannelGroup(lr, members[lr][i]) for lr, i in batch]
-            inits = [init for init in (start[row] for row in batch) if init is not None]
-            first = torch.cat(inits) if inits else None  # the continued batch, or from noise
-            images, params, steps = self.rows(model, objectives, first, 0, False, 1)
-            for j, row in enumerate(batch):
-                part = slice(j * n, (j + 1) * n)
-                done[row] = (images[part], params[part], steps[part])
-        found = {}
-        for layer, groups in members.items():
-            images, params, steps = (
-                torch.cat(parts)
-                for parts in zip(*(done[(layer, i)] for i in range(len(groups))), strict=True)
-            )
-            self.memory.keep(f"clusters/{layer}", signature, params, groups)
-            found[layer] = (images, steps)
-        return found

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ from torch import nn
 
 from lightning_neurons import progress
 from lightning_neurons.batch import BatchReader, as_model_input, to_display, to_model_input
-from lightning_neurons.callbacks._plan import VisualizerPlan, layer_width
+from lightning_neurons.callbacks._plan import VisualizerPlan, layer_widths
 from lightning_neurons.callbacks._rendering import Renderer
 from lightning_neurons.distributed import concat, map_shares
 from lightning_neurons.hooks import hooked, reduce_activation
@@ -166,54 +167,88 @@ def class_rendering(
     )
 
 
-def cluster_renderings(
-    clustering: Mapping[str, Any],
-    model: nn.Module,
-    renderer: Renderer,
-    judge: nn.Module | None,
-    max_clusters: int,
-    epoch: int,
-) -> dict[str, ClusterRendering]:
-    """Preferred images of the largest ``max_clusters`` neuron clusters of every visualized layer
-    in ``clustering`` (NeuronClustering's results), with the class each cluster prefers and what
-    the model and the judge see in its image; rendered on this rank alone."""
-    plan, n = renderer.plan, renderer.options.n_images
-    chosen: dict[str, tuple[Any, torch.Tensor, torch.Tensor]] = {}  # layer: (result, ids, sizes)
-    members: dict[str, list[list[int]]] = {}
+@dataclass
+class ClusterChoice:
+    """The neuron clusters a round renders: each layer's channel lists (on every rank) and, on
+    rank zero, ``{layer: (NeuronClustering's result, cluster ids, sizes)}``."""
+
+    members: dict[str, list[list[int]]]
+    chosen: dict[str, tuple[Any, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def choose_clusters(
+    clustering: Mapping[str, Any], model: nn.Module, plan: VisualizerPlan, max_clusters: int
+) -> ClusterChoice:
+    """The largest ``max_clusters`` neuron clusters of every visualized layer in ``clustering``
+    (NeuronClustering's results) whose neurons are the layer's channels."""
+    progress.phase("choosing the neuron clusters to render")
+    choice = ClusterChoice({})
+    widths = layer_widths(model, plan, [layer for layer in clustering if layer in plan.layers])
     for layer, result in clustering.items():
-        if layer not in plan.layers:
+        if layer not in widths:
             continue
         labels = torch.as_tensor(np.asarray(result.labels))
-        if layer_width(model, plan, layer) != len(labels):  # neurons are not channels
+        if widths[layer] != len(labels):  # neurons are not channels
             continue
         ids, sizes = labels[labels >= 0].unique(return_counts=True)
         if not len(ids):
             continue
         order = sizes.argsort(descending=True, stable=True)[:max_clusters]
-        chosen[layer] = (result, ids[order], sizes[order])
-        members[layer] = [
+        choice.chosen[layer] = (result, ids[order], sizes[order])
+        choice.members[layer] = [
             torch.nonzero(labels == k).flatten().tolist() for k in ids[order].tolist()
         ]
-    rendered = renderer.clusters(model, members) if members else {}
+    return choice
+
+
+def cluster_renderings(
+    choice: ClusterChoice,
+    rendered: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    model: nn.Module,
+    renderer: Renderer,
+    judge: nn.Module | None,
+    epoch: int,
+) -> dict[str, ClusterRendering]:
+    """The chosen clusters' preferred images (``rendered``: ``{layer: (images, steps)}``), with
+    the class each cluster prefers and what the model and the judge see in its image."""
+    plan, n = renderer.plan, renderer.options.n_images
+    if not choice.chosen:
+        return {}
+    shown = {layer: [t[::n] for t in rendered[layer]] for layer in choice.chosen}  # one a cluster
+    preferred = {
+        layer: _preferred(result, ids) for layer, (result, ids, _) in choice.chosen.items()
+    }
+    # every layer's images in one pass of the model (and of the judge)
+    images = torch.cat([images for images, _ in shown.values()])
+    predicted = logits(model, images, plan, renderer.reader).argmax(dim=1)
+    judged = _judged(judge, images, plan, torch.cat(list(preferred.values())))
     found: dict[str, ClusterRendering] = {}
-    for layer, (result, ids, sizes) in chosen.items():
-        images, steps = (t[::n] for t in rendered[layer])
-        profiles = torch.as_tensor(np.asarray(result.cluster_profiles))
-        preferred = profiles[ids].argmax(dim=1)
-        if result.classes is not None and len(result.classes) == profiles.shape[1]:
-            preferred = torch.as_tensor(np.asarray(result.classes))[preferred]
+    at = 0
+    for layer, (result, ids, sizes) in choice.chosen.items():
+        rows = slice(at, at + len(ids))
+        at = rows.stop
         found[layer] = ClusterRendering(
-            **_judged(judge, images, plan, preferred),
+            **{key: verdict[rows] for key, verdict in judged.items()},
             clusters=ids,
             sizes=sizes,
-            images=images,
-            preferred_class=preferred,
-            predicted=logits(model, images, plan, renderer.reader).argmax(dim=1),
+            images=shown[layer][0],
+            preferred_class=preferred[layer],
+            predicted=predicted[rows],
             clusters_epoch=int(result.epoch),
             epoch=epoch,
-            steps=steps,
+            steps=shown[layer][1],
         )
     return found
+
+
+def _preferred(result: Any, ids: torch.Tensor) -> torch.Tensor:
+    """The class each of NeuronClustering's clusters ``ids`` responds to most (its profile's
+    largest value), named by the result's classes when it lists them."""
+    profiles = torch.as_tensor(np.asarray(result.cluster_profiles))
+    preferred = profiles[ids].argmax(dim=1)
+    if result.classes is not None and len(result.classes) == profiles.shape[1]:
+        preferred = torch.as_tensor(np.asarray(result.classes))[preferred]
+    return preferred
 
 
 def saliency_maps(

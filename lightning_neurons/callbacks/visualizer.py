@@ -39,8 +39,10 @@ from lightning_neurons.callbacks._rendering import Renderer, RenderOptions
 from lightning_neurons.callbacks._val_images import ValidationImages
 from lightning_neurons.callbacks._visualizer_figures import log_round
 from lightning_neurons.callbacks._visualizer_results import (
+    ClusterChoice,
     channel_activations,
     channel_rendering,
+    choose_clusters,
     class_rendering,
     cluster_renderings,
     saliency_maps,
@@ -50,6 +52,7 @@ from lightning_neurons.callbacks.tracker import ActivationTracker, tracker_resul
 from lightning_neurons.checks import Constraints, Interval, Satisfies
 from lightning_neurons.data import Flatten, Normalize
 from lightning_neurons.defaults import infer_num_classes
+from lightning_neurons.distributed import broadcast_from_zero
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import resolve_layers, selects
 from lightning_neurons.loaders import analysed_rows
@@ -514,12 +517,14 @@ class FeatureVisualizer(StagedCallback):
         ranks = (trainer.global_rank, trainer.world_size)
         prior = self._prior.prior()
         renderer = Renderer(self.render, plan, self._reader, prior, self._memory, *ranks)
-        # Every exchange between the ranks first (the renderings, then the saliency maps), the
-        # work of this rank alone after: a failure there (a rank out of memory, say) leaves no
-        # other rank waiting at a collective it will never join.
-        rendered = renderer.channels(
+        # Every exchange between the ranks first (the clusters, the renderings, then the saliency
+        # maps), the work of this rank alone after: a failure there (a rank out of memory, say)
+        # leaves no other rank waiting at a collective it will never join.
+        clusters = self._chosen_clusters(trainer, pl_module)
+        rendered, clustered = renderer.round(
             pl_module,
             {layer: [Channel(layer, i) for i in plan.channels[layer]] for layer in plan.layers},
+            clusters.members if clusters is not None else None,
         )
         classes = self._anchors.objectives(pl_module, plan.classes) if self._anchors else []
         class_images = renderer.images(pl_module, "classes", classes, True) if classes else None
@@ -545,15 +550,32 @@ class FeatureVisualizer(StagedCallback):
                 pl_module, plan, self._reader, self.judge, class_images, epoch
             )
         self.results = results
-        # NeuronClustering's results are on rank zero only: so are the cluster images (rendered
-        # by this rank alone)
-        clustering = find_callback(trainer, NeuronClustering)
         self.cluster_results = {}
-        if self.clusters and trainer.is_global_zero and clustering is not None:
-            alone = Renderer(self.render, plan, self._reader, prior, self._memory)
+        if clusters is not None and trainer.is_global_zero:  # NeuronClustering's are on rank zero
             self.cluster_results = cluster_renderings(
-                clustering.results, pl_module, alone, self.judge, self.max_clusters, epoch
+                clusters, clustered, pl_module, renderer, self.judge, epoch
             )
         if self.enable_logging:
-            saliency, clusters = self.saliency_results, self.cluster_results
-            log_round(trainer, self, plan, results, clusters, saliency, self.render)
+            saliency, shown = self.saliency_results, self.cluster_results
+            log_round(trainer, self, plan, results, shown, saliency, self.render)
+
+    def _chosen_clusters(
+        self, trainer: Trainer, pl_module: LightningModule
+    ) -> ClusterChoice | None:
+        """The neuron clusters this round renders (``None``: none asked for, or no
+        NeuronClustering): chosen on rank zero, which holds NeuronClustering's results, their
+        channels sent to every rank to share the rendering."""
+        clustering = find_callback(trainer, NeuronClustering)
+        if not self.clusters or clustering is None:
+            return None
+        plan, chosen = self._plan, ClusterChoice({})
+        assert plan is not None
+
+        def choose() -> dict[str, list[list[int]]]:
+            nonlocal chosen
+            chosen = choose_clusters(clustering.results, pl_module, plan, self.max_clusters)
+            return chosen.members
+
+        ranks = (trainer.global_rank, trainer.world_size)
+        members = broadcast_from_zero(choose, *ranks, "reading NeuronClustering's clusters")
+        return ClusterChoice(members, chosen.chosen)
