@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import lightning_neurons.callbacks._visualizer_results as results_module
+import lightning_neurons.callbacks.visualizer as visualizer_module
 from lightning_neurons import ActivationTracker, NeuronClustering, NeuronsError, RenderOptions
 from lightning_neurons.callbacks.visualizer import FeatureVisualizer
 from lightning_neurons.data import DigitsDataModule
@@ -786,12 +787,21 @@ def test_two_process_ddp_shares_the_rendering_and_gives_the_images_of_one_proces
     ]
 
 
-def _failing_saliency(rank: int, world_size: int) -> dict:
-    """A round whose saliency fails on rank 1 alone (``on_error="warn"``)."""
-    real = results_module.saliency
+#: What fails in ``_failing_round``: the module and function patched, on which rank.
+FAILING = {
+    "saliency": (results_module, "saliency", 1),
+    "clusters": (visualizer_module, "choose_clusters", 0),
+}
+
+
+def _failing_round(rank: int, world_size: int, where: str) -> dict:
+    """A round whose saliency fails on rank 1 alone, or whose choice of the clusters to render
+    (on rank zero, which holds NeuronClustering's results) fails (``on_error="warn"``)."""
+    module, name, failing_rank = FAILING[where]
+    real = getattr(module, name)
 
     def failing(*args, **kwargs):
-        if rank == 1:
+        if rank == failing_rank:
             raise RuntimeError("out of memory (simulated)")
         return real(*args, **kwargs)
 
@@ -804,6 +814,7 @@ def _failing_saliency(rank: int, world_size: int) -> dict:
         enable_logging=False,
         render=RenderOptions(steps=1, param="fft"),
     )
+    clustering = [ActivationTracker(), NeuronClustering(method="kmeans", n_clusters=2)]
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=world_size,
@@ -812,20 +823,32 @@ def _failing_saliency(rank: int, world_size: int) -> dict:
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[vis],
+        callbacks=[*(clustering if where == "clusters" else []), vis],
     )
-    with mock.patch.object(results_module, "saliency", failing):
+    with mock.patch.object(module, name, failing):
         trainer.validate(model, datamodule=DigitsDataModule(batch_size=32), verbose=False)
-    return {"failures": vis.failures, "saliency": vis.saliency_results is not None}
+    kept = vis.saliency_results is not None, bool(vis.results), bool(vis.cluster_results)
+    return {"failures": vis.failures, "kept": kept}
 
 
 @pytest.mark.slow
-def test_two_process_ddp_saliency_failing_on_one_rank_is_reported_on_both():
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("saliency", "saliency failed on rank 1: RuntimeError: out of memory (simulated)"),
+        (
+            "clusters",
+            "reading NeuronClustering's clusters failed on rank 0: RuntimeError: out of memory",
+        ),
+    ],
+)
+def test_two_process_ddp_a_step_failing_on_one_rank_is_reported_on_both(where, message):
     # a rank left waiting in a collective would end at the harness's timeout
-    for summary in run_ranks(_failing_saliency, 2, timeout=180):
+    for summary in run_ranks(_failing_round, 2, where, timeout=180):
         (failure,) = summary["failures"]
-        assert "saliency failed on rank 1: RuntimeError: out of memory (simulated)" in failure
-        assert summary["saliency"] is False  # the round's maps were not kept, on either rank
+        assert message in failure
+        # the round's images and maps were not kept, on either rank
+        assert summary["kept"] == (False, False, False)
 
 
 #: Every FeatureVisualizer option, set to a value other than its default, in a LightningCLI YAML
