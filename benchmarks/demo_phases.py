@@ -40,7 +40,8 @@ class PhaseTimes:
         phase, finish, times = progress.Reporter.phase, progress.Reporter.finish, self
 
         def timed_phase(reporter, what, done=None, total=None):
-            # "rendering clusters (10 clusters of 3 layers)": one row whatever the counts
+            # "rendering channels (64 objectives of 4 layers) and clusters (10 clusters of 3
+            # layers)": one row whatever the counts
             name = f"{reporter.status.name}: {what.split(' (')[0]}"
             if by_round:
                 times._rounds[name] += 1
