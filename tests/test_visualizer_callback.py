@@ -516,6 +516,28 @@ def test_channels_and_clusters_of_a_round_render_together_as_apart():
         assert kept[key].get("members") == entry.get("members")
 
 
+def test_logits_of_many_images_go_through_the_model_in_bounded_passes():
+    from lightning_neurons.batch import BatchReader
+    from lightning_neurons.callbacks._plan import VisualizerPlan
+    from lightning_neurons.callbacks._visualizer_results import logits, rows_at_once
+
+    model = _module().eval()
+    plan = VisualizerPlan((1, 12, 12), None, ["backbone.relu1"], {}, [], None, False)
+    images = torch.rand(10, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    sizes: list[int] = []
+    handle = model.register_forward_pre_hook(lambda _, args: sizes.append(len(args[0])))
+    try:
+        apart = logits(model, images, plan, BatchReader(), rows=4)
+        whole = logits(model, images, plan, BatchReader())
+    finally:
+        handle.remove()
+    assert sizes == [4, 4, 2, 10]
+    # the same images in other batches (eval mode): only how the float32 kernels batch differs
+    torch.testing.assert_close(apart, whole, atol=1e-5, rtol=1e-5)
+    assert 4 <= rows_at_once(model, plan, 10) <= 10
+    assert rows_at_once(model, plan, 3) == 3
+
+
 @pytest.mark.parametrize(("tol", "first", "later"), [(1e6, 4, 4), (None, 12, 8), (0.0, 12, 8)])
 def test_rounds_stop_at_convergence_and_log_the_steps_they_ran(tmp_path, tol, first, later):
     """converge_tol=1e6: every value "rises" by less than a million times itself, so every image

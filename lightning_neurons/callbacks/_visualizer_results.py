@@ -28,23 +28,45 @@ from lightning_neurons.visualize.sizing import auto_batch_size, probe
 
 
 def logits(
-    model: nn.Module, images: torch.Tensor, plan: VisualizerPlan, reader: BatchReader
+    model: nn.Module,
+    images: torch.Tensor,
+    plan: VisualizerPlan,
+    reader: BatchReader,
+    rows: int | None = None,
 ) -> torch.Tensor:
     """``model``'s logits for display images (eval mode, left as found), on the CPU, read from
-    its output by ``reader``."""
+    its output by ``reader``; ``rows`` images a forward pass (``None``: all at once)."""
+    device, size = model_device(model), rows or max(1, len(images))
     with analysis_mode(model, grad=False):
-        x = to_model_input(images.to(model_device(model)), plan.transform)
-        return reader.forward(model, x).float().cpu()
+        found = [
+            reader.forward(model, to_model_input(part.to(device), plan.transform)).float().cpu()
+            for part in images.split(size)
+        ]
+    return torch.cat(found)
+
+
+def rows_at_once(model: nn.Module, plan: VisualizerPlan, count: int) -> int:
+    """How many of ``count`` images go through the model at once, memory bounded:
+    :func:`~lightning_neurons.visualize.sizing.auto_batch_size` for the outputs of the plan's
+    layers (one forward pass of one image measures them)."""
+    channels = [Channel(layer, 0) for layer in plan.layers]
+    found = probe(model, channels, plan.shape, plan.transform)
+    return auto_batch_size(count, found.largest, model_device(model), found.total)
 
 
 def _judged(
-    judge: nn.Module | None, images: torch.Tensor, plan: VisualizerPlan, wanted: torch.Tensor
+    judge: nn.Module | None,
+    images: torch.Tensor,
+    plan: VisualizerPlan,
+    wanted: torch.Tensor,
+    rows: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """The judge's verdict on ``images`` and its probability of each image's ``wanted`` class
-    (nothing without a judge; its outputs are read as their first tensor)."""
+    (nothing without a judge; its outputs are read as their first tensor; ``rows`` images a
+    pass)."""
     if judge is None:
         return {}
-    verdict = logits(judge, images, plan, BatchReader())
+    verdict = logits(judge, images, plan, BatchReader(), rows)
     rows = torch.arange(len(images))
     return {
         "judge_predicted": verdict.argmax(dim=1),
@@ -218,10 +240,11 @@ def cluster_renderings(
     preferred = {
         layer: _preferred(result, ids) for layer, (result, ids, _) in choice.chosen.items()
     }
-    # every layer's images in one pass of the model (and of the judge)
+    # every layer's images together, as many a pass of the model (and the judge) as fit
     images = torch.cat([images for images, _ in shown.values()])
-    predicted = logits(model, images, plan, renderer.reader).argmax(dim=1)
-    judged = _judged(judge, images, plan, torch.cat(list(preferred.values())))
+    rows = rows_at_once(model, plan, len(images))
+    predicted = logits(model, images, plan, renderer.reader, rows).argmax(dim=1)
+    judged = _judged(judge, images, plan, torch.cat(list(preferred.values())), rows)
     found: dict[str, ClusterRendering] = {}
     at = 0
     for layer, (result, ids, sizes) in choice.chosen.items():
