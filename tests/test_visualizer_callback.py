@@ -376,20 +376,28 @@ def test_cluster_images_continue_the_best_matching_cluster_of_the_last_round():
     assert off.state_dict() == {}
 
 
-def test_channel_images_of_every_layer_are_rendered_together_as_layer_by_layer():
+#: The layers the Renderer tests render: BNNet's ReLU module and its second convolution.
+RENDERED = ["backbone.relu1", "backbone.conv2"]
+
+
+def _renderer(options: RenderOptions):
+    """FeatureVisualizer's Renderer of 12 px grey images of :data:`RENDERED`, one process, with a
+    continuation memory of its own."""
     from lightning_neurons.batch import BatchReader
     from lightning_neurons.callbacks._memory import ContinuationMemory
     from lightning_neurons.callbacks._plan import VisualizerPlan
     from lightning_neurons.callbacks._rendering import Renderer
+
+    plan = VisualizerPlan((1, 12, 12), None, RENDERED, {}, [], None, False)
+    return Renderer(options, plan, BatchReader(), None, ContinuationMemory())
+
+
+def test_channel_images_of_every_layer_are_rendered_together_as_layer_by_layer():
     from lightning_neurons.visualize import Channel, render
 
-    model = _module().eval()
-    layers = ["backbone.relu1", "backbone.conv2"]
-    plan = VisualizerPlan((1, 12, 12), None, layers, {}, [], None, False)
+    model, layers = _module().eval(), RENDERED
     options = RenderOptions(steps=6, continue_steps=2, converge_tol=None, param="fft", n_images=2)
-    memory, apart_memory = ContinuationMemory(), ContinuationMemory()
-    renderer = Renderer(options, plan, BatchReader(), None, memory)
-    apart = Renderer(options, plan, BatchReader(), None, apart_memory)
+    renderer, apart = _renderer(options), _renderer(options)
     wanted = {
         layers[0]: [Channel(layers[0], i) for i in (0, 2)],
         layers[1]: [Channel(layers[1], 5)],
@@ -407,25 +415,18 @@ def test_channel_images_of_every_layer_are_rendered_together_as_layer_by_layer()
         assert torch.equal(done[layer][1], steps)
     assert [v[1].tolist() for v in again.values()] == [[2] * 4, [6] * 4]  # continued: 2 steps
     assert [v[0].shape[0] for v in again.values()] == [4, 4]
-    state = memory.state_dict()  # each layer's parameters kept apart, as layer by layer
+    state = renderer.memory.state_dict()  # each layer's parameters kept apart, as layer by layer
     assert state[layers[1]]["params"].shape[0] == 4
-    assert state.keys() == apart_memory.state_dict().keys()
+    assert state.keys() == apart.memory.state_dict().keys()
 
 
 def test_cluster_images_of_every_layer_are_rendered_together_and_continued_per_layer():
-    from lightning_neurons.batch import BatchReader
-    from lightning_neurons.callbacks._memory import ContinuationMemory
-    from lightning_neurons.callbacks._plan import VisualizerPlan
-    from lightning_neurons.callbacks._rendering import Renderer
     from lightning_neurons.visualize import render
     from lightning_neurons.visualize.objectives import ChannelGroup
 
-    model = _module().eval()
-    layers = ["backbone.relu1", "backbone.conv2"]
-    plan = VisualizerPlan((1, 12, 12), None, layers, {}, [], None, False)
+    model, layers = _module().eval(), RENDERED
     options = RenderOptions(steps=6, continue_steps=2, converge_tol=None, param="fft")
-    memory = ContinuationMemory()
-    renderer = Renderer(options, plan, BatchReader(), None, memory)
+    renderer = _renderer(options)
     first = {layers[0]: [[0, 1], [2, 3]], layers[1]: [[3, 4, 5]]}
     with mock.patch("lightning_neurons.callbacks._rendering.render", wraps=render) as spy:
         done = renderer.round(model, {}, first).clusters
@@ -449,29 +450,21 @@ def test_cluster_images_of_every_layer_are_rendered_together_and_continued_per_l
     assert [v[1].tolist() for v in again.values()] == [[2, 2], [6, 2]]  # continued: 2 steps
     assert [v[0].shape[0] for v in again.values()] == [2, 2]
     # the memory keeps each layer's clusters apart, for the next round to match
-    state = memory.state_dict()
+    state = renderer.memory.state_dict()
     assert state["clusters/" + layers[1]]["members"] == [[0], [3, 4, 5]]
     assert state["clusters/" + layers[0]]["params"].shape[0] == 2
 
 
 def test_channels_and_clusters_of_a_round_render_together_as_apart():
-    from lightning_neurons.batch import BatchReader
-    from lightning_neurons.callbacks._memory import ContinuationMemory
-    from lightning_neurons.callbacks._plan import VisualizerPlan
-    from lightning_neurons.callbacks._rendering import Renderer
     from lightning_neurons.visualize import Channel, render
     from lightning_neurons.visualize.objectives import ChannelGroup
 
-    model = _module().eval()
-    layers = ["backbone.relu1", "backbone.conv2"]
-    plan = VisualizerPlan((1, 12, 12), None, layers, {}, [], None, False)
+    model, layers = _module().eval(), RENDERED
     # a convergence test that stops some images before others: each image's steps are its own
     options = RenderOptions(
         steps=8, continue_steps=4, converge_tol=0.05, converge_window=2, param="fft", n_images=2
     )
-    memory, apart_memory = ContinuationMemory(), ContinuationMemory()
-    together = Renderer(options, plan, BatchReader(), None, memory)
-    apart = Renderer(options, plan, BatchReader(), None, apart_memory)
+    together, apart = _renderer(options), _renderer(options)
     wanted = {
         layers[0]: [Channel(layers[0], i) for i in (0, 2)],
         layers[1]: [Channel(layers[1], 5)],
@@ -496,7 +489,7 @@ def test_channels_and_clusters_of_a_round_render_together_as_apart():
                 assert torch.equal(done[layer][1], steps), layer
     # and the first round is what renderings of each layer's channels, and of every cluster
     # from its own place in the list, give
-    noise = Renderer(options, plan, BatchReader(), None, ContinuationMemory())
+    noise = _renderer(options)
     fresh = [ChannelGroup(layer, group) for layer, groups in first.items() for group in groups]
     images, _, steps = noise.rows(model, fresh, None, 0, False, 1)
     clustered = [torch.cat(found) for found in zip(*rounds[0].clusters.values(), strict=True)]
@@ -509,7 +502,7 @@ def test_channels_and_clusters_of_a_round_render_together_as_apart():
     ran = torch.cat([steps for part in rounds[0] for _, steps in part.values()])
     assert ran.max() == 8 and ran.min() < 8, ran.tolist()  # both kinds of image were rendered
     assert max(max(s.tolist()) for _, s in rounds[1].channels.values()) <= 4  # continued
-    kept, solo = memory.state_dict(), apart_memory.state_dict()
+    kept, solo = together.memory.state_dict(), apart.memory.state_dict()
     assert kept.keys() == solo.keys() == {*layers, *(f"clusters/{layer}" for layer in layers)}
     for key, entry in solo.items():  # each layer's channels and clusters kept apart
         assert kept[key]["params"].shape == entry["params"].shape
