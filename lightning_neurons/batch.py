@@ -388,17 +388,24 @@ class BatchReader:
         return self.logits(model(as_model_input(x, model)))
 
 
+#: Deferred, :class:`LabelRange` reads the range of this many batches at once.
+RANGE_BATCHES = 16
+
+
 class LabelRange:
     """Checks that batches of labels lie in ``[0, num_classes)``, without making a GPU wait.
 
     Reading a CUDA tensor's range on the host waits for everything the device was given before
     (the previous batches' forward passes too), and a training loop that waits at every batch
-    runs host and device one after the other. So on CUDA (or when ``defer`` is set) a batch's
-    range is copied to host memory in the background, after an event, and read at the next
-    :meth:`check` or at :meth:`settle`: an error comes one batch late. Until then the labels
-    that :meth:`check` returns are clamped into range, so that no index operation meets an
-    out-of-range label (on CUDA a device-side assert, which ends the process's use of the GPU).
-    On other devices each batch is read at once.
+    runs host and device one after the other. So on CUDA (or when ``defer`` is set) the range
+    of every ``batches`` batches is computed at once and copied to host memory in the
+    background, after an event, and read at the first :meth:`check` that finds it copied (when
+    the next range is queued, or at :meth:`settle`, at the latest): an error comes about
+    ``batches`` batches late. Until then the labels that :meth:`check` returns are clamped into
+    range, so that no index operation meets an out-of-range label (on CUDA a device-side
+    assert, which ends the process's use of the GPU). A batch costs the device that clamp (its
+    copy of the labels) and a ``batches``-th of the range's three operations. On other devices
+    each batch is read at once.
 
     Example:
         >>> labels = LabelRange(defer=True)
@@ -410,28 +417,44 @@ class LabelRange:
         lightning_neurons.errors.NeuronsError: label 9 is outside [0, 5); ...
     """
 
-    def __init__(self, defer: bool | None = None) -> None:
+    def __init__(self, defer: bool | None = None, batches: int = RANGE_BATCHES) -> None:
         self.defer = defer
+        self.batches = batches
+        self._unread: list[torch.Tensor] = []  # the deferred batches whose range is not queued
+        self._classes = 0
         self._pending: tuple[torch.Tensor, Any, int] | None = None
-        # a deferred range: computed on the labels' device, copied to the host; both buffers are
-        # reused from batch to batch (the copy has been read before the next is queued)
+        # a queued range: computed on the labels' device, copied to the host; both buffers are
+        # reused (a copy has been read before the next is queued)
         self._span: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def check(self, labels: torch.Tensor, num_classes: int | None) -> torch.Tensor:
-        """Check ``labels`` (and the batch before, if its range is still to be read); return
+        """Check ``labels`` (where deferred: the batches before whose range is due); return
         them, clamped into range where the check is deferred.
 
         Raises:
-            NeuronsError: If a label of this batch (of the batch before, when deferred) is
+            NeuronsError: If a label of this batch (of an earlier one, when deferred) is
                 outside ``[0, num_classes)``.
         """
-        self.settle()
         if not labels.numel() or num_classes is None:
             return labels
         defer = labels.is_cuda if self.defer is None else self.defer
         if not defer:
+            self.settle()
             check_label_range(labels, num_classes)
             return labels
+        if self._copied():
+            self._read()
+        self._unread.append(labels)
+        self._classes = num_classes
+        if len(self._unread) >= self.batches:
+            self._queue()
+        return labels.clamp(0, num_classes - 1)
+
+    def _queue(self) -> None:
+        """Read the range queued before (if any), and queue the unread batches' range."""
+        self._read()
+        unread, self._unread = self._unread, []
+        labels = unread[0] if len(unread) == 1 else torch.cat([u.reshape(-1) for u in unread])
         span, host = self._buffers(labels)
         torch.aminmax(labels, out=(span[0], span[1]))
         host.copy_(span, non_blocking=True)
@@ -439,8 +462,14 @@ class LabelRange:
         if labels.is_cuda:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(labels.device))
-        self._pending = (host, event, num_classes)
-        return labels.clamp(0, num_classes - 1)
+        self._pending = (host, event, self._classes)
+
+    def _copied(self) -> bool:
+        """Whether a range is queued and has reached host memory (asked without waiting)."""
+        if self._pending is None:
+            return False
+        event = self._pending[1]
+        return event is None or bool(event.query())
 
     def _buffers(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         span = self._span
@@ -452,11 +481,16 @@ class LabelRange:
         return self._span
 
     def settle(self) -> None:
-        """Read the range of the deferred batch, if any (waiting only for its copy).
+        """Read the range of every deferred batch (waiting only for its copy).
 
         Raises:
-            NeuronsError: If one of its labels is outside ``[0, num_classes)``.
+            NeuronsError: If one of their labels is outside ``[0, num_classes)``.
         """
+        if self._unread:
+            self._queue()
+        self._read()
+
+    def _read(self) -> None:
         if self._pending is None:
             return
         host, event, num_classes = self._pending
@@ -466,8 +500,9 @@ class LabelRange:
         _check_range(int(host[0]), int(host[1]), num_classes)
 
     def drop(self) -> None:
-        """Forget the deferred batch (its epoch was abandoned)."""
+        """Forget the deferred batches (their epoch was abandoned)."""
         self._pending = None
+        self._unread = []
 
 
 def check_label_range(

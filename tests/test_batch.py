@@ -143,16 +143,17 @@ def test_label_range_checks_each_batch_at_once_where_not_deferred():
     assert labels.check(torch.zeros(0, dtype=torch.long), 3).numel() == 0
 
 
-def test_label_range_deferred_clamps_now_and_raises_one_batch_late():
+def test_label_range_deferred_clamps_now_and_raises_once_the_range_is_read():
     """Deferred (as on a GPU, where reading the range at once would make the host wait for the
-    device): a bad batch's labels come back clamped into range, and the error comes at the next
-    check, or at settle() after the last batch; drop() forgets a pending batch."""
-    labels = LabelRange(defer=True)
+    device): a bad batch's labels come back clamped into range, and the error comes once the
+    range of its group of batches is read (at the check after the group is queued, or at
+    settle() after the last batch); drop() forgets the batches not yet read."""
+    labels = LabelRange(defer=True, batches=2)
     assert labels.check(torch.tensor([0, 4, 9]), 5).tolist() == [0, 4, 4]
+    assert labels.check(torch.tensor([1, 2]), 5).tolist() == [1, 2]  # the pair's range queued
     with pytest.raises(NeuronsError, match=r"label 9 is outside \[0, 5\)"):
-        labels.check(torch.tensor([1, 2]), 5)  # the error is the batch before's
-    assert labels.check(torch.tensor([1, 2]), 5).tolist() == [1, 2]
-    labels.settle()  # that batch was fine
+        labels.check(torch.tensor([1, 2]), 5)  # the pair before's
+    labels.settle()  # the one batch since was fine
     assert labels.check(torch.tensor([-3, 1]), 5).tolist() == [0, 1]
     with pytest.raises(NeuronsError, match=r"label -3 is outside \[0, 5\)"):
         labels.settle()
@@ -160,21 +161,37 @@ def test_label_range_deferred_clamps_now_and_raises_one_batch_late():
     labels.check(torch.tensor([8]), 5)
     labels.drop()
     labels.settle()  # forgotten: nothing raised
+    labels.check(torch.tensor([3]), 5)
+    labels.check(torch.tensor([5]), 5)  # queued
+    labels.drop()
+    labels.settle()  # a queued range is forgotten too
 
 
-def test_label_range_deferred_takes_three_operations_a_batch_into_reused_buffers():
-    """Deferred, a batch costs the device one range, one copy of it to the host and one clamp
-    (each a kernel launch on a GPU); the range's buffers are made once per labels' type."""
-    labels = LabelRange(defer=True)
-    labels.check(torch.tensor([0, 1]), 5)
+@pytest.mark.parametrize("batches", [1, 3, 16])
+def test_label_range_deferred_finds_a_bad_label_in_any_batch_of_a_group(batches):
+    for bad in range(batches):
+        labels = LabelRange(defer=True, batches=batches)
+        with pytest.raises(NeuronsError, match=r"label 6 is outside \[0, 5\)"):
+            for i in range(batches):
+                labels.check(torch.tensor([6 if i == bad else 1, 0]), 5)
+            labels.settle()
+
+
+def test_label_range_deferred_takes_a_clamp_a_batch_and_three_operations_a_group():
+    """Deferred, a batch costs the device one clamp (each a kernel launch on a GPU), and each
+    group of batches one concatenation, one range and one copy of it to the host; the range's
+    buffers are made once per labels' type."""
+    labels = LabelRange(defer=True, batches=3)
+    for batch in ([0, 1], [1], [2]):
+        labels.check(torch.tensor(batch), 5)
     with Operations() as ops:
-        for batch in ([2, 1, 0], [4, 3], [1]):
+        for batch in ([2, 1, 0], [4, 3], [1], [0], [3, 3]):
             labels.check(torch.tensor(batch), 5)
     # besides views, and the reads of the host copy (`_local_scalar_dense` on host memory)
     kernels = Counter(
-        s for s in ops.names if s not in ("select", "lift_fresh", "_local_scalar_dense")
+        s for s in ops.names if s not in ("select", "lift_fresh", "_local_scalar_dense", "view")
     )
-    assert kernels == {"aminmax": 3, "copy_": 3, "clamp": 3}
+    assert kernels == {"clamp": 5, "cat": 1, "aminmax": 1, "copy_": 1}
     with pytest.raises(NeuronsError, match=r"label 7 is outside \[0, 5\)"):
         labels.check(torch.tensor([7], dtype=torch.int32), 5)  # a new type: new buffers
         labels.settle()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal, overload
 
 import torch
@@ -26,6 +28,7 @@ from lightning_neurons.callbacks._tracker_notes import TrackerNotes
 from lightning_neurons.checks import Constraints, Interval, Options
 from lightning_neurons.defaults import infer_num_classes
 from lightning_neurons.errors import NeuronsError
+from lightning_neurons.grouped import GROUP_VALUES, OutputGroups, output_groups, reduce_together
 from lightning_neurons.hooks import (
     HookSet,
     resolve_layers,
@@ -173,6 +176,10 @@ class ActivationTracker(StagedCallback):
         # the layers whose means say whether they fired (lightning_neurons.signs), known once a fit
         self._never_negative: set[str] = set()
         self._signs_known = False
+        # the layers whose outputs are reduced together (lightning_neurons.grouped), known once a
+        # fit, and the outputs of this pass waiting for the last layer of their group
+        self._groups = OutputGroups()
+        self._waiting: dict[int, list[tuple[str, torch.Tensor]]] = {}
         self._evolution = NeuronEvolutionLog()  # the neuron x epoch figures
 
     # ---- identity and checkpointing ------------------------------------------------------------
@@ -285,10 +292,30 @@ class ActivationTracker(StagedCallback):
             self._gather(step.batch, step.batch_idx)
             if self._labels is not None and not self._signs_known:  # on two of its images
                 self._signs_known, inputs = True, self.reader.inputs(step.batch)
-                run = lambda: pl_module(as_model_input(inputs, pl_module)[:2])  # noqa: E731
-                self._never_negative = never_negative_layers(pl_module, self.layers, run)
+                self._learn_layers(
+                    pl_module, lambda: pl_module(as_model_input(inputs, pl_module)[:2])
+                )
+
+    def _learn_layers(self, pl_module: LightningModule, run: Callable[[], object]) -> None:
+        """Which tracked layers are never negative (``lightning_neurons.signs``) and which are
+        reduced together (``lightning_neurons.grouped``), seen in one forward pass ``run()``
+        (of two images, once a fit). Where the pass fails, neither is known."""
+        groups: list[OutputGroups] = []
+        tried = False
+
+        def grouping() -> None:
+            nonlocal tried
+            tried = True
+            groups.append(output_groups(pl_module, self.layers, run))
+
+        self._never_negative = never_negative_layers(pl_module, self.layers, grouping)
+        if not tried:  # no module around a never-negative one: no pass was needed for the signs
+            with contextlib.suppress(Exception):
+                grouping()
+        self._groups = groups[0] if groups else OutputGroups()
 
     def _on_batch_end(self, trainer: Trainer, pl_module: LightningModule, step: StageBatch) -> None:
+        self._reduce_waiting()  # groups whose last layer did not run in this batch
         self._labels = None
 
     def _stage_end(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -406,6 +433,7 @@ class ActivationTracker(StagedCallback):
     def _stop(self) -> None:
         self._hooks.remove()
         self._labels = None
+        self._waiting.clear()
         self._collecting = False
 
     def _gather(self, batch: Any, batch_idx: int) -> None:
@@ -417,9 +445,10 @@ class ActivationTracker(StagedCallback):
             return
         self._batches += 1
         self._hooks.new_pass()
+        self._waiting.clear()
         self.reader.inputs(batch)
         read = self.reader.labels(batch)
-        labels = self._label_range.check(read, self.num_classes)  # on a GPU, one batch late
+        labels = self._label_range.check(read, self.num_classes)  # on a GPU, read later
         rows = self._rows.rows(batch_idx, labels.shape[0])
         # DistributedSampler's repeated samples (the last rows on some ranks) are left out; the
         # labels are held with the batch's values (a copy, unless clamping made one)
@@ -441,13 +470,36 @@ class ActivationTracker(StagedCallback):
         return metric
 
     def _on_activation(self, name: str, output: torch.Tensor) -> None:
-        labels = self._labels
-        if labels is None or in_analysis():
+        if self._labels is None or in_analysis():
             return  # a forward outside a tracked batch, or another analysis running the model
         # detached: no graph, without the cost of entering no_grad at every call
         output = output.detach()
-        peaks = output.dtype == torch.float16 or split_call(name)[0] not in self._never_negative
-        values, peak = held_values(output, self.reduction, name, peaks=peaks)
+        group = self._groups.group_of(name)
+        if group is not None and output.numel() <= GROUP_VALUES:
+            self._waiting.setdefault(group, []).append((name, output))
+        else:
+            self._hold(name, *held_values(output, self.reduction, name, self._peaks(name, output)))
+        if group is not None and self._groups.closes(name):
+            self._reduce_waiting(group)
+
+    def _peaks(self, name: str, output: torch.Tensor) -> bool:
+        """Whether layer ``name``'s peaks are read apart from its means (see ``signs``)."""
+        return output.dtype == torch.float16 or split_call(name)[0] not in self._never_negative
+
+    def _reduce_waiting(self, group: int | None = None) -> None:
+        """Reduce and hold the outputs waiting in ``group`` (``None``: in every group)."""
+        for key in [group] if group is not None else list(self._waiting):
+            waiting = self._waiting.pop(key, [])
+            if not waiting or self._labels is None:
+                continue
+            peaks = {name: self._peaks(name, output) for name, output in waiting}
+            for name, values, peak in reduce_together(waiting, self.reduction, peaks.__getitem__):
+                self._hold(name, values, peak)
+
+    def _hold(self, name: str, values: torch.Tensor, peak: torch.Tensor) -> None:
+        """Hold layer ``name``'s ``[B, K]`` values and peaks of this batch with its labels."""
+        labels = self._labels
+        assert labels is not None
         if values.shape[0] == self._batch_size and labels.shape[0] < values.shape[0]:
             values, peak = values[: labels.shape[0]], peak[: labels.shape[0]]
         if values.shape[0] != labels.shape[0]:
