@@ -115,7 +115,8 @@ def reduce_together(
         wanted = sum(peaks(outputs[i][0]) for i in members)
         values, peak = _stacked([outputs[i][1] for i in members], reduction, wanted)
         for j, i in enumerate(members):
-            reduced[i] = (outputs[i][0], values[:, j], peak[:, j] if j < wanted else values[:, j])
+            own = values[:, j]  # the peaks of one whose peaks are not wanted: the same tensor
+            reduced[i] = (outputs[i][0], own, peak[:, j] if j < wanted else own)
     return [r for r in reduced if r is not None]
 
 

@@ -194,7 +194,7 @@ FLUSH_VALUES = 2**18
 #: share of :data:`HELD_VALUES_DEVICE`, at least this many values...
 FLUSH_VALUES_DEVICE_MIN = 2**20
 #: ... and at most this many (32 MB a layer, its values and peaks in float32: ResNet-50's widest
-#: layers are added every 31 batches of 64, not every 2 as on the CPU)...
+#: layers are added every 61 batches of 64, their peaks their values, not every 4 as on the CPU)...
 FLUSH_VALUES_DEVICE = 2**22
 #: Values held on an accelerator over all the layers of a :class:`HeldBatches` (512 MB as float32
 #: values and peaks; a model tracked at more than 64 layers holds 8 MB a layer, more in all).
@@ -214,10 +214,12 @@ class HeldBatches:
     layer's batches are held until they hold :data:`FLUSH_VALUES` values or :data:`FLUSH_ROWS`
     rows (on an accelerator, the layer's share of :data:`HELD_VALUES_DEVICE` among ``layers``
     layers, within :data:`FLUSH_VALUES_DEVICE_MIN` and :data:`FLUSH_VALUES_DEVICE`, or
-    :data:`FLUSH_ROWS_DEVICE` rows), then added as one. The states are those of batch-by-batch updates (counts, maxima and float64 sums of the
-    same values; only the order of the float64 additions differs). Memory is bounded by that
-    size per layer, whatever the number of batches. Call :meth:`flush` before reading the
-    statistics.
+    :data:`FLUSH_ROWS_DEVICE` rows), then added as one. The bounds count a value with its peak:
+    a layer whose peaks are its values (see :mod:`lightning_neurons.signs`) holds twice as many
+    values in the same memory. The states are those of batch-by-batch updates (counts, maxima
+    and float64 sums of the same values; only the order of the float64 additions differs).
+    Memory is bounded by that size per layer, whatever the number of batches. Call
+    :meth:`flush` before reading the statistics.
 
     Example:
         >>> held, stats = HeldBatches(), ClassNeuronStats(3, 4)
@@ -234,6 +236,7 @@ class HeldBatches:
         self.layers = layers
         self._held: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self._rows: dict[str, int] = {}  # rows held per layer
+        self._size: dict[str, int] = {}  # values and peaks held per layer, in values with peaks
 
     def add(
         self,
@@ -245,11 +248,17 @@ class HeldBatches:
     ) -> None:
         """Hold a batch of layer ``name`` (the arguments of :meth:`ClassNeuronStats.update`);
         add the layer's held batches to ``stats`` once they are large enough. The tensors are
-        kept as they are: pass none that a later in-place operation changes."""
-        self._held.setdefault(name, []).append((values, labels, values if peak is None else peak))
+        kept as they are: pass none that a later in-place operation changes. Peaks that are the
+        values (``peak`` is ``values`` or ``None``) take no room of their own: such a layer holds
+        twice the values."""
+        peak = values if peak is None else peak
+        self._held.setdefault(name, []).append((values, labels, peak))
         rows = self._rows[name] = self._rows.get(name, 0) + values.shape[0]
+        # in halves of a value with its peak: 2 a value whose peak is its own, 1 one without
+        size = values.numel() * (1 if peak is values else 2)
+        size = self._size[name] = self._size.get(name, 0) + size
         most, most_rows = self.limits(values.device)
-        if rows >= most_rows or rows * values.shape[1] >= most:
+        if rows >= most_rows or size >= 2 * most:
             self._add(stats, self._take(name))
 
     def limits(self, device: torch.device) -> tuple[int, int]:
@@ -271,6 +280,7 @@ class HeldBatches:
 
     def _take(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         self._rows.pop(name, None)
+        self._size.pop(name, None)
         return self._held.pop(name, [])
 
     @staticmethod
@@ -278,8 +288,10 @@ class HeldBatches:
         if len(held) == 1:
             stats.update(*held[0])
             return
-        values, labels, peak = (torch.cat(parts) for parts in zip(*held, strict=True))
-        stats.update(values, labels, peak)
+        values = torch.cat([v for v, _, _ in held])
+        labels = torch.cat([y for _, y, _ in held])
+        same = all(p is v for v, _, p in held)  # peaks that are the values: not copied again
+        stats.update(values, labels, values if same else torch.cat([p for _, _, p in held]))
 
 
 def _all_finite(values: torch.Tensor) -> bool:

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from _operations import Operations
 
 from lightning_neurons.stats import (
     FLUSH_ROWS,
@@ -204,14 +205,18 @@ def test_held_batches_hold_more_values_on_an_accelerator():
         ("cpu", FLUSH_VALUES, FLUSH_ROWS),
         ("meta", FLUSH_VALUES_DEVICE, FLUSH_ROWS_DEVICE),
     ):
-        for width in (2048, 64):
+        for width, own_peaks in ((2048, True), (2048, False), (64, True), (64, False)):
             stats, held = ClassNeuronStats(10, width).to(device), HeldBatches()
             batches = 0
             while stats.update_count == 0:
                 values = torch.rand(rows, width, device=device)
-                held.add("a", stats, values, torch.zeros(rows, dtype=torch.long, device=device))
+                peak = torch.rand(rows, width, device=device) if own_peaks else None
+                labels = torch.zeros(rows, dtype=torch.long, device=device)
+                held.add("a", stats, values, labels, peak)
                 batches += 1
-            assert batches * rows == min(most_rows, most // width), (device, width)
+            # the bounds count a value with its peak: values whose peaks they are, twice as many
+            bound = most // width if own_peaks else 2 * most // width
+            assert batches * rows == min(most_rows, bound), (device, width, own_peaks)
 
 
 def test_held_batches_on_an_accelerator_share_a_bound_among_the_layers():
@@ -228,7 +233,8 @@ def test_held_batches_on_an_accelerator_share_a_bound_among_the_layers():
     while stats.update_count == 0:
         held.add("a", stats, torch.rand(64, 2048, device="meta"), torch.zeros(64, device="meta"))
         batches += 1
-    assert batches == -(-(HELD_VALUES_DEVICE // 17) // (64 * 2048))  # 31 batches of 64
+    # 61 batches of 64 (peaks that are the values take no room: twice the share's values)
+    assert batches == -(-2 * (HELD_VALUES_DEVICE // 17) // (64 * 2048)) == 61
 
 
 def test_confusion_counts_match_a_plain_count_and_skip_labels_out_of_range():
@@ -311,3 +317,22 @@ def test_without_max_the_other_states_are_the_same():
     a, b = full.compute(), lean.compute()
     assert "max" in a and "max" not in b and not hasattr(lean, "max")
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.parametrize("own_peaks", [True, False])
+def test_held_batches_copy_peaks_that_are_their_values_once(own_peaks):
+    """A flush concatenates the held values, labels and, only where they are tensors of their
+    own, the peaks; the states are those of the batches added one by one."""
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 5, generator=g), torch.arange(8) % 3) for _ in range(3)]
+    peaks = [torch.randn(8, 5, generator=g) if own_peaks else None for _ in batches]
+    held, stats, alone = HeldBatches(), ClassNeuronStats(3, 5), ClassNeuronStats(3, 5)
+    for (values, labels), peak in zip(batches, peaks, strict=True):
+        held.add("a", stats, values, labels, peak)
+        alone.update(values, labels, peak)
+    with Operations() as ops:
+        held.flush({"a": stats})
+    assert ops.counts["cat"] == (3 if own_peaks else 2)
+    for key, state in stats.compute().items():
+        # float64 sums of the same values, in another order
+        torch.testing.assert_close(state, alone.compute()[key], rtol=1e-12, atol=1e-12)

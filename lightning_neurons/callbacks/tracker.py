@@ -497,11 +497,14 @@ class ActivationTracker(StagedCallback):
                 self._hold(name, values, peak)
 
     def _hold(self, name: str, values: torch.Tensor, peak: torch.Tensor) -> None:
-        """Hold layer ``name``'s ``[B, K]`` values and peaks of this batch with its labels."""
+        """Hold layer ``name``'s ``[B, K]`` values and peaks of this batch with its labels
+        (``peak`` is ``values`` where its peaks are its values)."""
         labels = self._labels
         assert labels is not None
-        if values.shape[0] == self._batch_size and labels.shape[0] < values.shape[0]:
-            values, peak = values[: labels.shape[0]], peak[: labels.shape[0]]
+        rows = labels.shape[0]
+        if values.shape[0] == self._batch_size and rows < values.shape[0]:
+            same, values = peak is values, values[:rows]
+            peak = values if same else peak[:rows]
         if values.shape[0] != labels.shape[0]:
             raise NeuronsError(
                 f"layer {name!r} produced {values.shape[0]} rows for a batch of {labels.shape[0]} "
