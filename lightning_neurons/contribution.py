@@ -429,9 +429,9 @@ class ClassContributions:
         self._logit = self._metric(1)
         self._sums: dict[str, ClassNeuronStats] = {}
 
-    def _metric(self, num_neurons: int) -> ClassNeuronStats:
+    def _metric(self, num_neurons: int, device: torch.device | None = None) -> ClassNeuronStats:
         return ClassNeuronStats(
-            self.num_classes, num_neurons, track_max=False, sync_on_compute=False
+            self.num_classes, num_neurons, track_max=False, sync_on_compute=False, device=device
         )
 
     def update(self, batch: ContributionBatch, labels: torch.Tensor) -> None:
@@ -448,7 +448,7 @@ class ClassContributions:
         self._logit.update(logits.gather(1, labels.unsqueeze(1)), labels)
         for name, c in batch.contributions.items():
             if name not in self._sums:
-                self._sums[name] = self._metric(c.shape[1]).to(device)
+                self._sums[name] = self._metric(c.shape[1], device)
             self._sums[name].update(c.detach().to(device, torch.float64), labels)
 
     def sums(self) -> dict[str, torch.Tensor]:

@@ -42,6 +42,8 @@ class ClassNeuronStats(Metric):
         num_neurons: Number of neurons ``K`` of the layer.
         max_dtype: Type of the ``max`` state.
         track_max: Keep the ``max`` state (``False``: no maximum, 4 to 8 bytes less per entry).
+        device: Where the states are made (``None``: the host; ``.to()`` moves them later, a
+            copy of each).
 
     Example:
         >>> stats = ClassNeuronStats(num_classes=3, num_neurons=4)
@@ -60,6 +62,7 @@ class ClassNeuronStats(Metric):
         num_neurons: int,
         max_dtype: torch.dtype = torch.float32,
         track_max: bool = True,
+        device: torch.device | str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -67,22 +70,38 @@ class ClassNeuronStats(Metric):
         self.num_neurons = num_neurons
         shape = (num_classes, num_neurons)
         f64, i32 = torch.float64, torch.int32
-        self.add_state("images", torch.zeros(num_classes, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("sum", torch.zeros(shape, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("sum_sq", torch.zeros(shape, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("fired", torch.zeros(shape, dtype=i32), dist_reduce_fx="sum")
-        self.add_state("nan", torch.zeros(shape, dtype=i32), dist_reduce_fx="sum")
+        self._state("images", (num_classes,), torch.int64, 0, device)
+        self._state("sum", shape, f64, 0, device)
+        self._state("sum_sq", shape, f64, 0, device)
+        self._state("fired", shape, i32, 0, device)
+        self._state("nan", shape, i32, 0, device)
         self.track_max = track_max
         if track_max:
-            full = torch.full(shape, -torch.inf, dtype=max_dtype)
-            self.add_state("max", full, dist_reduce_fx="max")
-        self._lean_defaults()
+            self._state("max", shape, max_dtype, -torch.inf, device, reduce="max")
+        if device is not None:
+            self.to(device)  # torchmetrics' record of the device; the states are there already
+
+    def _state(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        fill: float,
+        device: torch.device | str | None,
+        reduce: str = "sum",
+    ) -> None:
+        """Add state ``name``, made on ``device``: its initial value one element broadcast over
+        ``shape`` (``add_state`` would keep a full-size copy of it), ``reset()`` clones it into a
+        full tensor."""
+        self.add_state(name, torch.full((), fill, dtype=dtype, device=device), reduce)
+        setattr(self, name, torch.full(shape, fill, dtype=dtype, device=device))
+        self._defaults[name] = self._defaults[name].expand(shape)
 
     def _lean_defaults(self) -> None:
-        """Each state's initial value as one element broadcast over its shape: ``reset()``
-        clones it into a full tensor; the metric keeps no full-size copy in between."""
+        """Each state's initial value as one element broadcast over its shape (where moving the
+        metric made a full-size copy of it)."""
         for name, default in self._defaults.items():
-            if isinstance(default, torch.Tensor) and default.numel() > 1:
+            if isinstance(default, torch.Tensor) and default.numel() > 1 and any(default.stride()):
                 one = default[(0,) * default.dim()].clone()  # a view's element, no full copy
                 self._defaults[name] = one.expand(default.shape)
 

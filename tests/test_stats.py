@@ -91,6 +91,33 @@ def test_the_metric_keeps_each_state_once():
     assert stats.summed()["sum"][3].tolist() == [2.0] * 40 and stats.images[3] == 2
 
 
+def test_the_metric_is_made_where_it_is_asked_for_without_full_size_copies():
+    """Made on a device, the states are made there (not on the host and then copied), and no
+    state is copied whole to keep its initial value (torchmetrics' ``add_state`` deep-copies
+    the value it is given: here one element)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    copied: list[int] = []
+
+    class Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ in ("clone", "copy_", "_to_copy"):
+                copied.append(out.numel())
+            return out
+
+    with Copies():
+        stats = ClassNeuronStats(50, 40, device="meta")
+    assert copied and max(copied) == 1  # the initial values' single elements only
+    assert stats.device == torch.device("meta") and stats.sum.device.type == "meta"
+    assert stats.sum.shape == (50, 40) and stats.images.shape == (50,)
+    assert all(d.device.type == "meta" for d in stats._defaults.values())
+    stats.reset()
+    assert stats.max.shape == (50, 40) and stats.max.device.type == "meta"
+    cpu = ClassNeuronStats(5, 4, device="cpu")
+    assert int(cpu.sum.abs().sum()) == 0 and bool((cpu.max == -torch.inf).all())
+
+
 def test_nan_values_are_counted_and_left_out():
     stats = ClassNeuronStats(2, 2)
     values = torch.tensor([[1.0, float("nan")], [3.0, 2.0], [5.0, 4.0]])

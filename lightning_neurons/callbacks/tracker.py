@@ -463,8 +463,9 @@ class ActivationTracker(StagedCallback):
             # the maximum in the activations' own type: exact (it is one of them)
             dtype = values.dtype if values.is_floating_point() else torch.float32
             with torch.inference_mode(False):
-                metric = ClassNeuronStats(self.num_classes, num_neurons, max_dtype=dtype)
-                metric = metric.to(values.device)
+                metric = ClassNeuronStats(
+                    self.num_classes, num_neurons, max_dtype=dtype, device=values.device
+                )
             self._metrics[name] = metric
             self._held.drop(name)  # batches of the layer's former width
         return metric
