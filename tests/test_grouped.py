@@ -230,3 +230,33 @@ def test_a_layer_whose_output_an_in_place_op_changes_is_not_held_and_keeps_its_v
             out["states"][f"backbone.{name}"]["sum"], expected, rtol=1e-5, atol=1e-6
         )
     assert (out["states"]["backbone.conv1"]["sum"] < 0).any()  # signed: before the ReLU
+
+
+class _Functional(nn.Module):
+    """Two ``F.relu`` calls on maps of one shape, as the tutorials write them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.relu(self.conv2(nn.functional.relu(self.conv1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_function_layers_are_grouped_too_and_keep_their_statistics(tmp_path, monkeypatch):
+    from lightning_neurons.callbacks import tracker as tracker_module
+
+    runs = []
+    for grouped in (True, False):
+        if not grouped:
+            monkeypatch.setattr(tracker_module, "output_groups", lambda *a: OutputGroups())
+        torch.manual_seed(0)
+        runs.append(_validated_states(tmp_path, _Functional(), ["backbone.relu()*"]))
+    assert runs[0]["groups"].groups == (("backbone.relu()", "backbone.relu()#1"),)
+    for name, states in runs[0]["states"].items():
+        for key, state in states.items():
+            # float32 means of 1,024 positions, summed in float64: a few ulps of each value
+            torch.testing.assert_close(state, runs[1]["states"][name][key], rtol=1e-5, atol=1e-6)
