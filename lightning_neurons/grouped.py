@@ -88,43 +88,67 @@ def output_groups(
     return OutputGroups(tuple(tuple(names) for names in by_kind.values() if len(names) > 1))
 
 
+@dataclass(frozen=True)
+class Reduced:
+    """Outputs of one shape reduced together: the ``[B, n, K]`` values of the layers ``names``
+    (in this order) and the ``[B, m, K]`` peaks of the first ``m`` of them (``None``: none
+    wanted), each a tensor of its own, never a view of an output."""
+
+    names: tuple[str, ...]
+    values: torch.Tensor
+    peaks: torch.Tensor | None
+
+    def members(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """``[(name, [B, K] values, [B, K] peaks)]``, as
+        :func:`~lightning_neurons.layouts.held_values` gives them for each layer (the peaks of
+        one whose peaks are not wanted: its values, the same tensor)."""
+        peaks, members = self.peaks, []
+        for j, name in enumerate(self.names):
+            own = self.values[:, j]
+            members.append(
+                (name, own, own if peaks is None or j >= peaks.shape[1] else peaks[:, j])
+            )
+        return members
+
+
 def reduce_together(
     outputs: Sequence[tuple[str, torch.Tensor]], reduction: str, peaks: Callable[[str], bool]
-) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """``[(name, values, peak)]``: what :func:`~lightning_neurons.layouts.held_values` gives for
-    each channels-first output (``peaks(name)``: whether its peaks are wanted), with the outputs
-    of one shape, type and device stacked and reduced as one. The values of a stack are views
-    of one tensor of their own (never of an output). In the order of ``outputs``.
+) -> list[Reduced]:
+    """The channels-first ``outputs`` of one shape, type and device stacked and reduced as one
+    (``peaks(name)``: whether a layer's peaks are wanted; those layers come first in their
+    stack); an output of a shape of its own is reduced alone. In the order of the first
+    output of each shape.
 
     Example:
         >>> a, b = torch.rand(4, 8, 2, 2), torch.rand(4, 8, 2, 2)
-        >>> [(n, v.shape) for n, v, _ in reduce_together([("a", a), ("b", b)], "mean", bool)]
-        [('a', torch.Size([4, 8])), ('b', torch.Size([4, 8]))]
+        >>> [(r.names, r.values.shape) for r in reduce_together([("a", a), ("b", b)], "mean", bool)]
+        [(('a', 'b'), torch.Size([4, 2, 8]))]
     """
-    kinds: dict[tuple, list[int]] = {}
-    for i, (_, output) in enumerate(outputs):
-        kinds.setdefault((tuple(output.shape), output.dtype, output.device), []).append(i)
-    reduced: list[tuple[str, torch.Tensor, torch.Tensor] | None] = [None] * len(outputs)
+    kinds: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
+    for name, output in outputs:
+        kind = (tuple(output.shape), output.dtype, output.device)
+        kinds.setdefault(kind, []).append((name, output))
+    reduced = []
     for members in kinds.values():
+        members.sort(key=lambda member: not peaks(member[0]))  # stable: in order otherwise
+        wanted = sum(peaks(name) for name, _ in members)
+        names = tuple(name for name, _ in members)
         if len(members) == 1:
-            name, output = outputs[members[0]]
-            reduced[members[0]] = (name, *held_values(output, reduction, name, peaks(name)))
+            values, peak = held_values(members[0][1], reduction, names[0], bool(wanted))
+            own = None if peak is values else peak.unsqueeze(1)
+            reduced.append(Reduced(names, values.unsqueeze(1), own))
             continue
-        # those whose peaks are wanted first: their peaks are one reduction of a view
-        members.sort(key=lambda i: not peaks(outputs[i][0]))
-        wanted = sum(peaks(outputs[i][0]) for i in members)
-        values, peak = _stacked([outputs[i][1] for i in members], reduction, wanted)
-        for j, i in enumerate(members):
-            own = values[:, j]  # the peaks of one whose peaks are not wanted: the same tensor
-            reduced[i] = (outputs[i][0], own, peak[:, j] if j < wanted else own)
-    return [r for r in reduced if r is not None]
+        values, peak = _stacked([output for _, output in members], reduction, wanted)
+        reduced.append(Reduced(names, values, None if peak is values else peak))
+    return reduced
 
 
 def _stacked(
     outputs: list[torch.Tensor], reduction: str, peaks: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``([B, n, K] values, [B, peaks, K] peaks)`` of ``n`` channels-first outputs of one shape
-    (the peaks of the first ``peaks`` of them)."""
+    (the peaks of the first ``peaks`` of them; the values themselves when none is wanted or
+    the values are the peaks)."""
     stack = torch.stack(outputs, dim=1)  # [B, n, K, *positions]: the one copy
     if stack.dim() == 3 or math.prod(stack.shape[3:]) == 1:
         values = stack.reshape(stack.shape[:3])

@@ -7,7 +7,7 @@ statistics of the whole data set.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -112,37 +112,40 @@ class ClassNeuronStats(Metric):
         return this
 
     def update(
-        self, values: torch.Tensor, labels: torch.Tensor, peak: torch.Tensor | None = None
+        self,
+        values: torch.Tensor | Rows,
+        labels: torch.Tensor | None = None,
+        peak: torch.Tensor | None = None,
+        column: int = 0,
     ) -> None:
         """Add a batch.
 
         Args:
-            values: ``[B, K]`` reduced activations (one value per image and neuron).
-            labels: ``[B]`` integer class indices in ``[0, num_classes)``.
+            values: ``[B, K]`` reduced activations (one value per image and neuron), or the
+                :class:`Rows` of several layers of ``K`` neurons, made once for all of them.
+            labels: ``[B]`` integer class indices in ``[0, num_classes)`` (with ``Rows``: none).
             peak: ``[B, K]`` largest value of each neuron anywhere in the image (for conv
                 channels, the spatial max); a neuron "fires" on an image when its peak is
                 positive. Defaults to ``values``.
+            column: The layer of ``Rows`` that this metric adds.
         """
-        values = values.detach()
-        peak = values if peak is None else peak.detach()
-        labels = labels.long()
-        finite = None if _all_finite(values) else torch.isfinite(values)
-        clean = (values if finite is None else torch.where(finite, values, 0.0)).double()
+        if not isinstance(values, Rows):
+            if labels is None:
+                raise TypeError("ClassNeuronStats.update needs labels with its values")
+            peaks = None if peak is None or peak is values else peak.unsqueeze(1)
+            values = Rows(values.unsqueeze(1), labels, peaks)
+        rows = values
         # counts with index_put_(accumulate=True): exact, and on the CPU 3x faster than
         # index_add_ for integers
-        self.images.index_put_((labels,), torch.ones_like(labels), accumulate=True)
-        self.sum.index_add_(0, labels, clean)
-        self.sum_sq.index_add_(0, labels, clean * clean)
-        self.fired.index_put_((labels,), (peak > 0).to(torch.int32), accumulate=True)
-        if finite is not None:
-            self.nan.index_put_((labels,), (~finite).to(torch.int32), accumulate=True)
-        if not self.track_max:
-            return
-        masked = values if finite is None else torch.where(finite, values, -torch.inf)
-        index = labels.unsqueeze(1).expand_as(masked)
-        self.max.scatter_reduce_(
-            0, index, masked.to(self.max.dtype), reduce="amax", include_self=True
-        )
+        self.images.index_put_((rows.labels,), rows.ones, accumulate=True)
+        self.sum.index_add_(0, rows.labels, rows.clean[:, column])
+        self.sum_sq.index_add_(0, rows.labels, rows.square[:, column])
+        self.fired.index_put_((rows.labels,), rows.fired[:, column], accumulate=True)
+        if rows.bad is not None:
+            self.nan.index_put_((rows.labels,), rows.bad[:, column], accumulate=True)
+        if self.track_max:
+            masked = rows.masked[:, column].to(self.max.dtype)
+            self.max.scatter_reduce_(0, rows.index, masked, reduce="amax", include_self=True)
 
     def summed(self) -> dict[str, torch.Tensor]:
         """As :meth:`compute` (the states summed over DDP ranks when the metric synchronises),
@@ -168,6 +171,72 @@ class ClassNeuronStats(Metric):
         if self.track_max:
             states["max"] = self.max
         return states
+
+
+class Rows:
+    """Rows of ``n`` layers of ``K`` neurons each, prepared once for their
+    :meth:`ClassNeuronStats.update`: the non-finite values masked, the float64 values and their
+    squares, whether each neuron fired. A flush of a group of layers (the blocks of a ResNet
+    stage, stacked by :func:`~lightning_neurons.grouped.reduce_together`) makes these once, not
+    once a layer; each layer's states are those its own update would give.
+
+    Args:
+        values: ``[R, n, K]`` reduced activations.
+        labels: ``[R]`` integer class indices.
+        peaks: ``[R, m, K]`` peaks of the first ``m`` layers (``None``: no layer's peaks are its
+            own; a neuron fired where its value is positive).
+    """
+
+    def __init__(
+        self, values: torch.Tensor, labels: torch.Tensor, peaks: torch.Tensor | None = None
+    ) -> None:
+        values = values.detach()
+        self.labels = labels.long()
+        self.ones = torch.ones_like(self.labels)
+        finite = None if _all_finite(values) else torch.isfinite(values)
+        self.clean = (values if finite is None else torch.where(finite, values, 0.0)).double()
+        self.square = self.clean * self.clean
+        self.fired = _positive(values, peaks).to(torch.int32)
+        self.bad = None if finite is None else (~finite).to(torch.int32)
+        self._values, self._finite = values, finite
+        self._masked: torch.Tensor | None = None
+
+    @property
+    def masked(self) -> torch.Tensor:
+        """The values, the non-finite ones ``-inf`` (for the maxima; made when first asked)."""
+        if self._masked is None:
+            finite = self._finite
+            self._masked = (
+                self._values if finite is None else self._values.where(finite, -torch.inf)
+            )
+        return self._masked
+
+    @property
+    def index(self) -> torch.Tensor:
+        """``[R, K]``: each row's label along its neurons (a view)."""
+        return self.labels.unsqueeze(1).expand(-1, self._values.shape[2])
+
+
+def _positive(values: torch.Tensor, peaks: torch.Tensor | None) -> torch.Tensor:
+    """``[R, n, K]``: where the first ``m`` layers' peaks and the others' values are positive."""
+    if peaks is None:
+        return values > 0
+    if peaks.shape[1] == values.shape[1]:
+        return peaks.detach() > 0
+    return torch.cat([peaks.detach() > 0, values[:, peaks.shape[1] :] > 0], dim=1)
+
+
+def add_rows(
+    stats: Sequence[ClassNeuronStats],
+    values: torch.Tensor,
+    labels: torch.Tensor,
+    peaks: torch.Tensor | None = None,
+) -> None:
+    """Add ``[R, n, K]`` values of ``n`` layers to their statistics ``stats`` (in that order),
+    the preparation they share made once (:class:`Rows`)."""
+    rows = Rows(values, labels, peaks)
+    for column, metric in enumerate(stats):
+        metric.update(rows, column=column)
 
 
 class ConfusionCounts(Metric):
@@ -253,9 +322,11 @@ class HeldBatches:
     def __init__(self, layers: int = 1) -> None:
         #: The layers held, for each one's share of :data:`HELD_VALUES_DEVICE`.
         self.layers = layers
-        self._held: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-        self._rows: dict[str, int] = {}  # rows held per layer
-        self._size: dict[str, int] = {}  # values and peaks held per layer, in values with peaks
+        # per group of layers (one layer: a group of one), its batches: [B, n, K] values, [B]
+        # labels, [B, m, K] peaks of its first m layers or None
+        self._held: dict[tuple[str, ...], list[_Held]] = {}
+        self._rows: dict[tuple[str, ...], int] = {}  # rows held per group
+        self._size: dict[tuple[str, ...], int] = {}  # values and peaks held per group
 
     def add(
         self,
@@ -270,15 +341,29 @@ class HeldBatches:
         kept as they are: pass none that a later in-place operation changes. Peaks that are the
         values (``peak`` is ``values`` or ``None``) take no room of their own: such a layer holds
         twice the values."""
-        peak = values if peak is None else peak
-        self._held.setdefault(name, []).append((values, labels, peak))
-        rows = self._rows[name] = self._rows.get(name, 0) + values.shape[0]
-        # in halves of a value with its peak: 2 a value whose peak is its own, 1 one without
-        size = values.numel() * (1 if peak is values else 2)
-        size = self._size[name] = self._size.get(name, 0) + size
+        peaks = None if peak is None or peak is values else peak.unsqueeze(1)
+        self.add_layers((name,), [stats], values.unsqueeze(1), labels, peaks)
+
+    def add_layers(
+        self,
+        names: tuple[str, ...],
+        stats: Sequence[ClassNeuronStats],
+        values: torch.Tensor,
+        labels: torch.Tensor,
+        peaks: torch.Tensor | None = None,
+    ) -> None:
+        """Hold a batch of the layers ``names``, of ``K`` neurons each: ``[B, n, K]`` values and
+        the ``[B, m, K]`` peaks of the first ``m`` (``None``: their values say whether they fired);
+        add their held batches to ``stats`` together (:func:`add_rows`) once they hold the
+        layers' bounds, each layer's as :meth:`add` counts it."""
+        self._held.setdefault(names, []).append(_Held(values, labels, peaks))
+        rows = self._rows[names] = self._rows.get(names, 0) + values.shape[0]
+        # in halves of a value with its peak: a value is one, its peak (where its own) another
+        size = values.numel() + (0 if peaks is None else peaks.numel())
+        size = self._size[names] = self._size.get(names, 0) + size
         most, most_rows = self.limits(values.device)
-        if rows >= most_rows or size >= 2 * most:
-            self._add(stats, self._take(name))
+        if rows >= most_rows or size >= 2 * most * len(names):
+            self._add(stats, self._take(names))
 
     def limits(self, device: torch.device) -> tuple[int, int]:
         """``(values, rows)``: a layer's held batches on ``device`` are added at either."""
@@ -289,28 +374,46 @@ class HeldBatches:
 
     def flush(self, stats: Mapping[str, ClassNeuronStats]) -> None:
         """Add every held batch to its layer's statistics in ``stats``."""
-        for name in list(self._held):
-            self._add(stats[name], self._take(name))
+        for names in list(self._held):
+            self._add([stats[name] for name in names], self._take(names))
 
     def drop(self, name: str | None = None) -> None:
-        """Forget the held batches of layer ``name`` (``None``: of every layer)."""
-        for layer in list(self._held) if name is None else [name]:
-            self._take(layer)
+        """Forget the held batches of layer ``name`` (``None``: of every layer), and of the
+        layers held with it."""
+        for names in list(self._held):
+            if name is None or name in names:
+                self._take(names)
 
-    def _take(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        self._rows.pop(name, None)
-        self._size.pop(name, None)
-        return self._held.pop(name, [])
+    def _take(self, names: tuple[str, ...]) -> list[_Held]:
+        self._rows.pop(names, None)
+        self._size.pop(names, None)
+        return self._held.pop(names, [])
 
     @staticmethod
-    def _add(stats: ClassNeuronStats, held: list) -> None:
-        if len(held) == 1:
-            stats.update(*held[0])
+    def _add(stats: Sequence[ClassNeuronStats], held: list[_Held]) -> None:
+        if not held:
             return
-        values = torch.cat([v for v, _, _ in held])
-        labels = torch.cat([y for _, y, _ in held])
-        same = all(p is v for v, _, p in held)  # peaks that are the values: not copied again
-        stats.update(values, labels, values if same else torch.cat([p for _, _, p in held]))
+        if len(held) == 1:
+            add_rows(stats, held[0].values, held[0].labels, held[0].peaks)
+            return
+        values = torch.cat([h.values for h in held])
+        labels = torch.cat([h.labels for h in held])
+        widths = {h.peaks.shape[1] for h in held if h.peaks is not None}
+        peaks = None
+        if widths:  # a batch without peaks of its own: its values are its peaks
+            m = max(widths)
+            peaks = torch.cat([h.values[:, :m] if h.peaks is None else h.peaks for h in held])
+        add_rows(stats, values, labels, peaks)
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A batch held by :class:`HeldBatches`: ``[B, n, K]`` values, ``[B]`` labels, the
+    ``[B, m, K]`` peaks of the first ``m`` layers (``None``: none of their own)."""
+
+    values: torch.Tensor
+    labels: torch.Tensor
+    peaks: torch.Tensor | None
 
 
 def _all_finite(values: torch.Tensor) -> bool:

@@ -44,19 +44,26 @@ def test_reduce_together_gives_each_output_what_held_values_gives_it(reduction, 
     outputs = _outputs()
     peaks = wanted.__contains__
     reduced = reduce_together(outputs, reduction, peaks)
-    assert [name for name, _, _ in reduced] == [name for name, _ in outputs]
+    # one stack a shape and type: the 4-D maps, one-position maps, units, tokens; two alone
+    assert sorted(len(r.names) for r in reduced) == [1, 1, 2, 2, 2, 3]
+    for r in reduced:  # the layers whose peaks are wanted first, then in their order
+        assert list(r.names) == sorted(r.names, key=lambda n: (not peaks(n), n))
+    members = {name: (values, peak) for r in reduced for name, values, peak in r.members()}
+    assert members.keys() == {name for name, _ in outputs}
     # a mean over at most 9 float32 values, summed in another order at most: a few ulps
     close = dict(rtol=1e-6, atol=1e-7)
-    for (name, output), (_, values, peak) in zip(outputs, reduced, strict=True):
+    for name, output in outputs:
+        values, peak = members[name]
         expected_values, expected_peak = held_values(output, reduction, name, peaks(name))
         torch.testing.assert_close(values, expected_values, **close)
         torch.testing.assert_close(peak, expected_peak, **close)
         assert values.dtype == output.dtype and values.shape == output.shape[:2]
-    before = [(v.clone(), p.clone()) for _, v, p in reduced]
+        assert (peak is values) == (expected_peak is expected_values)
+    before = {name: (v.clone(), p.clone()) for name, (v, p) in members.items()}
     for _, output in outputs:
         output.add_(1.0)  # the model changing its outputs in place later changes nothing held
-    for (_, values, peak), (v, p) in zip(reduced, before, strict=True):
-        assert torch.equal(values, v) and torch.equal(peak, p)
+    for name, (values, peak) in members.items():
+        assert torch.equal(values, before[name][0]) and torch.equal(peak, before[name][1])
 
 
 def test_reduce_together_stacks_each_shape_once_and_reduces_it_once():

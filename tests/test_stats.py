@@ -363,3 +363,38 @@ def test_held_batches_copy_peaks_that_are_their_values_once(own_peaks):
     for key, state in stats.compute().items():
         # float64 sums of the same values, in another order
         torch.testing.assert_close(state, alone.compute()[key], rtol=1e-12, atol=1e-12)
+
+
+def test_layers_held_together_are_added_as_each_alone_with_their_preparation_shared():
+    """Four layers of 5 neurons held as one ``[B, 4, 5]`` stack, the first two with peaks of
+    their own: the flush concatenates each kind once, masks, converts and compares once for all
+    four, and adds each layer's states as its own update would."""
+    g = torch.Generator().manual_seed(0)
+    names = ("a", "b", "c", "d")
+    batches = []
+    for _ in range(3):
+        values = torch.randn(8, 4, 5, generator=g)
+        batches.append((values, torch.arange(8) % 3, torch.randn(8, 2, 5, generator=g)))
+    batches[1][0][2, 3, 1] = float("nan")  # a non-finite value of layer d
+    together = [ClassNeuronStats(3, 5) for _ in names]
+    alone = [ClassNeuronStats(3, 5) for _ in names]
+    held = HeldBatches()
+    for values, labels, peaks in batches:
+        held.add_layers(names, together, values, labels, peaks)
+        for j, stats in enumerate(alone):
+            stats.update(values[:, j], labels, peaks[:, j] if j < 2 else None)
+    assert all(stats.update_count == 0 for stats in together)  # held, not yet added
+    with Operations() as ops:
+        held.flush(dict(zip(names, together, strict=True)))
+    for mine, theirs in zip(together, alone, strict=True):
+        assert mine.update_count == 1
+        for key, state in mine.compute().items():
+            # float64 sums of the same values, in another order at most
+            torch.testing.assert_close(state, theirs.compute()[key], rtol=1e-12, atol=1e-12)
+    assert int(together[3].nan.sum()) == 1 and int(together[2].nan.sum()) == 0
+    counts = ops.counts
+    # the values, labels and peaks concatenated once (and the fired flags of the layers with and
+    # without peaks); the non-finite values masked twice (sums, maxima) and counted once
+    assert counts["cat"] == 4 and counts["where"] == 2 and counts["bitwise_not"] == 1
+    assert counts["index_add_"] == 2 * 4 and counts["index_put_"] == 3 * 4
+    assert counts["scatter_reduce_"] == 4

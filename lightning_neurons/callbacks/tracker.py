@@ -28,7 +28,13 @@ from lightning_neurons.callbacks._tracker_notes import TrackerNotes
 from lightning_neurons.checks import Constraints, Interval, Options
 from lightning_neurons.defaults import infer_num_classes
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.grouped import GROUP_VALUES, OutputGroups, output_groups, reduce_together
+from lightning_neurons.grouped import (
+    GROUP_VALUES,
+    OutputGroups,
+    Reduced,
+    output_groups,
+    reduce_together,
+)
 from lightning_neurons.hooks import (
     HookSet,
     resolve_layers,
@@ -494,27 +500,32 @@ class ActivationTracker(StagedCallback):
             if not waiting or self._labels is None:
                 continue
             peaks = {name: self._peaks(name, output) for name, output in waiting}
-            for name, values, peak in reduce_together(waiting, self.reduction, peaks.__getitem__):
-                self._hold(name, values, peak)
+            for reduced in reduce_together(waiting, self.reduction, peaks.__getitem__):
+                self._hold_layers(reduced)
 
     def _hold(self, name: str, values: torch.Tensor, peak: torch.Tensor) -> None:
         """Hold layer ``name``'s ``[B, K]`` values and peaks of this batch with its labels
         (``peak`` is ``values`` where its peaks are its values)."""
+        own = None if peak is values else peak.unsqueeze(1)
+        self._hold_layers(Reduced((name,), values.unsqueeze(1), own))
+
+    def _hold_layers(self, reduced: Reduced) -> None:
+        """Hold the ``[B, n, K]`` values (and peaks) of layers of one width with this batch's
+        labels; they are added to their statistics together."""
         labels = self._labels
         assert labels is not None
-        rows = labels.shape[0]
+        values, peaks, rows = reduced.values, reduced.peaks, labels.shape[0]
         if values.shape[0] == self._batch_size and rows < values.shape[0]:
-            same, values = peak is values, values[:rows]
-            peak = values if same else peak[:rows]
-        if values.shape[0] != labels.shape[0]:
+            values, peaks = values[:rows], None if peaks is None else peaks[:rows]
+        if values.shape[0] != rows:
             raise NeuronsError(
-                f"layer {name!r} produced {values.shape[0]} rows for a batch of {labels.shape[0]} "
-                "labels; track layers whose first dimension is the batch."
+                f"layer {reduced.names[0]!r} produced {values.shape[0]} rows for a batch of "
+                f"{rows} labels; track layers whose first dimension is the batch."
             )
-        metric = self._metric(name, values)
+        metrics = [self._metric(name, values[:, j]) for j, name in enumerate(reduced.names)]
         if labels.device != values.device:  # a layer on another device (model parallel)
             labels = labels.to(values.device)
-        self._held.add(name, metric, values, labels, peak)
+        self._held.add_layers(reduced.names, metrics, values, labels, peaks)
 
     def _log(self, trainer: Trainer) -> None:
         from lightning_neurons.plots.activation import class_profile, class_profile_image
