@@ -46,15 +46,20 @@ def count(model_name: str, setup: str, batches: int, classes: int) -> dict:
 
     from lightning_neurons import batch as ln_batch
     from lightning_neurons import stats
+
+    try:  # where HeldBatches lies (lightning_neurons.stats before it had a module of its own)
+        from lightning_neurons import held
+    except ImportError:
+        held = stats
     from lightning_neurons.models import ImageClassifier
 
     # the accelerator's code paths (see the docstrings of these names)
     stats._all_finite = lambda values: False
-    if hasattr(stats.HeldBatches, "limits"):
-        limits = stats.HeldBatches.limits
-        stats.HeldBatches.limits = lambda self, device: limits(self, torch.device("meta"))
+    if hasattr(held.HeldBatches, "limits"):
+        limits = held.HeldBatches.limits
+        held.HeldBatches.limits = lambda self, device: limits(self, torch.device("meta"))
     else:  # before HeldBatches.limits: one bound per layer
-        stats.FLUSH_VALUES, stats.FLUSH_ROWS = stats.FLUSH_VALUES_DEVICE, stats.FLUSH_ROWS_DEVICE
+        held.FLUSH_VALUES, held.FLUSH_ROWS = held.FLUSH_VALUES_DEVICE, held.FLUSH_ROWS_DEVICE
     init = ln_batch.LabelRange.__init__
     ln_batch.LabelRange.__init__ = lambda self, defer=None: init(self, True)
 
@@ -83,7 +88,7 @@ def count(model_name: str, setup: str, batches: int, classes: int) -> dict:
                 (in_first if where["first"] else in_batches)[name] += 1
             return out
 
-    add = stats.HeldBatches._add
+    add = held.HeldBatches._add
 
     def counted_add(*a):
         where["flush"] = True
@@ -92,7 +97,7 @@ def count(model_name: str, setup: str, batches: int, classes: int) -> dict:
         finally:
             where["flush"] = False
 
-    stats.HeldBatches._add = staticmethod(counted_add)
+    held.HeldBatches._add = staticmethod(counted_add)
 
     class Window(pl.Callback):
         def __init__(self, opens: bool) -> None:

@@ -18,6 +18,7 @@ their own: holding them costs memory and stacking them costs a copy that saves l
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from torch import nn
 
 from lightning_neurons.hooks import hooked
 from lightning_neurons.layouts import held_values
+from lightning_neurons.signs import never_negative_layers
 from lightning_neurons.state import untouched
 
 #: An output of more values than this is reduced on its own (4 MB in float32: ResNet-50's
@@ -98,6 +100,13 @@ class Reduced:
     values: torch.Tensor
     peaks: torch.Tensor | None
 
+    @classmethod
+    def one(cls, name: str, values: torch.Tensor, peak: torch.Tensor) -> Reduced:
+        """Layer ``name`` alone: its ``[B, K]`` values and peaks (``peak`` is ``values`` where its
+        values say whether it fired), as :func:`~lightning_neurons.layouts.held_values` gives
+        them."""
+        return cls((name,), values.unsqueeze(1), None if peak is values else peak.unsqueeze(1))
+
     def members(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """``[(name, [B, K] values, [B, K] peaks)]``, as
         :func:`~lightning_neurons.layouts.held_values` gives them for each layer (the peaks of
@@ -109,6 +118,28 @@ class Reduced:
                 (name, own, own if peaks is None or j >= peaks.shape[1] else peaks[:, j])
             )
         return members
+
+
+def learn_layers(
+    model: nn.Module, layers: Sequence[str], forward: Callable[[], object]
+) -> tuple[set[str], OutputGroups]:
+    """``(never negative, groups)``: the module names of ``layers`` known never negative
+    (:func:`~lightning_neurons.signs.never_negative_layers`) and the groups of call sites
+    reduced together (:func:`output_groups`), seen in one run of ``forward()`` (the pass the
+    signs need, when they need one). Where the pass fails, neither is known from it."""
+    groups: list[OutputGroups] = []
+    tried = False
+
+    def grouping() -> None:
+        nonlocal tried
+        tried = True
+        groups.append(output_groups(model, layers, forward))
+
+    signs = never_negative_layers(model, layers, grouping)
+    if not tried:  # no module around a never-negative one: the signs needed no pass
+        with contextlib.suppress(Exception):
+            grouping()
+    return signs, groups[0] if groups else OutputGroups()
 
 
 def reduce_together(
@@ -134,9 +165,10 @@ def reduce_together(
         wanted = sum(peaks(name) for name, _ in members)
         names = tuple(name for name, _ in members)
         if len(members) == 1:
-            values, peak = held_values(members[0][1], reduction, names[0], bool(wanted))
-            own = None if peak is values else peak.unsqueeze(1)
-            reduced.append(Reduced(names, values.unsqueeze(1), own))
+            output = members[0][1]
+            reduced.append(
+                Reduced.one(names[0], *held_values(output, reduction, names[0], wanted > 0))
+            )
             continue
         values, peak = _stacked([output for _, output in members], reduction, wanted)
         reduced.append(Reduced(names, values, None if peak is values else peak))

@@ -133,12 +133,12 @@ def test_resnet_statistics_are_those_of_its_layers_reduced_one_by_one(tmp_path, 
     together, and every state equals the one of each layer reduced on its own."""
     import torchvision
 
-    from lightning_neurons.callbacks import tracker as tracker_module
+    from lightning_neurons import grouped as grouped_module
 
     runs = []
     for grouped in (True, False):
         if not grouped:
-            monkeypatch.setattr(tracker_module, "output_groups", lambda *a: OutputGroups())
+            monkeypatch.setattr(grouped_module, "output_groups", lambda *a: OutputGroups())
         torch.manual_seed(0)  # the same weights both times
         runs.append(_validated_states(tmp_path, torchvision.models.resnet18(num_classes=3)))
     stages = [tuple(f"backbone.layer{s}.{b}" for b in (0, 1)) for s in (1, 2, 3, 4)]
@@ -254,12 +254,12 @@ class _Functional(nn.Module):
 
 
 def test_function_layers_are_grouped_too_and_keep_their_statistics(tmp_path, monkeypatch):
-    from lightning_neurons.callbacks import tracker as tracker_module
+    from lightning_neurons import grouped as grouped_module
 
     runs = []
     for grouped in (True, False):
         if not grouped:
-            monkeypatch.setattr(tracker_module, "output_groups", lambda *a: OutputGroups())
+            monkeypatch.setattr(grouped_module, "output_groups", lambda *a: OutputGroups())
         torch.manual_seed(0)
         runs.append(_validated_states(tmp_path, _Functional(), ["backbone.relu()*"]))
     assert runs[0]["groups"].groups == (("backbone.relu()", "backbone.relu()#1"),)

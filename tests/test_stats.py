@@ -4,16 +4,18 @@ import pytest
 import torch
 from _operations import Operations
 
-from lightning_neurons.stats import (
+from lightning_neurons.held import (
     FLUSH_ROWS,
     FLUSH_ROWS_DEVICE,
     FLUSH_VALUES,
     FLUSH_VALUES_DEVICE,
     FLUSH_VALUES_DEVICE_MIN,
     HELD_VALUES_DEVICE,
+    HeldBatches,
+)
+from lightning_neurons.stats import (
     ClassNeuronStats,
     ConfusionCounts,
-    HeldBatches,
     LayerStats,
     dead_neurons,
     dominant_neurons,

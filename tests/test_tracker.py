@@ -704,7 +704,7 @@ def test_resnet_blocks_count_firing_from_their_means_as_their_peaks_would(tmp_pa
     those that the peaks give."""
     import torchvision
 
-    from lightning_neurons.callbacks import tracker as tracker_module
+    from lightning_neurons import grouped
 
     x, y = (
         torch.rand(48, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
@@ -714,7 +714,7 @@ def test_resnet_blocks_count_firing_from_their_means_as_their_peaks_would(tmp_pa
     fired = []
     for shortcut in (True, False):
         if not shortcut:
-            monkeypatch.setattr(tracker_module, "never_negative_layers", lambda *args: set())
+            monkeypatch.setattr(grouped, "never_negative_layers", lambda *args: set())
         torch.manual_seed(0)  # the same weights both times
         model = _module(net=torchvision.models.resnet18(num_classes=3))
         tracker = ActivationTracker(enable_logging=False, on_error="raise")

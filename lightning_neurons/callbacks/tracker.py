@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
 from typing import Any, ClassVar, Literal, overload
 
 import torch
@@ -32,9 +30,10 @@ from lightning_neurons.grouped import (
     GROUP_VALUES,
     OutputGroups,
     Reduced,
-    output_groups,
+    learn_layers,
     reduce_together,
 )
+from lightning_neurons.held import HeldBatches
 from lightning_neurons.hooks import (
     HookSet,
     resolve_layers,
@@ -44,9 +43,8 @@ from lightning_neurons.hooks import (
 from lightning_neurons.layouts import held_values
 from lightning_neurons.loaders import LoaderRows, analysed_rows, stage_loaders
 from lightning_neurons.results import TrackerSpec
-from lightning_neurons.signs import never_negative_layers
 from lightning_neurons.state import in_analysis
-from lightning_neurons.stats import ClassNeuronStats, HeldBatches, LayerStats
+from lightning_neurons.stats import ClassNeuronStats, LayerStats
 
 Stage = Literal["validation", "train", "test"]
 Reduction = Literal["mean", "max"]
@@ -298,27 +296,8 @@ class ActivationTracker(StagedCallback):
             self._gather(step.batch, step.batch_idx)
             if self._labels is not None and not self._signs_known:  # on two of its images
                 self._signs_known, inputs = True, self.reader.inputs(step.batch)
-                self._learn_layers(
-                    pl_module, lambda: pl_module(as_model_input(inputs, pl_module)[:2])
-                )
-
-    def _learn_layers(self, pl_module: LightningModule, run: Callable[[], object]) -> None:
-        """Which tracked layers are never negative (``lightning_neurons.signs``) and which are
-        reduced together (``lightning_neurons.grouped``), seen in one forward pass ``run()``
-        (of two images, once a fit). Where the pass fails, neither is known."""
-        groups: list[OutputGroups] = []
-        tried = False
-
-        def grouping() -> None:
-            nonlocal tried
-            tried = True
-            groups.append(output_groups(pl_module, self.layers, run))
-
-        self._never_negative = never_negative_layers(pl_module, self.layers, grouping)
-        if not tried:  # no module around a never-negative one: no pass was needed for the signs
-            with contextlib.suppress(Exception):
-                grouping()
-        self._groups = groups[0] if groups else OutputGroups()
+                run = lambda: pl_module(as_model_input(inputs, pl_module)[:2])  # noqa: E731
+                self._never_negative, self._groups = learn_layers(pl_module, self.layers, run)
 
     def _on_batch_end(self, trainer: Trainer, pl_module: LightningModule, step: StageBatch) -> None:
         self._reduce_waiting()  # groups whose last layer did not run in this batch
@@ -485,7 +464,8 @@ class ActivationTracker(StagedCallback):
         if group is not None and output.numel() <= GROUP_VALUES:
             self._waiting.setdefault(group, []).append((name, output))
         else:
-            self._hold(name, *held_values(output, self.reduction, name, self._peaks(name, output)))
+            values, peak = held_values(output, self.reduction, name, self._peaks(name, output))
+            self._hold_layers(Reduced.one(name, values, peak))
         if group is not None and self._groups.closes(name):
             self._reduce_waiting(group)
 
@@ -502,12 +482,6 @@ class ActivationTracker(StagedCallback):
             peaks = {name: self._peaks(name, output) for name, output in waiting}
             for reduced in reduce_together(waiting, self.reduction, peaks.__getitem__):
                 self._hold_layers(reduced)
-
-    def _hold(self, name: str, values: torch.Tensor, peak: torch.Tensor) -> None:
-        """Hold layer ``name``'s ``[B, K]`` values and peaks of this batch with its labels
-        (``peak`` is ``values`` where its peaks are its values)."""
-        own = None if peak is values else peak.unsqueeze(1)
-        self._hold_layers(Reduced((name,), values.unsqueeze(1), own))
 
     def _hold_layers(self, reduced: Reduced) -> None:
         """Hold the ``[B, n, K]`` values (and peaks) of layers of one width with this batch's
