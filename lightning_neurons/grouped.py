@@ -6,7 +6,8 @@ A ResNet-50 validation step at 32 px on a GPU is bounded by the host queuing its
 of one shape (``layer3.0`` to ``layer3.5``: ``[B, 1024, 2, 2]`` each); stacked, they are reduced
 by one kernel, and the outputs of one position (``layer4`` at 32 px) or none (linear layers),
 which are copied to be kept, are copied by one stack. ResNet-50's 17 default layers take 8
-kernels a batch so, not 17.
+kernels a batch so, not 17; and a group's batches are held as its stack and added to its
+layers' statistics together (:meth:`~lightning_neurons.held.HeldBatches.add_layers`).
 
 An output is held until the last layer of its group has run, so a layer joins a group only
 when nothing changes its output in place meanwhile (``nn.ReLU(inplace=True)`` after a tracked
