@@ -36,7 +36,8 @@ FLUSH_ROWS_DEVICE = 65536
 
 
 class HeldBatches:
-    """Batches held per layer and added to its :class:`ClassNeuronStats` together.
+    """Batches held per layer (or per group of layers reduced together, :meth:`add_layers`) and
+    added to their :class:`ClassNeuronStats` together.
 
     On a layer of a few hundred neurons an update is a dozen operations on a ``[B, K]`` tensor,
     each costing more in fixed overhead (or, on a GPU, in kernel launches) than in work; a
