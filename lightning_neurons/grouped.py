@@ -19,7 +19,6 @@ their own: holding them costs memory and stacking them costs a copy that saves l
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -126,20 +125,12 @@ def learn_layers(
 ) -> tuple[set[str], OutputGroups]:
     """``(never negative, groups)``: the module names of ``layers`` known never negative
     (:func:`~lightning_neurons.signs.never_negative_layers`) and the groups of call sites
-    reduced together (:func:`output_groups`), seen in one run of ``forward()`` (the pass the
-    signs need, when they need one). Where the pass fails, neither is known from it."""
+    reduced together (:func:`output_groups`), seen in one run of ``forward()``. Where the pass
+    fails, neither is known from it."""
     groups: list[OutputGroups] = []
-    tried = False
-
-    def grouping() -> None:
-        nonlocal tried
-        tried = True
-        groups.append(output_groups(model, layers, forward))
-
-    signs = never_negative_layers(model, layers, grouping)
-    if not tried:  # no module around a never-negative one: the signs needed no pass
-        with contextlib.suppress(Exception):
-            grouping()
+    signs = never_negative_layers(
+        model, layers, lambda: groups.append(output_groups(model, layers, forward))
+    )
     return signs, groups[0] if groups else OutputGroups()
 
 

@@ -74,8 +74,9 @@ def never_negative_layers(
 def _returned(model: nn.Module, layers: Sequence[str], forward: Callable[[], object]) -> set[str]:
     """The module names of ``layers`` that, in one run of ``forward()`` (run here without
     gradients, inside :func:`~lightning_neurons.state.untouched`), returned in every call the
-    unchanged output of the last never-negative module that ran inside them. Empty when
-    ``forward()`` raises: nothing is known then."""
+    unchanged output of the last never-negative module that ran inside them; ``forward()``
+    runs once, whether there is anything to watch or not. Empty when ``forward()`` raises:
+    nothing is known then."""
     last: list[tuple[torch.Tensor, int]] = []
     returned: dict[str, bool] = {}
 
@@ -100,8 +101,7 @@ def _returned(model: nn.Module, layers: Sequence[str], forward: Callable[[], obj
             if inner:
                 handles += [m.register_forward_hook(witness) for m in inner]
                 handles.append(module.register_forward_hook(returns(name)))
-        if not handles:
-            return set()  # no module around a never-negative one: nothing to see
+        # run even with nothing to watch: the caller's forward may watch more (grouped.py)
         with untouched(model), torch.no_grad():
             forward()
     except Exception:  # noqa: BLE001 - a failed probe tells nothing: every layer keeps its peaks
