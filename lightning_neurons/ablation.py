@@ -126,7 +126,9 @@ class _ZeroNeurons:
     During a pass over ``1 + len(chunk)`` copies of a batch it zeroes, in copy ``i``, the neurons
     of ``chunk[i - 1]`` (copy 0 is the unablated baseline). With ``shared`` the layers before run
     once and the layer's output is repeated here; otherwise the input was repeated. Outside the
-    passes (``chunk is None``) it does nothing.
+    passes (``chunk is None``) it does nothing. A chunk's mask is made once for each width and
+    device, not at every pass: on a GPU each set's indices are a copy from the host, which waits
+    for the device.
     """
 
     def __init__(
@@ -135,6 +137,8 @@ class _ZeroNeurons:
         self.layer, self.names, self.sets = layer, names, sets
         self.chunk: list[torch.Tensor] | None = None
         self.shared = shared
+        # by the chunk's sets (held in self.sets: their ids stay theirs), width and device
+        self._masks: dict[tuple[tuple[int, ...], int, torch.device], torch.Tensor] = {}
 
     def __call__(self, _name: str, out: torch.Tensor) -> torch.Tensor | None:
         chunk = self.chunk
@@ -145,17 +149,7 @@ class _ZeroNeurons:
                 f"layer {self.layer!r} returned shape {tuple(out.shape)}; ablation needs [B, K], "
                 "[B, K, H, W] or [B, N, D] (tokens)"
             )
-        num_neurons = out.shape[1]
-        for name, index in zip(self.names, self.sets, strict=True):
-            if index.numel() and int(index.max()) >= num_neurons:
-                raise NeuronsError(
-                    f"neuron set {name!r} holds index {int(index.max())}, but layer {self.layer!r} has "
-                    f"{num_neurons} neurons (valid: 0 to {num_neurons - 1})"
-                )
         copies = 1 + len(chunk)
-        keep = torch.ones(copies, num_neurons, dtype=torch.bool, device=out.device)
-        for row, index in enumerate(chunk, start=1):
-            keep[row, index.to(out.device)] = False
         if self.shared:
             grouped = out.unsqueeze(0).expand(copies, *out.shape)
         elif out.shape[0] % copies == 0:
@@ -164,8 +158,28 @@ class _ZeroNeurons:
             raise NeuronsError(
                 f"layer {self.layer!r} saw {out.shape[0]} rows, not a multiple of the {copies} copies of the batch"
             )
-        mask = keep.view(copies, 1, num_neurons, *([1] * (out.dim() - 2)))
-        return grouped.masked_fill(~mask, 0).reshape(-1, *out.shape[1:])
+        zeroed = self._zeroed(chunk, out.shape[1], out.device)
+        mask = zeroed.view(copies, 1, out.shape[1], *([1] * (out.dim() - 2)))
+        return grouped.masked_fill(mask, 0).reshape(-1, *out.shape[1:])
+
+    def _zeroed(
+        self, chunk: list[torch.Tensor], num_neurons: int, device: torch.device
+    ) -> torch.Tensor:
+        """``[1 + len(chunk), K]``: where copy ``i`` zeroes a neuron (none in copy 0)."""
+        key = (tuple(id(index) for index in chunk), num_neurons, device)
+        if key not in self._masks:
+            for index in chunk:
+                if index.numel() and int(index.max()) >= num_neurons:
+                    name = self.names[next(i for i, s in enumerate(self.sets) if s is index)]
+                    raise NeuronsError(
+                        f"neuron set {name!r} holds index {int(index.max())}, but layer "
+                        f"{self.layer!r} has {num_neurons} neurons (valid: 0 to {num_neurons - 1})"
+                    )
+            zeroed = torch.zeros(1 + len(chunk), num_neurons, dtype=torch.bool)
+            for row, index in enumerate(chunk, start=1):
+                zeroed[row, index] = True
+            self._masks[key] = zeroed.to(device)
+        return self._masks[key]
 
 
 def ablation_effects(
@@ -268,9 +282,7 @@ def ablation_sums(
         return None
     zero = _ZeroNeurons(layer, names, sets, shared=share_prefix is True)
 
-    counts: torch.Tensor | None = None
-    correct: torch.Tensor | None = None  # [1 + S, C]: row 0 is the baseline
-    logit_sum: torch.Tensor | None = None
+    sums = _Sums(len(sets))
     hooks = HookSet()
     hooks.add(model, [site], zero)  # that call of the module only
     try:
@@ -278,53 +290,92 @@ def ablation_sums(
             device = model_device(model)
             for batch in batches:
                 x = as_model_input(reader.inputs(batch), model)
-                y = reader.labels(batch).to(device)
-                batch_size = x.shape[0]
+                y = reader.labels(batch)  # checked where it is (kept batches: the host), once
                 if share_prefix == "auto":
                     zero.shared = share_prefix = _can_share_prefix(
                         model, x[:2], sets[:sets_per_pass], zero, reader
                     )
+                onehot: torch.Tensor | None = None  # [B, C], once a batch
                 for start in range(0, len(sets), sets_per_pass):
                     progress.advance("forward pass")
-                    chunk = sets[start : start + sets_per_pass]
-                    copies = 1 + len(chunk)
-                    zero.chunk = chunk
-                    inputs = x if zero.shared else x.repeat(copies, *([1] * (x.dim() - 1)))
-                    logits = reader.logits(model(inputs))
-                    zero.chunk = None
-                    if logits.shape[0] != copies * batch_size:
-                        raise NeuronsError(
-                            f"the model returned {logits.shape[0]} rows of logits for {copies * batch_size} "
-                            "images; with `share_prefix=True` the layer must lie on a path that carries "
-                            "the whole batch"
-                        )
-                    logits = logits.view(copies, batch_size, -1).double()
-                    num_classes = logits.shape[2]
-                    labels = check_targets(y, batch_size, num_classes, "labels")
-                    onehot = torch.nn.functional.one_hot(labels, num_classes).double()  # [B, C]
-                    hit = (logits.argmax(dim=2) == labels.unsqueeze(0)).double()  # [copies, B]
-                    true_logit = logits.gather(2, labels.view(1, -1, 1).expand(copies, -1, 1))[
-                        ..., 0
-                    ]
-                    if correct is None:
-                        correct = torch.zeros(
-                            1 + len(sets), num_classes, dtype=torch.float64, device=device
-                        )
-                        logit_sum = torch.zeros_like(correct)
-                        counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
-                    # copy 0 (the baseline) is counted once per batch, from the first chunk
-                    first = 0 if start == 0 else 1
-                    rows = [0, *range(1 + start, 1 + start + len(chunk))][first:]
-                    correct[rows] += hit[first:] @ onehot
-                    logit_sum[rows] += true_logit[first:] @ onehot
-                    if start == 0:
-                        counts += onehot.sum(dim=0)
+                    logits = _ablated_logits(
+                        model, x, sets[start : start + sets_per_pass], zero, reader
+                    )
+                    if onehot is None:
+                        num_classes = logits.shape[2]
+                        labels = check_targets(y, x.shape[0], num_classes, "labels").to(device)
+                        onehot = torch.nn.functional.one_hot(labels, num_classes).double()
+                    sums.add(logits, labels, onehot, start)
     finally:
         hooks.remove()
         zero.chunk = None
-    if correct is None or counts is None or logit_sum is None:
-        return None
-    return {"counts": counts.cpu(), "correct": correct.cpu(), "logit_sum": logit_sum.cpu()}
+    return sums.on_host()
+
+
+def _ablated_logits(
+    model: nn.Module,
+    x: torch.Tensor,
+    chunk: list[torch.Tensor],
+    zero: _ZeroNeurons,
+    reader: BatchReader,
+) -> torch.Tensor:
+    """``[1 + len(chunk), B, C]`` float64 logits of the batch ``x``: the baseline, then with each
+    set of ``chunk`` zeroed."""
+    copies, batch_size = 1 + len(chunk), x.shape[0]
+    zero.chunk = chunk
+    try:
+        inputs = x if zero.shared else x.repeat(copies, *([1] * (x.dim() - 1)))
+        logits = reader.logits(model(inputs))
+    finally:
+        zero.chunk = None
+    if logits.shape[0] != copies * batch_size:
+        raise NeuronsError(
+            f"the model returned {logits.shape[0]} rows of logits for {copies * batch_size} "
+            "images; with `share_prefix=True` the layer must lie on a path that carries "
+            "the whole batch"
+        )
+    return logits.view(copies, batch_size, -1).double()
+
+
+class _Sums:
+    """The sums of :func:`ablation_sums`, on the model's device until :meth:`on_host`."""
+
+    def __init__(self, num_sets: int) -> None:
+        self.num_sets = num_sets
+        self.counts: torch.Tensor | None = None  # [C]
+        self.correct: torch.Tensor | None = None  # [1 + S, C]: row 0 is the baseline
+        self.logit_sum: torch.Tensor | None = None
+
+    def add(
+        self, logits: torch.Tensor, labels: torch.Tensor, onehot: torch.Tensor, start: int
+    ) -> None:
+        """Add the ``[copies, B, C]`` logits of the batch with sets ``start, ...`` zeroed."""
+        copies, _, num_classes = logits.shape
+        if self.correct is None:
+            self.correct = logits.new_zeros(1 + self.num_sets, num_classes)
+            self.logit_sum = torch.zeros_like(self.correct)
+            self.counts = logits.new_zeros(num_classes)
+        assert self.logit_sum is not None and self.counts is not None
+        hit = (logits.argmax(dim=2) == labels.unsqueeze(0)).double()  # [copies, B]
+        true_logit = logits.gather(2, labels.view(1, -1, 1).expand(copies, -1, 1))[..., 0]
+        # copy 0 (the baseline) is counted once per batch, from the first chunk; a slice of
+        # rows, not a list (a list index is a copy from the host)
+        first = 0 if start == 0 else 1
+        rows = slice(0 if start == 0 else 1 + start, start + copies)
+        self.correct[rows] += hit[first:] @ onehot
+        self.logit_sum[rows] += true_logit[first:] @ onehot
+        if start == 0:
+            self.counts += onehot.sum(dim=0)
+
+    def on_host(self) -> dict[str, torch.Tensor] | None:
+        """``counts``, ``correct`` and ``logit_sum`` on the CPU (``None``: no batch)."""
+        if self.correct is None or self.counts is None or self.logit_sum is None:
+            return None
+        return {
+            "counts": self.counts.cpu(),
+            "correct": self.correct.cpu(),
+            "logit_sum": self.logit_sum.cpu(),
+        }
 
 
 def ablation_results(

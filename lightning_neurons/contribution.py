@@ -77,6 +77,10 @@ __all__ = [
     "neuron_contributions",
 ]
 
+#: :func:`neuron_contributions`: bytes of contributions that wait on the model's device before
+#: they are copied to the host together.
+HELD_BYTES = 2**26
+
 
 # ---- batches, model state --------------------------------------------------------------------
 
@@ -142,11 +146,16 @@ def contribution_batch(
     """
     logits, names, acts = _capture(model, layers, x, output_fn)
     if targets is None:
-        targets = logits.detach().argmax(dim=1)
-    targets = check_targets(targets.to(logits.device), x.shape[0], logits.shape[1])
-    selected = logits.gather(1, targets.to(logits.device).unsqueeze(1)).sum()
+        targets = logits.detach().argmax(dim=1)  # in range: nothing to check
+    else:  # checked where they are (NeuronContribution's kept labels: the host, no GPU wait)
+        targets = check_targets(targets, x.shape[0], logits.shape[1]).to(logits.device)
+    selected = logits.gather(1, targets.unsqueeze(1)).sum()
     grads = torch.autograd.grad(selected, acts, allow_unused=True)
-    contributions, activations = _products(names, acts, grads)
+    activations = {  # averaged over positions (channels first: see lightning_neurons.layouts)
+        name: act.flatten(2).mean(dim=2) if act.dim() > 2 else act
+        for name, act in zip(names, (a.detach().float() for a in acts), strict=True)
+    }
+    contributions = _contributions(names, acts, grads)
     return ContributionBatch(contributions, activations, logits.detach().float())
 
 
@@ -197,23 +206,18 @@ def _capture(
     return logits, list(outputs), acts
 
 
-def _products(
+def _contributions(
     names: Sequence[str], acts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per layer, activation x gradient summed over positions (float32), and the activations
-    averaged over positions."""
-    contributions, activations = {}, {}
+) -> dict[str, torch.Tensor]:
+    """Per layer, activation x gradient summed over positions (float32)."""
+    contributions = {}
     for name, act, grad in zip(names, acts, grads, strict=True):
         act = act.detach().float()
         grad = torch.zeros_like(act) if grad is None else grad.float()  # None: not on the path
         product = act * grad
-        if act.dim() > 2:  # channels first (see lightning_neurons.layouts): sum over positions
-            contributions[name] = product.flatten(2).sum(dim=2)
-            activations[name] = act.flatten(2).mean(dim=2)
-        else:
-            contributions[name] = product
-            activations[name] = act
-    return contributions, activations
+        # channels first (see lightning_neurons.layouts): summed over positions
+        contributions[name] = product.flatten(2).sum(dim=2) if act.dim() > 2 else product
+    return contributions
 
 
 def neuron_contributions(
@@ -301,26 +305,49 @@ def _logit_contributions(
     image ``i``. One forward pass of the images, each repeated ``per_backward`` times, then one
     backward pass per ``per_backward`` columns of ``classes`` through the kept graph: repeat
     ``s`` of image ``i`` explains column ``g * per_backward + s`` in pass ``g`` (in eval mode each
-    row gets its own gradient)."""
+    row gets its own gradient). The passes' contributions wait on the model's device and go to
+    the host together, one copy a layer every :data:`HELD_BYTES` (on a GPU a copy to the host
+    waits for the device)."""
     batch, count = classes.shape
     logits, sites, acts = _capture(model, names, x.repeat_interleave(per_backward, 0), output_fn)
     picked = check_targets(classes.flatten(), classes.numel(), logits.shape[1], "classes")
     picked = picked.view(batch, count).to(logits.device)
+    rows = torch.arange(batch, device=logits.device).unsqueeze(1) * per_backward  # [B, 1]
     result: dict[str, torch.Tensor] = {}
+    waiting: list[dict[str, torch.Tensor]] = []  # each pass's {layer: [B, used, K]}
+    done = held = 0  # columns on the host; bytes waiting
     for first in range(0, count, per_backward):
         columns = picked[:, first : first + per_backward]  # [B, r'] with r' <= per_backward
         used = columns.shape[1]
-        rows = (torch.arange(batch, device=logits.device) * per_backward).unsqueeze(1)
-        rows = (rows + torch.arange(used, device=logits.device)).flatten()
-        selected = logits[rows, columns.flatten()].sum()
+        selected = logits[
+            (rows + torch.arange(used, device=rows.device)).flatten(), columns.flatten()
+        ]
         last = first + per_backward >= count
-        grads = torch.autograd.grad(selected, acts, allow_unused=True, retain_graph=not last)
-        for name, c in _products(sites, acts, grads)[0].items():  # c: [B * per_backward, K]
-            if name not in result:
-                result[name] = torch.zeros(batch, count, c.shape[1])
-            part = c.view(batch, per_backward, -1)[:, :used]
-            result[name][:, first : first + used] = part.float().cpu()
+        grads = torch.autograd.grad(selected.sum(), acts, allow_unused=True, retain_graph=not last)
+        waiting.append(
+            {
+                name: c.view(batch, per_backward, -1)[:, :used]  # c: [B * per_backward, K]
+                for name, c in _contributions(sites, acts, grads).items()
+            }
+        )
+        held += sum(c.numel() * c.element_size() for c in waiting[-1].values())
+        if last or held >= HELD_BYTES:
+            done = _to_host(result, waiting, done, count)
+            waiting, held = [], 0
     return result
+
+
+def _to_host(
+    result: dict[str, torch.Tensor], waiting: list[dict[str, torch.Tensor]], done: int, count: int
+) -> int:
+    """Copy the waiting passes' ``{layer: [B, used, K]}`` into ``result``'s ``[B, count, K]``
+    columns from ``done`` on: one copy a layer. Returns the columns on the host after it."""
+    for name in waiting[0]:
+        block = torch.cat([part[name] for part in waiting], dim=1).cpu()
+        if name not in result:
+            result[name] = torch.empty(block.shape[0], count, block.shape[2])
+        result[name][:, done : done + block.shape[1]] = block
+    return done + sum(part[next(iter(part))].shape[1] for part in waiting)
 
 
 def domination(

@@ -386,8 +386,8 @@ class NeuronContribution(StagedCallback):
         offset = 0
         for x, y in batches:
             progress.advance("batch", len(batches))
-            out = contribution_batch(
-                pl_module, self.layers, x.to(device), y.to(device), output_fn=self._reader.output_fn
+            out = contribution_batch(  # the labels are checked on the host, then moved
+                pl_module, self.layers, x.to(device), y, output_fn=self._reader.output_fn
             )
             acc.update(out, y)
             for layer, act in out.activations.items():
