@@ -46,9 +46,15 @@ METADATA = {
 
 def as_on_an_accelerator(max_rows: int) -> None:
     """Chunk renderings and saliency maps as on an accelerator, with plenty of free memory."""
+    import importlib
+
     import torch
 
-    from lightning_neurons.visualize import optimise, saliency, sizing
+    from lightning_neurons.visualize import optimise, sizing
+
+    # the module: ``lightning_neurons.visualize.saliency`` is also the package's function (before
+    # 2026-12-06 the patch below went to the function, and SmoothGrad ran in CPU-sized chunks)
+    saliency = importlib.import_module("lightning_neurons.visualize.saliency")
 
     sizing.DEVICE_CHUNK_ROWS = max_rows
     cpu_sizes = sizing.auto_batch_size

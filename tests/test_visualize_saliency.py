@@ -179,6 +179,25 @@ def test_errors():
     assert snapshot(model).hooks == 0
 
 
+@pytest.mark.parametrize("method", ["gradient", "smoothgrad", "gradcam"])
+def test_one_probe_pass_gives_the_class_count_and_the_chunk_size(method):
+    """Given the classes, a map runs one forward pass of one image before its own passes: it
+    tells the model's class count (to check the targets) and the rows a chunk may hold (before:
+    a pass for each); the targets are checked where they are given, on the host."""
+    model, images = TinyNet(), _images(6)
+    sizes: list[int] = []
+    model.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[0]))
+    maps = saliency(model, images, method, target=torch.tensor([0, 1, 2, 0, 1, 2]), samples=3)
+    rows = 6 * 3 if method == "smoothgrad" else 6
+    assert sizes == [1, rows] and maps.shape == (6, 8, 8)
+    sizes.clear()
+    saliency(model, images, method, target=torch.tensor([0, 1, 2, 0, 1, 2]), batch_size=4)
+    assert sizes[0] == 1 and max(sizes[1:]) == 4  # the class count alone
+    sizes.clear()
+    saliency(model, images, method, batch_size=32, samples=3)  # predicted: nothing to probe
+    assert sizes == [6, rows]
+
+
 def _correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a = a.flatten(1) - a.flatten(1).mean(dim=1, keepdim=True)
     b = b.flatten(1) - b.flatten(1).mean(dim=1, keepdim=True)

@@ -43,7 +43,7 @@ from lightning_neurons.checks import (
 )
 from lightning_neurons.defaults import auxiliary_classifiers, default_cam_layer
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.hooks import get_module, hooked, leaf_output_sizes
+from lightning_neurons.hooks import OutputSizes, get_module, hooked, leaf_output_sizes
 from lightning_neurons.layouts import on_grid, patch_embedding
 from lightning_neurons.state import analysis_mode, model_device
 from lightning_neurons.visualize.param import row_seed
@@ -64,63 +64,75 @@ def _logits(
     return read_logits(model(x), output_fn).float()
 
 
-def _targets(
-    model: nn.Module,
-    images: torch.Tensor,
-    target: int | Sequence[int] | torch.Tensor | None,
-    input_transform: InputTransform | None,
-    output_fn: BatchFn | None = None,
-) -> torch.Tensor:
-    """``[N]`` class per image: given, or the model's prediction."""
-    n = images.shape[0]
+class _Probe:
+    """One forward pass of one of ``images``, made when first asked (and then only once): the
+    model's number of classes, and the rows a chunk may hold
+    (:func:`~lightning_neurons.visualize.sizing.auto_batch_size` of its layers' outputs)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        input_transform: InputTransform | None,
+        output_fn: BatchFn | None = None,
+    ) -> None:
+        self.model, self.images = model, images
+        self.input_transform, self.output_fn = input_transform, output_fn
+        self._found: tuple[int, OutputSizes] | None = None
+
+    def _run(self) -> tuple[int, OutputSizes]:
+        if self._found is None:
+            x = as_model_input(to_model_input(self.images[:1], self.input_transform), self.model)
+            out: list[object] = []
+            with torch.no_grad():
+                sizes = leaf_output_sizes(self.model, lambda: out.append(self.model(x)))
+            self._found = read_logits(out[0], self.output_fn).shape[1], sizes
+        return self._found
+
+    @property
+    def width(self) -> int:
+        return self._run()[0]
+
+    def rows(self, n: int) -> int:
+        """Rows a chunk of ``n`` rows may hold at once."""
+        if n <= 4 or len(self.images) == 0:
+            return max(n, 1)
+        sizes = self._run()[1]
+        return auto_batch_size(n, sizes.largest, model_device(self.model), sizes.total)
+
+
+def _targets(probe: _Probe, target: int | Sequence[int] | torch.Tensor | None) -> torch.Tensor:
+    """``[N]`` class per image of ``probe.images``: given, or the model's prediction."""
+    images, n = probe.images, probe.images.shape[0]
     if target is None:
         with torch.no_grad():
-            return _logits(model, images, input_transform, output_fn).argmax(dim=1)
+            logits = _logits(probe.model, images, probe.input_transform, probe.output_fn)
+            return logits.argmax(dim=1)
     if isinstance(target, numbers.Integral):
         target = [int(target)] * n
-    target = torch.as_tensor(target, device=images.device).long().flatten()
+    target = torch.as_tensor(target).long().flatten()
     if target.numel() != n:
         raise NeuronsError(
             f"`target` must give one class per image: {n} images, {target.numel()} targets"
         )
-    with torch.no_grad():
-        width = _logits(model, images[:1], input_transform, output_fn).shape[1]
-    if int(target.min()) < 0 or int(target.max()) >= width:
+    width = probe.width
+    low, high = (int(v) for v in target.aminmax()) if n else (0, 0)  # where it is: one read
+    if low < 0 or high >= width:
         raise NeuronsError(
-            f"`target` holds class {int(target.max()) if int(target.max()) >= width else int(target.min())}, "
+            f"`target` holds class {high if high >= width else low}, "
             f"outside the model's {width} classes (valid: 0 to {width - 1})"
         )
-    return target
+    return target.to(images.device)
 
 
-def _chunks(
-    n: int,
-    batch_size: int | None,
-    model: nn.Module | None = None,
-    images: torch.Tensor | None = None,
-    input_transform: InputTransform | None = None,
-) -> list[slice]:
+def _chunks(n: int, batch_size: int | None, probe: _Probe | None = None) -> list[slice]:
     """Slices of ``n`` rows: ``batch_size`` rows, or by default as many as
     :func:`~lightning_neurons.visualize.sizing.auto_batch_size` allows for the model's layer
-    outputs on one of ``images`` (measured with one forward pass): memory bounded whatever ``n``
+    outputs on one of the probe's images (:class:`_Probe`): memory bounded whatever ``n``
     (SmoothGrad's ``N x samples`` copies included)."""
     check_optional_positive_int("batch_size", batch_size)
-    size = batch_size or _auto_rows(n, model, images, input_transform)
+    size = batch_size or (probe.rows(n) if probe is not None else max(n, 1))
     return [slice(i, i + size) for i in range(0, n, size)]
-
-
-def _auto_rows(
-    n: int,
-    model: nn.Module | None,
-    images: torch.Tensor | None,
-    input_transform: InputTransform | None,
-) -> int:
-    if model is None or images is None or n <= 4 or len(images) == 0:
-        return max(n, 1)
-    x = as_model_input(to_model_input(images[:1], input_transform), model)
-    with torch.no_grad():
-        sizes = leaf_output_sizes(model, lambda: model(x))
-    return auto_batch_size(n, sizes.largest, model_device(model), sizes.total)
 
 
 def _input_gradient(
@@ -172,8 +184,9 @@ def gradient(
     out = []
     with analysis_mode(model):
         images = images.detach().clone().to(device)
-        target = _targets(model, images, target, input_transform, output_fn)
-        for part in _chunks(len(images), batch_size, model, images, input_transform):
+        probe = _Probe(model, images, input_transform, output_fn)
+        target = _targets(probe, target)
+        for part in _chunks(len(images), batch_size, probe):
             progress.update("gradient", min(part.stop, len(images)), len(images))
             grad = _input_gradient(model, images[part], target[part], input_transform, output_fn)
             out.append(grad.abs().amax(dim=1).float().cpu())
@@ -230,14 +243,15 @@ def smoothgrad(
     n = images.shape[0]
     with analysis_mode(model):
         images = images.detach().clone().to(device)
-        target = _targets(model, images, target, input_transform, output_fn)
+        probe = _Probe(model, images, input_transform, output_fn)
+        target = _targets(probe, target)
         span = (images.flatten(1).amax(dim=1) - images.flatten(1).amin(dim=1)).clamp_min(1e-6)
         sigma = (noise * span).view(1, n, 1, 1, 1)
         draws = _noise(samples, images.shape, int(seed), first_index).to(device)
         noisy = (images.unsqueeze(0) + sigma * draws).flatten(0, 1)  # row s * n + i: image i
         targets = target.repeat(samples)
         total = torch.zeros_like(images)
-        for part in _chunks(noisy.shape[0], batch_size, model, images, input_transform):
+        for part in _chunks(noisy.shape[0], batch_size, probe):
             progress.update("smoothgrad", min(part.stop, noisy.shape[0]), noisy.shape[0])
             grad = _input_gradient(model, noisy[part], targets[part], input_transform, output_fn)
             rows = torch.arange(part.start, part.start + grad.shape[0], device=device) % n
@@ -320,9 +334,10 @@ def grad_cam(
 
     with analysis_mode(model):
         images = images.detach().clone().to(device)
-        target = _targets(model, images, target, input_transform, output_fn)
+        probe = _Probe(model, images, input_transform, output_fn)
+        target = _targets(probe, target)
         with hooked(model, watched, keep):
-            parts = _chunks(len(images), batch_size, model, images, input_transform)
+            parts = _chunks(len(images), batch_size, probe)
             for part in parts:
                 progress.update("grad-cam", min(part.stop, len(images)), len(images))
                 captured.clear()
