@@ -125,6 +125,7 @@ def _probe_table(probes: Probes, names: list[str]) -> str:
         "| # | true | pred | " + " | ".join(f"top {i + 1}" for i in range(top)) + " |",
         "|---|---|---|" + "---|" * top,
     ]
+    labels, predictions = probes.labels.tolist(), probes.predictions.tolist()
     for p in range(probes.images.shape[0]):
         cells = [
             f"n{n} {value:+.2g} {source}"
@@ -135,8 +136,8 @@ def _probe_table(probes: Probes, names: list[str]) -> str:
                 strict=True,
             )
         ]
-        label, pred = int(probes.labels[p]), int(probes.predictions[p])
-        lines.append(f"| {p} | {names[label]} | {names[pred]} | {' | '.join(cells)} |")
+        label, pred = names[labels[p]], names[predictions[p]]
+        lines.append(f"| {p} | {label} | {pred} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
