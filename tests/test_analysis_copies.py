@@ -106,7 +106,9 @@ def test_the_ablations_masks_zero_what_each_chunk_asks_on_every_batch():
 def test_contributions_to_many_logits_go_to_the_host_once_a_layer(per_pass):
     x, classes = torch.rand(2, 3, 8, 8), torch.tensor([[0, 1, 2, 3], [4, 3, 2, 1]])
     with DeviceToHost() as back:
-        out = neuron_contributions(_model(META), LAYERS, x, classes=classes, chunk_size=2 * per_pass)
+        out = neuron_contributions(
+            _model(META), LAYERS, x, classes=classes, chunk_size=2 * per_pass
+        )
     # 4 / per_pass backward passes, one copy a layer (before: one a layer at every pass)
     assert back.copies == len(LAYERS)
     assert out["1"].shape == (2, 4, 4) and out["4"].shape == (2, 4, 5)
