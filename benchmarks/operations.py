@@ -68,7 +68,11 @@ def as_on_an_accelerator(max_rows: int) -> None:
     optimise._same_layers = lambda rows: [(0, len(rows))]
     from lightning_neurons.callbacks import _visualizer_results as results
     from lightning_neurons.callbacks import visualizer
+    from lightning_neurons.visualize import continuation
 
+    if hasattr(continuation, "_views_a_pass"):  # since 2026-12-06: the candidates' views together
+        views = continuation._views_a_pass
+        continuation._views_a_pass = lambda rows, draws, _: views(rows, draws, torch.device("cuda"))
     if hasattr(results, "channel_activations"):  # since a6aa1be: the layers' images together
         results.auto_batch_size = device_sizes
         visualizer.channel_activations = partial(results.channel_activations, together=True)

@@ -10,12 +10,18 @@ from torch import nn
 from lightning_neurons import NeuronsError
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.models import SmallCNN
-from lightning_neurons.visualize import Channel, ClassLogit, evaluate, render
+from lightning_neurons.visualize import Channel, ClassLogit, continuation, evaluate, render
 from lightning_neurons.visualize.anchors import (
     ClassAnchors,
     deepest_with_positions,
 )
-from lightning_neurons.visualize.continuation import asked_class, choose_candidates
+from lightning_neurons.visualize.continuation import (
+    asked_class,
+    candidate_scores,
+    choose_candidates,
+)
+from lightning_neurons.visualize.optimise import Ascent
+from lightning_neurons.visualize.penalties import Penalties
 from lightning_neurons.visualize.transforms import robust_transforms
 
 LAYER = "features.relu3"
@@ -166,6 +172,37 @@ def test_anchored_objectives_ask_for_their_class_and_are_chosen_by_agreement():
     plain = choose_candidates(model, [ClassLogit(c) for c in (0, 0, 1, 1, 2, 2)], images, 2, **kw)
     rows = [anchors.objective(c) for c in (0, 0, 1, 1, 2, 2)]
     assert torch.equal(choose_candidates(model, rows, images, 2, **kw), plain)
+
+
+@pytest.mark.parametrize("select_by", ["agreement", "value"])
+def test_several_views_of_the_candidates_a_pass_score_as_one_view_a_pass(select_by, monkeypatch):
+    """On an accelerator the candidates' 16 views go through the model several at a time (as
+    many as 512 rows hold); the views are the same draws, added in the same order, so the scores
+    are those of one view a pass (the CPU's) up to batched float32 kernels."""
+    model = _model().eval()
+    images = torch.rand(12, 1, 32, 32, generator=torch.Generator().manual_seed(5))
+    rows = [ClassLogit(c) for c in range(6) for _ in range(2)]
+    ascent = Ascent(0.0, robust_transforms((1, 32, 32)), None, 0, Penalties(0.0, 0.0, 0.0))
+    sizes: list[int] = []
+    model.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[0]))
+    alone = candidate_scores(model, rows, images, ascent, 8, select_by=select_by)
+    assert sizes == [8] * 16 + [4] * 16  # chunks of 8 rows, one view a pass
+    sizes.clear()
+    monkeypatch.setattr(continuation, "_views_a_pass", lambda rows, draws, device: 5)
+    together = candidate_scores(model, rows, images, ascent, 8, select_by=select_by)
+    assert sizes == [40, 40, 40, 8, 20, 20, 20, 4]
+    # agreement counts exactly; 16 summed float32 values (log-probabilities of order 1, or
+    # logits) within 1e-4
+    assert torch.equal(together[:, 0], alone[:, 0])
+    torch.testing.assert_close(together[:, 1], alone[:, 1], rtol=0, atol=1e-4)
+
+
+def test_views_a_pass_are_one_on_the_cpu_and_what_the_device_chunk_holds_elsewhere():
+    views_a_pass = continuation._views_a_pass
+    assert views_a_pass(64, 16, torch.device("cpu")) == 1
+    assert views_a_pass(64, 16, torch.device("meta")) == 8  # 512 rows
+    assert views_a_pass(16, 16, torch.device("meta")) == 16  # all of them
+    assert views_a_pass(600, 16, torch.device("meta")) == 1
 
 
 @pytest.mark.slow

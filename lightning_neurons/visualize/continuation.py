@@ -27,6 +27,7 @@ from lightning_neurons.batch import (
 )
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.state import analysis_mode
+from lightning_neurons.visualize import sizing
 from lightning_neurons.visualize.objectives import ClassLogit, ClassLogProb, Objective
 from lightning_neurons.visualize.optimise import Ascent, Chunk, ChunkSettings, chunks_of, optimise
 from lightning_neurons.visualize.penalties import Penalties
@@ -114,40 +115,84 @@ def best_candidates(
 ) -> torch.Tensor:
     """Index of the best of every ``restarts`` consecutive candidates over
     :data:`SELECTION_VIEWS` random views of ``ascent.transforms`` (drawn from ``ascent.seed + 1``;
-    one view without transforms when there are none), ``size`` rows at once.
+    one view without transforms when there are none), ``size`` rows at once; on an accelerator,
+    where a forward pass of a few rows costs what its kernel launches cost, several views of
+    them in one pass (at most :data:`~lightning_neurons.visualize.sizing.DEVICE_CHUNK_ROWS` rows).
 
     ``select_by="value"``: the highest mean value of the row's objective. ``"agreement"``, when
     every row asks for a class (:func:`asked_class`: a :class:`ClassLogit` or
     :class:`ClassLogProb`, penalties such as a class anchor subtracted or not): the most views on
     which the model's top class is the row's class, ties broken by the mean log-probability of
     that class (else as ``"value"``)."""
-    asked = [asked_class(o) for o in rows]
-    by_class = select_by == "agreement" and None not in asked
-    draws = SELECTION_VIEWS if ascent.transforms else 1
-    generator = torch.Generator().manual_seed(int(ascent.seed) + 1)
-    total = torch.zeros(len(rows), 2, dtype=torch.float64)  # (views agreeing, summed value)
-    with torch.no_grad():
-        for _ in range(draws):
-            progress.advance("comparing the candidates on view", draws)
-            state = generator.get_state()
-            for start in range(0, len(rows), size):
-                generator.set_state(state)  # every chunk sees the same draw
-                part = rows[start : start + size]
-                image = images[start : start + size]
-                view = apply_transforms(image, ascent.transforms, generator)
-                x = to_model_input(view, ascent.input_transform)
-                if by_class:
-                    index = asked[start : start + size]
-                    total[start : start + size] += _class_scores(model, index, x, output_fn)
-                    continue
-                scoring = Scoring(part, output_fn=output_fn)
-                with scoring.attached(model):
-                    value = scoring.forward(model, x, image)
-                total[start : start + size, 1] += value.double().cpu()
+    total = candidate_scores(model, rows, images, ascent, size, output_fn, select_by)
     scores = total.view(-1, restarts, 2)
     most = scores[..., 0].amax(dim=1, keepdim=True)
     winners = scores[..., 1].masked_fill(scores[..., 0] < most, -torch.inf).argmax(dim=1)
     return winners + torch.arange(len(winners)) * restarts
+
+
+def candidate_scores(
+    model: nn.Module,
+    rows: Sequence[Objective],
+    images: torch.Tensor,
+    ascent: Ascent,
+    size: int,
+    output_fn: BatchFn | None = None,
+    select_by: SelectBy = "value",
+) -> torch.Tensor:
+    """``[R, 2]`` float64: per row, the views on which the model's top class is the row's class
+    and the summed log-probability of that class (``"agreement"``, every row asking for a
+    class), or 0 and the summed value of its objective; over the views of
+    :func:`best_candidates`."""
+    asked = [asked_class(o) for o in rows]
+    by_class = select_by == "agreement" and None not in asked
+    draws = SELECTION_VIEWS if ascent.transforms else 1
+    total = torch.zeros(len(rows), 2, dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, len(rows), size):
+            part = slice(start, start + size)
+            # every chunk sees the same draws, in the same order
+            generator = torch.Generator().manual_seed(int(ascent.seed) + 1)
+            together = _views_a_pass(len(rows[part]), draws, images.device)
+            for first in range(0, draws, together):
+                progress.update("comparing the candidates on view", first + 1, draws)
+                count = min(together, draws - first)
+                views = [
+                    apply_transforms(images[part], ascent.transforms, generator)
+                    for _ in range(count)
+                ]
+                x = to_model_input(torch.cat(views), ascent.input_transform)
+                if by_class:
+                    scores = _class_scores(model, asked[part] * count, x, output_fn)
+                else:
+                    scores = _values(model, list(rows[part]) * count, x, images[part], output_fn)
+                for view in scores.view(count, -1, 2):  # added in the draws' order
+                    total[part] += view
+    return total
+
+
+def _views_a_pass(rows: int, draws: int, device: torch.device) -> int:
+    """Views of ``rows`` candidates compared in one forward pass: one on the CPU (where a pass
+    costs its arithmetic), else as many as :data:`~lightning_neurons.visualize.sizing.DEVICE_CHUNK_ROWS`
+    rows hold."""
+    if device.type == "cpu":
+        return 1
+    return max(1, min(draws, sizing.DEVICE_CHUNK_ROWS // max(1, rows)))
+
+
+def _values(
+    model: nn.Module,
+    rows: Sequence[Objective],
+    x: torch.Tensor,
+    image: torch.Tensor,
+    output_fn: BatchFn | None,
+) -> torch.Tensor:
+    """``[R, 2]``: 0, and each row's objective on ``x`` (views of ``image``, in that order),
+    float64 on the CPU."""
+    scoring = Scoring(rows, output_fn=output_fn)
+    with scoring.attached(model):
+        value = scoring.forward(model, x, image.repeat(len(rows) // len(image), 1, 1, 1))
+    return torch.stack([torch.zeros_like(value), value], dim=1).double().cpu()
 
 
 def choose_candidates(
