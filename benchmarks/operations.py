@@ -72,7 +72,9 @@ def as_on_an_accelerator(max_rows: int) -> None:
 
     if hasattr(continuation, "_views_a_pass"):  # since 2026-12-06: the candidates' views together
         views = continuation._views_a_pass
-        continuation._views_a_pass = lambda rows, draws, _: views(rows, draws, torch.device("cuda"))
+        continuation._views_a_pass = lambda model, x, rows, draws, _: views(
+            model, x, rows, draws, torch.device("cuda")
+        )
     if hasattr(results, "channel_activations"):  # since a6aa1be: the layers' images together
         results.auto_batch_size = device_sizes
         visualizer.channel_activations = partial(results.channel_activations, together=True)

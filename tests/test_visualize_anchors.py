@@ -8,7 +8,7 @@ from _vis_helpers import WIDTHS, assert_unchanged, snapshot, trained_digits_cnn
 from torch import nn
 
 from lightning_neurons import NeuronsError
-from lightning_neurons.hooks import count_forward_hooks
+from lightning_neurons.hooks import count_forward_hooks, leaf_output_sizes
 from lightning_neurons.models import SmallCNN
 from lightning_neurons.visualize import Channel, ClassLogit, continuation, evaluate, render
 from lightning_neurons.visualize.anchors import (
@@ -188,7 +188,7 @@ def test_several_views_of_the_candidates_a_pass_score_as_one_view_a_pass(select_
     alone = candidate_scores(model, rows, images, ascent, 8, select_by=select_by)
     assert sizes == [8] * 16 + [4] * 16  # chunks of 8 rows, one view a pass
     sizes.clear()
-    monkeypatch.setattr(continuation, "_views_a_pass", lambda rows, draws, device: 5)
+    monkeypatch.setattr(continuation, "_views_a_pass", lambda *args: 5)
     together = candidate_scores(model, rows, images, ascent, 8, select_by=select_by)
     assert sizes == [40, 40, 40, 8, 20, 20, 20, 4]
     # agreement counts exactly; 16 summed float32 values (log-probabilities of order 1, or
@@ -197,12 +197,22 @@ def test_several_views_of_the_candidates_a_pass_score_as_one_view_a_pass(select_
     torch.testing.assert_close(together[:, 1], alone[:, 1], rtol=0, atol=1e-4)
 
 
-def test_views_a_pass_are_one_on_the_cpu_and_what_the_device_chunk_holds_elsewhere():
-    views_a_pass = continuation._views_a_pass
-    assert views_a_pass(64, 16, torch.device("cpu")) == 1
-    assert views_a_pass(64, 16, torch.device("meta")) == 8  # 512 rows
-    assert views_a_pass(16, 16, torch.device("meta")) == 16  # all of them
-    assert views_a_pass(600, 16, torch.device("meta")) == 1
+def test_views_a_pass_are_one_on_the_cpu_and_what_memory_allows_elsewhere():
+    """On ``meta`` (not a CPU, no memory reported: the 4 GiB budget) the views a pass follow
+    the model's largest layer output, kept ``NO_GRAD_OUTPUTS`` times."""
+    views_a_pass, meta = continuation._views_a_pass, torch.device("meta")
+    model = _model()
+    assert views_a_pass(model, torch.rand(1, 1, 32, 32), 64, 16, torch.device("cpu")) == 1
+    model = model.to(meta)
+    small = torch.empty(1, 1, 32, 32, device=meta)
+    assert views_a_pass(model, small, 64, 16, meta) == 8  # 512 rows at most
+    assert views_a_pass(model, small, 16, 16, meta) == 16  # every view
+    large = torch.empty(1, 1, 2048, 2048, device=meta)  # 4,096 times the outputs
+    largest = leaf_output_sizes(model, lambda: model(large)).largest
+    rows = 4 * 2**30 // (4 * continuation.NO_GRAD_OUTPUTS * largest)
+    assert 4 <= rows < 64  # the budget's rows for this model at 2,048 px (16)
+    assert views_a_pass(model, large, 64, 16, meta) == 1
+    assert views_a_pass(model, large, 4, 16, meta) == rows // 4
 
 
 @pytest.mark.slow

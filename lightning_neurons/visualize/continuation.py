@@ -26,6 +26,7 @@ from lightning_neurons.batch import (
     to_model_input,
 )
 from lightning_neurons.errors import NeuronsError
+from lightning_neurons.hooks import leaf_output_sizes
 from lightning_neurons.state import analysis_mode
 from lightning_neurons.visualize import sizing
 from lightning_neurons.visualize.objectives import ClassLogit, ClassLogProb, Objective
@@ -36,6 +37,10 @@ from lightning_neurons.visualize.transforms import Transform, apply_transforms
 
 #: Random views on which the candidates of ``restarts`` are compared.
 SELECTION_VIEWS = 16
+#: Layer outputs of the largest size that a forward pass without gradients keeps alive at once,
+#: about (a residual block's input, its branch and their sum): what sizes the views of the
+#: candidates compared in one pass.
+NO_GRAD_OUTPUTS = 4
 
 #: How the candidates of ``restarts`` are compared (see :func:`best_candidates`).
 SelectBy = Literal["value", "agreement"]
@@ -117,7 +122,7 @@ def best_candidates(
     :data:`SELECTION_VIEWS` random views of ``ascent.transforms`` (drawn from ``ascent.seed + 1``;
     one view without transforms when there are none), ``size`` rows at once; on an accelerator,
     where a forward pass of a few rows costs what its kernel launches cost, several views of
-    them in one pass (at most :data:`~lightning_neurons.visualize.sizing.DEVICE_CHUNK_ROWS` rows).
+    them in one pass, as many as memory allows (:func:`_views_a_pass`).
 
     ``select_by="value"``: the highest mean value of the row's objective. ``"agreement"``, when
     every row asks for a class (:func:`asked_class`: a :class:`ClassLogit` or
@@ -149,11 +154,12 @@ def candidate_scores(
     draws = SELECTION_VIEWS if ascent.transforms else 1
     total = torch.zeros(len(rows), 2, dtype=torch.float64)
     with torch.no_grad():
+        one = to_model_input(images[:1], ascent.input_transform)
+        together = _views_a_pass(model, one, min(size, len(rows)), draws, images.device)
         for start in range(0, len(rows), size):
             part = slice(start, start + size)
             # every chunk sees the same draws, in the same order
             generator = torch.Generator().manual_seed(int(ascent.seed) + 1)
-            together = _views_a_pass(len(rows[part]), draws, images.device)
             for first in range(0, draws, together):
                 progress.update("comparing the candidates on view", first + 1, draws)
                 count = min(together, draws - first)
@@ -171,13 +177,20 @@ def candidate_scores(
     return total
 
 
-def _views_a_pass(rows: int, draws: int, device: torch.device) -> int:
+def _views_a_pass(
+    model: nn.Module, x: torch.Tensor, rows: int, draws: int, device: torch.device
+) -> int:
     """Views of ``rows`` candidates compared in one forward pass: one on the CPU (where a pass
-    costs its arithmetic), else as many as :data:`~lightning_neurons.visualize.sizing.DEVICE_CHUNK_ROWS`
-    rows hold."""
-    if device.type == "cpu":
+    costs its arithmetic); elsewhere as many as
+    :func:`~lightning_neurons.visualize.sizing.auto_batch_size` allows when a pass without
+    gradients keeps :data:`NO_GRAD_OUTPUTS` of the model's largest layer output alive (measured
+    with one forward pass of ``x``, one model input), at most ``draws``."""
+    if device.type == "cpu" or len(x) == 0:
         return 1
-    return max(1, min(draws, sizing.DEVICE_CHUNK_ROWS // max(1, rows)))
+    sizes = leaf_output_sizes(model, lambda: model(as_model_input(x, model)))
+    largest = sizes.largest
+    allowed = sizing.auto_batch_size(rows * draws, largest, device, NO_GRAD_OUTPUTS * largest)
+    return max(1, min(draws, allowed // max(1, rows)))
 
 
 def _values(
