@@ -27,7 +27,7 @@ from lightning_neurons.batch import (
 )
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import leaf_output_sizes
-from lightning_neurons.state import analysis_mode
+from lightning_neurons.state import analysis_mode, model_device
 from lightning_neurons.visualize import sizing
 from lightning_neurons.visualize.objectives import ClassLogit, ClassLogProb, Objective
 from lightning_neurons.visualize.optimise import Ascent, Chunk, ChunkSettings, chunks_of, optimise
@@ -155,7 +155,7 @@ def candidate_scores(
     total = torch.zeros(len(rows), 2, dtype=torch.float64)
     with torch.no_grad():
         one = to_model_input(images[:1], ascent.input_transform)
-        together = _views_a_pass(model, one, min(size, len(rows)), draws, images.device)
+        together = _views_a_pass(model, one, min(size, len(rows)), draws, model_device(model))
         for start in range(0, len(rows), size):
             part = slice(start, start + size)
             # every chunk sees the same draws, in the same order
