@@ -342,12 +342,13 @@ def _to_host(
 ) -> int:
     """Copy the waiting passes' ``{layer: [B, used, K]}`` into ``result``'s ``[B, count, K]``
     columns from ``done`` on: one copy a layer. Returns the columns on the host after it."""
+    columns = sum(next(iter(part.values())).shape[1] for part in waiting)  # each layer's
     for name in waiting[0]:
         block = torch.cat([part[name] for part in waiting], dim=1).cpu()
         if name not in result:
             result[name] = torch.empty(block.shape[0], count, block.shape[2])
-        result[name][:, done : done + block.shape[1]] = block
-    return done + sum(part[next(iter(part))].shape[1] for part in waiting)
+        result[name][:, done : done + columns] = block
+    return done + columns
 
 
 def domination(
