@@ -114,10 +114,12 @@ class HeldBatches:
         share = HELD_VALUES_DEVICE // max(self.layers, 1)
         return min(FLUSH_VALUES_DEVICE, max(FLUSH_VALUES_DEVICE_MIN, share)), FLUSH_ROWS_DEVICE
 
-    def flush(self, stats: Mapping[str, ClassNeuronStats]) -> None:
-        """Add every held batch to its layer's statistics in ``stats``."""
+    def flush(self, stats: Mapping[str, ClassNeuronStats], name: str | None = None) -> None:
+        """Add the held batches to their layers' statistics in ``stats``: every one, or (given
+        ``name``) those of layer ``name`` and of the layers held with it."""
         for names in list(self._held):
-            self._add([stats[name] for name in names], self._take(names))
+            if name is None or name in names:
+                self._add([stats[layer] for layer in names], self._take(names))
 
     def drop(self, name: str | None = None) -> None:
         """Forget the held batches of layer ``name`` (``None``: of every layer), and of the

@@ -210,6 +210,39 @@ def test_a_group_whose_last_layer_does_not_run_is_reduced_at_the_batch_end(tmp_p
     assert out["states"]["backbone.c"]["images"].sum() == 32  # batches 0 and 2 of 16
 
 
+class _Widens(_Skips):
+    """``a``, ``b`` and ``c`` of one shape until ``wide`` is set: then ``c`` doubles its width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wide = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.b(self.a(self.conv(x)))
+        y = self.c(torch.cat([x, x], 1) if self.wide else x - 0.5)
+        return self.fc(x.mean(dim=(2, 3))) + 0 * y.sum()
+
+
+class _WidensAfterTheFirstBatch(pl.Callback):
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, *args) -> None:
+        pl_module.backbone.wide = batch_idx > 0
+
+
+def test_a_layer_that_changes_width_mid_epoch_keeps_the_batches_held_with_it(tmp_path):
+    """``c`` is held with ``a`` and ``b`` for the first batch, then doubles its width: its
+    statistics start again at the new width, and ``a``'s and ``b``'s keep every batch (before,
+    the batches held with ``c`` were dropped with its own)."""
+    torch.manual_seed(0)
+    layers = ["backbone.a", "backbone.b", "backbone.c"]
+    out = _validated_states(tmp_path, _Widens(), layers, callbacks=[_WidensAfterTheFirstBatch()])
+    assert out["groups"].groups == (tuple(layers),)
+    states = out["states"]
+    assert states["backbone.a"]["images"].sum() == 48
+    assert states["backbone.b"]["images"].sum() == 48
+    assert states["backbone.c"]["images"].sum() == 32  # batches 1 and 2 of 16, at width 8
+    assert states["backbone.c"]["sum"].shape == (3, 8)
+
+
 def test_a_layer_whose_output_an_in_place_op_changes_is_not_held_and_keeps_its_values(tmp_path):
     """``conv1``'s output, of the group's shape, is changed in place by ``act1`` (a
     ``ReLU(inplace=True)``) after it runs: it is reduced at once, and its sums are those of its

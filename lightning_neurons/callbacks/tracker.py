@@ -444,6 +444,10 @@ class ActivationTracker(StagedCallback):
     def _metric(self, name: str, values: torch.Tensor) -> ClassNeuronStats:
         num_neurons = values.shape[1]
         metric = self._metrics.get(name)
+        if metric is not None and metric.num_neurons != num_neurons:
+            # the batches of the layer's former width go to the statistics it is leaving (their
+            # last use); those of the layers held with it, to theirs
+            self._held.flush(self._metrics, name)
         if metric is None or metric.num_neurons != num_neurons:
             # the maximum in the activations' own type: exact (it is one of them)
             dtype = values.dtype if values.is_floating_point() else torch.float32
@@ -452,7 +456,6 @@ class ActivationTracker(StagedCallback):
                     self.num_classes, num_neurons, max_dtype=dtype, device=values.device
                 )
             self._metrics[name] = metric
-            self._held.drop(name)  # batches of the layer's former width
         return metric
 
     def _on_activation(self, name: str, output: torch.Tensor) -> None:
