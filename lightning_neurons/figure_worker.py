@@ -18,9 +18,9 @@ they are ended, and their figures (as those of a worker that was killed) are dra
 process, in their turn, the next time an analysis asks for a figure, reports its progress or waits
 for its figures; none is lost. Workers that draw nothing for :data:`FIGURE_TIMEOUT` seconds,
 busy or not, are ended and their figures reported lost. Where ``fork`` is not available
-(Windows, macOS) or a figure's arguments cannot be pickled, the figure is drawn on the spot
-instead, as it would be without this module; so are all figures while
-``background_figures.enabled`` is ``False``.
+(Windows, macOS), the figures are drawn on the spot instead, as they would be without this
+module; so are all figures while ``background_figures.enabled`` is ``False``. A figure whose
+arguments cannot be pickled (a lambda) is drawn in the training process, and logged in its turn.
 """
 
 from __future__ import annotations
@@ -249,23 +249,26 @@ class BackgroundFigures:
         """Draw ``fn(*args, **kwargs)`` in the worker and call ``log(pixels)`` with the result.
 
         ``log`` runs on a thread of this process once the pixels are back, after the figures
-        asked for before (or at once, when the figure is drawn on the spot: workers disabled, or
-        arguments that cannot be pickled); its errors, and the figure's, are kept for
-        :meth:`wait`.
+        asked for before (or at once, when the figure is drawn on the spot: workers disabled or
+        not available; its errors then reach the caller); its errors, and the figure's, are kept
+        for :meth:`wait`. A figure whose arguments cannot be pickled is drawn here, now, and
+        logged in its turn.
         """
         kwargs = dict(kwargs or {})
-        payload = self._payload(fn, args, kwargs)
-        if payload is None:
+        if not (self.enabled and self.available()):
             log(draw(fn, *args, **kwargs))  # on the spot: errors reach the caller now
             return
+        payload = _payload(fn, args, kwargs)
         self._redraw_lost()
-        self._make_room(len(payload))
+        if payload is not None:
+            self._make_room(len(payload))
         with self._lock:
-            drawn = self._to_workers(payload)
+            drawn = None if payload is None else self._to_workers(payload)
             figure = _Figure(payload, log, drawn or Future())
             self._pending.setdefault(id(owner), []).append(figure)
             self._order.append(figure)
-        if drawn is None:  # no worker starts: drawn here, and logged in its turn
+        if drawn is None:  # arguments that cannot be pickled, or no worker starts: drawn here,
+            # and logged in its turn (after the figures asked for before it)
             _set_drawn(figure.drawn, functools.partial(draw, fn, *args, **kwargs))
         figure.drawn.add_done_callback(lambda _: self._log_in_order())
 
@@ -374,14 +377,6 @@ class BackgroundFigures:
         self._redraw_lost()
         return min(len(self._undrawn()), self.workers)
 
-    def _payload(self, fn: Callable[..., Any], args: Sequence[Any], kwargs: dict) -> bytes | None:
-        if not (self.enabled and self.available()):
-            return None
-        try:
-            return _dumps((fn, tuple(args), kwargs))
-        except Exception:  # a lambda, a local function, an open file...: drawn on the spot
-            return None
-
     def _start(self) -> ProcessPoolExecutor:
         if self._pool is None:
             with warnings.catch_warnings():  # Python >= 3.12 warns of fork in threaded processes
@@ -469,6 +464,15 @@ def _lost(figure: _Figure) -> bool:
 def _to_redraw(figure: _Figure) -> bool:
     """Whether ``figure`` waits to be drawn again (its worker lost, and it may be redrawn)."""
     return figure.redraw and figure.payload is not None and _lost(figure)
+
+
+def _payload(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict) -> bytes | None:
+    """The pickled figure; ``None`` for a lambda, a local function, an open file...: drawn in
+    this process."""
+    try:
+        return _dumps((fn, tuple(args), kwargs))
+    except Exception:  # noqa: BLE001 - whatever pickling raises, the figure is drawn here
+        return None
 
 
 def _set_drawn(future: Future, make: Callable[[], np.ndarray]) -> None:

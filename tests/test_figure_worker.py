@@ -122,6 +122,33 @@ def test_a_lambda_or_a_disabled_worker_draws_on_the_spot(tmp_path):
         BackgroundFigures(enabled=False).submit(object(), logged.append, broken_figure)
 
 
+def _gated_image(gate: str) -> np.ndarray:
+    """A plot function that waits (at most 60 s) until the file ``gate`` exists."""
+    deadline = time.monotonic() + 60
+    while not Path(gate).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return np.zeros((2, 2, 3), dtype=np.float32)
+
+
+@needs_fork
+def test_a_figure_that_cannot_be_pickled_is_logged_in_its_turn(tmp_path):
+    """A lambda is drawn in this process at once, but logged after the figures asked for before
+    it (TensorBoard drops a tag's images at or after the step of one that arrives late); its
+    error, like a worker's, is reported by wait()."""
+    figures, logged, owner, gate = BackgroundFigures(workers=1), [], object(), tmp_path / "gate"
+    figures.submit(owner, lambda _: logged.append("first"), _gated_image, (str(gate),))
+    path = str(tmp_path / "pid")
+    figures.submit(owner, lambda _: logged.append("lambda"), lambda: pid_image(path))
+    assert int(Path(path).read_text()) == os.getpid(), "drawn here, at once"
+    assert logged == [], "held back by the figure asked for before it"
+    gate.touch()
+    assert figures.wait(owner) == []
+    assert logged == ["first", "lambda"]
+    figures.submit(owner, logged.append, lambda: broken_figure())
+    (error,) = figures.wait(owner)
+    assert isinstance(error, ValueError) and "colour map" in str(error)
+
+
 def _fit(
     tmp_path, epochs: int, others: tuple = (), **tracker_kw
 ) -> tuple[pl.Trainer, ActivationTracker]:
