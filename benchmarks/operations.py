@@ -75,6 +75,10 @@ def as_on_an_accelerator(max_rows: int) -> None:
         continuation._views_a_pass = lambda model, x, rows, draws, _: views(
             model, x, rows, draws, torch.device("cuda")
         )
+    from lightning_neurons.callbacks import _rendering
+
+    if hasattr(_rendering, "run_renders"):  # since 2026-12-06: a round's renderings together
+        _rendering.run_renders = partial(_rendering.run_renders, together=True)
     if hasattr(results, "channel_activations"):  # since a6aa1be: the layers' images together
         results.auto_batch_size = device_sizes
         visualizer.channel_activations = partial(results.channel_activations, together=True)

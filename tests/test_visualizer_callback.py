@@ -26,6 +26,7 @@ from lightning_neurons.data import DigitsDataModule
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.loggers import artifact_root, load_index
 from lightning_neurons.models import ImageClassifier, SmallCNN
+from lightning_neurons.visualize.render import prepare_render
 
 FAST = dict(render=RenderOptions(steps=3), smoothgrad_samples=2)
 
@@ -252,7 +253,7 @@ def test_by_default_the_first_rounds_best_class_candidate_is_continued_alone(tmp
     from lightning_neurons.callbacks import _rendering
 
     calls: list[tuple[int, int, int]] = []  # class renderings: (rows, restarts, views)
-    real = _rendering.render
+    real = _rendering.prepare_render
 
     def spy(model, objectives, **kwargs):
         if all(objective.needs_logits for objective in objectives):
@@ -265,7 +266,7 @@ def test_by_default_the_first_rounds_best_class_candidate_is_continued_alone(tmp
     trainer = fast_trainer(
         tmp_path, callbacks=[ActivationTracker(layers=["backbone.conv2"]), vis], max_epochs=2
     )
-    with mock.patch.object(_rendering, "render", spy):
+    with mock.patch.object(_rendering, "prepare_render", spy):
         trainer.fit(_module(), datamodule=TinyData())
     # the first round: 2 candidates of each of the 3 classes, 2 views each; the later round:
     # the kept candidate of each class alone, with both views
@@ -324,19 +325,19 @@ def test_class_images_are_anchored_on_the_first_validation_images_of_each_class(
     from lightning_neurons.probes import first_per_class
 
     rendered: list[list[str]] = []
-    real = Renderer.images
+    real = Renderer.round
 
-    def spy(self, model, key, objectives, classes=False):
+    def spy(self, model, objectives, members=None, classes=None):
         if classes:
-            rendered.append([repr(o) for o in objectives])
-        return real(self, model, key, objectives, classes)
+            rendered.append([repr(o) for o in classes])
+        return real(self, model, objectives, members, classes)
 
     options = RenderOptions(steps=3, converge_tol=None, class_anchor=weight, class_anchor_images=2)
     vis = FeatureVisualizer(max_channels=1, saliency=[], render=options, on_error="raise")
     tracker = ActivationTracker(layers=["backbone.conv1", "backbone.conv2"])
     data = TinyData()
     trainer = fast_trainer(tmp_path, callbacks=[tracker, vis], max_epochs=2)
-    with mock.patch.object(Renderer, "images", spy):
+    with mock.patch.object(Renderer, "round", spy):
         trainer.fit(_module(), datamodule=data)
     kept = vis._anchors.chosen
     if weight == 0:  # the logit alone, and no image kept for it
@@ -378,6 +379,8 @@ def test_cluster_images_continue_the_best_matching_cluster_of_the_last_round():
 
 #: The layers the Renderer tests render: BNNet's ReLU module and its second convolution.
 RENDERED = ["backbone.relu1", "backbone.conv2"]
+#: What prepares each rendering of a FeatureVisualizer round (spied on to count renderings).
+PREPARE = "lightning_neurons.callbacks._rendering.prepare_render"
 
 
 def _renderer(options: RenderOptions):
@@ -393,7 +396,7 @@ def _renderer(options: RenderOptions):
 
 
 def test_channel_images_of_every_layer_are_rendered_together_as_layer_by_layer():
-    from lightning_neurons.visualize import Channel, render
+    from lightning_neurons.visualize import Channel
 
     model, layers = _module().eval(), RENDERED
     options = RenderOptions(steps=6, continue_steps=2, converge_tol=None, param="fft", n_images=2)
@@ -402,7 +405,7 @@ def test_channel_images_of_every_layer_are_rendered_together_as_layer_by_layer()
         layers[0]: [Channel(layers[0], i) for i in (0, 2)],
         layers[1]: [Channel(layers[1], 5)],
     }
-    with mock.patch("lightning_neurons.callbacks._rendering.render", wraps=render) as spy:
+    with mock.patch(PREPARE, wraps=prepare_render) as spy:
         done = renderer.round(model, wanted).channels
         assert spy.call_count == 1  # every layer in one rendering
         # the next round: layer 1 asks for other channels, so it starts from noise
@@ -428,7 +431,7 @@ def test_cluster_images_of_every_layer_are_rendered_together_and_continued_per_l
     options = RenderOptions(steps=6, continue_steps=2, converge_tol=None, param="fft")
     renderer = _renderer(options)
     first = {layers[0]: [[0, 1], [2, 3]], layers[1]: [[3, 4, 5]]}
-    with mock.patch("lightning_neurons.callbacks._rendering.render", wraps=render) as spy:
+    with mock.patch(PREPARE, wraps=prepare_render) as spy:
         done = renderer.round(model, {}, first).clusters
         assert spy.call_count == 1  # every layer's clusters in one batch
         # the next round: layer 0's clusters moved a neuron (each still shares at least half of
@@ -456,7 +459,7 @@ def test_cluster_images_of_every_layer_are_rendered_together_and_continued_per_l
 
 
 def test_channels_and_clusters_of_a_round_render_together_as_apart():
-    from lightning_neurons.visualize import Channel, render
+    from lightning_neurons.visualize import Channel
     from lightning_neurons.visualize.objectives import ChannelGroup
 
     model, layers = _module().eval(), RENDERED
@@ -472,12 +475,12 @@ def test_channels_and_clusters_of_a_round_render_together_as_apart():
     first = {layers[0]: [[0, 1], [2, 3]], layers[1]: [[3, 4, 5]]}
     second = {layers[0]: [[0, 1, 3], [2]], layers[1]: [[0], [3, 4, 5]]}  # one new cluster
     rounds = []
-    with mock.patch("lightning_neurons.callbacks._rendering.render", wraps=render) as spy:
+    with mock.patch(PREPARE, wraps=prepare_render) as spy:
         for members, calls in ((first, 1), (second, 2)):  # from noise; continued + the new one
             before = spy.call_count
             rounds.append(together.round(model, wanted, members))
             assert spy.call_count - before == calls
-    for (channels, clusters), members in zip(rounds, (first, second), strict=True):
+    for (channels, clusters, _), members in zip(rounds, (first, second), strict=True):
         alone = apart.round(model, wanted).channels, apart.round(model, {}, members).clusters
         for done, solo in zip((channels, clusters), alone, strict=True):
             assert done.keys() == solo.keys()
@@ -499,7 +502,7 @@ def test_channels_and_clusters_of_a_round_render_together_as_apart():
         images, steps = noise.images(model, layer, objectives)
         torch.testing.assert_close(rounds[0].channels[layer][0], images, atol=1e-4, rtol=0)
         assert torch.equal(rounds[0].channels[layer][1], steps)
-    ran = torch.cat([steps for part in rounds[0] for _, steps in part.values()])
+    ran = torch.cat([steps for part in rounds[0][:2] for _, steps in part.values()])
     assert ran.max() == 8 and ran.min() < 8, ran.tolist()  # both kinds of image were rendered
     assert max(max(s.tolist()) for _, s in rounds[1].channels.values()) <= 4  # continued
     kept, solo = together.memory.state_dict(), apart.memory.state_dict()

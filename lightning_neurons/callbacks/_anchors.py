@@ -9,7 +9,7 @@ from torch import nn
 
 from lightning_neurons import progress
 from lightning_neurons.batch import as_model_input
-from lightning_neurons.callbacks._rendering import RenderOptions
+from lightning_neurons.callbacks._render_options import RenderOptions
 from lightning_neurons.distributed import gather_all
 from lightning_neurons.probes import ProbeCandidate, choose_probes
 from lightning_neurons.state import analysis_mode

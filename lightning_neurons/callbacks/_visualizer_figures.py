@@ -16,7 +16,7 @@ from lightning_neurons.results import ClusterRendering, Rendering, SaliencyMaps
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
 
-    from lightning_neurons.callbacks._rendering import RenderOptions
+    from lightning_neurons.callbacks._render_options import RenderOptions
 
 
 def strength_label(channel: int, strength: float, activation: float, reference: float) -> str:

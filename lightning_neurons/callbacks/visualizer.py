@@ -35,7 +35,8 @@ from lightning_neurons.callbacks._plan import (
     saliency_methods,
 )
 from lightning_neurons.callbacks._prior import PriorStream
-from lightning_neurons.callbacks._rendering import Renderer, RenderOptions
+from lightning_neurons.callbacks._render_options import RenderOptions
+from lightning_neurons.callbacks._rendering import Renderer
 from lightning_neurons.callbacks._val_images import ValidationImages
 from lightning_neurons.callbacks._visualizer_figures import log_round
 from lightning_neurons.callbacks._visualizer_results import (
@@ -521,13 +522,13 @@ class FeatureVisualizer(StagedCallback):
         # maps), the work of this rank alone after: a failure there (a rank out of memory, say)
         # leaves no other rank waiting at a collective it will never join.
         clusters = self._chosen_clusters(trainer, pl_module)
-        rendered, clustered = renderer.round(
+        classes = self._anchors.objectives(pl_module, plan.classes) if self._anchors else []
+        rendered, clustered, class_images = renderer.round(
             pl_module,
             {layer: [Channel(layer, i) for i in plan.channels[layer]] for layer in plan.layers},
             clusters.members if clusters is not None else None,
+            classes or None,
         )
-        classes = self._anchors.objectives(pl_module, plan.classes) if self._anchors else []
-        class_images = renderer.images(pl_module, "classes", classes, True) if classes else None
         if self._methods and plan.saliency:  # every rank: each maps its share
             probes = shared_probes(self._val_images.probes, "gathering the saliency probes")
             maps = saliency_maps(

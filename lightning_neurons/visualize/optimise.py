@@ -123,11 +123,9 @@ class Chunk:
                 for i, layer in enumerate(layers):
                     if layer is not None:
                         grams.setdefault(layer, []).append(view * len(layers) + i)
-        self.scoring = Scoring(
-            [self.objectives[i] for i in rows] * self.views,
-            output_fn=self.output_fn,
-            gram_layers=grams,
-        )
+        #: The objective of every batch row: each running row's, view after view.
+        self.scored = [self.objectives[i] for i in rows] * self.views
+        self.scoring = Scoring(self.scored, output_fn=self.output_fn, gram_layers=grams)
 
     @property
     def running(self) -> bool:
@@ -292,6 +290,91 @@ def optimise(model: nn.Module, chunks: Sequence[Chunk], steps: int, ascent: Asce
             optimizer.step()
             for chunk in chunks:
                 chunk.restore_frozen()
+
+
+#: A rendering run with others by :func:`optimise_together`: its one chunk, how it climbs, and
+#: its steps.
+Together = tuple[Chunk, Ascent, int]
+
+
+def optimise_together(model: nn.Module, renderings: Sequence[Together]) -> None:
+    """:func:`optimise` for several renderings of one chunk each, in one batch: at each step the
+    views of every running chunk (each rendering's own random draws) go through the model in one
+    forward and one backward pass. Each rendering keeps its learning rate, random stream,
+    penalties, convergence test and steps, so each image is the one its rendering alone gives
+    (up to the floating-point differences of batched kernels): Adam updates every element on
+    its own, and a row's value depends on its own image only (the model in eval mode)."""
+    optimizer = torch.optim.Adam([{"params": c.params, "lr": a.lr} for c, a, _ in renderings])
+    generators = [torch.Generator().manual_seed(int(a.seed)) for _, a, _ in renderings]
+    layers = list(dict.fromkeys(n for c, _, _ in renderings for n in c.scoring.scorer.layers))
+    most = max(steps for _, _, steps in renderings)
+    dispatch, scoring = Dispatch(), _JointScoring()
+    with hooked(model, layers, dispatch):
+        for step in range(most):
+            for chunk, ascent, steps in renderings:
+                convergence = ascent.convergence
+                if step < steps and convergence is not None and step % convergence.window == 0:
+                    chunk.check(model, dispatch, ascent.input_transform, convergence)
+            live = [j for j, (c, _, steps) in enumerate(renderings) if step < steps and c.running]
+            if not live:
+                break
+            progress.update("step", step + 1, most)
+            optimizer.zero_grad(set_to_none=True)
+            joint = [(*renderings[j][:2], generators[j]) for j in live]
+            _joint_step(model, joint, dispatch, scoring)
+            optimizer.step()
+            for chunk, _, _ in renderings:
+                chunk.restore_frozen()
+
+
+class _JointScoring:
+    """The scoring of several chunks' batch rows, one chunk's after another's: made again when
+    the chunks or their running rows change (a freeze gives a chunk a new scoring)."""
+
+    def __init__(self) -> None:
+        self._of: tuple[Scoring, ...] = ()
+        self._scoring: Scoring | None = None
+
+    def of(self, chunks: Sequence[Chunk]) -> Scoring:
+        key = tuple(chunk.scoring for chunk in chunks)
+        same = len(key) == len(self._of) and all(a is b for a, b in zip(key, self._of, strict=True))
+        if self._scoring is None or not same:
+            rows = [objective for chunk in chunks for objective in chunk.scored]
+            self._scoring = Scoring(rows, output_fn=chunks[0].output_fn)
+            self._of = key
+        return self._scoring
+
+
+def _joint_step(
+    model: nn.Module,
+    joint: Sequence[tuple[Chunk, Ascent, torch.Generator]],
+    dispatch: Dispatch,
+    scorings: _JointScoring,
+) -> None:
+    """The gradient of the running rows of several chunks, in one forward and backward pass."""
+    images = [chunk.rows_image() for chunk, _, _ in joint]
+    inputs = []
+    for image, (chunk, ascent, generator) in zip(images, joint, strict=True):
+        views = [apply_transforms(image, ascent.transforms, generator) for _ in range(chunk.views)]
+        x = torch.cat(views) if chunk.views > 1 else views[0]
+        inputs.append(to_model_input(x, ascent.input_transform))
+    scoring = scorings.of([chunk for chunk, _, _ in joint])
+    shown = None
+    if scoring.scorer.needs_image:  # the pixels of every view's row
+        counts = [chunk.views for chunk, _, _ in joint]
+        shown = torch.cat([i.repeat(n, 1, 1, 1) for i, n in zip(images, counts, strict=True)])
+    dispatch.current = scoring
+    values = scoring.forward(model, torch.cat(inputs), shown)
+    loss, start = None, 0
+    for image, (chunk, ascent, _) in zip(images, joint, strict=True):
+        stop = start + len(image) * chunk.views
+        value = values[start:stop].view(chunk.views, -1).mean(dim=0)
+        value = -ascent.penalties.apply(value, image, chunk).sum()
+        loss = value if loss is None else loss + value
+        chunk.steps[slice(None) if chunk.active is None else chunk.active] += 1
+        start = stop
+    assert loss is not None
+    loss.backward()
 
 
 def _step(model: nn.Module, chunk: Chunk, ascent: Ascent, generator: torch.Generator) -> None:

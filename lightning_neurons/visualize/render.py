@@ -13,7 +13,7 @@ pass of batch 64, which on any hardware is far cheaper. How the rows are scored
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -40,7 +40,14 @@ from lightning_neurons.visualize.continuation import (
     continue_kept,
 )
 from lightning_neurons.visualize.objectives import Objective, as_objectives
-from lightning_neurons.visualize.optimise import Ascent, Chunk, ChunkSettings, chunks_of, optimise
+from lightning_neurons.visualize.optimise import (
+    Ascent,
+    Chunk,
+    ChunkSettings,
+    chunks_of,
+    optimise,
+    optimise_together,
+)
 from lightning_neurons.visualize.param import PARAMS, Param
 from lightning_neurons.visualize.penalties import Convergence, Penalties
 from lightning_neurons.visualize.prior import DataPrior
@@ -240,6 +247,43 @@ def render(
         >>> result.images.shape, result.steps.float().mean()  # doctest: +SKIP
         (torch.Size([64, 1, 32, 32]), tensor(57.))
     """
+    job = prepare_render(**locals())
+    return run_renders(model, [job])[0]
+
+
+def prepare_render(
+    model: nn.Module,
+    objectives: Objective | Sequence[Objective],
+    *,
+    image_shape: Sequence[int],
+    prior: DataPrior | None = None,
+    steps: int | None = None,
+    lr: float | None = None,
+    param: Param | Literal["auto"] = "auto",
+    transforms: TransformsArg | Literal["auto"] = "auto",
+    input_transform: InputTransform | None = None,
+    output_fn: BatchFn | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    l2: float = 0.0,
+    tv: float = 0.0,
+    decorrelate: bool = True,
+    contrast: float | None = None,
+    views: int | None = None,
+    n_images: int = 1,
+    diversity: float | None = None,
+    diversity_on: Literal["features", "pixels"] = "features",
+    restarts: int | None = None,
+    init: torch.Tensor | None = None,
+    first_row: int | Sequence[int] = 0,
+    select_after: int | None = None,
+    select_by: SelectBy | Literal["auto"] = "auto",
+    converge_tol: float | None = None,
+    converge_window: int = 4,
+    mask: bool = False,
+) -> RenderJob:
+    """A rendering checked, probed (one forward pass of one image) and sized, for
+    :func:`run_renders`: :func:`render`'s arguments, and its errors."""
     objectives = as_objectives(objectives)
     image_shape = check_display_shape(image_shape)
     check_instance("prior", prior, DataPrior, "a DataPrior")
@@ -293,12 +337,54 @@ def render(
     ascent = Ascent(chosen.lr, chain, input_transform, seed, penalties, convergence, mask)
     gram = gram_elements(found, objectives, group) if settings.diversity_on == "features" else 0
     size = chunk_rows(found, len(rows), group, chosen.views, device, batch_size, gram)
+    # rows a chunk may hold, however many there are (what renderings run together may hold)
+    bound = chunk_rows(found, 1 << 30, group, chosen.views, device, batch_size, gram)
+    seeds = first_row if isinstance(first_row, int) else row_seeds(starts, group)
+    return RenderJob(rows, chosen, settings, ascent, size, bound, seeds, init, select_after)
+
+
+def run_renders(
+    model: nn.Module, jobs: Sequence[RenderJob], *, together: bool | None = None
+) -> list[RenderResult]:
+    """Run prepared renderings (:func:`prepare_render`); each gives what :func:`render` gives
+    alone. Renderings of one chunk each that fit in one (:func:`can_run_together`) take their
+    steps in one batch (:func:`~lightning_neurons.visualize.optimise.optimise_together`): on
+    an accelerator, where a step of a few hundred rows costs what its kernel launches cost,
+    several renderings then cost about what one does. ``together``: ``None``, on an
+    accelerator only (on the CPU a step costs its arithmetic, and a chunk of one layer's rows
+    stops its forward pass at that layer); ``True``, wherever they can; ``False``, never.
+    Together, the results are those of the renderings alone up to the floating-point
+    differences of batched kernels."""
+    jobs = list(jobs)
     with analysis_mode(model):
-        seeds = first_row if isinstance(first_row, int) else row_seeds(starts, group)
-        chunks = chunks_of(rows, size, settings, seeds)
-        if init is not None:
-            continue_from(chunks, init, len(rows), chosen.param)
-        return _optimised(model, rows, chunks, chosen, select_after, ascent, settings, size)
+        for job in jobs:
+            job.make_chunks()
+        if together is None:
+            together = model_device(model).type != "cpu"
+        if together and can_run_together(jobs):
+            optimise_together(model, [(j.chunks[0], j.ascent, j.first_steps) for j in jobs])
+        else:
+            for job in jobs:
+                optimise(model, job.chunks, job.first_steps, job.ascent)
+        return [job.finish(model) for job in jobs]
+
+
+def can_run_together(jobs: Sequence[RenderJob]) -> bool:
+    """Whether ``jobs`` (their chunks made) can take their steps in one batch: two or more, of
+    one chunk each, without masks or Gram matrices (a chunk's own scoring keeps those), of
+    images of one shape read by one ``output_fn``, and no more rows (views counted) than the
+    smallest chunk bound among them allows."""
+    if len(jobs) < 2 or any(len(job.chunks) != 1 for job in jobs):
+        return False
+    first = jobs[0].settings
+    for job in jobs:
+        settings = job.settings
+        if job.ascent.track_mask or job.chunks[0].scoring.gram_rows:
+            return False
+        if settings.image_shape != first.image_shape or settings.output_fn is not first.output_fn:
+            return False
+    rows = sum(len(job.rows) * job.settings.views for job in jobs)
+    return rows <= min(job.bound * job.settings.views for job in jobs)
 
 
 def row_seeds(starts: Sequence[int], group: int) -> list[int]:
@@ -316,42 +402,65 @@ def view_transforms(
     return resolve_transforms(transforms, image_shape, fill)
 
 
-def _optimised(
-    model: nn.Module,
-    rows: Sequence[Objective],
-    chunks: Sequence[Chunk],
-    chosen: Recipe,
-    select_after: int | None,
-    ascent: Ascent,
-    settings: ChunkSettings,
-    size: int,
-) -> RenderResult:
-    """Optimise ``chunks``; with ``chosen.restarts`` candidates per objective, keep the best after
-    ``select_after`` steps (default: all) and optimise it alone for the remaining steps."""
-    steps, restarts = chosen.steps, chosen.restarts
-    first = min(select_after or steps, steps) if restarts > 1 else steps
-    optimise(model, chunks, first, ascent)
-    rendered = Rendered.of(chunks)
-    masks = torch.cat([chunk.normalised_mask() for chunk in chunks]) if ascent.track_mask else None
-    if restarts == 1:
-        return RenderResult(rendered.images, rendered.steps, rendered.params, masks)
-    best = best_candidates(
-        model, rows, rendered.images, restarts, ascent, size, settings.output_fn, chosen.select_by
-    )
-    kept = rendered.pick(best)
-    masks = None if masks is None else masks[best]
-    if first < steps:
-        more = continue_kept(
-            model,
-            [rows[int(i)] for i in best],
-            kept.params,
-            replace(settings, n_images=1),
-            size=max(1, size // restarts),
-            steps=steps - first,
-            ascent=replace(ascent, track_mask=False),
-        )
-        kept = Rendered(more.images, more.params, kept.steps + more.steps)
-    return RenderResult(kept.images, kept.steps, kept.params, masks)
+@dataclass
+class RenderJob:
+    """A rendering checked, probed and sized by :func:`prepare_render`, run by
+    :func:`run_renders`: its rows (one objective each), settings and, once made, chunks."""
+
+    rows: list[Objective]
+    chosen: Recipe
+    settings: ChunkSettings
+    ascent: Ascent
+    #: Rows a chunk holds, and may hold (of any number of rows).
+    size: int
+    bound: int
+    #: Each row's noise: the first row's index, or every row's.
+    seeds: int | list[int]
+    init: torch.Tensor | None
+    select_after: int | None
+    chunks: list[Chunk] = field(default_factory=list)
+
+    @property
+    def first_steps(self) -> int:
+        """The steps before the candidates of ``restarts`` are compared (all without them)."""
+        steps = self.chosen.steps
+        return min(self.select_after or steps, steps) if self.chosen.restarts > 1 else steps
+
+    def make_chunks(self) -> None:
+        """The chunks, from each row's noise or from ``init``."""
+        self.chunks = chunks_of(self.rows, self.size, self.settings, self.seeds)
+        if self.init is not None:
+            continue_from(self.chunks, self.init, len(self.rows), self.chosen.param)
+
+    def finish(self, model: nn.Module) -> RenderResult:
+        """The result once the chunks ran :attr:`first_steps`: with ``restarts`` candidates per
+        objective, the best of each, optimised alone for the steps left after
+        ``select_after``."""
+        rendered = Rendered.of(self.chunks)
+        ascent, chunks = self.ascent, self.chunks
+        masks = torch.cat([c.normalised_mask() for c in chunks]) if ascent.track_mask else None
+        restarts, settings = self.chosen.restarts, self.settings
+        if restarts == 1:
+            return RenderResult(rendered.images, rendered.steps, rendered.params, masks)
+        rows, size = self.rows, self.size
+        best = best_candidates(
+            model, rows, rendered.images, restarts, ascent, size, settings.output_fn,
+            self.chosen.select_by,
+        )  # fmt: skip
+        kept = rendered.pick(best)
+        masks = None if masks is None else masks[best]
+        if self.first_steps < self.chosen.steps:
+            more = continue_kept(
+                model,
+                [rows[int(i)] for i in best],
+                kept.params,
+                replace(settings, n_images=1),
+                size=max(1, size // restarts),
+                steps=self.chosen.steps - self.first_steps,
+                ascent=replace(ascent, track_mask=False),
+            )
+            kept = Rendered(more.images, more.params, kept.steps + more.steps)
+        return RenderResult(kept.images, kept.steps, kept.params, masks)
 
 
 def check_objectives(

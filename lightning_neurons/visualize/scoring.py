@@ -191,10 +191,14 @@ class Scoring:
         with hooked(model, list(self.scorer.layers), self):
             yield
 
-    def forward(self, model: nn.Module, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """Run the model on ``x`` (in the model's dtype) and return every row's score ``[R]``."""
+    def forward(
+        self, model: nn.Module, x: torch.Tensor, image: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Run the model on ``x`` (in the model's dtype) and return every row's score ``[R]``
+        (``image``: the display image of every row, for objectives on the pixels)."""
         self.reset()
         if self.scorer.needs_image:
+            assert image is not None, "objectives on the pixels need the display images"
             self.add(IMAGE, image)
         try:
             output = model(as_model_input(x, model))
