@@ -381,7 +381,7 @@ def can_run_together(jobs: Sequence[RenderJob]) -> bool:
         settings = job.settings
         if job.ascent.track_mask or job.chunks[0].scoring.gram_rows:
             return False
-        if settings.image_shape != first.image_shape or settings.output_fn is not first.output_fn:
+        if settings.image_shape != first.image_shape or settings.output_fn != first.output_fn:
             return False
     rows = sum(len(job.rows) * job.settings.views for job in jobs)
     return rows <= min(job.bound * job.settings.views for job in jobs)
