@@ -62,8 +62,9 @@ def test_renderings_run_together_give_each_its_own_images_and_steps():
         torch.testing.assert_close(joint.images, alone.images, atol=1e-5, rtol=0)
         torch.testing.assert_close(joint.params, alone.params, atol=1e-5, rtol=0)
     # a step: the 3 shallow rows, 2 x 2 candidates in 2 views each and the 2 deep rows, in one
-    # forward pass (the probes and convergence checks as apart)
+    # forward pass; a convergence check: every running row once, in one pass too
     assert 3 + 8 + 2 in sizes and 3 + 8 + 2 not in apart_sizes
+    assert 3 + 4 + 2 in sizes and 3 + 4 + 2 not in apart_sizes
     assert len(sizes) < len(apart_sizes)
 
 

@@ -101,6 +101,7 @@ class Chunk:
         self._active = self._frozen = DeviceCopies(torch.zeros(0, dtype=torch.int64))
         self._frozen_params: torch.Tensor | None = None
         self._check_scoring: Scoring | None = None  # the running rows' (until a freeze)
+        self.checked_objectives: list[Objective] = []  # the objectives it scores
         self._checked: torch.Tensor | None = None  # the running rows' values at the last check
         self._calm = torch.zeros(0, dtype=torch.int64)  # checks in a row each rose < tol
         self._score_rows(range(len(indices)))
@@ -148,16 +149,25 @@ class Chunk:
         """Score the running rows without transforms; freeze those that have converged."""
         if not self.running:
             return
-        if self._check_scoring is None:  # kept until a freeze: its indices go to the device once
-            rows = range(len(self.objectives)) if self.active is None else self.active.tolist()
-            objectives = [self.objectives[i] for i in rows]
-            self._check_scoring = Scoring(objectives, output_fn=self.output_fn)
-        scoring = self._check_scoring
+        scoring = self.check_scoring()
         with torch.no_grad():
             image = self.rows_image()
             dispatch.current = scoring
             value = scoring.forward(model, to_model_input(image, input_transform), image)
-        value = value.detach().float().cpu()
+        self.record(value.detach().float().cpu(), convergence)
+
+    def check_scoring(self) -> Scoring:
+        """The scoring of the running rows without views (:attr:`checked_objectives`), kept
+        until a freeze: its indices go to the device once."""
+        if self._check_scoring is None:
+            rows = range(len(self.objectives)) if self.active is None else self.active.tolist()
+            self.checked_objectives = [self.objectives[i] for i in rows]
+            self._check_scoring = Scoring(self.checked_objectives, output_fn=self.output_fn)
+        return self._check_scoring
+
+    def record(self, value: torch.Tensor, convergence: Convergence) -> None:
+        """Freeze the running rows whose objective has converged, given their values now
+        (``[running rows]``, CPU; the first check only records them)."""
         if self._checked is None:
             self._checked = value
             self._calm = torch.zeros(len(value), dtype=torch.int64)
@@ -308,13 +318,19 @@ def optimise_together(model: nn.Module, renderings: Sequence[Together]) -> None:
     generators = [torch.Generator().manual_seed(int(a.seed)) for _, a, _ in renderings]
     layers = list(dict.fromkeys(n for c, _, _ in renderings for n in c.scoring.scorer.layers))
     most = max(steps for _, _, steps in renderings)
-    dispatch, scoring = Dispatch(), _JointScoring()
+    dispatch, scoring, checks = Dispatch(), _JointScoring(), _JointScoring()
     with hooked(model, layers, dispatch):
         for step in range(most):
-            for chunk, ascent, steps in renderings:
-                convergence = ascent.convergence
-                if step < steps and convergence is not None and step % convergence.window == 0:
-                    chunk.check(model, dispatch, ascent.input_transform, convergence)
+            due = [
+                (chunk, ascent)
+                for chunk, ascent, steps in renderings
+                if step < steps
+                and chunk.running
+                and ascent.convergence is not None
+                and step % ascent.convergence.window == 0
+            ]
+            if due:
+                _check_together(model, due, dispatch, checks)
             live = [j for j, (c, _, steps) in enumerate(renderings) if step < steps and c.running]
             if not live:
                 break
@@ -328,21 +344,49 @@ def optimise_together(model: nn.Module, renderings: Sequence[Together]) -> None:
 
 
 class _JointScoring:
-    """The scoring of several chunks' batch rows, one chunk's after another's: made again when
-    the chunks or their running rows change (a freeze gives a chunk a new scoring)."""
+    """The scoring of several scorings' batch rows, one's after another's: made again when the
+    scorings change (a freeze gives a chunk new ones)."""
 
     def __init__(self) -> None:
         self._of: tuple[Scoring, ...] = ()
         self._scoring: Scoring | None = None
 
-    def of(self, chunks: Sequence[Chunk]) -> Scoring:
-        key = tuple(chunk.scoring for chunk in chunks)
+    def of(
+        self, parts: Sequence[tuple[Scoring, list[Objective]]], output_fn: BatchFn | None
+    ) -> Scoring:
+        """The scoring of every part's rows (``(scoring, its batch rows' objectives)``)."""
+        key = tuple(scoring for scoring, _ in parts)
         same = len(key) == len(self._of) and all(a is b for a, b in zip(key, self._of, strict=True))
         if self._scoring is None or not same:
-            rows = [objective for chunk in chunks for objective in chunk.scored]
-            self._scoring = Scoring(rows, output_fn=chunks[0].output_fn)
+            rows = [objective for _, objectives in parts for objective in objectives]
+            self._scoring = Scoring(rows, output_fn=output_fn)
             self._of = key
         return self._scoring
+
+
+def _check_together(
+    model: nn.Module,
+    due: Sequence[tuple[Chunk, Ascent]],
+    dispatch: Dispatch,
+    checks: _JointScoring,
+) -> None:
+    """The convergence checks of several chunks in one forward pass (and one copy of the values
+    to the host): each chunk's running rows without transforms, as :meth:`Chunk.check`."""
+    parts = [(chunk.check_scoring(), chunk.checked_objectives) for chunk, _ in due]
+    scoring = checks.of(parts, due[0][0].output_fn)
+    with torch.no_grad():
+        images = [chunk.rows_image() for chunk, _ in due]
+        x = torch.cat(
+            [to_model_input(i, a.input_transform) for i, (_, a) in zip(images, due, strict=True)]
+        )
+        dispatch.current = scoring
+        shown = torch.cat(images) if scoring.scorer.needs_image else None
+        values = scoring.forward(model, x, shown).detach().float().cpu()
+    start = 0
+    for image, (chunk, ascent) in zip(images, due, strict=True):
+        assert ascent.convergence is not None
+        chunk.record(values[start : start + len(image)], ascent.convergence)
+        start += len(image)
 
 
 def _joint_step(
@@ -358,7 +402,7 @@ def _joint_step(
         views = [apply_transforms(image, ascent.transforms, generator) for _ in range(chunk.views)]
         x = torch.cat(views) if chunk.views > 1 else views[0]
         inputs.append(to_model_input(x, ascent.input_transform))
-    scoring = scorings.of([chunk for chunk, _, _ in joint])
+    scoring = scorings.of([(c.scoring, c.scored) for c, _, _ in joint], joint[0][0].output_fn)
     shown = None
     if scoring.scorer.needs_image:  # the pixels of every view's row
         counts = [chunk.views for chunk, _, _ in joint]
