@@ -411,8 +411,9 @@ class RenderJob:
     chosen: Recipe
     settings: ChunkSettings
     ascent: Ascent
-    #: Rows a chunk holds, and may hold (of any number of rows).
+    #: Rows a chunk of these rows holds.
     size: int
+    #: Rows a chunk may hold, of any number of rows (what renderings run together may hold).
     bound: int
     #: Each row's noise: the first row's index, or every row's.
     seeds: int | list[int]
