@@ -26,7 +26,7 @@ from lightning_neurons.data import DigitsDataModule
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.loggers import artifact_root, load_index
 from lightning_neurons.models import ImageClassifier, SmallCNN
-from lightning_neurons.visualize.render import prepare_render
+from lightning_neurons.visualize.render import prepare_render, run_renders
 
 FAST = dict(render=RenderOptions(steps=3), smoothgrad_samples=2)
 
@@ -494,7 +494,8 @@ def test_channels_and_clusters_of_a_round_render_together_as_apart():
     # from its own place in the list, give
     noise = _renderer(options)
     fresh = [ChannelGroup(layer, group) for layer, groups in first.items() for group in groups]
-    images, _, steps = noise.rows(model, fresh, None, 0, False, 1)
+    result = run_renders(model, [noise.job(model, fresh, None, 0, False, 1)])[0]
+    images, steps = result.images.cpu(), result.steps
     clustered = [torch.cat(found) for found in zip(*rounds[0].clusters.values(), strict=True)]
     torch.testing.assert_close(clustered[0], images, atol=1e-4, rtol=0)
     assert torch.equal(clustered[1], steps)

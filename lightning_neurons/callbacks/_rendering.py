@@ -399,21 +399,6 @@ class Renderer:
             select_by=o.class_select_by if classes else "value",
         )
 
-    def rows(
-        self,
-        model: nn.Module,
-        objectives: list[Objective],
-        init: torch.Tensor | None,
-        first_row: int | Sequence[int],
-        classes: bool,
-        restarts: int,
-        views: int | None = None,
-    ) -> Rendered3:
-        """Images (CPU), parameters and steps run of ``objectives``, rendered on this rank alone
-        (the arguments of :meth:`job`)."""
-        job = self.job(model, objectives, init, first_row, classes, restarts, views)
-        return _plain(run_renders(model, [job])[0], slice(0, len(objectives)))
-
 
 #: A rendering's images (CPU), parameters and steps.
 Rendered3 = tuple[torch.Tensor, torch.Tensor, torch.Tensor]

@@ -336,9 +336,10 @@ def prepare_render(
     convergence = Convergence(float(tol), window, unit) if tol else None
     ascent = Ascent(chosen.lr, chain, input_transform, seed, penalties, convergence, mask)
     gram = gram_elements(found, objectives, group) if settings.diversity_on == "features" else 0
-    size = chunk_rows(found, len(rows), group, chosen.views, device, batch_size, gram)
-    # rows a chunk may hold, however many there are (what renderings run together may hold)
+    # rows a chunk may hold, however many there are (what renderings run together may hold);
+    # these rows' chunks hold as many, or all of them (a multiple of ``group``: whole objectives)
     bound = chunk_rows(found, 1 << 30, group, chosen.views, device, batch_size, gram)
+    size = min(len(rows), bound)
     seeds = first_row if isinstance(first_row, int) else row_seeds(starts, group)
     return RenderJob(rows, chosen, settings, ascent, size, bound, seeds, init, select_after)
 
