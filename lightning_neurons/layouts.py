@@ -11,10 +11,13 @@ as a view (no copy; gradients flow through it):
   for (the class token is what a class-token head reads), zeroing a neuron zeroes it on every
   token, and its contribution is summed over them. Only maps on the image (Grad-CAM) drop the
   leading tokens that have no place on the patch grid (see :func:`token_grid`);
-* ``[B, H, W, C]`` **channels-last** maps (timm's Swin stages) are handed over as
-  ``[B, C, H, W]``. A 4-D output is channels last when the module, or the nearest module above
-  it with an ``output_fmt`` attribute (timm's convention), says ``"NHWC"``, and the module is not
-  a convolution, batch norm or pooling layer (always channels first);
+* ``[B, H, W, C]`` **channels-last** maps (timm's and torchvision's Swin stages, the layers
+  inside torchvision's ConvNeXt blocks) are handed over as ``[B, C, H, W]``. A 4-D output is
+  channels last when the module, or the nearest module above it with an ``output_fmt``
+  attribute (timm's convention), says ``"NHWC"``; without one, when a ``Permute`` module
+  (torchvision's ``[0, 2, 3, 1]``, ``[0, 3, 1, 2]``) before it, in the order the modules are
+  defined, left the maps channels last. Convolution, batch norm and pooling layers are always
+  channels first;
 * 3-D outputs of ``Conv1d``, ``BatchNorm1d``, ``InstanceNorm1d`` and 1-D pooling are ``[B, C, L]``
   channels first; every other 3-D output is tokens.
 """
@@ -55,18 +58,47 @@ def _says_nhwc(module: nn.Module) -> bool | None:
     return str(getattr(fmt, "value", fmt)) == "NHWC"
 
 
+#: A ``Permute`` module's ``dims`` -> whether its 4-D output is channels last.
+_PERMUTES = {(0, 2, 3, 1): True, (0, 3, 1, 2): False}
+
+
+def _permutes_to(module: nn.Module) -> bool | None:
+    """Whether a ``Permute`` module (torchvision's, or any with that name and ``dims``) makes
+    4-D maps channels last (``True``) or first (``False``); ``None`` for other modules."""
+    dims = getattr(module, "dims", None)
+    if type(module).__name__ != "Permute" or not isinstance(dims, (list, tuple)):
+        return None
+    return _PERMUTES.get(tuple(dims))
+
+
 def module_layouts(model: nn.Module) -> dict[str, bool]:
-    """``{module name: whether its 4-D outputs are channels last}`` for every module."""
+    """``{module name: whether its 4-D outputs are channels last}`` for every module.
+
+    A module's ``output_fmt`` (timm's convention), or its nearest ancestor's, decides. Without
+    one, the layout flows through the modules in the order they are defined (the order
+    ``nn.Sequential`` calls them, and most models' ``forward``): a ``Permute`` module sets it, a
+    convolution, batch norm or pooling layer makes it channels first, any other module keeps the
+    layout it was given, and a module with children gives the layout its last child left. So
+    torchvision's Swin stages (after the ``Permute`` of its patch embedding) are channels last,
+    and a ConvNeXt block's output (its ``Permute`` back) channels first.
+    """
     found: dict[str, bool] = {}
 
-    def walk(module: nn.Module, prefix: str, inherited: bool) -> None:
+    def walk(module: nn.Module, prefix: str, given: bool, declared: bool | None) -> bool:
+        """Record ``module`` and its descendants, given maps in the layout ``given``; return
+        the layout of its output."""
         own = _says_nhwc(module)
-        last = inherited if own is None else own
-        found[prefix] = last and not isinstance(module, _CHANNELS_FIRST)
+        declared = declared if own is None else own
+        last = given
         for name, child in module.named_children():
-            walk(child, f"{prefix}.{name}" if prefix else name, last)
+            last = walk(child, f"{prefix}.{name}" if prefix else name, last, declared)
+        permuted = _permutes_to(module)
+        last = last if permuted is None else permuted
+        last = (last if declared is None else declared) and not isinstance(module, _CHANNELS_FIRST)
+        found[prefix] = last
+        return last
 
-    walk(model, "", False)
+    walk(model, "", False, None)
     return found
 
 

@@ -22,7 +22,7 @@ from lightning_neurons.hooks import (
     resolve_layers,
     run_layers,
 )
-from lightning_neurons.layouts import on_grid
+from lightning_neurons.layouts import module_layouts, on_grid
 from lightning_neurons.visualize.saliency import grad_cam
 
 
@@ -309,6 +309,85 @@ def test_channels_last_outputs_are_handed_over_channels_first():
     torch.testing.assert_close(
         res.ablated_logit, net.head.bias.detach().double(), atol=1e-6, rtol=0
     )
+
+
+class PermutedNet(nn.Module):
+    """Channels last by ``Permute`` modules, as torchvision's Swin and ConvNeXt are written: a
+    patch embedding that permutes to ``[B, H, W, C]``, a stage of ``[B, H, W, C]`` blocks, a
+    ConvNeXt-style block that permutes there and back, and the head's permute back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        permute = torchvision.ops.misc.Permute
+        self.embed = nn.Sequential(nn.Conv2d(3, 5, 4, stride=4), permute([0, 2, 3, 1]))
+        self.stage = nn.Sequential(nn.LayerNorm(5), nn.Linear(5, 6))
+        self.back = permute([0, 3, 1, 2])
+        self.block = nn.Sequential(
+            nn.Conv2d(6, 6, 3, padding=1, groups=6),
+            permute([0, 2, 3, 1]),
+            nn.Linear(6, 7),
+            nn.GELU(),
+            permute([0, 3, 1, 2]),
+        )
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block(self.back(self.stage(self.embed(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_permute_modules_make_their_maps_channels_last():
+    net = PermutedNet().eval()
+    layouts = module_layouts(net)
+    last = {"embed", "embed.1", "stage", "stage.0", "stage.1", "block.1", "block.2", "block.3"}
+    assert {name for name, is_last in layouts.items() if is_last} == last
+    seen = {}
+    layers = ["embed", "stage.0", "stage", "back", "block.2", "block"]
+    with torch.no_grad(), hooked(net, layers, lambda n, t: seen.update({n: t.clone()})):
+        net(_images(2, size=16))
+    shapes = {name: tuple(seen[name].shape) for name in layers}
+    assert shapes == {
+        "embed": (2, 5, 4, 4),
+        "stage.0": (2, 5, 4, 4),
+        "stage": (2, 6, 4, 4),
+        "back": (2, 6, 4, 4),
+        "block.2": (2, 7, 4, 4),
+        "block": (2, 7, 4, 4),
+    }
+    # LayerNorm over the channels: every position's 5 values have mean 0 along the view's dim 1
+    torch.testing.assert_close(seen["stage.0"].mean(dim=1), torch.zeros(2, 4, 4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(seen["stage"], seen["back"])  # the stage read as its permute back
+    # zeroing a channel of the channels-last Linear zeroes that channel of the block's output
+    with torch.no_grad(), hooked(net, ["block.2", "block"], lambda n, t: _zero_channel(n, t, seen)):
+        net(_images(2, size=16))
+    assert float(seen["after"][:, 4].abs().max()) == 0.0
+    assert float(seen["after"][:, 3].abs().max()) > 0.0
+
+
+def _zero_channel(name: str, t: torch.Tensor, seen: dict) -> torch.Tensor | None:
+    if name == "block.2":
+        t = t.clone()
+        t[:, 4] = 0.0  # GELU(0) = 0: channel 4 stays zero to the block's output
+        return t
+    seen["after"] = t.clone()
+    return None
+
+
+def test_torchvision_swin_stages_are_read_channels_last():
+    swin = torchvision.models.swin_transformer.SwinTransformer(
+        patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[1, 1], window_size=[2, 2]
+    ).eval()
+    seen = {}
+    with (
+        torch.no_grad(),
+        hooked(swin, ["features.1", "features.3"], lambda n, t: seen.update({n: t})),
+    ):
+        swin(_images(2, size=16))
+    # [B, H, W, C] maps of 8 and 16 channels on the 4x4 and 2x2 patch grids, handed over [B, C, H, W]
+    assert {n: tuple(t.shape) for n, t in seen.items()} == {
+        "features.1": (2, 8, 4, 4),
+        "features.3": (2, 16, 2, 2),
+    }
 
 
 def test_two_hook_sets_on_one_function_layer_at_once():

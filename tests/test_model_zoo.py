@@ -1,7 +1,7 @@
 """A model zoo: every callback, default layers, ``on_error="raise"``, on the models people train.
 
 torchvision's and timm's classifiers (no weights, 32x32 inputs; timm's and torchvision's vision
-transformers and timm's Swin included), a model written as the tutorials write it (``F.relu`` in
+transformers and Swins included), a model written as the tutorials write it (``F.relu`` in
 ``forward``), one with its own ``Swish`` module, a model returning a tuple, one fed dict
 batches, one whose activation module runs twice per forward pass; and, on small models, a
 compiled model, Hugging Face style batches and outputs, ``bf16-mixed`` and ``fast_dev_run``. ``trainer.validate`` runs
@@ -161,6 +161,17 @@ def _swin() -> nn.Module:  # timm's Swin, small: its stages output [B, H, W, C]
     )
 
 
+def _torchvision_swin() -> nn.Module:  # small; Permute modules make its stages [B, H, W, C]
+    return torchvision.models.swin_transformer.SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=8,
+        depths=[1, 1, 1],
+        num_heads=[1, 1, 1],
+        window_size=[2, 2],
+        num_classes=CLASSES,
+    )
+
+
 MODELS = {
     "resnet18": lambda: ImageClassifier(_torchvision("resnet18"), CLASSES),
     "vgg11_bn": lambda: ImageClassifier(_torchvision("vgg11_bn"), CLASSES),
@@ -174,6 +185,7 @@ MODELS = {
     "tutorial_functional": lambda: ImageClassifier(TutorialNet(), CLASSES),
     "swish": lambda: ImageClassifier(SwishNet(), CLASSES),
     "torchvision_vit": lambda: ImageClassifier(_torchvision_vit(), CLASSES),
+    "torchvision_swin": lambda: ImageClassifier(_torchvision_swin(), CLASSES),
     "timm_resnet18": lambda: ImageClassifier(_timm("resnet18"), CLASSES),
     "timm_efficientnet_b0": lambda: ImageClassifier(_timm("efficientnet_b0"), CLASSES),
     "timm_convnext_atto": lambda: ImageClassifier(_timm("convnext_atto"), CLASSES),
@@ -256,6 +268,9 @@ def test_every_analysis_works_with_defaults(tmp_path, name):
     if name == "timm_vit_tiny":  # 12 blocks of [B, 1 + 64, 192] tokens: 192 neurons each
         assert list(tracker.results) == [f"backbone.blocks.{i}" for i in range(12)]
         assert {s.num_neurons for s in tracker.results.values()} == {192}
+    if name in ("timm_swin", "torchvision_swin"):  # [B, H, W, C] stages: C neurons each
+        widths = [s.num_neurons for s in tracker.results.values()]
+        assert widths == ([24, 48, 96, 192] if name == "timm_swin" else [8, 16, 32])
 
 
 @pytest.mark.slow
