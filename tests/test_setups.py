@@ -325,6 +325,18 @@ def test_a_dead_layer_is_left_unclustered_and_does_not_sink_the_others(tmp_path)
     assert live.n_clusters == 2 and not neuron.failures
 
 
+def test_a_layer_narrower_than_the_clusterer_needs_says_so(tmp_path):
+    tracker = ActivationTracker(layers=["backbone.relu", "backbone.head"], enable_logging=False)
+    neuron = NeuronClustering(method="kmeans", n_clusters=4)
+    trainer = fast_trainer(tmp_path, callbacks=[tracker, neuron], max_epochs=1)
+    message = "layer 'backbone.head' has 3 neurons; clustering needs at least 4 neurons whose"
+    with pytest.warns(UserWarning, match=message) as record:
+        trainer.fit(_module(DeadBranchNet()), datamodule=TinyData())
+    assert not any("respond the same" in str(w.message) for w in record)  # they need not
+    assert neuron.results["backbone.head"].n_clusters == 0
+    assert neuron.results["backbone.relu"].n_clusters == 4
+
+
 def test_a_failing_layer_does_not_sink_the_others(tmp_path, monkeypatch):
     original = NeuronClusterer.fit
 

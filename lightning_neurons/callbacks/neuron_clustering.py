@@ -254,7 +254,9 @@ class NeuronClustering(_ClusteringCallback):
             _, constant = normalize_neurons(np.ascontiguousarray(profile.T), self.normalize)
         clusterer = NeuronClusterer(**self._clusterer_options)
         if int((~constant).sum()) < clusterer.needed_neurons:
-            return self._unclustered(name, stats, classes, normalized, int(constant.sum()))
+            return self._unclustered(
+                name, stats, classes, normalized, int(constant.sum()), clusterer.needed_neurons
+            )
         clusterer.fit(profile)
         labels = clusterer.labels_
         found = np.unique(labels[labels >= 0])
@@ -287,17 +289,24 @@ class NeuronClustering(_ClusteringCallback):
         classes: np.ndarray,
         normalized: np.ndarray,
         constant: int,
+        needed: int,
     ) -> NeuronClusteringResult:
         """A layer whose neurons (nearly) all respond the same to every class (e.g. dead ones):
         nothing to cluster, every neuron unclustered (-1); said once per layer. ``normalized``:
-        the ``[K, C]`` normalised class means."""
+        the ``[K, C]`` normalised class means; ``constant`` of them respond the same to every
+        class, and the clusterer needs ``needed`` that do not."""
         neurons, num_classes = normalized.shape
         if name not in self._warned_constant:
             self._warned_constant.add(name)
+            why = (
+                f"layer {name!r} has {neurons} neuron{'s' if neurons != 1 else ''}"
+                if neurons < needed
+                else f"{constant} of the {neurons} neurons of layer {name!r} respond the same to "
+                f"every class (dead or constant) in epoch {stats.epoch}"
+            )
             rank_zero_warn(
-                f"NeuronClustering: {constant} of the {neurons} neurons of layer {name!r} "
-                f"respond the same to every class (dead or constant) in epoch {stats.epoch}; too "
-                "few vary to be clustered, so all are left unclustered (-1)."
+                f"NeuronClustering: {why}; clustering needs at least {needed} neurons whose "
+                "responses vary, so all are left unclustered (-1)."
             )
         return NeuronClusteringResult(
             layer=name,
