@@ -174,20 +174,35 @@ def check_neurons(output: torch.Tensor, layer: str) -> None:
         )
 
 
-def token_grid(tokens: int, grid: Sequence[int]) -> tuple[int, int]:
-    """``(prefix, grid tokens)``: the leading tokens that are not on the patch grid (class,
-    register, distillation tokens) and the ``h * w`` patch tokens after them.
+def token_grid(tokens: int, grid: Sequence[int]) -> tuple[int, tuple[int, int]]:
+    """``(prefix, (h, w))``: the leading tokens that are not on a grid of patches (class,
+    register, distillation tokens) and the ``h x w`` grid of the tokens after them.
+
+    The grid is the patch embedding's, ``grid``, when it fits in ``tokens``; a later stage of a
+    hierarchical transformer (Swin's patch merging) holds that grid with each side halved (and
+    rounded up) once or more, and then only it: its tokens are exactly the halved grid's cells.
 
     Raises:
-        NeuronsError: If the ``h x w`` grid does not fit in ``tokens``.
+        NeuronsError: If neither the grid nor a halved one fits the tokens.
+
+    Example:
+        >>> token_grid(1 + 64, (8, 8)), token_grid(16, (8, 8))
+        ((1, (8, 8)), (0, (4, 4)))
     """
-    cells = int(grid[0]) * int(grid[1])
-    if cells > tokens or cells == 0:
-        raise NeuronsError(
-            f"a token output of {tokens} tokens cannot hold the {grid[0]}x{grid[1]} patch grid of "
-            "the model's patch embedding"
-        )
-    return tokens - cells, cells
+    height, width = int(grid[0]), int(grid[1])
+    if 0 < height * width <= tokens:
+        return tokens - height * width, (height, width)
+    h, w = height, width
+    while h * w > 1:
+        h, w = -(-h // 2), -(-w // 2)
+        if h * w == tokens:
+            return 0, (h, w)
+    raise NeuronsError(
+        f"a token output of {tokens} tokens cannot hold the {height}x{width} patch grid of the "
+        "model's patch embedding, nor that grid halved (as a hierarchical transformer's later "
+        "stages hold it); choose a Grad-CAM layer whose tokens lie on such a grid (FeatureVisualizer's "
+        "`gradcam_layer=`)"
+    )
 
 
 def patch_embedding(model: nn.Module) -> str | None:
@@ -204,7 +219,8 @@ def patch_embedding(model: nn.Module) -> str | None:
 
 
 def on_grid(features: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
-    """Channels-first tokens ``[N, K, T]`` on the ``h x w`` patch grid: ``[N, K, h, w]``, the
+    """Channels-first tokens ``[N, K, T]`` on the ``h x w`` patch grid (or the halved grid of a
+    hierarchical transformer's later stage, see :func:`token_grid`): ``[N, K, h, w]``, the
     leading tokens that are not patches (class, register tokens) left out; a 4-D map as it is.
 
     Raises:
@@ -216,5 +232,5 @@ def on_grid(features: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
     """
     if features.dim() == 4:
         return features
-    prefix, _ = token_grid(features.shape[-1], grid)
-    return features[..., prefix:].reshape(*features.shape[:2], int(grid[0]), int(grid[1]))
+    prefix, (height, width) = token_grid(features.shape[-1], grid)
+    return features[..., prefix:].reshape(*features.shape[:2], height, width)

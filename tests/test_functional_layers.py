@@ -22,7 +22,7 @@ from lightning_neurons.hooks import (
     resolve_layers,
     run_layers,
 )
-from lightning_neurons.layouts import module_layouts, on_grid
+from lightning_neurons.layouts import module_layouts, on_grid, token_grid
 from lightning_neurons.visualize.saliency import grad_cam
 
 
@@ -267,6 +267,45 @@ def test_grad_cam_reads_tokens_on_the_patch_grid():
     with pytest.raises(NeuronsError, match="cannot hold the 5x5 patch grid"):
         on_grid(tokens, (5, 5))
     assert count_forward_hooks(vit) == 0
+
+
+class MergingNet(nn.Module):
+    """A hierarchical transformer as Swin's is: 4x4 patches of a 32x32 image (an 8x8 grid of
+    tokens), then patch merging (each 2x2 group of tokens concatenated: a 4x4 grid), raster
+    order; every weight positive, so the brighter an image region, the more its tokens fire."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 4, 4, stride=4)
+        self.merge = nn.Linear(16, 6)
+        self.act = nn.GELU()
+        self.head = nn.Linear(6, 2)
+        for p in self.parameters():
+            nn.init.uniform_(p, 0.1, 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid = self.embed(x)  # [B, 4, 8, 8]
+        b, c = grid.shape[:2]
+        merged = grid.view(b, c, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, 16, 16)
+        tokens = self.act(self.merge(merged))  # [B, 16, 6]: the 4x4 grid's tokens
+        return self.head(tokens.mean(dim=1))
+
+
+def test_grad_cam_reads_a_later_stages_tokens_on_the_halved_grid():
+    assert token_grid(16, (8, 8)) == (0, (4, 4))
+    assert token_grid(1 + 64, (8, 8)) == (1, (8, 8))
+    assert token_grid(9, (5, 6)) == (0, (3, 3))  # sides rounded up, as patch merging pads
+    with pytest.raises(NeuronsError, match="nor that grid halved"):
+        token_grid(17, (8, 8))
+    net = MergingNet().eval()
+    images = torch.zeros(2, 3, 32, 32)
+    images[0, :, :8, :8] = 1.0  # image 0 bright in the top-left token of the 4x4 grid
+    images[1, :, 24:, 8:16] = 1.0  # image 1 in row 3, column 1
+    maps = grad_cam(net, images, target=[0, 0], layer="act")
+    assert maps.shape == (2, 32, 32)
+    cells = maps.view(2, 4, 8, 4, 8).mean(dim=(2, 4)).flatten(1)  # the map on the 4x4 grid
+    assert cells.argmax(dim=1).tolist() == [0, 3 * 4 + 1]
+    assert count_forward_hooks(net) == 0
 
 
 def test_activations_reach_the_tracker_from_yaml():
