@@ -155,7 +155,9 @@ def draw_text(
 
     Example:
         >>> pixels = np.full((20, 80, 3), 255, dtype=np.uint8)
-        >>> draw_text(pixels, 40, 10, "epoch 3")
+        >>> left, top, right, bottom = draw_text(pixels, 40, 10, "epoch 3")  # centred on x = 40
+        >>> bool(left < 40 < right and top < 10 < bottom and (pixels < 255).any())
+        True
     """
     if not text:
         return (x, y, x, y)

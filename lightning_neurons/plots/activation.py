@@ -87,7 +87,7 @@ def class_profile_heatmap(
         The image, ``[H, W, 3]`` uint8, ``W <= 480`` and ``H <= 720``.
 
     Example:
-        >>> image = class_profile_heatmap(tracker.results["conv2"])
+        >>> image = class_profile_heatmap(tracker.results["conv2"])  # doctest: +SKIP
     """
     return class_profile_image(class_profile(stats, max_neurons), class_names)
 

@@ -117,7 +117,7 @@ def neuron_evolution_image(
     colour bar, epoch ticks) drawn once for every layer of the same epochs and classes.
 
     Example:
-        >>> image = neuron_evolution_image(run_neuron_evolution(run)["conv2"])
+        >>> image = neuron_evolution_image(run_neuron_evolution(run)["conv2"])  # doctest: +SKIP
     """
     layout = _NeuronLayout.of(evolution, class_names)
     image = _canvas.cached_frame(layout.key, lambda: _neuron_frame(layout))

@@ -32,7 +32,9 @@ class L2(Term):
         centre: The value images are pulled towards (0.5: mid-grey).
 
     Example:
-        >>> objective = Channel("features.conv2", 3) - 0.1 * L2()
+        >>> from lightning_neurons.visualize import Channel
+        >>> Channel("features.conv2", 3) - 0.1 * L2()
+        Channel('features.conv2', 3) - 0.1 * L2()
     """
 
     def __init__(self, centre: float = 0.5) -> None:
@@ -63,7 +65,9 @@ class TotalVariation(Term):
     """Penalty: mean absolute difference of neighbouring pixels of the display image (subtract it).
 
     Example:
-        >>> objective = Channel("features.conv2", 3) - 0.05 * TotalVariation()
+        >>> from lightning_neurons.visualize import Channel
+        >>> Channel("features.conv2", 3) - 0.05 * TotalVariation()
+        Channel('features.conv2', 3) - 0.05 * TotalVariation()
     """
 
     def __init__(self) -> None:
