@@ -236,6 +236,16 @@ def test_soft_clip_is_the_identity_inside_and_bounded_outside():
     assert bool((y.diff() >= 0).all())  # monotone
     # continuous at the knees (value and slope 1): steps of 0.01 move it by about 0.01
     assert float(y.diff().max()) <= 0.01 + 1e-9
+    # the definition: 2 * knee * sigmoid(2 * (x - knee) / knee) below the knee, mirrored above
+    low = 0.2 * torch.sigmoid(2 * (x - 0.1) / 0.1)
+    high = 1 - 0.2 * torch.sigmoid(2 * (0.9 - x) / 0.1)
+    defined = torch.where(x < 0.1, low, torch.where(x > 0.9, high, x))
+    torch.testing.assert_close(y, defined, atol=1e-15, rtol=0)  # float64 rounding of both
+    x32 = x.float().requires_grad_(True)
+    (grad,) = torch.autograd.grad(soft_clip(x32).sum(), x32)
+    expected = torch.where((x >= 0.1) & (x <= 0.9), 1.0, 4 * low * (1 - low / 0.2) / 0.2)
+    expected = torch.where(x > 0.9, 4 * (1 - high) * (1 - (1 - high) / 0.2) / 0.2, expected)
+    torch.testing.assert_close(grad.double(), expected, atol=1e-6, rtol=0)  # float32 slopes
 
 
 # ---- views, diversity, mask, ClassLogProb --------------------------------------------------------

@@ -180,17 +180,20 @@ def soft_clip(values: torch.Tensor, knee: float = 0.1) -> torch.Tensor:
     """Squash into [0, 1]: the identity on ``[knee, 1 - knee]``, sigmoid-shaped outside.
 
     Unlike a sigmoid around 0.5, a dark background at 0.05 stays dark; unlike a hard clamp, the
-    gradient never vanishes completely.
+    gradient leads back into the band from outside it (in float32 up to about 0.9 beyond it,
+    where ``tanh`` rounds to 1).
 
     Example:
-        >>> soft_clip(torch.tensor([-5.0, 0.5, 5.0])).tolist()  # doctest: +ELLIPSIS
-        [0.0..., 0.5, 0.99...]
+        >>> [round(v, 4) for v in soft_clip(torch.tensor([-5.0, 0.0, 0.5, 0.95, 5.0])).tolist()]
+        [0.0, 0.0238, 0.5, 0.9462, 1.0]
     """
-    # 2 * knee * sigmoid(2 * x / knee) meets the identity with value and slope 1 at the knee.
-    low = 2 * knee * torch.sigmoid(2 * (values - knee) / knee)
-    high = 1 - 2 * knee * torch.sigmoid(2 * (1 - knee - values) / knee)
-    inside = values.clamp(knee, 1 - knee)
-    return torch.where(values < knee, low, torch.where(values > 1 - knee, high, inside))
+    # Below the knee 2 * knee * sigmoid(2 * (x - knee) / knee), which meets the identity with
+    # value and slope 1 there; above 1 - knee the same, mirrored. As 2 * sigmoid(2 z) - 1 =
+    # tanh(z), both are the band's nearest point plus knee * tanh(distance / knee): six
+    # operations for both sides, not fifteen (each a kernel launch at every rendering step on
+    # a GPU, and as many again in the backward pass).
+    nearest = values.clamp(knee, 1 - knee)
+    return nearest + knee * torch.tanh((values - nearest) / knee)
 
 
 def _check_prior(prior: object, c: int, h: int, w: int) -> DataPrior:
