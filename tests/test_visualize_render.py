@@ -169,6 +169,26 @@ def test_standard_chain_keeps_image_size_and_resolve():
         RandomAffine(scale=(1.2, 0.8))
 
 
+@pytest.mark.parametrize("size", [(16, 16), (12, 20)])
+@pytest.mark.parametrize(
+    "angle, translate, scale",
+    [(17.0, (1.5, -2.0), 1.1), (-33.0, (-3.0, 1.0), 0.85), (90.0, (0, 0), 1)],
+)
+def test_the_warp_is_torchvisions_affine(size, angle, translate, scale):
+    from torchvision.transforms.v2 import functional as TF
+
+    from lightning_neurons.visualize.transforms import _warp
+
+    x = torch.rand(3, 2, *size, generator=torch.Generator().manual_seed(0))
+    expected = TF.affine(
+        x, angle=angle, translate=list(translate), scale=scale, shear=[0.0, 0.0],
+        interpolation=TF.InterpolationMode.BILINEAR,
+    )  # fmt: skip
+    # both sample at float32 grid coordinates near 1, each rounded by up to ~1.2e-7 of the half
+    # width (10 px): up to ~1e-6 of a pixel step of values in [0, 1], a few such roundings
+    torch.testing.assert_close(_warp(x, angle, translate, scale), expected, atol=1e-5, rtol=0)
+
+
 def test_random_affine_is_an_exact_shift_without_scale_and_rotation():
     x = torch.rand(3, 1, 10, 10)
     shifted = RandomAffine(shift=3, scale=(1.0, 1.0), degrees=0.0, fill=0.5)(x, _gen(5))

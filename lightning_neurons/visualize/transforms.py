@@ -72,30 +72,45 @@ def _affine(
     return _filled(images, fill, lambda x: _warp(x, angle, translate, scale))
 
 
+#: The output pixels' centres in ``grid_sample``'s units, by image size, device and type.
+_CENTRES: dict[tuple[int, int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _centres(
+    h: int, w: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (``[1, w]``) and ``y`` (``[h, 1]``) of the pixels' centres, ``-1`` and ``1`` at
+    the image's edges (``align_corners=False``); made once for each size, device and type."""
+    key = (h, w, device, dtype)
+    if key not in _CENTRES:
+        xs = torch.linspace((1.0 - w) / w, (w - 1.0) / w, w, device=device, dtype=dtype)
+        ys = torch.linspace((1.0 - h) / h, (h - 1.0) / h, h, device=device, dtype=dtype)
+        _CENTRES[key] = (xs.unsqueeze(0), ys.unsqueeze(1))
+    return _CENTRES[key]
+
+
 def _warp(
     images: torch.Tensor, angle: float, translate: Sequence[float], scale: float
 ) -> torch.Tensor:
     """torchvision's bilinear ``affine`` of ``[N, C, H, W]`` images (no shear, about the centre,
     zeros from outside), its sampling grid computed on the images' device from Python numbers.
     torchvision makes its matrix with ``torch.tensor(..., device=)``: a copy from host memory,
-    which on a GPU waits for everything queued there, at every rendering step."""
+    which on a GPU waits for everything queued there, at every rendering step. The pixels'
+    centres are kept (:func:`_centres`), so a warp is 7 operations and the sampling."""
     if images.dim() == 3:  # one [C, H, W] image, as torchvision takes it too
         return _warp(images.unsqueeze(0), angle, translate, scale)[0]
     h, w = images.shape[-2:]
     rot = math.radians(angle)
     cos, sin = math.cos(rot) / scale, math.sin(rot) / scale
     tx, ty = float(translate[0]), float(translate[1])
-    # the inverse map, output pixel -> input pixel, about the centre: (x, y) -> m @ (x, y, 1)
-    m = (cos, sin, -cos * tx - sin * ty, -sin, cos, sin * tx - cos * ty)
+    # the inverse map, output pixel -> input pixel, about the centre, in pixels:
+    # x' = cos x + sin y - cos tx - sin ty, y' = -sin x + cos y + sin tx - cos ty; in
+    # grid_sample's units (pixels / (w / 2) and / (h / 2)) the terms scale by h / w and w / h
     dtype = images.dtype if images.is_floating_point() else torch.float32
-    xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=images.device, dtype=dtype)
-    ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, h, device=images.device, dtype=dtype)
-    xs, ys = xs.unsqueeze(0), ys.unsqueeze(1)
-    grid = torch.stack(
-        [(xs * m[0] + ys * m[1] + m[2]) / (0.5 * w), (xs * m[3] + ys * m[4] + m[5]) / (0.5 * h)],
-        dim=-1,
-    )
-    grid = grid.unsqueeze(0).expand(images.shape[0], -1, -1, -1)
+    xs, ys = _centres(h, w, images.device, dtype)
+    gx = torch.add(xs * cos, ys, alpha=sin * h / w) + 2.0 * (-cos * tx - sin * ty) / w
+    gy = torch.add(ys * cos, xs, alpha=-sin * w / h) + 2.0 * (sin * tx - cos * ty) / h
+    grid = torch.stack([gx, gy], dim=-1).unsqueeze(0).expand(images.shape[0], -1, -1, -1)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
