@@ -200,8 +200,8 @@ def token_grid(tokens: int, grid: Sequence[int]) -> tuple[int, tuple[int, int]]:
     raise NeuronsError(
         f"a token output of {tokens} tokens cannot hold the {height}x{width} patch grid of the "
         "model's patch embedding, nor that grid halved (as a hierarchical transformer's later "
-        "stages hold it); choose a Grad-CAM layer whose tokens lie on such a grid (FeatureVisualizer's "
-        "`gradcam_layer=`)"
+        "stages hold it); choose a Grad-CAM layer whose tokens lie on such a grid "
+        "(FeatureVisualizer's `gradcam_layer=`)"
     )
 
 
