@@ -58,6 +58,9 @@ def _says_nhwc(module: nn.Module) -> bool | None:
     return str(getattr(fmt, "value", fmt)) == "NHWC"
 
 
+#: Modules that run (or hold, for their parent's ``forward`` to run) their children in order.
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
 #: A ``Permute`` module's ``dims`` -> whether its 4-D output is channels last.
 _PERMUTES = {(0, 2, 3, 1): True, (0, 3, 1, 2): False}
 
@@ -77,10 +80,13 @@ def module_layouts(model: nn.Module) -> dict[str, bool]:
     A module's ``output_fmt`` (timm's convention), or its nearest ancestor's, decides. Without
     one, the layout flows through the modules in the order they are defined (the order
     ``nn.Sequential`` calls them, and most models' ``forward``): a ``Permute`` module sets it, a
-    convolution, batch norm or pooling layer makes it channels first, any other module keeps the
-    layout it was given, and a module with children gives the layout its last child left. So
-    torchvision's Swin stages (after the ``Permute`` of its patch embedding) are channels last,
-    and a ConvNeXt block's output (its ``Permute`` back) channels first.
+    convolution, batch norm or pooling layer makes it channels first, and any other module keeps
+    the layout it was given. An ``nn.Sequential`` gives the layout its last child left; a module
+    with a ``forward`` of its own whose children change the layout is taken to give back the one
+    it was given (its ``forward`` may permute back with ``x.permute``, which no walk sees). So
+    torchvision's Swin stages (after its patch embedding, an ``nn.Sequential`` ending in a
+    ``Permute``) are channels last, and a ConvNeXt block's output (its ``Permute`` back) channels
+    first.
     """
     found: dict[str, bool] = {}
 
@@ -92,6 +98,8 @@ def module_layouts(model: nn.Module) -> dict[str, bool]:
         last = given
         for name, child in module.named_children():
             last = walk(child, f"{prefix}.{name}" if prefix else name, last, declared)
+        if not isinstance(module, _CONTAINERS):  # its own forward: what it returns is unseen
+            last = given
         permuted = _permutes_to(module)
         last = last if permuted is None else permuted
         last = (last if declared is None else declared) and not isinstance(module, _CHANNELS_FIRST)

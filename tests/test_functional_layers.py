@@ -368,20 +368,35 @@ class PermutedNet(nn.Module):
             nn.GELU(),
             permute([0, 3, 1, 2]),
         )
+        self.own = PermuteBack(7)
         self.head = nn.Linear(7, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.block(self.back(self.stage(self.embed(x))))
+        x = self.own(self.block(self.back(self.stage(self.embed(x)))))
         return self.head(x.mean(dim=(2, 3)))
+
+
+class PermuteBack(nn.Module):
+    """A LayerNorm over the channels of ``[B, C, H, W]`` maps: a ``Permute`` module there, and
+    ``x.permute`` in ``forward`` back, which no walk of the modules sees."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.to_last = torchvision.ops.misc.Permute([0, 2, 3, 1])
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.to_last(x)).permute(0, 3, 1, 2)
 
 
 def test_permute_modules_make_their_maps_channels_last():
     net = PermutedNet().eval()
     layouts = module_layouts(net)
     last = {"embed", "embed.1", "stage", "stage.0", "stage.1", "block.1", "block.2", "block.3"}
+    last |= {"own.to_last", "own.norm"}  # `own` itself permutes back in its forward
     assert {name for name, is_last in layouts.items() if is_last} == last
     seen = {}
-    layers = ["embed", "stage.0", "stage", "back", "block.2", "block"]
+    layers = ["embed", "stage.0", "stage", "back", "block.2", "block", "own.norm", "own"]
     with torch.no_grad(), hooked(net, layers, lambda n, t: seen.update({n: t.clone()})):
         net(_images(2, size=16))
     shapes = {name: tuple(seen[name].shape) for name in layers}
@@ -392,9 +407,12 @@ def test_permute_modules_make_their_maps_channels_last():
         "back": (2, 6, 4, 4),
         "block.2": (2, 7, 4, 4),
         "block": (2, 7, 4, 4),
+        "own.norm": (2, 7, 4, 4),
+        "own": (2, 7, 4, 4),
     }
-    # LayerNorm over the channels: every position's 5 values have mean 0 along the view's dim 1
-    torch.testing.assert_close(seen["stage.0"].mean(dim=1), torch.zeros(2, 4, 4), atol=1e-5, rtol=0)
+    # LayerNorm over the channels: every position's values have mean 0 along the view's dim 1
+    for name in ("stage.0", "own.norm", "own"):
+        torch.testing.assert_close(seen[name].mean(dim=1), torch.zeros(2, 4, 4), atol=1e-5, rtol=0)
     torch.testing.assert_close(seen["stage"], seen["back"])  # the stage read as its permute back
     # zeroing a channel of the channels-last Linear zeroes that channel of the block's output
     with torch.no_grad(), hooked(net, ["block.2", "block"], lambda n, t: _zero_channel(n, t, seen)):
