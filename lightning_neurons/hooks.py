@@ -465,6 +465,8 @@ class HookSet:
         """Count a call of layer ``name``; hand a selected one to ``fn`` channels first."""
         if self.lightning_batches and in_analysis():
             return None
+        if _in_backward():  # a checkpointed block's forward recomputed, not another call
+            return None
         index = self._count.get(name, 0)
         self._count[name] = index + 1
         self.calls[name] = max(self.calls.get(name, 0), index + 1)
@@ -485,6 +487,13 @@ class HookSet:
         while self._captures:
             self._captures.pop().leave()
         self._count.clear()
+
+
+def _in_backward() -> bool:
+    """Whether the backward pass is running this code: a forward pass recomputed there is a
+    block's under activation checkpointing (``torch.utils.checkpoint``). Not asked while Dynamo
+    traces (the question would break its graph)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 def run_layers(model: nn.Module, layers: Sequence[str], forward: Callable[[], object]) -> list[str]:

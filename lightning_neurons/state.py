@@ -89,6 +89,9 @@ def untouched(model: nn.Module) -> Iterator[None]:
     ``requires_grad`` and ``.grad`` (the very same tensor objects), the values of all buffers
     (BatchNorm running statistics) and the RNG streams are as they were. A model whose class
     defines no ``forward`` runs its :func:`forward_submodule` when called inside the block.
+    Activation checkpointing is off inside (the :data:`CHECKPOINTING` flags of timm's and Hugging
+    Face's models): a checkpointed block runs its forward again in the backward pass, and the
+    analyses' hooks inside it would not run the same way twice.
 
     Example:
         >>> with untouched(pl_module):
@@ -99,6 +102,7 @@ def untouched(model: nn.Module) -> Iterator[None]:
     global _open_blocks
     borrowed = forward_submodule(model)
     modes = [(m, m.training) for m in model.modules()]
+    checkpointed = _checkpointed(model)
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
@@ -111,10 +115,14 @@ def untouched(model: nn.Module) -> Iterator[None]:
         for p in params:
             p.requires_grad_(False)
             p.grad = None
+        for module, flag in checkpointed:
+            setattr(module, flag, False)
         with preserved_rng(device), torch.inference_mode(False), torch.enable_grad():
             yield
     finally:
         _open_blocks -= 1
+        for module, flag in checkpointed:
+            setattr(module, flag, True)
         if borrowed is not None and "forward" in vars(model):
             del model.forward
         for module, mode in modes:
@@ -123,6 +131,21 @@ def untouched(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
             p.grad = grad
         buffers.restore()
+
+
+#: The attributes that turn activation checkpointing on: timm's (``set_grad_checkpointing()``)
+#: and Hugging Face's (``gradient_checkpointing_enable()``, in training mode only).
+CHECKPOINTING = ("grad_checkpointing", "gradient_checkpointing")
+
+
+def _checkpointed(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """The modules of ``model`` whose :data:`CHECKPOINTING` flag is on, with the flag's name."""
+    return [
+        (module, flag)
+        for module in model.modules()
+        for flag in CHECKPOINTING
+        if vars(module).get(flag) is True
+    ]
 
 
 class _SavedBuffers:

@@ -3,7 +3,8 @@
 torchvision's and timm's classifiers (no weights, 32x32 inputs; timm's and torchvision's vision
 transformers and Swins included), a model written as the tutorials write it (``F.relu`` in
 ``forward``), one with its own ``Swish`` module, a model returning a tuple, one fed dict
-batches, one whose activation module runs twice per forward pass; and, on small models, a
+batches, one whose activation module runs twice per forward pass, timm's ViT trained with
+activation checkpointing; and, on small models, a
 compiled model, Hugging Face style batches and outputs, ``bf16-mixed`` and ``fast_dev_run``. ``trainer.validate`` runs
 every analysis once on two tiny batches; each must produce results, count every validation image
 once in every tracked layer, and leave no hook behind. Rendering is cut to one step, one channel
@@ -172,6 +173,12 @@ def _torchvision_swin() -> nn.Module:  # small; Permute modules make its stages 
     )
 
 
+def _checkpointing_vit() -> nn.Module:  # trained with activation checkpointing
+    vit = _timm("vit_tiny_patch16_224", img_size=SIZE, patch_size=8)
+    vit.set_grad_checkpointing(True)
+    return vit
+
+
 MODELS = {
     "resnet18": lambda: ImageClassifier(_torchvision("resnet18"), CLASSES),
     "vgg11_bn": lambda: ImageClassifier(_torchvision("vgg11_bn"), CLASSES),
@@ -195,6 +202,7 @@ MODELS = {
         _timm("vit_tiny_patch16_224", img_size=SIZE, patch_size=4), CLASSES
     ),
     "timm_swin": lambda: ImageClassifier(_swin(), CLASSES),
+    "timm_vit_checkpointing": lambda: ImageClassifier(_checkpointing_vit(), CLASSES),
 }
 #: Quick enough for every run; the others are marked slow.
 FAST = {"tuple_output", "dict_batches", "shared_activation", "tutorial_functional", "swish"}
@@ -268,6 +276,8 @@ def test_every_analysis_works_with_defaults(tmp_path, name):
     if name == "timm_vit_tiny":  # 12 blocks of [B, 1 + 64, 192] tokens: 192 neurons each
         assert list(tracker.results) == [f"backbone.blocks.{i}" for i in range(12)]
         assert {s.num_neurons for s in tracker.results.values()} == {192}
+    if name == "timm_vit_checkpointing":  # on during training, off during the analyses
+        assert module.backbone.grad_checkpointing
     if name in ("timm_swin", "torchvision_swin"):  # [B, H, W, C] stages: C neurons each
         widths = [s.num_neurons for s in tracker.results.values()]
         assert widths == ([24, 48, 96, 192] if name == "timm_swin" else [8, 16, 32])
