@@ -54,6 +54,7 @@ from lightning_neurons.checks import check_positive_int
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import (
     HookSet,
+    check_gradient,
     get_module,
     selects,
 )
@@ -170,6 +171,8 @@ def _capture(
     def capture(name: str, output: torch.Tensor) -> torch.Tensor:
         if not (x.requires_grad or output.requires_grad) and output.is_floating_point():
             output = output.detach().requires_grad_(True)  # uint8 images: the graph starts here
+        elif x.requires_grad:
+            check_gradient(name, output)
         outputs[name] = output
         # the model may modify our output in place further on (ReLU(inplace=True)): hand it a copy
         return output.clone()

@@ -7,15 +7,24 @@ from __future__ import annotations
 import warnings
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from conftest import FAST_VIS, TinyData, fast_trainer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_neurons import ActivationTracker, FeatureVisualizer, NeuronContribution
+from lightning_neurons import (
+    ActivationTracker,
+    CategoryClustering,
+    FeatureVisualizer,
+    NeuronClustering,
+    NeuronContribution,
+    NeuronsError,
+)
+from lightning_neurons.contribution import contribution_batch
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.models import ImageClassifier
-from lightning_neurons.visualize import Channel, render
+from lightning_neurons.visualize import Channel, grad_cam, gradient, render
 
 
 class CheckpointedNet(nn.Module):
@@ -83,3 +92,154 @@ def test_training_batches_are_counted_once_in_a_checkpointed_block(tmp_path):
     assert set(contribution.results) == {"backbone.block.1"}
     assert "backbone.block.1" in visualizer.results
     assert module.backbone.grad_checkpointing  # given back after every analysis
+
+
+class AlwaysCheckpointedNet(nn.Module):
+    """A model that checkpoints its block in its own ``forward``, behind no flag (``"none"``:
+    the same model without checkpointing; ``"no_grad"``: its block frozen under ``no_grad``)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.block = nn.Sequential(
+            nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU()
+        )
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if self.how == "none":
+            x = self.block(x)
+        elif self.how == "no_grad":
+            with torch.no_grad():
+                x = self.block(x)
+        else:
+            x = checkpoint(self.block, x, use_reentrant=self.how == "reentrant")
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def _every_result(how: str, tmp_path) -> dict[str, torch.Tensor]:
+    """A fit with every analysis on layers inside the block and before it: their results."""
+    layers = ["backbone.stem.1", "backbone.block.1", "backbone.block.3"]
+    quiet = dict(on_error="raise", enable_logging=False)
+    tracker = ActivationTracker(layers=layers, **quiet)
+    visualizer = FeatureVisualizer(layers=layers, **quiet, **FAST_VIS)
+    contribution = NeuronContribution(layers=layers, max_batches=1, max_probes=2, **quiet)
+    callbacks = [
+        tracker,
+        visualizer,
+        CategoryClustering(n_clusters=2, **quiet),
+        NeuronClustering(method="kmeans", n_clusters=2, **quiet),
+        contribution,
+    ]
+    pl.seed_everything(0, verbose=False)
+    module = ImageClassifier(AlwaysCheckpointedNet(how), num_classes=3, lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast_trainer(tmp_path / how, callbacks=callbacks, max_epochs=1).fit(
+            module, datamodule=TinyData()
+        )
+    results = {f"weights.{k}": v for k, v in module.state_dict().items()}
+    for name, stats in tracker.results.items():
+        results[f"tracker.{name}"] = stats.class_means
+    for name, rendered in visualizer.results.items():
+        results[f"images.{name}"] = rendered.images
+    for method, maps in visualizer.saliency_results.maps.items():
+        results[f"saliency.{method}"] = maps
+    for name, found in contribution.results.items():
+        results[f"contribution.{name}"] = found.class_contribution
+    assert count_forward_hooks(module) == 0
+    return results
+
+
+def test_every_analysis_of_a_model_that_checkpoints_in_its_forward_is_as_without(tmp_path):
+    """``checkpoint(self.block, x, use_reentrant=False)`` in ``forward``, no flag to turn off:
+    the hooks' own operations in the block were dropped and missing from the recomputation
+    (``CheckpointError``: "a different number of tensors was saved"); now they are kept, and
+    every result is the one of the same model without checkpointing (the same kernels run in
+    the same order: the recomputation only refills what the backward pass reads)."""
+    plain = _every_result("none", tmp_path)
+    checkpointed = _every_result("non_reentrant", tmp_path)
+    assert set(checkpointed) == set(plain)
+    assert {"images.backbone.block.3", "saliency.gradcam", "contribution.backbone.block.1"} <= set(
+        plain
+    )
+    for key, value in plain.items():
+        torch.testing.assert_close(checkpointed[key], value, msg=key)
+
+
+@pytest.mark.parametrize("how", ["reentrant", "no_grad"])
+def test_a_layer_computed_without_a_graph_gets_a_clear_error(how):
+    """A layer inside ``checkpoint(..., use_reentrant=True)`` or under ``torch.no_grad()`` has
+    no gradient: rendering it, its Grad-CAM and its contributions say so and what would work
+    (torch's "element 0 of tensors does not require grad" before); layers outside still work."""
+    torch.manual_seed(0)
+    net = AlwaysCheckpointedNet(how).eval()
+    x = torch.rand(2, 1, 8, 8)
+    expected = "'block.1' gave an output without a gradient.*use_reentrant=False.*outside"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own: "none of the inputs have requires_grad"
+        with pytest.raises(NeuronsError, match=expected):
+            render(net, [Channel("block.1", 0)], image_shape=(1, 8, 8), steps=2)
+        with pytest.raises(NeuronsError, match=expected):
+            grad_cam(net, x, target=torch.tensor([0, 1]), layer="block.1")
+        with pytest.raises(NeuronsError, match=expected):
+            contribution_batch(net, ["block.1"], x, torch.tensor([0, 1]))
+        # rendering a layer before the block takes its gradient through the block's backward
+        image = render(net, [Channel("stem.1", 0)], image_shape=(1, 8, 8), steps=2).images
+        assert image.isfinite().all()
+        if how == "no_grad":  # (a reentrant checkpoint refuses torch.autograd.grad: its message)
+            assert contribution_batch(net, ["stem.1"], x, torch.tensor([0, 1])).contributions
+    assert count_forward_hooks(net) == 0
+
+
+@pytest.mark.parametrize("how", ["reentrant", "no_grad"])
+def test_feature_visualizer_renders_what_carries_a_gradient(how, tmp_path):
+    """FeatureVisualizer on a model with a block computed without a graph: one warning at set-up
+    names the block's layers (and Grad-CAM's, the last conv, inside it), which are left out; the
+    rest renders (before, the first such layer failed the whole round: nothing was rendered).
+    Under ``no_grad`` the logits have no gradient either: no class images, no saliency."""
+    layers = ["backbone.stem.1", "backbone.block.1", "backbone.block.3"]
+    visualizer = FeatureVisualizer(
+        layers=layers, on_error="raise", enable_logging=False, **FAST_VIS
+    )
+    pl.seed_everything(0, verbose=False)
+    module = ImageClassifier(AlwaysCheckpointedNet(how), num_classes=3, lr=1e-2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fast_trainer(tmp_path, callbacks=[visualizer], max_epochs=1).fit(
+            module, datamodule=TinyData()
+        )
+    said = "\n".join(str(w.message) for w in record)
+    assert "layers ['backbone.block.1', 'backbone.block.3'] without a graph" in said
+    assert not visualizer.failures
+    if how == "reentrant":  # the logits have a gradient: through the block's backward
+        assert set(visualizer.results) == {"backbone.stem.1", "classes"}
+        assert "Grad-CAM's layer 'backbone.block.2'" in said
+        assert set(visualizer.saliency_results.maps) == {"gradient", "smoothgrad"}
+    else:
+        assert "its logits without a graph" in said
+        assert set(visualizer.results) == {"backbone.stem.1"}
+        assert not visualizer.saliency_results or not visualizer.saliency_results.maps
+    assert count_forward_hooks(module) == 0
+
+
+def test_saliency_through_a_reentrant_block_is_as_without_checkpointing():
+    """Gradient saliency and Grad-CAM on a layer before a block checkpointed with
+    ``use_reentrant=True`` take their gradients through the block's backward (torch refuses
+    ``torch.autograd.grad`` there): the maps of the same model without checkpointing (the same
+    kernels, recomputed)."""
+    x, target = torch.rand(2, 1, 8, 8), torch.tensor([0, 2])
+    maps = {}
+    for how in ("none", "reentrant"):
+        torch.manual_seed(0)
+        net = AlwaysCheckpointedNet(how).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's own: "none of the inputs have requires_grad"
+            maps[how] = (gradient(net, x, target), grad_cam(net, x, target, layer="stem.0"))
+        assert count_forward_hooks(net) == 0
+        assert all(p.grad is None for p in net.parameters())
+    for plain, checkpointed in zip(maps["none"], maps["reentrant"], strict=True):
+        assert plain.abs().amax() > 0
+        torch.testing.assert_close(checkpointed, plain)

@@ -27,6 +27,17 @@ from lightning_neurons.state import analysis_mode
 from lightning_neurons.visualize.objectives import LOGITS, Channel, ClassLogit
 from lightning_neurons.visualize.render import check_objectives
 from lightning_neurons.visualize.saliency import METHODS
+from lightning_neurons.visualize.sizing import probe
+
+#: Why a layer's output carries no gradient from the image, and what would give it one.
+_NO_GRAPH = (
+    "the model computes {what} without a graph (under torch.no_grad() or inside "
+    "torch.utils.checkpoint(..., use_reentrant=True)), so no image can climb {whose} gradient"
+)
+_GIVE_GRAPH = (
+    "Checkpoint with use_reentrant=False (or behind a flag such as timm's grad_checkpointing), "
+    "or freeze weights with requires_grad_(False) rather than torch.no_grad(), for them."
+)
 
 
 def is_indices(values: Any) -> bool:
@@ -93,6 +104,7 @@ class VisualizerPlan:
         classes: The classes rendered (empty when the logits cannot be read).
         class_names: The data module's class names, if it has them.
         saliency: Whether saliency maps can be taken (the logits can be read).
+        gradcam: Whether Grad-CAM's layer carries a gradient (checked when one is named).
     """
 
     shape: tuple[int, int, int]
@@ -102,6 +114,7 @@ class VisualizerPlan:
     classes: list[int]
     class_names: list[str] | None
     saliency: bool
+    gradcam: bool = True
 
     def class_name(self, c: int) -> str:
         """Class ``c``'s name, or its index when the data module names none."""
@@ -256,6 +269,7 @@ def make_plan(
     read_logits: Callable[[Callable[[], Any]], Any],
     inputs: torch.Tensor | None = None,
     guess: bool = True,
+    cam_layer: str | None = None,
 ) -> VisualizerPlan:
     """Resolve image shape, input transform, channels and classes; check them with one forward
     pass per kind of objective.
@@ -265,6 +279,8 @@ def make_plan(
     ``input_transform``, the first batch's ``inputs`` pick one (:func:`_read_inputs`): channels
     last, ``uint8`` or normalised images (normalised ones only with ``guess``: the first batch
     may be an augmented training batch, and :func:`later_normalization` reads a validation one).
+    The layers (and Grad-CAM's ``cam_layer``) whose outputs carry no gradient from the image
+    are left out with one warning: no image can climb it.
 
     Raises:
         NeuronsError: For an unknown image size, or a shape, layer, channel or class that does
@@ -286,12 +302,24 @@ def make_plan(
             pl_module, objectives, shape, input_transform=input_transform, output_fn=output_fn
         )
 
-    probe = [Channel(layer, i) for layer in layers for i in channels.get(layer, [])]
-    probe += [Channel(split_call(layer)[0], 0) for layer in layers]
-    shapes = check(probe)  # a wrong image shape, layer or channel raises here
+    wanted = [Channel(layer, i) for layer in layers for i in channels.get(layer, [])]
+    wanted += [Channel(split_call(layer)[0], 0) for layer in layers]
+    wanted += [Channel(cam_layer, 0)] if cam_layer is not None else []
+    # a wrong image shape, layer or channel raises here
+    found = probe(pl_module, wanted, shape, input_transform, output_fn, gradients=True)
     # The layer list becomes the call sites it selects (one per call of a shared module).
-    sites = [n for n in shapes if n != LOGITS and selects(layers, n)]
+    sites = _with_gradient(
+        [n for n in found.shapes if n != LOGITS and selects(layers, n)], found.without_gradient
+    )
     logits = read_logits(lambda: check([ClassLogit(0)])[LOGITS])
+    if logits is not None and LOGITS in found.without_gradient:
+        rank_zero_warn(
+            "FeatureVisualizer: "
+            + _NO_GRAPH.format(what="its logits", whose="their")
+            + ": no class images or saliency maps. "
+            + _GIVE_GRAPH
+        )
+        logits = None
     if logits is not None and classes:  # a class outside the logits raises here
         check([ClassLogit(c) for c in classes])
     if logits is None:
@@ -300,6 +328,14 @@ def make_plan(
         chosen = classes
     else:
         chosen = default_classes(logits[0], max_classes)
+    gradcam = cam_layer is None or cam_layer not in found.without_gradient
+    if not gradcam:
+        rank_zero_warn(
+            "FeatureVisualizer: "
+            + _NO_GRAPH.format(what=f"Grad-CAM's layer {cam_layer!r}", whose="its")
+            + ": no Grad-CAM maps (pass `gradcam_layer=` to choose another layer). "
+            + _GIVE_GRAPH
+        )
     names = data_attr(trainer, "class_names")
     return VisualizerPlan(
         shape=shape,
@@ -307,13 +343,28 @@ def make_plan(
         layers=sites,
         channels={
             layer: channels.get(layer)
-            or list(range(min(shapes[layer][0], max_channels or shapes[layer][0])))
+            or list(range(min(found.shapes[layer][0], max_channels or found.shapes[layer][0])))
             for layer in sites
         },
         classes=chosen,
         class_names=list(names) if names else None,
         saliency=logits is not None,
+        gradcam=gradcam,
     )
+
+
+def _with_gradient(sites: list[str], without: frozenset[str]) -> list[str]:
+    """The layers ``sites`` whose outputs carry a gradient from the image (one warning for the
+    others: their channels cannot be rendered)."""
+    lost = [site for site in sites if site in without]
+    if lost:
+        rank_zero_warn(
+            "FeatureVisualizer: "
+            + _NO_GRAPH.format(what=f"layers {lost}", whose="their")
+            + ": their channels are not rendered. "
+            + _GIVE_GRAPH
+        )
+    return [site for site in sites if site not in without]
 
 
 def layer_widths(model: nn.Module, plan: VisualizerPlan, layers: Sequence[str]) -> dict[str, int]:

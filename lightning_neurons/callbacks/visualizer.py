@@ -63,7 +63,7 @@ from lightning_neurons.stats import LayerStats
 from lightning_neurons.strategies import refuse_sharded, require_forward
 from lightning_neurons.visualize.objectives import Channel
 from lightning_neurons.visualize.prior import DataPrior
-from lightning_neurons.visualize.saliency import METHODS, Method
+from lightning_neurons.visualize.saliency import METHODS, Method, cam_layer
 
 __all__ = ["FeatureVisualizer", "RenderOptions"]
 
@@ -480,6 +480,7 @@ class FeatureVisualizer(StagedCallback):
                 "on flattened images: `input_transform=lightning_neurons.data.Flatten([C, H, W])`, "
                 "which gives both), or leave FeatureVisualizer out for this model."
             )
+        gradcam = "gradcam" in self._methods
         self._plan = make_plan(
             trainer,
             pl_module,
@@ -496,7 +497,10 @@ class FeatureVisualizer(StagedCallback):
             read_logits=lambda fn: self._run_safely(
                 "reading the model's logits (for class images and saliency)", fn
             ),
+            cam_layer=cam_layer(pl_module, self.gradcam_layer) if gradcam else None,
         )
+        if not self._plan.gradcam:
+            self._methods = [m for m in self._methods if m != "gradcam"]
         self.layers = self._plan.layers
         self._guess_later = not guess
         check_display_channels(display_channels_of(trainer), self._plan.shape[0])

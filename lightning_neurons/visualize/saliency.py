@@ -43,7 +43,14 @@ from lightning_neurons.checks import (
 )
 from lightning_neurons.defaults import auxiliary_classifiers, default_cam_layer
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.hooks import OutputSizes, get_module, hooked, leaf_output_sizes
+from lightning_neurons.hooks import (
+    OutputSizes,
+    check_gradient,
+    get_module,
+    hooked,
+    leaf_output_sizes,
+    no_gradient,
+)
 from lightning_neurons.layouts import on_grid, patch_embedding
 from lightning_neurons.state import analysis_mode, model_device
 from lightning_neurons.visualize.param import row_seed
@@ -144,9 +151,11 @@ def _input_gradient(
 ) -> torch.Tensor:
     x = x.detach().clone().requires_grad_(True)
     logits = _logits(model, x, input_transform, output_fn)
-    picked = logits.gather(1, target.view(-1, 1)).sum()
-    (grad,) = torch.autograd.grad(picked, x)
-    return grad
+    # `backward`, not `torch.autograd.grad`: torch refuses the latter through a block checkpointed
+    # with use_reentrant=True; the parameters are frozen, so only `x` gets a gradient
+    logits.gather(1, target.view(-1, 1)).sum().backward()
+    assert x.grad is not None
+    return x.grad
 
 
 def gradient(
@@ -274,6 +283,16 @@ def _noise(samples: int, shape: torch.Size, seed: int, first_index: int) -> torc
     return torch.stack(per_image, dim=1)
 
 
+def cam_layer(model: nn.Module, layer: str | None = None) -> str:
+    """Grad-CAM's layer: ``layer``, or by default the last token block of a transformer
+    (:func:`default_cam_layer`), else the last ``Conv2d``.
+
+    Raises:
+        NeuronsError: For a model without either and no ``layer``.
+    """
+    return layer or default_cam_layer(model) or _last_conv(model)
+
+
 def _last_conv(model: nn.Module) -> str:
     """The last ``Conv2d`` outside the auxiliary classifiers (they run in training mode only)."""
     aux = tuple(f"{name}." for name in auxiliary_classifiers(model))
@@ -320,7 +339,7 @@ def grad_cam(
         NeuronsError: For an unknown layer, a layer without spatial output, or bad targets.
     """
     check_image_batch(images)
-    layer = layer or default_cam_layer(model) or _last_conv(model)
+    layer = cam_layer(model, layer)
     get_module(model, layer)
     patch = patch_embedding(model)  # a token layer's grid is the patch embedding's output's
     watched = [layer] if patch is None or patch == layer else [layer, patch]
@@ -352,8 +371,15 @@ def grad_cam(
                         f"after a patch embedding) that runs in the forward pass; {layer!r} gave "
                         f"{shape}"
                     )
-                picked = logits.gather(1, target[part].view(-1, 1)).sum()
-                (grad,) = torch.autograd.grad(picked, features)
+                check_gradient(layer, features)
+                # `backward`, not `torch.autograd.grad`, which torch refuses through a block
+                # checkpointed with use_reentrant=True (the parameters are frozen: only `x` and
+                # `features` keep a gradient)
+                features.retain_grad()
+                logits.gather(1, target[part].view(-1, 1)).sum().backward()
+                grad = features.grad
+                if grad is None:  # the logits do not depend on it through a graph
+                    raise no_gradient(layer)
                 if tokens:  # [N, K, T] channels-first tokens -> the patch grid
                     grid = captured[patch].shape[-2:]
                     features, grad = on_grid(features, grid), on_grid(grad, grid)

@@ -21,7 +21,7 @@ from torch import nn
 from lightning_neurons.batch import BatchFn, as_model_input, read_logits
 from lightning_neurons.device_copies import DeviceCopies
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.hooks import hooked
+from lightning_neurons.hooks import check_gradient, hooked
 from lightning_neurons.visualize.objectives import IMAGE, LOGITS, BatchedFn, Objective, Term
 
 
@@ -154,6 +154,7 @@ class Scoring:
         self.stop = not scorer.needs_logits
         self.found: dict[int, torch.Tensor] = {}  # the groups' values in this forward pass
         self.seen: set[str] = set()
+        self.grad = False  # this forward pass is asked for the image's gradient
         self.gram_rows = {
             n: DeviceCopies(torch.as_tensor(r, dtype=torch.long))
             for n, r in (gram_layers or {}).items()
@@ -175,6 +176,8 @@ class Scoring:
         if layer in self.seen or layer not in self.scorer.groups:
             return  # a module called twice in one forward counts once; others' layers not at all
         self.seen.add(layer)
+        if self.grad:
+            check_gradient(layer, output)
         self.add(layer, output)
         rows = self.gram_rows.get(layer)
         if rows is not None:
@@ -197,6 +200,7 @@ class Scoring:
         """Run the model on ``x`` (in the model's dtype) and return every row's score ``[R]``
         (``image``: the display image of every row, for objectives on the pixels)."""
         self.reset()
+        self.grad = torch.is_grad_enabled() and x.requires_grad
         if self.scorer.needs_image:
             assert image is not None, "objectives on the pixels need the display images"
             self.add(IMAGE, image)

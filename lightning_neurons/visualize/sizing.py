@@ -58,11 +58,15 @@ class Probe:
             :data:`~lightning_neurons.visualize.objectives.LOGITS` when the output has logits.
         largest: The largest output of any leaf module (elements per image).
         total: The sum of all leaf modules' outputs (elements per image).
+        without_gradient: Asked for (``gradients=True``), the layers read (and ``LOGITS``) whose
+            outputs carry no gradient from the image: the model computes them under
+            ``torch.no_grad()`` or in ``torch.utils.checkpoint(..., use_reentrant=True)``.
     """
 
     shapes: dict[str, tuple[int, ...]]
     largest: int
     total: int
+    without_gradient: frozenset[str] = frozenset()
 
     def spatial(self) -> frozenset[str]:
         """The layers read whose outputs have channels and positions (``[C, ...]``)."""
@@ -162,8 +166,10 @@ def probe(
     image_shape: tuple[int, int, int],
     input_transform: InputTransform | None,
     output_fn: BatchFn | None = None,
+    gradients: bool = False,
 ) -> Probe:
-    """One forward pass of one grey image: checks the objectives against the layers' outputs.
+    """One forward pass of one grey image: checks the objectives against the layers' outputs
+    (with ``gradients``, of an image that requires a gradient: which outputs carry one).
 
     Raises:
         NeuronsError: For an unknown layer, an index outside a layer's output, a layer that did
@@ -171,27 +177,35 @@ def probe(
     """
     layers = _resolve(model, objectives)
     shapes: dict[str, tuple[int, ...]] = {}
+    without: set[str] = set()
 
     def record(name: str, output: torch.Tensor) -> None:
         shapes.setdefault(name, tuple(output.shape[1:]))
+        if gradients and output.is_floating_point() and not output.requires_grad:
+            without.add(name)
 
-    x = torch.full((1, *image_shape), 0.5, device=model_device(model))
+    shape = (1, *image_shape)
     outputs: list[object] = []
 
     def forward() -> None:
+        # made here, in the analysis mode: not an inference tensor (Lightning's validation)
+        x = torch.full(shape, 0.5, device=model_device(model), requires_grad=gradients)
         try:
             outputs.append(model(as_model_input(to_model_input(x, input_transform), model)))
         except RuntimeError as err:
             raise NeuronsError(
-                f"{type(model).__name__} failed on a {tuple(x.shape)} image batch ({err}); "
+                f"{type(model).__name__} failed on a {shape} image batch ({err}); "
                 "check `image_shape` and `input_transform`"
             ) from err
 
-    with analysis_mode(model, grad=False), hooked(model, layers, record):
+    with analysis_mode(model, grad=gradients), hooked(model, layers, record):
         sizes = leaf_output_sizes(model, forward)
     needs_logits = any(t.layer == LOGITS for o in objectives for _, t in o.terms())
     try:
-        shapes[LOGITS] = tuple(read_logits(outputs[0], output_fn).shape[1:])
+        logits = read_logits(outputs[0], output_fn)
+        shapes[LOGITS] = tuple(logits.shape[1:])
+        if gradients and not logits.requires_grad:
+            without.add(LOGITS)
     except NeuronsError:
         if needs_logits:
             raise  # objectives on layers only do not need to read the model's output
@@ -205,4 +219,4 @@ def probe(
                     "forward pass; choose a layer the forward pass uses"
                 )
             term.check(shapes[term.layer])
-    return Probe(shapes=shapes, largest=sizes.largest, total=sizes.total)
+    return Probe(shapes, sizes.largest, sizes.total, frozenset(without))
