@@ -35,8 +35,8 @@ Every function puts the model in eval mode and gives everything back as it was: 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -59,7 +59,7 @@ from lightning_neurons.hooks import (
     selects,
 )
 from lightning_neurons.loaders import limited_batches
-from lightning_neurons.state import analysis_mode, model_device
+from lightning_neurons.state import analysis_mode, frozen_parameters, model_device
 from lightning_neurons.stats import (
     ClassNeuronStats,
     class_means,
@@ -107,11 +107,14 @@ class ContributionBatch:
         contributions: ``{layer: [B, K]}`` contribution of each neuron to the selected logit.
         activations: ``{layer: [B, K]}`` the neurons' activations (conv channels averaged over space).
         logits: ``[B, C]`` the model's logits.
+        without_gradient: With ``without_gradient="skip"``, the call sites left out: their
+            outputs carry no gradient (see :func:`contribution_batch`).
     """
 
     contributions: dict[str, torch.Tensor]
     activations: dict[str, torch.Tensor]
     logits: torch.Tensor
+    without_gradient: list[str] = field(default_factory=list)
 
 
 def contribution_batch(
@@ -121,6 +124,7 @@ def contribution_batch(
     targets: torch.Tensor | None = None,
     *,
     output_fn: BatchFn | None = None,
+    without_gradient: Literal["raise", "skip"] = "raise",
 ) -> ContributionBatch:
     """Contributions of the layers' neurons to one logit per image, in one forward and one backward.
 
@@ -136,6 +140,9 @@ def contribution_batch(
         targets: ``[B]`` class whose logit is explained, per image; default: the predicted class.
         output_fn: Reads the logits from the model's output (see
             :func:`~lightning_neurons.batch.read_logits`).
+        without_gradient: A layer whose output carries no gradient (the model computes it under
+            ``torch.no_grad()`` or inside ``torch.utils.checkpoint(..., use_reentrant=True)``):
+            ``"raise"``, or ``"skip"`` it (named in the result's ``without_gradient``).
 
     Returns:
         A :class:`ContributionBatch` on the model's device, detached, keyed by call site
@@ -145,32 +152,48 @@ def contribution_batch(
         NeuronsError: For unknown layers, bad targets, a layer that is not run, or whose output
             does not depend on the input or is not batch-first.
     """
-    logits, names, acts = _capture(model, layers, x, output_fn)
-    if targets is None:
-        targets = logits.detach().argmax(dim=1)  # in range: nothing to check
-    else:  # checked where they are (NeuronContribution's kept labels: the host, no GPU wait)
-        targets = check_targets(targets, x.shape[0], logits.shape[1]).to(logits.device)
-    selected = logits.gather(1, targets.unsqueeze(1)).sum()
-    grads = torch.autograd.grad(selected, acts, allow_unused=True)
+    with frozen_parameters(model):  # `backward` reaches the layers' outputs (and `x`) only
+        logits, names, acts, lost = _capture(
+            model, layers, x, output_fn, without_gradient == "skip"
+        )
+        if targets is None:
+            targets = logits.detach().argmax(dim=1)  # in range: nothing to check
+        else:  # checked where they are (NeuronContribution's kept labels: the host, no GPU wait)
+            targets = check_targets(targets, x.shape[0], logits.shape[1]).to(logits.device)
+        selected = logits.gather(1, targets.unsqueeze(1)).sum()
+        if acts and not selected.requires_grad:  # no layer's output reaches the logits in a graph
+            if without_gradient == "raise":
+                raise _unreached(names)
+            lost, names, acts = [*lost, *names], [], []
+        grads = _gradients(selected, acts)
     activations = {  # averaged over positions (channels first: see lightning_neurons.layouts)
         name: act.flatten(2).mean(dim=2) if act.dim() > 2 else act
         for name, act in zip(names, (a.detach().float() for a in acts), strict=True)
     }
     contributions = _contributions(names, acts, grads)
-    return ContributionBatch(contributions, activations, logits.detach().float())
+    return ContributionBatch(contributions, activations, logits.detach().float(), lost)
 
 
 def _capture(
-    model: nn.Module, layers: str | Sequence[str], x: torch.Tensor, output_fn: BatchFn | None
-) -> tuple[torch.Tensor, list[str], list[torch.Tensor]]:
+    model: nn.Module,
+    layers: str | Sequence[str],
+    x: torch.Tensor,
+    output_fn: BatchFn | None,
+    skip: bool = False,
+) -> tuple[torch.Tensor, list[str], list[torch.Tensor], list[str]]:
     """One forward pass of ``x`` with the layers' outputs kept on the graph: the logits, the
-    call sites in the order they ran, and their outputs."""
+    call sites in the order they ran, their outputs, and (``skip``) the call sites left out
+    because their outputs carry no gradient (else they raise)."""
     names = _layer_names(model, layers)
     outputs: dict[str, torch.Tensor] = {}
+    lost: list[str] = []
 
-    def capture(name: str, output: torch.Tensor) -> torch.Tensor:
+    def capture(name: str, output: torch.Tensor) -> torch.Tensor | None:
         if not (x.requires_grad or output.requires_grad) and output.is_floating_point():
             output = output.detach().requires_grad_(True)  # uint8 images: the graph starts here
+        elif x.requires_grad and skip and output.is_floating_point() and not output.requires_grad:
+            lost.append(name)
+            return None
         elif x.requires_grad:
             check_gradient(name, output)
         outputs[name] = output
@@ -190,7 +213,7 @@ def _capture(
             f"the model returned {logits.shape[0]} rows of logits for {batch} images"
         )
     for spec in names:
-        if not any(selects([spec], name) for name in outputs):
+        if not any(selects([spec], name) for name in [*outputs, *lost]):
             raise NeuronsError(
                 f"layer {spec!r} was not run by the model's forward; choose a layer on the path to the logits"
             )
@@ -206,7 +229,33 @@ def _capture(
                 f"the output of layer {name!r} does not depend on the input; nothing flows through it"
             )
         acts.append(act)
-    return logits, list(outputs), acts
+    return logits, list(outputs), acts, lost
+
+
+def _gradients(
+    value: torch.Tensor, acts: Sequence[torch.Tensor], retain_graph: bool = False
+) -> list[torch.Tensor | None]:
+    """The gradient of ``value`` at each of ``acts`` (``None``: not on its path), by ``backward``
+    rather than ``torch.autograd.grad``, which torch refuses through a block checkpointed with
+    ``use_reentrant=True``. The parameters are frozen (:func:`~lightning_neurons.state.frozen_parameters`):
+    only ``acts`` and the input get gradients."""
+    if not acts:  # (no layer left: each skipped, none reached by a gradient)
+        return []
+    for act in acts:
+        act.grad = None
+        act.retain_grad()
+    value.backward(retain_graph=retain_graph)
+    return [act.grad for act in acts]
+
+
+def _unreached(names: Sequence[str]) -> NeuronsError:
+    return NeuronsError(
+        f"no gradient reaches layers {list(names)} from the logits: the model computes the layers "
+        "after them under torch.no_grad() or inside torch.utils.checkpoint(..., "
+        "use_reentrant=True), which keeps no graph in the forward pass; checkpoint with "
+        "use_reentrant=False (or behind a flag such as timm's grad_checkpointing), or freeze "
+        "weights with requires_grad_(False) rather than torch.no_grad()"
+    )
 
 
 def _contributions(
@@ -312,7 +361,9 @@ def _logit_contributions(
     the host together, one copy a layer every :data:`HELD_BYTES` (on a GPU a copy to the host
     waits for the device)."""
     batch, count = classes.shape
-    logits, sites, acts = _capture(model, names, x.repeat_interleave(per_backward, 0), output_fn)
+    logits, sites, acts, _ = _capture(model, names, x.repeat_interleave(per_backward, 0), output_fn)
+    if acts and not logits.requires_grad:  # no layer's output reaches the logits in a graph
+        raise _unreached(sites)
     picked = check_targets(classes.flatten(), classes.numel(), logits.shape[1], "classes")
     picked = picked.view(batch, count).to(logits.device)
     rows = torch.arange(batch, device=logits.device).unsqueeze(1) * per_backward  # [B, 1]
@@ -326,7 +377,7 @@ def _logit_contributions(
             (rows + torch.arange(used, device=rows.device)).flatten(), columns.flatten()
         ]
         last = first + per_backward >= count
-        grads = torch.autograd.grad(selected.sum(), acts, allow_unused=True, retain_graph=not last)
+        grads = _gradients(selected.sum(), acts, retain_graph=not last)
         waiting.append(
             {
                 name: c.view(batch, per_backward, -1)[:, :used]  # c: [B * per_backward, K]

@@ -79,6 +79,21 @@ def forward_submodule(model: nn.Module) -> nn.Module | None:
 
 
 @contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """``requires_grad=False`` on every parameter of ``model`` inside the block (given back on
+    exit): a ``backward()`` inside reaches inputs and activations only, never the training's
+    ``.grad`` (a no-op inside :func:`untouched`, where they are frozen already)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+@contextmanager
 def untouched(model: nn.Module) -> Iterator[None]:
     """Run analysis code on ``model`` and put back everything it may change.
 

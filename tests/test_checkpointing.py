@@ -173,25 +173,39 @@ def test_every_analysis_of_a_model_that_checkpoints_in_its_forward_is_as_without
 def test_a_layer_computed_without_a_graph_gets_a_clear_error(how):
     """A layer inside ``checkpoint(..., use_reentrant=True)`` or under ``torch.no_grad()`` has
     no gradient: rendering it, its Grad-CAM and its contributions say so and what would work
-    (torch's "element 0 of tensors does not require grad" before); layers outside still work."""
+    (torch's "element 0 of tensors does not require grad" before); a layer before the block
+    renders, and its contributions are taken through a reentrant block (torch refused
+    ``torch.autograd.grad`` there) or, under ``no_grad``, where no gradient reaches it from the
+    logits, said to be out of reach."""
     torch.manual_seed(0)
     net = AlwaysCheckpointedNet(how).eval()
-    x = torch.rand(2, 1, 8, 8)
+    x, targets = torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
     expected = "'block.1' gave an output without a gradient.*use_reentrant=False.*outside"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's own: "none of the inputs have requires_grad"
         with pytest.raises(NeuronsError, match=expected):
             render(net, [Channel("block.1", 0)], image_shape=(1, 8, 8), steps=2)
         with pytest.raises(NeuronsError, match=expected):
-            grad_cam(net, x, target=torch.tensor([0, 1]), layer="block.1")
+            grad_cam(net, x, target=targets, layer="block.1")
         with pytest.raises(NeuronsError, match=expected):
-            contribution_batch(net, ["block.1"], x, torch.tensor([0, 1]))
+            contribution_batch(net, ["block.1"], x, targets)
+        skipped = contribution_batch(net, ["block.1"], x, targets, without_gradient="skip")
+        assert skipped.without_gradient == ["block.1"] and not skipped.contributions
         # rendering a layer before the block takes its gradient through the block's backward
         image = render(net, [Channel("stem.1", 0)], image_shape=(1, 8, 8), steps=2).images
         assert image.isfinite().all()
-        if how == "no_grad":  # (a reentrant checkpoint refuses torch.autograd.grad: its message)
-            assert contribution_batch(net, ["stem.1"], x, torch.tensor([0, 1])).contributions
+        if how == "reentrant":
+            torch.manual_seed(0)
+            plain = contribution_batch(AlwaysCheckpointedNet("none").eval(), ["stem.1"], x, targets)
+            got = contribution_batch(net, ["stem.1"], x, targets)
+            assert plain.contributions["stem.1"].abs().amax() > 0
+            torch.testing.assert_close(got.contributions, plain.contributions)
+        else:
+            with pytest.raises(NeuronsError, match=r"no gradient reaches layers \['stem.1'\]"):
+                contribution_batch(net, ["stem.1"], x, targets)
     assert count_forward_hooks(net) == 0
+    # the model's own gradients untouched (its parameters train: `backward` went round them)
+    assert all(p.requires_grad and p.grad is None for p in net.parameters())
 
 
 @pytest.mark.parametrize("how", ["reentrant", "no_grad"])
@@ -201,27 +215,36 @@ def test_feature_visualizer_renders_what_carries_a_gradient(how, tmp_path):
     rest renders (before, the first such layer failed the whole round: nothing was rendered).
     Under ``no_grad`` the logits have no gradient either: no class images, no saliency."""
     layers = ["backbone.stem.1", "backbone.block.1", "backbone.block.3"]
-    visualizer = FeatureVisualizer(
-        layers=layers, on_error="raise", enable_logging=False, **FAST_VIS
-    )
+    quiet = dict(layers=layers, on_error="raise", enable_logging=False)
+    visualizer = FeatureVisualizer(**quiet, **FAST_VIS)
+    contribution = NeuronContribution(**quiet, max_batches=1, max_probes=2)
+    tracker = ActivationTracker(layers=layers, enable_logging=False)
     pl.seed_everything(0, verbose=False)
     module = ImageClassifier(AlwaysCheckpointedNet(how), num_classes=3, lr=1e-2)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        fast_trainer(tmp_path, callbacks=[visualizer], max_epochs=1).fit(
+        fast_trainer(tmp_path, callbacks=[tracker, visualizer, contribution], max_epochs=2).fit(
             module, datamodule=TinyData()
         )
-    said = "\n".join(str(w.message) for w in record)
-    assert "layers ['backbone.block.1', 'backbone.block.3'] without a graph" in said
-    assert not visualizer.failures
+    said = [str(w.message) for w in record]
+    lost = "layers ['backbone.block.1', 'backbone.block.3'] without a graph"
+    assert len([m for m in said if m.startswith("FeatureVisualizer") and lost in m]) == 1
+    assert not visualizer.failures and not contribution.failures
+    # NeuronContribution: the layers out of the gradient's reach left out, said once (2 epochs)
+    unreached = [m for m in said if m.startswith("NeuronContribution")]
+    assert len(unreached) == 1
     if how == "reentrant":  # the logits have a gradient: through the block's backward
         assert set(visualizer.results) == {"backbone.stem.1", "classes"}
-        assert "Grad-CAM's layer 'backbone.block.2'" in said
+        assert any("Grad-CAM's layer 'backbone.block.2'" in m for m in said)
         assert set(visualizer.saliency_results.maps) == {"gradient", "smoothgrad"}
+        assert "['backbone.block.1', 'backbone.block.3']" in unreached[0]
+        assert set(contribution.results) == {"backbone.stem.1"}  # through the reentrant block
     else:
-        assert "its logits without a graph" in said
+        assert any("its logits without a graph" in m for m in said)
         assert set(visualizer.results) == {"backbone.stem.1"}
         assert not visualizer.saliency_results or not visualizer.saliency_results.maps
+        assert "['backbone.stem.1', 'backbone.block.1', 'backbone.block.3']" in unreached[0]
+        assert not contribution.results
     assert count_forward_hooks(module) == 0
 
 

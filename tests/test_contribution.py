@@ -132,10 +132,10 @@ def test_contribution_is_activation_times_gradient_through_a_nonlinearity():
 
 
 @pytest.mark.parametrize(
-    ("chunk_size", "rows", "backward"),
+    ("chunk_size", "rows", "backwards"),
     [(3, [3, 3, 1], 15), (14, [14], 3), (20, [14], 3), (35, [35], 1)],
 )
-def test_all_class_chunks_agree_with_one_pass(chunk_size, rows, backward, monkeypatch):
+def test_all_class_chunks_agree_with_one_pass(chunk_size, rows, backwards, monkeypatch):
     """7 images x 5 logits in passes of ``chunk_size`` pairs: as many images as fit go forward
     once, each repeated for as many logits as fit, and that graph serves the backward passes
     (14 pairs: 7 images twice, then logits 0-1, 2-3 and 4)."""
@@ -145,11 +145,13 @@ def test_all_class_chunks_agree_with_one_pass(chunk_size, rows, backward, monkey
     whole = neuron_contributions(model, layers, x, chunk_size=1000)
     seen, passes = [], []
     model.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
-    grad = torch.autograd.grad
-    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: passes.append(1) or grad(*a, **k))
+    backward = torch.Tensor.backward
+    monkeypatch.setattr(
+        torch.Tensor, "backward", lambda *a, **k: passes.append(1) or backward(*a, **k)
+    )
     pieces = neuron_contributions(model, layers, x, chunk_size=chunk_size)
     assert seen[1:] == rows  # (the first forward pass counts the logits)
-    assert len(passes) == backward
+    assert len(passes) == backwards
     per_target = neuron_contributions(model, layers, x, torch.full((7,), 2))
     for layer in layers:  # the same float32 rows, batched differently
         torch.testing.assert_close(whole[layer], pieces[layer], atol=1e-5, rtol=1e-4)

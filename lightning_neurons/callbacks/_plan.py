@@ -329,7 +329,7 @@ def make_plan(
     else:
         chosen = default_classes(logits[0], max_classes)
     gradcam = cam_layer is None or cam_layer not in found.without_gradient
-    if not gradcam:
+    if not gradcam and logits is not None:  # (else: no saliency maps at all, said above)
         rank_zero_warn(
             "FeatureVisualizer: "
             + _NO_GRAPH.format(what=f"Grad-CAM's layer {cam_layer!r}", whose="its")

@@ -88,6 +88,8 @@ def channel_activations(
     :func:`~lightning_neurons.visualize.sizing.auto_batch_size` gives for the model's outputs
     (``together``: either way, whatever the device)."""
     layers = list(rendered)
+    if not layers:  # (every layer left out: none is reached by a gradient)
+        return {}
     images = torch.cat([rendered[layer][0] for layer in layers])
     ends = np.cumsum([len(rendered[layer][0]) for layer in layers]).tolist()
     starts = [0, *ends[:-1]]

@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_neurons import progress
@@ -198,6 +199,8 @@ class NeuronContribution(StagedCallback):
         self._rows = LoaderRows()
         # the first kept image of each class: the probe candidates of this rank
         self._probe_candidates = ProbeCollector(per_class=1, limit=max_probes)
+        self._without_gradient: list[str] = []  # call sites left out: no gradient reaches them
+        self._warned: list[str] = []
 
     # ---- Lightning hooks -----------------------------------------------------------------------
 
@@ -317,6 +320,7 @@ class NeuronContribution(StagedCallback):
             if shared is None:  # no rank kept a batch
                 return
             stats, top_example = shared
+            self._warn_without_gradient()
             for layer in stats:  # call sites of self.layers, in the order they ran
                 results[layer] = ContributionResult(
                     layer=layer,
@@ -335,8 +339,8 @@ class NeuronContribution(StagedCallback):
                     share_prefix=self.share_prefix,
                     output_fn=self._reader.output_fn,
                 )
-            if self.max_probes:
-                probes = self._explain_probes(trainer, pl_module, batches, top_example)
+            if self.max_probes and stats:  # (no layer: none is reached by a gradient)
+                probes = self._explain_probes(trainer, pl_module, list(stats), batches, top_example)
                 for layer, probe in probes.items():
                     results[layer].probes = probe
         self.results = results
@@ -387,8 +391,16 @@ class NeuronContribution(StagedCallback):
         for x, y in batches:
             progress.advance("batch", len(batches))
             out = contribution_batch(  # the labels are checked on the host, then moved
-                pl_module, self.layers, x.to(device), y, output_fn=self._reader.output_fn
+                pl_module,
+                self.layers,
+                x.to(device),
+                y,
+                output_fn=self._reader.output_fn,
+                without_gradient="skip",  # warned about once (every rank skips the same)
             )
+            self._without_gradient += [
+                n for n in out.without_gradient if n not in self._without_gradient
+            ]
             acc.update(out, y)
             for layer, act in out.activations.items():
                 value, row = act.detach().float().max(dim=0)  # kept where it is: read back once
@@ -403,10 +415,25 @@ class NeuronContribution(StagedCallback):
             offset += x.shape[0]
         return {layer: (value.cpu(), index.cpu()) for layer, (value, index) in best.items()}
 
+    def _warn_without_gradient(self) -> None:
+        """One warning for the layers whose outputs carry no gradient, when first met."""
+        new = [n for n in self._without_gradient if n not in self._warned]
+        if new:
+            new.sort(key=lambda n: [selects([spec], n) for spec in self.layers].index(True))
+            self._warned += new
+            rank_zero_warn(
+                f"NeuronContribution: the model computes layers {new} without a graph (under "
+                "torch.no_grad() or inside torch.utils.checkpoint(..., use_reentrant=True)), so "
+                "no gradient reaches them: no contributions of their neurons. Checkpoint with "
+                "use_reentrant=False (or behind a flag such as timm's grad_checkpointing), or "
+                "freeze weights with requires_grad_(False) rather than torch.no_grad(), for them."
+            )
+
     def _explain_probes(
         self,
         trainer: Trainer,
         pl_module: LightningModule,
+        layers: list[str],
         batches: list[Batch],
         top_example: dict[str, torch.Tensor],
     ) -> dict[str, Probes]:
@@ -420,7 +447,7 @@ class NeuronContribution(StagedCallback):
         chosen = shared_probes(self._probe_candidates, "choosing the probe images", by_class=True)
         probes = explain_probes(
             pl_module,
-            self.layers,
+            layers,
             self._reader,
             chosen,
             spec.num_classes,
