@@ -251,7 +251,7 @@ def _gradients(
 def _unreached(names: Sequence[str]) -> NeuronsError:
     return NeuronsError(
         f"no gradient reaches layers {list(names)} from the logits: the model computes the layers "
-        "after them under torch.no_grad() or inside torch.utils.checkpoint(..., "
+        "after them under torch.no_grad(), from a .detach() or inside torch.utils.checkpoint(..., "
         "use_reentrant=True), which keeps no graph in the forward pass; checkpoint with "
         "use_reentrant=False (or behind a flag such as timm's grad_checkpointing), or freeze "
         "weights with requires_grad_(False) rather than torch.no_grad()"

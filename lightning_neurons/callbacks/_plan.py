@@ -31,7 +31,7 @@ from lightning_neurons.visualize.sizing import probe
 
 #: Why a layer's output carries no gradient from the image, and what would give it one.
 _NO_GRAPH = (
-    "the model computes {what} without a graph (under torch.no_grad() or inside "
+    "the model computes {what} without a graph (under torch.no_grad(), from a .detach() or inside "
     "torch.utils.checkpoint(..., use_reentrant=True)), so no image can climb {whose} gradient"
 )
 _GIVE_GRAPH = (

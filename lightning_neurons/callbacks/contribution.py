@@ -422,10 +422,11 @@ class NeuronContribution(StagedCallback):
             new.sort(key=lambda n: [selects([spec], n) for spec in self.layers].index(True))
             self._warned += new
             rank_zero_warn(
-                f"NeuronContribution: the model computes layers {new} without a graph (under "
-                "torch.no_grad() or inside torch.utils.checkpoint(..., use_reentrant=True)), so "
-                "no gradient reaches them: no contributions of their neurons. Checkpoint with "
-                "use_reentrant=False (or behind a flag such as timm's grad_checkpointing), or "
+                f"NeuronContribution: no gradient reaches layers {new} from the logits (the "
+                "model computes them, or the layers after them, under torch.no_grad(), from a "
+                ".detach() or inside torch.utils.checkpoint(..., use_reentrant=True)): no "
+                "contributions of their neurons. Checkpoint with use_reentrant=False (or behind a "
+                "flag such as timm's grad_checkpointing), or "
                 "freeze weights with requires_grad_(False) rather than torch.no_grad(), for them."
             )
 
