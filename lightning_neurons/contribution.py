@@ -237,8 +237,9 @@ def _gradients(
 ) -> list[torch.Tensor | None]:
     """The gradient of ``value`` at each of ``acts`` (``None``: not on its path), by ``backward``
     rather than ``torch.autograd.grad``, which torch refuses through a block checkpointed with
-    ``use_reentrant=True``. The parameters are frozen (:func:`~lightning_neurons.state.frozen_parameters`):
-    only ``acts`` and the input get gradients."""
+    ``use_reentrant=True``. The parameters are frozen
+    (:func:`~lightning_neurons.state.frozen_parameters`): only ``acts`` and the input get
+    gradients."""
     if not acts:  # (no layer left: each skipped, none reached by a gradient)
         return []
     for act in acts:

@@ -527,15 +527,15 @@ def check_gradient(layer: str, output: torch.Tensor) -> None:
 
 def no_gradient(layer: str) -> NeuronsError:
     """The error for layer ``layer``, whose output carries no gradient where one is needed: the
-    model computes it under ``torch.no_grad()`` or inside ``torch.utils.checkpoint(...,
-    use_reentrant=True)`` (whose forward keeps no graph)."""
+    model computes it under ``torch.no_grad()``, from a ``.detach()`` or inside
+    ``torch.utils.checkpoint(..., use_reentrant=True)`` (whose forward keeps no graph)."""
     return NeuronsError(
         f"layer {layer!r} gave an output without a gradient in a forward pass that needs one: "
-        "the model computes it under torch.no_grad(), from a .detach() or inside torch.utils.checkpoint(..., "
-        "use_reentrant=True), which keeps no graph in the forward pass; checkpoint with "
-        "use_reentrant=False (or behind a flag such as timm's grad_checkpointing), freeze "
-        "weights with requires_grad_(False) rather than torch.no_grad(), or choose a layer "
-        "outside that block"
+        "the model computes it under torch.no_grad(), from a .detach() or inside "
+        "torch.utils.checkpoint(..., use_reentrant=True), which keeps no graph in the forward "
+        "pass; checkpoint with use_reentrant=False (or behind a flag such as timm's "
+        "grad_checkpointing), freeze weights with requires_grad_(False) rather than "
+        "torch.no_grad(), or choose a layer outside that block"
     )
 
 
