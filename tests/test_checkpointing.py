@@ -266,3 +266,45 @@ def test_saliency_through_a_reentrant_block_is_as_without_checkpointing():
     for plain, checkpointed in zip(maps["none"], maps["reentrant"], strict=True):
         assert plain.abs().amax() > 0
         torch.testing.assert_close(checkpointed, plain)
+
+
+class DetachedBranchNet(nn.Module):
+    """A stop-gradient side branch, and ``F.relu`` called three times (one call site each)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.branch = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.relu(self.conv1(x))
+        x = x + 0.1 * torch.nn.functional.relu(self.branch(x.detach()))
+        x = torch.nn.functional.relu(self.conv2(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_a_call_site_out_of_the_gradients_reach_is_left_out_alone(tmp_path):
+    """The second of three ``F.relu`` calls is on a detached branch: NeuronContribution leaves
+    that call site out (one warning) and explains its probe images with the other two; the
+    first call's name, ``relu()``, selects every call as a layer list entry (the probes failed on
+    the detached one: the analysis was lost every epoch)."""
+    tracker = ActivationTracker(enable_logging=False)
+    contribution = NeuronContribution(
+        on_error="raise", enable_logging=False, max_batches=1, max_probes=2
+    )
+    pl.seed_everything(0, verbose=False)
+    module = ImageClassifier(DetachedBranchNet(), num_classes=3, lr=1e-2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fast_trainer(tmp_path, callbacks=[tracker, contribution], max_epochs=2).fit(
+            module, datamodule=TinyData()
+        )
+    sites = ["backbone.relu()", "backbone.relu()#1", "backbone.relu()#2"]
+    assert list(tracker.results) == sites
+    said = [str(w.message) for w in record if str(w.message).startswith("NeuronContribution")]
+    assert len(said) == 1 and "layers ['backbone.relu()#1'] from the logits" in said[0]
+    assert list(contribution.results) == [sites[0], sites[2]]
+    for result in contribution.results.values():
+        assert result.probes is not None and result.class_contribution.abs().amax() > 0

@@ -38,7 +38,7 @@ from lightning_neurons.distributed import (
     gather,
     sum_over_ranks,
 )
-from lightning_neurons.hooks import resolve_layers, selects
+from lightning_neurons.hooks import exact_call_site, resolve_layers, selects
 from lightning_neurons.loaders import LoaderRows, analysed_rows
 from lightning_neurons.probes import ProbeCollector, shared_probes
 from lightning_neurons.results import ContributionResult, Probes, TrackerSpec
@@ -340,7 +340,10 @@ class NeuronContribution(StagedCallback):
                     output_fn=self._reader.output_fn,
                 )
             if self.max_probes and stats:  # (no layer: none is reached by a gradient)
-                probes = self._explain_probes(trainer, pl_module, list(stats), batches, top_example)
+                # the call sites a gradient reaches ("relu" would select every call of relu)
+                reached = [exact_call_site(n) for n in stats] if self._without_gradient else None
+                layers = reached or self.layers
+                probes = self._explain_probes(trainer, pl_module, layers, batches, top_example)
                 for layer, probe in probes.items():
                     results[layer].probes = probe
         self.results = results
