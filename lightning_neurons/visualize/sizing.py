@@ -60,7 +60,8 @@ class Probe:
         total: The sum of all leaf modules' outputs (elements per image).
         without_gradient: Asked for (``gradients=True``), the layers read (and ``LOGITS``) whose
             outputs carry no gradient from the image: the model computes them under
-            ``torch.no_grad()`` or in ``torch.utils.checkpoint(..., use_reentrant=True)``.
+            ``torch.no_grad()``, from a ``.detach()`` or in ``torch.utils.checkpoint(...,
+            use_reentrant=True)``.
     """
 
     shapes: dict[str, tuple[int, ...]]
