@@ -53,6 +53,8 @@ from lightning_neurons.batch import (
 from lightning_neurons.checks import check_positive_int
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import (
+    GIVE_GRAPH,
+    NO_GRAPH,
     HookSet,
     check_gradient,
     get_module,
@@ -252,10 +254,7 @@ def _gradients(
 def _unreached(names: Sequence[str]) -> NeuronsError:
     return NeuronsError(
         f"no gradient reaches layers {list(names)} from the logits: the model computes the layers "
-        "after them under torch.no_grad(), from a .detach() or inside torch.utils.checkpoint(..., "
-        "use_reentrant=True), which keeps no graph in the forward pass; checkpoint with "
-        "use_reentrant=False (or behind a flag such as timm's grad_checkpointing), or freeze "
-        "weights with requires_grad_(False) rather than torch.no_grad()"
+        f"after them {NO_GRAPH}, which keeps no graph in the forward pass; {GIVE_GRAPH}"
     )
 
 

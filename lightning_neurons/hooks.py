@@ -525,17 +525,25 @@ def check_gradient(layer: str, output: torch.Tensor) -> None:
         raise no_gradient(layer)
 
 
+#: Where a floating-point output without a graph comes from (in a forward pass with gradients).
+NO_GRAPH = (
+    "under torch.no_grad(), from a .detach() or inside torch.utils.checkpoint(..., "
+    "use_reentrant=True)"
+)
+#: What gives the layers a graph again.
+GIVE_GRAPH = (
+    "checkpoint with use_reentrant=False (or behind a flag such as timm's grad_checkpointing), "
+    "or freeze weights with requires_grad_(False) rather than torch.no_grad()"
+)
+
+
 def no_gradient(layer: str) -> NeuronsError:
-    """The error for layer ``layer``, whose output carries no gradient where one is needed: the
-    model computes it under ``torch.no_grad()``, from a ``.detach()`` or inside
-    ``torch.utils.checkpoint(..., use_reentrant=True)`` (whose forward keeps no graph)."""
+    """The error for layer ``layer``, whose output carries no gradient where one is needed
+    (:data:`NO_GRAPH`)."""
     return NeuronsError(
         f"layer {layer!r} gave an output without a gradient in a forward pass that needs one: "
-        "the model computes it under torch.no_grad(), from a .detach() or inside "
-        "torch.utils.checkpoint(..., use_reentrant=True), which keeps no graph in the forward "
-        "pass; checkpoint with use_reentrant=False (or behind a flag such as timm's "
-        "grad_checkpointing), freeze weights with requires_grad_(False) rather than "
-        "torch.no_grad(), or choose a layer outside that block"
+        f"the model computes it {NO_GRAPH}, which keeps no graph in the forward pass; "
+        f"{GIVE_GRAPH}, or choose a layer outside that block"
     )
 
 

@@ -22,7 +22,7 @@ from lightning_neurons.batch import read_logits as logits_of
 from lightning_neurons.checks import check_image_shape
 from lightning_neurons.data import ByteImages, ChannelsLast, known_normalization
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.hooks import get_module, selects, split_call
+from lightning_neurons.hooks import GIVE_GRAPH, NO_GRAPH, get_module, selects, split_call
 from lightning_neurons.state import analysis_mode
 from lightning_neurons.visualize.objectives import LOGITS, Channel, ClassLogit
 from lightning_neurons.visualize.render import check_objectives
@@ -31,13 +31,10 @@ from lightning_neurons.visualize.sizing import probe
 
 #: Why a layer's output carries no gradient from the image, and what would give it one.
 _NO_GRAPH = (
-    "the model computes {what} without a graph (under torch.no_grad(), from a .detach() or inside "
-    "torch.utils.checkpoint(..., use_reentrant=True)), so no image can climb {whose} gradient"
+    "the model computes {what} without a graph (" + NO_GRAPH + "), so no image can climb "
+    "{whose} gradient"
 )
-_GIVE_GRAPH = (
-    "Checkpoint with use_reentrant=False (or behind a flag such as timm's grad_checkpointing), "
-    "or freeze weights with requires_grad_(False) rather than torch.no_grad(), for them."
-)
+_GIVE_GRAPH = f"To render them, {GIVE_GRAPH}."
 
 
 def is_indices(values: Any) -> bool:

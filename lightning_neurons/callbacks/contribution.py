@@ -38,7 +38,13 @@ from lightning_neurons.distributed import (
     gather,
     sum_over_ranks,
 )
-from lightning_neurons.hooks import exact_call_site, resolve_layers, selects
+from lightning_neurons.hooks import (
+    GIVE_GRAPH,
+    NO_GRAPH,
+    exact_call_site,
+    resolve_layers,
+    selects,
+)
 from lightning_neurons.loaders import LoaderRows, analysed_rows
 from lightning_neurons.probes import ProbeCollector, shared_probes
 from lightning_neurons.results import ContributionResult, Probes, TrackerSpec
@@ -426,11 +432,8 @@ class NeuronContribution(StagedCallback):
             self._warned += new
             rank_zero_warn(
                 f"NeuronContribution: no gradient reaches layers {new} from the logits (the "
-                "model computes them, or the layers after them, under torch.no_grad(), from a "
-                ".detach() or inside torch.utils.checkpoint(..., use_reentrant=True)): no "
-                "contributions of their neurons. Checkpoint with use_reentrant=False (or behind a "
-                "flag such as timm's grad_checkpointing), or "
-                "freeze weights with requires_grad_(False) rather than torch.no_grad(), for them."
+                f"model computes them, or the layers after them, {NO_GRAPH}): no contributions "
+                f"of their neurons. To have them, {GIVE_GRAPH}."
             )
 
     def _explain_probes(
