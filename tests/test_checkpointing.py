@@ -203,6 +203,8 @@ def test_a_layer_computed_without_a_graph_gets_a_clear_error(how):
         else:
             with pytest.raises(NeuronsError, match=r"no gradient reaches layers \['stem.1'\]"):
                 contribution_batch(net, ["stem.1"], x, targets)
+            with pytest.raises(NeuronsError, match="logits carry no gradient.*torch.no_grad()"):
+                gradient(net, x, targets)
     assert count_forward_hooks(net) == 0
     # the model's own gradients untouched (its parameters train: `backward` went round them)
     assert all(p.requires_grad and p.grad is None for p in net.parameters())

@@ -44,6 +44,8 @@ from lightning_neurons.checks import (
 from lightning_neurons.defaults import auxiliary_classifiers, default_cam_layer
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import (
+    GIVE_GRAPH,
+    NO_GRAPH,
     OutputSizes,
     check_gradient,
     get_module,
@@ -151,6 +153,11 @@ def _input_gradient(
 ) -> torch.Tensor:
     x = x.detach().clone().requires_grad_(True)
     logits = _logits(model, x, input_transform, output_fn)
+    if not logits.requires_grad:
+        raise NeuronsError(
+            f"the model's logits carry no gradient from the images: it computes them {NO_GRAPH}, "
+            f"which keeps no graph in the forward pass; {GIVE_GRAPH}"
+        )
     # `backward`, not `torch.autograd.grad`: torch refuses the latter through a block checkpointed
     # with use_reentrant=True; the parameters are frozen, so only `x` gets a gradient
     logits.gather(1, target.view(-1, 1)).sum().backward()
