@@ -29,7 +29,7 @@ import torch
 from scipy.cluster.hierarchy import linkage
 from scipy.spatial.distance import squareform
 
-from lightning_neurons.contribution import ContributionStats
+from lightning_neurons.class_contribution import ContributionStats
 from lightning_neurons.evolution import NeuronEvolution
 from lightning_neurons.stats import LayerStats, dominant_neurons, selectivity_index
 

@@ -31,7 +31,7 @@ import operations  # noqa: E402
 import scale  # noqa: E402
 
 #: Modules whose dataclasses are results (found in the analyses' frames too).
-RESULT_MODULES = ("lightning_neurons.results", "lightning_neurons.stats", "lightning_neurons.contribution")  # fmt: skip
+RESULT_MODULES = ("lightning_neurons.results", "lightning_neurons.stats", "lightning_neurons.contribution", "lightning_neurons.class_contribution")  # fmt: skip
 
 
 def cpu_tensors(obj: Any, seen: dict, results_only: bool = False, visited: set | None = None):

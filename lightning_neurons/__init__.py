@@ -9,7 +9,8 @@ The analyses read one shared :class:`ActivationTracker` (what it tracks and how 
 is its :class:`TrackerSpec`); each callback's ``results`` are the dataclasses of
 :mod:`lightning_neurons.results`. The libraries under them are
 :mod:`lightning_neurons.visualize`, :mod:`lightning_neurons.clustering`,
-:mod:`lightning_neurons.contribution` and :mod:`lightning_neurons.ablation`.
+:mod:`lightning_neurons.contribution`, :mod:`lightning_neurons.class_contribution` and
+:mod:`lightning_neurons.ablation`.
 """
 
 from lightning_neurons.callbacks import (

@@ -28,7 +28,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -42,6 +42,7 @@ from lightning_neurons.functional import (
     is_function_layer,
     split_function_layer,
 )
+from lightning_neurons.gradients import in_backward, kept_saved_tensors
 from lightning_neurons.layouts import (
     check_neurons,
     from_channels_first,
@@ -465,7 +466,7 @@ class HookSet:
         """Count a call of layer ``name``; hand a selected one to ``fn`` channels first."""
         if self.lightning_batches and in_analysis():
             return None
-        if _in_backward():  # a checkpointed block's forward recomputed, not another call
+        if in_backward():  # a checkpointed block's forward recomputed, not another call
             return None
         index = self._count.get(name, 0)
         self._count[name] = index + 1
@@ -474,7 +475,7 @@ class HookSet:
             return None
         layout = layout_of(output, module, channels_last)
         view = to_channels_first(output, layout)
-        with _kept_saved_tensors():
+        with kept_saved_tensors():
             replaced = fn(call_site(name, index), view)
         if replaced is None and view is output:
             return None
@@ -488,63 +489,6 @@ class HookSet:
         while self._captures:
             self._captures.pop().leave()
         self._count.clear()
-
-
-def _in_backward() -> bool:
-    """Whether the backward pass is running this code: a forward pass recomputed there is a
-    block's under activation checkpointing (``torch.utils.checkpoint``). Not asked while Dynamo
-    traces (the question would break its graph)."""
-    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
-
-
-def _kept_saved_tensors() -> AbstractContextManager[object]:
-    """Inside a block checkpointed with ``torch.utils.checkpoint(use_reentrant=False)``: the
-    tensors that a hook's own operations save for the backward pass are kept as they are.
-
-    Checkpointing drops what the block's operations save and recomputes it in the backward pass,
-    where the hooks do nothing (:func:`_in_backward`): the hook's operations would be missing
-    from the recomputation (torch's ``CheckpointError``: "a different number of tensors was
-    saved"). Outside saved-tensor hooks (no checkpoint) nothing changes.
-    """
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return nullcontext()
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    if top is None or top(False) is None:  # no saved-tensor hooks: nothing dropped
-        return nullcontext()
-    return torch.autograd.graph.saved_tensors_hooks(_same, _same)
-
-
-def _same(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
-
-
-def check_gradient(layer: str, output: torch.Tensor) -> None:
-    """Raise :func:`no_gradient` if ``output``, met in a forward pass that is asked for
-    gradients, is a floating-point tensor without a graph."""
-    if not output.requires_grad and output.is_floating_point():
-        raise no_gradient(layer)
-
-
-#: Where a floating-point output without a graph comes from (in a forward pass with gradients).
-NO_GRAPH = (
-    "under torch.no_grad(), from a .detach() or inside torch.utils.checkpoint(..., "
-    "use_reentrant=True)"
-)
-#: What gives the layers a graph again.
-GIVE_GRAPH = (
-    "checkpoint with use_reentrant=False (or behind a flag such as timm's grad_checkpointing), "
-    "or freeze weights with requires_grad_(False) rather than torch.no_grad()"
-)
-
-
-def no_gradient(layer: str) -> NeuronsError:
-    """The error for layer ``layer``, whose output carries no gradient where one is needed
-    (:data:`NO_GRAPH`)."""
-    return NeuronsError(
-        f"layer {layer!r} gave an output without a gradient in a forward pass that needs one: "
-        f"the model computes it {NO_GRAPH}, which keeps no graph in the forward pass; "
-        f"{GIVE_GRAPH}, or choose a layer outside that block"
-    )
 
 
 def run_layers(model: nn.Module, layers: Sequence[str], forward: Callable[[], object]) -> list[str]:

@@ -35,7 +35,7 @@ from torch import nn
 
 from lightning_neurons.ablation import AblationResult
 from lightning_neurons.batch import BatchReader
-from lightning_neurons.contribution import ContributionStats
+from lightning_neurons.class_contribution import ContributionStats
 from lightning_neurons.stats import LayerStats
 
 __all__ = [

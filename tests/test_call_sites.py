@@ -16,7 +16,7 @@ from lightning_neurons import (
     NeuronContribution,
     RenderOptions,
 )
-from lightning_neurons.contribution import class_contributions
+from lightning_neurons.class_contribution import class_contributions
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.models import ImageClassifier
 from lightning_neurons.visualize import Channel, render

@@ -15,13 +15,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_neurons import NeuronsError
 from lightning_neurons.ablation import ablation_effect, ablation_effects, ablation_selectivity
-from lightning_neurons.contribution import (
+from lightning_neurons.class_contribution import (
     ClassContributions,
     class_contributions,
-    contribution_batch,
     domination,
-    neuron_contributions,
 )
+from lightning_neurons.contribution import contribution_batch, neuron_contributions
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.models import SmallCNN
 

@@ -21,7 +21,8 @@ from lightning_neurons.callbacks._contribution_ablation import cluster_sets
 from lightning_neurons.callbacks.contribution import NeuronContribution
 from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
 from lightning_neurons.callbacks.visualizer import FeatureVisualizer
-from lightning_neurons.contribution import class_contributions, neuron_contributions
+from lightning_neurons.class_contribution import class_contributions
+from lightning_neurons.contribution import neuron_contributions
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.loggers import ARTIFACT_DIRNAME, load_index
 from lightning_neurons.models import ImageClassifier

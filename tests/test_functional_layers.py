@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_neurons import ActivationTracker
 from lightning_neurons.ablation import ablation_effect
 from lightning_neurons.activations import ActivationRule
-from lightning_neurons.contribution import class_contributions
+from lightning_neurons.class_contribution import class_contributions
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import (
     count_forward_hooks,

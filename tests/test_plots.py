@@ -17,7 +17,7 @@ from matplotlib.text import Text
 from scipy.cluster.hierarchy import leaves_list, linkage
 from scipy.spatial.distance import pdist
 
-from lightning_neurons.contribution import ContributionStats
+from lightning_neurons.class_contribution import ContributionStats
 from lightning_neurons.plots import _canvas, _text
 from lightning_neurons.plots.activation import class_profile, class_profile_heatmap
 from lightning_neurons.plots.clustering import (

@@ -15,7 +15,7 @@ from lightning_neurons.batch import BatchFn, BatchReader
 from lightning_neurons.callbacks._base import class_names_of, find_callback
 from lightning_neurons.callbacks._contribution_probes import Batch
 from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
-from lightning_neurons.contribution import ContributionStats
+from lightning_neurons.class_contribution import ContributionStats
 from lightning_neurons.distributed import Failed, attempt, broadcast_from_zero, sum_over_ranks
 from lightning_neurons.results import LayerAblation
 

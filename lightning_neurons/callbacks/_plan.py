@@ -22,7 +22,8 @@ from lightning_neurons.batch import read_logits as logits_of
 from lightning_neurons.checks import check_image_shape
 from lightning_neurons.data import ByteImages, ChannelsLast, known_normalization
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.hooks import GIVE_GRAPH, NO_GRAPH, get_module, selects, split_call
+from lightning_neurons.gradients import GIVE_GRAPH, NO_GRAPH
+from lightning_neurons.hooks import get_module, selects, split_call
 from lightning_neurons.state import analysis_mode
 from lightning_neurons.visualize.objectives import LOGITS, Channel, ClassLogit
 from lightning_neurons.visualize.render import check_objectives

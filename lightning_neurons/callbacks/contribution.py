@@ -27,24 +27,16 @@ from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
 from lightning_neurons.callbacks.tracker import ActivationTracker, tracker_spec
 from lightning_neurons.callbacks.visualizer import FeatureVisualizer
 from lightning_neurons.checks import Constraints, Interval, Options, StrList
-from lightning_neurons.contribution import (
-    ClassContributions,
-    ContributionStats,
-    contribution_batch,
-)
+from lightning_neurons.class_contribution import ClassContributions, ContributionStats
+from lightning_neurons.contribution import contribution_batch
 from lightning_neurons.distributed import (
     Failed,
     attempt,
     gather,
     sum_over_ranks,
 )
-from lightning_neurons.hooks import (
-    GIVE_GRAPH,
-    NO_GRAPH,
-    exact_call_site,
-    resolve_layers,
-    selects,
-)
+from lightning_neurons.gradients import GIVE_GRAPH, NO_GRAPH
+from lightning_neurons.hooks import exact_call_site, resolve_layers, selects
 from lightning_neurons.loaders import LoaderRows, analysed_rows
 from lightning_neurons.probes import ProbeCollector, shared_probes
 from lightning_neurons.results import ContributionResult, Probes, TrackerSpec

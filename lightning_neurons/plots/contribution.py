@@ -12,7 +12,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from torch.nn import functional as F
 
-from lightning_neurons.contribution import ContributionStats
+from lightning_neurons.class_contribution import ContributionStats
 from lightning_neurons.plots import _canvas, _text
 from lightning_neurons.plots.images import rgb_channels
 
@@ -42,7 +42,7 @@ def _by_class(best: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
 @dataclass
 class ContributionView:
     """What :func:`contribution_figure` draws of a layer's
-    :class:`~lightning_neurons.contribution.ContributionStats`: the shown neurons' columns, the
+    :class:`~lightning_neurons.class_contribution.ContributionStats`: the shown neurons' columns, the
     rings and the shares (a few MB at 1,000 classes, where the statistics are tens of MB: the
     payload sent to the figure workers).
 
@@ -114,7 +114,7 @@ def contribution_figure(
     full matrices are in the ``.npz``.
 
     Args:
-        stats: A layer's :class:`~lightning_neurons.contribution.ContributionStats`, or its
+        stats: A layer's :class:`~lightning_neurons.class_contribution.ContributionStats`, or its
             :func:`contribution_view` (then ``max_neurons`` is the view's).
         class_names: Tick labels for the classes.
         max_neurons: Show at most this many neurons (those with the largest contribution to any

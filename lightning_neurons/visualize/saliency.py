@@ -43,16 +43,14 @@ from lightning_neurons.checks import (
 )
 from lightning_neurons.defaults import auxiliary_classifiers, default_cam_layer
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.hooks import (
+from lightning_neurons.gradients import (
     GIVE_GRAPH,
     NO_GRAPH,
-    OutputSizes,
     check_gradient,
-    get_module,
-    hooked,
-    leaf_output_sizes,
+    gradients_at,
     no_gradient,
 )
+from lightning_neurons.hooks import OutputSizes, get_module, hooked, leaf_output_sizes
 from lightning_neurons.layouts import on_grid, patch_embedding
 from lightning_neurons.state import analysis_mode, model_device
 from lightning_neurons.visualize.param import row_seed
@@ -158,11 +156,9 @@ def _input_gradient(
             f"the model's logits carry no gradient from the images: it computes them {NO_GRAPH}, "
             f"which keeps no graph in the forward pass; {GIVE_GRAPH}"
         )
-    # `backward`, not `torch.autograd.grad`: torch refuses the latter through a block checkpointed
-    # with use_reentrant=True; the parameters are frozen, so only `x` gets a gradient
-    logits.gather(1, target.view(-1, 1)).sum().backward()
-    assert x.grad is not None
-    return x.grad
+    (grad,) = gradients_at(logits.gather(1, target.view(-1, 1)).sum(), [x])
+    assert grad is not None
+    return grad
 
 
 def gradient(
@@ -379,12 +375,8 @@ def grad_cam(
                         f"{shape}"
                     )
                 check_gradient(layer, features)
-                # `backward`, not `torch.autograd.grad`, which torch refuses through a block
-                # checkpointed with use_reentrant=True (the parameters are frozen: only `x` and
-                # `features` keep a gradient)
-                features.retain_grad()
-                logits.gather(1, target[part].view(-1, 1)).sum().backward()
-                grad = features.grad
+                picked = logits.gather(1, target[part].view(-1, 1)).sum()
+                (grad,) = gradients_at(picked, [features])  # (the parameters are frozen)
                 if grad is None:  # the logits do not depend on it through a graph
                     raise no_gradient(layer)
                 if tokens:  # [N, K, T] channels-first tokens -> the patch grid

@@ -21,7 +21,8 @@ from torch import nn
 from lightning_neurons.batch import BatchFn, as_model_input, read_logits
 from lightning_neurons.device_copies import DeviceCopies
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.hooks import check_gradient, hooked
+from lightning_neurons.gradients import check_gradient
+from lightning_neurons.hooks import hooked
 from lightning_neurons.visualize.objectives import IMAGE, LOGITS, BatchedFn, Objective, Term
 
 

@@ -1,0 +1,114 @@
+"""Gradients the analyses take through the user's model, whatever its forward does with graphs.
+
+Rendering, saliency and contributions differentiate a value (an objective, a logit) with respect
+to the image or a layer's output. Three things in a model's forward can stand in the way:
+
+- **activation checkpointing** (``torch.utils.checkpoint``) runs a block's forward again in the
+  backward pass: the hooks do nothing there (:func:`in_backward`), and what their own operations
+  save is kept out of the block's recomputation (:func:`kept_saved_tensors`);
+- **a reentrant checkpoint** (``use_reentrant=True``) refuses ``torch.autograd.grad``: gradients
+  are taken with ``backward()`` (:func:`gradients_at`);
+- **a layer without a graph** (``torch.no_grad()``, ``.detach()``, inside a reentrant
+  checkpoint) has no gradient to climb: :func:`check_gradient` says so (:data:`NO_GRAPH`) and
+  what would give it one (:data:`GIVE_GRAPH`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+from lightning_neurons.errors import NeuronsError
+
+#: Where a floating-point output without a graph comes from (in a forward pass with gradients).
+NO_GRAPH = (
+    "under torch.no_grad(), from a .detach() or inside torch.utils.checkpoint(..., "
+    "use_reentrant=True)"
+)
+#: What gives the layers a graph again.
+GIVE_GRAPH = (
+    "checkpoint with use_reentrant=False (or behind a flag such as timm's grad_checkpointing), "
+    "or freeze weights with requires_grad_(False) rather than torch.no_grad()"
+)
+
+
+def in_backward() -> bool:
+    """Whether the backward pass is running this code: a forward pass recomputed there is a
+    block's under activation checkpointing (``torch.utils.checkpoint``). Not asked while Dynamo
+    traces (the question would break its graph)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+def kept_saved_tensors() -> AbstractContextManager[object]:
+    """Inside a block checkpointed with ``torch.utils.checkpoint(use_reentrant=False)``: the
+    tensors that a hook's own operations save for the backward pass are kept as they are.
+
+    Checkpointing drops what the block's operations save and recomputes it in the backward pass,
+    where the hooks do nothing (:func:`in_backward`): the hook's operations would be missing
+    from the recomputation (torch's ``CheckpointError``: "a different number of tensors was
+    saved"). Outside saved-tensor hooks (no checkpoint) nothing changes.
+    """
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return nullcontext()
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None or top(False) is None:  # no saved-tensor hooks: nothing dropped
+        return nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(_same, _same)
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def gradients_at(
+    value: torch.Tensor, tensors: Sequence[torch.Tensor], retain_graph: bool = False
+) -> list[torch.Tensor | None]:
+    """The gradient of the scalar ``value`` at each of ``tensors`` (``None``: not on its path).
+
+    By ``backward()`` rather than ``torch.autograd.grad``, which torch refuses through a block
+    checkpointed with ``use_reentrant=True``. ``backward()`` adds to every leaf that requires a
+    gradient: call it with the model's parameters frozen
+    (:func:`~lightning_neurons.state.frozen_parameters`, or inside
+    :func:`~lightning_neurons.state.analysis_mode`).
+
+    Example:
+        >>> x = torch.ones(2, requires_grad=True)
+        >>> y = x * 3
+        >>> gradients_at((y**2).sum(), [y, x])
+        [tensor([6., 6.]), tensor([18., 18.])]
+    """
+    if not tensors:
+        return []
+    for tensor in tensors:
+        tensor.grad = None
+        tensor.retain_grad()
+    value.backward(retain_graph=retain_graph)
+    return [tensor.grad for tensor in tensors]
+
+
+def check_gradient(layer: str, output: torch.Tensor) -> None:
+    """Raise :func:`no_gradient` if ``output``, met in a forward pass that is asked for
+    gradients, is a floating-point tensor without a graph."""
+    if not output.requires_grad and output.is_floating_point():
+        raise no_gradient(layer)
+
+
+def no_gradient(layer: str) -> NeuronsError:
+    """The error for layer ``layer``, whose output carries no gradient where one is needed
+    (:data:`NO_GRAPH`)."""
+    return NeuronsError(
+        f"layer {layer!r} gave an output without a gradient in a forward pass that needs one: "
+        f"the model computes it {NO_GRAPH}, which keeps no graph in the forward pass; "
+        f"{GIVE_GRAPH}, or choose a layer outside that block"
+    )
+
+
+def unreached(what: str) -> NeuronsError:
+    """The error for logits that ``what`` (the images, or layers) gives no gradient: the model
+    computes the logits, or the layers before them, :data:`NO_GRAPH`."""
+    return NeuronsError(
+        f"no gradient reaches {what} from the logits: the model computes the layers after them "
+        f"{NO_GRAPH}, which keeps no graph in the forward pass; {GIVE_GRAPH}"
+    )
