@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -72,21 +73,16 @@ def _affine(
     return _filled(images, fill, lambda x: _warp(x, angle, translate, scale))
 
 
-#: The output pixels' centres in ``grid_sample``'s units, by image size, device and type.
-_CENTRES: dict[tuple[int, int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
+@functools.lru_cache(maxsize=32)
 def _centres(
     h: int, w: int, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` (``[1, w]``) and ``y`` (``[h, 1]``) of the pixels' centres, ``-1`` and ``1`` at
-    the image's edges (``align_corners=False``); made once for each size, device and type."""
-    key = (h, w, device, dtype)
-    if key not in _CENTRES:
-        xs = torch.linspace((1.0 - w) / w, (w - 1.0) / w, w, device=device, dtype=dtype)
-        ys = torch.linspace((1.0 - h) / h, (h - 1.0) / h, h, device=device, dtype=dtype)
-        _CENTRES[key] = (xs.unsqueeze(0), ys.unsqueeze(1))
-    return _CENTRES[key]
+    """``x`` (``[1, w]``) and ``y`` (``[h, 1]``) of the output pixels' centres in
+    ``grid_sample``'s units, ``-1`` and ``1`` at the image's edges (``align_corners=False``);
+    made once for each size, device and type (the last 32 kept)."""
+    xs = torch.linspace((1.0 - w) / w, (w - 1.0) / w, w, device=device, dtype=dtype)
+    ys = torch.linspace((1.0 - h) / h, (h - 1.0) / h, h, device=device, dtype=dtype)
+    return xs.unsqueeze(0), ys.unsqueeze(1)
 
 
 def _warp(
