@@ -124,7 +124,7 @@ def contribution_batch(
         NeuronsError: For unknown layers, bad targets, a layer that is not run, or whose output
             does not depend on the input or is not batch-first.
     """
-    with frozen_parameters(model):  # `backward` reaches the layers' outputs (and `x`) only
+    with frozen_parameters(model):  # a whole `backward()` (reentrant checkpoints) adds to no .grad
         logits, names, acts, lost = _capture(
             model, layers, x, output_fn, without_gradient == "skip"
         )
