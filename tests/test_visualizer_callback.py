@@ -671,14 +671,22 @@ class BrokenJudge(torch.nn.Module):
         raise RuntimeError("out of memory")
 
 
-def test_a_failing_round_warns_and_training_goes_on(tmp_path):
+def test_a_failing_part_warns_the_rest_is_kept_and_training_goes_on(tmp_path):
+    """The judge fails the class images: the channel images and saliency maps are kept and
+    logged, every epoch."""
     vis = FeatureVisualizer(judge=BrokenJudge(), **FAST)
     module = _module()
-    trainer = fast_trainer(tmp_path, callbacks=[vis], logger=False)
-    with pytest.warns(UserWarning, match="feature visualization failed and was skipped"):
+    trainer = fast_trainer(tmp_path, callbacks=[vis])
+    with pytest.warns(UserWarning, match="class images failed and was skipped"):
         trainer.fit(module, datamodule=TinyData())
     assert trainer.current_epoch == 2 and len(vis.failures) == 2
+    assert all(f.startswith("class images: RuntimeError: out of memory") for f in vis.failures)
     assert count_forward_hooks(module) == 0
+    assert vis.results and "classes" not in vis.results and vis.saliency_results is not None
+    events = EventAccumulator(str(trainer.logger.log_dir), size_guidance={"images": 0})
+    images = set(events.Reload().Tags()["images"])
+    assert {"preference/backbone.relu1", "focus/gradient", "focus/gradcam"} <= images
+    assert "preference/classes" not in images
     vis = FeatureVisualizer(judge=BrokenJudge(), on_error="raise", **FAST)
     with pytest.raises(RuntimeError, match="out of memory"):
         fast_trainer(tmp_path, callbacks=[vis], logger=False).fit(_module(), datamodule=TinyData())
@@ -866,8 +874,9 @@ def test_two_process_ddp_a_step_failing_on_one_rank_is_reported_on_both(where, m
     for summary in run_ranks(_failing_round, 2, where, timeout=180):
         (failure,) = summary["failures"]
         assert message in failure
-        # the round's images and maps were not kept, on either rank
-        assert summary["kept"] == (False, False, False)
+        # the failing part's results were not kept, on either rank; the renderings were
+        saliency = where != "saliency"
+        assert summary["kept"] == (saliency, True, False)
 
 
 #: Every FeatureVisualizer option, set to a value other than its default, in a LightningCLI YAML

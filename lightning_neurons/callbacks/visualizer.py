@@ -188,7 +188,9 @@ class FeatureVisualizer(StagedCallback):
         every_n_epochs: Visualize after every n-th epoch.
         enable_logging: Log figures and scalars and write files (``False``: only fill
             :attr:`results`).
-        on_error: ``"warn"``: a failing round is reported and training goes on; ``"raise"``.
+        on_error: ``"warn"``: a failure is reported and training goes on; ``"raise"``. The
+            renderings, the saliency maps, the class images (judged) and the cluster images
+            fail apart: what the others made is kept and logged.
 
     Raises:
         NeuronsError: For bad arguments; at setup for unknown layers; at the first round for
@@ -524,8 +526,12 @@ class FeatureVisualizer(StagedCallback):
         renderer = Renderer(self.render, plan, self._reader, prior, self._memory, *ranks)
         # Every exchange between the ranks first (the clusters, the renderings, then the saliency
         # maps), the work of this rank alone after: a failure there (a rank out of memory, say)
-        # leaves no other rank waiting at a collective it will never join.
-        clusters = self._chosen_clusters(trainer, pl_module)
+        # leaves no other rank waiting at a collective it will never join. Each part is its own
+        # `on_error` unit (a failure in one is reported on every rank that shares it): what the
+        # others made is kept and logged.
+        clusters = self._run_safely(
+            "choosing the neuron clusters", lambda: self._chosen_clusters(trainer, pl_module)
+        )
         classes = self._anchors.objectives(pl_module, plan.classes) if self._anchors else []
         rendered, clustered, class_images = renderer.round(
             pl_module,
@@ -533,36 +539,36 @@ class FeatureVisualizer(StagedCallback):
             clusters.members if clusters is not None else None,
             classes or None,
         )
+        saliency = None  # this round's maps (the last round's without probes; none if failed)
         if self._methods and plan.saliency:  # every rank: each maps its share
-            probes = shared_probes(self._val_images.probes, "gathering the saliency probes")
-            maps = saliency_maps(
-                pl_module,
-                renderer,
-                probes,
-                self._methods,
-                self.gradcam_layer,
-                self.smoothgrad_samples,
-                epoch,
+            saliency = self._run_safely(
+                "saliency maps", functools.partial(self._saliency, pl_module, renderer, epoch)
             )
-            self.saliency_results = maps or self.saliency_results
+            self.saliency_results = saliency or self.saliency_results
         activations = channel_activations(pl_module, plan, rendered, reduction)
         results = {
             layer: channel_rendering(plan, layer, r, activations[layer], n_images, stats, epoch)
             for layer, r in rendered.items()
         }
         if class_images is not None:
-            results["classes"] = class_rendering(
-                pl_module, plan, self._reader, self.judge, class_images, epoch
-            )
-        self.results = results
-        self.cluster_results = {}
+            judge = (pl_module, plan, self._reader, self.judge, class_images, epoch)
+            judged = self._run_safely("class images", functools.partial(class_rendering, *judge))
+            results.update({"classes": judged} if judged is not None else {})
+        self.results, self.cluster_results = results, {}
         if clusters is not None and trainer.is_global_zero:  # NeuronClustering's are on rank zero
-            self.cluster_results = cluster_renderings(
-                clusters, clustered, pl_module, renderer, self.judge, epoch
-            )
+            made = (clusters, clustered, pl_module, renderer, self.judge, epoch)
+            shown = self._run_safely("cluster images", lambda: cluster_renderings(*made))
+            self.cluster_results = shown or {}
         if self.enable_logging:
-            saliency, shown = self.saliency_results, self.cluster_results
-            log_round(trainer, self, plan, results, shown, saliency, self.render)
+            log_round(trainer, self, plan, results, self.cluster_results, saliency, self.render)
+
+    def _saliency(
+        self, pl_module: LightningModule, renderer: Renderer, epoch: int
+    ) -> SaliencyMaps | None:
+        """This round's saliency maps of the shared probes (every rank maps its share)."""
+        probes = shared_probes(self._val_images.probes, "gathering the saliency probes")
+        options = (self._methods, self.gradcam_layer, self.smoothgrad_samples, epoch)
+        return saliency_maps(pl_module, renderer, probes, *options) or self.saliency_results
 
     def _chosen_clusters(
         self, trainer: Trainer, pl_module: LightningModule
