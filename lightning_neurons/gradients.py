@@ -8,9 +8,10 @@ to the image or a layer's output. Three things in a model's forward can stand in
   save is kept out of the block's recomputation (:func:`kept_saved_tensors`);
 - **a reentrant checkpoint** (``use_reentrant=True``) refuses ``torch.autograd.grad``: through
   one, gradients are taken with ``backward()`` (:func:`gradients_at`, :func:`reentrant`);
-- **a layer without a graph** (``torch.no_grad()``, ``.detach()``, inside a reentrant
-  checkpoint) has no gradient to climb: :func:`check_gradient` says so (:data:`NO_GRAPH`) and
-  what would give it one (:data:`GIVE_GRAPH`).
+- **a layer without a graph from the image** (``torch.no_grad()``, inside a reentrant
+  checkpoint, after a ``.detach()``, or not computed from the image) has no gradient to climb:
+  :func:`check_gradient` says so, and why (:data:`NO_GRAPH`), and what would give it one
+  (:data:`GIVE_GRAPH`).
 """
 
 from __future__ import annotations
@@ -22,15 +23,25 @@ import torch
 
 from lightning_neurons.errors import NeuronsError
 
-#: Where a floating-point output without a graph comes from (in a forward pass with gradients).
+#: Where a floating-point output without a gradient from the image comes from (in a forward
+#: pass with gradients, the parameters frozen).
 NO_GRAPH = (
-    "under torch.no_grad(), from a .detach() or inside torch.utils.checkpoint(..., "
-    "use_reentrant=True)"
+    "under torch.no_grad(), inside torch.utils.checkpoint(..., use_reentrant=True), after a "
+    ".detach(), or from parameters and buffers alone"
 )
 #: What gives the layers a graph again.
 GIVE_GRAPH = (
     "checkpoint with use_reentrant=False (or behind a flag such as timm's grad_checkpointing), "
     "or freeze weights with requires_grad_(False) rather than torch.no_grad()"
+)
+#: The causes, told apart by the grad mode where the layer ran: off, then on.
+_GRAD_OFF = (
+    "under torch.no_grad() or inside torch.utils.checkpoint(..., use_reentrant=True), which keep "
+    "no graph in the forward pass; " + GIVE_GRAPH + ", or choose a layer outside that block"
+)
+_NOT_FROM_IMAGE = (
+    "after a .detach(), or from parameters and buffers alone; choose a layer computed from the "
+    "image"
 )
 
 
@@ -117,18 +128,20 @@ def reentrant(value: torch.Tensor) -> bool:
 
 def check_gradient(layer: str, output: torch.Tensor) -> None:
     """Raise :func:`no_gradient` if ``output``, met in a forward pass that is asked for
-    gradients, is a floating-point tensor without a graph."""
+    gradients, is a floating-point tensor without a graph. Called where the layer ran (in a
+    forward hook), where the grad mode tells the causes apart."""
     if not output.requires_grad and output.is_floating_point():
-        raise no_gradient(layer)
+        raise no_gradient(layer, torch.is_grad_enabled())
 
 
-def no_gradient(layer: str) -> NeuronsError:
-    """The error for layer ``layer``, whose output carries no gradient where one is needed
-    (:data:`NO_GRAPH`)."""
+def no_gradient(layer: str, grad_enabled: bool | None = None) -> NeuronsError:
+    """The error for layer ``layer``, whose output carries no gradient from the image where one
+    is needed: computed with the grad mode off (``torch.no_grad()``, a reentrant checkpoint), or
+    on (after a ``.detach()``, or not from the image); ``None``: unknown (:data:`NO_GRAPH`)."""
+    why = {None: f"{NO_GRAPH}; {GIVE_GRAPH}", False: _GRAD_OFF, True: _NOT_FROM_IMAGE}
     return NeuronsError(
-        f"layer {layer!r} gave an output without a gradient in a forward pass that needs one: "
-        f"the model computes it {NO_GRAPH}, which keeps no graph in the forward pass; "
-        f"{GIVE_GRAPH}, or choose a layer outside that block"
+        f"layer {layer!r} gave an output without a gradient from the image in a forward pass "
+        f"that needs one: the model computes it {why[grad_enabled]}"
     )
 
 
@@ -137,5 +150,5 @@ def unreached(what: str) -> NeuronsError:
     computes the logits, or the layers before them, :data:`NO_GRAPH`."""
     return NeuronsError(
         f"no gradient reaches {what} from the logits: the model computes the layers after them "
-        f"{NO_GRAPH}, which keeps no graph in the forward pass; {GIVE_GRAPH}"
+        f"{NO_GRAPH}; {GIVE_GRAPH}"
     )

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lightning_neurons import NeuronsError
 from lightning_neurons.contribution import contribution_batch, neuron_contributions
 from lightning_neurons.gradients import gradients_at, reentrant
 from lightning_neurons.visualize import grad_cam, gradient
@@ -104,3 +105,46 @@ def test_gradients_at_gives_none_off_the_path_on_both_ways():
         grad, unused = gradients_at(value, [x, off])
         torch.testing.assert_close(grad, torch.full((2,), torch.e))
         assert unused is None
+
+
+class PositionalNet(nn.Module):
+    """A ``positions`` layer computed from a buffer alone (as positional embeddings are), added
+    to the image's features; ``hidden`` is the features' block, run under ``torch.no_grad()``
+    when ``frozen``."""
+
+    def __init__(self, frozen: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.positions = nn.Conv2d(2, 4, 1)
+        self.head = nn.Linear(4, 3)
+        self.register_buffer(
+            "grid", torch.stack(torch.meshgrid(*[torch.arange(8.0)] * 2, indexing="ij"))
+        )
+        self.frozen = frozen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            hidden = self.hidden(x)
+        return self.head((hidden + self.positions(self.grid[None])).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize(
+    "analysis",
+    [
+        lambda net, layer: contribution_batch(net, [layer], _images()),
+        lambda net, layer: grad_cam(net, _images(), layer=layer),
+    ],
+    ids=["contribution_batch", "grad_cam"],
+)
+def test_a_layer_without_a_gradient_from_the_image_is_told_why(analysis):
+    """A layer computed from a buffer alone is not said to be under ``torch.no_grad()``; one
+    under ``torch.no_grad()`` is not said to be independent of the image."""
+    with pytest.raises(
+        NeuronsError, match="from parameters and buffers alone; choose a layer"
+    ) as e:
+        analysis(PositionalNet(), "positions")
+    assert "no_grad" not in str(e.value)
+    with pytest.raises(NeuronsError, match=r"under torch.no_grad\(\) or inside") as e:
+        analysis(PositionalNet(frozen=True), "hidden.1")
+    assert "buffers" not in str(e.value)

@@ -32,8 +32,8 @@ from lightning_neurons.visualize.sizing import probe
 
 #: Why a layer's output carries no gradient from the image, and what would give it one.
 _NO_GRAPH = (
-    "the model computes {what} without a graph (" + NO_GRAPH + "), so no image can climb "
-    "{whose} gradient"
+    "the model computes {what} without a graph from the image (" + NO_GRAPH + "), so no image "
+    "can climb {whose} gradient"
 )
 _GIVE_GRAPH = f"To render them, {GIVE_GRAPH}."
 

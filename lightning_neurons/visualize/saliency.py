@@ -46,7 +46,6 @@ from lightning_neurons.errors import NeuronsError
 from lightning_neurons.gradients import (
     GIVE_GRAPH,
     NO_GRAPH,
-    check_gradient,
     gradients_at,
     no_gradient,
 )
@@ -153,8 +152,8 @@ def _input_gradient(
     logits = _logits(model, x, input_transform, output_fn)
     if not logits.requires_grad:
         raise NeuronsError(
-            f"the model's logits carry no gradient from the images: it computes them {NO_GRAPH}, "
-            f"which keeps no graph in the forward pass; {GIVE_GRAPH}"
+            f"the model's logits carry no gradient from the images: it computes them {NO_GRAPH}; "
+            f"{GIVE_GRAPH}"
         )
     (grad,) = gradients_at(logits.gather(1, target.view(-1, 1)).sum(), [x])
     assert grad is not None
@@ -350,8 +349,11 @@ def grad_cam(
     height, width = images.shape[-2:]
     out = []
     captured: dict[str, torch.Tensor] = {}
+    grad_mode: list[bool] = []  # where the layer ran: tells why its output has no graph
 
     def keep(name: str, output: torch.Tensor) -> None:
+        if name not in captured and name == layer:
+            grad_mode[:] = [torch.is_grad_enabled()]
         captured.setdefault(name, output)
 
     with analysis_mode(model):
@@ -374,7 +376,8 @@ def grad_cam(
                         f"after a patch embedding) that runs in the forward pass; {layer!r} gave "
                         f"{shape}"
                     )
-                check_gradient(layer, features)
+                if not features.requires_grad and features.is_floating_point():
+                    raise no_gradient(layer, grad_mode[0])
                 picked = logits.gather(1, target[part].view(-1, 1)).sum()
                 (grad,) = gradients_at(picked, [features])  # (the parameters are frozen)
                 if grad is None:  # the logits do not depend on it through a graph
