@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from lightning_neurons import NeuronsError
 from lightning_neurons.contribution import contribution_batch, neuron_contributions
 from lightning_neurons.gradients import gradients_at, reentrant
-from lightning_neurons.visualize import grad_cam, gradient
+from lightning_neurons.visualize import Channel, grad_cam, gradient, render
 
 
 class _Counted(torch.autograd.Function):
@@ -134,8 +134,9 @@ class PositionalNet(nn.Module):
     [
         lambda net, layer: contribution_batch(net, [layer], _images()),
         lambda net, layer: grad_cam(net, _images(), layer=layer),
+        lambda net, layer: render(net, [Channel(layer, 0)], image_shape=(1, 8, 8), steps=2),
     ],
-    ids=["contribution_batch", "grad_cam"],
+    ids=["contribution_batch", "grad_cam", "render"],
 )
 def test_a_layer_without_a_gradient_from_the_image_is_told_why(analysis):
     """A layer computed from a buffer alone is not said to be under ``torch.no_grad()``; one
