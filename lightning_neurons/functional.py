@@ -18,13 +18,14 @@ that module's, never its parent's.
 function layer enters a :class:`torch.overrides.TorchFunctionMode`, and its forward hook (run
 also when the forward raises) leaves it: the mode sees every torch function call of that forward
 and hands the results of the hooked ones to the analysis, which may replace them (ablation zeroes
-an op's output this way). Pre- and post-hooks on the caller's direct children tell whether a call
-is the caller's own. Nothing stays on the model when the hooks are removed.
+an op's output this way). Pre- and post-hooks on the caller's submodules (all of them: a forward
+may call a grandchild itself) tell whether a call is the caller's own. Nothing stays on the model when the hooks are removed.
 
 **Which calls are default layers.** Finding them needs no data: the code of a module's
 ``forward`` (and of the methods of its class that it refers to) is read for the names of
-:data:`RESPONSE_OPS`; a name that is also a child module's attribute (``self.relu(x)`` calling an
-``nn.ReLU``) is a module call, not a function call. Limits:
+:data:`RESPONSE_OPS` read as functions (``F.relu``, ``torch.relu``, ``x.relu``); a name read
+as a submodule (``self.relu(x)`` calling an ``nn.ReLU``, ``self.backbone.relu(x)``, or ``n.relu(x)``
+when a submodule has that name) is a module call, not a function call. Limits:
 
 * calls through a function stored under another name (``self.act = F.relu``, torch's own
   ``nn.TransformerEncoderLayer``) are not found by that reading; name them in ``layers=`` (they
@@ -37,8 +38,10 @@ is the caller's own. Nothing stays on the model when the hooks are removed.
 
 from __future__ import annotations
 
+import dis
+import functools
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -119,19 +122,10 @@ def _is_library(fn: object) -> bool:
     return getattr(fn, "__module__", "").startswith("torch.")
 
 
-def _code_names(code: types.CodeType, seen: set[types.CodeType]) -> Iterator[str]:
-    if code in seen:
-        return
-    seen.add(code)
-    yield from code.co_names
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            yield from _code_names(const, seen)
-
-
 def called_ops(module: nn.Module, ops: tuple[str, ...] = RESPONSE_OPS) -> list[str]:
     """The ops of ``ops`` whose names the module's ``forward`` (and the methods of its class it
-    refers to) reads, in the order first read; names of child modules are left out.
+    refers to) reads, in the order first read, as functions (:func:`_read_as_function`): names
+    of submodules called (``self.relu(x)``, ``self.backbone.relu(x)``) are left out.
 
     torch's own classes are not read (their activations are modules or known functions).
 
@@ -150,18 +144,78 @@ def called_ops(module: nn.Module, ops: tuple[str, ...] = RESPONSE_OPS) -> list[s
     if forward is None or _is_library(forward) or not hasattr(forward, "__code__"):
         return []
     seen: set[types.CodeType] = set()
-    pending = [forward.__code__]
+    pending = [(forward.__code__, forward.__globals__)]
     found: list[str] = []
     while pending:
-        for name in _code_names(pending.pop(), seen):
+        code, names = pending.pop()
+        if code in seen:
+            continue
+        seen.add(code)
+        for name, chain in _code_reads(code):
             bare = name[:-1] if name.endswith("_") else name
-            if bare in ops and name not in module._modules and bare not in found:
+            if bare in ops and bare not in found and _read_as_function(chain, module, names):
                 found.append(bare)
             method = getattr(cls, name, None)
-            code = getattr(method, "__code__", None)
-            if isinstance(code, types.CodeType) and not _is_library(method) and code not in seen:
-                pending.append(code)
+            code_ = getattr(method, "__code__", None)
+            if isinstance(code_, types.CodeType) and not _is_library(method):
+                pending.append((code_, method.__globals__))
     return found
+
+
+@functools.lru_cache(maxsize=1024)
+def _code_reads(code: types.CodeType) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``(name, chain)`` for every global or attribute name the code (and the code nested in it)
+    reads: ``chain`` is the base's kind and the names read from it, ``("self", "net", "relu")``
+    for ``self.net.relu``, ``("global", "F", "relu")``, ``("local", "relu")`` for ``x.relu``,
+    ``("?", "relu")`` for a base that is not a plain load. Cached: a model's classes are read
+    once (a ResNet's 16 blocks are one class)."""
+    reads: list[tuple[str, tuple[str, ...]]] = []
+    instructions = list(dis.get_instructions(code))
+    for i, ins in enumerate(instructions):
+        if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
+            reads.append((ins.argval, ("global", ins.argval)))
+        elif ins.opname in ("LOAD_ATTR", "LOAD_METHOD"):
+            chain, j = [ins.argval], i - 1
+            while j >= 0 and instructions[j].opname in ("LOAD_ATTR", "LOAD_METHOD"):
+                chain.insert(0, instructions[j].argval)
+                j -= 1
+            reads.append((ins.argval, (*_base(instructions[j] if j >= 0 else None), *chain)))
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            reads.extend(_code_reads(const))
+    return tuple(reads)
+
+
+def _base(ins: dis.Instruction | None) -> list[str]:
+    """What an attribute chain starts from: ``["self"]``, ``["global", name]``, ``["local"]``
+    (another variable, a tensor or a module) or ``["?"]``."""
+    if ins is None or not isinstance(ins.argval, str):
+        return ["?"]
+    if ins.argval == "self" and ins.opname.startswith(("LOAD_FAST", "LOAD_DEREF")):
+        return ["self"]
+    if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
+        return ["global", ins.argval]
+    return ["local"] if ins.opname.startswith(("LOAD_FAST", "LOAD_DEREF")) else ["?"]
+
+
+def _read_as_function(chain: tuple[str, ...], module: nn.Module, names: dict[str, object]) -> bool:
+    """Whether the name at the end of ``chain`` (see :func:`_code_reads`) is read as a function
+    (``F.relu``, ``torch.relu``, ``relu``, ``x.relu``) rather than as a submodule to call
+    (``self.relu``, ``self.backbone.relu``, ``n.relu`` with a submodule of that name)."""
+    kind, path = chain[0], chain[1:]
+    if kind in ("self", "global"):
+        owner: object = module if kind == "self" else names.get(path[0], _MISSING)
+        for attr in path if kind == "self" else path[1:]:
+            owner = getattr(owner, attr, _MISSING)
+        return not isinstance(owner, nn.Module)
+    # a variable's attribute: a tensor's method, unless a submodule has that name
+    name = path[-1]
+    return not any(
+        n.rpartition(".")[2] in (name, name.rstrip("_")) for n, _ in module.named_modules()
+    )
+
+
+_MISSING = object()
 
 
 # ---- capturing the calls while the model runs ------------------------------------------------
@@ -216,9 +270,15 @@ class FunctionCapture:
         handles = []
         for caller, ops in self.wanted.items():
             module = modules[caller]
-            for child in module.children():
-                handles.append(child.register_forward_pre_hook(self._child_starts))
-                handles.append(child.register_forward_hook(self._child_ends, always_call=True))
+            # every submodule, not only the children: a forward may call a grandchild itself
+            # (``self.backbone.layer1(x)``), whose calls are not the caller's own. Prepended: a
+            # submodule that is itself a caller starts its frame after the outer frame is busy.
+            for child in module.modules():
+                if child is not module:
+                    handles.append(
+                        child.register_forward_pre_hook(self._child_starts, prepend=True)
+                    )
+                    handles.append(child.register_forward_hook(self._child_ends, always_call=True))
             handles.append(module.register_forward_pre_hook(self._starter(caller, ops)))
             # prepended: captures added later leave their modes first (modes are a stack)
             handles.append(module.register_forward_hook(self._ends, always_call=True, prepend=True))

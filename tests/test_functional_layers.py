@@ -14,6 +14,7 @@ from lightning_neurons.ablation import ablation_effect
 from lightning_neurons.activations import ActivationRule
 from lightning_neurons.class_contribution import class_contributions
 from lightning_neurons.errors import NeuronsError
+from lightning_neurons.functional import called_ops
 from lightning_neurons.hooks import (
     count_forward_hooks,
     default_layers,
@@ -101,6 +102,59 @@ def test_every_spelling_is_a_call_of_the_op_and_children_keep_their_own():
         )
     relus = ["relu()", *(f"relu()#{i}" for i in range(1, 5))]
     assert sites == [*relus, "act", "gelu()", "inner.relu()", "inner.relu()#1", "inner.relu()#2"]
+
+
+class Wrapper(nn.Module):
+    """A model whose forward runs its backbone's parts itself: a submodule called by name
+    (``b.relu(...)``, ``self.net.relu(...)``) is not a function call; its own ``F.relu`` is, and
+    so is ``torch.nn.functional.relu``; a grandchild's calls (``self.net.layer1(x)``'s ReLUs,
+    ``self.net.block``'s ``F.relu``) are not the wrapper's own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Module()
+        self.net.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.net.relu = nn.ReLU()
+        self.net.layer1 = nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1))
+        self.net.block = TutorialNet(num_classes=4)  # F.relu three times
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.net
+        x = self.net.relu(b.relu(b.conv(x)))  # the module, twice
+        x = F.relu(self.net.layer1(x)) + torch.nn.functional.relu(x)
+        y = self.net.block(F.interpolate(x[:, :3], size=32))
+        return self.head(x.mean(dim=(2, 3)) + y)
+
+
+def test_a_wrapper_calling_its_backbone_s_parts_has_only_its_own_calls():
+    net = Wrapper().eval()
+    assert default_layers(net) == ["net.relu", "net.layer1.1", "net.block.relu()", "relu()"]
+    with torch.no_grad():
+        sites = run_layers(net, ["relu()", "net.block.relu()", "net.relu"], lambda: net(_images(1)))
+    block = ["net.block.relu()", "net.block.relu()#1", "net.block.relu()#2"]
+    assert sites == ["net.relu", "net.relu#1", "relu()", "relu()#1", *block]
+    assert count_forward_hooks(net) == 0 and _no_mode_left()
+
+
+class ModuleCallsOnly(nn.Module):
+    """Calls a grandchild ``relu`` module by name, three ways; ``x.gelu()`` and
+    ``torch.nn.functional.silu`` are function calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Module()
+        self.net.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.net
+        x = n.relu(self.net.relu(x)) + [self.net][0].relu(x)
+        return torch.nn.functional.silu(x.gelu())
+
+
+def test_a_submodule_called_by_name_is_not_a_function_call():
+    assert called_ops(ModuleCallsOnly(), ("relu", "gelu", "silu")) == ["silu", "gelu"]
+    assert default_layers(ModuleCallsOnly()) == ["net.relu", "silu()", "gelu()"]
 
 
 def test_zeroing_a_function_layer_replaces_the_op_result():
