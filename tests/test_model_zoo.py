@@ -173,6 +173,21 @@ def _torchvision_swin() -> nn.Module:  # small; Permute modules make its stages 
     )
 
 
+class BackboneParts(nn.Module):
+    """A forward that runs its backbone's parts itself (a torchvision ResNet-18's), with an
+    ``F.relu`` of its own on the pooled features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _torchvision("resnet18")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.net
+        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+        x = b.layer4(b.layer3(b.layer2(b.layer1(x))))
+        return b.fc(F.relu(torch.flatten(b.avgpool(x), 1)))
+
+
 def _checkpointing_vit() -> nn.Module:  # trained with activation checkpointing
     vit = _timm("vit_tiny_patch16_224", img_size=SIZE, patch_size=8)
     vit.set_grad_checkpointing(True)
@@ -190,6 +205,7 @@ MODELS = {
     "dict_batches": lambda: DictBatchClassifier(TinyNet(3, CLASSES), CLASSES),
     "shared_activation": lambda: ImageClassifier(SharedReLUNet(), CLASSES),
     "tutorial_functional": lambda: ImageClassifier(TutorialNet(), CLASSES),
+    "backbone_parts": lambda: ImageClassifier(BackboneParts(), CLASSES),
     "swish": lambda: ImageClassifier(SwishNet(), CLASSES),
     "torchvision_vit": lambda: ImageClassifier(_torchvision_vit(), CLASSES),
     "torchvision_swin": lambda: ImageClassifier(_torchvision_swin(), CLASSES),
@@ -269,6 +285,9 @@ def test_every_analysis_works_with_defaults(tmp_path, name):
         assert set(tracker.results) == {"backbone.relu", "backbone.relu#1"}
     if name == "tutorial_functional":  # F.relu in forward: three calls, three layers
         assert list(tracker.results) == [f"backbone.relu(){c}" for c in ("", "#1", "#2")]
+    if name == "backbone_parts":  # its own F.relu once; the ResNet's ReLUs are the blocks'
+        blocks = [f"backbone.net.layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+        assert list(tracker.results) == ["backbone.net.relu", *blocks, "backbone.relu()"]
     if name == "swish":
         assert list(tracker.results) == ["backbone.act1", "backbone.act2"]
     if name == "timm_convnext_atto":  # timm's own GELU class: its stages are blocks
