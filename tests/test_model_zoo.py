@@ -3,8 +3,8 @@
 torchvision's and timm's classifiers (no weights, 32x32 inputs; timm's and torchvision's vision
 transformers and Swins included), a model written as the tutorials write it (``F.relu`` in
 ``forward``), one with its own ``Swish`` module, a model returning a tuple, one fed dict
-batches, one whose activation module runs twice per forward pass, timm's ViT trained with
-activation checkpointing; and, on small models, a
+batches, one whose activation module runs twice per forward pass, one whose forward runs its
+backbone's parts itself, timm's ViT trained with activation checkpointing; and, on small models, a
 compiled model, Hugging Face style batches and outputs, ``bf16-mixed`` and ``fast_dev_run``. ``trainer.validate`` runs
 every analysis once on two tiny batches; each must produce results, count every validation image
 once in every tracked layer, and leave no hook behind. Rendering is cut to one step, one channel
