@@ -679,3 +679,47 @@ def test_a_binary_classifier_with_one_logit_gets_every_analysis_but_category_clu
         fast_trainer(tmp_path, callbacks=_all_five()).fit(
             OneLogit(), _binary_loader(), _binary_loader()
         )
+
+
+class BuiltInConfigureModel(ImageClassifier):
+    """Builds its network in ``configure_model`` (Lightning's way for large models), or in
+    ``setup``: both run after the callbacks' ``setup``."""
+
+    def __init__(self, hook: str) -> None:
+        super().__init__(nn.Identity(), num_classes=3, lr=1e-2)
+        self.hook = hook
+
+    def _build(self) -> None:
+        if isinstance(self.backbone, nn.Identity):
+            pl.seed_everything(0, verbose=False)
+            self.backbone = TinyNet()
+
+    def configure_model(self) -> None:
+        if self.hook == "configure_model":
+            self._build()
+
+    def setup(self, stage: str) -> None:
+        if self.hook == "setup":
+            self._build()
+
+
+@pytest.mark.parametrize("hook", ["configure_model", "setup"])
+def test_a_model_built_after_the_callbacks_setup_gets_every_analysis(tmp_path, hook):
+    """The layers are read at the stage's start (before: "could not tell how many classes"
+    at set-up, the model being an ``nn.Identity`` then); the same layers as a model built in
+    ``__init__``, in a fit and in a later ``trainer.validate`` of a new model."""
+    callbacks = _all_five()
+    module = BuiltInConfigureModel(hook)
+    _quiet_fit(
+        fast_trainer(tmp_path, callbacks=callbacks, max_epochs=1), module, datamodule=TinyData()
+    )
+    _assert_every_analysis_produced(callbacks, module)
+    assert callbacks[0].layers == ["backbone.relu1", "backbone.relu2", "backbone.relu()"]
+    assert callbacks[0].num_classes == 3
+    validated = _all_five()
+    trainer = fast_trainer(tmp_path, callbacks=validated, logger=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.validate(BuiltInConfigureModel(hook), datamodule=TinyData(), verbose=False)
+    assert list(validated[0].results) == callbacks[0].layers
+    assert validated[4].results and validated[1].results

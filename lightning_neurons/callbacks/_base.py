@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal, TypeVar, overload
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_neurons import progress
@@ -90,6 +91,12 @@ def find_callback(
             f"under `trainer.callbacks` add `- class_path: lightning_neurons.{name}`."
         )
     return found
+
+
+def builds_later(pl_module: LightningModule) -> bool:
+    """Whether the model may build its layers after the callbacks' ``setup``: in its own
+    ``setup`` or ``configure_model`` hook, as Lightning's large-model guide has it."""
+    return is_overridden("configure_model", pl_module) or is_overridden("setup", pl_module)
 
 
 def _stage_hook(name: str, method: str, stage: Stage) -> Callable[..., None]:
@@ -178,6 +185,7 @@ class AnalysisCallback(Callback):
         # callback's analyses run in other callbacks' hooks (for profilers' per-hook times)
         self._hosted_seconds = 0.0
         self._seconds_elsewhere = 0.0
+        self._set_up_at_start: str | None = None  # the stage whose set-up waits for the model
 
     # ---- the stage-end protocol ----------------------------------------------------------------
 
@@ -186,6 +194,7 @@ class AnalysisCallback(Callback):
         types has finished the stage (their results of this epoch are published)."""
 
     def _begin(self, stage: Stage, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._set_up_late(trainer, pl_module)  # validate / test of a model built later
         self._unfinished.add(stage)
 
     def _end(self, stage: Stage, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -216,6 +225,20 @@ class AnalysisCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self._start_fit()
+        # A model built in its own `setup` or `configure_model` (Lightning calls them after the
+        # callbacks' `setup`) has its layers at the stage's start hook.
+        self._set_up_at_start = stage if builds_later(pl_module) else None
+        if self._set_up_at_start is None:
+            self._set_up(trainer, pl_module, stage)
+
+    def _set_up(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """What the callback learns of the model before the stage (its layers, its classes):
+        in ``setup``, or at the stage's start for a model built later (:func:`builds_later`)."""
+
+    def _set_up_late(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        stage, self._set_up_at_start = self._set_up_at_start, None
+        if stage is not None:
+            self._set_up(trainer, pl_module, stage)
 
     def _start_fit(self) -> None:
         """Forget what the epochs of an earlier fit left for the next ones (histories, the last
@@ -225,6 +248,7 @@ class AnalysisCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._set_up_late(trainer, pl_module)
         if self.enable_logging and trainer.is_global_zero and find_tensorboard(trainer):
             background_figures.warm()
 

@@ -80,8 +80,8 @@ class _ClusteringCallback(StagedCallback):
         self._previous = {}  # the last analysed epoch's labels, for the stability
 
     @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+    def _set_up(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super()._set_up(trainer, pl_module, stage)
         self._spec = tracker_spec(trainer, required=type(self).__name__)
         tracked = self._spec.layers
         if self.layer_patterns is None:

@@ -260,8 +260,8 @@ class CategoryClustering(_ClusteringCallback):
         self._evolution = ClusteringEvolutionLog()
 
     @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+    def _set_up(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super()._set_up(trainer, pl_module, stage)
         if self.spec.num_classes < 3:
             raise NeuronsError(
                 f"CategoryClustering groups the categories by how the neurons respond to them: it "

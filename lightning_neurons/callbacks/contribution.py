@@ -203,8 +203,8 @@ class NeuronContribution(StagedCallback):
     # ---- Lightning hooks -----------------------------------------------------------------------
 
     @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+    def _set_up(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super()._set_up(trainer, pl_module, stage)
         refuse_sharded(trainer, "NeuronContribution")
         require_forward(pl_module, "NeuronContribution")
         spec = self._spec = tracker_spec(trainer, required=type(self).__name__)

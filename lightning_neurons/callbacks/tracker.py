@@ -259,8 +259,8 @@ class ActivationTracker(StagedCallback):
         super().teardown(trainer, pl_module, stage)
 
     @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+    def _set_up(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super()._set_up(trainer, pl_module, stage)
         self.spec = self.describe(pl_module)
         self.layers = list(self.spec.layers)
         self.num_classes = self.spec.num_classes

@@ -329,8 +329,8 @@ class FeatureVisualizer(StagedCallback):
     # ---- Lightning hooks -----------------------------------------------------------------------
 
     @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+    def _set_up(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super()._set_up(trainer, pl_module, stage)
         refuse_sharded(trainer, "FeatureVisualizer")
         require_forward(pl_module, "FeatureVisualizer")
         spec = self._spec = tracker_spec(trainer)
