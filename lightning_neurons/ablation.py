@@ -228,8 +228,14 @@ def ablation_effects(
             width, bad batches, an empty loader or bad arguments.
 
     Example:
-        >>> res = ablation_effects(model, "features.relu3", {"a": [0, 4], "b": [7]}, loader)  # doctest: +SKIP
-        >>> res["a"].accuracy_drop  # doctest: +SKIP
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from lightning_neurons.models import SmallCNN
+        >>> model = SmallCNN(widths=(8, 16, 32)).eval()  # 10 classes; train it first
+        >>> images, labels = torch.rand(40, 1, 16, 16), torch.arange(40) % 10
+        >>> loader = DataLoader(TensorDataset(images, labels), batch_size=20)
+        >>> res = ablation_effects(model, "features.relu3", {"a": [0, 4], "b": [7]}, loader)
+        >>> list(res), res["a"].accuracy_drop.shape  # one drop per class
+        (['a', 'b'], torch.Size([10]))
     """
     reader = BatchReader(input_fn=input_fn, label_fn=label_fn, output_fn=output_fn)
     batches = limited_batches(dataloader, max_batches)
@@ -471,8 +477,14 @@ def ablation_effect(
         NeuronsError: For an unknown layer, out-of-range neuron indices, bad batches.
 
     Example:
-        >>> res = ablation_effect(model, "features.relu3", [3, 17], dm.val_dataloader())  # doctest: +SKIP
-        >>> res.accuracy_drop  # [num_classes]  # doctest: +SKIP
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from lightning_neurons.models import SmallCNN
+        >>> model = SmallCNN(widths=(8, 16, 32)).eval()  # 10 classes; train it first
+        >>> images, labels = torch.rand(40, 1, 16, 16), torch.arange(40) % 10
+        >>> loader = DataLoader(TensorDataset(images, labels), batch_size=20)
+        >>> res = ablation_effect(model, "features.relu3", [3, 17], loader)
+        >>> res.accuracy_drop.shape  # [num_classes]
+        torch.Size([10])
     """
     return ablation_effects(
         model, layer, {"ablated": neurons}, dataloader, max_batches=max_batches, **kwargs

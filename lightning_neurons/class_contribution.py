@@ -131,9 +131,13 @@ class ClassContributions:
         top_k: Dominant neurons per class in the results.
 
     Example:
+        >>> from lightning_neurons.models import SmallCNN
+        >>> model = SmallCNN(widths=(8, 16, 32)).eval()
+        >>> x, y = torch.rand(20, 1, 16, 16), torch.arange(20) % 10
         >>> acc = ClassContributions(num_classes=10)
-        >>> acc.update(contribution_batch(model, ["fc"], x, y), y)  # doctest: +SKIP
-        >>> acc.compute()["fc"].class_contribution.shape  # doctest: +SKIP
+        >>> acc.update(contribution_batch(model, ["features.relu3"], x, y), y)
+        >>> acc.compute()["features.relu3"].class_contribution.shape  # [classes, neurons]
+        torch.Size([10, 32])
     """
 
     def __init__(self, num_classes: int, top_k: int = 5) -> None:
@@ -264,8 +268,14 @@ def class_contributions(
         NeuronsError: For unknown layers, bad batches or labels, an empty loader, bad arguments.
 
     Example:
-        >>> stats = class_contributions(model, ["features.relu3"], dm.val_dataloader())  # doctest: +SKIP
-        >>> stats["features.relu3"].domination  # doctest: +SKIP
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from lightning_neurons.models import SmallCNN
+        >>> model = SmallCNN(widths=(8, 16, 32)).eval()  # 10 classes; train it first
+        >>> images, labels = torch.rand(40, 1, 16, 16), torch.arange(40) % 10
+        >>> loader = DataLoader(TensorDataset(images, labels), batch_size=20)
+        >>> stats = class_contributions(model, ["features.relu3"], loader)
+        >>> stats["features.relu3"].domination.shape  # one value per class
+        torch.Size([10])
     """
     names = layer_list(model, layers)
     reader = BatchReader(input_fn=input_fn, label_fn=label_fn, output_fn=output_fn)

@@ -10,9 +10,12 @@ list by number of points, then by name, whatever the file's order; an older epoc
 with its folder's files and the "Load" button).
 
 Example:
-    >>> crops = top_activating_crops(model, ["features.relu3"], images)  # doctest: +SKIP
-    >>> crops["features.relu3"].shape  # doctest: +SKIP
-    torch.Size([128, 1, 32, 32])
+    >>> from lightning_neurons.models import SmallCNN
+    >>> model = SmallCNN(widths=(8, 16, 32)).eval()  # trained, in practice
+    >>> batches = [torch.rand(16, 1, 28, 28)]  # the validation images
+    >>> crops = top_activating_crops(model, ["features.relu3"], batches)
+    >>> crops["features.relu3"].shape  # a crop per neuron, on 32 px tiles
+    torch.Size([32, 1, 32, 32])
 """
 
 from __future__ import annotations
