@@ -1,4 +1,5 @@
-"""Prints the table of default layers in docs/layers_models.md (random weights, 32x32 inputs).
+"""Prints the tables of default layers in docs/layers_models.md, of timm's and of torchvision's
+models (random weights, 32x32 inputs, 64x64 where the model needs them).
 
 PYTHONPATH=. python docs/layers_models_table.py
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import timm
 import torch
+import torchvision
 
 from lightning_neurons.defaults import default_cam_layer
 from lightning_neurons.hooks import default_layers, hooked
@@ -22,6 +24,23 @@ MODELS = {
 }
 
 
+#: torchvision models: ``(options, input size)``.
+TORCHVISION = {
+    "resnet18": ({}, 32),
+    "vgg11_bn": ({}, 32),
+    "densenet121": ({}, 32),
+    "googlenet": ({"aux_logits": False, "init_weights": False}, 32),
+    "mobilenet_v3_small": ({}, 32),
+    "efficientnet_b0": ({}, 32),
+    "shufflenet_v2_x0_5": ({}, 32),
+    "regnet_y_400mf": ({}, 32),
+    "squeezenet1_1": ({}, 64),
+    "convnext_tiny": ({}, 32),
+    "swin_t": ({}, 32),
+    "vit_b_16": ({"image_size": 32}, 32),
+}
+
+
 def _short(layers: list[str]) -> str:
     if len(layers) <= 6:
         return ", ".join(f"`{n}`" for n in layers)
@@ -29,23 +48,31 @@ def _short(layers: list[str]) -> str:
     return f"{head}, ... ({len(layers) - 5} more), `{layers[-2]}`, `{layers[-1]}`"
 
 
-def _last_shape(model: torch.nn.Module, layer: str) -> tuple[int, ...]:
+def _last_shape(model: torch.nn.Module, layer: str, size: int = 32) -> tuple[int, ...]:
     shapes: list[tuple[int, ...]] = []
     with torch.no_grad(), hooked(model, [layer], lambda n, t: shapes.append(tuple(t.shape))):
-        model(torch.rand(1, 3, 32, 32))
+        model(torch.rand(1, 3, size, size))
     return shapes[0]
 
 
+def _row(name: str, model: torch.nn.Module, size: int = 32) -> str:
+    layers = default_layers(model)
+    shape = _last_shape(model, layers[-1], size)
+    cam = default_cam_layer(model) or "last Conv2d"
+    described = f"[B, {', '.join(map(str, shape[1:]))}] (channels first)"
+    return f"| `{name}` | {_short(layers)} | {len(layers)} | {described} | `{cam}` |"
+
+
 def main() -> None:
-    print("| timm model | default layers | count | last layer's output | Grad-CAM layer |")
-    print("|---|---|---|---|---|")
+    columns = "| default layers | count | last layer's output | Grad-CAM layer |"
+    print(f"| timm model {columns}\n|---|---|---|---|---|")
     for name, options in MODELS.items():
         model = timm.create_model(name, pretrained=False, num_classes=10, **options).eval()
-        layers = default_layers(model)
-        shape = _last_shape(model, layers[-1])
-        cam = default_cam_layer(model) or "last Conv2d"
-        described = f"[B, {', '.join(map(str, shape[1:]))}] (channels first)"
-        print(f"| `{name}` | {_short(layers)} | {len(layers)} | {described} | `{cam}` |")
+        print(_row(name, model))
+    print(f"\n| torchvision model {columns}\n|---|---|---|---|---|")
+    for name, (options, size) in TORCHVISION.items():
+        model = torchvision.models.get_model(name, weights=None, num_classes=10, **options)
+        print(_row(name, model.eval(), size))
 
 
 if __name__ == "__main__":
