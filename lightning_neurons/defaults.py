@@ -122,7 +122,7 @@ def default_layers(
     So a ResNet gives its stem ReLU and every residual block's output, a VGG its ReLUs, ConvNeXt
     and vision transformers their blocks, GoogLeNet and Inception v3 their stem's activations and
     Inception modules, a tutorial CNN with ``F.relu`` in ``forward`` its ``relu()`` calls.
-    docs/layers_models.md has a table for timm's models.
+    docs/layers_models.md has tables for timm's and torchvision's models.
 
     Args:
         model: The model.
