@@ -19,7 +19,8 @@ function layer enters a :class:`torch.overrides.TorchFunctionMode`, and its forw
 also when the forward raises) leaves it: the mode sees every torch function call of that forward
 and hands the results of the hooked ones to the analysis, which may replace them (ablation zeroes
 an op's output this way). Pre- and post-hooks on the caller's submodules (all of them: a forward
-may call a grandchild itself) tell whether a call is the caller's own. Nothing stays on the model when the hooks are removed.
+may call a grandchild itself) tell whether a call is the caller's own. Nothing stays on the model
+when the hooks are removed.
 
 **Which calls are default layers.** Finding them needs no data: the code of a module's
 ``forward`` (and of the methods of its class that it refers to) is read for the names of
@@ -186,16 +187,16 @@ def _code_reads(code: types.CodeType) -> tuple[tuple[str, tuple[str, ...]], ...]
     return tuple(reads)
 
 
-def _base(ins: dis.Instruction | None) -> list[str]:
-    """What an attribute chain starts from: ``["self"]``, ``["global", name]``, ``["local"]``
-    (another variable, a tensor or a module) or ``["?"]``."""
+def _base(ins: dis.Instruction | None) -> tuple[str, ...]:
+    """What an attribute chain starts from: ``("self",)``, ``("global", name)``, ``("local",)``
+    (another variable, a tensor or a module) or ``("?",)``."""
     if ins is None or not isinstance(ins.argval, str):
-        return ["?"]
+        return ("?",)
     if ins.argval == "self" and ins.opname.startswith(("LOAD_FAST", "LOAD_DEREF")):
-        return ["self"]
+        return ("self",)
     if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
-        return ["global", ins.argval]
-    return ["local"] if ins.opname.startswith(("LOAD_FAST", "LOAD_DEREF")) else ["?"]
+        return ("global", ins.argval)
+    return ("local",) if ins.opname.startswith(("LOAD_FAST", "LOAD_DEREF")) else ("?",)
 
 
 def _read_as_function(chain: tuple[str, ...], module: nn.Module, names: dict[str, object]) -> bool:
