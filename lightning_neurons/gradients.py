@@ -34,15 +34,29 @@ GIVE_GRAPH = (
     "checkpoint with use_reentrant=False (or behind a flag such as timm's grad_checkpointing), "
     "or freeze weights with requires_grad_(False) rather than torch.no_grad()"
 )
-#: The causes, told apart by the grad mode where the layer ran: off, then on.
-_GRAD_OFF = (
-    "under torch.no_grad() or inside torch.utils.checkpoint(..., use_reentrant=True), which keep "
-    "no graph in the forward pass; " + GIVE_GRAPH + ", or choose a layer outside that block"
+#: The causes, told apart by the grad mode where the layer ran: off...
+GRAD_OFF = "under torch.no_grad() or inside torch.utils.checkpoint(..., use_reentrant=True)"
+#: ... and on (its inputs have no graph).
+FROM_NO_GRAPH = (
+    "from inputs without a gradient from the image: after a .detach(), after layers computed "
+    f"{GRAD_OFF}, or from parameters and buffers alone"
 )
-_NOT_FROM_IMAGE = (
-    "after a .detach(), or from parameters and buffers alone; choose a layer computed from the "
-    "image"
-)
+
+
+def why_no_gradient(grad_enabled: bool | None) -> tuple[str, str]:
+    """``(where the model computes the output, what would work)`` for an output without a
+    gradient from the image, by the grad mode where it was computed (``None``: unknown).
+
+    Example:
+        >>> where, fix = why_no_gradient(False)
+        >>> where
+        'under torch.no_grad() or inside torch.utils.checkpoint(..., use_reentrant=True)'
+    """
+    if grad_enabled is None:
+        return NO_GRAPH, GIVE_GRAPH
+    if grad_enabled:
+        return FROM_NO_GRAPH, f"{GIVE_GRAPH}, or choose a layer computed from the image"
+    return GRAD_OFF, GIVE_GRAPH
 
 
 def in_backward() -> bool:
@@ -136,12 +150,13 @@ def check_gradient(layer: str, output: torch.Tensor) -> None:
 
 def no_gradient(layer: str, grad_enabled: bool | None = None) -> NeuronsError:
     """The error for layer ``layer``, whose output carries no gradient from the image where one
-    is needed: computed with the grad mode off (``torch.no_grad()``, a reentrant checkpoint), or
-    on (after a ``.detach()``, or not from the image); ``None``: unknown (:data:`NO_GRAPH`)."""
-    why = {None: f"{NO_GRAPH}; {GIVE_GRAPH}", False: _GRAD_OFF, True: _NOT_FROM_IMAGE}
+    is needed (:func:`why_no_gradient`)."""
+    where, fix = why_no_gradient(grad_enabled)
+    outside = ", or choose a layer outside that block" if grad_enabled is False else ""
     return NeuronsError(
         f"layer {layer!r} gave an output without a gradient from the image in a forward pass "
-        f"that needs one: the model computes it {why[grad_enabled]}"
+        f"that needs one: the model computes it {where}, which keeps no graph of the image; "
+        f"{fix}{outside}"
     )
 
 

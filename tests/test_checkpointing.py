@@ -231,6 +231,8 @@ def test_feature_visualizer_renders_what_carries_a_gradient(how, tmp_path):
     said = [str(w.message) for w in record]
     lost = "layers ['backbone.block.1', 'backbone.block.3'] without a graph"
     assert len([m for m in said if m.startswith("FeatureVisualizer") and lost in m]) == 1
+    # where: the block ran with the grad mode off (not "after a .detach()")
+    assert any(f"{lost} from the image (under torch.no_grad() or inside" in m for m in said)
     assert not visualizer.failures and not contribution.failures
     # NeuronContribution: the layers out of the gradient's reach left out, said once (2 epochs)
     unreached = [m for m in said if m.startswith("NeuronContribution")]

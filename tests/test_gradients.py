@@ -139,13 +139,11 @@ class PositionalNet(nn.Module):
     ids=["contribution_batch", "grad_cam", "render"],
 )
 def test_a_layer_without_a_gradient_from_the_image_is_told_why(analysis):
-    """A layer computed from a buffer alone is not said to be under ``torch.no_grad()``; one
-    under ``torch.no_grad()`` is not said to be independent of the image."""
-    with pytest.raises(
-        NeuronsError, match="from parameters and buffers alone; choose a layer"
-    ) as e:
+    """A layer computed under ``torch.no_grad()`` is said to be; one computed from a buffer
+    alone, with the grad mode on, is not (its inputs are what have no graph)."""
+    with pytest.raises(NeuronsError, match="computes it from inputs without a gradient") as e:
         analysis(PositionalNet(), "positions")
-    assert "no_grad" not in str(e.value)
-    with pytest.raises(NeuronsError, match=r"under torch.no_grad\(\) or inside") as e:
+    assert "from parameters and buffers alone" in str(e.value)
+    with pytest.raises(NeuronsError, match=r"computes it under torch.no_grad\(\) or inside") as e:
         analysis(PositionalNet(frozen=True), "hidden.1")
     assert "buffers" not in str(e.value)

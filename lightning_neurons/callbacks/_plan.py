@@ -22,20 +22,25 @@ from lightning_neurons.batch import read_logits as logits_of
 from lightning_neurons.checks import check_image_shape
 from lightning_neurons.data import ByteImages, ChannelsLast, known_normalization
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.gradients import GIVE_GRAPH, NO_GRAPH
+from lightning_neurons.gradients import why_no_gradient
 from lightning_neurons.hooks import get_module, selects, split_call
 from lightning_neurons.state import analysis_mode
 from lightning_neurons.visualize.objectives import LOGITS, Channel, ClassLogit
 from lightning_neurons.visualize.render import check_objectives
 from lightning_neurons.visualize.saliency import METHODS
-from lightning_neurons.visualize.sizing import probe
+from lightning_neurons.visualize.sizing import Probe, probe
 
-#: Why a layer's output carries no gradient from the image, and what would give it one.
-_NO_GRAPH = (
-    "the model computes {what} without a graph from the image (" + NO_GRAPH + "), so no image "
-    "can climb {whose} gradient"
-)
-_GIVE_GRAPH = f"To render them, {GIVE_GRAPH}."
+
+def _no_graph(what: str, whose: str, names: Sequence[str], found: Probe, then: str) -> str:
+    """The warning for ``names`` (called ``what``), whose outputs carry no gradient from the
+    image: where the model computes them (by the grad mode where they ran, when they agree),
+    what FeatureVisualizer leaves out (``then``), and what would work."""
+    off = {name in found.grad_mode_off for name in names}
+    where, fix = why_no_gradient(off == {False} if len(off) == 1 and LOGITS not in names else None)
+    return (
+        f"FeatureVisualizer: the model computes {what} without a graph from the image ({where}), "
+        f"so no image can climb {whose} gradient: {then}. To have them, {fix}."
+    )
 
 
 def is_indices(values: Any) -> bool:
@@ -306,17 +311,11 @@ def make_plan(
     # a wrong image shape, layer or channel raises here
     found = probe(pl_module, wanted, shape, input_transform, output_fn, gradients=True)
     # The layer list becomes the call sites it selects (one per call of a shared module).
-    sites = _with_gradient(
-        [n for n in found.shapes if n != LOGITS and selects(layers, n)], found.without_gradient
-    )
+    sites = _with_gradient([n for n in found.shapes if n != LOGITS and selects(layers, n)], found)
     logits = read_logits(lambda: check([ClassLogit(0)])[LOGITS])
     if logits is not None and LOGITS in found.without_gradient:
-        rank_zero_warn(
-            "FeatureVisualizer: "
-            + _NO_GRAPH.format(what="its logits", whose="their")
-            + ": no class images or saliency maps. "
-            + _GIVE_GRAPH
-        )
+        then = "no class images or saliency maps"
+        rank_zero_warn(_no_graph("its logits", "their", [LOGITS], found, then))
         logits = None
     if logits is not None and classes:  # a class outside the logits raises here
         check([ClassLogit(c) for c in classes])
@@ -328,11 +327,9 @@ def make_plan(
         chosen = default_classes(logits[0], max_classes)
     gradcam = cam_layer is None or cam_layer not in found.without_gradient
     if not gradcam and logits is not None:  # (else: no saliency maps at all, said above)
+        then = "no Grad-CAM maps (pass `gradcam_layer=` to choose another layer)"
         rank_zero_warn(
-            "FeatureVisualizer: "
-            + _NO_GRAPH.format(what=f"Grad-CAM's layer {cam_layer!r}", whose="its")
-            + ": no Grad-CAM maps (pass `gradcam_layer=` to choose another layer). "
-            + _GIVE_GRAPH
+            _no_graph(f"Grad-CAM's layer {cam_layer!r}", "its", [cam_layer], found, then)
         )
     names = data_attr(trainer, "class_names")
     return VisualizerPlan(
@@ -351,18 +348,14 @@ def make_plan(
     )
 
 
-def _with_gradient(sites: list[str], without: frozenset[str]) -> list[str]:
+def _with_gradient(sites: list[str], found: Probe) -> list[str]:
     """The layers ``sites`` whose outputs carry a gradient from the image (one warning for the
     others: their channels cannot be rendered)."""
-    lost = [site for site in sites if site in without]
+    lost = [site for site in sites if site in found.without_gradient]
     if lost:
-        rank_zero_warn(
-            "FeatureVisualizer: "
-            + _NO_GRAPH.format(what=f"layers {lost}", whose="their")
-            + ": their channels are not rendered. "
-            + _GIVE_GRAPH
-        )
-    return [site for site in sites if site not in without]
+        then = "their channels are not rendered"
+        rank_zero_warn(_no_graph(f"layers {lost}", "their", lost, found, then))
+    return [site for site in sites if site not in found.without_gradient]
 
 
 def layer_widths(model: nn.Module, plan: VisualizerPlan, layers: Sequence[str]) -> dict[str, int]:

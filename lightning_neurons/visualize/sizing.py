@@ -60,14 +60,17 @@ class Probe:
         total: The sum of all leaf modules' outputs (elements per image).
         without_gradient: Asked for (``gradients=True``), the layers read (and ``LOGITS``) whose
             outputs carry no gradient from the image: the model computes them under
-            ``torch.no_grad()``, from a ``.detach()`` or in ``torch.utils.checkpoint(...,
-            use_reentrant=True)``.
+            ``torch.no_grad()``, in ``torch.utils.checkpoint(..., use_reentrant=True)``, after a
+            ``.detach()`` or from parameters and buffers alone.
+        grad_mode_off: Those of them computed with the grad mode off (``torch.no_grad()``, a
+            reentrant checkpoint); the others are computed with it on.
     """
 
     shapes: dict[str, tuple[int, ...]]
     largest: int
     total: int
     without_gradient: frozenset[str] = frozenset()
+    grad_mode_off: frozenset[str] = frozenset()
 
     def spatial(self) -> frozenset[str]:
         """The layers read whose outputs have channels and positions (``[C, ...]``)."""
@@ -179,11 +182,14 @@ def probe(
     layers = _resolve(model, objectives)
     shapes: dict[str, tuple[int, ...]] = {}
     without: set[str] = set()
+    grad_off: set[str] = set()
 
     def record(name: str, output: torch.Tensor) -> None:
         shapes.setdefault(name, tuple(output.shape[1:]))
         if gradients and output.is_floating_point() and not output.requires_grad:
             without.add(name)
+            if not torch.is_grad_enabled():
+                grad_off.add(name)
 
     shape = (1, *image_shape)
     outputs: list[object] = []
@@ -220,4 +226,4 @@ def probe(
                     "forward pass; choose a layer the forward pass uses"
                 )
             term.check(shapes[term.layer])
-    return Probe(shapes, sizes.largest, sizes.total, frozenset(without))
+    return Probe(shapes, sizes.largest, sizes.total, frozenset(without), frozenset(grad_off))
