@@ -44,7 +44,7 @@ from lightning_neurons.batch import (
     read_logits,
 )
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.gradients import check_gradient, gradients_at, unreached
+from lightning_neurons.gradients import check_gradient, gradients_at, reentrant, unreached
 from lightning_neurons.hooks import HookSet, get_module, selects
 from lightning_neurons.state import analysis_mode, frozen_parameters, model_device
 
@@ -313,6 +313,7 @@ def _logit_contributions(
     picked = check_targets(classes.flatten(), classes.numel(), logits.shape[1], "classes")
     picked = picked.view(batch, count).to(logits.device)
     rows = torch.arange(batch, device=logits.device).unsqueeze(1) * per_backward  # [B, 1]
+    whole = reentrant(logits)  # one graph for every pass
     result: dict[str, torch.Tensor] = {}
     waiting: list[dict[str, torch.Tensor]] = []  # each pass's {layer: [B, used, K]}
     done = held = 0  # columns on the host; bytes waiting
@@ -323,7 +324,7 @@ def _logit_contributions(
             (rows + torch.arange(used, device=rows.device)).flatten(), columns.flatten()
         ]
         last = first + per_backward >= count
-        grads = gradients_at(selected.sum(), acts, retain_graph=not last)
+        grads = gradients_at(selected.sum(), acts, retain_graph=not last, whole=whole)
         waiting.append(
             {
                 name: c.view(batch, per_backward, -1)[:, :used]  # c: [B * per_backward, K]

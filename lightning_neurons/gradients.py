@@ -88,7 +88,10 @@ def _same(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def gradients_at(
-    value: torch.Tensor, tensors: Sequence[torch.Tensor], retain_graph: bool = False
+    value: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    retain_graph: bool = False,
+    whole: bool | None = None,
 ) -> list[torch.Tensor | None]:
     """The gradient of the scalar ``value`` at each of ``tensors`` (``None``: not on its path).
 
@@ -97,6 +100,8 @@ def gradients_at(
     ``backward()``, which runs down to every leaf that requires a gradient. Call it with the
     model's parameters frozen (:func:`~lightning_neurons.state.frozen_parameters`, or inside
     :func:`~lightning_neurons.state.analysis_mode`): ``backward()`` adds to their ``.grad``.
+    ``whole``: whether ``backward()`` is needed, when the caller knows (passes through one graph
+    ask once); ``None``: :func:`reentrant` says.
 
     Example:
         >>> x = torch.ones(2, requires_grad=True)
@@ -106,7 +111,7 @@ def gradients_at(
     """
     if not tensors:
         return []
-    if not reentrant(value):
+    if not (reentrant(value) if whole is None else whole):
         grads = torch.autograd.grad(value, tensors, retain_graph=retain_graph, allow_unused=True)
         return list(grads)
     for tensor in tensors:
