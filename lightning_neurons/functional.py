@@ -206,8 +206,11 @@ def _read_as_function(chain: tuple[str, ...], module: nn.Module, names: dict[str
     kind, path = chain[0], chain[1:]
     if kind in ("self", "global"):
         owner: object = module if kind == "self" else names.get(path[0], _MISSING)
-        for attr in path if kind == "self" else path[1:]:
-            owner = getattr(owner, attr, _MISSING)
+        try:  # (a property on the way may raise: then not known to be a module)
+            for attr in path if kind == "self" else path[1:]:
+                owner = getattr(owner, attr, _MISSING)
+        except Exception:
+            return True
         return not isinstance(owner, nn.Module)
     # a variable's attribute: a tensor's method, unless a submodule has that name
     name = path[-1]

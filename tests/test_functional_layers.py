@@ -152,9 +152,22 @@ class ModuleCallsOnly(nn.Module):
         return torch.nn.functional.silu(x.gelu())
 
 
+class Unbuilt(nn.Module):
+    """Reads ``self.parts.relu`` in a branch not taken; ``parts`` raises until built."""
+
+    @property
+    def parts(self) -> nn.Module:
+        raise RuntimeError("not built yet")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.parts.relu(x) if x.dim() == 5 else F.gelu(x)
+
+
 def test_a_submodule_called_by_name_is_not_a_function_call():
     assert called_ops(ModuleCallsOnly(), ("relu", "gelu", "silu")) == ["silu", "gelu"]
     assert default_layers(ModuleCallsOnly()) == ["net.relu", "silu()", "gelu()"]
+    # reading the code runs no property to its error: an unknown owner reads as a function
+    assert called_ops(Unbuilt(), ("relu", "gelu")) == ["relu", "gelu"]
 
 
 def test_zeroing_a_function_layer_replaces_the_op_result():
