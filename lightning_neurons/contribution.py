@@ -112,9 +112,10 @@ def contribution_batch(
         targets: ``[B]`` class whose logit is explained, per image; default: the predicted class.
         output_fn: Reads the logits from the model's output (see
             :func:`~lightning_neurons.batch.read_logits`).
-        without_gradient: A layer whose output carries no gradient (the model computes it under
-            ``torch.no_grad()`` or inside ``torch.utils.checkpoint(..., use_reentrant=True)``):
-            ``"raise"``, or ``"skip"`` it (named in the result's ``without_gradient``).
+        without_gradient: A layer whose output carries no gradient from the image (the model
+            computes it under ``torch.no_grad()``, inside ``torch.utils.checkpoint(...,
+            use_reentrant=True)``, after a ``.detach()`` or not from the image): ``"raise"``, or
+            ``"skip"`` it (named in the result's ``without_gradient``).
 
     Returns:
         A :class:`ContributionBatch` on the model's device, detached, keyed by call site

@@ -35,8 +35,9 @@ def _no_graph(what: str, whose: str, names: Sequence[str], found: Probe, then: s
     """The warning for ``names`` (called ``what``), whose outputs carry no gradient from the
     image: where the model computes them (by the grad mode where they ran, when they agree),
     what FeatureVisualizer leaves out (``then``), and what would work."""
-    off = {name in found.grad_mode_off for name in names}
-    where, fix = why_no_gradient(off == {False} if len(off) == 1 and LOGITS not in names else None)
+    modes = {name not in found.grad_mode_off for name in names}  # grad mode on where each ran
+    told = len(modes) == 1 and LOGITS not in names  # (the logits are read outside any hook)
+    where, fix = why_no_gradient(modes.pop() if told else None)
     return (
         f"FeatureVisualizer: the model computes {what} without a graph from the image ({where}), "
         f"so no image can climb {whose} gradient: {then}. To have them, {fix}."
