@@ -255,8 +255,11 @@ def neuron_contributions(
         NeuronsError: For unknown layers, bad targets or a non-positive ``chunk_size``.
 
     Example:
-        >>> c = neuron_contributions(model, "features.relu3", x)  # doctest: +SKIP
-        >>> c["features.relu3"].shape  # [images, classes, neurons]  # doctest: +SKIP
+        >>> from lightning_neurons.models import SmallCNN
+        >>> model = SmallCNN(widths=(8, 16, 32)).eval()
+        >>> c = neuron_contributions(model, "features.relu3", torch.rand(4, 1, 16, 16))
+        >>> c["features.relu3"].shape  # [images, classes, neurons]
+        torch.Size([4, 10, 32])
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise NeuronsError(f"`chunk_size` must be a positive integer, got {chunk_size!r}")

@@ -182,7 +182,13 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
         NeuronsError: If no module has that name; the message lists the available names.
 
     Example:
-        >>> conv = get_module(model, "features.conv1")  # doctest: +SKIP
+        >>> from lightning_neurons.models import SmallCNN
+        >>> get_module(SmallCNN(), "features.conv1")
+        Conv2d(1, 32, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
+        >>> get_module(SmallCNN(), "features.relu9")
+        Traceback (most recent call last):
+        ...
+        lightning_neurons.errors.NeuronsError: layer 'features.relu9' not found in SmallCNN. Did you mean: features.relu3, ...
     """
     module_name, call = split_call(name)
     if call is not None and not call.isdigit():
@@ -238,7 +244,8 @@ def signed_layers(model: nn.Module, layers: Sequence[str]) -> list[str]:
     their outputs are signed (pre-activation) values, not responses.
 
     Example:
-        >>> signed_layers(model, ["features.conv1", "features.relu1"])  # doctest: +SKIP
+        >>> from lightning_neurons.models import SmallCNN
+        >>> signed_layers(SmallCNN(), ["features.conv1", "features.relu1"])
         ['features.conv1']
     """
     modules = dict(model.named_modules())
@@ -369,9 +376,14 @@ def hooked(model: nn.Module, layers: Sequence[str], fn: ActivationFn) -> Iterato
             the output.
 
     Example:
-        >>> seen = {}
-        >>> with hooked(model, ["features.conv1"], lambda n, t: seen.update({n: t.shape})):
-        ...     model(x)  # doctest: +SKIP
+        >>> from lightning_neurons.models import SmallCNN
+        >>> model, seen = SmallCNN(), {}
+        >>> with hooked(model, ["features.relu1"], lambda n, t: seen.update({n: t.shape})):
+        ...     logits = model(torch.rand(2, 1, 16, 16))
+        >>> seen
+        {'features.relu1': torch.Size([2, 32, 16, 16])}
+        >>> model._forward_hooks, model.features.relu1._forward_hooks  # removed
+        (OrderedDict(), OrderedDict())
     """
     handles = HookSet()
     try:
@@ -546,8 +558,10 @@ def leaf_output_sizes(model: nn.Module, forward: Callable[[], object]) -> Output
     sub-modules counts its own output.
 
     Example:
-        >>> sizes = leaf_output_sizes(model, lambda: model(x))  # doctest: +SKIP
-        >>> sizes.largest, sizes.total  # doctest: +SKIP
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten())
+        >>> sizes = leaf_output_sizes(model, lambda: model(torch.rand(2, 1, 8, 8)))
+        >>> sizes.largest, sizes.total  # 2 x 4 x 8 x 8 each, three leaves
+        (512, 1536)
     """
     sizes = OutputSizes()
     leaves = [name for name, m in model.named_modules() if name and not any(m.children())]

@@ -109,8 +109,13 @@ def untouched(model: nn.Module) -> Iterator[None]:
     analyses' hooks inside it would not run the same way twice.
 
     Example:
-        >>> with untouched(pl_module):
-        ...     saliency = input_gradient(pl_module, images)  # doctest: +SKIP
+        >>> from lightning_neurons.models import SmallCNN
+        >>> from lightning_neurons.visualize import gradient
+        >>> model = SmallCNN().train()
+        >>> with untouched(model):
+        ...     maps = gradient(model, torch.rand(2, 1, 32, 32))
+        >>> model.training, model.classifier.weight.requires_grad, model.classifier.weight.grad
+        (True, True, None)
 
     Analyses use :func:`analysis_mode`, which adds eval mode.
     """

@@ -162,7 +162,8 @@ class CategoryClustering(_ClusteringCallback):
             ``classifier_layer`` does not exist.
 
     Example:
-        >>> trainer = Trainer(callbacks=[ActivationTracker(), CategoryClustering()])  # doctest: +SKIP
+        >>> category = CategoryClustering()
+        >>> trainer = Trainer(callbacks=[ActivationTracker(), category])  # doctest: +SKIP
         >>> trainer.fit(model, datamodule=dm)  # doctest: +SKIP
         >>> category.result.labels  # the deepest layer's clustering  # doctest: +SKIP
         >>> category.results["combined"].labels  # doctest: +SKIP

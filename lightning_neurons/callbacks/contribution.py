@@ -148,7 +148,7 @@ class NeuronContribution(StagedCallback):
         >>> contribution = NeuronContribution(max_batches=4)
         >>> trainer = Trainer(callbacks=[ActivationTracker(), contribution])  # doctest: +SKIP
         >>> trainer.fit(model, datamodule=dm)  # doctest: +SKIP
-        >>> contribution.results["backbone.features.conv3"].ablation.accuracy_drop  # doctest: +SKIP
+        >>> contribution.results["backbone.features.relu3"].ablation.accuracy_drop  # doctest: +SKIP
     """
 
     reads = (ActivationTracker, NeuronClustering, FeatureVisualizer)

@@ -109,10 +109,10 @@ class ActivationTracker(StagedCallback):
         on_error: ``"warn"`` or ``"raise"`` when logging fails (see :class:`AnalysisCallback`).
 
     Example:
-        >>> tracker = ActivationTracker(layers=["features.conv2", "features.conv3"])
+        >>> tracker = ActivationTracker(layers=["backbone.features.relu2", "backbone.features.relu3"])
         >>> trainer = Trainer(callbacks=[tracker])  # doctest: +SKIP
-        >>> trainer.fit(model, datamodule=dm)  # doctest: +SKIP
-        >>> tracker.results["features.conv3"].selectivity  # doctest: +SKIP
+        >>> trainer.fit(model, datamodule=dm)  # an ImageClassifier(SmallCNN()), say  # doctest: +SKIP
+        >>> tracker.results["backbone.features.relu3"].selectivity  # [neurons]  # doctest: +SKIP
     """
 
     _parameter_constraints: ClassVar[Constraints] = {

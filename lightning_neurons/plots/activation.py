@@ -87,7 +87,13 @@ def class_profile_heatmap(
         The image, ``[H, W, 3]`` uint8, ``W <= 480`` and ``H <= 720``.
 
     Example:
-        >>> image = class_profile_heatmap(tracker.results["conv2"])  # doctest: +SKIP
+        >>> from lightning_neurons.stats import ClassNeuronStats, LayerStats
+        >>> sums = ClassNeuronStats(num_classes=3, num_neurons=8)
+        >>> sums.update(torch.rand(30, 8), torch.arange(30) % 3)  # a layer's responses, labels
+        >>> stats = LayerStats.from_state("conv2", sums.compute(), epoch=0, reduction="mean", top_k=2)
+        >>> image = class_profile_heatmap(stats, ["zero", "one", "two"])  # as tracker.results[layer]
+        >>> image.dtype, image.shape[2], image.shape[0] <= 720 and image.shape[1] <= 480
+        (dtype('uint8'), 3, True)
     """
     return class_profile_image(class_profile(stats, max_neurons), class_names)
 

@@ -117,7 +117,16 @@ def neuron_evolution_image(
     colour bar, epoch ticks) drawn once for every layer of the same epochs and classes.
 
     Example:
-        >>> image = neuron_evolution_image(run_neuron_evolution(run)["conv2"])  # doctest: +SKIP
+        >>> import torch
+        >>> from lightning_neurons.evolution import neuron_evolution
+        >>> from lightning_neurons.stats import ClassNeuronStats, LayerStats
+        >>> def epoch(e):  # a layer's statistics at epoch e (the tracker's results)
+        ...     sums = ClassNeuronStats(num_classes=3, num_neurons=8)
+        ...     sums.update(torch.rand(30, 8), torch.arange(30) % 3)
+        ...     return LayerStats.from_state("conv2", sums.compute(), epoch=e, reduction="mean", top_k=2)
+        >>> image = neuron_evolution_image(neuron_evolution([epoch(0), epoch(1), epoch(2)]))
+        >>> image.dtype, image.shape[2]
+        (dtype('uint8'), 3)
     """
     layout = _NeuronLayout.of(evolution, class_names)
     image = _canvas.cached_frame(layout.key, lambda: _neuron_frame(layout))

@@ -6,12 +6,17 @@ one batch. *Focus* (which pixels of a real image drive a prediction) is shown by
 :func:`gradient`, :func:`smoothgrad` and :func:`grad_cam`.
 
 Example:
-    >>> from lightning_neurons.visualize import Channel, ClassLogit, render, grad_cam
-    >>> images = render(model, [Channel("features.conv2", i) for i in range(64)],
-    ...                 image_shape=(1, 32, 32), steps=128).images  # doctest: +SKIP
-    >>> classes = render(model, [ClassLogit(c) for c in range(10)], image_shape=(1, 32, 32))  # doctest: +SKIP
-    >>> classes.images.shape, classes.steps  # doctest: +SKIP
-    >>> maps = grad_cam(model, real_images)  # doctest: +SKIP
+    >>> import torch
+    >>> from lightning_neurons.models import SmallCNN
+    >>> from lightning_neurons.visualize import Channel, ClassLogit, grad_cam, render
+    >>> model = SmallCNN(widths=(8, 16, 32)).eval()  # 1 x 16 x 16 images; train it first
+    >>> channels = render(model, [Channel("features.conv2", i) for i in range(16)],
+    ...                   image_shape=(1, 16, 16), steps=32).images
+    >>> classes = render(model, [ClassLogit(c) for c in range(10)], image_shape=(1, 16, 16), steps=32)
+    >>> channels.shape, classes.images.shape
+    (torch.Size([16, 1, 16, 16]), torch.Size([10, 1, 16, 16]))
+    >>> grad_cam(model, torch.rand(4, 1, 16, 16)).shape  # where each predicted class is seen
+    torch.Size([4, 16, 16])
 """
 
 from lightning_neurons.visualize.anchors import ClassAnchor, ClassAnchors

@@ -14,9 +14,15 @@ pass of the images); FeatureVisualizer does so from the first ``class_anchor_ima
 images of each class it renders.
 
 Example:
-    >>> anchors = ClassAnchors.from_images(model, "features.relu3", images, labels)  # doctest: +SKIP
-    >>> render(model, [anchors.objective(c) for c in range(10)], image_shape=(1, 32, 32),
-    ...        prior=prior)  # doctest: +SKIP
+    >>> from lightning_neurons.models import SmallCNN
+    >>> from lightning_neurons.visualize import DataPrior, render
+    >>> model = SmallCNN(widths=(8, 16, 32)).eval()  # 1 x 16 x 16 images; train it first
+    >>> images, labels = torch.rand(40, 1, 16, 16), torch.arange(40) % 10  # real images
+    >>> anchors = ClassAnchors.from_images(model, "features.relu3", images, labels)
+    >>> result = render(model, [anchors.objective(c) for c in range(10)], image_shape=(1, 16, 16),
+    ...                 prior=DataPrior.from_images(images), steps=16)
+    >>> result.images.shape
+    torch.Size([10, 1, 16, 16])
 """
 
 from __future__ import annotations

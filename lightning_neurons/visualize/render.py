@@ -241,11 +241,17 @@ def render(
             before rendering).
 
     Example:
-        >>> from lightning_neurons.visualize import Channel, render
-        >>> result = render(model, [Channel("features.conv2", i) for i in range(64)],
-        ...                 image_shape=(1, 32, 32), steps=128, converge_tol=0.005)  # doctest: +SKIP
-        >>> result.images.shape, result.steps.float().mean()  # doctest: +SKIP
-        (torch.Size([64, 1, 32, 32]), tensor(57.))
+        >>> from lightning_neurons.models import SmallCNN
+        >>> from lightning_neurons.visualize import Channel, evaluate, render
+        >>> _ = torch.manual_seed(0)
+        >>> model = SmallCNN(widths=(8, 16, 32)).eval()  # 1 x 16 x 16 images; train it first
+        >>> channels = [Channel("features.conv2", i) for i in range(16)]
+        >>> result = render(model, channels, image_shape=(1, 16, 16), steps=64)
+        >>> result.images.shape, result.steps.shape  # an image per objective, the steps each ran
+        (torch.Size([16, 1, 16, 16]), torch.Size([16]))
+        >>> noise = torch.rand(16, 1, 16, 16)
+        >>> bool((evaluate(model, channels, result.images) > evaluate(model, channels, noise)).all())
+        True
     """
     job = prepare_render(**locals())
     return run_renders(model, [job])[0]
@@ -492,8 +498,14 @@ def check_objectives(
             layer's real output, or a model that does not accept the images.
 
     Example:
-        >>> check_objectives(model, [Channel("features.conv2", 0)], (1, 32, 32))  # doctest: +SKIP
-        {'features.conv2': (64, 16, 16), 'logits': (10,)}
+        >>> from lightning_neurons.models import SmallCNN
+        >>> from lightning_neurons.visualize import Channel
+        >>> check_objectives(SmallCNN(), [Channel("features.conv2", 0)], (1, 32, 32))
+        {'features.conv2': (64, 16, 16), '<logits>': (10,)}
+        >>> check_objectives(SmallCNN(), [Channel("features.conv2", 64)], (1, 32, 32))
+        Traceback (most recent call last):
+        ...
+        lightning_neurons.errors.NeuronsError: ...
     """
     objectives = as_objectives(objectives)
     shape = check_display_shape(image_shape)
@@ -529,7 +541,10 @@ def evaluate(
         NeuronsError: If the counts differ, or for an unknown layer or index.
 
     Example:
-        >>> evaluate(model, Channel("features.conv2", 0), images)  # doctest: +SKIP
+        >>> from lightning_neurons.models import SmallCNN
+        >>> from lightning_neurons.visualize import Channel
+        >>> evaluate(SmallCNN().eval(), Channel("features.conv2", 0), torch.rand(3, 1, 32, 32)).shape
+        torch.Size([3])
     """
     if isinstance(objectives, Objective):
         objectives = [objectives] * len(images)

@@ -188,7 +188,10 @@ def gradient(
         NeuronsError: For a bad ``images`` shape or a ``target`` outside the model's classes.
 
     Example:
-        >>> maps = gradient(model, images)  # doctest: +SKIP
+        >>> from lightning_neurons.models import SmallCNN
+        >>> maps = gradient(SmallCNN().eval(), torch.rand(2, 1, 32, 32), target=[3, 7])
+        >>> maps.shape, bool((maps >= 0).all())
+        (torch.Size([2, 32, 32]), True)
     """
     check_image_batch(images)
     device = model_device(model)
