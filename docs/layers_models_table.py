@@ -13,14 +13,26 @@ import torchvision
 from lightning_neurons.defaults import default_cam_layer
 from lightning_neurons.hooks import default_layers, hooked
 
+#: timm models: ``(options, input size)``.
 MODELS = {
-    "resnet18": {},
-    "efficientnet_b0": {},
-    "convnext_atto": {},
-    "regnetx_002": {},
-    "mobilenetv3_small_050": {},
-    "vit_tiny_patch16_224": {"img_size": 32, "patch_size": 4},
-    "swin_tiny_patch4_window7_224": {"img_size": 32, "window_size": 4},
+    "resnet18": ({}, 32),
+    "efficientnet_b0": ({}, 32),
+    "convnext_atto": ({}, 32),
+    "regnetx_002": ({}, 32),
+    "mobilenetv3_small_050": ({}, 32),
+    "vit_tiny_patch16_224": ({"img_size": 32, "patch_size": 4}, 32),
+    "swin_tiny_patch4_window7_224": ({"img_size": 32, "window_size": 4}, 32),
+    "dla34": ({}, 32),
+    "repvgg_a0": ({}, 32),
+    "hrnet_w18_small": ({}, 64),
+    "mobilevit_xxs": ({}, 64),
+    "fastvit_t8": ({}, 64),
+    "caformer_s18": ({}, 64),
+    "pvt_v2_b0": ({}, 64),
+    "coatnet_nano_rw_224": ({"img_size": 64}, 64),
+    "levit_128s": ({"img_size": 64}, 64),
+    "mixer_s16_224": ({"img_size": 64}, 64),
+    "eva02_tiny_patch14_224": ({"img_size": 56}, 56),
 }
 
 
@@ -66,9 +78,9 @@ def _row(name: str, model: torch.nn.Module, size: int = 32) -> str:
 def main() -> None:
     columns = "| default layers | count | last layer's output | Grad-CAM layer |"
     print(f"| timm model {columns}\n|---|---|---|---|---|")
-    for name, options in MODELS.items():
+    for name, (options, size) in MODELS.items():
         model = timm.create_model(name, pretrained=False, num_classes=10, **options).eval()
-        print(_row(name, model))
+        print(_row(name, model, size))
     print(f"\n| torchvision model {columns}\n|---|---|---|---|---|")
     for name, (options, size) in TORCHVISION.items():
         model = torchvision.models.get_model(name, weights=None, num_classes=10, **options)
