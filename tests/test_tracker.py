@@ -313,6 +313,49 @@ def test_nan_activations_are_counted_and_reported(tmp_path):
     assert torch.isfinite(res.class_means).all()
 
 
+def _absent_class_notes(record) -> list[str]:
+    return [str(w.message) for w in record if "had no image" in str(w.message)]
+
+
+def test_classes_without_images_are_said_once_with_the_class_count_to_check(tmp_path):
+    # 3 classes in the data, 5 for the tracker: classes 3 and 4 never seen, in either epoch
+    tracker = ActivationTracker(layers=["backbone.fc"], num_classes=5, enable_logging=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fast_trainer(tmp_path, callbacks=[tracker]).fit(_module(), datamodule=TinyData())
+    (note,) = _absent_class_notes(record)
+    assert "2 of the 5 classes had no image in the validation batches of epoch 0" in note
+    assert "(classes 3, 4; 3 had images)" in note
+    assert "if the data has 3 classes, build the model with 3 outputs" in note
+    assert "`num_classes=3`" in note
+    res = tracker.results["backbone.fc"]
+    assert res.counts.tolist() == [8.0, 8.0, 8.0, 0.0, 0.0]
+    assert torch.isnan(res.class_means[3:]).all() and torch.isfinite(res.class_means[:3]).all()
+
+
+def test_a_class_missing_from_the_validation_data_points_at_the_data(tmp_path):
+    data = TinyData()
+    keep = data.vy != 1
+    data.vx, data.vy = data.vx[keep], data.vy[keep]
+    tracker = ActivationTracker(layers=["backbone.fc"], enable_logging=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fast_trainer(tmp_path, callbacks=[tracker], max_epochs=1).fit(_module(), datamodule=data)
+    (note,) = _absent_class_notes(record)
+    assert "1 of the 3 classes had no image" in note and "(classes 1; 2 had images)" in note
+    assert "hold every class (the data's split, `limit_val_batches`, `max_batches`)" in note
+
+
+def test_no_absent_class_note_when_every_class_has_images(tmp_path):
+    tracker = ActivationTracker(layers=["backbone.fc"], enable_logging=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fast_trainer(tmp_path, callbacks=[tracker], max_epochs=1).fit(
+            _module(), datamodule=TinyData()
+        )
+    assert _absent_class_notes(record) == []
+
+
 def test_logs_figures_and_files_next_to_the_event_files(tmp_path):
     tracker = ActivationTracker(layers=["backbone.conv2", "backbone.fc"])
     trainer = fast_trainer(tmp_path, callbacks=[tracker], max_epochs=1)

@@ -1,6 +1,6 @@
 """What :class:`~lightning_neurons.ActivationTracker` tells the user, each thing once a fit:
 signed layers, modules called several times per forward pass, layers that never ran (or a step
-that never ran the model), non-finite activations."""
+that never ran the model), classes without images, non-finite activations."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from lightning_neurons.stats import LayerStats
 
 #: What :meth:`TrackerNotes.calls` notes when no tracked layer ran at all.
 _NO_FORWARD = ""
+
+#: What :meth:`TrackerNotes.absent_classes` notes once said.
+_ABSENT = "<absent classes>"
 
 
 class TrackerNotes:
@@ -82,6 +85,38 @@ class TrackerNotes:
             f"ActivationTracker: none of its layers ran in the {batches} {stage} batch(es) of "
             f"this epoch, so there are no statistics: does `{step}` run the model (`self(x)`)? "
             "The tracker reads the layers' outputs in the forward passes made there."
+        )
+
+    def absent_classes(self, results: Mapping[str, LayerStats], stage: str) -> None:
+        """Classes that had no image in an analysed epoch (once a fit): their class profiles are
+        NaN. Labels seen only below some index point at a ``num_classes`` larger than the data's
+        (a torchvision model left at 1,000 outputs); gaps, at the data's split."""
+        first = next(iter(results.values()), None)
+        if first is None or _ABSENT in self.noted:
+            return
+        absent = (first.counts == 0).nonzero().flatten().tolist()
+        if not absent:
+            return
+        self.noted.add(_ABSENT)
+        classes = len(first.counts)
+        present = classes - len(absent)
+        shown = ", ".join(map(str, absent[:8])) + (", ..." if len(absent) > 8 else "")
+        top = int((first.counts > 0).nonzero().max()) + 1
+        if absent == list(range(top, classes)):
+            hint = (
+                f"the labels seen are below {top}: if the data has {top} classes, build the model "
+                f"with {top} outputs (or pass `num_classes={top}` to ActivationTracker)"
+            )
+        else:
+            limit = {"validation": "val"}.get(stage, stage)
+            hint = (
+                f"check that the {stage} batches analysed hold every class (the data's split, "
+                f"`limit_{limit}_batches`, `max_batches`)"
+            )
+        rank_zero_warn(
+            f"ActivationTracker: {len(absent)} of the {classes} classes had no image in the "
+            f"{stage} batches of epoch {first.epoch} (classes {shown}; {present} had images): their "
+            f"class profiles are NaN and the clusterings leave them out; {hint}."
         )
 
     @staticmethod

@@ -340,6 +340,7 @@ class ActivationTracker(StagedCallback):
             for name, s in states.items()
             if s["images"].sum() > 0
         }
+        self._notes.absent_classes(self.results, self.stage)
         self._notes.non_finite(self.results)
         if self.enable_logging and self.results:
             self._run_safely("logging activation statistics", lambda: self._log(trainer))
