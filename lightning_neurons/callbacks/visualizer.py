@@ -151,8 +151,9 @@ class FeatureVisualizer(StagedCallback):
             ``None``: all classes.
         saliency: Saliency methods for the probe images, from ``"gradient"``, ``"smoothgrad"``
             and ``"gradcam"`` (``[]``: none).
-        gradcam_layer: Grad-CAM's layer; default: the model's last Conv2d, or a vision
-            transformer's last token block (see :func:`~lightning_neurons.visualize.saliency.cam_layer`).
+        gradcam_layer: Grad-CAM's layer; default: the model's last Conv2d, or for a vision
+            transformer one of its last blocks (see
+            :func:`~lightning_neurons.visualize.saliency.cam_layer`).
         probes_per_class: Probe images kept per class (the first ones seen in validation).
         max_probes: At most this many probe images in all.
         image_shape: ``(C, H, W)`` of the rendered images; default: the data module's
