@@ -288,6 +288,43 @@ def test_uses_neuron_clusters_and_rendered_images_when_attached(tmp_path):
     assert res.probes.preferred[0][0].shape == (1, 8, 8)
 
 
+def _older_cluster_notes(record) -> list[str]:
+    return [str(w.message) for w in record if "are NeuronClustering's of epoch" in str(w.message)]
+
+
+def test_clusters_of_an_earlier_epoch_are_said_and_recorded(tmp_path):
+    # clustering every 2 epochs (epoch 1), contributions every epoch: epoch 2 ablates epoch 1's
+    clustering = FixedClusters([0, 0, 1, 1, -1, 2, 2, -1])
+    clustering.every_n_epochs = 2
+    contribution = NeuronContribution(layers=["backbone.fc"], max_batches=1, on_error="raise")
+    callbacks = [ActivationTracker(enable_logging=False), clustering, contribution]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fast_trainer(tmp_path, callbacks=callbacks, max_epochs=3, logger=False).fit(
+            _module(), datamodule=TinyData()
+        )
+    (note,) = _older_cluster_notes(record)
+    assert "ablated in epoch 2 are NeuronClustering's of epoch 1" in note
+    assert contribution.results["backbone.fc"].ablation.clusters_epoch == 1
+
+
+def test_a_test_after_fit_ablates_the_fits_last_clusters_without_a_note(tmp_path):
+    # the same model (the same global step): Lightning's epoch counter is one past the last epoch
+    clustering = FixedClusters([0, 0, 1, 1, -1, 2, 2, -1])
+    contribution = NeuronContribution(layers=["backbone.fc"], max_batches=1, on_error="raise")
+    callbacks = [ActivationTracker(enable_logging=False), clustering, contribution]
+    model, data = _module(), TinyData()
+    trainer = fast_trainer(tmp_path, callbacks=callbacks, max_epochs=2, logger=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(model, datamodule=data)
+        trainer.test(model, datamodule=data, verbose=False)
+    assert trainer.current_epoch == 2 and clustering.results_step == trainer.global_step
+    res = contribution.results["backbone.fc"]
+    assert res.epoch == 2 and res.ablation.clusters_epoch == 1  # the test stage's analysis
+    assert _older_cluster_notes(record) == []
+
+
 class OtherLayerClusters(FixedClusters):
     """Publishes nothing for the layer that NeuronContribution ablates."""
 

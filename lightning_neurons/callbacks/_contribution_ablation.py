@@ -52,13 +52,15 @@ class AblationSets:
 
 def neuron_clusters(
     trainer: Trainer, layer: str, num_neurons: int
-) -> tuple[dict[str, torch.Tensor], int | None]:
+) -> tuple[dict[str, torch.Tensor], int | None, bool]:
     """The neuron clusters of an attached NeuronClustering callback for ``layer`` (or none),
-    and the epoch they are from."""
+    the epoch they are from, and whether they were made on another model than the one ablated
+    (at another ``global_step``: an earlier epoch's, or before a checkpoint was loaded)."""
     clustering = find_callback(trainer, NeuronClustering)
     entry = clustering.results.get(layer) if clustering is not None else None
     if entry is None:
-        return {}, None
+        return {}, None, False
+    older = clustering is not None and clustering.results_step != trainer.global_step
     ids = torch.as_tensor(entry.labels).reshape(-1)
     if ids.numel() != num_neurons:
         rank_zero_warn(
@@ -66,8 +68,8 @@ def neuron_clusters(
             f"of type {ids.dtype}, but the layer has {num_neurons} neurons; its clusters are not "
             "ablated."
         )
-        return {}, None
-    return cluster_sets(ids), entry.epoch
+        return {}, None, False
+    return cluster_sets(ids), entry.epoch, older
 
 
 def ablation_sets(
@@ -77,9 +79,11 @@ def ablation_sets(
     clusters: dict[str, torch.Tensor],
     epoch: int | None,
     max_classes: int,
+    older: bool = False,
 ) -> AblationSets:
     """The sets to zero: the dominant neurons of each of the first ``max_classes`` classes (that
-    have images), then each neuron cluster (of the epoch ``epoch``)."""
+    have images), then each neuron cluster (of the epoch ``epoch``; ``older``: made on another
+    model than the one ablated, which a warning says)."""
     names = class_names_of(trainer, stats.num_classes)
     sets: dict[str, torch.Tensor] = {}
     classes: list[int] = []
@@ -87,7 +91,7 @@ def ablation_sets(
         if stats.counts[c] > 0:
             sets[f"class {names[c]} top{stats.dominant.shape[1]}"] = stats.dominant[c]
             classes.append(c)
-    if clusters and epoch is not None and epoch != trainer.current_epoch:
+    if clusters and epoch is not None and older:
         rank_zero_warn(
             f"NeuronContribution: the neuron clusters of {layer!r} ablated in epoch "
             f"{trainer.current_epoch} are NeuronClustering's of epoch {epoch} (it did not "
@@ -116,7 +120,7 @@ def ablate_layer(
     ablate."""
     progress.phase(f"ablation of {layer}")
     rank, world = trainer.global_rank, trainer.world_size
-    clusters, epoch = broadcast_from_zero(
+    clusters, epoch, older = broadcast_from_zero(
         lambda: neuron_clusters(trainer, layer, stats.num_neurons),
         rank,
         world,
@@ -124,7 +128,7 @@ def ablate_layer(
     )
 
     def plan() -> tuple[AblationSets, dict[str, torch.Tensor] | None]:
-        chosen = ablation_sets(trainer, layer, stats, clusters, epoch, max_classes)
+        chosen = ablation_sets(trainer, layer, stats, clusters, epoch, max_classes, older)
         if not chosen.sets or not batches:
             return chosen, None
         reader = BatchReader(output_fn=output_fn)  # the kept batches are (inputs, labels)

@@ -132,6 +132,8 @@ class NeuronClustering(_ClusteringCallback):
         self.embedding = embedding
         self.max_embedding_neurons = int(max_embedding_neurons)
         self.results: dict[str, NeuronClusteringResult] = {}
+        #: The trainer's ``global_step`` when :attr:`results` were made: the model they describe.
+        self.results_step: int | None = None
         self._previous: dict[str, torch.Tensor] = {}
         self._hooks = HookSet(lightning_batches=True)
         self._reservoirs: dict[str, ActivationReservoir] = {}
@@ -214,6 +216,7 @@ class NeuronClustering(_ClusteringCallback):
         if stats is None:
             return
         self._run_safely("neuron clustering", lambda: self._analyse(trainer, stats))
+        self.results_step = trainer.global_step
         self._reservoirs = {}
         self._crops = None
 
