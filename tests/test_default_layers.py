@@ -259,6 +259,13 @@ def test_a_module_running_its_children_in_turn_is_a_container():
         assert run_layers(model, layers, lambda: model(torch.rand(1, 3, 4, 4))) == layers
 
 
+def test_an_activation_module_with_a_child_is_a_layer_when_named():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("caformer_s18", pretrained=False, num_classes=4)
+    assert default_layers(model)[-1] == "head.fc.act.relu"  # the nn.ReLU in SquaredReLU
+    assert default_layers(model, ["SquaredReLU"])[-1] == "head.fc.act"  # relu(x) ** 2
+
+
 def test_default_layers_of_the_demo_model():
     model = ImageClassifier(SmallCNN(num_classes=4), num_classes=4)
     assert default_layers(model) == [f"backbone.features.relu{i}" for i in (1, 2, 3)]

@@ -218,6 +218,11 @@ MODELS = {
         _timm("vit_tiny_patch16_224", img_size=SIZE, patch_size=4), CLASSES
     ),
     "timm_swin": lambda: ImageClassifier(_swin(), CLASSES),
+    # a convolutional stem, then attention stages of [B, N, C] tokens with no patch embedding
+    "timm_levit": lambda: ImageClassifier(_timm("levit_128s", img_size=SIZE), CLASSES),
+    "timm_mobilevit": lambda: ImageClassifier(_timm("mobilevit_xxs"), CLASSES),  # hybrid blocks
+    # StarReLU (with parameters) in its blocks, SquaredReLU (a module with a child) in its head
+    "timm_caformer": lambda: ImageClassifier(_timm("caformer_s18"), CLASSES),
     "timm_vit_checkpointing": lambda: ImageClassifier(_checkpointing_vit(), CLASSES),
 }
 #: Quick enough for every run; the others are marked slow.
@@ -297,6 +302,12 @@ def test_every_analysis_works_with_defaults(tmp_path, name):
         assert {s.num_neurons for s in tracker.results.values()} == {192}
     if name == "timm_vit_checkpointing":  # on during training, off during the analyses
         assert module.backbone.grad_checkpointing
+    if name == "timm_levit":  # its stem's activations, then its stages' tokens: C neurons each
+        assert list(tracker.results)[-3:] == [f"backbone.stages.{i}" for i in range(3)]
+        assert [s.num_neurons for s in tracker.results.values()][-3:] == [128, 256, 384]
+    if name == "timm_caformer":  # stages are blocks; the head's SquaredReLU holds an nn.ReLU
+        stages = [f"backbone.stages.{i}" for i in range(4)]
+        assert list(tracker.results) == [*stages, "backbone.head.fc.act.relu"]
     if name in ("timm_swin", "torchvision_swin"):  # [B, H, W, C] stages: C neurons each
         widths = [s.num_neurons for s in tracker.results.values()]
         assert widths == ([24, 48, 96, 192] if name == "timm_swin" else [8, 16, 32])
