@@ -10,8 +10,8 @@ import timm
 import torch
 import torchvision
 
-from lightning_neurons.defaults import default_cam_layer
 from lightning_neurons.hooks import default_layers, hooked
+from lightning_neurons.visualize.saliency import cam_layer
 
 #: timm models: ``(options, input size)``.
 MODELS = {
@@ -70,7 +70,8 @@ def _last_shape(model: torch.nn.Module, layer: str, size: int = 32) -> tuple[int
 def _row(name: str, model: torch.nn.Module, size: int = 32) -> str:
     layers = default_layers(model)
     shape = _last_shape(model, layers[-1], size)
-    cam = default_cam_layer(model) or "last Conv2d"
+    # a transformer's block, else the last Conv2d with more than one position on these images
+    cam = cam_layer(model, image=torch.rand(1, 3, size, size))
     described = f"[B, {', '.join(map(str, shape[1:]))}] (channels first)"
     return f"| `{name}` | {_short(layers)} | {len(layers)} | {described} | `{cam}` |"
 

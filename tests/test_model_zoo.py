@@ -286,6 +286,9 @@ def test_every_analysis_works_with_defaults(tmp_path, name):
     _validate(tmp_path, module, callbacks, _loader(dict_batches))
     _check_results(module, callbacks)
     tracker = callbacks[0]
+    if name == "resnet18":  # layer4 is 1x1 at 32 px: Grad-CAM reads layer3 (2 x 2), not flat
+        maps = callbacks[1].saliency_results.maps["gradcam"].flatten(1)  # a flat map's spread is
+        assert (maps.std(dim=1) > 1e-3 * maps.amax(dim=1)).any()  # rounding: 1e-7 of its value
     if name == "shared_activation":  # one ReLU module called twice: two layers, never one mix
         assert set(tracker.results) == {"backbone.relu", "backbone.relu#1"}
     if name == "tutorial_functional":  # F.relu in forward: three calls, three layers

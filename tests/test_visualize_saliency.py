@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
 from _vis_helpers import (
     assert_same_rng,
     assert_unchanged,
@@ -20,6 +21,7 @@ from torch.nn import functional as F
 from lightning_neurons import NeuronsError
 from lightning_neurons.data import Normalize
 from lightning_neurons.visualize import grad_cam, gradient, normalize_maps, saliency, smoothgrad
+from lightning_neurons.visualize.saliency import cam_layer
 
 
 def _images(n: int = 4, channels: int = 1, size: int = 8, seed: int = 0) -> torch.Tensor:
@@ -157,6 +159,41 @@ def test_grad_cam_layer_choice():
     with pytest.raises(NeuronsError, match="has no Conv2d layer"):
         grad_cam(Linear(), _images(2, channels=2, size=4))
     assert snapshot(model).hooks == 0
+
+
+class PooledClassifier(nn.Module):
+    """DLA's head: the features pooled to one position, then a 1x1 convolution as classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Conv2d(6, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x))).flatten(1)
+
+
+def test_grad_cams_default_is_the_last_conv_with_more_than_one_position():
+    torch.manual_seed(0)
+    model, images = PooledClassifier(), _images(3)
+    assert cam_layer(model) == "fc"  # without images: the last Conv2d
+    assert cam_layer(model, image=images[:1]) == "features.0"
+    maps = grad_cam(model, images)  # the default layer, on these images' sizes
+    torch.testing.assert_close(maps, grad_cam(model, images, layer="features.0"))
+    spread = maps.flatten(1).std(dim=1) / maps.flatten(1).amax(dim=1)
+    assert (spread > 1e-3).all()  # maps that are not flat
+    flat = grad_cam(model, images, layer="fc").flatten(1)  # one position: one value everywhere
+    assert (flat.std(dim=1) <= 1e-5 * flat.amax(dim=1)).all()  # but for float32 rounding
+    for target in (None, [0, 1, 2]):  # the positions seen in the pass that predicts, or the probe
+        torch.testing.assert_close(
+            grad_cam(model, images, target), grad_cam(model, images, target, layer="features.0")
+        )
+    # a ResNet on 32 px images maps layer4 to one position, layer3 to 2 x 2
+    resnet = torchvision.models.resnet18(num_classes=3)
+    assert cam_layer(resnet, image=torch.rand(1, 3, 32, 32)) == "layer3.1.conv2"
+    assert cam_layer(resnet, image=torch.rand(1, 3, 64, 64)) == "layer4.1.conv2"
+    assert snapshot(model).hooks == 0 and snapshot(resnet).hooks == 0
 
 
 def test_errors():

@@ -27,7 +27,7 @@ from lightning_neurons.hooks import get_module, selects, split_call
 from lightning_neurons.state import analysis_mode
 from lightning_neurons.visualize.objectives import LOGITS, Channel, ClassLogit
 from lightning_neurons.visualize.render import check_objectives
-from lightning_neurons.visualize.saliency import METHODS
+from lightning_neurons.visualize.saliency import METHODS, cam_layer
 from lightning_neurons.visualize.sizing import Probe, probe
 
 
@@ -94,6 +94,23 @@ def saliency_methods(
             "`gradcam_layer=` to choose a layer with a spatial output."
         )
     return chosen
+
+
+def gradcam_layer_for(
+    model: nn.Module,
+    layer: str | None,
+    shape: Sequence[int] | None,
+    transform: InputTransform | None,
+) -> str:
+    """Grad-CAM's layer for images of ``shape`` (:func:`cam_layer` on a grey image). A model that
+    fails on it gets the last Conv2d here: the plan's own probe then says what is wrong."""
+    image = None if shape is None or layer else torch.full((1, *shape), 0.5)
+    try:
+        return cam_layer(model, layer, image, transform)
+    except NeuronsError:
+        raise
+    except Exception:  # noqa: BLE001 - any failure of the model on the image: see make_plan
+        return cam_layer(model, layer)
 
 
 @dataclass(frozen=True)

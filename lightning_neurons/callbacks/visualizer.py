@@ -26,6 +26,7 @@ from lightning_neurons.callbacks._memory import ContinuationMemory
 from lightning_neurons.callbacks._plan import (
     VisualizerPlan,
     data_attr,
+    gradcam_layer_for,
     is_channel_map,
     is_image_shape,
     is_indices,
@@ -63,7 +64,7 @@ from lightning_neurons.stats import LayerStats
 from lightning_neurons.strategies import refuse_sharded, require_forward
 from lightning_neurons.visualize.objectives import Channel
 from lightning_neurons.visualize.prior import DataPrior
-from lightning_neurons.visualize.saliency import METHODS, Method, cam_layer
+from lightning_neurons.visualize.saliency import METHODS, Method
 
 __all__ = ["FeatureVisualizer", "RenderOptions"]
 
@@ -151,8 +152,8 @@ class FeatureVisualizer(StagedCallback):
             ``None``: all classes.
         saliency: Saliency methods for the probe images, from ``"gradient"``, ``"smoothgrad"``
             and ``"gradcam"`` (``[]``: none).
-        gradcam_layer: Grad-CAM's layer; default: the model's last Conv2d, or for a vision
-            transformer one of its last blocks (see
+        gradcam_layer: Grad-CAM's layer; default: the model's last Conv2d with more than one
+            position on the images, or for a vision transformer one of its last blocks (see
             :func:`~lightning_neurons.visualize.saliency.cam_layer`).
         probes_per_class: Probe images kept per class (the first ones seen in validation).
         max_probes: At most this many probe images in all.
@@ -291,6 +292,7 @@ class FeatureVisualizer(StagedCallback):
         self._seen_shape: tuple[int, ...] | None = None
         self._input_shape: tuple[int, ...] | None = None  # a first input that is not images
         self._plan: VisualizerPlan | None = None
+        self._cam_layer: str | None = None  # Grad-CAM's, resolved with the plan
         self._guess_later = False  # the normalisation is read from the first validation batch
         self._anchors: AnchorImages | None = None  # with the plan
         self._spec: TrackerSpec | None = None  # the tracker's, from setup on (None: no tracker)
@@ -350,7 +352,7 @@ class FeatureVisualizer(StagedCallback):
             )
         self._methods = saliency_methods(pl_module, self.saliency_methods, self.gradcam_layer)
         self._prior.start(trainer.world_size)
-        self._plan = None
+        self._plan, self._cam_layer = None, None
 
     @override
     def _start_fit(self) -> None:
@@ -484,7 +486,10 @@ class FeatureVisualizer(StagedCallback):
                 "on flattened images: `input_transform=lightning_neurons.data.Flatten([C, H, W])`, "
                 "which gives both), or leave FeatureVisualizer out for this model."
             )
-        gradcam = "gradcam" in self._methods
+        shape = shape if shape is not None else self._seen_shape
+        transform = self.input_transform or data_attr(trainer, "input_transform")
+        if "gradcam" in self._methods:
+            self._cam_layer = gradcam_layer_for(pl_module, self.gradcam_layer, shape, transform)
         self._plan = make_plan(
             trainer,
             pl_module,
@@ -493,15 +498,15 @@ class FeatureVisualizer(StagedCallback):
             max_channels=self.max_channels,
             classes=self.classes,
             max_classes=self.max_classes,
-            image_shape=shape if shape is not None else self._seen_shape,
-            input_transform=self.input_transform or data_attr(trainer, "input_transform"),
+            image_shape=shape,
+            input_transform=transform,
             output_fn=self._reader.output_fn,
             inputs=inputs,
             guess=guess,
             read_logits=lambda fn: self._run_safely(
                 "reading the model's logits (for class images and saliency)", fn
             ),
-            cam_layer=cam_layer(pl_module, self.gradcam_layer) if gradcam else None,
+            cam_layer=self._cam_layer if "gradcam" in self._methods else None,
         )
         if not self._plan.gradcam:
             self._methods = [m for m in self._methods if m != "gradcam"]
@@ -569,7 +574,7 @@ class FeatureVisualizer(StagedCallback):
     ) -> SaliencyMaps | None:
         """This round's saliency maps of the shared probes (every rank maps its share)."""
         probes = shared_probes(self._val_images.probes, "gathering the saliency probes")
-        options = (self._methods, self.gradcam_layer, self.smoothgrad_samples, epoch)
+        options = (self._methods, self._cam_layer, self.smoothgrad_samples, epoch)
         return saliency_maps(pl_module, renderer, probes, *options) or self.saliency_results
 
     def _chosen_clusters(

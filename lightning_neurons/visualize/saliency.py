@@ -18,7 +18,8 @@ type (bfloat16 / float16 models too); logits are read with
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -72,8 +73,9 @@ def _logits(
 
 class _Probe:
     """One forward pass of one of ``images``, made when first asked (and then only once): the
-    model's number of classes, and the rows a chunk may hold
-    (:func:`~lightning_neurons.visualize.sizing.auto_batch_size` of its layers' outputs)."""
+    model's number of classes, the rows a chunk may hold
+    (:func:`~lightning_neurons.visualize.sizing.auto_batch_size` of its layers' outputs) and the
+    positions of each ``Conv2d``'s output (Grad-CAM's default layer, :func:`cam_layer`)."""
 
     def __init__(
         self,
@@ -85,19 +87,42 @@ class _Probe:
         self.model, self.images = model, images
         self.input_transform, self.output_fn = input_transform, output_fn
         self._found: tuple[int, OutputSizes] | None = None
+        self._positions: dict[str, int] | None = None
 
     def _run(self) -> tuple[int, OutputSizes]:
         if self._found is None:
             x = as_model_input(to_model_input(self.images[:1], self.input_transform), self.model)
             out: list[object] = []
-            with torch.no_grad():
+            with torch.no_grad(), self.watching():
                 sizes = leaf_output_sizes(self.model, lambda: out.append(self.model(x)))
             self._found = read_logits(out[0], self.output_fn).shape[1], sizes
         return self._found
 
+    @contextmanager
+    def watching(self) -> Iterator[None]:
+        """Notes each ``Conv2d``'s output positions in the forward passes inside the block (the
+        probe's own, or one of the images that it then need not make)."""
+        found: dict[str, int] = {}
+
+        def seen(name: str, output: torch.Tensor) -> None:
+            found.setdefault(name, output.shape[-2:].numel() if output.dim() == 4 else 0)
+
+        with hooked(self.model, _conv_names(self.model), seen):
+            yield
+        if self._positions is None:
+            self._positions = found
+
     @property
     def width(self) -> int:
         return self._run()[0]
+
+    @property
+    def positions(self) -> dict[str, int]:
+        """``{Conv2d layer: positions of its output}`` (``h * w``) on the images."""
+        if self._positions is None:
+            self._run()
+        assert self._positions is not None
+        return self._positions
 
     def rows(self, n: int) -> int:
         """Rows a chunk of ``n`` rows may hold at once."""
@@ -111,7 +136,7 @@ def _targets(probe: _Probe, target: int | Sequence[int] | torch.Tensor | None) -
     """``[N]`` class per image of ``probe.images``: given, or the model's prediction."""
     images, n = probe.images, probe.images.shape[0]
     if target is None:
-        with torch.no_grad():
+        with torch.no_grad(), probe.watching():
             logits = _logits(probe.model, images, probe.input_transform, probe.output_fn)
             return logits.argmax(dim=1)
     if isinstance(target, numbers.Integral):
@@ -288,29 +313,75 @@ def _noise(samples: int, shape: torch.Size, seed: int, first_index: int) -> torc
     return torch.stack(per_image, dim=1)
 
 
-def cam_layer(model: nn.Module, layer: str | None = None) -> str:
-    """Grad-CAM's layer: ``layer``, or by default the last token block of a transformer
-    (:func:`default_cam_layer`), else the last ``Conv2d``.
+def cam_layer(
+    model: nn.Module,
+    layer: str | None = None,
+    image: torch.Tensor | None = None,
+    input_transform: InputTransform | None = None,
+) -> str:
+    """Grad-CAM's layer: ``layer``, or by default a block of a vision transformer
+    (:func:`default_cam_layer`), else the last ``Conv2d`` whose output has more than one position
+    on ``image`` (a ``[1, C, H, W]`` display image: one forward pass without gradients), else the
+    last ``Conv2d``. At one position Grad-CAM's map is flat: a ResNet's ``layer4`` on 32 px
+    images, or a 1x1 convolution that classifies after the global pooling (DLA's ``fc``).
+
+    Example:
+        >>> import torchvision
+        >>> resnet = torchvision.models.resnet18(num_classes=10)
+        >>> cam_layer(resnet)  # with no image: the last Conv2d
+        'layer4.1.conv2'
+        >>> cam_layer(resnet, image=torch.rand(1, 3, 32, 32))  # layer4 is 1x1 at 32 px
+        'layer3.1.conv2'
 
     Raises:
         NeuronsError: For a model without either and no ``layer``.
     """
-    return layer or default_cam_layer(model) or _last_conv(model)
+    if layer:
+        return layer
+    found = default_cam_layer(model)
+    if found:
+        return found
+    convs = _convs(model)
+    if image is None:
+        return convs[-1]
+    with analysis_mode(model, grad=False):
+        probe = _Probe(model, image[:1].to(model_device(model)), input_transform)
+        return _spatial_conv(convs, probe.positions)
 
 
-def _last_conv(model: nn.Module) -> str:
-    """The last ``Conv2d`` outside the auxiliary classifiers (they run in training mode only)."""
+def _spatial_conv(convs: Sequence[str], positions: dict[str, int]) -> str:
+    """The last of ``convs`` with more than one position (``positions``), else the last."""
+    spatial = [name for name in convs if positions.get(name, 0) > 1]
+    return spatial[-1] if spatial else convs[-1]
+
+
+def _conv_names(model: nn.Module) -> list[str]:
+    """The ``Conv2d`` layers outside the auxiliary classifiers (they run in training mode only)."""
     aux = tuple(f"{name}." for name in auxiliary_classifiers(model))
-    names = [
+    return [
         name
         for name, m in model.named_modules()
         if isinstance(m, nn.Conv2d) and not (aux and name.startswith(aux))
     ]
+
+
+def _convs(model: nn.Module) -> list[str]:
+    """:func:`_conv_names`, at least one.
+
+    Raises:
+        NeuronsError: For a model without one.
+    """
+    names = _conv_names(model)
     if not names:
         raise NeuronsError(
             f"{type(model).__name__} has no Conv2d layer; pass the Grad-CAM `layer` explicitly"
         )
-    return names[-1]
+    return names
+
+
+def _last_conv(model: nn.Module) -> str:
+    """The last ``Conv2d`` outside the auxiliary classifiers."""
+    return _convs(model)[-1]
 
 
 def grad_cam(
@@ -331,8 +402,8 @@ def grad_cam(
         target: Class per image (or one for all); default: the predicted class.
         layer: A layer with ``[N, K, h, w]`` output, or a transformer's ``[N, T, D]`` tokens
             (read on the patch grid of its patch embedding, the leading class and register
-            tokens left out); default: the model's last ``Conv2d``, or for a vision
-            transformer a block (see :func:`~lightning_neurons.defaults.default_cam_layer`).
+            tokens left out); default: the model's last ``Conv2d`` with more than one position
+            on these images, or for a vision transformer a block (see :func:`cam_layer`).
         input_transform: Display image -> model input.
         batch_size: Images per forward pass (as in :func:`gradient`).
         output_fn: Reads the logits from the model's output.
@@ -344,10 +415,12 @@ def grad_cam(
         NeuronsError: For an unknown layer, a layer without spatial output, or bad targets.
     """
     check_image_batch(images)
-    layer = cam_layer(model, layer)
-    get_module(model, layer)
+    layer = layer or default_cam_layer(model)
+    if layer is None:
+        _convs(model)  # raises for a model without one
+    else:
+        get_module(model, layer)
     patch = patch_embedding(model)  # a token layer's grid is the patch embedding's output's
-    watched = [layer] if patch is None or patch == layer else [layer, patch]
     device = model_device(model)
     height, width = images.shape[-2:]
     out = []
@@ -363,6 +436,8 @@ def grad_cam(
         images = images.detach().clone().to(device)
         probe = _Probe(model, images, input_transform, output_fn)
         target = _targets(probe, target)
+        layer = layer or _spatial_conv(_convs(model), probe.positions)
+        watched = [layer] if patch is None or patch == layer else [layer, patch]
         with hooked(model, watched, keep):
             parts = _chunks(len(images), batch_size, probe)
             for part in parts:
@@ -417,7 +492,7 @@ def saliency(
         images: ``[N, C, H, W]`` display images.
         method: Which map.
         target: Class per image; default: the predicted class.
-        layer: Grad-CAM's layer (default: the last Conv2d).
+        layer: Grad-CAM's layer (default: see :func:`cam_layer`).
         input_transform: Display image -> model input.
         batch_size: Images (SmoothGrad: noisy copies) per forward pass.
         samples: SmoothGrad's noisy copies per image.
