@@ -21,7 +21,7 @@ from lightning_neurons.hooks import (
     run_layers,
 )
 from lightning_neurons.models import ImageClassifier, SmallCNN
-from lightning_neurons.visualize.saliency import _last_conv
+from lightning_neurons.visualize.saliency import cam_layer
 
 RESNET_BLOCKS = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
 
@@ -122,7 +122,7 @@ def test_auxiliary_classifiers_are_not_default_layers_and_the_main_logits_are_tr
     layers = default_layers(with_aux)
     assert layers == default_layers(without) and len(layers) == 12
     assert auxiliary_classifiers(with_aux) == ["aux1", "aux2"]
-    assert _last_conv(with_aux) == "inception5b.branch4.1.conv"  # Grad-CAM's default layer
+    assert cam_layer(with_aux) == "inception5b.branch4.1.conv"  # Grad-CAM's default layer
     inception = torchvision.models.inception_v3(weights=None, num_classes=4, init_weights=False)
     assert auxiliary_classifiers(inception) == ["AuxLogits"]
     assert not any("AuxLogits" in layer for layer in default_layers(inception))

@@ -379,11 +379,6 @@ def _convs(model: nn.Module) -> list[str]:
     return names
 
 
-def _last_conv(model: nn.Module) -> str:
-    """The last ``Conv2d`` outside the auxiliary classifiers."""
-    return _convs(model)[-1]
-
-
 def grad_cam(
     model: nn.Module,
     images: torch.Tensor,
