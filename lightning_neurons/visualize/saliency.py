@@ -345,7 +345,10 @@ def cam_layer(
     if image is None:
         return convs[-1]
     with analysis_mode(model, grad=False):
-        probe = _Probe(model, image[:1].to(model_device(model)), input_transform)
+        image = image[:1].to(model_device(model))
+        probe = _Probe(model, image, input_transform)
+        with probe.watching():  # the positions only: no logits to read
+            model(as_model_input(to_model_input(image, input_transform), model))
         return _spatial_conv(convs, probe.positions)
 
 
