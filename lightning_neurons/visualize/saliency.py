@@ -102,12 +102,7 @@ class _Probe:
     def watching(self) -> Iterator[None]:
         """Notes each ``Conv2d``'s output positions in the forward passes inside the block (the
         probe's own, or one of the images that it then need not make)."""
-        found: dict[str, int] = {}
-
-        def seen(name: str, output: torch.Tensor) -> None:
-            found.setdefault(name, output.shape[-2:].numel() if output.dim() == 4 else 0)
-
-        with hooked(self.model, _conv_names(self.model), seen):
+        with _conv_positions(self.model) as found:
             yield
         if self._positions is None:
             self._positions = found
@@ -344,12 +339,22 @@ def cam_layer(
     convs = _convs(model)
     if image is None:
         return convs[-1]
-    with analysis_mode(model, grad=False):
-        image = image[:1].to(model_device(model))
-        probe = _Probe(model, image, input_transform)
-        with probe.watching():  # the positions only: no logits to read
-            model(as_model_input(to_model_input(image, input_transform), model))
-        return _spatial_conv(convs, probe.positions)
+    with analysis_mode(model, grad=False), _conv_positions(model) as positions:
+        x = to_model_input(image[:1].to(model_device(model)), input_transform)
+        model(as_model_input(x, model))  # the positions only: no logits to read
+    return _spatial_conv(convs, positions)
+
+
+@contextmanager
+def _conv_positions(model: nn.Module) -> Iterator[dict[str, int]]:
+    """``{Conv2d layer: h * w of its output}``, filled by the forward passes inside the block."""
+    found: dict[str, int] = {}
+
+    def seen(name: str, output: torch.Tensor) -> None:
+        found.setdefault(name, output.shape[-2:].numel() if output.dim() == 4 else 0)
+
+    with hooked(model, _conv_names(model), seen):
+        yield found
 
 
 def _spatial_conv(convs: Sequence[str], positions: dict[str, int]) -> str:
