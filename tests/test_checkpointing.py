@@ -25,6 +25,7 @@ from lightning_neurons.contribution import contribution_batch
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.models import ImageClassifier
 from lightning_neurons.visualize import Channel, grad_cam, gradient, render
+from lightning_neurons.visualize.saliency import cam_layer
 
 
 class CheckpointedNet(nn.Module):
@@ -210,12 +211,66 @@ def test_a_layer_computed_without_a_graph_gets_a_clear_error(how):
     assert all(p.requires_grad and p.grad is None for p in net.parameters())
 
 
+@pytest.mark.parametrize(
+    ("how", "expected"),
+    [
+        ("none", "block.2"),
+        ("non_reentrant", "block.2"),
+        ("reentrant", "stem.0"),
+        ("no_grad", "stem.0"),
+    ],
+)
+def test_grad_cams_default_layer_has_a_graph(how, expected):
+    """Grad-CAM's default is the last conv whose output has a gradient from the image: the
+    block's last conv unless the model runs the block without a graph (a reentrant checkpoint,
+    ``no_grad``), then the stem's; without an image to read (no graph known), the last conv.
+    ``grad_cam`` without a layer makes the maps of that layer (before: an error for the block's
+    conv); under ``no_grad`` the logits have no graph either, which it says."""
+    torch.manual_seed(0)
+    net, x = AlwaysCheckpointedNet(how), torch.rand(3, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own: "none of the inputs have requires_grad"
+        assert cam_layer(net, image=x[:1]) == expected
+        if how == "no_grad":
+            with pytest.raises(NeuronsError, match="logits carry no gradient.*torch.no_grad()"):
+                grad_cam(net, x)
+        else:
+            torch.testing.assert_close(grad_cam(net, x), grad_cam(net, x, layer=expected))
+    assert cam_layer(net) == "block.2"
+    assert count_forward_hooks(net) == 0
+    assert all(p.requires_grad and p.grad is None for p in net.parameters())
+
+
+def test_a_named_grad_cam_layer_without_a_graph_is_left_out_with_a_warning(tmp_path):
+    """A `gradcam_layer` the user names is kept as named: inside a reentrant block it has no
+    graph, so one warning says so and the other maps are made."""
+    visualizer = FeatureVisualizer(
+        layers=["backbone.stem.1"],
+        gradcam_layer="backbone.block.2",
+        on_error="raise",
+        enable_logging=False,
+        **FAST_VIS,
+    )
+    pl.seed_everything(0, verbose=False)
+    module = ImageClassifier(AlwaysCheckpointedNet("reentrant"), num_classes=3, lr=1e-2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fast_trainer(tmp_path, callbacks=[visualizer], max_epochs=1).fit(
+            module, datamodule=TinyData()
+        )
+    said = [str(w.message) for w in record if "Grad-CAM's layer" in str(w.message)]
+    assert len(said) == 1 and "'backbone.block.2'" in said[0]
+    assert not visualizer.failures
+    assert set(visualizer.saliency_results.maps) == {"gradient", "smoothgrad"}
+
+
 @pytest.mark.parametrize("how", ["reentrant", "no_grad"])
 def test_feature_visualizer_renders_what_carries_a_gradient(how, tmp_path):
     """FeatureVisualizer on a model with a block computed without a graph: one warning at set-up
-    names the block's layers (and Grad-CAM's, the last conv, inside it), which are left out; the
-    rest renders (before, the first such layer failed the whole round: nothing was rendered).
-    Under ``no_grad`` the logits have no gradient either: no class images, no saliency."""
+    names the block's layers, which are left out; the rest renders (before, the first such layer
+    failed the whole round: nothing was rendered). Grad-CAM's default is the last conv with a
+    graph, the stem's (before: the last conv, inside the block, and no Grad-CAM maps). Under
+    ``no_grad`` the logits have no gradient either: no class images, no saliency."""
     layers = ["backbone.stem.1", "backbone.block.1", "backbone.block.3"]
     quiet = dict(layers=layers, on_error="raise", enable_logging=False)
     visualizer = FeatureVisualizer(**quiet, **FAST_VIS)
@@ -239,8 +294,13 @@ def test_feature_visualizer_renders_what_carries_a_gradient(how, tmp_path):
     assert len(unreached) == 1
     if how == "reentrant":  # the logits have a gradient: through the block's backward
         assert set(visualizer.results) == {"backbone.stem.1", "classes"}
-        assert any("Grad-CAM's layer 'backbone.block.2'" in m for m in said)
-        assert set(visualizer.saliency_results.maps) == {"gradient", "smoothgrad"}
+        assert not any("Grad-CAM's layer" in m for m in said)
+        assert visualizer._cam_layer == "backbone.stem.0"
+        assert set(visualizer.saliency_results.maps) == {"gradient", "smoothgrad", "gradcam"}
+        got = visualizer.saliency_results
+        expected = grad_cam(module, got.images, got.predicted, layer="backbone.stem.0")
+        torch.testing.assert_close(got.maps["gradcam"], expected)
+        assert expected.gt(0).any()
         assert "['backbone.block.1', 'backbone.block.3']" in unreached[0]
         assert set(contribution.results) == {"backbone.stem.1"}  # through the reentrant block
     else:

@@ -171,13 +171,17 @@ def _input_gradient(
     x = x.detach().clone().requires_grad_(True)
     logits = _logits(model, x, input_transform, output_fn)
     if not logits.requires_grad:
-        raise NeuronsError(
-            f"the model's logits carry no gradient from the images: it computes them {NO_GRAPH}; "
-            f"{GIVE_GRAPH}"
-        )
+        raise _logits_without_graph()
     (grad,) = gradients_at(logits.gather(1, target.view(-1, 1)).sum(), [x])
     assert grad is not None
     return grad
+
+
+def _logits_without_graph() -> NeuronsError:
+    return NeuronsError(
+        f"the model's logits carry no gradient from the images: it computes them {NO_GRAPH}; "
+        f"{GIVE_GRAPH}"
+    )
 
 
 def gradient(
@@ -316,9 +320,11 @@ def cam_layer(
 ) -> str:
     """Grad-CAM's layer: ``layer``, or by default a block of a vision transformer
     (:func:`default_cam_layer`), else the last ``Conv2d`` whose output has more than one position
-    on ``image`` (a ``[1, C, H, W]`` display image: one forward pass without gradients), else the
-    last ``Conv2d``. At one position Grad-CAM's map is flat: a ResNet's ``layer4`` on 32 px
-    images, or a 1x1 convolution that classifies after the global pooling (DLA's ``fc``).
+    on ``image`` (a ``[1, C, H, W]`` display image: one forward pass) and a gradient from it,
+    else the last with a gradient, else the last ``Conv2d``. At one position Grad-CAM's map is
+    flat: a ResNet's ``layer4`` on 32 px images, or a 1x1 convolution that classifies after the
+    global pooling (DLA's ``fc``); without a gradient there is none (a block the model runs
+    under ``torch.no_grad()`` or a reentrant ``checkpoint``).
 
     Example:
         >>> import torchvision
@@ -339,28 +345,35 @@ def cam_layer(
     convs = _convs(model)
     if image is None:
         return convs[-1]
-    with analysis_mode(model, grad=False), _conv_positions(model) as positions:
-        x = to_model_input(image[:1].to(model_device(model)), input_transform)
-        model(as_model_input(x, model))  # the positions only: no logits to read
+    with analysis_mode(model), _conv_positions(model, graph=True) as positions:
+        # the parameters are frozen: an output has a graph when the image's gradient reaches it
+        x = image[:1].detach().to(model_device(model)).requires_grad_(True)
+        model(as_model_input(to_model_input(x, input_transform), model))  # no logits to read
     return _spatial_conv(convs, positions)
 
 
 @contextmanager
-def _conv_positions(model: nn.Module) -> Iterator[dict[str, int]]:
-    """``{Conv2d layer: h * w of its output}``, filled by the forward passes inside the block."""
+def _conv_positions(model: nn.Module, graph: bool = False) -> Iterator[dict[str, int]]:
+    """``{Conv2d layer: h * w of its output}``, filled by the forward passes inside the block
+    (with ``graph``, 0 for an output without a gradient from the image)."""
     found: dict[str, int] = {}
 
     def seen(name: str, output: torch.Tensor) -> None:
-        found.setdefault(name, output.shape[-2:].numel() if output.dim() == 4 else 0)
+        spatial = output.dim() == 4 and (output.requires_grad or not graph)
+        found.setdefault(name, output.shape[-2:].numel() if spatial else 0)
 
     with hooked(model, _conv_names(model), seen):
         yield found
 
 
 def _spatial_conv(convs: Sequence[str], positions: dict[str, int]) -> str:
-    """The last of ``convs`` with more than one position (``positions``), else the last."""
-    spatial = [name for name in convs if positions.get(name, 0) > 1]
-    return spatial[-1] if spatial else convs[-1]
+    """The last of ``convs`` with more than one position (``positions``), else the last with
+    one, else the last."""
+    for least in (2, 1):
+        found = [name for name in convs if positions.get(name, 0) >= least]
+        if found:
+            return found[-1]
+    return convs[-1]
 
 
 def _conv_names(model: nn.Module) -> list[str]:
@@ -406,7 +419,8 @@ def grad_cam(
         layer: A layer with ``[N, K, h, w]`` output, or a transformer's ``[N, T, D]`` tokens
             (read on the patch grid of its patch embedding, the leading class and register
             tokens left out); default: the model's last ``Conv2d`` with more than one position
-            on these images, or for a vision transformer a block (see :func:`cam_layer`).
+            on these images, or for a vision transformer a block (see :func:`cam_layer`); when
+            the model computes it without a graph, the last ``Conv2d`` with one.
         input_transform: Display image -> model input.
         batch_size: Images per forward pass (as in :func:`gradient`).
         output_fn: Reads the logits from the model's output.
@@ -418,7 +432,7 @@ def grad_cam(
         NeuronsError: For an unknown layer, a layer without spatial output, or bad targets.
     """
     check_image_batch(images)
-    layer = layer or default_cam_layer(model)
+    named, layer = layer, layer or default_cam_layer(model)
     if layer is None:
         _convs(model)  # raises for a model without one
     else:
@@ -458,7 +472,20 @@ def grad_cam(
                         f"{shape}"
                     )
                 if not features.requires_grad and features.is_floating_point():
+                    if named is None:  # a default without a graph: the last conv with one
+                        other = cam_layer(model, None, images[:1], input_transform)
+                        return grad_cam(
+                            model,
+                            images,
+                            target,
+                            layer=other,
+                            input_transform=input_transform,
+                            batch_size=batch_size,
+                            output_fn=output_fn,
+                        )
                     raise no_gradient(layer, grad_mode[0])
+                if not logits.requires_grad:
+                    raise _logits_without_graph()
                 picked = logits.gather(1, target[part].view(-1, 1)).sum()
                 (grad,) = gradients_at(picked, [features])  # (the parameters are frozen)
                 if grad is None:  # the logits do not depend on it through a graph
