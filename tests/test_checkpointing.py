@@ -295,7 +295,7 @@ def test_feature_visualizer_renders_what_carries_a_gradient(how, tmp_path):
     if how == "reentrant":  # the logits have a gradient: through the block's backward
         assert set(visualizer.results) == {"backbone.stem.1", "classes"}
         assert not any("Grad-CAM's layer" in m for m in said)
-        assert visualizer._cam_layer == "backbone.stem.0"
+        assert visualizer._plan.cam_layer == "backbone.stem.0"
         assert set(visualizer.saliency_results.maps) == {"gradient", "smoothgrad", "gradcam"}
         got = visualizer.saliency_results
         expected = grad_cam(module, got.images, got.predicted, layer="backbone.stem.0")

@@ -193,6 +193,9 @@ def test_grad_cams_default_is_the_last_conv_with_more_than_one_position():
     resnet = torchvision.models.resnet18(num_classes=3)
     assert cam_layer(resnet, image=torch.rand(1, 3, 32, 32)) == "layer3.1.conv2"
     assert cam_layer(resnet, image=torch.rand(1, 3, 64, 64)) == "layer4.1.conv2"
+    with torch.inference_mode():  # an image made in Lightning's validation
+        image = torch.rand(1, 3, 32, 32)
+    assert cam_layer(resnet, image=image) == "layer3.1.conv2"
     assert snapshot(model).hooks == 0 and snapshot(resnet).hooks == 0
 
 

@@ -123,7 +123,8 @@ class VisualizerPlan:
         classes: The classes rendered (empty when the logits cannot be read).
         class_names: The data module's class names, if it has them.
         saliency: Whether saliency maps can be taken (the logits can be read).
-        gradcam: Whether Grad-CAM's layer carries a gradient (checked when one is named).
+        cam_layer: Grad-CAM's layer (``None``: no Grad-CAM maps, none asked for or its layer
+            carries no gradient).
     """
 
     shape: tuple[int, int, int]
@@ -133,7 +134,7 @@ class VisualizerPlan:
     classes: list[int]
     class_names: list[str] | None
     saliency: bool
-    gradcam: bool = True
+    cam_layer: str | None = None
 
     def class_name(self, c: int) -> str:
         """Class ``c``'s name, or its index when the data module names none."""
@@ -288,7 +289,8 @@ def make_plan(
     read_logits: Callable[[Callable[[], Any]], Any],
     inputs: torch.Tensor | None = None,
     guess: bool = True,
-    cam_layer: str | None = None,
+    gradcam: bool = False,
+    gradcam_layer: str | None = None,
 ) -> VisualizerPlan:
     """Resolve image shape, input transform, channels and classes; check them with one forward
     pass per kind of objective.
@@ -298,8 +300,9 @@ def make_plan(
     ``input_transform``, the first batch's ``inputs`` pick one (:func:`_read_inputs`): channels
     last, ``uint8`` or normalised images (normalised ones only with ``guess``: the first batch
     may be an augmented training batch, and :func:`later_normalization` reads a validation one).
-    The layers (and Grad-CAM's ``cam_layer``) whose outputs carry no gradient from the image
-    are left out with one warning: no image can climb it.
+    With ``gradcam``, Grad-CAM's layer is ``gradcam_layer`` or the default for the images read
+    (:func:`gradcam_layer_for`). The layers (and a named Grad-CAM layer) whose outputs carry no
+    gradient from the image are left out with one warning: no image can climb it.
 
     Raises:
         NeuronsError: For an unknown image size, or a shape, layer, channel or class that does
@@ -315,6 +318,7 @@ def make_plan(
             trainer, pl_module, inputs, image_shape, output_fn, guess
         )
     shape = check_image_shape(list(image_shape))
+    cam = gradcam_layer_for(pl_module, gradcam_layer, shape, input_transform) if gradcam else None
 
     def check(objectives: list) -> dict[str, Any]:
         return check_objectives(
@@ -323,7 +327,7 @@ def make_plan(
 
     wanted = [Channel(layer, i) for layer in layers for i in channels.get(layer, [])]
     wanted += [Channel(split_call(layer)[0], 0) for layer in layers]
-    wanted += [Channel(cam_layer, 0)] if cam_layer is not None else []
+    wanted += [Channel(cam, 0)] if cam is not None else []
     # a wrong image shape, layer or channel raises here
     found = probe(pl_module, wanted, shape, input_transform, output_fn, gradients=True)
     # The layer list becomes the call sites it selects (one per call of a shared module).
@@ -341,12 +345,11 @@ def make_plan(
         chosen = classes
     else:
         chosen = default_classes(logits[0], max_classes)
-    gradcam = cam_layer is None or cam_layer not in found.without_gradient
-    if not gradcam and logits is not None:  # (else: no saliency maps at all, said above)
-        then = "no Grad-CAM maps (pass `gradcam_layer=` to choose another layer)"
-        rank_zero_warn(
-            _no_graph(f"Grad-CAM's layer {cam_layer!r}", "its", [cam_layer], found, then)
-        )
+    if cam is not None and cam in found.without_gradient:
+        if logits is not None:  # (else: no saliency maps at all, said above)
+            then = "no Grad-CAM maps (pass `gradcam_layer=` to choose another layer)"
+            rank_zero_warn(_no_graph(f"Grad-CAM's layer {cam!r}", "its", [cam], found, then))
+        cam = None
     names = data_attr(trainer, "class_names")
     return VisualizerPlan(
         shape=shape,
@@ -360,7 +363,7 @@ def make_plan(
         classes=chosen,
         class_names=list(names) if names else None,
         saliency=logits is not None,
-        gradcam=gradcam,
+        cam_layer=cam,
     )
 
 

@@ -26,7 +26,6 @@ from lightning_neurons.callbacks._memory import ContinuationMemory
 from lightning_neurons.callbacks._plan import (
     VisualizerPlan,
     data_attr,
-    gradcam_layer_for,
     is_channel_map,
     is_image_shape,
     is_indices,
@@ -292,7 +291,6 @@ class FeatureVisualizer(StagedCallback):
         self._seen_shape: tuple[int, ...] | None = None
         self._input_shape: tuple[int, ...] | None = None  # a first input that is not images
         self._plan: VisualizerPlan | None = None
-        self._cam_layer: str | None = None  # Grad-CAM's, resolved with the plan
         self._guess_later = False  # the normalisation is read from the first validation batch
         self._anchors: AnchorImages | None = None  # with the plan
         self._spec: TrackerSpec | None = None  # the tracker's, from setup on (None: no tracker)
@@ -352,7 +350,7 @@ class FeatureVisualizer(StagedCallback):
             )
         self._methods = saliency_methods(pl_module, self.saliency_methods, self.gradcam_layer)
         self._prior.start(trainer.world_size)
-        self._plan, self._cam_layer = None, None
+        self._plan = None
 
     @override
     def _start_fit(self) -> None:
@@ -488,8 +486,6 @@ class FeatureVisualizer(StagedCallback):
             )
         shape = shape if shape is not None else self._seen_shape
         transform = self.input_transform or data_attr(trainer, "input_transform")
-        if "gradcam" in self._methods:
-            self._cam_layer = gradcam_layer_for(pl_module, self.gradcam_layer, shape, transform)
         self._plan = make_plan(
             trainer,
             pl_module,
@@ -506,9 +502,10 @@ class FeatureVisualizer(StagedCallback):
             read_logits=lambda fn: self._run_safely(
                 "reading the model's logits (for class images and saliency)", fn
             ),
-            cam_layer=self._cam_layer if "gradcam" in self._methods else None,
+            gradcam="gradcam" in self._methods,
+            gradcam_layer=self.gradcam_layer,
         )
-        if not self._plan.gradcam:
+        if self._plan.cam_layer is None:
             self._methods = [m for m in self._methods if m != "gradcam"]
         self.layers = self._plan.layers
         self._guess_later = not guess
@@ -574,7 +571,8 @@ class FeatureVisualizer(StagedCallback):
     ) -> SaliencyMaps | None:
         """This round's saliency maps of the shared probes (every rank maps its share)."""
         probes = shared_probes(self._val_images.probes, "gathering the saliency probes")
-        options = (self._methods, self._cam_layer, self.smoothgrad_samples, epoch)
+        assert self._plan is not None
+        options = (self._methods, self._plan.cam_layer, self.smoothgrad_samples, epoch)
         return saliency_maps(pl_module, renderer, probes, *options) or self.saliency_results
 
     def _chosen_clusters(

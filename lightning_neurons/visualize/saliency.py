@@ -346,8 +346,9 @@ def cam_layer(
     if image is None:
         return convs[-1]
     with analysis_mode(model), _conv_positions(model, graph=True) as positions:
-        # the parameters are frozen: an output has a graph when the image's gradient reaches it
-        x = image[:1].detach().to(model_device(model)).requires_grad_(True)
+        # the parameters are frozen: an output has a graph when the image's gradient reaches it;
+        # a clone made here is no inference tensor (the image may be one: Lightning's validation)
+        x = image[:1].detach().to(model_device(model)).clone().requires_grad_(True)
         model(as_model_input(to_model_input(x, input_transform), model))  # no logits to read
     return _spatial_conv(convs, positions)
 
