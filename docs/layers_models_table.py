@@ -70,7 +70,7 @@ def _last_shape(model: torch.nn.Module, layer: str, size: int = 32) -> tuple[int
 def _row(name: str, model: torch.nn.Module, size: int = 32) -> str:
     layers = default_layers(model)
     shape = _last_shape(model, layers[-1], size)
-    # a transformer's block, else the last Conv2d with more than one position on these images
+    # a transformer's block, else a stage output on a grid of at least 3 x 3 positions
     cam = cam_layer(model, image=torch.rand(1, 3, size, size))
     described = f"[B, {', '.join(map(str, shape[1:]))}] (channels first)"
     return f"| `{name}` | {_short(layers)} | {len(layers)} | {described} | `{cam}` |"

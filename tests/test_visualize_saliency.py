@@ -178,24 +178,28 @@ def test_grad_cams_default_is_the_last_conv_with_more_than_one_position():
     torch.manual_seed(0)
     model, images = PooledClassifier(), _images(3)
     assert cam_layer(model) == "fc"  # without images: the last Conv2d
-    assert cam_layer(model, image=images[:1]) == "features.0"
+    assert cam_layer(model, image=images[:1]) == "features"  # the conv's block: after the ReLU
     maps = grad_cam(model, images)  # the default layer, on these images' sizes
-    torch.testing.assert_close(maps, grad_cam(model, images, layer="features.0"))
+    torch.testing.assert_close(maps, grad_cam(model, images, layer="features"))
     spread = maps.flatten(1).std(dim=1) / maps.flatten(1).amax(dim=1)
     assert (spread > 1e-3).all()  # maps that are not flat
     flat = grad_cam(model, images, layer="fc").flatten(1)  # one position: one value everywhere
     assert (flat.std(dim=1) <= 1e-5 * flat.amax(dim=1)).all()  # but for float32 rounding
     for target in (None, [0, 1, 2]):  # the positions seen in the pass that predicts, or the probe
         torch.testing.assert_close(
-            grad_cam(model, images, target), grad_cam(model, images, target, layer="features.0")
+            grad_cam(model, images, target), grad_cam(model, images, target, layer="features")
         )
-    # a ResNet on 32 px images maps layer4 to one position, layer3 to 2 x 2
+    # a ResNet's stage outputs with at least 3 x 3 positions: at 32 px layer4 is 1 x 1 and
+    # layer3 2 x 2, at 64 px layer4 is 2 x 2, at 96 px 3 x 3
     resnet = torchvision.models.resnet18(num_classes=3)
-    assert cam_layer(resnet, image=torch.rand(1, 3, 32, 32)) == "layer3.1.conv2"
-    assert cam_layer(resnet, image=torch.rand(1, 3, 64, 64)) == "layer4.1.conv2"
+    for size, expected in [(32, "layer2"), (48, "layer3"), (64, "layer3"), (96, "layer4")]:
+        assert cam_layer(resnet, image=torch.rand(1, 3, size, size)) == expected
     with torch.inference_mode():  # an image made in Lightning's validation
         image = torch.rand(1, 3, 32, 32)
-    assert cam_layer(resnet, image=image) == "layer3.1.conv2"
+    assert cam_layer(resnet, image=image) == "layer2"
+    # a VGG: the ReLU after its last conv on that grid, not the conv (nor the pooled output)
+    vgg = torchvision.models.vgg11(num_classes=3)
+    assert cam_layer(vgg, image=torch.rand(1, 3, 64, 64)) == "features.19"
     assert snapshot(model).hooks == 0 and snapshot(resnet).hooks == 0
 
 

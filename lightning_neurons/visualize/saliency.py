@@ -20,6 +20,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -75,7 +76,7 @@ class _Probe:
     """One forward pass of one of ``images``, made when first asked (and then only once): the
     model's number of classes, the rows a chunk may hold
     (:func:`~lightning_neurons.visualize.sizing.auto_batch_size` of its layers' outputs) and the
-    positions of each ``Conv2d``'s output (Grad-CAM's default layer, :func:`cam_layer`)."""
+    shapes of the layers' outputs (Grad-CAM's default layer, :func:`cam_layer`)."""
 
     def __init__(
         self,
@@ -87,7 +88,7 @@ class _Probe:
         self.model, self.images = model, images
         self.input_transform, self.output_fn = input_transform, output_fn
         self._found: tuple[int, OutputSizes] | None = None
-        self._positions: dict[str, int] | None = None
+        self._outputs: _Outputs | None = None
 
     def _run(self) -> tuple[int, OutputSizes]:
         if self._found is None:
@@ -100,24 +101,24 @@ class _Probe:
 
     @contextmanager
     def watching(self) -> Iterator[None]:
-        """Notes each ``Conv2d``'s output positions in the forward passes inside the block (the
-        probe's own, or one of the images that it then need not make)."""
-        with _conv_positions(self.model) as found:
+        """Notes the layers' output shapes in the forward passes inside the block (the probe's
+        own, or one of the images that it then need not make)."""
+        with _layer_outputs(self.model) as found:
             yield
-        if self._positions is None:
-            self._positions = found
+        if self._outputs is None:
+            self._outputs = found
 
     @property
     def width(self) -> int:
         return self._run()[0]
 
     @property
-    def positions(self) -> dict[str, int]:
-        """``{Conv2d layer: positions of its output}`` (``h * w``) on the images."""
-        if self._positions is None:
+    def outputs(self) -> _Outputs:
+        """The layers' output shapes on the images."""
+        if self._outputs is None:
             self._run()
-        assert self._positions is not None
-        return self._positions
+        assert self._outputs is not None
+        return self._outputs
 
     def rows(self, n: int) -> int:
         """Rows a chunk of ``n`` rows may hold at once."""
@@ -312,6 +313,12 @@ def _noise(samples: int, shape: torch.Size, seed: int, first_index: int) -> torc
     return torch.stack(per_image, dim=1)
 
 
+#: Grad-CAM's default layer has at least this many positions where the model has one (3 x 3):
+#: a 2 x 2 map picks a quadrant. On the parts data, a ResNet-18's 2 x 2 maps were less
+#: faithful than its 4 x 4 ones at 32 and 64 px (``benchmarks/gradcam_layers.py``).
+CAM_POSITIONS = 9
+
+
 def cam_layer(
     model: nn.Module,
     layer: str | None = None,
@@ -319,20 +326,30 @@ def cam_layer(
     input_transform: InputTransform | None = None,
 ) -> str:
     """Grad-CAM's layer: ``layer``, or by default a block of a vision transformer
-    (:func:`default_cam_layer`), else the last ``Conv2d`` whose output has more than one position
-    on ``image`` (a ``[1, C, H, W]`` display image: one forward pass) and a gradient from it,
-    else the last with a gradient, else the last ``Conv2d``. At one position Grad-CAM's map is
-    flat: a ResNet's ``layer4`` on 32 px images, or a 1x1 convolution that classifies after the
-    global pooling (DLA's ``fc``); without a gradient there is none (a block the model runs
-    under ``torch.no_grad()`` or a reentrant ``checkpoint``).
+    (:func:`default_cam_layer`), else a stage or block output on the grid of the last ``Conv2d``
+    whose output has more than one position on ``image`` (a ``[1, C, H, W]`` display image: one
+    forward pass) and a gradient from it: of the layers whose outputs have that grid and a
+    gradient, the outermost (the fewest dots in its name), and of those the last to return (a
+    ResNet's stage, the ReLU after a VGG's last convolution). Else the same on the grid of the
+    last ``Conv2d`` with a gradient, else the last ``Conv2d``. Without ``image``: the last
+    ``Conv2d``.
+
+    At one position Grad-CAM's map is flat: a ResNet's ``layer4`` on 32 px images, or a 1x1
+    convolution that classifies after the global pooling (DLA's ``fc``); without a gradient
+    there is none (a block the model runs under ``torch.no_grad()`` or a reentrant
+    ``checkpoint``). The block's output, after its normalisation, residual sum and activation,
+    gives more faithful maps than its last convolution (``benchmarks/gradcam_layers.py``), as
+    pytorch-grad-cam recommends (``model.layer4[-1]``).
 
     Example:
         >>> import torchvision
         >>> resnet = torchvision.models.resnet18(num_classes=10)
         >>> cam_layer(resnet)  # with no image: the last Conv2d
         'layer4.1.conv2'
-        >>> cam_layer(resnet, image=torch.rand(1, 3, 32, 32))  # layer4 is 1x1 at 32 px
-        'layer3.1.conv2'
+        >>> cam_layer(resnet, image=torch.rand(1, 3, 224, 224))  # layer4: 7 x 7
+        'layer4'
+        >>> cam_layer(resnet, image=torch.rand(1, 3, 32, 32))  # layer4: 1 x 1, layer3: 2 x 2
+        'layer2'
 
     Raises:
         NeuronsError: For a model without either and no ``layer``.
@@ -345,36 +362,52 @@ def cam_layer(
     convs = _convs(model)
     if image is None:
         return convs[-1]
-    with analysis_mode(model), _conv_positions(model, graph=True) as positions:
+    with analysis_mode(model), _layer_outputs(model, graph=True) as outputs:
         # the parameters are frozen: an output has a graph when the image's gradient reaches it;
         # a clone made here is no inference tensor (the image may be one: Lightning's validation)
         x = image[:1].detach().to(model_device(model)).clone().requires_grad_(True)
         model(as_model_input(to_model_input(x, input_transform), model))  # no logits to read
-    return _spatial_conv(convs, positions)
+    return outputs.cam_layer(convs)
+
+
+@dataclass
+class _Outputs:
+    """The layers that ran, in the order they returned (a block after its layers), and the
+    ``[K, h, w]`` shape of each one's output (``None``: not a feature map, or no gradient from
+    the image when one was asked for)."""
+
+    shapes: dict[str, tuple[int, ...] | None] = field(default_factory=dict)
+
+    def cam_layer(self, convs: Sequence[str]) -> str:
+        """The outermost layer (the fewest dots in its name; of those, the last to return)
+        whose output has the grid of the last of ``convs`` with at least :data:`CAM_POSITIONS`
+        positions: a stage or block output. Else the same with more than one position, else
+        with one, else the last of ``convs``."""
+        for least in (CAM_POSITIONS, 2, 1):
+            grids = [s[-2:] for n in convs if (s := self.shapes.get(n)) and s[-2:].numel() >= least]
+            if grids:
+                same = [n for n, s in self.shapes.items() if s is not None and s[-2:] == grids[-1]]
+                depth = min(n.count(".") for n in same)
+                return [n for n in same if n.count(".") == depth][-1]
+        return convs[-1]
 
 
 @contextmanager
-def _conv_positions(model: nn.Module, graph: bool = False) -> Iterator[dict[str, int]]:
-    """``{Conv2d layer: h * w of its output}``, filled by the forward passes inside the block
-    (with ``graph``, 0 for an output without a gradient from the image)."""
-    found: dict[str, int] = {}
+def _layer_outputs(model: nn.Module, graph: bool = False) -> Iterator[_Outputs]:
+    """The layers' output shapes (:class:`_Outputs`), filled by the forward passes inside the
+    block (with ``graph``, ``None`` for an output without a gradient from the image when the
+    layer returns, as :func:`~lightning_neurons.visualize.sizing.probe` reads it)."""
+    found = _Outputs()
 
     def seen(name: str, output: torch.Tensor) -> None:
-        spatial = output.dim() == 4 and (output.requires_grad or not graph)
-        found.setdefault(name, output.shape[-2:].numel() if spatial else 0)
+        feature_map = output.dim() == 4 and (output.requires_grad or not graph)
+        if name not in found.shapes:
+            found.shapes[name] = torch.Size(output.shape[1:]) if feature_map else None
 
-    with hooked(model, _conv_names(model), seen):
+    aux = tuple(f"{name}." for name in auxiliary_classifiers(model))
+    names = [n for n, _ in model.named_modules() if n and not (aux and n.startswith(aux))]
+    with hooked(model, names, seen):
         yield found
-
-
-def _spatial_conv(convs: Sequence[str], positions: dict[str, int]) -> str:
-    """The last of ``convs`` with more than one position (``positions``), else the last with
-    one, else the last."""
-    for least in (2, 1):
-        found = [name for name in convs if positions.get(name, 0) >= least]
-        if found:
-            return found[-1]
-    return convs[-1]
 
 
 def _conv_names(model: nn.Module) -> list[str]:
@@ -454,7 +487,7 @@ def grad_cam(
         images = images.detach().clone().to(device)
         probe = _Probe(model, images, input_transform, output_fn)
         target = _targets(probe, target)
-        layer = layer or _spatial_conv(_convs(model), probe.positions)
+        layer = layer or probe.outputs.cam_layer(_convs(model))
         watched = [layer] if patch is None or patch == layer else [layer, patch]
         with hooked(model, watched, keep):
             parts = _chunks(len(images), batch_size, probe)
@@ -473,17 +506,8 @@ def grad_cam(
                         f"{shape}"
                     )
                 if not features.requires_grad and features.is_floating_point():
-                    if named is None:  # a default without a graph: the last conv with one
-                        other = cam_layer(model, None, images[:1], input_transform)
-                        return grad_cam(
-                            model,
-                            images,
-                            target,
-                            layer=other,
-                            input_transform=input_transform,
-                            batch_size=batch_size,
-                            output_fn=output_fn,
-                        )
+                    if named is None:  # a default without a graph: one that has one, below
+                        break
                     raise no_gradient(layer, grad_mode[0])
                 if not logits.requires_grad:
                     raise _logits_without_graph()
@@ -498,6 +522,10 @@ def grad_cam(
                 cam = F.relu((weights * features.detach().float()).sum(dim=1, keepdim=True))
                 cam = F.interpolate(cam, size=(height, width), mode="bilinear", align_corners=False)
                 out.append(cam[:, 0].detach().float().cpu())
+    if len(out) < len(parts):  # the default layer had no graph: the last layer that has one
+        other = cam_layer(model, None, images[:1], input_transform)
+        options = {"input_transform": input_transform, "output_fn": output_fn}
+        return grad_cam(model, images, target, layer=other, batch_size=batch_size, **options)
     return torch.cat(out)
 
 
