@@ -346,6 +346,13 @@ def reduce_activation(output: torch.Tensor, reduction: str, layer: str = "") -> 
     return reduce_positions(output, reduction)
 
 
+def _has_tensor(output: object) -> bool:
+    """Whether :func:`first_tensor` finds one in ``output``."""
+    return isinstance(output, torch.Tensor) or (
+        isinstance(output, (tuple, list)) and bool(output) and isinstance(output[0], torch.Tensor)
+    )
+
+
 def first_tensor(output: object, layer: str = "") -> torch.Tensor:
     """The tensor a module returned (the first one, for modules that return tuples)."""
     if isinstance(output, torch.Tensor):
@@ -362,7 +369,9 @@ def first_tensor(output: object, layer: str = "") -> torch.Tensor:
 
 
 @contextmanager
-def hooked(model: nn.Module, layers: Sequence[str], fn: ActivationFn) -> Iterator[HookSet]:
+def hooked(
+    model: nn.Module, layers: Sequence[str], fn: ActivationFn, *, skip_others: bool = False
+) -> Iterator[HookSet]:
     """Call ``fn(layer_name, output)`` on every forward of the selected layers, inside the block.
 
     ``layer_name`` is the call site (``"layer1.0.relu"`` or ``"layer1.0.relu#1"``). The hooks
@@ -374,6 +383,8 @@ def hooked(model: nn.Module, layers: Sequence[str], fn: ActivationFn) -> Iterato
         fn: Called from inside each forward hook with the module's output tensor. It must not
             keep per-batch tensors alive: reduce or detach inside. A tensor it returns replaces
             the output.
+        skip_others: Pass over the calls that return no tensor (a dict, ``None``) rather than
+            raise: for hooks on every module of a model.
 
     Example:
         >>> from lightning_neurons.models import SmallCNN
@@ -387,7 +398,7 @@ def hooked(model: nn.Module, layers: Sequence[str], fn: ActivationFn) -> Iterato
     """
     handles = HookSet()
     try:
-        handles.add(model, layers, fn)
+        handles.add(model, layers, fn, skip_others=skip_others)
         yield handles
     finally:
         handles.remove()
@@ -425,9 +436,16 @@ class HookSet:
         """Start counting calls afresh (a forward pass of the hooked model does it too)."""
         self._count.clear()
 
-    def add(self, model: nn.Module, layers: Sequence[str], fn: ActivationFn) -> None:
+    def add(
+        self,
+        model: nn.Module,
+        layers: Sequence[str],
+        fn: ActivationFn,
+        skip_others: bool = False,
+    ) -> None:
         """Register ``fn`` as a forward hook on the modules of the layer list ``layers`` (and
-        capture the calls of its function layers)."""
+        capture the calls of its function layers); with ``skip_others``, calls that return no
+        tensor are passed over (else they raise)."""
         wanted: dict[str, list[str | None]] = {}
         for spec in layers:
             get_module(model, spec)
@@ -449,6 +467,8 @@ class HookSet:
             def hook(
                 _module: nn.Module, _inputs: object, output: object, _name: str = module_name
             ) -> object:
+                if skip_others and not _has_tensor(output):
+                    return None
                 tensor = first_tensor(output, _name)
                 replaced = self._seen(_name, matchers[_name], tensor, _module, last[_name], fn)
                 if replaced is None or isinstance(output, torch.Tensor):

@@ -175,3 +175,29 @@ def test_hook_returning_a_tensor_replaces_that_call_only():
 
 def test_signed_layers_are_the_affine_ones():
     assert signed_layers(TinyNet(), ["conv1", "relu1", "fc", "pool"]) == ["conv1", "fc"]
+
+
+class _DictInside(nn.Module):
+    """A block that returns a dict, inside a model that reads it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"features": self.conv(x)}
+
+
+def test_hooks_on_every_module_can_pass_over_outputs_without_a_tensor():
+    """A layer that returns a dict is an error when named, and passed over with `skip_others`
+    (Grad-CAM's default layer reads every module's output)."""
+    model = nn.Sequential()
+    model.add_module("block", _DictInside())
+    x, seen = torch.rand(1, 1, 5, 5), []
+    error = "layer 'block' returned dict, not a tensor"
+    with pytest.raises(NeuronsError, match=error), hooked(model, ["block"], lambda n, t: None):
+        model(x)
+    seen.clear()
+    with hooked(model, ["block", "block.conv"], lambda n, t: seen.append(n), skip_others=True):
+        model(x)
+    assert seen == ["block.conv"] and count_forward_hooks(model) == 0

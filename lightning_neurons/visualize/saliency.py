@@ -406,7 +406,7 @@ def _layer_outputs(model: nn.Module, graph: bool = False) -> Iterator[_Outputs]:
 
     aux = tuple(f"{name}." for name in auxiliary_classifiers(model))
     names = [n for n, _ in model.named_modules() if n and not (aux and n.startswith(aux))]
-    with hooked(model, names, seen):
+    with hooked(model, names, seen, skip_others=True):
         yield found
 
 
