@@ -3,6 +3,8 @@ sanity check, errors, and no side effects."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torchvision
@@ -266,3 +268,24 @@ def test_maps_change_when_the_weights_are_randomised():
         changed = _correlation(trained_maps, random_maps)
         assert torch.allclose(same, torch.ones(10), atol=1e-4)
         assert changed.mean() < 0.6, (method, changed)
+
+
+def test_only_grad_cams_default_reads_every_modules_output(monkeypatch):
+    """The shapes of every module's output (hooks on all of them) are read only where Grad-CAM
+    picks its layer: not for gradient or SmoothGrad maps, nor for a named Grad-CAM layer."""
+    module = importlib.import_module("lightning_neurons.visualize.saliency")
+    calls: list[int] = []
+    real = module._layer_outputs
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_layer_outputs", counted)
+    model, images = TinyNet(), _images(3)
+    gradient(model, images)
+    smoothgrad(model, images, samples=2)
+    grad_cam(model, images, layer="conv2")
+    assert not calls
+    torch.testing.assert_close(grad_cam(model, images), grad_cam(model, images, layer="relu2"))
+    assert calls

@@ -75,8 +75,9 @@ def _logits(
 class _Probe:
     """One forward pass of one of ``images``, made when first asked (and then only once): the
     model's number of classes, the rows a chunk may hold
-    (:func:`~lightning_neurons.visualize.sizing.auto_batch_size` of its layers' outputs) and the
-    shapes of the layers' outputs (Grad-CAM's default layer, :func:`cam_layer`)."""
+    (:func:`~lightning_neurons.visualize.sizing.auto_batch_size` of its layers' outputs) and,
+    with ``watch``, the shapes of the layers' outputs (Grad-CAM's default layer,
+    :func:`cam_layer`: hooks on every module)."""
 
     def __init__(
         self,
@@ -84,8 +85,9 @@ class _Probe:
         images: torch.Tensor,
         input_transform: InputTransform | None,
         output_fn: BatchFn | None = None,
+        watch: bool = False,
     ) -> None:
-        self.model, self.images = model, images
+        self.model, self.images, self.watch = model, images, watch
         self.input_transform, self.output_fn = input_transform, output_fn
         self._found: tuple[int, OutputSizes] | None = None
         self._outputs: _Outputs | None = None
@@ -102,7 +104,10 @@ class _Probe:
     @contextmanager
     def watching(self) -> Iterator[None]:
         """Notes the layers' output shapes in the forward passes inside the block (the probe's
-        own, or one of the images that it then need not make)."""
+        own, or one of the images that it then need not make); without ``watch``, nothing."""
+        if not self.watch:
+            yield
+            return
         with _layer_outputs(self.model) as found:
             yield
         if self._outputs is None:
@@ -114,7 +119,8 @@ class _Probe:
 
     @property
     def outputs(self) -> _Outputs:
-        """The layers' output shapes on the images."""
+        """The layers' output shapes on the images (made with ``watch``)."""
+        assert self.watch
         if self._outputs is None:
             self._run()
         assert self._outputs is not None
@@ -485,7 +491,7 @@ def grad_cam(
 
     with analysis_mode(model):
         images = images.detach().clone().to(device)
-        probe = _Probe(model, images, input_transform, output_fn)
+        probe = _Probe(model, images, input_transform, output_fn, watch=layer is None)
         target = _targets(probe, target)
         layer = layer or probe.outputs.cam_layer(_convs(model))
         watched = [layer] if patch is None or patch == layer else [layer, patch]
