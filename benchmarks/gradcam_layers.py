@@ -1,6 +1,6 @@
 """Which layer gives the most faithful Grad-CAM maps: a block's last conv, or the block's output?
 
-Grad-CAM's default (:func:`~lightning_neurons.visualize.saliency.cam_layer`) was the last
+Grad-CAM's default (:func:`~lightning_neurons.visualize.cam_layers.cam_layer`) was the last
 ``Conv2d`` with more than one position on the images: for a ResNet the ``conv2`` of the last
 block of a stage, before its BatchNorm, the residual sum and the ReLU, at 2 x 2 on 32 px images.
 pytorch-grad-cam recommends the block's output (``model.layer4[-1]``). This script measures,
@@ -14,12 +14,14 @@ deletion and insertion curves of RISE (Petsiuk et al., 2018), which need no anno
   the same curve (higher is better).
 
 A random map (three seeds, averaged) is the floor every map must beat. The model: a torchvision
-ResNet-18 (``weights=None``, its first conv reading the grey images' one channel) trained for
+ResNet-18 (``weights=None``, its first conv reading the grey images' one channel), or with
+``--model smallcnn`` the demo's :class:`~lightning_neurons.models.SmallCNN` (VGG-like: conv,
+BatchNorm, ReLU, pooling; its three convolutions, BatchNorms and ReLUs compared), trained for
 ``--epochs`` on the parts data (:mod:`lightning_neurons.parts`: twelve classes told apart by a
 small mark in a random corner of two large shapes) at ``--size`` pixels, then mapped on
 ``--images`` held-out images (the same number of each class).
 
-Run:  python benchmarks/gradcam_layers.py [--size 32] [--epochs 10] [--images 240]
+Run:  python benchmarks/gradcam_layers.py [--model resnet18] [--size 32] [--epochs 10] [--images 240]
           [--steps 16] [--seed 0] [--threads 2]
 """
 
@@ -33,9 +35,10 @@ import torch
 import torchvision
 from torch import nn
 
+from lightning_neurons.models import SmallCNN
 from lightning_neurons.parts import make_parts
 from lightning_neurons.visualize import grad_cam, gradient, smoothgrad
-from lightning_neurons.visualize.saliency import cam_layer
+from lightning_neurons.visualize.cam_layers import cam_layer
 
 
 def resnet18_grey(classes: int) -> nn.Module:
@@ -100,6 +103,7 @@ def curves(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=["resnet18", "smallcnn"], default="resnet18")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--images", type=int, default=240)
@@ -111,7 +115,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     x, y = make_parts(n_per_class=200, image_size=args.size, seed=args.seed)
     held_x, held_y = make_parts(n_per_class=args.images // 12, image_size=args.size, seed=1000)
-    model = resnet18_grey(12)
+    model = resnet18_grey(12) if args.model == "resnet18" else SmallCNN(1, 12)
     start = time.perf_counter()
     train(model, x, y, args.epochs, args.seed)
     with torch.no_grad():
@@ -120,11 +124,16 @@ def main() -> None:
     print(f"trained in {time.perf_counter() - start:.1f} s; held-out accuracy {accuracy:.4f}")
     default = cam_layer(model, image=held_x[:1])
     methods: dict[str, Callable[[], torch.Tensor]] = {}
-    for stage in ("layer1", "layer2", "layer3", "layer4"):
-        for layer in (f"{stage}.1.conv2", stage):  # a stage's last conv, and its output
-            methods[f"grad-cam {layer}"] = lambda layer=layer: grad_cam(
-                model, held_x, predicted, layer=layer
-            )
+    if args.model == "resnet18":  # each stage's last conv, and its output
+        layers = [
+            name for s in ("layer1", "layer2", "layer3", "layer4") for name in (f"{s}.1.conv2", s)
+        ]
+    else:  # each block's conv, BatchNorm and ReLU (the last one's is `features`' output)
+        layers = [f"features.{kind}{i}" for i in (1, 2, 3) for kind in ("conv", "bn", "relu")]
+    for layer in layers:
+        methods[f"grad-cam {layer}"] = lambda layer=layer: grad_cam(
+            model, held_x, predicted, layer=layer
+        )
     methods["gradient"] = lambda: gradient(model, held_x, predicted)
     methods["smoothgrad"] = lambda: smoothgrad(model, held_x, predicted)
     for seed in range(3):

@@ -11,7 +11,7 @@ import torch
 import torchvision
 
 from lightning_neurons.hooks import default_layers, hooked
-from lightning_neurons.visualize.saliency import cam_layer
+from lightning_neurons.visualize.cam_layers import cam_layer
 
 #: timm models: ``(options, input size)``.
 MODELS = {

@@ -25,7 +25,7 @@ from lightning_neurons.contribution import contribution_batch
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.models import ImageClassifier
 from lightning_neurons.visualize import Channel, grad_cam, gradient, render
-from lightning_neurons.visualize.saliency import cam_layer
+from lightning_neurons.visualize.cam_layers import cam_layer
 
 
 class CheckpointedNet(nn.Module):

@@ -21,7 +21,7 @@ from lightning_neurons.hooks import (
     run_layers,
 )
 from lightning_neurons.models import ImageClassifier, SmallCNN
-from lightning_neurons.visualize.saliency import cam_layer
+from lightning_neurons.visualize.cam_layers import cam_layer
 
 RESNET_BLOCKS = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
 

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from lightning_neurons import NeuronsError
 from lightning_neurons.data import Normalize
 from lightning_neurons.visualize import grad_cam, gradient, normalize_maps, saliency, smoothgrad
-from lightning_neurons.visualize.saliency import cam_layer
+from lightning_neurons.visualize.cam_layers import cam_layer
 
 
 def _images(n: int = 4, channels: int = 1, size: int = 8, seed: int = 0) -> torch.Tensor:
@@ -275,13 +275,13 @@ def test_only_grad_cams_default_reads_every_modules_output(monkeypatch):
     picks its layer: not for gradient or SmoothGrad maps, nor for a named Grad-CAM layer."""
     module = importlib.import_module("lightning_neurons.visualize.saliency")
     calls: list[int] = []
-    real = module._layer_outputs
+    real = module.layer_outputs
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(module, "_layer_outputs", counted)
+    monkeypatch.setattr(module, "layer_outputs", counted)
     model, images = TinyNet(), _images(3)
     gradient(model, images)
     smoothgrad(model, images, samples=2)

@@ -25,9 +25,10 @@ from lightning_neurons.errors import NeuronsError
 from lightning_neurons.gradients import why_no_gradient
 from lightning_neurons.hooks import get_module, selects, split_call
 from lightning_neurons.state import analysis_mode
+from lightning_neurons.visualize.cam_layers import cam_layer
 from lightning_neurons.visualize.objectives import LOGITS, Channel, ClassLogit
 from lightning_neurons.visualize.render import check_objectives
-from lightning_neurons.visualize.saliency import METHODS, cam_layer
+from lightning_neurons.visualize.saliency import METHODS
 from lightning_neurons.visualize.sizing import Probe, probe
 
 

@@ -154,7 +154,7 @@ class FeatureVisualizer(StagedCallback):
         gradcam_layer: Grad-CAM's layer; default: the stage or block output where the model's
             last Conv2d with at least 3 x 3 positions on the images is (a ResNet's ``layer4``,
             ``layer3`` on 32 to 64 px images), or for a vision transformer one of its last
-            blocks (see :func:`~lightning_neurons.visualize.saliency.cam_layer`).
+            blocks (see :func:`~lightning_neurons.visualize.cam_layers.cam_layer`).
         probes_per_class: Probe images kept per class (the first ones seen in validation).
         max_probes: At most this many probe images in all.
         image_shape: ``(C, H, W)`` of the rendered images; default: the data module's

@@ -20,7 +20,6 @@ from __future__ import annotations
 import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -43,7 +42,7 @@ from lightning_neurons.checks import (
     check_optional_positive_int,
     check_positive_int,
 )
-from lightning_neurons.defaults import auxiliary_classifiers, default_cam_layer
+from lightning_neurons.defaults import default_cam_layer
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.gradients import (
     GIVE_GRAPH,
@@ -54,6 +53,12 @@ from lightning_neurons.gradients import (
 from lightning_neurons.hooks import OutputSizes, get_module, hooked, leaf_output_sizes
 from lightning_neurons.layouts import on_grid, patch_embedding
 from lightning_neurons.state import analysis_mode, model_device
+from lightning_neurons.visualize.cam_layers import (  # cam_layer: this module's too
+    LayerOutputs,
+    cam_layer,
+    conv_layers,
+    layer_outputs,
+)
 from lightning_neurons.visualize.param import row_seed
 from lightning_neurons.visualize.sizing import auto_batch_size
 
@@ -90,7 +95,7 @@ class _Probe:
         self.model, self.images, self.watch = model, images, watch
         self.input_transform, self.output_fn = input_transform, output_fn
         self._found: tuple[int, OutputSizes] | None = None
-        self._outputs: _Outputs | None = None
+        self._outputs: LayerOutputs | None = None
 
     def _run(self) -> tuple[int, OutputSizes]:
         if self._found is None:
@@ -108,7 +113,7 @@ class _Probe:
         if not self.watch:
             yield
             return
-        with _layer_outputs(self.model) as found:
+        with layer_outputs(self.model) as found:
             yield
         if self._outputs is None:
             self._outputs = found
@@ -118,7 +123,7 @@ class _Probe:
         return self._run()[0]
 
     @property
-    def outputs(self) -> _Outputs:
+    def outputs(self) -> LayerOutputs:
         """The layers' output shapes on the images (made with ``watch``)."""
         assert self.watch
         if self._outputs is None:
@@ -319,127 +324,6 @@ def _noise(samples: int, shape: torch.Size, seed: int, first_index: int) -> torc
     return torch.stack(per_image, dim=1)
 
 
-#: Grad-CAM's default layer has at least this many positions where the model has one (3 x 3):
-#: a 2 x 2 map picks a quadrant. On the parts data, a ResNet-18's 2 x 2 maps were less
-#: faithful than its 4 x 4 ones at 32 and 64 px (``benchmarks/gradcam_layers.py``).
-CAM_POSITIONS = 9
-
-
-def cam_layer(
-    model: nn.Module,
-    layer: str | None = None,
-    image: torch.Tensor | None = None,
-    input_transform: InputTransform | None = None,
-) -> str:
-    """Grad-CAM's layer: ``layer``, or by default a block of a vision transformer
-    (:func:`default_cam_layer`), else a stage or block output on the grid of the last ``Conv2d``
-    whose output has more than one position on ``image`` (a ``[1, C, H, W]`` display image: one
-    forward pass) and a gradient from it: of the layers whose outputs have that grid and a
-    gradient, the outermost (the fewest dots in its name), and of those the last to return (a
-    ResNet's stage, the ReLU after a VGG's last convolution). Else the same on the grid of the
-    last ``Conv2d`` with a gradient, else the last ``Conv2d``. Without ``image``: the last
-    ``Conv2d``.
-
-    At one position Grad-CAM's map is flat: a ResNet's ``layer4`` on 32 px images, or a 1x1
-    convolution that classifies after the global pooling (DLA's ``fc``); without a gradient
-    there is none (a block the model runs under ``torch.no_grad()`` or a reentrant
-    ``checkpoint``). The block's output, after its normalisation, residual sum and activation,
-    gives more faithful maps than its last convolution (``benchmarks/gradcam_layers.py``), as
-    pytorch-grad-cam recommends (``model.layer4[-1]``).
-
-    Example:
-        >>> import torchvision
-        >>> resnet = torchvision.models.resnet18(num_classes=10)
-        >>> cam_layer(resnet)  # with no image: the last Conv2d
-        'layer4.1.conv2'
-        >>> cam_layer(resnet, image=torch.rand(1, 3, 224, 224))  # layer4: 7 x 7
-        'layer4'
-        >>> cam_layer(resnet, image=torch.rand(1, 3, 32, 32))  # layer4: 1 x 1, layer3: 2 x 2
-        'layer2'
-
-    Raises:
-        NeuronsError: For a model without either and no ``layer``.
-    """
-    if layer:
-        return layer
-    found = default_cam_layer(model)
-    if found:
-        return found
-    convs = _convs(model)
-    if image is None:
-        return convs[-1]
-    with analysis_mode(model), _layer_outputs(model, graph=True) as outputs:
-        # the parameters are frozen: an output has a graph when the image's gradient reaches it;
-        # a clone made here is no inference tensor (the image may be one: Lightning's validation)
-        x = image[:1].detach().to(model_device(model)).clone().requires_grad_(True)
-        model(as_model_input(to_model_input(x, input_transform), model))  # no logits to read
-    return outputs.cam_layer(convs)
-
-
-@dataclass
-class _Outputs:
-    """The layers that ran, in the order they returned (a block after its layers), and the
-    ``[K, h, w]`` shape of each one's output (``None``: not a feature map, or no gradient from
-    the image when one was asked for)."""
-
-    shapes: dict[str, tuple[int, ...] | None] = field(default_factory=dict)
-
-    def cam_layer(self, convs: Sequence[str]) -> str:
-        """The outermost layer (the fewest dots in its name; of those, the last to return)
-        whose output has the grid of the last of ``convs`` with at least :data:`CAM_POSITIONS`
-        positions: a stage or block output. Else the same with more than one position, else
-        with one, else the last of ``convs``."""
-        for least in (CAM_POSITIONS, 2, 1):
-            grids = [s[-2:] for n in convs if (s := self.shapes.get(n)) and s[-2:].numel() >= least]
-            if grids:
-                same = [n for n, s in self.shapes.items() if s is not None and s[-2:] == grids[-1]]
-                depth = min(n.count(".") for n in same)
-                return [n for n in same if n.count(".") == depth][-1]
-        return convs[-1]
-
-
-@contextmanager
-def _layer_outputs(model: nn.Module, graph: bool = False) -> Iterator[_Outputs]:
-    """The layers' output shapes (:class:`_Outputs`), filled by the forward passes inside the
-    block (with ``graph``, ``None`` for an output without a gradient from the image when the
-    layer returns, as :func:`~lightning_neurons.visualize.sizing.probe` reads it)."""
-    found = _Outputs()
-
-    def seen(name: str, output: torch.Tensor) -> None:
-        feature_map = output.dim() == 4 and (output.requires_grad or not graph)
-        if name not in found.shapes:
-            found.shapes[name] = torch.Size(output.shape[1:]) if feature_map else None
-
-    aux = tuple(f"{name}." for name in auxiliary_classifiers(model))
-    names = [n for n, _ in model.named_modules() if n and not (aux and n.startswith(aux))]
-    with hooked(model, names, seen, skip_others=True):
-        yield found
-
-
-def _conv_names(model: nn.Module) -> list[str]:
-    """The ``Conv2d`` layers outside the auxiliary classifiers (they run in training mode only)."""
-    aux = tuple(f"{name}." for name in auxiliary_classifiers(model))
-    return [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Conv2d) and not (aux and name.startswith(aux))
-    ]
-
-
-def _convs(model: nn.Module) -> list[str]:
-    """:func:`_conv_names`, at least one.
-
-    Raises:
-        NeuronsError: For a model without one.
-    """
-    names = _conv_names(model)
-    if not names:
-        raise NeuronsError(
-            f"{type(model).__name__} has no Conv2d layer; pass the Grad-CAM `layer` explicitly"
-        )
-    return names
-
-
 def grad_cam(
     model: nn.Module,
     images: torch.Tensor,
@@ -458,9 +342,11 @@ def grad_cam(
         target: Class per image (or one for all); default: the predicted class.
         layer: A layer with ``[N, K, h, w]`` output, or a transformer's ``[N, T, D]`` tokens
             (read on the patch grid of its patch embedding, the leading class and register
-            tokens left out); default: the model's last ``Conv2d`` with more than one position
-            on these images, or for a vision transformer a block (see :func:`cam_layer`); when
-            the model computes it without a graph, the last ``Conv2d`` with one.
+            tokens left out); default: :func:`cam_layer`'s on these images (a stage or block
+            output on the grid of the last ``Conv2d`` with 3 x 3 positions, or a vision
+            transformer's block), read in the forward pass that predicts the targets or probes
+            the model; when the model computes it without a graph, :func:`cam_layer`'s among the
+            layers with one (one more forward pass).
         input_transform: Display image -> model input.
         batch_size: Images per forward pass (as in :func:`gradient`).
         output_fn: Reads the logits from the model's output.
@@ -474,7 +360,7 @@ def grad_cam(
     check_image_batch(images)
     named, layer = layer, layer or default_cam_layer(model)
     if layer is None:
-        _convs(model)  # raises for a model without one
+        conv_layers(model)  # raises for a model without one
     else:
         get_module(model, layer)
     patch = patch_embedding(model)  # a token layer's grid is the patch embedding's output's
@@ -493,7 +379,7 @@ def grad_cam(
         images = images.detach().clone().to(device)
         probe = _Probe(model, images, input_transform, output_fn, watch=layer is None)
         target = _targets(probe, target)
-        layer = layer or probe.outputs.cam_layer(_convs(model))
+        layer = layer or probe.outputs.cam_layer(conv_layers(model))
         watched = [layer] if patch is None or patch == layer else [layer, patch]
         with hooked(model, watched, keep):
             parts = _chunks(len(images), batch_size, probe)
@@ -530,8 +416,15 @@ def grad_cam(
                 out.append(cam[:, 0].detach().float().cpu())
     if len(out) < len(parts):  # the default layer had no graph: the last layer that has one
         other = cam_layer(model, None, images[:1], input_transform)
-        options = {"input_transform": input_transform, "output_fn": output_fn}
-        return grad_cam(model, images, target, layer=other, batch_size=batch_size, **options)
+        return grad_cam(
+            model,
+            images,
+            target,
+            layer=other,
+            input_transform=input_transform,
+            batch_size=batch_size,
+            output_fn=output_fn,
+        )
     return torch.cat(out)
 
 
