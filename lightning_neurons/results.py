@@ -215,6 +215,7 @@ class SaliencyMaps:
         predicted: ``[P]`` predicted classes (the maps explain these).
         maps: ``{method: [P, H, W]}``.
         epoch: Epoch of the maps.
+        gradcam_layer: The layer of the Grad-CAM maps (``None`` without them).
     """
 
     images: torch.Tensor
@@ -223,6 +224,7 @@ class SaliencyMaps:
     predicted: torch.Tensor
     maps: dict[str, torch.Tensor]
     epoch: int
+    gradcam_layer: str | None = None
 
     def as_arrays(self) -> dict[str, torch.Tensor]:
         """The tensors by name, maps as ``map_<method>`` (for ``.npz`` files)."""

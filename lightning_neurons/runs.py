@@ -371,7 +371,8 @@ def _visualizer(run: Run, epoch: int, attribute: str) -> Any:
         arrays = f.arrays()
         methods = f.meta.get("methods") or [k[4:] for k in arrays if k.startswith("map_")]
         maps = {m: _tensor(arrays[f"map_{m}"]) for m in methods}
-        return _typed(SaliencyMaps, arrays, maps=maps, epoch=int(f.meta.get("epoch", epoch)))
+        epoch_of, layer = int(f.meta.get("epoch", epoch)), f.meta.get("gradcam_layer")
+        return _typed(SaliencyMaps, arrays, maps=maps, epoch=epoch_of, gradcam_layer=layer)
     clusters = attribute == "cluster_results"
     out = {}
     for f in run._files("preference", epoch):

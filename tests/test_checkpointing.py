@@ -297,6 +297,7 @@ def test_feature_visualizer_renders_what_carries_a_gradient(how, tmp_path):
         assert set(visualizer.results) == {"backbone.stem.1", "classes"}
         assert not any("Grad-CAM's layer" in m for m in said)
         assert visualizer._plan.cam_layer == "backbone.stem"
+        assert visualizer.saliency_results.gradcam_layer == "backbone.stem"
         assert set(visualizer.saliency_results.maps) == {"gradient", "smoothgrad", "gradcam"}
         got = visualizer.saliency_results
         expected = grad_cam(module, got.images, got.predicted, layer="backbone.stem")

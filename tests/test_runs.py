@@ -61,7 +61,7 @@ def live_run(tmp_path_factory):
         FeatureVisualizer(
             max_channels=2,
             render=RenderOptions(steps=3, continue_steps=2),
-            saliency=["gradient"],
+            saliency=["gradient", "gradcam"],
             max_probes=3,
             max_clusters=2,
             on_error="raise",
@@ -134,7 +134,9 @@ def test_the_latest_epoch_is_the_default_and_names_work_as_classes(live_run):
     ablated = [r for r in last.values() if r.ablation is not None]
     assert ablated and all(r.ablation.effects for r in ablated)
     assert all(r.probes is not None and r.probes.preferred for r in last.values())
-    assert held[EPOCHS - 1][(FeatureVisualizer, "saliency_results")] is not None
+    saliency = held[EPOCHS - 1][(FeatureVisualizer, "saliency_results")]
+    assert saliency is not None and "gradcam" in saliency.maps
+    assert saliency.gradcam_layer is not None  # the layer of its maps, loaded back above
     assert held[EPOCHS - 1][(FeatureVisualizer, "results")]["classes"].probability is not None
     assert run.epochs_of(CategoryClustering) == [0, 1]
     assert set(run.callbacks()) == {c.__name__ for c in ATTRIBUTES}

@@ -150,6 +150,7 @@ def log_focus(
 
     shown = shown_channels(res.images, bands)
     for method, maps in res.maps.items():
+        at = f" at {res.gradcam_layer}" if method == "gradcam" and res.gradcam_layer else ""
         out.figure(
             out.tag(method),
             saliency_grid,
@@ -158,9 +159,9 @@ def log_focus(
             res.predicted,
             res.labels,
             class_names=plan.class_names,
-            title=f"{method} saliency, epoch {res.epoch}",
+            title=f"{method} saliency{at}, epoch {res.epoch}",
         )
-    meta = {"methods": list(res.maps), "epoch": res.epoch}
+    meta = {"methods": list(res.maps), "epoch": res.epoch, "gradcam_layer": res.gradcam_layer}
     out.save_arrays("saliency", res.as_arrays(), meta=meta)
 
 

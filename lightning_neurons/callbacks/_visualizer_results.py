@@ -328,4 +328,5 @@ def saliency_maps(
         predicted=predicted,
         maps=maps,
         epoch=epoch,
+        gradcam_layer=gradcam_layer if "gradcam" in maps else None,
     )
