@@ -150,6 +150,34 @@ def test_grad_cam_equals_its_closed_form_on_conv_pool_linear():
     assert expected.gt(0).any() and expected.eq(0).any()  # the ReLU matters in this example
 
 
+class ShiftedInPlace(ConvPoolLinear):
+    """ConvPoolLinear whose forward adds a shift to the conv's output in place (as a residual
+    block's ``out += identity`` does to its last layer's output)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv(x)
+        a += torch.arange(1.0, 5.0).view(1, 4, 1, 1)
+        return self.fc(a.mean(dim=(2, 3)))
+
+
+def test_grad_cam_reads_the_layers_own_output_when_the_model_changes_it_in_place():
+    # The shift does not change d logit / d A (W[c, k] / (h w), as in ConvPoolLinear), so the
+    # conv's own output gives ConvPoolLinear's closed form; the shifted output would add
+    # sum_k W[c, k] (k + 1) / 36 to every position.
+    torch.manual_seed(0)
+    model = ShiftedInPlace()
+    images = _images(5, channels=2, size=6)
+    with torch.no_grad():
+        a = F.conv2d(images, model.conv.weight, model.conv.bias, padding=1)
+    target = torch.tensor([0, 1, 2, 1, 0])
+    maps = grad_cam(model, images, target, layer="conv")
+    expected = torch.relu(torch.einsum("nk,nkij->nij", model.fc.weight.detach()[target] / 36.0, a))
+    torch.testing.assert_close(maps, expected, atol=1e-6, rtol=1e-5)
+    shift = model.fc.weight.detach()[target] @ torch.arange(1.0, 5.0) / 36.0
+    assert shift.abs().min() > 1e-3  # reading the shifted output would fail the comparison
+    assert snapshot(model).hooks == 0
+
+
 def test_grad_cam_layer_choice():
     model = TinyNet()
     images = _images(3)

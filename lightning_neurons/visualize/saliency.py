@@ -370,10 +370,18 @@ def grad_cam(
     captured: dict[str, torch.Tensor] = {}
     grad_mode: list[bool] = []  # where the layer ran: tells why its output has no graph
 
-    def keep(name: str, output: torch.Tensor) -> None:
-        if name not in captured and name == layer:
-            grad_mode[:] = [torch.is_grad_enabled()]
-        captured.setdefault(name, output)
+    def keep(name: str, output: torch.Tensor) -> torch.Tensor | None:
+        if name in captured:
+            return None
+        captured[name] = output
+        if name != layer:
+            return None
+        grad_mode[:] = [torch.is_grad_enabled()]
+        # the model may change the output in place further on (`out += identity`, an in-place
+        # ReLU): it goes on with a copy, and the maps read the layer's own values. (Without a
+        # graph yet, it is kept: a reentrant checkpoint gives a block's last output one when
+        # it returns, and the copy would take it.)
+        return output.clone() if output.requires_grad else None
 
     with analysis_mode(model):
         images = images.detach().clone().to(device)
