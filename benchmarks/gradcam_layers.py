@@ -18,11 +18,12 @@ ResNet-18 (``weights=None``, its first conv reading the grey images' one channel
 ``--model smallcnn`` the demo's :class:`~lightning_neurons.models.SmallCNN` (VGG-like: conv,
 BatchNorm, ReLU, pooling; its three convolutions, BatchNorms and ReLUs compared), trained for
 ``--epochs`` on the parts data (:mod:`lightning_neurons.parts`: twelve classes told apart by a
-small mark in a random corner of two large shapes) at ``--size`` pixels, then mapped on
-``--images`` held-out images (the same number of each class).
+small mark in a random corner of two large shapes), or with ``--data digits`` on scikit-learn's
+handwritten digits (the demo's data: ten classes, the strokes in the middle of the image), at
+``--size`` pixels, then mapped on ``--images`` held-out images (the same number of each class).
 
-Run:  python benchmarks/gradcam_layers.py [--model resnet18] [--size 32] [--epochs 10] [--images 240]
-          [--steps 16] [--seed 0] [--threads 2]
+Run:  python benchmarks/gradcam_layers.py [--model resnet18] [--data parts] [--size 32] [--epochs 10]
+          [--images 240] [--steps 16] [--seed 0] [--threads 2]
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 import torchvision
 from torch import nn
 
+from lightning_neurons.data import DigitsDataModule
 from lightning_neurons.models import SmallCNN
 from lightning_neurons.parts import make_parts
 from lightning_neurons.visualize import grad_cam, gradient, smoothgrad
@@ -45,6 +47,21 @@ def resnet18_grey(classes: int) -> nn.Module:
     model = torchvision.models.resnet18(num_classes=classes)
     model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
     return model
+
+
+def load(data: str, size: int, held: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Training images and labels, then ``held`` held-out ones (the same number of each class),
+    and the number of classes."""
+    if data == "parts":
+        x, y = make_parts(n_per_class=200, image_size=size, seed=seed)
+        held_x, held_y = make_parts(n_per_class=held // 12, image_size=size, seed=1000)
+        return x, y, held_x, held_y, 12
+    x, y = DigitsDataModule(image_size=size).load()
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    out = torch.cat([order[y[order] == c][: held // 10] for c in range(10)])
+    kept = torch.ones(len(x), dtype=torch.bool)
+    kept[out] = False
+    return x[kept], y[kept], x[out], y[out], 10
 
 
 def grid(model: nn.Module, layer: str, x: torch.Tensor) -> str:
@@ -104,6 +121,7 @@ def curves(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=["resnet18", "smallcnn"], default="resnet18")
+    parser.add_argument("--data", choices=["parts", "digits"], default="parts")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--images", type=int, default=240)
@@ -113,9 +131,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    x, y = make_parts(n_per_class=200, image_size=args.size, seed=args.seed)
-    held_x, held_y = make_parts(n_per_class=args.images // 12, image_size=args.size, seed=1000)
-    model = resnet18_grey(12) if args.model == "resnet18" else SmallCNN(1, 12)
+    x, y, held_x, held_y, classes = load(args.data, args.size, args.images, args.seed)
+    model = resnet18_grey(classes) if args.model == "resnet18" else SmallCNN(1, classes)
     start = time.perf_counter()
     train(model, x, y, args.epochs, args.seed)
     with torch.no_grad():
@@ -139,7 +156,7 @@ def main() -> None:
     for seed in range(3):
         gen = torch.Generator().manual_seed(seed)
         methods[f"random {seed}"] = lambda gen=gen: torch.rand(held_x[:, 0].shape, generator=gen)
-    print(f"size {args.size} px, default Grad-CAM layer {default!r}, {len(held_x)} images")
+    print(f"{args.data}, size {args.size} px, default Grad-CAM layer {default!r}, {len(held_x)} images")
     print("| maps | grid | deletion (lower is better) | insertion (higher is better) |")
     print("|---|---|---|---|")
     randoms = []
