@@ -156,7 +156,9 @@ def main() -> None:
     for seed in range(3):
         gen = torch.Generator().manual_seed(seed)
         methods[f"random {seed}"] = lambda gen=gen: torch.rand(held_x[:, 0].shape, generator=gen)
-    print(f"{args.data}, size {args.size} px, default Grad-CAM layer {default!r}, {len(held_x)} images")
+    print(
+        f"{args.data}, size {args.size} px, default Grad-CAM layer {default!r}, {len(held_x)} images"
+    )
     print("| maps | grid | deletion (lower is better) | insertion (higher is better) |")
     print("|---|---|---|---|")
     randoms = []
