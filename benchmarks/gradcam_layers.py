@@ -16,7 +16,9 @@ deletion and insertion curves of RISE (Petsiuk et al., 2018), which need no anno
 A random map (three seeds, averaged) is the floor every map must beat. The model: a torchvision
 ResNet-18 (``weights=None``, its first conv reading the grey images' one channel), or with
 ``--model smallcnn`` the demo's :class:`~lightning_neurons.models.SmallCNN` (VGG-like: conv,
-BatchNorm, ReLU, pooling; its three convolutions, BatchNorms and ReLUs compared), trained for
+BatchNorm, ReLU, pooling; its three convolutions, BatchNorms and ReLUs compared), or with
+``--model tutorial`` PyTorch's CIFAR-10 tutorial model (two convolutions, ``F.relu`` and
+``F.max_pool2d`` in ``forward``; each conv against the ``F.relu`` call after it), trained for
 ``--epochs`` on the parts data (:mod:`lightning_neurons.parts`: twelve classes told apart by a
 small mark in a random corner of two large shapes), or with ``--data digits`` on scikit-learn's
 handwritten digits (the demo's data: ten classes, the strokes in the middle of the image), at
@@ -35,8 +37,10 @@ from collections.abc import Callable
 import torch
 import torchvision
 from torch import nn
+from torch.nn import functional as F
 
 from lightning_neurons.data import DigitsDataModule
+from lightning_neurons.hooks import hooked
 from lightning_neurons.models import SmallCNN
 from lightning_neurons.parts import make_parts
 from lightning_neurons.visualize import grad_cam, gradient, smoothgrad
@@ -64,13 +68,27 @@ def load(data: str, size: int, held: int, seed: int) -> tuple[torch.Tensor, ...]
     return x[kept], y[kept], x[out], y[out], 10
 
 
+class Tutorial(nn.Module):
+    """PyTorch's CIFAR-10 tutorial model, its first conv reading one channel."""
+
+    def __init__(self, classes: int, size: int) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 6, 5), nn.Conv2d(6, 16, 5)
+        side = ((size - 4) // 2 - 4) // 2
+        self.fc1, self.fc2 = nn.Linear(16 * side * side, 120), nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))))
+
+
 def grid(model: nn.Module, layer: str, x: torch.Tensor) -> str:
     """``h x w`` of ``layer``'s output on ``x``."""
     seen = []
-    handle = model.get_submodule(layer).register_forward_hook(lambda m, i, o: seen.append(o))
-    with torch.no_grad():
+    with torch.no_grad(), hooked(model, [layer], lambda name, out: seen.append(out)):
         model(x[:1])
-    handle.remove()
     return "x".join(str(d) for d in seen[0].shape[-2:])
 
 
@@ -120,7 +138,7 @@ def curves(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=["resnet18", "smallcnn"], default="resnet18")
+    parser.add_argument("--model", choices=["resnet18", "smallcnn", "tutorial"], default="resnet18")
     parser.add_argument("--data", choices=["parts", "digits"], default="parts")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=10)
@@ -132,7 +150,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     x, y, held_x, held_y, classes = load(args.data, args.size, args.images, args.seed)
-    model = resnet18_grey(classes) if args.model == "resnet18" else SmallCNN(1, classes)
+    models = {"resnet18": lambda: resnet18_grey(classes), "smallcnn": lambda: SmallCNN(1, classes)}
+    models["tutorial"] = lambda: Tutorial(classes, args.size)
+    model = models[args.model]()
     start = time.perf_counter()
     train(model, x, y, args.epochs, args.seed)
     with torch.no_grad():
@@ -145,8 +165,10 @@ def main() -> None:
         layers = [
             name for s in ("layer1", "layer2", "layer3", "layer4") for name in (f"{s}.1.conv2", s)
         ]
-    else:  # each block's conv, BatchNorm and ReLU (the last one's is `features`' output)
+    elif args.model == "smallcnn":  # each block's conv, BatchNorm and ReLU (the last: `features`)
         layers = [f"features.{kind}{i}" for i in (1, 2, 3) for kind in ("conv", "bn", "relu")]
+    else:  # each conv, and the F.relu call after it
+        layers = ["conv1", "relu()", "conv2", "relu()#1"]
     for layer in layers:
         methods[f"grad-cam {layer}"] = lambda layer=layer: grad_cam(
             model, held_x, predicted, layer=layer
