@@ -233,32 +233,6 @@ def test_grad_cams_default_is_the_last_conv_with_more_than_one_position():
     assert snapshot(model).hooks == 0 and snapshot(resnet).hooks == 0
 
 
-class FunctionalRelu(ConvPoolLinear):
-    """ConvPoolLinear with ``F.relu`` after the conv, as PyTorch's tutorials write models."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(F.relu(self.conv(x)).mean(dim=(2, 3)))
-
-
-def test_grad_cams_default_is_the_functional_relu_after_the_last_conv():
-    # logit_c = sum_k W[c, k] mean_ij R_k(i, j) with R = relu(A): at R the closed form of
-    # ConvPoolLinear with R for A. At the conv the gradient is W[c, k] / 36 where A_k > 0 only,
-    # and the negative A_k count: another map.
-    torch.manual_seed(0)
-    model = FunctionalRelu()
-    images = _images(5, channels=2, size=6)
-    assert cam_layer(model) == "conv"  # without images: the last Conv2d
-    assert cam_layer(model, image=images[:1]) == "relu()"  # the call of F.relu in forward
-    with torch.no_grad():
-        r = F.relu(F.conv2d(images, model.conv.weight, model.conv.bias, padding=1))
-    target = torch.tensor([0, 1, 2, 1, 0])
-    maps = grad_cam(model, images, target)
-    expected = torch.relu(torch.einsum("nk,nkij->nij", model.fc.weight.detach()[target] / 36.0, r))
-    torch.testing.assert_close(maps, expected, atol=1e-6, rtol=1e-5)
-    assert not torch.allclose(grad_cam(model, images, target, layer="conv"), expected, atol=1e-4)
-    assert snapshot(model).hooks == 0
-
-
 def test_errors():
     model = TinyNet()
     images = _images(2)

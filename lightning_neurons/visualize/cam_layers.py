@@ -1,8 +1,7 @@
 """Grad-CAM's default layer: where in a CNN its maps are read when no layer is named.
 
-:func:`cam_layer` reads every module's output shape (and every call of ``F.relu`` and its kin,
-:mod:`lightning_neurons.functional`) in one forward pass of one image and picks a stage or block
-output (a ResNet's ``layer4``, the ReLU after a VGG's last convolution) on the
+:func:`cam_layer` reads every module's output shape in one forward pass of one image and picks
+a stage or block output (a ResNet's ``layer4``, the ReLU after a VGG's last convolution) on the
 grid of the last ``Conv2d`` with at least :data:`CAM_POSITIONS` positions; a vision
 transformer's is one of its blocks (:func:`~lightning_neurons.defaults.default_cam_layer`). Why
 these and not the last ``Conv2d``: ``benchmarks/gradcam_layers.py`` and docs/benchmarks.md.
@@ -20,7 +19,6 @@ from torch import nn
 from lightning_neurons.batch import InputTransform, as_model_input, to_model_input
 from lightning_neurons.defaults import auxiliary_classifiers, default_cam_layer
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.functional import called_ops, function_layer
 from lightning_neurons.hooks import hooked
 from lightning_neurons.state import analysis_mode, model_device
 
@@ -41,8 +39,7 @@ def cam_layer(
     whose output has at least :data:`CAM_POSITIONS` (3 x 3) positions on ``image`` (a
     ``[1, C, H, W]`` display image: one forward pass) and a gradient from it: of the layers whose
     outputs have that grid and a gradient, the outermost (the fewest dots in its name), and of
-    those the last to return (a ResNet's stage, the ReLU after a VGG's last convolution, or
-    the ``F.relu`` call after it in a model written as PyTorch's tutorials). Where
+    those the last to return (a ResNet's stage, the ReLU after a VGG's last convolution). Where
     no ``Conv2d`` has as many, the same with more than one position, then with one; else the last
     ``Conv2d``. Without ``image``: the last ``Conv2d``.
 
@@ -107,8 +104,8 @@ class LayerOutputs:
 
 @contextmanager
 def layer_outputs(model: nn.Module, graph: bool = False) -> Iterator[LayerOutputs]:
-    """The layers' output shapes (:class:`LayerOutputs`), every module's and every call of an
-    activation function's (``"relu()"``), filled by the forward passes inside the block (with ``graph``, ``None`` for an output without a gradient from the image when the
+    """The layers' output shapes (:class:`LayerOutputs`), filled by the forward passes inside the
+    block (with ``graph``, ``None`` for an output without a gradient from the image when the
     layer returns, as :func:`~lightning_neurons.visualize.sizing.probe` reads it)."""
     found = LayerOutputs()
 
@@ -118,11 +115,7 @@ def layer_outputs(model: nn.Module, graph: bool = False) -> Iterator[LayerOutput
             found.shapes[name] = torch.Size(output.shape[1:]) if feature_map else None
 
     aux = tuple(f"{name}." for name in auxiliary_classifiers(model))
-    names = []
-    for name, module in model.named_modules():
-        if not (aux and name.startswith(aux)):  # its calls of F.relu & co. too (a tutorial's)
-            names += [name] if name else []
-            names += [function_layer(name, op) for op in called_ops(module)]
+    names = [n for n, _ in model.named_modules() if n and not (aux and n.startswith(aux))]
     with hooked(model, names, seen, skip_others=True):
         yield found
 
