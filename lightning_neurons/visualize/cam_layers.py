@@ -114,29 +114,24 @@ def layer_outputs(model: nn.Module, graph: bool = False) -> Iterator[LayerOutput
         if name not in found.shapes:
             found.shapes[name] = torch.Size(output.shape[1:]) if feature_map else None
 
-    aux = tuple(f"{name}." for name in auxiliary_classifiers(model))
-    names = [n for n, _ in model.named_modules() if n and not (aux and n.startswith(aux))]
+    names = [name for name, _ in _modules(model) if name]
     with hooked(model, names, seen, skip_others=True):
         yield found
 
 
-def _conv_names(model: nn.Module) -> list[str]:
-    """The ``Conv2d`` layers outside the auxiliary classifiers (they run in training mode only)."""
+def _modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The named modules outside the auxiliary classifiers (they run in training mode only)."""
     aux = tuple(f"{name}." for name in auxiliary_classifiers(model))
-    return [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Conv2d) and not (aux and name.startswith(aux))
-    ]
+    return [(n, m) for n, m in model.named_modules() if not (aux and n.startswith(aux))]
 
 
 def conv_layers(model: nn.Module) -> list[str]:
-    """:func:`_conv_names`, at least one.
+    """The ``Conv2d`` layers outside the auxiliary classifiers, at least one.
 
     Raises:
         NeuronsError: For a model without one.
     """
-    names = _conv_names(model)
+    names = [name for name, m in _modules(model) if isinstance(m, nn.Conv2d)]
     if not names:
         raise NeuronsError(
             f"{type(model).__name__} has no Conv2d layer; pass the Grad-CAM `layer` explicitly"
