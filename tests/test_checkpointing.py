@@ -9,6 +9,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
+import torchvision
 from conftest import FAST_VIS, TinyData, fast_trainer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -216,16 +217,18 @@ def test_a_layer_computed_without_a_graph_gets_a_clear_error(how):
     [
         ("none", "block"),
         ("non_reentrant", "block"),
-        ("reentrant", "stem"),
+        ("reentrant", "block"),
         ("no_grad", "stem"),
     ],
 )
 def test_grad_cams_default_layer_has_a_graph(how, expected):
     """Grad-CAM's default is the output of the last conv's block whose output has a gradient
-    from the image: the block's unless the model runs the block without a graph (a reentrant
-    checkpoint, ``no_grad``), then the stem's; without an image to read, the last conv.
-    ``grad_cam`` without a layer makes the maps of that layer (before: an error for the block's
-    conv); under ``no_grad`` the logits have no graph either, which it says."""
+    from the image when the forward pass returns: the block's (a reentrant checkpoint gives the
+    block's output its graph when it returns it; before, the stem's, read when the block ran,
+    and ``grad_cam`` itself read the block) unless the model runs the block under ``no_grad``,
+    then the stem's; without an image to read, the last conv. ``grad_cam`` without a layer
+    makes the maps of that layer (before: an error for the block's conv); under ``no_grad`` the
+    logits have no graph either, which it says."""
     torch.manual_seed(0)
     net, x = AlwaysCheckpointedNet(how), torch.rand(3, 1, 8, 8)
     with warnings.catch_warnings():
@@ -234,11 +237,82 @@ def test_grad_cams_default_layer_has_a_graph(how, expected):
         if how == "no_grad":
             with pytest.raises(NeuronsError, match="logits carry no gradient.*torch.no_grad()"):
                 grad_cam(net, x)
-        else:  # a reentrant block's output gets its graph when the checkpoint returns it
-            torch.testing.assert_close(grad_cam(net, x), grad_cam(net, x, layer="block"))
+        else:
+            torch.testing.assert_close(grad_cam(net, x), grad_cam(net, x, layer=expected))
     assert cam_layer(net) == "block.2"
     assert count_forward_hooks(net) == 0
     assert all(p.requires_grad and p.grad is None for p in net.parameters())
+
+
+class ResNetWithCheckpointedStage(nn.Module):
+    """torchvision's ResNet-18 run by hand, ``layer3`` in ``checkpoint(..., use_reentrant=True)``
+    (as training code written before torch 2.4 often did)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torchvision.models.resnet18(num_classes=5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        x = net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x))))))
+        x = checkpoint(net.layer3, x, use_reentrant=True)
+        return net.fc(torch.flatten(net.avgpool(net.layer4(x)), 1))
+
+
+def test_grad_cams_default_on_a_resnet_with_a_reentrant_stage_is_the_stage():
+    """At 64 px the default's grid is ``layer3``'s (4 x 4): its convs have no graph, the stage's
+    output has one when the checkpoint returns it. ``cam_layer`` took ``layer2`` (the last conv
+    with a graph) while ``grad_cam`` read ``layer3``; both read ``layer3`` now."""
+    torch.manual_seed(0)
+    model, x = ResNetWithCheckpointedStage().eval(), torch.rand(2, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own: "none of the inputs have requires_grad"
+        assert cam_layer(model, image=x[:1]) == "net.layer3"
+        maps = grad_cam(model, x, target=[0, 1])
+        torch.testing.assert_close(maps, grad_cam(model, x, target=[0, 1], layer="net.layer3"))
+    assert maps.amax() > 0
+    assert count_forward_hooks(model) == 0
+
+
+def test_a_named_grad_cam_layer_that_a_reentrant_checkpoint_returns_is_read(tmp_path):
+    """The block that a model runs in a reentrant checkpoint has no graph when it runs and one
+    when the checkpoint returns its output: FeatureVisualizer's Grad-CAM reads it when named, as
+    ``grad_cam`` does (before: left out with a warning), and the maps are those of the same
+    weights without checkpointing, for every class. The block's channels, scored when the block
+    runs, are left out with a warning."""
+    visualizer = FeatureVisualizer(
+        layers=["backbone.stem.1", "backbone.block"],
+        gradcam_layer="backbone.block",
+        on_error="raise",
+        enable_logging=False,
+        **FAST_VIS,
+    )
+    pl.seed_everything(0, verbose=False)
+    module = ImageClassifier(AlwaysCheckpointedNet("reentrant"), num_classes=3, lr=1e-2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fast_trainer(tmp_path, callbacks=[visualizer], max_epochs=1).fit(
+            module, datamodule=TinyData()
+        )
+    said = [str(w.message) for w in record if "'backbone.block'" in str(w.message)]
+    assert len(said) == 1 and "Grad-CAM" not in said[0], said  # the channels' warning only
+    assert not visualizer.failures and "backbone.block" not in visualizer.results
+    got = visualizer.saliency_results
+    assert got.gradcam_layer == "backbone.block" and "backbone.stem.1" in visualizer.results
+    plain = AlwaysCheckpointedNet("none")
+    plain.load_state_dict(module.backbone.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own: "none of the inputs have requires_grad"
+        expected = grad_cam(module, got.images, got.predicted, layer="backbone.block")
+        torch.testing.assert_close(got.maps["gradcam"], expected)
+        every = torch.stack(
+            [grad_cam(module.backbone, got.images, c, layer="block") for c in range(3)]
+        )
+        torch.testing.assert_close(
+            every, torch.stack([grad_cam(plain, got.images, c, layer="block") for c in range(3)])
+        )
+    assert every.amax() > 0  # (the predicted class's maps are all 0 at this seed; others not)
+    assert count_forward_hooks(module) == 0
 
 
 def test_a_named_grad_cam_layer_without_a_graph_is_left_out_with_a_warning(tmp_path):
@@ -269,8 +343,9 @@ def test_feature_visualizer_renders_what_carries_a_gradient(how, tmp_path):
     """FeatureVisualizer on a model with a block computed without a graph: one warning at set-up
     names the block's layers, which are left out; the rest renders (before, the first such layer
     failed the whole round: nothing was rendered). Grad-CAM's default is read where the last
-    conv with a graph is, at the stem's output (before: the last conv, inside the block, and no
-    Grad-CAM maps). Under ``no_grad`` the logits have no gradient either: no class images, no
+    conv with a graph when the forward pass returns is: under ``no_grad`` the stem's output, in a
+    reentrant checkpoint the block's, which gets its graph when the checkpoint returns it
+    (before: the last conv, inside the block, and no Grad-CAM maps; then the stem's). Under ``no_grad`` the logits have no gradient either: no class images, no
     saliency."""
     layers = ["backbone.stem.1", "backbone.block.1", "backbone.block.3"]
     quiet = dict(layers=layers, on_error="raise", enable_logging=False)
@@ -296,12 +371,12 @@ def test_feature_visualizer_renders_what_carries_a_gradient(how, tmp_path):
     if how == "reentrant":  # the logits have a gradient: through the block's backward
         assert set(visualizer.results) == {"backbone.stem.1", "classes"}
         assert not any("Grad-CAM's layer" in m for m in said)
-        assert visualizer._plan.cam_layer == "backbone.stem"
-        assert visualizer.saliency_results.gradcam_layer == "backbone.stem"
+        assert visualizer._plan.cam_layer == "backbone.block"
+        assert visualizer.saliency_results.gradcam_layer == "backbone.block"
         assert set(visualizer.saliency_results.maps) == {"gradient", "smoothgrad", "gradcam"}
         got = visualizer.saliency_results
-        expected = grad_cam(module, got.images, got.predicted, layer="backbone.stem")
-        torch.testing.assert_close(got.maps["gradcam"], expected)  # (all 0 at this seed)
+        expected = grad_cam(module, got.images, got.predicted)  # the function's default
+        torch.testing.assert_close(got.maps["gradcam"], expected)
         assert "['backbone.block.1', 'backbone.block.3']" in unreached[0]
         assert set(contribution.results) == {"backbone.stem.1"}  # through the reentrant block
     else:

@@ -346,7 +346,7 @@ def make_plan(
         chosen = classes
     else:
         chosen = default_classes(logits[0], max_classes)
-    if cam is not None and cam in found.without_gradient:
+    if cam is not None and cam in found.without_gradient - found.graph_on_return:
         if logits is not None:  # (else: no saliency maps at all, said above)
             then = "no Grad-CAM maps (pass `gradcam_layer=` to choose another layer)"
             rank_zero_warn(_no_graph(f"Grad-CAM's layer {cam!r}", "its", [cam], found, then))

@@ -46,9 +46,11 @@ def cam_layer(
     At one position Grad-CAM's map is flat: a ResNet's ``layer4`` on 32 px images, or a 1x1
     convolution that classifies after the global pooling (DLA's ``fc``); at 2 x 2 it picks a
     quadrant; without a gradient there is none (a block the model runs under
-    ``torch.no_grad()`` or a reentrant ``checkpoint``). The block's output, after its
-    normalisation, residual sum and activation, gives more faithful maps than its last
-    convolution (``benchmarks/gradcam_layers.py``), as pytorch-grad-cam recommends
+    ``torch.no_grad()``, the layers inside a reentrant ``checkpoint``). Whether an output has
+    one is read when the forward pass returns, as :func:`grad_cam` reads it: the block that a
+    reentrant checkpoint runs gets its graph when the checkpoint returns its output. The block's
+    output, after its normalisation, residual sum and activation, gives more faithful maps than
+    its last convolution (``benchmarks/gradcam_layers.py``), as pytorch-grad-cam recommends
     (``model.layer4[-1]``).
 
     Example:
@@ -83,40 +85,52 @@ def cam_layer(
 @dataclass
 class LayerOutputs:
     """The layers that ran, in the order they returned (a block after its layers), and the
-    ``[K, h, w]`` shape of each one's output (``None``: not a feature map, or no gradient from
-    the image when one was asked for)."""
+    ``[K, h, w]`` shape of each one's output (``None``: not a feature map); ``without_graph``:
+    the feature maps without a gradient from the image when the forward pass returned, when one
+    was asked for."""
 
     shapes: dict[str, torch.Size | None] = field(default_factory=dict)
+    without_graph: set[str] = field(default_factory=set)
 
     def cam_layer(self, convs: Sequence[str]) -> str:
-        """The outermost layer (the fewest dots in its name; of those, the last to return)
-        whose output has the grid of the last of ``convs`` with at least :data:`CAM_POSITIONS`
-        positions: a stage or block output. Else the same with more than one position, else
-        with one, else the last of ``convs``."""
+        """The outermost layer with a graph (the fewest dots in its name; of those, the last to
+        return) whose output has the grid of the last of ``convs`` with at least
+        :data:`CAM_POSITIONS` positions: a stage or block output (where no layer on that grid
+        has a graph, the grid of the conv before). Else the same with more than one position,
+        else with one, else the last of ``convs``."""
         for least in (CAM_POSITIONS, 2, 1):
             grids = [s[-2:] for n in convs if (s := self.shapes.get(n)) and s[-2:].numel() >= least]
-            if grids:
-                same = [n for n, s in self.shapes.items() if s is not None and s[-2:] == grids[-1]]
-                depth = min(n.count(".") for n in same)
-                return [n for n in same if n.count(".") == depth][-1]
+            for grid in reversed(grids):
+                same = [
+                    n
+                    for n, s in self.shapes.items()
+                    if s is not None and s[-2:] == grid and n not in self.without_graph
+                ]
+                if same:
+                    depth = min(n.count(".") for n in same)
+                    return [n for n in same if n.count(".") == depth][-1]
         return convs[-1]
 
 
 @contextmanager
 def layer_outputs(model: nn.Module, graph: bool = False) -> Iterator[LayerOutputs]:
     """The layers' output shapes (:class:`LayerOutputs`), filled by the forward passes inside the
-    block (with ``graph``, ``None`` for an output without a gradient from the image when the
-    layer returns, as :func:`~lightning_neurons.visualize.sizing.probe` reads it)."""
+    block; with ``graph``, the feature maps without a gradient from the image when the forward
+    pass returns (a reentrant checkpoint's block gets its graph when the checkpoint returns its
+    output, and Grad-CAM reads it then)."""
     found = LayerOutputs()
+    pending: dict[str, torch.Tensor] = {}  # feature maps without a graph yet
 
     def seen(name: str, output: torch.Tensor) -> None:
-        feature_map = output.dim() == 4 and (output.requires_grad or not graph)
         if name not in found.shapes:
-            found.shapes[name] = torch.Size(output.shape[1:]) if feature_map else None
+            found.shapes[name] = torch.Size(output.shape[1:]) if output.dim() == 4 else None
+            if graph and output.dim() == 4 and not output.requires_grad:
+                pending[name] = output
 
     names = [name for name, _ in _modules(model) if name]
     with hooked(model, names, seen, skip_others=True):
         yield found
+    found.without_graph.update(n for n, output in pending.items() if not output.requires_grad)
 
 
 def _modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -64,6 +64,10 @@ class Probe:
             ``.detach()`` or from parameters and buffers alone.
         grad_mode_off: Those of them computed with the grad mode off (``torch.no_grad()``, a
             reentrant checkpoint); the others are computed with it on.
+        graph_on_return: Those of them whose output had a graph when the forward pass returned:
+            a block that the model runs in a reentrant checkpoint, whose output gets its graph
+            when the checkpoint returns it. Grad-CAM reads it after the forward pass; a
+            rendering or a contribution, which read the layer when it runs, cannot.
     """
 
     shapes: dict[str, tuple[int, ...]]
@@ -71,6 +75,7 @@ class Probe:
     total: int
     without_gradient: frozenset[str] = frozenset()
     grad_mode_off: frozenset[str] = frozenset()
+    graph_on_return: frozenset[str] = frozenset()
 
     def spatial(self) -> frozenset[str]:
         """The layers read whose outputs have channels and positions (``[C, ...]``)."""
@@ -183,11 +188,13 @@ def probe(
     shapes: dict[str, tuple[int, ...]] = {}
     without: set[str] = set()
     grad_off: set[str] = set()
+    pending: dict[str, torch.Tensor] = {}  # outputs without a graph yet: one may come on return
 
     def record(name: str, output: torch.Tensor) -> None:
         shapes.setdefault(name, tuple(output.shape[1:]))
         if gradients and output.is_floating_point() and not output.requires_grad:
             without.add(name)
+            pending.setdefault(name, output)
             if not torch.is_grad_enabled():
                 grad_off.add(name)
 
@@ -208,6 +215,8 @@ def probe(
     with analysis_mode(model, grad=gradients), hooked(model, layers, record):
         sizes = leaf_output_sizes(model, forward)
     needs_logits = any(t.layer == LOGITS for o in objectives for _, t in o.terms())
+    late = frozenset(name for name, output in pending.items() if output.requires_grad)
+    pending.clear()
     try:
         logits = read_logits(outputs[0], output_fn)
         shapes[LOGITS] = tuple(logits.shape[1:])
@@ -226,4 +235,4 @@ def probe(
                     "forward pass; choose a layer the forward pass uses"
                 )
             term.check(shapes[term.layer])
-    return Probe(shapes, sizes.largest, sizes.total, frozenset(without), frozenset(grad_off))
+    return Probe(shapes, sizes.largest, sizes.total, frozenset(without), frozenset(grad_off), late)
