@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from torch import nn
 
 from lightning_neurons.activations import ActivationRule, check_activations
-from lightning_neurons.functional import OPS, called_ops, function_layer
+from lightning_neurons.functional import OPS, called_ops, function_layer, held_ops
 from lightning_neurons.layouts import patch_embedding
 from lightning_neurons.state import model_device
 
@@ -104,7 +104,8 @@ def default_layers(
     3. a *block* is a layer and is not walked into: a module that is a direct child of a
        *container* (``nn.Sequential`` / ``ModuleList`` / ``ModuleDict`` running its children as
        they are, or a module whose ``forward`` runs ``self.children()``), has its own
-       ``forward``, contains an activation (module or function call) and does not contain the
+       ``forward``, contains an activation (module, function call, or a function held as an
+       attribute: torch's ``nn.TransformerEncoderLayer``) and does not contain the
        final classifier (the model's last ``Linear``). Its output is the
        block's response: the post-ReLU output of a ResNet ``BasicBlock``, an ``MBConv`` /
        ``CNBlock`` output, a DenseNet dense block's, a transformer block's tokens. So is a
@@ -150,7 +151,9 @@ def default_layers(
     def is_block(child: nn.Module) -> bool:
         return (
             any(True for _ in child.children())
-            and any(rule(m, device) or own_calls(m) for m in child.modules())
+            and any(
+                rule(m, device) or own_calls(m) or held_ops(m, rule.ops) for m in child.modules()
+            )
             and not any(m is classifier for m in child.modules())
         )
 
@@ -202,23 +205,30 @@ def default_cam_layer(model: nn.Module) -> str | None:
 
     A model is a vision transformer here when its last ``Conv2d`` is its patch embedding (kernel
     equal to stride, see :func:`~lightning_neurons.layouts.patch_embedding`): its last convolution
-    maps pixels to patches, so Grad-CAM reads a block's tokens on the patch grid instead. The
-    block is the last default layer, or the one before it when the model reads its class token
-    (a ``class_token`` / ``cls_token`` parameter and no average pooling): the last block's patch
-    tokens then reach the logits through nothing (only its class token is read), while its input's
-    do, through the last block's attention.
+    maps pixels to patches, so Grad-CAM reads a block's tokens on the patch grid instead
+    (:func:`token_block`, of its default layers).
     """
     patch = patch_embedding(model)
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if patch is None or convs[-1] != patch:
         return None
-    layers = default_layers(model)
-    if not layers:
+    return token_block(model, default_layers(model))
+
+
+def token_block(model: nn.Module, blocks: Sequence[str]) -> str | None:
+    """Of a transformer's ``blocks`` (in the order they run), Grad-CAM's: the last, or the one
+    before it when the model reads its class token (a ``class_token`` / ``cls_token`` parameter
+    and no average pooling: no ``global_pool`` attribute, or ``pool`` string, saying ``avg``
+    or ``mean``): the last block's patch tokens then reach the logits through nothing (only its
+    class token is read), while its input's do, through the last block's attention."""
+    if not blocks:
         return None
-    pools = {str(getattr(m, "global_pool", "token")) for m in model.modules()}
+    pools = [str(getattr(m, "global_pool", "")) for m in model.modules()]  # timm: str or module
+    pools += [p for m in model.modules() if isinstance(p := getattr(m, "pool", None), str)]
+    averages = any("avg" in p or "mean" in p for p in pools)
     tokens = [getattr(m, a, None) for m in model.modules() for a in ("class_token", "cls_token")]
-    reads_class_token = any(isinstance(t, nn.Parameter) for t in tokens) and "avg" not in pools
-    return layers[-2] if reads_class_token and len(layers) > 1 else layers[-1]
+    reads_class_token = any(isinstance(t, nn.Parameter) for t in tokens) and not averages
+    return blocks[-2] if reads_class_token and len(blocks) > 1 else blocks[-1]
 
 
 def infer_num_classes(model: nn.Module) -> int | None:

@@ -30,7 +30,9 @@ when a submodule has that name) is a module call, not a function call. Limits:
 
 * calls through a function stored under another name (``self.act = F.relu``, torch's own
   ``nn.TransformerEncoderLayer``) are not found by that reading; name them in ``layers=`` (they
-  are still captured) or give the op's name in ``activations=``;
+  are still captured) or give the op's name in ``activations=``. A module that holds such a
+  function as an attribute (:func:`held_ops`) does count as holding an activation, so torch's
+  ``TransformerEncoderLayer`` in an ``nn.TransformerEncoder`` is a block, a default layer;
 * a name read in ``forward`` but never called there (a dead branch) gives a default layer that
   never runs; the analyses then say it did not run;
 * under ``torch.compile``, Dynamo traces the hooks and the mode (a compiled model gives the
@@ -161,6 +163,26 @@ def called_ops(module: nn.Module, ops: tuple[str, ...] = RESPONSE_OPS) -> list[s
             if isinstance(code_, types.CodeType) and not _is_library(method):
                 pending.append((code_, method.__globals__))
     return found
+
+
+def held_ops(module: nn.Module, ops: tuple[str, ...] = RESPONSE_OPS) -> list[str]:
+    """The ops of ``ops`` whose functions the module holds as attributes, which its ``forward``
+    calls under another name (torch's ``nn.TransformerEncoderLayer``: ``self.activation =
+    F.relu``), in the order held.
+
+    Example:
+        >>> held_ops(nn.TransformerEncoderLayer(8, 2, activation="gelu")), held_ops(nn.ReLU())
+        (['gelu'], [])
+    """
+    found: list[str] = []
+    for value in vars(module).values():
+        op = _FUNCTIONS.get(value) if isinstance(value, _FUNCTION_TYPES) else None
+        if op in ops and op not in found:
+            found.append(op)
+    return found
+
+
+_FUNCTION_TYPES = (types.FunctionType, types.BuiltinFunctionType, functools.partial)
 
 
 @functools.lru_cache(maxsize=1024)

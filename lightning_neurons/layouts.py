@@ -213,6 +213,33 @@ def token_grid(tokens: int, grid: Sequence[int]) -> tuple[int, tuple[int, int]]:
     )
 
 
+#: The most leading tokens (class, distillation, register tokens) that :func:`image_token_grid`
+#: looks past for the patch tokens.
+MAX_PREFIX_TOKENS = 16
+
+
+def image_token_grid(tokens: int, size: Sequence[int]) -> tuple[int, int] | None:
+    """The ``h x w`` grid of patch tokens on an image of ``size`` ``(H, W)``, for a model without
+    a patch-embedding convolution (patches flattened into a ``Linear``, LeViT's convolutional
+    stem): the grid of ``P x P`` patches (``ceil(H / P) x ceil(W / P)``: a hierarchical model's
+    halved grids too) whose cells are the tokens after the fewest leading ones (at most
+    :data:`MAX_PREFIX_TOKENS`); ``None`` when no patch size gives one.
+
+    Example:
+        >>> image_token_grid(1 + 64, (32, 32)), image_token_grid(12, (224, 160))
+        ((8, 8), (4, 3))
+    """
+    height, width = int(size[0]), int(size[1])
+    grids: dict[int, tuple[int, int]] = {}
+    for patch in range(1, max(height, width) + 1):
+        cells = (-(-height // patch), -(-width // patch))
+        grids.setdefault(cells[0] * cells[1], cells)
+    for prefix in range(min(MAX_PREFIX_TOKENS, tokens - 1) + 1):
+        if tokens - prefix in grids:
+            return grids[tokens - prefix]
+    return None
+
+
 def patch_embedding(model: nn.Module) -> str | None:
     """The name of the model's patch embedding: the first ``Conv2d`` whose kernel equals its
     stride (non-overlapping patches), or ``None``."""

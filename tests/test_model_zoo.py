@@ -22,6 +22,7 @@ import timm
 import torch
 import torchvision
 from conftest import TinyNet, fast_trainer
+from test_token_grids import TutorialViT
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -224,9 +225,18 @@ MODELS = {
     # StarReLU (with parameters) in its blocks, SquaredReLU (a module with a child) in its head
     "timm_caformer": lambda: ImageClassifier(_timm("caformer_s18"), CLASSES),
     "timm_vit_checkpointing": lambda: ImageClassifier(_checkpointing_vit(), CLASSES),
+    # patches by a Linear, a class token, torch's nn.TransformerEncoder: no Conv2d at all
+    "tutorial_vit": lambda: ImageClassifier(TutorialViT(size=SIZE, classes=CLASSES), CLASSES),
 }
 #: Quick enough for every run; the others are marked slow.
-FAST = {"tuple_output", "dict_batches", "shared_activation", "tutorial_functional", "swish"}
+FAST = {
+    "tuple_output",
+    "dict_batches",
+    "shared_activation",
+    "tutorial_functional",
+    "swish",
+    "tutorial_vit",
+}
 
 
 def _covers(layers: list[str], results: dict) -> bool:
@@ -308,6 +318,9 @@ def test_every_analysis_works_with_defaults(tmp_path, name):
     if name == "timm_levit":  # its stem's activations, then its stages' tokens: C neurons each
         assert list(tracker.results)[-3:] == [f"backbone.stages.{i}" for i in range(3)]
         assert [s.num_neurons for s in tracker.results.values()][-3:] == [128, 256, 384]
+    if name == "tutorial_vit":  # the encoder's layers; Grad-CAM before the class-token head
+        assert list(tracker.results) == [f"backbone.encoder.layers.{i}" for i in range(3)]
+        assert callbacks[1].saliency_results.gradcam_layer == "backbone.encoder.layers.1"
     if name == "timm_caformer":  # stages are blocks; the head's SquaredReLU holds an nn.ReLU
         stages = [f"backbone.stages.{i}" for i in range(4)]
         assert list(tracker.results) == [*stages, "backbone.head.fc.act.relu"]

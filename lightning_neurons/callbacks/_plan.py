@@ -25,7 +25,7 @@ from lightning_neurons.errors import NeuronsError
 from lightning_neurons.gradients import why_no_gradient
 from lightning_neurons.hooks import get_module, selects, split_call
 from lightning_neurons.state import analysis_mode
-from lightning_neurons.visualize.cam_layers import cam_layer
+from lightning_neurons.visualize.cam_layers import NoCamLayer, cam_layer
 from lightning_neurons.visualize.objectives import LOGITS, Channel, ClassLogit
 from lightning_neurons.visualize.render import check_objectives
 from lightning_neurons.visualize.saliency import METHODS
@@ -78,23 +78,15 @@ def is_methods(methods: Any) -> bool:
 def saliency_methods(
     pl_module: LightningModule, methods: Sequence[str], gradcam_layer: str | None
 ) -> list[str]:
-    """The saliency methods of a fit: Grad-CAM left out, with one warning, for a model without a
-    layer it can take by default (no ``Conv2d``: an MLP) unless ``gradcam_layer`` names one.
+    """The saliency methods of a fit (Grad-CAM's layer is chosen with the plan:
+    :func:`gradcam_layer_for`).
 
     Raises:
         NeuronsError: If ``gradcam_layer`` is not a module of the model.
     """
-    chosen = list(methods)
-    if "gradcam" in chosen and gradcam_layer is not None:
+    if "gradcam" in methods and gradcam_layer is not None:
         get_module(pl_module, gradcam_layer)
-    elif "gradcam" in chosen and not any(isinstance(m, nn.Conv2d) for m in pl_module.modules()):
-        chosen.remove("gradcam")
-        rank_zero_warn(
-            f"FeatureVisualizer: {type(pl_module).__name__} has no Conv2d layer for Grad-CAM's "
-            "default; its maps are left out (the other saliency methods are made). Pass "
-            "`gradcam_layer=` to choose a layer with a spatial output."
-        )
-    return chosen
+    return list(methods)
 
 
 def gradcam_layer_for(
@@ -102,14 +94,27 @@ def gradcam_layer_for(
     layer: str | None,
     shape: Sequence[int] | None,
     transform: InputTransform | None,
-) -> str:
+) -> str | None:
     """Grad-CAM's layer for images of ``shape`` (:func:`cam_layer` on a grey image). A model that
-    fails on it gets the last Conv2d here: the plan's own probe then says what is wrong."""
+    fails on it gets the last Conv2d here: the plan's own probe then says what is wrong. ``None``,
+    with one warning, for a model without a layer Grad-CAM can take by default (an MLP: no
+    ``Conv2d``, no transformer tokens on a grid of image patches)."""
     image = None if shape is None or layer else torch.full((1, *shape), 0.5)
     try:
-        return cam_layer(model, layer, image, transform)
-    except Exception:  # noqa: BLE001 - the model failing on the image: make_plan says why
-        return cam_layer(model, layer)
+        try:
+            return cam_layer(model, layer, image, transform)
+        except NoCamLayer:
+            raise
+        except Exception:  # noqa: BLE001 - the model failing on the image: make_plan says why
+            return cam_layer(model, layer)
+    except NoCamLayer:
+        rank_zero_warn(
+            f"FeatureVisualizer: {type(model).__name__} has no Conv2d layer, nor transformer "
+            "tokens on a grid of image patches, for Grad-CAM's default; its maps are left out "
+            "(the other saliency methods are made). Pass `gradcam_layer=` to choose a layer with "
+            "a spatial output."
+        )
+        return None
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,11 @@
 
 :func:`cam_layer` reads every module's output shape in one forward pass of one image and picks
 a stage or block output (a ResNet's ``layer4``, the ReLU after a VGG's last convolution) on the
-grid of the last ``Conv2d`` with at least :data:`CAM_POSITIONS` positions; a vision
-transformer's is one of its blocks (:func:`~lightning_neurons.defaults.default_cam_layer`). Why
-these and not the last ``Conv2d``: ``benchmarks/gradcam_layers.py`` and docs/benchmarks.md.
+grid of the last ``Conv2d`` with at least :data:`CAM_POSITIONS` positions (or a hybrid's
+attention stage whose tokens lie on that grid); a vision transformer's is one of its blocks
+(:func:`~lightning_neurons.defaults.default_cam_layer`, and :func:`read_cam_layer` for one
+without a ``Conv2d``). Why these and not the last ``Conv2d``: ``benchmarks/gradcam_layers.py``
+and docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -17,10 +19,21 @@ import torch
 from torch import nn
 
 from lightning_neurons.batch import InputTransform, as_model_input, to_model_input
-from lightning_neurons.defaults import auxiliary_classifiers, default_cam_layer
+from lightning_neurons.defaults import (
+    auxiliary_classifiers,
+    default_cam_layer,
+    default_layers,
+    token_block,
+)
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import hooked
+from lightning_neurons.layouts import image_token_grid
 from lightning_neurons.state import analysis_mode, model_device
+
+
+class NoCamLayer(NeuronsError):
+    """A model without a layer that Grad-CAM can take by default (an MLP)."""
+
 
 #: Grad-CAM's default layer has at least this many positions where the model has one (3 x 3):
 #: a 2 x 2 map picks a quadrant. On the parts data, a ResNet-18's 2 x 2 maps were less
@@ -39,9 +52,11 @@ def cam_layer(
     whose output has at least :data:`CAM_POSITIONS` (3 x 3) positions on ``image`` (a
     ``[1, C, H, W]`` display image: one forward pass) and a gradient from it: of the layers whose
     outputs have that grid and a gradient, the outermost (the fewest dots in its name), and of
-    those the last to return (a ResNet's stage, the ReLU after a VGG's last convolution). Where
-    no ``Conv2d`` has as many, the same with more than one position, then with one; else the last
-    ``Conv2d``. Without ``image``: the last ``Conv2d``.
+    those the last to return (a ResNet's stage, the ReLU after a VGG's last convolution; a
+    hybrid's attention stage whose tokens lie on that grid, see :meth:`LayerOutputs.cam_layer`).
+    Where no ``Conv2d`` has as many, the same with more than one position, then with one; else
+    the last ``Conv2d``. A model without one: its last block of tokens on a grid of image patches
+    (:func:`read_cam_layer`). Without ``image``: the last ``Conv2d``.
 
     At one position Grad-CAM's map is flat: a ResNet's ``layer4`` on 32 px images, or a 1x1
     convolution that classifies after the global pooling (DLA's ``fc``); at 2 x 2 it picks a
@@ -64,67 +79,130 @@ def cam_layer(
         'layer2'
 
     Raises:
-        NeuronsError: For a model without either and no ``layer``.
+        NoCamLayer: For a model with none of these and no ``layer``.
     """
     if layer:
         return layer
     found = default_cam_layer(model)
     if found:
         return found
-    convs = conv_layers(model)
     if image is None:
-        return convs[-1]
-    with analysis_mode(model), layer_outputs(model, graph=True) as outputs:
+        return conv_layers(model)[-1]
+    with analysis_mode(model), layer_outputs(model, 1, graph=True) as outputs:
         # the parameters are frozen: an output has a graph when the image's gradient reaches it;
         # a clone made here is no inference tensor (the image may be one: Lightning's validation)
         x = image[:1].detach().to(model_device(model)).clone().requires_grad_(True)
         model(as_model_input(to_model_input(x, input_transform), model))  # no logits to read
-    return outputs.cam_layer(convs)
+    return read_cam_layer(model, outputs, image_sizes(image, input_transform))
+
+
+def read_cam_layer(model: nn.Module, outputs: LayerOutputs, sizes: Sequence[Sequence[int]]) -> str:
+    """Grad-CAM's default layer from the layers' ``outputs`` in a forward pass of images of
+    ``sizes`` (:func:`image_sizes`): :meth:`LayerOutputs.cam_layer` of the model's ``Conv2d``
+    layers; for a model without one, its last block whose output is tokens on a grid of image
+    patches (:func:`~lightning_neurons.defaults.token_block`: a transformer that embeds its
+    patches with a ``Linear``).
+
+    Raises:
+        NeuronsError: For a model with neither.
+    """
+    convs = [name for name, m in _modules(model) if isinstance(m, nn.Conv2d)]
+    if convs:
+        return outputs.cam_layer(convs, sizes)
+    blocks = [n for n in default_layers(model) if outputs.grid(n, sizes) is not None]
+    found = token_block(model, blocks)
+    if found is None:
+        raise NoCamLayer(
+            f"{type(model).__name__} has no Conv2d layer and no block with transformer tokens "
+            "on a grid of image patches; pass the Grad-CAM `layer` explicitly"
+        )
+    return found
+
+
+def image_sizes(images: torch.Tensor, transform: InputTransform | None) -> list[torch.Size]:
+    """The ``(H, W)`` of display images and, when ``transform`` resizes them, of the model's
+    inputs (one image transformed): where a token layer's patch grid is looked for."""
+    sizes = [images.shape[-2:]]
+    if transform is not None:
+        x = to_model_input(images[:1], transform)
+        if x.dim() == 4 and x.shape[-2:] != sizes[0]:
+            sizes.append(x.shape[-2:])
+    return sizes
 
 
 @dataclass
 class LayerOutputs:
     """The layers that ran, in the order they returned (a block after its layers), and the
-    ``[K, h, w]`` shape of each one's output (``None``: not a feature map); ``without_graph``:
-    the feature maps without a gradient from the image when the forward pass returned, when one
-    was asked for."""
+    shape of each one's output without the batch (``None``: neither a ``[K, h, w]`` feature map
+    nor ``[D, T]`` channels-first tokens); ``without_graph``: those without a gradient from the
+    image when the forward pass returned, when one was asked for."""
 
     shapes: dict[str, torch.Size | None] = field(default_factory=dict)
     without_graph: set[str] = field(default_factory=set)
 
-    def cam_layer(self, convs: Sequence[str]) -> str:
+    def grid(self, name: str, sizes: Sequence[Sequence[int]]) -> tuple[int, int] | None:
+        """The ``h x w`` grid of layer ``name``'s output: a feature map's, or the grid of image
+        patches of one of ``sizes`` that its tokens lie on (:func:`image_token_grid`); ``None``
+        for another output, or one without a graph."""
+        shape = self.shapes.get(name)
+        if shape is None or name in self.without_graph:
+            return None
+        if len(shape) == 3:
+            return (shape[1], shape[2])
+        grids = (image_token_grid(shape[1], size) for size in sizes)
+        return next((grid for grid in grids if grid is not None), None)
+
+    def cam_layer(self, convs: Sequence[str], sizes: Sequence[Sequence[int]] = ()) -> str:
         """The outermost layer with a graph (the fewest dots in its name; of those, the last to
-        return) whose output has the grid of the last of ``convs`` with at least
-        :data:`CAM_POSITIONS` positions: a stage or block output (where no layer on that grid
-        has a graph, the grid of the conv before). Else the same with more than one position,
+        return) whose output lies on the grid of the last of ``convs`` with at least
+        :data:`CAM_POSITIONS` positions (where no layer on that grid has a graph, the grid of
+        the conv before): a stage or block output; where tokens lie on that grid (on images of
+        ``sizes``) outside every layer with a feature map on it, the outermost of those token
+        layers: a hybrid's transformer stage after its convolutional stem (LeViT's first stage).
+        Else the same with more than one position,
         else with one, else the last of ``convs``."""
+        on_grid = {n: g for n in self.shapes if (g := self.grid(n, sizes)) is not None}
         for least in (CAM_POSITIONS, 2, 1):
-            grids = [s[-2:] for n in convs if (s := self.shapes.get(n)) and s[-2:].numel() >= least]
+            grids = [
+                torch.Size(s[-2:])
+                for n in convs
+                if (s := self.shapes.get(n)) and len(s) == 3 and s[-2:].numel() >= least
+            ]
             for grid in reversed(grids):
-                same = [
+                same = [n for n, g in on_grid.items() if g == tuple(grid)]
+                tokens = [
                     n
-                    for n, s in self.shapes.items()
-                    if s is not None and s[-2:] == grid and n not in self.without_graph
+                    for n in same
+                    if len(self.shapes[n] or ()) == 2 and not any(a in same for a in _parents(n))
                 ]
+                same = tokens or same
                 if same:
                     depth = min(n.count(".") for n in same)
                     return [n for n in same if n.count(".") == depth][-1]
         return convs[-1]
 
 
+def _parents(name: str) -> list[str]:
+    """The modules that enclose module ``name``: ``"a.b.c" -> ["a", "a.b"]``."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
 @contextmanager
-def layer_outputs(model: nn.Module, graph: bool = False) -> Iterator[LayerOutputs]:
-    """The layers' output shapes (:class:`LayerOutputs`), filled by the forward passes inside the
-    block; with ``graph``, the feature maps without a gradient from the image when the forward
-    pass returns (a reentrant checkpoint's block gets its graph when the checkpoint returns its
+def layer_outputs(model: nn.Module, batch: int, graph: bool = False) -> Iterator[LayerOutputs]:
+    """The layers' output shapes (:class:`LayerOutputs`), filled by the forward passes of
+    ``batch`` images inside the block (an output of another batch size is no map of them:
+    MobileViT's unfolded patches); with ``graph``, the outputs without a gradient from the image when the forward pass
+    returns (a reentrant checkpoint's block gets its graph when the checkpoint returns its
     output, and Grad-CAM reads it then)."""
     found = LayerOutputs()
-    pending: dict[str, torch.Tensor] = {}  # feature maps without a graph yet
+    pending: dict[str, torch.Tensor] = {}  # outputs without a graph yet
 
     def seen(name: str, output: torch.Tensor) -> None:
         if name not in found.shapes:
-            found.shapes[name] = torch.Size(output.shape[1:]) if output.dim() == 4 else None
-            if graph and output.dim() == 4 and not output.requires_grad:
+            spatial = output.dim() in (3, 4) and len(output) == batch
+            found.shapes[name] = torch.Size(output.shape[1:]) if spatial else None
+            if graph and spatial and not output.requires_grad:
                 pending[name] = output
 
     names = [name for name, _ in _modules(model) if name]
@@ -147,7 +225,7 @@ def conv_layers(model: nn.Module) -> list[str]:
     """
     names = [name for name, m in _modules(model) if isinstance(m, nn.Conv2d)]
     if not names:
-        raise NeuronsError(
+        raise NoCamLayer(
             f"{type(model).__name__} has no Conv2d layer; pass the Grad-CAM `layer` explicitly"
         )
     return names

@@ -51,13 +51,14 @@ from lightning_neurons.gradients import (
     no_gradient,
 )
 from lightning_neurons.hooks import OutputSizes, get_module, hooked, leaf_output_sizes
-from lightning_neurons.layouts import on_grid, patch_embedding
+from lightning_neurons.layouts import image_token_grid, on_grid, patch_embedding
 from lightning_neurons.state import analysis_mode, model_device
 from lightning_neurons.visualize.cam_layers import (  # cam_layer: this module's too
     LayerOutputs,
     cam_layer,
-    conv_layers,
+    image_sizes,
     layer_outputs,
+    read_cam_layer,
 )
 from lightning_neurons.visualize.param import row_seed
 from lightning_neurons.visualize.sizing import auto_batch_size
@@ -101,19 +102,20 @@ class _Probe:
         if self._found is None:
             x = as_model_input(to_model_input(self.images[:1], self.input_transform), self.model)
             out: list[object] = []
-            with torch.no_grad(), self.watching():
+            with torch.no_grad(), self.watching(len(x)):
                 sizes = leaf_output_sizes(self.model, lambda: out.append(self.model(x)))
             self._found = read_logits(out[0], self.output_fn).shape[1], sizes
         return self._found
 
     @contextmanager
-    def watching(self) -> Iterator[None]:
-        """Notes the layers' output shapes in the forward passes inside the block (the probe's
-        own, or one of the images that it then need not make); without ``watch``, nothing."""
+    def watching(self, batch: int) -> Iterator[None]:
+        """Notes the layers' output shapes in the forward passes of ``batch`` images inside the
+        block (the probe's own, or one of the images that it then need not make); without
+        ``watch``, nothing."""
         if not self.watch:
             yield
             return
-        with layer_outputs(self.model) as found:
+        with layer_outputs(self.model, batch) as found:
             yield
         if self._outputs is None:
             self._outputs = found
@@ -143,7 +145,7 @@ def _targets(probe: _Probe, target: int | Sequence[int] | torch.Tensor | None) -
     """``[N]`` class per image of ``probe.images``: given, or the model's prediction."""
     images, n = probe.images, probe.images.shape[0]
     if target is None:
-        with torch.no_grad(), probe.watching():
+        with torch.no_grad(), probe.watching(n):
             logits = _logits(probe.model, images, probe.input_transform, probe.output_fn)
             return logits.argmax(dim=1)
     if isinstance(target, numbers.Integral):
@@ -359,9 +361,7 @@ def grad_cam(
     """
     check_image_batch(images)
     named, layer = layer, layer or default_cam_layer(model)
-    if layer is None:
-        conv_layers(model)  # raises for a model without one
-    else:
+    if layer is not None:
         get_module(model, layer)
     patch = patch_embedding(model)  # a token layer's grid is the patch embedding's output's
     device = model_device(model)
@@ -387,7 +387,8 @@ def grad_cam(
         images = images.detach().clone().to(device)
         probe = _Probe(model, images, input_transform, output_fn, watch=layer is None)
         target = _targets(probe, target)
-        layer = layer or probe.outputs.cam_layer(conv_layers(model))
+        sizes = image_sizes(images, input_transform)
+        layer = layer or read_cam_layer(model, probe.outputs, sizes)
         watched = [layer] if patch is None or patch == layer else [layer, patch]
         with hooked(model, watched, keep):
             parts = _chunks(len(images), batch_size, probe)
@@ -397,13 +398,14 @@ def grad_cam(
                 x = images[part].clone().requires_grad_(True)  # parameters are frozen
                 logits = _logits(model, x, input_transform, output_fn)
                 features = captured.get(layer)
-                tokens = features is not None and features.dim() == 3 and patch in captured
-                if features is None or not (features.dim() == 4 or tokens):
+                patches = captured.get(patch) if patch else None
+                grid = None if features is None else _grid(features, patches, sizes)
+                if grid is None:
                     shape = None if features is None else tuple(features.shape)
                     raise NeuronsError(
                         f"Grad-CAM needs a layer with [N, K, h, w] output (or transformer tokens "
-                        f"after a patch embedding) that runs in the forward pass; {layer!r} gave "
-                        f"{shape}"
+                        f"on a grid of image patches) that runs in the forward pass; {layer!r} "
+                        f"gave {shape}"
                     )
                 if not features.requires_grad and features.is_floating_point():
                     if named is None:  # a default without a graph: one that has one, below
@@ -415,9 +417,8 @@ def grad_cam(
                 (grad,) = gradients_at(picked, [features])  # (the parameters are frozen)
                 if grad is None:  # the logits do not depend on it through a graph
                     raise no_gradient(layer)
-                if tokens:  # [N, K, T] channels-first tokens -> the patch grid
-                    grid = captured[patch].shape[-2:]
-                    features, grad = on_grid(features, grid), on_grid(grad, grid)
+                # [N, K, T] channels-first tokens -> the patch grid
+                features, grad = on_grid(features, grid), on_grid(grad, grid)
                 weights = grad.float().mean(dim=(2, 3), keepdim=True)
                 cam = F.relu((weights * features.detach().float()).sum(dim=1, keepdim=True))
                 cam = F.interpolate(cam, size=(height, width), mode="bilinear", align_corners=False)
@@ -434,6 +435,23 @@ def grad_cam(
             output_fn=output_fn,
         )
     return torch.cat(out)
+
+
+def _grid(
+    features: torch.Tensor, patches: torch.Tensor | None, sizes: Sequence[Sequence[int]]
+) -> Sequence[int] | None:
+    """The ``h x w`` grid of Grad-CAM's layer output ``features``: a feature map's own; for
+    ``[N, K, T]`` tokens, the patch embedding's output's (``patches``), else the grid of image
+    patches that holds them (:func:`image_token_grid`) on an image of one of ``sizes`` (the
+    display images', the model inputs'); ``None`` for another output."""
+    if features.dim() == 4:
+        return features.shape[-2:]
+    if features.dim() != 3:
+        return None
+    if patches is not None and patches.dim() == 4:
+        return patches.shape[-2:]
+    grids = (image_token_grid(features.shape[-1], size) for size in sizes)
+    return next((grid for grid in grids if grid is not None), None)
 
 
 def saliency(

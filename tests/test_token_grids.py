@@ -1,0 +1,187 @@
+"""Transformers without a patch-embedding convolution: patches flattened into a ``Linear`` (as
+tutorials and vit-pytorch write a ViT), blocks of PyTorch's own ``nn.TransformerEncoder``, and a
+hybrid's attention stages after a convolutional stem (as LeViT's). Their tokens are read on the
+grid of image patches that holds them."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import fast_trainer
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_neurons import (
+    ActivationTracker,
+    FeatureVisualizer,
+    NeuronContribution,
+    NeuronsError,
+    RenderOptions,
+)
+from lightning_neurons.defaults import default_layers
+from lightning_neurons.functional import held_ops
+from lightning_neurons.hooks import count_forward_hooks
+from lightning_neurons.layouts import image_token_grid
+from lightning_neurons.models import ImageClassifier
+from lightning_neurons.visualize import grad_cam
+from lightning_neurons.visualize.cam_layers import cam_layer
+
+
+def _patches(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``[B, C, H, W]`` -> ``[B, (H / size) * (W / size), C * size * size]``, raster order."""
+    b, c, h, w = x.shape
+    x = x.unfold(2, size, size).unfold(3, size, size)  # [B, C, h, w, size, size]
+    return x.permute(0, 2, 3, 1, 4, 5).reshape(b, (h // size) * (w // size), c * size * size)
+
+
+class TutorialViT(nn.Module):
+    """A ViT as tutorials write it: 4x4 patches by ``unfold`` and a ``Linear``, a class token,
+    PyTorch's ``nn.TransformerEncoder`` (its layers call ``F.gelu`` held as an attribute), and a
+    head on the class token (``pool="cls"``) or on the patch tokens' mean (``pool="mean"``)."""
+
+    def __init__(self, pool: str = "cls", size: int = 16, dim: int = 16, classes: int = 3) -> None:
+        super().__init__()
+        self.pool = pool
+        self.to_patch = nn.Linear(3 * 4 * 4, dim)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, (size // 4) ** 2 + 1, dim) * 0.1)
+        layer = nn.TransformerEncoderLayer(dim, 2, 2 * dim, 0.0, "gelu", batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.to_patch(_patches(x, 4))
+        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1) + self.pos
+        tokens = self.encoder(tokens)
+        return self.head(tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(dim=1))
+
+
+def test_the_layers_of_torchs_transformer_encoder_are_default_layers():
+    """``nn.TransformerEncoderLayer`` calls its activation through ``self.activation = F.gelu``,
+    which no reading of its code finds: it counts as holding one, so each layer of the encoder
+    is a block (before: no default layer at all, and every callback failed at set-up)."""
+    vit = TutorialViT()
+    assert held_ops(vit.encoder.layers[0]) == ["gelu"]
+    assert default_layers(vit) == [f"encoder.layers.{i}" for i in range(3)]
+    relu = nn.TransformerEncoderLayer(8, 2, activation="relu")
+    assert held_ops(relu) == ["relu"] and held_ops(nn.Linear(2, 2)) == []
+
+
+def test_image_token_grid_finds_the_patches_after_the_leading_tokens():
+    assert image_token_grid(1 + 64, (32, 32)) == (8, 8)  # a class token, 4 px patches
+    assert image_token_grid(1 + 4 + 16, (64, 64)) == (4, 4)  # and 4 register tokens
+    assert image_token_grid(6 * 4, (48, 32)) == (6, 4)  # 8 px patches of a 48x32 image
+    assert image_token_grid(12, (224, 160)) == (4, 3)  # LeViT's last stage: 14x10 halved twice
+    assert image_token_grid(100, (8, 8)) is None  # more tokens than pixels: no patch grid
+
+
+def _by_hand(model: TutorialViT, images: torch.Tensor, target: torch.Tensor, block: int):
+    """Grad-CAM at an encoder layer, written out: its 16 patch tokens (the class token dropped)
+    on the 4x4 grid, each channel weighted by its mean gradient, upsampled to 16x16."""
+    kept: dict[str, torch.Tensor] = {}
+    layer = model.encoder.layers[block]
+    handle = layer.register_forward_hook(lambda m, i, o: kept.setdefault("tokens", o))
+    try:
+        logits = model(images)
+    finally:
+        handle.remove()
+    tokens = kept["tokens"]  # [B, 1 + 16, D]
+    (grad,) = torch.autograd.grad(logits.gather(1, target.view(-1, 1)).sum(), tokens)
+    grid = tokens[:, 1:].transpose(1, 2).reshape(len(images), -1, 4, 4)
+    weights = grad[:, 1:].mean(dim=1)[:, :, None, None]
+    cam = F.relu((weights * grid).sum(dim=1, keepdim=True))
+    return F.interpolate(cam, size=(16, 16), mode="bilinear", align_corners=False)[:, 0].detach()
+
+
+@pytest.mark.parametrize(("pool", "block"), [("cls", 1), ("mean", 2)])
+def test_grad_cam_reads_a_tutorial_vits_tokens_on_its_patch_grid(pool, block):
+    """No ``Conv2d``: the patch grid is read from the image (16 tokens after the class token on
+    a 16x16 image: 4x4). By default the last layer, or the one before it under a class-token
+    head (the last layer's patch tokens do not reach that head); the maps are Grad-CAM's written
+    out (before: "has no Conv2d layer", and a named layer "needs [N, K, h, w] output")."""
+    torch.manual_seed(0)
+    vit = TutorialViT(pool).eval()
+    images, target = torch.rand(3, 3, 16, 16), torch.tensor([0, 1, 2])
+    assert cam_layer(vit, image=images[:1]) == f"encoder.layers.{block}"
+    maps = grad_cam(vit, images, target)
+    expected = _by_hand(vit, images, target, block)
+    assert expected.amax() > 0
+    # float32 sums over 16 channels of values of order 1: the kernels' order differs by ~1e-6
+    torch.testing.assert_close(maps, expected, atol=1e-5, rtol=1e-4)
+    named = grad_cam(vit, images, target, layer="encoder.layers.0")
+    torch.testing.assert_close(named, _by_hand(vit, images, target, 0), atol=1e-5, rtol=1e-4)
+    assert count_forward_hooks(vit) == 0
+    assert all(p.requires_grad and p.grad is None for p in vit.parameters())
+
+
+class HybridNet(nn.Module):
+    """LeViT's shape: a convolutional stem (a 4x4 map of 16x16 images), its map flattened into
+    16 tokens, then blocks of tokens with no patch embedding to say where they lie."""
+
+    class Block(nn.Module):
+        def __init__(self, dim: int) -> None:
+            super().__init__()
+            self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.mlp(x)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU())
+        self.blocks = nn.ModuleList([self.Block(8), self.Block(8)])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.stem(x).flatten(2).transpose(1, 2)  # [B, 16, 8]
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.head(tokens.mean(dim=1))
+
+
+def test_a_hybrids_default_grad_cam_layer_is_its_last_token_block_on_the_stems_grid():
+    """The last conv's grid (the stem's 4x4) holds the blocks' 16 tokens: the default is the
+    last block there (before: the stem, the shallowest layer on that grid), as LeViT's first
+    attention stage rather than its stem."""
+    torch.manual_seed(0)
+    net, images = HybridNet().eval(), torch.rand(2, 3, 16, 16)
+    assert cam_layer(net, image=images[:1]) == "blocks.1"
+    torch.testing.assert_close(grad_cam(net, images), grad_cam(net, images, layer="blocks.1"))
+    with pytest.raises(NeuronsError, match="on a grid of image patches"):
+        grad_cam(net, images, layer="head")
+    assert count_forward_hooks(net) == 0
+
+
+def test_every_callback_on_a_tutorial_vit(tmp_path):
+    """The tracker, FeatureVisualizer and NeuronContribution at their defaults on the tutorial
+    ViT: its encoder layers are the layers, Grad-CAM's maps are made at the layer before the
+    last, and nothing fails."""
+    torch.manual_seed(0)
+    x, y = torch.rand(24, 3, 16, 16), torch.arange(24) % 3
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    quiet = dict(on_error="raise", enable_logging=False)
+    callbacks = [
+        ActivationTracker(**quiet),
+        FeatureVisualizer(
+            render=RenderOptions(steps=2), max_channels=2, smoothgrad_samples=2, **quiet
+        ),
+        NeuronContribution(max_batches=1, **quiet),
+    ]
+    pl.seed_everything(0, verbose=False)
+    module = ImageClassifier(TutorialViT(), num_classes=3, lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast_trainer(tmp_path, callbacks=callbacks, max_epochs=1).fit(module, loader, loader)
+    tracker, vis, contribution = callbacks
+    layers = [f"backbone.encoder.layers.{i}" for i in range(3)]
+    assert list(tracker.results) == layers
+    assert {s.num_neurons for s in tracker.results.values()} == {16}
+    assert vis.saliency_results.gradcam_layer == "backbone.encoder.layers.1"
+    assert set(vis.saliency_results.maps) == {"gradient", "smoothgrad", "gradcam"}
+    assert set(contribution.results) == set(layers)
+    assert not any(cb.failures for cb in callbacks)
+    assert count_forward_hooks(module) == 0
