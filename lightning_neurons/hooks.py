@@ -49,6 +49,7 @@ from lightning_neurons.layouts import (
     layout_of,
     module_layouts,
     reduce_positions,
+    sequence_first_modules,
     to_channels_first,
 )
 from lightning_neurons.state import in_analysis
@@ -455,6 +456,7 @@ class HookSet:
             return
         self._handles.append(model.register_forward_pre_hook(lambda *_: self.new_pass()))
         last = module_layouts(model)
+        sequence = sequence_first_modules(model)
         functions: dict[str, set[str]] = {}
         matchers = {name: _call_matcher(calls) for name, calls in wanted.items()}
         for module_name in wanted:
@@ -470,7 +472,8 @@ class HookSet:
                 if skip_others and not _has_tensor(output):
                     return None
                 tensor = first_tensor(output, _name)
-                replaced = self._seen(_name, matchers[_name], tensor, _module, last[_name], fn)
+                layouts = (last[_name], _name in sequence)
+                replaced = self._seen(_name, matchers[_name], tensor, _module, layouts, fn)
                 if replaced is None or isinstance(output, torch.Tensor):
                     return replaced
                 return type(output)([replaced, *output[1:]])
@@ -480,7 +483,8 @@ class HookSet:
 
             def on_call(name: str, result: torch.Tensor) -> torch.Tensor | None:
                 caller = split_function_layer(name)[0]
-                return self._seen(name, matchers[name], result, None, last[caller], fn)
+                layouts = (last[caller], caller in sequence)
+                return self._seen(name, matchers[name], result, None, layouts, fn)
 
             capture = FunctionCapture({c: frozenset(o) for c, o in functions.items()}, on_call)
             self._captures.append(capture)
@@ -492,10 +496,12 @@ class HookSet:
         matcher: Callable[[int], bool],
         output: torch.Tensor,
         module: nn.Module | None,
-        channels_last: bool,
+        layouts: tuple[bool, bool],
         fn: ActivationFn,
     ) -> torch.Tensor | None:
-        """Count a call of layer ``name``; hand a selected one to ``fn`` channels first."""
+        """Count a call of layer ``name``; hand a selected one to ``fn`` channels first
+        (``layouts``: whether the module's 4-D outputs are channels last, and its 3-D ones
+        sequence first)."""
         if self.lightning_batches and in_analysis():
             return None
         if in_backward():  # a checkpointed block's forward recomputed, not another call
@@ -505,7 +511,7 @@ class HookSet:
         self.calls[name] = max(self.calls.get(name, 0), index + 1)
         if not matcher(index):
             return None
-        layout = layout_of(output, module, channels_last)
+        layout = layout_of(output, module, *layouts)
         view = to_channels_first(output, layout)
         with kept_saved_tensors():
             replaced = fn(call_site(name, index), view)

@@ -19,7 +19,9 @@ as a view (no copy; gradients flow through it):
   defined, left the maps channels last. Convolution, batch norm and pooling layers are always
   channels first;
 * 3-D outputs of ``Conv1d``, ``BatchNorm1d``, ``InstanceNorm1d`` and 1-D pooling are ``[B, C, L]``
-  channels first; every other 3-D output is tokens.
+  channels first; every other 3-D output is tokens, ``[B, N, D]``, except inside torch's own
+  attention modules built with ``batch_first=False`` (its default: ``nn.TransformerEncoder``,
+  ``nn.TransformerEncoderLayer``, ``nn.MultiheadAttention``), whose tokens are ``[N, B, D]``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Layout(Enum):
     FIRST = "channels_first"  # [B, K] / [B, K, *positions]
     TOKENS = "tokens"  # [B, N, D]
     LAST = "channels_last"  # [B, H, W, C]
+    SEQUENCE = "sequence_first"  # [N, B, D]: torch's attention layers at batch_first=False
 
 
 def _says_nhwc(module: nn.Module) -> bool | None:
@@ -110,11 +113,40 @@ def module_layouts(model: nn.Module) -> dict[str, bool]:
     return found
 
 
-def layout_of(output: torch.Tensor, module: nn.Module | None, channels_last: bool) -> Layout:
+def _sequence_first(module: nn.Module) -> bool | None:
+    """Whether one of torch's attention modules takes and gives ``[N, B, D]`` tokens (its
+    ``batch_first=False``, the default); ``None`` for other modules."""
+    if isinstance(module, (nn.MultiheadAttention, nn.Transformer)):
+        return not module.batch_first
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return not module.self_attn.batch_first
+    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)) and len(module.layers):
+        return _sequence_first(module.layers[0])
+    return None
+
+
+def sequence_first_modules(model: nn.Module) -> set[str]:
+    """The names of the modules whose 3-D outputs are ``[N, B, D]`` tokens, sequence first: torch's
+    ``nn.TransformerEncoder``, ``nn.TransformerEncoderLayer``, ``nn.MultiheadAttention`` and their
+    kin built with ``batch_first=False`` (torch's default), and every module inside one."""
+    found: set[str] = set()
+    for name, module in model.named_modules():
+        if name in found or not _sequence_first(module):
+            continue
+        found.update(f"{name}.{n}" if name and n else name or n for n, _ in module.named_modules())
+    return found
+
+
+def layout_of(
+    output: torch.Tensor,
+    module: nn.Module | None,
+    channels_last: bool,
+    sequence_first: bool = False,
+) -> Layout:
     """The layout of ``output`` of ``module`` (``None``: a function call of a module whose 4-D
-    outputs are ``channels_last``)."""
+    outputs are ``channels_last`` and 3-D ones ``sequence_first``)."""
     if output.dim() == 3 and not isinstance(module, _CHANNELS_FIRST):
-        return Layout.TOKENS
+        return Layout.SEQUENCE if sequence_first else Layout.TOKENS
     if output.dim() == 4 and channels_last:
         return Layout.LAST
     return Layout.FIRST
@@ -124,6 +156,8 @@ def to_channels_first(output: torch.Tensor, layout: Layout) -> torch.Tensor:
     """A channels-first view of ``output``."""
     if layout is Layout.TOKENS:
         return output.transpose(1, 2)
+    if layout is Layout.SEQUENCE:
+        return output.permute(1, 2, 0)
     if layout is Layout.LAST:
         return output.permute(0, 3, 1, 2)
     return output
@@ -133,6 +167,8 @@ def from_channels_first(output: torch.Tensor, layout: Layout) -> torch.Tensor:
     """The inverse of :func:`to_channels_first` (contiguous when it moved an axis)."""
     if layout is Layout.TOKENS:
         return output.transpose(1, 2).contiguous()
+    if layout is Layout.SEQUENCE:
+        return output.permute(2, 0, 1).contiguous()
     if layout is Layout.LAST:
         return output.permute(0, 2, 3, 1).contiguous()
     return output

@@ -25,7 +25,7 @@ from lightning_neurons import (
 from lightning_neurons.defaults import default_layers
 from lightning_neurons.functional import held_ops
 from lightning_neurons.hooks import count_forward_hooks
-from lightning_neurons.layouts import image_token_grid
+from lightning_neurons.layouts import image_token_grid, sequence_first_modules
 from lightning_neurons.models import ImageClassifier
 from lightning_neurons.visualize import grad_cam
 from lightning_neurons.visualize.cam_layers import cam_layer
@@ -40,23 +40,34 @@ def _patches(x: torch.Tensor, size: int) -> torch.Tensor:
 
 class TutorialViT(nn.Module):
     """A ViT as tutorials write it: 4x4 patches by ``unfold`` and a ``Linear``, a class token,
-    PyTorch's ``nn.TransformerEncoder`` (its layers call ``F.gelu`` held as an attribute), and a
-    head on the class token (``pool="cls"``) or on the patch tokens' mean (``pool="mean"``)."""
+    PyTorch's ``nn.TransformerEncoder`` (its layers call ``F.gelu`` held as an attribute; with
+    ``batch_first=False``, torch's default, on ``[N, B, D]`` tokens), and a head on the class
+    token (``pool="cls"``) or on the patch tokens' mean (``pool="mean"``)."""
 
-    def __init__(self, pool: str = "cls", size: int = 16, dim: int = 16, classes: int = 3) -> None:
+    def __init__(
+        self,
+        pool: str = "cls",
+        size: int = 16,
+        dim: int = 16,
+        classes: int = 3,
+        batch_first: bool = True,
+    ) -> None:
         super().__init__()
-        self.pool = pool
+        self.pool, self.batch_first = pool, batch_first
         self.to_patch = nn.Linear(3 * 4 * 4, dim)
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
         self.pos = nn.Parameter(torch.randn(1, (size // 4) ** 2 + 1, dim) * 0.1)
-        layer = nn.TransformerEncoderLayer(dim, 2, 2 * dim, 0.0, "gelu", batch_first=True)
+        layer = nn.TransformerEncoderLayer(dim, 2, 2 * dim, 0.0, "gelu", batch_first=batch_first)
         self.encoder = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
         self.head = nn.Linear(dim, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.to_patch(_patches(x, 4))
         tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1) + self.pos
-        tokens = self.encoder(tokens)
+        if self.batch_first:
+            tokens = self.encoder(tokens)
+        else:
+            tokens = self.encoder(tokens.transpose(0, 1)).transpose(0, 1)
         return self.head(tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(dim=1))
 
 
@@ -69,6 +80,12 @@ def test_the_layers_of_torchs_transformer_encoder_are_default_layers():
     assert default_layers(vit) == [f"encoder.layers.{i}" for i in range(3)]
     relu = nn.TransformerEncoderLayer(8, 2, activation="relu")
     assert held_ops(relu) == ["relu"] and held_ops(nn.Linear(2, 2)) == []
+    # batch_first=False (torch's default): the encoder and every module in it take [N, B, D]
+    assert sequence_first_modules(vit) == set()
+    inside = sequence_first_modules(TutorialViT(batch_first=False))
+    assert {"encoder", "encoder.layers.2", "encoder.layers.0.self_attn"} <= inside
+    assert "encoder.layers.0.linear1" in inside and "to_patch" not in inside
+    assert sequence_first_modules(relu) == {n for n, _ in relu.named_modules()}
 
 
 def test_image_token_grid_finds_the_patches_after_the_leading_tokens():
@@ -185,3 +202,43 @@ def test_every_callback_on_a_tutorial_vit(tmp_path):
     assert set(contribution.results) == set(layers)
     assert not any(cb.failures for cb in callbacks)
     assert count_forward_hooks(module) == 0
+
+
+def _every_result(tmp_path, batch_first: bool) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    x, y = torch.rand(24, 3, 16, 16), torch.arange(24) % 3
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    quiet = dict(on_error="raise", enable_logging=False)
+    layers = ["backbone.encoder.layers.1", "backbone.encoder.layers.2.linear1"]
+    tracker = ActivationTracker(layers=layers, **quiet)
+    vis = FeatureVisualizer(layers[:1], render=RenderOptions(steps=2), max_channels=2, **quiet)
+    contribution = NeuronContribution(layers=layers, max_batches=1, **quiet)
+    pl.seed_everything(0, verbose=False)
+    module = ImageClassifier(TutorialViT(batch_first=batch_first), num_classes=3, lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast_trainer(tmp_path, callbacks=[tracker, vis, contribution], max_epochs=1).fit(
+            module, loader, loader
+        )
+    assert not tracker.failures and not vis.failures and not contribution.failures
+    assert count_forward_hooks(module) == 0
+    results = {f"tracker.{n}": s.class_means for n, s in tracker.results.items()}
+    results |= {f"contribution.{n}": c.class_contribution for n, c in contribution.results.items()}
+    results["gradcam"] = vis.saliency_results.maps["gradcam"]
+    results["images"] = vis.results["backbone.encoder.layers.1"].images
+    return results
+
+
+def test_torchs_sequence_first_encoder_is_read_as_the_batch_first_one(tmp_path):
+    """``nn.TransformerEncoderLayer(batch_first=False)``, torch's default, gives ``[N, B, D]``
+    tokens (and so do the layers inside it): they are handed over as ``[B, D, N]``, and every
+    result is the batch-first model's (the same weights; before: "produced 17 rows for a batch
+    of 8 labels"). The kernels differ (a transposed input's matrix products, in training too),
+    so the results agree to float32 rounding, not bit for bit: 2.4e-7 at most on values up to
+    1.4 here, a few units in the last place; the tolerance leaves 40 times that."""
+    first = _every_result(tmp_path / "batch", True)
+    sequence = _every_result(tmp_path / "sequence", False)
+    assert set(sequence) == set(first) and len(first) == 6
+    for key, value in first.items():
+        assert value.abs().amax() > 0, key
+        torch.testing.assert_close(sequence[key], value, atol=1e-5, rtol=1e-4, msg=key)
