@@ -104,7 +104,7 @@ def read_cam_layer(model: nn.Module, outputs: LayerOutputs, sizes: Sequence[Sequ
     patches with a ``Linear``).
 
     Raises:
-        NeuronsError: For a model with neither.
+        NoCamLayer: For a model with neither.
     """
     convs = [name for name, m in _modules(model) if isinstance(m, nn.Conv2d)]
     if convs:
@@ -159,8 +159,7 @@ class LayerOutputs:
         the conv before): a stage or block output; where tokens lie on that grid (on images of
         ``sizes``) outside every layer with a feature map on it, the outermost of those token
         layers: a hybrid's transformer stage after its convolutional stem (LeViT's first stage).
-        Else the same with more than one position,
-        else with one, else the last of ``convs``."""
+        Else the same with more than one position, else with one, else the last of ``convs``."""
         on_grid = {n: g for n in self.shapes if (g := self.grid(n, sizes)) is not None}
         for least in (CAM_POSITIONS, 2, 1):
             grids = [
@@ -192,9 +191,9 @@ def _parents(name: str) -> list[str]:
 def layer_outputs(model: nn.Module, batch: int, graph: bool = False) -> Iterator[LayerOutputs]:
     """The layers' output shapes (:class:`LayerOutputs`), filled by the forward passes of
     ``batch`` images inside the block (an output of another batch size is no map of them:
-    MobileViT's unfolded patches); with ``graph``, the outputs without a gradient from the image when the forward pass
-    returns (a reentrant checkpoint's block gets its graph when the checkpoint returns its
-    output, and Grad-CAM reads it then)."""
+    MobileViT's unfolded patches); with ``graph``, the outputs without a gradient from the image
+    when the forward pass returns (a reentrant checkpoint's block gets its graph when the
+    checkpoint returns its output, and Grad-CAM reads it then)."""
     found = LayerOutputs()
     pending: dict[str, torch.Tensor] = {}  # outputs without a graph yet
 
