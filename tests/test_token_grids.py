@@ -9,6 +9,7 @@ import warnings
 
 import lightning.pytorch as pl
 import pytest
+import timm
 import torch
 from conftest import fast_trainer
 from torch import nn
@@ -242,3 +243,30 @@ def test_torchs_sequence_first_encoder_is_read_as_the_batch_first_one(tmp_path):
     for key, value in first.items():
         assert value.abs().amax() > 0, key
         torch.testing.assert_close(sequence[key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "size", "expected"),
+    [
+        # a conv stem, then attention stages with no patch embedding: the first stage on its grid
+        ("levit_128s", {}, 224, "stages.0"),
+        # a ResNet stem, then ViT blocks with a class-token head: the block before the last
+        ("vit_small_r26_s32_224", {}, 224, "blocks.10"),
+        # conv patches, blocks without a class token, then class attention: not the final norm
+        ("xcit_nano_12_p16_224", {"img_size": 32, "patch_size": 8}, 32, "cls_attn_blocks.0"),
+        # stages of token blocks with a positional conv in each: the stage's last block
+        ("twins_pcpvt_small", {}, 64, "blocks.2.5"),
+        # 4-D stages, the last one flattened into tokens: that stage, not its downsampling conv
+        ("efficientformer_l1", {}, 224, "stages.3"),
+        # blocks of tokens inside a stage whose output is a feature map: the stage, as before
+        ("pit_ti_224", {"img_size": 64}, 64, "transformers.1"),
+    ],
+)
+def test_grad_cams_default_on_timms_hybrids_is_a_block_of_tokens(name, options, size, expected):
+    """On hybrids, Grad-CAM's default is a block whose tokens lie on the last conv's grid (one
+    forward pass of one image; before: LeViT's stem, the ViT hybrid's and XCiT's patch
+    projections, Twins' positional conv, EfficientFormer's downsampling conv)."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=3, **options).eval()
+    assert cam_layer(model, image=torch.rand(1, 3, size, size)) == expected
+    assert count_forward_hooks(model) == 0

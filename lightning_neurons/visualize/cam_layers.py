@@ -11,7 +11,7 @@ and docs/benchmarks.md.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -99,18 +99,29 @@ def cam_layer(
 def read_cam_layer(model: nn.Module, outputs: LayerOutputs, sizes: Sequence[Sequence[int]]) -> str:
     """Grad-CAM's default layer from the layers' ``outputs`` in a forward pass of images of
     ``sizes`` (:func:`image_sizes`): :meth:`LayerOutputs.cam_layer` of the model's ``Conv2d``
-    layers; for a model without one, its last block whose output is tokens on a grid of image
-    patches (:func:`~lightning_neurons.defaults.token_block`: a transformer that embeds its
-    patches with a ``Linear``).
+    layers, where the model's blocks (its default layers) whose tokens lie on the chosen grid,
+    outside its feature maps, come first (LeViT's first attention stage, on its stem's grid;
+    XCiT's blocks rather than its final norm): the last of them, or, when it is the model's last
+    block, :func:`~lightning_neurons.defaults.token_block`'s choice. For a model without a
+    ``Conv2d``, ``token_block``'s of the blocks whose tokens lie on a grid of image patches (a
+    transformer that embeds its patches with a ``Linear``): the last, or the one before it under
+    a class-token head.
 
     Raises:
         NoCamLayer: For a model with neither.
     """
     convs = [name for name, m in _modules(model) if isinstance(m, nn.Conv2d)]
+    blocks = default_layers(model)
+
+    def on_grid(tokens: list[str]) -> str | None:
+        found = [n for n in blocks if n in tokens]
+        if found and found[-1] != blocks[-1]:  # later blocks read its patch tokens
+            return found[-1]
+        return token_block(model, found)
+
     if convs:
-        return outputs.cam_layer(convs, sizes)
-    blocks = [n for n in default_layers(model) if outputs.grid(n, sizes) is not None]
-    found = token_block(model, blocks)
+        return outputs.cam_layer(convs, sizes, on_grid)
+    found = token_block(model, [n for n in blocks if outputs.grid(n, sizes) is not None])
     if found is None:
         raise NoCamLayer(
             f"{type(model).__name__} has no Conv2d layer and no block with transformer tokens "
@@ -152,29 +163,38 @@ class LayerOutputs:
         grids = (image_token_grid(shape[1], size) for size in sizes)
         return next((grid for grid in grids if grid is not None), None)
 
-    def cam_layer(self, convs: Sequence[str], sizes: Sequence[Sequence[int]] = ()) -> str:
+    def cam_layer(
+        self,
+        convs: Sequence[str],
+        sizes: Sequence[Sequence[int]] = (),
+        blocks: Callable[[list[str]], str | None] = lambda names: None,
+    ) -> str:
         """The outermost layer with a graph (the fewest dots in its name; of those, the last to
         return) whose output lies on the grid of the last of ``convs`` with at least
         :data:`CAM_POSITIONS` positions (where no layer on that grid has a graph, the grid of
-        the conv before): a stage or block output; where tokens lie on that grid (on images of
-        ``sizes``) outside every layer with a feature map on it, the outermost of those token
-        layers: a hybrid's transformer stage after its convolutional stem (LeViT's first stage).
-        Else the same with more than one position, else with one, else the last of ``convs``."""
+        the conv before): a stage or block output. Where token layers lie on that grid (on
+        images of ``sizes``) outside the layers with feature maps on it, ``blocks(their names)``
+        may pick one first: a hybrid's transformer stage after its convolutional stem
+        (:func:`read_cam_layer`). Else the same with more than one position, else with one, else
+        the last of ``convs``."""
         on_grid = {n: g for n in self.shapes if (g := self.grid(n, sizes)) is not None}
         for least in (CAM_POSITIONS, 2, 1):
             grids = [
-                torch.Size(s[-2:])
+                s[-2:]
                 for n in convs
                 if (s := self.shapes.get(n)) and len(s) == 3 and s[-2:].numel() >= least
             ]
             for grid in reversed(grids):
                 same = [n for n, g in on_grid.items() if g == tuple(grid)]
+                maps = {n for n in same if len(self.shapes[n] or ()) == 3}
                 tokens = [
                     n
                     for n in same
-                    if len(self.shapes[n] or ()) == 2 and not any(a in same for a in _parents(n))
+                    if n not in maps and not any(p in maps for p in _parents(n))  # not in a map
                 ]
-                same = tokens or same
+                picked = blocks(tokens)
+                if picked is not None:
+                    return picked
                 if same:
                     depth = min(n.count(".") for n in same)
                     return [n for n in same if n.count(".") == depth][-1]

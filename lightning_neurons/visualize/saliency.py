@@ -51,7 +51,7 @@ from lightning_neurons.gradients import (
     no_gradient,
 )
 from lightning_neurons.hooks import OutputSizes, get_module, hooked, leaf_output_sizes
-from lightning_neurons.layouts import image_token_grid, on_grid, patch_embedding
+from lightning_neurons.layouts import image_token_grid, on_grid, patch_embedding, token_grid
 from lightning_neurons.state import analysis_mode, model_device
 from lightning_neurons.visualize.cam_layers import (  # cam_layer: this module's too
     LayerOutputs,
@@ -441,17 +441,30 @@ def _grid(
     features: torch.Tensor, patches: torch.Tensor | None, sizes: Sequence[Sequence[int]]
 ) -> Sequence[int] | None:
     """The ``h x w`` grid of Grad-CAM's layer output ``features``: a feature map's own; for
-    ``[N, K, T]`` tokens, the patch embedding's output's (``patches``), else the grid of image
-    patches that holds them (:func:`image_token_grid`) on an image of one of ``sizes`` (the
-    display images', the model inputs'); ``None`` for another output."""
+    ``[N, K, T]`` tokens, the patch embedding's output's (``patches``) where the tokens hold it
+    (:func:`token_grid`), else the grid of image patches that holds them
+    (:func:`image_token_grid`) on an image of one of ``sizes`` (the display images', the model
+    inputs'; CrossViT's second branch, on patches of another size); ``None`` for another output.
+
+    Raises:
+        NeuronsError: For tokens on neither (:func:`token_grid`'s error).
+    """
     if features.dim() == 4:
         return features.shape[-2:]
     if features.dim() != 3:
         return None
-    if patches is not None and patches.dim() == 4:
-        return patches.shape[-2:]
-    grids = (image_token_grid(features.shape[-1], size) for size in sizes)
-    return next((grid for grid in grids if grid is not None), None)
+    tokens = features.shape[-1]
+    grids = (image_token_grid(tokens, size) for size in sizes)
+    found = next((grid for grid in grids if grid is not None), None)
+    if patches is None or patches.dim() != 4:
+        return found
+    try:
+        token_grid(tokens, patches.shape[-2:])
+    except NeuronsError:
+        if found is None:
+            raise
+        return found
+    return patches.shape[-2:]
 
 
 def saliency(
