@@ -270,3 +270,40 @@ def test_grad_cams_default_on_timms_hybrids_is_a_block_of_tokens(name, options, 
     model = timm.create_model(name, pretrained=False, num_classes=3, **options).eval()
     assert cam_layer(model, image=torch.rand(1, 3, size, size)) == expected
     assert count_forward_hooks(model) == 0
+
+
+class TwoBranchNet(nn.Module):
+    """CrossViT's shape: a patch embedding (4x4 patches of 32x32 images, an 8x8 grid), and a
+    second branch on the image halved, in 4x4 patches by a ``Linear`` (a 4x4 grid of 16 tokens
+    after a class token) that does not hold the embedding's grid. Every weight positive, so the
+    brighter an image region, the more its tokens fire."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 4, 4, stride=4)
+        self.small = nn.Linear(48, 4)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 4))
+        self.mix = nn.GELU()
+        self.head = nn.Linear(4, 2)
+        for p in [*self.embed.parameters(), *self.small.parameters(), *self.head.parameters()]:
+            nn.init.uniform_(p, 0.1, 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        large = self.embed(x).flatten(2).mean(dim=2)  # [B, 4]
+        tokens = self.small(_patches(F.avg_pool2d(x, 2), 4))  # [B, 16, 4]: a 4x4 grid
+        tokens = self.mix(torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1))
+        return self.head(large + tokens[:, 1:].mean(dim=1))
+
+
+def test_tokens_that_do_not_hold_the_patch_embeddings_grid_are_read_on_the_images():
+    """17 tokens cannot hold the 8x8 grid of the patch embedding: they are read on the 4x4 grid
+    of image patches that holds them after the class token (before: "cannot hold the 8x8 patch
+    grid"), and the map is brightest where the image is."""
+    net = TwoBranchNet().eval()
+    images = torch.zeros(2, 3, 32, 32)
+    images[0, :, :8, :8] = 1.0  # the top-left cell of the 4x4 grid
+    images[1, :, 24:, 8:16] = 1.0  # row 3, column 1
+    maps = grad_cam(net, images, target=[0, 0], layer="mix")
+    cells = maps.view(2, 4, 8, 4, 8).mean(dim=(2, 4)).flatten(1)
+    assert cells.argmax(dim=1).tolist() == [0, 3 * 4 + 1]
+    assert count_forward_hooks(net) == 0
