@@ -254,25 +254,30 @@ def token_grid(tokens: int, grid: Sequence[int]) -> tuple[int, tuple[int, int]]:
 MAX_PREFIX_TOKENS = 16
 
 
-def image_token_grid(tokens: int, size: Sequence[int]) -> tuple[int, int] | None:
-    """The ``h x w`` grid of patch tokens on an image of ``size`` ``(H, W)``, for a model without
-    a patch-embedding convolution (patches flattened into a ``Linear``, LeViT's convolutional
-    stem): the grid of ``P x P`` patches (``ceil(H / P) x ceil(W / P)``: a hierarchical model's
-    halved grids too) whose cells are the tokens after the fewest leading ones (at most
-    :data:`MAX_PREFIX_TOKENS`); ``None`` when no patch size gives one.
+def image_token_grid(tokens: int, *sizes: Sequence[int]) -> tuple[int, int] | None:
+    """The ``h x w`` grid of patch tokens on an image of one of ``sizes`` ``(H, W)`` (the display
+    images', the model inputs'), for a model without a patch-embedding convolution (patches
+    flattened into a ``Linear``, LeViT's convolutional stem): the grid of ``P x P`` patches
+    (``ceil(H / P) x ceil(W / P)``: a hierarchical model's halved grids too) whose cells are the
+    tokens after the fewest leading ones (at most :data:`MAX_PREFIX_TOKENS`), on the first size
+    where that many leading tokens leave a grid; ``None`` when none does.
 
     Example:
         >>> image_token_grid(1 + 64, (32, 32)), image_token_grid(12, (224, 160))
         ((8, 8), (4, 3))
     """
-    height, width = int(size[0]), int(size[1])
-    grids: dict[int, tuple[int, int]] = {}
-    for patch in range(1, max(height, width) + 1):
-        cells = (-(-height // patch), -(-width // patch))
-        grids.setdefault(cells[0] * cells[1], cells)
+    grids: list[dict[int, tuple[int, int]]] = []
+    for size in sizes:
+        height, width = int(size[0]), int(size[1])
+        cells: dict[int, tuple[int, int]] = {}
+        for patch in range(1, max(height, width) + 1):
+            grid = (-(-height // patch), -(-width // patch))
+            cells.setdefault(grid[0] * grid[1], grid)
+        grids.append(cells)
     for prefix in range(min(MAX_PREFIX_TOKENS, tokens - 1) + 1):
-        if tokens - prefix in grids:
-            return grids[tokens - prefix]
+        for cells in grids:
+            if tokens - prefix in cells:
+                return cells[tokens - prefix]
     return None
 
 

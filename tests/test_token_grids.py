@@ -97,9 +97,11 @@ def test_image_token_grid_finds_the_patches_after_the_leading_tokens():
     assert image_token_grid(100, (8, 8)) is None  # more tokens than pixels: no patch grid
 
 
-def _by_hand(model: TutorialViT, images: torch.Tensor, target: torch.Tensor, block: int):
+def _by_hand(
+    model: TutorialViT, images: torch.Tensor, target: torch.Tensor, block: int, size: int = 16
+) -> torch.Tensor:
     """Grad-CAM at an encoder layer, written out: its 16 patch tokens (the class token dropped)
-    on the 4x4 grid, each channel weighted by its mean gradient, upsampled to 16x16."""
+    on the 4x4 grid, each channel weighted by its mean gradient, upsampled to ``size``."""
     kept: dict[str, torch.Tensor] = {}
     layer = model.encoder.layers[block]
     handle = layer.register_forward_hook(lambda m, i, o: kept.setdefault("tokens", o))
@@ -112,7 +114,9 @@ def _by_hand(model: TutorialViT, images: torch.Tensor, target: torch.Tensor, blo
     grid = tokens[:, 1:].transpose(1, 2).reshape(len(images), -1, 4, 4)
     weights = grad[:, 1:].mean(dim=1)[:, :, None, None]
     cam = F.relu((weights * grid).sum(dim=1, keepdim=True))
-    return F.interpolate(cam, size=(16, 16), mode="bilinear", align_corners=False)[:, 0].detach()
+    return F.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)[
+        :, 0
+    ].detach()
 
 
 @pytest.mark.parametrize(("pool", "block"), [("cls", 1), ("mean", 2)])
@@ -134,6 +138,25 @@ def test_grad_cam_reads_a_tutorial_vits_tokens_on_its_patch_grid(pool, block):
     torch.testing.assert_close(named, _by_hand(vit, images, target, 0), atol=1e-5, rtol=1e-4)
     assert count_forward_hooks(vit) == 0
     assert all(p.requires_grad and p.grad is None for p in vit.parameters())
+
+
+def test_the_patch_grid_is_read_on_the_model_inputs_when_the_transform_resizes():
+    """6x6 display images resized to the model's 16x16 inputs: no patch size cuts a 6x6 image
+    into 4x4 cells, the model input's 4 px patches do, after one leading token (fewer than any
+    grid of the display images takes); the maps are at the display size."""
+    torch.manual_seed(0)
+    vit = TutorialViT().eval()
+    images, target = torch.rand(2, 3, 6, 6), torch.tensor([0, 2])
+
+    def resize(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+
+    maps = grad_cam(vit, images, target, layer="encoder.layers.0", input_transform=resize)
+    expected = _by_hand(vit, resize(images), target, 0, size=6)
+    torch.testing.assert_close(maps, expected, atol=1e-5, rtol=1e-4)
+    # on 6x6 images alone, 17 tokens would be 8 leading ones and a 3x3 grid: the fewest win
+    assert image_token_grid(17, (6, 6)) == (3, 3)
+    assert image_token_grid(17, (6, 6), (16, 16)) == (4, 4)
 
 
 class HybridNet(nn.Module):

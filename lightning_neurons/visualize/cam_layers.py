@@ -136,7 +136,7 @@ def image_sizes(images: torch.Tensor, transform: InputTransform | None) -> list[
     sizes = [images.shape[-2:]]
     if transform is not None:
         x = to_model_input(images[:1], transform)
-        if x.dim() == 4 and x.shape[-2:] != sizes[0]:
+        if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[-2:] != sizes[0]:
             sizes.append(x.shape[-2:])
     return sizes
 
@@ -160,8 +160,7 @@ class LayerOutputs:
             return None
         if len(shape) == 3:
             return (shape[1], shape[2])
-        grids = (image_token_grid(shape[1], size) for size in sizes)
-        return next((grid for grid in grids if grid is not None), None)
+        return image_token_grid(shape[1], *sizes)
 
     def cam_layer(
         self,

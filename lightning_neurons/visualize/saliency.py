@@ -454,8 +454,7 @@ def _grid(
     if features.dim() != 3:
         return None
     tokens = features.shape[-1]
-    grids = (image_token_grid(tokens, size) for size in sizes)
-    found = next((grid for grid in grids if grid is not None), None)
+    found = image_token_grid(tokens, *sizes)
     if patches is None or patches.dim() != 4:
         return found
     try:
