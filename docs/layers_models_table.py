@@ -1,5 +1,5 @@
 """Prints the tables of default layers in docs/layers_models.md, of timm's and of torchvision's
-models (random weights, 32x32 inputs, 64x64 where the model needs them).
+models (random weights, 32x32 inputs, 64x64 or 224x224 where the model needs them).
 
 PYTHONPATH=. python docs/layers_models_table.py
 """
@@ -33,6 +33,12 @@ MODELS = {
     "levit_128s": ({"img_size": 64}, 64),
     "mixer_s16_224": ({"img_size": 64}, 64),
     "eva02_tiny_patch14_224": ({"img_size": 56}, 56),
+    "deit_tiny_distilled_patch16_224": ({"img_size": 32, "patch_size": 4}, 32),
+    "xcit_nano_12_p16_224": ({"img_size": 32, "patch_size": 8}, 32),
+    "pit_ti_224": ({"img_size": 64}, 64),
+    "twins_pcpvt_small": ({}, 64),
+    "efficientformer_l1": ({}, 224),
+    "vit_small_r26_s32_224": ({}, 224),
 }
 
 
