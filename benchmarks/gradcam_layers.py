@@ -13,7 +13,11 @@ deletion and insertion curves of RISE (Petsiuk et al., 2018), which need no anno
 - insertion: from a background image, the pixels put back most salient first; the area under
   the same curve (higher is better).
 
-A random map (three seeds, averaged) is the floor every map must beat. The model: a torchvision
+A random map (three seeds, averaged) is the floor every map must beat; a coarse map's own floor
+is a random map drawn on its grid and upsampled as Grad-CAM's are (``random at 4x4``): deleting
+contiguous regions in a random order leaves an image nearer the data than scattered pixels do,
+so a coarse map can lose to the pixel-level random map and still beat chance at its grid. The
+model: a torchvision
 ResNet-18 (``weights=None``, its first conv reading the grey images' one channel), or with
 ``--model smallcnn`` the demo's :class:`~lightning_neurons.models.SmallCNN` (VGG-like: conv,
 BatchNorm, ReLU, pooling; its three convolutions, BatchNorms and ReLUs compared), or with
@@ -175,28 +179,43 @@ def main() -> None:
         )
     methods["gradient"] = lambda: gradient(model, held_x, predicted)
     methods["smoothgrad"] = lambda: smoothgrad(model, held_x, predicted)
-    for seed in range(3):
-        gen = torch.Generator().manual_seed(seed)
-        methods[f"random {seed}"] = lambda gen=gen: torch.rand(held_x[:, 0].shape, generator=gen)
+    grids = {grid(model, layer, held_x) for layer in layers}
+    for where in ["pixels", *sorted(grids, key=lambda g: int(g.split("x")[0]))]:
+        for seed in range(3):
+            methods[f"random {where} {seed}"] = lambda where=where, seed=seed: random_map(
+                held_x, where, seed
+            )
     print(
         f"{args.data}, size {args.size} px, default Grad-CAM layer {default!r}, {len(held_x)} images"
     )
     print("| maps | grid | deletion (lower is better) | insertion (higher is better) |")
     print("|---|---|---|---|")
-    randoms = []
+    randoms: dict[str, list[tuple[float, float]]] = {}
     for name, make in methods.items():
         maps = make()
         deleted, inserted = curves(model, held_x, predicted, maps, args.steps)
         if name.startswith("random"):
-            randoms.append((deleted, inserted))
+            randoms.setdefault(name.split()[1], []).append((deleted, inserted))
             continue
         layer = name.removeprefix("grad-cam ")
         where = grid(model, layer, held_x) if layer != name else "pixels"
         mark = " (default)" if layer == default else ""
         print(f"| {name}{mark} | {where} | {deleted:.4f} | {inserted:.4f} |", flush=True)
-    deleted = sum(r[0] for r in randoms) / len(randoms)
-    inserted = sum(r[1] for r in randoms) / len(randoms)
-    print(f"| random (mean of 3) | pixels | {deleted:.4f} | {inserted:.4f} |")
+    for where, areas in randoms.items():
+        deleted = sum(a[0] for a in areas) / len(areas)
+        inserted = sum(a[1] for a in areas) / len(areas)
+        print(f"| random at {where} (mean of 3) | {where} | {deleted:.4f} | {inserted:.4f} |")
+
+
+def random_map(x: torch.Tensor, where: str, seed: int) -> torch.Tensor:
+    """``[N, H, W]`` random maps of images ``x``: one value a pixel (``where="pixels"``), or one
+    a cell of an ``h x w`` grid (``"4x4"``) upsampled as Grad-CAM's maps are (bilinear)."""
+    gen = torch.Generator().manual_seed(seed)
+    if where == "pixels":
+        return torch.rand(x[:, 0].shape, generator=gen)
+    h, w = (int(v) for v in where.split("x"))
+    cells = torch.rand(len(x), 1, h, w, generator=gen)
+    return F.interpolate(cells, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 
 
 if __name__ == "__main__":
