@@ -37,7 +37,9 @@ class NoCamLayer(NeuronsError):
 
 #: Grad-CAM's default layer has at least this many positions where the model has one (3 x 3):
 #: a 2 x 2 map picks a quadrant. On the parts data, a ResNet-18's 2 x 2 maps were less
-#: faithful than its 4 x 4 ones at 32 and 64 px (``benchmarks/gradcam_layers.py``).
+#: faithful than its 4 x 4 ones at 32 and 64 px, and each against a random map on its own grid,
+#: the 2 x 2 stage gained less on deletion than the default in 3 of 3 runs on the parts and the
+#: digits (``benchmarks/gradcam_layers.py``, docs/benchmarks.md).
 CAM_POSITIONS = 9
 
 
