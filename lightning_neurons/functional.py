@@ -165,6 +165,10 @@ def called_ops(module: nn.Module, ops: tuple[str, ...] = RESPONSE_OPS) -> list[s
     return found
 
 
+#: What a held activation function is (``F.relu``, ``torch.relu``, a ``partial`` of one).
+_FUNCTION_TYPES = (types.FunctionType, types.BuiltinFunctionType, functools.partial)
+
+
 def held_ops(module: nn.Module, ops: tuple[str, ...] = RESPONSE_OPS) -> list[str]:
     """The ops of ``ops`` whose functions the module holds as attributes, which its ``forward``
     calls under another name (torch's ``nn.TransformerEncoderLayer``: ``self.activation =
@@ -173,16 +177,18 @@ def held_ops(module: nn.Module, ops: tuple[str, ...] = RESPONSE_OPS) -> list[str
     Example:
         >>> held_ops(nn.TransformerEncoderLayer(8, 2, activation="gelu")), held_ops(nn.ReLU())
         (['gelu'], [])
+        >>> block = nn.Linear(2, 2)
+        >>> block.act = functools.partial(F.leaky_relu, negative_slope=0.2)
+        >>> held_ops(block)
+        ['leaky_relu']
     """
     found: list[str] = []
     for value in vars(module).values():
+        value = value.func if isinstance(value, functools.partial) else value
         op = _FUNCTIONS.get(value) if isinstance(value, _FUNCTION_TYPES) else None
         if op in ops and op not in found:
             found.append(op)
     return found
-
-
-_FUNCTION_TYPES = (types.FunctionType, types.BuiltinFunctionType, functools.partial)
 
 
 @functools.lru_cache(maxsize=1024)
