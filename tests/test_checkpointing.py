@@ -274,15 +274,14 @@ def test_grad_cams_default_on_a_resnet_with_a_reentrant_stage_is_the_stage():
     assert count_forward_hooks(model) == 0
 
 
-def test_a_named_grad_cam_layer_that_a_reentrant_checkpoint_returns_is_read(tmp_path):
-    """The block that a model runs in a reentrant checkpoint has no graph when it runs and one
-    when the checkpoint returns its output: FeatureVisualizer's Grad-CAM reads it when named, as
-    ``grad_cam`` does (before: left out with a warning), and the maps are those of the same
-    weights without checkpointing, for every class. The block's channels, scored when the block
-    runs, are left out with a warning."""
+def _fit_reentrant(
+    tmp_path, layers: list[str], gradcam_layer: str
+) -> tuple[FeatureVisualizer, ImageClassifier, list[str]]:
+    """A FeatureVisualizer's fit of a model with its block in a reentrant checkpoint: the
+    callback, the model and the warnings said."""
     visualizer = FeatureVisualizer(
-        layers=["backbone.stem.1", "backbone.block"],
-        gradcam_layer="backbone.block",
+        layers=layers,
+        gradcam_layer=gradcam_layer,
         on_error="raise",
         enable_logging=False,
         **FAST_VIS,
@@ -294,7 +293,18 @@ def test_a_named_grad_cam_layer_that_a_reentrant_checkpoint_returns_is_read(tmp_
         fast_trainer(tmp_path, callbacks=[visualizer], max_epochs=1).fit(
             module, datamodule=TinyData()
         )
-    said = [str(w.message) for w in record if "'backbone.block'" in str(w.message)]
+    return visualizer, module, [str(w.message) for w in record]
+
+
+def test_a_named_grad_cam_layer_that_a_reentrant_checkpoint_returns_is_read(tmp_path):
+    """The block that a model runs in a reentrant checkpoint has no graph when it runs and one
+    when the checkpoint returns its output: FeatureVisualizer's Grad-CAM reads it when named, as
+    ``grad_cam`` does (before: left out with a warning), and the maps are those of the same
+    weights without checkpointing, for every class. The block's channels, scored when the block
+    runs, are left out with a warning."""
+    layers = ["backbone.stem.1", "backbone.block"]
+    visualizer, module, said = _fit_reentrant(tmp_path, layers, "backbone.block")
+    said = [m for m in said if "'backbone.block'" in m]
     assert len(said) == 1 and "Grad-CAM" not in said[0], said  # the channels' warning only
     assert not visualizer.failures and "backbone.block" not in visualizer.results
     got = visualizer.saliency_results
@@ -318,21 +328,8 @@ def test_a_named_grad_cam_layer_that_a_reentrant_checkpoint_returns_is_read(tmp_
 def test_a_named_grad_cam_layer_without_a_graph_is_left_out_with_a_warning(tmp_path):
     """A `gradcam_layer` the user names is kept as named: inside a reentrant block it has no
     graph, so one warning says so and the other maps are made."""
-    visualizer = FeatureVisualizer(
-        layers=["backbone.stem.1"],
-        gradcam_layer="backbone.block.2",
-        on_error="raise",
-        enable_logging=False,
-        **FAST_VIS,
-    )
-    pl.seed_everything(0, verbose=False)
-    module = ImageClassifier(AlwaysCheckpointedNet("reentrant"), num_classes=3, lr=1e-2)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        fast_trainer(tmp_path, callbacks=[visualizer], max_epochs=1).fit(
-            module, datamodule=TinyData()
-        )
-    said = [str(w.message) for w in record if "Grad-CAM's layer" in str(w.message)]
+    visualizer, _, said = _fit_reentrant(tmp_path, ["backbone.stem.1"], "backbone.block.2")
+    said = [m for m in said if "Grad-CAM's layer" in m]
     assert len(said) == 1 and "'backbone.block.2'" in said[0]
     assert not visualizer.failures
     assert set(visualizer.saliency_results.maps) == {"gradient", "smoothgrad"}
