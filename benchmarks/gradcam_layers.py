@@ -16,10 +16,10 @@ deletion and insertion curves of RISE (Petsiuk et al., 2018), which need no anno
 A random map (three seeds, averaged) is the floor every map must beat; a coarse map's own floor
 is a random map drawn on its grid and upsampled as Grad-CAM's are (``random at 4x4``): deleting
 contiguous regions in a random order leaves an image nearer the data than scattered pixels do,
-so a coarse map can lose to the pixel-level random map and still beat chance at its grid. The
-model: a torchvision
-ResNet-18 (``weights=None``, its first conv reading the grey images' one channel), or with
-``--model smallcnn`` the demo's :class:`~lightning_neurons.models.SmallCNN` (VGG-like: conv,
+so a coarse map can lose to the pixel-level random map and still beat chance at its grid.
+
+The model: a torchvision ResNet-18 (``weights=None``, its first conv reading the grey images'
+one channel), or with ``--model smallcnn`` the demo's :class:`~lightning_neurons.models.SmallCNN` (VGG-like: conv,
 BatchNorm, ReLU, pooling; its three convolutions, BatchNorms and ReLUs compared), or with
 ``--model tutorial`` PyTorch's CIFAR-10 tutorial model (two convolutions, ``F.relu`` and
 ``F.max_pool2d`` in ``forward``; each conv against the ``F.relu`` call after it), trained for
@@ -179,8 +179,8 @@ def main() -> None:
         )
     methods["gradient"] = lambda: gradient(model, held_x, predicted)
     methods["smoothgrad"] = lambda: smoothgrad(model, held_x, predicted)
-    grids = {grid(model, layer, held_x) for layer in layers}
-    for where in ["pixels", *sorted(grids, key=lambda g: int(g.split("x")[0]))]:
+    grids = {layer: grid(model, layer, held_x) for layer in layers}
+    for where in ["pixels", *sorted(set(grids.values()), key=lambda g: int(g.split("x")[0]))]:
         for seed in range(3):
             methods[f"random {where} {seed}"] = lambda where=where, seed=seed: random_map(
                 held_x, where, seed
@@ -198,7 +198,7 @@ def main() -> None:
             randoms.setdefault(name.split()[1], []).append((deleted, inserted))
             continue
         layer = name.removeprefix("grad-cam ")
-        where = grid(model, layer, held_x) if layer != name else "pixels"
+        where = grids.get(layer, "pixels")
         mark = " (default)" if layer == default else ""
         print(f"| {name}{mark} | {where} | {deleted:.4f} | {inserted:.4f} |", flush=True)
     for where, areas in randoms.items():

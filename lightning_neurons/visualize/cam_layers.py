@@ -113,9 +113,11 @@ def read_cam_layer(model: nn.Module, outputs: LayerOutputs, sizes: Sequence[Sequ
         NoCamLayer: For a model with neither.
     """
     convs = [name for name, m in _modules(model) if isinstance(m, nn.Conv2d)]
-    blocks = default_layers(model)
 
     def on_grid(tokens: list[str]) -> str | None:
+        if not tokens:  # a CNN: no blocks to read (their rule walks the model)
+            return None
+        blocks = default_layers(model)
         found = [n for n in blocks if n in tokens]
         if found and found[-1] != blocks[-1]:  # later blocks read its patch tokens
             return found[-1]
@@ -123,6 +125,7 @@ def read_cam_layer(model: nn.Module, outputs: LayerOutputs, sizes: Sequence[Sequ
 
     if convs:
         return outputs.cam_layer(convs, sizes, on_grid)
+    blocks = default_layers(model)
     found = token_block(model, [n for n in blocks if outputs.grid(n, sizes) is not None])
     if found is None:
         raise NoCamLayer(
