@@ -39,6 +39,7 @@ MODELS = {
     "twins_pcpvt_small": ({}, 64),
     "efficientformer_l1": ({}, 224),
     "vit_small_r26_s32_224": ({}, 224),
+    "tnt_s_patch16_224": ({"img_size": 32, "patch_size": 4}, 32),
 }
 
 

@@ -52,10 +52,17 @@ from lightning_neurons.layouts import (
     sequence_first_modules,
     to_channels_first,
 )
+from lightning_neurons.outputs import (
+    has_tensor,
+    image_tensor,
+    leading_size,
+    with_tensor,
+)
 from lightning_neurons.state import in_analysis
 
 #: A function called with ``(layer_name, output_tensor)`` from inside a forward hook. When it
-#: returns a tensor, that tensor replaces the module's output (its first element, for tuples).
+#: returns a tensor, that tensor replaces the module's output (the element it was, for tuples:
+#: see :func:`~lightning_neurons.outputs.image_tensor`).
 ActivationFn = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 
 #: Separates a module's name from the index of its call: ``"layer1.0.relu#1"``.
@@ -347,25 +354,6 @@ def reduce_activation(output: torch.Tensor, reduction: str, layer: str = "") -> 
     return reduce_positions(output, reduction)
 
 
-def _has_tensor(output: object) -> bool:
-    """Whether :func:`first_tensor` finds one in ``output``."""
-    return isinstance(output, torch.Tensor) or (
-        isinstance(output, (tuple, list)) and bool(output) and isinstance(output[0], torch.Tensor)
-    )
-
-
-def first_tensor(output: object, layer: str = "") -> torch.Tensor:
-    """The tensor a module returned (the first one, for modules that return tuples)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise NeuronsError(
-        f"layer {layer!r} returned {type(output).__name__}, not a tensor; choose a layer whose "
-        "output is a tensor shaped [B, K], [B, K, H, W] or [B, N, D]"
-    )
-
-
 # ---- hooks -----------------------------------------------------------------------------------
 
 
@@ -429,6 +417,11 @@ class HookSet:
         self._count: dict[str, int] = {}
         #: ``{module or function layer name: most calls seen in one forward pass}``.
         self.calls: dict[str, int] = {}
+        #: The images in the batch going through the model: a tuple's tensor with a row per
+        #: image is read (:func:`~lightning_neurons.outputs.image_tensor`). Set from the hooked
+        #: model's inputs at each forward pass; set it before a batch whose step calls a
+        #: submodule (``self.net(x)``), which passes no pre-hook of the model.
+        self.batch_size: int | None = None
 
     def __len__(self) -> int:
         return len(self._handles)
@@ -436,6 +429,13 @@ class HookSet:
     def new_pass(self) -> None:
         """Start counting calls afresh (a forward pass of the hooked model does it too)."""
         self._count.clear()
+
+    def _pass_starts(self, _model: nn.Module, args: object, kwargs: object) -> None:
+        """The hooked model's pre-hook: a new pass, with the batch size of its inputs."""
+        self.new_pass()
+        size = leading_size((args, kwargs))
+        if size is not None and not (self.lightning_batches and in_analysis()):
+            self.batch_size = size
 
     def add(
         self,
@@ -454,7 +454,7 @@ class HookSet:
             wanted.setdefault(module_name, []).append(call)
         if not wanted:
             return
-        self._handles.append(model.register_forward_pre_hook(lambda *_: self.new_pass()))
+        self._handles.append(model.register_forward_pre_hook(self._pass_starts, with_kwargs=True))
         last = module_layouts(model)
         sequence = sequence_first_modules(model)
         functions: dict[str, set[str]] = {}
@@ -469,14 +469,12 @@ class HookSet:
             def hook(
                 _module: nn.Module, _inputs: object, output: object, _name: str = module_name
             ) -> object:
-                if skip_others and not _has_tensor(output):
+                if skip_others and not has_tensor(output):
                     return None
-                tensor = first_tensor(output, _name)
                 layouts = (last[_name], _name in sequence)
+                tensor, index = image_tensor(output, self.batch_size, layouts[1], _name)
                 replaced = self._seen(_name, matchers[_name], tensor, _module, layouts, fn)
-                if replaced is None or isinstance(output, torch.Tensor):
-                    return replaced
-                return type(output)([replaced, *output[1:]])
+                return None if replaced is None else with_tensor(output, index, replaced)
 
             self._handles.append(module.register_forward_hook(hook))
         if functions:

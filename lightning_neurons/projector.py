@@ -41,8 +41,9 @@ from lightning_neurons.batch import (
     input_transform_of,
     to_display,
 )
-from lightning_neurons.hooks import first_tensor, hooked
+from lightning_neurons.hooks import hooked
 from lightning_neurons.loaders import stage_loaders
+from lightning_neurons.outputs import first_tensor
 from lightning_neurons.plots.images import rgb_channels
 from lightning_neurons.state import analysis_mode, preserved_rng
 

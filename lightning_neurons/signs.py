@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from lightning_neurons.functional import is_function_layer, split_function_layer
-from lightning_neurons.hooks import first_tensor, get_module, split_call
+from lightning_neurons.hooks import get_module, split_call
+from lightning_neurons.outputs import first_tensor
 from lightning_neurons.state import untouched
 
 #: torch's modules whose outputs are never negative (these classes exactly: a subclass may

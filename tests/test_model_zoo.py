@@ -225,6 +225,10 @@ MODELS = {
     # StarReLU (with parameters) in its blocks, SquaredReLU (a module with a child) in its head
     "timm_caformer": lambda: ImageClassifier(_timm("caformer_s18"), CLASSES),
     "timm_vit_checkpointing": lambda: ImageClassifier(_checkpointing_vit(), CLASSES),
+    # blocks return (pixel tokens [B * N, P, C], patch tokens [B, N, D]): the second is read
+    "timm_tnt": lambda: ImageClassifier(
+        _timm("tnt_s_patch16_224", img_size=SIZE, patch_size=4, depth=4), CLASSES
+    ),
     # patches by a Linear, a class token, torch's nn.TransformerEncoder: no Conv2d at all
     "tutorial_vit": lambda: ImageClassifier(TutorialViT(size=SIZE, classes=CLASSES), CLASSES),
 }
@@ -321,6 +325,10 @@ def test_every_analysis_works_with_defaults(tmp_path, name):
     if name == "tutorial_vit":  # the encoder's layers; Grad-CAM before the class-token head
         assert list(tracker.results) == [f"backbone.encoder.layers.{i}" for i in range(3)]
         assert callbacks[1].saliency_results.gradcam_layer == "backbone.encoder.layers.1"
+    if name == "timm_tnt":  # the patch tokens, 1 + 8 x 8 of 384 channels; Grad-CAM on them
+        assert list(tracker.results) == [f"backbone.blocks.{i}" for i in range(4)]
+        assert {s.num_neurons for s in tracker.results.values()} == {384}
+        assert callbacks[1].saliency_results.gradcam_layer == "backbone.blocks.2"
     if name == "timm_caformer":  # stages are blocks; the head's SquaredReLU holds an nn.ReLU
         stages = [f"backbone.stages.{i}" for i in range(4)]
         assert list(tracker.results) == [*stages, "backbone.head.fc.act.relu"]

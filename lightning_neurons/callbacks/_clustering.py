@@ -15,7 +15,7 @@ from typing_extensions import override
 from lightning_neurons.callbacks._base import StageBatch, StagedCallback
 from lightning_neurons.callbacks.tracker import ActivationTracker, tracker_results, tracker_spec
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.hooks import selects, split_call
+from lightning_neurons.hooks import HookSet, selects, split_call
 from lightning_neurons.loaders import LoaderRows, analysed_rows
 from lightning_neurons.results import TrackerSpec
 from lightning_neurons.stats import LayerStats
@@ -66,6 +66,7 @@ class _ClusteringCallback(StagedCallback):
         self._rows = LoaderRows()
         self._batch_size = 0
         self._labels: torch.Tensor | None = None  # of the batch going through the model
+        self._hooks = HookSet(lightning_batches=True)  # on the model during the gathered batches
 
     @property
     def spec(self) -> TrackerSpec:
@@ -139,7 +140,7 @@ class _ClusteringCallback(StagedCallback):
         """The batch's labels, without DistributedSampler's repeated samples (``None``: none)."""
         labels = self.spec.reader.labels(batch)
         rows = self._rows.rows(batch_idx, labels.shape[0])
-        self._batch_size = labels.shape[0]
+        self._batch_size = self._hooks.batch_size = labels.shape[0]
         return labels[:rows] if rows else None
 
     def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -36,7 +36,7 @@ from lightning_neurons.clustering import (
 )
 from lightning_neurons.distributed import gather
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.hooks import HookSet, resolve_layers, selects
+from lightning_neurons.hooks import resolve_layers, selects
 from lightning_neurons.results import CategoryClusteringResult
 from lightning_neurons.state import in_analysis
 from lightning_neurons.stats import ConfusionCounts, LayerStats
@@ -222,7 +222,6 @@ class CategoryClustering(_ClusteringCallback):
         self.confusion = confusion
         self.results: dict[str, CategoryClusteringResult] = {}
         self._classifier: str | None = None
-        self._hooks = HookSet(lightning_batches=True)
         self._confusion: ConfusionCounts | None = None
         self._broken = False  # the classifier's output was not logits in this epoch
         self._collecting = False

@@ -37,8 +37,9 @@ from lightning_neurons.clustering import (
     normalize_neurons,
 )
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.hooks import HookSet, reduce_activation
+from lightning_neurons.hooks import reduce_activation
 from lightning_neurons.loggers import find_tensorboard
+from lightning_neurons.outputs import leading_size
 from lightning_neurons.projector import MAX_IMAGES, CropSearch
 from lightning_neurons.results import NeuronClusteringResult
 from lightning_neurons.state import in_analysis
@@ -135,7 +136,6 @@ class NeuronClustering(_ClusteringCallback):
         #: The trainer's ``global_step`` when :attr:`results` were made: the model they describe.
         self.results_step: int | None = None
         self._previous: dict[str, torch.Tensor] = {}
-        self._hooks = HookSet(lightning_batches=True)
         self._reservoirs: dict[str, ActivationReservoir] = {}
         self._crops: CropSearch | None = None  # the projector's images, searched as batches pass
         self._warned_constant: set[str] = set()
@@ -176,12 +176,15 @@ class NeuronClustering(_ClusteringCallback):
         if self.source == "reservoir":
             self._labels = self._batch_labels(batch, batch_idx)
         if self._crops is not None and not self._crops.full:
-            crops = self._crops
-            self._run_safely(
-                "embedding projector images",
-                lambda: crops.add_batch(self.spec.reader.inputs(batch)),
-            )
+            self._run_safely("embedding projector images", lambda: self._add_crops(batch))
         self._hooks.new_pass()
+
+    def _add_crops(self, batch: Any) -> None:
+        """Hand the batch about to go through the model to the projector's crop search."""
+        assert self._crops is not None
+        inputs = self.spec.reader.inputs(batch)
+        self._hooks.batch_size = leading_size(inputs)
+        self._crops.add_batch(inputs)
 
     def _release(self) -> None:
         super()._release()

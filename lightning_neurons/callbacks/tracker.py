@@ -440,7 +440,7 @@ class ActivationTracker(StagedCallback):
         # labels are held with the batch's values (a copy, unless clamping made one)
         held = labels[:rows] if labels is not read else labels[:rows].clone()
         self._labels = held if rows else None
-        self._batch_size = labels.shape[0]
+        self._batch_size = self._hooks.batch_size = labels.shape[0]
 
     def _metric(self, name: str, values: torch.Tensor) -> ClassNeuronStats:
         num_neurons = values.shape[1]

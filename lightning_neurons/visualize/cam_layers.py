@@ -107,12 +107,14 @@ def read_cam_layer(model: nn.Module, outputs: LayerOutputs, sizes: Sequence[Sequ
     block, :func:`~lightning_neurons.defaults.token_block`'s choice. For a model without a
     ``Conv2d``, ``token_block``'s of the blocks whose tokens lie on a grid of image patches (a
     transformer that embeds its patches with a ``Linear``): the last, or the one before it under
-    a class-token head.
+    a class-token head. A model whose ``Conv2d`` layers give no map of the images counts as one
+    without: timm's TNT embeds each patch's pixels with one, ``[B * N, C, h, w]``.
 
     Raises:
         NoCamLayer: For a model with neither.
     """
     convs = [name for name, m in _modules(model) if isinstance(m, nn.Conv2d)]
+    maps = [n for n in convs if len(outputs.shapes.get(n) or ()) == 3]  # of these images
 
     def on_grid(tokens: list[str]) -> str | None:
         if not tokens:  # a CNN: no blocks to read (their rule walks the model)
@@ -123,10 +125,12 @@ def read_cam_layer(model: nn.Module, outputs: LayerOutputs, sizes: Sequence[Sequ
             return found[-1]
         return token_block(model, found)
 
-    if convs:
-        return outputs.cam_layer(convs, sizes, on_grid)
+    if maps:
+        return outputs.cam_layer(maps, sizes, on_grid)
     blocks = default_layers(model)
     found = token_block(model, [n for n in blocks if outputs.grid(n, sizes) is not None])
+    if found is None and convs:  # none of them gives a map of the images, nor do tokens
+        return convs[-1]
     if found is None:
         raise NoCamLayer(
             f"{type(model).__name__} has no Conv2d layer and no block with transformer tokens "

@@ -441,7 +441,8 @@ def _grid(
     features: torch.Tensor, patches: torch.Tensor | None, sizes: Sequence[Sequence[int]]
 ) -> Sequence[int] | None:
     """The ``h x w`` grid of Grad-CAM's layer output ``features``: a feature map's own; for
-    ``[N, K, T]`` tokens, the patch embedding's output's (``patches``) where the tokens hold it
+    ``[N, K, T]`` tokens, the patch embedding's output's (``patches``, a map of the images)
+    where the tokens hold it
     (:func:`token_grid`), else the grid of image patches that holds them
     (:func:`image_token_grid`) on an image of one of ``sizes`` (the display images', the model
     inputs'; CrossViT's second branch, on patches of another size); ``None`` for another output.
@@ -455,8 +456,8 @@ def _grid(
         return None
     tokens = features.shape[-1]
     found = image_token_grid(tokens, *sizes)
-    if patches is None or patches.dim() != 4:
-        return found
+    if patches is None or patches.dim() != 4 or len(patches) != len(features):
+        return found  # no patch embedding, or one run on each patch (TNT's pixel embedding)
     try:
         token_grid(tokens, patches.shape[-2:])
     except NeuronsError:
