@@ -217,8 +217,8 @@ def default_cam_layer(model: nn.Module) -> str | None:
 
 def token_block(model: nn.Module, blocks: Sequence[str]) -> str | None:
     """Of a transformer's ``blocks`` (in the order they run), Grad-CAM's: the last, or the one
-    before it when the model reads its class token (a ``class_token`` / ``cls_token`` parameter
-    and no average pooling: no ``global_pool`` attribute, or ``pool`` string, saying ``avg``
+    before it when the model reads its class token (a ``class_token`` / ``cls_token`` parameter,
+    or one per branch, ``cls_token_0``, and no average pooling: no ``global_pool`` attribute, or ``pool`` string, saying ``avg``
     or ``mean``): the last block's patch tokens then reach the logits through nothing (only its
     class token is read), while its input's do, through the last block's attention."""
     if not blocks:
@@ -226,8 +226,9 @@ def token_block(model: nn.Module, blocks: Sequence[str]) -> str | None:
     pools = [str(getattr(m, "global_pool", "")) for m in model.modules()]  # timm: str or module
     pools += [p for m in model.modules() if isinstance(p := getattr(m, "pool", None), str)]
     averages = any("avg" in p or "mean" in p for p in pools)
-    tokens = [getattr(m, a, None) for m in model.modules() for a in ("class_token", "cls_token")]
-    reads_class_token = any(isinstance(t, nn.Parameter) for t in tokens) and not averages
+    names = (n.rsplit(".", 1)[-1] for n, _ in model.named_parameters())
+    has_token = any(n.startswith(("class_token", "cls_token")) for n in names)  # CrossViT: _0
+    reads_class_token = has_token and not averages
     return blocks[-2] if reads_class_token and len(blocks) > 1 else blocks[-1]
 
 

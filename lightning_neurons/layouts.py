@@ -294,6 +294,32 @@ def patch_embedding(model: nn.Module) -> str | None:
     return None
 
 
+def token_order(model: nn.Module, layer: str, tokens: int) -> torch.Tensor | None:
+    """For tokens not in raster order, the token on each cell of their grid, cell by cell in
+    raster order (a ``[tokens]`` index); ``None`` for tokens in raster order.
+
+    timm's Hiera unrolls its tokens (the patches of each pooling window lie together, so that
+    pooling is a reshape): the output of its block ``blocks.i`` is read through the model's
+    own ``reroll(tokens, i)``, which puts it back on the grid (the last stage's tokens are in
+    raster order already). ``layer`` is a block of a module with such a ``reroll``
+    (``"backbone.blocks.3"``); any other layer is taken to be in raster order.
+    """
+    parts = layer.split(".")
+    if len(parts) < 2 or parts[-2] != "blocks" or not parts[-1].isdigit():
+        return None
+    owner = model.get_submodule(".".join(parts[:-2]))
+    reroll, block = getattr(owner, "reroll", None), int(parts[-1])
+    schedule = getattr(reroll, "schedule", None)
+    if not isinstance(reroll, nn.Module) or not isinstance(schedule, dict) or block not in schedule:
+        return None
+    size = schedule[block][1]
+    if math.prod(size) != tokens:
+        return None
+    index = torch.arange(tokens, dtype=torch.float64).view(1, tokens, 1)
+    with torch.no_grad():
+        return reroll(index, block).flatten().long()
+
+
 def on_grid(features: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
     """Channels-first tokens ``[N, K, T]`` on the ``h x w`` patch grid (or the halved grid of a
     hierarchical transformer's later stage, see :func:`token_grid`): ``[N, K, h, w]``, the

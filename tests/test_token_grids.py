@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 from conftest import fast_trainer
+from timm.models.hiera import Hiera
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -26,7 +27,7 @@ from lightning_neurons import (
 from lightning_neurons.defaults import default_layers
 from lightning_neurons.functional import held_ops
 from lightning_neurons.hooks import count_forward_hooks
-from lightning_neurons.layouts import image_token_grid, sequence_first_modules
+from lightning_neurons.layouts import image_token_grid, sequence_first_modules, token_order
 from lightning_neurons.models import ImageClassifier
 from lightning_neurons.visualize import grad_cam
 from lightning_neurons.visualize.cam_layers import cam_layer
@@ -271,8 +272,18 @@ def test_torchs_sequence_first_encoder_is_read_as_the_batch_first_one(tmp_path):
 @pytest.mark.parametrize(
     ("name", "options", "size", "expected"),
     [
-        # a conv stem, then attention stages with no patch embedding: the first stage on its grid
-        ("levit_128s", {}, 224, "stages.0"),
+        # a conv stem, then attention stages with no patch embedding, on grids of 14x14, 7x7 and
+        # 4x4 patches: the last stage with 3 x 3 (before: the first, on the stem's grid); at 64
+        # px (4x4, 2x2, 1x1) the first
+        ("levit_128s", {}, 224, "stages.2"),
+        ("levit_128s", {"img_size": 64}, 64, "stages.0"),
+        # Hiera's stages of unrolled tokens on 56x56 to 7x7 patches: the last block; MViTv2's
+        # stages on 56x56 to 7x7: the last (before: the 14x14 one, on its last conv's grid)
+        ("hiera_tiny_224", {}, 224, "blocks.11"),
+        ("mvitv2_tiny", {}, 224, "stages.3"),
+        # two branches (20x20 and 15x15 patches), class tokens `cls_token_0` / `_1`: the block
+        # before the last on the first branch's grid (before: the second's position dropout)
+        ("crossvit_tiny_240", {}, 240, "blocks.1"),
         # a ResNet stem, then ViT blocks with a class-token head: the block before the last
         ("vit_small_r26_s32_224", {}, 224, "blocks.10"),
         # conv patches, blocks without a class token, then class attention: not the final norm
@@ -286,9 +297,10 @@ def test_torchs_sequence_first_encoder_is_read_as_the_batch_first_one(tmp_path):
     ],
 )
 def test_grad_cams_default_on_timms_hybrids_is_a_block_of_tokens(name, options, size, expected):
-    """On hybrids, Grad-CAM's default is a block whose tokens lie on the last conv's grid (one
-    forward pass of one image; before: LeViT's stem, the ViT hybrid's and XCiT's patch
-    projections, Twins' positional conv, EfficientFormer's downsampling conv)."""
+    """On hybrids, Grad-CAM's default is a block whose tokens lie on the last grid with 3 x 3
+    patches of a conv or a block (one forward pass of one image; before: LeViT's stem, the ViT
+    hybrid's and XCiT's patch projections, Twins' positional conv, EfficientFormer's
+    downsampling conv, Hiera's first block)."""
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=3, **options).eval()
     assert cam_layer(model, image=torch.rand(1, 3, size, size)) == expected
@@ -330,3 +342,52 @@ def test_tokens_that_do_not_hold_the_patch_embeddings_grid_are_read_on_the_image
     cells = maps.view(2, 4, 8, 4, 8).mean(dim=(2, 4)).flatten(1)
     assert cells.argmax(dim=1).tolist() == [0, 3 * 4 + 1]
     assert count_forward_hooks(net) == 0
+
+
+def _hiera() -> nn.Module:
+    """timm's Hiera, small: 64x64 images in 4 px patches, one block per stage on 16x16, 8x8,
+    4x4 and 2x2 tokens, unrolled (each pooling window's tokens together) until the last. Its
+    head starts at zero (timm's initialisation): drawn here, so that the logits have a
+    gradient."""
+    model = Hiera(img_size=(64, 64), embed_dim=8, num_heads=1, stages=(1, 1, 1, 1), num_classes=3)
+    nn.init.normal_(model.head.fc.weight)
+    return model
+
+
+def _hiera_by_hand(model: nn.Module, images: torch.Tensor, target: torch.Tensor, stage: int):
+    """Grad-CAM at a stage's block written out: its tokens and their gradients put back on the
+    grid by the model's ``reroll`` (where timm's ``forward_intermediates`` puts them), each
+    channel weighted by its mean gradient, upsampled to 64 px."""
+    kept: list[torch.Tensor] = []
+    hook = model.blocks[stage].register_forward_hook(lambda m, i, o: kept.append(o))
+    try:
+        logits = model(images)
+    finally:
+        hook.remove()
+    (grad,) = torch.autograd.grad(logits.gather(1, target.view(-1, 1)).sum(), kept[0])
+    grid, grad = (model.reroll(t, stage).permute(0, 3, 1, 2) for t in (kept[0], grad))
+    (timms,) = model.forward_intermediates(images, indices=[stage], intermediates_only=True)
+    torch.testing.assert_close(grid, timms)  # the same values: no arithmetic between them
+    cam = F.relu((grad.mean(dim=(2, 3), keepdim=True) * grid).sum(dim=1, keepdim=True))
+    return F.interpolate(cam, size=(64, 64), mode="bilinear", align_corners=False)[:, 0].detach()
+
+
+def test_hieras_unrolled_tokens_are_read_where_timm_puts_them_back():
+    """Hiera's blocks return their tokens unrolled; Grad-CAM reads them through the model's own
+    ``reroll`` (before: in the order they lie, a scrambled map), as timm's feature maps give
+    them, at every stage; the default is its last stage with 3 x 3 patches."""
+    torch.manual_seed(0)
+    model, images, target = _hiera().eval(), torch.rand(3, 3, 64, 64), torch.tensor([0, 1, 2])
+    order = token_order(model, "blocks.0", 256)
+    assert order is not None and sorted(order.tolist()) == list(range(256))
+    assert order.tolist() != list(range(256))  # unrolled: not raster order
+    assert cam_layer(model, image=images[:1]) == "blocks.2"
+    for stage in range(4):
+        expected = _hiera_by_hand(model, images, target, stage)
+        assert expected.amax() > 0
+        # float32 sums over at most 64 channels of values of order 1: ~1e-6 apart
+        ours = grad_cam(model, images, target, layer=f"blocks.{stage}")
+        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4, msg=f"stage {stage}")
+    assert token_order(model, "blocks.3", 4).tolist() == [0, 1, 2, 3]  # raster by then
+    assert token_order(model, "head", 4) is None and token_order(model, "blocks.0", 17) is None
+    assert count_forward_hooks(model) == 0

@@ -3,7 +3,8 @@
 :func:`cam_layer` reads every module's output shape in one forward pass of one image and picks
 a stage or block output (a ResNet's ``layer4``, the ReLU after a VGG's last convolution) on the
 grid of the last ``Conv2d`` with at least :data:`CAM_POSITIONS` positions (or a hybrid's
-attention stage whose tokens lie on that grid); a vision transformer's is one of its blocks
+attention stage whose tokens lie on that grid, or on a later grid of that many image patches:
+a hierarchical transformer's last stage); a vision transformer's is one of its blocks
 (:func:`~lightning_neurons.defaults.default_cam_layer`, and :func:`read_cam_layer` for one
 without a ``Conv2d``). Why these and not the last ``Conv2d``: ``benchmarks/gradcam_layers.py``
 and docs/benchmarks.md.
@@ -55,7 +56,8 @@ def cam_layer(
     ``[1, C, H, W]`` display image: one forward pass) and a gradient from it: of the layers whose
     outputs have that grid and a gradient, the outermost (the fewest dots in its name), and of
     those the last to return (a ResNet's stage, the ReLU after a VGG's last convolution; a
-    hybrid's attention stage whose tokens lie on that grid, see :meth:`LayerOutputs.cam_layer`).
+    hybrid's attention stage whose tokens lie on that grid, or the last block of tokens on a
+    later grid with as many image patches, see :func:`read_cam_layer`).
     Where no ``Conv2d`` has as many, the same with more than one position, then with one; else
     the last ``Conv2d``. A model without one: its last block of tokens on a grid of image patches
     (:func:`read_cam_layer`). Without ``image``: the last ``Conv2d``.
@@ -101,34 +103,33 @@ def cam_layer(
 def read_cam_layer(model: nn.Module, outputs: LayerOutputs, sizes: Sequence[Sequence[int]]) -> str:
     """Grad-CAM's default layer from the layers' ``outputs`` in a forward pass of images of
     ``sizes`` (:func:`image_sizes`): :meth:`LayerOutputs.cam_layer` of the model's ``Conv2d``
-    layers, where the model's blocks (its default layers) whose tokens lie on the chosen grid,
-    outside its feature maps, come first (LeViT's first attention stage, on its stem's grid;
-    XCiT's blocks rather than its final norm): the last of them, or, when it is the model's last
-    block, :func:`~lightning_neurons.defaults.token_block`'s choice. For a model without a
-    ``Conv2d``, ``token_block``'s of the blocks whose tokens lie on a grid of image patches (a
-    transformer that embeds its patches with a ``Linear``): the last, or the one before it under
-    a class-token head. A model whose ``Conv2d`` layers give no map of the images counts as one
-    without: timm's TNT embeds each patch's pixels with one, ``[B * N, C, h, w]``.
+    layers that give maps of the images and of its blocks (its default layers) whose tokens lie
+    on a grid of image patches, where such blocks on the chosen grid, outside its feature maps,
+    come first: the last of them, or, when it is the model's last block,
+    :func:`~lightning_neurons.defaults.token_block`'s choice. So a hybrid's attention stage on
+    its stem's grid (LeViT), a hierarchical transformer's last stage with 3 x 3 patches (Hiera,
+    LeViT at 224 px), XCiT's blocks rather than its final norm. A model whose ``Conv2d`` layers
+    give no map of the images counts as one without (timm's TNT embeds each patch's pixels with
+    one, ``[B * N, C, h, w]``): ``token_block``'s of its blocks on a grid of image patches.
 
     Raises:
         NoCamLayer: For a model with neither.
     """
     convs = [name for name, m in _modules(model) if isinstance(m, nn.Conv2d)]
     maps = [n for n in convs if len(outputs.shapes.get(n) or ()) == 3]  # of these images
+    tokens = [n for n, s in outputs.shapes.items() if s is not None and len(s) == 2]
+    blocks = default_layers(model) if any(outputs.grid(n, sizes) for n in tokens) else []
+    on_grid = [n for n in blocks if n in tokens and outputs.grid(n, sizes) is not None]
 
-    def on_grid(tokens: list[str]) -> str | None:
-        if not tokens:  # a CNN: no blocks to read (their rule walks the model)
-            return None
-        blocks = default_layers(model)
-        found = [n for n in blocks if n in tokens]
+    def pick(names: list[str]) -> str | None:
+        found = [n for n in on_grid if n in names]
         if found and found[-1] != blocks[-1]:  # later blocks read its patch tokens
             return found[-1]
         return token_block(model, found)
 
     if maps:
-        return outputs.cam_layer(maps, sizes, on_grid)
-    blocks = default_layers(model)
-    found = token_block(model, [n for n in blocks if outputs.grid(n, sizes) is not None])
+        return outputs.cam_layer(maps, sizes, pick, on_grid)
+    found = token_block(model, on_grid)
     if found is None and convs:  # none of them gives a map of the images, nor do tokens
         return convs[-1]
     if found is None:
@@ -176,15 +177,17 @@ class LayerOutputs:
         convs: Sequence[str],
         sizes: Sequence[Sequence[int]] = (),
         blocks: Callable[[list[str]], str | None] = lambda names: None,
+        token_blocks: Sequence[str] = (),
     ) -> str:
         """The outermost layer with a graph (the fewest dots in its name; of those, the last to
-        return) whose output lies on the grid of the last of ``convs`` with at least
-        :data:`CAM_POSITIONS` positions (where no layer on that grid has a graph, the grid of
-        the conv before): a stage or block output. Where token layers lie on that grid (on
-        images of ``sizes``) outside the layers with feature maps on it, ``blocks(their names)``
-        may pick one first: a hybrid's transformer stage after its convolutional stem
-        (:func:`read_cam_layer`). Else the same with more than one position, else with one, else
-        the last of ``convs``."""
+        return) whose output lies on the last grid with at least :data:`CAM_POSITIONS`
+        positions of ``convs`` and then of ``token_blocks`` (blocks of tokens on grids of image
+        patches of ``sizes``: a hierarchical transformer's stages after its convolutional
+        stem); a grid where no layer has a graph is passed over. Where token layers lie on
+        that grid outside the layers with feature maps on it, ``blocks(their names)`` may pick
+        one first: a hybrid's transformer stage after its convolutional stem
+        (:func:`read_cam_layer`). Else the same with more than one position, else with one,
+        else the last of ``convs``."""
         on_grid = {n: g for n in self.shapes if (g := self.grid(n, sizes)) is not None}
         for least in (CAM_POSITIONS, 2, 1):
             grids = [
@@ -192,6 +195,7 @@ class LayerOutputs:
                 for n in convs
                 if (s := self.shapes.get(n)) and len(s) == 3 and s[-2:].numel() >= least
             ]
+            grids += [g for n in token_blocks if (g := on_grid.get(n)) and g[0] * g[1] >= least]
             for grid in reversed(grids):
                 same = [n for n, g in on_grid.items() if g == tuple(grid)]
                 maps = {n for n in same if len(self.shapes[n] or ()) == 3}

@@ -51,7 +51,13 @@ from lightning_neurons.gradients import (
     no_gradient,
 )
 from lightning_neurons.hooks import OutputSizes, get_module, hooked, leaf_output_sizes
-from lightning_neurons.layouts import image_token_grid, on_grid, patch_embedding, token_grid
+from lightning_neurons.layouts import (
+    image_token_grid,
+    on_grid,
+    patch_embedding,
+    token_grid,
+    token_order,
+)
 from lightning_neurons.state import analysis_mode, model_device
 from lightning_neurons.visualize.cam_layers import (  # cam_layer: this module's too
     LayerOutputs,
@@ -417,12 +423,12 @@ def grad_cam(
                 (grad,) = gradients_at(picked, [features])  # (the parameters are frozen)
                 if grad is None:  # the logits do not depend on it through a graph
                     raise no_gradient(layer)
-                # [N, K, T] channels-first tokens -> the patch grid
-                features, grad = on_grid(features, grid), on_grid(grad, grid)
-                weights = grad.float().mean(dim=(2, 3), keepdim=True)
-                cam = F.relu((weights * features.detach().float()).sum(dim=1, keepdim=True))
-                cam = F.interpolate(cam, size=(height, width), mode="bilinear", align_corners=False)
-                out.append(cam[:, 0].detach().float().cpu())
+                if features.dim() == 3:  # [N, K, T] channels-first tokens, in the grid's order
+                    index = token_order(model, layer, features.shape[-1])
+                    if index is not None:  # Hiera's unrolled tokens
+                        index = index.to(features.device)
+                        features, grad = features[..., index], grad[..., index]
+                out.append(_cam(on_grid(features, grid), on_grid(grad, grid), (height, width)))
     if len(out) < len(parts):  # the default layer had no graph: the last layer that has one
         other = cam_layer(model, None, images[:1], input_transform)
         return grad_cam(
@@ -435,6 +441,15 @@ def grad_cam(
             output_fn=output_fn,
         )
     return torch.cat(out)
+
+
+def _cam(features: torch.Tensor, grad: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Grad-CAM's ``[N, H, W]`` maps (CPU, float32) from a layer's ``[N, K, h, w]`` output and
+    its gradient: ``ReLU(sum_k w_k A_k)``, ``w_k`` the mean gradient, upsampled to ``size``."""
+    weights = grad.float().mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * features.detach().float()).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
+    return cam[:, 0].detach().float().cpu()
 
 
 def _grid(
