@@ -298,26 +298,25 @@ def token_order(model: nn.Module, layer: str, tokens: int) -> torch.Tensor | Non
     """For tokens not in raster order, the token on each cell of their grid, cell by cell in
     raster order (a ``[tokens]`` index); ``None`` for tokens in raster order.
 
-    timm's Hiera unrolls its tokens (the patches of each pooling window lie together, so that
-    pooling is a reshape): the output of its block ``blocks.i`` is read through the model's
-    own ``reroll(tokens, i)``, which puts it back on the grid (the last stage's tokens are in
-    raster order already). ``layer`` is a block of a module with such a ``reroll``
-    (``"backbone.blocks.3"``); any other layer is taken to be in raster order.
+    Hiera unrolls its tokens (the patches of each pooling window lie together, so that pooling
+    is a reshape) until its last stage. A block of timm's Hiera (``blocks.i``, whose model has a
+    ``reroll`` module) and a stage of Hugging Face's (``encoder.stages.i``, whose encoder has a
+    ``reroll`` method and its ``schedule``) are read through the model's own ``reroll(tokens,
+    i)``, which puts them back on the grid; any other layer is taken to be in raster order.
     """
     parts = layer.split(".")
-    if len(parts) < 2 or parts[-2] != "blocks" or not parts[-1].isdigit():
+    if len(parts) < 2 or parts[-2] not in ("blocks", "stages") or not parts[-1].isdigit():
         return None
-    owner = model.get_submodule(".".join(parts[:-2]))
-    reroll, block = getattr(owner, "reroll", None), int(parts[-1])
-    schedule = getattr(reroll, "schedule", None)
-    if not isinstance(reroll, nn.Module) or not isinstance(schedule, dict) or block not in schedule:
+    owner, step = model.get_submodule(".".join(parts[:-2])), int(parts[-1])
+    reroll = getattr(owner, "reroll", None)
+    schedule = getattr(reroll if isinstance(reroll, nn.Module) else owner, "schedule", None)
+    if not callable(reroll) or not isinstance(schedule, dict) or step not in schedule:
         return None
-    size = schedule[block][1]
-    if math.prod(size) != tokens:
+    if math.prod(schedule[step][1]) != tokens:
         return None
     index = torch.arange(tokens, dtype=torch.float64).view(1, tokens, 1)
     with torch.no_grad():
-        return reroll(index, block).flatten().long()
+        return reroll(index, step).flatten().long()
 
 
 def on_grid(features: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
