@@ -18,10 +18,11 @@ as a view (no copy; gradients flow through it):
   (torchvision's ``[0, 2, 3, 1]``, ``[0, 3, 1, 2]``) before it, in the order the modules are
   defined, left the maps channels last. Convolution, batch norm and pooling layers are always
   channels first;
-* 3-D outputs of ``Conv1d``, ``BatchNorm1d``, ``InstanceNorm1d`` and 1-D pooling are ``[B, C, L]``
-  channels first; every other 3-D output is tokens, ``[B, N, D]``, except inside torch's own
-  attention modules built with ``batch_first=False`` (its default: ``nn.TransformerEncoder``,
-  ``nn.TransformerEncoderLayer``, ``nn.MultiheadAttention``), whose tokens are ``[N, B, D]``.
+* 3-D outputs of ``Conv1d``, ``BatchNorm1d``, ``InstanceNorm1d``, 1-D pooling and ``nn.Unfold``
+  are ``[B, C, L]`` channels first; every other 3-D output is tokens, ``[B, N, D]``, except
+  inside torch's own attention modules built with ``batch_first=False`` (its default:
+  ``nn.TransformerEncoder``, ``nn.TransformerEncoderLayer``, ``nn.MultiheadAttention``), whose
+  tokens are ``[N, B, D]``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ _CHANNELS_FIRST: tuple[type[nn.Module], ...] = (
     nn.modules.pooling._AvgPoolNd,
     nn.modules.pooling._AdaptiveAvgPoolNd,
     nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.Unfold,  # [B, C * kh * kw, L]: each patch's pixels over the L patches
 )
 
 

@@ -30,7 +30,7 @@ from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.layouts import image_token_grid, sequence_first_modules, token_order
 from lightning_neurons.models import ImageClassifier
 from lightning_neurons.visualize import grad_cam
-from lightning_neurons.visualize.cam_layers import cam_layer
+from lightning_neurons.visualize.cam_layers import cam_layer, layer_outputs
 
 
 def _patches(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -96,6 +96,16 @@ def test_image_token_grid_finds_the_patches_after_the_leading_tokens():
     assert image_token_grid(6 * 4, (48, 32)) == (6, 4)  # 8 px patches of a 48x32 image
     assert image_token_grid(12, (224, 160)) == (4, 3)  # LeViT's last stage: 14x10 halved twice
     assert image_token_grid(100, (8, 8)) is None  # more tokens than pixels: no patch grid
+
+
+def test_unfolds_patches_are_channels_first():
+    """``nn.Unfold`` gives ``[B, C * 4 * 4, L]``: 48 values over 64 patches of a 32 px image,
+    on their 8x8 grid (before: 48 tokens of 64 channels, read as 12 leading tokens and a 6x6
+    grid, as TNT's ``pixel_embed.unfold`` was)."""
+    model, x = nn.Sequential(nn.Unfold(4, stride=4)), torch.rand(2, 3, 32, 32)
+    with layer_outputs(model, 2) as outputs:
+        model(x)
+    assert outputs.shapes["0"] == (48, 64) and outputs.grid("0", [(32, 32)]) == (8, 8)
 
 
 def _by_hand(
