@@ -472,9 +472,9 @@ class HookSet:
                 if skip_others and not has_tensor(output):
                     return None
                 layouts = (last[_name], _name in sequence)
-                tensor, index = image_tensor(output, self.batch_size, layouts[1], _name)
+                tensor, path = image_tensor(output, self.batch_size, layouts[1], _name)
                 replaced = self._seen(_name, matchers[_name], tensor, _module, layouts, fn)
-                return None if replaced is None else with_tensor(output, index, replaced)
+                return None if replaced is None else with_tensor(output, path, replaced)
 
             self._handles.append(module.register_forward_hook(hook))
         if functions:

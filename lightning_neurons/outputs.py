@@ -1,12 +1,13 @@
 """Which tensor of what a module returns holds the images' values.
 
 Most layers return one tensor. Some return a tuple: a layer's output and extras (attention
-weights, a cache), read from its first tensor; and a few return several streams of tokens, not
-all of them per image: timm's TNT blocks return ``(pixel tokens [B * N, P, C], patch tokens
-[B, N, D])``, where only the patch tokens have a row per image. The hooks read the first tensor
-of a tuple, or, when the size of the batch is known and the first tensor does not hold a row
-per image, the first tensor that does (:func:`image_tensor`); a tensor handed back by an
-analysis replaces that element (:func:`with_tensor`).
+weights, a cache, the grid's size), read from its first tensor, also inside nested tuples
+(Hugging Face's PVT-v2 stages return ``((hidden_states,), height, width)``); and a few return
+several streams of tokens, not all of them per image: timm's TNT blocks return ``(pixel tokens
+[B * N, P, C], patch tokens [B, N, D])``, where only the patch tokens have a row per image. The
+hooks read the first tensor, or, when the size of the batch is known and the first tensor does
+not hold a row per image, the first tensor that does (:func:`image_tensor`); a tensor handed
+back by an analysis replaces that element (:func:`with_tensor`).
 """
 
 from __future__ import annotations
@@ -17,24 +18,43 @@ import torch
 
 from lightning_neurons.errors import NeuronsError
 
+#: How deep :func:`tensors` looks into nested tuples: Hugging Face's PVT-v2 stages return
+#: ``((hidden_states,), height, width)``.
+MAX_DEPTH = 3
+
+#: Where a tensor lies in a module's output: the indices into its nested tuples (``()``: the
+#: output is the tensor).
+Path = tuple[int, ...]
+
+
+def tensors(output: object, depth: int = MAX_DEPTH) -> list[tuple[Path, torch.Tensor]]:
+    """The tensors of ``output`` with their paths, depth first through tuples and lists (at
+    most ``depth`` deep): ``[((), output)]`` for a tensor, ``[]`` for a dict or ``None``."""
+    if isinstance(output, torch.Tensor):
+        return [((), output)]
+    if depth == 0 or not isinstance(output, (tuple, list)):
+        return []
+    return [((i, *p), t) for i, item in enumerate(output) for p, t in tensors(item, depth - 1)]
+
 
 def has_tensor(output: object) -> bool:
     """Whether :func:`first_tensor` finds one in ``output``."""
-    return isinstance(output, torch.Tensor) or (
-        isinstance(output, (tuple, list)) and bool(output) and isinstance(output[0], torch.Tensor)
-    )
+    return bool(tensors(output))
 
 
 def first_tensor(output: object, layer: str = "") -> torch.Tensor:
-    """The tensor a module returned (the first one, for modules that return tuples)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise NeuronsError(
-        f"layer {layer!r} returned {type(output).__name__}, not a tensor; choose a layer whose "
-        "output is a tensor shaped [B, K], [B, K, H, W] or [B, N, D]"
-    )
+    """The tensor a module returned (the first one, for modules that return tuples).
+
+    Raises:
+        NeuronsError: For an output without a tensor (a dict, ``None``).
+    """
+    found = tensors(output)
+    if not found:
+        raise NeuronsError(
+            f"layer {layer!r} returned {type(output).__name__}, not a tensor; choose a layer "
+            "whose output is a tensor shaped [B, K], [B, K, H, W] or [B, N, D]"
+        )
+    return found[0][1]
 
 
 def _rows(tensor: torch.Tensor, sequence_first: bool) -> int | None:
@@ -46,41 +66,40 @@ def _rows(tensor: torch.Tensor, sequence_first: bool) -> int | None:
 
 def image_tensor(
     output: object, batch_size: int | None, sequence_first: bool = False, layer: str = ""
-) -> tuple[torch.Tensor, int]:
-    """The tensor of ``output`` with a row per image, and its index in the tuple (``-1``: the
-    output is that tensor).
+) -> tuple[torch.Tensor, Path]:
+    """The tensor of ``output`` with a row per image, and its path in the output's nested tuples
+    (``()``: the output is that tensor).
 
-    A tuple's first tensor, unless ``batch_size`` is known, the first tensor's batch axis (dim 1
-    of a ``sequence_first`` module's 3-D outputs) is not that size, and a later tensor's is.
+    The first tensor (depth first), unless ``batch_size`` is known, the first tensor's batch
+    axis (dim 1 of a ``sequence_first`` module's 3-D outputs) is not that size, and a later
+    tensor's is.
 
     Raises:
-        NeuronsError: For an output with no tensor first (a dict, ``None``).
+        NeuronsError: For an output without a tensor (a dict, ``None``).
 
     Example:
         >>> pixels, patches = torch.zeros(2 * 16, 4, 8), torch.zeros(2, 17, 24)
-        >>> tensor, index = image_tensor((pixels, patches), batch_size=2)
-        >>> tuple(tensor.shape), index
-        ((2, 17, 24), 1)
+        >>> tensor, path = image_tensor((pixels, patches), batch_size=2)
+        >>> tuple(tensor.shape), path
+        ((2, 17, 24), (1,))
     """
-    first = first_tensor(output, layer)
-    if first is output:
-        return first, -1
-    if batch_size is None or _rows(first, sequence_first) == batch_size:
-        return first, 0
-    assert isinstance(output, (tuple, list))
-    for index, item in enumerate(output):
-        if isinstance(item, torch.Tensor) and _rows(item, sequence_first) == batch_size:
-            return item, index
-    return first, 0
+    found = tensors(output)
+    first_tensor(output, layer)  # raises without one
+    if batch_size is not None:
+        for path, tensor in found:
+            if _rows(tensor, sequence_first) == batch_size:
+                return tensor, path
+    return found[0][1], found[0][0]
 
 
-def with_tensor(output: object, index: int, tensor: torch.Tensor) -> object:
-    """``output`` with its element ``index`` replaced by ``tensor`` (``index=-1``: ``tensor``
-    itself); a named tuple stays one."""
-    if index < 0:
+def with_tensor(output: object, path: Path, tensor: torch.Tensor) -> object:
+    """``output`` with the element at ``path`` replaced by ``tensor`` (``path=()``: ``tensor``
+    itself); tuples and lists keep their types (a named tuple stays one)."""
+    if not path:
         return tensor
     assert isinstance(output, (tuple, list))
-    items = [*output[:index], tensor, *output[index + 1 :]]
+    index, rest = path[0], path[1:]
+    items = [*output[:index], with_tensor(output[index], rest, tensor), *output[index + 1 :]]
     return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
 
 

@@ -14,7 +14,12 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_neurons import ActivationTracker, FeatureVisualizer, NeuronContribution
+from lightning_neurons import (
+    ActivationTracker,
+    FeatureVisualizer,
+    NeuronContribution,
+    NeuronsError,
+)
 from lightning_neurons.defaults import default_layers
 from lightning_neurons.hooks import count_forward_hooks, hooked
 from lightning_neurons.models import ImageClassifier
@@ -74,24 +79,31 @@ class ToyTNT(nn.Module):
 
 def test_image_tensor_picks_the_element_with_a_row_per_image():
     pixels, patches = torch.zeros(3 * 16, 4, 5), torch.zeros(3, 17, 8)
-    assert image_tensor((pixels, patches), 3)[1] == 1
-    assert image_tensor([patches, pixels], 3)[1] == 0  # the first, when it is per image
-    assert image_tensor((pixels, patches), None)[1] == 0  # unknown batch: the first
-    assert image_tensor((pixels, pixels), 3)[1] == 0  # none per image: the first (fails later)
+    assert image_tensor((pixels, patches), 3)[1] == (1,)
+    assert image_tensor([patches, pixels], 3)[1] == (0,)  # the first, when it is per image
+    assert image_tensor((pixels, patches), None)[1] == (0,)  # unknown batch: the first
+    assert image_tensor((pixels, pixels), 3)[1] == (0,)  # none per image: the first (fails later)
     x = torch.zeros(3, 5)
-    assert image_tensor(x, 3) == (x, -1)
+    assert image_tensor(x, 3) == (x, ())
+    # nested, as Hugging Face's PVT-v2 stages return ((hidden_states,), height, width)
+    assert image_tensor(((patches,), 4, 4), 3) == (patches, (0, 0))
+    assert image_tensor((None, x), None) == (x, (1,))
+    with pytest.raises(NeuronsError, match="returned dict, not a tensor"):
+        image_tensor({"x": x}, 3)
     # sequence-first tokens [N, B, D]: the batch is dim 1 (torch's attention, batch_first=False)
     attn, weights = torch.zeros(17, 3, 8), torch.zeros(3, 17, 17)
-    assert image_tensor((attn, weights), 3, sequence_first=True)[1] == 0
-    assert image_tensor((weights, attn), 3, sequence_first=True)[1] == 1
+    assert image_tensor((attn, weights), 3, sequence_first=True)[1] == (0,)
+    assert image_tensor((weights, attn), 3, sequence_first=True)[1] == (1,)
 
 
 def test_with_tensor_replaces_one_element_and_keeps_the_tuples_type():
     Pair = namedtuple("Pair", "pixels patches")
     a, b, c = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
-    replaced = with_tensor(Pair(a, b), 1, c)
+    replaced = with_tensor(Pair(a, b), (1,), c)
     assert isinstance(replaced, Pair) and replaced.pixels is a and replaced.patches is c
-    assert with_tensor([a, b], 0, c) == [c, b] and with_tensor(a, -1, c) is c
+    assert with_tensor([a, b], (0,), c) == [c, b] and with_tensor(a, (), c) is c
+    nested = with_tensor(((a,), 4, 4), (0, 0), c)
+    assert nested[0][0] is c and nested[1:] == (4, 4)
 
 
 def test_leading_size_reads_the_first_tensor_of_a_call():
@@ -208,4 +220,55 @@ def test_every_callback_on_a_pixel_and_patch_model(tmp_path, layers):
     assert all(s.counts.sum() == 12 for s in tracker.results.values())
     assert vis.saliency_results.gradcam_layer == "backbone.blocks.0"
     assert set(contribution.results) == set(tracker.results)
+    assert count_forward_hooks(module) == 0
+
+
+class NestedStage(nn.Module):
+    """Hugging Face's PVT-v2 stage: a patch embedding to tokens, an MLP block, and the return
+    ``((hidden_states,), height, width)``."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, stride=4)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU())
+
+    def forward(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor], int, int]:
+        maps = self.embed(x)
+        height, width = maps.shape[-2:]
+        tokens = maps.flatten(2).transpose(1, 2)
+        return (tokens + self.mlp(tokens),), height, width
+
+
+class NestedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList([NestedStage()])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (tokens,), _, _ = self.stages[0](x)
+        return self.head(tokens.mean(dim=1))
+
+
+def test_a_tensor_in_nested_tuples_is_read_and_replaced(tmp_path):
+    """The stage's tokens inside ``((tokens,), h, w)`` are its output (before: "returned
+    tuple, not a tensor"): the tracker's means are theirs, and an ablation that zeroes every
+    neuron there zeroes the tokens the head reads."""
+    torch.manual_seed(0)
+    model, images = NestedNet().eval(), torch.rand(6, 3, 16, 16)
+    with torch.no_grad(), hooked(model, ["stages.0"], lambda n, t: torch.zeros_like(t)):
+        ablated = model(images)
+    torch.testing.assert_close(ablated, model.head(torch.zeros(6, 8)).detach())
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    loader = DataLoader(TensorDataset(images, labels), batch_size=4)
+    module = ImageClassifier(model, 3)
+    tracker = ActivationTracker(["backbone.stages.0"], on_error="raise", enable_logging=False)
+    fast_trainer(tmp_path, callbacks=[tracker], logger=False).validate(module, loader)
+    with torch.no_grad():
+        (tokens,), _, _ = model.stages[0](images)
+    means = tokens.mean(dim=1)
+    expected = torch.stack([means[labels == k].mean(dim=0) for k in range(3)])
+    # float32 means over 16 tokens and 2 images, batched differently: a few ulps of ~1
+    stats = tracker.results["backbone.stages.0"]
+    torch.testing.assert_close(stats.class_means.float(), expected, rtol=1e-5, atol=1e-5)
     assert count_forward_hooks(module) == 0

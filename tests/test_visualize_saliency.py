@@ -233,6 +233,79 @@ def test_grad_cams_default_is_the_last_conv_with_more_than_one_position():
     assert snapshot(model).hooks == 0 and snapshot(resnet).hooks == 0
 
 
+class GeluBlock(nn.Module):
+    """A residual block on a feature map: ``x + GELU(conv(x))``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(channels, channels, 3, padding=1), nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.conv(x))
+
+
+class EmbeddingsThenBlocks(nn.Module):
+    """Hugging Face's PoolFormer layout: an encoder (returning a dict) that holds its patch
+    embeddings in one list and each stage's blocks in another, deeper one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch_embeddings = nn.ModuleList([nn.Conv2d(3, 8, 4, 4), nn.Conv2d(8, 16, 2, 2)])
+        self.block = nn.ModuleList([nn.ModuleList([GeluBlock(c)]) for c in (8, 16)])
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        for embed, blocks in zip(self.patch_embeddings, self.block, strict=True):
+            x = embed(x)
+            for block in blocks:
+                x = block(x)
+        return {"last_hidden_state": x}
+
+
+class PooledKeys(nn.Module):
+    """CvT's attention, small: queries on the map's positions, keys and values from a strided
+    conv on a grid halved; returns the map on the input's grid."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.kv = nn.Conv2d(channels, channels, 2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        queries, kv = x.flatten(2).transpose(1, 2), self.kv(x).flatten(2).transpose(1, 2)
+        attention = torch.softmax(queries @ kv.transpose(1, 2) / c**0.5, dim=-1)
+        return x + (attention @ kv).transpose(1, 2).reshape(b, c, h, w)
+
+
+class Encoded(nn.Module):
+    """``encoder`` (``EmbeddingsThenBlocks``, or a stem and a ``PooledKeys`` block) and a head."""
+
+    def __init__(self, encoder: nn.Module, channels: int) -> None:
+        super().__init__()
+        self.encoder, self.head = encoder, nn.Linear(channels, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.encoder(x)
+        if isinstance(features, dict):
+            features = features["last_hidden_state"]
+        return self.head(features.mean(dim=(2, 3)))
+
+
+def test_grad_cams_default_passes_embeddings_and_pooled_keys_over():
+    """The outermost layer on the 4x4 grid is the patch embedding, which returns before the
+    stage's block and holds none: the block is taken (before: the embedding, a conv before any
+    of the stage's work). A strided conv inside an attention block that returns the 8x8 map
+    gives a 4x4 grid of keys and values only: passed over for the block on the 8x8 grid
+    (before: the keys' conv)."""
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 32, 32)
+    staged = Encoded(EmbeddingsThenBlocks(), 16).eval()
+    assert cam_layer(staged, image=image) == "encoder.block.1.0"
+    cvt = Encoded(nn.Sequential(nn.Conv2d(3, 8, 4, 4), nn.GELU(), PooledKeys(8)), 8).eval()
+    assert cam_layer(cvt, image=image) == "encoder"
+    maps = grad_cam(cvt, torch.rand(2, 3, 32, 32), [0, 1])
+    assert maps.shape == (2, 32, 32) and snapshot(cvt).hooks == 0
+
+
 def test_errors():
     model = TinyNet()
     images = _images(2)

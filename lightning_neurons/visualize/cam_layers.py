@@ -127,8 +127,10 @@ def read_cam_layer(model: nn.Module, outputs: LayerOutputs, sizes: Sequence[Sequ
             return found[-1]
         return token_block(model, found)
 
-    if maps:
-        return outputs.cam_layer(maps, sizes, pick, on_grid)
+    if maps:  # the default layers read when first needed (a ResNet's stage: never)
+        return outputs.cam_layer(
+            maps, sizes, pick, on_grid, lambda: blocks or default_layers(model)
+        )
     found = token_block(model, on_grid)
     if found is None and convs:  # none of them gives a map of the images, nor do tokens
         return convs[-1]
@@ -178,6 +180,7 @@ class LayerOutputs:
         sizes: Sequence[Sequence[int]] = (),
         blocks: Callable[[list[str]], str | None] = lambda names: None,
         token_blocks: Sequence[str] = (),
+        defaults: Callable[[], Sequence[str]] = lambda: (),
     ) -> str:
         """The outermost layer with a graph (the fewest dots in its name; of those, the last to
         return) whose output lies on the last grid with at least :data:`CAM_POSITIONS`
@@ -186,8 +189,12 @@ class LayerOutputs:
         stem); a grid where no layer has a graph is passed over. Where token layers lie on
         that grid outside the layers with feature maps on it, ``blocks(their names)`` may pick
         one first: a hybrid's transformer stage after its convolutional stem
-        (:func:`read_cam_layer`). Else the same with more than one position, else with one,
-        else the last of ``convs``."""
+        (:func:`read_cam_layer`). An outermost layer that returns before the model's blocks
+        on that grid (``defaults()``, its default layers) and holds none gives way to the last
+        of them (Hugging Face's PoolFormer: its stage's blocks after its patch embedding, which
+        a ResNet's stages hold). A grid whose layers all lie inside a layer with an output on a
+        larger grid is passed over (CvT's keys and values, pooled inside its attention). Else
+        the same with more than one position, else with one, else the last of ``convs``."""
         on_grid = {n: g for n in self.shapes if (g := self.grid(n, sizes)) is not None}
         for least in (CAM_POSITIONS, 2, 1):
             grids = [
@@ -198,6 +205,8 @@ class LayerOutputs:
             grids += [g for n in token_blocks if (g := on_grid.get(n)) and g[0] * g[1] >= least]
             for grid in reversed(grids):
                 same = [n for n, g in on_grid.items() if g == tuple(grid)]
+                if _inside_larger(same, on_grid):  # an attention's pooled keys and values
+                    continue
                 maps = {n for n in same if len(self.shapes[n] or ()) == 3}
                 tokens = [
                     n
@@ -208,9 +217,43 @@ class LayerOutputs:
                 if picked is not None:
                     return picked
                 if same:
-                    depth = min(n.count(".") for n in same)
-                    return [n for n in same if n.count(".") == depth][-1]
+                    return _past_embedding(same, _outermost(same), defaults)
         return convs[-1]
+
+
+def _inside_larger(same: list[str], on_grid: dict[str, tuple[int, int]]) -> bool:
+    """Whether every layer of ``same`` (on one grid) lies inside a layer whose output is on a
+    grid with more positions: a grid inside a block only (CvT's attention computes its keys
+    and values on a pooled grid, by a strided conv, and returns tokens on its input's)."""
+
+    def area(grid: Sequence[int]) -> int:
+        return grid[0] * grid[1]
+
+    size = area(on_grid[same[0]]) if same else 0
+    return bool(same) and all(
+        any(p in on_grid and area(on_grid[p]) > size for p in _parents(n)) for n in same
+    )
+
+
+def _outermost(names: Sequence[str]) -> str:
+    """Of ``names`` (in the order they returned), the last of those with the fewest dots."""
+    depth = min(n.count(".") for n in names)
+    return [n for n in names if n.count(".") == depth][-1]
+
+
+def _past_embedding(same: list[str], chosen: str, defaults: Callable[[], Sequence[str]]) -> str:
+    """``chosen``, or, when it returned before the model's last block on its grid (of
+    ``same``, the layers on that grid in the order they returned) and neither is nor holds a
+    block: the outermost of that block and the layers on the grid that enclose it."""
+    if chosen == same[-1]:  # nothing returned after it on its grid (a ResNet's stage)
+        return chosen
+    blocks = set(defaults())
+    if chosen in blocks or any(n.startswith(f"{chosen}.") for n in blocks):
+        return chosen
+    later = [n for n in same[same.index(chosen) + 1 :] if n in blocks]
+    if not later:
+        return chosen
+    return _outermost([n for n in same if n == later[-1] or later[-1].startswith(f"{n}.")])
 
 
 def _parents(name: str) -> list[str]:
