@@ -83,8 +83,11 @@ def image_tensor(
         >>> tuple(tensor.shape), path
         ((2, 17, 24), (1,))
     """
+    if isinstance(output, torch.Tensor):
+        return output, ()
     found = tensors(output)
-    first_tensor(output, layer)  # raises without one
+    if not found:
+        first_tensor(output, layer)  # raises: no tensor
     if batch_size is not None:
         for path, tensor in found:
             if _rows(tensor, sequence_first) == batch_size:
