@@ -218,9 +218,10 @@ def default_cam_layer(model: nn.Module) -> str | None:
 def token_block(model: nn.Module, blocks: Sequence[str]) -> str | None:
     """Of a transformer's ``blocks`` (in the order they run), Grad-CAM's: the last, or the one
     before it when the model reads its class token (a ``class_token`` / ``cls_token`` parameter,
-    or one per branch, ``cls_token_0``, and no average pooling: no ``global_pool`` attribute, or ``pool`` string, saying ``avg``
-    or ``mean``): the last block's patch tokens then reach the logits through nothing (only its
-    class token is read), while its input's do, through the last block's attention."""
+    or one per branch as CrossViT's ``cls_token_0``, and no average pooling: no ``global_pool``
+    attribute, or ``pool`` string, saying ``avg`` or ``mean``): the last block's patch tokens
+    then reach the logits through nothing (only its class token is read), while its input's
+    do, through the last block's attention."""
     if not blocks:
         return None
     pools = [str(getattr(m, "global_pool", "")) for m in model.modules()]  # timm: str or module

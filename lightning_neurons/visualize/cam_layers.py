@@ -119,19 +119,19 @@ def read_cam_layer(model: nn.Module, outputs: LayerOutputs, sizes: Sequence[Sequ
     maps = [n for n in convs if len(outputs.shapes.get(n) or ()) == 3]  # of these images
     tokens = [n for n, s in outputs.shapes.items() if s is not None and len(s) == 2]
     blocks = default_layers(model) if any(outputs.grid(n, sizes) for n in tokens) else []
-    on_grid = [n for n in blocks if n in tokens and outputs.grid(n, sizes) is not None]
+    token_blocks = [n for n in blocks if n in tokens and outputs.grid(n, sizes) is not None]
 
     def pick(names: list[str]) -> str | None:
-        found = [n for n in on_grid if n in names]
+        found = [n for n in token_blocks if n in names]
         if found and found[-1] != blocks[-1]:  # later blocks read its patch tokens
             return found[-1]
         return token_block(model, found)
 
     if maps:  # the default layers read when first needed (a ResNet's stage: never)
         return outputs.cam_layer(
-            maps, sizes, pick, on_grid, lambda: blocks or default_layers(model)
+            maps, sizes, pick, token_blocks, lambda: blocks or default_layers(model)
         )
-    found = token_block(model, on_grid)
+    found = token_block(model, token_blocks)
     if found is None and convs:  # none of them gives a map of the images, nor do tokens
         return convs[-1]
     if found is None:

@@ -457,10 +457,10 @@ def _grid(
 ) -> Sequence[int] | None:
     """The ``h x w`` grid of Grad-CAM's layer output ``features``: a feature map's own; for
     ``[N, K, T]`` tokens, the patch embedding's output's (``patches``, a map of the images)
-    where the tokens hold it
-    (:func:`token_grid`), else the grid of image patches that holds them
-    (:func:`image_token_grid`) on an image of one of ``sizes`` (the display images', the model
-    inputs'; CrossViT's second branch, on patches of another size); ``None`` for another output.
+    where the tokens hold it (:func:`token_grid`), else the grid of image patches that holds
+    them (:func:`image_token_grid`) on an image of one of ``sizes`` (the display images', the
+    model inputs'; CrossViT's second branch, on patches of another size); ``None`` for another
+    output.
 
     Raises:
         NeuronsError: For tokens on neither (:func:`token_grid`'s error).
