@@ -29,6 +29,7 @@ from lightning_neurons.hooks import (
     get_module,
 )
 from lightning_neurons.loaders import limited_batches
+from lightning_neurons.outputs import split_element
 from lightning_neurons.state import analysis_mode, model_device
 
 __all__ = [
@@ -278,10 +279,10 @@ def ablation_sums(
     site = exact_call_site(layer)
     if isinstance(sets_per_pass, bool) or not isinstance(sets_per_pass, int) or sets_per_pass < 1:
         raise NeuronsError(f"`sets_per_pass` must be a positive integer, got {sets_per_pass!r}")
-    own_output = not isinstance(module, nn.Sequential) and not is_function_layer(
-        site[: site.rindex("#")]
-    )
-    width = _width(module) if own_output else None  # a function layer: checked on its output
+    named = site[: site.rindex("#")]
+    # a function layer's or a tuple element's width: checked on its output
+    own_output = not isinstance(module, nn.Sequential) and not is_function_layer(named)
+    width = _width(module) if own_output and not split_element(named)[1] else None
     names = list(neuron_sets)
     sets = [_neuron_set(name, neuron_sets[name], width) for name in names]
     if not sets:

@@ -17,6 +17,10 @@ In a *list* of layers (``layers=`` of every callback, :func:`resolve_layers`,
 counted from the start of each forward pass of the hooked model (and from
 :meth:`HookSet.new_pass`).
 
+A module that returns a tuple is read at its first tensor with a row per image; ``name[i]``
+names the element ``i`` of its output (``"blocks.0[1]"``, ``"blocks.*[1]"``; see
+:mod:`lightning_neurons.outputs`), before the call part: ``"blocks.0[1]#1"``.
+
 Calls of activation *functions* (``F.relu(x)`` in a module's ``forward``) are layers too, named
 ``"<module>.relu()"`` (see :mod:`lightning_neurons.functional`), and every output is handed to the
 analyses channels first, transformer tokens ``[B, N, D]`` as ``[B, D, N]`` (see
@@ -53,9 +57,12 @@ from lightning_neurons.layouts import (
     to_channels_first,
 )
 from lightning_neurons.outputs import (
+    element,
+    element_name,
     has_tensor,
     image_tensor,
     leading_size,
+    split_element,
     with_tensor,
 )
 from lightning_neurons.state import in_analysis
@@ -176,7 +183,8 @@ def _available(model: nn.Module, limit: int = 40) -> str:
 def get_module(model: nn.Module, name: str) -> nn.Module:
     """Return the sub-module called ``name`` (as in ``model.named_modules()``).
 
-    A call-site name (``"layer1.0.relu#1"``) returns the module that makes that call.
+    A call-site name (``"layer1.0.relu#1"``) returns the module that makes that call, an
+    element's (``"blocks.0[1]"``) the module that returns it.
 
     Args:
         model: The model to search.
@@ -201,6 +209,11 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     module_name, call = split_call(name)
     if call is not None and not call.isdigit():
         parse_call_site(name)  # raises with the explanation
+    module_name, path = split_element(module_name)
+    if path and is_function_layer(module_name):
+        raise NeuronsError(
+            f"layer {name!r}: a function layer returns one tensor; name it without the index"
+        )
     if is_function_layer(module_name):
         return _caller(model, name, module_name)
     if module_name:
@@ -210,7 +223,7 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
             found = dict(model.named_modules()).get(module_name)
             if found is not None:
                 return found
-    suffix = "" if call is None else f"{CALL_SEPARATOR}{call}"
+    suffix = element_name("", path) + ("" if call is None else f"{CALL_SEPARATOR}{call}")
     candidates = _layer_names(model)
     close = [
         n for n in candidates if module_name and (module_name in n or n.endswith("." + module_name))
@@ -221,6 +234,11 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
         if n not in close
     ]
     hint = f" Did you mean: {', '.join(n + suffix for n in close[:5])}?" if close else ""
+    if path and not close:
+        hint += (
+            f" ('[{path[0]}]' at the end names an element of the output of module "
+            f"{module_name!r}; for a glob's character class there, write a range: '[1-2]')"
+        )
     raise NeuronsError(
         f"layer {name!r} not found in {_describe(model)}.{hint} Available: {_available(model)}"
     )
@@ -266,7 +284,7 @@ def signed_layers(model: nn.Module, layers: Sequence[str]) -> list[str]:
 def _order_key(order: dict[str, float], spec: str) -> tuple[float, int, str]:
     module, call = split_call(spec)
     rank = -1 if call is None else (int(call) if call.isdigit() else 10**9)
-    return order.get(module, float(len(order))), rank, call or ""
+    return order.get(split_element(module)[0], float(len(order))), rank, call or ""
 
 
 def resolve_layers(
@@ -280,8 +298,9 @@ def resolve_layers(
         model: The model whose layers are meant.
         layers: Names as in ``model.named_modules()``, function layers (``"backbone.relu()"``) or
             glob patterns (``"features.*"``, ``"layer?.0.conv1"``, ``"*.relu()"``), each
-            optionally with a call part (``"layer1.0.relu#1"``, ``"layer*.relu#*"``; see the
-            module docstring); ``None`` means :func:`default_layers`.
+            optionally with an element of the output (``"blocks.*[1]"``) and a call part
+            (``"layer1.0.relu#1"``, ``"layer*.relu#*"``; see the module docstring); ``None``
+            means :func:`default_layers`.
         activations: More activation classes and ops for :func:`default_layers`.
 
     Returns:
@@ -315,8 +334,9 @@ def resolve_layers(
             parse_call_site(pattern)  # raises with the explanation
         if call is not None and call.isdigit():
             call = str(int(call))
-        if any(ch in module_pattern for ch in _GLOB):
-            hits = fnmatch.filter(order, module_pattern)
+        base = split_element(module_pattern)[0]
+        if any(ch in base for ch in _GLOB):
+            hits = [h + module_pattern[len(base) :] for h in fnmatch.filter(order, base)]
             if not hits:
                 raise NeuronsError(
                     f"layer pattern {pattern!r} matches no module of {_describe(model)}. "
@@ -465,15 +485,24 @@ class HookSet:
                 functions.setdefault(caller, set()).add(op)
                 continue
             module = get_module(model, module_name)
+            base, element_path = split_element(module_name)
 
             def hook(
-                _module: nn.Module, _inputs: object, output: object, _name: str = module_name
+                _m: nn.Module,
+                _inputs: object,
+                output: object,
+                _name: str = module_name,
+                _module: str = base,
+                _path: tuple[int, ...] = element_path,
             ) -> object:
                 if skip_others and not has_tensor(output):
                     return None
-                layouts = (last[_name], _name in sequence)
-                tensor, path = image_tensor(output, self.batch_size, layouts[1], _name)
-                replaced = self._seen(_name, matchers[_name], tensor, _module, layouts, fn)
+                layouts = (last[_module], _module in sequence)
+                if _path:
+                    tensor, path = element(output, _path, _name)
+                else:
+                    tensor, path = image_tensor(output, self.batch_size, layouts[1], _name)
+                replaced = self._seen(_name, matchers[_name], tensor, _m, layouts, fn)
                 return None if replaced is None else with_tensor(output, path, replaced)
 
             self._handles.append(module.register_forward_hook(hook))
@@ -556,41 +585,3 @@ def run_layers(model: nn.Module, layers: Sequence[str], forward: Callable[[], ob
 def count_forward_hooks(model: nn.Module) -> int:
     """Number of forward hooks registered on ``model`` and its sub-modules (for tests)."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
-class OutputSizes:
-    """The leaf modules' output sizes (elements) in the forward passes run while it is hooked.
-
-    Attributes:
-        largest: The largest output of any leaf module.
-        total: The sum of every leaf module's outputs (roughly what a backward pass keeps).
-    """
-
-    def __init__(self) -> None:
-        self.largest = 0
-        self.total = 0
-
-    def __call__(self, _layer: str, output: torch.Tensor) -> None:
-        self.largest = max(self.largest, output.numel())
-        self.total += output.numel()
-
-
-def leaf_output_sizes(model: nn.Module, forward: Callable[[], object]) -> OutputSizes:
-    """The output sizes of ``model``'s leaf modules in one run of ``forward()``.
-
-    Every call of a leaf module counts (a module run twice counts twice); a model without
-    sub-modules counts its own output.
-
-    Example:
-        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten())
-        >>> sizes = leaf_output_sizes(model, lambda: model(torch.rand(2, 1, 8, 8)))
-        >>> sizes.largest, sizes.total  # 2 x 4 x 8 x 8 each, three leaves
-        (512, 1536)
-    """
-    sizes = OutputSizes()
-    leaves = [name for name, m in model.named_modules() if name and not any(m.children())]
-    with hooked(model, leaves, sizes):
-        output = forward()
-    if not leaves and isinstance(output, torch.Tensor):
-        sizes("", output)
-    return sizes

@@ -8,10 +8,16 @@ several streams of tokens, not all of them per image: timm's TNT blocks return `
 hooks read the first tensor, or, when the size of the batch is known and the first tensor does
 not hold a row per image, the first tensor that does (:func:`image_tensor`); a tensor handed
 back by an analysis replaces that element (:func:`with_tensor`).
+
+A layer name may also name the element: ``"blocks.0[1]"`` is the tensor at index 1 of what
+module ``blocks.0`` returns (timm's CrossViT blocks return both branches' tokens, DPN's blocks
+``(residual, dense)``, both per image), ``"stage[0][0]"`` one inside a nested tuple, and an
+index that holds a tuple means its first tensor (:func:`split_element`, :func:`element`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import torch
@@ -25,6 +31,29 @@ MAX_DEPTH = 3
 #: Where a tensor lies in a module's output: the indices into its nested tuples (``()``: the
 #: output is the tensor).
 Path = tuple[int, ...]
+
+
+#: Indices of a module's output at the end of a layer name: ``"blocks.0[1]"``, ``"m[0][2]"``.
+_ELEMENT = re.compile(r"(?:\[\d+\])+$")
+
+
+def split_element(name: str) -> tuple[str, Path]:
+    """The module name and element path of a layer name without its call part.
+
+    Example:
+        >>> split_element("blocks.0[1]"), split_element("stage[0][0]"), split_element("layer1")
+        (('blocks.0', (1,)), ('stage', (0, 0)), ('layer1', ()))
+    """
+    match = _ELEMENT.search(name)
+    if match is None:
+        return name, ()
+    return name[: match.start()], tuple(int(i) for i in re.findall(r"\d+", match.group()))
+
+
+def element_name(module: str, path: Path) -> str:
+    """The layer name of the element at ``path`` of ``module``'s output: the inverse of
+    :func:`split_element`."""
+    return module + "".join(f"[{i}]" for i in path)
 
 
 def tensors(output: object, depth: int = MAX_DEPTH) -> list[tuple[Path, torch.Tensor]]:
@@ -93,6 +122,36 @@ def image_tensor(
             if _rows(tensor, sequence_first) == batch_size:
                 return tensor, path
     return found[0][1], found[0][0]
+
+
+def element(output: object, path: Path, layer: str = "") -> tuple[torch.Tensor, Path]:
+    """The tensor at ``path`` of ``output`` (the first tensor inside, when ``path`` holds a
+    tuple), and its whole path.
+
+    Raises:
+        NeuronsError: When ``output`` holds no tensor at ``path``; the message lists those it
+            holds, by layer name.
+
+    Example:
+        >>> hidden, size = torch.zeros(2, 16, 8), (4, 4)
+        >>> tensor, path = element(((hidden,), *size), (0,), "stage[0]")
+        >>> tuple(tensor.shape), path
+        ((2, 16, 8), (0, 0))
+    """
+    found = tensors(output)
+    for whole, tensor in found:
+        if whole[: len(path)] == path:
+            return tensor, whole
+    module = split_element(layer)[0]
+    held = ", ".join(f"{element_name(module, p)} {list(t.shape)}" for p, t in found)
+    if isinstance(output, torch.Tensor):
+        hint = f"it returned one tensor: name it {module!r}"
+    else:
+        hint = f"the tensors it returned: {held or 'none'}"
+    raise NeuronsError(
+        f"layer {layer!r}: module {module!r} returned {type(output).__name__} with no tensor at "
+        f"{element_name('', path)}; {hint}"
+    )
 
 
 def with_tensor(output: object, path: Path, tensor: torch.Tensor) -> object:

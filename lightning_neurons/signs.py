@@ -29,7 +29,7 @@ from torch import nn
 
 from lightning_neurons.functional import is_function_layer, split_function_layer
 from lightning_neurons.hooks import get_module, split_call
-from lightning_neurons.outputs import first_tensor
+from lightning_neurons.outputs import element, split_element
 from lightning_neurons.state import untouched
 
 #: torch's modules whose outputs are never negative (these classes exactly: a subclass may
@@ -87,7 +87,7 @@ def _returned(model: nn.Module, layers: Sequence[str], forward: Callable[[], obj
 
     def returns(name: str) -> Callable[..., None]:
         def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-            tensor = first_tensor(output, name)
+            tensor = element(output, split_element(name)[1], name)[0]  # () : the first
             same = bool(last) and tensor is last[0][0] and tensor._version == last[0][1]
             returned[name] = returned.get(name, True) and same
 

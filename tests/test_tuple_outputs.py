@@ -272,3 +272,14 @@ def test_a_tensor_in_nested_tuples_is_read_and_replaced(tmp_path):
     stats = tracker.results["backbone.stages.0"]
     torch.testing.assert_close(stats.class_means.float(), expected, rtol=1e-5, atol=1e-5)
     assert count_forward_hooks(module) == 0
+
+
+def test_an_element_without_a_row_per_image_says_which_to_name(tmp_path):
+    """``blocks.0[0]`` names TNT's pixel tokens, ``[B * 16, 4, inner]``: the tracker stops and
+    says to name the element with a row per image."""
+    loader = DataLoader(TensorDataset(torch.rand(4, 3, 16, 16), torch.arange(4) % 3), batch_size=4)
+    tracker = ActivationTracker(["backbone.blocks.0[0]"], on_error="raise", enable_logging=False)
+    module = ImageClassifier(ToyTNT(), 3)
+    with pytest.raises(NeuronsError, match=r"64 rows for a batch of 4 labels.*'name\[1\]'"):
+        fast_trainer(tmp_path, callbacks=[tracker], logger=False).validate(module, loader)
+    assert count_forward_hooks(module) == 0

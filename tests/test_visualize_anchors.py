@@ -8,7 +8,7 @@ from _vis_helpers import WIDTHS, assert_unchanged, snapshot, trained_digits_cnn
 from torch import nn
 
 from lightning_neurons import NeuronsError
-from lightning_neurons.hooks import count_forward_hooks, leaf_output_sizes
+from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.models import SmallCNN
 from lightning_neurons.visualize import Channel, ClassLogit, continuation, evaluate, render
 from lightning_neurons.visualize.anchors import (
@@ -22,6 +22,7 @@ from lightning_neurons.visualize.continuation import (
 )
 from lightning_neurons.visualize.optimise import Ascent
 from lightning_neurons.visualize.penalties import Penalties
+from lightning_neurons.visualize.sizing import leaf_output_sizes
 from lightning_neurons.visualize.transforms import robust_transforms
 
 LAYER = "features.relu3"

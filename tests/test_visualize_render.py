@@ -18,7 +18,7 @@ from torch import nn
 
 from lightning_neurons import NeuronsError
 from lightning_neurons.data import Normalize
-from lightning_neurons.hooks import count_forward_hooks, hooked, leaf_output_sizes
+from lightning_neurons.hooks import count_forward_hooks, hooked
 from lightning_neurons.visualize import Channel, ChannelGroup, ClassLogit, Neuron, evaluate, render
 from lightning_neurons.visualize.param import fft_image, parametrize, pixel_image, row_seed
 from lightning_neurons.visualize.sizing import (
@@ -30,6 +30,7 @@ from lightning_neurons.visualize.sizing import (
     auto_batch_size,
     chunk_rows,
     device_free_bytes,
+    leaf_output_sizes,
 )
 from lightning_neurons.visualize.transforms import (
     CenterCrop,

@@ -498,7 +498,8 @@ class ActivationTracker(StagedCallback):
         if values.shape[0] != rows:
             raise NeuronsError(
                 f"layer {reduced.names[0]!r} produced {values.shape[0]} rows for a batch of "
-                f"{rows} labels; track layers whose first dimension is the batch."
+                f"{rows} labels; track layers whose first dimension is the batch (of a module "
+                "that returns a tuple, name the element that has a row per image: 'name[1]')"
             )
         metrics = [self._metric(name, values[:, j]) for j, name in enumerate(reduced.names)]
         if labels.device != values.device:  # a layer on another device (model parallel)

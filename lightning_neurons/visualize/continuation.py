@@ -26,7 +26,6 @@ from lightning_neurons.batch import (
     to_model_input,
 )
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.hooks import leaf_output_sizes
 from lightning_neurons.state import analysis_mode, model_device
 from lightning_neurons.visualize import sizing
 from lightning_neurons.visualize.objectives import ClassLogit, ClassLogProb, Objective
@@ -187,7 +186,7 @@ def _views_a_pass(
     with one forward pass of ``x``, one model input), at most ``draws``."""
     if device.type == "cpu" or len(x) == 0:
         return 1
-    sizes = leaf_output_sizes(model, lambda: model(as_model_input(x, model)))
+    sizes = sizing.leaf_output_sizes(model, lambda: model(as_model_input(x, model)))
     largest = sizes.largest
     allowed = sizing.auto_batch_size(rows * draws, largest, device, NO_GRAD_OUTPUTS * largest)
     return max(1, min(draws, allowed // max(1, rows)))

@@ -50,7 +50,7 @@ from lightning_neurons.gradients import (
     gradients_at,
     no_gradient,
 )
-from lightning_neurons.hooks import OutputSizes, get_module, hooked, leaf_output_sizes
+from lightning_neurons.hooks import get_module, hooked
 from lightning_neurons.layouts import (
     image_token_grid,
     on_grid,
@@ -67,7 +67,7 @@ from lightning_neurons.visualize.cam_layers import (  # cam_layer: this module's
     read_cam_layer,
 )
 from lightning_neurons.visualize.param import row_seed
-from lightning_neurons.visualize.sizing import auto_batch_size
+from lightning_neurons.visualize.sizing import OutputSizes, auto_batch_size, leaf_output_sizes
 
 Method = Literal["gradient", "smoothgrad", "gradcam"]
 METHODS: tuple[str, ...] = ("gradient", "smoothgrad", "gradcam")

@@ -1,7 +1,7 @@
 """How many rows are rendered at once, measured with one forward pass of one grey image.
 
 :func:`probe` runs the model once: it checks the objectives against the layers' real outputs
-and measures the leaf modules' outputs (:func:`~lightning_neurons.hooks.leaf_output_sizes`), from
+and measures the leaf modules' outputs (:func:`leaf_output_sizes`), from
 which :func:`auto_batch_size` sizes the chunks. On CPU the chunks fit the caches, which gives the
 same images faster than one huge batch; on an accelerator they bound the memory a backward pass
 keeps, whatever the number of objectives.
@@ -9,7 +9,7 @@ keeps, whatever the number of objectives.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +23,7 @@ from lightning_neurons.batch import (
     to_model_input,
 )
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.hooks import get_module, hooked, leaf_output_sizes
+from lightning_neurons.hooks import get_module, hooked
 from lightning_neurons.state import analysis_mode, model_device
 from lightning_neurons.visualize.objectives import IMAGE, LOGITS, Objective
 from lightning_neurons.visualize.penalties import diversity_layer
@@ -236,3 +236,41 @@ def probe(
                 )
             term.check(shapes[term.layer])
     return Probe(shapes, sizes.largest, sizes.total, frozenset(without), frozenset(grad_off), late)
+
+
+class OutputSizes:
+    """The leaf modules' output sizes (elements) in the forward passes run while it is hooked.
+
+    Attributes:
+        largest: The largest output of any leaf module.
+        total: The sum of every leaf module's outputs (roughly what a backward pass keeps).
+    """
+
+    def __init__(self) -> None:
+        self.largest = 0
+        self.total = 0
+
+    def __call__(self, _layer: str, output: torch.Tensor) -> None:
+        self.largest = max(self.largest, output.numel())
+        self.total += output.numel()
+
+
+def leaf_output_sizes(model: nn.Module, forward: Callable[[], object]) -> OutputSizes:
+    """The output sizes of ``model``'s leaf modules in one run of ``forward()``.
+
+    Every call of a leaf module counts (a module run twice counts twice); a model without
+    sub-modules counts its own output.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten())
+        >>> sizes = leaf_output_sizes(model, lambda: model(torch.rand(2, 1, 8, 8)))
+        >>> sizes.largest, sizes.total  # 2 x 4 x 8 x 8 each, three leaves
+        (512, 1536)
+    """
+    sizes = OutputSizes()
+    leaves = [name for name, m in model.named_modules() if name and not any(m.children())]
+    with hooked(model, leaves, sizes):
+        output = forward()
+    if not leaves and isinstance(output, torch.Tensor):
+        sizes("", output)
+    return sizes
