@@ -306,6 +306,26 @@ def test_grad_cams_default_passes_embeddings_and_pooled_keys_over():
     assert maps.shape == (2, 32, 32) and snapshot(cvt).hooks == 0
 
 
+def _stage(c_in: int, c_out: int) -> nn.Sequential:
+    """A downsampling conv and a block: half the grid."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 2, 2), GeluBlock(c_out))
+
+
+def test_grad_cams_default_names_the_stage_not_the_container_of_stages():
+    """TinyViT's layout: ``stages`` holds every stage and returns the last one's tensor. On 32 px
+    images the stages run on 8x8 and 4x4 grids: the default names the last stage,
+    ``encoder.1.1`` (before: ``encoder``, the same maps under the name of the whole model); a
+    stage whose children run on its grid keeps its name (a ResNet's ``layer4``)."""
+    torch.manual_seed(0)
+    stages = nn.Sequential(_stage(8, 8), _stage(8, 16))
+    tiny = Encoded(nn.Sequential(nn.Conv2d(3, 8, 2, 2), stages), 16).eval()
+    image = torch.rand(1, 3, 32, 32)
+    assert cam_layer(tiny, image=image) == "encoder.1.1"
+    flat = Encoded(nn.Sequential(nn.Conv2d(3, 8, 4, 4), _stage(8, 8), _stage(8, 16)), 16).eval()
+    assert cam_layer(flat, image=image) == "encoder.1"  # 8x8 -> 4x4 -> 2x2: the 4x4 stage
+    assert snapshot(tiny).hooks == 0
+
+
 def test_errors():
     model = TinyNet()
     images = _images(2)

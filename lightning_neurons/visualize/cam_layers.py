@@ -193,7 +193,9 @@ class LayerOutputs:
         on that grid (``defaults()``, its default layers) and holds none gives way to the last
         of them (Hugging Face's PoolFormer: its stage's blocks after its patch embedding, which
         a ResNet's stages hold). A grid whose layers all lie inside a layer with an output on a
-        larger grid is passed over (CvT's keys and values, pooled inside its attention). Else
+        larger grid is passed over (CvT's keys and values, pooled inside its attention), and a
+        layer that holds several stages gives way to its last (TinyViT's ``stages.3``, not
+        ``stages``: the same tensor). Else
         the same with more than one position, else with one, else the last of ``convs``."""
         on_grid = {n: g for n in self.shapes if (g := self.grid(n, sizes)) is not None}
         for least in (CAM_POSITIONS, 2, 1):
@@ -217,7 +219,8 @@ class LayerOutputs:
                 if picked is not None:
                     return picked
                 if same:
-                    return _past_embedding(same, _outermost(same), defaults)
+                    chosen = _past_embedding(same, _outermost(same), defaults)
+                    return _stage_of(chosen, same, on_grid, {tuple(g) for g in grids})
         return convs[-1]
 
 
@@ -233,6 +236,34 @@ def _inside_larger(same: list[str], on_grid: dict[str, tuple[int, int]]) -> bool
     return bool(same) and all(
         any(p in on_grid and area(on_grid[p]) > size for p in _parents(n)) for n in same
     )
+
+
+def _spans(name: str, on_grid: dict[str, tuple[int, int]], grids: set[tuple[int, int]]) -> bool:
+    """Whether a child of layer ``name`` returns on another of ``grids`` (the grids of the
+    model's convolutions and blocks of tokens) than ``name``: a container of several stages
+    (TinyViT's ``stages`` returns its last stage's tensor), not a stage. A child's output read
+    as a grid but on none of them (a channels-last map, NesT's blocked tokens) does not count."""
+    grid, prefix = on_grid[name], f"{name}."
+    return any(
+        g != grid and g in grids and "." not in n[len(prefix) :]
+        for n, g in on_grid.items()
+        if n.startswith(prefix)
+    )
+
+
+def _stage_of(
+    chosen: str, same: list[str], on_grid: dict[str, tuple[int, int]], grids: set[tuple[int, int]]
+) -> str:
+    """``chosen``, or, while it holds several stages (:func:`_spans`), its last child on its grid
+    (of ``same``): the same tensor under the name of the stage that made it (TinyViT's
+    ``stages.3``, not ``stages``)."""
+    while _spans(chosen, on_grid, grids):
+        prefix = f"{chosen}."
+        children = [n for n in same if n.startswith(prefix) and "." not in n[len(prefix) :]]
+        if not children:
+            break
+        chosen = children[-1]
+    return chosen
 
 
 def _outermost(names: Sequence[str]) -> str:
