@@ -22,13 +22,15 @@ The model: a torchvision ResNet-18 (``weights=None``, its first conv reading the
 one channel), or with ``--model smallcnn`` the demo's :class:`~lightning_neurons.models.SmallCNN` (VGG-like: conv,
 BatchNorm, ReLU, pooling; its three convolutions, BatchNorms and ReLUs compared), or with
 ``--model tutorial`` PyTorch's CIFAR-10 tutorial model (two convolutions, ``F.relu`` and
-``F.max_pool2d`` in ``forward``; each conv against the ``F.relu`` call after it), trained for
+``F.max_pool2d`` in ``forward``; each conv against the ``F.relu`` call after it), or with
+``--model vit`` a small torchvision ``VisionTransformer`` (4 px patches, 6 blocks of width 64, a
+class-token head; each block's output compared, the default being the one before the last), trained for
 ``--epochs`` on the parts data (:mod:`lightning_neurons.parts`: twelve classes told apart by a
 small mark in a random corner of two large shapes), or with ``--data digits`` on scikit-learn's
 handwritten digits (the demo's data: ten classes, the strokes in the middle of the image), at
 ``--size`` pixels, then mapped on ``--images`` held-out images (the same number of each class).
 
-Run:  python benchmarks/gradcam_layers.py [--model resnet18] [--data parts] [--size 32] [--epochs 10]
+Run:  python benchmarks/gradcam_layers.py [--model resnet18|smallcnn|tutorial|vit] [--data parts] [--size 32] [--epochs 10]
           [--images 240] [--steps 16] [--seed 0] [--threads 2]
 """
 
@@ -45,6 +47,7 @@ from torch.nn import functional as F
 
 from lightning_neurons.data import DigitsDataModule
 from lightning_neurons.hooks import hooked
+from lightning_neurons.layouts import image_token_grid
 from lightning_neurons.models import SmallCNN
 from lightning_neurons.parts import make_parts
 from lightning_neurons.visualize import grad_cam, gradient, smoothgrad
@@ -88,12 +91,29 @@ class Tutorial(nn.Module):
         return self.fc3(F.relu(self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))))
 
 
+def small_vit(classes: int, size: int) -> nn.Module:
+    """A torchvision ViT for grey images: 4 px patches, 6 blocks of width 64, 4 heads."""
+    model = torchvision.models.VisionTransformer(
+        image_size=size,
+        patch_size=4,
+        num_layers=6,
+        num_heads=4,
+        hidden_dim=64,
+        mlp_dim=128,
+        num_classes=classes,
+    )
+    model.conv_proj = nn.Conv2d(1, 64, kernel_size=4, stride=4)
+    return model
+
+
 def grid(model: nn.Module, layer: str, x: torch.Tensor) -> str:
-    """``h x w`` of ``layer``'s output on ``x``."""
+    """``h x w`` of ``layer``'s output on ``x`` (of its patch tokens, for ``[1, D, T]``)."""
     seen = []
     with torch.no_grad(), hooked(model, [layer], lambda name, out: seen.append(out)):
         model(x[:1])
-    return "x".join(str(d) for d in seen[0].shape[-2:])
+    shape = seen[0].shape
+    cells = image_token_grid(shape[-1], x.shape[-2:]) if len(shape) == 3 else shape[-2:]
+    return "x".join(str(d) for d in cells)
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> None:
@@ -142,7 +162,9 @@ def curves(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=["resnet18", "smallcnn", "tutorial"], default="resnet18")
+    parser.add_argument(
+        "--model", choices=["resnet18", "smallcnn", "tutorial", "vit"], default="resnet18"
+    )
     parser.add_argument("--data", choices=["parts", "digits"], default="parts")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=10)
@@ -156,6 +178,7 @@ def main() -> None:
     x, y, held_x, held_y, classes = load(args.data, args.size, args.images, args.seed)
     models = {"resnet18": lambda: resnet18_grey(classes), "smallcnn": lambda: SmallCNN(1, classes)}
     models["tutorial"] = lambda: Tutorial(classes, args.size)
+    models["vit"] = lambda: small_vit(classes, args.size)
     model = models[args.model]()
     start = time.perf_counter()
     train(model, x, y, args.epochs, args.seed)
@@ -171,6 +194,8 @@ def main() -> None:
         ]
     elif args.model == "smallcnn":  # each block's conv, BatchNorm and ReLU (the last: `features`)
         layers = [f"features.{kind}{i}" for i in (1, 2, 3) for kind in ("conv", "bn", "relu")]
+    elif args.model == "vit":  # each block's output
+        layers = [f"encoder.layers.encoder_layer_{i}" for i in range(6)]
     else:  # each conv, and the F.relu call after it
         layers = ["conv1", "relu()", "conv2", "relu()#1"]
     for layer in layers:
