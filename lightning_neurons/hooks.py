@@ -177,7 +177,10 @@ def _available(model: nn.Module, limit: int = 40) -> str:
     if len(names) > limit:
         shown += f", ... ({len(names) - limit} more)"
     shown = shown or "(the model has no sub-modules)"
-    return shown + f" (a module run twice per forward pass: 'name' and 'name{CALL_SEPARATOR}1')"
+    return shown + (
+        f" (a module run twice per forward pass: 'name' and 'name{CALL_SEPARATOR}1'; the second "
+        "tensor of a module's tuple: 'name[1]')"
+    )
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

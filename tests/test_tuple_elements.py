@@ -191,3 +191,31 @@ def test_every_callback_on_the_dense_paths(tmp_path):
     read = load_run(trainer.logger.log_dir).results("ActivationTracker", epoch=0)
     assert torch.equal(torch.as_tensor(read[names[1]].class_means), stats.class_means)
     assert count_forward_hooks(module) == 0
+
+
+def test_an_element_of_each_call_of_a_shared_module():
+    """A block run twice in one forward pass: ``blk[1]`` selects its dense path at both calls
+    (``blk[1]`` and ``blk[1]#1``), ``blk[1]#1`` at the second only."""
+    block = DualPathBlock(4, 4, 0)  # grows nothing: its output fits its input
+    model = nn.Sequential()
+    model.add_module("blk", block)
+    x = torch.rand(2, 8, 4, 4)
+    with torch.no_grad():
+        first = block((x[:, :4], x[:, 4:]))
+        second = block(first)
+    assert resolve_layers(model, ["blk[1]#1", "blk[0]"]) == ["blk[0]", "blk[1]#1"]
+    for layers, expected in (
+        (["blk[1]"], {"blk[1]": first[1], "blk[1]#1": second[1]}),
+        (["blk[1]#1"], {"blk[1]#1": second[1]}),
+    ):
+        seen: dict[str, torch.Tensor] = {}
+        with (
+            torch.no_grad(),
+            hooked(model, layers, lambda n, t, seen=seen: seen.update({n: t})) as hooks,
+        ):
+            hooks.new_pass()  # the calls are the block's own, not the model's: count from here
+            block(block((x[:, :4], x[:, 4:])))
+        assert list(seen) == list(expected)
+        for name, tensor in expected.items():
+            assert torch.equal(seen[name], tensor)
+    assert count_forward_hooks(model) == 0
