@@ -10,8 +10,8 @@ not hold a row per image, the first tensor that does (:func:`image_tensor`); a t
 back by an analysis replaces that element (:func:`with_tensor`).
 
 A layer name may also name the element: ``"blocks.0[1]"`` is the tensor at index 1 of what
-module ``blocks.0`` returns (timm's CrossViT blocks return both branches' tokens, DPN's blocks
-``(residual, dense)``, both per image), ``"stage[0][0]"`` one inside a nested tuple, and an
+module ``blocks.0`` returns (timm's CrossViT blocks return both branches' tokens, a dual-path
+block ``(residual, dense)``, both per image), ``"stage[0][0]"`` one inside a nested tuple, and an
 index that holds a tuple means its first tensor (:func:`split_element`, :func:`element`).
 """
 

@@ -87,7 +87,7 @@ def _returned(model: nn.Module, layers: Sequence[str], forward: Callable[[], obj
 
     def returns(name: str) -> Callable[..., None]:
         def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-            tensor = element(output, split_element(name)[1], name)[0]  # () : the first
+            tensor = element(output, split_element(name)[1], name)[0]  # no index: the first
             same = bool(last) and tensor is last[0][0] and tensor._version == last[0][1]
             returned[name] = returned.get(name, True) and same
 

@@ -195,8 +195,8 @@ class LayerOutputs:
         a ResNet's stages hold). A grid whose layers all lie inside a layer with an output on a
         larger grid is passed over (CvT's keys and values, pooled inside its attention), and a
         layer that holds several stages gives way to its last (TinyViT's ``stages.3``, not
-        ``stages``: the same tensor). Else
-        the same with more than one position, else with one, else the last of ``convs``."""
+        ``stages``: the same tensor). Else the same with more than one position, else with one,
+        else the last of ``convs``."""
         on_grid = {n: g for n in self.shapes if (g := self.grid(n, sizes)) is not None}
         for least in (CAM_POSITIONS, 2, 1):
             grids = [
