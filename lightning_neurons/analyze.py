@@ -1,6 +1,8 @@
 """``lightning-neurons analyze``: the analyses of a config, run on saved checkpoints.
 
-Each checkpoint is loaded into the config's model and validated with the config's data and
+Checkpoints are Lightning's or weights saved by a plain PyTorch loop (a state dict, PyTorch's,
+torchvision's or timm's checkpoint dicts: :mod:`lightning_neurons.weights`). Each checkpoint is
+loaded into the config's model and validated with the config's data and
 callbacks, with the Trainer's epoch and global step set to the checkpoint's: everything is logged
 where a live run logs it (the same TensorBoard tags, at the checkpoint's step; the same files,
 under ``neurons/validate/<kind>/epoch=EEE``), so TensorBoard's step slider walks through the
@@ -26,6 +28,10 @@ import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_neurons.errors import NeuronsError
+from lightning_neurons.weights import epochs_from_names, fitted_state, read_weights
+
+#: The files a folder given to ``--ckpt_path`` is searched for.
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 
 #: How many key names an error message lists.
 _SHOWN_KEYS = 5
@@ -38,7 +44,10 @@ Runs the config's lightning-neurons callbacks on the config's validation data fo
 slider then walks through the checkpoints, and lightning_neurons.load_run(<log dir>) reads the
 results back.
 
-  --ckpt_path PATH     one .ckpt file, a glob ("runs/ckpt/*.ckpt", quoted) or a folder (its *.ckpt)
+  --ckpt_path PATH     one checkpoint file, a glob ("runs/ckpt/*.ckpt", quoted) or a folder (its
+                       *.ckpt, *.pt and *.pth): Lightning checkpoints, or weights a plain PyTorch
+                       loop saved (a state dict, or a dict with it under 'model_state_dict',
+                       'model' or 'state_dict'; its 'epoch' if it has one, else from the names)
   --weights_only BOOL  load checkpoints with torch.load(weights_only=...) (default true; false only
                        for checkpoints you trust that hold other objects than tensors and numbers)
 
@@ -53,8 +62,9 @@ class CheckpointInfo:
 
     Attributes:
         path: The file.
-        epoch: The epoch it was saved in (``checkpoint["epoch"]``).
-        global_step: The optimizer steps taken when it was saved.
+        epoch: The epoch it was saved in (``checkpoint["epoch"]``, else from the files' names:
+            :func:`~lightning_neurons.weights.epochs_from_names`).
+        global_step: The optimizer steps taken when it was saved (else its epoch).
     """
 
     path: Path
@@ -63,15 +73,16 @@ class CheckpointInfo:
 
 
 def find_checkpoints(pattern: str | Path) -> list[Path]:
-    """The checkpoint files of ``pattern``: one file, a glob, or a folder (its ``*.ckpt``).
+    """The checkpoint files of ``pattern``: one file, a glob, or a folder (its ``*.ckpt``,
+    ``*.pt`` and ``*.pth``).
 
     Raises:
         NeuronsError: If nothing matches.
     """
     path = Path(pattern)
     if path.is_dir():
-        found = sorted(path.glob("*.ckpt"))
-        where = f"folder {str(path)!r} holds no *.ckpt file"
+        found = sorted(p for suffix in CHECKPOINT_SUFFIXES for p in path.glob(f"*{suffix}"))
+        where = f"folder {str(path)!r} holds no *.ckpt, *.pt or *.pth file"
     elif path.is_file():
         found = [path]
         where = ""
@@ -82,16 +93,16 @@ def find_checkpoints(pattern: str | Path) -> list[Path]:
         raise NeuronsError(
             f"--ckpt_path: {where}; give one checkpoint file, a glob such as "
             "'checkpoints/*.ckpt' (quoted, so that the shell does not expand it) or a folder of "
-            ".ckpt files"
+            ".ckpt (or .pt, .pth) files"
         )
     return found
 
 
-def load_checkpoint(path: Path, weights_only: bool = True) -> dict[str, Any]:
-    """``torch.load`` of a Lightning checkpoint on the CPU, with an error that says what is wrong.
+def load_checkpoint(path: Path, weights_only: bool = True) -> Any:
+    """``torch.load`` of a checkpoint file on the CPU, with an error that says what is wrong.
 
     Raises:
-        NeuronsError: If the file cannot be read or holds no ``state_dict``.
+        NeuronsError: If the file cannot be read.
     """
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
@@ -103,16 +114,7 @@ def load_checkpoint(path: Path, weights_only: bool = True) -> dict[str, Any]:
             else ""
         )
         raise NeuronsError(f"cannot read checkpoint {str(path)!r}: {err}.{hint}") from err
-    _require_lightning(checkpoint, path)
-    return dict(checkpoint)
-
-
-def _require_lightning(checkpoint: Any, path: Path) -> None:
-    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
-        raise NeuronsError(
-            f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict'); save checkpoints "
-            "with `ModelCheckpoint` or `trainer.save_checkpoint`"
-        )
+    return checkpoint
 
 
 def _keys(names: Sequence[str]) -> str:
@@ -153,18 +155,24 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, Any], path: Pat
 
 def checkpoint_infos(paths: Sequence[Path], weights_only: bool = True) -> list[CheckpointInfo]:
     """Each checkpoint's epoch and step, sorted by epoch, then step, then name (read memory-mapped:
-    the weights are not loaded yet)."""
-    infos = []
+    the weights are not loaded yet). A file that does not say its epoch takes it from its name
+    among the others that do not (:func:`~lightning_neurons.weights.epochs_from_names`), and
+    its epoch as its step."""
+    said: dict[Path, tuple[int | None, int | None]] = {}
     for path in paths:
         try:
             head = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
         except Exception:  # not memory-mappable (the legacy format), or unreadable
             head = load_checkpoint(path, weights_only)  # which explains what is wrong
-        _require_lightning(head, path)
-        infos.append(
-            CheckpointInfo(path, int(head.get("epoch", 0)), int(head.get("global_step", 0)))
-        )
-        del head
+        weights = read_weights(head, path)
+        said[path] = weights.epoch, weights.global_step
+        del head, weights
+    unsaid = [p for p, (epoch, _) in said.items() if epoch is None]
+    named = dict(zip(unsaid, epochs_from_names(unsaid), strict=True))
+    infos = []
+    for path, (epoch, step) in said.items():
+        epoch = named[path] if epoch is None else epoch
+        infos.append(CheckpointInfo(path, epoch, epoch if step is None else step))
     return sorted(infos, key=lambda i: (i.epoch, i.global_step, i.path.name))
 
 
@@ -223,11 +231,16 @@ def _run_one(
     weights_only: bool,
 ) -> None:
     checkpoint = load_checkpoint(info.path, weights_only)
-    check_state_dict(model, checkpoint["state_dict"], info.path)
-    model.on_load_checkpoint(checkpoint)
-    model.load_state_dict(checkpoint["state_dict"])
-    set_clock(trainer, checkpoint)
-    del checkpoint
+    weights = read_weights(checkpoint, info.path)
+    state = fitted_state(model, weights.state)
+    check_state_dict(model, state, info.path)
+    clock = {"epoch": info.epoch, "global_step": info.global_step}
+    if weights.lightning:  # its hooks and loops
+        model.on_load_checkpoint(checkpoint)
+        clock = checkpoint
+    model.load_state_dict(state)
+    set_clock(trainer, clock)
+    del checkpoint, weights, state
     run = trainer.validate if stage == "validation" else trainer.test
     run(model, datamodule=datamodule, verbose=False)
     batches = trainer.num_val_batches if stage == "validation" else trainer.num_test_batches

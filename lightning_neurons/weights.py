@@ -1,0 +1,147 @@
+"""The model weights in a checkpoint file, Lightning's or not, fitted to the config's model.
+
+``lightning-neurons analyze`` reads checkpoints that Lightning saved and weights saved by a plain
+PyTorch loop: a state dict (``torch.save(model.state_dict(), "epoch_3.pt")``), PyTorch's
+"general checkpoint" (``{"epoch": 3, "model_state_dict": ..., "optimizer_state_dict": ...}``),
+torchvision's reference scripts (``{"model": ..., "epoch": ...}``) and timm's train script
+(``{"state_dict": ..., "epoch": ...}``). The weights of a backbone trained alone are fitted to the
+LightningModule that holds it (``conv1.weight`` -> ``backbone.conv1.weight``), and the prefixes
+that ``DataParallel``/DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) add are dropped.
+
+A file that does not say its epoch takes it from its name when the files' names differ only by
+a number (``epoch_2.pt``, ``epoch_10.pt``: epochs 2 and 10), else from its place in the names'
+natural order (0, 1, 2, ...); its step is its epoch.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_neurons.errors import NeuronsError
+
+#: Where a dict saved by a plain training loop keeps the model's state dict, in the order tried.
+STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
+
+#: Prefixes that wrappers add to every key: ``DataParallel``/DDP, ``torch.compile``.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class Weights:
+    """What a checkpoint file holds of the model.
+
+    Attributes:
+        state: The state dict as saved (parameter and buffer names to tensors).
+        epoch: The epoch it says it was saved in (``None``: it does not say).
+        global_step: The optimizer steps it says were taken (``None``: it does not say).
+        lightning: Whether Lightning saved it (its hooks, loops and clock are then read).
+    """
+
+    state: dict[str, torch.Tensor]
+    epoch: int | None
+    global_step: int | None
+    lightning: bool
+
+
+def _is_state_dict(value: Any) -> bool:
+    return (
+        isinstance(value, Mapping)
+        and bool(value)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+    )
+
+
+def _number(checkpoint: Mapping[str, Any], key: str) -> int | None:
+    value = checkpoint.get(key)
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def read_weights(checkpoint: Any, path: Path) -> Weights:
+    """The weights of a loaded checkpoint file (see the module docstring for the layouts).
+
+    Raises:
+        NeuronsError: For a file that holds no state dict where these layouts keep one.
+    """
+    lightning = isinstance(checkpoint, Mapping) and "pytorch-lightning_version" in checkpoint
+    if lightning and isinstance(checkpoint.get("state_dict"), Mapping):
+        epoch, step = _number(checkpoint, "epoch"), _number(checkpoint, "global_step")
+        return Weights(dict(checkpoint["state_dict"]), epoch, step, lightning=True)
+    if _is_state_dict(checkpoint):
+        return Weights(dict(checkpoint), None, None, lightning=False)
+    if isinstance(checkpoint, Mapping):
+        for key in STATE_KEYS:
+            if _is_state_dict(checkpoint.get(key)):
+                epoch, step = _number(checkpoint, "epoch"), _number(checkpoint, "global_step")
+                return Weights(dict(checkpoint[key]), epoch, step, lightning=False)
+    held = (
+        f"a dict with the keys {', '.join(map(repr, list(checkpoint)[:8]))}"
+        if isinstance(checkpoint, Mapping)
+        else f"a {type(checkpoint).__name__}"
+    )
+    raise NeuronsError(
+        f"{str(path)!r} holds no model weights that analyze can read: it holds {held}. Give a "
+        "Lightning checkpoint, a state dict (`torch.save(model.state_dict(), path)`) or a dict "
+        f"that keeps one under {', '.join(map(repr, STATE_KEYS))}"
+    )
+
+
+def _strip_wrappers(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix) :], True
+    return key
+
+
+def fitted_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with its keys as ``model`` names them: as saved, without the wrappers'
+    prefixes, or under the name of the child that holds them (a backbone's weights in the
+    LightningModule). Of these, the one that fits the most of the model's keys (ties: the first);
+    :func:`~lightning_neurons.analyze.check_state_dict` says what does not fit."""
+    own = set(model.state_dict())
+    bare = {_strip_wrappers(k): v for k, v in state.items()}
+    candidates = [dict(state), bare]
+    children = sorted({k.split(".", 1)[0] for k in own if "." in k})
+    candidates += [{f"{child}.{k}": v for k, v in bare.items()} for child in children]
+    return max(candidates, key=lambda c: (len(own & set(c)), -len(set(c) - own)))
+
+
+#: A file name's stem split at its last number: prefix, number, suffix (no digit).
+_NUMBERED = re.compile(r"(.*?)(\d+)(\D*)")
+
+
+def _natural_key(path: Path) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def epochs_from_names(paths: Sequence[Path]) -> list[int]:
+    """Epochs for files that do not say theirs: the number in their names when two or more
+    names differ only by it (``epoch_2.pt``, ``epoch_10.pt`` -> 2, 10), else their places in
+    the names' natural order.
+
+    Example:
+        >>> epochs_from_names([Path("run/epoch_10.pt"), Path("run/epoch_2.pt")])
+        [10, 2]
+        >>> epochs_from_names([Path("best.pth"), Path("last.pth")])
+        [0, 1]
+    """
+    parts = [_NUMBERED.fullmatch(p.stem) for p in paths]
+    if len(paths) > 1 and all(parts):
+        shapes = {(m.group(1), m.group(3)) for m in parts if m}
+        numbers = [int(m.group(2)) for m in parts if m]
+        if len(shapes) == 1 and len(set(numbers)) == len(numbers):
+            return numbers
+    order = sorted(range(len(paths)), key=lambda i: _natural_key(paths[i]))
+    places = [0] * len(paths)
+    for place, index in enumerate(order):
+        places[index] = place
+    return places
