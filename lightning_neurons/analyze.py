@@ -28,10 +28,15 @@ import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.weights import epochs_from_names, fitted_state, read_weights
+from lightning_neurons.weights import (
+    epochs_from_names,
+    fitted_state,
+    load_safetensors,
+    read_weights,
+)
 
 #: The files a folder given to ``--ckpt_path`` is searched for.
-CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".safetensors")
 
 #: How many key names an error message lists.
 _SHOWN_KEYS = 5
@@ -45,9 +50,10 @@ slider then walks through the checkpoints, and lightning_neurons.load_run(<log d
 results back.
 
   --ckpt_path PATH     one checkpoint file, a glob ("runs/ckpt/*.ckpt", quoted) or a folder (its
-                       *.ckpt, *.pt and *.pth): Lightning checkpoints, or weights a plain PyTorch
-                       loop saved (a state dict, or a dict with it under 'model_state_dict',
-                       'model' or 'state_dict'; its 'epoch' if it has one, else from the names)
+                       *.ckpt, *.pt, *.pth, *.safetensors): Lightning checkpoints, or weights a
+                       plain PyTorch loop saved (a state dict, or a dict with it under
+                       'model_state_dict', 'model' or 'state_dict'; its 'epoch' if it has one,
+                       else from the paths)
   --weights_only BOOL  load checkpoints with torch.load(weights_only=...) (default true; false only
                        for checkpoints you trust that hold other objects than tensors and numbers)
 
@@ -74,7 +80,7 @@ class CheckpointInfo:
 
 def find_checkpoints(pattern: str | Path) -> list[Path]:
     """The checkpoint files of ``pattern``: one file, a glob, or a folder (its ``*.ckpt``,
-    ``*.pt`` and ``*.pth``).
+    ``*.pt``, ``*.pth`` and ``*.safetensors``).
 
     Raises:
         NeuronsError: If nothing matches.
@@ -82,7 +88,7 @@ def find_checkpoints(pattern: str | Path) -> list[Path]:
     path = Path(pattern)
     if path.is_dir():
         found = sorted(p for suffix in CHECKPOINT_SUFFIXES for p in path.glob(f"*{suffix}"))
-        where = f"folder {str(path)!r} holds no *.ckpt, *.pt or *.pth file"
+        where = f"folder {str(path)!r} holds no *.ckpt, *.pt, *.pth or *.safetensors file"
     elif path.is_file():
         found = [path]
         where = ""
@@ -93,7 +99,7 @@ def find_checkpoints(pattern: str | Path) -> list[Path]:
         raise NeuronsError(
             f"--ckpt_path: {where}; give one checkpoint file, a glob such as "
             "'checkpoints/*.ckpt' (quoted, so that the shell does not expand it) or a folder of "
-            ".ckpt (or .pt, .pth) files"
+            ".ckpt (or .pt, .pth, .safetensors) files"
         )
     return found
 
@@ -104,6 +110,8 @@ def load_checkpoint(path: Path, weights_only: bool = True) -> Any:
     Raises:
         NeuronsError: If the file cannot be read.
     """
+    if path.suffix == ".safetensors":
+        return load_safetensors(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as err:
@@ -161,7 +169,11 @@ def checkpoint_infos(paths: Sequence[Path], weights_only: bool = True) -> list[C
     said: dict[Path, tuple[int | None, int | None]] = {}
     for path in paths:
         try:
-            head = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+            head = (
+                load_safetensors(path)  # memory-mapped
+                if path.suffix == ".safetensors"
+                else torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+            )
         except Exception:  # not memory-mappable (the legacy format), or unreadable
             head = load_checkpoint(path, weights_only)  # which explains what is wrong
         weights = read_weights(head, path)

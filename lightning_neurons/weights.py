@@ -8,9 +8,12 @@ torchvision's reference scripts (``{"model": ..., "epoch": ...}``) and timm's tr
 LightningModule that holds it (``conv1.weight`` -> ``backbone.conv1.weight``), and the prefixes
 that ``DataParallel``/DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) add are dropped.
 
-A file that does not say its epoch takes it from its name when the files' names differ only by
-a number (``epoch_2.pt``, ``epoch_10.pt``: epochs 2 and 10), else from its place in the names'
-natural order (0, 1, 2, ...); its step is its epoch.
+``.safetensors`` files (Hugging Face's and timm's ``save_pretrained``) are read with the
+``safetensors`` package when it is installed.
+
+A file that does not say its epoch takes it from its path when the files' paths differ only by
+a number (``epoch_2.pt``, ``epoch_10.pt``: epochs 2 and 10; ``checkpoint-500/model.safetensors``:
+500), else from its place in the paths' natural order (0, 1, 2, ...); its step is its epoch.
 """
 
 from __future__ import annotations
@@ -48,6 +51,22 @@ class Weights:
     epoch: int | None
     global_step: int | None
     lightning: bool
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file's tensors, on the CPU.
+
+    Raises:
+        NeuronsError: When the ``safetensors`` package is not installed.
+    """
+    try:
+        from safetensors.torch import load_file
+    except ImportError as err:
+        raise NeuronsError(
+            f"{str(path)!r} is a .safetensors file: reading it needs the safetensors package "
+            "(pip install safetensors)"
+        ) from err
+    return load_file(str(path), device="cpu")
 
 
 def _is_state_dict(value: Any) -> bool:
@@ -120,13 +139,14 @@ _NUMBERED = re.compile(r"(.*?)(\d+)(\D*)")
 
 
 def _natural_key(path: Path) -> list[Any]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
 
 def epochs_from_names(paths: Sequence[Path]) -> list[int]:
-    """Epochs for files that do not say theirs: the number in their names when two or more
-    names differ only by it (``epoch_2.pt``, ``epoch_10.pt`` -> 2, 10), else their places in
-    the names' natural order.
+    """Epochs for files that do not say theirs: the last number in their paths (less the
+    suffix) when two or more paths differ only by it (``epoch_2.pt``, ``epoch_10.pt`` -> 2, 10;
+    ``checkpoint-500/model.safetensors`` -> 500), else their places in the paths' natural
+    order.
 
     Example:
         >>> epochs_from_names([Path("run/epoch_10.pt"), Path("run/epoch_2.pt")])
@@ -134,7 +154,7 @@ def epochs_from_names(paths: Sequence[Path]) -> list[int]:
         >>> epochs_from_names([Path("best.pth"), Path("last.pth")])
         [0, 1]
     """
-    parts = [_NUMBERED.fullmatch(p.stem) for p in paths]
+    parts = [_NUMBERED.fullmatch(str(p.with_suffix(""))) for p in paths]
     if len(paths) > 1 and all(parts):
         shapes = {(m.group(1), m.group(3)) for m in parts if m}
         numbers = [int(m.group(2)) for m in parts if m]

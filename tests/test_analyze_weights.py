@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from test_analyze import DATA, LAYERS, WIDTHS, _parts
 from torch.nn import functional as F
 
@@ -33,7 +34,9 @@ def _layout(kind: str, backbone: SmallCNN, optimizer: torch.optim.Optimizer, epo
         }
     if kind == "torchvision":  # references/classification/train.py, compiled model
         return {"model": {f"_orig_mod.{k}": v for k, v in state.items()}, "epoch": epoch}
-    return {"state_dict": state, "epoch": epoch, "arch": "smallcnn"}  # timm's train.py
+    if kind == "timm":  # timm's train.py
+        return {"state_dict": state, "epoch": epoch, "arch": "smallcnn"}
+    return state  # save_pretrained's model.safetensors
 
 
 def _train_plainly(folder: Path, kind: str, epochs=(1, 2)) -> dict[int, dict]:
@@ -54,20 +57,25 @@ def _train_plainly(folder: Path, kind: str, epochs=(1, 2)) -> dict[int, dict]:
             F.cross_entropy(backbone(x), y).backward()
             optimizer.step()
         if epoch in epochs:
-            torch.save(_layout(kind, backbone, optimizer, epoch), folder / f"epoch_{epoch}.pt")
+            saving = _layout(kind, backbone, optimizer, epoch)
+            if kind == "safetensors":
+                save_file(saving, str(folder / f"epoch_{epoch}.safetensors"))
+            else:
+                torch.save(saving, folder / f"epoch_{epoch}.pt")
             saved[epoch] = {k: v.clone() for k, v in backbone.state_dict().items()}
     return saved
 
 
-@pytest.mark.parametrize("kind", ["state_dict", "general", "torchvision", "timm"])
+@pytest.mark.parametrize("kind", ["state_dict", "general", "torchvision", "timm", "safetensors"])
 def test_weights_a_plain_loop_saved_are_analysed_at_their_epochs(tmp_path, kind):
     saved = _train_plainly(tmp_path / "weights", kind)
     trainer, model, data = _parts(tmp_path)
     infos = analyze_checkpoints(trainer, model, data, tmp_path / "weights", progress=False)
     # the epochs the files say, or (a bare state dict) the numbers in their names
+    suffix = ".safetensors" if kind == "safetensors" else ".pt"
     assert [(i.path.name, i.epoch, i.global_step) for i in infos] == [
-        ("epoch_1.pt", 1, 1),
-        ("epoch_2.pt", 2, 2),
+        (f"epoch_1{suffix}", 1, 1),
+        (f"epoch_2{suffix}", 2, 2),
     ]
     # the last file's weights, under the LightningModule's names, exactly
     for name, value in saved[2].items():
@@ -86,6 +94,8 @@ def test_epochs_from_names():
     assert epochs_from_names([Path("b10.pt"), Path("a2.pt"), Path("b9.pt")]) == [2, 0, 1]
     assert epochs_from_names([Path("resnet18.pth")]) == [0]  # one file: not its "18"
     assert epochs_from_names([Path("e1.pt"), Path("e01.pt")]) == [0, 1]  # one number twice
+    steps = [Path(f"out/checkpoint-{n}/model.safetensors") for n in (500, 1000)]
+    assert epochs_from_names(steps) == [500, 1000]  # Hugging Face's Trainer's folders
 
 
 def test_keys_are_fitted_to_the_model_as_saved_unwrapped_or_under_a_child():
