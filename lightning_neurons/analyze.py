@@ -36,7 +36,7 @@ from lightning_neurons.weights import (
 )
 
 #: The files a folder given to ``--ckpt_path`` is searched for.
-CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".safetensors")
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".pth.tar", ".safetensors")
 
 #: How many key names an error message lists.
 _SHOWN_KEYS = 5
@@ -50,8 +50,8 @@ slider then walks through the checkpoints, and lightning_neurons.load_run(<log d
 results back.
 
   --ckpt_path PATH     one checkpoint file, a glob ("runs/ckpt/*.ckpt", quoted) or a folder (its
-                       *.ckpt, *.pt, *.pth, *.safetensors): Lightning checkpoints, or weights a
-                       plain PyTorch loop saved (a state dict, or a dict with it under
+                       *.ckpt, *.pt, *.pth, *.pth.tar, *.safetensors): Lightning checkpoints, or
+                       weights a plain PyTorch loop saved (a state dict, or a dict with it under
                        'model_state_dict', 'model' or 'state_dict'; its 'epoch' if it has one,
                        else from the paths)
   --weights_only BOOL  load checkpoints with torch.load(weights_only=...) (default true; false only
@@ -80,7 +80,7 @@ class CheckpointInfo:
 
 def find_checkpoints(pattern: str | Path) -> list[Path]:
     """The checkpoint files of ``pattern``: one file, a glob, or a folder (its ``*.ckpt``,
-    ``*.pt``, ``*.pth`` and ``*.safetensors``).
+    ``*.pt``, ``*.pth``, ``*.pth.tar`` and ``*.safetensors``).
 
     Raises:
         NeuronsError: If nothing matches.
@@ -88,7 +88,9 @@ def find_checkpoints(pattern: str | Path) -> list[Path]:
     path = Path(pattern)
     if path.is_dir():
         found = sorted(p for suffix in CHECKPOINT_SUFFIXES for p in path.glob(f"*{suffix}"))
-        where = f"folder {str(path)!r} holds no *.ckpt, *.pt, *.pth or *.safetensors file"
+        where = (
+            f"folder {str(path)!r} holds no *.ckpt, *.pt, *.pth, *.pth.tar or *.safetensors file"
+        )
     elif path.is_file():
         found = [path]
         where = ""

@@ -61,6 +61,56 @@ class SmallCNN(nn.Module):
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
+def timm_model(
+    name: str,
+    num_classes: int = 10,
+    in_chans: int = 3,
+    pretrained: bool = False,
+    options: dict[str, Any] | None = None,
+) -> nn.Module:
+    """A timm model by name (``timm.create_model``), for a YAML config's backbone, where timm's
+    own keyword options cannot be given (``class_path: timm.create_model`` takes no
+    ``num_classes``). Its weights are named as timm names them, so a timm training's checkpoints
+    load into ``ImageClassifier(timm_model(...))`` (``lightning-neurons analyze``).
+
+    Args:
+        name: The model's name in timm (``"resnet18"``, ``"convnext_atto"``, ``"vit_tiny_patch16_224"``).
+        num_classes: Output logits.
+        in_chans: Input channels (1 for grayscale).
+        pretrained: Load timm's pretrained weights (a download: not on a machine without network).
+        options: More keyword options of ``timm.create_model`` (``{"img_size": 32}``,
+            ``{"drop_rate": 0.1}``).
+
+    Raises:
+        NeuronsError: Without timm, or for a name timm does not know (with the close names).
+
+    Example (YAML)::
+
+        model:
+          class_path: lightning_neurons.models.ImageClassifier
+          init_args:
+            backbone:
+              class_path: lightning_neurons.models.timm_model
+              init_args: {name: resnet18, num_classes: 10, in_chans: 1}
+    """
+    try:
+        import timm
+    except ImportError as err:
+        raise NeuronsError("timm_model needs timm: pip install timm") from err
+    if not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        raise NeuronsError(
+            f"timm knows no model {name!r}"
+            + (f"; close names: {', '.join(close)}" if close else "")
+            + " (timm.list_models('*pattern*') lists them)"
+        )
+    return timm.create_model(
+        name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **(options or {})
+    )
+
+
 class ImageClassifier(pl.LightningModule):
     """Trains a backbone as an image classifier with cross-entropy and Adam(W).
 

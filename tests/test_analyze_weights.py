@@ -122,3 +122,70 @@ def test_errors_say_what_a_file_holds_and_what_would_be_read(tmp_path):
         NeuronsError, match=r"not of the config's model.*conv3.weight \(16, 8, 3, 3\)"
     ):
         analyze_checkpoints(trainer, model, data, tmp_path / "other", progress=False)
+
+
+def test_a_timm_training_analysed_through_the_cli(tmp_path):
+    """A config whose backbone is ``timm_model`` (``timm.create_model`` by name), and the files a
+    timm training writes (``checkpoint-<epoch>.pth.tar``, with ``state_dict`` and ``epoch``)."""
+    import timm
+    import yaml
+
+    from lightning_neurons.cli import main
+
+    folder = tmp_path / "output"
+    folder.mkdir()
+    torch.manual_seed(0)
+    net = timm.create_model("resnet10t", num_classes=10, in_chans=1)
+    for epoch in (0, 1):
+        torch.nn.init.normal_(net.fc.weight)  # each epoch's own head
+        state = {"epoch": epoch, "arch": "resnet10t", "state_dict": net.state_dict()}
+        torch.save(state, folder / f"checkpoint-{epoch}.pth.tar")
+    layer = "backbone.layer4"
+    config = {
+        "trainer": {
+            "accelerator": "cpu",
+            "limit_val_batches": 1,
+            "enable_model_summary": False,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp_path / "runs"), "name": "timm"},
+            },
+            "callbacks": [
+                {
+                    "class_path": "lightning_neurons.ActivationTracker",
+                    "init_args": {"layers": [layer], "on_error": "raise"},
+                }
+            ],
+        },
+        "model": {
+            "class_path": "lightning_neurons.models.ImageClassifier",
+            "init_args": {
+                "backbone": {
+                    "class_path": "lightning_neurons.models.timm_model",
+                    "init_args": {"name": "resnet10t", "num_classes": 10, "in_chans": 1},
+                },
+                "num_classes": 10,
+            },
+        },
+        "data": {
+            "class_path": "lightning_neurons.data.DigitsDataModule",
+            "init_args": {"image_size": 16, "batch_size": 32},
+        },
+    }
+    path = tmp_path / "timm.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["analyze", "--config", str(path), "--ckpt_path", str(folder)])
+    run = load_run(tmp_path / "runs/timm/version_0")
+    assert run.epochs == [0, 1]
+    assert run.results("ActivationTracker", epoch=1)[layer].class_means.shape == (10, 512)
+
+
+def test_timm_model_names_what_timm_knows():
+    from lightning_neurons.models import timm_model
+
+    net = timm_model("resnet10t", num_classes=3, in_chans=1, options={"drop_rate": 0.1})
+    assert net(torch.rand(2, 1, 16, 16)).shape == (2, 3)
+    with pytest.raises(
+        NeuronsError, match="timm knows no model 'resnet10x'; close names: .*resnet10t"
+    ):
+        timm_model("resnet10x")
