@@ -123,14 +123,17 @@ def _strip_wrappers(key: str) -> str:
 
 def fitted_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` with its keys as ``model`` names them: as saved, without the wrappers'
-    prefixes, or under the name of the child that holds them (a backbone's weights in the
-    LightningModule). Of these, the one that fits the most of the model's keys (ties: the first);
+    prefixes, or under the name of the module that holds them (a backbone's weights in the
+    LightningModule, at any depth: ``backbone.``, ``model.encoder.``). Of these, the one that
+    fits the most of the model's keys (ties: the first);
     :func:`~lightning_neurons.analyze.check_state_dict` says what does not fit."""
     own = set(model.state_dict())
     bare = {_strip_wrappers(k): v for k, v in state.items()}
     candidates = [dict(state), bare]
-    children = sorted({k.split(".", 1)[0] for k in own if "." in k})
-    candidates += [{f"{child}.{k}": v for k, v in bare.items()} for child in children]
+    if bare:
+        key = next(iter(bare))  # where the model has it: the prefixes of the module that holds it
+        prefixes = {o[: -len(key)] for o in own if o.endswith(f".{key}")}
+        candidates += [{f"{p}{k}": v for k, v in bare.items()} for p in sorted(prefixes)]
     return max(candidates, key=lambda c: (len(own & set(c)), -len(set(c) - own)))
 
 

@@ -104,6 +104,12 @@ def test_keys_are_fitted_to_the_model_as_saved_unwrapped_or_under_a_child():
     fitted = fitted_state(model, {f"module._orig_mod.{k}": v for k, v in state.items()})
     assert set(fitted) == set(model.state_dict())
     assert list(fitted_state(model, model.state_dict())) == list(model.state_dict())
+    nested = torch.nn.Module()  # a LightningModule holding its network deeper: model.encoder
+    nested.model = torch.nn.Module()
+    nested.model.encoder = SmallCNN(widths=WIDTHS)
+    nested.head = torch.nn.Linear(2, 2)
+    fitted = fitted_state(nested, state)
+    assert set(fitted) == {f"model.encoder.{k}" for k in state}
 
 
 def test_errors_say_what_a_file_holds_and_what_would_be_read(tmp_path):
