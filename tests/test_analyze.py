@@ -201,7 +201,9 @@ def test_errors_say_what_is_wrong(checkpoints, tmp_path):
     with pytest.raises(NeuronsError, match="no file matches .*nothing"):
         analyze_checkpoints(trainer, model, data, f"{tmp_path}/nothing/*.ckpt", progress=False)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(NeuronsError, match=r"holds no \*.ckpt, \*.pt, \*.pth, \*.pth.tar or \*.safetensors file"):
+    with pytest.raises(
+        NeuronsError, match=r"holds no \*.ckpt, \*.pt, \*.pth, \*.pth.tar or \*.safetensors file"
+    ):
         analyze_checkpoints(trainer, model, data, tmp_path / "empty", progress=False)
     other = _parts(tmp_path, widths=[4, 8, 16])
     with pytest.raises(
