@@ -37,6 +37,7 @@ from lightning_neurons.weights import (
 
 #: The files a folder given to ``--ckpt_path`` is searched for.
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".pth.tar", ".safetensors")
+_KINDS = ", ".join(f"*{s}" for s in CHECKPOINT_SUFFIXES[:-1]) + f" or *{CHECKPOINT_SUFFIXES[-1]}"
 
 #: How many key names an error message lists.
 _SHOWN_KEYS = 5
@@ -88,9 +89,7 @@ def find_checkpoints(pattern: str | Path) -> list[Path]:
     path = Path(pattern)
     if path.is_dir():
         found = sorted(p for suffix in CHECKPOINT_SUFFIXES for p in path.glob(f"*{suffix}"))
-        where = (
-            f"folder {str(path)!r} holds no *.ckpt, *.pt, *.pth, *.pth.tar or *.safetensors file"
-        )
+        where = f"folder {str(path)!r} holds no {_KINDS} file"
     elif path.is_file():
         found = [path]
         where = ""
@@ -100,14 +99,15 @@ def find_checkpoints(pattern: str | Path) -> list[Path]:
     if not found:
         raise NeuronsError(
             f"--ckpt_path: {where}; give one checkpoint file, a glob such as "
-            "'checkpoints/*.ckpt' (quoted, so that the shell does not expand it) or a folder of "
-            ".ckpt (or .pt, .pth, .safetensors) files"
+            f"'checkpoints/*.ckpt' (quoted, so that the shell does not expand it) or a folder of "
+            f"{_KINDS} files"
         )
     return found
 
 
-def load_checkpoint(path: Path, weights_only: bool = True) -> Any:
-    """``torch.load`` of a checkpoint file on the CPU, with an error that says what is wrong.
+def load_checkpoint(path: Path, weights_only: bool = True, mmap: bool = False) -> Any:
+    """``torch.load`` of a checkpoint file on the CPU (``mmap``: memory-mapped), or a
+    ``.safetensors`` file's tensors (always memory-mapped), with an error that says what is wrong.
 
     Raises:
         NeuronsError: If the file cannot be read.
@@ -115,7 +115,7 @@ def load_checkpoint(path: Path, weights_only: bool = True) -> Any:
     if path.suffix == ".safetensors":
         return load_safetensors(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
     except Exception as err:
         hint = (
             " It holds objects other than tensors and numbers: pass `--weights_only false` if you "
@@ -171,12 +171,8 @@ def checkpoint_infos(paths: Sequence[Path], weights_only: bool = True) -> list[C
     said: dict[Path, tuple[int | None, int | None]] = {}
     for path in paths:
         try:
-            head = (
-                load_safetensors(path)  # memory-mapped
-                if path.suffix == ".safetensors"
-                else torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
-            )
-        except Exception:  # not memory-mappable (the legacy format), or unreadable
+            head = load_checkpoint(path, weights_only, mmap=True)
+        except NeuronsError:  # not memory-mappable (the legacy format), or unreadable
             head = load_checkpoint(path, weights_only)  # which explains what is wrong
         weights = read_weights(head, path)
         said[path] = weights.epoch, weights.global_step
