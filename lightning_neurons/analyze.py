@@ -25,9 +25,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_neurons.errors import NeuronsError
+from lightning_neurons.schedule import checkpoint_within_epoch
 from lightning_neurons.weights import (
     epochs_from_names,
     fitted_state,
@@ -72,11 +74,16 @@ class CheckpointInfo:
         epoch: The epoch it was saved in (``checkpoint["epoch"]``, else from the files' names:
             :func:`~lightning_neurons.weights.epochs_from_names`).
         global_step: The optimizer steps taken when it was saved (else its epoch).
+        within_epoch: Whether a later checkpoint of the same epoch follows it (saved every N
+            steps, say): its files are then named by epoch and step (``epoch=000-step=0000500``),
+            the epoch's last one by its epoch alone, as a fit names its validations
+            (:mod:`lightning_neurons.schedule`).
     """
 
     path: Path
     epoch: int
     global_step: int
+    within_epoch: bool = False
 
 
 def find_checkpoints(pattern: str | Path) -> list[Path]:
@@ -179,11 +186,30 @@ def checkpoint_infos(paths: Sequence[Path], weights_only: bool = True) -> list[C
         del head, weights
     unsaid = [p for p, (epoch, _) in said.items() if epoch is None]
     named = dict(zip(unsaid, epochs_from_names(unsaid), strict=True))
-    infos = []
+    infos: list[CheckpointInfo] = []
     for path, (epoch, step) in said.items():
         epoch = named[path] if epoch is None else epoch
         infos.append(CheckpointInfo(path, epoch, epoch if step is None else step))
-    return sorted(infos, key=lambda i: (i.epoch, i.global_step, i.path.name))
+    return _one_per_step(sorted(infos, key=lambda i: (i.epoch, i.global_step, i.path.name)))
+
+
+def _one_per_step(infos: list[CheckpointInfo]) -> list[CheckpointInfo]:
+    """``infos`` (sorted) less those of an epoch and step already analysed (Lightning's
+    ``last.ckpt`` beside its epoch's file: the files would be written twice), each of the others
+    marked when a later checkpoint of its epoch follows it."""
+    kept: list[CheckpointInfo] = []
+    for info in infos:
+        if kept and (kept[-1].epoch, kept[-1].global_step) == (info.epoch, info.global_step):
+            rank_zero_warn(
+                f"analyze: {str(info.path)!r} is of epoch {info.epoch} and step "
+                f"{info.global_step}, as {str(kept[-1].path)!r} is; only the latter is analysed "
+                "(give one file of each step, or a glob that matches one)"
+            )
+            continue
+        if kept and kept[-1].epoch == info.epoch:
+            kept[-1].within_epoch = True
+        kept.append(info)
+    return kept
 
 
 def set_clock(trainer: pl.Trainer, checkpoint: Mapping[str, Any]) -> None:
@@ -302,7 +328,8 @@ def analyze_checkpoints(
     )
     for info in bar:
         bar.set_postfix_str(f"{info.path.name}: epoch {info.epoch}, step {info.global_step}")
-        _run_one(trainer, model, datamodule, stage, info, weights_only)
+        with checkpoint_within_epoch(info.within_epoch):
+            _run_one(trainer, model, datamodule, stage, info, weights_only)
     bar.close()
     return infos
 

@@ -3,7 +3,8 @@
 Every callback of the package logs through :class:`AnalysisLogger`, so that all of them agree on
 where artifacts go, warn once when no TensorBoard logger is attached, and write only on rank zero.
 
-Files are kept per run and per stage: ``<run>/neurons/<stage>/<kind>/epoch=EEE/<name>.npz``, where
+Files are kept per run and per stage: ``<run>/neurons/<stage>/<kind>/epoch=EEE/<name>.npz``
+(``epoch=EEE-step=SSSSSSS`` for an analysis within an epoch: :mod:`lightning_neurons.schedule`), where
 ``<run>`` is the log folder of the Trainer's first logger that has one (TensorBoard's or CSV's
 ``version_N``; a new folder ``<default_root_dir>/neurons/run_N`` per Trainer without a logger) and
 ``<stage>`` is what the Trainer is doing (``fit``, ``validate``, ``test``). Every file is listed in
@@ -33,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_neurons.figure_worker import background_figures, close, draw
 from lightning_neurons.scalar_layout import update_layout
+from lightning_neurons.schedule import epoch_folder
 
 #: Folder (under the TensorBoard log dir, or the trainer's root dir) holding our files.
 ARTIFACT_DIRNAME = "neurons"
@@ -315,12 +317,7 @@ class AnalysisLogger:
 
     def _path(self, name: str, suffix: str) -> Path:
         """``<root>/<stage>/<kind>/epoch=EEE/<name><suffix>``, its folder created."""
-        folder = (
-            self.root
-            / stage_folder(self.trainer)
-            / self.kind
-            / f"epoch={self.trainer.current_epoch:03d}"
-        )
+        folder = self.root / stage_folder(self.trainer) / self.kind / epoch_folder(self.trainer)
         folder.mkdir(parents=True, exist_ok=True)
         return folder / f"{name.replace('/', '_').replace(os.sep, '_')}{suffix}"
 

@@ -45,6 +45,7 @@ from lightning_neurons.hooks import hooked
 from lightning_neurons.loaders import stage_loaders
 from lightning_neurons.outputs import first_tensor
 from lightning_neurons.plots.images import rgb_channels
+from lightning_neurons.schedule import epoch_folder, within_epoch
 from lightning_neurons.state import analysis_mode, preserved_rng
 
 if TYPE_CHECKING:
@@ -382,9 +383,10 @@ def _write_config(root: Path, config: Any) -> None:
     tmp.replace(root / CONFIG)
 
 
-def embedding_name(short: str, epoch: int) -> str:
-    """``"relu3, epoch 9"``: the tensor's name in the projector's list."""
-    return f"{short}, epoch {epoch}"
+def embedding_name(short: str, epoch: int, step: int | None = None) -> str:
+    """``"relu3, epoch 9"``: the tensor's name in the projector's list (``"relu3, epoch 0, step
+    500"`` for an analysis within an epoch)."""
+    return f"{short}, epoch {epoch}" + ("" if step is None else f", step {step}")
 
 
 def log_neuron_projector(
@@ -440,6 +442,7 @@ def log_neuron_projector(
     else:
         tiles = {name: tiles[name][order] for name, order in orders.items() if name in tiles}
     bands = display_channels_of(trainer)  # the channels the sprites show
+    step = trainer.global_step if within_epoch(trainer) else None
     tiles = {name: shown_channels(t, bands) for name, t in tiles.items()}
     # arrays for the writer thread, which must run no torch operation (see `sprite`)
     sheets = {name: t.detach().to("cpu", torch.float32).numpy() for name, t in tiles.items()}
@@ -447,8 +450,8 @@ def log_neuron_projector(
         functools.partial(
             write_embedding,
             log_dir,
-            embedding_name(shorts[name], res.epoch),
-            f"projector/{kind}/epoch={res.epoch:03d}/{shorts[name]}",
+            embedding_name(shorts[name], res.epoch, step),
+            f"projector/{kind}/{epoch_folder(trainer)}/{shorts[name]}",
             res.features[orders[name]].numpy(),
             neuron_metadata(shorts[name], res, orders[name].tolist(), class_names),
             sheets.get(name),

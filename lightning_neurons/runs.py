@@ -11,6 +11,10 @@ A live callback holds only its latest epoch in ``results``; the run's folder hol
     [1, 3, 5, 7, 9]
     >>> run.results("ActivationTracker")["backbone.features.relu3"].class_means  # doctest: +SKIP
 
+A fit that validated within epochs (``val_check_interval`` < 1) holds several analyses of an
+epoch, each under its step: ``run.steps_of("ActivationTracker")``, ``run.results(...,
+step=500)``; an epoch alone names its last.
+
 The category distances come back from the file's float32 (7 significant digits) as float64.
 """
 
@@ -132,8 +136,12 @@ class Run:
 
     @property
     def steps(self) -> dict[int, int]:
-        """The global step each epoch was logged at."""
-        return {f.epoch: f.step for f in self.files}
+        """The global step each epoch was logged at (of an epoch analysed several times, as
+        ``val_check_interval`` < 1 validates, its last)."""
+        steps: dict[int, int] = {}
+        for f in self.files:
+            steps[f.epoch] = max(f.step, steps.get(f.epoch, f.step))
+        return steps
 
     def callbacks(self) -> list[str]:
         """The callbacks whose results the run holds."""
@@ -145,34 +153,58 @@ class Run:
         kinds = KINDS[_callback_name(callback)]
         return sorted({f.epoch for f in self.files if f.kind in kinds})
 
-    def _files(self, kind: str, epoch: int) -> list[RunFile]:
-        return [f for f in self.files if f.kind == kind and f.epoch == epoch]
+    def steps_of(self, callback: str | type) -> list[int]:
+        """The global steps at which ``callback`` analysed, sorted: one an epoch, or several
+        when the fit validated within epochs (``val_check_interval`` < 1, or by training
+        batches); ``results(callback, step=...)`` reads any of them."""
+        kinds = KINDS[_callback_name(callback)]
+        return sorted({f.step for f in self.files if f.kind in kinds})
 
-    def _epoch(self, name: str, epoch: int | None) -> int:
-        analysed = self.epochs_of(name)
-        if not analysed:
+    def _files(self, kind: str, point: tuple[int, int]) -> list[RunFile]:
+        return [f for f in self.files if f.kind == kind and (f.epoch, f.step) == point]
+
+    def _point(self, name: str, epoch: int | None, step: int | None) -> tuple[int, int]:
+        """The (epoch, step) of ``name``'s analysis to read: at ``step``, else the last of
+        ``epoch``, else the last of all."""
+        kinds = KINDS[name]
+        points = sorted({(f.epoch, f.step) for f in self.files if f.kind in kinds})
+        if not points:
             held = ", ".join(self.callbacks()) or "none"
             raise NeuronsError(
                 f"the run {str(self.log_dir)!r} (stage {self.stage!r}) holds no {name} results; "
                 f"it holds those of: {held}"
             )
-        if epoch is None:
-            return analysed[-1]
-        if epoch not in analysed:
-            raise NeuronsError(
-                f"{name} did not analyse epoch {epoch} in this run; it analysed epochs "
-                f"{', '.join(map(str, analysed))}"
+        chosen = [
+            p for p in points if (epoch is None or p[0] == epoch) and (step is None or p[1] == step)
+        ]
+        if not chosen:
+            asked = " and ".join(
+                f"{what} {value}"
+                for what, value in (("epoch", epoch), ("step", step))
+                if value is not None
             )
-        return epoch
+            epochs = ", ".join(map(str, sorted({e for e, _ in points})))
+            analysed = f"epochs {epochs} (at steps {', '.join(str(s) for _, s in points)})"
+            raise NeuronsError(
+                f"{name} did not analyse {asked} in this run; it analysed {analysed}"
+            )
+        return chosen[-1]
 
     def results(
-        self, callback: str | type, epoch: int | None = None, *, attribute: str = "results"
+        self,
+        callback: str | type,
+        epoch: int | None = None,
+        *,
+        step: int | None = None,
+        attribute: str = "results",
     ) -> Any:
-        """What ``callback``'s ``attribute`` held after ``epoch``.
+        """What ``callback``'s ``attribute`` held after ``epoch`` (or at ``step``).
 
         Args:
             callback: A callback class or its name (``"ActivationTracker"``).
-            epoch: The epoch; default: the latest that the callback analysed.
+            epoch: The epoch; default: the latest that the callback analysed. Of an epoch
+                analysed several times (validations within it), its last analysis.
+            step: The global step of the analysis (:meth:`steps_of`), for one within an epoch.
             attribute: FeatureVisualizer's ``"cluster_results"`` or ``"saliency_results"``;
                 ``"results"`` for every callback.
 
@@ -183,7 +215,8 @@ class Run:
             one :class:`SaliencyMaps` or ``None``.
 
         Raises:
-            NeuronsError: For an unknown callback or attribute, or an epoch it did not analyse.
+            NeuronsError: For an unknown callback or attribute, or an epoch or step it did not
+                analyse.
         """
         name = _callback_name(callback)
         allowed = ATTRIBUTES.get(name, ("results",))
@@ -191,12 +224,12 @@ class Run:
             raise NeuronsError(
                 f"{name} has no results attribute {attribute!r}; use one of {', '.join(allowed)}"
             )
-        epoch = self._epoch(name, epoch)
+        point = self._point(name, epoch, step)
         if name == "FeatureVisualizer":
-            return _visualizer(self, epoch, attribute)
+            return _visualizer(self, point, attribute)
         kind = KINDS[name][0]
         read = _READERS[name]
-        files = self._files(kind, epoch)
+        files = self._files(kind, point)
         return read(files)
 
 
@@ -362,9 +395,10 @@ def _contribution(files: list[RunFile]) -> dict[str, ContributionResult]:
     return out
 
 
-def _visualizer(run: Run, epoch: int, attribute: str) -> Any:
+def _visualizer(run: Run, point: tuple[int, int], attribute: str) -> Any:
+    epoch = point[0]
     if attribute == "saliency_results":
-        found = [f for f in run._files("focus", epoch) if f.name == "saliency"]
+        found = [f for f in run._files("focus", point) if f.name == "saliency"]
         if not found:
             return None
         f = found[-1]
@@ -375,7 +409,7 @@ def _visualizer(run: Run, epoch: int, attribute: str) -> Any:
         return _typed(SaliencyMaps, arrays, maps=maps, epoch=epoch_of, gradcam_layer=layer)
     clusters = attribute == "cluster_results"
     out = {}
-    for f in run._files("preference", epoch):
+    for f in run._files("preference", point):
         if ("clusters_epoch" in f.meta) != clusters:
             continue
         key = f.meta.get("layer", f.name)
@@ -424,7 +458,8 @@ def load_run(log_dir: str | os.PathLike[str], stage: str | None = None) -> Run:
             default: the only one there, else the first of ``fit``, ``validate``, ``test`` found.
 
     Returns:
-        A :class:`Run`: ``run.epochs``, ``run.results(callback, epoch)``.
+        A :class:`Run`: ``run.epochs``, ``run.results(callback, epoch)`` (``step=`` for an
+        analysis within an epoch).
 
     Raises:
         NeuronsError: If the folder holds no lightning-neurons files, or none of ``stage``.

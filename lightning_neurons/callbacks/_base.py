@@ -20,6 +20,7 @@ from lightning_neurons.figure_worker import background_figures
 from lightning_neurons.heap import release_freed_memory
 from lightning_neurons.loggers import AnalysisLogger, find_tensorboard, wait_for_output
 from lightning_neurons.progress import reporting
+from lightning_neurons.schedule import is_due
 
 T = TypeVar("T")
 C = TypeVar("C", bound=Callback)
@@ -139,7 +140,11 @@ class AnalysisCallback(Callback):
     Args:
         layers: Module names or glob patterns (one name may be a string); ``None``: the default
             (each callback says which).
-        every_n_epochs: Run after every n-th epoch (epochs are counted from 1).
+        every_n_epochs: Run after every n-th epoch (epochs are counted from 1); every n-th
+            validation when the Trainer validates by training batches across epochs
+            (``check_val_every_n_epoch=None``). Every validation of a due epoch is analysed
+            (``val_check_interval=0.25``: four), each one's files kept
+            (:mod:`lightning_neurons.schedule`).
         enable_logging: Log to TensorBoard and write files (``results`` is always filled).
         on_error: ``"warn"``: an analysis that fails is reported with a warning and training goes
             on; ``"raise"``: the error stops training. Mistakes in the callback's own arguments
@@ -290,11 +295,7 @@ class AnalysisCallback(Callback):
         return out
 
     def _due(self, trainer: Trainer) -> bool:
-        if trainer.sanity_checking:
-            return False
-        if trainer.state.fn != "fit":
-            return True  # validate / test: always analyse
-        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        return is_due(trainer, self.every_n_epochs)
 
     def _run_safely(self, what: str, fn: Callable[[], T]) -> T | None:
         """Run an analysis step, applying the ``on_error`` policy."""

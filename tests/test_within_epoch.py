@@ -1,0 +1,151 @@
+"""Validations within an epoch (``val_check_interval`` < 1, or every N training batches across
+epochs) and checkpoints saved within one: each analysis keeps its own files, named by epoch and
+step (``epoch=000-step=0000003``), and ``load_run`` reads each back by its step."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import TinyData, TinyNet, fast_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_neurons import ActivationTracker, NeuronClustering, NeuronsError, load_run
+from lightning_neurons.analyze import analyze_checkpoints
+from lightning_neurons.models import ImageClassifier
+
+LAYER = "backbone.relu2"
+
+
+class _Held(pl.Callback):
+    """What the tracker and NeuronClustering held after each validation, by global step."""
+
+    def __init__(self, tracker: ActivationTracker, clusters: NeuronClustering) -> None:
+        self.tracker, self.clusters = tracker, clusters
+        self.means: dict[int, torch.Tensor] = {}
+        self.clustered: list[int] = []
+        self._last: object = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        self.means[step] = self.tracker.results[LAYER].class_means.clone()
+        result = self.clusters.results.get(LAYER)
+        if result is not None and result is not self._last:  # a new clustering
+            self.clustered.append(step)
+        self._last = result
+
+
+def _callbacks() -> tuple[ActivationTracker, NeuronClustering]:
+    tracker = ActivationTracker(layers=["backbone.relu1", LAYER], on_error="raise")
+    clusters = NeuronClustering(
+        layers=[LAYER], method="kmeans", n_clusters=2, every_n_epochs=2, on_error="raise"
+    )
+    return tracker, clusters
+
+
+def _fit(tmp_path: Path, **trainer_options) -> tuple[Path, _Held]:
+    """TinyNet on TinyData: 48 training images in batches of 8, six training batches an epoch."""
+    pl.seed_everything(0, verbose=False)
+    model = ImageClassifier(TinyNet(), num_classes=3, lr=1e-2)
+    tracker, clusters = _callbacks()
+    held = _Held(tracker, clusters)
+    trainer = fast_trainer(tmp_path, callbacks=[tracker, clusters, held], **trainer_options)
+    trainer.fit(model, datamodule=TinyData())
+    return Path(trainer.logger.log_dir), held
+
+
+def _folders(log_dir: Path, stage: str, kind: str) -> list[str]:
+    return sorted(p.name for p in (log_dir / "neurons" / stage / kind).iterdir())
+
+
+def test_validations_within_an_epoch_keep_their_own_files(tmp_path):
+    # val_check_interval=0.5: a validation after the 3rd and after the 6th (last) batch of each
+    # epoch; the first lies within its epoch, the second at its end
+    log_dir, held = _fit(tmp_path, max_epochs=2, val_check_interval=0.5)
+    assert sorted(held.means) == [3, 6, 9, 12]
+    assert _folders(log_dir, "fit", "activations") == [
+        "epoch=000",
+        "epoch=000-step=0000003",
+        "epoch=001",
+        "epoch=001-step=0000009",
+    ]
+    run = load_run(log_dir)
+    assert run.epochs == [0, 1]
+    assert run.steps_of(ActivationTracker) == [3, 6, 9, 12]
+    assert run.steps == {0: 6, 1: 12}
+    for step, means in held.means.items():  # each validation's statistics, none overwritten
+        loaded = run.results(ActivationTracker, step=step)[LAYER].class_means
+        torch.testing.assert_close(loaded, means, rtol=0, atol=0, equal_nan=True)
+    # the two analyses of an epoch differ (the model trained 3 batches in between)
+    assert not torch.allclose(held.means[3], held.means[6])
+    # an epoch alone names its last analysis, at its end
+    torch.testing.assert_close(run.results(ActivationTracker, 0)[LAYER].class_means, held.means[6])
+    # every validation of a due epoch (every_n_epochs=2: the second) is analysed
+    assert held.clustered == [9, 12]
+    assert run.steps_of(NeuronClustering) == [9, 12]
+    with pytest.raises(NeuronsError, match=r"did not analyse epoch 0.*epochs 1 \(at steps 9, 12\)"):
+        run.results(NeuronClustering, 0)
+    with pytest.raises(NeuronsError, match="did not analyse step 4"):
+        run.results(ActivationTracker, step=4)
+    with pytest.raises(NeuronsError, match="did not analyse epoch 1 and step 3"):
+        run.results(ActivationTracker, 1, step=3)
+
+
+def test_validations_every_n_batches_count_validations_not_epochs(tmp_path):
+    # check_val_every_n_epoch=None: a validation every 4 training batches whatever the epochs
+    # (after batches 4, 8, 12 and 16 of 18); every_n_epochs=2 then means every 2nd validation
+    log_dir, held = _fit(tmp_path, max_epochs=3, check_val_every_n_epoch=None, val_check_interval=4)
+    assert sorted(held.means) == [4, 8, 12, 16]
+    # batch 12 is the last of epoch 1: that validation is the epoch's end
+    assert _folders(log_dir, "fit", "activations") == [
+        "epoch=000-step=0000004",
+        "epoch=001",
+        "epoch=001-step=0000008",
+        "epoch=002-step=0000016",
+    ]
+    assert held.clustered == [8, 16]
+    assert _folders(log_dir, "fit", "neuron_clustering") == [
+        "epoch=001-step=0000008",
+        "epoch=002-step=0000016",
+    ]
+    assert load_run(log_dir).steps_of(NeuronClustering) == [8, 16]
+
+
+def test_checkpoints_within_an_epoch_are_analysed_each(tmp_path):
+    folder = tmp_path / "ckpt"
+    pl.seed_everything(0, verbose=False)
+    saver = ModelCheckpoint(dirpath=folder, save_top_k=-1, every_n_train_steps=3, save_last=True)
+    trainer = fast_trainer(
+        tmp_path / "train", max_epochs=2, callbacks=[saver], enable_checkpointing=True
+    )
+    trainer.fit(ImageClassifier(TinyNet(), num_classes=3, lr=1e-2), datamodule=TinyData())
+    assert (folder / "last.ckpt").exists()  # the same epoch and step as the step-12 file
+
+    tracker, clusters = _callbacks()
+    analyser = fast_trainer(tmp_path / "analyse", callbacks=[tracker, clusters])
+    model = ImageClassifier(TinyNet(), num_classes=3, lr=1e-2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        infos = analyze_checkpoints(analyser, model, TinyData(), folder, progress=False)
+    said = [str(w.message) for w in caught if "only the latter is analysed" in str(w.message)]
+    assert len(said) == 1 and "last.ckpt" in said[0]
+    assert [(i.epoch, i.global_step, i.within_epoch) for i in infos] == [
+        (0, 3, True),
+        (0, 6, False),
+        (1, 9, True),
+        (1, 12, False),
+    ]
+    log_dir = Path(analyser.logger.log_dir)
+    assert _folders(log_dir, "validate", "activations") == [
+        "epoch=000",
+        "epoch=000-step=0000003",
+        "epoch=001",
+        "epoch=001-step=0000009",
+    ]
+    run = load_run(log_dir, stage="validate")
+    assert run.steps_of(ActivationTracker) == [3, 6, 9, 12]
+    first = run.results(ActivationTracker, step=3)[LAYER].class_means
+    assert not torch.allclose(first, run.results(ActivationTracker, 0)[LAYER].class_means)
