@@ -31,9 +31,12 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.schedule import checkpoint_within_epoch
 from lightning_neurons.weights import (
+    HF_WEIGHTS,
     epochs_from_names,
     fitted_state,
+    hf_weights,
     load_safetensors,
+    load_sharded,
     read_weights,
 )
 
@@ -56,7 +59,9 @@ results back.
                        *.ckpt, *.pt, *.pth, *.pth.tar, *.safetensors): Lightning checkpoints, or
                        weights a plain PyTorch loop saved (a state dict, or a dict with it under
                        'model_state_dict', 'model' or 'state_dict'; its 'epoch' if it has one,
-                       else from the paths)
+                       else from the paths), or Hugging Face weights (a Trainer's output_dir or
+                       its checkpoint-<step> folders: model.safetensors or pytorch_model.bin,
+                       the epoch and step from trainer_state.json)
   --weights_only BOOL  load checkpoints with torch.load(weights_only=...) (default true; false only
                        for checkpoints you trust that hold other objects than tensors and numbers)
 
@@ -86,22 +91,49 @@ class CheckpointInfo:
     within_epoch: bool = False
 
 
+def _folder_files(folder: Path) -> list[Path]:
+    """A folder's checkpoint files: its folders' Hugging Face weights (a Trainer's
+    ``output_dir`` of ``checkpoint-<step>/``), with its own final model when its
+    ``trainer_state.json`` says its step; else the weights of a Hugging Face ``save_pretrained``
+    folder (a ``checkpoint-<step>/``: not its ``optimizer.pt``); else its ``*.ckpt``, ``*.pt``,
+    ``*.pth``, ``*.pth.tar`` and ``*.safetensors`` files."""
+    own = hf_weights(folder)
+    inside = [w for sub in sorted(folder.iterdir()) if sub.is_dir() and (w := hf_weights(sub))]
+    if inside:
+        if own is not None and not (folder / "trainer_state.json").is_file():
+            rank_zero_warn(
+                f"analyze: {str(own)!r} is not analysed with the checkpoints of its folders: no "
+                "trainer_state.json beside it says its epoch and step (give its path alone to "
+                "analyse it)"
+            )
+            own = None
+        return inside + ([own] if own is not None else [])
+    if own is not None:
+        return [own]
+    return sorted(p for suffix in CHECKPOINT_SUFFIXES for p in folder.glob(f"*{suffix}"))
+
+
 def find_checkpoints(pattern: str | Path) -> list[Path]:
-    """The checkpoint files of ``pattern``: one file, a glob, or a folder (its ``*.ckpt``,
-    ``*.pt``, ``*.pth``, ``*.pth.tar`` and ``*.safetensors``).
+    """The checkpoint files of ``pattern``: one file, a glob (of files, or of Hugging Face
+    checkpoint folders), or a folder (:func:`_folder_files`).
 
     Raises:
         NeuronsError: If nothing matches.
     """
     path = Path(pattern)
     if path.is_dir():
-        found = sorted(p for suffix in CHECKPOINT_SUFFIXES for p in path.glob(f"*{suffix}"))
-        where = f"folder {str(path)!r} holds no {_KINDS} file"
+        found = _folder_files(path)
+        where = (
+            f"folder {str(path)!r} holds no {_KINDS} file, no Hugging Face weights "
+            f"({', '.join(HF_WEIGHTS)}) and no folder with them"
+        )
     elif path.is_file():
         found = [path]
         where = ""
     else:
-        found = sorted(Path(p) for p in glob.glob(str(pattern)) if Path(p).is_file())
+        matches = [Path(p) for p in sorted(glob.glob(str(pattern)))]
+        found = [p for p in matches if p.is_file()]
+        found += [w for p in matches if p.is_dir() and (w := hf_weights(p)) is not None]
         where = f"no file matches {str(pattern)!r}"
     if not found:
         raise NeuronsError(
@@ -121,6 +153,8 @@ def load_checkpoint(path: Path, weights_only: bool = True, mmap: bool = False) -
     """
     if path.suffix == ".safetensors":
         return load_safetensors(path)
+    if path.name.endswith(".index.json"):  # Hugging Face's shards
+        return load_sharded(path, lambda shard: load_checkpoint(shard, weights_only, mmap))
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
     except Exception as err:
@@ -381,7 +415,9 @@ def main(args: Sequence[str], cli_class: type) -> list[CheckpointInfo]:
         progress=trainer.is_global_zero,
     )
     if trainer.is_global_zero:
-        epochs = ", ".join(str(i.epoch) for i in infos)
+        epochs = ", ".join(
+            f"{i.epoch} (step {i.global_step})" if i.within_epoch else str(i.epoch) for i in infos
+        )
         seconds = time.perf_counter() - started
         tb = find_tensorboard(trainer)
         lines = [

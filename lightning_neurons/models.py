@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -14,6 +15,7 @@ from torch.nn import functional as F
 
 from lightning_neurons.batch import INPUT_KEYS, LABEL_KEYS, read_inputs, read_logits
 from lightning_neurons.errors import NeuronsError
+from lightning_neurons.weights import natural_key
 
 
 class SmallCNN(nn.Module):
@@ -109,6 +111,63 @@ def timm_model(
     return timm.create_model(
         name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **(options or {})
     )
+
+
+def hf_model(
+    name: str,
+    num_classes: int | None = None,
+    pretrained: bool = False,
+    options: dict[str, Any] | None = None,
+) -> nn.Module:
+    """A Hugging Face image classifier (``AutoModelForImageClassification``) for a YAML config's
+    backbone, built from the ``config.json`` of a folder that ``save_pretrained`` wrote (a
+    Trainer's ``output_dir``, or one of its ``checkpoint-<step>/`` folders) or of a model on the
+    Hub (a download). Its weights are random unless ``pretrained``: ``lightning-neurons
+    analyze`` loads each checkpoint's into it. Its output's ``logits`` are what ImageClassifier
+    reads.
+
+    Args:
+        name: The folder, or the model's id on the Hub (``"microsoft/resnet-18"``).
+        num_classes: Output logits (``num_labels``); default: the config's.
+        pretrained: Load the folder's (or the Hub's) weights now.
+        options: More options of the model's config (``{"num_channels": 1}``).
+
+    Raises:
+        NeuronsError: Without transformers, or when no config can be read.
+
+    Example (YAML)::
+
+        model:
+          class_path: lightning_neurons.models.ImageClassifier
+          init_args:
+            backbone:
+              class_path: lightning_neurons.models.hf_model
+              init_args: {name: out/checkpoint-500}
+            num_classes: 10
+    """
+    try:
+        from transformers import AutoConfig, AutoModelForImageClassification
+    except ImportError as err:
+        raise NeuronsError("hf_model needs transformers: pip install transformers") from err
+    source = Path(name)
+    if source.is_dir() and not (source / "config.json").is_file():
+        inside = sorted(source.glob("*/config.json"), key=lambda p: natural_key(p.parent))
+        source = inside[-1].parent if inside else source  # a Trainer's latest checkpoint
+    given = dict(options or {})
+    if num_classes is not None:
+        given["num_labels"] = num_classes
+    where = str(source) if source.is_dir() else name
+    try:
+        config = AutoConfig.from_pretrained(where, **given)
+    except (OSError, ValueError) as err:
+        raise NeuronsError(
+            f"hf_model: no model config for {name!r} ({err}); give a folder that save_pretrained "
+            "wrote (with its config.json: a Trainer's output_dir or checkpoint-<step>/) or a "
+            "model id on the Hugging Face Hub (with network access)"
+        ) from err
+    if pretrained:
+        return AutoModelForImageClassification.from_pretrained(where, config=config)
+    return AutoModelForImageClassification.from_config(config)
 
 
 class ImageClassifier(pl.LightningModule):

@@ -9,7 +9,9 @@ LightningModule that holds it (``conv1.weight`` -> ``backbone.conv1.weight``), a
 that ``DataParallel``/DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) add are dropped.
 
 ``.safetensors`` files (Hugging Face's and timm's ``save_pretrained``) are read with the
-``safetensors`` package when it is installed.
+``safetensors`` package when it is installed. Hugging Face's Trainer saves ``checkpoint-<step>/``
+folders: their ``model.safetensors`` (or ``pytorch_model.bin``, or the shards an
+``*.index.json`` lists) is read, and their ``trainer_state.json`` gives the epoch and step.
 
 A file that does not say its epoch takes it from its path when the files' paths differ only by
 a number (``epoch_2.pt``, ``epoch_10.pt``: epochs 2 and 10; ``checkpoint-500/model.safetensors``:
@@ -18,6 +20,8 @@ a number (``epoch_2.pt``, ``epoch_10.pt``: epochs 2 and 10; ``checkpoint-500/mod
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +35,15 @@ from lightning_neurons.errors import NeuronsError
 
 #: Where a dict saved by a plain training loop keeps the model's state dict, in the order tried.
 STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
+
+#: The weights files of a Hugging Face ``save_pretrained`` folder (and a Trainer's
+#: ``checkpoint-<step>/``), in the order looked for; ``*.index.json`` lists a sharded one's files.
+HF_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 #: Prefixes that wrappers add to every key: ``DataParallel``/DDP, ``torch.compile``.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -69,6 +82,57 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path), device="cpu")
 
 
+def hf_weights(folder: Path) -> Path | None:
+    """The weights file of a Hugging Face ``save_pretrained`` folder (a Trainer's
+    ``checkpoint-<step>/``), or ``None`` when it holds none of :data:`HF_WEIGHTS`."""
+    for name in HF_WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def load_sharded(index: Path, load: Any) -> dict[str, torch.Tensor]:
+    """The state dict of the shards that a Hugging Face ``*.index.json`` lists (its
+    ``weight_map``), each read by ``load(path)``.
+
+    Raises:
+        NeuronsError: When the index is not one, or a shard is missing.
+    """
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise NeuronsError(
+            f"{str(index)!r} is not a Hugging Face weights index (a JSON object with a "
+            f"'weight_map' of tensor names to shard files): {err}"
+        ) from err
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        if not (index.parent / shard).is_file():
+            raise NeuronsError(f"{str(index)!r} lists the shard {shard!r}, which is missing")
+        state.update(load(index.parent / shard))
+    return state
+
+
+def trainer_state(path: Path) -> tuple[int, int] | None:
+    """The epoch and step of a Hugging Face Trainer's checkpoint from the ``trainer_state.json``
+    beside ``path`` (``None``: there is none). The Trainer counts epochs done, as a fraction
+    (``1.0`` after the first, ``0.5`` half-way through it); the epoch here is the one it was
+    saved in, counted from 0 as Lightning counts (both: 0), and its step the Trainer's
+    ``global_step``."""
+    state_file = path.parent / "trainer_state.json"
+    if not state_file.is_file():
+        return None
+    try:
+        state = json.loads(state_file.read_text())
+        done, step = float(state["epoch"]), int(state["global_step"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise NeuronsError(
+            f"{str(state_file)!r} is not a Hugging Face Trainer's state (a JSON object with "
+            f"'epoch' and 'global_step'): {err}"
+        ) from err
+    return max(0, math.ceil(done) - 1), step
+
+
 def _is_state_dict(value: Any) -> bool:
     return (
         isinstance(value, Mapping)
@@ -93,7 +157,8 @@ def read_weights(checkpoint: Any, path: Path) -> Weights:
         epoch, step = _number(checkpoint, "epoch"), _number(checkpoint, "global_step")
         return Weights(dict(checkpoint["state_dict"]), epoch, step, lightning=True)
     if _is_state_dict(checkpoint):
-        return Weights(dict(checkpoint), None, None, lightning=False)
+        epoch, step = trainer_state(path) or (None, None)
+        return Weights(dict(checkpoint), epoch, step, lightning=False)
     if isinstance(checkpoint, Mapping):
         for key in STATE_KEYS:
             if _is_state_dict(checkpoint.get(key)):
@@ -141,7 +206,8 @@ def fitted_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[st
 _NUMBERED = re.compile(r"(.*?)(\d+)(\D*)")
 
 
-def _natural_key(path: Path) -> list[Any]:
+def natural_key(path: Path) -> list[Any]:
+    """``checkpoint-1000`` after ``checkpoint-500``: numbers in the path compared as numbers."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
 
@@ -163,7 +229,7 @@ def epochs_from_names(paths: Sequence[Path]) -> list[int]:
         numbers = [int(m.group(2)) for m in parts if m]
         if len(shapes) == 1 and len(set(numbers)) == len(numbers):
             return numbers
-    order = sorted(range(len(paths)), key=lambda i: _natural_key(paths[i]))
+    order = sorted(range(len(paths)), key=lambda i: natural_key(paths[i]))
     places = [0] * len(paths)
     for place, index in enumerate(order):
         places[index] = place
