@@ -43,7 +43,8 @@ from sklearn.metrics import adjusted_rand_score
 
 from lightning_neurons import ActivationTracker, CategoryClustering
 from lightning_neurons.clustering import CategoryClusterer
-from lightning_neurons.hooks import hooked, reduce_activation
+from lightning_neurons.hooks import hooked
+from lightning_neurons.layouts import reduce_activation
 from lightning_neurons.models import ImageClassifier, SmallCNN
 from lightning_neurons.parts import NUM_CLASSES, PartsDataModule
 from lightning_neurons.state import untouched

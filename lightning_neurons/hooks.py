@@ -48,11 +48,9 @@ from lightning_neurons.functional import (
 )
 from lightning_neurons.gradients import in_backward, kept_saved_tensors
 from lightning_neurons.layouts import (
-    check_neurons,
     from_channels_first,
     layout_of,
     module_layouts,
-    reduce_positions,
     sequence_first_modules,
     to_channels_first,
 )
@@ -290,6 +288,17 @@ def _order_key(order: dict[str, float], spec: str) -> tuple[float, int, str]:
     return order.get(split_element(module)[0], float(len(order))), rank, call or ""
 
 
+def _outermost(names: list[str]) -> list[str]:
+    """``names`` less those inside another of them: fnmatch's ``*`` crosses dots, so
+    ``"blocks.*[1]"`` matches the blocks (which return the tuple) and everything in them."""
+    matched = set(names)
+    return [
+        n
+        for n in names
+        if not any(".".join(n.split(".")[:i]) in matched for i in range(1, n.count(".") + 1))
+    ]
+
+
 def resolve_layers(
     model: nn.Module,
     layers: Sequence[str] | None,
@@ -301,7 +310,8 @@ def resolve_layers(
         model: The model whose layers are meant.
         layers: Names as in ``model.named_modules()``, function layers (``"backbone.relu()"``) or
             glob patterns (``"features.*"``, ``"layer?.0.conv1"``, ``"*.relu()"``), each
-            optionally with an element of the output (``"blocks.*[1]"``) and a call part
+            optionally with an element of the output (``"blocks.*[1]"``: the outermost modules
+            the glob matches, not the modules inside them) and a call part
             (``"layer1.0.relu#1"``, ``"layer*.relu#*"``; see the module docstring); ``None``
             means :func:`default_layers`.
         activations: More activation classes and ops for :func:`default_layers`.
@@ -339,7 +349,10 @@ def resolve_layers(
             call = str(int(call))
         base = split_element(module_pattern)[0]
         if any(ch in base for ch in _GLOB):
-            hits = [h + module_pattern[len(base) :] for h in fnmatch.filter(order, base)]
+            found = fnmatch.filter(order, base)
+            if base != module_pattern:  # an element: of the modules that return the tuple
+                found = _outermost(found)
+            hits = [h + module_pattern[len(base) :] for h in found]
             if not hits:
                 raise NeuronsError(
                     f"layer pattern {pattern!r} matches no module of {_describe(model)}. "
@@ -355,26 +368,6 @@ def resolve_layers(
     whole = {c for c in chosen if split_call(c)[1] is None}
     kept = [c for c in dict.fromkeys(chosen) if c in whole or split_call(c)[0] not in whole]
     return sorted(kept, key=lambda spec: _order_key(order, spec))
-
-
-def reduce_activation(output: torch.Tensor, reduction: str, layer: str = "") -> torch.Tensor:
-    """Reduce a channels-first layer output to one value per neuron: ``[B, K, *positions] ->
-    [B, K]`` (the hooks hand outputs over channels first, see :mod:`lightning_neurons.layouts`).
-
-    Args:
-        output: ``[B, K]`` (linear units), ``[B, K, H, W]`` (conv channels) or ``[B, D, N]``
-            (transformer tokens).
-        reduction: ``"mean"`` or ``"max"`` over the positions.
-        layer: The layer's name, for the error message.
-
-    Returns:
-        A ``[B, K]`` tensor.
-
-    Raises:
-        NeuronsError: For a tensor without a neuron axis.
-    """
-    check_neurons(output, layer)
-    return reduce_positions(output, reduction)
 
 
 # ---- hooks -----------------------------------------------------------------------------------

@@ -220,6 +220,26 @@ def check_neurons(output: torch.Tensor, layer: str) -> None:
         )
 
 
+def reduce_activation(output: torch.Tensor, reduction: str, layer: str = "") -> torch.Tensor:
+    """Reduce a channels-first layer output to one value per neuron: ``[B, K, *positions] ->
+    [B, K]`` (the hooks hand outputs over channels first, see :mod:`lightning_neurons.layouts`).
+
+    Args:
+        output: ``[B, K]`` (linear units), ``[B, K, H, W]`` (conv channels) or ``[B, D, N]``
+            (transformer tokens).
+        reduction: ``"mean"`` or ``"max"`` over the positions.
+        layer: The layer's name, for the error message.
+
+    Returns:
+        A ``[B, K]`` tensor.
+
+    Raises:
+        NeuronsError: For a tensor without a neuron axis.
+    """
+    check_neurons(output, layer)
+    return reduce_positions(output, reduction)
+
+
 def token_grid(tokens: int, grid: Sequence[int]) -> tuple[int, tuple[int, int]]:
     """``(prefix, (h, w))``: the leading tokens that are not on a grid of patches (class,
     register, distillation tokens) and the ``h x w`` grid of the tokens after them.

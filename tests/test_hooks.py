@@ -9,13 +9,12 @@ from lightning_neurons.hooks import (
     default_layers,
     get_module,
     hooked,
-    reduce_activation,
     resolve_layers,
     run_layers,
     selects,
     signed_layers,
 )
-from lightning_neurons.layouts import held_values
+from lightning_neurons.layouts import held_values, reduce_activation
 from lightning_neurons.signs import never_negative
 
 

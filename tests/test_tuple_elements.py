@@ -86,6 +86,9 @@ def test_names_with_elements_resolve_and_bad_ones_say_what_is_there():
     model = DualPathNet()
     assert get_module(model, "blocks.1[1]") is model.blocks[1]
     assert resolve_layers(model, ["blocks.?[1]", "stem"]) == ["stem", "blocks.0[1]", "blocks.1[1]"]
+    # `*` crosses dots: with an element, the blocks that return the tuple, not their convs
+    assert resolve_layers(model, ["blocks.*[1]"]) == ["blocks.0[1]", "blocks.1[1]"]
+    assert "blocks.0.conv" in resolve_layers(model, ["blocks.*"])  # without, everything
     assert resolve_layers(model, ["blocks.1[0]#0"]) == ["blocks.1[0]#0"]
     with pytest.raises(NeuronsError, match=r"Did you mean: blocks.1\[1\]"):
         get_module(model, "blockz.1[1]")

@@ -17,7 +17,8 @@ from lightning_neurons.batch import BatchReader, as_model_input, to_display, to_
 from lightning_neurons.callbacks._plan import VisualizerPlan, layer_widths
 from lightning_neurons.callbacks._rendering import Renderer
 from lightning_neurons.distributed import concat, map_shares
-from lightning_neurons.hooks import hooked, reduce_activation
+from lightning_neurons.hooks import hooked
+from lightning_neurons.layouts import reduce_activation
 from lightning_neurons.probes import ProbeCandidate
 from lightning_neurons.results import ClusterRendering, Rendering, SaliencyMaps
 from lightning_neurons.state import analysis_mode, model_device

@@ -37,7 +37,7 @@ from lightning_neurons.clustering import (
     normalize_neurons,
 )
 from lightning_neurons.errors import NeuronsError
-from lightning_neurons.hooks import reduce_activation
+from lightning_neurons.layouts import reduce_activation
 from lightning_neurons.loggers import find_tensorboard
 from lightning_neurons.outputs import leading_size
 from lightning_neurons.projector import MAX_IMAGES, CropSearch
