@@ -68,12 +68,15 @@ class NeuronEvolution:
         epochs: ``[E]`` the epochs, increasing.
         preferred_class: ``[E, K]`` each neuron's class with the largest mean, per epoch.
         selectivity: ``[E, K]`` each neuron's class selectivity index, per epoch.
+        steps: ``[E]`` the global step of each analysis, when known (the callbacks' histories):
+            an epoch analysed several times (validations within it) appears once per step.
     """
 
     layer: str
     epochs: np.ndarray
     preferred_class: np.ndarray
     selectivity: np.ndarray
+    steps: np.ndarray | None = None
 
     @property
     def changed_fraction(self) -> np.ndarray:
@@ -82,18 +85,31 @@ class NeuronEvolution:
         return (self.preferred_class[1:] != self.preferred_class[:-1]).mean(axis=1)
 
 
-def neuron_evolution(stats: Sequence[LayerStats]) -> NeuronEvolution:
-    """A layer's :class:`NeuronEvolution` from its statistics of several epochs.
+def _in_order(items: Sequence[Any], steps: Sequence[int] | None) -> tuple[list[Any], Any]:
+    """``items`` (each with an ``epoch``) in the order of their epochs and ``steps``, and their
+    steps in that order (``None`` when not given)."""
+    if steps is not None and len(steps) != len(items):
+        raise NeuronsError(f"got {len(items)} analyses and {len(steps)} steps; give one step each")
+    given = list(steps) if steps is not None else [0] * len(items)
+    order = sorted(range(len(items)), key=lambda i: (items[i].epoch, given[i]))
+    return [items[i] for i in order], None if steps is None else np.array([given[i] for i in order])
+
+
+def neuron_evolution(
+    stats: Sequence[LayerStats], steps: Sequence[int] | None = None
+) -> NeuronEvolution:
+    """A layer's :class:`NeuronEvolution` from its statistics of several analyses.
 
     Args:
         stats: The layer's :class:`~lightning_neurons.stats.LayerStats` of each epoch (any order).
+        steps: The global step of each (for several analyses of an epoch: validations within it).
 
     Raises:
         NeuronsError: If ``stats`` is empty, mixes layers, or the neuron count changes.
     """
     if not stats:
         raise NeuronsError("neuron_evolution needs the statistics of at least one epoch")
-    ordered = sorted(stats, key=lambda s: s.epoch)
+    ordered, in_order = _in_order(stats, steps)
     layers = {s.layer for s in ordered}
     widths = {s.num_neurons for s in ordered}
     if len(layers) > 1 or len(widths) > 1:
@@ -106,6 +122,7 @@ def neuron_evolution(stats: Sequence[LayerStats]) -> NeuronEvolution:
         epochs=np.array([s.epoch for s in ordered]),
         preferred_class=np.stack([s.preferred_class.numpy() for s in ordered]),
         selectivity=np.stack([s.selectivity.double().numpy() for s in ordered]),
+        steps=in_order,
     )
 
 
@@ -146,6 +163,8 @@ class ClusteringEvolution:
         distance_correlation: ``[E - 1]`` correlation of each epoch's class distances with the
             next's (:func:`distance_correlation`).
         class_names: The class names.
+        steps: ``[E]`` the global step of each analysis, when known (as
+            :attr:`NeuronEvolution.steps`).
     """
 
     view: str
@@ -154,17 +173,21 @@ class ClusteringEvolution:
     adjusted_rand: np.ndarray
     distance_correlation: np.ndarray
     class_names: list[str] = field(default_factory=list)
+    steps: np.ndarray | None = None
 
 
-def clustering_evolution(results: Sequence[CategoryClusteringResult]) -> ClusteringEvolution:
-    """A view's :class:`ClusteringEvolution` from its category clusterings of several epochs.
+def clustering_evolution(
+    results: Sequence[CategoryClusteringResult], steps: Sequence[int] | None = None
+) -> ClusteringEvolution:
+    """A view's :class:`ClusteringEvolution` from its category clusterings of several analyses
+    (``steps``: as :func:`neuron_evolution`'s).
 
     Raises:
         NeuronsError: If ``results`` is empty or mixes views.
     """
     if not results:
         raise NeuronsError("clustering_evolution needs the clustering of at least one epoch")
-    ordered = sorted(results, key=lambda r: r.epoch)
+    ordered, in_order = _in_order(results, steps)
     if len({r.view for r in ordered}) > 1:
         raise NeuronsError("clustering_evolution takes one view's results")
     pairs = list(zip(ordered[:-1], ordered[1:], strict=True))
@@ -177,10 +200,19 @@ def clustering_evolution(results: Sequence[CategoryClusteringResult]) -> Cluster
             [distance_correlation(a.distances, b.distances) for a, b in pairs]
         ),
         class_names=list(ordered[-1].class_names),
+        steps=in_order,
     )
 
 
 # ---- live: what the callbacks keep and log --------------------------------------------------------
+
+
+#: An analysis's place in training: its epoch and global step (-1: not given).
+Point = tuple[int, int]
+
+
+def _steps(points: Sequence[Point]) -> np.ndarray | None:
+    return np.array([s for _, s in points]) if all(s >= 0 for _, s in points) else None
 
 
 @dataclass
@@ -191,40 +223,45 @@ class _NeuronEpoch:
 
 
 class NeuronHistory:
-    """Each layer's preferred classes and selectivities of the epochs analysed so far (``[K]``
-    per epoch and layer), for the :class:`~lightning_neurons.ActivationTracker`'s evolution
+    """Each layer's preferred classes and selectivities of the analyses so far (``[K]`` per
+    analysis and layer), for the :class:`~lightning_neurons.ActivationTracker`'s evolution
     figures."""
 
     def __init__(self) -> None:
-        self._layers: dict[str, dict[int, _NeuronEpoch]] = {}
+        self._layers: dict[str, dict[Point, _NeuronEpoch]] = {}
 
-    def update(self, results: Mapping[str, LayerStats]) -> dict[str, NeuronEvolution]:
-        """Add an epoch's statistics; the evolution of each layer analysed in two epochs or more.
-        An epoch analysed again replaces the earlier analysis."""
+    def update(
+        self, results: Mapping[str, LayerStats], step: int | None = None
+    ) -> dict[str, NeuronEvolution]:
+        """Add an analysis's statistics (of an epoch, at ``step``: several analyses of an epoch,
+        validations within it, are kept apart); the evolution of each layer analysed twice or
+        more. An analysis of the same epoch and step replaces the earlier one."""
         out = {}
         for layer, stats in results.items():
             kept = self._layers.setdefault(layer, {})
             if any(e.preferred_class.size != stats.num_neurons for e in kept.values()):
                 kept.clear()  # another model under the same name: start again
-            kept[stats.epoch] = _NeuronEpoch(
+            kept[(stats.epoch, -1 if step is None else step)] = _NeuronEpoch(
                 stats.epoch,
                 stats.preferred_class.numpy().copy(),
                 stats.selectivity.double().numpy().copy(),
             )
             if len(kept) >= 2:
-                ordered = [kept[e] for e in sorted(kept)]
+                points = sorted(kept)
+                ordered = [kept[p] for p in points]
                 out[layer] = NeuronEvolution(
                     layer=layer,
                     epochs=np.array([e.epoch for e in ordered]),
                     preferred_class=np.stack([e.preferred_class for e in ordered]),
                     selectivity=np.stack([e.selectivity for e in ordered]),
+                    steps=_steps(points),
                 )
         return out
 
 
 @dataclass
 class _ViewHistory:
-    epochs: list[int] = field(default_factory=list)
+    points: list[Point] = field(default_factory=list)
     labels: list[np.ndarray] = field(default_factory=list)
     adjusted_rand: list[float] = field(default_factory=list)
     distance_correlation: list[float] = field(default_factory=list)
@@ -240,32 +277,35 @@ class ClusteringHistory:
         self._views: dict[str, _ViewHistory] = {}
 
     def update(
-        self, results: Mapping[str, CategoryClusteringResult]
+        self, results: Mapping[str, CategoryClusteringResult], step: int | None = None
     ) -> dict[str, ClusteringEvolution]:
-        """Add an epoch's clusterings (epochs increase; an epoch not after the latest one is
-        left out); the evolution of each view analysed in two epochs or more."""
+        """Add an analysis's clusterings (of an epoch, at ``step``; analyses come in order, and
+        one not after the latest, a repeated validate, is left out); the evolution of each view
+        analysed twice or more."""
         out = {}
         for view, res in results.items():
             h = self._views.setdefault(view, _ViewHistory())
-            if h.epochs and h.labels[-1].shape != res.labels.shape:
+            if h.points and h.labels[-1].shape != res.labels.shape:
                 h = self._views[view] = _ViewHistory()  # another data set: start again
-            if h.epochs and res.epoch <= h.epochs[-1]:
-                continue  # an epoch analysed again (a repeated validate)
-            if h.epochs:
+            point = (res.epoch, -1 if step is None else step)
+            if h.points and point <= h.points[-1]:
+                continue  # an analysis again (a repeated validate)
+            if h.points:
                 h.adjusted_rand.append(_adjusted_rand(h.labels[-1], res.labels))
                 assert h.distances is not None
                 h.distance_correlation.append(distance_correlation(h.distances, res.distances))
-            h.epochs.append(res.epoch)
+            h.points.append(point)
             h.labels.append(_numpy(res.labels).copy())
             h.distances = _numpy(res.distances, np.float32)
-            if len(h.epochs) >= 2:
+            if len(h.points) >= 2:
                 out[view] = ClusteringEvolution(
                     view=view,
-                    epochs=np.array(h.epochs),
+                    epochs=np.array([e for e, _ in h.points]),
                     labels=np.stack(h.labels),
                     adjusted_rand=np.array(h.adjusted_rand),
                     distance_correlation=np.array(h.distance_correlation),
                     class_names=list(res.class_names),
+                    steps=_steps(h.points),
                 )
         return out
 
@@ -515,7 +555,7 @@ def run_neuron_evolution(
         >>> run_neuron_evolution(run)["features.relu3"].preferred_class  # [E, K]  # doctest: +SKIP
     """
     by_layer = _per_key(run, "ActivationTracker", layers)
-    return {layer: neuron_evolution(stats) for layer, stats in by_layer.items()}
+    return {layer: neuron_evolution(*zip(*pairs, strict=True)) for layer, pairs in by_layer.items()}
 
 
 def run_clustering_evolution(
@@ -532,15 +572,19 @@ def run_clustering_evolution(
         >>> run_clustering_evolution(run)["combined"].adjusted_rand  # [E - 1]  # doctest: +SKIP
     """
     by_view = _per_key(run, "CategoryClustering", views)
-    return {view: clustering_evolution(results) for view, results in by_view.items()}
+    return {
+        view: clustering_evolution(*zip(*pairs, strict=True)) for view, pairs in by_view.items()
+    }
 
 
-def _per_key(run: Run, callback: str, keys: Sequence[str] | None) -> dict[str, list[Any]]:
-    """``callback``'s results over every epoch it analysed, by key (layer or view; ``keys``:
-    only those), each key's in epoch order."""
-    by_key: dict[str, list[Any]] = {}
-    for epoch in run.epochs_of(callback):
-        for key, res in run.results(callback, epoch).items():
+def _per_key(
+    run: Run, callback: str, keys: Sequence[str] | None
+) -> dict[str, list[tuple[Any, int]]]:
+    """``callback``'s results and steps over every analysis (every step: several of an epoch
+    when it validated within epochs), by key (layer or view; ``keys``: only those), in order."""
+    by_key: dict[str, list[tuple[Any, int]]] = {}
+    for step in run.steps_of(callback):
+        for key, res in run.results(callback, step=step).items():
             if keys is None or key in keys:
-                by_key.setdefault(key, []).append(res)
+                by_key.setdefault(key, []).append((res, step))
     return by_key

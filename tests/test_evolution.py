@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import TinyData, fast_trainer
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 from lightning_neurons import ActivationTracker, CategoryClustering, NeuronsError, load_run
 from lightning_neurons.evolution import (
@@ -27,6 +28,7 @@ from lightning_neurons.plots import _canvas
 from lightning_neurons.plots._canvas import render
 from lightning_neurons.plots.evolution import (
     _NeuronLayout,
+    analysis_ticks,
     class_colours,
     clustering_evolution_figure,
     comparison_figure,
@@ -148,6 +150,34 @@ def test_histories_keep_what_the_figures_need_and_skip_a_repeated_epoch():
     moved = categories.update({"conv": clustering(1, [0, 1, 1, 0], DISTANCES)})["conv"]
     again = categories.update({"conv": clustering(1, [0, 0, 1, 1], DISTANCES)})  # same epoch
     assert again == {} and moved.adjusted_rand[0] < 0.0
+
+
+def test_analyses_within_an_epoch_are_kept_apart_by_their_steps():
+    # validations within an epoch (val_check_interval < 1): epoch 0 at steps 3 and 6, epoch 1
+    neurons = NeuronHistory()
+    assert neurons.update({"conv": stats(0, EPOCH0)}, step=3) == {}
+    within = neurons.update({"conv": stats(0, EPOCH1)}, step=6)["conv"]
+    assert within.epochs.tolist() == [0, 0] and within.steps.tolist() == [3, 6]
+    assert within.changed_fraction.tolist() == pytest.approx([2 / 3])
+    again = neurons.update({"conv": stats(0, EPOCH0)}, step=6)["conv"]  # the same step: replaced
+    assert again.steps.tolist() == [3, 6] and again.changed_fraction.tolist() == [0.0]
+    last = neurons.update({"conv": stats(1, EPOCH1)}, step=9)["conv"]
+    assert last.epochs.tolist() == [0, 0, 1] and last.steps.tolist() == [3, 6, 9]
+    categories = ClusteringHistory()
+    categories.update({"conv": clustering(0, [0, 0, 1, 1], DISTANCES)}, step=3)
+    moved = categories.update({"conv": clustering(0, [0, 1, 1, 0], DISTANCES)}, step=6)["conv"]
+    assert moved.steps.tolist() == [3, 6] and moved.adjusted_rand[0] < 0.0
+    assert categories.update({"conv": clustering(0, [0, 0, 1, 1], DISTANCES)}, step=6) == {}
+    # the figures label the analyses by step when an epoch repeats, else by epoch
+    assert analysis_ticks(last.epochs, last.steps) == (["3", "6", "9"], "step")
+    assert analysis_ticks(np.array([0, 1]), np.array([6, 12])) == (["0", "1"], "epoch")
+    assert analysis_ticks(np.array([0, 1]), None) == (["0", "1"], "epoch")
+    for figure in (neuron_evolution_figure(last), clustering_evolution_figure(moved)):
+        ticks = [t.get_text() for ax in figure.axes for t in ax.get_xticklabels()]
+        labels = [ax.get_xlabel() for ax in figure.axes]
+        texts = [t.get_text() for t in figure.findobj(Text)]
+        assert "6" in ticks and any(label.startswith("step") for label in labels)
+        assert any("over steps" in text for text in texts)
 
 
 def test_figures_are_agg_figures_without_pyplot_and_draw_into_a_given_figure():

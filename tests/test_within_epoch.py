@@ -12,9 +12,11 @@ import pytest
 import torch
 from conftest import TinyData, TinyNet, fast_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_neurons import ActivationTracker, NeuronClustering, NeuronsError, load_run
 from lightning_neurons.analyze import analyze_checkpoints
+from lightning_neurons.evolution import run_neuron_evolution
 from lightning_neurons.models import ImageClassifier
 
 LAYER = "backbone.relu2"
@@ -88,6 +90,14 @@ def test_validations_within_an_epoch_keep_their_own_files(tmp_path):
     assert run.steps_of(NeuronClustering) == [9, 12]
     with pytest.raises(NeuronsError, match=r"did not analyse epoch 0.*epochs 1 \(at steps 9, 12\)"):
         run.results(NeuronClustering, 0)
+    # the evolution over the analyses: each one against the one before, the figure at the end
+    events = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    changed = events.Scalars(f"neurons/activations/{LAYER}/preference_changed")
+    assert [e.step for e in changed] == [6, 9, 12]
+    assert [e.step for e in events.Images(f"activations/{LAYER}/evolution")] == [12]
+    evolution = run_neuron_evolution(run)[LAYER]  # read back: every analysis too
+    assert evolution.steps.tolist() == [3, 6, 9, 12] and evolution.epochs.tolist() == [0, 0, 1, 1]
     with pytest.raises(NeuronsError, match="did not analyse step 4"):
         run.results(ActivationTracker, step=4)
     with pytest.raises(NeuronsError, match="did not analyse epoch 1 and step 3"):

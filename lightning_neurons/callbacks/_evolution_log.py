@@ -71,7 +71,7 @@ class NeuronEvolutionLog(_LatestFigures):
         class_names: Sequence[str] | None = None,
     ) -> None:
         """``history.update(results)``, its scalars, and the figures when they are due."""
-        evolutions = self.history.update(results)
+        evolutions = self.history.update(results, out.step)
         scalars = {
             out.tag(layer, "preference_changed"): float(evolution.changed_fraction[-1])
             for layer, evolution in evolutions.items()
@@ -97,7 +97,7 @@ class ClusteringEvolutionLog(_LatestFigures):
 
     def log(self, out: AnalysisLogger, results: Mapping[str, CategoryClusteringResult]) -> None:
         """``history.update(results)``, its scalars, and the figures when they are due."""
-        evolutions = self.history.update(results)
+        evolutions = self.history.update(results, out.step)
         scalars = {
             out.tag(view, "distance_correlation"): float(evolution.distance_correlation[-1])
             for view, evolution in evolutions.items()

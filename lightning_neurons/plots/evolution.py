@@ -55,12 +55,21 @@ def class_colours(num_classes: int) -> ListedColormap:
     return ListedColormap(colours)
 
 
-def _epoch_ticks(ax: Axes, epochs: np.ndarray) -> None:
-    shown = np.arange(len(epochs))
-    if len(epochs) > 10:
-        shown = np.unique(np.linspace(0, len(epochs) - 1, 6).round().astype(int))
-    ax.set_xticks(shown, [str(int(epochs[i])) for i in shown], fontsize=_canvas.FONT)
-    ax.set_xlabel("epoch", fontsize=_canvas.FONT, labelpad=2)
+def analysis_ticks(epochs: np.ndarray, steps: np.ndarray | None) -> tuple[list[str], str]:
+    """The x tick labels of the analyses over time, and the axis' name: their epochs, or their
+    steps when an epoch was analysed more than once (validations within it)."""
+    if steps is None or len(set(int(e) for e in epochs)) == len(epochs):
+        return [str(int(e)) for e in epochs], "epoch"
+    return [str(int(s)) for s in steps], "step"
+
+
+def _epoch_ticks(ax: Axes, labels: Sequence[str], axis: str, start: int = 0) -> None:
+    """``labels`` at x = ``start``, ``start + 1``, ...; six of them when more than 10."""
+    shown = np.arange(len(labels))
+    if len(labels) > 10:
+        shown = np.unique(np.linspace(0, len(labels) - 1, 6).round().astype(int))
+    ax.set_xticks(shown + start, [labels[i] for i in shown], fontsize=_canvas.FONT)
+    ax.set_xlabel(axis, fontsize=_canvas.FONT, labelpad=2)
 
 
 def _class_legend(ax: Axes, names: Sequence[str], cmap: ListedColormap) -> None:
@@ -148,7 +157,8 @@ class _NeuronLayout:
 
     top: int  # rows of the title
     names: tuple[str, ...]  # the legend's classes
-    epochs: tuple[int, ...]
+    epochs: tuple[str, ...]  # the x ticks' labels: epochs, or steps (``axis``)
+    axis: str
     room: int  # the legend's labels
 
     @classmethod
@@ -164,12 +174,12 @@ class _NeuronLayout:
             [_canvas.shorten(n, 40) for n in names] if num_classes <= 20 else [str(num_classes)]
         )
         top = _canvas.title_height(_evolution_title(evolution), _canvas.MAX_WIDTH)
-        epochs = tuple(int(e) for e in evolution.epochs)
-        return cls(top, names, epochs, _canvas.label_room(labels, 60))
+        ticks, axis = analysis_ticks(evolution.epochs, evolution.steps)
+        return cls(top, names, tuple(ticks), axis, _canvas.label_room(labels, 60))
 
     @property
     def key(self) -> tuple:
-        return ("neuron_evolution", self.top, self.names, self.epochs, self.room)
+        return ("neuron_evolution", self.top, self.names, self.epochs, self.axis, self.room)
 
     @property
     def height(self) -> int:
@@ -209,10 +219,10 @@ class _NeuronLayout:
 
 def _evolution_title(evolution: NeuronEvolution) -> str:
     changed = float(evolution.changed_fraction[-1]) if len(evolution.epochs) > 1 else 0.0
+    ticks, axis = analysis_ticks(evolution.epochs, evolution.steps)
     return (
         f"{evolution.layer} ({evolution.preferred_class.shape[1]} neurons): preferred class "
-        f"and selectivity over epochs ({changed:.0%} changed class at epoch "
-        f"{int(evolution.epochs[-1])})"
+        f"and selectivity over {axis}s ({changed:.0%} changed class at {axis} {ticks[-1]})"
     )
 
 
@@ -235,7 +245,7 @@ def _neuron_axes(fig: Figure, layout: _NeuronLayout) -> tuple[Axes, Axes]:
         ax.set_xlim(-0.5, len(layout.epochs) - 0.5)
         ax.set_title(title, fontsize=_canvas.FONT, pad=3)
         ax.set_yticks([])
-        _epoch_ticks(ax, np.asarray(layout.epochs))
+        _epoch_ticks(ax, layout.epochs, layout.axis)
     ax_class.set_ylabel("neurons, by latest class", fontsize=_canvas.FONT, labelpad=2)
     _class_legend(place(legend_box), list(layout.names), class_colours(len(layout.names)))
     _canvas.colorbar(place(bar_box), "viridis", 0.0, 1.0, "")
@@ -289,17 +299,17 @@ def clustering_evolution_figure(
         The figure.
     """
     fig = _figure(figure, 360)
-    fig.suptitle(f"{evolution.view}: category clustering over epochs", fontsize=_canvas.TITLE_FONT)
+    ticks, axis = analysis_ticks(evolution.epochs, evolution.steps)
+    fig.suptitle(f"{evolution.view}: category clustering over {axis}s", fontsize=_canvas.TITLE_FONT)
     grid = fig.add_gridspec(
         1, 2, width_ratios=[1.2, 1], left=0.1, right=0.86, top=0.86, bottom=0.14, wspace=0.3
     )
     ax_lines, ax_labels = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
-    later = evolution.epochs[1:]
+    later = np.arange(1, len(ticks))  # each analysis after the first, at its place
     ax_lines.plot(later, evolution.adjusted_rand, "o-", label="adjusted Rand (labels)")
     ax_lines.plot(later, evolution.distance_correlation, "s--", label="distance correlation")
     ax_lines.set_ylim(-0.1, 1.05)
-    ax_lines.set_xticks(later, [str(int(e)) for e in later] if len(later) <= 10 else None)
-    ax_lines.set_xlabel("epoch (vs the previous analysed one)", fontsize=_canvas.FONT)
+    _epoch_ticks(ax_lines, ticks[1:], f"{axis} (vs the previous analysed one)", start=1)
     ax_lines.tick_params(labelsize=_canvas.FONT)
     ax_lines.legend(fontsize=_canvas.FONT - 1, loc="lower right")
     ax_lines.grid(alpha=0.3)
@@ -321,7 +331,7 @@ def clustering_evolution_figure(
         ax_labels.set_yticks(np.arange(len(names)), [_canvas.shorten(n, 50) for n in names])
     ax_labels.tick_params(axis="y", labelsize=_canvas.FONT, length=2, pad=1)
     ax_labels.set_title("cluster of each class", fontsize=_canvas.FONT)
-    _epoch_ticks(ax_labels, evolution.epochs)
+    _epoch_ticks(ax_labels, ticks, axis)
     return fig
 
 
