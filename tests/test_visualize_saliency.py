@@ -394,7 +394,7 @@ def test_maps_change_when_the_weights_are_randomised():
 def test_only_grad_cams_default_reads_every_modules_output(monkeypatch):
     """The shapes of every module's output (hooks on all of them) are read only where Grad-CAM
     picks its layer: not for gradient or SmoothGrad maps, nor for a named Grad-CAM layer."""
-    module = importlib.import_module("lightning_neurons.visualize.saliency")
+    module = importlib.import_module("lightning_neurons.visualize.probe")
     calls: list[int] = []
     real = module.layer_outputs
 

@@ -17,9 +17,7 @@ type (bfloat16 / float16 models too); logits are read with
 
 from __future__ import annotations
 
-import numbers
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -30,23 +28,17 @@ from lightning_neurons import progress
 from lightning_neurons.batch import (
     BatchFn,
     InputTransform,
-    as_model_input,
-    read_logits,
-    to_model_input,
 )
 from lightning_neurons.checks import (
     check_choice,
     check_image_batch,
     check_int,
     check_non_negative,
-    check_optional_positive_int,
     check_positive_int,
 )
 from lightning_neurons.defaults import default_cam_layer
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.gradients import (
-    GIVE_GRAPH,
-    NO_GRAPH,
     gradients_at,
     no_gradient,
 )
@@ -60,148 +52,22 @@ from lightning_neurons.layouts import (
 )
 from lightning_neurons.state import analysis_mode, model_device
 from lightning_neurons.visualize.cam_layers import (  # cam_layer: this module's too
-    LayerOutputs,
     cam_layer,
     image_sizes,
-    layer_outputs,
     read_cam_layer,
 )
 from lightning_neurons.visualize.param import row_seed
-from lightning_neurons.visualize.sizing import OutputSizes, auto_batch_size, leaf_output_sizes
+from lightning_neurons.visualize.probe import (
+    Probe,
+    class_logits,
+    input_gradient,
+    logits_without_graph,
+    probe_targets,
+    row_chunks,
+)
 
 Method = Literal["gradient", "smoothgrad", "gradcam"]
 METHODS: tuple[str, ...] = ("gradient", "smoothgrad", "gradcam")
-
-
-def _logits(
-    model: nn.Module,
-    x: torch.Tensor,
-    input_transform: InputTransform | None,
-    output_fn: BatchFn | None = None,
-) -> torch.Tensor:
-    """Float32 logits of display images ``x``, run in the model's dtype."""
-    x = as_model_input(to_model_input(x, input_transform), model)
-    return read_logits(model(x), output_fn).float()
-
-
-class _Probe:
-    """One forward pass of one of ``images``, made when first asked (and then only once): the
-    model's number of classes, the rows a chunk may hold
-    (:func:`~lightning_neurons.visualize.sizing.auto_batch_size` of its layers' outputs) and,
-    with ``watch``, the shapes of the layers' outputs (Grad-CAM's default layer,
-    :func:`cam_layer`: hooks on every module)."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        images: torch.Tensor,
-        input_transform: InputTransform | None,
-        output_fn: BatchFn | None = None,
-        watch: bool = False,
-    ) -> None:
-        self.model, self.images, self.watch = model, images, watch
-        self.input_transform, self.output_fn = input_transform, output_fn
-        self._found: tuple[int, OutputSizes] | None = None
-        self._outputs: LayerOutputs | None = None
-
-    def _run(self) -> tuple[int, OutputSizes]:
-        if self._found is None:
-            x = as_model_input(to_model_input(self.images[:1], self.input_transform), self.model)
-            out: list[object] = []
-            with torch.no_grad(), self.watching(len(x)):
-                sizes = leaf_output_sizes(self.model, lambda: out.append(self.model(x)))
-            self._found = read_logits(out[0], self.output_fn).shape[1], sizes
-        return self._found
-
-    @contextmanager
-    def watching(self, batch: int) -> Iterator[None]:
-        """Notes the layers' output shapes in the forward passes of ``batch`` images inside the
-        block (the probe's own, or one of the images that it then need not make); without
-        ``watch``, nothing."""
-        if not self.watch:
-            yield
-            return
-        with layer_outputs(self.model, batch) as found:
-            yield
-        if self._outputs is None:
-            self._outputs = found
-
-    @property
-    def width(self) -> int:
-        return self._run()[0]
-
-    @property
-    def outputs(self) -> LayerOutputs:
-        """The layers' output shapes on the images (made with ``watch``)."""
-        assert self.watch
-        if self._outputs is None:
-            self._run()
-        assert self._outputs is not None
-        return self._outputs
-
-    def rows(self, n: int) -> int:
-        """Rows a chunk of ``n`` rows may hold at once."""
-        if n <= 4 or len(self.images) == 0:
-            return max(n, 1)
-        sizes = self._run()[1]
-        return auto_batch_size(n, sizes.largest, model_device(self.model), sizes.total)
-
-
-def _targets(probe: _Probe, target: int | Sequence[int] | torch.Tensor | None) -> torch.Tensor:
-    """``[N]`` class per image of ``probe.images``: given, or the model's prediction."""
-    images, n = probe.images, probe.images.shape[0]
-    if target is None:
-        with torch.no_grad(), probe.watching(n):
-            logits = _logits(probe.model, images, probe.input_transform, probe.output_fn)
-            return logits.argmax(dim=1)
-    if isinstance(target, numbers.Integral):
-        target = [int(target)] * n
-    target = torch.as_tensor(target).long().flatten()
-    if target.numel() != n:
-        raise NeuronsError(
-            f"`target` must give one class per image: {n} images, {target.numel()} targets"
-        )
-    width = probe.width
-    low, high = (int(v) for v in target.aminmax()) if n else (0, 0)  # where it is: one read
-    if low < 0 or high >= width:
-        raise NeuronsError(
-            f"`target` holds class {high if high >= width else low}, "
-            f"outside the model's {width} classes (valid: 0 to {width - 1})"
-        )
-    return target.to(images.device)
-
-
-def _chunks(n: int, batch_size: int | None, probe: _Probe | None = None) -> list[slice]:
-    """Slices of ``n`` rows: ``batch_size`` rows, or by default as many as
-    :func:`~lightning_neurons.visualize.sizing.auto_batch_size` allows for the model's layer
-    outputs on one of the probe's images (:class:`_Probe`): memory bounded whatever ``n``
-    (SmoothGrad's ``N x samples`` copies included)."""
-    check_optional_positive_int("batch_size", batch_size)
-    size = batch_size or (probe.rows(n) if probe is not None else max(n, 1))
-    return [slice(i, i + size) for i in range(0, n, size)]
-
-
-def _input_gradient(
-    model: nn.Module,
-    x: torch.Tensor,
-    target: torch.Tensor,
-    input_transform: InputTransform | None,
-    output_fn: BatchFn | None = None,
-) -> torch.Tensor:
-    x = x.detach().clone().requires_grad_(True)
-    logits = _logits(model, x, input_transform, output_fn)
-    if not logits.requires_grad:
-        raise _logits_without_graph()
-    (grad,) = gradients_at(logits.gather(1, target.view(-1, 1)).sum(), [x])
-    assert grad is not None
-    return grad
-
-
-def _logits_without_graph() -> NeuronsError:
-    return NeuronsError(
-        f"the model's logits carry no gradient from the images: it computes them {NO_GRAPH}; "
-        f"{GIVE_GRAPH}"
-    )
 
 
 def gradient(
@@ -242,11 +108,11 @@ def gradient(
     out = []
     with analysis_mode(model):
         images = images.detach().clone().to(device)
-        probe = _Probe(model, images, input_transform, output_fn)
-        target = _targets(probe, target)
-        for part in _chunks(len(images), batch_size, probe):
+        probe = Probe(model, images, input_transform, output_fn)
+        target = probe_targets(probe, target)
+        for part in row_chunks(len(images), batch_size, probe):
             progress.update("gradient", min(part.stop, len(images)), len(images))
-            grad = _input_gradient(model, images[part], target[part], input_transform, output_fn)
+            grad = input_gradient(model, images[part], target[part], input_transform, output_fn)
             out.append(grad.abs().amax(dim=1).float().cpu())
     return torch.cat(out)
 
@@ -301,17 +167,17 @@ def smoothgrad(
     n = images.shape[0]
     with analysis_mode(model):
         images = images.detach().clone().to(device)
-        probe = _Probe(model, images, input_transform, output_fn)
-        target = _targets(probe, target)
+        probe = Probe(model, images, input_transform, output_fn)
+        target = probe_targets(probe, target)
         span = (images.flatten(1).amax(dim=1) - images.flatten(1).amin(dim=1)).clamp_min(1e-6)
         sigma = (noise * span).view(1, n, 1, 1, 1)
         draws = _noise(samples, images.shape, int(seed), first_index).to(device)
         noisy = (images.unsqueeze(0) + sigma * draws).flatten(0, 1)  # row s * n + i: image i
         targets = target.repeat(samples)
         total = torch.zeros_like(images)
-        for part in _chunks(noisy.shape[0], batch_size, probe):
+        for part in row_chunks(noisy.shape[0], batch_size, probe):
             progress.update("smoothgrad", min(part.stop, noisy.shape[0]), noisy.shape[0])
-            grad = _input_gradient(model, noisy[part], targets[part], input_transform, output_fn)
+            grad = input_gradient(model, noisy[part], targets[part], input_transform, output_fn)
             rows = torch.arange(part.start, part.start + grad.shape[0], device=device) % n
             total.index_add_(0, rows, grad)
     return (total / samples).abs().amax(dim=1).float().cpu()
@@ -391,18 +257,18 @@ def grad_cam(
 
     with analysis_mode(model):
         images = images.detach().clone().to(device)
-        probe = _Probe(model, images, input_transform, output_fn, watch=layer is None)
-        target = _targets(probe, target)
+        probe = Probe(model, images, input_transform, output_fn, watch=layer is None)
+        target = probe_targets(probe, target)
         sizes = image_sizes(images, input_transform)
         layer = layer or read_cam_layer(model, probe.outputs, sizes)
         watched = [layer] if patch is None or patch == layer else [layer, patch]
         with hooked(model, watched, keep):
-            parts = _chunks(len(images), batch_size, probe)
+            parts = row_chunks(len(images), batch_size, probe)
             for part in parts:
                 progress.update("grad-cam", min(part.stop, len(images)), len(images))
                 captured.clear()
                 x = images[part].clone().requires_grad_(True)  # parameters are frozen
-                logits = _logits(model, x, input_transform, output_fn)
+                logits = class_logits(model, x, input_transform, output_fn)
                 features = captured.get(layer)
                 patches = captured.get(patch) if patch else None
                 grid = None if features is None else _grid(features, patches, sizes)
@@ -418,7 +284,7 @@ def grad_cam(
                         break
                     raise no_gradient(layer, grad_mode[0])
                 if not logits.requires_grad:
-                    raise _logits_without_graph()
+                    raise logits_without_graph()
                 picked = logits.gather(1, target[part].view(-1, 1)).sum()
                 (grad,) = gradients_at(picked, [features])  # (the parameters are frozen)
                 if grad is None:  # the logits do not depend on it through a graph
