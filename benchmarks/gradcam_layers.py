@@ -13,6 +13,9 @@ deletion and insertion curves of RISE (Petsiuk et al., 2018), which need no anno
 - insertion: from a background image, the pixels put back most salient first; the area under
   the same curve (higher is better).
 
+Integrated Gradients' baseline is the same black image the curves delete to and insert from,
+which favours it on these curves (its attributions explain the change from exactly that image).
+
 A random map (three seeds, averaged) is the floor every map must beat; a coarse map's own floor
 is a random map drawn on its grid and upsampled as Grad-CAM's are (``random at 4x4``): deleting
 contiguous regions in a random order leaves an image nearer the data than scattered pixels do,
@@ -50,7 +53,7 @@ from lightning_neurons.hooks import hooked
 from lightning_neurons.layouts import image_token_grid
 from lightning_neurons.models import SmallCNN
 from lightning_neurons.parts import make_parts
-from lightning_neurons.visualize import grad_cam, gradient, smoothgrad
+from lightning_neurons.visualize import grad_cam, gradient, integrated_gradients, smoothgrad
 from lightning_neurons.visualize.cam_layers import cam_layer
 
 
@@ -204,6 +207,7 @@ def main() -> None:
         )
     methods["gradient"] = lambda: gradient(model, held_x, predicted)
     methods["smoothgrad"] = lambda: smoothgrad(model, held_x, predicted)
+    methods["integrated gradients"] = lambda: integrated_gradients(model, held_x, predicted)
     grids = {layer: grid(model, layer, held_x) for layer in layers}
     for where in ["pixels", *sorted(set(grids.values()), key=lambda g: int(g.split("x")[0]))]:
         for seed in range(3):

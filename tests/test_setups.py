@@ -475,7 +475,10 @@ def test_a_model_on_flattened_images_gets_every_analysis_but_the_image_ones(tmp_
 
 
 def test_a_model_on_flattened_images_gets_every_analysis_through_flatten(tmp_path):
-    vis = FeatureVisualizer(on_error="raise", input_transform=Flatten((1, 8, 8)), **FAST_VIS)
+    methods = ["gradient", "smoothgrad", "integrated", "gradcam"]
+    vis = FeatureVisualizer(
+        on_error="raise", input_transform=Flatten((1, 8, 8)), saliency=methods, **FAST_VIS
+    )
     callbacks = _five_around(vis)
     module = _module(_mlp())
     trainer = fast_trainer(tmp_path, callbacks=callbacks, max_epochs=1)
@@ -491,7 +494,7 @@ def test_a_model_on_flattened_images_gets_every_analysis_through_flatten(tmp_pat
     assert vis.results["classes"].images.shape[1:] == (1, 8, 8)
     assert vis.estimated_prior is not None
     maps = vis.saliency_results
-    assert set(maps.maps) == {"gradient", "smoothgrad"}
+    assert set(maps.maps) == {"gradient", "smoothgrad", "integrated"}
     assert maps.images.shape[1:] == (1, 8, 8) and maps.inputs.shape[1:] == (64,)
     # probe images are the data's images: the flat inputs folded back (display images are
     # clamped to [0, 1]; TinyData's reach 1.6), exactly
@@ -499,7 +502,8 @@ def test_a_model_on_flattened_images_gets_every_analysis_through_flatten(tmp_pat
     torch.testing.assert_close(maps.images, folded, rtol=0, atol=0)
     assert list(tmp_path.rglob("sprite.png"))  # the projector shows the neurons' top crops
     images = _image_tags(tmp_path)
-    assert {"contribution/backbone.1/probes", "focus/gradient", "focus/smoothgrad"} <= set(images)
+    focus = {"focus/gradient", "focus/smoothgrad", "focus/integrated"}
+    assert {"contribution/backbone.1/probes", *focus} <= set(images)
     assert count_forward_hooks(module) == 0
 
 

@@ -22,7 +22,14 @@ from torch.nn import functional as F
 
 from lightning_neurons import NeuronsError
 from lightning_neurons.data import Normalize
-from lightning_neurons.visualize import grad_cam, gradient, normalize_maps, saliency, smoothgrad
+from lightning_neurons.visualize import (
+    grad_cam,
+    gradient,
+    integrated_gradients,
+    normalize_maps,
+    saliency,
+    smoothgrad,
+)
 from lightning_neurons.visualize.cam_layers import cam_layer
 
 
@@ -39,6 +46,61 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(x.flatten(1))
+
+
+def test_integrated_gradients_of_a_linear_model_are_the_image_times_the_weights():
+    # a constant gradient: every path point's is W[c], so the attributions are (x - x0) W[c]
+    model = Linear()
+    images = _images(3, channels=2, size=4)
+    target = torch.tensor([2, 0, 1])
+    weights = model.fc.weight.detach()[target].view(3, 2, 4, 4)
+    for steps in (1, 7):
+        got = integrated_gradients(model, images, target, steps=steps, signed=True)
+        torch.testing.assert_close(got, images * weights, rtol=1e-5, atol=1e-7)
+    got = integrated_gradients(model, images, target, baseline=0.5, signed=True)
+    torch.testing.assert_close(got, (images - 0.5) * weights, rtol=1e-5, atol=1e-7)
+    # with respect to the display image: d logit / d display = W / std, from a black image
+    norm = Normalize((0.5, 0.5), (0.5, 0.25))
+    got = integrated_gradients(model, images, target, input_transform=norm, signed=True)
+    scale = torch.tensor([0.5, 0.25]).view(1, 2, 1, 1)
+    torch.testing.assert_close(got, images * weights / scale, rtol=1e-5, atol=1e-6)
+    maps = integrated_gradients(model, images, target)  # the channels summed, then |.|
+    torch.testing.assert_close(maps, (images * weights).sum(dim=1).abs(), rtol=1e-5, atol=1e-7)
+
+
+def test_integrated_gradients_add_up_to_the_logits_change_from_the_baseline():
+    """Completeness: the attributions sum to logit(x) - logit(baseline) up to the midpoint
+    rule's error: O(1 / steps^2) on a smooth model, and shrinking on a ReLU one too (whose
+    kinks along the path the rule crosses)."""
+    torch.manual_seed(0)
+    smooth = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.Tanh(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(24, 3),
+    )
+    images, target = _images(4), torch.tensor([0, 1, 2, 0])
+    for name, model in (("smooth", smooth), ("relu", TinyNet())):
+        with torch.no_grad():
+            logits = model(images).gather(1, target.view(-1, 1)).flatten()
+            black = model(torch.zeros_like(images)).gather(1, target.view(-1, 1)).flatten()
+        change = logits - black
+        errors = {}
+        for steps in (2, 256):
+            got = integrated_gradients(model, images, target, steps=steps, signed=True)
+            errors[steps] = (got.sum(dim=(1, 2, 3)) - change).abs()
+        assert errors[256].sum() < errors[2].sum() / 4, (name, errors)
+        if name == "smooth":  # 1 / 256^2 of the path's curvature, and float32 sums (1e-6)
+            assert (errors[256] <= 1e-3 * change.abs() + 1e-6).all(), (errors, change)
+    # in chunks (of 5 path points), through `saliency`: the same maps
+    maps = integrated_gradients(model, images, target, steps=16)
+    chunked = saliency(model, images, "integrated", target, steps=16, batch_size=5)
+    torch.testing.assert_close(chunked, maps, rtol=1e-5, atol=1e-7)
+    with pytest.raises(NeuronsError, match="steps"):
+        integrated_gradients(model, images, steps=0)
 
 
 def test_gradient_is_exact_on_a_linear_model():

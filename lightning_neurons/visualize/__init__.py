@@ -3,7 +3,7 @@
 *Preference* (what image a channel, a group of channels or a class wants to see) is found by
 gradient ascent on the pixels: :func:`render` optimises one image per :class:`Objective`, all in
 one batch. *Focus* (which pixels of a real image drive a prediction) is shown by saliency maps:
-:func:`gradient`, :func:`smoothgrad` and :func:`grad_cam`.
+:func:`gradient`, :func:`smoothgrad`, :func:`integrated_gradients` and :func:`grad_cam`.
 
 Example:
     >>> import torch
@@ -34,6 +34,7 @@ from lightning_neurons.visualize.render import RenderResult, check_objectives, e
 from lightning_neurons.visualize.saliency import (
     grad_cam,
     gradient,
+    integrated_gradients,
     normalize_maps,
     saliency,
     smoothgrad,
@@ -59,6 +60,7 @@ __all__ = [
     "evaluate",
     "grad_cam",
     "gradient",
+    "integrated_gradients",
     "normalize_maps",
     "render",
     "saliency",

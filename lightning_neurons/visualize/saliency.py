@@ -4,6 +4,10 @@
 - :func:`smoothgrad` (Smilkov et al. 2017): the gradient averaged over noisy copies of the image
   (all copies of all images in one batch), which removes most of the gradient's speckle; each
   image's noise comes from its own seed, so its map does not depend on the other images.
+- :func:`integrated_gradients` (Sundararajan et al. 2017): the image minus a baseline (black),
+  times the gradient averaged along the straight path between them; the attributions add up to
+  the logit's change from the baseline (completeness), and depend on no layer, so they suit
+  transformers as well as CNNs.
 - :func:`grad_cam` (Selvaraju et al. 2017): a layer's feature maps weighted by the spatially
   averaged gradient of the class logit, rectified and upsampled to the image.
 
@@ -66,8 +70,8 @@ from lightning_neurons.visualize.probe import (
     row_chunks,
 )
 
-Method = Literal["gradient", "smoothgrad", "gradcam"]
-METHODS: tuple[str, ...] = ("gradient", "smoothgrad", "gradcam")
+Method = Literal["gradient", "smoothgrad", "integrated", "gradcam"]
+METHODS: tuple[str, ...] = ("gradient", "smoothgrad", "integrated", "gradcam")
 
 
 def gradient(
@@ -181,6 +185,73 @@ def smoothgrad(
             rows = torch.arange(part.start, part.start + grad.shape[0], device=device) % n
             total.index_add_(0, rows, grad)
     return (total / samples).abs().amax(dim=1).float().cpu()
+
+
+def integrated_gradients(
+    model: nn.Module,
+    images: torch.Tensor,
+    target: int | Sequence[int] | torch.Tensor | None = None,
+    *,
+    steps: int = 32,
+    baseline: float | torch.Tensor = 0.0,
+    signed: bool = False,
+    input_transform: InputTransform | None = None,
+    batch_size: int | None = None,
+    output_fn: BatchFn | None = None,
+) -> torch.Tensor:
+    """Integrated Gradients: ``(image - baseline) x`` the gradient averaged over ``steps`` points
+    of the straight path from the baseline to the image (the midpoint rule), summed over the
+    channels, then ``|.|``.
+
+    The attributions (``signed=True``: ``[N, C, H, W]``) add up to ``logit(image) -
+    logit(baseline)`` of the target class, up to the rule's error, which shrinks as ``steps``
+    grows (completeness: the tests check it). The ``N x steps`` points go through the model in
+    chunks, as SmoothGrad's copies do.
+
+    Args:
+        model: Maps model inputs to logits.
+        images: ``[N, C, H, W]`` display images.
+        target: Class per image (or one for all); default: the predicted class.
+        steps: Points on each path (the paper: 20 to 300).
+        baseline: The image that explains nothing: a value for every pixel (default 0: black,
+            when the maps are taken on display images) or a tensor that broadcasts to ``images``.
+        signed: Return the ``[N, C, H, W]`` attributions instead of the maps.
+        input_transform: Display image -> model input.
+        batch_size: Path points per forward pass (default: chunks bounded in memory).
+        output_fn: Reads the logits from the model's output.
+
+    Returns:
+        ``[N, H, W]`` non-negative maps (CPU, float32), or the signed attributions.
+
+    Raises:
+        NeuronsError: For bad arguments or targets.
+
+    Example:
+        >>> from lightning_neurons.models import SmallCNN
+        >>> maps = integrated_gradients(SmallCNN().eval(), torch.rand(2, 1, 32, 32), steps=8)
+        >>> maps.shape
+        torch.Size([2, 32, 32])
+    """
+    check_image_batch(images)
+    check_positive_int("steps", steps)
+    device = model_device(model)
+    n = images.shape[0]
+    with analysis_mode(model):
+        images = images.detach().clone().to(device)
+        start = torch.as_tensor(baseline, dtype=images.dtype, device=device).expand_as(images)
+        probe = Probe(model, images, input_transform, output_fn)
+        target = probe_targets(probe, target)
+        alphas = (torch.arange(steps, device=device, dtype=images.dtype) + 0.5) / steps
+        path = start + alphas.view(-1, 1, 1, 1, 1) * (images - start)  # [steps, N, C, H, W]
+        points, targets = path.flatten(0, 1), target.repeat(steps)  # row s * n + i: image i
+        total = torch.zeros_like(images)
+        for part in row_chunks(points.shape[0], batch_size, probe):
+            progress.update("integrated gradients", min(part.stop, len(points)), len(points))
+            grad = input_gradient(model, points[part], targets[part], input_transform, output_fn)
+            rows = torch.arange(part.start, part.start + grad.shape[0], device=device) % n
+            total.index_add_(0, rows, grad)
+    attributions = ((images - start) * total / steps).float().cpu()
+    return attributions if signed else attributions.sum(dim=1).abs()
 
 
 def _noise(samples: int, shape: torch.Size, seed: int, first_index: int) -> torch.Tensor:
@@ -361,9 +432,11 @@ def saliency(
     noise: float = 0.15,
     seed: int = 0,
     first_index: int = 0,
+    steps: int = 32,
     output_fn: BatchFn | None = None,
 ) -> torch.Tensor:
-    """Saliency maps by ``method``: ``"gradient"``, ``"smoothgrad"`` or ``"gradcam"``.
+    """Saliency maps by ``method``: ``"gradient"``, ``"smoothgrad"``, ``"integrated"``
+    (Integrated Gradients from a black image) or ``"gradcam"``.
 
     Args:
         model: Maps model inputs to logits.
@@ -378,6 +451,7 @@ def saliency(
         seed: SmoothGrad's seed (image ``i`` draws its noise from ``(seed, first_index + i)``).
         first_index: SmoothGrad: index of ``images[0]`` in a set whose maps are computed in parts
             (see :func:`smoothgrad`); every map of the set is then that of one call.
+        steps: Integrated Gradients' points on each path.
         output_fn: Reads the logits from the model's output.
 
     Returns:
@@ -393,6 +467,8 @@ def saliency(
     if method == "smoothgrad":
         smooth = dict(samples=samples, noise=noise, seed=seed, first_index=first_index)
         return smoothgrad(model, images, target, **smooth, **common)
+    if method == "integrated":
+        return integrated_gradients(model, images, target, steps=steps, **common)
     return grad_cam(model, images, target, layer=layer, **common)
 
 
