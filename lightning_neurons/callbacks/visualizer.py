@@ -149,8 +149,9 @@ class FeatureVisualizer(StagedCallback):
             epoch, so TensorBoard's step slider follows them; at 1,000 classes a round renders
             16 class images, not 1,000 (each with ``class_views x class_restarts`` rows).
             ``None``: all classes.
-        saliency: Saliency methods for the probe images, from ``"gradient"``, ``"smoothgrad"``
-            and ``"gradcam"`` (``[]``: none).
+        saliency: Saliency methods for the probe images, from ``"gradient"``, ``"smoothgrad"``,
+            ``"integrated"`` (Integrated Gradients from a black image, 32 steps) and
+            ``"gradcam"`` (``[]``: none).
         gradcam_layer: Grad-CAM's layer; default: the stage or block output where the model's
             last Conv2d with at least 3 x 3 positions on the images is (a ResNet's ``layer4``,
             ``layer3`` on 32 to 64 px images), or for a vision transformer one of its last
