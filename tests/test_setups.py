@@ -27,6 +27,7 @@ from lightning_neurons.clustering import NeuronClusterer
 from lightning_neurons.data import Flatten, Normalize, TorchvisionDataModule
 from lightning_neurons.hooks import count_forward_hooks
 from lightning_neurons.models import ImageClassifier, SmallCNN
+from lightning_neurons.visualize import integrated_gradients
 
 
 def _all_five(on_error: str = "raise", **tracker_kwargs) -> list[pl.Callback]:
@@ -476,8 +477,9 @@ def test_a_model_on_flattened_images_gets_every_analysis_but_the_image_ones(tmp_
 
 def test_a_model_on_flattened_images_gets_every_analysis_through_flatten(tmp_path):
     methods = ["gradient", "smoothgrad", "integrated", "gradcam"]
+    flatten = Flatten((1, 8, 8))
     vis = FeatureVisualizer(
-        on_error="raise", input_transform=Flatten((1, 8, 8)), saliency=methods, **FAST_VIS
+        on_error="raise", input_transform=flatten, saliency=methods, integrated_steps=3, **FAST_VIS
     )
     callbacks = _five_around(vis)
     module = _module(_mlp())
@@ -495,6 +497,11 @@ def test_a_model_on_flattened_images_gets_every_analysis_through_flatten(tmp_pat
     assert vis.estimated_prior is not None
     maps = vis.saliency_results
     assert set(maps.maps) == {"gradient", "smoothgrad", "integrated"}
+    # Integrated Gradients of the display images through the transform, at integrated_steps
+    own = integrated_gradients(
+        module, maps.images, maps.predicted, steps=3, input_transform=flatten
+    )
+    torch.testing.assert_close(maps.maps["integrated"], own, rtol=1e-4, atol=1e-6)
     assert maps.images.shape[1:] == (1, 8, 8) and maps.inputs.shape[1:] == (64,)
     # probe images are the data's images: the flat inputs folded back (display images are
     # clamped to [0, 1]; TinyData's reach 1.6), exactly

@@ -285,6 +285,7 @@ def saliency_maps(
     gradcam_layer: str | None,
     samples: int,
     epoch: int,
+    steps: int = 32,
 ) -> SaliencyMaps | None:
     """The probes' saliency maps (``None`` without probes). Under DDP each rank maps a
     contiguous share of the probes (SmoothGrad's noise is drawn per probe index, so the maps are
@@ -312,6 +313,7 @@ def saliency_maps(
                 input_transform=transform,
                 output_fn=reader.output_fn,
                 samples=samples,
+                steps=steps,
                 seed=renderer.options.seed,
                 first_index=part.start,
             )

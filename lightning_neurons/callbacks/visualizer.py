@@ -189,6 +189,7 @@ class FeatureVisualizer(StagedCallback):
             ``cluster_results[layer].judge_predicted``), so a person sees which images
             transfer.
         smoothgrad_samples: Noisy copies per probe image for SmoothGrad.
+        integrated_steps: Points on each probe's path for Integrated Gradients.
         every_n_epochs: Visualize after every n-th epoch.
         enable_logging: Log figures and scalars and write files (``False``: only fill
             :attr:`results`).
@@ -232,6 +233,7 @@ class FeatureVisualizer(StagedCallback):
         "prior_images": _POSITIVE,
         "judge": [Satisfies(lambda v: isinstance(v, nn.Module), "an nn.Module"), None],
         "smoothgrad_samples": _POSITIVE,
+        "integrated_steps": _POSITIVE,
     }
 
     def __init__(
@@ -256,6 +258,7 @@ class FeatureVisualizer(StagedCallback):
         prior_images: int = 512,
         judge: nn.Module | None = None,
         smoothgrad_samples: int = 16,
+        integrated_steps: int = 32,
         every_n_epochs: int = 1,
         enable_logging: bool = True,
         on_error: OnError = "warn",
@@ -282,6 +285,7 @@ class FeatureVisualizer(StagedCallback):
         self.prior_images = prior_images
         self.judge = judge
         self.smoothgrad_samples = smoothgrad_samples
+        self.integrated_steps = integrated_steps
         #: ``{layer or "classes": Rendering}`` of the latest round (see :mod:`lightning_neurons.results`).
         self.results: dict[str, Rendering] = {}
         #: The probe images' saliency maps of the latest round (``None`` before the first).
@@ -575,7 +579,8 @@ class FeatureVisualizer(StagedCallback):
         probes = shared_probes(self._val_images.probes, "gathering the saliency probes")
         assert self._plan is not None
         options = (self._methods, self._plan.cam_layer, self.smoothgrad_samples, epoch)
-        return saliency_maps(pl_module, renderer, probes, *options) or self.saliency_results
+        steps = self.integrated_steps
+        return saliency_maps(pl_module, renderer, probes, *options, steps) or self.saliency_results
 
     def _chosen_clusters(
         self, trainer: Trainer, pl_module: LightningModule
