@@ -14,7 +14,9 @@ deletion and insertion curves of RISE (Petsiuk et al., 2018), which need no anno
   the same curve (higher is better).
 
 Integrated Gradients' baseline is the same black image the curves delete to and insert from,
-which favours it on these curves (its attributions explain the change from exactly that image).
+which favours it on these curves (its attributions explain the change from exactly that image);
+``--fill blur`` deletes to (and inserts into) a blurred copy of each image instead (a Gaussian of
+sigma 4 px, as RISE's insertion canvas), a background none of the maps was made from.
 
 A random map (three seeds, averaged) is the floor every map must beat; a coarse map's own floor
 is a random map drawn on its grid and upsampled as Grad-CAM's are (``random at 4x4``): deleting
@@ -34,7 +36,7 @@ handwritten digits (the demo's data: ten classes, the strokes in the middle of t
 ``--size`` pixels, then mapped on ``--images`` held-out images (the same number of each class).
 
 Run:  python benchmarks/gradcam_layers.py [--model resnet18|smallcnn|tutorial|vit] [--data parts] [--size 32] [--epochs 10]
-          [--images 240] [--steps 16] [--seed 0] [--threads 2]
+          [--images 240] [--steps 16] [--fill black|blur] [--seed 0] [--threads 2]
 """
 
 from __future__ import annotations
@@ -137,9 +139,18 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed:
 
 @torch.no_grad()
 def curves(
-    model: nn.Module, x: torch.Tensor, target: torch.Tensor, maps: torch.Tensor, steps: int
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    maps: torch.Tensor,
+    steps: int,
+    fill: str = "black",
 ) -> tuple[float, float]:
-    """Mean deletion and insertion areas (trapezoids over ``steps + 1`` points)."""
+    """Mean deletion and insertion areas (trapezoids over ``steps + 1`` points); removed pixels
+    take ``fill``'s value: black (0), or a blurred copy of the image's."""
+    background = torch.zeros_like(x)
+    if fill == "blur":
+        background = torchvision.transforms.functional.gaussian_blur(x, [17, 17], [4.0, 4.0])
     n, pixels = len(x), x[0, 0].numel()
     # ties (a flat map, Grad-CAM's zeros) in a random order, not the pixels' (top rows first)
     flat = maps.flatten(1).double()
@@ -153,7 +164,7 @@ def curves(
     for k in range(steps + 1):
         shown = (rank < round(k * pixels / steps)).view_as(x[:, 0]).unsqueeze(1)
         for kept, out in ((~shown, deletion), (shown, insertion)):
-            probs = model(x * kept).softmax(dim=1)
+            probs = model(torch.where(kept, x, background)).softmax(dim=1)
             out.append(probs.gather(1, target.view(-1, 1))[:, 0])
 
     def area(values: list[torch.Tensor]) -> float:
@@ -173,6 +184,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--images", type=int, default=240)
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--fill", choices=["black", "blur"], default="black")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -215,14 +227,15 @@ def main() -> None:
                 held_x, where, seed
             )
     print(
-        f"{args.data}, size {args.size} px, default Grad-CAM layer {default!r}, {len(held_x)} images"
+        f"{args.data}, size {args.size} px, default Grad-CAM layer {default!r}, {len(held_x)} "
+        f"images, removed pixels filled {args.fill}"
     )
     print("| maps | grid | deletion (lower is better) | insertion (higher is better) |")
     print("|---|---|---|---|")
     randoms: dict[str, list[tuple[float, float]]] = {}
     for name, make in methods.items():
         maps = make()
-        deleted, inserted = curves(model, held_x, predicted, maps, args.steps)
+        deleted, inserted = curves(model, held_x, predicted, maps, args.steps, args.fill)
         if name.startswith("random"):
             randoms.setdefault(name.split()[1], []).append((deleted, inserted))
             continue
