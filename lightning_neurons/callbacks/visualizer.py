@@ -145,13 +145,11 @@ class FeatureVisualizer(StagedCallback):
         classes: Classes to render (default: all, or ``max_classes`` of them; ``[]``: none).
         max_classes: With ``classes`` left at its default and a model of more classes than
             this, render ``max_classes`` classes spread evenly over the class indices (class
-            ``floor(i * C / max_classes)`` for ``i < max_classes``): the same classes every
-            epoch, so TensorBoard's step slider follows them; at 1,000 classes a round renders
-            16 class images, not 1,000 (each with ``class_views x class_restarts`` rows).
+            ``floor(i * C / max_classes)``, ``i < max_classes``): the same ones every epoch, so
+            TensorBoard's step slider follows them (at 1,000 classes 16 class images a round).
             ``None``: all classes.
         saliency: Saliency methods for the probe images, from ``"gradient"``, ``"smoothgrad"``,
-            ``"integrated"`` (Integrated Gradients from a black image, 32 steps) and
-            ``"gradcam"`` (``[]``: none).
+            ``"integrated"`` (Integrated Gradients from black) and ``"gradcam"`` (``[]``: none).
         gradcam_layer: Grad-CAM's layer; default: the stage or block output where the model's
             last Conv2d with at least 3 x 3 positions on the images is (a ResNet's ``layer4``,
             ``layer3`` on 32 to 64 px images), or for a vision transformer one of its last
@@ -185,14 +183,12 @@ class FeatureVisualizer(StagedCallback):
             is kept in the callback's ``state_dict`` (a resumed run renders with the same one).
         judge: A second model (e.g. the same architecture trained from another seed) that
             classifies the class and cluster images: its verdict is shown under each image and
-            kept in ``results["classes"].judge_predicted`` (and
-            ``cluster_results[layer].judge_predicted``), so a person sees which images
-            transfer.
-        smoothgrad_samples: Noisy copies per probe image for SmoothGrad.
-        integrated_steps: Points on each probe's path for Integrated Gradients.
+            kept in ``results["classes"].judge_predicted`` (and ``cluster_results[layer]``'s),
+            so a person sees which images transfer.
+        smoothgrad_samples: Noisy copies per probe image for SmoothGrad; ``integrated_steps``:
+            points on each probe's path for Integrated Gradients.
         every_n_epochs: Visualize after every n-th epoch.
-        enable_logging: Log figures and scalars and write files (``False``: only fill
-            :attr:`results`).
+        enable_logging: Log figures and scalars and write files (``False``: ``results`` only).
         on_error: ``"warn"``: a failure is reported and training goes on; ``"raise"``. The
             renderings, the saliency maps, the class images (judged) and the cluster images
             fail apart: what the others made is kept and logged.
@@ -579,8 +575,8 @@ class FeatureVisualizer(StagedCallback):
         probes = shared_probes(self._val_images.probes, "gathering the saliency probes")
         assert self._plan is not None
         options = (self._methods, self._plan.cam_layer, self.smoothgrad_samples, epoch)
-        steps = self.integrated_steps
-        return saliency_maps(pl_module, renderer, probes, *options, steps) or self.saliency_results
+        made = saliency_maps(pl_module, renderer, probes, *options, self.integrated_steps)
+        return made or self.saliency_results
 
     def _chosen_clusters(
         self, trainer: Trainer, pl_module: LightningModule
