@@ -150,6 +150,9 @@ def test_histories_keep_what_the_figures_need_and_skip_a_repeated_epoch():
     moved = categories.update({"conv": clustering(1, [0, 1, 1, 0], DISTANCES)})["conv"]
     again = categories.update({"conv": clustering(1, [0, 0, 1, 1], DISTANCES)})  # same epoch
     assert again == {} and moved.adjusted_rand[0] < 0.0
+    # a negative index (the partition moved a lot) is drawn on the chart, not below it
+    lines = clustering_evolution_figure(moved).axes[0]
+    assert lines.get_ylim()[0] < moved.adjusted_rand[0] < lines.get_ylim()[1]
 
 
 def test_analyses_within_an_epoch_are_kept_apart_by_their_steps():

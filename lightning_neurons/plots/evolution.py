@@ -308,7 +308,9 @@ def clustering_evolution_figure(
     later = np.arange(1, len(ticks))  # each analysis after the first, at its place
     ax_lines.plot(later, evolution.adjusted_rand, "o-", label="adjusted Rand (labels)")
     ax_lines.plot(later, evolution.distance_correlation, "s--", label="distance correlation")
-    ax_lines.set_ylim(-0.1, 1.05)
+    values = np.concatenate([evolution.adjusted_rand, evolution.distance_correlation])
+    low = float(np.nanmin(np.append(values, 0.0)))  # both can go below 0
+    ax_lines.set_ylim(min(-0.1, low - 0.05), 1.05)
     _epoch_ticks(ax_lines, ticks[1:], f"{axis} (vs the previous analysed one)", start=1)
     ax_lines.tick_params(labelsize=_canvas.FONT)
     ax_lines.legend(fontsize=_canvas.FONT - 1, loc="lower right")
