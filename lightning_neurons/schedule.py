@@ -8,8 +8,9 @@ an epoch). An analysis of a validation before its epoch's last training batch is
 epoch and step (``epoch=000-step=0000500``), so that each one's files are kept; ``analyze`` names
 a checkpoint the same way when a later checkpoint of the same epoch follows it.
 
-``every_n_epochs`` counts epochs, or validations when Lightning counts training batches across
-epochs (``check_val_every_n_epoch=None``): there, every n-th validation is analysed.
+``every_n_epochs`` counts epochs, or validations when Lightning validates across epochs
+(``check_val_every_n_epoch=None``, by batches or by time): there, every n-th validation is
+analysed.
 """
 
 from __future__ import annotations
@@ -18,12 +19,17 @@ import contextlib
 import math
 from collections.abc import Iterator
 from contextvars import ContextVar
+from weakref import WeakKeyDictionary
 
 from lightning.pytorch import Trainer
 
 #: Set by ``analyze`` while it validates a checkpoint: whether that checkpoint lies within its
 #: epoch (``None``: not set, the trainer's loop says).
 _WITHIN_EPOCH: ContextVar[bool | None] = ContextVar("within_epoch", default=None)
+
+#: A fit that validates by time: the training batch (``total_batch_idx``) after which each of its
+#: validations so far ran, to count them (Lightning keeps no count).
+_VALIDATED_AFTER: WeakKeyDictionary[Trainer, list[int]] = WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -66,13 +72,17 @@ def validations_by_batches(trainer: Trainer) -> bool:
 
 def validation_number(trainer: Trainer) -> int:
     """The number of the fit's validation that runs now, counted from 1, when the fit validates
-    by training batches (:func:`validations_by_batches`): the training batches so far over
-    ``val_check_interval``, so a resumed fit counts on."""
+    across epochs (:func:`validations_by_batches`): the training batches so far over
+    ``val_check_interval``, so a resumed fit counts on; by time (``val_check_interval="DD:HH:MM:SS"``),
+    the validations this process has run since the fit started."""
     every = trainer.val_check_batch
-    batches = trainer.fit_loop.epoch_loop.total_batch_idx + 1
-    if not isinstance(every, (int, float)) or every <= 0 or math.isinf(every):
-        return 1
-    return max(1, int(batches // every))
+    batch = trainer.fit_loop.epoch_loop.total_batch_idx
+    if isinstance(every, (int, float)) and every > 0 and not math.isinf(every):
+        return max(1, int((batch + 1) // every))
+    seen = _VALIDATED_AFTER.setdefault(trainer, [])  # the training batch each one followed
+    if not seen or seen[-1] != batch:
+        seen.append(batch)
+    return len(seen)
 
 
 def is_due(trainer: Trainer, every_n_epochs: int) -> bool:

@@ -5,6 +5,7 @@ step (``epoch=000-step=0000003``), and ``load_run`` reads each back by its step.
 from __future__ import annotations
 
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -122,6 +123,16 @@ def test_validations_every_n_batches_count_validations_not_epochs(tmp_path):
         "epoch=002-step=0000016",
     ]
     assert load_run(log_dir).steps_of(NeuronClustering) == [8, 16]
+
+
+def test_validations_by_time_count_validations_too(tmp_path):
+    # val_check_interval as a duration (Lightning sets no val_check_batch): a zero one validates
+    # after every training batch; every_n_epochs=2 is every 2nd validation of the fit
+    _, held = _fit(
+        tmp_path, max_epochs=1, check_val_every_n_epoch=None, val_check_interval=timedelta(0)
+    )
+    assert sorted(held.means) == [1, 2, 3, 4, 5, 6]
+    assert held.clustered == [2, 4, 6]
 
 
 def test_checkpoints_within_an_epoch_are_analysed_each(tmp_path):
