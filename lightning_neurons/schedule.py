@@ -85,14 +85,17 @@ def validation_number(trainer: Trainer) -> int:
     return len(seen)
 
 
-def is_due(trainer: Trainer, every_n_epochs: int) -> bool:
+def is_due(trainer: Trainer, every_n_epochs: int, within_epochs: bool = True) -> bool:
     """Whether an analysis with ``every_n_epochs`` runs now: never in the sanity check; always in
     ``validate``/``test``; in a fit, after every n-th epoch (counted from 1), or every n-th
-    validation when the fit validates by training batches."""
+    validation when the fit validates across epochs; with ``within_epochs=False`` a fit's
+    validations within an epoch (:func:`within_epoch`) are skipped."""
     if trainer.sanity_checking:
         return False
     if trainer.state.fn != "fit":
         return True
+    if not within_epochs and within_epoch(trainer):
+        return False
     if validations_by_batches(trainer) and trainer.validating:
         return validation_number(trainer) % every_n_epochs == 0
     return (trainer.current_epoch + 1) % every_n_epochs == 0

@@ -34,26 +34,29 @@ class _Held(pl.Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
-        self.means[step] = self.tracker.results[LAYER].class_means.clone()
+        if LAYER in self.tracker.results:  # not before the tracker's first analysis
+            self.means[step] = self.tracker.results[LAYER].class_means.clone()
         result = self.clusters.results.get(LAYER)
         if result is not None and result is not self._last:  # a new clustering
             self.clustered.append(step)
         self._last = result
 
 
-def _callbacks() -> tuple[ActivationTracker, NeuronClustering]:
-    tracker = ActivationTracker(layers=["backbone.relu1", LAYER], on_error="raise")
+def _callbacks(within_epochs: bool) -> tuple[ActivationTracker, NeuronClustering]:
+    tracker = ActivationTracker(
+        layers=["backbone.relu1", LAYER], within_epochs=within_epochs, on_error="raise"
+    )
     clusters = NeuronClustering(
         layers=[LAYER], method="kmeans", n_clusters=2, every_n_epochs=2, on_error="raise"
     )
     return tracker, clusters
 
 
-def _fit(tmp_path: Path, **trainer_options) -> tuple[Path, _Held]:
+def _fit(tmp_path: Path, within_epochs: bool = True, **trainer_options) -> tuple[Path, _Held]:
     """TinyNet on TinyData: 48 training images in batches of 8, six training batches an epoch."""
     pl.seed_everything(0, verbose=False)
     model = ImageClassifier(TinyNet(), num_classes=3, lr=1e-2)
-    tracker, clusters = _callbacks()
+    tracker, clusters = _callbacks(within_epochs)
     held = _Held(tracker, clusters)
     trainer = fast_trainer(tmp_path, callbacks=[tracker, clusters, held], **trainer_options)
     trainer.fit(model, datamodule=TinyData())
@@ -105,6 +108,23 @@ def test_validations_within_an_epoch_keep_their_own_files(tmp_path):
         run.results(ActivationTracker, 1, step=3)
 
 
+def test_within_epochs_false_analyses_each_epochs_last_validation_only(tmp_path):
+    # the tracker skips the validations within an epoch (steps 3 and 9); NeuronClustering reads
+    # the tracker's statistics, so it runs where they are new: at the due epoch's end
+    log_dir, held = _fit(tmp_path, within_epochs=False, max_epochs=2, val_check_interval=0.5)
+    assert _folders(log_dir, "fit", "activations") == ["epoch=000", "epoch=001"]
+    assert sorted(held.means) == [6, 9, 12]  # none yet at step 3; at 9 still step 6's
+    torch.testing.assert_close(held.means[9], held.means[6], rtol=0, atol=0, equal_nan=True)
+    assert not torch.allclose(held.means[12], held.means[6])
+    run = load_run(log_dir)
+    assert run.steps_of(ActivationTracker) == [6, 12] and held.clustered == [12]
+    # the same fit analysing every validation: the statistics at step 6 are those of the epoch
+    _, every = _fit(tmp_path / "every", max_epochs=2, val_check_interval=0.5)
+    torch.testing.assert_close(every.means[6], held.means[6], rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(NeuronsError, match="within_epochs"):
+        ActivationTracker(within_epochs="no")
+
+
 def test_validations_every_n_batches_count_validations_not_epochs(tmp_path):
     # check_val_every_n_epoch=None: a validation every 4 training batches whatever the epochs
     # (after batches 4, 8, 12 and 16 of 18); every_n_epochs=2 then means every 2nd validation
@@ -145,7 +165,7 @@ def test_checkpoints_within_an_epoch_are_analysed_each(tmp_path):
     trainer.fit(ImageClassifier(TinyNet(), num_classes=3, lr=1e-2), datamodule=TinyData())
     assert (folder / "last.ckpt").exists()  # the same epoch and step as the step-12 file
 
-    tracker, clusters = _callbacks()
+    tracker, clusters = _callbacks(within_epochs=False)  # analyze reads every checkpoint
     analyser = fast_trainer(tmp_path / "analyse", callbacks=[tracker, clusters])
     model = ImageClassifier(TinyNet(), num_classes=3, lr=1e-2)
     with warnings.catch_warnings(record=True) as caught:

@@ -27,7 +27,7 @@ C = TypeVar("C", bound=Callback)
 OnError = Literal["warn", "raise"]
 Stage = Literal["train", "validation", "test"]
 #: The ``__init__`` arguments every analysis callback takes (see :class:`AnalysisCallback`).
-_SHARED_OPTIONS = ("layers", "every_n_epochs", "enable_logging", "on_error")
+_SHARED_OPTIONS = ("layers", "every_n_epochs", "within_epochs", "enable_logging", "on_error")
 
 
 def class_names_of(trainer: Trainer, num_classes: int) -> list[str]:
@@ -141,10 +141,13 @@ class AnalysisCallback(Callback):
         layers: Module names or glob patterns (one name may be a string); ``None``: the default
             (each callback says which).
         every_n_epochs: Run after every n-th epoch (epochs are counted from 1); every n-th
-            validation when the Trainer validates by training batches across epochs
+            validation when the Trainer validates across epochs, by training batches or by time
             (``check_val_every_n_epoch=None``). Every validation of a due epoch is analysed
             (``val_check_interval=0.25``: four), each one's files kept
             (:mod:`lightning_neurons.schedule`).
+        within_epochs: Analyse a fit's validations that run within a training epoch too
+            (``False``: only each epoch's last; none while an endless training set never ends
+            its epoch). ``analyze`` analyses every checkpoint it is given.
         enable_logging: Log to TensorBoard and write files (``results`` is always filled).
         on_error: ``"warn"``: an analysis that fails is reported with a warning and training goes
             on; ``"raise"``: the error stops training. Mistakes in the callback's own arguments
@@ -158,6 +161,7 @@ class AnalysisCallback(Callback):
     _parameter_constraints: ClassVar[Constraints] = {
         "layers": [StrList(), None],
         "every_n_epochs": [Interval(int, 1, None)],
+        "within_epochs": [bool],
         "enable_logging": [bool],
         "on_error": [Options.of(OnError)],
     }
@@ -167,6 +171,7 @@ class AnalysisCallback(Callback):
         layers: list[str] | None = None,
         *,
         every_n_epochs: int = 1,
+        within_epochs: bool = True,
         enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:
@@ -178,6 +183,7 @@ class AnalysisCallback(Callback):
         self.layers: list[str] = []
         self.enable_logging = enable_logging
         self.every_n_epochs = int(every_n_epochs)
+        self.within_epochs = within_epochs
         self.on_error = on_error
         self.failures: list[str] = []
         self._unfinished: set[str] = set()  # stages begun whose stage end has not run yet
@@ -295,7 +301,7 @@ class AnalysisCallback(Callback):
         return out
 
     def _due(self, trainer: Trainer) -> bool:
-        return is_due(trainer, self.every_n_epochs)
+        return is_due(trainer, self.every_n_epochs, self.within_epochs)
 
     def _run_safely(self, what: str, fn: Callable[[], T]) -> T | None:
         """Run an analysis step, applying the ``on_error`` policy."""

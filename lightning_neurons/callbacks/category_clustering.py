@@ -153,6 +153,7 @@ class CategoryClustering(_ClusteringCallback):
             the model's last ``Linear``. ``None`` and no Linear: no confusion matrix.
         confusion: Collect the confusion matrix.
         every_n_epochs: Analyse every n-th epoch.
+        within_epochs: Validations within an epoch too (``False``: its last only).
         enable_logging: Log to TensorBoard and write files (``results`` is always filled).
         on_error: ``"warn"`` or ``"raise"`` when an analysis fails.
 
@@ -199,6 +200,7 @@ class CategoryClustering(_ClusteringCallback):
         classifier_layer: str | None = None,
         confusion: bool = True,
         every_n_epochs: int = 1,
+        within_epochs: bool = True,
         enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:

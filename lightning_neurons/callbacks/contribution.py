@@ -138,6 +138,7 @@ class NeuronContribution(StagedCallback):
         probe_top: Top contributing neurons shown per probe image.
         enable_logging: Log figures, images, text and scalars and write the numbers to files.
         every_n_epochs: Analyse every n-th epoch.
+        within_epochs: Validations within an epoch too (``False``: its last only).
         on_error: ``"warn"`` (report a failed analysis and train on) or ``"raise"``.
 
     Raises:
@@ -175,6 +176,7 @@ class NeuronContribution(StagedCallback):
         max_probes: int = 20,
         probe_top: int = 5,
         every_n_epochs: int = 1,
+        within_epochs: bool = True,
         enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:

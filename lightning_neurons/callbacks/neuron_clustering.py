@@ -83,6 +83,7 @@ class NeuronClustering(_ClusteringCallback):
             equal shares) go to the projector.
         seed: Seed of the clusterer and the reservoir.
         every_n_epochs: Analyse every n-th epoch.
+        within_epochs: Validations within an epoch too (``False``: its last only).
         enable_logging: Log to TensorBoard and write files (``results`` is always filled).
         on_error: ``"warn"`` or ``"raise"`` when an analysis fails.
 
@@ -122,6 +123,7 @@ class NeuronClustering(_ClusteringCallback):
         max_embedding_neurons: int = 4096,
         seed: int = 0,
         every_n_epochs: int = 1,
+        within_epochs: bool = True,
         enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:

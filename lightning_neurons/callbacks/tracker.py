@@ -93,6 +93,7 @@ class ActivationTracker(StagedCallback):
             ``"train"`` piggy-backs on the training batches (no extra forward passes; the model is
             in training mode then).
         every_n_epochs: Analyse every n-th epoch.
+        within_epochs: Validations within an epoch too (``False``: its last only).
         top_k: Dominant neurons per class.
         num_classes: Class count; default: the model's ``num_classes`` or its last Linear's width
             (2 for a binary classifier's one logit, read as two classes: see
@@ -137,6 +138,7 @@ class ActivationTracker(StagedCallback):
         reduction: Reduction = "mean",
         stage: Stage = "validation",
         every_n_epochs: int = 1,
+        within_epochs: bool = True,
         top_k: int = 5,
         num_classes: int | None = None,
         label_fn: BatchFn | None = None,

@@ -82,10 +82,9 @@ class FeatureVisualizer(StagedCallback):
     - computes saliency maps (``saliency`` methods) for a fixed set of probe images taken from
       the validation batches Lightning already runs (by default the first image of each class;
       at most ``max_probes`` images are kept), shown over the image with the predicted and true
-      label. The probes are kept as the loader yielded them (model inputs); the predicted label
-      is the model's prediction on exactly that input, and the image shown is the display image
-      (:func:`~lightning_neurons.batch.to_display`; maps are taken with respect to it when the
-      ``input_transform`` can be inverted, else with respect to the model input);
+      label. The probes are kept as the loader yielded them; the predicted label is the model's
+      on exactly that input, and maps are taken with respect to the display image
+      (:func:`~lightning_neurons.batch.to_display`) when it can be inverted, else the input;
     - logs labelled image grids to TensorBoard under stable tags (``preference/<layer>``,
       ``preference/classes``, ``focus/<method>``), so TensorBoard's step slider shows the images
       evolving over the epochs, and writes the images to files
@@ -96,10 +95,8 @@ class FeatureVisualizer(StagedCallback):
       attached :class:`ActivationTracker` (same layer, same ``reduction``). Without a tracker,
       or for a layer it does not track, ``strength`` is ``None`` (only the raw activation is
       kept): a maximum over a few probe images would overstate it. The scalars
-      ``preference/<layer>/strength_median`` and ``preference/<layer>/above_max_fraction`` (share of
-      images driving their channel above every validation image) are logged, and
-      ``preference/<layer>/steps``: the mean steps the images ran (see
-      :attr:`RenderOptions.converge_tol`).
+      ``preference/<layer>/strength_median``, ``.../above_max_fraction`` (images above every
+      validation image) and ``.../steps`` (see :attr:`RenderOptions.converge_tol`) are logged.
 
     Under DDP every rank renders a contiguous share of each layer's channels and of the classes
     (row ``i`` of a rendering always starts from the noise seeded by ``(seed, i)``), and the
@@ -188,6 +185,7 @@ class FeatureVisualizer(StagedCallback):
         smoothgrad_samples: Noisy copies per probe image for SmoothGrad; ``integrated_steps``:
             points on each probe's path for Integrated Gradients.
         every_n_epochs: Visualize after every n-th epoch.
+        within_epochs: Validations within an epoch too (``False``: its last only).
         enable_logging: Log figures and scalars and write files (``False``: ``results`` only).
         on_error: ``"warn"``: a failure is reported and training goes on; ``"raise"``. The
             renderings, the saliency maps, the class images (judged) and the cluster images
@@ -256,6 +254,7 @@ class FeatureVisualizer(StagedCallback):
         smoothgrad_samples: int = 16,
         integrated_steps: int = 32,
         every_n_epochs: int = 1,
+        within_epochs: bool = True,
         enable_logging: bool = True,
         on_error: OnError = "warn",
     ) -> None:
