@@ -16,7 +16,9 @@ deletion and insertion curves of RISE (Petsiuk et al., 2018), which need no anno
 Integrated Gradients' baseline is the same black image the curves delete to and insert from,
 which favours it on these curves (its attributions explain the change from exactly that image);
 ``--fill blur`` deletes to (and inserts into) a blurred copy of each image instead (a Gaussian of
-sigma 4 px, as RISE's insertion canvas), a background none of the maps was made from.
+sigma 4 px, as RISE's insertion canvas), a background none of the maps was made from but
+Integrated Gradients with ``baseline="blur"`` (the same sigma at 32 px), which the black fill
+does not favour.
 
 A random map (three seeds, averaged) is the floor every map must beat; a coarse map's own floor
 is a random map drawn on its grid and upsampled as Grad-CAM's are (``random at 4x4``): deleting
@@ -220,6 +222,9 @@ def main() -> None:
     methods["gradient"] = lambda: gradient(model, held_x, predicted)
     methods["smoothgrad"] = lambda: smoothgrad(model, held_x, predicted)
     methods["integrated gradients"] = lambda: integrated_gradients(model, held_x, predicted)
+    methods["integrated gradients (blur)"] = lambda: integrated_gradients(
+        model, held_x, predicted, baseline="blur"
+    )
     grids = {layer: grid(model, layer, held_x) for layer in layers}
     for where in ["pixels", *sorted(set(grids.values()), key=lambda g: int(g.split("x")[0]))]:
         for seed in range(3):

@@ -479,7 +479,12 @@ def test_a_model_on_flattened_images_gets_every_analysis_through_flatten(tmp_pat
     methods = ["gradient", "smoothgrad", "integrated", "gradcam"]
     flatten = Flatten((1, 8, 8))
     vis = FeatureVisualizer(
-        on_error="raise", input_transform=flatten, saliency=methods, integrated_steps=3, **FAST_VIS
+        on_error="raise",
+        input_transform=flatten,
+        saliency=methods,
+        integrated_steps=3,
+        integrated_baseline="blur",
+        **FAST_VIS,
     )
     callbacks = _five_around(vis)
     module = _module(_mlp())
@@ -497,11 +502,13 @@ def test_a_model_on_flattened_images_gets_every_analysis_through_flatten(tmp_pat
     assert vis.estimated_prior is not None
     maps = vis.saliency_results
     assert set(maps.maps) == {"gradient", "smoothgrad", "integrated"}
-    # Integrated Gradients of the display images through the transform, at integrated_steps
-    own = integrated_gradients(
-        module, maps.images, maps.predicted, steps=3, input_transform=flatten
-    )
+    # Integrated Gradients of the display images through the transform, at integrated_steps,
+    # from the images blurred (integrated_baseline), not from black
+    common = dict(steps=3, input_transform=flatten)
+    own = integrated_gradients(module, maps.images, maps.predicted, baseline="blur", **common)
     torch.testing.assert_close(maps.maps["integrated"], own, rtol=1e-4, atol=1e-6)
+    black = integrated_gradients(module, maps.images, maps.predicted, **common)
+    assert not torch.allclose(maps.maps["integrated"], black, rtol=0.05, atol=1e-3)
     assert maps.images.shape[1:] == (1, 8, 8) and maps.inputs.shape[1:] == (64,)
     # probe images are the data's images: the flat inputs folded back (display images are
     # clamped to [0, 1]; TinyData's reach 1.6), exactly

@@ -31,6 +31,7 @@ from lightning_neurons.visualize import (
     smoothgrad,
 )
 from lightning_neurons.visualize.cam_layers import cam_layer
+from lightning_neurons.visualize.saliency import blurred
 
 
 def _images(n: int = 4, channels: int = 1, size: int = 8, seed: int = 0) -> torch.Tensor:
@@ -66,6 +67,14 @@ def test_integrated_gradients_of_a_linear_model_are_the_image_times_the_weights(
     torch.testing.assert_close(got, images * weights / scale, rtol=1e-5, atol=1e-6)
     maps = integrated_gradients(model, images, target)  # the channels summed, then |.|
     torch.testing.assert_close(maps, (images * weights).sum(dim=1).abs(), rtol=1e-5, atol=1e-7)
+    # from each image blurred: (x - blur(x)) W[c]; a flat image is its own blur (no attribution)
+    got = integrated_gradients(model, images, target, baseline="blur", signed=True)
+    torch.testing.assert_close(got, (images - blurred(images)) * weights, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(blurred(images), images, atol=0.05)
+    flat = torch.full((2, 2, 4, 4), 0.3)
+    torch.testing.assert_close(blurred(flat), flat, rtol=0, atol=1e-6)
+    with pytest.raises(NeuronsError, match="a number, a tensor or 'blur'"):
+        integrated_gradients(model, images, target, baseline="mean")
 
 
 def test_integrated_gradients_add_up_to_the_logits_change_from_the_baseline():

@@ -24,7 +24,7 @@ from lightning_neurons.results import ClusterRendering, Rendering, SaliencyMaps
 from lightning_neurons.state import analysis_mode, model_device
 from lightning_neurons.stats import LayerStats
 from lightning_neurons.visualize.objectives import Channel
-from lightning_neurons.visualize.saliency import saliency
+from lightning_neurons.visualize.saliency import Baseline, saliency
 from lightning_neurons.visualize.sizing import auto_batch_size, probe
 
 
@@ -286,6 +286,7 @@ def saliency_maps(
     samples: int,
     epoch: int,
     steps: int = 32,
+    baseline: Baseline = "black",
 ) -> SaliencyMaps | None:
     """The probes' saliency maps (``None`` without probes). Under DDP each rank maps a
     contiguous share of the probes (SmoothGrad's noise is drawn per probe index, so the maps are
@@ -314,6 +315,7 @@ def saliency_maps(
                 output_fn=reader.output_fn,
                 samples=samples,
                 steps=steps,
+                baseline=baseline,
                 seed=renderer.options.seed,
                 first_index=part.start,
             )

@@ -50,7 +50,7 @@ from lightning_neurons.callbacks._visualizer_results import (
 )
 from lightning_neurons.callbacks.neuron_clustering import NeuronClustering
 from lightning_neurons.callbacks.tracker import ActivationTracker, tracker_results, tracker_spec
-from lightning_neurons.checks import Constraints, Interval, Satisfies
+from lightning_neurons.checks import Constraints, Interval, Options, Satisfies
 from lightning_neurons.data import Flatten, Normalize
 from lightning_neurons.defaults import infer_num_classes
 from lightning_neurons.distributed import broadcast_from_zero
@@ -63,7 +63,7 @@ from lightning_neurons.stats import LayerStats
 from lightning_neurons.strategies import refuse_sharded, require_forward
 from lightning_neurons.visualize.objectives import Channel
 from lightning_neurons.visualize.prior import DataPrior
-from lightning_neurons.visualize.saliency import METHODS, Method
+from lightning_neurons.visualize.saliency import METHODS, Baseline, Method
 
 __all__ = ["FeatureVisualizer", "RenderOptions"]
 
@@ -113,18 +113,14 @@ class FeatureVisualizer(StagedCallback):
     The model is left exactly as found (training mode, gradients, ``requires_grad``, hooks, RNG
     states), so a seeded run gives the same weights with or without this callback.
 
-    After each round the results are in :attr:`results` (other analyses, e.g. NeuronContribution's
-    probe images, read them):
-
-    ``results[layer]`` (one entry per layer, and ``results["classes"]`` for the class images) is a
-    :class:`~lightning_neurons.results.Rendering`: the images, each one's channel (or class), the
-    activation it reaches, and its strength relative to the channel's largest activation on the
-    tracker's data; :attr:`saliency_results` is a :class:`~lightning_neurons.results.SaliencyMaps`
-    (``None`` before the first round); with a NeuronClustering attached (``clusters=True``),
-    :attr:`cluster_results` holds a :class:`~lightning_neurons.results.ClusterRendering` per
-    clustered layer: its largest clusters' preferred images, the class each cluster prefers and
-    the class the model (and the judge) sees in its image, logged under
-    ``preference/clusters/<layer>``.
+    After each round (other analyses read the results, e.g. NeuronContribution's probe images)
+    ``results[layer]`` (and ``results["classes"]``) is a :class:`~lightning_neurons.results.Rendering`:
+    the images, each one's channel (or class), its activation and strength;
+    :attr:`saliency_results` a :class:`~lightning_neurons.results.SaliencyMaps` (``None`` before
+    the first round); with a NeuronClustering (``clusters=True``), :attr:`cluster_results` a
+    :class:`~lightning_neurons.results.ClusterRendering` per clustered layer: its largest clusters'
+    preferred images, the class each prefers and the class the model (and the judge) sees in
+    its image (``preference/clusters/<layer>``).
 
     Batches and model outputs are read through the attached tracker's
     :attr:`~lightning_neurons.ActivationTracker.reader` (its ``input_fn``, ``label_fn`` and
@@ -183,7 +179,8 @@ class FeatureVisualizer(StagedCallback):
             kept in ``results["classes"].judge_predicted`` (and ``cluster_results[layer]``'s),
             so a person sees which images transfer.
         smoothgrad_samples: Noisy copies per probe image for SmoothGrad; ``integrated_steps``:
-            points on each probe's path for Integrated Gradients.
+            points on each probe's path for Integrated Gradients, from ``integrated_baseline``:
+            ``"black"`` or ``"blur"`` (the probe blurred, so dark pixels can matter too).
         every_n_epochs: Visualize after every n-th epoch.
         within_epochs: Validations within an epoch too (``False``: its last only).
         enable_logging: Log figures and scalars and write files (``False``: ``results`` only).
@@ -228,6 +225,7 @@ class FeatureVisualizer(StagedCallback):
         "judge": [Satisfies(lambda v: isinstance(v, nn.Module), "an nn.Module"), None],
         "smoothgrad_samples": _POSITIVE,
         "integrated_steps": _POSITIVE,
+        "integrated_baseline": [Options.of(Baseline)],
     }
 
     def __init__(
@@ -253,6 +251,7 @@ class FeatureVisualizer(StagedCallback):
         judge: nn.Module | None = None,
         smoothgrad_samples: int = 16,
         integrated_steps: int = 32,
+        integrated_baseline: Baseline = "black",
         every_n_epochs: int = 1,
         within_epochs: bool = True,
         enable_logging: bool = True,
@@ -280,7 +279,7 @@ class FeatureVisualizer(StagedCallback):
         self.prior_images = prior_images
         self.judge = judge
         self.smoothgrad_samples = smoothgrad_samples
-        self.integrated_steps = integrated_steps
+        self.integrated_steps, self.integrated_baseline = integrated_steps, integrated_baseline
         #: ``{layer or "classes": Rendering}`` of the latest round (see :mod:`lightning_neurons.results`).
         self.results: dict[str, Rendering] = {}
         #: The probe images' saliency maps of the latest round (``None`` before the first).
@@ -574,7 +573,8 @@ class FeatureVisualizer(StagedCallback):
         probes = shared_probes(self._val_images.probes, "gathering the saliency probes")
         assert self._plan is not None
         options = (self._methods, self._plan.cam_layer, self.smoothgrad_samples, epoch)
-        made = saliency_maps(pl_module, renderer, probes, *options, self.integrated_steps)
+        integrated = (self.integrated_steps, self.integrated_baseline)
+        made = saliency_maps(pl_module, renderer, probes, *options, *integrated)
         return made or self.saliency_results
 
     def _chosen_clusters(
