@@ -305,6 +305,7 @@ def test_clusters_of_an_earlier_epoch_are_said_and_recorded(tmp_path):
         )
     (note,) = _older_cluster_notes(record)
     assert "ablated in epoch 2 are NeuronClustering's of epoch 1" in note
+    assert "made at step 12 (it did not analyse this validation, at step 18)" in note
     assert contribution.results["backbone.fc"].ablation.clusters_epoch == 1
 
 

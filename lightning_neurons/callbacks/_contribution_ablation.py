@@ -52,15 +52,16 @@ class AblationSets:
 
 def neuron_clusters(
     trainer: Trainer, layer: str, num_neurons: int
-) -> tuple[dict[str, torch.Tensor], int | None, bool]:
+) -> tuple[dict[str, torch.Tensor], int | None, int | None]:
     """The neuron clusters of an attached NeuronClustering callback for ``layer`` (or none),
-    the epoch they are from, and whether they were made on another model than the one ablated
-    (at another ``global_step``: an earlier epoch's, or before a checkpoint was loaded)."""
+    the epoch they are from, and the ``global_step`` they were made at when that is not the
+    model's now (an earlier validation's, or before a checkpoint was loaded; else ``None``)."""
     clustering = find_callback(trainer, NeuronClustering)
     entry = clustering.results.get(layer) if clustering is not None else None
     if entry is None:
-        return {}, None, False
-    older = clustering is not None and clustering.results_step != trainer.global_step
+        return {}, None, None
+    made_at = clustering.results_step
+    older = made_at if made_at != trainer.global_step else None
     ids = torch.as_tensor(entry.labels).reshape(-1)
     if ids.numel() != num_neurons:
         rank_zero_warn(
@@ -68,7 +69,7 @@ def neuron_clusters(
             f"of type {ids.dtype}, but the layer has {num_neurons} neurons; its clusters are not "
             "ablated."
         )
-        return {}, None, False
+        return {}, None, None
     return cluster_sets(ids), entry.epoch, older
 
 
@@ -79,11 +80,11 @@ def ablation_sets(
     clusters: dict[str, torch.Tensor],
     epoch: int | None,
     max_classes: int,
-    older: bool = False,
+    older: int | None = None,
 ) -> AblationSets:
     """The sets to zero: the dominant neurons of each of the first ``max_classes`` classes (that
-    have images), then each neuron cluster (of the epoch ``epoch``; ``older``: made on another
-    model than the one ablated, which a warning says)."""
+    have images), then each neuron cluster (of the epoch ``epoch``; ``older``: the step of
+    another model than the one ablated they were made on, which a warning says)."""
     names = class_names_of(trainer, stats.num_classes)
     sets: dict[str, torch.Tensor] = {}
     classes: list[int] = []
@@ -91,11 +92,12 @@ def ablation_sets(
         if stats.counts[c] > 0:
             sets[f"class {names[c]} top{stats.dominant.shape[1]}"] = stats.dominant[c]
             classes.append(c)
-    if clusters and epoch is not None and older:
+    if clusters and epoch is not None and older is not None:
         rank_zero_warn(
             f"NeuronContribution: the neuron clusters of {layer!r} ablated in epoch "
-            f"{trainer.current_epoch} are NeuronClustering's of epoch {epoch} (it did not "
-            "analyse this epoch); `results[layer].ablation.clusters_epoch` records it."
+            f"{trainer.current_epoch} are NeuronClustering's of epoch {epoch}, made at step "
+            f"{older} (it did not analyse this validation, at step {trainer.global_step}); "
+            "`results[layer].ablation.clusters_epoch` records it."
         )
     for name, neurons in clusters.items():
         sets[name] = neurons
