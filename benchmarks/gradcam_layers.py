@@ -31,7 +31,8 @@ BatchNorm, ReLU, pooling; its three convolutions, BatchNorms and ReLUs compared)
 ``--model tutorial`` PyTorch's CIFAR-10 tutorial model (two convolutions, ``F.relu`` and
 ``F.max_pool2d`` in ``forward``; each conv against the ``F.relu`` call after it), or with
 ``--model vit`` a small torchvision ``VisionTransformer`` (4 px patches, 6 blocks of width 64, a
-class-token head; each block's output compared, the default being the one before the last), trained for
+class-token head; each block's output compared, the default being the one before the last;
+and attention rollout, gradient-weighted and plain), trained for
 ``--epochs`` on the parts data (:mod:`lightning_neurons.parts`: twelve classes told apart by a
 small mark in a random corner of two large shapes), or with ``--data digits`` on scikit-learn's
 handwritten digits (the demo's data: ten classes, the strokes in the middle of the image), at
@@ -57,7 +58,13 @@ from lightning_neurons.hooks import hooked
 from lightning_neurons.layouts import image_token_grid
 from lightning_neurons.models import SmallCNN
 from lightning_neurons.parts import make_parts
-from lightning_neurons.visualize import grad_cam, gradient, integrated_gradients, smoothgrad
+from lightning_neurons.visualize import (
+    attention_rollout,
+    grad_cam,
+    gradient,
+    integrated_gradients,
+    smoothgrad,
+)
 from lightning_neurons.visualize.cam_layers import cam_layer
 
 
@@ -226,6 +233,12 @@ def main() -> None:
         model, held_x, predicted, baseline="blur"
     )
     grids = {layer: grid(model, layer, held_x) for layer in layers}
+    if args.model == "vit":  # attention rollout, on the patch grid
+        for name, weighted in (("rollout (weighted)", True), ("rollout (plain)", False)):
+            methods[name] = lambda weighted=weighted: attention_rollout(
+                model, held_x, predicted, weighted=weighted
+            )
+            grids[name] = grids[layers[-1]]
     for where in ["pixels", *sorted(set(grids.values()), key=lambda g: int(g.split("x")[0]))]:
         for seed in range(3):
             methods[f"random {where} {seed}"] = lambda where=where, seed=seed: random_map(

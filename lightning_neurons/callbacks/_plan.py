@@ -28,6 +28,7 @@ from lightning_neurons.state import analysis_mode
 from lightning_neurons.visualize.cam_layers import NoCamLayer, cam_layer
 from lightning_neurons.visualize.objectives import LOGITS, Channel, ClassLogit
 from lightning_neurons.visualize.render import check_objectives
+from lightning_neurons.visualize.rollout import has_image_attention
 from lightning_neurons.visualize.saliency import METHODS
 from lightning_neurons.visualize.sizing import Probe, probe
 
@@ -87,6 +88,25 @@ def saliency_methods(
     if "gradcam" in methods and gradcam_layer is not None:
         get_module(pl_module, gradcam_layer)
     return list(methods)
+
+
+def usable_methods(model: nn.Module, methods: Sequence[str], plan: VisualizerPlan) -> list[str]:
+    """``methods`` less those the model cannot give: Grad-CAM without its layer (the plan's,
+    :func:`gradcam_layer_for` warned), attention rollout without attention over the image's
+    patch tokens (one forward pass of a grey image says; with a warning)."""
+    kept = [m for m in methods if m != "gradcam" or plan.cam_layer is not None]
+    if "rollout" in kept:
+        image = torch.full((1, *plan.shape), 0.5)
+        if not has_image_attention(model, image, plan.transform):
+            rank_zero_warn(
+                f"FeatureVisualizer: {type(model).__name__} computes no attention over the "
+                "image's patch tokens through torch.nn.functional.scaled_dot_product_attention, "
+                "which attention rollout reads; its maps are left out (the other saliency "
+                "methods are made). A transformer that writes its attention out (timm's "
+                "fused_attn=False, Hugging Face's attn_implementation='eager') is not read."
+            )
+            kept.remove("rollout")
+    return kept
 
 
 def gradcam_layer_for(

@@ -33,6 +33,7 @@ from lightning_neurons.callbacks._plan import (
     later_normalization,
     make_plan,
     saliency_methods,
+    usable_methods,
 )
 from lightning_neurons.callbacks._prior import PriorStream
 from lightning_neurons.callbacks._render_options import RenderOptions
@@ -142,7 +143,8 @@ class FeatureVisualizer(StagedCallback):
             TensorBoard's step slider follows them (at 1,000 classes 16 class images a round).
             ``None``: all classes.
         saliency: Saliency methods for the probe images, from ``"gradient"``, ``"smoothgrad"``,
-            ``"integrated"`` (Integrated Gradients from black) and ``"gradcam"`` (``[]``: none).
+            ``"integrated"`` (Integrated Gradients), ``"gradcam"`` and ``"rollout"`` (attention
+            rollout, transformers; see :func:`~lightning_neurons.visualize.attention_rollout`).
         gradcam_layer: Grad-CAM's layer; default: the stage or block output where the model's
             last Conv2d with at least 3 x 3 positions on the images is (a ResNet's ``layer4``,
             ``layer3`` on 32 to 64 px images), or for a vision transformer one of its last
@@ -505,8 +507,7 @@ class FeatureVisualizer(StagedCallback):
             gradcam="gradcam" in self._methods,
             gradcam_layer=self.gradcam_layer,
         )
-        if self._plan.cam_layer is None:
-            self._methods = [m for m in self._methods if m != "gradcam"]
+        self._methods = usable_methods(pl_module, self._methods, self._plan)
         self.layers = self._plan.layers
         self._guess_later = not guess
         check_display_channels(display_channels_of(trainer), self._plan.shape[0])

@@ -3,7 +3,8 @@
 *Preference* (what image a channel, a group of channels or a class wants to see) is found by
 gradient ascent on the pixels: :func:`render` optimises one image per :class:`Objective`, all in
 one batch. *Focus* (which pixels of a real image drive a prediction) is shown by saliency maps:
-:func:`gradient`, :func:`smoothgrad`, :func:`integrated_gradients` and :func:`grad_cam`.
+:func:`gradient`, :func:`smoothgrad`, :func:`integrated_gradients`, :func:`grad_cam` and, for
+transformers, :func:`attention_rollout`.
 
 Example:
     >>> import torch
@@ -31,6 +32,7 @@ from lightning_neurons.visualize.objectives import (
 from lightning_neurons.visualize.penalties import L2, TotalVariation
 from lightning_neurons.visualize.prior import DataPrior
 from lightning_neurons.visualize.render import RenderResult, check_objectives, evaluate, render
+from lightning_neurons.visualize.rollout import attention_rollout
 from lightning_neurons.visualize.saliency import (
     grad_cam,
     gradient,
@@ -56,6 +58,7 @@ __all__ = [
     "Objective",
     "RenderResult",
     "TotalVariation",
+    "attention_rollout",
     "check_objectives",
     "evaluate",
     "grad_cam",

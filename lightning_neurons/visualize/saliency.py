@@ -71,9 +71,10 @@ from lightning_neurons.visualize.probe import (
     probe_targets,
     row_chunks,
 )
+from lightning_neurons.visualize.rollout import attention_rollout
 
-Method = Literal["gradient", "smoothgrad", "integrated", "gradcam"]
-METHODS: tuple[str, ...] = ("gradient", "smoothgrad", "integrated", "gradcam")
+Method = Literal["gradient", "smoothgrad", "integrated", "gradcam", "rollout"]
+METHODS: tuple[str, ...] = ("gradient", "smoothgrad", "integrated", "gradcam", "rollout")
 #: Integrated Gradients' baselines by name (:func:`saliency`): a black image, or the image blurred.
 Baseline = Literal["black", "blur"]
 
@@ -461,7 +462,8 @@ def saliency(
     output_fn: BatchFn | None = None,
 ) -> torch.Tensor:
     """Saliency maps by ``method``: ``"gradient"``, ``"smoothgrad"``, ``"integrated"``
-    (Integrated Gradients from a black or blurred image) or ``"gradcam"``.
+    (Integrated Gradients from a black or blurred image), ``"gradcam"`` or ``"rollout"``
+    (gradient-weighted attention rollout, :func:`~lightning_neurons.visualize.rollout.attention_rollout`).
 
     Args:
         model: Maps model inputs to logits.
@@ -496,6 +498,8 @@ def saliency(
     if method == "integrated":
         start = 0.0 if check_choice("baseline", baseline, ("black", "blur")) == "black" else "blur"
         return integrated_gradients(model, images, target, steps=steps, baseline=start, **common)
+    if method == "rollout":
+        return attention_rollout(model, images, target, **common)
     return grad_cam(model, images, target, layer=layer, **common)
 
 

@@ -1,0 +1,213 @@
+"""Attention rollout: where a vision transformer looks, from its attention maps.
+
+- plain rollout (Abnar & Zuidema 2020): each block's attention averaged over its heads, the
+  residual added (``(A + I) / 2``, rows summing to 1), the blocks' matrices multiplied from the
+  first to the last; class-agnostic;
+- gradient-weighted rollout (Chefer, Gur & Wolf 2021, "Generic Attention-model Explainability"):
+  each block's attention times its gradient from the target logit, its positive part averaged
+  over the heads, accumulated as ``R <- R + A_w R`` from ``R = I``; class-specific.
+
+The map is the class token's row over the patch tokens (a model without a class token, which
+pools its tokens: the rows' mean), on the patch grid, upsampled to the image as Grad-CAM's.
+
+The attention maps are read from :func:`torch.nn.functional.scaled_dot_product_attention`, which
+timm's and Hugging Face's ViTs and torchvision's ``nn.MultiheadAttention`` call: while the maps
+are taken it is replaced by the same product written out (softmax, then the values), whose
+attention probabilities are kept. A model that writes its attention out itself (timm's
+``fused_attn=False``, Hugging Face's ``attn_implementation="eager"``) is read by no call, and
+gets an error that says so. Blocks whose attention is not over the image's tokens (pooling
+attention, windows) are left out of the product.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lightning_neurons.batch import BatchFn, InputTransform
+from lightning_neurons.errors import NeuronsError
+from lightning_neurons.gradients import gradients_at
+from lightning_neurons.layouts import image_token_grid
+from lightning_neurons.state import analysis_mode, model_device
+from lightning_neurons.visualize.probe import (
+    Probe,
+    class_logits,
+    logits_without_graph,
+    probe_targets,
+    row_chunks,
+)
+
+__all__ = ["attention_rollout", "recorded_attention"]
+
+
+def _explicit_attention(
+    store: list[torch.Tensor],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """``scaled_dot_product_attention`` written out, its probabilities kept in ``store`` (no
+    dropout: the maps are taken in eval mode)."""
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        repeat = query.shape[-3] // key.shape[-3]
+        key, value = (t.repeat_interleave(repeat, dim=-3) for t in (key, value))
+    scores = (query @ key.transpose(-2, -1)) * (scale or 1.0 / math.sqrt(query.shape[-1]))
+    if is_causal:
+        length, source = query.shape[-2], key.shape[-2]
+        attn_mask = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    probs = scores.float().softmax(dim=-1).to(query.dtype)
+    store.append(probs)
+    return probs @ value
+
+
+@contextlib.contextmanager
+def recorded_attention() -> Iterator[list[torch.Tensor]]:
+    """Inside the block, every call of :func:`torch.nn.functional.scaled_dot_product_attention`
+    computes its attention explicitly and appends the ``[..., queries, keys]`` probabilities
+    (in the autograd graph) to the list it yields; restored on exit."""
+    store: list[torch.Tensor] = []
+    real = F.scaled_dot_product_attention
+
+    def explicit(*args: object, **kwargs: object) -> torch.Tensor:
+        return _explicit_attention(store, *args, **kwargs)  # type: ignore[arg-type]
+
+    F.scaled_dot_product_attention = explicit  # type: ignore[assignment]
+    try:
+        yield store
+    finally:
+        F.scaled_dot_product_attention = real
+
+
+def attention_rollout(
+    model: nn.Module,
+    images: torch.Tensor,
+    target: int | Sequence[int] | torch.Tensor | None = None,
+    *,
+    weighted: bool = True,
+    input_transform: InputTransform | None = None,
+    batch_size: int | None = None,
+    output_fn: BatchFn | None = None,
+) -> torch.Tensor:
+    """Attention rollout maps of a vision transformer (see the module's description).
+
+    Args:
+        model: Maps model inputs to logits; its attention goes through
+            :func:`torch.nn.functional.scaled_dot_product_attention`.
+        images: ``[N, C, H, W]`` display images.
+        target: Class per image (or one for all); default: the predicted class. Plain rollout
+            (``weighted=False``) does not depend on it.
+        weighted: Chefer et al.'s gradient-weighted rollout (class-specific); ``False``: Abnar
+            and Zuidema's plain rollout.
+        input_transform: Display image -> model input.
+        batch_size: Images per forward pass (default: chunks bounded in memory).
+        output_fn: Reads the logits from the model's output.
+
+    Returns:
+        ``[N, H, W]`` non-negative maps (CPU, float32).
+
+    Raises:
+        NeuronsError: When no attention over the image's patch tokens is seen, or the logits
+            have no graph (``weighted``).
+    """
+    device = model_device(model)
+    with analysis_mode(model):
+        images = images.detach().clone().to(device)
+        probe = Probe(model, images, input_transform, output_fn)
+        target = probe_targets(probe, target) if weighted else None
+        maps = []
+        for part in row_chunks(images.shape[0], batch_size, probe):
+            part_target = None if target is None else target[part]
+            maps.append(_rollout_maps(model, images[part], part_target, input_transform, output_fn))
+    return torch.cat(maps).float().cpu()
+
+
+def _rollout_maps(
+    model: nn.Module,
+    images: torch.Tensor,
+    target: torch.Tensor | None,
+    input_transform: InputTransform | None,
+    output_fn: BatchFn | None,
+) -> torch.Tensor:
+    # an input that requires a gradient: a graph through the attention (the parameters are
+    # frozen), and no fused kernel (nn.MultiheadAttention's fast path skips the recorded call)
+    x = images.detach().requires_grad_(True)
+    with recorded_attention() as store:
+        logits = class_logits(model, x, input_transform, output_fn)
+    height, width = images.shape[-2:]
+    blocks = _image_attention(store, (height, width), model)
+    grads: list[torch.Tensor | None] = [None] * len(blocks)
+    if target is not None:
+        if not logits.requires_grad:
+            raise logits_without_graph()
+        grads = gradients_at(logits.gather(1, target.view(-1, 1)).sum(), blocks)
+    n, tokens = images.shape[0], blocks[0].shape[-1]
+    eye = torch.eye(tokens, device=images.device)
+    relevance = eye.expand(n, tokens, tokens)
+    for probs, grad in zip(blocks, grads, strict=True):
+        attention = probs.detach().float()
+        if target is None:  # plain: heads averaged, the residual added, rows summing to 1
+            mixed = 0.5 * attention.mean(dim=1) + 0.5 * eye
+            relevance = (mixed / mixed.sum(dim=-1, keepdim=True)) @ relevance
+        elif grad is not None:  # weighted: (gradient x attention)+ averaged over the heads
+            weighted = (grad.float() * attention).clamp_min(0).mean(dim=1)
+            relevance = relevance + weighted @ relevance
+    grid = image_token_grid(tokens, (height, width))
+    assert grid is not None  # _image_attention kept only such blocks
+    prefix = tokens - grid[0] * grid[1]
+    rows = relevance[:, 0] if prefix else relevance.mean(dim=1)  # the class token's, or all
+    cells = rows[:, prefix:].reshape(n, 1, *grid)
+    up = F.interpolate(cells, size=(height, width), mode="bilinear", align_corners=False)
+    return up[:, 0].clamp_min(0).detach()
+
+
+def _image_attention(
+    store: list[torch.Tensor], size: tuple[int, int], model: nn.Module
+) -> list[torch.Tensor]:
+    """The recorded ``[N, heads, T, T]`` self-attention over the image's tokens (``T``: a
+    patch grid with at most a few leading tokens), of the most common token count."""
+    square = [p for p in store if p.dim() == 4 and p.shape[-1] == p.shape[-2]]
+    on_grid = [p for p in square if image_token_grid(p.shape[-1], size) is not None]
+    if not on_grid:
+        raise NeuronsError(
+            f"attention rollout saw no self-attention over the image's patch tokens in "
+            f"{type(model).__name__} ({len(store)} calls of scaled_dot_product_attention): it "
+            "reads the attention from torch.nn.functional.scaled_dot_product_attention, which "
+            "timm's ViTs (fused_attn, the default), Hugging Face's (attn_implementation='sdpa') "
+            "and torchvision's call; use 'integrated' or 'gradient' maps for other models"
+        )
+    counts: dict[int, int] = {}
+    for p in on_grid:
+        counts[p.shape[-1]] = counts.get(p.shape[-1], 0) + 1
+    tokens = max(counts, key=lambda t: (counts[t], t))
+    return [p for p in on_grid if p.shape[-1] == tokens]
+
+
+def has_image_attention(
+    model: nn.Module, image: torch.Tensor, input_transform: InputTransform | None = None
+) -> bool:
+    """Whether one forward pass of ``image`` (``[1, C, H, W]``, a display image) calls
+    :func:`torch.nn.functional.scaled_dot_product_attention` over the image's patch tokens:
+    whether :func:`attention_rollout` can map the model."""
+    with analysis_mode(model), recorded_attention() as store:
+        x = image.detach().to(model_device(model)).requires_grad_(True)  # no fused fast path
+        class_logits(model, x, input_transform)
+    size = (int(image.shape[-2]), int(image.shape[-1]))
+    return any(
+        p.dim() == 4 and p.shape[-1] == p.shape[-2] and image_token_grid(p.shape[-1], size)
+        for p in store
+    )

@@ -1,0 +1,147 @@
+"""Attention rollout: exact values on a toy transformer whose attention is worked out by hand,
+the recorded attention changing no output, the models it cannot read, and the callback."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import timm
+import torch
+import torchvision
+from conftest import FAST_VIS, TinyData, TinyNet, fast_trainer
+from torch import nn
+from torch.nn import functional as F
+
+from lightning_neurons import ActivationTracker, FeatureVisualizer, NeuronsError
+from lightning_neurons.models import ImageClassifier
+from lightning_neurons.visualize import attention_rollout, saliency
+from lightning_neurons.visualize.rollout import has_image_attention, recorded_attention
+
+
+class ToyViT(nn.Module):
+    """Grey images cut into 2 x 2 patches, a class token (or none: the tokens' mean is
+    classified), ``blocks`` single-layer attention blocks of 2 heads with a residual."""
+
+    def __init__(self, blocks: int = 1, class_token: bool = True, dim: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(1, dim, 2, stride=2)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim)) if class_token else None
+        self.qkv = nn.ModuleList(nn.Linear(dim, 3 * dim) for _ in range(blocks))
+        self.head = nn.Linear(dim, 3)
+
+    def qkv_of(self, block: int, t: torch.Tensor) -> torch.Tensor:
+        n, tokens, dim = t.shape
+        return self.qkv[block](t).view(n, tokens, 3, 2, dim // 2).permute(2, 0, 3, 1, 4)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        return t if self.cls is None else torch.cat([self.cls.expand(len(x), -1, -1), t], 1)
+
+    def logits(self, t: torch.Tensor) -> torch.Tensor:
+        return self.head(t[:, 0] if self.cls is not None else t.mean(dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.tokens(x)
+        for block in range(len(self.qkv)):
+            q, k, v = self.qkv_of(block, t)
+            t = t + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        return self.logits(t)
+
+
+def _by_hand(model: ToyViT, x: torch.Tensor, target: torch.Tensor):
+    """The model's forward pass with its attention written out: the attention of every block
+    and its gradient from the target logits."""
+    t, attentions = model.tokens(x), []
+    for block in range(len(model.qkv)):
+        q, k, v = model.qkv_of(block, t)
+        a = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1)
+        attentions.append(a)
+        t = t + (a @ v).transpose(1, 2).flatten(2)
+    score = model.logits(t).gather(1, target.view(-1, 1)).sum()
+    grads = torch.autograd.grad(score, attentions)
+    return [a.detach() for a in attentions], grads
+
+
+def _on_image(rows: torch.Tensor, grid: int, size: int) -> torch.Tensor:
+    cells = rows.reshape(len(rows), 1, grid, grid)
+    return F.interpolate(cells, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+
+
+@pytest.mark.parametrize("class_token", [True, False])
+def test_rollout_of_a_toy_transformer_is_its_attention_worked_out_by_hand(class_token):
+    torch.manual_seed(0)
+    model = ToyViT(blocks=2, class_token=class_token).eval()
+    x, target = torch.rand(3, 1, 8, 8), torch.tensor([0, 2, 1])
+    attentions, grads = _by_hand(model, x, target)
+    eye, prefix = torch.eye(attentions[0].shape[-1]), int(class_token)
+    # plain (Abnar & Zuidema): ((A + I) / 2) of the second block times the first's
+    first, second = (0.5 * a.mean(dim=1) + 0.5 * eye for a in attentions)
+    plain = second @ first
+    # weighted (Chefer et al.): R = I + W1; R = R + W2 R
+    w1, w2 = ((g * a).clamp_min(0).mean(dim=1) for g, a in zip(grads, attentions, strict=True))
+    weighted = (eye + w1) + w2 @ (eye + w1)
+    for relevance, is_weighted in ((plain, False), (weighted, True)):
+        rows = relevance[:, 0] if class_token else relevance.mean(dim=1)
+        expected = _on_image(rows[:, prefix:], 4, 8)
+        got = attention_rollout(model, x, target, weighted=is_weighted)
+        torch.testing.assert_close(got, expected.clamp_min(0), rtol=1e-5, atol=1e-6)
+    # through `saliency` (weighted), in chunks of one image: the same maps
+    chunked = saliency(model, x, "rollout", target, batch_size=1)
+    torch.testing.assert_close(chunked, attention_rollout(model, x, target), rtol=1e-5, atol=1e-7)
+    assert model.training is False and all(p.requires_grad for p in model.parameters())
+
+
+def test_recording_the_attention_changes_no_output_and_restores_the_function():
+    torch.manual_seed(0)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, patch_size=8
+    ).eval()
+    tv = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32
+    ).eval()
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)  # no nn.MultiheadAttention fast path
+    real = F.scaled_dot_product_attention
+    for model, blocks in ((vit, 12), (tv, 2)):
+        fused = model(x)
+        with recorded_attention() as store:
+            written_out = model(x)
+        # the same product in another order of float32 sums: a few ulps of the logits
+        torch.testing.assert_close(written_out, fused, rtol=1e-4, atol=1e-5)
+        assert len(store) == blocks and store[0].shape == (2, 3 if model is vit else 2, 17, 17)
+        torch.testing.assert_close(store[0].sum(dim=-1), torch.ones(store[0].shape[:-1]))
+        assert F.scaled_dot_product_attention is real
+        assert has_image_attention(model, x[:1])
+    with pytest.raises(RuntimeError), recorded_attention():
+        raise RuntimeError("an error inside the block")
+    assert F.scaled_dot_product_attention is real
+
+
+def test_a_model_without_attention_gets_a_clear_error():
+    model = TinyNet().eval()
+    assert not has_image_attention(model, torch.rand(1, 1, 8, 8))
+    with pytest.raises(NeuronsError, match="saw no self-attention over the image's patch tokens"):
+        attention_rollout(model, torch.rand(2, 1, 8, 8))
+
+
+def test_the_callback_maps_a_transformer_and_leaves_rollout_out_of_a_cnn(tmp_path):
+    for backbone, mapped in ((ToyViT(), True), (TinyNet(), False)):
+        torch.manual_seed(0)
+        vis = FeatureVisualizer(saliency=["gradient", "rollout"], on_error="raise", **FAST_VIS)
+        layers = ["backbone.embed"] if mapped else None  # the toy has no activation
+        callbacks = [ActivationTracker(layers, on_error="raise"), vis]
+        module = ImageClassifier(backbone, num_classes=3, lr=1e-2)
+        trainer = fast_trainer(tmp_path / str(mapped), callbacks=callbacks, max_epochs=1)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            trainer.fit(module, datamodule=TinyData())
+        said = [str(w.message) for w in record if "attention rollout reads" in str(w.message)]
+        maps = vis.saliency_results
+        assert maps is not None and not vis.failures
+        if mapped:  # the function's maps of the probes, for their predicted classes
+            assert not said and set(maps.maps) == {"gradient", "rollout"}
+            own = attention_rollout(module, maps.images, maps.predicted)
+            torch.testing.assert_close(maps.maps["rollout"], own, rtol=1e-4, atol=1e-7)
+        else:
+            assert len(said) == 1 and set(maps.maps) == {"gradient"}
