@@ -4,6 +4,7 @@ the recorded attention changing no output, the models it cannot read, and the ca
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 
 import pytest
@@ -113,6 +114,11 @@ def test_recording_the_attention_changes_no_output_and_restores_the_function():
         torch.testing.assert_close(store[0].sum(dim=-1), torch.ones(store[0].shape[:-1]))
         assert F.scaled_dot_product_attention is real
         assert has_image_attention(model, x[:1])
+    with recorded_attention() as store:  # another thread's attention is not recorded
+        thread = threading.Thread(target=vit, args=(x,))
+        thread.start()
+        thread.join()
+        assert store == []
     with pytest.raises(RuntimeError), recorded_attention():
         raise RuntimeError("an error inside the block")
     assert F.scaled_dot_product_attention is real

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -78,12 +79,16 @@ def _explicit_attention(
 @contextlib.contextmanager
 def recorded_attention() -> Iterator[list[torch.Tensor]]:
     """Inside the block, every call of :func:`torch.nn.functional.scaled_dot_product_attention`
-    computes its attention explicitly and appends the ``[..., queries, keys]`` probabilities
-    (in the autograd graph) to the list it yields; restored on exit."""
+    on this thread computes its attention explicitly and appends the ``[..., queries, keys]``
+    probabilities (in the autograd graph) to the list it yields; restored on exit."""
     store: list[torch.Tensor] = []
     real = F.scaled_dot_product_attention
 
+    owner = threading.get_ident()
+
     def explicit(*args: object, **kwargs: object) -> torch.Tensor:
+        if threading.get_ident() != owner:  # another thread's attention: as it was
+            return real(*args, **kwargs)  # type: ignore[arg-type]
         return _explicit_attention(store, *args, **kwargs)  # type: ignore[arg-type]
 
     F.scaled_dot_product_attention = explicit  # type: ignore[assignment]
