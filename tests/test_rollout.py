@@ -88,9 +88,12 @@ def test_rollout_of_a_toy_transformer_is_its_attention_worked_out_by_hand(class_
         expected = _on_image(rows[:, prefix:], 4, 8)
         got = attention_rollout(model, x, target, weighted=is_weighted)
         torch.testing.assert_close(got, expected.clamp_min(0), rtol=1e-5, atol=1e-6)
-    # through `saliency` (weighted), in chunks of one image: the same maps
+    # through `saliency` (plain), in chunks of one image: the same maps
     chunked = saliency(model, x, "rollout", target, batch_size=1)
-    torch.testing.assert_close(chunked, attention_rollout(model, x, target), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(chunked, attention_rollout(model, x), rtol=1e-5, atol=1e-7)
+    weighted_chunks = attention_rollout(model, x, target, weighted=True, batch_size=2)
+    expected = attention_rollout(model, x, target, weighted=True)
+    torch.testing.assert_close(weighted_chunks, expected, rtol=1e-5, atol=1e-7)
     assert model.training is False and all(p.requires_grad for p in model.parameters())
 
 

@@ -1,11 +1,13 @@
 """Attention rollout: where a vision transformer looks, from its attention maps.
 
-- plain rollout (Abnar & Zuidema 2020): each block's attention averaged over its heads, the
-  residual added (``(A + I) / 2``, rows summing to 1), the blocks' matrices multiplied from the
-  first to the last; class-agnostic;
-- gradient-weighted rollout (Chefer, Gur & Wolf 2021, "Generic Attention-model Explainability"):
-  each block's attention times its gradient from the target logit, its positive part averaged
-  over the heads, accumulated as ``R <- R + A_w R`` from ``R = I``; class-specific.
+- plain rollout (Abnar & Zuidema 2020), the default: each block's attention averaged over its
+  heads, the residual added (``(A + I) / 2``, rows summing to 1), the blocks' matrices
+  multiplied from the first to the last; the same for every class;
+- gradient-weighted rollout (Chefer, Gur & Wolf 2021, "Generic Attention-model Explainability"),
+  ``weighted=True``: each block's attention times its gradient from the target logit, its
+  positive part averaged over the heads, accumulated as ``R <- R + A_w R`` from ``R = I``;
+  class-specific. On the small ViTs of ``benchmarks/gradcam_layers.py`` the plain rollout
+  deleted and inserted better (docs/benchmarks.md).
 
 The map is the class token's row over the patch tokens (a model without a class token, which
 pools its tokens: the rows' mean), on the patch grid, upsampled to the image as Grad-CAM's.
@@ -103,7 +105,7 @@ def attention_rollout(
     images: torch.Tensor,
     target: int | Sequence[int] | torch.Tensor | None = None,
     *,
-    weighted: bool = True,
+    weighted: bool = False,
     input_transform: InputTransform | None = None,
     batch_size: int | None = None,
     output_fn: BatchFn | None = None,
@@ -114,8 +116,8 @@ def attention_rollout(
         model: Maps model inputs to logits; its attention goes through
             :func:`torch.nn.functional.scaled_dot_product_attention`.
         images: ``[N, C, H, W]`` display images.
-        target: Class per image (or one for all); default: the predicted class. Plain rollout
-            (``weighted=False``) does not depend on it.
+        target: Class per image (or one for all) of the weighted rollout; default: the
+            predicted class. The plain rollout does not depend on it.
         weighted: Chefer et al.'s gradient-weighted rollout (class-specific); ``False``: Abnar
             and Zuidema's plain rollout.
         input_transform: Display image -> model input.

@@ -463,7 +463,7 @@ def saliency(
 ) -> torch.Tensor:
     """Saliency maps by ``method``: ``"gradient"``, ``"smoothgrad"``, ``"integrated"``
     (Integrated Gradients from a black or blurred image), ``"gradcam"`` or ``"rollout"``
-    (gradient-weighted attention rollout, :func:`~lightning_neurons.visualize.rollout.attention_rollout`).
+    (plain attention rollout, :func:`~lightning_neurons.visualize.rollout.attention_rollout`).
 
     Args:
         model: Maps model inputs to logits.
