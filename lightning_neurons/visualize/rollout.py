@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_neurons.batch import BatchFn, InputTransform
+from lightning_neurons.batch import BatchFn, InputTransform, as_model_input, to_model_input
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.gradients import gradients_at
 from lightning_neurons.layouts import image_token_grid
@@ -211,8 +211,8 @@ def has_image_attention(
     :func:`torch.nn.functional.scaled_dot_product_attention` over the image's patch tokens:
     whether :func:`attention_rollout` can map the model."""
     with analysis_mode(model), recorded_attention() as store:
-        x = image.detach().to(model_device(model)).requires_grad_(True)  # no fused fast path
-        class_logits(model, x, input_transform)
+        x = to_model_input(image.detach().to(model_device(model)), input_transform)
+        model(as_model_input(x, model).requires_grad_(True))  # no fused fast path; no logits read
     size = (int(image.shape[-2]), int(image.shape[-1]))
     return any(
         p.dim() == 4 and p.shape[-1] == p.shape[-2] and image_token_grid(p.shape[-1], size)
