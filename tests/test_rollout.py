@@ -127,11 +127,28 @@ def test_recording_the_attention_changes_no_output_and_restores_the_function():
     assert F.scaled_dot_product_attention is real
 
 
-def test_a_model_without_attention_gets_a_clear_error():
-    model = TinyNet().eval()
-    assert not has_image_attention(model, torch.rand(1, 1, 8, 8))
-    with pytest.raises(NeuronsError, match="saw no self-attention over the image's patch tokens"):
-        attention_rollout(model, torch.rand(2, 1, 8, 8))
+class WindowedToy(ToyViT):
+    """The toy's 4 x 4 patch tokens (no class token) attending only within 2 x 2 windows:
+    ``[N x 4 windows, heads, 4, 4]`` attention, whose 4 tokens would also fit a 2 x 2 grid."""
+
+    def __init__(self) -> None:
+        super().__init__(class_token=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.tokens(x)  # [N, 16, dim]
+        n, dim = t.shape[0], t.shape[-1]
+        windows = t.view(n, 2, 2, 2, 2, dim).permute(0, 1, 3, 2, 4, 5).reshape(n * 4, 4, dim)
+        q, k, v = self.qkv_of(0, windows)
+        mixed = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        return self.logits(windows.view(n, 16, dim) + mixed.view(n, 16, dim))
+
+
+def test_a_model_without_attention_over_the_image_gets_a_clear_error():
+    for model in (TinyNet().eval(), WindowedToy().eval()):
+        assert not has_image_attention(model, torch.rand(1, 1, 8, 8))
+        for n in (1, 2):  # one image: the windows are no batch of images either
+            with pytest.raises(NeuronsError, match="saw no self-attention over the image's"):
+                attention_rollout(model, torch.rand(n, 1, 8, 8))
 
 
 def test_the_callback_maps_a_transformer_and_leaves_rollout_out_of_a_cnn(tmp_path):

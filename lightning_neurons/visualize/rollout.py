@@ -156,7 +156,7 @@ def _rollout_maps(
     with recorded_attention() as store:
         logits = class_logits(model, x, input_transform, output_fn)
     height, width = images.shape[-2:]
-    blocks = _image_attention(store, (height, width), model)
+    blocks = _image_attention(store, images.shape[0], (height, width), model)
     grads: list[torch.Tensor | None] = [None] * len(blocks)
     if target is not None:
         if not logits.requires_grad:
@@ -182,13 +182,24 @@ def _rollout_maps(
     return up[:, 0].clamp_min(0).detach()
 
 
+def _over_image(probs: torch.Tensor, n: int, size: tuple[int, int]) -> bool:
+    """Whether recorded attention probabilities are ``[n, heads, T, T]`` self-attention over
+    the ``n`` images' tokens (``T``: a patch grid with at most a few leading tokens); attention
+    within windows (``[n x windows, ...]``) is not."""
+    return (
+        probs.dim() == 4
+        and probs.shape[0] == n
+        and probs.shape[-1] == probs.shape[-2]
+        and image_token_grid(probs.shape[-1], size) is not None
+    )
+
+
 def _image_attention(
-    store: list[torch.Tensor], size: tuple[int, int], model: nn.Module
+    store: list[torch.Tensor], n: int, size: tuple[int, int], model: nn.Module
 ) -> list[torch.Tensor]:
-    """The recorded ``[N, heads, T, T]`` self-attention over the image's tokens (``T``: a
-    patch grid with at most a few leading tokens), of the most common token count."""
-    square = [p for p in store if p.dim() == 4 and p.shape[-1] == p.shape[-2]]
-    on_grid = [p for p in square if image_token_grid(p.shape[-1], size) is not None]
+    """The recorded self-attention over the ``n`` images' tokens (:func:`_over_image`), of the
+    most common token count."""
+    on_grid = [p for p in store if _over_image(p, n, size)]
     if not on_grid:
         raise NeuronsError(
             f"attention rollout saw no self-attention over the image's patch tokens in "
@@ -214,7 +225,4 @@ def has_image_attention(
         x = to_model_input(image.detach().to(model_device(model)), input_transform)
         model(as_model_input(x, model).requires_grad_(True))  # no fused fast path; no logits read
     size = (int(image.shape[-2]), int(image.shape[-1]))
-    return any(
-        p.dim() == 4 and p.shape[-1] == p.shape[-2] and image_token_grid(p.shape[-1], size)
-        for p in store
-    )
+    return any(_over_image(p, image.shape[0], size) for p in store)
