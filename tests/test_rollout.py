@@ -3,6 +3,7 @@ the recorded attention changing no output, the models it cannot read, and the ca
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import warnings
@@ -17,7 +18,7 @@ from torch.nn import functional as F
 
 from lightning_neurons import ActivationTracker, FeatureVisualizer, NeuronsError
 from lightning_neurons.models import ImageClassifier
-from lightning_neurons.visualize import attention_rollout, saliency
+from lightning_neurons.visualize import attention_rollout, saliency, sizing
 from lightning_neurons.visualize.rollout import has_image_attention, recorded_attention
 
 
@@ -171,3 +172,86 @@ def test_the_callback_maps_a_transformer_and_leaves_rollout_out_of_a_cnn(tmp_pat
             torch.testing.assert_close(maps.maps["rollout"], own, rtol=1e-4, atol=1e-7)
         else:
             assert len(said) == 1 and set(maps.maps) == {"gradient"}
+
+
+class HandWrittenToy(ToyViT):
+    """The toy with its attention written out by hand (``torch.softmax`` of the scores), as
+    tutorials and research code write it: no ``scaled_dot_product_attention`` call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.tokens(x)
+        for block in range(len(self.qkv)):
+            q, k, v = self.qkv_of(block, t)
+            a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+            t = t + (a @ v).transpose(1, 2).flatten(2)
+        return self.logits(t)
+
+
+def _eager_twins() -> list[tuple[nn.Module, nn.Module, int]]:
+    """(fused, written out, blocks): the toy, timm's ViT with ``fused_attn=False``, Hugging
+    Face's ViT with ``attn_implementation="eager"``; each twin with the same weights."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    toy = ToyViT(blocks=2, dim=6)
+    hand = HandWrittenToy(blocks=2, dim=6)
+    hand.load_state_dict(toy.state_dict())
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, patch_size=8
+    )
+    unfused = copy.deepcopy(vit)
+    for block in unfused.blocks:
+        block.attn.fused_attn = False
+    config = ViTConfig(
+        image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=32, num_labels=5,
+    )  # fmt: skip
+    hf = ViTForImageClassification(config)
+    eager = copy.deepcopy(hf)
+    eager.set_attn_implementation("eager")
+    assert hf.config._attn_implementation == "sdpa"
+    return [(toy, hand, 2), (vit, unfused, 12), (hf, eager, 2)]
+
+
+def test_attention_written_out_by_the_model_gives_the_fused_attention_maps():
+    for fused, written, blocks in _eager_twins():
+        fused, written = fused.eval(), written.eval()
+        channels = 1 if isinstance(fused, ToyViT) else 3
+        x = torch.rand(3, channels, 32 if channels == 3 else 8, 32 if channels == 3 else 8)
+        with recorded_attention() as store:
+            written(x)
+        assert len(store) == blocks and store[0].shape[0] == 3
+        for weighted in (False, True):
+            target = torch.tensor([0, 1, 2]) if weighted else None
+            expected = attention_rollout(fused, x, target, weighted=weighted)
+            got = attention_rollout(written, x, target, weighted=weighted)
+            # the same products in another order of float32 sums
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+        assert has_image_attention(written, x[:1])
+        with recorded_attention() as store:  # another thread's softmaxes are not recorded
+            thread = threading.Thread(target=written, args=(x,))
+            thread.start()
+            thread.join()
+            assert store == []
+    assert "softmax" not in torch.Tensor.__dict__ and torch.softmax(x, dim=-1).shape == x.shape
+
+
+def test_rollout_chunks_count_the_attention_they_keep(monkeypatch):
+    """Rows per chunk bounded by the attention a row keeps (blocks x heads x T^2, far more than
+    the toy's layer outputs): the maps of the chunks equal those of one pass."""
+    torch.manual_seed(0)
+    model, x = ToyViT(blocks=8).eval(), torch.rand(40, 1, 16, 16)  # 65 tokens, 2 heads
+    attention = 2 * 8 * 2 * 65 * 65  # elements a row keeps: probabilities and as much again
+    monkeypatch.setattr(sizing, "CPU_CHUNK_BYTES", 4 * attention * 5)  # room for 5 rows
+    rows: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _, args: rows.append(len(args[0])))
+    try:
+        maps = attention_rollout(model, x)
+    finally:
+        hook.remove()
+    # the probe's image, the attention's measure, then chunks of 5 (the layer outputs alone,
+    # 780 elements a row at most, would have allowed all 40 at once)
+    assert rows == [1, 1] + [5] * 8
+    torch.testing.assert_close(
+        maps, attention_rollout(model, x, batch_size=40), rtol=1e-5, atol=1e-7
+    )

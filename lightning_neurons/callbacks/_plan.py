@@ -100,10 +100,9 @@ def usable_methods(model: nn.Module, methods: Sequence[str], plan: VisualizerPla
         if not has_image_attention(model, image, plan.transform):
             rank_zero_warn(
                 f"FeatureVisualizer: {type(model).__name__} computes no attention over the "
-                "image's patch tokens through torch.nn.functional.scaled_dot_product_attention, "
-                "which attention rollout reads; its maps are left out (the other saliency "
-                "methods are made). A transformer that writes its attention out (timm's "
-                "fused_attn=False, Hugging Face's attn_implementation='eager') is not read."
+                "image's patch tokens ([N, heads, T, T] probabilities of "
+                "scaled_dot_product_attention or of a softmax over the keys), which attention "
+                "rollout reads; its maps are left out (the other saliency methods are made)."
             )
             kept.remove("rollout")
     return kept

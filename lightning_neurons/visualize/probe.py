@@ -92,12 +92,14 @@ class Probe:
         assert self._outputs is not None
         return self._outputs
 
-    def rows(self, n: int) -> int:
-        """Rows a chunk of ``n`` rows may hold at once."""
+    def rows(self, n: int, extra: int = 0) -> int:
+        """Rows a chunk of ``n`` rows may hold at once; ``extra``: elements a row keeps beyond
+        its layer outputs."""
         if n <= 4 or len(self.images) == 0:
             return max(n, 1)
         sizes = self._run()[1]
-        return auto_batch_size(n, sizes.largest, model_device(self.model), sizes.total)
+        largest, total = max(sizes.largest, extra), sizes.total + extra
+        return auto_batch_size(n, largest, model_device(self.model), total)
 
 
 def probe_targets(probe: Probe, target: int | Sequence[int] | torch.Tensor | None) -> torch.Tensor:
@@ -124,13 +126,16 @@ def probe_targets(probe: Probe, target: int | Sequence[int] | torch.Tensor | Non
     return target.to(images.device)
 
 
-def row_chunks(n: int, batch_size: int | None, probe: Probe | None = None) -> list[slice]:
+def row_chunks(
+    n: int, batch_size: int | None, probe: Probe | None = None, extra: int = 0
+) -> list[slice]:
     """Slices of ``n`` rows: ``batch_size`` rows, or by default as many as
     :func:`~lightning_neurons.visualize.sizing.auto_batch_size` allows for the model's layer
-    outputs on one of the probe's images (:class:`Probe`): memory bounded whatever ``n``
-    (SmoothGrad's ``N x samples`` copies included)."""
+    outputs on one of the probe's images (:class:`Probe`) and ``extra`` elements more a row
+    (what else a chunk keeps): memory bounded whatever ``n`` (SmoothGrad's ``N x samples``
+    copies included)."""
     check_optional_positive_int("batch_size", batch_size)
-    size = batch_size or (probe.rows(n) if probe is not None else max(n, 1))
+    size = batch_size or (probe.rows(n, extra) if probe is not None else max(n, 1))
     return [slice(i, i + size) for i in range(0, n, size)]
 
 

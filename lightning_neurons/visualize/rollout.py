@@ -12,13 +12,14 @@
 The map is the class token's row over the patch tokens (a model without a class token, which
 pools its tokens: the rows' mean), on the patch grid, upsampled to the image as Grad-CAM's.
 
-The attention maps are read from :func:`torch.nn.functional.scaled_dot_product_attention`, which
-timm's and Hugging Face's ViTs and torchvision's ``nn.MultiheadAttention`` call: while the maps
-are taken it is replaced by the same product written out (softmax, then the values), whose
-attention probabilities are kept. A model that writes its attention out itself (timm's
-``fused_attn=False``, Hugging Face's ``attn_implementation="eager"``) is read by no call, and
-gets an error that says so. Blocks whose attention is not over the image's tokens (pooling
-attention, windows) are left out of the product.
+The attention probabilities are read where they are made, whoever writes the model: while the
+maps are taken, :func:`torch.nn.functional.scaled_dot_product_attention` (timm's and Hugging
+Face's ViTs by default, torchvision's ``nn.MultiheadAttention``) is replaced by the same product
+written out, and every softmax over the last axis of a ``[N, heads, queries, keys]`` tensor
+(``Tensor.softmax``, ``torch.softmax``, ``F.softmax``: timm's ``fused_attn=False``, Hugging
+Face's ``attn_implementation="eager"``, attention written by hand) is kept. Blocks whose
+attention is not over the image's tokens (pooling attention, windows) are left out of the
+product.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,7 +51,6 @@ __all__ = ["attention_rollout", "recorded_attention"]
 
 
 def _explicit_attention(
-    store: list[torch.Tensor],
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -59,8 +60,8 @@ def _explicit_attention(
     scale: float | None = None,
     enable_gqa: bool = False,
 ) -> torch.Tensor:
-    """``scaled_dot_product_attention`` written out, its probabilities kept in ``store`` (no
-    dropout: the maps are taken in eval mode)."""
+    """``scaled_dot_product_attention`` written out: its softmax is one that
+    :func:`recorded_attention` keeps (no dropout: the maps are taken in eval mode)."""
     if enable_gqa and key.shape[-3] != query.shape[-3]:
         repeat = query.shape[-3] // key.shape[-3]
         key, value = (t.repeat_interleave(repeat, dim=-3) for t in (key, value))
@@ -73,31 +74,53 @@ def _explicit_attention(
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask
-    probs = scores.float().softmax(dim=-1).to(query.dtype)
-    store.append(probs)
-    return probs @ value
+    return scores.float().softmax(dim=-1).to(query.dtype) @ value
+
+
+def _is_attention(probs: object, dim: object) -> bool:
+    """Whether a softmax's output is attention probabilities: ``[N, heads, queries, keys]``,
+    normalised over the keys."""
+    return isinstance(probs, torch.Tensor) and probs.dim() == 4 and dim in (-1, 3)
 
 
 @contextlib.contextmanager
 def recorded_attention() -> Iterator[list[torch.Tensor]]:
-    """Inside the block, every call of :func:`torch.nn.functional.scaled_dot_product_attention`
-    on this thread computes its attention explicitly and appends the ``[..., queries, keys]``
-    probabilities (in the autograd graph) to the list it yields; restored on exit."""
+    """Inside the block, the attention probabilities computed on this thread (see the module's
+    description: ``scaled_dot_product_attention`` written out, softmaxes over the keys of
+    ``[N, heads, queries, keys]`` scores) are appended, in the autograd graph, to the list it
+    yields; other threads run as they were; everything is restored on exit."""
     store: list[torch.Tensor] = []
-    real = F.scaled_dot_product_attention
-
     owner = threading.get_ident()
+    real_sdpa, real_function = F.scaled_dot_product_attention, torch.softmax
+    own_method = torch.Tensor.__dict__.get("softmax")  # None: TensorBase's
 
-    def explicit(*args: object, **kwargs: object) -> torch.Tensor:
-        if threading.get_ident() != owner:  # another thread's attention: as it was
-            return real(*args, **kwargs)  # type: ignore[arg-type]
-        return _explicit_attention(store, *args, **kwargs)  # type: ignore[arg-type]
+    def sdpa(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if threading.get_ident() != owner:
+            return real_sdpa(*args, **kwargs)
+        return _explicit_attention(*args, **kwargs)
 
-    F.scaled_dot_product_attention = explicit  # type: ignore[assignment]
+    def recording(real: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def softmax(*args: Any, **kwargs: Any) -> torch.Tensor:
+            probs = real(*args, **kwargs)
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            if threading.get_ident() == owner and _is_attention(probs, dim):
+                store.append(probs)
+            return probs
+
+        return softmax
+
+    F.scaled_dot_product_attention = sdpa
+    torch.softmax = recording(real_function)
+    torch.Tensor.softmax = recording(torch.Tensor.softmax)  # type: ignore[method-assign]
     try:
         yield store
     finally:
-        F.scaled_dot_product_attention = real
+        F.scaled_dot_product_attention = real_sdpa
+        torch.softmax = real_function
+        if own_method is None:
+            del torch.Tensor.softmax
+        else:
+            torch.Tensor.softmax = own_method  # type: ignore[method-assign]
 
 
 def attention_rollout(
@@ -113,8 +136,8 @@ def attention_rollout(
     """Attention rollout maps of a vision transformer (see the module's description).
 
     Args:
-        model: Maps model inputs to logits; its attention goes through
-            :func:`torch.nn.functional.scaled_dot_product_attention`.
+        model: Maps model inputs to logits; its attention is read as the module's description
+            says (fused or written out).
         images: ``[N, C, H, W]`` display images.
         target: Class per image (or one for all) of the weighted rollout; default: the
             predicted class. The plain rollout does not depend on it.
@@ -136,8 +159,9 @@ def attention_rollout(
         images = images.detach().clone().to(device)
         probe = Probe(model, images, input_transform, output_fn)
         target = probe_targets(probe, target) if weighted else None
-        maps = []
-        for part in row_chunks(images.shape[0], batch_size, probe):
+        n, maps = images.shape[0], []
+        extra = 0 if batch_size or n <= 4 else _attention_elements(model, images, input_transform)
+        for part in row_chunks(n, batch_size, probe, extra):
             part_target = None if target is None else target[part]
             maps.append(_rollout_maps(model, images[part], part_target, input_transform, output_fn))
     return torch.cat(maps).float().cpu()
@@ -203,10 +227,11 @@ def _image_attention(
     if not on_grid:
         raise NeuronsError(
             f"attention rollout saw no self-attention over the image's patch tokens in "
-            f"{type(model).__name__} ({len(store)} calls of scaled_dot_product_attention): it "
-            "reads the attention from torch.nn.functional.scaled_dot_product_attention, which "
-            "timm's ViTs (fused_attn, the default), Hugging Face's (attn_implementation='sdpa') "
-            "and torchvision's call; use 'integrated' or 'gradient' maps for other models"
+            f"{type(model).__name__} ({len(store)} attention softmaxes seen, none [N, heads, T, T] "
+            f"over the {n} images' patch grid): it reads the probabilities of "
+            "torch.nn.functional.scaled_dot_product_attention and of softmaxes over the keys "
+            "of [N, heads, queries, keys] scores; use 'integrated' or 'gradient' maps for "
+            "other models"
         )
     counts: dict[int, int] = {}
     for p in on_grid:
@@ -215,14 +240,31 @@ def _image_attention(
     return [p for p in on_grid if p.shape[-1] == tokens]
 
 
+def _attention_of(
+    model: nn.Module, image: torch.Tensor, input_transform: InputTransform | None
+) -> list[torch.Tensor]:
+    """The attention probabilities recorded in one forward pass of ``image`` (a display image;
+    no logits read)."""
+    with analysis_mode(model), recorded_attention() as store:
+        x = to_model_input(image.detach().to(model_device(model)), input_transform)
+        model(as_model_input(x, model).requires_grad_(True))  # no fused fast path
+    return store
+
+
+def _attention_elements(
+    model: nn.Module, images: torch.Tensor, input_transform: InputTransform | None
+) -> int:
+    """Elements a row of the rollout keeps beyond its layer outputs: all its blocks' attention
+    probabilities (``heads x T^2`` each) and, as much again, their gradients or products."""
+    return 2 * sum(p.numel() for p in _attention_of(model, images[:1], input_transform))
+
+
 def has_image_attention(
     model: nn.Module, image: torch.Tensor, input_transform: InputTransform | None = None
 ) -> bool:
-    """Whether one forward pass of ``image`` (``[1, C, H, W]``, a display image) calls
-    :func:`torch.nn.functional.scaled_dot_product_attention` over the image's patch tokens:
-    whether :func:`attention_rollout` can map the model."""
-    with analysis_mode(model), recorded_attention() as store:
-        x = to_model_input(image.detach().to(model_device(model)), input_transform)
-        model(as_model_input(x, model).requires_grad_(True))  # no fused fast path; no logits read
+    """Whether one forward pass of ``image`` (``[1, C, H, W]``, a display image) computes
+    attention over the image's patch tokens (:func:`recorded_attention`): whether
+    :func:`attention_rollout` can map the model."""
+    store = _attention_of(model, image, input_transform)
     size = (int(image.shape[-2]), int(image.shape[-1]))
     return any(_over_image(p, image.shape[0], size) for p in store)
