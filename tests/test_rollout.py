@@ -255,3 +255,18 @@ def test_rollout_chunks_count_the_attention_they_keep(monkeypatch):
     torch.testing.assert_close(
         maps, attention_rollout(model, x, batch_size=40), rtol=1e-5, atol=1e-7
     )
+
+
+def test_a_compiled_model_gets_the_maps_of_its_code_as_written():
+    """torch.compile'd (and already run, so a compiled graph is cached): its attention is read
+    from the model's code run eagerly, fused or written out by hand."""
+    torch.manual_seed(0)
+    x, target = torch.rand(3, 1, 8, 8), torch.tensor([0, 2, 1])
+    for model in (ToyViT(blocks=2).eval(), HandWrittenToy(blocks=2).eval()):
+        compiled = torch.compile(model, backend="eager")
+        torch.testing.assert_close(compiled(x), model(x))
+        for weighted in (False, True):
+            expected = attention_rollout(model, x, target, weighted=weighted)
+            got = attention_rollout(compiled, x, target, weighted=weighted)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(compiled(x), model(x))  # compiled as before

@@ -17,7 +17,8 @@ maps are taken, :func:`torch.nn.functional.scaled_dot_product_attention` (timm's
 Face's ViTs by default, torchvision's ``nn.MultiheadAttention``) is replaced by the same product
 written out, and every softmax over the last axis of a ``[N, heads, queries, keys]`` tensor
 (``Tensor.softmax``, ``torch.softmax``, ``F.softmax``: timm's ``fused_attn=False``, Hugging
-Face's ``attn_implementation="eager"``, attention written by hand) is kept. Blocks whose
+Face's ``attn_implementation="eager"``, attention written by hand) is kept; a ``torch.compile``'d
+model runs its code as written (``force_eager``) meanwhile. Blocks whose
 attention is not over the image's tokens (pooling attention, windows) are left out of the
 product.
 """
@@ -113,7 +114,8 @@ def recorded_attention() -> Iterator[list[torch.Tensor]]:
     torch.softmax = recording(real_function)
     torch.Tensor.softmax = recording(torch.Tensor.softmax)  # type: ignore[method-assign]
     try:
-        yield store
+        with torch.compiler.set_stance("force_eager"):  # a compiled model runs its code as written
+            yield store
     finally:
         F.scaled_dot_product_attention = real_sdpa
         torch.softmax = real_function
