@@ -190,3 +190,40 @@ def test_checkpoints_within_an_epoch_are_analysed_each(tmp_path):
     assert run.steps_of(ActivationTracker) == [3, 6, 9, 12]
     first = run.results(ActivationTracker, step=3)[LAYER].class_means
     assert not torch.allclose(first, run.results(ActivationTracker, 0)[LAYER].class_means)
+
+
+class _Endless(torch.utils.data.IterableDataset):
+    """TinyData's training images over and over: no length, so an epoch never ends."""
+
+    def __init__(self, data: TinyData) -> None:
+        self.x, self.y = data.x, data.y
+
+    def __iter__(self):
+        while True:
+            yield from zip(self.x, self.y, strict=True)
+
+
+@pytest.mark.parametrize("within_epochs", [True, False])
+def test_an_endless_training_set_is_analysed_unless_told_to_wait_for_epoch_ends(
+    tmp_path, within_epochs
+):
+    data = TinyData()
+    train = torch.utils.data.DataLoader(_Endless(data), batch_size=8)
+    tracker = ActivationTracker(layers=[LAYER], within_epochs=within_epochs, on_error="raise")
+    trainer = fast_trainer(
+        tmp_path, max_steps=6, val_check_interval=3, check_val_every_n_epoch=None,
+        callbacks=[tracker],
+    )  # fmt: skip
+    module = ImageClassifier(TinyNet(), num_classes=3, lr=1e-2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(module, train_dataloaders=train, val_dataloaders=data.val_dataloader())
+    said = [str(w.message) for w in record if "no validation will be analysed" in str(w.message)]
+    if within_epochs:
+        analysed = _folders(
+            Path(trainer.logger.log_dir), "fit", "activations"
+        )  # the validations after training batches 3 and 6, each named by its step
+        assert not said and analysed == ["epoch=000-step=0000003", "epoch=000-step=0000006"]
+        assert LAYER in tracker.results
+    else:
+        assert len(said) == 1 and "within_epochs=True" in said[0] and LAYER not in tracker.results

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -147,7 +148,7 @@ class AnalysisCallback(Callback):
             (:mod:`lightning_neurons.schedule`).
         within_epochs: Analyse a fit's validations that run within a training epoch too
             (``False``: only each epoch's last; none while an endless training set never ends
-            its epoch). ``analyze`` analyses every checkpoint it is given.
+            its epoch, and a warning says so). ``analyze`` analyses every checkpoint it is given.
         enable_logging: Log to TensorBoard and write files (``results`` is always filled).
         on_error: ``"warn"``: an analysis that fails is reported with a warning and training goes
             on; ``"raise"``: the error stops training. Mistakes in the callback's own arguments
@@ -262,6 +263,16 @@ class AnalysisCallback(Callback):
         self._set_up_late(trainer, pl_module)
         if self.enable_logging and trainer.is_global_zero and find_tensorboard(trainer):
             background_figures.warm()
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.within_epochs and math.isinf(trainer.num_training_batches):
+            rank_zero_warn(
+                f"{type(self).__name__}: within_epochs=False analyses only the validation at a "
+                "training epoch's end, and this fit's training set has no length, so its epoch "
+                "never ends: no validation will be analysed. Pass within_epochs=True (with "
+                "every_n_epochs=N, every N-th validation), or give the training data a length."
+            )
 
     @override
     def on_exception(
