@@ -27,8 +27,9 @@ from lightning.pytorch import Trainer
 #: epoch (``None``: not set, the trainer's loop says).
 _WITHIN_EPOCH: ContextVar[bool | None] = ContextVar("within_epoch", default=None)
 
-#: A fit that validates by time: the training batch (``total_batch_idx``) after which each of its
-#: validations so far ran, to count them (Lightning keeps no count).
+#: A fit that validates across epochs: the training batch (``total_batch_idx``) after which each
+#: of its validations so far ran, to count those run by time (Lightning keeps no count). Noted as
+#: each validation starts (:func:`note_validation`), kept in checkpoints by the callbacks.
 _VALIDATED_AFTER: WeakKeyDictionary[Trainer, list[int]] = WeakKeyDictionary()
 
 
@@ -70,19 +71,38 @@ def validations_by_batches(trainer: Trainer) -> bool:
     return trainer.check_val_every_n_epoch is None
 
 
+def note_validation(trainer: Trainer) -> None:
+    """Counts the validation that starts now when the fit validates across epochs (each
+    callback calls it; a validation counts once)."""
+    if trainer.state.fn != "fit" or trainer.sanity_checking or not validations_by_batches(trainer):
+        return
+    seen = _VALIDATED_AFTER.setdefault(trainer, [])
+    batch = trainer.fit_loop.epoch_loop.total_batch_idx
+    if not seen or seen[-1] != batch:
+        seen.append(batch)
+
+
+def noted_validations(trainer: Trainer) -> list[int]:
+    """The training batch after which each validation counted so far ran (for a checkpoint)."""
+    return list(_VALIDATED_AFTER.get(trainer, []))
+
+
+def restore_validations(trainer: Trainer, after: list[int]) -> None:
+    """Counts on from a checkpoint's validations (:func:`noted_validations`)."""
+    _VALIDATED_AFTER[trainer] = list(after)
+
+
 def validation_number(trainer: Trainer) -> int:
     """The number of the fit's validation that runs now, counted from 1, when the fit validates
     across epochs (:func:`validations_by_batches`): the training batches so far over
-    ``val_check_interval``, so a resumed fit counts on; by time (``val_check_interval="DD:HH:MM:SS"``),
-    the validations this process has run since the fit started."""
+    ``val_check_interval``; by time (``val_check_interval="DD:HH:MM:SS"``), the validations
+    counted so far (:func:`note_validation`). A resumed fit counts on, as does a second ``fit``
+    of the same Trainer (which continues its steps)."""
     every = trainer.val_check_batch
     batch = trainer.fit_loop.epoch_loop.total_batch_idx
     if isinstance(every, (int, float)) and every > 0 and not math.isinf(every):
         return max(1, int((batch + 1) // every))
-    seen = _VALIDATED_AFTER.setdefault(trainer, [])  # the training batch each one followed
-    if not seen or seen[-1] != batch:
-        seen.append(batch)
-    return len(seen)
+    return max(1, len(_VALIDATED_AFTER.get(trainer, [])))
 
 
 def is_due(trainer: Trainer, every_n_epochs: int, within_epochs: bool = True) -> bool:

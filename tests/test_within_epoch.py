@@ -52,14 +52,21 @@ def _callbacks(within_epochs: bool) -> tuple[ActivationTracker, NeuronClustering
     return tracker, clusters
 
 
-def _fit(tmp_path: Path, within_epochs: bool = True, **trainer_options) -> tuple[Path, _Held]:
+def _fit(
+    tmp_path: Path,
+    within_epochs: bool = True,
+    more: tuple[pl.Callback, ...] = (),
+    ckpt_path: Path | None = None,
+    **trainer_options,
+) -> tuple[Path, _Held]:
     """TinyNet on TinyData: 48 training images in batches of 8, six training batches an epoch."""
     pl.seed_everything(0, verbose=False)
     model = ImageClassifier(TinyNet(), num_classes=3, lr=1e-2)
     tracker, clusters = _callbacks(within_epochs)
     held = _Held(tracker, clusters)
-    trainer = fast_trainer(tmp_path, callbacks=[tracker, clusters, held], **trainer_options)
-    trainer.fit(model, datamodule=TinyData())
+    callbacks = [tracker, clusters, held, *more]
+    trainer = fast_trainer(tmp_path, callbacks=callbacks, **trainer_options)
+    trainer.fit(model, datamodule=TinyData(), ckpt_path=ckpt_path)
     return Path(trainer.logger.log_dir), held
 
 
@@ -227,3 +234,17 @@ def test_an_endless_training_set_is_analysed_unless_told_to_wait_for_epoch_ends(
         assert LAYER in tracker.results
     else:
         assert len(said) == 1 and "within_epochs=True" in said[0] and LAYER not in tracker.results
+
+
+def test_a_fit_resumed_from_a_checkpoint_counts_its_validations_by_time_on(tmp_path):
+    # a checkpoint at each validation; the fit resumed from the third: validations 4 to 6, so
+    # every 2nd one is at steps 4 and 6 as in the whole fit (counting afresh: step 5 only)
+    by_time = dict(max_epochs=1, check_val_every_n_epoch=None, val_check_interval=timedelta(0))
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, enable_version_counter=False)
+    _, whole = _fit(tmp_path / "whole", more=(saver,), enable_checkpointing=True, **by_time)
+    assert whole.clustered == [2, 4, 6]
+    third = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"
+    assert torch.load(third, weights_only=False)["lightning_neurons_validations"] == [0, 1, 2]
+    _, resumed = _fit(tmp_path / "resumed", ckpt_path=third, **by_time)
+    assert sorted(resumed.means) == [4, 5, 6]
+    assert resumed.clustered == [4, 6]

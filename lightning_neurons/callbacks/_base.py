@@ -21,11 +21,19 @@ from lightning_neurons.figure_worker import background_figures
 from lightning_neurons.heap import release_freed_memory
 from lightning_neurons.loggers import AnalysisLogger, find_tensorboard, wait_for_output
 from lightning_neurons.progress import reporting
-from lightning_neurons.schedule import is_due
+from lightning_neurons.schedule import (
+    is_due,
+    note_validation,
+    noted_validations,
+    restore_validations,
+)
 
 T = TypeVar("T")
 C = TypeVar("C", bound=Callback)
 OnError = Literal["warn", "raise"]
+#: A checkpoint's entry of the fit's validations so far, when it validates by time
+#: (:func:`~lightning_neurons.schedule.noted_validations`).
+VALIDATIONS_KEY = "lightning_neurons_validations"
 Stage = Literal["train", "validation", "test"]
 #: The ``__init__`` arguments every analysis callback takes (see :class:`AnalysisCallback`).
 _SHARED_OPTIONS = ("layers", "every_n_epochs", "within_epochs", "enable_logging", "on_error")
@@ -208,6 +216,8 @@ class AnalysisCallback(Callback):
     def _begin(self, stage: Stage, trainer: Trainer, pl_module: LightningModule) -> None:
         self._set_up_late(trainer, pl_module)  # validate / test of a model built later
         self._unfinished.add(stage)
+        if stage == "validation":
+            note_validation(trainer)  # counts the fit's validations by time
 
     def _end(self, stage: Stage, trainer: Trainer, pl_module: LightningModule) -> None:
         self._waiting[stage] = lambda: self._consume(stage, trainer, pl_module)
@@ -263,6 +273,20 @@ class AnalysisCallback(Callback):
         self._set_up_late(trainer, pl_module)
         if self.enable_logging and trainer.is_global_zero and find_tensorboard(trainer):
             background_figures.warm()
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if noted := noted_validations(trainer):
+            checkpoint[VALIDATIONS_KEY] = noted
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if VALIDATIONS_KEY in checkpoint:
+            restore_validations(trainer, checkpoint[VALIDATIONS_KEY])
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
