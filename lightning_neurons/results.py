@@ -357,6 +357,8 @@ class LayerAblation:
         logit_drop: ``[S, C]`` fall of the mean true-class logit.
         baseline_accuracy: ``[C]`` accuracy without ablation.
         clusters_epoch: Epoch of the ablated clusters (``None``: no clusters).
+        clusters_step: Global step the ablated clusters were made at (``None``: no clusters,
+            or a file written before it was recorded).
         selectivity: :func:`~lightning_neurons.ablation.ablation_selectivity` of the class
             sets (``None`` with fewer than 2 classes or no class sets).
     """
@@ -370,6 +372,7 @@ class LayerAblation:
     baseline_accuracy: torch.Tensor
     clusters_epoch: int | None = None
     selectivity: dict[str, float] | None = None
+    clusters_step: int | None = None
 
     def effect_arrays(self) -> dict[str, torch.Tensor]:
         """What rebuilds each set's :class:`AblationResult` from a file, by name: the ablated

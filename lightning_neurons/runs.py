@@ -356,6 +356,7 @@ def _ablation(layer: str, arrays: Mapping[str, np.ndarray], meta: Mapping[str, A
         logit_drop=_tensor(arrays["logit_drop"]),
         baseline_accuracy=_tensor(arrays["baseline_accuracy"]),
         clusters_epoch=meta.get("clusters_epoch"),
+        clusters_step=meta.get("clusters_step"),
         selectivity=None if selectivity is None else {k: float(v) for k, v in selectivity.items()},
     )
 

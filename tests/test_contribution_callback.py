@@ -15,7 +15,7 @@ from conftest import TinyData, TinyNet, fast_trainer
 from ddp import run_ranks
 from torch import nn
 
-from lightning_neurons import ActivationTracker, NeuronsError, RenderOptions
+from lightning_neurons import ActivationTracker, NeuronsError, RenderOptions, load_run
 from lightning_neurons.ablation import ablation_effects
 from lightning_neurons.callbacks._contribution_ablation import cluster_sets
 from lightning_neurons.callbacks.contribution import NeuronContribution
@@ -300,13 +300,18 @@ def test_clusters_of_an_earlier_epoch_are_said_and_recorded(tmp_path):
     callbacks = [ActivationTracker(enable_logging=False), clustering, contribution]
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        fast_trainer(tmp_path, callbacks=callbacks, max_epochs=3, logger=False).fit(
-            _module(), datamodule=TinyData()
-        )
+        trainer = fast_trainer(tmp_path, callbacks=callbacks, max_epochs=3)
+        trainer.fit(_module(), datamodule=TinyData())
     (note,) = _older_cluster_notes(record)
     assert "ablated in epoch 2 are NeuronClustering's of epoch 1" in note
     assert "made at step 12 (it did not analyse this validation, at step 18)" in note
-    assert contribution.results["backbone.fc"].ablation.clusters_epoch == 1
+    ablation = contribution.results["backbone.fc"].ablation
+    assert (ablation.clusters_epoch, ablation.clusters_step) == (1, 12)
+    # the files say so too, and of epoch 1 the clusters made at that validation
+    run = load_run(trainer.logger.log_dir)
+    for epoch, step in ((1, 12), (2, 12)):
+        read = run.results("NeuronContribution", epoch=epoch)["backbone.fc"].ablation
+        assert (read.clusters_epoch, read.clusters_step) == (1, step)
 
 
 def test_a_test_after_fit_ablates_the_fits_last_clusters_without_a_note(tmp_path):
@@ -323,6 +328,7 @@ def test_a_test_after_fit_ablates_the_fits_last_clusters_without_a_note(tmp_path
     assert trainer.current_epoch == 2 and clustering.results_step == trainer.global_step
     res = contribution.results["backbone.fc"]
     assert res.epoch == 2 and res.ablation.clusters_epoch == 1  # the test stage's analysis
+    assert res.ablation.clusters_step == trainer.global_step == 12
     assert _older_cluster_notes(record) == []
 
 

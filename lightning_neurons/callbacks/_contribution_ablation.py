@@ -43,25 +43,24 @@ class AblationSets:
         sets: ``{name: neuron indices}``: each class's dominant neurons, then each cluster.
         classes: Each set's class (-1 for clusters).
         clusters_epoch: The epoch of NeuronClustering's clusters (``None`` without clusters).
+        clusters_step: The global step they were made at (``None`` without clusters).
     """
 
     sets: dict[str, torch.Tensor]
     classes: list[int]
     clusters_epoch: int | None
+    clusters_step: int | None = None
 
 
 def neuron_clusters(
     trainer: Trainer, layer: str, num_neurons: int
 ) -> tuple[dict[str, torch.Tensor], int | None, int | None]:
     """The neuron clusters of an attached NeuronClustering callback for ``layer`` (or none),
-    the epoch they are from, and the ``global_step`` they were made at when that is not the
-    model's now (an earlier validation's, or before a checkpoint was loaded; else ``None``)."""
+    the epoch they are from and the ``global_step`` they were made at."""
     clustering = find_callback(trainer, NeuronClustering)
     entry = clustering.results.get(layer) if clustering is not None else None
     if entry is None:
         return {}, None, None
-    made_at = clustering.results_step
-    older = made_at if made_at != trainer.global_step else None
     ids = torch.as_tensor(entry.labels).reshape(-1)
     if ids.numel() != num_neurons:
         rank_zero_warn(
@@ -70,7 +69,7 @@ def neuron_clusters(
             "ablated."
         )
         return {}, None, None
-    return cluster_sets(ids), entry.epoch, older
+    return cluster_sets(ids), entry.epoch, clustering.results_step
 
 
 def ablation_sets(
@@ -80,11 +79,12 @@ def ablation_sets(
     clusters: dict[str, torch.Tensor],
     epoch: int | None,
     max_classes: int,
-    older: int | None = None,
+    made_at: int | None = None,
 ) -> AblationSets:
     """The sets to zero: the dominant neurons of each of the first ``max_classes`` classes (that
-    have images), then each neuron cluster (of the epoch ``epoch``; ``older``: the step of
-    another model than the one ablated they were made on, which a warning says)."""
+    have images), then each neuron cluster (of the epoch ``epoch``, made at the step
+    ``made_at``; a warning says when that is another model than the one ablated: an earlier
+    validation's, or before a checkpoint was loaded)."""
     names = class_names_of(trainer, stats.num_classes)
     sets: dict[str, torch.Tensor] = {}
     classes: list[int] = []
@@ -92,17 +92,18 @@ def ablation_sets(
         if stats.counts[c] > 0:
             sets[f"class {names[c]} top{stats.dominant.shape[1]}"] = stats.dominant[c]
             classes.append(c)
+    older = made_at if made_at != trainer.global_step else None
     if clusters and epoch is not None and older is not None:
         rank_zero_warn(
             f"NeuronContribution: the neuron clusters of {layer!r} ablated in epoch "
             f"{trainer.current_epoch} are NeuronClustering's of epoch {epoch}, made at step "
             f"{older} (it did not analyse this validation, at step {trainer.global_step}); "
-            "`results[layer].ablation.clusters_epoch` records it."
+            "`results[layer].ablation.clusters_epoch` and `clusters_step` record it."
         )
     for name, neurons in clusters.items():
         sets[name] = neurons
         classes.append(-1)
-    return AblationSets(sets, classes, epoch if clusters else None)
+    return AblationSets(sets, classes, epoch if clusters else None, made_at if clusters else None)
 
 
 def ablate_layer(
@@ -122,7 +123,7 @@ def ablate_layer(
     ablate."""
     progress.phase(f"ablation of {layer}")
     rank, world = trainer.global_rank, trainer.world_size
-    clusters, epoch, older = broadcast_from_zero(
+    clusters, epoch, made_at = broadcast_from_zero(
         lambda: neuron_clusters(trainer, layer, stats.num_neurons),
         rank,
         world,
@@ -130,7 +131,7 @@ def ablate_layer(
     )
 
     def plan() -> tuple[AblationSets, dict[str, torch.Tensor] | None]:
-        chosen = ablation_sets(trainer, layer, stats, clusters, epoch, max_classes, older)
+        chosen = ablation_sets(trainer, layer, stats, clusters, epoch, max_classes, made_at)
         if not chosen.sets or not batches:
             return chosen, None
         reader = BatchReader(output_fn=output_fn)  # the kept batches are (inputs, labels)
@@ -166,6 +167,7 @@ def ablate_layer(
         logit_drop=torch.stack([effects[n].logit_drop for n in names]),
         baseline_accuracy=effects[names[0]].accuracy,
         clusters_epoch=chosen.clusters_epoch,
+        clusters_step=chosen.clusters_step,
         selectivity=(
             ablation_selectivity(drop[rows], [classes[i] for i in rows])
             if rows and stats.num_classes >= 2

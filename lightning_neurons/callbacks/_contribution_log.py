@@ -159,6 +159,7 @@ def _arrays(
         meta["ablation_classes"] = ablation.classes
         meta["ablation_selectivity"] = ablation.selectivity
         meta["clusters_epoch"] = ablation.clusters_epoch
+        meta["clusters_step"] = ablation.clusters_step
     probes = res.probes
     if probes is not None:
         for key in ("index", "labels", "predictions", "contribution", "classes"):

@@ -118,7 +118,8 @@ class NeuronContribution(StagedCallback):
     It reads ``NeuronClustering``'s and ``FeatureVisualizer``'s results at the end of the stage,
     after they have analysed the same epoch, wherever they stand in the callback list (when they
     did not analyse this epoch, their latest results are used, and
-    ``results[layer].ablation.clusters_epoch`` says which epoch the ablated clusters are from).
+    ``results[layer].ablation.clusters_epoch`` and ``clusters_step`` say which epoch and step
+    the ablated clusters are from).
 
     Args:
         layers: Module names or glob patterns. Default: the tracker's layers.
