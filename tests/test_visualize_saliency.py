@@ -75,6 +75,13 @@ def test_integrated_gradients_of_a_linear_model_are_the_image_times_the_weights(
     torch.testing.assert_close(blurred(flat), flat, rtol=0, atol=1e-6)
     with pytest.raises(NeuronsError, match="a number, a tensor or 'blur'"):
         integrated_gradients(model, images, target, baseline="mean")
+    # another blur is a tensor baseline: a heavier one (the default at 4 px: 0.5) lies further
+    heavy = blurred(images, sigma=2.0)
+    got = integrated_gradients(model, images, target, baseline=heavy, signed=True)
+    torch.testing.assert_close(got, (images - heavy) * weights, rtol=1e-5, atol=1e-6)
+    assert (images - heavy).abs().sum() > (images - blurred(images)).abs().sum()
+    with pytest.raises(NeuronsError, match="`sigma` must be a positive number"):
+        blurred(images, sigma=0)
 
 
 def test_integrated_gradients_add_up_to_the_logits_change_from_the_baseline():

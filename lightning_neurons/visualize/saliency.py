@@ -261,11 +261,15 @@ def integrated_gradients(
     return attributions if signed else attributions.sum(dim=1).abs()
 
 
-def blurred(images: torch.Tensor) -> torch.Tensor:
-    """``[N, C, H, W]`` images under a Gaussian blur of sigma an eighth of their larger side (4 px
-    at 32 px): Integrated Gradients' ``baseline="blur"`` (Sturmfels et al. 2020, "Visualizing
-    the Impact of Feature Attribution Baselines")."""
-    sigma = max(images.shape[-2:]) / 8
+def blurred(images: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
+    """``[N, C, H, W]`` images under a Gaussian blur of ``sigma`` pixels, by default an eighth of
+    their larger side (4 px at 32 px): Integrated Gradients' ``baseline="blur"`` (Sturmfels et
+    al. 2020, "Visualizing the Impact of Feature Attribution Baselines"); another blur is
+    ``baseline=blurred(images, sigma)``."""
+    if sigma is None:
+        sigma = max(images.shape[-2:]) / 8
+    elif not sigma > 0:
+        raise NeuronsError(f"`sigma` must be a positive number of pixels; got {sigma!r}")
     size = 2 * min(math.ceil(3 * sigma), min(images.shape[-2:]) - 1) + 1  # reflect padding < side
     blur = torchvision.transforms.functional.gaussian_blur
     return blur(images.float(), [size, size], [sigma, sigma]).to(images.dtype)
