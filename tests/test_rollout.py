@@ -270,3 +270,51 @@ def test_a_compiled_model_gets_the_maps_of_its_code_as_written():
             got = attention_rollout(compiled, x, target, weighted=weighted)
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(compiled(x), model(x))  # compiled as before
+
+
+class MultiheadToy(nn.Module):
+    """A tutorial's ViT: the toy's tokens through ``nn.MultiheadAttention`` blocks called as
+    ``out, weights = attn(t, t, t)`` (``need_weights=True``, its default: the weights are
+    computed apart from ``scaled_dot_product_attention``, as ``[N x heads, T, T]``)."""
+
+    def __init__(self, blocks: int = 2, dim: int = 4, batch_first: bool = True) -> None:
+        super().__init__()
+        self.toy = ToyViT(blocks=0, dim=dim)
+        self.batch_first = batch_first
+        self.attn = nn.ModuleList(
+            nn.MultiheadAttention(dim, 2, batch_first=batch_first) for _ in range(blocks)
+        )
+        self.weights: list[torch.Tensor] = []  # what each block returned, last forward
+
+    def forward(self, x: torch.Tensor, per_head: bool = False) -> torch.Tensor:
+        t, self.weights = self.toy.tokens(x), []
+        for attn in self.attn:
+            seq = t if self.batch_first else t.transpose(0, 1)
+            out, weights = attn(seq, seq, seq, average_attn_weights=not per_head)
+            t = t + (out if self.batch_first else out.transpose(0, 1))
+            self.weights.append(weights)
+        return self.toy.logits(t)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_asked_for_its_weights_is_read_and_returns_them(batch_first):
+    torch.manual_seed(0)
+    model, x = MultiheadToy(batch_first=batch_first).eval(), torch.rand(3, 1, 8, 8)
+    x.requires_grad_(True)  # no fused fast path
+    logits = model(x, per_head=True)
+    per_head = [w.detach() for w in model.weights]  # [N, heads, T, T], computed by torch
+    model(x)
+    averaged = [w.detach() for w in model.weights]
+    for heads in (True, False):  # the logits and the weights it returns are as torch's own
+        with recorded_attention() as store:
+            got = model(x, per_head=heads)
+        torch.testing.assert_close(got, logits, rtol=1e-5, atol=1e-6)
+        for returned, expected in zip(model.weights, per_head if heads else averaged, strict=True):
+            torch.testing.assert_close(returned, expected, rtol=1e-5, atol=1e-6)
+        assert len(store) == 2 and store[0].shape == (3, 2, 17, 17)
+    # the plain rollout of the per-head weights torch returns
+    eye = torch.eye(17)
+    first, second = (0.5 * w.mean(dim=1) + 0.5 * eye for w in per_head)
+    expected = _on_image((second @ first)[:, 0, 1:], 4, 8)
+    torch.testing.assert_close(attention_rollout(model, x), expected, rtol=1e-5, atol=1e-6)
+    assert F.multi_head_attention_forward.__module__ == "torch.nn.functional"

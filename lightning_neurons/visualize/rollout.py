@@ -14,8 +14,8 @@ pools its tokens: the rows' mean), on the patch grid, upsampled to the image as 
 
 The attention probabilities are read where they are made, whoever writes the model: while the
 maps are taken, :func:`torch.nn.functional.scaled_dot_product_attention` (timm's and Hugging
-Face's ViTs by default, torchvision's ``nn.MultiheadAttention``) is replaced by the same product
-written out, and every softmax over the last axis of a ``[N, heads, queries, keys]`` tensor
+Face's ViTs by default, torchvision's ``nn.MultiheadAttention``, and that module asked for its
+weights too, as tutorials call it) is replaced by the same product written out, and every softmax over the last axis of a ``[N, heads, queries, keys]`` tensor
 (``Tensor.softmax``, ``torch.softmax``, ``F.softmax``: timm's ``fused_attn=False``, Hugging
 Face's ``attn_implementation="eager"``, attention written by hand) is kept; a ``torch.compile``'d
 model runs its code as written (``force_eager``) meanwhile. Blocks whose
@@ -26,6 +26,7 @@ product.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -84,6 +85,36 @@ def _is_attention(probs: object, dim: object) -> bool:
     return isinstance(probs, torch.Tensor) and probs.dim() == 4 and dim in (-1, 3)
 
 
+def _weights_from_sdpa(
+    real: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
+    store: list[torch.Tensor],
+    *args: Any,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``F.multi_head_attention_forward`` (``nn.MultiheadAttention``) asked for its weights
+    (``need_weights=True``, its default), which it computes as ``[N x heads, L, S]`` whose heads
+    cannot be told apart: run through ``scaled_dot_product_attention`` instead (recorded as
+    ``[N, heads, L, S]``), its weights then made of the recorded ones as the real call makes
+    them (averaged over the heads unless ``average_attn_weights=False``)."""
+    call = _MHA_SIGNATURE.bind(*args, **kwargs)
+    call.apply_defaults()
+    if not call.arguments["need_weights"]:
+        return real(*args, **kwargs)
+    before = len(store)
+    call.arguments["need_weights"] = False
+    output, _ = real(*call.args, **call.kwargs)
+    if len(store) != before + 1:  # not the one product expected: the call as it was made
+        del store[before:]
+        return real(*args, **kwargs)
+    weights = store[-1].to(output.dtype)
+    if call.arguments["average_attn_weights"]:
+        weights = weights.mean(dim=1)
+    return output, weights if call.arguments["query"].dim() == 3 else weights.squeeze(0)
+
+
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
 @contextlib.contextmanager
 def recorded_attention() -> Iterator[list[torch.Tensor]]:
     """Inside the block, the attention probabilities computed on this thread (see the module's
@@ -92,13 +123,19 @@ def recorded_attention() -> Iterator[list[torch.Tensor]]:
     yields; other threads run as they were; everything is restored on exit."""
     store: list[torch.Tensor] = []
     owner = threading.get_ident()
-    real_sdpa, real_function = F.scaled_dot_product_attention, torch.softmax
+    real_sdpa, real_mha = F.scaled_dot_product_attention, F.multi_head_attention_forward
+    real_function = torch.softmax
     own_method = torch.Tensor.__dict__.get("softmax")  # None: TensorBase's
 
     def sdpa(*args: Any, **kwargs: Any) -> torch.Tensor:
         if threading.get_ident() != owner:
             return real_sdpa(*args, **kwargs)
         return _explicit_attention(*args, **kwargs)
+
+    def mha(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if threading.get_ident() != owner:
+            return real_mha(*args, **kwargs)
+        return _weights_from_sdpa(real_mha, store, *args, **kwargs)
 
     def recording(real: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def softmax(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -111,6 +148,7 @@ def recorded_attention() -> Iterator[list[torch.Tensor]]:
         return softmax
 
     F.scaled_dot_product_attention = sdpa
+    F.multi_head_attention_forward = mha
     torch.softmax = recording(real_function)
     torch.Tensor.softmax = recording(torch.Tensor.softmax)  # type: ignore[method-assign]
     try:
@@ -118,6 +156,7 @@ def recorded_attention() -> Iterator[list[torch.Tensor]]:
             yield store
     finally:
         F.scaled_dot_product_attention = real_sdpa
+        F.multi_head_attention_forward = real_mha
         torch.softmax = real_function
         if own_method is None:
             del torch.Tensor.softmax
