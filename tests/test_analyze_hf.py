@@ -163,3 +163,39 @@ def test_errors_say_what_is_missing(tmp_path):
     (output / "checkpoint-10" / "trainer_state.json").write_text("{}")
     with pytest.raises(NeuronsError, match="not a Hugging Face Trainer's state"):
         main(["analyze", "--config", str(config), "--ckpt_path", str(output / "checkpoint-10")])
+
+
+def test_an_older_trainers_sharded_bin_checkpoint_loads_exactly(tmp_path):
+    """transformers 4's ``save_pretrained(safe_serialization=False)`` of a large model:
+    ``pytorch_model-0000i-of-0000n.bin`` shards and ``pytorch_model.bin.index.json`` (written
+    here as it wrote them; transformers 5 writes no ``.bin``)."""
+    from lightning_neurons.analyze import load_checkpoint
+    from lightning_neurons.weights import read_weights
+
+    torch.manual_seed(0)
+    config = ResNetConfig(
+        num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=10
+    )
+    state = ResNetForImageClassification(config).state_dict()
+    folder = tmp_path / "checkpoint-30"
+    folder.mkdir()
+    config.save_pretrained(folder)
+    names = list(state)
+    parts = [names[: len(names) // 2], names[len(names) // 2 :]]
+    weight_map = {}
+    for i, part in enumerate(parts, start=1):
+        shard = f"pytorch_model-{i:05d}-of-{len(parts):05d}.bin"
+        torch.save({k: state[k] for k in part}, folder / shard)
+        weight_map.update(dict.fromkeys(part, shard))
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    (folder / "trainer_state.json").write_text(json.dumps({"epoch": 3.0, "global_step": 30}))
+    (found,) = find_checkpoints(folder)
+    assert found.name == "pytorch_model.bin.index.json"
+    weights = read_weights(load_checkpoint(found), found)
+    assert (weights.epoch, weights.global_step) == (2, 30)
+    assert weights.state.keys() == state.keys()
+    assert all(torch.equal(weights.state[k], v) for k, v in state.items())
+    (folder / weight_map[parts[1][0]]).unlink()  # a shard lost
+    with pytest.raises(NeuronsError, match="lists the shard 'pytorch_model-00002-of-00002.bin'"):
+        load_checkpoint(found)
