@@ -106,7 +106,10 @@ def untouched(model: nn.Module) -> Iterator[None]:
     defines no ``forward`` runs its :func:`forward_submodule` when called inside the block.
     Activation checkpointing is off inside (the :data:`CHECKPOINTING` flags of timm's and Hugging
     Face's models): a checkpointed block runs its forward again in the backward pass, and the
-    analyses' hooks inside it would not run the same way twice.
+    analyses' hooks inside it would not run the same way twice. A ``torch.compile``'d model (or
+    part) runs its code as written inside (``force_eager``): hooks registered after it was
+    compiled are called (a cached graph may skip them), and inputs of new shapes compile
+    nothing, which would use up the recompilations that training's own shapes are allowed.
 
     Example:
         >>> from lightning_neurons.models import SmallCNN
@@ -137,7 +140,12 @@ def untouched(model: nn.Module) -> Iterator[None]:
             p.grad = None
         for module, flag in checkpointed:
             setattr(module, flag, False)
-        with preserved_rng(device), torch.inference_mode(False), torch.enable_grad():
+        with (
+            preserved_rng(device),
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            torch.compiler.set_stance("force_eager"),
+        ):
             yield
     finally:
         _open_blocks -= 1

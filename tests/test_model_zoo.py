@@ -24,6 +24,7 @@ import torchvision
 from conftest import TinyNet, fast_trainer
 from test_token_grids import TutorialViT
 from torch import nn
+from torch._dynamo.utils import counters
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -38,6 +39,7 @@ from lightning_neurons import (
 from lightning_neurons.functional import is_function_layer, split_function_layer
 from lightning_neurons.hooks import count_forward_hooks, get_module, resolve_layers, selects
 from lightning_neurons.models import ImageClassifier
+from lightning_neurons.visualize import saliency
 
 # every test here trains or runs whole models: heavy, `pytest -m "not slow"` leaves them out
 pytestmark = pytest.mark.slow
@@ -355,6 +357,28 @@ def test_a_compiled_model_gives_the_eager_statistics(tmp_path):
         got = compiled[0].results[layer]
         assert got.counts.tolist() == stats.counts.tolist()
         torch.testing.assert_close(got.class_means, stats.class_means, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_compiled_backbone_that_trained_is_analysed_as_written(tmp_path):
+    """``torch.compile`` on the backbone, which then trains (its graphs compiled and cached):
+    the analyses run its code as written, so the hooks they add later are called (before:
+    FeatureVisualizer found that a ViT's block "did not run"), and inputs of new shapes compile
+    nothing (the recompilations a frame is allowed are training's)."""
+    pl.seed_everything(0, verbose=False)
+    vit = _timm("vit_tiny_patch16_224", img_size=SIZE, patch_size=8, depth=2)
+    module = ImageClassifier(torch.compile(vit, backend="eager"), CLASSES)
+    callbacks = _callbacks(module)
+    trainer = fast_trainer(tmp_path, callbacks=callbacks, logger=False, max_epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, _loader(False), _loader(False))
+    _check_results(module, callbacks)
+    compiled = counters["frames"]["total"]
+    images = torch.rand(3, 3, SIZE, SIZE)  # 3 rows: a batch size training never had
+    maps = {m: saliency(module, images, m) for m in ("gradient", "gradcam", "rollout")}
+    assert all(m.shape == (3, SIZE, SIZE) and m.isfinite().all() for m in maps.values())
+    assert counters["frames"]["total"] == compiled
 
 
 class HFOutput(dict):
