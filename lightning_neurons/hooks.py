@@ -513,6 +513,7 @@ class HookSet:
             self._captures.append(capture)
             self._handles += capture.attach(model)
 
+    @torch.compiler.disable  # bookkeeping: run as written, never traced into a compiled model
     def _seen(
         self,
         name: str,
