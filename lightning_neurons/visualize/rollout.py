@@ -14,13 +14,13 @@ pools its tokens: the rows' mean), on the patch grid, upsampled to the image as 
 
 The attention probabilities are read where they are made, whoever writes the model: while the
 maps are taken, :func:`torch.nn.functional.scaled_dot_product_attention` (timm's and Hugging
-Face's ViTs by default, torchvision's ``nn.MultiheadAttention``, and that module asked for its
-weights too, as tutorials call it) is replaced by the same product written out, and every softmax over the last axis of a ``[N, heads, queries, keys]`` tensor
-(``Tensor.softmax``, ``torch.softmax``, ``F.softmax``: timm's ``fused_attn=False``, Hugging
-Face's ``attn_implementation="eager"``, attention written by hand) is kept; a ``torch.compile``'d
-model runs its code as written (``force_eager``) meanwhile. Blocks whose
-attention is not over the image's tokens (pooling attention, windows) are left out of the
-product.
+Face's ViTs by default, ``nn.MultiheadAttention``, also when asked for its weights as tutorials
+call it) is replaced by the same product written out, and every softmax over the last axis of a
+``[N, heads, queries, keys]`` tensor (``Tensor.softmax``, ``torch.softmax``, ``F.softmax``:
+timm's ``fused_attn=False``, Hugging Face's ``attn_implementation="eager"``, attention written
+by hand) is kept; a ``torch.compile``'d model runs its code as written (``force_eager``)
+meanwhile. Blocks whose attention is not over the image's tokens (pooling attention, windows)
+are left out of the product.
 """
 
 from __future__ import annotations
