@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from itertools import chain
 
 import numpy as np
@@ -23,6 +23,13 @@ _open_blocks = 0
 #: type): one copy and one comparison a group, not one each per buffer (ResNet-50's 159 BatchNorm
 #: buffers cost 318 kernels and 159 waits for a GPU at every analysis before).
 BUFFER_GROUP_BYTES = 64 * 2**20
+
+
+def compiled_as_written() -> AbstractContextManager[object]:
+    """A block in which ``torch.compile``'d code runs as written (torch >= 2.6:
+    ``torch.compiler.set_stance("force_eager")``; before, compiled code runs as compiled)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return nullcontext() if set_stance is None else set_stance("force_eager")
 
 
 def in_analysis() -> bool:
@@ -144,7 +151,7 @@ def untouched(model: nn.Module) -> Iterator[None]:
             preserved_rng(device),
             torch.inference_mode(False),
             torch.enable_grad(),
-            torch.compiler.set_stance("force_eager"),
+            compiled_as_written(),
         ):
             yield
     finally:

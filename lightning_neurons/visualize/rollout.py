@@ -40,7 +40,7 @@ from lightning_neurons.batch import BatchFn, InputTransform, as_model_input, to_
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.gradients import gradients_at
 from lightning_neurons.layouts import image_token_grid
-from lightning_neurons.state import analysis_mode, model_device
+from lightning_neurons.state import analysis_mode, compiled_as_written, model_device
 from lightning_neurons.visualize.probe import (
     Probe,
     class_logits,
@@ -152,7 +152,7 @@ def recorded_attention() -> Iterator[list[torch.Tensor]]:
     torch.softmax = recording(real_function)
     torch.Tensor.softmax = recording(torch.Tensor.softmax)  # type: ignore[method-assign]
     try:
-        with torch.compiler.set_stance("force_eager"):  # a compiled model runs its code as written
+        with compiled_as_written():
             yield store
     finally:
         F.scaled_dot_product_attention = real_sdpa
