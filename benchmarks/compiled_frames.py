@@ -1,0 +1,102 @@
+"""What our callbacks make TorchDynamo compile when the model is ``torch.compile``'d.
+
+Fits the demo's SmallCNN, compiled (backend ``"eager"``: the graph capture, not the code
+generation, is what hooks change), on the digits for a few epochs: with no callback, with the
+ActivationTracker alone and with all five callbacks, each in a fresh process. Prints, side by
+side, the frames TorchDynamo compiled (``counters["frames"]``), the graphs, and the
+``recompile_limit`` messages of its log (a frame recompiled until TorchDynamo gave up on it).
+A count that grows with the epochs would be a recompilation each validation.
+
+    python benchmarks/compiled_frames.py [--epochs 1 3] [--val-batches 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+
+SETUPS = ("none", "tracker", "all")
+
+
+def _fit(setup: str, epochs: int, val_batches: int) -> dict[str, int]:
+    import lightning.pytorch as pl
+    import torch
+    from torch._dynamo.utils import counters
+
+    from lightning_neurons import (
+        ActivationTracker,
+        CategoryClustering,
+        FeatureVisualizer,
+        NeuronClustering,
+        NeuronContribution,
+        RenderOptions,
+    )
+    from lightning_neurons.data import DigitsDataModule
+    from lightning_neurons.models import ImageClassifier, SmallCNN
+
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("torch._dynamo").addHandler(handler)
+    pl.seed_everything(0, verbose=False)
+    module = ImageClassifier(torch.compile(SmallCNN(), backend="eager"), num_classes=10)
+    quiet = dict(on_error="raise", enable_logging=False)
+    callbacks = {
+        "none": [],
+        "tracker": [ActivationTracker(**quiet)],
+        "all": [
+            ActivationTracker(**quiet),
+            FeatureVisualizer(max_channels=2, render=RenderOptions(steps=4), **quiet),
+            CategoryClustering(**quiet),
+            NeuronClustering(method="kmeans", n_clusters=3, **quiet),
+            NeuronContribution(max_batches=2, **quiet),
+        ],
+    }[setup]
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        limit_train_batches=5,
+        limit_val_batches=val_batches,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
+    return {
+        "frames": counters["frames"]["total"],
+        "graphs": counters["stats"]["unique_graphs"],
+        "recompile_limit": sum("recompile_limit" in m for m in said),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, nargs="+", default=[1, 3])
+    parser.add_argument("--val-batches", type=int, default=12)
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        setup, epochs = args.child[0], int(args.child[1])
+        print(json.dumps(_fit(setup, epochs, args.val_batches)))
+        return
+    print(f"{'callbacks':<10} {'epochs':>6} {'frames':>7} {'graphs':>7} {'recompile_limit':>16}")
+    for epochs in args.epochs:
+        for setup in SETUPS:
+            command = [sys.executable, __file__, "--child", setup, str(epochs)]
+            command += ["--val-batches", str(args.val_batches)]
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            got = json.loads(out.strip().splitlines()[-1])
+            print(
+                f"{setup:<10} {epochs:>6} {got['frames']:>7} {got['graphs']:>7} "
+                f"{got['recompile_limit']:>16}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
