@@ -244,11 +244,24 @@ class ImageClassifier(pl.LightningModule):
         x, y = images_and_targets(batch, self.num_classes)
         logits = read_logits(self(x))  # the first output of aux-logit models (GoogLeNet's, say)
         loss = F.cross_entropy(logits, y)  # class indices, or class probabilities (mixup)
-        acc(logits, y if y.dim() == 1 else y.argmax(dim=1))
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True)
-        self.log(f"{stage}/acc", acc, prog_bar=True, on_step=False, on_epoch=True)
+        self._log_step(stage, loss, logits, y, acc)
         return loss
+
+    # Under torch.compile, run as written: traced, the stages' names and the metric's counters
+    # recompiled Lightning's `log` until TorchDynamo gave up on it.
+    @torch.compiler.disable
+    def _log_step(
+        self,
+        stage: str,
+        loss: torch.Tensor,
+        logits: torch.Tensor,
+        y: torch.Tensor,
+        acc: torchmetrics.Metric,
+    ) -> None:
+        acc(logits.detach(), y if y.dim() == 1 else y.argmax(dim=1))
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, on_step=on_step, on_epoch=True)
+        self.log(f"{stage}/acc", acc, prog_bar=True, on_step=False, on_epoch=True)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train", self.train_acc)

@@ -14,8 +14,10 @@ these models.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 
 import lightning.pytorch as pl
 import pytest
@@ -340,6 +342,33 @@ def test_every_analysis_works_with_defaults(tmp_path, name):
         assert widths == ([24, 48, 96, 192] if name == "timm_swin" else [8, 16, 32])
 
 
+@contextlib.contextmanager
+def _dynamo_log() -> Iterator[list[str]]:
+    """TorchDynamo's log messages inside the block."""
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("torch._dynamo").addHandler(handler)
+    try:
+        yield said
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(handler)
+
+
+def test_a_compiled_image_classifier_trains_without_recompiling_its_logging(tmp_path):
+    """``trainer.fit(torch.compile(module))``, which Lightning supports: ImageClassifier's
+    logging runs as written (before: each stage's names and the accuracy's counters recompiled
+    Lightning's ``log`` until TorchDynamo gave up on it, saying so)."""
+    pl.seed_everything(0, verbose=False)
+    module = ImageClassifier(TinyNet(3, CLASSES), CLASSES)
+    trainer = fast_trainer(tmp_path, logger=False, max_epochs=2)
+    with _dynamo_log() as said, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(torch.compile(module, backend="eager"), _loader(False), _loader(False))
+    assert not [m for m in said if "recompile_limit" in m]
+    assert trainer.callback_metrics["val/acc"] >= 0 and "train/loss" in trainer.callback_metrics
+
+
 @pytest.mark.slow
 def test_a_compiled_model_gives_the_eager_statistics(tmp_path):
     """Dynamo traces the forward with our hooks and the functional capture in it, whose
@@ -350,15 +379,9 @@ def test_a_compiled_model_gives_the_eager_statistics(tmp_path):
     eager = [ActivationTracker(enable_logging=False, on_error="raise")]
     _validate(tmp_path / "eager", module, eager, _loader(False))
     compiled = _callbacks(module)
-    said: list[str] = []  # TorchDynamo's log
-    handler = logging.Handler()
-    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
-    logging.getLogger("torch._dynamo").addHandler(handler)
-    try:
+    with _dynamo_log() as said:
         optimized = torch.compile(module, backend="eager")
         _validate(tmp_path / "compiled", optimized, compiled, _loader(False))
-    finally:
-        logging.getLogger("torch._dynamo").removeHandler(handler)
     # the hooks' bookkeeping is never traced (before: guards on its counters and names
     # recompiled it until TorchDynamo gave up, saying so in its log)
     assert not [m for m in said if "recompile_limit" in m]
