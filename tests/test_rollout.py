@@ -318,3 +318,25 @@ def test_multihead_attention_asked_for_its_weights_is_read_and_returns_them(batc
     expected = _on_image((second @ first)[:, 0, 1:], 4, 8)
     torch.testing.assert_close(attention_rollout(model, x), expected, rtol=1e-5, atol=1e-6)
     assert F.multi_head_attention_forward.__module__ == "torch.nn.functional"
+
+
+def test_hieras_unrolled_tokens_are_mapped_where_timm_puts_them_back():
+    """timm's Hiera attends over its tokens unrolled (each pooling window's together) until its
+    last stage: the rollout's row is put back on the grid by the model's own ``reroll``
+    (before: the cells in the order the tokens lie, a scrambled map)."""
+    from timm.models.hiera import Hiera
+
+    from lightning_neurons.layouts import token_order
+
+    torch.manual_seed(0)  # stage 3 (4 x 4 tokens) has one block of global attention
+    model = Hiera(img_size=(64, 64), embed_dim=8, num_heads=1, stages=(1, 1, 2, 1)).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with recorded_attention() as store:
+        model(x.clone().requires_grad_(True))
+    (attention,) = [a.detach() for a in store if a.shape[-2:] == (16, 16)]
+    order = token_order(model, "blocks.3", 16)
+    assert order is not None and order.tolist() != list(range(16))
+    mixed = 0.5 * attention.mean(dim=1) + 0.5 * torch.eye(16)
+    rows = mixed.mean(dim=1)  # no class token: the rows' mean, in the tokens' order
+    expected = _on_image(rows[:, order], 4, 64)
+    torch.testing.assert_close(attention_rollout(model, x), expected, rtol=1e-5, atol=1e-7)

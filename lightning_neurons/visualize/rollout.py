@@ -10,7 +10,8 @@
   deleted and inserted better (docs/benchmarks.md).
 
 The map is the class token's row over the patch tokens (a model without a class token, which
-pools its tokens: the rows' mean), on the patch grid, upsampled to the image as Grad-CAM's.
+pools its tokens: the rows' mean), on the patch grid (tokens out of raster order, Hiera's, put
+back by the model's own ``reroll``), upsampled to the image as Grad-CAM's.
 
 The attention probabilities are read where they are made, whoever writes the model: while the
 maps are taken, :func:`torch.nn.functional.scaled_dot_product_attention` (timm's and Hugging
@@ -39,7 +40,7 @@ from torch.nn import functional as F
 from lightning_neurons.batch import BatchFn, InputTransform, as_model_input, to_model_input
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.gradients import gradients_at
-from lightning_neurons.layouts import image_token_grid
+from lightning_neurons.layouts import image_token_grid, token_order
 from lightning_neurons.state import analysis_mode, compiled_as_written, model_device
 from lightning_neurons.visualize.probe import (
     Probe,
@@ -242,9 +243,26 @@ def _rollout_maps(
     assert grid is not None  # _image_attention kept only such blocks
     prefix = tokens - grid[0] * grid[1]
     rows = relevance[:, 0] if prefix else relevance.mean(dim=1)  # the class token's, or all
-    cells = rows[:, prefix:].reshape(n, 1, *grid)
+    patches = rows[:, prefix:]
+    index = _grid_order(model, patches.shape[-1])
+    if index is not None:  # Hiera's unrolled tokens, put back on the grid
+        patches = patches[:, index.to(patches.device)]
+    cells = patches.reshape(n, 1, *grid)
     up = F.interpolate(cells, size=(height, width), mode="bilinear", align_corners=False)
     return up[:, 0].clamp_min(0).detach()
+
+
+def _grid_order(model: nn.Module, tokens: int) -> torch.Tensor | None:
+    """The token on each cell of the grid (:func:`~lightning_neurons.layouts.token_order`) for
+    ``tokens`` patch tokens out of raster order (Hiera's unrolled ones: read where a block or
+    stage of that many tokens puts them back); ``None`` when they are in raster order."""
+    for name, _ in model.named_modules():
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-2] in ("blocks", "stages") and parts[-1].isdigit():
+            index = token_order(model, name, tokens)
+            if index is not None:
+                return index
+    return None
 
 
 def _over_image(probs: torch.Tensor, n: int, size: tuple[int, int]) -> bool:
