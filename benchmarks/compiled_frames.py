@@ -5,9 +5,11 @@ generation, is what hooks change), on the digits for a few epochs: with no callb
 ActivationTracker alone and with all five callbacks, each in a fresh process. Prints, side by
 side, the frames TorchDynamo compiled (``counters["frames"]``), the graphs, and the
 ``recompile_limit`` messages of its log (a frame recompiled until TorchDynamo gave up on it).
-A count that grows with the epochs would be a recompilation each validation.
+A count that grows with the epochs would be a recompilation each validation. With
+``--backend inductor`` the code is generated too; the validation steps' seconds (the last
+epoch's, batch start to end) are printed with their ratio to the bare fit's.
 
-    python benchmarks/compiled_frames.py [--epochs 1 3] [--val-batches 12]
+    python benchmarks/compiled_frames.py [--epochs 1 3] [--val-batches 12] [--backend eager]
 """
 
 from __future__ import annotations
@@ -17,12 +19,29 @@ import json
 import logging
 import subprocess
 import sys
+import time
+
+import lightning.pytorch as pl
 
 SETUPS = ("none", "tracker", "all")
 
 
-def _fit(setup: str, epochs: int, val_batches: int) -> dict[str, int]:
-    import lightning.pytorch as pl
+class ValidationTimer(pl.Callback):
+    """The last epoch's validation steps: seconds from each batch's start to its end."""
+
+    def __init__(self) -> None:
+        self.seconds, self._start, self._epoch = 0.0, 0.0, -1
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.current_epoch != self._epoch:
+            self.seconds, self._epoch = 0.0, trainer.current_epoch
+        self._start = time.perf_counter()
+
+    def on_validation_batch_end(self, *args: object) -> None:
+        self.seconds += time.perf_counter() - self._start
+
+
+def _fit(setup: str, epochs: int, val_batches: int, backend: str) -> dict[str, float]:
     import torch
     from torch._dynamo.utils import counters
 
@@ -42,7 +61,7 @@ def _fit(setup: str, epochs: int, val_batches: int) -> dict[str, int]:
     handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
     logging.getLogger("torch._dynamo").addHandler(handler)
     pl.seed_everything(0, verbose=False)
-    module = ImageClassifier(torch.compile(SmallCNN(), backend="eager"), num_classes=10)
+    module = ImageClassifier(torch.compile(SmallCNN(), backend=backend), num_classes=10)
     quiet = dict(on_error="raise", enable_logging=False)
     callbacks = {
         "none": [],
@@ -55,11 +74,12 @@ def _fit(setup: str, epochs: int, val_batches: int) -> dict[str, int]:
             NeuronContribution(max_batches=2, **quiet),
         ],
     }[setup]
+    timer = ValidationTimer()
     trainer = pl.Trainer(
         max_epochs=epochs,
         limit_train_batches=5,
         limit_val_batches=val_batches,
-        callbacks=callbacks,
+        callbacks=[timer, *callbacks],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -71,6 +91,7 @@ def _fit(setup: str, epochs: int, val_batches: int) -> dict[str, int]:
         "frames": counters["frames"]["total"],
         "graphs": counters["stats"]["unique_graphs"],
         "recompile_limit": sum("recompile_limit" in m for m in said),
+        "validation_s": timer.seconds,
     }
 
 
@@ -78,22 +99,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 3])
     parser.add_argument("--val-batches", type=int, default=12)
+    parser.add_argument("--backend", default="eager", choices=["eager", "inductor"])
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         setup, epochs = args.child[0], int(args.child[1])
-        print(json.dumps(_fit(setup, epochs, args.val_batches)))
+        print(json.dumps(_fit(setup, epochs, args.val_batches, args.backend)))
         return
-    print(f"{'callbacks':<10} {'epochs':>6} {'frames':>7} {'graphs':>7} {'recompile_limit':>16}")
+    print(f"backend {args.backend}")
+    print(
+        f"{'callbacks':<10} {'epochs':>6} {'frames':>7} {'graphs':>7} {'recompile_limit':>16} "
+        f"{'validation s':>13} {'x bare':>7}"
+    )
     for epochs in args.epochs:
+        bare = None
         for setup in SETUPS:
             command = [sys.executable, __file__, "--child", setup, str(epochs)]
-            command += ["--val-batches", str(args.val_batches)]
+            command += ["--val-batches", str(args.val_batches), "--backend", args.backend]
             out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             got = json.loads(out.strip().splitlines()[-1])
+            bare = got["validation_s"] if bare is None else bare
             print(
                 f"{setup:<10} {epochs:>6} {got['frames']:>7} {got['graphs']:>7} "
-                f"{got['recompile_limit']:>16}",
+                f"{got['recompile_limit']:>16} {got['validation_s']:>13.3f} "
+                f"{got['validation_s'] / bare:>7.2f}",
                 flush=True,
             )
 
