@@ -98,6 +98,15 @@ def test_rollout_of_a_toy_transformer_is_its_attention_worked_out_by_hand(class_
     assert model.training is False and all(p.requires_grad for p in model.parameters())
 
 
+def _recorded_on_another_thread(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """What a block recording this thread's attention holds after ``model(x)`` ran on another."""
+    with recorded_attention() as store:
+        thread = threading.Thread(target=model, args=(x,))
+        thread.start()
+        thread.join()
+    return store
+
+
 def test_recording_the_attention_changes_no_output_and_restores_the_function():
     torch.manual_seed(0)
     vit = timm.create_model(
@@ -118,11 +127,7 @@ def test_recording_the_attention_changes_no_output_and_restores_the_function():
         torch.testing.assert_close(store[0].sum(dim=-1), torch.ones(store[0].shape[:-1]))
         assert F.scaled_dot_product_attention is real
         assert has_image_attention(model, x[:1])
-    with recorded_attention() as store:  # another thread's attention is not recorded
-        thread = threading.Thread(target=vit, args=(x,))
-        thread.start()
-        thread.join()
-        assert store == []
+    assert _recorded_on_another_thread(vit, x) == []  # another thread's attention: not read
     with pytest.raises(RuntimeError), recorded_attention():
         raise RuntimeError("an error inside the block")
     assert F.scaled_dot_product_attention is real
@@ -228,11 +233,7 @@ def test_attention_written_out_by_the_model_gives_the_fused_attention_maps():
             # the same products in another order of float32 sums
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
         assert has_image_attention(written, x[:1])
-        with recorded_attention() as store:  # another thread's softmaxes are not recorded
-            thread = threading.Thread(target=written, args=(x,))
-            thread.start()
-            thread.join()
-            assert store == []
+        assert _recorded_on_another_thread(written, x) == []
     assert "softmax" not in torch.Tensor.__dict__ and torch.softmax(x, dim=-1).shape == x.shape
 
 
