@@ -52,6 +52,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from lightning_neurons.deferred import is_compiling
+
 #: Functional ops whose results are responses (rectifiers and their smooth kin): default layers.
 RESPONSE_OPS: tuple[str, ...] = (
     "relu",
@@ -259,11 +261,13 @@ OnCall = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 
 @dataclass
 class _Frame:
-    """One running hooked caller: its name, and how many of its children are running."""
+    """One running hooked caller: its name, how many of its children are running, and whether
+    it started inside TorchDynamo's trace of a compiled forward."""
 
     caller: str
     ops: frozenset[str]
     busy: int = 0
+    traced: bool = False
 
 
 class _Mode(TorchFunctionMode):
@@ -321,7 +325,7 @@ class FunctionCapture:
             if not self._stack:
                 self._mode = _Mode(self)
                 self._mode.__enter__()
-            self._stack.append(_Frame(caller, ops))
+            self._stack.append(_Frame(caller, ops, traced=is_compiling()))
 
         return starts
 
@@ -346,6 +350,10 @@ class FunctionCapture:
         """A call of ``op`` returned ``result``: report it when it is a hooked caller's own."""
         frame = self._stack[-1] if self._stack else None
         if frame is None or frame.busy or op not in frame.ops:
+            return result
+        if frame.traced and not is_compiling():
+            # TorchDynamo's "eager" backend runs the graph the hooks were traced into with the
+            # mode on: those calls were handed over when traced
             return result
         replaced = self.on_call(function_layer(frame.caller, op), result)
         return result if replaced is None else replaced

@@ -4,18 +4,10 @@ Every analysis in this package reaches into the user's model through this module
 are resolved once (with glob patterns and a helpful error), and forward hooks live only inside a
 context manager that removes them in ``finally``.
 
-**A layer is a call site.** A module that runs more than once in one forward pass (torchvision's
-``BasicBlock`` calls its ``relu`` twice; a model may share one activation module) is several
-layers, never one mixed profile. The first call of a module is named by the module's name
-(``layer1.0.relu``), its second call ``layer1.0.relu#1``, its third ``layer1.0.relu#2`` and so
-on (:func:`call_site`). A module that runs once is simply its name.
-
-In a *list* of layers (``layers=`` of every callback, :func:`resolve_layers`,
-:class:`HookSet`) a module name selects **every** call of that module, each as its own layer;
-``name#i`` selects the call ``i`` only (``name#0``: the first call only), and ``name#<glob>``
-(``"layer*.relu#1"``, ``"relu#*"``) selects the matching calls of the matching modules. Calls are
-counted from the start of each forward pass of the hooked model (and from
-:meth:`HookSet.new_pass`).
+**A layer is a call site** (:mod:`lightning_neurons.call_sites`): a module run twice in one
+forward pass is two layers, ``layer1.0.relu`` and ``layer1.0.relu#1``; in a layer list a module
+name selects every call. Calls are counted from the start of each forward pass of the hooked
+model (and from :meth:`HookSet.new_pass`).
 
 A module that returns a tuple is read at its first tensor with a row per image; ``name[i]``
 names the element ``i`` of its output (``"blocks.0[1]"``, ``"blocks.*[1]"``; see
@@ -38,7 +30,15 @@ import torch
 from torch import nn
 
 from lightning_neurons.activations import ActivationRule
+from lightning_neurons.call_sites import CALL_SEPARATOR as CALL_SEPARATOR
+from lightning_neurons.call_sites import call_matcher
+from lightning_neurons.call_sites import call_site as call_site
+from lightning_neurons.call_sites import exact_call_site as exact_call_site
+from lightning_neurons.call_sites import parse_call_site as parse_call_site
+from lightning_neurons.call_sites import selects as selects
+from lightning_neurons.call_sites import split_call as split_call
 from lightning_neurons.defaults import activation_rule, default_layers, layer_order
+from lightning_neurons.deferred import Deferral, DeferredCalls, copied, is_compiling
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.functional import (
     OPS,
@@ -70,84 +70,11 @@ from lightning_neurons.state import in_analysis
 #: see :func:`~lightning_neurons.outputs.image_tensor`).
 ActivationFn = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 
-#: Separates a module's name from the index of its call: ``"layer1.0.relu#1"``.
-CALL_SEPARATOR = "#"
-
 _GLOB = "*?["
 
 
 def _describe(model: nn.Module) -> str:
     return type(model).__name__
-
-
-# ---- call sites ------------------------------------------------------------------------------
-
-
-def call_site(module_name: str, index: int) -> str:
-    """The layer name of call ``index`` (0-based) of a module in one forward pass.
-
-    Example:
-        >>> call_site("layer1.0.relu", 0), call_site("layer1.0.relu", 1)
-        ('layer1.0.relu', 'layer1.0.relu#1')
-    """
-    return module_name if index == 0 else f"{module_name}{CALL_SEPARATOR}{index}"
-
-
-def split_call(name: str) -> tuple[str, str | None]:
-    """``"m#1" -> ("m", "1")``, ``"m" -> ("m", None)`` (the call part may be a glob)."""
-    module, sep, call = name.partition(CALL_SEPARATOR)
-    return module, (call if sep else None)
-
-
-def parse_call_site(name: str) -> tuple[str, int]:
-    """The module name and call index of a layer name: ``"m#1" -> ("m", 1)``, ``"m" -> ("m", 0)``.
-
-    Raises:
-        NeuronsError: If the part after ``#`` is not a non-negative integer.
-    """
-    module, call = split_call(name)
-    if call is None:
-        return module, 0
-    if not call.isdigit():
-        raise NeuronsError(
-            f"layer {name!r}: after {CALL_SEPARATOR!r} comes the index of the module's call in one "
-            f"forward pass (0, 1, ...), e.g. '{module}{CALL_SEPARATOR}1' for its second call"
-        )
-    return module, int(call)
-
-
-def exact_call_site(layer: str) -> str:
-    """The layer list entry selecting exactly the call site ``layer`` (``"m"`` is the first call).
-
-    Example:
-        >>> exact_call_site("layer1.0.relu"), exact_call_site("layer1.0.relu#1")
-        ('layer1.0.relu#0', 'layer1.0.relu#1')
-    """
-    module, index = parse_call_site(layer)
-    return f"{module}{CALL_SEPARATOR}{index}"
-
-
-def selects(layers: Sequence[str], name: str) -> bool:
-    """Whether the layer list ``layers`` (as returned by :func:`resolve_layers`) selects the call
-    site ``name``: a module name selects all its calls, ``m#i`` / ``m#<glob>`` the matching ones.
-
-    Example:
-        >>> selects(["layer1.0.relu"], "layer1.0.relu#1"), selects(["layer1.0.relu#0"], "layer1.0.relu#1")
-        (True, False)
-    """
-    module, index = parse_call_site(name)
-    for spec in layers:
-        spec_module, call = split_call(spec)
-        if spec_module == module and (call is None or fnmatch.fnmatchcase(str(index), call)):
-            return True
-    return False
-
-
-def _call_matcher(calls: list[str | None]) -> Callable[[int], bool]:
-    if any(c is None for c in calls):
-        return lambda index: True
-    patterns = [c for c in calls if c is not None]
-    return lambda index: any(fnmatch.fnmatchcase(str(index), p) for p in patterns)
 
 
 # ---- names ----------------------------------------------------------------------------------
@@ -423,7 +350,9 @@ class HookSet:
             makes (inside :func:`~lightning_neurons.state.untouched`, e.g. a check on the
             first batch) are neither counted nor handed on. A batch whose step calls a submodule
             (``self.net(x)``) passes no pre-hook of the model, so an analysis's forward just
-            before it would otherwise shift its calls to call sites ``#1``.
+            before it would otherwise shift its calls to call sites ``#1``. Traced into a
+            compiled forward, such hooks hand what they keep over when the owner calls
+            :meth:`replay` at the batch's end (see :mod:`lightning_neurons.deferred`).
     """
 
     def __init__(self, lightning_batches: bool = False) -> None:
@@ -438,6 +367,8 @@ class HookSet:
         #: model's inputs at each forward pass; set it before a batch whose step calls a
         #: submodule (``self.net(x)``), which passes no pre-hook of the model.
         self.batch_size: int | None = None
+        self._deferred = DeferredCalls()
+        self._late: dict[str, tuple[Callable[[int], bool], Callable[[str, object], None]]] = {}
 
     def __len__(self) -> int:
         return len(self._handles)
@@ -448,9 +379,16 @@ class HookSet:
 
     def _pass_starts(self, _model: nn.Module, args: object, kwargs: object) -> None:
         """The hooked model's pre-hook: a new pass, with the batch size of its inputs."""
-        self.new_pass()
         size = leading_size((args, kwargs))
-        if size is not None and not (self.lightning_batches and in_analysis()):
+        if self._defers():
+            self._deferred.pass_starts(size)
+            return
+        if self.lightning_batches and in_analysis():
+            size = None
+        if self._deferred.items:  # a pass after compiled ones in this batch: theirs end here
+            self._deferred.pass_starts(size)
+        self.new_pass()
+        if size is not None:
             self.batch_size = size
 
     def add(
@@ -459,10 +397,17 @@ class HookSet:
         layers: Sequence[str],
         fn: ActivationFn,
         skip_others: bool = False,
+        deferral: Deferral | None = None,
     ) -> None:
         """Register ``fn`` as a forward hook on the modules of the layer list ``layers`` (and
         capture the calls of its function layers); with ``skip_others``, calls that return no
-        tensor are passed over (else they raise)."""
+        tensor are passed over (else they raise).
+
+        Hooks on Lightning's batches (``lightning_batches``) traced into a compiled forward
+        hand over what ``deferral`` keeps (default: a copy of each output, given to ``fn``)
+        when :meth:`replay` is called at the batch's end (see :mod:`lightning_neurons.deferred`).
+        """
+        early = copied if deferral is None else deferral.early
         wanted: dict[str, list[str | None]] = {}
         for spec in layers:
             get_module(model, spec)
@@ -474,7 +419,9 @@ class HookSet:
         last = module_layouts(model)
         sequence = sequence_first_modules(model)
         functions: dict[str, set[str]] = {}
-        matchers = {name: _call_matcher(calls) for name, calls in wanted.items()}
+        matchers = {name: call_matcher(calls) for name, calls in wanted.items()}
+        late = fn if deferral is None else deferral.late
+        self._late.update({name: (matcher, late) for name, matcher in matchers.items()})
         for module_name in wanted:
             if is_function_layer(module_name):
                 caller, op = split_function_layer(module_name)
@@ -498,6 +445,10 @@ class HookSet:
                     tensor, path = element(output, _path, _name)
                 else:
                     tensor, path = image_tensor(output, self.batch_size, layouts[1], _name)
+                if self._defers():
+                    view = to_channels_first(tensor, layout_of(tensor, _m, *layouts))
+                    self._deferred.output(_name, early(_name, view))
+                    return None
                 replaced = self._seen(_name, matchers[_name], tensor, _m, layouts, fn)
                 return None if replaced is None else with_tensor(output, path, replaced)
 
@@ -507,6 +458,10 @@ class HookSet:
             def on_call(name: str, result: torch.Tensor) -> torch.Tensor | None:
                 caller = split_function_layer(name)[0]
                 layouts = (last[caller], caller in sequence)
+                if self._defers():
+                    view = to_channels_first(result, layout_of(result, None, *layouts))
+                    self._deferred.output(name, early(name, view))
+                    return None
                 return self._seen(name, matchers[name], result, None, layouts, fn)
 
             capture = FunctionCapture({c: frozenset(o) for c, o in functions.items()}, on_call)
@@ -530,27 +485,56 @@ class HookSet:
             return None
         if in_backward():  # a checkpointed block's forward recomputed, not another call
             return None
-        index = self._count.get(name, 0)
-        self._count[name] = index + 1
-        self.calls[name] = max(self.calls.get(name, 0), index + 1)
-        if not matcher(index):
+        site = self._call_site(name, matcher)
+        if site is None:
             return None
         layout = layout_of(output, module, *layouts)
         view = to_channels_first(output, layout)
         with kept_saved_tensors():
-            replaced = fn(call_site(name, index), view)
+            replaced = fn(site, view)
         if replaced is None and view is output:
             return None
         # a moved axis: the model goes on from the view, so gradients reach what `fn` saw
         return from_channels_first(view if replaced is None else replaced, layout)
 
+    def _call_site(self, name: str, matcher: Callable[[int], bool]) -> str | None:
+        """Count a call of layer ``name`` in this pass: its call site, if the list selects it."""
+        index = self._count.get(name, 0)
+        self._count[name] = index + 1
+        self.calls[name] = max(self.calls.get(name, 0), index + 1)
+        return call_site(name, index) if matcher(index) else None
+
+    def _defers(self) -> bool:
+        """Whether the hook running now is traced into a compiled forward of Lightning's batch."""
+        return self.lightning_batches and is_compiling()
+
+    def replay(self) -> None:
+        """Hand on what the hooks of compiled forwards kept, as the eager hooks would have:
+        call the callers at a Lightning batch's end (nothing to do after eager forwards)."""
+        items = self._deferred.take()
+        if items:
+            self.new_pass()
+        for name, kept in items:
+            if name is None:  # a pass of the hooked model started
+                self.new_pass()
+                if kept is not None and not in_analysis():
+                    self.batch_size = int(kept)  # type: ignore[call-overload]
+                continue
+            matcher, late = self._late[name]
+            site = self._call_site(name, matcher)
+            if site is not None:
+                late(site, kept)
+
     def remove(self) -> None:
-        """Remove every hook; safe to call more than once."""
+        """Remove every hook (what compiled forwards kept and was not replayed is dropped);
+        safe to call more than once."""
         while self._handles:
             self._handles.pop().remove()
         while self._captures:
             self._captures.pop().leave()
         self._count.clear()
+        self._deferred.take()
+        self._late.clear()
 
 
 def run_layers(model: nn.Module, layers: Sequence[str], forward: Callable[[], object]) -> list[str]:

@@ -5,6 +5,7 @@ from torch import nn
 
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.hooks import (
+    HookSet,
     count_forward_hooks,
     default_layers,
     get_module,
@@ -200,3 +201,64 @@ def test_hooks_on_every_module_can_pass_over_outputs_without_a_tensor():
     with hooked(model, ["block", "block.conv"], lambda n, t: seen.append(n), skip_others=True):
         model(x)
     assert seen == ["block.conv"] and count_forward_hooks(model) == 0
+
+
+class _InPlaceAfter(nn.Module):
+    """A hooked conv whose output the forward then changes in place, and an ``F.relu``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.relu, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        h += 1.0  # after the hook: what the hook saw must not change
+        return self.fc(torch.nn.functional.relu(self.relu(h).mean((2, 3)) - 1.2))
+
+
+def _hand_over(model: nn.Module, layers: list[str], images: list[torch.Tensor]) -> list:
+    seen: list = []
+    hooks = HookSet(lightning_batches=True)
+    hooks.add(model, layers, lambda name, out: seen.append((name, out.clone())))
+    hooks.new_pass()
+    for x in images:  # two passes in one batch
+        model(x)
+    hooks.replay()
+    hooks.remove()
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("backend", "how"),
+    [
+        ("eager", "wrapper"),
+        ("eager", "in_place"),
+        ("aot_eager", "wrapper"),
+        ("aot_eager", "in_place"),
+        pytest.param("inductor", "wrapper", marks=pytest.mark.slow),  # code generated: ~15 s
+    ],
+)
+def test_hooks_traced_into_a_fullgraph_compile_hand_over_what_eager_hooks_see(backend, how):
+    """Traced hooks keep copies inside the graph (its functionalised form too: ``aot_eager``;
+    generated code: ``inductor``) and hand them over at :meth:`HookSet.replay`, in the order and
+    with the call sites of the eager hooks, pass by pass: the model's pre-hook traced
+    (``Module.compile``) or not (the ``OptimizedModule`` wrapper)."""
+    torch.manual_seed(0)
+    net, images = _InPlaceAfter(), [torch.rand(2, 3, 6, 6), torch.rand(2, 3, 6, 6)]
+    eager = _hand_over(net, ["conv", "relu()"], images)
+    assert [n for n, _ in eager] == ["conv", "relu()", "conv", "relu()"]
+    torch._dynamo.reset()
+    if how == "wrapper":
+        compiled, prefix = torch.compile(net, backend=backend, fullgraph=True), "_orig_mod."
+    else:
+        compiled, prefix = _InPlaceAfter(), ""
+        compiled.load_state_dict(net.state_dict())
+        compiled.compile(backend=backend, fullgraph=True)
+    got = _hand_over(compiled, [prefix + "conv", prefix + "relu()"], images)
+    assert [n.removeprefix(prefix) for n, _ in got] == [n for n, _ in eager]
+    # the same operations on the same data; inductor's kernels may sum in another order (a
+    # mean of 36 float32 values: a few units in the last place)
+    tolerance = dict(rtol=1e-5, atol=1e-6) if backend == "inductor" else dict(rtol=0, atol=0)
+    for (_, a), (_, b) in zip(got, eager, strict=True):
+        torch.testing.assert_close(a, b, **tolerance)
+    assert count_forward_hooks(compiled) == 0

@@ -41,7 +41,7 @@ def test_two_csv_only_runs_sharing_a_root_keep_their_own_files(tmp_path):
         (record,) = load_index(root)
         saved = np.load(root / record["file"])["class_means"]
         tracker = trainer.callbacks[0]
-        # written in float32 (see tracker._file_arrays)
+        # written in float32 (see _tracker_log._file_arrays)
         expected = tracker.results["backbone.fc"].class_means.float().numpy()
         assert saved.dtype == np.float32
         np.testing.assert_array_equal(saved, expected)

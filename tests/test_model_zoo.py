@@ -39,6 +39,7 @@ from lightning_neurons import (
     NeuronContribution,
     RenderOptions,
 )
+from lightning_neurons.errors import NeuronsError
 from lightning_neurons.functional import is_function_layer, split_function_layer
 from lightning_neurons.hooks import count_forward_hooks, get_module, resolve_layers, selects
 from lightning_neurons.models import ImageClassifier
@@ -489,3 +490,64 @@ def _check_responses(module: nn.Module, results: dict) -> None:
             floor = {nn.ReLU: 0.0, nn.ReLU6: 0.0, Swish: -0.2785}.get(type(found))
         if floor is not None:
             assert float(stats.class_means.min()) >= floor, layer
+
+
+@pytest.mark.slow
+def test_a_backbone_compiled_with_fullgraph_is_analysed_as_the_eager_one(tmp_path):
+    """``torch.compile(backbone, fullgraph=True)`` allows no graph break: the hooks on
+    Lightning's batches keep what they need inside the graph and hand it over at the batch's end
+    (before: validation stopped, "Skip inlining `torch.compiler.disable()`d function"). The
+    statistics are the eager model's, its function layer ``torch.relu`` counted once a pass."""
+    pl.seed_everything(0, verbose=False)
+    net = TinyNet(3, CLASSES)  # ReLU modules and a torch.relu
+    eager = [ActivationTracker(enable_logging=False, on_error="raise")]
+    _validate(tmp_path / "eager", ImageClassifier(net, CLASSES), eager, _loader(False))
+    module = ImageClassifier(torch.compile(net, backend="eager", fullgraph=True), CLASSES)
+    compiled = _callbacks(module)
+    with _dynamo_log() as said:
+        _validate(tmp_path / "compiled", module, compiled, _loader(False))
+    assert not [m for m in said if "recompile_limit" in m]
+    _check_results(module, compiled)
+    got = {name.replace("._orig_mod", ""): s for name, s in compiled[0].results.items()}
+    assert (
+        list(got)
+        == list(eager[0].results)
+        == ["backbone.relu1", "backbone.relu2", "backbone.relu()"]
+    )
+    for layer, stats in eager[0].results.items():
+        assert got[layer].counts.tolist() == stats.counts.tolist()
+        torch.testing.assert_close(got[layer].class_means, stats.class_means, atol=1e-6, rtol=1e-5)
+        for stat in ("class_max", "class_std"):
+            torch.testing.assert_close(
+                getattr(got[layer], stat), getattr(stats, stat), atol=1e-6, rtol=1e-5
+            )
+        assert torch.equal(got[layer].firing_rate, stats.firing_rate)
+
+
+class _OneScore(nn.Module):
+    """A net with a layer (``squeeze``) whose output has no neuron axis: ``[B]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.score, self.head = (
+            nn.Conv2d(3, 4, 3),
+            nn.Linear(4, 1),
+            nn.Linear(1, CLASSES),
+        )
+        self.squeeze = nn.Flatten(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.squeeze(self.score(self.conv(x).mean((2, 3)))).unsqueeze(1))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_layer_without_neurons_is_named_in_a_fullgraph_compile_too(tmp_path, compiled):
+    """The hooks traced into a compiled graph keep such an output as it is, so the tracker's
+    error is raised as written at the batch's end (before this was kept in the graph: TorchDynamo's
+    "Observed exception", the message in its debug context only)."""
+    net = _OneScore()
+    backbone = torch.compile(net, backend="eager", fullgraph=True) if compiled else net
+    layer = "backbone._orig_mod.squeeze" if compiled else "backbone.squeeze"
+    tracker = ActivationTracker([layer], enable_logging=False, on_error="raise")
+    with pytest.raises(NeuronsError, match=r"returned a tensor of shape \(4,\); neurons are read"):
+        _validate(tmp_path, ImageClassifier(backbone, CLASSES), [tracker], _loader(False))

@@ -122,6 +122,7 @@ class _ClusteringCallback(StagedCallback):
             self._gather(step.batch, step.batch_idx)
 
     def _on_batch_end(self, trainer: Trainer, pl_module: LightningModule, step: StageBatch) -> None:
+        self._hooks.replay()  # what the hooks of a compiled forward kept
         self._labels = None
 
     def _stage_end(self, stage: str, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -10,7 +10,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_neurons import progress
 from lightning_neurons.activations import check_activations
 from lightning_neurons.batch import BatchFn, BatchReader, LabelRange, as_model_input
 from lightning_neurons.callbacks._base import (
@@ -22,9 +21,11 @@ from lightning_neurons.callbacks._base import (
     find_callback,
 )
 from lightning_neurons.callbacks._evolution_log import NeuronEvolutionLog
+from lightning_neurons.callbacks._tracker_log import log_results
 from lightning_neurons.callbacks._tracker_notes import TrackerNotes
 from lightning_neurons.checks import Constraints, Interval, Options
 from lightning_neurons.defaults import infer_num_classes
+from lightning_neurons.deferred import Deferral
 from lightning_neurons.errors import NeuronsError
 from lightning_neurons.grouped import (
     GROUP_VALUES,
@@ -302,6 +303,7 @@ class ActivationTracker(StagedCallback):
                 self._never_negative, self._groups = learn_layers(pl_module, self.layers, run)
 
     def _on_batch_end(self, trainer: Trainer, pl_module: LightningModule, step: StageBatch) -> None:
+        self._hooks.replay()  # what the hooks of a compiled forward kept
         self._reduce_waiting()  # groups whose last layer did not run in this batch
         self._labels = None
 
@@ -416,7 +418,8 @@ class ActivationTracker(StagedCallback):
         self._collecting = True
         self._pending_epoch = trainer.current_epoch
         self._held.layers = len(self.layers)
-        self._hooks.add(pl_module, self.layers, self._on_activation)
+        deferral = Deferral(self._held_values, self._on_held_values)  # in compiled forwards
+        self._hooks.add(pl_module, self.layers, self._on_activation, deferral=deferral)
 
     def _stop(self) -> None:
         self._hooks.remove()
@@ -475,6 +478,20 @@ class ActivationTracker(StagedCallback):
         if group is not None and self._groups.closes(name):
             self._reduce_waiting(group)
 
+    def _held_values(self, name: str, output: torch.Tensor) -> object:
+        """A compiled forward's hook: the ``[B, K]`` values and peaks of layer ``name``, kept
+        until the batch's end (:meth:`_on_held_values`; one small copy per layer)."""
+        if output.dim() < 2:  # no neuron axis: the error is raised as written, at the batch's end
+            return output.detach().clone()
+        return held_values(output.detach(), self.reduction, name, self._peaks(name, output))
+
+    def _on_held_values(self, name: str, kept: object) -> None:
+        """At the batch's end: the values and peaks :meth:`_held_values` kept, to hold."""
+        if isinstance(kept, torch.Tensor):
+            self._on_activation(name, kept)
+        elif self._labels is not None and not in_analysis():
+            self._hold_layers(Reduced.one(name, *kept))  # type: ignore[misc]
+
     def _peaks(self, name: str, output: torch.Tensor) -> bool:
         """Whether layer ``name``'s peaks are read apart from its means (see ``signs``)."""
         return output.dtype == torch.float16 or split_call(name)[0] not in self._never_negative
@@ -509,37 +526,11 @@ class ActivationTracker(StagedCallback):
         self._held.add_layers(reduced.names, metrics, values, labels, peaks)
 
     def _log(self, trainer: Trainer) -> None:
-        from lightning_neurons.plots.activation import class_profile, class_profile_image
-
         out = self._file_writer(trainer, "activations")
-        if out is None:
-            return
-        scalars: dict[str, float] = {}
-        for name, res in self.results.items():
-            progress.advance("layer", len(self.results))
-            # what the figure draws, not the layer's statistics: far less to send to a worker
-            out.figure(out.tag(name, "class_profile"), class_profile_image, class_profile(res))
-            out.histogram(out.tag(name, "selectivity"), res.selectivity)
-            overall = (res.class_means * res.counts.unsqueeze(1)).nansum(dim=0) / res.counts.sum()
-            out.histogram(out.tag(name, "mean_activation"), overall)
-            scalars[out.tag(name, "dead_fraction")] = float(res.dead.double().mean())
-            scalars[out.tag(name, "mean_selectivity")] = float(res.selectivity.nanmean())
-            scalars[out.tag(name, "mean_domination")] = float(res.domination.mean())
-            scalars[out.tag(name, "nan_count")] = float(res.nan_counts.sum())
-            meta = {"layer": name, "reduction": res.reduction, "stage": self.stage}
-            out.save_arrays(name, _file_arrays(res), meta={**meta, "epoch": res.epoch})
-        out.scalars(scalars)
-        names = class_names_of(trainer, int(self.num_classes or 0))
-        self._evolution.log(out, self.results, names)
-
-
-def _file_arrays(res: LayerStats) -> dict[str, torch.Tensor]:
-    """The arrays written to the ``.npz``: the ``[C, K]`` floating statistics in float32 (7
-    significant digits, half the bytes of float64), the rest as they are."""
-    arrays = res.as_arrays()
-    return {
-        k: v.float() if v.is_floating_point() and v.dim() == 2 else v for k, v in arrays.items()
-    }
+        if out is not None:
+            names = class_names_of(trainer, int(self.num_classes or 0))
+            log_results(out, self.results, self.stage)
+            self._evolution.log(out, self.results, names)
 
 
 @overload
