@@ -551,3 +551,42 @@ def test_a_layer_without_neurons_is_named_in_a_fullgraph_compile_too(tmp_path, c
     tracker = ActivationTracker([layer], enable_logging=False, on_error="raise")
     with pytest.raises(NeuronsError, match=r"returned a tensor of shape \(4,\); neurons are read"):
         _validate(tmp_path, ImageClassifier(backbone, CLASSES), [tracker], _loader(False))
+
+
+def _fit_tracking_training(
+    tmp_path, net: nn.Module
+) -> tuple[ActivationTracker, list[torch.Tensor]]:
+    pl.seed_everything(0, verbose=False)
+    tracker = ActivationTracker(stage="train", enable_logging=False, on_error="raise")
+    module = ImageClassifier(net, CLASSES)
+    trainer = fast_trainer(tmp_path, callbacks=[tracker], logger=False, max_epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, _loader(False), _loader(False))
+    return tracker, [p.detach().clone() for p in module.parameters()]
+
+
+@pytest.mark.slow
+def test_training_batches_of_a_fullgraph_compile_are_tracked_without_changing_what_it_learns(
+    tmp_path,
+):
+    """``stage="train"`` on a backbone compiled with ``fullgraph=True`` (``aot_eager``: the
+    forward and backward graphs traced, functionalised, and run with eager kernels): the weights
+    after the fit and the statistics are the eager fit's (equal here; the tolerance allows for a
+    decomposed operation summing in another order on another CPU)."""
+    torch.manual_seed(0)
+    net = TinyNet(3, CLASSES)
+    twin = TinyNet(3, CLASSES)
+    twin.load_state_dict(net.state_dict())
+    eager, learnt = _fit_tracking_training(tmp_path / "eager", net)
+    compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
+    tracked, learnt_compiled = _fit_tracking_training(tmp_path / "compiled", compiled)
+    close = dict(rtol=1e-5, atol=1e-6)
+    for a, b in zip(learnt_compiled, learnt, strict=True):
+        torch.testing.assert_close(a, b, **close)
+    got = {name.replace("._orig_mod", ""): s for name, s in tracked.results.items()}
+    assert list(got) == list(eager.results) and got
+    for layer, stats in eager.results.items():
+        assert got[layer].counts.tolist() == stats.counts.tolist() == [IMAGES // CLASSES] * CLASSES
+        torch.testing.assert_close(got[layer].class_means, stats.class_means, **close)
+        torch.testing.assert_close(got[layer].class_max, stats.class_max, **close)
