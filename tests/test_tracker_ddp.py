@@ -36,8 +36,10 @@ class WithNaNBranch(ImageClassifier):
         return super().forward(x)
 
 
-def _validate(rank: int, world_size: int, out: Path) -> dict:
-    """Validate a fixed model on digits; every statistic of every layer, the files written."""
+def _validate(rank: int, world_size: int, out: Path, compiled: bool = False) -> dict:
+    """Validate a fixed model on digits; every statistic of every layer, the files written.
+    ``compiled``: its backbone ``torch.compile``d with ``fullgraph=True`` (the ``eager``
+    backend), the statistics named as the plain model's layers."""
     written: list[str] = []
     save = AnalysisLogger.save_arrays
 
@@ -49,7 +51,11 @@ def _validate(rank: int, world_size: int, out: Path) -> dict:
 
     torch.manual_seed(0)
     model = WithNaNBranch()
-    tracker = ActivationTracker(layers=LAYERS, reduction="max")
+    layers = LAYERS
+    if compiled:
+        model.backbone = torch.compile(model.backbone, backend="eager", fullgraph=True)
+        layers = [n.replace("backbone.", "backbone._orig_mod.") for n in LAYERS]
+    tracker = ActivationTracker(layers=layers, reduction="max")
     category = CategoryClustering(n_clusters=2, enable_logging=False)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -64,16 +70,19 @@ def _validate(rank: int, world_size: int, out: Path) -> dict:
     data = DigitsDataModule(batch_size=64, val_fraction=0.1997)
     with mock.patch.object(AnalysisLogger, "save_arrays", counting_save):
         trainer.validate(model, datamodule=data, verbose=False)
-    stats = {k: v.as_arrays() for k, v in tracker.results.items()}
+    stats = {k.replace("._orig_mod", ""): v.as_arrays() for k, v in tracker.results.items()}
     if category.results:
         stats["confusion"] = torch.as_tensor(next(iter(category.results.values())).confusion)
     return {"stats": stats, "written": written}
 
 
 @pytest.mark.slow
-def test_two_process_ddp_matches_one_process(tmp_path):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_two_process_ddp_matches_one_process(tmp_path, compiled):
+    """``compiled``: the two processes' backbone is compiled with ``fullgraph=True`` (its hooks
+    hand their outputs over at each batch's end), the one process's is not."""
     (alone,) = run_ranks(_validate, 1, tmp_path / "one")
-    rank0, rank1 = run_ranks(_validate, 2, tmp_path / "two")
+    rank0, rank1 = run_ranks(_validate, 2, tmp_path / "two", compiled)
     single, double = alone["stats"], rank0["stats"]
     confusion_1, confusion_2 = single.pop("confusion"), double.pop("confusion")
     assert confusion_1.sum() == confusion_2.sum() == 359  # the repeated image is not counted
