@@ -57,6 +57,7 @@ from lightning_neurons.layouts import (
 from lightning_neurons.outputs import (
     element,
     element_name,
+    first_tensor,
     has_tensor,
     image_tensor,
     leading_size,
@@ -438,8 +439,12 @@ class HookSet:
                 _module: str = base,
                 _path: tuple[int, ...] = element_path,
             ) -> object:
-                if skip_others and not has_tensor(output):
-                    return None
+                if not has_tensor(output):
+                    if skip_others:
+                        return None
+                    if self._defers():  # the error is raised at the replay, as written
+                        self._deferred.output(_name, output)
+                        return None
                 layouts = (last[_module], _module in sequence)
                 if _path:
                     tensor, path = element(output, _path, _name)
@@ -523,6 +528,8 @@ class HookSet:
             matcher, late = self._late[name]
             site = self._call_site(name, matcher)
             if site is not None:
+                if not has_tensor(kept):  # a traced output without a tensor (a dict, None)
+                    first_tensor(kept, name)  # raises, as the eager hook does
                 late(site, kept)
 
     def remove(self) -> None:

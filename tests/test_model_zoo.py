@@ -590,3 +590,35 @@ def test_training_batches_of_a_fullgraph_compile_are_tracked_without_changing_wh
         assert got[layer].counts.tolist() == stats.counts.tolist() == [IMAGES // CLASSES] * CLASSES
         torch.testing.assert_close(got[layer].class_means, stats.class_means, **close)
         torch.testing.assert_close(got[layer].class_max, stats.class_max, **close)
+
+
+class _DictLayer(nn.Module):
+    """A submodule that returns a dict, as some wrappers do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"features": self.conv(x)}
+
+
+class _WithDictLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = _DictLayer(), nn.Linear(4, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x)["features"].mean((2, 3)))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_layer_that_returns_a_dict_is_named_in_a_fullgraph_compile_too(tmp_path, compiled):
+    """As eager: the layer and what it returned are named (before this was kept in the graph:
+    TorchDynamo's "Observed exception", the message in its debug context only)."""
+    net = _WithDictLayer()
+    backbone = torch.compile(net, backend="eager", fullgraph=True) if compiled else net
+    layer = "backbone._orig_mod.body" if compiled else "backbone.body"
+    tracker = ActivationTracker([layer], enable_logging=False, on_error="raise")
+    with pytest.raises(NeuronsError, match=r"returned dict, not a tensor; choose a layer"):
+        _validate(tmp_path, ImageClassifier(backbone, CLASSES), [tracker], _loader(False))
