@@ -84,6 +84,8 @@ def selects(layers: Sequence[str], name: str) -> bool:
 
 
 def call_matcher(calls: list[str | None]) -> Callable[[int], bool]:
+    """Which call indices of one module a layer list selects, from its entries' call parts
+    (``None``: every call; else ``"1"`` or a glob such as ``"*"``)."""
     if any(c is None for c in calls):
         return lambda index: True
     patterns = [c for c in calls if c is not None]
