@@ -154,19 +154,6 @@ class _OneScore(nn.Module):
         return self.head(self.squeeze(self.score(self.conv(x).mean((2, 3)))).unsqueeze(1))
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_a_layer_without_neurons_is_named_in_a_fullgraph_compile_too(tmp_path, compiled):
-    """The hooks traced into a compiled graph keep such an output as it is, so the tracker's
-    error is raised as written at the batch's end (before this was kept in the graph: TorchDynamo's
-    "Observed exception", the message in its debug context only)."""
-    net = _OneScore()
-    backbone = torch.compile(net, backend="eager", fullgraph=True) if compiled else net
-    layer = "backbone._orig_mod.squeeze" if compiled else "backbone.squeeze"
-    tracker = ActivationTracker([layer], enable_logging=False, on_error="raise")
-    with pytest.raises(NeuronsError, match=r"returned a tensor of shape \(4,\); neurons are read"):
-        _validate(tmp_path, ImageClassifier(backbone, CLASSES), [tracker], _loader(False))
-
-
 def _fit_tracking_training(
     tmp_path, net: nn.Module
 ) -> tuple[ActivationTracker, list[torch.Tensor]]:
@@ -227,12 +214,22 @@ class _WithDictLayer(nn.Module):
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_a_layer_that_returns_a_dict_is_named_in_a_fullgraph_compile_too(tmp_path, compiled):
-    """As eager: the layer and what it returned are named (before this was kept in the graph:
-    TorchDynamo's "Observed exception", the message in its debug context only)."""
-    net = _WithDictLayer()
-    backbone = torch.compile(net, backend="eager", fullgraph=True) if compiled else net
-    layer = "backbone._orig_mod.body" if compiled else "backbone.body"
-    tracker = ActivationTracker([layer], enable_logging=False, on_error="raise")
-    with pytest.raises(NeuronsError, match=r"returned dict, not a tensor; choose a layer"):
+@pytest.mark.parametrize(
+    ("net", "layer", "said"),
+    [
+        (_OneScore, "squeeze", r"returned a tensor of shape \(4,\); neurons are read"),
+        (_WithDictLayer, "body", r"returned dict, not a tensor; choose a layer"),
+    ],
+)
+def test_a_layer_that_cannot_be_read_is_named_in_a_fullgraph_compile_too(
+    tmp_path, compiled, net, layer, said
+):
+    """As eager: the layer and what it returned are named. The hooks traced into a compiled
+    graph keep such an output as it is, and the error is raised as written at the batch's end
+    (before: TorchDynamo's "Observed exception", the message in its debug context only)."""
+    model = net()
+    backbone = torch.compile(model, backend="eager", fullgraph=True) if compiled else model
+    prefix = "backbone._orig_mod." if compiled else "backbone."
+    tracker = ActivationTracker([prefix + layer], enable_logging=False, on_error="raise")
+    with pytest.raises(NeuronsError, match=said):
         _validate(tmp_path, ImageClassifier(backbone, CLASSES), [tracker], _loader(False))
