@@ -6,7 +6,10 @@
 #      each tracked fit paired with its round's bare fit (goal: <= 5%);
 #   2. every analysis: seconds per analysed epoch, first and later (goal: <= 20 s), and peak
 #      host memory of the process and its figure workers (goal: <= 4 GB), with the 12 longest
-#      phases and the peak during each.
+#      phases and the peak during each;
+#   3. not a goal, a check no CPU can make: the tracker's statistics of a model compiled with
+#      CUDA graphs (mode "reduce-overhead", fullgraph) against the eager model's
+#      (compiled_statistics.py; last, so that a slow compile costs no goal's figures).
 # Usage, from the repository root: bash benchmarks/gpu_goals.sh [OUT_DIR] (default: $OUT, else
 # ./gpu_goals). hdbscan wheels in .whl/ (untracked: carry the folder to the machine) are
 # installed into /tmp/site first (a machine without network access; the one whose Python
@@ -41,3 +44,5 @@ timeout 300 python3 benchmarks/scale.py "${common[@]}" --callbacks tracker --rep
     2>&1 | tee "$out/tracker.txt"
 timeout 240 python3 benchmarks/scale.py "${common[@]}" --callbacks all --phases 12 \
     2>&1 | tee "$out/all.txt"
+timeout 120 python3 benchmarks/compiled_statistics.py --device cuda --fullgraph \
+    2>&1 | tee "$out/compiled.txt"

@@ -490,7 +490,12 @@ class ActivationTracker(StagedCallback):
         if isinstance(kept, torch.Tensor):
             self._on_activation(name, kept)
         elif self._labels is not None and not in_analysis():
-            self._hold_layers(Reduced.one(name, *kept))  # type: ignore[misc]
+            values, peak = kept  # type: ignore[misc]
+            if values.device.type != "cpu":  # a CUDA graph's outputs: its next run rewrites them
+                own = peak is values  # its values say whether it fired
+                values = values.clone()
+                peak = values if own else peak.clone()
+            self._hold_layers(Reduced.one(name, values, peak))
 
     def _peaks(self, name: str, output: torch.Tensor) -> bool:
         """Whether layer ``name``'s peaks are read apart from its means (see ``signs``)."""
