@@ -439,21 +439,16 @@ class HookSet:
                 _module: str = base,
                 _path: tuple[int, ...] = element_path,
             ) -> object:
-                if not has_tensor(output):
-                    if skip_others:
-                        return None
-                    if self._defers():  # the error is raised at the replay, as written
-                        self._deferred.output(_name, output)
-                        return None
+                if skip_others and not has_tensor(output):
+                    return None
                 layouts = (last[_module], _module in sequence)
+                if self._defers():
+                    self._defer(_name, output, _m, _path, layouts, early)
+                    return None
                 if _path:
                     tensor, path = element(output, _path, _name)
                 else:
                     tensor, path = image_tensor(output, self.batch_size, layouts[1], _name)
-                if self._defers():
-                    view = to_channels_first(tensor, layout_of(tensor, _m, *layouts))
-                    self._deferred.output(_name, early(_name, view))
-                    return None
                 replaced = self._seen(_name, matchers[_name], tensor, _m, layouts, fn)
                 return None if replaced is None else with_tensor(output, path, replaced)
 
@@ -464,8 +459,7 @@ class HookSet:
                 caller = split_function_layer(name)[0]
                 layouts = (last[caller], caller in sequence)
                 if self._defers():
-                    view = to_channels_first(result, layout_of(result, None, *layouts))
-                    self._deferred.output(name, early(name, view))
+                    self._defer(name, result, None, (), layouts, early)
                     return None
                 return self._seen(name, matchers[name], result, None, layouts, fn)
 
@@ -509,6 +503,28 @@ class HookSet:
         self.calls[name] = max(self.calls.get(name, 0), index + 1)
         return call_site(name, index) if matcher(index) else None
 
+    def _defer(
+        self,
+        name: str,
+        output: object,
+        module: nn.Module | None,
+        path: tuple[int, ...],
+        layouts: tuple[bool, bool],
+        early: Callable[[str, torch.Tensor], object],
+    ) -> None:
+        """A hook traced into a compiled forward: keep what ``early`` keeps of layer ``name``'s
+        output, channels first, for :meth:`replay` (an output without a tensor is kept as it
+        is: its error is raised at the replay, as the eager hook raises it)."""
+        if not has_tensor(output):
+            self._deferred.output(name, output)
+            return
+        if path:
+            tensor, _ = element(output, path, name)
+        else:
+            tensor, _ = image_tensor(output, self.batch_size, layouts[1], name)
+        view = to_channels_first(tensor, layout_of(tensor, module, *layouts))
+        self._deferred.output(name, early(name, view))
+
     def _defers(self) -> bool:
         """Whether the hook running now is traced into a compiled forward of Lightning's batch."""
         return self.lightning_batches and is_compiling()
@@ -516,9 +532,10 @@ class HookSet:
     def replay(self) -> None:
         """Hand on what the hooks of compiled forwards kept, as the eager hooks would have:
         call the callers at a Lightning batch's end (nothing to do after eager forwards)."""
+        if not self._deferred.items:  # eager forwards: nothing kept
+            return
         items = self._deferred.take()
-        if items:
-            self.new_pass()
+        self.new_pass()
         for name, kept in items:
             if name is None:  # a pass of the hooked model started
                 self.new_pass()
